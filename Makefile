@@ -1,0 +1,36 @@
+# Two commands matter: `make demo` and `make test`. Everything else is for developers.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the local CPU build; nothing later may pull a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/cellsift demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	@set -e; for f in benchmarks/*.py; do \
+	  case $$f in benchmarks/_*) continue;; esac; \
+	  echo "== $$f"; $(BIN)/python $$f --quick; done
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist

@@ -1,0 +1,82 @@
+"""Small shared helpers: logging, progress bars, atomic outputs, optional dependencies."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+logger = logging.getLogger("cellsift")
+
+T = TypeVar("T")
+
+_EXTRAS = {"tiledbsoma": "soma"}
+
+
+def import_optional(module: str) -> ModuleType:
+    """Import an optional backend, or raise an error that says which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        extra = _EXTRAS.get(module.split(".")[0])
+        hint = f"pip install 'cellsift[{extra}]'" if extra else f"pip install {module}"
+        raise ImportError(f"{module} is needed for this and is not installed: {hint}") from err
+
+
+def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True,
+             unit: str = "it") -> Iterator[T]:
+    """Wrap ``iterable`` in a progress bar (tqdm.auto) when ``enabled``."""
+    if not enabled:
+        yield from iterable
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; move it into place only if the block succeeds.
+
+    Works for files and directories (Zarr, TileDB-SOMA). On error the temporary output is
+    removed, so a failed or interrupted write never leaves a partial ``path`` behind.
+    """
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; remove it or pass overwrite=True (--overwrite).")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def describe(obj: Any) -> str:
+    return f"{type(obj).__name__}({obj})"

@@ -1,0 +1,120 @@
+"""What h5ad and AnnData-Zarr stores share: the AnnData on-disk layout."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from . import _csr
+from .stores import CellStore
+
+
+class AnnDataStore(CellStore):
+    """Counts in ``X``, ``layers[layer]`` or ``raw/X``; obs/var per the AnnData encoding."""
+
+    def __init__(self, path: str | os.PathLike[str], *, layer: str | None = None) -> None:
+        super().__init__(path, layer=layer)
+        root = self.handle  # open now: a corrupt file fails here, with its name
+        self._check_layout(root)
+
+    # -- layout -------------------------------------------------------------------------
+    def _matrix(self, root: Any) -> Any:
+        if self.layer is None:
+            key = "X"
+        elif self.layer == "raw":
+            key = "raw/X"
+        else:
+            key = f"layers/{self.layer}"
+        if key not in root:
+            have = [f"layers[{k!r}]" for k in (root["layers"].keys() if "layers" in root else [])]
+            have += ["raw"] if "raw" in root else []
+            raise self._error(
+                f"has no {key}.",
+                f"Choose layer= among: X (layer=None){', ' if have else ''}{', '.join(have)}.",
+            )
+        return root[key]
+
+    def _check_layout(self, root: Any) -> None:
+        mat = self._matrix(root)
+        enc = _attr(mat, "encoding-type")
+        if enc == "csc_matrix":
+            raise self._error(
+                "stores counts column-major (CSC): reading cells would read the whole matrix.",
+                "Rewrite it row-major: adata.X = adata.X.tocsr(); adata.write_h5ad(path).",
+            )
+        self._dense = enc in (None, "array")
+        if self._dense:
+            if len(mat.shape) != 2:
+                raise self._error("X is neither CSR nor a 2-d array.", "Write it with anndata.")
+            self._shape = tuple(int(s) for s in mat.shape)
+            return
+        if enc != "csr_matrix":
+            raise self._error(f"X has unknown encoding {enc!r}.", "Write it with anndata >= 0.8.")
+        self._shape = tuple(int(s) for s in _attr(mat, "shape"))
+        indptr = self.indptr
+        n_data, n_idx = int(mat["data"].shape[0]), int(mat["indices"].shape[0])
+        if len(indptr) != self._shape[0] + 1 or indptr[-1] != n_data or n_idx != n_data:
+            raise self._error(
+                f"is truncated or corrupt: X's row pointer ends at {indptr[-1]} and has "
+                f"{len(indptr)} entries, but X holds {n_data} values for {self._shape[0]} cells.",
+                "Re-create or re-download the file.",
+            )
+
+    @property
+    def n_obs(self) -> int:
+        return self._shape[0]
+
+    @cached_property
+    def indptr(self) -> np.ndarray:
+        if self._dense:
+            return np.arange(self.n_obs + 1, dtype=np.int64) * self._shape[1]
+        return np.asarray(self._matrix(self.handle)["indptr"][...], dtype=np.int64)
+
+    @cached_property
+    def obs_columns(self) -> list[str]:
+        return [str(c) for c in _attr(self.handle["obs"], "column-order", [])]
+
+    def _load_obs_column(self, name: str) -> Any:
+        return ad.io.read_elem(self.handle["obs"][name])
+
+    @cached_property
+    def obs_names(self) -> pd.Index:
+        obs = self.handle["obs"]
+        return pd.Index(ad.io.read_elem(obs[_attr(obs, "_index")]).astype(str))
+
+    def _load_var(self) -> pd.DataFrame:
+        root = self.handle
+        var = ad.io.read_elem(root["raw/var"] if self.layer == "raw" else root["var"])
+        var.index = var.index.astype(str)
+        return var
+
+    def row_nnz(self) -> np.ndarray:
+        if self._dense:
+            raise NotImplementedError("dense X: genes detected need a data pass.")
+        return np.diff(self.indptr)
+
+    # -- reading ------------------------------------------------------------------------
+    def _read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        if self._dense:
+            mat = self._matrix(self.handle)
+            return sp.csr_matrix(np.asarray(mat[rows, :] if len(rows) else
+                                            np.zeros((0, self._shape[1])), dtype=np.float32))
+        return _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments)
+
+    def _read_segments(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+def _attr(node: Any, key: str, default: Any = None) -> Any:
+    value = node.attrs.get(key, default)
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    return value

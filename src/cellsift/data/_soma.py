@@ -1,0 +1,122 @@
+"""TileDB-SOMA Experiments in the CELLxGENE Census layout."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._utils import import_optional
+from .stores import CellStore
+from .writers import Format
+
+
+class SomaStore(CellStore):
+    """A TileDB-SOMA Experiment: obs, ``ms[measurement].var`` and ``X[layer]``.
+
+    Rows are obs positions; the store maps them to ``soma_joinid`` (identical for
+    experiments written by cellsift or ``tiledbsoma.io``).
+
+    Parameters
+    ----------
+    path
+        The experiment's URI (a directory).
+    measurement
+        Measurement name (Census: ``"RNA"``).
+    layer
+        X layer holding counts (Census: ``"raw"``).
+    var_id
+        var column with gene ids (Census: ``"feature_id"``).
+    """
+
+    format: Format = "soma"
+
+    def __init__(self, path: str | os.PathLike[str], *, layer: str | None = None,
+                 measurement: str = "RNA", var_id: str = "feature_id") -> None:
+        self.measurement = measurement
+        self.var_id = var_id
+        super().__init__(path, layer=layer or "raw")
+        exp = self.handle
+        if measurement not in exp.ms:
+            raise self._error(f"has no measurement {measurement!r} (it has {list(exp.ms.keys())}).",
+                              "Pass measurement= with one of these.")
+        if self.layer not in exp.ms[measurement].X:
+            raise self._error(
+                f"has no X layer {self.layer!r} (it has {list(exp.ms[measurement].X.keys())}).",
+                "Pass layer= with one of these.")
+
+    def _open(self) -> Any:
+        soma = import_optional("tiledbsoma")
+        try:
+            return soma.Experiment.open(str(self.path))
+        except Exception as err:  # tiledbsoma raises several types for unreadable stores
+            raise self._error(
+                f"cannot be opened as a TileDB-SOMA Experiment ({type(err).__name__}: {err}).",
+                "Check the path; re-create the store if it is corrupt.",
+            ) from err
+
+    @cached_property
+    def joinids(self) -> np.ndarray:
+        tbl = self.handle.obs.read(column_names=["soma_joinid"]).concat()
+        return np.sort(tbl.column("soma_joinid").to_numpy())
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.joinids)
+
+    @cached_property
+    def _contiguous(self) -> bool:
+        j = self.joinids
+        return len(j) == 0 or (j[0] == 0 and j[-1] == len(j) - 1)
+
+    @cached_property
+    def obs_columns(self) -> list[str]:
+        return [n for n in self.handle.obs.schema.names if n != "soma_joinid"]
+
+    def _load_obs_column(self, name: str) -> Any:
+        tbl = self.handle.obs.read(column_names=["soma_joinid", name]).concat().to_pandas()
+        col = tbl.sort_values("soma_joinid")[name]
+        if col.dtype == object or isinstance(col.dtype, pd.CategoricalDtype):
+            return pd.Categorical(col.astype(str).to_numpy())
+        return col.to_numpy()
+
+    def _load_var(self) -> pd.DataFrame:
+        var = self.handle.ms[self.measurement].var.read().concat().to_pandas()
+        var = var.sort_values("soma_joinid")
+        if self.var_id not in var.columns:
+            raise self._error(f"var has no column {self.var_id!r}.",
+                              f"Pass var_id= with one of {list(var.columns)}.")
+        var.index = pd.Index(var.pop(self.var_id).astype(str).to_numpy())
+        return var.drop(columns=["soma_joinid"])
+
+    @cached_property
+    def indptr(self) -> np.ndarray:
+        # Genes detected per cell need a pass over X in SOMA (no row pointer on disk).
+        counts = np.zeros(self.n_obs, dtype=np.int64)
+        for start, x in self.iter_chunks():
+            counts[start : start + x.shape[0]] = np.diff(x.indptr)
+        return np.concatenate(([0], np.cumsum(counts)))
+
+    def _read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        joinids = rows if self._contiguous else self.joinids[rows]
+        x = self.handle.ms[self.measurement].X[self.layer]
+        if len(rows) == 0:
+            return sp.csr_matrix((0, self.n_vars), dtype=np.float32)
+        coords = (slice(int(joinids[0]), int(joinids[-1])) if
+                  joinids[-1] - joinids[0] + 1 == len(joinids) else joinids)
+        # TileDB's own order is ~10x faster to read than row-major; group rows here instead.
+        tbl = x.read(coords=(coords,), result_order="auto").tables().concat()
+        pos = np.searchsorted(joinids, tbl.column("soma_dim_0").to_numpy())
+        data = tbl.column("soma_data").to_numpy()
+        cols = tbl.column("soma_dim_1").to_numpy()
+        if len(pos) > 1 and np.any(pos[1:] < pos[:-1]):
+            order = np.argsort(pos, kind="stable")
+            pos, data, cols = pos[order], data[order], cols[order]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(pos, minlength=len(rows)), out=indptr[1:])
+        return sp.csr_matrix((data.astype(np.float32, copy=False), cols.astype(np.int32), indptr),
+                             shape=(len(rows), self.n_vars))

@@ -1,0 +1,268 @@
+"""CellCollection: many stores as one, filtered, with genes aligned to one vocabulary."""
+
+from __future__ import annotations
+
+import glob as _glob
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._utils import logger
+from ..errors import DataError
+from .genes import GeneMap, GeneVocabulary
+from .stores import CellStore, open_store
+
+__all__ = ["CellCollection", "resolve_paths"]
+
+StoreLike = str | os.PathLike[str] | CellStore
+ObsFilter = Mapping[str, Any] | Callable[[pd.DataFrame], np.ndarray]
+
+
+def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
+    """Paths of a collection: a store, a list, a glob (``atlas/*.h5ad``) or a manifest.
+
+    A manifest is a JSON file (or a directory holding ``manifest.json``) with
+    ``{"files": [...]}``, paths relative to the manifest.
+    """
+    if isinstance(source, CellStore):
+        return [source]
+    if isinstance(source, str | os.PathLike):
+        p = Path(source)
+        manifest = p / "manifest.json" if p.is_dir() else p
+        if manifest.suffix == ".json" and manifest.exists():
+            files = json.loads(manifest.read_text())["files"]
+            return [manifest.parent / f for f in files]
+        if any(ch in str(source) for ch in "*?["):
+            found = sorted(_glob.glob(str(source)))
+            if not found:
+                raise FileNotFoundError(f"no store matches {source}.")
+            return list(found)
+        return [source]
+    out: list[StoreLike] = []
+    for item in source:
+        out.extend(resolve_paths(item))
+    return out
+
+
+class CellCollection:
+    """Many cell stores read as one matrix with genes aligned to a vocabulary.
+
+    Parameters
+    ----------
+    source
+        Stores: paths, a glob, a manifest, or open :class:`CellStore` objects.
+    genes
+        The vocabulary (a :class:`GeneVocabulary` or a list of ids). Default: the genes of
+        the first store. Each store's columns map onto it; missing genes read as zeros.
+    layer
+        Where counts live in each store (``None`` = X, a layer name, or ``"raw"``).
+    obs_filter
+        Keep cells by obs: ``{"column": value or [values]}`` or a function of an obs frame
+        returning a boolean mask.
+    dropna
+        obs columns that must be non-null (and not ``"unknown"``), e.g. the label column.
+    min_genes, min_counts
+        QC thresholds per cell (genes detected, total counts).
+    min_overlap
+        Least fraction of genes matched between each store and the vocabulary.
+    check_counts
+        Read a sample of cells of each store and raise if they are not raw counts.
+    """
+
+    def __init__(
+        self,
+        source: StoreLike | Sequence[StoreLike],
+        *,
+        genes: GeneVocabulary | Sequence[str] | None = None,
+        layer: str | None = None,
+        obs_filter: ObsFilter | None = None,
+        dropna: Sequence[str] = (),
+        min_genes: int | None = None,
+        min_counts: float | None = None,
+        min_overlap: float = 0.5,
+        check_counts: bool = True,
+        store_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        paths = resolve_paths(source)
+        if not paths:
+            raise ValueError("a collection needs at least one store.")
+        opts = dict(store_options or {})
+        self.stores: list[CellStore] = [open_store(p, layer=layer, **opts) for p in paths]
+        self.offsets = np.concatenate(([0], np.cumsum([s.n_obs for s in self.stores]))).astype(np.int64)
+        if genes is None:
+            self.genes = GeneVocabulary.from_var(self.stores[0].var)
+        elif isinstance(genes, GeneVocabulary):
+            self.genes = genes
+        else:
+            self.genes = GeneVocabulary(list(genes))
+        self.gene_maps: list[GeneMap] = [
+            self.genes.align(s.var, source=str(s.path), min_overlap=min_overlap) for s in self.stores
+        ]
+        for s, gm in zip(self.stores, self.gene_maps, strict=True):
+            if not gm.identity:
+                logger.info("%s: %d of %d genes matched the vocabulary (%s)", s.path, gm.n_matched,
+                            s.n_vars, gm.key)
+        if check_counts:
+            for s in self.stores:
+                _check_counts(s)
+        masks = [self._keep_mask(s, obs_filter, dropna, min_genes, min_counts) for s in self.stores]
+        self.cell_ids = np.concatenate(
+            [np.flatnonzero(m) + off for m, off in zip(masks, self.offsets[:-1], strict=True)]
+        ).astype(np.int64)
+        if len(self.cell_ids) == 0:
+            raise DataError("the filters keep no cells; loosen obs_filter / min_genes / min_counts.")
+        self._obs_cache: dict[str, Any] = {}
+
+    # -- shape ----------------------------------------------------------------------------
+    @property
+    def n_obs(self) -> int:
+        """Cells kept by the filters."""
+        return len(self.cell_ids)
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.genes)
+
+    @property
+    def var_names(self) -> pd.Index:
+        return self.genes.genes
+
+    def __len__(self) -> int:
+        return self.n_obs
+
+    def __repr__(self) -> str:
+        return (f"CellCollection({len(self.stores)} stores, {self.n_obs} cells of "
+                f"{self.offsets[-1]}, {self.n_vars} genes)")
+
+    # -- filters --------------------------------------------------------------------------
+    def _keep_mask(self, store: CellStore, obs_filter: ObsFilter | None, dropna: Sequence[str],
+                   min_genes: int | None, min_counts: float | None) -> np.ndarray:
+        keep = np.ones(store.n_obs, dtype=bool)
+        nnz = store.row_nnz() if not getattr(store, "_dense", False) else None
+        if min_genes is not None and nnz is not None:
+            keep &= nnz >= min_genes
+        elif nnz is not None and min_genes is None:
+            n_empty = int((nnz == 0).sum())
+            if n_empty:
+                raise DataError(
+                    f"{store.path}: {n_empty} of {store.n_obs} cells have no counts at all. "
+                    "Drop them with min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`."
+                )
+        if min_counts is not None:
+            keep &= store.row_sums() >= min_counts
+        for col in dropna:
+            values = store.obs_column(col)
+            s = pd.Series(np.asarray(values, dtype=object))
+            keep &= ~(s.isna() | s.astype(str).isin(["unknown", "nan", ""])).to_numpy()
+        if obs_filter is not None:
+            if callable(obs_filter):
+                frame = store.obs()
+                mask = np.asarray(obs_filter(frame), dtype=bool)
+            else:
+                mask = np.ones(store.n_obs, dtype=bool)
+                for col, wanted in obs_filter.items():
+                    values = pd.Series(np.asarray(store.obs_column(col), dtype=object))
+                    allowed = list(wanted) if isinstance(wanted, list | tuple | set) else [wanted]
+                    mask &= values.isin(allowed).to_numpy()
+            keep &= mask
+        return keep
+
+    # -- obs ------------------------------------------------------------------------------
+    def obs_column(self, name: str) -> pd.Categorical | np.ndarray:
+        """``name`` over the kept cells (categories unified across stores)."""
+        if name not in self._obs_cache:
+            parts = [s.obs_column(name) for s in self.stores]
+            if any(isinstance(p, pd.Categorical) or np.asarray(p).dtype == object for p in parts):
+                values = np.concatenate([np.asarray(p, dtype=object) for p in parts])
+                col: Any = pd.Categorical(values[self.cell_ids].astype(str))
+            else:
+                col = np.concatenate([np.asarray(p) for p in parts])[self.cell_ids]
+            self._obs_cache[name] = col
+        return self._obs_cache[name]
+
+    def codes(self, name: str) -> tuple[np.ndarray, list[str]]:
+        """Integer codes of a categorical obs column over kept cells, and the categories.
+
+        Categories are sorted, so codes are stable for the same label set.
+        """
+        col = self.obs_column(name)
+        cat = pd.Categorical(np.asarray(col).astype(str))
+        cats = sorted(cat.categories.tolist())
+        codes = pd.Categorical(cat, categories=cats).codes.astype(np.int64)
+        return codes, cats
+
+    # -- reading --------------------------------------------------------------------------
+    def store_of(self, rows: np.ndarray) -> np.ndarray:
+        """Index of the store holding each global row."""
+        return np.searchsorted(self.offsets, rows, side="right") - 1
+
+    def read(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts of global rows ``rows`` (sorted, unique), genes in vocabulary order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        bounds = np.searchsorted(rows, self.offsets)
+        datas, idxs, ptrs = [], [], [np.zeros(1, dtype=np.int64)]
+        nnz = 0
+        for k, store in enumerate(self.stores):
+            a, b = bounds[k], bounds[k + 1]
+            if a == b:
+                continue
+            x = store.read(rows[a:b] - self.offsets[k])
+            data, indices, indptr = x.data, x.indices, x.indptr.astype(np.int64)
+            gm = self.gene_maps[k]
+            if not gm.identity:
+                mapped = gm.col_map[indices]
+                keep = mapped >= 0
+                if not keep.all():
+                    csum = np.concatenate(([0], np.cumsum(keep)))
+                    indptr = csum[indptr]
+                    data, mapped = data[keep], mapped[keep]
+                indices = mapped.astype(np.int32)
+            datas.append(data)
+            idxs.append(indices)
+            ptrs.append(indptr[1:] + nnz)
+            nnz += int(indptr[-1])
+        data = np.concatenate(datas) if datas else np.zeros(0, np.float32)
+        indices = np.concatenate(idxs) if idxs else np.zeros(0, np.int32)
+        return sp.csr_matrix((data, indices, np.concatenate(ptrs)), shape=(len(rows), self.n_vars))
+
+    def read_kept(self, positions: np.ndarray) -> sp.csr_matrix:
+        """Counts of kept cells by position in ``[0, n_obs)`` (sorted, unique)."""
+        return self.read(self.cell_ids[np.asarray(positions)])
+
+
+def _check_counts(store: CellStore, n_sample: int = 512) -> None:
+    """Raise if a sample of cells holds NaN, negative or non-integer values."""
+    if store.n_obs == 0:
+        raise DataError(f"{store.path}: the store holds no cells.")
+    rows = np.unique(np.linspace(0, store.n_obs - 1, min(n_sample, store.n_obs)).astype(np.int64))
+    data = store.read(rows).data
+    where = f"{store.path} ({'X' if store.layer is None else store.layer})"
+    layers = _other_layers(store)
+    fix = (f" Point layer= at raw counts{' (this file has: ' + layers + ')' if layers else ''}, "
+           "or pass check_counts=False if these values are meant.")
+    if not np.all(np.isfinite(data)):
+        raise DataError(f"{where}: contains NaN or infinite values; counts must be finite.{fix}")
+    if np.any(data < 0):
+        raise DataError(f"{where}: contains negative values ({data.min():g}); these are not "
+                        f"counts (scaled or centred data?).{fix}")
+    frac = data[np.abs(data - np.round(data)) > 1e-3]
+    if len(frac):
+        raise DataError(f"{where}: contains non-integer values (e.g. {frac[0]:.4g}); these look "
+                        f"normalised or log-transformed, not raw counts.{fix}")
+
+
+def _other_layers(store: CellStore) -> str:
+    root = getattr(store, "handle", None)
+    try:
+        names = [f"'{k}'" for k in root["layers"].keys()] if "layers" in root else []
+        if "raw" in root:
+            names.append("'raw'")
+        return ", ".join(names)
+    except Exception:  # non-AnnData stores have no layers to suggest
+        return ""

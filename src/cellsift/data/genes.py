@@ -1,0 +1,145 @@
+"""Gene vocabularies and the alignment of a store's genes to them (an index map, no padding)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .._utils import atomic_path
+from ..errors import GeneAlignmentError
+
+__all__ = ["GeneMap", "GeneVocabulary"]
+
+#: var columns that may hold gene ids or symbols, tried in this order after var_names.
+GENE_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl_id", "gene_symbols", "gene_symbol",
+                "feature_name", "symbol", "gene_name")
+
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
+
+
+def _strip_version(ids: pd.Index) -> pd.Index:
+    """ENSG00000141510.17 -> ENSG00000141510 (Ensembl versions differ between releases)."""
+    return pd.Index([g.split(".")[0] if _ENSEMBL.match(g) else g for g in ids.astype(str)])
+
+
+@dataclass(frozen=True)
+class GeneMap:
+    """How one store's columns map onto a vocabulary.
+
+    ``col_map[j]`` is the vocabulary position of store column ``j``, or -1 when the
+    vocabulary lacks it. ``identity`` marks a store whose genes are the vocabulary, in order.
+    """
+
+    col_map: np.ndarray
+    n_matched: int
+    key: str
+    identity: bool
+    monotonic: bool
+
+
+class GeneVocabulary:
+    """An ordered list of genes (Ensembl ids or symbols) that models and batches use.
+
+    Parameters
+    ----------
+    genes
+        Gene ids in model order. Must be unique.
+    symbols
+        Optional symbols, parallel to ``genes``; stores may then match by either.
+    """
+
+    def __init__(self, genes: Sequence[str] | pd.Index, symbols: Sequence[str] | None = None) -> None:
+        self.genes = pd.Index(np.asarray(genes, dtype=str))
+        if self.genes.has_duplicates:
+            dups = self.genes[self.genes.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"gene vocabulary has duplicate ids, e.g. {dups}; make them unique.")
+        self.symbols = None if symbols is None else pd.Index(np.asarray(symbols, dtype=str))
+        if self.symbols is not None and len(self.symbols) != len(self.genes):
+            raise ValueError("symbols must be parallel to genes.")
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GeneVocabulary) and self.genes.equals(other.genes)
+
+    def __repr__(self) -> str:
+        return f"GeneVocabulary({len(self)} genes: {', '.join(self.genes[:3])}, ...)"
+
+    @classmethod
+    def from_var(cls, var: pd.DataFrame, symbols: str | None = None) -> GeneVocabulary:
+        """Vocabulary of a store's var (var_names as ids, ``symbols`` column if given/found)."""
+        sym_col = symbols or next((c for c in ("feature_name", "gene_symbols", "gene_name")
+                                   if c in var.columns), None)
+        syms = var[sym_col].astype(str).tolist() if sym_col else None
+        if syms is not None and len(set(syms)) != len(syms):
+            syms = None  # symbols with duplicates cannot identify genes
+        return cls(var.index, syms)
+
+    # -- persistence (genes.tsv) ----------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``genes.tsv`` (columns gene_id and, if known, symbol) atomically."""
+        df = pd.DataFrame({"gene_id": self.genes})
+        if self.symbols is not None:
+            df["symbol"] = self.symbols
+        with atomic_path(path, overwrite=True) as tmp:
+            df.to_csv(tmp, sep="\t", index=False)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> GeneVocabulary:
+        df = pd.read_csv(Path(path), sep="\t", dtype=str)
+        if "gene_id" not in df.columns:
+            raise ValueError(f"{path}: a genes.tsv needs a 'gene_id' column.")
+        return cls(df["gene_id"], df["symbol"] if "symbol" in df.columns else None)
+
+    # -- alignment ------------------------------------------------------------------------
+    def align(self, var: pd.DataFrame, *, source: str = "store", min_overlap: float = 0.5
+              ) -> GeneMap:
+        """Map the genes of ``var`` (a store's var table) onto this vocabulary.
+
+        var_names and the usual gene-id and symbol columns are each tried against the
+        vocabulary's ids and symbols (Ensembl versions ignored); the best match is used. Fewer
+        than ``min_overlap`` x min(genes in store, vocabulary) matches is an error naming the
+        store and the count, as are duplicate ids among the matched genes.
+        """
+        candidates: list[tuple[str, pd.Index]] = [("var_names", pd.Index(var.index.astype(str)))]
+        candidates += [(c, pd.Index(var[c].astype(str))) for c in GENE_COLUMNS if c in var.columns]
+        targets = [("ids", _strip_version(self.genes))]
+        if self.symbols is not None:
+            targets.append(("symbols", self.symbols))
+        best: tuple[int, str, pd.Index, pd.Index] | None = None
+        for name, ids in candidates:
+            ids = _strip_version(ids)
+            for tname, tgt in targets:
+                n = int(ids.isin(tgt).sum())
+                if best is None or n > best[0]:
+                    best = (n, f"{name}->{tname}", ids, tgt)
+        assert best is not None
+        n_matched, key, ids, target = best
+        need = min_overlap * min(len(var), len(self))
+        if n_matched == 0 or n_matched < need:
+            raise GeneAlignmentError(
+                f"{source}: only {n_matched} of its {len(var)} genes match the {len(self)}-gene "
+                f"vocabulary (need {int(np.ceil(need))}; best key {key}). Check that both use the "
+                "same kind of ids (Ensembl ids vs symbols) and species; a var column with "
+                f"Ensembl ids ({', '.join(GENE_COLUMNS[:4])}) is matched automatically."
+            )
+        matched = ids[ids.isin(target)]
+        if matched.has_duplicates:
+            dups = matched[matched.duplicated()].unique()[:5].tolist()
+            raise GeneAlignmentError(
+                f"{source}: duplicate gene ids among its genes ({key}), e.g. {dups}. Make them "
+                "unique (adata.var_names_make_unique()) or align by a unique id column "
+                "such as Ensembl ids."
+            )
+        col_map = target.get_indexer(ids).astype(np.int64)
+        kept = col_map[col_map >= 0]
+        identity = len(var) == len(self) and bool(np.array_equal(col_map, np.arange(len(self))))
+        monotonic = bool(np.all(np.diff(kept) > 0))
+        return GeneMap(col_map, n_matched, key, identity, monotonic)

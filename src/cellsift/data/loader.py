@@ -1,0 +1,264 @@
+"""IterableCellDataset and CellLoader: whole batches, sharded by rank and worker, resumable.
+
+Each worker of each rank reads whole fetches (see :mod:`cellsift.data.sampling`): fetch ``i``
+of a rank goes to worker ``i % num_workers``. The DataLoader hands batches out round-robin
+over workers, so the batch order of a rank is fixed by (seed, epoch, rank, world,
+num_workers) and a run can resume from any batch: :class:`CellLoader` counts the batches it
+handed out; its ``state_dict`` goes into Lightning checkpoints, and after
+``load_state_dict`` each worker skips exactly the batches already consumed, without reading
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import ResumeError
+from .collection import CellCollection
+from .sampling import EpochPlan, Mode, SamplingConfig, balanced_weights, make_plan
+
+__all__ = ["CellLoader", "IterableCellDataset"]
+
+Batch = dict[str, Any]
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class IterableCellDataset(IterableDataset):
+    """Batches of cells from a :class:`CellCollection`, as dicts of tensors.
+
+    Each batch holds ``x_ng`` (counts, torch sparse CSR, genes in vocabulary order),
+    ``obs_idx_n`` (global row of each cell across the collection's stores), and one
+    integer-code tensor per entry of ``obs_keys`` (e.g. ``y_n``, ``study_n``).
+
+    Parameters
+    ----------
+    collection
+        The cells.
+    mode
+        ``"sequential"``, ``"block"`` (block-shuffled) or ``"weighted"`` (balanced draws).
+    batch_size, block_size, fetch_factor
+        Cells per batch; contiguous cells per block; batches per read.
+    obs_keys
+        Batch key -> obs column, coded as integers (categories sorted); default
+        ``{"y_n": label_key, "study_n": study_key}`` for the keys that are given.
+    label_key, study_key
+        obs columns of cell type and study (weighted mode balances both).
+    weights
+        Per-cell weights for weighted mode (default: :func:`balanced_weights`).
+    seed, drop_last, cells_per_block, num_samples
+        See :class:`~cellsift.data.sampling.SamplingConfig`.
+    rank, world_size
+        Override the distributed rank (default: from ``torch.distributed``).
+    """
+
+    def __init__(
+        self,
+        collection: CellCollection,
+        *,
+        mode: Mode = "block",
+        batch_size: int = 1024,
+        block_size: int = 64,
+        fetch_factor: int = 16,
+        label_key: str | None = None,
+        study_key: str | None = None,
+        obs_keys: Mapping[str, str] | None = None,
+        weights: np.ndarray | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        cells_per_block: int = 16,
+        num_samples: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.collection = collection
+        self.cfg = SamplingConfig(mode, batch_size, block_size, fetch_factor, seed, drop_last,
+                                  cells_per_block, num_samples)
+        if obs_keys is None:
+            obs_keys = {k: v for k, v in (("y_n", label_key), ("study_n", study_key)) if v}
+        self.obs_keys = dict(obs_keys)
+        self.codes: dict[str, np.ndarray] = {}
+        self.categories: dict[str, list[str]] = {}
+        for key, column in self.obs_keys.items():
+            self.codes[key], self.categories[key] = collection.codes(column)
+        self.weights = None
+        if mode == "weighted":
+            if weights is None:
+                if label_key is None:
+                    raise ValueError("weighted mode needs label_key (and study_key) or weights=.")
+                labels, _ = collection.codes(label_key)
+                studies = collection.codes(study_key)[0] if study_key else None
+                weights = balanced_weights(labels, studies)
+            self.weights = np.asarray(weights, dtype=np.float64)
+        self._rank, self._world = rank, world_size
+        self.epoch = 0
+        self.num_workers = 0  # set by CellLoader: fixes the batch order for resume
+        self.skip = 0  # batches of this epoch (this rank) already consumed
+
+    # -- plan ----------------------------------------------------------------------------
+    @property
+    def rank_world(self) -> tuple[int, int]:
+        if self._rank is not None or self._world is not None:
+            return self._rank or 0, self._world or 1
+        return _dist_rank_world()
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        rank, world = self.rank_world
+        return make_plan(self.cfg, self.collection.n_obs, self.epoch if epoch is None else epoch,
+                         rank, world, self.weights)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch."""
+        return self.plan().total_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def fingerprint(self) -> dict[str, Any]:
+        rank, world = self.rank_world
+        return {**dataclasses.asdict(self.cfg), "n_cells": self.collection.n_obs,
+                "world_size": world, "num_workers": self.num_workers}
+
+    # -- iteration -----------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        wid, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self.plan()
+        counts = [sum(plan.n_batches(i) for i in range(w, plan.n_fetches, n_workers))
+                  for w in range(n_workers)]
+        skips, turn = _worker_skips(counts, self.skip)
+        # Fetch stream s is fetches s, s + W, ...; on resume the DataLoader starts again with
+        # worker 0, so worker 0 takes the stream whose turn it is, and so on around.
+        stream = (wid + turn) % n_workers
+        to_skip = skips[stream]
+        for i in range(stream, plan.n_fetches, n_workers):
+            nb = plan.n_batches(i)
+            if to_skip >= nb:
+                to_skip -= nb
+                continue
+            yield from self._fetch_batches(plan, i, first=to_skip)
+            to_skip = 0
+
+    def _fetch_batches(self, plan: EpochPlan, i: int, first: int = 0) -> Iterator[Batch]:
+        pos = plan.fetch(i)
+        rows = self.collection.cell_ids[pos]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        x = self.collection.read(uniq)
+        bs = self.cfg.batch_size
+        for b in range(first, plan.n_batches(i)):
+            sel = slice(b * bs, (b + 1) * bs)
+            yield self._batch(x[inverse[sel]], rows[sel], pos[sel])
+
+    def _batch(self, x: Any, rows: np.ndarray, pos: np.ndarray) -> Batch:
+        batch: Batch = {
+            "x_ng": torch.sparse_csr_tensor(
+                torch.from_numpy(x.indptr.astype(np.int64)),
+                torch.from_numpy(x.indices.astype(np.int64)),
+                torch.from_numpy(x.data.astype(np.float32, copy=False)),
+                size=x.shape, check_invariants=False),
+            "obs_idx_n": torch.from_numpy(rows.astype(np.int64)),
+        }
+        for key, codes in self.codes.items():
+            batch[key] = torch.from_numpy(codes[pos])
+        return batch
+
+
+def _worker_skips(counts: list[int], n: int) -> tuple[list[int], int]:
+    """Batches each worker stream has delivered once ``n`` batches came out, and whose turn is next.
+
+    The DataLoader takes one batch from each worker in turn, passing over workers that are
+    done; ``counts`` is how many batches each worker makes.
+    """
+    if n > sum(counts):
+        raise ResumeError(f"cannot skip {n} batches: the epoch has only {sum(counts)}.")
+    n_workers = len(counts)
+    skips = [0] * n_workers
+    full_rounds = min([c for c in counts if c > 0], default=0)
+    rounds = min(full_rounds, n // max(n_workers, 1))  # whole rounds at once, then step
+    skips = [rounds] * n_workers
+    remaining, w = n - rounds * n_workers, 0
+    while remaining > 0:
+        if skips[w] < counts[w]:
+            skips[w] += 1
+            remaining -= 1
+        w = (w + 1) % n_workers
+    for _ in range(n_workers):  # the next worker with batches left
+        if skips[w] < counts[w]:
+            break
+        w = (w + 1) % n_workers
+    return skips, w
+
+
+class CellLoader(DataLoader):
+    """A DataLoader over an :class:`IterableCellDataset` that can save and restore its position.
+
+    Each ``iter()`` runs one epoch (the dataset's ``epoch``, then the next). ``state_dict()``
+    records the epoch and the batches handed out; ``load_state_dict()`` makes the next
+    ``iter()`` continue with exactly the batches an uninterrupted run would have produced.
+    Lightning stores this state in its checkpoints.
+    """
+
+    def __init__(self, dataset: IterableCellDataset, *, num_workers: int = 0,
+                 prefetch_factor: int | None = 2, pin_memory: bool = False,
+                 multiprocessing_context: Any = None, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, num_workers=num_workers,
+                         prefetch_factor=prefetch_factor if num_workers else None,
+                         pin_memory=pin_memory, persistent_workers=False,
+                         multiprocessing_context=multiprocessing_context, **kwargs)
+        self.cell_dataset = dataset
+        dataset.num_workers = max(num_workers, 1)
+        self._epoch = dataset.epoch  # epoch of the next iter()
+        self._current = dataset.epoch  # epoch of the state: in progress or last started
+        self._consumed = 0
+        self._skip = 0
+
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        ds = self.cell_dataset
+        ds.epoch, ds.skip = self._epoch, self._skip
+        self._current, self._consumed, self._skip = self._epoch, self._skip, 0
+        self._epoch += 1  # the next iter() starts the next epoch
+        return self._count(super().__iter__())
+
+    def _count(self, it: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in it:
+            self._consumed += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.cell_dataset)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next ``iter()`` will run (or the one being run, during iteration)."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = self._current = epoch
+        self._consumed = self._skip = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch in progress and batches consumed, plus what must match on resume."""
+        return {"epoch": self._current, "batches": self._consumed, "fingerprint": self.cell_dataset.fingerprint()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mine = self.cell_dataset.fingerprint()
+        diff = {k: (v, mine.get(k)) for k, v in state["fingerprint"].items() if mine.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
+            raise ResumeError(
+                f"the saved loader state does not fit this loader ({detail}). Resume with the "
+                "same data, sampling options, number of devices and num_workers."
+            )
+        self._epoch = self._current = int(state["epoch"])
+        self._skip = self._consumed = int(state["batches"])

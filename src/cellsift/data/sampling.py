@@ -1,0 +1,184 @@
+"""Which cells each rank reads in an epoch, in which order, grouped into fetches.
+
+A *fetch* is the unit of reading: ``fetch_factor`` batches' worth of cells read with one
+sorted store read, shuffled together (except in sequential mode) and cut into batches.
+Every fetch is a pure function of ``(seed, epoch, rank, fetch index)``, so a worker can
+skip to any batch without reading anything, and runs are reproducible.
+
+Modes
+-----
+``sequential``
+    Cells in store order. Each rank takes a contiguous share.
+``block``
+    The cells are cut into contiguous blocks of ``block_size``; the blocks are permuted per
+    epoch, each rank takes a contiguous share of the permuted order, and the cells of a fetch
+    (several blocks) are shuffled together. Every cell is seen exactly once per epoch.
+``weighted``
+    Draws with replacement, P(cell) proportional to its weight (``balanced_weights``). A block
+    is drawn with probability proportional to its total weight, then ``cells_per_block`` cells
+    from it in proportion to their weights: each draw has exactly the target marginal
+    probability while reads stay contiguous (``block_size=1`` gives independent draws).
+    No work per batch grows with the number of cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["EpochPlan", "SamplingConfig", "balanced_weights", "make_plan"]
+
+Mode = Literal["sequential", "block", "weighted"]
+
+
+def balanced_weights(labels: np.ndarray, studies: np.ndarray | None = None, *,
+                     class_scale: float = 1e4, study_scale: float = 1e6,
+                     max_ratio: float = 100.0) -> np.ndarray:
+    """Class- and study-balanced sampling weights (SCimilarity's scheme).
+
+    ``w = 1/log1p(n_class/class_scale) * 1/log1p(n_study/study_scale)``, where ``n_class``
+    and ``n_study`` count the cells sharing a cell's label and study; weights are clipped
+    to ``max_ratio`` times their median so tiny groups do not dominate. Negative labels
+    (missing) get weight 0.
+    """
+    labels = np.asarray(labels)
+    w = _inverse_log_count(labels, class_scale)
+    if studies is not None:
+        w = w * _inverse_log_count(np.asarray(studies), study_scale)
+    w[labels < 0] = 0.0
+    pos = w[w > 0]
+    if len(pos):
+        np.minimum(w, max_ratio * np.median(pos), out=w)
+    return w
+
+
+def _inverse_log_count(codes: np.ndarray, scale: float) -> np.ndarray:
+    _, inv, counts = np.unique(codes, return_inverse=True, return_counts=True)
+    return (1.0 / np.log1p(counts / scale))[inv].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample; fixed for a run (part of the resume fingerprint)."""
+
+    mode: Mode = "block"
+    batch_size: int = 1024
+    block_size: int = 64
+    fetch_factor: int = 16
+    seed: int = 0
+    drop_last: bool = False
+    cells_per_block: int = 16
+    num_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sequential", "block", "weighted"):
+            raise ValueError(f"mode must be sequential, block or weighted, not {self.mode!r}.")
+        for name in ("batch_size", "block_size", "fetch_factor", "cells_per_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1.")
+
+    @property
+    def fetch_size(self) -> int:
+        return self.batch_size * self.fetch_factor
+
+
+class EpochPlan:
+    """The fetches of one rank in one epoch.
+
+    ``fetch(i)`` gives the cell positions of fetch ``i`` (indices into the collection's kept
+    cells) in the order they are yielded; ``n_batches(i)`` how many batches it makes.
+    """
+
+    def __init__(self, cfg: SamplingConfig, n_cells: int, epoch: int, rank: int, world: int,
+                 weights: np.ndarray | None = None) -> None:
+        self.cfg, self.epoch, self.rank, self.world = cfg, epoch, rank, world
+        self.n_cells = n_cells
+        if cfg.mode == "weighted":
+            if weights is None:
+                raise ValueError("weighted mode needs per-cell weights.")
+            self._init_weighted(weights)
+            total = cfg.num_samples or n_cells
+            self.n_rank = total // world if cfg.drop_last else -(-total // world)
+        else:
+            order = self._epoch_order()
+            n = len(order)
+            if cfg.drop_last:
+                n = (n // (world * cfg.batch_size)) * world * cfg.batch_size
+            lo, hi = rank * n // world, (rank + 1) * n // world
+            self._order = order[lo:hi]
+            self.n_rank = hi - lo
+        if cfg.drop_last:
+            self.n_rank = (self.n_rank // cfg.batch_size) * cfg.batch_size
+        self.n_fetches = -(-self.n_rank // cfg.fetch_size)
+
+    # -- epoch order (sequential, block) --------------------------------------------------
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, self.epoch, *key])
+
+    def _epoch_order(self) -> np.ndarray:
+        n, b = self.n_cells, self.cfg.block_size
+        if self.cfg.mode == "sequential":
+            return np.arange(n, dtype=np.int64)
+        n_blocks = -(-n // b)
+        perm = self._rng(1 << 30).permutation(n_blocks)
+        starts = perm * b
+        lens = np.minimum(starts + b, n) - starts
+        return (np.repeat(starts - np.concatenate(([0], np.cumsum(lens)[:-1])), lens)
+                + np.arange(n, dtype=np.int64))
+
+    # -- weighted -------------------------------------------------------------------------
+    def _init_weighted(self, weights: np.ndarray) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        if len(w) != self.n_cells or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
+            raise ValueError("weights must be finite, >= 0, one per cell, and not all 0.")
+        b = self.cfg.block_size
+        n_blocks = -(-self.n_cells // b)
+        padded = np.zeros(n_blocks * b)
+        padded[: self.n_cells] = w
+        self._w_blocks = padded.reshape(n_blocks, b)
+        self._block_cdf = np.cumsum(self._w_blocks.sum(1))
+
+    def _weighted_fetch(self, i: int, size: int) -> np.ndarray:
+        rng = self._rng(self.rank, i)
+        k = min(self.cfg.cells_per_block, size)
+        n_draws = -(-size // k)
+        blocks = np.searchsorted(self._block_cdf, rng.random(n_draws) * self._block_cdf[-1],
+                                 side="right")
+        blocks = np.minimum(blocks, len(self._block_cdf) - 1)
+        cdf = np.cumsum(self._w_blocks[blocks], axis=1)  # n_draws x block_size
+        u = rng.random((n_draws, k)) * cdf[:, -1:]
+        within = (u[:, :, None] >= cdf[:, None, :]).sum(2)  # per draw: cell within its block
+        within = np.minimum(within, self.cfg.block_size - 1)
+        pos = (blocks[:, None] * self.cfg.block_size + within).ravel()[:size]
+        return pos[rng.permutation(size)]
+
+    # -- fetches --------------------------------------------------------------------------
+    def fetch_len(self, i: int) -> int:
+        return min(self.cfg.fetch_size, self.n_rank - i * self.cfg.fetch_size)
+
+    def n_batches(self, i: int) -> int:
+        return -(-self.fetch_len(i) // self.cfg.batch_size)
+
+    def fetch(self, i: int) -> np.ndarray:
+        size = self.fetch_len(i)
+        if self.cfg.mode == "weighted":
+            return self._weighted_fetch(i, size)
+        lo = i * self.cfg.fetch_size
+        cells = self._order[lo : lo + size]
+        if self.cfg.mode == "block":
+            cells = cells[self._rng(self.rank, i).permutation(len(cells))]
+        return cells
+
+    @property
+    def total_batches(self) -> int:
+        return sum(self.n_batches(i) for i in range(self.n_fetches))
+
+
+def make_plan(cfg: SamplingConfig, n_cells: int, epoch: int, rank: int = 0, world: int = 1,
+              weights: np.ndarray | None = None) -> EpochPlan:
+    """The plan of ``rank`` (of ``world``) for ``epoch``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world}).")
+    return EpochPlan(cfg, n_cells, epoch, rank, world, weights)

@@ -1,0 +1,184 @@
+"""Cell stores: one file or database of cells, read by sorted row sets as CSR counts.
+
+``open_store(path)`` picks the backend from the path. Every store exposes ``n_obs``,
+``var_names``, lazily loaded obs columns and ``read(rows) -> CSR``; none ever materialises
+the whole count matrix. Handles are opened lazily and re-opened in a forked process (a
+DataLoader worker), so stores can be pickled into workers.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..errors import DataError
+from .writers import Format, guess_format
+
+__all__ = ["CellStore", "open_store"]
+
+
+class CellStore(ABC):
+    """A store of cells: counts by row, obs columns, var.
+
+    Subclasses implement ``_open``, ``_read_rows``, ``_load_obs_column``, ``_load_var``,
+    ``obs_columns`` and ``n_obs``.
+    """
+
+    format: Format
+
+    def __init__(self, path: str | os.PathLike[str], *, layer: str | None = None) -> None:
+        self.path = Path(path)
+        self.layer = layer
+        self._pid: int | None = None
+        self._handle: Any = None
+        self._obs_cache: dict[str, Any] = {}
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path} does not exist.")
+
+    # -- handle management --------------------------------------------------------------
+    @property
+    def handle(self) -> Any:
+        """The open backend handle of this process (re-opened after a fork)."""
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = None
+            self._handle = self._open()
+            self._pid = os.getpid()
+        return self._handle
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid() and hasattr(self._handle, "close"):
+            self._handle.close()
+        self._handle = None
+
+    def _error(self, what: str, fix: str) -> DataError:
+        return DataError(f"{self.path}: {what} {fix}")
+
+    # -- backend hooks ------------------------------------------------------------------
+    @abstractmethod
+    def _open(self) -> Any: ...
+
+    @abstractmethod
+    def _read_rows(self, rows: np.ndarray) -> sp.csr_matrix: ...
+
+    @abstractmethod
+    def _load_obs_column(self, name: str) -> Any: ...
+
+    @abstractmethod
+    def _load_var(self) -> pd.DataFrame: ...
+
+    @property
+    @abstractmethod
+    def obs_columns(self) -> list[str]: ...
+
+    @property
+    @abstractmethod
+    def n_obs(self) -> int: ...
+
+    # -- shared API ---------------------------------------------------------------------
+    @cached_property
+    def var(self) -> pd.DataFrame:
+        """Gene table: index = var_names, plus any columns (e.g. ``gene_ids``, ``feature_name``)."""
+        return self._load_var()
+
+    @property
+    def var_names(self) -> pd.Index:
+        return self.var.index
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.var)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_obs, self.n_vars
+
+    def obs_column(self, name: str) -> Any:
+        """One obs column, loaded on first use (categorical or numpy array)."""
+        if name not in self._obs_cache:
+            if name not in self.obs_columns:
+                raise KeyError(
+                    f"{self.path}: obs has no column {name!r}; it has {', '.join(self.obs_columns)}."
+                    " Pick one of these or add the column to the file."
+                )
+            self._obs_cache[name] = self._load_obs_column(name)
+        return self._obs_cache[name]
+
+    def row_nnz(self) -> np.ndarray:
+        """Nonzero entries per cell (genes detected), without reading the data."""
+        return np.diff(self.indptr)
+
+    @property
+    def indptr(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def read(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts of ``rows`` (sorted, unique, in ``[0, n_obs)``) as float32 CSR."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_obs):
+            raise IndexError(f"{self.path}: rows must lie in [0, {self.n_obs}).")
+        if len(rows) > 1 and np.any(rows[1:] <= rows[:-1]):
+            raise ValueError("rows must be sorted and unique.")
+        return self._read_rows(rows)
+
+    def iter_chunks(self, chunk_size: int = 65_536) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Scan the whole store in row order: ``(start_row, counts)`` chunks."""
+        for start in range(0, self.n_obs, chunk_size):
+            stop = min(self.n_obs, start + chunk_size)
+            yield start, self.read(np.arange(start, stop))
+
+    def row_sums(self) -> np.ndarray:
+        """Total counts per cell (one sequential pass, cached)."""
+        if "__row_sums" not in self._obs_cache:
+            out = np.zeros(self.n_obs, dtype=np.float64)
+            for start, x in self.iter_chunks():
+                out[start : start + x.shape[0]] = np.asarray(x.sum(1)).ravel()
+            self._obs_cache["__row_sums"] = out
+        return self._obs_cache["__row_sums"]
+
+    def obs(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """An obs DataFrame of ``columns`` (all by default)."""
+        cols = self.obs_columns if columns is None else columns
+        return pd.DataFrame({c: self.obs_column(c) for c in cols})
+
+    def __repr__(self) -> str:
+        layer = f", layer={self.layer!r}" if self.layer else ""
+        return f"{type(self).__name__}({str(self.path)!r}{layer}: {self.n_obs} cells x {self.n_vars} genes)"
+
+
+def open_store(path: str | os.PathLike[str] | CellStore, *, format: Format | None = None,
+               layer: str | None = None, **options: Any) -> CellStore:
+    """Open a store by path: ``*.h5ad`` (HDF5), ``*.zarr`` (AnnData-Zarr), a TileDB-SOMA Experiment.
+
+    ``layer`` selects where counts live: ``None`` for X, a name in ``layers``, or ``"raw"``
+    (AnnData stores; for SOMA the X layer name, default ``"raw"``).
+    """
+    if isinstance(path, CellStore):
+        return path
+    fmt = format or guess_format(path)
+    if fmt == "h5ad":
+        from ._h5ad import H5adStore
+
+        return H5adStore(path, layer=layer, **options)
+    if fmt == "zarr":
+        from ._zarr import ZarrStore
+
+        return ZarrStore(path, layer=layer, **options)
+    if fmt == "soma":
+        from ._soma import SomaStore
+
+        return SomaStore(path, layer=layer, **options)
+    raise ValueError(f"unknown store format {fmt!r} for {path}.")

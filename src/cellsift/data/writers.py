@@ -1,0 +1,365 @@
+"""Streaming writers: cells arrive in chunks and go straight to h5ad, Zarr or TileDB-SOMA.
+
+No writer holds the count matrix in memory: only the current chunk, the row pointer and the
+obs table (a few columns per cell) are kept. Writers write into a temporary path that is
+moved into place on :meth:`StoreWriter.close`; :meth:`StoreWriter.abort` removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._utils import import_optional
+
+__all__ = ["FORMATS", "StoreWriter", "guess_format", "open_writer"]
+
+Format = Literal["h5ad", "zarr", "soma"]
+FORMATS: tuple[Format, ...] = ("h5ad", "zarr", "soma")
+
+#: Elements per chunk of the CSR ``data``/``indices`` arrays: a random block of ~64 cells reads
+#: a few chunks. Zarr shards group many chunks into one file.
+CHUNK_ELEMS = 1 << 16
+SHARD_ELEMS = 1 << 22
+
+
+def guess_format(path: str | os.PathLike[str]) -> Format:
+    """Tell a store's format from its path (an existing store is inspected)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "zarr.json").exists() or (p / ".zgroup").exists():
+            return "zarr"
+        if (p / "__tiledb_group.tdb").exists() or (p / "__group").exists() or (p / "ms").exists():
+            return "soma"
+    name = p.name.lower()
+    if name.endswith(".h5ad") or name.endswith(".h5"):
+        return "h5ad"
+    if name.endswith(".zarr"):
+        return "zarr"
+    if name.endswith(".soma") or name.endswith(".tiledb"):
+        return "soma"
+    raise ValueError(
+        f"Cannot tell the format of {p}: name it *.h5ad, *.zarr or *.soma, or pass format=."
+    )
+
+
+class StoreWriter:
+    """Write cells chunk by chunk; :meth:`close` moves the finished store into place."""
+
+    format: Format
+
+    def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, *, n_obs: int | None = None,
+                 overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists; remove it or pass overwrite=True.")
+        self.overwrite = overwrite
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.var = _clean_frame(var)
+        if not self.var.index.is_unique:
+            raise ValueError("var_names must be unique to write a store.")
+        self.n_vars = len(var)
+        self.n_obs_expected = n_obs
+        self.n_obs = 0
+        self._obs: list[pd.DataFrame] = []
+
+    # -- subclass hooks -----------------------------------------------------------------
+    def _append_x(self, x: sp.csr_matrix) -> None:
+        raise NotImplementedError
+
+    def _finish(self, obs: pd.DataFrame) -> None:
+        raise NotImplementedError
+
+    # -- public -------------------------------------------------------------------------
+    def append(self, x: sp.spmatrix | np.ndarray, obs: pd.DataFrame) -> None:
+        """Append a chunk of cells: counts ``x`` (cells x genes) and their ``obs`` rows."""
+        x = sp.csr_matrix(x)
+        if x.shape[1] != self.n_vars:
+            raise ValueError(f"chunk has {x.shape[1]} genes, the store {self.n_vars}.")
+        if x.shape[0] != len(obs):
+            raise ValueError(f"chunk has {x.shape[0]} cells but {len(obs)} obs rows.")
+        x.sum_duplicates()
+        self._append_x(x)
+        self._obs.append(obs)
+        self.n_obs += x.shape[0]
+
+    def close(self) -> Path:
+        """Finish the store and move it to its final path atomically."""
+        try:
+            if self.n_obs_expected is not None and self.n_obs != self.n_obs_expected:
+                raise ValueError(f"{self.n_obs} cells written, {self.n_obs_expected} announced.")
+            obs = pd.concat(self._obs) if self._obs else pd.DataFrame(index=pd.Index([], dtype=str))
+            self._finish(_clean_frame(obs))
+        except BaseException:
+            self.abort()
+            raise
+        if self.path.exists():
+            _remove(self.path)
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the partial output."""
+        if self.tmp.exists():
+            _remove(self.tmp)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df.index = df.index.astype(str)
+    for col in df.columns:
+        if df[col].dtype == object:
+            df[col] = df[col].astype("category")
+    return df
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+_CSR_ATTRS = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
+_ROOT_ATTRS = {"encoding-type": "anndata", "encoding-version": "0.1.0"}
+
+
+class _AnnDataWriter(StoreWriter):
+    """Shared logic of the AnnData layouts (h5ad and Zarr): X as CSR, obs/var via anndata."""
+
+    def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, **kwargs: Any) -> None:
+        super().__init__(path, var, **kwargs)
+        self._indptr: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        self._nnz = 0
+
+    def _append_x(self, x: sp.csr_matrix) -> None:
+        self._write_elements(x.data.astype(np.float32, copy=False),
+                             x.indices.astype(np.int32, copy=False))
+        self._indptr.append(x.indptr[1:].astype(np.int64) + self._nnz)
+        self._nnz += x.nnz
+
+    def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _write_meta(self, root: Any, obs: pd.DataFrame) -> None:
+        root.attrs.update(_ROOT_ATTRS)
+        ad.io.write_elem(root, "obs", obs)
+        ad.io.write_elem(root, "var", self.var)
+        for key in ("uns", "obsm", "varm", "layers", "obsp", "varp"):
+            ad.io.write_elem(root, key, {})
+
+
+class H5adWriter(_AnnDataWriter):
+    """h5ad (HDF5) with X as CSR in chunked datasets; uncompressed unless ``compression``."""
+
+    format: Format = "h5ad"
+
+    def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, *,
+                 compression: str | None = None, chunk_elems: int = CHUNK_ELEMS,
+                 **kwargs: Any) -> None:
+        super().__init__(path, var, **kwargs)
+        self._file = h5py.File(self.tmp, "w")
+        x = self._file.create_group("X")
+        x.attrs.update(_CSR_ATTRS)
+        opts = {"maxshape": (None,), "chunks": (chunk_elems,), "compression": compression}
+        self._data = x.create_dataset("data", shape=(0,), dtype=np.float32, **opts)
+        self._indices = x.create_dataset("indices", shape=(0,), dtype=np.int32, **opts)
+
+    def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
+        n0, n1 = self._nnz, self._nnz + len(data)
+        for ds, values in ((self._data, data), (self._indices, indices)):
+            ds.resize((n1,))
+            ds[n0:n1] = values
+
+    def _finish(self, obs: pd.DataFrame) -> None:
+        x = self._file["X"]
+        x.attrs["shape"] = (self.n_obs, self.n_vars)
+        x.create_dataset("indptr", data=np.concatenate(self._indptr))
+        self._write_meta(self._file, obs)
+        self._file.close()
+
+    def abort(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+        super().abort()
+
+
+class ZarrWriter(_AnnDataWriter):
+    """AnnData-Zarr, zarr format 3, ``data``/``indices`` in chunks grouped into shards.
+
+    Elements are buffered and flushed a whole shard at a time, so no shard is rewritten.
+    """
+
+    format: Format = "zarr"
+
+    def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, *,
+                 chunk_elems: int = CHUNK_ELEMS, shard_elems: int = SHARD_ELEMS,
+                 **kwargs: Any) -> None:
+        import zarr
+
+        super().__init__(path, var, **kwargs)
+        if shard_elems % chunk_elems:
+            raise ValueError("shard_elems must be a multiple of chunk_elems.")
+        self._root = zarr.open_group(self.tmp, mode="w", zarr_format=3)
+        x = self._root.create_group("X")
+        x.attrs.update(_CSR_ATTRS)
+        self._arrays = {
+            name: x.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk_elems,),
+                                 shards=(shard_elems,))
+            for name, dtype in (("data", np.float32), ("indices", np.int32))
+        }
+        self._shard = shard_elems
+        self._chunk = chunk_elems
+        self._buffers: dict[str, list[np.ndarray]] = {"data": [], "indices": []}
+        self._buffered = 0
+        self._flushed = 0
+
+    def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
+        self._buffers["data"].append(data)
+        self._buffers["indices"].append(indices)
+        self._buffered += len(data)
+        if self._buffered >= self._shard:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        n = self._buffered if final else (self._buffered // self._shard) * self._shard
+        if n == 0:
+            return
+        for name, arr in self._arrays.items():
+            buf = np.concatenate(self._buffers[name])
+            arr.resize((self._flushed + n,))
+            arr[self._flushed : self._flushed + n] = buf[:n]
+            self._buffers[name] = [buf[n:]]
+        self._flushed += n
+        self._buffered -= n
+
+    def _finish(self, obs: pd.DataFrame) -> None:
+        self._flush(final=True)
+        x = self._root["X"]
+        x.attrs["shape"] = [self.n_obs, self.n_vars]
+        indptr = np.concatenate(self._indptr)
+        x.create_array("indptr", data=indptr, chunks=(min(len(indptr), 1 << 20),))
+        self._write_meta(self._root, obs)
+
+
+class SomaWriter(StoreWriter):
+    """TileDB-SOMA Experiment in the CELLxGENE Census layout.
+
+    obs (``soma_joinid`` 0..n-1), measurement ``measurement`` (default ``RNA``) with var
+    (``feature_id`` = var_names) and X layer ``layer`` (default ``raw``). The number of
+    cells must be given up front (SOMA arrays have a fixed domain).
+    """
+
+    format: Format = "soma"
+
+    def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, *, n_obs: int | None = None,
+                 measurement: str = "RNA", layer: str = "raw", **kwargs: Any) -> None:
+        if n_obs is None:
+            raise ValueError("SomaWriter needs n_obs up front (SOMA arrays have a fixed shape).")
+        super().__init__(path, var, n_obs=n_obs, **kwargs)
+        soma = import_optional("tiledbsoma")
+        self._soma = soma
+        self._exp = soma.Experiment.create(str(self.tmp))
+        self._ms = self._exp.add_new_collection("ms")
+        rna = self._ms.add_new_collection(measurement, soma.Measurement)
+        var_df = self.var.copy()
+        if "feature_id" in var_df.columns:
+            var_df = var_df.rename(columns={"feature_id": "feature_id_orig"})
+        var_df.insert(0, "feature_id", var_df.index.astype(str))
+        var_tbl = _arrow_table(var_df.reset_index(drop=True), start=0)
+        with rna.add_new_dataframe("var", schema=var_tbl.schema,
+                                   domain=[(0, max(self.n_vars - 1, 0))]) as v:
+            v.write(var_tbl)
+        x_coll = rna.add_new_collection("X")
+        self._x = x_coll.add_new_sparse_ndarray(
+            layer, type=_pa().float32(), shape=(max(n_obs, 1), max(self.n_vars, 1)))
+        self._obs_df: Any = None
+        self._closables = [x_coll, rna]
+
+    def _append_x(self, x: sp.csr_matrix) -> None:
+        pa = _pa()
+        coo = x.tocoo()
+        table = pa.Table.from_pydict({
+            "soma_dim_0": pa.array(coo.row.astype(np.int64) + self.n_obs),
+            "soma_dim_1": pa.array(coo.col.astype(np.int64)),
+            "soma_data": pa.array(coo.data.astype(np.float32)),
+        })
+        if len(table):
+            self._x.write(table)
+
+    def append(self, x: sp.spmatrix | np.ndarray, obs: pd.DataFrame) -> None:
+        start = self.n_obs
+        super().append(x, obs)
+        self._obs.clear()  # obs goes to disk chunk by chunk
+        obs_df = _clean_frame(obs)
+        tbl = _arrow_table(obs_df.assign(obs_id=obs_df.index.astype(str)).reset_index(drop=True),
+                           start=start)
+        if self._obs_df is None:
+            self._obs_df = self._exp.add_new_dataframe(
+                "obs", schema=tbl.schema, domain=[(0, max(self.n_obs_expected - 1, 0))])
+        self._obs_df.write(tbl)
+
+    def _finish(self, obs: pd.DataFrame) -> None:
+        del obs
+        if self._obs_df is None:
+            raise ValueError("no cells were written.")
+        for handle in (self._obs_df, self._x, *self._closables, self._ms, self._exp):
+            handle.close()
+
+    def abort(self) -> None:
+        try:
+            self._exp.close()
+        except Exception:  # the experiment may already be closed or half-made
+            pass
+        super().abort()
+
+
+def _pa() -> Any:
+    import pyarrow as pa
+
+    return pa
+
+
+def _arrow_table(df: pd.DataFrame, start: int) -> Any:
+    pa = _pa()
+    cols: dict[str, Any] = {"soma_joinid": pa.array(np.arange(start, start + len(df), dtype=np.int64))}
+    for name in df.columns:
+        s = df[name]
+        if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object:
+            cols[str(name)] = pa.array(s.astype(str).to_numpy(), type=pa.large_string())
+        elif s.dtype == bool:
+            cols[str(name)] = pa.array(s.to_numpy(), type=pa.bool_())
+        else:
+            cols[str(name)] = pa.array(s.to_numpy())
+    return pa.Table.from_pydict(cols)
+
+
+_WRITERS: dict[str, type[StoreWriter]] = {"h5ad": H5adWriter, "zarr": ZarrWriter, "soma": SomaWriter}
+
+
+def open_writer(path: str | os.PathLike[str], var: pd.DataFrame, *, format: Format | None = None,
+                n_obs: int | None = None, overwrite: bool = False, **options: Any) -> StoreWriter:
+    """Open a streaming writer for ``path`` (format from the suffix unless given)."""
+    fmt = format or guess_format(path)
+    if fmt not in _WRITERS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    return _WRITERS[fmt](path, var, n_obs=n_obs, overwrite=overwrite, **options)

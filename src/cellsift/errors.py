@@ -1,0 +1,21 @@
+"""Exceptions raised by cellsift. Every message says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+__all__ = ["CellsiftError", "DataError", "GeneAlignmentError", "ResumeError"]
+
+
+class CellsiftError(Exception):
+    """Base class of cellsift's errors."""
+
+
+class DataError(CellsiftError, ValueError):
+    """A store or its contents cannot be used as they are (corrupt, not counts, ...)."""
+
+
+class GeneAlignmentError(DataError):
+    """A store's genes do not match the gene vocabulary well enough."""
+
+
+class ResumeError(CellsiftError, ValueError):
+    """A saved loader state does not fit the loader it is loaded into."""
