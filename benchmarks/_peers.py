@@ -73,7 +73,7 @@ PEERS: dict[str, PeerSpec] = {
 
 def _log_tail_reason(log: Path) -> str:
     """The last pip step's errors, plus the conflict lines of a resolution failure."""
-    step = log.read_text(errors="replace").rsplit("\n$ pip ", 1)[-1]
+    step = log.read_text(errors="replace").rsplit("\n$ pip install ", 1)[-1]
     lines = [ln.strip() for ln in step.splitlines() if ln.strip()]
     keep = [ln for ln in lines if ln.startswith("ERROR:") and "ResolutionImpossible" not in ln]
     if "The conflict is caused by:" in lines:
@@ -88,7 +88,7 @@ def _log_tail_reason(log: Path) -> str:
 
 def _pip(py: Path, args: list[str], log: Path, what: str) -> None:
     with log.open("a") as fh:
-        fh.write(f"\n$ pip {' '.join(args)}\n")
+        fh.write(f"\n$ pip install {' '.join(args)}\n")
         fh.flush()
         proc = subprocess.run(
             [str(py), "-m", "pip", "install", "--no-input", *args],

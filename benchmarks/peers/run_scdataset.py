@@ -39,6 +39,7 @@ def main() -> None:
         fetch_factor=args.fetch_factor,
         fetch_callback=fetch_rows,
         batch_callback=batch_rows,
+        drop_last=True,  # per fetch: only full minibatches
         seed=args.seed,
     )
     kwargs = {"prefetch_factor": args.fetch_factor + 1} if args.num_workers > 0 else {}

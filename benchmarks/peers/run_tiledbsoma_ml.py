@@ -5,7 +5,9 @@ contiguous rows, the chunks are shuffled, regrouped into IO batches of ``io_batc
 (here ``fetch_factor * batch_size``, mirroring scDataset's fetch), each IO batch is permuted
 row-wise, read from the X layer and sliced into minibatches. X comes back as a dense numpy
 array (the library default, ``return_sparse_X=False``); ``use_eager_fetch`` (default on) reads
-the next IO batch in a background thread even with ``num_workers=0``.
+the next IO batch in a background thread even with ``num_workers=0``. There is no drop-last
+option: minibatches span IO batches, and only the last one of an epoch is short (its cells are
+counted as they are).
 """
 
 from __future__ import annotations

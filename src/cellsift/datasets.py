@@ -54,7 +54,7 @@ CELL_TYPES: dict[str, tuple[str, str | None, float]] = {
 
 _ASSAYS = [("EFO:0009922", "10x 3' v3"), ("EFO:0009899", "10x 3' v2"), ("EFO:0030003", "10x 3' transcription profiling")]
 
-SHARED_DATA_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+SHARED_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @dataclass

@@ -186,16 +186,25 @@ class CellCollection:
             self._obs_cache[name] = col
         return self._obs_cache[name]
 
-    def codes(self, name: str) -> tuple[np.ndarray, list[str]]:
+    def codes(self, name: str, categories: Sequence[str] | None = None
+              ) -> tuple[np.ndarray, list[str]]:
         """Integer codes of a categorical obs column over kept cells, and the categories.
 
-        Categories are sorted, so codes are stable for the same label set.
+        Categories are sorted (stable codes for the same label set) unless given; values
+        outside given ``categories`` get code -1.
         """
-        col = self.obs_column(name)
-        cat = pd.Categorical(np.asarray(col).astype(str))
-        cats = sorted(cat.categories.tolist())
-        codes = pd.Categorical(cat, categories=cats).codes.astype(np.int64)
+        values = np.asarray(self.obs_column(name)).astype(str)
+        cats = sorted(set(values.tolist())) if categories is None else list(categories)
+        codes = pd.Categorical(values, categories=cats).codes.astype(np.int64)
         return codes, cats
+
+    def subset(self, positions: np.ndarray) -> CellCollection:
+        """The same stores restricted to kept cells ``positions`` (sorted)."""
+        out = object.__new__(CellCollection)
+        out.__dict__.update(self.__dict__)
+        out.cell_ids = self.cell_ids[np.asarray(positions, dtype=np.int64)]
+        out._obs_cache = {}
+        return out
 
     # -- reading --------------------------------------------------------------------------
     def store_of(self, rows: np.ndarray) -> np.ndarray:

@@ -56,6 +56,8 @@ class IterableCellDataset(IterableDataset):
         obs columns of cell type and study (weighted mode balances both).
     weights
         Per-cell weights for weighted mode (default: :func:`balanced_weights`).
+    categories
+        Batch key -> fixed category list (e.g. a model's labels); other values code as -1.
     seed, drop_last, cells_per_block, num_samples
         See :class:`~cellsift.data.sampling.SamplingConfig`.
     rank, world_size
@@ -74,6 +76,7 @@ class IterableCellDataset(IterableDataset):
         study_key: str | None = None,
         obs_keys: Mapping[str, str] | None = None,
         weights: np.ndarray | None = None,
+        categories: Mapping[str, list[str]] | None = None,
         seed: int = 0,
         drop_last: bool = False,
         cells_per_block: int = 16,
@@ -91,7 +94,8 @@ class IterableCellDataset(IterableDataset):
         self.codes: dict[str, np.ndarray] = {}
         self.categories: dict[str, list[str]] = {}
         for key, column in self.obs_keys.items():
-            self.codes[key], self.categories[key] = collection.codes(column)
+            fixed = (categories or {}).get(key)
+            self.codes[key], self.categories[key] = collection.codes(column, fixed)
         self.weights = None
         if mode == "weighted":
             if weights is None:
@@ -102,9 +106,26 @@ class IterableCellDataset(IterableDataset):
                 weights = balanced_weights(labels, studies)
             self.weights = np.asarray(weights, dtype=np.float64)
         self._rank, self._world = rank, world_size
-        self.epoch = 0
         self.num_workers = 0  # set by CellLoader: fixes the batch order for resume
-        self.skip = 0  # batches of this epoch (this rank) already consumed
+        # (epoch, batches of it already consumed by this rank), in shared memory so that
+        # persistent worker processes see what the main process sets before each epoch.
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._position[0] = value
+
+    @property
+    def skip(self) -> int:
+        return int(self._position[1])
+
+    @skip.setter
+    def skip(self, value: int) -> None:
+        self._position[1] = value
 
     # -- plan ----------------------------------------------------------------------------
     @property
@@ -200,6 +221,11 @@ def _worker_skips(counts: list[int], n: int) -> tuple[list[int], int]:
     return skips, w
 
 
+def _needs_spawn(dataset: IterableCellDataset) -> bool:
+    """TileDB's thread pools do not survive fork(): SOMA stores need spawned workers."""
+    return any(store.format == "soma" for store in dataset.collection.stores)
+
+
 class CellLoader(DataLoader):
     """A DataLoader over an :class:`IterableCellDataset` that can save and restore its position.
 
@@ -207,14 +233,19 @@ class CellLoader(DataLoader):
     records the epoch and the batches handed out; ``load_state_dict()`` makes the next
     ``iter()`` continue with exactly the batches an uninterrupted run would have produced.
     Lightning stores this state in its checkpoints.
+
+    Workers are persistent (started once per run); they are spawned rather than forked when
+    a store needs it (TileDB-SOMA).
     """
 
     def __init__(self, dataset: IterableCellDataset, *, num_workers: int = 0,
                  prefetch_factor: int | None = 2, pin_memory: bool = False,
                  multiprocessing_context: Any = None, **kwargs: Any) -> None:
+        if multiprocessing_context is None and num_workers and _needs_spawn(dataset):
+            multiprocessing_context = "spawn"
         super().__init__(dataset, batch_size=None, num_workers=num_workers,
                          prefetch_factor=prefetch_factor if num_workers else None,
-                         pin_memory=pin_memory, persistent_workers=False,
+                         pin_memory=pin_memory, persistent_workers=num_workers > 0,
                          multiprocessing_context=multiprocessing_context, **kwargs)
         self.cell_dataset = dataset
         dataset.num_workers = max(num_workers, 1)

@@ -126,6 +126,8 @@ class StoreWriter:
 def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     df.index = df.index.astype(str)
+    if df.index.name in df.columns:  # anndata refuses an index named like a column
+        df.index.name = None
     for col in df.columns:
         if df[col].dtype == object:
             df[col] = df[col].astype("category")
@@ -162,10 +164,12 @@ class _AnnDataWriter(StoreWriter):
 
     def _write_meta(self, root: Any, obs: pd.DataFrame) -> None:
         root.attrs.update(_ROOT_ATTRS)
-        ad.io.write_elem(root, "obs", obs)
-        ad.io.write_elem(root, "var", self.var)
-        for key in ("uns", "obsm", "varm", "layers", "obsp", "varp"):
-            ad.io.write_elem(root, key, {})
+        # obs/var are small: shard nothing (and say so, which also quiets anndata's notice).
+        with ad.settings.override(auto_shard_zarr_v3=False):
+            ad.io.write_elem(root, "obs", obs)
+            ad.io.write_elem(root, "var", self.var)
+            for key in ("uns", "obsm", "varm", "layers", "obsp", "varp"):
+                ad.io.write_elem(root, key, {})
 
 
 class H5adWriter(_AnnDataWriter):

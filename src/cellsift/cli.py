@@ -1,0 +1,110 @@
+"""The ``cellsift`` command: ``info``, ``convert``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ._utils import logger
+
+__all__ = ["main"]
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .data import open_store, resolve_paths
+
+    for path in resolve_paths(args.path):
+        store = open_store(path, layer=args.layer)
+        print(store.describe() if hasattr(store, "describe") else _describe(store))
+    return 0
+
+
+def _describe(store) -> str:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from .data.genes import _ENSEMBL
+
+    lines = [f"{store.path}", f"  format     {store.format}",
+             f"  cells      {store.n_obs:,}", f"  genes      {store.n_vars:,}"]
+    try:
+        nnz = int(store.indptr[-1])
+        density = nnz / max(store.n_obs * store.n_vars, 1)
+        lines.append(f"  nonzero    {nnz:,} ({density:.1%})")
+    except NotImplementedError:
+        pass
+    names = store.var_names[:3].tolist()
+    kind = "Ensembl ids" if all(_ENSEMBL.match(g) for g in names) else "symbols or other ids"
+    lines.append(f"  var_names  {', '.join(names)}, ... ({kind})")
+    if len(store.var.columns):
+        lines.append(f"  var        {', '.join(map(str, store.var.columns))}")
+    lines.append("  obs")
+    for col in store.obs_columns:
+        values = store.obs_column(col)
+        uniq = np.unique(np.asarray(values).astype(str))
+        show = ", ".join(uniq[:4].tolist()) + (", ..." if len(uniq) > 4 else "")
+        lines.append(f"    {col:32s} {len(uniq):>7,} values: {show}")
+    return "\n".join(lines)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .data.convert import convert
+
+    out = convert(args.input, args.output, format=args.format, layer=args.layer,
+                  shard_size=args.shard_size, min_genes=args.min_genes,
+                  chunk_size=args.chunk_size, overwrite=args.overwrite, progress_bar=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, synthetic=args.synthetic, n_cells=args.n_cells)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellsift", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="what a store (h5ad, Zarr, SOMA, manifest) holds")
+    p.add_argument("path")
+    p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("convert", help="convert between h5ad, Zarr and TileDB-SOMA")
+    p.add_argument("input")
+    p.add_argument("output", help="*.h5ad, *.zarr or *.soma (a directory with --shard-size)")
+    p.add_argument("--format", choices=["h5ad", "zarr", "soma"], default=None)
+    p.add_argument("--layer", default=None, help="counts location in the input")
+    p.add_argument("--shard-size", type=int, default=None, help="cells per output shard")
+    p.add_argument("--min-genes", type=int, default=None, help="drop cells with fewer genes")
+    p.add_argument("--chunk-size", type=int, default=50_000, help="cells per write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("demo", help="run the main job on the real data (or a synthetic atlas)")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--synthetic", action="store_true", help="use a synthetic atlas")
+    p.add_argument("--n-cells", type=int, default=50_000, help="synthetic atlas size")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    from .errors import CellsiftError
+
+    try:
+        return int(args.func(args))
+    except (CellsiftError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"cellsift {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Lightning DataModule: train/validation split by study or donor (never by cell)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+
+from .._utils import logger
+from .collection import CellCollection, ObsFilter, StoreLike
+from .genes import GeneVocabulary
+from .loader import CellLoader, IterableCellDataset
+from .sampling import Mode
+
+__all__ = ["CellDataModule", "split_groups"]
+
+
+def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list[str]:
+    """Whole groups (studies, donors) for validation: about ``val_fraction`` of the cells.
+
+    Groups are taken in a seeded random order until the fraction is reached; at least one
+    group stays for training.
+    """
+    names, counts = np.unique(np.asarray(groups).astype(str), return_counts=True)
+    if len(names) < 2:
+        raise ValueError(
+            f"a split by group needs at least 2 groups, found {len(names)}; pass val_fraction=0 "
+            "or a split_key with several values (e.g. donor_id)."
+        )
+    order = np.random.default_rng(seed).permutation(len(names))
+    chosen, total = [], 0
+    for i in order[:-1]:
+        if total >= val_fraction * counts.sum():
+            break
+        chosen.append(str(names[i]))
+        total += counts[i]
+    return chosen
+
+
+class CellDataModule(pl.LightningDataModule):
+    """Train and validation loaders over a collection, split by ``split_key`` groups.
+
+    Parameters
+    ----------
+    source
+        Stores (paths, glob, manifest) as for :class:`CellCollection`.
+    label_key, study_key
+        obs columns of cell type and study; batches carry ``y_n`` and ``study_n``.
+    split_key
+        obs column whose groups are held out whole (default ``study_key``).
+    val_groups
+        Groups to validate on; default: chosen by seed to make ``val_fraction`` of cells.
+    mode, batch_size, block_size, fetch_factor, seed, num_workers
+        Training loader options (validation reads sequentially).
+    collection_options
+        More :class:`CellCollection` options (``layer``, ``min_genes``, ...).
+    """
+
+    def __init__(
+        self,
+        source: StoreLike | Sequence[StoreLike],
+        *,
+        genes: GeneVocabulary | Sequence[str] | None = None,
+        label_key: str | None = "cell_type_ontology_term_id",
+        study_key: str | None = "dataset_id",
+        split_key: str | None = None,
+        val_groups: Sequence[str] | None = None,
+        val_fraction: float = 0.1,
+        mode: Mode = "block",
+        batch_size: int = 1024,
+        block_size: int = 64,
+        fetch_factor: int = 16,
+        seed: int = 0,
+        num_workers: int = 0,
+        obs_filter: ObsFilter | None = None,
+        collection_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.genes = genes
+        self.label_key, self.study_key = label_key, study_key
+        self.split_key = split_key or study_key
+        self.val_groups = list(val_groups) if val_groups is not None else None
+        self.val_fraction = val_fraction
+        self.loader_options = {"mode": mode, "batch_size": batch_size, "block_size": block_size,
+                               "fetch_factor": fetch_factor, "seed": seed}
+        self.num_workers = num_workers
+        self.obs_filter = obs_filter
+        self.collection_options = dict(collection_options or {})
+        self.collection: CellCollection | None = None
+        self.train: CellCollection | None = None
+        self.val: CellCollection | None = None
+        self.categories: dict[str, list[str]] = {}
+        self._train_loader: CellLoader | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.collection is not None:
+            return
+        dropna = [self.label_key] if self.label_key else []
+        coll = CellCollection(self.source, genes=self.genes, obs_filter=self.obs_filter,
+                              dropna=dropna, **self.collection_options)
+        self.collection = coll
+        if self.label_key:
+            self.categories["y_n"] = coll.codes(self.label_key)[1]
+        if self.study_key:
+            self.categories["study_n"] = coll.codes(self.study_key)[1]
+        if self.split_key is None or (self.val_groups is None and self.val_fraction <= 0):
+            self.train, self.val = coll, None
+            return
+        groups = np.asarray(coll.obs_column(self.split_key)).astype(str)
+        if self.val_groups is None:
+            self.val_groups = split_groups(groups, self.val_fraction, self.loader_options["seed"])
+        is_val = np.isin(groups, self.val_groups)
+        if is_val.all() or not is_val.any():
+            raise ValueError(f"val_groups {self.val_groups} leave no training or no validation "
+                             f"cells in {self.split_key!r}.")
+        self.train = coll.subset(np.flatnonzero(~is_val))
+        self.val = coll.subset(np.flatnonzero(is_val))
+        logger.info("split by %s: %d training cells, %d validation cells (%s)", self.split_key,
+                    self.train.n_obs, self.val.n_obs, ", ".join(self.val_groups))
+
+    def _dataset(self, coll: CellCollection, **overrides: Any) -> IterableCellDataset:
+        opts = {**self.loader_options, **overrides}
+        return IterableCellDataset(coll, label_key=self.label_key, study_key=self.study_key,
+                                   categories=self.categories, **opts)
+
+    def train_dataloader(self) -> CellLoader:
+        assert self.train is not None, "call setup() first"
+        if self._train_loader is None:  # one loader for the whole run: it carries the position
+            world = self.trainer.world_size if self.trainer is not None else 1
+            ds = self._dataset(self.train, drop_last=world > 1)
+            self._train_loader = CellLoader(ds, num_workers=self.num_workers)
+        return self._train_loader
+
+    def val_dataloader(self) -> CellLoader | list[Any]:
+        if self.val is None:
+            return []
+        ds = self._dataset(self.val, mode="sequential", fetch_factor=1)
+        return CellLoader(ds, num_workers=self.num_workers)

@@ -1,0 +1,125 @@
+"""Transforms on batch dicts, as ``nn.Module``s: they run wherever the batch is (GPU in training).
+
+Each takes the batch dict and returns it with ``x_ng`` (by default) replaced. NormalizeTotal
+and Log1p work on sparse CSR batches too (only the stored values change), so a batch can stay
+sparse until :class:`Densify`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["Densify", "GeneSubset", "Log1p", "NormalizeTotal", "ZScore", "default_pipeline"]
+
+Batch = dict[str, Any]
+
+
+def _row_ids(x: torch.Tensor) -> torch.Tensor:
+    crow = x.crow_indices()
+    counts = crow[1:] - crow[:-1]
+    return torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
+
+
+def _with_values(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, size=x.shape,
+                                   check_invariants=False)
+
+
+class _Transform(nn.Module):
+    def __init__(self, key: str = "x_ng") -> None:
+        super().__init__()
+        self.key = key
+
+    def forward(self, batch: Batch) -> Batch:
+        out = dict(batch)
+        out[self.key] = self.transform(batch[self.key])
+        return out
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Densify(_Transform):
+    """Sparse CSR counts -> dense float tensor (on the batch's device)."""
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to_dense() if x.layout == torch.sparse_csr else x
+
+
+class NormalizeTotal(_Transform):
+    """Scale each cell to ``target_sum`` total counts (scanpy ``normalize_total``).
+
+    Cells with no counts stay zero.
+    """
+
+    def __init__(self, target_sum: float = 1e4, key: str = "x_ng") -> None:
+        super().__init__(key)
+        self.target_sum = float(target_sum)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        if x.layout == torch.sparse_csr:
+            values = x.values()
+            rows = _row_ids(x)
+            totals = torch.zeros(x.shape[0], dtype=values.dtype, device=x.device)
+            totals.index_add_(0, rows, values)
+            scale = self.target_sum / torch.where(totals > 0, totals, torch.ones_like(totals))
+            return _with_values(x, values * scale[rows])
+        totals = x.sum(1, keepdim=True)
+        return x * (self.target_sum / torch.where(totals > 0, totals, torch.ones_like(totals)))
+
+    def extra_repr(self) -> str:
+        return f"target_sum={self.target_sum:g}"
+
+
+class Log1p(_Transform):
+    """Natural ``log(1 + x)`` (scanpy ``log1p``)."""
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        if x.layout == torch.sparse_csr:
+            return _with_values(x, torch.log1p(x.values()))
+        return torch.log1p(x)
+
+
+class ZScore(_Transform):
+    """``(x - mean_g) / std_g`` per gene, with statistics given (e.g. from a one-pass scan).
+
+    Genes with zero standard deviation are only centred. Needs a dense batch.
+    """
+
+    def __init__(self, mean_g: np.ndarray | torch.Tensor, std_g: np.ndarray | torch.Tensor,
+                 key: str = "x_ng", eps: float = 1e-8) -> None:
+        super().__init__(key)
+        mean = torch.as_tensor(np.asarray(mean_g), dtype=torch.float32)
+        std = torch.as_tensor(np.asarray(std_g), dtype=torch.float32)
+        if mean.shape != std.shape or mean.ndim != 1:
+            raise ValueError("mean_g and std_g must be 1-d and of equal length.")
+        self.register_buffer("mean_g", mean)
+        self.register_buffer("std_g", torch.where(std > eps, std, torch.ones_like(std)))
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        if x.layout == torch.sparse_csr:
+            raise ValueError("ZScore needs a dense batch: put Densify before it.")
+        return (x - self.mean_g) / self.std_g
+
+
+class GeneSubset(_Transform):
+    """Keep genes ``indices`` (positions in the vocabulary), in that order."""
+
+    def __init__(self, indices: Sequence[int] | np.ndarray | torch.Tensor, key: str = "x_ng") -> None:
+        super().__init__(key)
+        self.register_buffer("indices", torch.as_tensor(np.asarray(indices), dtype=torch.long))
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        if x.layout == torch.sparse_csr:
+            x = x.to_dense()
+        return x.index_select(1, self.indices)
+
+
+def default_pipeline(target_sum: float = 1e4) -> nn.Sequential:
+    """Counts -> normalised, log-transformed dense matrix: NormalizeTotal, Log1p, Densify."""
+    return nn.Sequential(NormalizeTotal(target_sum), Log1p(), Densify())
