@@ -176,6 +176,9 @@ def _sample_nb(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> s
     return sp.csr_matrix((vals, (rows, cols)), shape=mu.shape)
 
 
+_UNIT = 1024
+
+
 def _zero_truncated_nb(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Exact draws of NB(mu, theta) conditioned on being positive.
 
@@ -247,9 +250,18 @@ def synthetic_atlas(
         Passed to the store writer (e.g. ``compression="gzip"`` for h5ad).
     """
     model = _AtlasModel(n_genes, n_studies, donors_per_study, seed)
-    step = chunk_size or max(1, min(n_cells, 20_000_000 // max(n_genes, 1)))
-    starts = range(0, n_cells, step)
-    chunks = (model.chunk(s, min(step, n_cells - s)) for s in starts)
+    # Cells come in units of _UNIT with their own random streams: the atlas does not depend
+    # on chunk_size, which only sets how many units are generated and written at a time.
+    per_chunk = chunk_size or max(1, 20_000_000 // max(n_genes, 1))
+    units_per_chunk = max(1, per_chunk // _UNIT)
+    starts = range(0, n_cells, units_per_chunk * _UNIT)
+
+    def make(start: int) -> tuple[sp.csr_matrix, pd.DataFrame]:
+        stop = min(n_cells, start + units_per_chunk * _UNIT)
+        parts = [model.chunk(u, min(_UNIT, stop - u)) for u in range(start, stop, _UNIT)]
+        return sp.vstack([p[0] for p in parts], format="csr"), pd.concat([p[1] for p in parts])
+
+    chunks = (make(s) for s in starts)
     if path is None:
         xs, obs = zip(*chunks, strict=True) if n_cells else ((), ())
         x = sp.vstack(xs, format="csr") if xs else sp.csr_matrix((0, n_genes), dtype=np.float32)

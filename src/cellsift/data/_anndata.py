@@ -81,12 +81,12 @@ class AnnDataStore(CellStore):
         return [str(c) for c in _attr(self.handle["obs"], "column-order", [])]
 
     def _load_obs_column(self, name: str) -> Any:
-        return ad.io.read_elem(self.handle["obs"][name])
+        return _plain(ad.io.read_elem(self.handle["obs"][name]))
 
     @cached_property
     def obs_names(self) -> pd.Index:
         obs = self.handle["obs"]
-        return pd.Index(ad.io.read_elem(obs[_attr(obs, "_index")]).astype(str))
+        return pd.Index(_plain(ad.io.read_elem(obs[_attr(obs, "_index")]))).astype(str)
 
     def _load_var(self) -> pd.DataFrame:
         root = self.handle
@@ -109,6 +109,13 @@ class AnnDataStore(CellStore):
 
     def _read_segments(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+
+def _plain(values: Any) -> Any:
+    """numpy's variable-width strings (zarr v3) as object arrays, like every other store."""
+    if isinstance(values, np.ndarray) and values.dtype.kind == "T":
+        return values.astype(object)
+    return values
 
 
 def _attr(node: Any, key: str, default: Any = None) -> Any:

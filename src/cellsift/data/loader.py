@@ -134,6 +134,13 @@ class IterableCellDataset(IterableDataset):
             return self._rank or 0, self._world or 1
         return _dist_rank_world()
 
+    def resolve_rank(self) -> None:
+        """Fix rank and world size from ``torch.distributed`` of this (main) process.
+
+        DataLoader workers have no process group: they must be given the rank before they start.
+        """
+        self._rank, self._world = self.rank_world
+
     def plan(self, epoch: int | None = None) -> EpochPlan:
         rank, world = self.rank_world
         return make_plan(self.cfg, self.collection.n_obs, self.epoch if epoch is None else epoch,
@@ -256,6 +263,7 @@ class CellLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
         ds = self.cell_dataset
+        ds.resolve_rank()
         ds.epoch, ds.skip = self._epoch, self._skip
         self._current, self._consumed, self._skip = self._epoch, self._skip, 0
         self._epoch += 1  # the next iter() starts the next epoch

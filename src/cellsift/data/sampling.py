@@ -8,7 +8,8 @@ skip to any batch without reading anything, and runs are reproducible.
 Modes
 -----
 ``sequential``
-    Cells in store order. Each rank takes a contiguous share.
+    Cells in store order. Each rank takes a contiguous share; batches come out in order
+    (one batch per fetch).
 ``block``
     The cells are cut into contiguous blocks of ``block_size``; the blocks are permuted per
     epoch, each rank takes a contiguous share of the permuted order, and the cells of a fetch
@@ -81,7 +82,9 @@ class SamplingConfig:
 
     @property
     def fetch_size(self) -> int:
-        return self.batch_size * self.fetch_factor
+        # Sequential reads are contiguous anyway; one batch per fetch keeps the batches in
+        # order whatever the number of workers (the DataLoader takes them round-robin).
+        return self.batch_size * (1 if self.mode == "sequential" else self.fetch_factor)
 
 
 class EpochPlan:

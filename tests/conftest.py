@@ -1,0 +1,35 @@
+"""Shared fixtures: index-valued atlases in every format, a small synthetic atlas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellsift.datasets import indexed_atlas, synthetic_atlas
+
+N_INDEXED = 2_000
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def indexed_paths(data_dir: Path) -> dict[str, Path]:
+    """The same index-valued atlas (cell i has count i + 1 in gene 0) as h5ad, Zarr, SOMA."""
+    return {fmt: indexed_atlas(N_INDEXED, 12, path=data_dir / f"indexed.{fmt}", chunk_size=700)
+            for fmt in ("h5ad", "zarr", "soma")}
+
+
+@pytest.fixture(scope="session")
+def synthetic_h5ad(data_dir: Path) -> Path:
+    return synthetic_atlas(3_000, 300, n_studies=4, path=data_dir / "synthetic.h5ad", seed=1)
+
+
+def decode(batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """Global index of each cell from its counts (indexed_atlas)."""
+    return batch["x_ng"].to_dense()[:, 0].numpy().astype(np.int64) - 1

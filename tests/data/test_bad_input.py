@@ -1,0 +1,117 @@
+"""Bad input: each case is a clear error that names the file and the fix."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from cellsift.data import CellCollection, open_store
+from cellsift.datasets import indexed_atlas
+from cellsift.errors import DataError, GeneAlignmentError
+
+
+def _write(tmp_path, name, adata):
+    path = tmp_path / name
+    adata.write_h5ad(path)
+    return path
+
+
+def test_truncated_file(tmp_path, indexed_paths):
+    path = tmp_path / "truncated.h5ad"
+    data = indexed_paths["h5ad"].read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"truncated\.h5ad.*truncated, corrupt"):
+        open_store(path)
+
+
+def test_not_an_h5ad(tmp_path):
+    path = tmp_path / "text.h5ad"
+    path.write_text("hello")
+    with pytest.raises(DataError, match=r"text\.h5ad: cannot be read as HDF5"):
+        open_store(path)
+
+
+def test_inconsistent_row_pointer(tmp_path, indexed_paths):
+    path = tmp_path / "cut.h5ad"
+    shutil.copy(indexed_paths["h5ad"], path)
+    with h5py.File(path, "r+") as f:
+        data = f["X/data"][:-5]
+        del f["X/data"]
+        f["X"].create_dataset("data", data=data)
+    with pytest.raises(DataError, match=r"cut\.h5ad: is truncated or corrupt"):
+        open_store(path)
+
+
+def test_corrupt_zarr(tmp_path, indexed_paths):
+    path = tmp_path / "broken.zarr"
+    shutil.copytree(indexed_paths["zarr"], path)
+    (path / "zarr.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"broken\.zarr: cannot be opened as Zarr"):
+        open_store(path)
+
+
+@pytest.mark.parametrize(("value", "match"), [
+    (-1.0, "negative values"), (0.37, "non-integer values"), (np.nan, "NaN or infinite")])
+def test_not_counts(tmp_path, value, match):
+    adata = indexed_atlas(200, 5)
+    adata.X.data[3] = value
+    adata.layers["counts"] = indexed_atlas(200, 5).X
+    path = _write(tmp_path, "notcounts.h5ad", adata)
+    with pytest.raises(DataError, match=match) as err:
+        CellCollection(path)
+    assert "notcounts.h5ad" in str(err.value) and "layer=" in str(err.value)
+    assert "'counts'" in str(err.value)  # names the layer that holds counts
+    CellCollection(path, layer="counts")  # the suggested fix works
+
+
+def test_duplicate_gene_ids(tmp_path):
+    adata = indexed_atlas(50, 5)
+    adata.var_names = ["ENSG00000000000"] * 2 + list(adata.var_names[2:])
+    path = _write(tmp_path, "dups.h5ad", adata)
+    with pytest.raises(GeneAlignmentError, match=r"dups\.h5ad: duplicate gene ids.*unique"):
+        CellCollection(path, genes=list(indexed_atlas(50, 5).var_names))
+
+
+def test_missing_obs_column(indexed_paths):
+    coll = CellCollection(indexed_paths["h5ad"])
+    with pytest.raises(KeyError, match=r"indexed\.h5ad: obs has no column 'cell_type'.*dataset_id"):
+        coll.codes("cell_type")
+
+
+def test_zero_gene_overlap(tmp_path, indexed_paths):
+    adata = indexed_atlas(50, 5)
+    adata.var_names = [f"Gm{i}" for i in range(5)]  # mouse-like symbols: neither ids nor symbols
+    adata.var = adata.var.drop(columns=["feature_name"])
+    path = _write(tmp_path, "symbols.h5ad", adata)
+    with pytest.raises(GeneAlignmentError, match=r"symbols\.h5ad: only 0 of its 5 genes match"):
+        CellCollection([indexed_paths["h5ad"], path])
+
+
+def test_empty_cells(tmp_path):
+    adata = indexed_atlas(60, 5)
+    x = adata.X.tolil()
+    x[7, :] = 0
+    x[9, :] = 0
+    adata.X = x.tocsr()
+    adata.X.eliminate_zeros()
+    path = _write(tmp_path, "empty.h5ad", adata)
+    with pytest.raises(DataError, match=r"empty\.h5ad: 2 of 60 cells have no counts.*min_genes=1"):
+        CellCollection(path)
+    coll = CellCollection(path, min_genes=1)
+    assert coll.n_obs == 58 and 7 not in coll.cell_ids
+
+
+def test_filters_that_keep_nothing(indexed_paths):
+    with pytest.raises(DataError, match="keep no cells"):
+        CellCollection(indexed_paths["h5ad"], obs_filter={"dataset_id": "nope"})
+
+
+def test_csc_matrix_is_refused(tmp_path):
+    adata = indexed_atlas(30, 5)
+    adata.X = adata.X.tocsc()
+    path = _write(tmp_path, "csc.h5ad", adata)
+    with pytest.raises(DataError, match=r"csc\.h5ad: stores counts column-major"):
+        open_store(path)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from cellsift.data import CellCollection, open_store
+from cellsift.data.convert import convert
+
+
+@pytest.mark.parametrize(("src", "dst"), [("h5ad", "zarr"), ("zarr", "soma"), ("soma", "h5ad"),
+                                          ("h5ad", "soma"), ("soma", "zarr"), ("zarr", "h5ad")])
+def test_convert_roundtrip_every_direction(indexed_paths, tmp_path, src, dst):
+    out = convert(indexed_paths[src], tmp_path / f"out.{dst}")
+    a, b = open_store(indexed_paths[src]), open_store(out)
+    rows = np.arange(a.n_obs)
+    assert (a.read(rows) != b.read(rows)).nnz == 0
+    assert list(a.var_names) == list(b.var_names)
+    for col in ("cell_type_ontology_term_id", "dataset_id", "obs_index"):
+        np.testing.assert_array_equal(np.asarray(a.obs_column(col)).astype(str),
+                                      np.asarray(b.obs_column(col)).astype(str))
+
+
+def test_converted_h5ad_opens_in_anndata(indexed_paths, tmp_path):
+    out = convert(indexed_paths["soma"], tmp_path / "x.h5ad")
+    adata = ad.read_h5ad(out)
+    assert adata.n_obs == 2_000 and adata.obs_names[3] == "cell_3"
+    np.testing.assert_array_equal(adata.X[:5, 0].toarray().ravel(), np.arange(1, 6))
+
+
+def test_sharded_output_and_manifest(indexed_paths, tmp_path):
+    out = convert(indexed_paths["h5ad"], tmp_path / "shards", format="h5ad", shard_size=600)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_obs"] == [600, 600, 600, 200]
+    coll = CellCollection(out)
+    assert coll.n_obs == 2_000
+    np.testing.assert_array_equal(coll.read(np.arange(2_000)).toarray()[:, 0], np.arange(1, 2_001))
+
+
+def test_failed_conversion_leaves_nothing(indexed_paths, tmp_path, monkeypatch):
+    from cellsift.data import writers
+
+    def boom(self, x):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(writers.ZarrWriter, "_append_x", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert(indexed_paths["h5ad"], tmp_path / "out.zarr")
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert(indexed_paths["h5ad"], tmp_path / "sharded", format="zarr", shard_size=500)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(indexed_paths, tmp_path):
+    out = convert(indexed_paths["h5ad"], tmp_path / "o.h5ad")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        convert(indexed_paths["h5ad"], out)
+    convert(indexed_paths["zarr"], out, overwrite=True)
+
+
+def test_min_genes_drops_empty_cells(tmp_path):
+    from cellsift.datasets import indexed_atlas
+
+    adata = indexed_atlas(40, 4)
+    x = adata.X.tolil()
+    x[5, :] = 0
+    adata.X = x.tocsr()
+    adata.X.eliminate_zeros()
+    adata.write_h5ad(tmp_path / "e.h5ad")
+    out = convert(tmp_path / "e.h5ad", tmp_path / "e.zarr", min_genes=1)
+    assert open_store(out).n_obs == 39

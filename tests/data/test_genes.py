@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellsift.data import CellCollection, GeneVocabulary
+from cellsift.errors import GeneAlignmentError
+
+
+def _var(ids, symbols=None):
+    df = pd.DataFrame(index=pd.Index(ids))
+    if symbols is not None:
+        df["feature_name"] = symbols
+    return df
+
+
+def test_align_reorders_and_marks_missing():
+    vocab = GeneVocabulary(["ENSG00000000003", "ENSG00000000001", "ENSG00000000002"])
+    gm = vocab.align(_var(["ENSG00000000001", "ENSG00000000009", "ENSG00000000003"]),
+                     min_overlap=0.1)
+    np.testing.assert_array_equal(gm.col_map, [1, -1, 0])
+    assert gm.n_matched == 2 and not gm.identity
+
+
+def test_align_by_symbols_column_and_ensembl_versions():
+    vocab = GeneVocabulary(["ENSG00000000001", "ENSG00000000002"], symbols=["A", "B"])
+    by_symbol = vocab.align(_var(["B", "A"]))
+    np.testing.assert_array_equal(by_symbol.col_map, [1, 0])
+    versioned = vocab.align(_var(["ENSG00000000002.5", "ENSG00000000001.1"]))
+    np.testing.assert_array_equal(versioned.col_map, [1, 0])
+    by_column = vocab.align(pd.DataFrame({"gene_ids": ["ENSG00000000001", "ENSG00000000002"]},
+                                         index=["A1", "B1"]))
+    np.testing.assert_array_equal(by_column.col_map, [0, 1])
+
+
+def test_zero_overlap_error_names_source_and_count():
+    vocab = GeneVocabulary([f"ENSG{i:011d}" for i in range(100)])
+    with pytest.raises(GeneAlignmentError, match=r"my\.h5ad: only 0 of its 3 genes"):
+        vocab.align(_var(["TP53", "GAPDH", "ACTB"]), source="my.h5ad")
+
+
+def test_duplicate_gene_ids_error():
+    vocab = GeneVocabulary(["A", "B", "C"])
+    var = pd.DataFrame(index=pd.Index(["A", "B", "C"]))
+    var["gene_ids"] = ["A", "A", "C"]
+    gm = vocab.align(var)  # var_names match uniquely: fine
+    assert gm.identity
+    dup = pd.DataFrame(index=pd.Index(["A", "A", "B"]))
+    with pytest.raises(GeneAlignmentError, match="duplicate gene ids"):
+        vocab.align(dup)
+
+
+def test_vocabulary_roundtrip(tmp_path):
+    vocab = GeneVocabulary(["g1", "g2"], symbols=["S1", "S2"])
+    vocab.save(tmp_path / "genes.tsv")
+    assert GeneVocabulary.load(tmp_path / "genes.tsv") == vocab
+
+
+def test_collection_aligns_missing_genes_as_zeros(indexed_paths):
+    # vocabulary: gene 0, one unknown gene, gene 3 -> columns [count i+1, 0, (1 if i % 11 == 2)]
+    genes = ["ENSG00000000000", "ENSG99999999999", "ENSG00000000003"]
+    coll = CellCollection(indexed_paths["h5ad"], genes=genes, min_overlap=0.1)
+    x = coll.read(np.arange(30)).toarray()
+    np.testing.assert_array_equal(x[:, 0], np.arange(1, 31))
+    assert (x[:, 1] == 0).all()
+    np.testing.assert_array_equal(x[:, 2], (np.arange(30) % 11 == 2).astype(np.float32))

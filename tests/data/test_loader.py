@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import N_INDEXED, decode
+
+from cellsift.data import CellCollection, CellLoader, IterableCellDataset
+from cellsift.errors import ResumeError
+
+OPTS = {"batch_size": 64, "block_size": 8, "fetch_factor": 3}
+
+
+def _epoch(loader) -> list[np.ndarray]:
+    out = []
+    for batch in loader:
+        assert batch["x_ng"].layout == torch.sparse_csr
+        np.testing.assert_array_equal(decode(batch), batch["obs_idx_n"].numpy())
+        out.append(batch["obs_idx_n"].numpy())
+    return out
+
+
+@pytest.fixture(scope="module")
+def coll(indexed_paths):
+    return CellCollection(indexed_paths["h5ad"])
+
+
+@pytest.mark.parametrize("mode", ["sequential", "block"])
+def test_every_cell_once_across_2_ranks_x_2_workers(coll, mode):
+    seen, per_rank = [], []
+    for rank in range(2):
+        ds = IterableCellDataset(coll, mode=mode, rank=rank, world_size=2, **OPTS)
+        batches = _epoch(CellLoader(ds, num_workers=2))
+        assert len(batches) == len(ds)
+        per_rank.append(np.concatenate(batches))
+        seen.extend(batches)
+    allseen = np.concatenate(seen)
+    np.testing.assert_array_equal(np.sort(allseen), np.arange(N_INDEXED))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    if mode == "sequential":
+        assert np.all(np.diff(per_rank[0]) == 1)
+
+
+def test_block_mode_shuffles_contiguous_blocks(coll):
+    ds = IterableCellDataset(coll, mode="block", **OPTS)
+    first = _epoch(CellLoader(ds))[0]
+    assert not np.all(np.diff(first) == 1)  # shuffled within the fetch
+    blocks = np.unique(first // 8)
+    assert len(blocks) <= OPTS["fetch_factor"] * OPTS["batch_size"] // 8  # from few blocks
+
+
+def test_drop_last_gives_equal_full_batches(coll):
+    sizes = []
+    for rank in range(2):
+        ds = IterableCellDataset(coll, mode="block", rank=rank, world_size=2, drop_last=True,
+                                 **OPTS)
+        sizes.append([len(b) for b in _epoch(CellLoader(ds))])
+    assert sizes[0] == sizes[1] and set(sizes[0]) == {64}
+
+
+def test_seeds_are_deterministic_and_epochs_differ(coll):
+    def run(seed, epochs=2):
+        loader = CellLoader(IterableCellDataset(coll, mode="block", seed=seed, **OPTS),
+                            num_workers=2)
+        return [np.concatenate(_epoch(loader)) for _ in range(epochs)]
+
+    a, b, c = run(7), run(7), run(8)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], a[1])  # a new order every epoch
+    assert not np.array_equal(a[0], c[0])  # and for another seed
+
+
+@pytest.mark.parametrize(("mode", "workers", "stop"), [
+    ("block", 2, 5), ("block", 2, 6), ("block", 0, 11), ("weighted", 2, 7), ("sequential", 2, 3)])
+def test_resume_gives_exactly_the_remaining_batches(coll, mode, workers, stop):
+    def make():
+        ds = IterableCellDataset(coll, mode=mode, seed=3, label_key="cell_type_ontology_term_id",
+                                 **OPTS)
+        return CellLoader(ds, num_workers=workers)
+
+    reference = make()
+    full = _epoch(reference) + _epoch(reference)  # two epochs, uninterrupted
+    killed = make()
+    consumed = []
+    for i, batch in enumerate(killed):
+        consumed.append(batch["obs_idx_n"].numpy())
+        if i + 1 == stop:
+            state = killed.state_dict()
+            break
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = _epoch(resumed) + _epoch(resumed)
+    got = consumed + rest
+    assert len(got) == len(full)
+    for x, y in zip(got, full, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_refuses_other_settings(coll):
+    loader = CellLoader(IterableCellDataset(coll, mode="block", **OPTS), num_workers=2)
+    state = loader.state_dict()
+    other = CellLoader(IterableCellDataset(coll, mode="block", **OPTS), num_workers=1)
+    with pytest.raises(ResumeError, match="num_workers: saved 2, now 1"):
+        other.load_state_dict(state)
+
+
+def test_weighted_draws_follow_the_weights(coll):
+    rng = np.random.default_rng(0)
+    weights = rng.gamma(0.5, size=coll.n_obs)
+    weights[:100] = 0.0
+    n = 300_000
+    ds = IterableCellDataset(coll, mode="weighted", weights=weights, num_samples=n,
+                             batch_size=500, block_size=8, cells_per_block=4, fetch_factor=4)
+    counts = np.zeros(coll.n_obs)
+    for batch in CellLoader(ds):
+        np.testing.assert_array_equal(decode(batch), batch["obs_idx_n"].numpy())
+        np.add.at(counts, batch["obs_idx_n"].numpy(), 1)
+    assert counts.sum() == n
+    assert counts[:100].sum() == 0
+    expected = weights / weights.sum() * n
+    # aggregate into 20 groups by weight so each holds many draws: chi-square like check
+    order = np.argsort(weights)
+    groups = np.array_split(order, 20)
+    obs = np.array([counts[g].sum() for g in groups])
+    exp = np.array([expected[g].sum() for g in groups])
+    nz = exp > 0
+    chi2 = (((obs - exp) ** 2)[nz] / exp[nz]).sum()
+    assert chi2 < 60  # 19 degrees of freedom; draws within a block add some variance
+
+
+def test_batch_carries_codes_and_balanced_weights(indexed_paths):
+    coll = CellCollection([indexed_paths["h5ad"], indexed_paths["zarr"]])
+    ds = IterableCellDataset(coll, mode="weighted", label_key="cell_type_ontology_term_id",
+                             study_key="dataset_id", batch_size=128, num_samples=1_024)
+    batch = next(iter(CellLoader(ds)))
+    assert set(batch) == {"x_ng", "obs_idx_n", "y_n", "study_n"}
+    labels = np.asarray(coll.obs_column("cell_type_ontology_term_id"))
+    cats = ds.categories["y_n"]
+    np.testing.assert_array_equal(np.asarray(cats)[batch["y_n"].numpy()],
+                                  labels[batch["obs_idx_n"].numpy()])
+    # the second store encodes its local index: global = local + offset
+    local = decode(batch)
+    idx = batch["obs_idx_n"].numpy()
+    np.testing.assert_array_equal(np.where(idx >= N_INDEXED, idx - N_INDEXED, idx), local)
+
+
+def test_filters_keep_obs_idx_global(indexed_paths):
+    coll = CellCollection(indexed_paths["h5ad"], obs_filter={"dataset_id": ["study_1"]})
+    ds = IterableCellDataset(coll, mode="block", **OPTS)
+    idx = np.concatenate(_epoch(CellLoader(ds)))
+    studies = np.asarray(CellCollection(indexed_paths["h5ad"]).obs_column("dataset_id"))
+    assert set(studies[idx]) == {"study_1"}
+    assert len(idx) == (studies == "study_1").sum()
+
+
+def test_soma_store_through_spawned_workers(indexed_paths):
+    coll = CellCollection(indexed_paths["soma"])
+    ds = IterableCellDataset(coll, mode="block", **OPTS)
+    idx = np.concatenate(_epoch(CellLoader(ds, num_workers=2)))
+    np.testing.assert_array_equal(np.sort(idx), np.arange(N_INDEXED))

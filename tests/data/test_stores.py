@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from cellsift.data import open_store
+from cellsift.datasets import indexed_atlas, synthetic_atlas
+
+
+@pytest.fixture(scope="module")
+def atlas_stores(data_dir):
+    adata = synthetic_atlas(1_500, 200, n_studies=3, seed=5)
+    paths = {}
+    for fmt in ("h5ad", "zarr", "soma"):
+        paths[fmt] = synthetic_atlas(1_500, 200, n_studies=3, seed=5, chunk_size=400,
+                                     path=data_dir / f"stores_test.{fmt}")
+    return adata, paths
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "soma"])
+def test_stores_agree_with_anndata(atlas_stores, fmt):
+    adata, paths = atlas_stores
+    store = open_store(paths[fmt])
+    assert store.shape == adata.shape
+    assert list(store.var_names) == list(adata.var_names)
+    rng = np.random.default_rng(0)
+    for rows in (np.arange(0, 1_500), np.sort(rng.choice(1_500, 97, replace=False)),
+                 np.array([0]), np.array([1_499]), np.arange(10, 20)):
+        got = store.read(rows)
+        assert isinstance(got, sp.csr_matrix) and got.dtype == np.float32
+        assert (got != adata.X[rows]).nnz == 0
+    np.testing.assert_array_equal(np.asarray(store.obs_column("cell_type_ontology_term_id")),
+                                  adata.obs["cell_type_ontology_term_id"].to_numpy())
+    np.testing.assert_allclose(store.obs_column("n_counts"), adata.obs["n_counts"])
+
+
+def test_empty_read_and_row_checks(atlas_stores):
+    _, paths = atlas_stores
+    store = open_store(paths["h5ad"])
+    assert store.read(np.array([], dtype=np.int64)).shape == (0, 200)
+    with pytest.raises(ValueError, match="sorted"):
+        store.read(np.array([5, 3]))
+    with pytest.raises(IndexError):
+        store.read(np.array([1_500]))
+
+
+def test_h5ad_merges_ranges_without_reading_whole_matrix(atlas_stores):
+    from cellsift.data import _csr
+
+    _, paths = atlas_stores
+    store = open_store(paths["h5ad"])
+    rows = np.array([3, 4, 5, 900, 901])
+    starts, ends, _, _ = _csr.segments(store.indptr, rows, max_gap=0)
+    assert len(starts) == 2  # two contiguous runs, two reads
+    total = ends - starts
+    assert total.sum() == store.indptr[6] - store.indptr[3] + store.indptr[902] - store.indptr[900]
+
+
+def test_layers_and_raw(data_dir):
+    adata = indexed_atlas(300, 6)
+    counts = adata.X.copy()
+    adata.layers["counts"] = counts
+    adata.raw = adata.copy()
+    adata.X = adata.X * 0.5
+    path = data_dir / "layers.h5ad"
+    adata.write_h5ad(path)
+    for layer in ("counts", "raw"):
+        store = open_store(path, layer=layer)
+        assert (store.read(np.arange(300)) != counts).nnz == 0
+    with pytest.raises(Exception, match="layer="):
+        open_store(path, layer="spliced")
+
+
+def test_dense_x_is_read(data_dir):
+    adata = indexed_atlas(50, 4)
+    adata.X = adata.X.toarray()
+    path = data_dir / "dense.h5ad"
+    adata.write_h5ad(path)
+    store = open_store(path)
+    np.testing.assert_array_equal(store.read(np.array([2, 7])).toarray(), adata.X[[2, 7]])
+
+
+def test_store_pickles_without_handle(atlas_stores):
+    import pickle
+
+    _, paths = atlas_stores
+    for fmt in ("h5ad", "zarr"):
+        store = open_store(paths[fmt])
+        store.read(np.arange(3))
+        clone = pickle.loads(pickle.dumps(store))
+        assert (clone.read(np.arange(3)) != store.read(np.arange(3))).nnz == 0

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellsift.datasets import CELL_TYPES, indexed_atlas, kang2018, shared_data_path, synthetic_atlas
+
+
+def test_synthetic_atlas_is_realistic_and_deterministic():
+    a = synthetic_atlas(3_000, 1_000, n_studies=4, seed=2)
+    density = a.X.nnz / np.prod(a.shape)
+    assert 0.04 < density < 0.12
+    assert np.all(a.X.data == np.round(a.X.data)) and a.X.data.min() >= 1
+    assert set(a.obs["cell_type_ontology_term_id"]) <= set(CELL_TYPES)
+    assert a.obs["dataset_id"].nunique() == 4 and a.obs["donor_id"].nunique() > 4
+    assert a.var_names[0].startswith("ENSG") and "feature_name" in a.var
+    b = synthetic_atlas(3_000, 1_000, n_studies=4, seed=2, chunk_size=1_100)
+    assert (a.X != b.X).nnz == 0  # chunking does not change the atlas
+    c = synthetic_atlas(3_000, 1_000, n_studies=4, seed=3)
+    assert (a.X != c.X).nnz > 0
+
+
+def test_hierarchy_shows_in_expression():
+    import scanpy as sc
+
+    a = synthetic_atlas(4_000, 800, n_studies=2, seed=0)
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    means = {t: np.asarray(a[a.obs["cell_type_ontology_term_id"] == t].X.mean(0)).ravel()
+             for t in ("CL:0000624", "CL:0000625", "CL:0001054")}
+    d = lambda s, t: np.linalg.norm(means[s] - means[t])  # noqa: E731
+    # CD4 T is closer to CD8 T (shared T-cell program) than to CD14 monocytes
+    assert d("CL:0000624", "CL:0000625") < d("CL:0000624", "CL:0001054")
+
+
+def test_indexed_atlas_encodes_index():
+    a = indexed_atlas(100, 6)
+    np.testing.assert_array_equal(a.X[:, 0].toarray().ravel(), np.arange(1, 101))
+    with pytest.raises(ValueError):
+        indexed_atlas(10, 1)
+
+
+def test_missing_shared_data_says_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CELLSIFT_DATA"):
+        shared_data_path("kang2018", tmp_path)
+
+
+def test_kang_loader_when_present():
+    try:
+        path = shared_data_path("kang2018")
+    except FileNotFoundError:
+        pytest.skip("shared data not present")
+    a = kang2018(backed=True)
+    assert a.shape == (12_261, 1_287) and path.exists()
+    assert "cell_type_ontology_term_id" in a.obs

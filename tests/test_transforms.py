@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+
+from cellsift.datasets import synthetic_atlas
+from cellsift.transforms import Densify, GeneSubset, Log1p, NormalizeTotal, ZScore, default_pipeline
+
+
+@pytest.fixture(scope="module")
+def adata():
+    a = synthetic_atlas(400, 150, seed=3)
+    x = a.X.tolil()
+    x[11, :] = 0  # an empty cell stays zero
+    x = x.tocsr()
+    x.eliminate_zeros()
+    a.X = x
+    return a
+
+
+def _csr(x):
+    return torch.sparse_csr_tensor(torch.from_numpy(x.indptr).long(),
+                                   torch.from_numpy(x.indices).long(), torch.from_numpy(x.data),
+                                   size=x.shape)
+
+
+@pytest.mark.parametrize("target", [1e4, 1e6])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_normalize_log1p_match_scanpy(adata, target, sparse):
+    ref = sc.pp.normalize_total(adata, target_sum=target, copy=True)
+    sc.pp.log1p(ref)
+    x = _csr(adata.X) if sparse else torch.from_numpy(adata.X.toarray())
+    steps = torch.nn.Sequential(NormalizeTotal(target), Log1p(), Densify())
+    out = steps({"x_ng": x, "y_n": torch.zeros(3)})
+    np.testing.assert_allclose(out["x_ng"].numpy(), ref.X.toarray(), rtol=1e-5, atol=1e-5)
+    assert out["x_ng"][11].abs().sum() == 0
+    assert "y_n" in out  # other keys pass through
+
+
+def test_zscore_and_subset(adata):
+    x = default_pipeline()({"x_ng": _csr(adata.X)})["x_ng"]
+    mean, std = x.mean(0).numpy(), x.std(0).numpy()  # unbiased, as sc.pp.scale
+    z = ZScore(mean, std)({"x_ng": x})["x_ng"]
+    ref = sc.pp.scale(np.log1p(sc.pp.normalize_total(adata, target_sum=1e4, copy=True).X.toarray()))
+    np.testing.assert_allclose(z.numpy(), ref, atol=1e-3)
+    sub = GeneSubset([5, 2])({"x_ng": _csr(adata.X)})["x_ng"]
+    np.testing.assert_array_equal(sub.numpy(), adata.X.toarray()[:, [5, 2]])
+    with pytest.raises(ValueError, match="Densify"):
+        ZScore(mean, std)({"x_ng": _csr(adata.X)})
+
+
+def test_transforms_move_with_the_module(adata):
+    z = ZScore(np.zeros(150), np.ones(150))
+    assert {n for n, _ in z.named_buffers()} == {"mean_g", "std_g"}
+    assert z.to(torch.float64).mean_g.dtype == torch.float64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pipeline_on_gpu(adata):
+    x = _csr(adata.X).to("cuda")
+    out = default_pipeline().to("cuda")({"x_ng": x})["x_ng"]
+    ref = default_pipeline()({"x_ng": _csr(adata.X)})["x_ng"]
+    np.testing.assert_allclose(out.cpu().numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
