@@ -1,0 +1,87 @@
+"""The DataModule under a real Lightning Trainer: split by group, resume mid-epoch."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from cellsift.data.datamodule import CellDataModule, split_groups
+from cellsift.transforms import default_pipeline
+
+
+class _Killed(Exception):
+    """Stands for the process dying (OOM, preemption) in the middle of an epoch."""
+
+
+class _Recorder(pl.LightningModule):
+    """A linear model that records which cells each step saw, and can die at a given step."""
+
+    def __init__(self, n_genes: int, die_at: int | None = None) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(n_genes, 1)
+        self.pipe = default_pipeline()
+        self.die_at = die_at
+        self.seen: list[np.ndarray] = []
+
+    def training_step(self, batch, batch_idx):
+        if self.die_at is not None and self.global_step == self.die_at:
+            raise _Killed(f"killed at step {self.global_step}")
+        self.seen.append(batch["obs_idx_n"].cpu().numpy())
+        x = self.pipe(batch)["x_ng"]
+        return self.lin(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def _dm(path, **kw):
+    return CellDataModule(path, study_key="dataset_id", split_key="donor_id", batch_size=50,
+                          block_size=8, fetch_factor=2, val_fraction=0.2, seed=1, **kw)
+
+
+def _trainer(root, **kw):
+    return pl.Trainer(default_root_dir=root, max_epochs=2, accelerator="cpu", devices=1,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, **kw)
+
+
+def test_split_is_by_group_never_by_cell(indexed_paths):
+    dm = _dm(indexed_paths["h5ad"])
+    dm.setup()
+    donors = lambda c: set(np.asarray(c.obs_column("donor_id")))  # noqa: E731
+    assert donors(dm.train).isdisjoint(donors(dm.val))
+    assert dm.train.n_obs + dm.val.n_obs == 2_000
+    assert 0.1 < dm.val.n_obs / 2_000 < 0.5
+    assert dm.categories["y_n"] == sorted(set(np.asarray(dm.collection.obs_column(
+        "cell_type_ontology_term_id"))))
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        split_groups(np.array(["a", "a"]), 0.2)
+
+
+def test_killed_run_resumes_with_the_same_batches(indexed_paths, tmp_path):
+    dm = _dm(indexed_paths["zarr"], num_workers=2)
+    full = _Recorder(12)
+    _trainer(tmp_path / "full").fit(full, datamodule=dm)
+    n_total = len(full.seen)
+    assert n_total > 10
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    dying = _Recorder(12, die_at=n_total // 2 + 3)  # dies in the first half of epoch 2
+    trainer = _trainer(tmp_path / "run", callbacks=[ckpt])
+    with pytest.raises(_Killed):
+        trainer.fit(dying, datamodule=_dm(indexed_paths["zarr"], num_workers=2))
+    last = max((tmp_path / "ckpt").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    state = torch.load(last, weights_only=False)
+    step = state["global_step"]
+    assert step % 4 == 0 and 0 < step < n_total
+    assert "combined_loader" in state["loops"]["fit_loop"]["state_dict"]
+
+    resumed = _Recorder(12)
+    _trainer(tmp_path / "run").fit(resumed, datamodule=_dm(indexed_paths["zarr"], num_workers=2),
+                                   ckpt_path=last)
+    assert len(resumed.seen) == n_total - step
+    for got, want in zip(resumed.seen, full.seen[step:], strict=True):
+        np.testing.assert_array_equal(got, want)
