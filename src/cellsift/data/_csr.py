@@ -2,8 +2,8 @@
 
 Rows map to element ranges ``indptr[r]:indptr[r+1]``. Ranges closer than ``max_gap``
 elements are merged into one read (reading a few unwanted elements is cheaper than another
-call); the rows are then gathered out of the read buffer with one vectorised step, skipped
-when the reads held exactly the wanted elements.
+call); the runs of consecutive wanted rows are then copied out of the read buffer (nothing
+is copied when the reads held exactly the wanted elements).
 """
 
 from __future__ import annotations
@@ -52,11 +52,15 @@ def read_rows(indptr: np.ndarray, rows: np.ndarray, n_cols: int, read_segments: 
         data, indices = np.zeros(0, np.float32), np.zeros(0, np.int32)
     else:
         data, indices = read_segments(seg_start, seg_end)
-        if len(data) != nnz:  # the reads hold gaps: gather the wanted elements out
-            seg_len = seg_end - seg_start
-            seg_off = np.concatenate(([0], np.cumsum(seg_len)[:-1]))
+        if len(data) != nnz:  # the reads hold gaps: copy out the runs of consecutive rows
+            seg_off = np.concatenate(([0], np.cumsum(seg_end - seg_start)[:-1]))
             seg_of_row = np.searchsorted(seg_start, row_start, side="right") - 1
             buf_start = row_start - seg_start[seg_of_row] + seg_off[seg_of_row]
-            take = np.repeat(buf_start - out_indptr[:-1], row_len) + np.arange(nnz)
-            data, indices = data[take], indices[take]
+            run_first = np.flatnonzero(np.diff(buf_start, prepend=-1) != np.concatenate(
+                ([0], row_len[:-1])))  # a run breaks where a row does not follow its neighbour
+            run_end = np.concatenate((run_first[1:], [len(rows)]))
+            a = buf_start[run_first].tolist()
+            b = (buf_start[run_end - 1] + row_len[run_end - 1]).tolist()
+            data = np.concatenate([data[i:j] for i, j in zip(a, b, strict=True)])
+            indices = np.concatenate([indices[i:j] for i, j in zip(a, b, strict=True)])
     return sp.csr_matrix((data, indices, out_indptr), shape=(len(rows), n_cols), copy=False)

@@ -12,7 +12,9 @@ them.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -62,6 +64,9 @@ class IterableCellDataset(IterableDataset):
         See :class:`~cellsift.data.sampling.SamplingConfig`.
     rank, world_size
         Override the distributed rank (default: from ``torch.distributed``).
+    prefetch
+        Fetches read ahead by a background thread of each worker, overlapping reads with
+        batch assembly (0: read in turn). Memory holds ``1 + prefetch`` fetches per worker.
     """
 
     def __init__(
@@ -83,8 +88,10 @@ class IterableCellDataset(IterableDataset):
         num_samples: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        prefetch: int = 1,
     ) -> None:
         super().__init__()
+        self.prefetch = prefetch
         self.collection = collection
         self.cfg = SamplingConfig(mode, batch_size, block_size, fetch_factor, seed, drop_last,
                                   cells_per_block, num_samples)
@@ -170,19 +177,38 @@ class IterableCellDataset(IterableDataset):
         # worker 0, so worker 0 takes the stream whose turn it is, and so on around.
         stream = (wid + turn) % n_workers
         to_skip = skips[stream]
+        todo: list[tuple[int, int]] = []  # (fetch, first batch to yield)
         for i in range(stream, plan.n_fetches, n_workers):
             nb = plan.n_batches(i)
             if to_skip >= nb:
                 to_skip -= nb
                 continue
-            yield from self._fetch_batches(plan, i, first=to_skip)
+            todo.append((i, to_skip))
             to_skip = 0
+        if self.prefetch <= 0:
+            for i, first in todo:
+                yield from self._batches(plan, i, self._read_fetch(plan, i), first)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellsift-prefetch") as pool:
+            ahead: deque[Future[Any]] = deque()
+            for i, _ in todo[: self.prefetch + 1]:
+                ahead.append(pool.submit(self._read_fetch, plan, i))
+            for k, (i, first) in enumerate(todo):
+                fetched = ahead.popleft().result()
+                if k + self.prefetch + 1 < len(todo):
+                    ahead.append(pool.submit(self._read_fetch, plan, todo[k + self.prefetch + 1][0]))
+                yield from self._batches(plan, i, fetched, first)
 
-    def _fetch_batches(self, plan: EpochPlan, i: int, first: int = 0) -> Iterator[Batch]:
+    def _read_fetch(self, plan: EpochPlan, i: int) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        """Read fetch ``i``: counts of its distinct cells, and how its cells index them."""
         pos = plan.fetch(i)
         rows = self.collection.cell_ids[pos]
         uniq, inverse = np.unique(rows, return_inverse=True)
-        x = self.collection.read(uniq)
+        return self.collection.read(uniq), inverse, rows, pos
+
+    def _batches(self, plan: EpochPlan, i: int, fetched: tuple[Any, np.ndarray, np.ndarray,
+                 np.ndarray], first: int) -> Iterator[Batch]:
+        x, inverse, rows, pos = fetched
         bs = self.cfg.batch_size
         for b in range(first, plan.n_batches(i)):
             sel = slice(b * bs, (b + 1) * bs)
@@ -190,9 +216,9 @@ class IterableCellDataset(IterableDataset):
 
     def _batch(self, x: Any, rows: np.ndarray, pos: np.ndarray) -> Batch:
         batch: Batch = {
-            "x_ng": torch.sparse_csr_tensor(
-                torch.from_numpy(x.indptr.astype(np.int64)),
-                torch.from_numpy(x.indices.astype(np.int64)),
+            "x_ng": torch.sparse_csr_tensor(  # int32 indices: a batch never nears 2**31 values
+                torch.from_numpy(x.indptr.astype(np.int32)),
+                torch.from_numpy(x.indices.astype(np.int32, copy=False)),
                 torch.from_numpy(x.data.astype(np.float32, copy=False)),
                 size=x.shape, check_invariants=False),
             "obs_idx_n": torch.from_numpy(rows.astype(np.int64)),

@@ -1,0 +1,200 @@
+"""Loader throughput: random minibatches of 1024 cells from h5ad, Zarr and TileDB-SOMA.
+
+cellsift (each store, each mode) and its peers read the same files in the same run: anndata's
+AnnLoader, scDataset, tiledbsoma-ml and Cellarium's DistributedAnnDataCollection, each in a
+virtualenv of its own (benchmarks/_peers.py). annbatch needs Python >= 3.12 and is reported
+as skipped on Python 3.11. Every loader delivers dense float32 batches of raw counts from one
+process (num_workers=0) after the same warm-up; the ceiling is a sequential scan (read +
+decode) of each store. The full run also streams a 2M-cell atlas to show that memory is
+bounded by batch size x prefetch, not by the atlas.
+
+    python benchmarks/loader.py --quick      # ~50k cells x 10k genes
+    python benchmarks/loader.py              # 500k cells x 20k genes, plus the 2M-cell RSS run
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / ".data"
+sys.path.insert(0, str(HERE))
+
+BATCH = 1024
+BLOCK = 64
+FETCH = 16
+
+
+def make_atlas(n_cells: int, n_genes: int, formats: tuple[str, ...]) -> dict[str, Path]:
+    """The benchmark atlas in each format (cached under benchmarks/.data)."""
+    from cellsift.data.convert import convert
+    from cellsift.datasets import synthetic_atlas
+
+    folder = DATA / f"atlas_{n_cells}x{n_genes}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"h5ad": folder / "atlas.h5ad"}
+    if not paths["h5ad"].exists():
+        t = time.perf_counter()
+        synthetic_atlas(n_cells, n_genes, n_studies=8, path=paths["h5ad"], seed=0,
+                        progress_bar=True)
+        print(f"# generated {n_cells:,} x {n_genes:,} in {time.perf_counter() - t:.0f} s",
+              flush=True)
+    for fmt in formats:
+        if fmt == "h5ad":
+            continue
+        paths[fmt] = folder / f"atlas.{fmt}"
+        if not paths[fmt].exists():
+            convert(paths["h5ad"], paths[fmt], progress_bar=True)
+    shards = folder / "shards"
+    if not shards.exists():
+        convert(paths["h5ad"], shards, format="h5ad", shard_size=max(10_000, n_cells // 8))
+    paths["shards"] = shards
+    return paths
+
+
+# -- cellsift, one configuration per fresh process ---------------------------------------
+def run_one(spec: dict) -> dict:
+    import torch
+
+    from cellsift.data import CellCollection, CellLoader, IterableCellDataset, open_store
+
+    if spec["mode"] == "scan":
+        store = open_store(spec["path"])
+        t, cells = time.perf_counter(), 0
+        for _, x in store.iter_chunks(16_384):
+            cells += x.shape[0]
+        return {"cells_per_s": cells / (time.perf_counter() - t), "peak_rss_mb": _rss()}
+    coll = CellCollection(spec["path"], check_counts=False)
+    ds = IterableCellDataset(coll, mode=spec["mode"], batch_size=BATCH, block_size=spec["block"],
+                             fetch_factor=FETCH, label_key="cell_type_ontology_term_id",
+                             study_key="dataset_id", cells_per_block=spec.get("cpb", 16))
+    loader = CellLoader(ds, num_workers=spec["workers"])
+    it = iter(loader)
+
+    def next_batch() -> torch.Tensor:
+        nonlocal it
+        try:
+            return next(it)["x_ng"]
+        except StopIteration:
+            it = iter(loader)
+            return next(it)["x_ng"]
+
+    for _ in range(spec["warmup"]):
+        next_batch().to_dense()
+    t, cells, n = time.perf_counter(), 0, 0
+    while n < spec["n_batches"] or (spec.get("epoch") and cells < coll.n_obs):
+        cells += next_batch().to_dense().shape[0]
+        n += 1
+    return {"cells_per_s": cells / (time.perf_counter() - t), "peak_rss_mb": _rss(),
+            "n_cells_timed": cells}
+
+
+def _rss() -> float:
+    kib = sum(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return round(kib / 1024, 1)
+
+
+def cellsift(spec: dict, timeout: float = 900) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"cellsift run {spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--run-one", help=argparse.SUPPRESS)
+    ap.add_argument("--no-peers", action="store_true", help="measure cellsift only")
+    ap.add_argument("--rss-cells", type=int, default=None, help="cells of the RSS atlas")
+    args = ap.parse_args()
+    if args.run_one:
+        print(json.dumps(run_one(json.loads(args.run_one))))
+        return
+
+    import _peers
+
+    n_cells, n_genes = (50_000, 10_000) if args.quick else (500_000, 20_000)
+    n_batches, warmup = (25, 3) if args.quick else (150, 5)
+    rss_cells = args.rss_cells or (None if args.quick else 2_000_000)
+    paths = make_atlas(n_cells, n_genes, ("h5ad", "zarr", "soma"))
+    results: dict[str, float] = {}
+    rss: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    ceiling: dict[str, float] = {}
+
+    def record(key: str, out: dict) -> None:
+        results[key] = round(out["cells_per_s"], 1)
+        rss[key] = out["peak_rss_mb"]
+        print(f"# {key:34s} {out['cells_per_s']:>12,.0f} cells/s  rss {out['peak_rss_mb']:,.0f} MB",
+              flush=True)
+
+    for fmt in ("h5ad", "zarr", "soma"):
+        path = str(paths[fmt])
+        ceiling[fmt] = round(cellsift({"path": path, "mode": "scan"})["cells_per_s"], 1)
+        print(f"# ceiling/{fmt:29s} {ceiling[fmt]:>12,.0f} cells/s (sequential scan)", flush=True)
+        base = {"path": path, "n_batches": n_batches, "warmup": warmup, "workers": 0}
+        record(f"cellsift/{fmt}/sequential", cellsift({**base, "mode": "sequential", "block": 1}))
+        record(f"cellsift/{fmt}/block{BLOCK}", cellsift({**base, "mode": "block", "block": BLOCK}))
+        record(f"cellsift/{fmt}/block1", cellsift({**base, "mode": "block", "block": 1}))
+        record(f"cellsift/{fmt}/weighted", cellsift({**base, "mode": "weighted", "block": BLOCK}))
+    record(f"cellsift/h5ad/block{BLOCK}/workers2",
+           cellsift({"path": str(paths["h5ad"]), "n_batches": n_batches, "warmup": warmup,
+                     "workers": 2, "mode": "block", "block": BLOCK}))
+
+    skipped: dict[str, str] = dict(_peers.UNAVAILABLE)
+    if not args.no_peers:
+        common = ["--batch-size", str(BATCH), "--n-batches", str(n_batches), "--warmup",
+                  str(warmup), "--block-size", str(BLOCK), "--fetch-factor", str(FETCH)]
+        peer_args = {
+            "annloader": ["--h5ad", str(paths["h5ad"])],
+            "scdataset": ["--h5ad", str(paths["h5ad"])],
+            "tiledbsoma_ml": ["--soma", str(paths["soma"])],
+            "cellarium": ["--shards-dir", str(paths["shards"])],
+        }
+        for name, data_args in peer_args.items():
+            out = _peers.run_peer(name, data_args + common, timeout=1800)
+            if "skipped" in out:
+                skipped[name] = out["skipped"]
+                print(f"# {name:34s} skipped: {out['skipped']}", flush=True)
+                continue
+            record(name, out)
+            notes[name] = out.get("randomness", "")
+
+    if rss_cells:
+        big = make_atlas(rss_cells, 2_000, ("h5ad",))
+        out = cellsift({"path": str(big["h5ad"]), "n_batches": 0, "warmup": 0, "workers": 2,
+                        "mode": "block", "block": BLOCK, "epoch": True}, timeout=7200)
+        key = f"cellsift/h5ad/block{BLOCK}/stream_{rss_cells}_cells"
+        record(key, out)
+
+    peer_by_store = {"h5ad": ("annloader", "scdataset", "cellarium"), "soma": ("tiledbsoma_ml",)}
+    ratios = {}
+    for fmt in ("h5ad", "zarr", "soma"):
+        block = results[f"cellsift/{fmt}/block{BLOCK}"]
+        ratios[f"{fmt}/weighted_vs_block{BLOCK}"] = round(results[f"cellsift/{fmt}/weighted"] / block, 2)
+        ratios[f"{fmt}/block{BLOCK}_vs_ceiling"] = round(block / ceiling[fmt], 2)
+        peers = [results[p] for p in peer_by_store.get(fmt, ()) if p in results]
+        if peers:
+            ratios[f"{fmt}/block{BLOCK}_vs_best_peer"] = round(block / max(peers), 2)
+    print(json.dumps({
+        "benchmark": "loader", "unit": "cells/s", "results": results, "ceiling": ceiling,
+        "ratios": ratios, "peak_rss_mb": rss, "skipped": skipped, "peer_randomness": notes,
+        "config": {"n_cells": n_cells, "n_genes": n_genes, "batch_size": BATCH,
+                   "block_size": BLOCK, "fetch_factor": FETCH, "num_workers": 0,
+                   "output": "dense float32", "quick": args.quick},
+    }))
+
+
+if __name__ == "__main__":
+    main()
