@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -58,11 +57,16 @@ def time_batches(
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process plus its (waited-for) children, in MiB."""
-    kib = sum(
-        resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-    )
-    return kib / 1024
+    """Peak resident set size of this process (VmHWM), in MiB.
+
+    Not ``ru_maxrss``: on Linux it survives exec, so a child would report the peak of the
+    process that started it.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def emit(seconds: float, cells: int, *, randomness: str, output: str, version: str) -> None:

@@ -270,13 +270,15 @@ class SomaWriter(StoreWriter):
 
     obs (``soma_joinid`` 0..n-1), measurement ``measurement`` (default ``RNA``) with var
     (``feature_id`` = var_names) and X layer ``layer`` (default ``raw``). The number of
-    cells must be given up front (SOMA arrays have a fixed domain).
+    cells must be given up front (SOMA arrays have a fixed domain). X is tiled for reading
+    cells (:func:`soma_row_tiles`) unless ``platform_config`` says otherwise.
     """
 
     format: Format = "soma"
 
     def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, *, n_obs: int | None = None,
-                 measurement: str = "RNA", layer: str = "raw", **kwargs: Any) -> None:
+                 measurement: str = "RNA", layer: str = "raw",
+                 platform_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if n_obs is None:
             raise ValueError("SomaWriter needs n_obs up front (SOMA arrays have a fixed shape).")
         super().__init__(path, var, n_obs=n_obs, **kwargs)
@@ -295,7 +297,8 @@ class SomaWriter(StoreWriter):
             v.write(var_tbl)
         x_coll = rna.add_new_collection("X")
         self._x = x_coll.add_new_sparse_ndarray(
-            layer, type=_pa().float32(), shape=(max(n_obs, 1), max(self.n_vars, 1)))
+            layer, type=_pa().float32(), shape=(max(n_obs, 1), max(self.n_vars, 1)),
+            platform_config=platform_config or soma_row_tiles(self.n_vars))
         self._obs_df: Any = None
         self._closables = [x_coll, rna]
 
@@ -335,6 +338,16 @@ class SomaWriter(StoreWriter):
         except Exception:  # the experiment may already be closed or half-made
             pass
         super().abort()
+
+
+def soma_row_tiles(n_vars: int, rows_per_tile: int = 64, capacity: int = 65_536) -> dict[str, Any]:
+    """TileDB layout of X for reading cells: a tile spans all genes of ``rows_per_tile`` cells.
+
+    TileDB's default (2048 x 2048 tiles) spreads each cell over many tiles, so reading a block
+    of cells decodes several times the data it needs.
+    """
+    dims = {"soma_dim_0": {"tile": rows_per_tile}, "soma_dim_1": {"tile": max(n_vars, 1)}}
+    return {"tiledb": {"create": {"dims": dims, "capacity": capacity}}}
 
 
 def _pa() -> Any:
