@@ -98,7 +98,10 @@ def _run_one(spec: dict) -> dict:
 
     # Training densifies on the GPU: native batches stay CSR. "dense" densifies on the CPU,
     # the output the peers deliver, for the like-for-like comparison.
-    out = (lambda x: x.to_dense()) if spec.get("dense") else (lambda x: x)
+    from cellsift.transforms import Densify
+
+    densify = Densify()
+    out = (lambda x: densify({"x_ng": x})["x_ng"]) if spec.get("dense") else (lambda x: x)
     for _ in range(spec["warmup"]):
         out(next_batch())
     t, cells, n = time.perf_counter(), 0, 0
@@ -164,7 +167,7 @@ def main() -> None:
     import _peers
 
     n_cells, n_genes = (50_000, 10_000) if args.quick else (500_000, 20_000)
-    n_batches, warmup = (25, 3) if args.quick else (150, 5)
+    n_batches, warmup = (60, 10) if args.quick else (200, 20)
     rss_cells = args.rss_cells or (None if args.quick else 2_000_000)
     paths = make_atlas(n_cells, n_genes, ("h5ad", "zarr", "soma"))
     results: dict[str, float] = {}

@@ -199,20 +199,29 @@ class IterableCellDataset(IterableDataset):
                     ahead.append(pool.submit(self._read_fetch, plan, todo[k + self.prefetch + 1][0]))
                 yield from self._batches(plan, i, fetched, first)
 
-    def _read_fetch(self, plan: EpochPlan, i: int) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
-        """Read fetch ``i``: counts of its distinct cells, and how its cells index them."""
+    def _read_fetch(self, plan: EpochPlan, i: int
+                    ) -> tuple[Any, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Read fetch ``i``: counts of its distinct cells, and how its cells index them.
+
+        The index is None when the cells are already sorted and distinct (sequential mode):
+        batches are then plain row slices of what was read.
+        """
         pos = plan.fetch(i)
         rows = self.collection.cell_ids[pos]
+        if len(rows) < 2 or bool(np.all(rows[1:] > rows[:-1])):
+            return self.collection.read(rows), None, rows, pos
         uniq, inverse = np.unique(rows, return_inverse=True)
         return self.collection.read(uniq), inverse, rows, pos
 
-    def _batches(self, plan: EpochPlan, i: int, fetched: tuple[Any, np.ndarray, np.ndarray,
-                 np.ndarray], first: int) -> Iterator[Batch]:
+    def _batches(self, plan: EpochPlan, i: int, fetched: tuple[Any, np.ndarray | None,
+                 np.ndarray, np.ndarray], first: int) -> Iterator[Batch]:
         x, inverse, rows, pos = fetched
         bs = self.cfg.batch_size
         for b in range(first, plan.n_batches(i)):
             sel = slice(b * bs, (b + 1) * bs)
-            yield self._batch(x[inverse[sel]], rows[sel], pos[sel])
+            xb = x if plan.n_batches(i) == 1 and inverse is None else x[
+                sel if inverse is None else inverse[sel]]
+            yield self._batch(xb, rows[sel], pos[sel])
 
     def _batch(self, x: Any, rows: np.ndarray, pos: np.ndarray) -> Batch:
         batch: Batch = {
