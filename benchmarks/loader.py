@@ -45,10 +45,12 @@ def make_atlas(n_cells: int, n_genes: int, formats: tuple[str, ...]) -> dict[str
     paths = {"h5ad": folder / "atlas.h5ad"}
     if not paths["h5ad"].exists():
         t = time.perf_counter()
-        synthetic_atlas(n_cells, n_genes, n_studies=8, path=paths["h5ad"], seed=0,
-                        progress_bar=True)
-        print(f"# generated {n_cells:,} x {n_genes:,} in {time.perf_counter() - t:.0f} s",
-              flush=True)
+        synthetic_atlas(
+            n_cells, n_genes, n_studies=8, path=paths["h5ad"], seed=0, progress_bar=True
+        )
+        print(
+            f"# generated {n_cells:,} x {n_genes:,} in {time.perf_counter() - t:.0f} s", flush=True
+        )
     for fmt in formats:
         if fmt == "h5ad":
             continue
@@ -82,9 +84,16 @@ def _run_one(spec: dict) -> dict:
             cells += x.shape[0]
         return {"cells_per_s": cells / (time.perf_counter() - t)}
     coll = CellCollection(spec["path"], check_counts=False)
-    ds = IterableCellDataset(coll, mode=spec["mode"], batch_size=BATCH, block_size=spec["block"],
-                             fetch_factor=FETCH, label_key="cell_type_ontology_term_id",
-                             study_key="dataset_id", cells_per_block=spec.get("cpb", 16))
+    ds = IterableCellDataset(
+        coll,
+        mode=spec["mode"],
+        batch_size=BATCH,
+        block_size=spec["block"],
+        fetch_factor=FETCH,
+        label_key="cell_type_ontology_term_id",
+        study_key="dataset_id",
+        cells_per_block=spec.get("cpb", 16),
+    )
     loader = CellLoader(ds, num_workers=spec["workers"])
     it = iter(loader)
 
@@ -146,8 +155,12 @@ class PeakRSS:
 
 
 def cellsift(spec: dict, timeout: float = 900) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--run-one", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode:
         raise RuntimeError(f"cellsift run {spec} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -178,8 +191,10 @@ def main() -> None:
     def record(key: str, out: dict) -> None:
         results[key] = round(out["cells_per_s"], 1)
         rss[key] = out["peak_rss_mb"]
-        print(f"# {key:34s} {out['cells_per_s']:>12,.0f} cells/s  rss {out['peak_rss_mb']:,.0f} MB",
-              flush=True)
+        print(
+            f"# {key:34s} {out['cells_per_s']:>12,.0f} cells/s  rss {out['peak_rss_mb']:,.0f} MB",
+            flush=True,
+        )
 
     for fmt in ("h5ad", "zarr", "soma"):
         path = str(paths[fmt])
@@ -190,16 +205,38 @@ def main() -> None:
         record(f"cellsift/{fmt}/block{BLOCK}", cellsift({**base, "mode": "block", "block": BLOCK}))
         record(f"cellsift/{fmt}/block1", cellsift({**base, "mode": "block", "block": 1}))
         record(f"cellsift/{fmt}/weighted", cellsift({**base, "mode": "weighted", "block": BLOCK}))
-        record(f"cellsift/{fmt}/block{BLOCK}/dense",
-               cellsift({**base, "mode": "block", "block": BLOCK, "dense": True}))
-    record(f"cellsift/h5ad/block{BLOCK}/workers2",
-           cellsift({"path": str(paths["h5ad"]), "n_batches": n_batches, "warmup": warmup,
-                     "workers": 2, "mode": "block", "block": BLOCK}))
+        record(
+            f"cellsift/{fmt}/block{BLOCK}/dense",
+            cellsift({**base, "mode": "block", "block": BLOCK, "dense": True}),
+        )
+    record(
+        f"cellsift/h5ad/block{BLOCK}/workers2",
+        cellsift(
+            {
+                "path": str(paths["h5ad"]),
+                "n_batches": n_batches,
+                "warmup": warmup,
+                "workers": 2,
+                "mode": "block",
+                "block": BLOCK,
+            }
+        ),
+    )
 
     skipped: dict[str, str] = dict(_peers.UNAVAILABLE)
     if not args.no_peers:
-        common = ["--batch-size", str(BATCH), "--n-batches", str(n_batches), "--warmup",
-                  str(warmup), "--block-size", str(BLOCK), "--fetch-factor", str(FETCH)]
+        common = [
+            "--batch-size",
+            str(BATCH),
+            "--n-batches",
+            str(n_batches),
+            "--warmup",
+            str(warmup),
+            "--block-size",
+            str(BLOCK),
+            "--fetch-factor",
+            str(FETCH),
+        ]
         peer_args = {
             "annloader": ["--h5ad", str(paths["h5ad"])],
             "scdataset": ["--h5ad", str(paths["h5ad"])],
@@ -217,8 +254,18 @@ def main() -> None:
 
     if rss_cells:
         big = make_atlas(rss_cells, 2_000, ("h5ad",))
-        out = cellsift({"path": str(big["h5ad"]), "n_batches": 0, "warmup": 0, "workers": 2,
-                        "mode": "block", "block": BLOCK, "epoch": True}, timeout=7200)
+        out = cellsift(
+            {
+                "path": str(big["h5ad"]),
+                "n_batches": 0,
+                "warmup": 0,
+                "workers": 2,
+                "mode": "block",
+                "block": BLOCK,
+                "epoch": True,
+            },
+            timeout=7200,
+        )
         key = f"cellsift/h5ad/block{BLOCK}/stream_{rss_cells}_cells"
         record(key, out)
 
@@ -226,19 +273,38 @@ def main() -> None:
     ratios = {}
     for fmt in ("h5ad", "zarr", "soma"):
         block = results[f"cellsift/{fmt}/block{BLOCK}"]
-        ratios[f"{fmt}/weighted_vs_block{BLOCK}"] = round(results[f"cellsift/{fmt}/weighted"] / block, 2)
+        ratios[f"{fmt}/weighted_vs_block{BLOCK}"] = round(
+            results[f"cellsift/{fmt}/weighted"] / block, 2
+        )
         ratios[f"{fmt}/block{BLOCK}_vs_ceiling"] = round(block / ceiling[fmt], 2)
         peers = [results[p] for p in peer_by_store.get(fmt, ()) if p in results]
         if peers:  # like for like: dense float32 batches from one process
             dense = results[f"cellsift/{fmt}/block{BLOCK}/dense"]
             ratios[f"{fmt}/block{BLOCK}_dense_vs_best_peer"] = round(dense / max(peers), 2)
-    print(json.dumps({
-        "benchmark": "loader", "unit": "cells/s", "results": results, "ceiling": ceiling,
-        "ratios": ratios, "peak_rss_mb": rss, "skipped": skipped, "peer_randomness": notes,
-        "config": {"n_cells": n_cells, "n_genes": n_genes, "batch_size": BATCH,
-                   "block_size": BLOCK, "fetch_factor": FETCH, "num_workers": 0,
-                   "output": "dense float32", "quick": args.quick},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "loader",
+                "unit": "cells/s",
+                "results": results,
+                "ceiling": ceiling,
+                "ratios": ratios,
+                "peak_rss_mb": rss,
+                "skipped": skipped,
+                "peer_randomness": notes,
+                "config": {
+                    "n_cells": n_cells,
+                    "n_genes": n_genes,
+                    "batch_size": BATCH,
+                    "block_size": BLOCK,
+                    "fetch_factor": FETCH,
+                    "num_workers": 0,
+                    "output": "dense float32",
+                    "quick": args.quick,
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def indexed_paths(data_dir: Path) -> dict[str, Path]:
     """The same index-valued atlas (cell i has count i + 1 in gene 0) as h5ad, Zarr, SOMA."""
-    return {fmt: indexed_atlas(N_INDEXED, 12, path=data_dir / f"indexed.{fmt}", chunk_size=700)
-            for fmt in ("h5ad", "zarr", "soma")}
+    return {
+        fmt: indexed_atlas(N_INDEXED, 12, path=data_dir / f"indexed.{fmt}", chunk_size=700)
+        for fmt in ("h5ad", "zarr", "soma")
+    }
 
 
 @pytest.fixture(scope="session")

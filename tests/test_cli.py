@@ -28,9 +28,23 @@ def test_convert_and_errors(indexed_paths, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_runs_on_a_synthetic_atlas(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cellsift.cli", "demo", "--synthetic",
-                           "--n-cells", "4000", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cellsift.cli",
+            "demo",
+            "--synthetic",
+            "--n-cells",
+            "4000",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("cellsift demo on synthetic atlas")
     assert any("weighted" in line for line in lines)

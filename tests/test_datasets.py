@@ -26,8 +26,10 @@ def test_hierarchy_shows_in_expression():
     a = synthetic_atlas(4_000, 800, n_studies=2, seed=0)
     sc.pp.normalize_total(a, target_sum=1e4)
     sc.pp.log1p(a)
-    means = {t: np.asarray(a[a.obs["cell_type_ontology_term_id"] == t].X.mean(0)).ravel()
-             for t in ("CL:0000624", "CL:0000625", "CL:0001054")}
+    means = {
+        t: np.asarray(a[a.obs["cell_type_ontology_term_id"] == t].X.mean(0)).ravel()
+        for t in ("CL:0000624", "CL:0000625", "CL:0001054")
+    }
     d = lambda s, t: np.linalg.norm(means[s] - means[t])  # noqa: E731
     # CD4 T is closer to CD8 T (shared T-cell program) than to CD14 monocytes
     assert d("CL:0000624", "CL:0000625") < d("CL:0000624", "CL:0001054")

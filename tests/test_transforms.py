@@ -21,9 +21,12 @@ def adata():
 
 
 def _csr(x):
-    return torch.sparse_csr_tensor(torch.from_numpy(x.indptr).long(),
-                                   torch.from_numpy(x.indices).long(), torch.from_numpy(x.data),
-                                   size=x.shape)
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(x.indptr).long(),
+        torch.from_numpy(x.indices).long(),
+        torch.from_numpy(x.data),
+        size=x.shape,
+    )
 
 
 @pytest.mark.parametrize("target", [1e4, 1e6])

@@ -30,8 +30,14 @@ def import_optional(module: str) -> ModuleType:
         raise ImportError(f"{module} is needed for this and is not installed: {hint}") from err
 
 
-def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True,
-             unit: str = "it") -> Iterator[T]:
+def progress(
+    iterable: Iterable[T],
+    *,
+    total: int | None = None,
+    desc: str = "",
+    enabled: bool = True,
+    unit: str = "it",
+) -> Iterator[T]:
     """Wrap ``iterable`` in a progress bar (tqdm.auto) when ``enabled``."""
     if not enabled:
         yield from iterable

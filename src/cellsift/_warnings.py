@@ -15,14 +15,18 @@ class NotCountsWarning(CellsiftWarning):
     """The data look normalised or log-transformed where raw counts are expected."""
 
 
-def warn(message: str, category: type[CellsiftWarning] = CellsiftWarning, stacklevel: int = 2) -> None:
+def warn(
+    message: str, category: type[CellsiftWarning] = CellsiftWarning, stacklevel: int = 2
+) -> None:
     """Emit ``message`` as a cellsift warning, attributed to the caller's caller."""
     warnings.warn(message, category, stacklevel=stacklevel + 1)
 
 
 # torch reports every sparse CSR tensor as "beta" and that invariant checks are off: we build
 # CSR tensors from validated stores on every batch, so these say nothing to our users.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
+)
 warnings.filterwarnings(
     "ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning
 )

@@ -26,8 +26,12 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
 
     from .data.genes import _ENSEMBL
 
-    lines = [f"{store.path}", f"  format     {store.format}",
-             f"  cells      {store.n_obs:,}", f"  genes      {store.n_vars:,}"]
+    lines = [
+        f"{store.path}",
+        f"  format     {store.format}",
+        f"  cells      {store.n_obs:,}",
+        f"  genes      {store.n_vars:,}",
+    ]
     try:
         nnz = int(store.indptr[-1])
         density = nnz / max(store.n_obs * store.n_vars, 1)
@@ -51,9 +55,17 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
 def _convert(args: argparse.Namespace) -> int:
     from .data.convert import convert
 
-    out = convert(args.input, args.output, format=args.format, layer=args.layer,
-                  shard_size=args.shard_size, min_genes=args.min_genes,
-                  chunk_size=args.chunk_size, overwrite=args.overwrite, progress_bar=True)
+    out = convert(
+        args.input,
+        args.output,
+        format=args.format,
+        layer=args.layer,
+        shard_size=args.shard_size,
+        min_genes=args.min_genes,
+        chunk_size=args.chunk_size,
+        overwrite=args.overwrite,
+        progress_bar=True,
+    )
     print(f"wrote {out}")
     return 0
 

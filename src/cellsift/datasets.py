@@ -52,7 +52,11 @@ CELL_TYPES: dict[str, tuple[str, str | None, float]] = {
     "CL:0000556": ("megakaryocyte", "CL:0000763", 0.01),
 }
 
-_ASSAYS = [("EFO:0009922", "10x 3' v3"), ("EFO:0009899", "10x 3' v2"), ("EFO:0030003", "10x 3' transcription profiling")]
+_ASSAYS = [
+    ("EFO:0009922", "10x 3' v3"),
+    ("EFO:0009899", "10x 3' v2"),
+    ("EFO:0030003", "10x 3' transcription profiling"),
+]
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -95,11 +99,13 @@ class _AtlasModel:
             prof.append(logp)
         logp_all = np.stack(prof)
         self.log_profiles = (logp_all - np.log(np.exp(logp_all).sum(1, keepdims=True))).astype(
-            np.float32)
+            np.float32
+        )
         self.type_p = np.array([CELL_TYPES[t][2] for t in self.leaves])
         self.study_shift = rng.normal(0.0, 0.35, (self.n_studies, g)).astype(np.float32)
-        self.donor_shift = rng.normal(0.0, 0.12, (self.n_studies * self.donors_per_study, g)).astype(
-            np.float32)
+        self.donor_shift = rng.normal(
+            0.0, 0.12, (self.n_studies * self.donors_per_study, g)
+        ).astype(np.float32)
         # UMIs per cell over a whole transcriptome (~20k genes); a gene panel gets its share.
         self.study_depth = np.exp(rng.normal(np.log(3000.0), 0.4, self.n_studies)) * g / 20_000
         # Each study sees most cell types, not all (rare types missing in some studies).
@@ -126,8 +132,9 @@ class _AtlasModel:
         obs = self._obs(start, study, donor, ctype, x)
         return x, obs
 
-    def _obs(self, start: int, study: np.ndarray, donor: np.ndarray, ctype: np.ndarray,
-             x: sp.csr_matrix) -> pd.DataFrame:
+    def _obs(
+        self, start: int, study: np.ndarray, donor: np.ndarray, ctype: np.ndarray, x: sp.csr_matrix
+    ) -> pd.DataFrame:
         ids = np.array(self.leaves)[ctype]
         names = np.array([CELL_TYPES[t][0] for t in self.leaves])[ctype]
         assay = np.array(_ASSAYS)[study % len(_ASSAYS)]
@@ -151,8 +158,10 @@ class _AtlasModel:
 
     def var(self) -> pd.DataFrame:
         ens = [f"ENSG{i:011d}" for i in range(1, self.n_genes + 1)]
-        return pd.DataFrame({"feature_name": [f"GENE{i}" for i in range(1, self.n_genes + 1)]},
-                            index=pd.Index(ens, name="gene_ids"))
+        return pd.DataFrame(
+            {"feature_name": [f"GENE{i}" for i in range(1, self.n_genes + 1)]},
+            index=pd.Index(ens, name="gene_ids"),
+        )
 
 
 def _sample_nb(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> sp.csr_matrix:
@@ -267,11 +276,13 @@ def synthetic_atlas(
         x = sp.vstack(xs, format="csr") if xs else sp.csr_matrix((0, n_genes), dtype=np.float32)
         obs_df = pd.concat(obs) if obs else None
         return ad.AnnData(X=x.astype(np.float32), obs=obs_df, var=model.var())
-    writer = open_writer(path, model.var(), format=format, n_obs=n_cells, overwrite=overwrite,
-                         **writer_options)
+    writer = open_writer(
+        path, model.var(), format=format, n_obs=n_cells, overwrite=overwrite, **writer_options
+    )
     with writer:
-        for x, obs in progress(chunks, total=len(starts), desc="writing atlas",
-                               enabled=progress_bar, unit="chunk"):
+        for x, obs in progress(
+            chunks, total=len(starts), desc="writing atlas", enabled=progress_bar, unit="chunk"
+        ):
             writer.append(x, obs)
     return writer.path
 
@@ -299,8 +310,10 @@ def indexed_atlas(
     if n_cells >= 2**24:
         raise ValueError("indexed_atlas encodes indices in float32: at most 2**24 - 1 cells.")
     leaves = [k for k, (_, _, p) in CELL_TYPES.items() if p > 0]
-    var = pd.DataFrame({"feature_name": [f"GENE{i}" for i in range(n_genes)]},
-                       index=pd.Index([f"ENSG{i:011d}" for i in range(n_genes)], name="gene_ids"))
+    var = pd.DataFrame(
+        {"feature_name": [f"GENE{i}" for i in range(n_genes)]},
+        index=pd.Index([f"ENSG{i:011d}" for i in range(n_genes)], name="gene_ids"),
+    )
 
     def chunk(start: int, n: int) -> tuple[sp.csr_matrix, pd.DataFrame]:
         idx = np.arange(start, start + n)
@@ -323,8 +336,9 @@ def indexed_atlas(
     if path is None:
         x = sp.vstack([c[0] for c in chunks], format="csr")
         return ad.AnnData(X=x, obs=pd.concat([c[1] for c in chunks]), var=var)
-    writer = open_writer(path, var, format=format, n_obs=n_cells, overwrite=overwrite,
-                         **writer_options)
+    writer = open_writer(
+        path, var, format=format, n_obs=n_cells, overwrite=overwrite, **writer_options
+    )
     with writer:
         for x, obs in chunks:
             writer.append(x, obs)
@@ -344,7 +358,8 @@ def shared_data_path(name: str, data_dir: str | os.PathLike[str] | None = None) 
 
     The folder is ``$CELLSIFT_DATA``, else ``../shared/data`` beside the repository.
     """
-    folder = Path(data_dir or os.environ.get("CELLSIFT_DATA", SHARED_DATA_DIR))
+    env = os.environ.get("CELLSIFT_DATA")
+    folder = Path(data_dir) if data_dir is not None else Path(env) if env else SHARED_DATA_DIR
     path = folder / _SHARED_FILES[name]
     if not path.exists():
         raise FileNotFoundError(
@@ -363,8 +378,9 @@ def kang2018(data_dir: str | os.PathLike[str] | None = None, *, backed: bool = F
     return ad.read_h5ad(shared_data_path("kang2018", data_dir), backed="r" if backed else None)
 
 
-def cellbench_lung(data_dir: str | os.PathLike[str] | None = None, *,
-                   singlets_only: bool = True) -> ad.AnnData:
+def cellbench_lung(
+    data_dir: str | os.PathLike[str] | None = None, *, singlets_only: bool = True
+) -> ad.AnnData:
     """CellBench lung cancer cell lines (CEL-seq2 and Drop-seq), full transcriptome.
 
     With ``singlets_only`` the demuxlet doublets (``DBL``) are removed.

@@ -40,7 +40,9 @@ def _source(out: Path, synthetic: bool, n_cells: int) -> tuple[Path, str, str]:
     return path, "dataset_id", f"synthetic atlas, {n_cells:,} cells x 2,000 genes ({reason})"
 
 
-def run_demo(out: str | Path = "demo_out", *, synthetic: bool = False, n_cells: int = 50_000) -> int:
+def run_demo(
+    out: str | Path = "demo_out", *, synthetic: bool = False, n_cells: int = 50_000
+) -> int:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     h5ad, group_key, what = _source(out, synthetic, n_cells)
@@ -61,8 +63,15 @@ def run_demo(out: str | Path = "demo_out", *, synthetic: bool = False, n_cells: 
     for fmt, path in stores.items():
         coll = CellCollection(path)
         for mode in ("block", "weighted"):
-            ds = IterableCellDataset(coll, mode=mode, batch_size=1024, block_size=64,
-                                     fetch_factor=8, label_key=label_key, study_key=group_key)
+            ds = IterableCellDataset(
+                coll,
+                mode=mode,
+                batch_size=1024,
+                block_size=64,
+                fetch_factor=8,
+                label_key=label_key,
+                study_key=group_key,
+            )
             loader = CellLoader(ds, num_workers=1)
             t, n, nb, seen = time.perf_counter(), 0, 0, set()
             counts: Counter[str] = Counter()
@@ -81,15 +90,20 @@ def run_demo(out: str | Path = "demo_out", *, synthetic: bool = False, n_cells: 
     print("\n  cell type (share of cells drawn)   block-shuffled   weighted (balanced)")
     total_b, total_w = sum(freq["block"].values()), sum(freq["weighted"].values())
     for term, _ in freq["block"].most_common():
-        print(f"  {names.get(term, term)[:34]:34s} {freq['block'][term] / total_b:14.1%}"
-              f" {freq['weighted'][term] / total_w:19.1%}")
+        print(
+            f"  {names.get(term, term)[:34]:34s} {freq['block'][term] / total_b:14.1%}"
+            f" {freq['weighted'][term] / total_w:19.1%}"
+        )
 
-    dm = CellDataModule(stores["zarr"], study_key=group_key, split_key=group_key,
-                        val_fraction=0.15, batch_size=1024)
+    dm = CellDataModule(
+        stores["zarr"], study_key=group_key, split_key=group_key, val_fraction=0.15, batch_size=1024
+    )
     dm.setup()
     assert dm.train is not None and dm.val is not None
-    print(f"\n  train/validation split by {group_key!r}: {dm.train.n_obs:,} training cells, "
-          f"{dm.val.n_obs:,} validation cells (held out: {', '.join(dm.val_groups or [])})")
+    print(
+        f"\n  train/validation split by {group_key!r}: {dm.train.n_obs:,} training cells, "
+        f"{dm.val.n_obs:,} validation cells (held out: {', '.join(dm.val_groups or [])})"
+    )
     print(f"  outputs in {out}/")
     return 0
 

@@ -27,8 +27,9 @@ def _row_ids(x: torch.Tensor) -> torch.Tensor:
 
 
 def _with_values(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, size=x.shape,
-                                   check_invariants=False)
+    return torch.sparse_csr_tensor(
+        x.crow_indices(), x.col_indices(), values, size=x.shape, check_invariants=False
+    )
 
 
 class _Transform(nn.Module):
@@ -57,8 +58,10 @@ class Densify(_Transform):
             return x
         if x.device.type != "cpu" or x.requires_grad:
             return x.to_dense()
-        csr = sp.csr_matrix((x.values().numpy(), x.col_indices().numpy(),
-                             x.crow_indices().numpy()), shape=tuple(x.shape))
+        csr = sp.csr_matrix(
+            (x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()),
+            shape=tuple(x.shape),
+        )
         return torch.from_numpy(csr.toarray())
 
 
@@ -102,8 +105,16 @@ class ZScore(_Transform):
     Genes with zero standard deviation are only centred. Needs a dense batch.
     """
 
-    def __init__(self, mean_g: np.ndarray | torch.Tensor, std_g: np.ndarray | torch.Tensor,
-                 key: str = "x_ng", eps: float = 1e-8) -> None:
+    mean_g: torch.Tensor
+    std_g: torch.Tensor
+
+    def __init__(
+        self,
+        mean_g: np.ndarray | torch.Tensor,
+        std_g: np.ndarray | torch.Tensor,
+        key: str = "x_ng",
+        eps: float = 1e-8,
+    ) -> None:
         super().__init__(key)
         mean = torch.as_tensor(np.asarray(mean_g), dtype=torch.float32)
         std = torch.as_tensor(np.asarray(std_g), dtype=torch.float32)
@@ -121,7 +132,11 @@ class ZScore(_Transform):
 class GeneSubset(_Transform):
     """Keep genes ``indices`` (positions in the vocabulary), in that order."""
 
-    def __init__(self, indices: Sequence[int] | np.ndarray | torch.Tensor, key: str = "x_ng") -> None:
+    indices: torch.Tensor
+
+    def __init__(
+        self, indices: Sequence[int] | np.ndarray | torch.Tensor, key: str = "x_ng"
+    ) -> None:
         super().__init__(key)
         self.register_buffer("indices", torch.as_tensor(np.asarray(indices), dtype=torch.long))
 

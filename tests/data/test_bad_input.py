@@ -53,8 +53,10 @@ def test_corrupt_zarr(tmp_path, indexed_paths):
         open_store(path)
 
 
-@pytest.mark.parametrize(("value", "match"), [
-    (-1.0, "negative values"), (0.37, "non-integer values"), (np.nan, "NaN or infinite")])
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [(-1.0, "negative values"), (0.37, "non-integer values"), (np.nan, "NaN or infinite")],
+)
 def test_not_counts(tmp_path, value, match):
     adata = indexed_atlas(200, 5)
     adata.X.data[3] = value

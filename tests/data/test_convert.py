@@ -10,8 +10,17 @@ from cellsift.data import CellCollection, open_store
 from cellsift.data.convert import convert
 
 
-@pytest.mark.parametrize(("src", "dst"), [("h5ad", "zarr"), ("zarr", "soma"), ("soma", "h5ad"),
-                                          ("h5ad", "soma"), ("soma", "zarr"), ("zarr", "h5ad")])
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        ("h5ad", "zarr"),
+        ("zarr", "soma"),
+        ("soma", "h5ad"),
+        ("h5ad", "soma"),
+        ("soma", "zarr"),
+        ("zarr", "h5ad"),
+    ],
+)
 def test_convert_roundtrip_every_direction(indexed_paths, tmp_path, src, dst):
     out = convert(indexed_paths[src], tmp_path / f"out.{dst}")
     a, b = open_store(indexed_paths[src]), open_store(out)
@@ -19,8 +28,9 @@ def test_convert_roundtrip_every_direction(indexed_paths, tmp_path, src, dst):
     assert (a.read(rows) != b.read(rows)).nnz == 0
     assert list(a.var_names) == list(b.var_names)
     for col in ("cell_type_ontology_term_id", "dataset_id", "obs_index"):
-        np.testing.assert_array_equal(np.asarray(a.obs_column(col)).astype(str),
-                                      np.asarray(b.obs_column(col)).astype(str))
+        np.testing.assert_array_equal(
+            np.asarray(a.obs_column(col)).astype(str), np.asarray(b.obs_column(col)).astype(str)
+        )
 
 
 def test_converted_h5ad_opens_in_anndata(indexed_paths, tmp_path):

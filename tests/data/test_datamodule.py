@@ -38,14 +38,31 @@ class _Recorder(pl.LightningModule):
 
 
 def _dm(path, **kw):
-    return CellDataModule(path, study_key="dataset_id", split_key="donor_id", batch_size=50,
-                          block_size=8, fetch_factor=2, val_fraction=0.2, seed=1, **kw)
+    return CellDataModule(
+        path,
+        study_key="dataset_id",
+        split_key="donor_id",
+        batch_size=50,
+        block_size=8,
+        fetch_factor=2,
+        val_fraction=0.2,
+        seed=1,
+        **kw,
+    )
 
 
 def _trainer(root, **kw):
-    return pl.Trainer(default_root_dir=root, max_epochs=2, accelerator="cpu", devices=1,
-                      logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, **kw)
+    return pl.Trainer(
+        default_root_dir=root,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **kw,
+    )
 
 
 def test_split_is_by_group_never_by_cell(indexed_paths):
@@ -55,8 +72,9 @@ def test_split_is_by_group_never_by_cell(indexed_paths):
     assert donors(dm.train).isdisjoint(donors(dm.val))
     assert dm.train.n_obs + dm.val.n_obs == 2_000
     assert 0.1 < dm.val.n_obs / 2_000 < 0.5
-    assert dm.categories["y_n"] == sorted(set(np.asarray(dm.collection.obs_column(
-        "cell_type_ontology_term_id"))))
+    assert dm.categories["y_n"] == sorted(
+        set(np.asarray(dm.collection.obs_column("cell_type_ontology_term_id")))
+    )
     with pytest.raises(ValueError, match="at least 2 groups"):
         split_groups(np.array(["a", "a"]), 0.2)
 
@@ -80,8 +98,9 @@ def test_killed_run_resumes_with_the_same_batches(indexed_paths, tmp_path):
     assert "combined_loader" in state["loops"]["fit_loop"]["state_dict"]
 
     resumed = _Recorder(12)
-    _trainer(tmp_path / "run").fit(resumed, datamodule=_dm(indexed_paths["zarr"], num_workers=2),
-                                   ckpt_path=last)
+    _trainer(tmp_path / "run").fit(
+        resumed, datamodule=_dm(indexed_paths["zarr"], num_workers=2), ckpt_path=last
+    )
     assert len(resumed.seen) == n_total - step
     for got, want in zip(resumed.seen, full.seen[step:], strict=True):
         np.testing.assert_array_equal(got, want)

@@ -17,8 +17,9 @@ def _var(ids, symbols=None):
 
 def test_align_reorders_and_marks_missing():
     vocab = GeneVocabulary(["ENSG00000000003", "ENSG00000000001", "ENSG00000000002"])
-    gm = vocab.align(_var(["ENSG00000000001", "ENSG00000000009", "ENSG00000000003"]),
-                     min_overlap=0.1)
+    gm = vocab.align(
+        _var(["ENSG00000000001", "ENSG00000000009", "ENSG00000000003"]), min_overlap=0.1
+    )
     np.testing.assert_array_equal(gm.col_map, [1, -1, 0])
     assert gm.n_matched == 2 and not gm.identity
 
@@ -29,8 +30,9 @@ def test_align_by_symbols_column_and_ensembl_versions():
     np.testing.assert_array_equal(by_symbol.col_map, [1, 0])
     versioned = vocab.align(_var(["ENSG00000000002.5", "ENSG00000000001.1"]))
     np.testing.assert_array_equal(versioned.col_map, [1, 0])
-    by_column = vocab.align(pd.DataFrame({"gene_ids": ["ENSG00000000001", "ENSG00000000002"]},
-                                         index=["A1", "B1"]))
+    by_column = vocab.align(
+        pd.DataFrame({"gene_ids": ["ENSG00000000001", "ENSG00000000002"]}, index=["A1", "B1"])
+    )
     np.testing.assert_array_equal(by_column.col_map, [0, 1])
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import N_INDEXED, decode
 
 from cellsift.data import CellCollection, CellLoader, IterableCellDataset
 from cellsift.errors import ResumeError
+from conftest import N_INDEXED, decode
 
 OPTS = {"batch_size": 64, "block_size": 8, "fetch_factor": 3}
 
@@ -52,16 +52,18 @@ def test_block_mode_shuffles_contiguous_blocks(coll):
 def test_drop_last_gives_equal_full_batches(coll):
     sizes = []
     for rank in range(2):
-        ds = IterableCellDataset(coll, mode="block", rank=rank, world_size=2, drop_last=True,
-                                 **OPTS)
+        ds = IterableCellDataset(
+            coll, mode="block", rank=rank, world_size=2, drop_last=True, **OPTS
+        )
         sizes.append([len(b) for b in _epoch(CellLoader(ds))])
     assert sizes[0] == sizes[1] and set(sizes[0]) == {64}
 
 
 def test_seeds_are_deterministic_and_epochs_differ(coll):
     def run(seed, epochs=2):
-        loader = CellLoader(IterableCellDataset(coll, mode="block", seed=seed, **OPTS),
-                            num_workers=2)
+        loader = CellLoader(
+            IterableCellDataset(coll, mode="block", seed=seed, **OPTS), num_workers=2
+        )
         return [np.concatenate(_epoch(loader)) for _ in range(epochs)]
 
     a, b, c = run(7), run(7), run(8)
@@ -71,12 +73,15 @@ def test_seeds_are_deterministic_and_epochs_differ(coll):
     assert not np.array_equal(a[0], c[0])  # and for another seed
 
 
-@pytest.mark.parametrize(("mode", "workers", "stop"), [
-    ("block", 2, 5), ("block", 2, 6), ("block", 0, 11), ("weighted", 2, 7), ("sequential", 2, 3)])
+@pytest.mark.parametrize(
+    ("mode", "workers", "stop"),
+    [("block", 2, 5), ("block", 2, 6), ("block", 0, 11), ("weighted", 2, 7), ("sequential", 2, 3)],
+)
 def test_resume_gives_exactly_the_remaining_batches(coll, mode, workers, stop):
     def make():
-        ds = IterableCellDataset(coll, mode=mode, seed=3, label_key="cell_type_ontology_term_id",
-                                 **OPTS)
+        ds = IterableCellDataset(
+            coll, mode=mode, seed=3, label_key="cell_type_ontology_term_id", **OPTS
+        )
         return CellLoader(ds, num_workers=workers)
 
     reference = make()
@@ -110,8 +115,16 @@ def test_weighted_draws_follow_the_weights(coll):
     weights = rng.gamma(0.5, size=coll.n_obs)
     weights[:100] = 0.0
     n = 300_000
-    ds = IterableCellDataset(coll, mode="weighted", weights=weights, num_samples=n,
-                             batch_size=500, block_size=8, cells_per_block=4, fetch_factor=4)
+    ds = IterableCellDataset(
+        coll,
+        mode="weighted",
+        weights=weights,
+        num_samples=n,
+        batch_size=500,
+        block_size=8,
+        cells_per_block=4,
+        fetch_factor=4,
+    )
     counts = np.zeros(coll.n_obs)
     for batch in CellLoader(ds):
         np.testing.assert_array_equal(decode(batch), batch["obs_idx_n"].numpy())
@@ -131,14 +144,21 @@ def test_weighted_draws_follow_the_weights(coll):
 
 def test_batch_carries_codes_and_balanced_weights(indexed_paths):
     coll = CellCollection([indexed_paths["h5ad"], indexed_paths["zarr"]])
-    ds = IterableCellDataset(coll, mode="weighted", label_key="cell_type_ontology_term_id",
-                             study_key="dataset_id", batch_size=128, num_samples=1_024)
+    ds = IterableCellDataset(
+        coll,
+        mode="weighted",
+        label_key="cell_type_ontology_term_id",
+        study_key="dataset_id",
+        batch_size=128,
+        num_samples=1_024,
+    )
     batch = next(iter(CellLoader(ds)))
     assert set(batch) == {"x_ng", "obs_idx_n", "y_n", "study_n"}
     labels = np.asarray(coll.obs_column("cell_type_ontology_term_id"))
     cats = ds.categories["y_n"]
-    np.testing.assert_array_equal(np.asarray(cats)[batch["y_n"].numpy()],
-                                  labels[batch["obs_idx_n"].numpy()])
+    np.testing.assert_array_equal(
+        np.asarray(cats)[batch["y_n"].numpy()], labels[batch["obs_idx_n"].numpy()]
+    )
     # the second store encodes its local index: global = local + offset
     local = decode(batch)
     idx = batch["obs_idx_n"].numpy()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+
 from conftest import N_INDEXED
 
 
@@ -18,8 +19,9 @@ def _run(rank: int, world: int, path: str, out: str, port: int) -> None:
     try:
         from cellsift.data import CellCollection, CellLoader, IterableCellDataset
 
-        ds = IterableCellDataset(CellCollection(path), mode="block", batch_size=50, block_size=8,
-                                 fetch_factor=2)
+        ds = IterableCellDataset(
+            CellCollection(path), mode="block", batch_size=50, block_size=8, fetch_factor=2
+        )
         assert ds.rank_world == (rank, world)
         seen = [b["obs_idx_n"] for b in CellLoader(ds, num_workers=2)]
         mine = torch.cat(seen)
@@ -38,6 +40,7 @@ def test_gloo_two_ranks_cover_every_cell_once(indexed_paths, tmp_path: Path):
     out = tmp_path / "seen.npy"
     port = random.randint(20_000, 40_000)
     torch.multiprocessing.start_processes(
-        _run, args=(2, str(indexed_paths["h5ad"]), str(out), port), nprocs=2, start_method="spawn")
+        _run, args=(2, str(indexed_paths["h5ad"]), str(out), port), nprocs=2, start_method="spawn"
+    )
     seen = np.load(out)
     np.testing.assert_array_equal(np.sort(seen), np.arange(N_INDEXED))

@@ -13,8 +13,9 @@ def atlas_stores(data_dir):
     adata = synthetic_atlas(1_500, 200, n_studies=3, seed=5)
     paths = {}
     for fmt in ("h5ad", "zarr", "soma"):
-        paths[fmt] = synthetic_atlas(1_500, 200, n_studies=3, seed=5, chunk_size=400,
-                                     path=data_dir / f"stores_test.{fmt}")
+        paths[fmt] = synthetic_atlas(
+            1_500, 200, n_studies=3, seed=5, chunk_size=400, path=data_dir / f"stores_test.{fmt}"
+        )
     return adata, paths
 
 
@@ -25,13 +26,20 @@ def test_stores_agree_with_anndata(atlas_stores, fmt):
     assert store.shape == adata.shape
     assert list(store.var_names) == list(adata.var_names)
     rng = np.random.default_rng(0)
-    for rows in (np.arange(0, 1_500), np.sort(rng.choice(1_500, 97, replace=False)),
-                 np.array([0]), np.array([1_499]), np.arange(10, 20)):
+    for rows in (
+        np.arange(0, 1_500),
+        np.sort(rng.choice(1_500, 97, replace=False)),
+        np.array([0]),
+        np.array([1_499]),
+        np.arange(10, 20),
+    ):
         got = store.read(rows)
         assert isinstance(got, sp.csr_matrix) and got.dtype == np.float32
         assert (got != adata.X[rows]).nnz == 0
-    np.testing.assert_array_equal(np.asarray(store.obs_column("cell_type_ontology_term_id")),
-                                  adata.obs["cell_type_ontology_term_id"].to_numpy())
+    np.testing.assert_array_equal(
+        np.asarray(store.obs_column("cell_type_ontology_term_id")),
+        adata.obs["cell_type_ontology_term_id"].to_numpy(),
+    )
     np.testing.assert_allclose(store.obs_column("n_counts"), adata.obs["n_counts"])
 
 

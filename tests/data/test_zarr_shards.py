@@ -14,8 +14,9 @@ from cellsift.datasets import synthetic_atlas
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     path = tmp_path_factory.mktemp("shards") / "a.zarr"
-    arr = zarr.create_array(path, shape=(100_003,), dtype=np.float32, chunks=(1_000,),
-                            shards=(10_000,), fill_value=7.0)
+    arr = zarr.create_array(
+        path, shape=(100_003,), dtype=np.float32, chunks=(1_000,), shards=(10_000,), fill_value=7.0
+    )
     values = np.random.default_rng(0).poisson(3, 100_003).astype(np.float32)
     arr[:55_000] = values[:55_000]  # shards 6.. and the rest of shard 5 never written
     arr[90_000:] = values[90_000:]
@@ -49,8 +50,9 @@ def test_unsharded_arrays_are_left_to_zarr(tmp_path):
 
 
 def test_store_direct_and_zarr_paths_agree(tmp_path):
-    path = synthetic_atlas(2_500, 300, path=tmp_path / "s.zarr", chunk_elems=4_096,
-                           shard_elems=65_536, seed=4)
+    path = synthetic_atlas(
+        2_500, 300, path=tmp_path / "s.zarr", chunk_elems=4_096, shard_elems=65_536, seed=4
+    )
     direct, via_zarr = open_store(path), open_store(path, direct=False)
     assert direct._direct is not None and via_zarr._direct is None
     rng = np.random.default_rng(0)
@@ -59,8 +61,9 @@ def test_store_direct_and_zarr_paths_agree(tmp_path):
 
 
 def test_corrupt_shard_index_is_detected(tmp_path):
-    path = synthetic_atlas(500, 100, path=tmp_path / "c.zarr", chunk_elems=1_024,
-                           shard_elems=8_192, seed=4)
+    path = synthetic_atlas(
+        500, 100, path=tmp_path / "c.zarr", chunk_elems=1_024, shard_elems=8_192, seed=4
+    )
     shard = path / "X" / "data" / "c" / "0"
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF

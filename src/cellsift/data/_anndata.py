@@ -103,8 +103,11 @@ class AnnDataStore(CellStore):
     def _read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         if self._dense:
             mat = self._matrix(self.handle)
-            return sp.csr_matrix(np.asarray(mat[rows, :] if len(rows) else
-                                            np.zeros((0, self._shape[1])), dtype=np.float32))
+            return sp.csr_matrix(
+                np.asarray(
+                    mat[rows, :] if len(rows) else np.zeros((0, self._shape[1])), dtype=np.float32
+                )
+            )
         return _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments)
 
     def _read_segments(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,8 +19,9 @@ MAX_GAP = 1 << 15
 ReadSegments = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def segments(indptr: np.ndarray, rows: np.ndarray, max_gap: int = MAX_GAP
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def segments(
+    indptr: np.ndarray, rows: np.ndarray, max_gap: int = MAX_GAP
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Element ranges to read for ``rows`` (sorted, unique).
 
     Returns ``seg_start, seg_end`` (the merged reads) and ``row_start, row_len`` (each row's
@@ -38,8 +39,13 @@ def segments(indptr: np.ndarray, rows: np.ndarray, max_gap: int = MAX_GAP
     return row_start[first], row_end[last], row_start, row_len
 
 
-def read_rows(indptr: np.ndarray, rows: np.ndarray, n_cols: int, read_segments: ReadSegments,
-              max_gap: int = MAX_GAP) -> sp.csr_matrix:
+def read_rows(
+    indptr: np.ndarray,
+    rows: np.ndarray,
+    n_cols: int,
+    read_segments: ReadSegments,
+    max_gap: int = MAX_GAP,
+) -> sp.csr_matrix:
     """Rows ``rows`` (sorted, unique) as CSR, via ``read_segments(starts, ends) -> data, indices``.
 
     ``read_segments`` returns the concatenated elements of all ranges, in order.
@@ -56,8 +62,9 @@ def read_rows(indptr: np.ndarray, rows: np.ndarray, n_cols: int, read_segments: 
             seg_off = np.concatenate(([0], np.cumsum(seg_end - seg_start)[:-1]))
             seg_of_row = np.searchsorted(seg_start, row_start, side="right") - 1
             buf_start = row_start - seg_start[seg_of_row] + seg_off[seg_of_row]
-            run_first = np.flatnonzero(np.diff(buf_start, prepend=-1) != np.concatenate(
-                ([0], row_len[:-1])))  # a run breaks where a row does not follow its neighbour
+            run_first = np.flatnonzero(
+                np.diff(buf_start, prepend=-1) != np.concatenate(([0], row_len[:-1]))
+            )  # a run breaks where a row does not follow its neighbour
             run_end = np.concatenate((run_first[1:], [len(rows)]))
             a = buf_start[run_first].tolist()
             b = (buf_start[run_end - 1] + row_len[run_end - 1]).tolist()

@@ -27,8 +27,9 @@ class H5adStore(AnnDataStore):
 
     format: Format = "h5ad"
 
-    def __init__(self, path: str | os.PathLike[str], *, layer: str | None = None,
-                 rdcc_nbytes: int = 4 << 20) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, layer: str | None = None, rdcc_nbytes: int = 4 << 20
+    ) -> None:
         self.rdcc_nbytes = rdcc_nbytes
         super().__init__(path, layer=layer)
 

@@ -35,19 +35,28 @@ class SomaStore(CellStore):
 
     format: Format = "soma"
 
-    def __init__(self, path: str | os.PathLike[str], *, layer: str | None = None,
-                 measurement: str = "RNA", var_id: str = "feature_id") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        layer: str | None = None,
+        measurement: str = "RNA",
+        var_id: str = "feature_id",
+    ) -> None:
         self.measurement = measurement
         self.var_id = var_id
         super().__init__(path, layer=layer or "raw")
         exp = self.handle
         if measurement not in exp.ms:
-            raise self._error(f"has no measurement {measurement!r} (it has {list(exp.ms.keys())}).",
-                              "Pass measurement= with one of these.")
+            raise self._error(
+                f"has no measurement {measurement!r} (it has {list(exp.ms.keys())}).",
+                "Pass measurement= with one of these.",
+            )
         if self.layer not in exp.ms[measurement].X:
             raise self._error(
                 f"has no X layer {self.layer!r} (it has {list(exp.ms[measurement].X.keys())}).",
-                "Pass layer= with one of these.")
+                "Pass layer= with one of these.",
+            )
 
     def _open(self) -> Any:
         soma = import_optional("tiledbsoma")
@@ -88,8 +97,10 @@ class SomaStore(CellStore):
         var = self.handle.ms[self.measurement].var.read().concat().to_pandas()
         var = var.sort_values("soma_joinid")
         if self.var_id not in var.columns:
-            raise self._error(f"var has no column {self.var_id!r}.",
-                              f"Pass var_id= with one of {list(var.columns)}.")
+            raise self._error(
+                f"var has no column {self.var_id!r}.",
+                f"Pass var_id= with one of {list(var.columns)}.",
+            )
         var.index = pd.Index(var.pop(self.var_id).astype(str).to_numpy())
         return var.drop(columns=["soma_joinid"])
 
@@ -106,8 +117,11 @@ class SomaStore(CellStore):
         x = self.handle.ms[self.measurement].X[self.layer]
         if len(rows) == 0:
             return sp.csr_matrix((0, self.n_vars), dtype=np.float32)
-        coords = (slice(int(joinids[0]), int(joinids[-1])) if
-                  joinids[-1] - joinids[0] + 1 == len(joinids) else joinids)
+        coords = (
+            slice(int(joinids[0]), int(joinids[-1]))
+            if joinids[-1] - joinids[0] + 1 == len(joinids)
+            else joinids
+        )
         # TileDB's own order is ~10x faster to read than row-major; group rows here instead.
         tbl = x.read(coords=(coords,), result_order="auto").tables().concat()
         pos = np.searchsorted(joinids, tbl.column("soma_dim_0").to_numpy())
@@ -118,5 +132,7 @@ class SomaStore(CellStore):
             pos, data, cols = pos[order], data[order], cols[order]
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(np.bincount(pos, minlength=len(rows)), out=indptr[1:])
-        return sp.csr_matrix((data.astype(np.float32, copy=False), cols.astype(np.int32), indptr),
-                             shape=(len(rows), self.n_vars))
+        return sp.csr_matrix(
+            (data.astype(np.float32, copy=False), cols.astype(np.int32), indptr),
+            shape=(len(rows), self.n_vars),
+        )

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
-
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +34,9 @@ class ZarrStore(AnnDataStore):
 
     format: Format = "zarr"
 
-    def __init__(self, path: str | os.PathLike[str], *, layer: str | None = None,
-                 direct: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, layer: str | None = None, direct: bool = True
+    ) -> None:
         self._aio: tuple[int, Any, dict[str, Any]] | None = None
         self._pool: tuple[int, ThreadPoolExecutor] | None = None
         super().__init__(path, layer=layer)
@@ -63,8 +63,12 @@ class ZarrStore(AnnDataStore):
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None or self._pool[0] != os.getpid():
-            self._pool = (os.getpid(), ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                                          thread_name_prefix="cellsift-zarr"))
+            self._pool = (
+                os.getpid(),
+                ThreadPoolExecutor(
+                    max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cellsift-zarr"
+                ),
+            )
         return self._pool[1]
 
     def _async_arrays(self) -> tuple[Any, dict[str, Any]]:
@@ -75,7 +79,8 @@ class ZarrStore(AnnDataStore):
             base = {None: "X", "raw": "raw/X"}.get(self.layer, f"layers/{self.layer}")
             arrays = {
                 name: loop.run_until_complete(
-                    open_array(store=str(self.path), path=f"{base}/{name}", mode="r"))
+                    open_array(store=str(self.path), path=f"{base}/{name}", mode="r")
+                )
                 for name in ("data", "indices")
             }
             self._aio = (os.getpid(), loop, arrays)
@@ -89,8 +94,9 @@ class ZarrStore(AnnDataStore):
         ranges = [slice(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
         async def fetch() -> list[Any]:
-            return await asyncio.gather(*(arrays[name].getitem(r)
-                                          for name in ("data", "indices") for r in ranges))
+            return await asyncio.gather(
+                *(arrays[name].getitem(r) for name in ("data", "indices") for r in ranges)
+            )
 
         parts = loop.run_until_complete(fetch())
         data, indices = parts[: len(ranges)], parts[len(ranges) :]

@@ -74,16 +74,23 @@ class ShardedArrayReader:
         except (OSError, ValueError):
             return None
         codecs = meta.get("codecs", [])
-        if (meta.get("zarr_format") != 3 or len(meta.get("shape", [])) != 1
-                or meta.get("chunk_key_encoding", {}).get("name") != "default"
-                or len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed"):
+        if (
+            meta.get("zarr_format") != 3
+            or len(meta.get("shape", [])) != 1
+            or meta.get("chunk_key_encoding", {}).get("name") != "default"
+            or len(codecs) != 1
+            or codecs[0]["name"] != "sharding_indexed"
+        ):
             logger.debug("%s: not a 1-d sharded zarr v3 array; reading through zarr", path)
             return None
         conf = codecs[0]["configuration"]
         index_codecs = [c["name"] for c in conf.get("index_codecs", [])]
         dec = _decoder(conf["codecs"])
-        if (dec is None or conf.get("index_location", "end") != "end"
-                or index_codecs not in (["bytes"], ["bytes", "crc32c"])):
+        if (
+            dec is None
+            or conf.get("index_location", "end") != "end"
+            or index_codecs not in (["bytes"], ["bytes", "crc32c"])
+        ):
             logger.debug("%s: unhandled sharding codecs; reading through zarr", path)
             return None
         return cls(path, meta, *dec)
@@ -120,14 +127,18 @@ class ShardedArrayReader:
                 size = os.fstat(fd).st_size
                 raw = os.pread(fd, n, size - n)
                 if len(raw) != n:
-                    raise OSError(f"{self._key(shard)}: shard is truncated (index unreadable): re-create or re-convert the store.")
+                    raise OSError(
+                        f"{self._key(shard)}: shard is truncated (index unreadable): re-create or re-convert the store."
+                    )
                 body = raw[: self.chunks_per_shard * 16]
                 if self._check_crc:
                     import google_crc32c
 
                     if google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
-                        raise OSError(f"{self._key(shard)}: shard index fails its checksum "
-                                      "(corrupt file): re-create or re-convert the store.")
+                        raise OSError(
+                            f"{self._key(shard)}: shard index fails its checksum "
+                            "(corrupt file): re-create or re-convert the store."
+                        )
                 self._indexes[shard] = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
         return self._indexes[shard]
 
@@ -141,7 +152,9 @@ class ShardedArrayReader:
         offset, nbytes = int(index[local, 0]), int(index[local, 1])
         raw = os.pread(fd, nbytes, offset)
         if len(raw) != nbytes:
-            raise OSError(f"{self._key(shard)}: chunk {local} is truncated (corrupt file): re-create or re-convert the store.")
+            raise OSError(
+                f"{self._key(shard)}: chunk {local} is truncated (corrupt file): re-create or re-convert the store."
+            )
         out = self.decoder.decode(raw) if self.decoder is not None else raw
         return np.frombuffer(out, dtype=self.dtype)
 
@@ -154,8 +167,9 @@ class ShardedArrayReader:
         offsets = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
         return np.unique(np.repeat(first, n) + offsets)
 
-    def assemble(self, starts: np.ndarray, ends: np.ndarray, chunks: dict[int, np.ndarray]
-                 ) -> np.ndarray:
+    def assemble(
+        self, starts: np.ndarray, ends: np.ndarray, chunks: dict[int, np.ndarray]
+    ) -> np.ndarray:
         """The concatenated elements of the ranges, from decoded ``chunks``."""
         parts = []
         c = self.chunk_elems
@@ -170,12 +184,17 @@ class ShardedArrayReader:
         return np.concatenate(parts)
 
 
-def read_ranges(readers: list[ShardedArrayReader], starts: np.ndarray, ends: np.ndarray,
-                pool: ThreadPoolExecutor) -> list[np.ndarray]:
+def read_ranges(
+    readers: list[ShardedArrayReader],
+    starts: np.ndarray,
+    ends: np.ndarray,
+    pool: ThreadPoolExecutor,
+) -> list[np.ndarray]:
     """The same element ranges of several arrays (e.g. CSR data and indices), decoded in ``pool``."""
     jobs = []
     for r in readers:
         ids = r.chunks_of(starts, ends).tolist()
         jobs.append((r, ids, pool.map(r._chunk, ids)))
-    return [r.assemble(starts, ends, dict(zip(ids, decoded, strict=True)))
-            for r, ids, decoded in jobs]
+    return [
+        r.assemble(starts, ends, dict(zip(ids, decoded, strict=True))) for r, ids, decoded in jobs
+    ]

@@ -94,7 +94,9 @@ class CellCollection:
             raise ValueError("a collection needs at least one store.")
         opts = dict(store_options or {})
         self.stores: list[CellStore] = [open_store(p, layer=layer, **opts) for p in paths]
-        self.offsets = np.concatenate(([0], np.cumsum([s.n_obs for s in self.stores]))).astype(np.int64)
+        self.offsets = np.concatenate(([0], np.cumsum([s.n_obs for s in self.stores]))).astype(
+            np.int64
+        )
         if genes is None:
             self.genes = GeneVocabulary.from_var(self.stores[0].var)
         elif isinstance(genes, GeneVocabulary):
@@ -102,12 +104,18 @@ class CellCollection:
         else:
             self.genes = GeneVocabulary(list(genes))
         self.gene_maps: list[GeneMap] = [
-            self.genes.align(s.var, source=str(s.path), min_overlap=min_overlap) for s in self.stores
+            self.genes.align(s.var, source=str(s.path), min_overlap=min_overlap)
+            for s in self.stores
         ]
         for s, gm in zip(self.stores, self.gene_maps, strict=True):
             if not gm.identity:
-                logger.info("%s: %d of %d genes matched the vocabulary (%s)", s.path, gm.n_matched,
-                            s.n_vars, gm.key)
+                logger.info(
+                    "%s: %d of %d genes matched the vocabulary (%s)",
+                    s.path,
+                    gm.n_matched,
+                    s.n_vars,
+                    gm.key,
+                )
         if check_counts:
             for s in self.stores:
                 _check_counts(s)
@@ -116,7 +124,9 @@ class CellCollection:
             [np.flatnonzero(m) + off for m, off in zip(masks, self.offsets[:-1], strict=True)]
         ).astype(np.int64)
         if len(self.cell_ids) == 0:
-            raise DataError("the filters keep no cells; loosen obs_filter / min_genes / min_counts.")
+            raise DataError(
+                "the filters keep no cells; loosen obs_filter / min_genes / min_counts."
+            )
         self._obs_cache: dict[str, Any] = {}
 
     # -- shape ----------------------------------------------------------------------------
@@ -137,12 +147,20 @@ class CellCollection:
         return self.n_obs
 
     def __repr__(self) -> str:
-        return (f"CellCollection({len(self.stores)} stores, {self.n_obs} cells of "
-                f"{self.offsets[-1]}, {self.n_vars} genes)")
+        return (
+            f"CellCollection({len(self.stores)} stores, {self.n_obs} cells of "
+            f"{self.offsets[-1]}, {self.n_vars} genes)"
+        )
 
     # -- filters --------------------------------------------------------------------------
-    def _keep_mask(self, store: CellStore, obs_filter: ObsFilter | None, dropna: Sequence[str],
-                   min_genes: int | None, min_counts: float | None) -> np.ndarray:
+    def _keep_mask(
+        self,
+        store: CellStore,
+        obs_filter: ObsFilter | None,
+        dropna: Sequence[str],
+        min_genes: int | None,
+        min_counts: float | None,
+    ) -> np.ndarray:
         keep = np.ones(store.n_obs, dtype=bool)
         nnz = store.row_nnz() if not getattr(store, "_dense", False) else None
         if min_genes is not None and nnz is not None:
@@ -186,8 +204,9 @@ class CellCollection:
             self._obs_cache[name] = col
         return self._obs_cache[name]
 
-    def codes(self, name: str, categories: Sequence[str] | None = None
-              ) -> tuple[np.ndarray, list[str]]:
+    def codes(
+        self, name: str, categories: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, list[str]]:
         """Integer codes of a categorical obs column over kept cells, and the categories.
 
         Categories are sorted (stable codes for the same label set) unless given; values
@@ -253,21 +272,29 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
     data = store.read(rows).data
     where = f"{store.path} ({'X' if store.layer is None else store.layer})"
     layers = _other_layers(store)
-    fix = (f" Point layer= at raw counts{' (this file has: ' + layers + ')' if layers else ''}, "
-           "or pass check_counts=False if these values are meant.")
+    fix = (
+        f" Point layer= at raw counts{' (this file has: ' + layers + ')' if layers else ''}, "
+        "or pass check_counts=False if these values are meant."
+    )
     if not np.all(np.isfinite(data)):
         raise DataError(f"{where}: contains NaN or infinite values; counts must be finite.{fix}")
     if np.any(data < 0):
-        raise DataError(f"{where}: contains negative values ({data.min():g}); these are not "
-                        f"counts (scaled or centred data?).{fix}")
+        raise DataError(
+            f"{where}: contains negative values ({data.min():g}); these are not "
+            f"counts (scaled or centred data?).{fix}"
+        )
     frac = data[np.abs(data - np.round(data)) > 1e-3]
     if len(frac):
-        raise DataError(f"{where}: contains non-integer values (e.g. {frac[0]:.4g}); these look "
-                        f"normalised or log-transformed, not raw counts.{fix}")
+        raise DataError(
+            f"{where}: contains non-integer values (e.g. {frac[0]:.4g}); these look "
+            f"normalised or log-transformed, not raw counts.{fix}"
+        )
 
 
 def _other_layers(store: CellStore) -> str:
     root = getattr(store, "handle", None)
+    if root is None:
+        return ""
     try:
         names = [f"'{k}'" for k in root["layers"].keys()] if "layers" in root else []
         if "raw" in root:

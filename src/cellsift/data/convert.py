@@ -23,7 +23,9 @@ def _obs_chunk(store: CellStore, columns: list[str], rows: np.ndarray) -> pd.Dat
     data = {}
     for c in columns:
         col = store.obs_column(c)
-        data[c] = pd.Categorical(col)[rows] if isinstance(col, pd.Categorical) else np.asarray(col)[rows]
+        data[c] = (
+            pd.Categorical(col)[rows] if isinstance(col, pd.Categorical) else np.asarray(col)[rows]
+        )
     names = getattr(store, "obs_names", None)
     if names is None and "obs_id" in columns:
         index = np.asarray(store.obs_column("obs_id"), dtype=str)[rows]
@@ -81,12 +83,14 @@ def convert(
     var = store.var.copy()
 
     def write(path: Path, rows: np.ndarray, desc: str) -> None:
-        writer = open_writer(path, var, format=fmt, n_obs=len(rows), overwrite=True,
-                             **writer_options)
+        writer = open_writer(
+            path, var, format=fmt, n_obs=len(rows), overwrite=True, **writer_options
+        )
         with writer:
             steps = range(0, len(rows), chunk_size)
-            for lo in progress(steps, total=len(steps), desc=desc, enabled=progress_bar,
-                               unit="chunk"):
+            for lo in progress(
+                steps, total=len(steps), desc=desc, enabled=progress_bar, unit="chunk"
+            ):
                 chunk = rows[lo : lo + chunk_size]
                 writer.append(store.read(chunk), _obs_chunk(store, columns, chunk))
 

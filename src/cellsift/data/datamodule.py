@@ -84,8 +84,14 @@ class CellDataModule(pl.LightningDataModule):
         self.split_key = split_key or study_key
         self.val_groups = list(val_groups) if val_groups is not None else None
         self.val_fraction = val_fraction
-        self.loader_options = {"mode": mode, "batch_size": batch_size, "block_size": block_size,
-                               "fetch_factor": fetch_factor, "seed": seed}
+        self.seed = seed
+        self.loader_options = {
+            "mode": mode,
+            "batch_size": batch_size,
+            "block_size": block_size,
+            "fetch_factor": fetch_factor,
+            "seed": seed,
+        }
         self.num_workers = num_workers
         self.obs_filter = obs_filter
         self.collection_options = dict(collection_options or {})
@@ -99,8 +105,13 @@ class CellDataModule(pl.LightningDataModule):
         if self.collection is not None:
             return
         dropna = [self.label_key] if self.label_key else []
-        coll = CellCollection(self.source, genes=self.genes, obs_filter=self.obs_filter,
-                              dropna=dropna, **self.collection_options)
+        coll = CellCollection(
+            self.source,
+            genes=self.genes,
+            obs_filter=self.obs_filter,
+            dropna=dropna,
+            **self.collection_options,
+        )
         self.collection = coll
         if self.label_key:
             self.categories["y_n"] = coll.codes(self.label_key)[1]
@@ -111,20 +122,32 @@ class CellDataModule(pl.LightningDataModule):
             return
         groups = np.asarray(coll.obs_column(self.split_key)).astype(str)
         if self.val_groups is None:
-            self.val_groups = split_groups(groups, self.val_fraction, self.loader_options["seed"])
+            self.val_groups = split_groups(groups, self.val_fraction, self.seed)
         is_val = np.isin(groups, self.val_groups)
         if is_val.all() or not is_val.any():
-            raise ValueError(f"val_groups {self.val_groups} leave no training or no validation "
-                             f"cells in {self.split_key!r}.")
+            raise ValueError(
+                f"val_groups {self.val_groups} leave no training or no validation "
+                f"cells in {self.split_key!r}."
+            )
         self.train = coll.subset(np.flatnonzero(~is_val))
         self.val = coll.subset(np.flatnonzero(is_val))
-        logger.info("split by %s: %d training cells, %d validation cells (%s)", self.split_key,
-                    self.train.n_obs, self.val.n_obs, ", ".join(self.val_groups))
+        logger.info(
+            "split by %s: %d training cells, %d validation cells (%s)",
+            self.split_key,
+            self.train.n_obs,
+            self.val.n_obs,
+            ", ".join(self.val_groups),
+        )
 
     def _dataset(self, coll: CellCollection, **overrides: Any) -> IterableCellDataset:
         opts = {**self.loader_options, **overrides}
-        return IterableCellDataset(coll, label_key=self.label_key, study_key=self.study_key,
-                                   categories=self.categories, **opts)
+        return IterableCellDataset(
+            coll,
+            label_key=self.label_key,
+            study_key=self.study_key,
+            categories=self.categories,
+            **opts,
+        )
 
     def train_dataloader(self) -> CellLoader:
         assert self.train is not None, "call setup() first"

@@ -17,8 +17,17 @@ from ..errors import GeneAlignmentError
 __all__ = ["GeneMap", "GeneVocabulary"]
 
 #: var columns that may hold gene ids or symbols, tried in this order after var_names.
-GENE_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl_id", "gene_symbols", "gene_symbol",
-                "feature_name", "symbol", "gene_name")
+GENE_COLUMNS = (
+    "gene_ids",
+    "gene_id",
+    "feature_id",
+    "ensembl_id",
+    "gene_symbols",
+    "gene_symbol",
+    "feature_name",
+    "symbol",
+    "gene_name",
+)
 
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
 
@@ -54,7 +63,9 @@ class GeneVocabulary:
         Optional symbols, parallel to ``genes``; stores may then match by either.
     """
 
-    def __init__(self, genes: Sequence[str] | pd.Index, symbols: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, genes: Sequence[str] | pd.Index, symbols: Sequence[str] | None = None
+    ) -> None:
         self.genes = pd.Index(np.asarray(genes, dtype=str))
         if self.genes.has_duplicates:
             dups = self.genes[self.genes.duplicated()].unique()[:5].tolist()
@@ -75,8 +86,9 @@ class GeneVocabulary:
     @classmethod
     def from_var(cls, var: pd.DataFrame, symbols: str | None = None) -> GeneVocabulary:
         """Vocabulary of a store's var (var_names as ids, ``symbols`` column if given/found)."""
-        sym_col = symbols or next((c for c in ("feature_name", "gene_symbols", "gene_name")
-                                   if c in var.columns), None)
+        sym_col = symbols or next(
+            (c for c in ("feature_name", "gene_symbols", "gene_name") if c in var.columns), None
+        )
         syms = var[sym_col].astype(str).tolist() if sym_col else None
         if syms is not None and len(set(syms)) != len(syms):
             syms = None  # symbols with duplicates cannot identify genes
@@ -99,8 +111,9 @@ class GeneVocabulary:
         return cls(df["gene_id"], df["symbol"] if "symbol" in df.columns else None)
 
     # -- alignment ------------------------------------------------------------------------
-    def align(self, var: pd.DataFrame, *, source: str = "store", min_overlap: float = 0.5
-              ) -> GeneMap:
+    def align(
+        self, var: pd.DataFrame, *, source: str = "store", min_overlap: float = 0.5
+    ) -> GeneMap:
         """Map the genes of ``var`` (a store's var table) onto this vocabulary.
 
         var_names and the usual gene-id and symbol columns are each tried against the

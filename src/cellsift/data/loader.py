@@ -93,8 +93,16 @@ class IterableCellDataset(IterableDataset):
         super().__init__()
         self.prefetch = prefetch
         self.collection = collection
-        self.cfg = SamplingConfig(mode, batch_size, block_size, fetch_factor, seed, drop_last,
-                                  cells_per_block, num_samples)
+        self.cfg = SamplingConfig(
+            mode,
+            batch_size,
+            block_size,
+            fetch_factor,
+            seed,
+            drop_last,
+            cells_per_block,
+            num_samples,
+        )
         if obs_keys is None:
             obs_keys = {k: v for k, v in (("y_n", label_key), ("study_n", study_key)) if v}
         self.obs_keys = dict(obs_keys)
@@ -150,8 +158,14 @@ class IterableCellDataset(IterableDataset):
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         rank, world = self.rank_world
-        return make_plan(self.cfg, self.collection.n_obs, self.epoch if epoch is None else epoch,
-                         rank, world, self.weights)
+        return make_plan(
+            self.cfg,
+            self.collection.n_obs,
+            self.epoch if epoch is None else epoch,
+            rank,
+            world,
+            self.weights,
+        )
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
@@ -161,17 +175,23 @@ class IterableCellDataset(IterableDataset):
         self.epoch = epoch
 
     def fingerprint(self) -> dict[str, Any]:
-        rank, world = self.rank_world
-        return {**dataclasses.asdict(self.cfg), "n_cells": self.collection.n_obs,
-                "world_size": world, "num_workers": self.num_workers}
+        _, world = self.rank_world
+        return {
+            **dataclasses.asdict(self.cfg),
+            "n_cells": self.collection.n_obs,
+            "world_size": world,
+            "num_workers": self.num_workers,
+        }
 
     # -- iteration -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         wid, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         plan = self.plan()
-        counts = [sum(plan.n_batches(i) for i in range(w, plan.n_fetches, n_workers))
-                  for w in range(n_workers)]
+        counts = [
+            sum(plan.n_batches(i) for i in range(w, plan.n_fetches, n_workers))
+            for w in range(n_workers)
+        ]
         skips, turn = _worker_skips(counts, self.skip)
         # Fetch stream s is fetches s, s + W, ...; on resume the DataLoader starts again with
         # worker 0, so worker 0 takes the stream whose turn it is, and so on around.
@@ -196,11 +216,14 @@ class IterableCellDataset(IterableDataset):
             for k, (i, first) in enumerate(todo):
                 fetched = ahead.popleft().result()
                 if k + self.prefetch + 1 < len(todo):
-                    ahead.append(pool.submit(self._read_fetch, plan, todo[k + self.prefetch + 1][0]))
+                    ahead.append(
+                        pool.submit(self._read_fetch, plan, todo[k + self.prefetch + 1][0])
+                    )
                 yield from self._batches(plan, i, fetched, first)
 
-    def _read_fetch(self, plan: EpochPlan, i: int
-                    ) -> tuple[Any, np.ndarray | None, np.ndarray, np.ndarray]:
+    def _read_fetch(
+        self, plan: EpochPlan, i: int
+    ) -> tuple[Any, np.ndarray | None, np.ndarray, np.ndarray]:
         """Read fetch ``i``: counts of its distinct cells, and how its cells index them.
 
         The index is None when the cells are already sorted and distinct (sequential mode):
@@ -213,14 +236,22 @@ class IterableCellDataset(IterableDataset):
         uniq, inverse = np.unique(rows, return_inverse=True)
         return self.collection.read(uniq), inverse, rows, pos
 
-    def _batches(self, plan: EpochPlan, i: int, fetched: tuple[Any, np.ndarray | None,
-                 np.ndarray, np.ndarray], first: int) -> Iterator[Batch]:
+    def _batches(
+        self,
+        plan: EpochPlan,
+        i: int,
+        fetched: tuple[Any, np.ndarray | None, np.ndarray, np.ndarray],
+        first: int,
+    ) -> Iterator[Batch]:
         x, inverse, rows, pos = fetched
         bs = self.cfg.batch_size
         for b in range(first, plan.n_batches(i)):
             sel = slice(b * bs, (b + 1) * bs)
-            xb = x if plan.n_batches(i) == 1 and inverse is None else x[
-                sel if inverse is None else inverse[sel]]
+            xb = (
+                x
+                if plan.n_batches(i) == 1 and inverse is None
+                else x[sel if inverse is None else inverse[sel]]
+            )
             yield self._batch(xb, rows[sel], pos[sel])
 
     def _batch(self, x: Any, rows: np.ndarray, pos: np.ndarray) -> Batch:
@@ -229,7 +260,9 @@ class IterableCellDataset(IterableDataset):
                 torch.from_numpy(x.indptr.astype(np.int32)),
                 torch.from_numpy(x.indices.astype(np.int32, copy=False)),
                 torch.from_numpy(x.data.astype(np.float32, copy=False)),
-                size=x.shape, check_invariants=False),
+                size=x.shape,
+                check_invariants=False,
+            ),
             "obs_idx_n": torch.from_numpy(rows.astype(np.int64)),
         }
         for key, codes in self.codes.items():
@@ -280,15 +313,28 @@ class CellLoader(DataLoader):
     a store needs it (TileDB-SOMA).
     """
 
-    def __init__(self, dataset: IterableCellDataset, *, num_workers: int = 0,
-                 prefetch_factor: int | None = 2, pin_memory: bool = False,
-                 multiprocessing_context: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: IterableCellDataset,
+        *,
+        num_workers: int = 0,
+        prefetch_factor: int | None = 2,
+        pin_memory: bool = False,
+        multiprocessing_context: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if multiprocessing_context is None and num_workers and _needs_spawn(dataset):
             multiprocessing_context = "spawn"
-        super().__init__(dataset, batch_size=None, num_workers=num_workers,
-                         prefetch_factor=prefetch_factor if num_workers else None,
-                         pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                         multiprocessing_context=multiprocessing_context, **kwargs)
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor if num_workers else None,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            multiprocessing_context=multiprocessing_context,
+            **kwargs,
+        )
         self.cell_dataset = dataset
         dataset.num_workers = max(num_workers, 1)
         self._epoch = dataset.epoch  # epoch of the next iter()
@@ -323,7 +369,11 @@ class CellLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch in progress and batches consumed, plus what must match on resume."""
-        return {"epoch": self._current, "batches": self._consumed, "fingerprint": self.cell_dataset.fingerprint()}
+        return {
+            "epoch": self._current,
+            "batches": self._consumed,
+            "fingerprint": self.cell_dataset.fingerprint(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = self.cell_dataset.fingerprint()

@@ -34,9 +34,14 @@ __all__ = ["EpochPlan", "SamplingConfig", "balanced_weights", "make_plan"]
 Mode = Literal["sequential", "block", "weighted"]
 
 
-def balanced_weights(labels: np.ndarray, studies: np.ndarray | None = None, *,
-                     class_scale: float = 1e4, study_scale: float = 1e6,
-                     max_ratio: float = 100.0) -> np.ndarray:
+def balanced_weights(
+    labels: np.ndarray,
+    studies: np.ndarray | None = None,
+    *,
+    class_scale: float = 1e4,
+    study_scale: float = 1e6,
+    max_ratio: float = 100.0,
+) -> np.ndarray:
     """Class- and study-balanced sampling weights (SCimilarity's scheme).
 
     ``w = 1/log1p(n_class/class_scale) * 1/log1p(n_study/study_scale)``, where ``n_class``
@@ -94,8 +99,15 @@ class EpochPlan:
     cells) in the order they are yielded; ``n_batches(i)`` how many batches it makes.
     """
 
-    def __init__(self, cfg: SamplingConfig, n_cells: int, epoch: int, rank: int, world: int,
-                 weights: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SamplingConfig,
+        n_cells: int,
+        epoch: int,
+        rank: int,
+        world: int,
+        weights: np.ndarray | None = None,
+    ) -> None:
         self.cfg, self.epoch, self.rank, self.world = cfg, epoch, rank, world
         self.n_cells = n_cells
         if cfg.mode == "weighted":
@@ -128,8 +140,9 @@ class EpochPlan:
         perm = self._rng(1 << 30).permutation(n_blocks)
         starts = perm * b
         lens = np.minimum(starts + b, n) - starts
-        return (np.repeat(starts - np.concatenate(([0], np.cumsum(lens)[:-1])), lens)
-                + np.arange(n, dtype=np.int64))
+        return np.repeat(starts - np.concatenate(([0], np.cumsum(lens)[:-1])), lens) + np.arange(
+            n, dtype=np.int64
+        )
 
     # -- weighted -------------------------------------------------------------------------
     def _init_weighted(self, weights: np.ndarray) -> None:
@@ -147,8 +160,9 @@ class EpochPlan:
         rng = self._rng(self.rank, i)
         k = min(self.cfg.cells_per_block, size)
         n_draws = -(-size // k)
-        blocks = np.searchsorted(self._block_cdf, rng.random(n_draws) * self._block_cdf[-1],
-                                 side="right")
+        blocks = np.searchsorted(
+            self._block_cdf, rng.random(n_draws) * self._block_cdf[-1], side="right"
+        )
         blocks = np.minimum(blocks, len(self._block_cdf) - 1)
         cdf = np.cumsum(self._w_blocks[blocks], axis=1)  # n_draws x block_size
         u = rng.random((n_draws, k)) * cdf[:, -1:]
@@ -179,8 +193,14 @@ class EpochPlan:
         return sum(self.n_batches(i) for i in range(self.n_fetches))
 
 
-def make_plan(cfg: SamplingConfig, n_cells: int, epoch: int, rank: int = 0, world: int = 1,
-              weights: np.ndarray | None = None) -> EpochPlan:
+def make_plan(
+    cfg: SamplingConfig,
+    n_cells: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    weights: np.ndarray | None = None,
+) -> EpochPlan:
     """The plan of ``rank`` (of ``world``) for ``epoch``."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world}).")

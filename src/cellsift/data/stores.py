@@ -159,8 +159,13 @@ class CellStore(ABC):
         return f"{type(self).__name__}({str(self.path)!r}{layer}: {self.n_obs} cells x {self.n_vars} genes)"
 
 
-def open_store(path: str | os.PathLike[str] | CellStore, *, format: Format | None = None,
-               layer: str | None = None, **options: Any) -> CellStore:
+def open_store(
+    path: str | os.PathLike[str] | CellStore,
+    *,
+    format: Format | None = None,
+    layer: str | None = None,
+    **options: Any,
+) -> CellStore:
     """Open a store by path: ``*.h5ad`` (HDF5), ``*.zarr`` (AnnData-Zarr), a TileDB-SOMA Experiment.
 
     ``layer`` selects where counts live: ``None`` for X, a name in ``layers``, or ``"raw"``

@@ -57,8 +57,14 @@ class StoreWriter:
 
     format: Format
 
-    def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, *, n_obs: int | None = None,
-                 overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        var: pd.DataFrame,
+        *,
+        n_obs: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} exists; remove it or pass overwrite=True.")
@@ -154,8 +160,9 @@ class _AnnDataWriter(StoreWriter):
         self._nnz = 0
 
     def _append_x(self, x: sp.csr_matrix) -> None:
-        self._write_elements(x.data.astype(np.float32, copy=False),
-                             x.indices.astype(np.int32, copy=False))
+        self._write_elements(
+            x.data.astype(np.float32, copy=False), x.indices.astype(np.int32, copy=False)
+        )
         self._indptr.append(x.indptr[1:].astype(np.int64) + self._nnz)
         self._nnz += x.nnz
 
@@ -177,9 +184,15 @@ class H5adWriter(_AnnDataWriter):
 
     format: Format = "h5ad"
 
-    def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, *,
-                 compression: str | None = None, chunk_elems: int = CHUNK_ELEMS,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        var: pd.DataFrame,
+        *,
+        compression: str | None = None,
+        chunk_elems: int = CHUNK_ELEMS,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(path, var, **kwargs)
         self._file = h5py.File(self.tmp, "w")
         x = self._file.create_group("X")
@@ -215,20 +228,27 @@ class ZarrWriter(_AnnDataWriter):
 
     format: Format = "zarr"
 
-    def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, *,
-                 chunk_elems: int = CHUNK_ELEMS, shard_elems: int = SHARD_ELEMS,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        var: pd.DataFrame,
+        *,
+        chunk_elems: int = CHUNK_ELEMS,
+        shard_elems: int = SHARD_ELEMS,
+        **kwargs: Any,
+    ) -> None:
         import zarr
 
         super().__init__(path, var, **kwargs)
         if shard_elems % chunk_elems:
             raise ValueError("shard_elems must be a multiple of chunk_elems.")
         self._root = zarr.open_group(self.tmp, mode="w", zarr_format=3)
-        x = self._root.create_group("X")
+        x = self._x_group = self._root.create_group("X")
         x.attrs.update(_CSR_ATTRS)
         self._arrays = {
-            name: x.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk_elems,),
-                                 shards=(shard_elems,))
+            name: x.create_array(
+                name, shape=(0,), dtype=dtype, chunks=(chunk_elems,), shards=(shard_elems,)
+            )
             for name, dtype in (("data", np.float32), ("indices", np.int32))
         }
         self._shard = shard_elems
@@ -258,7 +278,7 @@ class ZarrWriter(_AnnDataWriter):
 
     def _finish(self, obs: pd.DataFrame) -> None:
         self._flush(final=True)
-        x = self._root["X"]
+        x = self._x_group
         x.attrs["shape"] = [self.n_obs, self.n_vars]
         indptr = np.concatenate(self._indptr)
         x.create_array("indptr", data=indptr, chunks=(min(len(indptr), 1 << 20),))
@@ -276,12 +296,21 @@ class SomaWriter(StoreWriter):
 
     format: Format = "soma"
 
-    def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, *, n_obs: int | None = None,
-                 measurement: str = "RNA", layer: str = "raw",
-                 platform_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        var: pd.DataFrame,
+        *,
+        n_obs: int | None = None,
+        measurement: str = "RNA",
+        layer: str = "raw",
+        platform_config: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if n_obs is None:
             raise ValueError("SomaWriter needs n_obs up front (SOMA arrays have a fixed shape).")
         super().__init__(path, var, n_obs=n_obs, **kwargs)
+        self._n_total: int = n_obs
         soma = import_optional("tiledbsoma")
         self._soma = soma
         self._exp = soma.Experiment.create(str(self.tmp))
@@ -292,24 +321,30 @@ class SomaWriter(StoreWriter):
             var_df = var_df.rename(columns={"feature_id": "feature_id_orig"})
         var_df.insert(0, "feature_id", var_df.index.astype(str))
         var_tbl = _arrow_table(var_df.reset_index(drop=True), start=0)
-        with rna.add_new_dataframe("var", schema=var_tbl.schema,
-                                   domain=[(0, max(self.n_vars - 1, 0))]) as v:
+        with rna.add_new_dataframe(
+            "var", schema=var_tbl.schema, domain=[(0, max(self.n_vars - 1, 0))]
+        ) as v:
             v.write(var_tbl)
         x_coll = rna.add_new_collection("X")
         self._x = x_coll.add_new_sparse_ndarray(
-            layer, type=_pa().float32(), shape=(max(n_obs, 1), max(self.n_vars, 1)),
-            platform_config=platform_config or soma_row_tiles(self.n_vars))
+            layer,
+            type=_pa().float32(),
+            shape=(max(n_obs, 1), max(self.n_vars, 1)),
+            platform_config=platform_config or soma_row_tiles(self.n_vars),
+        )
         self._obs_df: Any = None
         self._closables = [x_coll, rna]
 
     def _append_x(self, x: sp.csr_matrix) -> None:
         pa = _pa()
         coo = x.tocoo()
-        table = pa.Table.from_pydict({
-            "soma_dim_0": pa.array(coo.row.astype(np.int64) + self.n_obs),
-            "soma_dim_1": pa.array(coo.col.astype(np.int64)),
-            "soma_data": pa.array(coo.data.astype(np.float32)),
-        })
+        table = pa.Table.from_pydict(
+            {
+                "soma_dim_0": pa.array(coo.row.astype(np.int64) + self.n_obs),
+                "soma_dim_1": pa.array(coo.col.astype(np.int64)),
+                "soma_data": pa.array(coo.data.astype(np.float32)),
+            }
+        )
         if len(table):
             self._x.write(table)
 
@@ -318,11 +353,13 @@ class SomaWriter(StoreWriter):
         super().append(x, obs)
         self._obs.clear()  # obs goes to disk chunk by chunk
         obs_df = _clean_frame(obs)
-        tbl = _arrow_table(obs_df.assign(obs_id=obs_df.index.astype(str)).reset_index(drop=True),
-                           start=start)
+        tbl = _arrow_table(
+            obs_df.assign(obs_id=obs_df.index.astype(str)).reset_index(drop=True), start=start
+        )
         if self._obs_df is None:
             self._obs_df = self._exp.add_new_dataframe(
-                "obs", schema=tbl.schema, domain=[(0, max(self.n_obs_expected - 1, 0))])
+                "obs", schema=tbl.schema, domain=[(0, max(self._n_total - 1, 0))]
+            )
         self._obs_df.write(tbl)
 
     def _finish(self, obs: pd.DataFrame) -> None:
@@ -358,7 +395,9 @@ def _pa() -> Any:
 
 def _arrow_table(df: pd.DataFrame, start: int) -> Any:
     pa = _pa()
-    cols: dict[str, Any] = {"soma_joinid": pa.array(np.arange(start, start + len(df), dtype=np.int64))}
+    cols: dict[str, Any] = {
+        "soma_joinid": pa.array(np.arange(start, start + len(df), dtype=np.int64))
+    }
     for name in df.columns:
         s = df[name]
         if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object:
@@ -370,11 +409,22 @@ def _arrow_table(df: pd.DataFrame, start: int) -> Any:
     return pa.Table.from_pydict(cols)
 
 
-_WRITERS: dict[str, type[StoreWriter]] = {"h5ad": H5adWriter, "zarr": ZarrWriter, "soma": SomaWriter}
+_WRITERS: dict[str, type[StoreWriter]] = {
+    "h5ad": H5adWriter,
+    "zarr": ZarrWriter,
+    "soma": SomaWriter,
+}
 
 
-def open_writer(path: str | os.PathLike[str], var: pd.DataFrame, *, format: Format | None = None,
-                n_obs: int | None = None, overwrite: bool = False, **options: Any) -> StoreWriter:
+def open_writer(
+    path: str | os.PathLike[str],
+    var: pd.DataFrame,
+    *,
+    format: Format | None = None,
+    n_obs: int | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> StoreWriter:
     """Open a streaming writer for ``path`` (format from the suffix unless given)."""
     fmt = format or guess_format(path)
     if fmt not in _WRITERS:
