@@ -24,6 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -172,6 +174,7 @@ def main() -> None:
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     ap.add_argument("--no-peers", action="store_true", help="measure cellsift only")
     ap.add_argument("--rss-cells", type=int, default=None, help="cells of the RSS atlas")
+    ap.add_argument("--rounds", type=int, default=None, help="repeats; the best is kept")
     args = ap.parse_args()
     if args.run_one:
         print(json.dumps(run_one(json.loads(args.run_one))))
@@ -181,49 +184,57 @@ def main() -> None:
 
     n_cells, n_genes = (50_000, 10_000) if args.quick else (500_000, 20_000)
     n_batches, warmup = (60, 10) if args.quick else (200, 20)
+    rounds = args.rounds or (2 if args.quick else 3)
     rss_cells = args.rss_cells or (None if args.quick else 2_000_000)
     paths = make_atlas(n_cells, n_genes, ("h5ad", "zarr", "soma"))
     results: dict[str, float] = {}
     rss: dict[str, float] = {}
     notes: dict[str, str] = {}
     ceiling: dict[str, float] = {}
+    skipped: dict[str, str] = dict(_peers.UNAVAILABLE)
 
-    def record(key: str, out: dict) -> None:
-        results[key] = round(out["cells_per_s"], 1)
-        rss[key] = out["peak_rss_mb"]
-        print(
-            f"# {key:34s} {out['cells_per_s']:>12,.0f} cells/s  rss {out['peak_rss_mb']:,.0f} MB",
-            flush=True,
-        )
-
+    # Every measurement runs in `rounds` interleaved rounds and keeps its best: a burst of
+    # load on a shared machine then spoils one round, not the comparison.
+    jobs: list[tuple[str, Callable[[], dict]]] = []
     for fmt in ("h5ad", "zarr", "soma"):
         path = str(paths[fmt])
-        ceiling[fmt] = round(cellsift({"path": path, "mode": "scan"})["cells_per_s"], 1)
-        print(f"# ceiling/{fmt:29s} {ceiling[fmt]:>12,.0f} cells/s (sequential scan)", flush=True)
         base = {"path": path, "n_batches": n_batches, "warmup": warmup, "workers": 0}
-        record(f"cellsift/{fmt}/sequential", cellsift({**base, "mode": "sequential", "block": 1}))
-        record(f"cellsift/{fmt}/block{BLOCK}", cellsift({**base, "mode": "block", "block": BLOCK}))
-        record(f"cellsift/{fmt}/block1", cellsift({**base, "mode": "block", "block": 1}))
-        record(f"cellsift/{fmt}/weighted", cellsift({**base, "mode": "weighted", "block": BLOCK}))
-        record(
-            f"cellsift/{fmt}/block{BLOCK}/dense",
-            cellsift({**base, "mode": "block", "block": BLOCK, "dense": True}),
+        jobs += [
+            (f"ceiling/{fmt}", partial(cellsift, {"path": path, "mode": "scan"})),
+            (
+                f"cellsift/{fmt}/sequential",
+                partial(cellsift, {**base, "mode": "sequential", "block": 1}),
+            ),
+            (
+                f"cellsift/{fmt}/block{BLOCK}",
+                partial(cellsift, {**base, "mode": "block", "block": BLOCK}),
+            ),
+            (f"cellsift/{fmt}/block1", partial(cellsift, {**base, "mode": "block", "block": 1})),
+            (
+                f"cellsift/{fmt}/weighted",
+                partial(cellsift, {**base, "mode": "weighted", "block": BLOCK}),
+            ),
+            (
+                f"cellsift/{fmt}/block{BLOCK}/dense",
+                partial(cellsift, {**base, "mode": "block", "block": BLOCK, "dense": True}),
+            ),
+        ]
+    jobs.append(
+        (
+            f"cellsift/h5ad/block{BLOCK}/workers2",
+            partial(
+                cellsift,
+                {
+                    "path": str(paths["h5ad"]),
+                    "n_batches": n_batches,
+                    "warmup": warmup,
+                    "workers": 2,
+                    "mode": "block",
+                    "block": BLOCK,
+                },
+            ),
         )
-    record(
-        f"cellsift/h5ad/block{BLOCK}/workers2",
-        cellsift(
-            {
-                "path": str(paths["h5ad"]),
-                "n_batches": n_batches,
-                "warmup": warmup,
-                "workers": 2,
-                "mode": "block",
-                "block": BLOCK,
-            }
-        ),
     )
-
-    skipped: dict[str, str] = dict(_peers.UNAVAILABLE)
     if not args.no_peers:
         common = [
             "--batch-size",
@@ -244,13 +255,30 @@ def main() -> None:
             "cellarium": ["--shards-dir", str(paths["shards"])],
         }
         for name, data_args in peer_args.items():
-            out = _peers.run_peer(name, data_args + common, timeout=1800)
-            if "skipped" in out:
-                skipped[name] = out["skipped"]
-                print(f"# {name:34s} skipped: {out['skipped']}", flush=True)
+            jobs.append((name, partial(_peers.run_peer, name, data_args + common, 1800)))
+
+    for r in range(rounds):
+        for key, job in jobs:
+            if key in skipped:
                 continue
-            record(name, out)
-            notes[name] = out.get("randomness", "")
+            out = job()
+            if "skipped" in out:
+                skipped[key] = out["skipped"]
+                print(f"# {key:34s} skipped: {out['skipped']}", flush=True)
+                continue
+            print(
+                f"# round {r + 1} {key:34s} {out['cells_per_s']:>12,.0f} cells/s  "
+                f"rss {out['peak_rss_mb']:,.0f} MB",
+                flush=True,
+            )
+            if key.startswith("ceiling/"):
+                fmt = key.split("/")[1]
+                ceiling[fmt] = max(ceiling.get(fmt, 0.0), round(out["cells_per_s"], 1))
+                continue
+            results[key] = max(results.get(key, 0.0), round(out["cells_per_s"], 1))
+            rss[key] = max(rss.get(key, 0.0), out["peak_rss_mb"])
+            if "randomness" in out:
+                notes[key] = out["randomness"]
 
     if rss_cells:
         big = make_atlas(rss_cells, 2_000, ("h5ad",))
@@ -267,7 +295,8 @@ def main() -> None:
             timeout=7200,
         )
         key = f"cellsift/h5ad/block{BLOCK}/stream_{rss_cells}_cells"
-        record(key, out)
+        results[key], rss[key] = round(out["cells_per_s"], 1), out["peak_rss_mb"]
+        print(f"# {key} {out['cells_per_s']:,.0f} cells/s, peak rss {out['peak_rss_mb']:,.0f} MB")
 
     peer_by_store = {"h5ad": ("annloader", "scdataset", "cellarium"), "soma": ("tiledbsoma_ml",)}
     ratios = {}
@@ -299,7 +328,7 @@ def main() -> None:
                     "block_size": BLOCK,
                     "fetch_factor": FETCH,
                     "num_workers": 0,
-                    "output": "dense float32",
+                    "rounds": rounds,
                     "quick": args.quick,
                 },
             }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
@@ -12,16 +13,47 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import _csr
+from ._direct import ChunkedReader, read_ranges
 from .stores import CellStore
 
 
 class AnnDataStore(CellStore):
-    """Counts in ``X``, ``layers[layer]`` or ``raw/X``; obs/var per the AnnData encoding."""
+    """Counts in ``X``, ``layers[layer]`` or ``raw/X``; obs/var per the AnnData encoding.
 
-    def __init__(self, path: str | os.PathLike[str], *, layer: str | None = None) -> None:
+    With ``direct`` (the default) the CSR arrays are read straight from the files where their
+    layout allows (:mod:`cellsift.data._direct`), in a small thread pool.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, layer: str | None = None, direct: bool = True
+    ) -> None:
         super().__init__(path, layer=layer)
         root = self.handle  # open now: a corrupt file fails here, with its name
         self._check_layout(root)
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None
+        self._direct: list[ChunkedReader] | None = None
+        if direct and not self._dense:
+            readers = self._direct_readers(self._matrix(root))
+            if readers and all(r is not None for r in readers):
+                self._direct = readers  # type: ignore[assignment]
+
+    def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
+        """Direct readers of the matrix's ``data`` and ``indices`` (None where not possible)."""
+        return []
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_pool"] = None
+        return state
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool[0] != os.getpid():
+            workers = min(4, os.cpu_count() or 1)
+            self._pool = (
+                os.getpid(),
+                ThreadPoolExecutor(workers, thread_name_prefix="cellsift-io"),
+            )
+        return self._pool[1]
 
     # -- layout -------------------------------------------------------------------------
     def _matrix(self, root: Any) -> Any:
@@ -111,6 +143,15 @@ class AnnDataStore(CellStore):
         return _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments)
 
     def _read_segments(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._direct is not None:
+            data, indices = read_ranges(self._direct, starts, ends, self._threads())
+            return data.astype(np.float32, copy=False), indices.astype(np.int32, copy=False)
+        return self._read_segments_api(starts, ends)
+
+    def _read_segments_api(
+        self, starts: np.ndarray, ends: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Read ranges through the backend's own API (h5py, zarr)."""
         raise NotImplementedError
 
 

@@ -1,4 +1,4 @@
-"""h5ad stores read with h5py: sorted rows, merged ranges, ``read_direct`` into one buffer."""
+"""h5ad stores: X's arrays read straight from the file (or through h5py), metadata via h5py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 
 from ._anndata import AnnDataStore
+from ._direct import ChunkedReader, open_h5_reader
 from .writers import Format
 
 
@@ -22,16 +23,26 @@ class H5adStore(AnnDataStore):
     layer
         ``None`` (X), a key of ``layers``, or ``"raw"``.
     rdcc_nbytes
-        HDF5 chunk cache per dataset (bytes).
+        HDF5 chunk cache per dataset (bytes), when h5py reads.
+    direct
+        Read X's arrays straight from the file where their layout allows (default).
     """
 
     format: Format = "h5ad"
 
     def __init__(
-        self, path: str | os.PathLike[str], *, layer: str | None = None, rdcc_nbytes: int = 4 << 20
+        self,
+        path: str | os.PathLike[str],
+        *,
+        layer: str | None = None,
+        rdcc_nbytes: int = 4 << 20,
+        direct: bool = True,
     ) -> None:
         self.rdcc_nbytes = rdcc_nbytes
-        super().__init__(path, layer=layer)
+        super().__init__(path, layer=layer, direct=direct)
+
+    def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
+        return [open_h5_reader(self.path, mat[name]) for name in ("data", "indices")]
 
     def _open(self) -> Any:
         try:
@@ -42,7 +53,9 @@ class H5adStore(AnnDataStore):
                 "Re-create or re-download it.",
             ) from err
 
-    def _read_segments(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _read_segments_api(
+        self, starts: np.ndarray, ends: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         mat = self._matrix(self.handle)
         total = int((ends - starts).sum())
         out = []

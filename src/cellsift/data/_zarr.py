@@ -1,6 +1,6 @@
 """AnnData-Zarr stores (zarr format 3, sharded or not).
 
-Row reads of sharded local arrays go straight to the shard files (``_zarr_shards``); other
+Row reads of sharded local arrays go straight to the shard files (``_direct``); other
 arrays go through zarr's asynchronous API on an event loop owned by this process, all ranges
 of one read requested at once so zarr fetches and decodes their chunks concurrently.
 """
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from ._anndata import AnnDataStore
-from ._zarr_shards import ShardedArrayReader, read_ranges
+from ._direct import ChunkedReader, ShardedArrayReader
 from .writers import Format
 
 
@@ -38,11 +37,11 @@ class ZarrStore(AnnDataStore):
         self, path: str | os.PathLike[str], *, layer: str | None = None, direct: bool = True
     ) -> None:
         self._aio: tuple[int, Any, dict[str, Any]] | None = None
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None
-        super().__init__(path, layer=layer)
-        base = self.path / {None: "X", "raw": "raw/X"}.get(layer, f"layers/{layer}")
-        readers = [ShardedArrayReader.open(base / n) for n in ("data", "indices")] if direct else []
-        self._direct = readers if readers and all(r is not None for r in readers) else None
+        super().__init__(path, layer=layer, direct=direct)
+
+    def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
+        base = self.path / {None: "X", "raw": "raw/X"}.get(self.layer, f"layers/{self.layer}")
+        return [ShardedArrayReader.open(base / name) for name in ("data", "indices")]
 
     def _open(self) -> Any:
         import zarr
@@ -58,18 +57,7 @@ class ZarrStore(AnnDataStore):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_aio"] = None
-        state["_pool"] = None
         return state
-
-    def _threads(self) -> ThreadPoolExecutor:
-        if self._pool is None or self._pool[0] != os.getpid():
-            self._pool = (
-                os.getpid(),
-                ThreadPoolExecutor(
-                    max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cellsift-zarr"
-                ),
-            )
-        return self._pool[1]
 
     def _async_arrays(self) -> tuple[Any, dict[str, Any]]:
         if self._aio is None or self._aio[0] != os.getpid():
@@ -86,10 +74,9 @@ class ZarrStore(AnnDataStore):
             self._aio = (os.getpid(), loop, arrays)
         return self._aio[1], self._aio[2]
 
-    def _read_segments(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._direct is not None:
-            data, indices = read_ranges(self._direct, starts, ends, self._threads())  # type: ignore[arg-type]
-            return data.astype(np.float32, copy=False), indices.astype(np.int32, copy=False)
+    def _read_segments_api(
+        self, starts: np.ndarray, ends: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         loop, arrays = self._async_arrays()
         ranges = [slice(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 

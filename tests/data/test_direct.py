@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from cellsift.data import open_store
-from cellsift.data._zarr_shards import ShardedArrayReader, read_ranges
+from cellsift.data._direct import ShardedArrayReader, read_ranges
 from cellsift.datasets import synthetic_atlas
 
 
@@ -70,3 +70,42 @@ def test_corrupt_shard_index_is_detected(tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(OSError, match="checksum"):
         open_store(path).read(np.arange(10))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{}, {"chunks": (700,)}, {"chunks": (700,), "compression": "gzip"},
+     {"chunks": (700,), "compression": "gzip", "shuffle": True}],
+    ids=["contiguous", "chunked", "gzip", "gzip+shuffle"],
+)
+def test_h5ad_direct_reads_match_h5py(tmp_path, layout):
+    import h5py
+
+    adata = synthetic_atlas(800, 120, seed=6)
+    path = tmp_path / "layout.h5ad"
+    adata.write_h5ad(path)
+    with h5py.File(path, "r+") as f:  # rewrite X's arrays in the layout under test
+        for name in ("data", "indices"):
+            values = f["X"][name][...]
+            del f["X"][name]
+            f["X"].create_dataset(name, data=values, **layout)
+    direct, via_h5py = open_store(path), open_store(path, direct=False)
+    assert (direct._direct is not None) == (not layout.get("shuffle"))  # shuffle: h5py reads
+    assert via_h5py._direct is None
+    rng = np.random.default_rng(2)
+    for rows in (np.sort(rng.choice(800, 150, replace=False)), np.arange(800), np.array([799])):
+        a, b = direct.read(rows), via_h5py.read(rows)
+        assert (a != b).nnz == 0 and (a != adata.X[rows]).nnz == 0
+
+
+def test_real_gzip_h5ad_reads_directly():
+    from cellsift.datasets import shared_data_path
+
+    try:
+        path = shared_data_path("kang2018")
+    except FileNotFoundError:
+        pytest.skip("shared data not present")
+    direct, via_h5py = open_store(path), open_store(path, direct=False)
+    assert direct._direct is not None
+    rows = np.sort(np.random.default_rng(0).choice(direct.n_obs, 500, replace=False))
+    assert (direct.read(rows) != via_h5py.read(rows)).nnz == 0

@@ -1,0 +1,338 @@
+"""Direct reads of the 1-d arrays a CSR matrix is made of, from local files.
+
+zarr-python and h5py spend most of a small read in their own machinery, and h5py holds the
+GIL while it reads. For the ``data`` and ``indices`` arrays of h5ad and AnnData-Zarr stores,
+element ranges are served here instead: where each chunk lies in the file is learnt once
+(a zarr shard's index, checked against its crc32c; HDF5's chunk index), the chunks a read
+needs are fetched with ``os.pread`` and decoded (zstd, blosc, gzip or none) in a thread pool,
+all without the GIL. Arrays of other kinds (filters, codecs or stores not handled here) are
+read through zarr or h5py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+
+from .._utils import logger
+
+__all__ = [
+    "ChunkedReader",
+    "H5ChunkReader",
+    "H5ContiguousReader",
+    "ShardedArrayReader",
+    "read_ranges",
+]
+
+_EMPTY = np.uint64(2**64 - 1)
+
+
+def _decoder(codecs: list[dict[str, Any]]) -> tuple[Any, str] | None:
+    """(numcodecs decoder or None, byte order) for [bytes, <compressor>?]; None if unsupported."""
+    if not codecs or codecs[0]["name"] != "bytes":
+        return None
+    endian = codecs[0].get("configuration", {}).get("endian", "little")
+    rest = codecs[1:]
+    if not rest:
+        return (None, endian)
+    if len(rest) > 1:
+        return None
+    name, conf = rest[0]["name"], rest[0].get("configuration", {})
+    if name == "zstd":
+        return (numcodecs.Zstd(level=conf.get("level", 0)), endian)
+    if name == "blosc":
+        return (numcodecs.Blosc(), endian)
+    if name == "gzip":
+        return (numcodecs.GZip(), endian)
+    return None
+
+
+class ChunkedReader(ABC):
+    """Element ranges of a 1-d array stored in equal chunks, each decoded on its own."""
+
+    chunk_elems: int
+    dtype: np.dtype
+    path: Path
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._pid = os.getpid()
+
+    def _fd(self, file: Path) -> int | None:
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        if file not in self._fds:
+            try:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+        return self._fds[file]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fds"], state["_pid"] = {}, None
+        return state
+
+    def _pread(self, file: Path, nbytes: int, offset: int) -> bytes:
+        fd = self._fd(file)
+        raw = os.pread(fd, nbytes, offset) if fd is not None else b""
+        if len(raw) != nbytes:
+            raise OSError(
+                f"{file}: {nbytes} bytes expected at offset {offset}, "
+                f"{len(raw)} found: the file is truncated or corrupt; re-create it."
+            )
+        return raw
+
+    # -- ranges ----------------------------------------------------------------------------
+    def chunks_of(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Chunk ids the (non-empty) ranges touch."""
+        keep = ends > starts
+        first = starts[keep] // self.chunk_elems
+        n = (ends[keep] - 1) // self.chunk_elems - first + 1
+        offsets = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        return np.unique(np.repeat(first, n) + offsets)
+
+    def assemble(
+        self, starts: np.ndarray, ends: np.ndarray, chunks: dict[int, np.ndarray]
+    ) -> np.ndarray:
+        """The concatenated elements of the ranges, from decoded ``chunks``."""
+        parts = []
+        c = self.chunk_elems
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            while a < b:
+                k = a // c
+                stop = min(b, (k + 1) * c)
+                parts.append(chunks[k][a - k * c : stop - k * c])
+                a = stop
+        if not parts:
+            return np.zeros(0, dtype=self.dtype)
+        return np.concatenate(parts)
+
+    @abstractmethod
+    def _chunk(self, chunk: int) -> np.ndarray:
+        """Decoded chunk ``chunk`` (``chunk_elems`` values; the last may be shorter)."""
+
+    def fetch(
+        self, starts: np.ndarray, ends: np.ndarray, pool: ThreadPoolExecutor
+    ) -> Callable[[], np.ndarray]:
+        """Start decoding what the ranges need; the returned function assembles them."""
+        ids = self.chunks_of(starts, ends).tolist()
+        decoded = pool.map(self._chunk, ids)
+        return lambda: self.assemble(starts, ends, dict(zip(ids, decoded, strict=True)))
+
+
+class ShardedArrayReader(ChunkedReader):
+    """Reads element ranges of one sharded 1-d zarr v3 array (see the module docstring)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], decoder: Any, endian: str) -> None:
+        super().__init__()
+        self.path = path
+        self.shape = int(meta["shape"][0])
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<" if endian == "little" else ">")
+        self.shard_elems = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        shard = meta["codecs"][0]["configuration"]
+        self.chunk_elems = int(shard["chunk_shape"][0])
+        self.chunks_per_shard = self.shard_elems // self.chunk_elems
+        self.fill_value = meta.get("fill_value", 0) or 0
+        self.separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+        self.decoder = decoder
+        self._check_crc = shard["index_codecs"][-1]["name"] == "crc32c"
+        self._indexes: dict[int, np.ndarray | None] = {}
+
+    def _key(self, shard: int) -> Path:
+        return self.path / "c" / str(shard) if self.separator == "/" else self.path / f"c.{shard}"
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> ShardedArrayReader | None:
+        """A reader for the array at ``path``, or None when it is not of the handled kind."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return None
+        codecs = meta.get("codecs", [])
+        if (
+            meta.get("zarr_format") != 3
+            or len(meta.get("shape", [])) != 1
+            or meta.get("chunk_key_encoding", {}).get("name") != "default"
+            or len(codecs) != 1
+            or codecs[0]["name"] != "sharding_indexed"
+        ):
+            logger.debug("%s: not a 1-d sharded zarr v3 array; reading through zarr", path)
+            return None
+        conf = codecs[0]["configuration"]
+        index_codecs = [c["name"] for c in conf.get("index_codecs", [])]
+        dec = _decoder(conf["codecs"])
+        if (
+            dec is None
+            or conf.get("index_location", "end") != "end"
+            or index_codecs not in (["bytes"], ["bytes", "crc32c"])
+        ):
+            logger.debug("%s: unhandled sharding codecs; reading through zarr", path)
+            return None
+        return cls(path, meta, *dec)
+
+    # -- shard files and indexes ----------------------------------------------------------
+    def _index(self, shard: int) -> np.ndarray | None:
+        if shard not in self._indexes:
+            fd = self._fd(self._key(shard))
+            if fd is None:
+                self._indexes[shard] = None  # a shard never written: all fill value
+            else:
+                n = self.chunks_per_shard * 16 + (4 if self._check_crc else 0)
+                raw = self._pread(self._key(shard), n, os.fstat(fd).st_size - n)
+                body = raw[: self.chunks_per_shard * 16]
+                if self._check_crc:
+                    import google_crc32c
+
+                    if google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
+                        raise OSError(
+                            f"{self._key(shard)}: shard index fails its checksum "
+                            "(corrupt file): re-create or re-convert the store."
+                        )
+                self._indexes[shard] = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+        return self._indexes[shard]
+
+    def _chunk(self, chunk: int) -> np.ndarray:
+        shard, local = divmod(chunk, self.chunks_per_shard)
+        index = self._index(shard)
+        if index is None or index[local, 0] == _EMPTY:
+            return np.full(self.chunk_elems, self.fill_value, dtype=self.dtype)
+        raw = self._pread(self._key(shard), int(index[local, 1]), int(index[local, 0]))
+        out = self.decoder.decode(raw) if self.decoder is not None else raw
+        return np.frombuffer(out, dtype=self.dtype)
+
+
+class H5ChunkReader(ChunkedReader):
+    """A chunked HDF5 dataset, uncompressed or gzip, without other filters.
+
+    Uncompressed: the wanted bytes of each chunk go straight into the output with one
+    ``preadv`` per piece (no chunk is read whole). gzip: whole chunks, decoded in the pool.
+    """
+
+    def __init__(self, file: Path, ds: Any) -> None:
+        super().__init__()
+        self.path, self.dtype = file, ds.dtype
+        self.chunk_elems = int(ds.chunks[0])
+        self.size = int(ds.shape[0])
+        self.gzip = ds.compression == "gzip"
+        found: list[tuple[int, int, int]] = []
+        ds.id.chunk_iter(
+            lambda info: found.append((info.chunk_offset[0], info.byte_offset, info.size))
+        )
+        n_chunks = -(-self.size // self.chunk_elems)
+        self.offsets = np.full(n_chunks, -1, dtype=np.int64)  # -1: never written (zeros)
+        self.sizes = np.zeros(n_chunks, dtype=np.int64)
+        for start, offset, nbytes in found:
+            self.offsets[start // self.chunk_elems] = offset
+            self.sizes[start // self.chunk_elems] = nbytes
+
+    def _chunk(self, chunk: int) -> np.ndarray:
+        if self.offsets[chunk] < 0:
+            return np.zeros(self.chunk_elems, dtype=self.dtype)
+        raw = self._pread(self.path, int(self.sizes[chunk]), int(self.offsets[chunk]))
+        return np.frombuffer(zlib.decompress(raw) if self.gzip else raw, dtype=self.dtype)
+
+    def fetch(
+        self, starts: np.ndarray, ends: np.ndarray, pool: ThreadPoolExecutor
+    ) -> Callable[[], np.ndarray]:
+        if self.gzip:
+            return super().fetch(starts, ends, pool)
+        # split ranges at chunk borders: each piece is contiguous in the file
+        keep = ends > starts
+        a, b = starts[keep], ends[keep]
+        c = self.chunk_elems
+        first = a // c
+        n = (b - 1) // c - first + 1
+        k = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+        lo = np.maximum(np.repeat(a, n), k * c)
+        hi = np.minimum(np.repeat(b, n), (k + 1) * c)
+        file_off = self.offsets[k] + (lo - k * c) * self.dtype.itemsize
+        file_off[self.offsets[k] < 0] = -1
+        out = _read_pieces(self, file_off, hi - lo)
+        return lambda: out
+
+
+class H5ContiguousReader(ChunkedReader):
+    """A contiguous HDF5 dataset: each range is one ``preadv`` into the output."""
+
+    def __init__(self, file: Path, ds: Any) -> None:
+        super().__init__()
+        self.path, self.dtype = file, ds.dtype
+        self.offset = int(ds.id.get_offset())
+
+    def _chunk(self, chunk: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def fetch(
+        self, starts: np.ndarray, ends: np.ndarray, pool: ThreadPoolExecutor
+    ) -> Callable[[], np.ndarray]:
+        keep = ends > starts
+        out = _read_pieces(
+            self, self.offset + starts[keep] * self.dtype.itemsize, ends[keep] - starts[keep]
+        )
+        return lambda: out
+
+
+def _read_pieces(reader: ChunkedReader, file_off: np.ndarray, n_elems: np.ndarray) -> np.ndarray:
+    """Elements at byte offsets ``file_off`` (-1: zeros), ``n_elems`` each, concatenated."""
+    out = np.empty(int(n_elems.sum()), dtype=reader.dtype)
+    view = out.data.cast("B")
+    fd = reader._fd(reader.path)
+    assert fd is not None
+    size = reader.dtype.itemsize
+    pos = 0
+    for off, n in zip(file_off.tolist(), (n_elems * size).tolist(), strict=True):
+        if off < 0:
+            out[pos // size : (pos + n) // size] = 0
+        elif os.preadv(fd, [view[pos : pos + n]], off) != n:
+            raise OSError(
+                f"{reader.path}: {n} bytes expected at offset {off}: the file is truncated "
+                "or corrupt; re-create it."
+            )
+        pos += n
+    return out
+
+
+def open_h5_reader(file: Path, ds: Any) -> ChunkedReader | None:
+    """A direct reader for h5py dataset ``ds`` of ``file``, or None when h5py must read it."""
+    plain = (
+        ds.ndim == 1
+        and ds.shape[0] > 0
+        and ds.dtype.kind in "iuf"
+        and not ds.shuffle
+        and not ds.fletcher32
+        and ds.scaleoffset is None
+        and ds.compression in (None, "gzip")
+        and ds.id.get_create_plist().get_external_count() == 0
+    )
+    if not plain:
+        logger.debug(
+            "%s: dataset %s has filters h5py must apply; reading through h5py", file, ds.name
+        )
+        return None
+    if ds.chunks is None:
+        if ds.compression is not None or ds.id.get_offset() is None:
+            return None
+        return H5ContiguousReader(file, ds)
+    return H5ChunkReader(file, ds)
+
+
+def read_ranges(
+    readers: list[ChunkedReader], starts: np.ndarray, ends: np.ndarray, pool: ThreadPoolExecutor
+) -> list[np.ndarray]:
+    """The same element ranges of several arrays (e.g. CSR data and indices), decoded in ``pool``.
+
+    All decoding is queued before any result is assembled, so the arrays are read together.
+    """
+    pending = [r.fetch(starts, ends, pool) for r in readers]
+    return [finish() for finish in pending]
