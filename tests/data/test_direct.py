@@ -74,8 +74,12 @@ def test_corrupt_shard_index_is_detected(tmp_path):
 
 @pytest.mark.parametrize(
     "layout",
-    [{}, {"chunks": (700,)}, {"chunks": (700,), "compression": "gzip"},
-     {"chunks": (700,), "compression": "gzip", "shuffle": True}],
+    [
+        {},
+        {"chunks": (700,)},
+        {"chunks": (700,), "compression": "gzip"},
+        {"chunks": (700,), "compression": "gzip", "shuffle": True},
+    ],
     ids=["contiguous", "chunked", "gzip", "gzip+shuffle"],
 )
 def test_h5ad_direct_reads_match_h5py(tmp_path, layout):
