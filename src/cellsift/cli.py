@@ -17,7 +17,7 @@ def _info(args: argparse.Namespace) -> int:
 
     for path in resolve_paths(args.path):
         store = open_store(path, layer=args.layer)
-        print(store.describe() if hasattr(store, "describe") else _describe(store))
+        print(_describe(store))
     return 0
 
 
@@ -32,12 +32,9 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
         f"  cells      {store.n_obs:,}",
         f"  genes      {store.n_vars:,}",
     ]
-    try:
-        nnz = int(store.indptr[-1])
+    if (nnz := store.nnz) is not None:
         density = nnz / max(store.n_obs * store.n_vars, 1)
         lines.append(f"  nonzero    {nnz:,} ({density:.1%})")
-    except NotImplementedError:
-        pass
     names = store.var_names[:3].tolist()
     kind = "Ensembl ids" if all(_ENSEMBL.match(g) for g in names) else "symbols or other ids"
     lines.append(f"  var_names  {', '.join(names)}, ... ({kind})")

@@ -98,3 +98,21 @@ def test_store_pickles_without_handle(atlas_stores):
         store.read(np.arange(3))
         clone = pickle.loads(pickle.dumps(store))
         assert (clone.read(np.arange(3)) != store.read(np.arange(3))).nnz == 0
+
+
+def test_genes_detected_where_free_and_by_a_pass(atlas_stores, data_dir):
+    adata, paths = atlas_stores
+    want = np.diff(adata.X.indptr)
+    h5, soma = open_store(paths["h5ad"]), open_store(paths["soma"])
+    np.testing.assert_array_equal(h5.stored_row_nnz(), want)
+    assert soma.stored_row_nnz() is None  # SOMA keeps no row pointer: no pass unless asked
+    np.testing.assert_array_equal(soma.row_nnz(), want)
+    assert h5.nnz == soma.nnz == adata.X.nnz
+    dense = indexed_atlas(40, 4)
+    dense.X = dense.X.toarray()
+    dense.X[3] = 0
+    dense.write_h5ad(data_dir / "dense_empty.h5ad")
+    from cellsift.data import CellCollection
+
+    coll = CellCollection(data_dir / "dense_empty.h5ad", min_genes=1)  # filter applies to dense X
+    assert coll.n_obs == 39 and 3 not in coll.cell_ids

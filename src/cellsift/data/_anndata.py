@@ -126,10 +126,8 @@ class AnnDataStore(CellStore):
         var.index = var.index.astype(str)
         return var
 
-    def row_nnz(self) -> np.ndarray:
-        if self._dense:
-            raise NotImplementedError("dense X: genes detected need a data pass.")
-        return np.diff(self.indptr)
+    def stored_row_nnz(self) -> np.ndarray | None:
+        return None if self._dense else np.diff(self.indptr)
 
     # -- reading ------------------------------------------------------------------------
     def _read_rows(self, rows: np.ndarray) -> sp.csr_matrix:

@@ -104,13 +104,9 @@ class SomaStore(CellStore):
         var.index = pd.Index(var.pop(self.var_id).astype(str).to_numpy())
         return var.drop(columns=["soma_joinid"])
 
-    @cached_property
-    def indptr(self) -> np.ndarray:
-        # Genes detected per cell need a pass over X in SOMA (no row pointer on disk).
-        counts = np.zeros(self.n_obs, dtype=np.int64)
-        for start, x in self.iter_chunks():
-            counts[start : start + x.shape[0]] = np.diff(x.indptr)
-        return np.concatenate(([0], np.cumsum(counts)))
+    @property
+    def nnz(self) -> int | None:
+        return int(self.handle.ms[self.measurement].X[self.layer].nnz)
 
     def _read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         joinids = rows if self._contiguous else self.joinids[rows]

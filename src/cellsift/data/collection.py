@@ -162,10 +162,9 @@ class CellCollection:
         min_counts: float | None,
     ) -> np.ndarray:
         keep = np.ones(store.n_obs, dtype=bool)
-        nnz = store.row_nnz() if not getattr(store, "_dense", False) else None
-        if min_genes is not None and nnz is not None:
-            keep &= nnz >= min_genes
-        elif nnz is not None and min_genes is None:
+        if min_genes is not None:
+            keep &= store.row_nnz() >= min_genes
+        elif (nnz := store.stored_row_nnz()) is not None:  # checked where it is free (CSR stores)
             n_empty = int((nnz == 0).sum())
             if n_empty:
                 raise DataError(

@@ -117,13 +117,27 @@ class CellStore(ABC):
             self._obs_cache[name] = self._load_obs_column(name)
         return self._obs_cache[name]
 
+    def stored_row_nnz(self) -> np.ndarray | None:
+        """Genes detected per cell if the store keeps them (a CSR row pointer), else None."""
+        return None
+
     def row_nnz(self) -> np.ndarray:
-        """Nonzero entries per cell (genes detected), without reading the data."""
-        return np.diff(self.indptr)
+        """Genes detected per cell: free with a row pointer (CSR), else one pass (cached)."""
+        stored = self.stored_row_nnz()
+        if stored is not None:
+            return stored
+        if "__row_nnz" not in self._obs_cache:
+            out = np.zeros(self.n_obs, dtype=np.int64)
+            for start, x in self.iter_chunks():
+                out[start : start + x.shape[0]] = np.diff(x.indptr)
+            self._obs_cache["__row_nnz"] = out
+        return self._obs_cache["__row_nnz"]
 
     @property
-    def indptr(self) -> np.ndarray:
-        raise NotImplementedError
+    def nnz(self) -> int | None:
+        """Stored nonzero entries, when known without reading the data."""
+        stored = self.stored_row_nnz()
+        return None if stored is None else int(stored.sum())
 
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of ``rows`` (sorted, unique, in ``[0, n_obs)``) as float32 CSR."""
