@@ -94,7 +94,6 @@ def _run_one(spec: dict) -> dict:
         fetch_factor=FETCH,
         label_key="cell_type_ontology_term_id",
         study_key="dataset_id",
-        cells_per_block=spec.get("cpb", 16),
     )
     loader = CellLoader(ds, num_workers=spec["workers"])
     it = iter(loader)

@@ -138,7 +138,10 @@ class AnnDataStore(CellStore):
                     mat[rows, :] if len(rows) else np.zeros((0, self._shape[1])), dtype=np.float32
                 )
             )
-        return _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments)
+        # Direct reads cost microseconds a call: read exactly the wanted rows. Through h5py or
+        # zarr a call costs far more, and ranges with small gaps are merged into one read.
+        gap = 0 if self._direct is not None else _csr.MAX_GAP
+        return _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments, gap)
 
     def _read_segments(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._direct is not None:

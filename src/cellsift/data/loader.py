@@ -84,7 +84,7 @@ class IterableCellDataset(IterableDataset):
         categories: Mapping[str, list[str]] | None = None,
         seed: int = 0,
         drop_last: bool = False,
-        cells_per_block: int = 16,
+        cells_per_block: int = 32,
         num_samples: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
