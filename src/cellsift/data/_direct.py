@@ -121,13 +121,43 @@ class ChunkedReader(ABC):
     def _chunk(self, chunk: int) -> np.ndarray:
         """Decoded chunk ``chunk`` (``chunk_elems`` values; the last may be shorter)."""
 
+    #: Most decoded chunks held at once by one read (bounds memory on scattered reads).
+    max_chunks_held = 256
+
     def fetch(
         self, starts: np.ndarray, ends: np.ndarray, pool: ThreadPoolExecutor
     ) -> Callable[[], np.ndarray]:
-        """Start decoding what the ranges need; the returned function assembles them."""
-        ids = self.chunks_of(starts, ends).tolist()
-        decoded = pool.map(self._chunk, ids)
-        return lambda: self.assemble(starts, ends, dict(zip(ids, decoded, strict=True)))
+        """Decode what the ranges need (in the pool) and assemble them, a group at a time.
+
+        Ranges are sorted, so the chunks they need rise: they are split into groups that need
+        at most ``max_chunks_held`` chunks, decoded in parallel and assembled one group at a
+        time. The first group is queued at once; the returned function finishes the read.
+        """
+        keep = ends > starts
+        starts, ends = starts[keep], ends[keep]
+        first_chunk = starts // self.chunk_elems
+        group = (first_chunk - (first_chunk[0] if len(starts) else 0)) // self.max_chunks_held
+        bounds = np.concatenate(([0], np.flatnonzero(np.diff(group)) + 1, [len(starts)]))
+
+        def decode(lo: int, hi: int) -> tuple[list[int], Any]:
+            ids = self.chunks_of(starts[lo:hi], ends[lo:hi]).tolist()
+            return ids, pool.map(self._chunk, ids)
+
+        first = decode(int(bounds[0]), int(bounds[1])) if len(bounds) > 1 else ([], iter(()))
+
+        def finish() -> np.ndarray:
+            parts = []
+            pending = first
+            for k in range(len(bounds) - 1):
+                lo, hi = int(bounds[k]), int(bounds[k + 1])
+                ids, decoded = pending
+                chunks = dict(zip(ids, decoded, strict=True))
+                if k + 2 < len(bounds):
+                    pending = decode(hi, int(bounds[k + 2]))
+                parts.append(self.assemble(starts[lo:hi], ends[lo:hi], chunks))
+            return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+
+        return finish
 
 
 class ShardedArrayReader(ChunkedReader):

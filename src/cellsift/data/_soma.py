@@ -14,6 +14,10 @@ from .._utils import import_optional
 from .stores import CellStore
 from .writers import Format
 
+#: TileDB settings of reads: result buffers of 128 MB (libtiledbsoma's default is 1 GiB per
+#: buffer), so memory follows the batches read, not the library's defaults.
+TILEDB_CONFIG: dict[str, Any] = {"soma.init_buffer_bytes": 128 << 20}
+
 
 class SomaStore(CellStore):
     """A TileDB-SOMA Experiment: obs, ``ms[measurement].var`` and ``X[layer]``.
@@ -31,6 +35,8 @@ class SomaStore(CellStore):
         X layer holding counts (Census: ``"raw"``).
     var_id
         var column with gene ids (Census: ``"feature_id"``).
+    tiledb_config
+        TileDB settings, over :data:`TILEDB_CONFIG`.
     """
 
     format: Format = "soma"
@@ -42,9 +48,11 @@ class SomaStore(CellStore):
         layer: str | None = None,
         measurement: str = "RNA",
         var_id: str = "feature_id",
+        tiledb_config: dict[str, Any] | None = None,
     ) -> None:
         self.measurement = measurement
         self.var_id = var_id
+        self.tiledb_config = {**TILEDB_CONFIG, **(tiledb_config or {})}
         super().__init__(path, layer=layer or "raw")
         exp = self.handle
         if measurement not in exp.ms:
@@ -61,7 +69,8 @@ class SomaStore(CellStore):
     def _open(self) -> Any:
         soma = import_optional("tiledbsoma")
         try:
-            return soma.Experiment.open(str(self.path))
+            context = soma.SOMATileDBContext(tiledb_config=self.tiledb_config)
+            return soma.Experiment.open(str(self.path), context=context)
         except Exception as err:  # tiledbsoma raises several types for unreadable stores
             raise self._error(
                 f"cannot be opened as a TileDB-SOMA Experiment ({type(err).__name__}: {err}).",
@@ -120,7 +129,10 @@ class SomaStore(CellStore):
         )
         # TileDB's own order is ~10x faster to read than row-major; group rows here instead.
         tbl = x.read(coords=(coords,), result_order="auto").tables().concat()
-        pos = np.searchsorted(joinids, tbl.column("soma_dim_0").to_numpy())
+        # position of each value's cell: a lookup table over the span of the joinids, O(n)
+        lookup = np.empty(int(joinids[-1] - joinids[0]) + 1, dtype=np.int64)
+        lookup[joinids - joinids[0]] = np.arange(len(joinids))
+        pos = lookup[tbl.column("soma_dim_0").to_numpy() - joinids[0]]
         data = tbl.column("soma_data").to_numpy()
         cols = tbl.column("soma_dim_1").to_numpy()
         if len(pos) > 1 and np.any(pos[1:] < pos[:-1]):
