@@ -116,3 +116,13 @@ def test_genes_detected_where_free_and_by_a_pass(atlas_stores, data_dir):
 
     coll = CellCollection(data_dir / "dense_empty.h5ad", min_genes=1)  # filter applies to dense X
     assert coll.n_obs == 39 and 3 not in coll.cell_ids
+
+
+def test_soma_reads_in_bounded_queries(atlas_stores, monkeypatch):
+    from cellsift.data._soma import SomaStore
+
+    adata, paths = atlas_stores
+    store = open_store(paths["soma"])
+    rows = np.sort(np.random.default_rng(3).choice(1_500, 700, replace=False))
+    monkeypatch.setattr(SomaStore, "max_rows_per_query", 64)  # 11 queries instead of one
+    assert (store.read(rows) != adata.X[rows]).nnz == 0
