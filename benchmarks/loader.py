@@ -40,9 +40,9 @@ FETCH = 16
 def make_atlas(n_cells: int, n_genes: int, formats: tuple[str, ...]) -> dict[str, Path]:
     """The benchmark atlas in each format (cached under benchmarks/.data)."""
     from cellsift.data.convert import convert
-    from cellsift.datasets import synthetic_atlas
+    from cellsift.datasets import SYNTHETIC_VERSION, synthetic_atlas
 
-    folder = DATA / f"atlas_{n_cells}x{n_genes}"
+    folder = DATA / f"atlas_{n_cells}x{n_genes}_v{SYNTHETIC_VERSION}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"h5ad": folder / "atlas.h5ad"}
     if not paths["h5ad"].exists():

@@ -1,0 +1,230 @@
+"""Cell Ontology snapshot from the ``cellxgene-ontology-guide`` package (no network).
+
+Each term carries its label, synonyms, ancestors (is_a and part_of, with distances) and
+deprecation. :class:`CellOntology` answers id <-> name, ancestors and descendants, builds
+boolean closure matrices over a label set (what the triplet miner uses to keep ontology
+relatives from being negatives), maps user labels onto CL ids (:meth:`harmonize`) and merges
+labels seen in too few studies into a viable parent (:meth:`coarsen_rare`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from ..errors import CellsiftError
+
+__all__ = ["CellOntology", "CoarsenReport", "load_cell_ontology"]
+
+_FILE = re.compile(r"^CL-ontology-v(\d{4}-\d{2}-\d{2})\.json\.zst$")
+
+
+class OntologyError(CellsiftError, ValueError):
+    """Labels that cannot be mapped onto the Cell Ontology."""
+
+
+def available_versions() -> list[str]:
+    """CL releases shipped with ``cellxgene-ontology-guide``, oldest first."""
+    folder = resources.files("cellxgene_ontology_guide") / "data"
+    return sorted(m.group(1) for f in folder.iterdir() if (m := _FILE.match(f.name)))
+
+
+@cache
+def _load(version: str) -> dict[str, dict[str, Any]]:
+    import zstandard
+
+    path = resources.files("cellxgene_ontology_guide") / "data" / f"CL-ontology-v{version}.json.zst"
+    raw = zstandard.ZstdDecompressor().decompress(path.read_bytes(), max_output_size=1 << 30)
+    return json.loads(raw)
+
+
+def load_cell_ontology(version: str | None = None) -> CellOntology:
+    """The Cell Ontology of release ``version`` (``YYYY-MM-DD``; default: the newest shipped)."""
+    versions = available_versions()
+    if not versions:
+        raise OntologyError("cellxgene-ontology-guide ships no Cell Ontology; reinstall it.")
+    version = version or versions[-1]
+    if version not in versions:
+        raise OntologyError(f"Cell Ontology {version} is not shipped; available: {versions}.")
+    return CellOntology(_load(version), version)
+
+
+@dataclass
+class CoarsenReport:
+    """What :meth:`CellOntology.coarsen_rare` did: label -> parent, and labels dropped."""
+
+    moved: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # label -> cells dropped
+    studies: dict[str, int] = field(default_factory=dict)  # label -> studies it was seen in
+
+    def __str__(self) -> str:
+        lines = [f"{a} -> {b} ({self.studies.get(a, 0)} studies)" for a, b in self.moved.items()]
+        lines += [
+            f"{a} dropped ({n} cells, {self.studies.get(a, 0)} studies; no viable parent)"
+            for a, n in self.dropped.items()
+        ]
+        return "\n".join(lines) or "nothing to coarsen"
+
+
+class CellOntology:
+    """Cell Ontology terms (use :func:`load_cell_ontology`)."""
+
+    def __init__(self, terms: dict[str, dict[str, Any]], version: str) -> None:
+        self.terms = {k: v for k, v in terms.items() if k.startswith("CL:")}
+        self.version = version
+        self._by_label: dict[str, str] = {}
+        self._by_folded: dict[str, str] = {}
+        self._by_synonym: dict[str, str] = {}
+        for term, info in self.terms.items():
+            if info.get("deprecated"):
+                continue
+            self._by_label.setdefault(info["label"], term)
+            self._by_folded.setdefault(info["label"].casefold(), term)
+            for syn in info.get("synonyms", []):
+                self._by_synonym.setdefault(syn.casefold(), term)
+        self._children: dict[str, set[str]] | None = None
+
+    def __repr__(self) -> str:
+        return f"CellOntology(CL {self.version}, {len(self.terms)} terms)"
+
+    def __contains__(self, term: object) -> bool:
+        return term in self.terms
+
+    # -- terms ----------------------------------------------------------------------------
+    def name(self, term: str) -> str:
+        """The label of ``term``."""
+        return self._term(term)["label"]
+
+    def names(self, terms: Iterable[str]) -> list[str]:
+        return [self.name(t) for t in terms]
+
+    def id(self, name: str) -> str | None:
+        """The id of a label (exact, then ignoring case, then synonyms); None if unknown."""
+        return (
+            self._by_label.get(name)
+            or self._by_folded.get(name.casefold())
+            or self._by_synonym.get(name.casefold())
+        )
+
+    def is_deprecated(self, term: str) -> bool:
+        return bool(self._term(term).get("deprecated"))
+
+    def replacement(self, term: str) -> str | None:
+        """The CL term replacing a deprecated ``term``, if the ontology names one."""
+        rep = self._term(term).get("replaced_by")
+        return rep if isinstance(rep, str) and rep in self.terms else None
+
+    def ancestors(self, term: str, include_self: bool = False) -> list[str]:
+        """Ancestors of ``term`` (is_a and part_of), nearest first."""
+        anc = sorted(self._term(term).get("ancestors", {}).items(), key=lambda kv: (kv[1], kv[0]))
+        return ([term] if include_self else []) + [a for a, _ in anc if a in self.terms]
+
+    def descendants(self, term: str, include_self: bool = False) -> list[str]:
+        """Descendants of ``term``, sorted by id."""
+        self._term(term)
+        if self._children is None:
+            self._children = {}
+            for t, info in self.terms.items():
+                for a in info.get("ancestors", {}):
+                    self._children.setdefault(a, set()).add(t)
+        out = sorted(self._children.get(term, set()))
+        return ([term] if include_self else []) + out
+
+    def distance(self, term: str, ancestor: str) -> int | None:
+        """Steps from ``term`` up to ``ancestor`` (0 for itself); None if not an ancestor."""
+        if term == ancestor:
+            return 0
+        return self._term(term).get("ancestors", {}).get(ancestor)
+
+    def _term(self, term: str) -> dict[str, Any]:
+        try:
+            return self.terms[term]
+        except KeyError:
+            raise OntologyError(
+                f"{term!r} is not a Cell Ontology term (CL {self.version})."
+            ) from None
+
+    # -- label sets -----------------------------------------------------------------------
+    def closure(self, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean matrices over ``labels``: ``ancestor[i, j]`` is True when ``labels[j]`` is a
+        strict ancestor of ``labels[i]``; ``descendant`` is its transpose."""
+        index = {t: i for i, t in enumerate(labels)}
+        anc = np.zeros((len(labels), len(labels)), dtype=bool)
+        for i, t in enumerate(labels):
+            for a in self._term(t).get("ancestors", {}):
+                j = index.get(a)
+                if j is not None and j != i:
+                    anc[i, j] = True
+        return anc, anc.T.copy()
+
+    def related(self, labels: Sequence[str]) -> np.ndarray:
+        """``related[i, j]``: ``labels[i]`` and ``labels[j]`` are equal, or one is an ancestor
+        of the other (such pairs must not serve as negatives)."""
+        anc, desc = self.closure(labels)
+        return anc | desc | np.eye(len(labels), dtype=bool)
+
+    def harmonize(self, values: Iterable[str], *, replace_deprecated: bool = True) -> list[str]:
+        """Map CL ids or names (labels, synonyms; any case) onto current CL ids.
+
+        Deprecated ids are replaced by their successor where the ontology names one. Values that
+        cannot be mapped raise one error that lists them all.
+        """
+        values = list(values)
+        cache: dict[str, str | None] = {}
+        for v in set(values):
+            cache[v] = self._harmonize_one(str(v), replace_deprecated)
+        unknown = sorted(v for v, t in cache.items() if t is None)
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:20])
+            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+            raise OntologyError(
+                f"{len(unknown)} labels are not Cell Ontology terms (CL {self.version}): "
+                f"{shown}{more}. Use CL ids (CL:0000236) or CL names ('B cell'); deprecated "
+                "terms without a successor must be relabelled."
+            )
+        return [cache[v] for v in values]  # type: ignore[misc]
+
+    def _harmonize_one(self, value: str, replace_deprecated: bool) -> str | None:
+        term = value.strip() if value.strip() in self.terms else self.id(value.strip())
+        if term is None:
+            return None
+        if self.is_deprecated(term):
+            return self.replacement(term) if replace_deprecated else None
+        return term
+
+    def coarsen_rare(
+        self, labels: Sequence[str], studies: Sequence[str], *, min_studies: int = 2
+    ) -> tuple[list[str | None], CoarsenReport]:
+        """Move labels seen in fewer than ``min_studies`` studies to their most viable parent.
+
+        The parent is the nearest ancestor, within the label set, that is itself seen in at
+        least ``min_studies`` studies; ties go to the one seen in more studies, then to the
+        smaller id (deterministic). Labels without such a parent become None (dropped); the
+        report says what moved where and what was dropped.
+        """
+        labels, studies = list(labels), list(studies)
+        if len(labels) != len(studies):
+            raise ValueError("labels and studies must be parallel.")
+        seen: dict[str, set[str]] = {}
+        for lab, st in zip(labels, studies, strict=True):
+            seen.setdefault(lab, set()).add(st)
+        n_studies = {lab: len(s) for lab, s in seen.items()}
+        viable = {lab for lab, n in n_studies.items() if n >= min_studies}
+        report = CoarsenReport(studies=n_studies)
+        mapping: dict[str, str | None] = {lab: lab for lab in viable}
+        for lab in sorted(set(seen) - viable):
+            anc = self._term(lab).get("ancestors", {})
+            options = [(d, -n_studies[a], a) for a, d in anc.items() if a in viable]
+            mapping[lab] = min(options)[2] if options else None
+            if mapping[lab] is None:
+                report.dropped[lab] = sum(1 for x in labels if x == lab)
+            else:
+                report.moved[lab] = mapping[lab]  # type: ignore[assignment]
+        return [mapping[lab] for lab in labels], report

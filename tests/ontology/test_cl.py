@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellsift.datasets import CELL_TYPES
+from cellsift.ontology import load_cell_ontology
+from cellsift.ontology._cl import OntologyError, available_versions
+
+
+@pytest.fixture(scope="module")
+def cl():
+    return load_cell_ontology()
+
+
+def test_snapshot_is_offline_and_versioned(cl):
+    assert cl.version == available_versions()[-1]
+    assert len(cl.terms) > 2_500
+    assert load_cell_ontology(available_versions()[0]).version == available_versions()[0]
+    with pytest.raises(OntologyError, match="not shipped"):
+        load_cell_ontology("1999-01-01")
+
+
+def test_ids_names_and_hierarchy(cl):
+    assert cl.name("CL:0000624") == "CD4-positive, alpha-beta T cell"
+    assert cl.id("CD4-positive, alpha-beta T cell") == "CL:0000624"
+    assert cl.id("b cell") == "CL:0000236"  # case folded
+    assert cl.id("NK cell") == "CL:0000623"  # synonym
+    assert cl.id("no such cell") is None
+    anc = cl.ancestors("CL:0000624")
+    assert "CL:0000084" in anc and "CL:0000000" == anc[-1]  # T cell; cell is the farthest
+    assert "CL:0000624" in cl.descendants("CL:0000084")
+    assert cl.distance("CL:0000624", "CL:0000624") == 0
+    assert cl.distance("CL:0000084", "CL:0000624") is None  # not an ancestor
+
+
+def test_synthetic_atlas_hierarchy_agrees_with_cl(cl):
+    for term, (name, parent, _) in CELL_TYPES.items():
+        assert cl.name(term) == name
+        if parent is not None:
+            assert parent in cl.ancestors(term)
+
+
+def test_closure_matches_brute_force(cl):
+    labels = sorted(CELL_TYPES)
+    anc, desc = cl.closure(labels)
+    for i, a in enumerate(labels):
+        for j, b in enumerate(labels):
+            assert anc[i, j] == (i != j and b in cl.ancestors(a))
+    np.testing.assert_array_equal(desc, anc.T)
+    rel = cl.related(labels)
+    t, cd4, b_cell = (labels.index(x) for x in ("CL:0000084", "CL:0000624", "CL:0000236"))
+    assert rel[cd4, t] and rel[t, cd4] and rel[t, t] and not rel[cd4, b_cell]
+
+
+def test_harmonize(cl):
+    deprecated = next(t for t, v in cl.terms.items() if v.get("deprecated") and cl.replacement(t))
+    out = cl.harmonize(["B cell", "CL:0000624", "nk cell", deprecated])
+    assert out == ["CL:0000236", "CL:0000624", "CL:0000623", cl.replacement(deprecated)]
+    with pytest.raises(OntologyError, match=r"2 labels are not Cell Ontology terms.*'Tcells'.*'x'"):
+        cl.harmonize(["B cell", "Tcells", "x", "x"])
+    with pytest.raises(OntologyError):
+        cl.harmonize([deprecated], replace_deprecated=False)
+
+
+def test_coarsen_rare_moves_to_nearest_viable_parent(cl):
+    groups = [  # (label, the study of each of its cells)
+        ("CL:0000084", ["s1", "s2", "s3", "s1", "s2", "s3"]),  # T cell: 3 studies
+        ("CL:0000624", ["s1", "s2", "s1", "s2"]),  # CD4 T: 2 studies
+        ("CL:0000625", ["s1", "s1"]),  # CD8 T: 1 study
+        ("CL:0000236", ["s1", "s2", "s3"]),  # B cell
+        ("CL:0000556", ["s2", "s2"]),  # megakaryocyte: 1 study, no ancestor in the set
+    ]
+    labels = [lab for lab, sts in groups for _ in sts]
+    studies = [st for _, sts in groups for st in sts]
+    out, report = cl.coarsen_rare(labels, studies, min_studies=2)
+    assert out[10:12] == ["CL:0000084", "CL:0000084"]  # CD8 (1 study) -> T cell
+    assert out[:10] == labels[:10]  # viable labels stay
+    assert out[-2:] == [None, None]  # megakaryocyte: no viable ancestor in the set
+    assert report.moved == {"CL:0000625": "CL:0000084"}
+    assert report.dropped == {"CL:0000556": 2}
+    assert "CL:0000625 -> CL:0000084" in str(report)
+    again, _ = cl.coarsen_rare(labels, studies, min_studies=2)
+    assert again == out  # deterministic
+
+
+def test_real_labels_are_current_cl_terms(cl):
+    from cellsift.datasets import kang2018, shared_data_path
+
+    try:
+        shared_data_path("kang2018")
+    except FileNotFoundError:
+        pytest.skip("shared data not present")
+    obs = kang2018(backed=True).obs
+    ids = obs["cell_type_ontology_term_id"].astype(str)
+    assert cl.harmonize(ids.unique()) == list(ids.unique())
+    names = obs["cell_type_ontology_label"].astype(str)
+    assert all(
+        cl.name(i) == n
+        for i, n in zip(ids.unique(), names[ids.drop_duplicates().index], strict=True)
+    )
