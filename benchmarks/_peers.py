@@ -68,6 +68,10 @@ PEERS: dict[str, PeerSpec] = {
     "tiledbsoma_ml": PeerSpec(("tiledbsoma-ml==0.1.0", "tiledbsoma==2.3.0"), "run_tiledbsoma_ml"),
     # Cellarium's DistributedAnnDataCollection + IterableDistributedAnnDataCollectionDataset.
     "cellarium": PeerSpec(("cellarium-ml==0.0.15",), "run_cellarium"),
+    # SCimilarity's own triplet mining + loss (run_scimilarity_mining) and the model fixture
+    # (make_scimilarity_fixture.py). It declares torch>=1.10.1, so it resolves against the
+    # torch constraint as is; its zarr<3 pin stays in this venv.
+    "scimilarity": PeerSpec(("scimilarity==0.4.1",), "run_scimilarity_mining"),
 }
 
 

@@ -1,0 +1,115 @@
+"""Triplet mining against a brute-force reference of SCimilarity's selection rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellsift.losses import TripletLoss, mine_triplets, pairwise_distance
+
+
+def _batch(n=120, labels=6, studies=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1)
+    y = torch.randint(0, labels, (n,), generator=g)
+    y[:4] = -1  # unlabelled cells: never anchors, positives or negatives
+    s = torch.randint(0, studies, (n,), generator=g)
+    related = torch.eye(labels, dtype=torch.bool)
+    related[0, 1] = related[1, 0] = True  # label 1 is an ontology relative of label 0
+    return z, y, s, related
+
+
+def _reference(z, y, s, related, margin, mode):
+    """Per pair, the set of valid negatives (SCimilarity's rules, written as loops)."""
+    d = pairwise_distance(z).double().numpy()
+    y, s, related = y.numpy(), s.numpy(), related.numpy()
+    out = {}
+    for a in range(len(y)):
+        if y[a] < 0:
+            continue
+        same = [p for p in range(len(y)) if p != a and y[p] == y[a]]
+        cross = [p for p in same if s[p] != s[a]]
+        for p in cross or same:
+            cands = []
+            for m in range(len(y)):
+                if y[m] < 0 or related[y[a], y[m]]:
+                    continue
+                loss = d[a, p] - d[a, m] + margin
+                if (mode == "semihard" and 0 < loss < margin) or (mode != "semihard" and loss > 0):
+                    cands.append(m)
+            out[(a, p)] = cands
+    return out, d
+
+
+@pytest.mark.parametrize("mode", ["semihard", "hardest", "random"])
+@pytest.mark.parametrize("margin", [0.05, 0.3])
+def test_selection_satisfies_scimilarity_rules(mode, margin):
+    z, y, s, related = _batch()
+    ref, d = _reference(z, y, s, related, margin, mode)
+    t = mine_triplets(
+        z, y, related, s, margin=margin, negative=mode, generator=torch.Generator().manual_seed(1)
+    )
+    assert t.n_pairs == len(ref)
+    got = {
+        (int(a), int(p)): int(m) for a, p, m in zip(t.anchor, t.positive, t.negative, strict=True)
+    }
+    with_cands = {pair for pair, c in ref.items() if c}
+    tol = 1e-6  # float32 distances: boundary cases may differ by an ulp
+    near_edge = {
+        pair
+        for pair in set(got) ^ with_cands
+        if any(
+            abs(d[pair] - d[pair[0], m] + margin - b) < tol
+            for m in range(len(y))
+            for b in (0.0, margin)
+        )
+    }
+    assert set(got) ^ with_cands <= near_edge
+    for pair, m in got.items():
+        if pair in with_cands:
+            assert m in ref[pair] or pair in near_edge
+    if mode == "hardest":
+        for pair, m in got.items():
+            if ref.get(pair):
+                nearest = min(ref[pair], key=lambda c: (d[pair[0], c], c))
+                assert m == nearest
+
+
+def test_random_choice_is_uniform_over_candidates():
+    z, y, s, related = _batch(n=60, labels=3, seed=4)
+    ref, _ = _reference(z, y, s, related, 0.3, "random")
+    pair = max(ref, key=lambda k: len(ref[k]))
+    counts: dict[int, int] = {}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        t = mine_triplets(z, y, related, s, margin=0.3, negative="random", generator=g)
+        hit = ((t.anchor == pair[0]) & (t.positive == pair[1])).nonzero()
+        m = int(t.negative[hit[0, 0]])
+        counts[m] = counts.get(m, 0) + 1
+    assert set(counts) <= set(ref[pair])
+    expected = 400 / len(ref[pair])
+    chi2 = sum((counts.get(m, 0) - expected) ** 2 / expected for m in ref[pair])
+    assert chi2 < 3 * len(ref[pair]) + 30
+
+
+def test_loss_is_mean_hinge_and_has_gradients():
+    z, y, s, related = _batch()
+    z = z.clone().requires_grad_(True)
+    loss, t = TripletLoss(margin=0.3, negative="random", related_ll=related)(
+        z, y, s, generator=torch.Generator().manual_seed(0)
+    )
+    d = pairwise_distance(z)
+    want = (d[t.anchor, t.positive] - d[t.anchor, t.negative] + 0.3).clamp_min(0).mean()
+    assert torch.allclose(loss, want)
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert t.negative.numel() > 0
+    assert not related[y[t.anchor], y[t.negative]].any()  # no ontology relative as negative
+
+
+def test_no_pairs_gives_zero_loss():
+    z = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    loss, t = TripletLoss()(z, torch.arange(5))
+    assert len(t) == 0 and float(loss) == 0.0
+    np.testing.assert_equal(t.n_pairs, 0)
