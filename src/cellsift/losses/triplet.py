@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -68,24 +67,31 @@ def _positive_pairs(
     return a, p
 
 
-def _sorted_negatives(
-    d_nn: torch.Tensor, allowed_nn: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each anchor's allowed negatives by distance: (distances, indices), disallowed last (inf).
+_INDEX_BITS = 16  # cells per batch < 2**16
+_MAX_CELLS = (1 << _INDEX_BITS) - 1
 
-    On the CPU, distance and index are packed into one int64 key (the bits of a non-negative
-    float32 order like the float) and sorted by numpy's SIMD sort, far faster than
-    ``torch.sort`` there; elsewhere ``torch.sort``. Ties go to the smaller index.
+
+def _float_key(x: torch.Tensor) -> torch.Tensor:
+    """The bits of non-negative float32 values as int64: they order like the floats."""
+    return (x.float().clamp_min(0.0) + 0.0).view(torch.int32).long()  # + 0.0 turns -0 into +0
+
+
+def _sorted_negative_keys(d_nn: torch.Tensor, allowed_nn: torch.Tensor) -> torch.Tensor:
+    """Each anchor's negatives by distance as one monotone int64 array of n * n keys.
+
+    Key = row << 47 | distance bits << 16 | cell: sorting a row sorts by distance (ties by
+    cell), disallowed negatives (distance inf) last; rows concatenated stay sorted. On the CPU
+    numpy's SIMD sort does the work (several times faster than ``torch.sort`` there).
     """
-    masked = d_nn.float().masked_fill(~allowed_nn, float("inf"))
-    if masked.device.type != "cpu":
-        return torch.sort(masked, dim=1, stable=True)
-    n = masked.shape[1]
-    bits = masked.numpy().view(np.int32).astype(np.int64)
-    keys = (bits << 32) | np.arange(n, dtype=np.int64)[None, :]
-    keys.sort(axis=1)
-    dist = (keys >> 32).astype(np.int32).view(np.float32)
-    return torch.from_numpy(dist), torch.from_numpy(keys & 0xFFFFFFFF)
+    n = d_nn.shape[0]
+    dist = _float_key(d_nn.masked_fill(~allowed_nn, float("inf")))
+    cells = torch.arange(n, device=d_nn.device)
+    keys = (cells[:, None] << 47) | (dist << _INDEX_BITS) | cells[None, :]
+    if keys.device.type == "cpu":
+        keys.numpy().sort(axis=1)
+    else:
+        keys = torch.sort(keys, dim=1).values
+    return keys.flatten()
 
 
 def mine_triplets(
@@ -138,31 +144,30 @@ def mine_triplets(
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         if len(a) == 0:
             return Triplets(empty, empty, empty, 0)
-        sorted_d, sorted_i = _sorted_negatives(d, allowed)
-        sorted_d, sorted_i = sorted_d.to(dev), sorted_i.to(dev)
-        n_allowed = allowed.sum(1)
-        d_ap = d[a, p].double()
-        # one monotone 1-d array: row r's distances shifted by r * stride (float64: exact)
-        finite = sorted_d[torch.isfinite(sorted_d)]
-        stride = (float(finite.max()) if len(finite) else 0.0) + 2.0
-        flat = sorted_d.double().nan_to_num(posinf=stride - 1.0)
-        flat = (flat + torch.arange(n, device=dev, dtype=torch.float64)[:, None] * stride).flatten()
-        base = a.double() * stride
-        row0 = a * n
-        hi = torch.searchsorted(flat, base + d_ap + margin, right=False) - row0
-        hi = torch.minimum(hi, n_allowed[a])
-        if negative == "semihard":
-            lo = torch.searchsorted(flat, base + d_ap, right=True) - row0
+        if n > _MAX_CELLS:
+            raise ValueError(f"triplet mining takes at most {_MAX_CELLS} cells a batch, not {n}.")
+        keys = _sorted_negative_keys(d, allowed)
+        row = a << 47
+        d_ap = d[a, p]
+        # negatives closer than d(a,p) + margin: keys below (a, bits(d_ap + margin), 0)
+        hi = torch.searchsorted(keys, row | (_float_key(d_ap + margin) << _INDEX_BITS)) - a * n
+        if negative == "semihard":  # and farther than d(a,p): keys above (a, bits(d_ap), max)
+            lo = (
+                torch.searchsorted(
+                    keys, row | (_float_key(d_ap) << _INDEX_BITS) | _MAX_CELLS, right=True
+                )
+                - a * n
+            )
         else:
             lo = torch.zeros_like(hi)
         count = hi - lo
         keep = count > 0
         if negative == "hardest":
-            pick = torch.zeros_like(lo)
+            pick = lo
         else:
             u = torch.rand(len(a), generator=generator, device=dev, dtype=torch.float64)
             pick = lo + (u * count.clamp_min(1)).long().clamp_max((count - 1).clamp_min(0))
-        neg = sorted_i[a, pick.clamp(0, n - 1)]
+        neg = keys[a * n + pick.clamp(0, n - 1)] & _MAX_CELLS
         return Triplets(a[keep], p[keep], neg[keep].long(), len(a))
 
 
