@@ -69,7 +69,7 @@ PEERS: dict[str, PeerSpec] = {
     # Cellarium's DistributedAnnDataCollection + IterableDistributedAnnDataCollectionDataset.
     "cellarium": PeerSpec(("cellarium-ml==0.0.15",), "run_cellarium"),
     # SCimilarity's own triplet mining + loss (run_scimilarity_mining) and the model fixture
-    # (make_scimilarity_fixture.py). It declares torch>=1.10.1, so it resolves against the
+    # (_make_scimilarity_fixture.py). It declares torch>=1.10.1, so it resolves against the
     # torch constraint as is; its zarr<3 pin stays in this venv.
     "scimilarity": PeerSpec(("scimilarity==0.4.1",), "run_scimilarity_mining"),
 }
@@ -184,3 +184,14 @@ def run_peer(name: str, args: list[str], timeout: float) -> dict:
     if not isinstance(result, dict):
         return {"skipped": f"{name} printed JSON that is not an object"}
     return result
+
+
+if __name__ == "__main__":
+    # `python3 benchmarks/_peers.py NAME`: build NAME's venv if needed and print its python,
+    # for scripts that run there directly (benchmarks/_make_scimilarity_fixture.py).
+    if len(sys.argv) != 2:
+        raise SystemExit(f"usage: {Path(__file__).name} PEER  (one of {', '.join(PEERS)})")
+    try:
+        print(peer_python(sys.argv[1]))
+    except PeerUnavailable as exc:
+        raise SystemExit(f"{sys.argv[1]}: {exc}") from None

@@ -84,9 +84,12 @@ def _sorted_negative_keys(d_nn: torch.Tensor, allowed_nn: torch.Tensor) -> torch
     numpy's SIMD sort does the work (several times faster than ``torch.sort`` there).
     """
     n = d_nn.shape[0]
-    dist = _float_key(d_nn.masked_fill(~allowed_nn, float("inf")))
+    dist = d_nn.float().clamp_min(0.0).masked_fill_(~allowed_nn, float("inf")).add_(0.0)
+    keys = dist.view(torch.int32).long()  # the one n x n int64 buffer, then built in place
     cells = torch.arange(n, device=d_nn.device)
-    keys = (cells[:, None] << 47) | (dist << _INDEX_BITS) | cells[None, :]
+    keys.bitwise_left_shift_(_INDEX_BITS).bitwise_or_(cells[None, :]).bitwise_or_(
+        cells[:, None] << 47
+    )
     if keys.device.type == "cpu":
         keys.numpy().sort(axis=1)
     else:

@@ -4,8 +4,8 @@ Runs in the scimilarity peer venv (``benchmarks/_peers.py``)::
 
     python3 benchmarks/_peers.py scimilarity   # builds the venv, prints its python
     PY=benchmarks/.venvs/scimilarity/bin/python
-    .venv/bin/python benchmarks/write_cl_obo.py /tmp/cl.obo
-    $PY benchmarks/make_scimilarity_fixture.py --obo /tmp/cl.obo
+    .venv/bin/python benchmarks/_write_cl_obo.py /tmp/cl.obo
+    $PY benchmarks/_make_scimilarity_fixture.py --obo /tmp/cl.obo
 
 A ``MetricLearning`` model (50 genes, hidden [32, 32], latent 16, their other defaults) is
 trained for a few steps with their own ``MetricLearningDataModule`` and Lightning, so the
@@ -29,15 +29,15 @@ from pathlib import Path
 if os.environ.get("PYTHONHASHSEED") != "0":
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
 
-import anndata as ad  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from scimilarity import CellEmbedding, align_dataset, lognorm_counts, ontologies  # noqa: E402
-from scimilarity.anndata_data_models import MetricLearningDataModule  # noqa: E402
-from scimilarity.training_models import MetricLearning  # noqa: E402
-from scipy.sparse import csr_matrix  # noqa: E402
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from scimilarity import CellEmbedding, align_dataset, lognorm_counts, ontologies
+from scimilarity.anndata_data_models import MetricLearningDataModule
+from scimilarity.training_models import MetricLearning
+from scipy.sparse import csr_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 GENES = [f"ENSG{i:011d}" for i in range(1, 51)]
@@ -46,10 +46,10 @@ README = """\
 # scimilarity_tiny
 
 A tiny SCimilarity model written by the `scimilarity` package itself (version {version},
-torch {torch}) with `MetricLearning.save_all`, by `benchmarks/make_scimilarity_fixture.py`
+torch {torch}) with `MetricLearning.save_all`, by `benchmarks/_make_scimilarity_fixture.py`
 (run it again in the scimilarity peer venv to regenerate). 50 genes `ENSG00000000001` ..
-`ENSG00000000050`, hidden layers [32, 32], latent 16, dropout 0.5, input dropout 0.4; trained 3
-steps on random lognormed data (batch 16, labels "B cell", "T cell", "monocyte", "natural killer
+`ENSG00000000050`, hidden layers [32, 32], latent 16, dropout 0.5, input dropout 0.4; trained
+{steps} steps on random lognormed data (batch 16, labels "B cell", "T cell", "monocyte", "natural killer
 cell", two studies) so BatchNorm running stats and PReLU slopes are not at their initial values.
 
 Files written by `save_all`: `encoder.ckpt`, `decoder.ckpt` (`torch.save({{"state_dict": ...}})`),
@@ -93,7 +93,7 @@ def counts_adata(rng: np.random.Generator, n: int) -> ad.AnnData:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--obo", required=True, help="local Cell Ontology OBO (write_cl_obo.py)")
+    p.add_argument("--obo", required=True, help="local Cell Ontology OBO (_write_cl_obo.py)")
     p.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "scimilarity_tiny"))
     p.add_argument("--train-steps", type=int, default=3)
     args = p.parse_args()
@@ -145,7 +145,12 @@ def main() -> None:
     state = torch.load(out / "encoder.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     layout = "\n".join(f"    {k}: {list(v.shape)} {v.dtype}" for k, v in state.items())
     (out / "README.md").write_text(
-        README.format(version=version("scimilarity"), torch=torch.__version__, layout=layout)
+        README.format(
+            version=version("scimilarity"),
+            torch=torch.__version__,
+            steps=trainer.global_step,
+            layout=layout,
+        )
     )
     print(f"wrote {out}: embeddings {emb.shape}, train steps {trainer.global_step}")
 

@@ -6,7 +6,7 @@ its direct parents (ancestors at distance 1) as ``is_a:`` and, when deprecated,
 ``is_obsolete: true``. The packaged ancestors follow is_a and part_of alike, so both end up as
 ``is_a`` here; ancestor/descendant sets, all SCimilarity asks of the graph, are unchanged.
 
-Usage: ``python benchmarks/write_cl_obo.py OUT.obo`` (needs cellxgene-ontology-guide and
+Usage: ``python benchmarks/_write_cl_obo.py OUT.obo`` (needs cellxgene-ontology-guide and
 zstandard installed, e.g. the project's .venv).
 """
 
@@ -48,7 +48,7 @@ def obo_text(terms: dict[str, dict], version: str) -> str:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
-        raise SystemExit("usage: write_cl_obo.py OUT.obo")
+        raise SystemExit("usage: _write_cl_obo.py OUT.obo")
     src = newest_cl_file()
     with src.open("rb") as fh:
         terms = json.loads(zstandard.ZstdDecompressor().stream_reader(fh).read())

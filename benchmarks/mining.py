@@ -1,0 +1,149 @@
+"""Triplet mining + loss for one batch: cellsift vs SCimilarity's TripletSelector + TripletLoss.
+
+One 1000-cell batch of 128-d embeddings (clustered by label), 30 Cell Ontology labels, 5
+studies, on the CPU, for each negative-selection mode. SCimilarity runs in a virtualenv of
+its own (benchmarks/_peers.py; it pins zarr<3) on the same embeddings, with the Cell Ontology
+written to a local OBO file (it would download one otherwise). Results are seconds per batch.
+
+    python benchmarks/mining.py --quick
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def make_batch(
+    n: int = 1000, dims: int = 128, n_labels: int = 30, n_studies: int = 5, seed: int = 0
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Embeddings clustered by label (with study shifts); labels are real CL leaf-ish terms."""
+    from cellsift.ontology import load_cell_ontology
+
+    cl = load_cell_ontology()
+    pool = sorted(t for t in cl.terms if not cl.is_deprecated(t) and len(cl.ancestors(t)) > 6)
+    rng = np.random.default_rng(seed)
+    terms = list(rng.choice(pool, n_labels, replace=False))
+    y = rng.integers(0, n_labels, n)
+    s = rng.integers(0, n_studies, n)
+    centers = rng.normal(0, 1, (n_labels, dims))
+    shifts = rng.normal(0, 0.3, (n_studies, dims))
+    z = centers[y] + shifts[s] + rng.normal(0, 2.0, (n, dims))  # overlapping, as mid-training
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    return z.astype(np.float32), [terms[i] for i in y], s
+
+
+def time_cellsift(
+    z: np.ndarray, labels: list[str], studies: np.ndarray, mode: str, repeats: int
+) -> dict:
+    from cellsift.losses import TripletLoss
+    from cellsift.ontology import load_cell_ontology
+
+    cl = load_cell_ontology()
+    cats = sorted(set(labels))
+    related = torch.from_numpy(cl.related(cats))
+    y = torch.tensor([cats.index(x) for x in labels])
+    s = torch.from_numpy(studies)
+    zt = torch.from_numpy(z).requires_grad_(True)
+    loss_fn = TripletLoss(margin=0.05, negative=mode, related_ll=related)
+    for _ in range(3):  # warm-up: the first calls pay for allocations and thread start-up
+        loss_fn(zt, y, s)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        loss, trip = loss_fn(zt, y, s)
+        times.append(time.perf_counter() - t)
+    return {
+        "seconds_per_batch": float(np.median(times)),
+        "n_triplets": len(trip),
+        "loss": float(loss),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-peers", action="store_true")
+    args = ap.parse_args()
+    import _peers
+
+    repeats = 20 if args.quick else 50
+    z, labels, studies = make_batch()
+    results: dict[str, float] = {}
+    detail: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "batch.npz"
+        np.savez(npz, z=z, labels=np.array(labels), studies=studies.astype(str))
+        obo = Path(tmp) / "cl.obo"
+        subprocess.run([sys.executable, str(HERE / "_write_cl_obo.py"), str(obo)], check=True)
+        for mode in ("semihard", "hardest", "random"):
+            out = time_cellsift(z, labels, studies, mode, repeats)
+            results[f"cellsift/{mode}"] = out["seconds_per_batch"]
+            detail[f"cellsift/{mode}"] = out
+            print(f"# cellsift/{mode:9s} {out['seconds_per_batch'] * 1e3:9.2f} ms", flush=True)
+            if args.no_peers or "scimilarity" in skipped:
+                continue
+            peer = _peers.run_peer(
+                "scimilarity",
+                [
+                    "--npz",
+                    str(npz),
+                    "--obo",
+                    str(obo),
+                    "--mode",
+                    mode,
+                    "--repeats",
+                    str(max(3, repeats // 10)),
+                ],
+                timeout=1800,
+            )
+            if "skipped" in peer:
+                skipped["scimilarity"] = peer["skipped"]
+                continue
+            results[f"scimilarity/{mode}"] = peer["seconds_per_batch"]
+            detail[f"scimilarity/{mode}"] = peer
+            print(f"# scimilarity/{mode:6s} {peer['seconds_per_batch'] * 1e3:9.2f} ms", flush=True)
+    speedup = {
+        m: round(results[f"scimilarity/{m}"] / results[f"cellsift/{m}"], 1)
+        for m in ("semihard", "hardest", "random")
+        if f"scimilarity/{m}" in results
+    }
+    print(
+        json.dumps(
+            {
+                "benchmark": "mining",
+                "unit": "seconds per batch",
+                "results": results,
+                "speedup_vs_scimilarity": speedup,
+                "skipped": skipped,
+                "detail": detail,
+                "config": {
+                    "n_cells": 1000,
+                    "dims": 128,
+                    "labels": 30,
+                    "studies": 5,
+                    "margin": 0.05,
+                    "device": "cpu",
+                    "threads": torch.get_num_threads(),
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
