@@ -1,0 +1,96 @@
+"""Reading SCimilarity model directories (encoder.ckpt, layer_sizes.json, gene_order.tsv, ...).
+
+The checkpoints are plain state dicts of the same module layout as
+:class:`cellsift.nn.MLPEncoder` / :class:`~cellsift.nn.MLPDecoder`, loaded with
+``weights_only=True`` (no pickled code runs). SCimilarity embeds ``log1p(counts / total * 1e4)``
+of the genes in ``gene_order.tsv``, in that order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..errors import CellsiftError
+from ..nn import MLPDecoder, MLPEncoder
+
+__all__ = ["ScimilarityModel", "read_scimilarity"]
+
+_NEEDED = ("encoder.ckpt", "layer_sizes.json", "gene_order.tsv")
+
+
+@dataclass
+class ScimilarityModel:
+    """What a SCimilarity model directory holds, as cellsift objects."""
+
+    encoder: MLPEncoder
+    decoder: MLPDecoder | None
+    genes: list[str]
+    labels: list[str]
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _hidden_sizes(state: dict[str, torch.Tensor]) -> tuple[list[int], int, int]:
+    """(hidden sizes, latent size, n_genes) from an encoder state dict (numeric block order)."""
+    linear = sorted(
+        (k for k, v in state.items() if k.endswith(".weight") and v.ndim == 2),
+        key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")],
+    )
+    sizes = [tuple(state[k].shape) for k in linear]  # (out, in) per Linear
+    return [s[0] for s in sizes[:-1]], sizes[-1][0], sizes[0][1]
+
+
+def read_scimilarity(
+    path: str | os.PathLike[str], *, map_location: str = "cpu"
+) -> ScimilarityModel:
+    """Read a SCimilarity model directory into cellsift modules (in eval mode).
+
+    Raises a clear error naming a missing file or a checkpoint that does not fit the genes.
+    """
+    folder = Path(path)
+    missing = [f for f in _NEEDED if not (folder / f).exists()]
+    if missing:
+        raise CellsiftError(
+            f"{folder} is not a SCimilarity model directory: missing {', '.join(missing)}."
+        )
+    enc_state = torch.load(folder / "encoder.ckpt", map_location=map_location, weights_only=True)[
+        "state_dict"
+    ]
+    hidden, latent, n_in = _hidden_sizes(enc_state)
+    genes = pd.read_csv(folder / "gene_order.tsv", header=None, sep="\t")[0].astype(str).tolist()
+    if len(genes) != n_in:
+        raise CellsiftError(
+            f"{folder}: gene_order.tsv lists {len(genes)} genes but the encoder "
+            f"takes {n_in}; the directory mixes files of different models."
+        )
+    hp: dict[str, Any] = {}
+    if (folder / "hyperparameters.json").exists():
+        hp = json.loads((folder / "hyperparameters.json").read_text())
+    encoder = MLPEncoder(
+        n_in,
+        hidden,
+        latent,
+        dropout=hp.get("dropout", 0.5),
+        input_dropout=hp.get("input_dropout", 0.4),
+    )
+    encoder.load_state_dict(enc_state)
+    decoder = None
+    if (folder / "decoder.ckpt").exists():
+        decoder = MLPDecoder(n_in, hidden, latent, dropout=hp.get("dropout", 0.5))
+        decoder.load_state_dict(
+            torch.load(folder / "decoder.ckpt", map_location=map_location, weights_only=True)[
+                "state_dict"
+            ]
+        )
+        decoder.eval()
+    labels: list[str] = []
+    if (folder / "label_ints.csv").exists():
+        table = pd.read_csv(folder / "label_ints.csv", index_col=0)
+        labels = table.iloc[:, 0].astype(str).tolist()
+    return ScimilarityModel(encoder.eval(), decoder, genes, labels, hp)
