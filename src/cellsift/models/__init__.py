@@ -1,5 +1,14 @@
 """User-facing models and their on-disk forms."""
 
-from .scimilarity import ScimilarityModel, read_scimilarity
+from .bundle import Bundle, BundleError, load_bundle, save_bundle
+from .scimilarity import ScimilarityModel, import_scimilarity, read_scimilarity
 
-__all__ = ["ScimilarityModel", "read_scimilarity"]
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "ScimilarityModel",
+    "import_scimilarity",
+    "load_bundle",
+    "read_scimilarity",
+    "save_bundle",
+]

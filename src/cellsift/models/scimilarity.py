@@ -20,7 +20,7 @@ import torch
 from ..errors import CellsiftError
 from ..nn import MLPDecoder, MLPEncoder
 
-__all__ = ["ScimilarityModel", "read_scimilarity"]
+__all__ = ["ScimilarityModel", "import_scimilarity", "read_scimilarity"]
 
 _NEEDED = ("encoder.ckpt", "layer_sizes.json", "gene_order.tsv")
 
@@ -94,3 +94,53 @@ def read_scimilarity(
         table = pd.read_csv(folder / "label_ints.csv", index_col=0)
         labels = table.iloc[:, 0].astype(str).tolist()
     return ScimilarityModel(encoder.eval(), decoder, genes, labels, hp)
+
+
+def import_scimilarity(
+    path: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Convert a SCimilarity model directory into a cellsift bundle (:mod:`.bundle`).
+
+    Labels are harmonised onto Cell Ontology ids (an error lists names that are not CL
+    terms); the normalisation SCimilarity applies (counts per 10,000, log1p) goes into the
+    config. Embeddings of the bundle equal SCimilarity's.
+    """
+    from ..data.genes import GeneVocabulary
+    from ..ontology import load_cell_ontology
+    from .bundle import save_bundle
+
+    model = read_scimilarity(path)
+    cl = load_cell_ontology()
+    ids = cl.harmonize(model.labels)
+    labels = [
+        {"id": i, "name": cl.name(i), "source_name": n}
+        for i, n in zip(ids, model.labels, strict=True)
+    ]
+    enc = model.encoder
+    config = {
+        "model": "MetricModel",
+        "architecture": {
+            "n_genes": enc.n_genes,
+            "hidden": list(enc.hidden),
+            "latent": enc.latent,
+            "dropout": model.hyperparameters.get("dropout", 0.5),
+            "input_dropout": model.hyperparameters.get("input_dropout", 0.4),
+        },
+        "normalization": {"target_sum": 1e4, "log1p": True},
+        "source": {
+            "kind": "scimilarity",
+            "path": str(Path(path).resolve()),
+            "hyperparameters": model.hyperparameters,
+        },
+    }
+    modules: dict[str, torch.nn.Module] = {"encoder": enc}
+    if model.decoder is not None:
+        modules["decoder"] = model.decoder
+    return save_bundle(
+        out,
+        config=config,
+        modules=modules,
+        genes=GeneVocabulary(model.genes),
+        labels=labels,
+        overwrite=overwrite,
+    )

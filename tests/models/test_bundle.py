@@ -1,0 +1,90 @@
+"""Bundles: round trip, SCimilarity import, and refusal of damaged bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellsift.data import GeneVocabulary
+from cellsift.models import BundleError, import_scimilarity, load_bundle, save_bundle
+from cellsift.nn import MLPEncoder
+from cellsift.transforms import Log1p, NormalizeTotal
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "scimilarity_tiny"
+
+
+@pytest.fixture
+def imported(tmp_path):
+    return import_scimilarity(FIXTURE, tmp_path / "bundle")
+
+
+def test_imported_scimilarity_bundle_embeds_like_scimilarity(imported):
+    bundle = load_bundle(imported)
+    arch = bundle.config["architecture"]
+    enc = MLPEncoder(arch["n_genes"], arch["hidden"], arch["latent"]).eval()
+    enc.load_state_dict(bundle.weights["encoder"])
+    counts = torch.from_numpy(np.load(FIXTURE / "input_counts.npy"))
+    x = Log1p()(NormalizeTotal(bundle.config["normalization"]["target_sum"])({"x_ng": counts}))
+    with torch.no_grad():
+        z = enc(x["x_ng"])
+    np.testing.assert_allclose(z.numpy(), np.load(FIXTURE / "expected_embeddings.npy"), atol=1e-5)
+    assert bundle.label_ids == ["CL:0000236", "CL:0000576", "CL:0000623", "CL:0000084"]
+    assert [lab["name"] for lab in bundle.labels] == [
+        "B cell",
+        "monocyte",
+        "natural killer cell",
+        "T cell",
+    ]
+    assert list(bundle.genes.genes[:2]) == ["ENSG00000000001", "ENSG00000000002"]
+    assert set(bundle.weights) == {"encoder", "decoder"}
+
+
+def test_round_trip_and_atomic_overwrite(tmp_path):
+    enc = MLPEncoder(20, (8,), 4)
+    genes = GeneVocabulary([f"g{i}" for i in range(20)])
+    path = save_bundle(
+        tmp_path / "b",
+        config={"model": "MetricModel"},
+        modules={"encoder": enc},
+        genes=genes,
+        labels=[{"id": "CL:0000236", "name": "B cell"}],
+    )
+    b = load_bundle(path)
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(b.weights["encoder"][k], v)
+    assert b.genes == genes and b.config["format_version"] == 1
+    with pytest.raises(FileExistsError):
+        save_bundle(path, config={}, modules={"encoder": enc}, genes=genes)
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary left behind
+
+
+def test_damaged_bundles_are_refused(imported, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(imported, corrupt)
+    raw = bytearray((corrupt / "model.safetensors").read_bytes())
+    raw[-3] ^= 0xFF
+    (corrupt / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=r"model\.safetensors do not match their checksums"):
+        load_bundle(corrupt)
+    (corrupt / "labels.json").unlink()
+    with pytest.raises(BundleError, match=r"incomplete, missing labels\.json"):
+        load_bundle(corrupt)
+    newer = tmp_path / "newer"
+    shutil.copytree(imported, newer)
+    cfg = json.loads((newer / "config.json").read_text())
+    cfg["format_version"] = 99
+    (newer / "config.json").write_text(json.dumps(cfg))
+    sums = json.loads((newer / "checksums.json").read_text())
+    import hashlib
+
+    sums["config.json"] = hashlib.sha256((newer / "config.json").read_bytes()).hexdigest()
+    (newer / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(BundleError, match="upgrade cellsift"):
+        load_bundle(newer)
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        load_bundle(tmp_path / "nothing")
