@@ -16,10 +16,15 @@ from torch import nn
 __all__ = ["MLPDecoder", "MLPEncoder"]
 
 
-def _block(d_in: int, d_out: int, dropout: float | None) -> nn.Sequential:
-    layers: list[nn.Module] = [] if dropout is None else [nn.Dropout(dropout)]
-    layers += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.PReLU()]
-    return nn.Sequential(*layers)
+def _stack(dims: Sequence[int], dropouts: Sequence[float | None], d_out: int) -> nn.Sequential:
+    """Blocks dims[i] -> dims[i+1] of (Dropout?, Linear, BatchNorm1d, PReLU), then a Linear."""
+    blocks: list[nn.Module] = []
+    for d_in, d_hidden, p in zip(dims[:-1], dims[1:], dropouts, strict=True):
+        layers: list[nn.Module] = [] if p is None else [nn.Dropout(p)]
+        layers += [nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden), nn.PReLU()]
+        blocks.append(nn.Sequential(*layers))
+    blocks.append(nn.Linear(dims[-1], d_out))
+    return nn.Sequential(*blocks)
 
 
 class MLPEncoder(nn.Module):
@@ -35,13 +40,8 @@ class MLPEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.n_genes, self.hidden, self.latent = n_genes, tuple(hidden), latent
-        dims = [n_genes, *hidden]
-        blocks: list[nn.Module] = [
-            _block(dims[i], dims[i + 1], input_dropout if i == 0 else dropout)
-            for i in range(len(hidden))
-        ]
-        blocks.append(nn.Linear(dims[-1], latent))
-        self.network = nn.Sequential(*blocks)
+        drops = ([input_dropout] + [dropout] * len(hidden))[: len(hidden)]
+        self.network = _stack([n_genes, *hidden], drops, latent)
 
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.network(x_ng), dim=1)
@@ -58,12 +58,8 @@ class MLPDecoder(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        dims = [latent, *reversed(tuple(hidden))]
-        blocks: list[nn.Module] = [
-            _block(dims[i], dims[i + 1], None if i == 0 else dropout) for i in range(len(hidden))
-        ]
-        blocks.append(nn.Linear(dims[-1], n_genes))
-        self.network = nn.Sequential(*blocks)
+        drops: list[float | None] = ([None] + [dropout] * len(hidden))[: len(hidden)]
+        self.network = _stack([latent, *reversed(tuple(hidden))], drops, n_genes)
 
     def forward(self, z_nk: torch.Tensor) -> torch.Tensor:
         return self.network(z_nk)
