@@ -1,0 +1,5 @@
+"""Training: validation metrics."""
+
+from .metrics import silhouette
+
+__all__ = ["silhouette"]

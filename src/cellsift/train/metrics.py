@@ -1,0 +1,43 @@
+"""Validation metrics, vectorised on the device."""
+
+from __future__ import annotations
+
+import torch
+
+from ..losses.triplet import Distance, pairwise_distance
+
+__all__ = ["silhouette"]
+
+
+def silhouette(
+    z_nk: torch.Tensor,
+    y_n: torch.Tensor,
+    related_ll: torch.Tensor | None = None,
+    distance: Distance = "cosine",
+) -> torch.Tensor:
+    """Mean silhouette of labelled cells; ontology-aware when ``related_ll`` is given.
+
+    ``a`` is a cell's mean distance to the other cells of its label, ``b`` the smallest mean
+    distance to the cells of another label, where labels related to its own (ancestor or
+    descendant, ``related_ll``) are not counted as other clusters: a CD4 T cell near T cells
+    is not penalised. Cells with label < 0 are ignored; singletons score 0 (as scikit-learn).
+    """
+    keep = y_n >= 0
+    z, y = z_nk[keep], y_n[keep].long()
+    labels, y = torch.unique(y, return_inverse=True)
+    if len(labels) < 2:
+        raise ValueError("the silhouette needs at least two labels.")
+    d = pairwise_distance(z, distance).double()
+    onehot = torch.nn.functional.one_hot(y, len(labels)).double()
+    counts = onehot.sum(0)
+    sums = d @ onehot  # cells x labels: total distance to each label
+    own = counts[y] - 1
+    a = sums[torch.arange(len(y)), y] / own.clamp_min(1)
+    mean = sums / counts
+    other = ~torch.eye(len(labels), dtype=torch.bool, device=z.device)
+    if related_ll is not None:
+        other &= ~related_ll.to(z.device)[labels][:, labels]
+    b = mean.masked_fill(~other[y], float("inf")).min(1).values
+    s = (b - a) / torch.maximum(a, b)
+    s = torch.where((own > 0) & torch.isfinite(b), s, torch.zeros_like(s))
+    return s.mean().float()
