@@ -1,5 +1,6 @@
-"""Training: validation metrics."""
+"""Training: the one Lightning training plan, and validation metrics."""
 
 from .metrics import silhouette
+from .plan import TrainingPlan
 
-__all__ = ["silhouette"]
+__all__ = ["TrainingPlan", "silhouette"]

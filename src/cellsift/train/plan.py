@@ -1,0 +1,120 @@
+"""One Lightning training plan for every cellsift module.
+
+Modules are plain ``nn.Module``s whose ``forward(batch)`` returns a dict with ``loss`` (and
+any other scalars, which are logged, and ``z_nk`` embeddings, which feed the validation
+silhouette). The plan owns the optimiser (AdamW), the learning-rate schedule (cosine over the
+run), logging (losses, cells/s, learning rate) and the stop on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from .metrics import silhouette
+
+__all__ = ["TrainingPlan"]
+
+
+class TrainingPlan(pl.LightningModule):
+    """Trains ``module`` (see the module docstring).
+
+    Parameters
+    ----------
+    module
+        The ``nn.Module`` to train.
+    lr, weight_decay
+        AdamW settings (SCimilarity: 5e-3, 0.01).
+    scheduler
+        ``"cosine"`` (annealed to 0 over the run's steps) or ``"none"``.
+    asw_cells
+        Validation cells (in the fixed validation order) used for the silhouette.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        lr: float = 5e-3,
+        weight_decay: float = 0.01,
+        scheduler: Literal["cosine", "none"] = "cosine",
+        asw_cells: int = 5_000,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.lr, self.weight_decay, self.scheduler, self.asw_cells = (
+            lr,
+            weight_decay,
+            scheduler,
+            asw_cells,
+        )
+        self._val_z: list[torch.Tensor] = []
+        self._val_y: list[torch.Tensor] = []
+        self._tick: float | None = None
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.module(batch)
+
+    def _log_scalars(self, out: dict[str, Any], prefix: str, n: int) -> None:
+        for key, value in out.items():
+            if key.endswith("loss") or key.startswith("n_"):
+                self.log(
+                    f"{prefix}/{key}",
+                    float(value),
+                    batch_size=n,
+                    prog_bar=key == "loss",
+                    on_step=prefix == "train",
+                    on_epoch=True,
+                )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.module(batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss is {float(loss)} at step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {batch_idx}); training stops. Lower the learning "
+                "rate, or check the data for values that are not counts."
+            )
+        n = int(batch["x_ng"].shape[0])
+        self._log_scalars(out, "train", n)
+        now = time.perf_counter()
+        if self._tick is not None:
+            self.log("train/cells_per_s", n / max(now - self._tick, 1e-9), batch_size=n)
+        self._tick = now
+        if self.trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._tick = None
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.module(batch)
+        self._log_scalars(out, "val", int(batch["x_ng"].shape[0]))
+        if "z_nk" in out and "y_n" in batch and sum(len(z) for z in self._val_z) < self.asw_cells:
+            self._val_z.append(out["z_nk"].detach())
+            self._val_y.append(batch["y_n"].detach())
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_z:
+            z = torch.cat(self._val_z)[: self.asw_cells]
+            y = torch.cat(self._val_y)[: self.asw_cells]
+            related = getattr(getattr(self.module, "triplet", None), "related_ll", None)
+            if len(torch.unique(y[y >= 0])) >= 2:
+                self.log("val/asw", float(silhouette(z, y, related)))
+        self._val_z, self._val_y = [], []
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(
+            self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
+        if self.scheduler == "none":
+            return opt
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

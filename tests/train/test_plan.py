@@ -1,0 +1,79 @@
+"""The training plan under a real Lightning Trainer."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from cellsift.data.datamodule import CellDataModule
+from cellsift.nn import MetricModule
+from cellsift.ontology import load_cell_ontology
+from cellsift.train import TrainingPlan
+
+
+def _trainer(tmp_path, **kw):
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kw,
+    )
+
+
+def _setup(path):
+    dm = CellDataModule(
+        path, split_key="donor_id", batch_size=256, block_size=16, fetch_factor=4, val_fraction=0.2
+    )
+    dm.setup()
+    related = torch.from_numpy(load_cell_ontology().related(dm.categories["y_n"]))
+    module = MetricModule(
+        dm.collection.n_vars, (64, 64), 16, related_ll=related, triplet_weight=0.5
+    )
+    return dm, module
+
+
+def test_fit_logs_losses_lr_and_asw(synthetic_h5ad, tmp_path):
+    torch.manual_seed(0)
+    dm, module = _setup(synthetic_h5ad)
+    plan = TrainingPlan(module)
+    trainer = _trainer(tmp_path, max_epochs=3)
+    trainer.validate(plan, datamodule=dm)
+    asw_before = float(trainer.callback_metrics["val/asw"])
+    trainer.fit(plan, datamodule=dm)
+    m = trainer.callback_metrics
+    for key in (
+        "train/loss_epoch",
+        "train/triplet_loss_epoch",
+        "train/recon_loss_epoch",
+        "train/cells_per_s",
+        "val/loss",
+        "val/asw",
+    ):
+        assert key in m, key
+    assert float(m["val/asw"]) > asw_before  # held-out donors separate better
+    assert float(m["train/lr"]) < 5e-3  # cosine schedule has decayed
+
+
+class _Explodes(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, batch):
+        out = self.inner(batch)
+        self.calls += 1
+        if self.calls == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_nan_loss_stops_with_the_step(synthetic_h5ad, tmp_path):
+    dm, module = _setup(synthetic_h5ad)
+    trainer = _trainer(tmp_path, max_epochs=1, num_sanity_val_steps=0)
+    with pytest.raises(FloatingPointError, match=r"nan at step 2 \(epoch 0, batch 2\)"):
+        trainer.fit(TrainingPlan(_Explodes(module)), datamodule=dm)
