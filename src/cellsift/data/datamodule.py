@@ -56,6 +56,8 @@ class CellDataModule(pl.LightningDataModule):
         Training loader options (validation reads sequentially).
     collection_options
         More :class:`CellCollection` options (``layer``, ``min_genes``, ...).
+    labels
+        Fixed label vocabulary (e.g. a model's): ``y_n`` codes index it; other labels are -1.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class CellDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         obs_filter: ObsFilter | None = None,
         collection_options: Mapping[str, Any] | None = None,
+        labels: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -95,6 +98,7 @@ class CellDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.obs_filter = obs_filter
         self.collection_options = dict(collection_options or {})
+        self.labels = list(labels) if labels is not None else None
         self.collection: CellCollection | None = None
         self.train: CellCollection | None = None
         self.val: CellCollection | None = None
@@ -114,7 +118,7 @@ class CellDataModule(pl.LightningDataModule):
         )
         self.collection = coll
         if self.label_key:
-            self.categories["y_n"] = coll.codes(self.label_key)[1]
+            self.categories["y_n"] = self.labels or coll.codes(self.label_key)[1]
         if self.study_key:
             self.categories["study_n"] = coll.codes(self.study_key)[1]
         if self.split_key is None or (self.val_groups is None and self.val_fraction <= 0):

@@ -62,9 +62,10 @@ class TrainingPlan(pl.LightningModule):
     def _log_scalars(self, out: dict[str, Any], prefix: str, n: int) -> None:
         for key, value in out.items():
             if key.endswith("loss") or key.startswith("n_"):
+                scalar = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
                 self.log(
                     f"{prefix}/{key}",
-                    float(value),
+                    scalar,
                     batch_size=n,
                     prog_bar=key == "loss",
                     on_step=prefix == "train",

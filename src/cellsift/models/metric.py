@@ -1,0 +1,222 @@
+"""MetricModel: SCimilarity-style metric learning with the AnnData contract (scvi-style).
+
+Holds a pure :class:`~cellsift.nn.MetricModule`, the gene vocabulary it reads and its Cell
+Ontology label set; trains through the one :class:`~cellsift.train.TrainingPlan`; embeds
+AnnData (genes aligned by the vocabulary) or collections; saves and loads as a bundle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import lightning.pytorch as pl
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .._utils import logger
+from ..data import CellCollection, GeneVocabulary
+from ..data.datamodule import CellDataModule
+from ..nn import MetricModule
+from ..ontology import load_cell_ontology
+from ..train import TrainingPlan
+from .bundle import load_bundle, save_bundle
+
+__all__ = ["MetricModel"]
+
+
+class MetricModel:
+    """An encoder whose distances mean biological similarity (SCimilarity's method).
+
+    Parameters
+    ----------
+    genes
+        The genes the model reads, in input order.
+    labels
+        Cell Ontology ids or names of the training labels (harmonised to CL ids).
+    hidden, latent, dropout, input_dropout, margin, negative, triplet_weight, target_sum
+        See :class:`~cellsift.nn.MetricModule` (SCimilarity's defaults).
+    """
+
+    def __init__(
+        self,
+        genes: GeneVocabulary | Sequence[str],
+        labels: Sequence[str],
+        *,
+        hidden: Sequence[int] = (1024, 1024, 1024),
+        latent: int = 128,
+        dropout: float = 0.5,
+        input_dropout: float = 0.4,
+        margin: float = 0.05,
+        negative: str = "semihard",
+        triplet_weight: float = 0.001,
+        target_sum: float = 1e4,
+    ) -> None:
+        self.genes = genes if isinstance(genes, GeneVocabulary) else GeneVocabulary(list(genes))
+        cl = load_cell_ontology()
+        self.labels = cl.harmonize(labels)
+        self.label_names = cl.names(self.labels)
+        self.config: dict[str, Any] = {
+            "model": "MetricModel",
+            "architecture": {
+                "n_genes": len(self.genes),
+                "hidden": list(hidden),
+                "latent": latent,
+                "dropout": dropout,
+                "input_dropout": input_dropout,
+            },
+            "loss": {"margin": margin, "negative": negative, "triplet_weight": triplet_weight},
+            "normalization": {"target_sum": target_sum, "log1p": True},
+            "ontology": {"version": cl.version},
+        }
+        related = torch.from_numpy(cl.related(self.labels))
+        self.module = MetricModule(
+            len(self.genes),
+            hidden,
+            latent,
+            dropout=dropout,
+            input_dropout=input_dropout,
+            related_ll=related,
+            margin=margin,
+            negative=negative,  # type: ignore[arg-type]
+            triplet_weight=triplet_weight,
+            target_sum=target_sum,
+        )
+        self.trainer: pl.Trainer | None = None
+
+    def __repr__(self) -> str:
+        a = self.config["architecture"]
+        return (
+            f"MetricModel({a['n_genes']} genes -> {a['hidden']} -> {a['latent']}, "
+            f"{len(self.labels)} labels)"
+        )
+
+    @classmethod
+    def from_collection(
+        cls, source: Any, *, label_key: str = "cell_type_ontology_term_id", **kwargs: Any
+    ) -> MetricModel:
+        """A model for the genes and labels of a collection (or anything CellCollection takes)."""
+        coll = (
+            source
+            if isinstance(source, CellCollection)
+            else CellCollection(source, dropna=[label_key])
+        )
+        labels = sorted(set(np.asarray(coll.obs_column(label_key)).astype(str).tolist()))
+        return cls(coll.genes, labels, **kwargs)
+
+    # -- training -------------------------------------------------------------------------
+    def train(
+        self,
+        data: CellDataModule | Any,
+        *,
+        max_epochs: int = 20,
+        lr: float = 5e-3,
+        weight_decay: float = 0.01,
+        accelerator: str = "auto",
+        devices: Any = "auto",
+        default_root_dir: str | os.PathLike[str] | None = None,
+        ckpt_path: str | None = None,
+        **trainer_kwargs: Any,
+    ) -> pl.Trainer:
+        """Train on a :class:`CellDataModule` (or stores to build one from).
+
+        The data are read through the model's gene vocabulary and label set. Extra keyword
+        arguments go to ``lightning.pytorch.Trainer``; ``ckpt_path`` resumes a run.
+        """
+        dm = data if isinstance(data, CellDataModule) else CellDataModule(data)
+        dm.genes, dm.labels = self.genes, self.labels
+        plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay)
+        trainer = pl.Trainer(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            default_root_dir=default_root_dir,
+            **trainer_kwargs,
+        )
+        trainer.fit(plan, datamodule=dm, ckpt_path=ckpt_path)
+        self.module.eval()
+        self.trainer = trainer
+        return trainer
+
+    # -- inference ------------------------------------------------------------------------
+    def embed(
+        self,
+        adata: ad.AnnData,
+        *,
+        layer: str | None = None,
+        batch_size: int = 4096,
+        device: str | torch.device | None = None,
+    ) -> np.ndarray:
+        """Embeddings (cells x latent) of raw counts in ``adata.X`` or ``adata.layers[layer]``.
+
+        Genes are aligned to the model's by id or symbol (missing genes are zeros); too little
+        overlap is an error naming the count.
+        """
+        x = adata.X if layer is None else adata.layers[layer]
+        gm = self.genes.align(adata.var, source="adata", min_overlap=0.5)
+        if not gm.identity:
+            logger.info(
+                "embed: %d of the model's %d genes found (%s)",
+                gm.n_matched,
+                len(self.genes),
+                gm.key,
+            )
+        x = sp.csr_matrix(x, dtype=np.float32)
+        keep = gm.col_map >= 0
+        remap = sp.csr_matrix(
+            (np.ones(int(keep.sum()), dtype=np.float32), (np.flatnonzero(keep), gm.col_map[keep])),
+            shape=(x.shape[1], len(self.genes)),
+        )
+        x = (x @ remap).tocsr()
+        dev = torch.device(device) if device is not None else next(self.module.parameters()).device
+        self.module.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                chunk = x[start : start + batch_size]
+                t = torch.sparse_csr_tensor(
+                    torch.from_numpy(chunk.indptr.astype(np.int64)),
+                    torch.from_numpy(chunk.indices.astype(np.int64)),
+                    torch.from_numpy(chunk.data),
+                    size=chunk.shape,
+                )
+                out.append(self.module.to(dev).embed({"x_ng": t.to(dev)}).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.config["architecture"]["latent"]))
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Save as a bundle directory (config.json, model.safetensors, genes.tsv, labels.json)."""
+        labels = [{"id": i, "name": n} for i, n in zip(self.labels, self.label_names, strict=True)]
+        return save_bundle(
+            path,
+            config=self.config,
+            genes=self.genes,
+            labels=labels,
+            modules={"encoder": self.module.encoder, "decoder": self.module.decoder},
+            overwrite=overwrite,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str = "cpu") -> MetricModel:
+        """Load a bundle saved by :meth:`save` (or made by ``import_scimilarity``)."""
+        b = load_bundle(path, device=device)
+        a, loss = b.config["architecture"], b.config.get("loss", {})
+        model = cls(
+            b.genes,
+            b.label_ids,
+            hidden=a["hidden"],
+            latent=a["latent"],
+            dropout=a["dropout"],
+            input_dropout=a["input_dropout"],
+            target_sum=b.config["normalization"]["target_sum"],
+            **loss,
+        )
+        model.module.encoder.load_state_dict(b.weights["encoder"])
+        if "decoder" in b.weights:
+            model.module.decoder.load_state_dict(b.weights["decoder"])
+        model.module.to(device).eval()
+        return model
