@@ -134,7 +134,7 @@ class MetricModel:
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
-            default_root_dir=default_root_dir,
+            default_root_dir=None if default_root_dir is None else Path(default_root_dir),
             **trainer_kwargs,
         )
         trainer.fit(plan, datamodule=dm, ckpt_path=ckpt_path)
