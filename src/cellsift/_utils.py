@@ -58,18 +58,24 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; remove it or pass overwrite=True (--overwrite).")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(final)
     try:
         yield tmp
         if final.exists():
-            _remove(final)
+            remove_path(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
-            _remove(tmp)
+            remove_path(tmp)
 
 
-def _remove(path: Path) -> None:
+def temp_sibling(path: Path) -> Path:
+    """A hidden, unique path beside ``path`` to write into before moving it into place."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -20,6 +19,7 @@ from .data import CellCollection, CellLoader, IterableCellDataset
 from .data.convert import convert
 from .data.datamodule import CellDataModule
 from .datasets import synthetic_atlas
+from .ontology import load_cell_ontology
 from .transforms import default_pipeline
 
 __all__ = ["run_demo"]
@@ -89,12 +89,12 @@ def run_demo(
             print(f"  {fmt:6s} {mode:9s} {rate:9,.0f} {nb:8d} {n:7,d} {len(seen):9,d}")
             freq[mode] = counts
 
-    names = _names(h5ad, label_key)
+    cl = load_cell_ontology()
     print("\n  cell type (share of cells drawn)   block-shuffled   weighted (balanced)")
     total_b, total_w = sum(freq["block"].values()), sum(freq["weighted"].values())
     for term, _ in freq["block"].most_common():
         print(
-            f"  {names.get(term, term)[:34]:34s} {freq['block'][term] / total_b:14.1%}"
+            f"  {cl.name(term)[:34]:34s} {freq['block'][term] / total_b:14.1%}"
             f" {freq['weighted'][term] / total_w:19.1%}"
         )
 
@@ -178,8 +178,7 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = 40)
     print(f"  {'PCA(50) + kNN (baseline)':28s} {pacc:8.3f} {pf1:9.3f}")
     _umap_png(
         z,
-        adata,
-        names=_label_names(adata),
+        names=np.array(load_cell_ontology().names(y)),
         held=test,
         title=f"{group_key} {held}",
         path=out / "umap.png",
@@ -187,23 +186,8 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = 40)
     print(f"  UMAP of the embedding -> {out / 'umap.png'}; model bundle -> {out / 'metric_model'}")
 
 
-def _names(path: Path, label_key: str) -> dict[str, str]:
-    coll = CellCollection(path)
-    for col in ("cell_type_ontology_label", "cell_type"):
-        if col in coll.stores[0].obs_columns:
-            ids = np.asarray(coll.obs_column(label_key)).astype(str)
-            names = np.asarray(coll.obs_column(col)).astype(str)
-            return dict(zip(ids.tolist(), names.tolist(), strict=True))
-    return {}
-
-
-def _label_names(adata: Any) -> np.ndarray:
-    col = "cell_type_ontology_label" if "cell_type_ontology_label" in adata.obs else "cell_type"
-    return adata.obs[col].astype(str).to_numpy()
-
-
 def _umap_png(
-    z: np.ndarray, adata: Any, *, names: np.ndarray, held: np.ndarray, title: str, path: Path
+    z: np.ndarray, *, names: np.ndarray, held: np.ndarray, title: str, path: Path
 ) -> None:
     """UMAP of the embedding (cosine), coloured by cell type and by held-out cells."""
     import matplotlib

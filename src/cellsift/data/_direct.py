@@ -27,6 +27,7 @@ from .._utils import logger
 
 __all__ = [
     "ChunkedReader",
+    "DecodingReader",
     "H5ChunkReader",
     "H5ContiguousReader",
     "ShardedArrayReader",
@@ -57,9 +58,8 @@ def _decoder(codecs: list[dict[str, Any]]) -> tuple[Any, str] | None:
 
 
 class ChunkedReader(ABC):
-    """Element ranges of a 1-d array stored in equal chunks, each decoded on its own."""
+    """Reads element ranges of one 1-d array straight from its local file(s)."""
 
-    chunk_elems: int
     dtype: np.dtype
     path: Path
 
@@ -91,6 +91,20 @@ class ChunkedReader(ABC):
                 f"{len(raw)} found: the file is truncated or corrupt; re-create it."
             )
         return raw
+
+    @abstractmethod
+    def fetch(
+        self, starts: np.ndarray, ends: np.ndarray, pool: ThreadPoolExecutor
+    ) -> Callable[[], np.ndarray]:
+        """Start reading element ranges ``[starts, ends)``; the returned function finishes the
+        read and returns their elements, concatenated."""
+
+
+class DecodingReader(ChunkedReader):
+    """Arrays stored in equal chunks decoded whole (compressed): which chunks a read needs,
+    decoded in the pool a bounded group at a time, then the ranges cut out of them."""
+
+    chunk_elems: int
 
     # -- ranges ----------------------------------------------------------------------------
     def chunks_of(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -160,7 +174,7 @@ class ChunkedReader(ABC):
         return finish
 
 
-class ShardedArrayReader(ChunkedReader):
+class ShardedArrayReader(DecodingReader):
     """Reads element ranges of one sharded 1-d zarr v3 array (see the module docstring)."""
 
     def __init__(self, path: Path, meta: dict[str, Any], decoder: Any, endian: str) -> None:
@@ -242,7 +256,7 @@ class ShardedArrayReader(ChunkedReader):
         return np.frombuffer(out, dtype=self.dtype)
 
 
-class H5ChunkReader(ChunkedReader):
+class H5ChunkReader(DecodingReader):
     """A chunked HDF5 dataset, uncompressed or gzip, without other filters.
 
     Uncompressed: the wanted bytes of each chunk go straight into the output with one
@@ -299,9 +313,6 @@ class H5ContiguousReader(ChunkedReader):
         super().__init__()
         self.path, self.dtype = file, ds.dtype
         self.offset = int(ds.id.get_offset())
-
-    def _chunk(self, chunk: int) -> np.ndarray:
-        raise NotImplementedError
 
     def fetch(
         self, starts: np.ndarray, ends: np.ndarray, pool: ThreadPoolExecutor

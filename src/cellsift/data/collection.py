@@ -225,10 +225,6 @@ class CellCollection:
         return out
 
     # -- reading --------------------------------------------------------------------------
-    def store_of(self, rows: np.ndarray) -> np.ndarray:
-        """Index of the store holding each global row."""
-        return np.searchsorted(self.offsets, rows, side="right") - 1
-
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of global rows ``rows`` (sorted, unique), genes in vocabulary order."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -239,28 +235,15 @@ class CellCollection:
             a, b = bounds[k], bounds[k + 1]
             if a == b:
                 continue
-            x = store.read(rows[a:b] - self.offsets[k])
-            data, indices, indptr = x.data, x.indices, x.indptr.astype(np.int64)
-            gm = self.gene_maps[k]
-            if not gm.identity:
-                mapped = gm.col_map[indices]
-                keep = mapped >= 0
-                if not keep.all():
-                    csum = np.concatenate(([0], np.cumsum(keep)))
-                    indptr = csum[indptr]
-                    data, mapped = data[keep], mapped[keep]
-                indices = mapped.astype(np.int32)
-            datas.append(data)
-            idxs.append(indices)
+            x = self.gene_maps[k].apply(store.read(rows[a:b] - self.offsets[k]))
+            indptr = x.indptr.astype(np.int64)
+            datas.append(x.data)
+            idxs.append(x.indices)
             ptrs.append(indptr[1:] + nnz)
             nnz += int(indptr[-1])
         data = np.concatenate(datas) if datas else np.zeros(0, np.float32)
         indices = np.concatenate(idxs) if idxs else np.zeros(0, np.int32)
         return sp.csr_matrix((data, indices, np.concatenate(ptrs)), shape=(len(rows), self.n_vars))
-
-    def read_kept(self, positions: np.ndarray) -> sp.csr_matrix:
-        """Counts of kept cells by position in ``[0, n_obs)`` (sorted, unique)."""
-        return self.read(self.cell_ids[np.asarray(positions)])
 
 
 def _check_counts(store: CellStore, n_sample: int = 512) -> None:

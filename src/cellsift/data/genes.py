@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .._utils import atomic_path
 from ..errors import GeneAlignmentError
@@ -49,7 +50,25 @@ class GeneMap:
     n_matched: int
     key: str
     identity: bool
-    monotonic: bool
+    n_vocab: int
+
+    def apply(self, x: sp.csr_matrix) -> sp.csr_matrix:
+        """``x`` (cells x the store's genes) with columns in vocabulary order.
+
+        Genes the vocabulary lacks are dropped; vocabulary genes the store lacks stay zero.
+        """
+        if self.identity:
+            return x
+        mapped = self.col_map[x.indices]
+        keep = mapped >= 0
+        indptr = x.indptr.astype(np.int64)
+        data = x.data
+        if not keep.all():
+            indptr = np.concatenate(([0], np.cumsum(keep)))[indptr]
+            data, mapped = data[keep], mapped[keep]
+        return sp.csr_matrix(
+            (data, mapped.astype(np.int32), indptr), shape=(x.shape[0], self.n_vocab)
+        )
 
 
 class GeneVocabulary:
@@ -152,7 +171,5 @@ class GeneVocabulary:
                 "such as Ensembl ids."
             )
         col_map = target.get_indexer(ids).astype(np.int64)
-        kept = col_map[col_map >= 0]
         identity = len(var) == len(self) and bool(np.array_equal(col_map, np.arange(len(self))))
-        monotonic = bool(np.all(np.diff(kept) > 0))
-        return GeneMap(col_map, n_matched, key, identity, monotonic)
+        return GeneMap(col_map, n_matched, key, identity, len(self))

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -25,7 +26,7 @@ from ..errors import ResumeError
 from .collection import CellCollection
 from .sampling import EpochPlan, Mode, SamplingConfig, balanced_weights, make_plan
 
-__all__ = ["CellLoader", "IterableCellDataset"]
+__all__ = ["CellLoader", "IterableCellDataset", "to_torch_csr"]
 
 Batch = dict[str, Any]
 
@@ -114,11 +115,9 @@ class IterableCellDataset(IterableDataset):
         self.weights = None
         if mode == "weighted":
             if weights is None:
-                if label_key is None:
+                if "y_n" not in self.codes:
                     raise ValueError("weighted mode needs label_key (and study_key) or weights=.")
-                labels, _ = collection.codes(label_key)
-                studies = collection.codes(study_key)[0] if study_key else None
-                weights = balanced_weights(labels, studies)
+                weights = balanced_weights(self.codes["y_n"], self.codes.get("study_n"))
             self.weights = np.asarray(weights, dtype=np.float64)
         self._rank, self._world = rank, world_size
         self.num_workers = 0  # set by CellLoader: fixes the batch order for resume
@@ -170,9 +169,6 @@ class IterableCellDataset(IterableDataset):
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
         return self.plan().total_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def fingerprint(self) -> dict[str, Any]:
         _, world = self.rank_world
@@ -256,18 +252,24 @@ class IterableCellDataset(IterableDataset):
 
     def _batch(self, x: Any, rows: np.ndarray, pos: np.ndarray) -> Batch:
         batch: Batch = {
-            "x_ng": torch.sparse_csr_tensor(  # int32 indices: a batch never nears 2**31 values
-                torch.from_numpy(x.indptr.astype(np.int32)),
-                torch.from_numpy(x.indices.astype(np.int32, copy=False)),
-                torch.from_numpy(x.data.astype(np.float32, copy=False)),
-                size=x.shape,
-                check_invariants=False,
-            ),
+            "x_ng": to_torch_csr(x),
             "obs_idx_n": torch.from_numpy(rows.astype(np.int64)),
         }
         for key, codes in self.codes.items():
             batch[key] = torch.from_numpy(codes[pos])
         return batch
+
+
+def to_torch_csr(x: sp.csr_matrix) -> torch.Tensor:
+    """A scipy CSR matrix as a torch sparse CSR tensor (float32 values, int32 indices: a batch
+    never nears 2**31 values), sharing memory where the dtypes allow."""
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(x.indptr.astype(np.int32)),
+        torch.from_numpy(x.indices.astype(np.int32, copy=False)),
+        torch.from_numpy(x.data.astype(np.float32, copy=False)),
+        size=x.shape,
+        check_invariants=False,
+    )
 
 
 def _worker_skips(counts: list[int], n: int) -> tuple[list[int], int]:
@@ -279,7 +281,6 @@ def _worker_skips(counts: list[int], n: int) -> tuple[list[int], int]:
     if n > sum(counts):
         raise ResumeError(f"cannot skip {n} batches: the epoch has only {sum(counts)}.")
     n_workers = len(counts)
-    skips = [0] * n_workers
     full_rounds = min([c for c in counts if c > 0], default=0)
     rounds = min(full_rounds, n // max(n_workers, 1))  # whole rounds at once, then step
     skips = [rounds] * n_workers

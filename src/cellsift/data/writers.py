@@ -8,8 +8,6 @@ moved into place on :meth:`StoreWriter.close`; :meth:`StoreWriter.abort` removes
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import import_optional
+from .._utils import import_optional, remove_path, temp_sibling
 
 __all__ = ["FORMATS", "StoreWriter", "guess_format", "open_writer"]
 
@@ -70,7 +68,7 @@ class StoreWriter:
             raise FileExistsError(f"{self.path} exists; remove it or pass overwrite=True.")
         self.overwrite = overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp = temp_sibling(self.path)
         self.var = _clean_frame(var)
         if not self.var.index.is_unique:
             raise ValueError("var_names must be unique to write a store.")
@@ -110,14 +108,14 @@ class StoreWriter:
             self.abort()
             raise
         if self.path.exists():
-            _remove(self.path)
+            remove_path(self.path)
         os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         """Remove the partial output."""
         if self.tmp.exists():
-            _remove(self.tmp)
+            remove_path(self.tmp)
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -138,13 +136,6 @@ def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
         if df[col].dtype == object:
             df[col] = df[col].astype("category")
     return df
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
 
 
 _CSR_ATTRS = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}

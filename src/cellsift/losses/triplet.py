@@ -69,6 +69,7 @@ def _positive_pairs(
 
 _INDEX_BITS = 16  # cells per batch < 2**16
 _MAX_CELLS = (1 << _INDEX_BITS) - 1
+_ROW_SHIFT = _INDEX_BITS + 31  # above the cell index and a non-negative float32's 31 bits
 
 
 def _float_key(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,7 @@ def _float_key(x: torch.Tensor) -> torch.Tensor:
 def _sorted_negative_keys(d_nn: torch.Tensor, allowed_nn: torch.Tensor) -> torch.Tensor:
     """Each anchor's negatives by distance as one monotone int64 array of n * n keys.
 
-    Key = row << 47 | distance bits << 16 | cell: sorting a row sorts by distance (ties by
+    Key = row << 47 (_ROW_SHIFT) | distance bits << 16 | cell: sorting a row sorts by distance (ties by
     cell), disallowed negatives (distance inf) last; rows concatenated stay sorted. On the CPU
     numpy's SIMD sort does the work (several times faster than ``torch.sort`` there).
     """
@@ -88,7 +89,7 @@ def _sorted_negative_keys(d_nn: torch.Tensor, allowed_nn: torch.Tensor) -> torch
     keys = dist.view(torch.int32).long()  # the one n x n int64 buffer, then built in place
     cells = torch.arange(n, device=d_nn.device)
     keys.bitwise_left_shift_(_INDEX_BITS).bitwise_or_(cells[None, :]).bitwise_or_(
-        cells[:, None] << 47
+        cells[:, None] << _ROW_SHIFT
     )
     if keys.device.type == "cpu":
         keys.numpy().sort(axis=1)
@@ -150,7 +151,7 @@ def mine_triplets(
         if n > _MAX_CELLS:
             raise ValueError(f"triplet mining takes at most {_MAX_CELLS} cells a batch, not {n}.")
         keys = _sorted_negative_keys(d, allowed)
-        row = a << 47
+        row = a << _ROW_SHIFT
         d_ap = d[a, p]
         # negatives closer than d(a,p) + margin: keys below (a, bits(d_ap + margin), 0)
         hi = torch.searchsorted(keys, row | (_float_key(d_ap + margin) << _INDEX_BITS)) - a * n

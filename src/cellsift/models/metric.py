@@ -21,6 +21,7 @@ import torch
 from .._utils import logger
 from ..data import CellCollection, GeneVocabulary
 from ..data.datamodule import CellDataModule
+from ..data.loader import to_torch_csr
 from ..nn import MetricModule
 from ..ontology import load_cell_ontology
 from ..train import TrainingPlan
@@ -165,26 +166,14 @@ class MetricModel:
                 len(self.genes),
                 gm.key,
             )
-        x = sp.csr_matrix(x, dtype=np.float32)
-        keep = gm.col_map >= 0
-        remap = sp.csr_matrix(
-            (np.ones(int(keep.sum()), dtype=np.float32), (np.flatnonzero(keep), gm.col_map[keep])),
-            shape=(x.shape[1], len(self.genes)),
-        )
-        x = (x @ remap).tocsr()
+        x = gm.apply(sp.csr_matrix(x, dtype=np.float32))
         dev = torch.device(device) if device is not None else next(self.module.parameters()).device
-        self.module.eval()
+        self.module.to(dev).eval()
         out = []
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
-                chunk = x[start : start + batch_size]
-                t = torch.sparse_csr_tensor(
-                    torch.from_numpy(chunk.indptr.astype(np.int64)),
-                    torch.from_numpy(chunk.indices.astype(np.int64)),
-                    torch.from_numpy(chunk.data),
-                    size=chunk.shape,
-                )
-                out.append(self.module.to(dev).embed({"x_ng": t.to(dev)}).cpu().numpy())
+                t = to_torch_csr(x[start : start + batch_size]).to(dev)
+                out.append(self.module.embed({"x_ng": t}).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.config["architecture"]["latent"]))
 
     # -- persistence ----------------------------------------------------------------------
