@@ -30,3 +30,6 @@ warnings.filterwarnings(
 warnings.filterwarnings(
     "ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning
 )
+# Lightning warns about any IterableDataset with __len__ under several workers; ours shard the
+# epoch by rank and worker and report the length of the shard, which is what it asks for.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")

@@ -1,4 +1,4 @@
-"""The ``cellsift`` command: ``info``, ``convert``, ``demo``."""
+"""The ``cellsift`` command: ``info``, ``convert``, ``fit``, ``demo``."""
 
 from __future__ import annotations
 
@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_convert)
 
+    sub.add_parser(
+        "fit",
+        help="train a model with a LightningCLI config (cellsift fit --config configs/metric.yaml)",
+        add_help=False,
+    )
+
     p = sub.add_parser("demo", help="run the main job on the real data (or a synthetic atlas)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--synthetic", action="store_true", help="use a synthetic atlas")
@@ -103,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
+        from .train.cli import run_fit
+
+        run_fit(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")
     logger.setLevel(logging.INFO if args.verbose else logging.WARNING)

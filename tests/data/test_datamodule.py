@@ -104,3 +104,24 @@ def test_killed_run_resumes_with_the_same_batches(indexed_paths, tmp_path):
     assert len(resumed.seen) == n_total - step
     for got, want in zip(resumed.seen, full.seen[step:], strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_harmonized_labels_code_cell_ontology_ids(synthetic_h5ad):
+    """Labels given as CL names are read as CL ids; codes index the id vocabulary."""
+    import anndata as ad
+
+    obs = ad.read_h5ad(synthetic_h5ad, backed="r").obs
+    dm = CellDataModule(
+        synthetic_h5ad,
+        label_key="cell_type",
+        harmonize_labels=True,
+        val_fraction=0,
+        mode="sequential",
+        batch_size=500,
+    )
+    ids = sorted(set(obs["cell_type_ontology_term_id"].astype(str)))
+    assert dm.label_set == ids
+    batch = next(iter(dm.train_dataloader()))
+    rows = batch["obs_idx_n"].numpy()
+    expect = obs["cell_type_ontology_term_id"].astype(str).to_numpy()[rows]
+    assert [ids[c] for c in batch["y_n"].tolist()] == expect.tolist()

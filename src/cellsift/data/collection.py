@@ -128,6 +128,7 @@ class CellCollection:
                 "the filters keep no cells; loosen obs_filter / min_genes / min_counts."
             )
         self._obs_cache: dict[str, Any] = {}
+        self._value_maps: dict[str, dict[str, str]] = {}
 
     # -- shape ----------------------------------------------------------------------------
     @property
@@ -200,8 +201,18 @@ class CellCollection:
                 col: Any = pd.Categorical(values[self.cell_ids].astype(str))
             else:
                 col = np.concatenate([np.asarray(p) for p in parts])[self.cell_ids]
+            if name in self._value_maps:
+                col = _map_values(col, self._value_maps[name])
             self._obs_cache[name] = col
         return self._obs_cache[name]
+
+    def map_values(self, name: str, mapping: Mapping[str, str]) -> None:
+        """Read obs ``name`` through ``mapping`` from now on (e.g. names -> Cell Ontology ids).
+
+        Values without an entry stay as they are; subsets made afterwards share the mapping.
+        """
+        self._value_maps = {**self._value_maps, name: {str(k): str(v) for k, v in mapping.items()}}
+        self._obs_cache.pop(name, None)
 
     def codes(
         self, name: str, categories: Sequence[str] | None = None
@@ -284,3 +295,13 @@ def _other_layers(store: CellStore) -> str:
         return ", ".join(names)
     except Exception:  # non-AnnData stores have no layers to suggest
         return ""
+
+
+def _map_values(col: Any, mapping: Mapping[str, str]) -> pd.Categorical:
+    """``col`` through ``mapping``, one lookup per category (missing values stay missing)."""
+    cat = col if isinstance(col, pd.Categorical) else pd.Categorical(np.asarray(col).astype(str))
+    if len(cat.categories) == 0:
+        return cat
+    mapped = np.asarray([mapping.get(str(c), str(c)) for c in cat.categories], dtype=object)
+    values = np.where(cat.codes >= 0, mapped[np.maximum(cat.codes, 0)], None)
+    return pd.Categorical(values)

@@ -58,6 +58,9 @@ class CellDataModule(pl.LightningDataModule):
         More :class:`CellCollection` options (``layer``, ``min_genes``, ...).
     labels
         Fixed label vocabulary (e.g. a model's): ``y_n`` codes index it; other labels are -1.
+    harmonize_labels
+        Read ``label_key`` as Cell Ontology terms: names and ids map to current CL ids (an
+        error lists values that are not CL terms).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class CellDataModule(pl.LightningDataModule):
         obs_filter: ObsFilter | None = None,
         collection_options: Mapping[str, Any] | None = None,
         labels: Sequence[str] | None = None,
+        harmonize_labels: bool = False,
     ) -> None:
         super().__init__()
         self.source = source
@@ -99,6 +103,7 @@ class CellDataModule(pl.LightningDataModule):
         self.obs_filter = obs_filter
         self.collection_options = dict(collection_options or {})
         self.labels = list(labels) if labels is not None else None
+        self.harmonize_labels = harmonize_labels
         self.collection: CellCollection | None = None
         self.train: CellCollection | None = None
         self.val: CellCollection | None = None
@@ -117,8 +122,14 @@ class CellDataModule(pl.LightningDataModule):
             **self.collection_options,
         )
         self.collection = coll
+        if self.label_key and self.harmonize_labels:
+            from ..ontology import load_cell_ontology
+
+            raw = np.unique(np.asarray(coll.obs_column(self.label_key)).astype(str)).tolist()
+            ids = load_cell_ontology().harmonize(raw)
+            coll.map_values(self.label_key, dict(zip(raw, ids, strict=True)))
         if self.label_key:
-            self.categories["y_n"] = self.labels or coll.codes(self.label_key)[1]
+            self.categories["y_n"] = coll.codes(self.label_key)[1]
         if self.study_key:
             self.categories["study_n"] = coll.codes(self.study_key)[1]
         if self.split_key is None or (self.val_groups is None and self.val_fraction <= 0):
@@ -143,13 +154,29 @@ class CellDataModule(pl.LightningDataModule):
             ", ".join(self.val_groups),
         )
 
+    @property
+    def gene_vocabulary(self) -> GeneVocabulary:
+        """The genes batches carry (the given ones, else the first store's)."""
+        self.setup()
+        assert self.collection is not None
+        return self.collection.genes
+
+    @property
+    def label_set(self) -> list[str]:
+        """The labels ``y_n`` codes index: the fixed ``labels``, else those of the data."""
+        self.setup()
+        return list(self.labels) if self.labels is not None else self.categories.get("y_n", [])
+
     def _dataset(self, coll: CellCollection, **overrides: Any) -> IterableCellDataset:
         opts = {**self.loader_options, **overrides}
+        categories = dict(self.categories)
+        if self.label_key:
+            categories["y_n"] = self.label_set
         return IterableCellDataset(
             coll,
             label_key=self.label_key,
             study_key=self.study_key,
-            categories=self.categories,
+            categories=categories,
             **opts,
         )
 

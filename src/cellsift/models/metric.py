@@ -59,7 +59,7 @@ class MetricModel:
     ) -> None:
         self.genes = genes if isinstance(genes, GeneVocabulary) else GeneVocabulary(list(genes))
         cl = load_cell_ontology()
-        self.labels = cl.harmonize(labels)
+        self.labels = list(dict.fromkeys(cl.harmonize(labels)))  # names and ids may meet
         self.label_names = cl.names(self.labels)
         self.config: dict[str, Any] = {
             "model": "MetricModel",
@@ -129,7 +129,12 @@ class MetricModel:
         arguments go to ``lightning.pytorch.Trainer``; ``ckpt_path`` resumes a run.
         """
         dm = data if isinstance(data, CellDataModule) else CellDataModule(data)
-        dm.genes, dm.labels = self.genes, self.labels
+        if dm.collection is not None and dm.collection.genes != self.genes:
+            raise ValueError(
+                "the data module was set up with other genes than the model's; pass it to "
+                "train() before calling setup()."
+            )
+        dm.genes, dm.labels, dm.harmonize_labels = self.genes, self.labels, True
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay)
         trainer = pl.Trainer(
             max_epochs=max_epochs,

@@ -33,6 +33,9 @@ class TrainingPlan(pl.LightningModule):
         ``"cosine"`` (annealed to 0 over the run's steps) or ``"none"``.
     asw_cells
         Validation cells (in the fixed validation order) used for the silhouette.
+    compile
+        ``torch.compile`` the module's dense parts (its ``encoder`` and ``decoder``, or the
+        whole module when it has neither); state-dict keys do not change.
     """
 
     def __init__(
@@ -43,9 +46,14 @@ class TrainingPlan(pl.LightningModule):
         weight_decay: float = 0.01,
         scheduler: Literal["cosine", "none"] = "cosine",
         asw_cells: int = 5_000,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.module = module
+        if compile:
+            parts = [getattr(module, n) for n in ("encoder", "decoder") if hasattr(module, n)]
+            for part in parts or [module]:
+                part.compile()
         self.lr, self.weight_decay, self.scheduler, self.asw_cells = (
             lr,
             weight_decay,

@@ -1,0 +1,127 @@
+"""``cellsift fit``: LightningCLI over the training plan and the data module.
+
+    cellsift fit --config configs/metric.yaml [--trainer.max_epochs 10] [--ckpt_path last]
+
+The ``model`` section configures a :class:`~cellsift.models.MetricModel`; what comes from the
+data (its gene vocabulary and label set) is linked from the ``data`` section when both are
+built, so a config never lists genes or labels. At the end of fit the trained model is
+written as a bundle (``<log dir>/model`` unless ``model.bundle_dir`` names a place), which
+:meth:`MetricModel.load` reads. ``--ckpt_path last`` resumes a run from its last checkpoint,
+mid-epoch included (the loader's position is part of the checkpoint).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .._utils import logger
+from ..data.datamodule import CellDataModule
+from .plan import TrainingPlan
+
+__all__ = ["FitCLI", "MetricPlan", "run_fit"]
+
+
+class MetricPlan(TrainingPlan):
+    """The training plan of a :class:`~cellsift.models.MetricModel` built for the data.
+
+    Parameters
+    ----------
+    genes, labels
+        Linked from the data module by ``cellsift fit`` (its ``gene_vocabulary`` and
+        ``label_set``); pass them when building the plan in Python.
+    hidden, latent, dropout, input_dropout, margin, negative, triplet_weight, target_sum
+        The model (SCimilarity's defaults); see :class:`~cellsift.nn.MetricModule`.
+    lr, weight_decay, scheduler, asw_cells, compile
+        The plan; see :class:`TrainingPlan`.
+    bundle_dir
+        Where the bundle goes at the end of fit (default: ``<log dir>/model``).
+    """
+
+    def __init__(
+        self,
+        genes: Any = None,
+        labels: list[str] | None = None,
+        *,
+        hidden: tuple[int, ...] = (1024, 1024, 1024),
+        latent: int = 128,
+        dropout: float = 0.5,
+        input_dropout: float = 0.4,
+        margin: float = 0.05,
+        negative: Literal["semihard", "hardest", "random"] = "semihard",
+        triplet_weight: float = 0.001,
+        target_sum: float = 1e4,
+        lr: float = 5e-3,
+        weight_decay: float = 0.01,
+        scheduler: Literal["cosine", "none"] = "cosine",
+        asw_cells: int = 5_000,
+        compile: bool = False,
+        bundle_dir: str | None = None,
+    ) -> None:
+        from ..models.metric import MetricModel
+
+        if genes is None or labels is None:
+            raise ValueError(
+                "MetricPlan needs the genes and labels of the data: `cellsift fit` links them "
+                "from the data section; in Python pass genes= and labels=."
+            )
+        model = MetricModel(
+            genes,
+            labels,
+            hidden=hidden,
+            latent=latent,
+            dropout=dropout,
+            input_dropout=input_dropout,
+            margin=margin,
+            negative=negative,
+            triplet_weight=triplet_weight,
+            target_sum=target_sum,
+        )
+        super().__init__(
+            model.module,
+            lr=lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            asw_cells=asw_cells,
+            compile=compile,
+        )
+        self.metric_model = model
+        self.bundle_dir = bundle_dir
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        path = Path(self.bundle_dir) if self.bundle_dir else Path(root) / "model"
+        self.metric_model.module.eval()
+        self.metric_model.save(path, overwrite=True)
+        logger.warning("cellsift fit: model bundle written to %s", path)
+
+
+class FitCLI(LightningCLI):
+    """LightningCLI with the data's genes and labels linked into the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.gene_vocabulary", "model.genes", apply_on="instantiate")
+        parser.link_arguments("data.label_set", "model.labels", apply_on="instantiate")
+
+
+def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
+    """``cellsift fit ARGS``: train with LightningCLI (see the module docstring)."""
+    args = list(argv or [])
+    if args and args[0] == "fit":
+        args = args[1:]
+    with warnings.catch_warnings():  # the arguments are the command line's, passed on
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return FitCLI(
+            MetricPlan,
+            CellDataModule,
+            subclass_mode_data=True,
+            args=["fit", *args],
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "cellsift"},
+        )
