@@ -154,8 +154,9 @@ def _short(text: str, limit: int = 300) -> str:
     return (lines[-1] if lines else "no output")[-limit:]
 
 
-def run_peer(name: str, args: list[str], timeout: float) -> dict:
-    """Run one peer script; its last stdout line as a dict, or ``{"skipped": reason}``.
+def run_peer(name: str, args: list[str], timeout: float, script: str | None = None) -> dict:
+    """Run a peer script (its own, or ``script`` in its venv); the last stdout line as a dict,
+    or ``{"skipped": reason}``.
 
     The script's stderr is kept in ``benchmarks/.venvs/<name>/last_run.stderr``; a failure's
     reason is its last line (for a Python error, the exception message).
@@ -163,7 +164,7 @@ def run_peer(name: str, args: list[str], timeout: float) -> dict:
     try:
         py = peer_python(name)
         proc = subprocess.run(
-            [str(py), str(SCRIPTS / f"{PEERS[name].script}.py"), *args],
+            [str(py), str(SCRIPTS / f"{script or PEERS[name].script}.py"), *args],
             capture_output=True,
             text=True,
             timeout=timeout,

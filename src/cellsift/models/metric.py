@@ -121,12 +121,14 @@ class MetricModel:
         devices: Any = "auto",
         default_root_dir: str | os.PathLike[str] | None = None,
         ckpt_path: str | None = None,
+        compile: bool = False,
         **trainer_kwargs: Any,
     ) -> pl.Trainer:
         """Train on a :class:`CellDataModule` (or stores to build one from).
 
         The data are read through the model's gene vocabulary and label set. Extra keyword
-        arguments go to ``lightning.pytorch.Trainer``; ``ckpt_path`` resumes a run.
+        arguments go to ``lightning.pytorch.Trainer`` (e.g. ``precision="bf16-mixed"``);
+        ``ckpt_path`` resumes a run; ``compile`` compiles the encoder and decoder.
         """
         dm = data if isinstance(data, CellDataModule) else CellDataModule(data)
         if dm.collection is not None and dm.collection.genes != self.genes:
@@ -135,7 +137,7 @@ class MetricModel:
                 "train() before calling setup()."
             )
         dm.genes, dm.labels, dm.harmonize_labels = self.genes, self.labels, True
-        plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay)
+        plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, compile=compile)
         trainer = pl.Trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,
