@@ -1,0 +1,140 @@
+"""CellIndex against brute force: exact and IVF search, filters, add, save/load, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellsift.tasks import CellIndex, CellIndexError
+
+
+def _clustered(n: int, d: int = 32, n_clusters: int = 40, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_clusters, d))
+    lab = rng.integers(0, n_clusters, n)
+    x = centers[lab] + 0.6 * rng.normal(size=(n, d))
+    meta = pd.DataFrame(
+        {
+            "study": np.array([f"study_{i:02d}" for i in range(25)])[rng.integers(0, 25, n)],
+            "cluster": lab,
+        }
+    )
+    return x.astype(np.float32), meta
+
+
+def _brute(x: np.ndarray, q: np.ndarray, k: int, rows: np.ndarray | None = None):
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    cand = np.arange(len(x)) if rows is None else rows
+    d = 1.0 - qn @ xn[cand].T
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), cand[order]
+
+
+def _recall(got: np.ndarray, truth: np.ndarray) -> float:
+    return np.mean([len(np.intersect1d(g, t)) / len(t) for g, t in zip(got, truth, strict=True)])
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, meta = _clustered(30_000)
+    q = x[:: 300] + 0.05 * np.random.default_rng(1).normal(size=(100, x.shape[1]))
+    return x, meta, q.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ivf(data):
+    x, meta, _ = data
+    return CellIndex.build(x, meta, engine="ivf", k=50)
+
+
+def test_exact_search_is_brute_force(data):
+    x, meta, q = data
+    index = CellIndex.build(x, meta, engine="exact")
+    res = index.search(q, 20)
+    d, i = _brute(x, q, 20)
+    np.testing.assert_array_equal(res.indices, i)
+    np.testing.assert_allclose(res.distances, d, atol=1e-5)
+
+
+def test_ivf_reaches_the_calibrated_recall(data, ivf):
+    x, _, q = data
+    assert ivf.engine == "ivf" and ivf.params["nprobe"] < ivf.params["nlist"]
+    _, truth = _brute(x, q, 50)
+    assert _recall(ivf.search(q, 50).indices, truth) >= 0.98
+    assert ivf.params["calibrated_recall"] >= 0.99
+
+
+def test_filtered_search_only_returns_selected_cells(data, ivf):
+    x, meta, q = data
+    # small selection (one study, 4%): exact within the selection
+    sel = np.flatnonzero(meta["study"] == "study_03")
+    res = ivf.search(q, 10, filter={"study": "study_03"})
+    np.testing.assert_array_equal(res.indices, _brute(x, q, 10, sel)[1])
+    # large selection (80% of cells): the ANN with an id selector
+    big = [f"study_{i:02d}" for i in range(20)]
+    rows = np.flatnonzero(meta["study"].isin(big))
+    res = ivf.search(q, 50, filter={"study": big})
+    assert np.isin(res.indices, rows).all()
+    assert _recall(res.indices, _brute(x, q, 50, rows)[1]) >= 0.98
+    # metadata of the hits agree with the filter
+    hits = res.metadata(["study"])
+    assert hits["study"].isin(big).all() and len(hits) == 100 * 50
+
+
+def test_filter_errors(ivf, data):
+    q = data[2]
+    with pytest.raises(CellIndexError, match="selects no cells"):
+        ivf.search(q, 5, filter={"study": "no_such_study"})
+    with pytest.raises(CellIndexError, match="does not have"):
+        ivf.search(q, 5, filter={"tissue": "blood"})
+    with pytest.raises(CellIndexError, match="dims"):
+        ivf.search(q[:, :10], 5)
+    bad = q.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(CellIndexError, match="NaN"):
+        ivf.search(bad, 5)
+
+
+def test_search_within_max_distance_is_exhaustive(data):
+    x, meta, q = data
+    index = CellIndex.build(x[:5000], meta[:5000], engine="exact")
+    hits = index.search_within(q[:5], 0.3)
+    d, i = _brute(x[:5000], q[:5], 5000)
+    for (ids, dist), di, ii in zip(hits, d, i, strict=True):
+        want = ii[di <= 0.3]
+        np.testing.assert_array_equal(np.sort(ids), np.sort(want))
+        assert (np.diff(dist) >= 0).all()
+
+
+def test_add_save_load_roundtrip(tmp_path, data):
+    x, meta, q = data
+    index = CellIndex.build(x[:20_000], meta[:20_000], engine="ivf")
+    new = index.add(x[20_000:], meta[20_000:])
+    np.testing.assert_array_equal(new, np.arange(20_000, len(x)))
+    res = index.search(q, 10)
+    _, truth = _brute(x, q, 10)
+    assert _recall(res.indices, truth) >= 0.97
+    path = index.save(tmp_path / "idx")
+    loaded = CellIndex.load(path)
+    assert isinstance(loaded.embeddings, np.memmap) and len(loaded) == len(x)
+    np.testing.assert_array_equal(loaded.search(q, 10).indices, res.indices)
+    assert loaded.metadata_rows([25_000])["study"][0] == meta["study"][25_000]
+    with pytest.raises(FileExistsError):
+        index.save(tmp_path / "idx")
+
+
+def test_corrupt_or_incomplete_index_is_named(tmp_path, data):
+    x, meta, _ = data
+    path = CellIndex.build(x[:2000], meta[:2000], engine="exact").save(tmp_path / "idx")
+    raw = bytearray((path / "embeddings.npy").read_bytes())
+    raw[-10] ^= 0xFF
+    (path / "embeddings.npy").write_bytes(bytes(raw))
+    with pytest.raises(CellIndexError, match="embeddings.npy"):
+        CellIndex.load(path)
+    (path / "metadata.parquet").unlink()
+    with pytest.raises(CellIndexError, match="metadata.parquet"):
+        CellIndex.load(path, verify=False)
+    with pytest.raises(CellIndexError, match="not a CellIndex"):
+        CellIndex.load(tmp_path)
