@@ -23,6 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	@set -e; for f in benchmarks/*.py; do \
 	  case $$f in benchmarks/_*) continue;; esac; \
 	  echo "== $$f"; $(BIN)/python $$f --quick; done

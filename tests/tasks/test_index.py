@@ -39,7 +39,7 @@ def _recall(got: np.ndarray, truth: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def data():
     x, meta = _clustered(30_000)
-    q = x[:: 300] + 0.05 * np.random.default_rng(1).normal(size=(100, x.shape[1]))
+    q = x[::300] + 0.05 * np.random.default_rng(1).normal(size=(100, x.shape[1]))
     return x, meta, q.astype(np.float32)
 
 
@@ -131,10 +131,10 @@ def test_corrupt_or_incomplete_index_is_named(tmp_path, data):
     raw = bytearray((path / "embeddings.npy").read_bytes())
     raw[-10] ^= 0xFF
     (path / "embeddings.npy").write_bytes(bytes(raw))
-    with pytest.raises(CellIndexError, match="embeddings.npy"):
+    with pytest.raises(CellIndexError, match=r"embeddings\.npy"):
         CellIndex.load(path)
     (path / "metadata.parquet").unlink()
-    with pytest.raises(CellIndexError, match="metadata.parquet"):
+    with pytest.raises(CellIndexError, match=r"metadata\.parquet"):
         CellIndex.load(path, verify=False)
     with pytest.raises(CellIndexError, match="not a CellIndex"):
         CellIndex.load(tmp_path)

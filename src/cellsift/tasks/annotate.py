@@ -1,0 +1,238 @@
+"""kNN annotation against a CellIndex: vectorised voting, confidence, abstention, ontology.
+
+Each query cell's ``k`` nearest reference cells vote for their labels (weighted by
+``1 - distance / max_distance_seen`` when ``weighted``). Votes are counted with one
+``bincount`` over all queries. Confidence statistics per cell: the winning label's share of
+the votes, its margin over the second label, the distance to the nearest reference cell.
+
+Abstention: a query is ``unknown`` when its nearest reference cell is farther than
+``distance_threshold``, which :meth:`KNNAnnotator.calibrate` sets from the reference itself
+(the ``quantile`` of each reference cell's distance to its nearest other reference cell
+(leave-one-out), so ~1 - quantile of cells like the reference abstain), or when the winner
+has less than ``min_support`` of the votes.
+
+Ontology-aware mode: votes also count for every Cell Ontology ancestor of the voted label
+(within the terms that are ancestors of the reference labels); the call is the most specific
+term holding at least ``min_support`` of the votes. Cells whose neighbours split between two
+T-cell subtypes are then called "T cell" rather than either subtype at random.
+
+Safelists and blocklists restrict the reference by filtering the index (nothing is deleted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._utils import import_optional, logger
+from ..ontology import load_cell_ontology
+from .index import CellIndex, CellIndexError
+
+__all__ = ["UNKNOWN", "KNNAnnotator"]
+
+UNKNOWN = "unknown"
+
+
+@dataclass
+class _Labels:
+    terms: list[str]  # label vocabulary (reference labels, then added ancestors)
+    codes: np.ndarray  # per indexed cell: code into terms (-1: none)
+    n_reference: int  # the first n_reference terms are reference labels
+
+
+class KNNAnnotator:
+    """Annotate query embeddings by their nearest reference cells in ``index``.
+
+    Parameters
+    ----------
+    index
+        A :class:`CellIndex` whose metadata hold ``label_key``.
+    label_key
+        Metadata column of reference labels (Cell Ontology ids for ``ontology_aware``).
+    k, weighted
+        Neighbours that vote, and whether nearer ones count more.
+    ontology_aware
+        Propagate votes to ancestors and call the most specific well-supported term.
+    min_support
+        Least share of the votes for a call (else ``unknown``; in ontology mode, a coarser
+        term).
+    distance_threshold
+        Nearest-neighbour distance beyond which a cell is ``unknown`` (see :meth:`calibrate`;
+        None: never abstain on distance).
+    """
+
+    def __init__(
+        self,
+        index: CellIndex,
+        *,
+        label_key: str = "cell_type_ontology_term_id",
+        k: int = 50,
+        weighted: bool = True,
+        ontology_aware: bool = False,
+        min_support: float = 0.5,
+        distance_threshold: float | None = None,
+    ) -> None:
+        if label_key not in index.metadata_columns:
+            raise CellIndexError(
+                f"the index metadata have no {label_key!r} column; it has {index.metadata_columns}."
+            )
+        self.index, self.label_key, self.k = index, label_key, k
+        self.weighted, self.ontology_aware = weighted, ontology_aware
+        self.min_support, self.distance_threshold = min_support, distance_threshold
+        self._labels = self._read_labels()
+        self._up: np.ndarray | None = None
+        if ontology_aware:
+            self._extend_with_ancestors()
+
+    def _read_labels(self) -> _Labels:
+        """One pass over the label column (and cell_index): codes per indexed cell."""
+        tbl = self.index._dataset().to_table(columns=[self.label_key, "cell_index"])
+        values = np.asarray(tbl.column(self.label_key).to_numpy(zero_copy_only=False)).astype(str)
+        cells = tbl.column("cell_index").to_numpy()
+        terms, inv = np.unique(values, return_inverse=True)
+        codes = np.full(self.index.n_cells, -1, dtype=np.int32)
+        codes[cells] = inv
+        return _Labels([str(t) for t in terms], codes, len(terms))
+
+    def _extend_with_ancestors(self) -> None:
+        cl = load_cell_ontology()
+        refs = self._labels.terms
+        ids = cl.harmonize(refs)
+        extra = sorted({a for t in ids for a in cl.ancestors(t)} - set(ids))
+        terms = list(ids) + extra
+        # up[l, m]: a vote for l also counts for m (m is l or an ancestor of l)
+        pos = {t: i for i, t in enumerate(terms)}
+        up = np.eye(len(terms), dtype=np.float32)
+        for i, t in enumerate(terms):
+            for a in cl.ancestors(t):
+                if a in pos:
+                    up[i, pos[a]] = 1.0
+        self._labels = _Labels(terms, self._labels.codes, len(refs))
+        self._up = up
+        # a term's depth: how many of the terms are it or its ancestors (more = more specific)
+        self._depth = up.sum(1)
+
+    # -- calibration --------------------------------------------------------------------------
+    def calibrate(self, *, quantile: float = 0.99, n_cells: int = 5_000, seed: int = 0) -> float:
+        """Set ``distance_threshold`` to the ``quantile`` of reference cells' distances to
+        their nearest other reference cell (a sample of ``n_cells``); returns it."""
+        rng = np.random.default_rng(seed)
+        rows = np.sort(
+            rng.choice(self.index.n_cells, min(n_cells, self.index.n_cells), replace=False)
+        )
+        emb = np.asarray(self.index.embeddings[rows])
+        res = self.index.search(emb, 2)
+        # the nearest hit is normally the cell itself; take the nearest hit that is not
+        other = np.where(res.indices[:, 0] == rows, res.distances[:, 1], res.distances[:, 0])
+        self.distance_threshold = float(np.quantile(other[np.isfinite(other)], quantile))
+        logger.info(
+            "KNNAnnotator: distance threshold %.4f (quantile %.2f)",
+            self.distance_threshold,
+            quantile,
+        )
+        return self.distance_threshold
+
+    # -- annotation ---------------------------------------------------------------------------
+    def annotate(
+        self,
+        embeddings: Any,
+        *,
+        safelist: Sequence[str] | None = None,
+        blocklist: Sequence[str] | None = None,
+        filter: Any = None,
+        batch_size: int = 16_384,
+    ) -> pd.DataFrame:
+        """Labels and confidence of query ``embeddings`` (one row per query cell).
+
+        Columns: ``label`` (a reference label, an ancestor in ontology mode, or
+        ``unknown``), ``label_name`` (Cell Ontology name where the label is a CL id),
+        ``confidence`` (share of the votes for the call), ``margin`` (over the runner-up
+        reference label), ``min_distance``, ``knn_label`` (the plain majority label).
+        ``safelist`` / ``blocklist`` restrict the reference labels; ``filter`` any metadata.
+        """
+        expr = self._reference_filter(safelist, blocklist, filter)
+        q = np.asarray(embeddings, dtype=np.float32)
+        parts = [
+            self._annotate_block(q[s : s + batch_size], expr) for s in range(0, len(q), batch_size)
+        ]
+        out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        try:
+            names = load_cell_ontology().names
+            is_cl = out["label"].str.startswith("CL:")
+            out["label_name"] = out["label"]
+            if is_cl.any():
+                out.loc[is_cl, "label_name"] = names(out.loc[is_cl, "label"].tolist())
+        except Exception:  # labels that are not CL ids keep their own names
+            out["label_name"] = out["label"]
+        return out
+
+    def _reference_filter(
+        self, safelist: Sequence[str] | None, blocklist: Sequence[str] | None, filter: Any
+    ) -> Any:
+        pc = import_optional("pyarrow.compute")
+        from .index import _expression
+
+        terms = []
+        if safelist is not None:
+            terms.append(pc.field(self.label_key).isin(list(safelist)))
+        if blocklist is not None:
+            terms.append(~pc.field(self.label_key).isin(list(blocklist)))
+        if filter is not None:
+            terms.append(_expression(filter))
+        expr = None
+        for t in terms:
+            expr = t if expr is None else expr & t
+        return expr
+
+    def _annotate_block(self, q: np.ndarray, expr: Any) -> pd.DataFrame:
+        res = self.index.search(q, self.k, filter=expr)
+        idx, dist = res.indices, res.distances
+        valid = idx >= 0
+        codes = np.where(valid, self._labels.codes[np.maximum(idx, 0)], -1)
+        if self.weighted:
+            w = np.where(valid, np.clip(1.0 - dist / 2.0, 1e-6, None), 0.0)
+        else:
+            w = valid.astype(np.float64)
+        n_q, n_t = len(q), len(self._labels.terms)
+        keep = codes >= 0
+        flat = (np.arange(n_q)[:, None] * n_t + codes)[keep]
+        votes = np.bincount(flat, weights=w[keep], minlength=n_q * n_t).reshape(n_q, n_t)
+        total = votes.sum(1)
+        share = votes / np.maximum(total, 1e-12)[:, None]
+        ref = share[:, : self._labels.n_reference]
+        order = np.argsort(-ref, axis=1)[:, :2]
+        top = np.take_along_axis(ref, order, 1)
+        terms = np.asarray(self._labels.terms, dtype=object)
+        knn_label = terms[order[:, 0]]
+        second = top[:, 1] if top.shape[1] > 1 else np.zeros(n_q)
+        if self._up is not None:
+            support = share @ self._up  # votes for a term and all its descendants
+            ok = support >= self.min_support
+            # most specific qualifying term: the one with the most ancestors among the terms
+            depth = np.where(ok, self._depth[None, :], -1.0)
+            call = np.argmax(depth + support * 1e-3, axis=1)  # ties: more support
+            label = terms[call]
+            conf = support[np.arange(n_q), call]
+            has = ok.any(1)
+        else:
+            label = knn_label.copy()
+            conf = top[:, 0]
+            has = conf >= self.min_support
+        min_d = dist[:, 0]
+        unknown = ~has | (total <= 0)
+        if self.distance_threshold is not None:
+            unknown |= min_d > self.distance_threshold
+        label = np.where(unknown, UNKNOWN, label)
+        return pd.DataFrame(
+            {
+                "label": label.astype(str),
+                "confidence": conf.astype(np.float32),
+                "margin": (top[:, 0] - second).astype(np.float32),
+                "min_distance": min_d.astype(np.float32),
+                "knn_label": knn_label.astype(str),
+            }
+        )

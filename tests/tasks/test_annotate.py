@@ -1,0 +1,107 @@
+"""KNNAnnotator: agrees with scikit-learn's kNN, abstains on unseen types, ontology calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.neighbors import KNeighborsClassifier
+
+from cellsift.ontology import load_cell_ontology
+from cellsift.tasks import UNKNOWN, CellIndex, KNNAnnotator
+
+TYPES = [
+    "CL:0000624",
+    "CL:0000625",
+    "CL:0000236",
+    "CL:0001054",
+    "CL:0000623",
+]  # CD4, CD8, B, mono, NK
+
+
+def _atlas(n_per: int = 600, d: int = 16, seed: int = 0, spread: float = 0.35):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(len(TYPES), d))
+    lab = np.repeat(np.arange(len(TYPES)), n_per)
+    x = centers[lab] + spread * rng.normal(size=(len(lab), d))
+    meta = pd.DataFrame(
+        {
+            "cell_type_ontology_term_id": np.asarray(TYPES)[lab],
+            "study": np.asarray(["a", "b", "c"])[rng.integers(0, 3, len(lab))],
+        }
+    )
+    return x.astype(np.float32), meta, centers
+
+
+def test_unweighted_votes_match_sklearn_knn():
+    x, meta, _ = _atlas()
+    ref, qry = np.arange(len(x)) % 4 != 0, np.arange(len(x)) % 4 == 0
+    index = CellIndex.build(x[ref], meta[ref], engine="exact")
+    ann = KNNAnnotator(index, k=15, weighted=False, min_support=0.0)
+    out = ann.annotate(x[qry])
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = meta["cell_type_ontology_term_id"].to_numpy()
+    sk = KNeighborsClassifier(15, metric="cosine").fit(xn[ref], y[ref]).predict(xn[qry])
+    assert (out["knn_label"].to_numpy() == sk).mean() >= 0.99  # ties may break differently
+    assert (out["label"].to_numpy() == y[qry]).mean() >= 0.95
+    assert out["label_name"].iloc[0] in load_cell_ontology().names(TYPES)
+    assert ((out["confidence"] >= 0) & (out["confidence"] <= 1)).all()
+
+
+def test_unseen_type_abstains_and_seen_types_do_not():
+    x, meta, _ = _atlas(spread=0.3)
+    y = meta["cell_type_ontology_term_id"].to_numpy()
+    held = "CL:0000236"  # B cells are absent from the reference
+    half = np.arange(len(x)) % 2 == 0
+    ref = half & (y != held)
+    index = CellIndex.build(x[ref], meta[ref], engine="exact")
+    ann = KNNAnnotator(index, k=30)
+    ann.calibrate(quantile=0.99)
+    out = ann.annotate(x[~half])
+    yq = y[~half]
+    assert (out["label"][yq == held] == UNKNOWN).mean() >= 0.8
+    assert (out["label"][yq != held] == UNKNOWN).mean() <= 0.05
+
+
+def test_ontology_mode_calls_the_common_ancestor_of_split_votes():
+    """A population that studies label half CD4, half CD8 T: its cells get the common ancestor."""
+    cl = load_cell_ontology()
+    x, meta, _ = _atlas()
+    rng = np.random.default_rng(3)
+    center = rng.normal(size=x.shape[1])
+    mixed = (center + 0.3 * rng.normal(size=(400, x.shape[1]))).astype(np.float32)
+    mixed_meta = pd.DataFrame(
+        {
+            "cell_type_ontology_term_id": np.where(np.arange(400) % 2 == 0, TYPES[0], TYPES[1]),
+            "study": "d",
+        }
+    )
+    index = CellIndex.build(np.vstack([x, mixed]), pd.concat([meta, mixed_meta]), engine="exact")
+    ann = KNNAnnotator(index, k=50, ontology_aware=True, min_support=0.7)
+    query = (center + 0.3 * rng.normal(size=(50, x.shape[1]))).astype(np.float32)
+    out = ann.annotate(query)
+    common = set(cl.ancestors("CL:0000624")) & set(cl.ancestors("CL:0000625"))
+    assert set(out["label"]) <= common, set(out["label"])
+    # the most specific common ancestor, not a vaguer one
+    assert set(out["label"]) == {_most_specific(cl, common)}
+    # plain majority voting picks one of the subtypes instead
+    plain = KNNAnnotator(index, k=50, min_support=0.0).annotate(query)
+    assert set(plain["label"]) <= {TYPES[0], TYPES[1]}
+    # well inside the CD4 cluster the call stays the leaf
+    assert (ann.annotate(x[:50])["label"] == TYPES[0]).all()
+
+
+def _most_specific(cl, terms: set[str]) -> str:
+    return max(terms, key=lambda t: len(set(cl.ancestors(t)) & terms))
+
+
+def test_blocklist_and_safelist_restrict_the_reference():
+    x, meta, _ = _atlas()
+    index = CellIndex.build(x, meta, engine="exact")
+    ann = KNNAnnotator(index, k=15)
+    out = ann.annotate(x[:200], blocklist=["CL:0000624"])  # CD4 cells, CD4 blocked
+    assert "CL:0000624" not in set(out["knn_label"])
+    out = ann.annotate(x[:200], safelist=["CL:0000236", "CL:0000623"])
+    assert set(out["knn_label"]) <= {"CL:0000236", "CL:0000623"}
+    with pytest.raises(Exception, match="selects no cells"):
+        ann.annotate(x[:5], safelist=["CL:9999999"])
