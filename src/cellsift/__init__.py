@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import _warnings, data, datasets
+from . import _warnings, data, datasets, tl
 from .data import CellCollection, CellLoader, GeneVocabulary, IterableCellDataset, open_store
 from .errors import CellsiftError, DataError, GeneAlignmentError, ResumeError
 
@@ -27,4 +27,5 @@ __all__ = [
     "data",
     "datasets",
     "open_store",
+    "tl",
 ]

@@ -1,4 +1,5 @@
-"""The ``cellsift`` command: ``info``, ``convert``, ``fit``, ``demo``."""
+"""The ``cellsift`` command: ``info``, ``convert``, ``fit``, ``embed``, ``index``, ``annotate``,
+``demo``."""
 
 from __future__ import annotations
 
@@ -67,6 +68,63 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from .models import MetricModel
+    from .tasks import embed_collection
+
+    model = MetricModel.load(args.model)
+    out = embed_collection(
+        model,
+        args.data,
+        args.out,
+        layer=args.layer,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        progress_bar=True,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from .tasks import CellIndex, load_embeddings
+
+    emb, meta = load_embeddings(args.embeddings)
+    index = CellIndex.build(emb, meta, engine=args.engine, k=args.k)
+    index.save(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {index!r}")
+    return 0
+
+
+def _annotate(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from . import tl
+    from ._utils import atomic_path
+    from .models import MetricModel
+    from .tasks import CellIndex
+
+    model = MetricModel.load(args.model)
+    index = CellIndex.load(args.index)
+    adata = ad.read_h5ad(args.data)
+    tl.embed(adata, model, layer=args.layer)
+    tl.annotate(
+        adata,
+        index,
+        label_key=args.label_key,
+        k=args.k,
+        ontology_aware=not args.no_ontology,
+        abstain=not args.no_abstain,
+    )
+    with atomic_path(args.out, overwrite=args.overwrite) as tmp:
+        adata.write_h5ad(tmp)
+    counts = adata.obs["cellsift_cell_type"].value_counts()
+    print(f"wrote {args.out}: {adata.n_obs:,} cells annotated")
+    for name, c in counts.head(15).items():
+        print(f"  {c:>9,}  {name}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -99,6 +157,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model with a LightningCLI config (cellsift fit --config configs/metric.yaml)",
         add_help=False,
     )
+
+    p = sub.add_parser("embed", help="embed every cell of a collection with a model bundle")
+    p.add_argument("model", help="a model bundle directory (MetricModel.save, cellsift fit)")
+    p.add_argument("data", help="stores: a path, a glob or a manifest")
+    p.add_argument("out", help="the embeddings store to write (a directory, e.g. emb.zarr)")
+    p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
+    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("index", help="build a searchable CellIndex from an embeddings store")
+    p.add_argument("embeddings", help="written by cellsift embed")
+    p.add_argument("out", help="the index directory to write")
+    p.add_argument("--engine", choices=["auto", "exact", "ivf"], default="auto")
+    p.add_argument("--k", type=int, default=50, help="k the IVF recall is calibrated for")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_index)
+
+    p = sub.add_parser("annotate", help="annotate an h5ad by kNN against a CellIndex")
+    p.add_argument("model", help="the model bundle that embedded the index")
+    p.add_argument("index", help="a CellIndex directory (cellsift index)")
+    p.add_argument("data", help="an h5ad of raw counts to annotate")
+    p.add_argument("out", help="the annotated h5ad to write")
+    p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
+    p.add_argument("--label-key", default="cell_type_ontology_term_id")
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--no-ontology", action="store_true", help="plain majority votes")
+    p.add_argument("--no-abstain", action="store_true", help="never call 'unknown' on distance")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_annotate)
 
     p = sub.add_parser("demo", help="run the main job on the real data (or a synthetic atlas)")
     p.add_argument("--out", default="demo_out")

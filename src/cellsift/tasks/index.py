@@ -355,8 +355,8 @@ class CellIndex:
         """(offset, normalised embeddings) blocks of the index or of the selected rows."""
         n = self.n_cells if rows is None else len(rows)
         for start in range(0, n, block):
-            if rows is None:
-                yield start, np.ascontiguousarray(self.embeddings[start : start + block])
+            if rows is None:  # a copy: memory-mapped blocks are read-only
+                yield start, np.array(self.embeddings[start : start + block], copy=True)
             else:
                 yield start, np.ascontiguousarray(self.embeddings[rows[start : start + block]])
 

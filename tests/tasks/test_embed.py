@@ -1,0 +1,65 @@
+"""Embedding stores, tl.embed / tl.annotate and the embed -> index -> annotate command line."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import cellsift as cs
+from cellsift.cli import main
+from cellsift.models import MetricModel
+from cellsift.ontology import load_cell_ontology
+from cellsift.tasks import CellIndex, KNNAnnotator, embed_collection, load_embeddings
+
+
+@pytest.fixture(scope="module")
+def bundle(synthetic_h5ad, tmp_path_factory):
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(64,), latent=16)
+    return model.save(tmp_path_factory.mktemp("model") / "bundle")
+
+
+def test_embed_collection_matches_embedding_in_memory(bundle, synthetic_h5ad, tmp_path):
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)
+    out = embed_collection(model, synthetic_h5ad, tmp_path / "emb.zarr", batch_size=700)
+    emb, meta = load_embeddings(out)
+    np.testing.assert_allclose(emb, model.embed(adata), atol=1e-5)
+    assert len(meta) == adata.n_obs
+    assert (meta["dataset_id"].to_numpy() == adata.obs["dataset_id"].astype(str).to_numpy()).all()
+    with pytest.raises(FileExistsError):
+        embed_collection(model, synthetic_h5ad, out)
+
+
+def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
+    model = MetricModel.load(bundle)
+    ref = ad.read_h5ad(synthetic_h5ad)
+    cs.tl.embed(ref, model)
+    assert ref.obsm["X_cellsift"].shape == (ref.n_obs, 16)
+    index = CellIndex.build(ref.obsm["X_cellsift"], ref.obs.reset_index(drop=True))
+    query = ref[:300].copy()
+    del query.obsm["X_cellsift"]
+    cs.tl.annotate(query, index, model=model, abstain=False, ontology_aware=False)
+    direct = KNNAnnotator(index, k=50).annotate(query.obsm["X_cellsift"])
+    assert (
+        query.obs["cellsift_cell_type_ontology_term_id"].astype(str) == direct["label"].to_numpy()
+    ).all()
+    names = set(load_cell_ontology().names(sorted(set(direct["label"]) - {"unknown"})))
+    assert set(query.obs["cellsift_cell_type"].astype(str)) <= names | {"unknown"}
+    conf = query.obs["cellsift_confidence"].to_numpy()
+    assert ((conf >= 0) & (conf <= 1)).all()
+
+
+def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, capsys):
+    emb, idx, out = tmp_path / "emb.zarr", tmp_path / "index", tmp_path / "annotated.h5ad"
+    assert main(["embed", str(bundle), str(synthetic_h5ad), str(emb)]) == 0
+    assert main(["index", str(emb), str(idx), "--engine", "exact"]) == 0
+    assert main(["annotate", str(bundle), str(idx), str(synthetic_h5ad), str(out)]) == 0
+    annotated = ad.read_h5ad(out)
+    for col in ("cellsift_cell_type", "cellsift_cell_type_ontology_term_id", "cellsift_confidence"):
+        assert col in annotated.obs
+    assert "annotated" in capsys.readouterr().out
+    # a missing index is a clear error, not a traceback
+    assert (
+        main(["annotate", str(bundle), str(tmp_path / "nope"), str(synthetic_h5ad), str(out)]) == 2
+    )
