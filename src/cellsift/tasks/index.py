@@ -6,15 +6,16 @@ names are read; it is never loaded whole into pandas). Search is one interface o
 engines:
 
 ``exact``  blocked matrix products in torch (GPU when present), top-k merged block by block
-``ivf``    faiss IVF-Flat (inner product on the normalised vectors); its ``nprobe`` is
-           calibrated at build time on a sample of the indexed cells to reach a target
-           recall@k against exact search
+``ivf``    faiss IVF with 8-bit scalar-quantised lists (inner product on the normalised
+           vectors), candidates (2k) re-ranked exactly on the stored float32 vectors; its
+           ``nprobe`` is calibrated at build time, leave-one-out on a sample of the indexed
+           cells, to reach a target recall@k against exact search
 
-Why faiss IVF-Flat (``benchmarks/search.py`` measures the alternatives in the same run):
-it stores only the vectors and an id per cell (hnswlib with SCimilarity's M = 80 stores
-~640 more bytes of graph per cell), builds in seconds rather than minutes, supports
-filtering by an id selector without touching the index, and reaches recall >= 0.99 at
-k = 50 with a modest fraction of lists probed on clustered cell embeddings.
+Why faiss IVF (``benchmarks/search.py`` measures hnswlib and usearch in the same run): it
+adds 136 bytes per cell to the vectors (an 8-bit code and an id; hnswlib with SCimilarity's
+M = 80 adds ~700 bytes of graph), builds in seconds rather than minutes, filters by an id
+selector without touching the index, and exact re-ranking of its candidates keeps the
+distances exact.
 
 A filter (metadata predicate) selects cells without mutating the index. Small selections are
 searched exactly within the selection (exact recall, and faster than probing an ANN for a
@@ -57,6 +58,8 @@ FilterLike = Any  # a pyarrow.compute.Expression, or {column: value or list of v
 #: Selections up to this many cells (or this fraction of the index) are searched exactly.
 EXACT_SELECTION_MAX = 200_000
 EXACT_SELECTION_FRACTION = 0.05
+#: The IVF lists hold 8-bit codes; this many times k candidates are re-ranked exactly.
+RERANK = 2
 #: Indexes below this size use exact search under ``engine="auto"``.
 AUTO_EXACT_BELOW = 50_000
 
@@ -177,7 +180,9 @@ class CellIndex:
         n, d = self.embeddings.shape
         nlist = nlist or int(np.clip(4 * math.sqrt(n), 1, max(n // 39, 1)))
         quantizer = faiss.IndexFlatIP(d)
-        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.IndexIVFScalarQuantizer(
+            quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+        )
         rng = np.random.default_rng(seed)
         sample = self.embeddings[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))]
         ivf.cp.seed = seed
@@ -185,7 +190,7 @@ class CellIndex:
         for start in range(0, n, 1 << 18):
             ivf.add(np.ascontiguousarray(self.embeddings[start : start + (1 << 18)]))
         self.ann = ivf
-        self.params.update(nlist=nlist, nprobe=max(1, nlist // 64))
+        self.params.update(nlist=nlist, nprobe=max(1, nlist // 64), rerank=RERANK)
 
     def calibrate(
         self, *, k: int = 50, target_recall: float = 0.99, n_queries: int = 500, seed: int = 0
@@ -197,13 +202,14 @@ class CellIndex:
         rng = np.random.default_rng(seed + 1)
         rows = np.sort(rng.choice(self.n_cells, min(n_queries, self.n_cells), replace=False))
         q = np.ascontiguousarray(self.embeddings[rows])
-        k = min(k, self.n_cells)
-        truth = self._exact(q, k, None)[1]
+        k = min(k, self.n_cells - 1)
+        # leave-one-out: each sampled cell stands for a new cell like it, so its own entry
+        # (found at distance 0 by every engine) is not counted
+        truth = _drop_self(self._exact(q, k + 1, None)[1], rows, k)
         nlist = self.params["nlist"]
 
         def recall_at(nprobe: int) -> float:
-            got = self._ivf(q, k, nprobe, None)[1]
-            return _recall(got, truth)
+            return _recall(_drop_self(self._ivf(q, k + 1, nprobe, None)[1], rows, k), truth)
 
         lo, hi = 0, 1
         while hi < nlist and recall_at(hi) < target_recall:
@@ -399,8 +405,19 @@ class CellIndex:
             bitmap[rows] = True
             packed = np.packbits(bitmap, bitorder="little")
             params.sel = faiss.IDSelectorBitmap(self.n_cells, faiss.swig_ptr(packed))
-        sims, idx = self.ann.search(q, min(k, self.n_cells), params=params)
-        dist = np.where(idx >= 0, 1.0 - sims, np.inf).astype(np.float32)
+        kk = min(k, self.n_cells)
+        _, cand = self.ann.search(
+            q, min(kk * int(self.params.get("rerank", 1)), self.n_cells), params=params
+        )
+        # exact re-ranking of the candidates on the stored float32 vectors
+        valid = cand >= 0
+        vecs = np.asarray(self.embeddings[np.maximum(cand, 0).ravel()]).reshape(*cand.shape, -1)
+        sims = np.einsum("qcd,qd->qc", vecs, q)
+        sims[~valid] = -np.inf
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
+        idx = np.take_along_axis(cand, order, 1)
+        top = np.take_along_axis(sims, order, 1)
+        dist = np.where(idx >= 0, 1.0 - top, np.inf).astype(np.float32)
         return _pad(dist, idx.astype(np.int64), k)
 
     # -- growing ----------------------------------------------------------------------------
@@ -583,6 +600,15 @@ def _pad(dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
         dist = np.pad(dist, ((0, 0), (0, extra)), constant_values=np.inf)
         idx = np.pad(idx, ((0, 0), (0, extra)), constant_values=-1)
     return dist, idx.astype(np.int64)
+
+
+def _drop_self(idx: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Each row's neighbours without the query cell itself (first k kept)."""
+    out = np.full((len(idx), k), -1, dtype=np.int64)
+    for i, (r, self_row) in enumerate(zip(idx, rows, strict=True)):
+        rest = r[r != self_row][:k]
+        out[i, : len(rest)] = rest
+    return out
 
 
 def _recall(got: np.ndarray, truth: np.ndarray) -> float:
