@@ -11,10 +11,12 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
-from .tasks import CellIndex, KNNAnnotator
+from .tasks import CellIndex, KNNAnnotator, SearchResult
 
-__all__ = ["annotate", "embed"]
+__all__ = ["annotate", "embed", "pseudobulk", "search_centroid", "search_clusters"]
 
 
 def embed(
@@ -85,3 +87,75 @@ def annotate(
     adata.obs[f"{key_added}_confidence"] = out["confidence"].to_numpy()
     adata.obs[f"{key_added}_min_distance"] = out["min_distance"].to_numpy()
     return adata if copy else None
+
+
+def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> ad.AnnData:
+    """Summed counts per group: ``groups`` is an obs column name or one label per cell
+    (cells labelled None/NaN are left out). One row per group, ``adata.var`` kept."""
+    labels = adata.obs[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups))
+    cat = pd.Categorical(labels)
+    keep = cat.codes >= 0
+    if not keep.any():
+        raise ValueError("no cell belongs to a group; nothing to sum.")
+    x = adata.X if layer is None else adata.layers[layer]
+    onehot = sp.csr_matrix(
+        (np.ones(keep.sum()), (cat.codes[keep], np.flatnonzero(keep))),
+        shape=(len(cat.categories), adata.n_obs),
+    )
+    sums = sp.csr_matrix(onehot @ sp.csr_matrix(x))
+    return ad.AnnData(
+        sums, obs=pd.DataFrame(index=[str(c) for c in cat.categories]), var=adata.var.copy()
+    )
+
+
+def search_centroid(
+    adata: ad.AnnData,
+    model: Any,
+    index: CellIndex,
+    *,
+    cells: Any = None,
+    k: int = 100,
+    layer: str | None = None,
+    filter: Any = None,
+) -> SearchResult:
+    """Cells of the index nearest the centroid of a cell set: the set's counts summed
+    (pseudobulk), embedded, searched. ``cells``: a boolean mask or obs names (default all)."""
+    mask = np.ones(adata.n_obs, dtype=bool) if cells is None else _mask(adata, cells)
+    if not mask.any():
+        raise ValueError("the cell set is empty; select at least one cell.")
+    labels = np.full(adata.n_obs, None, dtype=object)
+    labels[mask] = "centroid"
+    bulk = pseudobulk(adata, labels, layer=layer)
+    return index.search(model.embed(bulk), k, filter=filter)
+
+
+def search_clusters(
+    adata: ad.AnnData,
+    model: Any,
+    index: CellIndex,
+    groupby: str,
+    *,
+    k: int = 100,
+    layer: str | None = None,
+    filter: Any = None,
+) -> dict[str, SearchResult]:
+    """:func:`search_centroid` for every group of ``obs[groupby]`` (e.g. clusters), with
+    the pseudobulks embedded in one pass."""
+    bulk = pseudobulk(adata, groupby, layer=layer)
+    res = index.search(model.embed(bulk), k, filter=filter)
+    return {
+        str(name): SearchResult(res.distances[i : i + 1], res.indices[i : i + 1], index)
+        for i, name in enumerate(bulk.obs_names)
+    }
+
+
+def _mask(adata: ad.AnnData, cells: Any) -> np.ndarray:
+    arr = np.asarray(cells)
+    if arr.dtype == bool:
+        if len(arr) != adata.n_obs:
+            raise ValueError(f"the mask has {len(arr)} entries for {adata.n_obs} cells.")
+        return arr
+    missing = pd.Index(arr).difference(adata.obs_names)
+    if len(missing):
+        raise KeyError(f"{len(missing)} cells are not in adata, e.g. {list(missing[:3])}.")
+    return np.asarray(adata.obs_names.isin(arr))

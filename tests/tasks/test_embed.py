@@ -63,3 +63,23 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     assert (
         main(["annotate", str(bundle), str(tmp_path / "nope"), str(synthetic_h5ad), str(out)]) == 2
     )
+
+
+def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad):
+    model = MetricModel.load(bundle)
+    ref = ad.read_h5ad(synthetic_h5ad)
+    bulk = cs.tl.pseudobulk(ref, "cell_type")
+    for name in bulk.obs_names[:3]:  # sums agree with numpy
+        want = np.asarray(ref.X[(ref.obs["cell_type"] == name).to_numpy()].sum(0)).ravel()
+        np.testing.assert_allclose(bulk[name].X.toarray().ravel(), want)
+    cs.tl.embed(ref, model)
+    index = CellIndex.build(ref.obsm["X_cellsift"], ref.obs.reset_index(drop=True))
+    cells = (ref.obs["cell_type"] == bulk.obs_names[0]).to_numpy()
+    res = cs.tl.search_centroid(ref, model, index, cells=cells, k=20)
+    direct = index.search(model.embed(bulk[[bulk.obs_names[0]]]), 20)
+    np.testing.assert_array_equal(res.indices, direct.indices)
+    per = cs.tl.search_clusters(ref, model, index, "cell_type", k=20)
+    np.testing.assert_array_equal(per[bulk.obs_names[0]].indices, res.indices)
+    assert res.summary("dataset_id")["hits"].sum() == 20
+    with pytest.raises(ValueError, match="empty"):
+        cs.tl.search_centroid(ref, model, index, cells=np.zeros(ref.n_obs, dtype=bool))
