@@ -119,7 +119,7 @@ def knn(z: np.ndarray, y: np.ndarray, train: np.ndarray) -> np.ndarray:
 
 
 def ontology_scores(
-    z: np.ndarray, y: np.ndarray, train: np.ndarray, removed: str
+    z: np.ndarray, y: np.ndarray, groups: np.ndarray, train: np.ndarray, removed: str
 ) -> dict[str, float]:
     """CellIndex + KNNAnnotator (ontology-aware, abstention calibrated on the reference):
 
@@ -137,10 +137,10 @@ def ontology_scores(
     yq = y[~train]
 
     def run(ref: np.ndarray) -> np.ndarray:
-        meta = pd.DataFrame({"cell_type_ontology_term_id": y[ref]})
+        meta = pd.DataFrame({"cell_type_ontology_term_id": y[ref], "group": groups[ref]})
         index = CellIndex.build(z[ref], meta, engine="exact")
         ann = KNNAnnotator(index, k=K, ontology_aware=True, min_support=0.5)
-        ann.calibrate(quantile=0.99)
+        ann.calibrate(quantile=0.99, group_key="group")  # leave-one-donor/study-out
         return ann.annotate(z[~train])["label"].to_numpy()
 
     def ok(call: str, truth: str) -> bool:
@@ -186,7 +186,7 @@ def evaluate(
             f1, acc = macro_f1(y[~train], pred)
             scores[f"{name}_f1"], scores[f"{name}_acc"] = round(f1, 4), round(acc, 4)
         scores.update(
-            {f"cellsift_{k}": v for k, v in ontology_scores(z, y, train, removed).items()}
+            {f"cellsift_{k}": v for k, v in ontology_scores(z, y, groups, train, removed).items()}
         )
         per[held] = scores
         print(

@@ -48,6 +48,7 @@ def annotate(
     ontology_aware: bool = True,
     min_support: float = 0.5,
     abstain: bool = True,
+    calibrate_by: str | None = None,
     safelist: list[str] | None = None,
     blocklist: list[str] | None = None,
     key_added: str = "cellsift",
@@ -60,7 +61,8 @@ def annotate(
     ``obs[f"{key_added}_cell_type_ontology_term_id"]``, ``obs[f"{key_added}_confidence"]``
     and ``obs[f"{key_added}_min_distance"]``. ``reference`` is a :class:`CellIndex` (an
     annotator is made with the options here, its abstention threshold calibrated on the
-    reference when ``abstain``) or a ready :class:`KNNAnnotator`.
+    reference when ``abstain``, leave-one-``calibrate_by``-out when given, e.g. the study
+    column) or a ready :class:`KNNAnnotator`.
     """
     adata = adata.copy() if copy else adata
     if use_rep not in adata.obsm:
@@ -79,7 +81,7 @@ def annotate(
             min_support=min_support,
         )
         if abstain:
-            ann.calibrate()
+            ann.calibrate(group_key=calibrate_by)
     out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
     out.index = adata.obs_names
     adata.obs[f"{key_added}_cell_type"] = out["label_name"].astype("category")

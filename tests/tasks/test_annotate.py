@@ -105,3 +105,28 @@ def test_blocklist_and_safelist_restrict_the_reference():
     assert set(out["knn_label"]) <= {"CL:0000236", "CL:0000623"}
     with pytest.raises(Exception, match="selects no cells"):
         ann.annotate(x[:5], safelist=["CL:9999999"])
+
+
+def test_leave_one_study_out_calibration_allows_for_study_shifts():
+    """Studies shifted from each other: calibrating across studies keeps new studies' cells."""
+    x, meta, _ = _atlas(spread=0.3)
+    rng = np.random.default_rng(5)
+    study = meta["study"].to_numpy()
+    shifts = {s: 0.4 * rng.normal(size=x.shape[1]) for s in ("a", "b", "c")}
+    xs = x + np.stack([shifts[s] for s in study]).astype(np.float32)
+    ref = study != "c"
+    index = CellIndex.build(xs[ref], meta[ref], engine="exact")
+    plain = KNNAnnotator(index, k=30)
+    within = plain.calibrate(quantile=0.99)
+    across = KNNAnnotator(index, k=30)
+    assert across.calibrate(quantile=0.99, group_key="study") > within
+    new_study = xs[~ref]
+    abstain_plain = (plain.annotate(new_study)["label"] == UNKNOWN).mean()
+    abstain_across = (across.annotate(new_study)["label"] == UNKNOWN).mean()
+    assert abstain_across < abstain_plain and abstain_across <= 0.05, (
+        abstain_across,
+        abstain_plain,
+    )
+    with pytest.raises(Exception, match="two groups"):
+        single = CellIndex.build(x[study == "a"], meta[study == "a"], engine="exact")
+        KNNAnnotator(single).calibrate(group_key="study")

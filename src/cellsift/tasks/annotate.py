@@ -7,9 +7,9 @@ the votes, its margin over the second label, the distance to the nearest referen
 
 Abstention: a query is ``unknown`` when its nearest reference cell is farther than
 ``distance_threshold``, which :meth:`KNNAnnotator.calibrate` sets from the reference itself
-(the ``quantile`` of each reference cell's distance to its nearest other reference cell
-(leave-one-out), so ~1 - quantile of cells like the reference abstain), or when the winner
-has less than ``min_support`` of the votes.
+(the ``quantile`` of reference cells' distances to their nearest reference cell of another
+study, or to any other cell, so ~1 - quantile of cells like the reference abstain), or when
+the winner has less than ``min_support`` of the votes.
 
 Ontology-aware mode: votes also count for every Cell Ontology ancestor of the voted label
 (within the terms that are ancestors of the reference labels); the call is the most specific
@@ -117,18 +117,49 @@ class KNNAnnotator:
         self._depth = up.sum(1)
 
     # -- calibration --------------------------------------------------------------------------
-    def calibrate(self, *, quantile: float = 0.99, n_cells: int = 5_000, seed: int = 0) -> float:
+    def calibrate(
+        self,
+        *,
+        quantile: float = 0.99,
+        n_cells: int = 5_000,
+        group_key: str | None = None,
+        seed: int = 0,
+    ) -> float:
         """Set ``distance_threshold`` to the ``quantile`` of reference cells' distances to
-        their nearest other reference cell (a sample of ``n_cells``); returns it."""
+        their nearest other reference cell (a sample of ``n_cells``); returns it.
+
+        With ``group_key`` (a metadata column such as study or donor) the nearest cell is
+        sought in the *other* groups (leave-one-group-out): new data come from new studies,
+        whose cells sit farther from the reference than a study's cells from each other.
+        """
         rng = np.random.default_rng(seed)
-        rows = np.sort(
-            rng.choice(self.index.n_cells, min(n_cells, self.index.n_cells), replace=False)
-        )
-        emb = np.asarray(self.index.embeddings[rows])
-        res = self.index.search(emb, 2)
-        # the nearest hit is normally the cell itself; take the nearest hit that is not
-        other = np.where(res.indices[:, 0] == rows, res.distances[:, 1], res.distances[:, 0])
-        self.distance_threshold = float(np.quantile(other[np.isfinite(other)], quantile))
+        n = self.index.n_cells
+        rows = np.sort(rng.choice(n, min(n_cells, n), replace=False))
+        if group_key is None:
+            res = self.index.search(np.asarray(self.index.embeddings[rows]), 2)
+            # the nearest hit is normally the cell itself; take the nearest that is not
+            other = np.where(res.indices[:, 0] == rows, res.distances[:, 1], res.distances[:, 0])
+        else:
+            groups = self.index.metadata_rows(rows, [group_key])[group_key].astype(str).to_numpy()
+            other = np.full(len(rows), np.nan)
+            for g in np.unique(groups):
+                pc = import_optional("pyarrow.compute")
+                mine = groups == g
+                try:
+                    res = self.index.search(
+                        np.asarray(self.index.embeddings[rows[mine]]),
+                        1,
+                        filter=pc.field(group_key).cast("string") != g,
+                    )
+                except CellIndexError:  # a single group: nothing to leave it out against
+                    continue
+                other[mine] = res.distances[:, 0]
+            if np.isnan(other).all():
+                raise CellIndexError(
+                    f"calibrating by {group_key!r} needs at least two groups in the reference."
+                )
+        other = other[np.isfinite(other)]
+        self.distance_threshold = float(np.quantile(other, quantile))
         logger.info(
             "KNNAnnotator: distance threshold %.4f (quantile %.2f)",
             self.distance_threshold,
