@@ -536,19 +536,6 @@ class CellIndex:
             metadata_path=meta if meta.exists() else None,
         )
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes the searchable structures take (embeddings + ANN lists), not metadata."""
-        n = (
-            int(np.asarray(self.embeddings).nbytes)
-            if not isinstance(self.embeddings, np.memmap)
-            else self.n_cells * self.dim * 4
-        )
-        if self.ann is not None:
-            faiss = import_optional("faiss")
-            n += int(faiss.serialize_index(self.ann).nbytes)
-        return n
-
 
 # -- helpers ----------------------------------------------------------------------------------
 def _as_table(metadata: Any, n: int, start: int = 0) -> Any:
