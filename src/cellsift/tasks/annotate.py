@@ -142,8 +142,8 @@ class KNNAnnotator:
         else:
             groups = self.index.metadata_rows(rows, [group_key])[group_key].astype(str).to_numpy()
             other = np.full(len(rows), np.nan)
+            pc = import_optional("pyarrow.compute")
             for g in np.unique(groups):
-                pc = import_optional("pyarrow.compute")
                 mine = groups == g
                 try:
                     res = self.index.search(
