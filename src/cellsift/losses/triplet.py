@@ -11,7 +11,8 @@ descendant), by the triplet loss ``d(a, p) - d(a, n) + margin`` of each candidat
 
 Pairs without a candidate give no triplet. The distance that mines is the distance of the
 loss. Instead of SCimilarity's per-pair CPU loop: one sort of each anchor's negatives by
-distance, then a binary search per pair, on the batch's device.
+distance, then a binary search per pair (for hardest, one masked row minimum), on the
+batch's device.
 """
 
 from __future__ import annotations
@@ -55,16 +56,39 @@ class Triplets:
 def _positive_pairs(
     y_n: torch.Tensor, study_n: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(anchor, positive) index pairs: same label, distinct cells; another study if possible."""
-    valid = y_n >= 0
-    same = (y_n[:, None] == y_n[None, :]) & valid[:, None] & valid[None, :]
-    same.fill_diagonal_(False)
+    """(anchor, positive) index pairs: same label, distinct cells; another study if possible.
+
+    Enumerated label block by label block (work proportional to the number of same-label
+    pairs, not n^2), returned ordered by anchor then positive: the binary searches of the
+    mining then walk the sorted keys forward, which the cache rewards.
+    """
+    dev = y_n.device
+    cells = torch.nonzero(y_n >= 0).flatten()
+    if len(cells) == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        return empty, empty
+    y = y_n[cells]
+    order = torch.argsort(y, stable=True)
+    cells, y = cells[order], y[order]
+    counts = torch.bincount(y)
+    block = counts[y]  # size of each cell's label block
+    starts = torch.cumsum(counts, 0) - counts
+    anchor = torch.repeat_interleave(torch.arange(len(y), device=dev), block)
+    first = torch.cumsum(block, 0) - block  # where each anchor's pairs begin
+    offset = torch.arange(len(anchor), device=dev) - torch.repeat_interleave(first, block)
+    a, p = cells[anchor], cells[starts[y[anchor]] + offset]
+    keep = a != p
     if study_n is not None:
-        cross = same & (study_n[:, None] != study_n[None, :])
-        has_cross = cross.any(1, keepdim=True)
-        same = torch.where(has_cross, cross, same)
-    a, p = torch.nonzero(same, as_tuple=True)
-    return a, p
+        s = study_n.long()
+        n_studies = int(s.max().item()) + 1
+        per_label_study = torch.bincount(
+            y * n_studies + s[cells], minlength=len(counts) * n_studies
+        )
+        has_cross = block > per_label_study[y * n_studies + s[cells]]  # label seen in another study
+        keep &= ~has_cross[anchor] | (s[a] != s[p])
+    a, p = a[keep], p[keep]
+    order = torch.argsort(a, stable=True)  # p ascends within a label block already
+    return a[order], p[order]
 
 
 _INDEX_BITS = 16  # cells per batch < 2**16
@@ -112,10 +136,12 @@ def mine_triplets(
 ) -> Triplets:
     """Mine triplets of a batch (see the module docstring).
 
-    Each anchor's allowed negatives are sorted by distance once; a pair's candidates are then
-    a window of that order (``d(a,p) < d(a,n) < d(a,p) + margin`` for semihard, below
-    ``d(a,p) + margin`` otherwise), found by binary search, and a uniform draw within it picks
-    the negative (the nearest one for hardest). Work: one n x n sort and O(log n) per pair.
+    ``hardest``: the largest loss is the anchor's nearest allowed negative's, so a masked
+    row minimum serves every pair. ``semihard`` and ``random``: each anchor's allowed
+    negatives are sorted once by distance; a pair's candidates are then a window of that order
+    (``d(a,p) < d(a,n) < d(a,p) + margin`` for semihard, below ``d(a,p) + margin`` for
+    random), found by binary search, and a uniform draw within it picks the negative. Work:
+    one n x n sort and O(log n) per pair; positive pairs are enumerated per label block.
 
     Parameters
     ----------
@@ -136,25 +162,29 @@ def mine_triplets(
         raise ValueError(f"negative must be semihard, hardest or random, not {negative!r}.")
     dev = z_nk.device
     with torch.no_grad():
-        d = (pairwise_distance(z_nk, distance) if dist_nn is None else dist_nn).detach()
+        d = (pairwise_distance(z_nk, distance) if dist_nn is None else dist_nn).detach().float()
         y = y_n.long().to(dev)
         n = len(y)
-        n_labels = int(y.max().item()) + 1 if n else 0
-        if related_ll is None:
-            related_ll = torch.eye(max(n_labels, 1), dtype=torch.bool, device=dev)
-        related_ll = related_ll.to(dev)
-        allowed = ~related_ll[y.clamp_min(0)][:, y.clamp_min(0)] & (y >= 0)[None, :]
         a, p = _positive_pairs(y, study_n.to(dev) if study_n is not None else None)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         if len(a) == 0:
             return Triplets(empty, empty, empty, 0)
         if n > _MAX_CELLS:
             raise ValueError(f"triplet mining takes at most {_MAX_CELLS} cells a batch, not {n}.")
+        n_labels = int(y.max().item()) + 1
+        if related_ll is None:
+            related_ll = torch.eye(n_labels, dtype=torch.bool, device=dev)
+        allowed = _allowed_negatives(related_ll.to(dev), y)
+        d_ap = d[a, p]
+        upper = d_ap + margin
+        if negative == "hardest":  # the largest loss is the nearest negative's
+            d_min, nearest = d.masked_fill(~allowed, float("inf")).min(1)
+            keep = d_min[a] < upper
+            return Triplets(a[keep], p[keep], nearest[a][keep], len(a))
         keys = _sorted_negative_keys(d, allowed)
         row = a << _ROW_SHIFT
-        d_ap = d[a, p]
         # negatives closer than d(a,p) + margin: keys below (a, bits(d_ap + margin), 0)
-        hi = torch.searchsorted(keys, row | (_float_key(d_ap + margin) << _INDEX_BITS)) - a * n
+        hi = torch.searchsorted(keys, row | (_float_key(upper) << _INDEX_BITS)) - a * n
         if negative == "semihard":  # and farther than d(a,p): keys above (a, bits(d_ap), max)
             lo = (
                 torch.searchsorted(
@@ -166,13 +196,20 @@ def mine_triplets(
             lo = torch.zeros_like(hi)
         count = hi - lo
         keep = count > 0
-        if negative == "hardest":
-            pick = lo
-        else:
-            u = torch.rand(len(a), generator=generator, device=dev, dtype=torch.float64)
-            pick = lo + (u * count.clamp_min(1)).long().clamp_max((count - 1).clamp_min(0))
+        u = torch.rand(len(a), generator=generator, device=dev, dtype=torch.float64)
+        pick = lo + (u * count.clamp_min(1)).long().clamp_max((count - 1).clamp_min(0))
         neg = keys[a * n + pick.clamp(0, n - 1)] & _MAX_CELLS
-        return Triplets(a[keep], p[keep], neg[keep].long(), len(a))
+        return Triplets(a[keep], p[keep], neg[keep], len(a))
+
+
+def _allowed_negatives(related_ll: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """n x n: may cell j be a negative of anchor i (labelled, not related to i's label)."""
+    labelled = y >= 0
+    yc = y.clamp_min(0)
+    if y.device.type == "cpu":  # numpy's fancy indexing is several times faster here
+        rel = related_ll.numpy()[yc.numpy()][:, yc.numpy()]
+        return torch.from_numpy(~rel) & labelled[None, :]
+    return ~related_ll[yc][:, yc] & labelled[None, :]
 
 
 class TripletLoss(nn.Module):
