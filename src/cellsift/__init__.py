@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import _warnings, data, datasets, tl
+from . import _warnings, data, datasets, pl, tl
 from .data import CellCollection, CellLoader, GeneVocabulary, IterableCellDataset, open_store
 from .errors import CellsiftError, DataError, GeneAlignmentError, ResumeError
 
@@ -27,5 +27,6 @@ __all__ = [
     "data",
     "datasets",
     "open_store",
+    "pl",
     "tl",
 ]

@@ -190,27 +190,38 @@ def _umap_png(
     z: np.ndarray, *, names: np.ndarray, held: np.ndarray, title: str, path: Path
 ) -> None:
     """UMAP of the embedding (cosine), coloured by cell type and by held-out cells."""
+    import anndata as ad
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
     import umap
 
+    from . import pl
+
     xy = umap.UMAP(metric="cosine", random_state=0, n_jobs=1).fit_transform(z)
+    obs = pd.DataFrame(
+        {
+            "cell type": pd.Categorical(names, categories=sorted(set(names.tolist()))),
+            "cells": pd.Categorical(
+                np.where(held, "held out", "reference"), categories=["reference", "held out"]
+            ),
+        }
+    )
+    obs.index = obs.index.astype(str)
+    cells = ad.AnnData(obs=obs, obsm={"X_umap": np.asarray(xy)})
     fig, axes = plt.subplots(1, 2, figsize=(14, 6))
-    cmap = plt.get_cmap("tab20")
-    for k, name in enumerate(sorted(set(names.tolist()))):
-        sel = names == name
-        axes[0].scatter(xy[sel, 0], xy[sel, 1], s=2, color=cmap(k % 20), label=name)
-    axes[0].legend(markerscale=5, fontsize=7, loc="best")
-    axes[0].set_title("cell type")
-    axes[1].scatter(xy[~held, 0], xy[~held, 1], s=2, color="lightgrey", label="reference")
-    axes[1].scatter(xy[held, 0], xy[held, 1], s=2, color="crimson", label="held out")
-    axes[1].legend(markerscale=5)
-    axes[1].set_title(title)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    pl.embedding(cells, "cell type", size=2, palette="tab20", legend_loc="best", ax=axes[0])
+    pl.embedding(
+        cells,
+        "cells",
+        size=2,
+        palette={"reference": "lightgrey", "held out": "crimson"},
+        legend_loc="best",
+        title=title,
+        ax=axes[1],
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    pl._savefig(fig, path, dpi=110)
     plt.close(fig)

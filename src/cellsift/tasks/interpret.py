@@ -1,0 +1,373 @@
+"""Which genes set two groups of cells apart in a model's embedding (integrated gradients).
+
+As SCimilarity's ``Interpreter``: each cell of group A has a distance to group B, the cosine
+distance ``1 - z . c`` between its embedding ``z`` and the normalised mean embedding ``c`` of
+group B's cells. Integrated gradients (captum) attribute that distance to the genes of the
+cell's log-normalised expression (the encoder's input), along the straight path from a
+baseline (zero expression, or group B's mean expression) to the cell. A cell's attributions
+sum to its distance minus the baseline's (completeness; captum's convergence delta is the
+shortfall of the numerical integral). Averaged over the cells of A, they rank the genes.
+
+Counts are aligned to the model's genes and normalised exactly as :meth:`MetricModel.embed`
+does, through the model's own ``normalize`` module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from .._utils import logger, progress
+from .._warnings import warn
+from ..data.loader import to_torch_csr
+
+__all__ = ["DifferenceAttributions", "attribute_difference", "explain_difference"]
+
+Baseline = Literal["zeros", "group_b"]
+
+#: A cell's integral has converged when ``|delta| <= DELTA_RTOL * mean |f(x) - f(baseline)|``
+#: over the cells (plus ``DELTA_ATOL``); otherwise a warning asks for more steps.
+DELTA_RTOL = 0.05
+DELTA_ATOL = 1e-4
+
+
+@dataclass
+class DifferenceAttributions:
+    """Per-cell integrated gradients of the distance of group A's cells to group B.
+
+    Attributes
+    ----------
+    attributions_ng
+        Cells of A (those attributed) x the model's genes.
+    distance_n, baseline_distance_n
+        Each cell's distance to group B, and its baseline's.
+    delta_n
+        captum's convergence delta: attributions' sum minus ``distance - baseline_distance``.
+    cells
+        obs names of the attributed cells.
+    genes, symbols
+        The model's gene ids (and symbols, when it has them).
+    mean_a_g, mean_b_g
+        Mean log-normalised expression of each group (all its cells), in model gene order.
+    """
+
+    attributions_ng: np.ndarray
+    distance_n: np.ndarray
+    baseline_distance_n: np.ndarray
+    delta_n: np.ndarray
+    cells: pd.Index
+    genes: pd.Index
+    symbols: pd.Index | None
+    mean_a_g: np.ndarray
+    mean_b_g: np.ndarray
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def ranked(self) -> pd.DataFrame:
+        """Genes ranked by mean attribution (descending), indexed by gene id.
+
+        Columns: ``attribution`` (mean over cells), ``abs_attribution`` (mean of absolute
+        values), ``symbol`` (when known), ``mean_a`` and ``mean_b`` (mean log-normalised
+        expression). ``attrs`` hold the cell count, mean distances and the largest delta.
+        """
+        a = self.attributions_ng.astype(np.float64)
+        df = pd.DataFrame(
+            {"attribution": a.mean(0), "abs_attribution": np.abs(a).mean(0)},
+            index=pd.Index(self.genes, name="gene"),
+        )
+        if self.symbols is not None:
+            df["symbol"] = np.asarray(self.symbols)
+        df["mean_a"] = self.mean_a_g
+        df["mean_b"] = self.mean_b_g
+        df = df.sort_values("attribution", ascending=False, kind="stable")
+        df.attrs.update(
+            n_cells=len(self.cells),
+            distance=float(self.distance_n.mean()),
+            baseline_distance=float(self.baseline_distance_n.mean()),
+            max_abs_delta=float(np.abs(self.delta_n).max()),
+            **self.params,
+        )
+        return df
+
+
+class _CentroidDistance(nn.Module):
+    """Cosine distance of each cell's embedding to a unit centroid: ``1 - encoder(x) . c``."""
+
+    centroid_k: torch.Tensor
+
+    def __init__(self, encoder: nn.Module, centroid_k: torch.Tensor) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("centroid_k", centroid_k)
+
+    def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        return 1.0 - self.encoder(x_ng) @ self.centroid_k
+
+
+def attribute_difference(
+    model: Any,
+    adata: ad.AnnData,
+    group_a: Any,
+    group_b: Any,
+    *,
+    layer: str | None = None,
+    baseline: Baseline | np.ndarray = "zeros",
+    n_steps: int = 50,
+    method: str = "gausslegendre",
+    max_cells: int | None = 2_000,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress_bar: bool = False,
+) -> DifferenceAttributions:
+    """Integrated gradients of each group-A cell's distance to group B, per gene.
+
+    Parameters
+    ----------
+    model
+        A :class:`~cellsift.models.MetricModel` (anything with ``genes`` and a ``module``
+        holding ``normalize`` and ``encoder``).
+    adata
+        Raw counts in ``adata.X`` or ``adata.layers[layer]``; genes are aligned to the
+        model's by id or symbol (too little overlap is an error naming the count).
+    group_a, group_b
+        The cells to explain and the comparison group: boolean masks over ``adata.obs`` or
+        obs names.
+    baseline
+        Where each path starts: ``"zeros"`` (no expression, SCimilarity's choice),
+        ``"group_b"`` (group B's mean log-normalised expression) or one log-normalised value
+        per model gene.
+    n_steps, method
+        captum's integration steps and rule.
+    max_cells
+        Attribute at most this many cells of A, drawn at random with ``seed`` (None: all).
+    batch_size
+        Cells per captum call; memory grows with ``batch_size * n_steps * n_genes``.
+    device
+        Where to compute (default: where the model is).
+    progress_bar
+        Show a progress bar over the batches.
+    """
+    from captum.attr import IntegratedGradients
+
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be at least 1, not {n_steps}.")
+    if max_cells is not None and max_cells < 1:
+        raise ValueError(f"max_cells must be at least 1 (or None for all), not {max_cells}.")
+    mask_a = _group_mask(adata, group_a, "group_a")
+    mask_b = _group_mask(adata, group_b, "group_b")
+    x = _aligned_counts(model, adata, layer)
+    module = model.module
+    dev = torch.device(device) if device is not None else next(module.parameters()).device
+    module.to(dev).eval()
+    n_genes = len(model.genes)
+
+    rows_a, rows_b = np.flatnonzero(mask_a), np.flatnonzero(mask_b)
+    mean_a = _mean_expression(module, x[rows_a], batch_size, dev)
+    mean_b = _mean_expression(module, x[rows_b], batch_size, dev)
+    centroid = _centroid(module, x[rows_b], batch_size, dev)
+    base_g = _baseline(baseline, mean_b, n_genes).to(dev)
+
+    if max_cells is not None and len(rows_a) > max_cells:
+        rng = np.random.default_rng(seed)
+        rows_a = np.sort(rng.choice(rows_a, max_cells, replace=False))
+    forward = _CentroidDistance(module.encoder, centroid.to(dev)).to(dev).eval()
+    ig = IntegratedGradients(forward)
+    attrs, dist, base_dist, deltas = [], [], [], []
+    xa = x[rows_a]
+    batches = range(0, len(rows_a), batch_size)
+    for start in progress(
+        batches, total=len(batches), desc="integrated gradients", enabled=progress_bar
+    ):
+        x_ng = _normalized(module, xa[start : start + batch_size], dev)
+        b_ng = base_g.expand_as(x_ng).contiguous()
+        attr, delta = ig.attribute(
+            x_ng,
+            baselines=b_ng,
+            n_steps=n_steps,
+            method=method,
+            return_convergence_delta=True,
+        )
+        with torch.no_grad():
+            dist.append(forward(x_ng).cpu().numpy())
+            base_dist.append(forward(b_ng).cpu().numpy())
+        attrs.append(attr.detach().cpu().numpy())
+        deltas.append(delta.detach().cpu().numpy())
+
+    result = DifferenceAttributions(
+        attributions_ng=np.concatenate(attrs).astype(np.float32),
+        distance_n=np.concatenate(dist),
+        baseline_distance_n=np.concatenate(base_dist),
+        delta_n=np.concatenate(deltas),
+        cells=adata.obs_names[rows_a],
+        genes=model.genes.genes,
+        symbols=model.genes.symbols,
+        mean_a_g=mean_a,
+        mean_b_g=mean_b,
+        params={
+            "baseline": baseline if isinstance(baseline, str) else "custom",
+            "n_steps": n_steps,
+        },
+    )
+    _check_convergence(result, n_steps)
+    return result
+
+
+def explain_difference(
+    model: Any,
+    adata: ad.AnnData,
+    group_a: Any,
+    group_b: Any,
+    *,
+    layer: str | None = None,
+    baseline: Baseline | np.ndarray = "zeros",
+    n_steps: int = 50,
+    method: str = "gausslegendre",
+    max_cells: int | None = 2_000,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress_bar: bool = False,
+) -> pd.DataFrame:
+    """Genes ranked by how much they move group A's cells away from group B.
+
+    The mean over A's cells of :func:`attribute_difference` (see there for the parameters),
+    as :meth:`DifferenceAttributions.ranked`: one row per model gene, indexed by gene id,
+    ``attribution`` descending (positive: the gene's expression in A, relative to the
+    baseline, drives A away from B).
+
+    Examples
+    --------
+    >>> df = explain_difference(model, adata, adata.obs["condition"] == "stim",
+    ...                         adata.obs["condition"] == "ctrl")
+    >>> df.head(20)
+    """
+    return attribute_difference(
+        model,
+        adata,
+        group_a,
+        group_b,
+        layer=layer,
+        baseline=baseline,
+        n_steps=n_steps,
+        method=method,
+        max_cells=max_cells,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        progress_bar=progress_bar,
+    ).ranked()
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _group_mask(adata: ad.AnnData, group: Any, what: str) -> np.ndarray:
+    """A boolean mask over cells from a mask or obs names; errors name the problem."""
+    arr = np.asarray(group)
+    if arr.dtype == bool:
+        if arr.ndim != 1 or len(arr) != adata.n_obs:
+            raise ValueError(
+                f"{what}: the mask has shape {arr.shape} for {adata.n_obs} cells; pass one "
+                "boolean per cell (or obs names)."
+            )
+        mask = arr
+    else:
+        names = pd.Index(np.atleast_1d(arr).astype(str))
+        missing = names.difference(adata.obs_names)
+        if len(missing):
+            raise KeyError(
+                f"{what}: {len(missing)} cells are not in adata.obs_names, e.g. "
+                f"{list(missing[:3])}."
+            )
+        mask = np.asarray(adata.obs_names.isin(names))
+    if not mask.any():
+        raise ValueError(f"{what} is empty: select at least one cell.")
+    return mask
+
+
+def _aligned_counts(model: Any, adata: ad.AnnData, layer: str | None) -> sp.csr_matrix:
+    """Counts with columns in the model's gene order (as :meth:`MetricModel.embed`)."""
+    x = adata.X if layer is None else adata.layers[layer]
+    gm = model.genes.align(adata.var, source="adata", min_overlap=0.5)
+    if not gm.identity:
+        logger.info(
+            "explain: %d of the model's %d genes found (%s)",
+            gm.n_matched,
+            len(model.genes),
+            gm.key,
+        )
+    return gm.apply(sp.csr_matrix(x, dtype=np.float32))
+
+
+def _normalized(module: Any, x: sp.csr_matrix, dev: torch.device) -> torch.Tensor:
+    """The encoder's input: the model's own normalisation of the counts, dense."""
+    with torch.no_grad():
+        return module.normalize({"x_ng": to_torch_csr(x).to(dev)})["x_ng"]
+
+
+def _batches(
+    module: Any, x: sp.csr_matrix, batch_size: int, dev: torch.device
+) -> Iterator[torch.Tensor]:
+    for start in range(0, x.shape[0], batch_size):
+        yield _normalized(module, x[start : start + batch_size], dev)
+
+
+def _mean_expression(
+    module: Any, x: sp.csr_matrix, batch_size: int, dev: torch.device
+) -> np.ndarray:
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=dev)
+    for x_ng in _batches(module, x, max(batch_size, 1024), dev):
+        total += x_ng.sum(0, dtype=torch.float64)
+    return (total / x.shape[0]).cpu().numpy()
+
+
+def _centroid(module: Any, x: sp.csr_matrix, batch_size: int, dev: torch.device) -> torch.Tensor:
+    """Unit mean embedding of a group's cells."""
+    total: torch.Tensor | None = None
+    with torch.no_grad():
+        for x_ng in _batches(module, x, max(batch_size, 1024), dev):
+            s = module.encoder(x_ng).sum(0, dtype=torch.float64)
+            total = s if total is None else total + s
+    assert total is not None
+    norm = torch.linalg.vector_norm(total)
+    if float(norm) <= 1e-8 * x.shape[0]:
+        raise ValueError(
+            "group_b's embeddings cancel out (their mean is ~0), so it has no direction to "
+            "measure distances to; choose a more homogeneous group_b."
+        )
+    return (total / norm).float()
+
+
+def _baseline(baseline: Baseline | np.ndarray, mean_b: np.ndarray, n_genes: int) -> torch.Tensor:
+    if isinstance(baseline, str):
+        if baseline == "zeros":
+            return torch.zeros(n_genes)
+        if baseline == "group_b":
+            return torch.as_tensor(mean_b, dtype=torch.float32)
+        raise ValueError(
+            f"baseline must be 'zeros', 'group_b' or one value per gene, not {baseline!r}."
+        )
+    arr = np.asarray(baseline, dtype=np.float32)
+    if arr.shape != (n_genes,):
+        raise ValueError(
+            f"a baseline array needs one log-normalised value per model gene ({n_genes}), "
+            f"not shape {arr.shape}."
+        )
+    return torch.from_numpy(arr.copy())
+
+
+def _check_convergence(result: DifferenceAttributions, n_steps: int) -> None:
+    scale = float(np.abs(result.distance_n - result.baseline_distance_n).mean())
+    bad = np.abs(result.delta_n) > DELTA_RTOL * scale + DELTA_ATOL
+    if bad.any():
+        warn(
+            f"integrated gradients did not converge for {int(bad.sum())} of {len(bad)} cells "
+            f"(|delta| up to {float(np.abs(result.delta_n).max()):.3g}); raise n_steps "
+            f"(now {n_steps})."
+        )

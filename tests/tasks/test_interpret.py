@@ -1,0 +1,208 @@
+"""explain_difference: exact attributions of a hand-set encoder, completeness, alignment, errors."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from cellsift._warnings import CellsiftWarning
+from cellsift.errors import GeneAlignmentError
+from cellsift.models import MetricModel
+from cellsift.tasks import attribute_difference, explain_difference
+
+N_GENES = 30
+#: The hand-set encoder reads genes 0-3 only: u = x . W, z = normalize([u, 1]).
+W = np.zeros(N_GENES)
+W[:4] = [3.0, 2.0, 1.0, -0.5]
+
+
+def _lognorm(counts: np.ndarray) -> np.ndarray:
+    """scanpy's normalize_total(1e4) + log1p, in numpy (float64)."""
+    c = counts.astype(np.float64)
+    return np.log1p(c / c.sum(1, keepdims=True) * 1e4)
+
+
+def _adata(counts: np.ndarray, n_a: int) -> ad.AnnData:
+    obs = pd.DataFrame(
+        {"group": np.where(np.arange(len(counts)) < n_a, "a", "b")},
+        index=[f"cell{i}" for i in range(len(counts))],
+    )
+    var = pd.DataFrame(index=[f"g{i}" for i in range(counts.shape[1])])
+    return ad.AnnData(sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=var)
+
+
+@pytest.fixture(scope="module")
+def linear():
+    """A MetricModel whose encoder is set by hand to normalize([x . W, 1]), and data where
+    group A expresses genes 0-3 and group B does not."""
+    torch.manual_seed(0)
+    model = MetricModel(
+        [f"g{i}" for i in range(N_GENES)],
+        ["CL:0000236"],
+        hidden=(4,),
+        latent=2,
+        dropout=0.0,
+        input_dropout=0.0,
+    )
+    enc = model.module.encoder
+    lin1, lin2 = [m for m in enc.modules() if isinstance(m, nn.Linear)]
+    (bn,) = [m for m in enc.modules() if isinstance(m, nn.BatchNorm1d)]
+    (prelu,) = [m for m in enc.modules() if isinstance(m, nn.PReLU)]
+    with torch.no_grad():
+        lin1.weight.zero_()
+        lin1.weight[0] = torch.as_tensor(W, dtype=torch.float32)
+        lin1.bias.zero_()
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)  # BatchNorm is the identity in eval mode
+        bn.weight.fill_(1.0)
+        bn.bias.zero_()
+        prelu.weight.fill_(1.0)  # PReLU is the identity
+        lin2.weight.zero_()
+        lin2.weight[0, 0] = 1.0
+        lin2.bias.copy_(torch.tensor([0.0, 1.0]))
+    rng = np.random.default_rng(0)
+    n_a, n_b = 40, 40
+    counts = rng.poisson(5.0, size=(n_a + n_b, N_GENES)) + 1
+    counts[:n_a, :3] += rng.poisson(20.0, size=(n_a, 3))
+    counts[n_a:, :4] = 0
+    return model, _adata(counts, n_a)
+
+
+def _reference_linear(counts: np.ndarray, n_a: int) -> tuple[np.ndarray, np.ndarray]:
+    """Closed form: f depends on x only through u = x . W, so attribution_i = W_i x_i / u *
+    (f(x) - f(0)). Returns per-cell attributions of A and f(x) - f(0)."""
+    x = _lognorm(counts)
+
+    def emb(x_ng: np.ndarray) -> np.ndarray:
+        z = np.stack([x_ng @ W, np.ones(len(x_ng))], axis=1)
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    c = emb(x[n_a:]).mean(0)
+    c /= np.linalg.norm(c)
+    xa = x[:n_a]
+    f = 1.0 - emb(xa) @ c
+    f0 = 1.0 - emb(np.zeros((1, x.shape[1]))) @ c
+    u = xa @ W
+    return W[None, :] * xa / u[:, None] * (f - f0)[:, None], f - f0
+
+
+def test_hand_set_encoder_attributions_equal_the_closed_form(linear):
+    model, adata = linear
+    is_a = (adata.obs["group"] == "a").to_numpy()
+    df = explain_difference(model, adata, is_a, ~is_a, n_steps=50)
+    ref, gap = _reference_linear(adata.X.toarray(), int(is_a.sum()))
+
+    assert list(df.index[:3]) == ["g0", "g1", "g2"]  # W x ranks them, all positive
+    assert df.index[-1] == "g3"  # its negative weight pulls A towards B
+    assert (df["attribution"].iloc[3:-1] == 0).all()  # genes the encoder ignores
+    expected = pd.Series(ref.mean(0), index=[f"g{i}" for i in range(N_GENES)])
+    np.testing.assert_allclose(df["attribution"], expected[df.index], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        df["abs_attribution"], np.abs(ref).mean(0)[[int(g[1:]) for g in df.index]], rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        df.loc[[f"g{i}" for i in range(N_GENES)], "mean_a"],
+        _lognorm(adata.X.toarray())[is_a].mean(0),
+        rtol=1e-5,
+    )
+    assert df.attrs["n_cells"] == is_a.sum() and df.attrs["baseline"] == "zeros"
+    np.testing.assert_allclose(df.attrs["distance"], gap.mean(), rtol=1e-5)  # f(0) = 0 here
+
+
+def test_completeness_against_the_model_itself():
+    """Each cell's attributions sum to f(x) - f(baseline), f computed here with the encoder
+    on numpy-normalised counts and the centroid from MetricModel.embed."""
+    torch.manual_seed(1)
+    model = MetricModel([f"g{i}" for i in range(50)], ["CL:0000236"], hidden=(32, 16), latent=8)
+    rng = np.random.default_rng(1)
+    counts = rng.negative_binomial(2, 0.3, size=(60, 50))
+    counts[:30, :5] += rng.poisson(15.0, size=(30, 5))
+    adata = _adata(counts, 30)
+    is_a = (adata.obs["group"] == "a").to_numpy()
+    x = torch.from_numpy(_lognorm(counts).astype(np.float32))
+    centroid = model.embed(adata[~is_a]).mean(0)
+    centroid /= np.linalg.norm(centroid)
+    model.module.eval()
+
+    def f(x_ng: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return 1.0 - model.module.encoder(x_ng).numpy() @ centroid
+
+    for baseline, base_g in [
+        ("zeros", torch.zeros(50)),
+        ("group_b", x[~is_a].mean(0)),
+    ]:
+        res = attribute_difference(model, adata, is_a, ~is_a, baseline=baseline, n_steps=100)
+        expected = f(x[is_a]) - f(base_g[None, :])
+        np.testing.assert_allclose(res.distance_n, f(x[is_a]), atol=1e-5)
+        np.testing.assert_allclose(res.attributions_ng.sum(1), expected, rtol=0.02, atol=2e-3)
+        np.testing.assert_allclose(res.delta_n, res.attributions_ng.sum(1) - expected, atol=2e-4)
+        assert list(res.cells) == list(adata.obs_names[is_a])
+
+
+def test_genes_are_aligned_to_the_model(linear):
+    model, adata = linear
+    is_a = (adata.obs["group"] == "a").to_numpy()
+    ref = explain_difference(model, adata, is_a, ~is_a)
+    rng = np.random.default_rng(2)
+    extra = ad.AnnData(
+        sp.csr_matrix(rng.poisson(1.0, size=(adata.n_obs, 5)).astype(np.float32)),
+        obs=adata.obs,
+        var=pd.DataFrame(index=[f"other{i}" for i in range(5)]),
+    )
+    # shuffled genes; five the model lacks (they change the library size, so compare ranks)
+    mixed = ad.concat([adata, extra], axis=1, merge="first")
+    mixed = mixed[:, rng.permutation(mixed.n_vars)].copy()
+    again = explain_difference(model, mixed, is_a, ~is_a)
+    assert list(again.index[:3]) == ["g0", "g1", "g2"] and again.index[-1] == "g3"
+    shuffled = adata[:, rng.permutation(adata.n_vars)].copy()
+    pd.testing.assert_frame_equal(explain_difference(model, shuffled, is_a, ~is_a), ref)
+
+    bad = adata.copy()
+    bad.var_names = [f"x{i}" for i in range(bad.n_vars)]
+    with pytest.raises(GeneAlignmentError, match="genes match"):
+        explain_difference(model, bad, is_a, ~is_a)
+
+
+def test_groups_by_obs_names_and_subsampling(linear):
+    model, adata = linear
+    is_a = (adata.obs["group"] == "a").to_numpy()
+    by_mask = explain_difference(model, adata, is_a, ~is_a)
+    by_name = explain_difference(
+        model, adata, adata.obs_names[is_a].tolist(), adata.obs_names[~is_a]
+    )
+    pd.testing.assert_frame_equal(by_mask, by_name)
+    res = attribute_difference(model, adata, is_a, ~is_a, max_cells=7, seed=3)
+    assert res.attributions_ng.shape == (7, N_GENES)
+    assert set(res.cells) <= set(adata.obs_names[is_a])
+
+
+def test_errors(linear):
+    model, adata = linear
+    is_a = (adata.obs["group"] == "a").to_numpy()
+    with pytest.raises(ValueError, match="group_a is empty"):
+        explain_difference(model, adata, np.zeros(adata.n_obs, bool), ~is_a)
+    with pytest.raises(ValueError, match="group_b is empty"):
+        explain_difference(model, adata, is_a, [])
+    with pytest.raises(ValueError, match=r"mask has shape \(10,\) for 80 cells"):
+        explain_difference(model, adata, is_a[:10], ~is_a)
+    with pytest.raises(KeyError, match="1 cells are not in adata"):
+        explain_difference(model, adata, ["cell0", "nope"], ~is_a)
+    with pytest.raises(ValueError, match="baseline must be"):
+        explain_difference(model, adata, is_a, ~is_a, baseline="ones")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one log-normalised value per model gene"):
+        explain_difference(model, adata, is_a, ~is_a, baseline=np.zeros(3))
+    with pytest.raises(ValueError, match="n_steps"):
+        explain_difference(model, adata, is_a, ~is_a, n_steps=0)
+
+
+def test_too_few_steps_warn(linear):
+    model, adata = linear
+    is_a = (adata.obs["group"] == "a").to_numpy()
+    with pytest.warns(CellsiftWarning, match="did not converge"):
+        explain_difference(model, adata, is_a, ~is_a, n_steps=1)

@@ -1,0 +1,253 @@
+"""cellsift.pl: the artists drawn match the data, figures save atomically, errors are clear."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import anndata as ad
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from cellsift import pl
+from cellsift.tasks import UNKNOWN, CellIndex
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+B, CD4, CD8, T, LYMPHOCYTE, MONO = (
+    "CL:0000236",
+    "CL:0000624",
+    "CL:0000625",
+    "CL:0000084",
+    "CL:0000542",
+    "CL:0001054",
+)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def cells() -> ad.AnnData:
+    rng = np.random.default_rng(0)
+    n = 90
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(np.repeat(["B", "NK", "T"], 30)),
+            "score": rng.normal(size=n),
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    return ad.AnnData(
+        obs=obs, obsm={"X_umap": rng.normal(size=(n, 2)), "X_cellsift": rng.normal(size=(n, 16))}
+    )
+
+
+def _png(path) -> bool:
+    return path.read_bytes()[:8] == PNG_MAGIC
+
+
+# -- embedding ------------------------------------------------------------------------------
+def test_embedding_draws_one_scatter_per_category(cells, tmp_path):
+    palette = {"B": "red", "NK": "green", "T": "blue"}
+    ax = pl.embedding(cells, "cell_type", palette=palette, save=tmp_path / "umap.png")
+    assert len(ax.collections) == 3
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["B", "NK", "T"]
+    xy = cells.obsm["X_umap"]
+    for coll, name in zip(ax.collections, ["B", "NK", "T"], strict=True):
+        sel = (cells.obs["cell_type"] == name).to_numpy()
+        np.testing.assert_allclose(coll.get_offsets(), xy[sel])
+        np.testing.assert_allclose(
+            coll.get_facecolor()[0], matplotlib.colors.to_rgba(palette[name])
+        )
+    assert _png(tmp_path / "umap.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["umap.png"]  # no temporary file left
+
+
+def test_embedding_missing_values_and_numeric_colour(cells):
+    cells.obs.loc["c0", "cell_type"] = np.nan
+    ax = pl.embedding(cells, "cell_type", basis="umap")  # "umap" means "X_umap"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["NA", "B", "NK", "T"]
+    assert len(ax.collections[0].get_offsets()) == 1
+
+    _, ax = plt.subplots()
+    out = pl.embedding(cells, "score", ax=ax)
+    assert out is ax and len(ax.collections) == 1
+    np.testing.assert_allclose(ax.collections[0].get_array(), cells.obs["score"].to_numpy())
+    assert len(ax.figure.axes) == 2  # the colour bar
+
+
+def test_embedding_errors(cells):
+    with pytest.raises(ValueError, match=r"shape \(90, 16\); plotting needs a 2-D embedding"):
+        pl.embedding(cells, "cell_type", basis="X_cellsift")
+    with pytest.raises(KeyError, match=r"obsm has no 'X_tsne'; 2-D embeddings present: \['X_umap'"):
+        pl.embedding(cells, "cell_type", basis="X_tsne")
+    with pytest.raises(KeyError, match="not an obs column"):
+        pl.embedding(cells, "donor")
+    with pytest.raises(KeyError, match=r"palette has no colour for \['T'\]"):
+        pl.embedding(cells, "cell_type", palette={"B": "red", "NK": "green"})
+
+
+# -- search summary ---------------------------------------------------------------------------
+def test_search_summary_bars_are_the_summary(tmp_path):
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(200, 8))
+    meta = pd.DataFrame({"study": rng.choice(["s1", "s2", "s3", "s4"], 200)})
+    result = CellIndex.build(emb, meta, engine="exact").search(emb[:5], 30)
+    summary = result.summary("study")
+    ax = pl.search_summary(result, by="study", save=tmp_path / "hits.png")
+    assert len(ax.patches) == len(summary) == 4
+    np.testing.assert_array_equal([p.get_width() for p in ax.patches], summary["hits"])
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(summary.index)
+    assert _png(tmp_path / "hits.png")
+
+    ax = pl.search_summary(result, value="mean_distance", n_top=2)
+    assert len(ax.patches) == 2
+    np.testing.assert_allclose(
+        [p.get_width() for p in ax.patches], summary["mean_distance"].iloc[:2]
+    )
+    with pytest.raises(KeyError, match="not a summary column"):
+        pl.search_summary(result, value="distance")
+
+
+# -- annotation confusion ---------------------------------------------------------------------
+def _labels(plan: dict[tuple[str, str], int]) -> tuple[list[str], list[str]]:
+    true, pred = [], []
+    for (t, p), n in plan.items():
+        true += [t] * n
+        pred += [p] * n
+    order = np.random.default_rng(2).permutation(len(true))
+    return [true[i] for i in order], [pred[i] for i in order]
+
+
+def _heatmap(ax) -> pd.DataFrame:
+    return pd.DataFrame(
+        ax.images[0].get_array(),
+        index=[t.get_text() for t in ax.get_yticklabels()],
+        columns=[t.get_text() for t in ax.get_xticklabels()],
+    )
+
+
+def test_plain_confusion_equals_crosstab():
+    from cellsift.ontology import load_cell_ontology
+
+    cl = load_cell_ontology()
+    true, pred = _labels(
+        {(B, B): 7, (B, MONO): 2, (MONO, MONO): 5, (MONO, B): 1, (CD4, CD8): 3, (CD4, UNKNOWN): 2}
+    )
+    got = _heatmap(pl.annotation_confusion(true, pred, ontology=cl))
+    names = {t: cl.name(t) for t in {B, MONO, CD4, CD8}} | {UNKNOWN: UNKNOWN}
+    expected = pd.crosstab(pd.Series([names[t] for t in true]), pd.Series([names[p] for p in pred]))
+    expected = expected.reindex(index=got.index, columns=got.columns, fill_value=0)
+    np.testing.assert_array_equal(got.to_numpy(), expected.to_numpy())
+    assert got.to_numpy().sum() == len(true)
+    assert list(got.columns[-2:]) == [pl.ANCESTOR, UNKNOWN]
+    assert got.loc[cl.name(CD4), pl.ANCESTOR] == 0
+
+
+def test_ancestor_calls_are_counted_apart_from_wrong_calls(tmp_path):
+    plan = {
+        (CD4, CD4): 5,
+        (CD4, T): 3,  # ancestor: right, coarser
+        (CD4, CD8): 2,  # wrong
+        (CD4, UNKNOWN): 1,
+        (CD8, CD8): 4,
+        (CD8, "T cell"): 1,  # a CL name, harmonised; an ancestor
+        (CD8, B): 2,
+        (B, B): 6,
+        (B, LYMPHOCYTE): 1,  # ancestor, a term no row has
+        (B, None): 2,  # a missing call is an abstention
+        (T, T): 3,  # exact: T cell is only an ancestor call for CD4 and CD8
+        (T, CD4): 2,  # more specific than the truth: not an ancestor call
+    }
+    true, pred = _labels(plan)
+    ax = pl.annotation_confusion(true, pred, save=tmp_path / "confusion.png")
+    got = _heatmap(ax)
+    b, cd4, cd8, t = (
+        "B cell",
+        "CD4-positive, alpha-beta T cell",
+        "CD8-positive, alpha-beta T cell",
+        "T cell",
+    )
+    cols = [b, cd4, cd8, t, pl.ANCESTOR, UNKNOWN]
+    expected = pd.DataFrame(
+        [
+            [6, 0, 0, 0, 1, 2],
+            [0, 5, 2, 0, 3, 1],
+            [2, 0, 4, 0, 1, 0],
+            [0, 2, 0, 3, 0, 0],
+        ],
+        index=[b, cd4, cd8, t],
+        columns=cols,
+    )
+    pd.testing.assert_frame_equal(got, expected.astype(float))
+    assert len(ax.texts) == int((expected.to_numpy() > 0).sum())  # each nonzero cell written
+    assert _png(tmp_path / "confusion.png")
+
+    frac = _heatmap(pl.annotation_confusion(true, pred, normalize=True))
+    np.testing.assert_allclose(frac.sum(1), 1.0)
+    np.testing.assert_allclose(frac.loc[cd4, pl.ANCESTOR], 3 / 11)
+
+
+def test_annotation_confusion_errors():
+    with pytest.raises(ValueError, match="true has 2 labels and pred 1"):
+        pl.annotation_confusion([B, B], [B])
+    with pytest.raises(ValueError, match="no cells"):
+        pl.annotation_confusion([], [])
+    with pytest.raises(ValueError, match="1 missing labels"):
+        pl.annotation_confusion([B, None], [B, B])
+    with pytest.raises(ValueError, match="not Cell Ontology terms"):
+        pl.annotation_confusion([B, "alien cell"], [B, B])
+
+
+# -- attributions -----------------------------------------------------------------------------
+def test_attribution_bars_are_the_top_genes(tmp_path):
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame(
+        {"attribution": rng.normal(size=30), "symbol": [f"GENE{i}" for i in range(30)]},
+        index=[f"ENSG{i:011d}" for i in range(30)],
+    )
+    top = df.sort_values("attribution", ascending=False).head(25)
+    ax = pl.attributions(df, n_genes=25, save=tmp_path / "genes.png")
+    assert len(ax.patches) == 25
+    np.testing.assert_allclose([p.get_width() for p in ax.patches], top["attribution"])
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(top["symbol"])
+    negative = [p for p in ax.patches if p.get_width() < 0]
+    assert negative and all(
+        p.get_facecolor() == matplotlib.colors.to_rgba("tab:blue") for p in negative
+    )
+    assert _png(tmp_path / "genes.png")
+
+    ax = pl.attributions(df.drop(columns="symbol"), n_genes=100)
+    assert len(ax.patches) == 30
+    assert ax.get_yticklabels()[0].get_text() == top.index[0]
+    with pytest.raises(KeyError, match="'score' is not a column"):
+        pl.attributions(df, column="score")
+    with pytest.raises(ValueError, match="n_genes must be at least 1"):
+        pl.attributions(df, n_genes=0)
+
+
+# -- saving and import ------------------------------------------------------------------------
+def test_save_is_atomic_and_checks_the_format(cells, tmp_path):
+    target = tmp_path / "plot.png"
+    target.write_bytes(b"old")
+    pl.embedding(cells, "cell_type", save=target)
+    assert _png(target)
+    pl.embedding(cells, "cell_type", save=tmp_path / "plot.pdf")
+    assert (tmp_path / "plot.pdf").read_bytes()[:4] == b"%PDF"
+    with pytest.raises(ValueError, match="cannot save as 'xyz'"):
+        pl.embedding(cells, "cell_type", save=tmp_path / "plot.xyz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.pdf", "plot.png"]
+
+
+def test_import_cellsift_does_not_import_matplotlib():
+    code = "import sys, cellsift; print('matplotlib' in sys.modules, 'captum' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
