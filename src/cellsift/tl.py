@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .tasks import CellIndex, KNNAnnotator, SearchResult
+from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 
 __all__ = ["annotate", "embed", "pseudobulk", "search_centroid", "search_clusters"]
 
@@ -119,16 +119,31 @@ def search_centroid(
     k: int = 100,
     layer: str | None = None,
     filter: Any = None,
+    qc: bool = True,
+    use_rep: str = "X_cellsift",
 ) -> SearchResult:
     """Cells of the index nearest the centroid of a cell set: the set's counts summed
-    (pseudobulk), embedded, searched. ``cells``: a boolean mask or obs names (default all)."""
+    (pseudobulk), embedded, searched. ``cells``: a boolean mask or obs names (default all).
+
+    With ``qc``, the result's ``qc`` holds the query-coherence check
+    (:func:`~cellsift.tasks.query_coherence`: do the set's subpopulations find the same
+    cells?), which warns when the set looks heterogeneous. It clusters the set's cell
+    embeddings: ``obsm[use_rep]`` when present, else embedded here.
+    """
     mask = np.ones(adata.n_obs, dtype=bool) if cells is None else _mask(adata, cells)
     if not mask.any():
         raise ValueError("the cell set is empty; select at least one cell.")
     labels = np.full(adata.n_obs, None, dtype=object)
     labels[mask] = "centroid"
     bulk = pseudobulk(adata, labels, layer=layer)
-    return index.search(model.embed(bulk), k, filter=filter)
+    result = index.search(model.embed(bulk), k, filter=filter)
+    if qc:
+        if use_rep in adata.obsm:
+            z = np.asarray(adata.obsm[use_rep])[mask]
+        else:
+            z = model.embed(adata[mask], layer=layer)
+        result.qc = query_coherence(index, z, k, filter=filter)
+    return result
 
 
 def search_clusters(

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pytest
 
 import cellsift as cs
+from cellsift._warnings import CellsiftWarning
 from cellsift.cli import main
 from cellsift.models import MetricModel
 from cellsift.ontology import load_cell_ontology
-from cellsift.tasks import CellIndex, KNNAnnotator, embed_collection, load_embeddings
+from cellsift.tasks import (
+    CellIndex,
+    KNNAnnotator,
+    embed_collection,
+    load_embeddings,
+    query_coherence,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +84,17 @@ def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad):
     cs.tl.embed(ref, model)
     index = CellIndex.build(ref.obsm["X_cellsift"], ref.obs.reset_index(drop=True))
     cells = (ref.obs["cell_type"] == bulk.obs_names[0]).to_numpy()
-    res = cs.tl.search_centroid(ref, model, index, cells=cells, k=20)
+    res = cs.tl.search_centroid(ref, model, index, cells=cells, k=20, qc=False)
     direct = index.search(model.embed(bulk[[bulk.obs_names[0]]]), 20)
     np.testing.assert_array_equal(res.indices, direct.indices)
+    assert res.qc is None
+    with warnings.catch_warnings():  # an untrained model: the type need not be coherent
+        warnings.simplefilter("ignore", CellsiftWarning)
+        checked = cs.tl.search_centroid(ref, model, index, cells=cells, k=20)
+    np.testing.assert_array_equal(checked.indices, res.indices)
+    want = query_coherence(index, ref.obsm["X_cellsift"][cells], 20, warn_below=None)
+    assert checked.qc.coherence == pytest.approx(want.coherence)
+    assert checked.qc.clusters["cells"].sum() == cells.sum()
     per = cs.tl.search_clusters(ref, model, index, "cell_type", k=20)
     np.testing.assert_array_equal(per[bulk.obs_names[0]].indices, res.indices)
     assert res.summary("dataset_id")["hits"].sum() == 20

@@ -89,11 +89,13 @@ class SearchResult:
     """Nearest cells of each query: cosine ``distances`` and ``indices`` (queries x k).
 
     Rows are sorted by distance; where fewer than k cells qualify the rest is -1 / inf.
+    ``qc`` holds the query-coherence check of a centroid search (:func:`query_coherence`).
     """
 
     distances: np.ndarray
     indices: np.ndarray
     index: CellIndex
+    qc: Any = None
 
     def metadata(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Metadata of the hits, one row per (query, rank), with ``query`` and ``rank``."""

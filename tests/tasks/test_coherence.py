@@ -1,0 +1,65 @@
+"""Query coherence against brute-force overlaps, on clustered embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellsift._warnings import CellsiftWarning
+from cellsift.tasks import CellIndex, query_coherence
+
+
+def _clustered(n_per=400, n_pop=4, dim=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_pop, dim))
+    pop = np.repeat(np.arange(n_pop), n_per)
+    z = centers[pop] + 0.35 * rng.normal(size=(len(pop), dim))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    return z.astype(np.float32), pop
+
+
+def _top(z_index, q, k):
+    return np.argsort(-(z_index @ q), kind="stable")[:k]
+
+
+def test_one_population_is_coherent_and_overlaps_match_brute_force():
+    z, pop = _clustered()
+    index = CellIndex.build(z, pd.DataFrame({"pop": pop}), engine="exact")
+    rng = np.random.default_rng(1)
+    query = z[pop == 0][:60] + 0.05 * rng.normal(size=(60, z.shape[1])).astype(np.float32)
+    qc = query_coherence(index, query, k=50)
+    assert qc.coherent and qc.coherence > 0.6 and len(qc.clusters) == 3
+    # every cluster's overlap, recomputed by brute force from the returned clusters
+    qn = query / np.linalg.norm(query, axis=1, keepdims=True)
+    c = qn.mean(0)
+    whole = set(_top(z, c / np.linalg.norm(c), 50).tolist())
+    for cl, row in qc.clusters.iterrows():
+        m = qn[qc.cluster_n == cl].mean(0)
+        got = set(_top(z, m / np.linalg.norm(m), 50).tolist())
+        assert row["overlap"] == pytest.approx(len(whole & got) / 50)
+        assert row["cells"] == (qc.cluster_n == cl).sum()
+    w = qc.clusters["cells"].to_numpy()
+    assert qc.coherence == pytest.approx((qc.clusters["overlap"] * w).sum() / w.sum())
+
+
+def test_mixed_populations_are_flagged():
+    z, pop = _clustered()
+    index = CellIndex.build(z, engine="exact")
+    query = np.concatenate([z[pop == 0][:50], z[pop == 2][:50]])
+    with pytest.warns(CellsiftWarning, match="heterogeneous"):
+        qc = query_coherence(index, query, k=50)
+    assert not qc.coherent and qc.coherence < 0.3
+    # the clusters split the two populations
+    for cl in np.unique(qc.cluster_n):
+        members = np.flatnonzero(qc.cluster_n == cl)
+        assert len(set((members >= 50).tolist())) == 1
+
+
+def test_small_sets_and_errors():
+    z, _pop = _clustered(n_per=50)
+    index = CellIndex.build(z, engine="exact")
+    qc = query_coherence(index, z[:3], k=10)  # too few cells to split: one cluster
+    assert len(qc.clusters) == 1 and qc.coherence == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no query cells"):
+        query_coherence(index, np.zeros((0, z.shape[1]), dtype=np.float32))
