@@ -79,6 +79,7 @@ def _embed(args: argparse.Namespace) -> int:
         args.out,
         layer=args.layer,
         batch_size=args.batch_size,
+        devices=args.devices,
         overwrite=args.overwrite,
         progress_bar=True,
     )
@@ -164,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the embeddings store to write (a directory, e.g. emb.zarr)")
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
     p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="processes, one shard each (one per GPU; gloo on the CPU); a killed run resumes",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_embed)
 

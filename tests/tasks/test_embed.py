@@ -7,6 +7,7 @@ import warnings
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 
 import cellsift as cs
 from cellsift._warnings import CellsiftWarning
@@ -100,3 +101,60 @@ def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad):
     assert res.summary("dataset_id")["hits"].sum() == 20
     with pytest.raises(ValueError, match="empty"):
         cs.tl.search_centroid(ref, model, index, cells=np.zeros(ref.n_obs, dtype=bool))
+
+
+@pytest.mark.multi_device
+def test_two_ranks_write_one_shard_each_and_match_one_process(bundle, synthetic_h5ad, tmp_path):
+    import zarr
+
+    model = MetricModel.load(bundle)
+    one = embed_collection(model, synthetic_h5ad, tmp_path / "one.zarr", batch_size=500)
+    two = embed_collection(model, synthetic_h5ad, tmp_path / "two.zarr", batch_size=500, devices=2)
+    e1, m1 = load_embeddings(one)
+    e2, m2 = load_embeddings(two)
+    np.testing.assert_array_equal(e1, e2)
+    assert m1.equals(m2)
+    shards = zarr.open_group(str(two), mode="r").attrs["shards"]
+    assert [(s["start"], s["stop"]) for s in shards] == [(0, len(e1) // 2), (len(e1) // 2, len(e1))]
+    assert not list(tmp_path.glob(".*"))  # no staging or temporary directory left
+
+
+def test_a_rerun_keeps_finished_shards_of_the_same_model_only(bundle, synthetic_h5ad, tmp_path):
+    import zarr
+
+    from cellsift.data import CellCollection
+    from cellsift.tasks import embed as embed_mod
+
+    model = MetricModel.load(bundle)
+    out = tmp_path / "emb.zarr"
+    full = model.embed(ad.read_h5ad(synthetic_h5ad))
+    # what a killed run leaves: the staging directory with one finished shard (marked by
+    # its attrs) and nothing else
+    coll = CellCollection(synthetic_h5ad, genes=model.genes, min_overlap=0.5)
+    staging = tmp_path / ".emb.zarr.partial-of-1"
+    shard = staging / "shard-00000"
+    embed_mod._write_shard(model, coll, shard, (0, coll.n_obs), torch.device("cpu"), 512, False)
+    marker = np.full_like(full, 7.0)
+    zarr.open_array(str(shard), mode="r+")[:] = marker
+    attrs = {"start": 0, "stop": coll.n_obs, "digest": embed_mod._digest(model, coll)}
+    embed_mod._set_attrs(shard, attrs)
+    embed_collection(model, synthetic_h5ad, out)
+    np.testing.assert_array_equal(load_embeddings(out)[0], marker)  # kept, not recomputed
+    # another model's shard is recomputed
+    other = MetricModel.from_collection(synthetic_h5ad, hidden=(64,), latent=16)
+    embed_mod._write_shard(model, coll, shard, (0, coll.n_obs), torch.device("cpu"), 512, False)
+    embed_mod._set_attrs(shard, attrs)
+    embed_collection(other, synthetic_h5ad, out, overwrite=True)
+    np.testing.assert_allclose(
+        load_embeddings(out)[0], other.embed(ad.read_h5ad(synthetic_h5ad)), atol=1e-5
+    )
+
+
+def test_a_damaged_store_is_named(bundle, synthetic_h5ad, tmp_path):
+    model = MetricModel.load(bundle)
+    out = embed_collection(model, synthetic_h5ad, tmp_path / "emb.zarr")
+    (out / "metadata.parquet").unlink()
+    with pytest.raises(FileNotFoundError):
+        load_embeddings(out)
+    with pytest.raises(ValueError, match="not a cellsift embeddings store"):
+        load_embeddings(tmp_path)

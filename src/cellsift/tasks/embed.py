@@ -1,18 +1,28 @@
 """Embed a whole collection with a trained model, streaming, into an embeddings store.
 
-The store is a directory written atomically::
+The store is a directory, moved into place only once complete::
 
-    embeddings.zarr/
-      embeddings          zarr v3 array, cells x latent float32 (chunks of 65,536 cells)
+    emb.zarr/
+      zarr.json           group attrs: model config, sources, n_cells, the shards' row ranges
+      shard-00000/        zarr v3 array, rows [start, stop) x latent float32 (one per rank)
+      ...
       metadata.parquet    the cells' obs columns (plus ``cell_index``), for the CellIndex
-      attrs               model config, number of genes matched, source paths
+
+Each rank of a multi-device run (``devices=N`` spawns N processes, one per GPU, or joins a
+running ``torch.distributed`` job) embeds one contiguous slice of the cells and writes its
+shard atomically into a staging directory beside ``out`` (``.emb.zarr.partial-of-N``);
+rank 0 then writes the metadata and moves the whole store into place. A killed run leaves
+the staging directory: run the same command again and the finished shards are kept.
 
 :func:`load_embeddings` reads it back; ``CellIndex.build(*load_embeddings(path))`` indexes it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,14 +30,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 
-from .._utils import atomic_path, import_optional, logger, progress
+from .._utils import atomic_path, import_optional, logger, progress, remove_path
 from ..data import CellCollection
 from ..data.loader import to_torch_csr
 
 __all__ = ["embed_collection", "load_embeddings"]
 
 CHUNK = 65_536
+STORE_VERSION = 2
 
 
 def embed_collection(
@@ -39,6 +51,7 @@ def embed_collection(
     obs_columns: Sequence[str] | None = None,
     batch_size: int = 8192,
     device: str | torch.device | None = None,
+    devices: int = 1,
     overwrite: bool = False,
     progress_bar: bool = False,
 ) -> Path:
@@ -47,70 +60,234 @@ def embed_collection(
 
     Genes are aligned to the model's vocabulary per store (an error below half overlap);
     ``obs_columns`` (default: all) go to ``metadata.parquet``. GPU when present.
+
+    ``devices`` > 1 spawns that many processes (NCCL on GPUs, one each; gloo on the CPU),
+    each embedding one shard. Called inside an initialised ``torch.distributed`` job, every
+    rank embeds its own shard and all ranks return once the store is in place.
     """
-    zarr = import_optional("zarr")
-    pq = import_optional("pyarrow.parquet")
-    pa = import_optional("pyarrow")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; remove it or pass overwrite=True (--overwrite).")
+    kwargs: dict[str, Any] = {
+        "layer": layer,
+        "obs_columns": obs_columns,
+        "batch_size": batch_size,
+        "device": device,
+        "overwrite": overwrite,
+        "progress_bar": progress_bar,
+    }
+    if devices > 1 and not (dist.is_available() and dist.is_initialized()):
+        port = random.randint(20_000, 45_000)
+        torch.multiprocessing.start_processes(
+            _spawned,
+            args=(devices, port, model, source, out, kwargs),
+            nprocs=devices,
+            start_method="spawn",
+        )
+        return out
+    return _embed_rank(model, source, out, **kwargs)
+
+
+def _spawned(
+    rank: int, world: int, port: int, model: Any, source: Any, out: Path, kwargs: dict
+) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        if cuda and kwargs["device"] is None:
+            torch.cuda.set_device(rank)
+            kwargs = {**kwargs, "device": f"cuda:{rank}"}
+        _embed_rank(model, source, out, **kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def _embed_rank(
+    model: Any,
+    source: Any,
+    out: Path,
+    *,
+    layer: str | None,
+    obs_columns: Sequence[str] | None,
+    batch_size: int,
+    device: str | torch.device | None,
+    overwrite: bool,
+    progress_bar: bool,
+) -> Path:
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     coll = (
         source
         if isinstance(source, CellCollection)
         else CellCollection(source, genes=model.genes, layer=layer, min_overlap=0.5)
     )
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n = coll.n_obs
+    bounds = [n * r // world for r in range(world + 1)]
+    staging = out.with_name(f".{out.name}.partial-of-{world}")
+    staging.mkdir(parents=True, exist_ok=True)
+    shard = staging / f"shard-{rank:05d}"
+    digest = _digest(model, coll)
+    if _shard_done(shard, bounds[rank], bounds[rank + 1], digest):
+        logger.info("rank %d: shard %s already complete, kept", rank, shard.name)
+    else:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _write_shard(
+            model, coll, shard, (bounds[rank], bounds[rank + 1]), dev, batch_size, progress_bar
+        )
+        _set_attrs(shard, {"start": bounds[rank], "stop": bounds[rank + 1], "digest": digest})
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        _finalize(model, coll, staging, out, bounds, obs_columns, overwrite)
+    if distributed:
+        dist.barrier()
+    return out
+
+
+def _write_shard(
+    model: Any,
+    coll: CellCollection,
+    shard: Path,
+    span: tuple[int, int],
+    dev: torch.device,
+    batch_size: int,
+    progress_bar: bool,
+) -> None:
+    """Embed rows ``span`` = [start, stop) into the zarr array ``shard`` (atomically)."""
+    zarr = import_optional("zarr")
+    start, stop = span
     module = model.module.to(dev).eval()
     latent = int(model.config["architecture"]["latent"])
-    n = coll.n_obs
-    with atomic_path(out, overwrite=overwrite) as tmp:
-        root = zarr.open_group(tmp, mode="w", zarr_format=3)
-        arr = root.create_array(
-            "embeddings", shape=(n, latent), chunks=(CHUNK, latent), dtype="float32"
+    with atomic_path(shard, overwrite=True) as tmp:
+        arr = zarr.create_array(
+            tmp, shape=(stop - start, latent), chunks=(CHUNK, latent), dtype="float32"
         )
         pending: list[np.ndarray] = []  # flushed a whole chunk at a time
         written = 0
-        starts = range(0, n, batch_size)
+        starts = range(start, stop, batch_size)
         with torch.no_grad():
-            for start in progress(
+            for s in progress(
                 starts, total=len(starts), desc="embed", enabled=progress_bar, unit="batch"
             ):
-                rows = np.arange(start, min(start + batch_size, n))
+                rows = np.arange(s, min(s + batch_size, stop))
                 x = to_torch_csr(coll.read(rows)).to(dev)
                 pending.append(module.embed({"x_ng": x}).float().cpu().numpy())
                 held = sum(len(p) for p in pending)
-                if held >= CHUNK or rows[-1] == n - 1:
+                last = rows[-1] == stop - 1
+                if held >= CHUNK or last:
                     block = np.concatenate(pending)
-                    cut = held if rows[-1] == n - 1 else held - held % CHUNK
+                    cut = held if last else held - held % CHUNK
                     arr[written : written + cut] = block[:cut]
                     written, pending = written + cut, [block[cut:]]
-        cols = list(obs_columns) if obs_columns is not None else _all_columns(coll)
-        meta = pd.DataFrame({c: np.asarray(coll.obs_column(c)) for c in cols})
-        for c in meta.columns:
-            if meta[c].dtype == object:
-                meta[c] = meta[c].astype(str)
-        table = pa.Table.from_pandas(meta, preserve_index=False)
-        pq.write_table(table, tmp / "metadata.parquet", row_group_size=1 << 17)
-        root.attrs.update(
-            {
-                "cellsift": "embeddings",
-                "n_cells": n,
-                "latent": latent,
-                "model": model.config,
-                "sources": [str(s.path) for s in coll.stores],
-            }
-        )
-    logger.info("embedded %d cells into %s", n, out)
-    return Path(out)
+
+
+def _set_attrs(shard: Path, attrs: dict) -> None:
+    """Mark a shard complete: its attrs, written last (an atomic replace of zarr.json)."""
+    meta = json.loads((shard / "zarr.json").read_text())
+    meta["attributes"] = {**meta.get("attributes", {}), **attrs}
+    with atomic_path(shard / "zarr.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(meta))
+
+
+def _shard_done(shard: Path, start: int, stop: int, digest: str) -> bool:
+    """Whether ``shard`` holds rows [start, stop) embedded by this model from these stores
+    (a finished earlier run)."""
+    meta = shard / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return (attrs.get("start"), attrs.get("stop"), attrs.get("digest")) == (start, stop, digest)
+
+
+def _finalize(
+    model: Any,
+    coll: CellCollection,
+    staging: Path,
+    out: Path,
+    bounds: list[int],
+    obs_columns: Sequence[str] | None,
+    overwrite: bool,
+) -> None:
+    """Metadata and group attrs into the staging directory, then move it to ``out``."""
+    zarr = import_optional("zarr")
+    pq = import_optional("pyarrow.parquet")
+    pa = import_optional("pyarrow")
+    cols = list(obs_columns) if obs_columns is not None else _all_columns(coll)
+    meta = pd.DataFrame({c: np.asarray(coll.obs_column(c)) for c in cols})
+    for c in meta.columns:
+        if meta[c].dtype == object:
+            meta[c] = meta[c].astype(str)
+    table = pa.Table.from_pandas(meta, preserve_index=False)
+    with atomic_path(staging / "metadata.parquet", overwrite=True) as tmp:
+        pq.write_table(table, tmp, row_group_size=1 << 17)
+    shards = [
+        {"path": f"shard-{r:05d}", "start": bounds[r], "stop": bounds[r + 1]}
+        for r in range(len(bounds) - 1)
+    ]
+    root = zarr.open_group(staging, mode="a", zarr_format=3)
+    root.attrs.update(
+        {
+            "cellsift": "embeddings",
+            "version": STORE_VERSION,
+            "n_cells": bounds[-1],
+            "latent": int(model.config["architecture"]["latent"]),
+            "model": model.config,
+            "sources": [str(s.path) for s in coll.stores],
+            "shards": shards,
+        }
+    )
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; remove it or pass overwrite=True.")
+        remove_path(out)
+    os.replace(staging, out)
+    logger.info("embedded %d cells into %s (%d shards)", bounds[-1], out, len(shards))
 
 
 def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFrame]:
     """(embeddings, metadata) of a store written by :func:`embed_collection`."""
     zarr = import_optional("zarr")
     pq = import_optional("pyarrow.parquet")
-    root = zarr.open_group(str(path), mode="r")
-    if root.attrs.get("cellsift") != "embeddings":
-        raise ValueError(f"{path} is not a cellsift embeddings store (see cellsift embed).")
-    emb = np.asarray(root["embeddings"][:], dtype=np.float32)
-    meta = pq.read_table(Path(path) / "metadata.parquet").to_pandas()
+    path = Path(path)
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{path} is not a cellsift embeddings store ({err}).") from err
+    if root.attrs.get("cellsift") != "embeddings" or "shards" not in root.attrs:
+        raise ValueError(
+            f"{path} is not a cellsift embeddings store of this version (cellsift embed)."
+        )
+    parts = []
+    for s in root.attrs["shards"]:
+        arr = root[s["path"]]
+        if arr.shape[0] != s["stop"] - s["start"]:
+            raise ValueError(
+                f"{path}/{s['path']} holds {arr.shape[0]} rows, not the expected "
+                f"{s['stop'] - s['start']}: the store is damaged; embed again."
+            )
+        parts.append(np.asarray(arr[:], dtype=np.float32))
+    emb = np.concatenate(parts) if parts else np.zeros((0, root.attrs["latent"]), np.float32)
+    meta = pq.read_table(path / "metadata.parquet").to_pandas()
+    if len(meta) != len(emb):
+        raise ValueError(
+            f"{path}: {len(emb)} embeddings but {len(meta)} metadata rows; embed again."
+        )
     return emb, meta
+
+
+def _digest(model: Any, coll: CellCollection) -> str:
+    """Of the model (config and weights) and the sources: a kept shard must match both."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.config, sort_keys=True).encode())
+    h.update(json.dumps([str(s.path) for s in coll.stores] + [coll.n_obs]).encode())
+    for name, t in sorted(model.module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _all_columns(coll: CellCollection) -> list[str]:
