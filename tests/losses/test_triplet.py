@@ -17,13 +17,31 @@ def _batch(n=120, labels=6, studies=3, seed=0):
     s = torch.randint(0, studies, (n,), generator=g)
     related = torch.eye(labels, dtype=torch.bool)
     related[0, 1] = related[1, 0] = True  # label 1 is an ontology relative of label 0
+    y[(s == 2) & (y == 1)] = 2  # study 2 does not use label 1: it cannot tell 0 from 1
     return z, y, s, related
 
 
-def _reference(z, y, s, related, margin, mode):
-    """Per pair, the set of valid negatives (SCimilarity's rules, written as loops)."""
+ANCESTOR = torch.zeros(6, 6, dtype=torch.bool)
+ANCESTOR[1, 0] = True  # label 0 is an ancestor of label 1
+
+
+def _reference(z, y, s, related, margin, mode, resolved=False):
+    """Per pair, the set of valid negatives (SCimilarity's rules, written as loops; with
+    ``resolved``, relatives that a study's labels in the batch tell apart are allowed)."""
     d = pairwise_distance(z).double().numpy()
     y, s, related = y.numpy(), s.numpy(), related.numpy()
+    anc = ANCESTOR.numpy()
+    uses = {(int(st), int(lab)) for st, lab in zip(s, y, strict=True) if lab >= 0}
+
+    def allowed(a, m):
+        if not related[y[a], y[m]]:
+            return True
+        if not resolved or y[a] == y[m]:
+            return False
+        if anc[y[m], y[a]]:  # m's label is a descendant of a's
+            return (s[a], y[m]) in uses
+        return anc[y[a], y[m]] and (s[m], y[a]) in uses
+
     out = {}
     for a in range(len(y)):
         if y[a] < 0:
@@ -33,7 +51,7 @@ def _reference(z, y, s, related, margin, mode):
         for p in cross or same:
             cands = []
             for m in range(len(y)):
-                if y[m] < 0 or related[y[a], y[m]]:
+                if y[m] < 0 or not allowed(a, m):
                     continue
                 loss = d[a, p] - d[a, m] + margin
                 if (mode == "semihard" and 0 < loss < margin) or (mode != "semihard" and loss > 0):
@@ -42,13 +60,21 @@ def _reference(z, y, s, related, margin, mode):
     return out, d
 
 
+@pytest.mark.parametrize("resolved", [False, True])
 @pytest.mark.parametrize("mode", ["semihard", "hardest", "random"])
 @pytest.mark.parametrize("margin", [0.05, 0.3])
-def test_selection_satisfies_scimilarity_rules(mode, margin):
+def test_selection_satisfies_scimilarity_rules(mode, margin, resolved):
     z, y, s, related = _batch()
-    ref, d = _reference(z, y, s, related, margin, mode)
+    ref, d = _reference(z, y, s, related, margin, mode, resolved)
     t = mine_triplets(
-        z, y, related, s, margin=margin, negative=mode, generator=torch.Generator().manual_seed(1)
+        z,
+        y,
+        related,
+        s,
+        margin=margin,
+        negative=mode,
+        generator=torch.Generator().manual_seed(1),
+        ancestor_ll=ANCESTOR if resolved else None,
     )
     assert t.n_pairs == len(ref)
     got = {
@@ -74,6 +100,17 @@ def test_selection_satisfies_scimilarity_rules(mode, margin):
             if ref.get(pair):
                 nearest = min(ref[pair], key=lambda c: (d[pair[0], c], c))
                 assert m == nearest
+    relatives = related[y[t.anchor], y[t.negative]] & (y[t.anchor] != y[t.negative])
+    assert bool(relatives.any()) == resolved  # the option, and only it, admits relatives
+    if resolved:  # never for an anchor of label 0 from study 2, which does not use label 1
+        assert not (relatives & (y[t.anchor] == 0) & (s[t.anchor] == 2)).any()
+
+
+def test_resolved_relatives_need_the_ancestor_matrix():
+    with pytest.raises(ValueError, match="ancestor_ll"):
+        TripletLoss(relatives="resolved")
+    with pytest.raises(ValueError, match="never"):
+        TripletLoss(relatives="always")  # type: ignore[arg-type]
 
 
 def test_random_choice_is_uniform_over_candidates():

@@ -10,7 +10,15 @@ descendant), by the triplet loss ``d(a, p) - d(a, n) + margin`` of each candidat
 ``random``    a random candidate with loss > 0
 
 Pairs without a candidate give no triplet. The distance that mines is the distance of the
-loss. Instead of SCimilarity's per-pair CPU loop: one sort of each anchor's negatives by
+loss.
+
+``relatives="resolved"`` relaxes the ontology rule where the data resolve it: a study that
+labels some cells with a term and others with its descendant (e.g. "CD14-positive monocyte"
+and "CD14-low, CD16-positive monocyte") says that its coarser cells are not of the finer
+type. So a descendant-labelled cell is a negative of an anchor whose study (in the batch)
+uses that descendant's label, and an ancestor-labelled cell is a negative of an anchor whose
+label its own study uses. Relatives that no study tells apart stay excluded (SCimilarity's
+rule, the default ``"never"``). Instead of SCimilarity's per-pair CPU loop: one sort of each anchor's negatives by
 distance, then a binary search per pair (for hardest, one masked row minimum), on the
 batch's device.
 """
@@ -27,6 +35,7 @@ __all__ = ["TripletLoss", "Triplets", "mine_triplets", "pairwise_distance"]
 
 Distance = Literal["cosine", "euclidean"]
 Negative = Literal["semihard", "hardest", "random"]
+Relatives = Literal["never", "resolved"]
 
 
 def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torch.Tensor:
@@ -133,6 +142,7 @@ def mine_triplets(
     distance: Distance = "cosine",
     dist_nn: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    ancestor_ll: torch.Tensor | None = None,
 ) -> Triplets:
     """Mine triplets of a batch (see the module docstring).
 
@@ -157,6 +167,10 @@ def mine_triplets(
         Study codes; positives come from another study when the anchor's label has one there.
     dist_nn
         Precomputed distances (else computed with ``distance``).
+    ancestor_ll
+        Labels x labels boolean, ``[i, j]``: label j is a strict ancestor of label i. Given
+        with ``study_n``, relatives that a study's labels tell apart may be negatives
+        (``relatives="resolved"``, module docstring).
     """
     if negative not in ("semihard", "hardest", "random"):
         raise ValueError(f"negative must be semihard, hardest or random, not {negative!r}.")
@@ -175,6 +189,8 @@ def mine_triplets(
         if related_ll is None:
             related_ll = torch.eye(n_labels, dtype=torch.bool, device=dev)
         allowed = _allowed_negatives(related_ll.to(dev), y)
+        if ancestor_ll is not None and study_n is not None:
+            allowed |= _resolved_relatives(ancestor_ll.to(dev), y, study_n.long().to(dev))
         d_ap = d[a, p]
         upper = d_ap + margin
         if negative == "hardest":  # the largest loss is the nearest negative's
@@ -212,10 +228,37 @@ def _allowed_negatives(related_ll: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return ~related_ll[yc][:, yc] & labelled[None, :]
 
 
+def _resolved_relatives(
+    ancestor_ll: torch.Tensor, y: torch.Tensor, study_n: torch.Tensor
+) -> torch.Tensor:
+    """n x n: relatives that the studies' own labels tell apart (module docstring).
+
+    Anchor i, candidate j: j's label a descendant of i's, used by i's study; or j's label an
+    ancestor of i's, in a study that uses i's label. Usage is read from the batch.
+    """
+    n = len(y)
+    labelled = y >= 0
+    yc = y.clamp_min(0)
+    anc = ancestor_ll[yc][:, yc] & labelled[:, None] & labelled[None, :]  # j ancestor of i
+    desc = anc.T  # j descendant of i
+    if not (anc.any() or desc.any()):
+        return torch.zeros(n, n, dtype=torch.bool, device=y.device)
+    n_labels = ancestor_ll.shape[0]
+    known = labelled & (study_n >= 0)
+    n_studies = int(study_n.max().item()) + 1 if known.any() else 1
+    used = torch.zeros(n_studies, n_labels, dtype=torch.bool, device=y.device)
+    used[study_n[known], y[known]] = True
+    # [i, j]: i's study uses j's label
+    by_anchor_study = used[study_n.clamp_min(0)][:, yc] & known[:, None]
+    return (desc & by_anchor_study) | (anc & by_anchor_study.T)
+
+
 class TripletLoss(nn.Module):
     """Mean ``relu(d(a, p) - d(a, n) + margin)`` over mined triplets (0 when none).
 
     Mining and loss share one distance matrix; gradients flow through the loss only.
+    ``relatives="resolved"`` needs ``ancestor_ll`` (labels x labels, ``[i, j]``: j is a
+    strict ancestor of i) and lets relatives that a study tells apart be negatives.
     """
 
     def __init__(
@@ -224,13 +267,25 @@ class TripletLoss(nn.Module):
         negative: Negative = "semihard",
         distance: Distance = "cosine",
         related_ll: torch.Tensor | None = None,
+        relatives: Relatives = "never",
+        ancestor_ll: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if relatives not in ("never", "resolved"):
+            raise ValueError(f"relatives must be 'never' or 'resolved', not {relatives!r}.")
+        if relatives == "resolved" and ancestor_ll is None:
+            raise ValueError("relatives='resolved' needs ancestor_ll (CellOntology.closure).")
         self.margin, self.negative, self.distance = margin, negative, distance
+        self.relatives = relatives
         if related_ll is not None:
             self.register_buffer("related_ll", related_ll.bool())
         else:
             self.related_ll = None
+        if relatives == "resolved":
+            assert ancestor_ll is not None
+            self.register_buffer("ancestor_ll", ancestor_ll.bool())
+        else:
+            self.ancestor_ll = None
 
     def forward(
         self,
@@ -250,6 +305,7 @@ class TripletLoss(nn.Module):
             distance=self.distance,
             dist_nn=d.detach(),
             generator=generator,
+            ancestor_ll=self.ancestor_ll,
         )
         if len(t) == 0:
             return z_nk.sum() * 0.0, t

@@ -39,8 +39,9 @@ class MetricModel:
         The genes the model reads, in input order.
     labels
         Cell Ontology ids or names of the training labels (harmonised to CL ids).
-    hidden, latent, dropout, input_dropout, margin, negative, triplet_weight, target_sum
-        See :class:`~cellsift.nn.MetricModule` (SCimilarity's defaults).
+    hidden, latent, dropout, input_dropout, margin, negative, triplet_weight, relatives, target_sum
+        See :class:`~cellsift.nn.MetricModule` (SCimilarity's defaults; ``relatives="resolved"``
+        lets Cell Ontology relatives that a study's labels tell apart be negatives).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class MetricModel:
         margin: float = 0.05,
         negative: str = "semihard",
         triplet_weight: float = 0.001,
+        relatives: str = "never",
         target_sum: float = 1e4,
     ) -> None:
         self.genes = genes if isinstance(genes, GeneVocabulary) else GeneVocabulary(list(genes))
@@ -70,11 +72,17 @@ class MetricModel:
                 "dropout": dropout,
                 "input_dropout": input_dropout,
             },
-            "loss": {"margin": margin, "negative": negative, "triplet_weight": triplet_weight},
+            "loss": {
+                "margin": margin,
+                "negative": negative,
+                "triplet_weight": triplet_weight,
+                "relatives": relatives,
+            },
             "normalization": {"target_sum": target_sum, "log1p": True},
             "ontology": {"version": cl.version},
         }
         related = torch.from_numpy(cl.related(self.labels))
+        ancestors = torch.from_numpy(cl.closure(self.labels)[0])
         self.module = MetricModule(
             len(self.genes),
             hidden,
@@ -82,6 +90,8 @@ class MetricModel:
             dropout=dropout,
             input_dropout=input_dropout,
             related_ll=related,
+            relatives=relatives,  # type: ignore[arg-type]
+            ancestor_ll=ancestors,
             margin=margin,
             negative=negative,  # type: ignore[arg-type]
             triplet_weight=triplet_weight,

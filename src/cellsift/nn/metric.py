@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..losses import TripletLoss
-from ..losses.triplet import Distance, Negative
+from ..losses.triplet import Distance, Negative, Relatives
 from ..transforms import Densify, Log1p, NormalizeTotal
 from .mlp import MLPDecoder, MLPEncoder
 
@@ -33,6 +33,9 @@ class MetricModule(nn.Module):
     related_ll
         Labels x labels boolean: pairs that must not be negatives (same label or ontology
         relatives); default: the same label only.
+    relatives, ancestor_ll
+        ``"resolved"``: relatives that a study's own labels tell apart may be negatives
+        (needs ``ancestor_ll``; :class:`~cellsift.losses.TripletLoss`). Default ``"never"``.
     margin, negative, distance
         Triplet mining and loss (SCimilarity: 0.05, semihard).
     triplet_weight
@@ -51,6 +54,8 @@ class MetricModule(nn.Module):
         dropout: float = 0.5,
         input_dropout: float = 0.4,
         related_ll: torch.Tensor | None = None,
+        relatives: Relatives = "never",
+        ancestor_ll: torch.Tensor | None = None,
         margin: float = 0.05,
         negative: Negative = "semihard",
         distance: Distance = "cosine",
@@ -65,7 +70,7 @@ class MetricModule(nn.Module):
             n_genes, hidden, latent, dropout=dropout, input_dropout=input_dropout
         )
         self.decoder = MLPDecoder(n_genes, hidden, latent, dropout=dropout)
-        self.triplet = TripletLoss(margin, negative, distance, related_ll)
+        self.triplet = TripletLoss(margin, negative, distance, related_ll, relatives, ancestor_ll)
         self.triplet_weight = triplet_weight
 
     def embed(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -34,7 +34,7 @@ class MetricPlan(TrainingPlan):
     genes, labels
         Linked from the data module by ``cellsift fit`` (its ``gene_vocabulary`` and
         ``label_set``); pass them when building the plan in Python.
-    hidden, latent, dropout, input_dropout, margin, negative, triplet_weight, target_sum
+    hidden, latent, dropout, input_dropout, margin, negative, triplet_weight, relatives, target_sum
         The model (SCimilarity's defaults); see :class:`~cellsift.nn.MetricModule`.
     lr, weight_decay, scheduler, asw_cells, compile
         The plan; see :class:`TrainingPlan`.
@@ -54,6 +54,7 @@ class MetricPlan(TrainingPlan):
         margin: float = 0.05,
         negative: Literal["semihard", "hardest", "random"] = "semihard",
         triplet_weight: float = 0.001,
+        relatives: Literal["never", "resolved"] = "never",
         target_sum: float = 1e4,
         lr: float = 5e-3,
         weight_decay: float = 0.01,
@@ -79,6 +80,7 @@ class MetricPlan(TrainingPlan):
             margin=margin,
             negative=negative,
             triplet_weight=triplet_weight,
+            relatives=relatives,
             target_sum=target_sum,
         )
         super().__init__(
