@@ -161,6 +161,17 @@ class MetricModel:
         return trainer
 
     # -- inference ------------------------------------------------------------------------
+    def aligned_counts(self, adata: ad.AnnData, *, layer: str | None = None) -> sp.csr_matrix:
+        """Counts of ``adata.X`` (or ``layers[layer]``) as CSR in the model's gene order:
+        genes matched by id or symbol, missing ones zero; below half overlap, an error."""
+        x = adata.X if layer is None else adata.layers[layer]
+        gm = self.genes.align(adata.var, source="adata", min_overlap=0.5)
+        if not gm.identity:
+            logger.info(
+                "%d of the model's %d genes found (%s)", gm.n_matched, len(self.genes), gm.key
+            )
+        return gm.apply(sp.csr_matrix(x, dtype=np.float32))
+
     def embed(
         self,
         adata: ad.AnnData,
@@ -174,16 +185,7 @@ class MetricModel:
         Genes are aligned to the model's by id or symbol (missing genes are zeros); too little
         overlap is an error naming the count.
         """
-        x = adata.X if layer is None else adata.layers[layer]
-        gm = self.genes.align(adata.var, source="adata", min_overlap=0.5)
-        if not gm.identity:
-            logger.info(
-                "embed: %d of the model's %d genes found (%s)",
-                gm.n_matched,
-                len(self.genes),
-                gm.key,
-            )
-        x = gm.apply(sp.csr_matrix(x, dtype=np.float32))
+        x = self.aligned_counts(adata, layer=layer)
         dev = torch.device(device) if device is not None else next(self.module.parameters()).device
         self.module.to(dev).eval()
         out = []

@@ -8,8 +8,8 @@ baseline (zero expression, or group B's mean expression) to the cell. A cell's a
 sum to its distance minus the baseline's (completeness; captum's convergence delta is the
 shortfall of the numerical integral). Averaged over the cells of A, they rank the genes.
 
-Counts are aligned to the model's genes and normalised exactly as :meth:`MetricModel.embed`
-does, through the model's own ``normalize`` module.
+Counts are aligned to the model's genes (:meth:`MetricModel.aligned_counts`) and normalised
+through the model's own ``normalize`` module, exactly as :meth:`MetricModel.embed` does.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .._utils import logger, progress
+from .._utils import progress
 from .._warnings import warn
 from ..data.loader import to_torch_csr
 
@@ -132,7 +132,7 @@ def attribute_difference(
     Parameters
     ----------
     model
-        A :class:`~cellsift.models.MetricModel` (anything with ``genes`` and a ``module``
+        A :class:`~cellsift.models.MetricModel` (anything with ``aligned_counts`` and a ``module``
         holding ``normalize`` and ``encoder``).
     adata
         Raw counts in ``adata.X`` or ``adata.layers[layer]``; genes are aligned to the
@@ -163,7 +163,7 @@ def attribute_difference(
         raise ValueError(f"max_cells must be at least 1 (or None for all), not {max_cells}.")
     mask_a = _group_mask(adata, group_a, "group_a")
     mask_b = _group_mask(adata, group_b, "group_b")
-    x = _aligned_counts(model, adata, layer)
+    x = model.aligned_counts(adata, layer=layer)
     module = model.module
     dev = torch.device(device) if device is not None else next(module.parameters()).device
     module.to(dev).eval()
@@ -289,20 +289,6 @@ def _group_mask(adata: ad.AnnData, group: Any, what: str) -> np.ndarray:
     if not mask.any():
         raise ValueError(f"{what} is empty: select at least one cell.")
     return mask
-
-
-def _aligned_counts(model: Any, adata: ad.AnnData, layer: str | None) -> sp.csr_matrix:
-    """Counts with columns in the model's gene order (as :meth:`MetricModel.embed`)."""
-    x = adata.X if layer is None else adata.layers[layer]
-    gm = model.genes.align(adata.var, source="adata", min_overlap=0.5)
-    if not gm.identity:
-        logger.info(
-            "explain: %d of the model's %d genes found (%s)",
-            gm.n_matched,
-            len(model.genes),
-            gm.key,
-        )
-    return gm.apply(sp.csr_matrix(x, dtype=np.float32))
 
 
 def _normalized(module: Any, x: sp.csr_matrix, dev: torch.device) -> torch.Tensor:
