@@ -11,7 +11,10 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
 
 logger = logging.getLogger("cellsift")
 
@@ -80,3 +83,28 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
+    """A boolean mask over ``adata``'s cells from a mask or obs names; an empty selection,
+    a mask of the wrong length or unknown names are errors naming ``what``."""
+    arr = np.asarray(group)
+    if arr.dtype == bool:
+        if arr.ndim != 1 or len(arr) != adata.n_obs:
+            raise ValueError(
+                f"{what}: the mask has shape {arr.shape} for {adata.n_obs} cells; pass one "
+                "boolean per cell (or obs names)."
+            )
+        mask = arr
+    else:
+        names = pd.Index(np.atleast_1d(arr).astype(str))
+        missing = names.difference(adata.obs_names)
+        if len(missing):
+            raise KeyError(
+                f"{what}: {len(missing)} cells are not in adata.obs_names, e.g. "
+                f"{list(missing[:3])}."
+            )
+        mask = np.asarray(adata.obs_names.isin(names))
+    if not mask.any():
+        raise ValueError(f"{what} is empty: select at least one cell.")
+    return mask

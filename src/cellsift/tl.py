@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._utils import cell_mask
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 
 __all__ = ["annotate", "embed", "pseudobulk", "search_centroid", "search_clusters"]
@@ -130,7 +131,7 @@ def search_centroid(
     cells?), which warns when the set looks heterogeneous. It clusters the set's cell
     embeddings: ``obsm[use_rep]`` when present, else embedded here.
     """
-    mask = np.ones(adata.n_obs, dtype=bool) if cells is None else _mask(adata, cells)
+    mask = np.ones(adata.n_obs, dtype=bool) if cells is None else cell_mask(adata, cells)
     if not mask.any():
         raise ValueError("the cell set is empty; select at least one cell.")
     labels = np.full(adata.n_obs, None, dtype=object)
@@ -164,15 +165,3 @@ def search_clusters(
         str(name): SearchResult(res.distances[i : i + 1], res.indices[i : i + 1], index)
         for i, name in enumerate(bulk.obs_names)
     }
-
-
-def _mask(adata: ad.AnnData, cells: Any) -> np.ndarray:
-    arr = np.asarray(cells)
-    if arr.dtype == bool:
-        if len(arr) != adata.n_obs:
-            raise ValueError(f"the mask has {len(arr)} entries for {adata.n_obs} cells.")
-        return arr
-    missing = pd.Index(arr).difference(adata.obs_names)
-    if len(missing):
-        raise KeyError(f"{len(missing)} cells are not in adata, e.g. {list(missing[:3])}.")
-    return np.asarray(adata.obs_names.isin(arr))

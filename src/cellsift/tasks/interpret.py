@@ -14,7 +14,6 @@ through the model's own ``normalize`` module, exactly as :meth:`MetricModel.embe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,7 +24,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .._utils import progress
+from .._utils import cell_mask, progress
 from .._warnings import warn
 from ..data.loader import to_torch_csr
 
@@ -161,8 +160,8 @@ def attribute_difference(
         raise ValueError(f"n_steps must be at least 1, not {n_steps}.")
     if max_cells is not None and max_cells < 1:
         raise ValueError(f"max_cells must be at least 1 (or None for all), not {max_cells}.")
-    mask_a = _group_mask(adata, group_a, "group_a")
-    mask_b = _group_mask(adata, group_b, "group_b")
+    mask_a = cell_mask(adata, group_a, "group_a")
+    mask_b = cell_mask(adata, group_b, "group_b")
     x = model.aligned_counts(adata, layer=layer)
     module = model.module
     dev = torch.device(device) if device is not None else next(module.parameters()).device
@@ -170,9 +169,8 @@ def attribute_difference(
     n_genes = len(model.genes)
 
     rows_a, rows_b = np.flatnonzero(mask_a), np.flatnonzero(mask_b)
-    mean_a = _mean_expression(module, x[rows_a], batch_size, dev)
-    mean_b = _mean_expression(module, x[rows_b], batch_size, dev)
-    centroid = _centroid(module, x[rows_b], batch_size, dev)
+    mean_a, _ = _group_means(module, x[rows_a], dev, embed=False)
+    mean_b, centroid = _group_means(module, x[rows_b], dev, embed=True)
     base_g = _baseline(baseline, mean_b, n_genes).to(dev)
 
     if max_cells is not None and len(rows_a) > max_cells:
@@ -221,25 +219,12 @@ def attribute_difference(
 
 
 def explain_difference(
-    model: Any,
-    adata: ad.AnnData,
-    group_a: Any,
-    group_b: Any,
-    *,
-    layer: str | None = None,
-    baseline: Baseline | np.ndarray = "zeros",
-    n_steps: int = 50,
-    method: str = "gausslegendre",
-    max_cells: int | None = 2_000,
-    batch_size: int = 32,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    progress_bar: bool = False,
+    model: Any, adata: ad.AnnData, group_a: Any, group_b: Any, **options: Any
 ) -> pd.DataFrame:
     """Genes ranked by how much they move group A's cells away from group B.
 
-    The mean over A's cells of :func:`attribute_difference` (see there for the parameters),
-    as :meth:`DifferenceAttributions.ranked`: one row per model gene, indexed by gene id,
+    :func:`attribute_difference` (same arguments and options), averaged over A's cells by
+    :meth:`DifferenceAttributions.ranked`: one row per model gene, indexed by gene id,
     ``attribution`` descending (positive: the gene's expression in A, relative to the
     baseline, drives A away from B).
 
@@ -249,85 +234,40 @@ def explain_difference(
     ...                         adata.obs["condition"] == "ctrl")
     >>> df.head(20)
     """
-    return attribute_difference(
-        model,
-        adata,
-        group_a,
-        group_b,
-        layer=layer,
-        baseline=baseline,
-        n_steps=n_steps,
-        method=method,
-        max_cells=max_cells,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        progress_bar=progress_bar,
-    ).ranked()
+    return attribute_difference(model, adata, group_a, group_b, **options).ranked()
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _group_mask(adata: ad.AnnData, group: Any, what: str) -> np.ndarray:
-    """A boolean mask over cells from a mask or obs names; errors name the problem."""
-    arr = np.asarray(group)
-    if arr.dtype == bool:
-        if arr.ndim != 1 or len(arr) != adata.n_obs:
-            raise ValueError(
-                f"{what}: the mask has shape {arr.shape} for {adata.n_obs} cells; pass one "
-                "boolean per cell (or obs names)."
-            )
-        mask = arr
-    else:
-        names = pd.Index(np.atleast_1d(arr).astype(str))
-        missing = names.difference(adata.obs_names)
-        if len(missing):
-            raise KeyError(
-                f"{what}: {len(missing)} cells are not in adata.obs_names, e.g. "
-                f"{list(missing[:3])}."
-            )
-        mask = np.asarray(adata.obs_names.isin(names))
-    if not mask.any():
-        raise ValueError(f"{what} is empty: select at least one cell.")
-    return mask
-
-
 def _normalized(module: Any, x: sp.csr_matrix, dev: torch.device) -> torch.Tensor:
     """The encoder's input: the model's own normalisation of the counts, dense."""
     with torch.no_grad():
         return module.normalize({"x_ng": to_torch_csr(x).to(dev)})["x_ng"]
 
 
-def _batches(
-    module: Any, x: sp.csr_matrix, batch_size: int, dev: torch.device
-) -> Iterator[torch.Tensor]:
-    for start in range(0, x.shape[0], batch_size):
-        yield _normalized(module, x[start : start + batch_size], dev)
-
-
-def _mean_expression(
-    module: Any, x: sp.csr_matrix, batch_size: int, dev: torch.device
-) -> np.ndarray:
+def _group_means(
+    module: Any, x: sp.csr_matrix, dev: torch.device, *, embed: bool
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Mean log-normalised expression of a group and, with ``embed``, its unit mean embedding
+    (one pass over the group)."""
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=dev)
-    for x_ng in _batches(module, x, max(batch_size, 1024), dev):
-        total += x_ng.sum(0, dtype=torch.float64)
-    return (total / x.shape[0]).cpu().numpy()
-
-
-def _centroid(module: Any, x: sp.csr_matrix, batch_size: int, dev: torch.device) -> torch.Tensor:
-    """Unit mean embedding of a group's cells."""
-    total: torch.Tensor | None = None
+    z_sum: torch.Tensor | None = None
     with torch.no_grad():
-        for x_ng in _batches(module, x, max(batch_size, 1024), dev):
-            s = module.encoder(x_ng).sum(0, dtype=torch.float64)
-            total = s if total is None else total + s
-    assert total is not None
-    norm = torch.linalg.vector_norm(total)
+        for start in range(0, x.shape[0], 1024):
+            x_ng = _normalized(module, x[start : start + 1024], dev)
+            total += x_ng.sum(0, dtype=torch.float64)
+            if embed:
+                s = module.encoder(x_ng).sum(0, dtype=torch.float64)
+                z_sum = s if z_sum is None else z_sum + s
+    mean = (total / x.shape[0]).cpu().numpy()
+    if z_sum is None:
+        return mean, torch.zeros(0)
+    norm = torch.linalg.vector_norm(z_sum)
     if float(norm) <= 1e-8 * x.shape[0]:
         raise ValueError(
             "group_b's embeddings cancel out (their mean is ~0), so it has no direction to "
             "measure distances to; choose a more homogeneous group_b."
         )
-    return (total / norm).float()
+    return mean, (z_sum / norm).float()
 
 
 def _baseline(baseline: Baseline | np.ndarray, mean_b: np.ndarray, n_genes: int) -> torch.Tensor:
