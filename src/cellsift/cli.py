@@ -109,9 +109,14 @@ def _annotate(args: argparse.Namespace) -> int:
     index = CellIndex.load(args.index)
     adata = ad.read_h5ad(args.data)
     tl.embed(adata, model, layer=args.layer)
+    calibration = None
+    if args.calibrate_on is not None:
+        calibration = ad.read_h5ad(args.calibrate_on)
+        tl.embed(calibration, model, layer=args.layer)
     tl.annotate(
         adata,
         index,
+        calibrate_on=calibration,
         label_key=args.label_key,
         k=args.k,
         ontology_aware=not args.no_ontology,
@@ -192,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--no-ontology", action="store_true", help="plain majority votes")
     p.add_argument("--no-abstain", action="store_true", help="never call 'unknown' on distance")
+    p.add_argument(
+        "--calibrate-on",
+        default=None,
+        metavar="H5AD",
+        help="held-out labelled cells (not trained on, not indexed) to set the abstention "
+        "threshold from; default: the reference itself",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_annotate)
 

@@ -50,6 +50,7 @@ def annotate(
     min_support: float = 0.5,
     abstain: bool = True,
     calibrate_by: str | None = None,
+    calibrate_on: Any = None,
     safelist: list[str] | None = None,
     blocklist: list[str] | None = None,
     key_added: str = "cellsift",
@@ -61,9 +62,13 @@ def annotate(
     ``obs[f"{key_added}_cell_type"]`` (Cell Ontology name, or ``unknown``),
     ``obs[f"{key_added}_cell_type_ontology_term_id"]``, ``obs[f"{key_added}_confidence"]``
     and ``obs[f"{key_added}_min_distance"]``. ``reference`` is a :class:`CellIndex` (an
-    annotator is made with the options here, its abstention threshold calibrated on the
-    reference when ``abstain``, leave-one-``calibrate_by``-out when given, e.g. the study
-    column) or a ready :class:`KNNAnnotator`.
+    annotator is made with the options here) or a ready :class:`KNNAnnotator`.
+
+    With ``abstain`` the annotator's distance threshold is calibrated
+    (:meth:`KNNAnnotator.calibrate`): on ``calibrate_on`` when given, held-out labelled
+    cells of the reference's types that the model did not train on (an AnnData, embedded
+    like ``adata``, or their embeddings); else on the reference itself,
+    leave-one-``calibrate_by``-out when given (e.g. the study column).
     """
     adata = adata.copy() if copy else adata
     if use_rep not in adata.obsm:
@@ -82,7 +87,15 @@ def annotate(
             min_support=min_support,
         )
         if abstain:
-            ann.calibrate(group_key=calibrate_by)
+            if isinstance(calibrate_on, ad.AnnData):
+                if use_rep not in calibrate_on.obsm:
+                    if model is None:
+                        raise ValueError(
+                            f"calibrate_on has no obsm[{use_rep!r}]: pass model= to embed it."
+                        )
+                    embed(calibrate_on, model, key_added=use_rep)
+                calibrate_on = calibrate_on.obsm[use_rep]
+            ann.calibrate(calibrate_on, group_key=calibrate_by)
     out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
     out.index = adata.obs_names
     adata.obs[f"{key_added}_cell_type"] = out["label_name"].astype("category")

@@ -130,3 +130,44 @@ def test_leave_one_study_out_calibration_allows_for_study_shifts():
     with pytest.raises(Exception, match="two groups"):
         single = CellIndex.build(x[study == "a"], meta[study == "a"], engine="exact")
         KNNAnnotator(single).calibrate(group_key="study")
+
+
+def test_held_out_calibration_is_the_conformal_quantile_and_keeps_new_cells():
+    """Reference cells pulled tight (as training does), new cells of the same types looser:
+    a threshold from the reference abstains on many new cells; one from held-out cells keeps
+    them, still catches an unseen type, and is the ceil((n+1)q)-th smallest NN distance."""
+    x, meta, centers = _atlas(n_per=800, spread=0.3)
+    y = meta["cell_type_ontology_term_id"].to_numpy()
+    lab = np.array([TYPES.index(t) for t in y])
+    tight = centers[lab] + 0.5 * (x - centers[lab])  # "trained-on" cells: half the spread
+    held = "CL:0000236"
+    part = np.arange(len(x)) % 4  # 0, 1: reference; 2: held-out calibration; 3: queries
+    ref = (part <= 1) & (y != held)
+    cal = (part == 2) & (y != held)
+    index = CellIndex.build(tight[ref].astype(np.float32), meta[ref], engine="exact")
+
+    from_ref = KNNAnnotator(index, k=30)
+    from_ref.calibrate(quantile=0.99)
+    held_out = KNNAnnotator(index, k=30)
+    thr = held_out.calibrate(x[cal], quantile=0.99)
+
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    d = 1.0 - unit(x[cal].astype(np.float64)) @ unit(tight[ref].astype(np.float64)).T
+    nearest = np.sort(d.min(1))
+    rank = int(np.ceil((len(nearest) + 1) * 0.99))
+    assert thr == pytest.approx(nearest[rank - 1], abs=1e-5)
+
+    query, yq = x[part == 3], y[part == 3]
+    known, new = yq != held, yq == held
+    abstain_ref = (from_ref.annotate(query)["label"] == UNKNOWN).to_numpy()
+    abstain_held = (held_out.annotate(query)["label"] == UNKNOWN).to_numpy()
+    assert abstain_ref[known].mean() > 0.2  # the biased threshold
+    assert abstain_held[known].mean() <= 0.04  # 0.01 expected
+    assert abstain_held[new].mean() >= 0.8
+
+    with pytest.raises(ValueError, match="at least 99 calibration cells"):
+        KNNAnnotator(index).calibrate(x[cal][:50], quantile=0.99)
+    with pytest.raises(ValueError, match="quantile must be"):
+        KNNAnnotator(index).calibrate(x[cal], quantile=1.0)

@@ -58,6 +58,21 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     assert set(query.obs["cellsift_cell_type"].astype(str)) <= names | {"unknown"}
     conf = query.obs["cellsift_confidence"].to_numpy()
     assert ((conf >= 0) & (conf <= 1)).all()
+    # abstention calibrated on held-out cells (an AnnData, embedded with the model); the
+    # query and the held-out cells are not indexed
+    rest = ref[700:]
+    index = CellIndex.build(rest.obsm["X_cellsift"], rest.obs.reset_index(drop=True))
+    cs.tl.annotate(query, index, abstain=False, ontology_aware=False)
+    plain = query.obs["cellsift_cell_type_ontology_term_id"].astype(str).to_numpy()
+    held_out = ref[300:700].copy()
+    del held_out.obsm["X_cellsift"]
+    cs.tl.annotate(query, index, model=model, calibrate_on=held_out, ontology_aware=False)
+    thr = KNNAnnotator(index).calibrate(model.embed(held_out))
+    far = query.obs["cellsift_min_distance"].to_numpy() > thr
+    labels = query.obs["cellsift_cell_type_ontology_term_id"].astype(str).to_numpy()
+    assert (labels[far] == "unknown").all()
+    assert (labels[~far] == plain[~far]).all()
+    assert 0 < far.sum() < 0.1 * len(far)
 
 
 def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, capsys):
@@ -69,6 +84,10 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     for col in ("cellsift_cell_type", "cellsift_cell_type_ontology_term_id", "cellsift_confidence"):
         assert col in annotated.obs
     assert "annotated" in capsys.readouterr().out
+    cal = tmp_path / "held_out.h5ad"
+    ad.read_h5ad(synthetic_h5ad)[:400].copy().write_h5ad(cal)
+    args = ["annotate", str(bundle), str(idx), str(synthetic_h5ad), str(out), "--overwrite"]
+    assert main([*args, "--calibrate-on", str(cal)]) == 0
     # a missing index is a clear error, not a traceback
     assert (
         main(["annotate", str(bundle), str(tmp_path / "nope"), str(synthetic_h5ad), str(out)]) == 2

@@ -6,10 +6,14 @@ Each query cell's ``k`` nearest reference cells vote for their labels (weighted 
 the votes, its margin over the second label, the distance to the nearest reference cell.
 
 Abstention: a query is ``unknown`` when its nearest reference cell is farther than
-``distance_threshold``, which :meth:`KNNAnnotator.calibrate` sets from the reference itself
-(the ``quantile`` of reference cells' distances to their nearest reference cell of another
-study, or to any other cell, so ~1 - quantile of cells like the reference abstain), or when
-the winner has less than ``min_support`` of the votes.
+``distance_threshold``, or when the winner has less than ``min_support`` of the votes.
+:meth:`KNNAnnotator.calibrate` sets the threshold to a ``quantile`` of the same statistic on
+cells of known types. Best are held-out cells (labelled cells neither trained on nor
+indexed): they are exchangeable with new cells of known types, so (split-conformal) at most
+about ``1 - quantile`` of those abstain. Without held-out cells the reference is its own
+calibration set (each sampled cell's nearest *other* reference cell, or nearest of another
+study with ``group_key``); a model pulls the cells it trained on together, so that
+threshold is lower and abstains more.
 
 Ontology-aware mode: votes also count for every Cell Ontology ancestor of the voted label
 (within the terms that are ancestors of the reference labels); the call is the most specific
@@ -119,19 +123,57 @@ class KNNAnnotator:
     # -- calibration --------------------------------------------------------------------------
     def calibrate(
         self,
+        embeddings: Any = None,
         *,
         quantile: float = 0.99,
         n_cells: int = 5_000,
         group_key: str | None = None,
         seed: int = 0,
     ) -> float:
-        """Set ``distance_threshold`` to the ``quantile`` of reference cells' distances to
-        their nearest other reference cell (a sample of ``n_cells``); returns it.
+        """Set the abstention threshold from cells of known types; returns it.
 
-        With ``group_key`` (a metadata column such as study or donor) the nearest cell is
-        sought in the *other* groups (leave-one-group-out): new data come from new studies,
-        whose cells sit farther from the reference than a study's cells from each other.
+        ``embeddings``: held-out cells (of the reference's types, not in the index and not
+        trained on; e.g. a random tenth of the labelled cells kept out of training). Each is
+        annotated as a query would be; the threshold is the split-conformal ``quantile`` of
+        their nearest-reference distances (the ``ceil((n + 1) q)``-th smallest of n), so
+        new cells of known types abstain with probability at most ``1 - quantile``.
+
+        Without ``embeddings``: a sample of ``n_cells`` reference cells, each scored by its
+        nearest *other* reference cell, or with ``group_key`` (a study or donor column) by its
+        nearest cell of another group (leave-one-group-out: new studies sit farther than a
+        study's cells from each other). Trained-on cells understate new cells' distances;
+        prefer held-out cells where there are any.
         """
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must be in (0, 1), not {quantile}.")
+        if embeddings is not None:
+            q = np.asarray(embeddings, dtype=np.float32)
+            if q.ndim != 2 or len(q) == 0:
+                raise ValueError("calibration embeddings must be a non-empty cells x dims array.")
+            other = np.concatenate(
+                [
+                    self.index.search(q[s : s + 16_384], 1).distances[:, 0]
+                    for s in range(0, len(q), 16_384)
+                ]
+            ).astype(np.float64)
+        else:
+            other = self._reference_scores(n_cells, group_key, seed)
+        self.distance_threshold = _conformal_quantile(np.sort(other), quantile)
+        if np.isnan(self.distance_threshold):
+            raise ValueError(
+                f"quantile {quantile} needs at least {_needed(quantile)} calibration cells, "
+                f"got {len(other)}: pass more cells or a lower quantile."
+            )
+        logger.info(
+            "KNNAnnotator: distance threshold %.4f (quantile %.3f of %d cells)",
+            self.distance_threshold,
+            quantile,
+            len(other),
+        )
+        return self.distance_threshold
+
+    def _reference_scores(self, n_cells: int, group_key: str | None, seed: int) -> np.ndarray:
+        """Nearest other (or other-group) reference cell's distance, for a sample of cells."""
         rng = np.random.default_rng(seed)
         n = self.index.n_cells
         rows = np.sort(rng.choice(n, min(n_cells, n), replace=False))
@@ -158,14 +200,7 @@ class KNNAnnotator:
                 raise CellIndexError(
                     f"calibrating by {group_key!r} needs at least two groups in the reference."
                 )
-        other = other[np.isfinite(other)]
-        self.distance_threshold = float(np.quantile(other, quantile))
-        logger.info(
-            "KNNAnnotator: distance threshold %.4f (quantile %.2f)",
-            self.distance_threshold,
-            quantile,
-        )
-        return self.distance_threshold
+        return np.asarray(other[np.isfinite(other)], dtype=np.float64)
 
     # -- annotation ---------------------------------------------------------------------------
     def annotate(
@@ -267,3 +302,15 @@ class KNNAnnotator:
                 "knn_label": knn_label.astype(str),
             }
         )
+
+
+def _needed(quantile: float) -> int:
+    """Fewest calibration scores whose split-conformal ``quantile`` is finite."""
+    return int(np.ceil(quantile / (1.0 - quantile) - 1e-9))
+
+
+def _conformal_quantile(sorted_scores: np.ndarray, quantile: float) -> float:
+    """The ``ceil((n + 1) q)``-th smallest of n sorted scores; NaN when that exceeds n."""
+    n = len(sorted_scores)
+    rank = int(np.ceil((n + 1) * quantile - 1e-9))
+    return float(sorted_scores[rank - 1]) if 1 <= rank <= n else float("nan")
