@@ -98,7 +98,7 @@ def cellsift_embed(
     path: Path, group_key: str, held: str, seed: int, exclude: np.ndarray
 ) -> np.ndarray:
     """Embeddings of every cell by a MetricModel trained without group ``held`` and without
-    the cells named in ``exclude`` (obs names)."""
+    the cells where the boolean ``exclude`` (one per cell of ``path``) is True."""
     import anndata as ad
 
     from cellsift.data.datamodule import CellDataModule
@@ -111,9 +111,7 @@ def cellsift_embed(
         study_key=group_key,
         val_fraction=0,
         seed=seed,
-        obs_filter=lambda obs: (
-            (obs[group_key].astype(str) != held).to_numpy() & ~obs.index.isin(exclude)
-        ),
+        obs_filter=lambda obs: (obs[group_key].astype(str) != held).to_numpy() & ~exclude,
         **LOADER,
     )
     model.train(
@@ -196,7 +194,7 @@ def evaluate(
         train = groups != held
         cal = train & (np.random.default_rng(i).random(len(y)) < CALIBRATION)
         t = time.perf_counter()
-        z = cellsift_embed(path, group_key, held, i, np.asarray(adata.obs_names[cal]))
+        z = cellsift_embed(path, group_key, held, i, cal)
         preds = {
             "cellsift": knn(z, y, train),
             "pca_knn": pca_knn(x, y, train),
