@@ -71,10 +71,7 @@ def annotate(
     leave-one-``calibrate_by``-out when given (e.g. the study column).
     """
     adata = adata.copy() if copy else adata
-    if use_rep not in adata.obsm:
-        if model is None:
-            raise ValueError(f"obsm[{use_rep!r}] is absent: pass model= to embed the cells first.")
-        embed(adata, model, key_added=use_rep)
+    _ensure_embedded(adata, model, use_rep)
     if isinstance(reference, KNNAnnotator):
         ann = reference
     else:
@@ -88,12 +85,7 @@ def annotate(
         )
         if abstain:
             if isinstance(calibrate_on, ad.AnnData):
-                if use_rep not in calibrate_on.obsm:
-                    if model is None:
-                        raise ValueError(
-                            f"calibrate_on has no obsm[{use_rep!r}]: pass model= to embed it."
-                        )
-                    embed(calibrate_on, model, key_added=use_rep)
+                _ensure_embedded(calibrate_on, model, use_rep, what="calibrate_on")
                 calibrate_on = calibrate_on.obsm[use_rep]
             ann.calibrate(calibrate_on, group_key=calibrate_by)
     out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
@@ -103,6 +95,16 @@ def annotate(
     adata.obs[f"{key_added}_confidence"] = out["confidence"].to_numpy()
     adata.obs[f"{key_added}_min_distance"] = out["min_distance"].to_numpy()
     return adata if copy else None
+
+
+def _ensure_embedded(adata: ad.AnnData, model: Any, use_rep: str, what: str = "adata") -> None:
+    """Embed ``adata`` into ``obsm[use_rep]`` with ``model`` unless it is there already."""
+    if use_rep not in adata.obsm:
+        if model is None:
+            raise ValueError(
+                f"{what}.obsm[{use_rep!r}] is absent: pass model= to embed the cells first."
+            )
+        embed(adata, model, key_added=use_rep)
 
 
 def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> ad.AnnData:
