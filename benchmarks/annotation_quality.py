@@ -40,18 +40,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-#: MetricModel settings for small atlases (thousands of cells): SCimilarity's architecture
-#: and loss, with the triplet term's weight raised from its 0.001 and dropout lowered from
-#: 0.5 / 0.4 (both set for 23M cells), so that a few thousand cells' labels shape the
-#: embedding. Chosen once on one Kang donor, then held fixed for every split and dataset.
-#: ``relatives="resolved"``: both datasets label CD14-positive and CD16-positive monocytes
-#: (CL relatives) as distinct populations within a study, which SCimilarity's rule would
-#: never contrast.
-MODEL = {"triplet_weight": 0.1, "dropout": 0.1, "input_dropout": 0.1, "relatives": "resolved"}
+#: cellsift's settings for small atlases (cellsift.models.SMALL_ATLAS_MODEL / _LOADER), one
+#: set for both datasets, not tuned per dataset.
 TRAIN = {"max_epochs": 40, "lr": 5e-3}
-#: Batches of 256 (SCimilarity: 1000): a few thousand training cells then still give enough
-#: optimiser steps in 40 epochs.
-LOADER = {"mode": "weighted", "batch_size": 256, "block_size": 64, "fetch_factor": 4}
 K = 15
 
 
@@ -102,17 +93,17 @@ def cellsift_embed(
     import anndata as ad
 
     from cellsift.data.datamodule import CellDataModule
-    from cellsift.models import MetricModel
+    from cellsift.models import SMALL_ATLAS_LOADER, SMALL_ATLAS_MODEL, MetricModel
 
     torch.manual_seed(seed)
-    model = MetricModel.from_collection(path, **MODEL)
+    model = MetricModel.from_collection(path, **SMALL_ATLAS_MODEL)
     dm = CellDataModule(
         path,
         study_key=group_key,
         val_fraction=0,
         seed=seed,
         obs_filter=lambda obs: (obs[group_key].astype(str) != held).to_numpy() & ~exclude,
-        **LOADER,
+        **SMALL_ATLAS_LOADER,
     )
     model.train(
         dm,
@@ -223,6 +214,8 @@ def evaluate(
 
 
 def main() -> None:
+    from cellsift.models import SMALL_ATLAS_LOADER, SMALL_ATLAS_MODEL
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -269,9 +262,9 @@ def main() -> None:
                 "skipped": skipped,
                 "detail": detail,
                 "config": {
-                    "model": MODEL,
+                    "model": SMALL_ATLAS_MODEL,
                     "train": TRAIN,
-                    "loader": LOADER,
+                    "loader": SMALL_ATLAS_LOADER,
                     "k": K,
                     "calibration": CALIBRATION,
                 },

@@ -49,3 +49,4 @@ def test_demo_runs_on_a_synthetic_atlas(tmp_path):
     assert lines[0].startswith("cellsift demo on synthetic atlas")
     assert any("weighted" in line for line in lines)
     assert "split by 'dataset_id'" in proc.stdout
+    assert "ontology-aware calls:" in proc.stdout and "unknown (distance threshold" in proc.stdout
