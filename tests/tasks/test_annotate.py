@@ -168,6 +168,7 @@ def test_held_out_calibration_is_the_conformal_quantile_and_keeps_new_cells():
     assert abstain_held[new].mean() >= 0.8
 
     with pytest.raises(ValueError, match="at least 99 calibration cells"):
-        KNNAnnotator(index).calibrate(x[cal][:50], quantile=0.99)
+        held_out.calibrate(x[cal][:50], quantile=0.99)
+    assert held_out.distance_threshold == thr  # a failed calibration leaves the threshold
     with pytest.raises(ValueError, match="quantile must be"):
         KNNAnnotator(index).calibrate(x[cal], quantile=1.0)

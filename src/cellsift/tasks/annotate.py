@@ -134,7 +134,7 @@ class KNNAnnotator:
 
         ``embeddings``: held-out cells (of the reference's types, not in the index and not
         trained on; e.g. a random tenth of the labelled cells kept out of training). Each is
-        annotated as a query would be; the threshold is the split-conformal ``quantile`` of
+        searched as a query would be; the threshold is the split-conformal ``quantile`` of
         their nearest-reference distances (the ``ceil((n + 1) q)``-th smallest of n), so
         new cells of known types abstain with probability at most ``1 - quantile``.
 
@@ -158,12 +158,13 @@ class KNNAnnotator:
             ).astype(np.float64)
         else:
             other = self._reference_scores(n_cells, group_key, seed)
-        self.distance_threshold = _conformal_quantile(np.sort(other), quantile)
-        if np.isnan(self.distance_threshold):
+        threshold = _conformal_quantile(np.sort(other), quantile)
+        if np.isnan(threshold):  # the annotator keeps its threshold
             raise ValueError(
                 f"quantile {quantile} needs at least {_needed(quantile)} calibration cells, "
                 f"got {len(other)}: pass more cells or a lower quantile."
             )
+        self.distance_threshold = threshold
         logger.info(
             "KNNAnnotator: distance threshold %.4f (quantile %.3f of %d cells)",
             self.distance_threshold,
