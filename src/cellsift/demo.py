@@ -123,7 +123,7 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = 40)
     from sklearn.metrics import f1_score
     from sklearn.neighbors import KNeighborsClassifier
 
-    from .models import MetricModel
+    from .models import SMALL_ATLAS_LOADER, SMALL_ATLAS_MODEL, MetricModel
     from .tasks import UNKNOWN, CellIndex, KNNAnnotator
 
     label_key = "cell_type_ontology_term_id"
@@ -137,15 +137,13 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = 40)
         f"{epochs} epochs) ..."
     )
     torch.manual_seed(0)
-    model = MetricModel.from_collection(h5ad, triplet_weight=0.1)
+    model = MetricModel.from_collection(h5ad, **SMALL_ATLAS_MODEL)
     dm = CellDataModule(
         h5ad,
         study_key=group_key,
         split_key=group_key,
-        batch_size=1000,
-        block_size=64,
-        fetch_factor=4,
         val_fraction=0.1,
+        **SMALL_ATLAS_LOADER,
         obs_filter=lambda obs: (obs[group_key].astype(str) != held).to_numpy(),
     )
     t = time.perf_counter()
