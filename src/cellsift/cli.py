@@ -121,6 +121,7 @@ def _annotate(args: argparse.Namespace) -> int:
         k=args.k,
         ontology_aware=not args.no_ontology,
         abstain=not args.no_abstain,
+        abstain_on=args.abstain_on,
     )
     with atomic_path(args.out, overwrite=args.overwrite) as tmp:
         adata.write_h5ad(tmp)
@@ -197,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--no-ontology", action="store_true", help="plain majority votes")
     p.add_argument("--no-abstain", action="store_true", help="never call 'unknown' on distance")
+    p.add_argument(
+        "--abstain-on",
+        choices=["mean", "nearest"],
+        default="mean",
+        help="distance compared with the threshold: mean over the k voters, or the nearest's",
+    )
     p.add_argument(
         "--calibrate-on",
         default=None,

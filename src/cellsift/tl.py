@@ -7,7 +7,7 @@ cs.tl.annotate(adata, index, model=model)       # obs["cellsift_cell_type"], ...
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -49,6 +49,7 @@ def annotate(
     ontology_aware: bool = True,
     min_support: float = 0.5,
     abstain: bool = True,
+    abstain_on: Literal["mean", "nearest"] = "mean",
     calibrate_by: str | None = None,
     calibrate_on: Any = None,
     safelist: list[str] | None = None,
@@ -60,15 +61,17 @@ def annotate(
 
     Embeds with ``model`` first when ``obsm[use_rep]`` is absent. Writes
     ``obs[f"{key_added}_cell_type"]`` (Cell Ontology name, or ``unknown``),
-    ``obs[f"{key_added}_cell_type_ontology_term_id"]``, ``obs[f"{key_added}_confidence"]``
-    and ``obs[f"{key_added}_min_distance"]``. ``reference`` is a :class:`CellIndex` (an
+    ``obs[f"{key_added}_cell_type_ontology_term_id"]``, ``obs[f"{key_added}_confidence"]``,
+    ``obs[f"{key_added}_min_distance"]`` and ``obs[f"{key_added}_mean_distance"]`` (over the
+    ``k`` voters: what abstention compares with the threshold by default). ``reference`` is a :class:`CellIndex` (an
     annotator is made with the options here) or a ready :class:`KNNAnnotator`.
 
     With ``abstain`` the annotator's distance threshold is calibrated
     (:meth:`KNNAnnotator.calibrate`): on ``calibrate_on`` when given, held-out labelled
     cells of the reference's types that the model did not train on (an AnnData, embedded
     like ``adata``, or their embeddings); else on the reference itself,
-    leave-one-``calibrate_by``-out when given (e.g. the study column).
+    leave-one-``calibrate_by``-out when given (e.g. the study column). ``abstain_on``: the
+    distance compared with the threshold (see :class:`KNNAnnotator`).
     """
     adata = adata.copy() if copy else adata
     _ensure_embedded(adata, model, use_rep)
@@ -82,6 +85,7 @@ def annotate(
             weighted=weighted,
             ontology_aware=ontology_aware,
             min_support=min_support,
+            abstain_on=abstain_on,
         )
         if abstain:
             if isinstance(calibrate_on, ad.AnnData):
@@ -94,6 +98,7 @@ def annotate(
     adata.obs[f"{key_added}_cell_type_ontology_term_id"] = out["label"].astype("category")
     adata.obs[f"{key_added}_confidence"] = out["confidence"].to_numpy()
     adata.obs[f"{key_added}_min_distance"] = out["min_distance"].to_numpy()
+    adata.obs[f"{key_added}_mean_distance"] = out["mean_distance"].to_numpy()
     return adata if copy else None
 
 

@@ -155,9 +155,13 @@ def test_held_out_calibration_is_the_conformal_quantile_and_keeps_new_cells():
         return a / np.linalg.norm(a, axis=1, keepdims=True)
 
     d = 1.0 - unit(x[cal].astype(np.float64)) @ unit(tight[ref].astype(np.float64)).T
-    nearest = np.sort(d.min(1))
-    rank = int(np.ceil((len(nearest) + 1) * 0.99))
-    assert thr == pytest.approx(nearest[rank - 1], abs=1e-5)
+    rank = int(np.ceil((len(d) + 1) * 0.99))
+    mean30 = np.sort(np.sort(d, axis=1)[:, :30].mean(1))  # abstain_on="mean", k = 30
+    assert thr == pytest.approx(mean30[rank - 1], abs=1e-5)
+    nearest = KNNAnnotator(index, k=30, abstain_on="nearest")
+    assert nearest.calibrate(x[cal], quantile=0.99) == pytest.approx(
+        np.sort(d.min(1))[rank - 1], abs=1e-5
+    )
 
     query, yq = x[part == 3], y[part == 3]
     known, new = yq != held, yq == held
@@ -172,3 +176,35 @@ def test_held_out_calibration_is_the_conformal_quantile_and_keeps_new_cells():
     assert held_out.distance_threshold == thr  # a failed calibration leaves the threshold
     with pytest.raises(ValueError, match="quantile must be"):
         KNNAnnotator(index).calibrate(x[cal], quantile=1.0)
+
+
+def test_mean_distance_abstains_where_one_stray_reference_cell_sits_by_an_unseen_type():
+    """A reference without B cells but with a few stray cells (mislabelled, doublets) inside
+    the B population: by the nearest cell's distance, every B cell near a stray one looks
+    known; by the mean distance to the k voters, B cells still abstain."""
+    x, meta, _ = _atlas(n_per=800, spread=0.3)
+    y = meta["cell_type_ontology_term_id"].to_numpy()
+    held = "CL:0000236"
+    part = np.arange(len(x)) % 4
+    b_cells = np.flatnonzero((y == held) & (part <= 1))
+    stray = b_cells[:: len(b_cells) // 8][:8]  # 8 B cells labelled NK in the reference
+    meta_ref = meta.copy()
+    meta_ref.loc[stray, "cell_type_ontology_term_id"] = "CL:0000623"
+    ref = ((part <= 1) & (y != held)) | np.isin(np.arange(len(x)), stray)
+    cal = (part == 2) & (y != held)
+    index = CellIndex.build(x[ref], meta_ref[ref], engine="exact")
+    query, yq = x[part == 3], y[part == 3]
+    caught = {}
+    for stat in ("mean", "nearest"):
+        ann = KNNAnnotator(index, k=30, abstain_on=stat, min_support=0.0)
+        ann.calibrate(x[cal], quantile=0.99)
+        out = ann.annotate(query)
+        assert (out["label"][yq != held] == UNKNOWN).mean() <= 0.04
+        caught[stat] = (out["label"][yq == held] == UNKNOWN).mean()
+        d = out["mean_distance"].to_numpy() if stat == "mean" else out["min_distance"].to_numpy()
+        far = d > ann.distance_threshold
+        assert (out["label"].to_numpy()[far] == UNKNOWN).all()
+    assert caught["mean"] >= 0.95, caught
+    assert caught["nearest"] < 0.5, caught
+    with pytest.raises(ValueError, match="abstain_on must be"):
+        KNNAnnotator(index, abstain_on="median")  # type: ignore[arg-type]

@@ -68,7 +68,7 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     del held_out.obsm["X_cellsift"]
     cs.tl.annotate(query, index, model=model, calibrate_on=held_out, ontology_aware=False)
     thr = KNNAnnotator(index).calibrate(model.embed(held_out))
-    far = query.obs["cellsift_min_distance"].to_numpy() > thr
+    far = query.obs["cellsift_mean_distance"].to_numpy() > thr
     labels = query.obs["cellsift_cell_type_ontology_term_id"].astype(str).to_numpy()
     assert (labels[far] == "unknown").all()
     assert (labels[~far] == plain[~far]).all()

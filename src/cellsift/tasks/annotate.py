@@ -1,14 +1,18 @@
 """kNN annotation against a CellIndex: vectorised voting, confidence, abstention, ontology.
 
 Each query cell's ``k`` nearest reference cells vote for their labels (weighted by
-``1 - distance / max_distance_seen`` when ``weighted``). Votes are counted with one
-``bincount`` over all queries. Confidence statistics per cell: the winning label's share of
-the votes, its margin over the second label, the distance to the nearest reference cell.
+``1 - distance / 2`` when ``weighted``). Votes are counted with one ``bincount`` over all
+queries. Confidence statistics per cell: the winning label's share of the votes, its margin
+over the second label, the distance to the nearest reference cell and the mean distance to
+the ``k`` that vote.
 
-Abstention: a query is ``unknown`` when its nearest reference cell is farther than
-``distance_threshold``, or when the winner has less than ``min_support`` of the votes.
-:meth:`KNNAnnotator.calibrate` sets the threshold to a ``quantile`` of the same statistic on
-cells of known types. Best are held-out cells (labelled cells neither trained on nor
+Abstention: a query is ``unknown`` when its neighbours are farther than
+``distance_threshold``, or when the winner has less than ``min_support`` of the votes. The
+distance is by default the mean over the ``k`` voting neighbours (``abstain_on="mean"``):
+one stray reference cell next to a population the reference lacks (a mislabelled cell, a
+doublet) then does not vouch for the whole population, as it does with the nearest cell's
+distance (``abstain_on="nearest"``). :meth:`KNNAnnotator.calibrate` sets the threshold to a
+``quantile`` of the same statistic on cells of known types. Best are held-out cells (labelled cells neither trained on nor
 indexed): they are exchangeable with new cells of known types, so (split-conformal) at most
 about ``1 - quantile`` of those abstain. Without held-out cells the reference is its own
 calibration set (each sampled cell's nearest *other* reference cell, or nearest of another
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -65,8 +69,11 @@ class KNNAnnotator:
         Least share of the votes for a call (else ``unknown``; in ontology mode, a coarser
         term).
     distance_threshold
-        Nearest-neighbour distance beyond which a cell is ``unknown`` (see :meth:`calibrate`;
-        None: never abstain on distance).
+        Distance beyond which a cell is ``unknown`` (see :meth:`calibrate`; None: never
+        abstain on distance).
+    abstain_on
+        The distance compared with the threshold: ``"mean"`` over the ``k`` voting
+        neighbours (robust to single stray reference cells) or the ``"nearest"`` one's.
     """
 
     def __init__(
@@ -79,7 +86,10 @@ class KNNAnnotator:
         ontology_aware: bool = False,
         min_support: float = 0.5,
         distance_threshold: float | None = None,
+        abstain_on: Literal["mean", "nearest"] = "mean",
     ) -> None:
+        if abstain_on not in ("mean", "nearest"):
+            raise ValueError(f"abstain_on must be 'mean' or 'nearest', not {abstain_on!r}.")
         if label_key not in index.metadata_columns:
             raise CellIndexError(
                 f"the index metadata have no {label_key!r} column; it has {index.metadata_columns}."
@@ -87,6 +97,7 @@ class KNNAnnotator:
         self.index, self.label_key, self.k = index, label_key, k
         self.weighted, self.ontology_aware = weighted, ontology_aware
         self.min_support, self.distance_threshold = min_support, distance_threshold
+        self.abstain_on = abstain_on
         self._labels = self._read_labels()
         self._up: np.ndarray | None = None
         if ontology_aware:
@@ -135,13 +146,14 @@ class KNNAnnotator:
         ``embeddings``: held-out cells (of the reference's types, not in the index and not
         trained on; e.g. a random tenth of the labelled cells kept out of training). Each is
         searched as a query would be; the threshold is the split-conformal ``quantile`` of
-        their nearest-reference distances (the ``ceil((n + 1) q)``-th smallest of n), so
-        new cells of known types abstain with probability at most ``1 - quantile``.
+        their distances (``abstain_on``: mean over the ``k`` nearest reference cells, or the
+        nearest one's; the ``ceil((n + 1) q)``-th smallest of n), so new cells of known
+        types abstain with probability at most ``1 - quantile``.
 
         Without ``embeddings``: a sample of ``n_cells`` reference cells, each scored by its
-        nearest *other* reference cell, or with ``group_key`` (a study or donor column) by its
-        nearest cell of another group (leave-one-group-out: new studies sit farther than a
-        study's cells from each other). Trained-on cells understate new cells' distances;
+        ``k`` nearest *other* reference cells, or with ``group_key`` (a study or donor column)
+        by its nearest cells of other groups (leave-one-group-out: new studies sit farther
+        than a study's cells from each other). Trained-on cells understate new cells' distances;
         prefer held-out cells where there are any.
         """
         if not 0.0 < quantile < 1.0:
@@ -152,10 +164,11 @@ class KNNAnnotator:
                 raise ValueError("calibration embeddings must be a non-empty cells x dims array.")
             other = np.concatenate(
                 [
-                    self.index.search(q[s : s + 16_384], 1).distances[:, 0]
+                    self._statistic(self.index.search(q[s : s + 16_384], self._k_used).distances)
                     for s in range(0, len(q), 16_384)
                 ]
-            ).astype(np.float64)
+            )
+            other = other[np.isfinite(other)]
         else:
             other = self._reference_scores(n_cells, group_key, seed)
         threshold = _conformal_quantile(np.sort(other), quantile)
@@ -174,14 +187,17 @@ class KNNAnnotator:
         return self.distance_threshold
 
     def _reference_scores(self, n_cells: int, group_key: str | None, seed: int) -> np.ndarray:
-        """Nearest other (or other-group) reference cell's distance, for a sample of cells."""
+        """Distances to the nearest other (or other-group) reference cells, for a sample."""
         rng = np.random.default_rng(seed)
-        n = self.index.n_cells
+        n, k = self.index.n_cells, self._k_used
         rows = np.sort(rng.choice(n, min(n_cells, n), replace=False))
         if group_key is None:
-            res = self.index.search(np.asarray(self.index.embeddings[rows]), 2)
-            # the nearest hit is normally the cell itself; take the nearest that is not
-            other = np.where(res.indices[:, 0] == rows, res.distances[:, 1], res.distances[:, 0])
+            res = self.index.search(np.asarray(self.index.embeddings[rows]), k + 1)
+            # the nearest hit is normally the cell itself: drop it (else the farthest hit)
+            hit = res.indices == rows[:, None]
+            drop = np.where(hit.any(1), hit.argmax(1), k)
+            others = ~(np.arange(k + 1)[None, :] == drop[:, None])
+            other = self._statistic(res.distances[others].reshape(len(rows), k))
         else:
             groups = self.index.metadata_rows(rows, [group_key])[group_key].astype(str).to_numpy()
             other = np.full(len(rows), np.nan)
@@ -191,17 +207,32 @@ class KNNAnnotator:
                 try:
                     res = self.index.search(
                         np.asarray(self.index.embeddings[rows[mine]]),
-                        1,
+                        k,
                         filter=pc.field(group_key).cast("string") != g,
                     )
                 except CellIndexError:  # a single group: nothing to leave it out against
                     continue
-                other[mine] = res.distances[:, 0]
+                other[mine] = self._statistic(res.distances)
             if np.isnan(other).all():
                 raise CellIndexError(
                     f"calibrating by {group_key!r} needs at least two groups in the reference."
                 )
         return np.asarray(other[np.isfinite(other)], dtype=np.float64)
+
+    @property
+    def _k_used(self) -> int:
+        """Neighbours the abstention statistic reads."""
+        return self.k if self.abstain_on == "mean" else 1
+
+    def _statistic(self, distances: np.ndarray) -> np.ndarray:
+        """The abstention statistic of each row of sorted neighbour distances (NaN: missing
+        neighbours, e.g. a filter that selects fewer cells than k, are left out)."""
+        d = np.asarray(distances, dtype=np.float64)
+        d = np.where(np.isfinite(d), d, np.nan)
+        if self.abstain_on == "nearest":
+            return d[:, 0]
+        with np.errstate(invalid="ignore"):
+            return np.nanmean(d, axis=1) if d.shape[1] else np.full(len(d), np.nan)
 
     # -- annotation ---------------------------------------------------------------------------
     def annotate(
@@ -218,7 +249,8 @@ class KNNAnnotator:
         Columns: ``label`` (a reference label, an ancestor in ontology mode, or
         ``unknown``), ``label_name`` (Cell Ontology name where the label is a CL id),
         ``confidence`` (share of the votes for the call), ``margin`` (over the runner-up
-        reference label), ``min_distance``, ``knn_label`` (the plain majority label).
+        reference label), ``min_distance`` (to the nearest reference cell),
+        ``mean_distance`` (over the ``k`` voters), ``knn_label`` (the plain majority label).
         ``safelist`` / ``blocklist`` restrict the reference labels; ``filter`` any metadata.
         """
         expr = self._reference_filter(safelist, blocklist, filter)
@@ -290,9 +322,11 @@ class KNNAnnotator:
             conf = top[:, 0]
             has = conf >= self.min_support
         min_d = dist[:, 0]
+        mean_d = self._statistic(np.where(valid, dist, np.nan)) if self.k else min_d
         unknown = ~has | (total <= 0)
         if self.distance_threshold is not None:
-            unknown |= min_d > self.distance_threshold
+            stat = mean_d if self.abstain_on == "mean" else min_d
+            unknown |= ~(stat <= self.distance_threshold)
         label = np.where(unknown, UNKNOWN, label)
         return pd.DataFrame(
             {
@@ -300,6 +334,7 @@ class KNNAnnotator:
                 "confidence": conf.astype(np.float32),
                 "margin": (top[:, 0] - second).astype(np.float32),
                 "min_distance": min_d.astype(np.float32),
+                "mean_distance": mean_d.astype(np.float32),
                 "knn_label": knn_label.astype(str),
             }
         )
