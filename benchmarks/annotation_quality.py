@@ -14,8 +14,8 @@ and the same held-out cells for every method:
 
 Scores: macro-F1 and accuracy on the held-out cells, averaged over splits (per split in
 ``detail``). For cellsift also, through CellIndex + KNNAnnotator (ontology-aware; reference:
-the trained-on cells; abstention threshold: quantile 0.99 of the calibration cells' nearest
-reference distances): ontology-aware accuracy (the label or an ancestor), and, with B cells
+the trained-on cells; abstention threshold: quantile 0.99 of the calibration cells' mean
+distance to their k nearest reference cells, the statistic queries are held to): ontology-aware accuracy (the label or an ancestor), and, with B cells
 removed from the reference and the calibration cells, the share of held-out B cells called
 ``unknown`` or an ancestor (target >= 0.8) against the share of other cells that abstain
 (<= 0.05). The MetricModel settings are one set for both datasets (below), not tuned per
