@@ -12,11 +12,11 @@ distance is by default the mean over the ``k`` voting neighbours (``abstain_on="
 one stray reference cell next to a population the reference lacks (a mislabelled cell, a
 doublet) then does not vouch for the whole population, as it does with the nearest cell's
 distance (``abstain_on="nearest"``). :meth:`KNNAnnotator.calibrate` sets the threshold to a
-``quantile`` of the same statistic on cells of known types. Best are held-out cells (labelled cells neither trained on nor
-indexed): they are exchangeable with new cells of known types, so (split-conformal) at most
-about ``1 - quantile`` of those abstain. Without held-out cells the reference is its own
-calibration set (each sampled cell's nearest *other* reference cell, or nearest of another
-study with ``group_key``); a model pulls the cells it trained on together, so that
+``quantile`` of the same statistic on cells of known types. Best are held-out cells
+(labelled cells neither trained on nor indexed): they are exchangeable with new cells of
+known types, so (split-conformal) at most about ``1 - quantile`` of those abstain. Without
+held-out cells the reference is its own calibration set (each sampled cell's nearest *other*
+reference cells, or nearest of other studies with ``group_key``); a model pulls the cells it trained on together, so that
 threshold is lower and abstains more.
 
 Ontology-aware mode: votes also count for every Cell Ontology ancestor of the voted label
@@ -153,8 +153,8 @@ class KNNAnnotator:
         Without ``embeddings``: a sample of ``n_cells`` reference cells, each scored by its
         ``k`` nearest *other* reference cells, or with ``group_key`` (a study or donor column)
         by its nearest cells of other groups (leave-one-group-out: new studies sit farther
-        than a study's cells from each other). Trained-on cells understate new cells' distances;
-        prefer held-out cells where there are any.
+        than a study's cells from each other). Trained-on cells understate new cells'
+        distances; prefer held-out cells where there are any.
         """
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile must be in (0, 1), not {quantile}.")
@@ -225,14 +225,10 @@ class KNNAnnotator:
         return self.k if self.abstain_on == "mean" else 1
 
     def _statistic(self, distances: np.ndarray) -> np.ndarray:
-        """The abstention statistic of each row of sorted neighbour distances (NaN: missing
-        neighbours, e.g. a filter that selects fewer cells than k, are left out)."""
-        d = np.asarray(distances, dtype=np.float64)
-        d = np.where(np.isfinite(d), d, np.nan)
+        """The abstention statistic of each row of sorted neighbour distances."""
         if self.abstain_on == "nearest":
-            return d[:, 0]
-        with np.errstate(invalid="ignore"):
-            return np.nanmean(d, axis=1) if d.shape[1] else np.full(len(d), np.nan)
+            return np.asarray(distances[:, 0], dtype=np.float64)
+        return _mean_distance(distances)
 
     # -- annotation ---------------------------------------------------------------------------
     def annotate(
@@ -322,7 +318,7 @@ class KNNAnnotator:
             conf = top[:, 0]
             has = conf >= self.min_support
         min_d = dist[:, 0]
-        mean_d = self._statistic(np.where(valid, dist, np.nan)) if self.k else min_d
+        mean_d = _mean_distance(dist)
         unknown = ~has | (total <= 0)
         if self.distance_threshold is not None:
             stat = mean_d if self.abstain_on == "mean" else min_d
@@ -338,6 +334,16 @@ class KNNAnnotator:
                 "knn_label": knn_label.astype(str),
             }
         )
+
+
+def _mean_distance(distances: np.ndarray) -> np.ndarray:
+    """Mean of each row's finite distances (missing neighbours, -1 / inf where a filter
+    selects fewer than k cells, are left out; NaN where none is found)."""
+    d = np.asarray(distances, dtype=np.float64)
+    ok = np.isfinite(d)
+    n = ok.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.where(ok, d, 0.0).sum(1) / n, np.nan)
 
 
 def _needed(quantile: float) -> int:
