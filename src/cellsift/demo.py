@@ -196,9 +196,9 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = 40)
     ok = np.array([c == t or c in cl.ancestors(t) for c, t in zip(label, y[test], strict=True)])
     print(
         f"  ontology-aware calls: {ok.mean():.1%} the cell's type or an ancestor, "
-        f"{(label == UNKNOWN).mean():.1%} unknown (distance threshold {threshold:.4f}: "
-        f"quantile 0.99 of {val.sum():,} validation cells, {group_key} "
-        f"{', '.join(dm.val_groups or [])})"
+        f"{(label == UNKNOWN).mean():.1%} unknown (distance threshold {threshold:.4f} on the "
+        f"mean distance to the 15 voters: quantile 0.99 of {val.sum():,} validation cells, "
+        f"{group_key} {', '.join(dm.val_groups or [])})"
     )
     _umap_png(
         z,
