@@ -16,8 +16,8 @@ distance (``abstain_on="nearest"``). :meth:`KNNAnnotator.calibrate` sets the thr
 (labelled cells neither trained on nor indexed): they are exchangeable with new cells of
 known types, so (split-conformal) at most about ``1 - quantile`` of those abstain. Without
 held-out cells the reference is its own calibration set (each sampled cell's nearest *other*
-reference cells, or nearest of other studies with ``group_key``); a model pulls the cells it trained on together, so that
-threshold is lower and abstains more.
+reference cells, or nearest of other studies with ``group_key``); a model pulls the cells it
+trained on together, so that threshold is lower and abstains more.
 
 Ontology-aware mode: votes also count for every Cell Ontology ancestor of the voted label
 (within the terms that are ancestors of the reference labels); the call is the most specific
@@ -321,8 +321,7 @@ class KNNAnnotator:
         mean_d = _mean_distance(dist)
         unknown = ~has | (total <= 0)
         if self.distance_threshold is not None:
-            stat = mean_d if self.abstain_on == "mean" else min_d
-            unknown |= ~(stat <= self.distance_threshold)
+            unknown |= ~(self._statistic(dist) <= self.distance_threshold)
         label = np.where(unknown, UNKNOWN, label)
         return pd.DataFrame(
             {
