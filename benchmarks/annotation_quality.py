@@ -11,6 +11,8 @@ and the same held-out cells for every method:
 ``pca_knn``   counts per 10k, log1p, PCA(50) fitted on the training cells, kNN (k=15)
 ``logreg``    CellTypist-style: counts per 10k, log1p, genes scaled on the training cells
               (clipped at 10), multinomial logistic regression
+``cellsift_head``  where the MetricModel settings give it a label head
+              (``classifier_weight > 0``), the head's own calls (``MetricModel.predict``)
 
 Scores: macro-F1 and accuracy on the held-out cells, averaged over splits (per split in
 ``detail``). Macro-F1 two ways: ``f1`` averages over every label in the truth or the
@@ -98,9 +100,9 @@ CALIBRATION = 0.1
 
 def cellsift_embed(
     path: Path, group_key: str, held: str, seed: int, exclude: np.ndarray
-) -> np.ndarray:
+) -> tuple[np.ndarray, Any]:
     """Embeddings of every cell by a MetricModel trained without group ``held`` and without
-    the cells where the boolean ``exclude`` (one per cell of ``path``) is True."""
+    the cells where the boolean ``exclude`` (one per cell of ``path``) is True; and the model."""
     import anndata as ad
 
     from cellsift.data.datamodule import CellDataModule
@@ -126,7 +128,7 @@ def cellsift_embed(
         enable_checkpointing=False,
         **TRAIN,
     )
-    return model.embed(ad.read_h5ad(path))
+    return model.embed(ad.read_h5ad(path)), model
 
 
 def knn(z: np.ndarray, y: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -196,12 +198,14 @@ def evaluate(
         train = groups != held
         cal = train & (np.random.default_rng(i).random(len(y)) < CALIBRATION)
         t = time.perf_counter()
-        z = cellsift_embed(path, group_key, held, i, cal)
+        z, model = cellsift_embed(path, group_key, held, i, cal)
         preds = {
             "cellsift": knn(z, y, train),
             "pca_knn": pca_knn(x, y, train),
             "logreg": logreg(x, y, train),
         }
+        if model.module.classifier is not None:  # the label head's own calls, for reference
+            preds["cellsift_head"] = model.predict(adata)["label"].to_numpy()[~train]
         scores: dict[str, float] = {"n_cells": int((~train).sum())}
         for name, pred in preds.items():
             f1, f1_present, acc = macro_f1(y[~train], pred)

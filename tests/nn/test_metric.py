@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from sklearn.metrics import silhouette_score
 
@@ -67,3 +68,97 @@ def test_forward_without_labels_reconstructs_only(synthetic_h5ad):
     assert "triplet_loss" not in out
     torch.testing.assert_close(out["loss"], 0.999 * out["recon_loss"])
     torch.testing.assert_close(out["z_nk"].norm(dim=1), torch.ones(32))
+
+
+def test_label_loss_credits_a_label_and_its_descendants():
+    """The ontology-aware label loss against numpy: -log of the probability summed over the
+    cell's label and every label of the set below it in the Cell Ontology."""
+    cl = load_cell_ontology()
+    labels = ["CL:0000576", "CL:0001054", "CL:0002396", "CL:0000236", "CL:0000084"]
+    module = MetricModule(
+        10,
+        (8,),
+        4,
+        related_ll=torch.from_numpy(cl.related(labels)),
+        ancestor_ll=torch.from_numpy(cl.closure(labels)[0]),
+        classifier_weight=0.3,
+    )
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, len(labels), generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, -1, 0])
+    p = torch.softmax(logits, 1).numpy()
+    expected = []
+    for i, lab in enumerate(y.tolist()):
+        if lab < 0:
+            continue
+        credited = [
+            m for m, other in enumerate(labels) if m == lab or labels[lab] in cl.ancestors(other)
+        ]
+        expected.append(-np.log(p[i, credited].sum()))
+    # a monocyte is credited with both monocyte subtypes; CD14+ with CD16+ (a CL descendant)
+    assert module.credit_ll[0].tolist() == [True, True, True, False, False]
+    assert module.credit_ll[1].tolist() == [False, True, True, False, False]
+    got = module.label_loss(logits, y)
+    np.testing.assert_allclose(float(got), np.mean(expected), rtol=1e-10)
+    assert float(module.label_loss(logits, torch.full((7,), -1))) == 0.0
+
+
+def test_loss_adds_the_weighted_label_loss(synthetic_h5ad):
+    coll = CellCollection(synthetic_h5ad)
+    ds = IterableCellDataset(
+        coll, mode="sequential", batch_size=64, label_key="cell_type_ontology_term_id"
+    )
+    batch = next(iter(CellLoader(ds)))
+    labels = ds.categories["y_n"]
+    cl = load_cell_ontology()
+    torch.manual_seed(0)
+    module = MetricModule(
+        coll.n_vars,
+        (32,),
+        8,
+        related_ll=torch.from_numpy(cl.related(labels)),
+        ancestor_ll=torch.from_numpy(cl.closure(labels)[0]),
+        triplet_weight=0.2,
+        classifier_weight=0.5,
+    )
+    out = module(batch)
+    expected = 0.2 * out["triplet_loss"] + 0.5 * out["label_loss"] + 0.3 * out["recon_loss"]
+    torch.testing.assert_close(out["loss"], expected)
+    module.eval()
+    p = module.predict_proba(batch)
+    torch.testing.assert_close(p.sum(1), torch.ones(64))
+    with pytest.raises(
+        ValueError, match=r"classifier_weight must lie in \[0, 1 - triplet_weight\]"
+    ):
+        MetricModule(coll.n_vars, (32,), 8, triplet_weight=0.6, classifier_weight=0.5)
+    with pytest.raises(ValueError, match="no label head"):
+        MetricModule(coll.n_vars, (32,), 8).predict_proba(batch)
+
+
+def test_label_loss_resolved_does_not_credit_a_descendant_the_study_uses():
+    """relatives='resolved': in a study that labels both CD14-positive and CD16-positive
+    monocytes, a CD14-labelled cell is not credited with CD16; in a study without CD16
+    labels it is."""
+    cl = load_cell_ontology()
+    labels = ["CL:0001054", "CL:0002396", "CL:0000236"]  # CD14+ mono, CD16+ mono (below it), B
+    module = MetricModule(
+        10,
+        (8,),
+        4,
+        related_ll=torch.from_numpy(cl.related(labels)),
+        relatives="resolved",
+        ancestor_ll=torch.from_numpy(cl.closure(labels)[0]),
+        classifier_weight=0.3,
+    )
+    logits = torch.tensor([[0.0, 2.0, -1.0], [0.0, 2.0, -1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    y = torch.tensor([0, 0, 1, 2])
+    study = torch.tensor([0, 1, 0, 1])  # study 0 uses CD16, study 1 does not
+    p = torch.softmax(logits, 1)
+    expected = -torch.stack(
+        [p[0, 0].log(), (p[1, 0] + p[1, 1]).log(), p[2, 1].log(), p[3, 2].log()]
+    ).mean()
+    torch.testing.assert_close(module.label_loss(logits, y, study), expected)
+    never = -torch.stack(
+        [(p[0, 0] + p[0, 1]).log(), (p[1, 0] + p[1, 1]).log(), p[2, 1].log(), p[3, 2].log()]
+    ).mean()
+    torch.testing.assert_close(module.label_loss(logits, y), never)  # no studies: CL's rule

@@ -15,6 +15,7 @@ from typing import Any
 import anndata as ad
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -25,7 +26,7 @@ from ..data.loader import to_torch_csr
 from ..nn import MetricModule
 from ..ontology import load_cell_ontology
 from ..train import TrainingPlan
-from .bundle import load_bundle, save_bundle
+from .bundle import BundleError, load_bundle, save_bundle
 
 __all__ = ["SMALL_ATLAS_LOADER", "SMALL_ATLAS_MODEL", "MetricModel"]
 
@@ -63,6 +64,9 @@ class MetricModel:
     hidden, latent, dropout, input_dropout, margin, negative, triplet_weight, relatives, target_sum
         See :class:`~cellsift.nn.MetricModule` (SCimilarity's defaults; ``relatives="resolved"``
         lets Cell Ontology relatives that a study's labels tell apart be negatives).
+    classifier_weight
+        Weight of an ontology-aware label head's loss (default 0: none, as in SCimilarity);
+        see :class:`~cellsift.nn.MetricModule`.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class MetricModel:
         negative: str = "semihard",
         triplet_weight: float = 0.001,
         relatives: str = "never",
+        classifier_weight: float = 0.0,
         target_sum: float = 1e4,
     ) -> None:
         self.genes = genes if isinstance(genes, GeneVocabulary) else GeneVocabulary(list(genes))
@@ -98,6 +103,7 @@ class MetricModel:
                 "negative": negative,
                 "triplet_weight": triplet_weight,
                 "relatives": relatives,
+                "classifier_weight": classifier_weight,
             },
             "normalization": {"target_sum": target_sum, "log1p": True},
             "ontology": {"version": cl.version},
@@ -116,6 +122,7 @@ class MetricModel:
             margin=margin,
             negative=negative,  # type: ignore[arg-type]
             triplet_weight=triplet_weight,
+            classifier_weight=classifier_weight,
             target_sum=target_sum,
         )
         self.trainer: pl.Trainer | None = None
@@ -193,6 +200,26 @@ class MetricModel:
             )
         return gm.apply(sp.csr_matrix(x, dtype=np.float32))
 
+    def _apply(
+        self,
+        adata: ad.AnnData,
+        fn: Any,
+        width: int,
+        layer: str | None,
+        batch_size: int,
+        device: str | torch.device | None,
+    ) -> np.ndarray:
+        """``fn(batch)`` over the aligned counts of ``adata`` in blocks, concatenated."""
+        x = self.aligned_counts(adata, layer=layer)
+        dev = torch.device(device) if device is not None else next(self.module.parameters()).device
+        self.module.to(dev).eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                t = to_torch_csr(x[start : start + batch_size]).to(dev)
+                out.append(fn({"x_ng": t}).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
+
     def embed(
         self,
         adata: ad.AnnData,
@@ -206,15 +233,36 @@ class MetricModel:
         Genes are aligned to the model's by id or symbol (missing genes are zeros); too little
         overlap is an error naming the count.
         """
-        x = self.aligned_counts(adata, layer=layer)
-        dev = torch.device(device) if device is not None else next(self.module.parameters()).device
-        self.module.to(dev).eval()
-        out = []
-        with torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                t = to_torch_csr(x[start : start + batch_size]).to(dev)
-                out.append(self.module.embed({"x_ng": t}).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.config["architecture"]["latent"]))
+        latent = self.config["architecture"]["latent"]
+        return self._apply(adata, self.module.embed, latent, layer, batch_size, device)
+
+    def predict(
+        self,
+        adata: ad.AnnData,
+        *,
+        layer: str | None = None,
+        batch_size: int = 4096,
+        device: str | torch.device | None = None,
+    ) -> pd.DataFrame:
+        """The label head's calls for the cells of ``adata`` (a model trained with
+        ``classifier_weight > 0``): ``label`` (CL id), ``label_name`` and ``probability``,
+        indexed by ``adata.obs_names``; ``.attrs["probabilities"]`` holds cells x labels."""
+        if self.module.classifier is None:
+            raise ValueError(
+                "this MetricModel has no label head; train one with classifier_weight > 0, "
+                "or annotate by kNN on its embedding (cellsift.tl.annotate)."
+            )
+        p = self._apply(
+            adata, self.module.predict_proba, len(self.labels), layer, batch_size, device
+        )
+        best = p.argmax(1) if len(p) else np.zeros(0, dtype=int)
+        ids, names = np.asarray(self.labels), np.asarray(self.label_names)
+        out = pd.DataFrame(
+            {"label": ids[best], "label_name": names[best], "probability": p.max(1, initial=0)},
+            index=adata.obs_names,
+        )
+        out.attrs["probabilities"] = p
+        return out
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -225,9 +273,19 @@ class MetricModel:
             config=self.config,
             genes=self.genes,
             labels=labels,
-            modules={"encoder": self.module.encoder, "decoder": self.module.decoder},
+            modules=self._modules(),
             overwrite=overwrite,
         )
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        """The weights a bundle holds, by name."""
+        out: dict[str, torch.nn.Module] = {
+            "encoder": self.module.encoder,
+            "decoder": self.module.decoder,
+        }
+        if self.module.classifier is not None:
+            out["classifier"] = self.module.classifier
+        return out
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str = "cpu") -> MetricModel:
@@ -245,7 +303,13 @@ class MetricModel:
             **loss,
         )
         model.module.encoder.load_state_dict(b.weights["encoder"])
-        if "decoder" in b.weights:
-            model.module.decoder.load_state_dict(b.weights["decoder"])
+        for name, module in model._modules().items():
+            if name != "encoder" and name in b.weights:
+                module.load_state_dict(b.weights[name])
+        if model.module.classifier is not None and "classifier" not in b.weights:
+            raise BundleError(
+                f"{path}: config.json asks for a label head (classifier_weight > 0) but "
+                "model.safetensors has no classifier weights; save the model again."
+            )
         model.module.to(device).eval()
         return model

@@ -5,6 +5,18 @@ A pure ``nn.Module`` on batch dicts: counts ``x_ng`` are normalised on the batch
 ``loss = triplet_weight * triplet + (1 - triplet_weight) * MSE(reconstruction, input)``.
 Triplets are mined on the device with the Cell Ontology relatives of each label excluded
 from its negatives (``related_ll``).
+
+With ``classifier_weight > 0`` a cosine label head on the embedding (one unit prototype per
+label; logits ``16 * cos(z, prototype)``, so labels become directions that kNN on the sphere
+also reads) adds an ontology-aware cross-entropy (scPRINT's label heads, flattened to the
+training label set): a cell's label is credited with the probability of that label and of
+all its descendants in the set, so a cell labelled "monocyte" is satisfied by any monocyte
+subtype while a "CD14-positive monocyte" must be told from its siblings. With
+``relatives="resolved"`` a descendant that the cell's own study uses as a label (read from
+the batch, as the triplet mining does) is not credited: a study that labels cells
+"CD14-positive monocyte" and others "CD14-low, CD16-positive monocyte" (a CL descendant)
+means the first are not the second. Then ``loss = triplet_weight * triplet +
+classifier_weight * label + (1 - triplet_weight - classifier_weight) * MSE``.
 """
 
 from __future__ import annotations
@@ -21,6 +33,22 @@ from ..transforms import Densify, Log1p, NormalizeTotal
 from .mlp import MLPDecoder, MLPEncoder
 
 __all__ = ["MetricModule"]
+
+
+class CosineClassifier(nn.Module):
+    """Logits ``scale * cos(z, w_l)`` of unit embeddings against one prototype per label."""
+
+    def __init__(self, latent: int, n_labels: int, scale: float = 16.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_labels, latent) / latent**0.5)
+        self.scale = scale
+
+    def forward(self, z_nk: torch.Tensor) -> torch.Tensor:
+        return (
+            self.scale
+            * nn.functional.normalize(z_nk, dim=1)
+            @ nn.functional.normalize(self.weight, dim=1).T
+        )
 
 
 class MetricModule(nn.Module):
@@ -41,6 +69,9 @@ class MetricModule(nn.Module):
     triplet_weight
         Weight of the triplet loss; reconstruction gets ``1 - triplet_weight`` (SCimilarity:
         0.001).
+    classifier_weight
+        Weight of the ontology-aware label loss (module docstring; default 0: no head, as in
+        SCimilarity). Reconstruction gets what the two weights leave.
     target_sum
         Counts per cell after normalisation (before log1p).
     """
@@ -60,18 +91,36 @@ class MetricModule(nn.Module):
         negative: Negative = "semihard",
         distance: Distance = "cosine",
         triplet_weight: float = 0.001,
+        classifier_weight: float = 0.0,
         target_sum: float = 1e4,
     ) -> None:
         super().__init__()
         if not 0.0 <= triplet_weight <= 1.0:
             raise ValueError("triplet_weight must lie in [0, 1].")
+        if not 0.0 <= classifier_weight <= 1.0 - triplet_weight:
+            raise ValueError(
+                f"classifier_weight must lie in [0, 1 - triplet_weight] = [0, "
+                f"{1.0 - triplet_weight:g}], not {classifier_weight:g}."
+            )
         self.normalize = nn.Sequential(NormalizeTotal(target_sum), Log1p(), Densify())
         self.encoder = MLPEncoder(
             n_genes, hidden, latent, dropout=dropout, input_dropout=input_dropout
         )
         self.decoder = MLPDecoder(n_genes, hidden, latent, dropout=dropout)
         self.triplet = TripletLoss(margin, negative, distance, related_ll, relatives, ancestor_ll)
-        self.triplet_weight = triplet_weight
+        self.triplet_weight, self.classifier_weight = triplet_weight, classifier_weight
+        self.classifier: CosineClassifier | None = None
+        if classifier_weight > 0:
+            if related_ll is None:
+                raise ValueError("classifier_weight > 0 needs the label set (related_ll).")
+            n_labels = related_ll.shape[0]
+            self.classifier = CosineClassifier(latent, n_labels)
+            # [l, m]: a cell labelled l is credited with label m's probability (m is l or a
+            # descendant of l)
+            credit = torch.eye(n_labels, dtype=torch.bool)
+            if ancestor_ll is not None:
+                credit |= ancestor_ll.bool().T
+            self.register_buffer("credit_ll", credit)
 
     def embed(self, batch: dict[str, Any]) -> torch.Tensor:
         """L2-normalised embeddings ``z_nk`` of a batch of counts."""
@@ -87,6 +136,44 @@ class MetricModule(nn.Module):
             out["triplet_loss"], out["n_triplets"] = triplet, len(mined)
         else:
             triplet = recon.new_zeros(())
-        w = self.triplet_weight
-        out["loss"] = w * triplet + (1.0 - w) * recon
+        w, wc = self.triplet_weight, self.classifier_weight
+        label = recon.new_zeros(())
+        if self.classifier is not None and "y_n" in batch:
+            label = self.label_loss(self.classifier(z), batch["y_n"], batch.get("study_n"))
+            out["label_loss"] = label
+        out["loss"] = w * triplet + wc * label + (1.0 - w - wc) * recon
         return out
+
+    def label_loss(
+        self, logits_nl: torch.Tensor, y_n: torch.Tensor, study_n: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean ``-log P(label or a credited descendant)`` over labelled cells (0 when none).
+
+        ``study_n`` (with ``relatives="resolved"``): descendants that the cell's study uses
+        in the batch are not credited (module docstring).
+        """
+        known = y_n >= 0
+        if not bool(known.any()):
+            return logits_nl.sum() * 0.0
+        logits, y = logits_nl[known], y_n[known].long()
+        credit_ll: torch.Tensor = self.credit_ll  # type: ignore[assignment]
+        credit = credit_ll[y]
+        if self.triplet.relatives == "resolved" and study_n is not None:
+            s = study_n[known].long()
+            has = s >= 0
+            if bool(has.any()):
+                used = torch.zeros(
+                    int(s.max()) + 1, credit.shape[1], dtype=torch.bool, device=credit.device
+                )
+                used[s[has], y[has]] = True
+                told_apart = used[s.clamp_min(0)] & has[:, None]
+                own = nn.functional.one_hot(y, credit.shape[1]).bool()
+                credit = credit & (~told_apart | own)
+        credited = logits.masked_fill(~credit, float("-inf"))
+        return (torch.logsumexp(logits, 1) - torch.logsumexp(credited, 1)).mean()
+
+    def predict_proba(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Label probabilities ``p_nl`` of the label head (needs ``classifier_weight > 0``)."""
+        if self.classifier is None:
+            raise ValueError("this model has no label head; train it with classifier_weight > 0.")
+        return torch.softmax(self.classifier(self.embed(batch)), 1)

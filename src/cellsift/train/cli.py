@@ -34,8 +34,10 @@ class MetricPlan(TrainingPlan):
     genes, labels
         Linked from the data module by ``cellsift fit`` (its ``gene_vocabulary`` and
         ``label_set``); pass them when building the plan in Python.
-    hidden, latent, dropout, input_dropout, margin, negative, triplet_weight, relatives, target_sum
+    hidden, latent, dropout, input_dropout, margin, negative, triplet_weight, relatives
         The model (SCimilarity's defaults); see :class:`~cellsift.nn.MetricModule`.
+    classifier_weight, target_sum
+        Weight of the ontology-aware label head (0: none) and the normalisation's total.
     lr, weight_decay, scheduler, asw_cells, compile
         The plan; see :class:`TrainingPlan`.
     bundle_dir
@@ -55,6 +57,7 @@ class MetricPlan(TrainingPlan):
         negative: Literal["semihard", "hardest", "random"] = "semihard",
         triplet_weight: float = 0.001,
         relatives: Literal["never", "resolved"] = "never",
+        classifier_weight: float = 0.0,
         target_sum: float = 1e4,
         lr: float = 5e-3,
         weight_decay: float = 0.01,
@@ -81,6 +84,7 @@ class MetricPlan(TrainingPlan):
             negative=negative,
             triplet_weight=triplet_weight,
             relatives=relatives,
+            classifier_weight=classifier_weight,
             target_sum=target_sum,
         )
         super().__init__(
