@@ -25,6 +25,7 @@ from cellsift.tasks import (
 
 @pytest.fixture(scope="module")
 def bundle(synthetic_h5ad, tmp_path_factory):
+    torch.manual_seed(0)  # an untrained model: its weights alone set the distances
     model = MetricModel.from_collection(synthetic_h5ad, hidden=(64,), latent=16)
     return model.save(tmp_path_factory.mktemp("model") / "bundle")
 
