@@ -79,6 +79,20 @@ def test_split_is_by_group_never_by_cell(indexed_paths):
         split_groups(np.array(["a", "a"]), 0.2)
 
 
+def test_weighted_training_loader_balances_with_the_given_scales(indexed_paths):
+    from cellsift.data import balanced_weights
+
+    dm = _dm(indexed_paths["h5ad"], mode="weighted", class_scale=10.0, study_scale=1e3)
+    dm.setup()
+    ds = dm.train_dataloader().cell_dataset
+    y, s = ds.codes["y_n"], ds.codes["study_n"]
+    np.testing.assert_array_equal(
+        ds.weights, balanced_weights(y, s, class_scale=10.0, study_scale=1e3)
+    )
+    assert not np.allclose(ds.weights, balanced_weights(y, s))
+    assert dm.val_dataloader().cell_dataset.weights is None  # validation reads in order
+
+
 def test_killed_run_resumes_with_the_same_batches(indexed_paths, tmp_path):
     dm = _dm(indexed_paths["zarr"], num_workers=2)
     full = _Recorder(12)

@@ -110,6 +110,35 @@ def test_resume_refuses_other_settings(coll):
         other.load_state_dict(state)
 
 
+def _scimilarity_weights(labels, studies, class_scale, study_scale, max_ratio=100.0):
+    """SCimilarity's balancing, written out per cell: 1/log1p(n_class/cs) * 1/log1p(n_study/ss)."""
+    n_class = {v: (labels == v).sum() for v in set(labels)}
+    n_study = {v: (studies == v).sum() for v in set(studies)}
+    w = np.array(
+        [
+            1 / np.log1p(n_class[y] / class_scale) / np.log1p(n_study[s] / study_scale)
+            for y, s in zip(labels, studies, strict=True)
+        ]
+    )
+    return np.minimum(w, max_ratio * np.median(w))
+
+
+@pytest.mark.parametrize("class_scale", [1e4, 10.0])
+def test_weighted_balancing_scales(coll, class_scale):
+    keys = {"label_key": "cell_type_ontology_term_id", "study_key": "dataset_id"}
+    ds = IterableCellDataset(coll, mode="weighted", class_scale=class_scale, **keys, **OPTS)
+    labels = np.asarray(coll.obs_column(keys["label_key"])).astype(str)
+    studies = np.asarray(coll.obs_column(keys["study_key"])).astype(str)
+    want = _scimilarity_weights(labels, studies, class_scale, 1e6)
+    np.testing.assert_allclose(ds.weights, want, rtol=1e-10)
+    # the state of a run records its balancing: a resume with other weights is refused
+    state = CellLoader(ds).state_dict()
+    other = IterableCellDataset(coll, mode="weighted", class_scale=class_scale * 3, **keys, **OPTS)
+    with pytest.raises(ResumeError, match="weights"):
+        CellLoader(other).load_state_dict(state)
+    CellLoader(ds).load_state_dict(state)
+
+
 def test_weighted_draws_follow_the_weights(coll):
     rng = np.random.default_rng(0)
     weights = rng.gamma(0.5, size=coll.n_obs)

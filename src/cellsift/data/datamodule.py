@@ -54,6 +54,8 @@ class CellDataModule(pl.LightningDataModule):
         Groups to validate on; default: chosen by seed to make ``val_fraction`` of cells.
     mode, batch_size, block_size, fetch_factor, seed, num_workers
         Training loader options (validation reads sequentially).
+    class_scale, study_scale
+        Balancing scales of ``mode="weighted"`` (:func:`~cellsift.data.balanced_weights`).
     collection_options
         More :class:`CellCollection` options (``layer``, ``min_genes``, ...).
     labels
@@ -77,6 +79,8 @@ class CellDataModule(pl.LightningDataModule):
         batch_size: int = 1024,
         block_size: int = 64,
         fetch_factor: int = 16,
+        class_scale: float = 1e4,
+        study_scale: float = 1e6,
         seed: int = 0,
         num_workers: int = 0,
         obs_filter: ObsFilter | None = None,
@@ -97,6 +101,8 @@ class CellDataModule(pl.LightningDataModule):
             "batch_size": batch_size,
             "block_size": block_size,
             "fetch_factor": fetch_factor,
+            "class_scale": class_scale,
+            "study_scale": study_scale,
             "seed": seed,
         }
         self.num_workers = num_workers

@@ -12,6 +12,7 @@ them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,7 +59,13 @@ class IterableCellDataset(IterableDataset):
     label_key, study_key
         obs columns of cell type and study (weighted mode balances both).
     weights
-        Per-cell weights for weighted mode (default: :func:`balanced_weights`).
+        Per-cell weights for weighted mode (default: :func:`balanced_weights` of the labels
+        and studies).
+    class_scale, study_scale
+        :func:`balanced_weights`' scales. SCimilarity's defaults (1e4, 1e6) were set for a
+        23M-cell atlas; below ``class_scale`` cells a label, its weight is ~1/count (full
+        balancing), far above it, balancing is logarithmic. Raise them for gentler
+        balancing, lower them for stronger balancing of large atlases.
     categories
         Batch key -> fixed category list (e.g. a model's labels); other values code as -1.
     seed, drop_last, cells_per_block, num_samples
@@ -82,6 +89,8 @@ class IterableCellDataset(IterableDataset):
         study_key: str | None = None,
         obs_keys: Mapping[str, str] | None = None,
         weights: np.ndarray | None = None,
+        class_scale: float = 1e4,
+        study_scale: float = 1e6,
         categories: Mapping[str, list[str]] | None = None,
         seed: int = 0,
         drop_last: bool = False,
@@ -117,7 +126,12 @@ class IterableCellDataset(IterableDataset):
             if weights is None:
                 if "y_n" not in self.codes:
                     raise ValueError("weighted mode needs label_key (and study_key) or weights=.")
-                weights = balanced_weights(self.codes["y_n"], self.codes.get("study_n"))
+                weights = balanced_weights(
+                    self.codes["y_n"],
+                    self.codes.get("study_n"),
+                    class_scale=class_scale,
+                    study_scale=study_scale,
+                )
             self.weights = np.asarray(weights, dtype=np.float64)
         self._rank, self._world = rank, world_size
         self.num_workers = 0  # set by CellLoader: fixes the batch order for resume
@@ -177,6 +191,7 @@ class IterableCellDataset(IterableDataset):
             "n_cells": self.collection.n_obs,
             "world_size": world,
             "num_workers": self.num_workers,
+            "weights": _digest(self.weights),
         }
 
     # -- iteration -----------------------------------------------------------------------
@@ -270,6 +285,13 @@ def to_torch_csr(x: sp.csr_matrix) -> torch.Tensor:
         size=x.shape,
         check_invariants=False,
     )
+
+
+def _digest(weights: np.ndarray | None) -> str | None:
+    """A short digest of weighted mode's per-cell weights (they decide every draw)."""
+    if weights is None:
+        return None
+    return hashlib.blake2b(np.ascontiguousarray(weights).tobytes(), digest_size=8).hexdigest()
 
 
 def _worker_skips(counts: list[int], n: int) -> tuple[list[int], int]:
