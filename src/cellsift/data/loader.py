@@ -62,10 +62,10 @@ class IterableCellDataset(IterableDataset):
         Per-cell weights for weighted mode (default: :func:`balanced_weights` of the labels
         and studies).
     class_scale, study_scale
-        :func:`balanced_weights`' scales. SCimilarity's defaults (1e4, 1e6) were set for a
-        23M-cell atlas; below ``class_scale`` cells a label, its weight is ~1/count (full
-        balancing), far above it, balancing is logarithmic. Raise them for gentler
-        balancing, lower them for stronger balancing of large atlases.
+        :func:`balanced_weights`' scales. A label with far fewer cells than ``class_scale``
+        is drawn ~1/count (full balancing), one with far more ~1/log(count). SCimilarity's
+        defaults (1e4, 1e6) were set for millions of cells, where most labels are far above
+        them; on a small atlas they balance fully. Lower them for gentler balancing.
     categories
         Batch key -> fixed category list (e.g. a model's labels); other values code as -1.
     seed, drop_last, cells_per_block, num_samples
