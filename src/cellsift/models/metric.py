@@ -32,10 +32,11 @@ __all__ = ["SMALL_ATLAS_LOADER", "SMALL_ATLAS_MODEL", "MetricModel"]
 
 #: MetricModel settings for small atlases (thousands to ~100k cells): SCimilarity's
 #: architecture and loss, with the triplet term's weight raised from its 0.001 and dropout
-#: lowered from 0.5 / 0.4 (both set for 23M cells), so that a few thousand cells' labels shape
-#: the embedding. ``relatives="resolved"``: atlases that label CD14-positive and CD16-positive
-#: monocytes (Cell Ontology relatives) as distinct populations within a study get them
-#: contrasted, which SCimilarity's rule never does. Chosen once on one Kang 2018 donor.
+#: lowered from 0.5 / 0.4 (both set for millions of cells), so that a few thousand cells'
+#: labels shape the embedding. ``relatives="resolved"``: atlases that label CD14-positive
+#: and CD16-positive monocytes (Cell Ontology relatives) as distinct populations within a
+#: study get them contrasted, which SCimilarity's rule never does. Chosen once on one Kang
+#: 2018 donor.
 SMALL_ATLAS_MODEL: dict[str, Any] = {
     "triplet_weight": 0.1,
     "dropout": 0.1,
