@@ -243,14 +243,23 @@ def _resolved_relatives(
     desc = anc.T  # j descendant of i
     if not (anc.any() or desc.any()):
         return torch.zeros(n, n, dtype=torch.bool, device=y.device)
-    n_labels = ancestor_ll.shape[0]
-    known = labelled & (study_n >= 0)
-    n_studies = int(study_n.max().item()) + 1 if known.any() else 1
-    used = torch.zeros(n_studies, n_labels, dtype=torch.bool, device=y.device)
-    used[study_n[known], y[known]] = True
     # [i, j]: i's study uses j's label
-    by_anchor_study = used[study_n.clamp_min(0)][:, yc] & known[:, None]
+    by_anchor_study = study_uses_label(y, study_n, ancestor_ll.shape[0])[:, yc]
+    by_anchor_study &= labelled[:, None]
     return (desc & by_anchor_study) | (anc & by_anchor_study.T)
+
+
+def study_uses_label(y_n: torch.Tensor, study_n: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """Cells x labels boolean: does the cell's study label some cell of the batch so.
+
+    Read from the batch (its cells with both a label and a study, codes < 0 meaning none);
+    a cell without a study uses no label. The data's side of ``relatives="resolved"``.
+    """
+    known = (y_n >= 0) & (study_n >= 0)
+    n_studies = int(study_n.max().item()) + 1 if known.any() else 1
+    used = torch.zeros(n_studies, n_labels, dtype=torch.bool, device=y_n.device)
+    used[study_n[known], y_n[known]] = True
+    return used[study_n.clamp_min(0)] & (study_n >= 0)[:, None]
 
 
 class TripletLoss(nn.Module):

@@ -8,7 +8,7 @@ AnnData (genes aligned by the vocabulary) or collections; saves and loads as a b
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +204,7 @@ class MetricModel:
     def _apply(
         self,
         adata: ad.AnnData,
-        fn: Any,
+        fn: Callable[[dict[str, Any]], torch.Tensor],
         width: int,
         layer: str | None,
         batch_size: int,

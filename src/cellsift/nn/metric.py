@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..losses import TripletLoss
-from ..losses.triplet import Distance, Negative, Relatives
+from ..losses.triplet import Distance, Negative, Relatives, study_uses_label
 from ..transforms import Densify, Log1p, NormalizeTotal
 from .mlp import MLPDecoder, MLPEncoder
 
@@ -159,16 +159,9 @@ class MetricModule(nn.Module):
         credit_ll: torch.Tensor = self.credit_ll  # type: ignore[assignment]
         credit = credit_ll[y]
         if self.triplet.relatives == "resolved" and study_n is not None:
-            s = study_n[known].long()
-            has = s >= 0
-            if bool(has.any()):
-                used = torch.zeros(
-                    int(s.max()) + 1, credit.shape[1], dtype=torch.bool, device=credit.device
-                )
-                used[s[has], y[has]] = True
-                told_apart = used[s.clamp_min(0)] & has[:, None]
-                own = nn.functional.one_hot(y, credit.shape[1]).bool()
-                credit = credit & (~told_apart | own)
+            told_apart = study_uses_label(y, study_n[known].long(), credit.shape[1])
+            own = nn.functional.one_hot(y, credit.shape[1]).bool()
+            credit = credit & (~told_apart | own)
         credited = logits.masked_fill(~credit, float("-inf"))
         return (torch.logsumexp(logits, 1) - torch.logsumexp(credited, 1)).mean()
 
