@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellsift.losses import TripletLoss, mine_triplets, pairwise_distance
+from cellsift.losses import MiningBuffers, TripletLoss, mine_triplets, pairwise_distance
 
 
 def _batch(n=120, labels=6, studies=3, seed=0):
@@ -150,3 +150,60 @@ def test_no_pairs_gives_zero_loss():
     loss, t = TripletLoss()(z, torch.arange(5))
     assert len(t) == 0 and float(loss) == 0.0
     np.testing.assert_equal(t.n_pairs, 0)
+
+
+@pytest.mark.parametrize("sort", [False, True])
+def test_cpu_and_device_paths_build_the_same_negatives(sort):
+    """The numpy path (CPU, threads, reused buffers) against the torch one (GPUs)."""
+    from cellsift.losses.triplet import _negatives_numpy, _negatives_torch, _resolved_relatives
+
+    z, y, s, related = _batch(n=300)
+    d = pairwise_distance(z)
+    d[0, 5] = -0.0  # signed zero and rounding below 0 must key like +0
+    d[1, 6] = -1e-7
+    also = _resolved_relatives(ANCESTOR, y, s)
+    assert also.any()
+    buffers = MiningBuffers()
+    threads = torch.get_num_threads()
+    for allowed in (None, also):
+        want_d, want_k = _negatives_torch(d, related, y, allowed, sort=sort)
+        torch.set_num_threads(2)  # rows split over two threads
+        try:
+            got_d, got_k = _negatives_numpy(d, related, y, allowed, buffers, sort=sort)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(got_d, want_d)
+        assert torch.equal(got_d.view(torch.int32), want_d.view(torch.int32))  # +0 only
+        if sort:
+            assert got_k is not None and want_k is not None
+            assert torch.equal(got_k, want_k)
+            assert bool((got_k[1:] > got_k[:-1]).all())  # one monotone array
+
+
+def test_buffers_are_reused_and_copied_empty():
+    import copy
+    import pickle
+
+    z, y, s, related = _batch()
+    loss_fn = TripletLoss(margin=0.3, related_ll=related)
+    loss_fn(z, y, s)
+    dist = loss_fn.mining_buffers.get("dist", (len(y), len(y)), np.float32)
+    loss_fn(z, y, s)
+    assert loss_fn.mining_buffers.get("dist", (len(y), len(y)), np.float32) is dist
+    for clone in (copy.deepcopy(loss_fn), pickle.loads(pickle.dumps(loss_fn))):
+        assert clone.mining_buffers._arrays == {}
+        loss, t = clone(z[:50], y[:50], s[:50])  # another batch size: other arrays
+        assert len(t) > 0 and torch.isfinite(loss)
+
+
+def test_euclidean_loss_has_finite_gradients():
+    z, y, s, related = _batch()
+    z = (3 * z).clone().requires_grad_(True)
+    d = pairwise_distance(z, "euclidean")
+    x = z.detach().double().numpy()
+    want = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(d.detach().numpy(), want, atol=1e-4)
+    assert float(d.detach().diagonal().abs().max()) == 0.0
+    loss, t = TripletLoss(margin=0.5, distance="euclidean", related_ll=related)(z, y, s)
+    loss.backward()
+    assert len(t) > 0 and z.grad is not None and bool(torch.isfinite(z.grad).all())

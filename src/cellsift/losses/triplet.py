@@ -18,20 +18,25 @@ and "CD14-low, CD16-positive monocyte") says that its coarser cells are not of t
 type. So a descendant-labelled cell is a negative of an anchor whose study (in the batch)
 uses that descendant's label, and an ancestor-labelled cell is a negative of an anchor whose
 label its own study uses. Relatives that no study tells apart stay excluded (SCimilarity's
-rule, the default ``"never"``). Instead of SCimilarity's per-pair CPU loop: one sort of each anchor's negatives by
-distance, then a binary search per pair (for hardest, one masked row minimum), on the
-batch's device.
+rule, the default ``"never"``). Instead of SCimilarity's per-pair CPU loop: one sort of each
+anchor's negatives by distance, then a binary search per pair (for hardest, one masked row
+minimum), on the batch's device.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["TripletLoss", "Triplets", "mine_triplets", "pairwise_distance"]
+__all__ = ["MiningBuffers", "TripletLoss", "Triplets", "mine_triplets", "pairwise_distance"]
 
 Distance = Literal["cosine", "euclidean"]
 Negative = Literal["semihard", "hardest", "random"]
@@ -39,13 +44,20 @@ Relatives = Literal["never", "resolved"]
 
 
 def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torch.Tensor:
-    """All pairwise distances of the rows of ``z_nk``: cosine (1 - cos) or euclidean."""
+    """All pairwise distances of the rows of ``z_nk``: cosine (1 - cos) or euclidean.
+
+    Differentiable, with finite gradients where distances are 0 (the diagonal): the
+    euclidean square root is taken only of positive squared distances.
+    """
     if distance == "cosine":
         z = nn.functional.normalize(z_nk, dim=1)
-        return (1.0 - z @ z.T).clamp_min(0.0)
+        return torch.mm(z, z.T).neg_().add_(1.0).clamp_min_(0.0)  # one n x n buffer
     if distance == "euclidean":
         sq = (z_nk * z_nk).sum(1)
-        return (sq[:, None] + sq[None, :] - 2.0 * z_nk @ z_nk.T).clamp_min(0.0).sqrt()
+        d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
+        d2.fill_diagonal_(0.0)  # not the rounding error of |z|^2 + |z|^2 - 2 z.z
+        positive = d2 > 0
+        return torch.where(positive, torch.where(positive, d2, 1.0).sqrt(), 0.0)
     raise ValueError(f"distance must be 'cosine' or 'euclidean', not {distance!r}.")
 
 
@@ -67,37 +79,80 @@ def _positive_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(anchor, positive) index pairs: same label, distinct cells; another study if possible.
 
-    Enumerated label block by label block (work proportional to the number of same-label
-    pairs, not n^2), returned ordered by anchor then positive: the binary searches of the
-    mining then walk the sorted keys forward, which the cache rewards.
+    Enumerated anchor by anchor over the cells of its label (work proportional to the number
+    of same-label pairs, not n^2), so they come ordered by anchor then positive: the binary
+    searches of the mining then walk the sorted keys forward, which the cache rewards.
+    ``index_select`` / ``masked_select`` rather than fancy indexing: several times faster on
+    the CPU for arrays of this size.
     """
     dev = y_n.device
-    cells = torch.nonzero(y_n >= 0).flatten()
+    cells = torch.nonzero(y_n >= 0).flatten()  # the anchors, ascending
     if len(cells) == 0:
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return empty, empty
-    y = y_n[cells]
-    order = torch.argsort(y, stable=True)
-    cells, y = cells[order], y[order]
+    y = y_n.index_select(0, cells)
+    by_label = cells.index_select(0, torch.argsort(y, stable=True))  # ascending per label
     counts = torch.bincount(y)
-    block = counts[y]  # size of each cell's label block
     starts = torch.cumsum(counts, 0) - counts
+    block = counts.index_select(0, y)  # each anchor's number of same-label cells
     anchor = torch.repeat_interleave(torch.arange(len(y), device=dev), block)
     first = torch.cumsum(block, 0) - block  # where each anchor's pairs begin
-    offset = torch.arange(len(anchor), device=dev) - torch.repeat_interleave(first, block)
-    a, p = cells[anchor], cells[starts[y[anchor]] + offset]
+    offset = torch.arange(len(anchor), device=dev) - first.index_select(0, anchor)
+    a = cells.index_select(0, anchor)
+    p = by_label.index_select(0, starts.index_select(0, y).index_select(0, anchor) + offset)
     keep = a != p
     if study_n is not None:
         s = study_n.long()
+        s_cells = s.index_select(0, cells)
         n_studies = int(s.max().item()) + 1
-        per_label_study = torch.bincount(
-            y * n_studies + s[cells], minlength=len(counts) * n_studies
-        )
-        has_cross = block > per_label_study[y * n_studies + s[cells]]  # label seen in another study
-        keep &= ~has_cross[anchor] | (s[a] != s[p])
-    a, p = a[keep], p[keep]
-    order = torch.argsort(a, stable=True)  # p ascends within a label block already
-    return a[order], p[order]
+        per_label_study = torch.bincount(y * n_studies + s_cells, minlength=len(counts) * n_studies)
+        has_cross = block > per_label_study.index_select(0, y * n_studies + s_cells)
+        keep &= ~has_cross.index_select(0, anchor) | (s.index_select(0, a) != s.index_select(0, p))
+    return a.masked_select(keep), p.masked_select(keep)
+
+
+class MiningBuffers:
+    """Reusable n x n work arrays, and threads, for mining on the CPU.
+
+    Training mines a batch of the same size every step; allocating its ~12 MB of n x n
+    arrays afresh each time costs page faults that can take as long as the mining itself.
+    numpy's sort and ufuncs use one core: the rows are split over ``torch.get_num_threads()``
+    threads (numpy releases the GIL). :class:`TripletLoss` keeps one; not for concurrent use
+    from several threads. Pickled or copied, it starts empty.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_key: tuple[int, int] = (0, 0)  # (pid, threads) the pool was made for
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        """The array called ``name``, reallocated only when its shape or dtype changes."""
+        a = self._arrays.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = self._arrays[name] = np.empty(shape, dtype)
+        return a
+
+    def by_rows(self, n: int, work: Callable[[int, int], None]) -> None:
+        """``work(start, stop)`` over row blocks covering ``range(n)``, in parallel."""
+        threads = max(1, min(torch.get_num_threads(), n // 128))
+        if threads == 1:
+            work(0, n)
+            return
+        key = (os.getpid(), threads)  # a forked child has none of its parent's threads
+        if self._pool is None or self._pool_key != key:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cellsift-mining")
+            self._pool_key = key
+        bounds = np.linspace(0, n, threads + 1).astype(int)
+        jobs = [self._pool.submit(work, int(i), int(j)) for i, j in pairwise(bounds)]
+        for job in jobs:
+            job.result()
 
 
 _INDEX_BITS = 16  # cells per batch < 2**16
@@ -110,25 +165,94 @@ def _float_key(x: torch.Tensor) -> torch.Tensor:
     return (x.float().clamp_min(0.0) + 0.0).view(torch.int32).long()  # + 0.0 turns -0 into +0
 
 
-def _sorted_negative_keys(d_nn: torch.Tensor, allowed_nn: torch.Tensor) -> torch.Tensor:
-    """Each anchor's negatives by distance as one monotone int64 array of n * n keys.
+def _negatives(
+    d_nn: torch.Tensor,
+    related_ll: torch.Tensor,
+    y: torch.Tensor,
+    also_allowed_nn: torch.Tensor | None,
+    buffers: MiningBuffers,
+    *,
+    sort: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each anchor's candidate negatives: distances, and (``sort``) sorted keys.
 
-    Key = row << 47 (_ROW_SHIFT) | distance bits << 16 | cell: sorting a row sorts by distance (ties by
-    cell), disallowed negatives (distance inf) last; rows concatenated stay sorted. On the CPU
-    numpy's SIMD sort does the work (several times faster than ``torch.sort`` there).
+    ``dist``: n x n float32 d(anchor, candidate), inf where the candidate may not be a
+    negative (unlabelled, or related to the anchor's label unless ``also_allowed_nn`` allows
+    it), clamped at +0 so that the bits order like the distances. ``keys``: one monotone int64
+    array of n * n, key = row << 47 (_ROW_SHIFT) | distance bits << 16 | cell. Sorting a row
+    sorts by distance (ties by cell) with disallowed negatives (inf) last; the rows
+    concatenated stay sorted. On the CPU numpy builds both (its fancy indexing and SIMD sort
+    are several times faster than torch's there); elsewhere torch.
     """
-    n = d_nn.shape[0]
-    dist = d_nn.float().clamp_min(0.0).masked_fill_(~allowed_nn, float("inf")).add_(0.0)
-    keys = dist.view(torch.int32).long()  # the one n x n int64 buffer, then built in place
+    if d_nn.device.type == "cpu":
+        return _negatives_numpy(d_nn, related_ll, y, also_allowed_nn, buffers, sort=sort)
+    return _negatives_torch(d_nn, related_ll, y, also_allowed_nn, sort=sort)
+
+
+def _negatives_torch(
+    d_nn: torch.Tensor,
+    related_ll: torch.Tensor,
+    y: torch.Tensor,
+    also_allowed_nn: torch.Tensor | None,
+    *,
+    sort: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_negatives` with torch operations, on any device."""
+    n = len(y)
+    labelled = y >= 0
+    yc = y.clamp_min(0)
+    banned = related_ll[yc][:, yc] | ~labelled[None, :]
+    if also_allowed_nn is not None:
+        banned &= ~also_allowed_nn
+    dist = d_nn.float().clamp_min(0.0).masked_fill_(banned, float("inf")).add_(0.0)
+    if not sort:
+        return dist, None
     cells = torch.arange(n, device=d_nn.device)
-    keys.bitwise_left_shift_(_INDEX_BITS).bitwise_or_(cells[None, :]).bitwise_or_(
-        cells[:, None] << _ROW_SHIFT
-    )
-    if keys.device.type == "cpu":
-        keys.numpy().sort(axis=1)
-    else:
-        keys = torch.sort(keys, dim=1).values
-    return keys.flatten()
+    keys = dist.view(torch.int32).long()
+    keys.bitwise_left_shift_(_INDEX_BITS).bitwise_or_(cells[None, :])
+    keys.bitwise_or_(cells[:, None] << _ROW_SHIFT)
+    return dist, torch.sort(keys, dim=1).values.flatten()
+
+
+def _negatives_numpy(
+    d_nn: torch.Tensor,
+    related_ll: torch.Tensor,
+    y: torch.Tensor,
+    also_allowed_nn: torch.Tensor | None,
+    buffers: MiningBuffers,
+    *,
+    sort: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_negatives` on the CPU: in place in ``buffers``, rows split over threads."""
+    n = len(y)
+    labelled = y >= 0
+    yn, c = y.clamp_min(0).numpy(), np.arange(n)
+    unlabelled = None if bool(labelled.all()) else ~labelled.numpy()
+    also = None if also_allowed_nn is None else also_allowed_nn.numpy()
+    d_np = d_nn.detach().float().numpy()
+    # inf (banned) or 0 per label pair, spread over the cells, plus the distance
+    penalty_ll = np.where(related_ll.numpy(), np.float32(np.inf), np.float32(0.0))
+    dist = buffers.get("dist", (n, n), np.float32)
+    keys = buffers.get("keys", (n, n), np.int64) if sort else None
+
+    def work(i: int, j: int) -> None:
+        rows = dist[i:j]
+        np.take(penalty_ll[yn[i:j]], yn, axis=1, out=rows)
+        if unlabelled is not None:
+            rows[:, unlabelled] = np.inf
+        if also is not None:
+            np.putmask(rows, also[i:j], np.float32(0.0))
+        rows += d_np[i:j]  # -0 + 0 = +0
+        np.maximum(rows, 0.0, out=rows)
+        if keys is not None:
+            k = keys[i:j]
+            np.left_shift(rows.view(np.int32), _INDEX_BITS, out=k, dtype=np.int64)
+            k |= c[None, :]
+            k |= c[i:j, None] << _ROW_SHIFT
+            k.sort(axis=1)
+
+    buffers.by_rows(n, work)
+    return torch.from_numpy(dist), None if keys is None else torch.from_numpy(keys).flatten()
 
 
 def mine_triplets(
@@ -143,6 +267,7 @@ def mine_triplets(
     dist_nn: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     ancestor_ll: torch.Tensor | None = None,
+    buffers: MiningBuffers | None = None,
 ) -> Triplets:
     """Mine triplets of a batch (see the module docstring).
 
@@ -171,6 +296,8 @@ def mine_triplets(
         Labels x labels boolean, ``[i, j]``: label j is a strict ancestor of label i. Given
         with ``study_n``, relatives that a study's labels tell apart may be negatives
         (``relatives="resolved"``, module docstring).
+    buffers
+        Work arrays to reuse from call to call (:class:`MiningBuffers`); fresh ones if None.
     """
     if negative not in ("semihard", "hardest", "random"):
         raise ValueError(f"negative must be semihard, hardest or random, not {negative!r}.")
@@ -188,16 +315,25 @@ def mine_triplets(
         n_labels = int(y.max().item()) + 1
         if related_ll is None:
             related_ll = torch.eye(n_labels, dtype=torch.bool, device=dev)
-        allowed = _allowed_negatives(related_ll.to(dev), y)
+        buffers = buffers if buffers is not None else MiningBuffers()
+        resolved = None
         if ancestor_ll is not None and study_n is not None:
-            allowed |= _resolved_relatives(ancestor_ll.to(dev), y, study_n.long().to(dev))
-        d_ap = d[a, p]
+            resolved = _resolved_relatives(ancestor_ll.to(dev), y, study_n.long().to(dev))
+        dist, keys = _negatives(
+            d, related_ll.to(dev).bool(), y, resolved, buffers, sort=negative != "hardest"
+        )
+        d_ap = d.flatten().index_select(0, a * n + p)
         upper = d_ap + margin
         if negative == "hardest":  # the largest loss is the nearest negative's
-            d_min, nearest = d.masked_fill(~allowed, float("inf")).min(1)
-            keep = d_min[a] < upper
-            return Triplets(a[keep], p[keep], nearest[a][keep], len(a))
-        keys = _sorted_negative_keys(d, allowed)
+            d_min, nearest = dist.min(1)
+            keep = d_min.index_select(0, a) < upper
+            return Triplets(
+                a.masked_select(keep),
+                p.masked_select(keep),
+                nearest.index_select(0, a).masked_select(keep),
+                len(a),
+            )
+        assert keys is not None
         row = a << _ROW_SHIFT
         # negatives closer than d(a,p) + margin: keys below (a, bits(d_ap + margin), 0)
         hi = torch.searchsorted(keys, row | (_float_key(upper) << _INDEX_BITS)) - a * n
@@ -214,18 +350,10 @@ def mine_triplets(
         keep = count > 0
         u = torch.rand(len(a), generator=generator, device=dev, dtype=torch.float64)
         pick = lo + (u * count.clamp_min(1)).long().clamp_max((count - 1).clamp_min(0))
-        neg = keys[a * n + pick.clamp(0, n - 1)] & _MAX_CELLS
-        return Triplets(a[keep], p[keep], neg[keep], len(a))
-
-
-def _allowed_negatives(related_ll: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """n x n: may cell j be a negative of anchor i (labelled, not related to i's label)."""
-    labelled = y >= 0
-    yc = y.clamp_min(0)
-    if y.device.type == "cpu":  # numpy's fancy indexing is several times faster here
-        rel = related_ll.numpy()[yc.numpy()][:, yc.numpy()]
-        return torch.from_numpy(~rel) & labelled[None, :]
-    return ~related_ll[yc][:, yc] & labelled[None, :]
+        neg = keys.index_select(0, a * n + pick.clamp(0, n - 1)) & _MAX_CELLS
+        return Triplets(
+            a.masked_select(keep), p.masked_select(keep), neg.masked_select(keep), len(a)
+        )
 
 
 def _resolved_relatives(
@@ -265,7 +393,8 @@ def study_uses_label(y_n: torch.Tensor, study_n: torch.Tensor, n_labels: int) ->
 class TripletLoss(nn.Module):
     """Mean ``relu(d(a, p) - d(a, n) + margin)`` over mined triplets (0 when none).
 
-    Mining and loss share one distance matrix; gradients flow through the loss only.
+    Mining and loss share one distance matrix; gradients flow through the loss only. The
+    module keeps its CPU mining work arrays from step to step (``mining_buffers``).
     ``relatives="resolved"`` needs ``ancestor_ll`` (labels x labels, ``[i, j]``: j is a
     strict ancestor of i) and lets relatives that a study tells apart be negatives.
     """
@@ -295,6 +424,7 @@ class TripletLoss(nn.Module):
             self.register_buffer("ancestor_ll", ancestor_ll.bool())
         else:
             self.ancestor_ll = None
+        self.mining_buffers = MiningBuffers()
 
     def forward(
         self,
@@ -315,8 +445,12 @@ class TripletLoss(nn.Module):
             dist_nn=d.detach(),
             generator=generator,
             ancestor_ll=self.ancestor_ll,
+            buffers=self.mining_buffers,
         )
         if len(t) == 0:
             return z_nk.sum() * 0.0, t
-        loss = (d[t.anchor, t.positive] - d[t.anchor, t.negative] + self.margin).clamp_min(0.0)
+        flat, n = d.flatten(), len(d)  # index_select: faster than d[rows, cols] on the CPU
+        d_ap = flat.index_select(0, t.anchor * n + t.positive)
+        d_an = flat.index_select(0, t.anchor * n + t.negative)
+        loss = (d_ap - d_an + self.margin).clamp_min(0.0)
         return loss.mean(), t
