@@ -18,25 +18,21 @@ and "CD14-low, CD16-positive monocyte") says that its coarser cells are not of t
 type. So a descendant-labelled cell is a negative of an anchor whose study (in the batch)
 uses that descendant's label, and an ancestor-labelled cell is a negative of an anchor whose
 label its own study uses. Relatives that no study tells apart stay excluded (SCimilarity's
-rule, the default ``"never"``). Instead of SCimilarity's per-pair CPU loop: one sort of each
-anchor's negatives by distance, then a binary search per pair (for hardest, one masked row
-minimum), on the batch's device.
+rule, the default ``"never"``). Instead of SCimilarity's per-pair Python loop: one pass over
+each anchor's row, then constant work per pair (:func:`mine_triplets`), on the batch's
+device.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MiningBuffers", "TripletLoss", "Triplets", "mine_triplets", "pairwise_distance"]
+__all__ = ["TripletLoss", "Triplets", "mine_triplets", "pairwise_distance"]
 
 Distance = Literal["cosine", "euclidean"]
 Negative = Literal["semihard", "hardest", "random"]
@@ -51,7 +47,7 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
     """
     if distance == "cosine":
         z = nn.functional.normalize(z_nk, dim=1)
-        return torch.mm(z, z.T).neg_().add_(1.0).clamp_min_(0.0)  # one n x n buffer
+        return torch.mm(z, z.T).neg_().add_(1.0).relu_()  # one n x n buffer; relu_ saves no copy
     if distance == "euclidean":
         sq = (z_nk * z_nk).sum(1)
         d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
@@ -111,50 +107,6 @@ def _positive_pairs(
     return a.masked_select(keep), p.masked_select(keep)
 
 
-class MiningBuffers:
-    """Reusable n x n work arrays, and threads, for mining on the CPU.
-
-    Training mines a batch of the same size every step; allocating its ~12 MB of n x n
-    arrays afresh each time costs page faults that can take as long as the mining itself.
-    numpy's sort and ufuncs use one core: the rows are split over ``torch.get_num_threads()``
-    threads (numpy releases the GIL). :class:`TripletLoss` keeps one; not for concurrent use
-    from several threads. Pickled or copied, it starts empty.
-    """
-
-    def __init__(self) -> None:
-        self._arrays: dict[str, np.ndarray] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_key: tuple[int, int] = (0, 0)  # (pid, threads) the pool was made for
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()  # type: ignore[misc]
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        """The array called ``name``, reallocated only when its shape or dtype changes."""
-        a = self._arrays.get(name)
-        if a is None or a.shape != shape or a.dtype != dtype:
-            a = self._arrays[name] = np.empty(shape, dtype)
-        return a
-
-    def by_rows(self, n: int, work: Callable[[int, int], None]) -> None:
-        """``work(start, stop)`` over row blocks covering ``range(n)``, in parallel."""
-        threads = max(1, min(torch.get_num_threads(), n // 128))
-        if threads == 1:
-            work(0, n)
-            return
-        key = (os.getpid(), threads)  # a forked child has none of its parent's threads
-        if self._pool is None or self._pool_key != key:
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cellsift-mining")
-            self._pool_key = key
-        bounds = np.linspace(0, n, threads + 1).astype(int)
-        jobs = [self._pool.submit(work, int(i), int(j)) for i, j in pairwise(bounds)]
-        for job in jobs:
-            job.result()
-
-
 _INDEX_BITS = 16  # cells per batch < 2**16
 _MAX_CELLS = (1 << _INDEX_BITS) - 1
 _ROW_SHIFT = _INDEX_BITS + 31  # above the cell index and a non-negative float32's 31 bits
@@ -165,94 +117,114 @@ def _float_key(x: torch.Tensor) -> torch.Tensor:
     return (x.float().clamp_min(0.0) + 0.0).view(torch.int32).long()  # + 0.0 turns -0 into +0
 
 
-def _negatives(
+def _negatives_sorted(
     d_nn: torch.Tensor,
-    related_ll: torch.Tensor,
     y: torch.Tensor,
+    related_ll: torch.Tensor,
     also_allowed_nn: torch.Tensor | None,
-    buffers: MiningBuffers,
-    *,
-    sort: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each anchor's candidate negatives: distances, and (``sort``) sorted keys.
+    a: torch.Tensor,
+    d_ap: torch.Tensor,
+    upper: torch.Tensor,
+    u: torch.Tensor | None,
+    negative: Negative,
+) -> torch.Tensor:
+    """One negative per pair (-1: none) with torch operations, on any device.
 
-    ``dist``: n x n float32 d(anchor, candidate), inf where the candidate may not be a
-    negative (unlabelled, or related to the anchor's label unless ``also_allowed_nn`` allows
-    it), clamped at +0 so that the bits order like the distances. ``keys``: one monotone int64
-    array of n * n, key = row << 47 (_ROW_SHIFT) | distance bits << 16 | cell. Sorting a row
-    sorts by distance (ties by cell) with disallowed negatives (inf) last; the rows
-    concatenated stay sorted. On the CPU numpy builds both (its fancy indexing and SIMD sort
-    are several times faster than torch's there); elsewhere torch.
+    Each anchor's allowed negatives become one monotone int64 array of n * n keys, key =
+    row << 47 (_ROW_SHIFT) | distance bits << 16 | cell: sorting a row sorts by distance
+    (ties by cell) with disallowed negatives (inf) last, and the rows concatenated stay
+    sorted. A pair's window is then found by binary search; ``hardest`` takes a masked row
+    minimum instead.
     """
-    if d_nn.device.type == "cpu":
-        return _negatives_numpy(d_nn, related_ll, y, also_allowed_nn, buffers, sort=sort)
-    return _negatives_torch(d_nn, related_ll, y, also_allowed_nn, sort=sort)
-
-
-def _negatives_torch(
-    d_nn: torch.Tensor,
-    related_ll: torch.Tensor,
-    y: torch.Tensor,
-    also_allowed_nn: torch.Tensor | None,
-    *,
-    sort: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_negatives` with torch operations, on any device."""
     n = len(y)
     labelled = y >= 0
     yc = y.clamp_min(0)
     banned = related_ll[yc][:, yc] | ~labelled[None, :]
     if also_allowed_nn is not None:
         banned &= ~also_allowed_nn
-    dist = d_nn.float().clamp_min(0.0).masked_fill_(banned, float("inf")).add_(0.0)
-    if not sort:
-        return dist, None
+    dist = d_nn.float().clamp_min(0.0).masked_fill_(banned, float("inf")).add_(0.0)  # +0
+    if negative == "hardest":  # the largest loss is the nearest negative's
+        d_min, nearest = dist.min(1)
+        return torch.where(d_min.index_select(0, a) < upper, nearest.index_select(0, a), -1)
+    assert u is not None
     cells = torch.arange(n, device=d_nn.device)
     keys = dist.view(torch.int32).long()
     keys.bitwise_left_shift_(_INDEX_BITS).bitwise_or_(cells[None, :])
     keys.bitwise_or_(cells[:, None] << _ROW_SHIFT)
-    return dist, torch.sort(keys, dim=1).values.flatten()
+    keys = torch.sort(keys, dim=1).values.flatten()
+    row = a << _ROW_SHIFT
+    # negatives closer than d(a,p) + margin: keys below (a, bits(d_ap + margin), 0)
+    hi = torch.searchsorted(keys, row | (_float_key(upper) << _INDEX_BITS)) - a * n
+    if negative == "semihard":  # and farther than d(a,p): keys above (a, bits(d_ap), max)
+        lo = (
+            torch.searchsorted(
+                keys, row | (_float_key(d_ap) << _INDEX_BITS) | _MAX_CELLS, right=True
+            )
+            - a * n
+        )
+    else:
+        lo = torch.zeros_like(hi)
+    count = hi - lo
+    pick = lo + (u * count.clamp_min(1)).long().clamp_max((count - 1).clamp_min(0))
+    neg = keys.index_select(0, a * n + pick.clamp(0, n - 1)) & _MAX_CELLS
+    return torch.where(count > 0, neg, -1)
 
 
-def _negatives_numpy(
+def _negatives_compiled(
     d_nn: torch.Tensor,
-    related_ll: torch.Tensor,
     y: torch.Tensor,
-    also_allowed_nn: torch.Tensor | None,
-    buffers: MiningBuffers,
-    *,
-    sort: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_negatives` on the CPU: in place in ``buffers``, rows split over threads."""
-    n = len(y)
-    labelled = y >= 0
-    yn, c = y.clamp_min(0).numpy(), np.arange(n)
-    unlabelled = None if bool(labelled.all()) else ~labelled.numpy()
-    also = None if also_allowed_nn is None else also_allowed_nn.numpy()
-    d_np = d_nn.detach().float().numpy()
-    # inf (banned) or 0 per label pair, spread over the cells, plus the distance
-    penalty_ll = np.where(related_ll.numpy(), np.float32(np.inf), np.float32(0.0))
-    dist = buffers.get("dist", (n, n), np.float32)
-    keys = buffers.get("keys", (n, n), np.int64) if sort else None
+    related_ll: torch.Tensor,
+    ancestor_ll: torch.Tensor | None,
+    study_n: torch.Tensor | None,
+    a: torch.Tensor,
+    d_ap: torch.Tensor,
+    upper: torch.Tensor,
+    u: torch.Tensor | None,
+    negative: Negative,
+) -> torch.Tensor:
+    """One negative per pair (-1: none) on the CPU: the compiled per-row kernel."""
+    import numba
 
-    def work(i: int, j: int) -> None:
-        rows = dist[i:j]
-        np.take(penalty_ll[yn[i:j]], yn, axis=1, out=rows)
-        if unlabelled is not None:
-            rows[:, unlabelled] = np.inf
-        if also is not None:
-            np.putmask(rows, also[i:j], np.float32(0.0))
-        rows += d_np[i:j]  # -0 + 0 = +0
-        np.maximum(rows, 0.0, out=rows)
-        if keys is not None:
-            k = keys[i:j]
-            np.left_shift(rows.view(np.int32), _INDEX_BITS, out=k, dtype=np.int64)
-            k |= c[None, :]
-            k |= c[i:j, None] << _ROW_SHIFT
-            k.sort(axis=1)
+    from . import _mining_cpu
 
-    buffers.by_rows(n, work)
-    return torch.from_numpy(dist), None if keys is None else torch.from_numpy(keys).flatten()
+    anchors, per_anchor = torch.unique_consecutive(a, return_counts=True)
+    pair_start = torch.zeros(len(anchors) + 1, dtype=torch.long)
+    torch.cumsum(per_anchor, 0, out=pair_start[1:])
+    none = np.zeros((0, 0), dtype=np.bool_)
+    ancestor, uses = none, none
+    study = np.full(len(y), -1, dtype=np.int64)
+    if ancestor_ll is not None and study_n is not None:
+        ancestor = ancestor_ll.bool().numpy()
+        uses = _label_use(y, study_n.long(), len(ancestor)).numpy()
+        study = study_n.long().numpy()
+    mode = {
+        "semihard": _mining_cpu.SEMIHARD,
+        "random": _mining_cpu.RANDOM,
+        "hardest": _mining_cpu.HARDEST,
+    }[negative]
+    out = np.empty(len(a), dtype=np.int64)
+    _mining_cpu.negatives(
+        np.ascontiguousarray(d_nn.numpy(), dtype=np.float32),
+        y.numpy(),
+        np.ascontiguousarray(related_ll.numpy(), dtype=np.bool_),
+        ancestor,
+        uses,
+        study,
+        anchors.numpy(),
+        pair_start.numpy(),
+        d_ap.numpy(),
+        upper.numpy(),
+        np.zeros(len(a)) if u is None else u.numpy(),
+        mode,
+        out,
+        min(numba.get_num_threads(), torch.get_num_threads()),
+    )
+    return torch.from_numpy(out)
+
+
+def _compiled_path(device: torch.device) -> bool:
+    """Mine with the compiled per-row kernel (the CPU) rather than torch's sort (elsewhere)."""
+    return device.type == "cpu"
 
 
 def mine_triplets(
@@ -267,16 +239,16 @@ def mine_triplets(
     dist_nn: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     ancestor_ll: torch.Tensor | None = None,
-    buffers: MiningBuffers | None = None,
 ) -> Triplets:
     """Mine triplets of a batch (see the module docstring).
 
-    ``hardest``: the largest loss is the anchor's nearest allowed negative's, so a masked
-    row minimum serves every pair. ``semihard`` and ``random``: each anchor's allowed
-    negatives are sorted once by distance; a pair's candidates are then a window of that order
-    (``d(a,p) < d(a,n) < d(a,p) + margin`` for semihard, below ``d(a,p) + margin`` for
-    random), found by binary search, and a uniform draw within it picks the negative. Work:
-    one n x n sort and O(log n) per pair; positive pairs are enumerated per label block.
+    ``hardest``: the largest loss is the anchor's nearest allowed negative's, so a row
+    minimum over the allowed negatives serves every pair. ``semihard`` and ``random``: a
+    pair's candidates are the allowed negatives in its window (``d(a,p) < d(a,n) < d(a,p) +
+    margin`` for semihard, below ``d(a,p) + margin`` for random), and a uniform draw among
+    them picks the negative. On the CPU a compiled kernel buckets each anchor's row by
+    distance in one pass (:mod:`cellsift.losses._mining_cpu`); elsewhere each row is sorted
+    and the window found by binary search. Positive pairs are enumerated per label block.
 
     Parameters
     ----------
@@ -296,8 +268,6 @@ def mine_triplets(
         Labels x labels boolean, ``[i, j]``: label j is a strict ancestor of label i. Given
         with ``study_n``, relatives that a study's labels tell apart may be negatives
         (``relatives="resolved"``, module docstring).
-    buffers
-        Work arrays to reuse from call to call (:class:`MiningBuffers`); fresh ones if None.
     """
     if negative not in ("semihard", "hardest", "random"):
         raise ValueError(f"negative must be semihard, hardest or random, not {negative!r}.")
@@ -315,42 +285,33 @@ def mine_triplets(
         n_labels = int(y.max().item()) + 1
         if related_ll is None:
             related_ll = torch.eye(n_labels, dtype=torch.bool, device=dev)
-        buffers = buffers if buffers is not None else MiningBuffers()
-        resolved = None
-        if ancestor_ll is not None and study_n is not None:
-            resolved = _resolved_relatives(ancestor_ll.to(dev), y, study_n.long().to(dev))
-        dist, keys = _negatives(
-            d, related_ll.to(dev).bool(), y, resolved, buffers, sort=negative != "hardest"
-        )
+        related_ll = related_ll.to(dev).bool()
+        if n_labels > related_ll.shape[0]:  # the CPU kernel does not check its indices
+            raise ValueError(
+                f"label code {n_labels - 1} is outside related_ll ({related_ll.shape[0]} labels)."
+            )
+        if ancestor_ll is not None and ancestor_ll.shape != related_ll.shape:
+            raise ValueError(
+                f"ancestor_ll is {tuple(ancestor_ll.shape)}, related_ll "
+                f"{tuple(related_ll.shape)}: both are labels x labels over the same labels."
+            )
+        if tuple(d.shape) != (n, n):
+            raise ValueError(f"dist_nn is {tuple(d.shape)}, not cells x cells ({n} x {n}).")
         d_ap = d.flatten().index_select(0, a * n + p)
         upper = d_ap + margin
-        if negative == "hardest":  # the largest loss is the nearest negative's
-            d_min, nearest = dist.min(1)
-            keep = d_min.index_select(0, a) < upper
-            return Triplets(
-                a.masked_select(keep),
-                p.masked_select(keep),
-                nearest.index_select(0, a).masked_select(keep),
-                len(a),
-            )
-        assert keys is not None
-        row = a << _ROW_SHIFT
-        # negatives closer than d(a,p) + margin: keys below (a, bits(d_ap + margin), 0)
-        hi = torch.searchsorted(keys, row | (_float_key(upper) << _INDEX_BITS)) - a * n
-        if negative == "semihard":  # and farther than d(a,p): keys above (a, bits(d_ap), max)
-            lo = (
-                torch.searchsorted(
-                    keys, row | (_float_key(d_ap) << _INDEX_BITS) | _MAX_CELLS, right=True
-                )
-                - a * n
+        u = None
+        if negative != "hardest":
+            u = torch.rand(len(a), generator=generator, device=dev, dtype=torch.float64)
+        if _compiled_path(dev):
+            neg = _negatives_compiled(
+                d, y, related_ll, ancestor_ll, study_n, a, d_ap, upper, u, negative
             )
         else:
-            lo = torch.zeros_like(hi)
-        count = hi - lo
-        keep = count > 0
-        u = torch.rand(len(a), generator=generator, device=dev, dtype=torch.float64)
-        pick = lo + (u * count.clamp_min(1)).long().clamp_max((count - 1).clamp_min(0))
-        neg = keys.index_select(0, a * n + pick.clamp(0, n - 1)) & _MAX_CELLS
+            resolved = None
+            if ancestor_ll is not None and study_n is not None:
+                resolved = _resolved_relatives(ancestor_ll.to(dev), y, study_n.long().to(dev))
+            neg = _negatives_sorted(d, y, related_ll, resolved, a, d_ap, upper, u, negative)
+        keep = neg >= 0
         return Triplets(
             a.masked_select(keep), p.masked_select(keep), neg.masked_select(keep), len(a)
         )
@@ -383,18 +344,22 @@ def study_uses_label(y_n: torch.Tensor, study_n: torch.Tensor, n_labels: int) ->
     Read from the batch (its cells with both a label and a study, codes < 0 meaning none);
     a cell without a study uses no label. The data's side of ``relatives="resolved"``.
     """
+    return _label_use(y_n, study_n, n_labels)[study_n.clamp_min(0)] & (study_n >= 0)[:, None]
+
+
+def _label_use(y_n: torch.Tensor, study_n: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """Studies x labels boolean: which labels each study gives cells of the batch."""
     known = (y_n >= 0) & (study_n >= 0)
     n_studies = int(study_n.max().item()) + 1 if known.any() else 1
     used = torch.zeros(n_studies, n_labels, dtype=torch.bool, device=y_n.device)
     used[study_n[known], y_n[known]] = True
-    return used[study_n.clamp_min(0)] & (study_n >= 0)[:, None]
+    return used
 
 
 class TripletLoss(nn.Module):
     """Mean ``relu(d(a, p) - d(a, n) + margin)`` over mined triplets (0 when none).
 
-    Mining and loss share one distance matrix; gradients flow through the loss only. The
-    module keeps its CPU mining work arrays from step to step (``mining_buffers``).
+    Mining and loss share one distance matrix; gradients flow through the loss only.
     ``relatives="resolved"`` needs ``ancestor_ll`` (labels x labels, ``[i, j]``: j is a
     strict ancestor of i) and lets relatives that a study tells apart be negatives.
     """
@@ -424,7 +389,6 @@ class TripletLoss(nn.Module):
             self.register_buffer("ancestor_ll", ancestor_ll.bool())
         else:
             self.ancestor_ll = None
-        self.mining_buffers = MiningBuffers()
 
     def forward(
         self,
@@ -445,7 +409,6 @@ class TripletLoss(nn.Module):
             dist_nn=d.detach(),
             generator=generator,
             ancestor_ll=self.ancestor_ll,
-            buffers=self.mining_buffers,
         )
         if len(t) == 0:
             return z_nk.sum() * 0.0, t
