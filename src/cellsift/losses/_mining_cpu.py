@@ -187,3 +187,61 @@ def negatives(  # type: ignore[no-untyped-def]
                 mode, semihard, out, related, ancestor, uses, ok, coarse, used_by,
                 cand_v, cand_j, which, start, fill, o_v, o_j,
             )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def positive_pairs(y, study):  # type: ignore[no-untyped-def]
+    """(anchor, positive) pairs: same label, distinct cells, another study when possible.
+
+    ``y``: label codes (-1: none, never paired); ``study``: study codes (-1: none, a study
+    of its own). Ordered by anchor then positive, as :func:`cellsift.losses.triplet.
+    _positive_pairs` orders them. Also returns the anchors that have pairs and where each
+    one's pairs start (``pair_start``, one longer), the grouping :func:`negatives` takes.
+    """
+    n = len(y)
+    n_labels, n_studies = 1, 1
+    for i in range(n):
+        n_labels = max(n_labels, y[i] + 1)
+        n_studies = max(n_studies, study[i] + 2)
+    start = np.zeros(n_labels + 1, np.int64)  # cells of each label, ascending
+    per_study = np.zeros((n_labels, n_studies), np.int64)
+    for i in range(n):
+        if y[i] >= 0:
+            start[y[i] + 1] += 1
+            per_study[y[i], study[i] + 1] += 1
+    for lab in range(n_labels):
+        start[lab + 1] += start[lab]
+    by_label = np.empty(start[n_labels], np.int64)
+    fill = start[:-1].copy()
+    total, n_anchors = 0, 0
+    for i in range(n):
+        if y[i] >= 0:
+            by_label[fill[y[i]]] = i
+            fill[y[i]] += 1
+    for i in range(n):
+        if y[i] >= 0:
+            same = start[y[i] + 1] - start[y[i]]
+            own = per_study[y[i], study[i] + 1]
+            k = same - own if same > own else same - 1
+            total += k
+            n_anchors += k > 0
+    a = np.empty(total, np.int64)
+    p = np.empty(total, np.int64)
+    anchors = np.empty(n_anchors, np.int64)
+    pair_start = np.zeros(n_anchors + 1, np.int64)
+    k, t = 0, 0
+    for i in range(n):
+        if y[i] < 0:
+            continue
+        cross = start[y[i] + 1] - start[y[i]] > per_study[y[i], study[i] + 1]
+        k0 = k
+        for q in range(start[y[i]], start[y[i] + 1]):
+            j = by_label[q]
+            if j != i and not (cross and study[j] == study[i]):
+                a[k], p[k] = i, j
+                k += 1
+        if k > k0:
+            anchors[t] = i
+            pair_start[t + 1] = k
+            t += 1
+    return a, p, anchors, pair_start

@@ -98,7 +98,7 @@ def _positive_pairs(
     p = by_label.index_select(0, starts.index_select(0, y).index_select(0, anchor) + offset)
     keep = a != p
     if study_n is not None:
-        s = study_n.long()
+        s = study_n.long() + 1  # -1 (no study): a study of its own
         s_cells = s.index_select(0, cells)
         n_studies = int(s.max().item()) + 1
         per_label_study = torch.bincount(y * n_studies + s_cells, minlength=len(counts) * n_studies)
@@ -176,7 +176,8 @@ def _negatives_compiled(
     related_ll: torch.Tensor,
     ancestor_ll: torch.Tensor | None,
     study_n: torch.Tensor | None,
-    a: torch.Tensor,
+    anchors: np.ndarray,
+    pair_start: np.ndarray,
     d_ap: torch.Tensor,
     upper: torch.Tensor,
     u: torch.Tensor | None,
@@ -187,9 +188,6 @@ def _negatives_compiled(
 
     from . import _mining_cpu
 
-    anchors, per_anchor = torch.unique_consecutive(a, return_counts=True)
-    pair_start = torch.zeros(len(anchors) + 1, dtype=torch.long)
-    torch.cumsum(per_anchor, 0, out=pair_start[1:])
     none = np.zeros((0, 0), dtype=np.bool_)
     ancestor, uses = none, none
     study = np.full(len(y), -1, dtype=np.int64)
@@ -202,7 +200,7 @@ def _negatives_compiled(
         "random": _mining_cpu.RANDOM,
         "hardest": _mining_cpu.HARDEST,
     }[negative]
-    out = np.empty(len(a), dtype=np.int64)
+    out = np.empty(len(d_ap), dtype=np.int64)
     _mining_cpu.negatives(
         np.ascontiguousarray(d_nn.numpy(), dtype=np.float32),
         y.numpy(),
@@ -210,11 +208,11 @@ def _negatives_compiled(
         ancestor,
         uses,
         study,
-        anchors.numpy(),
-        pair_start.numpy(),
+        anchors,
+        pair_start,
         d_ap.numpy(),
         upper.numpy(),
-        np.zeros(len(a)) if u is None else u.numpy(),
+        np.zeros(len(d_ap)) if u is None else u.numpy(),
         mode,
         out,
         min(numba.get_num_threads(), torch.get_num_threads()),
@@ -276,7 +274,15 @@ def mine_triplets(
         d = (pairwise_distance(z_nk, distance) if dist_nn is None else dist_nn).detach().float()
         y = y_n.long().to(dev)
         n = len(y)
-        a, p = _positive_pairs(y, study_n.to(dev) if study_n is not None else None)
+        compiled = _compiled_path(dev)
+        if compiled:
+            from . import _mining_cpu
+
+            study = study_n.long().numpy() if study_n is not None else np.full(n, -1)
+            a_np, p_np, anchors, pair_start = _mining_cpu.positive_pairs(y.numpy(), study)
+            a, p = torch.from_numpy(a_np), torch.from_numpy(p_np)
+        else:
+            a, p = _positive_pairs(y, study_n.to(dev) if study_n is not None else None)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         if len(a) == 0:
             return Triplets(empty, empty, empty, 0)
@@ -302,9 +308,19 @@ def mine_triplets(
         u = None
         if negative != "hardest":
             u = torch.rand(len(a), generator=generator, device=dev, dtype=torch.float64)
-        if _compiled_path(dev):
+        if compiled:
             neg = _negatives_compiled(
-                d, y, related_ll, ancestor_ll, study_n, a, d_ap, upper, u, negative
+                d,
+                y,
+                related_ll,
+                ancestor_ll,
+                study_n,
+                anchors,
+                pair_start,
+                d_ap,
+                upper,
+                u,
+                negative,
             )
         else:
             resolved = None
