@@ -210,3 +210,19 @@ def test_both_paths_enumerate_the_same_positive_pairs(studies):
         cross = [j for j in same if sn[j] != sn[i]]
         want += [(i, j) for j in (cross or same)]
     assert list(zip(a.tolist(), p.tolist(), strict=True)) == want
+
+
+@pytest.mark.parametrize("mode", ["semihard", "hardest", "random"])
+def test_a_nan_distance_costs_only_its_own_pairs(mode, path):
+    z, y, s, related = _batch()
+    d = pairwise_distance(z)
+    anchor = int(torch.nonzero(y >= 0)[0])
+    mate = int(torch.nonzero((y == y[anchor]) & (torch.arange(len(y)) != anchor))[0])
+    d[anchor, mate] = float("nan")
+    clean = mine_triplets(z, y, related, s, margin=0.3, negative=mode, dist_nn=pairwise_distance(z))
+    t = mine_triplets(z, y, related, s, margin=0.3, negative=mode, dist_nn=d)
+    assert not ((t.anchor == anchor) & (t.positive == mate)).any()
+    lost = ((clean.anchor == anchor) & (clean.positive != mate)).sum()
+    kept = ((t.anchor == anchor) & (t.positive != mate)).sum()
+    assert lost > 0 and kept == lost  # the anchor's other pairs still find negatives
+    assert not t.negative.eq(mate).logical_and(t.anchor == anchor).any()

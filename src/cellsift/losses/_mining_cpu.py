@@ -45,13 +45,8 @@ def _anchor_tables(yi, si, related, ancestor, uses, ok, coarse, used_by):  # typ
 
 @numba.njit(inline="always")
 def _bucket(x, low, scale, n_buckets):  # type: ignore[no-untyped-def]
-    """Monotone in x: floor((x - low) * scale) clipped to [0, n_buckets - 1]."""
-    t = (x - low) * scale
-    if t >= n_buckets - 1:
-        return n_buckets - 1
-    if t > 0:
-        return int(t)
-    return 0
+    """floor((x - low) * scale) clipped to [0, n_buckets - 1]: monotone in x, branch-free."""
+    return int(min(max((x - low) * scale, 0.0), n_buckets - 1.0))
 
 
 @numba.njit(inline="always")
@@ -86,9 +81,11 @@ def _one_anchor(  # type: ignore[no-untyped-def]
             out[k] = arg if best < upper[k] else -1
         return
     lo, hi = np.float32(np.inf), np.float32(-np.inf)  # the union of the windows
-    for k in range(k0, k1):
-        lo = min(lo, d_ap[k])
-        hi = max(hi, upper[k])
+    for k in range(k0, k1):  # (comparisons, so that a NaN pair is skipped, not spread)
+        if d_ap[k] < lo:
+            lo = d_ap[k]
+        if upper[k] > hi:
+            hi = upper[k]
     if not semihard:
         lo = np.float32(-np.inf)
     c = 0  # candidates, collected without branches (a taken branch per cell mispredicts)
@@ -102,13 +99,12 @@ def _one_anchor(  # type: ignore[no-untyped-def]
         for k in range(k0, k1):
             out[k] = -1
         return
-    v_min, v_max = cand_v[0], cand_v[0]
-    for q in range(1, c):
-        v_min, v_max = min(v_min, cand_v[q]), max(v_max, cand_v[q])
+    # equal-width buckets over the union window; random: from 0 (distances are >= 0, and
+    # anything below still falls in bucket 0)
     n_buckets = c
-    span = np.float64(v_max) - np.float64(v_min)
+    low = np.float64(lo) if semihard else 0.0
+    span = np.float64(hi) - low
     scale = n_buckets / span if span > 0 and span < np.inf else 0.0
-    low = np.float64(v_min)
     start[: n_buckets + 1] = 0  # counting sort by bucket
     for q in range(c):
         b = _bucket(np.float64(cand_v[q]), low, scale, n_buckets)

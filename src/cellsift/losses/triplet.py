@@ -167,7 +167,7 @@ def _negatives_sorted(
     count = hi - lo
     pick = lo + (u * count.clamp_min(1)).long().clamp_max((count - 1).clamp_min(0))
     neg = keys.index_select(0, a * n + pick.clamp(0, n - 1)) & _MAX_CELLS
-    return torch.where(count > 0, neg, -1)
+    return torch.where((count > 0) & ~upper.isnan(), neg, -1)  # NaN keys sort after inf
 
 
 def _negatives_compiled(
