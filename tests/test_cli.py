@@ -26,6 +26,16 @@ def test_convert_and_errors(indexed_paths, tmp_path, capsys):
     assert "cannot be read as HDF5" in capsys.readouterr().err
 
 
+def test_lightning_messages_print_once(indexed_paths):
+    code = (
+        "import logging, sys; from cellsift.cli import main; "
+        f"main(['info', {str(indexed_paths['h5ad'])!r}]); import lightning.pytorch; "
+        "logging.getLogger('lightning.pytorch').info('probe-message')"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (run.stdout + run.stderr).count("probe-message") == 1
+
+
 @pytest.mark.slow
 def test_demo_runs_on_a_synthetic_atlas(tmp_path):
     proc = subprocess.run(

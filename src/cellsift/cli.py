@@ -232,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")
     logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    # the `lightning` package prints its records through a console handler of its own: passed
+    # on to the root handler too, each would print twice
+    logging.getLogger("lightning").propagate = False
     from .errors import CellsiftError
 
     try:
