@@ -33,3 +33,8 @@ warnings.filterwarnings(
 # Lightning warns about any IterableDataset with __len__ under several workers; ours shard the
 # epoch by rank and worker and report the length of the shard, which is what it asks for.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+# Lightning builds torch's LeafSpec, which torch now deprecates: a note to Lightning's authors,
+# printed on every training run of ours.
+warnings.filterwarnings(
+    "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+)
