@@ -21,3 +21,40 @@ def test_shapes_normalisation_and_defaults():
     z = enc(torch.rand(7, 200))
     torch.testing.assert_close(z.norm(dim=1), torch.ones(7))
     assert dec(z).shape == (7, 200)
+
+
+def _counts_csr(n=60, genes=3000, density=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, genes, generator=g) < density
+    mask[3] = False  # a cell with no counts
+    x = torch.where(mask, torch.rand(n, genes, generator=g) * 3, torch.zeros(()))
+    return x, x.to_sparse_csr()
+
+
+def test_sparse_input_in_cpu_inference_matches_dense():
+    """The first layer over stored values only (CPU inference) against the dense layer."""
+    torch.manual_seed(0)
+    enc = MLPEncoder(3000, (256, 64), 16)
+    x, csr = _counts_csr()
+    enc.train()
+    for _ in range(3):  # non-trivial BatchNorm statistics
+        enc(x)
+    enc.eval()
+    with torch.no_grad():
+        assert enc.reads_sparse(csr)
+        want = enc(x)
+        got = enc(csr)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # unsorted column indices within rows: same answer
+        crow, col, val = csr.crow_indices(), csr.col_indices().clone(), csr.values().clone()
+        for i in range(len(crow) - 1):
+            a, b = int(crow[i]), int(crow[i + 1])
+            col[a:b], val[a:b] = col[a:b].flip(0), val[a:b].flip(0)
+        shuffled = torch.sparse_csr_tensor(crow, col, val, size=csr.shape)
+        torch.testing.assert_close(enc(shuffled), want, atol=1e-5, rtol=1e-5)
+        # a changed weight is read again, not the transposed copy of the old one
+        enc.network[0][1].weight.mul_(2)
+        torch.testing.assert_close(enc(csr), enc(x), atol=1e-5, rtol=1e-5)
+    # with gradients, or in training, the batch is densified: the same layer as for dense
+    assert not enc.reads_sparse(csr)
+    torch.testing.assert_close(enc(csr), enc(x))

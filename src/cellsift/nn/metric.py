@@ -123,8 +123,17 @@ class MetricModule(nn.Module):
             self.register_buffer("credit_ll", credit)
 
     def embed(self, batch: dict[str, Any]) -> torch.Tensor:
-        """L2-normalised embeddings ``z_nk`` of a batch of counts."""
-        return self.encoder(self.normalize(batch)["x_ng"])
+        """L2-normalised embeddings ``z_nk`` of a batch of counts.
+
+        Sparse counts stay sparse where the encoder reads them so (inference on the CPU:
+        :meth:`MLPEncoder.reads_sparse`); otherwise they are densified as for training.
+        """
+        *scale, densify = self.normalize  # NormalizeTotal, Log1p; then Densify
+        for transform in scale:
+            batch = transform(batch)
+        if not self.encoder.reads_sparse(batch["x_ng"]):
+            batch = densify(batch)
+        return self.encoder(batch["x_ng"])
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         x = self.normalize(batch)["x_ng"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,7 +45,46 @@ class MLPEncoder(nn.Module):
         self.network = _stack([n_genes, *hidden], drops, latent)
 
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.network(x_ng), dim=1)
+        """``x_ng`` dense, or sparse CSR: in inference on the CPU the first layer then reads
+        only the stored values (:mod:`cellsift.nn._sparse_cpu`); otherwise it is densified."""
+        if x_ng.layout != torch.sparse_csr:
+            return nn.functional.normalize(self.network(x_ng), dim=1)
+        if not self.reads_sparse(x_ng):
+            return nn.functional.normalize(self.network(x_ng.to_dense()), dim=1)
+        from ._sparse_cpu import csr_linear
+
+        block0 = self.network[0]
+        assert isinstance(block0, nn.Sequential)
+        first = list(block0)
+        at = next(i for i, m in enumerate(first) if isinstance(m, nn.Linear))  # after Dropout
+        linear = first[at]
+        assert isinstance(linear, nn.Linear)
+        h = csr_linear(x_ng, linear.weight, linear.bias, self._weight_gh(linear.weight))
+        for m in first[at + 1 :]:
+            h = m(h)
+        for block in list(self.network)[1:]:
+            h = block(h)
+        return nn.functional.normalize(h, dim=1)
+
+    def reads_sparse(self, x_ng: torch.Tensor) -> bool:
+        """Will :meth:`forward` read this CSR batch without densifying it (CPU inference)."""
+        return (
+            x_ng.layout == torch.sparse_csr
+            and x_ng.device.type == "cpu"
+            and not self.training
+            and not torch.is_grad_enabled()
+        )
+
+    def _weight_gh(self, weight_hg: torch.Tensor) -> np.ndarray:
+        """The first layer's weight transposed (genes x hidden), kept while it is unchanged
+        (same storage, same version: an optimiser step or a load changes the version)."""
+        key = (weight_hg.data_ptr(), weight_hg._version)
+        cached = getattr(self, "_weight_gh_cache", None)
+        if cached is None or cached[0] != key:
+            wt = np.ascontiguousarray(weight_hg.detach().numpy().T, dtype=np.float32)
+            cached = (key, wt)
+            self._weight_gh_cache = cached
+        return cached[1]
 
 
 class MLPDecoder(nn.Module):
