@@ -54,7 +54,7 @@ def test_training_separates_cell_types(synthetic_h5ad):
             opt.zero_grad()
             out["loss"].backward()
             opt.step()
-            (first if epoch == 0 else last).append(float(out["triplet_loss"]))
+            (first if epoch == 0 else last).append(float(out["triplet_loss"].detach()))
     assert np.isfinite(first).all() and out["n_triplets"] > 0
     assert np.mean(last[-5:]) < np.mean(first[:5])
     assert asw() > before + 0.05  # cell types separate in the embedding

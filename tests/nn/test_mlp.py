@@ -55,6 +55,34 @@ def test_sparse_input_in_cpu_inference_matches_dense():
         # a changed weight is read again, not the transposed copy of the old one
         enc.network[0][1].weight.mul_(2)
         torch.testing.assert_close(enc(csr), enc(x), atol=1e-5, rtol=1e-5)
-    # with gradients, or in training, the batch is densified: the same layer as for dense
-    assert not enc.reads_sparse(csr)
-    torch.testing.assert_close(enc(csr), enc(x))
+    assert not enc.reads_sparse(csr.clone().requires_grad_(True))  # asked for its gradient
+    enc.compile()  # lazy: compiles on the first call
+    assert not enc.reads_sparse(csr)  # a compiled graph takes dense batches
+
+
+def test_sparse_input_gradients_match_dense():
+    torch.manual_seed(1)
+    enc = MLPEncoder(3000, (128, 64), 16).eval()  # eval: no dropout, fixed BatchNorm
+    x, csr = _counts_csr(seed=2)
+    r = torch.randn(len(x), 16)
+    grads = []
+    for inp in (x, csr):
+        enc.zero_grad()
+        (enc(inp) * r).sum().backward()
+        first = enc.network[0][1]
+        grads.append((first.weight.grad.clone(), first.bias.grad.clone()))
+    for dense, sparse in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-4)
+    assert grads[0][0].abs().sum() > 0
+
+
+def test_sparse_input_dropout_drops_stored_values():
+    """Training mode: input dropout over the stored values. With p = 1 every value is
+    dropped, as from the dense matrix."""
+    torch.manual_seed(3)
+    enc = MLPEncoder(3000, (32,), 8, input_dropout=1.0).train()
+    x, csr = _counts_csr(seed=4)
+    torch.testing.assert_close(enc(csr), enc(torch.zeros_like(x)))
+    enc2 = MLPEncoder(3000, (32,), 8, input_dropout=0.5).train()
+    with torch.no_grad():  # the dropped values differ from call to call
+        assert not torch.equal(enc2(csr), enc2(csr))

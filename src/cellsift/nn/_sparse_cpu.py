@@ -1,14 +1,17 @@
-"""Sparse counts times a dense weight on the CPU, for inference (a compiled numba kernel).
+"""Sparse counts times a dense weight on the CPU (compiled numba kernels), with gradients.
 
 A cell's counts over an atlas gene space (~28k genes) are mostly zeros: 5-10% of genes are
 detected. The encoder's first layer, dense, costs 2 x genes x hidden flops per cell; over the
 stored values only it costs 2 x detected x hidden. torch's CPU sparse-dense product is slower
 than its dense one at these densities, so :func:`csr_linear` runs a kernel of its own: per
 block of genes (its weight rows kept in cache), per cell in parallel, each stored value adds
-its gene's weight row to the cell's output row.
+its gene's weight row to the cell's output row. The weight's gradient, likewise, reads only
+the stored values: per gene in parallel, its cells' output gradients weighted by their counts.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numba
 import numpy as np
@@ -38,29 +41,84 @@ def _csr_times_rows(indptr, indices, data, w_gh, gene_bounds, out):  # type: ign
                     o[k] += v * w[k]
 
 
+_GRAD_GENES = 16  # genes per block of the weight gradient: one 64-byte line per hidden unit
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _csc_weight_grad(indptr, indices, data, g_nh, out_hg):  # type: ignore[no-untyped-def]
+    """out_hg[:, g] = sum over stored (i, g, v) of v * g_nh[i, :]: the first layer's weight
+    gradient, in the weight's own layout. Genes (CSC columns) in blocks of 16, in parallel:
+    each block's rows are summed in a small buffer, then written as one cache line per hidden
+    unit."""
+    n_genes = len(indptr) - 1
+    h = g_nh.shape[1]
+    n_blocks = (n_genes + _GRAD_GENES - 1) // _GRAD_GENES
+    for block in numba.prange(n_blocks):
+        g0 = block * _GRAD_GENES
+        width = min(_GRAD_GENES, n_genes - g0)
+        acc = np.zeros((_GRAD_GENES, h), dtype=np.float32)
+        for t in range(width):
+            o = acc[t]
+            for q in range(indptr[g0 + t], indptr[g0 + t + 1]):
+                v = data[q]
+                row = g_nh[indices[q]]
+                for k in range(h):
+                    o[k] += v * row[k]
+        for k in range(h):
+            for t in range(width):
+                out_hg[k, g0 + t] = acc[t, k]
+
+
+class _CSRLinear(torch.autograd.Function):
+    """``x @ weight.T + bias`` for CSR counts ``x`` (values, crow, col) on the CPU, with the
+    gradients of the weight and bias (not of the counts)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        values: torch.Tensor,
+        crow: torch.Tensor,
+        col: torch.Tensor,
+        n_genes: int,
+        weight_hg: torch.Tensor,
+        bias_h: torch.Tensor | None,
+        weight_gh: np.ndarray,
+    ) -> torch.Tensor:
+        csr = sp.csr_matrix(
+            (values.detach().float().numpy(), col.numpy(), crow.numpy()),
+            shape=(len(crow) - 1, n_genes),
+        )
+        if not csr.has_sorted_indices:
+            csr = csr.sorted_indices()
+        h = weight_hg.shape[0]
+        per_block = max(1, _BLOCK_BYTES // (4 * h))
+        bounds = np.append(np.arange(0, n_genes, per_block), n_genes).astype(np.int64)
+        out = np.zeros((csr.shape[0], h), dtype=np.float32)
+        _csr_times_rows(csr.indptr, csr.indices, csr.data, weight_gh, bounds, out)
+        ctx.csr, ctx.has_bias = csr, bias_h is not None
+        y = torch.from_numpy(out)
+        return y if bias_h is None else y.add_(bias_h.detach())
+
+    @staticmethod
+    def backward(ctx: Any, grad_nh: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        csc = ctx.csr.tocsc()
+        g = np.ascontiguousarray(grad_nh.detach().float().numpy())
+        grad_w = np.empty((g.shape[1], csc.shape[1]), dtype=np.float32)
+        _csc_weight_grad(csc.indptr, csc.indices, csc.data, g, grad_w)
+        grad_b = grad_nh.sum(0) if ctx.has_bias else None
+        return None, None, None, None, torch.from_numpy(grad_w), grad_b, None
+
+
 def csr_linear(
     x: torch.Tensor, weight_hg: torch.Tensor, bias_h: torch.Tensor | None, weight_gh: np.ndarray
 ) -> torch.Tensor:
     """``x @ weight_hg.T + bias_h`` for sparse CSR ``x`` (cells x genes) on the CPU.
 
     ``weight_gh``: the weight transposed, C-contiguous float32 (genes x hidden), which the
-    caller keeps while the weight is unchanged. No gradients: for inference.
+    caller keeps while the weight is unchanged. Differentiable in the weight and bias (the
+    gradient of the weight is a sparse-transposed-times-dense product, by genes in parallel);
+    the counts get no gradient.
     """
-    n, g = x.shape
-    h = weight_hg.shape[0]
-    csr = sp.csr_matrix(
-        (
-            x.values().numpy().astype(np.float32, copy=False),
-            x.col_indices().numpy(),
-            x.crow_indices().numpy(),
-        ),
-        shape=(n, g),
+    return _CSRLinear.apply(  # type: ignore[no-any-return]
+        x.values(), x.crow_indices(), x.col_indices(), x.shape[1], weight_hg, bias_h, weight_gh
     )
-    if not csr.has_sorted_indices:
-        csr = csr.sorted_indices()
-    per_block = max(1, _BLOCK_BYTES // (4 * h))
-    bounds = np.append(np.arange(0, g, per_block), g).astype(np.int64)
-    out = np.zeros((n, h), dtype=np.float32)
-    _csr_times_rows(csr.indptr, csr.indices, csr.data, weight_gh, bounds, out)
-    y = torch.from_numpy(out)
-    return y if bias_h is None else y.add_(bias_h.detach())

@@ -122,23 +122,26 @@ class MetricModule(nn.Module):
                 credit |= ancestor_ll.bool().T
             self.register_buffer("credit_ll", credit)
 
-    def embed(self, batch: dict[str, Any]) -> torch.Tensor:
-        """L2-normalised embeddings ``z_nk`` of a batch of counts.
-
-        Sparse counts stay sparse where the encoder reads them so (inference on the CPU:
-        :meth:`MLPEncoder.reads_sparse`); otherwise they are densified as for training.
-        """
+    def _inputs(self, batch: dict[str, Any], dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised counts for the encoder (sparse where it reads them so:
+        :meth:`MLPEncoder.reads_sparse`), and densified (when ``dense``, else the same)."""
         *scale, densify = self.normalize  # NormalizeTotal, Log1p; then Densify
         for transform in scale:
             batch = transform(batch)
-        if not self.encoder.reads_sparse(batch["x_ng"]):
-            batch = densify(batch)
-        return self.encoder(batch["x_ng"])
+        x = batch["x_ng"]
+        if self.encoder.reads_sparse(x):
+            return x, densify(batch)["x_ng"] if dense else x
+        x = densify(batch)["x_ng"]
+        return x, x
+
+    def embed(self, batch: dict[str, Any]) -> torch.Tensor:
+        """L2-normalised embeddings ``z_nk`` of a batch of counts."""
+        return self.encoder(self._inputs(batch, dense=False)[0])
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        x = self.normalize(batch)["x_ng"]
+        x, x_dense = self._inputs(batch, dense=True)
         z = self.encoder(x)
-        recon = nn.functional.mse_loss(self.decoder(z), x)
+        recon = nn.functional.mse_loss(self.decoder(z), x_dense)
         out: dict[str, Any] = {"z_nk": z, "recon_loss": recon}
         if "y_n" in batch:
             triplet, mined = self.triplet(z, batch["y_n"], batch.get("study_n"))

@@ -9,6 +9,7 @@ layout (``network.<block>.<layer>``) equals SCimilarity's, so its checkpoints lo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,9 @@ class MLPEncoder(nn.Module):
         self.network = _stack([n_genes, *hidden], drops, latent)
 
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
-        """``x_ng`` dense, or sparse CSR: in inference on the CPU the first layer then reads
-        only the stored values (:mod:`cellsift.nn._sparse_cpu`); otherwise it is densified."""
+        """``x_ng`` dense, or sparse CSR: on the CPU the first layer then reads only the stored
+        values (:mod:`cellsift.nn._sparse_cpu`; input dropout drops stored values, as it would
+        drop them from the dense matrix); elsewhere the batch is densified."""
         if x_ng.layout != torch.sparse_csr:
             return nn.functional.normalize(self.network(x_ng), dim=1)
         if not self.reads_sparse(x_ng):
@@ -56,9 +58,17 @@ class MLPEncoder(nn.Module):
         block0 = self.network[0]
         assert isinstance(block0, nn.Sequential)
         first = list(block0)
-        at = next(i for i, m in enumerate(first) if isinstance(m, nn.Linear))  # after Dropout
+        at = next(i for i, m in enumerate(first) if isinstance(m, nn.Linear))
         linear = first[at]
         assert isinstance(linear, nn.Linear)
+        values = x_ng.values()
+        for m in first[:at]:  # the input dropout
+            assert isinstance(m, nn.Dropout)
+            values = nn.functional.dropout(values, m.p, m.training)
+        if values is not x_ng.values():
+            x_ng = torch.sparse_csr_tensor(
+                x_ng.crow_indices(), x_ng.col_indices(), values, size=x_ng.shape
+            )
         h = csr_linear(x_ng, linear.weight, linear.bias, self._weight_gh(linear.weight))
         for m in first[at + 1 :]:
             h = m(h)
@@ -67,24 +77,37 @@ class MLPEncoder(nn.Module):
         return nn.functional.normalize(h, dim=1)
 
     def reads_sparse(self, x_ng: torch.Tensor) -> bool:
-        """Will :meth:`forward` read this CSR batch without densifying it (CPU inference)."""
+        """Will :meth:`forward` read this batch's stored values only (CSR counts on the CPU,
+        no gradient asked for the counts, not under ``torch.compile``)."""
         return (
             x_ng.layout == torch.sparse_csr
             and x_ng.device.type == "cpu"
-            and not self.training
-            and not torch.is_grad_enabled()
+            and not x_ng.requires_grad
+            and not torch.compiler.is_compiling()
+            and not getattr(self, "_compiled", False)
         )
 
     def _weight_gh(self, weight_hg: torch.Tensor) -> np.ndarray:
-        """The first layer's weight transposed (genes x hidden), kept while it is unchanged
-        (same storage, same version: an optimiser step or a load changes the version)."""
+        """The first layer's weight transposed (genes x hidden) for the sparse kernel: one
+        array, refreshed when the weight changed (its storage or version: an optimiser step
+        or a load bumps the version), in place (no new 100 MB allocation per step)."""
         key = (weight_hg.data_ptr(), weight_hg._version)
         cached = getattr(self, "_weight_gh_cache", None)
         if cached is None or cached[0] != key:
-            wt = np.ascontiguousarray(weight_hg.detach().numpy().T, dtype=np.float32)
-            cached = (key, wt)
+            w = weight_hg.detach().numpy()
+            buf = cached[1] if cached is not None and cached[1].shape == w.T.shape else None
+            if buf is None:
+                buf = np.empty(w.T.shape, dtype=np.float32)
+            np.copyto(buf, w.T)
+            cached = (key, buf)
             self._weight_gh_cache = cached
         return cached[1]
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` this encoder; its compiled graph takes dense batches only (a
+        sparse batch does not trace), so :meth:`reads_sparse` then says no."""
+        self._compiled = True
+        super().compile(*args, **kwargs)
 
 
 class MLPDecoder(nn.Module):
