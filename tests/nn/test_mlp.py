@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cellsift.nn import MLPDecoder, MLPEncoder
@@ -86,3 +87,12 @@ def test_sparse_input_dropout_drops_stored_values():
     enc2 = MLPEncoder(3000, (32,), 8, input_dropout=0.5).train()
     with torch.no_grad():  # the dropped values differ from call to call
         assert not torch.equal(enc2(csr), enc2(csr))
+
+
+def test_sparse_input_with_a_column_outside_the_genes_is_refused():
+    enc = MLPEncoder(50, (8,), 4).eval()
+    bad = torch.sparse_csr_tensor(
+        torch.tensor([0, 1]), torch.tensor([50]), torch.tensor([1.0]), size=(1, 50)
+    )
+    with torch.no_grad(), pytest.raises(ValueError, match="outside the batch's 50 genes"):
+        enc(bad)

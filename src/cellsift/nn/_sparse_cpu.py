@@ -88,6 +88,8 @@ class _CSRLinear(torch.autograd.Function):
             (values.detach().float().numpy(), col.numpy(), crow.numpy()),
             shape=(len(crow) - 1, n_genes),
         )
+        if csr.nnz and int(csr.indices.max()) >= n_genes:  # the kernels do not check
+            raise ValueError(f"a column index is outside the batch's {n_genes} genes.")
         if not csr.has_sorted_indices:
             csr = csr.sorted_indices()
         h = weight_hg.shape[0]
