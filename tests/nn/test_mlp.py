@@ -56,6 +56,12 @@ def test_sparse_input_in_cpu_inference_matches_dense():
         # a changed weight is read again, not the transposed copy of the old one
         enc.network[0][1].weight.mul_(2)
         torch.testing.assert_close(enc(csr), enc(x), atol=1e-5, rtol=1e-5)
+    # also after a fused optimiser step, which updates weights without bumping their version
+    opt = torch.optim.AdamW(enc.parameters(), lr=0.1, fused=True)
+    (enc(csr) ** 2).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(enc(csr), enc(x), atol=1e-5, rtol=1e-5)
     assert not enc.reads_sparse(csr.clone().requires_grad_(True))  # asked for its gradient
     enc.compile()  # lazy: compiles on the first call
     assert not enc.reads_sparse(csr)  # a compiled graph takes dense batches
