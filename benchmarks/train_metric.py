@@ -125,7 +125,7 @@ def run_in_memory(
         "study_n": torch.from_numpy(study[rows]).to(device),
     }
     module = model.module.to(device).train()
-    opt = torch.optim.AdamW(module.parameters(), lr=5e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(module.parameters(), lr=5e-3, weight_decay=0.01, fused=True)
     dtype = torch.bfloat16 if precision.startswith("bf16") else None
     times = []
     for i in range(warmup + steps):

@@ -57,6 +57,7 @@ def test_fit_logs_losses_lr_and_asw(synthetic_h5ad, tmp_path):
         assert key in m, key
     assert float(m["val/asw"]) > asw_before  # held-out donors separate better
     assert float(m["train/lr"]) < 5e-3  # cosine schedule has decayed
+    assert trainer.optimizers[0].defaults["fused"]  # one kernel over all parameters
 
 
 class _Explodes(torch.nn.Module):
