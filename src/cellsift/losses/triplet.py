@@ -190,6 +190,8 @@ def _negatives_compiled(
 
     none = np.zeros((0, 0), dtype=np.bool_)
     ancestor, uses = none, none
+    # without the resolved rule the kernel's study table has one slot (no study): the codes
+    # must stay -1, as it does not check its indices
     study = np.full(len(y), -1, dtype=np.int64)
     if ancestor_ll is not None and study_n is not None:
         ancestor = ancestor_ll.bool().numpy()
