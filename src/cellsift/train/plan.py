@@ -4,6 +4,11 @@ Modules are plain ``nn.Module``s whose ``forward(batch)`` returns a dict with ``
 any other scalars, which are logged, and ``z_nk`` embeddings, which feed the validation
 silhouette). The plan owns the optimiser (AdamW), the learning-rate schedule (cosine over the
 run), logging (losses, cells/s, learning rate) and the stop on a non-finite loss.
+
+Under DDP the logged epoch values are means over every rank's batches, cells/s counts every
+rank's cells, and the validation silhouette is computed on every rank's validation cells,
+gathered: the values that checkpoints and early stopping read are the same on every rank
+and do not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -62,22 +67,36 @@ class TrainingPlan(pl.LightningModule):
         )
         self._val_z: list[torch.Tensor] = []
         self._val_y: list[torch.Tensor] = []
+        self._val_i: list[torch.Tensor] = []
         self._tick: float | None = None
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.module(batch)
 
     def _log_scalars(self, out: dict[str, Any], prefix: str, n: int) -> None:
+        """Losses and counts of ``out``: per step (training; this rank's) and per epoch (the
+        mean over every rank's batches, reduced once at the epoch's end)."""
         for key, value in out.items():
             if key.endswith("loss") or key.startswith("n_"):
                 scalar = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+                if prefix == "train":
+                    self.log(
+                        f"{prefix}/{key}_step",
+                        scalar,
+                        batch_size=n,
+                        prog_bar=key == "loss",
+                        on_step=True,
+                        on_epoch=False,
+                    )
+                name = f"{prefix}/{key}_epoch" if prefix == "train" else f"{prefix}/{key}"
                 self.log(
-                    f"{prefix}/{key}",
+                    name,
                     scalar,
                     batch_size=n,
-                    prog_bar=key == "loss",
-                    on_step=prefix == "train",
+                    prog_bar=key == "loss" and prefix != "train",
+                    on_step=False,
                     on_epoch=True,
+                    sync_dist=True,
                 )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -85,15 +104,16 @@ class TrainingPlan(pl.LightningModule):
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"the loss is {float(loss)} at step {self.global_step} (epoch "
+                f"the loss is {float(loss.detach())} at step {self.global_step} (epoch "
                 f"{self.current_epoch}, batch {batch_idx}); training stops. Lower the learning "
                 "rate, or check the data for values that are not counts."
             )
         n = int(batch["x_ng"].shape[0])
         self._log_scalars(out, "train", n)
         now = time.perf_counter()
-        if self._tick is not None:
-            self.log("train/cells_per_s", n / max(now - self._tick, 1e-9), batch_size=n)
+        if self._tick is not None:  # every rank's cells (ranks take equal batches)
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self.log("train/cells_per_s", n * world / max(now - self._tick, 1e-9), batch_size=n)
         self._tick = now
         if self.trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
@@ -108,15 +128,59 @@ class TrainingPlan(pl.LightningModule):
         if "z_nk" in out and "y_n" in batch and sum(len(z) for z in self._val_z) < self.asw_cells:
             self._val_z.append(out["z_nk"].detach())
             self._val_y.append(batch["y_n"].detach())
+            idx = batch.get("obs_idx_n")
+            self._val_i.append(
+                idx.detach() if idx is not None else torch.full_like(batch["y_n"], -1)
+            )
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_z:
-            z = torch.cat(self._val_z)[: self.asw_cells]
-            y = torch.cat(self._val_y)[: self.asw_cells]
-            related = getattr(getattr(self.module, "triplet", None), "related_ll", None)
-            if len(torch.unique(y[y >= 0])) >= 2:
-                self.log("val/asw", float(silhouette(z, y, related)))
-        self._val_z, self._val_y = [], []
+        """The silhouette of the first ``asw_cells`` validation cells (by cell index), the
+        same set on any number of ranks: every rank's cells are gathered first."""
+        z, y, idx = self._gathered_validation()
+        self._val_z, self._val_y, self._val_i = [], [], []
+        if z is None:
+            return
+        if bool((idx >= 0).all()):
+            order = torch.argsort(idx)
+            z, y = z[order], y[order]
+        z, y = z[: self.asw_cells], y[: self.asw_cells]
+        related = getattr(getattr(self.module, "triplet", None), "related_ll", None)
+        if len(torch.unique(y[y >= 0])) >= 2:
+            # the same value on every rank; synced so that Lightning knows it is global
+            self.log("val/asw", float(silhouette(z, y, related)), sync_dist=True)
+
+    def _gathered_validation(
+        self,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """This epoch's validation embeddings, labels and cell indices, of every rank."""
+        local = (
+            (torch.cat(self._val_z), torch.cat(self._val_y), torch.cat(self._val_i))
+            if self._val_z
+            else None
+        )
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return local if local is not None else (None, torch.empty(0), torch.empty(0))
+        # ranks may hold different numbers of cells (or none): pad to the largest, gather
+        n, d = (len(local[0]), local[0].shape[1]) if local is not None else (0, 0)
+        sizes = self._all_gather(torch.tensor([n, d], device=self.device)).reshape(-1, 2)
+        n_max, d = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+        if n_max == 0:
+            return None, torch.empty(0), torch.empty(0)
+        z = torch.zeros(n_max, d, device=self.device)
+        y = torch.full((n_max,), -1, dtype=torch.long, device=self.device)
+        idx = torch.full((n_max,), -1, dtype=torch.long, device=self.device)
+        if local is not None:
+            z[:n], y[:n], idx[:n] = local[0], local[1].long(), local[2].long()
+        z, y, idx = (self._all_gather(t) for t in (z, y, idx))
+        keep = torch.cat([torch.arange(n_max, device=self.device) < k for k in sizes[:, 0]])
+        return z.flatten(0, 1)[keep], y.flatten(0, 1)[keep], idx.flatten(0, 1)[keep]
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` of every rank, stacked (world x ...)."""
+        out = self.all_gather(t)
+        assert isinstance(out, torch.Tensor)
+        return out
 
     def configure_optimizers(self) -> Any:
         params = list(self.module.parameters())

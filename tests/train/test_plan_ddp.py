@@ -1,0 +1,92 @@
+"""The training plan under Lightning DDP: 2 CPU processes (gloo), launched as torchrun does."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from cellsift.data.datamodule import CellDataModule
+from cellsift.nn import MetricModule
+from cellsift.ontology import load_cell_ontology
+from cellsift.train import TrainingPlan
+from cellsift.train.metrics import silhouette
+
+WORLD = 2
+
+
+def _setup(path: str) -> tuple[CellDataModule, MetricModule]:
+    dm = CellDataModule(
+        path, split_key="donor_id", batch_size=128, block_size=16, fetch_factor=2, val_fraction=0.3
+    )
+    dm.setup()
+    related = torch.from_numpy(load_cell_ontology().related(dm.categories["y_n"]))
+    module = MetricModule(
+        dm.collection.n_vars, (64, 64), 16, related_ll=related, triplet_weight=0.5
+    )
+    return dm, module
+
+
+def _rank(rank: int, path: str, out: str, port: int) -> None:
+    # what torchrun sets; Lightning then runs this process as rank ``rank`` of WORLD
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.manual_seed(0)
+    dm, module = _setup(path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp",
+        max_epochs=2,
+        default_root_dir=out,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(TrainingPlan(module, asw_cells=100_000), datamodule=dm)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    torch.save(
+        {"params": dict(module.named_parameters()), "state": module.state_dict(), **metrics},
+        Path(out) / f"rank{rank}.pt",
+    )
+
+
+@pytest.mark.multi_device
+def test_ddp_keeps_replicas_equal_and_validates_on_the_whole_set(synthetic_h5ad, tmp_path):
+    port = random.randint(20_000, 40_000)
+    torch.multiprocessing.start_processes(
+        _rank, args=(str(synthetic_h5ad), str(tmp_path), port), nprocs=WORLD, start_method="spawn"
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    # gradients are all-reduced: every step leaves the replicas with the same weights
+    for name, p in r0["params"].items():
+        torch.testing.assert_close(p, r1["params"][name], rtol=0, atol=1e-6, msg=name)
+    # both ranks log one silhouette and one validation loss, of every validation cell
+    assert r0["val/asw"] == r1["val/asw"]
+    assert r0["val/loss"] == r1["val/loss"]
+    dm, module = _setup(str(synthetic_h5ad))
+    module.load_state_dict(r0["state"])
+    module.eval()
+    z, y = [], []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():  # one process: the whole validation set
+            z.append(module(batch)["z_nk"])
+            y.append(batch["y_n"])
+    assert sum(len(t) for t in z) == dm.val.n_obs
+    related = module.triplet.related_ll
+    # rank 1 validated with its own BatchNorm running statistics (not broadcast in eval)
+    full = float(silhouette(torch.cat(z), torch.cat(y), related))
+    assert abs(r0["val/asw"] - full) < 2e-3, (r0["val/asw"], full)
+    # cells/s counts every rank's cells
+    assert r0["train/cells_per_s"] > 0
