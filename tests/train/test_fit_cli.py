@@ -142,3 +142,27 @@ def test_fit_rejects_labels_that_are_not_cell_ontology(tmp_path):
     adata.write_h5ad(path)
     with pytest.raises(Exception, match="not a cell type"):
         main(["fit", *_args(path, tmp_path, "--trainer.max_epochs", "1")])
+
+
+@pytest.mark.multi_device
+def test_fit_on_two_ddp_processes_writes_one_bundle(synthetic_h5ad, tmp_path):
+    """`cellsift fit --trainer.devices 2 --trainer.strategy ddp` on the CPU (gloo): Lightning
+    launches the second rank; every rank reaches the end and rank 0 writes the bundle."""
+    args = _args(
+        synthetic_h5ad,
+        tmp_path,
+        *("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "cellsift.cli", "fit", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all_gather is deprecated" not in proc.stderr
+    run = tmp_path / "metric" / "version_0"
+    assert len(_scalars(run)["val/asw"]) == 2
+    model = MetricModel.load(run / "model")
+    z = model.embed(ad.read_h5ad(synthetic_h5ad)[:20])
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)

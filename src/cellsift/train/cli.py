@@ -99,13 +99,14 @@ class MetricPlan(TrainingPlan):
         self.bundle_dir = bundle_dir
 
     def on_fit_end(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
+        # every rank: under DDP ``log_dir`` is a broadcast from rank 0
         root = self.trainer.log_dir or self.trainer.default_root_dir
-        path = Path(self.bundle_dir) if self.bundle_dir else Path(root) / "model"
-        self.metric_model.module.eval()
-        self.metric_model.save(path, overwrite=True)
-        logger.warning("cellsift fit: model bundle written to %s", path)
+        if self.trainer.is_global_zero:
+            path = Path(self.bundle_dir) if self.bundle_dir else Path(root) / "model"
+            self.metric_model.module.eval()
+            self.metric_model.save(path, overwrite=True)
+            logger.warning("cellsift fit: model bundle written to %s", path)
+        self.trainer.strategy.barrier("cellsift fit: bundle written")
 
 
 class FitCLI(LightningCLI):

@@ -176,11 +176,16 @@ class TrainingPlan(pl.LightningModule):
         keep = torch.cat([torch.arange(n_max, device=self.device) < k for k in sizes[:, 0]])
         return z.flatten(0, 1)[keep], y.flatten(0, 1)[keep], idx.flatten(0, 1)[keep]
 
-    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _all_gather(t: torch.Tensor) -> torch.Tensor:
         """``t`` of every rank, stacked (world x ...)."""
-        out = self.all_gather(t)
-        assert isinstance(out, torch.Tensor)
-        return out
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return t[None]
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t.contiguous())
+        return torch.stack(out)
 
     def configure_optimizers(self) -> Any:
         params = list(self.module.parameters())
