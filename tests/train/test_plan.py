@@ -25,10 +25,16 @@ def _trainer(tmp_path, **kw):
     )
 
 
-def _setup(path):
-    dm = CellDataModule(
-        path, split_key="donor_id", batch_size=256, block_size=16, fetch_factor=4, val_fraction=0.2
-    )
+def _setup(path, **options):
+    """A data module split by donor (``options`` override its loader settings) and a small
+    MetricModule for its genes and labels."""
+    options = {
+        "batch_size": 256,
+        "block_size": 16,
+        "fetch_factor": 4,
+        "val_fraction": 0.2,
+    } | options
+    dm = CellDataModule(path, split_key="donor_id", **options)
     dm.setup()
     related = torch.from_numpy(load_cell_ontology().related(dm.categories["y_n"]))
     module = MetricModule(

@@ -9,10 +9,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from test_plan import _setup as setup
 
 from cellsift.data.datamodule import CellDataModule
 from cellsift.nn import MetricModule
-from cellsift.ontology import load_cell_ontology
 from cellsift.train import TrainingPlan
 from cellsift.train.metrics import silhouette
 
@@ -20,15 +20,7 @@ WORLD = 2
 
 
 def _setup(path: str) -> tuple[CellDataModule, MetricModule]:
-    dm = CellDataModule(
-        path, split_key="donor_id", batch_size=128, block_size=16, fetch_factor=2, val_fraction=0.3
-    )
-    dm.setup()
-    related = torch.from_numpy(load_cell_ontology().related(dm.categories["y_n"]))
-    module = MetricModule(
-        dm.collection.n_vars, (64, 64), 16, related_ll=related, triplet_weight=0.5
-    )
-    return dm, module
+    return setup(path, batch_size=128, fetch_factor=2, val_fraction=0.3)
 
 
 def _rank(rank: int, path: str, out: str, port: int) -> None:
