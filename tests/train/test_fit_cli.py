@@ -166,3 +166,45 @@ def test_fit_on_two_ddp_processes_writes_one_bundle(synthetic_h5ad, tmp_path):
     model = MetricModel.load(run / "model")
     z = model.embed(ad.read_h5ad(synthetic_h5ad)[:20])
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.multi_device
+def test_fit_on_two_ddp_processes_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path):
+    """Both ranks SIGKILLed inside epoch 2; `--ckpt_path last` on 2 ranks again goes on from
+    the checkpoint's batch (the loader's position is the same on every rank)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
+    cmd = [sys.executable, "-m", "cellsift.cli", "fit"]
+    full_args = _args(synthetic_h5ad, tmp_path, *ddp, name="full")
+    full = subprocess.run([*cmd, *full_args], env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    n_steps = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert n_steps >= 6  # two epochs of at least 3 batches per rank
+    for f in (tmp_path / "checkpoints").iterdir():
+        f.unlink()
+
+    every_step = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(tmp_path / "checkpoints"),
+            "save_last": True,
+            "save_top_k": 0,
+            "every_n_train_steps": 1,
+        },
+    }
+    kill = {"class_path": "test_fit_cli.KillAtStep", "init_args": {"step": n_steps * 3 // 4}}
+    crash = _args(synthetic_h5ad, tmp_path, *ddp, callbacks=[every_step, kill], name="crash")
+    killed = subprocess.run([*cmd, *crash], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == 1 and n_steps // 2 < ckpt["global_step"] < n_steps
+
+    resume = _args(synthetic_h5ad, tmp_path, *ddp, "--ckpt_path", "last", name="resume")
+    resumed = subprocess.run([*cmd, *resume], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stderr + resumed.stdout
+    # the resumed run ends at the uninterrupted run's last step: no batch ran twice or was
+    # skipped on either rank
+    run = tmp_path / "metric" / "version_2"
+    assert _scalars(run)["epoch"][-1][0] + 1 == n_steps
+    assert MetricModel.load(run / "model").labels
