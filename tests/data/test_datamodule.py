@@ -19,9 +19,10 @@ class _Killed(Exception):
 class _Recorder(pl.LightningModule):
     """A linear model that records which cells each step saw, and can die at a given step."""
 
-    def __init__(self, n_genes: int, die_at: int | None = None) -> None:
+    def __init__(self, n_genes: int, die_at: int | None = None, schedule: bool = False) -> None:
         super().__init__()
         self.lin = torch.nn.Linear(n_genes, 1)
+        self.schedule = schedule
         self.pipe = default_pipeline()
         self.die_at = die_at
         self.seen: list[np.ndarray] = []
@@ -34,7 +35,13 @@ class _Recorder(pl.LightningModule):
         return self.lin(x).pow(2).mean()
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
+        opt = torch.optim.SGD(self.parameters(), lr=1e-3)
+        if not self.schedule:
+            return opt
+        # a schedule over the run's steps, as TrainingPlan's: Lightning then builds the
+        # training loader before it restores the loops from a checkpoint
+        steps = self.trainer.estimated_stepping_batches
+        return [opt], [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)]
 
 
 def _dm(path, **kw):
@@ -93,15 +100,16 @@ def test_weighted_training_loader_balances_with_the_given_scales(indexed_paths):
     assert dm.val_dataloader().cell_dataset.weights is None  # validation reads in order
 
 
-def test_killed_run_resumes_with_the_same_batches(indexed_paths, tmp_path):
+@pytest.mark.parametrize("schedule", [False, True], ids=["plain", "stepping_batches"])
+def test_killed_run_resumes_with_the_same_batches(indexed_paths, tmp_path, schedule):
     dm = _dm(indexed_paths["zarr"], num_workers=2)
-    full = _Recorder(12)
+    full = _Recorder(12, schedule=schedule)
     _trainer(tmp_path / "full").fit(full, datamodule=dm)
     n_total = len(full.seen)
     assert n_total > 10
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    dying = _Recorder(12, die_at=n_total // 2 + 3)  # dies in the first half of epoch 2
+    dying = _Recorder(12, die_at=n_total // 2 + 3, schedule=schedule)  # epoch 2, first half
     trainer = _trainer(tmp_path / "run", callbacks=[ckpt])
     with pytest.raises(_Killed):
         trainer.fit(dying, datamodule=_dm(indexed_paths["zarr"], num_workers=2))
@@ -111,7 +119,7 @@ def test_killed_run_resumes_with_the_same_batches(indexed_paths, tmp_path):
     assert step % 4 == 0 and 0 < step < n_total
     assert "combined_loader" in state["loops"]["fit_loop"]["state_dict"]
 
-    resumed = _Recorder(12)
+    resumed = _Recorder(12, schedule=schedule)
     _trainer(tmp_path / "run").fit(
         resumed, datamodule=_dm(indexed_paths["zarr"], num_workers=2), ckpt_path=last
     )

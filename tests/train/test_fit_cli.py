@@ -90,7 +90,8 @@ def test_fit_trains_logs_and_writes_a_bundle(synthetic_h5ad, tmp_path):
 
 
 def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path):
-    """A SIGKILL mid-epoch 2; `--ckpt_path last` finishes with exactly the uninterrupted steps."""
+    """A SIGKILL mid-epoch 2; `--ckpt_path last` finishes with exactly the uninterrupted
+    run's batches and random draws: the same weights, bit for bit."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     every_step = {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -103,10 +104,11 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path):
     }
     kill = {"class_path": "test_fit_cli.KillAtStep", "init_args": {"step": 0}}
     cmd = [sys.executable, "-m", "cellsift.cli", "fit"]
-    # the number of training batches per epoch, from a short run
-    probe = _args(synthetic_h5ad, tmp_path, "--trainer.max_epochs", "1")
-    assert main(["fit", *probe]) == 0
-    n_train = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    # the uninterrupted run (2 epochs), in a process of its own as the others
+    full = subprocess.run([*cmd, *_args(synthetic_h5ad, tmp_path, name="full")], env=env)
+    assert full.returncode == 0
+    n_steps = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    n_train = n_steps // 2
     assert n_train >= 4
     for f in (tmp_path / "checkpoints").iterdir():
         f.unlink()
@@ -124,9 +126,18 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path):
     assert "Restored all states" in resumed.stderr + resumed.stdout
     run = tmp_path / "metric" / "version_2"
     # epoch 2 went on from the kill: no batch ran twice or was skipped (a restarted epoch would
-    # end at a later step)
+    # end at a later step), and the weights are the uninterrupted run's
     assert _scalars(run)["epoch"][-1][0] + 1 == 2 * n_train
-    assert MetricModel.load(run / "model").labels
+    _assert_same_weights(tmp_path / "metric" / "version_0", run)
+
+
+def _assert_same_weights(run_a: Path, run_b: Path) -> None:
+    from safetensors.torch import load_file
+
+    a, b = (load_file(r / "model" / "model.safetensors") for r in (run_a, run_b))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 def test_fit_rejects_labels_that_are_not_cell_ontology(tmp_path):
@@ -171,7 +182,7 @@ def test_fit_on_two_ddp_processes_writes_one_bundle(synthetic_h5ad, tmp_path):
 @pytest.mark.multi_device
 def test_fit_on_two_ddp_processes_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path):
     """Both ranks SIGKILLed inside epoch 2; `--ckpt_path last` on 2 ranks again goes on from
-    the checkpoint's batch (the loader's position is the same on every rank)."""
+    the checkpoint's batch and each rank's random state, to the uninterrupted run's weights."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
     cmd = [sys.executable, "-m", "cellsift.cli", "fit"]
@@ -203,8 +214,8 @@ def test_fit_on_two_ddp_processes_resumes_mid_epoch_after_a_kill(synthetic_h5ad,
     resumed = subprocess.run([*cmd, *resume], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states" in resumed.stderr + resumed.stdout
-    # the resumed run ends at the uninterrupted run's last step: no batch ran twice or was
-    # skipped on either rank
+    # the resumed run ends at the uninterrupted run's last step with its weights: each rank
+    # went on with its own batches and its own random draws
     run = tmp_path / "metric" / "version_2"
     assert _scalars(run)["epoch"][-1][0] + 1 == n_steps
-    assert MetricModel.load(run / "model").labels
+    _assert_same_weights(tmp_path / "metric" / "version_0", run)

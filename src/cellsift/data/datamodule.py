@@ -115,6 +115,7 @@ class CellDataModule(pl.LightningDataModule):
         self.val: CellCollection | None = None
         self.categories: dict[str, list[str]] = {}
         self._train_loader: CellLoader | None = None
+        self._train_loader_state: dict[str, Any] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.collection is not None:
@@ -192,7 +193,30 @@ class CellDataModule(pl.LightningDataModule):
             world = self.trainer.world_size if self.trainer is not None else 1
             ds = self._dataset(self.train, drop_last=world > 1)
             self._train_loader = CellLoader(ds, num_workers=self.num_workers)
+            if self._train_loader_state is not None:  # resuming: the checkpoint's position
+                self._train_loader.load_state_dict(self._train_loader_state)
+                self._train_loader_state = None
         return self._train_loader
+
+    # Lightning checkpoints the data module's state and restores it before the model asks for
+    # its loader. The loader's own state also goes into the fit loop's part of the checkpoint,
+    # but Lightning applies that only to loaders it creates after the loops are restored, and
+    # a model that reads ``trainer.estimated_stepping_batches`` in ``configure_optimizers``
+    # (the cosine schedule) makes Lightning create the loader before: the position would be
+    # lost and the resumed epoch would start over from its first batch.
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (epoch, batches consumed), for checkpoints."""
+        return {} if self._train_loader is None else {"train": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training loader where :meth:`state_dict` was taken."""
+        state = state_dict.get("train")
+        if state is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._train_loader_state = dict(state)
 
     def val_dataloader(self) -> CellLoader | list[Any]:
         if self.val is None:

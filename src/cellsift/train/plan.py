@@ -25,6 +25,48 @@ from .metrics import silhouette
 __all__ = ["TrainingPlan"]
 
 
+def _rng_state() -> dict[str, Any]:
+    """The random states that training draws from: torch (CPU and CUDA), numpy, Python."""
+    import random
+
+    import numpy as np
+
+    # the global legacy generator: what libraries and user code draw from
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # noqa: NPY002
+    assert isinstance(keys, np.ndarray)
+    state: dict[str, Any] = {  # tensors and plain values: loadable with weights_only
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
 class TrainingPlan(pl.LightningModule):
     """Trains ``module`` (see the module docstring).
 
@@ -69,6 +111,7 @@ class TrainingPlan(pl.LightningModule):
         self._val_y: list[torch.Tensor] = []
         self._val_i: list[torch.Tensor] = []
         self._tick: float | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.module(batch)
@@ -121,6 +164,33 @@ class TrainingPlan(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._tick = None
+
+    # -- random state: a resumed run draws what the uninterrupted run would have drawn --------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # every rank's states (each rank draws its own stream), gathered: every rank builds
+        # the checkpoint, rank 0 writes it
+        import torch.distributed as dist
+
+        states = [_rng_state()]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states[0])
+            states = gathered
+        checkpoint["cellsift_rng"] = {"per_rank": states}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("cellsift_rng", {}).get("per_rank", [])
+        if states:
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            self._rng_to_restore = states[rank % len(states)]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # restored here, not on load: between the two, Lightning starts the data loader's
+        # iterator (one draw) and may validate (triplet mining draws), which the uninterrupted
+        # run did not do at this point
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.module(batch)
