@@ -67,6 +67,19 @@ def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
 
 
+def _checkpoint_every_step(root: Path) -> dict:
+    """A ModelCheckpoint (as a config entry) writing ``last.ckpt`` after every step."""
+    return {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(root / "checkpoints"),
+            "save_last": True,
+            "save_top_k": 0,
+            "every_n_train_steps": 1,
+        },
+    }
+
+
 def test_fit_trains_logs_and_writes_a_bundle(synthetic_h5ad, tmp_path):
     assert main(["fit", *_args(synthetic_h5ad, tmp_path, "--trainer.log_every_n_steps", "2")]) == 0
     run = tmp_path / "metric" / "version_0"
@@ -93,15 +106,7 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path):
     """A SIGKILL mid-epoch 2; `--ckpt_path last` finishes with exactly the uninterrupted
     run's batches and random draws: the same weights, bit for bit."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    every_step = {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {
-            "dirpath": str(tmp_path / "checkpoints"),
-            "save_last": True,
-            "save_top_k": 0,
-            "every_n_train_steps": 1,
-        },
-    }
+    every_step = _checkpoint_every_step(tmp_path)
     kill = {"class_path": "test_fit_cli.KillAtStep", "init_args": {"step": 0}}
     cmd = [sys.executable, "-m", "cellsift.cli", "fit"]
     # the uninterrupted run (2 epochs), in a process of its own as the others
@@ -194,15 +199,7 @@ def test_fit_on_two_ddp_processes_resumes_mid_epoch_after_a_kill(synthetic_h5ad,
     for f in (tmp_path / "checkpoints").iterdir():
         f.unlink()
 
-    every_step = {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {
-            "dirpath": str(tmp_path / "checkpoints"),
-            "save_last": True,
-            "save_top_k": 0,
-            "every_n_train_steps": 1,
-        },
-    }
+    every_step = _checkpoint_every_step(tmp_path)
     kill = {"class_path": "test_fit_cli.KillAtStep", "init_args": {"step": n_steps * 3 // 4}}
     crash = _args(synthetic_h5ad, tmp_path, *ddp, callbacks=[every_step, kill], name="crash")
     killed = subprocess.run([*cmd, *crash], env=env, capture_output=True, text=True, timeout=600)
