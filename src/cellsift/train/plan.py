@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from .metrics import silhouette
@@ -48,6 +49,17 @@ def _rng_state() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` outside DDP)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -109,7 +121,7 @@ class TrainingPlan(pl.LightningModule):
         )
         self._val_z: list[torch.Tensor] = []
         self._val_y: list[torch.Tensor] = []
-        self._val_i: list[torch.Tensor] = []
+        self._val_i: list[torch.Tensor | None] = []
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
 
@@ -155,8 +167,8 @@ class TrainingPlan(pl.LightningModule):
         self._log_scalars(out, "train", n)
         now = time.perf_counter()
         if self._tick is not None:  # every rank's cells (ranks take equal batches)
-            world = self.trainer.world_size if self._trainer is not None else 1
-            self.log("train/cells_per_s", n * world / max(now - self._tick, 1e-9), batch_size=n)
+            cells = n * self.trainer.world_size
+            self.log("train/cells_per_s", cells / max(now - self._tick, 1e-9), batch_size=n)
         self._tick = now
         if self.trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
@@ -167,22 +179,21 @@ class TrainingPlan(pl.LightningModule):
 
     # -- random state: a resumed run draws what the uninterrupted run would have drawn --------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # every rank's states (each rank draws its own stream), gathered: every rank builds
-        # the checkpoint, rank 0 writes it
-        import torch.distributed as dist
-
-        states = [_rng_state()]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, states[0])
-            states = gathered
-        checkpoint["cellsift_rng"] = {"per_rank": states}
+        # every rank builds the checkpoint (rank 0 writes it); each rank draws its own stream
+        checkpoint["cellsift_rng"] = {"per_rank": _gather_objects(_rng_state())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("cellsift_rng", {}).get("per_rank", [])
-        if states:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if len(states) == world:
             rank = self.trainer.global_rank if self._trainer is not None else 0
-            self._rng_to_restore = states[rank % len(states)]
+            self._rng_to_restore = states[rank]
+        elif states:
+            rank_zero_warn(
+                f"the checkpoint holds the random states of {len(states)} ranks, this run has "
+                f"{world}: random draws start afresh, so the resumed run will not repeat the "
+                "interrupted one exactly."
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # restored here, not on load: between the two, Lightning starts the data loader's
@@ -198,64 +209,30 @@ class TrainingPlan(pl.LightningModule):
         if "z_nk" in out and "y_n" in batch and sum(len(z) for z in self._val_z) < self.asw_cells:
             self._val_z.append(out["z_nk"].detach())
             self._val_y.append(batch["y_n"].detach())
-            idx = batch.get("obs_idx_n")
-            self._val_i.append(
-                idx.detach() if idx is not None else torch.full_like(batch["y_n"], -1)
-            )
+            self._val_i.append(batch.get("obs_idx_n"))
 
     def on_validation_epoch_end(self) -> None:
-        """The silhouette of the first ``asw_cells`` validation cells (by cell index), the
-        same set on any number of ranks: every rank's cells are gathered first."""
-        z, y, idx = self._gathered_validation()
+        """The silhouette of the first ``asw_cells`` validation cells by cell index (batches
+        without ``obs_idx_n``: in arrival order), of every rank's cells gathered: the same set
+        and value on any number of ranks."""
+        local = [
+            (z.cpu(), y.cpu(), None if i is None else i.cpu())
+            for z, y, i in zip(self._val_z, self._val_y, self._val_i, strict=True)
+        ]
         self._val_z, self._val_y, self._val_i = [], [], []
-        if z is None:
+        batches = [b for rank in _gather_objects(local) for b in rank]
+        if not batches:
             return
-        if bool((idx >= 0).all()):
-            order = torch.argsort(idx)
+        z = torch.cat([b[0] for b in batches]).to(self.device)
+        y = torch.cat([b[1] for b in batches]).to(self.device)
+        if all(b[2] is not None for b in batches):
+            order = torch.argsort(torch.cat([b[2] for b in batches])).to(self.device)
             z, y = z[order], y[order]
         z, y = z[: self.asw_cells], y[: self.asw_cells]
         related = getattr(getattr(self.module, "triplet", None), "related_ll", None)
         if len(torch.unique(y[y >= 0])) >= 2:
             # the same value on every rank; synced so that Lightning knows it is global
             self.log("val/asw", float(silhouette(z, y, related)), sync_dist=True)
-
-    def _gathered_validation(
-        self,
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """This epoch's validation embeddings, labels and cell indices, of every rank."""
-        local = (
-            (torch.cat(self._val_z), torch.cat(self._val_y), torch.cat(self._val_i))
-            if self._val_z
-            else None
-        )
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world == 1:
-            return local if local is not None else (None, torch.empty(0), torch.empty(0))
-        # ranks may hold different numbers of cells (or none): pad to the largest, gather
-        n, d = (len(local[0]), local[0].shape[1]) if local is not None else (0, 0)
-        sizes = self._all_gather(torch.tensor([n, d], device=self.device)).reshape(-1, 2)
-        n_max, d = int(sizes[:, 0].max()), int(sizes[:, 1].max())
-        if n_max == 0:
-            return None, torch.empty(0), torch.empty(0)
-        z = torch.zeros(n_max, d, device=self.device)
-        y = torch.full((n_max,), -1, dtype=torch.long, device=self.device)
-        idx = torch.full((n_max,), -1, dtype=torch.long, device=self.device)
-        if local is not None:
-            z[:n], y[:n], idx[:n] = local[0], local[1].long(), local[2].long()
-        z, y, idx = (self._all_gather(t) for t in (z, y, idx))
-        keep = torch.cat([torch.arange(n_max, device=self.device) < k for k in sizes[:, 0]])
-        return z.flatten(0, 1)[keep], y.flatten(0, 1)[keep], idx.flatten(0, 1)[keep]
-
-    @staticmethod
-    def _all_gather(t: torch.Tensor) -> torch.Tensor:
-        """``t`` of every rank, stacked (world x ...)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return t[None]
-        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, t.contiguous())
-        return torch.stack(out)
 
     def configure_optimizers(self) -> Any:
         params = list(self.module.parameters())
