@@ -61,11 +61,11 @@ class MLPEncoder(nn.Module):
         at = next(i for i, m in enumerate(first) if isinstance(m, nn.Linear))
         linear = first[at]
         assert isinstance(linear, nn.Linear)
-        values = x_ng.values()
+        stored = values = x_ng.values()  # values() makes a new tensor object on every call
         for m in first[:at]:  # the input dropout
             assert isinstance(m, nn.Dropout)
             values = nn.functional.dropout(values, m.p, m.training)
-        if values is not x_ng.values():
+        if values is not stored:  # dropped in training; in eval dropout returns its input
             x_ng = torch.sparse_csr_tensor(
                 x_ng.crow_indices(), x_ng.col_indices(), values, size=x_ng.shape
             )
