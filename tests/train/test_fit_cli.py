@@ -102,38 +102,54 @@ def test_fit_trains_logs_and_writes_a_bundle(synthetic_h5ad, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
 
 
-def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path):
-    """A SIGKILL mid-epoch 2; `--ckpt_path last` finishes with exactly the uninterrupted
-    run's batches and random draws: the same weights, bit for bit."""
+_DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
+
+
+@pytest.mark.parametrize(
+    "devices", [1, pytest.param(2, marks=pytest.mark.multi_device)], ids=["1proc", "2ddp"]
+)
+def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
+    """Every process SIGKILLed inside epoch 2; `--ckpt_path last` finishes with exactly the
+    uninterrupted run's batches and each rank's random draws: the same weights, bit for bit.
+    With 2 DDP processes (gloo) Lightning launches the second rank itself, as for a user."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    every_step = _checkpoint_every_step(tmp_path)
-    kill = {"class_path": "test_fit_cli.KillAtStep", "init_args": {"step": 0}}
+    ddp = _DDP if devices == 2 else ()
     cmd = [sys.executable, "-m", "cellsift.cli", "fit"]
-    # the uninterrupted run (2 epochs), in a process of its own as the others
-    full = subprocess.run([*cmd, *_args(synthetic_h5ad, tmp_path, name="full")], env=env)
-    assert full.returncode == 0
+
+    def fit(*args: str, callbacks: list | None = None, name: str) -> subprocess.CompletedProcess:
+        run_args = _args(synthetic_h5ad, tmp_path, *ddp, *args, callbacks=callbacks, name=name)
+        return subprocess.run(
+            [*cmd, *run_args], env=env, capture_output=True, text=True, timeout=600
+        )
+
+    # the uninterrupted run (2 epochs); every rank reaches the end, rank 0 writes the bundle
+    full = fit(name="full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "all_gather is deprecated" not in full.stderr
+    run_full = tmp_path / "metric" / "version_0"
+    assert len(_scalars(run_full)["val/asw"]) == 2
+    z = MetricModel.load(run_full / "model").embed(ad.read_h5ad(synthetic_h5ad)[:20])
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
     n_steps = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    n_train = n_steps // 2
-    assert n_train >= 4
+    n_train = n_steps // 2  # batches per epoch (per rank)
+    assert n_train >= 3
     for f in (tmp_path / "checkpoints").iterdir():
         f.unlink()
 
-    kill["init_args"]["step"] = n_train + n_train // 2  # mid-epoch 2
-    crash = _args(synthetic_h5ad, tmp_path, callbacks=[every_step, kill], name="crash")
-    killed = subprocess.run([*cmd, *crash], env=env, capture_output=True, text=True)
+    kill = {"class_path": "test_fit_cli.KillAtStep", "init_args": {"step": n_train * 3 // 2}}
+    killed = fit(callbacks=[_checkpoint_every_step(tmp_path), kill], name="crash")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["epoch"] == 1 and n_train < ckpt["global_step"] < 2 * n_train
+    assert ckpt["epoch"] == 1 and n_train < ckpt["global_step"] < n_steps
 
-    resume = _args(synthetic_h5ad, tmp_path, "--ckpt_path", "last", name="resume")
-    resumed = subprocess.run([*cmd, *resume], env=env, capture_output=True, text=True)
+    resumed = fit("--ckpt_path", "last", name="resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states" in resumed.stderr + resumed.stdout
     run = tmp_path / "metric" / "version_2"
     # epoch 2 went on from the kill: no batch ran twice or was skipped (a restarted epoch would
     # end at a later step), and the weights are the uninterrupted run's
-    assert _scalars(run)["epoch"][-1][0] + 1 == 2 * n_train
-    _assert_same_weights(tmp_path / "metric" / "version_0", run)
+    assert _scalars(run)["epoch"][-1][0] + 1 == n_steps
+    _assert_same_weights(run_full, run)
 
 
 def _assert_same_weights(run_a: Path, run_b: Path) -> None:
@@ -158,61 +174,3 @@ def test_fit_rejects_labels_that_are_not_cell_ontology(tmp_path):
     adata.write_h5ad(path)
     with pytest.raises(Exception, match="not a cell type"):
         main(["fit", *_args(path, tmp_path, "--trainer.max_epochs", "1")])
-
-
-@pytest.mark.multi_device
-def test_fit_on_two_ddp_processes_writes_one_bundle(synthetic_h5ad, tmp_path):
-    """`cellsift fit --trainer.devices 2 --trainer.strategy ddp` on the CPU (gloo): Lightning
-    launches the second rank; every rank reaches the end and rank 0 writes the bundle."""
-    args = _args(
-        synthetic_h5ad,
-        tmp_path,
-        *("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "cellsift.cli", "fit", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "all_gather is deprecated" not in proc.stderr
-    run = tmp_path / "metric" / "version_0"
-    assert len(_scalars(run)["val/asw"]) == 2
-    model = MetricModel.load(run / "model")
-    z = model.embed(ad.read_h5ad(synthetic_h5ad)[:20])
-    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
-
-
-@pytest.mark.multi_device
-def test_fit_on_two_ddp_processes_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path):
-    """Both ranks SIGKILLed inside epoch 2; `--ckpt_path last` on 2 ranks again goes on from
-    the checkpoint's batch and each rank's random state, to the uninterrupted run's weights."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
-    cmd = [sys.executable, "-m", "cellsift.cli", "fit"]
-    full_args = _args(synthetic_h5ad, tmp_path, *ddp, name="full")
-    full = subprocess.run([*cmd, *full_args], env=env, capture_output=True, text=True, timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
-    n_steps = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    assert n_steps >= 6  # two epochs of at least 3 batches per rank
-    for f in (tmp_path / "checkpoints").iterdir():
-        f.unlink()
-
-    every_step = _checkpoint_every_step(tmp_path)
-    kill = {"class_path": "test_fit_cli.KillAtStep", "init_args": {"step": n_steps * 3 // 4}}
-    crash = _args(synthetic_h5ad, tmp_path, *ddp, callbacks=[every_step, kill], name="crash")
-    killed = subprocess.run([*cmd, *crash], env=env, capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["epoch"] == 1 and n_steps // 2 < ckpt["global_step"] < n_steps
-
-    resume = _args(synthetic_h5ad, tmp_path, *ddp, "--ckpt_path", "last", name="resume")
-    resumed = subprocess.run([*cmd, *resume], env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Restored all states" in resumed.stderr + resumed.stdout
-    # the resumed run ends at the uninterrupted run's last step with its weights: each rank
-    # went on with its own batches and its own random draws
-    run = tmp_path / "metric" / "version_2"
-    assert _scalars(run)["epoch"][-1][0] + 1 == n_steps
-    _assert_same_weights(tmp_path / "metric" / "version_0", run)

@@ -48,10 +48,7 @@ def _rank(rank: int, path: str, out: str, port: int) -> None:
     )
     trainer.fit(TrainingPlan(module, asw_cells=100_000), datamodule=dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    torch.save(
-        {"params": dict(module.named_parameters()), "state": module.state_dict(), **metrics},
-        Path(out) / f"rank{rank}.pt",
-    )
+    torch.save({"state": module.state_dict(), **metrics}, Path(out) / f"rank{rank}.pt")
 
 
 @pytest.mark.multi_device
@@ -61,13 +58,14 @@ def test_ddp_keeps_replicas_equal_and_validates_on_the_whole_set(synthetic_h5ad,
         _rank, args=(str(synthetic_h5ad), str(tmp_path), port), nprocs=WORLD, start_method="spawn"
     )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
-    # gradients are all-reduced: every step leaves the replicas with the same weights
-    for name, p in r0["params"].items():
-        torch.testing.assert_close(p, r1["params"][name], rtol=0, atol=1e-6, msg=name)
+    dm, module = _setup(str(synthetic_h5ad))
+    # gradients are all-reduced: every step leaves the replicas with the same weights (the
+    # BatchNorm running statistics are each rank's own)
+    for name, _ in module.named_parameters():
+        torch.testing.assert_close(r0["state"][name], r1["state"][name], rtol=0, atol=1e-6)
     # both ranks log one silhouette and one validation loss, of every validation cell
     assert r0["val/asw"] == r1["val/asw"]
     assert r0["val/loss"] == r1["val/loss"]
-    dm, module = _setup(str(synthetic_h5ad))
     module.load_state_dict(r0["state"])
     module.eval()
     z, y = [], []
@@ -80,5 +78,3 @@ def test_ddp_keeps_replicas_equal_and_validates_on_the_whole_set(synthetic_h5ad,
     # rank 1 validated with its own BatchNorm running statistics (not broadcast in eval)
     full = float(silhouette(torch.cat(z), torch.cat(y), related))
     assert abs(r0["val/asw"] - full) < 2e-3, (r0["val/asw"], full)
-    # cells/s counts every rank's cells
-    assert r0["train/cells_per_s"] > 0
