@@ -13,16 +13,16 @@ from cellsift.train import TrainingPlan
 
 
 def _trainer(tmp_path, **kw):
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        **kw,
-    )
+    """A quiet CPU trainer, one device unless ``kw`` says otherwise."""
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+    }
+    return pl.Trainer(default_root_dir=tmp_path, **(options | kw))
 
 
 def _setup(path, **options):

@@ -6,10 +6,10 @@ import os
 import random
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from test_plan import _setup as setup
+from test_plan import _trainer as trainer_for
 
 from cellsift.data.datamodule import CellDataModule
 from cellsift.nn import MetricModule
@@ -35,17 +35,7 @@ def _rank(rank: int, path: str, out: str, port: int) -> None:
     )
     torch.manual_seed(0)
     dm, module = _setup(path)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=WORLD,
-        strategy="ddp",
-        max_epochs=2,
-        default_root_dir=out,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = trainer_for(out, devices=WORLD, strategy="ddp", max_epochs=2)
     trainer.fit(TrainingPlan(module, asw_cells=100_000), datamodule=dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     torch.save({"state": module.state_dict(), **metrics}, Path(out) / f"rank{rank}.pt")
