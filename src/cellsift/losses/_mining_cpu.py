@@ -1,8 +1,11 @@
-"""Triplet negatives on the CPU: one compiled pass over each anchor's row, no n x n sort.
+"""Triplets on the CPU: one compiled pass over each anchor's row, no n x n sort.
 
-:func:`cellsift.losses.mine_triplets` calls :func:`negatives` for batches on the CPU (on
-other devices it sorts each row with torch). Per anchor, in parallel over anchors:
+:func:`cellsift.losses.mine_triplets` calls :func:`triplets` for batches on the CPU (on
+other devices it sorts each row with torch). It enumerates the positive pairs itself, then,
+per anchor, in parallel over anchors:
 
+0. the anchor's allowed negatives as a mask over the batch, built once per label and study
+   and shared by the anchors of both (so that step 1 reads contiguous memory only);
 1. scan the row once for allowed negatives inside the union of the anchor's pair windows
    (``hardest``: the row minimum instead, and done);
 2. counting-sort those candidates into as many equal-width distance buckets as there are
@@ -13,7 +16,7 @@ other devices it sorts each row with torch). Per anchor, in parallel over anchor
    picks the negative: the same distribution as picking uniformly from the sorted window.
 
 Work: O(n) per anchor plus O(bucket size) per pair, against O(n log n) per anchor and two
-binary searches per pair for the sort.
+binary searches per pair for the sort. The pairs that found a negative come back compacted.
 """
 
 from __future__ import annotations
@@ -63,25 +66,39 @@ def _nth_in(o_v, o_j, start, stop, lo, hi, semihard, r):  # type: ignore[no-unty
 
 
 @numba.njit(inline="always")
+def _allowed_mask(y, study, related, ancestor, uses, yi, si, ok, coarse, used_by, allowed):
+    """``allowed[j]``: may cell j be a negative of an anchor of label ``yi`` in study ``si``.
+
+    The anchor's rules (:func:`_anchor_tables`) read once per cell into a mask that every
+    anchor of the same label and study shares, so that each anchor's pass over its row reads
+    contiguous memory only.
+    """
+    _anchor_tables(yi, si, related, ancestor, uses, ok, coarse, used_by)
+    for j in range(len(y)):
+        yj = y[j] + 1
+        allowed[j] = ok[yj] | (coarse[yj] & used_by[study[j] + 1])
+
+
+@numba.njit(inline="always")
 def _one_anchor(  # type: ignore[no-untyped-def]
-    d, y, study, i, k0, k1, d_ap, upper, u, mode, semihard, out, related, ancestor, uses,
-    ok, coarse, used_by, cand_v, cand_j, which, start, fill, o_v, o_j,
+    row, allowed, k0, k1, d_ap, upper, u, mode, semihard, out,
+    cand_v, cand_j, which, start, fill, o_v, o_j,
 ):  # fmt: skip
-    """The negatives of anchor i's pairs k0:k1 (:func:`negatives`), in the scratch arrays."""
-    n = d.shape[1]
-    row = d[i]
-    _anchor_tables(y[i], study[i], related, ancestor, uses, ok, coarse, used_by)
+    """The negatives of one anchor's pairs (``out[k0:k1]``); the pairs' windows are
+    ``d_ap[:k1 - k0]`` and ``upper[:k1 - k0]``, their draws ``u[k0:k1]``."""
+    n = row.shape[0]
+    m = k1 - k0
     if mode == HARDEST:  # the largest loss is the nearest negative's
         best, arg = np.inf, -1
         for j in range(n):
             v = row[j]
-            if v < best and (ok[y[j] + 1] or (coarse[y[j] + 1] and used_by[study[j] + 1])):
+            if v < best and allowed[j]:
                 best, arg = v, j
-        for k in range(k0, k1):
-            out[k] = arg if best < upper[k] else -1
+        for k in range(m):
+            out[k0 + k] = arg if best < upper[k] else -1
         return
     lo, hi = np.float32(np.inf), np.float32(-np.inf)  # the union of the windows
-    for k in range(k0, k1):  # (comparisons, so that a NaN pair is skipped, not spread)
+    for k in range(m):  # (comparisons, so that a NaN pair is skipped, not spread)
         if d_ap[k] < lo:
             lo = d_ap[k]
         if upper[k] > hi:
@@ -91,13 +108,10 @@ def _one_anchor(  # type: ignore[no-untyped-def]
     c = 0  # candidates, collected without branches (a taken branch per cell mispredicts)
     for j in range(n):
         v = row[j]
-        yj = y[j] + 1
-        keep = (v > lo) & (v < hi) & (ok[yj] | (coarse[yj] & used_by[study[j] + 1]))
         cand_v[c], cand_j[c] = v, j
-        c += keep
+        c += (v > lo) & (v < hi) & allowed[j]
     if c == 0:
-        for k in range(k0, k1):
-            out[k] = -1
+        out[k0:k1] = -1
         return
     # equal-width buckets over the union window; random: from 0 (distances are >= 0, and
     # anything below still falls in bucket 0)
@@ -117,10 +131,10 @@ def _one_anchor(  # type: ignore[no-untyped-def]
         b = which[q]
         o_v[fill[b]], o_j[fill[b]] = cand_v[q], cand_j[q]
         fill[b] += 1
-    for k in range(k0, k1):
+    for k in range(m):
         w_lo, w_hi = d_ap[k], upper[k]
         if w_hi != w_hi or (semihard and w_lo != w_lo):  # NaN
-            out[k] = -1
+            out[k0 + k] = -1
             continue
         # edge buckets tested one by one; those strictly between are all inside
         b_hi = _bucket(np.float64(w_hi), low, scale, n_buckets)
@@ -136,63 +150,100 @@ def _one_anchor(  # type: ignore[no-untyped-def]
             e2 = _nth_in(o_v, o_j, start[b_hi], start[b_hi + 1], w_lo, w_hi, semihard, -1)
         total = e1 + inner + e2
         if total == 0:
-            out[k] = -1
+            out[k0 + k] = -1
             continue
-        r = min(int(u[k] * total), total - 1)
+        r = min(int(u[k0 + k] * total), total - 1)
         if r < e1:
-            out[k] = _nth_in(o_v, o_j, start[b_lo], start[b_lo + 1], w_lo, w_hi, True, r)
+            pick = _nth_in(o_v, o_j, start[b_lo], start[b_lo + 1], w_lo, w_hi, True, r)
         elif r < e1 + inner:
-            out[k] = o_j[inner_start + r - e1]
+            pick = o_j[inner_start + r - e1]
         else:
             r -= e1 + inner
-            out[k] = _nth_in(o_v, o_j, start[b_hi], start[b_hi + 1], w_lo, w_hi, semihard, r)
+            pick = _nth_in(o_v, o_j, start[b_hi], start[b_hi + 1], w_lo, w_hi, semihard, r)
+        out[k0 + k] = pick
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def negatives(  # type: ignore[no-untyped-def]
-    d, y, related, ancestor, uses, study, anchors, pair_start, d_ap, upper, u, mode, out, threads
+def triplets(  # type: ignore[no-untyped-def]
+    d, y, study, related, ancestor, uses, rule_study, margin, u, mode, threads
 ):
-    """One negative per pair (cell index, or -1 when the pair has no candidate) into ``out``.
+    """Positive pairs and one negative per pair: (anchor, positive, negative) of the pairs
+    that found a negative, in pair order (:func:`positive_pairs`).
 
-    ``d``: n x n float32 distances. ``y``: label codes (-1 none). ``related``: labels x
-    labels, never negatives of each other. ``ancestor`` ([i, j]: j a strict ancestor of i)
-    and ``uses`` (studies x labels, which labels a study uses in the batch): the resolved
-    relatives, or 0 x 0 for none. ``study``: study codes (-1 none). Pairs are grouped by
-    anchor: ``anchors[t]`` owns pairs ``pair_start[t]:pair_start[t + 1]``; ``d_ap`` and
-    ``upper`` (= d_ap + margin) bound each pair's window, ``u`` are its uniform draws.
-    The anchors are split into one block per thread (``threads``: numba's thread count,
-    read by the caller), each block with its own scratch arrays.
+    ``d``: n x n float32 distances. ``y``: label codes (-1 none). ``study``: study codes of
+    the positives' rule (-1 none, a study of its own). ``related``: labels x labels, never
+    negatives of each other. ``ancestor`` ([i, j]: j a strict ancestor of i) and ``uses``
+    (studies x labels, which labels a study uses in the batch): the resolved relatives, or
+    0 x 0 for none; ``rule_study`` their study codes (all -1 without them: the kernel
+    checks no indices). ``margin``: float32. ``u``: one uniform draw per pair (semihard,
+    random; any length for hardest). Anchors of one label and study share a mask of
+    allowed negatives; they are processed grouped so, split into one block per thread
+    (``threads``: numba's thread count, read by the caller), each with its own scratch.
     """
     n = d.shape[1]
+    by_label, start, per_study, anchors, pair_start = label_blocks(y, study)
+    total = pair_start[-1]
+    a = np.empty(total, np.int64)
+    p = np.empty(total, np.int64)
+    out = np.empty(total, np.int64)
+    n_rule = uses.shape[0] + 1
+    group = np.empty(len(anchors), np.int64)
+    for t in range(len(anchors)):
+        group[t] = y[anchors[t]] * n_rule + rule_study[anchors[t]] + 1
+    order = np.argsort(group, kind="mergesort")
     semihard = mode == SEMIHARD
     n_blocks = max(min(threads, len(anchors)), 1)
     for block in numba.prange(n_blocks):
         ok = np.empty(related.shape[0] + 1, np.bool_)
         coarse = np.empty(related.shape[0] + 1, np.bool_)
-        used_by = np.empty(uses.shape[0] + 1, np.bool_)
+        used_by = np.empty(n_rule, np.bool_)
+        allowed = np.empty(n, np.bool_)
+        d_ap = np.empty(n, np.float32)
+        upper = np.empty(n, np.float32)
         cand_v = np.empty(n, np.float32)
         cand_j = np.empty(n, np.int64)
         which = np.empty(n, np.int64)
-        start = np.empty(n + 1, np.int64)
+        bucket_start = np.empty(n + 1, np.int64)
         fill = np.empty(n, np.int64)
         o_v = np.empty(n, np.float32)
         o_j = np.empty(n, np.int64)
-        for t in range(block * len(anchors) // n_blocks, (block + 1) * len(anchors) // n_blocks):
+        current = -1
+        for r in range(block * len(anchors) // n_blocks, (block + 1) * len(anchors) // n_blocks):
+            t = order[r]
+            i = anchors[t]
+            if group[t] != current:
+                current = group[t]
+                _allowed_mask(
+                    y, rule_study, related, ancestor, uses, y[i], rule_study[i],
+                    ok, coarse, used_by, allowed,
+                )  # fmt: skip
+            k0, k1 = pair_start[t], pair_start[t + 1]
+            _anchor_pairs(i, y, study, by_label, start, per_study, a, p, k0)
+            row = d[i]
+            for k in range(k1 - k0):
+                d_ap[k] = row[p[k0 + k]]
+                upper[k] = d_ap[k] + margin
             _one_anchor(
-                d, y, study, anchors[t], pair_start[t], pair_start[t + 1], d_ap, upper, u,
-                mode, semihard, out, related, ancestor, uses, ok, coarse, used_by,
-                cand_v, cand_j, which, start, fill, o_v, o_j,
+                row, allowed, k0, k1, d_ap, upper, u, mode, semihard, out,
+                cand_v, cand_j, which, bucket_start, fill, o_v, o_j,
             )  # fmt: skip
+    kept = 0
+    for k in range(total):  # the pairs with a negative, in order
+        if out[k] >= 0:
+            a[kept], p[kept], out[kept] = a[k], p[k], out[k]
+            kept += 1
+    return a[:kept], p[:kept], out[:kept]
 
 
 @numba.njit(cache=True, nogil=True)
-def positive_pairs(y, study):  # type: ignore[no-untyped-def]
-    """(anchor, positive) pairs: same label, distinct cells, another study when possible.
+def label_blocks(y, study):  # type: ignore[no-untyped-def]
+    """The batch's cells by label, and its anchors with where each one's pairs start.
 
     ``y``: label codes (-1: none, never paired); ``study``: study codes (-1: none, a study
-    of its own). Ordered by anchor then positive, as :func:`cellsift.losses.triplet.
-    _positive_pairs` orders them. Also returns the anchors that have pairs and where each
-    one's pairs start (``pair_start``, one longer), the grouping :func:`negatives` takes.
+    of its own). Returns the labelled cells ordered by label (ascending within a label),
+    where each label's cells start (one longer), the cells of each label per study (labels
+    x studies + 1), the cells with at least one positive (ascending) and where each one's
+    pairs start (``pair_start``, one longer: ``pair_start[-1]`` pairs in all).
     """
     n = len(y)
     n_labels, n_studies = 1, 1
@@ -209,35 +260,53 @@ def positive_pairs(y, study):  # type: ignore[no-untyped-def]
         start[lab + 1] += start[lab]
     by_label = np.empty(start[n_labels], np.int64)
     fill = start[:-1].copy()
-    total, n_anchors = 0, 0
     for i in range(n):
         if y[i] >= 0:
             by_label[fill[y[i]]] = i
             fill[y[i]] += 1
+    n_anchors = 0
     for i in range(n):
-        if y[i] >= 0:
-            same = start[y[i] + 1] - start[y[i]]
-            own = per_study[y[i], study[i] + 1]
-            k = same - own if same > own else same - 1
-            total += k
-            n_anchors += k > 0
-    a = np.empty(total, np.int64)
-    p = np.empty(total, np.int64)
+        n_anchors += y[i] >= 0 and start[y[i] + 1] - start[y[i]] > 1
     anchors = np.empty(n_anchors, np.int64)
     pair_start = np.zeros(n_anchors + 1, np.int64)
-    k, t = 0, 0
+    t = 0
     for i in range(n):
         if y[i] < 0:
             continue
-        cross = start[y[i] + 1] - start[y[i]] > per_study[y[i], study[i] + 1]
-        k0 = k
-        for q in range(start[y[i]], start[y[i] + 1]):
-            j = by_label[q]
-            if j != i and not (cross and study[j] == study[i]):
-                a[k], p[k] = i, j
-                k += 1
-        if k > k0:
+        same = start[y[i] + 1] - start[y[i]]
+        own = per_study[y[i], study[i] + 1]
+        k = same - own if same > own else same - 1  # another study's cells, if any
+        if k > 0:
             anchors[t] = i
-            pair_start[t + 1] = k
+            pair_start[t + 1] = pair_start[t] + k
             t += 1
+    return by_label, start, per_study, anchors, pair_start
+
+
+@numba.njit(inline="always")
+def _anchor_pairs(i, y, study, by_label, start, per_study, a, p, k):  # type: ignore[no-untyped-def]
+    """Anchor i's pairs into ``a[k:]``, ``p[k:]``: the other cells of its label, of another
+    study when its label has cells there (SCimilarity's rule), ascending."""
+    yi = y[i]
+    cross = start[yi + 1] - start[yi] > per_study[yi, study[i] + 1]
+    for q in range(start[yi], start[yi + 1]):
+        j = by_label[q]
+        if j != i and not (cross and study[j] == study[i]):
+            a[k], p[k] = i, j
+            k += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def positive_pairs(y, study):  # type: ignore[no-untyped-def]
+    """(anchor, positive) pairs as :func:`triplets` enumerates them, with the anchors and
+    where each one's pairs start (:func:`label_blocks`).
+
+    Ordered by anchor then positive, as :func:`cellsift.losses.triplet._positive_pairs`
+    orders them.
+    """
+    by_label, start, per_study, anchors, pair_start = label_blocks(y, study)
+    a = np.empty(pair_start[-1], np.int64)
+    p = np.empty(pair_start[-1], np.int64)
+    for t in range(len(anchors)):
+        _anchor_pairs(anchors[t], y, study, by_label, start, per_study, a, p, pair_start[t])
     return a, p, anchors, pair_start

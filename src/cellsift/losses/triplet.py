@@ -170,20 +170,19 @@ def _negatives_sorted(
     return torch.where((count > 0) & ~upper.isnan(), neg, -1)  # NaN keys sort after inf
 
 
-def _negatives_compiled(
+def _triplets_compiled(
     d_nn: torch.Tensor,
     y: torch.Tensor,
     related_ll: torch.Tensor,
     ancestor_ll: torch.Tensor | None,
-    study_n: torch.Tensor | None,
-    anchors: np.ndarray,
-    pair_start: np.ndarray,
-    d_ap: torch.Tensor,
-    upper: torch.Tensor,
+    study: np.ndarray,
+    margin: float,
     u: torch.Tensor | None,
     negative: Negative,
-) -> torch.Tensor:
-    """One negative per pair (-1: none) on the CPU: the compiled per-row kernel."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(anchor, positive, negative) of the pairs with a negative, on the CPU: the compiled
+    kernel (:func:`cellsift.losses._mining_cpu.triplets`). ``study``: the study codes, -1
+    where there are none."""
     import numba
 
     from . import _mining_cpu
@@ -192,34 +191,30 @@ def _negatives_compiled(
     ancestor, uses = none, none
     # without the resolved rule the kernel's study table has one slot (no study): the codes
     # must stay -1, as it does not check its indices
-    study = np.full(len(y), -1, dtype=np.int64)
-    if ancestor_ll is not None and study_n is not None:
+    rule_study = np.full(len(y), -1, dtype=np.int64)
+    if ancestor_ll is not None and (study >= 0).any():
         ancestor = ancestor_ll.bool().numpy()
-        uses = _label_use(y, study_n.long(), len(ancestor)).numpy()
-        study = study_n.long().numpy()
+        uses = _label_use(y, torch.from_numpy(study), len(ancestor)).numpy()
+        rule_study = study
     mode = {
         "semihard": _mining_cpu.SEMIHARD,
         "random": _mining_cpu.RANDOM,
         "hardest": _mining_cpu.HARDEST,
     }[negative]
-    out = np.empty(len(d_ap), dtype=np.int64)
-    _mining_cpu.negatives(
+    a, p, neg = _mining_cpu.triplets(
         np.ascontiguousarray(d_nn.numpy(), dtype=np.float32),
         y.numpy(),
+        study,
         np.ascontiguousarray(related_ll.numpy(), dtype=np.bool_),
         ancestor,
         uses,
-        study,
-        anchors,
-        pair_start,
-        d_ap.numpy(),
-        upper.numpy(),
-        np.zeros(len(d_ap)) if u is None else u.numpy(),
+        rule_study,
+        np.float32(margin),
+        np.zeros(0) if u is None else u.numpy(),
         mode,
-        out,
         min(numba.get_num_threads(), torch.get_num_threads()),
     )
-    return torch.from_numpy(out)
+    return torch.from_numpy(a), torch.from_numpy(p), torch.from_numpy(neg)
 
 
 def _compiled_path(device: torch.device) -> bool:
@@ -281,12 +276,12 @@ def mine_triplets(
             from . import _mining_cpu
 
             study = study_n.long().numpy() if study_n is not None else np.full(n, -1)
-            a_np, p_np, anchors, pair_start = _mining_cpu.positive_pairs(y.numpy(), study)
-            a, p = torch.from_numpy(a_np), torch.from_numpy(p_np)
+            n_pairs = int(_mining_cpu.label_blocks(y.numpy(), study)[-1][-1])  # the u to draw
         else:
             a, p = _positive_pairs(y, study_n.to(dev) if study_n is not None else None)
+            n_pairs = len(a)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
-        if len(a) == 0:
+        if n_pairs == 0:
             return Triplets(empty, empty, empty, 0)
         if n > _MAX_CELLS and not compiled:  # the sorted keys hold a cell in 16 bits
             raise ValueError(
@@ -307,33 +302,23 @@ def mine_triplets(
             )
         if tuple(d.shape) != (n, n):
             raise ValueError(f"dist_nn is {tuple(d.shape)}, not cells x cells ({n} x {n}).")
-        d_ap = d.flatten().index_select(0, a * n + p)
-        upper = d_ap + margin
         u = None
         if negative != "hardest":
-            u = torch.rand(len(a), generator=generator, device=dev, dtype=torch.float64)
+            u = torch.rand(n_pairs, generator=generator, device=dev, dtype=torch.float64)
         if compiled:
-            neg = _negatives_compiled(
-                d,
-                y,
-                related_ll,
-                ancestor_ll,
-                study_n,
-                anchors,
-                pair_start,
-                d_ap,
-                upper,
-                u,
-                negative,
+            a, p, neg = _triplets_compiled(
+                d, y, related_ll, ancestor_ll, study, margin, u, negative
             )
-        else:
-            resolved = None
-            if ancestor_ll is not None and study_n is not None:
-                resolved = _resolved_relatives(ancestor_ll.to(dev), y, study_n.long().to(dev))
-            neg = _negatives_sorted(d, y, related_ll, resolved, a, d_ap, upper, u, negative)
+            return Triplets(a, p, neg, n_pairs)
+        d_ap = d.flatten().index_select(0, a * n + p)
+        upper = d_ap + margin
+        resolved = None
+        if ancestor_ll is not None and study_n is not None:
+            resolved = _resolved_relatives(ancestor_ll.to(dev), y, study_n.long().to(dev))
+        neg = _negatives_sorted(d, y, related_ll, resolved, a, d_ap, upper, u, negative)
         keep = neg >= 0
         return Triplets(
-            a.masked_select(keep), p.masked_select(keep), neg.masked_select(keep), len(a)
+            a.masked_select(keep), p.masked_select(keep), neg.masked_select(keep), n_pairs
         )
 
 
