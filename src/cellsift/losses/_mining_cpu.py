@@ -14,6 +14,8 @@ per anchor, in parallel over anchors:
    bracketed by the bucket edges, and the bucket function is monotone in floating point),
    and only the two edge buckets are tested one by one. A uniform draw among the candidates
    picks the negative: the same distribution as picking uniformly from the sorted window.
+   Pair k's draw is SplitMix64's k-th output from a seed that the caller draws from torch's
+   generator, so it does not depend on threads or scheduling.
 
 Work: O(n) per anchor plus O(bucket size) per pair, against O(n log n) per anchor and two
 binary searches per pair for the sort. The pairs that found a negative come back compacted.
@@ -25,6 +27,21 @@ import numba
 import numpy as np
 
 SEMIHARD, RANDOM, HARDEST = 0, 1, 2
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment
+
+
+@numba.njit(inline="always")
+def _uniform(seed, k):  # type: ignore[no-untyped-def]
+    """Pair k's draw in [0, 1): the k-th output of SplitMix64 from ``seed`` (uint64).
+
+    Counter-based, so a pair's draw depends on its index only, not on which thread mines
+    it or in what order.
+    """
+    x = seed + np.uint64(k + 1) * _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return np.float64(x >> np.uint64(11)) * (1.0 / 9007199254740992.0)  # 53 bits / 2**53
 
 
 @numba.njit(inline="always")
@@ -81,11 +98,11 @@ def _allowed_mask(y, study, related, ancestor, uses, yi, si, ok, coarse, used_by
 
 @numba.njit(inline="always")
 def _one_anchor(  # type: ignore[no-untyped-def]
-    row, allowed, k0, k1, d_ap, upper, u, mode, semihard, out,
+    row, allowed, k0, k1, d_ap, upper, seed, mode, semihard, out,
     cand_v, cand_j, which, start, fill, o_v, o_j,
 ):  # fmt: skip
     """The negatives of one anchor's pairs (``out[k0:k1]``); the pairs' windows are
-    ``d_ap[:k1 - k0]`` and ``upper[:k1 - k0]``, their draws ``u[k0:k1]``."""
+    ``d_ap[:k1 - k0]`` and ``upper[:k1 - k0]``, their draws :func:`_uniform`."""
     n = row.shape[0]
     m = k1 - k0
     if mode == HARDEST:  # the largest loss is the nearest negative's
@@ -152,7 +169,7 @@ def _one_anchor(  # type: ignore[no-untyped-def]
         if total == 0:
             out[k0 + k] = -1
             continue
-        r = min(int(u[k0 + k] * total), total - 1)
+        r = min(int(_uniform(seed, k0 + k) * total), total - 1)
         if r < e1:
             pick = _nth_in(o_v, o_j, start[b_lo], start[b_lo + 1], w_lo, w_hi, True, r)
         elif r < e1 + inner:
@@ -165,22 +182,23 @@ def _one_anchor(  # type: ignore[no-untyped-def]
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def triplets(  # type: ignore[no-untyped-def]
-    d, y, study, related, ancestor, uses, rule_study, margin, u, mode, threads
+    d, y, study, related, ancestor, uses, rule_study, margin, seed, mode, threads
 ):
     """Positive pairs and one negative per pair: (anchor, positive, negative) of the pairs
-    that found a negative, in pair order (:func:`positive_pairs`).
+    that found a negative, in pair order (:func:`positive_pairs`), and the number of pairs.
 
     ``d``: n x n float32 distances. ``y``: label codes (-1 none). ``study``: study codes of
     the positives' rule (-1 none, a study of its own). ``related``: labels x labels, never
     negatives of each other. ``ancestor`` ([i, j]: j a strict ancestor of i) and ``uses``
     (studies x labels, which labels a study uses in the batch): the resolved relatives, or
     0 x 0 for none; ``rule_study`` their study codes (all -1 without them: the kernel
-    checks no indices). ``margin``: float32. ``u``: one uniform draw per pair (semihard,
-    random; any length for hardest). Anchors of one label and study share a mask of
+    checks no indices). ``margin``: float32. ``seed``: of the pairs' uniform draws
+    (semihard, random), a non-negative int64. Anchors of one label and study share a mask of
     allowed negatives; they are processed grouped so, split into one block per thread
     (``threads``: numba's thread count, read by the caller), each with its own scratch.
     """
     n = d.shape[1]
+    useed = np.uint64(seed)
     by_label, start, per_study, anchors, pair_start = label_blocks(y, study)
     total = pair_start[-1]
     a = np.empty(total, np.int64)
@@ -224,7 +242,7 @@ def triplets(  # type: ignore[no-untyped-def]
                 d_ap[k] = row[p[k0 + k]]
                 upper[k] = d_ap[k] + margin
             _one_anchor(
-                row, allowed, k0, k1, d_ap, upper, u, mode, semihard, out,
+                row, allowed, k0, k1, d_ap, upper, useed, mode, semihard, out,
                 cand_v, cand_j, which, bucket_start, fill, o_v, o_j,
             )  # fmt: skip
     kept = 0
@@ -232,7 +250,7 @@ def triplets(  # type: ignore[no-untyped-def]
         if out[k] >= 0:
             a[kept], p[kept], out[kept] = a[k], p[k], out[k]
             kept += 1
-    return a[:kept], p[:kept], out[:kept]
+    return a[:kept], p[:kept], out[:kept], total
 
 
 @numba.njit(cache=True, nogil=True)

@@ -47,7 +47,9 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
     """
     if distance == "cosine":
         z = nn.functional.normalize(z_nk, dim=1)
-        return torch.mm(z, z.T).neg_().add_(1.0).relu_()  # one n x n buffer; relu_ saves no copy
+        one = torch.ones((), dtype=z.dtype, device=z.device)
+        # 1 - z z^T in the matrix product's own pass; one n x n buffer (relu_ saves no copy)
+        return torch.addmm(one, z, z.T, alpha=-1.0).relu_()
     if distance == "euclidean":
         sq = (z_nk * z_nk).sum(1)
         d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
@@ -177,12 +179,12 @@ def _triplets_compiled(
     ancestor_ll: torch.Tensor | None,
     study: np.ndarray,
     margin: float,
-    u: torch.Tensor | None,
+    seed: int,
     negative: Negative,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(anchor, positive, negative) of the pairs with a negative, on the CPU: the compiled
-    kernel (:func:`cellsift.losses._mining_cpu.triplets`). ``study``: the study codes, -1
-    where there are none."""
+) -> Triplets:
+    """Triplets on the CPU: the compiled kernel (:func:`cellsift.losses._mining_cpu.
+    triplets`). ``study``: the study codes, -1 where there are none; ``seed``: of the
+    pairs' draws."""
     import numba
 
     from . import _mining_cpu
@@ -201,7 +203,7 @@ def _triplets_compiled(
         "random": _mining_cpu.RANDOM,
         "hardest": _mining_cpu.HARDEST,
     }[negative]
-    a, p, neg = _mining_cpu.triplets(
+    a, p, neg, n_pairs = _mining_cpu.triplets(
         np.ascontiguousarray(d_nn.numpy(), dtype=np.float32),
         y.numpy(),
         study,
@@ -210,11 +212,11 @@ def _triplets_compiled(
         uses,
         rule_study,
         np.float32(margin),
-        np.zeros(0) if u is None else u.numpy(),
+        seed,
         mode,
         min(numba.get_num_threads(), torch.get_num_threads()),
     )
-    return torch.from_numpy(a), torch.from_numpy(p), torch.from_numpy(neg)
+    return Triplets(torch.from_numpy(a), torch.from_numpy(p), torch.from_numpy(neg), int(n_pairs))
 
 
 def _compiled_path(device: torch.device) -> bool:
@@ -272,17 +274,13 @@ def mine_triplets(
         y = y_n.long().to(dev)
         n = len(y)
         compiled = _compiled_path(dev)
-        if compiled:
-            from . import _mining_cpu
-
-            study = study_n.long().numpy() if study_n is not None else np.full(n, -1)
-            n_pairs = int(_mining_cpu.label_blocks(y.numpy(), study)[-1][-1])  # the u to draw
-        else:
-            a, p = _positive_pairs(y, study_n.to(dev) if study_n is not None else None)
-            n_pairs = len(a)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
-        if n_pairs == 0:
+        if n == 0 or not bool((y >= 0).any()):
             return Triplets(empty, empty, empty, 0)
+        if not compiled:  # (the compiled kernel enumerates its pairs itself)
+            a, p = _positive_pairs(y, study_n.to(dev) if study_n is not None else None)
+            if len(a) == 0:
+                return Triplets(empty, empty, empty, 0)
         if n > _MAX_CELLS and not compiled:  # the sorted keys hold a cell in 16 bits
             raise ValueError(
                 f"triplet mining on {dev.type} takes at most {_MAX_CELLS} cells a batch, not {n}."
@@ -302,14 +300,13 @@ def mine_triplets(
             )
         if tuple(d.shape) != (n, n):
             raise ValueError(f"dist_nn is {tuple(d.shape)}, not cells x cells ({n} x {n}).")
+        if compiled:  # the draws: SplitMix64 from a seed of the torch generator
+            seed = int(torch.randint(1 << 62, (1,), generator=generator))
+            study = study_n.long().numpy() if study_n is not None else np.full(n, -1)
+            return _triplets_compiled(d, y, related_ll, ancestor_ll, study, margin, seed, negative)
         u = None
         if negative != "hardest":
-            u = torch.rand(n_pairs, generator=generator, device=dev, dtype=torch.float64)
-        if compiled:
-            a, p, neg = _triplets_compiled(
-                d, y, related_ll, ancestor_ll, study, margin, u, negative
-            )
-            return Triplets(a, p, neg, n_pairs)
+            u = torch.rand(len(a), generator=generator, device=dev, dtype=torch.float64)
         d_ap = d.flatten().index_select(0, a * n + p)
         upper = d_ap + margin
         resolved = None
@@ -318,7 +315,7 @@ def mine_triplets(
         neg = _negatives_sorted(d, y, related_ll, resolved, a, d_ap, upper, u, negative)
         keep = neg >= 0
         return Triplets(
-            a.masked_select(keep), p.masked_select(keep), neg.masked_select(keep), n_pairs
+            a.masked_select(keep), p.masked_select(keep), neg.masked_select(keep), len(a)
         )
 
 
@@ -418,7 +415,7 @@ class TripletLoss(nn.Module):
         if len(t) == 0:
             return z_nk.sum() * 0.0, t
         flat, n = d.flatten(), len(d)  # index_select: faster than d[rows, cols] on the CPU
-        d_ap = flat.index_select(0, t.anchor * n + t.positive)
-        d_an = flat.index_select(0, t.anchor * n + t.negative)
+        d_ap = flat.index_select(0, t.positive.add(t.anchor, alpha=n))  # row * n + column
+        d_an = flat.index_select(0, t.negative.add(t.anchor, alpha=n))
         loss = (d_ap - d_an + self.margin).clamp_min(0.0)
         return loss.mean(), t
