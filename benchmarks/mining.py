@@ -84,7 +84,9 @@ def main() -> None:
     args = ap.parse_args()
     import _peers
 
-    repeats = 30 if args.quick else 100
+    # medians of many calls: other load on a machine moves single calls by tens of percent
+    repeats = 300 if args.quick else 1000  # cellsift's calls take a few ms
+    peer_repeats = 9 if args.quick else 30  # SCimilarity's ~0.3 s
     z, labels, studies = make_batch()
     results: dict[str, float] = {}
     detail: dict[str, dict] = {}
@@ -111,7 +113,7 @@ def main() -> None:
                     "--mode",
                     mode,
                     "--repeats",
-                    str(max(9, repeats // 10)),  # its calls take ~0.3 s: 9 for a stable median
+                    str(peer_repeats),
                     "--warmup-seconds",
                     str(WARMUP_SECONDS),
                 ],
