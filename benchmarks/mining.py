@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,24 @@ def make_batch(
     return z.astype(np.float32), [terms[i] for i in y], s
 
 
+def _median_seconds(call: Callable[[], object], repeats: int) -> float:
+    warm_until = time.perf_counter() + WARMUP_SECONDS  # steady state, as a training run sees
+    while time.perf_counter() < warm_until:  # the first calls pay for allocations and threads
+        call()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def time_cellsift(
     z: np.ndarray, labels: list[str], studies: np.ndarray, mode: str, repeats: int
 ) -> dict:
-    from cellsift.losses import TripletLoss
+    """The loss call (distances, mining, loss), and, for where the time goes, its distance
+    matrix alone and its mining given the distances."""
+    from cellsift.losses import TripletLoss, mine_triplets, pairwise_distance
     from cellsift.ontology import load_cell_ontology
 
     cl = load_cell_ontology()
@@ -62,16 +77,16 @@ def time_cellsift(
     s = torch.from_numpy(studies)
     zt = torch.from_numpy(z).requires_grad_(True)
     loss_fn = TripletLoss(margin=0.05, negative=mode, related_ll=related)
-    warm_until = time.perf_counter() + WARMUP_SECONDS  # steady state, as a training run sees
-    while time.perf_counter() < warm_until:  # the first calls pay for allocations and threads
-        loss_fn(zt, y, s)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        loss, trip = loss_fn(zt, y, s)
-        times.append(time.perf_counter() - t)
+    seconds = _median_seconds(lambda: loss_fn(zt, y, s), repeats)
+    d = pairwise_distance(zt).detach()
+    loss, trip = loss_fn(zt, y, s)
     return {
-        "seconds_per_batch": float(np.median(times)),
+        "seconds_per_batch": seconds,
+        "distance_seconds": _median_seconds(lambda: pairwise_distance(zt), repeats),
+        "mining_seconds": _median_seconds(
+            lambda: mine_triplets(zt, y, related, s, margin=0.05, negative=mode, dist_nn=d),
+            repeats,
+        ),
         "n_triplets": len(trip),
         "loss": float(loss.detach()),
     }
@@ -100,7 +115,11 @@ def main() -> None:
             out = time_cellsift(z, labels, studies, mode, repeats)
             results[f"cellsift/{mode}"] = out["seconds_per_batch"]
             detail[f"cellsift/{mode}"] = out
-            print(f"# cellsift/{mode:9s} {out['seconds_per_batch'] * 1e3:9.2f} ms", flush=True)
+            print(
+                f"# cellsift/{mode:9s} {out['seconds_per_batch'] * 1e3:9.2f} ms (distances "
+                f"{out['distance_seconds'] * 1e3:.2f}, mining {out['mining_seconds'] * 1e3:.2f})",
+                flush=True,
+            )
             if args.no_peers or "scimilarity" in skipped:
                 continue
             peer = _peers.run_peer(
