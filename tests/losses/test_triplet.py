@@ -226,3 +226,30 @@ def test_a_nan_distance_costs_only_its_own_pairs(mode, path):
     kept = ((t.anchor == anchor) & (t.positive != mate)).sum()
     assert lost > 0 and kept == lost  # the anchor's other pairs still find negatives
     assert not t.negative.eq(mate).logical_and(t.anchor == anchor).any()
+
+
+@pytest.mark.parametrize("mode", ["semihard", "random"])
+def test_compiled_draws_do_not_depend_on_threads(mode):
+    """Pair k's draw is a function of the seed and k: one thread or two, the same triplets."""
+    import numba
+
+    z, y, s, related = _batch(n=300, labels=5, seed=3)
+    picks = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            t = mine_triplets(
+                z,
+                y,
+                related,
+                s,
+                margin=0.3,
+                negative=mode,
+                generator=torch.Generator().manual_seed(5),
+            )
+            picks.append(torch.stack([t.anchor, t.positive, t.negative]))
+    finally:
+        numba.set_num_threads(before)
+    assert picks[0].shape[1] > 0
+    assert torch.equal(picks[0], picks[1])
