@@ -5,7 +5,8 @@ studies, on the CPU, for each negative-selection mode. SCimilarity runs in a vir
 its own (benchmarks/_peers.py; it pins zarr<3) on the same embeddings, with the Cell Ontology
 written to a local OBO file (it would download one otherwise). Results are seconds per batch:
 the median of timed calls after each side has warmed up for a second (a training run's steady
-state).
+state). cellsift's ``detail`` also times its distance matrix alone and its mining given the
+distances, for where its time goes.
 
     python benchmarks/mining.py --quick
 
