@@ -186,22 +186,16 @@ def test_mismatched_inputs_are_refused():
 
 
 @pytest.mark.parametrize("studies", ["given", "some missing", "none"])
-def test_both_paths_enumerate_the_same_positive_pairs(studies):
-    from cellsift.losses._mining_cpu import positive_pairs
-
+def test_both_paths_enumerate_scimilaritys_positive_pairs(studies, path):
     _, y, s, _ = _batch(n=200, labels=5, studies=3, seed=7)
+    z = torch.nn.functional.normalize(torch.randn(len(y), 8, generator=torch.Generator()), dim=1)
     y[y == 4] = -1
     y[10] = 4  # a label with one cell: no pair
     if studies == "some missing":
         s[::7] = -1
     study = s if studies != "none" else None
-    a, p = triplet_module._positive_pairs(y, study)
-    got = positive_pairs(y.numpy(), (s if study is not None else torch.full_like(s, -1)).numpy())
-    np.testing.assert_array_equal(got[0], a.numpy())
-    np.testing.assert_array_equal(got[1], p.numpy())
-    anchors, start = np.unique(a.numpy(), return_index=True)
-    np.testing.assert_array_equal(got[2], anchors)
-    np.testing.assert_array_equal(got[3], np.append(start, len(a)))
+    # cosine distances are at most 2: with a margin of 3 every pair finds a negative
+    t = mine_triplets(z, y, None, study, margin=3.0, negative="random")
     # brute force: SCimilarity's rule, with a missing study a study of its own
     yn, sn = y.numpy(), (s.numpy() if study is not None else np.zeros(len(y), int))
     want = []
@@ -209,7 +203,8 @@ def test_both_paths_enumerate_the_same_positive_pairs(studies):
         same = [j for j in range(len(yn)) if j != i and yn[j] == yn[i]]
         cross = [j for j in same if sn[j] != sn[i]]
         want += [(i, j) for j in (cross or same)]
-    assert list(zip(a.tolist(), p.tolist(), strict=True)) == want
+    assert t.n_pairs == len(want)
+    assert list(zip(t.anchor.tolist(), t.positive.tolist(), strict=True)) == want
 
 
 @pytest.mark.parametrize("mode", ["semihard", "hardest", "random"])

@@ -185,7 +185,8 @@ def triplets(  # type: ignore[no-untyped-def]
     d, y, study, related, ancestor, uses, rule_study, margin, seed, mode, threads
 ):
     """Positive pairs and one negative per pair: (anchor, positive, negative) of the pairs
-    that found a negative, in pair order (:func:`positive_pairs`), and the number of pairs.
+    that found a negative, ordered by anchor then positive (as :func:`cellsift.losses.
+    triplet._positive_pairs` orders them), and the number of pairs.
 
     ``d``: n x n float32 distances. ``y``: label codes (-1 none). ``study``: study codes of
     the positives' rule (-1 none, a study of its own). ``related``: labels x labels, never
@@ -312,19 +313,3 @@ def _anchor_pairs(i, y, study, by_label, start, per_study, a, p, k):  # type: ig
         if j != i and not (cross and study[j] == study[i]):
             a[k], p[k] = i, j
             k += 1
-
-
-@numba.njit(cache=True, nogil=True)
-def positive_pairs(y, study):  # type: ignore[no-untyped-def]
-    """(anchor, positive) pairs as :func:`triplets` enumerates them, with the anchors and
-    where each one's pairs start (:func:`label_blocks`).
-
-    Ordered by anchor then positive, as :func:`cellsift.losses.triplet._positive_pairs`
-    orders them.
-    """
-    by_label, start, per_study, anchors, pair_start = label_blocks(y, study)
-    a = np.empty(pair_start[-1], np.int64)
-    p = np.empty(pair_start[-1], np.int64)
-    for t in range(len(anchors)):
-        _anchor_pairs(anchors[t], y, study, by_label, start, per_study, a, p, pair_start[t])
-    return a, p, anchors, pair_start
