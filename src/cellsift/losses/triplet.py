@@ -300,8 +300,10 @@ def mine_triplets(
             )
         if tuple(d.shape) != (n, n):
             raise ValueError(f"dist_nn is {tuple(d.shape)}, not cells x cells ({n} x {n}).")
-        if compiled:  # the draws: SplitMix64 from a seed of the torch generator
-            seed = int(torch.randint(1 << 62, (1,), generator=generator))
+        if compiled:  # the draws: SplitMix64 from a seed of the torch generator (hardest: none)
+            seed = 0
+            if negative != "hardest":
+                seed = int(torch.randint(1 << 62, (1,), generator=generator))
             study = study_n.long().numpy() if study_n is not None else np.full(n, -1)
             return _triplets_compiled(d, y, related_ll, ancestor_ll, study, margin, seed, negative)
         u = None
