@@ -1,7 +1,9 @@
-"""Shared fixtures: index-valued atlases in every format, a small synthetic atlas."""
+"""Shared fixtures: index-valued atlases in every format, a small synthetic atlas; the
+accelerator that the device tests compare with the CPU."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,20 @@ import torch
 from cellsift.datasets import indexed_atlas, synthetic_atlas
 
 N_INDEXED = 2_000
+
+#: The accelerator whose results the device tests (marked ``gpu``) compare with the CPU's:
+#: ``CELLSIFT_TEST_DEVICE`` (default ``cuda``); they skip where it is absent.
+TEST_DEVICE = os.environ.get("CELLSIFT_TEST_DEVICE", "cuda")
+
+
+def device_available(device: str = TEST_DEVICE) -> bool:
+    """Whether torch can run on ``device`` here (``cpu``: always)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    return kind == "cpu"
 
 
 @pytest.fixture(scope="session")

@@ -58,12 +58,3 @@ def test_transforms_move_with_the_module(adata):
     z = ZScore(np.zeros(150), np.ones(150))
     assert {n for n, _ in z.named_buffers()} == {"mean_g", "std_g"}
     assert z.to(torch.float64).mean_g.dtype == torch.float64
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_pipeline_on_gpu(adata):
-    x = _csr(adata.X).to("cuda")
-    out = default_pipeline().to("cuda")({"x_ng": x})["x_ng"]
-    ref = default_pipeline()({"x_ng": _csr(adata.X)})["x_ng"]
-    np.testing.assert_allclose(out.cpu().numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cellsift.losses import TripletLoss, mine_triplets, pairwise_distance
+from cellsift.losses import TripletLoss, Triplets, mine_triplets, pairwise_distance
 from cellsift.losses import triplet as triplet_module
+from conftest import TEST_DEVICE, device_available
 
 
 def _batch(n=120, labels=6, studies=3, seed=0):
@@ -22,12 +23,47 @@ def _batch(n=120, labels=6, studies=3, seed=0):
     return z, y, s, related
 
 
-@pytest.fixture(params=["compiled", "sorted"])
+@pytest.fixture(
+    params=[
+        "compiled",
+        "sorted",
+        pytest.param(
+            "device",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not device_available(), reason=f"needs {TEST_DEVICE}"),
+            ],
+        ),
+    ]
+)
 def path(request, monkeypatch):
-    """Both mining paths on this CPU: the compiled kernel, and the torch sort GPUs take."""
+    """The mining paths: on this CPU the compiled kernel and the torch sort that GPUs take,
+    and that sort on the accelerator itself (``CELLSIFT_TEST_DEVICE``, default CUDA)."""
     if request.param == "sorted":
         monkeypatch.setattr(triplet_module, "_compiled_path", lambda device: False)
     return request.param
+
+
+def _mine(path, z, y, related, s, *, seed=None, generator=None, **kwargs):
+    """:func:`mine_triplets` on the path's device (inputs moved there, triplets back on
+    the CPU); ``seed``: a fresh generator of that device."""
+    dev = torch.device(TEST_DEVICE if path == "device" else "cpu")
+
+    def to(x):
+        return x.to(dev) if isinstance(x, torch.Tensor) else x
+
+    if seed is not None:
+        generator = torch.Generator(dev).manual_seed(seed)
+    t = mine_triplets(
+        to(z), to(y), to(related), to(s), generator=generator,
+        **{k: to(v) for k, v in kwargs.items()},
+    )  # fmt: skip
+    return Triplets(t.anchor.cpu(), t.positive.cpu(), t.negative.cpu(), t.n_pairs)
+
+
+def _generator(path, seed):
+    """A generator of the path's device (draws are made where the mining runs)."""
+    return torch.Generator(TEST_DEVICE if path == "device" else "cpu").manual_seed(seed)
 
 
 ANCESTOR = torch.zeros(6, 6, dtype=torch.bool)
@@ -75,14 +111,15 @@ def _reference(z, y, s, related, margin, mode, resolved=False):
 def test_selection_satisfies_scimilarity_rules(mode, margin, resolved, path):
     z, y, s, related = _batch()
     ref, d = _reference(z, y, s, related, margin, mode, resolved)
-    t = mine_triplets(
+    t = _mine(
+        path,
         z,
         y,
         related,
         s,
         margin=margin,
         negative=mode,
-        generator=torch.Generator().manual_seed(1),
+        seed=1,
         ancestor_ll=ANCESTOR if resolved else None,
     )
     assert t.n_pairs == len(ref)
@@ -128,9 +165,9 @@ def test_choice_is_uniform_over_candidates(mode, path):
     ref, _ = _reference(z, y, s, related, 0.3, mode)
     pair = max(ref, key=lambda k: len(ref[k]))
     counts: dict[int, int] = {}
-    g = torch.Generator().manual_seed(0)
+    g = _generator(path, 0)
     for _ in range(400):
-        t = mine_triplets(z, y, related, s, margin=0.3, negative=mode, generator=g)
+        t = _mine(path, z, y, related, s, margin=0.3, negative=mode, generator=g)
         hit = ((t.anchor == pair[0]) & (t.positive == pair[1])).nonzero()
         m = int(t.negative[hit[0, 0]])
         counts[m] = counts.get(m, 0) + 1
@@ -195,7 +232,7 @@ def test_both_paths_enumerate_scimilaritys_positive_pairs(studies, path):
         s[::7] = -1
     study = s if studies != "none" else None
     # cosine distances are at most 2: with a margin of 3 every pair finds a negative
-    t = mine_triplets(z, y, None, study, margin=3.0, negative="random")
+    t = _mine(path, z, y, None, study, margin=3.0, negative="random")
     # brute force: SCimilarity's rule, with a missing study a study of its own
     yn, sn = y.numpy(), (s.numpy() if study is not None else np.zeros(len(y), int))
     want = []
@@ -214,8 +251,8 @@ def test_a_nan_distance_costs_only_its_own_pairs(mode, path):
     anchor = int(torch.nonzero(y >= 0)[0])
     mate = int(torch.nonzero((y == y[anchor]) & (torch.arange(len(y)) != anchor))[0])
     d[anchor, mate] = float("nan")
-    clean = mine_triplets(z, y, related, s, margin=0.3, negative=mode, dist_nn=pairwise_distance(z))
-    t = mine_triplets(z, y, related, s, margin=0.3, negative=mode, dist_nn=d)
+    clean = _mine(path, z, y, related, s, margin=0.3, negative=mode, dist_nn=pairwise_distance(z))
+    t = _mine(path, z, y, related, s, margin=0.3, negative=mode, dist_nn=d)
     assert not ((t.anchor == anchor) & (t.positive == mate)).any()
     lost = ((clean.anchor == anchor) & (clean.positive != mate)).sum()
     kept = ((t.anchor == anchor) & (t.positive != mate)).sum()
