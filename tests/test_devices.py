@@ -105,6 +105,8 @@ def test_training_on_the_device_separates_a_held_out_study(
         enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
+    cuda = torch.device(TEST_DEVICE).type == "cuda"
+    assert dm.train_dataloader().pin_memory == cuda  # batches pinned for the copy to a GPU
     metrics = trainer.callback_metrics
     assert np.isfinite(float(metrics["train/loss_epoch"]))
     assert float(metrics["train/n_triplets_epoch"]) > 0

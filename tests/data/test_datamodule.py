@@ -100,6 +100,18 @@ def test_weighted_training_loader_balances_with_the_given_scales(indexed_paths):
     assert dm.val_dataloader().cell_dataset.weights is None  # validation reads in order
 
 
+def test_loaders_pin_batches_when_asked_or_when_training_on_cuda(indexed_paths):
+    dm = _dm(indexed_paths["h5ad"])
+    dm.setup()
+    assert not dm.train_dataloader().pin_memory  # no trainer
+    dm.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False)
+    assert not dm.train_dataloader().pin_memory and not dm.val_dataloader().pin_memory
+    asked = _dm(indexed_paths["h5ad"], pin_memory=True)
+    asked.setup()
+    assert asked.train_dataloader().pin_memory and asked.val_dataloader().pin_memory
+    # (on CUDA by default: tests/test_devices.py)
+
+
 @pytest.mark.parametrize("schedule", [False, True], ids=["plain", "stepping_batches"])
 def test_killed_run_resumes_with_the_same_batches(indexed_paths, tmp_path, schedule):
     dm = _dm(indexed_paths["zarr"], num_workers=2)

@@ -63,6 +63,9 @@ class CellDataModule(pl.LightningDataModule):
     harmonize_labels
         Read ``label_key`` as Cell Ontology terms: names and ids map to current CL ids (an
         error lists values that are not CL terms).
+    pin_memory
+        Batches in page-locked memory, so that their copy to the GPU runs beside the step
+        (Lightning copies with ``non_blocking``). Default: when the trainer trains on CUDA.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class CellDataModule(pl.LightningDataModule):
         collection_options: Mapping[str, Any] | None = None,
         labels: Sequence[str] | None = None,
         harmonize_labels: bool = False,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -110,6 +114,7 @@ class CellDataModule(pl.LightningDataModule):
         self.collection_options = dict(collection_options or {})
         self.labels = list(labels) if labels is not None else None
         self.harmonize_labels = harmonize_labels
+        self.pin_memory = pin_memory
         self.collection: CellCollection | None = None
         self.train: CellCollection | None = None
         self.val: CellCollection | None = None
@@ -192,7 +197,9 @@ class CellDataModule(pl.LightningDataModule):
         if self._train_loader is None:  # one loader for the whole run: it carries the position
             world = self.trainer.world_size if self.trainer is not None else 1
             ds = self._dataset(self.train, drop_last=world > 1)
-            self._train_loader = CellLoader(ds, num_workers=self.num_workers)
+            self._train_loader = CellLoader(
+                ds, num_workers=self.num_workers, pin_memory=self._pins()
+            )
             if self._train_loader_state is not None:  # resuming: the checkpoint's position
                 self._train_loader.load_state_dict(self._train_loader_state)
                 self._train_loader_state = None
@@ -222,4 +229,12 @@ class CellDataModule(pl.LightningDataModule):
         if self.val is None:
             return []
         ds = self._dataset(self.val, mode="sequential", fetch_factor=1)
-        return CellLoader(ds, num_workers=self.num_workers)
+        return CellLoader(ds, num_workers=self.num_workers, pin_memory=self._pins())
+
+    def _pins(self) -> bool:
+        """Whether loaders pin their batches: ``pin_memory``, else whether the trainer
+        (when there is one) trains on CUDA."""
+        if self.pin_memory is not None:
+            return self.pin_memory
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
