@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,3 +52,41 @@ def synthetic_h5ad(data_dir: Path) -> Path:
 def decode(batch: dict[str, torch.Tensor]) -> np.ndarray:
     """Global index of each cell from its counts (indexed_atlas)."""
     return batch["x_ng"].to_dense()[:, 0].numpy().astype(np.int64) - 1
+
+
+def train_without(
+    model: Any,
+    path: Path,
+    held: str,
+    root: Path,
+    *,
+    max_epochs: int,
+    val_fraction: float,
+    trainer: dict[str, Any] | None = None,
+    **data: Any,
+) -> Any:
+    """Train a MetricModel on the atlas at ``path`` without study ``held``, quietly (on the
+    CPU unless ``trainer`` says otherwise; ``data``: CellDataModule options). Returns the
+    data module."""
+    from cellsift.data.datamodule import CellDataModule
+
+    dm = CellDataModule(
+        path,
+        batch_size=256,
+        block_size=16,
+        fetch_factor=4,
+        val_fraction=val_fraction,
+        obs_filter=lambda obs: (obs["dataset_id"] != held).to_numpy(),
+        **data,
+    )
+    model.train(
+        dm,
+        max_epochs=max_epochs,
+        **{"accelerator": "cpu", "devices": 1, **(trainer or {})},
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+    )
+    return dm

@@ -14,12 +14,11 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from cellsift.data.datamodule import CellDataModule
 from cellsift.data.loader import to_torch_csr
 from cellsift.models import MetricModel
 from cellsift.tasks import CellIndex
 from cellsift.transforms import default_pipeline
-from conftest import TEST_DEVICE, device_available
+from conftest import TEST_DEVICE, device_available, train_without
 
 pytestmark = [
     pytest.mark.gpu,
@@ -83,31 +82,20 @@ def test_training_on_the_device_separates_a_held_out_study(
     model = MetricModel.from_collection(
         synthetic_h5ad, hidden=(128, 64), latent=16, triplet_weight=0.1
     )
-    dm = CellDataModule(
+    dm = train_without(
+        model,
         synthetic_h5ad,
-        batch_size=256,
-        block_size=16,
-        fetch_factor=4,
+        held,
+        tmp_path,
+        max_epochs=8,
         val_fraction=0.15,
         split_key="donor_id",
-        obs_filter=lambda obs: (obs["dataset_id"] != held).to_numpy(),
-    )
-    trainer = model.train(
-        dm,
-        max_epochs=8,
-        accelerator=ACCELERATOR,
-        devices=1,
-        precision=precision,
-        compile=compile,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
+        trainer={"accelerator": ACCELERATOR, "precision": precision, "compile": compile},
     )
     cuda = torch.device(TEST_DEVICE).type == "cuda"
     assert dm.train_dataloader().pin_memory == cuda  # batches pinned for the copy to a GPU
-    metrics = trainer.callback_metrics
+    assert model.trainer is not None
+    metrics = model.trainer.callback_metrics
     assert np.isfinite(float(metrics["train/loss_epoch"]))
     assert float(metrics["train/n_triplets_epoch"]) > 0
     assert "val/asw" in metrics

@@ -7,33 +7,9 @@ import numpy as np
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
-from cellsift.data.datamodule import CellDataModule
 from cellsift.errors import GeneAlignmentError
 from cellsift.models import MetricModel
-
-
-def _train_without(model, path, held, root, *, max_epochs, val_fraction, **data):
-    """Train ``model`` on the atlas at ``path`` without study ``held`` (CPU, quiet)."""
-    dm = CellDataModule(
-        path,
-        batch_size=256,
-        block_size=16,
-        fetch_factor=4,
-        val_fraction=val_fraction,
-        obs_filter=lambda obs: (obs["dataset_id"] != held).to_numpy(),
-        **data,
-    )
-    model.train(
-        dm,
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=root,
-    )
+from conftest import train_without
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +18,7 @@ def trained(synthetic_h5ad, tmp_path_factory):
     model = MetricModel.from_collection(
         synthetic_h5ad, hidden=(128, 64), latent=16, triplet_weight=0.1
     )
-    _train_without(
+    train_without(
         model,
         synthetic_h5ad,
         held,
@@ -110,7 +86,7 @@ def test_label_head_predicts_held_out_study_and_survives_a_bundle(synthetic_h5ad
         classifier_weight=0.5,
         relatives="resolved",  # the atlas labels CD14+ and CD16+ monocytes (CL relatives) apart
     )
-    _train_without(model, synthetic_h5ad, held, tmp_path / "fit", max_epochs=15, val_fraction=0)
+    train_without(model, synthetic_h5ad, held, tmp_path / "fit", max_epochs=15, val_fraction=0)
     adata = ad.read_h5ad(synthetic_h5ad)
     is_test = (adata.obs["dataset_id"] == held).to_numpy()
     y = adata.obs["cell_type_ontology_term_id"].astype(str).to_numpy()
