@@ -117,7 +117,10 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
     cmd = [sys.executable, "-m", "cellsift.cli", "fit"]
 
     def fit(*args: str, callbacks: list | None = None, name: str) -> subprocess.CompletedProcess:
-        run_args = _args(synthetic_h5ad, tmp_path, *ddp, *args, callbacks=callbacks, name=name)
+        every_step = ("--trainer.log_every_n_steps", "1")
+        run_args = _args(
+            synthetic_h5ad, tmp_path, *ddp, *every_step, *args, callbacks=callbacks, name=name
+        )
         return subprocess.run(
             [*cmd, *run_args], env=env, capture_output=True, text=True, timeout=600
         )
@@ -145,11 +148,18 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
     resumed = fit("--ckpt_path", "last", name="resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states" in resumed.stderr + resumed.stdout
-    run = tmp_path / "metric" / "version_2"
+    # it logs on in the interrupted run's TensorBoard run, and its bundle lands there
+    run = tmp_path / "metric" / "version_1"
+    assert not (tmp_path / "metric" / "version_2").exists()
+    scalars = _scalars(run)
     # epoch 2 went on from the kill: no batch ran twice or was skipped (a restarted epoch would
     # end at a later step), and the weights are the uninterrupted run's
-    assert _scalars(run)["epoch"][-1][0] + 1 == n_steps
+    assert scalars["epoch"][-1][0] + 1 == n_steps
     _assert_same_weights(run_full, run)
+    # one value per step: what the killed run logged after its checkpoint is purged
+    steps = [step for step, _ in scalars["train/loss_step"]]
+    assert steps == sorted(set(steps)) and steps[-1] == n_steps - 1
+    assert steps[0] < ckpt["global_step"]  # the interrupted part is there too
 
 
 def _assert_same_weights(run_a: Path, run_b: Path) -> None:

@@ -7,7 +7,10 @@ data (its gene vocabulary and label set) is linked from the ``data`` section whe
 built, so a config never lists genes or labels. At the end of fit the trained model is
 written as a bundle (``<log dir>/model`` unless ``model.bundle_dir`` names a place), which
 :meth:`MetricModel.load` reads. ``--ckpt_path last`` resumes a run from its last checkpoint,
-mid-epoch included (the loader's position is part of the checkpoint).
+mid-epoch included (the loader's position is part of the checkpoint), and logs on in the
+TensorBoard run that wrote the checkpoint (unless the config fixes the logger's version):
+its curves go on from the checkpoint's step, what the interrupted run logged after that
+step is dropped, and the bundle lands in that run's directory.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from .._utils import logger
 from ..data.datamodule import CellDataModule
@@ -115,6 +122,52 @@ class FitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.gene_vocabulary", "model.genes", apply_on="instantiate")
         parser.link_arguments("data.label_set", "model.labels", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        """A run resumed from a checkpoint logs on in the TensorBoard run that wrote it."""
+        config = self.config[self.subcommand]
+        logger = _continued_logger(self.trainer, config.get("ckpt_path"), config.trainer.logger)
+        if logger is not None:
+            self.trainer.logger = logger
+
+
+def _checkpoint_file(trainer: pl.Trainer, ckpt_path: str) -> Path | None:
+    """The local file that ``ckpt_path`` names: ``"last"`` as Lightning resolves it (the
+    newest ``last*.ckpt`` of the checkpoint callbacks' directories), else the path itself."""
+    if ckpt_path == "last":
+        found = [
+            f
+            for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath
+            for f in Path(cb.dirpath).glob("last*.ckpt")
+        ]
+        return max(found, key=lambda f: f.stat().st_mtime) if found else None
+    path = Path(ckpt_path)
+    return path if path.is_file() else None
+
+
+def _continued_logger(
+    trainer: pl.Trainer, ckpt_path: str | None, logger_config: Any
+) -> TensorBoardLogger | None:
+    """The configured TensorBoard logger, set to the version of the run that wrote the
+    checkpoint and purging that run's events from the checkpoint's step on; None where
+    there is nothing to continue (no checkpoint or one without a run, another logger, a
+    version fixed in the config, another directory)."""
+    logger = trainer.logger
+    init = getattr(logger_config, "init_args", None)
+    if not ckpt_path or not isinstance(logger, TensorBoardLogger) or init is None:
+        return None
+    if init.get("version") is not None:
+        return None
+    path = _checkpoint_file(trainer, ckpt_path)
+    if path is None:
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    run = ckpt.get("cellsift_log")
+    if not run or run["save_dir"] != str(logger.save_dir) or run["name"] != logger.name:
+        return None
+    options = {**init.as_dict(), "version": run["version"], "purge_step": ckpt["global_step"]}
+    return type(logger)(**options)
 
 
 def run_fit(argv: Sequence[str] | None = None) -> FitCLI:

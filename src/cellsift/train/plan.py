@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -181,6 +182,14 @@ class TrainingPlan(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # every rank builds the checkpoint (rank 0 writes it); each rank draws its own stream
         checkpoint["cellsift_rng"] = {"per_rank": _gather_objects(_rng_state())}
+        # the TensorBoard run it belongs to, which a resumed `cellsift fit` logs on in
+        logger = self.trainer.logger if self._trainer is not None else None
+        if isinstance(logger, TensorBoardLogger):
+            checkpoint["cellsift_log"] = {
+                "save_dir": str(logger.save_dir),
+                "name": logger.name,
+                "version": logger.version,
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("cellsift_rng", {}).get("per_rank", [])
