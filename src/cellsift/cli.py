@@ -224,10 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .errors import CellsiftError
+
+    # problems with the user's data or files: one line that names them, exit status 2
+    user_errors = (CellsiftError, FileNotFoundError, FileExistsError, KeyError)
     if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
         from .train.cli import run_fit
 
-        run_fit(argv[1:])
+        try:
+            run_fit(argv[1:])
+        except user_errors as err:
+            return _error("fit", err)
         return 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")
@@ -235,13 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the `lightning` package prints its records through a console handler of its own: passed
     # on to the root handler too, each would print twice
     logging.getLogger("lightning").propagate = False
-    from .errors import CellsiftError
-
     try:
         return int(args.func(args))
-    except (CellsiftError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"cellsift {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except user_errors as err:
+        return _error(args.command, err)
+
+
+def _error(command: str, err: BaseException) -> int:
+    """Print ``cellsift COMMAND: error: ...`` (a KeyError's message without its quotes)."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else err
+    print(f"cellsift {command}: error: {text}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

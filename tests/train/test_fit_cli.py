@@ -171,10 +171,12 @@ def _assert_same_weights(run_a: Path, run_b: Path) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_fit_rejects_labels_that_are_not_cell_ontology(tmp_path):
+def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
     from cellsift.datasets import synthetic_atlas
 
     adata = synthetic_atlas(400, 50, n_studies=2, seed=3)
+    good = tmp_path / "good.h5ad"
+    adata.write_h5ad(good)
     adata.obs["cell_type_ontology_term_id"] = (
         adata.obs["cell_type_ontology_term_id"]
         .astype(str)
@@ -182,5 +184,12 @@ def test_fit_rejects_labels_that_are_not_cell_ontology(tmp_path):
     )
     path = tmp_path / "bad.h5ad"
     adata.write_h5ad(path)
-    with pytest.raises(Exception, match="not a cell type"):
-        main(["fit", *_args(path, tmp_path, "--trainer.max_epochs", "1")])
+    assert main(["fit", *_args(path, tmp_path, "--trainer.max_epochs", "1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cellsift fit: error: ")
+    assert "not a cell type" in err[0]
+    # a study column the data lack: named, with the columns they have
+    no_study = ("--data.init_args.study_key", "study", "--data.init_args.split_key", "donor_id")
+    assert main(["fit", *_args(good, tmp_path, *no_study, name="no_study")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "obs has no column 'study'" in err[0] and "dataset_id" in err[0]
