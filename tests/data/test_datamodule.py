@@ -59,17 +59,16 @@ def _dm(path, **kw):
 
 
 def _trainer(root, **kw):
-    return pl.Trainer(
-        default_root_dir=root,
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        **kw,
-    )
+    options = {
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+    }
+    return pl.Trainer(default_root_dir=root, **{**options, **kw})
 
 
 def test_split_is_by_group_never_by_cell(indexed_paths):
@@ -137,6 +136,39 @@ def test_killed_run_resumes_with_the_same_batches(indexed_paths, tmp_path, sched
     )
     assert len(resumed.seen) == n_total - step
     for got, want in zip(resumed.seen, full.seen[step:], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("where", ["last_batch", "epoch_end"])
+def test_a_checkpoint_at_an_epochs_end_resumes_with_the_next_epoch(indexed_paths, tmp_path, where):
+    """Taken after an epoch's last batch (``last_batch``: by step count, the run then killed
+    in the next epoch) or at the epoch's end (``epoch_end``: a finished run, trained on for
+    more epochs), a checkpoint resumes with the next epoch's batches, as if never stopped."""
+    full = _Recorder(12)
+    _trainer(tmp_path / "full", max_epochs=3).fit(
+        full, datamodule=_dm(indexed_paths["zarr"], num_workers=2)
+    )
+    n_epoch = len(full.seen) // 3
+    if where == "last_batch":
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=n_epoch)
+        first, epochs = _Recorder(12, die_at=n_epoch + 2), 3
+    else:
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")  # at each epoch's end
+        first, epochs = _Recorder(12), 1
+    try:
+        _trainer(tmp_path / "run", max_epochs=epochs, callbacks=[ckpt]).fit(
+            first, datamodule=_dm(indexed_paths["zarr"], num_workers=2)
+        )
+    except _Killed:
+        pass
+    (last,) = (tmp_path / "ckpt").glob("*.ckpt")
+    assert torch.load(last, weights_only=False)["global_step"] == n_epoch
+    resumed = _Recorder(12)
+    _trainer(tmp_path / "run", max_epochs=3).fit(
+        resumed, datamodule=_dm(indexed_paths["zarr"], num_workers=2), ckpt_path=last
+    )
+    assert len(resumed.seen) == 2 * n_epoch
+    for got, want in zip(resumed.seen, full.seen[n_epoch:], strict=True):
         np.testing.assert_array_equal(got, want)
 
 

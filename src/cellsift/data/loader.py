@@ -368,7 +368,14 @@ class CellLoader(DataLoader):
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
         ds = self.cell_dataset
         ds.resolve_rank()
-        ds.epoch, ds.skip = self._epoch, self._skip
+        ds.epoch = self._epoch
+        if self._skip and self._skip >= len(ds):
+            # restored after the epoch's last batch (a checkpoint at its end, or at its last
+            # step): the epoch is over, and the caller (Lightning's fit loop) goes on with
+            # the next one
+            self._epoch, self._skip = self._epoch + 1, 0
+            ds.epoch = self._epoch
+        ds.skip = self._skip
         self._current, self._consumed, self._skip = self._epoch, self._skip, 0
         self._epoch += 1  # the next iter() starts the next epoch
         return self._count(super().__iter__())
