@@ -5,6 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 from cellsift.errors import GeneAlignmentError
@@ -131,3 +132,40 @@ def test_label_head_predicts_held_out_study_and_survives_a_bundle(synthetic_h5ad
     )
     with pytest.raises(BundleError, match="no classifier weights"):
         MetricModel.load(broken)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad, tmp_path):
+    """``train(ckpt_path="last")`` finds the last checkpoint of a run in the same root, goes
+    on from it, ends with the weights of a run never stopped, and logs in the same run."""
+    import lightning.pytorch as pl
+
+    from cellsift.data.datamodule import CellDataModule
+
+    class StopAtEpoch(pl.Callback):  # a crash at the start of the second epoch
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise _Stopped
+
+    def train(root, **kw):
+        torch.manual_seed(0)
+        model = MetricModel.from_collection(synthetic_h5ad, hidden=(64, 32), latent=16)
+        dm = CellDataModule(synthetic_h5ad, batch_size=256, split_key="donor_id", seed=3)
+        quiet = {"enable_progress_bar": False, "enable_model_summary": False}
+        model.train(dm, max_epochs=3, accelerator="cpu", default_root_dir=root, **quiet, **kw)
+        return model
+
+    whole = train(tmp_path / "whole")
+    with pytest.raises(_Stopped):
+        train(tmp_path / "run", callbacks=[StopAtEpoch()])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    resumed = train(tmp_path / "run", ckpt_path="last")
+    assert resumed.trainer is not None and resumed.trainer.current_epoch == 3
+    for (key, a), b in zip(
+        whole.module.state_dict().items(), resumed.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+    assert [p.name for p in (tmp_path / "run" / "lightning_logs").iterdir()] == ["version_0"]

@@ -348,6 +348,10 @@ class CellLoader(DataLoader):
     ) -> None:
         if multiprocessing_context is None and num_workers and _needs_spawn(dataset):
             multiprocessing_context = "spawn"
+        # each iter() draws the workers' base seed: from a generator of the loader's own, not
+        # torch's global one, which training draws from (and checkpoints, for resumed runs to
+        # draw the same). The batches depend on the dataset's seed and epoch alone.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(
             dataset,
             batch_size=None,

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from .._utils import logger
 from ..data import CellCollection, GeneVocabulary
@@ -26,6 +28,7 @@ from ..data.loader import to_torch_csr
 from ..nn import MetricModule
 from ..ontology import load_cell_ontology
 from ..train import TrainingPlan
+from ..train.resume import continued_run
 from .bundle import BundleError, load_bundle, save_bundle
 
 __all__ = ["SMALL_ATLAS_LOADER", "SMALL_ATLAS_MODEL", "MetricModel"]
@@ -167,7 +170,13 @@ class MetricModel:
 
         The data are read through the model's gene vocabulary and label set. Extra keyword
         arguments go to ``lightning.pytorch.Trainer`` (e.g. ``precision="bf16-mixed"``);
-        ``ckpt_path`` resumes a run; ``compile`` compiles the encoder and decoder.
+        ``compile`` compiles the encoder and decoder.
+
+        Unless the callbacks hold a ``ModelCheckpoint`` (or checkpointing is off), a
+        checkpoint is kept at each epoch's end in ``<default_root_dir>/checkpoints``, with
+        ``last.ckpt``; ``ckpt_path`` resumes a run from a checkpoint file or from ``"last"``
+        (as an uninterrupted run would have gone on), and with Lightning's default logger
+        the resumed run logs on in the TensorBoard run that wrote the checkpoint.
         """
         dm = data if isinstance(data, CellDataModule) else CellDataModule(data)
         if dm.collection is not None and dm.collection.genes != self.genes:
@@ -177,11 +186,26 @@ class MetricModel:
             )
         dm.genes, dm.labels, dm.harmonize_labels = self.genes, self.labels, True
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, compile=compile)
+        root = Path(default_root_dir) if default_root_dir is not None else Path.cwd()
+        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        if trainer_kwargs.get("enable_checkpointing", True) is not False and not any(
+            isinstance(cb, ModelCheckpoint) for cb in callbacks
+        ):  # in one place across runs, so that ckpt_path="last" finds the last one
+            callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", save_last=True))
+        run_logger = trainer_kwargs.pop("logger", None)
+        if run_logger is None or run_logger is True:  # Lightning's default, continuing a run
+            dirs = [
+                cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath
+            ]
+            run = continued_run(ckpt_path, dirs, root, "lightning_logs")
+            run_logger = TensorBoardLogger(root, name="lightning_logs", **(run or {}))
         trainer = pl.Trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
-            default_root_dir=None if default_root_dir is None else Path(default_root_dir),
+            default_root_dir=root,
+            callbacks=callbacks,
+            logger=run_logger,
             **trainer_kwargs,
         )
         trainer.fit(plan, datamodule=dm, ckpt_path=ckpt_path)

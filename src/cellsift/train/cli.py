@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -29,6 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from .._utils import logger
 from ..data.datamodule import CellDataModule
 from .plan import TrainingPlan
+from .resume import continued_run
 
 __all__ = ["FitCLI", "MetricPlan", "run_fit"]
 
@@ -131,43 +131,26 @@ class FitCLI(LightningCLI):
             self.trainer.logger = logger
 
 
-def _checkpoint_file(trainer: pl.Trainer, ckpt_path: str) -> Path | None:
-    """The local file that ``ckpt_path`` names: ``"last"`` as Lightning resolves it (the
-    newest ``last*.ckpt`` of the checkpoint callbacks' directories), else the path itself."""
-    if ckpt_path == "last":
-        found = [
-            f
-            for cb in trainer.checkpoint_callbacks
-            if isinstance(cb, ModelCheckpoint) and cb.dirpath
-            for f in Path(cb.dirpath).glob("last*.ckpt")
-        ]
-        return max(found, key=lambda f: f.stat().st_mtime) if found else None
-    path = Path(ckpt_path)
-    return path if path.is_file() else None
-
-
 def _continued_logger(
     trainer: pl.Trainer, ckpt_path: str | None, logger_config: Any
 ) -> TensorBoardLogger | None:
-    """The configured TensorBoard logger, set to the version of the run that wrote the
-    checkpoint and purging that run's events from the checkpoint's step on; None where
-    there is nothing to continue (no checkpoint or one without a run, another logger, a
-    version fixed in the config, another directory)."""
+    """The configured TensorBoard logger, set to continue the run that wrote the checkpoint
+    (:func:`~cellsift.train.resume.continued_run`); None where there is nothing to continue
+    (no checkpoint or one without a run, another logger, a version fixed in the config,
+    another directory)."""
     logger = trainer.logger
     init = getattr(logger_config, "init_args", None)
     if not ckpt_path or not isinstance(logger, TensorBoardLogger) or init is None:
         return None
     if init.get("version") is not None:
         return None
-    path = _checkpoint_file(trainer, ckpt_path)
-    if path is None:
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    run = ckpt.get("cellsift_log")
-    if not run or run["save_dir"] != str(logger.save_dir) or run["name"] != logger.name:
-        return None
-    options = {**init.as_dict(), "version": run["version"], "purge_step": ckpt["global_step"]}
-    return type(logger)(**options)
+    dirs = [
+        cb.dirpath
+        for cb in trainer.checkpoint_callbacks
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath
+    ]
+    run = continued_run(ckpt_path, dirs, logger.save_dir, logger.name)
+    return None if run is None else type(logger)(**{**init.as_dict(), **run})
 
 
 def run_fit(argv: Sequence[str] | None = None) -> FitCLI:

@@ -205,9 +205,9 @@ class TrainingPlan(pl.LightningModule):
             )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # restored here, not on load: between the two, Lightning starts the data loader's
-        # iterator (one draw) and may validate (triplet mining draws), which the uninterrupted
-        # run did not do at this point
+        # restored here, not on load: between the two, Lightning may validate (the sanity
+        # check; triplet mining draws), which the uninterrupted run did not do at this point.
+        # (The loader's iterator draws from a generator of its own: CellLoader.)
         if self._rng_to_restore is not None:
             _set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None

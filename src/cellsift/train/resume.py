@@ -1,0 +1,43 @@
+"""Resuming a run: the checkpoint file that a ``ckpt_path`` names, and the TensorBoard run
+that wrote it, which the resumed run logs on in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["checkpoint_file", "continued_run"]
+
+
+def checkpoint_file(ckpt_path: str, dirs: Iterable[str | Path]) -> Path | None:
+    """The local file that ``ckpt_path`` names: ``"last"`` as Lightning resolves it (the
+    newest ``last*.ckpt`` in ``dirs``, the checkpoint callbacks' directories), else the path
+    itself; None where there is none."""
+    if ckpt_path == "last":
+        found = [f for d in dirs for f in Path(d).glob("last*.ckpt")]
+        return max(found, key=lambda f: f.stat().st_mtime) if found else None
+    path = Path(ckpt_path)
+    return path if path.is_file() else None
+
+
+def continued_run(
+    ckpt_path: str | None, dirs: Iterable[str | Path], save_dir: str | Path, name: str
+) -> dict[str, Any] | None:
+    """TensorBoardLogger options that continue the run which wrote the checkpoint: its
+    ``version``, and ``purge_step`` (the checkpoint's step: what the run logged from there on
+    is dropped, as the resumed run logs it again). None where the checkpoint is missing, was
+    written without a TensorBoard run, or by a run of another ``save_dir`` / ``name``."""
+    path = checkpoint_file(ckpt_path, dirs) if ckpt_path else None
+    if path is None:
+        return None
+    # mmap: the weights stay on disk, only the small entries are read
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    run = ckpt.get("cellsift_log")
+    if not run or run["name"] != name:
+        return None
+    if Path(run["save_dir"]).resolve() != Path(save_dir).resolve():
+        return None
+    return {"version": run["version"], "purge_step": int(ckpt["global_step"])}
