@@ -46,7 +46,8 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
         values = store.obs_column(col)
         uniq = np.unique(np.asarray(values).astype(str))
         show = ", ".join(uniq[:4].tolist()) + (", ..." if len(uniq) > 4 else "")
-        lines.append(f"    {col:32s} {len(uniq):>7,} values: {show}")
+        noun = "value" if len(uniq) == 1 else "values"
+        lines.append(f"    {col:32s} {len(uniq):>7,} {noun}: {show}")
     return "\n".join(lines)
 
 

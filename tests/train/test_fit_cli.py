@@ -193,3 +193,19 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
     assert main(["fit", *_args(good, tmp_path, *no_study, name="no_study")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "obs has no column 'study'" in err[0] and "dataset_id" in err[0]
+
+
+def test_fit_reads_a_manifest_of_shards_given_on_the_command_line(synthetic_h5ad, tmp_path):
+    """The documented source, ``--data.init_args.source atlas/manifest.json``, reaches the
+    data module as the path (the parser once put the manifest's text in its place)."""
+    from cellsift.data.convert import convert
+    from cellsift.train.cli import run_fit
+
+    shards = tmp_path / "shards"
+    convert(synthetic_h5ad, shards, format="zarr", shard_size=1_000)
+    manifest = shards / "manifest.json"
+    args = _args(manifest, tmp_path, "--data.init_args.source", str(manifest))
+    cli = run_fit([*args, "--trainer.max_epochs", "1"])
+    assert cli.datamodule.source == str(manifest)
+    assert cli.datamodule.collection.n_obs == ad.read_h5ad(synthetic_h5ad).n_obs
+    assert (tmp_path / "metric" / "version_0" / "model" / "model.safetensors").exists()

@@ -20,7 +20,10 @@ from .stores import CellStore, open_store
 
 __all__ = ["CellCollection", "resolve_paths"]
 
-StoreLike = str | os.PathLike[str] | CellStore
+#: A store or where one is. ``os.PathLike`` unsubscripted: the command line's parser
+#: (jsonargparse) reads ``os.PathLike[str] | CellStore`` as a class to build from a config
+#: file, and turned ``--data.init_args.source atlas/manifest.json`` into the manifest's text.
+StoreLike = str | os.PathLike | CellStore
 ObsFilter = Mapping[str, Any] | Callable[[pd.DataFrame], np.ndarray]
 
 
