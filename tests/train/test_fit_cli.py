@@ -89,7 +89,20 @@ def test_fit_trains_logs_and_writes_a_bundle(synthetic_h5ad, tmp_path):
     assert len(scalars["val/asw"]) == 2  # one per epoch
     assert (run / "config.yaml").exists()
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
-    assert any(p.name.startswith("best-") for p in (tmp_path / "checkpoints").iterdir())
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    # the bundle holds the best checkpoint's weights (by validation silhouette)
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "model" / "model.safetensors")
+    state = torch.load(best, weights_only=True)["state_dict"]
+    best_epoch = int(best.name.split("epoch=")[1].split("-")[0])
+    asw = [v for _, v in scalars["val/asw"]]
+    assert best_epoch == int(np.argmax(asw))
+    for (
+        key,
+        value,
+    ) in weights.items():  # "encoder.network..." in the bundle, "module.encoder..." here
+        torch.testing.assert_close(value, state[f"module.{key}"], rtol=0, atol=0, msg=key)
 
     # the bundle: the data's genes and CL labels, linked into the model by the CLI
     model = MetricModel.load(run / "model")

@@ -6,7 +6,8 @@ The ``model`` section configures a :class:`~cellsift.models.MetricModel`; what c
 data (its gene vocabulary and label set) is linked from the ``data`` section when both are
 built, so a config never lists genes or labels. At the end of fit the trained model is
 written as a bundle (``<log dir>/model`` unless ``model.bundle_dir`` names a place), which
-:meth:`MetricModel.load` reads. ``--ckpt_path last`` resumes a run from its last checkpoint,
+:meth:`MetricModel.load` reads: the best weights by the metric a checkpoint callback
+monitors (``val/asw`` in configs/metric.yaml), else those of the last epoch. ``--ckpt_path last`` resumes a run from its last checkpoint,
 mid-epoch included (the loader's position is part of the checkpoint), and logs on in the
 TensorBoard run that wrote the checkpoint (unless the config fixes the logger's version):
 its curves go on from the checkpoint's step, what the interrupted run logged after that
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -106,13 +108,30 @@ class MetricPlan(TrainingPlan):
         self.bundle_dir = bundle_dir
 
     def on_fit_end(self) -> None:
+        # the bundle holds the best weights by the monitored validation metric where a
+        # checkpoint callback keeps them (not those of the last epoch, which early stopping
+        # lets run on past the best)
+        best = next(
+            (
+                cb
+                for cb in self.trainer.checkpoint_callbacks
+                if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path
+            ),
+            None,
+        )
+        which = "the last epoch's weights"
+        if best is not None and Path(best.best_model_path).is_file():
+            ckpt = torch.load(best.best_model_path, map_location=self.device, weights_only=True)
+            self.load_state_dict(ckpt["state_dict"])
+            score = float(best.best_model_score) if best.best_model_score is not None else None
+            which = f"the best by {best.monitor} ({score:.4g}, epoch {ckpt['epoch']})"
         # every rank: under DDP ``log_dir`` is a broadcast from rank 0
         root = self.trainer.log_dir or self.trainer.default_root_dir
         if self.trainer.is_global_zero:
             path = Path(self.bundle_dir) if self.bundle_dir else Path(root) / "model"
             self.metric_model.module.eval()
             self.metric_model.save(path, overwrite=True)
-            logger.warning("cellsift fit: model bundle written to %s", path)
+            logger.warning("cellsift fit: model bundle (%s) written to %s", which, path)
         self.trainer.strategy.barrier("cellsift fit: bundle written")
 
 
