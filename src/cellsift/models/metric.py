@@ -176,7 +176,9 @@ class MetricModel:
         checkpoint is kept at each epoch's end in ``<default_root_dir>/checkpoints``, with
         ``last.ckpt``; ``ckpt_path`` resumes a run from a checkpoint file or from ``"last"``
         (as an uninterrupted run would have gone on), and with Lightning's default logger
-        the resumed run logs on in the TensorBoard run that wrote the checkpoint.
+        the resumed run logs on in the TensorBoard run that wrote the checkpoint. With a
+        ``ModelCheckpoint`` that monitors a metric (e.g. ``val/asw``, with early stopping),
+        the model ends with the best weights it kept.
         """
         dm = data if isinstance(data, CellDataModule) else CellDataModule(data)
         if dm.collection is not None and dm.collection.genes != self.genes:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -108,30 +107,16 @@ class MetricPlan(TrainingPlan):
         self.bundle_dir = bundle_dir
 
     def on_fit_end(self) -> None:
-        # the bundle holds the best weights by the monitored validation metric where a
-        # checkpoint callback keeps them (not those of the last epoch, which early stopping
-        # lets run on past the best)
-        best = next(
-            (
-                cb
-                for cb in self.trainer.checkpoint_callbacks
-                if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path
-            ),
-            None,
-        )
-        which = "the last epoch's weights"
-        if best is not None and Path(best.best_model_path).is_file():
-            ckpt = torch.load(best.best_model_path, map_location=self.device, weights_only=True)
-            self.load_state_dict(ckpt["state_dict"])
-            score = float(best.best_model_score) if best.best_model_score is not None else None
-            which = f"the best by {best.monitor} ({score:.4g}, epoch {ckpt['epoch']})"
+        super().on_fit_end()  # the best weights by the monitored metric, where kept
         # every rank: under DDP ``log_dir`` is a broadcast from rank 0
         root = self.trainer.log_dir or self.trainer.default_root_dir
         if self.trainer.is_global_zero:
             path = Path(self.bundle_dir) if self.bundle_dir else Path(root) / "model"
             self.metric_model.module.eval()
             self.metric_model.save(path, overwrite=True)
-            logger.warning("cellsift fit: model bundle (%s) written to %s", which, path)
+            logger.warning(
+                "cellsift fit: model bundle (%s) written to %s", self.final_weights, path
+            )
         self.trainer.strategy.barrier("cellsift fit: bundle written")
 
 

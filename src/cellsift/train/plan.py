@@ -3,7 +3,8 @@
 Modules are plain ``nn.Module``s whose ``forward(batch)`` returns a dict with ``loss`` (and
 any other scalars, which are logged, and ``z_nk`` embeddings, which feed the validation
 silhouette). The plan owns the optimiser (AdamW), the learning-rate schedule (cosine over the
-run), logging (losses, cells/s, learning rate) and the stop on a non-finite loss.
+run), logging (losses, cells/s, learning rate), the stop on a non-finite loss and, at the
+end of fit, the best weights by the metric a checkpoint callback monitors.
 
 Under DDP the logged epoch values are means over every rank's batches, cells/s counts every
 rank's cells, and the validation silhouette is computed on every rank's validation cells,
@@ -14,10 +15,12 @@ and do not depend on the number of ranks.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -125,6 +128,7 @@ class TrainingPlan(pl.LightningModule):
         self._val_i: list[torch.Tensor | None] = []
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        self.final_weights = "the last epoch's weights"
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.module(batch)
@@ -177,6 +181,26 @@ class TrainingPlan(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._tick = None
+
+    def on_fit_end(self) -> None:
+        """The best weights by the metric that a checkpoint callback monitors (e.g.
+        ``val/asw``), where one kept them: the module ends with those, not the last epoch's
+        (early stopping runs past the best). ``final_weights`` says which it holds."""
+        best = next(
+            (
+                cb
+                for cb in self.trainer.checkpoint_callbacks
+                if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path
+            ),
+            None,
+        )
+        self.final_weights = "the last epoch's weights"
+        if best is not None and Path(best.best_model_path).is_file():
+            ckpt = torch.load(best.best_model_path, map_location=self.device, weights_only=True)
+            self.load_state_dict(ckpt["state_dict"])
+            score = best.best_model_score
+            value = f"{float(score):.4g}, " if score is not None else ""
+            self.final_weights = f"the best by {best.monitor} ({value}epoch {ckpt['epoch']})"
 
     # -- random state: a resumed run draws what the uninterrupted run would have drawn --------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
