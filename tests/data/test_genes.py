@@ -53,6 +53,16 @@ def test_duplicate_gene_ids_error():
         vocab.align(dup)
 
 
+def test_unique_var_names_beat_a_symbols_column_that_names_two_genes_alike():
+    """CellBench's case: var_names MATR3 and MATR3-1, its symbol column MATR3 twice."""
+    vocab = GeneVocabulary(["MATR3", "B", "C"])
+    var = pd.DataFrame(index=pd.Index(["MATR3", "MATR3-1", "B", "C"]))
+    var["gene_symbol"] = ["MATR3", "MATR3", "B", "C"]
+    gm = vocab.align(var)
+    assert gm.key == "var_names->ids" and gm.n_matched == 3
+    np.testing.assert_array_equal(gm.col_map, [0, -1, 1, 2])
+
+
 def test_vocabulary_roundtrip(tmp_path):
     vocab = GeneVocabulary(["g1", "g2"], symbols=["S1", "S2"])
     vocab.save(tmp_path / "genes.tsv")

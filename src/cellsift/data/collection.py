@@ -113,11 +113,14 @@ class CellCollection:
         for s, gm in zip(self.stores, self.gene_maps, strict=True):
             if not gm.identity:
                 logger.info(
-                    "%s: %d of %d genes matched the vocabulary (%s)",
+                    "%s: %d of its %d genes matched (%s); %d of the %d vocabulary genes "
+                    "are missing there and read as 0",
                     s.path,
                     gm.n_matched,
                     s.n_vars,
                     gm.key,
+                    gm.n_vocab - gm.n_matched,
+                    gm.n_vocab,
                 )
         if check_counts:
             for s in self.stores:

@@ -136,24 +136,28 @@ class GeneVocabulary:
         """Map the genes of ``var`` (a store's var table) onto this vocabulary.
 
         var_names and the usual gene-id and symbol columns are each tried against the
-        vocabulary's ids and symbols (Ensembl versions ignored); the best match is used. Fewer
-        than ``min_overlap`` x min(genes in store, vocabulary) matches is an error naming the
-        store and the count, as are duplicate ids among the matched genes.
+        vocabulary's ids and symbols (Ensembl versions ignored); the one that finds the most
+        vocabulary genes is used (on a tie, one without duplicates among its matches, then
+        var_names first: a symbols column that names two genes alike does not win over
+        unique var_names). Fewer than ``min_overlap`` x min(genes in store, vocabulary)
+        matches is an error naming the store and the count, as are duplicate ids among the
+        matched genes.
         """
         candidates: list[tuple[str, pd.Index]] = [("var_names", pd.Index(var.index.astype(str)))]
         candidates += [(c, pd.Index(var[c].astype(str))) for c in GENE_COLUMNS if c in var.columns]
         targets = [("ids", _strip_version(self.genes))]
         if self.symbols is not None:
             targets.append(("symbols", self.symbols))
-        best: tuple[int, str, pd.Index, pd.Index] | None = None
+        best: tuple[tuple[int, bool], str, pd.Index, pd.Index] | None = None
         for name, ids in candidates:
             ids = _strip_version(ids)
             for tname, tgt in targets:
-                n = int(ids.isin(tgt).sum())
-                if best is None or n > best[0]:
-                    best = (n, f"{name}->{tname}", ids, tgt)
+                hits = ids[ids.isin(tgt)]
+                score = (int(hits.nunique()), not hits.has_duplicates)  # distinct genes found
+                if best is None or score > best[0]:
+                    best = (score, f"{name}->{tname}", ids, tgt)
         assert best is not None
-        n_matched, key, ids, target = best
+        (n_matched, _), key, ids, target = best
         need = min_overlap * min(len(var), len(self))
         if n_matched == 0 or n_matched < need:
             raise GeneAlignmentError(

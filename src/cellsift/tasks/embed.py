@@ -245,7 +245,13 @@ def _finalize(
             raise FileExistsError(f"{out} exists; remove it or pass overwrite=True.")
         remove_path(out)
     os.replace(staging, out)
-    logger.info("embedded %d cells into %s (%d shards)", bounds[-1], out, len(shards))
+    logger.info(
+        "embedded %d cells into %s (%d shard%s)",
+        bounds[-1],
+        out,
+        len(shards),
+        "" if len(shards) == 1 else "s",
+    )
 
 
 def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFrame]:
