@@ -115,7 +115,7 @@ class MetricPlan(TrainingPlan):
             self.metric_model.module.eval()
             self.metric_model.save(path, overwrite=True)
             logger.warning(
-                "cellsift fit: model bundle (%s) written to %s", self.final_weights, path
+                "cellsift fit: model bundle written to %s, with %s", path, self.final_weights
             )
         self.trainer.strategy.barrier("cellsift fit: bundle written")
 

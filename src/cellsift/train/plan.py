@@ -199,8 +199,10 @@ class TrainingPlan(pl.LightningModule):
             ckpt = torch.load(best.best_model_path, map_location=self.device, weights_only=True)
             self.load_state_dict(ckpt["state_dict"])
             score = best.best_model_score
-            value = f"{float(score):.4g}, " if score is not None else ""
-            self.final_weights = f"the best by {best.monitor} ({value}epoch {ckpt['epoch']})"
+            value = f"{float(score):.4g} " if score is not None else ""
+            self.final_weights = (
+                f"the best weights by {best.monitor}, {value}at epoch {ckpt['epoch']}"
+            )
 
     # -- random state: a resumed run draws what the uninterrupted run would have drawn --------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
