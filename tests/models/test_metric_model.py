@@ -169,3 +169,32 @@ def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad,
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
     assert [p.name for p in (tmp_path / "run" / "lightning_logs").iterdir()] == ["version_0"]
+
+
+def test_a_run_trained_on_for_more_epochs_anneals_to_its_new_end(synthetic_h5ad, tmp_path):
+    """A finished 1-epoch run resumed with max_epochs=3: the cosine schedule runs over the
+    3 epochs (a schedule restored with its old length climbs back to the full rate)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cellsift.data.datamodule import CellDataModule
+
+    def train(epochs, **kw):
+        model = MetricModel.from_collection(synthetic_h5ad, hidden=(64, 32), latent=16)
+        dm = CellDataModule(synthetic_h5ad, batch_size=256, val_fraction=0)
+        quiet = {"enable_progress_bar": False, "enable_model_summary": False}
+        model.train(
+            dm, max_epochs=epochs, lr=1e-3, accelerator="cpu", default_root_dir=tmp_path,
+            log_every_n_steps=1, **quiet, **kw,
+        )  # fmt: skip
+        return model.trainer
+
+    n = train(1).global_step
+    trainer = train(3, ckpt_path="last")
+    assert trainer.global_step == 3 * n
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    events.Reload()
+    lr = {e.step: e.value for e in events.Scalars("train/lr")}
+    after = [lr[s] for s in sorted(lr) if s >= n]
+    assert (np.diff(after) <= 1e-12).all()  # only down
+    want = 0.5 * (1 + np.cos(np.pi * 2 * n / (3 * n))) * 1e-3  # two thirds through the run
+    assert abs(lr[2 * n] - want) < 1e-3 * np.pi / n

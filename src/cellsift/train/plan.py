@@ -14,6 +14,7 @@ and do not depend on the number of ranks.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -182,6 +183,18 @@ class TrainingPlan(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._tick = None
 
+    def on_train_start(self) -> None:
+        # the rates of this run's schedule at the step it starts from: a run resumed with more
+        # epochs than it was started with would otherwise take its first step at the rate
+        # the checkpoint's optimizer holds, that of the old schedule (the same value when
+        # the length did not change)
+        sched = self.lr_schedulers()
+        if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            for group, base, factor in zip(
+                sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * factor(sched.last_epoch)
+
     def on_fit_end(self) -> None:
         """The best weights by the metric that a checkpoint callback monitors (e.g.
         ``val/asw``), where one kept them: the module ends with those, not the last epoch's
@@ -280,5 +293,13 @@ class TrainingPlan(pl.LightningModule):
         if self.scheduler == "none":
             return opt
         steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+
+        def cosine(step: int) -> float:  # from 1 at step 0 to 0 at this run's last step
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+        # closed form, with the length read from this run: a run resumed with more epochs
+        # than it was started with anneals to 0 at its new end (a restored CosineAnnealingLR
+        # keeps its old length and, past it, climbs back to the full rate); a function (not
+        # a callable object) so that checkpoints do not store the old length
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
