@@ -7,11 +7,13 @@ data (its gene vocabulary and label set) is linked from the ``data`` section whe
 built, so a config never lists genes or labels. At the end of fit the trained model is
 written as a bundle (``<log dir>/model`` unless ``model.bundle_dir`` names a place), which
 :meth:`MetricModel.load` reads: the best weights by the metric a checkpoint callback
-monitors (``val/asw`` in configs/metric.yaml), else those of the last epoch. ``--ckpt_path last`` resumes a run from its last checkpoint,
-mid-epoch included (the loader's position is part of the checkpoint), and logs on in the
-TensorBoard run that wrote the checkpoint (unless the config fixes the logger's version):
-its curves go on from the checkpoint's step, what the interrupted run logged after that
-step is dropped, and the bundle lands in that run's directory.
+monitors (``val/asw`` in configs/metric.yaml), else those of the last epoch.
+
+``--ckpt_path last`` resumes a run from its last checkpoint, mid-epoch included (the
+loader's position is part of the checkpoint), and logs on in the TensorBoard run that wrote
+the checkpoint (unless the config fixes the logger's version): its curves go on from the
+checkpoint's step, what the interrupted run logged after that step is dropped, and the
+bundle lands in that run's directory.
 """
 
 from __future__ import annotations

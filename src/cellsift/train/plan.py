@@ -221,7 +221,8 @@ class TrainingPlan(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # every rank builds the checkpoint (rank 0 writes it); each rank draws its own stream
         checkpoint["cellsift_rng"] = {"per_rank": _gather_objects(_rng_state())}
-        # the TensorBoard run it belongs to, which a resumed `cellsift fit` logs on in
+        # the TensorBoard run it belongs to, which a resumed run logs on in (cellsift.train.
+        # resume: `cellsift fit --ckpt_path`, MetricModel.train(ckpt_path=...))
         logger = self.trainer.logger if self._trainer is not None else None
         if isinstance(logger, TensorBoardLogger):
             checkpoint["cellsift_log"] = {
