@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CellsiftError", "DataError", "GeneAlignmentError", "ResumeError"]
+__all__ = ["CellsiftError", "ConfigError", "DataError", "GeneAlignmentError", "ResumeError"]
 
 
 class CellsiftError(Exception):
@@ -19,3 +19,7 @@ class GeneAlignmentError(DataError):
 
 class ResumeError(CellsiftError, ValueError):
     """A saved loader state does not fit the loader it is loaded into."""
+
+
+class ConfigError(CellsiftError, ValueError):
+    """Settings that cannot work together (a callback watching a metric that no step logs)."""

@@ -206,6 +206,12 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
     assert main(["fit", *_args(good, tmp_path, *no_study, name="no_study")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "obs has no column 'study'" in err[0] and "dataset_id" in err[0]
+    # no validation cells, with the config's callbacks watching val/asw: said before training
+    no_val = ("--data.init_args.val_fraction", "0")
+    assert main(["fit", *_args(good, tmp_path, *no_val, name="no_val")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "watch val/asw" in err[0] and "val_fraction" in err[0]
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained
 
 
 def test_fit_reads_a_manifest_of_shards_given_on_the_command_line(synthetic_h5ad, tmp_path):

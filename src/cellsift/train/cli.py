@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from .._utils import logger
 from ..data.datamodule import CellDataModule
+from ..errors import ConfigError
 from .plan import TrainingPlan
 from .resume import continued_run
 
@@ -130,7 +131,24 @@ class FitCLI(LightningCLI):
         parser.link_arguments("data.label_set", "model.labels", apply_on="instantiate")
 
     def before_fit(self) -> None:
-        """A run resumed from a checkpoint logs on in the TensorBoard run that wrote it."""
+        """Callbacks that watch validation metrics need validation cells (checked before the
+        first epoch, not at its end); a run resumed from a checkpoint logs on in the
+        TensorBoard run that wrote it."""
+        watching = sorted(
+            {
+                str(cb.monitor)
+                for cb in self.trainer.callbacks  # type: ignore[attr-defined]
+                if str(getattr(cb, "monitor", None) or "").startswith("val/")
+            }
+        )
+        dm = self.datamodule
+        if watching and isinstance(dm, CellDataModule) and dm.val is None:
+            raise ConfigError(
+                f"callbacks watch {', '.join(watching)}, but the data module holds no "
+                "validation cells (val_fraction=0 and no val_groups): set "
+                "--data.init_args.val_fraction (e.g. 0.1) or val_groups, or drop the "
+                "EarlyStopping / monitored ModelCheckpoint callbacks."
+            )
         config = self.config[self.subcommand]
         logger = _continued_logger(self.trainer, config.get("ckpt_path"), config.trainer.logger)
         if logger is not None:
