@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from .._utils import logger
 from ..data import CellCollection, GeneVocabulary
@@ -199,8 +200,11 @@ class MetricModel:
             dirs = [
                 cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath
             ]
-            run = continued_run(ckpt_path, dirs, root, "lightning_logs")
-            run_logger = TensorBoardLogger(root, name="lightning_logs", **(run or {}))
+            # Lightning's default logger names a SLURM job's run by its job id
+            run = continued_run(ckpt_path, dirs, root, "lightning_logs") or {
+                "version": SLURMEnvironment.job_id()
+            }
+            run_logger = TensorBoardLogger(root, name="lightning_logs", **run)
         trainer = pl.Trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,
