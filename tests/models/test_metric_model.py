@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from cellsift.errors import GeneAlignmentError
+from cellsift.errors import DataError, GeneAlignmentError
 from cellsift.models import MetricModel
 from conftest import train_without
 
@@ -198,3 +198,28 @@ def test_a_run_trained_on_for_more_epochs_anneals_to_its_new_end(synthetic_h5ad,
     assert (np.diff(after) <= 1e-12).all()  # only down
     want = 0.5 * (1 + np.cos(np.pi * 2 * n / (3 * n))) * 1e-3  # two thirds through the run
     assert abs(lr[2 * n] - want) < 1e-3 * np.pi / n
+
+
+def test_embedding_refuses_values_that_are_not_raw_counts(synthetic_h5ad):
+    """Log-normalised data (which the model would normalise again), NaN or negatives in an
+    in-memory AnnData: an error that names the problem and the fix, as for stores."""
+    import scanpy as sc
+
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
+    adata = ad.read_h5ad(synthetic_h5ad)[:200].copy()
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    with pytest.raises(DataError, match=r"adata \(X\): contains non-integer.*'counts'"):
+        model.embed(adata)
+    z = model.embed(adata, layer="counts")  # the raw counts
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    assert model.embed(adata, check_counts=False).shape == z.shape  # when meant
+    bad = adata.layers["counts"].toarray()
+    bad[3, 5] = np.nan
+    adata.layers["nan"] = bad
+    with pytest.raises(DataError, match="NaN"):
+        model.embed(adata, layer="nan")
+    adata.layers["neg"] = -adata.layers["counts"]
+    with pytest.raises(DataError, match="negative"):
+        model.embed(adata, layer="neg")

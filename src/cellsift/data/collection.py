@@ -268,13 +268,18 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
     if store.n_obs == 0:
         raise DataError(f"{store.path}: the store holds no cells.")
     rows = np.unique(np.linspace(0, store.n_obs - 1, min(n_sample, store.n_obs)).astype(np.int64))
-    data = store.read(rows).data
-    where = f"{store.path} ({'X' if store.layer is None else store.layer})"
     layers = _other_layers(store)
-    fix = (
+    check_count_values(
+        store.read(rows).data,
+        f"{store.path} ({'X' if store.layer is None else store.layer})",
         f" Point layer= at raw counts{' (this file has: ' + layers + ')' if layers else ''}, "
-        "or pass check_counts=False if these values are meant."
+        "or pass check_counts=False if these values are meant.",
     )
+
+
+def check_count_values(data: np.ndarray, where: str, fix: str) -> None:
+    """Raise a :class:`DataError` naming ``where`` (and ending with ``fix``) if the stored
+    values ``data`` hold NaN or infinities, negatives or non-integers: not raw counts."""
     if not np.all(np.isfinite(data)):
         raise DataError(f"{where}: contains NaN or infinite values; counts must be finite.{fix}")
     if np.any(data < 0):

@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from .._utils import logger
 from ..data import CellCollection, GeneVocabulary
+from ..data.collection import check_count_values
 from ..data.datamodule import CellDataModule
 from ..data.loader import to_torch_csr
 from ..nn import MetricModule
@@ -220,16 +221,31 @@ class MetricModel:
         return trainer
 
     # -- inference ------------------------------------------------------------------------
-    def aligned_counts(self, adata: ad.AnnData, *, layer: str | None = None) -> sp.csr_matrix:
+    def aligned_counts(
+        self, adata: ad.AnnData, *, layer: str | None = None, check_counts: bool = True
+    ) -> sp.csr_matrix:
         """Counts of ``adata.X`` (or ``layers[layer]``) as CSR in the model's gene order:
-        genes matched by id or symbol, missing ones zero; below half overlap, an error."""
+        genes matched by id or symbol, missing ones zero; below half overlap, an error. With
+        ``check_counts``, values that are not raw counts (NaN, negative, non-integer: e.g.
+        log-normalised data, which the model would normalise again) are an error."""
         x = adata.X if layer is None else adata.layers[layer]
         gm = self.genes.align(adata.var, source="adata", min_overlap=0.5)
         if not gm.identity:
             logger.info(
                 "%d of the model's %d genes found (%s)", gm.n_matched, len(self.genes), gm.key
             )
-        return gm.apply(sp.csr_matrix(x, dtype=np.float32))
+        out = gm.apply(sp.csr_matrix(x, dtype=np.float32))
+        if check_counts:
+            others = [f"'{k}'" for k in adata.layers.keys() if k != layer]
+            others += ["adata.raw"] if adata.raw is not None else []
+            has = f" (this AnnData has: {', '.join(others)})" if others else ""
+            check_count_values(
+                out.data,
+                f"adata ({'X' if layer is None else layer})",
+                f" Point layer= at raw counts{has}, or pass check_counts=False if these "
+                "values are meant.",
+            )
+        return out
 
     def _apply(
         self,
@@ -239,9 +255,10 @@ class MetricModel:
         layer: str | None,
         batch_size: int,
         device: str | torch.device | None,
+        check_counts: bool = True,
     ) -> np.ndarray:
         """``fn(batch)`` over the aligned counts of ``adata`` in blocks, concatenated."""
-        x = self.aligned_counts(adata, layer=layer)
+        x = self.aligned_counts(adata, layer=layer, check_counts=check_counts)
         dev = torch.device(device) if device is not None else next(self.module.parameters()).device
         self.module.to(dev).eval()
         out = []
@@ -258,14 +275,18 @@ class MetricModel:
         layer: str | None = None,
         batch_size: int = 4096,
         device: str | torch.device | None = None,
+        check_counts: bool = True,
     ) -> np.ndarray:
         """Embeddings (cells x latent) of raw counts in ``adata.X`` or ``adata.layers[layer]``.
 
         Genes are aligned to the model's by id or symbol (missing genes are zeros); too little
-        overlap is an error naming the count.
+        overlap is an error naming the count, as are values that are not raw counts (see
+        :meth:`aligned_counts`).
         """
         latent = self.config["architecture"]["latent"]
-        return self._apply(adata, self.module.embed, latent, layer, batch_size, device)
+        return self._apply(
+            adata, self.module.embed, latent, layer, batch_size, device, check_counts
+        )
 
     def predict(
         self,
@@ -274,6 +295,7 @@ class MetricModel:
         layer: str | None = None,
         batch_size: int = 4096,
         device: str | torch.device | None = None,
+        check_counts: bool = True,
     ) -> pd.DataFrame:
         """The label head's calls for the cells of ``adata`` (a model trained with
         ``classifier_weight > 0``): ``label`` (CL id), ``label_name`` and ``probability``,
@@ -284,7 +306,13 @@ class MetricModel:
                 "or annotate by kNN on its embedding (cellsift.tl.annotate)."
             )
         p = self._apply(
-            adata, self.module.predict_proba, len(self.labels), layer, batch_size, device
+            adata,
+            self.module.predict_proba,
+            len(self.labels),
+            layer,
+            batch_size,
+            device,
+            check_counts,
         )
         best = p.argmax(1) if len(p) else np.zeros(0, dtype=int)
         ids, names = np.asarray(self.labels), np.asarray(self.label_names)
