@@ -214,6 +214,13 @@ def test_embedding_refuses_values_that_are_not_raw_counts(synthetic_h5ad):
         model.embed(adata)
     z = model.embed(adata, layer="counts")  # the raw counts
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(DataError, match=r"no layer 'raw'.*'counts'"):
+        model.embed(adata, layer="raw")
+    with_raw = adata.copy()
+    with_raw.X = with_raw.layers["counts"].copy()
+    with_raw.raw = with_raw  # .raw: the counts, as scanpy workflows keep them
+    with_raw.X = adata.X.copy()
+    np.testing.assert_allclose(model.embed(with_raw, layer="raw"), z, atol=1e-6)
     assert model.embed(adata, check_counts=False).shape == z.shape  # when meant
     bad = adata.layers["counts"].toarray()
     bad[3, 5] = np.nan

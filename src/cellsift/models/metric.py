@@ -27,6 +27,7 @@ from ..data import CellCollection, GeneVocabulary
 from ..data.collection import check_count_values
 from ..data.datamodule import CellDataModule
 from ..data.loader import to_torch_csr
+from ..errors import DataError
 from ..nn import MetricModule
 from ..ontology import load_cell_ontology
 from ..train import TrainingPlan
@@ -224,21 +225,29 @@ class MetricModel:
     def aligned_counts(
         self, adata: ad.AnnData, *, layer: str | None = None, check_counts: bool = True
     ) -> sp.csr_matrix:
-        """Counts of ``adata.X`` (or ``layers[layer]``) as CSR in the model's gene order:
-        genes matched by id or symbol, missing ones zero; below half overlap, an error. With
-        ``check_counts``, values that are not raw counts (NaN, negative, non-integer: e.g.
-        log-normalised data, which the model would normalise again) are an error."""
-        x = adata.X if layer is None else adata.layers[layer]
-        gm = self.genes.align(adata.var, source="adata", min_overlap=0.5)
+        """Counts of ``adata.X`` (or ``layers[layer]``; ``"raw"``: ``adata.raw``) as CSR in
+        the model's gene order: genes matched by id or symbol, missing ones zero; below half
+        overlap, an error. With ``check_counts``, values that are not raw counts (NaN,
+        negative, non-integer: e.g. log-normalised data, which the model would normalise
+        again) are an error."""
+        others = [f"'{k}'" for k in adata.layers.keys() if k != layer]
+        others += ["'raw'"] if adata.raw is not None and layer != "raw" else []
+        has = f" (this AnnData has: {', '.join(others)})" if others else ""
+        if layer is None:
+            x, var = adata.X, adata.var
+        elif layer == "raw" and adata.raw is not None:
+            x, var = adata.raw.X, adata.raw.var
+        elif layer in adata.layers:
+            x, var = adata.layers[layer], adata.var
+        else:
+            raise DataError(f"adata has no layer {layer!r}{has or ' (it has none)'}.")
+        gm = self.genes.align(var, source="adata", min_overlap=0.5)
         if not gm.identity:
             logger.info(
                 "%d of the model's %d genes found (%s)", gm.n_matched, len(self.genes), gm.key
             )
         out = gm.apply(sp.csr_matrix(x, dtype=np.float32))
         if check_counts:
-            others = [f"'{k}'" for k in adata.layers.keys() if k != layer]
-            others += ["adata.raw"] if adata.raw is not None else []
-            has = f" (this AnnData has: {', '.join(others)})" if others else ""
             check_count_values(
                 out.data,
                 f"adata ({'X' if layer is None else layer})",
