@@ -28,12 +28,16 @@ def embed(
     batch_size: int = 4096,
     key_added: str = "X_cellsift",
     device: str | None = None,
+    check_counts: bool = True,
     copy: bool = False,
 ) -> ad.AnnData | None:
-    """Embed raw counts (``adata.X`` or ``layers[layer]``) with ``model`` into
-    ``obsm[key_added]``; genes are aligned to the model's with an overlap report."""
+    """Embed raw counts (``adata.X``, ``layers[layer]`` or, for ``"raw"``, ``adata.raw``)
+    with ``model`` into ``obsm[key_added]``; genes are aligned to the model's with an overlap
+    report, and values that are not raw counts are an error unless ``check_counts=False``."""
     adata = adata.copy() if copy else adata
-    adata.obsm[key_added] = model.embed(adata, layer=layer, batch_size=batch_size, device=device)
+    adata.obsm[key_added] = model.embed(
+        adata, layer=layer, batch_size=batch_size, device=device, check_counts=check_counts
+    )
     return adata if copy else None
 
 
