@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 __all__ = ["CellsiftWarning", "NotCountsWarning", "warn"]
@@ -38,3 +39,15 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 warnings.filterwarnings(
     "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
 )
+
+
+class _DropAdvert(logging.Filter):
+    """Lightning advertises a cloud logger ("💡 Tip: ... litlogger") at every Trainer it
+    builds: every training run of ours and every run of ``cellsift fit``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_DropAdvert())

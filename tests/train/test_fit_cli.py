@@ -142,6 +142,7 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
     full = fit(name="full")
     assert full.returncode == 0, full.stderr[-3000:]
     assert "all_gather is deprecated" not in full.stderr
+    assert "litlogger" not in full.stderr  # nor Lightning's advert for a cloud logger
     run_full = tmp_path / "metric" / "version_0"
     assert len(_scalars(run_full)["val/asw"]) == 2
     z = MetricModel.load(run_full / "model").embed(ad.read_h5ad(synthetic_h5ad)[:20])
