@@ -44,26 +44,25 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _mine(path, z, y, related, s, *, seed=None, generator=None, **kwargs):
-    """:func:`mine_triplets` on the path's device (inputs moved there, triplets back on
-    the CPU); ``seed``: a fresh generator of that device."""
-    dev = torch.device(TEST_DEVICE if path == "device" else "cpu")
-
-    def to(x):
-        return x.to(dev) if isinstance(x, torch.Tensor) else x
-
-    if seed is not None:
-        generator = torch.Generator(dev).manual_seed(seed)
-    t = mine_triplets(
-        to(z), to(y), to(related), to(s), generator=generator,
-        **{k: to(v) for k, v in kwargs.items()},
-    )  # fmt: skip
-    return Triplets(t.anchor.cpu(), t.positive.cpu(), t.negative.cpu(), t.n_pairs)
+def _device(path):
+    return torch.device(TEST_DEVICE if path == "device" else "cpu")
 
 
 def _generator(path, seed):
     """A generator of the path's device (draws are made where the mining runs)."""
-    return torch.Generator(TEST_DEVICE if path == "device" else "cpu").manual_seed(seed)
+    return torch.Generator(_device(path)).manual_seed(seed)
+
+
+def _mine(path, z, y, related, s, **kwargs):
+    """:func:`mine_triplets` on the path's device (inputs moved there, triplets back on
+    the CPU)."""
+    dev = _device(path)
+
+    def to(x):
+        return x.to(dev) if isinstance(x, torch.Tensor) else x
+
+    t = mine_triplets(to(z), to(y), to(related), to(s), **{k: to(v) for k, v in kwargs.items()})
+    return Triplets(t.anchor.cpu(), t.positive.cpu(), t.negative.cpu(), t.n_pairs)
 
 
 ANCESTOR = torch.zeros(6, 6, dtype=torch.bool)
@@ -119,7 +118,7 @@ def test_selection_satisfies_scimilarity_rules(mode, margin, resolved, path):
         s,
         margin=margin,
         negative=mode,
-        seed=1,
+        generator=_generator(path, 1),
         ancestor_ll=ANCESTOR if resolved else None,
     )
     assert t.n_pairs == len(ref)
