@@ -117,3 +117,16 @@ def test_csc_matrix_is_refused(tmp_path):
     path = _write(tmp_path, "csc.h5ad", adata)
     with pytest.raises(DataError, match=r"csc\.h5ad: stores counts column-major"):
         open_store(path)
+
+
+@pytest.mark.parametrize(
+    "bad, problem", [(np.nan, "NaN"), (-1.0, "negative"), (0.5, "non-integer")]
+)
+def test_count_checks_find_a_bad_value_in_any_chunk(bad, problem):
+    from cellsift.data.collection import check_count_values
+
+    data = np.arange(10, dtype=np.float32)
+    check_count_values(data, "x", "", chunk=4)  # counts: fine
+    data[9] = bad  # in the last, short chunk
+    with pytest.raises(DataError, match=f"x: contains {problem}"):
+        check_count_values(data, "x", "", chunk=4)

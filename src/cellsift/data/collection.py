@@ -277,22 +277,28 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
     )
 
 
-def check_count_values(data: np.ndarray, where: str, fix: str) -> None:
+def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 << 22) -> None:
     """Raise a :class:`DataError` naming ``where`` (and ending with ``fix``) if the stored
-    values ``data`` hold NaN or infinities, negatives or non-integers: not raw counts."""
-    if not np.all(np.isfinite(data)):
-        raise DataError(f"{where}: contains NaN or infinite values; counts must be finite.{fix}")
-    if np.any(data < 0):
-        raise DataError(
-            f"{where}: contains negative values ({data.min():g}); these are not "
-            f"counts (scaled or centred data?).{fix}"
-        )
-    frac = data[np.abs(data - np.round(data)) > 1e-3]
-    if len(frac):
-        raise DataError(
-            f"{where}: contains non-integer values (e.g. {frac[0]:.4g}); these look "
-            f"normalised or log-transformed, not raw counts.{fix}"
-        )
+    values ``data`` hold NaN or infinities, negatives or non-integers: not raw counts.
+    Read ``chunk`` values at a time, so that a whole atlas in memory costs no full-size
+    temporaries."""
+    for start in range(0, len(data), chunk):
+        block = data[start : start + chunk]
+        if not np.all(np.isfinite(block)):
+            raise DataError(
+                f"{where}: contains NaN or infinite values; counts must be finite.{fix}"
+            )
+        if np.any(block < 0):
+            raise DataError(
+                f"{where}: contains negative values ({block.min():g}); these are not "
+                f"counts (scaled or centred data?).{fix}"
+            )
+        frac = block[np.abs(block - np.round(block)) > 1e-3]
+        if len(frac):
+            raise DataError(
+                f"{where}: contains non-integer values (e.g. {frac[0]:.4g}); these look "
+                f"normalised or log-transformed, not raw counts.{fix}"
+            )
 
 
 def _other_layers(store: CellStore) -> str:
