@@ -199,11 +199,8 @@ class MetricModel:
             callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", save_last=True))
         run_logger = trainer_kwargs.pop("logger", None)
         if run_logger is None or run_logger is True:  # Lightning's default, continuing a run
-            dirs = [
-                cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath
-            ]
             # Lightning's default logger names a SLURM job's run by its job id
-            run = continued_run(ckpt_path, dirs, root, "lightning_logs") or {
+            run = continued_run(ckpt_path, callbacks, root, "lightning_logs") or {
                 "version": SLURMEnvironment.job_id()
             }
             run_logger = TensorBoardLogger(root, name="lightning_logs", **run)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -168,12 +167,7 @@ def _continued_logger(
         return None
     if init.get("version") is not None:
         return None
-    dirs = [
-        cb.dirpath
-        for cb in trainer.checkpoint_callbacks
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath
-    ]
-    run = continued_run(ckpt_path, dirs, logger.save_dir, logger.name)
+    run = continued_run(ckpt_path, trainer.checkpoint_callbacks, logger.save_dir, logger.name)
     return None if run is None else type(logger)(**{**init.as_dict(), **run})
 
 

@@ -8,15 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 __all__ = ["checkpoint_file", "continued_run"]
 
 
-def checkpoint_file(ckpt_path: str, dirs: Iterable[str | Path]) -> Path | None:
+def checkpoint_file(ckpt_path: str, callbacks: Iterable[Any]) -> Path | None:
     """The local file that ``ckpt_path`` names: ``"last"`` as Lightning resolves it (the
-    newest ``last*.ckpt`` in ``dirs``, the checkpoint callbacks' directories), else the path
-    itself; None where there is none."""
+    newest ``last*.ckpt`` in the directories of the ``ModelCheckpoint`` callbacks among
+    ``callbacks``), else the path itself; None where there is none."""
     if ckpt_path == "last":
+        dirs = [cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
         found = [f for d in dirs for f in Path(d).glob("last*.ckpt")]
         return max(found, key=lambda f: f.stat().st_mtime) if found else None
     path = Path(ckpt_path)
@@ -24,13 +26,13 @@ def checkpoint_file(ckpt_path: str, dirs: Iterable[str | Path]) -> Path | None:
 
 
 def continued_run(
-    ckpt_path: str | None, dirs: Iterable[str | Path], save_dir: str | Path, name: str
+    ckpt_path: str | None, callbacks: Iterable[Any], save_dir: str | Path, name: str
 ) -> dict[str, Any] | None:
     """TensorBoardLogger options that continue the run which wrote the checkpoint: its
     ``version``, and ``purge_step`` (the checkpoint's step: what the run logged from there on
     is dropped, as the resumed run logs it again). None where the checkpoint is missing, was
     written without a TensorBoard run, or by a run of another ``save_dir`` / ``name``."""
-    path = checkpoint_file(ckpt_path, dirs) if ckpt_path else None
+    path = checkpoint_file(ckpt_path, callbacks) if ckpt_path else None
     if path is None:
         return None
     # mmap: the weights stay on disk, only the small entries are read
