@@ -138,12 +138,23 @@ class _Stopped(Exception):
     pass
 
 
+def _fit(path, root, *, data=None, **train):
+    """A small MetricModel trained on the CPU from seed 0 with checkpoints and TensorBoard
+    logs in ``root`` (``data``: CellDataModule options)."""
+    from cellsift.data.datamodule import CellDataModule
+
+    torch.manual_seed(0)
+    model = MetricModel.from_collection(path, hidden=(64, 32), latent=16)
+    dm = CellDataModule(path, batch_size=256, **(data or {}))
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False}
+    model.train(dm, accelerator="cpu", default_root_dir=root, **quiet, **train)
+    return model
+
+
 def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad, tmp_path):
     """``train(ckpt_path="last")`` finds the last checkpoint of a run in the same root, goes
     on from it, ends with the weights of a run never stopped, and logs in the same run."""
     import lightning.pytorch as pl
-
-    from cellsift.data.datamodule import CellDataModule
 
     class StopAtEpoch(pl.Callback):  # a crash at the start of the second epoch
         def on_train_epoch_start(self, trainer, pl_module):
@@ -151,12 +162,9 @@ def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad,
                 raise _Stopped
 
     def train(root, **kw):
-        torch.manual_seed(0)
-        model = MetricModel.from_collection(synthetic_h5ad, hidden=(64, 32), latent=16)
-        dm = CellDataModule(synthetic_h5ad, batch_size=256, split_key="donor_id", seed=3)
-        quiet = {"enable_progress_bar": False, "enable_model_summary": False}
-        model.train(dm, max_epochs=3, accelerator="cpu", default_root_dir=root, **quiet, **kw)
-        return model
+        return _fit(
+            synthetic_h5ad, root, data={"split_key": "donor_id", "seed": 3}, max_epochs=3, **kw
+        )
 
     whole = train(tmp_path / "whole")
     with pytest.raises(_Stopped):
@@ -176,15 +184,10 @@ def test_a_run_trained_on_for_more_epochs_anneals_to_its_new_end(synthetic_h5ad,
     3 epochs (a schedule restored with its old length climbs back to the full rate)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cellsift.data.datamodule import CellDataModule
-
     def train(epochs, **kw):
-        model = MetricModel.from_collection(synthetic_h5ad, hidden=(64, 32), latent=16)
-        dm = CellDataModule(synthetic_h5ad, batch_size=256, val_fraction=0)
-        quiet = {"enable_progress_bar": False, "enable_model_summary": False}
-        model.train(
-            dm, max_epochs=epochs, lr=1e-3, accelerator="cpu", default_root_dir=tmp_path,
-            log_every_n_steps=1, **quiet, **kw,
+        model = _fit(
+            synthetic_h5ad, tmp_path, data={"val_fraction": 0}, max_epochs=epochs, lr=1e-3,
+            log_every_n_steps=1, **kw,
         )  # fmt: skip
         return model.trainer
 
