@@ -209,7 +209,9 @@ class TrainingPlan(pl.LightningModule):
         )
         self.final_weights = "the last epoch's weights"
         if best is not None and Path(best.best_model_path).is_file():
-            ckpt = torch.load(best.best_model_path, map_location=self.device, weights_only=True)
+            ckpt = torch.load(  # mmap: the optimiser state is never read; copied to the device
+                best.best_model_path, map_location="cpu", weights_only=True, mmap=True
+            )
             self.load_state_dict(ckpt["state_dict"])
             score = best.best_model_score
             value = f"{float(score):.4g} " if score is not None else ""
