@@ -20,9 +20,9 @@ N_INDEXED = 2_000
 TEST_DEVICE = os.environ.get("CELLSIFT_TEST_DEVICE", "cuda")
 
 
-def device_available(device: str = TEST_DEVICE) -> bool:
-    """Whether torch can run on ``device`` here (``cpu``: always)."""
-    kind = torch.device(device).type
+def device_available() -> bool:
+    """Whether torch can run on ``TEST_DEVICE`` here (``cpu``: always)."""
+    kind = torch.device(TEST_DEVICE).type
     if kind == "cuda":
         return torch.cuda.is_available()
     if kind == "mps":
