@@ -93,12 +93,12 @@ def main() -> None:
     wanted = {n: v for n, v in requirement_closure().items() if n not in have}
     args.dir.mkdir(parents=True, exist_ok=True)
     platforms = [x for p in PLATFORMS for x in ("--platform", p)]
-    for name, version in sorted(wanted.items()):
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
-        cmd += ["--only-binary=:all:", "--python-version", args.python_version]
-        cmd += ["--implementation", "cp", *platforms, "-d", str(args.dir), f"{name}=={version}"]
-        subprocess.run(cmd, check=True)
-        print(f"{name}=={version}", flush=True)
+    pins = [f"{name}=={version}" for name, version in sorted(wanted.items())]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
+    cmd += ["--only-binary=:all:", "--python-version", args.python_version]
+    cmd += ["--implementation", "cp", *platforms, "-d", str(args.dir), *pins]
+    subprocess.run(cmd, check=True)  # one resolver run for them all
+    print("\n".join(pins), flush=True)
     if args.cl_only:
         for wheel in args.dir.glob("cellxgene_ontology_guide-*.whl"):
             _cl_only(wheel)
