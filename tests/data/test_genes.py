@@ -77,3 +77,52 @@ def test_collection_aligns_missing_genes_as_zeros(indexed_paths):
     np.testing.assert_array_equal(x[:, 0], np.arange(1, 31))
     assert (x[:, 1] == 0).all()
     np.testing.assert_array_equal(x[:, 2], (np.arange(30) % 11 == 2).astype(np.float32))
+
+
+def test_vocabulary_takes_ensembl_ids_from_a_column_when_var_names_are_symbols():
+    """10x / Kang layout: symbols as var_names, Ensembl ids in gene_ids."""
+    ids = ["ENSG00000000001", "ENSG00000000002", "ENSG00000000003"]
+    var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(["A", "B", "C"]))
+    vocab = GeneVocabulary.from_var(var)
+    assert vocab.genes.tolist() == ids and vocab.symbols.tolist() == ["A", "B", "C"]
+    assert vocab.align(var).identity  # the store it came from
+    # a query that has Ensembl ids only, and one that has symbols only, both align
+    np.testing.assert_array_equal(vocab.align(_var(ids[::-1])).col_map, [2, 1, 0])
+    np.testing.assert_array_equal(vocab.align(_var(["C", "A"])).col_map, [2, 0])
+    # on a tie between symbols and ids, the ids decide: symbols here point elsewhere
+    both = pd.DataFrame({"gene_ids": ids}, index=pd.Index(["B", "A", "C"]))
+    gm = vocab.align(both)
+    assert gm.key == "gene_ids->ids" and gm.identity
+
+
+def test_vocabulary_keeps_var_names_when_the_id_column_cannot_serve():
+    syms = pd.Index(["A", "B", "C"])
+    # ids with a duplicate, or not Ensembl ids: var_names stay the ids
+    dup = pd.DataFrame({"gene_ids": ["ENSG00000000001"] * 2 + ["ENSG00000000003"]}, index=syms)
+    assert GeneVocabulary.from_var(dup).genes.equals(syms)
+    other = pd.DataFrame({"gene_ids": ["x1", "x2", "x3"]}, index=syms)
+    assert GeneVocabulary.from_var(other).genes.equals(syms)
+    # Ensembl var_names: a symbol column (gene_symbol, as CellBench and Kang name it) is read
+    ens = pd.DataFrame(
+        {"gene_symbol": ["A", "B", "C"]},
+        index=pd.Index(["ENSG00000000001", "ENSG00000000002", "ENSG00000000003"]),
+    )
+    vocab = GeneVocabulary.from_var(ens)
+    assert vocab.genes.equals(ens.index) and vocab.symbols.tolist() == ["A", "B", "C"]
+
+
+@pytest.mark.parametrize("name", ["kang2018", "cellbench_lung"])
+def test_vocabulary_of_the_real_data_uses_ensembl_ids(name):
+    import anndata as ad
+
+    from cellsift.datasets import shared_data_path
+
+    try:
+        path = shared_data_path(name)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    var = ad.read_h5ad(path, backed="r").var
+    vocab = GeneVocabulary.from_var(var)
+    assert vocab.genes.equals(pd.Index(var["gene_ids"].astype(str)))
+    assert vocab.symbols.equals(pd.Index(var.index.astype(str)))
+    assert vocab.align(var).identity

@@ -17,20 +17,19 @@ from ..errors import GeneAlignmentError
 
 __all__ = ["GeneMap", "GeneVocabulary"]
 
-#: var columns that may hold gene ids or symbols, tried in this order after var_names.
-GENE_COLUMNS = (
-    "gene_ids",
-    "gene_id",
-    "feature_id",
-    "ensembl_id",
-    "gene_symbols",
-    "gene_symbol",
-    "feature_name",
-    "symbol",
-    "gene_name",
-)
+#: var columns that may hold gene ids (Ensembl), and gene symbols.
+ID_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl_id")
+SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "gene_name", "symbol")
+#: var columns tried in this order after var_names when a store is aligned.
+GENE_COLUMNS = ID_COLUMNS + SYMBOL_COLUMNS
 
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
+
+
+def _mostly_ensembl(names: pd.Index) -> bool:
+    """Are at least 90% of ``names`` Ensembl gene ids? (A few genes of an atlas may lack one
+    and keep a symbol in the id column.)"""
+    return len(names) > 0 and float(names.str.match(_ENSEMBL).mean()) >= 0.9
 
 
 def _strip_version(ids: pd.Index) -> pd.Index:
@@ -104,14 +103,40 @@ class GeneVocabulary:
 
     @classmethod
     def from_var(cls, var: pd.DataFrame, symbols: str | None = None) -> GeneVocabulary:
-        """Vocabulary of a store's var (var_names as ids, ``symbols`` column if given/found)."""
-        sym_col = symbols or next(
-            (c for c in ("feature_name", "gene_symbols", "gene_name") if c in var.columns), None
-        )
-        syms = var[sym_col].astype(str).tolist() if sym_col else None
-        if syms is not None and len(set(syms)) != len(syms):
-            syms = None  # symbols with duplicates cannot identify genes
-        return cls(var.index, syms)
+        """Vocabulary of a store's var: Ensembl ids where the store has them, and symbols.
+
+        The ids are var_names, unless var_names are not Ensembl ids and an id column
+        (``gene_ids``, ``gene_id``, ``feature_id``, ``ensembl_id``) holds unique ones: then
+        that column gives the ids and var_names the symbols (10x and the Kang 2018 data keep
+        symbols as var_names, Ensembl ids in ``gene_ids``). Symbols otherwise come from the
+        ``symbols`` column if given, else the first symbol column found (``feature_name``,
+        ``gene_symbols``, ``gene_symbol``, ``gene_name``, ``symbol``). Symbols that name two
+        genes alike cannot identify genes, and are left out.
+        """
+        names = pd.Index(var.index.astype(str))
+        ids, syms = names, None
+        if not _mostly_ensembl(names):
+            id_col = next(
+                (
+                    c
+                    for c in ID_COLUMNS
+                    if c in var.columns
+                    and _mostly_ensembl(pd.Index(var[c].astype(str)))
+                    and not var[c].isna().any()
+                    and not pd.Index(var[c].astype(str)).has_duplicates
+                ),
+                None,
+            )
+            if id_col is not None:
+                ids, syms = pd.Index(var[id_col].astype(str)), names
+        if symbols is not None:
+            syms = pd.Index(var[symbols].astype(str))
+        elif syms is None:
+            sym_col = next((c for c in SYMBOL_COLUMNS if c in var.columns), None)
+            syms = pd.Index(var[sym_col].astype(str)) if sym_col else None
+        if syms is not None and syms.has_duplicates:
+            syms = None
+        return cls(ids, None if syms is None else syms.tolist())
 
     # -- persistence (genes.tsv) ----------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -137,9 +162,9 @@ class GeneVocabulary:
 
         var_names and the usual gene-id and symbol columns are each tried against the
         vocabulary's ids and symbols (Ensembl versions ignored); the one that finds the most
-        vocabulary genes is used (on a tie, one without duplicates among its matches, then
-        var_names first: a symbols column that names two genes alike does not win over
-        unique var_names). Fewer than ``min_overlap`` x min(genes in store, vocabulary)
+        vocabulary genes is used (on a tie, one without duplicates among its matches, so
+        that a symbols column that names two genes alike does not win over unique
+        var_names; then a match by ids over one by symbols; then var_names first). Fewer than ``min_overlap`` x min(genes in store, vocabulary)
         matches is an error naming the store and the count, as are duplicate ids among the
         matched genes.
         """
@@ -148,23 +173,24 @@ class GeneVocabulary:
         targets = [("ids", _strip_version(self.genes))]
         if self.symbols is not None:
             targets.append(("symbols", self.symbols))
-        best: tuple[tuple[int, bool], str, pd.Index, pd.Index] | None = None
+        best: tuple[tuple[int, bool, bool], str, pd.Index, pd.Index] | None = None
         for name, ids in candidates:
             ids = _strip_version(ids)
             for tname, tgt in targets:
                 hits = ids[ids.isin(tgt)]
-                score = (int(hits.nunique()), not hits.has_duplicates)  # distinct genes found
+                # distinct genes found; then no duplicates; then ids over symbols
+                score = (int(hits.nunique()), not hits.has_duplicates, tname == "ids")
                 if best is None or score > best[0]:
                     best = (score, f"{name}->{tname}", ids, tgt)
         assert best is not None
-        (n_matched, _), key, ids, target = best
+        (n_matched, _, _), key, ids, target = best
         need = min_overlap * min(len(var), len(self))
         if n_matched == 0 or n_matched < need:
             raise GeneAlignmentError(
                 f"{source}: only {n_matched} of its {len(var)} genes match the {len(self)}-gene "
                 f"vocabulary (need {int(np.ceil(need))}; best key {key}). Check that both use the "
                 "same kind of ids (Ensembl ids vs symbols) and species; a var column with "
-                f"Ensembl ids ({', '.join(GENE_COLUMNS[:4])}) is matched automatically."
+                f"Ensembl ids ({', '.join(ID_COLUMNS)}) is matched automatically."
             )
         matched = ids[ids.isin(target)]
         if matched.has_duplicates:
