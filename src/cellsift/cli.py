@@ -109,11 +109,11 @@ def _annotate(args: argparse.Namespace) -> int:
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
     adata = ad.read_h5ad(args.data)
-    tl.embed(adata, model, layer=args.layer)
+    tl.embed(adata, model, layer=args.layer, source=str(args.data))
     calibration = None
     if args.calibrate_on is not None:
         calibration = ad.read_h5ad(args.calibrate_on)
-        tl.embed(calibration, model, layer=args.layer)
+        tl.embed(calibration, model, layer=args.layer, source=str(args.calibrate_on))
     tl.annotate(
         adata,
         index,

@@ -30,13 +30,20 @@ def embed(
     device: str | None = None,
     check_counts: bool = True,
     copy: bool = False,
+    source: str = "adata",
 ) -> ad.AnnData | None:
     """Embed raw counts (``adata.X``, ``layers[layer]`` or, for ``"raw"``, ``adata.raw``)
     with ``model`` into ``obsm[key_added]``; genes are aligned to the model's with an overlap
-    report, and values that are not raw counts are an error unless ``check_counts=False``."""
+    report, and values that are not raw counts are an error unless ``check_counts=False``
+    (``source`` names the data in messages, e.g. its file)."""
     adata = adata.copy() if copy else adata
     adata.obsm[key_added] = model.embed(
-        adata, layer=layer, batch_size=batch_size, device=device, check_counts=check_counts
+        adata,
+        layer=layer,
+        batch_size=batch_size,
+        device=device,
+        check_counts=check_counts,
+        source=source,
     )
     return adata if copy else None
 

@@ -93,6 +93,17 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     assert (
         main(["annotate", str(bundle), str(tmp_path / "nope"), str(synthetic_h5ad), str(out)]) == 2
     )
+    # a query of log-normalised values: an error naming the file and its layers
+    logged = ad.read_h5ad(synthetic_h5ad)[:50].copy()
+    logged.layers["counts"] = logged.X.copy()
+    logged.X = np.log1p(logged.X)
+    logged.write_h5ad(tmp_path / "logged.h5ad")
+    capsys.readouterr()
+    args = ["annotate", str(bundle), str(idx), str(tmp_path / "logged.h5ad"), str(out)]
+    assert main([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "logged.h5ad (X): contains non-integer values" in err and "'counts'" in err
+    assert main([*args, "--overwrite", "--layer", "counts"]) == 0
 
 
 def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad):

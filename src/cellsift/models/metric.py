@@ -220,13 +220,18 @@ class MetricModel:
 
     # -- inference ------------------------------------------------------------------------
     def aligned_counts(
-        self, adata: ad.AnnData, *, layer: str | None = None, check_counts: bool = True
+        self,
+        adata: ad.AnnData,
+        *,
+        layer: str | None = None,
+        check_counts: bool = True,
+        source: str = "adata",
     ) -> sp.csr_matrix:
         """Counts of ``adata.X`` (or ``layers[layer]``; ``"raw"``: ``adata.raw``) as CSR in
         the model's gene order: genes matched by id or symbol, missing ones zero; below half
         overlap, an error. With ``check_counts``, values that are not raw counts (NaN,
         negative, non-integer: e.g. log-normalised data, which the model would normalise
-        again) are an error."""
+        again) are an error. ``source`` names the data in messages (e.g. its file)."""
         others = [f"'{k}'" for k in adata.layers.keys() if k != layer]
         others += ["'raw'"] if adata.raw is not None and layer != "raw" else []
         has = f" (this AnnData has: {', '.join(others)})" if others else ""
@@ -237,8 +242,8 @@ class MetricModel:
         elif layer in adata.layers:
             x, var = adata.layers[layer], adata.var
         else:
-            raise DataError(f"adata has no layer {layer!r}{has or ' (it has none)'}.")
-        gm = self.genes.align(var, source="adata", min_overlap=0.5)
+            raise DataError(f"{source} has no layer {layer!r}{has or ' (it has none)'}.")
+        gm = self.genes.align(var, source=source, min_overlap=0.5)
         if not gm.identity:
             logger.info(
                 "%d of the model's %d genes found (%s)", gm.n_matched, len(self.genes), gm.key
@@ -247,7 +252,7 @@ class MetricModel:
         if check_counts:
             check_count_values(
                 out.data,
-                f"adata ({'X' if layer is None else layer})",
+                f"{source} ({'X' if layer is None else layer})",
                 f" Point layer= at raw counts{has}, or pass check_counts=False if these "
                 "values are meant.",
             )
@@ -262,9 +267,10 @@ class MetricModel:
         batch_size: int,
         device: str | torch.device | None,
         check_counts: bool = True,
+        source: str = "adata",
     ) -> np.ndarray:
         """``fn(batch)`` over the aligned counts of ``adata`` in blocks, concatenated."""
-        x = self.aligned_counts(adata, layer=layer, check_counts=check_counts)
+        x = self.aligned_counts(adata, layer=layer, check_counts=check_counts, source=source)
         dev = torch.device(device) if device is not None else next(self.module.parameters()).device
         self.module.to(dev).eval()
         out = []
@@ -282,16 +288,17 @@ class MetricModel:
         batch_size: int = 4096,
         device: str | torch.device | None = None,
         check_counts: bool = True,
+        source: str = "adata",
     ) -> np.ndarray:
         """Embeddings (cells x latent) of raw counts in ``adata.X`` or ``adata.layers[layer]``.
 
         Genes are aligned to the model's by id or symbol (missing genes are zeros); too little
         overlap is an error naming the count, as are values that are not raw counts (see
-        :meth:`aligned_counts`).
+        :meth:`aligned_counts`; ``source`` names the data in those messages).
         """
         latent = self.config["architecture"]["latent"]
         return self._apply(
-            adata, self.module.embed, latent, layer, batch_size, device, check_counts
+            adata, self.module.embed, latent, layer, batch_size, device, check_counts, source
         )
 
     def predict(
@@ -302,6 +309,7 @@ class MetricModel:
         batch_size: int = 4096,
         device: str | torch.device | None = None,
         check_counts: bool = True,
+        source: str = "adata",
     ) -> pd.DataFrame:
         """The label head's calls for the cells of ``adata`` (a model trained with
         ``classifier_weight > 0``): ``label`` (CL id), ``label_name`` and ``probability``,
@@ -319,6 +327,7 @@ class MetricModel:
             batch_size,
             device,
             check_counts,
+            source,
         )
         best = p.argmax(1) if len(p) else np.zeros(0, dtype=int)
         ids, names = np.asarray(self.labels), np.asarray(self.label_names)
