@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
+from .errors import MissingKeyError
+
 logger = logging.getLogger("cellsift")
 
 T = TypeVar("T")
@@ -100,7 +102,7 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
         names = pd.Index(np.atleast_1d(arr).astype(str))
         missing = names.difference(adata.obs_names)
         if len(missing):
-            raise KeyError(
+            raise MissingKeyError(
                 f"{what}: {len(missing)} cells are not in adata.obs_names, e.g. "
                 f"{list(missing[:3])}."
             )

@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import CellsiftError
 
     # problems with the user's data or files: one line that names them, exit status 2
-    user_errors = (CellsiftError, FileNotFoundError, FileExistsError, KeyError)
+    user_errors = (CellsiftError, FileNotFoundError, FileExistsError)
     if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
         from .train.cli import run_fit
 
@@ -250,9 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(command: str, err: BaseException) -> int:
-    """Print ``cellsift COMMAND: error: ...`` (a KeyError's message without its quotes)."""
-    text = err.args[0] if isinstance(err, KeyError) and err.args else err
-    print(f"cellsift {command}: error: {text}", file=sys.stderr)
+    """Print ``cellsift COMMAND: error: ...``."""
+    print(f"cellsift {command}: error: {err}", file=sys.stderr)
     return 2
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["CellsiftError", "ConfigError", "DataError", "GeneAlignmentError", "ResumeError"]
+__all__ = [
+    "CellsiftError",
+    "ConfigError",
+    "DataError",
+    "GeneAlignmentError",
+    "MissingKeyError",
+    "ResumeError",
+]
 
 
 class CellsiftError(Exception):
@@ -23,3 +30,10 @@ class ResumeError(CellsiftError, ValueError):
 
 class ConfigError(CellsiftError, ValueError):
     """Settings that cannot work together (a callback watching a metric that no step logs)."""
+
+
+class MissingKeyError(CellsiftError, KeyError):
+    """A column, layer or key that the caller named is not there (the message lists what is)."""
+
+    def __str__(self) -> str:  # the message as written, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ._utils import atomic_path
+from .errors import MissingKeyError
 from .tasks import UNKNOWN, SearchResult
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def embedding(
         ax.scatter(xy[:, 0], xy[:, 1], s=s, color=na_color, linewidths=0)
     else:
         if color not in adata.obs.columns:
-            raise KeyError(
+            raise MissingKeyError(
                 f"color={color!r} is not an obs column; available: {list(adata.obs.columns)}."
             )
         values = adata.obs[color]
@@ -142,7 +143,7 @@ def _basis(adata: ad.AnnData, basis: str) -> np.ndarray:
     key = basis if basis in adata.obsm else f"X_{basis}"
     if key not in adata.obsm:
         two_d = [k for k in adata.obsm if np.asarray(adata.obsm[k]).shape[1:] == (2,)]
-        raise KeyError(
+        raise MissingKeyError(
             f"obsm has no {basis!r}; 2-D embeddings present: {two_d or 'none'}. Compute one, "
             "e.g. sc.pp.neighbors(adata, use_rep='X_cellsift'); sc.tl.umap(adata)."
         )
@@ -166,7 +167,7 @@ def _palette(palette: Mapping[str, Any] | Sequence[Any] | str | None, names: lis
     if isinstance(palette, Mapping):
         missing = [n for n in names if n not in palette]
         if missing:
-            raise KeyError(f"palette has no colour for {missing}; add them to the mapping.")
+            raise MissingKeyError(f"palette has no colour for {missing}; add them to the mapping.")
         return [palette[n] for n in names]
     if palette is not None and not isinstance(palette, str):
         colors = list(palette)
@@ -210,7 +211,9 @@ def search_summary(
     """
     summary = result.summary(by)
     if value not in summary.columns:
-        raise KeyError(f"value={value!r} is not a summary column; use one of {list(summary)}.")
+        raise MissingKeyError(
+            f"value={value!r} is not a summary column; use one of {list(summary)}."
+        )
     if summary.empty:
         raise ValueError("the search found no hits; there is nothing to plot.")
     if n_top is not None:
@@ -366,13 +369,13 @@ def attributions(
         Axes to draw into; path to write the figure to.
     """
     if column not in df.columns:
-        raise KeyError(f"{column!r} is not a column of df; it has {list(df.columns)}.")
+        raise MissingKeyError(f"{column!r} is not a column of df; it has {list(df.columns)}.")
     if n_genes < 1:
         raise ValueError(f"n_genes must be at least 1, not {n_genes}.")
     if df.empty:
         raise ValueError("df has no genes; there is nothing to plot.")
     if gene_symbols is not None and gene_symbols not in df.columns:
-        raise KeyError(f"gene_symbols={gene_symbols!r} is not a column of df.")
+        raise MissingKeyError(f"gene_symbols={gene_symbols!r} is not a column of df.")
     label_col = gene_symbols or ("symbol" if "symbol" in df.columns else None)
     top = df.sort_values(column, ascending=False, kind="stable").head(n_genes)
     labels = (top[label_col] if label_col else top.index.to_series()).astype(str).tolist()

@@ -10,7 +10,7 @@ import pytest
 
 from cellsift.data import CellCollection, open_store
 from cellsift.datasets import indexed_atlas
-from cellsift.errors import DataError, GeneAlignmentError
+from cellsift.errors import CellsiftError, DataError, GeneAlignmentError
 
 
 def _write(tmp_path, name, adata):
@@ -79,8 +79,15 @@ def test_duplicate_gene_ids(tmp_path):
 
 def test_missing_obs_column(indexed_paths):
     coll = CellCollection(indexed_paths["h5ad"])
-    with pytest.raises(KeyError, match=r"indexed\.h5ad: obs has no column 'cell_type'.*dataset_id"):
+    with pytest.raises(
+        KeyError, match=r"indexed\.h5ad: obs has no column 'cell_type'.*dataset_id"
+    ) as err:
         coll.codes("cell_type")
+    # one of cellsift's own errors (the command line prints it in one line), without the
+    # quotes a KeyError puts around its message
+    assert isinstance(err.value, CellsiftError) and str(err.value).startswith(
+        str(indexed_paths["h5ad"])
+    )
 
 
 def test_zero_gene_overlap(tmp_path, indexed_paths):

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import DataError
+from ..errors import DataError, MissingKeyError
 from .writers import Format, guess_format
 
 __all__ = ["CellStore", "open_store"]
@@ -110,7 +110,7 @@ class CellStore(ABC):
         """One obs column, loaded on first use (categorical or numpy array)."""
         if name not in self._obs_cache:
             if name not in self.obs_columns:
-                raise KeyError(
+                raise MissingKeyError(
                     f"{self.path}: obs has no column {name!r}; it has {', '.join(self.obs_columns)}."
                     " Pick one of these or add the column to the file."
                 )
