@@ -203,7 +203,7 @@ def test_annotation_confusion_errors():
         pl.annotation_confusion([], [])
     with pytest.raises(ValueError, match="1 missing labels"):
         pl.annotation_confusion([B, None], [B, B])
-    with pytest.raises(ValueError, match="not Cell Ontology terms"):
+    with pytest.raises(ValueError, match="not a Cell Ontology term"):
         pl.annotation_confusion([B, "alien cell"], [B, B])
 
 

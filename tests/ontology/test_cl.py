@@ -59,8 +59,41 @@ def test_harmonize(cl):
     assert out == ["CL:0000236", "CL:0000624", "CL:0000623", cl.replacement(deprecated)]
     with pytest.raises(OntologyError, match=r"2 labels are not Cell Ontology terms.*'Tcells'.*'x'"):
         cl.harmonize(["B cell", "Tcells", "x", "x"])
-    with pytest.raises(OntologyError):
+    with pytest.raises(OntologyError, match=r"1 label is an obsolete CL term \(deprecated\)"):
         cl.harmonize([deprecated], replace_deprecated=False)
+
+
+def test_harmonize_follows_successors_to_a_current_term(cl):
+    """A successor deprecated in turn is followed; a chain ending in an obsolete term
+    without a successor is an error, never an obsolete id."""
+    for term, info in cl.terms.items():
+        if not info.get("deprecated"):
+            continue
+        rep = cl.replacement(term)
+        assert rep is None or not cl.is_deprecated(rep)
+        # brute force: walk the chain by hand
+        seen, nxt = {term}, info.get("replaced_by")
+        while (
+            isinstance(nxt, str) and nxt in cl.terms and cl.is_deprecated(nxt) and nxt not in seen
+        ):
+            seen.add(nxt)
+            nxt = cl.terms[nxt].get("replaced_by")
+        live = isinstance(nxt, str) and nxt in cl.terms and not cl.is_deprecated(nxt)
+        assert rep == (nxt if live else None)
+    # CL:0000073 -> CL:0000215, itself obsolete without a successor (CL 2026-03-26)
+    chained = [
+        t
+        for t, v in cl.terms.items()
+        if v.get("deprecated") and not cl.replacement(t) and v.get("replaced_by") in cl.terms
+    ]
+    assert chained, "the shipped CL has successor chains ending in obsolete terms"
+    with pytest.raises(OntologyError, match=r"obsolete CL terms? without a current successor"):
+        cl.harmonize(["B cell", chained[0]])
+
+
+def test_harmonize_reads_ids_in_their_other_forms(cl):
+    forms = [" cl:0000236", "CL_0000236", "http://purl.obolibrary.org/obo/CL_0000236"]
+    assert cl.harmonize(forms) == ["CL:0000236"] * 3
 
 
 def test_coarsen_rare_moves_to_nearest_viable_parent(cl):

@@ -24,6 +24,8 @@ from ..errors import CellsiftError
 __all__ = ["CellOntology", "CoarsenReport", "load_cell_ontology"]
 
 _FILE = re.compile(r"^CL-ontology-v(\d{4}-\d{2}-\d{2})\.json\.zst$")
+#: CL ids as written in other places: any case, "_" for ":", an OBO PURL
+_CL_ID = re.compile(r"^(?:https?://purl\.obolibrary\.org/obo/)?CL[:_](\d{7})$", re.IGNORECASE)
 
 
 class OntologyError(CellsiftError, ValueError):
@@ -73,6 +75,17 @@ class CoarsenReport:
         return "\n".join(lines) or "nothing to coarsen"
 
 
+def _count(values: Sequence[str], one: str, many: str) -> str:
+    """'1 label is ONE' / 'N labels are MANY'."""
+    return f"1 label is {one}" if len(values) == 1 else f"{len(values)} labels are {many}"
+
+
+def _listing(values: Sequence[str], at_most: int = 20) -> str:
+    """'a', 'b', ... and N more."""
+    more = f" and {len(values) - at_most} more" if len(values) > at_most else ""
+    return ", ".join(repr(v) for v in values[:at_most]) + more
+
+
 class CellOntology:
     """Cell Ontology terms (use :func:`load_cell_ontology`)."""
 
@@ -117,9 +130,19 @@ class CellOntology:
         return bool(self._term(term).get("deprecated"))
 
     def replacement(self, term: str) -> str | None:
-        """The CL term replacing a deprecated ``term``, if the ontology names one."""
+        """The current CL term replacing a deprecated ``term``, if the ontology names one.
+
+        A successor that is deprecated in turn is followed to its own successor; a chain that
+        ends in a deprecated term without one (or loops) gives None.
+        """
+        seen = {term}
         rep = self._term(term).get("replaced_by")
-        return rep if isinstance(rep, str) and rep in self.terms else None
+        while isinstance(rep, str) and rep in self.terms and rep not in seen:
+            if not self.is_deprecated(rep):
+                return rep
+            seen.add(rep)
+            rep = self.terms[rep].get("replaced_by")
+        return None
 
     def ancestors(self, term: str, include_self: bool = False) -> list[str]:
         """Ancestors of ``term`` (is_a and part_of), nearest first."""
@@ -180,19 +203,36 @@ class CellOntology:
         cache: dict[str, str | None] = {}
         for v in set(values):
             cache[v] = self._harmonize_one(str(v), replace_deprecated)
-        unknown = sorted(v for v, t in cache.items() if t is None)
-        if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:20])
-            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-            raise OntologyError(
-                f"{len(unknown)} labels are not Cell Ontology terms (CL {self.version}): "
-                f"{shown}{more}. Use CL ids (CL:0000236) or CL names ('B cell'); deprecated "
-                "terms without a successor must be relabelled."
-            )
+        failed = sorted(v for v, t in cache.items() if t is None)
+        if failed:
+            obsolete = [v for v in failed if self._resolve(str(v)) is not None]
+            unknown = [v for v in failed if v not in obsolete]
+            parts = []
+            if unknown:
+                parts.append(
+                    f"{_count(unknown, 'not a Cell Ontology term', 'not Cell Ontology terms')}"
+                    f" (CL {self.version}): "
+                    f"{_listing(unknown)}. Use CL ids (CL:0000236) or CL names ('B cell')."
+                )
+            if obsolete:
+                how = "without a current successor" if replace_deprecated else "(deprecated)"
+                parts.append(
+                    f"{_count(obsolete, 'an obsolete CL term', 'obsolete CL terms')} {how}: "
+                    f"{_listing(obsolete)}. Relabel them with current terms."
+                )
+            raise OntologyError(" ".join(parts))
         return [cache[v] for v in values]  # type: ignore[misc]
 
+    def _resolve(self, value: str) -> str | None:
+        """The CL id that ``value`` (an id in any common form, a name or a synonym) names,
+        deprecated or not; None if none."""
+        value = value.strip()
+        m = _CL_ID.match(value)  # cl:0000236, CL_0000236, an OBO PURL
+        term = f"CL:{m.group(1)}" if m else value
+        return term if term in self.terms else self.id(value)
+
     def _harmonize_one(self, value: str, replace_deprecated: bool) -> str | None:
-        term = value.strip() if value.strip() in self.terms else self.id(value.strip())
+        term = self._resolve(value)
         if term is None:
             return None
         if self.is_deprecated(term):
