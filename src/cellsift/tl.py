@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._utils import cell_mask
+from .errors import MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 
 __all__ = ["annotate", "embed", "pseudobulk", "search_centroid", "search_clusters"]
@@ -53,6 +54,7 @@ def annotate(
     reference: CellIndex | KNNAnnotator,
     *,
     model: Any = None,
+    layer: str | None = None,
     use_rep: str = "X_cellsift",
     label_key: str = "cell_type_ontology_term_id",
     k: int = 50,
@@ -70,7 +72,8 @@ def annotate(
 ) -> ad.AnnData | None:
     """Annotate cells by their nearest reference cells.
 
-    Embeds with ``model`` first when ``obsm[use_rep]`` is absent. Writes
+    Embeds with ``model`` first (raw counts in ``X``, ``layers[layer]`` or, for ``"raw"``,
+    ``adata.raw``) when ``obsm[use_rep]`` is absent. Writes
     ``obs[f"{key_added}_cell_type"]`` (Cell Ontology name, or ``unknown``),
     ``obs[f"{key_added}_cell_type_ontology_term_id"]``, ``obs[f"{key_added}_confidence"]``,
     ``obs[f"{key_added}_min_distance"]`` and ``obs[f"{key_added}_mean_distance"]`` (over the
@@ -85,7 +88,7 @@ def annotate(
     distance compared with the threshold (see :class:`KNNAnnotator`).
     """
     adata = adata.copy() if copy else adata
-    _ensure_embedded(adata, model, use_rep)
+    _ensure_embedded(adata, model, use_rep, layer=layer)
     if isinstance(reference, KNNAnnotator):
         ann = reference
     else:
@@ -100,7 +103,7 @@ def annotate(
         )
         if abstain:
             if isinstance(calibrate_on, ad.AnnData):
-                _ensure_embedded(calibrate_on, model, use_rep, what="calibrate_on")
+                _ensure_embedded(calibrate_on, model, use_rep, what="calibrate_on", layer=layer)
                 calibrate_on = calibrate_on.obsm[use_rep]
             ann.calibrate(calibrate_on, group_key=calibrate_by)
     out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
@@ -113,32 +116,51 @@ def annotate(
     return adata if copy else None
 
 
-def _ensure_embedded(adata: ad.AnnData, model: Any, use_rep: str, what: str = "adata") -> None:
+def _ensure_embedded(
+    adata: ad.AnnData, model: Any, use_rep: str, what: str = "adata", layer: str | None = None
+) -> None:
     """Embed ``adata`` into ``obsm[use_rep]`` with ``model`` unless it is there already."""
     if use_rep not in adata.obsm:
         if model is None:
             raise ValueError(
                 f"{what}.obsm[{use_rep!r}] is absent: pass model= to embed the cells first."
             )
-        embed(adata, model, key_added=use_rep)
+        embed(adata, model, key_added=use_rep, layer=layer, source=what)
+
+
+def _counts(adata: ad.AnnData, layer: str | None) -> tuple[Any, pd.DataFrame]:
+    """The matrix of ``X``, ``layers[layer]`` or (``"raw"``) ``adata.raw``, and its var."""
+    if layer is None:
+        return adata.X, adata.var
+    if layer == "raw":
+        if adata.raw is None:
+            raise MissingKeyError("adata has no .raw; pass layer=None or a layer name.")
+        return adata.raw.X, adata.raw.var
+    if layer not in adata.layers:
+        raise MissingKeyError(
+            f"adata has no layer {layer!r}; it has {list(adata.layers) or 'none'} (and "
+            f"{'a' if adata.raw is not None else 'no'} .raw)."
+        )
+    return adata.layers[layer], adata.var
 
 
 def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> ad.AnnData:
     """Summed counts per group: ``groups`` is an obs column name or one label per cell
-    (cells labelled None/NaN are left out). One row per group, ``adata.var`` kept."""
+    (cells labelled None/NaN are left out). One row per group, the genes of the counts read:
+    ``X``, ``layers[layer]`` or, for ``"raw"``, ``adata.raw`` (with its own var)."""
     labels = adata.obs[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups))
     cat = pd.Categorical(labels)
     keep = cat.codes >= 0
     if not keep.any():
         raise ValueError("no cell belongs to a group; nothing to sum.")
-    x = adata.X if layer is None else adata.layers[layer]
+    x, var = _counts(adata, layer)
     onehot = sp.csr_matrix(
         (np.ones(keep.sum()), (cat.codes[keep], np.flatnonzero(keep))),
         shape=(len(cat.categories), adata.n_obs),
     )
     sums = sp.csr_matrix(onehot @ sp.csr_matrix(x))
     return ad.AnnData(
-        sums, obs=pd.DataFrame(index=[str(c) for c in cat.categories]), var=adata.var.copy()
+        sums, obs=pd.DataFrame(index=[str(c) for c in cat.categories]), var=var.copy()
     )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -233,3 +235,39 @@ def test_embedding_refuses_values_that_are_not_raw_counts(synthetic_h5ad):
     adata.layers["neg"] = -adata.layers["counts"]
     with pytest.raises(DataError, match="negative"):
         model.embed(adata, layer="neg")
+
+
+def test_embedding_refuses_cells_without_counts_in_the_models_genes(synthetic_h5ad):
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
+    adata = ad.read_h5ad(synthetic_h5ad)[:100].copy()
+    x = adata.X.toarray()
+    x[[4, 7]] = 0  # two emptied cells
+    adata.X = sp.csr_matrix(x)
+    with pytest.raises(DataError, match=r"2 of 100 cells have no counts in the model's genes"):
+        model.embed(adata)
+    # counts only in genes the model lacks count as empty too
+    extra = ad.AnnData(
+        sp.hstack([adata.X[:10], np.ones((10, 1), dtype=np.float32)], format="csr"),
+        var=pd.DataFrame(index=[*adata.var_names, "ENSG99999999999"]),
+    )
+    with pytest.raises(DataError, match=r"2 of 10 cells"):
+        model.embed(extra)
+    kept = adata[np.asarray(adata.X.sum(1)).ravel() > 0]  # the fix the message gives
+    assert model.embed(kept).shape == (98, 8)
+    assert np.isfinite(model.embed(adata, check_counts=False)).all()
+
+
+def test_embedding_a_backed_anndata_equals_the_in_memory_one(synthetic_h5ad, tmp_path, monkeypatch):
+    from cellsift.models import metric
+
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
+    want = model.embed(ad.read_h5ad(synthetic_h5ad))
+    monkeypatch.setattr(metric, "_BACKED_ROWS", 97)  # several blocks, the last one short
+    backed = ad.read_h5ad(synthetic_h5ad, backed="r")
+    np.testing.assert_array_equal(model.embed(backed), want)
+    dense = ad.read_h5ad(synthetic_h5ad)
+    dense.X = dense.X.toarray()
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    np.testing.assert_allclose(
+        model.embed(ad.read_h5ad(tmp_path / "dense.h5ad", backed="r")), want, atol=1e-6
+    )

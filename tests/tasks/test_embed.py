@@ -12,6 +12,7 @@ import torch
 import cellsift as cs
 from cellsift._warnings import CellsiftWarning
 from cellsift.cli import main
+from cellsift.errors import DataError
 from cellsift.models import MetricModel
 from cellsift.ontology import load_cell_ontology
 from cellsift.tasks import (
@@ -189,3 +190,43 @@ def test_a_damaged_store_is_named(bundle, synthetic_h5ad, tmp_path):
         load_embeddings(out)
     with pytest.raises(ValueError, match="not a cellsift embeddings store"):
         load_embeddings(tmp_path)
+
+
+def test_tools_read_counts_from_a_layer_or_raw(bundle, synthetic_h5ad):
+    """scanpy workflows keep counts in layers['counts'] or .raw with log data in X: every tool
+    that embeds or sums counts reads them there when told."""
+    import scanpy as sc
+
+    model = MetricModel.load(bundle)
+    ref = ad.read_h5ad(synthetic_h5ad)[:600].copy()
+    want = model.embed(ref)
+    index = CellIndex.build(want, ref.obs.reset_index(drop=True))
+    logged = ref.copy()
+    logged.layers["counts"] = logged.X.copy()
+    logged.raw = ref.copy()  # its own copy: scanpy normalises X in place
+    sc.pp.normalize_total(logged)
+    sc.pp.log1p(logged)
+    logged = logged[:, ::2].copy()  # X keeps half the genes; .raw keeps them all
+    bulk_x = cs.tl.pseudobulk(ref, "cell_type")
+    bulk_raw = cs.tl.pseudobulk(logged, "cell_type", layer="raw")
+    assert bulk_raw.var_names.equals(ref.var_names)
+    np.testing.assert_allclose(bulk_raw.X.toarray(), bulk_x.X.toarray())
+    res = cs.tl.search_centroid(logged, model, index, k=10, layer="raw", qc=False)
+    everything = cs.tl.pseudobulk(ref, np.repeat("all", ref.n_obs))
+    np.testing.assert_array_equal(res.indices, index.search(model.embed(everything), 10).indices)
+    clusters = cs.tl.search_clusters(logged, model, index, "cell_type", k=10, layer="raw")
+    first = str(bulk_x.obs_names[0])
+    np.testing.assert_array_equal(
+        clusters[first].indices, index.search(model.embed(bulk_x[[first]]), 10).indices
+    )
+    # tl.annotate embeds the counts layer it is pointed at (X is log data here)
+    with pytest.raises(DataError, match=r"adata \(X\): contains non-integer"):
+        cs.tl.annotate(logged.copy(), index, model=model, abstain=False)
+    half = ref[:, ::2].copy()
+    for layer in ("counts", "raw"):
+        q = logged.copy()
+        cs.tl.annotate(q, index, model=model, layer=layer, abstain=False, ontology_aware=False)
+        want_q = model.embed(half) if layer == "counts" else want
+        np.testing.assert_allclose(q.obsm["X_cellsift"], want_q, atol=1e-5)
+    with pytest.raises(KeyError, match="no layer 'nope'"):
+        cs.tl.pseudobulk(logged, "cell_type", layer="nope")

@@ -89,8 +89,9 @@ def test_filter_errors(ivf, data):
         ivf.search(q, 5, filter={"study": "no_such_study"})
     with pytest.raises(CellIndexError, match="does not have"):
         ivf.search(q, 5, filter={"tissue": "blood"})
-    with pytest.raises(CellIndexError, match="dims"):
-        ivf.search(q[:, :10], 5)
+    for search in (lambda x: ivf.search(x, 5), lambda x: ivf.search_within(x, 0.2)):
+        with pytest.raises(CellIndexError, match="queries have 10 dims"):
+            search(q[:, :10])
     bad = q.copy()
     bad[0, 0] = np.nan
     with pytest.raises(CellIndexError, match="NaN"):

@@ -36,6 +36,9 @@ from .bundle import BundleError, load_bundle, save_bundle
 
 __all__ = ["SMALL_ATLAS_LOADER", "SMALL_ATLAS_MODEL", "MetricModel"]
 
+#: Rows read at a time from a backed AnnData's matrix.
+_BACKED_ROWS = 65_536
+
 #: MetricModel settings for small atlases (thousands to ~100k cells): SCimilarity's
 #: architecture and loss, with the triplet term's weight raised from its 0.001 and dropout
 #: lowered from 0.5 / 0.4 (both set for millions of cells), so that a few thousand cells'
@@ -248,14 +251,34 @@ class MetricModel:
             logger.info(
                 "%d of the model's %d genes found (%s)", gm.n_matched, len(self.genes), gm.key
             )
-        out = gm.apply(sp.csr_matrix(x, dtype=np.float32))
+        if sp.issparse(x) or isinstance(x, np.ndarray):
+            out = gm.apply(sp.csr_matrix(x, dtype=np.float32))
+        else:  # backed (anndata's on-disk matrices): read in row blocks
+            out = sp.vstack(
+                [
+                    gm.apply(sp.csr_matrix(x[start : start + _BACKED_ROWS], dtype=np.float32))
+                    for start in range(0, x.shape[0], _BACKED_ROWS)
+                ]
+                or [sp.csr_matrix((0, len(self.genes)), dtype=np.float32)],
+                format="csr",
+            )
         if check_counts:
+            where = f"{source} ({'X' if layer is None else layer})"
             check_count_values(
                 out.data,
-                f"{source} ({'X' if layer is None else layer})",
+                where,
                 f" Point layer= at raw counts{has}, or pass check_counts=False if these "
                 "values are meant.",
             )
+            empty = np.flatnonzero(np.diff(out.indptr) == 0)
+            if len(empty):
+                names = adata.obs_names[empty[:3]].tolist()
+                raise DataError(
+                    f"{where}: {len(empty)} of {out.shape[0]} cells have no counts in the "
+                    f"model's genes (e.g. {names}); they carry nothing to embed or label. "
+                    "Drop them (adata[np.asarray(adata.X.sum(1)).ravel() > 0]), or pass "
+                    "check_counts=False to embed them anyway."
+                )
         return out
 
     def _apply(

@@ -308,12 +308,7 @@ class CellIndex:
         index; ``exact`` forces exact search; ``max_distance`` drops hits farther than it
         (their slots become -1 / inf).
         """
-        q = normalize_embeddings(np.atleast_2d(queries), "queries")
-        if q.shape[1] != self.dim:
-            raise CellIndexError(
-                f"queries have {q.shape[1]} dims, the index {self.dim}: embed them with the "
-                "model that built this index."
-            )
+        q = self._queries(queries)
         if k < 1:
             raise ValueError("k must be at least 1.")
         rows = self.select(filter) if filter is not None else None
@@ -331,6 +326,16 @@ class CellIndex:
             dist[far], idx[far] = np.inf, -1
         return SearchResult(dist, idx, self)
 
+    def _queries(self, queries: Any) -> np.ndarray:
+        """Query embeddings, L2-normalised, checked against the index's width."""
+        q = normalize_embeddings(np.atleast_2d(queries), "queries")
+        if q.shape[1] != self.dim:
+            raise CellIndexError(
+                f"queries have {q.shape[1]} dims, the index {self.dim}: embed them with the "
+                "model that built this index."
+            )
+        return q
+
     def search_within(
         self,
         queries: Any,
@@ -341,7 +346,7 @@ class CellIndex:
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every indexed cell within ``max_distance`` of each query (exhaustive, exact):
         one (indices, distances) pair per query, sorted by distance, at most ``max_hits``."""
-        q = normalize_embeddings(np.atleast_2d(queries), "queries")
+        q = self._queries(queries)
         rows = self.select(filter) if filter is not None else None
         out: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(q))]
         qt = torch.from_numpy(q)
