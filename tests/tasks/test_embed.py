@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import anndata as ad
@@ -180,6 +181,22 @@ def test_a_rerun_keeps_finished_shards_of_the_same_model_only(bundle, synthetic_
     np.testing.assert_allclose(
         load_embeddings(out)[0], other.embed(ad.read_h5ad(synthetic_h5ad)), atol=1e-5
     )
+    # the same model and file, but other counts (a layer) or a file changed since: recomputed
+    adata = ad.read_h5ad(synthetic_h5ad)
+    adata.layers["counts"] = adata.X * 2
+    src = tmp_path / "with_layer.h5ad"
+    adata.write_h5ad(src)
+    coll = CellCollection(src, genes=model.genes, min_overlap=0.5)
+    attrs["digest"] = embed_mod._digest(model, coll)  # of X
+    for layer, touch in (("counts", False), (None, True)):
+        embed_mod._write_shard(model, coll, shard, (0, coll.n_obs), torch.device("cpu"), 512, False)
+        zarr.open_array(str(shard), mode="r+")[:] = marker
+        embed_mod._set_attrs(shard, attrs)
+        if touch:
+            os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+        embed_collection(model, src, out, layer=layer, overwrite=True)
+        want = model.embed(adata, layer=layer)
+        np.testing.assert_allclose(load_embeddings(out)[0], want, atol=1e-5)
 
 
 def test_a_damaged_store_is_named(bundle, synthetic_h5ad, tmp_path):

@@ -286,10 +286,16 @@ def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFr
 
 
 def _digest(model: Any, coll: CellCollection) -> str:
-    """Of the model (config and weights) and the sources: a kept shard must match both."""
+    """Of the model (config and weights) and the input (each store's path, counts location,
+    size and modification time; the cells kept): a kept shard must match both."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(model.config, sort_keys=True).encode())
-    h.update(json.dumps([str(s.path) for s in coll.stores] + [coll.n_obs]).encode())
+    sources = []
+    for s in coll.stores:
+        st = Path(s.path).stat()  # a directory store's own entry: changes when files are added
+        sources.append([str(s.path), getattr(s, "layer", None), st.st_size, st.st_mtime_ns])
+    h.update(json.dumps([sources, coll.n_obs]).encode())
+    h.update(np.ascontiguousarray(coll.cell_ids, dtype=np.int64).tobytes())
     for name, t in sorted(model.module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
