@@ -113,9 +113,22 @@ def test_empty_cells(tmp_path):
     assert coll.n_obs == 58 and 7 not in coll.cell_ids
 
 
-def test_filters_that_keep_nothing(indexed_paths):
-    with pytest.raises(DataError, match="keep no cells"):
+def test_filters_that_keep_nothing(indexed_paths, tmp_path):
+    with pytest.raises(
+        DataError, match=r"keep none of the 2,000 cells \(obs_filter removes 2,000\)"
+    ):
         CellCollection(indexed_paths["h5ad"], obs_filter={"dataset_id": "nope"})
+    # a label column of 'unknown' only (CellBench's cell lines): the message names it
+    adata = indexed_atlas(40, 5)
+    adata.obs["cell_type_ontology_term_id"] = "unknown"
+    path = _write(tmp_path, "unlabelled.h5ad", adata)
+    with pytest.raises(
+        DataError, match=r"dropna 'cell_type_ontology_term_id' \(missing or 'unknown'\) removes 40"
+    ):
+        CellCollection(path, dropna=["cell_type_ontology_term_id"], min_genes=1)
+    # an in-memory AnnData: write it first
+    with pytest.raises(TypeError, match=r"not an in-memory AnnData: write it first"):
+        CellCollection(adata)
 
 
 def test_csc_matrix_is_refused(tmp_path):

@@ -47,6 +47,12 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
                 raise FileNotFoundError(f"no store matches {source}.")
             return list(found)
         return [source]
+    if not isinstance(source, Sequence) or hasattr(source, "obs_names"):
+        what = "an in-memory AnnData" if hasattr(source, "obs_names") else type(source).__name__
+        raise TypeError(
+            f"a collection reads stores on disk, not {what}: write it first "
+            "(adata.write_h5ad('atlas.h5ad')) and pass the path, a glob or a manifest."
+        )
     out: list[StoreLike] = []
     for item in source:
         out.extend(resolve_paths(item))
@@ -125,13 +131,21 @@ class CellCollection:
         if check_counts:
             for s in self.stores:
                 _check_counts(s)
-        masks = [self._keep_mask(s, obs_filter, dropna, min_genes, min_counts) for s in self.stores]
+        removed: dict[str, int] = {}  # cells each filter removes, over all stores
+        masks = [
+            self._keep_mask(s, obs_filter, dropna, min_genes, min_counts, removed)
+            for s in self.stores
+        ]
         self.cell_ids = np.concatenate(
             [np.flatnonzero(m) + off for m, off in zip(masks, self.offsets[:-1], strict=True)]
         ).astype(np.int64)
         if len(self.cell_ids) == 0:
+            n = int(self.offsets[-1])
+            counts = "; ".join(f"{what} removes {k:,}" for what, k in removed.items() if k)
             raise DataError(
-                "the filters keep no cells; loosen obs_filter / min_genes / min_counts."
+                f"the filters keep none of the {n:,} cells ({counts or 'there are none'}). "
+                "Loosen the filter that removes them all; a label column for training "
+                "(dropna) must hold labels, not only missing or 'unknown' values."
             )
         self._obs_cache: dict[str, Any] = {}
         self._value_maps: dict[str, dict[str, str]] = {}
@@ -167,10 +181,18 @@ class CellCollection:
         dropna: Sequence[str],
         min_genes: int | None,
         min_counts: float | None,
+        removed: dict[str, int],
     ) -> np.ndarray:
+        """The store's cells that every filter keeps; ``removed`` counts, per filter, the
+        cells it removes (each filter on its own)."""
+
+        def apply(what: str, mask: np.ndarray) -> None:
+            removed[what] = removed.get(what, 0) + int((~mask).sum())
+            keep[:] &= mask
+
         keep = np.ones(store.n_obs, dtype=bool)
         if min_genes is not None:
-            keep &= store.row_nnz() >= min_genes
+            apply(f"min_genes={min_genes}", store.row_nnz() >= min_genes)
         elif (nnz := store.stored_row_nnz()) is not None:  # checked where it is free (CSR stores)
             n_empty = int((nnz == 0).sum())
             if n_empty:
@@ -179,11 +201,12 @@ class CellCollection:
                     "Drop them with min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`."
                 )
         if min_counts is not None:
-            keep &= store.row_sums() >= min_counts
+            apply(f"min_counts={min_counts:g}", store.row_sums() >= min_counts)
         for col in dropna:
             values = store.obs_column(col)
             s = pd.Series(np.asarray(values, dtype=object))
-            keep &= ~(s.isna() | s.astype(str).isin(["unknown", "nan", ""])).to_numpy()
+            missing = (s.isna() | s.astype(str).isin(["unknown", "nan", ""])).to_numpy()
+            apply(f"dropna {col!r} (missing or 'unknown')", ~missing)
         if obs_filter is not None:
             if callable(obs_filter):
                 frame = store.obs()
@@ -194,7 +217,7 @@ class CellCollection:
                     values = pd.Series(np.asarray(store.obs_column(col), dtype=object))
                     allowed = list(wanted) if isinstance(wanted, list | tuple | set) else [wanted]
                     mask &= values.isin(allowed).to_numpy()
-            keep &= mask
+            apply("obs_filter", mask)
         return keep
 
     # -- obs ------------------------------------------------------------------------------
