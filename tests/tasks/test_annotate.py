@@ -214,3 +214,34 @@ def test_mean_distance_abstains_where_one_stray_reference_cell_sits_by_an_unseen
     assert caught["nearest"] < 0.5, caught
     with pytest.raises(ValueError, match="abstain_on must be"):
         KNNAnnotator(index, abstain_on="median")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ontology_aware", [False, True])
+def test_reference_cells_without_a_label_cast_no_vote(ontology_aware):
+    """Missing labels (NaN in a categorical column) and CELLxGENE's 'unknown' are no labels:
+    such a reference cell can be a neighbour but votes for nothing."""
+    x, meta, _ = _atlas(n_per=60)
+    labels = meta["cell_type_ontology_term_id"].to_numpy().astype(object)
+    none = np.arange(len(x)) % 3 == 0
+    labels[none] = np.where(np.arange(none.sum()) % 2 == 0, None, UNKNOWN)
+    meta = meta.assign(cell_type_ontology_term_id=pd.Categorical(labels))
+    index = CellIndex.build(x, meta, engine="exact")
+    ann = KNNAnnotator(index, k=1, ontology_aware=ontology_aware, min_support=0.0)
+    out = ann.annotate(x)  # k=1: each cell's nearest is itself
+    assert (out["label"][none] == UNKNOWN).all() and (out["confidence"][none] == 0).all()
+    assert (out["label"][~none].to_numpy() == labels[~none]).all()
+    # with more neighbours the labelled ones decide, as if the others were absent
+    ann = KNNAnnotator(index, k=15, ontology_aware=False, weighted=False, min_support=0.0)
+    votes = ann.annotate(x)["knn_label"].to_numpy()
+    truth = meta["cell_type_ontology_term_id"].astype(object).to_numpy()
+    assert (votes[~none] == truth[~none]).mean() > 0.95
+    unlabelled = meta.assign(cell_type_ontology_term_id=pd.Categorical([None] * len(x)))
+    with pytest.raises(Exception, match="holds no labels"):
+        KNNAnnotator(CellIndex.build(x, unlabelled, engine="exact"))
+
+
+def test_no_queries_give_an_empty_frame_with_every_column():
+    x, meta, _ = _atlas(n_per=20)
+    out = KNNAnnotator(CellIndex.build(x, meta, engine="exact"), k=5).annotate(x[:0])
+    assert len(out) == 0
+    assert {"label", "label_name", "confidence", "min_distance", "mean_distance"} <= set(out)

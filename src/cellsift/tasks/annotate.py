@@ -43,6 +43,8 @@ from .index import CellIndex, CellIndexError
 __all__ = ["UNKNOWN", "KNNAnnotator"]
 
 UNKNOWN = "unknown"
+#: Label values that mean "no label" in a reference (CELLxGENE writes unknown).
+_NO_LABEL = frozenset({UNKNOWN, "nan", "None", ""})
 
 
 @dataclass
@@ -104,13 +106,25 @@ class KNNAnnotator:
             self._extend_with_ancestors()
 
     def _read_labels(self) -> _Labels:
-        """One pass over the label column (and cell_index): codes per indexed cell."""
+        """One pass over the label column (and cell_index): codes per indexed cell.
+
+        Cells without a label (missing, or ``unknown`` as CELLxGENE writes it) get code -1:
+        they can be neighbours but cast no vote.
+        """
         tbl = self.index._dataset().to_table(columns=[self.label_key, "cell_index"])
-        values = np.asarray(tbl.column(self.label_key).to_numpy(zero_copy_only=False)).astype(str)
+        # through pandas: a dictionary (categorical) column's nulls stay missing
+        col = tbl.column(self.label_key).to_pandas()
+        values = col.astype(object).where(col.notna(), None).to_numpy()
+        labelled = np.array([v is not None and str(v) not in _NO_LABEL for v in values], bool)
         cells = tbl.column("cell_index").to_numpy()
-        terms, inv = np.unique(values, return_inverse=True)
+        terms, inv = np.unique(values[labelled].astype(str), return_inverse=True)
+        if len(terms) == 0:
+            raise CellIndexError(
+                f"the index metadata's {self.label_key!r} holds no labels (all missing or "
+                "'unknown'): index labelled reference cells, or pass another label_key."
+            )
         codes = np.full(self.index.n_cells, -1, dtype=np.int32)
-        codes[cells] = inv
+        codes[cells[labelled]] = inv
         return _Labels([str(t) for t in terms], codes, len(terms))
 
     def _extend_with_ancestors(self) -> None:
@@ -254,15 +268,13 @@ class KNNAnnotator:
         parts = [
             self._annotate_block(q[s : s + batch_size], expr) for s in range(0, len(q), batch_size)
         ]
-        out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        try:
-            names = load_cell_ontology().names
-            is_cl = out["label"].str.startswith("CL:")
-            out["label_name"] = out["label"]
-            if is_cl.any():
-                out.loc[is_cl, "label_name"] = names(out.loc[is_cl, "label"].tolist())
-        except Exception:  # labels that are not CL ids keep their own names
-            out["label_name"] = out["label"]
+        if not parts:  # no queries: the columns all the same
+            parts = [self._annotate_block(np.zeros((0, self.index.dim), np.float32), expr)]
+        out = pd.concat(parts, ignore_index=True)
+        # CL ids get their names; other labels (a lab's own, not CL terms) keep theirs
+        cl = load_cell_ontology()
+        names = {t: cl.name(t) if t in cl.terms else t for t in out["label"].unique()}
+        out["label_name"] = out["label"].map(names)
         return out
 
     def _reference_filter(
@@ -306,7 +318,7 @@ class KNNAnnotator:
         second = top[:, 1] if top.shape[1] > 1 else np.zeros(n_q)
         if self._up is not None:
             support = share @ self._up  # votes for a term and all its descendants
-            ok = support >= self.min_support
+            ok = (support >= self.min_support) & (support > 0)  # a term no one voted for: never
             # most specific qualifying term: the one with the most ancestors among the terms
             depth = np.where(ok, self._depth[None, :], -1.0)
             call = np.argmax(depth + support * 1e-3, axis=1)  # ties: more support
