@@ -110,3 +110,21 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     if not mask.any():
         raise ValueError(f"{what} is empty: select at least one cell.")
     return mask
+
+
+def model_fingerprint(model: Any) -> str:
+    """A digest of a model's settings (``model.config``) and weights (``model.module``):
+    equal exactly when both are, so embeddings (and the indexes built on them) name the
+    model they came from."""
+    import hashlib
+    import json
+
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.config, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.module.state_dict().items()):
+        h.update(name.encode())
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -108,6 +108,7 @@ def _annotate(args: argparse.Namespace) -> int:
 
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
+    index.check_model(model)  # before any embedding
     adata = ad.read_h5ad(args.data)
     tl.embed(adata, model, layer=args.layer, source=str(args.data))
     calibration = None
@@ -117,6 +118,7 @@ def _annotate(args: argparse.Namespace) -> int:
     tl.annotate(
         adata,
         index,
+        model=model,
         calibrate_on=calibration,
         label_key=args.label_key,
         k=args.k,

@@ -88,6 +88,7 @@ def annotate(
     distance compared with the threshold (see :class:`KNNAnnotator`).
     """
     adata = adata.copy() if copy else adata
+    (reference.index if isinstance(reference, KNNAnnotator) else reference).check_model(model)
     _ensure_embedded(adata, model, use_rep, layer=layer)
     if isinstance(reference, KNNAnnotator):
         ann = reference
@@ -184,6 +185,7 @@ def search_centroid(
     cells?), which warns when the set looks heterogeneous. It clusters the set's cell
     embeddings: ``obsm[use_rep]`` when present, else embedded here.
     """
+    index.check_model(model)
     mask = np.ones(adata.n_obs, dtype=bool) if cells is None else cell_mask(adata, cells)
     if not mask.any():
         raise ValueError("the cell set is empty; select at least one cell.")
@@ -212,6 +214,7 @@ def search_clusters(
 ) -> dict[str, SearchResult]:
     """:func:`search_centroid` for every group of ``obs[groupby]`` (e.g. clusters), with
     the pseudobulks embedded in one pass."""
+    index.check_model(model)
     bulk = pseudobulk(adata, groupby, layer=layer)
     res = index.search(model.embed(bulk), k, filter=filter)
     return {

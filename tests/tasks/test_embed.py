@@ -247,3 +247,29 @@ def test_tools_read_counts_from_a_layer_or_raw(bundle, synthetic_h5ad):
         np.testing.assert_allclose(q.obsm["X_cellsift"], want_q, atol=1e-5)
     with pytest.raises(KeyError, match="no layer 'nope'"):
         cs.tl.pseudobulk(logged, "cell_type", layer="nope")
+
+
+def test_an_index_refuses_queries_of_another_model(bundle, synthetic_h5ad, tmp_path, capsys):
+    model = MetricModel.load(bundle)
+    torch.manual_seed(1)
+    other = MetricModel.from_collection(synthetic_h5ad, hidden=(64,), latent=16)  # same shape
+    assert model.fingerprint == MetricModel.load(bundle).fingerprint != other.fingerprint
+    emb = embed_collection(model, synthetic_h5ad, tmp_path / "emb.zarr")
+    index = CellIndex.build(*load_embeddings(emb), engine="exact")  # notes the model
+    index.save(tmp_path / "index")
+    index = CellIndex.load(tmp_path / "index")
+    query = ad.read_h5ad(synthetic_h5ad)[:50].copy()
+    cs.tl.annotate(query, index, model=model, abstain=False)  # its own model: fine
+    for call in (
+        lambda: cs.tl.annotate(query.copy(), index, model=other, abstain=False),
+        lambda: cs.tl.search_centroid(query, other, index, k=5, qc=False),
+        lambda: cs.tl.search_clusters(query, other, index, "cell_type", k=5),
+    ):
+        with pytest.raises(cs.tasks.CellIndexError, match="embeddings of another model"):
+            call()
+    other.save(tmp_path / "other")
+    args = [str(tmp_path / "other"), str(tmp_path / "index"), str(synthetic_h5ad)]
+    assert main(["annotate", *args, str(tmp_path / "out.h5ad")]) == 2
+    assert "embeddings of another model" in capsys.readouterr().err
+    # an index built from bare arrays knows no model, and takes any
+    CellIndex.build(load_embeddings(emb)[0]).check_model(other)

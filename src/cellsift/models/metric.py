@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from .._utils import logger
+from .._utils import logger, model_fingerprint
 from ..data import CellCollection, GeneVocabulary
 from ..data.collection import check_count_values
 from ..data.datamodule import CellDataModule
@@ -220,6 +220,12 @@ class MetricModel:
         self.module.eval()
         self.trainer = trainer
         return trainer
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the settings and weights: embeddings stores and indexes record it, and
+        refuse queries of another model (:meth:`~cellsift.tasks.CellIndex.check_model`)."""
+        return model_fingerprint(self)
 
     # -- inference ------------------------------------------------------------------------
     def aligned_counts(

@@ -32,7 +32,14 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from .._utils import atomic_path, import_optional, logger, progress, remove_path
+from .._utils import (
+    atomic_path,
+    import_optional,
+    logger,
+    model_fingerprint,
+    progress,
+    remove_path,
+)
 from ..data import CellCollection
 from ..data.loader import to_torch_csr
 
@@ -236,6 +243,7 @@ def _finalize(
             "n_cells": bounds[-1],
             "latent": int(model.config["architecture"]["latent"]),
             "model": model.config,
+            "model_fingerprint": model_fingerprint(model),
             "sources": [str(s.path) for s in coll.stores],
             "shards": shards,
         }
@@ -255,7 +263,8 @@ def _finalize(
 
 
 def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFrame]:
-    """(embeddings, metadata) of a store written by :func:`embed_collection`."""
+    """(embeddings, metadata) of a store written by :func:`embed_collection`; the
+    metadata's ``attrs["model_fingerprint"]`` names the model that embedded them."""
     zarr = import_optional("zarr")
     pq = import_optional("pyarrow.parquet")
     path = Path(path)
@@ -278,6 +287,8 @@ def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFr
         parts.append(np.asarray(arr[:], dtype=np.float32))
     emb = np.concatenate(parts) if parts else np.zeros((0, root.attrs["latent"]), np.float32)
     meta = pq.read_table(path / "metadata.parquet").to_pandas()
+    # the model these came from: CellIndex.build(emb, meta) records it
+    meta.attrs["model_fingerprint"] = root.attrs.get("model_fingerprint")
     if len(meta) != len(emb):
         raise ValueError(
             f"{path}: {len(emb)} embeddings but {len(meta)} metadata rows; embed again."
@@ -289,16 +300,13 @@ def _digest(model: Any, coll: CellCollection) -> str:
     """Of the model (config and weights) and the input (each store's path, counts location,
     size and modification time; the cells kept): a kept shard must match both."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(model.config, sort_keys=True).encode())
+    h.update(model_fingerprint(model).encode())
     sources = []
     for s in coll.stores:
         st = Path(s.path).stat()  # a directory store's own entry: changes when files are added
         sources.append([str(s.path), getattr(s, "layer", None), st.st_size, st.st_mtime_ns])
     h.update(json.dumps([sources, coll.n_obs]).encode())
     h.update(np.ascontiguousarray(coll.cell_ids, dtype=np.int64).tobytes())
-    for name, t in sorted(model.module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._utils import atomic_path, import_optional, logger
+from .._utils import atomic_path, import_optional, logger, model_fingerprint
 from ..errors import CellsiftError
 
 __all__ = ["CellIndex", "CellIndexError", "SearchResult", "normalize_embeddings"]
@@ -158,18 +158,25 @@ class CellIndex:
         target_recall: float = 0.99,
         nlist: int | None = None,
         seed: int = 0,
+        model: Any = None,
     ) -> CellIndex:
         """Index ``embeddings`` (cells x dims; normalised here) with optional ``metadata``.
 
         ``engine="auto"`` is exact below :data:`AUTO_EXACT_BELOW` cells, IVF above. For IVF,
         ``nprobe`` is calibrated so that recall@``k`` on a sample of indexed cells reaches
-        ``target_recall``.
+        ``target_recall``. ``model``: the model that embedded the cells (or its
+        fingerprint; default: the one :func:`load_embeddings` notes in the metadata), so
+        that queries embedded by another model are refused (:meth:`check_model`).
         """
         emb = normalize_embeddings(embeddings)
+        if model is None and isinstance(metadata, pd.DataFrame):
+            model = metadata.attrs.get("model_fingerprint")
         table = _as_table(metadata, len(emb))
         if engine == "auto":
             engine = "exact" if len(emb) < AUTO_EXACT_BELOW else "ivf"
         index = cls(emb, table, engine=engine)
+        if model is not None:
+            index.params["model"] = model if isinstance(model, str) else model_fingerprint(model)
         if engine == "ivf":
             index._build_ivf(nlist=nlist, seed=seed)
             index.calibrate(k=k, target_recall=target_recall, seed=seed)
@@ -325,6 +332,21 @@ class CellIndex:
             far = dist > max_distance
             dist[far], idx[far] = np.inf, -1
         return SearchResult(dist, idx, self)
+
+    def check_model(self, model: Any) -> None:
+        """Refuse ``model`` (a model or its fingerprint) if the index knows it was built from
+        another model's embeddings: distances between two models' embeddings mean nothing.
+        Indexes built without a model pass any."""
+        built = self.params.get("model")
+        if built is None or model is None:
+            return
+        fp = model if isinstance(model, str) else model_fingerprint(model)
+        if fp != built:
+            raise CellIndexError(
+                f"this index holds embeddings of another model (fingerprint {built[:12]}, "
+                f"this model {fp[:12]}): embed the queries with the model that built the "
+                "index, or build an index with this model (cellsift embed, cellsift index)."
+            )
 
     def _queries(self, queries: Any) -> np.ndarray:
         """Query embeddings, L2-normalised, checked against the index's width."""
