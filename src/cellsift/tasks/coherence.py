@@ -5,9 +5,17 @@ cells nearest it. When the set mixes populations, its centroid can sit between t
 hits then describe none of them. The check: split the query cells' embeddings in a few
 clusters (spherical k-means), search with the mean embedding of each cluster and of the
 whole set, and measure how many of the whole set's hits each cluster finds too. The
-clusters of one population find mostly the same cells (on clustered test embeddings with
-3 clusters: overlap 0.7-0.9 for k = 50-200); those of a 50/50 mix of two populations find
-their own population's cells (0.1-0.3). Below 0.5 the check warns.
+clusters of a mix of populations find their own population's cells, and share almost none
+of the whole set's hits; those of one population share some, the fewer the larger the
+population is against ``k`` (its cells are many equally good hits).
+
+Measured on Kang 2018 PBMC (a MetricModel trained 12 epochs on 7 donors, the eighth donor's
+cells as queries, the 7 donors' 6,800 cells indexed, k = 100): single author-labelled types
+scored 0.24-0.62 (CD4 T, 1,182 query cells: 0.24; megakaryocytes, 18 cells: 0.04); 50/50
+mixes of two of the five large types 0.00-0.05; mixes that include dendritic cells or
+megakaryocytes (43 and 18 cells), or CD8 T + NK, 0.10-0.28. Coherence rises with ``k``
+(CD4 T: 0.12 at k = 50, 0.38 at k = 200). Below 0.1 the check warns: such a set's
+subpopulations find nearly disjoint cells.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ from .index import CellIndex, FilterLike, normalize_embeddings
 
 __all__ = ["QueryCoherence", "query_coherence"]
 
-#: Below this coherence the check warns that the query cells are heterogeneous.
-MIN_COHERENCE = 0.5
+#: Below this coherence the check warns that the query cells are heterogeneous (set on
+#: real data at k = 100: module docstring).
+MIN_COHERENCE = 0.1
 
 
 @dataclass
