@@ -26,6 +26,56 @@ def test_convert_and_errors(indexed_paths, tmp_path, capsys):
     assert "cannot be read as HDF5" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["convert", "{dup}", "{tmp}/out.zarr"], r"var_names must be unique.*\['g1'\]"),
+        (
+            ["convert", "{h5ad}", "{tmp}/shards", "--shard-size", "0"],
+            "shard_size must be at least 1",
+        ),
+        (["convert", "{h5ad}", "{tmp}/out.txt"], "Cannot tell the format of"),
+        (["convert", "{zero}", "{tmp}/out.soma"], "no cells to write"),
+        (["index", "{h5ad}", "{tmp}/idx"], "is not a cellsift embeddings store"),
+        (["index", "{tmp}/missing.zarr", "{tmp}/idx"], "missing.zarr does not exist"),
+        (["info", "{tmp}/missing_dir"], "missing_dir does not exist"),
+        (["info", "{tmp}/missing/manifest.json"], "manifest.json does not exist"),
+    ],
+)
+def test_bad_arguments_and_inputs_are_one_line_errors(
+    indexed_paths, tmp_path, capsys, args, message
+):
+    import re
+
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    a = ad.AnnData(sp.csr_matrix(np.ones((5, 4), np.float32)))
+    a.var_names = ["g0", "g1", "g1", "g3"]
+    a.write_h5ad(tmp_path / "dup.h5ad")
+    a.var_names = ["g0", "g1", "g2", "g3"]
+    a[:0].copy().write_h5ad(tmp_path / "zero.h5ad")
+    paths = {"tmp": tmp_path, "h5ad": indexed_paths["h5ad"]}
+    paths |= {"dup": tmp_path / "dup.h5ad", "zero": tmp_path / "zero.h5ad"}
+    assert main([arg.format(**paths) for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"cellsift {args[0]}: error: ")
+    assert re.search(message, err)
+
+
+def test_annotate_reads_its_query_files_with_one_line_errors(tmp_path):
+    """cellsift annotate reads the query and --calibrate-on files through _read_h5ad."""
+    from cellsift.cli import _read_h5ad
+    from cellsift.errors import DataError
+
+    (tmp_path / "trunc.h5ad").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(DataError, match=r"trunc\.h5ad cannot be read as HDF5.*truncated"):
+        _read_h5ad(str(tmp_path / "trunc.h5ad"))
+    with pytest.raises(FileNotFoundError, match=r"missing\.h5ad does not exist"):
+        _read_h5ad(str(tmp_path / "missing.h5ad"))
+
+
 def test_lightning_messages_print_once(indexed_paths):
     code = (
         "import logging, sys; from cellsift.cli import main; "

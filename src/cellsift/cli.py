@@ -7,6 +7,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from ._utils import logger
 
@@ -99,7 +101,6 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _annotate(args: argparse.Namespace) -> int:
-    import anndata as ad
 
     from . import tl
     from ._utils import atomic_path
@@ -109,11 +110,11 @@ def _annotate(args: argparse.Namespace) -> int:
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
     index.check_model(model)  # before any embedding
-    adata = ad.read_h5ad(args.data)
+    adata = _read_h5ad(args.data)
     tl.embed(adata, model, layer=args.layer, source=str(args.data))
     calibration = None
     if args.calibrate_on is not None:
-        calibration = ad.read_h5ad(args.calibrate_on)
+        calibration = _read_h5ad(args.calibrate_on)
         tl.embed(calibration, model, layer=args.layer, source=str(args.calibrate_on))
     tl.annotate(
         adata,
@@ -133,6 +134,23 @@ def _annotate(args: argparse.Namespace) -> int:
     for name, c in counts.head(15).items():
         print(f"  {c:>9,}  {name}")
     return 0
+
+
+def _read_h5ad(path: str) -> Any:
+    """An h5ad read whole, or a one-line error naming the file."""
+    import anndata as ad
+
+    from .errors import DataError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist (or is not a file).")
+    try:
+        return ad.read_h5ad(path)
+    except OSError as err:  # h5py: truncated, not HDF5
+        raise DataError(
+            f"{path} cannot be read as HDF5 ({err}); the file is truncated, corrupt or not an "
+            "h5ad. Re-create or re-download it."
+        ) from err
 
 
 def _demo(args: argparse.Namespace) -> int:

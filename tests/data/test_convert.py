@@ -81,3 +81,49 @@ def test_min_genes_drops_empty_cells(tmp_path):
     adata.write_h5ad(tmp_path / "e.h5ad")
     out = convert(tmp_path / "e.h5ad", tmp_path / "e.zarr", min_genes=1)
     assert open_store(out).n_obs == 39
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "soma"])
+def test_obs_and_var_come_back_as_they_were(tmp_path, fmt):
+    """Missing values stay missing, pandas' nullable dtypes stay, and columns named like the
+    SOMA layout's own (obs_id, feature_id) keep their names and values."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    n = 6
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(["T", None, "B", "T", None, "B"]),
+            "n_genes": pd.array([10, None, 30, 40, 50, 60], dtype="Int64"),
+            "is_doublet": pd.array([True, None, False, False, True, None], dtype="boolean"),
+            "score": [0.5, np.nan, 1.5, 2.0, 2.5, 3.0],
+            "obs_id": pd.Categorical([f"lab{i}" for i in range(n)]),
+            "donor": pd.Categorical(["d1", "d1", "d2", "d2", "d3", "d3"]),
+        },
+        index=[f"cell{i}" for i in range(n)],
+    )
+    var = pd.DataFrame(
+        {"feature_id": ["x1", "x2", "x3"], "gene_ids": ["ENSG1", "ENSG2", "ENSG3"]},
+        index=["A", "B", "C"],
+    )
+    x = sp.csr_matrix(np.arange(1, 3 * n + 1, dtype=np.float32).reshape(n, 3))
+    src = tmp_path / "in.h5ad"
+    ad.AnnData(x, obs=obs, var=var).write_h5ad(src)
+    mid = convert(src, tmp_path / f"mid.{fmt}")
+    back = ad.read_h5ad(convert(mid, tmp_path / "back.h5ad"))
+    pd.testing.assert_frame_equal(back.obs, obs, check_categorical=False)
+    pd.testing.assert_frame_equal(back.var.astype(object), var)  # text may come as categories
+    assert (back.X != x).nnz == 0
+
+
+def test_converting_no_cells_is_an_error(tmp_path):
+    import scipy.sparse as sp
+
+    from cellsift.errors import DataError
+
+    empty = ad.AnnData(sp.csr_matrix((0, 3), dtype=np.float32))
+    empty.var_names = ["a", "b", "c"]
+    empty.write_h5ad(tmp_path / "zero.h5ad")
+    with pytest.raises(DataError, match="no cells to write"):
+        convert(tmp_path / "zero.h5ad", tmp_path / "out.zarr")
+    assert not (tmp_path / "out.zarr").exists()

@@ -95,13 +95,47 @@ class SomaStore(CellStore):
 
     @cached_property
     def obs_columns(self) -> list[str]:
-        return [n for n in self.handle.obs.schema.names if n != "soma_joinid"]
+        """obs columns but ``soma_joinid`` and ``obs_id`` (the obs names, as cellsift writes
+        them); a column of the writer's input named ``obs_id`` is stored as ``obs_id_orig``
+        and listed under its own name."""
+        names = [n for n in self.handle.obs.schema.names if n not in ("soma_joinid", "obs_id")]
+        return ["obs_id" if n == "obs_id_orig" else n for n in names]
+
+    @cached_property
+    def obs_names(self) -> pd.Index | None:
+        """The ``obs_id`` column (cellsift's SOMA writer keeps the obs names there), or None."""
+        if "obs_id" not in self.handle.obs.schema.names:
+            return None
+        tbl = self.handle.obs.read(column_names=["soma_joinid", "obs_id"]).concat().to_pandas()
+        return pd.Index(tbl.sort_values("soma_joinid")["obs_id"].astype(str).to_numpy())
 
     def _load_obs_column(self, name: str) -> Any:
-        tbl = self.handle.obs.read(column_names=["soma_joinid", name]).concat().to_pandas()
-        col = tbl.sort_values("soma_joinid")[name]
+        stored = "obs_id_orig" if name == "obs_id" else name
+        tbl = self.handle.obs.read(column_names=["soma_joinid", stored]).concat()
+        arr = tbl.column(stored)
+        pa = import_optional("pyarrow")
+        nullable = arr.null_count > 0 and (
+            pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)
+        )
+        frame = pd.DataFrame(
+            {
+                "soma_joinid": tbl.column("soma_joinid").to_numpy(),
+                # integers and booleans with nulls as pandas' nullable arrays (not float / object)
+                name: arr.to_pandas(
+                    types_mapper=(
+                        lambda t: pd.BooleanDtype() if pa.types.is_boolean(t) else pd.Int64Dtype()
+                    )
+                    if nullable
+                    else None
+                ),
+            }
+        )
+        col = frame.sort_values("soma_joinid")[name]
         if col.dtype == object or isinstance(col.dtype, pd.CategoricalDtype):
-            return pd.Categorical(col.astype(str).to_numpy())
+            # text as categories; missing values stay missing (not the text "None")
+            return pd.Categorical(np.where(col.isna(), None, col.astype(str).to_numpy()))
+        if isinstance(col.dtype, pd.api.extensions.ExtensionDtype):
+            return col.array  # pandas' nullable numbers, with their missing values
         return col.to_numpy()
 
     def _load_var(self) -> pd.DataFrame:
@@ -113,7 +147,11 @@ class SomaStore(CellStore):
                 f"Pass var_id= with one of {list(var.columns)}.",
             )
         var.index = pd.Index(var.pop(self.var_id).astype(str).to_numpy())
-        return var.drop(columns=["soma_joinid"])
+        var = var.drop(columns=["soma_joinid"])
+        if self.var_id == "feature_id" and "feature_id_orig" in var.columns:
+            # a var column of the writer's input named feature_id, kept aside (SomaWriter)
+            var = var.rename(columns={"feature_id_orig": "feature_id"})
+        return var
 
     @property
     def nnz(self) -> int | None:

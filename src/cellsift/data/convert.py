@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas.api.extensions import ExtensionArray
 
 from .._utils import atomic_path, progress
+from ..errors import ConfigError, DataError
 from .stores import CellStore, open_store
 from .writers import Format, guess_format, open_writer
 
@@ -20,21 +22,17 @@ _SUFFIX = {"h5ad": ".h5ad", "zarr": ".zarr", "soma": ".soma"}
 
 
 def _obs_chunk(store: CellStore, columns: list[str], rows: np.ndarray) -> pd.DataFrame:
+    """The obs rows ``rows`` of ``store``: columns with their dtypes (categoricals and
+    pandas' nullable arrays kept, missing values missing), indexed by the obs names."""
     data = {}
     for c in columns:
         col = store.obs_column(c)
-        data[c] = (
-            pd.Categorical(col)[rows] if isinstance(col, pd.Categorical) else np.asarray(col)[rows]
-        )
+        if isinstance(col, pd.Series):
+            col = col.array
+        data[c] = col[rows] if isinstance(col, ExtensionArray) else np.asarray(col)[rows]
     names = getattr(store, "obs_names", None)
-    if names is None and "obs_id" in columns:
-        index = np.asarray(store.obs_column("obs_id"), dtype=str)[rows]
-    elif names is not None:
-        index = np.asarray(names)[rows]
-    else:
-        index = rows.astype(str)
-    frame = pd.DataFrame(data, index=pd.Index(index))
-    return frame.drop(columns=["obs_id"], errors="ignore")
+    index = np.asarray(names)[rows] if names is not None else rows.astype(str)
+    return pd.DataFrame(data, index=pd.Index(index))
 
 
 def convert(
@@ -79,6 +77,11 @@ def convert(
     if min_genes is not None:
         keep = store.row_nnz() >= min_genes
     rows_all = np.flatnonzero(keep)
+    if len(rows_all) == 0:
+        why = f" with at least {min_genes} genes" if min_genes is not None else ""
+        raise DataError(
+            f"{source}: no cells{why} to write ({store.n_obs} in the store); nothing to convert."
+        )
     columns = list(store.obs_columns)
     var = store.var.copy()
 
@@ -100,7 +103,7 @@ def convert(
         write(dest, rows_all, f"converting to {fmt}")  # the writer moves it into place at the end
         return dest
     if shard_size < 1:
-        raise ValueError("shard_size must be >= 1.")
+        raise ConfigError(f"shard_size must be at least 1, not {shard_size}.")
     with atomic_path(dest, overwrite=overwrite) as tmp:
         tmp.mkdir()
         files, sizes = [], []

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import DataError, MissingKeyError
+from ..errors import ConfigError, DataError, MissingKeyError
 from .writers import Format, guess_format
 
 __all__ = ["CellStore", "open_store"]
@@ -187,6 +187,8 @@ def open_store(
     """
     if isinstance(path, CellStore):
         return path
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist.")
     fmt = format or guess_format(path)
     if fmt == "h5ad":
         from ._h5ad import H5adStore
@@ -200,4 +202,4 @@ def open_store(
         from ._soma import SomaStore
 
         return SomaStore(path, layer=layer, **options)
-    raise ValueError(f"unknown store format {fmt!r} for {path}.")
+    raise ConfigError(f"unknown store format {fmt!r} for {path}; use h5ad, zarr or soma.")

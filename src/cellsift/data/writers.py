@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._utils import import_optional, remove_path, temp_sibling
+from ..errors import ConfigError, DataError
 
 __all__ = ["FORMATS", "StoreWriter", "guess_format", "open_writer"]
 
@@ -45,7 +46,7 @@ def guess_format(path: str | os.PathLike[str]) -> Format:
         return "zarr"
     if name.endswith(".soma") or name.endswith(".tiledb"):
         return "soma"
-    raise ValueError(
+    raise ConfigError(
         f"Cannot tell the format of {p}: name it *.h5ad, *.zarr or *.soma, or pass format=."
     )
 
@@ -71,7 +72,11 @@ class StoreWriter:
         self.tmp = temp_sibling(self.path)
         self.var = _clean_frame(var)
         if not self.var.index.is_unique:
-            raise ValueError("var_names must be unique to write a store.")
+            dups = var.index[var.index.duplicated()].unique()[:5].tolist()
+            raise DataError(
+                f"{path}: var_names must be unique to write a store, and {dups} appear more "
+                "than once. Make them unique first (adata.var_names_make_unique())."
+            )
         self.n_vars = len(var)
         self.n_obs_expected = n_obs
         self.n_obs = 0
@@ -344,6 +349,8 @@ class SomaWriter(StoreWriter):
         super().append(x, obs)
         self._obs.clear()  # obs goes to disk chunk by chunk
         obs_df = _clean_frame(obs)
+        if "obs_id" in obs_df.columns:  # obs_id holds the obs names: the column goes aside
+            obs_df = obs_df.rename(columns={"obs_id": "obs_id_orig"})
         tbl = _arrow_table(
             obs_df.assign(obs_id=obs_df.index.astype(str)).reset_index(drop=True), start=start
         )
@@ -392,11 +399,12 @@ def _arrow_table(df: pd.DataFrame, start: int) -> Any:
     for name in df.columns:
         s = df[name]
         if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object:
-            cols[str(name)] = pa.array(s.astype(str).to_numpy(), type=pa.large_string())
+            text = np.where(s.isna(), None, s.astype(str).to_numpy())  # missing stays null
+            cols[str(name)] = pa.array(text, type=pa.large_string())
         elif s.dtype == bool:
             cols[str(name)] = pa.array(s.to_numpy(), type=pa.bool_())
-        else:
-            cols[str(name)] = pa.array(s.to_numpy())
+        else:  # numbers; pandas' nullable Int64 / boolean with their nulls
+            cols[str(name)] = pa.array(s, from_pandas=True)
     return pa.Table.from_pydict(cols)
 
 
@@ -419,5 +427,5 @@ def open_writer(
     """Open a streaming writer for ``path`` (format from the suffix unless given)."""
     fmt = format or guess_format(path)
     if fmt not in _WRITERS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     return _WRITERS[fmt](path, var, n_obs=n_obs, overwrite=overwrite, **options)

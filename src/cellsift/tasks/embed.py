@@ -42,6 +42,7 @@ from .._utils import (
 )
 from ..data import CellCollection
 from ..data.loader import to_torch_csr
+from ..errors import DataError
 
 __all__ = ["embed_collection", "load_embeddings"]
 
@@ -271,16 +272,21 @@ def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFr
     try:
         root = zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"{path} is not a cellsift embeddings store ({err}).") from err
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist.") from None
+        raise DataError(
+            f"{path} is not a cellsift embeddings store ({err}); write one with cellsift embed."
+        ) from err
     if root.attrs.get("cellsift") != "embeddings" or "shards" not in root.attrs:
-        raise ValueError(
-            f"{path} is not a cellsift embeddings store of this version (cellsift embed)."
+        raise DataError(
+            f"{path} is not a cellsift embeddings store of this version; write one with "
+            "cellsift embed."
         )
     parts = []
     for s in root.attrs["shards"]:
         arr = root[s["path"]]
         if arr.shape[0] != s["stop"] - s["start"]:
-            raise ValueError(
+            raise DataError(
                 f"{path}/{s['path']} holds {arr.shape[0]} rows, not the expected "
                 f"{s['stop'] - s['start']}: the store is damaged; embed again."
             )
@@ -290,7 +296,7 @@ def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFr
     # the model these came from: CellIndex.build(emb, meta) records it
     meta.attrs["model_fingerprint"] = root.attrs.get("model_fingerprint")
     if len(meta) != len(emb):
-        raise ValueError(
+        raise DataError(
             f"{path}: {len(emb)} embeddings but {len(meta)} metadata rows; embed again."
         )
     return emb, meta
