@@ -110,3 +110,32 @@ def test_demo_runs_on_a_synthetic_atlas(tmp_path):
     assert any("weighted" in line for line in lines)
     assert "split by 'dataset_id'" in proc.stdout
     assert "ontology-aware calls:" in proc.stdout and "unknown (distance threshold" in proc.stdout
+
+
+def test_an_error_from_a_loader_worker_prints_its_own_message(tmp_path, capsys):
+    """A DataLoader worker's error comes back with the worker's traceback in its message."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    from cellsift.data import CellCollection, CellLoader, IterableCellDataset
+
+    x = sp.csr_matrix(np.ones((64, 4), np.float32))
+    x.data[100] = np.nan  # cell 25
+    ad.AnnData(x).write_h5ad(tmp_path / "nan.h5ad")
+    ds = IterableCellDataset(
+        CellCollection(tmp_path / "nan.h5ad", check_counts=False), batch_size=16
+    )
+    ds.collection.check_counts = True  # the opening sample would have caught it: read it here
+    with pytest.raises(Exception) as err:  # re-raised by torch, traceback in the message
+        list(CellLoader(ds, num_workers=1))
+    assert "Original Traceback" in str(err.value)
+    from cellsift.cli import _error
+
+    assert _error("embed", err.value) == 2
+    printed = capsys.readouterr().err
+    assert printed.count("\n") == 1
+    assert (
+        printed.startswith("cellsift embed: error: ")
+        and "nan.h5ad (X): cell 25 ('25') holds nan" in printed
+    )

@@ -270,8 +270,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(command: str, err: BaseException) -> int:
-    """Print ``cellsift COMMAND: error: ...``."""
-    print(f"cellsift {command}: error: {err}", file=sys.stderr)
+    """Print ``cellsift COMMAND: error: ...`` in one line. An error raised in a DataLoader
+    worker comes back with the worker's traceback in its message: its last line is the
+    error's own message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    print(f"cellsift {command}: error: {text}", file=sys.stderr)
     return 2
 
 

@@ -9,6 +9,7 @@ __all__ = [
     "GeneAlignmentError",
     "MissingKeyError",
     "ResumeError",
+    "TrainingError",
 ]
 
 
@@ -37,3 +38,7 @@ class MissingKeyError(CellsiftError, KeyError):
 
     def __str__(self) -> str:  # the message as written, not KeyError's quoted repr
         return str(self.args[0]) if self.args else ""
+
+
+class TrainingError(CellsiftError, FloatingPointError):
+    """Training cannot go on (a loss that is NaN or infinite); the message names the step."""

@@ -150,3 +150,21 @@ def test_count_checks_find_a_bad_value_in_any_chunk(bad, problem):
     data[9] = bad  # in the last, short chunk
     with pytest.raises(DataError, match=f"x: contains {problem}"):
         check_count_values(data, "x", "", chunk=4)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -3.0])
+def test_a_bad_cell_outside_the_opening_sample_is_caught_when_read(tmp_path, bad):
+    """The check at opening reads a sample of cells; every batch read checks its own."""
+    adata = indexed_atlas(2_000, 5)
+    sampled = set(np.unique(np.linspace(0, 1_999, 512).astype(int)).tolist())
+    row = next(i for i in range(1, 2_000) if i not in sampled)
+    x = adata.X.copy()
+    x.data[x.indptr[row]] = bad
+    adata.X = x
+    path = _write(tmp_path, "one_bad_cell.h5ad", adata)
+    coll = CellCollection(path)  # the sample misses it
+    coll.read(np.arange(row))  # the cells before it are fine
+    with pytest.raises(DataError, match=rf"one_bad_cell\.h5ad \(X\): cell {row} \('cell_{row}'\)"):
+        coll.read(np.arange(row - 5, row + 5))
+    unchecked = CellCollection(path, check_counts=False)
+    assert unchecked.read(np.array([row])).nnz > 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cellsift.data.datamodule import CellDataModule
+from cellsift.errors import TrainingError
 from cellsift.nn import MetricModule
 from cellsift.ontology import load_cell_ontology
 from cellsift.train import TrainingPlan
@@ -82,5 +83,5 @@ class _Explodes(torch.nn.Module):
 def test_nan_loss_stops_with_the_step(synthetic_h5ad, tmp_path):
     dm, module = _setup(synthetic_h5ad)
     trainer = _trainer(tmp_path, max_epochs=1, num_sanity_val_steps=0)
-    with pytest.raises(FloatingPointError, match=r"nan at step 2 \(epoch 0, batch 2\)"):
+    with pytest.raises(TrainingError, match=r"nan at step 2 \(epoch 0, batch 2\)"):
         trainer.fit(TrainingPlan(_Explodes(module)), datamodule=dm)

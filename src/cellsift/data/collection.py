@@ -81,7 +81,8 @@ class CellCollection:
     min_overlap
         Least fraction of genes matched between each store and the vocabulary.
     check_counts
-        Read a sample of cells of each store and raise if they are not raw counts.
+        Read a sample of cells of each store and raise if they are not raw counts; then
+        every batch read raises on a cell with NaN, infinite or negative values.
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class CellCollection:
                     gm.n_vocab - gm.n_matched,
                     gm.n_vocab,
                 )
+        self.check_counts = check_counts
         if check_counts:
             for s in self.stores:
                 _check_counts(s)
@@ -275,7 +277,11 @@ class CellCollection:
             a, b = bounds[k], bounds[k + 1]
             if a == b:
                 continue
-            x = self.gene_maps[k].apply(store.read(rows[a:b] - self.offsets[k]))
+            local = rows[a:b] - self.offsets[k]
+            raw = store.read(local)
+            if self.check_counts:  # every batch read (the sample checked at open misses cells)
+                _check_batch(store, raw, local)
+            x = self.gene_maps[k].apply(raw)
             indptr = x.indptr.astype(np.int64)
             datas.append(x.data)
             idxs.append(x.indices)
@@ -284,6 +290,24 @@ class CellCollection:
         data = np.concatenate(datas) if datas else np.zeros(0, np.float32)
         indices = np.concatenate(idxs) if idxs else np.zeros(0, np.int32)
         return sp.csr_matrix((data, indices, np.concatenate(ptrs)), shape=(len(rows), self.n_vars))
+
+
+def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
+    """Raise a :class:`DataError` naming the store and the first cell whose values are NaN,
+    infinite or negative (one pass over the values read: cheap next to reading them)."""
+    data = x.data
+    if np.isfinite(data).all() and not (data < 0).any():
+        return
+    bad = ~np.isfinite(data) | (data < 0)
+    row = int(np.searchsorted(x.indptr, np.flatnonzero(bad)[0], side="right") - 1)
+    value, cell = data[bad][0], int(rows[row])
+    names = getattr(store, "obs_names", None)
+    name = f" ({names[cell]!r})" if names is not None else ""
+    raise DataError(
+        f"{store.path} ({'X' if store.layer is None else store.layer}): cell {cell}{name} "
+        f"holds {value:g}; counts are finite and non-negative. Fix or drop that cell, or "
+        "pass check_counts=False if these values are meant."
+    )
 
 
 def _check_counts(store: CellStore, n_sample: int = 512) -> None:

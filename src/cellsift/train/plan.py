@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from ..errors import TrainingError
 from .metrics import silhouette
 
 __all__ = ["TrainingPlan"]
@@ -164,7 +165,7 @@ class TrainingPlan(pl.LightningModule):
         out = self.module(batch)
         loss = out["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise TrainingError(
                 f"the loss is {float(loss.detach())} at step {self.global_step} (epoch "
                 f"{self.current_epoch}, batch {batch_idx}); training stops. Lower the learning "
                 "rate, or check the data for values that are not counts."
