@@ -40,6 +40,10 @@ def test_embed_collection_matches_embedding_in_memory(bundle, synthetic_h5ad, tm
     np.testing.assert_allclose(emb, model.embed(adata), atol=1e-5)
     assert len(meta) == adata.n_obs
     assert (meta["dataset_id"].to_numpy() == adata.obs["dataset_id"].astype(str).to_numpy()).all()
+    # each cell's origin: its store, row and obs name
+    assert (meta["obs_name"].to_numpy() == adata.obs_names.to_numpy()).all()
+    assert (meta["store"] == str(synthetic_h5ad)).all()
+    np.testing.assert_array_equal(meta["store_row"], np.arange(adata.n_obs))
     with pytest.raises(FileExistsError):
         embed_collection(model, synthetic_h5ad, out)
 
@@ -273,3 +277,19 @@ def test_an_index_refuses_queries_of_another_model(bundle, synthetic_h5ad, tmp_p
     assert "embeddings of another model" in capsys.readouterr().err
     # an index built from bare arrays knows no model, and takes any
     CellIndex.build(load_embeddings(emb)[0]).check_model(other)
+
+
+def test_embeddings_of_shards_lead_back_to_their_cells(bundle, synthetic_h5ad, tmp_path):
+    from cellsift.data.convert import convert
+
+    model = MetricModel.load(bundle)
+    shards = convert(synthetic_h5ad, tmp_path / "shards", format="zarr", shard_size=700)
+    emb, meta = load_embeddings(embed_collection(model, shards, tmp_path / "emb.zarr"))
+    adata = ad.read_h5ad(synthetic_h5ad)
+    assert meta["store"].nunique() == int(np.ceil(adata.n_obs / 700))
+    for store, rows in meta.groupby("store")["store_row"]:
+        part = ad.read_zarr(store)
+        assert (part.obs_names[rows.to_numpy()] == meta.loc[rows.index, "obs_name"]).all()
+    hit = 1234
+    cell = adata[meta["obs_name"].iloc[hit]]
+    np.testing.assert_allclose(emb[hit], model.embed(cell)[0], atol=1e-5)

@@ -223,6 +223,22 @@ class CellCollection:
         return keep
 
     # -- obs ------------------------------------------------------------------------------
+    def origin(self) -> pd.DataFrame:
+        """Where each kept cell comes from: ``store`` (its path), ``store_row`` (its row
+        there) and ``obs_name`` (its obs name there; the row, as text, for a store without
+        names)."""
+        k = np.searchsorted(self.offsets, self.cell_ids, side="right") - 1
+        local = self.cell_ids - self.offsets[k]
+        names = np.empty(len(local), dtype=object)
+        for i, s in enumerate(self.stores):
+            mine = k == i
+            if mine.any():
+                obs_names = getattr(s, "obs_names", None)
+                rows = local[mine]
+                names[mine] = np.asarray(obs_names)[rows] if obs_names is not None else rows
+        paths = pd.Categorical.from_codes(k, [str(s.path) for s in self.stores])
+        return pd.DataFrame({"store": paths, "store_row": local, "obs_name": names.astype(str)})
+
     def obs_column(self, name: str) -> pd.Categorical | np.ndarray:
         """``name`` over the kept cells (categories unified across stores)."""
         if name not in self._obs_cache:

@@ -67,7 +67,9 @@ def embed_collection(
     ``model`` (a MetricModel) and write the embeddings store ``out`` (module docstring).
 
     Genes are aligned to the model's vocabulary per store (an error below half overlap);
-    ``obs_columns`` (default: all) go to ``metadata.parquet``. GPU when present.
+    ``obs_columns`` (default: all) go to ``metadata.parquet``, with each cell's origin
+    (``store``, ``store_row``, ``obs_name``: :meth:`CellCollection.origin`), so that
+    search hits lead back to their cells. GPU when present.
 
     ``devices`` > 1 spawns that many processes (NCCL on GPUs, one each; gloo on the CPU),
     each embedding one shard. Called inside an initialised ``torch.distributed`` job, every
@@ -226,6 +228,9 @@ def _finalize(
     pa = import_optional("pyarrow")
     cols = list(obs_columns) if obs_columns is not None else _all_columns(coll)
     meta = pd.DataFrame({c: np.asarray(coll.obs_column(c)) for c in cols})
+    for c, values in coll.origin().items():  # each cell's store, row and obs name
+        if c not in meta.columns:
+            meta[c] = values.to_numpy() if c != "store" else values.astype(str).to_numpy()
     for c in meta.columns:
         if meta[c].dtype == object:
             meta[c] = meta[c].astype(str)
