@@ -8,6 +8,7 @@ AnnData (genes aligned by the vocabulary) or collections; saves and loads as a b
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,10 @@ class MetricModel:
             logger=run_logger,
             **trainer_kwargs,
         )
-        trainer.fit(plan, datamodule=dm, ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            if ckpt_path is not None:  # a run going on: its checkpoint directory is not empty
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")
+            trainer.fit(plan, datamodule=dm, ckpt_path=ckpt_path)
         self.module.eval()
         self.trainer = trainer
         return trainer
