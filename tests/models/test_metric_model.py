@@ -271,3 +271,40 @@ def test_embedding_a_backed_anndata_equals_the_in_memory_one(synthetic_h5ad, tmp
     np.testing.assert_allclose(
         model.embed(ad.read_h5ad(tmp_path / "dense.h5ad", backed="r")), want, atol=1e-6
     )
+
+
+def test_training_runs_in_train_mode_after_embedding_loading_or_an_earlier_fit(
+    synthetic_h5ad, tmp_path
+):
+    """Embedding and loading leave the module in eval mode; training must not inherit it
+    (no dropout, BatchNorm statistics frozen)."""
+    import lightning.pytorch as pl
+
+    modes: list[bool] = []
+
+    class Mode(pl.Callback):
+        def on_train_batch_start(self, trainer, plan, batch, batch_idx):
+            if batch_idx == 0:
+                modes.append(plan.module.training and plan.module.encoder.training)
+
+    def fit(model):
+        train_without(
+            model,
+            synthetic_h5ad,
+            "none",
+            tmp_path,
+            max_epochs=1,
+            val_fraction=0,
+            trainer={"callbacks": [Mode()], "limit_train_batches": 2},
+        )
+
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
+    model.embed(ad.read_h5ad(synthetic_h5ad)[:10])  # eval mode
+    fit(model)
+    fit(model)  # a second fit of the same model
+    model.save(tmp_path / "bundle")
+    loaded = MetricModel.load(tmp_path / "bundle")  # fine-tuning a saved model
+    assert not loaded.module.training
+    fit(loaded)
+    assert modes == [True, True, True]
+    assert not loaded.module.training  # back in eval mode for embedding after fit

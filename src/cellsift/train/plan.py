@@ -181,6 +181,12 @@ class TrainingPlan(pl.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return loss
 
+    def on_fit_start(self) -> None:
+        # Lightning sets no mode at the start of training (validation restores the one it
+        # found): a module left in eval mode by embedding, loading or an earlier fit would
+        # train without dropout and with frozen BatchNorm statistics
+        self.train()
+
     def on_train_epoch_start(self) -> None:
         self._tick = None
 
