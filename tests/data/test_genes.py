@@ -126,3 +126,27 @@ def test_vocabulary_of_the_real_data_uses_ensembl_ids(name):
     assert vocab.genes.equals(pd.Index(var["gene_ids"].astype(str)))
     assert vocab.symbols.equals(pd.Index(var.index.astype(str)))
     assert vocab.align(var).identity
+
+
+def test_a_store_in_another_gene_order_gives_sorted_rows(tmp_path):
+    """torch's sparse CSR kernels assume each row's column indices sorted: a store whose genes
+    are in another order than the vocabulary must not break that (x.mul(dense) was wrong)."""
+    import scipy.sparse as sp
+    import torch
+
+    from cellsift.data import IterableCellDataset, open_writer
+
+    var = pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(6)])
+    x = sp.csr_matrix(np.arange(1, 13, dtype=np.float32).reshape(2, 6))
+    obs = pd.DataFrame(index=["a", "b"])
+    for name, v in (("fwd", var), ("rev", var.iloc[::-1])):
+        with open_writer(tmp_path / f"{name}.h5ad", v, n_obs=2) as w:
+            w.append(x, obs)
+    coll = CellCollection([tmp_path / "fwd.h5ad", tmp_path / "rev.h5ad"])
+    batch = next(iter(IterableCellDataset(coll, mode="sequential", batch_size=4)))["x_ng"]
+    crow, col = batch.crow_indices(), batch.col_indices()
+    for r in range(4):
+        assert (np.diff(col[crow[r] : crow[r + 1]].numpy()) > 0).all()
+    dense = torch.from_numpy(np.vstack([x.toarray(), x.toarray()[:, ::-1]]))
+    scale = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    torch.testing.assert_close(batch.mul(scale).to_dense(), dense * scale)

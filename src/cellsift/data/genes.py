@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,16 @@ class GeneMap:
     identity: bool
     n_vocab: int
 
+    @cached_property
+    def keeps_order(self) -> bool:
+        """Do the matched columns keep their order in the vocabulary? (Else each row's
+        column indices must be sorted again after mapping.)"""
+        matched = self.col_map[self.col_map >= 0]
+        return bool(np.all(np.diff(matched) > 0))
+
     def apply(self, x: sp.csr_matrix) -> sp.csr_matrix:
-        """``x`` (cells x the store's genes) with columns in vocabulary order.
+        """``x`` (cells x the store's genes) with columns in vocabulary order, each row's
+        column indices sorted (as torch's sparse CSR tensors require).
 
         Genes the vocabulary lacks are dropped; vocabulary genes the store lacks stay zero.
         """
@@ -65,9 +74,12 @@ class GeneMap:
         if not keep.all():
             indptr = np.concatenate(([0], np.cumsum(keep)))[indptr]
             data, mapped = data[keep], mapped[keep]
-        return sp.csr_matrix(
+        out = sp.csr_matrix(
             (data, mapped.astype(np.int32), indptr), shape=(x.shape[0], self.n_vocab)
         )
+        if not self.keeps_order:  # (an order-keeping map keeps sorted rows sorted)
+            out.sort_indices()
+        return out
 
 
 class GeneVocabulary:
