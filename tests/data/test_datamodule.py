@@ -191,3 +191,38 @@ def test_harmonized_labels_code_cell_ontology_ids(synthetic_h5ad):
     rows = batch["obs_idx_n"].numpy()
     expect = obs["cell_type_ontology_term_id"].astype(str).to_numpy()[rows]
     assert [ids[c] for c in batch["y_n"].tolist()] == expect.tolist()
+
+
+def test_missing_obs_values_stay_missing(tmp_path):
+    """A label or study that is missing (NaN in a categorical) is no label / no study: code
+    -1, never the category 'nan', and never a validation group of its own."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from cellsift.data import CellCollection, IterableCellDataset
+
+    n = 12
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(["T", None, "B"] * 4),
+            "study": pd.Categorical(["s1", "s2", None, "s3"] * 3),
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    ad.AnnData(sp.csr_matrix(np.ones((n, 3), np.float32)), obs=obs).write_h5ad(tmp_path / "a.h5ad")
+    coll = CellCollection(tmp_path / "a.h5ad")
+    col = coll.obs_column("cell_type")
+    assert pd.isna(col).sum() == 4 and list(col.categories) == ["B", "T"]
+    codes, cats = coll.codes("study")
+    assert cats == ["s1", "s2", "s3"]
+    np.testing.assert_array_equal(codes == -1, pd.isna(obs["study"]).to_numpy())
+    ds = IterableCellDataset(coll, mode="sequential", label_key="cell_type", study_key="study")
+    assert ds.categories["y_n"] == ["B", "T"] and ds.categories["study_n"] == ["s1", "s2", "s3"]
+    for seed in range(5):
+        dm = CellDataModule(
+            tmp_path / "a.h5ad", label_key=None, study_key="study", val_fraction=0.3, seed=seed
+        )
+        dm.setup("fit")
+        assert all(isinstance(g, str) and g in cats for g in dm.val_groups)
+        assert not pd.isna(dm.val.obs_column("study")).any()  # no-study cells train

@@ -240,12 +240,14 @@ class CellCollection:
         return pd.DataFrame({"store": paths, "store_row": local, "obs_name": names.astype(str)})
 
     def obs_column(self, name: str) -> pd.Categorical | np.ndarray:
-        """``name`` over the kept cells (categories unified across stores)."""
+        """``name`` over the kept cells (categories unified across stores; missing values
+        stay missing)."""
         if name not in self._obs_cache:
             parts = [s.obs_column(name) for s in self.stores]
             if any(isinstance(p, pd.Categorical) or np.asarray(p).dtype == object for p in parts):
                 values = np.concatenate([np.asarray(p, dtype=object) for p in parts])
-                col: Any = pd.Categorical(values[self.cell_ids].astype(str))
+                values = values[self.cell_ids]
+                col: Any = pd.Categorical(np.where(pd.isna(values), None, values.astype(str)))
             else:
                 col = np.concatenate([np.asarray(p) for p in parts])[self.cell_ids]
             if name in self._value_maps:
@@ -266,12 +268,14 @@ class CellCollection:
     ) -> tuple[np.ndarray, list[str]]:
         """Integer codes of a categorical obs column over kept cells, and the categories.
 
-        Categories are sorted (stable codes for the same label set) unless given; values
-        outside given ``categories`` get code -1.
+        Categories are sorted (stable codes for the same label set) unless given; missing
+        values, and values outside given ``categories``, get code -1.
         """
-        values = np.asarray(self.obs_column(name)).astype(str)
-        cats = sorted(set(values.tolist())) if categories is None else list(categories)
-        codes = pd.Categorical(values, categories=cats).codes.astype(np.int64)
+        values = np.asarray(self.obs_column(name), dtype=object)
+        missing = pd.isna(values)
+        text = np.where(missing, None, values.astype(str))
+        cats = sorted(set(text[~missing].tolist())) if categories is None else list(categories)
+        codes = pd.Categorical(text, categories=cats).codes.astype(np.int64)
         return codes, cats
 
     def subset(self, positions: np.ndarray) -> CellCollection:

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 
 from .._utils import logger
 from .collection import CellCollection, ObsFilter, StoreLike
@@ -137,7 +138,7 @@ class CellDataModule(pl.LightningDataModule):
         if self.label_key and self.harmonize_labels:
             from ..ontology import load_cell_ontology
 
-            raw = np.unique(np.asarray(coll.obs_column(self.label_key)).astype(str)).tolist()
+            raw = coll.codes(self.label_key)[1]  # the distinct labels, missing ones left out
             ids = load_cell_ontology().harmonize(raw)
             coll.map_values(self.label_key, dict(zip(raw, ids, strict=True)))
         if self.label_key:
@@ -147,10 +148,12 @@ class CellDataModule(pl.LightningDataModule):
         if self.split_key is None or (self.val_groups is None and self.val_fraction <= 0):
             self.train, self.val = coll, None
             return
-        groups = np.asarray(coll.obs_column(self.split_key)).astype(str)
+        values = np.asarray(coll.obs_column(self.split_key), dtype=object)
+        known = ~pd.isna(values)  # cells without a group stay in training
+        groups = np.where(known, values.astype(str), "")
         if self.val_groups is None:
-            self.val_groups = split_groups(groups, self.val_fraction, self.seed)
-        is_val = np.isin(groups, self.val_groups)
+            self.val_groups = split_groups(groups[known], self.val_fraction, self.seed)
+        is_val = np.isin(groups, self.val_groups) & known
         if is_val.all() or not is_val.any():
             raise ValueError(
                 f"val_groups {self.val_groups} leave no training or no validation "

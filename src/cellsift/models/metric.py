@@ -155,7 +155,7 @@ class MetricModel:
             if isinstance(source, CellCollection)
             else CellCollection(source, dropna=[label_key])
         )
-        labels = sorted(set(np.asarray(coll.obs_column(label_key)).astype(str).tolist()))
+        labels = coll.codes(label_key)[1]  # the distinct labels, sorted, missing ones left out
         return cls(coll.genes, labels, **kwargs)
 
     # -- training -------------------------------------------------------------------------
