@@ -7,6 +7,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from cellsift.data import CellCollection, open_store
 from cellsift.datasets import indexed_atlas
@@ -165,6 +166,49 @@ def test_a_bad_cell_outside_the_opening_sample_is_caught_when_read(tmp_path, bad
     coll = CellCollection(path)  # the sample misses it
     coll.read(np.arange(row))  # the cells before it are fine
     with pytest.raises(DataError, match=rf"one_bad_cell\.h5ad \(X\): cell {row} \('cell_{row}'\)"):
-        coll.read(np.arange(row - 5, row + 5))
+        coll.read(np.arange(max(row - 5, 0), row + 5))
     unchecked = CellCollection(path, check_counts=False)
     assert unchecked.read(np.array([row])).nnz > 0
+
+
+def test_rows_out_of_range_seeds_and_ambiguous_vocabularies_are_named(tmp_path, indexed_paths):
+    from cellsift.data import GeneVocabulary, IterableCellDataset
+    from cellsift.data.datamodule import CellDataModule
+
+    coll = CellCollection(indexed_paths["h5ad"])
+    for rows in ([5, 2_000], [-1, 5]):
+        with pytest.raises(IndexError, match=r"rows must lie in \[0, 2000\)"):
+            coll.read(np.array(rows))
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, not -1"):
+        IterableCellDataset(coll, mode="block", seed=-1)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        CellDataModule(indexed_paths["h5ad"], seed=-1)
+    with pytest.raises(ValueError, match=r"duplicate ids \(Ensembl versions ignored\)"):
+        GeneVocabulary(["ENSG00000000001.1", "ENSG00000000001.2"])
+    with pytest.raises(ValueError, match=r"symbols must name one gene each.*\['A'\]"):
+        GeneVocabulary(["ENSG00000000001", "ENSG00000000002"], symbols=["A", "A"])
+
+
+def test_empty_cells_that_the_filters_remove_are_no_error(tmp_path):
+    adata = indexed_atlas(50, 5)
+    x = adata.X.toarray()
+    x[7] = 0
+    adata.X = sp.csr_matrix(x)
+    adata.obs["keep"] = np.where(np.arange(50) == 7, "no", "yes")
+    path = _write(tmp_path, "one_empty.h5ad", adata)
+    with pytest.raises(DataError, match="1 of 50 cells have no counts"):
+        CellCollection(path)
+    assert CellCollection(path, min_counts=1).n_obs == 49
+    assert CellCollection(path, obs_filter={"keep": "yes"}).n_obs == 49
+
+
+def test_one_layer_for_stores_that_keep_counts_apart_names_the_way_out(tmp_path):
+    adata = indexed_atlas(20, 5)
+    a = _write(tmp_path, "x.h5ad", adata)
+    adata.layers["counts"] = adata.X.copy()
+    b = _write(tmp_path, "layer.h5ad", adata)
+    with pytest.raises(DataError, match=r"applies to every store.*open_store\(b, layer='counts'\)"):
+        CellCollection([a, b], layer="counts")
+    from cellsift.data import open_store
+
+    assert CellCollection([open_store(a), open_store(b, layer="counts")]).n_obs == 40

@@ -103,7 +103,16 @@ class CellCollection:
         if not paths:
             raise ValueError("a collection needs at least one store.")
         opts = dict(store_options or {})
-        self.stores: list[CellStore] = [open_store(p, layer=layer, **opts) for p in paths]
+        try:
+            self.stores: list[CellStore] = [open_store(p, layer=layer, **opts) for p in paths]
+        except DataError as err:
+            if len(paths) > 1 and "layer" in str(err):
+                raise DataError(
+                    f"{err} layer= applies to every store of a collection; stores whose counts "
+                    "live in different places are opened one by one and passed in: "
+                    "CellCollection([open_store(a), open_store(b, layer='counts')])."
+                ) from err
+            raise
         self.offsets = np.concatenate(([0], np.cumsum([s.n_obs for s in self.stores]))).astype(
             np.int64
         )
@@ -195,13 +204,6 @@ class CellCollection:
         keep = np.ones(store.n_obs, dtype=bool)
         if min_genes is not None:
             apply(f"min_genes={min_genes}", store.row_nnz() >= min_genes)
-        elif (nnz := store.stored_row_nnz()) is not None:  # checked where it is free (CSR stores)
-            n_empty = int((nnz == 0).sum())
-            if n_empty:
-                raise DataError(
-                    f"{store.path}: {n_empty} of {store.n_obs} cells have no counts at all. "
-                    "Drop them with min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`."
-                )
         if min_counts is not None:
             apply(f"min_counts={min_counts:g}", store.row_sums() >= min_counts)
         for col in dropna:
@@ -220,6 +222,14 @@ class CellCollection:
                     allowed = list(wanted) if isinstance(wanted, list | tuple | set) else [wanted]
                     mask &= values.isin(allowed).to_numpy()
             apply("obs_filter", mask)
+        if min_genes is None and min_counts is None and (nnz := store.stored_row_nnz()) is not None:
+            # checked where it is free (CSR stores), among the cells the filters keep
+            n_empty = int(((nnz == 0) & keep).sum())
+            if n_empty:
+                raise DataError(
+                    f"{store.path}: {n_empty} of {store.n_obs} cells have no counts at all. "
+                    "Drop them with min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`."
+                )
         return keep
 
     # -- obs ------------------------------------------------------------------------------
@@ -290,6 +300,11 @@ class CellCollection:
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of global rows ``rows`` (sorted, unique), genes in vocabulary order."""
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.offsets[-1]):
+            raise IndexError(
+                f"rows must lie in [0, {int(self.offsets[-1])}) (the cells of all stores), "
+                f"not {int(rows.min())} .. {int(rows.max())}."
+            )
         bounds = np.searchsorted(rows, self.offsets)
         datas, idxs, ptrs = [], [], [np.zeros(1, dtype=np.int64)]
         nnz = 0

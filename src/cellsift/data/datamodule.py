@@ -100,6 +100,8 @@ class CellDataModule(pl.LightningDataModule):
         self.split_key = split_key or study_key
         self.val_groups = list(val_groups) if val_groups is not None else None
         self.val_fraction = val_fraction
+        if seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, not {seed}.")
         self.seed = seed
         self.loader_options = {
             "mode": mode,

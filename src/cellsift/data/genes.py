@@ -97,12 +97,22 @@ class GeneVocabulary:
         self, genes: Sequence[str] | pd.Index, symbols: Sequence[str] | None = None
     ) -> None:
         self.genes = pd.Index(np.asarray(genes, dtype=str))
-        if self.genes.has_duplicates:
-            dups = self.genes[self.genes.duplicated()].unique()[:5].tolist()
-            raise ValueError(f"gene vocabulary has duplicate ids, e.g. {dups}; make them unique.")
+        stripped = _strip_version(self.genes)  # alignment ignores Ensembl versions
+        if stripped.has_duplicates:
+            dups = self.genes[stripped.duplicated(keep=False)].unique()[:5].tolist()
+            raise ValueError(
+                f"gene vocabulary has duplicate ids (Ensembl versions ignored), e.g. {dups}; "
+                "make them unique."
+            )
         self.symbols = None if symbols is None else pd.Index(np.asarray(symbols, dtype=str))
         if self.symbols is not None and len(self.symbols) != len(self.genes):
             raise ValueError("symbols must be parallel to genes.")
+        if self.symbols is not None and self.symbols.has_duplicates:
+            dups = self.symbols[self.symbols.duplicated()].unique()[:5].tolist()
+            raise ValueError(
+                f"gene symbols must name one gene each, and {dups} name several; pass unique "
+                "symbols, or none (genes then align by id only)."
+            )
 
     def __len__(self) -> int:
         return len(self.genes)

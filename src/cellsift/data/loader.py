@@ -65,7 +65,10 @@ class IterableCellDataset(IterableDataset):
         :func:`balanced_weights`' scales. A label with far fewer cells than ``class_scale``
         is drawn ~1/count (full balancing), one with far more ~1/log(count). SCimilarity's
         defaults (1e4, 1e6) were set for millions of cells, where most labels are far above
-        them; on a small atlas they balance fully. Lower them for gentler balancing.
+        them; on a small atlas they balance fully, but for a cap: no cell is drawn more than
+        100 times as often as the median cell (``balanced_weights``' ``max_ratio``), so a
+        label of a handful of cells among thousands stays below an equal share. Lower the
+        scales for gentler balancing; pass ``weights=`` for any other scheme.
     categories
         Batch key -> fixed category list (e.g. a model's labels); other values code as -1.
     seed, drop_last, cells_per_block, num_samples

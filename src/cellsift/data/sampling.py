@@ -87,6 +87,8 @@ class SamplingConfig:
         for name in ("batch_size", "block_size", "fetch_factor", "cells_per_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1.")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, not {self.seed}.")
 
     @property
     def fetch_size(self) -> int:
