@@ -208,3 +208,27 @@ def test_soma_store_through_spawned_workers(indexed_paths):
     ds = IterableCellDataset(coll, mode="block", **OPTS)
     idx = np.concatenate(_epoch(CellLoader(ds, num_workers=2)))
     np.testing.assert_array_equal(np.sort(idx), np.arange(N_INDEXED))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "block", "weighted"])
+def test_min_batch_leaves_out_a_last_batch_of_one_cell_only(coll, mode):
+    """Training loaders never yield one cell alone (BatchNorm cannot normalise it); a last
+    batch of 2 or more cells stays. (Block and weighted modes shuffle within each fetch, so
+    the last fetch's batches differ once it is a cell shorter.)"""
+    extra = {"label_key": "cell_type_ontology_term_id"} if mode == "weighted" else {}
+    batch = 333  # 2000 = 6 x 333 + 2; 1999 = 6 x 333 + 1
+    for n, last in ((N_INDEXED - 1, 1), (N_INDEXED, 2)):
+        sub = coll.subset(np.arange(n))
+        plain = IterableCellDataset(sub, mode=mode, batch_size=batch, fetch_factor=2, **extra)
+        kept = IterableCellDataset(
+            sub, mode=mode, batch_size=batch, fetch_factor=2, min_batch=2, **extra
+        )
+        a, b = _epoch(CellLoader(plain)), _epoch(CellLoader(kept))
+        assert len(a[-1]) == last and len(b) == len(kept)
+        sizes = [len(x) for x in a]
+        assert [len(x) for x in b] == (sizes[:-1] if last == 1 else sizes)
+        for x, y in zip(a[:4], b[:4], strict=True):  # the first two fetches: unchanged
+            np.testing.assert_array_equal(x, y)
+        if mode != "weighted":  # each cell at most once
+            seen = np.concatenate(b)
+            assert len(np.unique(seen)) == len(seen) == n - (last == 1)

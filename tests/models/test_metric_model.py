@@ -308,3 +308,22 @@ def test_training_runs_in_train_mode_after_embedding_loading_or_an_earlier_fit(
     fit(loaded)
     assert modes == [True, True, True]
     assert not loaded.module.training  # back in eval mode for embedding after fit
+
+
+def test_a_fit_without_a_step_is_an_error(synthetic_h5ad, tmp_path):
+    from cellsift.errors import TrainingError
+
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
+    with pytest.raises(TrainingError, match="no training step ran"):
+        train_without(model, synthetic_h5ad, "none", tmp_path, max_epochs=0, val_fraction=0)
+
+
+def test_training_on_a_last_batch_of_one_cell(tmp_path):
+    """513 cells in batches of 256: the epoch's last cell would be a batch of its own, which
+    BatchNorm cannot normalise in training."""
+    from cellsift.datasets import synthetic_atlas
+
+    path = synthetic_atlas(513, 200, n_studies=2, path=tmp_path / "a.h5ad", seed=0)
+    model = MetricModel.from_collection(path, hidden=(32,), latent=8)
+    dm = train_without(model, path, "none", tmp_path, max_epochs=1, val_fraction=0)
+    assert model.trainer.global_step == 2 and len(dm.train_dataloader()) == 2

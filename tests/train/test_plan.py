@@ -85,3 +85,16 @@ def test_nan_loss_stops_with_the_step(synthetic_h5ad, tmp_path):
     trainer = _trainer(tmp_path, max_epochs=1, num_sanity_val_steps=0)
     with pytest.raises(TrainingError, match=r"nan at step 2 \(epoch 0, batch 2\)"):
         trainer.fit(TrainingPlan(_Explodes(module)), datamodule=dm)
+
+
+def test_metric_plan_refuses_labels_the_model_would_not_line_up_with():
+    """The data's label codes index the linked labels as they are: names, or a name and its
+    id side by side, would shift every code after them."""
+    from cellsift.errors import ConfigError
+    from cellsift.train.cli import MetricPlan
+
+    genes = [f"ENSG{i:011d}" for i in range(10)]
+    MetricPlan(genes, ["CL:0000236", "CL:0000624"], hidden=(8,), latent=4)  # fine
+    for labels in (["B cell", "CL:0000624"], ["CL:0000236", "B cell", "CL:0000624"]):
+        with pytest.raises(ConfigError, match=r"'B cell' -> CL:0000236.*harmonize_labels: true"):
+            MetricPlan(genes, labels, hidden=(8,), latent=4)

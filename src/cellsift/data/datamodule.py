@@ -201,7 +201,8 @@ class CellDataModule(pl.LightningDataModule):
         assert self.train is not None, "call setup() first"
         if self._train_loader is None:  # one loader for the whole run: it carries the position
             world = self.trainer.world_size if self.trainer is not None else 1
-            ds = self._dataset(self.train, drop_last=world > 1)
+            # no batch of one cell: BatchNorm cannot normalise it in training
+            ds = self._dataset(self.train, drop_last=world > 1, min_batch=2)
             self._train_loader = CellLoader(
                 ds, num_workers=self.num_workers, pin_memory=self._pins()
             )

@@ -71,7 +71,7 @@ class IterableCellDataset(IterableDataset):
         scales for gentler balancing; pass ``weights=`` for any other scheme.
     categories
         Batch key -> fixed category list (e.g. a model's labels); other values code as -1.
-    seed, drop_last, cells_per_block, num_samples
+    seed, drop_last, cells_per_block, num_samples, min_batch
         See :class:`~cellsift.data.sampling.SamplingConfig`.
     rank, world_size
         Override the distributed rank (default: from ``torch.distributed``).
@@ -99,6 +99,7 @@ class IterableCellDataset(IterableDataset):
         drop_last: bool = False,
         cells_per_block: int = 32,
         num_samples: int | None = None,
+        min_batch: int = 1,
         rank: int | None = None,
         world_size: int | None = None,
         prefetch: int = 1,
@@ -115,6 +116,7 @@ class IterableCellDataset(IterableDataset):
             drop_last,
             cells_per_block,
             num_samples,
+            min_batch,
         )
         if obs_keys is None:
             obs_keys = {k: v for k, v in (("y_n", label_key), ("study_n", study_key)) if v}

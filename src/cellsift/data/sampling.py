@@ -70,7 +70,12 @@ def _inverse_log_count(codes: np.ndarray, scale: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample; fixed for a run (part of the resume fingerprint)."""
+    """How to sample; fixed for a run (part of the resume fingerprint).
+
+    ``drop_last``: every rank's batches are full (the remainder of the epoch is left out);
+    ``min_batch``: a rank's last batch with fewer cells than this is left out (training
+    takes 2: BatchNorm cannot normalise one cell), the other batches are unchanged.
+    """
 
     mode: Mode = "block"
     batch_size: int = 1024
@@ -80,11 +85,12 @@ class SamplingConfig:
     drop_last: bool = False
     cells_per_block: int = 32
     num_samples: int | None = None
+    min_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in ("sequential", "block", "weighted"):
             raise ValueError(f"mode must be sequential, block or weighted, not {self.mode!r}.")
-        for name in ("batch_size", "block_size", "fetch_factor", "cells_per_block"):
+        for name in ("batch_size", "block_size", "fetch_factor", "cells_per_block", "min_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1.")
         if self.seed < 0:
@@ -131,6 +137,8 @@ class EpochPlan:
             self.n_rank = hi - lo
         if cfg.drop_last:
             self.n_rank = (self.n_rank // cfg.batch_size) * cfg.batch_size
+        if 0 < self.n_rank % cfg.batch_size < cfg.min_batch:  # too small a last batch
+            self.n_rank -= self.n_rank % cfg.batch_size
         self.n_fetches = -(-self.n_rank // cfg.fetch_size)
 
     # -- epoch order (sequential, block) --------------------------------------------------

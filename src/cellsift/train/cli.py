@@ -36,6 +36,12 @@ from .resume import continued_run
 __all__ = ["FitCLI", "MetricPlan", "run_fit"]
 
 
+def _harmonized(labels: list[str]) -> list[str]:
+    from ..ontology import load_cell_ontology
+
+    return load_cell_ontology().harmonize(labels)
+
+
 class MetricPlan(TrainingPlan):
     """The training plan of a :class:`~cellsift.models.MetricModel` built for the data.
 
@@ -82,6 +88,15 @@ class MetricPlan(TrainingPlan):
             raise ValueError(
                 "MetricPlan needs the genes and labels of the data: `cellsift fit` links them "
                 "from the data section; in Python pass genes= and labels=."
+            )
+        ids = _harmonized(labels)
+        if ids != list(labels):  # the data's label codes index `labels` as they are
+            pairs = zip(labels, ids, strict=True)
+            changed = [f"{a!r} -> {b}" for a, b in pairs if a != b]
+            raise ConfigError(
+                f"the data's labels are not current Cell Ontology ids ({', '.join(changed[:3])}"
+                f"{', ...' if len(changed) > 3 else ''}), so the model's labels would not line "
+                "up with the data's codes; set data.init_args.harmonize_labels: true."
             )
         model = MetricModel(
             genes,

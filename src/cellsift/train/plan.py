@@ -205,7 +205,15 @@ class TrainingPlan(pl.LightningModule):
     def on_fit_end(self) -> None:
         """The best weights by the metric that a checkpoint callback monitors (e.g.
         ``val/asw``), where one kept them: the module ends with those, not the last epoch's
-        (early stopping runs past the best). ``final_weights`` says which it holds."""
+        (early stopping runs past the best). ``final_weights`` says which it holds. A fit
+        in which no step ran (max_epochs 0, limit_train_batches 0) is an error: its weights
+        are the initial ones."""
+        if self.trainer.global_step == 0:
+            raise TrainingError(
+                "no training step ran (max_epochs, max_steps or limit_train_batches is 0, or "
+                "no training batch was made): the model holds its initial weights, and no "
+                "bundle is written. Train for at least one step."
+            )
         best = next(
             (
                 cb
