@@ -215,6 +215,60 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists()  # nothing trained
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data.init_args.val_groups", "[donor_999]"], r"val_groups \['donor_999'\] leave no"),
+        (["--data.init_args.collection_options", '{"min_gene": 1}'], r"\['min_gene'\], which"),
+        (["--data.init_args.batch_size", "0"], "batch_size must be >= 1, not 0"),
+        (["--model.classifier_weight", "1.0"], r"classifier_weight must lie in \[0, 1 - trip"),
+        (["--model.triplet_weight", "1.5"], r"triplet_weight must lie in \[0, 1\], not 1.5"),
+        (["--model.lr", "-1"], "lr must be > 0"),
+        (["--model.asw_cells", "1"], "asw_cells must be at least 2"),
+        (["--trainer.max_epochs", "0"], "no training step ran"),
+    ],
+)
+def test_fit_says_bad_settings_in_one_line(synthetic_h5ad, tmp_path, capsys, extra, message):
+    import re
+
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *extra)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cellsift fit: error: ") and re.search(message, err[-1])
+    assert not any(line.lstrip().startswith("File ") for line in err)  # no traceback
+    assert not (tmp_path / "lightning_logs").exists() and not list(tmp_path.rglob("model"))
+
+
+def test_fit_refuses_a_validation_split_of_one_cell_type(tmp_path, capsys):
+    from cellsift.datasets import synthetic_atlas
+
+    adata = synthetic_atlas(1_500, 50, n_studies=3, seed=0)
+    keep = (adata.obs["dataset_id"] != "study_02") | (
+        adata.obs["cell_type_ontology_term_id"] == "CL:0000624"
+    )
+    path = tmp_path / "one_type_val.h5ad"
+    adata[keep.to_numpy()].copy().write_h5ad(path)
+    extra = [
+        "--data.init_args.split_key",
+        "dataset_id",
+        "--data.init_args.val_groups",
+        "[study_02]",
+    ]
+    assert main(["fit", *_args(path, tmp_path, *extra)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "validation cells hold 1 cell type (CL:0000624)" in err[-1]
+    assert not (tmp_path / "checkpoints").exists()  # said before training
+
+
+def test_fit_refuses_to_resume_a_checkpoint_of_another_model(synthetic_h5ad, tmp_path, capsys):
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, "--trainer.max_epochs", "1")]) == 0
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.exists()
+    bigger = ["--model.hidden", "[64, 48]", "--ckpt_path", str(last)]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *bigger, name="bigger")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the checkpoint holds another model" in err and "(32,) there, (48,) here" in err
+
+
 def test_fit_reads_a_manifest_of_shards_given_on_the_command_line(synthetic_h5ad, tmp_path):
     """The documented source, ``--data.init_args.source atlas/manifest.json``, reaches the
     data module as the path (the parser once put the manifest's text in its place)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import logger
+from ..errors import ConfigError
 from .collection import CellCollection, ObsFilter, StoreLike
 from .genes import GeneVocabulary
 from .loader import CellLoader, IterableCellDataset
@@ -26,7 +28,7 @@ def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list
     """
     names, counts = np.unique(np.asarray(groups).astype(str), return_counts=True)
     if len(names) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"a split by group needs at least 2 groups, found {len(names)}; pass val_fraction=0 "
             "or a split_key with several values (e.g. donor_id)."
         )
@@ -101,7 +103,7 @@ class CellDataModule(pl.LightningDataModule):
         self.val_groups = list(val_groups) if val_groups is not None else None
         self.val_fraction = val_fraction
         if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, not {seed}.")
+            raise ConfigError(f"seed must be a non-negative integer, not {seed}.")
         self.seed = seed
         self.loader_options = {
             "mode": mode,
@@ -129,6 +131,13 @@ class CellDataModule(pl.LightningDataModule):
         if self.collection is not None:
             return
         dropna = [self.label_key] if self.label_key else []
+        allowed = set(inspect.signature(CellCollection).parameters) - {"source", "genes"}
+        unknown = sorted(set(self.collection_options) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"collection_options has {unknown}, which CellCollection does not take; it "
+                f"takes {sorted(allowed - {'obs_filter', 'dropna'})}."
+            )
         coll = CellCollection(
             self.source,
             genes=self.genes,
@@ -157,7 +166,7 @@ class CellDataModule(pl.LightningDataModule):
             self.val_groups = split_groups(groups[known], self.val_fraction, self.seed)
         is_val = np.isin(groups, self.val_groups) & known
         if is_val.all() or not is_val.any():
-            raise ValueError(
+            raise ConfigError(
                 f"val_groups {self.val_groups} leave no training or no validation "
                 f"cells in {self.split_key!r}."
             )

@@ -32,6 +32,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import ConfigError
+
 __all__ = ["EpochPlan", "SamplingConfig", "balanced_weights", "make_plan"]
 
 Mode = Literal["sequential", "block", "weighted"]
@@ -89,12 +91,12 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("sequential", "block", "weighted"):
-            raise ValueError(f"mode must be sequential, block or weighted, not {self.mode!r}.")
+            raise ConfigError(f"mode must be sequential, block or weighted, not {self.mode!r}.")
         for name in ("batch_size", "block_size", "fetch_factor", "cells_per_block", "min_batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1.")
+                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}.")
         if self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, not {self.seed}.")
+            raise ConfigError(f"seed must be a non-negative integer, not {self.seed}.")
 
     @property
     def fetch_size(self) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..losses import TripletLoss
 from ..losses.triplet import Distance, Negative, Relatives, study_uses_label
 from ..transforms import Densify, Log1p, NormalizeTotal
@@ -96,9 +97,9 @@ class MetricModule(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= triplet_weight <= 1.0:
-            raise ValueError("triplet_weight must lie in [0, 1].")
+            raise ConfigError(f"triplet_weight must lie in [0, 1], not {triplet_weight:g}.")
         if not 0.0 <= classifier_weight <= 1.0 - triplet_weight:
-            raise ValueError(
+            raise ConfigError(
                 f"classifier_weight must lie in [0, 1 - triplet_weight] = [0, "
                 f"{1.0 - triplet_weight:g}], not {classifier_weight:g}."
             )

@@ -163,6 +163,17 @@ class FitCLI(LightningCLI):
                 "--data.init_args.val_fraction (e.g. 0.1) or val_groups, or drop the "
                 "EarlyStopping / monitored ModelCheckpoint callbacks."
             )
+        if watching and isinstance(dm, CellDataModule) and dm.val is not None and dm.label_key:
+            labels = dm.val.codes(dm.label_key)[1]
+            if len(labels) < 2:
+                raise ConfigError(
+                    f"callbacks watch {', '.join(watching)}, but the validation cells hold "
+                    f"{len(labels)} cell type{'' if len(labels) == 1 else 's'} "
+                    f"({', '.join(labels) or 'none'}): the silhouette compares two or more. "
+                    "Choose val_groups (or a split_key / val_fraction) whose cells hold "
+                    "several types, or drop the EarlyStopping / monitored ModelCheckpoint "
+                    "callbacks."
+                )
         config = self.config[self.subcommand]
         logger = _continued_logger(self.trainer, config.get("ckpt_path"), config.trainer.logger)
         if logger is not None:

@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ..errors import TrainingError
+from ..errors import ConfigError, ResumeError, TrainingError
 from .metrics import silhouette
 
 __all__ = ["TrainingPlan"]
@@ -114,6 +114,14 @@ class TrainingPlan(pl.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        if not lr > 0 or not weight_decay >= 0:
+            raise ConfigError(
+                f"lr must be > 0 and weight_decay >= 0, not {lr:g} and {weight_decay:g}."
+            )
+        if asw_cells < 2:
+            raise ConfigError(
+                f"asw_cells must be at least 2 (a silhouette compares cells), not {asw_cells}."
+            )
         self.module = module
         if compile:
             parts = [getattr(module, n) for n in ("encoder", "decoder") if hasattr(module, n)]
@@ -249,6 +257,7 @@ class TrainingPlan(pl.LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _check_same_model(checkpoint.get("state_dict", {}), self.state_dict())
         states = checkpoint.get("cellsift_rng", {}).get("per_rank", [])
         world = self.trainer.world_size if self._trainer is not None else 1
         if len(states) == world:
@@ -321,3 +330,27 @@ class TrainingPlan(pl.LightningModule):
         # a callable object) so that checkpoints do not store the old length
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _check_same_model(saved: dict[str, Any], here: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another model: other weights, or weights of other shapes (other
+    settings, genes or labels) would fail deep in torch's load_state_dict."""
+    missing = sorted(set(here) - set(saved))
+    extra = sorted(set(saved) - set(here))
+    shapes = [
+        f"{k} {tuple(saved[k].shape)} there, {tuple(v.shape)} here"
+        for k, v in here.items()
+        if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or extra or shapes):
+        return
+    what = (
+        shapes[:2]
+        + [f"{k} only here" for k in missing[:2]]
+        + [f"{k} only there" for k in extra[:2]]
+    )
+    raise ResumeError(
+        f"the checkpoint holds another model ({'; '.join(what)}): it was made with other "
+        "settings (hidden, latent, a label head) or other data (genes, labels). Resume with "
+        "the settings and data it was made with, or start a new run without --ckpt_path."
+    )
