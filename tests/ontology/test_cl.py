@@ -132,3 +132,8 @@ def test_real_labels_are_current_cl_terms(cl):
         cl.name(i) == n
         for i, n in zip(ids.unique(), names[ids.drop_duplicates().index], strict=True)
     )
+
+
+def test_coarsen_rare_says_it_takes_ids(cl):
+    with pytest.raises(OntologyError, match=r"takes Cell Ontology ids, and 'plasma cell' are not"):
+        cl.coarsen_rare(["plasma cell", "CL:0000236"], ["s1", "s2"])

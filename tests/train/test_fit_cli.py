@@ -267,6 +267,13 @@ def test_fit_refuses_to_resume_a_checkpoint_of_another_model(synthetic_h5ad, tmp
     assert main(["fit", *_args(synthetic_h5ad, tmp_path, *bigger, name="bigger")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the checkpoint holds another model" in err and "(32,) there, (48,) here" in err
+    # a truncated checkpoint: named, in one line
+    trunc = tmp_path / "trunc.ckpt"
+    trunc.write_bytes(last.read_bytes()[:50_000])
+    resume = ["--ckpt_path", str(trunc)]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *resume, name="trunc")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "trunc.ckpt cannot be read as a checkpoint" in err and "truncated or corrupt" in err
 
 
 def test_fit_reads_a_manifest_of_shards_given_on_the_command_line(synthetic_h5ad, tmp_path):

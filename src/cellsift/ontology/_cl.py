@@ -252,6 +252,12 @@ class CellOntology:
         labels, studies = list(labels), list(studies)
         if len(labels) != len(studies):
             raise ValueError("labels and studies must be parallel.")
+        not_ids = sorted({lab for lab in labels if lab not in self.terms})
+        if not_ids:
+            raise OntologyError(
+                f"coarsen_rare takes Cell Ontology ids, and {_listing(not_ids)} are not: map "
+                "names and ids to current ids with harmonize() first."
+            )
         seen: dict[str, set[str]] = {}
         for lab, st in zip(labels, studies, strict=True):
             seen.setdefault(lab, set()).add(st)

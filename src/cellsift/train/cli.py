@@ -18,6 +18,7 @@ bundle lands in that run's directory.
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from .._utils import logger
 from ..data.datamodule import CellDataModule
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .plan import TrainingPlan
 from .resume import continued_run
 
@@ -143,6 +144,18 @@ class FitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.gene_vocabulary", "model.genes", apply_on="instantiate")
         parser.link_arguments("data.label_set", "model.labels", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint given with --ckpt_path first (for its
+        # hyperparameters): an unreadable file is said in one line, naming it
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise DataError(
+                f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}): the file "
+                "is truncated or corrupt. Resume from another checkpoint, or start anew."
+            ) from err
 
     def before_fit(self) -> None:
         """Callbacks that watch validation metrics need validation cells (checked before the
