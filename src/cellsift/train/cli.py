@@ -150,7 +150,7 @@ class FitCLI(LightningCLI):
         # hyperparameters): an unreadable file is said in one line, naming it
         try:
             super()._parse_ckpt_path()
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
             path = self.config[self.config.subcommand].get("ckpt_path")
             raise DataError(
                 f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}): the file "
