@@ -34,6 +34,9 @@ warnings.filterwarnings(
 # Lightning warns about any IterableDataset with __len__ under several workers; ours shard the
 # epoch by rank and worker and report the length of the shard, which is what it asks for.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+# A data module without validation cells (val_fraction=0) returns no validation loader: an
+# empty list, which Lightning then asks about ("Please make sure this was your intention").
+warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
 # Lightning builds torch's LeafSpec, which torch now deprecates: a note to Lightning's authors,
 # printed on every training run of ours.
 warnings.filterwarnings(
