@@ -113,17 +113,23 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
 
 
 def model_fingerprint(model: Any) -> str:
-    """A digest of a model's settings (``model.config``) and weights (``model.module``):
-    equal exactly when both are, so embeddings (and the indexes built on them) name the
-    model they came from."""
+    """A digest of what decides a model's embeddings: its architecture and normalisation
+    settings, its genes (in order) and its encoder's weights. Equal exactly when those are, so
+    embeddings (and the indexes built on them) name the model they came from; the loss, the
+    label head and the installed Cell Ontology do not enter."""
     import hashlib
     import json
 
     import torch
 
+    config = {k: model.config.get(k) for k in ("architecture", "normalization")}
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(model.config, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.module.state_dict().items()):
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    genes = getattr(model, "genes", None)
+    if genes is not None:
+        h.update("\t".join(map(str, getattr(genes, "genes", genes))).encode())
+    encoder = getattr(model.module, "encoder", model.module)
+    for name, t in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         t = t.detach().cpu().contiguous().reshape(-1)
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

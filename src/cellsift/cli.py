@@ -111,11 +111,14 @@ def _annotate(args: argparse.Namespace) -> int:
     index = CellIndex.load(args.index)
     index.check_model(model)  # before any embedding
     adata = _read_h5ad(args.data)
-    tl.embed(adata, model, layer=args.layer, source=str(args.data))
+    check = not args.no_check_counts
+    tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
     calibration = None
     if args.calibrate_on is not None:
         calibration = _read_h5ad(args.calibrate_on)
-        tl.embed(calibration, model, layer=args.layer, source=str(args.calibrate_on))
+        tl.embed(
+            calibration, model, layer=args.layer, source=str(args.calibrate_on), check_counts=check
+        )
     tl.annotate(
         adata,
         index,
@@ -219,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--no-ontology", action="store_true", help="plain majority votes")
     p.add_argument("--no-abstain", action="store_true", help="never call 'unknown' on distance")
+    p.add_argument(
+        "--no-check-counts",
+        action="store_true",
+        help="embed values that are not raw counts, and cells without counts, as they are",
+    )
     p.add_argument(
         "--abstain-on",
         choices=["mean", "nearest"],

@@ -55,6 +55,7 @@ def annotate(
     *,
     model: Any = None,
     layer: str | None = None,
+    check_counts: bool = True,
     use_rep: str = "X_cellsift",
     label_key: str = "cell_type_ontology_term_id",
     k: int = 50,
@@ -73,7 +74,8 @@ def annotate(
     """Annotate cells by their nearest reference cells.
 
     Embeds with ``model`` first (raw counts in ``X``, ``layers[layer]`` or, for ``"raw"``,
-    ``adata.raw``) when ``obsm[use_rep]`` is absent. Writes
+    ``adata.raw``; ``check_counts`` as for :func:`embed`) when ``obsm[use_rep]`` is absent.
+    Writes
     ``obs[f"{key_added}_cell_type"]`` (Cell Ontology name, or ``unknown``),
     ``obs[f"{key_added}_cell_type_ontology_term_id"]``, ``obs[f"{key_added}_confidence"]``,
     ``obs[f"{key_added}_min_distance"]`` and ``obs[f"{key_added}_mean_distance"]`` (over the
@@ -89,7 +91,7 @@ def annotate(
     """
     adata = adata.copy() if copy else adata
     (reference.index if isinstance(reference, KNNAnnotator) else reference).check_model(model)
-    _ensure_embedded(adata, model, use_rep, layer=layer)
+    _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts)
     if isinstance(reference, KNNAnnotator):
         ann = reference
     else:
@@ -104,7 +106,7 @@ def annotate(
         )
         if abstain:
             if isinstance(calibrate_on, ad.AnnData):
-                _ensure_embedded(calibrate_on, model, use_rep, what="calibrate_on", layer=layer)
+                _ensure_embedded(calibrate_on, model, use_rep, "calibrate_on", layer, check_counts)
                 calibrate_on = calibrate_on.obsm[use_rep]
             ann.calibrate(calibrate_on, group_key=calibrate_by)
     out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
@@ -118,7 +120,12 @@ def annotate(
 
 
 def _ensure_embedded(
-    adata: ad.AnnData, model: Any, use_rep: str, what: str = "adata", layer: str | None = None
+    adata: ad.AnnData,
+    model: Any,
+    use_rep: str,
+    what: str = "adata",
+    layer: str | None = None,
+    check_counts: bool = True,
 ) -> None:
     """Embed ``adata`` into ``obsm[use_rep]`` with ``model`` unless it is there already."""
     if use_rep not in adata.obsm:
@@ -126,7 +133,7 @@ def _ensure_embedded(
             raise ValueError(
                 f"{what}.obsm[{use_rep!r}] is absent: pass model= to embed the cells first."
             )
-        embed(adata, model, key_added=use_rep, layer=layer, source=what)
+        embed(adata, model, key_added=use_rep, layer=layer, check_counts=check_counts, source=what)
 
 
 def _counts(adata: ad.AnnData, layer: str | None) -> tuple[Any, pd.DataFrame]:
@@ -196,8 +203,10 @@ def search_centroid(
     if qc:
         if use_rep in adata.obsm:
             z = np.asarray(adata.obsm[use_rep])[mask]
-        else:
-            z = model.embed(adata[mask], layer=layer)
+        else:  # the set's cells; any without counts in the model's genes sit out the check
+            cells_in = adata[mask]
+            has = np.diff(model.aligned_counts(cells_in, layer=layer).indptr) > 0
+            z = model.embed(cells_in, layer=layer, check_counts=False)[has]
         result.qc = query_coherence(index, z, k, filter=filter)
     return result
 

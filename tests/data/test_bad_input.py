@@ -182,7 +182,7 @@ def test_rows_out_of_range_seeds_and_ambiguous_vocabularies_are_named(tmp_path, 
     with pytest.raises(ValueError, match="seed must be a non-negative integer, not -1"):
         IterableCellDataset(coll, mode="block", seed=-1)
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
-        CellDataModule(indexed_paths["h5ad"], seed=-1)
+        CellDataModule(indexed_paths["h5ad"], seed=-1).setup("fit")
     with pytest.raises(ValueError, match=r"duplicate ids \(Ensembl versions ignored\)"):
         GeneVocabulary(["ENSG00000000001.1", "ENSG00000000001.2"])
     with pytest.raises(ValueError, match=r"symbols must name one gene each.*\['A'\]"):
@@ -212,3 +212,17 @@ def test_one_layer_for_stores_that_keep_counts_apart_names_the_way_out(tmp_path)
     from cellsift.data import open_store
 
     assert CellCollection([open_store(a), open_store(b, layer="counts")]).n_obs == 40
+
+
+def test_min_counts_0_still_refuses_empty_cells_and_origin_takes_a_store_twice(tmp_path):
+    adata = indexed_atlas(20, 5)
+    x = adata.X.toarray()
+    x[4] = 0
+    adata.X = sp.csr_matrix(x)
+    path = _write(tmp_path, "empty.h5ad", adata)
+    with pytest.raises(DataError, match="1 of 20 cells have no counts"):
+        CellCollection(path, min_counts=0)
+    ok = _write(tmp_path, "ok.h5ad", indexed_atlas(20, 5))
+    origin = CellCollection([ok, ok]).origin()  # the same file twice
+    assert (origin["store"] == str(ok)).all() and len(origin) == 40
+    np.testing.assert_array_equal(origin["store_row"], np.tile(np.arange(20), 2))

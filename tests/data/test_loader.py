@@ -232,3 +232,13 @@ def test_min_batch_leaves_out_a_last_batch_of_one_cell_only(coll, mode):
         if mode != "weighted":  # each cell at most once
             seen = np.concatenate(b)
             assert len(np.unique(seen)) == len(seen) == n - (last == 1)
+
+
+def test_min_batch_on_several_ranks_needs_drop_last(coll):
+    from cellsift.errors import ConfigError
+
+    ds = IterableCellDataset(coll, min_batch=2, rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="needs drop_last=True"):
+        next(iter(ds))
+    kw = {"min_batch": 2, "rank": 0, "world_size": 2, "drop_last": True, "batch_size": 100}
+    assert len(IterableCellDataset(coll, **kw)) == 10

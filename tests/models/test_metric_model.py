@@ -327,3 +327,46 @@ def test_training_on_a_last_batch_of_one_cell(tmp_path):
     model = MetricModel.from_collection(path, hidden=(32,), latent=8)
     dm = train_without(model, path, "none", tmp_path, max_epochs=1, val_fraction=0)
     assert model.trainer.global_step == 2 and len(dm.train_dataloader()) == 2
+
+
+def test_the_fingerprint_reads_what_decides_the_embedding_only(synthetic_h5ad):
+    """Settings of the loss, the label head, the decoder and the installed Cell Ontology do
+    not change a model's embeddings, nor its fingerprint; the encoder's weights do."""
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
+    fp = model.fingerprint
+    model.config["ontology"]["version"] = "1999-01-01"
+    model.config["loss"]["margin"] = 0.5
+    with torch.no_grad():
+        model.module.decoder.network[-1].weight.add_(1.0)
+    assert model.fingerprint == fp
+    with torch.no_grad():
+        next(model.module.encoder.parameters()).view(-1)[0] += 1.0
+    assert model.fingerprint != fp
+
+
+def test_the_empty_cell_fix_in_the_message_works(synthetic_h5ad):
+    """Cells with counts only in genes the model lacks: the filter the error gives drops them;
+    attributions of other cells do not trip on them."""
+    from cellsift.tasks import attribute_difference
+
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
+    adata = ad.read_h5ad(synthetic_h5ad)[:40].copy()
+    extra = ad.AnnData(
+        sp.hstack([adata.X, np.ones((40, 1), dtype=np.float32)], format="csr"),
+        obs=adata.obs,
+        var=pd.DataFrame(index=[*adata.var_names, "ENSG99999999999"]),
+    )
+    x = extra.X.tolil()
+    x[3, :-1] = 0  # cell 3: a count in the unknown gene only
+    extra.X = x.tocsr()
+    with pytest.raises(DataError, match=r"1 of 40 cells have no counts.*aligned_counts\(adata\)"):
+        model.embed(extra)
+    keep = np.diff(model.aligned_counts(extra).indptr) > 0
+    assert keep.sum() == 39 and not keep[3]
+    assert model.embed(extra[keep]).shape == (39, 8)
+    a = np.zeros(40, bool)
+    a[:5] = True
+    a[3] = False
+    b = np.zeros(40, bool)
+    b[10:15] = True
+    attribute_difference(model, extra, a, b, n_steps=4)  # cell 3 in neither group

@@ -245,3 +245,18 @@ def test_no_queries_give_an_empty_frame_with_every_column():
     out = KNNAnnotator(CellIndex.build(x, meta, engine="exact"), k=5).annotate(x[:0])
     assert len(out) == 0
     assert {"label", "label_name", "confidence", "min_distance", "mean_distance"} <= set(out)
+
+
+def test_unlabelled_neighbours_dilute_the_votes():
+    """One labelled cell among unlabelled neighbours is no majority; with no labelled
+    neighbour at all the plain majority label is unknown too."""
+    x, meta, _ = _atlas(n_per=40)
+    labels = np.full(len(x), UNKNOWN, dtype=object)
+    labels[0] = meta["cell_type_ontology_term_id"].iloc[0]
+    index = CellIndex.build(x, meta.assign(cell_type_ontology_term_id=labels), engine="exact")
+    ann = KNNAnnotator(index, k=10, weighted=False, ontology_aware=False, min_support=0.5)
+    out = ann.annotate(x[:1])  # cell 0's neighbours: itself and 9 unlabelled cells
+    assert out["label"].iloc[0] == UNKNOWN and out["confidence"].iloc[0] == pytest.approx(0.1)
+    assert out["knn_label"].iloc[0] == labels[0]
+    far = ann.annotate(x[-1:])  # among unlabelled cells only
+    assert far["label"].iloc[0] == UNKNOWN and far["knn_label"].iloc[0] == UNKNOWN

@@ -220,7 +220,7 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
     [
         (["--data.init_args.val_groups", "[donor_999]"], r"val_groups \['donor_999'\] leave no"),
         (["--data.init_args.collection_options", '{"min_gene": 1}'], r"\['min_gene'\], which"),
-        (["--data.init_args.batch_size", "0"], "batch_size must be >= 1, not 0"),
+        (["--data.init_args.batch_size", "1"], "batch_size must be at least 2 for training"),
         (["--model.classifier_weight", "1.0"], r"classifier_weight must lie in \[0, 1 - trip"),
         (["--model.triplet_weight", "1.5"], r"triplet_weight must lie in \[0, 1\], not 1.5"),
         (["--model.lr", "-1"], "lr must be > 0"),

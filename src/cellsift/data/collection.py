@@ -222,7 +222,7 @@ class CellCollection:
                     allowed = list(wanted) if isinstance(wanted, list | tuple | set) else [wanted]
                     mask &= values.isin(allowed).to_numpy()
             apply("obs_filter", mask)
-        if min_genes is None and min_counts is None and (nnz := store.stored_row_nnz()) is not None:
+        if (nnz := store.stored_row_nnz()) is not None:
             # checked where it is free (CSR stores), among the cells the filters keep
             n_empty = int(((nnz == 0) & keep).sum())
             if n_empty:
@@ -246,7 +246,7 @@ class CellCollection:
                 obs_names = getattr(s, "obs_names", None)
                 rows = local[mine]
                 names[mine] = np.asarray(obs_names)[rows] if obs_names is not None else rows
-        paths = pd.Categorical.from_codes(k, [str(s.path) for s in self.stores])
+        paths = pd.Categorical(np.array([str(s.path) for s in self.stores], dtype=object)[k])
         return pd.DataFrame({"store": paths, "store_row": local, "obs_name": names.astype(str)})
 
     def obs_column(self, name: str) -> pd.Categorical | np.ndarray:

@@ -102,8 +102,6 @@ class CellDataModule(pl.LightningDataModule):
         self.split_key = split_key or study_key
         self.val_groups = list(val_groups) if val_groups is not None else None
         self.val_fraction = val_fraction
-        if seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, not {seed}.")
         self.seed = seed
         self.loader_options = {
             "mode": mode,
@@ -130,6 +128,15 @@ class CellDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.collection is not None:
             return
+        # checked here, not in __init__: the command line builds the module while it parses
+        # and would bury the message in its own
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, not {self.seed}.")
+        if self.loader_options["batch_size"] < 2:
+            raise ConfigError(
+                "batch_size must be at least 2 for training (BatchNorm normalises over the "
+                f"batch), not {self.loader_options['batch_size']}."
+            )
         dropna = [self.label_key] if self.label_key else []
         allowed = set(inspect.signature(CellCollection).parameters) - {"source", "genes"}
         unknown = sorted(set(self.collection_options) - allowed)

@@ -122,6 +122,11 @@ class EpochPlan:
         weights: np.ndarray | None = None,
     ) -> None:
         self.cfg, self.epoch, self.rank, self.world = cfg, epoch, rank, world
+        if cfg.min_batch > 1 and world > 1 and not cfg.drop_last:
+            raise ConfigError(
+                "min_batch > 1 on several ranks needs drop_last=True: left out per rank, a "
+                "short last batch would give the ranks different numbers of batches."
+            )
         self.n_cells = n_cells
         if cfg.mode == "weighted":
             if weights is None:

@@ -280,15 +280,6 @@ class MetricModel:
                 f" Point layer= at raw counts{has}, or pass check_counts=False if these "
                 "values are meant.",
             )
-            empty = np.flatnonzero(np.diff(out.indptr) == 0)
-            if len(empty):
-                names = adata.obs_names[empty[:3]].tolist()
-                raise DataError(
-                    f"{where}: {len(empty)} of {out.shape[0]} cells have no counts in the "
-                    f"model's genes (e.g. {names}); they carry nothing to embed or label. "
-                    "Drop them (adata[np.asarray(adata.X.sum(1)).ravel() > 0]), or pass "
-                    "check_counts=False to embed them anyway."
-                )
         return out
 
     def _apply(
@@ -302,8 +293,22 @@ class MetricModel:
         check_counts: bool = True,
         source: str = "adata",
     ) -> np.ndarray:
-        """``fn(batch)`` over the aligned counts of ``adata`` in blocks, concatenated."""
+        """``fn(batch)`` over the aligned counts of ``adata`` in blocks, concatenated. With
+        ``check_counts``, cells without counts in the model's genes are an error: they carry
+        nothing to embed or label."""
         x = self.aligned_counts(adata, layer=layer, check_counts=check_counts, source=source)
+        empty = np.flatnonzero(np.diff(x.indptr) == 0) if check_counts else []
+        if len(empty):
+            names = adata.obs_names[empty[:3]].tolist()
+            where = f"{source} ({'X' if layer is None else layer})"
+            how = "" if layer is None else f", layer={layer!r}"
+            raise DataError(
+                f"{where}: {len(empty)} of {x.shape[0]} cells have no counts in the model's "
+                f"genes (e.g. {names}); they carry nothing to embed or label. Drop them: keep "
+                f"= np.diff(model.aligned_counts(adata{how}).indptr) > 0, then adata[keep]; or "
+                "embed them anyway with check_counts=False (cellsift annotate: "
+                "--no-check-counts)."
+            )
         dev = torch.device(device) if device is not None else next(self.module.parameters()).device
         self.module.to(dev).eval()
         out = []

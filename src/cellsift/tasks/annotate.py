@@ -258,9 +258,11 @@ class KNNAnnotator:
 
         Columns: ``label`` (a reference label, an ancestor in ontology mode, or
         ``unknown``), ``label_name`` (Cell Ontology name where the label is a CL id),
-        ``confidence`` (share of the votes for the call), ``margin`` (over the runner-up
-        reference label), ``min_distance`` (to the nearest reference cell),
-        ``mean_distance`` (over the ``k`` voters), ``knn_label`` (the plain majority label).
+        ``confidence`` (the call's share of the ``k`` neighbours' votes; a neighbour
+        without a label votes for nothing), ``margin`` (over the runner-up reference
+        label), ``min_distance`` (to the nearest reference cell), ``mean_distance`` (over
+        the ``k`` neighbours), ``knn_label`` (the plain majority label; ``unknown`` when no
+        neighbour has a label).
         ``safelist`` / ``blocklist`` restrict the reference labels; ``filter`` any metadata.
         """
         expr = self._reference_filter(safelist, blocklist, filter)
@@ -308,13 +310,15 @@ class KNNAnnotator:
         keep = codes >= 0
         flat = (np.arange(n_q)[:, None] * n_t + codes)[keep]
         votes = np.bincount(flat, weights=w[keep], minlength=n_q * n_t).reshape(n_q, n_t)
-        total = votes.sum(1)
+        # shares of all k neighbours' weight: an unlabelled neighbour votes for nothing, so
+        # one labelled cell among unlabelled ones is no majority
+        total = w.sum(1)
         share = votes / np.maximum(total, 1e-12)[:, None]
         ref = share[:, : self._labels.n_reference]
         order = np.argsort(-ref, axis=1)[:, :2]
         top = np.take_along_axis(ref, order, 1)
         terms = np.asarray(self._labels.terms, dtype=object)
-        knn_label = terms[order[:, 0]]
+        knn_label = np.where(votes.sum(1) > 0, terms[order[:, 0]], UNKNOWN)
         second = top[:, 1] if top.shape[1] > 1 else np.zeros(n_q)
         if self._up is not None:
             support = share @ self._up  # votes for a term and all its descendants
@@ -331,7 +335,7 @@ class KNNAnnotator:
             has = conf >= self.min_support
         min_d = dist[:, 0]
         mean_d = _mean_distance(dist)
-        unknown = ~has | (total <= 0)
+        unknown = ~has | (votes.sum(1) <= 0)
         if self.distance_threshold is not None:
             unknown |= ~(self._statistic(dist) <= self.distance_threshold)
         label = np.where(unknown, UNKNOWN, label)
