@@ -257,7 +257,7 @@ class CellCollection:
             if any(isinstance(p, pd.Categorical) or np.asarray(p).dtype == object for p in parts):
                 values = np.concatenate([np.asarray(p, dtype=object) for p in parts])
                 values = values[self.cell_ids]
-                col: Any = pd.Categorical(np.where(pd.isna(values), None, values.astype(str)))
+                col: Any = pd.Categorical(_text(values))
             else:
                 col = np.concatenate([np.asarray(p) for p in parts])[self.cell_ids]
             if name in self._value_maps:
@@ -283,7 +283,7 @@ class CellCollection:
         """
         values = np.asarray(self.obs_column(name), dtype=object)
         missing = pd.isna(values)
-        text = np.where(missing, None, values.astype(str))
+        text = _text(values)
         cats = sorted(set(text[~missing].tolist())) if categories is None else list(categories)
         codes = pd.Categorical(text, categories=cats).codes.astype(np.int64)
         return codes, cats
@@ -325,6 +325,13 @@ class CellCollection:
         data = np.concatenate(datas) if datas else np.zeros(0, np.float32)
         indices = np.concatenate(idxs) if idxs else np.zeros(0, np.int32)
         return sp.csr_matrix((data, indices, np.concatenate(ptrs)), shape=(len(rows), self.n_vars))
+
+
+def _text(values: np.ndarray) -> np.ndarray:
+    """Object array of ``values`` as text, missing values as None (not the text "nan")."""
+    out = values.astype(str).astype(object)
+    out[pd.isna(values)] = None
+    return out
 
 
 def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:

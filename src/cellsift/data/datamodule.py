@@ -102,7 +102,7 @@ class CellDataModule(pl.LightningDataModule):
         self.split_key = split_key or study_key
         self.val_groups = list(val_groups) if val_groups is not None else None
         self.val_fraction = val_fraction
-        self.seed = seed
+        self.seed, self.batch_size = seed, batch_size
         self.loader_options = {
             "mode": mode,
             "batch_size": batch_size,
@@ -132,10 +132,10 @@ class CellDataModule(pl.LightningDataModule):
         # and would bury the message in its own
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, not {self.seed}.")
-        if self.loader_options["batch_size"] < 2:
+        if self.batch_size < 2:
             raise ConfigError(
                 "batch_size must be at least 2 for training (BatchNorm normalises over the "
-                f"batch), not {self.loader_options['batch_size']}."
+                f"batch), not {self.batch_size}."
             )
         dropna = [self.label_key] if self.label_key else []
         allowed = set(inspect.signature(CellCollection).parameters) - {"source", "genes"}

@@ -297,7 +297,7 @@ class MetricModel:
         ``check_counts``, cells without counts in the model's genes are an error: they carry
         nothing to embed or label."""
         x = self.aligned_counts(adata, layer=layer, check_counts=check_counts, source=source)
-        empty = np.flatnonzero(np.diff(x.indptr) == 0) if check_counts else []
+        empty = np.flatnonzero(np.diff(x.indptr) == 0) if check_counts else np.zeros(0, int)
         if len(empty):
             names = adata.obs_names[empty[:3]].tolist()
             where = f"{source} ({'X' if layer is None else layer})"
