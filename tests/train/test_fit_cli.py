@@ -267,6 +267,16 @@ def test_fit_refuses_to_resume_a_checkpoint_of_another_model(synthetic_h5ad, tmp
     assert main(["fit", *_args(synthetic_h5ad, tmp_path, *bigger, name="bigger")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the checkpoint holds another model" in err and "(32,) there, (48,) here" in err
+    # other data of the same shapes (the genes in another order): refused, not resumed
+    import anndata as ad
+
+    other = ad.read_h5ad(synthetic_h5ad)
+    other = other[:, other.var_names[::-1]].copy()
+    other.write_h5ad(tmp_path / "reordered.h5ad")
+    resume = ["--ckpt_path", str(last)]
+    assert main(["fit", *_args(tmp_path / "reordered.h5ad", tmp_path, *resume, name="re")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the checkpoint was trained on other genes than this run's data" in err
     # a truncated checkpoint: named, in one line
     trunc = tmp_path / "trunc.ckpt"
     trunc.write_bytes(last.read_bytes()[:50_000])

@@ -123,6 +123,7 @@ class MetricPlan(TrainingPlan):
         )
         self.metric_model = model
         self.bundle_dir = bundle_dir
+        self.data_identity = model.data_identity()
 
     def on_fit_end(self) -> None:
         super().on_fit_end()  # the best weights by the monitored metric, where kept

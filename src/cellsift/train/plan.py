@@ -138,6 +138,10 @@ class TrainingPlan(pl.LightningModule):
         self._val_i: list[torch.Tensor | None] = []
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        #: What the model reads (a digest of its genes, its labels), set by whoever knows
+        #: (MetricModel.train, MetricPlan): checkpoints keep it, and a resumed run on other
+        #: data of the same shapes is refused.
+        self.data_identity: dict[str, Any] | None = None
         self.final_weights = "the last epoch's weights"
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -246,6 +250,8 @@ class TrainingPlan(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # every rank builds the checkpoint (rank 0 writes it); each rank draws its own stream
         checkpoint["cellsift_rng"] = {"per_rank": _gather_objects(_rng_state())}
+        if self.data_identity is not None:
+            checkpoint["cellsift_data"] = self.data_identity
         # the TensorBoard run it belongs to, which a resumed run logs on in (cellsift.train.
         # resume: `cellsift fit --ckpt_path`, MetricModel.train(ckpt_path=...))
         logger = self.trainer.logger if self._trainer is not None else None
@@ -258,6 +264,14 @@ class TrainingPlan(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _check_same_model(checkpoint.get("state_dict", {}), self.state_dict())
+        saved = checkpoint.get("cellsift_data")
+        if saved is not None and self.data_identity is not None and saved != self.data_identity:
+            what = [k for k in ("genes", "labels") if saved.get(k) != self.data_identity.get(k)]
+            raise ResumeError(
+                f"the checkpoint was trained on other {' and '.join(what)} than this run's "
+                "data: resume with the data it was made with, or start a new run without "
+                "--ckpt_path."
+            )
         states = checkpoint.get("cellsift_rng", {}).get("per_rank", [])
         world = self.trainer.world_size if self._trainer is not None else 1
         if len(states) == world:
