@@ -8,7 +8,7 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from cellsift.ontology import load_cell_ontology
-from cellsift.tasks import UNKNOWN, CellIndex, KNNAnnotator
+from cellsift.tasks import UNKNOWN, CellIndex, CellIndexError, KNNAnnotator
 
 TYPES = [
     "CL:0000624",
@@ -236,7 +236,7 @@ def test_reference_cells_without_a_label_cast_no_vote(ontology_aware):
     truth = meta["cell_type_ontology_term_id"].astype(object).to_numpy()
     assert (votes[~none] == truth[~none]).mean() > 0.95
     unlabelled = meta.assign(cell_type_ontology_term_id=pd.Categorical([None] * len(x)))
-    with pytest.raises(Exception, match="holds no labels"):
+    with pytest.raises(CellIndexError, match="holds no labels"):
         KNNAnnotator(CellIndex.build(x, unlabelled, engine="exact"))
 
 

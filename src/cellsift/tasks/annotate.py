@@ -112,19 +112,22 @@ class KNNAnnotator:
         they can be neighbours but cast no vote.
         """
         tbl = self.index._dataset().to_table(columns=[self.label_key, "cell_index"])
-        # through pandas: a dictionary (categorical) column's nulls stay missing
+        # as categories (a dictionary column is one already; its nulls stay missing): the
+        # labels are decided once per category, not once per cell
         col = tbl.column(self.label_key).to_pandas()
-        values = col.astype(object).where(col.notna(), None).to_numpy()
-        labelled = np.array([v is not None and str(v) not in _NO_LABEL for v in values], bool)
-        cells = tbl.column("cell_index").to_numpy()
-        terms, inv = np.unique(values[labelled].astype(str), return_inverse=True)
+        cat = col.array if isinstance(col.dtype, pd.CategoricalDtype) else pd.Categorical(col)
+        names = pd.Index(cat.categories.astype(str))
+        ok = ~names.isin(list(_NO_LABEL))
+        terms = np.unique(np.asarray(names[ok]))
         if len(terms) == 0:
             raise CellIndexError(
                 f"the index metadata's {self.label_key!r} holds no labels (all missing or "
                 "'unknown'): index labelled reference cells, or pass another label_key."
             )
+        lookup = np.full(len(names) + 1, -1, dtype=np.int32)  # the last slot: missing (-1)
+        lookup[:-1][ok] = np.searchsorted(terms, np.asarray(names[ok]))
         codes = np.full(self.index.n_cells, -1, dtype=np.int32)
-        codes[cells[labelled]] = inv
+        codes[tbl.column("cell_index").to_numpy()] = lookup[np.asarray(cat.codes)]
         return _Labels([str(t) for t in terms], codes, len(terms))
 
     def _extend_with_ancestors(self) -> None:
@@ -310,6 +313,7 @@ class KNNAnnotator:
         keep = codes >= 0
         flat = (np.arange(n_q)[:, None] * n_t + codes)[keep]
         votes = np.bincount(flat, weights=w[keep], minlength=n_q * n_t).reshape(n_q, n_t)
+        voted = votes.sum(1) > 0  # some neighbour has a label
         # shares of all k neighbours' weight: an unlabelled neighbour votes for nothing, so
         # one labelled cell among unlabelled ones is no majority
         total = w.sum(1)
@@ -318,7 +322,7 @@ class KNNAnnotator:
         order = np.argsort(-ref, axis=1)[:, :2]
         top = np.take_along_axis(ref, order, 1)
         terms = np.asarray(self._labels.terms, dtype=object)
-        knn_label = np.where(votes.sum(1) > 0, terms[order[:, 0]], UNKNOWN)
+        knn_label = np.where(voted, terms[order[:, 0]], UNKNOWN)
         second = top[:, 1] if top.shape[1] > 1 else np.zeros(n_q)
         if self._up is not None:
             support = share @ self._up  # votes for a term and all its descendants
@@ -335,7 +339,7 @@ class KNNAnnotator:
             has = conf >= self.min_support
         min_d = dist[:, 0]
         mean_d = _mean_distance(dist)
-        unknown = ~has | (votes.sum(1) <= 0)
+        unknown = ~has | ~voted
         if self.distance_threshold is not None:
             unknown |= ~(self._statistic(dist) <= self.distance_threshold)
         label = np.where(unknown, UNKNOWN, label)
