@@ -112,6 +112,15 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     return mask
 
 
+def text_or_none(values: Any) -> np.ndarray:
+    """``values`` as an object array of text, missing values as None (not the text "nan"
+    or "None"), as categoricals and Arrow columns keep them."""
+    values = np.asarray(values, dtype=object)
+    out = values.astype(str).astype(object)
+    out[pd.isna(values)] = None
+    return out
+
+
 def model_fingerprint(model: Any) -> str:
     """A digest of what decides a model's embeddings: its architecture and normalisation
     settings, its genes (in order) and its encoder's weights. Equal exactly when those are, so

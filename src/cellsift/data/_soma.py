@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import import_optional
+from .._utils import import_optional, text_or_none
 from .stores import CellStore
 from .writers import Format
 
@@ -133,7 +133,7 @@ class SomaStore(CellStore):
         col = frame.sort_values("soma_joinid")[name]
         if col.dtype == object or isinstance(col.dtype, pd.CategoricalDtype):
             # text as categories; missing values stay missing (not the text "None")
-            return pd.Categorical(np.where(col.isna(), None, col.astype(str).to_numpy()))
+            return pd.Categorical(text_or_none(col))
         if isinstance(col.dtype, pd.api.extensions.ExtensionDtype):
             return col.array  # pandas' nullable numbers, with their missing values
         return col.to_numpy()

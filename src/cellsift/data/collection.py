@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import logger
+from .._utils import logger, text_or_none
 from ..errors import DataError
 from .genes import GeneMap, GeneVocabulary
 from .stores import CellStore, open_store
@@ -257,7 +257,7 @@ class CellCollection:
             if any(isinstance(p, pd.Categorical) or np.asarray(p).dtype == object for p in parts):
                 values = np.concatenate([np.asarray(p, dtype=object) for p in parts])
                 values = values[self.cell_ids]
-                col: Any = pd.Categorical(_text(values))
+                col: Any = pd.Categorical(text_or_none(values))
             else:
                 col = np.concatenate([np.asarray(p) for p in parts])[self.cell_ids]
             if name in self._value_maps:
@@ -281,12 +281,11 @@ class CellCollection:
         Categories are sorted (stable codes for the same label set) unless given; missing
         values, and values outside given ``categories``, get code -1.
         """
-        values = np.asarray(self.obs_column(name), dtype=object)
-        missing = pd.isna(values)
-        text = _text(values)
-        cats = sorted(set(text[~missing].tolist())) if categories is None else list(categories)
-        codes = pd.Categorical(text, categories=cats).codes.astype(np.int64)
-        return codes, cats
+        col = self.obs_column(name)  # text columns: categoricals already, missing values kept
+        cat = col if isinstance(col, pd.Categorical) else pd.Categorical(text_or_none(col))
+        cat = cat.remove_unused_categories()
+        cats = sorted(map(str, cat.categories)) if categories is None else list(categories)
+        return pd.Categorical(cat, categories=cats).codes.astype(np.int64), cats
 
     def subset(self, positions: np.ndarray) -> CellCollection:
         """The same stores restricted to kept cells ``positions`` (sorted)."""
@@ -325,13 +324,6 @@ class CellCollection:
         data = np.concatenate(datas) if datas else np.zeros(0, np.float32)
         indices = np.concatenate(idxs) if idxs else np.zeros(0, np.int32)
         return sp.csr_matrix((data, indices, np.concatenate(ptrs)), shape=(len(rows), self.n_vars))
-
-
-def _text(values: np.ndarray) -> np.ndarray:
-    """Object array of ``values`` as text, missing values as None (not the text "nan")."""
-    out = values.astype(str).astype(object)
-    out[pd.isna(values)] = None
-    return out
 
 
 def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:

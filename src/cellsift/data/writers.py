@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import import_optional, remove_path, temp_sibling
+from .._utils import import_optional, remove_path, temp_sibling, text_or_none
 from ..errors import ConfigError, DataError
 
 __all__ = ["FORMATS", "StoreWriter", "guess_format", "open_writer"]
@@ -399,8 +399,7 @@ def _arrow_table(df: pd.DataFrame, start: int) -> Any:
     for name in df.columns:
         s = df[name]
         if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object:
-            text = np.where(s.isna(), None, s.astype(str).to_numpy())  # missing stays null
-            cols[str(name)] = pa.array(text, type=pa.large_string())
+            cols[str(name)] = pa.array(text_or_none(s), type=pa.large_string())
         elif s.dtype == bool:
             cols[str(name)] = pa.array(s.to_numpy(), type=pa.bool_())
         else:  # numbers; pandas' nullable Int64 / boolean with their nulls
