@@ -112,6 +112,25 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     return mask
 
 
+def adata_counts(
+    adata: Any, layer: str | None, source: str = "adata"
+) -> tuple[Any, pd.DataFrame, list[str]]:
+    """Where an AnnData keeps counts: ``X`` (``layer=None``), ``layers[layer]`` or, for
+    ``"raw"``, ``adata.raw`` with its own genes. Returns the matrix, its var, and the other
+    places (quoted layer names, ``'raw'``) for messages; a place it lacks is an error that
+    lists them."""
+    others = [f"'{k}'" for k in adata.layers.keys() if k != layer]
+    others += ["'raw'"] if adata.raw is not None and layer != "raw" else []
+    if layer is None:
+        return adata.X, adata.var, others
+    if layer == "raw" and adata.raw is not None:
+        return adata.raw.X, adata.raw.var, others
+    if layer in adata.layers:
+        return adata.layers[layer], adata.var, others
+    has = f"this AnnData has: {', '.join(others)}" if others else "it has none"
+    raise MissingKeyError(f"{source} has no layer {layer!r} ({has}).")
+
+
 def text_or_none(values: Any) -> np.ndarray:
     """``values`` as an object array of text, missing values as None (not the text "nan"
     or "None"), as categoricals and Arrow columns keep them."""

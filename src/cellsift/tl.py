@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import cell_mask
-from .errors import MissingKeyError
+from ._utils import adata_counts, cell_mask
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 
 __all__ = ["annotate", "embed", "pseudobulk", "search_centroid", "search_clusters"]
@@ -136,22 +135,6 @@ def _ensure_embedded(
         embed(adata, model, key_added=use_rep, layer=layer, check_counts=check_counts, source=what)
 
 
-def _counts(adata: ad.AnnData, layer: str | None) -> tuple[Any, pd.DataFrame]:
-    """The matrix of ``X``, ``layers[layer]`` or (``"raw"``) ``adata.raw``, and its var."""
-    if layer is None:
-        return adata.X, adata.var
-    if layer == "raw":
-        if adata.raw is None:
-            raise MissingKeyError("adata has no .raw; pass layer=None or a layer name.")
-        return adata.raw.X, adata.raw.var
-    if layer not in adata.layers:
-        raise MissingKeyError(
-            f"adata has no layer {layer!r}; it has {list(adata.layers) or 'none'} (and "
-            f"{'a' if adata.raw is not None else 'no'} .raw)."
-        )
-    return adata.layers[layer], adata.var
-
-
 def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> ad.AnnData:
     """Summed counts per group: ``groups`` is an obs column name or one label per cell
     (cells labelled None/NaN are left out). One row per group, the genes of the counts read:
@@ -161,7 +144,7 @@ def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> a
     keep = cat.codes >= 0
     if not keep.any():
         raise ValueError("no cell belongs to a group; nothing to sum.")
-    x, var = _counts(adata, layer)
+    x, var, _ = adata_counts(adata, layer)
     onehot = sp.csr_matrix(
         (np.ones(keep.sum()), (cat.codes[keep], np.flatnonzero(keep))),
         shape=(len(cat.categories), adata.n_obs),

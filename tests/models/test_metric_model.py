@@ -219,7 +219,7 @@ def test_embedding_refuses_values_that_are_not_raw_counts(synthetic_h5ad):
         model.embed(adata)
     z = model.embed(adata, layer="counts")  # the raw counts
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
-    with pytest.raises(DataError, match=r"no layer 'raw'.*'counts'"):
+    with pytest.raises(KeyError, match=r"no layer 'raw'.*'counts'"):
         model.embed(adata, layer="raw")
     with_raw = adata.copy()
     with_raw.X = with_raw.layers["counts"].copy()

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from .._utils import logger, model_fingerprint
+from .._utils import adata_counts, logger, model_fingerprint
 from ..data import CellCollection, GeneVocabulary
 from ..data.collection import check_count_values
 from ..data.datamodule import CellDataModule
@@ -253,17 +253,8 @@ class MetricModel:
         overlap, an error. With ``check_counts``, values that are not raw counts (NaN,
         negative, non-integer: e.g. log-normalised data, which the model would normalise
         again) are an error. ``source`` names the data in messages (e.g. its file)."""
-        others = [f"'{k}'" for k in adata.layers.keys() if k != layer]
-        others += ["'raw'"] if adata.raw is not None and layer != "raw" else []
+        x, var, others = adata_counts(adata, layer, source)
         has = f" (this AnnData has: {', '.join(others)})" if others else ""
-        if layer is None:
-            x, var = adata.X, adata.var
-        elif layer == "raw" and adata.raw is not None:
-            x, var = adata.raw.X, adata.raw.var
-        elif layer in adata.layers:
-            x, var = adata.layers[layer], adata.var
-        else:
-            raise DataError(f"{source} has no layer {layer!r}{has or ' (it has none)'}.")
         gm = self.genes.align(var, source=source, min_overlap=0.5)
         if not gm.identity:
             logger.info(
