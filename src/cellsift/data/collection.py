@@ -239,13 +239,14 @@ class CellCollection:
         names)."""
         k = np.searchsorted(self.offsets, self.cell_ids, side="right") - 1
         local = self.cell_ids - self.offsets[k]
+        bounds = np.searchsorted(self.cell_ids, self.offsets)  # cell_ids are sorted: a slice each
         names = np.empty(len(local), dtype=object)
         for i, s in enumerate(self.stores):
-            mine = k == i
-            if mine.any():
-                obs_names = getattr(s, "obs_names", None)
-                rows = local[mine]
-                names[mine] = np.asarray(obs_names)[rows] if obs_names is not None else rows
+            rows = local[bounds[i] : bounds[i + 1]]
+            obs_names = getattr(s, "obs_names", None) if len(rows) else None
+            names[bounds[i] : bounds[i + 1]] = (
+                np.asarray(obs_names)[rows] if obs_names is not None else rows
+            )
         paths = pd.Categorical(np.array([str(s.path) for s in self.stores], dtype=object)[k])
         return pd.DataFrame({"store": paths, "store_row": local, "obs_name": names.astype(str)})
 
