@@ -122,7 +122,6 @@ def _annotate(args: argparse.Namespace) -> int:
     tl.annotate(
         adata,
         index,
-        model=model,
         calibrate_on=calibration,
         label_key=args.label_key,
         k=args.k,

@@ -173,7 +173,7 @@ def test_a_rerun_keeps_finished_shards_of_the_same_model_only(bundle, synthetic_
     embed_mod._write_shard(model, coll, shard, (0, coll.n_obs), torch.device("cpu"), 512, False)
     marker = np.full_like(full, 7.0)
     zarr.open_array(str(shard), mode="r+")[:] = marker
-    attrs = {"start": 0, "stop": coll.n_obs, "digest": embed_mod._digest(model, coll)}
+    attrs = {"start": 0, "stop": coll.n_obs, "digest": embed_mod._digest(model.fingerprint, coll)}
     embed_mod._set_attrs(shard, attrs)
     embed_collection(model, synthetic_h5ad, out)
     np.testing.assert_array_equal(load_embeddings(out)[0], marker)  # kept, not recomputed
@@ -191,7 +191,7 @@ def test_a_rerun_keeps_finished_shards_of_the_same_model_only(bundle, synthetic_
     src = tmp_path / "with_layer.h5ad"
     adata.write_h5ad(src)
     coll = CellCollection(src, genes=model.genes, min_overlap=0.5)
-    attrs["digest"] = embed_mod._digest(model, coll)  # of X
+    attrs["digest"] = embed_mod._digest(model.fingerprint, coll)  # of X
     for layer, touch in (("counts", False), (None, True)):
         embed_mod._write_shard(model, coll, shard, (0, coll.n_obs), torch.device("cpu"), 512, False)
         zarr.open_array(str(shard), mode="r+")[:] = marker

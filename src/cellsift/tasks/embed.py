@@ -137,7 +137,8 @@ def _embed_rank(
     staging = out.with_name(f".{out.name}.partial-of-{world}")
     staging.mkdir(parents=True, exist_ok=True)
     shard = staging / f"shard-{rank:05d}"
-    digest = _digest(model, coll)
+    fingerprint = model_fingerprint(model)  # hashes the encoder's weights: once
+    digest = _digest(fingerprint, coll)
     if _shard_done(shard, bounds[rank], bounds[rank + 1], digest):
         logger.info("rank %d: shard %s already complete, kept", rank, shard.name)
     else:
@@ -149,7 +150,7 @@ def _embed_rank(
     if distributed:
         dist.barrier()
     if rank == 0:
-        _finalize(model, coll, staging, out, bounds, obs_columns, overwrite)
+        _finalize(model, fingerprint, coll, staging, out, bounds, obs_columns, overwrite)
     if distributed:
         dist.barrier()
     return out
@@ -215,6 +216,7 @@ def _shard_done(shard: Path, start: int, stop: int, digest: str) -> bool:
 
 def _finalize(
     model: Any,
+    fingerprint: str,
     coll: CellCollection,
     staging: Path,
     out: Path,
@@ -230,7 +232,7 @@ def _finalize(
     meta = pd.DataFrame({c: np.asarray(coll.obs_column(c)) for c in cols})
     for c, values in coll.origin().items():  # each cell's store, row and obs name
         if c not in meta.columns:
-            meta[c] = values.to_numpy() if c != "store" else values.astype(str).to_numpy()
+            meta[c] = values.to_numpy()
     for c in meta.columns:
         if meta[c].dtype == object:
             meta[c] = meta[c].astype(str)
@@ -249,7 +251,7 @@ def _finalize(
             "n_cells": bounds[-1],
             "latent": int(model.config["architecture"]["latent"]),
             "model": model.config,
-            "model_fingerprint": model_fingerprint(model),
+            "model_fingerprint": fingerprint,
             "sources": [str(s.path) for s in coll.stores],
             "shards": shards,
         }
@@ -307,11 +309,11 @@ def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFr
     return emb, meta
 
 
-def _digest(model: Any, coll: CellCollection) -> str:
-    """Of the model (config and weights) and the input (each store's path, counts location,
+def _digest(fingerprint: str, coll: CellCollection) -> str:
+    """Of the model (its fingerprint) and the input (each store's path, counts location,
     size and modification time; the cells kept): a kept shard must match both."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(model_fingerprint(model).encode())
+    h.update(fingerprint.encode())
     sources = []
     for s in coll.stores:
         st = Path(s.path).stat()  # a directory store's own entry: changes when files are added
