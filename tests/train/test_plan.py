@@ -96,5 +96,5 @@ def test_metric_plan_refuses_labels_the_model_would_not_line_up_with():
     genes = [f"ENSG{i:011d}" for i in range(10)]
     MetricPlan(genes, ["CL:0000236", "CL:0000624"], hidden=(8,), latent=4)  # fine
     for labels in (["B cell", "CL:0000624"], ["CL:0000236", "B cell", "CL:0000624"]):
-        with pytest.raises(ConfigError, match=r"'B cell' -> CL:0000236.*harmonize_labels: true"):
+        with pytest.raises(ConfigError, match=r"e.g. 'B cell'.*harmonize_labels: true"):
             MetricPlan(genes, labels, hidden=(8,), latent=4)

@@ -37,12 +37,6 @@ from .resume import continued_run
 __all__ = ["FitCLI", "MetricPlan", "run_fit"]
 
 
-def _harmonized(labels: list[str]) -> list[str]:
-    from ..ontology import load_cell_ontology
-
-    return load_cell_ontology().harmonize(labels)
-
-
 class MetricPlan(TrainingPlan):
     """The training plan of a :class:`~cellsift.models.MetricModel` built for the data.
 
@@ -90,15 +84,6 @@ class MetricPlan(TrainingPlan):
                 "MetricPlan needs the genes and labels of the data: `cellsift fit` links them "
                 "from the data section; in Python pass genes= and labels=."
             )
-        ids = _harmonized(labels)
-        if ids != list(labels):  # the data's label codes index `labels` as they are
-            pairs = zip(labels, ids, strict=True)
-            changed = [f"{a!r} -> {b}" for a, b in pairs if a != b]
-            raise ConfigError(
-                f"the data's labels are not current Cell Ontology ids ({', '.join(changed[:3])}"
-                f"{', ...' if len(changed) > 3 else ''}), so the model's labels would not line "
-                "up with the data's codes; set data.init_args.harmonize_labels: true."
-            )
         model = MetricModel(
             genes,
             labels,
@@ -113,6 +98,13 @@ class MetricPlan(TrainingPlan):
             classifier_weight=classifier_weight,
             target_sum=target_sum,
         )
+        if model.labels != list(labels):  # the data's label codes index `labels` as they are
+            changed = [f"{a!r}" for a in labels if a not in model.labels]
+            raise ConfigError(
+                "the data's labels are not current Cell Ontology ids (e.g. "
+                f"{', '.join(changed[:3])}), so the model's labels (harmonised) would not line "
+                "up with the data's codes; set data.init_args.harmonize_labels: true."
+            )
         super().__init__(
             model.module,
             lr=lr,
