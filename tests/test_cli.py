@@ -119,6 +119,7 @@ def test_an_error_from_a_loader_worker_prints_its_own_message(tmp_path, capsys):
     import scipy.sparse as sp
 
     from cellsift.data import CellCollection, CellLoader, IterableCellDataset
+    from cellsift.errors import DataError
 
     x = sp.csr_matrix(np.ones((64, 4), np.float32))
     x.data[100] = np.nan  # cell 25
@@ -127,7 +128,7 @@ def test_an_error_from_a_loader_worker_prints_its_own_message(tmp_path, capsys):
         CellCollection(tmp_path / "nan.h5ad", check_counts=False), batch_size=16
     )
     ds.collection.check_counts = True  # the opening sample would have caught it: read it here
-    with pytest.raises(Exception) as err:  # re-raised by torch, traceback in the message
+    with pytest.raises(DataError) as err:  # re-raised by torch, traceback in the message
         list(CellLoader(ds, num_workers=1))
     assert "Original Traceback" in str(err.value)
     from cellsift.cli import _error
