@@ -207,7 +207,7 @@ def test_one_layer_for_stores_that_keep_counts_apart_names_the_way_out(tmp_path)
     a = _write(tmp_path, "x.h5ad", adata)
     adata.layers["counts"] = adata.X.copy()
     b = _write(tmp_path, "layer.h5ad", adata)
-    with pytest.raises(DataError, match=r"applies to every store.*open_store\(b, layer='counts'\)"):
+    with pytest.raises(KeyError, match=r"applies to every store.*open_store\(b, layer='counts'\)"):
         CellCollection([a, b], layer="counts")
     from cellsift.data import open_store
 

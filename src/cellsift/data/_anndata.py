@@ -66,7 +66,7 @@ class AnnDataStore(CellStore):
         if key not in root:
             have = [f"layers[{k!r}]" for k in (root["layers"].keys() if "layers" in root else [])]
             have += ["raw"] if "raw" in root else []
-            raise self._error(
+            raise self._no_layer(
                 f"has no {key}.",
                 f"Choose layer= among: X (layer=None){', ' if have else ''}{', '.join(have)}.",
             )

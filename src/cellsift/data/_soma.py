@@ -63,7 +63,7 @@ class SomaStore(CellStore):
                 "Pass measurement= with one of these.",
             )
         if self.layer not in exp.ms[measurement].X:
-            raise self._error(
+            raise self._no_layer(
                 f"has no X layer {self.layer!r} (it has {list(exp.ms[measurement].X.keys())}).",
                 "Pass layer= with one of these.",
             )

@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._utils import logger, text_or_none
-from ..errors import DataError
+from ..errors import DataError, MissingKeyError
 from .genes import GeneMap, GeneVocabulary
 from .stores import CellStore, open_store
 
@@ -105,9 +105,9 @@ class CellCollection:
         opts = dict(store_options or {})
         try:
             self.stores: list[CellStore] = [open_store(p, layer=layer, **opts) for p in paths]
-        except DataError as err:
-            if len(paths) > 1 and "layer" in str(err):
-                raise DataError(
+        except MissingKeyError as err:  # a store lacks the counts location layer= names
+            if len(paths) > 1:
+                raise MissingKeyError(
                     f"{err} layer= applies to every store of a collection; stores whose counts "
                     "live in different places are opened one by one and passed in: "
                     "CellCollection([open_store(a), open_store(b, layer='counts')])."

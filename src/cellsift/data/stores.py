@@ -67,6 +67,10 @@ class CellStore(ABC):
     def _error(self, what: str, fix: str) -> DataError:
         return DataError(f"{self.path}: {what} {fix}")
 
+    def _no_layer(self, what: str, fix: str) -> MissingKeyError:
+        """The counts location ``layer`` names is not in this store."""
+        return MissingKeyError(f"{self.path}: {what} {fix}")
+
     # -- backend hooks ------------------------------------------------------------------
     @abstractmethod
     def _open(self) -> Any: ...
