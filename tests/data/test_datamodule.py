@@ -88,13 +88,16 @@ def test_split_is_by_group_never_by_cell(indexed_paths):
 def test_weighted_training_loader_balances_with_the_given_scales(indexed_paths):
     from cellsift.data import balanced_weights
 
-    dm = _dm(indexed_paths["h5ad"], mode="weighted", class_scale=10.0, study_scale=1e3)
+    dm = _dm(
+        indexed_paths["h5ad"], mode="weighted", class_scale=10.0, study_scale=1e3, max_ratio=1.5
+    )
     dm.setup()
     ds = dm.train_dataloader().cell_dataset
     y, s = ds.codes["y_n"], ds.codes["study_n"]
     np.testing.assert_array_equal(
-        ds.weights, balanced_weights(y, s, class_scale=10.0, study_scale=1e3)
+        ds.weights, balanced_weights(y, s, class_scale=10.0, study_scale=1e3, max_ratio=1.5)
     )
+    assert ds.weights.max() < balanced_weights(y, s, class_scale=10.0, study_scale=1e3).max()
     assert not np.allclose(ds.weights, balanced_weights(y, s))
     assert dm.val_dataloader().cell_dataset.weights is None  # validation reads in order
 

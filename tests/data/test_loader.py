@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cellsift.data import CellCollection, CellLoader, IterableCellDataset
-from cellsift.errors import ResumeError
+from cellsift.errors import ConfigError, ResumeError
 from conftest import N_INDEXED, decode
 
 OPTS = {"batch_size": 64, "block_size": 8, "fetch_factor": 3}
@@ -242,3 +242,20 @@ def test_min_batch_on_several_ranks_needs_drop_last(coll):
         next(iter(ds))
     kw = {"min_batch": 2, "rank": 0, "world_size": 2, "drop_last": True, "batch_size": 100}
     assert len(IterableCellDataset(coll, **kw)) == 10
+
+
+def test_weighted_balancing_cap(coll):
+    """max_ratio reaches the weights from the dataset (and the data module); bad scales and
+    caps are refused with the setting's name."""
+    keys = {"label_key": "cell_type_ontology_term_id", "study_key": "dataset_id"}
+    labels = np.asarray(coll.obs_column(keys["label_key"])).astype(str)
+    studies = np.asarray(coll.obs_column(keys["study_key"])).astype(str)
+    opts = {"class_scale": 1.0, "study_scale": 1.0, **keys, **OPTS}
+    uncapped = _scimilarity_weights(labels, studies, 1.0, 1.0, max_ratio=np.inf)
+    cap = (1.0 + uncapped.max() / np.median(uncapped)) / 2  # binds on the rarest groups
+    assert (uncapped > cap * np.median(uncapped)).any()
+    ds = IterableCellDataset(coll, mode="weighted", max_ratio=cap, **opts)
+    np.testing.assert_allclose(ds.weights, _scimilarity_weights(labels, studies, 1.0, 1.0, cap))
+    for name, value in (("max_ratio", 0.5), ("class_scale", 0.0), ("study_scale", np.nan)):
+        with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+            IterableCellDataset(coll, mode="weighted", **{**opts, name: value})

@@ -57,8 +57,9 @@ class CellDataModule(pl.LightningDataModule):
         Groups to validate on; default: chosen by seed to make ``val_fraction`` of cells.
     mode, batch_size, block_size, fetch_factor, seed, num_workers
         Training loader options (validation reads sequentially).
-    class_scale, study_scale
-        Balancing scales of ``mode="weighted"`` (:func:`~cellsift.data.balanced_weights`).
+    class_scale, study_scale, max_ratio
+        Balancing scales and cap of ``mode="weighted"`` (:func:`~cellsift.data.
+        balanced_weights`; :class:`~cellsift.data.IterableCellDataset`).
     collection_options
         More :class:`CellCollection` options (``layer``, ``min_genes``, ...).
     labels
@@ -87,6 +88,7 @@ class CellDataModule(pl.LightningDataModule):
         fetch_factor: int = 16,
         class_scale: float = 1e4,
         study_scale: float = 1e6,
+        max_ratio: float = 100.0,
         seed: int = 0,
         num_workers: int = 0,
         obs_filter: ObsFilter | None = None,
@@ -110,6 +112,7 @@ class CellDataModule(pl.LightningDataModule):
             "fetch_factor": fetch_factor,
             "class_scale": class_scale,
             "study_scale": study_scale,
+            "max_ratio": max_ratio,
             "seed": seed,
         }
         self.num_workers = num_workers

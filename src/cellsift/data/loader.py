@@ -61,14 +61,15 @@ class IterableCellDataset(IterableDataset):
     weights
         Per-cell weights for weighted mode (default: :func:`balanced_weights` of the labels
         and studies).
-    class_scale, study_scale
-        :func:`balanced_weights`' scales. A label with far fewer cells than ``class_scale``
-        is drawn ~1/count (full balancing), one with far more ~1/log(count). SCimilarity's
-        defaults (1e4, 1e6) were set for millions of cells, where most labels are far above
-        them; on a small atlas they balance fully, but for a cap: no cell is drawn more than
-        100 times as often as the median cell (``balanced_weights``' ``max_ratio``), so a
-        label of a handful of cells among thousands stays below an equal share. Lower the
-        scales for gentler balancing; pass ``weights=`` for any other scheme.
+    class_scale, study_scale, max_ratio
+        :func:`balanced_weights`' scales and cap. A label with far fewer cells than
+        ``class_scale`` is drawn ~1/count (full balancing), one with far more ~1/log(count).
+        SCimilarity's defaults (1e4, 1e6) were set for millions of cells, where most labels
+        are far above them; on a small atlas they balance fully, but for the cap: no cell is
+        drawn more than ``max_ratio`` (100) times as often as the median cell, so a label of a
+        handful of cells among thousands stays below an equal share. Lower the scales for
+        gentler balancing, raise ``max_ratio`` to let rare labels reach an equal share; pass
+        ``weights=`` for any other scheme.
     categories
         Batch key -> fixed category list (e.g. a model's labels); other values code as -1.
     seed, drop_last, cells_per_block, num_samples, min_batch
@@ -94,6 +95,7 @@ class IterableCellDataset(IterableDataset):
         weights: np.ndarray | None = None,
         class_scale: float = 1e4,
         study_scale: float = 1e6,
+        max_ratio: float = 100.0,
         categories: Mapping[str, list[str]] | None = None,
         seed: int = 0,
         drop_last: bool = False,
@@ -136,6 +138,7 @@ class IterableCellDataset(IterableDataset):
                     self.codes.get("study_n"),
                     class_scale=class_scale,
                     study_scale=study_scale,
+                    max_ratio=max_ratio,
                 )
             self.weights = np.asarray(weights, dtype=np.float64)
         self._rank, self._world = rank, world_size

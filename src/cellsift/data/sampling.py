@@ -54,6 +54,13 @@ def balanced_weights(
     to ``max_ratio`` times their median so tiny groups do not dominate. Negative labels
     (missing) get weight 0.
     """
+    for name, value, ok, bound in (
+        ("class_scale", class_scale, class_scale > 0, "> 0"),
+        ("study_scale", study_scale, study_scale > 0, "> 0"),
+        ("max_ratio", max_ratio, max_ratio >= 1, ">= 1"),
+    ):
+        if not (ok and np.isfinite(value)):
+            raise ConfigError(f"{name} must be a finite number {bound}, not {value}.")
     labels = np.asarray(labels)
     w = _inverse_log_count(labels, class_scale)
     if studies is not None:
