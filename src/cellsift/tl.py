@@ -187,9 +187,9 @@ def search_centroid(
         if use_rep in adata.obsm:
             z = np.asarray(adata.obsm[use_rep])[mask]
         else:  # the set's cells; any without counts in the model's genes sit out the check
-            cells_in = adata[mask]
-            has = np.diff(model.aligned_counts(cells_in, layer=layer).indptr) > 0
-            z = model.embed(cells_in, layer=layer, check_counts=False)[has]
+            x = model.aligned_counts(adata[mask], layer=layer)
+            x = x[np.diff(x.indptr) > 0]
+            z = model._run(x, model.module.embed, model.config["architecture"]["latent"])
         result.qc = query_coherence(index, z, k, filter=filter)
     return result
 

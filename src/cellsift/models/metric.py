@@ -308,6 +308,17 @@ class MetricModel:
                 "embed them anyway with check_counts=False (cellsift annotate: "
                 "--no-check-counts)."
             )
+        return self._run(x, fn, width, batch_size, device)
+
+    def _run(
+        self,
+        x: sp.csr_matrix,
+        fn: Callable[[dict[str, Any]], torch.Tensor],
+        width: int,
+        batch_size: int = 4096,
+        device: str | torch.device | None = None,
+    ) -> np.ndarray:
+        """``fn(batch)`` over counts already in the model's gene order (:meth:`aligned_counts`)."""
         dev = torch.device(device) if device is not None else next(self.module.parameters()).device
         self.module.to(dev).eval()
         out = []
