@@ -98,3 +98,32 @@ def test_metric_plan_refuses_labels_the_model_would_not_line_up_with():
     for labels in (["B cell", "CL:0000624"], ["CL:0000236", "B cell", "CL:0000624"]):
         with pytest.raises(ConfigError, match=r"e.g. 'B cell'.*harmonize_labels: true"):
             MetricPlan(genes, labels, hidden=(8,), latent=4)
+
+
+def test_an_epoch_resumed_mid_way_logs_the_mean_over_all_its_batches(synthetic_h5ad, tmp_path):
+    """The training epoch means of an epoch resumed from a mid-epoch checkpoint are those
+    of the uninterrupted epoch (Lightning keeps no logged values in a checkpoint: without
+    the plan's own sums they would cover the batches after the checkpoint only)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    keys = ("train/loss_epoch", "train/triplet_loss_epoch", "train/n_triplets_epoch")
+
+    def run(root, **fit):
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad, mode="block", seed=1)
+        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1)
+        trainer = _trainer(
+            root, max_epochs=1, enable_checkpointing=True, callbacks=[ckpt], num_sanity_val_steps=0
+        )
+        trainer.fit(TrainingPlan(module), datamodule=dm, **fit)
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    steps = whole.global_step
+    assert steps > 3
+    want = {k: float(whole.callback_metrics[k]) for k in keys if k in whole.callback_metrics}
+    assert "train/loss_epoch" in want
+    resumed = run(tmp_path / "resumed", ckpt_path=tmp_path / "whole" / "epoch=0-step=3.ckpt")
+    assert resumed.global_step == steps
+    got = {k: float(resumed.callback_metrics[k]) for k in want}
+    assert got == pytest.approx(want, rel=1e-6)

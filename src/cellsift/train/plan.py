@@ -138,6 +138,8 @@ class TrainingPlan(pl.LightningModule):
         self._val_i: list[torch.Tensor | None] = []
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        #: This rank's (cell-weighted sum, cells) of each training scalar in this epoch
+        self._epoch_sums: dict[str, tuple[float, float]] = {}
         #: What the model reads (a digest of its genes, its labels), set by whoever knows
         #: (MetricModel.train, MetricPlan): checkpoints keep it, and a resumed run on other
         #: data of the same shapes is refused.
@@ -148,8 +150,9 @@ class TrainingPlan(pl.LightningModule):
         return self.module(batch)
 
     def _log_scalars(self, out: dict[str, Any], prefix: str, n: int) -> None:
-        """Losses and counts of ``out``: per step (training; this rank's) and per epoch (the
-        mean over every rank's batches, reduced once at the epoch's end)."""
+        """Losses and counts of ``out``: training, per step (this rank's) and per epoch (the
+        mean over every rank's batches, :meth:`on_train_epoch_end`); validation, per epoch
+        (Lightning's mean, reduced over ranks at its end)."""
         for key, value in out.items():
             if key.endswith("loss") or key.startswith("n_"):
                 scalar = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
@@ -162,16 +165,37 @@ class TrainingPlan(pl.LightningModule):
                         on_step=True,
                         on_epoch=False,
                     )
-                name = f"{prefix}/{key}_epoch" if prefix == "train" else f"{prefix}/{key}"
+                    total, weight = self._epoch_sums.get(key, (0.0, 0.0))
+                    self._epoch_sums[key] = (total + scalar * n, weight + n)
+                    continue
                 self.log(
-                    name,
+                    f"{prefix}/{key}",
                     scalar,
                     batch_size=n,
-                    prog_bar=key == "loss" and prefix != "train",
+                    prog_bar=key == "loss",
                     on_step=False,
                     on_epoch=True,
                     sync_dist=True,
                 )
+
+    def _global_epoch_sums(self) -> dict[str, tuple[float, float]]:
+        """The epoch's (cell-weighted sum, cells) per training scalar, over every rank."""
+        out: dict[str, tuple[float, float]] = {}
+        for sums in _gather_objects(self._epoch_sums):
+            for key, (total, weight) in sums.items():
+                had = out.get(key, (0.0, 0.0))
+                out[key] = (had[0] + total, had[1] + weight)
+        return out
+
+    def on_train_epoch_end(self) -> None:
+        """``train/<scalar>_epoch``: the cell-weighted mean over the epoch's batches on every
+        rank. The sums are the plan's own, kept in checkpoints, so that an epoch resumed
+        from a mid-epoch checkpoint logs the mean over all of its batches, not only those
+        after the checkpoint (Lightning keeps no logged values in a checkpoint)."""
+        for key, (total, weight) in self._global_epoch_sums().items():
+            if weight > 0:
+                self.log(f"train/{key}_epoch", total / weight, on_step=False, on_epoch=True)
+        self._epoch_sums = {}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.module(batch)
@@ -201,6 +225,7 @@ class TrainingPlan(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._tick = None
+        self._epoch_sums = {}  # (not called when a run resumes mid-epoch: on_load_checkpoint)
 
     def on_train_start(self) -> None:
         # the rates of this run's schedule at the step it starts from: a run resumed with more
@@ -250,6 +275,7 @@ class TrainingPlan(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # every rank builds the checkpoint (rank 0 writes it); each rank draws its own stream
         checkpoint["cellsift_rng"] = {"per_rank": _gather_objects(_rng_state())}
+        checkpoint["cellsift_epoch_sums"] = self._global_epoch_sums()  # (every rank's)
         if self.data_identity is not None:
             checkpoint["cellsift_data"] = self.data_identity
         # the TensorBoard run it belongs to, which a resumed run logs on in (cellsift.train.
@@ -272,10 +298,13 @@ class TrainingPlan(pl.LightningModule):
                 "data: resume with the data it was made with, or start a new run without "
                 "--ckpt_path."
             )
+        # the epoch's sums so far, for a run that goes on mid-epoch (a new epoch clears them):
+        # every rank's, held by rank 0
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self._epoch_sums = dict(checkpoint.get("cellsift_epoch_sums", {})) if rank == 0 else {}
         states = checkpoint.get("cellsift_rng", {}).get("per_rank", [])
         world = self.trainer.world_size if self._trainer is not None else 1
         if len(states) == world:
-            rank = self.trainer.global_rank if self._trainer is not None else 0
             self._rng_to_restore = states[rank]
         elif states:
             rank_zero_warn(
