@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -52,26 +52,89 @@ def progress(
     yield from tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
+#: Tells whether an existing path is an earlier output of the kind about to be written.
+Replaceable = Callable[[Path], bool]
+
+
+def is_file(path: Path) -> bool:
+    """:data:`Replaceable` of single-file outputs (h5ad, png): a file, never a folder."""
+    return path.is_file()
+
+
+def holds(*names: str) -> Replaceable:
+    """:data:`Replaceable` of folder outputs: a folder holding all of ``names``."""
+    return lambda path: path.is_dir() and all((path / n).exists() for n in names)
+
+
+def check_replaceable(
+    final: Path, overwrite: bool, replaces: Replaceable | None = None, what: str = ""
+) -> None:
+    """Refuse to write over ``final`` unless ``overwrite``; and with ``replaces``, unless
+    ``final`` is an earlier output of the same kind (``what``) or an empty folder: an
+    output path pointed by mistake at a results folder or at the inputs never deletes
+    them."""
+    if not (final.exists() or final.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{final} exists; remove it or pass overwrite=True (--overwrite).")
+    if replaces is None or replaces(final):
+        return
+    if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
+        return
+    kind = "a folder" if final.is_dir() else "a file"
+    raise FileExistsError(
+        f"{final} exists and is {kind} that is not {what}: overwrite replaces only {what}, "
+        "never other files or folders. Choose another path, or remove it first."
+    )
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    replaces: Replaceable | None = None,
+    what: str = "",
+) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; move it into place only if the block succeeds.
 
     Works for files and directories (Zarr, TileDB-SOMA). On error the temporary output is
-    removed, so a failed or interrupted write never leaves a partial ``path`` behind.
+    removed, so a failed or interrupted write never leaves a partial ``path`` behind; an
+    existing ``path`` (with ``overwrite``; ``replaces`` and ``what``: see
+    :func:`check_replaceable`) is replaced by :func:`move_into_place`.
     """
     final = Path(path)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; remove it or pass overwrite=True (--overwrite).")
+    check_replaceable(final, overwrite, replaces, what)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(final)
     try:
         yield tmp
-        if final.exists():
-            remove_path(final)
-        os.replace(tmp, final)
+        move_into_place(tmp, final)
     finally:
         if tmp.exists():
             remove_path(tmp)
+
+
+def move_into_place(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``, replacing what is there.
+
+    A file replaces a file in one atomic rename. Otherwise the old path is first renamed
+    aside, then the new one moved in (the old one moved back if that fails), and only then
+    the old one deleted: an interruption at any point leaves the old or the new output at
+    ``final`` (at worst with a hidden ``.<name>.old-*`` sibling to delete), never neither.
+    """
+    exists = final.exists() or final.is_symlink()
+    if not exists or (not tmp.is_dir() and not (final.is_dir() and not final.is_symlink())):
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    remove_path(old)
 
 
 def temp_sibling(path: Path) -> Path:

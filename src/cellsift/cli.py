@@ -103,7 +103,7 @@ def _index(args: argparse.Namespace) -> int:
 def _annotate(args: argparse.Namespace) -> int:
 
     from . import tl
-    from ._utils import atomic_path
+    from ._utils import atomic_path, is_file
     from .models import MetricModel
     from .tasks import CellIndex
 
@@ -129,7 +129,9 @@ def _annotate(args: argparse.Namespace) -> int:
         abstain=not args.no_abstain,
         abstain_on=args.abstain_on,
     )
-    with atomic_path(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_path(
+        args.out, overwrite=args.overwrite, replaces=is_file, what="an h5ad file"
+    ) as tmp:
         adata.write_h5ad(tmp)
     counts = adata.obs["cellsift_cell_type"].value_counts()
     print(f"wrote {args.out}: {adata.n_obs:,} cells annotated")

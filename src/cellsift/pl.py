@@ -23,7 +23,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ._utils import atomic_path
+from ._utils import atomic_path, is_file
 from .errors import MissingKeyError
 from .tasks import UNKNOWN, SearchResult
 
@@ -407,7 +407,7 @@ def _savefig(fig: Figure, path: str | os.PathLike[str], *, dpi: float = 150) -> 
     supported = fig.canvas.get_supported_filetypes()
     if fmt not in supported:
         raise ValueError(f"cannot save as {fmt!r}; use one of {sorted(supported)}.")
-    with atomic_path(final, overwrite=True) as tmp:
+    with atomic_path(final, overwrite=True, replaces=is_file, what="a file") as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     return final
 

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 from pandas.api.extensions import ExtensionArray
 
-from .._utils import atomic_path, progress
+from .._utils import atomic_path, check_replaceable, holds, progress
 from ..errors import ConfigError, DataError
 from .stores import CellStore, open_store
-from .writers import Format, guess_format, open_writer
+from .writers import Format, guess_format, is_store, open_writer
 
 __all__ = ["convert"]
 
@@ -97,14 +97,15 @@ def convert(
                 chunk = rows[lo : lo + chunk_size]
                 writer.append(store.read(chunk), _obs_chunk(store, columns, chunk))
 
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; remove it or pass overwrite=True (--overwrite).")
     if shard_size is None:
+        check_replaceable(dest, overwrite, is_store, "a store (h5ad, Zarr, SOMA)")
         write(dest, rows_all, f"converting to {fmt}")  # the writer moves it into place at the end
         return dest
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, not {shard_size}.")
-    with atomic_path(dest, overwrite=overwrite) as tmp:
+    with atomic_path(
+        dest, overwrite=overwrite, replaces=holds("manifest.json"), what="a sharded store"
+    ) as tmp:
         tmp.mkdir()
         files, sizes = [], []
         for k, lo in enumerate(range(0, len(rows_all), shard_size)):

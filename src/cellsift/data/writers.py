@@ -17,7 +17,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import import_optional, remove_path, temp_sibling, text_or_none
+from .._utils import (
+    check_replaceable,
+    import_optional,
+    move_into_place,
+    remove_path,
+    temp_sibling,
+    text_or_none,
+)
 from ..errors import ConfigError, DataError
 
 __all__ = ["FORMATS", "StoreWriter", "guess_format", "open_writer"]
@@ -31,14 +38,29 @@ CHUNK_ELEMS = 1 << 16
 SHARD_ELEMS = 1 << 22
 
 
+def _store_marker(p: Path) -> Format | None:
+    """The format of an existing store folder, by the files its format writes."""
+    if (p / "zarr.json").exists() or (p / ".zgroup").exists():
+        return "zarr"
+    if (p / "__tiledb_group.tdb").exists() or (p / "__group").exists() or (p / "ms").exists():
+        return "soma"
+    return None
+
+
+def is_store(path: Path) -> bool:
+    """Is ``path`` a store that a conversion may replace: an h5ad file, a Zarr or SOMA
+    folder (never another folder)."""
+    if path.is_dir():
+        return _store_marker(path) is not None
+    return path.is_file() and path.suffix.lower() in (".h5ad", ".h5")
+
+
 def guess_format(path: str | os.PathLike[str]) -> Format:
     """Tell a store's format from its path (an existing store is inspected)."""
     p = Path(path)
-    if p.is_dir():
-        if (p / "zarr.json").exists() or (p / ".zgroup").exists():
-            return "zarr"
-        if (p / "__tiledb_group.tdb").exists() or (p / "__group").exists() or (p / "ms").exists():
-            return "soma"
+    marker = _store_marker(p) if p.is_dir() else None
+    if marker is not None:
+        return marker
     name = p.name.lower()
     if name.endswith(".h5ad") or name.endswith(".h5"):
         return "h5ad"
@@ -65,8 +87,7 @@ class StoreWriter:
         overwrite: bool = False,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} exists; remove it or pass overwrite=True.")
+        check_replaceable(self.path, overwrite, is_store, "a store (h5ad, Zarr, SOMA)")
         self.overwrite = overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_sibling(self.path)
@@ -112,9 +133,7 @@ class StoreWriter:
         except BaseException:
             self.abort()
             raise
-        if self.path.exists():
-            remove_path(self.path)
-        os.replace(self.tmp, self.path)
+        move_into_place(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._utils import atomic_path
+from .._utils import atomic_path, holds
 from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError
 
@@ -70,7 +70,12 @@ def save_bundle(
     """Write a bundle directory atomically (see the module docstring)."""
     from .. import __version__
 
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    with atomic_path(
+        path,
+        overwrite=overwrite,
+        replaces=holds("config.json", "model.safetensors"),
+        what="a model bundle",
+    ) as tmp:
         tmp.mkdir()
         cfg = {
             **config,

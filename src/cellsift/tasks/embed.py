@@ -34,15 +34,21 @@ import torch.distributed as dist
 
 from .._utils import (
     atomic_path,
+    check_replaceable,
+    holds,
     import_optional,
     logger,
     model_fingerprint,
+    move_into_place,
     progress,
-    remove_path,
 )
 from ..data import CellCollection
 from ..data.loader import to_torch_csr
 from ..errors import DataError
+
+#: What an existing ``out`` must be for ``overwrite`` to replace it.
+_REPLACES = holds("zarr.json", "metadata.parquet")
+_WHAT = "an embeddings store"
 
 __all__ = ["embed_collection", "load_embeddings"]
 
@@ -76,8 +82,7 @@ def embed_collection(
     rank embeds its own shard and all ranks return once the store is in place.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; remove it or pass overwrite=True (--overwrite).")
+    check_replaceable(out, overwrite, _REPLACES, _WHAT)
     kwargs: dict[str, Any] = {
         "layer": layer,
         "obs_columns": obs_columns,
@@ -256,11 +261,8 @@ def _finalize(
             "shards": shards,
         }
     )
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; remove it or pass overwrite=True.")
-        remove_path(out)
-    os.replace(staging, out)
+    check_replaceable(out, overwrite, _REPLACES, _WHAT)
+    move_into_place(staging, out)
     logger.info(
         "embedded %d cells into %s (%d shard%s)",
         bounds[-1],

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._utils import atomic_path, import_optional, logger, model_fingerprint
+from .._utils import atomic_path, holds, import_optional, logger, model_fingerprint
 from ..errors import CellsiftError
 
 __all__ = ["CellIndex", "CellIndexError", "SearchResult", "normalize_embeddings"]
@@ -487,7 +487,12 @@ class CellIndex:
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write the index directory atomically (see the module docstring)."""
         pq = import_optional("pyarrow.parquet")
-        with atomic_path(path, overwrite=overwrite) as tmp:
+        with atomic_path(
+            path,
+            overwrite=overwrite,
+            replaces=holds("manifest.json", "embeddings.npy"),
+            what="a cell index",
+        ) as tmp:
             tmp.mkdir()
             np.save(tmp / "embeddings.npy", np.asarray(self.embeddings), allow_pickle=False)
             files = ["embeddings.npy"]

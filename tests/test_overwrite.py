@@ -1,0 +1,100 @@
+"""Outputs written over existing paths: only an earlier output of the same kind is replaced,
+and an interruption leaves the old or the new output in place, never neither."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import cellsift._utils as utils
+from cellsift.data import GeneVocabulary
+from cellsift.data.convert import convert
+from cellsift.models import import_scimilarity, load_bundle, save_bundle
+from cellsift.nn import MLPEncoder
+from cellsift.tasks import CellIndex
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "scimilarity_tiny"
+
+
+def _bundle(path, width=4, **kw):
+    enc = MLPEncoder(20, (8,), width)
+    genes = GeneVocabulary([f"g{i}" for i in range(20)])
+    return save_bundle(path, config={}, modules={"encoder": enc}, genes=genes, **kw)
+
+
+def _width(path):
+    """The latent width of a saved bundle's encoder."""
+    w = [v for v in load_bundle(path).weights["encoder"].values() if v.ndim == 2]
+    return w[-1].shape[0]
+
+
+def _results(path):
+    path.mkdir()
+    (path / "umap.png").write_bytes(b"png")
+    (path / "annotations.csv").write_text("cell,label\n")
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_overwrite_replaces_an_earlier_output_of_the_kind_only(tmp_path):
+    old = _bundle(tmp_path / "bundle", width=4)
+    new = _bundle(old, width=6, overwrite=True)  # a bundle replaces a bundle
+    assert _width(new) == 6
+    files = _results(tmp_path / "results")
+    with pytest.raises(FileExistsError, match="results exists and is a folder that is not a model"):
+        _bundle(tmp_path / "results", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == files
+    (tmp_path / "empty").mkdir()
+    _bundle(tmp_path / "empty", overwrite=True)  # an empty folder is no loss
+    # a SCimilarity model imported onto itself is refused, not deleted
+    src = tmp_path / "scimilarity"
+    import shutil
+
+    shutil.copytree(FIXTURE, src)
+    with pytest.raises(FileExistsError, match="not a model bundle"):
+        import_scimilarity(src, src, overwrite=True)
+    assert (src / "encoder.ckpt").is_file()
+    # an index over a results folder, a store over a folder that is not a store
+    index = CellIndex.build(np.eye(3, 4, dtype=np.float32) + 0.1)
+    with pytest.raises(FileExistsError, match="not a cell index"):
+        index.save(tmp_path / "results", overwrite=True)
+    index.save(tmp_path / "index")
+    index.save(tmp_path / "index", overwrite=True)
+    adata = ad.AnnData(np.ones((3, 4), dtype=np.float32))
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    with pytest.raises(FileExistsError, match=r"not a store \(h5ad, Zarr, SOMA\)"):
+        convert(tmp_path / "a.h5ad", tmp_path / "results", format="zarr", overwrite=True)
+    convert(tmp_path / "a.h5ad", tmp_path / "a.zarr")
+    convert(tmp_path / "a.h5ad", tmp_path / "a.zarr", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == files
+
+
+def test_an_interrupted_overwrite_leaves_the_old_or_the_new_output(tmp_path, monkeypatch):
+    path = _bundle(tmp_path / "bundle", width=4)
+    replace = utils.os.replace
+
+    def fail_moving_in(src, dst):  # the new output fails to move in: the old one comes back
+        if ".tmp-" in str(src):
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", fail_moving_in)
+    with pytest.raises(KeyboardInterrupt):
+        _bundle(path, width=6, overwrite=True)
+    monkeypatch.setattr(utils.os, "replace", replace)
+    assert _width(path) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+    remove = utils.remove_path
+
+    def interrupted_deleting_the_old(p):  # killed while the old one is deleted: the new is in
+        if ".old-" in p.name:
+            raise KeyboardInterrupt
+        remove(p)
+
+    monkeypatch.setattr(utils, "remove_path", interrupted_deleting_the_old)
+    with pytest.raises(KeyboardInterrupt):
+        _bundle(path, width=6, overwrite=True)
+    assert _width(path) == 6
