@@ -150,3 +150,28 @@ def test_a_store_in_another_gene_order_gives_sorted_rows(tmp_path):
     dense = torch.from_numpy(np.vstack([x.toarray(), x.toarray()[:, ::-1]]))
     scale = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     torch.testing.assert_close(batch.mul(scale).to_dense(), dense * scale)
+
+
+def test_a_models_query_needs_half_its_genes_or_5000():
+    """of="vocabulary" (a model's input): the overlap counts against the model's genes, not
+    the query's; below half of them (and 5,000, SCimilarity's threshold) an error, between
+    5,000 and half a warning. of="smaller" (the stores of an atlas) counts against the
+    smaller gene set."""
+    vocab = GeneVocabulary([f"ENSG{i:011d}" for i in range(12_000)])
+    panel = _var(list(vocab.genes[:300]))  # every gene the model's, 2.5% of them
+    assert vocab.align(panel).n_matched == 300
+    with pytest.raises(GeneAlignmentError, match=r"only 300 of its 300 genes match the model's"):
+        vocab.align(panel, of="vocabulary")
+    with pytest.warns(UserWarning, match=r"5500 of the model's 12000 genes are found \(46%"):
+        gm = vocab.align(_var(list(vocab.genes[:5_500])), of="vocabulary")
+    assert gm.n_matched == 5_500
+    with pytest.raises(GeneAlignmentError, match="need 5000"):
+        vocab.align(_var(list(vocab.genes[:4_999])), of="vocabulary")
+    small = GeneVocabulary(list(vocab.genes[:1000]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert small.align(_var(list(small.genes[:600])), of="vocabulary").n_matched == 600
+    with pytest.raises(GeneAlignmentError, match="need 500"):
+        small.align(_var(list(small.genes[:499])), of="vocabulary")

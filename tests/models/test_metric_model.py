@@ -72,6 +72,11 @@ def test_save_load_and_gene_alignment(trained, tmp_path):
     bad.var = bad.var.drop(columns=["feature_name"])
     with pytest.raises(GeneAlignmentError, match="adata: only 0 of its"):
         model.embed(bad)
+    # a query subset to a tenth of the model's genes (a panel, variable genes): all of its
+    # genes are the model's, but most of the model's input would read as 0
+    panel = sub[:, : sub.n_vars // 10].copy()
+    with pytest.raises(GeneAlignmentError, match=r"match the model's \d+ genes.*gene panel"):
+        model.embed(panel)
 
 
 def test_label_head_predicts_held_out_study_and_survives_a_bundle(synthetic_h5ad, tmp_path):

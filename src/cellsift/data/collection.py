@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -78,8 +78,10 @@ class CellCollection:
         obs columns that must be non-null (and not ``"unknown"``), e.g. the label column.
     min_genes, min_counts
         QC thresholds per cell (genes detected, total counts).
-    min_overlap
-        Least fraction of genes matched between each store and the vocabulary.
+    min_overlap, overlap_of
+        Least fraction of genes matched between each store and the vocabulary: of the
+        smaller gene set, or, where the vocabulary is a model's input, of the vocabulary
+        (:meth:`GeneVocabulary.align`).
     check_counts
         Read a sample of cells of each store and raise if they are not raw counts; then
         every batch read raises on a cell with NaN, infinite or negative values.
@@ -96,6 +98,7 @@ class CellCollection:
         min_genes: int | None = None,
         min_counts: float | None = None,
         min_overlap: float = 0.5,
+        overlap_of: Literal["smaller", "vocabulary"] = "smaller",
         check_counts: bool = True,
         store_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -123,7 +126,7 @@ class CellCollection:
         else:
             self.genes = GeneVocabulary(list(genes))
         self.gene_maps: list[GeneMap] = [
-            self.genes.align(s.var, source=str(s.path), min_overlap=min_overlap)
+            self.genes.align(s.var, source=str(s.path), min_overlap=min_overlap, of=overlap_of)
             for s in self.stores
         ]
         for s, gm in zip(self.stores, self.gene_maps, strict=True):

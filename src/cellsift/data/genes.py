@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -23,6 +25,9 @@ ID_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl_id")
 SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "gene_name", "symbol")
 #: var columns tried in this order after var_names when a store is aligned.
 GENE_COLUMNS = ID_COLUMNS + SYMBOL_COLUMNS
+#: A model's query must carry at least this many of its genes (or ``min_overlap`` of them,
+#: whichever is fewer): SCimilarity's ``gene_overlap_threshold``.
+MODEL_MIN_GENES = 5000
 
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
 
@@ -178,7 +183,12 @@ class GeneVocabulary:
 
     # -- alignment ------------------------------------------------------------------------
     def align(
-        self, var: pd.DataFrame, *, source: str = "store", min_overlap: float = 0.5
+        self,
+        var: pd.DataFrame,
+        *,
+        source: str = "store",
+        min_overlap: float = 0.5,
+        of: Literal["smaller", "vocabulary"] = "smaller",
     ) -> GeneMap:
         """Map the genes of ``var`` (a store's var table) onto this vocabulary.
 
@@ -186,9 +196,16 @@ class GeneVocabulary:
         vocabulary's ids and symbols (Ensembl versions ignored); the one that finds the most
         vocabulary genes is used (on a tie, one without duplicates among its matches, so
         that a symbols column that names two genes alike does not win over unique
-        var_names; then a match by ids over one by symbols; then var_names first). Fewer than ``min_overlap`` x min(genes in store, vocabulary)
-        matches is an error naming the store and the count, as are duplicate ids among the
-        matched genes.
+        var_names; then a match by ids over one by symbols; then var_names first).
+        Duplicate ids among the matched genes are an error, as are too few matches, naming
+        the store and the count:
+
+        ``of="smaller"``  fewer than ``min_overlap`` x min(genes in store, vocabulary): the
+                          stores of one atlas share most genes of the smaller gene set
+        ``of="vocabulary"``  the vocabulary is a model's input (its missing genes read as
+                          0): fewer than ``min_overlap`` of its genes or
+                          :data:`MODEL_MIN_GENES`, whichever is fewer; between that and
+                          ``min_overlap`` of its genes, a warning
         """
         candidates: list[tuple[str, pd.Index]] = [("var_names", pd.Index(var.index.astype(str)))]
         candidates += [(c, pd.Index(var[c].astype(str))) for c in GENE_COLUMNS if c in var.columns]
@@ -206,13 +223,28 @@ class GeneVocabulary:
                     best = (score, f"{name}->{tname}", ids, tgt)
         assert best is not None
         (n_matched, _, _), key, ids, target = best
-        need = min_overlap * min(len(var), len(self))
+        if of == "vocabulary":
+            need = min(min_overlap * len(self), MODEL_MIN_GENES)
+        elif of == "smaller":
+            need = min_overlap * min(len(var), len(self))
+        else:
+            raise ValueError(f"of must be 'smaller' or 'vocabulary', not {of!r}.")
         if n_matched == 0 or n_matched < need:
+            what = "the model's" if of == "vocabulary" else "the vocabulary's"
             raise GeneAlignmentError(
-                f"{source}: only {n_matched} of its {len(var)} genes match the {len(self)}-gene "
-                f"vocabulary (need {int(np.ceil(need))}; best key {key}). Check that both use the "
-                "same kind of ids (Ensembl ids vs symbols) and species; a var column with "
-                f"Ensembl ids ({', '.join(ID_COLUMNS)}) is matched automatically."
+                f"{source}: only {n_matched} of its {len(var)} genes match {what} "
+                f"{len(self)} genes (need {int(np.ceil(need))}; best key {key}). Check that "
+                "both use the same kind of ids (Ensembl ids vs symbols) and species, and that "
+                "the data are not subset to a gene panel or to variable genes; a var column "
+                f"with Ensembl ids ({', '.join(ID_COLUMNS)}) is matched automatically."
+            )
+        if of == "vocabulary" and n_matched < min_overlap * len(self):
+            warnings.warn(
+                f"{source}: {n_matched} of the model's {len(self)} genes are found "
+                f"({n_matched / len(self):.0%}; best key {key}); the missing ones read as 0, "
+                "which can shift embeddings and labels.",
+                UserWarning,
+                stacklevel=3,
             )
         matched = ids[ids.isin(target)]
         if matched.has_duplicates:

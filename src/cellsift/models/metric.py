@@ -255,7 +255,7 @@ class MetricModel:
         again) are an error. ``source`` names the data in messages (e.g. its file)."""
         x, var, others = adata_counts(adata, layer, source)
         has = f" (this AnnData has: {', '.join(others)})" if others else ""
-        gm = self.genes.align(var, source=source, min_overlap=0.5)
+        gm = self.genes.align(var, source=source, min_overlap=0.5, of="vocabulary")
         if not gm.identity:
             logger.info(
                 "%d of the model's %d genes found (%s)", gm.n_matched, len(self.genes), gm.key

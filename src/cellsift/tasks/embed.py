@@ -135,7 +135,9 @@ def _embed_rank(
     coll = (
         source
         if isinstance(source, CellCollection)
-        else CellCollection(source, genes=model.genes, layer=layer, min_overlap=0.5)
+        else CellCollection(
+            source, genes=model.genes, layer=layer, min_overlap=0.5, overlap_of="vocabulary"
+        )
     )
     n = coll.n_obs
     bounds = [n * r // world for r in range(world + 1)]
