@@ -260,3 +260,22 @@ def test_unlabelled_neighbours_dilute_the_votes():
     assert out["knn_label"].iloc[0] == labels[0]
     far = ann.annotate(x[-1:])  # among unlabelled cells only
     assert far["label"].iloc[0] == UNKNOWN and far["knn_label"].iloc[0] == UNKNOWN
+
+
+def test_leave_one_group_out_calibration_reads_groups_of_any_type():
+    """Groups held as numbers or booleans leave the same cells out as the same groups held
+    as text (compared as text, 1015.0 matched no Arrow '1015': every cell kept itself)."""
+    x, meta, _ = _atlas(spread=0.3)
+    two = meta["study"].isin(["a", "b"]).to_numpy()
+    x, meta = x[two], meta[two].reset_index(drop=True)
+    want = KNNAnnotator(CellIndex.build(x, meta, engine="exact"), k=15).calibrate(
+        quantile=0.9, group_key="study"
+    )
+    for coded in (
+        meta["study"].map({"a": 1015.0, "b": 1016.0}),
+        meta["study"].map({"a": True, "b": False}),
+        meta["study"].map({"a": 7, "b": 8}).astype("Int64"),
+    ):
+        index = CellIndex.build(x, meta.assign(study=coded), engine="exact")
+        got = KNNAnnotator(index, k=15).calibrate(quantile=0.9, group_key="study")
+        assert got == pytest.approx(want, rel=1e-6), coded.dtype

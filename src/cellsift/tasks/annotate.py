@@ -216,16 +216,22 @@ class KNNAnnotator:
             others = ~(np.arange(k + 1)[None, :] == drop[:, None])
             other = self._statistic(res.distances[others].reshape(len(rows), k))
         else:
-            groups = self.index.metadata_rows(rows, [group_key])[group_key].astype(str).to_numpy()
+            # the groups as the metadata holds them (numbers, booleans, text): compared as
+            # such, not as text, which Arrow and pandas spell differently (1015 / 1015.0).
+            # Cells without a group sit out; they are others to every group.
+            codes, values = pd.factorize(self.index.metadata_rows(rows, [group_key])[group_key])
             other = np.full(len(rows), np.nan)
+            pa = import_optional("pyarrow")
             pc = import_optional("pyarrow.compute")
-            for g in np.unique(groups):
-                mine = groups == g
+            field = pc.field(group_key)
+            for c, g in enumerate(values):
+                mine = codes == c
+                value = pa.scalar(g.item() if isinstance(g, np.generic) else g)
                 try:
                     res = self.index.search(
                         np.asarray(self.index.embeddings[rows[mine]]),
                         k,
-                        filter=pc.field(group_key).cast("string") != g,
+                        filter=(field != value) | field.is_null(),
                     )
                 except CellIndexError:  # a single group: nothing to leave it out against
                     continue
