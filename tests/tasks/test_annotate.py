@@ -279,3 +279,19 @@ def test_leave_one_group_out_calibration_reads_groups_of_any_type():
         index = CellIndex.build(x, meta.assign(study=coded), engine="exact")
         got = KNNAnnotator(index, k=15).calibrate(quantile=0.9, group_key="study")
         assert got == pytest.approx(want, rel=1e-6), coded.dtype
+
+
+def test_labels_naming_one_term_vote_as_that_term():
+    """A reference whose B cells are labelled by id, by name and by an id form votes for
+    one B cell term: the calls equal those of the uniformly labelled reference."""
+    x, meta, _ = _atlas()
+    b = np.flatnonzero(meta["cell_type_ontology_term_id"].to_numpy() == "CL:0000236")
+    assert len(b) > 0
+    mixed = meta.copy()
+    mixed.loc[b[0::3], "cell_type_ontology_term_id"] = "B cell"
+    mixed.loc[b[1::3], "cell_type_ontology_term_id"] = "CL_0000236"
+    opts = {"k": 15, "ontology_aware": True}
+    want = KNNAnnotator(CellIndex.build(x, meta, engine="exact"), **opts).annotate(x[b])
+    got = KNNAnnotator(CellIndex.build(x, mixed, engine="exact"), **opts).annotate(x[b])
+    assert (got["label"] == "CL:0000236").all()
+    pd.testing.assert_frame_equal(got, want)

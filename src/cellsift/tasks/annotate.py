@@ -133,9 +133,16 @@ class KNNAnnotator:
     def _extend_with_ancestors(self) -> None:
         cl = load_cell_ontology()
         refs = self._labels.terms
-        ids = cl.harmonize(refs)
+        # labels that name one term (an id and its name, a deprecated id and its successor)
+        # vote as that one term
+        harmonized = cl.harmonize(refs)
+        pos = {t: i for i, t in enumerate(dict.fromkeys(harmonized))}
+        ids = list(pos)
+        to_term = np.asarray([pos[t] for t in harmonized], dtype=np.int32)
+        codes = self._labels.codes
+        codes = np.where(codes >= 0, to_term[np.maximum(codes, 0)], -1).astype(np.int32)
         extra = sorted({a for t in ids for a in cl.ancestors(t)} - set(ids))
-        terms = list(ids) + extra
+        terms = ids + extra
         # up[l, m]: a vote for l also counts for m (m is l or an ancestor of l)
         pos = {t: i for i, t in enumerate(terms)}
         up = np.eye(len(terms), dtype=np.float32)
@@ -143,7 +150,7 @@ class KNNAnnotator:
             for a in cl.ancestors(t):
                 if a in pos:
                     up[i, pos[a]] = 1.0
-        self._labels = _Labels(terms, self._labels.codes, len(refs))
+        self._labels = _Labels(terms, codes, len(ids))
         self._up = up
         # a term's depth: how many of the terms are it or its ancestors (more = more specific)
         self._depth = up.sum(1)
