@@ -30,10 +30,6 @@ def test_convert_and_errors(indexed_paths, tmp_path, capsys):
     ("args", "message"),
     [
         (["convert", "{dup}", "{tmp}/out.zarr"], r"var_names must be unique.*\['g1'\]"),
-        (
-            ["convert", "{h5ad}", "{tmp}/shards", "--shard-size", "0"],
-            "shard_size must be at least 1",
-        ),
         (["convert", "{h5ad}", "{tmp}/out.txt"], "Cannot tell the format of"),
         (["convert", "{zero}", "{tmp}/out.soma"], "no cells to write"),
         (["index", "{h5ad}", "{tmp}/idx"], "is not a cellsift embeddings store"),
@@ -62,6 +58,40 @@ def test_bad_arguments_and_inputs_are_one_line_errors(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"cellsift {args[0]}: error: ")
     assert re.search(message, err)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["convert", "in.h5ad", "shards", "--shard-size", "0"],
+        ["annotate", "m", "i", "d.h5ad", "o.h5ad", "--k", "0"],
+        ["index", "emb.zarr", "idx", "--k", "-3"],
+        ["embed", "m", "d.h5ad", "o.zarr", "--batch-size", "x"],
+    ],
+)
+def test_counts_below_their_least_are_refused_when_parsed(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cellsift {args[0]}: error: argument {args[-2]}: " in err
+    assert "must be at least" in err or "is not a whole number" in err
+
+
+def test_an_existing_output_is_refused_before_the_work(tmp_path, capsys):
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "notes.txt").write_text("mine")
+    # the embeddings do not exist: the output is checked first
+    assert main(["index", str(tmp_path / "none.zarr"), str(tmp_path / "idx")]) == 2
+    assert "idx exists; remove it or pass overwrite=True" in capsys.readouterr().err
+    args = ["index", str(tmp_path / "none.zarr"), str(tmp_path / "idx"), "--overwrite"]
+    assert main(args) == 2
+    assert "is a folder that is not a cell index" in capsys.readouterr().err
+    (tmp_path / "out.h5ad").mkdir()
+    (tmp_path / "out.h5ad" / "notes.txt").write_text("mine")
+    args = ["annotate", "m", "i", "d.h5ad", str(tmp_path / "out.h5ad"), "--overwrite"]
+    assert main(args) == 2
+    assert "is a folder that is not an h5ad file" in capsys.readouterr().err
 
 
 def test_annotate_reads_its_query_files_with_one_line_errors(tmp_path):

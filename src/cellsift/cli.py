@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +91,11 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
+    from ._utils import check_replaceable, holds
     from .tasks import CellIndex, load_embeddings
 
+    # refused before the work, not after it
+    check_replaceable(Path(args.out), args.overwrite, holds("manifest.json"), "a cell index")
     emb, meta = load_embeddings(args.embeddings)
     index = CellIndex.build(emb, meta, engine=args.engine, k=args.k)
     index.save(args.out, overwrite=args.overwrite)
@@ -103,10 +106,11 @@ def _index(args: argparse.Namespace) -> int:
 def _annotate(args: argparse.Namespace) -> int:
 
     from . import tl
-    from ._utils import atomic_path, is_file
+    from ._utils import atomic_path, check_replaceable, is_file
     from .models import MetricModel
     from .tasks import CellIndex
 
+    check_replaceable(Path(args.out), args.overwrite, is_file, "an h5ad file")  # before the work
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
     index.check_model(model)  # before any embedding
@@ -163,6 +167,21 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, synthetic=args.synthetic, n_cells=args.n_cells)
 
 
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``least`` (else argparse's one-line error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellsift", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -178,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="*.h5ad, *.zarr or *.soma (a directory with --shard-size)")
     p.add_argument("--format", choices=["h5ad", "zarr", "soma"], default=None)
     p.add_argument("--layer", default=None, help="counts location in the input")
-    p.add_argument("--shard-size", type=int, default=None, help="cells per output shard")
-    p.add_argument("--min-genes", type=int, default=None, help="drop cells with fewer genes")
-    p.add_argument("--chunk-size", type=int, default=50_000, help="cells per write")
+    p.add_argument("--shard-size", type=_at_least(1), default=None, help="cells per output shard")
+    p.add_argument(
+        "--min-genes", type=_at_least(0), default=None, help="drop cells with fewer genes"
+    )
+    p.add_argument("--chunk-size", type=_at_least(1), default=50_000, help="cells per write")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_convert)
 
@@ -195,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="stores: a path, a glob or a manifest")
     p.add_argument("out", help="the embeddings store to write (a directory, e.g. emb.zarr)")
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
-    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--batch-size", type=_at_least(1), default=8192)
     p.add_argument(
         "--devices",
         type=int,
@@ -209,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("embeddings", help="written by cellsift embed")
     p.add_argument("out", help="the index directory to write")
     p.add_argument("--engine", choices=["auto", "exact", "ivf"], default="auto")
-    p.add_argument("--k", type=int, default=50, help="k the IVF recall is calibrated for")
+    p.add_argument("--k", type=_at_least(1), default=50, help="k the IVF recall is calibrated for")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_index)
 
@@ -220,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the annotated h5ad to write")
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
     p.add_argument("--label-key", default="cell_type_ontology_term_id")
-    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--k", type=_at_least(1), default=50)
     p.add_argument("--no-ontology", action="store_true", help="plain majority votes")
     p.add_argument("--no-abstain", action="store_true", help="never call 'unknown' on distance")
     p.add_argument(
@@ -247,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job on the real data (or a synthetic atlas)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--synthetic", action="store_true", help="use a synthetic atlas")
-    p.add_argument("--n-cells", type=int, default=50_000, help="synthetic atlas size")
+    p.add_argument("--n-cells", type=_at_least(1), default=50_000, help="synthetic atlas size")
     p.set_defaults(func=_demo)
     return parser
 

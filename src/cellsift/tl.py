@@ -137,10 +137,11 @@ def _ensure_embedded(
 
 def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> ad.AnnData:
     """Summed counts per group: ``groups`` is an obs column name or one label per cell
-    (cells labelled None/NaN are left out). One row per group, the genes of the counts read:
+    (cells labelled None/NaN are left out). One row per group with cells (a categorical
+    column's unused categories are left out), the genes of the counts read:
     ``X``, ``layers[layer]`` or, for ``"raw"``, ``adata.raw`` (with its own var)."""
     labels = adata.obs[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups))
-    cat = pd.Categorical(labels)
+    cat = pd.Categorical(labels).remove_unused_categories()
     keep = cat.codes >= 0
     if not keep.any():
         raise ValueError("no cell belongs to a group; nothing to sum.")

@@ -295,3 +295,25 @@ def test_labels_naming_one_term_vote_as_that_term():
     got = KNNAnnotator(CellIndex.build(x, mixed, engine="exact"), **opts).annotate(x[b])
     assert (got["label"] == "CL:0000236").all()
     pd.testing.assert_frame_equal(got, want)
+
+
+def test_an_even_split_is_no_majority():
+    """Neighbours split 10/10 between CD4 and CD8 T cells: ontology mode calls a common
+    ancestor, plain mode abstains (a call needs more than min_support of the votes)."""
+    d = 8
+    a, b = np.eye(d, dtype=np.float32)[0], np.eye(d, dtype=np.float32)[1]
+    x = np.concatenate([np.tile(a, (10, 1)), np.tile(b, (10, 1))])
+    labels = ["CL:0000624"] * 10 + ["CL:0000625"] * 10
+    index = CellIndex.build(x, pd.DataFrame({"cell_type_ontology_term_id": labels}))
+    query = (a + b)[None, :]
+    onto = KNNAnnotator(index, k=20, weighted=False, ontology_aware=True).annotate(query)
+    call = onto["label"].iloc[0]
+    cl = load_cell_ontology()
+    assert call not in labels and call in set(cl.ancestors("CL:0000624")) & set(
+        cl.ancestors("CL:0000625")
+    )
+    plain = KNNAnnotator(index, k=20, weighted=False).annotate(query)
+    assert plain["label"].iloc[0] == UNKNOWN
+    for bad in ({"k": 0}, {"k": -3}, {"min_support": 1.0}, {"min_support": -0.1}):
+        with pytest.raises(CellIndexError, match=next(iter(bad))):
+            KNNAnnotator(index, **bad)

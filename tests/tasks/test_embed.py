@@ -135,6 +135,10 @@ def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad):
     assert checked.qc.clusters["cells"].sum() == cells.sum()
     per = cs.tl.search_clusters(ref, model, index, "cell_type", k=20)
     np.testing.assert_array_equal(per[bulk.obs_names[0]].indices, res.indices)
+    # a categorical column with a category no cell has: that group is left out
+    grouped = ref.copy()
+    grouped.obs["g"] = grouped.obs["cell_type"].astype("category").cat.add_categories(["absent"])
+    assert set(cs.tl.search_clusters(grouped, model, index, "g", k=20)) == set(per)
     assert res.summary("dataset_id")["hits"].sum() == 20
     with pytest.raises(ValueError, match="empty"):
         cs.tl.search_centroid(ref, model, index, cells=np.zeros(ref.n_obs, dtype=bool))

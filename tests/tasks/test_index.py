@@ -139,3 +139,41 @@ def test_corrupt_or_incomplete_index_is_named(tmp_path, data):
         CellIndex.load(path, verify=False)
     with pytest.raises(CellIndexError, match="not a CellIndex"):
         CellIndex.load(tmp_path)
+
+
+def test_bad_k_empty_queries_and_cell_names(data, ivf, tmp_path):
+    """k below 1 is refused by name; an IVF index answers 0 queries with 0 rows; an obs
+    table's index (the cells' names) is kept as ``obs_name``."""
+    x, meta, _ = data
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(CellIndexError, match="k must be a whole number"):
+            ivf.search(x[:2], bad)
+        with pytest.raises(CellIndexError, match="k must be a whole number"):
+            ivf.calibrate(k=bad)
+    res = ivf.search(np.zeros((0, x.shape[1]), np.float32), 5)
+    assert res.indices.shape == (0, 5) and res.distances.shape == (0, 5)
+    named = meta[:100].set_axis([f"AAAC-{i}" for i in range(100)])
+    index = CellIndex.build(x[:100], named, engine="exact")
+    hit = index.search(x[7:8], 1)
+    assert hit.metadata()["obs_name"].tolist() == ["AAAC-7"]
+    assert "obs_name" not in CellIndex.build(x[:100], meta[:100]).metadata_columns
+
+
+def test_a_damaged_or_newer_manifest_is_named(tmp_path, data):
+    import json
+
+    x, meta, _ = data
+    path = CellIndex.build(x[:500], meta[:500], engine="exact").save(tmp_path / "idx")
+    manifest = json.loads((path / "manifest.json").read_text())
+    for change, message in (
+        ({"version": 99}, "format version 99; this cellsift reads versions up to 1"),
+        ({"files": None}, r"manifest\.json is corrupt"),
+    ):
+        (path / "manifest.json").write_text(json.dumps(manifest | change))
+        with pytest.raises(CellIndexError, match=message):
+            CellIndex.load(path)
+    (path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(CellIndexError, match="not a CellIndex"):
+        CellIndex.load(path)
+    with pytest.raises(CellIndexError, match="the path is a file, not an index folder"):
+        CellIndex.load(path / "embeddings.npy")

@@ -7,7 +7,7 @@ over the second label, the distance to the nearest reference cell and the mean d
 the ``k`` that vote.
 
 Abstention: a query is ``unknown`` when its neighbours are farther than
-``distance_threshold``, or when the winner has less than ``min_support`` of the votes. The
+``distance_threshold``, or when the winner has no more than ``min_support`` of the votes. The
 distance is by default the mean over the ``k`` voting neighbours (``abstain_on="mean"``):
 one stray reference cell next to a population the reference lacks (a mislabelled cell, a
 doublet) then does not vouch for the whole population, as it does with the nearest cell's
@@ -21,7 +21,7 @@ trained on together, so that threshold is lower and abstains more.
 
 Ontology-aware mode: votes also count for every Cell Ontology ancestor of the voted label
 (within the terms that are ancestors of the reference labels); the call is the most specific
-term holding at least ``min_support`` of the votes. Cells whose neighbours split between two
+term holding more than ``min_support`` of the votes (default: a strict majority). Cells whose neighbours split between two
 T-cell subtypes are then called "T cell" rather than either subtype at random.
 
 Safelists and blocklists restrict the reference by filtering the index (nothing is deleted).
@@ -68,8 +68,9 @@ class KNNAnnotator:
     ontology_aware
         Propagate votes to ancestors and call the most specific well-supported term.
     min_support
-        Least share of the votes for a call (else ``unknown``; in ontology mode, a coarser
-        term).
+        A call needs more than this share of the votes (else ``unknown``; in ontology mode,
+        a coarser term): the default 0.5 asks for a strict majority, so neighbours split
+        evenly between two subtypes give their common ancestor.
     distance_threshold
         Distance beyond which a cell is ``unknown`` (see :meth:`calibrate`; None: never
         abstain on distance).
@@ -90,6 +91,13 @@ class KNNAnnotator:
         distance_threshold: float | None = None,
         abstain_on: Literal["mean", "nearest"] = "mean",
     ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise CellIndexError(f"k must be a whole number of neighbours >= 1, not {k!r}.")
+        if not 0.0 <= min_support < 1.0:
+            raise CellIndexError(
+                f"min_support must be in [0, 1) (a call needs more than that share of the "
+                f"votes), not {min_support!r}."
+            )
         if abstain_on not in ("mean", "nearest"):
             raise ValueError(f"abstain_on must be 'mean' or 'nearest', not {abstain_on!r}.")
         if label_key not in index.metadata_columns:
@@ -339,7 +347,7 @@ class KNNAnnotator:
         second = top[:, 1] if top.shape[1] > 1 else np.zeros(n_q)
         if self._up is not None:
             support = share @ self._up  # votes for a term and all its descendants
-            ok = (support >= self.min_support) & (support > 0)  # a term no one voted for: never
+            ok = support > self.min_support  # (so never a term that no one voted for)
             # most specific qualifying term: the one with the most ancestors among the terms
             depth = np.where(ok, self._depth[None, :], -1.0)
             call = np.argmax(depth + support * 1e-3, axis=1)  # ties: more support
@@ -349,7 +357,7 @@ class KNNAnnotator:
         else:
             label = knn_label.copy()
             conf = top[:, 0]
-            has = conf >= self.min_support
+            has = conf > self.min_support
         min_d = dist[:, 0]
         mean_d = _mean_distance(dist)
         unknown = ~has | ~voted

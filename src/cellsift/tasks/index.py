@@ -206,6 +206,7 @@ class CellIndex:
     ) -> float:
         """Smallest ``nprobe`` (doubling, then bisecting) whose recall@k on a sample of the
         indexed cells reaches ``target_recall``; returns the recall reached."""
+        _check_k(k)
         if self.engine != "ivf":
             return 1.0
         rng = np.random.default_rng(seed + 1)
@@ -316,8 +317,7 @@ class CellIndex:
         (their slots become -1 / inf).
         """
         q = self._queries(queries)
-        if k < 1:
-            raise ValueError("k must be at least 1.")
+        _check_k(k)
         rows = self.select(filter) if filter is not None else None
         n_sel = len(rows) if rows is not None else self.n_cells
         small = n_sel <= max(EXACT_SELECTION_MAX, EXACT_SELECTION_FRACTION * self.n_cells)
@@ -440,7 +440,9 @@ class CellIndex:
         )
         # exact re-ranking of the candidates on the stored float32 vectors
         valid = cand >= 0
-        vecs = np.asarray(self.embeddings[np.maximum(cand, 0).ravel()]).reshape(*cand.shape, -1)
+        vecs = np.asarray(self.embeddings[np.maximum(cand, 0).ravel()]).reshape(
+            *cand.shape, self.dim
+        )  # (the width given: a reshape cannot infer it for 0 queries)
         sims = np.einsum("qcd,qd->qc", vecs, q)
         sims[~valid] = -np.inf
         order = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
@@ -528,17 +530,34 @@ class CellIndex:
         """
         root = Path(path)
         man_path = root / "manifest.json"
+        if not root.is_dir():
+            what = "a file" if root.exists() else "missing"
+            raise CellIndexError(
+                f"{root} is not a CellIndex: the path is {what}, not an index folder "
+                "(cellsift index writes one)."
+            )
         try:
             manifest = json.loads(man_path.read_text())
         except FileNotFoundError:
             raise CellIndexError(
                 f"{root} is not a CellIndex: {man_path.name} is missing."
             ) from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CellIndexError(f"{man_path} is corrupt ({err}); rebuild the index.") from None
-        if manifest.get("format") != "cellsift.CellIndex":
+        if not isinstance(manifest, dict) or manifest.get("format") != "cellsift.CellIndex":
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest)
+            raise CellIndexError(f"{root} is not a CellIndex (manifest format {found!r}).")
+        version = manifest.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
             raise CellIndexError(
-                f"{root} is not a CellIndex (manifest format {manifest.get('format')!r})."
+                f"{root} is a CellIndex of format version {version!r}; this cellsift reads "
+                f"versions up to {FORMAT_VERSION}: upgrade cellsift, or rebuild the index."
+            )
+        needed = ("files", "n_cells", "dim", "engine", "params")
+        lacking = [k for k in needed if k not in manifest]
+        if lacking or not isinstance(manifest["files"], dict):
+            raise CellIndexError(
+                f"{man_path} is corrupt (missing {lacking or ['files']}); rebuild the index."
             )
         for name, want in manifest["files"].items():
             f = root / name
@@ -572,12 +591,21 @@ class CellIndex:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise CellIndexError(f"k must be a whole number of neighbours >= 1, not {k!r}.")
+
+
 def _as_table(metadata: Any, n: int, start: int = 0) -> Any:
     if metadata is None:
         return None
     pa = import_optional("pyarrow")
     if isinstance(metadata, pd.DataFrame):
+        # the cells' names (an AnnData's obs_names) stay, as the column embedding stores use
+        named = not isinstance(metadata.index, pd.RangeIndex) and "obs_name" not in metadata
         df = metadata.reset_index(drop=True)
+        if named:
+            df.insert(0, "obs_name", metadata.index.astype(str).to_numpy())
         for col in df.columns:
             if df[col].dtype == object:
                 df[col] = df[col].astype(str)
