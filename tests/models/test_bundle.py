@@ -88,3 +88,18 @@ def test_damaged_bundles_are_refused(imported, tmp_path):
         load_bundle(newer)
     with pytest.raises(BundleError, match="not a bundle directory"):
         load_bundle(tmp_path / "nothing")
+
+
+def test_gene_names_round_trip_as_written_and_damaged_checksums_are_named(tmp_path):
+    genes = GeneVocabulary(
+        [f"ENSG{i:011d}" for i in range(6)], symbols=["NA", "null", "None", "n/a", "00001", "A"]
+    )
+    path = save_bundle(
+        tmp_path / "b", config={}, modules={"encoder": MLPEncoder(6, (4,), 2)}, genes=genes
+    )
+    assert list(load_bundle(path).genes.symbols) == list(genes.symbols)
+    sums = (path / "checksums.json").read_bytes()
+    for damaged in (sums[: len(sums) // 2], b"\xff\xfe" + sums, b"[1]"):
+        (path / "checksums.json").write_bytes(damaged)
+        with pytest.raises(BundleError, match=r"checksums\.json is corrupt"):
+            load_bundle(path)

@@ -135,5 +135,18 @@ def test_real_labels_are_current_cl_terms(cl):
 
 
 def test_coarsen_rare_says_it_takes_ids(cl):
-    with pytest.raises(OntologyError, match=r"takes Cell Ontology ids, and 'plasma cell' are not"):
+    with pytest.raises(
+        OntologyError, match=r"takes current Cell Ontology ids, and 'plasma cell' are not"
+    ):
         cl.coarsen_rare(["plasma cell", "CL:0000236"], ["s1", "s2"])
+
+
+def test_labels_with_gaps_and_deprecated_ids_are_named():
+    import math
+
+    cl = load_cell_ontology()
+    with pytest.raises(OntologyError, match=r"'CD4 T cells', a missing value \(NaN/None\)"):
+        cl.harmonize(["B cell", "CD4 T cells", math.nan])
+    deprecated = next(t for t in sorted(cl.terms) if cl.is_deprecated(t))
+    with pytest.raises(OntologyError, match="deprecated"):
+        cl.coarsen_rare([deprecated, "CL:0000236"], ["a", "b"])

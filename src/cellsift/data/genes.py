@@ -176,7 +176,8 @@ class GeneVocabulary:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> GeneVocabulary:
-        df = pd.read_csv(Path(path), sep="\t", dtype=str)
+        # every name as written: no "NA" / "null" / "None" read as missing
+        df = pd.read_csv(Path(path), sep="\t", dtype=str, keep_default_na=False, na_filter=False)
         if "gene_id" not in df.columns:
             raise ValueError(f"{path}: a genes.tsv needs a 'gene_id' column.")
         return cls(df["gene_id"], df["symbol"] if "symbol" in df.columns else None)

@@ -108,7 +108,15 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
             f"{folder}: bundle is incomplete, missing {', '.join(missing)}. "
             "Save it again, or copy the whole directory."
         )
-    sums = json.loads((folder / "checksums.json").read_text())
+    try:
+        sums = json.loads((folder / "checksums.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(
+            f"{folder}: checksums.json is corrupt ({err}); the bundle cannot be verified. "
+            "Save or copy it again."
+        ) from None
+    if not isinstance(sums, dict):
+        raise BundleError(f"{folder}: checksums.json is corrupt; save or copy the bundle again.")
     bad = [f for f in _FILES if sums.get(f) != _sha256(folder / f)]
     if bad:
         raise BundleError(
@@ -116,7 +124,10 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
             "is corrupt or was edited. Save or copy it again."
         )
     config = json.loads((folder / "config.json").read_text())
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    version = config.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BundleError(f"{folder}: config.json's format_version {version!r} is not a number.")
+    if version > FORMAT_VERSION:
         raise BundleError(
             f"{folder}: bundle format {config['format_version']} is newer than this "
             f"cellsift reads ({FORMAT_VERSION}); upgrade cellsift."

@@ -83,7 +83,11 @@ def _count(values: Sequence[str], one: str, many: str) -> str:
 def _listing(values: Sequence[str], at_most: int = 20) -> str:
     """'a', 'b', ... and N more."""
     more = f" and {len(values) - at_most} more" if len(values) > at_most else ""
-    return ", ".join(repr(v) for v in values[:at_most]) + more
+    shown = (
+        "a missing value (NaN/None)" if v is None or v != v else repr(str(v))
+        for v in values[:at_most]
+    )
+    return ", ".join(shown) + more
 
 
 class CellOntology:
@@ -203,7 +207,8 @@ class CellOntology:
         cache: dict[str, str | None] = {}
         for v in set(values):
             cache[v] = self._harmonize_one(str(v), replace_deprecated)
-        failed = sorted(v for v, t in cache.items() if t is None)
+        # (key=str: labels with gaps mix NaN floats or None with text)
+        failed = sorted((v for v, t in cache.items() if t is None), key=str)
         if failed:
             obsolete = [v for v in failed if self._resolve(str(v)) is not None]
             unknown = [v for v in failed if v not in obsolete]
@@ -252,11 +257,14 @@ class CellOntology:
         labels, studies = list(labels), list(studies)
         if len(labels) != len(studies):
             raise ValueError("labels and studies must be parallel.")
-        not_ids = sorted({lab for lab in labels if lab not in self.terms})
+        not_ids = sorted(
+            {lab for lab in labels if lab not in self.terms or self.is_deprecated(lab)}, key=str
+        )
         if not_ids:
             raise OntologyError(
-                f"coarsen_rare takes Cell Ontology ids, and {_listing(not_ids)} are not: map "
-                "names and ids to current ids with harmonize() first."
+                f"coarsen_rare takes current Cell Ontology ids, and {_listing(not_ids)} are "
+                "not (or are deprecated): map names and ids to current ids with harmonize() "
+                "first."
             )
         seen: dict[str, set[str]] = {}
         for lab, st in zip(labels, studies, strict=True):
