@@ -170,3 +170,24 @@ def test_an_error_from_a_loader_worker_prints_its_own_message(tmp_path, capsys):
         printed.startswith("cellsift embed: error: ")
         and "nan.h5ad (X): cell 25 ('25') holds nan" in printed
     )
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    import cellsift.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_info", interrupted)
+    parser = cli.build_parser
+
+    def patched():
+        p = parser()
+        p._subparsers._group_actions[0].choices["info"].set_defaults(func=interrupted)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", patched)
+    assert main(["info", "x.h5ad"]) == 130
+    assert capsys.readouterr().err == (
+        "cellsift info: interrupted; no partial output was left in place.\n"
+    )

@@ -286,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_fit(argv[1:])
         except user_errors as err:
             return _error("fit", err)
+        except KeyboardInterrupt:
+            return _interrupted("fit")
         return 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")
@@ -297,6 +299,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except user_errors as err:
         return _error(args.command, err)
+    except KeyboardInterrupt:
+        return _interrupted(args.command)
+
+
+def _interrupted(command: str) -> int:
+    """Ctrl-C: one line, exit status 130 (outputs are written atomically: an interrupted
+    one is not left in place)."""
+    print(f"cellsift {command}: interrupted; no partial output was left in place.", file=sys.stderr)
+    return 130
 
 
 def _error(command: str, err: BaseException) -> int:

@@ -283,7 +283,15 @@ def test_fit_refuses_to_resume_a_checkpoint_of_another_model(synthetic_h5ad, tmp
     resume = ["--ckpt_path", str(trunc)]
     assert main(["fit", *_args(synthetic_h5ad, tmp_path, *resume, name="trunc")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "trunc.ckpt cannot be read as a checkpoint" in err and "truncated or corrupt" in err
+    assert "trunc.ckpt cannot be read as a checkpoint" in err and "truncated, corrupt" in err
+    # a file torch reads that is no training state (here a plain tensor file)
+    import torch
+
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "weights.pt")
+    resume = ["--ckpt_path", str(tmp_path / "weights.pt")]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *resume, name="pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "weights.pt cannot be read as a checkpoint (it holds no Lightning training" in err
 
 
 def test_fit_reads_a_manifest_of_shards_given_on_the_command_line(synthetic_h5ad, tmp_path):

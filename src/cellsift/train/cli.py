@@ -141,13 +141,20 @@ class FitCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint given with --ckpt_path first (for its
         # hyperparameters): an unreadable file is said in one line, naming it
+        path = self.config[self.config.subcommand].get("ckpt_path")
         try:
             super()._parse_ckpt_path()
+            if path is not None and Path(path).is_file():  # (not "last" or "best")
+                import torch
+
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                if not (isinstance(ckpt, dict) and "state_dict" in ckpt):
+                    raise RuntimeError("it holds no Lightning training state")
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
-            path = self.config[self.config.subcommand].get("ckpt_path")
             raise DataError(
                 f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}): the file "
-                "is truncated or corrupt. Resume from another checkpoint, or start anew."
+                "is truncated, corrupt or not a checkpoint (a model bundle's files are not). "
+                "Resume from another checkpoint (a .ckpt of the run), or start anew."
             ) from err
 
     def before_fit(self) -> None:
