@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -103,3 +104,33 @@ def test_gene_names_round_trip_as_written_and_damaged_checksums_are_named(tmp_pa
         (path / "checksums.json").write_bytes(damaged)
         with pytest.raises(BundleError, match=r"checksums\.json is corrupt"):
             load_bundle(path)
+
+
+def test_a_bundle_keeps_its_labels_under_a_newer_ontology(tmp_path):
+    """A bundle saved when CL:0000054 was current (CL has since deprecated it for osteoblast,
+    CL:0000062, also among its labels): loads with its own ids and names, neither merged
+    (the label head would no longer fit) nor renamed."""
+    from cellsift.models import MetricModel
+    from cellsift.models.bundle import _sha256
+
+    genes = [f"ENSG{i:011d}" for i in range(30)]
+    model = MetricModel(
+        genes, ["CL:0000062", "CL:0000236", "CL:0000624"], hidden=(8,), latent=4,
+        classifier_weight=0.5,
+    )  # fmt: skip
+    path = model.save(tmp_path / "b")
+    labels = json.loads((path / "labels.json").read_text())
+    labels[2] = {"id": "CL:0000054", "name": "bone matrix secreting cell"}
+    (path / "labels.json").write_text(json.dumps(labels))
+    sums = json.loads((path / "checksums.json").read_text())
+    sums["labels.json"] = _sha256(path / "labels.json")
+    (path / "checksums.json").write_text(json.dumps(sums))
+    loaded = MetricModel.load(path)
+    assert loaded.labels == ["CL:0000062", "CL:0000236", "CL:0000054"]
+    assert loaded.label_names[2] == "bone matrix secreting cell"
+    x = np.random.default_rng(0).poisson(1.0, (5, 30)).astype(np.float32)
+    import anndata as ad
+
+    adata = ad.AnnData(x, var=pd.DataFrame(index=genes))
+    np.testing.assert_allclose(loaded.embed(adata), model.embed(adata), atol=1e-6)
+    assert loaded.predict(adata).attrs["probabilities"].shape == (5, 3)

@@ -79,6 +79,10 @@ class MetricModel:
     classifier_weight
         Weight of an ontology-aware label head's loss (default 0: none, as in SCimilarity);
         see :class:`~cellsift.nn.MetricModule`.
+    label_names
+        With ``labels`` given as CL ids: their names, and the ids taken as they are, not
+        harmonised again (a saved model's: a newer Cell Ontology, in which some of its ids
+        were deprecated since, must not rename, merge or refuse them).
     """
 
     def __init__(
@@ -96,11 +100,19 @@ class MetricModel:
         relatives: str = "never",
         classifier_weight: float = 0.0,
         target_sum: float = 1e4,
+        label_names: Sequence[str] | None = None,
     ) -> None:
         self.genes = genes if isinstance(genes, GeneVocabulary) else GeneVocabulary(list(genes))
         cl = load_cell_ontology()
-        self.labels = list(dict.fromkeys(cl.harmonize(labels)))  # names and ids may meet
-        self.label_names = cl.names(self.labels)
+        if label_names is None:
+            self.labels = list(dict.fromkeys(cl.harmonize(labels)))  # names and ids may meet
+            self.label_names = cl.names(self.labels)
+        else:
+            self.labels, self.label_names = [str(t) for t in labels], list(label_names)
+            if len(self.labels) != len(self.label_names) or len(set(self.labels)) != len(
+                self.labels
+            ):
+                raise ValueError("label_names must be parallel to labels, which must be unique.")
         self.config: dict[str, Any] = {
             "model": "MetricModel",
             "architecture": {
@@ -120,8 +132,13 @@ class MetricModel:
             "normalization": {"target_sum": target_sum, "log1p": True},
             "ontology": {"version": cl.version},
         }
-        related = torch.from_numpy(cl.related(self.labels))
-        ancestors = torch.from_numpy(cl.closure(self.labels)[0])
+        # (a saved id the installed ontology lacks relates to itself only)
+        n = len(self.labels)
+        idx = [i for i, t in enumerate(self.labels) if t in cl.terms]
+        anc = np.zeros((n, n), dtype=bool)
+        anc[np.ix_(idx, idx)] = cl.closure([self.labels[i] for i in idx])[0]
+        related = torch.from_numpy(anc | anc.T | np.eye(n, dtype=bool))
+        ancestors = torch.from_numpy(anc)
         self.module = MetricModule(
             len(self.genes),
             hidden,
@@ -417,6 +434,7 @@ class MetricModel:
         model = cls(
             b.genes,
             b.label_ids,
+            label_names=[lab.get("name", lab["id"]) for lab in b.labels],
             hidden=a["hidden"],
             latent=a["latent"],
             dropout=a["dropout"],
