@@ -66,6 +66,7 @@ def _convert(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         overwrite=args.overwrite,
         progress_bar=True,
+        check_counts=not args.no_check_counts,
     )
     print(f"wrote {out}")
     return 0
@@ -202,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-genes", type=_at_least(0), default=None, help="drop cells with fewer genes"
     )
     p.add_argument("--chunk-size", type=_at_least(1), default=50_000, help="cells per write")
+    p.add_argument(
+        "--no-check-counts",
+        action="store_true",
+        help="convert values that are not raw counts (e.g. log-normalised) as they are",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_convert)
 

@@ -127,3 +127,23 @@ def test_converting_no_cells_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no cells to write"):
         convert(tmp_path / "zero.h5ad", tmp_path / "out.zarr")
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_values_that_are_not_counts_are_refused_naming_the_layers(tmp_path):
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    from cellsift.errors import DataError
+
+    counts = sp.random(50, 20, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 10)
+    logged = counts.copy()
+    logged.data = np.log1p(logged.data)
+    a = ad.AnnData(logged, layers={"counts": counts})
+    a.write_h5ad(tmp_path / "logged.h5ad")
+    with pytest.raises(DataError, match=r"non-integer.*this file has: 'counts'"):
+        convert(tmp_path / "logged.h5ad", tmp_path / "out.zarr")
+    assert not (tmp_path / "out.zarr").exists()
+    convert(tmp_path / "logged.h5ad", tmp_path / "out.zarr", layer="counts")
+    convert(tmp_path / "logged.h5ad", tmp_path / "as_is.zarr", check_counts=False)

@@ -47,6 +47,7 @@ def convert(
     overwrite: bool = False,
     progress_bar: bool = False,
     source_options: dict[str, Any] | None = None,
+    check_counts: bool = True,
     **writer_options: Any,
 ) -> Path:
     """Convert a store to another format, never holding the count matrix in memory.
@@ -64,10 +65,19 @@ def convert(
         Drop cells with fewer genes detected (``1`` drops empty cells).
     chunk_size
         Cells read and written at a time.
+    check_counts
+        Check a sample of the source's cells for values that are not raw counts (NaN,
+        negative, non-integer: e.g. log-normalised X while the counts sit in a layer).
 
     The output appears only when complete: a failed or interrupted conversion leaves nothing.
     """
     store = open_store(source, layer=layer, **(source_options or {}))
+    if check_counts and store.n_obs > 0:
+        # a sample, as a collection checks when it opens: log-normalised values written as
+        # counts would surface only at training, with the file's counts layer left behind
+        from .collection import _check_counts
+
+        _check_counts(store)
     dest = Path(dest)
     if shard_size is not None:
         fmt = format or (guess_format(dest.with_suffix(dest.suffix or ".h5ad")))
