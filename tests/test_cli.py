@@ -191,3 +191,11 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "cellsift info: interrupted; no partial output was left in place.\n"
     )
+
+
+def test_the_verbose_option_goes_before_fit_too(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["-v", "fit", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--trainer.max_epochs" in out and "--ckpt_path" in out

@@ -98,3 +98,37 @@ def test_an_interrupted_overwrite_leaves_the_old_or_the_new_output(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         _bundle(path, width=6, overwrite=True)
     assert _width(path) == 6
+
+
+def test_a_tree_that_gains_files_while_removed_is_removed(tmp_path, monkeypatch):
+    """zarr's I/O thread can write a chunk after Ctrl-C: rmtree then meets 'directory not
+    empty'; the removal goes on until the tree is gone."""
+    import errno
+    import shutil
+
+    tree = tmp_path / ".out.zarr.tmp-1"
+    (tree / "X" / "indices" / "c").mkdir(parents=True)
+    (tree / "X" / "indices" / "c" / "0").write_bytes(b"chunk")
+    rmtree, calls = shutil.rmtree, []
+
+    def racing(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", racing)
+    utils.remove_path(tree)
+    assert not tree.exists() and len(calls) == 2
+
+
+def test_store_and_data_module_classes_import_from_cellsift_data():
+    from cellsift.data import CellDataModule, H5adStore, SomaStore, ZarrStore
+    from cellsift.data.datamodule import CellDataModule as direct
+
+    assert CellDataModule is direct
+    assert {c.__name__ for c in (H5adStore, ZarrStore, SomaStore)} == {
+        "H5adStore",
+        "ZarrStore",
+        "SomaStore",
+    }

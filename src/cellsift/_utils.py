@@ -142,12 +142,31 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
-def remove_path(path: Path) -> None:
-    """Remove a file or a directory tree."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
+def remove_path(path: Path, attempts: int = 50) -> None:
+    """Remove a file or a directory tree.
+
+    A tree that a writer's I/O thread still fills (zarr finishing a chunk after Ctrl-C
+    reached the main thread) can gain files while it is removed: the removal is retried
+    until the tree is gone (``attempts`` times, 20 ms apart)."""
+    import time
+
+    if not path.is_dir() or path.is_symlink():
         path.unlink()
+        return
+    for attempt in range(attempts):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:  # a file went while the tree was walked
+            pass
+        except OSError:  # "directory not empty": one came
+            if attempt == attempts - 1:
+                raise
+        if not path.exists():
+            return
+        time.sleep(0.02)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:

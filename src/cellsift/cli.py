@@ -285,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # problems with the user's data or files: one line that names them, exit status 2
     user_errors = (CellsiftError, FileNotFoundError, FileExistsError)
+    if argv[:2] in (["-v", "fit"], ["--verbose", "fit"]):  # the global option, before fit
+        argv = argv[1:]
+        logging.basicConfig(format="%(message)s")
+        logger.setLevel(logging.INFO)
     if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
         from .train.cli import run_fit
 
