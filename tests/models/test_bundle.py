@@ -134,3 +134,27 @@ def test_a_bundle_keeps_its_labels_under_a_newer_ontology(tmp_path):
     adata = ad.AnnData(x, var=pd.DataFrame(index=genes))
     np.testing.assert_allclose(loaded.embed(adata), model.embed(adata), atol=1e-6)
     assert loaded.predict(adata).attrs["probabilities"].shape == (5, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("layer_sizes.json", '{"network.0.1.weight": [64, 50]}', "layer_sizes.json gives"),
+        ("layer_sizes.json", "not json", r"layer_sizes\.json cannot be read"),
+        ("encoder.ckpt", b"PK\x03\x04 truncated", r"encoder\.ckpt cannot be read"),
+        ("label_ints.csv", "", r"label_ints\.csv cannot be read"),
+        ("hyperparameters.json", "{", r"hyperparameters\.json cannot be read"),
+    ],
+)
+def test_a_damaged_scimilarity_directory_is_named(tmp_path, name, content, message):
+    src = tmp_path / "model"
+    shutil.copytree(FIXTURE, src)
+    if isinstance(content, bytes):
+        (src / name).write_bytes(content)
+    else:
+        (src / name).write_text(content)
+    from cellsift.errors import CellsiftError
+
+    with pytest.raises(CellsiftError, match=message):
+        import_scimilarity(src, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()

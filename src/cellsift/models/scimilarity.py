@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,39 @@ def _hidden_sizes(state: dict[str, torch.Tensor]) -> tuple[list[int], int, int]:
     return [s[0] for s in sizes[:-1]], sizes[-1][0], sizes[0][1]
 
 
+def _read(folder: Path, name: str, reader: Callable[[Path], Any]) -> Any:
+    """``reader(folder / name)``; a file it cannot read is an error naming it."""
+    try:
+        return reader(folder / name)
+    except Exception as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CellsiftError(
+            f"{folder / name} cannot be read ({type(err).__name__}: {first}); the file is "
+            "truncated, corrupt or not SCimilarity's. Copy the model directory again."
+        ) from err
+
+
+def _state_dict(path: Path, map_location: str) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)):
+        raise ValueError("no state_dict in it")
+    return ckpt["state_dict"]
+
+
+def _label_table(path: Path) -> list[str]:
+    table = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
+    if table.shape[1] < 1:
+        raise ValueError("it needs an index column and a label column")
+    return table.iloc[:, 0].tolist()
+
+
+def _gene_order(path: Path) -> list[str]:
+    """One gene per line (the first column), as SCimilarity reads it: every name as written,
+    none read as missing."""
+    lines = path.read_text().splitlines()
+    return [line.split("\t")[0].strip() for line in lines if line.strip()]
+
+
 def read_scimilarity(
     path: str | os.PathLike[str], *, map_location: str = "cpu"
 ) -> ScimilarityModel:
@@ -59,11 +93,22 @@ def read_scimilarity(
         raise CellsiftError(
             f"{folder} is not a SCimilarity model directory: missing {', '.join(missing)}."
         )
-    enc_state = torch.load(folder / "encoder.ckpt", map_location=map_location, weights_only=True)[
-        "state_dict"
+    enc_state = _read(folder, "encoder.ckpt", lambda p: _state_dict(p, map_location))
+    sizes = _read(folder, "layer_sizes.json", lambda p: dict(json.loads(p.read_text())))
+    wrong = [
+        k
+        for k, shape in sizes.items()
+        if k in enc_state and list(enc_state[k].shape) != list(shape)
     ]
+    if wrong:
+        raise CellsiftError(
+            f"{folder}: layer_sizes.json gives {wrong[0]} the shape {sizes[wrong[0]]}, "
+            f"encoder.ckpt {list(enc_state[wrong[0]].shape)}; the directory mixes files of "
+            "different models."
+        )
     hidden, latent, n_in = _hidden_sizes(enc_state)
-    genes = pd.read_csv(folder / "gene_order.tsv", header=None, sep="\t")[0].astype(str).tolist()
+    # one gene per line, as SCimilarity reads it (no "NA" or "null" read as missing)
+    genes = _read(folder, "gene_order.tsv", _gene_order)
     if len(genes) != n_in:
         raise CellsiftError(
             f"{folder}: gene_order.tsv lists {len(genes)} genes but the encoder "
@@ -71,7 +116,7 @@ def read_scimilarity(
         )
     hp: dict[str, Any] = {}
     if (folder / "hyperparameters.json").exists():
-        hp = json.loads((folder / "hyperparameters.json").read_text())
+        hp = _read(folder, "hyperparameters.json", lambda p: dict(json.loads(p.read_text())))
     encoder = MLPEncoder(
         n_in,
         hidden,
@@ -83,16 +128,18 @@ def read_scimilarity(
     decoder = None
     if (folder / "decoder.ckpt").exists():
         decoder = MLPDecoder(n_in, hidden, latent, dropout=hp.get("dropout", 0.5))
-        decoder.load_state_dict(
-            torch.load(folder / "decoder.ckpt", map_location=map_location, weights_only=True)[
-                "state_dict"
-            ]
-        )
+        dec_state = _read(folder, "decoder.ckpt", lambda p: _state_dict(p, map_location))
+        try:
+            decoder.load_state_dict(dec_state)
+        except RuntimeError as err:
+            raise CellsiftError(
+                f"{folder}: decoder.ckpt does not fit the encoder ({str(err).splitlines()[0]}"
+                "); the directory mixes files of different models."
+            ) from err
         decoder.eval()
     labels: list[str] = []
     if (folder / "label_ints.csv").exists():
-        table = pd.read_csv(folder / "label_ints.csv", index_col=0)
-        labels = table.iloc[:, 0].astype(str).tolist()
+        labels = _read(folder, "label_ints.csv", _label_table)
     return ScimilarityModel(encoder.eval(), decoder, genes, labels, hp)
 
 
