@@ -199,3 +199,19 @@ def test_the_verbose_option_goes_before_fit_too(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--trainer.max_epochs" in out and "--ckpt_path" in out
+
+
+def test_hints_name_the_commands_options(tmp_path, capsys):
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    counts = sp.csr_matrix(np.arange(20, dtype=np.float32).reshape(5, 4))
+    logged = counts.copy()
+    logged.data = np.log1p(logged.data)
+    ad.AnnData(logged, layers={"counts": counts}).write_h5ad(tmp_path / "logged.h5ad")
+    assert main(["convert", str(tmp_path / "logged.h5ad"), str(tmp_path / "o.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "Point --layer at raw counts" in err and "pass --no-check-counts" in err
+    assert main(["info", str(tmp_path / "logged.h5ad"), "--layer", "spliced"]) == 2
+    assert "Choose --layer among: X (no --layer), layers" in capsys.readouterr().err

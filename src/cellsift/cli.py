@@ -320,14 +320,35 @@ def _interrupted(command: str) -> int:
     return 130
 
 
+#: Hints in the library's messages that name a Python argument, as the commands that have
+#: the matching option spell them.
+_AS_OPTIONS = {
+    "--layer": (
+        ("Point layer= at", "Point --layer at"),
+        ("Choose layer= among: X (layer=None)", "Choose --layer among: X (no --layer)"),
+        ("Pass layer= with", "Pass --layer with"),
+    ),
+    "--no-check-counts": (("pass check_counts=False", "pass --no-check-counts"),),
+}
+_COMMAND_OPTIONS = {
+    "info": ("--layer",),
+    "convert": ("--layer", "--no-check-counts"),
+    "embed": ("--layer",),
+    "annotate": ("--layer", "--no-check-counts"),
+}
+
+
 def _error(command: str, err: BaseException) -> int:
     """Print ``cellsift COMMAND: error: ...`` in one line. An error raised in a DataLoader
     worker comes back with the worker's traceback in its message: its last line is the
-    error's own message."""
+    error's own message. Hints that name a Python argument name the command's option."""
     text = str(err)
     if "Original Traceback" in text:
         last = text.rstrip().splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
+    for option in _COMMAND_OPTIONS.get(command, ()):
+        for python, shell in _AS_OPTIONS[option]:
+            text = text.replace(python, shell)
     print(f"cellsift {command}: error: {text}", file=sys.stderr)
     return 2
 
