@@ -150,3 +150,23 @@ def test_labels_with_gaps_and_deprecated_ids_are_named():
     deprecated = next(t for t in sorted(cl.terms) if cl.is_deprecated(t))
     with pytest.raises(OntologyError, match="deprecated"):
         cl.coarsen_rare([deprecated, "CL:0000236"], ["a", "b"])
+
+
+def test_names_of_deprecated_terms_map_as_their_ids_do():
+    """A deprecated term named as older data name it (with or without "obsolete ") maps to
+    its successor, as its id does; one without a successor is listed as obsolete."""
+    cl = load_cell_ontology()
+    term = "CL:0000054"
+    assert cl.is_deprecated(term) and cl.replacement(term) is not None
+    old_name = cl.name(term).removeprefix("obsolete ")
+    assert (
+        cl.harmonize([term, old_name, cl.name(term), old_name.upper()])
+        == [cl.replacement(term)] * 4
+    )
+    orphan = next(
+        t for t in sorted(cl.terms)
+        if cl.is_deprecated(t) and cl.replacement(t) is None
+        and cl.id(cl.name(t).removeprefix("obsolete ")) is None
+    )  # fmt: skip
+    with pytest.raises(OntologyError, match="obsolete"):
+        cl.harmonize([cl.name(orphan).removeprefix("obsolete ")])

@@ -99,8 +99,13 @@ class CellOntology:
         self._by_label: dict[str, str] = {}
         self._by_folded: dict[str, str] = {}
         self._by_synonym: dict[str, str] = {}
+        #: names of deprecated terms, "obsolete " stripped (older data name them so): read
+        #: only where no current term has the name
+        self._by_obsolete: dict[str, str] = {}
         for term, info in self.terms.items():
             if info.get("deprecated"):
+                name = info["label"].casefold().removeprefix("obsolete ").strip()
+                self._by_obsolete.setdefault(name, term)
                 continue
             self._by_label.setdefault(info["label"], term)
             self._by_folded.setdefault(info["label"].casefold(), term)
@@ -234,7 +239,11 @@ class CellOntology:
         value = value.strip()
         m = _CL_ID.match(value)  # cl:0000236, CL_0000236, an OBO PURL
         term = f"CL:{m.group(1)}" if m else value
-        return term if term in self.terms else self.id(value)
+        if term in self.terms:
+            return term
+        return self.id(value) or self._by_obsolete.get(
+            value.casefold().removeprefix("obsolete ").strip()
+        )
 
     def _harmonize_one(self, value: str, replace_deprecated: bool) -> str | None:
         term = self._resolve(value)
