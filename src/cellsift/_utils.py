@@ -7,8 +7,9 @@ import importlib
 import logging
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -115,6 +116,17 @@ def atomic_path(
             remove_path(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(
+    path: str | os.PathLike[str], *, overwrite: bool, marker: Sequence[str], what: str
+) -> Iterator[Path]:
+    """:func:`atomic_path` for a folder output: yields the temporary folder, made; an
+    existing ``path`` is replaced only if it holds the ``marker`` files (``what`` it is)."""
+    with atomic_path(path, overwrite=overwrite, replaces=holds(*marker), what=what) as tmp:
+        tmp.mkdir()
+        yield tmp
+
+
 def move_into_place(tmp: Path, final: Path) -> None:
     """Move ``tmp`` to ``final``, replacing what is there.
 
@@ -123,9 +135,8 @@ def move_into_place(tmp: Path, final: Path) -> None:
     the old one deleted: an interruption at any point leaves the old or the new output at
     ``final`` (at worst with a hidden ``.<name>.old-*`` sibling to delete), never neither.
     """
-    exists = final.exists() or final.is_symlink()
-    if not exists or (not tmp.is_dir() and not (final.is_dir() and not final.is_symlink())):
-        os.replace(tmp, final)
+    if not (final.exists() or final.is_symlink()) or not (tmp.is_dir() or final.is_dir()):
+        os.replace(tmp, final)  # nothing there, or a file over a file
         return
     old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
     os.replace(final, old)
@@ -148,8 +159,6 @@ def remove_path(path: Path, attempts: int = 50) -> None:
     A tree that a writer's I/O thread still fills (zarr finishing a chunk after Ctrl-C
     reached the main thread) can gain files while it is removed: the removal is retried
     until the tree is gone (``attempts`` times, 20 ms apart)."""
-    import time
-
     if not path.is_dir() or path.is_symlink():
         path.unlink()
         return
@@ -157,16 +166,12 @@ def remove_path(path: Path, attempts: int = 50) -> None:
         try:
             shutil.rmtree(path)
             return
-        except FileNotFoundError:  # a file went while the tree was walked
-            pass
-        except OSError:  # "directory not empty": one came
+        except OSError:  # "directory not empty" (a file came), or a file went mid-walk
+            if not path.exists():
+                return
             if attempt == attempts - 1:
                 raise
-        if not path.exists():
-            return
-        time.sleep(0.02)
-    if path.exists():
-        shutil.rmtree(path)
+            time.sleep(0.02)
 
 
 def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:

@@ -92,11 +92,10 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from ._utils import check_replaceable, holds
     from .tasks import CellIndex, load_embeddings
+    from .tasks.index import check_index_path
 
-    # refused before the work, not after it
-    check_replaceable(Path(args.out), args.overwrite, holds("manifest.json"), "a cell index")
+    check_index_path(args.out, args.overwrite)  # refused before the work, not after it
     emb, meta = load_embeddings(args.embeddings)
     index = CellIndex.build(emb, meta, engine=args.engine, k=args.k)
     index.save(args.out, overwrite=args.overwrite)

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 from pandas.api.extensions import ExtensionArray
 
-from .._utils import atomic_path, check_replaceable, holds, progress
+from .._utils import atomic_dir, progress
 from ..errors import ConfigError, DataError
 from .stores import CellStore, open_store
-from .writers import Format, guess_format, is_store, open_writer
+from .writers import Format, guess_format, open_writer
 
 __all__ = ["convert"]
 
@@ -95,9 +95,9 @@ def convert(
     columns = list(store.obs_columns)
     var = store.var.copy()
 
-    def write(path: Path, rows: np.ndarray, desc: str) -> None:
+    def write(path: Path, rows: np.ndarray, desc: str, overwrite: bool) -> None:
         writer = open_writer(
-            path, var, format=fmt, n_obs=len(rows), overwrite=True, **writer_options
+            path, var, format=fmt, n_obs=len(rows), overwrite=overwrite, **writer_options
         )
         with writer:
             steps = range(0, len(rows), chunk_size)
@@ -107,21 +107,19 @@ def convert(
                 chunk = rows[lo : lo + chunk_size]
                 writer.append(store.read(chunk), _obs_chunk(store, columns, chunk))
 
-    if shard_size is None:
-        check_replaceable(dest, overwrite, is_store, "a store (h5ad, Zarr, SOMA)")
-        write(dest, rows_all, f"converting to {fmt}")  # the writer moves it into place at the end
+    if shard_size is None:  # the writer refuses dest, or moves the store into place at the end
+        write(dest, rows_all, f"converting to {fmt}", overwrite)
         return dest
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, not {shard_size}.")
-    with atomic_path(
-        dest, overwrite=overwrite, replaces=holds("manifest.json"), what="a sharded store"
+    with atomic_dir(
+        dest, overwrite=overwrite, marker=("manifest.json",), what="a sharded store"
     ) as tmp:
-        tmp.mkdir()
         files, sizes = [], []
         for k, lo in enumerate(range(0, len(rows_all), shard_size)):
             name = f"shard-{k:05d}{_SUFFIX[fmt]}"
             rows = rows_all[lo : lo + shard_size]
-            write(tmp / name, rows, f"shard {k}")
+            write(tmp / name, rows, f"shard {k}", overwrite=False)
             files.append(name)
             sizes.append(len(rows))
         manifest = {"format": fmt, "files": files, "n_obs": sizes, "source": str(source)}

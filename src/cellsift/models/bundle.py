@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._utils import atomic_path, holds
+from .._utils import atomic_dir
 from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError
 
@@ -70,13 +70,7 @@ def save_bundle(
     """Write a bundle directory atomically (see the module docstring)."""
     from .. import __version__
 
-    with atomic_path(
-        path,
-        overwrite=overwrite,
-        replaces=holds("config.json", "model.safetensors"),
-        what="a model bundle",
-    ) as tmp:
-        tmp.mkdir()
+    with atomic_dir(path, overwrite=overwrite, marker=_FILES, what="a model bundle") as tmp:
         cfg = {
             **config,
             "format_version": FORMAT_VERSION,

@@ -38,7 +38,7 @@ import pandas as pd
 
 from .._utils import import_optional, logger
 from ..ontology import load_cell_ontology
-from .index import CellIndex, CellIndexError
+from .index import CellIndex, CellIndexError, check_k
 
 __all__ = ["UNKNOWN", "KNNAnnotator"]
 
@@ -91,8 +91,7 @@ class KNNAnnotator:
         distance_threshold: float | None = None,
         abstain_on: Literal["mean", "nearest"] = "mean",
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise CellIndexError(f"k must be a whole number of neighbours >= 1, not {k!r}.")
+        check_k(k)
         if not 0.0 <= min_support < 1.0:
             raise CellIndexError(
                 f"min_support must be in [0, 1) (a call needs more than that share of the "

@@ -46,7 +46,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._utils import atomic_path, holds, import_optional, logger, model_fingerprint
+from .._utils import (
+    atomic_dir,
+    check_replaceable,
+    holds,
+    import_optional,
+    logger,
+    model_fingerprint,
+)
 from ..errors import CellsiftError
 
 __all__ = ["CellIndex", "CellIndexError", "SearchResult", "normalize_embeddings"]
@@ -206,7 +213,7 @@ class CellIndex:
     ) -> float:
         """Smallest ``nprobe`` (doubling, then bisecting) whose recall@k on a sample of the
         indexed cells reaches ``target_recall``; returns the recall reached."""
-        _check_k(k)
+        check_k(k)
         if self.engine != "ivf":
             return 1.0
         rng = np.random.default_rng(seed + 1)
@@ -317,7 +324,7 @@ class CellIndex:
         (their slots become -1 / inf).
         """
         q = self._queries(queries)
-        _check_k(k)
+        check_k(k)
         rows = self.select(filter) if filter is not None else None
         n_sel = len(rows) if rows is not None else self.n_cells
         small = n_sel <= max(EXACT_SELECTION_MAX, EXACT_SELECTION_FRACTION * self.n_cells)
@@ -489,13 +496,7 @@ class CellIndex:
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write the index directory atomically (see the module docstring)."""
         pq = import_optional("pyarrow.parquet")
-        with atomic_path(
-            path,
-            overwrite=overwrite,
-            replaces=holds("manifest.json", "embeddings.npy"),
-            what="a cell index",
-        ) as tmp:
-            tmp.mkdir()
+        with atomic_dir(path, overwrite=overwrite, marker=_INDEX_FILES, what=_AN_INDEX) as tmp:
             np.save(tmp / "embeddings.npy", np.asarray(self.embeddings), allow_pickle=False)
             files = ["embeddings.npy"]
             if self._metadata is not None or self._metadata_path is not None:
@@ -591,7 +592,18 @@ class CellIndex:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _check_k(k: Any) -> None:
+#: What a saved index holds in any case, and what it is called in messages.
+_INDEX_FILES = ("manifest.json", "embeddings.npy")
+_AN_INDEX = "a cell index"
+
+
+def check_index_path(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse ``path`` for a new index, as :meth:`CellIndex.save` would, before the work."""
+    check_replaceable(Path(path), overwrite, holds(*_INDEX_FILES), _AN_INDEX)
+
+
+def check_k(k: Any) -> None:
+    """``k`` is a whole number of neighbours >= 1 (else a :class:`CellIndexError`)."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise CellIndexError(f"k must be a whole number of neighbours >= 1, not {k!r}.")
 
