@@ -191,6 +191,22 @@ def test_loss_is_mean_hinge_and_has_gradients():
     assert not related[y[t.anchor], y[t.negative]].any()  # no ontology relative as negative
 
 
+@pytest.mark.parametrize("n", [7, 300, 301])  # below and above the symmetric blocks, odd halves
+def test_cosine_distance_matches_autograd_of_the_formula(n):
+    z = torch.randn(n, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    z[1] = z[0] * 2.0  # a pair at distance 0 (as the diagonal): where the relu may clip
+    z.requires_grad_(True)
+    unit = torch.nn.functional.normalize(z, dim=1)
+    want = (1.0 - unit @ unit.T).clamp_min(0.0)
+    d = pairwise_distance(z)
+    torch.testing.assert_close(d, want, rtol=0, atol=1e-12)
+    g = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (got,) = torch.autograd.grad((d * g).sum(), z)
+    (ref,) = torch.autograd.grad((want * g).sum(), z)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(pairwise_distance, (z[:12].detach().requires_grad_(),))
+
+
 def test_no_pairs_gives_zero_loss():
     z = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
     loss, t = TripletLoss()(z, torch.arange(5))

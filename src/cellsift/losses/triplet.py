@@ -46,10 +46,7 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
     euclidean square root is taken only of positive squared distances.
     """
     if distance == "cosine":
-        z = nn.functional.normalize(z_nk, dim=1)
-        # one n x n buffer (relu_ saves no copy); an addmm that folds in the 1 - is no faster
-        # forward and slower backward under bf16 autocast on the CPU
-        return torch.mm(z, z.T).neg_().add_(1.0).relu_()
+        return _CosineDistance.apply(nn.functional.normalize(z_nk, dim=1))
     if distance == "euclidean":
         sq = (z_nk * z_nk).sum(1)
         d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
@@ -57,6 +54,45 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
         positive = d2 > 0
         return torch.where(positive, torch.where(positive, d2, 1.0).sqrt(), 0.0)
     raise ValueError(f"distance must be 'cosine' or 'euclidean', not {distance!r}.")
+
+
+_SYMMETRIC_FROM = 256  # rows from which the Gram matrix is computed by symmetric blocks
+
+
+def _gram(z: torch.Tensor) -> torch.Tensor:
+    """``z @ z.T``, with three quarters of the multiply-adds for large ``n``: the top rows
+    against all, the bottom-right block, and the bottom-left block as the top-right one
+    transposed (the matrix is symmetric)."""
+    n = len(z)
+    if n < _SYMMETRIC_FROM:
+        return torch.mm(z, z.T)
+    h = n // 2
+    out = torch.empty(n, n, dtype=z.dtype, device=z.device)
+    torch.mm(z[:h], z.T, out=out[:h])
+    torch.mm(z[h:], z[h:].T, out=out[h:, h:])
+    out[h:, :h].copy_(out[:h, h:].T)
+    return out
+
+
+class _CosineDistance(torch.autograd.Function):
+    """``relu(1 - z @ z.T)`` of unit rows ``z``: one n x n buffer, the Gram matrix by
+    symmetric blocks (:func:`_gram`), and a backward of two products (``-(G + G.T) @ z``)
+    without autograd's intermediate n x n gradients. In the input's precision, not autocast's:
+    mining compares distances within a margin of 0.05, which bf16 rounds to a few steps."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        with torch.autocast(z.device.type, enabled=False):
+            d = _gram(z).neg_().add_(1.0).relu_()
+        ctx.save_for_backward(z, d)
+        return d
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        z, d = ctx.saved_tensors
+        with torch.autocast(z.device.type, enabled=False):
+            g = grad.to(z.dtype).masked_fill(d <= 0, 0.0)  # relu: no gradient where clipped
+            return torch.mm(g, z).addmm_(g.T, z).neg_()  # (G + G.T) z; BLAS reads G.T in place
 
 
 @dataclass
@@ -416,8 +452,10 @@ class TripletLoss(nn.Module):
         )
         if len(t) == 0:
             return z_nk.sum() * 0.0, t
-        flat, n = d.flatten(), len(d)  # index_select: faster than d[rows, cols] on the CPU
-        d_ap = flat.index_select(0, t.positive.add(t.anchor, alpha=n))  # row * n + column
-        d_an = flat.index_select(0, t.negative.add(t.anchor, alpha=n))
+        # one index_select (faster than d[rows, cols] on the CPU) of row * n + column: one
+        # n x n gradient buffer backward, not one per gather
+        n = len(d)
+        at = torch.cat([t.positive, t.negative]).add_(t.anchor.repeat(2), alpha=n)
+        d_ap, d_an = d.flatten().index_select(0, at).chunk(2)
         loss = (d_ap - d_an + self.margin).clamp_min(0.0)
         return loss.mean(), t
