@@ -137,10 +137,10 @@ def _one_anchor(  # type: ignore[no-untyped-def]
     span = np.float64(hi) - low
     scale = n_buckets / span if span > 0 and span < np.inf else 0.0
     start[: n_buckets + 1] = 0  # counting sort by bucket
+    for q in range(c):  # (a loop of its own: no stores that depend on each other, vectorised)
+        which[q] = _bucket(np.float64(cand_v[q]), low, scale, n_buckets)
     for q in range(c):
-        b = _bucket(np.float64(cand_v[q]), low, scale, n_buckets)
-        which[q] = b
-        start[b + 1] += 1
+        start[which[q] + 1] += 1
     for b in range(n_buckets):
         start[b + 1] += start[b]
     fill[:n_buckets] = start[:n_buckets]
