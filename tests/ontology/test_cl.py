@@ -53,6 +53,19 @@ def test_closure_matches_brute_force(cl):
     assert rel[cd4, t] and rel[t, cd4] and rel[t, t] and not rel[cd4, b_cell]
 
 
+def test_closure_of_a_label_listed_twice(cl):
+    """Each place of a repeated label gets the relations of its term, and the two places
+    are related to each other (one term)."""
+    labels = ["CL:0000084", "CL:0000624", "CL:0000084", "CL:0000236"]  # T, CD4 T, T, B
+    anc, desc = cl.closure(labels)
+    assert anc[1, 0] and anc[1, 2] and not anc[0, 2] and not anc[2, 0]
+    np.testing.assert_array_equal(desc, anc.T)
+    rel = cl.related(labels)
+    assert rel[0, 2] and rel[2, 0] and rel[2, 1] and rel[1, 2] and not rel[2, 3]
+    unique = cl.related(["CL:0000084", "CL:0000624", "CL:0000236"])
+    np.testing.assert_array_equal(rel[np.ix_([2, 1, 3], [2, 1, 3])], unique)
+
+
 def test_harmonize(cl):
     deprecated = next(t for t, v in cl.terms.items() if v.get("deprecated") and cl.replacement(t))
     out = cl.harmonize(["B cell", "CL:0000624", "nk cell", deprecated])

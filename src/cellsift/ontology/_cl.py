@@ -186,21 +186,24 @@ class CellOntology:
     # -- label sets -----------------------------------------------------------------------
     def closure(self, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Boolean matrices over ``labels``: ``ancestor[i, j]`` is True when ``labels[j]`` is a
-        strict ancestor of ``labels[i]``; ``descendant`` is its transpose."""
-        index = {t: i for i, t in enumerate(labels)}
-        anc = np.zeros((len(labels), len(labels)), dtype=bool)
+        strict ancestor of ``labels[i]``; ``descendant`` is its transpose. A label listed
+        twice gets the same rows and columns at both places."""
+        index: dict[str, list[int]] = {}
         for i, t in enumerate(labels):
+            index.setdefault(t, []).append(i)
+        anc = np.zeros((len(labels), len(labels)), dtype=bool)
+        for t, rows in index.items():
             for a in self._term(t).get("ancestors", {}):
-                j = index.get(a)
-                if j is not None and j != i:
-                    anc[i, j] = True
+                if a != t and a in index:
+                    anc[np.ix_(rows, index[a])] = True
         return anc, anc.T.copy()
 
     def related(self, labels: Sequence[str]) -> np.ndarray:
         """``related[i, j]``: ``labels[i]`` and ``labels[j]`` are equal, or one is an ancestor
         of the other (such pairs must not serve as negatives)."""
         anc, desc = self.closure(labels)
-        return anc | desc | np.eye(len(labels), dtype=bool)
+        same = np.asarray(labels, dtype=object)
+        return anc | desc | (same[:, None] == same[None, :])
 
     def harmonize(self, values: Iterable[str], *, replace_deprecated: bool = True) -> list[str]:
         """Map CL ids or names (labels, synonyms; any case) onto current CL ids.
