@@ -126,6 +126,29 @@ def test_add_save_load_roundtrip(tmp_path, data):
         index.save(tmp_path / "idx")
 
 
+def test_add_meets_categorical_metadata_with_plain_values(tmp_path):
+    """An index built from categorical metadata (an AnnData's obs) takes new cells whose
+    column holds plain strings, and the reverse; text against numbers is named."""
+    rng = np.random.default_rng(0)
+    meta = pd.DataFrame({"cell_type": pd.Categorical(["T", "B"] * 50), "n": np.arange(100)})
+    index = CellIndex.build(rng.normal(size=(100, 8)), meta)
+    index.add(rng.normal(size=(2, 8)), pd.DataFrame({"cell_type": ["NK", "T"], "n": [0.5, 1]}))
+    index.add(rng.normal(size=(1, 8)), pd.DataFrame({"cell_type": pd.Categorical(["B"]), "n": [2]}))
+    rows = index.metadata_rows([0, 1, 100, 101, 102])
+    assert list(rows["cell_type"]) == ["T", "B", "NK", "T", "B"]
+    assert isinstance(rows["cell_type"].dtype, pd.CategoricalDtype)
+    np.testing.assert_allclose(rows["n"], [0, 1, 0.5, 1, 2])
+    loaded = CellIndex.load(index.save(tmp_path / "idx"))
+    assert list(loaded.metadata_rows([100])["cell_type"]) == ["NK"]
+    with pytest.raises(CellIndexError, match=r"column 'cell_type' holds .*string.* and int64"):
+        index.add(rng.normal(size=(1, 8)), pd.DataFrame({"cell_type": [3], "n": [3]}))
+    assert len(index) == 103  # the refused cells were not added
+
+    plain = CellIndex.build(rng.normal(size=(4, 8)), pd.DataFrame({"cell_type": list("TTBB")}))
+    plain.add(rng.normal(size=(1, 8)), pd.DataFrame({"cell_type": pd.Categorical(["NK"])}))
+    assert list(plain.metadata_rows([4])["cell_type"]) == ["NK"]
+
+
 def test_corrupt_or_incomplete_index_is_named(tmp_path, data):
     x, meta, _ = data
     path = CellIndex.build(x[:2000], meta[:2000], engine="exact").save(tmp_path / "idx")

@@ -475,7 +475,6 @@ class CellIndex:
             )
         start = self.n_cells
         if metadata is not None:
-            pa = import_optional("pyarrow")
             old = self._metadata if self._metadata is not None else self._dataset().to_table()
             new = _as_table(metadata, len(emb), start=start)
             if set(new.schema.names) != set(old.schema.names):
@@ -483,9 +482,7 @@ class CellIndex:
                     f"metadata columns differ: index {sorted(old.schema.names)}, new "
                     f"{sorted(new.schema.names)}."
                 )
-            self._metadata = pa.concat_tables(
-                [old, new.select(old.schema.names)], promote_options="permissive"
-            )
+            self._metadata = _concat_metadata(old, new.select(old.schema.names))
             self._metadata_path = None
         self.embeddings = np.concatenate([np.asarray(self.embeddings), emb])
         if self.ann is not None:
@@ -631,6 +628,41 @@ def _as_table(metadata: Any, n: int, start: int = 0) -> Any:
     if "cell_index" in table.schema.names:
         table = table.drop(["cell_index"])
     return table.append_column("cell_index", pa.array(np.arange(start, start + n, dtype=np.int64)))
+
+
+def _concat_metadata(old: Any, new: Any) -> Any:
+    """The index's metadata with the new cells' appended, column by column.
+
+    Types are promoted as pyarrow does (int to float, one dictionary with another); a
+    categorical column met by plain values (or the reverse) is decoded on both sides and
+    stays a categorical when it was one in the index. Types that do not promote (text and
+    numbers) are an error naming the column.
+    """
+    pa = import_optional("pyarrow")
+    columns = []
+    for name in old.schema.names:
+        a, b = old.column(name), new.column(name)
+        recode = pa.types.is_dictionary(a.type) != pa.types.is_dictionary(b.type)
+        if recode:
+            a, b = (
+                c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in (a, b)
+            )
+        try:
+            both = pa.concat_tables(
+                [pa.table({name: a}), pa.table({name: b})], promote_options="permissive"
+            ).column(name)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            raise CellIndexError(
+                f"metadata column {name!r} holds {old.schema.field(name).type} in the index "
+                f"and {new.schema.field(name).type} in the new cells: give the new cells' "
+                "column the index's type."
+            ) from None
+        if recode and pa.types.is_dictionary(old.schema.field(name).type):
+            both = both.dictionary_encode()
+        columns.append(both)
+    return pa.Table.from_arrays(columns, names=old.schema.names).replace_schema_metadata(
+        old.schema.metadata
+    )
 
 
 def _expression(filter: FilterLike) -> Any:
