@@ -86,6 +86,7 @@ def _embed(args: argparse.Namespace) -> int:
         devices=args.devices,
         overwrite=args.overwrite,
         progress_bar=True,
+        check_counts=not args.no_check_counts,
     )
     print(f"wrote {out}")
     return 0
@@ -228,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="processes, one shard each (one per GPU; gloo on the CPU); a killed run resumes",
     )
+    p.add_argument(
+        "--no-check-counts",
+        action="store_true",
+        help="embed values that are not raw counts as they are",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_embed)
 
@@ -332,7 +338,7 @@ _AS_OPTIONS = {
 _COMMAND_OPTIONS = {
     "info": ("--layer",),
     "convert": ("--layer", "--no-check-counts"),
-    "embed": ("--layer",),
+    "embed": ("--layer", "--no-check-counts"),
     "annotate": ("--layer", "--no-check-counts"),
 }
 

@@ -48,6 +48,24 @@ def test_embed_collection_matches_embedding_in_memory(bundle, synthetic_h5ad, tm
         embed_collection(model, synthetic_h5ad, out)
 
 
+def test_embed_command_checks_counts_unless_told_not_to(bundle, synthetic_h5ad, tmp_path, capsys):
+    adata = ad.read_h5ad(synthetic_h5ad)[:200].copy()
+    adata.X = adata.X.astype(np.float32)
+    adata.X.data = np.log1p(adata.X.data)  # log-normalised, not counts
+    adata.write_h5ad(tmp_path / "logged.h5ad")
+    out = tmp_path / "emb.zarr"
+    assert main(["embed", str(bundle), str(tmp_path / "logged.h5ad"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cellsift embed: error: ") and "pass --no-check-counts" in err
+    assert not out.exists()
+    args = ["embed", str(bundle), str(tmp_path / "logged.h5ad"), str(out), "--no-check-counts"]
+    assert main(args) == 0
+    emb, _ = load_embeddings(out)
+    np.testing.assert_allclose(
+        emb, MetricModel.load(bundle).embed(adata, check_counts=False), atol=1e-5
+    )
+
+
 def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     model = MetricModel.load(bundle)
     ref = ad.read_h5ad(synthetic_h5ad)

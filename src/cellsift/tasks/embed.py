@@ -68,6 +68,7 @@ def embed_collection(
     devices: int = 1,
     overwrite: bool = False,
     progress_bar: bool = False,
+    check_counts: bool = True,
 ) -> Path:
     """Embed every cell of ``source`` (paths, glob, manifest or a CellCollection) with
     ``model`` (a MetricModel) and write the embeddings store ``out`` (module docstring).
@@ -76,6 +77,10 @@ def embed_collection(
     ``obs_columns`` (default: all) go to ``metadata.parquet``, with each cell's origin
     (``store``, ``store_row``, ``obs_name``: :meth:`CellCollection.origin`), so that
     search hits lead back to their cells. GPU when present.
+
+    ``check_counts``: values that are not raw counts are an error (every batch read is
+    checked, :class:`CellCollection`); False embeds them as they are. A CellCollection
+    given as ``source`` keeps its own setting.
 
     ``devices`` > 1 spawns that many processes (NCCL on GPUs, one each; gloo on the CPU),
     each embedding one shard. Called inside an initialised ``torch.distributed`` job, every
@@ -90,6 +95,7 @@ def embed_collection(
         "device": device,
         "overwrite": overwrite,
         "progress_bar": progress_bar,
+        "check_counts": check_counts,
     }
     if devices > 1 and not (dist.is_available() and dist.is_initialized()):
         port = random.randint(20_000, 45_000)
@@ -129,6 +135,7 @@ def _embed_rank(
     device: str | torch.device | None,
     overwrite: bool,
     progress_bar: bool,
+    check_counts: bool,
 ) -> Path:
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -136,7 +143,12 @@ def _embed_rank(
         source
         if isinstance(source, CellCollection)
         else CellCollection(
-            source, genes=model.genes, layer=layer, min_overlap=0.5, overlap_of="vocabulary"
+            source,
+            genes=model.genes,
+            layer=layer,
+            min_overlap=0.5,
+            overlap_of="vocabulary",
+            check_counts=check_counts,
         )
     )
     n = coll.n_obs
