@@ -32,7 +32,7 @@ def test_convert_and_errors(indexed_paths, tmp_path, capsys):
         (["convert", "{dup}", "{tmp}/out.zarr"], r"var_names must be unique.*\['g1'\]"),
         (["convert", "{h5ad}", "{tmp}/out.txt"], "Cannot tell the format of"),
         (["convert", "{zero}", "{tmp}/out.soma"], "no cells to write"),
-        (["index", "{h5ad}", "{tmp}/idx"], "is not a cellsift embeddings store"),
+        (["index", "{h5ad}", "{tmp}/idx"], "is a store of cells.*, not an embeddings store"),
         (["index", "{tmp}/missing.zarr", "{tmp}/idx"], "missing.zarr does not exist"),
         (["info", "{tmp}/missing_dir"], "missing_dir does not exist"),
         (["info", "{tmp}/missing/manifest.json"], "manifest.json does not exist"),

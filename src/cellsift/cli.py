@@ -149,10 +149,14 @@ def _read_h5ad(path: str) -> Any:
     """An h5ad read whole, or a one-line error naming the file."""
     import anndata as ad
 
+    from .data.stores import refuse_other
     from .errors import DataError
 
+    refuse_other(Path(path), "cells")
+    if Path(path).is_dir():
+        raise DataError(f"{path} is a folder: this command reads an h5ad file of counts.")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist (or is not a file).")
+        raise FileNotFoundError(f"{path} does not exist.")
     try:
         return ad.read_h5ad(path)
     except OSError as err:  # h5py: truncated, not HDF5

@@ -66,6 +66,41 @@ def test_embed_command_checks_counts_unless_told_not_to(bundle, synthetic_h5ad, 
     )
 
 
+def test_each_command_names_an_output_of_another_kind(bundle, synthetic_h5ad, tmp_path, capsys):
+    """A model, index or embeddings store passed where another kind belongs is named as
+    what it is (a CellIndex's manifest.json is not read as a manifest of stores)."""
+    emb, index, out = tmp_path / "emb.zarr", tmp_path / "atlas.index", str(tmp_path / "o.h5ad")
+    assert main(["embed", str(bundle), str(synthetic_h5ad), str(emb)]) == 0
+    assert main(["index", str(emb), str(index)]) == 0
+    capsys.readouterr()
+    calls = {
+        ("embed", "index"): ["embed", str(bundle), str(index), str(tmp_path / "e.zarr")],
+        ("embed", "embeddings"): ["embed", str(bundle), str(emb), str(tmp_path / "e.zarr")],
+        ("embed", "model"): ["embed", str(bundle), str(bundle), str(tmp_path / "e.zarr")],
+        ("index", "cells"): ["index", str(synthetic_h5ad), str(tmp_path / "i")],
+        ("index", "model"): ["index", str(bundle), str(tmp_path / "i")],
+        ("annotate", "index"): ["annotate", str(index), str(index), str(synthetic_h5ad), out],
+        ("annotate", "embeddings"): ["annotate", str(bundle), str(emb), str(synthetic_h5ad), out],
+        ("annotate", "embeddings "): ["annotate", str(bundle), str(index), str(emb), out],
+        ("info", "index"): ["info", str(index)],
+    }
+    kinds = {
+        "index": "a CellIndex",
+        "embeddings": "an embeddings store",
+        "model": "a model bundle",
+        "cells": "a store of cells' counts",
+    }
+    for (command, given), argv in calls.items():
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"cellsift {command}: error: ") and err.count("\n") == 1
+        assert f"is {kinds[given.strip()]} (" in err and ", not a" in err, err
+    assert not (tmp_path / "e.zarr").exists() and not (tmp_path / "i").exists()
+    (tmp_path / "m.json").write_text('{"files": {"a.h5ad": 1}}')
+    with pytest.raises(DataError, match=r"m\.json is not a manifest of stores"):
+        cs.data.CellCollection(tmp_path / "m.json")
+
+
 def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     model = MetricModel.load(bundle)
     ref = ad.read_h5ad(synthetic_h5ad)

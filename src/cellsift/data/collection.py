@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from .._utils import logger, text_or_none
 from ..errors import DataError, MissingKeyError
 from .genes import GeneMap, GeneVocabulary
-from .stores import CellStore, open_store
+from .stores import CellStore, open_store, refuse_other
 
 __all__ = ["CellCollection", "resolve_paths"]
 
@@ -37,9 +37,15 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
         return [source]
     if isinstance(source, str | os.PathLike):
         p = Path(source)
+        refuse_other(p, "cells")
         manifest = p / "manifest.json" if p.is_dir() else p
         if manifest.suffix == ".json" and manifest.exists():
-            files = json.loads(manifest.read_text())["files"]
+            files = json.loads(manifest.read_text()).get("files")
+            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+                raise DataError(
+                    f'{manifest} is not a manifest of stores: it needs "files", a list of '
+                    'store paths relative to it ({"files": ["a.h5ad", "b.zarr"]}).'
+                )
             return [manifest.parent / f for f in files]
         if any(ch in str(source) for ch in "*?["):
             found = sorted(_glob.glob(str(source)))

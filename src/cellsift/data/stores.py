@@ -8,6 +8,7 @@ DataLoader worker), so stores can be pickled into workers.
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -20,9 +21,49 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, DataError, MissingKeyError
-from .writers import Format, guess_format
+from .writers import Format, guess_format, is_store
 
 __all__ = ["CellStore", "open_store"]
+
+
+#: What each kind of path that cellsift reads is, for messages when one is passed for another.
+KINDS = {
+    "cells": "a store of cells' counts (h5ad, Zarr or TileDB-SOMA)",
+    "model": "a model bundle (MetricModel.save, cellsift fit)",
+    "index": "a CellIndex (cellsift index)",
+    "embeddings": "an embeddings store (cellsift embed)",
+}
+
+
+def kind_of(path: Path) -> str | None:
+    """Which of :data:`KINDS` ``path`` is, read from the files each kind writes; None when
+    it is none of them (or does not exist)."""
+    if path.is_dir():
+        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+            return "model"
+        manifest = _json(path / "manifest.json")
+        if isinstance(manifest, dict) and manifest.get("format") == "cellsift.CellIndex":
+            return "index"
+        attrs = _json(path / "zarr.json")
+        attrs = attrs.get("attributes") if isinstance(attrs, dict) else None
+        if isinstance(attrs, dict) and attrs.get("cellsift") == "embeddings":
+            return "embeddings"
+    return "cells" if is_store(path) else None
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def refuse_other(path: Path, wanted: str, error: type[Exception] = DataError) -> None:
+    """``error`` naming what ``path`` is when it is another kind of cellsift path than
+    ``wanted`` (a key of :data:`KINDS`): an index passed as a model, a model as cells."""
+    kind = kind_of(path)
+    if kind is not None and kind != wanted:
+        raise error(f"{path} is {KINDS[kind]}, not {KINDS[wanted]}.")
 
 
 class CellStore(ABC):
@@ -193,6 +234,7 @@ def open_store(
         return path
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist.")
+    refuse_other(Path(path), "cells")
     fmt = format or guess_format(path)
     if fmt == "h5ad":
         from ._h5ad import H5adStore

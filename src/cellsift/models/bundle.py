@@ -24,6 +24,7 @@ from torch import nn
 
 from .._utils import atomic_dir
 from ..data.genes import GeneVocabulary
+from ..data.stores import refuse_other
 from ..errors import CellsiftError
 
 __all__ = ["Bundle", "BundleError", "load_bundle", "save_bundle"]
@@ -94,6 +95,7 @@ def save_bundle(
 def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Bundle:
     """Read a bundle, verifying that every file is there and matches its checksum."""
     folder = Path(path)
+    refuse_other(folder, "model", BundleError)
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a bundle directory (it does not exist or is a file).")
     missing = [f for f in (*_FILES, "checksums.json") if not (folder / f).exists()]

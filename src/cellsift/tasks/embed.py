@@ -44,6 +44,7 @@ from .._utils import (
 )
 from ..data import CellCollection
 from ..data.loader import to_torch_csr
+from ..data.stores import refuse_other
 from ..errors import DataError
 
 #: What an existing ``out`` must be for ``overwrite`` to replace it.
@@ -292,6 +293,7 @@ def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFr
     zarr = import_optional("zarr")
     pq = import_optional("pyarrow.parquet")
     path = Path(path)
+    refuse_other(path, "embeddings")
     try:
         root = zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, ValueError) as err:

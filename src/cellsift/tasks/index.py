@@ -54,6 +54,7 @@ from .._utils import (
     logger,
     model_fingerprint,
 )
+from ..data.stores import refuse_other
 from ..errors import CellsiftError
 
 __all__ = ["CellIndex", "CellIndexError", "SearchResult", "normalize_embeddings"]
@@ -528,6 +529,7 @@ class CellIndex:
         """
         root = Path(path)
         man_path = root / "manifest.json"
+        refuse_other(root, "index", CellIndexError)
         if not root.is_dir():
             what = "a file" if root.exists() else "missing"
             raise CellIndexError(
