@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -215,3 +216,19 @@ def test_hints_name_the_commands_options(tmp_path, capsys):
     assert "Point --layer at raw counts" in err and "pass --no-check-counts" in err
     assert main(["info", str(tmp_path / "logged.h5ad"), "--layer", "spliced"]) == 2
     assert "Choose --layer among: X (no --layer), layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--trainer.maxepochs", "2"], "unrecognized arguments: --trainer.maxepochs 2 ("),
+        (["--trainer.max_epochs", "x"], "--trainer.max_epochs: 'x' is not valid (expected int"),
+        (["--config", "nothere.yaml"], "--config: File does not exist"),
+    ],
+)
+def test_fit_argument_errors_are_one_line(extra, message, capsys):
+    config = Path(__file__).resolve().parents[1] / "configs" / "metric.yaml"
+    assert main(["fit", "--config", str(config), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cellsift fit: error: ") and err.count("\n") == 1, err
+    assert message in err and err.rstrip().endswith("(cellsift fit --help lists the options).")

@@ -18,7 +18,9 @@ bundle lands in that run's directory.
 
 from __future__ import annotations
 
+import argparse
 import pickle
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -217,11 +219,35 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
         args = args[1:]
     with warnings.catch_warnings():  # the arguments are the command line's, passed on
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return FitCLI(
-            MetricPlan,
-            CellDataModule,
-            subclass_mode_data=True,
-            args=["fit", *args],
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "cellsift"},
-        )
+        try:
+            return FitCLI(
+                MetricPlan,
+                CellDataModule,
+                subclass_mode_data=True,
+                args=["fit", *args],
+                save_config_kwargs={"overwrite": True},
+                # a bad argument raises (said in one line) rather than printing the usage
+                parser_kwargs={"prog": "cellsift", "exit_on_error": False},
+            )
+        except argparse.ArgumentError as err:
+            raise ConfigError(
+                f"{_one_line(str(err))} (cellsift fit --help lists the options)."
+            ) from None
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse's message for a bad value in one line: ``--key: 'value' is not valid
+    (expected int or null)``; other messages as they are, lines joined."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0]) if lines else None
+    if key is None:
+        return "; ".join(lines)
+    name, rest = key.groups()
+    given = next(
+        (line[len("Given value: ") :] for line in lines if line.startswith("Given value: ")), None
+    )
+    if rest or given is None:
+        return f"--{name}: " + "; ".join([rest] if rest else lines[1:])
+    expected = re.findall(r"Expected a <class '(\w+)'>", message)
+    kinds = " or ".join(dict.fromkeys("null" if e == "NoneType" else e for e in expected))
+    return f"--{name}: {given!r} is not valid" + (f" (expected {kinds})" if kinds else "")
