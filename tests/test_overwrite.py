@@ -71,6 +71,27 @@ def test_overwrite_replaces_an_earlier_output_of_the_kind_only(tmp_path):
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == files
 
 
+def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, monkeypatch):
+    """The refusal comes before min_genes counts every cell's genes (a pass over the whole
+    input), plain or sharded."""
+    from cellsift.data._h5ad import H5adStore
+
+    ad.AnnData(np.ones((3, 4), dtype=np.float32)).write_h5ad(tmp_path / "a.h5ad")
+    convert(tmp_path / "a.h5ad", tmp_path / "a.zarr")
+    convert(tmp_path / "a.h5ad", tmp_path / "sharded", shard_size=2)
+
+    def counted(self):
+        raise AssertionError("counted the cells before refusing the output")
+
+    monkeypatch.setattr(H5adStore, "row_nnz", counted)
+    with pytest.raises(FileExistsError, match=r"a\.zarr exists"):
+        convert(tmp_path / "a.h5ad", tmp_path / "a.zarr", min_genes=1)
+    with pytest.raises(FileExistsError, match="sharded exists"):
+        convert(tmp_path / "a.h5ad", tmp_path / "sharded", shard_size=2, min_genes=1)
+    with pytest.raises(FileExistsError, match="not a sharded store"):
+        convert(tmp_path / "a.h5ad", tmp_path / "a.zarr", shard_size=2, overwrite=True)
+
+
 def test_an_interrupted_overwrite_leaves_the_old_or_the_new_output(tmp_path, monkeypatch):
     path = _bundle(tmp_path / "bundle", width=4)
     replace = utils.os.replace

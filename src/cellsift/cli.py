@@ -338,10 +338,11 @@ _AS_OPTIONS = {
         ("Pass layer= with", "Pass --layer with"),
     ),
     "--no-check-counts": (("pass check_counts=False", "pass --no-check-counts"),),
+    "--format": (("or pass format=.", "or pass --format."),),
 }
 _COMMAND_OPTIONS = {
     "info": ("--layer",),
-    "convert": ("--layer", "--no-check-counts"),
+    "convert": ("--layer", "--no-check-counts", "--format"),
     "embed": ("--layer", "--no-check-counts"),
     "annotate": ("--layer", "--no-check-counts"),
 }

@@ -11,14 +11,15 @@ import numpy as np
 import pandas as pd
 from pandas.api.extensions import ExtensionArray
 
-from .._utils import atomic_dir, progress
+from .._utils import atomic_dir, check_replaceable, holds, progress
 from ..errors import ConfigError, DataError
 from .stores import CellStore, open_store
-from .writers import Format, guess_format, open_writer
+from .writers import A_STORE, Format, guess_format, is_store, open_writer
 
 __all__ = ["convert"]
 
 _SUFFIX = {"h5ad": ".h5ad", "zarr": ".zarr", "soma": ".soma"}
+_SHARDED, _A_SHARDED_STORE = ("manifest.json",), "a sharded store"
 
 
 def _obs_chunk(store: CellStore, columns: list[str], rows: np.ndarray) -> pd.DataFrame:
@@ -72,17 +73,19 @@ def convert(
     The output appears only when complete: a failed or interrupted conversion leaves nothing.
     """
     store = open_store(source, layer=layer, **(source_options or {}))
+    dest = Path(dest)
+    if shard_size is not None:
+        fmt = format or (guess_format(dest.with_suffix(dest.suffix or ".h5ad")))
+        check_replaceable(dest, overwrite, holds(*_SHARDED), _A_SHARDED_STORE)  # before the work
+    else:
+        fmt = format or guess_format(dest)
+        check_replaceable(dest, overwrite, is_store, A_STORE)
     if check_counts and store.n_obs > 0:
         # a sample, as a collection checks when it opens: log-normalised values written as
         # counts would surface only at training, with the file's counts layer left behind
         from .collection import _check_counts
 
         _check_counts(store)
-    dest = Path(dest)
-    if shard_size is not None:
-        fmt = format or (guess_format(dest.with_suffix(dest.suffix or ".h5ad")))
-    else:
-        fmt = format or guess_format(dest)
     keep = np.ones(store.n_obs, dtype=bool)
     if min_genes is not None:
         keep = store.row_nnz() >= min_genes
@@ -112,9 +115,7 @@ def convert(
         return dest
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, not {shard_size}.")
-    with atomic_dir(
-        dest, overwrite=overwrite, marker=("manifest.json",), what="a sharded store"
-    ) as tmp:
+    with atomic_dir(dest, overwrite=overwrite, marker=_SHARDED, what=_A_SHARDED_STORE) as tmp:
         files, sizes = [], []
         for k, lo in enumerate(range(0, len(rows_all), shard_size)):
             name = f"shard-{k:05d}{_SUFFIX[fmt]}"

@@ -47,6 +47,9 @@ def _store_marker(p: Path) -> Format | None:
     return None
 
 
+A_STORE = "a store (h5ad, Zarr, SOMA)"  # what a writer's output replaces
+
+
 def is_store(path: Path) -> bool:
     """Is ``path`` a store that a conversion may replace: an h5ad file, a Zarr or SOMA
     folder (never another folder)."""
@@ -87,7 +90,7 @@ class StoreWriter:
         overwrite: bool = False,
     ) -> None:
         self.path = Path(path)
-        check_replaceable(self.path, overwrite, is_store, "a store (h5ad, Zarr, SOMA)")
+        check_replaceable(self.path, overwrite, is_store, A_STORE)
         self.overwrite = overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_sibling(self.path)
