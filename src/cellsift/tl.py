@@ -190,7 +190,7 @@ def search_centroid(
         else:  # the set's cells; any without counts in the model's genes sit out the check
             x = model.aligned_counts(adata[mask], layer=layer)
             x = x[np.diff(x.indptr) > 0]
-            z = model._run(x, model.module.embed, model.config["architecture"]["latent"])
+            z = model.embed_aligned(x)
         result.qc = query_coherence(index, z, k, filter=filter)
     return result
 

@@ -101,6 +101,16 @@ def test_each_command_names_an_output_of_another_kind(bundle, synthetic_h5ad, tm
         cs.data.CellCollection(tmp_path / "m.json")
 
 
+def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad):
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)[:300]
+    shuffled = adata[:, np.random.default_rng(0).permutation(adata.n_vars)[:-5]].copy()
+    x = model.aligned_counts(shuffled)
+    np.testing.assert_allclose(model.embed_aligned(x, batch_size=128), model.embed(shuffled))
+    with pytest.raises(ValueError, match=r"x has \d+ genes, the model \d+: align"):
+        model.embed_aligned(x[:, :-1])
+
+
 def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     model = MetricModel.load(bundle)
     ref = ad.read_h5ad(synthetic_h5ad)

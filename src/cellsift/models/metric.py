@@ -345,6 +345,23 @@ class MetricModel:
                 out.append(fn({"x_ng": t}).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
 
+    def embed_aligned(
+        self,
+        x: sp.csr_matrix,
+        *,
+        batch_size: int = 4096,
+        device: str | torch.device | None = None,
+    ) -> np.ndarray:
+        """Embeddings of raw counts already in the model's gene order (cells x genes, as
+        :meth:`aligned_counts` returns them): no alignment and no checks."""
+        if x.shape[1] != len(self.genes):
+            raise ValueError(
+                f"x has {x.shape[1]} genes, the model {len(self.genes)}: align the counts "
+                "with model.aligned_counts(adata) first."
+            )
+        latent = self.config["architecture"]["latent"]
+        return self._run(sp.csr_matrix(x), self.module.embed, latent, batch_size, device)
+
     def embed(
         self,
         adata: ad.AnnData,
