@@ -103,8 +103,34 @@ def test_blocklist_and_safelist_restrict_the_reference():
     assert "CL:0000624" not in set(out["knn_label"])
     out = ann.annotate(x[:200], safelist=["CL:0000236", "CL:0000623"])
     assert set(out["knn_label"]) <= {"CL:0000236", "CL:0000623"}
-    with pytest.raises(Exception, match="selects no cells"):
+    with pytest.raises(CellIndexError, match=r"safelist names 1 label .* not hold: 'CL:9999999'"):
         ann.annotate(x[:5], safelist=["CL:9999999"])
+    with pytest.raises(CellIndexError, match=r"blocklist names 1 label .*'CD4-positive"):
+        ann.annotate(x[:5], blocklist=["CD4-positive, alpha-beta T cell"])  # a name, not an id
+    with pytest.raises(TypeError, match=r"blocklist=\['CL:0000624'\]"):
+        ann.annotate(x[:5], blocklist="CL:0000624")
+
+
+def test_ontology_mode_lists_name_terms_as_the_reference_does():
+    """Reference labels by name (some by id): the lists may use ids or names; unlabelled
+    reference cells stay neighbours under a blocklist."""
+    x, meta, _ = _atlas()
+    cl = load_cell_ontology()
+    names = meta["cell_type_ontology_term_id"].map(cl.name).astype(object)
+    names[meta["cell_type_ontology_term_id"] == "CL:0000236"] = "CL:0000236"  # B cells by id
+    names[:50] = None  # unlabelled
+    index = CellIndex.build(x, meta.assign(cell_type_ontology_term_id=names), engine="exact")
+    ann = KNNAnnotator(index, k=15, ontology_aware=True)
+    out = ann.annotate(x[:200], blocklist=["CL:0000624"])  # CD4 cells, CD4 blocked
+    assert "CL:0000624" not in set(out["knn_label"]) and len(out) == 200
+    plain = ann.annotate(x[:50], blocklist=["B cell"])  # cells without labels still found
+    assert (plain["min_distance"] < 1e-5).all()
+    out = ann.annotate(x[:600], safelist=["B cell", "natural killer cell"])
+    assert set(out["knn_label"]) <= {"CL:0000236", "CL:0000623"}
+    with pytest.raises(Exception, match="safelist: 1 label is not a Cell Ontology term"):
+        ann.annotate(x[:5], safelist=["B-cell-ish"])
+    with pytest.raises(CellIndexError, match="does not hold: 'T cell'"):
+        ann.annotate(x[:5], blocklist=["T cell"])  # a term, but no reference cell has it
 
 
 def test_leave_one_study_out_calibration_allows_for_study_shifts():

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import import_optional, logger
-from ..ontology import load_cell_ontology
+from ..ontology import OntologyError, load_cell_ontology
 from .index import CellIndex, CellIndexError, check_k
 
 __all__ = ["UNKNOWN", "KNNAnnotator"]
@@ -108,6 +108,9 @@ class KNNAnnotator:
         self.min_support, self.distance_threshold = min_support, distance_threshold
         self.abstain_on = abstain_on
         self._labels = self._read_labels()
+        # the reference's own label values, and (ontology mode) the term each one names
+        self._raw = list(self._labels.terms)
+        self._raw_terms = list(self._raw)
         self._up: np.ndarray | None = None
         if ontology_aware:
             self._extend_with_ancestors()
@@ -143,6 +146,7 @@ class KNNAnnotator:
         # labels that name one term (an id and its name, a deprecated id and its successor)
         # vote as that one term
         harmonized = cl.harmonize(refs)
+        self._raw_terms = list(harmonized)
         pos = {t: i for i, t in enumerate(dict.fromkeys(harmonized))}
         ids = list(pos)
         to_term = np.asarray([pos[t] for t in harmonized], dtype=np.int32)
@@ -286,7 +290,9 @@ class KNNAnnotator:
         label), ``min_distance`` (to the nearest reference cell), ``mean_distance`` (over
         the ``k`` neighbours), ``knn_label`` (the plain majority label; ``unknown`` when no
         neighbour has a label).
-        ``safelist`` / ``blocklist`` restrict the reference labels; ``filter`` any metadata.
+        ``safelist`` / ``blocklist`` restrict the reference labels (exactly those labels,
+        not their subtypes); in ontology mode they may name the terms by id or name, as the
+        reference's labels may. ``filter`` restricts by any metadata.
         """
         expr = self._reference_filter(safelist, blocklist, filter)
         q = np.asarray(embeddings, dtype=np.float32)
@@ -310,15 +316,51 @@ class KNNAnnotator:
 
         terms = []
         if safelist is not None:
-            terms.append(pc.field(self.label_key).isin(list(safelist)))
+            terms.append(
+                pc.field(self.label_key).isin(self._reference_values(safelist, "safelist"))
+            )
         if blocklist is not None:
-            terms.append(~pc.field(self.label_key).isin(list(blocklist)))
+            values = self._reference_values(blocklist, "blocklist")
+            terms.append(
+                ~pc.field(self.label_key).isin(values) | pc.field(self.label_key).is_null()
+            )
         if filter is not None:
             terms.append(_expression(filter))
         expr = None
         for t in terms:
             expr = t if expr is None else expr & t
         return expr
+
+    def _reference_values(self, labels: Sequence[str], what: str) -> list[str]:
+        """The reference's label values that ``labels`` name: the same values, or in
+        ontology mode the values naming the same terms (an id, its name, a deprecated id).
+        Labels the reference does not hold are an error naming them (a misspelt blocklist
+        would otherwise block nothing)."""
+        if isinstance(labels, str):
+            raise TypeError(f"{what} is a list of labels, not one string: {what}=[{labels!r}].")
+        wanted = [str(v) for v in labels]
+        if self.ontology_aware:
+            cl = load_cell_ontology()
+            try:
+                named = dict(zip(wanted, cl.harmonize(wanted), strict=True))
+            except OntologyError as err:
+                raise OntologyError(f"{what}: {err}") from None
+            by_term: dict[str, list[str]] = {}
+            for raw, term in zip(self._raw, self._raw_terms, strict=True):
+                by_term.setdefault(term, []).append(raw)
+            found = {v: by_term.get(named[v], []) for v in wanted}
+        else:
+            held = set(self._raw)
+            found = {v: [v] if v in held else [] for v in wanted}
+        missing = [v for v, raws in found.items() if not raws]
+        if missing:
+            some = ", ".join(repr(v) for v in self._raw[:8])
+            raise CellIndexError(
+                f"{what} names {len(missing)} label{'s' if len(missing) > 1 else ''} that the "
+                f"reference's {self.label_key!r} does not hold: {', '.join(map(repr, missing[:10]))}"
+                f" (it holds {len(self._raw)}: {some}{', ...' if len(self._raw) > 8 else ''})."
+            )
+        return sorted({raw for raws in found.values() for raw in raws})
 
     def _annotate_block(self, q: np.ndarray, expr: Any) -> pd.DataFrame:
         res = self.index.search(q, self.k, filter=expr)
