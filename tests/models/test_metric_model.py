@@ -186,6 +186,25 @@ def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad,
     assert [p.name for p in (tmp_path / "run" / "lightning_logs").iterdir()] == ["version_0"]
 
 
+def test_training_on_an_anndata_in_memory_is_training_on_its_file(synthetic_h5ad, tmp_path):
+    """model.train(adata) reads the same batches as from the h5ad (a loader worker too),
+    so it ends with the same weights."""
+    adata = ad.read_h5ad(synthetic_h5ad)
+    data = {"split_key": "donor_id", "seed": 1, "num_workers": 1}
+    kw = {"max_epochs": 1, "enable_checkpointing": False, "logger": False}
+    from_file = _fit(synthetic_h5ad, tmp_path / "file", data=data, **kw)
+    in_memory = _fit(adata, tmp_path / "memory", data=data, **kw)
+    assert from_file.labels == in_memory.labels and from_file.genes == in_memory.genes
+    for (key, a), b in zip(
+        from_file.module.state_dict().items(), in_memory.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+    with pytest.raises(DataError, match=r"an AnnData in memory is embedded with cellsift.tl.embed"):
+        from cellsift.tasks import embed_collection
+
+        embed_collection(in_memory, adata, tmp_path / "emb.zarr")
+
+
 def test_a_run_trained_on_for_more_epochs_anneals_to_its_new_end(synthetic_h5ad, tmp_path):
     """A finished 1-epoch run resumed with max_epochs=3: the cosine schedule runs over the
     3 epochs (a schedule restored with its old length climbs back to the full rate)."""

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from .._utils import logger, text_or_none
 from ..errors import DataError, MissingKeyError
 from .genes import GeneMap, GeneVocabulary
-from .stores import CellStore, open_store, refuse_other
+from .stores import CellStore, is_anndata, open_store, refuse_other
 
 __all__ = ["CellCollection", "resolve_paths"]
 
@@ -28,12 +28,13 @@ ObsFilter = Mapping[str, Any] | Callable[[pd.DataFrame], np.ndarray]
 
 
 def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
-    """Paths of a collection: a store, a list, a glob (``atlas/*.h5ad``) or a manifest.
+    """Paths of a collection: a store, a list, a glob (``atlas/*.h5ad``) or a manifest
+    (open stores and AnnData objects pass through).
 
     A manifest is a JSON file (or a directory holding ``manifest.json``) with
     ``{"files": [...]}``, paths relative to the manifest.
     """
-    if isinstance(source, CellStore):
+    if isinstance(source, CellStore) or is_anndata(source):
         return [source]
     if isinstance(source, str | os.PathLike):
         p = Path(source)
@@ -53,11 +54,10 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
                 raise FileNotFoundError(f"no store matches {source}.")
             return list(found)
         return [source]
-    if not isinstance(source, Sequence) or hasattr(source, "obs_names"):
-        what = "an in-memory AnnData" if hasattr(source, "obs_names") else type(source).__name__
+    if not isinstance(source, Sequence):
         raise TypeError(
-            f"a collection reads stores on disk, not {what}: write it first "
-            "(adata.write_h5ad('atlas.h5ad')) and pass the path, a glob or a manifest."
+            f"a collection reads stores (paths, a glob, a manifest, CellStore objects or "
+            f"AnnData objects), not {type(source).__name__}."
         )
     out: list[StoreLike] = []
     for item in source:
@@ -71,7 +71,9 @@ class CellCollection:
     Parameters
     ----------
     source
-        Stores: paths, a glob, a manifest, or open :class:`CellStore` objects.
+        Stores: paths, a glob, a manifest, open :class:`CellStore` objects, or AnnData
+        objects in memory (their counts read by rows as a file's; a backed AnnData: pass
+        its path).
     genes
         The vocabulary (a :class:`GeneVocabulary` or a list of ids). Default: the genes of
         the first store. Each store's columns map onto it; missing genes read as zeros.

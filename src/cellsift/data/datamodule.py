@@ -48,7 +48,8 @@ class CellDataModule(pl.LightningDataModule):
     Parameters
     ----------
     source
-        Stores (paths, glob, manifest) as for :class:`CellCollection`.
+        Stores (paths, glob, manifest, AnnData objects in memory) as for
+        :class:`CellCollection`.
     label_key, study_key
         obs columns of cell type and study; batches carry ``y_n`` and ``study_n``.
     split_key

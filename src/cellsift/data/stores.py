@@ -218,20 +218,33 @@ class CellStore(ABC):
         return f"{type(self).__name__}({str(self.path)!r}{layer}: {self.n_obs} cells x {self.n_vars} genes)"
 
 
+def is_anndata(value: Any) -> bool:
+    """An AnnData object (in memory, a view or backed)."""
+    import anndata as ad
+
+    return isinstance(value, ad.AnnData)
+
+
 def open_store(
-    path: str | os.PathLike[str] | CellStore,
+    path: str | os.PathLike[str] | CellStore | Any,
     *,
     format: Format | None = None,
     layer: str | None = None,
     **options: Any,
 ) -> CellStore:
-    """Open a store by path: ``*.h5ad`` (HDF5), ``*.zarr`` (AnnData-Zarr), a TileDB-SOMA Experiment.
+    """Open a store by path: ``*.h5ad`` (HDF5), ``*.zarr`` (AnnData-Zarr), a TileDB-SOMA
+    Experiment; or an AnnData in memory (:class:`~cellsift.data._memory.MemoryStore`, which
+    takes no ``options``).
 
     ``layer`` selects where counts live: ``None`` for X, a name in ``layers``, or ``"raw"``
     (AnnData stores; for SOMA the X layer name, default ``"raw"``).
     """
     if isinstance(path, CellStore):
         return path
+    if is_anndata(path):
+        from ._memory import MemoryStore
+
+        return MemoryStore(path, layer=layer)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist.")
     refuse_other(Path(path), "cells")

@@ -191,7 +191,8 @@ class MetricModel:
         compile: bool = False,
         **trainer_kwargs: Any,
     ) -> pl.Trainer:
-        """Train on a :class:`CellDataModule` (or stores to build one from).
+        """Train on a :class:`CellDataModule` (or stores to build one from: paths, a glob,
+        a manifest, AnnData objects in memory).
 
         The data are read through the model's gene vocabulary and label set. Extra keyword
         arguments go to ``lightning.pytorch.Trainer`` (e.g. ``precision="bf16-mixed"``);

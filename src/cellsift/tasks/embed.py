@@ -43,8 +43,9 @@ from .._utils import (
     progress,
 )
 from ..data import CellCollection
+from ..data.collection import resolve_paths
 from ..data.loader import to_torch_csr
-from ..data.stores import refuse_other
+from ..data.stores import is_anndata, refuse_other
 from ..errors import DataError
 
 #: What an existing ``out`` must be for ``overwrite`` to replace it.
@@ -89,6 +90,13 @@ def embed_collection(
     """
     out = Path(out)
     check_replaceable(out, overwrite, _REPLACES, _WHAT)
+    stores = source.stores if isinstance(source, CellCollection) else resolve_paths(source)
+    if any(is_anndata(s) or getattr(s, "format", None) == "memory" for s in stores):
+        raise DataError(
+            "embed_collection writes a store that a killed run resumes, from stores on disk; "
+            "an AnnData in memory is embedded with cellsift.tl.embed(adata, model) (into "
+            "adata.obsm), or written first (adata.write_h5ad) and its path passed."
+        )
     kwargs: dict[str, Any] = {
         "layer": layer,
         "obs_columns": obs_columns,

@@ -1,0 +1,80 @@
+"""AnnData in memory as a store: the same cells, genes and obs as its h5ad file."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from cellsift.data import CellCollection, open_store
+from cellsift.data._memory import MemoryStore
+from cellsift.datasets import indexed_atlas
+from cellsift.errors import DataError
+
+
+def _same_store(mem, disk, rows):
+    np.testing.assert_array_equal(mem.read(rows).toarray(), disk.read(rows).toarray())
+    assert mem.read(rows).dtype == np.float32
+    assert list(mem.var_names) == list(disk.var_names)
+    assert mem.obs_columns == disk.obs_columns
+    for c in disk.obs_columns:
+        np.testing.assert_array_equal(np.asarray(mem.obs_column(c)), np.asarray(disk.obs_column(c)))
+    assert list(mem.obs_names) == list(disk.obs_names)
+    np.testing.assert_array_equal(mem.row_nnz(), disk.row_nnz())
+
+
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense"])
+def test_reads_as_its_h5ad_does(tmp_path, kind):
+    adata = indexed_atlas(300, 40, path=None)
+    adata.layers["counts"] = adata.X.copy()
+    adata.raw = adata[:, :30].copy()
+    if kind != "csr":
+        adata.X = adata.X.tocsc() if kind == "csc" else adata.X.toarray()
+    adata.write_h5ad(tmp_path / "a.h5ad") if kind != "csc" else None
+    disk_adata = adata.copy()
+    if kind == "csc":  # h5ad stores refuse CSC: compare with its CSR file
+        disk_adata.X = sp.csr_matrix(disk_adata.X)
+        disk_adata.write_h5ad(tmp_path / "a.h5ad")
+    rows = np.array([0, 3, 4, 150, 299])
+    for layer in (None, "counts", "raw"):
+        mem = open_store(adata, layer=layer)
+        assert isinstance(mem, MemoryStore) and mem.n_obs == 300
+        _same_store(mem, open_store(tmp_path / "a.h5ad", layer=layer), rows)
+    assert open_store(adata, layer="raw").n_vars == 30
+
+
+def test_a_view_and_a_collection(tmp_path):
+    adata = indexed_atlas(400, 30, path=None)
+    adata.obs.loc[adata.obs_names[:10], "cell_type_ontology_term_id"] = None
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    view = adata[adata.obs["dataset_id"] != adata.obs["dataset_id"].iloc[0]]
+    view.write_h5ad(tmp_path / "view.h5ad")
+    _same_store(open_store(view), open_store(tmp_path / "view.h5ad"), np.arange(0, len(view), 7))
+    opts = {"dropna": ["cell_type_ontology_term_id"], "min_genes": 1}
+    mem, disk = (
+        CellCollection([adata, view], **opts),
+        CellCollection([tmp_path / "a.h5ad", tmp_path / "view.h5ad"], **opts),
+    )
+    assert mem.n_obs == disk.n_obs < len(adata) + len(view)
+    rows = np.arange(0, mem.n_obs, 5)
+    np.testing.assert_array_equal(mem.read(rows).toarray(), disk.read(rows).toarray())
+    np.testing.assert_array_equal(
+        mem.codes("cell_type_ontology_term_id")[0], disk.codes("cell_type_ontology_term_id")[0]
+    )
+
+
+def test_bad_in_memory_input_is_named(tmp_path):
+    adata = indexed_atlas(50, 10, path=None)
+    with pytest.raises(KeyError, match=r"no layer 'counts'"):
+        open_store(adata, layer="counts")
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    with pytest.raises(DataError, match=r"backed AnnData .*a\.h5ad\): pass its file path"):
+        CellCollection(backed)
+    backed.file.close()
+    nan = adata.copy()
+    nan.X = nan.X.toarray()
+    nan.X[3, 2] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        CellCollection(nan)
