@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from ._utils import adata_counts, cell_mask
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
+from .tasks.index import CellIndexError
 
 __all__ = ["annotate", "embed", "pseudobulk", "search_centroid", "search_clusters"]
 
@@ -35,7 +36,9 @@ def embed(
     """Embed raw counts (``adata.X``, ``layers[layer]`` or, for ``"raw"``, ``adata.raw``)
     with ``model`` into ``obsm[key_added]``; genes are aligned to the model's with an overlap
     report, and values that are not raw counts are an error unless ``check_counts=False``
-    (``source`` names the data in messages, e.g. its file)."""
+    (``source`` names the data in messages, e.g. its file). ``uns["cellsift"][key_added]``
+    records the model's fingerprint, so that :func:`annotate` and :func:`search_centroid`
+    refuse an embedding that another model made."""
     adata = adata.copy() if copy else adata
     adata.obsm[key_added] = model.embed(
         adata,
@@ -45,6 +48,10 @@ def embed(
         check_counts=check_counts,
         source=source,
     )
+    # which model made it: annotate and search refuse another model's embeddings
+    record = dict(adata.uns.get("cellsift", {}))
+    record[key_added] = {"model_fingerprint": model.fingerprint}
+    adata.uns["cellsift"] = record
     return adata if copy else None
 
 
@@ -89,8 +96,9 @@ def annotate(
     distance compared with the threshold (see :class:`KNNAnnotator`).
     """
     adata = adata.copy() if copy else adata
-    (reference.index if isinstance(reference, KNNAnnotator) else reference).check_model(model)
-    _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts)
+    index = reference.index if isinstance(reference, KNNAnnotator) else reference
+    index.check_model(model)
+    _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts, index=index)
     if isinstance(reference, KNNAnnotator):
         ann = reference
     else:
@@ -105,7 +113,9 @@ def annotate(
         )
         if abstain:
             if isinstance(calibrate_on, ad.AnnData):
-                _ensure_embedded(calibrate_on, model, use_rep, "calibrate_on", layer, check_counts)
+                _ensure_embedded(
+                    calibrate_on, model, use_rep, "calibrate_on", layer, check_counts, index
+                )
                 calibrate_on = calibrate_on.obsm[use_rep]
             ann.calibrate(calibrate_on, group_key=calibrate_by)
     out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
@@ -118,6 +128,26 @@ def annotate(
     return adata if copy else None
 
 
+def check_embedded_by(adata: ad.AnnData, use_rep: str, model: Any, what: str = "adata") -> None:
+    """Refuse ``obsm[use_rep]`` when :func:`embed` recorded another model than ``model`` (a
+    MetricModel, or a CellIndex: the model that built it) as its maker. Embeddings put
+    there by other means carry no record and are taken as they are."""
+    made_by = adata.uns.get("cellsift", {}).get(use_rep, {}).get("model_fingerprint")
+    if made_by is None or model is None:
+        return
+    if isinstance(model, CellIndex):
+        wanted, whose = model.params.get("model"), "the index's model"
+    else:
+        wanted, whose = model.fingerprint, "the model passed"
+    if wanted is not None and made_by != wanted:
+        raise CellIndexError(
+            f"{what}.obsm[{use_rep!r}] was embedded by another model (fingerprint "
+            f"{made_by[:12]}) than {whose} ({wanted[:12]}): distances between two models' "
+            f"embeddings mean nothing. Embed again with cellsift.tl.embed({what}, model), or "
+            "pass use_rep= of this model's embedding."
+        )
+
+
 def _ensure_embedded(
     adata: ad.AnnData,
     model: Any,
@@ -125,9 +155,13 @@ def _ensure_embedded(
     what: str = "adata",
     layer: str | None = None,
     check_counts: bool = True,
+    index: CellIndex | None = None,
 ) -> None:
-    """Embed ``adata`` into ``obsm[use_rep]`` with ``model`` unless it is there already."""
-    if use_rep not in adata.obsm:
+    """Embed ``adata`` into ``obsm[use_rep]`` with ``model`` unless it is there already,
+    made by this model (or, without one, by the model that built ``index``)."""
+    if use_rep in adata.obsm:
+        check_embedded_by(adata, use_rep, model if model is not None else index, what)
+    else:
         if model is None:
             raise ValueError(
                 f"{what}.obsm[{use_rep!r}] is absent: pass model= to embed the cells first."
@@ -186,6 +220,7 @@ def search_centroid(
     result = index.search(model.embed(bulk), k, filter=filter)
     if qc:
         if use_rep in adata.obsm:
+            check_embedded_by(adata, use_rep, model)
             z = np.asarray(adata.obsm[use_rep])[mask]
         else:  # the set's cells; any without counts in the model's genes sit out the check
             x = model.aligned_counts(adata[mask], layer=layer)

@@ -18,6 +18,7 @@ from cellsift.models import MetricModel
 from cellsift.ontology import load_cell_ontology
 from cellsift.tasks import (
     CellIndex,
+    CellIndexError,
     KNNAnnotator,
     embed_collection,
     load_embeddings,
@@ -109,6 +110,30 @@ def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad):
     np.testing.assert_allclose(model.embed_aligned(x, batch_size=128), model.embed(shuffled))
     with pytest.raises(ValueError, match=r"x has \d+ genes, the model \d+: align"):
         model.embed_aligned(x[:, :-1])
+
+
+def test_annotate_refuses_an_embedding_another_model_made(bundle, synthetic_h5ad, tmp_path):
+    model = MetricModel.load(bundle)
+    torch.manual_seed(1)
+    other = MetricModel.from_collection(synthetic_h5ad, hidden=(64,), latent=16)
+    ref = ad.read_h5ad(synthetic_h5ad)
+    cs.tl.embed(ref, model)
+    index = CellIndex.build(ref.obsm["X_cellsift"], ref.obs.reset_index(drop=True), model=model)
+    query = ref[:100].copy()
+    cs.tl.embed(query, other)  # an earlier analysis with another model
+    for passed, whose in ((model, "the model passed"), (None, "the index's model")):
+        with pytest.raises(CellIndexError, match=f"embedded by another model .* than {whose}"):
+            cs.tl.annotate(query, index, model=passed, abstain=False)
+    with pytest.raises(CellIndexError, match="embedded by another model"):
+        cs.tl.search_centroid(query, model, index, k=5)
+    query.write_h5ad(tmp_path / "q.h5ad")  # the record travels with the file
+    with pytest.raises(CellIndexError, match="embedded by another model"):
+        cs.tl.annotate(ad.read_h5ad(tmp_path / "q.h5ad"), index, model=model, abstain=False)
+    cs.tl.embed(query, model)
+    cs.tl.annotate(query, index, model=model, abstain=False)
+    assert query.uns["cellsift"]["X_cellsift"]["model_fingerprint"] == model.fingerprint
+    del query.uns["cellsift"]  # embeddings put there by other means are taken as they are
+    cs.tl.annotate(query, index, abstain=False)
 
 
 def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
