@@ -218,6 +218,19 @@ def adata_counts(
     raise MissingKeyError(f"{source} has no layer {layer!r} ({has}).")
 
 
+def canonical(x: Any) -> Any:
+    """CSR ``x`` with each cell's counts of a gene in one entry (duplicates summed: a count
+    split in two would be log-transformed in parts) and no stored zeros (a cell of zeros is
+    empty, not counted as holding genes). ``x`` itself when it is so already, else a copy:
+    the caller's matrix is never changed."""
+    if x.has_canonical_format and (x.data != 0).all():
+        return x
+    x = x.copy()
+    x.sum_duplicates()
+    x.eliminate_zeros()
+    return x
+
+
 def text_or_none(values: Any) -> np.ndarray:
     """``values`` as an object array of text, missing values as None (not the text "nan"
     or "None"), as categoricals and Arrow columns keep them."""

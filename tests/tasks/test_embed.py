@@ -136,6 +136,41 @@ def test_annotate_refuses_an_embedding_another_model_made(bundle, synthetic_h5ad
     cs.tl.annotate(query, index, abstain=False)
 
 
+def test_counts_stored_in_parts_or_as_zeros_embed_as_the_counts(bundle, synthetic_h5ad):
+    """A count split over two entries of a CSR row (not canonical) embeds as the count;
+    stored zeros are no counts; the caller's matrix is left as it was."""
+    import scipy.sparse as sp
+
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)[:100].copy()
+    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    lengths = np.diff(x.indptr)
+    rows = np.repeat(np.arange(x.shape[0]), lengths)
+    # every entry twice, each holding half (the matrix's sum is the same)
+    twice = np.concatenate([np.arange(x.nnz), np.arange(x.nnz)])
+    order = np.lexsort((twice, rows[twice]))
+    split = sp.csr_matrix(
+        (
+            np.tile(x.data / 2, 2)[order],
+            x.indices[twice][order],
+            np.append(0, np.cumsum(2 * lengths)),
+        ),
+        shape=x.shape,
+    )
+    assert not split.has_canonical_format
+    np.testing.assert_array_equal(split.toarray(), x.toarray())
+    parts = adata.copy()
+    parts.X = split
+    np.testing.assert_allclose(
+        model.embed(parts, check_counts=False), model.embed(adata), atol=1e-6
+    )
+    assert len(parts.X.data) == 2 * x.nnz  # not changed in place
+    zeros = adata.copy()
+    zeros.X.data[:] = 0
+    with pytest.raises(DataError, match="100 of 100 cells have no counts"):
+        model.embed(zeros)
+
+
 def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     model = MetricModel.load(bundle)
     ref = ad.read_h5ad(synthetic_h5ad)

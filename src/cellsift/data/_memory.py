@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import adata_counts, logger
+from .._utils import adata_counts, canonical, logger
 from ..errors import DataError
 from .stores import CellStore
 
@@ -42,7 +42,7 @@ class MemoryStore(CellStore):
         if sp.issparse(x):
             if x.format != "csr":
                 logger.info("%s: %s counts turned into CSR to read by rows", name, x.format)
-            x = sp.csr_matrix(x)
+            x = canonical(sp.csr_matrix(x))  # (a copy only where duplicates or zeros are stored)
         elif isinstance(x, np.ndarray):
             if x.ndim != 2:
                 raise DataError(f"{name}: counts must be cells x genes, not {x.ndim}-d.")

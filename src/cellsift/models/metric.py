@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from .._utils import adata_counts, logger, model_fingerprint
+from .._utils import adata_counts, canonical, logger, model_fingerprint
 from ..data import CellCollection, GeneVocabulary
 from ..data.collection import check_count_values
 from ..data.datamodule import CellDataModule
@@ -289,6 +289,7 @@ class MetricModel:
                 or [sp.csr_matrix((0, len(self.genes)), dtype=np.float32)],
                 format="csr",
             )
+        out = canonical(out)
         if check_counts:
             where = f"{source} ({'X' if layer is None else layer})"
             check_count_values(
