@@ -199,6 +199,10 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     return mask
 
 
+#: Rows read at a time from a backed AnnData's matrix.
+BACKED_ROWS = 65_536
+
+
 def adata_counts(
     adata: Any, layer: str | None, source: str = "adata"
 ) -> tuple[Any, pd.DataFrame, list[str]]:

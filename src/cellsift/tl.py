@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import adata_counts, cell_mask
+from ._utils import BACKED_ROWS, adata_counts, cell_mask
+from .errors import MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 from .tasks.index import CellIndexError
 
@@ -170,24 +171,63 @@ def _ensure_embedded(
 
 
 def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> ad.AnnData:
-    """Summed counts per group: ``groups`` is an obs column name or one label per cell
-    (cells labelled None/NaN are left out). One row per group with cells (a categorical
-    column's unused categories are left out), the genes of the counts read:
-    ``X``, ``layers[layer]`` or, for ``"raw"``, ``adata.raw`` (with its own var)."""
-    labels = adata.obs[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups))
-    cat = pd.Categorical(labels).remove_unused_categories()
+    """Summed counts per group: ``groups`` is an obs column name or one label per cell (a
+    Series indexed by obs names is aligned to them; cells labelled None/NaN are left out).
+    One row per group with cells (a categorical column's unused categories are left out),
+    the genes of the counts read: ``X``, ``layers[layer]`` or, for ``"raw"``,
+    ``adata.raw`` (with its own var). A backed AnnData is read in row blocks."""
+    cat = pd.Categorical(_group_labels(adata, groups)).remove_unused_categories()
     keep = cat.codes >= 0
     if not keep.any():
         raise ValueError("no cell belongs to a group; nothing to sum.")
+    names = pd.Index([str(c) for c in cat.categories])
+    if names.has_duplicates:
+        twice = set(names[names.duplicated()])
+        same = [repr(c) for c in cat.categories if str(c) in twice]
+        raise ValueError(
+            f"groups {', '.join(same)} read the same as text, which names a group's row: "
+            "give them distinct labels (e.g. all as text)."
+        )
     x, var, _ = adata_counts(adata, layer)
     onehot = sp.csr_matrix(
         (np.ones(keep.sum()), (cat.codes[keep], np.flatnonzero(keep))),
         shape=(len(cat.categories), adata.n_obs),
     )
-    sums = sp.csr_matrix(onehot @ sp.csr_matrix(x))
-    return ad.AnnData(
-        sums, obs=pd.DataFrame(index=[str(c) for c in cat.categories]), var=var.copy()
-    )
+    if sp.issparse(x) or isinstance(x, np.ndarray):
+        sums = sp.csr_matrix(onehot @ sp.csr_matrix(x))
+    else:  # backed (anndata's on-disk matrix): row blocks
+        sums = sp.csr_matrix((len(cat.categories), x.shape[1]))
+        for start in range(0, x.shape[0], BACKED_ROWS):
+            block = sp.csr_matrix(x[start : start + BACKED_ROWS], dtype=np.float64)
+            sums += onehot[:, start : start + block.shape[0]] @ block
+        sums = sp.csr_matrix(sums)
+    return ad.AnnData(sums, obs=pd.DataFrame(index=names), var=var.copy())
+
+
+def _group_labels(adata: ad.AnnData, groups: Any) -> Any:
+    """One label per cell, in obs order, from an obs column name, a Series indexed by obs
+    names (aligned) or values in obs order; a wrong length or index is an error."""
+    if isinstance(groups, str):
+        if groups not in adata.obs.columns:
+            raise MissingKeyError(
+                f"obs has no column {groups!r}; it has {', '.join(map(str, adata.obs.columns))}."
+            )
+        return adata.obs[groups].array
+    if isinstance(groups, pd.Series) and not isinstance(groups.index, pd.RangeIndex):
+        index = groups.index.astype(str)
+        if index.has_duplicates or not adata.obs_names.isin(index).all():
+            raise ValueError(
+                "groups is a Series whose index is not the cells' obs names: index it by "
+                "adata.obs_names, or pass its values in obs order (groups.to_numpy())."
+            )
+        return pd.Series(groups.to_numpy(), index=index).reindex(adata.obs_names).array
+    values = groups.array if isinstance(groups, pd.Series) else np.asarray(groups)
+    if values.ndim != 1 or len(values) != adata.n_obs:
+        raise ValueError(
+            f"groups holds {len(values)} labels for {adata.n_obs} cells: pass one per cell "
+            "(or an obs column name)."
+        )
+    return values
 
 
 def search_centroid(

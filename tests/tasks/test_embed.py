@@ -235,6 +235,32 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     assert main([*args, "--overwrite", "--layer", "counts"]) == 0
 
 
+def test_pseudobulk_groups_by_name_and_reads_backed_files(synthetic_h5ad):
+    from cellsift.errors import MissingKeyError
+
+    ref = ad.read_h5ad(synthetic_h5ad)
+    want = cs.tl.pseudobulk(ref, "dataset_id")
+    shuffled = ref.obs["dataset_id"].sample(frac=1.0, random_state=0)  # aligned by name
+    got = cs.tl.pseudobulk(ref, shuffled)
+    np.testing.assert_array_equal(got.X.toarray(), want.X.toarray())
+    np.testing.assert_array_equal(
+        cs.tl.pseudobulk(ref, ref.obs["dataset_id"].to_numpy()).X.toarray(), want.X.toarray()
+    )
+    backed = ad.read_h5ad(synthetic_h5ad, backed="r")
+    np.testing.assert_allclose(cs.tl.pseudobulk(backed, "dataset_id").X.toarray(), want.X.toarray())
+    backed.file.close()
+    with pytest.raises(ValueError, match=r"groups holds 10 labels for \d+ cells"):
+        cs.tl.pseudobulk(ref, ["x"] * 10)
+    with pytest.raises(ValueError, match="index is not the cells' obs names"):
+        cs.tl.pseudobulk(ref, shuffled.set_axis([f"c{i}" for i in range(len(shuffled))]))
+    with pytest.raises(MissingKeyError, match="obs has no column 'nope'; it has"):
+        cs.tl.pseudobulk(ref, "nope")
+    mixed = np.full(ref.n_obs, "1", dtype=object)
+    mixed[::2] = 1
+    with pytest.raises(ValueError, match="read the same as text"):
+        cs.tl.pseudobulk(ref, mixed)
+
+
 def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad):
     model = MetricModel.load(bundle)
     ref = ad.read_h5ad(synthetic_h5ad)

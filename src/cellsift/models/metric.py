@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from .._utils import adata_counts, canonical, logger, model_fingerprint
+from .._utils import BACKED_ROWS, adata_counts, canonical, logger, model_fingerprint
 from ..data import CellCollection, GeneVocabulary
 from ..data.collection import check_count_values
 from ..data.datamodule import CellDataModule
@@ -37,9 +37,6 @@ from ..train.resume import continued_run
 from .bundle import BundleError, load_bundle, save_bundle
 
 __all__ = ["SMALL_ATLAS_LOADER", "SMALL_ATLAS_MODEL", "MetricModel"]
-
-#: Rows read at a time from a backed AnnData's matrix.
-_BACKED_ROWS = 65_536
 
 #: MetricModel settings for small atlases (thousands to ~100k cells): SCimilarity's
 #: architecture and loss, with the triplet term's weight raised from its 0.001 and dropout
@@ -283,8 +280,8 @@ class MetricModel:
         else:  # backed (anndata's on-disk matrices): read in row blocks
             out = sp.vstack(
                 [
-                    gm.apply(sp.csr_matrix(x[start : start + _BACKED_ROWS], dtype=np.float32))
-                    for start in range(0, x.shape[0], _BACKED_ROWS)
+                    gm.apply(sp.csr_matrix(x[start : start + BACKED_ROWS], dtype=np.float32))
+                    for start in range(0, x.shape[0], BACKED_ROWS)
                 ]
                 or [sp.csr_matrix((0, len(self.genes)), dtype=np.float32)],
                 format="csr",
