@@ -133,6 +133,15 @@ def test_ontology_mode_lists_name_terms_as_the_reference_does():
         ann.annotate(x[:5], blocklist=["T cell"])  # a term, but no reference cell has it
 
 
+def test_whole_number_labels_with_missing_values_stay_whole():
+    x, meta, _ = _atlas()
+    codes = pd.array(pd.factorize(meta["cell_type_ontology_term_id"])[0], dtype="Int64")
+    codes[:20] = pd.NA
+    index = CellIndex.build(x, meta.assign(code=codes), engine="exact")
+    out = KNNAnnotator(index, label_key="code", k=15).annotate(x[::50])
+    assert set(out["knn_label"]) <= {str(c) for c in range(len(TYPES))}
+
+
 def test_leave_one_study_out_calibration_allows_for_study_shifts():
     """Studies shifted from each other: calibrating across studies keeps new studies' cells."""
     x, meta, _ = _atlas(spread=0.3)

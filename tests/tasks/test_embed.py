@@ -7,6 +7,7 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -169,6 +170,18 @@ def test_counts_stored_in_parts_or_as_zeros_embed_as_the_counts(bundle, syntheti
     zeros.X.data[:] = 0
     with pytest.raises(DataError, match="100 of 100 cells have no counts"):
         model.embed(zeros)
+
+
+def test_embeddings_store_keeps_missing_labels_missing(bundle, synthetic_h5ad, tmp_path):
+    adata = ad.read_h5ad(synthetic_h5ad)[:300].copy()
+    labels = adata.obs["cell_type_ontology_term_id"].astype(object).to_numpy()
+    labels[:7] = None
+    adata.obs["cell_type_ontology_term_id"] = pd.Categorical(labels)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    out = embed_collection(MetricModel.load(bundle), tmp_path / "a.h5ad", tmp_path / "e.zarr")
+    _, meta = load_embeddings(out)
+    assert meta["cell_type_ontology_term_id"].isna().sum() == 7
+    assert "nan" not in set(meta["cell_type_ontology_term_id"].dropna())
 
 
 def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):

@@ -149,6 +149,24 @@ def test_add_meets_categorical_metadata_with_plain_values(tmp_path):
     assert list(plain.metadata_rows([4])["cell_type"]) == ["NK"]
 
 
+def test_missing_metadata_stay_missing_and_filters_name_type_mismatches():
+    rng = np.random.default_rng(0)
+    meta = pd.DataFrame(
+        {"obj": np.array(["a", None, "b", np.nan] * 25, dtype=object), "n": np.arange(100)}
+    )
+    index = CellIndex.build(rng.normal(size=(100, 8)), meta)
+    assert index.metadata_rows([0, 1, 3])["obj"].tolist() == ["a", None, None]
+    np.testing.assert_array_equal(index.select({"obj": None}), np.flatnonzero(meta["obj"].isna()))
+    np.testing.assert_array_equal(
+        index.select({"obj": ["a", None]}),
+        np.flatnonzero(meta["obj"].isna() | (meta["obj"] == "a")),
+    )
+    with pytest.raises(CellIndexError, match=r"'obj' holds string, the filter gives int\)"):
+        index.select({"obj": 3})
+    with pytest.raises(CellIndexError, match=r"'n' holds int64, the filter gives str values"):
+        index.search(rng.normal(size=(2, 8)), 3, filter={"n": ["a", "b"]})
+
+
 def test_corrupt_or_incomplete_index_is_named(tmp_path, data):
     x, meta, _ = data
     path = CellIndex.build(x[:2000], meta[:2000], engine="exact").save(tmp_path / "idx")

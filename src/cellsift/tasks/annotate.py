@@ -124,7 +124,8 @@ class KNNAnnotator:
         tbl = self.index._dataset().to_table(columns=[self.label_key, "cell_index"])
         # as categories (a dictionary column is one already; its nulls stay missing): the
         # labels are decided once per category, not once per cell
-        col = tbl.column(self.label_key).to_pandas()
+        # (whole numbers with missing values stay whole: label 4, not 4.0)
+        col = tbl.column(self.label_key).to_pandas(integer_object_nulls=True)
         cat = col.array if isinstance(col.dtype, pd.CategoricalDtype) else pd.Categorical(col)
         names = pd.Index(cat.categories.astype(str))
         ok = ~names.isin(list(_NO_LABEL))

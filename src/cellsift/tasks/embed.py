@@ -41,6 +41,7 @@ from .._utils import (
     model_fingerprint,
     move_into_place,
     progress,
+    text_or_none,
 )
 from ..data import CellCollection
 from ..data.collection import resolve_paths
@@ -262,8 +263,8 @@ def _finalize(
         if c not in meta.columns:
             meta[c] = values.to_numpy()
     for c in meta.columns:
-        if meta[c].dtype == object:
-            meta[c] = meta[c].astype(str)
+        if meta[c].dtype == object:  # as text, missing values kept missing (not "nan")
+            meta[c] = text_or_none(meta[c].to_numpy())
     table = pa.Table.from_pandas(meta, preserve_index=False)
     with atomic_path(staging / "metadata.parquet", overwrite=True) as tmp:
         pq.write_table(table, tmp, row_group_size=1 << 17)

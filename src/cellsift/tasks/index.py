@@ -53,6 +53,7 @@ from .._utils import (
     import_optional,
     logger,
     model_fingerprint,
+    text_or_none,
 )
 from ..data.stores import refuse_other
 from ..errors import CellsiftError
@@ -61,7 +62,9 @@ __all__ = ["CellIndex", "CellIndexError", "SearchResult", "normalize_embeddings"
 
 FORMAT_VERSION = 1
 Engine = Literal["exact", "ivf", "auto"]
-FilterLike = Any  # a pyarrow.compute.Expression, or {column: value or list of values}
+FilterLike = (
+    Any  # a pyarrow.compute.Expression, or {column: value or list of values; None: missing}
+)
 
 #: Selections up to this many cells (or this fraction of the index) are searched exactly.
 EXACT_SELECTION_MAX = 200_000
@@ -286,7 +289,26 @@ class CellIndex:
                 f"filter names columns the metadata does not have: {missing}; it has "
                 f"{sorted(names - {'cell_index'})}."
             )
-        tbl = ds.to_table(columns=["cell_index"], filter=expr)
+        pa = import_optional("pyarrow")
+        try:
+            tbl = ds.to_table(columns=["cell_index"], filter=expr)
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid) as err:
+            types = ""
+            if isinstance(filter, Mapping):  # each column's type against the values'
+                types = "; ".join(
+                    f"{c!r} holds {ds.schema.field(str(c)).type}, the filter gives "
+                    + (
+                        f"{type(next(iter(v), None)).__name__} values"
+                        if _is_list(v)
+                        else type(v).__name__
+                    )
+                    for c, v in filter.items()
+                )
+                types = f" ({types})"
+            raise CellIndexError(
+                f"the filter {filter!r} cannot be compared with the metadata{types}: give "
+                f"values of each column's type, e.g. text for a text column. ({err})"
+            ) from None
         rows = np.sort(tbl.column("cell_index").to_numpy())
         if len(rows) == 0:
             raise CellIndexError(
@@ -618,8 +640,8 @@ def _as_table(metadata: Any, n: int, start: int = 0) -> Any:
         if named:
             df.insert(0, "obs_name", metadata.index.astype(str).to_numpy())
         for col in df.columns:
-            if df[col].dtype == object:
-                df[col] = df[col].astype(str)
+            if df[col].dtype == object:  # as text, missing values kept missing (not "nan")
+                df[col] = text_or_none(df[col].to_numpy())
         table = pa.Table.from_pandas(df, preserve_index=False)
     elif isinstance(metadata, pa.Table):
         table = metadata
@@ -671,16 +693,31 @@ def _expression(filter: FilterLike) -> Any:
     pc = import_optional("pyarrow.compute")
     if isinstance(filter, Mapping):
         expr = None
-        for col, value in filter.items():
-            if isinstance(value, (list, tuple, set, np.ndarray, pd.Index)):
-                term = pc.field(col).isin(list(value))
+        for col, value in filter.items():  # None (or NaN) selects missing values
+            field = pc.field(col)
+            if _is_list(value):
+                values = list(value)
+                given = [v for v in values if not _missing(v)]
+                term = field.isin(given)
+                if len(given) < len(values):
+                    term = term | field.is_null()
+            elif _missing(value):
+                term = field.is_null()
             else:
-                term = pc.field(col) == value
+                term = field == value
             expr = term if expr is None else expr & term
         if expr is None:
             raise CellIndexError("an empty filter selects nothing; pass None to search all cells.")
         return expr
     return filter  # a pyarrow.compute.Expression
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, set, np.ndarray, pd.Index, pd.Series))
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
 
 
 def _pad(dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
