@@ -66,6 +66,19 @@ def test_ivf_reaches_the_calibrated_recall(data, ivf):
     assert ivf.params["calibrated_recall"] >= 0.99
 
 
+def test_ivf_fills_a_large_k_and_takes_numpy_integers(data, ivf):
+    """k far above what the calibrated probes hold: every slot filled, with the exact
+    answer's recall; a numpy integer k works as a Python int does."""
+    x, _, q = data
+    res = ivf.search(q[:5], np.int64(2000))
+    assert (res.indices >= 0).all() and res.indices.shape == (5, 2000)
+    assert all(len(set(r)) == 2000 for r in res.indices)
+    _, truth = _brute(x, q[:5], 2000)
+    assert _recall(res.indices, truth) >= 0.95
+    few = ivf.search(q[:5], 500, nprobe=1)  # one list holds fewer than 500: more are probed
+    assert (few.indices >= 0).all() and all(len(set(r)) == 500 for r in few.indices)
+
+
 def test_filtered_search_only_returns_selected_cells(data, ivf):
     x, meta, q = data
     # small selection (one study, 4%): exact within the selection

@@ -344,10 +344,14 @@ class CellIndex:
 
         ``filter`` restricts the search to cells whose metadata match, without changing the
         index; ``exact`` forces exact search; ``max_distance`` drops hits farther than it
-        (their slots become -1 / inf).
+        (their slots become -1 / inf). An IVF search probes as many lists as calibrated
+        (:meth:`calibrate`), more in proportion for a larger ``k`` than calibrated for or a
+        filter, and more again for a query whose probed lists hold fewer than ``k`` cells:
+        every query gets ``k`` hits where ``k`` cells qualify.
         """
         q = self._queries(queries)
         check_k(k)
+        k = int(k)  # (faiss takes Python ints only)
         rows = self.select(filter) if filter is not None else None
         n_sel = len(rows) if rows is not None else self.n_cells
         small = n_sel <= max(EXACT_SELECTION_MAX, EXACT_SELECTION_FRACTION * self.n_cells)
@@ -355,9 +359,20 @@ class CellIndex:
             dist, idx = self._exact(q, k, rows, device=device)
         else:
             probe = nprobe or self.params["nprobe"]
+            calibrated = self.params.get("calibrated_k")
+            if nprobe is None and calibrated and k > calibrated:  # more neighbours: more lists
+                probe = int(min(self.params["nlist"], math.ceil(probe * k / calibrated)))
             if rows is not None:  # fewer matches per list: probe more lists
                 probe = int(min(self.params["nlist"], math.ceil(probe * self.n_cells / n_sel)))
             dist, idx = self._ivf(q, k, probe, rows)
+            # a query whose probed lists hold fewer than k cells (a large k, a narrow
+            # filter) probes more lists, up to all of them, until it has its k
+            wanted = min(k, n_sel)
+            short = np.flatnonzero((idx[:, :wanted] < 0).any(1))
+            while len(short) and probe < self.params["nlist"]:
+                probe = int(min(self.params["nlist"], probe * 4))
+                dist[short], idx[short] = self._ivf(q[short], k, probe, rows)
+                short = short[(idx[short, :wanted] < 0).any(1)]
         if max_distance is not None:
             far = dist > max_distance
             dist[far], idx[far] = np.inf, -1
