@@ -180,6 +180,19 @@ def test_missing_metadata_stay_missing_and_filters_name_type_mismatches():
         index.search(rng.normal(size=(2, 8)), 3, filter={"n": ["a", "b"]})
 
 
+def test_a_missing_metadata_column_is_named():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 8))
+    res = CellIndex.build(x, pd.DataFrame({"donor": ["a", "b"] * 25})).search(x[:2], 3)
+    for call in (lambda: res.metadata(["nope"]), lambda: res.summary()):
+        with pytest.raises(CellIndexError, match=r"no column '(nope|study)'; they have donor\."):
+            call()
+    assert res.summary("donor")["hits"].sum() == 6
+    bare = CellIndex.build(x).search(x[:2], 3)
+    with pytest.raises(CellIndexError, match="built without metadata"):
+        bare.summary("donor")
+
+
 def test_corrupt_or_incomplete_index_is_named(tmp_path, data):
     x, meta, _ = data
     path = CellIndex.build(x[:2000], meta[:2000], engine="exact").save(tmp_path / "idx")

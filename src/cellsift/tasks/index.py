@@ -320,10 +320,24 @@ class CellIndex:
     def metadata_rows(self, rows: Any, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Metadata of cells ``rows`` (any order, repeats allowed) as a DataFrame."""
         rows = np.asarray(rows, dtype=np.int64)
+        has = self.metadata_columns
+        if columns is not None:
+            cols = [columns] if isinstance(columns, str) else list(columns)
+            missing = [c for c in cols if c not in has and c != "cell_index"]
+            if missing:
+                raise CellIndexError(
+                    f"the index metadata have no column {', '.join(map(repr, missing))}; "
+                    + (
+                        f"they have {', '.join(has)}."
+                        if has
+                        else "this index was built "
+                        "without metadata (CellIndex.build(embeddings, metadata=...))."
+                    )
+                )
         if self._metadata is None and self._metadata_path is None:
             return pd.DataFrame(index=range(len(rows)))
         ds = self._dataset()
-        cols = list(columns) if columns is not None else self.metadata_columns
+        cols = cols if columns is not None else has
         uniq, inverse = np.unique(rows, return_inverse=True)
         tbl = ds.take(uniq, columns=cols)
         return tbl.to_pandas().iloc[inverse].reset_index(drop=True)
