@@ -286,7 +286,7 @@ def test_embedding_a_backed_anndata_equals_the_in_memory_one(synthetic_h5ad, tmp
 
     model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
     want = model.embed(ad.read_h5ad(synthetic_h5ad))
-    monkeypatch.setattr(metric, "_BACKED_ROWS", 97)  # several blocks, the last one short
+    monkeypatch.setattr(metric, "BACKED_ROWS", 97)  # several blocks, the last one short
     backed = ad.read_h5ad(synthetic_h5ad, backed="r")
     np.testing.assert_array_equal(model.embed(backed), want)
     dense = ad.read_h5ad(synthetic_h5ad)
