@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import anndata as ad
 import h5py
 import numpy as np
 import pytest
@@ -225,3 +226,20 @@ def test_min_counts_0_still_refuses_empty_cells_and_origin_takes_a_store_twice(t
     origin = CellCollection([ok, ok]).origin()  # the same file twice
     assert (origin["store"] == str(ok)).all() and len(origin) == 40
     np.testing.assert_array_equal(origin["store_row"], np.tile(np.arange(20), 2))
+
+
+def test_a_gene_twice_in_a_row_is_named(tmp_path):
+    """Duplicate CSR entries (a count split in two) would be log-transformed in parts."""
+    x = sp.csr_matrix(
+        (np.array([1.0, 2, 3, 4], np.float32), np.array([0, 0, 1, 2]), np.array([0, 2, 3, 4])),
+        shape=(3, 4),
+    )
+    ad.AnnData(x).write_h5ad(tmp_path / "dup.h5ad")
+    with pytest.raises(DataError, match=r"dup\.h5ad \(X\): a cell's row holds the same gene"):
+        CellCollection(tmp_path / "dup.h5ad")
+    unsorted = sp.csr_matrix(
+        (np.array([1.0, 2, 3], np.float32), np.array([2, 0, 1]), np.array([0, 2, 3, 3])),
+        shape=(3, 4),
+    )
+    ad.AnnData(unsorted).write_h5ad(tmp_path / "unsorted.h5ad")  # unsorted only: fine
+    assert CellCollection(tmp_path / "unsorted.h5ad").n_obs == 3

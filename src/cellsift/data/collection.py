@@ -357,17 +357,29 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
 
 
 def _check_counts(store: CellStore, n_sample: int = 512) -> None:
-    """Raise if a sample of cells holds NaN, negative or non-integer values."""
+    """Raise if a sample of cells holds NaN, negative or non-integer values, or a gene
+    twice in a row (duplicate CSR entries)."""
     if store.n_obs == 0:
         raise DataError(f"{store.path}: the store holds no cells.")
     rows = np.unique(np.linspace(0, store.n_obs - 1, min(n_sample, store.n_obs)).astype(np.int64))
     layers = _other_layers(store)
+    where = f"{store.path} ({'X' if store.layer is None else store.layer})"
+    x = store.read(rows)
     check_count_values(
-        store.read(rows).data,
-        f"{store.path} ({'X' if store.layer is None else store.layer})",
+        x.data,
+        where,
         f" Point layer= at raw counts{' (this file has: ' + layers + ')' if layers else ''}, "
         "or pass check_counts=False if these values are meant.",
     )
+    if not x.has_canonical_format:  # sorted and unique column indices, or one of them not
+        summed = x.copy()
+        summed.sum_duplicates()
+        if summed.nnz < x.nnz:
+            raise DataError(
+                f"{where}: a cell's row holds the same gene more than once (a CSR matrix with "
+                "duplicate entries); its counts would be normalised in parts. Sum them and "
+                "write the file again: adata.X.sum_duplicates(); adata.write_h5ad(...)."
+            )
 
 
 def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 << 22) -> None:
