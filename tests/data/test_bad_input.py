@@ -238,7 +238,7 @@ def test_a_gene_twice_in_a_row_is_named(tmp_path):
     with pytest.raises(DataError, match=r"dup\.h5ad \(X\): a cell's row holds the same gene"):
         CellCollection(tmp_path / "dup.h5ad")
     unsorted = sp.csr_matrix(
-        (np.array([1.0, 2, 3], np.float32), np.array([2, 0, 1]), np.array([0, 2, 3, 3])),
+        (np.array([1.0, 2, 3, 4], np.float32), np.array([2, 0, 1, 3]), np.array([0, 2, 3, 4])),
         shape=(3, 4),
     )
     ad.AnnData(unsorted).write_h5ad(tmp_path / "unsorted.h5ad")  # unsorted only: fine
