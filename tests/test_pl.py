@@ -108,13 +108,13 @@ def test_search_summary_bars_are_the_summary(tmp_path):
     assert [t.get_text() for t in ax.get_yticklabels()] == list(summary.index)
     assert _png(tmp_path / "hits.png")
 
-    ax = pl.search_summary(result, value="mean_distance", n_top=2)
+    ax = pl.search_summary(result, "study", value="mean_distance", n_top=2)
     assert len(ax.patches) == 2
     np.testing.assert_allclose(
         [p.get_width() for p in ax.patches], summary["mean_distance"].iloc[:2]
     )
     with pytest.raises(KeyError, match="not a summary column"):
-        pl.search_summary(result, value="distance")
+        pl.search_summary(result, "study", value="distance")
 
 
 # -- annotation confusion ---------------------------------------------------------------------

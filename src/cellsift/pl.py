@@ -2,7 +2,7 @@
 
 import cellsift as cs
 cs.pl.embedding(adata, "cell_type", basis="X_umap")     # a 2-D embedding by an obs column
-cs.pl.search_summary(result, by="study")                # hits of a search, per study
+cs.pl.search_summary(result, by="dataset_id")           # hits of a search, per study
 cs.pl.annotation_confusion(true, pred)                  # calls vs true Cell Ontology labels
 cs.pl.attributions(cs.tasks.explain_difference(...))    # top genes of an explanation
 
@@ -186,7 +186,7 @@ def _palette(palette: Mapping[str, Any] | Sequence[Any] | str | None, names: lis
 # -- search -------------------------------------------------------------------------------
 def search_summary(
     result: SearchResult,
-    by: str | Sequence[str] = "study",
+    by: str | Sequence[str] = "dataset_id",
     *,
     value: str = "hits",
     n_top: int | None = 20,

@@ -185,7 +185,9 @@ def test_a_missing_metadata_column_is_named():
     x = rng.normal(size=(50, 8))
     res = CellIndex.build(x, pd.DataFrame({"donor": ["a", "b"] * 25})).search(x[:2], 3)
     for call in (lambda: res.metadata(["nope"]), lambda: res.summary()):
-        with pytest.raises(CellIndexError, match=r"no column '(nope|study)'; they have donor\."):
+        with pytest.raises(
+            CellIndexError, match=r"no column '(nope|dataset_id)'; they have donor\."
+        ):
             call()
     assert res.summary("donor")["hits"].sum() == 6
     bare = CellIndex.build(x).search(x[:2], 3)

@@ -118,7 +118,7 @@ class SearchResult:
         df.insert(0, "query", q)
         return df.reset_index(drop=True)
 
-    def summary(self, by: str | Sequence[str] = "study") -> pd.DataFrame:
+    def summary(self, by: str | Sequence[str] = "dataset_id") -> pd.DataFrame:
         """Hits counted by metadata column(s): cells, queries with a hit, mean distance."""
         keys = [by] if isinstance(by, str) else list(by)
         df = self.metadata(keys)
