@@ -100,6 +100,35 @@ def test_metric_plan_refuses_labels_the_model_would_not_line_up_with():
             MetricPlan(genes, labels, hidden=(8,), latent=4)
 
 
+def test_a_run_resumed_from_an_epochs_last_step_ends_as_the_uninterrupted_one(
+    synthetic_h5ad, tmp_path
+):
+    """A checkpoint of an epoch's last step is written before that epoch's validation,
+    whose triplet mining draws: validation's draws are kept out of training's stream, so
+    the resumed run ends with the uninterrupted run's weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, **fit):
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1)
+        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)
+        trainer = _trainer(root, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt])
+        plan = TrainingPlan(module)
+        trainer.fit(plan, datamodule=dm, **fit)
+        return trainer, plan
+
+    whole, plan = run(tmp_path / "whole")
+    per_epoch = whole.global_step // 2
+    first = tmp_path / "whole" / f"epoch=0-step={per_epoch}.ckpt"
+    assert first.exists()
+    resumed, again = run(tmp_path / "resumed", ckpt_path=first)
+    assert resumed.global_step == whole.global_step
+    for (key, a), b in zip(
+        plan.module.state_dict().items(), again.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+
+
 def test_an_epoch_resumed_mid_way_logs_the_mean_over_all_its_batches(synthetic_h5ad, tmp_path):
     """The training epoch means of an epoch resumed from a mid-epoch checkpoint are those
     of the uninterrupted epoch (Lightning keeps no logged values in a checkpoint: without

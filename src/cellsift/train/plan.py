@@ -321,6 +321,18 @@ class TrainingPlan(pl.LightningModule):
             _set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
 
+    def on_validation_start(self) -> None:
+        # validation draws (triplet mining in eval mode): kept out of training's random
+        # stream, so that a run resumed from a checkpoint written just before a validation
+        # (an epoch's last step) draws as the uninterrupted run did after it
+        self._rng_before_validation = _rng_state()
+
+    def on_validation_end(self) -> None:
+        state = getattr(self, "_rng_before_validation", None)
+        if state is not None:
+            _set_rng_state(state)
+            self._rng_before_validation = None
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.module(batch)
         self._log_scalars(out, "val", int(batch["x_ng"].shape[0]))
