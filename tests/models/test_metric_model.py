@@ -205,6 +205,28 @@ def test_training_on_an_anndata_in_memory_is_training_on_its_file(synthetic_h5ad
         embed_collection(in_memory, adata, tmp_path / "emb.zarr")
 
 
+def test_training_warns_of_labels_that_cannot_train(synthetic_h5ad, tmp_path):
+    """Labels the model lacks train unlabelled, one label gives no triplets: both said."""
+    from cellsift._warnings import CellsiftWarning
+
+    adata = ad.read_h5ad(synthetic_h5ad)
+    model = MetricModel.from_collection(adata, hidden=(16,), latent=4)
+    first = model.labels[0]
+    other = adata.copy()
+    labels = other.obs["cell_type_ontology_term_id"].astype(str)
+    other.obs["cell_type_ontology_term_id"] = labels.replace({first: "CL:0000000"})
+    n = int((labels == first).sum())
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
+    kw = {"max_epochs": 1, "accelerator": "cpu", "enable_checkpointing": False, **quiet}
+    with pytest.warns(CellsiftWarning, match=f"{n:,} of .* cells carry labels the model does"):
+        model.train(other, default_root_dir=tmp_path, **kw)
+    one = adata.copy()
+    one.obs["cell_type_ontology_term_id"] = first
+    single = MetricModel.from_collection(one, hidden=(16,), latent=4)
+    with pytest.warns(CellsiftWarning, match="1 usable label .* only the reconstruction"):
+        single.train(one, default_root_dir=tmp_path, study_key=None, **kw)
+
+
 def test_a_run_trained_on_for_more_epochs_anneals_to_its_new_end(synthetic_h5ad, tmp_path):
     """A finished 1-epoch run resumed with max_epochs=3: the cosine schedule runs over the
     3 epochs (a schedule restored with its old length climbs back to the full rate)."""

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import logger
+from .._warnings import warn
 from ..errors import ConfigError
 from .collection import CellCollection, ObsFilter, StoreLike
 from .genes import GeneVocabulary
@@ -164,7 +165,9 @@ class CellDataModule(pl.LightningDataModule):
             ids = load_cell_ontology().harmonize(raw)
             coll.map_values(self.label_key, dict(zip(raw, ids, strict=True)))
         if self.label_key:
-            self.categories["y_n"] = coll.codes(self.label_key)[1]
+            codes, present = coll.codes(self.label_key)
+            self.categories["y_n"] = present
+            self._check_labels(codes, present)
         if self.study_key:
             self.categories["study_n"] = coll.codes(self.study_key)[1]
         if self.split_key is None or (self.val_groups is None and self.val_fraction <= 0):
@@ -190,6 +193,30 @@ class CellDataModule(pl.LightningDataModule):
             self.val.n_obs,
             ", ".join(self.val_groups),
         )
+
+    def _check_labels(self, codes: np.ndarray, present: list[str]) -> None:
+        """Warn where labels will not train: cells whose label the fixed ``labels`` (a
+        model's) lack train unlabelled; with fewer than two labels no triplet has a
+        negative, and only the reconstruction trains."""
+        if self.labels is not None:
+            known = set(self.labels)
+            outside = [i for i, lab in enumerate(present) if lab not in known]
+            if outside:
+                n = int(np.isin(codes, outside).sum())
+                warn(
+                    f"{n:,} of {len(codes):,} cells carry labels the model does not have "
+                    f"({', '.join(repr(present[i]) for i in outside[:5])}"
+                    f"{', ...' if len(outside) > 5 else ''}); they train unlabelled "
+                    "(reconstruction only). Train a model built for these labels "
+                    "(MetricModel.from_collection) to learn them."
+                )
+        usable = [lab for lab in present if self.labels is None or lab in set(self.labels)]
+        if len(usable) < 2:
+            warn(
+                f"the training cells hold {len(usable)} usable label"
+                f"{'' if len(usable) == 1 else 's'} in {self.label_key!r}: triplets need a "
+                "negative of another label, so only the reconstruction trains."
+            )
 
     @property
     def gene_vocabulary(self) -> GeneVocabulary:

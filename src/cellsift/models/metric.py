@@ -186,6 +186,7 @@ class MetricModel:
         default_root_dir: str | os.PathLike[str] | None = None,
         ckpt_path: str | None = None,
         compile: bool = False,
+        study_key: str | None = "dataset_id",
         **trainer_kwargs: Any,
     ) -> pl.Trainer:
         """Train on a :class:`CellDataModule` (or stores to build one from: paths, a glob,
@@ -193,7 +194,9 @@ class MetricModel:
 
         The data are read through the model's gene vocabulary and label set. Extra keyword
         arguments go to ``lightning.pytorch.Trainer`` (e.g. ``precision="bf16-mixed"``);
-        ``compile`` compiles the encoder and decoder.
+        ``compile`` compiles the encoder and decoder. ``study_key``: the obs column of
+        studies (positives from another study; None: none) where ``data`` is not a data
+        module (whose own settings hold otherwise).
 
         Unless the callbacks hold a ``ModelCheckpoint`` (or checkpointing is off), a
         checkpoint is kept at each epoch's end in ``<default_root_dir>/checkpoints``, with
@@ -203,7 +206,7 @@ class MetricModel:
         ``ModelCheckpoint`` that monitors a metric (e.g. ``val/asw``, with early stopping),
         the model ends with the best weights it kept.
         """
-        dm = data if isinstance(data, CellDataModule) else CellDataModule(data)
+        dm = data if isinstance(data, CellDataModule) else CellDataModule(data, study_key=study_key)
         if dm.collection is not None and dm.collection.genes != self.genes:
             raise ValueError(
                 "the data module was set up with other genes than the model's; pass it to "
