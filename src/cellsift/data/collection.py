@@ -35,7 +35,7 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
     ``{"files": [...]}``, paths relative to the manifest.
     """
     if isinstance(source, CellStore) or is_anndata(source):
-        return [source]
+        return [source]  # type: ignore[list-item]
     if isinstance(source, str | os.PathLike):
         p = Path(source)
         refuse_other(p, "cells")

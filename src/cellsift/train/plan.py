@@ -325,7 +325,7 @@ class TrainingPlan(pl.LightningModule):
         # validation draws (triplet mining in eval mode): kept out of training's random
         # stream, so that a run resumed from a checkpoint written just before a validation
         # (an epoch's last step) draws as the uninterrupted run did after it
-        self._rng_before_validation = _rng_state()
+        self._rng_before_validation: dict[str, Any] | None = _rng_state()
 
     def on_validation_end(self) -> None:
         state = getattr(self, "_rng_before_validation", None)
