@@ -12,6 +12,7 @@ import pytest
 import cellsift._utils as utils
 from cellsift.data import GeneVocabulary
 from cellsift.data.convert import convert
+from cellsift.errors import ConfigError
 from cellsift.models import import_scimilarity, load_bundle, save_bundle
 from cellsift.nn import MLPEncoder
 from cellsift.tasks import CellIndex
@@ -90,6 +91,9 @@ def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, m
         convert(tmp_path / "a.h5ad", tmp_path / "sharded", shard_size=2, min_genes=1)
     with pytest.raises(FileExistsError, match="not a sharded store"):
         convert(tmp_path / "a.h5ad", tmp_path / "a.zarr", shard_size=2, overwrite=True)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"sharded is a sharded store .*: convert reads one"):
+        convert(tmp_path / "sharded", tmp_path / "merged.h5ad")
 
 
 def test_an_interrupted_overwrite_leaves_the_old_or_the_new_output(tmp_path, monkeypatch):

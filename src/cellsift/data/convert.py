@@ -13,7 +13,7 @@ from pandas.api.extensions import ExtensionArray
 
 from .._utils import atomic_dir, check_replaceable, holds, progress
 from ..errors import ConfigError, DataError
-from .stores import CellStore, open_store
+from .stores import CellStore, open_store, refuse_other
 from .writers import A_STORE, Format, guess_format, is_store, open_writer
 
 __all__ = ["convert"]
@@ -72,6 +72,13 @@ def convert(
 
     The output appears only when complete: a failed or interrupted conversion leaves nothing.
     """
+    refuse_other(Path(source), "cells")  # (a CellIndex folder holds a manifest.json too)
+    manifest = Path(source) / "manifest.json" if Path(source).is_dir() else Path(source)
+    if manifest.name.endswith(".json") and manifest.is_file():
+        raise ConfigError(
+            f"{source} is a sharded store (a manifest of stores): convert reads one store. "
+            "Convert its shards one by one, or read them all as one with CellCollection."
+        )
     store = open_store(source, layer=layer, **(source_options or {}))
     dest = Path(dest)
     if shard_size is not None:
