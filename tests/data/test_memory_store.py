@@ -78,3 +78,23 @@ def test_bad_in_memory_input_is_named(tmp_path):
     nan.X[3, 2] = np.nan
     with pytest.raises(DataError, match="NaN"):
         CellCollection(nan)
+
+
+def test_whole_number_groups_with_missing_values_stay_whole(tmp_path):
+    """A nullable Int64 column (a donor number, some missing) codes as '3', not '3.0', from
+    a file and from memory, so that val_groups=['3'] finds its cells."""
+    import pandas as pd
+
+    from cellsift.data import CellDataModule
+
+    adata = indexed_atlas(60, 10, path=None)
+    groups = pd.array(np.arange(60) % 4, dtype="Int64")
+    groups[:2] = pd.NA
+    adata.obs["donor"] = groups
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    for source in (tmp_path / "a.h5ad", adata):
+        codes, names = CellCollection(source).codes("donor")
+        assert names == ["0", "1", "2", "3"] and (codes[:2] == -1).all()
+        dm = CellDataModule(source, split_key="donor", val_groups=["3"], label_key=None)
+        dm.setup()
+        assert dm.val.n_obs == 15

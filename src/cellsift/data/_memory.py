@@ -74,8 +74,10 @@ class MemoryStore(CellStore):
         return self._obs_names
 
     def _load_obs_column(self, name: str) -> Any:
-        col = self._obs[name]
-        return col.array if isinstance(col.dtype, pd.CategoricalDtype) else col.to_numpy()
+        col = self._obs[name]  # categoricals and nullable columns as pandas keeps them
+        return (
+            col.array if isinstance(col.dtype, pd.api.extensions.ExtensionDtype) else col.to_numpy()
+        )
 
     def _load_var(self) -> pd.DataFrame:
         return self._var

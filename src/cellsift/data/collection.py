@@ -265,7 +265,7 @@ class CellCollection:
         """``name`` over the kept cells (categories unified across stores; missing values
         stay missing)."""
         if name not in self._obs_cache:
-            parts = [s.obs_column(name) for s in self.stores]
+            parts = [_plain_values(s.obs_column(name)) for s in self.stores]
             if any(isinstance(p, pd.Categorical) or np.asarray(p).dtype == object for p in parts):
                 values = np.concatenate([np.asarray(p, dtype=object) for p in parts])
                 values = values[self.cell_ids]
@@ -380,6 +380,16 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
                 "duplicate entries); its counts would be normalised in parts. Sum them and "
                 "write the file again: adata.X.sum_duplicates(); adata.write_h5ad(...)."
             )
+
+
+def _plain_values(values: Any) -> Any:
+    """A nullable pandas column (Int64, boolean, string) as objects with None where missing:
+    numpy would turn whole numbers with missing values into floats (group 3 read as 3.0)."""
+    if isinstance(values, pd.api.extensions.ExtensionArray) and not isinstance(
+        values, pd.Categorical
+    ):
+        return values.to_numpy(dtype=object, na_value=None)
+    return values
 
 
 def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 << 22) -> None:
