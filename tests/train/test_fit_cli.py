@@ -308,3 +308,18 @@ def test_fit_reads_a_manifest_of_shards_given_on_the_command_line(synthetic_h5ad
     assert cli.datamodule.source == str(manifest)
     assert cli.datamodule.collection.n_obs == ad.read_h5ad(synthetic_h5ad).n_obs
     assert (tmp_path / "metric" / "version_0" / "model" / "model.safetensors").exists()
+
+
+def test_fit_reads_a_list_of_stores(synthetic_h5ad, tmp_path, capsys):
+    """A list as data source (on the command line or in the config) stays a list of stores,
+    not the text of one; a single path stays a path."""
+    two = f"[{synthetic_h5ad}, {synthetic_h5ad}]"
+    for value, want in (
+        (two, [str(synthetic_h5ad)] * 2),
+        (str(synthetic_h5ad), str(synthetic_h5ad)),
+    ):
+        args = _args(synthetic_h5ad, tmp_path, "--data.init_args.source", value, "--print_config")
+        with pytest.raises(SystemExit):
+            main(["fit", *args])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["data"]["init_args"]["source"] == want

@@ -76,7 +76,7 @@ class CellDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source: StoreLike | Sequence[StoreLike],
+        source: list[StoreLike] | StoreLike,
         *,
         genes: GeneVocabulary | Sequence[str] | None = None,
         label_key: str | None = "cell_type_ontology_term_id",
