@@ -73,8 +73,8 @@ def convert(
     The output appears only when complete: a failed or interrupted conversion leaves nothing.
     """
     refuse_other(Path(source), "cells")  # (a CellIndex folder holds a manifest.json too)
-    manifest = Path(source) / "manifest.json" if Path(source).is_dir() else Path(source)
-    if manifest.name.endswith(".json") and manifest.is_file():
+    listing = Path(source) / "manifest.json" if Path(source).is_dir() else Path(source)
+    if listing.name.endswith(".json") and listing.is_file():
         raise ConfigError(
             f"{source} is a sharded store (a manifest of stores): convert reads one store. "
             "Convert its shards one by one, or read them all as one with CellCollection."
