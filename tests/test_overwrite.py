@@ -92,7 +92,9 @@ def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, m
     with pytest.raises(FileExistsError, match="not a sharded store"):
         convert(tmp_path / "a.h5ad", tmp_path / "a.zarr", shard_size=2, overwrite=True)
     monkeypatch.undo()
-    with pytest.raises(ConfigError, match=r"sharded is a sharded store .*: convert reads one"):
+    with pytest.raises(
+        ConfigError, match=r"sharded is a manifest or a glob of stores .*: convert reads one"
+    ):
         convert(tmp_path / "sharded", tmp_path / "merged.h5ad")
 
 

@@ -7,7 +7,6 @@ matrix touches every column). A backed AnnData is refused: its file is the store
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,11 +32,7 @@ class MemoryStore(CellStore):
                 f"{name} is a backed AnnData ({adata.filename}): pass its file path instead, "
                 "which cellsift reads by rows itself."
             )
-        self.path = Path(name)
-        self.layer = layer
-        self._pid: int | None = None
-        self._handle: Any = None
-        self._obs_cache: dict[str, Any] = {}
+        super().__init__(name, layer=layer, on_disk=False)
         x, var, _ = adata_counts(adata, layer, name)  # (a view's matrix is its own subset)
         if sp.issparse(x):
             if x.format != "csr":

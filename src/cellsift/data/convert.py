@@ -13,7 +13,8 @@ from pandas.api.extensions import ExtensionArray
 
 from .._utils import atomic_dir, check_replaceable, holds, progress
 from ..errors import ConfigError, DataError
-from .stores import CellStore, open_store, refuse_other
+from .collection import resolve_paths
+from .stores import CellStore, open_store
 from .writers import A_STORE, Format, guess_format, is_store, open_writer
 
 __all__ = ["convert"]
@@ -72,12 +73,11 @@ def convert(
 
     The output appears only when complete: a failed or interrupted conversion leaves nothing.
     """
-    refuse_other(Path(source), "cells")  # (a CellIndex folder holds a manifest.json too)
-    listing = Path(source) / "manifest.json" if Path(source).is_dir() else Path(source)
-    if listing.name.endswith(".json") and listing.is_file():
+    if resolve_paths(source) != [source]:  # a manifest (a sharded store) or a glob
         raise ConfigError(
-            f"{source} is a sharded store (a manifest of stores): convert reads one store. "
-            "Convert its shards one by one, or read them all as one with CellCollection."
+            f"{source} is a manifest or a glob of stores (a sharded store): convert reads one "
+            "store, by its path. Convert them one by one, or read them all as one with "
+            "CellCollection."
         )
     store = open_store(source, layer=layer, **(source_options or {}))
     dest = Path(dest)

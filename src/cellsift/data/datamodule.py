@@ -198,23 +198,22 @@ class CellDataModule(pl.LightningDataModule):
         """Warn where labels will not train: cells whose label the fixed ``labels`` (a
         model's) lack train unlabelled; with fewer than two labels no triplet has a
         negative, and only the reconstruction trains."""
-        if self.labels is not None:
-            known = set(self.labels)
-            outside = [i for i, lab in enumerate(present) if lab not in known]
-            if outside:
-                n = int(np.isin(codes, outside).sum())
-                warn(
-                    f"{n:,} of {len(codes):,} cells carry labels the model does not have "
-                    f"({', '.join(repr(present[i]) for i in outside[:5])}"
-                    f"{', ...' if len(outside) > 5 else ''}); they train unlabelled "
-                    "(reconstruction only). Train a model built for these labels "
-                    "(MetricModel.from_collection) to learn them."
-                )
-        usable = [lab for lab in present if self.labels is None or lab in set(self.labels)]
-        if len(usable) < 2:
+        known = set(self.labels) if self.labels is not None else set(present)
+        outside = [i for i, lab in enumerate(present) if lab not in known]
+        if outside:
+            n = int(np.isin(codes, outside).sum())
             warn(
-                f"the training cells hold {len(usable)} usable label"
-                f"{'' if len(usable) == 1 else 's'} in {self.label_key!r}: triplets need a "
+                f"{n:,} of {len(codes):,} cells carry labels the model does not have "
+                f"({', '.join(repr(present[i]) for i in outside[:5])}"
+                f"{', ...' if len(outside) > 5 else ''}); they train unlabelled "
+                "(reconstruction only). Train a model built for these labels "
+                "(MetricModel.from_collection) to learn them."
+            )
+        usable = len(present) - len(outside)
+        if usable < 2:
+            warn(
+                f"the training cells hold {usable} usable label"
+                f"{'' if usable == 1 else 's'} in {self.label_key!r}: triplets need a "
                 "negative of another label, so only the reconstruction trains."
             )
 

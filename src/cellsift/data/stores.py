@@ -75,13 +75,15 @@ class CellStore(ABC):
 
     format: Format
 
-    def __init__(self, path: str | os.PathLike[str], *, layer: str | None = None) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, path: str | os.PathLike[str], *, layer: str | None = None, on_disk: bool = True
+    ) -> None:
+        self.path = Path(path)  # (a store in memory: the name its messages give)
         self.layer = layer
         self._pid: int | None = None
         self._handle: Any = None
         self._obs_cache: dict[str, Any] = {}
-        if not self.path.exists():
+        if on_disk and not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist.")
 
     # -- handle management --------------------------------------------------------------

@@ -108,9 +108,8 @@ class KNNAnnotator:
         self.min_support, self.distance_threshold = min_support, distance_threshold
         self.abstain_on = abstain_on
         self._labels = self._read_labels()
-        # the reference's own label values, and (ontology mode) the term each one names
-        self._raw = list(self._labels.terms)
-        self._raw_terms = list(self._raw)
+        # the reference's own label values, each to the term it names (ontology mode)
+        self._term_of = {t: t for t in self._labels.terms}
         self._up: np.ndarray | None = None
         if ontology_aware:
             self._extend_with_ancestors()
@@ -147,7 +146,7 @@ class KNNAnnotator:
         # labels that name one term (an id and its name, a deprecated id and its successor)
         # vote as that one term
         harmonized = cl.harmonize(refs)
-        self._raw_terms = list(harmonized)
+        self._term_of = dict(zip(refs, harmonized, strict=True))
         pos = {t: i for i, t in enumerate(dict.fromkeys(harmonized))}
         ids = list(pos)
         to_term = np.asarray([pos[t] for t in harmonized], dtype=np.int32)
@@ -340,28 +339,23 @@ class KNNAnnotator:
         if isinstance(labels, str):
             raise TypeError(f"{what} is a list of labels, not one string: {what}=[{labels!r}].")
         wanted = [str(v) for v in labels]
+        named = dict(zip(wanted, wanted, strict=True))  # each to its term
         if self.ontology_aware:
-            cl = load_cell_ontology()
             try:
-                named = dict(zip(wanted, cl.harmonize(wanted), strict=True))
+                named = dict(zip(wanted, load_cell_ontology().harmonize(wanted), strict=True))
             except OntologyError as err:
                 raise OntologyError(f"{what}: {err}") from None
-            by_term: dict[str, list[str]] = {}
-            for raw, term in zip(self._raw, self._raw_terms, strict=True):
-                by_term.setdefault(term, []).append(raw)
-            found = {v: by_term.get(named[v], []) for v in wanted}
-        else:
-            held = set(self._raw)
-            found = {v: [v] if v in held else [] for v in wanted}
-        missing = [v for v, raws in found.items() if not raws]
+        terms, held_terms = set(named.values()), set(self._term_of.values())
+        missing = [v for v in wanted if named[v] not in held_terms]
         if missing:
-            some = ", ".join(repr(v) for v in self._raw[:8])
+            held = list(self._term_of)
+            some = ", ".join(repr(v) for v in held[:8])
             raise CellIndexError(
                 f"{what} names {len(missing)} label{'s' if len(missing) > 1 else ''} that the "
                 f"reference's {self.label_key!r} does not hold: {', '.join(map(repr, missing[:10]))}"
-                f" (it holds {len(self._raw)}: {some}{', ...' if len(self._raw) > 8 else ''})."
+                f" (it holds {len(held)}: {some}{', ...' if len(held) > 8 else ''})."
             )
-        return sorted({raw for raws in found.values() for raw in raws})
+        return sorted(raw for raw, term in self._term_of.items() if term in terms)
 
     def _annotate_block(self, q: np.ndarray, expr: Any) -> pd.DataFrame:
         res = self.index.search(q, self.k, filter=expr)

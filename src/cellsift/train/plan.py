@@ -138,6 +138,7 @@ class TrainingPlan(pl.LightningModule):
         self._val_i: list[torch.Tensor | None] = []
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        self._rng_before_validation: dict[str, Any] | None = None  # (kept out of training's)
         #: This rank's (cell-weighted sum, cells) of each training scalar in this epoch
         self._epoch_sums: dict[str, tuple[float, float]] = {}
         #: What the model reads (a digest of its genes, its labels), set by whoever knows
@@ -325,12 +326,11 @@ class TrainingPlan(pl.LightningModule):
         # validation draws (triplet mining in eval mode): kept out of training's random
         # stream, so that a run resumed from a checkpoint written just before a validation
         # (an epoch's last step) draws as the uninterrupted run did after it
-        self._rng_before_validation: dict[str, Any] | None = _rng_state()
+        self._rng_before_validation = _rng_state()
 
     def on_validation_end(self) -> None:
-        state = getattr(self, "_rng_before_validation", None)
-        if state is not None:
-            _set_rng_state(state)
+        if self._rng_before_validation is not None:
+            _set_rng_state(self._rng_before_validation)
             self._rng_before_validation = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
