@@ -176,6 +176,46 @@ def test_choice_is_uniform_over_candidates(mode, path):
     assert chi2 < 3 * len(ref[pair]) + 30
 
 
+@pytest.mark.parametrize("mode", ["semihard", "random"])
+@pytest.mark.parametrize("tries", [0, 1, 4])
+def test_kernel_draws_are_uniform_whatever_the_rejections(mode, tries):
+    """The CPU kernel's draw: rejection sampling from the window's bucket run, then, after
+    ``tries`` rejections, an exact draw. tries=0 is the exact draw alone; tries=1 falls back
+    often. Each gives the same triplets' pairs and, per pair, uniform picks: both for the
+    pair with the most candidates and for one with few (the run mostly outside the window)."""
+    from cellsift.losses import _mining_cpu
+
+    z, y, s, related = _batch(n=60, labels=3, seed=4)
+    ref, _ = _reference(z, y, s, related, 0.3, mode)
+    args = (
+        pairwise_distance(z).numpy(),
+        y.numpy(),
+        s.numpy().astype(np.int64),
+        related.numpy(),
+        np.zeros((0, 0), np.bool_),
+        np.zeros((0, 0), np.bool_),
+        np.full(len(y), -1, np.int64),
+        np.float32(0.3),
+    )
+    mode_code = {"semihard": _mining_cpu.SEMIHARD, "random": _mining_cpu.RANDOM}[mode]
+    few = min((k for k in ref if len(ref[k]) >= 2), key=lambda k: len(ref[k]))
+    many = max(ref, key=lambda k: len(ref[k]))
+    counts: dict[tuple, dict[int, int]] = {few: {}, many: {}}
+    draws = 600
+    for seed in range(draws):
+        a, p, m, n_pairs = _mining_cpu.triplets(*args, seed, mode_code, 2, tries)
+        got = {(int(i), int(j)): int(k) for i, j, k in zip(a, p, m, strict=True)}
+        assert n_pairs == len(ref)
+        assert set(got) == {pair for pair, c in ref.items() if c}
+        assert all(got[pair] in ref[pair] for pair in got)
+        for pair, c in counts.items():
+            c[got[pair]] = c.get(got[pair], 0) + 1
+    for pair, c in counts.items():
+        expected = draws / len(ref[pair])
+        chi2 = sum((c.get(k, 0) - expected) ** 2 / expected for k in ref[pair])
+        assert chi2 < 3 * len(ref[pair]) + 30, (pair, c)
+
+
 def test_loss_is_mean_hinge_and_has_gradients():
     z, y, s, related = _batch()
     z = z.clone().requires_grad_(True)

@@ -8,16 +8,18 @@ per anchor, in parallel over anchors:
    and shared by the anchors of both (so that step 1 reads contiguous memory only);
 1. scan the row once for allowed negatives inside the union of the anchor's pair windows
    (``hardest``: the row minimum instead, and done);
-2. counting-sort those candidates into as many equal-width distance buckets as there are
-   candidates;
-3. per pair, the buckets strictly inside its window are all candidates (their distances are
-   bracketed by the bucket edges, and the bucket function is monotone in floating point),
-   and only the two edge buckets are tested one by one. A uniform draw among the candidates
-   picks the negative: the same distribution as picking uniformly from the sorted window.
-   Pair k's draw is SplitMix64's k-th output from a seed that the caller draws from torch's
-   generator, so it does not depend on threads or scheduling.
+2. counting-sort those candidates into equal-width distance buckets (two candidates to a
+   bucket on average), so that the buckets a pair's window meets are one contiguous run;
+3. per pair, rejection sampling: a uniform draw from that run is kept if it lies inside the
+   window, else drawn again. A kept draw is uniform over the window's candidates; after
+   ``tries`` rejections (the window holds few of the run's candidates, or none), the run is
+   counted and one of its window members drawn exactly, which is uniform too, so the pick
+   has the distribution of a uniform draw from the sorted window whatever ``tries`` is.
+   Pair k's draws are SplitMix64's outputs ``k * (tries + 1)`` onwards from a seed that the
+   caller draws from torch's generator, so they do not depend on threads or scheduling.
 
-Work: O(n) per anchor plus O(bucket size) per pair, against O(n log n) per anchor and two
+Work: O(n) per anchor plus about one draw per pair (windows span many buckets, so the run
+is mostly window), against O(n log n) per anchor and two
 binary searches per pair for the sort. The pairs that found a negative come back compacted.
 """
 
@@ -27,6 +29,7 @@ import numba
 import numpy as np
 
 SEMIHARD, RANDOM, HARDEST = 0, 1, 2
+TRIES = 4  # proposals per pair before the exact draw
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment
 
 
@@ -98,11 +101,12 @@ def _allowed_mask(y, study, related, ancestor, uses, yi, si, ok, coarse, used_by
 
 @numba.njit(inline="always")
 def _one_anchor(  # type: ignore[no-untyped-def]
-    row, allowed, k0, k1, d_ap, upper, seed, mode, semihard, out,
+    row, allowed, k0, k1, d_ap, upper, seed, mode, semihard, tries, out,
     cand_v, cand_j, which, start, fill, o_v, o_j,
 ):  # fmt: skip
     """The negatives of one anchor's pairs (``out[k0:k1]``); the pairs' windows are
-    ``d_ap[:k1 - k0]`` and ``upper[:k1 - k0]``, their draws :func:`_uniform`."""
+    ``d_ap[:k1 - k0]`` and ``upper[:k1 - k0]``, their draws :func:`_uniform` (pair k's
+    ``tries + 1`` from ``k * (tries + 1)``)."""
     n = row.shape[0]
     m = k1 - k0
     if mode == HARDEST:  # the largest loss is the nearest negative's
@@ -130,9 +134,9 @@ def _one_anchor(  # type: ignore[no-untyped-def]
     if c == 0:
         out[k0:k1] = -1
         return
-    # equal-width buckets over the union window; random: from 0 (distances are >= 0, and
-    # anything below still falls in bucket 0)
-    n_buckets = c
+    # equal-width buckets over the union window, two candidates to a bucket on average;
+    # random: from 0 (distances are >= 0, and anything below still falls in bucket 0)
+    n_buckets = max(c // 2, 1)
     low = np.float64(lo) if semihard else 0.0
     span = np.float64(hi) - low
     scale = n_buckets / span if span > 0 and span < np.inf else 0.0
@@ -153,36 +157,34 @@ def _one_anchor(  # type: ignore[no-untyped-def]
         if w_hi != w_hi or (semihard and w_lo != w_lo):  # NaN
             out[k0 + k] = -1
             continue
-        # edge buckets tested one by one; those strictly between are all inside
+        # proposal: the buckets that meet the window, contiguous in o_v; a uniform proposal
+        # inside the window is accepted (rejection sampling: uniform over the window)
         b_hi = _bucket(np.float64(w_hi), low, scale, n_buckets)
-        e1, inner_start = 0, 0  # random: no lower edge, every bucket below b_hi inside
-        b_lo = -1
+        first = 0
         if semihard:
-            b_lo = _bucket(np.float64(w_lo), low, scale, n_buckets)
-            e1 = _nth_in(o_v, o_j, start[b_lo], start[b_lo + 1], w_lo, w_hi, True, -1)
-            inner_start = start[b_lo + 1]
-        inner = max(start[b_hi] - inner_start, 0)
-        e2 = 0
-        if b_hi != b_lo:
-            e2 = _nth_in(o_v, o_j, start[b_hi], start[b_hi + 1], w_lo, w_hi, semihard, -1)
-        total = e1 + inner + e2
-        if total == 0:
-            out[k0 + k] = -1
-            continue
-        r = min(int(_uniform(seed, k0 + k) * total), total - 1)
-        if r < e1:
-            pick = _nth_in(o_v, o_j, start[b_lo], start[b_lo + 1], w_lo, w_hi, True, r)
-        elif r < e1 + inner:
-            pick = o_j[inner_start + r - e1]
-        else:
-            r -= e1 + inner
-            pick = _nth_in(o_v, o_j, start[b_hi], start[b_hi + 1], w_lo, w_hi, semihard, r)
+            first = start[_bucket(np.float64(w_lo), low, scale, n_buckets)]
+        size = start[b_hi + 1] - first
+        pick = -1
+        draw = (k0 + k) * (tries + 1)
+        for t in range(tries):
+            if size == 0:
+                break
+            q = first + min(int(_uniform(seed, draw + t) * size), size - 1)
+            v = o_v[q]
+            if v < w_hi and (not semihard or v > w_lo):
+                pick = o_j[q]
+                break
+        else:  # tries rejections: the exact draw among the window's members
+            total = _nth_in(o_v, o_j, first, first + size, w_lo, w_hi, semihard, -1)
+            if total > 0:
+                r = min(int(_uniform(seed, draw + tries) * total), total - 1)
+                pick = _nth_in(o_v, o_j, first, first + size, w_lo, w_hi, semihard, r)
         out[k0 + k] = pick
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def triplets(  # type: ignore[no-untyped-def]
-    d, y, study, related, ancestor, uses, rule_study, margin, seed, mode, threads
+    d, y, study, related, ancestor, uses, rule_study, margin, seed, mode, threads, tries=TRIES
 ):
     """Positive pairs and one negative per pair: (anchor, positive, negative) of the pairs
     that found a negative, ordered by anchor then positive (as :func:`cellsift.losses.
@@ -197,6 +199,8 @@ def triplets(  # type: ignore[no-untyped-def]
     (semihard, random), a non-negative int64. Anchors of one label and study share a mask of
     allowed negatives; they are processed grouped so, split into one block per thread
     (``threads``: numba's thread count, read by the caller), each with its own scratch.
+    ``tries``: proposals per pair before its exact draw (module docstring; any value gives
+    the same distribution).
     """
     n = d.shape[1]
     useed = np.uint64(seed)
@@ -243,7 +247,7 @@ def triplets(  # type: ignore[no-untyped-def]
                 d_ap[k] = row[p[k0 + k]]
                 upper[k] = d_ap[k] + margin
             _one_anchor(
-                row, allowed, k0, k1, d_ap, upper, useed, mode, semihard, out,
+                row, allowed, k0, k1, d_ap, upper, useed, mode, semihard, tries, out,
                 cand_v, cand_j, which, bucket_start, fill, o_v, o_j,
             )  # fmt: skip
     kept = 0
