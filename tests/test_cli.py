@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cellsift.cli import main
@@ -13,6 +14,22 @@ def test_info(indexed_paths, capsys):
     assert main(["info", str(indexed_paths["soma"])]) == 0
     out = capsys.readouterr().out
     assert "format     soma" in out and "cells      2,000" in out and "dataset_id" in out
+
+
+def test_info_counts_missing_values_apart(tmp_path, capsys):
+    from cellsift.datasets import indexed_atlas
+
+    adata = indexed_atlas(50, 20, path=None)
+    adata.obs["cell_type_ontology_term_id"] = adata.obs["cell_type_ontology_term_id"].astype(object)
+    adata.obs.iloc[:3, adata.obs.columns.get_loc("cell_type_ontology_term_id")] = None
+    adata.obs["note"] = ["a"] * 49 + [np.nan]
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    assert main(["info", str(tmp_path / "a.h5ad")]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and "None" not in out
+    assert "(3 cells missing)" in out
+    note = next(line for line in out.splitlines() if line.strip().startswith("note"))
+    assert "1 value: a (1 cell missing)" in note
 
 
 def test_convert_and_errors(indexed_paths, tmp_path, capsys):

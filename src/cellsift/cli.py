@@ -26,6 +26,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _describe(store) -> str:  # type: ignore[no-untyped-def]
     import numpy as np
+    import pandas as pd
 
     from .data.genes import _ENSEMBL
 
@@ -45,11 +46,15 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
         lines.append(f"  var        {', '.join(map(str, store.var.columns))}")
     lines.append("  obs")
     for col in store.obs_columns:
-        values = store.obs_column(col)
-        uniq = np.unique(np.asarray(values).astype(str))
+        values = pd.Series(np.asarray(store.obs_column(col), dtype=object))
+        missing = int(values.isna().sum())  # counted apart, not shown as a value "nan"
+        uniq = np.unique(values.dropna().astype(str).to_numpy())
         show = ", ".join(uniq[:4].tolist()) + (", ..." if len(uniq) > 4 else "")
         noun = "value" if len(uniq) == 1 else "values"
-        lines.append(f"    {col:32s} {len(uniq):>7,} {noun}: {show}")
+        lines.append(
+            f"    {col:32s} {len(uniq):>7,} {noun}: {show}"
+            + (f" ({missing:,} {'cell' if missing == 1 else 'cells'} missing)" if missing else "")
+        )
     return "\n".join(lines)
 
 

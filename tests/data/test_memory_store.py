@@ -59,6 +59,12 @@ def test_a_view_and_a_collection(tmp_path):
     np.testing.assert_array_equal(
         mem.codes("cell_type_ontology_term_id")[0], disk.codes("cell_type_ontology_term_id")[0]
     )
+    origin, on_disk = mem.origin(), disk.origin()
+    assert list(origin["store"].cat.categories) == ["adata[0]", "adata[1]"]  # told apart
+    np.testing.assert_array_equal(origin["store"].cat.codes, on_disk["store"].cat.codes)
+    np.testing.assert_array_equal(origin["store_row"], on_disk["store_row"])
+    assert list(origin["obs_name"]) == list(on_disk["obs_name"])
+    assert set(CellCollection(adata).origin()["store"]) == {"adata"}
 
 
 def test_bad_in_memory_input_is_named(tmp_path):

@@ -115,7 +115,13 @@ class CellCollection:
             raise ValueError("a collection needs at least one store.")
         opts = dict(store_options or {})
         try:
-            self.stores: list[CellStore] = [open_store(p, layer=layer, **opts) for p in paths]
+            self.stores: list[CellStore] = [
+                # AnnDatas in memory named by their place in the list, told apart in origin()
+                open_store(
+                    p, layer=layer, name=f"adata[{i}]" if len(paths) > 1 else "adata", **opts
+                )
+                for i, p in enumerate(paths)
+            ]
         except MissingKeyError as err:  # a store lacks the counts location layer= names
             if len(paths) > 1:
                 raise MissingKeyError(

@@ -232,11 +232,13 @@ def open_store(
     *,
     format: Format | None = None,
     layer: str | None = None,
+    name: str = "adata",
     **options: Any,
 ) -> CellStore:
     """Open a store by path: ``*.h5ad`` (HDF5), ``*.zarr`` (AnnData-Zarr), a TileDB-SOMA
     Experiment; or an AnnData in memory (:class:`~cellsift.data._memory.MemoryStore`, which
-    takes no ``options``).
+    takes no ``options``; ``name`` stands for its path in messages and in
+    :meth:`CellCollection.origin`).
 
     ``layer`` selects where counts live: ``None`` for X, a name in ``layers``, or ``"raw"``
     (AnnData stores; for SOMA the X layer name, default ``"raw"``).
@@ -246,7 +248,7 @@ def open_store(
     if is_anndata(path):
         from ._memory import MemoryStore
 
-        return MemoryStore(path, layer=layer)
+        return MemoryStore(path, layer=layer, name=name)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist.")
     refuse_other(Path(path), "cells")
