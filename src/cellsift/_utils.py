@@ -237,7 +237,13 @@ def canonical(x: Any) -> Any:
 
 def text_or_none(values: Any) -> np.ndarray:
     """``values`` as an object array of text, missing values as None (not the text "nan"
-    or "None"), as categoricals and Arrow columns keep them."""
+    or "None"), as categoricals and Arrow columns keep them. Dates and durations as their
+    text ("2020-01-31"), not the integer nanoseconds numpy turns them into as objects."""
+    if np.asarray(values).dtype.kind in "mM":
+        values = np.asarray(values)
+        out = np.asarray(pd.Index(values).astype(str), dtype=object)
+        out[pd.isna(values)] = None
+        return out
     values = np.asarray(values, dtype=object)
     out = values.astype(str).astype(object)
     out[pd.isna(values)] = None

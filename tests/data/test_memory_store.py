@@ -101,3 +101,16 @@ def test_whole_number_groups_with_missing_values_stay_whole(tmp_path):
         dm = CellDataModule(source, split_key="donor", val_groups=["3"], label_key=None)
         dm.setup()
         assert dm.val.n_obs == 15
+
+
+def test_dates_code_as_their_text():
+    """A datetime obs column (AnnData in memory holds one; h5ad cannot) codes by its dates,
+    not by integer nanoseconds."""
+    import pandas as pd
+
+    adata = indexed_atlas(30, 10, path=None)
+    adata.obs["collected"] = pd.to_datetime([f"2020-01-0{i % 3 + 1}" for i in range(30)])
+    adata.obs.loc[adata.obs_names[0], "collected"] = pd.NaT
+    codes, cats = CellCollection(adata).codes("collected")
+    assert cats == ["2020-01-01", "2020-01-02", "2020-01-03"]
+    assert codes[0] == -1 and list(codes[1:4]) == [1, 2, 0]
