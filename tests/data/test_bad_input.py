@@ -228,6 +228,35 @@ def test_min_counts_0_still_refuses_empty_cells_and_origin_takes_a_store_twice(t
     np.testing.assert_array_equal(origin["store_row"], np.tile(np.arange(20), 2))
 
 
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_zeros_stored_as_entries_are_not_genes(tmp_path, fmt):
+    """A file whose CSR keeps zeros as entries: its row pointer overcounts genes, so a cell
+    of stored zeros only would pass as not empty and min_genes would keep too much."""
+    from cellsift.datasets import synthetic_atlas
+
+    adata = synthetic_atlas(40, 300, seed=0)
+    x = adata.X.toarray()
+    x[3] = 0
+    rng = np.random.default_rng(0)
+    mask = (x == 0) & (rng.random(x.shape) < 0.5)
+    mask[3] = True  # cell 3: every entry stored, every value 0
+    rows, cols = np.nonzero((x != 0) | mask)
+    adata.X = sp.csr_matrix((x[rows, cols].astype(np.float32), (rows, cols)), shape=x.shape)
+    adata.X.data[adata.X.data == 0] = 0.0  # (the constructor keeps the zeros it is given)
+    assert adata.X.nnz > np.count_nonzero(x)
+    path = tmp_path / f"zeros.{fmt}"
+    adata.write_h5ad(path) if fmt == "h5ad" else adata.write_zarr(path)
+    assert open_store(path).stored_row_nnz() is not None  # a row pointer that overcounts
+    with pytest.raises(DataError, match="1 of 40 cells have no counts"):
+        CellCollection(path)
+    genes = np.count_nonzero(x, axis=1)
+    least = int(np.median(genes))
+    kept = CellCollection(path, min_genes=least)
+    assert 0 < kept.n_obs < 40
+    np.testing.assert_array_equal(kept.cell_ids, np.flatnonzero(genes >= least))
+    np.testing.assert_array_equal(kept.stores[0].row_nnz(), genes)
+
+
 def test_a_gene_twice_in_a_row_is_named(tmp_path):
     """Duplicate CSR entries (a count split in two) would be log-transformed in parts."""
     x = sp.csr_matrix(

@@ -239,8 +239,9 @@ class CellCollection:
                     allowed = list(wanted) if isinstance(wanted, list | tuple | set) else [wanted]
                     mask &= values.isin(allowed).to_numpy()
             apply("obs_filter", mask)
-        if (nnz := store.stored_row_nnz()) is not None:
-            # checked where it is free (CSR stores), among the cells the filters keep
+        nnz = store.row_nnz() if store.stored_zeros else store.stored_row_nnz()
+        if nnz is not None:
+            # checked where it is free (CSR stores, or counted already), among the cells kept
             n_empty = int(((nnz == 0) & keep).sum())
             if n_empty:
                 raise DataError(
@@ -371,6 +372,13 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
     layers = _other_layers(store)
     where = f"{store.path} ({'X' if store.layer is None else store.layer})"
     x = store.read(rows)
+    if x.nnz and not x.data.all():
+        store.stored_zeros = True
+        logger.info(
+            "%s: zeros are stored as entries; genes per cell are counted from the values (one "
+            "pass over the file when filtering on them)",
+            where,
+        )
     check_count_values(
         x.data,
         where,

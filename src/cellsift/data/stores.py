@@ -168,22 +168,28 @@ class CellStore(ABC):
         """Genes detected per cell if the store keeps them (a CSR row pointer), else None."""
         return None
 
+    #: The counts store zeros as entries (found by the collection's opening check): a row
+    #: pointer then overcounts genes, and genes per cell are counted from the values.
+    stored_zeros = False
+
     def row_nnz(self) -> np.ndarray:
-        """Genes detected per cell: free with a row pointer (CSR), else one pass (cached)."""
-        stored = self.stored_row_nnz()
+        """Genes detected per cell: free with a row pointer (CSR) that holds no stored zeros,
+        else one pass over the values (cached)."""
+        stored = None if self.stored_zeros else self.stored_row_nnz()
         if stored is not None:
             return stored
         if "__row_nnz" not in self._obs_cache:
             out = np.zeros(self.n_obs, dtype=np.int64)
             for start, x in self.iter_chunks():
-                out[start : start + x.shape[0]] = np.diff(x.indptr)
+                nonzero = np.concatenate(([0], np.cumsum(x.data != 0)))
+                out[start : start + x.shape[0]] = np.diff(nonzero[x.indptr])
             self._obs_cache["__row_nnz"] = out
         return self._obs_cache["__row_nnz"]
 
     @property
     def nnz(self) -> int | None:
         """Stored nonzero entries, when known without reading the data."""
-        stored = self.stored_row_nnz()
+        stored = None if self.stored_zeros else self.stored_row_nnz()
         return None if stored is None else int(stored.sum())
 
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
