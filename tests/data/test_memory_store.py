@@ -81,6 +81,8 @@ def test_bad_in_memory_input_is_named(tmp_path):
     nan.X[3, 2] = np.nan
     with pytest.raises(DataError, match="NaN"):
         CellCollection(nan)
+    with pytest.raises(TypeError, match=r"adata\[1\]: an AnnData in memory takes no store"):
+        CellCollection([tmp_path / "a.h5ad", adata], store_options={"rdcc_nbytes": 1 << 20})
 
 
 def test_whole_number_groups_with_missing_values_stay_whole(tmp_path):

@@ -254,6 +254,12 @@ def open_store(
     if is_anndata(path):
         from ._memory import MemoryStore
 
+        if options:
+            raise TypeError(
+                f"{name}: an AnnData in memory takes no store options ({', '.join(options)}: "
+                "they are for stores read from files). Open file stores with open_store(path, "
+                "...) and pass them with the AnnData in a list."
+            )
         return MemoryStore(path, layer=layer, name=name)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist.")
