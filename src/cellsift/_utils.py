@@ -235,6 +235,17 @@ def canonical(x: Any) -> Any:
     return x
 
 
+#: Label text that means "no label" (after stripping and ignoring case): CELLxGENE writes
+#: unknown; text columns hold nan, None or <NA> where a value was missing before.
+NO_LABEL = frozenset({"unknown", "nan", "none", "<na>", ""})
+
+
+def no_label(values: Any) -> np.ndarray:
+    """Boolean per value: missing, or text that means no label (:data:`NO_LABEL`)."""
+    s = pd.Series(np.asarray(values, dtype=object))
+    return (s.isna() | s.astype(str).str.strip().str.casefold().isin(NO_LABEL)).to_numpy()
+
+
 def text_or_none(values: Any) -> np.ndarray:
     """``values`` as an object array of text, missing values as None (not the text "nan"
     or "None"), as categoricals and Arrow columns keep them. Dates and durations as their

@@ -132,6 +132,18 @@ def test_filters_that_keep_nothing(indexed_paths, tmp_path):
         CellCollection(42)
 
 
+def test_blank_and_spelled_out_missing_labels_are_dropped(tmp_path):
+    """dropna drops a label that is blank or spells a missing value in any case, which
+    would otherwise train as a cell type of its own."""
+    adata = indexed_atlas(40, 5)
+    labels = adata.obs["cell_type_ontology_term_id"].astype(object).to_numpy()
+    labels[:6] = ["", "  ", "Unknown", "NaN", "None", "<NA>"]
+    adata.obs["cell_type_ontology_term_id"] = labels
+    path = _write(tmp_path, "blanks.h5ad", adata)
+    kept = CellCollection(path, dropna=["cell_type_ontology_term_id"])
+    np.testing.assert_array_equal(kept.cell_ids, np.arange(6, 40))
+
+
 def test_csc_matrix_is_refused(tmp_path):
     adata = indexed_atlas(30, 5)
     adata.X = adata.X.tocsc()

@@ -158,7 +158,7 @@ def test_labels_with_gaps_and_deprecated_ids_are_named():
     import math
 
     cl = load_cell_ontology()
-    with pytest.raises(OntologyError, match=r"'CD4 T cells', a missing value \(NaN/None\)"):
+    with pytest.raises(OntologyError, match=r"a missing value \(NaN/None/NA\).* 'CD4 T cells'"):
         cl.harmonize(["B cell", "CD4 T cells", math.nan])
     deprecated = next(t for t in sorted(cl.terms) if cl.is_deprecated(t))
     with pytest.raises(OntologyError, match="deprecated"):
@@ -183,3 +183,30 @@ def test_names_of_deprecated_terms_map_as_their_ids_do():
     )  # fmt: skip
     with pytest.raises(OntologyError, match="obsolete"):
         cl.harmonize([cl.name(orphan).removeprefix("obsolete ")])
+
+
+def test_blank_and_pandas_missing_labels_name_no_term(cl):
+    """Several deprecated CL terms have an empty label: a blank label used to map through
+    one of them to its successor (common lymphoid progenitor)."""
+    import pandas as pd
+
+    assert cl.id("") is None and cl.id("   ") is None
+    for blank in ("", "   ", "\t"):
+        with pytest.raises(OntologyError, match=r"missing or blank value.*drop those cells"):
+            cl.harmonize(["B cell", blank])
+    gaps = pd.array(["B cell", pd.NA, "T cell"], dtype="string")  # NA: neither True nor False
+    with pytest.raises(OntologyError, match=r"missing value \(NaN/None/NA\)"):
+        cl.harmonize(gaps)
+    assert cl.harmonize(pd.array(["B cell", "T cell"], dtype="string")) == [
+        "CL:0000236",
+        "CL:0000084",
+    ]
+
+
+def test_coarsen_rare_counts_no_study_for_cells_without_one(cl):
+    """A label seen only in cells without a study is in no study, not in one per NaN."""
+    labels = ["CL:0000236"] * 4 + ["CL:0000788"] * 3  # B cell; naive B cell (a descendant)
+    studies = ["a", "b", "a", "b", float("nan"), None, float("nan")]
+    out, report = cl.coarsen_rare(labels, studies, min_studies=2)
+    assert report.studies["CL:0000788"] == 0
+    assert out == ["CL:0000236"] * 7 and report.moved == {"CL:0000788": "CL:0000236"}

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import logger, text_or_none
+from .._utils import logger, no_label, text_or_none
 from ..errors import DataError, MissingKeyError
 from .genes import GeneMap, GeneVocabulary
 from .stores import CellStore, is_anndata, open_store, refuse_other
@@ -225,8 +225,7 @@ class CellCollection:
             apply(f"min_counts={min_counts:g}", store.row_sums() >= min_counts)
         for col in dropna:
             values = store.obs_column(col)
-            s = pd.Series(np.asarray(values, dtype=object))
-            missing = (s.isna() | s.astype(str).isin(["unknown", "nan", ""])).to_numpy()
+            missing = no_label(values)  # blank, "Unknown", "NaN" too
             apply(f"dropna {col!r} (missing or 'unknown')", ~missing)
         if obs_filter is not None:
             if callable(obs_filter):

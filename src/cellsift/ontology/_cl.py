@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..errors import CellsiftError
 
@@ -84,10 +85,14 @@ def _listing(values: Sequence[str], at_most: int = 20) -> str:
     """'a', 'b', ... and N more."""
     more = f" and {len(values) - at_most} more" if len(values) > at_most else ""
     shown = (
-        "a missing value (NaN/None)" if v is None or v != v else repr(str(v))
-        for v in values[:at_most]
+        "a missing value (NaN/None/NA)" if _missing(v) else repr(str(v)) for v in values[:at_most]
     )
     return ", ".join(shown) + more
+
+
+def _missing(value: Any) -> bool:
+    """None, NaN or pandas' NA (whose comparisons are neither True nor False)."""
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
 
 
 class CellOntology:
@@ -103,14 +108,18 @@ class CellOntology:
         #: only where no current term has the name
         self._by_obsolete: dict[str, str] = {}
         for term, info in self.terms.items():
+            # (several deprecated terms have an empty label: a blank value names no term)
             if info.get("deprecated"):
                 name = info["label"].casefold().removeprefix("obsolete ").strip()
-                self._by_obsolete.setdefault(name, term)
+                if name:
+                    self._by_obsolete.setdefault(name, term)
                 continue
-            self._by_label.setdefault(info["label"], term)
-            self._by_folded.setdefault(info["label"].casefold(), term)
+            if info["label"].strip():
+                self._by_label.setdefault(info["label"], term)
+                self._by_folded.setdefault(info["label"].casefold(), term)
             for syn in info.get("synonyms", []):
-                self._by_synonym.setdefault(syn.casefold(), term)
+                if syn.strip():
+                    self._by_synonym.setdefault(syn.casefold(), term)
         self._children: dict[str, set[str]] | None = None
 
     def __repr__(self) -> str:
@@ -214,13 +223,23 @@ class CellOntology:
         values = list(values)
         cache: dict[str, str | None] = {}
         for v in set(values):
-            cache[v] = self._harmonize_one(str(v), replace_deprecated)
-        # (key=str: labels with gaps mix NaN floats or None with text)
+            cache[v] = None if _missing(v) else self._harmonize_one(str(v), replace_deprecated)
+        # (key=str: labels with gaps mix NaN floats, None or pandas' NA with text)
         failed = sorted((v for v, t in cache.items() if t is None), key=str)
         if failed:
-            obsolete = [v for v in failed if self._resolve(str(v)) is not None]
-            unknown = [v for v in failed if v not in obsolete]
+            # (a dict finds pandas' NA by identity; a list's `in` would compare it)
+            absent = {v: _missing(v) or not str(v).strip() for v in failed}
+            named = {v: not absent[v] and self._resolve(str(v)) is not None for v in failed}
+            obsolete = [v for v in failed if named[v]]
+            unknown = [v for v in failed if not named[v] and not absent[v]]
             parts = []
+            if n_absent := sum(absent.values()):
+                kinds = "a missing or blank value" if n_absent == 1 else "missing or blank values"
+                parts.append(
+                    f"The labels hold {kinds} ({_listing([v for v in failed if absent[v]])}), "
+                    "which name no cell type: drop those cells first (CellCollection(dropna="
+                    "[key]) or adata[adata.obs[key].notna()])."
+                )
             if unknown:
                 parts.append(
                     f"{_count(unknown, 'not a Cell Ontology term', 'not Cell Ontology terms')}"
@@ -238,8 +257,10 @@ class CellOntology:
 
     def _resolve(self, value: str) -> str | None:
         """The CL id that ``value`` (an id in any common form, a name or a synonym) names,
-        deprecated or not; None if none."""
+        deprecated or not; None if none (a blank value names none)."""
         value = value.strip()
+        if not value:
+            return None
         m = _CL_ID.match(value)  # cl:0000236, CL_0000236, an OBO PURL
         term = f"CL:{m.group(1)}" if m else value
         if term in self.terms:
@@ -264,7 +285,8 @@ class CellOntology:
         The parent is the nearest ancestor, within the label set, that is itself seen in at
         least ``min_studies`` studies; ties go to the one seen in more studies, then to the
         smaller id (deterministic). Labels without such a parent become None (dropped); the
-        report says what moved where and what was dropped.
+        report says what moved where and what was dropped. Cells without a study (None, NaN)
+        count toward no study.
         """
         labels, studies = list(labels), list(studies)
         if len(labels) != len(studies):
@@ -279,8 +301,10 @@ class CellOntology:
                 "first."
             )
         seen: dict[str, set[str]] = {}
-        for lab, st in zip(labels, studies, strict=True):
-            seen.setdefault(lab, set()).add(st)
+        for lab, st in zip(labels, studies, strict=True):  # a missing study counts as none
+            studies_of = seen.setdefault(lab, set())
+            if not _missing(st):
+                studies_of.add(st)
         n_studies = {lab: len(s) for lab, s in seen.items()}
         viable = {lab for lab, n in n_studies.items() if n >= min_studies}
         report = CoarsenReport(studies=n_studies)

@@ -36,15 +36,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._utils import import_optional, logger
+from .._utils import import_optional, logger, no_label
 from ..ontology import OntologyError, load_cell_ontology
 from .index import CellIndex, CellIndexError, check_k
 
 __all__ = ["UNKNOWN", "KNNAnnotator"]
 
 UNKNOWN = "unknown"
-#: Label values that mean "no label" in a reference (CELLxGENE writes unknown).
-_NO_LABEL = frozenset({UNKNOWN, "nan", "None", ""})
 
 
 @dataclass
@@ -127,7 +125,7 @@ class KNNAnnotator:
         col = tbl.column(self.label_key).to_pandas(integer_object_nulls=True)
         cat = col.array if isinstance(col.dtype, pd.CategoricalDtype) else pd.Categorical(col)
         names = pd.Index(cat.categories.astype(str))
-        ok = ~names.isin(list(_NO_LABEL))
+        ok = ~no_label(names)
         terms = np.unique(np.asarray(names[ok]))
         if len(terms) == 0:
             raise CellIndexError(
