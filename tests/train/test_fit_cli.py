@@ -292,6 +292,17 @@ def test_fit_refuses_to_resume_a_checkpoint_of_another_model(synthetic_h5ad, tmp
     assert main(["fit", *_args(synthetic_h5ad, tmp_path, *resume, name="pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "weights.pt cannot be read as a checkpoint (it holds no Lightning training" in err
+    # the same shapes, other settings: refused, naming them
+    other = ["--model.margin", "0.2", "--model.negative", "hardest", "--ckpt_path", str(last)]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *other, name="other")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "trained with other settings (loss.margin 0.05 there, 0.2 here; loss.negative" in err
+    # "last" resolved to a file that is corrupt: named, in one line
+    last.write_bytes(last.read_bytes()[:50_000])
+    resume = ["--ckpt_path", "last"]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *resume, name="last")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "last.ckpt cannot be read as a checkpoint" in err
 
 
 def test_fit_reads_a_manifest_of_shards_given_on_the_command_line(synthetic_h5ad, tmp_path):

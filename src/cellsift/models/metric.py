@@ -8,6 +8,7 @@ AnnData (genes aligned by the vocabulary) or collections; saves and loads as a b
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -214,7 +215,7 @@ class MetricModel:
             )
         dm.genes, dm.labels, dm.harmonize_labels = self.genes, self.labels, True
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, compile=compile)
-        plan.data_identity = self.data_identity()
+        plan.run_identity = self.run_identity()
         root = Path(default_root_dir) if default_root_dir is not None else Path.cwd()
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         if trainer_kwargs.get("enable_checkpointing", True) is not False and not any(
@@ -245,11 +246,17 @@ class MetricModel:
         self.trainer = trainer
         return trainer
 
-    def data_identity(self) -> dict[str, Any]:
-        """What the model reads: a digest of its genes in order, and its labels (checkpoints
-        keep it, so that a run is not resumed on other data)."""
+    def run_identity(self) -> dict[str, Any]:
+        """What a training run is: a digest of the genes the model reads in order, its labels,
+        and its settings (architecture, loss, normalisation). Checkpoints keep it, so that a
+        run is not resumed on other data or with other settings."""
         genes = hashlib.blake2b("\t".join(self.genes.genes).encode(), digest_size=16)
-        return {"genes": genes.hexdigest(), "labels": list(self.labels)}
+        settings = {k: self.config[k] for k in ("architecture", "loss", "normalization")}
+        return {
+            "genes": genes.hexdigest(),
+            "labels": list(self.labels),
+            "settings": json.loads(json.dumps(settings)),  # as a checkpoint gives it back
+        }
 
     @property
     def fingerprint(self) -> str:

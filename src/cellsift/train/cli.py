@@ -19,7 +19,6 @@ bundle lands in that run's directory.
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 import warnings
 from collections.abc import Sequence
@@ -32,9 +31,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from .._utils import logger
 from ..data.datamodule import CellDataModule
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from .plan import TrainingPlan
-from .resume import continued_run
+from .resume import continued_run, read_checkpoint
 
 __all__ = ["FitCLI", "MetricPlan", "run_fit"]
 
@@ -117,7 +116,7 @@ class MetricPlan(TrainingPlan):
         )
         self.metric_model = model
         self.bundle_dir = bundle_dir
-        self.data_identity = model.data_identity()
+        self.run_identity = model.run_identity()
 
     def on_fit_end(self) -> None:
         super().on_fit_end()  # the best weights by the monitored metric, where kept
@@ -143,21 +142,11 @@ class FitCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint given with --ckpt_path first (for its
         # hyperparameters): an unreadable file is said in one line, naming it
+        # ("last" names a file only once the callbacks exist: continued_run reads it)
         path = self.config[self.config.subcommand].get("ckpt_path")
-        try:
-            super()._parse_ckpt_path()
-            if path is not None and Path(path).is_file():  # (not "last" or "best")
-                import torch
-
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                if not (isinstance(ckpt, dict) and "state_dict" in ckpt):
-                    raise RuntimeError("it holds no Lightning training state")
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
-            raise DataError(
-                f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}): the file "
-                "is truncated, corrupt or not a checkpoint (a model bundle's files are not). "
-                "Resume from another checkpoint (a .ckpt of the run), or start anew."
-            ) from err
+        if path is not None and Path(path).is_file():
+            read_checkpoint(path)
+        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         """Callbacks that watch validation metrics need validation cells (checked before the

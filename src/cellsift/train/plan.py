@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, ResumeError, TrainingError
 from .metrics import silhouette
+from .resume import read_checkpoint
 
 __all__ = ["TrainingPlan"]
 
@@ -141,10 +142,10 @@ class TrainingPlan(pl.LightningModule):
         self._rng_before_validation: dict[str, Any] | None = None  # (kept out of training's)
         #: This rank's (cell-weighted sum, cells) of each training scalar in this epoch
         self._epoch_sums: dict[str, tuple[float, float]] = {}
-        #: What the model reads (a digest of its genes, its labels), set by whoever knows
-        #: (MetricModel.train, MetricPlan): checkpoints keep it, and a resumed run on other
-        #: data of the same shapes is refused.
-        self.data_identity: dict[str, Any] | None = None
+        #: What the run is (a digest of the model's genes, its labels, its settings), set by
+        #: whoever knows (MetricModel.train, MetricPlan): checkpoints keep it, and a run
+        #: resumed on other data or with other settings of the same shapes is refused.
+        self.run_identity: dict[str, Any] | None = None
         self.final_weights = "the last epoch's weights"
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -262,9 +263,7 @@ class TrainingPlan(pl.LightningModule):
         )
         self.final_weights = "the last epoch's weights"
         if best is not None and Path(best.best_model_path).is_file():
-            ckpt = torch.load(  # mmap: the optimiser state is never read; copied to the device
-                best.best_model_path, map_location="cpu", weights_only=True, mmap=True
-            )
+            ckpt = read_checkpoint(best.best_model_path)  # (the optimiser state is never read)
             self.load_state_dict(ckpt["state_dict"])
             score = best.best_model_score
             value = f"{float(score):.4g} " if score is not None else ""
@@ -277,8 +276,8 @@ class TrainingPlan(pl.LightningModule):
         # every rank builds the checkpoint (rank 0 writes it); each rank draws its own stream
         checkpoint["cellsift_rng"] = {"per_rank": _gather_objects(_rng_state())}
         checkpoint["cellsift_epoch_sums"] = self._global_epoch_sums()  # (every rank's)
-        if self.data_identity is not None:
-            checkpoint["cellsift_data"] = self.data_identity
+        if self.run_identity is not None:
+            checkpoint["cellsift_data"] = self.run_identity
         # the TensorBoard run it belongs to, which a resumed run logs on in (cellsift.train.
         # resume: `cellsift fit --ckpt_path`, MetricModel.train(ckpt_path=...))
         logger = self.trainer.logger if self._trainer is not None else None
@@ -291,14 +290,23 @@ class TrainingPlan(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _check_same_model(checkpoint.get("state_dict", {}), self.state_dict())
-        saved = checkpoint.get("cellsift_data")
-        if saved is not None and self.data_identity is not None and saved != self.data_identity:
-            what = [k for k in ("genes", "labels") if saved.get(k) != self.data_identity.get(k)]
-            raise ResumeError(
-                f"the checkpoint was trained on other {' and '.join(what)} than this run's "
-                "data: resume with the data it was made with, or start a new run without "
-                "--ckpt_path."
-            )
+        saved, here = checkpoint.get("cellsift_data"), self.run_identity
+        if saved is not None and here is not None:
+            what = [k for k in ("genes", "labels") if saved.get(k) != here.get(k)]
+            if what:
+                raise ResumeError(
+                    f"the checkpoint was trained on other {' and '.join(what)} than this run's "
+                    "data: resume with the data it was made with, or start a new run without "
+                    "--ckpt_path."
+                )
+            changed = _changed_settings(saved.get("settings"), here.get("settings"))
+            if changed:  # (checkpoints of older versions hold no settings)
+                raise ResumeError(
+                    f"the checkpoint was trained with other settings ({'; '.join(changed)}): "
+                    "a resumed run goes on with the settings it was made with. Resume with "
+                    "those, or start a new run (or fine-tune the saved model bundle: "
+                    "MetricModel.load(dir).train(...))."
+                )
         # the epoch's sums so far, for a run that goes on mid-epoch (a new epoch clears them):
         # every rank's, held by rank 0
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -385,6 +393,20 @@ class TrainingPlan(pl.LightningModule):
         # a callable object) so that checkpoints do not store the old length
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _changed_settings(saved: dict[str, Any] | None, here: dict[str, Any] | None) -> list[str]:
+    """``section.key there -> here`` for each setting that differs (none where either side
+    holds no settings)."""
+    if not saved or not here:
+        return []
+    out = []
+    for section in sorted(set(saved) | set(here)):
+        a, b = saved.get(section) or {}, here.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                out.append(f"{section}.{key} {a.get(key)!r} there, {b.get(key)!r} here")
+    return out
 
 
 def _check_same_model(saved: dict[str, Any], here: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@ that wrote it, which the resumed run logs on in."""
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,26 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["checkpoint_file", "continued_run"]
+from ..errors import DataError
+
+__all__ = ["checkpoint_file", "continued_run", "read_checkpoint"]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint file, memory-mapped (weights stay on disk until read), or a
+    :class:`~cellsift.errors.DataError` in one line naming the file when it is truncated,
+    corrupt or no training state."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not (isinstance(ckpt, dict) and "state_dict" in ckpt):
+            raise RuntimeError("it holds no Lightning training state")
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise DataError(
+            f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}): the file "
+            "is truncated, corrupt or not a checkpoint (a model bundle's files are not). "
+            "Resume from another checkpoint (a .ckpt of the run), or start anew."
+        ) from err
+    return ckpt
 
 
 def checkpoint_file(ckpt_path: str, callbacks: Iterable[Any]) -> Path | None:
@@ -35,8 +55,7 @@ def continued_run(
     path = checkpoint_file(ckpt_path, callbacks) if ckpt_path else None
     if path is None:
         return None
-    # mmap: the weights stay on disk, only the small entries are read
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = read_checkpoint(path)  # ("last" is resolved here: checked here too)
     run = ckpt.get("cellsift_log")
     if not run or run["name"] != name:
         return None
