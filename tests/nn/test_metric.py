@@ -162,3 +162,25 @@ def test_label_loss_resolved_does_not_credit_a_descendant_the_study_uses():
         [(p[0, 0] + p[0, 1]).log(), (p[1, 0] + p[1, 1]).log(), p[2, 1].log(), p[3, 2].log()]
     ).mean()
     torch.testing.assert_close(module.label_loss(logits, y), never)  # no studies: CL's rule
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"latent": 0}, "latent is the embedding's width"),
+        ({"latent": -5}, "latent is the embedding's width"),
+        ({"hidden": []}, "hidden lists the widths of at least one layer"),
+        ({"hidden": [16, 0]}, "hidden lists the widths"),
+        ({"dropout": 1.0}, r"dropout is a probability in \[0, 1\)"),
+        ({"input_dropout": float("nan")}, r"input_dropout is a probability"),
+        ({"margin": -0.1}, "margin is a distance, at least 0"),
+        ({"target_sum": 0.0}, "target_sum is the counts per cell"),
+        ({"target_sum": -1.0}, "target_sum is the counts per cell"),
+    ],
+)
+def test_settings_that_cannot_make_a_model_are_named(settings, message):
+    from cellsift.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        MetricModule(20, **{"hidden": [16], "latent": 8, **settings})
+    MetricModule(np.int64(20), hidden=[np.int64(16)], latent=np.int64(8))  # numpy's ints too

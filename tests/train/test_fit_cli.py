@@ -226,6 +226,18 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
         (["--model.lr", "-1"], "lr must be > 0"),
         (["--model.asw_cells", "1"], "asw_cells must be at least 2"),
         (["--trainer.max_epochs", "0"], "no training step ran"),
+        (["--model.dropout", "1.5"], r"dropout is a probability in \[0, 1\), not 1.5"),
+        (["--model.hidden", "[]"], r"hidden lists the widths of at least one layer"),
+        (["--model.hidden", "[0]"], r"hidden lists the widths .* not \[0\]"),
+        (["--model.latent", "0"], "latent is the embedding's width, at least 1, not 0"),
+        (["--model.margin", "-1"], "margin is a distance, at least 0, not -1"),
+        (["--model.target_sum", "0"], "target_sum is the counts per cell .* above 0"),
+        (["--data.init_args.val_fraction", "1.5"], r"val_fraction .* in \[0, 1\), not 1.5"),
+        (["--data.init_args.num_workers", "-1"], "num_workers counts loader processes"),
+        (
+            ["--data.init_args.mode", "blocks"],
+            r"--data.init_args.mode: 'blocks' is not valid \(expected one of 'sequential'",
+        ),
     ],
 )
 def test_fit_says_bad_settings_in_one_line(synthetic_h5ad, tmp_path, capsys, extra, message):

@@ -142,6 +142,16 @@ class CellDataModule(pl.LightningDataModule):
                 "batch_size must be at least 2 for training (BatchNorm normalises over the "
                 f"batch), not {self.batch_size}."
             )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(
+                f"val_fraction is the share of cells to validate on, in [0, 1), not "
+                f"{self.val_fraction!r}."
+            )
+        if self.num_workers < 0:
+            raise ConfigError(
+                f"num_workers counts loader processes (0: read in the training process), not "
+                f"{self.num_workers}."
+            )
         dropna = [self.label_key] if self.label_key else []
         allowed = set(inspect.signature(CellCollection).parameters) - {"source", "genes"}
         unknown = sorted(set(self.collection_options) - allowed)

@@ -21,6 +21,7 @@ classifier_weight * label + (1 - triplet_weight - classifier_weight) * MSE``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,45 @@ class CosineClassifier(nn.Module):
             self.scale
             * nn.functional.normalize(z_nk, dim=1)
             @ nn.functional.normalize(self.weight, dim=1).T
+        )
+
+
+def _check_settings(
+    n_genes: int,
+    hidden: Sequence[int],
+    latent: int,
+    dropout: float,
+    input_dropout: float,
+    margin: float,
+    target_sum: float,
+) -> None:
+    """A :class:`ConfigError` naming the first setting that cannot make a model (a zero-wide
+    layer, a dropout of 1 or more, a negative margin, a total of 0 that makes every cell
+    alike), rather than a torch error deep in construction or a model that trains to
+    nothing."""
+
+    def whole(v: Any) -> bool:  # (numpy's integers too; not True/False)
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    hidden = list(hidden)
+    if not whole(n_genes) or n_genes < 1:
+        raise ConfigError(f"a model reads at least one gene, not n_genes={n_genes!r}.")
+    if not hidden or any(not whole(h) or h < 1 for h in hidden):
+        raise ConfigError(
+            f"hidden lists the widths of at least one layer, each a positive whole number, "
+            f"not {hidden!r} (SCimilarity: [1024, 1024, 1024])."
+        )
+    if not whole(latent) or latent < 1:
+        raise ConfigError(f"latent is the embedding's width, at least 1, not {latent!r}.")
+    for name, p in (("dropout", dropout), ("input_dropout", input_dropout)):
+        if not 0.0 <= p < 1.0:  # (NaN fails too)
+            raise ConfigError(f"{name} is a probability in [0, 1), not {p!r}.")
+    if not margin >= 0.0:
+        raise ConfigError(f"margin is a distance, at least 0, not {margin!r} (SCimilarity: 0.05).")
+    if not 0.0 < target_sum < float("inf"):
+        raise ConfigError(
+            f"target_sum is the counts per cell after normalisation, above 0, not "
+            f"{target_sum!r} (default 1e4)."
         )
 
 
@@ -96,6 +136,7 @@ class MetricModule(nn.Module):
         target_sum: float = 1e4,
     ) -> None:
         super().__init__()
+        _check_settings(n_genes, hidden, latent, dropout, input_dropout, margin, target_sum)
         if not 0.0 <= triplet_weight <= 1.0:
             raise ConfigError(f"triplet_weight must lie in [0, 1], not {triplet_weight:g}.")
         if not 0.0 <= classifier_weight <= 1.0 - triplet_weight:

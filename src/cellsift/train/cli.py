@@ -232,6 +232,17 @@ def _one_line(message: str) -> str:
     if key is None:
         return "; ".join(lines)
     name, rest = key.groups()
+    # a bad value of a class's argument (--data.init_args.mode): jsonargparse names the
+    # argument inside its message about the class union
+    inner = re.search(
+        r'Parser key "([^"]+)":\s*Expected an? ([^\n]*?)\. Got value: ([^\n]*)', message
+    )
+    if inner is not None and inner.group(1) != name:
+        arg, expected, got = inner.groups()
+        choices = re.fullmatch(r"typing\.Literal\[(.*)\]", expected)
+        expected = f"one of {choices.group(1)}" if choices else expected
+        where = f"{name}.init_args.{arg}" if "class_path" in message else f"{name}.{arg}"
+        return f"--{where}: {got!r} is not valid (expected {expected})"
     given = next(
         (line[len("Given value: ") :] for line in lines if line.startswith("Given value: ")), None
     )
