@@ -229,3 +229,20 @@ def test_missing_obs_values_stay_missing(tmp_path):
         dm.setup("fit")
         assert all(isinstance(g, str) and g in cats for g in dm.val_groups)
         assert not pd.isna(dm.val.obs_column("study")).any()  # no-study cells train
+
+
+def test_a_study_key_the_data_lack_names_the_argument():
+    """The default study_key names CELLxGENE's column: data without it are told which
+    argument to set (and that None means one study), not only that a column is missing."""
+    from cellsift.datasets import indexed_atlas
+    from cellsift.errors import ConfigError
+
+    adata = indexed_atlas(60, 10, path=None)
+    del adata.obs["dataset_id"]
+    with pytest.raises(ConfigError, match=r"study_key='dataset_id' names no obs column of adata"):
+        CellDataModule(adata).setup()
+    with pytest.raises(ConfigError, match=r"split_key='batch' names no obs column.*study_key=None"):
+        CellDataModule(adata, study_key=None, split_key="batch").setup()
+    dm = CellDataModule(adata, study_key=None, val_fraction=0)
+    dm.setup()
+    assert dm.train is not None and dm.train.n_obs == 60

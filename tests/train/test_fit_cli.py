@@ -206,7 +206,11 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
     no_study = ("--data.init_args.study_key", "study", "--data.init_args.split_key", "donor_id")
     assert main(["fit", *_args(good, tmp_path, *no_study, name="no_study")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "obs has no column 'study'" in err[0] and "dataset_id" in err[0]
+    assert (
+        len(err) == 1
+        and "study_key='study' names no obs column" in err[0]
+        and "dataset_id" in err[0]
+    )
     # no validation cells, with the config's callbacks watching val/asw: said before training
     no_val = ("--data.init_args.val_fraction", "0")
     assert main(["fit", *_args(good, tmp_path, *no_val, name="no_val")]) == 2

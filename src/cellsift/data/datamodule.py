@@ -168,6 +168,15 @@ class CellDataModule(pl.LightningDataModule):
             **self.collection_options,
         )
         self.collection = coll
+        for what, key in (("study_key", self.study_key), ("split_key", self.split_key)):
+            store = next((s for s in coll.stores if key and key not in s.obs_columns), None)
+            if store is not None:  # (study_key's default names CELLxGENE's column)
+                raise ConfigError(
+                    f"{what}={key!r} names no obs column of {store.path}, which has "
+                    f"{', '.join(store.obs_columns)}. Pass {what}= the column of studies "
+                    "(or donors) to take positives from and hold out whole, or study_key=None "
+                    "(and split_key=None) for data of one study."
+                )
         if self.label_key and self.harmonize_labels:
             from ..ontology import load_cell_ontology
 
