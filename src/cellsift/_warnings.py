@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-__all__ = ["CellsiftWarning", "NotCountsWarning", "warn"]
+__all__ = ["CellsiftWarning", "NotCountsWarning", "UntrainedDecoderWarning", "warn"]
 
 
 class CellsiftWarning(UserWarning):
@@ -14,6 +14,10 @@ class CellsiftWarning(UserWarning):
 
 class NotCountsWarning(CellsiftWarning):
     """The data look normalised or log-transformed where raw counts are expected."""
+
+
+class UntrainedDecoderWarning(CellsiftWarning):
+    """A model loaded without decoder weights: it embeds as trained, but its decoder is random."""
 
 
 def warn(

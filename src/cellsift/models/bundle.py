@@ -6,7 +6,10 @@
     labels.json        label set in model order: Cell Ontology ids and names
     checksums.json     sha256 of each file above, verified on load
 
-A bundle is written into a temporary directory and moved into place when complete.
+A bundle is written into a temporary directory and moved into place when complete. On
+load, every file is checked against its checksum and against the others (a bundle edited by
+hand, with checksums made anew, or written by another tool): what does not fit is a
+:class:`BundleError` that names the file and the key.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +27,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._utils import atomic_dir
+from .._warnings import UntrainedDecoderWarning
 from ..data.genes import GeneVocabulary
 from ..data.stores import refuse_other
-from ..errors import CellsiftError
+from ..errors import CellsiftError, ConfigError
 
-__all__ = ["Bundle", "BundleError", "load_bundle", "save_bundle"]
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "UntrainedDecoderWarning",
+    "check_device",
+    "load_bundle",
+    "save_bundle",
+]
 
 FORMAT_VERSION = 1
 _FILES = ("config.json", "model.safetensors", "genes.tsv", "labels.json")
@@ -92,8 +104,81 @@ def save_bundle(
     return Path(path)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device`, where torch can use it on this machine;
+    otherwise a ConfigError that names the problem and a device to use instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"device={device!r} is not a torch device ({first}); pass 'cpu', 'cuda', "
+            "'cuda:<index>' or 'mps'."
+        ) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU seen"
+            raise ConfigError(
+                f"device={device!r}: CUDA is not available on this machine ({why}); load with "
+                "device='cpu' (the model can move to a GPU later, where there is one)."
+            )
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(
+                f"device={device!r}: this machine has {n} CUDA device(s), cuda:0 to "
+                f"cuda:{n - 1}; pass one of those, or device='cpu'."
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"device={device!r}: MPS (Apple's GPU backend) is not available on this machine; "
+            "load with device='cpu'."
+        )
+    return dev
+
+
+_REMAKE = "The bundle was edited or written by another tool; save the model again with cellsift."
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    """The JSON in ``folder / name``; a file that is not JSON is a BundleError naming it."""
+    try:
+        return json.loads((folder / name).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{folder}: {name} is not JSON ({err}). {_REMAKE}") from None
+
+
+def _check_labels(folder: Path, labels: Any) -> list[dict[str, str]]:
+    """labels.json: a list of ``{"id": <CL id>, "name": <name>}`` (name optional), ids unique."""
+    if not isinstance(labels, list):
+        raise BundleError(
+            f"{folder}: labels.json holds a {type(labels).__name__}, not a list of labels "
+            f'({{"id": "CL:0000236", "name": "B cell"}}, ...). {_REMAKE}'
+        )
+    for i, lab in enumerate(labels):
+        if not isinstance(lab, dict) or not isinstance(lab.get("id"), str) or not lab["id"]:
+            raise BundleError(
+                f"{folder}: labels.json's label {i} ({lab!r}) has no 'id'; each label needs its "
+                f'Cell Ontology id, as in {{"id": "CL:0000236", "name": "B cell"}}. {_REMAKE}'
+            )
+        if not isinstance(lab.get("name", ""), str):
+            raise BundleError(
+                f"{folder}: labels.json's label {i} ({lab!r}) has a 'name' that is not text. "
+                f"{_REMAKE}"
+            )
+    ids = [lab["id"] for lab in labels]
+    dups = sorted({t for t in ids if ids.count(t) > 1})
+    if dups:
+        raise BundleError(f"{folder}: labels.json lists {dups} more than once. {_REMAKE}")
+    return labels
+
+
 def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Bundle:
-    """Read a bundle, verifying that every file is there and matches its checksum."""
+    """Read a bundle, verifying that every file is there and matches its checksum.
+
+    ``device`` (where the weights are read to) is checked first: one torch cannot use here
+    is a :class:`~cellsift.errors.ConfigError` naming a device to use instead.
+    """
+    dev = check_device(device)
     folder = Path(path)
     refuse_other(folder, "model", BundleError)
     if not folder.is_dir():
@@ -119,7 +204,12 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
             f"{folder}: {', '.join(bad)} do not match their checksums; the bundle "
             "is corrupt or was edited. Save or copy it again."
         )
-    config = json.loads((folder / "config.json").read_text())
+    config = _read_json(folder, "config.json")
+    if not isinstance(config, dict):
+        raise BundleError(
+            f"{folder}: config.json holds a {type(config).__name__}, not the settings' object "
+            f"({{...}}). {_REMAKE}"
+        )
     version = config.get("format_version", 0)
     if isinstance(version, bool) or not isinstance(version, int):
         raise BundleError(f"{folder}: config.json's format_version {version!r} is not a number.")
@@ -128,10 +218,150 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
             f"{folder}: bundle format {config['format_version']} is newer than this "
             f"cellsift reads ({FORMAT_VERSION}); upgrade cellsift."
         )
-    flat = load_file(str(folder / "model.safetensors"), device=str(device))
+    flat = load_file(str(folder / "model.safetensors"), device=str(dev))
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         module, _, name = key.partition(".")
         weights.setdefault(module, {})[name] = tensor
-    labels = json.loads((folder / "labels.json").read_text())
-    return Bundle(config, weights, GeneVocabulary.load(folder / "genes.tsv"), labels)
+    try:
+        genes = GeneVocabulary.load(folder / "genes.tsv")
+    except ValueError as err:  # pandas' parser errors are ValueErrors too
+        raise BundleError(
+            f"{folder}: genes.tsv cannot be the model's genes ({err}). {_REMAKE}"
+        ) from None
+    labels = _check_labels(folder, _read_json(folder, "labels.json"))
+    return Bundle(config, weights, genes, labels)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def metric_settings(
+    path: str | os.PathLike[str], bundle: Bundle, model: Callable[..., Any]
+) -> dict[str, Any]:
+    """The keyword arguments of ``model`` (:class:`~cellsift.models.MetricModel`) that a
+    bundle's config.json gives: architecture, normalisation and loss, each checked (and
+    ``architecture.n_genes`` against genes.tsv). What does not fit is a BundleError naming
+    config.json and the key."""
+    import inspect
+
+    config = bundle.config
+
+    def bad(key: str, what: str) -> BundleError:
+        return BundleError(f"{path}: config.json's {key} {what}. {_REMAKE}")
+
+    kind = config.get("model", "MetricModel")
+    if kind != "MetricModel":
+        raise bad("model", f"is {kind!r}, not 'MetricModel'; this cellsift cannot load it")
+    sections: dict[str, dict[str, Any]] = {}
+    for section in ("architecture", "normalization", "loss"):
+        value = config.get(section, {} if section == "loss" else None)
+        if not isinstance(value, dict):
+            raise bad(section, "is missing" if value is None else f"is {value!r}, not an object")
+        sections[section] = value
+    arch, norm, loss = sections["architecture"], sections["normalization"], sections["loss"]
+    checks: list[tuple[str, dict[str, Any], str, Callable[[Any], bool], str]] = [
+        ("architecture", arch, "n_genes", lambda v: _is_int(v) and v >= 1, "a whole number"),
+        (
+            "architecture",
+            arch,
+            "hidden",
+            lambda v: isinstance(v, list) and bool(v) and all(_is_int(h) and h >= 1 for h in v),
+            "a list of layer sizes (whole numbers >= 1)",
+        ),
+        ("architecture", arch, "latent", lambda v: _is_int(v) and v >= 1, "a whole number"),
+        ("architecture", arch, "dropout", _is_number, "a number"),
+        ("architecture", arch, "input_dropout", _is_number, "a number"),
+        ("normalization", norm, "target_sum", lambda v: _is_number(v) and v > 0, "a number > 0"),
+    ]
+    for section, values, key, ok, what in checks:
+        if key not in values:
+            raise bad(f"{section}.{key}", "is missing")
+        if not ok(values[key]):
+            raise bad(f"{section}.{key}", f"is {values[key]!r}, not {what}")
+    if norm.get("log1p", True) is not True:
+        raise bad(
+            "normalization.log1p", f"is {norm['log1p']!r}; cellsift's models always apply log1p"
+        )
+    n_genes = len(bundle.genes)
+    if arch["n_genes"] != n_genes:
+        raise BundleError(
+            f"{path}: config.json's architecture.n_genes is {arch['n_genes']} but genes.tsv "
+            f"lists {n_genes} genes; the files are of different models. {_REMAKE}"
+        )
+    own = ("hidden", "latent", "dropout", "input_dropout", "target_sum", "label_names")
+    accepted = [
+        p.name
+        for p in inspect.signature(model).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name not in own
+    ]
+    unknown = sorted(k for k in loss if k not in accepted)
+    if unknown:
+        raise BundleError(
+            f"{path}: config.json's loss.{unknown[0]} is not a setting of this cellsift's "
+            f"{kind} (those are {', '.join(accepted)}). If a newer cellsift wrote the bundle, "
+            f"upgrade cellsift; otherwise {_REMAKE[0].lower()}{_REMAKE[1:]}"
+        )
+    return {
+        "hidden": arch["hidden"],
+        "latent": arch["latent"],
+        "dropout": arch["dropout"],
+        "input_dropout": arch["input_dropout"],
+        "target_sum": norm["target_sum"],
+        **loss,
+    }
+
+
+def state_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "") -> str:
+    """How the tensors of ``state`` differ from those ``module`` holds (names and shapes,
+    ``prefix`` before each name), or ``""`` where they fit."""
+    want = {k: list(v.shape) for k, v in module.state_dict().items()}
+    have = {k: list(v.shape) for k, v in state.items()}
+    shaped = [k for k in want if k in have and want[k] != have[k]]
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    parts = []
+
+    def more(keys: list[str]) -> str:
+        return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+
+    if shaped:
+        k = shaped[0]
+        parts.append(f"{prefix}{k} has shape {have[k]}, the model's {want[k]}{more(shaped)}")
+    if missing:
+        parts.append(f"{prefix}{missing[0]} is missing{more(missing)}")
+    if extra:
+        parts.append(f"{prefix}{extra[0]} is not one of its tensors{more(extra)}")
+    return "; ".join(parts)
+
+
+def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "") -> str:
+    """Load ``state`` into ``module`` and return ``""``; where they do not fit, load nothing
+    and return how they differ (:func:`state_mismatch`, else torch's own account)."""
+    diff = state_mismatch(module, state, prefix)
+    if diff:
+        return diff
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:  # e.g. values torch cannot copy; its first line is a heading
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        return "; ".join(lines) or str(err)
+    return ""
+
+
+def load_weights(
+    path: str | os.PathLike[str], name: str, module: nn.Module, state: Mapping[str, torch.Tensor]
+) -> None:
+    """Load a bundle's weights of ``name`` into ``module``; weights that do not fit (names,
+    shapes) are a BundleError naming model.safetensors and the tensor."""
+    diff = load_state(module, state, prefix=f"{name}.")
+    if diff:
+        raise BundleError(
+            f"{path}: model.safetensors does not fit config.json: {diff}; the files are of "
+            f"different models. {_REMAKE}"
+        )

@@ -26,16 +26,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from .._utils import BACKED_ROWS, adata_counts, canonical, logger, model_fingerprint
+from .._warnings import UntrainedDecoderWarning, warn
 from ..data import CellCollection, GeneVocabulary
 from ..data.collection import check_count_values
 from ..data.datamodule import CellDataModule
 from ..data.loader import to_torch_csr
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..nn import MetricModule
 from ..ontology import load_cell_ontology
 from ..train import TrainingPlan
 from ..train.resume import continued_run
-from .bundle import BundleError, load_bundle, save_bundle
+from .bundle import BundleError, load_bundle, load_weights, metric_settings, save_bundle
 
 __all__ = ["SMALL_ATLAS_LOADER", "SMALL_ATLAS_MODEL", "MetricModel"]
 
@@ -111,6 +112,9 @@ class MetricModel:
                 self.labels
             ):
                 raise ValueError("label_names must be parallel to labels, which must be unique.")
+        #: False for a model loaded without decoder weights (:meth:`load`): it embeds, but
+        #: :meth:`train` asks before fine-tuning it against a random decoder
+        self.decoder_trained = True
         self.config: dict[str, Any] = {
             "model": "MetricModel",
             "architecture": {
@@ -188,6 +192,7 @@ class MetricModel:
         ckpt_path: str | None = None,
         compile: bool = False,
         study_key: str | None = "dataset_id",
+        allow_untrained_decoder: bool = False,
         **trainer_kwargs: Any,
     ) -> pl.Trainer:
         """Train on a :class:`CellDataModule` (or stores to build one from: paths, a glob,
@@ -206,7 +211,19 @@ class MetricModel:
         the resumed run logs on in the TensorBoard run that wrote the checkpoint. With a
         ``ModelCheckpoint`` that monitors a metric (e.g. ``val/asw``, with early stopping),
         the model ends with the best weights it kept.
+
+        A model loaded without trained decoder weights (``decoder_trained`` False) is refused
+        unless ``allow_untrained_decoder``: its reconstruction loss would pull the trained
+        encoder towards a random decoder.
         """
+        if not self.decoder_trained and not allow_untrained_decoder:
+            raise ConfigError(
+                "this model has no trained decoder (its bundle held no decoder weights), so "
+                "fine-tuning would train the encoder against a random decoder's "
+                "reconstruction; import the model with its decoder (SCimilarity's "
+                "decoder.ckpt), or pass allow_untrained_decoder=True to train a decoder from "
+                "scratch along with the encoder."
+            )
         dm = data if isinstance(data, CellDataModule) else CellDataModule(data, study_key=study_key)
         if dm.collection is not None and dm.collection.genes != self.genes:
             raise ValueError(
@@ -244,6 +261,9 @@ class MetricModel:
             trainer.fit(plan, datamodule=dm, ckpt_path=ckpt_path)
         self.module.eval()
         self.trainer = trainer
+        if not self.decoder_trained:  # trained now, with the encoder
+            self.decoder_trained = True
+            self.config.pop("decoder_trained", None)
         return trainer
 
     def run_identity(self) -> dict[str, Any]:
@@ -454,28 +474,66 @@ class MetricModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str = "cpu") -> MetricModel:
-        """Load a bundle saved by :meth:`save` (or made by ``import_scimilarity``)."""
+        """Load a bundle saved by :meth:`save` (or made by ``import_scimilarity``).
+
+        ``device`` must be one torch can use here (else a ConfigError naming one to use).
+        The bundle's files are checked against each other: settings, labels or weights that
+        do not fit are a :class:`BundleError` naming the file and the key. A bundle without
+        trained decoder weights (``import_scimilarity`` without decoder.ckpt, other writers)
+        loads with ``decoder_trained = False`` and an ``UntrainedDecoderWarning``: it embeds
+        as its encoder was trained, but fine-tuning it would train the encoder against a
+        random decoder's reconstruction.
+        """
         b = load_bundle(path, device=device)
-        a, loss = b.config["architecture"], b.config.get("loss", {})
-        model = cls(
-            b.genes,
-            b.label_ids,
-            label_names=[lab.get("name", lab["id"]) for lab in b.labels],
-            hidden=a["hidden"],
-            latent=a["latent"],
-            dropout=a["dropout"],
-            input_dropout=a["input_dropout"],
-            target_sum=b.config["normalization"]["target_sum"],
-            **loss,
-        )
-        model.module.encoder.load_state_dict(b.weights["encoder"])
-        for name, module in model._modules().items():
-            if name != "encoder" and name in b.weights:
-                module.load_state_dict(b.weights[name])
+        settings = metric_settings(path, b, cls)
+        try:
+            model = cls(
+                b.genes,
+                b.label_ids,
+                label_names=[lab.get("name", lab["id"]) for lab in b.labels],
+                **settings,
+            )
+        except (TypeError, ValueError) as err:  # settings the model itself refuses
+            raise BundleError(
+                f"{path}: config.json's settings do not make a MetricModel ({err}). The "
+                "bundle was edited or written by another tool; save the model again with "
+                "cellsift."
+            ) from err
+        modules = model._modules()
+        if "encoder" not in b.weights:
+            raise BundleError(
+                f"{path}: model.safetensors has no encoder weights (it holds "
+                f"{', '.join(sorted(b.weights)) or 'none'}); without them the model cannot "
+                "embed. Save the model again with cellsift."
+            )
+        unused = sorted(set(b.weights) - set(modules))
+        if unused:
+            raise BundleError(
+                f"{path}: model.safetensors holds {', '.join(unused)} weights, which a "
+                "MetricModel of config.json's settings has no place for (a label head needs "
+                "loss.classifier_weight > 0); the files are of different models. Save the "
+                "model again with cellsift."
+            )
+        for name, module in modules.items():
+            if name in b.weights:
+                load_weights(path, name, module, b.weights[name])
         if model.module.classifier is not None and "classifier" not in b.weights:
             raise BundleError(
                 f"{path}: config.json asks for a label head (classifier_weight > 0) but "
                 "model.safetensors has no classifier weights; save the model again."
+            )
+        # a bundle saved from a model loaded without decoder weights keeps saying so
+        trained = "decoder" in b.weights and b.config.get("decoder_trained", True) is not False
+        model.decoder_trained = trained
+        if not trained:
+            model.config["decoder_trained"] = False
+            warn(
+                f"{path} has no trained decoder weights: its embeddings are the trained "
+                "encoder's, but fine-tuning it (model.train) would train the encoder against a "
+                "random decoder's reconstruction. Embed with it as it is; to fine-tune, import "
+                "the model with its decoder (SCimilarity's decoder.ckpt), or pass "
+                "allow_untrained_decoder=True to model.train to train a decoder from scratch.",
+                UntrainedDecoderWarning,
             )
         model.module.to(device).eval()
         return model

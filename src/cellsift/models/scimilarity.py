@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from ..data.genes import GeneVocabulary, _strip_version
 from ..errors import CellsiftError
 from ..nn import MLPDecoder, MLPEncoder
+from .bundle import load_state
 
 __all__ = ["ScimilarityModel", "import_scimilarity", "read_scimilarity"]
 
@@ -37,13 +41,36 @@ class ScimilarityModel:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
 
-def _hidden_sizes(state: dict[str, torch.Tensor]) -> tuple[list[int], int, int]:
-    """(hidden sizes, latent size, n_genes) from an encoder state dict (numeric block order)."""
-    linear = sorted(
-        (k for k, v in state.items() if k.endswith(".weight") and v.ndim == 2),
-        key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")],
-    )
-    sizes = [tuple(state[k].shape) for k in linear]  # (out, in) per Linear
+#: A Linear layer's weight in SCimilarity's layout: ``network.<block>.<layer>.weight`` in the
+#: hidden blocks, ``network.<block>.weight`` for the last Linear (to the latent space).
+_LINEAR = re.compile(r"network\.(\d+)(?:\.(\d+))?\.weight")
+
+
+def _hidden_sizes(state: dict[str, torch.Tensor], folder: Path) -> tuple[list[int], int, int]:
+    """(hidden sizes, latent size, n_genes) from an encoder state dict: its ``network.*``
+    Linear weights in block order, which must chain (each takes what the one before gives)."""
+    linear = []
+    for key, value in state.items():
+        m = _LINEAR.fullmatch(key)
+        if m and value.ndim == 2:
+            linear.append((int(m[1]), int(m[2] or 0), key))
+    ckpt = folder / "encoder.ckpt"
+    if not linear:
+        keys = ", ".join(list(state)[:5]) or "none"
+        raise CellsiftError(
+            f"{ckpt} is not a SCimilarity encoder: it has no Linear weights under "
+            f"network.<block> (its keys: {keys}, ...). Copy the model directory again."
+        )
+    linear.sort()
+    shapes = [(key, tuple(state[key].shape)) for *_, key in linear]  # (out, in) per Linear
+    for (prev, (gives, _)), (key, (_, takes)) in pairwise(shapes):
+        if takes != gives:
+            raise CellsiftError(
+                f"{ckpt} is not a SCimilarity encoder: its layers do not chain ({key} takes "
+                f"{takes} inputs, {prev} gives {gives}). The file is damaged or the directory "
+                "mixes files of different models; copy the model directory again."
+            )
+    sizes = [shape for _, shape in shapes]
     return [s[0] for s in sizes[:-1]], sizes[-1][0], sizes[0][1]
 
 
@@ -106,13 +133,21 @@ def read_scimilarity(
             f"encoder.ckpt {list(enc_state[wrong[0]].shape)}; the directory mixes files of "
             "different models."
         )
-    hidden, latent, n_in = _hidden_sizes(enc_state)
+    hidden, latent, n_in = _hidden_sizes(enc_state, folder)
     # one gene per line, as SCimilarity reads it (no "NA" or "null" read as missing)
     genes = _read(folder, "gene_order.tsv", _gene_order)
     if len(genes) != n_in:
         raise CellsiftError(
             f"{folder}: gene_order.tsv lists {len(genes)} genes but the encoder "
             f"takes {n_in}; the directory mixes files of different models."
+        )
+    stripped = _strip_version(pd.Index(genes))
+    if stripped.has_duplicates:
+        dups = pd.Index(genes)[stripped.duplicated(keep=False)].unique()[:5].tolist()
+        raise CellsiftError(
+            f"{folder / 'gene_order.tsv'} lists genes more than once (Ensembl versions "
+            f"ignored), e.g. {dups}; each of the encoder's inputs must be its own gene. The "
+            "file is damaged or not this model's: copy the model directory again."
         )
     hp: dict[str, Any] = {}
     if (folder / "hyperparameters.json").exists():
@@ -124,18 +159,23 @@ def read_scimilarity(
         dropout=hp.get("dropout", 0.5),
         input_dropout=hp.get("input_dropout", 0.4),
     )
-    encoder.load_state_dict(enc_state)
+    diff = load_state(encoder, enc_state)
+    if diff:
+        raise CellsiftError(
+            f"{folder / 'encoder.ckpt'} is not a SCimilarity encoder of {n_in} genes -> "
+            f"{hidden} -> {latent}: {diff}. The file is damaged or the directory mixes files "
+            "of different models; copy the model directory again."
+        )
     decoder = None
     if (folder / "decoder.ckpt").exists():
         decoder = MLPDecoder(n_in, hidden, latent, dropout=hp.get("dropout", 0.5))
         dec_state = _read(folder, "decoder.ckpt", lambda p: _state_dict(p, map_location))
-        try:
-            decoder.load_state_dict(dec_state)
-        except RuntimeError as err:
+        diff = load_state(decoder, dec_state)
+        if diff:
             raise CellsiftError(
-                f"{folder}: decoder.ckpt does not fit the encoder ({str(err).splitlines()[0]}"
-                "); the directory mixes files of different models."
-            ) from err
+                f"{folder}: decoder.ckpt does not fit the encoder ({diff}); the directory "
+                "mixes files of different models."
+            )
         decoder.eval()
     labels: list[str] = []
     if (folder / "label_ints.csv").exists():
@@ -152,7 +192,6 @@ def import_scimilarity(
     terms); the normalisation SCimilarity applies (counts per 10,000, log1p) goes into the
     config. Embeddings of the bundle equal SCimilarity's.
     """
-    from ..data.genes import GeneVocabulary
     from ..ontology import load_cell_ontology
     from .bundle import save_bundle
 

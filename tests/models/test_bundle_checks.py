@@ -1,0 +1,270 @@
+"""Bundles and SCimilarity directories whose files disagree with each other (hand-edited with
+checksums made anew, other writers), and devices torch cannot use: clear errors naming the
+file, the key and the fix; a bundle without decoder weights says so."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cellsift.errors import CellsiftError, ConfigError
+from cellsift.models import BundleError, MetricModel, import_scimilarity, load_bundle
+from cellsift._warnings import UntrainedDecoderWarning
+from cellsift.models.bundle import _sha256
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "scimilarity_tiny"
+GENES = [f"ENSG{i:011d}" for i in range(30)]
+LABELS = ["CL:0000236", "CL:0000576"]
+
+
+def _model(**kwargs) -> MetricModel:
+    torch.manual_seed(0)
+    return MetricModel(GENES, LABELS, hidden=(8,), latent=4, **kwargs)
+
+
+def _counts() -> ad.AnnData:
+    x = np.random.default_rng(0).poisson(1.0, (6, len(GENES))).astype(np.float32)
+    return ad.AnnData(x, var=pd.DataFrame(index=GENES))
+
+
+def _resum(path: Path) -> None:
+    """Checksums made anew after an edit, as a hand-editor or another writer would."""
+    files = ("config.json", "model.safetensors", "genes.tsv", "labels.json")
+    (path / "checksums.json").write_text(json.dumps({f: _sha256(path / f) for f in files}))
+
+
+def _edit_config(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        config = json.loads((path / "config.json").read_text())
+        change(config)
+        (path / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def _drop_weights(prefix: str) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        flat = load_file(path / "model.safetensors")
+        kept = {k: v for k, v in flat.items() if not k.startswith(prefix)}
+        save_file(kept, path / "model.safetensors")
+
+    return edit
+
+
+def _edited(tmp_path: Path, edit: Callable[[Path], None], **kwargs) -> Path:
+    path = _model(**kwargs).save(tmp_path / "bundle")
+    edit(path)
+    _resum(path)
+    return path
+
+
+# -- device ----------------------------------------------------------------------------------
+def test_load_names_a_device_torch_cannot_use_before_reading(tmp_path, monkeypatch):
+    path = _model().save(tmp_path / "bundle")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for load in (MetricModel.load, load_bundle):
+        with pytest.raises(ConfigError, match=r"CUDA is not available.*device='cpu'"):
+            load(path, device="cuda")
+    with pytest.raises(ConfigError, match=r"device='gpu' is not a torch device.*'cuda'"):
+        MetricModel.load(path, device="gpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"MPS .* not available.*device='cpu'"):
+        MetricModel.load(path, device="mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"has 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        MetricModel.load(path, device="cuda:3")
+    assert MetricModel.load(path, device="cpu").labels == LABELS
+
+
+# -- bundles whose files disagree --------------------------------------------------------------
+def _labels_without_id(path: Path) -> None:
+    (path / "labels.json").write_text(json.dumps([{"name": "B cell"}, {"id": "CL:0000576"}]))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_drop_weights("encoder."), r"model\.safetensors has no encoder weights"),
+        (
+            _edit_config(lambda c: c["architecture"].update(hidden=[16])),
+            r"model\.safetensors does not fit config\.json: encoder\.network\.0\.1\.weight "
+            r"has shape \[8, 30\], the model's \[16, 30\]",
+        ),
+        (
+            _edit_config(lambda c: c["loss"].update(foo=1)),
+            r"config\.json's loss\.foo is not a setting .* \(those are margin, ",
+        ),
+        (
+            _edit_config(lambda c: c["architecture"].update(n_genes=31)),
+            r"config\.json's architecture\.n_genes is 31 but genes\.tsv lists 30 genes",
+        ),
+        (
+            _edit_config(lambda c: c["architecture"].pop("latent")),
+            r"config\.json's architecture\.latent is missing",
+        ),
+        (
+            _edit_config(lambda c: c["architecture"].update(hidden="8")),
+            r"config\.json's architecture\.hidden is '8', not a list of layer sizes",
+        ),
+        (
+            _edit_config(lambda c: c.pop("normalization")),
+            r"config\.json's normalization is missing",
+        ),
+        (
+            lambda p: (p / "config.json").write_text("{'not': json"),
+            r"config\.json is not JSON",
+        ),
+        (_labels_without_id, r"labels\.json's label 0 \(\{'name': 'B cell'\}\) has no 'id'"),
+        (
+            lambda p: (p / "labels.json").write_text(json.dumps([{"id": "CL:0000236"}] * 2)),
+            r"labels\.json lists \['CL:0000236'\] more than once",
+        ),
+        (lambda p: (p / "labels.json").write_text("[{"), r"labels\.json is not JSON"),
+        (
+            lambda p: (p / "genes.tsv").write_text("name\nA\n"),
+            r"genes\.tsv cannot be the model's genes .*'gene_id' column",
+        ),
+    ],
+    ids=[
+        "no-encoder-weights",
+        "hidden-edited",
+        "unknown-loss-key",
+        "n-genes-not-genes-tsv",
+        "latent-missing",
+        "hidden-not-a-list",
+        "normalization-missing",
+        "config-not-json",
+        "label-without-id",
+        "label-twice",
+        "labels-not-json",
+        "genes-tsv-without-gene-id",
+    ],
+)
+def test_a_bundle_whose_files_disagree_is_refused_naming_file_and_key(tmp_path, edit, message):
+    path = _edited(tmp_path, edit)
+    with pytest.raises(BundleError, match=message) as err:
+        MetricModel.load(path)
+    assert str(path) in str(err.value) and "save the model again" in str(err.value).lower()
+
+
+def test_label_head_weights_the_config_has_no_place_for_are_refused(tmp_path):
+    path = _edited(
+        tmp_path,
+        _edit_config(lambda c: c["loss"].update(classifier_weight=0.0)),
+        classifier_weight=0.5,
+    )
+    with pytest.raises(BundleError, match=r"model\.safetensors holds classifier weights"):
+        MetricModel.load(path)
+
+
+# -- a bundle without decoder weights ----------------------------------------------------------
+def test_a_bundle_without_decoder_weights_warns_and_records_it(tmp_path):
+    model = _model()
+    intact = model.save(tmp_path / "intact")
+    assert MetricModel.load(intact).decoder_trained  # no warning (they are errors in tests)
+    path = _model().save(tmp_path / "headless")
+    _drop_weights("decoder.")(path)
+    _resum(path)
+    with pytest.warns(UntrainedDecoderWarning, match=r"no trained decoder weights.*fine-tuning"):
+        loaded = MetricModel.load(path)
+    assert loaded.decoder_trained is False
+    np.testing.assert_allclose(loaded.embed(_counts()), model.embed(_counts()), atol=1e-6)
+    # saved again (with the random decoder's weights), it still says so
+    again = loaded.save(tmp_path / "again")
+    with pytest.warns(UntrainedDecoderWarning):
+        assert MetricModel.load(again).decoder_trained is False
+    # fine-tuning it against the random decoder is refused unless asked for
+    data = _counts()
+    data.obs["cell_type_ontology_term_id"] = np.resize(loaded.labels, data.n_obs)
+    with pytest.raises(ConfigError, match="no trained decoder.*allow_untrained_decoder=True"):
+        loaded.train(data, study_key=None, max_epochs=1)
+    loaded.train(
+        data,
+        study_key=None,
+        max_epochs=1,
+        allow_untrained_decoder=True,
+        default_root_dir=tmp_path / "run",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    assert loaded.decoder_trained and "decoder_trained" not in loaded.config
+
+
+def test_a_scimilarity_import_without_decoder_loads_with_the_warning(tmp_path):
+    src = tmp_path / "model"
+    shutil.copytree(FIXTURE, src)
+    (src / "decoder.ckpt").unlink()
+    bundle = import_scimilarity(src, tmp_path / "bundle")
+    with pytest.warns(UntrainedDecoderWarning, match=str(bundle)):
+        assert MetricModel.load(bundle).decoder_trained is False
+    full = import_scimilarity(FIXTURE, tmp_path / "full")
+    assert MetricModel.load(full).decoder_trained is True
+
+
+# -- SCimilarity directories whose files disagree ----------------------------------------------
+def _scimilarity_with(tmp_path: Path, change: Callable[[dict], None]) -> Path:
+    """The fixture with encoder.ckpt changed (layer_sizes.json written to agree with it)."""
+    src = tmp_path / "model"
+    shutil.copytree(FIXTURE, src)
+    state = torch.load(src / "encoder.ckpt", weights_only=True)["state_dict"]
+    change(state)
+    torch.save({"state_dict": state}, src / "encoder.ckpt")
+    sizes = {k: list(v.shape) for k, v in state.items()}
+    (src / "layer_sizes.json").write_text(json.dumps(sizes))
+    return src
+
+
+def _prefixed(state: dict) -> None:
+    for k in list(state):
+        state[f"module.{k}"] = state.pop(k)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda s: s.update({"network.0.2.weight": torch.ones(7)}),
+            r"encoder\.ckpt is not a SCimilarity encoder of 50 genes -> \[32, 32\] -> 16: "
+            r"network\.0\.2\.weight has shape \[7\], the model's \[32\]",
+        ),
+        (
+            lambda s: s.update({"aux.weight": torch.randn(3, 3)}),
+            r"encoder\.ckpt is not a SCimilarity encoder .*aux\.weight is not one of its",
+        ),
+        (
+            lambda s: s.update({"network.1.1.weight": torch.randn(32, 31)}),
+            r"encoder\.ckpt is not a SCimilarity encoder: its layers do not chain "
+            r"\(network\.1\.1\.weight takes 31 inputs, network\.0\.1\.weight gives 32\)",
+        ),
+        (_prefixed, r"encoder\.ckpt is not a SCimilarity encoder: it has no Linear weights"),
+    ],
+    ids=["batchnorm-size", "extra-key", "layers-do-not-chain", "prefixed-keys"],
+)
+def test_an_encoder_checkpoint_that_does_not_fit_is_named(tmp_path, change, message):
+    src = _scimilarity_with(tmp_path, change)
+    with pytest.raises(CellsiftError, match=message):
+        import_scimilarity(src, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_a_gene_listed_twice_in_gene_order_is_named(tmp_path):
+    src = tmp_path / "model"
+    shutil.copytree(FIXTURE, src)
+    genes = (src / "gene_order.tsv").read_text().splitlines()
+    genes[7] = genes[3]
+    (src / "gene_order.tsv").write_text("\n".join(genes))
+    with pytest.raises(
+        CellsiftError, match=r"gene_order\.tsv lists genes more than once.*'ENSG00000000004'"
+    ):
+        import_scimilarity(src, tmp_path / "bundle")
