@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cellsift._warnings import UntrainedDecoderWarning
 from cellsift.errors import CellsiftError, ConfigError
 from cellsift.models import BundleError, MetricModel, import_scimilarity, load_bundle
-from cellsift._warnings import UntrainedDecoderWarning
 from cellsift.models.bundle import _sha256
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "scimilarity_tiny"
@@ -186,7 +186,7 @@ def test_a_bundle_without_decoder_weights_warns_and_records_it(tmp_path):
     # fine-tuning it against the random decoder is refused unless asked for
     data = _counts()
     data.obs["cell_type_ontology_term_id"] = np.resize(loaded.labels, data.n_obs)
-    with pytest.raises(ConfigError, match="no trained decoder.*allow_untrained_decoder=True"):
+    with pytest.raises(ConfigError, match=r"no trained decoder.*allow_untrained_decoder=True"):
         loaded.train(data, study_key=None, max_epochs=1)
     loaded.train(
         data,
