@@ -5,8 +5,10 @@ studies, on the CPU, for each negative-selection mode. SCimilarity runs in a vir
 its own (benchmarks/_peers.py; it pins zarr<3) on the same embeddings, with the Cell Ontology
 written to a local OBO file (it would download one otherwise). Results are seconds per batch:
 the median of timed calls after each side has warmed up for a second (a training run's steady
-state). cellsift's ``detail`` also times its distance matrix alone and its mining given the
-distances, for where its time goes.
+state). The two sides alternate over a few rounds per mode (this machine's speed drifts over
+seconds): a side's figure is the median of its rounds' medians, the speedup the median of the
+rounds' ratios. cellsift's ``detail`` also times its distance matrix alone and its mining
+given the distances, for where its time goes.
 
     python benchmarks/mining.py --quick
 
@@ -100,56 +102,78 @@ def main() -> None:
     args = ap.parse_args()
     import _peers
 
-    # medians of many calls: other load on a machine moves single calls by tens of percent
-    repeats = 300 if args.quick else 1000  # cellsift's calls take a few ms
-    peer_repeats = 9 if args.quick else 30  # SCimilarity's ~0.3 s
+    # medians of many calls: other load on a machine moves single calls by tens of percent,
+    # and over seconds more: each mode alternates the two sides over ROUNDS rounds, each
+    # round's ratio compares times taken moments apart, and the medians over rounds are kept
+    rounds = 3 if args.quick else 5
+    repeats = 150 if args.quick else 300  # cellsift's calls take a few ms
+    peer_repeats = 5 if args.quick else 10  # SCimilarity's ~0.3 s
     z, labels, studies = make_batch()
     results: dict[str, float] = {}
     detail: dict[str, dict] = {}
     skipped: dict[str, str] = {}
+    speedup: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "batch.npz"
         np.savez(npz, z=z, labels=np.array(labels), studies=studies.astype(str))
         obo = Path(tmp) / "cl.obo"
         subprocess.run([sys.executable, str(HERE / "_write_cl_obo.py"), str(obo)], check=True)
         for mode in ("semihard", "hardest", "random"):
-            out = time_cellsift(z, labels, studies, mode, repeats)
+            ours: list[dict] = []
+            peers: list[dict] = []
+            for _ in range(rounds):
+                ours.append(time_cellsift(z, labels, studies, mode, repeats))
+                if args.no_peers or "scimilarity" in skipped:
+                    continue
+                peer = _peers.run_peer(
+                    "scimilarity",
+                    [
+                        "--npz",
+                        str(npz),
+                        "--obo",
+                        str(obo),
+                        "--mode",
+                        mode,
+                        "--repeats",
+                        str(peer_repeats),
+                        "--warmup-seconds",
+                        str(WARMUP_SECONDS),
+                    ],
+                    timeout=1800,
+                )
+                if "skipped" in peer:
+                    skipped["scimilarity"] = peer["skipped"]
+                    continue
+                peers.append(peer)
+            out = {
+                k: float(np.median([o[k] for o in ours]))
+                for k in ("seconds_per_batch", "distance_seconds", "mining_seconds")
+            }
+            out.update(
+                n_triplets=ours[0]["n_triplets"],
+                loss=ours[0]["loss"],
+                rounds=[o["seconds_per_batch"] for o in ours],
+            )
             results[f"cellsift/{mode}"] = out["seconds_per_batch"]
             detail[f"cellsift/{mode}"] = out
             print(
                 f"# cellsift/{mode:9s} {out['seconds_per_batch'] * 1e3:9.2f} ms (distances "
-                f"{out['distance_seconds'] * 1e3:.2f}, mining {out['mining_seconds'] * 1e3:.2f})",
+                f"{out['distance_seconds'] * 1e3:.2f}, mining {out['mining_seconds'] * 1e3:.2f}"
+                f"; rounds {', '.join(f'{t * 1e3:.2f}' for t in out['rounds'])})",
                 flush=True,
             )
-            if args.no_peers or "scimilarity" in skipped:
-                continue
-            peer = _peers.run_peer(
-                "scimilarity",
-                [
-                    "--npz",
-                    str(npz),
-                    "--obo",
-                    str(obo),
-                    "--mode",
-                    mode,
-                    "--repeats",
-                    str(peer_repeats),
-                    "--warmup-seconds",
-                    str(WARMUP_SECONDS),
-                ],
-                timeout=1800,
-            )
-            if "skipped" in peer:
-                skipped["scimilarity"] = peer["skipped"]
-                continue
-            results[f"scimilarity/{mode}"] = peer["seconds_per_batch"]
-            detail[f"scimilarity/{mode}"] = peer
-            print(f"# scimilarity/{mode:6s} {peer['seconds_per_batch'] * 1e3:9.2f} ms", flush=True)
-    speedup = {
-        m: round(results[f"scimilarity/{m}"] / results[f"cellsift/{m}"], 1)
-        for m in ("semihard", "hardest", "random")
-        if f"scimilarity/{m}" in results
-    }
+            if peers:
+                theirs = [p["seconds_per_batch"] for p in peers]
+                results[f"scimilarity/{mode}"] = float(np.median(theirs))
+                detail[f"scimilarity/{mode}"] = {**peers[0], "rounds": theirs}
+                ratios = [t / o["seconds_per_batch"] for t, o in zip(theirs, ours, strict=False)]
+                speedup[mode] = round(float(np.median(ratios)), 1)
+                print(
+                    f"# scimilarity/{mode:6s} {results[f'scimilarity/{mode}'] * 1e3:9.2f} ms "
+                    f"(rounds {', '.join(f'{t * 1e3:.1f}' for t in theirs)}); "
+                    f"ratio per round {', '.join(f'{r:.1f}' for r in ratios)}",
+                    flush=True,
+                )
     print(
         json.dumps(
             {
@@ -167,6 +191,7 @@ def main() -> None:
                     "margin": 0.05,
                     "device": "cpu",
                     "threads": torch.get_num_threads(),
+                    "rounds": rounds,
                 },
             }
         )
