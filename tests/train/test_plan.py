@@ -156,3 +156,18 @@ def test_an_epoch_resumed_mid_way_logs_the_mean_over_all_its_batches(synthetic_h
     assert resumed.global_step == steps
     got = {k: float(resumed.callback_metrics[k]) for k in want}
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_resuming_from_last_without_a_checkpoint_says_where_it_looked(tmp_path, caplog):
+    """A job that always passes ckpt_path="last" starts afresh the first time; run from
+    another directory it would retrain silently, so the directory searched is named."""
+    import logging
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cellsift.train.resume import continued_run
+
+    where = tmp_path / "checkpoints"
+    with caplog.at_level(logging.WARNING, logger="cellsift"):
+        assert continued_run("last", [ModelCheckpoint(dirpath=where)], tmp_path, "run") is None
+    assert f"no last*.ckpt in {where}, so training starts from the beginning" in caplog.text

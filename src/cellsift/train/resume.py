@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .._utils import logger
 from ..errors import DataError
 
 __all__ = ["checkpoint_file", "continued_run", "read_checkpoint"]
@@ -52,8 +53,16 @@ def continued_run(
     ``version``, and ``purge_step`` (the checkpoint's step: what the run logged from there on
     is dropped, as the resumed run logs it again). None where the checkpoint is missing, was
     written without a TensorBoard run, or by a run of another ``save_dir`` / ``name``."""
+    callbacks = list(callbacks)
     path = checkpoint_file(ckpt_path, callbacks) if ckpt_path else None
     if path is None:
+        if ckpt_path == "last":  # (a job that always passes "last" starts so the first time)
+            dirs = [str(cb.dirpath) for cb in callbacks if isinstance(cb, ModelCheckpoint)]
+            logger.warning(
+                "ckpt_path='last': no last*.ckpt in %s, so training starts from the beginning "
+                "(to resume, run where the interrupted run ran, or pass its checkpoint's path)",
+                ", ".join(dirs) or "the checkpoint directory (no ModelCheckpoint callback)",
+            )
         return None
     ckpt = read_checkpoint(path)  # ("last" is resolved here: checked here too)
     run = ckpt.get("cellsift_log")
