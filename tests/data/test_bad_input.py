@@ -284,3 +284,20 @@ def test_a_gene_twice_in_a_row_is_named(tmp_path):
     )
     ad.AnnData(unsorted).write_h5ad(tmp_path / "unsorted.h5ad")  # unsorted only: fine
     assert CellCollection(tmp_path / "unsorted.h5ad").n_obs == 3
+    coll = CellCollection(tmp_path / "unsorted.h5ad")
+    np.testing.assert_array_equal(coll.read(np.arange(3)).toarray(), unsorted.toarray())
+    # a duplicate in a cell the opening sample does not read: named when a batch reads it
+    n = 2_000
+    cols = np.tile([0, 1], n)
+    sampled = set(np.linspace(0, n - 1, 512).astype(np.int64).tolist())
+    hidden = next(r for r in range(n) if r not in sampled)
+    cols[2 * hidden + 1] = 0  # that cell's second entry: gene 0 again
+    x = sp.csr_matrix((np.ones(2 * n, np.float32), cols, np.arange(0, 2 * n + 1, 2)), (n, 3))
+    big = ad.AnnData(x)
+    big.obs_names = [f"c{i}" for i in range(n)]
+    big.write_h5ad(tmp_path / "late_dup.h5ad")
+    coll = CellCollection(tmp_path / "late_dup.h5ad")  # the sample passes
+    with pytest.raises(
+        DataError, match=rf"cell {hidden} \('c{hidden}'\)'s row holds the same gene"
+    ):
+        coll.read(np.arange(n))

@@ -346,20 +346,37 @@ class CellCollection:
 
 def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
     """Raise a :class:`DataError` naming the store and the first cell whose values are NaN,
-    infinite or negative (one pass over the values read: cheap next to reading them)."""
+    infinite or negative, or whose row holds a gene twice (a pass over the values and one
+    over the column indices read: cheap next to reading them)."""
     data = x.data
-    if len(data) == 0 or (data.min() >= 0 and data.max() < np.inf):  # NaN fails both
-        return
-    bad = ~np.isfinite(data) | (data < 0)
-    row = int(np.searchsorted(x.indptr, np.flatnonzero(bad)[0], side="right") - 1)
-    value, cell = data[bad][0], int(rows[row])
+    where = f"{store.path} ({'X' if store.layer is None else store.layer})"
     names = getattr(store, "obs_names", None)
-    name = f" ({names[cell]!r})" if names is not None else ""
-    raise DataError(
-        f"{store.path} ({'X' if store.layer is None else store.layer}): cell {cell}{name} "
-        f"holds {value:g}; counts are finite and non-negative. Fix or drop that cell, or "
-        "pass check_counts=False if these values are meant."
-    )
+
+    def cell(row: int) -> str:
+        c = int(rows[row])
+        return f"cell {c}" + (f" ({names[c]!r})" if names is not None else "")
+
+    if len(data) and not (data.min() >= 0 and data.max() < np.inf):  # NaN fails both
+        bad = ~np.isfinite(data) | (data < 0)
+        row = int(np.searchsorted(x.indptr, np.flatnonzero(bad)[0], side="right") - 1)
+        raise DataError(
+            f"{where}: {cell(row)} holds {data[bad][0]:g}; counts are finite and non-negative. "
+            "Fix or drop that cell, or pass check_counts=False if these values are meant."
+        )
+    if not x.has_canonical_format:  # unsorted column indices, or a gene twice in a row
+        summed = x.copy()
+        summed.sum_duplicates()
+        shorter = np.flatnonzero(np.diff(summed.indptr) < np.diff(x.indptr))
+        if len(shorter):
+            raise DataError(f"{where}: {cell(int(shorter[0]))}'s row {_DUPLICATES}")
+
+
+#: What a CSR row holding a gene twice means, and the fix.
+_DUPLICATES = (
+    "holds the same gene more than once (a CSR matrix with duplicate entries); its counts "
+    "would be normalised in parts. Sum them and write the file again: "
+    "adata.X.sum_duplicates(); adata.write_h5ad(...)."
+)
 
 
 def _check_counts(store: CellStore, n_sample: int = 512) -> None:
@@ -388,11 +405,7 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
         summed = x.copy()
         summed.sum_duplicates()
         if summed.nnz < x.nnz:
-            raise DataError(
-                f"{where}: a cell's row holds the same gene more than once (a CSR matrix with "
-                "duplicate entries); its counts would be normalised in parts. Sum them and "
-                "write the file again: adata.X.sum_duplicates(); adata.write_h5ad(...)."
-            )
+            raise DataError(f"{where}: a cell's row {_DUPLICATES}")
 
 
 def _plain_values(values: Any) -> Any:
