@@ -301,3 +301,49 @@ def test_a_gene_twice_in_a_row_is_named(tmp_path):
         DataError, match=rf"cell {hidden} \('c{hidden}'\)'s row holds the same gene"
     ):
         coll.read(np.arange(n))
+
+
+def test_obs_filter_takes_any_collection_of_values_and_checks_a_callables_mask(indexed_paths):
+    """Values as a numpy array, an Index or a range are several values (they matched nothing
+    as one); a callable must return one boolean per cell (positions were broadcast)."""
+    import pandas as pd
+
+    path = indexed_paths["h5ad"]
+    studies = np.asarray(open_store(path).obs_column("dataset_id"), dtype=object)
+    wanted = np.unique(studies)[:2]
+    expected = np.flatnonzero(np.isin(studies, wanted))
+    for values in (wanted, pd.Index(wanted), list(wanted), set(wanted), tuple(wanted)):
+        kept = CellCollection(path, obs_filter={"dataset_id": values})
+        np.testing.assert_array_equal(kept.cell_ids, expected)
+    with pytest.raises(DataError, match=r"obs_filter returned int64 values .* True/False per"):
+        CellCollection(path, obs_filter=lambda obs: np.flatnonzero(obs["dataset_id"] == "x"))
+    nullable = CellCollection(
+        path, obs_filter=lambda obs: pd.array(obs["dataset_id"] == wanted[0], dtype="boolean")
+    )
+    np.testing.assert_array_equal(nullable.cell_ids, np.flatnonzero(studies == wanted[0]))
+
+
+def test_stored_zeros_outside_the_opening_sample_are_caught_when_read(tmp_path, caplog):
+    """Zeros stored as entries in cells the opening sample does not read: a batch that reads
+    them says so (min_genes counted them), and a cell of stored zeros only is refused, as an
+    empty cell is (its total would divide by zero)."""
+    import logging
+
+    n = 2_000
+    sampled = set(np.linspace(0, n - 1, 512).astype(np.int64).tolist())
+    zero_cell, empty_cell = [r for r in range(n) if r not in sampled][:2]
+    values = np.ones((n, 2), np.float32)
+    values[zero_cell, 1] = 0.0  # one count and one stored zero
+    values[empty_cell] = 0.0  # stored zeros only
+    x = sp.csr_matrix((values.ravel(), np.tile([0, 1], n), np.arange(0, 2 * n + 1, 2)), (n, 3))
+    assert x.nnz == 2 * n  # (the zeros stay stored)
+    ad.AnnData(x).write_h5ad(tmp_path / "late_zeros.h5ad")
+    coll = CellCollection(tmp_path / "late_zeros.h5ad")  # the sample finds nothing wrong
+    rows = np.array([zero_cell])
+    with caplog.at_level(logging.WARNING, logger="cellsift"):
+        np.testing.assert_array_equal(coll.read(rows).toarray(), x[rows].toarray())
+    assert f"stores zeros as entries (in cell {zero_cell}" in caplog.text
+    assert coll.stores[0].stored_zeros  # genes per cell counted from the values from now on
+    with pytest.raises(DataError, match=rf"cell {empty_cell} .* has no counts .* min_counts=1"):
+        coll.read(np.arange(n))
+    assert empty_cell not in CellCollection(tmp_path / "late_zeros.h5ad", min_counts=1).cell_ids

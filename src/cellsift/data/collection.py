@@ -229,13 +229,26 @@ class CellCollection:
             apply(f"dropna {col!r} (missing or 'unknown')", ~missing)
         if obs_filter is not None:
             if callable(obs_filter):
-                frame = store.obs()
-                mask = np.asarray(obs_filter(frame), dtype=bool)
+                got = obs_filter(store.obs())
+                if isinstance(getattr(got, "dtype", None), pd.BooleanDtype):
+                    got = got.fillna(False)  # (nullable booleans: a missing value keeps none)
+                got = np.asarray(got)
+                if got.dtype != bool or got.shape != (store.n_obs,):
+                    raise DataError(
+                        f"{store.path}: obs_filter returned {got.dtype} values of shape "
+                        f"{got.shape}; it must return one True/False per cell ({store.n_obs:,} "
+                        "booleans), e.g. lambda obs: obs['tissue'] == 'blood' (not positions)."
+                    )
+                mask = got
             else:
                 mask = np.ones(store.n_obs, dtype=bool)
                 for col, wanted in obs_filter.items():
                     values = pd.Series(np.asarray(store.obs_column(col), dtype=object))
-                    allowed = list(wanted) if isinstance(wanted, list | tuple | set) else [wanted]
+                    # several values: any collection but text (a numpy array, an Index, a range)
+                    many = not isinstance(wanted, str | bytes) and np.ndim(wanted) == 1
+                    allowed = (
+                        list(wanted) if many or isinstance(wanted, set | frozenset) else [wanted]
+                    )
                     mask &= values.isin(allowed).to_numpy()
             apply("obs_filter", mask)
         nnz = store.row_nnz() if store.stored_zeros else store.stored_row_nnz()
@@ -363,6 +376,24 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
             f"{where}: {cell(row)} holds {data[bad][0]:g}; counts are finite and non-negative. "
             "Fix or drop that cell, or pass check_counts=False if these values are meant."
         )
+    if len(data) and not data.all():  # zeros stored as entries
+        # (the opening check counts genes from the values where its sample finds any; a
+        # store whose zeros lie elsewhere counted them as genes when the filters ran)
+        if not store.stored_zeros:
+            store.stored_zeros = True
+            logger.warning(
+                "%s: stores zeros as entries (in %s, outside the sample checked when it "
+                "opened), which min_genes counted as genes; drop them for exact gene counts: "
+                "adata.X.eliminate_zeros(), then write the file again",
+                where,
+                cell(int(np.searchsorted(x.indptr, np.flatnonzero(data == 0)[0], "right") - 1)),
+            )
+        empty = np.flatnonzero(np.asarray(x.sum(axis=1)).ravel() == 0)
+        if len(empty):
+            raise DataError(
+                f"{where}: {cell(int(empty[0]))} has no counts (its stored entries are all "
+                "zeros). Drop such cells with min_counts=1, which sums the values."
+            )
     if not x.has_canonical_format:  # unsorted column indices, or a gene twice in a row
         summed = x.copy()
         summed.sum_duplicates()
