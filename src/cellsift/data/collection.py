@@ -229,10 +229,10 @@ class CellCollection:
             apply(f"dropna {col!r} (missing or 'unknown')", ~missing)
         if obs_filter is not None:
             if callable(obs_filter):
-                got = obs_filter(store.obs())
-                if isinstance(getattr(got, "dtype", None), pd.BooleanDtype):
-                    got = got.fillna(False)  # (nullable booleans: a missing value keeps none)
-                got = np.asarray(got)
+                result: Any = obs_filter(store.obs())
+                if isinstance(getattr(result, "dtype", None), pd.BooleanDtype):
+                    result = result.fillna(False)  # (nullable booleans: missing keeps none)
+                got = np.asarray(result)
                 if got.dtype != bool or got.shape != (store.n_obs,):
                     raise DataError(
                         f"{store.path}: obs_filter returned {got.dtype} values of shape "
