@@ -259,3 +259,18 @@ def test_weighted_balancing_cap(coll):
     for name, value in (("max_ratio", 0.5), ("class_scale", 0.0), ("study_scale", np.nan)):
         with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
             IterableCellDataset(coll, mode="weighted", **{**opts, name: value})
+
+
+def test_weighted_blocks_of_one_cell_draw_independently(coll):
+    """block_size=1 gives independent draws (sampling's docstring): one draw per block, not
+    cells_per_block copies of its one cell."""
+    weights = np.ones(coll.n_obs)
+    ds = IterableCellDataset(
+        coll, mode="weighted", weights=weights, num_samples=512, batch_size=512, block_size=1
+    )
+    batch = next(iter(CellLoader(ds)))
+    distinct = len(np.unique(batch["obs_idx_n"].numpy()))
+    # 512 uniform draws from n cells: n (1 - (1 - 1/n)^512) distinct on average
+    n = coll.n_obs
+    expected = n * (1 - (1 - 1 / n) ** 512)
+    assert distinct > 0.9 * expected  # (32 copies of each drawn cell gave 512 / 32 = 16)

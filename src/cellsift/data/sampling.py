@@ -185,7 +185,7 @@ class EpochPlan:
 
     def _weighted_fetch(self, i: int, size: int) -> np.ndarray:
         rng = self._rng(self.rank, i)
-        k = min(self.cfg.cells_per_block, size)
+        k = min(self.cfg.cells_per_block, self.cfg.block_size, size)  # (no more than a block)
         n_draws = -(-size // k)
         blocks = np.searchsorted(
             self._block_cdf, rng.random(n_draws) * self._block_cdf[-1], side="right"
