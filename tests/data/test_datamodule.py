@@ -246,3 +246,27 @@ def test_a_study_key_the_data_lack_names_the_argument():
     dm = CellDataModule(adata, study_key=None, val_fraction=0)
     dm.setup()
     assert dm.train is not None and dm.train.n_obs == 60
+
+
+def test_val_groups_are_read_as_text_and_checked():
+    """Numbers name groups as their text does; a group the split column lacks (a typo) is
+    named with the groups it holds, not dropped; dropna in collection_options adds to the
+    label column, and obs_filter there points to the module's own."""
+    from cellsift.datasets import indexed_atlas
+    from cellsift.errors import ConfigError
+
+    adata = indexed_atlas(80, 10, path=None)
+    adata.obs["donor"] = np.arange(80) % 4 + 1000
+    adata.obs["qc"] = np.where(np.arange(80) < 8, None, "ok")
+    dm = CellDataModule(adata, split_key="donor", val_groups=[1003])
+    dm.setup()
+    assert dm.val is not None and dm.val.n_obs == 20 and dm.val_groups == ["1003"]
+    with pytest.raises(ConfigError, match=r"val_groups \['1009'\] are not groups of 'donor'"):
+        CellDataModule(adata, split_key="donor", val_groups=["1003", "1009"]).setup()
+    dm = CellDataModule(
+        adata, study_key=None, val_fraction=0, collection_options={"dropna": ["qc"]}
+    )
+    dm.setup()
+    assert dm.train is not None and dm.train.n_obs == 72
+    with pytest.raises(ConfigError, match=r"obs_filter, which the data module takes itself"):
+        CellDataModule(adata, collection_options={"obs_filter": {"qc": "ok"}}).setup()

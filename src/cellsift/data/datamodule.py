@@ -152,20 +152,32 @@ class CellDataModule(pl.LightningDataModule):
                 f"num_workers counts loader processes (0: read in the training process), not "
                 f"{self.num_workers}."
             )
+        options = dict(self.collection_options)
+        # the label column is always required; columns dropna names too
         dropna = [self.label_key] if self.label_key else []
-        allowed = set(inspect.signature(CellCollection).parameters) - {"source", "genes"}
-        unknown = sorted(set(self.collection_options) - allowed)
+        dropna += [c for c in options.pop("dropna", None) or () if c not in dropna]
+        if "obs_filter" in options:
+            raise ConfigError(
+                "collection_options has obs_filter, which the data module takes itself: pass "
+                "CellDataModule(obs_filter=...) (data.init_args.obs_filter)."
+            )
+        allowed = set(inspect.signature(CellCollection).parameters) - {
+            "source",
+            "genes",
+            "obs_filter",
+        }
+        unknown = sorted(set(options) - allowed)
         if unknown:
             raise ConfigError(
                 f"collection_options has {unknown}, which CellCollection does not take; it "
-                f"takes {sorted(allowed - {'obs_filter', 'dropna'})}."
+                f"takes {sorted(allowed)}."
             )
         coll = CellCollection(
             self.source,
             genes=self.genes,
             obs_filter=self.obs_filter,
             dropna=dropna,
-            **self.collection_options,
+            **options,
         )
         self.collection = coll
         for what, key in (("study_key", self.study_key), ("split_key", self.split_key)):
@@ -197,6 +209,15 @@ class CellDataModule(pl.LightningDataModule):
         groups = np.where(known, values.astype(str), "")
         if self.val_groups is None:
             self.val_groups = split_groups(groups[known], self.val_fraction, self.seed)
+        self.val_groups = [str(g) for g in self.val_groups]  # (groups are read as text)
+        present = set(groups[known])
+        absent = [g for g in self.val_groups if g not in present]
+        if absent:
+            shown = sorted(present)
+            raise ConfigError(
+                f"val_groups {absent} are not groups of {self.split_key!r}, which holds "
+                f"{', '.join(shown[:10])}{', ...' if len(shown) > 10 else ''}."
+            )
         is_val = np.isin(groups, self.val_groups) & known
         if is_val.all() or not is_val.any():
             raise ConfigError(
