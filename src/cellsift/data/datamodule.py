@@ -210,10 +210,10 @@ class CellDataModule(pl.LightningDataModule):
         if self.val_groups is None:
             self.val_groups = split_groups(groups[known], self.val_fraction, self.seed)
         self.val_groups = [str(g) for g in self.val_groups]  # (groups are read as text)
-        present = set(groups[known])
-        absent = [g for g in self.val_groups if g not in present]
+        held = set(groups[known])
+        absent = [g for g in self.val_groups if g not in held]
         if absent:
-            shown = sorted(present)
+            shown = sorted(held)
             raise ConfigError(
                 f"val_groups {absent} are not groups of {self.split_key!r}, which holds "
                 f"{', '.join(shown[:10])}{', ...' if len(shown) > 10 else ''}."
