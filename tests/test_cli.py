@@ -249,3 +249,36 @@ def test_fit_argument_errors_are_one_line(extra, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("cellsift fit: error: ") and err.count("\n") == 1, err
     assert message in err and err.rstrip().endswith("(cellsift fit --help lists the options).")
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(indexed_paths, tmp_path, monkeypatch, capsys):
+    """kill, a scheduler's time limit: exit status 143 and no hidden temporary output left
+    beside the one being written."""
+    import os
+    import signal
+
+    import cellsift.data.convert as convert_module
+
+    real = convert_module._obs_chunk
+
+    def chunk_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (the main) thread
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "_obs_chunk", chunk_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out.zarr"
+    assert main(["convert", str(indexed_paths["h5ad"]), str(out)]) == 143
+    assert "cellsift convert: terminated; no partial output" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a .out.zarr.tmp-* folder
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main()
+
+
+def test_a_temporary_output_left_by_a_killed_write_is_named(indexed_paths, tmp_path, caplog):
+    import logging
+
+    (tmp_path / ".out.zarr.tmp-0123abcd").mkdir()  # what a SIGKILLed convert leaves
+    with caplog.at_level(logging.WARNING, logger="cellsift"):
+        assert main(["convert", str(indexed_paths["h5ad"]), str(tmp_path / "out.zarr")]) == 0
+    assert "1 temporary output of an earlier write that did not finish" in caplog.text
+    assert ".out.zarr.tmp-0123abcd" in caplog.text and (tmp_path / "out.zarr").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib
 import logging
 import os
@@ -149,7 +150,23 @@ def move_into_place(tmp: Path, final: Path) -> None:
 
 
 def temp_sibling(path: Path) -> Path:
-    """A hidden, unique path beside ``path`` to write into before moving it into place."""
+    """A hidden, unique path beside ``path`` to write into before moving it into place.
+
+    Temporary outputs of ``path`` already there (a process killed outright, by SIGKILL or a
+    power cut, leaves its own) are named in a warning, not removed: one may be another
+    process's write in progress."""
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))
+    if stale:
+        logger.warning(
+            "%s: %d temporary output%s of an earlier write that did not finish lie beside it "
+            "(%s); remove %s once no other process writes %s",
+            path,
+            len(stale),
+            "s" if len(stale) > 1 else "",
+            ", ".join(p.name for p in stale[:3]) + (", ..." if len(stale) > 3 else ""),
+            "them" if len(stale) > 1 else "it",
+            path.name,
+        )
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 

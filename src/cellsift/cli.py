@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -319,19 +321,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the `lightning` package prints its records through a console handler of its own: passed
     # on to the root handler too, each would print twice
     logging.getLogger("lightning").propagate = False
+    # SIGTERM (kill, a scheduler's time limit, docker stop) ends a command as Ctrl-C does:
+    # the write in progress is removed, not left behind as a hidden temporary output
+    on_term = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if on_term else None
     try:
         return int(args.func(args))
     except user_errors as err:
         return _error(args.command, err)
-    except KeyboardInterrupt:
-        return _interrupted(args.command)
+    except KeyboardInterrupt as err:
+        return _interrupted(args.command, terminated=isinstance(err, _Terminated))
+    finally:
+        if on_term:
+            signal.signal(signal.SIGTERM, before)
 
 
-def _interrupted(command: str) -> int:
-    """Ctrl-C: one line, exit status 130 (outputs are written atomically: an interrupted
-    one is not left in place)."""
-    print(f"cellsift {command}: interrupted; no partial output was left in place.", file=sys.stderr)
-    return 130
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command runs so that its writes clean up."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _interrupted(command: str, terminated: bool = False) -> int:
+    """Ctrl-C (exit status 130) or SIGTERM (143): one line (outputs are written atomically:
+    an interrupted one is not left in place)."""
+    how = "terminated" if terminated else "interrupted"
+    print(f"cellsift {command}: {how}; no partial output was left in place.", file=sys.stderr)
+    return 143 if terminated else 130
 
 
 #: Hints in the library's messages that name a Python argument, as the commands that have
