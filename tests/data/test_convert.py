@@ -47,6 +47,7 @@ def test_sharded_output_and_manifest(indexed_paths, tmp_path):
     coll = CellCollection(out)
     assert coll.n_obs == 2_000
     np.testing.assert_array_equal(coll.read(np.arange(2_000)).toarray()[:, 0], np.arange(1, 2_001))
+    assert CellCollection(str(out / "*")).n_obs == 2_000  # a glob of the shards, not the manifest
 
 
 def test_failed_conversion_leaves_nothing(indexed_paths, tmp_path, monkeypatch):

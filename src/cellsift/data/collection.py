@@ -49,7 +49,8 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
                 )
             return [manifest.parent / f for f in files]
         if any(ch in str(source) for ch in "*?["):
-            found = sorted(_glob.glob(str(source)))
+            # (a sharded store's folder/*: its manifest lists the shards, it is not one)
+            found = sorted(f for f in _glob.glob(str(source)) if Path(f).name != "manifest.json")
             if not found:
                 raise FileNotFoundError(f"no store matches {source}.")
             return list(found)
