@@ -24,6 +24,7 @@ import numcodecs
 import numpy as np
 
 from .._utils import logger
+from ..errors import DataError
 
 __all__ = [
     "ChunkedReader",
@@ -191,9 +192,17 @@ class ShardedArrayReader(DecodingReader):
         self.decoder = decoder
         self._check_crc = shard["index_codecs"][-1]["name"] == "crc32c"
         self._indexes: dict[int, np.ndarray | None] = {}
+        #: Shards that may have no file. None: any (zarr's meaning: a shard with no file
+        #: holds only the fill value). A store that knows the array must be whole (CSR
+        #: ``data``, ``indices``) sets the few that may; any other missing shard is an error.
+        self.absent: set[int] | None = None
 
     def _key(self, shard: int) -> Path:
         return self.path / "c" / str(shard) if self.separator == "/" else self.path / f"c.{shard}"
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.shape // self.shard_elems)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> ShardedArrayReader | None:
@@ -230,7 +239,13 @@ class ShardedArrayReader(DecodingReader):
         if shard not in self._indexes:
             fd = self._fd(self._key(shard))
             if fd is None:
-                self._indexes[shard] = None  # a shard never written: all fill value
+                if self.absent is not None and shard not in self.absent:
+                    raise DataError(
+                        f"{self._key(shard)} is missing: shard {shard} of the array {self.path} "
+                        "holds values its row pointer needs, so the store is incomplete or "
+                        "corrupt (an interrupted copy?). Copy the store again or re-create it."
+                    )
+                self._indexes[shard] = None  # holds only the fill value: zarr wrote no file
             else:
                 n = self.chunks_per_shard * 16 + (4 if self._check_crc else 0)
                 raw = self._pread(self._key(shard), n, os.fstat(fd).st_size - n)

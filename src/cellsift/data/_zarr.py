@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,14 +39,67 @@ class ZarrStore(AnnDataStore):
     ) -> None:
         self._aio: tuple[int, Any, dict[str, Any]] | None = None
         super().__init__(path, layer=layer, direct=direct)
+        if not self._dense:
+            self._check_complete()
+
+    @property
+    def _base(self) -> str:
+        return {None: "X", "raw": "raw/X"}.get(self.layer, f"layers/{self.layer}")
+
+    def _check_complete(self) -> None:
+        """Refuse a store whose ``data`` or ``indices`` lacks a chunk (or shard) file.
+
+        zarr reads a missing chunk as its fill value: a file lost in a copy would read as
+        zeros. zarr leaves a chunk out only when every value in it is the fill value, which a
+        chunk of counts (nonzero values) never is; a chunk of column indices can be (cells that
+        each hold one value, in gene 0), which the row pointer tells. One listing per folder.
+        """
+        mat = self._matrix(self.handle)
+        readers = dict(zip(("data", "indices"), self._direct or (), strict=False))
+        for name in ("data", "indices"):
+            arr = mat[name]
+            size = int(arr.shape[0])
+            step = int((getattr(arr, "shards", None) or arr.chunks)[0])
+            keys = [arr.metadata.encode_chunk_key((k,)) for k in range(-(-size // step))]
+            absent = []
+            for k in _missing(self.path / self._base / name, keys):
+                lo, hi = k * step, min(size, (k + 1) * step)
+                if name == "indices" and self._row_starts_only(lo, hi):
+                    absent.append(k)  # may hold only gene 0 (the fill value): zarr wrote none
+                    continue
+                first, last = np.searchsorted(self.indptr, [lo, hi - 1], side="right") - 1
+                raise self._error(
+                    f"{self._base}/{name}/{keys[k]} is missing, so cells {first} to {last} "
+                    "would read as zeros: the store is incomplete or corrupt (an interrupted "
+                    "copy?).",
+                    "Copy the store again or re-create it.",
+                )
+            reader = readers.get(name)
+            if isinstance(reader, ShardedArrayReader):
+                reader.absent = set(absent)
+
+    def _row_starts_only(self, lo: int, hi: int) -> bool:
+        """Every element in ``[lo, hi)`` is the first of its row (each row there holds at
+        most one value)."""
+        indptr = self.indptr
+        a, b = np.searchsorted(indptr, [lo, hi], side="left")
+        starts = indptr[a:b]
+        return len(starts) > 0 and 1 + int(np.count_nonzero(np.diff(starts))) == hi - lo
 
     def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
-        base = self.path / {None: "X", "raw": "raw/X"}.get(self.layer, f"layers/{self.layer}")
-        return [ShardedArrayReader.open(base / name) for name in ("data", "indices")]
+        return [
+            ShardedArrayReader.open(self.path / self._base / name) for name in ("data", "indices")
+        ]
 
     def _open(self) -> Any:
         import zarr
 
+        marked = any((self.path / m).exists() for m in ("zarr.json", ".zgroup"))
+        if (self.path / "manifest.json").is_file() and not marked:
+            raise self._error(
+                "is a sharded store (manifest.json lists its shards), not one Zarr store.",
+                "Read all of it with CellCollection(path), or open one shard with open_store.",
+            )
         try:
             return zarr.open_group(self.path, mode="r")
         except Exception as err:  # zarr raises several types for unreadable stores
@@ -64,10 +118,9 @@ class ZarrStore(AnnDataStore):
             from zarr.api.asynchronous import open_array
 
             loop = asyncio.new_event_loop()
-            base = {None: "X", "raw": "raw/X"}.get(self.layer, f"layers/{self.layer}")
             arrays = {
                 name: loop.run_until_complete(
-                    open_array(store=str(self.path), path=f"{base}/{name}", mode="r")
+                    open_array(store=str(self.path), path=f"{self._base}/{name}", mode="r")
                 )
                 for name in ("data", "indices")
             }
@@ -89,3 +142,19 @@ class ZarrStore(AnnDataStore):
         data, indices = parts[: len(ranges)], parts[len(ranges) :]
         cat = np.concatenate
         return (cat(data).astype(np.float32, copy=False), cat(indices).astype(np.int32, copy=False))
+
+
+def _missing(folder: Path, keys: list[str]) -> list[int]:
+    """Positions of ``keys`` (relative to ``folder``) with no file: one listing per folder."""
+    found: dict[str, set[str]] = {}
+    out = []
+    for k, key in enumerate(keys):
+        parent, _, name = key.rpartition("/")
+        if parent not in found:
+            try:
+                found[parent] = set(os.listdir(folder / parent))
+            except FileNotFoundError:
+                found[parent] = set()
+        if name not in found[parent]:
+            out.append(k)
+    return out

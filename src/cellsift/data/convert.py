@@ -14,7 +14,7 @@ from pandas.api.extensions import ExtensionArray
 from .._utils import atomic_dir, check_replaceable, holds, progress
 from ..errors import ConfigError, DataError
 from .collection import resolve_paths
-from .stores import CellStore, open_store
+from .stores import CellStore, cut_by_values, open_store
 from .writers import A_STORE, Format, guess_format, is_store, open_writer
 
 __all__ = ["convert"]
@@ -35,6 +35,14 @@ def _obs_chunk(store: CellStore, columns: list[str], rows: np.ndarray) -> pd.Dat
     names = getattr(store, "obs_names", None)
     index = np.asarray(names)[rows] if names is not None else rows.astype(str)
     return pd.DataFrame(data, index=pd.Index(index))
+
+
+def _chunks(store: CellStore, rows: np.ndarray, chunk_size: int) -> list[np.ndarray]:
+    """``rows`` cut into chunks of at most ``chunk_size`` cells and ``SCAN_VALUES`` values
+    (counted by the row pointer, or as if dense where the store keeps none)."""
+    stored = store.stored_row_nnz()
+    per_row = stored[rows] if stored is not None else np.full(len(rows), store.n_vars)
+    return [rows[a:b] for a, b in cut_by_values(per_row, chunk_size)]
 
 
 def convert(
@@ -66,13 +74,16 @@ def convert(
     min_genes
         Drop cells with fewer genes detected (``1`` drops empty cells).
     chunk_size
-        Cells read and written at a time.
+        Most cells read and written at a time (fewer where they would hold more than
+        :data:`~cellsift.data.stores.SCAN_VALUES` values: a dense matrix of many genes).
     check_counts
         Check a sample of the source's cells for values that are not raw counts (NaN,
         negative, non-integer: e.g. log-normalised X while the counts sit in a layer).
 
     The output appears only when complete: a failed or interrupted conversion leaves nothing.
     """
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be at least 1 cell, not {chunk_size}.")
     if resolve_paths(source) != [source]:  # a manifest (a sharded store) or a glob
         raise ConfigError(
             f"{source} is a manifest or a glob of stores (a sharded store): convert reads one "
@@ -110,11 +121,10 @@ def convert(
             path, var, format=fmt, n_obs=len(rows), overwrite=overwrite, **writer_options
         )
         with writer:
-            steps = range(0, len(rows), chunk_size)
-            for lo in progress(
+            steps = _chunks(store, rows, chunk_size)
+            for chunk in progress(
                 steps, total=len(steps), desc=desc, enabled=progress_bar, unit="chunk"
             ):
-                chunk = rows[lo : lo + chunk_size]
                 writer.append(store.read(chunk), _obs_chunk(store, columns, chunk))
 
     if shard_size is None:  # the writer refuses dest, or moves the store into place at the end

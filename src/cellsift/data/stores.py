@@ -25,6 +25,10 @@ from .writers import Format, guess_format, is_store
 
 __all__ = ["CellStore", "open_store"]
 
+#: Most values (stored entries, or cells x genes for a dense store) that one chunk of a
+#: whole-store scan holds: 64 Mi, 256 MB as float32, whatever the number of genes.
+SCAN_VALUES = 1 << 26
+
 
 #: What each kind of path that cellsift reads is, for messages when one is passed for another.
 KINDS = {
@@ -179,11 +183,7 @@ class CellStore(ABC):
         if stored is not None:
             return stored
         if "__row_nnz" not in self._obs_cache:
-            out = np.zeros(self.n_obs, dtype=np.int64)
-            for start, x in self.iter_chunks():
-                nonzero = np.concatenate(([0], np.cumsum(x.data != 0)))
-                out[start : start + x.shape[0]] = np.diff(nonzero[x.indptr])
-            self._obs_cache["__row_nnz"] = out
+            self._scan_rows()
         return self._obs_cache["__row_nnz"]
 
     @property
@@ -202,18 +202,47 @@ class CellStore(ABC):
         return self._read_rows(rows)
 
     def iter_chunks(self, chunk_size: int = 65_536) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """Scan the whole store in row order: ``(start_row, counts)`` chunks."""
-        for start in range(0, self.n_obs, chunk_size):
-            stop = min(self.n_obs, start + chunk_size)
+        """Scan the whole store in row order: ``(start_row, counts)`` chunks of at most
+        ``chunk_size`` cells and about :data:`SCAN_VALUES` values (see :meth:`chunk_bounds`)."""
+        for start, stop in self.chunk_bounds(chunk_size):
             yield start, self.read(np.arange(start, stop))
+
+    def chunk_bounds(self, chunk_size: int = 65_536) -> list[tuple[int, int]]:
+        """Row ranges ``[start, stop)`` that scan the store, each of at most ``chunk_size``
+        cells and :data:`SCAN_VALUES` values (a single cell may hold more): counted by the
+        row pointer where the store keeps one, else as if every gene held a value (dense)."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, not {chunk_size}.")
+        stored = self.stored_row_nnz()
+        if stored is None:
+            rows = max(1, min(chunk_size, SCAN_VALUES // max(self.n_vars, 1)))
+            return [(a, min(self.n_obs, a + rows)) for a in range(0, self.n_obs, rows)]
+        return cut_by_values(stored, chunk_size)
+
+    def _read_block(self, start: int, stop: int) -> sp.csr_matrix | np.ndarray:
+        """Counts of cells ``start`` to ``stop - 1`` as CSR, or as the dense block a store
+        holds them in (read without a sparse copy)."""
+        return self.read(np.arange(start, stop))
+
+    def _scan_rows(self) -> None:
+        """Genes detected and total counts per cell, in one pass (both cached)."""
+        nnz = np.zeros(self.n_obs, dtype=np.int64)
+        sums = np.zeros(self.n_obs, dtype=np.float64)
+        for start, stop in self.chunk_bounds():
+            x = self._read_block(start, stop)
+            if isinstance(x, np.ndarray):
+                nnz[start:stop] = np.count_nonzero(x, axis=1)
+                sums[start:stop] = x.sum(1, dtype=np.float64)
+            else:
+                nonzero = np.concatenate(([0], np.cumsum(x.data != 0)))
+                nnz[start:stop] = np.diff(nonzero[x.indptr])
+                sums[start:stop] = np.asarray(x.sum(1, dtype=np.float64)).ravel()
+        self._obs_cache["__row_nnz"], self._obs_cache["__row_sums"] = nnz, sums
 
     def row_sums(self) -> np.ndarray:
         """Total counts per cell (one sequential pass, cached)."""
         if "__row_sums" not in self._obs_cache:
-            out = np.zeros(self.n_obs, dtype=np.float64)
-            for start, x in self.iter_chunks():
-                out[start : start + x.shape[0]] = np.asarray(x.sum(1)).ravel()
-            self._obs_cache["__row_sums"] = out
+            self._scan_rows()
         return self._obs_cache["__row_sums"]
 
     def obs(self, columns: list[str] | None = None) -> pd.DataFrame:
@@ -224,6 +253,22 @@ class CellStore(ABC):
     def __repr__(self) -> str:
         layer = f", layer={self.layer!r}" if self.layer else ""
         return f"{type(self).__name__}({str(self.path)!r}{layer}: {self.n_obs} cells x {self.n_vars} genes)"
+
+
+def cut_by_values(values: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` over rows holding ``values`` values each: at most
+    ``max_rows`` rows and :data:`SCAN_VALUES` values a range (a single row may hold more)."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, not {max_rows}.")
+    ends = np.cumsum(values, dtype=np.int64)
+    bounds, start, n = [], 0, len(values)
+    while start < n:
+        base = int(ends[start - 1]) if start else 0
+        fits = int(np.searchsorted(ends, base + SCAN_VALUES, side="right"))
+        stop = min(n, start + max_rows, max(fits, start + 1))
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def is_anndata(value: Any) -> bool:

@@ -263,9 +263,16 @@ class ZarrWriter(_AnnDataWriter):
         self._root = zarr.open_group(self.tmp, mode="w", zarr_format=3)
         x = self._x_group = self._root.create_group("X")
         x.attrs.update(_CSR_ATTRS)
+        # every shard gets its file, even one of fill values only: readers take a missing
+        # shard for a lost one (an interrupted copy), never for zeros
         self._arrays = {
             name: x.create_array(
-                name, shape=(0,), dtype=dtype, chunks=(chunk_elems,), shards=(shard_elems,)
+                name,
+                shape=(0,),
+                dtype=dtype,
+                chunks=(chunk_elems,),
+                shards=(shard_elems,),
+                config={"write_empty_chunks": True},
             )
             for name, dtype in (("data", np.float32), ("indices", np.int32))
         }

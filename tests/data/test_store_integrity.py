@@ -1,0 +1,151 @@
+"""Zarr stores with a lost chunk or shard file are refused, by name, never read as zeros.
+
+Stores are written by cellsift's own writer (through ``convert``) and by anndata (zarr v2,
+v3, v3 sharded), with small chunks so each array has several files; reads are compared with
+the source matrix through numpy.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cellsift.data import CellCollection, open_store
+from cellsift.data.convert import convert
+from cellsift.errors import DataError
+
+KINDS = ["cellsift", "anndata-v2", "anndata-v3", "anndata-v3-sharded"]
+
+
+def _counts(n_obs: int, n_vars: int, *, gene0_rows: int = 0, seed: int = 0) -> sp.csr_matrix:
+    """Random integer counts; the first ``gene0_rows`` cells hold one count, in gene 0."""
+    rng = np.random.default_rng(seed)
+    dense = rng.poisson(0.3, size=(n_obs, n_vars)).astype(np.float32)
+    dense[:gene0_rows] = 0
+    dense[:gene0_rows, 0] = np.arange(1, gene0_rows + 1)
+    dense[gene0_rows:, 1] += 1  # every other cell has counts
+    return sp.csr_matrix(dense)
+
+
+def _adata(x: sp.csr_matrix) -> ad.AnnData:
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(x.shape[0])])
+    var = pd.DataFrame(index=[f"gene{j}" for j in range(x.shape[1])])
+    return ad.AnnData(x, obs=obs, var=var)
+
+
+def _write(kind: str, x: sp.csr_matrix, folder: Path) -> Path:
+    """``x`` as a Zarr store of ``kind``, its CSR arrays in chunks of 100 (shards of 500)."""
+    import zarr
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{kind}.zarr"
+    adata = _adata(x)
+    if kind == "cellsift":
+        src = folder / "source.h5ad"
+        adata.write_h5ad(src)
+        return convert(src, path, chunk_elems=100, shard_elems=500, chunk_size=97)
+    fmt = 2 if kind == "anndata-v2" else 3
+    kwargs: dict[str, tuple[int]] = {"chunks": (100,)}
+    if kind == "anndata-v3-sharded":
+        kwargs["shards"] = (500,)
+    with warnings.catch_warnings(), ad.settings.override(zarr_write_format=fmt):
+        warnings.simplefilter("ignore")  # anndata's notices on zarr formats
+        root = zarr.open_group(path, mode="w", zarr_format=fmt)
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        ad.io.write_elem(root, "X", x, dataset_kwargs=kwargs)
+        ad.io.write_elem(root, "obs", adata.obs)
+        ad.io.write_elem(root, "var", adata.var)
+    return path
+
+
+def _file(path: Path, array: str, k: int) -> Path:
+    """The file of storage chunk (or shard) ``k`` of ``X/<array>``, whatever its key style."""
+    folder = path / "X" / array
+    return folder / "c" / str(k) if (folder / "c").is_dir() else folder / str(k)
+
+
+@pytest.fixture(scope="module")
+def counts() -> sp.csr_matrix:
+    return _counts(400, 30)
+
+
+@pytest.fixture(scope="module")
+def stores(counts, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("integrity")
+    return {kind: _write(kind, counts, folder) for kind in KINDS}
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_intact_stores_read_exactly(stores, counts, kind, direct):
+    store = open_store(stores[kind], direct=direct)
+    want = counts.toarray()
+    for rows in (np.arange(400), np.sort(np.random.default_rng(1).choice(400, 57, replace=False))):
+        np.testing.assert_array_equal(store.read(rows).toarray(), want[rows])
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("array", ["data", "indices"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_lost_chunk_file_is_refused_by_name(stores, kind, array, direct, tmp_path):
+    path = tmp_path / stores[kind].name
+    shutil.copytree(stores[kind], path)
+    lost = _file(path, array, 1)
+    lost.unlink()  # an interrupted copy
+    key = str(lost.relative_to(path))
+    with pytest.raises(DataError, match=re.escape(key)) as err:
+        open_store(path, direct=direct)
+    assert "incomplete or corrupt" in str(err.value)
+    assert "Copy the store again or re-create it" in str(err.value)
+    with pytest.raises(DataError, match=re.escape(key)):
+        CellCollection(path)
+
+
+def test_a_shard_lost_after_opening_is_refused_on_read(stores, counts, tmp_path):
+    path = tmp_path / "lost_later.zarr"
+    shutil.copytree(stores["cellsift"], path)
+    store = open_store(path)
+    assert store._direct is not None  # read straight from the shard files
+    lost = _file(path, "data", 1)
+    lost.unlink()
+    indptr = counts.indptr
+    in_shard = np.flatnonzero((indptr[:-1] >= 500) & (indptr[1:] <= 1000))
+    with pytest.raises(DataError, match=re.escape(str(lost))):
+        store.read(in_shard[:5])
+    before = np.flatnonzero(indptr[1:] <= 500)  # rows of shard 0 still read exactly
+    np.testing.assert_array_equal(store.read(before).toarray(), counts[before].toarray())
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_index_chunks_of_gene_zero_only_are_not_lost(kind, direct, tmp_path):
+    """zarr writes no file for a chunk of fill values: column indices that are all 0 (each
+    cell there holds one count, in gene 0) are such a chunk, not a lost file."""
+    x = _counts(1_200, 30, gene0_rows=700)
+    path = _write(kind, x, tmp_path)
+    if kind == "cellsift":  # cellsift writes every chunk
+        assert _file(path, "indices", 0).exists()
+    else:
+        assert not _file(path, "indices", 0).exists()
+    store = open_store(path, direct=direct)
+    np.testing.assert_array_equal(store.read(np.arange(1_200)).toarray(), x.toarray())
+    rows = np.array([0, 5, 699, 700, 1_199])
+    np.testing.assert_array_equal(store.read(rows).toarray(), x[rows].toarray())
+
+
+def test_a_sharded_folder_named_zarr_is_named_as_such(tmp_path):
+    src = tmp_path / "source.h5ad"
+    _adata(_counts(50, 10)).write_h5ad(src)
+    out = convert(src, tmp_path / "sharded.zarr", shard_size=20)
+    assert (out / "manifest.json").is_file()
+    with pytest.raises(DataError, match=r"sharded store .*CellCollection\(path\)"):
+        open_store(out)
+    assert CellCollection(out).n_obs == 50

@@ -1,0 +1,133 @@
+"""Whole-store scans (genes and counts per cell, conversion) in chunks bounded by values.
+
+A dense X of many genes must not be read 65,536 cells at a time: chunks hold at most
+``stores.SCAN_VALUES`` values. Results are compared with numpy on the source matrix.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cellsift.data import open_store, stores
+from cellsift.data.convert import convert
+from cellsift.data.writers import StoreWriter
+from cellsift.errors import ConfigError
+
+
+def _counts(n_obs: int = 300, n_vars: int = 40, seed: int = 0) -> np.ndarray:
+    """Dense integer counts with empty cells and a few cells of many genes."""
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(0.4, size=(n_obs, n_vars)).astype(np.float32)
+    x[::37] = 0  # empty cells
+    x[5::50] = rng.integers(1, 9, size=(len(x[5::50]), n_vars))  # cells with every gene
+    return x
+
+
+def _write(x: np.ndarray, path, *, dense: bool):
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(x.shape[0])])
+    var = pd.DataFrame(index=[f"g{j}" for j in range(x.shape[1])])
+    adata = ad.AnnData(x if dense else sp.csr_matrix(x), obs=obs, var=var)
+    if path.suffix == ".zarr":
+        with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3):
+            warnings.simplefilter("ignore")  # zarr's notice on consolidated v3 metadata
+            adata.write_zarr(path)
+    else:
+        adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scan")
+    x = _counts()
+    return x, {
+        "dense-h5ad": _write(x, folder / "dense.h5ad", dense=True),
+        "csr-h5ad": _write(x, folder / "csr.h5ad", dense=False),
+        "dense-zarr": _write(x, folder / "dense.zarr", dense=True),
+        "csr-zarr": _write(x, folder / "csr.zarr", dense=False),
+    }
+
+
+KINDS = ["dense-h5ad", "csr-h5ad", "dense-zarr", "csr-zarr"]
+
+
+@pytest.mark.parametrize("budget", [None, 50, 1])
+@pytest.mark.parametrize("kind", KINDS)
+def test_genes_and_counts_per_cell_equal_numpy(paths, kind, budget, monkeypatch):
+    x, where = paths
+    if budget is not None:  # many chunks, cut inside runs of cells
+        monkeypatch.setattr(stores, "SCAN_VALUES", budget)
+    store = open_store(where[kind])
+    np.testing.assert_array_equal(store.row_nnz(), (x != 0).sum(1))
+    np.testing.assert_allclose(store.row_sums(), x.sum(1, dtype=np.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_iter_chunks_are_bounded_and_cover_the_store(paths, kind, monkeypatch):
+    x, where = paths
+    monkeypatch.setattr(stores, "SCAN_VALUES", 120)
+    store = open_store(where[kind])
+    dense = kind.startswith("dense")
+    parts, next_start = [], 0
+    for start, chunk in store.iter_chunks():
+        assert start == next_start
+        next_start += chunk.shape[0]
+        values = chunk.shape[0] * chunk.shape[1] if dense else chunk.nnz
+        assert values <= 120 or chunk.shape[0] == 1  # (one cell may hold more)
+        parts.append(chunk.toarray())
+    assert len(parts) > 1
+    np.testing.assert_array_equal(np.concatenate(parts), x)
+    for _start, chunk in store.iter_chunks(chunk_size=7):
+        assert chunk.shape[0] <= 7
+
+
+def test_a_wide_dense_store_is_scanned_in_fewer_cells(tmp_path):
+    """100,000 genes: a chunk holds SCAN_VALUES // 100,000 cells, not 65,536 (26 GB)."""
+    n_obs, n_vars = 1_000, 100_000
+    path = tmp_path / "wide.h5ad"
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(n_obs)])
+    var = pd.DataFrame(index=[f"g{j}" for j in range(n_vars)])
+    ad.AnnData(obs=obs, var=var).write_h5ad(path)
+    with h5py.File(path, "a") as f:  # X never written: all fill value, a small file
+        if "X" in f:
+            del f["X"]
+        d = f.create_dataset("X", shape=(n_obs, n_vars), dtype=np.float32, chunks=(8, n_vars))
+        d.attrs["encoding-type"], d.attrs["encoding-version"] = "array", "0.2.0"
+    store = open_store(path)
+    bounds = store.chunk_bounds()
+    rows = stores.SCAN_VALUES // n_vars
+    assert bounds[0] == (0, rows) and rows < 65_536
+    assert bounds[-1][1] == n_obs
+    assert all(b - a <= rows for a, b in bounds)
+
+
+def test_convert_writes_dense_sources_in_bounded_chunks(paths, tmp_path, monkeypatch):
+    x, where = paths
+    monkeypatch.setattr(stores, "SCAN_VALUES", 400)  # 10 cells of 40 genes
+    sizes: list[int] = []
+    append = StoreWriter.append
+
+    def record(self, counts, obs):
+        sizes.append(counts.shape[0])
+        append(self, counts, obs)
+
+    monkeypatch.setattr(StoreWriter, "append", record)
+    out = convert(where["dense-h5ad"], tmp_path / "out.h5ad", min_genes=1)
+    assert sizes and max(sizes) <= 10
+    keep = (x != 0).sum(1) >= 1
+    np.testing.assert_array_equal(ad.read_h5ad(out).X.toarray(), x[keep])
+
+
+@pytest.mark.parametrize("chunk_size", [0, -5])
+def test_convert_refuses_a_chunk_size_below_one(paths, tmp_path, chunk_size):
+    _, where = paths
+    with pytest.raises(ConfigError, match="chunk_size must be at least 1"):
+        convert(where["csr-h5ad"], tmp_path / "out.zarr", chunk_size=chunk_size)
+    assert not (tmp_path / "out.zarr").exists()
