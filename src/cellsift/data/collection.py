@@ -360,8 +360,9 @@ class CellCollection:
 
 def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
     """Raise a :class:`DataError` naming the store and the first cell whose values are NaN,
-    infinite or negative, or whose row holds a gene twice (a pass over the values and one
-    over the column indices read: cheap next to reading them)."""
+    infinite or negative, that holds stored zeros only, or whose row holds a gene twice (a
+    minimum and a maximum over the values read, and one pass over the column indices: cheap
+    next to reading them)."""
     data = x.data
     where = f"{store.path} ({'X' if store.layer is None else store.layer})"
     names = getattr(store, "obs_names", None)
@@ -370,14 +371,15 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
         c = int(rows[row])
         return f"cell {c}" + (f" ({names[c]!r})" if names is not None else "")
 
-    if len(data) and not (data.min() >= 0 and data.max() < np.inf):  # NaN fails both
+    lo, hi = (data.min(), data.max()) if len(data) else (1.0, 1.0)
+    if not (lo >= 0 and hi < np.inf):  # NaN fails both
         bad = ~np.isfinite(data) | (data < 0)
         row = int(np.searchsorted(x.indptr, np.flatnonzero(bad)[0], side="right") - 1)
         raise DataError(
             f"{where}: {cell(row)} holds {data[bad][0]:g}; counts are finite and non-negative. "
             "Fix or drop that cell, or pass check_counts=False if these values are meant."
         )
-    if len(data) and not data.all():  # zeros stored as entries
+    if lo == 0:  # zeros stored as entries (told by the minimum: no pass of its own)
         # (the opening check counts genes from the values where its sample finds any; a
         # store whose zeros lie elsewhere counted them as genes when the filters ran)
         if not store.stored_zeros:
