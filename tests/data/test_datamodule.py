@@ -263,10 +263,11 @@ def test_val_groups_are_read_as_text_and_checked():
     assert dm.val is not None and dm.val.n_obs == 20 and dm.val_groups == ["1003"]
     with pytest.raises(ConfigError, match=r"val_groups \['1009'\] are not groups of 'donor'"):
         CellDataModule(adata, split_key="donor", val_groups=["1003", "1009"]).setup()
-    dm = CellDataModule(
-        adata, study_key=None, val_fraction=0, collection_options={"dropna": ["qc"]}
-    )
-    dm.setup()
-    assert dm.train is not None and dm.train.n_obs == 72
+    for dropna in (["qc"], "qc"):  # a list, or one column as text
+        dm = CellDataModule(
+            adata, study_key=None, val_fraction=0, collection_options={"dropna": dropna}
+        )
+        dm.setup()
+        assert dm.train is not None and dm.train.n_obs == 72
     with pytest.raises(ConfigError, match=r"obs_filter, which the data module takes itself"):
         CellDataModule(adata, collection_options={"obs_filter": {"qc": "ok"}}).setup()

@@ -131,3 +131,13 @@ def test_convert_refuses_a_chunk_size_below_one(paths, tmp_path, chunk_size):
     with pytest.raises(ConfigError, match="chunk_size must be at least 1"):
         convert(where["csr-h5ad"], tmp_path / "out.zarr", chunk_size=chunk_size)
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_store_without_a_row_pointer_is_planned_by_its_density(indexed_paths):
+    """SOMA keeps no row pointer but knows its total: scans are planned by the mean values a
+    cell holds, not as if every gene held one (a wide sparse atlas read in tiny queries)."""
+    soma = open_store(indexed_paths["soma"])
+    assert soma.stored_row_nnz() is None and soma.nnz is not None
+    per = -(-soma.nnz // soma.n_obs)
+    np.testing.assert_array_equal(soma.values_per_row(), np.full(soma.n_obs, per))
+    assert per < soma.n_vars

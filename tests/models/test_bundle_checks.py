@@ -117,6 +117,10 @@ def _labels_without_id(path: Path) -> None:
             r"config\.json's architecture\.hidden is '8', not a list of layer sizes",
         ),
         (
+            _edit_config(lambda c: c["architecture"].update(dropout=1.5)),
+            r"config\.json's settings do not make a MetricModel \(dropout is a probability",
+        ),
+        (
             _edit_config(lambda c: c.pop("normalization")),
             r"config\.json's normalization is missing",
         ),
@@ -142,6 +146,7 @@ def _labels_without_id(path: Path) -> None:
         "n-genes-not-genes-tsv",
         "latent-missing",
         "hidden-not-a-list",
+        "dropout-out-of-range",
         "normalization-missing",
         "config-not-json",
         "label-without-id",
@@ -265,6 +270,7 @@ def test_a_gene_listed_twice_in_gene_order_is_named(tmp_path):
     genes[7] = genes[3]
     (src / "gene_order.tsv").write_text("\n".join(genes))
     with pytest.raises(
-        CellsiftError, match=r"gene_order\.tsv lists genes more than once.*'ENSG00000000004'"
+        CellsiftError,
+        match=r"gene_order\.tsv: gene vocabulary has duplicate ids.*'ENSG00000000004'",
     ):
         import_scimilarity(src, tmp_path / "bundle")

@@ -420,3 +420,20 @@ def test_the_empty_cell_fix_in_the_message_works(synthetic_h5ad):
     with warnings.catch_warnings():  # few integration steps: convergence is not the point
         warnings.simplefilter("ignore")
         attribute_difference(model, extra, a, b, n_steps=4)  # cell 3 in neither group
+
+
+def test_numpy_settings_go_into_json(tmp_path):
+    """Sizes and rates as numpy numbers (read from an array or a table) make a model whose
+    config, run identity and bundle are plain JSON."""
+    import numpy as np
+
+    from cellsift.models import MetricModel
+
+    genes = [f"g{i}" for i in range(10)]
+    model = MetricModel(
+        genes, ["CL:0000236", "CL:0000084"], hidden=np.array([8, 8]), latent=np.int64(4),
+        dropout=np.float32(0.25), margin=np.float64(0.1),
+    )  # fmt: skip
+    assert model.run_identity()["settings"]["architecture"]["hidden"] == [8, 8]
+    loaded = MetricModel.load(model.save(tmp_path / "m"))
+    assert loaded.config["architecture"]["latent"] == 4 and loaded.config["loss"]["margin"] == 0.1

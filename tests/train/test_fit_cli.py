@@ -224,7 +224,7 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
     [
         (
             ["--data.init_args.val_groups", "[donor_999]"],
-            r"val_groups \['donor_999'\] are not groups of 'donor_id', which holds donor_",
+            r"val_groups \['donor_999'\] are not groups of 'donor_id' among the cells kept",
         ),
         (["--data.init_args.collection_options", '{"min_gene": 1}'], r"\['min_gene'\], which"),
         (["--data.init_args.batch_size", "1"], "batch_size must be at least 2 for training"),

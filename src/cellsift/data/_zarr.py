@@ -71,8 +71,10 @@ class ZarrStore(AnnDataStore):
                 raise self._error(
                     f"{self._base}/{name}/{keys[k]} is missing, so cells {first} to {last} "
                     "would read as zeros: the store is incomplete or corrupt (an interrupted "
-                    "copy?).",
-                    "Copy the store again or re-create it.",
+                    "copy?), or that chunk held only zeros stored as entries, which zarr does "
+                    "not write.",
+                    "Copy the store again or re-create it (after adata.X.eliminate_zeros(), for "
+                    "stored zeros).",
                 )
             reader = readers.get(name)
             if isinstance(reader, ShardedArrayReader):

@@ -426,7 +426,7 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
         store.stored_zeros = True
         logger.info(
             "%s: zeros are stored as entries; genes per cell are counted from the values (one "
-            "pass over the file when filtering on them)",
+            "pass over the file as it opens, for the empty-cell check and min_genes)",
             where,
         )
     check_count_values(

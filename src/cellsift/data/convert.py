@@ -39,10 +39,8 @@ def _obs_chunk(store: CellStore, columns: list[str], rows: np.ndarray) -> pd.Dat
 
 def _chunks(store: CellStore, rows: np.ndarray, chunk_size: int) -> list[np.ndarray]:
     """``rows`` cut into chunks of at most ``chunk_size`` cells and ``SCAN_VALUES`` values
-    (counted by the row pointer, or as if dense where the store keeps none)."""
-    stored = store.stored_row_nnz()
-    per_row = stored[rows] if stored is not None else np.full(len(rows), store.n_vars)
-    return [rows[a:b] for a, b in cut_by_values(per_row, chunk_size)]
+    (:meth:`CellStore.values_per_row`)."""
+    return [rows[a:b] for a, b in cut_by_values(store.values_per_row()[rows], chunk_size)]
 
 
 def convert(

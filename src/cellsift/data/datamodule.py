@@ -155,7 +155,9 @@ class CellDataModule(pl.LightningDataModule):
         options = dict(self.collection_options)
         # the label column is always required; columns dropna names too
         dropna = [self.label_key] if self.label_key else []
-        dropna += [c for c in options.pop("dropna", None) or () if c not in dropna]
+        extra = options.pop("dropna", None) or ()
+        extra = [extra] if isinstance(extra, str) else list(extra)  # (one column as text)
+        dropna += [c for c in extra if c not in dropna]
         if "obs_filter" in options:
             raise ConfigError(
                 "collection_options has obs_filter, which the data module takes itself: pass "
@@ -215,7 +217,8 @@ class CellDataModule(pl.LightningDataModule):
         if absent:
             shown = sorted(held)
             raise ConfigError(
-                f"val_groups {absent} are not groups of {self.split_key!r}, which holds "
+                f"val_groups {absent} are not groups of {self.split_key!r} among the cells "
+                f"kept (the data and filters: obs_filter, dropna, min_genes), which hold "
                 f"{', '.join(shown[:10])}{', ...' if len(shown) > 10 else ''}."
             )
         is_val = np.isin(groups, self.val_groups) & known

@@ -209,15 +209,21 @@ class CellStore(ABC):
 
     def chunk_bounds(self, chunk_size: int = 65_536) -> list[tuple[int, int]]:
         """Row ranges ``[start, stop)`` that scan the store, each of at most ``chunk_size``
-        cells and :data:`SCAN_VALUES` values (a single cell may hold more): counted by the
-        row pointer where the store keeps one, else as if every gene held a value (dense)."""
+        cells and :data:`SCAN_VALUES` values (a single cell may hold more), counted by
+        :meth:`values_per_row`."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, not {chunk_size}.")
+        return cut_by_values(self.values_per_row(), chunk_size)
+
+    def values_per_row(self) -> np.ndarray:
+        """Values each cell holds, to plan scans by: the row pointer's where the store keeps
+        one; else the store's mean where its total is known (SOMA); else every gene (dense)."""
         stored = self.stored_row_nnz()
-        if stored is None:
-            rows = max(1, min(chunk_size, SCAN_VALUES // max(self.n_vars, 1)))
-            return [(a, min(self.n_obs, a + rows)) for a in range(0, self.n_obs, rows)]
-        return cut_by_values(stored, chunk_size)
+        if stored is not None:
+            return stored
+        total = self.nnz
+        per = -(-total // self.n_obs) if total is not None and self.n_obs else self.n_vars
+        return np.full(self.n_obs, max(per, 1), dtype=np.int64)
 
     def _read_block(self, start: int, stop: int) -> sp.csr_matrix | np.ndarray:
         """Counts of cells ``start`` to ``stop - 1`` as CSR, or as the dense block a store

@@ -265,19 +265,21 @@ def metric_settings(
             raise bad(section, "is missing" if value is None else f"is {value!r}, not an object")
         sections[section] = value
     arch, norm, loss = sections["architecture"], sections["normalization"], sections["loss"]
+    # the JSON types only: what values make a model is MetricModule's rule (its ConfigError
+    # comes back from load naming config.json)
     checks: list[tuple[str, dict[str, Any], str, Callable[[Any], bool], str]] = [
-        ("architecture", arch, "n_genes", lambda v: _is_int(v) and v >= 1, "a whole number"),
+        ("architecture", arch, "n_genes", _is_int, "a whole number"),
         (
             "architecture",
             arch,
             "hidden",
-            lambda v: isinstance(v, list) and bool(v) and all(_is_int(h) and h >= 1 for h in v),
-            "a list of layer sizes (whole numbers >= 1)",
+            lambda v: isinstance(v, list) and all(_is_int(h) for h in v),
+            "a list of layer sizes (whole numbers)",
         ),
-        ("architecture", arch, "latent", lambda v: _is_int(v) and v >= 1, "a whole number"),
+        ("architecture", arch, "latent", _is_int, "a whole number"),
         ("architecture", arch, "dropout", _is_number, "a number"),
         ("architecture", arch, "input_dropout", _is_number, "a number"),
-        ("normalization", norm, "target_sum", lambda v: _is_number(v) and v > 0, "a number > 0"),
+        ("normalization", norm, "target_sum", _is_number, "a number"),
     ]
     for section, values, key, ok, what in checks:
         if key not in values:

@@ -115,23 +115,24 @@ class MetricModel:
         #: False for a model loaded without decoder weights (:meth:`load`): it embeds, but
         #: :meth:`train` asks before fine-tuning it against a random decoder
         self.decoder_trained = True
+        # (Python numbers: numpy's, which the module takes, would not go into JSON)
         self.config: dict[str, Any] = {
             "model": "MetricModel",
             "architecture": {
                 "n_genes": len(self.genes),
-                "hidden": list(hidden),
-                "latent": latent,
-                "dropout": dropout,
-                "input_dropout": input_dropout,
+                "hidden": [int(h) for h in hidden],
+                "latent": int(latent),
+                "dropout": float(dropout),
+                "input_dropout": float(input_dropout),
             },
             "loss": {
-                "margin": margin,
+                "margin": float(margin),
                 "negative": negative,
-                "triplet_weight": triplet_weight,
+                "triplet_weight": float(triplet_weight),
                 "relatives": relatives,
-                "classifier_weight": classifier_weight,
+                "classifier_weight": float(classifier_weight),
             },
-            "normalization": {"target_sum": target_sum, "log1p": True},
+            "normalization": {"target_sum": float(target_sum), "log1p": True},
             "ontology": {"version": cl.version},
         }
         # (a saved id the installed ontology lacks relates to itself only)

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..data.genes import GeneVocabulary, _strip_version
+from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError
 from ..nn import MLPDecoder, MLPEncoder
 from .bundle import load_state
@@ -141,14 +141,13 @@ def read_scimilarity(
             f"{folder}: gene_order.tsv lists {len(genes)} genes but the encoder "
             f"takes {n_in}; the directory mixes files of different models."
         )
-    stripped = _strip_version(pd.Index(genes))
-    if stripped.has_duplicates:
-        dups = pd.Index(genes)[stripped.duplicated(keep=False)].unique()[:5].tolist()
+    try:  # (the vocabulary's own rule: no gene twice, Ensembl versions ignored)
+        GeneVocabulary(genes)
+    except ValueError as err:
         raise CellsiftError(
-            f"{folder / 'gene_order.tsv'} lists genes more than once (Ensembl versions "
-            f"ignored), e.g. {dups}; each of the encoder's inputs must be its own gene. The "
-            "file is damaged or not this model's: copy the model directory again."
-        )
+            f"{folder / 'gene_order.tsv'}: {err} Each of the encoder's inputs must be its own "
+            "gene: the file is damaged or not this model's; copy the model directory again."
+        ) from None
     hp: dict[str, Any] = {}
     if (folder / "hyperparameters.json").exists():
         hp = _read(folder, "hyperparameters.json", lambda p: dict(json.loads(p.read_text())))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._utils import no_label
 from ..errors import CellsiftError
 
 __all__ = ["CellOntology", "CoarsenReport", "load_cell_ontology"]
@@ -228,17 +229,18 @@ class CellOntology:
         failed = sorted((v for v, t in cache.items() if t is None), key=str)
         if failed:
             # (a dict finds pandas' NA by identity; a list's `in` would compare it)
-            absent = {v: _missing(v) or not str(v).strip() for v in failed}
+            # (no label: missing, blank, 'unknown', 'NaN'...: the rule dropna reads)
+            absent = dict(zip(failed, no_label(np.array(failed, dtype=object)), strict=True))
             named = {v: not absent[v] and self._resolve(str(v)) is not None for v in failed}
             obsolete = [v for v in failed if named[v]]
             unknown = [v for v in failed if not named[v] and not absent[v]]
             parts = []
             if n_absent := sum(absent.values()):
-                kinds = "a missing or blank value" if n_absent == 1 else "missing or blank values"
+                kinds = "a value" if n_absent == 1 else "values"
                 parts.append(
-                    f"The labels hold {kinds} ({_listing([v for v in failed if absent[v]])}), "
-                    "which name no cell type: drop those cells first (CellCollection(dropna="
-                    "[key]) or adata[adata.obs[key].notna()])."
+                    f"The labels hold {kinds} that mean no label (missing, blank, 'unknown': "
+                    f"{_listing([v for v in failed if absent[v]])}), which name no cell type: "
+                    "drop those cells first (CellCollection(dropna=[key]), which drops them all)."
                 )
             if unknown:
                 parts.append(

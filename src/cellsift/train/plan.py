@@ -263,7 +263,11 @@ class TrainingPlan(pl.LightningModule):
         )
         self.final_weights = "the last epoch's weights"
         if best is not None and Path(best.best_model_path).is_file():
-            ckpt = read_checkpoint(best.best_model_path)  # (the optimiser state is never read)
+            ckpt = read_checkpoint(  # (the optimiser state is never read)
+                best.best_model_path,
+                "It held the run's best weights: check the disk of the checkpoint directory "
+                "(its last.ckpt, if any, holds the last weights).",
+            )
             self.load_state_dict(ckpt["state_dict"])
             score = best.best_model_score
             value = f"{float(score):.4g} " if score is not None else ""

@@ -17,10 +17,14 @@ from ..errors import DataError
 __all__ = ["checkpoint_file", "continued_run", "read_checkpoint"]
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+#: What to do about a checkpoint that cannot be read, where a run resumes from it.
+RESUME_ADVICE = "Resume from another checkpoint (a .ckpt of the run), or start anew."
+
+
+def read_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, Any]:
     """A Lightning checkpoint file, memory-mapped (weights stay on disk until read), or a
     :class:`~cellsift.errors.DataError` in one line naming the file when it is truncated,
-    corrupt or no training state."""
+    corrupt or no training state (ending with ``advice``)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not (isinstance(ckpt, dict) and "state_dict" in ckpt):
@@ -28,8 +32,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
         raise DataError(
             f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}): the file "
-            "is truncated, corrupt or not a checkpoint (a model bundle's files are not). "
-            "Resume from another checkpoint (a .ckpt of the run), or start anew."
+            f"is truncated, corrupt or not a checkpoint (a model bundle's files are not). {advice}"
         ) from err
     return ckpt
 
