@@ -274,3 +274,37 @@ def test_weighted_blocks_of_one_cell_draw_independently(coll):
     n = coll.n_obs
     expected = n * (1 - (1 - 1 / n) ** 512)
     assert distinct > 0.9 * expected  # (32 copies of each drawn cell gave 512 / 32 = 16)
+
+
+@pytest.mark.parametrize("stop", [1, 2, 3, 4])
+def test_resume_is_exact_when_some_workers_have_no_batches(coll, stop):
+    """A small collection with more workers than fetches: the idle workers take no turn, so
+    the batches already delivered are not counted as theirs (the resume repeated batches)."""
+    small = coll.subset(np.arange(300))  # 2 fetches of 3 x 64 cells for 3 workers
+
+    def make():
+        return CellLoader(IterableCellDataset(small, mode="block", seed=3, **OPTS), num_workers=3)
+
+    full = _epoch(make())
+    killed = make()
+    consumed = []
+    for i, batch in enumerate(killed):
+        consumed.append(batch["obs_idx_n"].numpy())
+        if i + 1 == stop:
+            state = killed.state_dict()
+            break
+    resumed = make()
+    resumed.load_state_dict(state)
+    got = consumed + _epoch(resumed)
+    assert len(got) == len(full)
+    for x, y in zip(got, full, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_worker_skips_pass_over_idle_workers():
+    from cellsift.data.loader import _worker_skips
+
+    assert _worker_skips([12, 0], 3) == ([3, 0], 0)
+    assert _worker_skips([3, 2, 0], 4) == ([2, 2, 0], 0)
+    assert _worker_skips([3, 2, 0], 5)[0] == [3, 2, 0]  # (the epoch is over)
+    assert _worker_skips([2, 2], 3) == ([2, 1], 1)

@@ -311,10 +311,10 @@ def _worker_skips(counts: list[int], n: int) -> tuple[list[int], int]:
     if n > sum(counts):
         raise ResumeError(f"cannot skip {n} batches: the epoch has only {sum(counts)}.")
     n_workers = len(counts)
-    full_rounds = min([c for c in counts if c > 0], default=0)
-    rounds = min(full_rounds, n // max(n_workers, 1))  # whole rounds at once, then step
-    skips = [rounds] * n_workers
-    remaining, w = n - rounds * n_workers, 0
+    active = [c for c in counts if c > 0]  # (a worker with no batches takes no turn)
+    rounds = min(min(active, default=0), n // max(len(active), 1))  # whole rounds, then step
+    skips = [min(rounds, c) for c in counts]
+    remaining, w = n - sum(skips), 0
     while remaining > 0:
         if skips[w] < counts[w]:
             skips[w] += 1
