@@ -158,12 +158,13 @@ def temp_sibling(path: Path) -> Path:
     stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))
     if stale:
         logger.warning(
-            "%s: %d temporary output%s of an earlier write that did not finish lie beside it "
-            "(%s); remove %s once no other process writes %s",
+            "%s: %d temporary output%s of an earlier write that did not finish (%s) %s beside "
+            "it; remove %s once no other process writes %s",
             path,
             len(stale),
             "s" if len(stale) > 1 else "",
             ", ".join(p.name for p in stale[:3]) + (", ..." if len(stale) > 3 else ""),
+            "lie" if len(stale) > 1 else "lies",
             "them" if len(stale) > 1 else "it",
             path.name,
         )

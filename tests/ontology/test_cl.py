@@ -192,7 +192,7 @@ def test_blank_and_pandas_missing_labels_name_no_term(cl):
 
     assert cl.id("") is None and cl.id("   ") is None
     for blank in ("", "   ", "\t", "Unknown", "NaN"):  # no label, as dropna reads them
-        with pytest.raises(OntologyError, match=r"mean no label .*drop those cells"):
+        with pytest.raises(OntologyError, match=r"a value that means no label .*drop those cells"):
             cl.harmonize(["B cell", blank])
     gaps = pd.array(["B cell", pd.NA, "T cell"], dtype="string")  # NA: neither True nor False
     with pytest.raises(OntologyError, match=r"missing value \(NaN/None/NA\)"):

@@ -236,9 +236,9 @@ class CellOntology:
             unknown = [v for v in failed if not named[v] and not absent[v]]
             parts = []
             if n_absent := sum(absent.values()):
-                kinds = "a value" if n_absent == 1 else "values"
+                kinds = "a value that means" if n_absent == 1 else "values that mean"
                 parts.append(
-                    f"The labels hold {kinds} that mean no label (missing, blank, 'unknown': "
+                    f"The labels hold {kinds} no label (missing, blank, 'unknown': "
                     f"{_listing([v for v in failed if absent[v]])}), which name no cell type: "
                     "drop those cells first (CellCollection(dropna=[key]), which drops them all)."
                 )
