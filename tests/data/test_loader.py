@@ -84,8 +84,14 @@ def test_resume_gives_exactly_the_remaining_batches(coll, mode, workers, stop):
         )
         return CellLoader(ds, num_workers=workers)
 
+    _assert_resume_is_exact(make, stop, epochs=2)
+
+
+def _assert_resume_is_exact(make, stop: int, epochs: int) -> None:
+    """Batches of a loader stopped after ``stop`` and resumed from its state, then run on
+    for ``epochs`` epochs in all, equal those of a run never stopped."""
     reference = make()
-    full = _epoch(reference) + _epoch(reference)  # two epochs, uninterrupted
+    full = [b for _ in range(epochs) for b in _epoch(reference)]
     killed = make()
     consumed = []
     for i, batch in enumerate(killed):
@@ -95,8 +101,7 @@ def test_resume_gives_exactly_the_remaining_batches(coll, mode, workers, stop):
             break
     resumed = make()
     resumed.load_state_dict(state)
-    rest = _epoch(resumed) + _epoch(resumed)
-    got = consumed + rest
+    got = consumed + [b for _ in range(epochs) for b in _epoch(resumed)]
     assert len(got) == len(full)
     for x, y in zip(got, full, strict=True):
         np.testing.assert_array_equal(x, y)
@@ -285,20 +290,7 @@ def test_resume_is_exact_when_some_workers_have_no_batches(coll, stop):
     def make():
         return CellLoader(IterableCellDataset(small, mode="block", seed=3, **OPTS), num_workers=3)
 
-    full = _epoch(make())
-    killed = make()
-    consumed = []
-    for i, batch in enumerate(killed):
-        consumed.append(batch["obs_idx_n"].numpy())
-        if i + 1 == stop:
-            state = killed.state_dict()
-            break
-    resumed = make()
-    resumed.load_state_dict(state)
-    got = consumed + _epoch(resumed)
-    assert len(got) == len(full)
-    for x, y in zip(got, full, strict=True):
-        np.testing.assert_array_equal(x, y)
+    _assert_resume_is_exact(make, stop, epochs=1)
 
 
 def test_worker_skips_pass_over_idle_workers():
