@@ -264,6 +264,25 @@ def no_label(values: Any) -> np.ndarray:
     return (s.isna() | s.astype(str).str.strip().str.casefold().isin(NO_LABEL)).to_numpy()
 
 
+def state_differences(saved: Any, here: Any, prefix: str = "", at_most: int = 2) -> list[str]:
+    """How the tensors of a saved state (a checkpoint's, a file's) differ from those a model
+    holds ``here``: ``name (8, 30) there, (16, 30) here``, ``name only here``, ``name only
+    there`` (at most ``at_most`` of each kind, ``prefix`` before each name); empty where the
+    names and shapes agree."""
+
+    def shape(v: Any) -> tuple[int, ...] | None:
+        return tuple(v.shape) if hasattr(v, "shape") else None
+
+    shapes = [
+        f"{prefix}{k} {shape(saved[k])} there, {shape(v)} here"
+        for k, v in here.items()
+        if k in saved and shape(saved[k]) != shape(v)
+    ]
+    missing = [f"{prefix}{k} only here" for k in here if k not in saved]
+    extra = [f"{prefix}{k} only there" for k in saved if k not in here]
+    return shapes[:at_most] + missing[:at_most] + extra[:at_most]
+
+
 def text_or_none(values: Any) -> np.ndarray:
     """``values`` as an object array of text, missing values as None (not the text "nan"
     or "None"), as categoricals and Arrow columns keep them. Dates and durations as their

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._utils import atomic_dir
+from .._utils import atomic_dir, state_differences
 from .._warnings import UntrainedDecoderWarning
 from ..data.genes import GeneVocabulary
 from ..data.stores import refuse_other
@@ -319,33 +319,11 @@ def metric_settings(
     }
 
 
-def state_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "") -> str:
-    """How the tensors of ``state`` differ from those ``module`` holds (names and shapes,
-    ``prefix`` before each name), or ``""`` where they fit."""
-    want = {k: list(v.shape) for k, v in module.state_dict().items()}
-    have = {k: list(v.shape) for k, v in state.items()}
-    shaped = [k for k in want if k in have and want[k] != have[k]]
-    missing = [k for k in want if k not in have]
-    extra = [k for k in have if k not in want]
-    parts = []
-
-    def more(keys: list[str]) -> str:
-        return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-
-    if shaped:
-        k = shaped[0]
-        parts.append(f"{prefix}{k} has shape {have[k]}, the model's {want[k]}{more(shaped)}")
-    if missing:
-        parts.append(f"{prefix}{missing[0]} is missing{more(missing)}")
-    if extra:
-        parts.append(f"{prefix}{extra[0]} is not one of its tensors{more(extra)}")
-    return "; ".join(parts)
-
-
 def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "") -> str:
     """Load ``state`` into ``module`` and return ``""``; where they do not fit, load nothing
-    and return how they differ (:func:`state_mismatch`, else torch's own account)."""
-    diff = state_mismatch(module, state, prefix)
+    and return how they differ (:func:`~cellsift._utils.state_differences`, else torch's own
+    account)."""
+    diff = "; ".join(state_differences(state, module.state_dict(), prefix))
     if diff:
         return diff
     try:

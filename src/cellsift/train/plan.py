@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from .._utils import state_differences
 from ..errors import ConfigError, ResumeError, TrainingError
 from .metrics import silhouette
 from .resume import read_checkpoint
@@ -416,20 +417,9 @@ def _changed_settings(saved: dict[str, Any] | None, here: dict[str, Any] | None)
 def _check_same_model(saved: dict[str, Any], here: dict[str, Any]) -> None:
     """Refuse a checkpoint of another model: other weights, or weights of other shapes (other
     settings, genes or labels) would fail deep in torch's load_state_dict."""
-    missing = sorted(set(here) - set(saved))
-    extra = sorted(set(saved) - set(here))
-    shapes = [
-        f"{k} {tuple(saved[k].shape)} there, {tuple(v.shape)} here"
-        for k, v in here.items()
-        if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(v.shape)
-    ]
-    if not (missing or extra or shapes):
+    what = state_differences(saved, here)
+    if not what:
         return
-    what = (
-        shapes[:2]
-        + [f"{k} only here" for k in missing[:2]]
-        + [f"{k} only there" for k in extra[:2]]
-    )
     raise ResumeError(
         f"the checkpoint holds another model ({'; '.join(what)}): it was made with other "
         "settings (hidden, latent, a label head) or other data (genes, labels). Resume with "
