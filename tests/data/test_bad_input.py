@@ -276,7 +276,9 @@ def test_a_gene_twice_in_a_row_is_named(tmp_path):
         shape=(3, 4),
     )
     ad.AnnData(x).write_h5ad(tmp_path / "dup.h5ad")
-    with pytest.raises(DataError, match=r"dup\.h5ad \(X\): a cell's row holds the same gene"):
+    with pytest.raises(
+        DataError, match=r"dup\.h5ad \(X\): cell 0 \('0'\)'s row holds the same gene"
+    ):
         CellCollection(tmp_path / "dup.h5ad")
     unsorted = sp.csr_matrix(
         (np.array([1.0, 2, 3, 4], np.float32), np.array([2, 0, 1, 3]), np.array([0, 2, 3, 4])),

@@ -365,11 +365,9 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
     next to reading them)."""
     data = x.data
     where = f"{store.path} ({'X' if store.layer is None else store.layer})"
-    names = getattr(store, "obs_names", None)
 
     def cell(row: int) -> str:
-        c = int(rows[row])
-        return f"cell {c}" + (f" ({names[c]!r})" if names is not None else "")
+        return _cell_name(store, int(rows[row]))
 
     lo, hi = (data.min(), data.max()) if len(data) else (1.0, 1.0)
     if not (lo >= 0 and hi < np.inf):  # NaN fails both
@@ -397,20 +395,32 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
                 f"{where}: {cell(int(empty[0]))} has no counts (its stored entries are all "
                 "zeros). Drop such cells with min_counts=1, which sums the values."
             )
-    if not x.has_canonical_format:  # unsorted column indices, or a gene twice in a row
-        summed = x.copy()
-        summed.sum_duplicates()
-        shorter = np.flatnonzero(np.diff(summed.indptr) < np.diff(x.indptr))
-        if len(shorter):
-            raise DataError(f"{where}: {cell(int(shorter[0]))}'s row {_DUPLICATES}")
+    _refuse_duplicates(store, x, rows)
 
 
-#: What a CSR row holding a gene twice means, and the fix.
-_DUPLICATES = (
-    "holds the same gene more than once (a CSR matrix with duplicate entries); its counts "
-    "would be normalised in parts. Sum them and write the file again: "
-    "adata.X.sum_duplicates(); adata.write_h5ad(...)."
-)
+def _cell_name(store: CellStore, cell: int) -> str:
+    """``cell 12 ('AAACCTG-1')``: a store's cell by position and obs name (where it has names)."""
+    names = getattr(store, "obs_names", None)
+    return f"cell {cell}" + (f" ({names[cell]!r})" if names is not None else "")
+
+
+def _refuse_duplicates(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
+    """Raise a :class:`DataError` naming the first cell of ``rows`` (read as ``x``) whose row
+    holds a gene twice: its counts would be normalised in parts. One pass over the column
+    indices where they are sorted and unique, as files written by anndata are."""
+    if x.has_canonical_format:
+        return
+    summed = x.copy()
+    summed.sum_duplicates()
+    shorter = np.flatnonzero(np.diff(summed.indptr) < np.diff(x.indptr))
+    if len(shorter):
+        raise DataError(
+            f"{store.path} ({'X' if store.layer is None else store.layer}): "
+            f"{_cell_name(store, int(rows[shorter[0]]))}'s row holds the same gene more than "
+            "once (a CSR matrix with duplicate entries); its counts would be normalised in "
+            "parts. Sum them and write the file again: adata.X.sum_duplicates(); "
+            "adata.write_h5ad(...)."
+        )
 
 
 def _check_counts(store: CellStore, n_sample: int = 512) -> None:
@@ -435,11 +445,7 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
         f" Point layer= at raw counts{' (this file has: ' + layers + ')' if layers else ''}, "
         "or pass check_counts=False if these values are meant.",
     )
-    if not x.has_canonical_format:  # sorted and unique column indices, or one of them not
-        summed = x.copy()
-        summed.sum_duplicates()
-        if summed.nnz < x.nnz:
-            raise DataError(f"{where}: a cell's row {_DUPLICATES}")
+    _refuse_duplicates(store, x, rows)
 
 
 def _plain_values(values: Any) -> Any:
