@@ -133,7 +133,7 @@ def test_convert_refuses_a_chunk_size_below_one(paths, tmp_path, chunk_size):
     assert not (tmp_path / "out.zarr").exists()
 
 
-def test_a_store_without_a_row_pointer_is_planned_by_its_density(indexed_paths):
+def test_a_store_without_a_row_pointer_is_planned_by_its_density(indexed_paths, monkeypatch):
     """SOMA keeps no row pointer but knows its total: scans are planned by the mean values a
     cell holds, not as if every gene held one (a wide sparse atlas read in tiny queries)."""
     soma = open_store(indexed_paths["soma"])
@@ -141,3 +141,5 @@ def test_a_store_without_a_row_pointer_is_planned_by_its_density(indexed_paths):
     per = -(-soma.nnz // soma.n_obs)
     np.testing.assert_array_equal(soma.values_per_row(), np.full(soma.n_obs, per))
     assert per < soma.n_vars
+    monkeypatch.setattr(stores, "SCAN_VALUES", 10 * per)  # ten cells of the mean a chunk
+    assert soma.chunk_bounds()[0] == (0, 10)

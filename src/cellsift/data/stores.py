@@ -211,8 +211,6 @@ class CellStore(ABC):
         """Row ranges ``[start, stop)`` that scan the store, each of at most ``chunk_size``
         cells and :data:`SCAN_VALUES` values (a single cell may hold more), counted by
         :meth:`values_per_row`."""
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, not {chunk_size}.")
         return cut_by_values(self.values_per_row(), chunk_size)
 
     def values_per_row(self) -> np.ndarray:
@@ -265,7 +263,7 @@ def cut_by_values(values: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
     """Row ranges ``[start, stop)`` over rows holding ``values`` values each: at most
     ``max_rows`` rows and :data:`SCAN_VALUES` values a range (a single row may hold more)."""
     if max_rows < 1:
-        raise ValueError(f"max_rows must be at least 1, not {max_rows}.")
+        raise ValueError(f"a chunk holds at least 1 cell, not {max_rows}.")
     ends = np.cumsum(values, dtype=np.int64)
     bounds, start, n = [], 0, len(values)
     while start < n:

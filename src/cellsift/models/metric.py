@@ -7,8 +7,8 @@ AnnData (genes aligned by the vocabulary) or collections; saves and loads as a b
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -276,7 +276,7 @@ class MetricModel:
         return {
             "genes": genes.hexdigest(),
             "labels": list(self.labels),
-            "settings": json.loads(json.dumps(settings)),  # as a checkpoint gives it back
+            "settings": copy.deepcopy(settings),  # (plain values: the config holds no others)
         }
 
     @property
