@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .errors import CellsiftError
+    from .errors import CellsiftError, TrainingInterrupted
 
     # problems with the user's data or files: one line that names them, exit status 2
     user_errors = (CellsiftError, FileNotFoundError, FileExistsError)
@@ -310,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             run_fit(argv[1:])
+        except TrainingInterrupted as err:
+            return _stopped("fit", err)
         except user_errors as err:
             return _error("fit", err)
         except KeyboardInterrupt:
@@ -327,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = signal.signal(signal.SIGTERM, _terminate) if on_term else None
     try:
         return int(args.func(args))
+    except TrainingInterrupted as err:
+        return _stopped(args.command, err)
     except user_errors as err:
         return _error(args.command, err)
     except KeyboardInterrupt as err:
@@ -350,6 +354,13 @@ def _interrupted(command: str, terminated: bool = False) -> int:
     how = "terminated" if terminated else "interrupted"
     print(f"cellsift {command}: {how}; no partial output was left in place.", file=sys.stderr)
     return 143 if terminated else 130
+
+
+def _stopped(command: str, err: Any) -> int:
+    """Training stopped on a signal, its state saved: the library's message (where the
+    state is, how to resume) and the signal's exit status (143 SIGTERM, 130 SIGINT)."""
+    print(f"cellsift {command}: {err}", file=sys.stderr)
+    return int(err.exit_status)
 
 
 #: Hints in the library's messages that name a Python argument, as the commands that have

@@ -10,6 +10,7 @@ __all__ = [
     "MissingKeyError",
     "ResumeError",
     "TrainingError",
+    "TrainingInterrupted",
 ]
 
 
@@ -42,3 +43,19 @@ class MissingKeyError(CellsiftError, KeyError):
 
 class TrainingError(CellsiftError, FloatingPointError):
     """Training cannot go on (a loss that is NaN or infinite); the message names the step."""
+
+
+class TrainingInterrupted(CellsiftError):
+    """Training stopped on a signal (SIGTERM from a scheduler or ``kill``, SIGINT from
+    Ctrl-C) at the end of a step, with the run's state saved in ``checkpoint``: a run resumed
+    from it goes on as the uninterrupted run would have. ``signal``: the signal's number
+    (None where another DDP rank received it)."""
+
+    def __init__(self, message: str, *, checkpoint: str, step: int, signal: int | None) -> None:
+        super().__init__(message)
+        self.checkpoint, self.step, self.signal = checkpoint, step, signal
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for a process ended by the signal: 128 + its number."""
+        return 128 + (self.signal if self.signal is not None else 15)

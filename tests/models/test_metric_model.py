@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -10,8 +15,9 @@ import scipy.sparse as sp
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from cellsift.errors import DataError, GeneAlignmentError
+from cellsift.errors import DataError, GeneAlignmentError, TrainingInterrupted
 from cellsift.models import MetricModel
+from cellsift.train._stop import SIGNALS, StopRequest
 from conftest import train_without
 
 
@@ -184,6 +190,42 @@ def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad,
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
     assert [p.name for p in (tmp_path / "run" / "lightning_logs").iterdir()] == ["version_0"]
+
+    # Ctrl-C in the second epoch: the run stops after that step, saving its state where
+    # ckpt_path="last" finds it, gives the signal back, and goes on as if never stopped
+    class CtrlCAtStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    stop = CtrlCAtStep()
+    stop.step = whole.trainer.global_step // 2 + 1
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="stopped on SIGINT after step") as err:
+        train(tmp_path / "ctrl_c", callbacks=[stop])
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert err.value.step == stop.step and err.value.exit_status == 130
+    assert Path(err.value.checkpoint) == tmp_path / "ctrl_c" / "checkpoints" / "last.ckpt"
+    assert torch.load(err.value.checkpoint, weights_only=False)["global_step"] == stop.step
+    resumed = train(tmp_path / "ctrl_c", ckpt_path="last")
+    for (key, a), b in zip(
+        whole.module.state_dict().items(), resumed.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+
+
+def test_a_second_signal_stops_at_once():
+    """The first SIGINT / SIGTERM of a fit is held for the end of the step; a second one
+    (a step that does not end) interrupts at once and gives the signals back."""
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    request = StopRequest()
+    assert request.install()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert request.signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # (the handler runs at the next bytecode)
+    assert {s: signal.getsignal(s) for s in SIGNALS} == before
 
 
 def test_training_on_an_anndata_in_memory_is_training_on_its_file(synthetic_h5ad, tmp_path):

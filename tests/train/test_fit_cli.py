@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -32,6 +33,30 @@ class KillAtStep(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(pl.Callback):
+    """Sends signal ``sig`` at a global step, as a scheduler does: from another process to
+    the whole process group (the DataLoader workers too; a worker killed by it would fail
+    the step), or to one DDP rank alone (``rank``)."""
+
+    def __init__(self, step: int, sig: str = "SIGTERM", rank: int | None = None) -> None:
+        self.step, self.signum, self.rank = step, getattr(signal, sig), rank
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step != self.step:
+            return
+        if self.rank is not None:
+            if trainer.global_rank == self.rank:
+                os.kill(os.getpid(), self.signum)
+            return
+        group = os.getpgrp()
+        sender = os.fork()
+        if sender == 0:
+            os.killpg(group, self.signum)
+            os._exit(0)
+        os.waitpid(sender, 0)
+        time.sleep(0.5)  # what a dead worker would do to this process has happened by now
 
 
 def _args(
@@ -122,8 +147,9 @@ _DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accele
     "devices", [1, pytest.param(2, marks=pytest.mark.multi_device)], ids=["1proc", "2ddp"]
 )
 def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
-    """Every process SIGKILLed inside epoch 2; `--ckpt_path last` finishes with exactly the
-    uninterrupted run's batches and each rank's random draws: the same weights, bit for bit.
+    """Every process SIGKILLed inside epoch 2, or stopped by SIGTERM inside epoch 1;
+    `--ckpt_path last` finishes with exactly the uninterrupted run's batches and each rank's
+    random draws: the same weights, bit for bit.
     With 2 DDP processes (gloo) Lightning launches the second rank itself, as for a user."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     ddp = _DDP if devices == 2 else ()
@@ -134,8 +160,13 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
         run_args = _args(
             synthetic_h5ad, tmp_path, *ddp, *every_step, *args, callbacks=callbacks, name=name
         )
-        return subprocess.run(
-            [*cmd, *run_args], env=env, capture_output=True, text=True, timeout=600
+        return subprocess.run(  # (a session of its own: SignalAtStep signals its group)
+            [*cmd, *run_args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            start_new_session=True,
         )
 
     # the uninterrupted run (2 epochs); every rank reaches the end, rank 0 writes the bundle
@@ -174,6 +205,29 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
     steps = [step for step, _ in scalars["train/loss_step"]]
     assert steps == sorted(set(steps)) and steps[-1] == n_steps - 1
     assert steps[0] < ckpt["global_step"]  # the interrupted part is there too
+
+    # stopped by a scheduler's SIGTERM inside epoch 1, sent to every process of the job (the
+    # loader's worker too) or, under DDP, to rank 1 alone: every rank stops after that step
+    # with its state saved and exit status 143, and the resumed run ends with the
+    # uninterrupted run's weights
+    for f in (tmp_path / "checkpoints").iterdir():
+        f.unlink()
+    stop_at = n_train // 2
+    term = {
+        "class_path": "test_fit_cli.SignalAtStep",
+        "init_args": {"step": stop_at, "rank": 1 if devices == 2 else None},
+    }
+    worker = ("--data.init_args.num_workers", "1") if devices == 1 else ()
+    stopped = fit(*worker, callbacks=[term], name="stopped")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    said = [line for line in stopped.stderr.splitlines() if line.startswith("cellsift fit: ")]
+    assert said and f"after step {stop_at} (epoch 0)" in said[0], stopped.stderr[-3000:]
+    assert "--ckpt_path last" in said[0]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == stop_at
+    resumed = fit("--ckpt_path", "last", name="resume_stopped")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_weights(run_full, tmp_path / "metric" / "version_2")
 
 
 def _assert_same_weights(run_a: Path, run_b: Path) -> None:

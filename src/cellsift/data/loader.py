@@ -12,7 +12,9 @@ them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import signal
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -332,6 +334,18 @@ def _needs_spawn(dataset: IterableCellDataset) -> bool:
     return any(store.format == "soma" for store in dataset.collection.stores)
 
 
+def _worker_init(user_init: Any, worker_id: int) -> None:
+    """A worker leaves SIGTERM and SIGINT to the main process. A scheduler signals every
+    process of a job (Ctrl-C: of the terminal's process group): a worker that died of it
+    would fail the main process's next step with "DataLoader worker killed by signal",
+    before it could stop cleanly (a fit saves its state at the end of the step). The main
+    process ends its workers when it stops, and a worker whose main process died exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if user_init is not None:
+        user_init(worker_id)
+
+
 class CellLoader(DataLoader):
     """A DataLoader over an :class:`IterableCellDataset` that can save and restore its position.
 
@@ -341,7 +355,8 @@ class CellLoader(DataLoader):
     Lightning stores this state in its checkpoints.
 
     Workers are persistent (started once per run); they are spawned rather than forked when
-    a store needs it (TileDB-SOMA).
+    a store needs it (TileDB-SOMA). They ignore SIGTERM and SIGINT, which are the main
+    process's to act on (a fit stops at the end of the step and saves its state).
     """
 
     def __init__(
@@ -360,6 +375,8 @@ class CellLoader(DataLoader):
         # torch's global one, which training draws from (and checkpoints, for resumed runs to
         # draw the same). The batches depend on the dataset's seed and epoch alone.
         kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+        if num_workers:
+            kwargs["worker_init_fn"] = functools.partial(_worker_init, kwargs.get("worker_init_fn"))
         super().__init__(
             dataset,
             batch_size=None,

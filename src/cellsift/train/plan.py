@@ -3,7 +3,8 @@
 Modules are plain ``nn.Module``s whose ``forward(batch)`` returns a dict with ``loss`` (and
 any other scalars, which are logged, and ``z_nk`` embeddings, which feed the validation
 silhouette). The plan owns the optimiser (AdamW), the learning-rate schedule (cosine over the
-run), logging (losses, cells/s, learning rate), the stop on a non-finite loss and, at the
+run), logging (losses, cells/s, learning rate), the stop on a non-finite loss, the stop on
+SIGTERM or Ctrl-C at the end of a step with the run's state saved (:mod:`._stop`) and, at the
 end of fit, the best weights by the metric a checkpoint callback monitors.
 
 Under DDP the logged epoch values are means over every rank's batches, cells/s counts every
@@ -15,6 +16,8 @@ and do not depend on the number of ranks.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from .._utils import state_differences
-from ..errors import ConfigError, ResumeError, TrainingError
+from ..errors import ConfigError, ResumeError, TrainingError, TrainingInterrupted
+from ._stop import StopRequest
 from .metrics import silhouette
 from .resume import read_checkpoint
 
@@ -148,6 +152,7 @@ class TrainingPlan(pl.LightningModule):
         #: resumed on other data or with other settings of the same shapes is refused.
         self.run_identity: dict[str, Any] | None = None
         self.final_weights = "the last epoch's weights"
+        self._stop = StopRequest()
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.module(batch)
@@ -241,6 +246,47 @@ class TrainingPlan(pl.LightningModule):
                 sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
             ):
                 group["lr"] = base * factor(sched.last_epoch)
+        # SIGTERM / SIGINT from here on: the run stops at the end of the step, its state saved
+        # (cellsift.train._stop; Lightning restores the handlers it found when fit ends)
+        self._stop = StopRequest()
+        self._stop.install()
+
+    def on_train_end(self) -> None:
+        self._stop.restore()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # every rank asks every step (one small all-reduce under DDP), so that a signal that
+        # reached any rank stops every rank after the same step; the checkpoint is the one a
+        # ModelCheckpoint would write here, which resumes exactly
+        signum = self._stop.signum
+        if not self.trainer.strategy.reduce_boolean_decision(signum is not None, all=False):
+            return
+        path = self._stop_checkpoint()
+        self.trainer.save_checkpoint(path, weights_only=False)
+        step = self.trainer.global_step
+        name = "a signal to another rank" if signum is None else signal.Signals(signum).name
+        raise TrainingInterrupted(
+            f"training stopped on {name} after step {step} (epoch {self.current_epoch}); "
+            f"its state is saved in {path}: resume with ckpt_path='last' or that path "
+            "(cellsift fit: --ckpt_path last), and it goes on as if never stopped.",
+            checkpoint=path,
+            step=step,
+            signal=signum,
+        )
+
+    def _stop_checkpoint(self) -> str:
+        """Where a stopped run saves its state: the ``last`` checkpoint of the run's
+        ``ModelCheckpoint`` that keeps one (else of the first), which ``ckpt_path="last"``
+        finds; without a ModelCheckpoint, ``last.ckpt`` in the trainer's root directory."""
+        callbacks = [
+            cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+        ]
+        keeper = next((cb for cb in callbacks if cb.save_last and cb.dirpath), None)
+        keeper = keeper or next((cb for cb in callbacks if cb.dirpath), None)
+        if keeper is None:
+            return os.path.join(self.trainer.default_root_dir, "last.ckpt")
+        name = f"{keeper.CHECKPOINT_NAME_LAST}{keeper.FILE_EXTENSION}"
+        return os.path.join(str(keeper.dirpath), name)
 
     def on_fit_end(self) -> None:
         """The best weights by the metric that a checkpoint callback monitors (e.g.
