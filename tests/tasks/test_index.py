@@ -58,6 +58,33 @@ def test_exact_search_is_brute_force(data):
     np.testing.assert_allclose(res.distances, d, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [5, 2999, 3000, 4000])
+def test_exact_search_over_blocks_is_brute_force_for_any_k(data, monkeypatch, k):
+    """An index compared in several blocks (as one of over 2**18 cells is): every k, the
+    index's size and above included, gives the brute-force neighbours, nearest first; and
+    so does a filter that selects cells of several blocks."""
+    x, meta, q = data
+    x, q = x[:3000], q[:7]
+    monkeypatch.setattr(CellIndex, "BLOCK_ROWS", 700)
+    index = CellIndex.build(x, meta[:3000], engine="exact")
+    rows = np.flatnonzero(meta["cluster"].to_numpy()[:3000] < 20)
+    for res, cand in (
+        (index.search(q, k), np.arange(len(x))),
+        (index.search(q, k, filter={"cluster": list(range(20))}), rows),
+    ):
+        n = min(k, len(cand))
+        d, _ = _brute(x, q, k, cand)
+        got_d, got_i = res.distances[:, :n], res.indices[:, :n]
+        np.testing.assert_allclose(got_d, d, atol=1e-5)  # nearest first, as brute force
+        # (far cells at equal distances may come in either order: each is where it belongs)
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+        own = 1.0 - np.einsum("qd,qkd->qk", qn, xn[got_i])
+        np.testing.assert_allclose(own, got_d, atol=1e-5)
+        assert all(set(r) <= set(cand) and len(set(r)) == n for r in got_i)
+        assert (res.indices[:, n:] == -1).all() and np.isinf(res.distances[:, n:]).all()
+
+
 def test_ivf_reaches_the_calibrated_recall(data, ivf):
     x, _, q = data
     assert ivf.engine == "ivf" and ivf.params["nprobe"] < ivf.params["nlist"]

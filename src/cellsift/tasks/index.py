@@ -445,9 +445,12 @@ class CellIndex:
             result.append((ids[order].astype(np.int64), dist[order].astype(np.float32)))
         return result
 
-    def _blocks(self, rows: np.ndarray | None, block: int = 1 << 18) -> Any:
+    #: Rows of the index compared with the queries at a time by exact search.
+    BLOCK_ROWS = 1 << 18
+
+    def _blocks(self, rows: np.ndarray | None) -> Any:
         """(offset, normalised embeddings) blocks of the index or of the selected rows."""
-        n = self.n_cells if rows is None else len(rows)
+        n, block = (self.n_cells if rows is None else len(rows)), self.BLOCK_ROWS
         for start in range(0, n, block):
             if rows is None:  # a copy: memory-mapped blocks are read-only
                 yield start, np.array(self.embeddings[start : start + block], copy=True)
@@ -472,8 +475,8 @@ class CellIndex:
             s, i = torch.topk(sims, min(kk, sims.shape[1]), dim=1)
             best_s = torch.cat([best_s, s], 1)
             best_i = torch.cat([best_i, i + start], 1)
-            if best_s.shape[1] > kk:
-                best_s, pos = torch.topk(best_s, kk, dim=1)
+            if start:  # merged with the earlier blocks' best: the best kk, nearest first
+                best_s, pos = torch.topk(best_s, min(kk, best_s.shape[1]), dim=1)
                 best_i = torch.gather(best_i, 1, pos)
         idx = best_i.cpu().numpy()
         if rows is not None:
