@@ -140,6 +140,7 @@ def _annotate(args: argparse.Namespace) -> int:
         ontology_aware=not args.no_ontology,
         abstain=not args.no_abstain,
         abstain_on=args.abstain_on,
+        quantile=args.quantile,
     )
     with atomic_path(
         args.out, overwrite=args.overwrite, replaces=is_file, what="an h5ad file"
@@ -278,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="distance compared with the threshold: mean over the k voters, or the nearest's",
     )
     p.add_argument(
+        "--quantile",
+        type=float,
+        default=0.99,
+        help="abstention threshold: cells of known types call 'unknown' with probability at "
+        "most 1 - quantile (default 0.99)",
+    )
+    p.add_argument(
         "--calibrate-on",
         default=None,
         metavar="H5AD",
@@ -373,12 +381,15 @@ _AS_OPTIONS = {
     ),
     "--no-check-counts": (("pass check_counts=False", "pass --no-check-counts"),),
     "--format": (("or pass format=.", "or pass --format."),),
+    "--quantile": (
+        ("a lower quantile (quantile=) or abstain=False", "a lower --quantile or --no-abstain"),
+    ),
 }
 _COMMAND_OPTIONS = {
     "info": ("--layer",),
     "convert": ("--layer", "--no-check-counts", "--format"),
     "embed": ("--layer", "--no-check-counts"),
-    "annotate": ("--layer", "--no-check-counts"),
+    "annotate": ("--layer", "--no-check-counts", "--quantile"),
 }
 
 

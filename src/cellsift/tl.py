@@ -71,6 +71,7 @@ def annotate(
     min_support: float = 0.5,
     abstain: bool = True,
     abstain_on: Literal["mean", "nearest"] = "mean",
+    quantile: float = 0.99,
     calibrate_by: str | None = None,
     calibrate_on: Any = None,
     safelist: list[str] | None = None,
@@ -93,8 +94,9 @@ def annotate(
     (:meth:`KNNAnnotator.calibrate`): on ``calibrate_on`` when given, held-out labelled
     cells of the reference's types that the model did not train on (an AnnData, embedded
     like ``adata``, or their embeddings); else on the reference itself,
-    leave-one-``calibrate_by``-out when given (e.g. the study column). ``abstain_on``: the
-    distance compared with the threshold (see :class:`KNNAnnotator`).
+    leave-one-``calibrate_by``-out when given (e.g. the study column); cells of known types
+    abstain with probability at most ``1 - quantile``. ``abstain_on``: the distance compared
+    with the threshold (see :class:`KNNAnnotator`).
     """
     adata = adata.copy() if copy else adata
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
@@ -118,7 +120,7 @@ def annotate(
                     calibrate_on, model, use_rep, "calibrate_on", layer, check_counts, index
                 )
                 calibrate_on = calibrate_on.obsm[use_rep]
-            ann.calibrate(calibrate_on, group_key=calibrate_by)
+            ann.calibrate(calibrate_on, quantile=quantile, group_key=calibrate_by)
     out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
     out.index = adata.obs_names
     adata.obs[f"{key_added}_cell_type"] = out["label_name"].astype("category")

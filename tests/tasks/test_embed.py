@@ -231,6 +231,17 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     ad.read_h5ad(synthetic_h5ad)[:400].copy().write_h5ad(cal)
     args = ["annotate", str(bundle), str(idx), str(synthetic_h5ad), str(out), "--overwrite"]
     assert main([*args, "--calibrate-on", str(cal)]) == 0
+    # too few calibration cells for the quantile, or none: one line that names the options
+    ad.read_h5ad(synthetic_h5ad)[:50].copy().write_h5ad(cal)
+    capsys.readouterr()
+    assert main([*args, "--calibrate-on", str(cal)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs at least 99 calibration cells, got 50" in err[0]
+    assert "a lower --quantile or --no-abstain" in err[0]
+    assert main([*args, "--calibrate-on", str(cal), "--quantile", "0.9"]) == 0
+    ad.read_h5ad(synthetic_h5ad)[:0].copy().write_h5ad(cal)
+    assert main([*args, "--calibrate-on", str(cal)]) == 2
+    assert "error: no calibration cells" in capsys.readouterr().err
     # a missing index is a clear error, not a traceback
     assert (
         main(["annotate", str(bundle), str(tmp_path / "nope"), str(synthetic_h5ad), str(out)]) == 2

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import import_optional, logger, no_label
+from ..errors import ConfigError, DataError
 from ..ontology import OntologyError, load_cell_ontology
 from .index import CellIndex, CellIndexError, check_k
 
@@ -190,11 +191,18 @@ class KNNAnnotator:
         distances; prefer held-out cells where there are any.
         """
         if not 0.0 < quantile < 1.0:
-            raise ValueError(f"quantile must be in (0, 1), not {quantile}.")
+            raise ConfigError(f"quantile must be in (0, 1), not {quantile}.")
         if embeddings is not None:
             q = np.asarray(embeddings, dtype=np.float32)
-            if q.ndim != 2 or len(q) == 0:
-                raise ValueError("calibration embeddings must be a non-empty cells x dims array.")
+            if q.ndim != 2:
+                raise DataError(
+                    f"calibration embeddings must be a cells x dims array, not of shape {q.shape}."
+                )
+            if len(q) == 0:
+                raise DataError(
+                    "no calibration cells: pass held-out labelled cells of the reference's "
+                    "types, or none at all (the reference then calibrates itself)."
+                )
             other = np.concatenate(
                 [
                     self._statistic(self.index.search(q[s : s + 16_384], self._k_used).distances)
@@ -206,9 +214,10 @@ class KNNAnnotator:
             other = self._reference_scores(n_cells, group_key, seed)
         threshold = _conformal_quantile(np.sort(other), quantile)
         if np.isnan(threshold):  # the annotator keeps its threshold
-            raise ValueError(
+            raise DataError(
                 f"quantile {quantile} needs at least {_needed(quantile)} calibration cells, "
-                f"got {len(other)}: pass more cells or a lower quantile."
+                f"got {len(other)}: pass more cells, a lower quantile (quantile=) or "
+                "abstain=False (no calls of unknown by distance)."
             )
         self.distance_threshold = threshold
         logger.info(
