@@ -50,6 +50,16 @@ def test_sharded_output_and_manifest(indexed_paths, tmp_path):
     assert CellCollection(str(out / "*")).n_obs == 2_000  # a glob of the shards, not the manifest
 
 
+def test_a_store_whose_name_looks_like_a_glob_is_itself(indexed_paths, tmp_path):
+    """``pbmc[1].h5ad`` that exists is that file, not the glob that matches ``pbmc1.h5ad``."""
+    import shutil
+
+    shutil.copy(indexed_paths["h5ad"], tmp_path / "pbmc[1].h5ad")
+    ad.AnnData(np.ones((3, 4), np.float32)).write_h5ad(tmp_path / "pbmc1.h5ad")
+    assert CellCollection(str(tmp_path / "pbmc[1].h5ad")).n_obs == 2_000
+    assert CellCollection(str(tmp_path / "pbmc[1]*.h5ad")).n_obs == 3  # a glob that is one
+
+
 def test_failed_conversion_leaves_nothing(indexed_paths, tmp_path, monkeypatch):
     from cellsift.data import writers
 

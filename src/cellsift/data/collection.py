@@ -48,7 +48,8 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
                     'store paths relative to it ({"files": ["a.h5ad", "b.zarr"]}).'
                 )
             return [manifest.parent / f for f in files]
-        if any(ch in str(source) for ch in "*?["):
+        if any(ch in str(source) for ch in "*?[") and not p.exists():
+            # (a file or folder that exists is itself, though its name holds [, * or ?)
             # (a sharded store's folder/*: its manifest lists the shards, it is not one)
             found = sorted(f for f in _glob.glob(str(source)) if Path(f).name != "manifest.json")
             if not found:
