@@ -5,6 +5,7 @@ import json
 import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from cellsift.data import CellCollection, open_store
 from cellsift.data.convert import convert
@@ -158,3 +159,24 @@ def test_values_that_are_not_counts_are_refused_naming_the_layers(tmp_path):
     assert not (tmp_path / "out.zarr").exists()
     convert(tmp_path / "logged.h5ad", tmp_path / "out.zarr", layer="counts")
     convert(tmp_path / "logged.h5ad", tmp_path / "as_is.zarr", check_counts=False)
+
+
+def test_min_genes_counts_values_and_stored_zeros_are_not_carried(tmp_path):
+    """Zeros stored as CSR entries are not genes, inside the opening sample or not: a cell
+    of stored zeros alone is dropped by min_genes=1 (the fix the collection's message
+    names), and the output stores no zeros."""
+    n = 2_000
+    x = sp.csr_matrix(np.ones((n, 5), dtype=np.float32))
+    x.data[x.indptr[1001] : x.indptr[1002]] = 0  # a cell of stored zeros, no counts
+    x.data[x.indptr[7] + 1] = 0  # one stored zero in another
+    adata = ad.AnnData(x)
+    adata.obs_names = [f"c{i}" for i in range(n)]
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    out = convert(tmp_path / "in.h5ad", tmp_path / "out.zarr", min_genes=1)
+    store = open_store(out)
+    names = np.asarray(store.obs_names)
+    assert store.n_obs == n - 1 and "c1001" not in names
+    got = store.read(np.arange(n - 1))
+    assert (got.data != 0).all() and got.nnz == 5 * (n - 1) - 1
+    np.testing.assert_array_equal(got.toarray(), np.delete(x.toarray(), 1001, axis=0))
+    CellCollection(out).read(np.arange(n - 1))  # no cell without counts

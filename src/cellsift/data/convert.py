@@ -103,8 +103,8 @@ def convert(
 
         _check_counts(store)
     keep = np.ones(store.n_obs, dtype=bool)
-    if min_genes is not None:
-        keep = store.row_nnz() >= min_genes
+    if min_genes is not None:  # (from the values: zeros stored as entries are not genes)
+        keep = store.row_nnz(exact=min_genes > 0) >= min_genes
     rows_all = np.flatnonzero(keep)
     if len(rows_all) == 0:
         why = f" with at least {min_genes} genes" if min_genes is not None else ""
@@ -123,7 +123,11 @@ def convert(
             for chunk in progress(
                 steps, total=len(steps), desc=desc, enabled=progress_bar, unit="chunk"
             ):
-                writer.append(store.read(chunk), _obs_chunk(store, columns, chunk))
+                x = store.read(chunk)
+                if not x.data.all():  # zeros stored as entries are not carried over
+                    x = x.copy()  # (a store's arrays may be read-only)
+                    x.eliminate_zeros()
+                writer.append(x, _obs_chunk(store, columns, chunk))
 
     if shard_size is None:  # the writer refuses dest, or moves the store into place at the end
         write(dest, rows_all, f"converting to {fmt}", overwrite)

@@ -176,10 +176,11 @@ class CellStore(ABC):
     #: pointer then overcounts genes, and genes per cell are counted from the values.
     stored_zeros = False
 
-    def row_nnz(self) -> np.ndarray:
+    def row_nnz(self, exact: bool = False) -> np.ndarray:
         """Genes detected per cell: free with a row pointer (CSR) that holds no stored zeros,
-        else one pass over the values (cached)."""
-        stored = None if self.stored_zeros else self.stored_row_nnz()
+        else one pass over the values (cached). ``exact``: from the values whatever the
+        opening sample found (zeros stored outside it are not counted either)."""
+        stored = None if self.stored_zeros or exact else self.stored_row_nnz()
         if stored is not None:
             return stored
         if "__row_nnz" not in self._obs_cache:
