@@ -85,6 +85,7 @@ def test_bad_arguments_and_inputs_are_one_line_errors(
         ["annotate", "m", "i", "d.h5ad", "o.h5ad", "--k", "0"],
         ["index", "emb.zarr", "idx", "--k", "-3"],
         ["embed", "m", "d.h5ad", "o.zarr", "--batch-size", "x"],
+        ["embed", "m", "d.h5ad", "o.zarr", "--devices", "0"],
     ],
 )
 def test_counts_below_their_least_are_refused_when_parsed(args, capsys):
@@ -272,6 +273,60 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(indexed_paths, tmp_path, monkeypa
     assert "cellsift convert: terminated; no partial output" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the output nor a .out.zarr.tmp-* folder
     assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_sigterm_swallowed_by_a_finaliser_still_ends_the_command(
+    indexed_paths, tmp_path, monkeypatch, capsys
+):
+    """A SIGTERM whose exception is raised inside a weakref callback (an HDF5 object closing)
+    is printed and dropped by Python: the next chunk ends the command all the same."""
+    import os
+    import signal
+    import weakref
+
+    import cellsift.data.convert as convert_module
+
+    real, calls = convert_module._obs_chunk, []
+
+    def chunk_with_a_swallowed_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+
+            def closing() -> None:  # the handler runs in here, and its exception is dropped
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(10_000):
+                    pass
+
+            class Handle:
+                pass
+
+            handle = Handle()
+            weakref.finalize(handle, closing)
+            del handle
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "_obs_chunk", chunk_with_a_swallowed_sigterm)
+    out = tmp_path / "out.h5ad"
+    args = ["convert", str(indexed_paths["h5ad"]), str(out), "--chunk-size", "500"]
+    assert main(args) == 143
+    assert len(calls) == 1  # ended at the next chunk, not after the last (four)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_inside_an_input_folder_is_refused(indexed_paths, tmp_path, capsys):
+    """--overwrite replaces a file: not one inside the index, bundle or store being read."""
+    idx = tmp_path / "index"
+    idx.mkdir()
+    (idx / "manifest.json").write_text("{}")
+    args = ["annotate", "model", str(idx), "d.h5ad", str(idx / "manifest.json")]
+    assert main([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"is inside the index {idx}, which this command reads" in err
+    assert (idx / "manifest.json").read_text() == "{}"
+    zarr = indexed_paths["zarr"]
+    assert main(["convert", str(zarr), str(zarr / "x.h5ad")]) == 2
+    assert "is inside the input store" in capsys.readouterr().err
 
 
 def test_a_temporary_output_left_by_a_killed_write_is_named(indexed_paths, tmp_path, caplog):

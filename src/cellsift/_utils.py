@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +38,17 @@ def import_optional(module: str) -> ModuleType:
         raise ImportError(f"{module} is needed for this and is not installed: {hint}") from err
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, ending a command as Ctrl-C does (the write in progress is removed)."""
+
+
+#: Set by the command line's SIGTERM handler. The handler raises :class:`Terminated` where
+#: the main thread is, but an exception raised inside a finaliser or weakref callback (an
+#: HDF5 object closing) is printed and dropped: each step of a :func:`progress` loop raises
+#: it again, so a command ends within a step of the signal, not when its work is done.
+terminated = threading.Event()
+
+
 def progress(
     iterable: Iterable[T],
     *,
@@ -45,13 +57,16 @@ def progress(
     enabled: bool = True,
     unit: str = "it",
 ) -> Iterator[T]:
-    """Wrap ``iterable`` in a progress bar (tqdm.auto) when ``enabled``."""
-    if not enabled:
-        yield from iterable
-        return
-    from tqdm.auto import tqdm
+    """Wrap ``iterable`` in a progress bar (tqdm.auto) when ``enabled``; each step first
+    ends the loop with :class:`Terminated` after a SIGTERM (:data:`terminated`)."""
+    if enabled:
+        from tqdm.auto import tqdm
 
-    yield from tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        iterable = tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    for item in iterable:
+        if terminated.is_set():
+            raise Terminated
+        yield item
 
 
 #: Tells whether an existing path is an earlier output of the kind about to be written.

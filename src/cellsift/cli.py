@@ -60,9 +60,26 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(lines)
 
 
+def _refuse_inside(out: str, **inputs: str) -> None:
+    """An output inside a folder the command reads (a bundle, an index, a store): refused
+    before the work, which would otherwise end by damaging it (``--overwrite`` replaces a
+    file there). An output *at* an input is judged by the kind of output it would replace."""
+    from .errors import ConfigError
+
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        folder = Path(path).resolve()
+        if folder.is_dir() and folder in target.parents:
+            raise ConfigError(
+                f"{out} is inside {what.replace('_', ' ')} {path}, which this command reads: "
+                "write the output elsewhere."
+            )
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .data.convert import convert
 
+    _refuse_inside(args.output, the_input_store=args.input)
     out = convert(
         args.input,
         args.output,
@@ -83,6 +100,7 @@ def _embed(args: argparse.Namespace) -> int:
     from .models import MetricModel
     from .tasks import embed_collection
 
+    _refuse_inside(args.out, the_model_bundle=args.model, the_input_store=args.data)
     model = MetricModel.load(args.model)
     out = embed_collection(
         model,
@@ -103,6 +121,7 @@ def _index(args: argparse.Namespace) -> int:
     from .tasks import CellIndex, load_embeddings
     from .tasks.index import check_index_path
 
+    _refuse_inside(args.out, the_embeddings_store=args.embeddings)
     check_index_path(args.out, args.overwrite)  # refused before the work, not after it
     emb, meta = load_embeddings(args.embeddings)
     index = CellIndex.build(emb, meta, engine=args.engine, k=args.k)
@@ -118,6 +137,7 @@ def _annotate(args: argparse.Namespace) -> int:
     from .models import MetricModel
     from .tasks import CellIndex
 
+    _refuse_inside(args.out, the_model_bundle=args.model, the_index=args.index)
     check_replaceable(Path(args.out), args.overwrite, is_file, "an h5ad file")  # before the work
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
@@ -237,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_at_least(1), default=8192)
     p.add_argument(
         "--devices",
-        type=int,
+        type=_at_least(1),
         default=1,
         help="processes, one shard each (one per GPU; gloo on the CPU); a killed run resumes",
     )
@@ -334,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (kill, a scheduler's time limit, docker stop) ends a command as Ctrl-C does:
     # the write in progress is removed, not left behind as a hidden temporary output
     on_term = threading.current_thread() is threading.main_thread()
+    from ._utils import Terminated, terminated
+
+    terminated.clear()
     before = signal.signal(signal.SIGTERM, _terminate) if on_term else None
     try:
         return int(args.func(args))
@@ -342,18 +365,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors as err:
         return _error(args.command, err)
     except KeyboardInterrupt as err:
-        return _interrupted(args.command, terminated=isinstance(err, _Terminated))
+        return _interrupted(args.command, terminated=isinstance(err, Terminated))
+    except Exception as err:
+        if not _cancelled_by_ctrl_c(err):
+            raise
+        return _interrupted(args.command)
     finally:
         if on_term:
             signal.signal(signal.SIGTERM, before)
+            terminated.clear()
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the command runs so that its writes clean up."""
+def _cancelled_by_ctrl_c(err: BaseException) -> bool:
+    """TileDB takes Ctrl-C during a query (Python never sees it) and cancels the query: what
+    reaches the command is its error, which is an interruption, not a failure."""
+    return type(err).__name__ in ("SOMAError", "TileDBError") and "Query cancelled" in str(err)
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise _Terminated
+    """SIGTERM: raised where the command runs, so that its writes clean up (and again at
+    the next step of a chunk loop, where a finaliser swallowed it: ``_utils.terminated``)."""
+    from ._utils import Terminated, terminated
+
+    terminated.set()
+    raise Terminated
 
 
 def _interrupted(command: str, terminated: bool = False) -> int:
