@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cellsift.cli import main
@@ -30,6 +31,14 @@ def test_info_counts_missing_values_apart(tmp_path, capsys):
     assert "(3 cells missing)" in out
     note = next(line for line in out.splitlines() if line.strip().startswith("note"))
     assert "1 value: a (1 cell missing)" in note
+    # dates (a SOMA store's, or in memory) as dates; a store without genes names none
+    from cellsift.cli import _describe
+    from cellsift.data import open_store
+
+    adata.obs["seen"] = pd.to_datetime(["2020-01-31"] * 49 + [None])
+    seen = next(line for line in _describe(open_store(adata)).splitlines() if "seen" in line)
+    assert "1 value: 2020-01-31 (1 cell missing)" in seen
+    assert "var_names" not in _describe(open_store(adata[:, :0]))
 
 
 def test_convert_and_errors(indexed_paths, tmp_path, capsys):

@@ -30,6 +30,7 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
     import numpy as np
     import pandas as pd
 
+    from ._utils import text_or_none
     from .data.genes import _ENSEMBL
 
     lines = [
@@ -42,15 +43,17 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
         density = nnz / max(store.n_obs * store.n_vars, 1)
         lines.append(f"  nonzero    {nnz:,} ({density:.1%})")
     names = store.var_names[:3].tolist()
-    kind = "Ensembl ids" if all(_ENSEMBL.match(g) for g in names) else "symbols or other ids"
-    lines.append(f"  var_names  {', '.join(names)}, ... ({kind})")
+    if names:
+        ensembl = all(_ENSEMBL.match(g) for g in names)
+        kind = "Ensembl ids" if ensembl else "symbols or other ids"
+        lines.append(f"  var_names  {', '.join(names)}, ... ({kind})")
     if len(store.var.columns):
         lines.append(f"  var        {', '.join(map(str, store.var.columns))}")
     lines.append("  obs")
     for col in store.obs_columns:
-        values = pd.Series(np.asarray(store.obs_column(col), dtype=object))
+        values = pd.Series(text_or_none(store.obs_column(col)))  # (dates as dates)
         missing = int(values.isna().sum())  # counted apart, not shown as a value "nan"
-        uniq = np.unique(values.dropna().astype(str).to_numpy())
+        uniq = np.unique(values.dropna().to_numpy().astype(str))
         show = ", ".join(uniq[:4].tolist()) + (", ..." if len(uniq) > 4 else "")
         noun = "value" if len(uniq) == 1 else "values"
         lines.append(
