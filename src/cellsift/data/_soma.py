@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from functools import cached_property
 from typing import Any
@@ -12,7 +13,7 @@ import scipy.sparse as sp
 
 from .._utils import import_optional, text_or_none
 from .stores import CellStore
-from .writers import Format
+from .writers import SOMA_RENAMED, Format
 
 #: TileDB settings of reads: result buffers of 128 MB (libtiledbsoma's default is 1 GiB per
 #: buffer), so memory follows the batches read, not the library's defaults.
@@ -34,7 +35,8 @@ class SomaStore(CellStore):
     layer
         X layer holding counts (Census: ``"raw"``).
     var_id
-        var column with gene ids (Census: ``"feature_id"``).
+        var column with gene ids. Default: ``"feature_id"`` (Census, cellsift), else
+        ``"var_id"`` (``tiledbsoma.io.from_anndata``'s default) where only that is there.
     tiledb_config
         TileDB settings, over :data:`TILEDB_CONFIG`.
     """
@@ -49,7 +51,7 @@ class SomaStore(CellStore):
         *,
         layer: str | None = None,
         measurement: str = "RNA",
-        var_id: str = "feature_id",
+        var_id: str | None = None,
         tiledb_config: dict[str, Any] | None = None,
     ) -> None:
         self.measurement = measurement
@@ -94,12 +96,19 @@ class SomaStore(CellStore):
         return len(j) == 0 or (j[0] == 0 and j[-1] == len(j) - 1)
 
     @cached_property
+    def _obs_stored(self) -> dict[str, str]:
+        """obs column -> its name in the store: all but ``soma_joinid`` and ``obs_id`` (the obs
+        names, as cellsift and tiledbsoma.io write them); the writer's input columns that it
+        stored under another name (:data:`~cellsift.data.writers.SOMA_RENAMED`) under their
+        own names."""
+        obs = self.handle.obs
+        stored = [n for n in obs.schema.names if n not in ("soma_joinid", "obs_id")]
+        return _own_names(stored, _renamed(obs))
+
+    @property
     def obs_columns(self) -> list[str]:
-        """obs columns but ``soma_joinid`` and ``obs_id`` (the obs names, as cellsift writes
-        them); a column of the writer's input named ``obs_id`` is stored as ``obs_id_orig``
-        and listed under its own name."""
-        names = [n for n in self.handle.obs.schema.names if n not in ("soma_joinid", "obs_id")]
-        return ["obs_id" if n == "obs_id_orig" else n for n in names]
+        """obs columns but the join ids and the obs names, under the writer's input names."""
+        return list(self._obs_stored)
 
     @cached_property
     def obs_names(self) -> pd.Index | None:
@@ -110,28 +119,26 @@ class SomaStore(CellStore):
         return pd.Index(tbl.sort_values("soma_joinid")["obs_id"].astype(str).to_numpy())
 
     def _load_obs_column(self, name: str) -> Any:
-        stored = "obs_id_orig" if name == "obs_id" else name
+        stored = self._obs_stored[name]
         tbl = self.handle.obs.read(column_names=["soma_joinid", stored]).concat()
         arr = tbl.column(stored)
         pa = import_optional("pyarrow")
         nullable = arr.null_count > 0 and (
             pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)
         )
-        frame = pd.DataFrame(
-            {
-                "soma_joinid": tbl.column("soma_joinid").to_numpy(),
-                # integers and booleans with nulls as pandas' nullable arrays (not float / object)
-                name: arr.to_pandas(
-                    types_mapper=(
-                        lambda t: pd.BooleanDtype() if pa.types.is_boolean(t) else pd.Int64Dtype()
-                    )
-                    if nullable
-                    else None
-                ),
-            }
+        # integers and booleans with nulls as pandas' nullable arrays (not float / object)
+        values = arr.to_pandas(
+            types_mapper=(
+                lambda t: pd.BooleanDtype() if pa.types.is_boolean(t) else pd.Int64Dtype()
+            )
+            if nullable
+            else None
         )
-        col = frame.sort_values("soma_joinid")[name]
-        if col.dtype == object or isinstance(col.dtype, pd.CategoricalDtype):
+        # (by position: the column may be the input's own "soma_joinid")
+        col = values.iloc[np.argsort(tbl.column("soma_joinid").to_numpy(), kind="stable")]
+        if isinstance(col.dtype, pd.CategoricalDtype):  # an enumeration: its categories, order
+            return col.array
+        if col.dtype == object:
             # text as categories; missing values stay missing (not the text "None")
             return pd.Categorical(text_or_none(col))
         if isinstance(col.dtype, pd.api.extensions.ExtensionDtype):
@@ -139,19 +146,21 @@ class SomaStore(CellStore):
         return col.to_numpy()
 
     def _load_var(self) -> pd.DataFrame:
-        var = self.handle.ms[self.measurement].var.read().concat().to_pandas()
-        var = var.sort_values("soma_joinid")
-        if self.var_id not in var.columns:
+        frame = self.handle.ms[self.measurement].var
+        var = frame.read().concat().to_pandas().sort_values("soma_joinid")
+        var_id = self.var_id
+        if var_id is None:  # cellsift's and Census' name, else tiledbsoma.io's
+            var_id = "var_id" if "feature_id" not in var and "var_id" in var else "feature_id"
+        if var_id not in var.columns:
+            also = "" if self.var_id is not None else " (nor 'var_id', tiledbsoma.io's default)"
             raise self._error(
-                f"var has no column {self.var_id!r}.",
+                f"var has no column {var_id!r}{also}.",
                 f"Pass var_id= with one of {list(var.columns)}.",
             )
-        var.index = pd.Index(var.pop(self.var_id).astype(str).to_numpy())
+        var.index = pd.Index(var.pop(var_id).astype(str).to_numpy())
         var = var.drop(columns=["soma_joinid"])
-        if self.var_id == "feature_id" and "feature_id_orig" in var.columns:
-            # a var column of the writer's input named feature_id, kept aside (SomaWriter)
-            var = var.rename(columns={"feature_id_orig": "feature_id"})
-        return var
+        own = _own_names([str(c) for c in var.columns], _renamed(frame))
+        return var.rename(columns={v: k for k, v in own.items() if k != v})
 
     @property
     def nnz(self) -> int | None:
@@ -194,3 +203,26 @@ class SomaStore(CellStore):
             (data.astype(np.float32, copy=False), cols.astype(np.int32), indptr),
             shape=(len(rows), self.n_vars),
         )
+
+
+def _renamed(frame: Any) -> dict[str, str]:
+    """``{stored name: input name}`` of the columns that cellsift's SOMA writer stored under
+    another name (:data:`~cellsift.data.writers.SOMA_RENAMED`); none for other stores."""
+    try:
+        renamed = json.loads(frame.metadata.get(SOMA_RENAMED, "{}"))
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(renamed, dict):
+        return {}
+    return {str(k): str(v) for k, v in renamed.items()}
+
+
+def _own_names(stored: list[str], renamed: dict[str, str]) -> dict[str, str]:
+    """``{name: stored name}`` of columns ``stored``: renamed columns under their input names
+    (a name another column already has stays stored)."""
+    names = set(stored)
+    out: dict[str, str] = {}
+    for n in stored:
+        name = renamed.get(n, n)
+        out[n if name in names or name in out else name] = n
+    return out

@@ -7,6 +7,7 @@ moved into place on :meth:`StoreWriter.close`; :meth:`StoreWriter.abort` removes
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -154,13 +155,26 @@ class StoreWriter:
             self.abort()
 
 
-def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
+def _is_date(dtype: Any) -> bool:
+    """Dates, times and durations (time zones too): text for the writers (:func:`_clean_frame`)."""
+    return isinstance(dtype, pd.DatetimeTZDtype) or getattr(dtype, "kind", None) in ("m", "M")
+
+
+def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
+    """``df`` as the writers store it: the index as text; dates, times and durations as their
+    text ("2020-01-31", "2020-01-31 10:00:00+01:00"; anndata and TileDB-SOMA store no
+    datetimes with time zones); with ``categories``, text columns as categoricals."""
     df = df.copy()
     df.index = df.index.astype(str)
     if df.index.name in df.columns:  # anndata refuses an index named like a column
         df.index.name = None
     for col in df.columns:
-        if df[col].dtype == object:
+        s = df[col]
+        if _is_date(s.dtype):
+            df[col] = text_or_none(s.array)
+        elif isinstance(s.dtype, pd.CategoricalDtype) and _is_date(s.cat.categories.dtype):
+            df[col] = s.cat.rename_categories(text_or_none(s.cat.categories.array))
+        if categories and df[col].dtype == object:
             df[col] = df[col].astype("category")
     return df
 
@@ -310,6 +324,16 @@ class ZarrWriter(_AnnDataWriter):
         self._write_meta(self._root, obs)
 
 
+#: Metadata key of the obs and var dataframes of a SOMA store that cellsift writes: the input
+#: columns stored under another name, as JSON ``{stored name: input name}``, which
+#: :class:`~cellsift.data._soma.SomaStore` gives back under their own names.
+SOMA_RENAMED = "cellsift_renamed_columns"
+
+#: Columns that the SOMA layout fills itself: the join ids and the obs / var names.
+SOMA_OBS_OWN = ("soma_joinid", "obs_id")
+SOMA_VAR_OWN = ("soma_joinid", "feature_id")
+
+
 class SomaWriter(StoreWriter):
     """TileDB-SOMA Experiment in the CELLxGENE Census layout.
 
@@ -317,6 +341,13 @@ class SomaWriter(StoreWriter):
     (``feature_id`` = var_names) and X layer ``layer`` (default ``raw``). The number of
     cells must be given up front (SOMA arrays have a fixed domain). X is tiled for reading
     cells (:func:`soma_row_tiles`) unless ``platform_config`` says otherwise.
+
+    An input column named like one the layout fills itself (``obs_id`` in obs, ``feature_id``
+    in var) is stored as ``<name>_orig``, one SOMA reserves (``soma_*``: the ``soma_joinid``
+    that ``cellxgene_census.get_anndata`` leaves) as ``orig_<name>``; the renames are recorded
+    in the dataframe's metadata (:data:`SOMA_RENAMED`), and reading gives the columns back
+    under their own names. Categoricals are stored as SOMA enumerations, with all their
+    categories (used or not, in their order and type) and their order flag.
     """
 
     format: Format = "soma"
@@ -341,14 +372,14 @@ class SomaWriter(StoreWriter):
         self._exp = soma.Experiment.create(str(self.tmp))
         self._ms = self._exp.add_new_collection("ms")
         rna = self._ms.add_new_collection(measurement, soma.Measurement)
-        var_df = self.var.copy()
-        if "feature_id" in var_df.columns:
-            var_df = var_df.rename(columns={"feature_id": "feature_id_orig"})
+        var_df, renames = _set_aside(_clean_frame(var, categories=False), SOMA_VAR_OWN)
         var_df.insert(0, "feature_id", var_df.index.astype(str))
-        var_tbl = _arrow_table(var_df.reset_index(drop=True), start=0)
-        with rna.add_new_dataframe(
+        var_df = var_df.reset_index(drop=True)
+        var_tbl = _arrow_table(var_df, start=0)
+        v = rna.add_new_dataframe(
             "var", schema=var_tbl.schema, domain=[(0, max(self.n_vars - 1, 0))]
-        ) as v:
+        )
+        with self._ready(v, var_df, renames) as v:
             v.write(var_tbl)
         x_coll = rna.add_new_collection("X")
         self._x = x_coll.add_new_sparse_ndarray(
@@ -358,6 +389,8 @@ class SomaWriter(StoreWriter):
             platform_config=platform_config or soma_row_tiles(self.n_vars),
         )
         self._obs_df: Any = None
+        #: categories of the obs categoricals so far: the enumerations of the store's obs
+        self._categories: dict[str, pd.CategoricalDtype] = {}
         self._closables = [x_coll, rna]
 
     def _append_x(self, x: sp.csr_matrix) -> None:
@@ -377,17 +410,63 @@ class SomaWriter(StoreWriter):
         start = self.n_obs
         super().append(x, obs)
         self._obs.clear()  # obs goes to disk chunk by chunk
-        obs_df = _clean_frame(obs)
-        if "obs_id" in obs_df.columns:  # obs_id holds the obs names: the column goes aside
-            obs_df = obs_df.rename(columns={"obs_id": "obs_id_orig"})
-        tbl = _arrow_table(
-            obs_df.assign(obs_id=obs_df.index.astype(str)).reset_index(drop=True), start=start
-        )
+        obs_df, renames = _set_aside(_clean_frame(obs, categories=False), SOMA_OBS_OWN)
+        obs_df = obs_df.assign(obs_id=obs_df.index.astype(str)).reset_index(drop=True)
         if self._obs_df is None:
-            self._obs_df = self._exp.add_new_dataframe(
+            tbl = _arrow_table(obs_df, start=start)
+            frame = self._exp.add_new_dataframe(
                 "obs", schema=tbl.schema, domain=[(0, max(self._n_total - 1, 0))]
             )
+            self._obs_df = self._ready(frame, obs_df, renames)
+            self._categories = {
+                str(c): obs_df[c].dtype
+                for c in obs_df.columns
+                if isinstance(obs_df[c].dtype, pd.CategoricalDtype)
+            }
+        else:
+            tbl = _arrow_table(self._fit_categories(obs_df), start=start)
         self._obs_df.write(tbl)
+
+    def _ready(self, frame: Any, df: pd.DataFrame, renames: dict[str, str]) -> Any:
+        """``frame``, a new SOMA dataframe for ``df``, with its metadata and with the categories
+        of ``df``'s categoricals as its enumerations, open to be written."""
+        frame.metadata[SOMA_RENAMED] = json.dumps(renames)
+        enums = {
+            str(c): _enumeration(df[c].cat.categories)
+            for c in df.columns
+            if isinstance(df[c].dtype, pd.CategoricalDtype) and len(df[c].cat.categories)
+        }
+        if not enums:
+            return frame
+        frame.extend_enumeration_values(enums, deduplicate=True)
+        return self._reopen(frame)
+
+    def _fit_categories(self, obs_df: pd.DataFrame) -> pd.DataFrame:
+        """A chunk's categoricals over the store's categories, which grow by the chunk's new
+        ones: so no write changes the enumerations itself (tiledbsoma then keeps only the
+        categories in use, and mixes them up when several writes change them)."""
+        new = {}
+        for name, dtype in self._categories.items():
+            if name not in obs_df.columns:
+                continue
+            col = obs_df[name].astype("category")
+            extra = col.cat.categories.difference(dtype.categories, sort=False)
+            if len(extra):
+                dtype = pd.CategoricalDtype(dtype.categories.append(extra), ordered=dtype.ordered)
+                self._categories[name] = dtype
+                new[name] = _enumeration(extra)
+            obs_df[name] = col.astype(dtype)
+        if new:
+            self._obs_df.extend_enumeration_values(new, deduplicate=True)
+            self._obs_df = self._reopen(self._obs_df)
+        return obs_df
+
+    def _reopen(self, frame: Any) -> Any:
+        """``frame`` opened anew for writing: a handle writes with the enumerations it was
+        opened with, not those it extended since."""
+        uri = frame.uri
+        frame.close()
+        return self._soma.DataFrame.open(uri, "w", context=self._exp.context)
 
     def _finish(self, obs: pd.DataFrame) -> None:
         del obs
@@ -397,10 +476,12 @@ class SomaWriter(StoreWriter):
             handle.close()
 
     def abort(self) -> None:
-        try:
-            self._exp.close()
-        except Exception:  # the experiment may already be closed or half-made
-            pass
+        for handle in (getattr(self, "_obs_df", None), self._exp):
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:  # the store may already be closed or half-made
+                pass
         super().abort()
 
 
@@ -420,14 +501,52 @@ def _pa() -> Any:
     return pa
 
 
-def _arrow_table(df: pd.DataFrame, start: int) -> Any:
+def _set_aside(df: pd.DataFrame, own: tuple[str, ...]) -> tuple[pd.DataFrame, dict[str, str]]:
+    """``df`` with its columns named like ``own`` (those the SOMA layout fills itself) renamed
+    ``<name>_orig``, and those SOMA reserves (``soma_*``) ``orig_<name>`` (``2``, ``3``, ...
+    added where that is taken); and the renames as ``{stored name: input name}``."""
+    taken = {str(c) for c in df.columns} | set(own)
+    renames: dict[str, str] = {}
+    for col in map(str, df.columns):
+        if col in own or col.startswith("soma_"):
+            base = f"orig_{col}" if col.startswith("soma_") else f"{col}_orig"
+            stored, k = base, 1
+            while stored in taken:
+                k += 1
+                stored = f"{base}{k}"
+            taken.add(stored)
+            renames[stored] = col
+    return df.rename(columns={v: k for k, v in renames.items()}), renames
+
+
+def _enumeration(categories: pd.Index) -> Any:
+    """Categories as the values of a SOMA enumeration: numbers and booleans as they are,
+    others as text."""
     pa = _pa()
+    if categories.dtype.kind in ("b", "i", "u", "f"):
+        return pa.array(categories)
+    return pa.array(text_or_none(categories), type=pa.large_string())
+
+
+def _arrow_table(df: pd.DataFrame, start: int) -> Any:
+    """``df`` as an Arrow table with join ids ``start``, ``start + 1``, ...: text as text,
+    categoricals as dictionaries over their categories (SOMA enumerations)."""
+    pa = _pa()
+    if "soma_joinid" in df.columns:  # (SomaWriter sets the input's column aside first)
+        raise ValueError("the frame has a column 'soma_joinid', which would replace the join ids.")
     cols: dict[str, Any] = {
         "soma_joinid": pa.array(np.arange(start, start + len(df), dtype=np.int64))
     }
     for name in df.columns:
         s = df[name]
-        if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object:
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            codes = s.cat.codes.to_numpy()
+            cols[str(name)] = pa.DictionaryArray.from_arrays(
+                pa.array(codes.astype(np.int32), mask=codes < 0),
+                _enumeration(s.cat.categories),
+                ordered=s.cat.ordered,
+            )
+        elif s.dtype == object:
             cols[str(name)] = pa.array(text_or_none(s), type=pa.large_string())
         elif s.dtype == bool:
             cols[str(name)] = pa.array(s.to_numpy(), type=pa.bool_())

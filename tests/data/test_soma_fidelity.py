@@ -1,0 +1,217 @@
+"""What goes through a TileDB-SOMA store comes back as it went in: obs/var columns under their
+own names (also those named like the store's own columns), categories with their order and
+type, dates as text, and the experiments that ``tiledbsoma.io`` writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cellsift.data import open_store, open_writer
+from cellsift.data.convert import convert
+from cellsift.datasets import synthetic_atlas
+from cellsift.errors import DataError
+
+pytest.importorskip("tiledbsoma")
+
+N_CELLS, N_GENES = 48, 12
+
+
+@pytest.fixture
+def adata() -> ad.AnnData:
+    """A small synthetic atlas, text columns as categoricals (as every writer stores them)."""
+    a = synthetic_atlas(N_CELLS, N_GENES, n_studies=2, seed=7)
+    a.strings_to_categoricals()
+    a.var["feature_name"] = a.var["feature_name"].astype("category")
+    a.var.index.name = None  # (the SOMA layout keeps no index name)
+    return a
+
+
+def through_soma(a: ad.AnnData, tmp_path: Path) -> ad.AnnData:
+    """``a`` written as h5ad by anndata, converted to SOMA and back to h5ad, read by anndata."""
+    a.write_h5ad(tmp_path / "in.h5ad")
+    soma = convert(tmp_path / "in.h5ad", tmp_path / "mid.soma", chunk_size=20)
+    return ad.read_h5ad(convert(soma, tmp_path / "back.h5ad", chunk_size=20))
+
+
+def assert_same(got: ad.AnnData, want: ad.AnnData) -> None:
+    """Same cells, genes, counts, obs and var: values, names, column order and dtypes."""
+    assert list(got.obs_names) == list(want.obs_names)
+    assert list(got.var_names) == list(want.var_names)
+    assert (sp.csr_matrix(got.X) != sp.csr_matrix(want.X)).nnz == 0
+    for frame in ("obs", "var"):
+        g, w = getattr(got, frame), getattr(want, frame)
+        g.index.name = w.index.name = None
+        pd.testing.assert_frame_equal(g, w, check_categorical=True, check_exact=True)
+
+
+# -- 1 and 2: columns named like the store's own --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "joinids",
+    [
+        pytest.param(lambda n: np.arange(n)[::-1].copy(), id="in-domain"),
+        pytest.param(lambda n: 5_000_000 + 37 * np.arange(n), id="out-of-domain"),
+    ],
+)
+def test_soma_joinid_columns_are_kept_and_do_not_move_cells(adata, tmp_path, joinids):
+    """cellxgene_census.get_anndata keeps obs/var ``soma_joinid`` columns: they are data, not
+    the store's join ids (once they reordered names and labels against the counts)."""
+    adata.obs.insert(0, "soma_joinid", joinids(adata.n_obs).astype(np.int64))
+    adata.var["soma_joinid"] = joinids(adata.n_vars).astype(np.int64)
+    assert_same(through_soma(adata, tmp_path), adata)
+    store = open_store(tmp_path / "mid.soma")
+    np.testing.assert_array_equal(store.obs_column("soma_joinid"), adata.obs["soma_joinid"])
+    assert (store.read(np.arange(adata.n_obs)) != adata.X).nnz == 0
+
+
+@pytest.mark.parametrize(
+    ("obs_cols", "var_cols"),
+    [
+        (["obs_id_orig"], ["feature_id_orig"]),
+        (["obs_id", "obs_id_orig"], ["feature_id", "feature_id_orig"]),
+        (["obs_id", "obs_id_orig", "soma_joinid", "soma_joinid_orig"], ["feature_id"]),
+    ],
+)
+def test_columns_named_like_the_stores_own_keep_their_names(adata, tmp_path, obs_cols, var_cols):
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(obs_cols):
+        adata.obs[name] = pd.Categorical(rng.choice([f"{name}-{i}-{k}" for k in range(3)], N_CELLS))
+    for name in var_cols:
+        adata.var[name] = pd.Categorical([f"{name}:{g}" for g in range(N_GENES)])
+    assert_same(through_soma(adata, tmp_path), adata)
+
+
+# -- 3: categories --------------------------------------------------------------------------
+
+
+def categorical_frame(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "label": pd.Categorical(
+                rng.choice(["B", "A", None], n), categories=["B", "A", "Platelet"]
+            ),
+            "stage": pd.Categorical(
+                rng.choice(["early", "late"], n), categories=["early", "mid", "late"], ordered=True
+            ),
+            "cluster": pd.Categorical(rng.choice([0, 1, 10, 2], n), categories=[10, 2, 1, 0, 99]),
+            "flag": pd.Categorical(rng.choice([True, False], n)),
+        }
+    )
+
+
+def test_categories_keep_unused_values_order_and_type(adata, tmp_path):
+    extra = categorical_frame(N_CELLS, seed=1).set_index(adata.obs_names)
+    adata.obs = pd.concat([adata.obs, extra], axis=1)
+    adata.var["biotype"] = pd.Categorical(
+        ["protein_coding"] * N_GENES, categories=["lncRNA", "protein_coding"]
+    )
+    assert_same(through_soma(adata, tmp_path), adata)
+    store = open_store(tmp_path / "mid.soma")
+    for col in extra.columns:
+        pd.testing.assert_extension_array_equal(store.obs_column(col), extra[col].array)
+
+
+def test_categories_that_grow_from_chunk_to_chunk(tmp_path):
+    """Chunks with categories of their own: the store's categories are their union, in the
+    order they first came, and every cell keeps its value."""
+    chunks = [
+        pd.Categorical(["A", "B", "A"], categories=["B", "A", "unused"]),
+        pd.Categorical(["C", "A"], categories=["A", "C"]),
+        pd.Categorical([None, "D"], categories=["D", "E"]),
+    ]
+    var = pd.DataFrame(index=["g0", "g1"])
+    with open_writer(tmp_path / "grow.soma", var, n_obs=7) as writer:
+        start = 0
+        for values in chunks:
+            names = [f"c{i}" for i in range(start, start + len(values))]
+            writer.append(
+                np.ones((len(values), 2), np.float32), pd.DataFrame({"t": values}, index=names)
+            )
+            start += len(values)
+    got = open_store(tmp_path / "grow.soma").obs_column("t")
+    assert list(got.categories) == ["B", "A", "unused", "C", "D", "E"]
+    assert list(got.astype(object)) == ["A", "B", "A", "C", "A", np.nan, "D"]
+
+
+# -- 4: dates -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def io_experiment(adata, tmp_path) -> str:
+    """An experiment as ``tiledbsoma.io.from_anndata`` writes it (var ids in ``var_id``,
+    counts in X layer ``data``), with a date column in obs."""
+    import tiledbsoma.io
+
+    days = pd.to_datetime(["2020-01-01", "2020-01-02", None, "2021-12-31"] * (N_CELLS // 4))
+    adata.obs["collected"] = days
+    uri = str(tmp_path / "io.soma")
+    tiledbsoma.io.from_anndata(uri, adata, measurement_name="RNA")
+    return uri
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_dates_from_soma_are_written_as_text(adata, io_experiment, tmp_path, fmt):
+    out = convert(
+        io_experiment, tmp_path / f"out.{fmt}", layer="data", source_options={"var_id": "var_id"}
+    )
+    back = ad.read_zarr(out) if fmt == "zarr" else ad.read_h5ad(out)
+    want = ["2020-01-01", "2020-01-02", None, "2021-12-31"] * (N_CELLS // 4)
+    assert (
+        list(back.obs["collected"].astype(object).where(back.obs["collected"].notna(), None))
+        == want
+    )
+    assert list(back.obs_names) == list(adata.obs_names)
+    assert (back.X != adata.X).nnz == 0
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "soma"])
+def test_datetimes_with_a_time_zone_are_written_as_text(tmp_path, fmt):
+    when = pd.to_datetime(["2020-03-29 01:30", None, "2020-03-29 03:30"]).tz_localize(
+        "Europe/Berlin"
+    )
+    obs = pd.DataFrame(
+        {"when": when, "since": pd.to_timedelta(["1h", "2h", None])}, index=["a", "b", "c"]
+    )
+    with open_writer(tmp_path / f"tz.{fmt}", pd.DataFrame(index=["g0"]), n_obs=3) as writer:
+        writer.append(np.ones((3, 1), np.float32), obs)
+    store = open_store(tmp_path / f"tz.{fmt}")
+    got = list(np.asarray(store.obs_column("when"), dtype=object))
+    assert got[0] == "2020-03-29 01:30:00+01:00" and got[2] == "2020-03-29 03:30:00+02:00"
+    assert pd.isna(got[1])
+    since = list(np.asarray(store.obs_column("since"), dtype=object))
+    assert since[:2] == ["0 days 01:00:00", "0 days 02:00:00"] and pd.isna(since[2])
+
+
+# -- 5: experiments written by tiledbsoma.io ------------------------------------------------
+
+
+def test_tiledbsoma_io_experiment_opens_without_var_id(adata, io_experiment, tmp_path):
+    store = open_store(io_experiment, layer="data")
+    assert list(store.var_names) == list(adata.var_names)
+    assert list(store.obs_names) == list(adata.obs_names)
+    assert (store.read(np.arange(N_CELLS)) != adata.X).nnz == 0
+    back = ad.read_h5ad(convert(io_experiment, tmp_path / "out.h5ad", layer="data"))
+    assert list(back.var_names) == list(adata.var_names)
+    pd.testing.assert_frame_equal(
+        back.obs[["cell_type", "dataset_id"]], adata.obs[["cell_type", "dataset_id"]]
+    )
+
+
+def test_var_without_gene_ids_names_the_fix(tmp_path):
+    import tiledbsoma.io
+
+    a = ad.AnnData(sp.csr_matrix(np.ones((2, 2), np.float32)))
+    a.var_names = ["g0", "g1"]
+    uri = str(tmp_path / "io.soma")
+    tiledbsoma.io.from_anndata(uri, a, measurement_name="RNA", var_id_name="gene")
+    with pytest.raises(DataError, match=r"var has no column 'feature_id'.*Pass var_id="):
+        len(open_store(uri, layer="data").var)
+    assert list(open_store(uri, layer="data", var_id="gene").var_names) == ["g0", "g1"]
