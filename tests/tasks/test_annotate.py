@@ -352,3 +352,31 @@ def test_an_even_split_is_no_majority():
     for bad in ({"k": 0}, {"k": -3}, {"min_support": 1.0}, {"min_support": -0.1}):
         with pytest.raises(CellIndexError, match=next(iter(bad))):
             KNNAnnotator(index, **bad)
+
+
+@pytest.mark.parametrize("ontology_aware", [False, True])
+def test_an_annotator_reads_the_labels_of_cells_added_to_the_index(ontology_aware):
+    """An annotator made before CellIndex.add() votes with the added cells too (a type
+    only they hold included), as scikit-learn's kNN on the whole reference does."""
+    x, meta, _ = _atlas(n_per=200)
+    y = meta["cell_type_ontology_term_id"].to_numpy()
+    first = y != TYPES[2]  # B cells come in the second part only
+    index = CellIndex.build(x[first], meta[first], engine="exact")
+    ann = KNNAnnotator(index, k=15, weighted=False, min_support=0.0, ontology_aware=ontology_aware)
+    ann.annotate(x[:5])
+    index.add(x[~first], meta[~first])
+    out = ann.annotate(x[::7])
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    ref = np.concatenate([xn[first], xn[~first]])
+    sk = KNeighborsClassifier(15, metric="cosine").fit(ref, np.concatenate([y[first], y[~first]]))
+    assert (out["knn_label"].to_numpy() == sk.predict(xn[::7])).mean() >= 0.99
+    assert TYPES[2] in set(out["label"])
+
+
+def test_an_empty_safelist_is_named_and_an_empty_blocklist_blocks_nothing():
+    x, meta, _ = _atlas(n_per=50)
+    ann = KNNAnnotator(CellIndex.build(x, meta, engine="exact"), k=10)
+    for empty in ([], (), set()):
+        with pytest.raises(CellIndexError, match=r"safelist is empty.* safelist=None"):
+            ann.annotate(x[:5], safelist=empty)
+    pd.testing.assert_frame_equal(ann.annotate(x[:20], blocklist=[]), ann.annotate(x[:20]))

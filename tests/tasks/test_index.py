@@ -273,3 +273,146 @@ def test_a_damaged_or_newer_manifest_is_named(tmp_path, data):
         CellIndex.load(path)
     with pytest.raises(CellIndexError, match="the path is a file, not an index folder"):
         CellIndex.load(path / "embeddings.npy")
+
+
+def test_add_refuses_cells_another_model_embedded(synthetic_h5ad, tmp_path):
+    """Cells of another model than the index's (as load_embeddings notes it, or named by
+    model=) are refused and not added; the same model's and bare arrays are taken."""
+    import torch
+
+    from cellsift.models import MetricModel
+    from cellsift.tasks import embed_collection, load_embeddings
+
+    torch.manual_seed(0)
+    a = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
+    b = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)  # same shape
+    assert a.fingerprint != b.fingerprint
+    emb_a, meta_a = load_embeddings(embed_collection(a, synthetic_h5ad, tmp_path / "a.zarr"))
+    emb_b, meta_b = load_embeddings(embed_collection(b, synthetic_h5ad, tmp_path / "b.zarr"))
+    index = CellIndex.build(emb_a[:1000], meta_a[:1000], engine="exact")  # notes model a
+    for call in (
+        lambda: index.add(emb_b[1000:1100], meta_b[1000:1100]),
+        lambda: index.add(emb_a[1000:1100], meta_a[1000:1100].copy(), model=b),
+        lambda: index.add(emb_a[1000:1100], meta_a[1000:1100], model=b.fingerprint),
+    ):
+        with pytest.raises(CellIndexError, match="embedded by another model"):
+            call()
+        assert len(index) == 1000 and len(index.metadata_rows(np.arange(1000))) == 1000
+    np.testing.assert_array_equal(
+        index.add(emb_a[1000:1100], meta_a[1000:1100]), np.arange(1000, 1100)
+    )
+    index.add(emb_a[1100:1200], meta_a[1100:1200], model=a)
+    bare = meta_a[1200:1300].copy()
+    bare.attrs = {}
+    index.add(emb_a[1200:1300], bare)  # of no known model: taken
+    assert len(index) == 1300
+    index.check_model(a)
+    with pytest.raises(CellIndexError, match="embeddings of another model"):
+        index.check_model(b)
+
+
+def test_result_metadata_keep_columns_named_like_the_result_columns():
+    """Metadata columns named query, rank or distance are kept as metadata_<name> (and
+    metadata_metadata_rank where metadata_rank is taken); summary groups by them."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    meta = pd.DataFrame(
+        {
+            "rank": rng.integers(0, 3, 60),
+            "query": np.array(["a", "b"])[rng.integers(0, 2, 60)],
+            "distance": rng.normal(size=60),
+            "metadata_rank": np.arange(60),
+        }
+    )
+    res = CellIndex.build(x, meta, engine="exact").search(x[:4], 5)
+    got = res.metadata()
+    assert list(got.columns) == [
+        "query",
+        "rank",
+        "distance",
+        "metadata_metadata_rank",
+        "metadata_query",
+        "metadata_distance",
+        "metadata_rank",
+    ]
+    cells = res.indices.ravel()
+    np.testing.assert_array_equal(got["query"], np.repeat(np.arange(4), 5))
+    np.testing.assert_array_equal(got["rank"], np.tile(np.arange(5), 4))
+    np.testing.assert_allclose(got["distance"], res.distances.ravel())
+    np.testing.assert_array_equal(got["metadata_metadata_rank"], meta["rank"].to_numpy()[cells])
+    np.testing.assert_array_equal(got["metadata_query"], meta["query"].to_numpy()[cells])
+    np.testing.assert_array_equal(got["metadata_distance"], meta["distance"].to_numpy()[cells])
+    np.testing.assert_array_equal(got["metadata_rank"], cells)  # its own values
+    # summary(by=) names the metadata's columns as they are
+    hits = pd.DataFrame(
+        {
+            "rank": meta["rank"].to_numpy()[cells],
+            "query": meta["query"].to_numpy()[cells],
+            "q": np.repeat(np.arange(4), 5),
+            "d": res.distances.ravel(),
+        }
+    )
+    want = hits.groupby(["rank", "query"]).agg(
+        hits=("q", "size"), queries=("q", "nunique"), mean_distance=("d", "mean")
+    )
+    summary = res.summary(["rank", "query"]).sort_index()
+    np.testing.assert_array_equal(summary.index.to_frame(), want.index.to_frame())
+    np.testing.assert_array_equal(summary["hits"], want["hits"])
+    np.testing.assert_array_equal(summary["queries"], want["queries"])
+    np.testing.assert_allclose(summary["mean_distance"], want["mean_distance"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-24, 1.0, 1e20, 1e37])
+def test_rows_of_any_magnitude_keep_their_direction(scale):
+    """Unit rows as numpy's float64 arithmetic gives them, whatever the rows' magnitude
+    (float32 norms overflow above ~1e19 and underflow below ~1e-23)."""
+    from cellsift.tasks import normalize_embeddings
+
+    x = (np.random.default_rng(0).normal(size=(50, 16)) * scale).astype(np.float32)
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64 * x64).sum(1, keepdims=True))
+    got = normalize_embeddings(x)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    index = CellIndex.build(x, engine="exact")
+    d, i = _brute(x64, x64[:5], 3)
+    np.testing.assert_array_equal(index.search(x[:5], 3).indices, i)
+    np.testing.assert_allclose(index.search(x[:5], 3).distances, d, atol=1e-5)
+
+
+def test_float64_rows_beyond_float32_range_and_zero_rows():
+    from cellsift.tasks import normalize_embeddings
+
+    x = np.array([[3.0, 4.0], [1e-300, 0.0], [0.0, 0.0]]) * np.array([[1e200], [1.0], [1.0]])
+    np.testing.assert_allclose(normalize_embeddings(x[:2]), [[0.6, 0.8], [1.0, 0.0]], rtol=1e-7)
+    with pytest.raises(CellIndexError, match="1 rows are all zeros"):
+        normalize_embeddings(x)
+
+
+def test_filters_take_values_of_any_list_like():
+    """A range, dict keys, a Categorical, a frozenset, a generator or an Index of values
+    selects the cells pandas' isin does; values of the wrong type are named."""
+    rng = np.random.default_rng(0)
+    meta = pd.DataFrame(
+        {
+            "d": rng.integers(0, 5, 200),
+            "lab": np.array(["a", "b", "c"])[rng.integers(0, 3, 200)],
+        }
+    )
+    index = CellIndex.build(rng.normal(size=(200, 8)), meta)
+    for column, values, want in (
+        ("d", range(1, 3), [1, 2]),
+        ("d", {1: "x", 4: "y"}.keys(), [1, 4]),
+        ("d", (v for v in (0, 3)), [0, 3]),
+        ("d", np.array(2), [2]),
+        ("lab", pd.Categorical(["a", "c"]), ["a", "c"]),
+        ("lab", frozenset({"b"}), ["b"]),
+        ("lab", pd.Index(["b", "c"]), ["b", "c"]),
+    ):
+        np.testing.assert_array_equal(
+            index.select({column: values}), np.flatnonzero(meta[column].isin(want)), str(values)
+        )
+    with pytest.raises(CellIndexError, match=r"'lab' holds string, the filter gives int values"):
+        index.select({"lab": range(3)})
+    with pytest.raises(CellIndexError, match=r"'d' holds int64, the filter gives str values"):
+        index.select({"d": {"a": 1}.keys()})

@@ -106,12 +106,29 @@ class KNNAnnotator:
         self.weighted, self.ontology_aware = weighted, ontology_aware
         self.min_support, self.distance_threshold = min_support, distance_threshold
         self.abstain_on = abstain_on
+        self._load_labels()
+
+    def _load_labels(self) -> None:
+        """Read the reference labels of every indexed cell (and in ontology mode their
+        ancestors)."""
         self._labels = self._read_labels()
         # the reference's own label values, each to the term it names (ontology mode)
         self._term_of = {t: t for t in self._labels.terms}
         self._up: np.ndarray | None = None
-        if ontology_aware:
+        if self.ontology_aware:
             self._extend_with_ancestors()
+
+    def _sync_labels(self) -> None:
+        """Read the labels again where the index grew since (:meth:`CellIndex.add`): the
+        new cells vote too."""
+        if len(self._labels.codes) != self.index.n_cells:
+            logger.info(
+                "KNNAnnotator: the index holds %d cells, %d when the labels were read; "
+                "reading them again",
+                self.index.n_cells,
+                len(self._labels.codes),
+            )
+            self._load_labels()
 
     def _read_labels(self) -> _Labels:
         """One pass over the label column (and cell_index): codes per indexed cell.
@@ -299,8 +316,11 @@ class KNNAnnotator:
         neighbour has a label).
         ``safelist`` / ``blocklist`` restrict the reference labels (exactly those labels,
         not their subtypes); in ontology mode they may name the terms by id or name, as the
-        reference's labels may. ``filter`` restricts by any metadata.
+        reference's labels may; an empty safelist is an error, an empty blocklist blocks
+        nothing. ``filter`` restricts by any metadata. Cells added to the index since the
+        annotator was made (:meth:`CellIndex.add`) are read and vote.
         """
+        self._sync_labels()
         expr = self._reference_filter(safelist, blocklist, filter)
         q = np.asarray(embeddings, dtype=np.float32)
         parts = [
@@ -322,6 +342,8 @@ class KNNAnnotator:
         from .index import _expression
 
         terms = []
+        if blocklist is not None and not isinstance(blocklist, str) and not list(blocklist):
+            blocklist = None  # blocks nothing
         if safelist is not None:
             terms.append(
                 pc.field(self.label_key).isin(self._reference_values(safelist, "safelist"))
@@ -346,6 +368,11 @@ class KNNAnnotator:
         if isinstance(labels, str):
             raise TypeError(f"{what} is a list of labels, not one string: {what}=[{labels!r}].")
         wanted = [str(v) for v in labels]
+        if not wanted:
+            raise CellIndexError(
+                f"{what} is empty: it would keep no reference cell; name the reference labels "
+                f"to keep, or pass {what}=None to keep them all."
+            )
         named = dict(zip(wanted, wanted, strict=True))  # each to its term
         if self.ontology_aware:
             try:

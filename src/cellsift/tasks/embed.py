@@ -12,7 +12,8 @@ Each rank of a multi-device run (``devices=N`` spawns N processes, one per GPU, 
 running ``torch.distributed`` job) embeds one contiguous slice of the cells and writes its
 shard atomically into a staging directory beside ``out`` (``.emb.zarr.partial-of-N``);
 rank 0 then writes the metadata and moves the whole store into place. A killed run leaves
-the staging directory: run the same command again and the finished shards are kept.
+the staging directory: run the same command again and the finished shards are kept (its
+half-written ones, temporary files, are removed; the store never holds them).
 
 :func:`load_embeddings` reads it back; ``CellIndex.build(*load_embeddings(path))`` indexes it.
 """
@@ -41,6 +42,7 @@ from .._utils import (
     model_fingerprint,
     move_into_place,
     progress,
+    remove_path,
     text_or_none,
 )
 from ..data import CellCollection
@@ -56,6 +58,8 @@ _WHAT = "an embeddings store"
 __all__ = ["embed_collection", "load_embeddings"]
 
 CHUNK = 65_536
+#: What a damaged store's error says to do.
+_DAMAGED = "the embeddings store is damaged; remove it and embed the cells again (cellsift embed)."
 STORE_VERSION = 2
 
 
@@ -171,6 +175,11 @@ def _embed_rank(
     if _shard_done(shard, bounds[rank], bounds[rank + 1], digest):
         logger.info("rank %d: shard %s already complete, kept", rank, shard.name)
     else:
+        # a killed run's half-written shard (the staging folder is this output's, the
+        # shard this rank's: no other process writes it)
+        for stale in _temporaries(staging, shard.name):
+            logger.info("rank %d: removing %s, left by a run that did not finish", rank, stale)
+            remove_path(stale)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         _write_shard(
             model, coll, shard, (bounds[rank], bounds[rank + 1]), dev, batch_size, progress_bar
@@ -254,6 +263,10 @@ def _finalize(
     overwrite: bool,
 ) -> None:
     """Metadata and group attrs into the staging directory, then move it to ``out``."""
+    # every rank is done: whatever temporary output is left is a killed run's, not the store's
+    for folder in (staging, *(staging / f"shard-{r:05d}" for r in range(len(bounds) - 1))):
+        for stale in _temporaries(folder):
+            remove_path(stale)
     zarr = import_optional("zarr")
     pq = import_optional("pyarrow.parquet")
     pa = import_optional("pyarrow")
@@ -318,15 +331,44 @@ def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFr
         )
     parts = []
     for s in root.attrs["shards"]:
-        arr = root[s["path"]]
+        where = f"{path}/{s['path']}"
+        try:
+            arr = root[s["path"]]
+        except (KeyError, ValueError, OSError) as err:
+            part = path / s["path"]
+            what = (
+                "is missing"
+                if not part.is_dir()
+                else "has no zarr.json"
+                if not (part / "zarr.json").is_file()
+                else f"cannot be read ({type(err).__name__}: {err})"
+            )
+            raise DataError(f"{where} {what}: {_DAMAGED}") from None
         if arr.shape[0] != s["stop"] - s["start"]:
             raise DataError(
-                f"{path}/{s['path']} holds {arr.shape[0]} rows, not the expected "
-                f"{s['stop'] - s['start']}: the store is damaged; embed again."
+                f"{where} holds {arr.shape[0]} rows, not the expected "
+                f"{s['stop'] - s['start']}: {_DAMAGED}"
             )
-        parts.append(np.asarray(arr[:], dtype=np.float32))
+        if arr.nchunks_initialized != arr.nchunks:  # a missing chunk would read as zeros
+            raise DataError(
+                f"{where} lacks {arr.nchunks - arr.nchunks_initialized} of its "
+                f"{arr.nchunks} chunks: {_DAMAGED}"
+            )
+        try:
+            parts.append(np.asarray(arr[:], dtype=np.float32))
+        except (RuntimeError, ValueError, OSError, TypeError) as err:  # codecs' errors
+            raise DataError(
+                f"{where} cannot be read, a chunk is truncated or corrupt "
+                f"({type(err).__name__}: {err}): {_DAMAGED}"
+            ) from None
     emb = np.concatenate(parts) if parts else np.zeros((0, root.attrs["latent"]), np.float32)
-    meta = pq.read_table(path / "metadata.parquet").to_pandas()
+    pa = import_optional("pyarrow")
+    try:
+        meta = pq.read_table(path / "metadata.parquet").to_pandas()
+    except FileNotFoundError:
+        raise _MissingPart(f"{path / 'metadata.parquet'} is missing: {_DAMAGED}") from None
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path / 'metadata.parquet'} cannot be read ({err}): {_DAMAGED}") from None
     # the model these came from: CellIndex.build(emb, meta) records it
     meta.attrs["model_fingerprint"] = root.attrs.get("model_fingerprint")
     if len(meta) != len(emb):
@@ -334,6 +376,16 @@ def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFr
             f"{path}: {len(emb)} embeddings but {len(meta)} metadata rows; embed again."
         )
     return emb, meta
+
+
+class _MissingPart(DataError, FileNotFoundError):
+    """A file of an embeddings store is missing (a DataError, and a FileNotFoundError as
+    reading the file raised before)."""
+
+
+def _temporaries(folder: Path, name: str = "*") -> list[Path]:
+    """Temporary outputs (``.<name>.tmp-*``, :func:`atomic_path`) in ``folder``."""
+    return sorted(folder.glob(f".{name}.tmp-*")) if folder.is_dir() else []
 
 
 def _digest(fingerprint: str, coll: CellCollection) -> str:

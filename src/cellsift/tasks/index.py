@@ -37,7 +37,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -79,20 +79,40 @@ class CellIndexError(CellsiftError):
     """A cell index that cannot be built, read or searched as asked."""
 
 
+#: The columns :meth:`SearchResult.metadata` adds before the metadata's own.
+RESULT_COLUMNS = ("query", "rank", "distance")
+
+
 def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
-    """``x`` as C-contiguous float32 rows of unit L2 norm; an error for NaN or zero rows."""
-    a = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    """``x`` as C-contiguous float32 rows of unit L2 norm; an error for NaN or zero rows.
+
+    Norms are taken in float64 of rows scaled by their largest entry, so that rows of any
+    finite magnitude (1e20 or 1e-24 as well as 1) keep their direction.
+    """
+    a = np.asarray(x)
+    if a.dtype != np.float64:  # (float64 input keeps its range until normalised)
+        a = np.asarray(a, dtype=np.float32)
     if a.ndim != 2:
         raise CellIndexError(f"{what} must be a 2-d array (cells x dims), not shape {a.shape}.")
     if not np.isfinite(a).all():
         bad = int((~np.isfinite(a)).any(1).sum())
         raise CellIndexError(f"{what}: {bad} rows hold NaN or inf; embed those cells again.")
-    norms = np.linalg.norm(a, axis=1)
-    if (norms == 0).any():
-        raise CellIndexError(
-            f"{what}: {int((norms == 0).sum())} rows are all zeros and have no direction."
-        )
-    return a / norms[:, None]
+    out = np.empty(a.shape, dtype=np.float32)
+    zero = 0
+    for start in range(0, len(a), _NORMALIZE_ROWS):  # float64 a block at a time
+        block = np.array(a[start : start + _NORMALIZE_ROWS], dtype=np.float64)
+        scale = np.abs(block).max(axis=1, initial=0.0)
+        zero += int((scale == 0).sum())
+        block /= np.where(scale == 0, 1.0, scale)[:, None]  # entries in [-1, 1]
+        norms = np.linalg.norm(block, axis=1)
+        out[start : start + _NORMALIZE_ROWS] = block / np.where(norms == 0, 1.0, norms)[:, None]
+    if zero:
+        raise CellIndexError(f"{what}: {zero} rows are all zeros and have no direction.")
+    return out
+
+
+#: Rows normalised at a time (in float64).
+_NORMALIZE_ROWS = 1 << 16
 
 
 @dataclass
@@ -109,20 +129,28 @@ class SearchResult:
     qc: Any = None
 
     def metadata(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """Metadata of the hits, one row per (query, rank), with ``query`` and ``rank``."""
+        """Metadata of the hits, one row per (query, rank): ``query``, ``rank`` and
+        ``distance``, then the metadata ``columns`` (default: all).
+
+        A metadata column named like one of those three is kept, renamed
+        ``metadata_<name>`` (``metadata_`` prefixed again while that name is taken too).
+        """
         q, r = np.nonzero(self.indices >= 0)
-        cells = self.indices[q, r]
-        df = self.index.metadata_rows(cells, columns)
+        df = self.index.metadata_rows(self.indices[q, r], columns)
+        df = df.rename(columns=_clear_of(list(df.columns), RESULT_COLUMNS))
         df.insert(0, "distance", self.distances[q, r])
         df.insert(0, "rank", r)
         df.insert(0, "query", q)
         return df.reset_index(drop=True)
 
     def summary(self, by: str | Sequence[str] = "dataset_id") -> pd.DataFrame:
-        """Hits counted by metadata column(s): cells, queries with a hit, mean distance."""
+        """Hits counted by metadata column(s) ``by`` (any names, ``query`` or ``rank``
+        included): cells, queries with a hit, mean distance."""
         keys = [by] if isinstance(by, str) else list(by)
-        df = self.metadata(keys)
-        g = df.groupby(keys, observed=True)
+        q, r = np.nonzero(self.indices >= 0)
+        meta = self.index.metadata_rows(self.indices[q, r], keys)
+        hits = pd.DataFrame({"query": q, "distance": self.distances[q, r]})
+        g = hits.groupby([meta[k] for k in keys], observed=True)
         out = pd.DataFrame(
             {
                 "hits": g.size(),
@@ -187,7 +215,7 @@ class CellIndex:
             engine = "exact" if len(emb) < AUTO_EXACT_BELOW else "ivf"
         index = cls(emb, table, engine=engine)
         if model is not None:
-            index.params["model"] = model if isinstance(model, str) else model_fingerprint(model)
+            index.params["model"] = _fingerprint_of(model)
         if engine == "ivf":
             index._build_ivf(nlist=nlist, seed=seed)
             index.calibrate(k=k, target_recall=target_recall, seed=seed)
@@ -280,7 +308,6 @@ class CellIndex:
 
     def select(self, filter: FilterLike) -> np.ndarray:
         """Sorted positions of the cells a metadata predicate selects (an error if none)."""
-        expr = _expression(filter)
         ds = self._dataset()
         names = set(ds.schema.names)
         missing = sorted({str(c) for c in filter} - names) if isinstance(filter, Mapping) else []
@@ -291,15 +318,20 @@ class CellIndex:
             )
         pa = import_optional("pyarrow")
         try:
-            tbl = ds.to_table(columns=["cell_index"], filter=expr)
-        except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid) as err:
+            tbl = ds.to_table(columns=["cell_index"], filter=_expression(filter))
+        except (
+            pa.ArrowNotImplementedError,
+            pa.ArrowTypeError,
+            pa.ArrowInvalid,
+            TypeError,
+        ) as err:
             types = ""
             if isinstance(filter, Mapping):  # each column's type against the values'
                 types = "; ".join(
                     f"{c!r} holds {ds.schema.field(str(c)).type}, the filter gives "
                     + (
-                        f"{type(next(iter(v), None)).__name__} values"
-                        if _is_list(v)
+                        f"{type(next(iter(listed), None)).__name__} values"
+                        if (listed := _as_list(v)) is not None
                         else type(v).__name__
                     )
                     for c, v in filter.items()
@@ -399,7 +431,7 @@ class CellIndex:
         built = self.params.get("model")
         if built is None or model is None:
             return
-        fp = model if isinstance(model, str) else model_fingerprint(model)
+        fp = _fingerprint_of(model)
         if fp != built:
             raise CellIndexError(
                 f"this index holds embeddings of another model (fingerprint {built[:12]}, "
@@ -514,8 +546,16 @@ class CellIndex:
         return _pad(dist, idx.astype(np.int64), k)
 
     # -- growing ----------------------------------------------------------------------------
-    def add(self, embeddings: Any, metadata: pd.DataFrame | Any = None) -> np.ndarray:
+    def add(
+        self, embeddings: Any, metadata: pd.DataFrame | Any = None, *, model: Any = None
+    ) -> np.ndarray:
         """Append cells (and their metadata, with the same columns); returns their positions.
+
+        ``model``: the model that embedded the new cells (or its fingerprint; default: the
+        one :func:`load_embeddings` notes in the metadata). Cells of another model than the
+        index's are refused: distances between two models' embeddings mean nothing. (Cells
+        whose model is unknown, bare arrays, are taken, as :meth:`check_model` takes any
+        model for an index built without one.)
 
         The IVF lists keep their centroids (no retraining); call :meth:`calibrate` after
         large additions. Save to persist.
@@ -523,6 +563,16 @@ class CellIndex:
         emb = normalize_embeddings(embeddings)
         if emb.shape[1] != self.dim:
             raise CellIndexError(f"new embeddings have {emb.shape[1]} dims, the index {self.dim}.")
+        if model is None and isinstance(metadata, pd.DataFrame):
+            model = metadata.attrs.get("model_fingerprint")
+        built = self.params.get("model")
+        if model is not None and built is not None and _fingerprint_of(model) != built:
+            raise CellIndexError(
+                f"the new cells were embedded by another model (fingerprint "
+                f"{_fingerprint_of(model)[:12]}) than this index's (fingerprint {built[:12]}): "
+                "embed them with the model that built the index (cellsift embed), or build "
+                "an index of the other model's embeddings."
+            )
         has_meta = self._metadata is not None or self._metadata_path is not None
         if has_meta != (metadata is not None):
             raise CellIndexError(
@@ -727,8 +777,10 @@ def _expression(filter: FilterLike) -> Any:
         expr = None
         for col, value in filter.items():  # None (or NaN) selects missing values
             field = pc.field(col)
-            if _is_list(value):
-                values = list(value)
+            values = _as_list(value)
+            if isinstance(value, np.ndarray) and value.ndim == 0:
+                value = value.item()
+            if values is not None:
                 given = [v for v in values if not _missing(v)]
                 term = field.isin(given)
                 if len(given) < len(values):
@@ -744,8 +796,34 @@ def _expression(filter: FilterLike) -> Any:
     return filter  # a pyarrow.compute.Expression
 
 
-def _is_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple, set, np.ndarray, pd.Index, pd.Series))
+def _as_list(value: Any) -> list[Any] | None:
+    """The values of a filter value that lists several (a list, tuple, set, range, dict's
+    keys, array, Series, Categorical or any other iterable but text); None for one value."""
+    if value is None or isinstance(value, str | bytes | Mapping):
+        return None
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return None
+    return list(value) if isinstance(value, Iterable) else None
+
+
+def _fingerprint_of(model: Any) -> str:
+    """A model's fingerprint (a string is one already)."""
+    return model if isinstance(model, str) else model_fingerprint(model)
+
+
+def _clear_of(names: list[str], taken: Sequence[str]) -> dict[str, str]:
+    """Renames of ``names`` that clash with ``taken``: ``metadata_<name>``, prefixed again
+    while that clashes too."""
+    renames: dict[str, str] = {}
+    used = set(names) | set(taken)
+    for name in names:
+        if name in taken:
+            new = f"metadata_{name}"
+            while new in used:
+                new = f"metadata_{new}"
+            renames[name] = new
+            used.add(new)
+    return renames
 
 
 def _missing(value: Any) -> bool:
