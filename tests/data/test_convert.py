@@ -180,3 +180,14 @@ def test_min_genes_counts_values_and_stored_zeros_are_not_carried(tmp_path):
     assert (got.data != 0).all() and got.nnz == 5 * (n - 1) - 1
     np.testing.assert_array_equal(got.toarray(), np.delete(x.toarray(), 1001, axis=0))
     CellCollection(out).read(np.arange(n - 1))  # no cell without counts
+
+
+def test_a_format_that_contradicts_the_name_is_refused(indexed_paths, tmp_path):
+    """An HDF5 file named .zarr could be neither read nor replaced as a store."""
+    from cellsift.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="named as zarr but the format asked for is h5ad"):
+        convert(indexed_paths["h5ad"], tmp_path / "f.zarr", format="h5ad")
+    assert list(tmp_path.iterdir()) == []
+    out = convert(indexed_paths["h5ad"], tmp_path / "f.out", format="h5ad")  # no format named
+    assert open_store(out, format="h5ad").n_obs == 2_000

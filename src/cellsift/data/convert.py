@@ -15,7 +15,7 @@ from .._utils import atomic_dir, check_replaceable, holds, progress
 from ..errors import ConfigError, DataError
 from .collection import resolve_paths
 from .stores import CellStore, cut_by_values, open_store
-from .writers import A_STORE, Format, guess_format, is_store, open_writer
+from .writers import A_STORE, Format, guess_format, is_store, named_format, open_writer
 
 __all__ = ["convert"]
 
@@ -95,6 +95,12 @@ def convert(
         check_replaceable(dest, overwrite, holds(*_SHARDED), _A_SHARDED_STORE)  # before the work
     else:
         fmt = format or guess_format(dest)
+        named = named_format(dest.name)
+        if named is not None and named != fmt:  # a store that its own name misdescribes
+            raise ConfigError(
+                f"{dest} is named as {named} but the format asked for is {fmt}: name it "
+                f"*{_SUFFIX[fmt]}, or leave the format out."
+            )
         check_replaceable(dest, overwrite, is_store, A_STORE)
     if check_counts and store.n_obs > 0:
         # a sample, as a collection checks when it opens: log-normalised values written as

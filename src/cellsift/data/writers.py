@@ -59,19 +59,28 @@ def is_store(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in (".h5ad", ".h5")
 
 
-def guess_format(path: str | os.PathLike[str]) -> Format:
-    """Tell a store's format from its path (an existing store is inspected)."""
-    p = Path(path)
-    marker = _store_marker(p) if p.is_dir() else None
-    if marker is not None:
-        return marker
-    name = p.name.lower()
+def named_format(name: str) -> Format | None:
+    """The format a file name's suffix names (``.h5ad``/``.h5``, ``.zarr``, ``.soma``/
+    ``.tiledb``); None for another suffix."""
+    name = name.lower()
     if name.endswith(".h5ad") or name.endswith(".h5"):
         return "h5ad"
     if name.endswith(".zarr"):
         return "zarr"
     if name.endswith(".soma") or name.endswith(".tiledb"):
         return "soma"
+    return None
+
+
+def guess_format(path: str | os.PathLike[str]) -> Format:
+    """Tell a store's format from its path (an existing store is inspected)."""
+    p = Path(path)
+    marker = _store_marker(p) if p.is_dir() else None
+    if marker is not None:
+        return marker
+    named = named_format(p.name)
+    if named is not None:
+        return named
     raise ConfigError(
         f"Cannot tell the format of {p}: name it *.h5ad, *.zarr or *.soma, or pass format=."
     )
