@@ -298,6 +298,29 @@ def state_differences(saved: Any, here: Any, prefix: str = "", at_most: int = 2)
     return shapes[:at_most] + missing[:at_most] + extra[:at_most]
 
 
+def rename_apart(
+    names: Iterable[str], new_name: Callable[[str], str | None], reserved: Iterable[str] = ()
+) -> dict[str, str]:
+    """``{name: new name}`` for the ``names`` that ``new_name`` moves (None: the name stays),
+    each new name clear of ``names``, ``reserved`` and the other new names (``2``, ``3``, ...
+    appended where it would not be): columns that clash with names a layout keeps for itself.
+    """
+    names = list(names)
+    taken = set(names) | set(reserved)
+    out: dict[str, str] = {}
+    for name in names:
+        base = new_name(name)
+        if base is None:
+            continue
+        new, k = base, 1
+        while new in taken:
+            k += 1
+            new = f"{base}{k}"
+        taken.add(new)
+        out[name] = new
+    return out
+
+
 def text_or_none(values: Any) -> np.ndarray:
     """``values`` as an object array of text, missing values as None (not the text "nan"
     or "None"), as categoricals and Arrow columns keep them. Dates and durations as their

@@ -313,7 +313,7 @@ def test_add_refuses_cells_another_model_embedded(synthetic_h5ad, tmp_path):
 
 def test_result_metadata_keep_columns_named_like_the_result_columns():
     """Metadata columns named query, rank or distance are kept as metadata_<name> (and
-    metadata_metadata_rank where metadata_rank is taken); summary groups by them."""
+    metadata_rank2 where metadata_rank is taken); summary groups by them."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 8)).astype(np.float32)
     meta = pd.DataFrame(
@@ -330,7 +330,7 @@ def test_result_metadata_keep_columns_named_like_the_result_columns():
         "query",
         "rank",
         "distance",
-        "metadata_metadata_rank",
+        "metadata_rank2",
         "metadata_query",
         "metadata_distance",
         "metadata_rank",
@@ -339,7 +339,7 @@ def test_result_metadata_keep_columns_named_like_the_result_columns():
     np.testing.assert_array_equal(got["query"], np.repeat(np.arange(4), 5))
     np.testing.assert_array_equal(got["rank"], np.tile(np.arange(5), 4))
     np.testing.assert_allclose(got["distance"], res.distances.ravel())
-    np.testing.assert_array_equal(got["metadata_metadata_rank"], meta["rank"].to_numpy()[cells])
+    np.testing.assert_array_equal(got["metadata_rank2"], meta["rank"].to_numpy()[cells])
     np.testing.assert_array_equal(got["metadata_query"], meta["query"].to_numpy()[cells])
     np.testing.assert_array_equal(got["metadata_distance"], meta["distance"].to_numpy()[cells])
     np.testing.assert_array_equal(got["metadata_rank"], cells)  # its own values

@@ -23,6 +23,7 @@ from .._utils import (
     import_optional,
     move_into_place,
     remove_path,
+    rename_apart,
     temp_sibling,
     text_or_none,
 )
@@ -512,20 +513,16 @@ def _pa() -> Any:
 
 def _set_aside(df: pd.DataFrame, own: tuple[str, ...]) -> tuple[pd.DataFrame, dict[str, str]]:
     """``df`` with its columns named like ``own`` (those the SOMA layout fills itself) renamed
-    ``<name>_orig``, and those SOMA reserves (``soma_*``) ``orig_<name>`` (``2``, ``3``, ...
-    added where that is taken); and the renames as ``{stored name: input name}``."""
-    taken = {str(c) for c in df.columns} | set(own)
-    renames: dict[str, str] = {}
-    for col in map(str, df.columns):
-        if col in own or col.startswith("soma_"):
-            base = f"orig_{col}" if col.startswith("soma_") else f"{col}_orig"
-            stored, k = base, 1
-            while stored in taken:
-                k += 1
-                stored = f"{base}{k}"
-            taken.add(stored)
-            renames[stored] = col
-    return df.rename(columns={v: k for k, v in renames.items()}), renames
+    ``<name>_orig``, and those SOMA reserves (``soma_*``) ``orig_<name>`` (numbered where that
+    is taken, :func:`rename_apart`); and the renames as ``{stored name: input name}``."""
+
+    def aside(col: str) -> str | None:
+        if col.startswith("soma_"):
+            return f"orig_{col}"
+        return f"{col}_orig" if col in own else None
+
+    moved = rename_apart(map(str, df.columns), aside, reserved=own)
+    return df.rename(columns=moved), {new: old for old, new in moved.items()}
 
 
 def _enumeration(categories: pd.Index) -> Any:

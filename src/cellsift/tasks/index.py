@@ -53,6 +53,7 @@ from .._utils import (
     import_optional,
     logger,
     model_fingerprint,
+    rename_apart,
     text_or_none,
 )
 from ..data.stores import refuse_other
@@ -133,11 +134,17 @@ class SearchResult:
         ``distance``, then the metadata ``columns`` (default: all).
 
         A metadata column named like one of those three is kept, renamed
-        ``metadata_<name>`` (``metadata_`` prefixed again while that name is taken too).
+        ``metadata_<name>`` (``metadata_<name>2``, ... where that name is taken too).
         """
         q, r = np.nonzero(self.indices >= 0)
         df = self.index.metadata_rows(self.indices[q, r], columns)
-        df = df.rename(columns=_clear_of(list(df.columns), RESULT_COLUMNS))
+        df = df.rename(
+            columns=rename_apart(
+                map(str, df.columns),
+                lambda c: f"metadata_{c}" if c in RESULT_COLUMNS else None,
+                reserved=RESULT_COLUMNS,
+            )
+        )
         df.insert(0, "distance", self.distances[q, r])
         df.insert(0, "rank", r)
         df.insert(0, "query", q)
@@ -809,21 +816,6 @@ def _as_list(value: Any) -> list[Any] | None:
 def _fingerprint_of(model: Any) -> str:
     """A model's fingerprint (a string is one already)."""
     return model if isinstance(model, str) else model_fingerprint(model)
-
-
-def _clear_of(names: list[str], taken: Sequence[str]) -> dict[str, str]:
-    """Renames of ``names`` that clash with ``taken``: ``metadata_<name>``, prefixed again
-    while that clashes too."""
-    renames: dict[str, str] = {}
-    used = set(names) | set(taken)
-    for name in names:
-        if name in taken:
-            new = f"metadata_{name}"
-            while new in used:
-                new = f"metadata_{new}"
-            renames[name] = new
-            used.add(new)
-    return renames
 
 
 def _missing(value: Any) -> bool:
