@@ -87,11 +87,12 @@ RESULT_COLUMNS = ("query", "rank", "distance")
 def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
     """``x`` as C-contiguous float32 rows of unit L2 norm; an error for NaN or zero rows.
 
-    Norms are taken in float64 of rows scaled by their largest entry, so that rows of any
-    finite magnitude (1e20 or 1e-24 as well as 1) keep their direction.
+    Squared norms are summed in float64, so that float32 rows of any finite magnitude
+    (1e20 or 1e-24 as well as 1) keep their direction; float64 rows, which may lie beyond
+    float32's range, are first scaled by their largest entry.
     """
     a = np.asarray(x)
-    if a.dtype != np.float64:  # (float64 input keeps its range until normalised)
+    if a.dtype != np.float64:
         a = np.asarray(a, dtype=np.float32)
     if a.ndim != 2:
         raise CellIndexError(f"{what} must be a 2-d array (cells x dims), not shape {a.shape}.")
@@ -100,19 +101,25 @@ def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
         raise CellIndexError(f"{what}: {bad} rows hold NaN or inf; embed those cells again.")
     out = np.empty(a.shape, dtype=np.float32)
     zero = 0
-    for start in range(0, len(a), _NORMALIZE_ROWS):  # float64 a block at a time
-        block = np.array(a[start : start + _NORMALIZE_ROWS], dtype=np.float64)
-        scale = np.abs(block).max(axis=1, initial=0.0)
-        zero += int((scale == 0).sum())
-        block /= np.where(scale == 0, 1.0, scale)[:, None]  # entries in [-1, 1]
-        norms = np.linalg.norm(block, axis=1)
-        out[start : start + _NORMALIZE_ROWS] = block / np.where(norms == 0, 1.0, norms)[:, None]
+    for start in range(0, len(a), _NORMALIZE_ROWS):
+        block = a[start : start + _NORMALIZE_ROWS]
+        if block.dtype == np.float64:
+            scale = np.abs(block).max(axis=1, initial=0.0, keepdims=True)
+            block = (block / np.where(scale == 0, 1.0, scale)).astype(np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+        zero += int((norms == 0).sum())
+        np.divide(
+            block,
+            np.where(norms == 0, 1.0, norms)[:, None],
+            out=out[start : start + _NORMALIZE_ROWS],
+            casting="unsafe",
+        )
     if zero:
         raise CellIndexError(f"{what}: {zero} rows are all zeros and have no direction.")
     return out
 
 
-#: Rows normalised at a time (in float64).
+#: Rows normalised at a time (a float64 copy of a block's at most).
 _NORMALIZE_ROWS = 1 << 16
 
 
