@@ -10,9 +10,12 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._utils import logger
+from ._utils import Terminated, logger, terminated
+
+if TYPE_CHECKING:
+    from .errors import TrainingInterrupted
 
 __all__ = ["main"]
 
@@ -357,8 +360,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (kill, a scheduler's time limit, docker stop) ends a command as Ctrl-C does:
     # the write in progress is removed, not left behind as a hidden temporary output
     on_term = threading.current_thread() is threading.main_thread()
-    from ._utils import Terminated, terminated
-
     terminated.clear()
     before = signal.signal(signal.SIGTERM, _terminate) if on_term else None
     try:
@@ -368,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors as err:
         return _error(args.command, err)
     except KeyboardInterrupt as err:
-        return _interrupted(args.command, terminated=isinstance(err, Terminated))
+        return _interrupted(args.command, sigterm=isinstance(err, Terminated))
     except Exception as err:
         if not _cancelled_by_ctrl_c(err):
             raise
@@ -388,25 +389,23 @@ def _cancelled_by_ctrl_c(err: BaseException) -> bool:
 def _terminate(signum: int, frame: Any) -> None:
     """SIGTERM: raised where the command runs, so that its writes clean up (and again at
     the next step of a chunk loop, where a finaliser swallowed it: ``_utils.terminated``)."""
-    from ._utils import Terminated, terminated
-
     terminated.set()
     raise Terminated
 
 
-def _interrupted(command: str, terminated: bool = False) -> int:
+def _interrupted(command: str, sigterm: bool = False) -> int:
     """Ctrl-C (exit status 130) or SIGTERM (143): one line (outputs are written atomically:
     an interrupted one is not left in place)."""
-    how = "terminated" if terminated else "interrupted"
+    how = "terminated" if sigterm else "interrupted"
     print(f"cellsift {command}: {how}; no partial output was left in place.", file=sys.stderr)
-    return 143 if terminated else 130
+    return 143 if sigterm else 130
 
 
-def _stopped(command: str, err: Any) -> int:
+def _stopped(command: str, err: TrainingInterrupted) -> int:
     """Training stopped on a signal, its state saved: the library's message (where the
     state is, how to resume) and the signal's exit status (143 SIGTERM, 130 SIGINT)."""
     print(f"cellsift {command}: {err}", file=sys.stderr)
-    return int(err.exit_status)
+    return err.exit_status
 
 
 #: Hints in the library's messages that name a Python argument, as the commands that have
