@@ -164,13 +164,20 @@ def move_into_place(tmp: Path, final: Path) -> None:
     remove_path(old)
 
 
+def temporaries(folder: Path, name: str | None = None) -> list[Path]:
+    """The temporary outputs in ``folder`` (of ``name``, else of any name) that writes into
+    :func:`temp_sibling` paths leave when they are killed; none where ``folder`` is not one."""
+    pattern = f".{glob.escape(name) if name is not None else '*'}.tmp-*"
+    return sorted(folder.glob(pattern)) if folder.is_dir() else []
+
+
 def temp_sibling(path: Path) -> Path:
     """A hidden, unique path beside ``path`` to write into before moving it into place.
 
     Temporary outputs of ``path`` already there (a process killed outright, by SIGKILL or a
     power cut, leaves its own) are named in a warning, not removed: one may be another
     process's write in progress."""
-    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))
+    stale = temporaries(path.parent, path.name)
     if stale:
         logger.warning(
             "%s: %d temporary output%s of an earlier write that did not finish (%s) %s beside "

@@ -206,7 +206,7 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
     assert steps == sorted(set(steps)) and steps[-1] == n_steps - 1
     assert steps[0] < ckpt["global_step"]  # the interrupted part is there too
 
-    # stopped by a scheduler's SIGTERM inside epoch 1, sent to every process of the job (the
+    # stopped by a scheduler's SIGTERM in the first epoch, sent to every process of the job (the
     # loader's worker too) or, under DDP, to rank 1 alone: every rank stops after that step
     # with its state saved and exit status 143, and the resumed run ends with the
     # uninterrupted run's weights

@@ -43,6 +43,7 @@ from .._utils import (
     move_into_place,
     progress,
     remove_path,
+    temporaries,
     text_or_none,
 )
 from ..data import CellCollection
@@ -177,7 +178,7 @@ def _embed_rank(
     else:
         # a killed run's half-written shard (the staging folder is this output's, the
         # shard this rank's: no other process writes it)
-        for stale in _temporaries(staging, shard.name):
+        for stale in temporaries(staging, shard.name):
             logger.info("rank %d: removing %s, left by a run that did not finish", rank, stale)
             remove_path(stale)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -265,7 +266,7 @@ def _finalize(
     """Metadata and group attrs into the staging directory, then move it to ``out``."""
     # every rank is done: whatever temporary output is left is a killed run's, not the store's
     for folder in (staging, *(staging / f"shard-{r:05d}" for r in range(len(bounds) - 1))):
-        for stale in _temporaries(folder):
+        for stale in temporaries(folder):
             remove_path(stale)
     zarr = import_optional("zarr")
     pq = import_optional("pyarrow.parquet")
@@ -381,11 +382,6 @@ def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFr
 class _MissingPart(DataError, FileNotFoundError):
     """A file of an embeddings store is missing (a DataError, and a FileNotFoundError as
     reading the file raised before)."""
-
-
-def _temporaries(folder: Path, name: str = "*") -> list[Path]:
-    """Temporary outputs (``.<name>.tmp-*``, :func:`atomic_path`) in ``folder``."""
-    return sorted(folder.glob(f".{name}.tmp-*")) if folder.is_dir() else []
 
 
 def _digest(fingerprint: str, coll: CellCollection) -> str:
