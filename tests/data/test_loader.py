@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -213,6 +217,38 @@ def test_soma_store_through_spawned_workers(indexed_paths):
     ds = IterableCellDataset(coll, mode="block", **OPTS)
     idx = np.concatenate(_epoch(CellLoader(ds, num_workers=2)))
     np.testing.assert_array_equal(np.sort(idx), np.arange(N_INDEXED))
+
+
+_LEFT_RUNNING = """
+import os, signal, sys, time
+from cellsift.data import CellCollection, CellLoader, IterableCellDataset
+
+ds = IterableCellDataset(CellCollection(sys.argv[1]), mode="block", batch_size=64, block_size=8)
+loader = CellLoader(ds, num_workers=1, multiprocessing_context=sys.argv[2])
+batches = iter(loader)
+next(batches)
+(worker,) = loader._iterator._workers
+os.kill(worker.pid, signal.SIGTERM)  # a scheduler's, not the main process's: the worker stays
+time.sleep(1)
+assert worker.is_alive()
+next(batches)
+print(worker.pid)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_process_exits_with_its_loader_workers_running(indexed_paths, method):
+    """A worker outlives a SIGTERM sent to it (a scheduler signals every process of a job;
+    the main process stops the fit after the step) but not its main process: a script that
+    ends with a loader's persistent workers running exits, and the workers with it."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LEFT_RUNNING, str(indexed_paths["h5ad"]), method],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not Path(f"/proc/{int(done.stdout)}").exists()
 
 
 @pytest.mark.parametrize("mode", ["sequential", "block", "weighted"])

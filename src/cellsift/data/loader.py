@@ -14,10 +14,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import multiprocessing
+import multiprocessing.util
+import os
 import signal
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.context import BaseContext
 from typing import Any
 
 import numpy as np
@@ -334,16 +338,48 @@ def _needs_spawn(dataset: IterableCellDataset) -> bool:
     return any(store.format == "soma" for store in dataset.collection.stores)
 
 
-def _worker_init(user_init: Any, worker_id: int) -> None:
+#: Per start method, an event this process sets as it exits (pid: whose events they are).
+_exiting: dict[str, Any] = {}
+_exiting_pid: int | None = None
+
+
+def _exit_event(context: BaseContext) -> Any:
+    """The event that tells this process's workers it is exiting. It is set by a
+    multiprocessing finaliser, which runs before multiprocessing ends the process's children
+    with SIGTERM at exit (also in a multiprocessing child, which runs no ``atexit``)."""
+    global _exiting_pid
+    if _exiting_pid != os.getpid():  # (a forked child: the events and finaliser are the parent's)
+        _exiting.clear()
+        _exiting_pid = os.getpid()
+        multiprocessing.util.Finalize(None, _set_exiting, exitpriority=100)
+    method = context.get_start_method()
+    if method not in _exiting:
+        _exiting[method] = context.Event()
+    return _exiting[method]
+
+
+def _set_exiting() -> None:
+    for event in _exiting.values():
+        event.set()
+
+
+def _worker_init(exiting: Any, user_init: Any, worker_id: int) -> None:
     """A worker leaves SIGTERM and SIGINT to the main process. A scheduler signals every
     process of a job (Ctrl-C: of the terminal's process group): a worker that died of it
     would fail the main process's next step with "DataLoader worker killed by signal",
     before it could stop cleanly (a fit saves its state at the end of the step). The main
-    process ends its workers when it stops, and a worker whose main process died exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    process ends its workers when it stops: a SIGTERM once it is exiting (``exiting`` is
+    set) ends the worker, and a worker whose main process died exits."""
+    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, exiting))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if user_init is not None:
         user_init(worker_id)
+
+
+def _on_sigterm(exiting: Any, signum: int, frame: Any) -> None:
+    if exiting.is_set():  # the main process ends its workers as it exits: die of it
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 class CellLoader(DataLoader):
@@ -355,8 +391,9 @@ class CellLoader(DataLoader):
     Lightning stores this state in its checkpoints.
 
     Workers are persistent (started once per run); they are spawned rather than forked when
-    a store needs it (TileDB-SOMA). They ignore SIGTERM and SIGINT, which are the main
-    process's to act on (a fit stops at the end of the step and saves its state).
+    a store needs it (TileDB-SOMA). They ignore SIGINT, and SIGTERM until the main process
+    exits: both are the main process's to act on (a fit stops at the end of the step and
+    saves its state).
     """
 
     def __init__(
@@ -376,7 +413,13 @@ class CellLoader(DataLoader):
         # draw the same). The batches depend on the dataset's seed and epoch alone.
         kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         if num_workers:
-            kwargs["worker_init_fn"] = functools.partial(_worker_init, kwargs.get("worker_init_fn"))
+            context = multiprocessing_context
+            if not isinstance(context, BaseContext):
+                context = multiprocessing.get_context(context)
+            multiprocessing_context = context
+            kwargs["worker_init_fn"] = functools.partial(
+                _worker_init, _exit_event(context), kwargs.get("worker_init_fn")
+            )
         super().__init__(
             dataset,
             batch_size=None,
