@@ -203,6 +203,21 @@ def test_batch_carries_codes_and_balanced_weights(indexed_paths):
     np.testing.assert_array_equal(np.where(idx >= N_INDEXED, idx - N_INDEXED, idx), local)
 
 
+def test_labels_outside_fixed_categories_are_drawn_as_any_other(coll):
+    """A model's label list (fixed categories) codes other labels -1 (unlabelled), but
+    weighted mode still balances and draws those cells by their own labels."""
+    key = "cell_type_ontology_term_id"
+    opts = {"mode": "weighted", "label_key": key, "study_key": "dataset_id", "num_samples": 4096}
+    free = IterableCellDataset(coll, **opts, batch_size=256)
+    (known, *_) = free.categories["y_n"]
+    fixed = IterableCellDataset(coll, **opts, batch_size=256, categories={"y_n": [known]})
+    np.testing.assert_array_equal(fixed.weights, free.weights)
+    drawn = np.concatenate([b["y_n"].numpy() for b in CellLoader(fixed)])
+    labels = np.asarray(coll.obs_column(key))
+    assert (drawn == -1).sum() > len(drawn) // 2  # every other label
+    assert (drawn == 0).sum() > 0 and (labels != known).sum() > 0
+
+
 def test_filters_keep_obs_idx_global(indexed_paths):
     coll = CellCollection(indexed_paths["h5ad"], obs_filter={"dataset_id": ["study_1"]})
     ds = IterableCellDataset(coll, mode="block", **OPTS)

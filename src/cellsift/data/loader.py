@@ -29,7 +29,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import ResumeError
+from ..errors import ConfigError, ResumeError
 from .collection import CellCollection
 from .sampling import EpochPlan, Mode, SamplingConfig, balanced_weights, make_plan
 
@@ -77,7 +77,8 @@ class IterableCellDataset(IterableDataset):
         gentler balancing, raise ``max_ratio`` to let rare labels reach an equal share; pass
         ``weights=`` for any other scheme.
     categories
-        Batch key -> fixed category list (e.g. a model's labels); other values code as -1.
+        Batch key -> fixed category list (e.g. a model's labels); other values code as -1
+        (weighted mode still balances and draws them by their own labels).
     seed, drop_last, cells_per_block, num_samples, min_batch
         See :class:`~cellsift.data.sampling.SamplingConfig`.
     rank, world_size
@@ -138,9 +139,14 @@ class IterableCellDataset(IterableDataset):
         if mode == "weighted":
             if weights is None:
                 if "y_n" not in self.codes:
-                    raise ValueError("weighted mode needs label_key (and study_key) or weights=.")
+                    raise ConfigError("weighted mode needs label_key (and study_key) or weights=.")
+                # balanced over the data's own labels: cells of a label outside the fixed
+                # categories (a model's) train unlabelled, and are drawn as any other
+                labels = self.codes["y_n"]
+                if (categories or {}).get("y_n") is not None:
+                    labels = collection.codes(self.obs_keys["y_n"])[0]
                 weights = balanced_weights(
-                    self.codes["y_n"],
+                    labels,
                     self.codes.get("study_n"),
                     class_scale=class_scale,
                     study_scale=study_scale,
