@@ -250,7 +250,8 @@ def test_a_study_key_the_data_lack_names_the_argument():
 
 def test_val_groups_are_read_as_text_and_checked():
     """Numbers name groups as their text does; a group the split column lacks (a typo) is
-    named with the groups it holds, not dropped; dropna in collection_options adds to the
+    named with the groups it holds, not dropped; one group may be given as text; groups
+    without a split column are refused, not ignored; dropna in collection_options adds to the
     label column, and obs_filter there points to the module's own."""
     from cellsift.datasets import indexed_atlas
     from cellsift.errors import ConfigError
@@ -263,6 +264,12 @@ def test_val_groups_are_read_as_text_and_checked():
     assert dm.val is not None and dm.val.n_obs == 20 and dm.val_groups == ["1003"]
     with pytest.raises(ConfigError, match=r"val_groups \['1009'\] are not groups of 'donor'"):
         CellDataModule(adata, split_key="donor", val_groups=["1003", "1009"]).setup()
+    adata.obs["site"] = np.where(np.arange(80) < 20, "AB", np.where(np.arange(80) < 50, "A", "B"))
+    dm = CellDataModule(adata, split_key="site", val_groups="AB")  # one group, as text
+    dm.setup()
+    assert dm.val is not None and dm.val.n_obs == 20 and dm.val_groups == ["AB"]
+    with pytest.raises(ConfigError, match=r"val_groups \['1003'\] .* none is set .*split_key="):
+        CellDataModule(adata, study_key=None, val_groups=["1003"]).setup()
     for dropna in (["qc"], "qc"):  # a list, or one column as text
         dm = CellDataModule(
             adata, study_key=None, val_fraction=0, collection_options={"dropna": dropna}

@@ -104,6 +104,8 @@ class CellDataModule(pl.LightningDataModule):
         self.genes = genes
         self.label_key, self.study_key = label_key, study_key
         self.split_key = split_key or study_key
+        if isinstance(val_groups, str):  # one group, not its letters
+            val_groups = [val_groups]
         self.val_groups = list(val_groups) if val_groups is not None else None
         self.val_fraction = val_fraction
         self.seed, self.batch_size = seed, batch_size
@@ -203,6 +205,12 @@ class CellDataModule(pl.LightningDataModule):
             self._check_labels(codes, present)
         if self.study_key:
             self.categories["study_n"] = coll.codes(self.study_key)[1]
+        if self.split_key is None and self.val_groups is not None:
+            raise ConfigError(
+                f"val_groups {self.val_groups} are groups of a split_key, and none is set "
+                "(split_key=None and study_key=None): pass split_key= the obs column they "
+                "are values of."
+            )
         if self.split_key is None or (self.val_groups is None and self.val_fraction <= 0):
             self.train, self.val = coll, None
             return
