@@ -24,6 +24,23 @@ def imported(tmp_path):
     return import_scimilarity(FIXTURE, tmp_path / "bundle")
 
 
+def test_names_of_one_cell_type_import_as_one_label(tmp_path):
+    """Two of a model's label names that are one Cell Ontology term (a name and its
+    synonym) become one label, keeping both names: the bundle loads."""
+    from cellsift.models import MetricModel
+
+    src = tmp_path / "model"
+    shutil.copytree(FIXTURE, src)
+    table = pd.read_csv(src / "label_ints.csv", index_col=0, dtype=str)
+    names = [*table.iloc[:, 0], "B lymphocyte", "B cell"]
+    pd.DataFrame({"0": names}).to_csv(src / "label_ints.csv")
+    model = MetricModel.load(import_scimilarity(src, tmp_path / "bundle"))
+    assert len(model.labels) == len(set(model.labels)) and "CL:0000236" in model.labels
+    labels = json.loads((tmp_path / "bundle" / "labels.json").read_text())
+    (b_cell,) = [lab for lab in labels if lab["id"] == "CL:0000236"]
+    assert set(b_cell["source_name"].split("; ")) >= {"B lymphocyte", "B cell"}
+
+
 def test_imported_scimilarity_bundle_embeds_like_scimilarity(imported):
     bundle = load_bundle(imported)
     arch = bundle.config["architecture"]
@@ -144,9 +161,15 @@ def test_a_bundle_keeps_its_labels_under_a_newer_ontology(tmp_path):
         ("encoder.ckpt", b"PK\x03\x04 truncated", r"encoder\.ckpt cannot be read"),
         ("label_ints.csv", "", r"label_ints\.csv cannot be read"),
         ("hyperparameters.json", "{", r"hyperparameters\.json cannot be read"),
+        ("hyperparameters.json", '{"dropout": "0.5"}', r"dropout is '0\.5', not a probab"),
+        ("hyperparameters.json", '{"dropout": null}', "dropout is None, not a probability"),
+        ("hyperparameters.json", '{"residual": true}', r"sets residual: .* cellsift's MLP"),
+        ("layer_sizes.json", '{"network.0.1.weight": 64}', "has the shape 64, not a list"),
     ],
 )
 def test_a_damaged_scimilarity_directory_is_named(tmp_path, name, content, message):
+    """A file that cannot be the model's, or a network cellsift would build otherwise (a
+    residual one), is named; nothing is written."""
     src = tmp_path / "model"
     shutil.copytree(FIXTURE, src)
     if isinstance(content, bytes):

@@ -90,7 +90,32 @@ def _state_dict(path: Path, map_location: str) -> dict[str, torch.Tensor]:
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)):
         raise ValueError("no state_dict in it")
+    other = [k for k, v in ckpt["state_dict"].items() if not isinstance(v, torch.Tensor)]
+    if other:
+        raise ValueError(f"its state_dict holds {other[0]!r}, which is not a tensor")
     return ckpt["state_dict"]
+
+
+def _layer_sizes(path: Path) -> dict[str, list[int]]:
+    sizes = dict(json.loads(path.read_text()))
+    for key, shape in sizes.items():
+        if not (isinstance(shape, list) and all(_is_size(n) for n in shape)):
+            raise ValueError(f"{key!r} has the shape {shape!r}, not a list of sizes")
+    return sizes
+
+
+def _is_size(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def _hyperparameters(path: Path) -> dict[str, Any]:
+    """hyperparameters.json, with the settings the network is built from checked."""
+    hp = dict(json.loads(path.read_text()))
+    for key, default in (("dropout", 0.5), ("input_dropout", 0.4)):
+        value = hp.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise ValueError(f"{key} is {value!r}, not a probability in [0, 1)")
+    return hp
 
 
 def _label_table(path: Path) -> list[str]:
@@ -121,7 +146,7 @@ def read_scimilarity(
             f"{folder} is not a SCimilarity model directory: missing {', '.join(missing)}."
         )
     enc_state = _read(folder, "encoder.ckpt", lambda p: _state_dict(p, map_location))
-    sizes = _read(folder, "layer_sizes.json", lambda p: dict(json.loads(p.read_text())))
+    sizes = _read(folder, "layer_sizes.json", _layer_sizes)
     wrong = [
         k
         for k, shape in sizes.items()
@@ -150,7 +175,13 @@ def read_scimilarity(
         ) from None
     hp: dict[str, Any] = {}
     if (folder / "hyperparameters.json").exists():
-        hp = _read(folder, "hyperparameters.json", lambda p: dict(json.loads(p.read_text())))
+        hp = _read(folder, "hyperparameters.json", _hyperparameters)
+    if hp.get("residual"):  # (SCimilarity's option: hidden blocks add their input)
+        raise CellsiftError(
+            f"{folder / 'hyperparameters.json'} sets residual: the model's hidden layers add "
+            "their inputs, which cellsift's MLP encoder does not; its embeddings would differ "
+            "from SCimilarity's. Import a model trained without residual blocks."
+        )
     encoder = MLPEncoder(
         n_in,
         hidden,
@@ -188,7 +219,7 @@ def import_scimilarity(
     """Convert a SCimilarity model directory into a cellsift bundle (:mod:`.bundle`).
 
     Labels are harmonised onto Cell Ontology ids (an error lists names that are not CL
-    terms); the normalisation SCimilarity applies (counts per 10,000, log1p) goes into the
+    terms; names of one term become one label); the normalisation SCimilarity applies (counts per 10,000, log1p) goes into the
     config. Embeddings of the bundle equal SCimilarity's.
     """
     from ..ontology import load_cell_ontology
@@ -197,9 +228,12 @@ def import_scimilarity(
     model = read_scimilarity(path)
     cl = load_cell_ontology()
     ids = cl.harmonize(model.labels)
+    names: dict[str, list[str]] = {}  # (names may meet: a synonym, an obsolete term's successor)
+    for i, n in zip(ids, model.labels, strict=True):
+        names.setdefault(i, []).append(n)
     labels = [
-        {"id": i, "name": cl.name(i), "source_name": n}
-        for i, n in zip(ids, model.labels, strict=True)
+        {"id": i, "name": cl.name(i), "source_name": "; ".join(dict.fromkeys(n))}
+        for i, n in names.items()
     ]
     enc = model.encoder
     config = {
