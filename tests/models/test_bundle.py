@@ -106,6 +106,21 @@ def test_damaged_bundles_are_refused(imported, tmp_path):
         load_bundle(newer)
     with pytest.raises(BundleError, match="not a bundle directory"):
         load_bundle(tmp_path / "nothing")
+    # a truncated weights file whose checksum was remade, a folder in place of a file
+    import hashlib
+
+    cut = tmp_path / "cut"
+    shutil.copytree(imported, cut)
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:5])
+    sums = json.loads((cut / "checksums.json").read_text())
+    sums["model.safetensors"] = hashlib.sha256((cut / "model.safetensors").read_bytes()).hexdigest()
+    (cut / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(BundleError, match=r"model\.safetensors cannot be read"):
+        load_bundle(cut)
+    (cut / "genes.tsv").unlink()
+    (cut / "genes.tsv").mkdir()
+    with pytest.raises(BundleError, match=r"missing genes\.tsv \(or not as files\)"):
+        load_bundle(cut)
 
 
 def test_gene_names_round_trip_as_written_and_damaged_checksums_are_named(tmp_path):

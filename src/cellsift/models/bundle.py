@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -183,10 +184,10 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
     refuse_other(folder, "model", BundleError)
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a bundle directory (it does not exist or is a file).")
-    missing = [f for f in (*_FILES, "checksums.json") if not (folder / f).exists()]
+    missing = [f for f in (*_FILES, "checksums.json") if not (folder / f).is_file()]
     if missing:
         raise BundleError(
-            f"{folder}: bundle is incomplete, missing {', '.join(missing)}. "
+            f"{folder}: bundle is incomplete, missing {', '.join(missing)} (or not as files). "
             "Save it again, or copy the whole directory."
         )
     try:
@@ -218,7 +219,13 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
             f"{folder}: bundle format {config['format_version']} is newer than this "
             f"cellsift reads ({FORMAT_VERSION}); upgrade cellsift."
         )
-    flat = load_file(str(folder / "model.safetensors"), device=str(dev))
+    try:
+        flat = load_file(str(folder / "model.safetensors"), device=str(dev))
+    except (SafetensorError, OSError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise BundleError(
+            f"{folder}: model.safetensors cannot be read ({type(err).__name__}: {first}). {_REMAKE}"
+        ) from None
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         module, _, name = key.partition(".")
