@@ -300,6 +300,30 @@ def test_min_batch_on_several_ranks_needs_drop_last(coll):
     assert len(IterableCellDataset(coll, **kw)) == 10
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"num_samples": 0}, "num_samples .* must be a whole number >= 1, or None"),
+        ({"num_samples": -5}, "num_samples .* not -5"),
+        ({"batch_size": 64.0}, "batch_size must be a whole number >= 1, not 64.0"),
+        ({"block_size": True}, "block_size must be a whole number >= 1, not True"),
+    ],
+)
+def test_sampling_settings_that_mean_nothing_are_refused(coll, setting, message):
+    """num_samples=0 drew a whole epoch and -5 none, silently; a float size failed deep in
+    numpy."""
+    from cellsift.data.sampling import balanced_weights
+    from cellsift.errors import ConfigError
+
+    opts = {"mode": "weighted", "label_key": "cell_type_ontology_term_id", **setting}
+    with pytest.raises(ConfigError, match=message):
+        IterableCellDataset(coll, **opts)
+    with pytest.raises(ConfigError, match=r"one integer code per cell .*CellCollection\.codes"):
+        balanced_weights(np.array(["B cell", "T cell"]))
+    with pytest.raises(ConfigError, match="one study per cell: 3 for 2 labels"):
+        balanced_weights(np.array([0, 1]), np.array([0, 0, 1]))
+
+
 def test_weighted_balancing_cap(coll):
     """max_ratio reaches the weights from the dataset (and the data module); bad scales and
     caps are refused with the setting's name."""

@@ -62,14 +62,31 @@ def balanced_weights(
         if not (ok and np.isfinite(value)):
             raise ConfigError(f"{name} must be a finite number {bound}, not {value}.")
     labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(
+            f"labels must be one integer code per cell (negative: missing), not an array of "
+            f"{labels.dtype} of shape {labels.shape}; code text labels first (CellCollection.codes)."
+        )
     w = _inverse_log_count(labels, class_scale)
     if studies is not None:
-        w = w * _inverse_log_count(np.asarray(studies), study_scale)
+        studies = np.asarray(studies)
+        if studies.shape != labels.shape:
+            raise ConfigError(
+                f"studies must give one study per cell: {studies.shape[0] if studies.ndim else 0} "
+                f"for {len(labels)} labels."
+            )
+        w = w * _inverse_log_count(studies, study_scale)
     w[labels < 0] = 0.0
     pos = w[w > 0]
     if len(pos):
         np.minimum(w, max_ratio * np.median(pos), out=w)
     return w
+
+
+def _is_whole(value: object, least: int) -> bool:
+    return (
+        isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value >= least)
+    )
 
 
 def _inverse_log_count(codes: np.ndarray, scale: float) -> np.ndarray:
@@ -81,7 +98,9 @@ def _inverse_log_count(codes: np.ndarray, scale: float) -> np.ndarray:
 class SamplingConfig:
     """How to sample; fixed for a run (part of the resume fingerprint).
 
-    ``drop_last``: every rank's batches are full (the remainder of the epoch is left out);
+    ``drop_last``: every rank's batches are full (the remainder of the epoch is left out).
+    Training on several ranks needs it (the data module sets it there): without it, ranks
+    can get different numbers of batches, which suits reading every cell (embedding) only;
     ``min_batch``: a rank's last batch with fewer cells than this is left out (training
     takes 2: BatchNorm cannot normalise one cell), the other batches are unchanged.
     """
@@ -100,10 +119,17 @@ class SamplingConfig:
         if self.mode not in ("sequential", "block", "weighted"):
             raise ConfigError(f"mode must be sequential, block or weighted, not {self.mode!r}.")
         for name in ("batch_size", "block_size", "fetch_factor", "cells_per_block", "min_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}.")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, not {self.seed}.")
+            if not _is_whole(getattr(self, name), 1):
+                raise ConfigError(
+                    f"{name} must be a whole number >= 1, not {getattr(self, name)!r}."
+                )
+        if self.num_samples is not None and not _is_whole(self.num_samples, 1):
+            raise ConfigError(
+                f"num_samples (cells drawn per epoch in weighted mode) must be a whole number "
+                f">= 1, or None for as many as there are cells; not {self.num_samples!r}."
+            )
+        if not _is_whole(self.seed, 0):
+            raise ConfigError(f"seed must be a non-negative integer, not {self.seed!r}.")
 
     @property
     def fetch_size(self) -> int:
