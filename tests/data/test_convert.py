@@ -8,6 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from cellsift.data import CellCollection, open_store
+from cellsift._warnings import CellsiftWarning
 from cellsift.data.convert import convert
 
 
@@ -157,8 +158,34 @@ def test_values_that_are_not_counts_are_refused_naming_the_layers(tmp_path):
     with pytest.raises(DataError, match=r"non-integer.*this file has: 'counts'"):
         convert(tmp_path / "logged.h5ad", tmp_path / "out.zarr")
     assert not (tmp_path / "out.zarr").exists()
-    convert(tmp_path / "logged.h5ad", tmp_path / "out.zarr", layer="counts")
-    convert(tmp_path / "logged.h5ad", tmp_path / "as_is.zarr", check_counts=False)
+    with pytest.warns(CellsiftWarning, match=r"counts \(counts\), obs and var; the file's X "):
+        convert(tmp_path / "logged.h5ad", tmp_path / "out.zarr", layer="counts")
+    with pytest.warns(CellsiftWarning, match=r"file's layers\['counts'\] are not carried"):
+        convert(tmp_path / "logged.h5ad", tmp_path / "as_is.zarr", check_counts=False)
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_what_convert_does_not_carry_is_named(tmp_path, fmt):
+    """Counts, obs and var are written; a warning names the source's other elements (none
+    for a file of only those), which are not."""
+    import warnings
+
+    from cellsift.datasets import indexed_atlas
+
+    a = indexed_atlas(40, 10, path=None)
+    write = a.write_h5ad if fmt == "h5ad" else a.write_zarr
+    write(tmp_path / f"plain.{fmt}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(tmp_path / f"plain.{fmt}", tmp_path / "plain.soma")
+    a.layers["spliced"] = a.X.copy()
+    a.obsm["X_umap"] = np.zeros((40, 2))
+    a.uns["log1p"] = {"base": None}
+    a.raw = a
+    write(tmp_path / f"full.{fmt}")
+    named = r"the file's raw, layers\['spliced'\], obsm\['X_umap'\], uns are not carried over"
+    with pytest.warns(CellsiftWarning, match=named):
+        convert(tmp_path / f"full.{fmt}", tmp_path / "full.soma")
 
 
 def test_min_genes_counts_values_and_stored_zeros_are_not_carried(tmp_path):

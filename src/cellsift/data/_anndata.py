@@ -57,12 +57,7 @@ class AnnDataStore(CellStore):
 
     # -- layout -------------------------------------------------------------------------
     def _matrix(self, root: Any) -> Any:
-        if self.layer is None:
-            key = "X"
-        elif self.layer == "raw":
-            key = "raw/X"
-        else:
-            key = f"layers/{self.layer}"
+        key = self._matrix_key()
         if key not in root:
             have = [f"layers[{k!r}]" for k in (root["layers"].keys() if "layers" in root else [])]
             have += ["raw"] if "raw" in root else []
@@ -71,6 +66,28 @@ class AnnDataStore(CellStore):
                 f"Choose layer= among: X (layer=None){', ' if have else ''}{', '.join(have)}.",
             )
         return root[key]
+
+    def other_elements(self) -> list[str]:
+        """The file's elements besides the counts read, obs and var (other layers, X, raw,
+        obsm, varm, obsp, varp, uns), as ``layers['spliced']``, ``obsm['X_umap']``, ``uns``."""
+        root, read = self.handle, self._matrix_key()
+
+        def held(key: str) -> bool:  # (anndata writes absent elements as "null")
+            return key in root and _attr(root[key], "encoding-type") != "null"
+
+        out = ["X"] if read != "X" and held("X") else []
+        out += ["raw"] if not read.startswith("raw/") and held("raw") else []
+        for group in ("layers", "obsm", "varm", "obsp", "varp"):
+            if held(group):
+                out += [f"{group}[{k!r}]" for k in root[group] if f"{group}/{k}" != read]
+        if held("uns") and len(root["uns"]):
+            out.append("uns")
+        return out
+
+    def _matrix_key(self) -> str:
+        if self.layer is None:
+            return "X"
+        return "raw/X" if self.layer == "raw" else f"layers/{self.layer}"
 
     def _check_layout(self, root: Any) -> None:
         mat = self._matrix(root)

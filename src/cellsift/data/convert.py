@@ -12,6 +12,7 @@ import pandas as pd
 from pandas.api.extensions import ExtensionArray
 
 from .._utils import atomic_dir, check_replaceable, holds, progress
+from .._warnings import warn
 from ..errors import ConfigError, DataError
 from .collection import resolve_paths
 from .stores import CellStore, cut_by_values, open_store
@@ -79,6 +80,8 @@ def convert(
         negative, non-integer: e.g. log-normalised X while the counts sit in a layer).
 
     The output appears only when complete: a failed or interrupted conversion leaves nothing.
+    What else an h5ad or Zarr source holds (other layers, obsm, uns, ...) is not written: a
+    warning names it.
     """
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be at least 1 cell, not {chunk_size}.")
@@ -108,6 +111,13 @@ def convert(
         from .collection import _check_counts
 
         _check_counts(store)
+    others = getattr(store, "other_elements", list)()
+    if others:  # a store for reading cells: what else the file holds is not copied
+        shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        warn(
+            f"{source}: convert writes the counts ({store.layer or 'X'}), obs and var; the "
+            f"file's {shown} are not carried over. Keep the source for them."
+        )
     keep = np.ones(store.n_obs, dtype=bool)
     if min_genes is not None:  # (from the values: zeros stored as entries are not genes)
         keep = store.row_nnz(exact=min_genes > 0) >= min_genes
