@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cellsift.data import CellCollection, open_store
 from cellsift._warnings import CellsiftWarning
+from cellsift.data import CellCollection, open_store
 from cellsift.data.convert import convert
 
 
