@@ -111,7 +111,7 @@ def convert(
         from .collection import _check_counts
 
         _check_counts(store)
-    others = getattr(store, "other_elements", list)()
+    others: list[str] = getattr(store, "other_elements", list)()
     if others:  # a store for reading cells: what else the file holds is not copied
         shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
         warn(
