@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -36,6 +37,22 @@ def import_optional(module: str) -> ModuleType:
         extra = _EXTRAS.get(module.split(".")[0])
         hint = f"pip install 'cellsift[{extra}]'" if extra else f"pip install {module}"
         raise ImportError(f"{module} is needed for this and is not installed: {hint}") from err
+
+
+def reclaim_signals() -> None:
+    """Give SIGINT and SIGPIPE back to the handlers Python has for them (in the main thread).
+
+    TileDB installs handlers of its own for both when it first opens an array, which pass
+    the signal on to the handler they replaced: where that was "ignore" (a loader worker, a
+    job started in the background, SIGPIPE under Python), the signal crashed the process (a
+    segfault). Called after each TileDB-SOMA open or create; a signal is then Python's to act
+    on, once the query in progress (one chunk) returns."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGPIPE):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # (None: not installed from Python, nothing to give back)
+            signal.signal(signum, handler)
 
 
 class Terminated(KeyboardInterrupt):

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -126,3 +129,32 @@ def test_soma_reads_in_bounded_queries(atlas_stores, monkeypatch):
     rows = np.sort(np.random.default_rng(3).choice(1_500, 700, replace=False))
     monkeypatch.setattr(SomaStore, "max_rows_per_query", 64)  # 11 queries instead of one
     assert (store.read(rows) != adata.X[rows]).nnz == 0
+
+
+_CTRL_C_AFTER_SOMA = """
+import os, signal, sys, time
+from cellsift.data import CellCollection, CellLoader, IterableCellDataset
+from cellsift.data.convert import convert
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a loader worker, or a job started with &
+convert(sys.argv[1], sys.argv[2])  # a SOMA store written, then opened and read
+for _ in CellLoader(IterableCellDataset(CellCollection(sys.argv[2]), batch_size=100)):
+    pass
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.5)
+print("ignored")
+"""
+
+
+def test_ctrl_c_after_tiledb_is_as_python_set_it(indexed_paths, tmp_path):
+    """TileDB installs a SIGINT handler of its own when it first opens an array, which
+    passes the signal on to the handler it replaced: where that was "ignore" (a loader
+    worker, a job started in the background), the process crashed (a segfault) on Ctrl-C.
+    Python's handler is given back."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_AFTER_SOMA, str(indexed_paths["h5ad"]), tmp_path / "s.soma"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ignored", done.stderr[-2000:]

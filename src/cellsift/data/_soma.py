@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import import_optional, text_or_none
+from .._utils import import_optional, reclaim_signals, text_or_none
 from .stores import CellStore
 from .writers import SOMA_RENAMED, Format
 
@@ -80,6 +80,8 @@ class SomaStore(CellStore):
                 f"cannot be opened as a TileDB-SOMA Experiment ({type(err).__name__}: {err}).",
                 "Check the path; re-create the store if it is corrupt.",
             ) from err
+        finally:
+            reclaim_signals()  # (TileDB took SIGINT as it opened the store)
 
     @cached_property
     def joinids(self) -> np.ndarray:

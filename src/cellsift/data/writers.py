@@ -22,6 +22,7 @@ from .._utils import (
     check_replaceable,
     import_optional,
     move_into_place,
+    reclaim_signals,
     remove_path,
     rename_apart,
     temp_sibling,
@@ -379,7 +380,10 @@ class SomaWriter(StoreWriter):
         self._n_total: int = n_obs
         soma = import_optional("tiledbsoma")
         self._soma = soma
-        self._exp = soma.Experiment.create(str(self.tmp))
+        try:
+            self._exp = soma.Experiment.create(str(self.tmp))
+        finally:
+            reclaim_signals()  # (TileDB took SIGINT as it created the store)
         self._ms = self._exp.add_new_collection("ms")
         rna = self._ms.add_new_collection(measurement, soma.Measurement)
         var_df, renames = _set_aside(_clean_frame(var, categories=False), SOMA_VAR_OWN)
