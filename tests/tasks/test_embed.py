@@ -336,6 +336,41 @@ def test_two_ranks_write_one_shard_each_and_match_one_process(bundle, synthetic_
     assert not list(tmp_path.glob(".*"))  # no staging or temporary directory left
 
 
+@pytest.mark.multi_device
+def test_a_signal_to_the_main_process_alone_stops_every_rank(bundle, synthetic_h5ad, tmp_path):
+    """SIGTERM to the main process only (kill PID, docker stop, Popen.terminate): the ranks
+    it spawned stop too, and no output is written; the staging folder stays to resume from."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    model = MetricModel.load(bundle)
+    out = tmp_path / "out.zarr"
+    staging = tmp_path / ".out.zarr.partial-of-2"
+
+    def kill_once_the_ranks_write() -> None:
+        while not staging.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        threading.Thread(target=kill_once_the_ranks_write, daemon=True).start()
+        with pytest.raises(Stopped):  # (one cell per batch: the ranks take seconds)
+            embed_collection(model, synthetic_h5ad, out, batch_size=1, devices=2)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not multiprocessing.active_children()
+    assert not out.exists() and staging.is_dir()
+
+
 def test_a_rerun_keeps_finished_shards_of_the_same_model_only(bundle, synthetic_h5ad, tmp_path):
     import zarr
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -114,14 +115,35 @@ def embed_collection(
     }
     if devices > 1 and not (dist.is_available() and dist.is_initialized()):
         port = random.randint(20_000, 45_000)
-        torch.multiprocessing.start_processes(
+        ranks = torch.multiprocessing.start_processes(
             _spawned,
             args=(devices, port, model, source, out, kwargs),
             nprocs=devices,
             start_method="spawn",
+            join=False,
         )
+        try:
+            while not ranks.join():
+                pass
+        except BaseException:  # (SIGTERM or Ctrl-C to this process alone, a rank's failure)
+            _end(ranks.processes)  # the finished shards stay: a rerun resumes from them
+            raise
         return out
     return _embed_rank(model, source, out, **kwargs)
+
+
+def _end(processes: Sequence[Any], grace: float = 10.0) -> None:
+    """Stop the ranks still running (SIGTERM, then SIGKILL after ``grace`` seconds): a
+    signal to the main process alone would otherwise leave them writing the output."""
+    alive = [p for p in processes if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in alive:
+        p.join(max(deadline - time.monotonic(), 0.0))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _spawned(
