@@ -144,6 +144,38 @@ def test_lightning_messages_print_once(indexed_paths):
     assert (run.stdout + run.stderr).count("probe-message") == 1
 
 
+def test_demo_settings_and_a_stopped_demo(synthetic_h5ad, tmp_path, capsys):
+    """An atlas too small for the demo is refused up front (it failed after training); a
+    synthetic atlas of another size is not reused; a demo stopped while training keeps no
+    checkpoint and says to run it again (it cannot resume)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from cellsift.demo import _source, _train_and_annotate, run_demo
+    from cellsift.errors import ConfigError, TrainingInterrupted
+
+    with pytest.raises(SystemExit, match="2"):
+        main(["demo", "--synthetic", "--n-cells", "200", "--out", str(tmp_path)])
+    assert "--n-cells: must be at least 2000, not 200" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="needs at least 2,000 cells"):
+        run_demo(tmp_path, synthetic=True, n_cells=1999)
+    assert list(tmp_path.iterdir()) == []
+    assert _source(tmp_path, True, 2000)[0] != _source(tmp_path, True, 2500)[0]
+
+    def sigterm_once_training() -> None:
+        while "StopRequest" not in repr(signal.getsignal(signal.SIGTERM)):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=sigterm_once_training, daemon=True).start()
+    with pytest.raises(TrainingInterrupted, match="SIGTERM while training .* demo again") as err:
+        _train_and_annotate(synthetic_h5ad, "dataset_id", tmp_path / "run")
+    assert err.value.checkpoint is None and err.value.exit_status == 143
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
 @pytest.mark.slow
 def test_demo_runs_on_a_synthetic_atlas(tmp_path):
     proc = subprocess.run(

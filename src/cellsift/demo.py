@@ -11,6 +11,7 @@ line says which data it runs on.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,10 +22,14 @@ from .data import CellCollection, CellLoader, IterableCellDataset
 from .data.convert import convert
 from .data.datamodule import CellDataModule
 from .datasets import synthetic_atlas
+from .errors import ConfigError, TrainingInterrupted
 from .ontology import load_cell_ontology
 from .transforms import default_pipeline
 
-__all__ = ["run_demo"]
+__all__ = ["MIN_CELLS", "run_demo"]
+
+#: The smallest synthetic atlas the demo runs on.
+MIN_CELLS = 2_000
 
 
 def _source(out: Path, synthetic: bool, n_cells: int) -> tuple[Path, str, str]:
@@ -39,7 +44,7 @@ def _source(out: Path, synthetic: bool, n_cells: int) -> tuple[Path, str, str]:
             reason = str(err).split(".")[0]
     else:
         reason = "--synthetic was given"
-    path = out / "synthetic_atlas.h5ad"
+    path = out / f"synthetic_atlas_{n_cells}.h5ad"  # (one of another size is not this one)
     if not path.exists():
         synthetic_atlas(n_cells, 2000, n_studies=6, path=path, seed=0)
     return path, "dataset_id", f"synthetic atlas, {n_cells:,} cells x 2,000 genes ({reason})"
@@ -48,6 +53,11 @@ def _source(out: Path, synthetic: bool, n_cells: int) -> tuple[Path, str, str]:
 def run_demo(
     out: str | Path = "demo_out", *, synthetic: bool = False, n_cells: int = 50_000
 ) -> int:
+    if synthetic and n_cells < MIN_CELLS:
+        raise ConfigError(
+            f"the demo needs at least {MIN_CELLS:,} cells (a held-out study, and validation "
+            f"studies with enough cells to calibrate the abstention threshold), not {n_cells:,}."
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     h5ad, group_key, what = _source(out, synthetic, n_cells)
@@ -147,17 +157,29 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = 40)
         obs_filter=lambda obs: (obs[group_key].astype(str) != held).to_numpy(),
     )
     t = time.perf_counter()
-    model.train(
-        dm,
-        max_epochs=epochs,
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=out / "fit",
-    )
+    try:
+        model.train(
+            dm,
+            max_epochs=epochs,
+            accelerator="auto",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=out / "fit",
+        )
+    except TrainingInterrupted as err:  # the demo does not resume: its state is not kept
+        if err.checkpoint is not None:
+            Path(err.checkpoint).unlink(missing_ok=True)
+        name = signal.Signals(err.signal).name if err.signal is not None else "a signal"
+        raise TrainingInterrupted(
+            f"the demo stopped on {name} while training (after step {err.step}); run "
+            "cellsift demo again to start over.",
+            checkpoint=None,
+            step=err.step,
+            signal=err.signal,
+        ) from None
     trained_s = time.perf_counter() - t
     z = model.embed(adata)
     model.save(out / "metric_model", overwrite=True)

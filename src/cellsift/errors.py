@@ -49,9 +49,11 @@ class TrainingInterrupted(CellsiftError):
     """Training stopped on a signal (SIGTERM from a scheduler or ``kill``, SIGINT from
     Ctrl-C) at the end of a step, with the run's state saved in ``checkpoint``: a run resumed
     from it goes on as the uninterrupted run would have. ``signal``: the signal's number
-    (None where another DDP rank received it)."""
+    (None where another DDP rank received it); ``checkpoint`` None: no state was kept."""
 
-    def __init__(self, message: str, *, checkpoint: str, step: int, signal: int | None) -> None:
+    def __init__(
+        self, message: str, *, checkpoint: str | None, step: int, signal: int | None
+    ) -> None:
         super().__init__(message)
         self.checkpoint, self.step, self.signal = checkpoint, step, signal
 
