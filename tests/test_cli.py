@@ -170,7 +170,7 @@ def test_demo_settings_and_a_stopped_demo(synthetic_h5ad, tmp_path, capsys):
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=sigterm_once_training, daemon=True).start()
-    with pytest.raises(TrainingInterrupted, match="SIGTERM while training .* demo again") as err:
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM while training .* demo again") as err:
         _train_and_annotate(synthetic_h5ad, "dataset_id", tmp_path / "run")
     assert err.value.checkpoint is None and err.value.exit_status == 143
     assert not list((tmp_path / "run").rglob("*.ckpt"))
