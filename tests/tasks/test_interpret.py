@@ -183,6 +183,8 @@ def test_groups_by_obs_names_and_subsampling(linear):
 
 
 def test_errors(linear):
+    from cellsift.errors import ConfigError
+
     model, adata = linear
     is_a = (adata.obs["group"] == "a").to_numpy()
     with pytest.raises(ValueError, match="group_a is empty"):
@@ -199,6 +201,10 @@ def test_errors(linear):
         explain_difference(model, adata, is_a, ~is_a, baseline=np.zeros(3))
     with pytest.raises(ValueError, match="n_steps"):
         explain_difference(model, adata, is_a, ~is_a, n_steps=0)
+    with pytest.raises(ConfigError, match="batch_size must be at least 1 cell, not 0"):
+        explain_difference(model, adata, is_a, ~is_a, batch_size=0)
+    with pytest.raises(ConfigError, match="'simpson' is not an integration rule .* riemann_left"):
+        explain_difference(model, adata, is_a, ~is_a, method="simpson")
 
 
 def test_too_few_steps_warn(linear):

@@ -27,10 +27,20 @@ from torch import nn
 from .._utils import cell_mask, progress
 from .._warnings import warn
 from ..data.loader import to_torch_csr
+from ..errors import ConfigError
 
 __all__ = ["DifferenceAttributions", "attribute_difference", "explain_difference"]
 
 Baseline = Literal["zeros", "group_b"]
+
+#: captum's integration rules for integrated gradients.
+_IG_METHODS = (
+    "gausslegendre",
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+    "riemann_trapezoid",
+)
 
 #: A cell's integral has converged when ``|delta| <= DELTA_RTOL * mean |f(x) - f(baseline)|``
 #: over the cells (plus ``DELTA_ATOL``); otherwise a warning asks for more steps.
@@ -157,9 +167,16 @@ def attribute_difference(
     from captum.attr import IntegratedGradients
 
     if n_steps < 1:
-        raise ValueError(f"n_steps must be at least 1, not {n_steps}.")
+        raise ConfigError(f"n_steps must be at least 1, not {n_steps}.")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1 cell, not {batch_size}.")
+    if method not in _IG_METHODS:
+        raise ConfigError(
+            f"method {method!r} is not an integration rule of captum's: use one of "
+            f"{', '.join(_IG_METHODS)}."
+        )
     if max_cells is not None and max_cells < 1:
-        raise ValueError(f"max_cells must be at least 1 (or None for all), not {max_cells}.")
+        raise ConfigError(f"max_cells must be at least 1 (or None for all), not {max_cells}.")
     mask_a = cell_mask(adata, group_a, "group_a")
     mask_b = cell_mask(adata, group_b, "group_b")
     x = model.aligned_counts(adata, layer=layer)
