@@ -203,7 +203,7 @@ def test_errors(linear):
         explain_difference(model, adata, is_a, ~is_a, n_steps=0)
     with pytest.raises(ConfigError, match="batch_size must be at least 1 cell, not 0"):
         explain_difference(model, adata, is_a, ~is_a, batch_size=0)
-    with pytest.raises(ConfigError, match="'simpson' is not an integration rule .* riemann_left"):
+    with pytest.raises(ConfigError, match=r"'simpson' is not an integration rule .* riemann_left"):
         explain_difference(model, adata, is_a, ~is_a, method="simpson")
 
 
