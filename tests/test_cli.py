@@ -293,6 +293,24 @@ def test_fit_argument_errors_are_one_line(extra, message, capsys):
     assert message in err and err.rstrip().endswith("(cellsift fit --help lists the options).")
 
 
+def test_fit_names_its_own_options_for_data_that_are_not_counts(tmp_path, capsys):
+    """The count check's hint names the options of fit (LightningCLI's keys), not Python's."""
+    from cellsift.datasets import synthetic_atlas
+
+    a = synthetic_atlas(300, 50, n_studies=3, path=None, seed=0)
+    a.layers["counts"] = a.X.copy()
+    a.X = a.X.astype(np.float32)
+    a.X.data = np.log1p(a.X.data)
+    a.write_h5ad(tmp_path / "logged.h5ad")
+    config = Path(__file__).resolve().parents[1] / "configs" / "metric.yaml"
+    args = ["--data.init_args.source", str(tmp_path / "logged.h5ad")]
+    assert main(["fit", "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert "Point --data.init_args.collection_options.layer at raw counts" in err, err
+    assert "pass --data.init_args.collection_options.check_counts false if" in err
+    assert "layer=" not in err and "check_counts=False" not in err
+
+
 def test_sigterm_ends_a_command_as_ctrl_c_does(indexed_paths, tmp_path, monkeypatch, capsys):
     """kill, a scheduler's time limit: exit status 143 and no hidden temporary output left
     beside the one being written."""

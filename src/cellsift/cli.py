@@ -410,6 +410,8 @@ def _stopped(command: str, err: TrainingInterrupted) -> int:
     return err.exit_status
 
 
+_FIT_LAYER = "--data.init_args.collection_options.layer"
+_FIT_CHECK = "--data.init_args.collection_options.check_counts"
 #: Hints in the library's messages that name a Python argument, as the commands that have
 #: the matching option spell them.
 _AS_OPTIONS = {
@@ -423,12 +425,20 @@ _AS_OPTIONS = {
     "--quantile": (
         ("a lower quantile (quantile=) or abstain=False", "a lower --quantile or --no-abstain"),
     ),
+    # fit: the data module's collection options, as LightningCLI takes them
+    _FIT_LAYER: (
+        ("Point layer= at", f"Point {_FIT_LAYER} at"),
+        ("Choose layer= among: X (layer=None)", f"Choose {_FIT_LAYER} among: X (null)"),
+        ("Pass layer= with", f"Pass {_FIT_LAYER} with"),
+    ),
+    _FIT_CHECK: (("pass check_counts=False", f"pass {_FIT_CHECK} false"),),
 }
 _COMMAND_OPTIONS = {
     "info": ("--layer",),
     "convert": ("--layer", "--no-check-counts", "--format"),
     "embed": ("--layer", "--no-check-counts"),
     "annotate": ("--layer", "--no-check-counts", "--quantile"),
+    "fit": (_FIT_LAYER, _FIT_CHECK),
 }
 
 
