@@ -344,29 +344,31 @@ def _needs_spawn(dataset: IterableCellDataset) -> bool:
     return any(store.format == "soma" for store in dataset.collection.stores)
 
 
-#: Per start method, an event this process sets as it exits (pid: whose events they are).
+#: Per start method, a flag this process sets as it exits (pid: whose flags they are). A
+#: shared byte without a lock: a worker reads it in a signal handler, which a second signal
+#: can interrupt (a lock held there would never be released).
 _exiting: dict[str, Any] = {}
 _exiting_pid: int | None = None
 
 
-def _exit_event(context: BaseContext) -> Any:
-    """The event that tells this process's workers it is exiting. It is set by a
+def _exit_flag(context: BaseContext) -> Any:
+    """The flag that tells this process's workers it is exiting. It is set by a
     multiprocessing finaliser, which runs before multiprocessing ends the process's children
     with SIGTERM at exit (also in a multiprocessing child, which runs no ``atexit``)."""
     global _exiting_pid
-    if _exiting_pid != os.getpid():  # (a forked child: the events and finaliser are the parent's)
+    if _exiting_pid != os.getpid():  # (a forked child: the flags and finaliser are the parent's)
         _exiting.clear()
         _exiting_pid = os.getpid()
         multiprocessing.util.Finalize(None, _set_exiting, exitpriority=100)
     method = context.get_start_method()
     if method not in _exiting:
-        _exiting[method] = context.Event()
+        _exiting[method] = context.RawValue("b", 0)
     return _exiting[method]
 
 
 def _set_exiting() -> None:
-    for event in _exiting.values():
-        event.set()
+    for flag in _exiting.values():
+        flag.value = 1
 
 
 def _worker_init(exiting: Any, user_init: Any, worker_id: int) -> None:
@@ -383,7 +385,7 @@ def _worker_init(exiting: Any, user_init: Any, worker_id: int) -> None:
 
 
 def _on_sigterm(exiting: Any, signum: int, frame: Any) -> None:
-    if exiting.is_set():  # the main process ends its workers as it exits: die of it
+    if exiting.value:  # the main process ends its workers as it exits: die of it
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
@@ -424,7 +426,7 @@ class CellLoader(DataLoader):
                 context = multiprocessing.get_context(context)
             multiprocessing_context = context
             kwargs["worker_init_fn"] = functools.partial(
-                _worker_init, _exit_event(context), kwargs.get("worker_init_fn")
+                _worker_init, _exit_flag(context), kwargs.get("worker_init_fn")
             )
         super().__init__(
             dataset,
