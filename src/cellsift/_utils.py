@@ -39,6 +39,13 @@ def import_optional(module: str) -> ModuleType:
         raise ImportError(f"{module} is needed for this and is not installed: {hint}") from err
 
 
+def is_whole(value: object, least: int | None = None) -> bool:
+    """An integer (Python's or numpy's, not a bool), at least ``least`` where given."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        return False
+    return least is None or bool(value >= least)
+
+
 def reclaim_signals() -> None:
     """Give SIGINT and SIGPIPE back to the handlers Python has for them (in the main thread).
 

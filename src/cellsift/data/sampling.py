@@ -32,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 
+from .._utils import is_whole
 from ..errors import ConfigError
 
 __all__ = ["EpochPlan", "SamplingConfig", "balanced_weights", "make_plan"]
@@ -83,12 +84,6 @@ def balanced_weights(
     return w
 
 
-def _is_whole(value: object, least: int) -> bool:
-    return (
-        isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value >= least)
-    )
-
-
 def _inverse_log_count(codes: np.ndarray, scale: float) -> np.ndarray:
     _, inv, counts = np.unique(codes, return_inverse=True, return_counts=True)
     return (1.0 / np.log1p(counts / scale))[inv].astype(np.float64)
@@ -119,16 +114,16 @@ class SamplingConfig:
         if self.mode not in ("sequential", "block", "weighted"):
             raise ConfigError(f"mode must be sequential, block or weighted, not {self.mode!r}.")
         for name in ("batch_size", "block_size", "fetch_factor", "cells_per_block", "min_batch"):
-            if not _is_whole(getattr(self, name), 1):
+            if not is_whole(getattr(self, name), 1):
                 raise ConfigError(
                     f"{name} must be a whole number >= 1, not {getattr(self, name)!r}."
                 )
-        if self.num_samples is not None and not _is_whole(self.num_samples, 1):
+        if self.num_samples is not None and not is_whole(self.num_samples, 1):
             raise ConfigError(
                 f"num_samples (cells drawn per epoch in weighted mode) must be a whole number "
                 f">= 1, or None for as many as there are cells; not {self.num_samples!r}."
             )
-        if not _is_whole(self.seed, 0):
+        if not is_whole(self.seed, 0):
             raise ConfigError(f"seed must be a non-negative integer, not {self.seed!r}.")
 
     @property

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._utils import atomic_dir, state_differences
+from .._utils import atomic_dir, is_whole, state_differences
 from .._warnings import UntrainedDecoderWarning
 from ..data.genes import GeneVocabulary
 from ..data.stores import refuse_other
@@ -240,10 +240,6 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
     return Bundle(config, weights, genes, labels)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -275,15 +271,15 @@ def metric_settings(
     # the JSON types only: what values make a model is MetricModule's rule (its ConfigError
     # comes back from load naming config.json)
     checks: list[tuple[str, dict[str, Any], str, Callable[[Any], bool], str]] = [
-        ("architecture", arch, "n_genes", _is_int, "a whole number"),
+        ("architecture", arch, "n_genes", is_whole, "a whole number"),
         (
             "architecture",
             arch,
             "hidden",
-            lambda v: isinstance(v, list) and all(_is_int(h) for h in v),
+            lambda v: isinstance(v, list) and all(is_whole(h) for h in v),
             "a list of layer sizes (whole numbers)",
         ),
-        ("architecture", arch, "latent", _is_int, "a whole number"),
+        ("architecture", arch, "latent", is_whole, "a whole number"),
         ("architecture", arch, "dropout", _is_number, "a number"),
         ("architecture", arch, "input_dropout", _is_number, "a number"),
         ("normalization", norm, "target_sum", _is_number, "a number"),

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from .._utils import is_whole
 from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError
 from ..nn import MLPDecoder, MLPEncoder
@@ -99,13 +100,9 @@ def _state_dict(path: Path, map_location: str) -> dict[str, torch.Tensor]:
 def _layer_sizes(path: Path) -> dict[str, list[int]]:
     sizes = dict(json.loads(path.read_text()))
     for key, shape in sizes.items():
-        if not (isinstance(shape, list) and all(_is_size(n) for n in shape)):
+        if not (isinstance(shape, list) and all(is_whole(n, 0) for n in shape)):
             raise ValueError(f"{key!r} has the shape {shape!r}, not a list of sizes")
     return sizes
-
-
-def _is_size(n: Any) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 def _hyperparameters(path: Path) -> dict[str, Any]:
@@ -219,8 +216,9 @@ def import_scimilarity(
     """Convert a SCimilarity model directory into a cellsift bundle (:mod:`.bundle`).
 
     Labels are harmonised onto Cell Ontology ids (an error lists names that are not CL
-    terms; names of one term become one label); the normalisation SCimilarity applies (counts per 10,000, log1p) goes into the
-    config. Embeddings of the bundle equal SCimilarity's.
+    terms; names of one term become one label); the normalisation SCimilarity applies
+    (counts per 10,000, log1p) goes into the config. Embeddings of the bundle equal
+    SCimilarity's.
     """
     from ..ontology import load_cell_ontology
     from .bundle import save_bundle
