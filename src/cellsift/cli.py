@@ -350,8 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stopped("fit", err)
         except user_errors as err:
             return _error("fit", err)
-        except KeyboardInterrupt:
-            return _interrupted("fit")
+        except KeyboardInterrupt as err:
+            return _interrupted("fit", sigterm=isinstance(err, Terminated))
         return 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")

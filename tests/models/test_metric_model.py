@@ -228,6 +228,40 @@ def test_a_second_signal_stops_at_once():
     assert {s: signal.getsignal(s) for s in SIGNALS} == before
 
 
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
+def test_a_second_signal_during_a_fit_raises_the_interrupt(synthetic_h5ad, tmp_path, second):
+    """Lightning turns an interrupt inside ``trainer.fit`` into ``sys.exit(1)`` and leaves
+    SIGINT ignored: a fit stopped at once by a second signal raises the interrupt instead
+    (``Terminated`` for SIGTERM), and SIGINT has its handler back."""
+    import lightning.pytorch as pl
+
+    from cellsift._utils import Terminated
+
+    class TwoSignals(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step != 2:
+                return
+            os.kill(os.getpid(), signal.SIGTERM)  # held for the end of the step
+            assert trainer.lightning_module._stop.signum == signal.SIGTERM
+            os.kill(os.getpid(), getattr(signal, second))  # and this step does not end
+            time.sleep(10)
+            raise AssertionError("the second signal did not stop the step")
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as err:
+        _fit(
+            synthetic_h5ad,
+            tmp_path,
+            callbacks=[TwoSignals()],
+            max_epochs=1,
+            enable_checkpointing=False,
+            logger=False,
+        )
+    assert isinstance(err.value, Terminated) == (second == "SIGTERM")
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert not list(tmp_path.rglob("*.ckpt"))  # stopped at once: no state saved
+
+
 def test_training_on_an_anndata_in_memory_is_training_on_its_file(synthetic_h5ad, tmp_path):
     """model.train(adata) reads the same batches as from the h5ad (a loader worker too),
     so it ends with the same weights."""

@@ -59,6 +59,23 @@ class SignalAtStep(pl.Callback):
         time.sleep(0.5)  # what a dead worker would do to this process has happened by now
 
 
+class SecondSignal(pl.Callback):
+    """At a global step, a first SIGTERM (held for the end of the step) and a second signal
+    ``sig`` in a step that does not end."""
+
+    def __init__(self, step: int, sig: str) -> None:
+        self.step, self.signum = step, getattr(signal, sig)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step != self.step:
+            return
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert trainer.lightning_module._stop.signum == signal.SIGTERM
+        os.kill(os.getpid(), self.signum)
+        time.sleep(10)
+        raise AssertionError("the second signal did not stop the step")
+
+
 def _args(
     source: Path, root: Path, *extra: str, callbacks: list | None = None, name: str = "config"
 ) -> list[str]:
@@ -237,6 +254,21 @@ def _assert_same_weights(run_a: Path, run_b: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_fit_stopped_at_once_by_a_second_signal_exits_with_the_signals_status(
+    synthetic_h5ad, tmp_path, capsys, sig
+):
+    """Lightning ends a fit interrupted at once with status 1, as if it had failed: `cellsift
+    fit` says it was interrupted and exits with the second signal's status (130, 143)."""
+    second = {"class_path": "test_fit_cli.SecondSignal", "init_args": {"step": 2, "sig": sig}}
+    args = _args(synthetic_h5ad, tmp_path, "--trainer.max_epochs", "1", callbacks=[second])
+    handler = signal.getsignal(signal.SIGINT)
+    assert main(["fit", *args]) == 128 + getattr(signal, sig)
+    how = "terminated" if sig == "SIGTERM" else "interrupted"
+    assert f"cellsift fit: {how};" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):

@@ -35,6 +35,7 @@ from ..errors import ConfigError, DataError
 from ..nn import MetricModule
 from ..ontology import load_cell_ontology
 from ..train import TrainingPlan
+from ..train._stop import interrupts_kept
 from ..train.resume import continued_run
 from .bundle import BundleError, load_bundle, load_weights, metric_settings, save_bundle
 
@@ -256,7 +257,7 @@ class MetricModel:
             logger=run_logger,
             **trainer_kwargs,
         )
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), interrupts_kept():
             if ckpt_path is not None:  # a run going on: its checkpoint directory is not empty
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")
             trainer.fit(plan, datamodule=dm, ckpt_path=ckpt_path)

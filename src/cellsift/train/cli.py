@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from .._utils import logger
 from ..data.datamodule import CellDataModule
 from ..errors import ConfigError
+from ._stop import interrupts_kept
 from .plan import TrainingPlan
 from .resume import continued_run, read_checkpoint
 
@@ -206,7 +207,8 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
     args = list(argv or [])
     if args and args[0] == "fit":
         args = args[1:]
-    with warnings.catch_warnings():  # the arguments are the command line's, passed on
+    # the arguments are the command line's, passed on; Ctrl-C stays an interrupt
+    with warnings.catch_warnings(), interrupts_kept():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         try:
             return FitCLI(
