@@ -215,3 +215,84 @@ def test_var_without_gene_ids_names_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"var has no column 'feature_id'.*Pass var_id="):
         len(open_store(uri, layer="data").var)
     assert list(open_store(uri, layer="data", var_id="gene").var_names) == ["g0", "g1"]
+
+
+# -- 5: counts ------------------------------------------------------------------------------
+
+
+def _random_counts(n_cells: int, n_genes: int, seed: int) -> sp.csr_matrix:
+    x = sp.random(n_cells, n_genes, density=0.3, format="csr", dtype=np.float32, random_state=seed)
+    x.data = np.ceil(x.data * 20)
+    x[::4] = 0  # cells without counts, between cells with some
+    x.eliminate_zeros()
+    return x
+
+
+@pytest.mark.parametrize("tiles", [None, {"soma_dim_0": {"tile": 4}, "soma_dim_1": {"tile": 3}}])
+def test_counts_come_back_and_each_chunk_is_one_fragment(tmp_path, monkeypatch, tiles):
+    """A chunk's counts are one write, submitted in pieces in the array's global order with
+    the store's own tiles (all genes to a tile), sorted by TileDB in another layout: either
+    way every count comes back in its place, and each chunk with counts is one fragment."""
+    from cellsift.data import writers
+
+    monkeypatch.setattr(writers, "SOMA_WRITE_VALUES", 7)  # many pieces a chunk
+    chunks = [_random_counts(n, 10, seed) for seed, n in enumerate([9, 1, 13])]
+    chunks.insert(2, sp.csr_matrix((5, 10), dtype=np.float32))  # a chunk without counts
+    x = sp.vstack(chunks).tocsr()
+    var = pd.DataFrame(index=[f"g{i}" for i in range(10)])
+    config = None if tiles is None else {"tiledb": {"create": {"dims": tiles}}}
+    path = tmp_path / "x.soma"
+    with open_writer(path, var, n_obs=x.shape[0], platform_config=config) as writer:
+        start = 0
+        for chunk in chunks:
+            names = [f"c{i}" for i in range(start, start + chunk.shape[0])]
+            writer.append(chunk, pd.DataFrame(index=names))
+            start += chunk.shape[0]
+    got = open_store(path).read(np.arange(x.shape[0]))
+    assert (got != x).nnz == 0
+    fragments = path / "ms" / "RNA" / "X" / "raw" / "__fragments"
+    assert len(list(fragments.iterdir())) == sum(chunk.nnz > 0 for chunk in chunks)
+
+
+def test_a_signal_during_a_large_write_is_answered_within_a_piece(tmp_path, monkeypatch):
+    """A chunk of 12M counts takes TileDB seconds to write: a signal arriving meanwhile is
+    answered after the piece being submitted (a fraction of a second), not after the chunk,
+    and the unfinished store is removed."""
+    import signal
+    import time
+
+    import tiledbsoma
+
+    n_cells, n_genes, per_cell = 20_000, 2_000, 600  # 12M counts
+    indices = np.tile(np.arange(0, n_genes, n_genes // per_cell, dtype=np.int32), n_cells)
+    indptr = np.arange(0, n_cells * per_cell + 1, per_cell, dtype=np.int64)
+    x = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), (n_cells, n_genes))
+    var = pd.DataFrame(index=[f"g{i}" for i in range(n_genes)])
+
+    class Alarm(Exception):
+        pass
+
+    def ring(signum, frame):
+        raise Alarm
+
+    rang: list[float] = []
+    write = tiledbsoma.SparseNDArray.write
+
+    def write_and_ring(self, *args, **kwargs):  # the signal comes once the write is underway
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        rang.append(time.perf_counter() + 0.05)
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(tiledbsoma.SparseNDArray, "write", write_and_ring)
+    previous = signal.signal(signal.SIGALRM, ring)
+    path = tmp_path / "big.soma"
+    try:
+        with pytest.raises(Alarm):
+            with open_writer(path, var, n_obs=n_cells) as writer:
+                writer.append(x, pd.DataFrame(index=[f"c{i}" for i in range(n_cells)]))
+        late = time.perf_counter() - rang[0]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert late < 1.0, f"the signal was answered {late:.1f} s late"
+    assert not path.exists() and list(tmp_path.iterdir()) == []

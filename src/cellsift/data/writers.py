@@ -39,6 +39,9 @@ FORMATS: tuple[Format, ...] = ("h5ad", "zarr", "soma")
 #: a few chunks. Zarr shards group many chunks into one file.
 CHUNK_ELEMS = 1 << 16
 SHARD_ELEMS = 1 << 22
+#: Values per submission of a SOMA X write: a chunk of cells is one query (one fragment)
+#: submitted in pieces, so that a signal is answered within a piece (a fraction of a second).
+SOMA_WRITE_VALUES = 1 << 20
 
 
 def _store_marker(p: Path) -> Format | None:
@@ -351,7 +354,10 @@ class SomaWriter(StoreWriter):
     obs (``soma_joinid`` 0..n-1), measurement ``measurement`` (default ``RNA``) with var
     (``feature_id`` = var_names) and X layer ``layer`` (default ``raw``). The number of
     cells must be given up front (SOMA arrays have a fixed domain). X is tiled for reading
-    cells (:func:`soma_row_tiles`) unless ``platform_config`` says otherwise.
+    cells (:func:`soma_row_tiles`) unless ``platform_config`` says otherwise. In that layout
+    a chunk's counts (CSR: cells, then genes in order) are already in the array's global
+    order, so they are written as such: no sort, one fragment per chunk, in pieces of
+    :data:`SOMA_WRITE_VALUES` values between which a signal is answered.
 
     An input column named like one the layout fills itself (``obs_id`` in obs, ``feature_id``
     in var) is stored as ``<name>_orig``, one SOMA reserves (``soma_*``: the ``soma_joinid``
@@ -396,6 +402,8 @@ class SomaWriter(StoreWriter):
         with self._ready(v, var_df, renames) as v:
             v.write(var_tbl)
         x_coll = rna.add_new_collection("X")
+        #: Are X's coordinates in cell-major order its global order (our tiles: all genes)
+        self._cell_major = platform_config is None
         self._x = x_coll.add_new_sparse_ndarray(
             layer,
             type=_pa().float32(),
@@ -408,17 +416,27 @@ class SomaWriter(StoreWriter):
         self._closables = [x_coll, rna]
 
     def _append_x(self, x: sp.csr_matrix) -> None:
+        """The chunk's entries (``x`` canonical: genes sorted within a cell, no duplicates)."""
+        if x.nnz == 0:
+            return
         pa = _pa()
-        coo = x.tocoo()
-        table = pa.Table.from_pydict(
-            {
-                "soma_dim_0": pa.array(coo.row.astype(np.int64) + self.n_obs),
-                "soma_dim_1": pa.array(coo.col.astype(np.int64)),
-                "soma_data": pa.array(coo.data.astype(np.float32)),
-            }
+        rows = np.repeat(
+            np.arange(self.n_obs, self.n_obs + x.shape[0], dtype=np.int64), np.diff(x.indptr)
         )
-        if len(table):
-            self._x.write(table)
+        cols, data = x.indices.astype(np.int64), x.data.astype(np.float32, copy=False)
+        names = ["soma_dim_0", "soma_dim_1", "soma_data"]
+        if not self._cell_major:  # another layout: TileDB sorts the chunk, in one submission
+            self._x.write(pa.Table.from_arrays([pa.array(a) for a in (rows, cols, data)], names))
+            return
+        step = SOMA_WRITE_VALUES
+        pieces = [
+            pa.RecordBatch.from_arrays(
+                [pa.array(a[i : i + step]) for a in (rows, cols, data)], names
+            )
+            for i in range(0, x.nnz, step)
+        ]
+        in_order = {"tiledb": {"write": {"sort_coords": False}}}  # the global order, as given
+        self._x.write(pa.Table.from_batches(pieces), platform_config=in_order)
 
     def append(self, x: sp.spmatrix | np.ndarray, obs: pd.DataFrame) -> None:
         start = self.n_obs
