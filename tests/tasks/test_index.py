@@ -93,6 +93,23 @@ def test_ivf_reaches_the_calibrated_recall(data, ivf):
     assert ivf.params["calibrated_recall"] >= 0.99
 
 
+def test_ivf_calibration_counts_cells_at_the_same_distance_as_found(data):
+    """A tenth of the cells share one embedding (duplicated profiles): the neighbours at
+    distance 0 are interchangeable, so calibration neither probes every list nor reports
+    less recall than the search gives (brute force, by distance)."""
+    x, meta, _ = data
+    x, meta = x[:5000].copy(), meta[:5000]
+    x[:500] = x[0]
+    index = CellIndex.build(x, meta, engine="ivf", k=10, seed=3)
+    assert index.params["nprobe"] < index.params["nlist"] // 2
+    assert index.params["calibrated_recall"] >= 0.99
+    rows = np.random.default_rng(4).choice(len(x), 300, replace=False)
+    rows[:30] = np.arange(30)  # duplicates among the queries
+    d, _ = _brute(x, x[rows], 10)
+    got = index.search(x[rows], 10).distances
+    assert np.mean(got <= d[:, -1:] + 1e-5) >= 0.98
+
+
 def test_ivf_fills_a_large_k_and_takes_numpy_integers(data, ivf):
     """k far above what the calibrated probes hold: every slot filled, with the exact
     answer's recall; a numpy integer k works as a Python int does."""
@@ -136,6 +153,20 @@ def test_filter_errors(ivf, data):
     bad[0, 0] = np.nan
     with pytest.raises(CellIndexError, match="NaN"):
         ivf.search(bad, 5)
+
+
+def test_ivf_build_settings_are_checked_and_take_numpy_integers(data):
+    """nlist outside 1..cells, or no cells at all: an error naming it, not faiss's; numpy
+    integers for nlist and k work as Python ints do."""
+    x = data[0][:2000]
+    for nlist in (0, -3, 2001, 2.5, True):
+        with pytest.raises(CellIndexError, match=rf"nlist .* cells \(2000\), not {nlist!r}"):
+            CellIndex.build(x, engine="ivf", nlist=nlist)
+    with pytest.raises(CellIndexError, match="no cells to index"):
+        CellIndex.build(x[:0], engine="ivf")
+    index = CellIndex.build(x, engine="ivf", nlist=np.int64(16), k=np.int64(10))
+    assert index.params["nlist"] == 16 and index.params["calibrated_k"] == 10
+    assert index.calibrate(k=np.int64(5)) >= 0.99
 
 
 def test_search_within_max_distance_is_exhaustive(data):
@@ -222,6 +253,21 @@ def test_a_missing_metadata_column_is_named():
         bare.summary("donor")
 
 
+def test_metadata_rows_outside_the_index_are_named():
+    """A search's -1 slots (k above the cells) or a row past the end: an error that says
+    what -1 means, not pyarrow's; the cells of the index give their rows."""
+    x = np.random.default_rng(0).normal(size=(10, 4))
+    index = CellIndex.build(x, pd.DataFrame({"y": list("ab") * 5}), engine="exact")
+    hits = index.search(x[:1], 15).indices[0]
+    with pytest.raises(CellIndexError, match="not -1: -1 in a search's indices is a slot"):
+        index.metadata_rows(hits)
+    with pytest.raises(CellIndexError, match=r"cells 0 to 9 of the index, not 10\.$"):
+        index.metadata_rows([3, 10])
+    assert index.metadata_rows(hits[hits >= 0])["y"].tolist() == list(
+        "ab"[h % 2] for h in hits[:10]
+    )
+
+
 def test_corrupt_or_incomplete_index_is_named(tmp_path, data):
     x, meta, _ = data
     path = CellIndex.build(x[:2000], meta[:2000], engine="exact").save(tmp_path / "idx")
@@ -273,6 +319,24 @@ def test_a_damaged_or_newer_manifest_is_named(tmp_path, data):
         CellIndex.load(path)
     with pytest.raises(CellIndexError, match="the path is a file, not an index folder"):
         CellIndex.load(path / "embeddings.npy")
+    # an IVF index's manifest damaged in its entries: each named, not a raw KeyError later
+    path = CellIndex.build(x[:2000], meta[:2000], engine="ivf", k=10).save(tmp_path / "ivf")
+    manifest = json.loads((path / "manifest.json").read_text())
+    files, params = manifest["files"], manifest["params"]
+    for change, message in (
+        ({"files": files | {"embeddings.npy": 5}}, "'files' is not a map of file names"),
+        ({"files": {k: {"blake2b": "0"} for k in files}}, "'files' is not a map of file"),
+        ({"engine": "hnsw"}, "engine 'hnsw' is neither 'exact' nor 'ivf'"),
+        ({"params": {k: v for k, v in params.items() if k != "nprobe"}}, "params lack whole"),
+        ({"files": {k: v for k, v in files.items() if k != "ivf.faiss"}}, "ivf.faiss is not"),
+    ):
+        (path / "manifest.json").write_text(json.dumps(manifest | change))
+        with pytest.raises(CellIndexError, match=rf"manifest\.json is corrupt \(.*{message}"):
+            CellIndex.load(path)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "ivf.faiss").write_bytes(b"\0" * files["ivf.faiss"]["bytes"])  # same size
+    with pytest.raises(CellIndexError, match=r"ivf\.faiss cannot be read \(.*\); rebuild"):
+        CellIndex.load(path, verify=False)
 
 
 def test_add_refuses_cells_another_model_embedded(synthetic_h5ad, tmp_path):

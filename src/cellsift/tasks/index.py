@@ -51,6 +51,7 @@ from .._utils import (
     check_replaceable,
     holds,
     import_optional,
+    is_whole,
     logger,
     model_fingerprint,
     rename_apart,
@@ -231,7 +232,14 @@ class CellIndex:
         if model is not None:
             index.params["model"] = _fingerprint_of(model)
         if engine == "ivf":
-            index._build_ivf(nlist=nlist, seed=seed)
+            if len(emb) == 0:
+                raise CellIndexError("no cells to index: an IVF index trains its lists on them.")
+            if nlist is not None and not (is_whole(nlist, least=1) and nlist <= len(emb)):
+                raise CellIndexError(
+                    f"nlist must be a whole number of lists from 1 to the number of cells "
+                    f"({len(emb)}), not {nlist!r}."
+                )
+            index._build_ivf(nlist=None if nlist is None else int(nlist), seed=seed)
             index.calibrate(k=k, target_recall=target_recall, seed=seed)
         elif engine != "exact":
             raise ValueError(f"engine must be 'exact', 'ivf' or 'auto', not {engine!r}.")
@@ -258,21 +266,26 @@ class CellIndex:
         self, *, k: int = 50, target_recall: float = 0.99, n_queries: int = 500, seed: int = 0
     ) -> float:
         """Smallest ``nprobe`` (doubling, then bisecting) whose recall@k on a sample of the
-        indexed cells reaches ``target_recall``; returns the recall reached."""
+        indexed cells reaches ``target_recall``; returns the recall reached.
+
+        Recall by distance: a cell found counts where it is as near as the exact k-th
+        neighbour, so that cells at the same distance (duplicates) stand for each other."""
         check_k(k)
         if self.engine != "ivf":
             return 1.0
         rng = np.random.default_rng(seed + 1)
         rows = np.sort(rng.choice(self.n_cells, min(n_queries, self.n_cells), replace=False))
         q = np.ascontiguousarray(self.embeddings[rows])
-        k = min(k, self.n_cells - 1)
+        k = int(min(k, self.n_cells - 1))
         # leave-one-out: each sampled cell stands for a new cell like it, so its own entry
         # (found at distance 0 by every engine) is not counted
         truth = _drop_self(self._exact(q, k + 1, None)[1], rows, k)
+        kth = self._distances(q, truth).max(1)  # (k >= 1 and at least k other cells)
         nlist = self.params["nlist"]
 
         def recall_at(nprobe: int) -> float:
-            return _recall(_drop_self(self._ivf(q, k + 1, nprobe, None)[1], rows, k), truth)
+            got = _drop_self(self._ivf(q, k + 1, nprobe, None)[1], rows, k)
+            return _recall(self._distances(q, got), kth)
 
         lo, hi = 0, 1
         while hi < nlist and recall_at(hi) < target_recall:
@@ -366,6 +379,17 @@ class CellIndex:
     def metadata_rows(self, rows: Any, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Metadata of cells ``rows`` (any order, repeats allowed) as a DataFrame."""
         rows = np.asarray(rows, dtype=np.int64)
+        outside = rows[(rows < 0) | (rows >= self.n_cells)]
+        if len(outside):
+            raise CellIndexError(
+                f"rows are cells 0 to {self.n_cells - 1} of the index, not {outside[0]}"
+                + (
+                    ": -1 in a search's indices is a slot with no cell (fewer cells within "
+                    "reach than k); keep the indices >= 0."
+                    if outside[0] == -1
+                    else "."
+                )
+            )
         has = self.metadata_columns
         if columns is not None:
             cols = [columns] if isinstance(columns, str) else list(columns)
@@ -529,6 +553,11 @@ class CellIndex:
             idx = rows[idx]
         return _pad(1.0 - best_s.cpu().numpy(), idx, k)
 
+    def _distances(self, q: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Exact distances of queries ``q`` to the cells ``idx`` (queries x k; -1: none, inf)."""
+        sims = np.einsum("qd,qkd->qk", q, self.embeddings[np.maximum(idx, 0)])
+        return np.where(idx >= 0, 1.0 - sims, np.inf)
+
     def _ivf(
         self, q: np.ndarray, k: int, nprobe: int, rows: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -671,12 +700,7 @@ class CellIndex:
                 f"{root} is a CellIndex of format version {version!r}; this cellsift reads "
                 f"versions up to {FORMAT_VERSION}: upgrade cellsift, or rebuild the index."
             )
-        needed = ("files", "n_cells", "dim", "engine", "params")
-        lacking = [k for k in needed if k not in manifest]
-        if lacking or not isinstance(manifest["files"], dict):
-            raise CellIndexError(
-                f"{man_path} is corrupt (missing {lacking or ['files']}); rebuild the index."
-            )
+        _check_manifest(manifest, man_path)
         for name, want in manifest["files"].items():
             f = root / name
             if not f.exists():
@@ -696,7 +720,13 @@ class CellIndex:
         ann = None
         if manifest["engine"] == "ivf":
             faiss = import_optional("faiss")
-            ann = faiss.read_index(str(root / "ivf.faiss"))
+            try:
+                ann = faiss.read_index(str(root / "ivf.faiss"))
+            except RuntimeError as err:
+                first = str(err).strip().splitlines()[-1] if str(err).strip() else "faiss error"
+                raise CellIndexError(
+                    f"{root / 'ivf.faiss'} cannot be read ({first}); rebuild the index."
+                ) from None
         meta = root / "metadata.parquet"
         return cls(
             emb,
@@ -709,6 +739,32 @@ class CellIndex:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """The manifest's entries have the shapes :meth:`CellIndex.save` writes, and list the
+    files its engine needs; else an error naming what is wrong."""
+    needed = ("files", "n_cells", "dim", "engine", "params")
+    problems = [f"missing {k!r}" for k in needed if k not in manifest]
+    files, engine, params = manifest.get("files"), manifest.get("engine"), manifest.get("params")
+    if not problems:
+        if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and is_whole(v.get("bytes"), least=0) for v in files.values()
+        ):
+            problems.append("'files' is not a map of file names to their sizes and checksums")
+        if engine not in ("exact", "ivf"):
+            problems.append(f"engine {engine!r} is neither 'exact' nor 'ivf'")
+        if not isinstance(params, dict):
+            problems.append("'params' is not a map")
+        elif engine == "ivf" and not all(is_whole(params.get(p), least=1) for p in _IVF_PARAMS):
+            problems.append(f"an IVF index's params lack whole numbers for {list(_IVF_PARAMS)}")
+    if not problems:
+        wanted = ["embeddings.npy", *(["ivf.faiss"] if engine == "ivf" else [])]
+        problems += [f"{name} is not listed" for name in wanted if name not in files]
+    if problems:
+        raise CellIndexError(f"{path} is corrupt ({'; '.join(problems)}); rebuild the index.")
+
+
+#: The parameters of an IVF search a saved index must hold.
+_IVF_PARAMS = ("nlist", "nprobe")
 #: What a saved index holds in any case, and what it is called in messages.
 _INDEX_FILES = ("manifest.json", "embeddings.npy")
 _AN_INDEX = "a cell index"
@@ -848,9 +904,14 @@ def _drop_self(idx: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _recall(got: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(len(np.intersect1d(g[g >= 0], t[t >= 0])) for g, t in zip(got, truth, strict=True))
-    return hits / max(int((truth >= 0).sum()), 1)
+#: Distances this close count as equal in calibration (float32 products of unit vectors)
+_SAME_DISTANCE = 1e-5
+
+
+def _recall(found: np.ndarray, kth: np.ndarray) -> float:
+    """Share of each query's k nearest cells found: ``found`` holds the distances of the k
+    cells found (inf: none), ``kth`` the exact k-th nearest distance of each query."""
+    return float((found <= kth[:, None] + _SAME_DISTANCE).mean())
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
