@@ -756,7 +756,7 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
             problems.append("'params' is not a map")
         elif engine == "ivf" and not all(is_whole(params.get(p), least=1) for p in _IVF_PARAMS):
             problems.append(f"an IVF index's params lack whole numbers for {list(_IVF_PARAMS)}")
-    if not problems:
+    if not problems and isinstance(files, dict):
         wanted = ["embeddings.npy", *(["ivf.faiss"] if engine == "ivf" else [])]
         problems += [f"{name} is not listed" for name in wanted if name not in files]
     if problems:
