@@ -7,6 +7,7 @@ cs.tl.annotate(adata, index, model=model)       # obs["cellsift_cell_type"], ...
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import anndata as ad
@@ -15,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._utils import BACKED_ROWS, adata_counts, cell_mask
-from .errors import MissingKeyError
+from .errors import ConfigError, MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 from .tasks.index import CellIndexError
 
@@ -98,6 +99,31 @@ def annotate(
     abstain with probability at most ``1 - quantile``. ``abstain_on``: the distance compared
     with the threshold (see :class:`KNNAnnotator`).
     """
+    if isinstance(reference, KNNAnnotator):  # it has its settings and threshold already
+        options = {
+            "label_key": label_key,
+            "k": k,
+            "weighted": weighted,
+            "ontology_aware": ontology_aware,
+            "min_support": min_support,
+            "abstain": abstain,
+            "abstain_on": abstain_on,
+            "quantile": quantile,
+            "calibrate_by": calibrate_by,
+            "calibrate_on": calibrate_on,
+        }
+        defaults = inspect.signature(annotate).parameters
+        given = [
+            name
+            for name, value in options.items()
+            if not _is_default(value, defaults[name].default)
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} set up the annotator made from a CellIndex; a ready "
+                "KNNAnnotator has its own settings and threshold. Set them when making it "
+                "(KNNAnnotator(...), .calibrate(...)), or pass its index as the reference."
+            )
     adata = adata.copy() if copy else adata
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
     index.check_model(model)
@@ -291,3 +317,8 @@ def search_clusters(
         str(name): SearchResult(res.distances[i : i + 1], res.indices[i : i + 1], index)
         for i, name in enumerate(bulk.obs_names)
     }
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """``value`` is the parameter's default (the same object, or an equal value of its type)."""
+    return value is default or (type(value) is type(default) and value == default)

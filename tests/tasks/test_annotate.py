@@ -91,6 +91,39 @@ def test_ontology_mode_calls_the_common_ancestor_of_split_votes():
     assert (ann.annotate(x[:50])["label"] == TYPES[0]).all()
 
 
+@pytest.mark.parametrize("min_support", [0.2, 0.3, 0.5])
+def test_ontology_calls_are_the_best_supported_of_the_most_specific_terms(min_support):
+    """Against a per-query reading of the rule: votes count for a term's ancestors; of the
+    terms with more than min_support of them, those none of whose descendants also has, and
+    of those the most supported (several lineages qualify below a half: not the one that
+    happens to have more ancestors in the ontology)."""
+    cl = load_cell_ontology()
+    rng = np.random.default_rng(5)
+    labels = [*TYPES, "CL:0000084", "CL:0000576", "CL:0000542"]  # + T cell, monocyte, lymphocyte
+    x = rng.normal(size=(600, 3)).astype(np.float32)
+    y = np.asarray(labels)[rng.integers(0, len(labels), len(x))]
+    index = CellIndex.build(x, pd.DataFrame({"cell_type_ontology_term_id": y}), engine="exact")
+    k = 12
+    ann = KNNAnnotator(index, k=k, weighted=False, ontology_aware=True, min_support=min_support)
+    q = rng.normal(size=(300, 3)).astype(np.float32)
+    out = ann.annotate(q)
+    hits = index.search(q, k, exact=True).indices
+    up = {t: {t} | set(cl.ancestors(t)) for t in labels}
+    for row, call, conf in zip(hits, out["label"], out["confidence"], strict=True):
+        support: dict[str, float] = {}
+        for t in y[row]:
+            for a in up[t]:
+                support[a] = support.get(a, 0.0) + 1.0 / k
+        ok = {t for t, v in support.items() if v > min_support}
+        finest = [t for t in ok if not any(t in set(cl.ancestors(u)) - {u} for u in ok)]
+        if not finest:
+            assert call == UNKNOWN
+            continue
+        best = max(support[t] for t in finest)
+        assert call in {t for t in finest if np.isclose(support[t], best)}, (call, finest)
+        assert np.isclose(conf, best, atol=1e-6)
+
+
 def _most_specific(cl, terms: set[str]) -> str:
     return max(terms, key=lambda t: len(set(cl.ancestors(t)) & terms))
 

@@ -137,6 +137,30 @@ def test_annotate_refuses_an_embedding_another_model_made(bundle, synthetic_h5ad
     cs.tl.annotate(query, index, abstain=False)
 
 
+def test_annotate_with_a_ready_annotator_refuses_options_it_would_ignore(bundle, synthetic_h5ad):
+    """A KNNAnnotator has its own k, labels and threshold: options that set up the annotator
+    made from an index are refused by name rather than silently not applied; without them
+    the annotator's own calls are written."""
+    from cellsift.errors import ConfigError
+    from cellsift.tasks import KNNAnnotator
+
+    model = MetricModel.load(bundle)
+    ref = ad.read_h5ad(synthetic_h5ad)
+    cs.tl.embed(ref, model)
+    index = CellIndex.build(ref.obsm["X_cellsift"], ref.obs.reset_index(drop=True), model=model)
+    ann = KNNAnnotator(index, k=7)
+    ann.calibrate()
+    query = ref[:50].copy()
+    for options in ({"abstain": False}, {"k": 15, "quantile": 0.9}, {"calibrate_on": ref[:5]}):
+        with pytest.raises(ConfigError, match=rf"^{', '.join(options)} set up the annotator"):
+            cs.tl.annotate(query, ann, **options)
+    cs.tl.annotate(query, ann, k=50, abstain=True)  # (the defaults, given)
+    want = ann.annotate(query.obsm["X_cellsift"])
+    assert (
+        query.obs["cellsift_cell_type_ontology_term_id"].astype(str) == want["label"].to_numpy()
+    ).all()
+
+
 def test_counts_stored_in_parts_or_as_zeros_embed_as_the_counts(bundle, synthetic_h5ad):
     """A count split over two entries of a CSR row (not canonical) embeds as the count;
     stored zeros are no counts; the caller's matrix is left as it was."""

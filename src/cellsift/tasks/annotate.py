@@ -21,8 +21,10 @@ trained on together, so that threshold is lower and abstains more.
 
 Ontology-aware mode: votes also count for every Cell Ontology ancestor of the voted label
 (within the terms that are ancestors of the reference labels); the call is the most specific
-term holding more than ``min_support`` of the votes (default: a strict majority). Cells whose neighbours split between two
-T-cell subtypes are then called "T cell" rather than either subtype at random.
+term holding more than ``min_support`` of the votes (default: a strict majority). Cells whose
+neighbours split between two T-cell subtypes are then called "T cell" rather than either
+subtype at random. Below a majority, terms of several lineages may qualify: of the most
+specific (none of whose descendants qualifies), the most supported is called.
 
 Safelists and blocklists restrict the reference by filtering the index (nothing is deleted).
 """
@@ -115,6 +117,7 @@ class KNNAnnotator:
         # the reference's own label values, each to the term it names (ontology mode)
         self._term_of = {t: t for t in self._labels.terms}
         self._up: np.ndarray | None = None
+        self._strictly_up = np.zeros((0, 0), dtype=np.float32)
         if self.ontology_aware:
             self._extend_with_ancestors()
 
@@ -179,6 +182,7 @@ class KNNAnnotator:
                     up[i, pos[a]] = 1.0
         self._labels = _Labels(terms, codes, len(ids))
         self._up = up
+        self._strictly_up = up - np.eye(len(terms), dtype=np.float32)
         # a term's depth: how many of the terms are it or its ancestors (more = more specific)
         self._depth = up.sum(1)
 
@@ -418,9 +422,12 @@ class KNNAnnotator:
         if self._up is not None:
             support = share @ self._up  # votes for a term and all its descendants
             ok = support > self.min_support  # (so never a term that no one voted for)
-            # most specific qualifying term: the one with the most ancestors among the terms
-            depth = np.where(ok, self._depth[None, :], -1.0)
-            call = np.argmax(depth + support * 1e-3, axis=1)  # ties: more support
+            # the most specific qualifying terms: none of their descendants qualifies; of
+            # several (other lineages, with min_support below a half), the most supported
+            finer = ok.astype(np.float32) @ self._strictly_up
+            specific = ok & (finer == 0)
+            score = np.where(specific, support + self._depth[None, :] * 1e-9, -1.0)
+            call = np.argmax(score, axis=1)  # (ties: the deeper term)
             label = terms[call]
             conf = support[np.arange(n_q), call]
             has = ok.any(1)
