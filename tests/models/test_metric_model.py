@@ -158,7 +158,7 @@ def _fit(path, root, *, data=None, **train):
 
     torch.manual_seed(0)
     model = MetricModel.from_collection(path, hidden=(64, 32), latent=16)
-    dm = CellDataModule(path, batch_size=256, **(data or {}))
+    dm = CellDataModule(path, **{"batch_size": 256, **(data or {})})
     quiet = {"enable_progress_bar": False, "enable_model_summary": False}
     model.train(dm, accelerator="cpu", default_root_dir=root, **quiet, **train)
     return model
@@ -212,6 +212,49 @@ def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad,
         whole.module.state_dict().items(), resumed.module.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+
+
+def test_training_resumed_from_a_checkpoint_written_as_validation_ends(synthetic_h5ad, tmp_path):
+    """Validation twice an epoch, a checkpoint as each ends (ModelCheckpoint writes them then
+    when validation runs within epochs): resumed from the one after an epoch's last step, the
+    run goes on with the next epoch's first batch, not one epoch later; from one within an
+    epoch, with the random draws of training, not those validation made. Either way it ends
+    with the uninterrupted run's weights."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Batches(pl.Callback):
+        def __init__(self):
+            self.first_cells = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.first_cells.append(batch["obs_idx_n"][:4].tolist())
+
+    data = {"val_fraction": 0.25, "mode": "weighted", "batch_size": 128, "block_size": 16}
+    every = {"max_epochs": 2, "val_check_interval": 0.5, "logger": False}
+
+    def train(root, **kw):
+        return _fit(synthetic_h5ad, root, data=data, **every, **kw)
+
+    def keep_all(root):
+        return sorted((root / "all").iterdir())
+
+    seen = Batches()
+    keep = ModelCheckpoint(dirpath=tmp_path / "all", save_top_k=-1, filename="{step}")
+    whole = train(tmp_path / "whole", callbacks=[seen, keep])
+    assert len(seen.first_cells) == whole.trainer.global_step
+    written = sorted(torch.load(p, weights_only=False)["global_step"] for p in keep_all(tmp_path))
+    assert len(written) == 4  # within and at the end of each epoch
+    for step in written[1:3]:  # epoch 0's end; within epoch 1
+        ckpt = tmp_path / "all" / f"step={step}.ckpt"
+        torch.manual_seed(123)  # (what the resumed run draws comes from the checkpoint)
+        after = Batches()
+        resumed = train(tmp_path / f"from_{step}", callbacks=[after], ckpt_path=str(ckpt))
+        assert after.first_cells == seen.first_cells[step:]
+        for (key, a), b in zip(
+            whole.module.state_dict().items(), resumed.module.state_dict().values(), strict=True
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{key}, from step {step}")
 
 
 def test_a_second_signal_stops_at_once():

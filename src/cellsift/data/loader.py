@@ -18,6 +18,7 @@ import multiprocessing
 import multiprocessing.util
 import os
 import signal
+import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -390,13 +391,49 @@ def _on_sigterm(exiting: Any, signum: int, frame: Any) -> None:
         os.kill(os.getpid(), signum)
 
 
+class _EpochSampler:
+    """The loader's ``sampler``, through which a training loop says which of its epochs the
+    next ``iter()`` is (Lightning calls ``set_epoch`` at each epoch's start, as for a
+    ``DistributedSampler``); iterating it is iterating the sampler it stands for."""
+
+    def __init__(self, loader: CellLoader, sampler: Any) -> None:
+        # (a weak reference: a cycle would keep the loader, and its workers, alive until
+        # the garbage collector runs, past the point where they should shut down)
+        self.loader, self.sampler = weakref.ref(loader), sampler
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        loader = self.loader()
+        if loader is not None:
+            loader._number_epoch(epoch)
+
+
+@dataclasses.dataclass
+class _Pass:
+    """One ``iter()`` of a :class:`CellLoader`: the epoch it runs, the batches it skips, the
+    training loop's number of that epoch (None: not numbered), and whether a batch was asked
+    of it yet (until then, it can still be told which epoch it is)."""
+
+    epoch: int
+    skip: int
+    run: int | None = None
+    started: bool = False
+
+
 class CellLoader(DataLoader):
     """A DataLoader over an :class:`IterableCellDataset` that can save and restore its position.
 
     Each ``iter()`` runs one epoch (the dataset's ``epoch``, then the next). ``state_dict()``
     records the epoch and the batches handed out; ``load_state_dict()`` makes the next
     ``iter()`` continue with exactly the batches an uninterrupted run would have produced.
-    Lightning stores this state in its checkpoints.
+    Lightning stores this state in its checkpoints. A training loop that numbers its epochs
+    (``sampler.set_epoch``, as Lightning does, before or just after the ``iter()``, as long
+    as no batch was taken) says which epoch a restored run goes on with: the restored one
+    (whatever is left of it, if anything: a checkpoint written before the loop ended that
+    epoch) or a later one. Without numbers, an epoch restored with every batch handed out
+    is over, and the next one begins.
 
     Workers are persistent (started once per run); they are spawned rather than forked when
     a store needs it (TileDB-SOMA). They ignore SIGINT, and SIGTERM until the main process
@@ -444,24 +481,69 @@ class CellLoader(DataLoader):
         self._current = dataset.epoch  # epoch of the state: in progress or last started
         self._consumed = 0
         self._skip = 0
+        self._pass: _Pass | None = None  # the last iter()
+        #: the training loop's number of the next iter()'s epoch (None: not numbered yet),
+        #: and (epoch, batches, its number) of a restored state, until the loop numbers one
+        self._run_next: int | None = None
+        self._restored: tuple[int, int, int] | None = None
+        self._keep_skip = False  # the next iter() runs out a restored epoch, even if all done
+
+    # DataLoader sets ``sampler`` as it is made: the sampler a training loop numbers epochs on
+    @property  # type: ignore[override]
+    def sampler(self) -> _EpochSampler:
+        return self._epoch_sampler
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:
+        self._epoch_sampler = _EpochSampler(self, value)
+
+    def _number_epoch(self, run: int) -> None:
+        """The training loop's number of the epoch about to run: that of the last ``iter()``
+        where no batch was taken of it yet and it has none (the loop numbers its first epoch
+        after that ``iter()``), else that of the next. After a restore it says which epoch
+        that is: the restored one (what is left of it), or one that many after it."""
+        last = self._pass
+        pending = last is not None and not last.started and last.run is None
+        if self._restored is not None:
+            epoch, batches, restored_run = self._restored
+            self._restored = None
+            ahead = run - restored_run
+            target = (epoch + ahead, batches if ahead == 0 else 0) if ahead >= 0 else None
+            if target is not None and pending:
+                assert last is not None
+                last.epoch, last.skip = target
+                self._current, self._consumed = target
+                self._epoch, self._skip = target[0] + 1, 0
+            elif target is not None:
+                self._epoch, self._skip = target
+                self._run_next = run
+                self._keep_skip = True
+                return
+        if pending:
+            assert last is not None
+            last.run = run
+        else:
+            self._run_next = run
 
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
         ds = self.cell_dataset
         ds.resolve_rank()
-        ds.epoch = self._epoch
-        if self._skip and self._skip >= len(ds):
-            # restored after the epoch's last batch (a checkpoint at its end, or at its last
-            # step): the epoch is over, and the caller (Lightning's fit loop) goes on with
-            # the next one
+        if self._skip and self._skip >= len(ds) and not self._keep_skip:
+            # restored after the epoch's last batch: over, unless the training loop says
+            # otherwise (:meth:`_number_epoch`), and the next one begins
             self._epoch, self._skip = self._epoch + 1, 0
-            ds.epoch = self._epoch
-        ds.skip = self._skip
-        self._current, self._consumed, self._skip = self._epoch, self._skip, 0
-        self._epoch += 1  # the next iter() starts the next epoch
-        return self._count(super().__iter__())
+        self._keep_skip = False
+        run = self._pass = _Pass(self._epoch, self._skip, self._run_next)
+        self._current, self._consumed = run.epoch, run.skip
+        self._epoch, self._skip, self._run_next = run.epoch + 1, 0, None
+        return self._batches(run)
 
-    def _count(self, it: Iterator[Batch]) -> Iterator[Batch]:
-        for batch in it:
+    def _batches(self, run: _Pass) -> Iterator[Batch]:
+        """The pass's batches, counted; its epoch is settled at the first batch asked for."""
+        run.started = True
+        ds = self.cell_dataset
+        ds.epoch, ds.skip = run.epoch, run.skip
+        for batch in super().__iter__():
             self._consumed += 1
             yield batch
 
@@ -476,14 +558,20 @@ class CellLoader(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         self._epoch = self._current = epoch
         self._consumed = self._skip = 0
+        self._pass, self._run_next, self._restored, self._keep_skip = None, None, None, False
 
     def state_dict(self) -> dict[str, Any]:
-        """Epoch in progress and batches consumed, plus what must match on resume."""
+        """Epoch in progress and batches consumed (and the training loop's number of that
+        epoch, where it numbers them), plus what must match on resume."""
         return {
             "epoch": self._current,
             "batches": self._consumed,
+            "run_epoch": self._pass.run if self._pass is not None else self._restored_run(),
             "fingerprint": self.cell_dataset.fingerprint(),
         }
+
+    def _restored_run(self) -> int | None:
+        return self._restored[2] if self._restored is not None else None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = self.cell_dataset.fingerprint()
@@ -496,3 +584,6 @@ class CellLoader(DataLoader):
             )
         self._epoch = self._current = int(state["epoch"])
         self._skip = self._consumed = int(state["batches"])
+        run = state.get("run_epoch")  # (None: not numbered, or an older checkpoint)
+        self._pass, self._run_next, self._keep_skip = None, None, False
+        self._restored = None if run is None else (self._current, self._consumed, int(run))

@@ -324,8 +324,11 @@ class TrainingPlan(pl.LightningModule):
 
     # -- random state: a resumed run draws what the uninterrupted run would have drawn --------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # every rank builds the checkpoint (rank 0 writes it); each rank draws its own stream
-        checkpoint["cellsift_rng"] = {"per_rank": _gather_objects(_rng_state())}
+        # every rank builds the checkpoint (rank 0 writes it); each rank draws its own stream.
+        # Written as a validation ends (ModelCheckpoint's on_validation_end runs before the
+        # plan's): training's stream as it was before the validation drew from it
+        rng = self._rng_before_validation
+        checkpoint["cellsift_rng"] = {"per_rank": _gather_objects(rng or _rng_state())}
         checkpoint["cellsift_epoch_sums"] = self._global_epoch_sums()  # (every rank's)
         if self.run_identity is not None:
             checkpoint["cellsift_data"] = self.run_identity
