@@ -257,6 +257,71 @@ def test_training_resumed_from_a_checkpoint_written_as_validation_ends(synthetic
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{key}, from step {step}")
 
 
+def test_a_data_module_inspected_before_training_is_read_as_the_model_reads(tmp_path):
+    """A data module whose setup ran before train() (reading its gene vocabulary) holds its
+    own genes and labels, here Cell Ontology names: train() reads it again through the
+    model's genes and (harmonised) labels, so every cell trains labelled, not unlabelled."""
+    import lightning.pytorch as pl
+
+    from cellsift.data.datamodule import CellDataModule
+    from cellsift.datasets import synthetic_atlas
+
+    adata = synthetic_atlas(1200, 300, n_studies=2, seed=4)
+    path = tmp_path / "atlas.h5ad"
+    adata.write_h5ad(path)
+
+    class Labelled(pl.Callback):
+        def __init__(self):
+            self.labelled = self.cells = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.labelled += int((batch["y_n"] >= 0).sum())
+            self.cells += len(batch["y_n"])
+
+    model = MetricModel.from_collection(path, hidden=(32,), latent=8)
+    dm = CellDataModule(path, label_key="cell_type", batch_size=128, val_fraction=0.2)
+    assert dm.gene_vocabulary is not None  # (reading it sets the module up)
+    count = Labelled()
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
+    model.train(
+        dm,
+        max_epochs=1,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        callbacks=[count],
+        enable_checkpointing=False,
+        **quiet,
+    )
+    assert count.cells > 0 and count.labelled == count.cells
+
+
+def test_settings_a_fit_cannot_honour_are_refused_before_training(synthetic_h5ad, tmp_path):
+    """Early stopping on val/asw without validation cells (said before the first epoch, not
+    by Lightning at its end), and a precision that casts the weights themselves: errors that
+    name the fix; nothing is trained."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from cellsift.errors import ConfigError
+
+    stop = EarlyStopping(monitor="val/asw", mode="max")
+    with pytest.raises(
+        ConfigError, match=r"watch val/asw, but .* no validation cells.*val_fraction"
+    ):
+        _fit(
+            synthetic_h5ad,
+            tmp_path / "a",
+            data={"val_fraction": 0.0},
+            max_epochs=1,
+            callbacks=[stop],
+        )
+    for precision in ("bf16-true", "64-true"):
+        with pytest.raises(
+            ConfigError, match=rf"precision '{precision}' casts the weights .*bf16-mixed"
+        ):
+            _fit(synthetic_h5ad, tmp_path / "b", max_epochs=1, precision=precision)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_a_second_signal_stops_at_once():
     """The first SIGINT / SIGTERM of a fit is held for the end of the step; a second one
     (a step that does not end) interrupts at once and gives the signals back."""

@@ -402,6 +402,15 @@ def test_fit_refuses_to_resume_a_checkpoint_of_another_model(synthetic_h5ad, tmp
     assert main(["fit", *_args(synthetic_h5ad, tmp_path, *other, name="other")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "trained with other settings (loss.margin 0.05 there, 0.2 here; loss.negative" in err
+    # other optimiser settings, which the checkpoint's optimiser and schedule state would
+    # override (a schedule turned off would keep the rate the cosine had reached): refused
+    other = ["--model.lr", "0.05", "--model.scheduler", "none", "--ckpt_path", str(last)]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *other, name="opt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "other optimiser settings (optimization.lr 0.005 there, 0.05 here; "
+        "optimization.scheduler 'cosine' there, 'none' here)" in err
+    )
     # "last" resolved to a file that is corrupt: named, in one line
     last.write_bytes(last.read_bytes()[:50_000])
     resume = ["--ckpt_path", "last"]

@@ -132,6 +132,15 @@ class CellDataModule(pl.LightningDataModule):
         self._train_loader: CellLoader | None = None
         self._train_loader_state: dict[str, Any] | None = None
 
+    def reset(self) -> None:
+        """Forget what :meth:`setup` read (the collection, the split's collections, the
+        training loader), so that the next ``setup()`` reads the data again with the
+        module's settings as they are then (e.g. another gene vocabulary or label set). The
+        validation groups it drew stay, and so does a training loader state to restore."""
+        self.collection = self.train = self.val = None
+        self.categories = {}
+        self._train_loader = None
+
     def setup(self, stage: str | None = None) -> None:
         if self.collection is not None:
             return

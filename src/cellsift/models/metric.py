@@ -227,12 +227,10 @@ class MetricModel:
                 "scratch along with the encoder."
             )
         dm = data if isinstance(data, CellDataModule) else CellDataModule(data, study_key=study_key)
-        if dm.collection is not None and dm.collection.genes != self.genes:
-            raise ValueError(
-                "the data module was set up with other genes than the model's; pass it to "
-                "train() before calling setup()."
-            )
+        read_as = (dm.genes, dm.labels, dm.harmonize_labels)
         dm.genes, dm.labels, dm.harmonize_labels = self.genes, self.labels, True
+        if dm.collection is not None and read_as != (self.genes, self.labels, True):
+            dm.reset()  # set up (inspected) before: read again as the model reads them
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, compile=compile)
         plan.run_identity = self.run_identity()
         root = Path(default_root_dir) if default_root_dir is not None else Path.cwd()

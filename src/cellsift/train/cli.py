@@ -150,35 +150,7 @@ class FitCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
-        """Callbacks that watch validation metrics need validation cells (checked before the
-        first epoch, not at its end); a run resumed from a checkpoint logs on in the
-        TensorBoard run that wrote it."""
-        watching = sorted(
-            {
-                str(cb.monitor)
-                for cb in self.trainer.callbacks  # type: ignore[attr-defined]
-                if str(getattr(cb, "monitor", None) or "").startswith("val/")
-            }
-        )
-        dm = self.datamodule
-        if watching and isinstance(dm, CellDataModule) and dm.val is None:
-            raise ConfigError(
-                f"callbacks watch {', '.join(watching)}, but the data module holds no "
-                "validation cells (val_fraction=0 and no val_groups): set "
-                "--data.init_args.val_fraction (e.g. 0.1) or val_groups, or drop the "
-                "EarlyStopping / monitored ModelCheckpoint callbacks."
-            )
-        if watching and isinstance(dm, CellDataModule) and dm.val is not None and dm.label_key:
-            labels = dm.val.codes(dm.label_key)[1]
-            if len(labels) < 2:
-                raise ConfigError(
-                    f"callbacks watch {', '.join(watching)}, but the validation cells hold "
-                    f"{len(labels)} cell type{'' if len(labels) == 1 else 's'} "
-                    f"({', '.join(labels) or 'none'}): the silhouette compares two or more. "
-                    "Choose val_groups (or a split_key / val_fraction) whose cells hold "
-                    "several types, or drop the EarlyStopping / monitored ModelCheckpoint "
-                    "callbacks."
-                )
+        """A run resumed from a checkpoint logs on in the TensorBoard run that wrote it."""
         config = self.config[self.subcommand]
         logger = _continued_logger(self.trainer, config.get("ckpt_path"), config.trainer.logger)
         if logger is not None:

@@ -225,6 +225,16 @@ class TrainingPlan(pl.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return loss
 
+    def setup(self, stage: str) -> None:
+        _check_watched(self.trainer)
+        precision = str(self.trainer.precision)
+        if precision.endswith("-true") and precision != "32-true":
+            raise ConfigError(
+                f"precision {precision!r} casts the weights themselves, but batches arrive as "
+                "float32 counts (sparse in the first layer): use 'bf16-mixed' (or '16-mixed' "
+                "on a GPU) for lower precision, or '32-true'."
+            )
+
     def on_fit_start(self) -> None:
         # Lightning sets no mode at the start of training (validation restores the one it
         # found): a module left in eval mode by embedding, loading or an earlier fit would
@@ -332,6 +342,7 @@ class TrainingPlan(pl.LightningModule):
         checkpoint["cellsift_epoch_sums"] = self._global_epoch_sums()  # (every rank's)
         if self.run_identity is not None:
             checkpoint["cellsift_data"] = self.run_identity
+        checkpoint["cellsift_optimization"] = self._optimization()
         # the TensorBoard run it belongs to, which a resumed run logs on in (cellsift.train.
         # resume: `cellsift fit --ckpt_path`, MetricModel.train(ckpt_path=...))
         logger = self.trainer.logger if self._trainer is not None else None
@@ -361,6 +372,18 @@ class TrainingPlan(pl.LightningModule):
                     "those, or start a new run (or fine-tune the saved model bundle: "
                     "MetricModel.load(dir).train(...))."
                 )
+        # the optimiser's and schedule's state come from the checkpoint: other settings here
+        # would be silently overridden by them (or, for the schedule, mismatched with them)
+        changed = _changed_settings(
+            {"optimization": checkpoint.get("cellsift_optimization")},
+            {"optimization": self._optimization()},
+        )
+        if checkpoint.get("cellsift_optimization") is not None and changed:
+            raise ResumeError(
+                f"the checkpoint was trained with other optimiser settings ({'; '.join(changed)})"
+                ": a resumed run goes on with the optimiser and schedule state it saved. "
+                "Resume with those, or start a new run (or fine-tune the saved model bundle)."
+            )
         # the epoch's sums so far, for a run that goes on mid-epoch (a new epoch clears them):
         # every rank's, held by rank 0
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -391,6 +414,7 @@ class TrainingPlan(pl.LightningModule):
         self._rng_before_validation = _rng_state()
 
     def on_validation_end(self) -> None:
+        self._tick = None  # (the next step's rate is not the validation's)
         if self._rng_before_validation is not None:
             _set_rng_state(self._rng_before_validation)
             self._rng_before_validation = None
@@ -426,6 +450,10 @@ class TrainingPlan(pl.LightningModule):
             # the same value on every rank; synced so that Lightning knows it is global
             self.log("val/asw", float(silhouette(z, y, related)), sync_dist=True)
 
+    def _optimization(self) -> dict[str, Any]:
+        """The optimiser's and schedule's settings, which a resumed run must share."""
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "scheduler": self.scheduler}
+
     def configure_optimizers(self) -> Any:
         params = list(self.module.parameters())
         # torch's fused AdamW (one kernel over all parameters) runs on CPUs and CUDA GPUs: on
@@ -447,6 +475,40 @@ class TrainingPlan(pl.LightningModule):
         # a callable object) so that checkpoints do not store the old length
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _check_watched(trainer: pl.Trainer) -> None:
+    """Callbacks that watch validation metrics (early stopping, a monitored checkpoint) need
+    validation cells of several types: checked before the first epoch, not at its end."""
+    from ..data.datamodule import CellDataModule
+
+    watching = sorted(
+        {
+            str(cb.monitor)
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if str(getattr(cb, "monitor", None) or "").startswith("val/")
+        }
+    )
+    dm = trainer.datamodule  # type: ignore[attr-defined]
+    if not watching or not isinstance(dm, CellDataModule):
+        return
+    drop = "or drop the EarlyStopping / monitored ModelCheckpoint callbacks."
+    if dm.val is None:
+        raise ConfigError(
+            f"callbacks watch {', '.join(watching)}, but the data module holds no validation "
+            "cells (val_fraction=0 and no val_groups): set its val_fraction (e.g. 0.1) or "
+            f"val_groups (cellsift fit: --data.init_args.val_fraction), {drop}"
+        )
+    if dm.label_key:
+        labels = dm.val.codes(dm.label_key)[1]
+        if len(labels) < 2:
+            raise ConfigError(
+                f"callbacks watch {', '.join(watching)}, but the validation cells hold "
+                f"{len(labels)} cell type{'' if len(labels) == 1 else 's'} "
+                f"({', '.join(labels) or 'none'}): the silhouette compares two or more. "
+                f"Choose val_groups (or a split_key / val_fraction) whose cells hold several "
+                f"types, {drop}"
+            )
 
 
 def _changed_settings(saved: dict[str, Any] | None, here: dict[str, Any] | None) -> list[str]:
