@@ -11,6 +11,17 @@ import pytest
 from cellsift.cli import main
 
 
+def test_python_dash_m_runs_the_command(indexed_paths):
+    """``python -m cellsift`` is the ``cellsift`` command: its help, and a command's status."""
+    run = [sys.executable, "-m", "cellsift"]
+    out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage: cellsift" in out.stdout
+    out = subprocess.run(
+        [*run, "info", "no/such.h5ad"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and out.stderr.startswith("cellsift info: error:")
+
+
 def test_info(indexed_paths, capsys):
     assert main(["info", str(indexed_paths["soma"])]) == 0
     out = capsys.readouterr().out

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._utils import BACKED_ROWS, adata_counts, cell_mask
-from .errors import ConfigError, MissingKeyError
+from .errors import ConfigError, DataError, MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 from .tasks.index import CellIndexError
 
@@ -285,7 +285,7 @@ def search_centroid(
     labels = np.full(adata.n_obs, None, dtype=object)
     labels[mask] = "centroid"
     bulk = pseudobulk(adata, labels, layer=layer)
-    result = index.search(model.embed(bulk), k, filter=filter)
+    result = index.search(_embed_bulk(model, bulk, "the cell set"), k, filter=filter)
     if qc:
         if use_rep in adata.obsm:
             check_embedded_by(adata, use_rep, model)
@@ -312,11 +312,25 @@ def search_clusters(
     the pseudobulks embedded in one pass."""
     index.check_model(model)
     bulk = pseudobulk(adata, groupby, layer=layer)
-    res = index.search(model.embed(bulk), k, filter=filter)
+    res = index.search(_embed_bulk(model, bulk, f"groups of {groupby!r}"), k, filter=filter)
     return {
         str(name): SearchResult(res.distances[i : i + 1], res.indices[i : i + 1], index)
         for i, name in enumerate(bulk.obs_names)
     }
+
+
+def _embed_bulk(model: Any, bulk: ad.AnnData, what: str) -> np.ndarray:
+    """The pseudobulks' embeddings; a pseudobulk without counts in the model's genes (its
+    cells have none there) is an error naming it."""
+    x = model.aligned_counts(bulk)
+    empty = list(bulk.obs_names[np.diff(x.indptr) == 0])
+    if empty:
+        names = "" if empty == ["centroid"] else f" ({', '.join(map(repr, empty[:5]))})"
+        raise DataError(
+            f"{what}{names}: no counts in the model's {len(model.genes)} genes, summed over "
+            "the cells; choose cells with counts there, or point layer= at the counts."
+        )
+    return np.asarray(model.embed_aligned(x))
 
 
 def _is_default(value: Any, default: Any) -> bool:

@@ -161,6 +161,28 @@ def test_annotate_with_a_ready_annotator_refuses_options_it_would_ignore(bundle,
     ).all()
 
 
+def test_centroid_search_of_cells_without_counts_names_them(bundle, synthetic_h5ad):
+    """A cell set, or a group, without counts in the model's genes: an error naming the set
+    or the group (not "cells" the user never made, nor an option these functions lack)."""
+    from cellsift.errors import DataError
+
+    model = MetricModel.load(bundle)
+    ref = ad.read_h5ad(synthetic_h5ad)
+    index = CellIndex.build(model.embed(ref), ref.obs.reset_index(drop=True), model=model)
+    query = ref[:40].copy()
+    x = query.X.tolil()
+    x[:20] = 0
+    query.X = x.tocsr()
+    query.obs["part"] = np.where(np.arange(40) < 20, "empty", "full")
+    with pytest.raises(DataError, match=r"^the cell set: no counts in the model's \d+ genes"):
+        cs.tl.search_centroid(query, model, index, cells=np.arange(40) < 20, k=5, qc=False)
+    with pytest.raises(DataError, match=r"^groups of 'part' \('empty'\): no counts"):
+        cs.tl.search_clusters(query, model, index, "part", k=5)
+    full = cs.tl.search_centroid(query, model, index, cells=np.arange(40) >= 20, k=5, qc=False)
+    bulk = cs.tl.pseudobulk(query[20:], np.full(20, "x"))
+    np.testing.assert_array_equal(full.indices, index.search(model.embed(bulk), 5).indices)
+
+
 def test_counts_stored_in_parts_or_as_zeros_embed_as_the_counts(bundle, synthetic_h5ad):
     """A count split over two entries of a CSR row (not canonical) embeds as the count;
     stored zeros are no counts; the caller's matrix is left as it was."""

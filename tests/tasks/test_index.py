@@ -146,6 +146,14 @@ def test_filter_errors(ivf, data):
         ivf.search(q, 5, filter={"study": "no_such_study"})
     with pytest.raises(CellIndexError, match="does not have"):
         ivf.search(q, 5, filter={"tissue": "blood"})
+    import pyarrow.compute as pc
+
+    with pytest.raises(CellIndexError, match=r"does not have \('tissue'\); it has \['cluster'"):
+        ivf.search(q, 5, filter=pc.field("tissue") == "blood")
+    with pytest.raises(CellIndexError, match=r"or a pyarrow\.compute\.Expression, not str"):
+        ivf.search(q, 5, filter="study == 'study_01'")
+    hits = ivf.search(q[:3], 5, filter=pc.field("study") == "study_01").metadata(["study"])
+    assert set(hits["study"]) == {"study_01"}
     for search in (lambda x: ivf.search(x, 5), lambda x: ivf.search_within(x, 0.2)):
         with pytest.raises(CellIndexError, match="queries have 10 dims"):
             search(q[:, :10])

@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,6 +365,12 @@ class CellIndex:
                     for c, v in filter.items()
                 )
                 types = f" ({types})"
+            absent = re.search(r"No match for FieldRef\.Name\((.*?)\)", str(err))
+            if absent is not None:  # an expression naming a column the metadata lack
+                raise CellIndexError(
+                    f"the filter {filter} names a column the metadata does not have "
+                    f"({absent.group(1)!r}); it has {sorted(names - {'cell_index'})}."
+                ) from None
             raise CellIndexError(
                 f"the filter {filter!r} cannot be compared with the metadata{types}: give "
                 f"values of each column's type, e.g. text for a text column. ({err})"
@@ -863,7 +870,12 @@ def _expression(filter: FilterLike) -> Any:
         if expr is None:
             raise CellIndexError("an empty filter selects nothing; pass None to search all cells.")
         return expr
-    return filter  # a pyarrow.compute.Expression
+    if not isinstance(filter, pc.Expression):
+        raise CellIndexError(
+            f"a filter is a mapping of columns to values ({{'donor': ['d1', 'd2']}}) or a "
+            f"pyarrow.compute.Expression, not {type(filter).__name__} ({filter!r})."
+        )
+    return filter
 
 
 def _as_list(value: Any) -> list[Any] | None:
