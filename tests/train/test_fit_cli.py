@@ -331,6 +331,11 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
             ["--data.init_args.mode", "blocks"],
             r"--data.init_args.mode: 'blocks' is not valid \(expected one of 'sequential'",
         ),
+        (
+            ["--data.init_args.batch_sise", "3"],
+            r"--data\.init_args\.batch_sise is not an option of CellDataModule",
+        ),
+        (["--trainer.precision", "17"], r"precision: '17' is not valid \(expected .*'bf16-mixed'"),
     ],
 )
 def test_fit_says_bad_settings_in_one_line(synthetic_h5ad, tmp_path, capsys, extra, message):

@@ -206,6 +206,12 @@ def _one_line(message: str) -> str:
     if key is None:
         return "; ".join(lines)
     name, rest = key.groups()
+    unknown = re.search(r"Option '([^']+)' is not accepted", message)
+    if unknown is not None:  # a misspelt option of a class (the command line or a YAML)
+        owner = re.search(r"class_path '([^']+)'", message)
+        where = f"{name}.init_args" if owner is not None else name
+        of = f" of {owner.group(1).rsplit('.', 1)[-1]}" if owner is not None else ""
+        return f"--{where}.{unknown.group(1)} is not an option{of}"
     # a bad value of a class's argument (--data.init_args.mode): jsonargparse names the
     # argument inside its message about the class union
     inner = re.search(
@@ -222,6 +228,13 @@ def _one_line(message: str) -> str:
     )
     if rest or given is None:
         return f"--{name}: " + "; ".join([rest] if rest else lines[1:])
-    expected = re.findall(r"Expected a <class '(\w+)'>", message)
-    kinds = " or ".join(dict.fromkeys("null" if e == "NoneType" else e for e in expected))
+    expected = []
+    for kind in re.findall(r"Expected an? (<class '\w+'>|typing\.Literal\[.*\])$", message, re.M):
+        cls = re.fullmatch(r"<class '(\w+)'>", kind)
+        expected.append(
+            ("null" if cls.group(1) == "NoneType" else cls.group(1))
+            if cls is not None
+            else kind[len("typing.Literal[") : -1]  # the values themselves
+        )
+    kinds = " or ".join(dict.fromkeys(expected))
     return f"--{name}: {given!r} is not valid" + (f" (expected {kinds})" if kinds else "")
