@@ -342,3 +342,54 @@ def test_compiled_draws_do_not_depend_on_threads(mode):
         numba.set_num_threads(before)
     assert picks[0].shape[1] > 0
     assert torch.equal(picks[0], picks[1])
+
+
+@pytest.mark.parametrize("negative", ["semihard", "hardest", "random"])
+def test_nan_distances_cost_only_their_own_candidates_on_both_paths(monkeypatch, negative):
+    """A cell with a NaN embedding (and a NaN distance with its sign bit set): the compiled
+    CPU kernel and the sorting path of other devices find a negative for the same pairs,
+    every one valid by the distances that are numbers."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1)
+    y = torch.randint(0, 4, (64,), generator=g)
+    z[0] = float("nan")
+    d = pairwise_distance(z)
+    d[5, 9] = d[9, 5] = torch.tensor(float("nan")).neg()  # (-NaN: a negative key if sorted)
+    kw = {"margin": 0.3, "negative": negative, "dist_nn": d}
+    compiled = mine_triplets(z, y, **kw, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(triplet_module, "_compiled_path", lambda device: False)
+    sorting = mine_triplets(z, y, **kw, generator=torch.Generator().manual_seed(1))
+    assert len(compiled) == len(sorting) > 0 and compiled.n_pairs == sorting.n_pairs
+    for t in (compiled, sorting):
+        d_ap, d_an = d[t.anchor, t.positive], d[t.anchor, t.negative]
+        assert not d_an.isnan().any() and (y[t.negative] != y[t.anchor]).all()
+        assert (d_an < d_ap + 0.3).all()
+        if negative == "semihard":
+            assert (d_an > d_ap).all()
+
+
+def test_mining_settings_and_study_codes_are_checked():
+    """Study codes of another length or below -1 (the CPU kernel reads them unchecked), a
+    related_ll that is not square, and unknown negative / distance names at construction:
+    errors naming them."""
+    z, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    for study in (torch.tensor([0, 1]), torch.tensor([0, 0, 1, 1, -2, 0, 1, 1])):
+        with pytest.raises(ValueError, match="study_n must hold one study code"):
+            mine_triplets(z, y, study_n=study)
+    with pytest.raises(ValueError, match=r"related_ll is \(3, 5\), not labels x labels"):
+        mine_triplets(z, y, torch.zeros(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="negative must be semihard, hardest or random"):
+        TripletLoss(negative="semi-hard")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="distance must be 'cosine' or 'euclidean'"):
+        TripletLoss(distance="cos")  # type: ignore[arg-type]
+
+
+def test_euclidean_distances_stay_in_float32_under_autocast():
+    """Mining compares distances within a margin: under bf16 autocast the euclidean distance
+    is computed in float32, as the cosine one is."""
+    z = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = pairwise_distance(z, "euclidean")
+    assert d.dtype == torch.float32
+    want = torch.cdist(z.double(), z.double()).float()
+    torch.testing.assert_close(d, want, atol=1e-4, rtol=1e-4)

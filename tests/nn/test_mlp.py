@@ -102,3 +102,16 @@ def test_sparse_input_with_a_column_outside_the_genes_is_refused():
     )
     with torch.no_grad(), pytest.raises(ValueError, match="outside the batch's 50 genes"):
         enc(bad)
+
+
+@pytest.mark.parametrize("n_genes", [40, 60])
+def test_a_sparse_batch_of_another_gene_count_is_refused(n_genes):
+    """A CSR batch read by the sparse first layer must have the encoder's genes: fewer gave
+    an embedding without a word (a dense batch fails), more read past the weight."""
+    enc = MLPEncoder(50, (8,), 4).eval()
+    x = torch.eye(3, n_genes).to_sparse_csr()
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match=rf"has {n_genes} genes, the encoder reads 50"),
+    ):
+        enc(x)

@@ -31,3 +31,16 @@ def test_ontology_aware_silhouette_ignores_relatives():
     assert aware > plain + 0.3  # T and CD4 T being close is not a fault
     y[:5] = -1
     assert np.isfinite(float(silhouette(z, y, related, distance="euclidean")))
+
+
+def test_silhouette_of_degenerate_embeddings_matches_sklearn():
+    """Cells of two labels at the same points (a = b = 0) and a collapsed embedding (every
+    distance 0, self-distances included): scikit-learn's values, not NaN or -0.5."""
+    shared = np.array([[1.0, 0, 0]] * 3 + [[0, 1.0, 0]] * 3 + [[1.0, 0, 0]] * 2)
+    cases = [
+        (shared, np.array([0, 0, 0, 1, 1, 1, 2, 2])),
+        (np.ones((6, 3)), np.array([0, 0, 1, 1, 2, 2])),
+    ]
+    for z, y in cases:
+        got = float(silhouette(torch.tensor(z, dtype=torch.float32), torch.tensor(y)))
+        assert got == pytest.approx(silhouette_score(z, y, metric="cosine"), abs=1e-6)

@@ -47,12 +47,13 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
     """
     if distance == "cosine":
         return _CosineDistance.apply(nn.functional.normalize(z_nk, dim=1))
-    if distance == "euclidean":
-        sq = (z_nk * z_nk).sum(1)
-        d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
-        d2.fill_diagonal_(0.0)  # not the rounding error of |z|^2 + |z|^2 - 2 z.z
-        positive = d2 > 0
-        return torch.where(positive, torch.where(positive, d2, 1.0).sqrt(), 0.0)
+    if distance == "euclidean":  # (in the input's precision, not autocast's: as cosine's)
+        with torch.autocast(z_nk.device.type, enabled=False):
+            sq = (z_nk * z_nk).sum(1)
+            d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
+            d2.fill_diagonal_(0.0)  # not the rounding error of |z|^2 + |z|^2 - 2 z.z
+            positive = d2 > 0
+            return torch.where(positive, torch.where(positive, d2, 1.0).sqrt(), 0.0)
     raise ValueError(f"distance must be 'cosine' or 'euclidean', not {distance!r}.")
 
 
@@ -180,6 +181,8 @@ def _negatives_sorted(
     banned = related_ll[yc][:, yc] | ~labelled[None, :]
     if also_allowed_nn is not None:
         banned &= ~also_allowed_nn
+    # NaN (of either sign: its bits would sort as a negative key) is no candidate either
+    banned |= d_nn.isnan()
     dist = d_nn.float().clamp_min(0.0).masked_fill_(banned, float("inf")).add_(0.0)  # +0
     if negative == "hardest":  # the largest loss is the nearest negative's
         d_min, nearest = dist.min(1)
@@ -336,6 +339,16 @@ def mine_triplets(
             )
         if tuple(d.shape) != (n, n):
             raise ValueError(f"dist_nn is {tuple(d.shape)}, not cells x cells ({n} x {n}).")
+        if related_ll.shape[0] != related_ll.shape[1]:
+            raise ValueError(f"related_ll is {tuple(related_ll.shape)}, not labels x labels.")
+        if study_n is not None and (
+            tuple(study_n.shape) != (n,) or (len(study_n) and int(study_n.min()) < -1)
+        ):  # (the CPU kernel does not check its indices)
+            raise ValueError(
+                f"study_n must hold one study code (>= 0, or -1 for none) per cell ({n}); "
+                f"it has shape {tuple(study_n.shape)}"
+                + (f" and codes down to {int(study_n.min())}." if study_n.numel() else ".")
+            )
         if compiled:  # the draws: SplitMix64 from a seed of the torch generator (hardest: none)
             seed = 0
             if negative != "hardest":
@@ -416,6 +429,10 @@ class TripletLoss(nn.Module):
         super().__init__()
         if relatives not in ("never", "resolved"):
             raise ValueError(f"relatives must be 'never' or 'resolved', not {relatives!r}.")
+        if negative not in ("semihard", "hardest", "random"):
+            raise ValueError(f"negative must be semihard, hardest or random, not {negative!r}.")
+        if distance not in ("cosine", "euclidean"):
+            raise ValueError(f"distance must be 'cosine' or 'euclidean', not {distance!r}.")
         if relatives == "resolved" and ancestor_ll is None:
             raise ValueError("relatives='resolved' needs ancestor_ll (CellOntology.closure).")
         self.margin, self.negative, self.distance = margin, negative, distance

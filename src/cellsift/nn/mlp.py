@@ -61,6 +61,11 @@ class MLPEncoder(nn.Module):
         at = next(i for i, m in enumerate(first) if isinstance(m, nn.Linear))
         linear = first[at]
         assert isinstance(linear, nn.Linear)
+        if x_ng.shape[1] != linear.in_features:  # (the kernel reads the weight by gene)
+            raise ValueError(
+                f"the batch has {x_ng.shape[1]} genes, the encoder reads {linear.in_features}: "
+                "align the counts to the model's genes first."
+            )
         stored = values = x_ng.values()  # values() makes a new tensor object on every call
         for m in first[:at]:  # the input dropout
             assert isinstance(m, nn.Dropout)

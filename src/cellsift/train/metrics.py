@@ -28,6 +28,7 @@ def silhouette(
     if len(labels) < 2:
         raise ValueError("the silhouette needs at least two labels.")
     d = pairwise_distance(z, distance).double()
+    d.fill_diagonal_(0.0)  # (a cell's distance to itself, not float32's rounding of it)
     onehot = torch.nn.functional.one_hot(y, len(labels)).double()
     counts = onehot.sum(0)
     sums = d @ onehot  # cells x labels: total distance to each label
@@ -38,6 +39,7 @@ def silhouette(
     if related_ll is not None:
         other &= ~related_ll.to(z.device)[labels][:, labels]
     b = mean.masked_fill(~other[y], float("inf")).min(1).values
-    s = (b - a) / torch.maximum(a, b)
-    s = torch.where((own > 0) & torch.isfinite(b), s, torch.zeros_like(s))
+    top = torch.maximum(a, b)
+    s = (b - a) / top.clamp_min(torch.finfo(top.dtype).tiny)  # (a = b = 0: 0, as scikit-learn)
+    s = torch.where((own > 0) & torch.isfinite(b) & (top > 0), s, torch.zeros_like(s))
     return s.mean().float()
