@@ -261,6 +261,23 @@ def test_a_missing_metadata_column_is_named():
         bare.summary("donor")
 
 
+def test_add_names_a_mismatch_of_cell_names():
+    """Cells named by their metadata's rows (obs_name) and new cells without names, or the
+    reverse: the error says where obs_name comes from and what to pass."""
+    x = np.random.default_rng(0).normal(size=(20, 4))
+    named = pd.DataFrame({"y": list("ab") * 10}, index=[f"c{i}" for i in range(20)])
+    index = CellIndex.build(x, named, engine="exact")
+    with pytest.raises(CellIndexError, match="obs_name holds the cells' names, which the index"):
+        index.add(x[:2], pd.DataFrame({"y": ["a", "b"]}))
+    bare = CellIndex.build(x, named.reset_index(drop=True), engine="exact")
+    with pytest.raises(
+        CellIndexError, match=r"pass the new metadata with reset_index\(drop=True\)"
+    ):
+        bare.add(x[:2], pd.DataFrame({"y": ["a", "b"]}, index=["n1", "n2"]))
+    index.add(x[:2], pd.DataFrame({"y": ["a", "b"]}, index=["n1", "n2"]))
+    assert index.metadata_rows([20, 21])["obs_name"].tolist() == ["n1", "n2"]
+
+
 def test_metadata_rows_outside_the_index_are_named():
     """A search's -1 slots (k above the cells) or a row past the end: an error that says
     what -1 means, not pyarrow's; the cells of the index give their rows."""

@@ -633,9 +633,20 @@ class CellIndex:
             old = self._metadata if self._metadata is not None else self._dataset().to_table()
             new = _as_table(metadata, len(emb), start=start)
             if set(new.schema.names) != set(old.schema.names):
+                why = ""
+                if "obs_name" in set(old.schema.names) - set(new.schema.names):
+                    why = (
+                        " (obs_name holds the cells' names, which the index took from its "
+                        "metadata's row names: give the new cells' names as their row names)"
+                    )
+                elif "obs_name" in set(new.schema.names) - set(old.schema.names):
+                    why = (
+                        " (the new metadata's row names become obs_name, but the index holds "
+                        "no cell names: pass the new metadata with reset_index(drop=True))"
+                    )
                 raise CellIndexError(
                     f"metadata columns differ: index {sorted(old.schema.names)}, new "
-                    f"{sorted(new.schema.names)}."
+                    f"{sorted(new.schema.names)}{why}."
                 )
             self._metadata = _concat_metadata(old, new.select(old.schema.names))
             self._metadata_path = None
