@@ -241,6 +241,14 @@ def remove_path(path: Path, attempts: int = 50) -> None:
 def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     """A boolean mask over ``adata``'s cells from a mask or obs names; an empty selection,
     a mask of the wrong length or unknown names are errors naming ``what``."""
+    if isinstance(getattr(group, "dtype", None), pd.BooleanDtype):  # a nullable mask
+        missing = int(pd.isna(group).sum())
+        if missing:
+            raise ValueError(
+                f"{what}: the mask has {missing} missing values (<NA>, e.g. from a comparison "
+                "on a column with missing values); fill them first (mask.fillna(False))."
+            )
+        group = np.asarray(group, dtype=bool)
     arr = np.asarray(group)
     if arr.dtype == bool:
         if arr.ndim != 1 or len(arr) != adata.n_obs:

@@ -241,6 +241,8 @@ def _group_labels(adata: ad.AnnData, groups: Any) -> Any:
                 f"obs has no column {groups!r}; it has {', '.join(map(str, adata.obs.columns))}."
             )
         return adata.obs[groups].array
+    if isinstance(groups, pd.Series) and groups.index.astype(str).equals(adata.obs_names):
+        return groups.array  # (in obs order already: also where obs names repeat)
     if isinstance(groups, pd.Series) and not isinstance(groups.index, pd.RangeIndex):
         index = groups.index.astype(str)
         if index.has_duplicates or not adata.obs_names.isin(index).all():

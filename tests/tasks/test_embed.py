@@ -183,6 +183,49 @@ def test_centroid_search_of_cells_without_counts_names_them(bundle, synthetic_h5
     np.testing.assert_array_equal(full.indices, index.search(model.embed(bulk), 5).indices)
 
 
+def test_embed_collection_checks_its_input_before_writing(bundle, synthetic_h5ad, tmp_path):
+    """A CellCollection of other genes (it was embedded in its own gene order), cells whose
+    counts all lie in genes the model lacks (they would all land on one point), sizes below
+    1 and obs columns the stores lack: errors naming them, before or instead of a store."""
+    from cellsift.data import CellCollection
+    from cellsift.errors import ConfigError, MissingKeyError
+
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)
+    reversed_genes = adata[:, adata.var_names[::-1]].copy()
+    reversed_genes.write_h5ad(tmp_path / "rev.h5ad")
+    with pytest.raises(ConfigError, match=r"build it with genes=model\.genes"):
+        embed_collection(model, CellCollection(tmp_path / "rev.h5ad"), tmp_path / "a.zarr")
+    aligned = CellCollection(tmp_path / "rev.h5ad", genes=model.genes)
+    out = embed_collection(model, aligned, tmp_path / "b.zarr")
+    np.testing.assert_allclose(load_embeddings(out)[0], model.embed(adata), atol=1e-5)
+
+    few = adata[:50].copy()
+    other = ad.AnnData(
+        few.X.copy(), obs=few.obs, var=pd.DataFrame(index=[f"other{i}" for i in range(few.n_vars)])
+    )
+    mixed = ad.concat([few, other[:1]], join="outer", index_unique="-")
+    mixed.write_h5ad(tmp_path / "mixed.h5ad")
+    with pytest.raises(DataError, match=r"1 of 51 cells read .* no counts in the model's genes"):
+        embed_collection(model, tmp_path / "mixed.h5ad", tmp_path / "c.zarr")
+    for kwargs in ({"batch_size": 0}, {"devices": 0}):
+        with pytest.raises(ConfigError, match=f"{next(iter(kwargs))} must be a whole number"):
+            embed_collection(model, synthetic_h5ad, tmp_path / "d.zarr", **kwargs)
+    with pytest.raises(ConfigError, match="batch_size must be a whole number of at least 1"):
+        cs.tl.embed(adata[:10].copy(), model, batch_size=0)
+    with pytest.raises(MissingKeyError, match=r"obs_columns \['donr'\] are not obs columns"):
+        embed_collection(model, synthetic_h5ad, tmp_path / "e.zarr", obs_columns=["donr"])
+    assert not list(tmp_path.glob(".e.zarr*"))  # nothing embedded first
+
+
+def test_pseudobulk_takes_a_column_of_cells_with_repeated_names(synthetic_h5ad):
+    adata = ad.read_h5ad(synthetic_h5ad)[:40].copy()
+    adata.obs_names = [f"c{i % 10}" for i in range(40)]
+    by_name = cs.tl.pseudobulk(adata, "dataset_id")
+    by_series = cs.tl.pseudobulk(adata, adata.obs["dataset_id"])
+    np.testing.assert_array_equal(by_series.X.toarray(), by_name.X.toarray())
+
+
 def test_counts_stored_in_parts_or_as_zeros_embed_as_the_counts(bundle, synthetic_h5ad):
     """A count split over two entries of a CSR row (not canonical) embeds as the count;
     stored zeros are no counts; the caller's matrix is left as it was."""

@@ -199,6 +199,13 @@ def test_errors(linear):
         explain_difference(model, adata, is_a, ~is_a, baseline="ones")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="one log-normalised value per model gene"):
         explain_difference(model, adata, is_a, ~is_a, baseline=np.zeros(3))
+    nan = np.full(adata.n_vars, np.nan)
+    with pytest.raises(ValueError, match=r"baseline holds \d+ values that are not finite"):
+        explain_difference(model, adata, is_a, ~is_a, baseline=nan)
+    nullable = pd.Series(is_a, dtype="boolean")
+    nullable[3] = pd.NA  # (a comparison on a column with missing values gives such a mask)
+    with pytest.raises(ValueError, match=r"group_a: the mask has 1 missing values \(<NA>"):
+        explain_difference(model, adata, nullable, ~is_a)
     with pytest.raises(ValueError, match="n_steps"):
         explain_difference(model, adata, is_a, ~is_a, n_steps=0)
     with pytest.raises(ConfigError, match="batch_size must be at least 1 cell, not 0"):

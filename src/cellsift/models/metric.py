@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from .._utils import BACKED_ROWS, adata_counts, canonical, logger, model_fingerprint
+from .._utils import BACKED_ROWS, adata_counts, canonical, is_whole, logger, model_fingerprint
 from .._warnings import UntrainedDecoderWarning, warn
 from ..data import CellCollection, GeneVocabulary
 from ..data.collection import check_count_values
@@ -365,6 +365,10 @@ class MetricModel:
         device: str | torch.device | None = None,
     ) -> np.ndarray:
         """``fn(batch)`` over counts already in the model's gene order (:meth:`aligned_counts`)."""
+        if not is_whole(batch_size, least=1):
+            raise ConfigError(
+                f"batch_size must be a whole number of at least 1, not {batch_size!r}."
+            )
         dev = torch.device(device) if device is not None else next(self.module.parameters()).device
         self.module.to(dev).eval()
         out = []

@@ -39,6 +39,7 @@ from .._utils import (
     check_replaceable,
     holds,
     import_optional,
+    is_whole,
     logger,
     model_fingerprint,
     move_into_place,
@@ -51,7 +52,7 @@ from ..data import CellCollection
 from ..data.collection import resolve_paths
 from ..data.loader import to_torch_csr
 from ..data.stores import is_anndata, refuse_other
-from ..errors import DataError
+from ..errors import ConfigError, DataError, MissingKeyError
 
 #: What an existing ``out`` must be for ``overwrite`` to replace it.
 _REPLACES = holds("zarr.json", "metadata.parquet")
@@ -96,6 +97,14 @@ def embed_collection(
     rank embeds its own shard and all ranks return once the store is in place.
     """
     out = Path(out)
+    for name, value in (("batch_size", batch_size), ("devices", devices)):
+        if not is_whole(value, least=1):
+            raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}.")
+    if isinstance(source, CellCollection) and source.genes != model.genes:
+        raise ConfigError(
+            "the CellCollection reads other genes (or another order) than the model's: "
+            "build it with genes=model.genes, or pass its stores' paths (aligned here)."
+        )
     check_replaceable(out, overwrite, _REPLACES, _WHAT)
     stores = source.stores if isinstance(source, CellCollection) else resolve_paths(source)
     if any(is_anndata(s) or getattr(s, "format", None) == "memory" for s in stores):
@@ -188,6 +197,13 @@ def _embed_rank(
             check_counts=check_counts,
         )
     )
+    if obs_columns is not None:  # (named before the cells are embedded, not after)
+        have = _all_columns(coll)
+        missing = [c for c in obs_columns if c not in have]
+        if missing:
+            raise MissingKeyError(
+                f"obs_columns {missing} are not obs columns of every store; they have {have}."
+            )
     n = coll.n_obs
     bounds = [n * r // world for r in range(world + 1)]
     staging = out.with_name(f".{out.name}.partial-of-{world}")
@@ -243,7 +259,10 @@ def _write_shard(
                 starts, total=len(starts), desc="embed", enabled=progress_bar, unit="batch"
             ):
                 rows = np.arange(s, min(s + batch_size, stop))
-                x = to_torch_csr(coll.read(rows)).to(dev)
+                counts = coll.read(rows)
+                if coll.check_counts:
+                    _check_some_counts(coll, counts, rows)
+                x = to_torch_csr(counts).to(dev)
                 pending.append(module.embed({"x_ng": x}).float().cpu().numpy())
                 held = sum(len(p) for p in pending)
                 last = rows[-1] == stop - 1
@@ -252,6 +271,25 @@ def _write_shard(
                     cut = held if last else held - held % CHUNK
                     arr[written : written + cut] = block[:cut]
                     written, pending = written + cut, [block[cut:]]
+
+
+def _check_some_counts(coll: CellCollection, counts: Any, rows: np.ndarray) -> None:
+    """Cells without counts in the model's genes (their counts all in other genes) carry
+    nothing to embed: they would all land on one point. An error naming some."""
+    empty = rows[np.diff(counts.indptr) == 0]
+    if len(empty) == 0:
+        return
+    ids = coll.cell_ids[empty[:3]]
+    k = np.searchsorted(coll.offsets, ids, side="right") - 1
+    where = [
+        f"{coll.stores[j].path} row {i - coll.offsets[j]}" for i, j in zip(ids, k, strict=True)
+    ]
+    raise DataError(
+        f"{len(empty)} of {len(rows)} cells read (rows {rows[0]}-{rows[-1]}) have no counts in "
+        f"the model's genes (e.g. {'; '.join(where)}); they carry nothing to embed. Leave "
+        "them out of the stores, or embed them anyway with check_counts=False (cellsift "
+        "embed: --no-check-counts)."
+    )
 
 
 def _set_attrs(shard: Path, attrs: dict) -> None:

@@ -302,6 +302,11 @@ def _baseline(baseline: Baseline | np.ndarray, mean_b: np.ndarray, n_genes: int)
             f"a baseline array needs one log-normalised value per model gene ({n_genes}), "
             f"not shape {arr.shape}."
         )
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"the baseline holds {int((~np.isfinite(arr)).sum())} values that are not finite "
+            "(NaN or inf): every attribution would be NaN. Give finite log-normalised values."
+        )
     return torch.from_numpy(arr.copy())
 
 
