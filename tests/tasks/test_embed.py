@@ -423,6 +423,16 @@ def test_two_ranks_write_one_shard_each_and_match_one_process(bundle, synthetic_
     shards = zarr.open_group(str(two), mode="r").attrs["shards"]
     assert [(s["start"], s["stop"]) for s in shards] == [(0, len(e1) // 2), (len(e1) // 2, len(e1))]
     assert not list(tmp_path.glob(".*"))  # no staging or temporary directory left
+    # a cell that is not counts, read by the second rank: its own error, as one process
+    # raises it (the command line's one line), not the rank's traceback
+    bad = ad.read_h5ad(synthetic_h5ad)
+    x = bad.X.tolil()
+    x[len(e1) - 3, 0] = -1
+    bad.X = x.tocsr()
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(DataError, match=r"holds -1; counts are finite and non-negative"):
+        embed_collection(model, tmp_path / "bad.h5ad", tmp_path / "bad.zarr", devices=2)
+    assert not list(tmp_path.glob("*.error"))
 
 
 @pytest.mark.multi_device

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import time
 from collections.abc import Sequence
@@ -52,7 +53,7 @@ from ..data import CellCollection
 from ..data.collection import resolve_paths
 from ..data.loader import to_torch_csr
 from ..data.stores import is_anndata, refuse_other
-from ..errors import ConfigError, DataError, MissingKeyError
+from ..errors import CellsiftError, ConfigError, DataError, MissingKeyError
 
 #: What an existing ``out`` must be for ``overwrite`` to replace it.
 _REPLACES = holds("zarr.json", "metadata.parquet")
@@ -136,7 +137,13 @@ def embed_collection(
                 pass
         except BaseException:  # (SIGTERM or Ctrl-C to this process alone, a rank's failure)
             _end(ranks.processes)  # the finished shards stay: a rerun resumes from them
+            failure = _rank_failure(out, devices)
+            if failure is not None:  # a rank's own error (bad input), as one process says it
+                raise failure from None
             raise
+        finally:
+            for rank in range(devices):
+                _rank_error_file(out, rank).unlink(missing_ok=True)
         return out
     return _embed_rank(model, source, out, **kwargs)
 
@@ -155,6 +162,28 @@ def _end(processes: Sequence[Any], grace: float = 10.0) -> None:
             p.join()
 
 
+#: Errors of a rank that are about the input or the settings: the main process raises them
+#: as they are (one line on the command line), not as the rank's traceback.
+_USER_ERRORS = (CellsiftError, FileNotFoundError, FileExistsError)
+
+
+def _rank_error_file(out: Path, rank: int) -> Path:
+    return out.with_name(f".{out.name}.rank-{rank:05d}.error")
+
+
+def _rank_failure(out: Path, world: int) -> BaseException | None:
+    """The first rank's error about the input or settings, as it raised it (None: none)."""
+    for rank in range(world):
+        path = _rank_error_file(out, rank)
+        try:
+            err = pickle.loads(path.read_bytes())
+        except (OSError, pickle.UnpicklingError, TypeError, AttributeError, EOFError):
+            continue
+        if isinstance(err, BaseException):
+            return err
+    return None
+
+
 def _spawned(
     rank: int, world: int, port: int, model: Any, source: Any, out: Path, kwargs: dict
 ) -> None:
@@ -166,6 +195,12 @@ def _spawned(
             torch.cuda.set_device(rank)
             kwargs = {**kwargs, "device": f"cuda:{rank}"}
         _embed_rank(model, source, out, **kwargs)
+    except _USER_ERRORS as err:  # for the main process to raise (_rank_failure)
+        try:
+            _rank_error_file(out, rank).write_bytes(pickle.dumps(err))
+        except (OSError, pickle.PicklingError, TypeError, AttributeError):
+            pass  # (the rank's traceback still reaches the main process)
+        raise
     finally:
         dist.destroy_process_group()
 
