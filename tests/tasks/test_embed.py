@@ -218,6 +218,30 @@ def test_embed_collection_checks_its_input_before_writing(bundle, synthetic_h5ad
     assert not list(tmp_path.glob(".e.zarr*"))  # nothing embedded first
 
 
+def test_obs_columns_named_like_the_origin_columns_do_not_replace_them(
+    bundle, synthetic_h5ad, tmp_path
+):
+    """obs columns called store, store_row or obs_name: each cell's origin stays under those
+    names (search hits lead back to their cells), the obs columns are kept as <name>_obs."""
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)[:60].copy()
+    adata.obs["store"] = "shop_A"
+    adata.obs["obs_name"] = "x"
+    adata.write_h5ad(tmp_path / "clash.h5ad")
+    with pytest.warns(CellsiftWarning) as said:
+        out = embed_collection(model, tmp_path / "clash.h5ad", tmp_path / "e.zarr")
+    stored = [str(w.message).split(" is stored as ") for w in said]
+    assert sorted(m[1].split()[0] for m in stored if len(m) == 2) == [
+        "'obs_name_obs'",
+        "'store_obs'",
+    ]
+    meta = load_embeddings(out)[1]
+    assert set(meta["store"].astype(str)) == {str(tmp_path / "clash.h5ad")}
+    assert meta["obs_name"].tolist() == adata.obs_names.tolist()
+    assert meta["store_row"].tolist() == list(range(60))
+    assert set(meta["store_obs"]) == {"shop_A"} and set(meta["obs_name_obs"]) == {"x"}
+
+
 def test_pseudobulk_takes_a_column_of_cells_with_repeated_names(synthetic_h5ad):
     adata = ad.read_h5ad(synthetic_h5ad)[:40].copy()
     adata.obs_names = [f"c{i % 10}" for i in range(40)]

@@ -49,6 +49,7 @@ from .._utils import (
     temporaries,
     text_or_none,
 )
+from .._warnings import warn
 from ..data import CellCollection
 from ..data.collection import resolve_paths
 from ..data.loader import to_torch_csr
@@ -369,8 +370,16 @@ def _finalize(
     cols = list(obs_columns) if obs_columns is not None else _all_columns(coll)
     meta = pd.DataFrame({c: np.asarray(coll.obs_column(c)) for c in cols})
     for c, values in coll.origin().items():  # each cell's store, row and obs name
-        if c not in meta.columns:
-            meta[c] = values.to_numpy()
+        if c in meta.columns:  # an obs column of that name: kept under another
+            kept = f"{c}_obs"
+            while kept in meta.columns:
+                kept += "_"
+            meta = meta.rename(columns={c: kept})
+            warn(
+                f"the obs column {c!r} is stored as {kept!r} in the embeddings' metadata: "
+                f"{c!r} there holds each cell's origin (store, store_row, obs_name)."
+            )
+        meta[c] = values.to_numpy()
     for c in meta.columns:
         if meta[c].dtype == object:  # as text, missing values kept missing (not "nan")
             meta[c] = text_or_none(meta[c].to_numpy())
