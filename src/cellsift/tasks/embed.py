@@ -6,7 +6,7 @@ The store is a directory, moved into place only once complete::
       zarr.json           group attrs: model config, sources, n_cells, the shards' row ranges
       shard-00000/        zarr v3 array, rows [start, stop) x latent float32 (one per rank)
       ...
-      metadata.parquet    the cells' obs columns (plus ``cell_index``), for the CellIndex
+      metadata.parquet    the cells' obs columns and origin (store, store_row, obs_name)
 
 Each rank of a multi-device run (``devices=N`` spawns N processes, one per GPU, or joins a
 running ``torch.distributed`` job) embeds one contiguous slice of the cells and writes its
