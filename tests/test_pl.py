@@ -95,6 +95,23 @@ def test_embedding_errors(cells):
         pl.embedding(cells, "cell_type", palette={"B": "red", "NK": "green"})
 
 
+def test_embedding_palettes_of_too_few_colours_or_keyed_by_value():
+    """A qualitative map with fewer colours than categories would give two categories one
+    colour: refused, as a short list is. A mapping keyed by integer categories is taken."""
+    cells = ad.AnnData(np.zeros((12, 1), np.float32))
+    cells.obsm["X_umap"] = np.random.default_rng(0).random((12, 2))
+    cells.obs["c"] = pd.Categorical([f"c{i}" for i in range(12)])
+    with pytest.raises(ValueError, match="palette 'Set1' has 9 colours for 12 categories"):
+        pl.embedding(cells, "c", palette="Set1")
+    ax = pl.embedding(cells, "c", palette="tab20")
+    colours = {tuple(c.get_facecolors()[0]) for c in ax.collections}
+    assert len(colours) == 12
+    cells.obs["i"] = pd.Categorical([1, 2] * 6)
+    ax = pl.embedding(cells, "i", palette={1: "red", 2: "blue"})
+    assert {tuple(c.get_facecolors()[0][:3]) for c in ax.collections} == {(1, 0, 0), (0, 0, 1)}
+    plt.close("all")
+
+
 # -- search summary ---------------------------------------------------------------------------
 def test_search_summary_bars_are_the_summary(tmp_path):
     rng = np.random.default_rng(1)

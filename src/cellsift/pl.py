@@ -164,11 +164,12 @@ def _is_categorical(values: pd.Series) -> bool:
 def _palette(palette: Mapping[str, Any] | Sequence[Any] | str | None, names: list[str]) -> list:
     import matplotlib as mpl
 
-    if isinstance(palette, Mapping):
-        missing = [n for n in names if n not in palette]
+    if isinstance(palette, Mapping):  # keyed by the categories' text or their values
+        by_text = {str(k): v for k, v in palette.items()}
+        missing = [n for n in names if n not in by_text]
         if missing:
             raise MissingKeyError(f"palette has no colour for {missing}; add them to the mapping.")
-        return [palette[n] for n in names]
+        return [by_text[n] for n in names]
     if palette is not None and not isinstance(palette, str):
         colors = list(palette)
         if len(colors) < len(names):
@@ -180,7 +181,13 @@ def _palette(palette: Mapping[str, Any] | Sequence[Any] | str | None, names: lis
     cm = mpl.colormaps[name]
     if getattr(cm, "N", 256) >= 256:  # a continuous map: spread the categories over it
         return [cm(v) for v in np.linspace(0.0, 1.0, max(len(names), 1))]
-    return [cm(i % cm.N) for i in range(len(names))]
+    if cm.N < len(names):  # a qualitative map would repeat its colours
+        raise ValueError(
+            f"palette {name!r} has {cm.N} colours for {len(names)} categories: categories would "
+            "share colours. Give a map with more (e.g. 'tab20', or 'turbo' to spread them), or "
+            "a list or mapping of colours."
+        )
+    return [cm(i) for i in range(len(names))]
 
 
 # -- search -------------------------------------------------------------------------------
