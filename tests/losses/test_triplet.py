@@ -378,9 +378,9 @@ def test_mining_settings_and_study_codes_are_checked():
             mine_triplets(z, y, study_n=study)
     with pytest.raises(ValueError, match=r"related_ll is \(3, 5\), not labels x labels"):
         mine_triplets(z, y, torch.zeros(3, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="negative must be semihard, hardest or random"):
+    with pytest.raises(ValueError, match="negative must be one of 'semihard', 'hardest', 'random'"):
         TripletLoss(negative="semi-hard")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="distance must be 'cosine' or 'euclidean'"):
+    with pytest.raises(ValueError, match="distance must be one of 'cosine', 'euclidean'"):
         TripletLoss(distance="cos")  # type: ignore[arg-type]
 
 

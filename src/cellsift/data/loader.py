@@ -566,12 +566,15 @@ class CellLoader(DataLoader):
         return {
             "epoch": self._current,
             "batches": self._consumed,
-            "run_epoch": self._pass.run if self._pass is not None else self._restored_run(),
+            "run_epoch": (
+                self._pass.run
+                if self._pass is not None
+                else self._restored[2]
+                if self._restored is not None
+                else None
+            ),
             "fingerprint": self.cell_dataset.fingerprint(),
         }
-
-    def _restored_run(self) -> int | None:
-        return self._restored[2] if self._restored is not None else None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = self.cell_dataset.fingerprint()

@@ -26,7 +26,7 @@ device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -36,6 +36,15 @@ __all__ = ["TripletLoss", "Triplets", "mine_triplets", "pairwise_distance"]
 
 Distance = Literal["cosine", "euclidean"]
 Negative = Literal["semihard", "hardest", "random"]
+
+
+def _check_choice(name: str, value: object, choices: Any) -> None:
+    """``value`` is one of the ``Literal`` type ``choices``; else an error listing them."""
+    if value not in get_args(choices):
+        listed = ", ".join(map(repr, get_args(choices)))
+        raise ValueError(f"{name} must be one of {listed}, not {value!r}.")
+
+
 Relatives = Literal["never", "resolved"]
 
 
@@ -45,16 +54,15 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
     Differentiable, with finite gradients where distances are 0 (the diagonal): the
     euclidean square root is taken only of positive squared distances.
     """
+    _check_choice("distance", distance, Distance)
     if distance == "cosine":
         return _CosineDistance.apply(nn.functional.normalize(z_nk, dim=1))
-    if distance == "euclidean":  # (in the input's precision, not autocast's: as cosine's)
-        with torch.autocast(z_nk.device.type, enabled=False):
-            sq = (z_nk * z_nk).sum(1)
-            d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
-            d2.fill_diagonal_(0.0)  # not the rounding error of |z|^2 + |z|^2 - 2 z.z
-            positive = d2 > 0
-            return torch.where(positive, torch.where(positive, d2, 1.0).sqrt(), 0.0)
-    raise ValueError(f"distance must be 'cosine' or 'euclidean', not {distance!r}.")
+    with torch.autocast(z_nk.device.type, enabled=False):  # (as cosine's: not in bf16)
+        sq = (z_nk * z_nk).sum(1)
+        d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
+        d2.fill_diagonal_(0.0)  # not the rounding error of |z|^2 + |z|^2 - 2 z.z
+        positive = d2 > 0
+        return torch.where(positive, torch.where(positive, d2, 1.0).sqrt(), 0.0)
 
 
 _SYMMETRIC_FROM = 256  # rows from which the Gram matrix is computed by symmetric blocks
@@ -305,8 +313,7 @@ def mine_triplets(
         with ``study_n``, relatives that a study's labels tell apart may be negatives
         (``relatives="resolved"``, module docstring).
     """
-    if negative not in ("semihard", "hardest", "random"):
-        raise ValueError(f"negative must be semihard, hardest or random, not {negative!r}.")
+    _check_choice("negative", negative, Negative)
     dev = z_nk.device
     with torch.no_grad():
         d = (pairwise_distance(z_nk, distance) if dist_nn is None else dist_nn).detach().float()
@@ -341,13 +348,11 @@ def mine_triplets(
             raise ValueError(f"dist_nn is {tuple(d.shape)}, not cells x cells ({n} x {n}).")
         if related_ll.shape[0] != related_ll.shape[1]:
             raise ValueError(f"related_ll is {tuple(related_ll.shape)}, not labels x labels.")
-        if study_n is not None and (
-            tuple(study_n.shape) != (n,) or (len(study_n) and int(study_n.min()) < -1)
-        ):  # (the CPU kernel does not check its indices)
-            raise ValueError(
+        lowest = int(study_n.min()) if study_n is not None and study_n.numel() else -1
+        if study_n is not None and (tuple(study_n.shape) != (n,) or lowest < -1):
+            raise ValueError(  # (the CPU kernel does not check its indices)
                 f"study_n must hold one study code (>= 0, or -1 for none) per cell ({n}); "
-                f"it has shape {tuple(study_n.shape)}"
-                + (f" and codes down to {int(study_n.min())}." if study_n.numel() else ".")
+                f"it has shape {tuple(study_n.shape)} and codes down to {lowest}."
             )
         if compiled:  # the draws: SplitMix64 from a seed of the torch generator (hardest: none)
             seed = 0
@@ -429,10 +434,8 @@ class TripletLoss(nn.Module):
         super().__init__()
         if relatives not in ("never", "resolved"):
             raise ValueError(f"relatives must be 'never' or 'resolved', not {relatives!r}.")
-        if negative not in ("semihard", "hardest", "random"):
-            raise ValueError(f"negative must be semihard, hardest or random, not {negative!r}.")
-        if distance not in ("cosine", "euclidean"):
-            raise ValueError(f"distance must be 'cosine' or 'euclidean', not {distance!r}.")
+        _check_choice("negative", negative, Negative)
+        _check_choice("distance", distance, Distance)
         if relatives == "resolved" and ancestor_ll is None:
             raise ValueError("relatives='resolved' needs ancestor_ll (CellOntology.closure).")
         self.margin, self.negative, self.distance = margin, negative, distance

@@ -117,7 +117,6 @@ class KNNAnnotator:
         # the reference's own label values, each to the term it names (ontology mode)
         self._term_of = {t: t for t in self._labels.terms}
         self._up: np.ndarray | None = None
-        self._strictly_up = np.zeros((0, 0), dtype=np.float32)
         if self.ontology_aware:
             self._extend_with_ancestors()
 
@@ -182,7 +181,6 @@ class KNNAnnotator:
                     up[i, pos[a]] = 1.0
         self._labels = _Labels(terms, codes, len(ids))
         self._up = up
-        self._strictly_up = up - np.eye(len(terms), dtype=np.float32)
         # a term's depth: how many of the terms are it or its ancestors (more = more specific)
         self._depth = up.sum(1)
 
@@ -424,7 +422,8 @@ class KNNAnnotator:
             ok = support > self.min_support  # (so never a term that no one voted for)
             # the most specific qualifying terms: none of their descendants qualifies; of
             # several (other lineages, with min_support below a half), the most supported
-            finer = ok.astype(np.float32) @ self._strictly_up
+            qualifying = ok.astype(np.float32)
+            finer = qualifying @ self._up - qualifying  # qualifying strict descendants
             specific = ok & (finer == 0)
             score = np.where(specific, support + self._depth[None, :] * 1e-9, -1.0)
             call = np.argmax(score, axis=1)  # (ties: the deeper term)

@@ -51,7 +51,7 @@ from .._utils import (
 )
 from .._warnings import warn
 from ..data import CellCollection
-from ..data.collection import resolve_paths
+from ..data.collection import _cell_name, resolve_paths
 from ..data.loader import to_torch_csr
 from ..data.stores import is_anndata, refuse_other
 from ..errors import CellsiftError, ConfigError, DataError, MissingKeyError
@@ -318,7 +318,8 @@ def _check_some_counts(coll: CellCollection, counts: Any, rows: np.ndarray) -> N
     ids = coll.cell_ids[empty[:3]]
     k = np.searchsorted(coll.offsets, ids, side="right") - 1
     where = [
-        f"{coll.stores[j].path} row {i - coll.offsets[j]}" for i, j in zip(ids, k, strict=True)
+        f"{coll.stores[j].path} {_cell_name(coll.stores[j], int(i - coll.offsets[j]))}"
+        for i, j in zip(ids, k, strict=True)
     ]
     raise DataError(
         f"{len(empty)} of {len(rows)} cells read (rows {rows[0]}-{rows[-1]}) have no counts in "

@@ -280,13 +280,12 @@ class CellIndex:
         k = int(min(k, self.n_cells - 1))
         # leave-one-out: each sampled cell stands for a new cell like it, so its own entry
         # (found at distance 0 by every engine) is not counted
-        truth = _drop_self(self._exact(q, k + 1, None)[1], rows, k)
-        kth = self._distances(q, truth).max(1)  # (k >= 1 and at least k other cells)
+        # (both engines give exact distances: IVF re-ranks its candidates on the vectors)
+        kth = _drop_self(self._exact(q, k + 1, None), rows, k).max(1)  # (k other cells exist)
         nlist = self.params["nlist"]
 
         def recall_at(nprobe: int) -> float:
-            got = _drop_self(self._ivf(q, k + 1, nprobe, None)[1], rows, k)
-            return _recall(self._distances(q, got), kth)
+            return _recall(_drop_self(self._ivf(q, k + 1, nprobe, None), rows, k), kth)
 
         lo, hi = 0, 1
         while hi < nlist and recall_at(hi) < target_recall:
@@ -559,11 +558,6 @@ class CellIndex:
         if rows is not None:
             idx = rows[idx]
         return _pad(1.0 - best_s.cpu().numpy(), idx, k)
-
-    def _distances(self, q: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """Exact distances of queries ``q`` to the cells ``idx`` (queries x k; -1: none, inf)."""
-        sims = np.einsum("qd,qkd->qk", q, self.embeddings[np.maximum(idx, 0)])
-        return np.where(idx >= 0, 1.0 - sims, np.inf)
 
     def _ivf(
         self, q: np.ndarray, k: int, nprobe: int, rows: np.ndarray | None
@@ -918,11 +912,13 @@ def _pad(dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     return dist, idx.astype(np.int64)
 
 
-def _drop_self(idx: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """Each row's neighbours without the query cell itself (first k kept)."""
-    out = np.full((len(idx), k), -1, dtype=np.int64)
-    for i, (r, self_row) in enumerate(zip(idx, rows, strict=True)):
-        rest = r[r != self_row][:k]
+def _drop_self(found: tuple[np.ndarray, np.ndarray], rows: np.ndarray, k: int) -> np.ndarray:
+    """The distances of each query's first k neighbours other than the query cell itself,
+    from a search's (distances, indices) (inf: none)."""
+    dist, idx = found
+    out = np.full((len(idx), k), np.inf)
+    for i, (d, r, self_row) in enumerate(zip(dist, idx, rows, strict=True)):
+        rest = d[r != self_row][:k]
         out[i, : len(rest)] = rest
     return out
 

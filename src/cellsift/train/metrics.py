@@ -39,7 +39,6 @@ def silhouette(
     if related_ll is not None:
         other &= ~related_ll.to(z.device)[labels][:, labels]
     b = mean.masked_fill(~other[y], float("inf")).min(1).values
-    top = torch.maximum(a, b)
-    s = (b - a) / top.clamp_min(torch.finfo(top.dtype).tiny)  # (a = b = 0: 0, as scikit-learn)
-    s = torch.where((own > 0) & torch.isfinite(b) & (top > 0), s, torch.zeros_like(s))
+    top = torch.maximum(a, b)  # (a = b = 0: 0, as scikit-learn)
+    s = torch.where((own > 0) & torch.isfinite(b) & (top > 0), (b - a) / top, 0.0)
     return s.mean().float()

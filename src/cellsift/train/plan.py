@@ -374,11 +374,12 @@ class TrainingPlan(pl.LightningModule):
                 )
         # the optimiser's and schedule's state come from the checkpoint: other settings here
         # would be silently overridden by them (or, for the schedule, mismatched with them)
+        saved_optimization = checkpoint.get("cellsift_optimization")  # (None: older versions)
         changed = _changed_settings(
-            {"optimization": checkpoint.get("cellsift_optimization")},
+            saved_optimization and {"optimization": saved_optimization},
             {"optimization": self._optimization()},
         )
-        if checkpoint.get("cellsift_optimization") is not None and changed:
+        if changed:
             raise ResumeError(
                 f"the checkpoint was trained with other optimiser settings ({'; '.join(changed)})"
                 ": a resumed run goes on with the optimiser and schedule state it saved. "
