@@ -275,6 +275,9 @@ def test_mismatched_inputs_are_refused():
         mine_triplets(z, y, related, s, ancestor_ll=ANCESTOR[:5, :5])
     with pytest.raises(ValueError, match="dist_nn"):
         mine_triplets(z, y, related, s, dist_nn=pairwise_distance(z)[:, :10])
+    below = pairwise_distance(z) - 1e-3  # (the diagonal and duplicates: -0.001)
+    with pytest.raises(ValueError, match=r"dist_nn holds negative distances .*clamp_min"):
+        mine_triplets(z, y, related, s, dist_nn=below)
 
 
 @pytest.mark.parametrize("studies", ["given", "some missing", "none"])

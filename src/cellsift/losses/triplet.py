@@ -313,10 +313,33 @@ def mine_triplets(
         with ``study_n``, relatives that a study's labels tell apart may be negatives
         (``relatives="resolved"``, module docstring).
     """
-    _check_choice("negative", negative, Negative)
-    dev = z_nk.device
     with torch.no_grad():
-        d = (pairwise_distance(z_nk, distance) if dist_nn is None else dist_nn).detach().float()
+        if dist_nn is None:
+            d = pairwise_distance(z_nk, distance).float()
+        else:
+            d = dist_nn.detach().to(z_nk.device).float()
+            if bool((d < 0).any()):  # (NaN is not < 0: a NaN costs only its own pairs)
+                raise ValueError(
+                    f"dist_nn holds negative distances (down to {float(d.min()):.3g}); "
+                    "distances are >= 0: clip rounding errors (dist_nn.clamp_min(0))."
+                )
+    return _mine(d, y_n, related_ll, study_n, margin, negative, generator, ancestor_ll)
+
+
+def _mine(
+    d: torch.Tensor,
+    y_n: torch.Tensor,
+    related_ll: torch.Tensor | None,
+    study_n: torch.Tensor | None,
+    margin: float,
+    negative: Negative,
+    generator: torch.Generator | None,
+    ancestor_ll: torch.Tensor | None,
+) -> Triplets:
+    """:func:`mine_triplets` on float32 distances ``d`` (>= 0 or NaN) on the batch's device."""
+    _check_choice("negative", negative, Negative)
+    dev = d.device
+    with torch.no_grad():
         y = y_n.long().to(dev)
         n = len(y)
         compiled = _compiled_path(dev)
@@ -458,17 +481,15 @@ class TripletLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, Triplets]:
         d = pairwise_distance(z_nk, self.distance)
-        t = mine_triplets(
-            z_nk,
+        t = _mine(
+            d.detach().float(),
             y_n,
             self.related_ll,
             study_n,
-            margin=self.margin,
-            negative=self.negative,
-            distance=self.distance,
-            dist_nn=d.detach(),
-            generator=generator,
-            ancestor_ll=self.ancestor_ll,
+            self.margin,
+            self.negative,
+            generator,
+            self.ancestor_ll,
         )
         if len(t) == 0:
             return z_nk.sum() * 0.0, t
