@@ -53,6 +53,54 @@ def test_duplicate_gene_ids_error():
         vocab.align(dup)
 
 
+def _ens(i):
+    return f"ENSG{i:011d}"
+
+
+def test_a_model_query_leaves_out_only_the_genes_a_shared_name_makes_ambiguous():
+    """10x symbols: one symbol names two loci. The symbol column matches more of the model's
+    genes than the query's (partly renamed) Ensembl ids; the shared symbol's gene reads as 0
+    with a warning, and every other gene still maps to its own column."""
+    n = 40
+    vocab = GeneVocabulary([_ens(i) for i in range(n)], [f"S{i}" for i in range(n)])
+    ids = [_ens(i) if i % 4 else _ens(1000 + i) for i in range(n)] + [_ens(999)]
+    symbols = [f"S{i}" for i in range(n)] + ["S5"]  # a second locus named S5
+    var = pd.DataFrame({"gene_symbols": symbols}, index=ids)
+    with pytest.warns(
+        UserWarning, match=r"1 of the model's genes .*\['S5'\].*var\['gene_symbols'\]"
+    ):
+        gm = vocab.align(var, of="vocabulary", min_overlap=0.5)
+    assert gm.key == "gene_symbols->symbols" and gm.n_matched == n - 1
+    want = [i if i != 5 else -1 for i in range(n)] + [-1]
+    np.testing.assert_array_equal(gm.col_map, want)
+    # within an atlas's stores the same names are an error that names the column
+    with pytest.raises(
+        GeneAlignmentError, match=r"duplicate gene ids .*\['S5'\].*var\['gene_symbols'\]"
+    ):
+        vocab.align(var)
+
+
+def test_missing_names_match_nothing():
+    """A gene without a symbol (NaN) is no gene named 'nan', in a vocabulary or a query."""
+    ids = [_ens(i) for i in range(10)]
+    train = pd.DataFrame({"feature_name": [f"S{i}" for i in range(10)]}, index=ids)
+    train.loc[ids[3], "feature_name"] = np.nan
+    vocab = GeneVocabulary.from_var(train)
+    assert vocab.symbols[3] == "" and vocab.symbols[4] == "S4"
+    query = [f"S{i}" for i in range(10)]
+    query[6] = query[7] = np.nan  # two genes without symbols are not duplicates
+    query[3] = "nan"
+    gm = vocab.align(pd.DataFrame({"gene_symbols": query}, index=[f"r{i}" for i in range(10)]))
+    np.testing.assert_array_equal(gm.col_map, [0, 1, 2, -1, 4, 5, -1, -1, 8, 9])
+
+
+def test_a_symbol_naming_two_genes_leaves_only_it_out_of_a_vocabulary():
+    var = pd.DataFrame({"gene_symbol": ["A", "B", "B", "C"]}, index=[_ens(i) for i in range(4)])
+    vocab = GeneVocabulary.from_var(var)
+    assert vocab.symbols.tolist() == ["A", "", "", "C"]
+    np.testing.assert_array_equal(vocab.align(_var(["C", "A"])).col_map, [3, 0])
+
+
 def test_unique_var_names_beat_a_symbols_column_that_names_two_genes_alike():
     """CellBench's case: var_names MATR3 and MATR3-1, its symbol column MATR3 twice."""
     vocab = GeneVocabulary(["MATR3", "B", "C"])

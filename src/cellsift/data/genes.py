@@ -38,6 +38,16 @@ def _mostly_ensembl(names: pd.Index) -> bool:
     return len(names) > 0 and float(names.str.match(_ENSEMBL).mean()) >= 0.9
 
 
+def _names(values: pd.Index | pd.Series) -> pd.Index:
+    """Gene names as text, a missing one (NaN, None) as "": no gene's name, never matched."""
+    return pd.Index(np.where(pd.isna(values), "", np.asarray(values, dtype=object)).astype(str))
+
+
+def _unambiguous(names: pd.Index) -> np.ndarray:
+    """Which of ``names`` can identify a gene: not "" (none) and not shared with another."""
+    return (names != "") & ~names.duplicated(keep=False)
+
+
 def _strip_version(ids: pd.Index) -> pd.Index:
     """ENSG00000141510.17 -> ENSG00000141510 (Ensembl versions differ between releases)."""
     return pd.Index([g.split(".")[0] if _ENSEMBL.match(g) else g for g in ids.astype(str)])
@@ -95,7 +105,8 @@ class GeneVocabulary:
     genes
         Gene ids in model order. Must be unique.
     symbols
-        Optional symbols, parallel to ``genes``; stores may then match by either.
+        Optional symbols, parallel to ``genes``; stores may then match by either. "" marks a
+        gene without a symbol.
     """
 
     def __init__(
@@ -112,8 +123,9 @@ class GeneVocabulary:
         self.symbols = None if symbols is None else pd.Index(np.asarray(symbols, dtype=str))
         if self.symbols is not None and len(self.symbols) != len(self.genes):
             raise ValueError("symbols must be parallel to genes.")
-        if self.symbols is not None and self.symbols.has_duplicates:
-            dups = self.symbols[self.symbols.duplicated()].unique()[:5].tolist()
+        named = None if self.symbols is None else self.symbols[self.symbols != ""]
+        if named is not None and named.has_duplicates:
+            dups = named[named.duplicated()].unique()[:5].tolist()
             raise ValueError(
                 f"gene symbols must name one gene each, and {dups} name several; pass unique "
                 "symbols, or none (genes then align by id only)."
@@ -138,9 +150,9 @@ class GeneVocabulary:
         symbols as var_names, Ensembl ids in ``gene_ids``). Symbols otherwise come from the
         ``symbols`` column if given, else the first symbol column found (``feature_name``,
         ``gene_symbols``, ``gene_symbol``, ``gene_name``, ``symbol``). Symbols that name two
-        genes alike cannot identify genes, and are left out.
+        genes alike cannot identify genes, and are left out ("", as missing ones).
         """
-        names = pd.Index(var.index.astype(str))
+        names = _names(var.index)
         ids, syms = names, None
         if not _mostly_ensembl(names):
             id_col = next(
@@ -148,22 +160,22 @@ class GeneVocabulary:
                     c
                     for c in ID_COLUMNS
                     if c in var.columns
-                    and _mostly_ensembl(pd.Index(var[c].astype(str)))
+                    and _mostly_ensembl(_names(var[c]))
                     and not var[c].isna().any()
-                    and not pd.Index(var[c].astype(str)).has_duplicates
+                    and not _names(var[c]).has_duplicates
                 ),
                 None,
             )
             if id_col is not None:
-                ids, syms = pd.Index(var[id_col].astype(str)), names
+                ids, syms = _names(var[id_col]), names
         if symbols is not None:
-            syms = pd.Index(var[symbols].astype(str))
+            syms = _names(var[symbols])
         elif syms is None:
             sym_col = next((c for c in SYMBOL_COLUMNS if c in var.columns), None)
-            syms = pd.Index(var[sym_col].astype(str)) if sym_col else None
-        if syms is not None and syms.has_duplicates:
-            syms = None
-        return cls(ids, None if syms is None else syms.tolist())
+            syms = _names(var[sym_col]) if sym_col else None
+        if syms is None or not _unambiguous(syms).any():
+            return cls(ids)
+        return cls(ids, np.where(_unambiguous(syms), syms, "").tolist())
 
     # -- persistence (genes.tsv) ----------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -208,28 +220,42 @@ class GeneVocabulary:
                           :data:`MODEL_MIN_GENES`, whichever is fewer; between that and
                           ``min_overlap`` of its genes, a warning
         """
-        candidates: list[tuple[str, pd.Index]] = [("var_names", pd.Index(var.index.astype(str)))]
-        candidates += [(c, pd.Index(var[c].astype(str))) for c in GENE_COLUMNS if c in var.columns]
+        if of not in ("smaller", "vocabulary"):
+            raise ValueError(f"of must be 'smaller' or 'vocabulary', not {of!r}.")
+        candidates: list[tuple[str, pd.Index]] = [("var_names", _names(var.index))]
+        candidates += [(c, _names(var[c])) for c in GENE_COLUMNS if c in var.columns]
         targets = [("ids", _strip_version(self.genes))]
         if self.symbols is not None:
             targets.append(("symbols", self.symbols))
-        best: tuple[tuple[int, bool, bool], str, pd.Index, pd.Index] | None = None
+        best: tuple[tuple[int, bool, bool], str, pd.Index, pd.Index, np.ndarray] | None = None
         for name, ids in candidates:
             ids = _strip_version(ids)
             for tname, tgt in targets:
-                hits = ids[ids.isin(tgt)]
-                # distinct genes found; then no duplicates; then ids over symbols
-                score = (int(hits.nunique()), not hits.has_duplicates, tname == "ids")
+                hit = np.asarray(ids.isin(tgt[tgt != ""]))
+                # genes found by names of one gene each; then no name shared among the hits
+                # (several genes of the store, so which one?); then ids over symbols
+                clear = hit & _unambiguous(ids)
+                score = (int(clear.sum()), bool(np.array_equal(hit, clear)), tname == "ids")
                 if best is None or score > best[0]:
-                    best = (score, f"{name}->{tname}", ids, tgt)
+                    best = (score, f"{name}->{tname}", ids, tgt, hit)
         assert best is not None
-        (n_matched, _, _), key, ids, target = best
+        (n_matched, _, _), key, ids, target, hit = best
+        clear = hit & _unambiguous(ids)
+        shared = ids[hit & ~clear].unique()  # vocabulary genes named by several of var's
+        column = key.split("->")[0]
+        how = (
+            "with adata.var_names_make_unique()" if column == "var_names" else f"in var['{column}']"
+        )
+        if len(shared) and of != "vocabulary":
+            raise GeneAlignmentError(
+                f"{source}: duplicate gene ids among its genes ({key}), e.g. "
+                f"{shared[:5].tolist()}: each names several of its genes. Make them "
+                f"unique {how}, or align by a unique id column such as Ensembl ids."
+            )
         if of == "vocabulary":
             need = min(min_overlap * len(self), MODEL_MIN_GENES)
-        elif of == "smaller":
-            need = min_overlap * min(len(var), len(self))
         else:
-            raise ValueError(f"of must be 'smaller' or 'vocabulary', not {of!r}.")
+            need = min_overlap * min(len(var), len(self))
         if n_matched == 0 or n_matched < need:
             what = "the model's" if of == "vocabulary" else "the vocabulary's"
             raise GeneAlignmentError(
@@ -247,14 +273,17 @@ class GeneVocabulary:
                 UserWarning,
                 stacklevel=3,
             )
-        matched = ids[ids.isin(target)]
-        if matched.has_duplicates:
-            dups = matched[matched.duplicated()].unique()[:5].tolist()
-            raise GeneAlignmentError(
-                f"{source}: duplicate gene ids among its genes ({key}), e.g. {dups}. Make them "
-                "unique (adata.var_names_make_unique()) or align by a unique id column "
-                "such as Ensembl ids."
+        if len(shared):
+            warnings.warn(
+                f"{source}: {len(shared)} of the model's genes are each named by several of "
+                f"its genes ({key}), e.g. {shared[:5].tolist()}, so they read as 0. To use "
+                f"them, make the names unique {how}, or align by a unique id column such "
+                "as Ensembl ids.",
+                UserWarning,
+                stacklevel=3,
             )
-        col_map = target.get_indexer(ids).astype(np.int64)
+        named = np.flatnonzero(target != "")
+        col_map = np.full(len(ids), -1, dtype=np.int64)
+        col_map[clear] = named[target[named].get_indexer(ids[clear])]
         identity = len(var) == len(self) and bool(np.array_equal(col_map, np.arange(len(self))))
         return GeneMap(col_map, n_matched, key, identity, len(self))
