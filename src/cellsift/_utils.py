@@ -284,13 +284,15 @@ def adata_counts(
     lists them."""
     others = [f"'{k}'" for k in adata.layers.keys() if k != layer]
     others += ["'raw'"] if adata.raw is not None and layer != "raw" else []
+    has = f"this AnnData has: {', '.join(others)}" if others else "it has none"
+    if layer is None and adata.X is None:
+        raise MissingKeyError(f"{source} has no X: pass layer= where the counts are ({has}).")
     if layer is None:
         return adata.X, adata.var, others
     if layer == "raw" and adata.raw is not None:
         return adata.raw.X, adata.raw.var, others
     if layer in adata.layers:
         return adata.layers[layer], adata.var, others
-    has = f"this AnnData has: {', '.join(others)}" if others else "it has none"
     raise MissingKeyError(f"{source} has no layer {layer!r} ({has}).")
 
 

@@ -71,6 +71,24 @@ def test_not_counts(tmp_path, value, match):
     CellCollection(path, layer="counts")  # the suggested fix works
 
 
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_counts_only_in_a_layer_are_named_and_nothing_absent_is_offered(tmp_path, fmt):
+    from cellsift import tl
+    from cellsift.errors import MissingKeyError
+
+    counts = indexed_atlas(50, 5)
+    adata = ad.AnnData(obs=counts.obs, var=counts.var, layers={"counts": counts.X})
+    path = tmp_path / f"nox.{fmt}"
+    adata.write_zarr(path) if fmt == "zarr" else adata.write_h5ad(path)
+    for layer in [None, "raw"]:  # (zarr: raw is anndata's "null" placeholder)
+        with pytest.raises(MissingKeyError, match=r"Choose layer= among: layers\['counts'\]\.$"):
+            open_store(path, layer=layer)
+    open_store(path, layer="counts")
+    # in memory: the AnnData's X is None
+    with pytest.raises(MissingKeyError, match=r"adata has no X: pass layer= .*'counts'"):
+        tl.pseudobulk(adata, counts.obs["donor_id"])
+
+
 def test_duplicate_gene_ids(tmp_path):
     adata = indexed_atlas(50, 5)
     adata.var_names = ["ENSG00000000000"] * 2 + list(adata.var_names[2:])

@@ -58,12 +58,16 @@ class AnnDataStore(CellStore):
     # -- layout -------------------------------------------------------------------------
     def _matrix(self, root: Any) -> Any:
         key = self._matrix_key()
-        if key not in root:
-            have = [f"layers[{k!r}]" for k in (root["layers"].keys() if "layers" in root else [])]
-            have += ["raw"] if "raw" in root else []
+        if not _held(root, key):
+            have = ["X (layer=None)"] if _held(root, "X") else []
+            if _held(root, "layers"):
+                have += [f"layers[{k!r}]" for k in root["layers"]]
+            have += ["raw"] if _held(root, "raw/X") else []
             raise self._no_layer(
                 f"has no {key}.",
-                f"Choose layer= among: X (layer=None){', ' if have else ''}{', '.join(have)}.",
+                f"Choose layer= among: {', '.join(have)}."
+                if have
+                else "It holds no counts matrix (no X, layers or raw).",
             )
         return root[key]
 
@@ -72,15 +76,12 @@ class AnnDataStore(CellStore):
         obsm, varm, obsp, varp, uns), as ``layers['spliced']``, ``obsm['X_umap']``, ``uns``."""
         root, read = self.handle, self._matrix_key()
 
-        def held(key: str) -> bool:  # (anndata writes absent elements as "null")
-            return key in root and _attr(root[key], "encoding-type") != "null"
-
-        out = ["X"] if read != "X" and held("X") else []
-        out += ["raw"] if not read.startswith("raw/") and held("raw") else []
+        out = ["X"] if read != "X" and _held(root, "X") else []
+        out += ["raw"] if not read.startswith("raw/") and _held(root, "raw") else []
         for group in ("layers", "obsm", "varm", "obsp", "varp"):
-            if held(group):
+            if _held(root, group):
                 out += [f"{group}[{k!r}]" for k in root[group] if f"{group}/{k}" != read]
-        if held("uns") and len(root["uns"]):
+        if _held(root, "uns") and len(root["uns"]):
             out.append("uns")
         return out
 
@@ -194,3 +195,8 @@ def _attr(node: Any, key: str, default: Any = None) -> Any:
     if isinstance(value, np.ndarray):
         value = value.tolist()
     return value
+
+
+def _held(root: Any, key: str) -> bool:
+    """Does the store hold element ``key``? (anndata writes absent elements as "null".)"""
+    return key in root and _attr(root[key], "encoding-type") != "null"
