@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 import cellsift as cs
@@ -205,6 +206,11 @@ def test_embed_collection_checks_its_input_before_writing(bundle, synthetic_h5ad
         few.X.copy(), obs=few.obs, var=pd.DataFrame(index=[f"other{i}" for i in range(few.n_vars)])
     )
     mixed = ad.concat([few, other[:1]], join="outer", index_unique="-")
+    x = sp.csr_matrix(mixed.X)  # the other cell: a stored 0 in a model gene (gene 0) too
+    last = x[-1]
+    stored = (np.r_[0.0, last.data], np.r_[0, last.indices], [0, last.nnz + 1])
+    mixed.X = sp.vstack([x[:-1], sp.csr_matrix(stored, shape=last.shape)], format="csr")
+    assert mixed.X[-1].nnz == last.nnz + 1
     mixed.write_h5ad(tmp_path / "mixed.h5ad")
     with pytest.raises(DataError, match=r"1 of 51 cells read .* no counts in the model's genes"):
         embed_collection(model, tmp_path / "mixed.h5ad", tmp_path / "c.zarr")
