@@ -178,7 +178,9 @@ def test_vocabulary_of_the_real_data_uses_ensembl_ids(name):
 
 def test_a_store_in_another_gene_order_gives_sorted_rows(tmp_path):
     """torch's sparse CSR kernels assume each row's column indices sorted: a store whose genes
-    are in another order than the vocabulary must not break that (x.mul(dense) was wrong)."""
+    are in another order than the vocabulary, or whose rows are stored unsorted, must not break
+    that (x.mul(dense) was wrong)."""
+    import anndata as ad
     import scipy.sparse as sp
     import torch
 
@@ -190,14 +192,18 @@ def test_a_store_in_another_gene_order_gives_sorted_rows(tmp_path):
     for name, v in (("fwd", var), ("rev", var.iloc[::-1])):
         with open_writer(tmp_path / f"{name}.h5ad", v, n_obs=2) as w:
             w.append(x, obs)
-    coll = CellCollection([tmp_path / "fwd.h5ad", tmp_path / "rev.h5ad"])
-    batch = next(iter(IterableCellDataset(coll, mode="sequential", batch_size=4)))["x_ng"]
-    crow, col = batch.crow_indices(), batch.col_indices()
-    for r in range(4):
+    # and one in the vocabulary's order whose rows are stored unsorted (valid CSR)
+    backwards = (x.data.reshape(2, 6)[:, ::-1].ravel(), x.indices.reshape(2, 6)[:, ::-1].ravel())
+    unsorted = sp.csr_matrix((*backwards, x.indptr), shape=x.shape)
+    ad.AnnData(unsorted, obs=obs, var=var).write_h5ad(tmp_path / "unsorted.h5ad")
+    paths = [tmp_path / f"{name}.h5ad" for name in ("fwd", "rev", "unsorted")]
+    batch = next(iter(IterableCellDataset(CellCollection(paths), mode="sequential", batch_size=6)))
+    crow, col = batch["x_ng"].crow_indices(), batch["x_ng"].col_indices()
+    for r in range(6):
         assert (np.diff(col[crow[r] : crow[r + 1]].numpy()) > 0).all()
-    dense = torch.from_numpy(np.vstack([x.toarray(), x.toarray()[:, ::-1]]))
-    scale = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    torch.testing.assert_close(batch.mul(scale).to_dense(), dense * scale)
+    dense = torch.from_numpy(np.vstack([x.toarray(), x.toarray()[:, ::-1], x.toarray()]))
+    scale = torch.arange(36, dtype=torch.float32).reshape(6, 6)
+    torch.testing.assert_close(batch["x_ng"].mul(scale).to_dense(), dense * scale)
 
 
 def test_a_models_query_needs_half_its_genes_or_5000():

@@ -80,6 +80,8 @@ class GeneMap:
 
         Genes the vocabulary lacks are dropped; vocabulary genes the store lacks stay zero.
         """
+        if not x.has_sorted_indices:  # a valid CSR, as some tools write it
+            x = x.sorted_indices()
         if self.identity:
             return x
         mapped = self.col_map[x.indices]
