@@ -42,6 +42,18 @@ def test_normalize_log1p_match_scanpy(adata, target, sparse):
     assert "y_n" in out  # other keys pass through
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int64])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_counts_held_in_other_types_give_float32_results(adata, dtype, sparse):
+    """Counts held as bfloat16 / float16 (exact up to 256 / 2048) or int64: the totals are
+    summed in float32 (a bfloat16 sum stops growing at 256), the results are float32."""
+    ref = default_pipeline()({"x_ng": _csr(adata.X)})["x_ng"]
+    x = _csr(adata.X) if sparse else torch.from_numpy(adata.X.toarray())
+    out = default_pipeline()({"x_ng": x.to(dtype)})["x_ng"]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+
+
 def test_zscore_and_subset(adata):
     x = default_pipeline()({"x_ng": _csr(adata.X)})["x_ng"]
     mean, std = x.mean(0).numpy(), x.std(0).numpy()  # unbiased, as sc.pp.scale

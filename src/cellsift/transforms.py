@@ -46,6 +46,10 @@ class _Transform(nn.Module):
         raise NotImplementedError
 
 
+#: CSR value types scipy's routine takes (not bfloat16 or float16).
+_SCIPY_DTYPES = frozenset({torch.float32, torch.float64, torch.int32, torch.int64})
+
+
 class Densify(_Transform):
     """Sparse CSR counts -> dense float tensor (on the batch's device).
 
@@ -56,7 +60,7 @@ class Densify(_Transform):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout != torch.sparse_csr:
             return x
-        if x.device.type != "cpu" or x.requires_grad:
+        if x.device.type != "cpu" or x.requires_grad or x.dtype not in _SCIPY_DTYPES:
             return x.to_dense()
         csr = sp.csr_matrix(
             (x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()),
@@ -68,7 +72,8 @@ class Densify(_Transform):
 class NormalizeTotal(_Transform):
     """Scale each cell to ``target_sum`` total counts (scanpy ``normalize_total``).
 
-    Cells with no counts stay zero.
+    Cells with no counts stay zero. Totals are summed in float32 at least (a bfloat16 sum
+    stops growing at 256), and so are the results.
     """
 
     def __init__(self, target_sum: float = 1e4, key: str = "x_ng") -> None:
@@ -77,17 +82,21 @@ class NormalizeTotal(_Transform):
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout == torch.sparse_csr:
-            values = x.values()
+            values = x.values().to(_at_least_float32(x.dtype))
             rows = _row_ids(x)
             totals = torch.zeros(x.shape[0], dtype=values.dtype, device=x.device)
             totals.index_add_(0, rows, values)
             scale = self.target_sum / torch.where(totals > 0, totals, torch.ones_like(totals))
             return _with_values(x, values * scale[rows])
-        totals = x.sum(1, keepdim=True)
-        return x * (self.target_sum / torch.where(totals > 0, totals, torch.ones_like(totals)))
+        totals = x.sum(1, keepdim=True, dtype=_at_least_float32(x.dtype))
+        return (self.target_sum / torch.where(totals > 0, totals, torch.ones_like(totals))) * x
 
     def extra_repr(self) -> str:
         return f"target_sum={self.target_sum:g}"
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Log1p(_Transform):
