@@ -70,6 +70,17 @@ def test_overwrite_replaces_an_earlier_output_of_the_kind_only(tmp_path):
     convert(tmp_path / "a.h5ad", tmp_path / "a.zarr")
     convert(tmp_path / "a.h5ad", tmp_path / "a.zarr", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == files
+    # a sharded store replaces a sharded store, not a folder that only has a manifest.json
+    # (a cell index, a project folder)
+    (tmp_path / "results" / "manifest.json").write_text('{"files": ["a.h5ad"]}')
+    for folder in ("index", "results"):
+        before = sorted(p.name for p in (tmp_path / folder).iterdir())
+        with pytest.raises(FileExistsError, match="not a sharded store"):
+            convert(tmp_path / "a.h5ad", tmp_path / folder, shard_size=2, overwrite=True)
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == before
+    convert(tmp_path / "a.h5ad", tmp_path / "sharded", shard_size=2)
+    convert(tmp_path / "a.h5ad", tmp_path / "sharded", shard_size=1, overwrite=True)
+    assert len(list((tmp_path / "sharded").glob("shard-*.h5ad"))) == 3
 
 
 def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, monkeypatch):

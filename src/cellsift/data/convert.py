@@ -11,17 +11,41 @@ import numpy as np
 import pandas as pd
 from pandas.api.extensions import ExtensionArray
 
-from .._utils import atomic_dir, check_replaceable, holds, progress
+from .._utils import atomic_path, check_replaceable, progress
 from .._warnings import warn
 from ..errors import ConfigError, DataError
 from .collection import resolve_paths
 from .stores import CellStore, cut_by_values, open_store
-from .writers import A_STORE, Format, guess_format, is_store, named_format, open_writer
+from .writers import (
+    A_STORE,
+    FORMATS,
+    Format,
+    guess_format,
+    is_store,
+    named_format,
+    open_writer,
+)
 
 __all__ = ["convert"]
 
 _SUFFIX = {"h5ad": ".h5ad", "zarr": ".zarr", "soma": ".soma"}
-_SHARDED, _A_SHARDED_STORE = ("manifest.json",), "a sharded store"
+_A_SHARDED_STORE = "a sharded store"
+
+
+def _is_sharded_store(path: Path) -> bool:
+    """Is ``path`` a sharded store as :func:`convert` writes one: a folder whose
+    ``manifest.json`` names a store format and its shard files? (Not any folder with a
+    manifest: a CellIndex or a project folder is never replaced.)"""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(manifest, dict)
+        and manifest.get("format") in FORMATS
+        and isinstance(manifest.get("files"), list)
+        and all(isinstance(f, str) for f in manifest["files"])
+    )
 
 
 def _obs_chunk(store: CellStore, columns: list[str], rows: np.ndarray) -> pd.DataFrame:
@@ -95,7 +119,7 @@ def convert(
     dest = Path(dest)
     if shard_size is not None:
         fmt = format or (guess_format(dest.with_suffix(dest.suffix or ".h5ad")))
-        check_replaceable(dest, overwrite, holds(*_SHARDED), _A_SHARDED_STORE)  # before the work
+        check_replaceable(dest, overwrite, _is_sharded_store, _A_SHARDED_STORE)  # before the work
     else:
         fmt = format or guess_format(dest)
         named = named_format(dest.name)
@@ -150,7 +174,10 @@ def convert(
         return dest
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, not {shard_size}.")
-    with atomic_dir(dest, overwrite=overwrite, marker=_SHARDED, what=_A_SHARDED_STORE) as tmp:
+    with atomic_path(
+        dest, overwrite=overwrite, replaces=_is_sharded_store, what=_A_SHARDED_STORE
+    ) as tmp:
+        tmp.mkdir()
         files, sizes = [], []
         for k, lo in enumerate(range(0, len(rows_all), shard_size)):
             name = f"shard-{k:05d}{_SUFFIX[fmt]}"
