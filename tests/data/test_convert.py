@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from cellsift._warnings import CellsiftWarning
 from cellsift.data import CellCollection, open_store
 from cellsift.data.convert import convert
+from cellsift.errors import DataError
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,31 @@ def test_failed_conversion_leaves_nothing(indexed_paths, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         convert(indexed_paths["h5ad"], tmp_path / "sharded", format="zarr", shard_size=500)
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    # a writer that fails as it creates its output (a bad option, a type the format lacks)
+    with pytest.raises(ValueError, match="gzp"):
+        convert(indexed_paths["h5ad"], tmp_path / "out.h5ad", compression="gzp")
+    adata = ad.read_h5ad(indexed_paths["h5ad"])
+    adata.var["phase"] = np.exp(1j * np.arange(adata.n_vars))
+    adata.write_h5ad(tmp_path / "complex.h5ad")
+    with pytest.raises(DataError, match=r"column 'phase' \(complex128\) cannot be stored"):
+        convert(tmp_path / "complex.h5ad", tmp_path / "out.soma")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["complex.h5ad"]
+
+
+def test_half_float_columns_are_stored_as_float32_in_soma(tmp_path):
+    import pandas as pd
+
+    n = 5
+    obs = pd.DataFrame({"pct_mito": np.linspace(0, 5, n).astype(np.float16)})
+    obs.index = [f"c{i}" for i in range(n)]
+    var = pd.DataFrame({"mean": np.array([0.25, 0.5], dtype=np.float16)}, index=["A", "B"])
+    src = tmp_path / "half.h5ad"
+    ad.AnnData(sp.csr_matrix(np.ones((n, 2), np.float32)), obs=obs, var=var).write_h5ad(src)
+    back = ad.read_h5ad(convert(convert(src, tmp_path / "half.soma"), tmp_path / "back.h5ad"))
+    np.testing.assert_array_equal(back.obs["pct_mito"], obs["pct_mito"].astype(np.float32))
+    assert back.obs["pct_mito"].dtype == np.float32
+    np.testing.assert_array_equal(back.var["mean"], var["mean"].astype(np.float32))
 
 
 def test_existing_output_needs_overwrite(indexed_paths, tmp_path):
@@ -132,8 +158,6 @@ def test_obs_and_var_come_back_as_they_were(tmp_path, fmt):
 def test_converting_no_cells_is_an_error(tmp_path):
     import scipy.sparse as sp
 
-    from cellsift.errors import DataError
-
     empty = ad.AnnData(sp.csr_matrix((0, 3), dtype=np.float32))
     empty.var_names = ["a", "b", "c"]
     empty.write_h5ad(tmp_path / "zero.h5ad")
@@ -146,8 +170,6 @@ def test_values_that_are_not_counts_are_refused_naming_the_layers(tmp_path):
     import anndata as ad
     import numpy as np
     import scipy.sparse as sp
-
-    from cellsift.errors import DataError
 
     counts = sp.random(50, 20, density=0.3, format="csr", random_state=0, dtype=np.float32)
     counts.data = np.ceil(counts.data * 10)

@@ -7,8 +7,10 @@ moved into place on :meth:`StoreWriter.close`; :meth:`StoreWriter.abort` removes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,6 +161,17 @@ class StoreWriter:
         if self.tmp.exists():
             remove_path(self.tmp)
 
+    @contextlib.contextmanager
+    def _setting_up(self) -> Iterator[None]:
+        """Around a writer's creation of its temporary output: a failure there (a bad
+        option, a column type the format lacks) removes it; the writer never reached a
+        ``with`` that would."""
+        try:
+            yield
+        except BaseException:
+            self.abort()
+            raise
+
     def __enter__(self) -> StoreWriter:
         return self
 
@@ -240,12 +253,13 @@ class H5adWriter(_AnnDataWriter):
         **kwargs: Any,
     ) -> None:
         super().__init__(path, var, **kwargs)
-        self._file = h5py.File(self.tmp, "w")
-        x = self._file.create_group("X")
-        x.attrs.update(_CSR_ATTRS)
-        opts = {"maxshape": (None,), "chunks": (chunk_elems,), "compression": compression}
-        self._data = x.create_dataset("data", shape=(0,), dtype=np.float32, **opts)
-        self._indices = x.create_dataset("indices", shape=(0,), dtype=np.int32, **opts)
+        with self._setting_up():  # (a failure removes the temporary output)
+            self._file = h5py.File(self.tmp, "w")
+            x = self._file.create_group("X")
+            x.attrs.update(_CSR_ATTRS)
+            opts = {"maxshape": (None,), "chunks": (chunk_elems,), "compression": compression}
+            self._data = x.create_dataset("data", shape=(0,), dtype=np.float32, **opts)
+            self._indices = x.create_dataset("indices", shape=(0,), dtype=np.int32, **opts)
 
     def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
         n0, n1 = self._nnz, self._nnz + len(data)
@@ -261,8 +275,9 @@ class H5adWriter(_AnnDataWriter):
         self._file.close()
 
     def abort(self) -> None:
-        if self._file.id.valid:
-            self._file.close()
+        file = getattr(self, "_file", None)  # (None: its creation failed)
+        if file is not None and file.id.valid:
+            file.close()
         super().abort()
 
 
@@ -286,29 +301,30 @@ class ZarrWriter(_AnnDataWriter):
         import zarr
 
         super().__init__(path, var, **kwargs)
-        if shard_elems % chunk_elems:
-            raise ValueError("shard_elems must be a multiple of chunk_elems.")
-        self._root = zarr.open_group(self.tmp, mode="w", zarr_format=3)
-        x = self._x_group = self._root.create_group("X")
-        x.attrs.update(_CSR_ATTRS)
-        # every shard gets its file, even one of fill values only: readers take a missing
-        # shard for a lost one (an interrupted copy), never for zeros
-        self._arrays = {
-            name: x.create_array(
-                name,
-                shape=(0,),
-                dtype=dtype,
-                chunks=(chunk_elems,),
-                shards=(shard_elems,),
-                config={"write_empty_chunks": True},
-            )
-            for name, dtype in (("data", np.float32), ("indices", np.int32))
-        }
-        self._shard = shard_elems
-        self._chunk = chunk_elems
-        self._buffers: dict[str, list[np.ndarray]] = {"data": [], "indices": []}
-        self._buffered = 0
-        self._flushed = 0
+        with self._setting_up():  # (a failure removes the temporary output)
+            if shard_elems % chunk_elems:
+                raise ValueError("shard_elems must be a multiple of chunk_elems.")
+            self._root = zarr.open_group(self.tmp, mode="w", zarr_format=3)
+            x = self._x_group = self._root.create_group("X")
+            x.attrs.update(_CSR_ATTRS)
+            # every shard gets its file, even one of fill values only: readers take a missing
+            # shard for a lost one (an interrupted copy), never for zeros
+            self._arrays = {
+                name: x.create_array(
+                    name,
+                    shape=(0,),
+                    dtype=dtype,
+                    chunks=(chunk_elems,),
+                    shards=(shard_elems,),
+                    config={"write_empty_chunks": True},
+                )
+                for name, dtype in (("data", np.float32), ("indices", np.int32))
+            }
+            self._shard = shard_elems
+            self._chunk = chunk_elems
+            self._buffers: dict[str, list[np.ndarray]] = {"data": [], "indices": []}
+            self._buffered = 0
+            self._flushed = 0
 
     def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
         self._buffers["data"].append(data)
@@ -386,34 +402,35 @@ class SomaWriter(StoreWriter):
         self._n_total: int = n_obs
         soma = import_optional("tiledbsoma")
         self._soma = soma
-        try:
-            self._exp = soma.Experiment.create(str(self.tmp))
-        finally:
-            reclaim_signals()  # (TileDB took SIGINT as it created the store)
-        self._ms = self._exp.add_new_collection("ms")
-        rna = self._ms.add_new_collection(measurement, soma.Measurement)
-        var_df, renames = _set_aside(_clean_frame(var, categories=False), SOMA_VAR_OWN)
-        var_df.insert(0, "feature_id", var_df.index.astype(str))
-        var_df = var_df.reset_index(drop=True)
-        var_tbl = _arrow_table(var_df, start=0)
-        v = rna.add_new_dataframe(
-            "var", schema=var_tbl.schema, domain=[(0, max(self.n_vars - 1, 0))]
-        )
-        with self._ready(v, var_df, renames) as v:
-            v.write(var_tbl)
-        x_coll = rna.add_new_collection("X")
-        #: Are X's coordinates in cell-major order its global order (our tiles: all genes)
-        self._cell_major = platform_config is None
-        self._x = x_coll.add_new_sparse_ndarray(
-            layer,
-            type=_pa().float32(),
-            shape=(max(n_obs, 1), max(self.n_vars, 1)),
-            platform_config=platform_config or soma_row_tiles(self.n_vars),
-        )
-        self._obs_df: Any = None
-        #: categories of the obs categoricals so far: the enumerations of the store's obs
-        self._categories: dict[str, pd.CategoricalDtype] = {}
-        self._closables = [x_coll, rna]
+        with self._setting_up():  # (a failure removes the temporary output)
+            try:
+                self._exp = soma.Experiment.create(str(self.tmp))
+            finally:
+                reclaim_signals()  # (TileDB took SIGINT as it created the store)
+            self._ms = self._exp.add_new_collection("ms")
+            rna = self._ms.add_new_collection(measurement, soma.Measurement)
+            var_df, renames = _set_aside(_clean_frame(var, categories=False), SOMA_VAR_OWN)
+            var_df.insert(0, "feature_id", var_df.index.astype(str))
+            var_df = var_df.reset_index(drop=True)
+            var_tbl = _arrow_table(var_df, start=0)
+            v = rna.add_new_dataframe(
+                "var", schema=var_tbl.schema, domain=[(0, max(self.n_vars - 1, 0))]
+            )
+            with self._ready(v, var_df, renames) as v:
+                v.write(var_tbl)
+            x_coll = rna.add_new_collection("X")
+            #: Are X's coordinates in cell-major order its global order (our tiles: all genes)
+            self._cell_major = platform_config is None
+            self._x = x_coll.add_new_sparse_ndarray(
+                layer,
+                type=_pa().float32(),
+                shape=(max(n_obs, 1), max(self.n_vars, 1)),
+                platform_config=platform_config or soma_row_tiles(self.n_vars),
+            )
+            self._obs_df: Any = None
+            #: categories of the obs categoricals so far: the enumerations of the store's obs
+            self._categories: dict[str, pd.CategoricalDtype] = {}
+            self._closables = [x_coll, rna]
 
     def _append_x(self, x: sp.csr_matrix) -> None:
         """The chunk's entries (``x`` canonical: genes sorted within a cell, no duplicates)."""
@@ -508,7 +525,7 @@ class SomaWriter(StoreWriter):
             handle.close()
 
     def abort(self) -> None:
-        for handle in (getattr(self, "_obs_df", None), self._exp):
+        for handle in (getattr(self, "_obs_df", None), getattr(self, "_exp", None)):
             try:
                 if handle is not None:
                     handle.close()
@@ -578,8 +595,15 @@ def _arrow_table(df: pd.DataFrame, start: int) -> Any:
             cols[str(name)] = pa.array(text_or_none(s), type=pa.large_string())
         elif s.dtype == bool:
             cols[str(name)] = pa.array(s.to_numpy(), type=pa.bool_())
-        else:  # numbers; pandas' nullable Int64 / boolean with their nulls
-            cols[str(name)] = pa.array(s, from_pandas=True)
+        else:  # numbers (float16 as float32); pandas' nullable Int64 / boolean with their nulls
+            s = s.astype(np.float32) if s.dtype == np.float16 else s
+            try:
+                cols[str(name)] = pa.array(s, from_pandas=True)
+            except (pa.ArrowException, TypeError, ValueError) as err:
+                raise DataError(
+                    f"column {name!r} ({s.dtype}) cannot be stored in TileDB-SOMA ({err}): "
+                    "convert it to numbers or text first, or write h5ad or Zarr."
+                ) from err
     return pa.Table.from_pydict(cols)
 
 
