@@ -367,3 +367,18 @@ def test_stored_zeros_outside_the_opening_sample_are_caught_when_read(tmp_path, 
     with pytest.raises(DataError, match=rf"cell {empty_cell} .* has no counts .* min_counts=1"):
         coll.read(np.arange(n))
     assert empty_cell not in CellCollection(tmp_path / "late_zeros.h5ad", min_counts=1).cell_ids
+
+
+def test_an_empty_shard_is_no_error_but_a_collection_of_no_cells_is(tmp_path):
+    """A donor whose cells were all filtered out leaves a shard of 0 cells: the collection
+    reads the other shards' cells (the counts check has nothing to sample there)."""
+    adata = indexed_atlas(60, 5)
+    paths = [
+        _write(tmp_path, f"{i}.h5ad", part)
+        for i, part in enumerate([adata[:30].copy(), adata[:0].copy(), adata[30:].copy()])
+    ]
+    coll = CellCollection(paths)
+    assert coll.n_obs == 60
+    np.testing.assert_array_equal(coll.read(np.arange(60)).toarray(), adata.X.toarray())
+    with pytest.raises(DataError, match=r"1\.h5ad: no cells in the collection's stores"):
+        CellCollection(paths[1])

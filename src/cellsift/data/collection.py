@@ -169,6 +169,10 @@ class CellCollection:
         self.cell_ids = np.concatenate(
             [np.flatnonzero(m) + off for m, off in zip(masks, self.offsets[:-1], strict=True)]
         ).astype(np.int64)
+        if self.offsets[-1] == 0:
+            names = ", ".join(str(s.path) for s in self.stores[:3])
+            more = f" and {len(self.stores) - 3} more" if len(self.stores) > 3 else ""
+            raise DataError(f"{names}{more}: no cells in the collection's stores.")
         if len(self.cell_ids) == 0:
             n = int(self.offsets[-1])
             counts = "; ".join(f"{what} removes {k:,}" for what, k in removed.items() if k)
@@ -426,9 +430,10 @@ def _refuse_duplicates(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> 
 
 def _check_counts(store: CellStore, n_sample: int = 512) -> None:
     """Raise if a sample of cells holds NaN, negative or non-integer values, or a gene
-    twice in a row (duplicate CSR entries)."""
+    twice in a row (duplicate CSR entries). A store of no cells (a shard whose cells were
+    all filtered out) has none to check."""
     if store.n_obs == 0:
-        raise DataError(f"{store.path}: the store holds no cells.")
+        return
     rows = np.unique(np.linspace(0, store.n_obs - 1, min(n_sample, store.n_obs)).astype(np.int64))
     layers = _other_layers(store)
     where = f"{store.path} ({'X' if store.layer is None else store.layer})"
