@@ -112,6 +112,25 @@ def test_embedding_palettes_of_too_few_colours_or_keyed_by_value():
     plt.close("all")
 
 
+def test_a_category_without_cells_keeps_the_colours_and_leaves_the_legend():
+    cells = ad.AnnData(np.zeros((12, 1), np.float32))
+    cells.obsm["X_umap"] = np.random.default_rng(0).random((12, 2))
+    cells.obs["c"] = pd.Categorical(["B", "NK", "T"] * 4)
+
+    def drawn(adata):
+        ax = pl.embedding(adata, "c")
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        return dict(
+            zip(legend, (tuple(c.get_facecolors()[0]) for c in ax.collections), strict=True)
+        )
+
+    whole = drawn(cells)
+    cells.obs["c"] = pd.Categorical(["B", "T"] * 6, categories=["B", "NK", "T"])  # NK: none
+    subset = drawn(cells)
+    assert list(subset) == ["B", "T"] and subset == {k: whole[k] for k in ("B", "T")}
+    plt.close("all")
+
+
 # -- search summary ---------------------------------------------------------------------------
 def test_search_summary_bars_are_the_summary(tmp_path):
     rng = np.random.default_rng(1)

@@ -68,7 +68,9 @@ def embedding(
         obsm key (``"umap"`` means ``"X_umap"``). It must have 2 columns.
     palette
         Colours of the categories: a mapping category -> colour, a list, or a colour map
-        name (default: tab10 / tab20, or turbo for more than 20 categories).
+        name (default: tab10 / tab20, or turbo for more than 20 categories). Colours follow
+        all of the column's categories, those without cells too; the legend lists the
+        categories with cells.
     cmap
         Colour map of a numeric ``color``.
     size
@@ -106,6 +108,8 @@ def embedding(
                 )
             for k, name in enumerate(cat.categories):
                 sel = cat.codes == k
+                if not sel.any():  # (a category of no cells here: no legend entry)
+                    continue
                 ax.scatter(
                     xy[sel, 0], xy[sel, 1], s=s, color=colors[k], linewidths=0, label=str(name)
                 )
