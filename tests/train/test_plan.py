@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -65,6 +67,38 @@ def test_fit_logs_losses_lr_and_asw(synthetic_h5ad, tmp_path):
     assert float(m["val/asw"]) > asw_before  # held-out donors separate better
     assert float(m["train/lr"]) < 5e-3  # cosine schedule has decayed
     assert trainer.optimizers[0].defaults["fused"]  # one kernel over all parameters
+
+
+class _RatesLogged(TrainingPlan):
+    def __init__(self, module):
+        super().__init__(module)
+        self.rates: list[float] = []
+
+    def log(self, name, value, *args, **kwargs):
+        if name == "train/cells_per_s":
+            self.rates.append(float(value))
+        super().log(name, value, *args, **kwargs)
+
+
+class _SlowValidation(pl.Callback):
+    def on_validation_end(self, trainer, plan):
+        time.sleep(2.0)
+
+
+def test_cells_per_s_leaves_out_a_validation_within_the_epoch(synthetic_h5ad, tmp_path):
+    """The step after a mid-epoch validation measures nothing, rather than the validation's
+    seconds."""
+    torch.manual_seed(0)
+    dm, module = _setup(synthetic_h5ad, batch_size=64, val_fraction=0.1)
+    plan = _RatesLogged(module)
+    trainer = _trainer(
+        tmp_path, max_epochs=1, val_check_interval=0.5, callbacks=[_SlowValidation()]
+    )
+    trainer.fit(plan, datamodule=dm)
+    steps = trainer.global_step
+    # no rate for the epoch's first step, nor for the first after the validation mid-way
+    assert steps >= 8 and len(plan.rates) == steps - 2
+    assert min(plan.rates) > 64 / 2  # every step of 64 cells within 2 s, not the sleep's
 
 
 class _Explodes(torch.nn.Module):
