@@ -418,7 +418,9 @@ class KNNAnnotator:
         knn_label = np.where(voted, terms[order[:, 0]], UNKNOWN)
         second = top[:, 1] if top.shape[1] > 1 else np.zeros(n_q)
         if self._up is not None:
-            support = share @ self._up  # votes for a term and all its descendants
+            # votes for a term and all its descendants, summed before the one division
+            # (shares summed: 0.4 + 0.2 > 0.6, and a parent would beat its only child)
+            support = (votes @ self._up) / np.maximum(total, 1e-12)[:, None]
             ok = support > self.min_support  # (so never a term that no one voted for)
             # the most specific qualifying terms: none of their descendants qualifies; of
             # several (other lineages, with min_support below a half), the most supported
