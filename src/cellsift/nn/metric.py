@@ -11,11 +11,12 @@ label; logits ``16 * cos(z, prototype)``, so labels become directions that kNN o
 also reads) adds an ontology-aware cross-entropy (scPRINT's label heads, flattened to the
 training label set): a cell's label is credited with the probability of that label and of
 all its descendants in the set, so a cell labelled "monocyte" is satisfied by any monocyte
-subtype while a "CD14-positive monocyte" must be told from its siblings. With
-``relatives="resolved"`` a descendant that the cell's own study uses as a label (read from
-the batch, as the triplet mining does) is not credited: a study that labels cells
-"CD14-positive monocyte" and others "CD14-low, CD16-positive monocyte" (a CL descendant)
-means the first are not the second. Then ``loss = triplet_weight * triplet +
+subtype while a "CD14-positive monocyte" must be told from its siblings. A descendant
+that the cell's own study uses as a label (read from the batch, as ``relatives="resolved"``
+mining does; without study codes the batch counts as one study) is not credited: a study
+that labels cells "CD14-positive monocyte" and others "CD14-low, CD16-positive monocyte" (a
+CL descendant) means the first are not the second (credited, the head could call every
+CD14-positive monocyte CD16-positive at no cost). Then ``loss = triplet_weight * triplet +
 classifier_weight * label + (1 - triplet_weight - classifier_weight) * MSE``.
 """
 
@@ -203,8 +204,8 @@ class MetricModule(nn.Module):
     ) -> torch.Tensor:
         """Mean ``-log P(label or a credited descendant)`` over labelled cells (0 when none).
 
-        ``study_n`` (with ``relatives="resolved"``): descendants that the cell's study uses
-        in the batch are not credited (module docstring).
+        Descendants that the cell's study (``study_n``; without it, the batch) uses in the
+        batch are not credited (module docstring), whatever the triplets' ``relatives``.
         """
         known = y_n >= 0
         if not bool(known.any()):
@@ -212,10 +213,10 @@ class MetricModule(nn.Module):
         logits, y = logits_nl[known], y_n[known].long()
         credit_ll: torch.Tensor = self.credit_ll  # type: ignore[assignment]
         credit = credit_ll[y]
-        if self.triplet.relatives == "resolved" and study_n is not None:
-            told_apart = study_uses_label(y, study_n[known].long(), credit.shape[1])
-            own = nn.functional.one_hot(y, credit.shape[1]).bool()
-            credit = credit & (~told_apart | own)
+        study = torch.zeros_like(y) if study_n is None else study_n[known].long()
+        told_apart = study_uses_label(y, study, credit.shape[1])
+        own = nn.functional.one_hot(y, credit.shape[1]).bool()
+        credit = credit & (~told_apart | own)
         credited = logits.masked_fill(~credit, float("-inf"))
         return (torch.logsumexp(logits, 1) - torch.logsumexp(credited, 1)).mean()
 
