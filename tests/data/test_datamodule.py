@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cellsift.data.datamodule import CellDataModule, split_groups
+from cellsift.datasets import synthetic_atlas
 from cellsift.transforms import default_pipeline
 
 
@@ -278,3 +279,21 @@ def test_val_groups_are_read_as_text_and_checked():
         assert dm.train is not None and dm.train.n_obs == 72
     with pytest.raises(ConfigError, match=r"obs_filter, which the data module takes itself"):
         CellDataModule(adata, collection_options={"obs_filter": {"qc": "ok"}}).setup()
+
+
+def test_a_models_label_deprecated_since_it_was_saved_still_trains(recwarn):
+    """A model saved under an older Cell Ontology keeps its ids (CL:0000054, since replaced by
+    CL:0000062): data labelled with the old id, or with its successor, trains that label."""
+    adata = synthetic_atlas(300, 200, n_studies=2, seed=0)
+    ids = adata.obs["cell_type_ontology_term_id"].astype(str).to_numpy().copy()
+    types = sorted(set(ids))
+    ids[ids == types[0]] = "CL:0000062"  # the successor
+    ids[ids == types[1]] = "CL:0000054"  # the id as the model holds it
+    adata.obs["cell_type_ontology_term_id"] = ids
+    labels = ["CL:0000054", *types[2:]]
+    dm = CellDataModule(adata, labels=labels, harmonize_labels=True, study_key=None, val_fraction=0)
+    dm.setup("fit")
+    got = np.asarray(dm.collection.obs_column("cell_type_ontology_term_id"), dtype=str)
+    assert set(got) == set(labels)
+    assert (got == "CL:0000054").sum() == np.isin(ids, ["CL:0000054", "CL:0000062"]).sum()
+    assert not [w for w in recwarn if "labels the model does not have" in str(w.message)]

@@ -13,6 +13,7 @@ import pandas as pd
 from .._utils import logger
 from .._warnings import warn
 from ..errors import ConfigError
+from ..ontology import OntologyError
 from .collection import CellCollection, ObsFilter, StoreLike
 from .genes import GeneVocabulary
 from .loader import CellLoader, IterableCellDataset
@@ -206,8 +207,7 @@ class CellDataModule(pl.LightningDataModule):
             from ..ontology import load_cell_ontology
 
             raw = coll.codes(self.label_key)[1]  # the distinct labels, missing ones left out
-            ids = load_cell_ontology().harmonize(raw)
-            coll.map_values(self.label_key, dict(zip(raw, ids, strict=True)))
+            coll.map_values(self.label_key, self._harmonized(load_cell_ontology(), raw))
         if self.label_key:
             codes, present = coll.codes(self.label_key)
             self.categories["y_n"] = present
@@ -253,6 +253,22 @@ class CellDataModule(pl.LightningDataModule):
             self.val.n_obs,
             ", ".join(self.val_groups),
         )
+
+    def _harmonized(self, cl: Any, raw: list[str]) -> dict[str, str]:
+        """CL ids of the data's labels ``raw``; with fixed ``labels`` (a model's, saved under
+        perhaps an older Cell Ontology), a label that is one of them, or names the same
+        current term as one of them, becomes that one: a model fine-tuned after a CL
+        release deprecated one of its terms still trains its own label."""
+        fixed = set(self.labels or ())
+        rest = [r for r in raw if r not in fixed]
+        ids = dict(zip(rest, cl.harmonize(rest), strict=True))
+        own: dict[str, str] = {}  # current id -> the model's label
+        for label in self.labels or ():
+            try:
+                own.setdefault(cl.harmonize([label])[0], label)
+            except OntologyError:  # (deprecated without a successor: matched as written)
+                pass
+        return {r: r if r in fixed else own.get(ids[r], ids[r]) for r in raw}
 
     def _check_labels(self, codes: np.ndarray, present: list[str]) -> None:
         """Warn where labels will not train: cells whose label the fixed ``labels`` (a
