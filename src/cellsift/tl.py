@@ -150,7 +150,7 @@ def annotate(
     out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
     out.index = adata.obs_names
     adata.obs[f"{key_added}_cell_type"] = out["label_name"].astype("category")
-    adata.obs[f"{key_added}_cell_type_ontology_term_id"] = out["label"].astype("category")
+    adata.obs[f"{key_added}_cell_type_ontology_term_id"] = out["label_id"].astype("category")
     adata.obs[f"{key_added}_confidence"] = out["confidence"].to_numpy()
     adata.obs[f"{key_added}_min_distance"] = out["min_distance"].to_numpy()
     adata.obs[f"{key_added}_mean_distance"] = out["mean_distance"].to_numpy()

@@ -416,3 +416,23 @@ def test_an_empty_safelist_is_named_and_an_empty_blocklist_blocks_nothing():
         with pytest.raises(CellIndexError, match=r"safelist is empty.* safelist=None"):
             ann.annotate(x[:5], safelist=empty)
     pd.testing.assert_frame_equal(ann.annotate(x[:20], blocklist=[]), ann.annotate(x[:20]))
+
+
+def test_plain_calls_name_their_cl_terms_and_other_labels_keep_theirs():
+    """Reference labels as CL names, lower-case ids or a lab's own: plain calls give the CL id
+    and name where the label names a term, the label itself where it names none; ontology
+    mode refuses the lab's labels, naming ontology_aware=False."""
+    from cellsift.ontology import OntologyError
+
+    x, _, _ = _atlas(n_per=40)
+    own = np.repeat(
+        ["B cell", "cl:0001054", "clone 7", "CD4-positive, alpha-beta T cell", "NK"], 40
+    )
+    index = CellIndex.build(x, pd.DataFrame({"cell_type_ontology_term_id": own}), engine="exact")
+    out = KNNAnnotator(index, k=5, min_support=0.0).annotate(x[::40])
+    assert out["label"].tolist() == list(dict.fromkeys(own))
+    assert out["label_id"].tolist() == ["CL:0000236", "CL:0001054", "clone 7", "CL:0000624", "NK"]
+    names = ["B cell", "CD14-positive monocyte", "clone 7", "CD4-positive, alpha-beta T cell", "NK"]
+    assert out["label_name"].tolist() == names
+    with pytest.raises(OntologyError, match=r"'clone 7'.*pass ontology_aware=False"):
+        KNNAnnotator(index, ontology_aware=True)

@@ -163,7 +163,13 @@ class KNNAnnotator:
         refs = self._labels.terms
         # labels that name one term (an id and its name, a deprecated id and its successor)
         # vote as that one term
-        harmonized = cl.harmonize(refs)
+        try:
+            harmonized = cl.harmonize(refs)
+        except OntologyError as err:
+            raise OntologyError(
+                f"{err} Ontology-aware annotation needs Cell Ontology labels; to annotate "
+                "with these labels as they are, pass ontology_aware=False."
+            ) from None
         self._term_of = dict(zip(refs, harmonized, strict=True))
         pos = {t: i for i, t in enumerate(dict.fromkeys(harmonized))}
         ids = list(pos)
@@ -310,7 +316,8 @@ class KNNAnnotator:
         """Labels and confidence of query ``embeddings`` (one row per query cell).
 
         Columns: ``label`` (a reference label, an ancestor in ontology mode, or
-        ``unknown``), ``label_name`` (Cell Ontology name where the label is a CL id),
+        ``unknown``), ``label_id`` and ``label_name`` (the Cell Ontology id and name where
+        the label names a CL term: an id in any form, a name, a synonym; else the label),
         ``confidence`` (the call's share of the ``k`` neighbours' votes; a neighbour
         without a label votes for nothing), ``margin`` (over the runner-up reference
         label), ``min_distance`` (to the nearest reference cell), ``mean_distance`` (over
@@ -331,10 +338,12 @@ class KNNAnnotator:
         if not parts:  # no queries: the columns all the same
             parts = [self._annotate_block(np.zeros((0, self.index.dim), np.float32), expr)]
         out = pd.concat(parts, ignore_index=True)
-        # CL ids get their names; other labels (a lab's own, not CL terms) keep theirs
+        # labels that name CL terms get their ids and names; others (a lab's own) keep theirs
         cl = load_cell_ontology()
-        names = {t: cl.name(t) if t in cl.terms else t for t in out["label"].unique()}
-        out["label_name"] = out["label"].map(names)
+        ids = {t: _term_or_itself(cl, t) for t in out["label"].unique()}
+        out.insert(1, "label_id", out["label"].map(ids))
+        names = {i: cl.name(i) if i in cl.terms else i for i in set(ids.values())}
+        out.insert(2, "label_name", out["label_id"].map(names))
         return out
 
     def _reference_filter(
@@ -452,6 +461,16 @@ class KNNAnnotator:
                 "knn_label": knn_label.astype(str),
             }
         )
+
+
+def _term_or_itself(cl: Any, label: str) -> str:
+    """The current CL id ``label`` names, or ``label`` where it names none."""
+    if label == UNKNOWN:
+        return label
+    try:
+        return cl.harmonize([label])[0]
+    except OntologyError:
+        return label
 
 
 def _mean_distance(distances: np.ndarray) -> np.ndarray:
