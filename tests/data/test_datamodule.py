@@ -297,3 +297,28 @@ def test_a_models_label_deprecated_since_it_was_saved_still_trains(recwarn):
     assert set(got) == set(labels)
     assert (got == "CL:0000054").sum() == np.isin(ids, ["CL:0000054", "CL:0000062"]).sum()
     assert not [w for w in recwarn if "labels the model does not have" in str(w.message)]
+
+
+def test_a_donor_held_as_whole_floats_in_one_store_is_one_donor(tmp_path):
+    """One store holds donors as integer categories, another as floats with a gap (pandas'
+    integers with a missing value): donor 1000 is one group, all in validation."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    def write(name, donor, n=20):
+        obs = pd.DataFrame({"cell_type": ["T", "B"] * (n // 2), "donor": donor})
+        obs.index = [f"{name}{i}" for i in range(n)]
+        ad.AnnData(sp.csr_matrix(np.ones((n, 3), np.float32)), obs=obs).write_h5ad(tmp_path / name)
+        return tmp_path / name
+
+    a = write("a.h5ad", pd.Categorical([1000, 1001] * 10))
+    b = write("b.h5ad", np.array([1000.0, 1001.0, np.nan, 1000.0] * 5))
+    dm = CellDataModule(
+        [a, b], label_key="cell_type", study_key="donor", val_groups=[1000], batch_size=8
+    )
+    dm.setup()
+    assert dm.categories["study_n"] == ["1000", "1001"]
+    assert set(np.asarray(dm.val.obs_column("donor"), dtype=str)) == {"1000"}
+    assert dm.val.n_obs == 10 + 10  # store a's ten, store b's ten
+    assert "1000" not in set(np.asarray(dm.train.obs_column("donor"), dtype=object).astype(str))

@@ -292,7 +292,7 @@ class CellCollection:
         if name not in self._obs_cache:
             parts = [_plain_values(s.obs_column(name)) for s in self.stores]
             if any(isinstance(p, pd.Categorical) or np.asarray(p).dtype == object for p in parts):
-                values = np.concatenate([np.asarray(p, dtype=object) for p in parts])
+                values = np.concatenate([_whole_floats_as_ints(p) for p in parts])
                 values = values[self.cell_ids]
                 col: Any = pd.Categorical(text_or_none(values))
             else:
@@ -462,6 +462,27 @@ def _plain_values(values: Any) -> Any:
     ):
         return values.to_numpy(dtype=object, na_value=None)
     return values
+
+
+def _whole_floats_as_ints(values: Any) -> np.ndarray:
+    """``values`` as objects for a column joined across stores as text, whole floats (and
+    float categories) as ints: a store that holds a column of whole numbers with gaps as
+    floats would read donor 1000 as "1000.0" where another reads "1000"."""
+    if isinstance(values, pd.Categorical):
+        if values.categories.dtype.kind != "f" or not len(values.categories):
+            return np.asarray(values, dtype=object)
+        cats = _whole_floats_as_ints(np.asarray(values.categories))
+        out: np.ndarray = cats[np.maximum(values.codes, 0)]
+        out[values.codes < 0] = None
+        return out
+    arr = np.asarray(values)
+    if arr.dtype.kind != "f":
+        return np.asarray(arr, dtype=object)
+    out = arr.astype(object)
+    whole = np.isfinite(arr) & (np.abs(arr) < 2**53)
+    whole[whole] = arr[whole] == np.round(arr[whole])
+    out[whole] = arr[whole].astype(np.int64).astype(object)
+    return out
 
 
 def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 << 22) -> None:
