@@ -382,3 +382,23 @@ def test_an_empty_shard_is_no_error_but_a_collection_of_no_cells_is(tmp_path):
     np.testing.assert_array_equal(coll.read(np.arange(60)).toarray(), adata.X.toarray())
     with pytest.raises(DataError, match=r"1\.h5ad: no cells in the collection's stores"):
         CellCollection(paths[1])
+
+
+def test_obs_filter_values_are_read_as_text_as_a_yaml_filter_gives_them(tmp_path):
+    """A YAML or command-line filter gives numbers: {donor: [1015, 1256]} keeps the cells of
+    donors held as text, as integers or as whole floats (and a mix of forms keeps each)."""
+    import pandas as pd
+
+    adata = indexed_atlas(60, 5)
+    donors = np.repeat([1015, 1256, 1488], 20)
+    forms = {
+        "text": pd.Categorical(donors.astype(str)),
+        "ints": donors,
+        "floats": np.where(np.arange(60) == 59, np.nan, donors.astype(float)),
+    }
+    for name, column in forms.items():
+        adata.obs["donor"] = column
+        path = _write(tmp_path, f"{name}.h5ad", adata)
+        for wanted in ([1015, 1256], [1015, "1256"], ["1015", 1256.0]):
+            kept = CellCollection(path, obs_filter={"donor": wanted})
+            np.testing.assert_array_equal(kept.cell_ids, np.arange(40), err_msg=name)

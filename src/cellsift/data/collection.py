@@ -82,8 +82,9 @@ class CellCollection:
     layer
         Where counts live in each store (``None`` = X, a layer name, or ``"raw"``).
     obs_filter
-        Keep cells by obs: ``{"column": value or [values]}`` or a function of an obs frame
-        returning a boolean mask.
+        Keep cells by obs: ``{"column": value or [values]}`` (compared as text, whole
+        floats as ints: ``{"donor": [1015]}`` keeps donor "1015") or a function of an obs
+        frame returning a boolean mask.
     dropna
         obs columns that must be non-null (and not ``"unknown"``), e.g. the label column.
     min_genes, min_counts
@@ -249,13 +250,16 @@ class CellCollection:
             else:
                 mask = np.ones(store.n_obs, dtype=bool)
                 for col, wanted in obs_filter.items():
-                    values = pd.Series(np.asarray(store.obs_column(col), dtype=object))
+                    # compared as text, as obs_column joins stores (numbers in a YAML
+                    # filter match a column of text; whole floats read as ints)
+                    values = pd.Series(_as_text(store.obs_column(col)))
                     # several values: any collection but text (a numpy array, an Index, a range)
                     many = not isinstance(wanted, str | bytes) and np.ndim(wanted) == 1
                     allowed = (
                         list(wanted) if many or isinstance(wanted, set | frozenset) else [wanted]
                     )
-                    mask &= values.isin(allowed).to_numpy()
+                    texts = [_as_text(np.array([v]))[0] for v in allowed]
+                    mask &= values.isin([t for t in texts if t is not None]).to_numpy()
             apply("obs_filter", mask)
         nnz = store.row_nnz() if store.stored_zeros else store.stored_row_nnz()
         if nnz is not None:
@@ -483,6 +487,13 @@ def _whole_floats_as_ints(values: Any) -> np.ndarray:
     whole[whole] = arr[whole] == np.round(arr[whole])
     out[whole] = arr[whole].astype(np.int64).astype(object)
     return out
+
+
+def _as_text(values: Any) -> np.ndarray:
+    """An obs column as text (None where missing), whole floats as ints."""
+    values = _plain_values(values)
+    floats = values.categories if isinstance(values, pd.Categorical) else np.asarray(values)
+    return text_or_none(_whole_floats_as_ints(values) if floats.dtype.kind == "f" else values)
 
 
 def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 << 22) -> None:
