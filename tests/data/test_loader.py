@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -255,7 +258,8 @@ print(worker.pid)
 def test_a_process_exits_with_its_loader_workers_running(indexed_paths, method):
     """A worker outlives a SIGTERM sent to it (a scheduler signals every process of a job;
     the main process stops the fit after the step) but not its main process: a script that
-    ends with a loader's persistent workers running exits, and the workers with it."""
+    ends with a loader's persistent workers running exits, and the workers with it, without
+    torch's "DataLoader worker killed by signal" at exit."""
     done = subprocess.run(
         [sys.executable, "-c", _LEFT_RUNNING, str(indexed_paths["h5ad"]), method],
         capture_output=True,
@@ -263,7 +267,31 @@ def test_a_process_exits_with_its_loader_workers_running(indexed_paths, method):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "killed by signal" not in done.stderr  # the workers end cleanly, as torch's do
     assert not Path(f"/proc/{int(done.stdout)}").exists()
+
+
+def _worker_told_to_end(exiting):
+    from cellsift.data.loader import _worker_init
+
+    _worker_init(exiting, None, 0)
+    exiting.value = 1  # the main process is exiting; then multiprocessing's SIGTERM
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+
+
+def test_a_worker_ended_as_its_main_process_exits_ends_cleanly():
+    """At exit multiprocessing sends the workers SIGTERM: a worker that died of it made
+    torch's handler print "DataLoader worker ... is killed by signal" in most scripts that
+    ended with a loader's workers running. It exits with status 0, as torch's workers do."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    exiting = context.RawValue("b", 0)
+    worker = context.Process(target=_worker_told_to_end, args=(exiting,))
+    worker.start()
+    worker.join(30)
+    assert worker.exitcode == 0
 
 
 @pytest.mark.parametrize("mode", ["sequential", "block", "weighted"])

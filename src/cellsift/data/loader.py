@@ -386,9 +386,8 @@ def _worker_init(exiting: Any, user_init: Any, worker_id: int) -> None:
 
 
 def _on_sigterm(exiting: Any, signum: int, frame: Any) -> None:
-    if exiting.value:  # the main process ends its workers as it exits: die of it
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+    if exiting.value:  # the main process ends its workers as it exits: end cleanly, as
+        os._exit(0)  # torch's own workers do (killed by a signal, torch's handler raises)
 
 
 class _EpochSampler:
