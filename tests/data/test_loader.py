@@ -403,3 +403,24 @@ def test_worker_skips_pass_over_idle_workers():
     assert _worker_skips([3, 2, 0], 4) == ([2, 2, 0], 0)
     assert _worker_skips([3, 2, 0], 5)[0] == [3, 2, 0]  # (the epoch is over)
     assert _worker_skips([2, 2], 3) == ([2, 1], 1)
+
+
+def test_weighted_mode_checks_its_weights_as_the_dataset_is_made(coll):
+    """Not at the first batch (in a worker: "Caught ValueError in DataLoader worker")."""
+    n = coll.n_obs
+    bad = {
+        "one weight per cell": np.ones(5),
+        "finite and >= 0": np.r_[np.ones(n - 1), np.nan],
+        "all 0, so weighted mode has no cell": np.zeros(n),
+    }
+    for message, weights in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            IterableCellDataset(coll, mode="weighted", weights=weights)
+    from cellsift.datasets import indexed_atlas
+
+    adata = indexed_atlas(100, 8)
+    adata.obs["cell_type_ontology_term_id"] = None
+    with pytest.raises(ConfigError, match=r"no cell has a label in 'cell_type_ontology_term_id'"):
+        IterableCellDataset(
+            CellCollection(adata), mode="weighted", label_key="cell_type_ontology_term_id"
+        )

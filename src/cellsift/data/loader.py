@@ -138,7 +138,8 @@ class IterableCellDataset(IterableDataset):
             self.codes[key], self.categories[key] = collection.codes(column, fixed)
         self.weights = None
         if mode == "weighted":
-            if weights is None:
+            balanced = weights is None
+            if balanced:
                 if "y_n" not in self.codes:
                     raise ConfigError("weighted mode needs label_key (and study_key) or weights=.")
                 # balanced over the data's own labels: cells of a label outside the fixed
@@ -153,7 +154,8 @@ class IterableCellDataset(IterableDataset):
                     study_scale=study_scale,
                     max_ratio=max_ratio,
                 )
-            self.weights = np.asarray(weights, dtype=np.float64)
+            label_key = self.obs_keys.get("y_n") if balanced else None
+            self.weights = _checked_weights(weights, collection.n_obs, label_key)
         self._rank, self._world = rank, world_size
         self.num_workers = 0  # set by CellLoader: fixes the batch order for resume
         # (epoch, batches of it already consumed by this rank), in shared memory so that
@@ -338,6 +340,27 @@ def _worker_skips(counts: list[int], n: int) -> tuple[list[int], int]:
             break
         w = (w + 1) % n_workers
     return skips, w
+
+
+def _checked_weights(weights: Any, n_cells: int, label_key: str | None) -> np.ndarray:
+    """Weighted mode's weights, one per cell (finite, >= 0, some > 0), or an error naming
+    what is wrong, as the dataset is made (not at the first batch, in a worker);
+    ``label_key``: the labels balanced weights were made from."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n_cells,):
+        raise ConfigError(f"weights has shape {w.shape}; it needs one weight per cell ({n_cells}).")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ConfigError(
+            "weights must be finite and >= 0; they hold NaN, infinite or negative ones."
+        )
+    if not (w > 0).any():
+        why = (
+            f": no cell has a label in {label_key!r} (balanced weights are over labelled cells)"
+            if label_key
+            else ""
+        )
+        raise ConfigError(f"weights are all 0, so weighted mode has no cell to draw{why}.")
+    return w
 
 
 def _needs_spawn(dataset: IterableCellDataset) -> bool:
