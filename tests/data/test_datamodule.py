@@ -322,3 +322,40 @@ def test_a_donor_held_as_whole_floats_in_one_store_is_one_donor(tmp_path):
     assert set(np.asarray(dm.val.obs_column("donor"), dtype=str)) == {"1000"}
     assert dm.val.n_obs == 10 + 10  # store a's ten, store b's ten
     assert "1000" not in set(np.asarray(dm.train.obs_column("donor"), dtype=object).astype(str))
+
+
+def test_text_that_means_no_value_is_no_label_study_or_group():
+    """'nan', 'unknown' and blanks in a label, study or split column are missing values, as
+    a real NaN: no class, no study code, never a validation group (the cells stay in
+    training)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    n = 60
+    obs = pd.DataFrame(
+        {
+            "cell_type": ["T", "nan", "B", "unknown"] * 15,
+            "study": ["s1"] * 20 + ["nan"] * 10 + [""] * 10 + ["s2"] * 20,
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    adata = ad.AnnData(sp.csr_matrix(np.ones((n, 3), np.float32)), obs=obs)
+    for seed in range(4):
+        dm = CellDataModule(
+            adata, label_key="cell_type", study_key="study", val_fraction=0.3, seed=seed
+        )
+        dm.setup()
+        assert dm.categories["study_n"] == ["s1", "s2"]
+        assert dm.val_groups in (["s1"], ["s2"])
+        # of the 30 labelled cells: 10 per study validate, the other's 10 and the 10
+        # without a study train
+        assert (dm.train.n_obs, dm.val.n_obs) == (20, 10)
+    from cellsift.data import CellCollection
+    from cellsift.data.loader import IterableCellDataset
+
+    ds = IterableCellDataset(
+        CellCollection(adata), mode="weighted", label_key="cell_type", study_key="study"
+    )
+    assert ds.categories["y_n"] == ["B", "T"] and ds.categories["study_n"] == ["s1", "s2"]
+    assert (ds.weights[obs["cell_type"].isin(["nan", "unknown"]).to_numpy()] == 0).all()

@@ -320,11 +320,15 @@ class CellCollection:
         """Integer codes of a categorical obs column over kept cells, and the categories.
 
         Categories are sorted (stable codes for the same label set) unless given; missing
-        values, and values outside given ``categories``, get code -1.
+        values (also text that means none: blank, "unknown", "nan"; :func:`no_label`), and
+        values outside given ``categories``, get code -1.
         """
         col = self.obs_column(name)  # text columns: categoricals already, missing values kept
         cat = col if isinstance(col, pd.Categorical) else pd.Categorical(text_or_none(col))
         cat = cat.remove_unused_categories()
+        none = cat.categories[no_label(np.asarray(cat.categories, dtype=object))]
+        if len(none):
+            cat = cat.remove_categories(none)
         cats = sorted(map(str, cat.categories)) if categories is None else list(categories)
         return pd.Categorical(cat, categories=cats).codes.astype(np.int64), cats
 

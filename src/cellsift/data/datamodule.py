@@ -8,9 +8,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import pandas as pd
 
-from .._utils import logger
+from .._utils import logger, no_label
 from .._warnings import warn
 from ..errors import ConfigError
 from ..ontology import OntologyError
@@ -224,7 +223,7 @@ class CellDataModule(pl.LightningDataModule):
             self.train, self.val = coll, None
             return
         values = np.asarray(coll.obs_column(self.split_key), dtype=object)
-        known = ~pd.isna(values)  # cells without a group stay in training
+        known = ~no_label(values)  # cells without a group ("unknown", too) stay in training
         groups = np.where(known, values.astype(str), "")
         if self.val_groups is None:
             self.val_groups = split_groups(groups[known], self.val_fraction, self.seed)
