@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -621,3 +622,32 @@ def test_numpy_settings_go_into_json(tmp_path):
     assert model.run_identity()["settings"]["architecture"]["hidden"] == [8, 8]
     loaded = MetricModel.load(model.save(tmp_path / "m"))
     assert loaded.config["architecture"]["latent"] == 4 and loaded.config["loss"]["margin"] == 0.1
+
+
+def test_training_on_stores_reads_the_models_label_column_and_trains_every_cell(tmp_path):
+    """model.train(adata) reads labels from the column from_collection read them from, and
+    trains every cell (a validation split is a CellDataModule's to make): no study held
+    out, and one study is no error."""
+    from cellsift.datasets import synthetic_atlas
+
+    adata = synthetic_atlas(600, 200, n_studies=3, seed=2)
+    coarse = {"CL:0000624": "T cell", "CL:0000625": "T cell"}
+    ids = adata.obs["cell_type_ontology_term_id"].astype(str)
+    adata.obs["coarse"] = [coarse.get(c, c) for c in ids]
+    del adata.obs["cell_type_ontology_term_id"]
+    model = MetricModel.from_collection(adata, label_key="coarse", hidden=(16,), latent=4)
+    assert "CL:0000084" in model.labels  # T cell
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
+    for data in (adata, adata[adata.obs["dataset_id"] == "study_00"].copy()):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*labels the model does not have")
+            trainer = model.train(
+                data,
+                max_epochs=1,
+                accelerator="cpu",
+                default_root_dir=tmp_path,
+                enable_checkpointing=False,
+                **quiet,
+            )
+        dm = trainer.datamodule
+        assert dm.val is None and dm.train.n_obs == data.n_obs

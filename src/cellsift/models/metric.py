@@ -159,6 +159,8 @@ class MetricModel:
             target_sum=target_sum,
         )
         self.trainer: pl.Trainer | None = None
+        #: the obs column :meth:`train` reads labels from where it is given stores
+        self.label_key = "cell_type_ontology_term_id"
 
     def __repr__(self) -> str:
         a = self.config["architecture"]
@@ -178,7 +180,9 @@ class MetricModel:
             else CellCollection(source, dropna=[label_key])
         )
         labels = coll.codes(label_key)[1]  # the distinct labels, sorted, missing ones left out
-        return cls(coll.genes, labels, **kwargs)
+        model = cls(coll.genes, labels, **kwargs)
+        model.label_key = label_key  # (what train() reads the labels from)
+        return model
 
     # -- training -------------------------------------------------------------------------
     def train(
@@ -202,9 +206,12 @@ class MetricModel:
 
         The data are read through the model's gene vocabulary and label set. Extra keyword
         arguments go to ``lightning.pytorch.Trainer`` (e.g. ``precision="bf16-mixed"``);
-        ``compile`` compiles the encoder and decoder. ``study_key``: the obs column of
-        studies (positives from another study; None: none) where ``data`` is not a data
-        module (whose own settings hold otherwise).
+        ``compile`` compiles the encoder and decoder. Where ``data`` is not a data module
+        (whose own settings hold otherwise), it is read with ``study_key``, the obs column
+        of studies (positives from another study; None: none), labels from
+        :attr:`label_key` (``from_collection``'s), and every cell trains: give a
+        :class:`CellDataModule` (``val_fraction``, ``split_key``) to hold studies out for
+        validation.
 
         Unless the callbacks hold a ``ModelCheckpoint`` (or checkpointing is off), a
         checkpoint is kept at each epoch's end in ``<default_root_dir>/checkpoints``, with
@@ -226,7 +233,12 @@ class MetricModel:
                 "decoder.ckpt), or pass allow_untrained_decoder=True to train a decoder from "
                 "scratch along with the encoder."
             )
-        dm = data if isinstance(data, CellDataModule) else CellDataModule(data, study_key=study_key)
+        if isinstance(data, CellDataModule):
+            dm = data
+        else:
+            dm = CellDataModule(
+                data, study_key=study_key, label_key=self.label_key, val_fraction=0.0
+            )
         read_as = (dm.genes, dm.labels, dm.harmonize_labels)
         dm.genes, dm.labels, dm.harmonize_labels = self.genes, self.labels, True
         if dm.collection is not None and read_as != (self.genes, self.labels, True):
