@@ -86,6 +86,30 @@ def test_load_names_a_device_torch_cannot_use_before_reading(tmp_path, monkeypat
     assert MetricModel.load(path, device="cpu").labels == LABELS
 
 
+def test_embedding_names_a_device_torch_cannot_use(tmp_path, monkeypatch):
+    """As load does, embed / predict / tl.embed / embed_collection (before its staging
+    folder is made)."""
+    import cellsift as cs
+    from cellsift.tasks import embed_collection
+
+    model, cells = _model(), _counts()
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = {
+        "embed": lambda device: model.embed(cells, device=device),
+        "tl.embed": lambda device: cs.tl.embed(cells.copy(), model, device=device),
+        "embed_collection": lambda device: embed_collection(
+            model, tmp_path / "cells.h5ad", tmp_path / "out.zarr", device=device
+        ),
+    }
+    for call in calls.values():
+        with pytest.raises(ConfigError, match=r"CUDA is not available.*device='cpu'"):
+            call("cuda")
+        with pytest.raises(ConfigError, match=r"device='gpu' is not a torch device"):
+            call("gpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]
+
+
 # -- bundles whose files disagree --------------------------------------------------------------
 def _labels_without_id(path: Path) -> None:
     (path / "labels.json").write_text(json.dumps([{"name": "B cell"}, {"id": "CL:0000576"}]))

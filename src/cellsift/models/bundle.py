@@ -121,8 +121,8 @@ def check_device(device: str | torch.device) -> torch.device:
         if n == 0:
             why = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU seen"
             raise ConfigError(
-                f"device={device!r}: CUDA is not available on this machine ({why}); load with "
-                "device='cpu' (the model can move to a GPU later, where there is one)."
+                f"device={device!r}: CUDA is not available on this machine ({why}); use "
+                "device='cpu' (a model loaded so can move to a GPU later, where there is one)."
             )
         if dev.index is not None and dev.index >= n:
             raise ConfigError(
@@ -132,7 +132,7 @@ def check_device(device: str | torch.device) -> torch.device:
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(
             f"device={device!r}: MPS (Apple's GPU backend) is not available on this machine; "
-            "load with device='cpu'."
+            "use device='cpu'."
         )
     return dev
 

@@ -37,7 +37,14 @@ from ..ontology import load_cell_ontology
 from ..train import TrainingPlan
 from ..train._stop import interrupts_kept
 from ..train.resume import continued_run
-from .bundle import BundleError, load_bundle, load_weights, metric_settings, save_bundle
+from .bundle import (
+    BundleError,
+    check_device,
+    load_bundle,
+    load_weights,
+    metric_settings,
+    save_bundle,
+)
 
 __all__ = ["SMALL_ATLAS_LOADER", "SMALL_ATLAS_MODEL", "MetricModel"]
 
@@ -381,7 +388,7 @@ class MetricModel:
             raise ConfigError(
                 f"batch_size must be a whole number of at least 1, not {batch_size!r}."
             )
-        dev = torch.device(device) if device is not None else next(self.module.parameters()).device
+        dev = check_device(device) if device is not None else next(self.module.parameters()).device
         self.module.to(dev).eval()
         out = []
         with torch.no_grad():
