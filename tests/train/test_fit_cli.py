@@ -348,6 +348,20 @@ def test_fit_says_bad_settings_in_one_line(synthetic_h5ad, tmp_path, capsys, ext
     assert not (tmp_path / "lightning_logs").exists() and not list(tmp_path.rglob("model"))
 
 
+def test_fit_refuses_a_bundle_dir_it_would_not_write_before_training(
+    synthetic_h5ad, tmp_path, capsys
+):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    args = _args(synthetic_h5ad, tmp_path, "--model.bundle_dir", str(notes))
+    assert main(["fit", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cellsift fit: error: ") and "not a model bundle" in err[-1]
+    assert not (tmp_path / "checkpoints").exists()  # no step trained
+    assert [p.name for p in notes.iterdir()] == ["notes.txt"]
+
+
 def test_fit_refuses_a_validation_split_of_one_cell_type(tmp_path, capsys):
     from cellsift.datasets import synthetic_atlas
 

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._utils import atomic_dir, is_whole, state_differences
+from .._utils import atomic_dir, check_replaceable, holds, is_whole, state_differences
 from .._warnings import UntrainedDecoderWarning
 from ..data.genes import GeneVocabulary
 from ..data.stores import refuse_other
@@ -70,6 +70,12 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_bundle_path(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse ``path`` for a bundle as :func:`save_bundle` would (it exists and overwrite is
+    off, or it is something else than a bundle), before the work that makes one."""
+    check_replaceable(Path(path), overwrite, holds(*_FILES), "a model bundle")
 
 
 def save_bundle(

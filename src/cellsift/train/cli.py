@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from .._utils import logger
 from ..data.datamodule import CellDataModule
 from ..errors import ConfigError
+from ..models.bundle import check_bundle_path
 from ._stop import interrupts_kept
 from .plan import TrainingPlan
 from .resume import continued_run, read_checkpoint
@@ -117,6 +118,8 @@ class MetricPlan(TrainingPlan):
         )
         self.metric_model = model
         self.bundle_dir = bundle_dir
+        if bundle_dir:  # refused now, not after the training it would have held
+            check_bundle_path(bundle_dir, overwrite=True)
         self.run_identity = model.run_identity()
 
     def on_fit_end(self) -> None:
