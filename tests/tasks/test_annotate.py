@@ -387,7 +387,9 @@ def test_an_even_split_is_no_majority():
     assert plain["label"].iloc[0] == UNKNOWN
     for bad in ({"k": 0}, {"k": -3}, {"min_support": 1.0}, {"min_support": -0.1}):
         with pytest.raises(CellIndexError, match=next(iter(bad))):
-            KNNAnnotator(index, **bad)
+            KNNAnnotator(index, **({"k": 20} | bad))
+    with pytest.warns(UserWarning, match=r"k=21 neighbours, and the reference holds 20 cells"):
+        KNNAnnotator(index, k=21)
 
 
 @pytest.mark.parametrize("ontology_aware", [False, True])

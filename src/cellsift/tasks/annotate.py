@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import import_optional, logger, no_label
+from .._warnings import warn
 from ..errors import ConfigError, DataError
 from ..ontology import OntologyError, load_cell_ontology
 from .index import CellIndex, CellIndexError, check_k
@@ -93,6 +94,11 @@ class KNNAnnotator:
         abstain_on: Literal["mean", "nearest"] = "mean",
     ) -> None:
         check_k(k)
+        if k > index.n_cells:  # every call counts the whole reference's votes
+            warn(
+                f"k={k} neighbours, and the reference holds {index.n_cells:,} cells: each call "
+                "counts all of them, the same votes for every query. Pass a k well below that."
+            )
         if not 0.0 <= min_support < 1.0:
             raise CellIndexError(
                 f"min_support must be in [0, 1) (a call needs more than that share of the "

@@ -55,7 +55,6 @@ from ..data.collection import _cell_name, resolve_paths
 from ..data.loader import to_torch_csr
 from ..data.stores import is_anndata, refuse_other
 from ..errors import CellsiftError, ConfigError, DataError, MissingKeyError
-from ..models.bundle import check_device
 
 #: What an existing ``out`` must be for ``overwrite`` to replace it.
 _REPLACES = holds("zarr.json", "metadata.parquet")
@@ -104,6 +103,8 @@ def embed_collection(
         if not is_whole(value, least=1):
             raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}.")
     if device is not None:
+        from ..models.bundle import check_device  # (cellsift.models imports Lightning)
+
         check_device(device)  # (before a staging folder is made)
     if isinstance(source, CellCollection) and source.genes != model.genes:
         raise ConfigError(
