@@ -39,3 +39,25 @@ def test_incomplete_directory_is_named(tmp_path):
     (tmp_path / "m" / "gene_order.tsv").write_text("A\nB\n")
     with pytest.raises(CellsiftError, match="lists 2 genes but the encoder takes 50"):
         read_scimilarity(tmp_path / "m")
+
+
+def test_an_imported_model_fine_tunes_with_its_own_triplet_settings(tmp_path):
+    """hyperparameters.json's margin, triplet weight and negative mode become the bundle's
+    loss settings (what fine-tuning trains with); a mode cellsift lacks is named."""
+    import json
+
+    from cellsift.errors import ConfigError
+    from cellsift.models import MetricModel, import_scimilarity
+
+    src = tmp_path / "scimilarity"
+    shutil.copytree(FIXTURE, src)
+    hp = json.loads((src / "hyperparameters.json").read_text())
+    hp.update(margin=0.3, triplet_loss_weight=0.5, negative_selection="hardest")
+    (src / "hyperparameters.json").write_text(json.dumps(hp))
+    model = MetricModel.load(import_scimilarity(src, tmp_path / "bundle"))
+    assert (model.module.triplet.margin, model.module.triplet.negative) == (0.3, "hardest")
+    assert model.module.triplet_weight == 0.5
+    hp["negative_selection"] = "easy"
+    (src / "hyperparameters.json").write_text(json.dumps(hp))
+    with pytest.raises(ConfigError, match=r"negative_selection is 'easy'"):
+        import_scimilarity(src, tmp_path / "other")

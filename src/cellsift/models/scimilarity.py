@@ -22,7 +22,7 @@ import torch
 
 from .._utils import is_whole
 from ..data.genes import GeneVocabulary
-from ..errors import CellsiftError
+from ..errors import CellsiftError, ConfigError
 from ..nn import MLPDecoder, MLPEncoder
 from .bundle import load_state
 
@@ -244,6 +244,7 @@ def import_scimilarity(
             "input_dropout": model.hyperparameters.get("input_dropout", 0.4),
         },
         "normalization": {"target_sum": 1e4, "log1p": True},
+        "loss": _loss_settings(model.hyperparameters, path),
         "source": {
             "kind": "scimilarity",
             "path": str(Path(path).resolve()),
@@ -261,3 +262,24 @@ def import_scimilarity(
         labels=labels,
         overwrite=overwrite,
     )
+
+
+def _loss_settings(hyperparameters: dict[str, Any], path: Any) -> dict[str, Any]:
+    """The triplet settings of SCimilarity's hyperparameters.json as a bundle's ``loss``
+    (what fine-tuning the imported model trains with); those it lacks keep cellsift's
+    defaults, which are SCimilarity's published ones."""
+    names = {"margin": "margin", "triplet_loss_weight": "triplet_weight"}
+    loss: dict[str, Any] = {
+        ours: float(hyperparameters[theirs])
+        for theirs, ours in names.items()
+        if theirs in hyperparameters
+    }
+    negative = hyperparameters.get("negative_selection")
+    if negative is not None:
+        if negative not in ("semihard", "hardest", "random"):
+            raise ConfigError(
+                f"{path}: hyperparameters.json's negative_selection is {negative!r}; cellsift "
+                "mines 'semihard', 'hardest' or 'random' negatives."
+            )
+        loss["negative"] = negative
+    return loss
