@@ -43,7 +43,8 @@ def test_incomplete_directory_is_named(tmp_path):
 
 def test_an_imported_model_fine_tunes_with_its_own_triplet_settings(tmp_path):
     """hyperparameters.json's margin, triplet weight and negative mode become the bundle's
-    loss settings (what fine-tuning trains with); a mode cellsift lacks is named."""
+    loss settings (what fine-tuning trains with); a mode cellsift lacks is named. The
+    import's provenance survives a load and a save."""
     import json
 
     from cellsift.errors import ConfigError
@@ -57,6 +58,13 @@ def test_an_imported_model_fine_tunes_with_its_own_triplet_settings(tmp_path):
     model = MetricModel.load(import_scimilarity(src, tmp_path / "bundle"))
     assert (model.module.triplet.margin, model.module.triplet.negative) == (0.3, "hardest")
     assert model.module.triplet_weight == 0.5
+    # where it came from survives a load and a save
+    resaved = model.save(tmp_path / "resaved")
+    imported = json.loads((tmp_path / "bundle" / "labels.json").read_text())
+    assert json.loads((resaved / "labels.json").read_text()) == imported
+    assert "source_name" in imported[0]
+    config = json.loads((resaved / "config.json").read_text())
+    assert config["source"]["kind"] == "scimilarity"
     hp["negative_selection"] = "easy"
     (src / "hyperparameters.json").write_text(json.dumps(hp))
     with pytest.raises(ConfigError, match=r"negative_selection is 'easy'"):

@@ -168,6 +168,8 @@ class MetricModel:
         self.trainer: pl.Trainer | None = None
         #: the obs column :meth:`train` reads labels from where it is given stores
         self.label_key = "cell_type_ontology_term_id"
+        #: a loaded bundle's other fields of each label (e.g. an import's source_name)
+        self._label_fields: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         a = self.config["architecture"]
@@ -475,7 +477,10 @@ class MetricModel:
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Save as a bundle directory (config.json, model.safetensors, genes.tsv, labels.json)."""
-        labels = [{"id": i, "name": n} for i, n in zip(self.labels, self.label_names, strict=True)]
+        labels = [
+            {**self._label_fields.get(i, {}), "id": i, "name": n}
+            for i, n in zip(self.labels, self.label_names, strict=True)
+        ]
         return save_bundle(
             path,
             config=self.config,
@@ -558,5 +563,11 @@ class MetricModel:
                 "allow_untrained_decoder=True to model.train to train a decoder from scratch.",
                 UntrainedDecoderWarning,
             )
+        # where it came from (an import's source, its labels' source names) stays with it
+        if "source" in b.config:
+            model.config["source"] = b.config["source"]
+        model._label_fields = {
+            lab["id"]: {k: v for k, v in lab.items() if k not in ("id", "name")} for lab in b.labels
+        }
         model.module.to(device).eval()
         return model
