@@ -12,7 +12,6 @@ import numpy as np
 from .._utils import logger, no_label
 from .._warnings import warn
 from ..errors import ConfigError
-from ..ontology import OntologyError
 from .collection import CellCollection, ObsFilter, StoreLike
 from .genes import GeneVocabulary
 from .loader import CellLoader, IterableCellDataset
@@ -262,11 +261,9 @@ class CellDataModule(pl.LightningDataModule):
         rest = [r for r in raw if r not in fixed]
         ids = dict(zip(rest, cl.harmonize(rest), strict=True))
         own: dict[str, str] = {}  # current id -> the model's label
-        for label in self.labels or ():
-            try:
-                own.setdefault(cl.harmonize([label])[0], label)
-            except OntologyError:  # (deprecated without a successor: matched as written)
-                pass
+        for label in self.labels or ():  # (one that names no current term: matched as written)
+            if (term := cl.term(label)) is not None:
+                own.setdefault(term, label)
         return {r: r if r in fixed else own.get(ids[r], ids[r]) for r in raw}
 
     def _check_labels(self, codes: np.ndarray, present: list[str]) -> None:

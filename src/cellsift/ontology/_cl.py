@@ -271,6 +271,11 @@ class CellOntology:
             value.casefold().removeprefix("obsolete ").strip()
         )
 
+    def term(self, value: Any) -> str | None:
+        """The current CL id ``value`` names (as :meth:`harmonize` maps it), or None where it
+        names none (not a CL term, missing, obsolete without a successor)."""
+        return None if _missing(value) else self._harmonize_one(str(value), True)
+
     def _harmonize_one(self, value: str, replace_deprecated: bool) -> str | None:
         term = self._resolve(value)
         if term is None:

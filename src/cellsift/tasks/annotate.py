@@ -346,7 +346,7 @@ class KNNAnnotator:
         out = pd.concat(parts, ignore_index=True)
         # labels that name CL terms get their ids and names; others (a lab's own) keep theirs
         cl = load_cell_ontology()
-        ids = {t: _term_or_itself(cl, t) for t in out["label"].unique()}
+        ids = {t: cl.term(t) or t for t in out["label"].unique()}
         out.insert(1, "label_id", out["label"].map(ids))
         names = {i: cl.name(i) if i in cl.terms else i for i in set(ids.values())}
         out.insert(2, "label_name", out["label_id"].map(names))
@@ -467,16 +467,6 @@ class KNNAnnotator:
                 "knn_label": knn_label.astype(str),
             }
         )
-
-
-def _term_or_itself(cl: Any, label: str) -> str:
-    """The current CL id ``label`` names, or ``label`` where it names none."""
-    if label == UNKNOWN:
-        return label
-    try:
-        return cl.harmonize([label])[0]
-    except OntologyError:
-        return label
 
 
 def _mean_distance(distances: np.ndarray) -> np.ndarray:
