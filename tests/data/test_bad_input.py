@@ -183,7 +183,7 @@ def test_count_checks_find_a_bad_value_in_any_chunk(bad, problem):
         check_count_values(data, "x", "", chunk=4)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -3.0])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -3.0, 2.5])
 def test_a_bad_cell_outside_the_opening_sample_is_caught_when_read(tmp_path, bad):
     """The check at opening reads a sample of cells; every batch read checks its own."""
     adata = indexed_atlas(2_000, 5)
@@ -195,7 +195,10 @@ def test_a_bad_cell_outside_the_opening_sample_is_caught_when_read(tmp_path, bad
     path = _write(tmp_path, "one_bad_cell.h5ad", adata)
     coll = CellCollection(path)  # the sample misses it
     coll.read(np.arange(row))  # the cells before it are fine
-    with pytest.raises(DataError, match=rf"one_bad_cell\.h5ad \(X\): cell {row} \('cell_{row}'\)"):
+    problem = "whole numbers" if np.isfinite(bad) and bad > 0 else "finite and non-negative"
+    with pytest.raises(
+        DataError, match=rf"one_bad_cell\.h5ad \(X\): cell {row} \('cell_{row}'\) .*{problem}"
+    ):
         coll.read(np.arange(max(row - 5, 0), row + 5))
     unchecked = CellCollection(path, check_counts=False)
     assert unchecked.read(np.array([row])).nnz > 0
@@ -402,3 +405,29 @@ def test_obs_filter_values_are_read_as_text_as_a_yaml_filter_gives_them(tmp_path
         for wanted in ([1015, 1256], [1015, "1256"], ["1015", 1256.0]):
             kept = CellCollection(path, obs_filter={"donor": wanted})
             np.testing.assert_array_equal(kept.cell_ids, np.arange(40), err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.float32, np.float64, np.float16, np.int32, np.int64, np.uint16]
+)
+def test_one_pass_count_check_agrees_with_numpy(dtype):
+    """The compiled check counts the values numpy's three tests (finite, >= 0, whole within
+    1e-3) refuse, and the zeros, in every dtype counts come in."""
+    from cellsift.data._values import count_faults, not_count
+
+    rng = np.random.default_rng(0)
+    x = rng.poisson(3, 5_000).astype(np.float64)
+    if np.dtype(dtype).kind == "f":
+        x[rng.choice(5_000, 40, replace=False)] = rng.choice(
+            [np.nan, np.inf, -np.inf, -1.0, -0.0, 0.5, 2.0004, 7.002, 1e9 + 0.5], 40
+        )
+    elif np.dtype(dtype).kind == "i":
+        x[:7] = -2
+    with np.errstate(over="ignore"):  # (float16: 1e9 is infinite)
+        data = x.astype(dtype)
+    v = data.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        ref = ~(np.isfinite(v) & (v >= 0) & (np.abs(v - np.round(v)) <= 1e-3))
+    assert count_faults(data) == (int(ref.sum()), int((v == 0).sum()))
+    np.testing.assert_array_equal(not_count(data), ref)
+    assert count_faults(data[:0]) == (0, 0)

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 
 from .._utils import logger, no_label, text_or_none
 from ..errors import DataError, MissingKeyError
+from ._values import count_faults, not_count
 from .genes import GeneMap, GeneVocabulary
 from .stores import CellStore, is_anndata, open_store, refuse_other
 
@@ -95,7 +96,8 @@ class CellCollection:
         (:meth:`GeneVocabulary.align`).
     check_counts
         Read a sample of cells of each store and raise if they are not raw counts; then
-        every batch read raises on a cell with NaN, infinite or negative values.
+        every batch read raises on a cell with values that are not counts (NaN, infinite,
+        negative or not whole).
     """
 
     def __init__(
@@ -372,25 +374,33 @@ class CellCollection:
 
 
 def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
-    """Raise a :class:`DataError` naming the store and the first cell whose values are NaN,
-    infinite or negative, that holds stored zeros only, or whose row holds a gene twice (a
-    minimum and a maximum over the values read, and one pass over the column indices: cheap
-    next to reading them)."""
+    """Raise a :class:`DataError` naming the store and the first cell whose values are not
+    counts (NaN, infinite, negative or not whole), that holds stored zeros only, or whose
+    row holds a gene twice (one compiled pass over the values read, and one over the column
+    indices: cheap next to reading them)."""
     data = x.data
     where = f"{store.path} ({'X' if store.layer is None else store.layer})"
 
     def cell(row: int) -> str:
         return _cell_name(store, int(rows[row]))
 
-    lo, hi = (data.min(), data.max()) if len(data) else (1.0, 1.0)
-    if not (lo >= 0 and hi < np.inf):  # NaN fails both
-        bad = ~np.isfinite(data) | (data < 0)
-        row = int(np.searchsorted(x.indptr, np.flatnonzero(bad)[0], side="right") - 1)
-        raise DataError(
-            f"{where}: {cell(row)} holds {data[bad][0]:g}; counts are finite and non-negative. "
-            "Fix or drop that cell, or pass check_counts=False if these values are meant."
+    bad, zeros = count_faults(data)
+    if bad:
+        first = int(np.flatnonzero(not_count(data))[0])
+        row = int(np.searchsorted(x.indptr, first, side="right") - 1)
+        v = data[first]
+        what = (
+            "counts are finite and non-negative"
+            if not (v >= 0 and np.isfinite(v))
+            else "counts are whole numbers (normalised or log-transformed values?)"
         )
-    if lo == 0:  # zeros stored as entries (told by the minimum: no pass of its own)
+        layers = _other_layers(store)
+        raise DataError(
+            f"{where}: {cell(row)} holds {v:g}; {what}. Fix or drop that cell"
+            + (f", point layer= at raw counts (this file has: {layers})" if layers else "")
+            + ", or pass check_counts=False if these values are meant."
+        )
+    if zeros:  # zeros stored as entries
         # (the opening check counts genes from the values where its sample finds any; a
         # store whose zeros lie elsewhere counted them as genes when the filters ran)
         if not store.stored_zeros:
@@ -507,6 +517,8 @@ def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 <<
     temporaries."""
     for start in range(0, len(data), chunk):
         block = data[start : start + chunk]
+        if not count_faults(block)[0]:
+            continue
         if not np.all(np.isfinite(block)):
             raise DataError(
                 f"{where}: contains NaN or infinite values; counts must be finite.{fix}"
@@ -516,12 +528,11 @@ def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 <<
                 f"{where}: contains negative values ({block.min():g}); these are not "
                 f"counts (scaled or centred data?).{fix}"
             )
-        frac = block[np.abs(block - np.round(block)) > 1e-3]
-        if len(frac):
-            raise DataError(
-                f"{where}: contains non-integer values (e.g. {frac[0]:.4g}); these look "
-                f"normalised or log-transformed, not raw counts.{fix}"
-            )
+        frac = block[not_count(block)]
+        raise DataError(
+            f"{where}: contains non-integer values (e.g. {frac[0]:.4g}); these look "
+            f"normalised or log-transformed, not raw counts.{fix}"
+        )
 
 
 def _other_layers(store: CellStore) -> str:
