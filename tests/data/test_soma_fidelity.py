@@ -205,6 +205,20 @@ def test_tiledbsoma_io_experiment_opens_without_var_id(adata, io_experiment, tmp
     )
 
 
+def test_tiledbsoma_io_experiment_of_named_indexes_opens_as_written(adata, tmp_path):
+    """tiledbsoma.io keeps a named index (as most h5ad files have: "gene_ids") under its
+    name, and records which column that is; the store reads the gene ids and obs names there."""
+    import tiledbsoma.io
+
+    adata.var.index.name, adata.obs.index.name = "gene_ids", "barcode"
+    uri = str(tmp_path / "named.soma")
+    tiledbsoma.io.from_anndata(uri, adata, measurement_name="RNA")
+    store = open_store(uri, layer="data")
+    assert list(store.var_names) == list(adata.var_names)
+    assert list(store.obs_names) == list(adata.obs_names)
+    assert (store.read(np.arange(N_CELLS)) != adata.X).nnz == 0
+
+
 def test_var_without_gene_ids_names_the_fix(tmp_path):
     import tiledbsoma.io
 

@@ -35,8 +35,9 @@ class SomaStore(CellStore):
     layer
         X layer holding counts (Census: ``"raw"``).
     var_id
-        var column with gene ids. Default: ``"feature_id"`` (Census, cellsift), else
-        ``"var_id"`` (``tiledbsoma.io.from_anndata``'s default) where only that is there.
+        var column with gene ids. Default: ``"feature_id"`` (Census, cellsift), else the
+        column ``tiledbsoma.io.from_anndata`` kept the AnnData's named var index in, else
+        ``"var_id"`` (its name for an unnamed index).
     tiledb_config
         TileDB settings, over :data:`TILEDB_CONFIG`.
     """
@@ -114,11 +115,14 @@ class SomaStore(CellStore):
 
     @cached_property
     def obs_names(self) -> pd.Index | None:
-        """The ``obs_id`` column (cellsift's SOMA writer keeps the obs names there), or None."""
-        if "obs_id" not in self.handle.obs.schema.names:
+        """The ``obs_id`` column (cellsift's SOMA writer and ``tiledbsoma.io`` keep the obs
+        names there; ``tiledbsoma.io``, an AnnData's named index under its name), or None."""
+        names = self.handle.obs.schema.names
+        col = "obs_id" if "obs_id" in names else _original_index(self.handle.obs)
+        if col is None or col not in names:
             return None
-        tbl = self.handle.obs.read(column_names=["soma_joinid", "obs_id"]).concat().to_pandas()
-        return pd.Index(tbl.sort_values("soma_joinid")["obs_id"].astype(str).to_numpy())
+        tbl = self.handle.obs.read(column_names=["soma_joinid", col]).concat().to_pandas()
+        return pd.Index(tbl.sort_values("soma_joinid")[col].astype(str).to_numpy())
 
     def _load_obs_column(self, name: str) -> Any:
         stored = self._obs_stored[name]
@@ -152,7 +156,11 @@ class SomaStore(CellStore):
         var = frame.read().concat().to_pandas().sort_values("soma_joinid")
         var_id = self.var_id
         if var_id is None:  # cellsift's and Census' name, else tiledbsoma.io's
-            var_id = "var_id" if "feature_id" not in var and "var_id" in var else "feature_id"
+            named = _original_index(frame)  # (tiledbsoma.io: a named index, under its name)
+            var_id = next(
+                (c for c in ("feature_id", named, "var_id") if c is not None and c in var),
+                "feature_id",
+            )
         if var_id not in var.columns:
             also = "" if self.var_id is not None else " (nor 'var_id', tiledbsoma.io's default)"
             raise self._error(
@@ -228,3 +236,13 @@ def _own_names(stored: list[str], renamed: dict[str, str]) -> dict[str, str]:
         name = renamed.get(n, n)
         out[n if name in names or name in out else name] = n
     return out
+
+
+def _original_index(frame: Any) -> str | None:
+    """The column ``tiledbsoma.io.from_anndata`` wrote a DataFrame's named index to (its
+    ``soma_dataframe_original_index_name`` metadata), or None."""
+    try:
+        name = json.loads(frame.metadata.get("soma_dataframe_original_index_name", "null"))
+    except (TypeError, ValueError):
+        return None
+    return name if isinstance(name, str) else None
