@@ -133,6 +133,31 @@ def test_empty_cells(tmp_path):
     assert coll.n_obs == 58 and 7 not in coll.cell_ids
 
 
+@pytest.mark.parametrize("layout", ["dense_h5ad", "dense_memory", "soma"])
+def test_empty_cells_of_stores_without_row_lengths_are_refused_when_read(tmp_path, layout):
+    """Dense and SOMA stores do not know their rows' lengths as they open: an empty cell is
+    refused in the batch that reads it, as a CSR store refuses it at opening."""
+    from cellsift.data.convert import convert
+
+    adata = indexed_atlas(60, 5)
+    x = adata.X.toarray()
+    x[9] = 0
+    adata.X = x
+    if layout == "dense_memory":
+        source = adata
+    elif layout == "dense_h5ad":
+        source = _write(tmp_path, "empty.h5ad", adata)
+    else:
+        adata.X = sp.csr_matrix(x)
+        source = convert(_write(tmp_path, "empty.h5ad", adata), tmp_path / "empty.soma")
+    coll = CellCollection(source)
+    coll.read(np.arange(9))
+    with pytest.raises(DataError, match=r"cell 9 \('cell_9'\) has no counts at all.*min_genes=1"):
+        coll.read(np.arange(5, 15))
+    kept = CellCollection(source, min_genes=1)
+    assert kept.n_obs == 59 and kept.read(kept.cell_ids).shape == (59, 5)
+
+
 def test_filters_that_keep_nothing(indexed_paths, tmp_path):
     with pytest.raises(
         DataError, match=r"keep none of the 2,000 cells \(obs_filter removes 2,000\)"

@@ -418,6 +418,14 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
                 f"{where}: {cell(int(empty[0]))} has no counts (its stored entries are all "
                 "zeros). Drop such cells with min_counts=1, which sums the values."
             )
+    # (checked as the store opened where its row lengths are free: CSR; dense and SOMA
+    # stores' cells are counted here, as they are read)
+    empty = np.flatnonzero(np.diff(x.indptr) == 0)
+    if len(empty):
+        raise DataError(
+            f"{where}: {cell(int(empty[0]))} has no counts at all. Drop such cells with "
+            "min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`."
+        )
     _refuse_duplicates(store, x, rows)
 
 
