@@ -187,12 +187,22 @@ def test_blank_and_spelled_out_missing_labels_are_dropped(tmp_path):
     np.testing.assert_array_equal(kept.cell_ids, np.arange(6, 40))
 
 
-def test_csc_matrix_is_refused(tmp_path):
+def test_csc_matrix_is_refused_with_the_rewrite_for_its_format_and_layer(tmp_path):
     adata = indexed_atlas(30, 5)
     adata.X = adata.X.tocsc()
     path = _write(tmp_path, "csc.h5ad", adata)
-    with pytest.raises(DataError, match=r"csc\.h5ad: stores counts column-major"):
+    with pytest.raises(
+        DataError, match=r"csc\.h5ad: stores counts column-major.*X\.tocsr\(\); adata\.write_h5ad"
+    ):
         open_store(path)
+    adata.layers["counts"] = adata.X.copy()
+    adata.write_zarr(tmp_path / "csc.zarr")
+    with pytest.raises(
+        DataError,
+        match=r"csc\.zarr: .*adata\.layers\['counts'\] = adata\.layers\['counts'\]\.tocsr\(\); "
+        r"adata\.write_zarr",
+    ):
+        open_store(tmp_path / "csc.zarr", layer="counts")
 
 
 @pytest.mark.parametrize(

@@ -94,9 +94,16 @@ class AnnDataStore(CellStore):
         mat = self._matrix(root)
         enc = _attr(mat, "encoding-type")
         if enc == "csc_matrix":
+            if self.layer is None:
+                fix = "adata.X = adata.X.tocsr()"
+            elif self.layer == "raw":
+                fix = "adata.raw = anndata.AnnData(adata.raw.X.tocsr(), var=adata.raw.var)"
+            else:
+                fix = f"adata.layers[{self.layer!r}] = adata.layers[{self.layer!r}].tocsr()"
+            write = "write_zarr" if self.format == "zarr" else "write_h5ad"
             raise self._error(
                 "stores counts column-major (CSC): reading cells would read the whole matrix.",
-                "Rewrite it row-major: adata.X = adata.X.tocsr(); adata.write_h5ad(path).",
+                f"Rewrite it row-major: {fix}; adata.{write}(path).",
             )
         self._dense = enc in (None, "array")
         if self._dense:
