@@ -8,26 +8,35 @@ than its three separate tests.
 
 from __future__ import annotations
 
-import numba
+from functools import cache
+from typing import Any
+
 import numpy as np
 
 #: A value further than this from the nearest whole number is not a count.
 WHOLE_TOL = 1e-3
 
 
-@numba.njit(cache=True, nogil=True)
-def _faults(data):  # type: ignore[no-untyped-def]
-    bad = 0
-    zeros = 0
-    tol = data.dtype.type(WHOLE_TOL)
-    half = data.dtype.type(0.5)
-    for i in range(data.shape[0]):
-        v = data[i]
-        r = v - np.floor(v + half)
-        # (NaN fails every comparison: not a count)
-        bad += np.int64(not ((v >= 0) and (v < np.inf) and (abs(r) <= tol)))
-        zeros += np.int64(v == 0)
-    return bad, zeros
+@cache
+def _kernel() -> Any:
+    """The compiled pass (numba imported on first use: ``import cellsift`` stays light)."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def faults(data):  # type: ignore[no-untyped-def]
+        bad = 0
+        zeros = 0
+        tol = data.dtype.type(WHOLE_TOL)
+        half = data.dtype.type(0.5)
+        for i in range(data.shape[0]):
+            v = data[i]
+            r = v - np.floor(v + half)
+            # (NaN fails every comparison: not a count)
+            bad += np.int64(not ((v >= 0) and (v < np.inf) and (abs(r) <= tol)))
+            zeros += np.int64(v == 0)
+        return bad, zeros
+
+    return faults
 
 
 def count_faults(data: np.ndarray) -> tuple[int, int]:
@@ -38,7 +47,7 @@ def count_faults(data: np.ndarray) -> tuple[int, int]:
         return neg, int(len(data) - np.count_nonzero(data))
     if data.dtype not in (np.float32, np.float64):
         data = data.astype(np.float64)
-    bad, zeros = _faults(data)
+    bad, zeros = _kernel()(data)
     return int(bad), int(zeros)
 
 
