@@ -371,6 +371,33 @@ def test_nan_distances_cost_only_their_own_candidates_on_both_paths(monkeypatch,
             assert (d_an > d_ap).all()
 
 
+@pytest.mark.parametrize("negative", ["semihard", "hardest", "random"])
+def test_infinite_distances_are_mined_alike_on_both_paths(monkeypatch, negative):
+    """A pair infinitely far apart (euclidean distances of overflowing embeddings, or a
+    user's dist_nn): its window is unbounded above, which the compiled kernel's buckets
+    take as one bucket, and both paths mine the same pairs, every triplet valid."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1)
+    y = torch.randint(0, 4, (64,), generator=g)
+    d = pairwise_distance(z)
+    a, p = [int(i) for i in torch.nonzero(y == y[0]).ravel()[:2]]
+    d[a, p] = d[p, a] = float("inf")  # an anchor-positive pair
+    other = int(torch.nonzero(y != y[0]).ravel()[0])
+    d[a, other] = d[other, a] = float("inf")  # and a negative
+    kw = {"margin": 0.3, "negative": negative, "dist_nn": d}
+    compiled = mine_triplets(z, y, **kw, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(triplet_module, "_compiled_path", lambda device: False)
+    sorting = mine_triplets(z, y, **kw, generator=torch.Generator().manual_seed(1))
+    assert len(compiled) == len(sorting) > 0 and compiled.n_pairs == sorting.n_pairs
+    for t in (compiled, sorting):
+        d_ap, d_an = d[t.anchor, t.positive], d[t.anchor, t.negative]
+        assert (y[t.negative] != y[t.anchor]).all() and (d_an < d_ap + 0.3).all()
+        if negative == "semihard":
+            assert (d_an > d_ap).all()
+        if negative == "random":  # the unbounded pair still gets a negative
+            assert ((t.anchor == a) & (t.positive == p)).any()
+
+
 def test_mining_settings_and_study_codes_are_checked():
     """Study codes of another length or below -1 (the CPU kernel reads them unchecked), a
     related_ll that is not square, and unknown negative / distance names at construction:

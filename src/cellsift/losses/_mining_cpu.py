@@ -68,8 +68,10 @@ def _anchor_tables(yi, si, related, ancestor, uses, ok, coarse, used_by):  # typ
 
 @numba.njit(inline="always")
 def _bucket(x, low, scale, n_buckets):  # type: ignore[no-untyped-def]
-    """floor((x - low) * scale) clipped to [0, n_buckets - 1]: monotone in x, branch-free."""
-    return int(min(max((x - low) * scale, 0.0), n_buckets - 1.0))
+    """floor((x - low) * scale) clipped to [0, n_buckets - 1]: monotone in x, branch-free.
+    NaN (an infinite ``x`` where the span was infinite and ``scale`` 0) is bucket 0: ``max``
+    keeps its first argument unless the second is greater, and NaN is greater than nothing."""
+    return int(min(n_buckets - 1.0, max(0.0, (x - low) * scale)))
 
 
 @numba.njit(inline="always")
