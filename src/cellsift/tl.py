@@ -222,6 +222,8 @@ def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> a
         shape=(len(cat.categories), adata.n_obs),
     )
     if sp.issparse(x) or isinstance(x, np.ndarray):
+        if x.dtype == np.float16:  # (scipy.sparse holds no float16)
+            x = x.astype(np.float32)
         sums = sp.csr_matrix(onehot @ sp.csr_matrix(x))
     else:  # backed (anndata's on-disk matrix): row blocks
         sums = sp.csr_matrix((len(cat.categories), x.shape[1]))
@@ -241,16 +243,21 @@ def _group_labels(adata: ad.AnnData, groups: Any) -> Any:
                 f"obs has no column {groups!r}; it has {', '.join(map(str, adata.obs.columns))}."
             )
         return adata.obs[groups].array
-    if isinstance(groups, pd.Series) and groups.index.astype(str).equals(adata.obs_names):
-        return groups.array  # (in obs order already: also where obs names repeat)
-    if isinstance(groups, pd.Series) and not isinstance(groups.index, pd.RangeIndex):
+    if isinstance(groups, pd.Series):
         index = groups.index.astype(str)
-        if index.has_duplicates or not adata.obs_names.isin(index).all():
-            raise ValueError(
-                "groups is a Series whose index is not the cells' obs names: index it by "
-                "adata.obs_names, or pass its values in obs order (groups.to_numpy())."
-            )
-        return pd.Series(groups.to_numpy(), index=index).reindex(adata.obs_names).array
+        if index.equals(adata.obs_names):
+            return groups.array  # (in obs order already: also where obs names repeat)
+        names_cells = not index.has_duplicates and adata.obs_names.isin(index).all()
+        # pandas' default index (0, 1, ..., n - 1) is positions, in obs order; any other
+        # (a reversed or shifted range too) names cells
+        positions = groups.index.equals(pd.RangeIndex(len(groups)))
+        if not positions:
+            if not names_cells:
+                raise ValueError(
+                    "groups is a Series whose index is not the cells' obs names: index it by "
+                    "adata.obs_names, or pass its values in obs order (groups.to_numpy())."
+                )
+            return pd.Series(groups.to_numpy(), index=index).reindex(adata.obs_names).array
     values = groups.array if isinstance(groups, pd.Series) else np.asarray(groups)
     if values.ndim != 1 or len(values) != adata.n_obs:
         raise ValueError(

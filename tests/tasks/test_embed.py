@@ -256,6 +256,26 @@ def test_pseudobulk_takes_a_column_of_cells_with_repeated_names(synthetic_h5ad):
     np.testing.assert_array_equal(by_series.X.toarray(), by_name.X.toarray())
 
 
+def test_pseudobulk_reads_a_series_by_its_index_unless_it_is_the_default_one():
+    """pandas' default index is positions; any other index names cells, a range too (a
+    reversed Series of cells named "0", "1", ...); float16 counts sum as the others."""
+    x = np.array([[1.0], [10.0], [100.0]], dtype=np.float16)
+    adata = ad.AnnData(x)  # obs names "0", "1", "2"
+    labels = pd.Series(["a", "b", "b"])
+
+    def sums(groups):
+        return cs.tl.pseudobulk(adata, groups).to_df()["0"].to_dict()
+
+    want = {"a": 1.0, "b": 110.0}
+    assert sums(labels) == want
+    assert sums(labels.iloc[::-1]) == want  # RangeIndex 2, 1, 0: names the cells
+    assert sums(labels.iloc[[2, 0, 1]]) == want
+    adata.obs_names = ["2", "1", "0"]  # the default index stays positions
+    assert sums(labels) == want
+    with pytest.raises(ValueError, match="index is not the cells' obs names"):
+        sums(pd.Series(["a", "b", "b"], index=pd.RangeIndex(5, 8)))
+
+
 def test_counts_stored_in_parts_or_as_zeros_embed_as_the_counts(bundle, synthetic_h5ad):
     """A count split over two entries of a CSR row (not canonical) embeds as the count;
     stored zeros are no counts; the caller's matrix is left as it was."""
