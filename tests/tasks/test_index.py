@@ -123,6 +123,19 @@ def test_ivf_fills_a_large_k_and_takes_numpy_integers(data, ivf):
     assert (few.indices >= 0).all() and all(len(set(r)) == 500 for r in few.indices)
 
 
+def test_an_ivf_index_of_one_cell_finds_it_and_grows():
+    """One cell: nothing to calibrate recall on (no other cell); the one list is probed."""
+    rng = np.random.default_rng(0)
+    one = rng.normal(size=(1, 8)).astype(np.float32)
+    index = CellIndex.build(one, engine="ivf", nlist=1)
+    assert index.params["nprobe"] == 1
+    np.testing.assert_array_equal(index.search(one, 3).indices, [[0, -1, -1]])
+    more = rng.normal(size=(5, 8)).astype(np.float32)
+    index.add(more)
+    _, truth = _brute(np.vstack([one, more]), one, 3)
+    np.testing.assert_array_equal(index.search(one, 3).indices, truth)
+
+
 def test_filtered_search_only_returns_selected_cells(data, ivf):
     x, meta, q = data
     # small selection (one study, 4%): exact within the selection

@@ -274,6 +274,10 @@ class CellIndex:
         check_k(k)
         if self.engine != "ivf":
             return 1.0
+        if self.n_cells < 2:  # no other cell to find: every list (the one) is probed
+            nlist = self.params["nlist"]
+            self.params.update(nprobe=nlist, calibrated_k=0, calibrated_recall=1.0)
+            return 1.0
         rng = np.random.default_rng(seed + 1)
         rows = np.sort(rng.choice(self.n_cells, min(n_queries, self.n_cells), replace=False))
         q = np.ascontiguousarray(self.embeddings[rows])
