@@ -66,6 +66,19 @@ def test_zscore_and_subset(adata):
         ZScore(mean, std)({"x_ng": _csr(adata.X)})
 
 
+def test_zscore_keeps_the_precision_of_float64_batches_and_statistics():
+    rng = np.random.default_rng(0)
+    x = rng.gamma(2.0, 3.0, (50, 7)) + 1e4  # a large mean: float32 statistics lose digits
+    mean, std = x.mean(0), x.std(0)
+    z = ZScore(mean, std)({"x_ng": torch.from_numpy(x)})["x_ng"]
+    assert z.dtype == torch.float64
+    np.testing.assert_allclose(z.numpy(), (x - mean) / std, rtol=0, atol=1e-9)
+    z32 = ZScore(mean, std)({"x_ng": torch.from_numpy(x).float()})["x_ng"]
+    assert z32.dtype == torch.float32
+    ints = ZScore(mean, std)({"x_ng": torch.from_numpy(x).long()})["x_ng"]
+    assert ints.dtype == torch.float32
+
+
 def test_transforms_move_with_the_module(adata):
     z = ZScore(np.zeros(150), np.ones(150))
     assert {n for n, _ in z.named_buffers()} == {"mean_g", "std_g"}

@@ -125,8 +125,10 @@ class ZScore(_Transform):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(key)
-        mean = torch.as_tensor(np.asarray(mean_g), dtype=torch.float32)
-        std = torch.as_tensor(np.asarray(std_g), dtype=torch.float32)
+        # (statistics in float64 stay so, for float64 batches; the others in float32)
+        wide = torch.float64 if np.result_type(mean_g, std_g) == np.float64 else torch.float32
+        mean = torch.as_tensor(np.asarray(mean_g), dtype=wide)
+        std = torch.as_tensor(np.asarray(std_g), dtype=wide)
         if mean.shape != std.shape or mean.ndim != 1:
             raise ValueError("mean_g and std_g must be 1-d and of equal length.")
         self.register_buffer("mean_g", mean)
@@ -135,7 +137,8 @@ class ZScore(_Transform):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout == torch.sparse_csr:
             raise ValueError("ZScore needs a dense batch: put Densify before it.")
-        return (x - self.mean_g) / self.std_g
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        return (x.to(dtype) - self.mean_g.to(dtype)) / self.std_g.to(dtype)
 
 
 class GeneSubset(_Transform):
