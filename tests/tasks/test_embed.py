@@ -567,6 +567,45 @@ def test_a_rerun_keeps_finished_shards_of_the_same_model_only(bundle, synthetic_
         np.testing.assert_allclose(load_embeddings(out)[0], want, atol=1e-5)
 
 
+def test_a_rerun_recomputes_a_shard_of_a_zarr_store_changed_in_place(
+    bundle, synthetic_h5ad, tmp_path
+):
+    """A chunk of a Zarr store rewritten in place changes no folder's entry: the files
+    within are compared. A killed run's staging over another number of processes (its
+    shards split the cells otherwise) is removed by the next run of that output."""
+    import zarr
+
+    from cellsift.tasks import embed as embed_mod
+
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)
+    src = tmp_path / "cells.zarr"
+    adata.write_zarr(src)
+    out = tmp_path / "emb.zarr"
+    real_finalize = embed_mod._finalize
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    embed_mod._finalize = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):  # its one shard finished, the store not
+            embed_collection(model, src, out)
+    finally:
+        embed_mod._finalize = real_finalize
+    data = zarr.open_array(str(src / "X" / "data"), mode="r+")
+    top = os.stat(src).st_mtime_ns
+    data[:] = data[:][::-1]  # the same counts, other cells' (chunk files rewritten)
+    os.utime(src, ns=(top, top))  # (however the folder's own time went)
+    other = tmp_path / ".emb.zarr.partial-of-2"
+    (other / "shard-00000").mkdir(parents=True)
+    embed_collection(model, src, out)
+    want = model.embed(ad.read_zarr(src))
+    np.testing.assert_allclose(load_embeddings(out)[0], want, atol=1e-5)
+    assert not want.shape[0] or not np.allclose(want, model.embed(adata), atol=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.zarr", "emb.zarr"]
+
+
 def test_a_damaged_store_is_named(bundle, synthetic_h5ad, tmp_path):
     model = MetricModel.load(bundle)
     out = embed_collection(model, synthetic_h5ad, tmp_path / "emb.zarr")

@@ -20,6 +20,7 @@ half-written ones, temporary files, are removed; the store never holds them).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -247,6 +248,15 @@ def _embed_rank(
     n = coll.n_obs
     bounds = [n * r // world for r in range(world + 1)]
     staging = out.with_name(f".{out.name}.partial-of-{world}")
+    if rank == 0:  # a killed run's over another number of processes splits the cells otherwise
+        for other in out.parent.glob(f".{glob.escape(out.name)}.partial-of-*"):
+            if other != staging and other.is_dir():
+                logger.warning(
+                    "removing %s, left by a run of this output over another number of "
+                    "processes (its shards hold other cells)",
+                    other,
+                )
+                remove_path(other)
     staging.mkdir(parents=True, exist_ok=True)
     shard = staging / f"shard-{rank:05d}"
     fingerprint = model_fingerprint(model)  # hashes the encoder's weights: once
@@ -496,15 +506,34 @@ class _MissingPart(DataError, FileNotFoundError):
 
 def _digest(fingerprint: str, coll: CellCollection) -> str:
     """Of the model (its fingerprint) and the input (each store's path, counts location,
-    size and modification time; the cells kept): a kept shard must match both."""
+    and the size and modification time of each of its files; the cells kept): a kept
+    shard must match both."""
     h = hashlib.blake2b(digest_size=16)
     h.update(fingerprint.encode())
-    sources = []
-    for s in coll.stores:
-        st = Path(s.path).stat()  # a directory store's own entry: changes when files are added
-        sources.append([str(s.path), getattr(s, "layer", None), st.st_size, st.st_mtime_ns])
+    sources = [
+        [str(s.path), getattr(s, "layer", None), _files_state(Path(s.path))] for s in coll.stores
+    ]
     h.update(json.dumps([sources, coll.n_obs]).encode())
     h.update(np.ascontiguousarray(coll.cell_ids, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _files_state(path: Path) -> str:
+    """A digest of the size and modification time of ``path``'s files: a directory store's
+    (Zarr, SOMA) every file, by its path within, since a chunk rewritten in place changes its
+    own entry only, not its folder's."""
+    h = hashlib.blake2b(digest_size=16)
+    if not path.is_dir():
+        st = path.stat()
+        h.update(f"{st.st_size} {st.st_mtime_ns}".encode())
+        return h.hexdigest()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()  # (a fixed order: os.walk lists entries as the file system keeps them)
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            st = os.stat(full)
+            rel = os.path.relpath(full, path)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
