@@ -8,6 +8,7 @@ __all__ = [
     "DataError",
     "GeneAlignmentError",
     "MissingKeyError",
+    "ProcessDiedError",
     "ResumeError",
     "TrainingError",
     "TrainingInterrupted",
@@ -39,6 +40,11 @@ class MissingKeyError(CellsiftError, KeyError):
 
     def __str__(self) -> str:  # the message as written, not KeyError's quoted repr
         return str(self.args[0]) if self.args else ""
+
+
+class ProcessDiedError(CellsiftError, RuntimeError):
+    """A process of a multi-process run ended without an error of its own (killed by a
+    signal: out of memory, a scheduler); what the run finished is kept to resume from."""
 
 
 class TrainingError(CellsiftError, FloatingPointError):

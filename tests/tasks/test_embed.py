@@ -520,6 +520,33 @@ def test_a_signal_to_the_main_process_alone_stops_every_rank(bundle, synthetic_h
     assert not out.exists() and staging.is_dir()
 
 
+@pytest.mark.multi_device
+def test_a_rank_killed_outright_is_named_in_one_error(bundle, synthetic_h5ad, tmp_path):
+    """A rank killed by SIGKILL (the out-of-memory killer's signal) raises no error of its
+    own: the run names it and how to go on, and stops the other rank."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    from cellsift.errors import ProcessDiedError
+
+    model = MetricModel.load(bundle)
+    out = tmp_path / "out.zarr"
+    staging = tmp_path / ".out.zarr.partial-of-2"
+
+    def kill_a_rank_once_they_write() -> None:
+        while not staging.exists() or len(multiprocessing.active_children()) < 2:
+            time.sleep(0.01)
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_a_rank_once_they_write, daemon=True).start()
+    with pytest.raises(ProcessDiedError, match=r"embedding process \d of 2 was killed by SIGKILL"):
+        embed_collection(model, synthetic_h5ad, out, batch_size=1, devices=2)
+    assert not multiprocessing.active_children()
+    assert not out.exists() and staging.is_dir()
+
+
 def test_a_rerun_keeps_finished_shards_of_the_same_model_only(bundle, synthetic_h5ad, tmp_path):
     import zarr
 

@@ -55,7 +55,7 @@ from ..data import CellCollection
 from ..data.collection import _cell_name, resolve_paths
 from ..data.loader import to_torch_csr
 from ..data.stores import is_anndata, refuse_other
-from ..errors import CellsiftError, ConfigError, DataError, MissingKeyError
+from ..errors import CellsiftError, ConfigError, DataError, MissingKeyError, ProcessDiedError
 
 #: What an existing ``out`` must be for ``overwrite`` to replace it.
 _REPLACES = holds("zarr.json", "metadata.parquet")
@@ -141,11 +141,21 @@ def embed_collection(
         try:
             while not ranks.join():
                 pass
-        except BaseException:  # (SIGTERM or Ctrl-C to this process alone, a rank's failure)
+        except BaseException as err:  # (SIGTERM or Ctrl-C to this process alone, a rank's failure)
             _end(ranks.processes)  # the finished shards stay: a rerun resumes from them
             failure = _rank_failure(out, devices)
             if failure is not None:  # a rank's own error (bad input), as one process says it
                 raise failure from None
+            if isinstance(err, torch.multiprocessing.ProcessExitedException):
+                how = (
+                    f"was killed by {err.signal_name} (out of memory, or a scheduler?)"
+                    if err.signal_name
+                    else f"ended with exit status {err.exit_code}"
+                )
+                raise ProcessDiedError(
+                    f"embedding process {err.error_index} of {devices} {how}; the shards "
+                    f"finished are kept: the same command again goes on from them ({out})."
+                ) from None
             raise
         finally:
             for rank in range(devices):
