@@ -24,7 +24,7 @@ def _info(args: argparse.Namespace) -> int:
     from .data import open_store, resolve_paths
 
     for path in resolve_paths(args.path):
-        store = open_store(path, layer=args.layer)
+        store = open_store(path, layer=args.layer, **_soma_options(args))
         print(_describe(store))
     return 0
 
@@ -97,6 +97,7 @@ def _convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress_bar=True,
         check_counts=not args.no_check_counts,
+        source_options=_soma_options(args),
     )
     print(f"wrote {out}")
     return 0
@@ -118,6 +119,7 @@ def _embed(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress_bar=True,
         check_counts=not args.no_check_counts,
+        store_options=_soma_options(args),
     )
     print(f"wrote {out}")
     return 0
@@ -221,6 +223,23 @@ def _at_least(least: int) -> Callable[[str], int]:
     return parse
 
 
+def _add_soma_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TileDB-SOMA stores")
+    g.add_argument("--measurement", default=None, help="the measurement (default: RNA)")
+    g.add_argument(
+        "--var-id",
+        default=None,
+        help="the var column of gene ids (default: feature_id, else where tiledbsoma.io "
+        "put the AnnData's var index)",
+    )
+
+
+def _soma_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The store options the SOMA flags give (none where they were not given)."""
+    names = {"measurement": args.measurement, "var_id": args.var_id}
+    return {k: v for k, v in names.items() if v is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellsift", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -229,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a store (h5ad, Zarr, SOMA, manifest) holds")
     p.add_argument("path")
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
+    _add_soma_options(p)
     p.set_defaults(func=_info)
 
     p = sub.add_parser("convert", help="convert between h5ad, Zarr and TileDB-SOMA")
@@ -247,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert values that are not raw counts (e.g. log-normalised) as they are",
     )
     p.add_argument("--overwrite", action="store_true")
+    _add_soma_options(p)
     p.set_defaults(func=_convert)
 
     sub.add_parser(
@@ -273,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed values that are not raw counts as they are",
     )
     p.add_argument("--overwrite", action="store_true")
+    _add_soma_options(p)
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("index", help="build a searchable CellIndex from an embeddings store")

@@ -35,6 +35,35 @@ def bundle(synthetic_h5ad, tmp_path_factory):
     return model.save(tmp_path_factory.mktemp("model") / "bundle")
 
 
+def test_soma_store_options_reach_every_command(bundle, synthetic_h5ad, tmp_path, capsys):
+    """An experiment of another measurement and gene-id column (tiledbsoma.io's options):
+    info, convert and embed open it with --measurement and --var-id; a file of another
+    format given them names the options it takes."""
+    import tiledbsoma.io
+
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)[:300].copy()
+    adata.var.index.name = None
+    soma = str(tmp_path / "rna.soma")
+    tiledbsoma.io.from_anndata(soma, adata, measurement_name="rna", var_id_name="gene")
+    flags = ["--layer", "data", "--measurement", "rna", "--var-id", "gene"]
+    assert main(["info", soma, "--layer", "data"]) == 2  # no measurement RNA
+    assert "measurement" in capsys.readouterr().err
+    assert main(["info", soma, *flags]) == 0
+    assert "cells      300" in capsys.readouterr().out
+    assert main(["convert", soma, str(tmp_path / "back.h5ad"), *flags]) == 0
+    np.testing.assert_array_equal(
+        ad.read_h5ad(tmp_path / "back.h5ad").X.toarray(), adata.X.toarray()
+    )
+    out = tmp_path / "emb.zarr"
+    assert main(["embed", str(bundle), soma, str(out), *flags]) == 0
+    np.testing.assert_allclose(load_embeddings(out)[0], model.embed(adata), atol=1e-5)
+    assert main(["info", str(synthetic_h5ad), "--var-id", "gene"]) == 2
+    assert "h5ad store, which takes no option var_id (its options: rdcc_nbytes, direct)" in (
+        capsys.readouterr().err
+    )
+
+
 def test_embed_collection_matches_embedding_in_memory(bundle, synthetic_h5ad, tmp_path):
     model = MetricModel.load(bundle)
     adata = ad.read_h5ad(synthetic_h5ad)

@@ -8,6 +8,7 @@ DataLoader worker), so stores can be pickled into workers.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from abc import ABC, abstractmethod
@@ -315,16 +316,20 @@ def open_store(
         raise FileNotFoundError(f"{path} does not exist.")
     refuse_other(Path(path), "cells")
     fmt = format or guess_format(path)
+    cls: type[CellStore]
     if fmt == "h5ad":
-        from ._h5ad import H5adStore
-
-        return H5adStore(path, layer=layer, **options)
-    if fmt == "zarr":
-        from ._zarr import ZarrStore
-
-        return ZarrStore(path, layer=layer, **options)
-    if fmt == "soma":
-        from ._soma import SomaStore
-
-        return SomaStore(path, layer=layer, **options)
-    raise ConfigError(f"unknown store format {fmt!r} for {path}; use h5ad, zarr or soma.")
+        from ._h5ad import H5adStore as cls
+    elif fmt == "zarr":
+        from ._zarr import ZarrStore as cls
+    elif fmt == "soma":
+        from ._soma import SomaStore as cls
+    else:
+        raise ConfigError(f"unknown store format {fmt!r} for {path}; use h5ad, zarr or soma.")
+    takes = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "path")]
+    other = [n for n in options if n not in takes]
+    if other:  # (a SOMA store's measurement= given for an h5ad file, say)
+        raise ConfigError(
+            f"{path} is a {fmt} store, which takes no option {', '.join(other)} (its options: "
+            f"{', '.join(t for t in takes if t != 'layer')})."
+        )
+    return cls(path, layer=layer, **options)

@@ -82,6 +82,7 @@ def embed_collection(
     overwrite: bool = False,
     progress_bar: bool = False,
     check_counts: bool = True,
+    store_options: dict[str, Any] | None = None,
 ) -> Path:
     """Embed every cell of ``source`` (paths, glob, manifest or a CellCollection) with
     ``model`` (a MetricModel) and write the embeddings store ``out`` (module docstring).
@@ -92,8 +93,9 @@ def embed_collection(
     search hits lead back to their cells. GPU when present.
 
     ``check_counts``: values that are not raw counts are an error (every batch read is
-    checked, :class:`CellCollection`); False embeds them as they are. A CellCollection
-    given as ``source`` keeps its own setting.
+    checked, :class:`CellCollection`); False embeds them as they are. ``store_options``
+    open each store (:func:`~cellsift.data.open_store`: a SOMA store's ``measurement``,
+    ``var_id``). A CellCollection given as ``source`` keeps its own settings.
 
     ``devices`` > 1 spawns that many processes (NCCL on GPUs, one each; gloo on the CPU),
     each embedding one shard. Called inside an initialised ``torch.distributed`` job, every
@@ -128,6 +130,7 @@ def embed_collection(
         "overwrite": overwrite,
         "progress_bar": progress_bar,
         "check_counts": check_counts,
+        "store_options": store_options,
     }
     if devices > 1 and not (dist.is_available() and dist.is_initialized()):
         port = random.randint(20_000, 45_000)
@@ -233,6 +236,7 @@ def _embed_rank(
     overwrite: bool,
     progress_bar: bool,
     check_counts: bool,
+    store_options: dict[str, Any] | None = None,
 ) -> Path:
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -246,6 +250,7 @@ def _embed_rank(
             min_overlap=0.5,
             overlap_of="vocabulary",
             check_counts=check_counts,
+            store_options=store_options,
         )
     )
     if obs_columns is not None:  # (named before the cells are embedded, not after)
