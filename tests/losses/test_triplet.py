@@ -358,17 +358,25 @@ def test_nan_distances_cost_only_their_own_candidates_on_both_paths(monkeypatch,
     z[0] = float("nan")
     d = pairwise_distance(z)
     d[5, 9] = d[9, 5] = torch.tensor(float("nan")).neg()  # (-NaN: a negative key if sorted)
+    for t in _on_both_paths(monkeypatch, z, y, d, negative):
+        assert not d[t.anchor, t.negative].isnan().any()
+
+
+def _on_both_paths(monkeypatch, z, y, d, negative):
+    """The triplets of the compiled CPU kernel and of the sorting path (other devices')
+    for distances ``d``: the same pairs mined, every triplet valid by the distances."""
     kw = {"margin": 0.3, "negative": negative, "dist_nn": d}
     compiled = mine_triplets(z, y, **kw, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(triplet_module, "_compiled_path", lambda device: False)
-    sorting = mine_triplets(z, y, **kw, generator=torch.Generator().manual_seed(1))
+    with monkeypatch.context() as m:
+        m.setattr(triplet_module, "_compiled_path", lambda device: False)
+        sorting = mine_triplets(z, y, **kw, generator=torch.Generator().manual_seed(1))
     assert len(compiled) == len(sorting) > 0 and compiled.n_pairs == sorting.n_pairs
     for t in (compiled, sorting):
         d_ap, d_an = d[t.anchor, t.positive], d[t.anchor, t.negative]
-        assert not d_an.isnan().any() and (y[t.negative] != y[t.anchor]).all()
-        assert (d_an < d_ap + 0.3).all()
+        assert (y[t.negative] != y[t.anchor]).all() and (d_an < d_ap + 0.3).all()
         if negative == "semihard":
             assert (d_an > d_ap).all()
+    return compiled, sorting
 
 
 @pytest.mark.parametrize("negative", ["semihard", "hardest", "random"])
@@ -384,16 +392,7 @@ def test_infinite_distances_are_mined_alike_on_both_paths(monkeypatch, negative)
     d[a, p] = d[p, a] = float("inf")  # an anchor-positive pair
     other = int(torch.nonzero(y != y[0]).ravel()[0])
     d[a, other] = d[other, a] = float("inf")  # and a negative
-    kw = {"margin": 0.3, "negative": negative, "dist_nn": d}
-    compiled = mine_triplets(z, y, **kw, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(triplet_module, "_compiled_path", lambda device: False)
-    sorting = mine_triplets(z, y, **kw, generator=torch.Generator().manual_seed(1))
-    assert len(compiled) == len(sorting) > 0 and compiled.n_pairs == sorting.n_pairs
-    for t in (compiled, sorting):
-        d_ap, d_an = d[t.anchor, t.positive], d[t.anchor, t.negative]
-        assert (y[t.negative] != y[t.anchor]).all() and (d_an < d_ap + 0.3).all()
-        if negative == "semihard":
-            assert (d_an > d_ap).all()
+    for t in _on_both_paths(monkeypatch, z, y, d, negative):
         if negative == "random":  # the unbounded pair still gets a negative
             assert ((t.anchor == a) & (t.positive == p)).any()
 
