@@ -95,6 +95,14 @@ def test_duplicate_gene_ids(tmp_path):
     path = _write(tmp_path, "dups.h5ad", adata)
     with pytest.raises(GeneAlignmentError, match=r"dups\.h5ad: duplicate gene ids.*unique"):
         CellCollection(path, genes=list(indexed_atlas(50, 5).var_names))
+    # the first store, whose genes make the vocabulary, and a conversion's input: named too
+    with pytest.raises(DataError, match=r"dups\.h5ad: its gene vocabulary has duplicate ids"):
+        CellCollection(path)
+    from cellsift.data.convert import convert
+
+    with pytest.raises(DataError, match=r"dups\.h5ad: var_names hold the same name more than"):
+        convert(path, tmp_path / "out.zarr")
+    assert not list(tmp_path.glob("*out*"))
 
 
 def test_missing_obs_column(indexed_paths):

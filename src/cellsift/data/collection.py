@@ -139,7 +139,13 @@ class CellCollection:
             np.int64
         )
         if genes is None:
-            self.genes = GeneVocabulary.from_var(self.stores[0].var)
+            try:
+                self.genes = GeneVocabulary.from_var(self.stores[0].var)
+            except ValueError as err:  # (duplicate ids: named with the store that holds them)
+                raise DataError(
+                    f"{self.stores[0].path}: its {err} To do so, keep one of each (adata[:, "
+                    "~adata.var_names.duplicated()]), or pass genes= (a vocabulary)."
+                ) from err
         elif isinstance(genes, GeneVocabulary):
             self.genes = genes
         else:

@@ -116,6 +116,13 @@ def convert(
             "CellCollection."
         )
     store = open_store(source, layer=layer, **(source_options or {}))
+    if store.var_names.has_duplicates:  # (every format's var keeps unique names)
+        twice = store.var_names[store.var_names.duplicated()].unique()[:5].tolist()
+        raise DataError(
+            f"{store.path}: var_names hold the same name more than once, e.g. {twice}; "
+            "make them unique in the input (adata.var_names_make_unique() where they are "
+            "symbols) and convert it again."
+        )
     dest = Path(dest)
     if shard_size is not None:
         fmt = format or (guess_format(dest.with_suffix(dest.suffix or ".h5ad")))
