@@ -345,6 +345,13 @@ class ZarrWriter(_AnnDataWriter):
         self._flushed += n
         self._buffered -= n
 
+    def abort(self) -> None:
+        """Remove the partial output once zarr's writes in flight have ended: a signal
+        stops this thread inside zarr's wait, not the writes zarr's IO thread runs, which
+        would otherwise make folders again in the output just removed."""
+        _settle_zarr_io()
+        super().abort()
+
     def _finish(self, obs: pd.DataFrame) -> None:
         self._flush(final=True)
         x = self._x_group
@@ -352,6 +359,26 @@ class ZarrWriter(_AnnDataWriter):
         indptr = np.concatenate(self._indptr)
         x.create_array("indptr", data=indptr, chunks=(min(len(indptr), 1 << 20),))
         self._write_meta(self._root, obs)
+
+
+def _settle_zarr_io(timeout: float = 60.0) -> None:
+    """Wait (up to ``timeout`` seconds) for the tasks on zarr's IO event loop to end."""
+    import asyncio
+
+    from zarr.core import sync as zarr_sync
+
+    loop = zarr_sync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def settle() -> None:
+        this = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not this and not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    with contextlib.suppress(Exception):  # (nothing to wait for is no failure)
+        asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout + 1.0)
 
 
 #: Metadata key of the obs and var dataframes of a SOMA store that cellsift writes: the input
