@@ -303,6 +303,12 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "watch val/asw" in err[0] and "val_fraction" in err[0]
     assert not (tmp_path / "checkpoints").exists()  # nothing trained
+    # validation cells, but a trainer that runs no validation: said before training too
+    no_runs = ("--trainer.limit_val_batches", "0")
+    assert main(["fit", *_args(good, tmp_path, *no_runs, name="no_runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "limit_val_batches=0 runs no validation" in err[0]
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(
@@ -311,6 +317,10 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
         (
             ["--data.init_args.val_groups", "[donor_999]"],
             r"val_groups \['donor_999'\] are not groups of 'donor_id' among the cells kept",
+        ),
+        (  # numbers, as a YAML list of donor ids gives them: read as text
+            ["--data.init_args.val_groups", "[1015]"],
+            r"val_groups \['1015'\] are not groups of 'donor_id' among the cells kept",
         ),
         (["--data.init_args.collection_options", '{"min_gene": 1}'], r"\['min_gene'\], which"),
         (["--data.init_args.batch_size", "1"], "batch_size must be at least 2 for training"),

@@ -121,6 +121,28 @@ def test_nan_loss_stops_with_the_step(synthetic_h5ad, tmp_path):
         trainer.fit(TrainingPlan(_Explodes(module)), datamodule=dm)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_gradients_are_clipped_under_mixed_precision(synthetic_h5ad, tmp_path, precision):
+    """Mixed precision unscales gradients before clipping them, which a fused optimiser
+    does not allow: a clipped run steps per tensor and trains; an unclipped one fuses."""
+    dm, module = _setup(synthetic_h5ad)
+    trainer = _trainer(
+        tmp_path,
+        max_steps=2,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        precision=precision,
+        gradient_clip_val=1.0,
+    )
+    plan = TrainingPlan(module)
+    trainer.fit(plan, datamodule=dm)
+    assert trainer.global_step == 2
+    assert not trainer.optimizers[0].defaults["fused"]
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0, precision=precision)
+    trainer.fit(TrainingPlan(module), datamodule=dm)
+    assert trainer.optimizers[0].defaults["fused"]
+
+
 def test_metric_plan_refuses_labels_the_model_would_not_line_up_with():
     """The data's label codes index the linked labels as they are: names, or a name and its
     id side by side, would shift every code after them."""

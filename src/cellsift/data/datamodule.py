@@ -81,7 +81,7 @@ class CellDataModule(pl.LightningDataModule):
         label_key: str | None = "cell_type_ontology_term_id",
         study_key: str | None = "dataset_id",
         split_key: str | None = None,
-        val_groups: Sequence[str] | None = None,
+        val_groups: Sequence[str | int] | None = None,
         val_fraction: float = 0.1,
         mode: Mode = "block",
         batch_size: int = 1024,
@@ -105,7 +105,8 @@ class CellDataModule(pl.LightningDataModule):
         self.split_key = split_key or study_key
         if isinstance(val_groups, str):  # one group, not its letters
             val_groups = [val_groups]
-        self.val_groups = list(val_groups) if val_groups is not None else None
+        # (groups read as text, as the split column is: a YAML [1015] names donor "1015")
+        self.val_groups = [str(g) for g in val_groups] if val_groups is not None else None
         self.val_fraction = val_fraction
         self.seed, self.batch_size = seed, batch_size
         self.loader_options = {

@@ -460,6 +460,11 @@ class TrainingPlan(pl.LightningModule):
         # torch's fused AdamW (one kernel over all parameters) runs on CPUs and CUDA GPUs: on
         # the CPU it steps SCimilarity's model about 10x faster than the per-tensor loop
         fused = {p.device.type for p in params} <= {"cpu", "cuda"}
+        # (Lightning's mixed precision unscales gradients before clipping them, which a fused
+        # optimiser, unscaling inside its step, does not allow: clipped runs step per tensor)
+        trainer = self._trainer
+        if trainer is not None and trainer.gradient_clip_val and "mixed" in str(trainer.precision):
+            fused = False
         opt = torch.optim.AdamW(
             params, lr=self.lr, weight_decay=self.weight_decay, fused=True if fused else None
         )
@@ -494,6 +499,11 @@ def _check_watched(trainer: pl.Trainer) -> None:
     if not watching or not isinstance(dm, CellDataModule):
         return
     drop = "or drop the EarlyStopping / monitored ModelCheckpoint callbacks."
+    if trainer.limit_val_batches == 0:
+        raise ConfigError(
+            f"callbacks watch {', '.join(watching)}, but limit_val_batches=0 runs no "
+            f"validation: leave it out, {drop}"
+        )
     if dm.val is None:
         raise ConfigError(
             f"callbacks watch {', '.join(watching)}, but the data module holds no validation "
