@@ -215,6 +215,38 @@ def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad,
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
 
+def test_a_signal_within_an_accumulation_stops_the_run_after_its_step(synthetic_h5ad, tmp_path):
+    """With accumulate_grad_batches=2, a signal at a batch that does not step the optimiser
+    stops the run after the next batch, which does: no half-accumulated gradient is lost,
+    and the resumed run ends with the weights of a run never stopped."""
+    import lightning.pytorch as pl
+
+    def train(root, **kw):
+        return _fit(
+            synthetic_h5ad,
+            root,
+            data={"split_key": "donor_id", "seed": 3},
+            max_epochs=2,
+            accumulate_grad_batches=2,
+            **kw,
+        )
+
+    class CtrlCAtBatch(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 0 and batch_idx == 2:  # the first of a pair
+                os.kill(os.getpid(), signal.SIGINT)
+
+    whole = train(tmp_path / "whole")
+    with pytest.raises(TrainingInterrupted, match="stopped on SIGINT after step 2 ") as err:
+        train(tmp_path / "run", callbacks=[CtrlCAtBatch()])
+    assert torch.load(err.value.checkpoint, weights_only=False)["global_step"] == 2
+    resumed = train(tmp_path / "run", ckpt_path="last")
+    for (key, a), b in zip(
+        whole.module.state_dict().items(), resumed.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+
+
 def test_training_resumed_from_a_checkpoint_written_as_validation_ends(synthetic_h5ad, tmp_path):
     """Validation twice an epoch, a checkpoint as each ends (ModelCheckpoint writes them then
     when validation runs within epochs): resumed from the one after an epoch's last step, the

@@ -260,6 +260,7 @@ class TrainingPlan(pl.LightningModule):
         # (cellsift.train._stop; Lightning restores the handlers it found when fit ends)
         self._stop = StopRequest()
         self._stop.install()
+        self._stepped_at = self.trainer.global_step
 
     def on_train_end(self) -> None:
         self._stop.restore()
@@ -267,7 +268,12 @@ class TrainingPlan(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # every rank asks every step (one small all-reduce under DDP), so that a signal that
         # reached any rank stops every rank after the same step; the checkpoint is the one a
-        # ModelCheckpoint would write here, which resumes exactly
+        # ModelCheckpoint would write here, which resumes exactly. Only after a batch that
+        # stepped the optimiser: a batch of an unfinished accumulation (accumulate_grad_batches)
+        # holds gradients that no checkpoint keeps
+        if self.trainer.global_step == self._stepped_at:
+            return
+        self._stepped_at = self.trainer.global_step
         signum = self._stop.signum
         if not self.trainer.strategy.reduce_boolean_decision(signum is not None, all=False):
             return
