@@ -67,7 +67,10 @@ def test_convert_and_errors(indexed_paths, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["convert", "{dup}", "{tmp}/out.zarr"], r"var_names must be unique.*\['g1'\]"),
+        (  # named as the input's fault, not the output's
+            ["convert", "{dup}", "{tmp}/out.zarr"],
+            r"dup\.h5ad: var_names hold the same name more than once, e\.g\. \['g1'\]",
+        ),
         (["convert", "{h5ad}", "{tmp}/out.txt"], "Cannot tell the format of"),
         (["convert", "{zero}", "{tmp}/out.soma"], "no cells to write"),
         (["index", "{h5ad}", "{tmp}/idx"], "is a store of cells.*, not an embeddings store"),
