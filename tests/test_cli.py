@@ -22,6 +22,18 @@ def test_python_dash_m_runs_the_command(indexed_paths):
     assert out.returncode == 2 and out.stderr.startswith("cellsift info: error:")
 
 
+def test_output_to_a_reader_that_has_gone_ends_quietly(indexed_paths):
+    """``cellsift info ... | head -1``: the pipe closes before the command writes; it ends
+    with SIGPIPE's status, no traceback."""
+    run = [sys.executable, "-m", "cellsift", "info", str(indexed_paths["h5ad"])]
+    proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
 def test_info(indexed_paths, capsys):
     assert main(["info", str(indexed_paths["soma"])]) == 0
     out = capsys.readouterr().out

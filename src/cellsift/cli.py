@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -394,6 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(args.command, err)
     except KeyboardInterrupt as err:
         return _interrupted(args.command, sigterm=isinstance(err, Terminated))
+    except BrokenPipeError:  # the reader went first (cellsift info ... | head): no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)  # (nor one as Python flushes at exit)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as err:
         if not _cancelled_by_ctrl_c(err):
             raise
