@@ -247,12 +247,10 @@ def _group_labels(adata: ad.AnnData, groups: Any) -> Any:
         index = groups.index.astype(str)
         if index.equals(adata.obs_names):
             return groups.array  # (in obs order already: also where obs names repeat)
-        names_cells = not index.has_duplicates and adata.obs_names.isin(index).all()
         # pandas' default index (0, 1, ..., n - 1) is positions, in obs order; any other
         # (a reversed or shifted range too) names cells
-        positions = groups.index.equals(pd.RangeIndex(len(groups)))
-        if not positions:
-            if not names_cells:
+        if not groups.index.equals(pd.RangeIndex(len(groups))):
+            if index.has_duplicates or not adata.obs_names.isin(index).all():
                 raise ValueError(
                     "groups is a Series whose index is not the cells' obs names: index it by "
                     "adata.obs_names, or pass its values in obs order (groups.to_numpy())."

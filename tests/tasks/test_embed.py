@@ -658,7 +658,7 @@ def test_a_rerun_recomputes_a_shard_of_a_zarr_store_changed_in_place(
     embed_collection(model, src, out)
     want = model.embed(ad.read_zarr(src))
     np.testing.assert_allclose(load_embeddings(out)[0], want, atol=1e-5)
-    assert not want.shape[0] or not np.allclose(want, model.embed(adata), atol=1e-3)
+    assert not np.allclose(want, model.embed(adata), atol=1e-3)  # (the counts did change)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.zarr", "emb.zarr"]
 
 

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from .._utils import logger, no_label, text_or_none
 from ..errors import DataError, MissingKeyError
-from ._values import count_faults, not_count
+from ._values import first_fault
 from .genes import GeneMap, GeneVocabulary
 from .stores import CellStore, is_anndata, open_store, refuse_other
 
@@ -390,9 +390,8 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
     def cell(row: int) -> str:
         return _cell_name(store, int(rows[row]))
 
-    bad, zeros = count_faults(data)
-    if bad:
-        first = int(np.flatnonzero(not_count(data))[0])
+    first, zeros = first_fault(data)
+    if first >= 0:
         row = int(np.searchsorted(x.indptr, first, side="right") - 1)
         v = data[first]
         what = (
@@ -531,20 +530,21 @@ def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 <<
     temporaries."""
     for start in range(0, len(data), chunk):
         block = data[start : start + chunk]
-        if not count_faults(block)[0]:
+        first = first_fault(block)[0]
+        if first < 0:
             continue
-        if not np.all(np.isfinite(block)):
+        v = block[first]
+        if not np.isfinite(v):
             raise DataError(
                 f"{where}: contains NaN or infinite values; counts must be finite.{fix}"
             )
-        if np.any(block < 0):
+        if v < 0:
             raise DataError(
-                f"{where}: contains negative values ({block.min():g}); these are not "
+                f"{where}: contains negative values ({v:g}); these are not "
                 f"counts (scaled or centred data?).{fix}"
             )
-        frac = block[not_count(block)]
         raise DataError(
-            f"{where}: contains non-integer values (e.g. {frac[0]:.4g}); these look "
+            f"{where}: contains non-integer values (e.g. {v:.4g}); these look "
             f"normalised or log-transformed, not raw counts.{fix}"
         )
 

@@ -225,9 +225,10 @@ class CellDataModule(pl.LightningDataModule):
         values = np.asarray(coll.obs_column(self.split_key), dtype=object)
         known = ~no_label(values)  # cells without a group ("unknown", too) stay in training
         groups = np.where(known, values.astype(str), "")
-        if self.val_groups is None:
-            self.val_groups = split_groups(groups[known], self.val_fraction, self.seed)
-        self.val_groups = [str(g) for g in self.val_groups]  # (groups are read as text)
+        if self.val_groups is None:  # (given ones were read as text when the module was made)
+            self.val_groups = [
+                str(g) for g in split_groups(groups[known], self.val_fraction, self.seed)
+            ]
         held = set(groups[known])
         absent = [g for g in self.val_groups if g not in held]
         if absent:

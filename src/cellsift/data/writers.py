@@ -364,6 +364,7 @@ class ZarrWriter(_AnnDataWriter):
 def _settle_zarr_io(timeout: float = 60.0) -> None:
     """Wait (up to ``timeout`` seconds) for the tasks on zarr's IO event loop to end."""
     import asyncio
+    import concurrent.futures
 
     from zarr.core import sync as zarr_sync
 
@@ -377,7 +378,9 @@ def _settle_zarr_io(timeout: float = 60.0) -> None:
         if pending:
             await asyncio.wait(pending, timeout=timeout)
 
-    with contextlib.suppress(Exception):  # (nothing to wait for is no failure)
+    # (a loop that stopped meanwhile, or writes still running at the timeout: the output is
+    # removed all the same)
+    with contextlib.suppress(RuntimeError, concurrent.futures.TimeoutError):
         asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout + 1.0)
 
 

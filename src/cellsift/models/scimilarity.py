@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pandas as pd
 import torch
@@ -23,6 +23,7 @@ import torch
 from .._utils import is_whole
 from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError, ConfigError
+from ..losses.triplet import Negative
 from ..nn import MLPDecoder, MLPEncoder
 from .bundle import load_state
 
@@ -276,10 +277,11 @@ def _loss_settings(hyperparameters: dict[str, Any], path: Any) -> dict[str, Any]
     }
     negative = hyperparameters.get("negative_selection")
     if negative is not None:
-        if negative not in ("semihard", "hardest", "random"):
+        modes = get_args(Negative)
+        if negative not in modes:
             raise ConfigError(
                 f"{path}: hyperparameters.json's negative_selection is {negative!r}; cellsift "
-                "mines 'semihard', 'hardest' or 'random' negatives."
+                f"mines {', '.join(map(repr, modes))} negatives."
             )
         loss["negative"] = negative
     return loss
