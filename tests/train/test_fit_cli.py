@@ -346,6 +346,17 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
             r"--data\.init_args\.batch_sise is not an option of CellDataModule",
         ),
         (["--trainer.precision", "17"], r"precision: '17' is not valid \(expected .*'bf16-mixed'"),
+        # a setting of the class inside the optional data section, named as it was given
+        (
+            ["--data.init_args.pin_memory", "maybe"],
+            r"--data\.init_args\.pin_memory: 'maybe' is not valid \(expected bool or null\) \(",
+        ),
+        (
+            ["--data.init_args.val_groups", "5x"],
+            r"--data\.init_args\.val_groups: '5x' is not valid \(expected a list or null\) \(",
+        ),
+        (["--model.margin", "abc"], r"--model\.margin: 'abc' is not valid \(expected float\) \("),
+        (["--model.hidden", "[a]"], r"--model\.hidden: 'a' is not valid \(expected int\) \("),
     ],
 )
 def test_fit_says_bad_settings_in_one_line(synthetic_h5ad, tmp_path, capsys, extra, message):

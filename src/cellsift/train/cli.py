@@ -201,43 +201,82 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
             ) from None
 
 
+_KEY = re.compile(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)')
+_CLASS = re.compile(r"\s*- Problem with given class_path '([^']+)'")
+_UNKNOWN = re.compile(r"\s*Option '([^']+)' is not accepted")
+_EXPECTED = re.compile(r"Expected an? (.+?)(?:\. Got value: (.*))?$")
+
+
 def _one_line(message: str) -> str:
-    """jsonargparse's message for a bad value in one line: ``--key: 'value' is not valid
-    (expected int or null)``; other messages as they are, lines joined."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    key = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0]) if lines else None
-    if key is None:
-        return "; ".join(lines)
-    name, rest = key.groups()
-    unknown = re.search(r"Option '([^']+)' is not accepted", message)
-    if unknown is not None:  # a misspelt option of a class (the command line or a YAML)
-        owner = re.search(r"class_path '([^']+)'", message)
-        where = f"{name}.init_args" if owner is not None else name
-        of = f" of {owner.group(1).rsplit('.', 1)[-1]}" if owner is not None else ""
-        return f"--{where}.{unknown.group(1)} is not an option{of}"
-    # a bad value of a class's argument (--data.init_args.mode): jsonargparse names the
-    # argument inside its message about the class union
-    inner = re.search(
-        r'Parser key "([^"]+)":\s*Expected an? ([^\n]*?)\. Got value: ([^\n]*)', message
-    )
-    if inner is not None and inner.group(1) != name:
-        arg, expected, got = inner.groups()
-        choices = re.fullmatch(r"typing\.Literal\[(.*)\]", expected)
-        expected = f"one of {choices.group(1)}" if choices else expected
-        where = f"{name}.init_args.{arg}" if "class_path" in message else f"{name}.{arg}"
-        return f"--{where}: {got!r} is not valid (expected {expected})"
-    given = next(
-        (line[len("Given value: ") :] for line in lines if line.startswith("Given value: ")), None
-    )
-    if rest or given is None:
-        return f"--{name}: " + "; ".join([rest] if rest else lines[1:])
-    expected = []
-    for kind in re.findall(r"Expected an? (<class '\w+'>|typing\.Literal\[.*\])$", message, re.M):
-        cls = re.fullmatch(r"<class '(\w+)'>", kind)
-        expected.append(
-            ("null" if cls.group(1) == "NoneType" else cls.group(1))
-            if cls is not None
-            else kind[len("typing.Literal[") : -1]  # the values themselves
-        )
-    kinds = " or ".join(dict.fromkeys(expected))
-    return f"--{name}: {given!r} is not valid" + (f" (expected {kinds})" if kinds else "")
+    """jsonargparse's message for a bad setting in one line, naming the setting as the
+    command line does: ``--data.init_args.pin_memory: 'maybe' is not valid (expected bool
+    or null)``, ``--data.init_args.batch_sise is not an option of CellDataModule``.
+
+    jsonargparse nests its message as the setting nests (the class of an optional ``data``,
+    the types of a union), each level indented under the one above: the innermost key is
+    the setting at fault, and the keys and classes above it make its name."""
+    lines = [line.rstrip() for line in message.strip().splitlines() if line.strip()]
+    above: list[tuple[int, str, str]] = []  # (indent, "key" | "class", name): enclosing levels
+    fault = None  # (indent, line, kind, name, its enclosing levels): the innermost key
+    for at, line in enumerate(lines):
+        for kind, pattern in (("key", _KEY), ("class", _CLASS), ("unknown", _UNKNOWN)):
+            if (found := pattern.match(line)) is not None:
+                break
+        else:
+            continue
+        depth = len(line) - len(line.lstrip())
+        while above and above[-1][0] >= depth:
+            above.pop()
+        if kind != "class" and (fault is None or depth > fault[0]):
+            fault = (depth, at, kind, found.group(1), list(above))
+        above.append((depth, kind, found.group(1)))
+    if fault is None:
+        return "; ".join(line.strip() for line in lines)
+    depth, at, kind, name, levels = fault
+    setting, after_class, owner = "", False, ""
+    for _, what, label in [*levels, (depth, "key", name)]:
+        if what == "class":
+            after_class, owner = True, label.rsplit(".", 1)[-1]
+            continue
+        dot = ".init_args." if after_class else "."
+        setting, after_class = (setting + dot if setting else "--") + label, False
+    if kind == "unknown":
+        return f"{setting} is not an option" + (f" of {owner}" if owner else "")
+    block = [lines[at].split(":", 1)[1].strip()]  # the key's own line, then its level's
+    for line in lines[at + 1 :]:
+        if len(line) - len(line.lstrip()) <= depth:
+            break
+        block.append(line.strip().removeprefix("- "))
+    given, expected = None, []
+    for text in block:
+        if text.startswith("Given value: ") and given is None:
+            given = text[len("Given value: ") :]
+        elif (kind_found := _EXPECTED.match(text)) is not None:
+            expected.append(kind_found.group(1))
+            given = kind_found.group(2) if kind_found.group(2) is not None else given
+    if given is None:
+        return f"{setting}: " + "; ".join(text for text in block if text)
+    kinds = _kinds(expected)
+    return f"{setting}: {given!r} is not valid" + (f" (expected {kinds})" if kinds else "")
+
+
+_TYPE_WORDS = {"NoneType": "null", "Sequence": "a list", "tuple": "a list", "list": "a list"}
+_TYPE_WORDS |= {"Mapping": "a mapping", "dict": "a mapping"}
+
+
+def _kinds(expected: list[str]) -> str:
+    """jsonargparse's expected types in words: ``int``, ``null``, ``a list``, ``one of 'a',
+    'b'`` (the values of all its literals together)."""
+    words, values = [], []
+    for kind in expected:
+        if (cls := re.fullmatch(r"<class '([\w.]+)'>", kind)) is not None:
+            name = cls.group(1).rsplit(".", 1)[-1]
+            words.append(_TYPE_WORDS.get(name, name))
+        elif (literal := re.fullmatch(r"typing\.Literal\[(.*)\]", kind)) is not None:
+            values.append(literal.group(1))
+        else:  # jsonargparse's own words: "path but X is not ...", "dot import path string: X"
+            words.append("a " + re.split(r": | but ", kind)[0])
+    if values:
+        words.insert(0, "one of " + ", ".join(values))
+    words = list(dict.fromkeys(words))
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
