@@ -204,6 +204,7 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
 _KEY = re.compile(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)')
 _CLASS = re.compile(r"\s*- Problem with given class_path '([^']+)'")
 _UNKNOWN = re.compile(r"\s*Option '([^']+)' is not accepted")
+_LEVELS = (("key", _KEY), ("class", _CLASS), ("unknown", _UNKNOWN))
 _EXPECTED = re.compile(r"Expected an? (.+?)(?:\. Got value: (.*))?$")
 
 
@@ -219,10 +220,10 @@ def _one_line(message: str) -> str:
     above: list[tuple[int, str, str]] = []  # (indent, "key" | "class", name): enclosing levels
     fault = None  # (indent, line, kind, name, its enclosing levels): the innermost key
     for at, line in enumerate(lines):
-        for kind, pattern in (("key", _KEY), ("class", _CLASS), ("unknown", _UNKNOWN)):
-            if (found := pattern.match(line)) is not None:
-                break
-        else:
+        kind, found = next(
+            ((k, m) for k, p in _LEVELS if (m := p.match(line)) is not None), (None, None)
+        )
+        if kind is None or found is None:
             continue
         depth = len(line) - len(line.lstrip())
         while above and above[-1][0] >= depth:
