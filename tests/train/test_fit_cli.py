@@ -157,6 +157,20 @@ def test_fit_trains_logs_and_writes_a_bundle(synthetic_h5ad, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
 
 
+def test_fit_validates_where_max_steps_ends_an_epoch_early(synthetic_h5ad, tmp_path):
+    """max_steps short of an epoch: the run validates the weights it ends with, which the
+    config's EarlyStopping and best checkpoint watch (they found no val/asw before)."""
+    steps = ("--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1")
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *steps)]) == 0
+    run = tmp_path / "metric" / "version_0"
+    scalars = _scalars(run)
+    assert [step for step, _ in scalars["train/loss_step"]] == [0, 1, 2]  # one epoch is ~9
+    assert [step for step, _ in scalars["val/asw"]] == [2]  # after the last step
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    assert best.name == "best-epoch=0-step=3.ckpt"
+    assert (run / "model" / "model.safetensors").exists()
+
+
 _DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
 
 

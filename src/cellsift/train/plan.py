@@ -274,6 +274,11 @@ class TrainingPlan(pl.LightningModule):
         if self.trainer.global_step == self._stepped_at:
             return
         self._stepped_at = self.trainer.global_step
+        if 0 <= self.trainer.max_steps <= self.trainer.global_step:
+            # the run ends at this step. Lightning validates at an epoch's end or where
+            # should_stop asks, so a max_steps that ends an epoch early still validates the
+            # weights it ends with (what EarlyStopping and a monitored checkpoint read)
+            self.trainer.should_stop = True
         signum = self._stop.signum
         if not self.trainer.strategy.reduce_boolean_decision(signum is not None, all=False):
             return
