@@ -259,6 +259,9 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
     resumed = fit("--ckpt_path", "last", name="resume_stopped")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_weights(run_full, tmp_path / "metric" / "version_2")
+    # the curves have every step once, the one the signal ended too (logged before it stopped)
+    steps = [step for step, _ in _scalars(tmp_path / "metric" / "version_2")["train/loss_step"]]
+    assert steps == list(range(n_steps)), steps
 
 
 def _assert_same_weights(run_a: Path, run_b: Path) -> None:

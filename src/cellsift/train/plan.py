@@ -284,6 +284,11 @@ class TrainingPlan(pl.LightningModule):
             return
         path = self._stop_checkpoint()
         self.trainer.save_checkpoint(path, weights_only=False)
+        # this step's scalars go to the loggers as they would after this hook (the resumed
+        # run logs from the next step on); Lightning has no public call for it
+        connector = self.trainer._logger_connector
+        connector.on_batch_end()
+        connector.update_train_step_metrics()
         step = self.trainer.global_step
         name = "a signal to another rank" if signum is None else signal.Signals(signum).name
         raise TrainingInterrupted(
