@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -235,6 +236,10 @@ def test_soma_store_through_spawned_workers(indexed_paths):
     ds = IterableCellDataset(coll, mode="block", **OPTS)
     idx = np.concatenate(_epoch(CellLoader(ds, num_workers=2)))
     np.testing.assert_array_equal(np.sort(idx), np.arange(N_INDEXED))
+    # forked workers would hang in TileDB: asked for by name or as a context, refused
+    for fork in ("fork", multiprocessing.get_context("fork")):
+        with pytest.raises(ConfigError, match="cannot be read by forked loader workers"):
+            CellLoader(ds, num_workers=1, multiprocessing_context=fork)
 
 
 _LEFT_RUNNING = """

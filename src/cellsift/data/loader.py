@@ -458,7 +458,7 @@ class CellLoader(DataLoader):
     is over, and the next one begins.
 
     Workers are persistent (started once per run); they are spawned rather than forked when
-    a store needs it (TileDB-SOMA). They ignore SIGINT, and SIGTERM until the main process
+    a store needs it (TileDB-SOMA; an explicit ``fork`` is refused there). They ignore SIGINT, and SIGTERM until the main process
     exits: both are the main process's to act on (a fit stops at the end of the step and
     saves its state).
     """
@@ -483,6 +483,13 @@ class CellLoader(DataLoader):
             context = multiprocessing_context
             if not isinstance(context, BaseContext):
                 context = multiprocessing.get_context(context)
+            if context.get_start_method() == "fork" and _needs_spawn(dataset):
+                raise ConfigError(
+                    "TileDB-SOMA stores cannot be read by forked loader workers (TileDB's "
+                    "threads do not survive fork(): the workers would hang). Leave "
+                    "multiprocessing_context unset (the workers are then spawned), or pass "
+                    "'spawn' or 'forkserver'."
+                )
             multiprocessing_context = context
             kwargs["worker_init_fn"] = functools.partial(
                 _worker_init, _exit_flag(context), kwargs.get("worker_init_fn")
