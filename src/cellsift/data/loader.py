@@ -458,9 +458,9 @@ class CellLoader(DataLoader):
     is over, and the next one begins.
 
     Workers are persistent (started once per run); they are spawned rather than forked when
-    a store needs it (TileDB-SOMA; an explicit ``fork`` is refused there). They ignore SIGINT, and SIGTERM until the main process
-    exits: both are the main process's to act on (a fit stops at the end of the step and
-    saves its state).
+    a store needs it (TileDB-SOMA, where an explicit ``fork`` is refused). They ignore
+    SIGINT, and SIGTERM until the main process exits: both are the main process's to act on
+    (a fit stops at the end of the step and saves its state).
     """
 
     def __init__(
