@@ -265,6 +265,18 @@ def test_val_groups_are_read_as_text_and_checked():
     assert dm.val is not None and dm.val.n_obs == 20 and dm.val_groups == ["1003"]
     with pytest.raises(ConfigError, match=r"val_groups \['1009'\] are not groups of 'donor'"):
         CellDataModule(adata, split_key="donor", val_groups=["1003", "1009"]).setup()
+    # a donor column with gaps is float (1003.0): its groups are still "1003", as obs_filter
+    # reads them, for given groups, chosen ones and the codes of a study column alike
+    donor = adata.obs["donor"].to_numpy(float)
+    donor[3::20] = np.nan  # four of donor 1003's cells
+    adata.obs["donor_f"] = donor
+    dm = CellDataModule(adata, split_key="donor_f", val_groups=[1003], study_key="donor_f")
+    dm.setup()
+    assert dm.val is not None and dm.val.n_obs == 20 - 4
+    assert dm.categories["study_n"] == ["1000", "1001", "1002", "1003"]
+    dm = CellDataModule(adata, split_key="donor_f", val_fraction=0.3)
+    dm.setup()
+    assert dm.val_groups and all(g in ("1000", "1001", "1002", "1003") for g in dm.val_groups)
     adata.obs["site"] = np.where(np.arange(80) < 20, "AB", np.where(np.arange(80) < 50, "A", "B"))
     dm = CellDataModule(adata, split_key="site", val_groups="AB")  # one group, as text
     dm.setup()

@@ -327,12 +327,14 @@ class CellCollection:
     ) -> tuple[np.ndarray, list[str]]:
         """Integer codes of a categorical obs column over kept cells, and the categories.
 
-        Categories are sorted (stable codes for the same label set) unless given; missing
+        Values are compared as text, whole floats as ints (donor 1015.0 of a float column
+        with gaps is "1015", as :class:`CellCollection`'s ``obs_filter`` reads it). Categories
+        are sorted (stable codes for the same label set) unless given; missing
         values (also text that means none: blank, "unknown", "nan"; :func:`no_label`), and
         values outside given ``categories``, get code -1.
         """
         col = self.obs_column(name)  # text columns: categoricals already, missing values kept
-        cat = col if isinstance(col, pd.Categorical) else pd.Categorical(text_or_none(col))
+        cat = col if isinstance(col, pd.Categorical) else pd.Categorical(_as_text(col))
         cat = cat.remove_unused_categories()
         none = cat.categories[no_label(np.asarray(cat.categories, dtype=object))]
         if len(none):

@@ -12,7 +12,7 @@ import numpy as np
 from .._utils import logger, no_label
 from .._warnings import warn
 from ..errors import ConfigError
-from .collection import CellCollection, ObsFilter, StoreLike
+from .collection import CellCollection, ObsFilter, StoreLike, _as_text
 from .genes import GeneVocabulary
 from .loader import CellLoader, IterableCellDataset
 from .sampling import Mode
@@ -222,9 +222,10 @@ class CellDataModule(pl.LightningDataModule):
         if self.split_key is None or (self.val_groups is None and self.val_fraction <= 0):
             self.train, self.val = coll, None
             return
-        values = np.asarray(coll.obs_column(self.split_key), dtype=object)
+        # as text, whole floats as ints (obs_filter's reading: donor 1015.0 is "1015")
+        values = _as_text(coll.obs_column(self.split_key))
         known = ~no_label(values)  # cells without a group ("unknown", too) stay in training
-        groups = np.where(known, values.astype(str), "")
+        groups = np.where(known, values, "").astype(str)
         if self.val_groups is None:  # (given ones were read as text when the module was made)
             self.val_groups = [
                 str(g) for g in split_groups(groups[known], self.val_fraction, self.seed)
