@@ -77,6 +77,18 @@ def test_zscore_keeps_the_precision_of_float64_batches_and_statistics():
     assert z32.dtype == torch.float32
     ints = ZScore(mean, std)({"x_ng": torch.from_numpy(x).long()})["x_ng"]
     assert ints.dtype == torch.float32
+    # statistics as tensors (as a streaming scan gives them), float64 kept
+    zt = ZScore(torch.from_numpy(mean), torch.from_numpy(std))({"x_ng": torch.from_numpy(x)})
+    np.testing.assert_allclose(zt["x_ng"].numpy(), (x - mean) / std, rtol=0, atol=1e-9)
+    assert ZScore(torch.zeros(7), torch.ones(7)).mean_g.dtype == torch.float32
+
+
+@pytest.mark.parametrize("target", [0, -1.0, float("nan"), float("inf"), "1e4", True])
+def test_normalize_total_refuses_a_target_that_is_not_a_positive_number(target):
+    from cellsift.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="target_sum is the counts per cell"):
+        NormalizeTotal(target)
 
 
 def test_transforms_move_with_the_module(adata):

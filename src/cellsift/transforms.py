@@ -7,6 +7,8 @@ sparse until :class:`Densify`.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
+
+from .errors import ConfigError
 
 __all__ = ["Densify", "GeneSubset", "Log1p", "NormalizeTotal", "ZScore", "default_pipeline"]
 
@@ -76,8 +80,17 @@ class NormalizeTotal(_Transform):
     stops growing at 256), and so are the results.
     """
 
+    target_sum: float
+
     def __init__(self, target_sum: float = 1e4, key: str = "x_ng") -> None:
         super().__init__(key)
+        if isinstance(target_sum, bool) or not (
+            isinstance(target_sum, numbers.Real) and 0 < target_sum < math.inf
+        ):
+            raise ConfigError(
+                f"target_sum is the counts per cell after normalisation, a number above 0 "
+                f"(1e4: counts per 10k), not {target_sum!r}."
+            )
         self.target_sum = float(target_sum)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +139,12 @@ class ZScore(_Transform):
     ) -> None:
         super().__init__(key)
         # (statistics in float64 stay so, for float64 batches; the others in float32)
-        wide = torch.float64 if np.result_type(mean_g, std_g) == np.float64 else torch.float32
-        mean = torch.as_tensor(np.asarray(mean_g), dtype=wide)
-        std = torch.as_tensor(np.asarray(std_g), dtype=wide)
+        mean, std = (
+            v.detach().cpu() if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+            for v in (mean_g, std_g)
+        )
+        wide = torch.float64 if torch.float64 in (mean.dtype, std.dtype) else torch.float32
+        mean, std = mean.to(wide), std.to(wide)
         if mean.shape != std.shape or mean.ndim != 1:
             raise ValueError("mean_g and std_g must be 1-d and of equal length.")
         self.register_buffer("mean_g", mean)
