@@ -318,6 +318,28 @@ def test_no_queries_give_an_empty_frame_with_every_column():
     assert {"label", "label_name", "confidence", "min_distance", "mean_distance"} <= set(out)
 
 
+def test_bad_settings_are_named_and_one_query_is_one_cell():
+    from cellsift.errors import ConfigError, DataError
+
+    x, meta, _ = _atlas(n_per=20)
+    ann = KNNAnnotator(CellIndex.build(x, meta, engine="exact"), k=5)
+    for size in (0, -1, 2.5):  # (-1 annotated nothing, without a word)
+        with pytest.raises(ConfigError, match="batch_size must be a whole number"):
+            ann.annotate(x[:3], batch_size=size)
+    # a 1-d query is one cell, as CellIndex.search reads it
+    pd.testing.assert_frame_equal(ann.annotate(x[4]), ann.annotate(x[4:5]))
+    with pytest.raises(DataError, match="cells x dims array"):
+        ann.annotate(x[None, :3])
+    for threshold in ("0.5", float("nan")):
+        with pytest.raises(ConfigError, match="distance_threshold is a distance"):
+            KNNAnnotator(ann.index, k=5, distance_threshold=threshold)
+    with pytest.raises(ConfigError, match="n_cells is how many reference cells"):
+        ann.calibrate(n_cells=-5)
+    with pytest.raises(DataError, match="leave calibrate out") as err:
+        ann.calibrate(x[:5])  # too few cells for the quantile: the fixes it names exist
+    assert "abstain=False" not in str(err.value).split("tl.annotate")[0]
+
+
 def test_unlabelled_neighbours_dilute_the_votes():
     """One labelled cell among unlabelled neighbours is no majority; with no labelled
     neighbour at all the plain majority label is unknown too."""

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._utils import import_optional, logger, no_label
+from .._utils import import_optional, is_whole, logger, no_label
 from .._warnings import warn
 from ..errors import ConfigError, DataError
 from ..ontology import OntologyError, load_cell_ontology
@@ -103,6 +103,15 @@ class KNNAnnotator:
             raise CellIndexError(
                 f"min_support must be in [0, 1) (a call needs more than that share of the "
                 f"votes), not {min_support!r}."
+            )
+        if distance_threshold is not None and (
+            isinstance(distance_threshold, bool)
+            or not isinstance(distance_threshold, int | float | np.integer | np.floating)
+            or np.isnan(distance_threshold)
+        ):
+            raise ConfigError(
+                f"distance_threshold is a distance beyond which a call is unknown (a number; "
+                f"calibrate() sets one), or None for no abstention, not {distance_threshold!r}."
             )
         if abstain_on not in ("mean", "nearest"):
             raise ValueError(f"abstain_on must be 'mean' or 'nearest', not {abstain_on!r}.")
@@ -223,6 +232,10 @@ class KNNAnnotator:
         """
         if not 0.0 < quantile < 1.0:
             raise ConfigError(f"quantile must be in (0, 1), not {quantile}.")
+        if embeddings is None and not is_whole(n_cells, least=1):
+            raise ConfigError(
+                f"n_cells is how many reference cells to calibrate on, at least 1, not {n_cells!r}."
+            )
         if embeddings is not None:
             q = np.asarray(embeddings, dtype=np.float32)
             if q.ndim != 2:
@@ -247,8 +260,9 @@ class KNNAnnotator:
         if np.isnan(threshold):  # the annotator keeps its threshold
             raise DataError(
                 f"quantile {quantile} needs at least {_needed(quantile)} calibration cells, "
-                f"got {len(other)}: pass more cells, a lower quantile (quantile=) or "
-                "abstain=False (no calls of unknown by distance)."
+                f"got {len(other)}: pass more cells, a lower quantile (quantile=), or set "
+                "no threshold (no calls of unknown by distance: leave calibrate out; "
+                "tl.annotate: abstain=False)."
             )
         self.distance_threshold = threshold
         logger.info(
@@ -337,7 +351,17 @@ class KNNAnnotator:
         """
         self._sync_labels()
         expr = self._reference_filter(safelist, blocklist, filter)
+        if not is_whole(batch_size, least=1):
+            raise ConfigError(
+                f"batch_size must be a whole number of at least 1 cell, not {batch_size!r}."
+            )
         q = np.asarray(embeddings, dtype=np.float32)
+        if q.ndim == 1:  # one cell, as CellIndex.search takes it
+            q = q[None]
+        if q.ndim != 2:
+            raise DataError(
+                f"query embeddings must be a cells x dims array, not of shape {q.shape}."
+            )
         parts = [
             self._annotate_block(q[s : s + batch_size], expr) for s in range(0, len(q), batch_size)
         ]
