@@ -269,6 +269,12 @@ def test_a_missing_metadata_column_is_named():
         ):
             call()
     assert res.summary("donor")["hits"].sum() == 6
+    # query and rank, which these metadata lack, are the hits' own
+    by_query = res.summary(["query", "donor"]).sort_index()
+    want = pd.Series(res.indices.ravel() % 2, index=np.repeat([0, 1], 3)).map("ab".__getitem__)
+    want = want.groupby([want.index, want.to_numpy()]).size()
+    np.testing.assert_array_equal(by_query["hits"].to_numpy(), want.to_numpy())
+    assert list(res.summary("rank").sort_index()["queries"]) == [2, 2, 2]
     bare = CellIndex.build(x).search(x[:2], 3)
     with pytest.raises(CellIndexError, match="built without metadata"):
         bare.summary("donor")

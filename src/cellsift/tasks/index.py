@@ -160,13 +160,18 @@ class SearchResult:
         return df.reset_index(drop=True)
 
     def summary(self, by: str | Sequence[str] = "dataset_id") -> pd.DataFrame:
-        """Hits counted by metadata column(s) ``by`` (any names, ``query`` or ``rank``
-        included): cells, queries with a hit, mean distance."""
+        """Hits counted by metadata column(s) ``by``: cells, queries with a hit, mean
+        distance. ``query`` and ``rank`` name the hits' query and rank, unless the metadata
+        hold a column of that name (which they then name)."""
         keys = [by] if isinstance(by, str) else list(by)
+        own = set(self.index.metadata_columns)
+        read = [k for k in keys if k in own or k not in ("query", "rank")]
         q, r = np.nonzero(self.indices >= 0)
-        meta = self.index.metadata_rows(self.indices[q, r], keys)
-        hits = pd.DataFrame({"query": q, "distance": self.distances[q, r]})
-        g = hits.groupby([meta[k] for k in keys], observed=True)
+        meta = self.index.metadata_rows(self.indices[q, r], read) if read else None
+        hits = pd.DataFrame({"query": q, "rank": r, "distance": self.distances[q, r]})
+        g = hits.groupby(
+            [meta[k] if meta is not None and k in read else hits[k] for k in keys], observed=True
+        )
         out = pd.DataFrame(
             {
                 "hits": g.size(),
