@@ -328,6 +328,12 @@ def test_a_data_module_inspected_before_training_is_read_as_the_model_reads(tmp_
     assert count.cells > 0 and count.labelled == count.cells
 
 
+def test_a_label_or_gene_given_as_text_is_refused_not_read_as_letters():
+    for genes, labels in ((["g1", "g2"], "CL:0000236"), ("g1", ["CL:0000236"])):
+        with pytest.raises(TypeError, match=r"is a list, not the text"):
+            MetricModel(genes, labels, hidden=(8,), latent=4)
+
+
 def test_settings_a_fit_cannot_honour_are_refused_before_training(synthetic_h5ad, tmp_path):
     """Early stopping on val/asw without validation cells (said before the first epoch, not
     by Lightning at its end), and a precision that casts the weights themselves: errors that

@@ -74,6 +74,8 @@ def test_harmonize(cl):
         cl.harmonize(["B cell", "Tcells", "x", "x"])
     with pytest.raises(OntologyError, match=r"1 label is an obsolete CL term \(deprecated\)"):
         cl.harmonize([deprecated], replace_deprecated=False)
+    with pytest.raises(TypeError, match=r"not the text 'B cell' \(its letters\)"):
+        cl.harmonize("B cell")  # (it named the letters 'B', 'c', ... as unknown labels)
 
 
 def test_harmonize_follows_successors_to_a_current_term(cl):

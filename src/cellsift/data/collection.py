@@ -170,6 +170,8 @@ class CellCollection:
         if check_counts:
             for s in self.stores:
                 _check_counts(s)
+        if isinstance(dropna, str):  # one column, not its letters
+            dropna = [dropna]
         removed: dict[str, int] = {}  # cells each filter removes, over all stores
         masks = [
             self._keep_mask(s, obs_filter, dropna, min_genes, min_counts, removed)

@@ -109,6 +109,9 @@ class MetricModel:
         target_sum: float = 1e4,
         label_names: Sequence[str] | None = None,
     ) -> None:
+        for name, value in (("genes", genes), ("labels", labels), ("label_names", label_names)):
+            if isinstance(value, str):
+                raise TypeError(f"{name} is a list, not the text {value!r}: pass [{value!r}].")
         self.genes = genes if isinstance(genes, GeneVocabulary) else GeneVocabulary(list(genes))
         cl = load_cell_ontology()
         if label_names is None:

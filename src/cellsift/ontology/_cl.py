@@ -221,6 +221,11 @@ class CellOntology:
         Deprecated ids are replaced by their successor where the ontology names one. Values that
         cannot be mapped raise one error that lists them all.
         """
+        if isinstance(values, str):
+            raise TypeError(
+                f"harmonize maps a list of labels, not the text {values!r} (its letters): pass "
+                f"[{values!r}], or term({values!r}) for one label's id."
+            )
         values = list(values)
         cache: dict[str, str | None] = {}
         for v in set(values):
