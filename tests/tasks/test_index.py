@@ -62,10 +62,12 @@ def test_exact_search_is_brute_force(data):
 def test_exact_search_over_blocks_is_brute_force_for_any_k(data, monkeypatch, k):
     """An index compared in several blocks (as one of over 2**18 cells is): every k, the
     index's size and above included, gives the brute-force neighbours, nearest first; and
-    so does a filter that selects cells of several blocks."""
+    so does a filter that selects cells of several blocks. The queries go a few at a time
+    (similarities of 3 queries to a block at once, as a bounded memory allows)."""
     x, meta, q = data
     x, q = x[:3000], q[:7]
     monkeypatch.setattr(CellIndex, "BLOCK_ROWS", 700)
+    monkeypatch.setattr(CellIndex, "SIMILARITIES", 3 * 700)
     index = CellIndex.build(x, meta[:3000], engine="exact")
     rows = np.flatnonzero(meta["cluster"].to_numpy()[:3000] < 20)
     for res, cand in (
@@ -190,8 +192,9 @@ def test_ivf_build_settings_are_checked_and_take_numpy_integers(data):
     assert index.calibrate(k=np.int64(5)) >= 0.99
 
 
-def test_search_within_max_distance_is_exhaustive(data):
+def test_search_within_max_distance_is_exhaustive(data, monkeypatch):
     x, meta, q = data
+    monkeypatch.setattr(CellIndex, "SIMILARITIES", 2 * 5000)  # two queries at a time
     index = CellIndex.build(x[:5000], meta[:5000], engine="exact")
     hits = index.search_within(q[:5], 0.3)
     d, i = _brute(x[:5000], q[:5], 5000)

@@ -515,13 +515,13 @@ class CellIndex:
         q = self._queries(queries)
         rows = self.select(filter) if filter is not None else None
         out: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(q))]
-        qt = torch.from_numpy(q)
         for start, block in self._blocks(rows):
-            sims = (qt @ torch.from_numpy(block).T).numpy()
-            for i in range(len(q)):
-                hit = np.flatnonzero(1.0 - sims[i] <= max_distance)
-                ids = hit + start if rows is None else rows[start + hit]
-                out[i].append((ids, 1.0 - sims[i, hit]))
+            for first, last in self._query_chunks(len(q), len(block)):
+                sims = (torch.from_numpy(q[first:last]) @ torch.from_numpy(block).T).numpy()
+                for i in range(last - first):
+                    hit = np.flatnonzero(1.0 - sims[i] <= max_distance)
+                    ids = hit + start if rows is None else rows[start + hit]
+                    out[first + i].append((ids, 1.0 - sims[i, hit]))
         result = []
         for parts in out:
             ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -532,6 +532,15 @@ class CellIndex:
 
     #: Rows of the index compared with the queries at a time by exact search.
     BLOCK_ROWS = 1 << 18
+    #: Similarities computed at a time by exact search (queries x rows, 128 MB as float32),
+    #: so that its memory stays bounded whatever the number of queries.
+    SIMILARITIES = 1 << 25
+
+    def _query_chunks(self, n_queries: int, n_rows: int) -> list[tuple[int, int]]:
+        """(first, last) query ranges whose similarities to ``n_rows`` rows fit in
+        :attr:`SIMILARITIES`."""
+        step = max(self.SIMILARITIES // max(n_rows, 1), 1)
+        return [(a, min(a + step, n_queries)) for a in range(0, n_queries, step)]
 
     def _blocks(self, rows: np.ndarray | None) -> Any:
         """(offset, normalised embeddings) blocks of the index or of the selected rows."""
@@ -556,8 +565,12 @@ class CellIndex:
         best_i = torch.zeros((len(q), 0), dtype=torch.long, device=dev)
         qt = torch.from_numpy(q).to(dev)
         for start, block in self._blocks(rows):
-            sims = qt @ torch.from_numpy(block).to(dev).T
-            s, i = torch.topk(sims, min(kk, sims.shape[1]), dim=1)
+            rows_t = torch.from_numpy(block).to(dev).T
+            top = min(kk, rows_t.shape[1])
+            s = torch.empty((len(q), top), device=dev)
+            i = torch.empty((len(q), top), dtype=torch.long, device=dev)
+            for first, last in self._query_chunks(len(q), rows_t.shape[1]):
+                torch.topk(qt[first:last] @ rows_t, top, dim=1, out=(s[first:last], i[first:last]))
             best_s = torch.cat([best_s, s], 1)
             best_i = torch.cat([best_i, i + start], 1)
             if start:  # merged with the earlier blocks' best: the best kk, nearest first
