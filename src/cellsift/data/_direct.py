@@ -11,11 +11,15 @@ read through zarr or h5py.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import threading
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,10 +31,12 @@ from .._utils import logger
 from ..errors import DataError
 
 __all__ = [
+    "FILES",
     "ChunkedReader",
     "DecodingReader",
     "H5ChunkReader",
     "H5ContiguousReader",
+    "OpenFiles",
     "ShardedArrayReader",
     "read_ranges",
 ]
@@ -58,34 +64,127 @@ def _decoder(codecs: list[dict[str, Any]]) -> tuple[Any, str] | None:
     return None
 
 
+class OpenFiles:
+    """Read-only descriptors of the files that direct readers read, shared by all of this
+    process's readers: one per file (a store's ``data`` and ``indices`` share theirs), at most
+    ``limit`` kept open when idle, the least recently used closed first, so that a collection
+    of thousands of stores holds a bounded number. A descriptor is closed only when no read
+    uses it. A forked child closes the copies it inherited and opens its own."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._after_fork()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():  # (the parent's, copied by fork)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._users: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    @contextlib.contextmanager
+    def use(self, file: Path) -> Iterator[int | None]:
+        """The descriptor of ``file`` while the block runs (None: the file does not exist)."""
+        fd = self._acquire(file)
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                with self._lock:
+                    self._users[fd] -= 1
+                    if not self._users[fd]:
+                        del self._users[fd]
+                    self._close_idle(self.limit)
+
+    def _acquire(self, file: Path) -> int | None:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                try:
+                    fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    return None
+                except OSError as err:
+                    if err.errno != errno.EMFILE:
+                        raise
+                    self._close_idle(0)  # the process's limit: ours go first, then again
+                    fd = _open_or_say_limit(file)
+                self._fds[file] = fd
+            self._fds.move_to_end(file)
+            self._users[fd] = self._users.get(fd, 0) + 1
+            self._close_idle(self.limit)
+            return fd
+
+    def _close_idle(self, keep: int) -> None:
+        """Close the least recently used idle descriptors beyond ``keep`` (lock held)."""
+        for file in list(self._fds):
+            if len(self._fds) <= keep:
+                return
+            fd = self._fds[file]
+            if fd not in self._users:
+                del self._fds[file]
+                os.close(fd)
+
+    def forget(self, root: Path) -> None:
+        """Close the idle descriptors of ``root`` and the files under it (a closed store)."""
+        with self._lock:
+            for file in [f for f in self._fds if f == root or root in f.parents]:
+                fd = self._fds[file]
+                if fd not in self._users:
+                    del self._fds[file]
+                    os.close(fd)
+
+
+def _open_or_say_limit(file: Path) -> int:
+    try:
+        return os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno != errno.EMFILE:
+            raise
+        raise DataError(too_many_open_files(file)) from None
+
+
+def too_many_open_files(file: Path | str) -> str:
+    """The message for a file that the process's open-file limit keeps closed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raise_it = (
+        f"raise it (ulimit -n {hard} in the shell that runs this)"
+        if hard == resource.RLIM_INFINITY or soft < hard
+        else "raise the hard limit (ulimit -Hn as root, or the system's limits.conf)"
+    )
+    return (
+        f"{file}: this process may open {soft} files at once (ulimit -n), and they are all "
+        f"open: {raise_it}, or merge small stores into fewer, larger ones (cellsift convert)."
+    )
+
+
+#: The descriptors of this process's direct readers.
+FILES = OpenFiles()
+
+
 class ChunkedReader(ABC):
-    """Reads element ranges of one 1-d array straight from its local file(s)."""
+    """Reads element ranges of one 1-d array straight from its local file(s), through the
+    process's shared descriptors (:data:`FILES`)."""
 
     dtype: np.dtype
     path: Path
 
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-        self._pid = os.getpid()
-
-    def _fd(self, file: Path) -> int | None:
-        if self._pid != os.getpid():
-            self._fds, self._pid = {}, os.getpid()
-        if file not in self._fds:
-            try:
-                self._fds[file] = os.open(file, os.O_RDONLY)
-            except FileNotFoundError:
-                return None
-        return self._fds[file]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_fds"], state["_pid"] = {}, None
-        return state
-
-    def _pread(self, file: Path, nbytes: int, offset: int) -> bytes:
-        fd = self._fd(file)
-        raw = os.pread(fd, nbytes, offset) if fd is not None else b""
+    def _pread(self, file: Path, nbytes: int, offset: int | None) -> bytes:
+        """``nbytes`` of ``file`` at ``offset`` (None: its last ``nbytes``); b"" for a file
+        that does not exist."""
+        with FILES.use(file) as fd:
+            if fd is None:
+                return b""
+            if offset is None:
+                offset = os.fstat(fd).st_size - nbytes
+            raw = os.pread(fd, nbytes, offset)
         if len(raw) != nbytes:
             raise OSError(
                 f"{file}: {nbytes} bytes expected at offset {offset}, "
@@ -237,8 +336,9 @@ class ShardedArrayReader(DecodingReader):
     # -- shard files and indexes ----------------------------------------------------------
     def _index(self, shard: int) -> np.ndarray | None:
         if shard not in self._indexes:
-            fd = self._fd(self._key(shard))
-            if fd is None:
+            n = self.chunks_per_shard * 16 + (4 if self._check_crc else 0)
+            raw = self._pread(self._key(shard), n, None)  # the index: the file's end
+            if not raw:
                 if self.absent is not None and shard not in self.absent:
                     raise DataError(
                         f"{self._key(shard)} is missing: shard {shard} of the array {self.path} "
@@ -247,8 +347,6 @@ class ShardedArrayReader(DecodingReader):
                     )
                 self._indexes[shard] = None  # holds only the fill value: zarr wrote no file
             else:
-                n = self.chunks_per_shard * 16 + (4 if self._check_crc else 0)
-                raw = self._pread(self._key(shard), n, os.fstat(fd).st_size - n)
                 body = raw[: self.chunks_per_shard * 16]
                 if self._check_crc:
                     import google_crc32c
@@ -343,19 +441,20 @@ def _read_pieces(reader: ChunkedReader, file_off: np.ndarray, n_elems: np.ndarra
     """Elements at byte offsets ``file_off`` (-1: zeros), ``n_elems`` each, concatenated."""
     out = np.empty(int(n_elems.sum()), dtype=reader.dtype)
     view = out.data.cast("B")
-    fd = reader._fd(reader.path)
-    assert fd is not None
     size = reader.dtype.itemsize
     pos = 0
-    for off, n in zip(file_off.tolist(), (n_elems * size).tolist(), strict=True):
-        if off < 0:
-            out[pos // size : (pos + n) // size] = 0
-        elif os.preadv(fd, [view[pos : pos + n]], off) != n:
-            raise OSError(
-                f"{reader.path}: {n} bytes expected at offset {off}: the file is truncated "
-                "or corrupt; re-create it."
-            )
-        pos += n
+    with FILES.use(reader.path) as fd:
+        if fd is None:
+            raise FileNotFoundError(f"{reader.path} does not exist (moved or removed since).")
+        for off, n in zip(file_off.tolist(), (n_elems * size).tolist(), strict=True):
+            if off < 0:
+                out[pos // size : (pos + n) // size] = 0
+            elif os.preadv(fd, [view[pos : pos + n]], off) != n:
+                raise OSError(
+                    f"{reader.path}: {n} bytes expected at offset {off}: the file is "
+                    "truncated or corrupt; re-create it."
+                )
+            pos += n
     return out
 
 

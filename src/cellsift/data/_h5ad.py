@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
 import h5py
 import numpy as np
 
+from ..errors import DataError
 from ._anndata import AnnDataStore
-from ._direct import ChunkedReader, open_h5_reader
+from ._direct import ChunkedReader, open_h5_reader, too_many_open_files
 from .writers import Format
 
 
@@ -48,6 +50,8 @@ class H5adStore(AnnDataStore):
         try:
             return h5py.File(self.path, "r", rdcc_nbytes=self.rdcc_nbytes)
         except OSError as err:
+            if err.errno == errno.EMFILE or "errno = 24," in str(err):  # (h5py's own words)
+                raise DataError(too_many_open_files(self.path)) from None
             raise self._error(
                 f"cannot be read as HDF5 ({err}); the file is truncated, corrupt or not an h5ad.",
                 "Re-create or re-download it.",

@@ -118,6 +118,7 @@ class CellCollection:
         paths = resolve_paths(source)
         if not paths:
             raise ValueError("a collection needs at least one store.")
+        allow_open_files(len(paths))
         opts = dict(store_options or {})
         try:
             self.stores: list[CellStore] = [
@@ -497,6 +498,24 @@ def _plain_values(values: Any) -> Any:
     ):
         return values.to_numpy(dtype=object, na_value=None)
     return values
+
+
+def allow_open_files(n_stores: int) -> None:
+    """Raise this process's soft limit on open files (``ulimit -n``, often 1024) toward its
+    hard limit where ``n_stores`` might not fit under it: an h5ad store keeps its file open,
+    and the direct readers keep up to :data:`~cellsift.data._direct.FILES`' limit more."""
+    import resource
+
+    from ._direct import FILES
+
+    need = n_stores + FILES.limit + 256  # (and the rest of the process's files)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if raised > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        logger.info("open-file limit raised from %d to %d for %d stores", soft, raised, n_stores)
 
 
 def _whole_floats_as_ints(values: Any) -> np.ndarray:

@@ -108,9 +108,14 @@ class CellStore(ABC):
         return state
 
     def close(self) -> None:
+        """Close the store's files (it opens them again when read)."""
+        from ._direct import FILES
+
         if self._handle is not None and self._pid == os.getpid() and hasattr(self._handle, "close"):
             self._handle.close()
         self._handle = None
+        if self.path.exists():  # (a store in memory: only a name)
+            FILES.forget(self.path)
 
     def _error(self, what: str, fix: str) -> DataError:
         return DataError(f"{self.path}: {what} {fix}")
