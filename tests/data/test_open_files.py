@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ def test_a_forked_child_closes_the_descriptors_it_inherited(many):
 
 def test_closed_stores_leave_no_descriptors_and_many_stores_hold_a_bounded_number(many):
     """300 rounds of open, read, close (it left two descriptors a round open for good); then
-    one collection of 80 stores read through, with room for 40 shared descriptors."""
+    one collection of 80 stores read through, with room for 40 shared descriptors, by one
+    pool of threads."""
     before = _fds()
     for path in many * 4:
         store = open_store(path)
@@ -84,6 +86,9 @@ def test_closed_stores_leave_no_descriptors_and_many_stores_hold_a_bounded_numbe
         coll.read(np.arange(coll.n_obs))
         # an h5ad store keeps its HDF5 file open; the direct reads share at most 40 more
         assert _fds() <= before + 60 + 40
+        # and one pool of reading threads for all of them (a pool each started 160 here)
+        io = [t for t in threading.enumerate() if t.name.startswith("cellsift-io")]
+        assert 1 <= len(io) <= min(4, os.cpu_count() or 1)
     finally:
         FILES.limit = limit
     del coll

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
@@ -15,6 +16,28 @@ import scipy.sparse as sp
 from . import _csr
 from ._direct import ChunkedReader, read_ranges
 from .stores import CellStore
+
+_io_pool: ThreadPoolExecutor | None = None
+_io_lock = threading.Lock()
+
+
+def _forget_io_pool() -> None:  # a forked child: the parent's threads are not its own
+    global _io_pool, _io_lock
+    _io_pool, _io_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_io_pool)
+
+
+def io_threads() -> ThreadPoolExecutor:
+    """The process's pool for the direct reads' file reads and decoding, shared by every
+    store (a pool a store would start as many threads as there are stores)."""
+    global _io_pool
+    with _io_lock:
+        if _io_pool is None:
+            workers = min(4, os.cpu_count() or 1)
+            _io_pool = ThreadPoolExecutor(workers, thread_name_prefix="cellsift-io")
+        return _io_pool
 
 
 class AnnDataStore(CellStore):
@@ -30,7 +53,6 @@ class AnnDataStore(CellStore):
         super().__init__(path, layer=layer)
         root = self.handle  # open now: a corrupt file fails here, with its name
         self._check_layout(root)
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None
         self._direct: list[ChunkedReader] | None = None
         if direct and not self._dense:
             readers = self._direct_readers(self._matrix(root))
@@ -41,19 +63,8 @@ class AnnDataStore(CellStore):
         """Direct readers of the matrix's ``data`` and ``indices`` (None where not possible)."""
         return []
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_pool"] = None
-        return state
-
     def _threads(self) -> ThreadPoolExecutor:
-        if self._pool is None or self._pool[0] != os.getpid():
-            workers = min(4, os.cpu_count() or 1)
-            self._pool = (
-                os.getpid(),
-                ThreadPoolExecutor(workers, thread_name_prefix="cellsift-io"),
-            )
-        return self._pool[1]
+        return io_threads()
 
     # -- layout -------------------------------------------------------------------------
     def _matrix(self, root: Any) -> Any:
