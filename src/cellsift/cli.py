@@ -450,7 +450,11 @@ _AS_OPTIONS = {
     "--no-check-counts": (("pass check_counts=False", "pass --no-check-counts"),),
     "--format": (("or pass format=.", "or pass --format."),),
     "--quantile": (
-        ("a lower quantile (quantile=) or abstain=False", "a lower --quantile or --no-abstain"),
+        (
+            "a lower quantile (quantile=), or set no threshold (no calls of unknown by distance: "
+            "leave calibrate out; tl.annotate: abstain=False)",
+            "a lower --quantile, or --no-abstain (no calls of unknown by distance)",
+        ),
     ),
     # fit: the data module's collection options, as LightningCLI takes them
     _FIT_LAYER: (

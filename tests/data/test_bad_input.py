@@ -477,3 +477,22 @@ def test_one_pass_count_check_agrees_with_numpy(dtype):
     assert first_fault(data[:0]) == (-1, 0)
     if first >= 0:  # the faults after the first are found too
         assert first_fault(data[first + 1 :])[0] + first + 1 == int(np.flatnonzero(ref)[1])
+
+
+def test_filter_thresholds_and_rows_that_are_not_numbers_of_the_right_kind_are_named(tmp_path):
+    from cellsift.errors import ConfigError
+
+    path = _write(tmp_path, "a.h5ad", indexed_atlas(30, 5))
+    for bad in (-1, 2.5, "5", True):
+        with pytest.raises(ConfigError, match="min_genes is a number of genes"):
+            CellCollection(path, min_genes=bad)
+    for bad in (-1.0, float("nan"), "5"):
+        with pytest.raises(ConfigError, match="min_counts is a number of counts"):
+            CellCollection(path, min_counts=bad)
+    coll = CellCollection(path)
+    with pytest.raises(IndexError, match="rows are positions"):
+        coll.read(np.array([1.5, 5.0]))  # (read rows 1 and 5)
+    for rows in ([1, -1, 5], [5, 1], [1, 1]):  # ([1, -1, 5]: scipy's index pointer error)
+        with pytest.raises(IndexError, match="must be sorted and unique"):
+            coll.read(rows)
+    assert coll.read(np.array([], dtype=np.int64)).shape == (0, 5)

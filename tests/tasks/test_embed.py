@@ -405,7 +405,7 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     assert main([*args, "--calibrate-on", str(cal)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs at least 99 calibration cells, got 50" in err[0]
-    assert "a lower --quantile or --no-abstain" in err[0]
+    assert "a lower --quantile, or --no-abstain" in err[0]
     assert main([*args, "--calibrate-on", str(cal), "--quantile", "0.9"]) == 0
     ad.read_h5ad(synthetic_h5ad)[:0].copy().write_h5ad(cal)
     assert main([*args, "--calibrate-on", str(cal)]) == 2

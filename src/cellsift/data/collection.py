@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import logger, no_label, text_or_none
-from ..errors import DataError, MissingKeyError
+from .._utils import is_whole, logger, no_label, text_or_none
+from ..errors import ConfigError, DataError, MissingKeyError
 from ._values import first_fault
 from .genes import GeneMap, GeneVocabulary
 from .stores import CellStore, is_anndata, open_store, refuse_other
@@ -118,6 +118,14 @@ class CellCollection:
         paths = resolve_paths(source)
         if not paths:
             raise ValueError("a collection needs at least one store.")
+        if min_genes is not None and not is_whole(min_genes, least=0):
+            raise ConfigError(f"min_genes is a number of genes (0 or more), not {min_genes!r}.")
+        if min_counts is not None and (
+            isinstance(min_counts, bool)
+            or not isinstance(min_counts, int | float | np.integer | np.floating)
+            or not min_counts >= 0
+        ):
+            raise ConfigError(f"min_counts is a number of counts (0 or more), not {min_counts!r}.")
         allow_open_files(len(paths))
         opts = dict(store_options or {})
         try:
@@ -356,7 +364,12 @@ class CellCollection:
     # -- reading --------------------------------------------------------------------------
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of global rows ``rows`` (sorted, unique), genes in vocabulary order."""
-        rows = np.asarray(rows, dtype=np.int64)
+        given = np.asarray(rows)
+        if given.size and given.dtype.kind not in "iu":
+            raise IndexError(f"rows are positions (integers), not {given.dtype} values.")
+        rows = given.astype(np.int64, copy=False).reshape(-1)
+        if len(rows) > 1 and not (np.diff(rows) > 0).all():
+            raise IndexError("rows must be sorted and unique (np.unique(rows) gives them so).")
         if len(rows) and (rows[0] < 0 or rows[-1] >= self.offsets[-1]):
             raise IndexError(
                 f"rows must lie in [0, {int(self.offsets[-1])}) (the cells of all stores), "
