@@ -429,3 +429,17 @@ def test_weighted_mode_checks_its_weights_as_the_dataset_is_made(coll):
         IterableCellDataset(
             CellCollection(adata), mode="weighted", label_key="cell_type_ontology_term_id"
         )
+
+
+def test_bad_loader_settings_and_states_are_named(indexed_paths):
+    coll = CellCollection(indexed_paths["h5ad"])
+    for bad in ({"prefetch": -1}, {"prefetch": 1.5}):
+        with pytest.raises(ConfigError, match="prefetch is a number of batches"):
+            IterableCellDataset(coll, **OPTS, **bad)
+    with pytest.raises(ConfigError, match="world_size is a number of processes"):
+        IterableCellDataset(coll, **OPTS, world_size=0)
+    with pytest.raises(ConfigError, match="rank is this process's place"):
+        IterableCellDataset(coll, **OPTS, rank=2, world_size=2)
+    loader = CellLoader(IterableCellDataset(coll, **OPTS))
+    with pytest.raises(ResumeError, match="not a loader state: it lacks batches, fingerprint"):
+        loader.load_state_dict({"epoch": 0})

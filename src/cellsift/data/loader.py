@@ -30,6 +30,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .._utils import is_whole
 from ..errors import ConfigError, ResumeError
 from .collection import CellCollection
 from .sampling import EpochPlan, Mode, SamplingConfig, balanced_weights, make_plan
@@ -115,6 +116,21 @@ class IterableCellDataset(IterableDataset):
         prefetch: int = 1,
     ) -> None:
         super().__init__()
+        if not is_whole(prefetch, least=0):
+            raise ConfigError(
+                f"prefetch is a number of batches read ahead (0 or more), not {prefetch!r}."
+            )
+        if world_size is not None and not is_whole(world_size, least=1):
+            raise ConfigError(
+                f"world_size is a number of processes (1 or more), not {world_size!r}."
+            )
+        if rank is not None and not (
+            is_whole(rank, least=0) and (world_size is None or rank < world_size)
+        ):
+            raise ConfigError(
+                f"rank is this process's place among world_size={world_size} (0 to "
+                f"world_size - 1), not {rank!r}."
+            )
         self.prefetch = prefetch
         self.collection = collection
         self.cfg = SamplingConfig(
@@ -606,6 +622,12 @@ class CellLoader(DataLoader):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        lacking = [k for k in ("epoch", "batches", "fingerprint") if k not in state]
+        if lacking:
+            raise ResumeError(
+                f"this is not a loader state: it lacks {', '.join(lacking)}. Pass what "
+                "CellLoader.state_dict() returned (a checkpoint keeps it)."
+            )
         mine = self.cell_dataset.fingerprint()
         diff = {k: (v, mine.get(k)) for k, v in state["fingerprint"].items() if mine.get(k) != v}
         if diff:
