@@ -342,4 +342,13 @@ def _embed_bulk(model: Any, bulk: ad.AnnData, what: str) -> np.ndarray:
 
 def _is_default(value: Any, default: Any) -> bool:
     """``value`` is the parameter's default (the same object, or an equal value of its type)."""
-    return value is default or (type(value) is type(default) and value == default)
+    if value is default:
+        return True
+    numbers = (int, float, np.integer, np.floating)  # np.int64(50) is k's default 50
+    same_kind = type(value) is type(default) or (
+        isinstance(value, numbers)
+        and isinstance(default, numbers)
+        and not isinstance(value, bool)
+        and not isinstance(default, bool)
+    )
+    return bool(same_kind and value == default)

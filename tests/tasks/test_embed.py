@@ -185,6 +185,7 @@ def test_annotate_with_a_ready_annotator_refuses_options_it_would_ignore(bundle,
         with pytest.raises(ConfigError, match=rf"^{', '.join(options)} set up the annotator"):
             cs.tl.annotate(query, ann, **options)
     cs.tl.annotate(query, ann, k=50, abstain=True)  # (the defaults, given)
+    cs.tl.annotate(query, ann, k=np.int64(50), quantile=np.float64(0.99))  # (of numpy's types)
     want = ann.annotate(query.obsm["X_cellsift"])
     assert (
         query.obs["cellsift_cell_type_ontology_term_id"].astype(str) == want["label"].to_numpy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cellsift.tasks import CellIndex, CellIndexError
 
@@ -281,6 +282,18 @@ def test_a_missing_metadata_column_is_named():
     bare = CellIndex.build(x).search(x[:2], 3)
     with pytest.raises(CellIndexError, match="built without metadata"):
         bare.summary("donor")
+
+
+def test_bad_recall_targets_and_rows_are_named_and_a_model_output_is_a_query(data):
+    x, meta, q = data
+    index = CellIndex.build(x[:500], meta[:500], engine="exact")
+    for bad in (2, 0, "0.9"):
+        with pytest.raises(CellIndexError, match="target_recall is a share"):
+            index.calibrate(target_recall=bad)
+    with pytest.raises(CellIndexError, match="rows are cell positions"):
+        index.metadata_rows([1.5])  # (it read row 1)
+    z = torch.from_numpy(q[:3]).requires_grad_()  # a model's output, graph and all
+    np.testing.assert_array_equal(index.search(z, 4).indices, index.search(q[:3], 4).indices)
 
 
 def test_add_names_a_mismatch_of_cell_names():

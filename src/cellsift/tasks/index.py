@@ -93,6 +93,8 @@ def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
     (1e20 or 1e-24 as well as 1) keep their direction; float64 rows, which may lie beyond
     float32's range, are first scaled by their largest entry.
     """
+    if isinstance(x, torch.Tensor):  # (a model's output may still hold its graph)
+        x = x.detach().cpu()
     a = np.asarray(x)
     if a.dtype != np.float64:
         a = np.asarray(a, dtype=np.float32)
@@ -277,6 +279,14 @@ class CellIndex:
         Recall by distance: a cell found counts where it is as near as the exact k-th
         neighbour, so that cells at the same distance (duplicates) stand for each other."""
         check_k(k)
+        if isinstance(target_recall, bool) or not (
+            isinstance(target_recall, int | float | np.integer | np.floating)
+            and 0 < target_recall <= 1
+        ):
+            raise CellIndexError(
+                f"target_recall is a share of the true neighbours to find, in (0, 1], not "
+                f"{target_recall!r}."
+            )
         if self.engine != "ivf":
             return 1.0
         if self.n_cells < 2:  # no other cell to find: every list (the one) is probed
@@ -393,7 +403,10 @@ class CellIndex:
 
     def metadata_rows(self, rows: Any, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Metadata of cells ``rows`` (any order, repeats allowed) as a DataFrame."""
-        rows = np.asarray(rows, dtype=np.int64)
+        given = np.asarray(rows)
+        if given.size and given.dtype.kind not in "iu":
+            raise CellIndexError(f"rows are cell positions (integers), not {given.dtype} values.")
+        rows = given.astype(np.int64, copy=False)
         outside = rows[(rows < 0) | (rows >= self.n_cells)]
         if len(outside):
             raise CellIndexError(
@@ -494,6 +507,8 @@ class CellIndex:
 
     def _queries(self, queries: Any) -> np.ndarray:
         """Query embeddings, L2-normalised, checked against the index's width."""
+        if isinstance(queries, torch.Tensor):  # (a model's output may still hold its graph)
+            queries = queries.detach().cpu()
         q = normalize_embeddings(np.atleast_2d(queries), "queries")
         if q.shape[1] != self.dim:
             raise CellIndexError(
