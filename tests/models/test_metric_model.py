@@ -332,6 +332,11 @@ def test_a_label_or_gene_given_as_text_is_refused_not_read_as_letters():
     for genes, labels in ((["g1", "g2"], "CL:0000236"), ("g1", ["CL:0000236"])):
         with pytest.raises(TypeError, match=r"is a list, not the text"):
             MetricModel(genes, labels, hidden=(8,), latent=4)
+    from cellsift.errors import ConfigError
+
+    for hidden in (8, "8"):  # (8: a TypeError, int is not iterable)
+        with pytest.raises(ConfigError, match=r"hidden lists the widths .*\(one layer: \["):
+            MetricModel(["g1", "g2"], ["CL:0000236"], hidden=hidden, latent=4)
 
 
 def test_settings_a_fit_cannot_honour_are_refused_before_training(synthetic_h5ad, tmp_path):

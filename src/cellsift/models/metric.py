@@ -33,6 +33,7 @@ from ..data.datamodule import CellDataModule
 from ..data.loader import to_torch_csr
 from ..errors import ConfigError, DataError
 from ..nn import MetricModule
+from ..nn.metric import hidden_widths
 from ..ontology import load_cell_ontology
 from ..train import TrainingPlan
 from ..train._stop import interrupts_kept
@@ -131,7 +132,7 @@ class MetricModel:
             "model": "MetricModel",
             "architecture": {
                 "n_genes": len(self.genes),
-                "hidden": [int(h) for h in hidden],
+                "hidden": [int(h) for h in hidden_widths(hidden)],
                 "latent": int(latent),
                 "dropout": float(dropout),
                 "input_dropout": float(input_dropout),

@@ -23,7 +23,7 @@ classifier_weight * label + (1 - triplet_weight - classifier_weight) * MSE``.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +54,16 @@ class CosineClassifier(nn.Module):
         )
 
 
+def hidden_widths(hidden: Any) -> list[Any]:
+    """``hidden`` as a list, or a :class:`ConfigError` where it is no list of widths."""
+    if isinstance(hidden, str) or not isinstance(hidden, Iterable):
+        raise ConfigError(
+            f"hidden lists the widths of the hidden layers, e.g. [1024, 1024, 1024] (one "
+            f"layer: [{hidden!r}]), not {hidden!r}."
+        )
+    return list(hidden)
+
+
 def _check_settings(
     n_genes: int,
     hidden: Sequence[int],
@@ -71,7 +81,7 @@ def _check_settings(
     def whole(v: Any) -> bool:  # (numpy's integers too; not True/False)
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
-    hidden = list(hidden)
+    hidden = hidden_widths(hidden)
     if not whole(n_genes) or n_genes < 1:
         raise ConfigError(f"a model reads at least one gene, not n_genes={n_genes!r}.")
     if not hidden or any(not whole(h) or h < 1 for h in hidden):
