@@ -340,6 +340,17 @@ def test_bad_settings_are_named_and_one_query_is_one_cell():
     assert "abstain=False" not in str(err.value).split("tl.annotate")[0]
 
 
+@pytest.mark.parametrize("ontology_aware", [False, True])
+def test_votes_tallied_a_few_queries_at_a_time_give_the_same_calls(monkeypatch, ontology_aware):
+    """Votes are queries x labels: tallied in groups (memory stays bounded with thousands of
+    labels), the calls are those of one tally."""
+    x, meta, _ = _atlas(n_per=40)
+    ann = KNNAnnotator(CellIndex.build(x, meta, engine="exact"), k=9, ontology_aware=ontology_aware)
+    whole = ann.annotate(x[::3])
+    monkeypatch.setattr(KNNAnnotator, "VOTES", 2 * len(ann._labels.terms))  # 2 at a time
+    pd.testing.assert_frame_equal(ann.annotate(x[::3]), whole)
+
+
 def test_unlabelled_neighbours_dilute_the_votes():
     """One labelled cell among unlabelled neighbours is no majority; with no labelled
     neighbour at all the plain majority label is unknown too."""

@@ -432,16 +432,30 @@ class KNNAnnotator:
             )
         return sorted(raw for raw, term in self._term_of.items() if term in terms)
 
+    #: Votes tallied at a time (queries x labels, 64 MB as float64): a block's queries are
+    #: searched together, then voted on in groups that fit, whatever the number of labels.
+    VOTES = 1 << 23
+
     def _annotate_block(self, q: np.ndarray, expr: Any) -> pd.DataFrame:
         res = self.index.search(q, self.k, filter=expr)
-        idx, dist = res.indices, res.distances
+        step = max(self.VOTES // max(len(self._labels.terms), 1), 1)
+        parts = [
+            self._vote(res.indices[a : a + step], res.distances[a : a + step])
+            for a in range(0, len(q), step)
+        ]
+        if not parts:
+            return self._vote(res.indices, res.distances)
+        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+    def _vote(self, idx: np.ndarray, dist: np.ndarray) -> pd.DataFrame:
+        """Calls of queries whose neighbours are ``idx`` at ``dist``."""
         valid = idx >= 0
         codes = np.where(valid, self._labels.codes[np.maximum(idx, 0)], -1)
         if self.weighted:
             w = np.where(valid, np.clip(1.0 - dist / 2.0, 1e-6, None), 0.0)
         else:
             w = valid.astype(np.float64)
-        n_q, n_t = len(q), len(self._labels.terms)
+        n_q, n_t = len(idx), len(self._labels.terms)
         keep = codes >= 0
         flat = (np.arange(n_q)[:, None] * n_t + codes)[keep]
         votes = np.bincount(flat, weights=w[keep], minlength=n_q * n_t).reshape(n_q, n_t)
