@@ -26,25 +26,27 @@ def _kernels() -> Any:
     import numba
 
     @numba.njit(inline="always")
-    def is_count(v, tol, half):  # type: ignore[no-untyped-def]
-        r = v - np.floor(v + half)
-        return (v >= 0) and (v < np.inf) and (abs(r) <= tol)  # (NaN fails every comparison)
+    def is_count(v, tol, one):  # type: ignore[no-untyped-def]
+        # the distance to the nearer whole number, without rounding v + 0.5 (which, from
+        # 2**23 in float32, rounds an odd whole number up to the next even one)
+        f = v - np.floor(v)
+        return (v >= 0) and (v < np.inf) and (min(f, one - f) <= tol)  # (NaN fails them)
 
     @numba.njit(cache=True, nogil=True)
     def count(data):  # type: ignore[no-untyped-def]
         bad = 0
         zeros = 0
-        tol, half = data.dtype.type(WHOLE_TOL), data.dtype.type(0.5)
+        tol, one = data.dtype.type(WHOLE_TOL), data.dtype.type(1.0)
         for i in range(data.shape[0]):
-            bad += np.int64(not is_count(data[i], tol, half))
+            bad += np.int64(not is_count(data[i], tol, one))
             zeros += np.int64(data[i] == 0)
         return bad, zeros
 
     @numba.njit(cache=True, nogil=True)
     def first(data):  # type: ignore[no-untyped-def]
-        tol, half = data.dtype.type(WHOLE_TOL), data.dtype.type(0.5)
+        tol, one = data.dtype.type(WHOLE_TOL), data.dtype.type(1.0)
         for i in range(data.shape[0]):
-            if not is_count(data[i], tol, half):
+            if not is_count(data[i], tol, one):
                 return i
         return -1
 
