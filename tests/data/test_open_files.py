@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from cellsift.data import CellCollection, open_store
 from cellsift.data._direct import FILES, OpenFiles
 from cellsift.datasets import indexed_atlas
+from cellsift.errors import DataError
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc fds")
 
@@ -32,25 +34,52 @@ def many(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return h5ad + [indexed_atlas(20, 6, path=root / f"z{i:03d}.zarr") for i in range(20)]
 
 
-def test_the_shared_descriptors_stay_under_their_limit_and_close_only_when_idle(tmp_path):
+def _owner() -> SimpleNamespace:
+    """What the descriptors belong to: a reader's token and the files it opened."""
+    return SimpleNamespace(token=os.urandom(8).hex(), opened={})
+
+
+def test_the_descriptors_stay_under_their_limit_and_close_only_when_idle(tmp_path):
     files = []
     for i in range(5):
         (tmp_path / f"f{i}").write_bytes(bytes([i]) * 8)
         files.append(tmp_path / f"f{i}")
-    cache = OpenFiles(limit=2)
+    cache, me = OpenFiles(limit=2), _owner()
     before = _fds()
     for f in files:
-        with cache.use(f) as fd:
+        with cache.use(me, f) as fd:
             assert fd is not None and os.pread(fd, 1, 0) == f.read_bytes()[:1]
     assert len(cache) == 2 and _fds() == before + 2  # the two used last
-    with cache.use(files[0]) as a, cache.use(files[1]) as b, cache.use(files[2]) as c:
+    with cache.use(me, files[0]) as a, cache.use(me, files[1]) as b, cache.use(me, files[2]) as c:
         assert len({a, b, c}) == 3 and len(cache) == 3  # in use: not closed, limit or not
         assert os.pread(a, 1, 0) == b"\x00" and os.pread(c, 1, 0) == b"\x02"
     assert len(cache) == 2
-    with cache.use(tmp_path / "absent") as fd:
+    with cache.use(me, tmp_path / "absent") as fd:
         assert fd is None
     cache.forget(tmp_path)
     assert len(cache) == 0 and _fds() == before
+
+
+def test_a_replaced_or_removed_file_is_named_not_read_for_the_one_first_opened(tmp_path):
+    """A reader whose descriptor was closed (idle, past the limit) and whose file was then
+    replaced: an error, not the new file's bytes at the old file's offsets; another reader
+    (a store opened again) reads the new file."""
+    f = tmp_path / "f"
+    f.write_bytes(b"old")
+    cache, first = OpenFiles(limit=0), _owner()
+    with cache.use(first, f) as fd:
+        assert os.pread(fd, 3, 0) == b"old"
+    (tmp_path / "g").write_bytes(b"new")
+    os.replace(tmp_path / "g", f)  # (as writers replace files: a temporary, renamed)
+    with pytest.raises(DataError, match=r"f was replaced since it was first read"):
+        with cache.use(first, f):
+            pass
+    with cache.use(_owner(), f) as fd:
+        assert os.pread(fd, 3, 0) == b"new"
+    f.unlink()
+    with pytest.raises(DataError, match=r"f was removed since it was first read"):
+        with cache.use(first, f):
+            pass
 
 
 def _child_count(queue) -> None:  # type: ignore[no-untyped-def]
@@ -122,3 +151,29 @@ def test_many_stores_raise_the_soft_limit_or_name_the_hard_one(many):
     last = capped.stderr.strip().splitlines()[-1]
     assert "DataError" in last and "may open 50 files at once (ulimit -n)" in last, last
     assert "raise the hard limit" in last and "cellsift convert" in last
+
+
+def test_a_store_opened_again_after_its_file_was_replaced_reads_the_new_file(tmp_path):
+    """The first store left open (not closed), its file replaced as writers replace files:
+    a new store reads the new file (it read the old one's bytes at the new one's offsets),
+    and the first, once its descriptor is gone, says the file changed."""
+    import anndata as ad
+
+    path = tmp_path / "a.h5ad"
+    indexed_atlas(40, 6, path=path)
+    first = open_store(path)
+    rows = np.arange(0, 40, 3)
+    np.testing.assert_array_equal(first.read(rows).toarray(), ad.read_h5ad(path).X[rows].toarray())
+    new = indexed_atlas(40, 6, path=None)
+    new.X = new.X * 3  # (the same layout, other values)
+    new.write_h5ad(tmp_path / "b.h5ad")
+    os.replace(tmp_path / "b.h5ad", path)
+    second = open_store(path)
+    np.testing.assert_array_equal(second.read(rows).toarray(), new.X[rows].toarray())
+    limit, FILES.limit = FILES.limit, 0  # every idle descriptor closed
+    try:
+        second.read(rows)
+        with pytest.raises(DataError, match="was replaced since it was first read"):
+            first.read(rows)
+    finally:
+        FILES.limit = limit

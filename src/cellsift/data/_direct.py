@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import threading
+import uuid
 import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -65,11 +66,13 @@ def _decoder(codecs: list[dict[str, Any]]) -> tuple[Any, str] | None:
 
 
 class OpenFiles:
-    """Read-only descriptors of the files that direct readers read, shared by all of this
-    process's readers: one per file (a store's ``data`` and ``indices`` share theirs), at most
-    ``limit`` kept open when idle, the least recently used closed first, so that a collection
-    of thousands of stores holds a bounded number. A descriptor is closed only when no read
-    uses it. A forked child closes the copies it inherited and opens its own."""
+    """Read-only descriptors of the files that direct readers read, for all of this process's
+    readers: at most ``limit`` kept open when idle, the least recently used closed first, so
+    that a collection of thousands of stores holds a bounded number. Each reader has its own
+    (a store opened again after its file was replaced reads the new file), and a file opened
+    again after its descriptor was closed must be the one first opened (else an error, not
+    another file's bytes). A descriptor is closed only when no read uses it. A forked child
+    closes the copies it inherited and opens its own."""
 
     def __init__(self, limit: int = 256) -> None:
         self.limit = limit
@@ -80,7 +83,7 @@ class OpenFiles:
         for fd in getattr(self, "_fds", {}).values():  # (the parent's, copied by fork)
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._fds: OrderedDict[tuple[str, Path], int] = OrderedDict()
         self._users: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -88,9 +91,10 @@ class OpenFiles:
         return len(self._fds)
 
     @contextlib.contextmanager
-    def use(self, file: Path) -> Iterator[int | None]:
-        """The descriptor of ``file`` while the block runs (None: the file does not exist)."""
-        fd = self._acquire(file)
+    def use(self, reader: ChunkedReader, file: Path) -> Iterator[int | None]:
+        """``reader``'s descriptor of ``file`` while the block runs (None: the file does not
+        exist, and never did for this reader)."""
+        fd = self._acquire(reader, file)
         try:
             yield fd
         finally:
@@ -101,52 +105,74 @@ class OpenFiles:
                         del self._users[fd]
                     self._close_idle(self.limit)
 
-    def _acquire(self, file: Path) -> int | None:
+    def _acquire(self, reader: ChunkedReader, file: Path) -> int | None:
+        key = (reader.token, file)
         with self._lock:
-            fd = self._fds.get(file)
+            fd = self._fds.get(key)
             if fd is None:
-                try:
-                    fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
+                fd = self._open(file)
+                known = reader.opened.get(file)
+                if fd is None:
+                    if known is not None:
+                        raise DataError(
+                            f"{file} was removed since it was first read (a store's file): "
+                            "restore it, or open the store again."
+                        )
                     return None
-                except OSError as err:
-                    if err.errno != errno.EMFILE:
-                        raise
-                    self._close_idle(0)  # the process's limit: ours go first, then again
-                    fd = _open_or_say_limit(file)
-                self._fds[file] = fd
-            self._fds.move_to_end(file)
+                st = os.fstat(fd)
+                if known is not None and known != (st.st_dev, st.st_ino):
+                    os.close(fd)
+                    raise DataError(
+                        f"{file} was replaced since it was first read (rewritten or moved "
+                        "there): open the store again to read the new file."
+                    )
+                reader.opened[file] = (st.st_dev, st.st_ino)
+                self._fds[key] = fd
+            self._fds.move_to_end(key)
             self._users[fd] = self._users.get(fd, 0) + 1
             self._close_idle(self.limit)
             return fd
 
+    def _open(self, file: Path) -> int | None:
+        """A new descriptor of ``file`` (lock held); None where it does not exist. At the
+        process's limit, the idle ones go first, and fewer are kept from then on (room for
+        what else the process opens: loader workers' pipes, sockets)."""
+        try:
+            return os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if err.errno != errno.EMFILE:
+                raise
+        self.limit = max(self.limit // 2, 8)
+        self._close_idle(0)
+        try:
+            return os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if err.errno != errno.EMFILE:
+                raise
+            raise DataError(too_many_open_files(file)) from None
+
     def _close_idle(self, keep: int) -> None:
         """Close the least recently used idle descriptors beyond ``keep`` (lock held)."""
-        for file in list(self._fds):
+        for key in list(self._fds):
             if len(self._fds) <= keep:
                 return
-            fd = self._fds[file]
+            fd = self._fds[key]
             if fd not in self._users:
-                del self._fds[file]
+                del self._fds[key]
                 os.close(fd)
 
     def forget(self, root: Path) -> None:
         """Close the idle descriptors of ``root`` and the files under it (a closed store)."""
         with self._lock:
-            for file in [f for f in self._fds if f == root or root in f.parents]:
-                fd = self._fds[file]
+            for key in [k for k in self._fds if k[1] == root or root in k[1].parents]:
+                fd = self._fds[key]
                 if fd not in self._users:
-                    del self._fds[file]
+                    del self._fds[key]
                     os.close(fd)
-
-
-def _open_or_say_limit(file: Path) -> int:
-    try:
-        return os.open(file, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        if err.errno != errno.EMFILE:
-            raise
-        raise DataError(too_many_open_files(file)) from None
 
 
 def too_many_open_files(file: Path | str) -> str:
@@ -176,12 +202,19 @@ class ChunkedReader(ABC):
     dtype: np.dtype
     path: Path
 
-    def _pread(self, file: Path, nbytes: int, offset: int | None) -> bytes:
-        """``nbytes`` of ``file`` at ``offset`` (None: its last ``nbytes``); b"" for a file
-        that does not exist."""
-        with FILES.use(file) as fd:
+    def __init__(self) -> None:
+        #: this reader's descriptors in :data:`FILES`, and the files (device, inode) it read
+        self.token = uuid.uuid4().hex
+        self.opened: dict[Path, tuple[int, int]] = {}
+
+    def _pread(self, file: Path, nbytes: int, offset: int | None, absent_ok: bool = False) -> bytes:
+        """``nbytes`` of ``file`` at ``offset`` (None: its last ``nbytes``); for a file that
+        does not exist b"" where ``absent_ok``, else an error."""
+        with FILES.use(self, file) as fd:
             if fd is None:
-                return b""
+                if absent_ok:
+                    return b""
+                raise FileNotFoundError(f"{file} does not exist (moved or removed).")
             if offset is None:
                 offset = os.fstat(fd).st_size - nbytes
             raw = os.pread(fd, nbytes, offset)
@@ -337,7 +370,7 @@ class ShardedArrayReader(DecodingReader):
     def _index(self, shard: int) -> np.ndarray | None:
         if shard not in self._indexes:
             n = self.chunks_per_shard * 16 + (4 if self._check_crc else 0)
-            raw = self._pread(self._key(shard), n, None)  # the index: the file's end
+            raw = self._pread(self._key(shard), n, None, absent_ok=True)  # (the file's end)
             if not raw:
                 if self.absent is not None and shard not in self.absent:
                     raise DataError(
@@ -443,9 +476,9 @@ def _read_pieces(reader: ChunkedReader, file_off: np.ndarray, n_elems: np.ndarra
     view = out.data.cast("B")
     size = reader.dtype.itemsize
     pos = 0
-    with FILES.use(reader.path) as fd:
+    with FILES.use(reader, reader.path) as fd:
         if fd is None:
-            raise FileNotFoundError(f"{reader.path} does not exist (moved or removed since).")
+            raise FileNotFoundError(f"{reader.path} does not exist (moved or removed).")
         for off, n in zip(file_off.tolist(), (n_elems * size).tolist(), strict=True):
             if off < 0:
                 out[pos // size : (pos + n) // size] = 0

@@ -529,6 +529,8 @@ def allow_open_files(n_stores: int) -> None:
     if raised > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
         logger.info("open-file limit raised from %d to %d for %d stores", soft, raised, n_stores)
+    if raised < need:  # the direct reads keep fewer, leaving room for the rest of the process
+        FILES.limit = max(8, min(FILES.limit, (raised - n_stores) // 4))
 
 
 def _whole_floats_as_ints(values: Any) -> np.ndarray:
