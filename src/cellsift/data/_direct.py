@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import threading
@@ -137,27 +138,27 @@ class OpenFiles:
         """A new descriptor of ``file`` (lock held); None where it does not exist. At the
         process's limit, the idle ones go first, and fewer are kept from then on (room for
         what else the process opens: loader workers' pipes, sockets)."""
-        try:
-            return os.open(file, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            if err.errno != errno.EMFILE:
-                raise
-        self.limit = max(self.limit // 2, 8)
-        self._close_idle(0)
-        try:
-            return os.open(file, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            if err.errno != errno.EMFILE:
-                raise
-            raise DataError(too_many_open_files(file)) from None
+        for attempt in range(2):
+            try:
+                return os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            except OSError as err:
+                if err.errno != errno.EMFILE:
+                    raise
+                if attempt:
+                    raise DataError(too_many_open_files(file)) from None
+                self.limit = max(self.limit // 2, 8)
+                self._close_idle(0)
+        raise AssertionError("unreachable")
 
     def _close_idle(self, keep: int) -> None:
         """Close the least recently used idle descriptors beyond ``keep`` (lock held)."""
-        for key in list(self._fds):
+        excess = len(self._fds) - keep
+        if excess <= 0:
+            return
+        # the oldest first; as many more as are in use, which stay
+        for key in list(itertools.islice(self._fds, excess + len(self._users))):
             if len(self._fds) <= keep:
                 return
             fd = self._fds[key]
