@@ -95,18 +95,26 @@ class OpenFiles:
     def use(self, reader: ChunkedReader, file: Path) -> Iterator[int | None]:
         """``reader``'s descriptor of ``file`` while the block runs (None: the file does not
         exist, and never did for this reader)."""
-        fd = self._acquire(reader, file)
+        fd = self.acquire(reader, file)
         try:
             yield fd
         finally:
             if fd is not None:
-                with self._lock:
-                    self._users[fd] -= 1
-                    if not self._users[fd]:
-                        del self._users[fd]
-                    self._close_idle(self.limit)
+                self.release(fd)
 
-    def _acquire(self, reader: ChunkedReader, file: Path) -> int | None:
+    def release(self, fd: int) -> None:
+        """A read done with ``fd`` (from :meth:`acquire`)."""
+        with self._lock:
+            users = self._users[fd] - 1
+            if users:
+                self._users[fd] = users
+            else:
+                del self._users[fd]
+                self._close_idle(self.limit)
+
+    def acquire(self, reader: ChunkedReader, file: Path) -> int | None:
+        """As :meth:`use`, without a context manager (each chunk read takes one): the
+        caller releases a descriptor it got."""
         key = (reader.token, file)
         with self._lock:
             fd = self._fds.get(key)
@@ -211,14 +219,17 @@ class ChunkedReader(ABC):
     def _pread(self, file: Path, nbytes: int, offset: int | None, absent_ok: bool = False) -> bytes:
         """``nbytes`` of ``file`` at ``offset`` (None: its last ``nbytes``); for a file that
         does not exist b"" where ``absent_ok``, else an error."""
-        with FILES.use(self, file) as fd:
-            if fd is None:
-                if absent_ok:
-                    return b""
-                raise FileNotFoundError(f"{file} does not exist (moved or removed).")
+        fd = FILES.acquire(self, file)
+        if fd is None:
+            if absent_ok:
+                return b""
+            raise FileNotFoundError(f"{file} does not exist (moved or removed).")
+        try:
             if offset is None:
                 offset = os.fstat(fd).st_size - nbytes
             raw = os.pread(fd, nbytes, offset)
+        finally:
+            FILES.release(fd)
         if len(raw) != nbytes:
             raise OSError(
                 f"{file}: {nbytes} bytes expected at offset {offset}, "
