@@ -46,6 +46,13 @@ def is_whole(value: object, least: int | None = None) -> bool:
     return least is None or bool(value >= least)
 
 
+def is_number(value: object) -> bool:
+    """A real number (Python's or numpy's, not a bool), not NaN."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        return False
+    return bool(value == value)
+
+
 def reclaim_signals() -> None:
     """Give SIGINT and SIGPIPE back to the handlers Python has for them (in the main thread).
 

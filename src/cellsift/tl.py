@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import BACKED_ROWS, adata_counts, cell_mask
+from ._utils import BACKED_ROWS, adata_counts, cell_mask, is_number
 from .errors import ConfigError, DataError, MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 from .tasks.index import CellIndexError
@@ -344,11 +344,6 @@ def _is_default(value: Any, default: Any) -> bool:
     """``value`` is the parameter's default (the same object, or an equal value of its type)."""
     if value is default:
         return True
-    numbers = (int, float, np.integer, np.floating)  # np.int64(50) is k's default 50
-    same_kind = type(value) is type(default) or (
-        isinstance(value, numbers)
-        and isinstance(default, numbers)
-        and not isinstance(value, bool)
-        and not isinstance(default, bool)
-    )
+    # (numbers of any type: np.int64(50) is k's default 50)
+    same_kind = type(value) is type(default) or (is_number(value) and is_number(default))
     return bool(same_kind and value == default)

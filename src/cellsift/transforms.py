@@ -8,7 +8,6 @@ sparse until :class:`Densify`.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from ._utils import is_number
 from .errors import ConfigError
 
 __all__ = ["Densify", "GeneSubset", "Log1p", "NormalizeTotal", "ZScore", "default_pipeline"]
@@ -84,9 +84,7 @@ class NormalizeTotal(_Transform):
 
     def __init__(self, target_sum: float = 1e4, key: str = "x_ng") -> None:
         super().__init__(key)
-        if isinstance(target_sum, bool) or not (
-            isinstance(target_sum, numbers.Real) and 0 < target_sum < math.inf
-        ):
+        if not (is_number(target_sum) and 0 < target_sum < math.inf):
             raise ConfigError(
                 f"target_sum is the counts per cell after normalisation, a number above 0 "
                 f"(1e4: counts per 10k), not {target_sum!r}."

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import is_whole, logger, no_label, text_or_none
+from .._utils import is_number, is_whole, logger, no_label, text_or_none
 from ..errors import ConfigError, DataError, MissingKeyError
 from ._values import first_fault
 from .genes import GeneMap, GeneVocabulary
@@ -120,11 +120,7 @@ class CellCollection:
             raise ValueError("a collection needs at least one store.")
         if min_genes is not None and not is_whole(min_genes, least=0):
             raise ConfigError(f"min_genes is a number of genes (0 or more), not {min_genes!r}.")
-        if min_counts is not None and (
-            isinstance(min_counts, bool)
-            or not isinstance(min_counts, int | float | np.integer | np.floating)
-            or not min_counts >= 0
-        ):
+        if min_counts is not None and not (is_number(min_counts) and min_counts >= 0):
             raise ConfigError(f"min_counts is a number of counts (0 or more), not {min_counts!r}.")
         allow_open_files(len(paths))
         opts = dict(store_options or {})

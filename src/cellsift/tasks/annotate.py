@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._utils import import_optional, is_whole, logger, no_label
+from .._utils import import_optional, is_number, is_whole, logger, no_label
 from .._warnings import warn
 from ..errors import ConfigError, DataError
 from ..ontology import OntologyError, load_cell_ontology
@@ -104,11 +104,7 @@ class KNNAnnotator:
                 f"min_support must be in [0, 1) (a call needs more than that share of the "
                 f"votes), not {min_support!r}."
             )
-        if distance_threshold is not None and (
-            isinstance(distance_threshold, bool)
-            or not isinstance(distance_threshold, int | float | np.integer | np.floating)
-            or np.isnan(distance_threshold)
-        ):
+        if distance_threshold is not None and not is_number(distance_threshold):
             raise ConfigError(
                 f"distance_threshold is a distance beyond which a call is unknown (a number; "
                 f"calibrate() sets one), or None for no abstention, not {distance_threshold!r}."

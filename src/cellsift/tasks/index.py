@@ -52,6 +52,7 @@ from .._utils import (
     check_replaceable,
     holds,
     import_optional,
+    is_number,
     is_whole,
     logger,
     model_fingerprint,
@@ -279,10 +280,7 @@ class CellIndex:
         Recall by distance: a cell found counts where it is as near as the exact k-th
         neighbour, so that cells at the same distance (duplicates) stand for each other."""
         check_k(k)
-        if isinstance(target_recall, bool) or not (
-            isinstance(target_recall, int | float | np.integer | np.floating)
-            and 0 < target_recall <= 1
-        ):
+        if not (is_number(target_recall) and 0 < target_recall <= 1):
             raise CellIndexError(
                 f"target_recall is a share of the true neighbours to find, in (0, 1], not "
                 f"{target_recall!r}."
