@@ -53,6 +53,15 @@ def is_number(value: object) -> bool:
     return bool(value == value)
 
 
+def positions(rows: Any, error: type[Exception] = IndexError) -> np.ndarray:
+    """``rows`` as int64 positions; ``error`` for values of another kind (float rows would be
+    truncated, 1.5 read as row 1)."""
+    given = np.asarray(rows)
+    if given.size and given.dtype.kind not in "iu":
+        raise error(f"rows are positions (integers), not {given.dtype} values.")
+    return given.astype(np.int64, copy=False)
+
+
 def reclaim_signals() -> None:
     """Give SIGINT and SIGPIPE back to the handlers Python has for them (in the main thread).
 

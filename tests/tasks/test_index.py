@@ -290,7 +290,7 @@ def test_bad_recall_targets_and_rows_are_named_and_a_model_output_is_a_query(dat
     for bad in (2, 0, "0.9"):
         with pytest.raises(CellIndexError, match="target_recall is a share"):
             index.calibrate(target_recall=bad)
-    with pytest.raises(CellIndexError, match="rows are cell positions"):
+    with pytest.raises(CellIndexError, match="rows are positions"):
         index.metadata_rows([1.5])  # (it read row 1)
     z = torch.from_numpy(q[:3]).requires_grad_()  # a model's output, graph and all
     np.testing.assert_array_equal(index.search(z, 4).indices, index.search(q[:3], 4).indices)

@@ -216,14 +216,21 @@ class ChunkedReader(ABC):
         self.token = uuid.uuid4().hex
         self.opened: dict[Path, tuple[int, int]] = {}
 
+    def _acquire(self, file: Path, absent_ok: bool = False) -> int | None:
+        """This reader's descriptor of ``file`` from :data:`FILES` (give it back with
+        ``FILES.release``); for a file that does not exist None where ``absent_ok``, else an
+        error."""
+        fd = FILES.acquire(self, file)
+        if fd is None and not absent_ok:
+            raise FileNotFoundError(f"{file} does not exist (moved or removed).")
+        return fd
+
     def _pread(self, file: Path, nbytes: int, offset: int | None, absent_ok: bool = False) -> bytes:
         """``nbytes`` of ``file`` at ``offset`` (None: its last ``nbytes``); for a file that
         does not exist b"" where ``absent_ok``, else an error."""
-        fd = FILES.acquire(self, file)
+        fd = self._acquire(file, absent_ok)
         if fd is None:
-            if absent_ok:
-                return b""
-            raise FileNotFoundError(f"{file} does not exist (moved or removed).")
+            return b""
         try:
             if offset is None:
                 offset = os.fstat(fd).st_size - nbytes
@@ -488,9 +495,9 @@ def _read_pieces(reader: ChunkedReader, file_off: np.ndarray, n_elems: np.ndarra
     view = out.data.cast("B")
     size = reader.dtype.itemsize
     pos = 0
-    with FILES.use(reader, reader.path) as fd:
-        if fd is None:
-            raise FileNotFoundError(f"{reader.path} does not exist (moved or removed).")
+    fd = reader._acquire(reader.path)
+    assert fd is not None  # (a missing file raises)
+    try:
         for off, n in zip(file_off.tolist(), (n_elems * size).tolist(), strict=True):
             if off < 0:
                 out[pos // size : (pos + n) // size] = 0
@@ -500,6 +507,8 @@ def _read_pieces(reader: ChunkedReader, file_off: np.ndarray, n_elems: np.ndarra
                     "truncated or corrupt; re-create it."
                 )
             pos += n
+    finally:
+        FILES.release(fd)
     return out
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import is_number, is_whole, logger, no_label, text_or_none
+from .._utils import is_number, is_whole, logger, no_label, positions, text_or_none
 from ..errors import ConfigError, DataError, MissingKeyError
 from ._values import first_fault
 from .genes import GeneMap, GeneVocabulary
@@ -360,10 +360,7 @@ class CellCollection:
     # -- reading --------------------------------------------------------------------------
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of global rows ``rows`` (sorted, unique), genes in vocabulary order."""
-        given = np.asarray(rows)
-        if given.size and given.dtype.kind not in "iu":
-            raise IndexError(f"rows are positions (integers), not {given.dtype} values.")
-        rows = given.astype(np.int64, copy=False).reshape(-1)
+        rows = positions(rows).reshape(-1)
         if len(rows) > 1 and not (np.diff(rows) > 0).all():
             raise IndexError("rows must be sorted and unique (np.unique(rows) gives them so).")
         if len(rows) and (rows[0] < 0 or rows[-1] >= self.offsets[-1]):

@@ -56,6 +56,7 @@ from .._utils import (
     is_whole,
     logger,
     model_fingerprint,
+    positions,
     rename_apart,
     text_or_none,
 )
@@ -401,10 +402,7 @@ class CellIndex:
 
     def metadata_rows(self, rows: Any, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Metadata of cells ``rows`` (any order, repeats allowed) as a DataFrame."""
-        given = np.asarray(rows)
-        if given.size and given.dtype.kind not in "iu":
-            raise CellIndexError(f"rows are cell positions (integers), not {given.dtype} values.")
-        rows = given.astype(np.int64, copy=False)
+        rows = positions(rows, CellIndexError)
         outside = rows[(rows < 0) | (rows >= self.n_cells)]
         if len(outside):
             raise CellIndexError(
