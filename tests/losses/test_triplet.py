@@ -216,19 +216,35 @@ def test_kernel_draws_are_uniform_whatever_the_rejections(mode, tries):
         assert chi2 < 3 * len(ref[pair]) + 30, (pair, c)
 
 
-def test_loss_is_mean_hinge_and_has_gradients():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("negative", ["random", "semihard", "hardest"])
+def test_loss_is_mean_hinge_with_the_formulas_gradient(negative, dtype, path):
+    """The cosine loss (its backward one product with the triplets' weights) against
+    autograd through the whole distance matrix, for the same triplets; with unnormalised
+    rows, and parallel ones (distances clipped at 0): a positive pair, and a cell and a
+    negative of it."""
     z, y, s, related = _batch()
-    z = z.clone().requires_grad_(True)
-    loss, t = TripletLoss(margin=0.3, negative="random", related_ll=related)(
-        z, y, s, generator=torch.Generator().manual_seed(0)
+    z = (z * torch.linspace(0.5, 2.0, len(z))[:, None]).to(dtype)
+    z[5], z[7] = z[6] * 3.0, z[8] * 2.0
+    y[5], y[6], s[5], s[6] = 3, 3, 0, 1
+    y[7], y[8] = 4, 5
+    dev = _device(path)
+    z, y, s, related = (x.to(dev) for x in (z, y, s, related))
+    z = z.requires_grad_(True)
+    loss, t = TripletLoss(margin=1.0, negative=negative, related_ll=related)(
+        z, y, s, generator=torch.Generator(dev).manual_seed(0)
     )
-    d = pairwise_distance(z)
-    want = (d[t.anchor, t.positive] - d[t.anchor, t.negative] + 0.3).clamp_min(0).mean()
-    assert torch.allclose(loss, want)
-    loss.backward()
-    assert z.grad is not None and z.grad.abs().sum() > 0
-    assert t.negative.numel() > 0
+    assert len(t) > 0 and loss.dtype == dtype
     assert not related[y[t.anchor], y[t.negative]].any()  # no ontology relative as negative
+    unit = torch.nn.functional.normalize(z, dim=1)
+    d = (1.0 - unit @ unit.T).clamp_min(0.0)
+    want = (d[t.anchor, t.positive] - d[t.anchor, t.negative] + 1.0).clamp_min(0).mean()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(loss, want, **tol)
+    (got,) = torch.autograd.grad(loss, z)
+    (ref,) = torch.autograd.grad(want, z)
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(got, ref, **tol)
 
 
 @pytest.mark.parametrize("n", [7, 300, 301])  # below and above the symmetric blocks, odd halves

@@ -83,6 +83,12 @@ def _gram(z: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _cosine_distances(z: torch.Tensor) -> torch.Tensor:
+    """``relu(1 - z @ z.T)`` of unit rows ``z``, in their precision (not autocast's)."""
+    with torch.autocast(z.device.type, enabled=False):
+        return _gram(z).neg_().add_(1.0).relu_()
+
+
 class _CosineDistance(torch.autograd.Function):
     """``relu(1 - z @ z.T)`` of unit rows ``z``: one n x n buffer, the Gram matrix by
     symmetric blocks (:func:`_gram`), and a backward of two products (``-(G + G.T) @ z``)
@@ -91,8 +97,7 @@ class _CosineDistance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        with torch.autocast(z.device.type, enabled=False):
-            d = _gram(z).neg_().add_(1.0).relu_()
+        d = _cosine_distances(z)
         ctx.save_for_backward(z, d)
         return d
 
@@ -102,6 +107,47 @@ class _CosineDistance(torch.autograd.Function):
         with torch.autocast(z.device.type, enabled=False):
             g = grad.to(z.dtype).masked_fill(d <= 0, 0.0)  # relu: no gradient where clipped
             return torch.mm(g, z).addmm_(g.T, z).neg_()  # (G + G.T) z; BLAS reads G.T in place
+
+
+class _CosineTripletHinge(torch.autograd.Function):
+    """Mean ``relu(d(a, p) - d(a, n) + margin)`` of mined triplets, given their cosine
+    distances ``d = relu(1 - z_a . z_b)`` of unit rows ``z``.
+
+    Backward without the n x n distance matrix's: each triplet whose hinge is positive
+    weighs the similarities of its two pairs (those whose distance is not clipped at 0), so
+    the gradient of ``z`` is one product ``W @ z`` with a symmetric W of 4 entries per
+    triplet (through the distance matrix it took two n x n products and n x n gradients).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        z: torch.Tensor,
+        a: torch.Tensor,
+        p: torch.Tensor,
+        neg: torch.Tensor,
+        d_ap: torch.Tensor,
+        d_an: torch.Tensor,
+        margin: float,
+    ) -> torch.Tensor:
+        hinge = (d_ap - d_an).add_(margin)
+        active = hinge > 0
+        count = len(hinge)
+        # d(mean hinge)/d(z_a . z_p) = -1/count and d/d(z_a . z_n) = +1/count, where active
+        w_ap = (active & (d_ap > 0)).to(z.dtype).mul_(-1.0 / count)
+        w_an = (active & (d_an > 0)).to(z.dtype).mul_(1.0 / count)
+        ctx.save_for_backward(z, a, p, neg, w_ap, w_an)
+        return hinge.clamp_min_(0.0).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        z, a, p, neg, w_ap, w_an = ctx.saved_tensors
+        n = len(z)
+        with torch.autocast(z.device.type, enabled=False):
+            at = torch.cat([a * n + p, p * n + a, a * n + neg, neg * n + a])
+            w = torch.cat([w_ap, w_ap, w_an, w_an]).mul_(grad.to(z.dtype))
+            w_nn = torch.zeros(n * n, dtype=z.dtype, device=z.device).index_add_(0, at, w)
+            return torch.mm(w_nn.view(n, n), z), None, None, None, None, None, None
 
 
 @dataclass
@@ -480,17 +526,23 @@ class TripletLoss(nn.Module):
         study_n: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, Triplets]:
+        rules = (self.related_ll, study_n, self.margin, self.negative, generator, self.ancestor_ll)
+        if self.distance == "cosine":  # distances without autograd; the hinge's own backward
+            z = nn.functional.normalize(z_nk, dim=1)
+            with torch.no_grad():
+                d = _cosine_distances(z.detach())
+            t = _mine(d.float(), y_n, *rules)
+            if len(t) == 0:
+                return z_nk.sum() * 0.0, t
+            n = len(d)
+            at = torch.cat([t.positive, t.negative]).add_(t.anchor.repeat(2), alpha=n)
+            d_ap, d_an = d.flatten().index_select(0, at).chunk(2)
+            hinge = _CosineTripletHinge.apply(
+                z, t.anchor, t.positive, t.negative, d_ap, d_an, self.margin
+            )
+            return hinge, t
         d = pairwise_distance(z_nk, self.distance)
-        t = _mine(
-            d.detach().float(),
-            y_n,
-            self.related_ll,
-            study_n,
-            self.margin,
-            self.negative,
-            generator,
-            self.ancestor_ll,
-        )
+        t = _mine(d.detach().float(), y_n, *rules)
         if len(t) == 0:
             return z_nk.sum() * 0.0, t
         # one index_select (faster than d[rows, cols] on the CPU) of row * n + column: one
