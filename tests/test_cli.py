@@ -22,6 +22,22 @@ def test_python_dash_m_runs_the_command(indexed_paths):
     assert out.returncode == 2 and out.stderr.startswith("cellsift info: error:")
 
 
+def test_help_and_the_package_import_no_heavy_libraries():
+    """``cellsift --help`` answers without importing torch, anndata or Lightning (seconds);
+    ``import cellsift`` neither, yet its names and submodules are there when used."""
+    code = (
+        "import sys, cellsift, cellsift.cli\n"
+        "cellsift.cli.build_parser().format_help()\n"
+        "heavy = [m for m in ('torch', 'anndata', 'lightning') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert cellsift.CellCollection.__name__ == 'CellCollection'\n"
+        "assert cellsift.ontology.__name__ == 'cellsift.ontology' and 'tl' in dir(cellsift)\n"
+        "assert not hasattr(cellsift, 'no_such_name')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def test_output_to_a_reader_that_has_gone_ends_quietly(indexed_paths):
     """``cellsift info ... | head -1``: the pipe closes before the command writes; it ends
     with SIGPIPE's status, no traceback."""
