@@ -96,6 +96,35 @@ def test_ivf_reaches_the_calibrated_recall(data, ivf):
     assert ivf.params["calibrated_recall"] >= 0.99
 
 
+def test_ivf_recall_holds_for_tight_clusters_and_any_k():
+    """Clusters tighter than the 8-bit codes' steps: the codes cannot rank close neighbours,
+    so more candidates are re-ranked (calibrated), not every list probed; and a search for
+    fewer neighbours than calibrated (k=1) keeps the recall (brute force, by distance)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 32))[rng.integers(0, 8, 6000)] + 0.05 * rng.normal(size=(6000, 32))
+    x, q = x[:5000].astype(np.float32), x[5000:].astype(np.float32)
+    index = CellIndex.build(x, engine="ivf", k=10)
+    assert index.params["rerank"] > 2 and index.params["nprobe"] < index.params["nlist"] // 2
+    assert index.params["calibrated_recall"] >= 0.99
+    for k in (1, 10):
+        d, _ = _brute(x, q, k)
+        assert np.mean(index.search(q, k).distances <= d[:, -1:] + 1e-5) >= 0.98
+
+
+def test_an_ivf_index_short_of_its_target_says_so(monkeypatch):
+    """Where every list probed and the most candidates re-ranked fall short of the target
+    recall, the build warns and names exact search."""
+    from cellsift import tasks
+    from cellsift._warnings import CellsiftWarning
+
+    monkeypatch.setattr(tasks.index, "RERANK_MAX", 2)  # (at most the first factor)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 32))[rng.integers(0, 8, 3000)] + 0.02 * rng.normal(size=(3000, 32))
+    with pytest.warns(CellsiftWarning, match=r"short of the 99.0% asked.*engine='exact'"):
+        index = CellIndex.build(x.astype(np.float32), engine="ivf", k=10)
+    assert index.params["nprobe"] == index.params["nlist"]
+
+
 def test_ivf_calibration_counts_cells_at_the_same_distance_as_found(data):
     """A tenth of the cells share one embedding (duplicated profiles): the neighbours at
     distance 0 are interchangeable, so calibration neither probes every list nor reports

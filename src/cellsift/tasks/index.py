@@ -7,9 +7,10 @@ engines:
 
 ``exact``  blocked matrix products in torch (GPU when present), top-k merged block by block
 ``ivf``    faiss IVF with 8-bit scalar-quantised lists (inner product on the normalised
-           vectors), candidates (2k) re-ranked exactly on the stored float32 vectors; its
-           ``nprobe`` is calibrated at build time, leave-one-out on a sample of the indexed
-           cells, to reach a target recall@k against exact search
+           vectors), candidates (2k or more) re-ranked exactly on the stored float32
+           vectors; the number of candidates and ``nprobe`` are calibrated at build time,
+           leave-one-out on a sample of the indexed cells, to reach a target recall@k
+           against exact search
 
 Why faiss IVF (``benchmarks/search.py`` measures hnswlib and usearch in the same run): it
 adds 136 bytes per cell to the vectors (an 8-bit code and an id; hnswlib with SCimilarity's
@@ -60,6 +61,7 @@ from .._utils import (
     rename_apart,
     text_or_none,
 )
+from .._warnings import warn
 from ..data.stores import refuse_other
 from ..errors import CellsiftError
 
@@ -74,8 +76,16 @@ FilterLike = (
 #: Selections up to this many cells (or this fraction of the index) are searched exactly.
 EXACT_SELECTION_MAX = 200_000
 EXACT_SELECTION_FRACTION = 0.05
-#: The IVF lists hold 8-bit codes; this many times k candidates are re-ranked exactly.
+#: The IVF lists hold 8-bit codes, so their candidates are re-ranked exactly on the stored
+#: vectors: ``rerank`` times the larger of k and the k calibrated for. ``rerank`` starts at
+#: RERANK and is calibrated (doubling, up to RERANK_MAX) where the codes cannot tell close
+#: neighbours apart (tightly clustered embeddings), on RERANK_QUERIES sampled cells that
+#: each search every list.
 RERANK = 2
+RERANK_MAX = 64
+RERANK_QUERIES = 100
+#: Most candidate values (queries x candidates x dims) re-ranked at a time.
+RERANK_VALUES = 1 << 24
 #: Indexes below this size use exact search under ``engine="auto"``.
 AUTO_EXACT_BELOW = 50_000
 
@@ -278,6 +288,12 @@ class CellIndex:
         """Smallest ``nprobe`` (doubling, then bisecting) whose recall@k on a sample of the
         indexed cells reaches ``target_recall``; returns the recall reached.
 
+        First the re-rank factor: the smallest (doubling from :data:`RERANK`) whose recall
+        with every list probed reaches halfway from ``target_recall`` to 1, so that the
+        8-bit codes' ranking leaves the lists not probed most of the misses allowed. Where
+        the target cannot be reached (every list probed, :data:`RERANK_MAX`), a warning
+        says so and names exact search.
+
         Recall by distance: a cell found counts where it is as near as the exact k-th
         neighbour, so that cells at the same distance (duplicates) stand for each other."""
         check_k(k)
@@ -301,9 +317,14 @@ class CellIndex:
         # (both engines give exact distances: IVF re-ranks its candidates on the vectors)
         kth = _drop_self(self._exact(q, k + 1, None), rows, k).max(1)  # (k other cells exist)
         nlist = self.params["nlist"]
+        few = np.sort(rng.permutation(len(rows))[:RERANK_QUERIES])
+        rerank = self._calibrate_rerank(q[few], rows[few], k, kth[few], target_recall)
+        self.params["rerank"] = rerank
+        pool = rerank * (k + 1)
 
         def recall_at(nprobe: int) -> float:
-            return _recall(_drop_self(self._ivf(q, k + 1, nprobe, None), rows, k), kth)
+            found = self._ivf(q, k + 1, nprobe, None, pool=pool)
+            return _recall(_drop_self(found, rows, k), kth)
 
         lo, hi = 0, 1
         while hi < nlist and recall_at(hi) < target_recall:
@@ -313,8 +334,37 @@ class CellIndex:
             lo, hi = (lo, mid) if recall_at(mid) >= target_recall else (mid, hi)
         reached = recall_at(hi)
         self.params.update(nprobe=hi, calibrated_k=k, calibrated_recall=round(reached, 4))
-        logger.info("CellIndex: nprobe %d of %d lists gives recall@%d %.4f", hi, nlist, k, reached)
+        logger.info(
+            "CellIndex: nprobe %d of %d lists, %d candidates re-ranked a query, give recall@%d "
+            "%.4f",
+            hi, nlist, pool, k, reached,
+        )  # fmt: skip
+        if reached < target_recall:
+            warn(
+                f"this IVF index finds {reached:.1%} of each cell's {k} nearest cells, short of "
+                f"the {target_recall:.1%} asked, with every list probed and {pool} candidates "
+                "re-ranked: its 8-bit codes cannot tell these embeddings' neighbours apart. "
+                "Search it exactly (engine='exact' when built, exact=True when searched; "
+                "cellsift index --engine exact), or ask a lower target_recall."
+            )
         return reached
+
+    def _calibrate_rerank(
+        self, q: np.ndarray, rows: np.ndarray, k: int, kth: np.ndarray, target_recall: float
+    ) -> int:
+        """The re-rank factor for :meth:`calibrate`: every list probed once for the largest
+        candidate pool; the pools of smaller factors are its first candidates (faiss ranks
+        them by their codes)."""
+        goal = 1.0 - (1.0 - target_recall) / 2
+        largest = min(RERANK_MAX * (k + 1), self.n_cells)
+        cand = self._candidates(q, largest, self.params["nlist"], None)
+        rerank = RERANK
+        while True:
+            pool = min(rerank * (k + 1), largest)
+            found = _drop_self(_pad(*self._rerank(q, cand[:, :pool], k + 1), k + 1), rows, k)
+            if _recall(found, kth) >= goal or pool >= largest:
+                return rerank
+            rerank *= 2
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -593,8 +643,27 @@ class CellIndex:
         return _pad(1.0 - best_s.cpu().numpy(), idx, k)
 
     def _ivf(
-        self, q: np.ndarray, k: int, nprobe: int, rows: np.ndarray | None
+        self,
+        q: np.ndarray,
+        k: int,
+        nprobe: int,
+        rows: np.ndarray | None,
+        pool: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """The IVF's ``pool`` candidates of each query (default: ``rerank`` times the larger
+        of k and the k calibrated for, whose recall holds for fewer neighbours too),
+        re-ranked exactly; the k nearest."""
+        kk = min(k, self.n_cells)
+        if pool is None:
+            calibrated = int(self.params.get("calibrated_k") or 0)
+            pool = int(self.params.get("rerank", 1)) * max(kk, calibrated)
+        cand = self._candidates(q, min(max(pool, kk), self.n_cells), nprobe, rows)
+        return _pad(*self._rerank(q, cand, kk), k)
+
+    def _candidates(
+        self, q: np.ndarray, n: int, nprobe: int, rows: np.ndarray | None
+    ) -> np.ndarray:
+        """Each query's ``n`` best cells by the IVF's 8-bit codes (-1: none), best first."""
         faiss = import_optional("faiss")
         if self.ann is None:
             raise CellIndexError("this index has no IVF structure; build it with engine='ivf'.")
@@ -605,22 +674,28 @@ class CellIndex:
             bitmap[rows] = True
             packed = np.packbits(bitmap, bitorder="little")
             params.sel = faiss.IDSelectorBitmap(self.n_cells, faiss.swig_ptr(packed))
-        kk = min(k, self.n_cells)
-        _, cand = self.ann.search(
-            q, min(kk * int(self.params.get("rerank", 1)), self.n_cells), params=params
-        )
-        # exact re-ranking of the candidates on the stored float32 vectors
-        valid = cand >= 0
-        vecs = np.asarray(self.embeddings[np.maximum(cand, 0).ravel()]).reshape(
-            *cand.shape, self.dim
-        )  # (the width given: a reshape cannot infer it for 0 queries)
-        sims = np.einsum("qcd,qd->qc", vecs, q)
-        sims[~valid] = -np.inf
-        order = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
-        idx = np.take_along_axis(cand, order, 1)
-        top = np.take_along_axis(sims, order, 1)
-        dist = np.where(idx >= 0, 1.0 - top, np.inf).astype(np.float32)
-        return _pad(dist, idx.astype(np.int64), k)
+        return self.ann.search(q, int(n), params=params)[1]
+
+    def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest of the candidates (-1: none) by the stored float32 vectors, a group
+        of queries at a time (:data:`RERANK_VALUES`)."""
+        k = min(k, cand.shape[1])
+        dist = np.full((len(q), k), np.inf, dtype=np.float32)
+        idx = np.full((len(q), k), -1, dtype=np.int64)
+        step = max(1, RERANK_VALUES // max(cand.shape[1] * self.dim, 1))
+        for lo in range(0, len(q), step):
+            c = cand[lo : lo + step]
+            vecs = np.asarray(self.embeddings[np.maximum(c, 0).ravel()]).reshape(
+                *c.shape, self.dim
+            )  # (the width given: a reshape cannot infer it for 0 queries)
+            sims = np.einsum("qcd,qd->qc", vecs, q[lo : lo + step])
+            sims[c < 0] = -np.inf
+            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+            found = np.take_along_axis(c, order, 1)
+            top = np.take_along_axis(sims, order, 1)
+            dist[lo : lo + step] = np.where(found >= 0, 1.0 - top, np.inf)
+            idx[lo : lo + step] = found
+        return dist, idx
 
     # -- growing ----------------------------------------------------------------------------
     def add(
