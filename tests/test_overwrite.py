@@ -3,6 +3,7 @@ and an interruption leaves the old or the new output in place, never neither."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import anndata as ad
@@ -109,9 +110,40 @@ def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, m
         convert(tmp_path / "sharded", tmp_path / "merged.h5ad")
 
 
+def test_a_folder_replaced_in_place_is_never_missing(tmp_path):
+    """A folder over a folder trades places with it in one step: a reader watching the
+    path throughout the replacements always finds an output there, old or new; the old
+    ones are gone after."""
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "v").write_text("-1")
+    missing, done = [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if not final.exists():
+                missing.append(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for i in range(300):
+            tmp = utils.temp_sibling(final)
+            tmp.mkdir()
+            (tmp / "v").write_text(str(i))
+            utils.move_into_place(tmp, final)
+    finally:
+        done.set()
+        watcher.join()
+    assert not missing and (final / "v").read_text() == "299"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_an_interrupted_overwrite_leaves_the_old_or_the_new_output(tmp_path, monkeypatch):
     path = _bundle(tmp_path / "bundle", width=4)
     replace = utils.os.replace
+    # a file system that cannot exchange two paths: the old output renamed aside first
+    monkeypatch.setattr(utils, "_exchange", lambda a, b: False)
 
     def fail_moving_in(src, dst):  # the new output fails to move in: the old one comes back
         if ".tmp-" in str(src):
@@ -136,6 +168,11 @@ def test_an_interrupted_overwrite_leaves_the_old_or_the_new_output(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         _bundle(path, width=6, overwrite=True)
     assert _width(path) == 6
+    monkeypatch.undo()  # and where it can: the same after an exchange
+    monkeypatch.setattr(utils, "remove_path", interrupted_deleting_the_old)
+    with pytest.raises(KeyboardInterrupt):
+        _bundle(path, width=8, overwrite=True)
+    assert _width(path) == 8
 
 
 def test_a_tree_that_gains_files_while_removed_is_removed(tmp_path, monkeypatch):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import glob
 import importlib
 import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -186,22 +189,50 @@ def atomic_dir(
 def move_into_place(tmp: Path, final: Path) -> None:
     """Move ``tmp`` to ``final``, replacing what is there.
 
-    A file replaces a file in one atomic rename. Otherwise the old path is first renamed
-    aside, then the new one moved in (the old one moved back if that fails), and only then
-    the old one deleted: an interruption at any point leaves the old or the new output at
-    ``final`` (at worst with a hidden ``.<name>.old-*`` sibling to delete), never neither.
+    A file replaces a file in one atomic rename; a folder (or a file and a folder) trade
+    places in one atomic exchange (Linux ``renameat2``), and the old output, now at ``tmp``,
+    is deleted. An interruption at any point leaves the old or the new output at ``final``
+    (at worst with a hidden sibling holding the old one, to delete), never neither. Where
+    the file system cannot exchange, the old output is renamed aside, the new one moved in
+    (the old one moved back if that fails), and only then the old one deleted: a process
+    killed outright between the two renames leaves the old output at the hidden
+    ``.<name>.old-*`` sibling.
     """
     if not (final.exists() or final.is_symlink()) or not (tmp.is_dir() or final.is_dir()):
         os.replace(tmp, final)  # nothing there, or a file over a file
         return
     old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
+    if _exchange(tmp, final):
+        os.replace(tmp, old)  # (named as an old output, should the deletion not finish)
+    else:
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
     remove_path(old)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Trade the places of two existing paths in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False where the system or the file system cannot."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # (a C library older than glibc 2.28)
+        return False
+    args = (_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if renameat2(*args) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):  # not supported
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def temporaries(folder: Path, name: str | None = None) -> list[Path]:
