@@ -317,6 +317,12 @@ def test_hints_name_the_commands_options(tmp_path, capsys):
     assert "Point --layer at raw counts" in err and "pass --no-check-counts" in err
     assert main(["info", str(tmp_path / "logged.h5ad"), "--layer", "spliced"]) == 2
     assert "Choose --layer among: X (no --layer), layers" in capsys.readouterr().err
+    from cellsift.cli import _error
+    from cellsift.ontology import OntologyError
+
+    hint = "to annotate with these labels as they are, pass ontology_aware=False."
+    assert _error("annotate", OntologyError(f"Not Cell Ontology labels: 'x'. {hint}")) == 2
+    assert "as they are, pass --no-ontology." in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -425,6 +431,11 @@ def test_an_output_inside_an_input_folder_is_refused(indexed_paths, tmp_path, ca
     err = capsys.readouterr().err
     assert f"is inside the index {idx}, which this command reads" in err
     assert (idx / "manifest.json").read_text() == "{}"
+    (tmp_path / "cal.h5ad").write_text("calibration cells")
+    cal = ["--calibrate-on", str(tmp_path / "cal.h5ad"), "--overwrite"]
+    assert main(["annotate", "model", "index", "d.h5ad", str(tmp_path / "cal.h5ad"), *cal]) == 2
+    assert "is the --calibrate-on file, which this command reads" in capsys.readouterr().err
+    assert (tmp_path / "cal.h5ad").read_text() == "calibration cells"
     zarr = indexed_paths["zarr"]
     assert main(["convert", str(zarr), str(zarr / "x.h5ad")]) == 2
     assert "is inside the input store" in capsys.readouterr().err

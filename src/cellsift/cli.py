@@ -143,10 +143,20 @@ def _annotate(args: argparse.Namespace) -> int:
 
     from . import tl
     from ._utils import atomic_path, check_replaceable, is_file
+    from .errors import ConfigError
     from .models import MetricModel
     from .tasks import CellIndex
 
     _refuse_inside(args.out, the_model_bundle=args.model, the_index=args.index)
+    # (the query itself may be written over: the output holds its cells and counts)
+    if (
+        args.calibrate_on is not None
+        and Path(args.out).resolve() == Path(args.calibrate_on).resolve()
+    ):
+        raise ConfigError(
+            f"{args.out} is the --calibrate-on file, which this command reads (and would "
+            "replace with the annotated queries): write the output elsewhere."
+        )
     check_replaceable(Path(args.out), args.overwrite, is_file, "an h5ad file")  # before the work
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
@@ -448,6 +458,7 @@ _AS_OPTIONS = {
         ("Pass layer= with", "Pass --layer with"),
     ),
     "--no-check-counts": (("pass check_counts=False", "pass --no-check-counts"),),
+    "--no-ontology": (("pass ontology_aware=False", "pass --no-ontology"),),
     "--format": (("or pass format=.", "or pass --format."),),
     "--quantile": (
         (
@@ -468,7 +479,7 @@ _COMMAND_OPTIONS = {
     "info": ("--layer",),
     "convert": ("--layer", "--no-check-counts", "--format"),
     "embed": ("--layer", "--no-check-counts"),
-    "annotate": ("--layer", "--no-check-counts", "--quantile"),
+    "annotate": ("--layer", "--no-check-counts", "--quantile", "--no-ontology"),
     "fit": (_FIT_LAYER, _FIT_CHECK),
 }
 

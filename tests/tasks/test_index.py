@@ -203,8 +203,8 @@ def test_filter_errors(ivf, data):
         with pytest.raises(CellIndexError, match="queries have 10 dims"):
             search(q[:, :10])
     bad = q.copy()
-    bad[0, 0] = np.nan
-    with pytest.raises(CellIndexError, match="NaN"):
+    bad[0, 0] = bad[7, 3] = np.nan
+    with pytest.raises(CellIndexError, match=r"queries: 2 rows hold NaN .*rows 0, 7.*counts"):
         ivf.search(bad, 5)
 
 

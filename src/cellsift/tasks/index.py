@@ -113,8 +113,14 @@ def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
     if a.ndim != 2:
         raise CellIndexError(f"{what} must be a 2-d array (cells x dims), not shape {a.shape}.")
     if not np.isfinite(a).all():
-        bad = int((~np.isfinite(a)).any(1).sum())
-        raise CellIndexError(f"{what}: {bad} rows hold NaN or inf; embed those cells again.")
+        bad = np.flatnonzero(~np.isfinite(a).all(1))
+        rows = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise CellIndexError(
+            f"{what}: {len(bad)} {'row holds' if len(bad) == 1 else 'rows hold'} NaN or inf "
+            f"(row{'s' if len(bad) > 1 else ''} {rows}, from 0). A model embeds NaN where a "
+            "cell's counts hold NaN or inf (read with the count checks off) or its weights "
+            "do: mend or leave out those cells' counts, then embed them again."
+        )
     out = np.empty(a.shape, dtype=np.float32)
     zero = 0
     for start in range(0, len(a), _NORMALIZE_ROWS):
