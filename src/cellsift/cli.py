@@ -143,7 +143,7 @@ def _annotate(args: argparse.Namespace) -> int:
 
     from . import tl
     from ._utils import atomic_path, check_replaceable, is_file
-    from .errors import ConfigError
+    from .errors import ConfigError, DataError
     from .models import MetricModel
     from .tasks import CellIndex
 
@@ -162,6 +162,8 @@ def _annotate(args: argparse.Namespace) -> int:
     index = CellIndex.load(args.index)
     index.check_model(model)  # before any embedding
     adata = _read_h5ad(args.data)
+    if adata.n_obs == 0:  # (as cellsift embed: an empty query is a mistake, not a result)
+        raise DataError(f"{args.data}: no cells to annotate.")
     check = not args.no_check_counts
     tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
     calibration = None

@@ -411,6 +411,9 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     ad.read_h5ad(synthetic_h5ad)[:0].copy().write_h5ad(cal)
     assert main([*args, "--calibrate-on", str(cal)]) == 2
     assert "error: no calibration cells" in capsys.readouterr().err
+    assert main(["annotate", str(bundle), str(idx), str(cal), str(tmp_path / "none.h5ad")]) == 2
+    assert f"error: {cal}: no cells to annotate" in capsys.readouterr().err
+    assert not (tmp_path / "none.h5ad").exists()
     # a missing index is a clear error, not a traceback
     assert (
         main(["annotate", str(bundle), str(tmp_path / "nope"), str(synthetic_h5ad), str(out)]) == 2
