@@ -44,7 +44,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES or importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    submodule = name.isidentifier() and importlib.util.find_spec(f"{__name__}.{name}")
+    if name in _SUBMODULES or submodule:
         return importlib.import_module(f".{name}", __name__)  # (any submodule, as `import`)
     if name in _FROM_DATA:
         return getattr(importlib.import_module(".data", __name__), name)

@@ -294,14 +294,17 @@ class CellIndex:
         """Smallest ``nprobe`` (doubling, then bisecting) whose recall@k on a sample of the
         indexed cells reaches ``target_recall``; returns the recall reached.
 
-        First the re-rank factor: the smallest (doubling from :data:`RERANK`) whose recall
-        with every list probed reaches halfway from ``target_recall`` to 1, so that the
-        8-bit codes' ranking leaves the lists not probed most of the misses allowed. Where
-        the target cannot be reached (every list probed, :data:`RERANK_MAX`), a warning
-        says so and names exact search.
+        ``nprobe`` is calibrated with candidates re-ranked :data:`RERANK` times k. Where that
+        takes a quarter of the lists or more (the 8-bit codes cannot rank close neighbours:
+        tightly clustered embeddings), the re-rank factor is calibrated first, every list
+        probed: the smallest (doubling, up to :data:`RERANK_MAX`) whose recall reaches
+        halfway from ``target_recall`` to 1, leaving the lists not probed most of the misses
+        allowed; then ``nprobe`` again. Where the target cannot be reached, a warning says
+        so and names exact search.
 
         Recall by distance: a cell found counts where it is as near as the exact k-th
-        neighbour, so that cells at the same distance (duplicates) stand for each other."""
+        neighbour (both distances computed alike, in float64 from the stored vectors), so
+        that cells at the same distance (duplicates) stand for each other."""
         check_k(k)
         if not (is_number(target_recall) and 0 < target_recall <= 1):
             raise CellIndexError(
@@ -320,30 +323,27 @@ class CellIndex:
         k = int(min(k, self.n_cells - 1))
         # leave-one-out: each sampled cell stands for a new cell like it, so its own entry
         # (found at distance 0 by every engine) is not counted
-        # (both engines give exact distances: IVF re-ranks its candidates on the vectors)
-        kth = _drop_self(self._exact(q, k + 1, None), rows, k).max(1)  # (k other cells exist)
+        kth = self._distances(q, _drop_self(self._exact(q, k + 1, None)[1], rows, k)).max(1)
         nlist = self.params["nlist"]
-        few = np.sort(rng.permutation(len(rows))[:RERANK_QUERIES])
-        rerank = self._calibrate_rerank(q[few], rows[few], k, kth[few], target_recall)
-        self.params["rerank"] = rerank
+
+        def recall_at(nprobe: int, rerank: int) -> float:
+            found = self._ivf(q, k + 1, nprobe, None, pool=rerank * (k + 1))
+            return _recall(self._distances(q, _drop_self(found[1], rows, k)), kth)
+
+        rerank = RERANK
+        nprobe, reached = _least_nprobe(lambda p: recall_at(p, rerank), nlist, target_recall)
+        if nprobe >= max(nlist // 4, 2) and self.n_cells > rerank * (k + 1):
+            few = np.sort(rng.permutation(len(rows))[:RERANK_QUERIES])
+            rerank = self._calibrate_rerank(q[few], rows[few], k, kth[few], target_recall)
+            nprobe, reached = _least_nprobe(lambda p: recall_at(p, rerank), nlist, target_recall)
         pool = rerank * (k + 1)
-
-        def recall_at(nprobe: int) -> float:
-            found = self._ivf(q, k + 1, nprobe, None, pool=pool)
-            return _recall(_drop_self(found, rows, k), kth)
-
-        lo, hi = 0, 1
-        while hi < nlist and recall_at(hi) < target_recall:
-            lo, hi = hi, min(hi * 2, nlist)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if recall_at(mid) >= target_recall else (mid, hi)
-        reached = recall_at(hi)
-        self.params.update(nprobe=hi, calibrated_k=k, calibrated_recall=round(reached, 4))
+        self.params.update(
+            nprobe=nprobe, rerank=rerank, calibrated_k=k, calibrated_recall=round(reached, 4)
+        )
         logger.info(
             "CellIndex: nprobe %d of %d lists, %d candidates re-ranked a query, give recall@%d "
             "%.4f",
-            hi, nlist, pool, k, reached,
+            nprobe, nlist, pool, k, reached,
         )  # fmt: skip
         if reached < target_recall:
             warn(
@@ -367,10 +367,22 @@ class CellIndex:
         rerank = RERANK
         while True:
             pool = min(rerank * (k + 1), largest)
-            found = _drop_self(_pad(*self._rerank(q, cand[:, :pool], k + 1), k + 1), rows, k)
-            if _recall(found, kth) >= goal or pool >= largest:
+            found = _drop_self(self._rerank(q, cand[:, :pool], k + 1)[1], rows, k)
+            if _recall(self._distances(q, found), kth) >= goal or pool >= largest:
                 return rerank
             rerank *= 2
+
+    def _distances(self, q: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Cosine distances of each query to its cells ``idx`` (-1: inf), in float64 from
+        the stored vectors, a group of queries at a time (:data:`RERANK_VALUES`)."""
+        out = np.full(idx.shape, np.inf)
+        step = max(1, RERANK_VALUES // max(idx.shape[1] * self.dim, 1))
+        for lo in range(0, len(q), step):
+            i = idx[lo : lo + step]
+            vecs = np.asarray(self.embeddings[np.maximum(i, 0).ravel()], dtype=np.float64)
+            sims = np.einsum("qcd,qd->qc", vecs.reshape(*i.shape, self.dim), q[lo : lo + step])
+            out[lo : lo + step] = np.where(i >= 0, 1.0 - sims, np.inf)
+        return out
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -663,8 +675,14 @@ class CellIndex:
         if pool is None:
             calibrated = int(self.params.get("calibrated_k") or 0)
             pool = int(self.params.get("rerank", 1)) * max(kk, calibrated)
-        cand = self._candidates(q, min(max(pool, kk), self.n_cells), nprobe, rows)
-        return _pad(*self._rerank(q, cand, kk), k)
+        pool = min(max(pool, kk), self.n_cells)
+        dist = np.full((len(q), kk), np.inf, dtype=np.float32)
+        idx = np.full((len(q), kk), -1, dtype=np.int64)
+        step = max(1, RERANK_VALUES // (pool * self.dim))  # (candidates held a group at a time)
+        for lo in range(0, len(q), step):
+            cand = self._candidates(q[lo : lo + step], pool, nprobe, rows)
+            dist[lo : lo + step], idx[lo : lo + step] = self._rerank(q[lo : lo + step], cand, kk)
+        return _pad(dist, idx, k)
 
     def _candidates(
         self, q: np.ndarray, n: int, nprobe: int, rows: np.ndarray | None
@@ -1026,25 +1044,37 @@ def _pad(dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     return dist, idx.astype(np.int64)
 
 
-def _drop_self(found: tuple[np.ndarray, np.ndarray], rows: np.ndarray, k: int) -> np.ndarray:
-    """The distances of each query's first k neighbours other than the query cell itself,
-    from a search's (distances, indices) (inf: none)."""
-    dist, idx = found
-    out = np.full((len(idx), k), np.inf)
-    for i, (d, r, self_row) in enumerate(zip(dist, idx, rows, strict=True)):
-        rest = d[r != self_row][:k]
+def _drop_self(idx: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Each query's first k neighbours other than the query cell itself (-1: none), from a
+    search's indices."""
+    out = np.full((len(idx), k), -1, dtype=np.int64)
+    for i, (r, self_row) in enumerate(zip(idx, rows, strict=True)):
+        rest = r[r != self_row][:k]
         out[i, : len(rest)] = rest
     return out
 
 
-#: Distances this close count as equal in calibration (float32 products of unit vectors)
-_SAME_DISTANCE = 1e-5
+#: Distances this close count as equal in calibration: float64 sums of float32 products
+#: (computed alike for the exact and the approximate neighbours), a rounding apart at most
+_SAME_DISTANCE = 1e-12
 
 
 def _recall(found: np.ndarray, kth: np.ndarray) -> float:
     """Share of each query's k nearest cells found: ``found`` holds the distances of the k
     cells found (inf: none), ``kth`` the exact k-th nearest distance of each query."""
     return float((found <= kth[:, None] + _SAME_DISTANCE).mean())
+
+
+def _least_nprobe(recall_at: Any, nlist: int, target_recall: float) -> tuple[int, float]:
+    """The fewest lists (doubling, then bisecting) whose recall reaches the target (all of
+    them where none does), and its recall."""
+    lo, hi = 0, 1
+    while hi < nlist and recall_at(hi) < target_recall:
+        lo, hi = hi, min(hi * 2, nlist)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if recall_at(mid) >= target_recall else (mid, hi)
+    return hi, recall_at(hi)
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
