@@ -117,6 +117,32 @@ def test_ivf_recall_holds_for_tight_clusters_and_any_k(spread):
         assert np.mean(got <= np.sort(d, 1)[:, k - 1 : k] + 1e-12) >= 0.98
 
 
+def test_cells_added_unlike_the_lists_training_are_warned_of():
+    """add() keeps the IVF lists: cells like the indexed ones are found as well (quietly);
+    cells of clusters the lists never saw are found far less often, which a warning says
+    (measured as brute force finds it), naming the rebuild."""
+    import warnings
+
+    from cellsift._warnings import CellsiftWarning
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    rng = np.random.default_rng(0)
+    x = unit(rng.normal(size=(12_000, 32)) + 2 * np.repeat(rng.normal(size=(30, 32)), 400, 0))
+    x = x[rng.permutation(len(x))]
+    index = CellIndex.build(x[:10_000], engine="ivf", k=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CellsiftWarning)
+        index.add(x[10_000:])
+    new = unit(rng.normal(size=(3000, 32)) + 2 * np.repeat(rng.normal(size=(3, 32)), 1000, 0))
+    with pytest.warns(CellsiftWarning, match=r"3,000 cells added are found at recall@10 .*Rebuild"):
+        index.add(new)
+    d = 1.0 - new[:200].astype(np.float64) @ np.concatenate([x, new]).T.astype(np.float64)
+    got = np.take_along_axis(d, index.search(new[:200], 11).indices[:, 1:], 1)
+    assert np.mean(got <= np.sort(d, 1)[:, 10:11] + 1e-12) < 0.97  # (the warning's claim)
+
+
 def test_an_ivf_index_short_of_its_target_says_so(monkeypatch):
     """Where every list probed and the most candidates re-ranked fall short of the target
     recall, the build warns and names exact search."""

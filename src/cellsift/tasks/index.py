@@ -39,7 +39,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +84,9 @@ EXACT_SELECTION_FRACTION = 0.05
 RERANK = 2
 RERANK_MAX = 64
 RERANK_QUERIES = 100
+#: Added cells found this far below the calibrated target recall are warned of (the share
+#: is measured on a sample of them).
+ADDED_RECALL_SLACK = 0.02
 #: Most candidate values (queries x candidates x dims) re-ranked at a time.
 RERANK_VALUES = 1 << 24
 #: Indexes below this size use exact search under ``engine="auto"``.
@@ -319,17 +322,9 @@ class CellIndex:
             return 1.0
         rng = np.random.default_rng(seed + 1)
         rows = np.sort(rng.choice(self.n_cells, min(n_queries, self.n_cells), replace=False))
-        q = np.ascontiguousarray(self.embeddings[rows])
         k = int(min(k, self.n_cells - 1))
-        # leave-one-out: each sampled cell stands for a new cell like it, so its own entry
-        # (found at distance 0 by every engine) is not counted
-        kth = self._distances(q, _drop_self(self._exact(q, k + 1, None)[1], rows, k)).max(1)
+        q, kth, recall_at = self._recall_of(rows, k)
         nlist = self.params["nlist"]
-
-        def recall_at(nprobe: int, rerank: int) -> float:
-            found = self._ivf(q, k + 1, nprobe, None, pool=rerank * (k + 1))
-            return _recall(self._distances(q, _drop_self(found[1], rows, k)), kth)
-
         rerank = RERANK
         nprobe, reached = _least_nprobe(lambda p: recall_at(p, rerank), nlist, target_recall)
         if nprobe >= max(nlist // 4, 2) and self.n_cells > rerank * (k + 1):
@@ -338,7 +333,11 @@ class CellIndex:
             nprobe, reached = _least_nprobe(lambda p: recall_at(p, rerank), nlist, target_recall)
         pool = rerank * (k + 1)
         self.params.update(
-            nprobe=nprobe, rerank=rerank, calibrated_k=k, calibrated_recall=round(reached, 4)
+            nprobe=nprobe,
+            rerank=rerank,
+            calibrated_k=k,
+            calibrated_recall=round(reached, 4),
+            target_recall=float(target_recall),
         )
         logger.info(
             "CellIndex: nprobe %d of %d lists, %d candidates re-ranked a query, give recall@%d "
@@ -354,6 +353,22 @@ class CellIndex:
                 "cellsift index --engine exact), or ask a lower target_recall."
             )
         return reached
+
+    def _recall_of(
+        self, rows: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, Callable[[int, int], float]]:
+        """The indexed cells ``rows`` as queries, the exact distance to each one's k-th
+        nearest other cell, and their recall@k in IVF searches as a function of (nprobe,
+        re-rank factor). Leave-one-out: each cell stands for a new cell like it, so its own
+        entry (found at distance 0 by every engine) is not counted."""
+        q = np.ascontiguousarray(self.embeddings[rows])
+        kth = self._distances(q, _drop_self(self._exact(q, k + 1, None)[1], rows, k)).max(1)
+
+        def recall_at(nprobe: int, rerank: int) -> float:
+            found = self._ivf(q, k + 1, nprobe, None, pool=rerank * (k + 1))
+            return _recall(self._distances(q, _drop_self(found[1], rows, k)), kth)
+
+        return q, kth, recall_at
 
     def _calibrate_rerank(
         self, q: np.ndarray, rows: np.ndarray, k: int, kth: np.ndarray, target_recall: float
@@ -733,8 +748,10 @@ class CellIndex:
         whose model is unknown, bare arrays, are taken, as :meth:`check_model` takes any
         model for an index built without one.)
 
-        The IVF lists keep their centroids (no retraining); call :meth:`calibrate` after
-        large additions. Save to persist.
+        The IVF lists keep their centroids (no retraining): the new cells' own recall@k (k
+        calibrated for, on a sample of them, leave-one-out) is measured, and a warning says
+        when it falls short of the index's target (cells unlike those the lists were trained
+        on): rebuild the index over all the embeddings then. Save to persist.
         """
         emb = normalize_embeddings(embeddings)
         if emb.shape[1] != self.dim:
@@ -779,7 +796,29 @@ class CellIndex:
         self.embeddings = np.concatenate([np.asarray(self.embeddings), emb])
         if self.ann is not None:
             self.ann.add(emb)
+            self._check_added(start)
         return np.arange(start, self.n_cells)
+
+    def _check_added(self, start: int) -> None:
+        """Warn where the cells added from ``start`` on are found at a recall@k short of the
+        index's target (the lists were trained without them)."""
+        k = min(int(self.params.get("calibrated_k") or 0), self.n_cells - 1)
+        added = self.n_cells - start
+        if k < 1 or added == 0:
+            return
+        rng = np.random.default_rng(0)
+        rows = start + np.sort(rng.choice(added, min(added, RERANK_QUERIES * 2), replace=False))
+        reached = self._recall_of(rows, k)[2](
+            int(self.params["nprobe"]), int(self.params.get("rerank", RERANK))
+        )
+        target = float(self.params.get("target_recall", 0.99))
+        if reached < target - ADDED_RECALL_SLACK:
+            warn(
+                f"the {added:,} cells added are found at recall@{k} {reached:.1%}, short of the "
+                f"{target:.1%} this IVF index was calibrated to: its lists were trained "
+                "without cells like them. Rebuild the index over all the embeddings "
+                "(CellIndex.build; cellsift index), or search it exactly (exact=True)."
+            )
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
