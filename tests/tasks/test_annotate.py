@@ -58,7 +58,13 @@ def test_unseen_type_abstains_and_seen_types_do_not():
     ref = half & (y != held)
     index = CellIndex.build(x[ref], meta[ref], engine="exact")
     ann = KNNAnnotator(index, k=30)
-    ann.calibrate(quantile=0.99)
+    assert "no abstention" in repr(ann)
+    thr = ann.calibrate(quantile=0.99)
+    n_types = len(set(y[ref]))
+    assert repr(ann) == (
+        f"KNNAnnotator(k=30, {n_types} labels in 'cell_type_ontology_term_id' of "
+        f"{ref.sum():,} cells, plain votes, unknown beyond {thr:.4g} (mean distance))"
+    )
     out = ann.annotate(x[~half])
     yq = y[~half]
     assert (out["label"][yq == held] == UNKNOWN).mean() >= 0.8

@@ -121,6 +121,16 @@ class KNNAnnotator:
         self.abstain_on = abstain_on
         self._load_labels()
 
+    def __repr__(self) -> str:
+        threshold = self.distance_threshold
+        abstain = "no abstention" if threshold is None else f"unknown beyond {threshold:.4g}"
+        return (
+            f"KNNAnnotator(k={self.k}, {len(self._labels.terms)} labels in "
+            f"{self.label_key!r} of {self.index.n_cells:,} cells, "
+            f"{'ontology-aware' if self.ontology_aware else 'plain'} votes, {abstain} "
+            f"({self.abstain_on} distance))"
+        )
+
     def _load_labels(self) -> None:
         """Read the reference labels of every indexed cell (and in ontology mode their
         ancestors)."""
