@@ -49,6 +49,15 @@ def test_every_cell_once_across_2_ranks_x_2_workers(coll, mode):
         assert np.all(np.diff(per_rank[0]) == 1)
 
 
+def test_a_dataset_says_what_it_serves(coll):
+    ds = IterableCellDataset(coll, mode="block", rank=1, world_size=2, **OPTS)
+    ds.epoch = 3
+    assert repr(ds) == (
+        f"IterableCellDataset({coll.n_obs:,} cells, block mode, batches of "
+        f"{OPTS['batch_size']}, epoch 3, rank 1 of 2)"
+    )
+
+
 def test_block_mode_shuffles_contiguous_blocks(coll):
     ds = IterableCellDataset(coll, mode="block", **OPTS)
     first = _epoch(CellLoader(ds))[0]

@@ -219,6 +219,16 @@ class IterableCellDataset(IterableDataset):
             self.weights,
         )
 
+    def __repr__(self) -> str:
+        cfg = self.cfg
+        rank, world = self.rank_world
+        shard = f", rank {rank} of {world}" if world > 1 else ""
+        keys = f", keys {sorted(self.obs_keys)}" if self.obs_keys else ""
+        return (
+            f"IterableCellDataset({self.collection.n_obs:,} cells, {cfg.mode} mode, "
+            f"batches of {cfg.batch_size}, epoch {self.epoch}{shard}{keys})"
+        )
+
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
         return self.plan().total_batches
