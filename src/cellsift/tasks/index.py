@@ -34,6 +34,7 @@ Directory layout (written atomically; ``CellIndex.load`` memory-maps the embeddi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -387,14 +388,16 @@ class CellIndex:
                 return rerank
             rerank *= 2
 
-    def _distances(self, q: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """Cosine distances of each query to its cells ``idx`` (-1: inf), in float64 from
-        the stored vectors, a group of queries at a time (:data:`RERANK_VALUES`)."""
-        out = np.full(idx.shape, np.inf)
+    def _distances(self, q: np.ndarray, idx: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+        """Cosine distances of each query to its cells ``idx`` (-1: inf) from the stored
+        vectors, computed in ``dtype`` (float64: calibration's; float32: re-ranking's), a
+        group of queries at a time (:data:`RERANK_VALUES`)."""
+        out: np.ndarray = np.full(idx.shape, np.inf, dtype=dtype)
         step = max(1, RERANK_VALUES // max(idx.shape[1] * self.dim, 1))
         for lo in range(0, len(q), step):
             i = idx[lo : lo + step]
-            vecs = np.asarray(self.embeddings[np.maximum(i, 0).ravel()], dtype=np.float64)
+            vecs: np.ndarray = np.asarray(self.embeddings[np.maximum(i, 0).ravel()], dtype=dtype)
+            # (the width given: a reshape cannot infer it for 0 queries)
             sims = np.einsum("qcd,qd->qc", vecs.reshape(*i.shape, self.dim), q[lo : lo + step])
             out[lo : lo + step] = np.where(i >= 0, 1.0 - sims, np.inf)
         return out
@@ -716,25 +719,10 @@ class CellIndex:
         return self.ann.search(q, int(n), params=params)[1]
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k nearest of the candidates (-1: none) by the stored float32 vectors, a group
-        of queries at a time (:data:`RERANK_VALUES`)."""
-        k = min(k, cand.shape[1])
-        dist = np.full((len(q), k), np.inf, dtype=np.float32)
-        idx = np.full((len(q), k), -1, dtype=np.int64)
-        step = max(1, RERANK_VALUES // max(cand.shape[1] * self.dim, 1))
-        for lo in range(0, len(q), step):
-            c = cand[lo : lo + step]
-            vecs = np.asarray(self.embeddings[np.maximum(c, 0).ravel()]).reshape(
-                *c.shape, self.dim
-            )  # (the width given: a reshape cannot infer it for 0 queries)
-            sims = np.einsum("qcd,qd->qc", vecs, q[lo : lo + step])
-            sims[c < 0] = -np.inf
-            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-            found = np.take_along_axis(c, order, 1)
-            top = np.take_along_axis(sims, order, 1)
-            dist[lo : lo + step] = np.where(found >= 0, 1.0 - top, np.inf)
-            idx[lo : lo + step] = found
-        return dist, idx
+        """The k nearest of the candidates (-1: none) by the stored float32 vectors."""
+        dist = self._distances(q, cand, np.float32)
+        order = np.argsort(dist, axis=1, kind="stable")[:, : min(k, cand.shape[1])]
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(cand, order, 1)
 
     # -- growing ----------------------------------------------------------------------------
     def add(
@@ -1104,16 +1092,19 @@ def _recall(found: np.ndarray, kth: np.ndarray) -> float:
     return float((found <= kth[:, None] + _SAME_DISTANCE).mean())
 
 
-def _least_nprobe(recall_at: Any, nlist: int, target_recall: float) -> tuple[int, float]:
+def _least_nprobe(
+    recall_at: Callable[[int], float], nlist: int, target_recall: float
+) -> tuple[int, float]:
     """The fewest lists (doubling, then bisecting) whose recall reaches the target (all of
-    them where none does), and its recall."""
+    them where none does), and its recall; each number of lists searched once."""
+    recall = functools.cache(recall_at)
     lo, hi = 0, 1
-    while hi < nlist and recall_at(hi) < target_recall:
+    while hi < nlist and recall(hi) < target_recall:
         lo, hi = hi, min(hi * 2, nlist)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if recall_at(mid) >= target_recall else (mid, hi)
-    return hi, recall_at(hi)
+        lo, hi = (lo, mid) if recall(mid) >= target_recall else (mid, hi)
+    return hi, recall(hi)
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
