@@ -221,8 +221,8 @@ def test_kernel_draws_are_uniform_whatever_the_rejections(mode, tries):
 def test_loss_is_mean_hinge_with_the_formulas_gradient(negative, dtype, path):
     """The cosine loss (its backward one product with the triplets' weights) against
     autograd through the whole distance matrix, for the same triplets; with unnormalised
-    rows, and parallel ones (distances clipped at 0): a positive pair, and a cell and a
-    negative of it."""
+    rows, and parallel ones (where the relu clips distances at 0, and the normalisation
+    leaves no gradient): a positive pair, and a cell and a negative of it."""
     z, y, s, related = _batch()
     z = (z * torch.linspace(0.5, 2.0, len(z))[:, None]).to(dtype)
     z[5], z[7] = z[6] * 3.0, z[8] * 2.0

@@ -114,9 +114,10 @@ class _CosineTripletHinge(torch.autograd.Function):
     distances ``d = relu(1 - z_a . z_b)`` of unit rows ``z``.
 
     Backward without the n x n distance matrix's: each triplet whose hinge is positive
-    weighs the similarities of its two pairs (those whose distance is not clipped at 0), so
-    the gradient of ``z`` is one product ``W @ z`` with a symmetric W of 4 entries per
-    triplet (through the distance matrix it took two n x n products and n x n gradients).
+    weighs the similarities of its two pairs, so the gradient of ``z`` is one product
+    ``W @ z`` with a symmetric W of 4 entries per triplet (through the distance matrix it
+    took two n x n products and n x n gradients). The relu of ``d`` clips only parallel
+    rows, whose similarity's gradient the normalisation of ``z`` projects away.
     """
 
     @staticmethod
@@ -134,18 +135,18 @@ class _CosineTripletHinge(torch.autograd.Function):
         active = hinge > 0
         count = len(hinge)
         # d(mean hinge)/d(z_a . z_p) = -1/count and d/d(z_a . z_n) = +1/count, where active
-        w_ap = (active & (d_ap > 0)).to(z.dtype).mul_(-1.0 / count)
-        w_an = (active & (d_an > 0)).to(z.dtype).mul_(1.0 / count)
-        ctx.save_for_backward(z, a, p, neg, w_ap, w_an)
+        w_an = active.to(z.dtype).mul_(1.0 / count)
+        ctx.save_for_backward(z, a, p, neg, w_an)
         return hinge.clamp_min_(0.0).mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        z, a, p, neg, w_ap, w_an = ctx.saved_tensors
+        z, a, p, neg, w_an = ctx.saved_tensors
         n = len(z)
         with torch.autocast(z.device.type, enabled=False):
             at = torch.cat([a * n + p, p * n + a, a * n + neg, neg * n + a])
-            w = torch.cat([w_ap, w_ap, w_an, w_an]).mul_(grad.to(z.dtype))
+            w_an = w_an * grad.to(z.dtype)
+            w = torch.cat([-w_an, -w_an, w_an, w_an])
             w_nn = torch.zeros(n * n, dtype=z.dtype, device=z.device).index_add_(0, at, w)
             return torch.mm(w_nn.view(n, n), z), None, None, None, None, None, None
 
@@ -534,9 +535,7 @@ class TripletLoss(nn.Module):
             t = _mine(d.float(), y_n, *rules)
             if len(t) == 0:
                 return z_nk.sum() * 0.0, t
-            n = len(d)
-            at = torch.cat([t.positive, t.negative]).add_(t.anchor.repeat(2), alpha=n)
-            d_ap, d_an = d.flatten().index_select(0, at).chunk(2)
+            d_ap, d_an = _triplet_distances(d, t)
             hinge = _CosineTripletHinge.apply(
                 z, t.anchor, t.positive, t.negative, d_ap, d_an, self.margin
             )
@@ -545,10 +544,14 @@ class TripletLoss(nn.Module):
         t = _mine(d.detach().float(), y_n, *rules)
         if len(t) == 0:
             return z_nk.sum() * 0.0, t
-        # one index_select (faster than d[rows, cols] on the CPU) of row * n + column: one
-        # n x n gradient buffer backward, not one per gather
-        n = len(d)
-        at = torch.cat([t.positive, t.negative]).add_(t.anchor.repeat(2), alpha=n)
-        d_ap, d_an = d.flatten().index_select(0, at).chunk(2)
-        loss = (d_ap - d_an + self.margin).clamp_min(0.0)
-        return loss.mean(), t
+        d_ap, d_an = _triplet_distances(d, t)
+        return (d_ap - d_an + self.margin).clamp_min(0.0).mean(), t
+
+
+def _triplet_distances(d: torch.Tensor, t: Triplets) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(a, p) and d(a, n) of the triplets: one index_select (faster than d[rows, cols] on
+    the CPU) of row * n + column, so that through autograd one n x n gradient buffer serves
+    both."""
+    at = torch.cat([t.positive, t.negative]).add_(t.anchor.repeat(2), alpha=len(d))
+    d_ap, d_an = d.flatten().index_select(0, at).chunk(2)
+    return d_ap, d_an
