@@ -21,7 +21,6 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 # imported when first used: torch, pandas and anndata take seconds to import, which every
 # command would pay before parsing its arguments (`cellsift --help`)
-_SUBMODULES = {"data", "datasets", "pl", "tl"}
 _FROM_DATA = {"CellCollection", "CellLoader", "GeneVocabulary", "IterableCellDataset", "open_store"}
 
 __all__ = [
@@ -44,8 +43,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    submodule = name.isidentifier() and importlib.util.find_spec(f"{__name__}.{name}")
-    if name in _SUBMODULES or submodule:
+    if name.isidentifier() and importlib.util.find_spec(f"{__name__}.{name}"):
         return importlib.import_module(f".{name}", __name__)  # (any submodule, as `import`)
     if name in _FROM_DATA:
         return getattr(importlib.import_module(".data", __name__), name)

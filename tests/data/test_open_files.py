@@ -3,11 +3,13 @@ behind by a closed store, and the process's limit raised (or named) for many sto
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +41,17 @@ def _owner() -> SimpleNamespace:
     return SimpleNamespace(token=os.urandom(8).hex(), opened={})
 
 
+@contextlib.contextmanager
+def _use(cache: OpenFiles, owner: SimpleNamespace, file: Path) -> Iterator[int | None]:
+    """``owner``'s descriptor of ``file`` while the block runs, as the readers take them."""
+    fd = cache.acquire(owner, file)  # type: ignore[arg-type]
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            cache.release(fd)
+
+
 def test_the_descriptors_stay_under_their_limit_and_close_only_when_idle(tmp_path):
     files = []
     for i in range(5):
@@ -47,14 +60,18 @@ def test_the_descriptors_stay_under_their_limit_and_close_only_when_idle(tmp_pat
     cache, me = OpenFiles(limit=2), _owner()
     before = _fds()
     for f in files:
-        with cache.use(me, f) as fd:
+        with _use(cache, me, f) as fd:
             assert fd is not None and os.pread(fd, 1, 0) == f.read_bytes()[:1]
     assert len(cache) == 2 and _fds() == before + 2  # the two used last
-    with cache.use(me, files[0]) as a, cache.use(me, files[1]) as b, cache.use(me, files[2]) as c:
+    with (
+        _use(cache, me, files[0]) as a,
+        _use(cache, me, files[1]) as b,
+        _use(cache, me, files[2]) as c,
+    ):
         assert len({a, b, c}) == 3 and len(cache) == 3  # in use: not closed, limit or not
         assert os.pread(a, 1, 0) == b"\x00" and os.pread(c, 1, 0) == b"\x02"
     assert len(cache) == 2
-    with cache.use(me, tmp_path / "absent") as fd:
+    with _use(cache, me, tmp_path / "absent") as fd:
         assert fd is None
     cache.forget(tmp_path)
     assert len(cache) == 0 and _fds() == before
@@ -67,18 +84,18 @@ def test_a_replaced_or_removed_file_is_named_not_read_for_the_one_first_opened(t
     f = tmp_path / "f"
     f.write_bytes(b"old")
     cache, first = OpenFiles(limit=0), _owner()
-    with cache.use(first, f) as fd:
+    with _use(cache, first, f) as fd:
         assert os.pread(fd, 3, 0) == b"old"
     (tmp_path / "g").write_bytes(b"new")
     os.replace(tmp_path / "g", f)  # (as writers replace files: a temporary, renamed)
     with pytest.raises(DataError, match=r"f was replaced since it was first read"):
-        with cache.use(first, f):
+        with _use(cache, first, f):
             pass
-    with cache.use(_owner(), f) as fd:
+    with _use(cache, _owner(), f) as fd:
         assert os.pread(fd, 3, 0) == b"new"
     f.unlink()
     with pytest.raises(DataError, match=r"f was removed since it was first read"):
-        with cache.use(first, f):
+        with _use(cache, first, f):
             pass
 
 

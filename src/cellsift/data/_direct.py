@@ -21,7 +21,7 @@ import uuid
 import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -91,17 +91,6 @@ class OpenFiles:
     def __len__(self) -> int:
         return len(self._fds)
 
-    @contextlib.contextmanager
-    def use(self, reader: ChunkedReader, file: Path) -> Iterator[int | None]:
-        """``reader``'s descriptor of ``file`` while the block runs (None: the file does not
-        exist, and never did for this reader)."""
-        fd = self.acquire(reader, file)
-        try:
-            yield fd
-        finally:
-            if fd is not None:
-                self.release(fd)
-
     def release(self, fd: int) -> None:
         """A read done with ``fd`` (from :meth:`acquire`)."""
         with self._lock:
@@ -113,8 +102,8 @@ class OpenFiles:
                 self._close_idle(self.limit)
 
     def acquire(self, reader: ChunkedReader, file: Path) -> int | None:
-        """As :meth:`use`, without a context manager (each chunk read takes one): the
-        caller releases a descriptor it got."""
+        """``reader``'s descriptor of ``file`` (None: the file does not exist, and never did
+        for this reader); the caller gives back a descriptor it got (:meth:`release`)."""
         key = (reader.token, file)
         with self._lock:
             fd = self._fds.get(key)
