@@ -86,8 +86,9 @@ RERANK = 2
 RERANK_MAX = 64
 RERANK_QUERIES = 100
 #: Added cells found this far below the calibrated target recall are warned of (the share
-#: is measured on a sample of them).
+#: is measured on a sample of ADDED_SAMPLE of them).
 ADDED_RECALL_SLACK = 0.02
+ADDED_SAMPLE = 200
 #: Most candidate values (queries x candidates x dims) re-ranked at a time.
 RERANK_VALUES = 1 << 24
 #: Indexes below this size use exact search under ``engine="auto"``.
@@ -795,7 +796,7 @@ class CellIndex:
         if k < 1 or added == 0:
             return
         rng = np.random.default_rng(0)
-        rows = start + np.sort(rng.choice(added, min(added, RERANK_QUERIES * 2), replace=False))
+        rows = start + np.sort(rng.choice(added, min(added, ADDED_SAMPLE), replace=False))
         reached = self._recall_of(rows, k)[2](
             int(self.params["nprobe"]), int(self.params.get("rerank", RERANK))
         )
