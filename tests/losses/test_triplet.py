@@ -62,7 +62,8 @@ def _mine(path, z, y, related, s, **kwargs):
         return x.to(dev) if isinstance(x, torch.Tensor) else x
 
     t = mine_triplets(to(z), to(y), to(related), to(s), **{k: to(v) for k, v in kwargs.items()})
-    return Triplets(t.anchor.cpu(), t.positive.cpu(), t.negative.cpu(), t.n_pairs)
+    cpu = (x.cpu() if x is not None else None for x in (t.d_ap, t.d_an))
+    return Triplets(t.anchor.cpu(), t.positive.cpu(), t.negative.cpu(), t.n_pairs, *cpu)
 
 
 ANCESTOR = torch.zeros(6, 6, dtype=torch.bool)
@@ -137,6 +138,9 @@ def test_selection_satisfies_scimilarity_rules(mode, margin, resolved, path):
         )
     }
     assert set(got) ^ with_cands <= near_edge
+    assert t.d_ap is not None and t.d_an is not None  # the distances mining compared
+    np.testing.assert_allclose(t.d_ap.numpy(), d[t.anchor, t.positive], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(t.d_an.numpy(), d[t.anchor, t.negative], rtol=0, atol=1e-6)
     for pair, m in got.items():
         if pair in with_cands:
             assert m in ref[pair] or pair in near_edge
@@ -203,7 +207,7 @@ def test_kernel_draws_are_uniform_whatever_the_rejections(mode, tries):
     counts: dict[tuple, dict[int, int]] = {few: {}, many: {}}
     draws = 600
     for seed in range(draws):
-        a, p, m, n_pairs = _mining_cpu.triplets(*args, seed, mode_code, 2, tries)
+        a, p, m, _, _, n_pairs = _mining_cpu.triplets(*args, seed, mode_code, 2, tries)
         got = {(int(i), int(j)): int(k) for i, j, k in zip(a, p, m, strict=True)}
         assert n_pairs == len(ref)
         assert set(got) == {pair for pair, c in ref.items() if c}

@@ -190,7 +190,8 @@ def triplets(  # type: ignore[no-untyped-def]
 ):
     """Positive pairs and one negative per pair: (anchor, positive, negative) of the pairs
     that found a negative, ordered by anchor then positive (as :func:`cellsift.losses.
-    triplet._positive_pairs` orders them), and the number of pairs.
+    triplet._positive_pairs` orders them), their distances d(a, p) and d(a, n) (read from
+    ``d``), and the number of pairs.
 
     ``d``: n x n float32 distances. ``y``: label codes (-1 none). ``study``: study codes of
     the positives' rule (-1 none, a study of its own). ``related``: labels x labels, never
@@ -211,6 +212,8 @@ def triplets(  # type: ignore[no-untyped-def]
     a = np.empty(total, np.int64)
     p = np.empty(total, np.int64)
     out = np.empty(total, np.int64)
+    dist_ap = np.empty(total, np.float32)
+    dist_an = np.empty(total, np.float32)
     n_rule = uses.shape[0] + 1
     group = np.empty(len(anchors), np.int64)
     for t in range(len(anchors)):
@@ -252,12 +255,16 @@ def triplets(  # type: ignore[no-untyped-def]
                 row, allowed, k0, k1, d_ap, upper, useed, mode, semihard, tries, out,
                 cand_v, cand_j, which, bucket_start, fill, o_v, o_j,
             )  # fmt: skip
+            for k in range(k1 - k0):  # the triplets' distances, while the row is in cache
+                dist_ap[k0 + k] = d_ap[k]
+                dist_an[k0 + k] = row[max(out[k0 + k], 0)]
     kept = 0
     for k in range(total):  # the pairs with a negative, in order
         if out[k] >= 0:
             a[kept], p[kept], out[kept] = a[k], p[k], out[k]
+            dist_ap[kept], dist_an[kept] = dist_ap[k], dist_an[k]
             kept += 1
-    return a[:kept], p[:kept], out[:kept], total
+    return a[:kept], p[:kept], out[:kept], dist_ap[:kept], dist_an[:kept], total
 
 
 @numba.njit(cache=True, nogil=True)

@@ -25,7 +25,7 @@ device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -68,31 +68,30 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
 _SYMMETRIC_FROM = 256  # rows from which the Gram matrix is computed by symmetric blocks
 
 
-def _gram(z: torch.Tensor) -> torch.Tensor:
-    """``z @ z.T``, with three quarters of the multiply-adds for large ``n``: the top rows
-    against all, the bottom-right block, and the bottom-left block as the top-right one
-    transposed (the matrix is symmetric)."""
-    n = len(z)
-    if n < _SYMMETRIC_FROM:
-        return torch.mm(z, z.T)
-    h = n // 2
-    out = torch.empty(n, n, dtype=z.dtype, device=z.device)
-    torch.mm(z[:h], z.T, out=out[:h])
-    torch.mm(z[h:], z[h:].T, out=out[h:, h:])
-    out[h:, :h].copy_(out[:h, h:].T)
-    return out
-
-
 def _cosine_distances(z: torch.Tensor) -> torch.Tensor:
-    """``relu(1 - z @ z.T)`` of unit rows ``z``, in their precision (not autocast's)."""
+    """``relu(1 - z @ z.T)`` of unit rows ``z``, in their precision (not autocast's).
+
+    The products are added into a matrix of ones (one pass over it fewer than ``1 - G``),
+    and for large ``n`` with three quarters of the multiply-adds: the top rows against all,
+    the bottom-right block, and the bottom-left block as the top-right one transposed (the
+    matrix is symmetric).
+    """
     with torch.autocast(z.device.type, enabled=False):
-        return _gram(z).neg_().add_(1.0).relu_()
+        n = len(z)
+        out = torch.ones(n, n, dtype=z.dtype, device=z.device)
+        if n < _SYMMETRIC_FROM:
+            return out.addmm_(z, z.T, alpha=-1.0).relu_()
+        h = n // 2
+        out[:h].addmm_(z[:h], z.T, alpha=-1.0)
+        out[h:, h:].addmm_(z[h:], z[h:].T, alpha=-1.0)
+        out[h:, :h].copy_(out[:h, h:].T)
+        return out.relu_()
 
 
 class _CosineDistance(torch.autograd.Function):
     """``relu(1 - z @ z.T)`` of unit rows ``z``: one n x n buffer, the Gram matrix by
-    symmetric blocks (:func:`_gram`), and a backward of two products (``-(G + G.T) @ z``)
-    without autograd's intermediate n x n gradients. In the input's precision, not autocast's:
+    symmetric blocks (:func:`_cosine_distances`), and a backward of two products
+    (``-(G + G.T) @ z``) without autograd's intermediate n x n gradients. In the input's precision, not autocast's:
     mining compares distances within a margin of 0.05, which bf16 rounds to a few steps."""
 
     @staticmethod
@@ -153,12 +152,16 @@ class _CosineTripletHinge(torch.autograd.Function):
 
 @dataclass
 class Triplets:
-    """Indices of mined triplets into the batch, and the pairs considered."""
+    """Indices of mined triplets into the batch, and the pairs considered; with the
+    triplets' distances d(a, p) and d(a, n) as mining compared them (float32, no gradient),
+    where the miner gives them."""
 
     anchor: torch.Tensor
     positive: torch.Tensor
     negative: torch.Tensor
     n_pairs: int
+    d_ap: torch.Tensor | None = field(default=None, repr=False)
+    d_an: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.anchor)
@@ -297,7 +300,7 @@ def _triplets_compiled(
         "random": _mining_cpu.RANDOM,
         "hardest": _mining_cpu.HARDEST,
     }[negative]
-    a, p, neg, n_pairs = _mining_cpu.triplets(
+    a, p, neg, d_ap, d_an, n_pairs = _mining_cpu.triplets(
         np.ascontiguousarray(d_nn.numpy(), dtype=np.float32),
         y.numpy(),
         study,
@@ -310,7 +313,8 @@ def _triplets_compiled(
         mode,
         min(numba.get_num_threads(), torch.get_num_threads()),
     )
-    return Triplets(torch.from_numpy(a), torch.from_numpy(p), torch.from_numpy(neg), int(n_pairs))
+    a, p, neg, d_ap, d_an = (torch.from_numpy(x) for x in (a, p, neg, d_ap, d_an))
+    return Triplets(a, p, neg, int(n_pairs), d_ap, d_an)
 
 
 def _compiled_path(device: torch.device) -> bool:
@@ -440,9 +444,9 @@ def _mine(
             resolved = _resolved_relatives(ancestor_ll.to(dev), y, study_n.long().to(dev))
         neg = _negatives_sorted(d, y, related_ll, resolved, a, d_ap, upper, u, negative)
         keep = neg >= 0
-        return Triplets(
-            a.masked_select(keep), p.masked_select(keep), neg.masked_select(keep), len(a)
-        )
+        a, p, neg = a.masked_select(keep), p.masked_select(keep), neg.masked_select(keep)
+        d_an = d.flatten().index_select(0, a * n + neg)
+        return Triplets(a, p, neg, len(keep), d_ap.masked_select(keep), d_an)
 
 
 def _resolved_relatives(
@@ -535,7 +539,10 @@ class TripletLoss(nn.Module):
             t = _mine(d.float(), y_n, *rules)
             if len(t) == 0:
                 return z_nk.sum() * 0.0, t
-            d_ap, d_an = _triplet_distances(d, t)
+            if d.dtype == torch.float32 and t.d_ap is not None and t.d_an is not None:
+                d_ap, d_an = t.d_ap, t.d_an  # the very values mining compared
+            else:  # (finer than the float32 that mines)
+                d_ap, d_an = _triplet_distances(d, t)
             hinge = _CosineTripletHinge.apply(
                 z, t.anchor, t.positive, t.negative, d_ap, d_an, self.margin
             )
