@@ -445,7 +445,10 @@ def test_a_temporary_output_left_by_a_killed_write_is_named(indexed_paths, tmp_p
     import logging
 
     (tmp_path / ".out.zarr.tmp-0123abcd").mkdir()  # what a SIGKILLed convert leaves
+    # and what a write killed while it deleted the output it replaced leaves
+    (tmp_path / ".out.zarr.old-4567cdef").mkdir()
     with caplog.at_level(logging.WARNING, logger="cellsift"):
         assert main(["convert", str(indexed_paths["h5ad"]), str(tmp_path / "out.zarr")]) == 0
-    assert "1 temporary output of an earlier write that did not finish" in caplog.text
+    assert "2 temporary outputs of an earlier write that did not finish" in caplog.text
     assert ".out.zarr.tmp-0123abcd" in caplog.text and (tmp_path / "out.zarr").exists()
+    assert ".out.zarr.old-4567cdef" in caplog.text

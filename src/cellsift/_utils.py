@@ -237,9 +237,13 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def temporaries(folder: Path, name: str | None = None) -> list[Path]:
     """The temporary outputs in ``folder`` (of ``name``, else of any name) that writes into
-    :func:`temp_sibling` paths leave when they are killed; none where ``folder`` is not one."""
-    pattern = f".{glob.escape(name) if name is not None else '*'}.tmp-*"
-    return sorted(folder.glob(pattern)) if folder.is_dir() else []
+    :func:`temp_sibling` paths leave when they are killed, and the replaced outputs that
+    :func:`move_into_place` was deleting (``.<name>.old-*``); none where ``folder`` is not
+    one."""
+    if not folder.is_dir():
+        return []
+    named = glob.escape(name) if name is not None else "*"
+    return sorted(p for kind in ("tmp", "old") for p in folder.glob(f".{named}.{kind}-*"))
 
 
 def temp_sibling(path: Path) -> Path:
