@@ -91,8 +91,9 @@ def _cosine_distances(z: torch.Tensor) -> torch.Tensor:
 class _CosineDistance(torch.autograd.Function):
     """``relu(1 - z @ z.T)`` of unit rows ``z``: one n x n buffer, the Gram matrix by
     symmetric blocks (:func:`_cosine_distances`), and a backward of two products
-    (``-(G + G.T) @ z``) without autograd's intermediate n x n gradients. In the input's precision, not autocast's:
-    mining compares distances within a margin of 0.05, which bf16 rounds to a few steps."""
+    (``-(G + G.T) @ z``) without autograd's intermediate n x n gradients. In the input's
+    precision, not autocast's: mining compares distances within a margin of 0.05, which
+    bf16 rounds to a few steps."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -444,9 +445,9 @@ def _mine(
             resolved = _resolved_relatives(ancestor_ll.to(dev), y, study_n.long().to(dev))
         neg = _negatives_sorted(d, y, related_ll, resolved, a, d_ap, upper, u, negative)
         keep = neg >= 0
-        a, p, neg = a.masked_select(keep), p.masked_select(keep), neg.masked_select(keep)
-        d_an = d.flatten().index_select(0, a * n + neg)
-        return Triplets(a, p, neg, len(keep), d_ap.masked_select(keep), d_an)
+        t = Triplets(a.masked_select(keep), p.masked_select(keep), neg.masked_select(keep), len(a))
+        t.d_ap, t.d_an = _triplet_distances(d, t)
+        return t
 
 
 def _resolved_relatives(
