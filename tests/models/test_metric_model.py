@@ -455,6 +455,49 @@ def test_training_warns_of_labels_that_cannot_train(synthetic_h5ad, tmp_path):
         single.train(one, default_root_dir=tmp_path, study_key=None, **kw)
 
 
+def test_labels_outside_the_cell_ontology_train_as_they_are(tmp_path):
+    """Cell lines (and a label that happens to be a CL name) train with
+    ontology_aware=False: taken as written, related to themselves only, kept by the bundle;
+    fine-tuning on data with a label the model lacks trains those cells unlabelled."""
+    from cellsift._warnings import CellsiftWarning
+    from cellsift.datasets import synthetic_atlas
+    from cellsift.ontology import OntologyError
+
+    adata = synthetic_atlas(600, 300, n_studies=2, seed=5)
+    ids = sorted(set(adata.obs["cell_type_ontology_term_id"].astype(str)))
+    lines = ["T cell", "CD4-positive, alpha-beta T cell", "HCC827", "H1975", "A549", "H2228"]
+    as_lines = dict(zip(ids, lines[: len(ids)], strict=False))
+    assert len(as_lines) >= 4
+    obs = adata.obs["cell_type_ontology_term_id"].astype(str)
+    adata.obs["cell_type_ontology_term_id"] = obs.map(as_lines)
+    with pytest.raises(OntologyError, match=r"HCC827.*pass ontology_aware=False"):
+        MetricModel.from_collection(adata, hidden=(16,), latent=4)
+    model = MetricModel.from_collection(adata, hidden=(16,), latent=4, ontology_aware=False)
+    assert model.labels == model.label_names == sorted(as_lines.values())
+    # "T cell" is an ancestor of the CD4 T cell in CL; here they are two unrelated labels
+    torch.testing.assert_close(
+        model.module.triplet.related_ll, torch.eye(len(model.labels), dtype=torch.bool)
+    )
+    aware = MetricModel(model.genes, ["T cell", "CD4-positive, alpha-beta T cell"])
+    assert aware.module.triplet.related_ll.all()
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
+    kw = {"max_epochs": 1, "accelerator": "cpu", "enable_checkpointing": False, **quiet}
+    model.train(adata, default_root_dir=tmp_path, **kw)
+    assert model.trainer.global_step > 0
+    model.save(tmp_path / "lines")
+    loaded = MetricModel.load(tmp_path / "lines")
+    assert loaded.labels == model.labels and loaded.label_names == model.label_names
+    assert loaded.config["loss"]["ontology_aware"] is False
+    torch.testing.assert_close(loaded.module.triplet.related_ll, model.module.triplet.related_ll)
+    np.testing.assert_allclose(loaded.embed(adata[:64]), model.embed(adata[:64]), atol=1e-6)
+    more = adata.copy()
+    obs = more.obs["cell_type_ontology_term_id"].astype(str)
+    more.obs["cell_type_ontology_term_id"] = obs.replace({"A549": "PC9"})
+    n = int((obs == "A549").sum())
+    with pytest.warns(CellsiftWarning, match=f"{n:,} of .* cells carry labels the model does"):
+        loaded.train(more, default_root_dir=tmp_path, **kw)
+
+
 def test_a_run_trained_on_for_more_epochs_anneals_to_its_new_end(synthetic_h5ad, tmp_path):
     """A finished 1-epoch run resumed with max_epochs=3: the cosine schedule runs over the
     3 epochs (a schedule restored with its old length climbs back to the full rate)."""

@@ -288,6 +288,31 @@ def test_fit_stopped_at_once_by_a_second_signal_exits_with_the_signals_status(
     assert signal.getsignal(signal.SIGINT) is handler
 
 
+def test_fit_trains_labels_outside_the_cell_ontology_as_they_are(tmp_path, capsys):
+    """Cell-line labels: refused with the two settings that take them as they are, and with
+    those, trained into a bundle that keeps them as written."""
+    from cellsift.datasets import synthetic_atlas
+
+    adata = synthetic_atlas(500, 200, n_studies=2, seed=4)
+    obs = adata.obs["cell_type_ontology_term_id"].astype(str)
+    lines = {t: f"line-{i}" for i, t in enumerate(sorted(set(obs)))}
+    adata.obs["cell_type_ontology_term_id"] = obs.map(lines)
+    path = tmp_path / "lines.h5ad"
+    adata.write_h5ad(path)
+    one = ("--trainer.max_epochs", "1")
+    assert main(["fit", *_args(path, tmp_path, *one)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'line-0'" in err[0]
+    assert "--data.init_args.harmonize_labels false --model.ontology_aware false" in err[0]
+    as_they_are = ("--data.init_args.harmonize_labels", "false", "--model.ontology_aware", "false")
+    bundle = tmp_path / "bundle"
+    extra = (*one, *as_they_are, "--model.bundle_dir", str(bundle))
+    assert main(["fit", *_args(path, tmp_path, *extra, name="lines")]) == 0
+    model = MetricModel.load(bundle)
+    assert model.labels == model.label_names == sorted(lines.values())
+    assert model.config["loss"]["ontology_aware"] is False
+
+
 def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
     from cellsift.datasets import synthetic_atlas
 

@@ -203,10 +203,20 @@ class CellDataModule(pl.LightningDataModule):
                     "(and split_key=None) for data of one study."
                 )
         if self.label_key and self.harmonize_labels:
-            from ..ontology import load_cell_ontology
+            from ..ontology import OntologyError, load_cell_ontology
 
             raw = coll.codes(self.label_key)[1]  # the distinct labels, missing ones left out
-            coll.map_values(self.label_key, self._harmonized(load_cell_ontology(), raw))
+            try:
+                harmonized = self._harmonized(load_cell_ontology(), raw)
+            except OntologyError as err:
+                raise OntologyError(
+                    f"{self.label_key!r}: {err} For labels outside the Cell Ontology (cell "
+                    "lines, a lab's own annotation), read them as they are: "
+                    "harmonize_labels=False, with a model made with ontology_aware=False "
+                    "(`cellsift fit`: --data.init_args.harmonize_labels false "
+                    "--model.ontology_aware false)."
+                ) from None
+            coll.map_values(self.label_key, harmonized)
         if self.label_key:
             codes, present = coll.codes(self.label_key)
             self.categories["y_n"] = present

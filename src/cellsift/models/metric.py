@@ -34,7 +34,7 @@ from ..data.loader import to_torch_csr
 from ..errors import ConfigError, DataError
 from ..nn import MetricModule
 from ..nn.metric import hidden_widths
-from ..ontology import load_cell_ontology
+from ..ontology import OntologyError, load_cell_ontology
 from ..train import TrainingPlan
 from ..train._stop import interrupts_kept
 from ..train.resume import continued_run
@@ -80,7 +80,8 @@ class MetricModel:
     genes
         The genes the model reads, in input order.
     labels
-        Cell Ontology ids or names of the training labels (harmonised to CL ids).
+        Cell Ontology ids or names of the training labels (harmonised to CL ids); with
+        ``ontology_aware=False``, any labels (e.g. cell lines), taken as they are.
     hidden, latent, dropout, input_dropout, margin, negative, triplet_weight, relatives, target_sum
         See :class:`~cellsift.nn.MetricModule` (SCimilarity's defaults; ``relatives="resolved"``
         lets Cell Ontology relatives that a study's labels tell apart be negatives).
@@ -91,6 +92,12 @@ class MetricModel:
         With ``labels`` given as CL ids: their names, and the ids taken as they are, not
         harmonised again (a saved model's: a newer Cell Ontology, in which some of its ids
         were deprecated since, must not rename, merge or refuse them).
+    ontology_aware
+        The labels are Cell Ontology terms (default): they are harmonised to current CL ids,
+        and a label's ontology relatives are never its negatives. False: the labels are taken
+        as they are and are related to themselves only (labels outside the Cell Ontology:
+        cell lines, perturbations, a lab's own annotation); training data are read as they
+        are too, with no harmonisation.
     """
 
     def __init__(
@@ -109,14 +116,31 @@ class MetricModel:
         classifier_weight: float = 0.0,
         target_sum: float = 1e4,
         label_names: Sequence[str] | None = None,
+        ontology_aware: bool = True,
     ) -> None:
         for name, value in (("genes", genes), ("labels", labels), ("label_names", label_names)):
             if isinstance(value, str):
                 raise TypeError(f"{name} is a list, not the text {value!r}: pass [{value!r}].")
         self.genes = genes if isinstance(genes, GeneVocabulary) else GeneVocabulary(list(genes))
+        if not isinstance(ontology_aware, bool):
+            raise TypeError(f"ontology_aware is True or False, not {ontology_aware!r}.")
         cl = load_cell_ontology()
-        if label_names is None:
-            self.labels = list(dict.fromkeys(cl.harmonize(labels)))  # names and ids may meet
+        if not ontology_aware:
+            self.labels = [str(t) for t in labels]
+            self.label_names = self.labels if label_names is None else list(label_names)
+            if len(self.labels) != len(self.label_names) or len(set(self.labels)) != len(
+                self.labels
+            ):
+                raise ValueError("labels must be unique, and label_names parallel to them.")
+        elif label_names is None:
+            try:
+                self.labels = list(dict.fromkeys(cl.harmonize(labels)))  # names, ids may meet
+            except OntologyError as err:
+                raise OntologyError(
+                    f"{err} To train on labels outside the Cell Ontology (cell lines, a lab's "
+                    "own annotation) as they are, pass ontology_aware=False (`cellsift fit`: "
+                    "--model.ontology_aware false)."
+                ) from None
             self.label_names = cl.names(self.labels)
         else:
             self.labels, self.label_names = [str(t) for t in labels], list(label_names)
@@ -143,13 +167,14 @@ class MetricModel:
                 "triplet_weight": float(triplet_weight),
                 "relatives": relatives,
                 "classifier_weight": float(classifier_weight),
+                "ontology_aware": ontology_aware,
             },
             "normalization": {"target_sum": float(target_sum), "log1p": True},
-            "ontology": {"version": cl.version},
+            "ontology": {"version": cl.version} if ontology_aware else None,
         }
         # (a saved id the installed ontology lacks relates to itself only)
         n = len(self.labels)
-        idx = [i for i, t in enumerate(self.labels) if t in cl.terms]
+        idx = [i for i, t in enumerate(self.labels) if ontology_aware and t in cl.terms]
         anc = np.zeros((n, n), dtype=bool)
         anc[np.ix_(idx, idx)] = cl.closure([self.labels[i] for i in idx])[0]
         related = torch.from_numpy(anc | anc.T | np.eye(n, dtype=bool))
@@ -252,9 +277,10 @@ class MetricModel:
             dm = CellDataModule(
                 data, study_key=study_key, label_key=self.label_key, val_fraction=0.0
             )
+        aware = self.config["loss"]["ontology_aware"]
         read_as = (dm.genes, dm.labels, dm.harmonize_labels)
-        dm.genes, dm.labels, dm.harmonize_labels = self.genes, self.labels, True
-        if dm.collection is not None and read_as != (self.genes, self.labels, True):
+        dm.genes, dm.labels, dm.harmonize_labels = self.genes, self.labels, aware
+        if dm.collection is not None and read_as != (self.genes, self.labels, aware):
             dm.reset()  # set up (inspected) before: read again as the model reads them
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, compile=compile)
         plan.run_identity = self.run_identity()

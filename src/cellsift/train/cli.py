@@ -56,6 +56,10 @@ class MetricPlan(TrainingPlan):
         The plan; see :class:`TrainingPlan`.
     bundle_dir
         Where the bundle goes at the end of fit (default: ``<log dir>/model``).
+    ontology_aware
+        False: the labels are not Cell Ontology terms (cell lines, a lab's own annotation)
+        and are taken as they are (with ``data.init_args.harmonize_labels: false``); see
+        :class:`~cellsift.models.MetricModel`.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class MetricPlan(TrainingPlan):
         asw_cells: int = 5_000,
         compile: bool = False,
         bundle_dir: str | None = None,
+        ontology_aware: bool = True,
     ) -> None:
         from ..models.metric import MetricModel
 
@@ -100,6 +105,7 @@ class MetricPlan(TrainingPlan):
             relatives=relatives,
             classifier_weight=classifier_weight,
             target_sum=target_sum,
+            ontology_aware=ontology_aware,
         )
         if model.labels != list(labels):  # the data's label codes index `labels` as they are
             changed = [f"{a!r}" for a in labels if a not in model.labels]
