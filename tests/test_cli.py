@@ -323,6 +323,14 @@ def test_hints_name_the_commands_options(tmp_path, capsys):
     hint = "to annotate with these labels as they are, pass ontology_aware=False."
     assert _error("annotate", OntologyError(f"Not Cell Ontology labels: 'x'. {hint}")) == 2
     assert "as they are, pass --no-ontology." in capsys.readouterr().err
+    from cellsift.tasks import CellIndex, CellIndexError, KNNAnnotator
+
+    x = np.eye(4, dtype=np.float32)
+    unlabelled = pd.DataFrame({"cell_type_ontology_term_id": ["unknown"] * 4})
+    with pytest.raises(CellIndexError) as err:
+        KNNAnnotator(CellIndex.build(x, unlabelled, engine="exact"), k=2)
+    assert _error("annotate", err.value) == 2
+    assert capsys.readouterr().err.rstrip().endswith("or pass another --label-key.")
 
 
 @pytest.mark.parametrize(

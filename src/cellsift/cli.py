@@ -462,6 +462,7 @@ _AS_OPTIONS = {
     "--no-check-counts": (("pass check_counts=False", "pass --no-check-counts"),),
     "--no-ontology": (("pass ontology_aware=False", "pass --no-ontology"),),
     "--format": (("or pass format=.", "or pass --format."),),
+    "--label-key": (("or pass another label_key.", "or pass another --label-key."),),
     "--quantile": (
         (
             "a lower quantile (quantile=), or set no threshold (no calls of unknown by distance: "
@@ -481,7 +482,7 @@ _COMMAND_OPTIONS = {
     "info": ("--layer",),
     "convert": ("--layer", "--no-check-counts", "--format"),
     "embed": ("--layer", "--no-check-counts"),
-    "annotate": ("--layer", "--no-check-counts", "--quantile", "--no-ontology"),
+    "annotate": ("--layer", "--no-check-counts", "--quantile", "--no-ontology", "--label-key"),
     "fit": (_FIT_LAYER, _FIT_CHECK),
 }
 

@@ -358,6 +358,11 @@ def test_settings_a_fit_cannot_honour_are_refused_before_training(synthetic_h5ad
             max_epochs=1,
             callbacks=[stop],
         )
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(16,), latent=4)
+    with pytest.raises(  # (stores or AnnData given: a data module of train()'s own)
+        ConfigError, match=r"no validation cells.*give it a CellDataModule\(\.\.\., val_frac"
+    ):
+        model.train(synthetic_h5ad, max_epochs=1, accelerator="cpu", callbacks=[stop])
     for precision in ("bf16-true", "64-true"):
         with pytest.raises(
             ConfigError, match=rf"precision '{precision}' casts the weights .*bf16-mixed"

@@ -524,7 +524,9 @@ def _check_watched(trainer: pl.Trainer) -> None:
         raise ConfigError(
             f"callbacks watch {', '.join(watching)}, but the data module holds no validation "
             "cells (val_fraction=0 and no val_groups): set its val_fraction (e.g. 0.1) or "
-            f"val_groups (cellsift fit: --data.init_args.val_fraction), {drop}"
+            "val_groups (MetricModel.train, which trains on every cell of stores or AnnData "
+            "it is given: give it a CellDataModule(..., val_fraction=0.1); cellsift fit: "
+            f"--data.init_args.val_fraction), {drop}"
         )
     if dm.label_key:
         labels = dm.val.codes(dm.label_key)[1]
