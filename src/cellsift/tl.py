@@ -96,8 +96,9 @@ def annotate(
     cells of the reference's types that the model did not train on (an AnnData, embedded
     like ``adata``, or their embeddings); else on the reference itself,
     leave-one-``calibrate_by``-out when given (e.g. the study column); cells of known types
-    abstain with probability at most ``1 - quantile``. ``abstain_on``: the distance compared
-    with the threshold (see :class:`KNNAnnotator`).
+    abstain with probability at most ``1 - quantile``. It is calibrated against the reference
+    cells that ``safelist`` and ``blocklist`` leave, as the queries are annotated.
+    ``abstain_on``: the distance compared with the threshold (see :class:`KNNAnnotator`).
     """
     if isinstance(reference, KNNAnnotator):  # it has its settings and threshold already
         options = {
@@ -146,7 +147,13 @@ def annotate(
                     calibrate_on, model, use_rep, "calibrate_on", layer, check_counts, index
                 )
                 calibrate_on = calibrate_on.obsm[use_rep]
-            ann.calibrate(calibrate_on, quantile=quantile, group_key=calibrate_by)
+            ann.calibrate(
+                calibrate_on,
+                quantile=quantile,
+                group_key=calibrate_by,
+                safelist=safelist,
+                blocklist=blocklist,
+            )
     out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
     out.index = adata.obs_names
     adata.obs[f"{key_added}_cell_type"] = out["label_name"].astype("category")

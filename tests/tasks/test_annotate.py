@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -253,6 +254,56 @@ def test_held_out_calibration_is_the_conformal_quantile_and_keeps_new_cells():
     assert held_out.distance_threshold == thr  # a failed calibration leaves the threshold
     with pytest.raises(ValueError, match="quantile must be"):
         KNNAnnotator(index).calibrate(x[cal], quantile=1.0)
+
+
+def test_calibration_against_a_selection_of_the_reference_is_its_conformal_quantile():
+    """calibrate() with safelist / blocklist / filter measures against the selected reference
+    cells only (and samples them only), exactly as brute force over that selection; annotate
+    against another selection than the threshold's warns."""
+    from cellsift._warnings import CellsiftWarning
+
+    x, meta, _ = _atlas(n_per=80, spread=0.4, seed=2)
+    y, study = meta["cell_type_ontology_term_id"].to_numpy(), meta["study"].to_numpy()
+    cal = np.arange(len(x)) % 5 == 0
+    index = CellIndex.build(x[~cal], meta[~cal].reset_index(drop=True), engine="exact")
+    yr, sr = y[~cal], study[~cal]
+    unit = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
+    ref = unit[~cal]
+    k, q = 10, 0.9
+
+    def quantile_of(scores):
+        scores = np.sort(scores)
+        return scores[int(np.ceil((len(scores) + 1) * q)) - 1]
+
+    def mean_k(d):
+        return np.sort(d, axis=1)[:, :k].mean(1)
+
+    ann = KNNAnnotator(index, k=k)
+    kept = yr != "CL:0000236"  # blocklist: B cells
+    thr = ann.calibrate(x[cal], quantile=q, blocklist=["CL:0000236"])
+    assert thr == pytest.approx(quantile_of(mean_k(1 - unit[cal] @ ref[kept].T)), abs=1e-5)
+    whole = KNNAnnotator(index, k=k).calibrate(x[cal], quantile=q)
+    assert whole == pytest.approx(quantile_of(mean_k(1 - unit[cal] @ ref.T)), abs=1e-5)
+    assert whole < thr  # a smaller reference sits farther away
+    with pytest.warns(CellsiftWarning, match="calibrated against a selection of it"):
+        ann.annotate(x[cal][:5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ann.annotate(x[cal][:5], blocklist=["CL:0000236"])
+
+    # the reference itself: every selected cell (n_cells above their number) against the
+    # other selected cells, then against the selected cells of other studies
+    sel = np.isin(sr, ["a", "b"]) & np.isin(yr, TYPES[:3])
+    d = 1 - ref[sel] @ ref[sel].T
+    np.fill_diagonal(d, np.inf)
+    choose = {"filter": {"study": ["a", "b"]}, "safelist": TYPES[:3]}
+    got = KNNAnnotator(index, k=k).calibrate(quantile=q, n_cells=10**6, **choose)
+    assert got == pytest.approx(quantile_of(mean_k(d)), abs=1e-5)
+    d[sr[sel][:, None] == sr[sel][None, :]] = np.inf
+    by_study = KNNAnnotator(index, k=k).calibrate(
+        quantile=q, n_cells=10**6, group_key="study", **choose
+    )
+    assert by_study == pytest.approx(quantile_of(mean_k(d)), abs=1e-5)
 
 
 def test_mean_distance_abstains_where_one_stray_reference_cell_sits_by_an_unseen_type():

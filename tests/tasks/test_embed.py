@@ -385,6 +385,15 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     assert (labels[far] == "unknown").all()
     assert (labels[~far] == plain[~far]).all()
     assert 0 < far.sum() < 0.1 * len(far)
+    # a blocklist: the threshold is calibrated against the reference cells it leaves
+    dropped = sorted(set(rest.obs["cell_type_ontology_term_id"].astype(str)))[0]
+    options = {"calibrate_on": held_out, "ontology_aware": False, "blocklist": [dropped]}
+    cs.tl.annotate(query, index, model=model, **options)
+    thr_left = KNNAnnotator(index).calibrate(model.embed(held_out), blocklist=[dropped])
+    assert thr_left > thr
+    far = query.obs["cellsift_mean_distance"].to_numpy() > thr_left
+    labels = query.obs["cellsift_cell_type_ontology_term_id"].astype(str).to_numpy()
+    assert (labels[far] == "unknown").all() and dropped not in set(labels)
 
 
 def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, capsys):

@@ -47,6 +47,7 @@ from .index import CellIndex, CellIndexError, check_k
 __all__ = ["UNKNOWN", "KNNAnnotator"]
 
 UNKNOWN = "unknown"
+_UNSET: Any = object()  # (no calibration)
 
 
 @dataclass
@@ -119,6 +120,9 @@ class KNNAnnotator:
         self.weighted, self.ontology_aware = weighted, ontology_aware
         self.min_support, self.distance_threshold = min_support, distance_threshold
         self.abstain_on = abstain_on
+        #: the reference selection (safelist, blocklist, filter) :meth:`calibrate` last set
+        #: the threshold on: None, the whole reference; unset, a threshold given as a number
+        self._calibrated_on: Any = _UNSET
         self._load_labels()
 
     def __repr__(self) -> str:
@@ -220,6 +224,9 @@ class KNNAnnotator:
         n_cells: int = 5_000,
         group_key: str | None = None,
         seed: int = 0,
+        safelist: Sequence[str] | None = None,
+        blocklist: Sequence[str] | None = None,
+        filter: Any = None,
     ) -> float:
         """Set the abstention threshold from cells of known types; returns it.
 
@@ -235,7 +242,15 @@ class KNNAnnotator:
         by its nearest cells of other groups (leave-one-group-out: new studies sit farther
         than a study's cells from each other). Trained-on cells understate new cells'
         distances; prefer held-out cells where there are any.
+
+        ``safelist``, ``blocklist`` and ``filter`` select the reference cells, as
+        :meth:`annotate` takes them: calibrate with the selection the queries will be
+        annotated against (a smaller reference sits farther from the queries; the cells
+        sampled without ``embeddings`` come from the selection too). :meth:`annotate` with
+        another selection than the threshold's warns.
         """
+        self._sync_labels()
+        expr = self._reference_filter(safelist, blocklist, filter)
         if not 0.0 < quantile < 1.0:
             raise ConfigError(f"quantile must be in (0, 1), not {quantile}.")
         if embeddings is None and not is_whole(n_cells, least=1):
@@ -255,13 +270,15 @@ class KNNAnnotator:
                 )
             other = np.concatenate(
                 [
-                    self._statistic(self.index.search(q[s : s + 16_384], self._k_used).distances)
+                    self._statistic(
+                        self.index.search(q[s : s + 16_384], self._k_used, filter=expr).distances
+                    )
                     for s in range(0, len(q), 16_384)
                 ]
             )
             other = other[np.isfinite(other)]
         else:
-            other = self._reference_scores(n_cells, group_key, seed)
+            other = self._reference_scores(n_cells, group_key, seed, expr)
         threshold = _conformal_quantile(np.sort(other), quantile)
         if np.isnan(threshold):  # the annotator keeps its threshold
             raise DataError(
@@ -270,7 +287,7 @@ class KNNAnnotator:
                 "no threshold (no calls of unknown by distance: leave calibrate out; "
                 "tl.annotate: abstain=False)."
             )
-        self.distance_threshold = threshold
+        self.distance_threshold, self._calibrated_on = threshold, expr
         logger.info(
             "KNNAnnotator: distance threshold %.4f (quantile %.3f of %d cells)",
             self.distance_threshold,
@@ -279,13 +296,17 @@ class KNNAnnotator:
         )
         return self.distance_threshold
 
-    def _reference_scores(self, n_cells: int, group_key: str | None, seed: int) -> np.ndarray:
-        """Distances to the nearest other (or other-group) reference cells, for a sample."""
+    def _reference_scores(
+        self, n_cells: int, group_key: str | None, seed: int, expr: Any = None
+    ) -> np.ndarray:
+        """Distances to the nearest other (or other-group) reference cells, for a sample
+        (of the cells ``expr`` selects, searched among them)."""
         rng = np.random.default_rng(seed)
-        n, k = self.index.n_cells, self._k_used
-        rows = np.sort(rng.choice(n, min(n_cells, n), replace=False))
+        k = self._k_used
+        pool = np.arange(self.index.n_cells) if expr is None else self.index.select(expr)
+        rows = np.sort(rng.choice(pool, min(n_cells, len(pool)), replace=False))
         if group_key is None:
-            res = self.index.search(np.asarray(self.index.embeddings[rows]), k + 1)
+            res = self.index.search(np.asarray(self.index.embeddings[rows]), k + 1, filter=expr)
             # the nearest hit is normally the cell itself: drop it (else the farthest hit)
             hit = res.indices == rows[:, None]
             drop = np.where(hit.any(1), hit.argmax(1), k)
@@ -303,11 +324,12 @@ class KNNAnnotator:
             for c, g in enumerate(values):
                 mine = codes == c
                 value = pa.scalar(g.item() if isinstance(g, np.generic) else g)
+                others = (field != value) | field.is_null()
                 try:
                     res = self.index.search(
                         np.asarray(self.index.embeddings[rows[mine]]),
                         k,
-                        filter=(field != value) | field.is_null(),
+                        filter=others if expr is None else others & expr,
                     )
                 except CellIndexError:  # a single group: nothing to leave it out against
                     continue
@@ -357,6 +379,20 @@ class KNNAnnotator:
         """
         self._sync_labels()
         expr = self._reference_filter(safelist, blocklist, filter)
+        calibrated = self._calibrated_on
+        if calibrated is not _UNSET and self.distance_threshold is not None:
+            same = (calibrated is None and expr is None) or (
+                calibrated is not None and expr is not None and calibrated.equals(expr)
+            )
+            if not same:
+                warn(
+                    "the distance threshold was calibrated against "
+                    f"{'the whole reference' if calibrated is None else 'a selection of it'}"
+                    f", and these queries are annotated against "
+                    f"{'the whole reference' if expr is None else 'another selection'} "
+                    "(safelist, blocklist, filter), which sits at other distances from "
+                    "them: calibrate() with the same safelist, blocklist and filter."
+                )
         if not is_whole(batch_size, least=1):
             raise ConfigError(
                 f"batch_size must be a whole number of at least 1 cell, not {batch_size!r}."
