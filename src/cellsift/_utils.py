@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from .errors import MissingKeyError
+from .errors import MissingKeyError, OutputInUseError
 
 logger = logging.getLogger("cellsift")
 
@@ -233,6 +233,52 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):  # not supported
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+@contextlib.contextmanager
+def output_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold ``path``'s write lock (an exclusive ``flock`` on ``.<name>.lock`` beside it)
+    for the block; a run that finds it held raises :class:`OutputInUseError` naming the
+    holder's process (``what``: the command, for the message).
+
+    The kernel releases the lock of a process killed outright, so a lock is never left
+    held by a dead run; its file is removed as the block ends (a process that locked the
+    file meanwhile sees it gone and locks the new one). POSIX only: where ``fcntl`` is
+    missing (Windows) runs are not locked."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        yield
+        return
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputInUseError(
+                f"{path} is being written by another run ({what}, process {holder}): two "
+                "runs would share its unfinished work. Wait for that run to end (or stop "
+                "it), then run this one again; it goes on from what that one finished."
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed it as we opened it: lock the one there now
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # (held: a process waiting on this file retries on the next)
+        os.close(fd)
 
 
 def temporaries(folder: Path, name: str | None = None) -> list[Path]:

@@ -8,6 +8,7 @@ __all__ = [
     "DataError",
     "GeneAlignmentError",
     "MissingKeyError",
+    "OutputInUseError",
     "ProcessDiedError",
     "ResumeError",
     "TrainingError",
@@ -40,6 +41,11 @@ class MissingKeyError(CellsiftError, KeyError):
 
     def __str__(self) -> str:  # the message as written, not KeyError's quoted repr
         return str(self.args[0]) if self.args else ""
+
+
+class OutputInUseError(CellsiftError, RuntimeError):
+    """Another process is writing the same output (the message names it): two runs would
+    share its staging folder and undo each other's work."""
 
 
 class ProcessDiedError(CellsiftError, RuntimeError):

@@ -563,6 +563,128 @@ def test_a_signal_to_the_main_process_alone_stops_every_rank(bundle, synthetic_h
 
 
 @pytest.mark.multi_device
+def test_ranks_of_a_main_process_killed_outright_end_and_runs_of_one_output_exclude(
+    bundle, synthetic_h5ad, tmp_path
+):
+    """`cellsift embed --devices 2` whose main process is SIGKILLed (nothing of it runs to
+    stop its ranks), started with SIGINT ignored as a shell script's background job is (so
+    the SIGINT that torch has a rank sent when its parent dies does nothing): the ranks end
+    by themselves, writing no store. While a run writes an output another run of it is
+    refused, naming the writer; the same command then finishes the store."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from cellsift.errors import OutputInUseError
+
+    out, staging = tmp_path / "e.zarr", tmp_path / ".e.zarr.partial-of-2"
+    args = ["embed", str(bundle), str(synthetic_h5ad), str(out), "--devices", "2"]
+    with open(tmp_path / "stderr.txt", "wb") as err:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "cellsift", *args, "--batch-size", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+
+    def ranks() -> list[psutil.Process]:
+        found = []
+        for p in psutil.Process(run.pid).children():
+            try:
+                if "spawn_main" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    try:
+        deadline = time.monotonic() + 120
+        while not (staging.is_dir() and len(spawned := ranks()) == 2):
+            assert run.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "stderr.txt"
+            ).read_text()
+            time.sleep(0.05)
+        with pytest.raises(OutputInUseError, match=rf"another run .*process {run.pid}\)"):
+            embed_collection(MetricModel.load(bundle), synthetic_h5ad, out)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 10
+        while any(running(p) for p in spawned) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(running(p) for p in spawned)
+    finally:
+        run.kill()
+        for p in ranks() if run.poll() is None else []:
+            p.kill()
+    assert not out.exists() and staging.is_dir()
+    assert main(args) == 0
+    emb, _ = load_embeddings(out)
+    np.testing.assert_allclose(
+        emb, MetricModel.load(bundle).embed(ad.read_h5ad(synthetic_h5ad)), atol=1e-5
+    )
+    assert not list(tmp_path.glob(".*"))  # no staging folder, no lock file left
+
+
+def _embed_in_a_job(rank: int, port: int, bundle: str, source: str, out: str, results: str) -> None:
+    """Rank ``rank`` of a 2-process gloo job (as torchrun starts one) calling
+    embed_collection; writes what came of it to ``results``/rank<rank>.txt."""
+    from pathlib import Path
+
+    from cellsift.errors import OutputInUseError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        embed_collection(MetricModel.load(bundle), source, Path(out))
+        outcome = "ok"
+    except OutputInUseError as err:
+        outcome = f"in use: {err}"
+    finally:
+        torch.distributed.destroy_process_group()
+    (Path(results) / f"rank{rank}.txt").write_text(outcome)
+
+
+@pytest.mark.multi_device
+def test_a_running_distributed_job_embeds_one_shard_a_rank_and_respects_the_lock(
+    bundle, synthetic_h5ad, tmp_path
+):
+    """Ranks of a job started outside cellsift: rank 0 takes the output's lock for the job;
+    held by another run, every rank stops with its error (none waits at a barrier)."""
+    import random
+
+    from cellsift._utils import output_lock
+
+    out = tmp_path / "job.zarr"
+
+    def job() -> list[str]:
+        args = (random.randint(20_000, 45_000), str(bundle), str(synthetic_h5ad), str(out))
+        torch.multiprocessing.start_processes(
+            _embed_in_a_job, args=(*args, str(tmp_path)), nprocs=2, start_method="spawn"
+        )
+        return [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+
+    with output_lock(out, "a test"):
+        outcomes = job()
+    assert all(o.startswith("in use: ") and f"process {os.getpid()})" in o for o in outcomes)
+    assert not out.exists()
+    assert job() == ["ok", "ok"]
+    emb, _ = load_embeddings(out)
+    np.testing.assert_allclose(
+        emb, MetricModel.load(bundle).embed(ad.read_h5ad(synthetic_h5ad)), atol=1e-5
+    )
+    assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.multi_device
 def test_a_rank_killed_outright_is_named_in_one_error(bundle, synthetic_h5ad, tmp_path):
     """A rank killed by SIGKILL (the out-of-memory killer's signal) raises no error of its
     own: the run names it and how to go on, and stops the other rank."""

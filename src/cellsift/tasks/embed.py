@@ -15,19 +15,26 @@ rank 0 then writes the metadata and moves the whole store into place. A killed r
 the staging directory: run the same command again and the finished shards are kept (its
 half-written ones, temporary files, are removed; the store never holds them).
 
+One run at a time writes an output: the run holds a lock beside it (``.emb.zarr.lock``,
+released by the kernel when a process dies however it dies), and another run of the same
+output stops with :class:`~cellsift.errors.OutputInUseError` naming the holder's process.
+Spawned ranks end when their main process does, even one killed outright.
+
 :func:`load_embeddings` reads it back; ``CellIndex.build(*load_embeddings(path))`` indexes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import pickle
 import random
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,7 @@ from .._utils import (
     logger,
     model_fingerprint,
     move_into_place,
+    output_lock,
     progress,
     remove_path,
     temporaries,
@@ -55,7 +63,14 @@ from ..data import CellCollection
 from ..data.collection import _cell_name, resolve_paths
 from ..data.loader import to_torch_csr
 from ..data.stores import is_anndata, refuse_other
-from ..errors import CellsiftError, ConfigError, DataError, MissingKeyError, ProcessDiedError
+from ..errors import (
+    CellsiftError,
+    ConfigError,
+    DataError,
+    MissingKeyError,
+    OutputInUseError,
+    ProcessDiedError,
+)
 
 #: What an existing ``out`` must be for ``overwrite`` to replace it.
 _REPLACES = holds("zarr.json", "metadata.parquet")
@@ -133,38 +148,49 @@ def embed_collection(
         "store_options": store_options,
     }
     if devices > 1 and not (dist.is_available() and dist.is_initialized()):
-        port = random.randint(20_000, 45_000)
-        ranks = torch.multiprocessing.start_processes(
-            _spawned,
-            args=(devices, port, model, source, out, kwargs),
-            nprocs=devices,
-            start_method="spawn",
-            join=False,
-        )
-        try:
-            while not ranks.join():
-                pass
-        except BaseException as err:  # (SIGTERM or Ctrl-C to this process alone, a rank's failure)
-            _end(ranks.processes)  # the finished shards stay: a rerun resumes from them
-            failure = _rank_failure(out, devices)
-            if failure is not None:  # a rank's own error (bad input), as one process says it
-                raise failure from None
-            if isinstance(err, torch.multiprocessing.ProcessExitedException):
-                how = (
-                    f"was killed by {err.signal_name} (out of memory, or a scheduler?)"
-                    if err.signal_name
-                    else f"ended with exit status {err.exit_code}"
-                )
-                raise ProcessDiedError(
-                    f"embedding process {err.error_index} of {devices} {how}; the shards "
-                    f"finished are kept: the same command again goes on from them ({out})."
-                ) from None
-            raise
-        finally:
-            for rank in range(devices):
-                _rank_error_file(out, rank).unlink(missing_ok=True)
+        with output_lock(out, _LOCKED_BY):  # (the ranks leave it to this process)
+            _spawn_ranks(model, source, out, devices, kwargs)
         return out
     return _embed_rank(model, source, out, **kwargs)
+
+
+#: who holds an output's lock, for the message of a run that finds it held
+_LOCKED_BY = "cellsift embed / embed_collection"
+
+
+def _spawn_ranks(model: Any, source: Any, out: Path, devices: int, kwargs: dict) -> None:
+    """Run :func:`_embed_rank` in ``devices`` spawned processes and wait for them; a
+    signal or a rank's failure stops them all (the finished shards are kept)."""
+    port = random.randint(20_000, 45_000)
+    ranks = torch.multiprocessing.start_processes(
+        _spawned,
+        args=(devices, port, os.getpid(), model, source, out, kwargs),
+        nprocs=devices,
+        start_method="spawn",
+        join=False,
+    )
+    try:
+        while not ranks.join():
+            pass
+    except BaseException as err:  # (SIGTERM or Ctrl-C to this process alone, a rank's failure)
+        _end(ranks.processes)  # the finished shards stay: a rerun resumes from them
+        failure = _rank_failure(out, devices)
+        if failure is not None:  # a rank's own error (bad input), as one process says it
+            raise failure from None
+        if isinstance(err, torch.multiprocessing.ProcessExitedException):
+            how = (
+                f"was killed by {err.signal_name} (out of memory, or a scheduler?)"
+                if err.signal_name
+                else f"ended with exit status {err.exit_code}"
+            )
+            raise ProcessDiedError(
+                f"embedding process {err.error_index} of {devices} {how}; the shards "
+                f"finished are kept: the same command again goes on from them ({out})."
+            ) from None
+        raise
+    finally:
+        for rank in range(devices):
+            _rank_error_file(out, rank).unlink(missing_ok=True)
 
 
 def _end(processes: Sequence[Any], grace: float = 10.0) -> None:
@@ -204,8 +230,17 @@ def _rank_failure(out: Path, world: int) -> BaseException | None:
 
 
 def _spawned(
-    rank: int, world: int, port: int, model: Any, source: Any, out: Path, kwargs: dict
+    rank: int,
+    world: int,
+    port: int,
+    parent: int,
+    model: Any,
+    source: Any,
+    out: Path,
+    kwargs: dict,
 ) -> None:
+    _exit_with(parent)
+    kwargs = {**kwargs, "locked": True}  # (by the parent, for the run)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
@@ -224,10 +259,60 @@ def _spawned(
         dist.destroy_process_group()
 
 
+def _exit_with(parent: int, every: float = 0.2) -> None:
+    """End this process once ``parent`` has ended (a watch thread): a main process killed
+    outright (SIGKILL, out of memory) can stop no rank itself, and its orphans would write
+    on beside the run that the same command starts again."""
+
+    def watch() -> None:
+        while os.getppid() == parent:  # (an orphan is adopted by another process)
+            time.sleep(every)
+        logger.warning("embedding rank: the main process (%d) has ended; stopping", parent)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cellsift-parent-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path, rank: int, distributed: bool) -> Iterator[None]:
+    """``out``'s write lock (:func:`~cellsift._utils.output_lock`) for a run not spawned
+    by :func:`embed_collection` (which holds it for its ranks): rank 0 takes it, and in a
+    ``torch.distributed`` job tells the other ranks whether it could, so that all stop."""
+    if not distributed:
+        with output_lock(out, _LOCKED_BY):
+            yield
+        return
+    with contextlib.ExitStack() as held:
+        outcome: list[Any] = [None]
+        if rank == 0:
+            try:
+                held.enter_context(output_lock(out, _LOCKED_BY))
+            except OutputInUseError as err:
+                outcome = [str(err)]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise OutputInUseError(outcome[0])
+        yield
+
+
 def _embed_rank(
+    model: Any, source: Any, out: Path, *, locked: bool = False, **options: Any
+) -> Path:
+    """Embed this rank's shard of ``out`` (:func:`_embed_shard`, ``options`` its
+    keywords), holding the output's write lock unless the caller holds it (``locked``)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    with contextlib.nullcontext() if locked else _run_lock(out, rank, distributed):
+        return _embed_shard(model, source, out, rank, world, distributed, **options)
+
+
+def _embed_shard(
     model: Any,
     source: Any,
     out: Path,
+    rank: int,
+    world: int,
+    distributed: bool,
     *,
     layer: str | None,
     obs_columns: Sequence[str] | None,
@@ -236,10 +321,9 @@ def _embed_rank(
     overwrite: bool,
     progress_bar: bool,
     check_counts: bool,
-    store_options: dict[str, Any] | None = None,
+    store_options: dict[str, Any] | None,
 ) -> Path:
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    """This rank's shard of ``out`` (and on rank 0 the store's metadata and finish)."""
     coll = (
         source
         if isinstance(source, CellCollection)
