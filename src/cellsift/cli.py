@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -380,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train.cli import run_fit
 
         try:
-            run_fit(argv[1:])
+            with _sigterm_interrupts():  # (a fit holds it for the end of a training step)
+                run_fit(argv[1:])
         except TrainingInterrupted as err:
             return _stopped("fit", err)
         except user_errors as err:
@@ -394,13 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the `lightning` package prints its records through a console handler of its own: passed
     # on to the root handler too, each would print twice
     logging.getLogger("lightning").propagate = False
-    # SIGTERM (kill, a scheduler's time limit, docker stop) ends a command as Ctrl-C does:
-    # the write in progress is removed, not left behind as a hidden temporary output
-    on_term = threading.current_thread() is threading.main_thread()
-    terminated.clear()
-    before = signal.signal(signal.SIGTERM, _terminate) if on_term else None
     try:
-        return int(args.func(args))
+        with _sigterm_interrupts():
+            return int(args.func(args))
     except TrainingInterrupted as err:
         return _stopped(args.command, err)
     except user_errors as err:
@@ -415,6 +413,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _cancelled_by_ctrl_c(err):
             raise
         return _interrupted(args.command)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (kill, a scheduler's time limit, docker stop) ends a command as Ctrl-C does:
+    the write in progress is removed, not left behind as a hidden temporary output, and
+    the command says so (:func:`_interrupted`). Only the main thread can take signals."""
+    on_term = threading.current_thread() is threading.main_thread()
+    terminated.clear()
+    before = signal.signal(signal.SIGTERM, _terminate) if on_term else None
+    try:
+        yield
     finally:
         if on_term:
             signal.signal(signal.SIGTERM, before)

@@ -76,6 +76,16 @@ class SecondSignal(pl.Callback):
         raise AssertionError("the second signal did not stop the step")
 
 
+class SignalAtFitEnd(pl.Callback):
+    """SIGTERM to this process as the fit ends (training done, the bundle not written yet):
+    outside a training step, where a fit does not hold the signal."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        raise AssertionError("SIGTERM did not stop the fit")
+
+
 def _args(
     source: Path, root: Path, *extra: str, callbacks: list | None = None, name: str = "config"
 ) -> list[str]:
@@ -286,6 +296,28 @@ def test_fit_stopped_at_once_by_a_second_signal_exits_with_the_signals_status(
     how = "terminated" if sig == "SIGTERM" else "interrupted"
     assert f"cellsift fit: {how};" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_fit_terminated_outside_a_step_says_so_and_leaves_no_partial_bundle(
+    synthetic_h5ad, tmp_path
+):
+    """SIGTERM once training is done (as the bundle is about to be written): the command
+    ends as Ctrl-C ends it, status 143 and one line, with no bundle half written."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    late = {"class_path": "test_fit_cli.SignalAtFitEnd"}
+    args = _args(synthetic_h5ad, tmp_path, "--trainer.max_epochs", "1", callbacks=[late])
+    run = subprocess.run(
+        [sys.executable, "-m", "cellsift.cli", "fit", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 143, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "cellsift fit: terminated; no partial output was left in place."
+    )
+    assert not list(tmp_path.rglob("model")) and not list(tmp_path.rglob(".model.*"))
 
 
 def test_fit_trains_labels_outside_the_cell_ontology_as_they_are(tmp_path, capsys):
