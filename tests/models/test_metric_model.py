@@ -458,6 +458,29 @@ def test_training_warns_of_labels_that_cannot_train(synthetic_h5ad, tmp_path):
     single = MetricModel.from_collection(one, hidden=(16,), latent=4)
     with pytest.warns(CellsiftWarning, match="1 usable label .* only the reconstruction"):
         single.train(one, default_root_dir=tmp_path, study_key=None, **kw)
+    # relatives are never negatives: T cells and their CD4 subtype alone form no triplet,
+    # and with B cells beside them only a label related to every other one is named
+    t_cells, cd4, b_cells = "CL:0000084", "CL:0000624", "CL:0000236"
+    codes = adata.obs["cell_type_ontology_term_id"].astype(str).factorize()[0]
+    for kinds, said in (
+        ([t_cells, cd4], "every training label is a Cell Ontology relative of every other"),
+        ([t_cells, cd4, b_cells, "CL:0000000"], r"1 of 4 training labels \('CL:0000000'\)"),
+    ):
+        related = adata.copy()
+        related.obs["cell_type_ontology_term_id"] = np.asarray(kinds)[codes % len(kinds)]
+        model = MetricModel.from_collection(related, hidden=(16,), latent=4)
+        with pytest.warns(CellsiftWarning, match=said):
+            model.train(related, default_root_dir=tmp_path, **kw)
+    apart = adata.copy()
+    apart.obs["cell_type_ontology_term_id"] = np.asarray([t_cells, cd4, b_cells])[codes % 3]
+    model = MetricModel.from_collection(apart, hidden=(16,), latent=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CellsiftWarning)
+        model.train(apart, default_root_dir=tmp_path, **kw)
+    resolved = MetricModel.from_collection(related, hidden=(16,), latent=4, relatives="resolved")
+    with warnings.catch_warnings():  # (the studies may tell the relatives apart)
+        warnings.simplefilter("error", CellsiftWarning)
+        resolved.train(related, default_root_dir=tmp_path, **kw)
 
 
 def test_labels_outside_the_cell_ontology_train_as_they_are(tmp_path):

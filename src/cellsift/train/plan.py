@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from .._utils import state_differences
+from .._warnings import warn
 from ..errors import ConfigError, ResumeError, TrainingError, TrainingInterrupted
 from ._stop import StopRequest
 from .metrics import silhouette
@@ -227,6 +228,8 @@ class TrainingPlan(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         _check_watched(self.trainer)
+        if stage == "fit":
+            _check_negatives(self.trainer, self.module)
         precision = str(self.trainer.precision)
         if precision.endswith("-true") and precision != "32-true":
             raise ConfigError(
@@ -497,6 +500,49 @@ class TrainingPlan(pl.LightningModule):
         # a callable object) so that checkpoints do not store the old length
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _check_negatives(trainer: pl.Trainer, module: nn.Module) -> None:
+    """Warn where training labels can never be given a negative: under
+    ``relatives="never"`` a label whose every other training label is its Cell Ontology
+    relative (e.g. only "T cell" and its subtype "CD4-positive, alpha-beta T cell") forms
+    no triplet, and its cells train by reconstruction only."""
+    from ..data.datamodule import CellDataModule
+
+    dm = trainer.datamodule  # type: ignore[attr-defined]
+    triplet = getattr(module, "triplet", None)
+    related = getattr(triplet, "related_ll", None)
+    if (
+        not isinstance(dm, CellDataModule)
+        or not dm.label_key
+        or dm.train is None
+        or related is None
+        or getattr(triplet, "relatives", "never") != "never"
+    ):
+        return
+    labels = dm.label_set
+    at = {lab: i for i, lab in enumerate(labels)}
+    present = [lab for lab in dm.train.codes(dm.label_key)[1] if lab in at]
+    if len(present) < 2:  # (the data module says so)
+        return
+    idx = torch.as_tensor([at[lab] for lab in present])
+    alone = related.cpu()[idx][:, idx].all(dim=1)
+    if not alone.any():
+        return
+    named = [present[i] for i in torch.nonzero(alone).flatten().tolist()]
+    listed = ", ".join(repr(lab) for lab in named[:5]) + (", ..." if len(named) > 5 else "")
+    what = (
+        "every training label is a Cell Ontology relative of every other"
+        if bool(alone.all())
+        else f"{len(named)} of {len(present)} training labels ({listed}) are Cell Ontology "
+        "relatives of every other training label"
+    )
+    warn(
+        f"{what}, and relatives are never negatives (relatives='never'): "
+        f"{'no triplet has' if bool(alone.all()) else 'their cells have'} a negative, so "
+        "they train by reconstruction only. Add cells of unrelated types, or use "
+        "relatives='resolved' where the studies label the relatives apart."
+    )
 
 
 def _check_watched(trainer: pl.Trainer) -> None:
