@@ -239,8 +239,32 @@ def test_annotation_confusion_errors():
         pl.annotation_confusion([], [])
     with pytest.raises(ValueError, match="1 missing labels"):
         pl.annotation_confusion([B, None], [B, B])
-    with pytest.raises(ValueError, match="not a Cell Ontology term"):
+    with pytest.raises(ValueError, match=r"not a Cell Ontology term.*ontology_aware=False"):
         pl.annotation_confusion([B, "alien cell"], [B, B])
+
+
+def test_confusion_of_labels_outside_the_ontology_is_the_crosstab_as_written():
+    """Cell lines (and a CL name among them, not harmonised): the plain crosstab, the true
+    labels first among the columns, abstentions last, no ancestor column."""
+    true, pred = _labels(
+        {
+            ("H1975", "H1975"): 6,
+            ("H1975", "A549"): 2,
+            ("A549", "A549"): 5,
+            ("A549", UNKNOWN): 1,
+            ("B cell", "B cell"): 3,
+            ("B cell", "HCC827"): 1,
+            ("B cell", None): 2,
+        }
+    )
+    got = _heatmap(pl.annotation_confusion(true, pred, ontology_aware=False))
+    rows = ["A549", "B cell", "H1975"]
+    assert list(got.index) == rows and list(got.columns) == [*rows, "HCC827", UNKNOWN]
+    calls = [UNKNOWN if p is None else p for p in pred]
+    expected = pd.crosstab(pd.Series(true), pd.Series(calls)).reindex(
+        index=got.index, columns=got.columns, fill_value=0
+    )
+    np.testing.assert_array_equal(got.to_numpy(), expected.to_numpy())
 
 
 # -- attributions -----------------------------------------------------------------------------

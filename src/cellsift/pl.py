@@ -246,6 +246,7 @@ def annotation_confusion(
     pred: Sequence[str] | pd.Series | np.ndarray,
     *,
     ontology: CellOntology | None = None,
+    ontology_aware: bool = True,
     normalize: bool = False,
     annotate: bool | None = None,
     cmap: str = "Blues",
@@ -266,6 +267,9 @@ def annotation_confusion(
         One label per cell: CL ids or names; ``pred`` may hold ``unknown`` (or missing).
     ontology
         The Cell Ontology (default: :func:`~cellsift.ontology.load_cell_ontology`).
+    ontology_aware
+        False: labels outside the Cell Ontology (cell lines, a lab's own annotation), shown
+        as written, with no ``ancestor (coarser)`` column.
     normalize
         Show each row's fractions instead of counts.
     annotate
@@ -274,7 +278,7 @@ def annotation_confusion(
     cmap, ax, save
         Colour map; axes to draw into; path to write the figure to.
     """
-    table = _confusion_table(true, pred, ontology)
+    table = _confusion_table(true, pred, ontology, ontology_aware)
     values = table.to_numpy(dtype=float)
     if normalize:
         values = values / np.maximum(values.sum(1, keepdims=True), 1)
@@ -286,7 +290,8 @@ def annotation_confusion(
     )
     ax.set_xticks(np.arange(n_cols), list(table.columns), rotation=90)
     ax.set_yticks(np.arange(n_rows), list(table.index))
-    ax.axvline(n_cols - 2.5, color="black", linewidth=1.0)  # before ancestor and unknown
+    apart = 2 if ontology_aware else 1  # the columns of ancestor calls and abstentions
+    ax.axvline(n_cols - apart - 0.5, color="black", linewidth=1.0)
     ax.set_xlabel("call")
     ax.set_ylabel("true label")
     if annotate is None:
@@ -315,9 +320,11 @@ def _confusion_table(
     true: Sequence[str] | pd.Series | np.ndarray,
     pred: Sequence[str] | pd.Series | np.ndarray,
     ontology: CellOntology | None,
+    ontology_aware: bool = True,
 ) -> pd.DataFrame:
-    """Counts: true labels (rows) x calls, ancestor calls and abstentions apart; CL names."""
-    from .ontology import load_cell_ontology
+    """Counts: true labels (rows) x calls, ancestor calls and abstentions apart; CL names
+    (not ``ontology_aware``: the labels as written, no ancestor calls)."""
+    from .ontology import OntologyError, load_cell_ontology
 
     t_raw = pd.Series(np.asarray(true, dtype=object))
     p_raw = pd.Series(np.asarray(pred, dtype=object))
@@ -329,12 +336,26 @@ def _confusion_table(
         raise ValueError(
             f"true holds {int(t_raw.isna().sum())} missing labels; leave those cells out."
         )
-    cl = ontology if ontology is not None else load_cell_ontology()
-    t = cl.harmonize(t_raw.astype(str).tolist())
     unknown = p_raw.isna().to_numpy() | (p_raw.astype(str) == UNKNOWN).to_numpy()
     p = np.full(len(p_raw), UNKNOWN, dtype=object)
-    if (~unknown).any():
-        p[~unknown] = cl.harmonize(p_raw[~unknown].astype(str).tolist())
+    if not ontology_aware:
+        t = t_raw.astype(str).tolist()
+        p[~unknown] = p_raw[~unknown].astype(str).to_numpy()
+        column = p.tolist()
+        rows = sorted(set(t))
+        others = sorted({c for c in column if c != UNKNOWN} - set(rows))
+        counts = pd.crosstab(pd.Series(t, name="true"), pd.Series(column, name="call"))
+        return counts.reindex(index=rows, columns=[*rows, *others, UNKNOWN], fill_value=0)
+    cl = ontology if ontology is not None else load_cell_ontology()
+    try:
+        t = cl.harmonize(t_raw.astype(str).tolist())
+        if (~unknown).any():
+            p[~unknown] = cl.harmonize(p_raw[~unknown].astype(str).tolist())
+    except OntologyError as err:
+        raise OntologyError(
+            f"{err} To show labels outside the Cell Ontology as they are, pass "
+            "ontology_aware=False."
+        ) from None
     ancestors = {term: set(cl.ancestors(term)) for term in set(t)}
     column = [
         UNKNOWN if c == UNKNOWN else ANCESTOR if c in ancestors[r] else c
