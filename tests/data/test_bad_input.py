@@ -388,6 +388,12 @@ def test_obs_filter_takes_any_collection_of_values_and_checks_a_callables_mask(i
         path, obs_filter=lambda obs: pd.array(obs["dataset_id"] == wanted[0], dtype="boolean")
     )
     np.testing.assert_array_equal(nullable.cell_ids, np.flatnonzero(studies == wanted[0]))
+    # the frame a callable gets is indexed by the cells' names, as an AnnData's obs is
+    rows = np.arange(3, 400, 7)
+    for fmt, store in indexed_paths.items():
+        names = np.asarray(open_store(store).obs_names)[rows]
+        kept = CellCollection(store, obs_filter=lambda obs, n=names: obs.index.isin(n))
+        np.testing.assert_array_equal(kept.cell_ids, rows, err_msg=fmt)
 
 
 def test_stored_zeros_outside_the_opening_sample_are_caught_when_read(tmp_path, caplog):

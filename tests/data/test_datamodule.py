@@ -270,9 +270,10 @@ def test_val_groups_are_read_as_text_and_checked():
     donor = adata.obs["donor"].to_numpy(float)
     donor[3::20] = np.nan  # four of donor 1003's cells
     adata.obs["donor_f"] = donor
-    dm = CellDataModule(adata, split_key="donor_f", val_groups=[1003], study_key="donor_f")
-    dm.setup()
-    assert dm.val is not None and dm.val.n_obs == 20 - 4
+    for given in ([1003], [1003.0], [np.float32(1003)], ["1003"]):
+        dm = CellDataModule(adata, split_key="donor_f", val_groups=given, study_key="donor_f")
+        dm.setup()
+        assert dm.val is not None and dm.val.n_obs == 20 - 4 and dm.val_groups == ["1003"]
     assert dm.categories["study_n"] == ["1000", "1001", "1002", "1003"]
     dm = CellDataModule(adata, split_key="donor_f", val_fraction=0.3)
     dm.setup()

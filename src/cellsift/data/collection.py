@@ -85,7 +85,8 @@ class CellCollection:
     obs_filter
         Keep cells by obs: ``{"column": value or [values]}`` (compared as text, whole
         floats as ints: ``{"donor": [1015]}`` keeps donor "1015") or a function of an obs
-        frame returning a boolean mask.
+        frame (indexed by the cells' obs names, as an AnnData's obs is) returning a
+        boolean mask.
     dropna
         obs columns that must be non-null (and not ``"unknown"``), e.g. the label column.
     min_genes, min_counts

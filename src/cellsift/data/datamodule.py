@@ -105,8 +105,13 @@ class CellDataModule(pl.LightningDataModule):
         self.split_key = split_key or study_key
         if isinstance(val_groups, str):  # one group, not its letters
             val_groups = [val_groups]
-        # (groups read as text, as the split column is: a YAML [1015] names donor "1015")
-        self.val_groups = [str(g) for g in val_groups] if val_groups is not None else None
+        # (groups read as text, as the split column is: a YAML [1015] names donor "1015",
+        # and a whole float 1015.0 (a column with gaps) does too)
+        self.val_groups = (
+            [str(_as_text(np.array([g]))[0]) for g in val_groups]
+            if val_groups is not None
+            else None
+        )
         self.val_fraction = val_fraction
         self.seed, self.batch_size = seed, batch_size
         self.loader_options = {

@@ -257,9 +257,15 @@ class CellStore(ABC):
         return self._obs_cache["__row_sums"]
 
     def obs(self, columns: list[str] | None = None) -> pd.DataFrame:
-        """An obs DataFrame of ``columns`` (all by default)."""
+        """An obs DataFrame of ``columns`` (all by default), indexed by the cells' obs
+        names as an AnnData's obs is (where the store has names; else by position)."""
         cols = self.obs_columns if columns is None else columns
-        return pd.DataFrame({c: self.obs_column(c) for c in cols})
+        names = getattr(self, "obs_names", None)
+        index = names if names is not None and len(names) == self.n_obs else None
+        frame = pd.DataFrame({c: self.obs_column(c) for c in cols})
+        if index is not None:
+            frame.index = index
+        return frame
 
     def __repr__(self) -> str:
         layer = f", layer={self.layer!r}" if self.layer else ""
