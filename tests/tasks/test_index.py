@@ -264,6 +264,13 @@ def test_search_within_max_distance_is_exhaustive(data, monkeypatch):
         want = ii[di <= 0.3]
         np.testing.assert_array_equal(np.sort(ids), np.sort(want))
         assert (np.diff(dist) >= 0).all()
+    (ids, _), *_ = index.search_within(q[:1], 2.0, max_hits=7)
+    np.testing.assert_array_equal(ids, i[0, :7])  # the nearest 7 of all 5000
+    for bad in ({"max_distance": None}, {"max_distance": float("nan")}, {"max_hits": -1}):
+        with pytest.raises(CellIndexError, match=r"max_distance is a cosine|max_hits is how"):
+            index.search_within(q[:1], **{"max_distance": 0.3, **bad})
+    with pytest.raises(CellIndexError, match="max_distance is a cosine distance"):
+        index.search(q[:1], 5, max_distance=float("nan"))
 
 
 def test_add_save_load_roundtrip(tmp_path, data):
@@ -304,6 +311,39 @@ def test_add_meets_categorical_metadata_with_plain_values(tmp_path):
     plain = CellIndex.build(rng.normal(size=(4, 8)), pd.DataFrame({"cell_type": list("TTBB")}))
     plain.add(rng.normal(size=(1, 8)), pd.DataFrame({"cell_type": pd.Categorical(["NK"])}))
     assert list(plain.metadata_rows([4])["cell_type"]) == ["NK"]
+
+    # a nullable integer column (pandas Int64) met by fractions becomes float, as int64 does,
+    # and reads back so, saved and loaded too; the other columns keep their pandas dtypes
+    nullable = pd.DataFrame(
+        {"n": pd.array([1, None, 3, 4], dtype="Int64"), "cell_type": pd.Categorical(list("TTBB"))}
+    )
+    grown = CellIndex.build(rng.normal(size=(4, 8)), nullable)
+    grown.add(rng.normal(size=(1, 8)), pd.DataFrame({"n": [0.5], "cell_type": ["T"]}))
+    for index in (grown, CellIndex.load(grown.save(tmp_path / "grown"))):
+        rows = index.metadata_rows([0, 1, 4])
+        np.testing.assert_array_equal(rows["n"].to_numpy(float), [1.0, np.nan, 0.5])
+        assert isinstance(rows["cell_type"].dtype, pd.CategoricalDtype)
+
+
+def test_a_handle_on_an_index_saved_over_since_says_so(tmp_path):
+    """Two handles on one saved index; one grows it and saves it back (load, add, save with
+    overwrite): the other, still on the old embeddings, refuses to read the new metadata
+    (which describe other cells) rather than filter or label with them. A handle saving over
+    its own path goes on."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    path = CellIndex.build(x, pd.DataFrame({"study": ["a"] * 300})).save(tmp_path / "idx")
+    reader, writer = CellIndex.load(path), CellIndex.load(path)
+    writer.add(rng.normal(size=(50, 8)), pd.DataFrame({"study": ["b"] * 50}))
+    writer.save(path, overwrite=True)
+    with pytest.raises(CellIndexError, match="was replaced or removed since this index was"):
+        reader.search(x[:1], 5, filter={"study": "b"})
+    with pytest.raises(CellIndexError, match="load it again"):
+        reader.metadata_rows([0])
+    again = CellIndex.load(path)
+    assert set(again.search(x[:1], 5, filter={"study": "b"}).indices[0]) <= set(range(300, 350))
+    again.save(path, overwrite=True)  # its own metadata, saved over themselves
+    assert list(again.metadata_rows([349])["study"]) == ["b"]
 
 
 def test_missing_metadata_stay_missing_and_filters_name_type_mismatches():

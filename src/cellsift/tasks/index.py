@@ -227,6 +227,9 @@ class CellIndex:
         self.embeddings = embeddings
         self._metadata = metadata  # a pyarrow Table in memory, or None when on disk
         self._metadata_path = metadata_path
+        # the metadata file as loaded: read by path at each use, so one saved over since (by
+        # another handle on the same index) would describe other cells than these embeddings
+        self._metadata_file = _file_identity(metadata_path) if metadata_path else None
         self.engine = engine
         self.ann = ann
         self.params: dict[str, Any] = dict(params or {})
@@ -429,6 +432,17 @@ class CellIndex:
         if self._metadata is not None:
             return ds.dataset(self._metadata)
         if self._metadata_path is not None:
+            try:
+                same = _file_identity(self._metadata_path) == self._metadata_file
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise CellIndexError(
+                    f"{self._metadata_path.parent} was replaced or removed since this index "
+                    "was loaded from it (saved over by another process or handle), so its "
+                    "metadata no longer describe these embeddings: load it again "
+                    "(CellIndex.load) to use the index as it is now."
+                )
             return ds.dataset(str(self._metadata_path), format="parquet")
         raise CellIndexError("this index has no metadata; build it with metadata= to filter.")
 
@@ -547,6 +561,8 @@ class CellIndex:
         q = self._queries(queries)
         check_k(k)
         k = int(k)  # (faiss takes Python ints only)
+        if max_distance is not None:
+            _check_distance(max_distance)
         rows = self.select(filter) if filter is not None else None
         n_sel = len(rows) if rows is not None else self.n_cells
         small = n_sel <= max(EXACT_SELECTION_MAX, EXACT_SELECTION_FRACTION * self.n_cells)
@@ -610,6 +626,12 @@ class CellIndex:
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every indexed cell within ``max_distance`` of each query (exhaustive, exact):
         one (indices, distances) pair per query, sorted by distance, at most ``max_hits``."""
+        _check_distance(max_distance)
+        if not is_whole(max_hits, least=1):
+            raise CellIndexError(
+                f"max_hits is how many hits to keep per query, a whole number >= 1, not "
+                f"{max_hits!r}."
+            )
         q = self._queries(queries)
         rows = self.select(filter) if filter is not None else None
         out: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(q))]
@@ -835,6 +857,9 @@ class CellIndex:
                 "files": {f: _file_digest(tmp / f) for f in files},
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        saved = Path(path) / "metadata.parquet"
+        if self._metadata_path is not None and self._metadata_path.resolve() == saved.resolve():
+            self._metadata_file = _file_identity(saved)  # its own metadata, saved over itself
         return Path(path)
 
     @classmethod
@@ -911,6 +936,13 @@ class CellIndex:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    """(device, inode, size, modification time in ns) of a file: another file put in its
+    place (a save's rename) or the file rewritten changes it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
     """The manifest's entries have the shapes :meth:`CellIndex.save` writes, and list the
     files its engine needs; else an error naming what is wrong."""
@@ -945,6 +977,16 @@ _AN_INDEX = "a cell index"
 def check_index_path(path: str | os.PathLike[str], overwrite: bool) -> None:
     """Refuse ``path`` for a new index, as :meth:`CellIndex.save` would, before the work."""
     check_replaceable(Path(path), overwrite, holds(*_INDEX_FILES), _AN_INDEX)
+
+
+def _check_distance(max_distance: Any) -> None:
+    """``max_distance`` is a number that is not NaN (cosine distances lie in [0, 2]; inf
+    keeps every hit), else a :class:`CellIndexError`."""
+    if not is_number(max_distance):
+        raise CellIndexError(
+            f"max_distance is a cosine distance (a number; distances lie in [0, 2]), not "
+            f"{max_distance!r}."
+        )
 
 
 def check_k(k: Any) -> None:
@@ -1008,8 +1050,20 @@ def _concat_metadata(old: Any, new: Any) -> Any:
         if recode and pa.types.is_dictionary(old.schema.field(name).type):
             both = both.dictionary_encode()
         columns.append(both)
+    # pandas' record of each column's dtype stays for the columns whose type held; one
+    # promoted (nullable Int64 met by floats) reads back as its new type
+    changed = {
+        name
+        for name, col in zip(old.schema.names, columns, strict=True)
+        if col.type != old.schema.field(name).type
+    }
+    meta = dict(old.schema.metadata or {})
+    if changed and b"pandas" in meta:
+        record = json.loads(meta[b"pandas"])
+        record["columns"] = [c for c in record.get("columns", []) if c.get("name") not in changed]
+        meta[b"pandas"] = json.dumps(record).encode()
     return pa.Table.from_arrays(columns, names=old.schema.names).replace_schema_metadata(
-        old.schema.metadata
+        meta or None
     )
 
 
