@@ -482,6 +482,44 @@ def test_an_even_split_is_no_majority():
         KNNAnnotator(index, k=21)
 
 
+def _ring(labels: list[str | None], d: int = 8) -> tuple[np.ndarray, CellIndex]:
+    """A query and an index whose len(labels) nearest cells all lie at one distance from
+    it (labelled ``labels``), with 50 far B cells behind them."""
+    query = np.eye(d)[0]
+    near = np.tile(query, (len(labels), 1))
+    for j in range(len(labels)):
+        near[j, 1 + j % (d - 1)] = 0.3 if j < d - 1 else -0.3
+    far = np.random.default_rng(0).normal(size=(50, d))
+    far[:, 0] = -5
+    meta = pd.DataFrame({"cell_type_ontology_term_id": [*labels, *["CL:0000236"] * 50]})
+    return query[None], CellIndex.build(np.vstack([near, far]), meta)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_an_even_split_at_one_distance_is_no_majority_weighted_or_not(weighted):
+    """Five CD4 and five CD8 neighbours at the same distance: no half is nearer, so neither
+    is a majority, whether votes are weighted by distance (float sums of the weights must not
+    tip an even split) or not."""
+    query, index = _ring(["CL:0000624"] * 5 + ["CL:0000625"] * 5)
+    assert len(np.unique(index.search(query, 10).distances)) == 1
+    plain = KNNAnnotator(index, k=10, weighted=weighted).annotate(query).iloc[0]
+    assert plain["label"] == UNKNOWN and plain["confidence"] == pytest.approx(0.5)
+    aware = KNNAnnotator(index, k=10, weighted=weighted, ontology_aware=True)
+    assert aware.annotate(query)["label"].iloc[0] == "CL:0000791"  # alpha-beta T cell
+
+
+def test_an_unknown_call_reports_the_majority_labels_share_in_either_mode():
+    """Four CD4 T, one B and five unlabelled neighbours: no term has a majority, so the call
+    is unknown, with the plain majority label's share (0.4) as its confidence in ontology
+    mode too (not the share of whichever term sorts first)."""
+    query, index = _ring(["CL:0000624"] * 4 + ["CL:0000236"] + [None] * 5)
+    for aware in (False, True):
+        out = KNNAnnotator(index, k=10, weighted=False, ontology_aware=aware).annotate(query)
+        assert out["label"].iloc[0] == UNKNOWN
+        assert out["knn_label"].iloc[0] == "CL:0000624"
+        assert out["confidence"].iloc[0] == pytest.approx(0.4)
+
+
 @pytest.mark.parametrize("ontology_aware", [False, True])
 def test_an_annotator_reads_the_labels_of_cells_added_to_the_index(ontology_aware):
     """An annotator made before CellIndex.add() votes with the added cells too (a type

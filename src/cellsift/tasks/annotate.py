@@ -48,6 +48,9 @@ __all__ = ["UNKNOWN", "KNNAnnotator"]
 
 UNKNOWN = "unknown"
 _UNSET: Any = object()  # (no calibration)
+#: Shares are sums of float weights over a sum of them: an even split can come out a hair
+#: above one half. A call needs its share to pass ``min_support`` by more than that.
+_ROUNDING = 1e-12
 
 
 @dataclass
@@ -367,7 +370,8 @@ class KNNAnnotator:
         ``unknown``), ``label_id`` and ``label_name`` (the Cell Ontology id and name where
         the label names a CL term: an id in any form, a name, a synonym; else the label),
         ``confidence`` (the call's share of the ``k`` neighbours' votes; a neighbour
-        without a label votes for nothing), ``margin`` (over the runner-up reference
+        without a label votes for nothing; for a call of ``unknown``, the share of
+        ``knn_label``), ``margin`` (over the runner-up reference
         label), ``min_distance`` (to the nearest reference cell), ``mean_distance`` (over
         the ``k`` neighbours), ``knn_label`` (the plain majority label; ``unknown`` when no
         neighbour has a label).
@@ -493,8 +497,8 @@ class KNNAnnotator:
         """Calls of queries whose neighbours are ``idx`` at ``dist``."""
         valid = idx >= 0
         codes = np.where(valid, self._labels.codes[np.maximum(idx, 0)], -1)
-        if self.weighted:
-            w = np.where(valid, np.clip(1.0 - dist / 2.0, 1e-6, None), 0.0)
+        if self.weighted:  # (in float64: float32 sums would split an even vote unevenly)
+            w = np.where(valid, np.clip(1.0 - dist.astype(np.float64) / 2.0, 1e-6, None), 0.0)
         else:
             w = valid.astype(np.float64)
         n_q, n_t = len(idx), len(self._labels.terms)
@@ -516,7 +520,7 @@ class KNNAnnotator:
             # votes for a term and all its descendants, summed before the one division
             # (shares summed: 0.4 + 0.2 > 0.6, and a parent would beat its only child)
             support = (votes @ self._up) / np.maximum(total, 1e-12)[:, None]
-            ok = support > self.min_support  # (so never a term that no one voted for)
+            ok = support > self.min_support + _ROUNDING  # (never a term no one voted for)
             # the most specific qualifying terms: none of their descendants qualifies; of
             # several (other lineages, with min_support below a half), the most supported
             qualifying = ok.astype(np.float32)
@@ -525,12 +529,13 @@ class KNNAnnotator:
             score = np.where(specific, support + self._depth[None, :] * 1e-9, -1.0)
             call = np.argmax(score, axis=1)  # (ties: the deeper term)
             label = terms[call]
-            conf = support[np.arange(n_q), call]
             has = ok.any(1)
+            # (no qualifying term: an unknown call, with the plain majority label's share)
+            conf = np.where(has, support[np.arange(n_q), call], top[:, 0])
         else:
             label = knn_label.copy()
             conf = top[:, 0]
-            has = conf > self.min_support
+            has = conf > self.min_support + _ROUNDING
         min_d = dist[:, 0]
         mean_d = _mean_distance(dist)
         unknown = ~has | ~voted
