@@ -79,6 +79,10 @@ def test_load_names_a_device_torch_cannot_use_before_reading(tmp_path, monkeypat
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"MPS .* not available.*device='cpu'"):
         MetricModel.load(path, device="mps")
+    for device in ("meta", "hpu"):  # devices torch names, where a model does not run
+        with pytest.raises(ConfigError, match=rf"device='{device}': a model runs on 'cpu'"):
+            MetricModel.load(path, device=device)
+    assert MetricModel.load(path, device="cpu:0").labels == LABELS  # the CPU by its index
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match=r"has 1 CUDA device\(s\), cuda:0 to cuda:0"):
@@ -102,12 +106,18 @@ def test_embedding_names_a_device_torch_cannot_use(tmp_path, monkeypatch):
             model, tmp_path / "cells.h5ad", tmp_path / "out.zarr", device=device
         ),
     }
+    before = model.embed(cells)
     for call in calls.values():
         with pytest.raises(ConfigError, match=r"CUDA is not available.*device='cpu'"):
             call("cuda")
         with pytest.raises(ConfigError, match=r"device='gpu' is not a torch device"):
             call("gpu")
+        with pytest.raises(ConfigError, match=r"device='meta': a model runs on 'cpu'"):
+            call("meta")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]
+    # the refused devices left the model where it was, its weights whole
+    np.testing.assert_array_equal(model.embed(cells), before)
+    np.testing.assert_array_equal(model.embed(cells, device="cpu:0"), before)
 
 
 # -- bundles whose files disagree --------------------------------------------------------------
@@ -162,6 +172,22 @@ def _labels_without_id(path: Path) -> None:
             lambda p: (p / "genes.tsv").write_text("name\nA\n"),
             r"genes\.tsv cannot be the model's genes .*'gene_id' column",
         ),
+        (
+            _edit_config(lambda c: c["loss"].update(margin=True)),
+            r"config\.json's loss\.margin is True, not a distance >= 0",
+        ),
+        (
+            _edit_config(lambda c: c["loss"].update(triplet_weight="0.1")),
+            r"config\.json's loss\.triplet_weight is '0\.1', not a number in \[0, 1\]",
+        ),
+        (
+            _edit_config(lambda c: c["loss"].update(negative=None)),
+            r"config\.json's loss\.negative is None, not semihard, hardest or random",
+        ),
+        (
+            _edit_config(lambda c: c.update(decoder_trained="no")),
+            r"config\.json's decoder_trained is 'no', not true or false",
+        ),
     ],
     ids=[
         "no-encoder-weights",
@@ -177,6 +203,10 @@ def _labels_without_id(path: Path) -> None:
         "label-twice",
         "labels-not-json",
         "genes-tsv-without-gene-id",
+        "margin-a-bool",
+        "triplet-weight-text",
+        "negative-null",
+        "decoder-trained-text",
     ],
 )
 def test_a_bundle_whose_files_disagree_is_refused_naming_file_and_key(tmp_path, edit, message):

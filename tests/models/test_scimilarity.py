@@ -69,3 +69,15 @@ def test_an_imported_model_fine_tunes_with_its_own_triplet_settings(tmp_path):
     (src / "hyperparameters.json").write_text(json.dumps(hp))
     with pytest.raises(ConfigError, match=r"negative_selection is 'easy'"):
         import_scimilarity(src, tmp_path / "other")
+    # values no model trains with are refused by the import, naming the file and the key,
+    # not written into a bundle that no load takes
+    hp["negative_selection"] = "hardest"
+    for key, value, what in (
+        ("triplet_loss_weight", 2.0, r"not a number in \[0, 1\]"),
+        ("margin", -0.05, "not a distance >= 0"),
+        ("margin", None, "not a distance >= 0"),
+    ):
+        (src / "hyperparameters.json").write_text(json.dumps({**hp, key: value}))
+        with pytest.raises(ConfigError, match=rf"hyperparameters\.json's {key} is .*{what}"):
+            import_scimilarity(src, tmp_path / "other")
+        assert not (tmp_path / "other").exists()

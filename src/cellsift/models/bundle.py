@@ -140,6 +140,17 @@ def check_device(device: str | torch.device) -> torch.device:
             f"device={device!r}: MPS (Apple's GPU backend) is not available on this machine; "
             "use device='cpu'."
         )
+    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(
+            f"device={device!r}: XPU (Intel's GPU backend) is not available on this machine; "
+            "use device='cpu'."
+        )
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(
+            f"device={device!r}: a model runs on 'cpu', 'cuda', 'mps' or 'xpu', not on "
+            f"{dev.type!r} devices{' (they hold no values)' if dev.type == 'meta' else ''}; "
+            "pass one of those."
+        )
     return dev
 
 
@@ -226,7 +237,10 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
             f"cellsift reads ({FORMAT_VERSION}); upgrade cellsift."
         )
     try:
-        flat = load_file(str(folder / "model.safetensors"), device=str(dev))
+        # (safetensors names the CPU 'cpu' only: 'cpu:0' is the same device)
+        flat = load_file(
+            str(folder / "model.safetensors"), device="cpu" if dev.type == "cpu" else str(dev)
+        )
     except (SafetensorError, OSError) as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise BundleError(
@@ -295,6 +309,8 @@ def metric_settings(
             raise bad(f"{section}.{key}", "is missing")
         if not ok(values[key]):
             raise bad(f"{section}.{key}", f"is {values[key]!r}, not {what}")
+    if not isinstance(config.get("decoder_trained", True), bool):
+        raise bad("decoder_trained", f"is {config['decoder_trained']!r}, not true or false")
     if norm.get("log1p", True) is not True:
         raise bad(
             "normalization.log1p", f"is {norm['log1p']!r}; cellsift's models always apply log1p"
@@ -311,6 +327,10 @@ def metric_settings(
         for p in inspect.signature(model).parameters.values()
         if p.kind is p.KEYWORD_ONLY and p.name not in own
     ]
+    for key, value in loss.items():
+        problem = loss_setting_problem(key, value)
+        if problem is not None:
+            raise bad(f"loss.{key}", f"is {value!r}, not {problem}")
     unknown = sorted(k for k in loss if k not in accepted)
     if unknown:
         raise BundleError(
@@ -326,6 +346,26 @@ def metric_settings(
         "target_sum": norm["target_sum"],
         **loss,
     }
+
+
+#: The loss settings a bundle's config.json (or an import) may give: what each must be.
+_LOSS_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "margin": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a distance >= 0"),
+    "triplet_weight": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "classifier_weight": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "negative": (lambda v: v in ("semihard", "hardest", "random"), "semihard, hardest or random"),
+    "relatives": (lambda v: v in ("never", "resolved"), "never or resolved"),
+    "ontology_aware": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def loss_setting_problem(key: str, value: Any) -> str | None:
+    """What a loss setting ``key`` must be, where ``value`` is not that (None: fine, or
+    not a setting this checks)."""
+    if key not in _LOSS_SETTINGS:
+        return None
+    ok, what = _LOSS_SETTINGS[key]
+    return None if ok(value) else what
 
 
 def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "") -> str:

@@ -25,7 +25,7 @@ from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError, ConfigError
 from ..losses.triplet import Negative
 from ..nn import MLPDecoder, MLPEncoder
-from .bundle import load_state
+from .bundle import load_state, loss_setting_problem
 
 __all__ = ["ScimilarityModel", "import_scimilarity", "read_scimilarity"]
 
@@ -270,11 +270,19 @@ def _loss_settings(hyperparameters: dict[str, Any], path: Any) -> dict[str, Any]
     (what fine-tuning the imported model trains with); those it lacks keep cellsift's
     defaults, which are SCimilarity's published ones."""
     names = {"margin": "margin", "triplet_loss_weight": "triplet_weight"}
-    loss: dict[str, Any] = {
-        ours: float(hyperparameters[theirs])
-        for theirs, ours in names.items()
-        if theirs in hyperparameters
-    }
+    loss: dict[str, Any] = {}
+    for theirs, ours in names.items():
+        if theirs not in hyperparameters:
+            continue
+        value = hyperparameters[theirs]
+        problem = loss_setting_problem(ours, value)
+        if problem is not None:  # (refused now: a bundle that no load would take)
+            raise ConfigError(
+                f"{path}: hyperparameters.json's {theirs} is {value!r}, not {problem}; "
+                "cellsift cannot train with it. Fix the value, or import a model trained with "
+                "SCimilarity's settings."
+            )
+        loss[ours] = float(value)
     negative = hyperparameters.get("negative_selection")
     if negative is not None:
         modes = get_args(Negative)
