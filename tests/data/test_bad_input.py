@@ -47,6 +47,16 @@ def test_inconsistent_row_pointer(tmp_path, indexed_paths):
         open_store(path)
 
 
+@pytest.mark.parametrize("group", ["obs", "var"])
+def test_a_file_without_its_cells_or_genes_table_is_named(tmp_path, indexed_paths, group):
+    path = tmp_path / f"no_{group}.h5ad"
+    shutil.copy(indexed_paths["h5ad"], path)
+    with h5py.File(path, "r+") as f:
+        del f[group]
+    with pytest.raises(DataError, match=rf"no_{group}\.h5ad: has no {group} .*incomplete"):
+        open_store(path)
+
+
 def test_corrupt_zarr(tmp_path, indexed_paths):
     path = tmp_path / "broken.zarr"
     shutil.copytree(indexed_paths["zarr"], path)

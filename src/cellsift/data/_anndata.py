@@ -102,6 +102,13 @@ class AnnDataStore(CellStore):
         return "raw/X" if self.layer == "raw" else f"layers/{self.layer}"
 
     def _check_layout(self, root: Any) -> None:
+        for group in ("obs", "raw/var" if self.layer == "raw" else "var"):
+            if not _held(root, group):  # (what a write that did not finish can leave)
+                raise self._error(
+                    f"has no {group} (the {'cells' if group == 'obs' else 'genes'}' "
+                    "table): the file is incomplete, perhaps from a write that did not finish.",
+                    "Re-create it (adata.write_h5ad / write_zarr).",
+                )
         mat = self._matrix(root)
         enc = _attr(mat, "encoding-type")
         if enc == "csc_matrix":
