@@ -162,6 +162,10 @@ def test_an_existing_output_is_refused_before_the_work(tmp_path, capsys):
     args = ["annotate", "m", "i", "d.h5ad", str(tmp_path / "out.h5ad"), "--overwrite"]
     assert main(args) == 2
     assert "is a folder that is not an h5ad file" in capsys.readouterr().err
+    # an output named as another kind of store: refused before the work, not written as h5ad
+    assert main(["annotate", "m", "i", "d.h5ad", str(tmp_path / "calls.zarr")]) == 2
+    assert "calls.zarr is named as zarr, but annotate writes an h5ad" in capsys.readouterr().err
+    assert not (tmp_path / "calls.zarr").exists()
 
 
 def test_annotate_reads_its_query_files_with_one_line_errors(tmp_path):
