@@ -166,6 +166,27 @@ def test_an_existing_output_is_refused_before_the_work(tmp_path, capsys):
     assert main(["annotate", "m", "i", "d.h5ad", str(tmp_path / "calls.zarr")]) == 2
     assert "calls.zarr is named as zarr, but annotate writes an h5ad" in capsys.readouterr().err
     assert not (tmp_path / "calls.zarr").exists()
+    # an output below a file: the file named, not the system's bare "File exists"
+    (tmp_path / "afile").write_text("mine")
+    bundle = _tiny_bundle(tmp_path)
+    for args in (
+        ["convert", str(tmp_path / "d.h5ad"), str(tmp_path / "afile" / "out.zarr")],
+        ["embed", str(bundle), str(tmp_path / "d.h5ad"), str(tmp_path / "afile" / "e.zarr")],
+    ):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'afile'} is a file, not a folder" in err, err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def _tiny_bundle(tmp_path):
+    """An untrained model of a small synthetic atlas, written to tmp_path/d.h5ad."""
+    from cellsift.datasets import synthetic_atlas
+    from cellsift.models import MetricModel
+
+    adata = synthetic_atlas(300, 200, n_studies=2, seed=0)
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    return MetricModel.from_collection(adata, hidden=(16,), latent=4).save(tmp_path / "m")
 
 
 def test_annotate_reads_its_query_files_with_one_line_errors(tmp_path):

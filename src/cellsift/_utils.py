@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from .errors import MissingKeyError, OutputInUseError
+from .errors import ConfigError, MissingKeyError, OutputInUseError
 
 logger = logging.getLogger("cellsift")
 
@@ -165,7 +165,7 @@ def atomic_path(
     """
     final = Path(path)
     check_replaceable(final, overwrite, replaces, what)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(final)
     tmp = temp_sibling(final)
     try:
         yield tmp
@@ -173,6 +173,20 @@ def atomic_path(
     finally:
         if tmp.exists():
             remove_path(tmp)
+
+
+def make_parent(path: Path) -> None:
+    """Make the folders above ``path``; one of them that exists as a file is a
+    :class:`ConfigError` naming it (not the system's bare "File exists")."""
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"{path}: {folder} is a file, not a folder, so nothing can be written "
+                    "inside it; choose another output path."
+                )
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager
@@ -251,7 +265,7 @@ def output_lock(path: Path, what: str) -> Iterator[None]:
         yield
         return
     lock = path.with_name(f".{path.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from .._utils import (
     check_replaceable,
     import_optional,
+    make_parent,
     move_into_place,
     reclaim_signals,
     remove_path,
@@ -109,7 +110,7 @@ class StoreWriter:
         self.path = Path(path)
         check_replaceable(self.path, overwrite, is_store, A_STORE)
         self.overwrite = overwrite
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(self.path)
         self.tmp = temp_sibling(self.path)
         self.var = _clean_frame(var)
         if not self.var.index.is_unique:
