@@ -54,6 +54,8 @@ def test_info(indexed_paths, capsys):
     assert main(["info", str(indexed_paths["soma"])]) == 0
     out = capsys.readouterr().out
     assert "format     soma" in out and "cells      2,000" in out and "dataset_id" in out
+    assert main(["info", str(indexed_paths["h5ad"])]) == 0  # stored values, as such
+    assert "stored     4,000 values (16.7% of cells x genes)" in capsys.readouterr().out
 
 
 def test_info_counts_missing_values_apart(tmp_path, capsys):

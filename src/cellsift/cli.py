@@ -46,7 +46,8 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
     ]
     if (nnz := store.nnz) is not None:
         density = nnz / max(store.n_obs * store.n_vars, 1)
-        lines.append(f"  nonzero    {nnz:,} ({density:.1%})")
+        # (the matrix's stored entries, read from its row pointer: explicit zeros count)
+        lines.append(f"  stored     {nnz:,} values ({density:.1%} of cells x genes)")
     names = store.var_names[:3].tolist()
     if names:
         ensembl = all(_ENSEMBL.match(g) for g in names)
