@@ -227,3 +227,15 @@ def test_resuming_from_last_without_a_checkpoint_says_where_it_looked(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="cellsift"):
         assert continued_run("last", [ModelCheckpoint(dirpath=where)], tmp_path, "run") is None
     assert f"no last*.ckpt in {where}, so training starts from the beginning" in caplog.text
+
+
+def test_a_setting_added_since_a_checkpoint_was_kept_reads_as_its_old_default():
+    """A checkpoint from before loss.ontology_aware existed was trained ontology-aware: it
+    resumes into such a run, and is refused by a run with the setting off."""
+    from cellsift.train.plan import _changed_settings
+
+    old = {"loss": {"margin": 0.05}}
+    assert _changed_settings(old, {"loss": {"margin": 0.05, "ontology_aware": True}}) == []
+    assert _changed_settings(old, {"loss": {"margin": 0.05, "ontology_aware": False}}) == [
+        "loss.ontology_aware True there, False here"
+    ]

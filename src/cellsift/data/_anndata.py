@@ -102,7 +102,7 @@ class AnnDataStore(CellStore):
         return "raw/X" if self.layer == "raw" else f"layers/{self.layer}"
 
     def _check_layout(self, root: Any) -> None:
-        for group in ("obs", "raw/var" if self.layer == "raw" else "var"):
+        for group in ("obs", "var"):  # (a missing raw is named by the matrix's check)
             if not _held(root, group):  # (what a write that did not finish can leave)
                 raise self._error(
                     f"has no {group} (the {'cells' if group == 'obs' else 'genes'}' "

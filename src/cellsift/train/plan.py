@@ -586,6 +586,11 @@ def _check_watched(trainer: pl.Trainer) -> None:
             )
 
 
+#: Settings added to a run's identity since it was first kept in checkpoints, by section,
+#: with the value every run made before then had.
+_ADDED_SETTINGS: dict[str, dict[str, Any]] = {"loss": {"ontology_aware": True}}
+
+
 def _changed_settings(saved: dict[str, Any] | None, here: dict[str, Any] | None) -> list[str]:
     """``section.key there -> here`` for each setting that differs (none where either side
     holds no settings)."""
@@ -594,6 +599,8 @@ def _changed_settings(saved: dict[str, Any] | None, here: dict[str, Any] | None)
     out = []
     for section in sorted(set(saved) | set(here)):
         a, b = saved.get(section) or {}, here.get(section) or {}
+        # a setting that checkpoints of older versions lack: its default then held
+        a = {k: a.get(k, v) for k, v in _ADDED_SETTINGS.get(section, {}).items()} | a
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
                 out.append(f"{section}.{key} {a.get(key)!r} there, {b.get(key)!r} here")
