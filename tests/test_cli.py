@@ -344,6 +344,9 @@ def test_hints_name_the_commands_options(tmp_path, capsys):
     assert "Point --layer at raw counts" in err and "pass --no-check-counts" in err
     assert main(["info", str(tmp_path / "logged.h5ad"), "--layer", "spliced"]) == 2
     assert "Choose --layer among: X (no --layer), layers" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("plain")  # info has no --format to offer
+    assert main(["info", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("name it *.h5ad, *.zarr or *.soma.")
     from cellsift.cli import _error
     from cellsift.ontology import OntologyError
 

@@ -497,6 +497,8 @@ _AS_OPTIONS = {
     ),
     _FIT_CHECK: (("pass check_counts=False", f"pass {_FIT_CHECK} false"),),
 }
+#: Hints naming a Python argument that a command has no option for: left out there.
+_NOT_OPTIONS = {"--format": ((", or pass format=.", "."),)}
 _COMMAND_OPTIONS = {
     "info": ("--layer",),
     "convert": ("--layer", "--no-check-counts", "--format"),
@@ -514,9 +516,13 @@ def _error(command: str, err: BaseException) -> int:
     if "Original Traceback" in text:
         last = text.rstrip().splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
-    for option in _COMMAND_OPTIONS.get(command, ()):
+    options = _COMMAND_OPTIONS.get(command, ())
+    for option in options:
         for python, shell in _AS_OPTIONS[option]:
             text = text.replace(python, shell)
+    for option, hints in _NOT_OPTIONS.items():
+        for python, without in hints if option not in options else ():
+            text = text.replace(python, without)
     print(f"cellsift {command}: error: {text}", file=sys.stderr)
     return 2
 
