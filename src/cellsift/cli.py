@@ -123,6 +123,7 @@ def _embed(args: argparse.Namespace) -> int:
         progress_bar=True,
         check_counts=not args.no_check_counts,
         store_options=_soma_options(args),
+        min_genes=args.min_genes,
     )
     print(f"wrote {out}")
     return 0
@@ -312,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes, one shard each (one per GPU; gloo on the CPU); a killed run resumes",
     )
     p.add_argument(
+        "--min-genes",
+        type=_at_least(0),
+        default=None,
+        help="leave out cells with fewer genes detected (1: cells without counts)",
+    )
+    p.add_argument(
         "--no-check-counts",
         action="store_true",
         help="embed values that are not raw counts as they are",
@@ -482,6 +489,9 @@ _AS_OPTIONS = {
     "--no-ontology": (("pass ontology_aware=False", "pass --no-ontology"),),
     "--format": (("or pass format=.", "or pass --format."),),
     "--label-key": (("or pass another label_key.", "or pass another --label-key."),),
+    "--min-genes": (
+        ("min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`", "--min-genes 1"),
+    ),
     "--quantile": (
         (
             "a lower quantile (quantile=), or set no threshold (no calls of unknown by distance: "
@@ -502,7 +512,7 @@ _NOT_OPTIONS = {"--format": ((", or pass format=.", "."),)}
 _COMMAND_OPTIONS = {
     "info": ("--layer",),
     "convert": ("--layer", "--no-check-counts", "--format"),
-    "embed": ("--layer", "--no-check-counts"),
+    "embed": ("--layer", "--no-check-counts", "--min-genes"),
     "annotate": ("--layer", "--no-check-counts", "--quantile", "--no-ontology", "--label-key"),
     "fit": (_FIT_LAYER, _FIT_CHECK),
 }

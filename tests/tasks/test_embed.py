@@ -133,6 +133,38 @@ def test_each_command_names_an_output_of_another_kind(bundle, synthetic_h5ad, tm
         cs.data.CellCollection(tmp_path / "m.json")
 
 
+def test_a_filtered_collection_embeds_the_cells_it_keeps(bundle, synthetic_h5ad, tmp_path, capsys):
+    """A CellCollection that leaves cells out (obs_filter, min_genes) embeds the cells it
+    keeps, each in its own row (they were read by position among all cells); `cellsift
+    embed --min-genes 1` leaves out a cell without counts, which it refuses otherwise."""
+    import scipy.sparse as sp
+
+    from cellsift.data import CellCollection
+
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)[:400].copy()
+    odd = CellCollection(
+        synthetic_h5ad, genes=model.genes, obs_filter=lambda obs: np.arange(len(obs)) % 2 == 1
+    )
+    emb, meta = load_embeddings(embed_collection(model, odd, tmp_path / "odd.zarr"))
+    whole = ad.read_h5ad(synthetic_h5ad)
+    np.testing.assert_allclose(emb, model.embed(whole[np.arange(1, whole.n_obs, 2)]), atol=1e-6)
+    np.testing.assert_array_equal(meta["store_row"], np.arange(1, whole.n_obs, 2))
+    x = sp.csr_matrix(adata.X).tolil()
+    x[5] = 0
+    adata.X = x.tocsr()
+    adata.X.eliminate_zeros()
+    adata.write_h5ad(tmp_path / "empty_cell.h5ad")
+    args = ["embed", str(bundle), str(tmp_path / "empty_cell.h5ad"), str(tmp_path / "e.zarr")]
+    assert main(args) == 2
+    assert "no counts at all. Drop them with --min-genes 1." in capsys.readouterr().err
+    assert main([*args, "--min-genes", "1"]) == 0
+    emb, meta = load_embeddings(tmp_path / "e.zarr")
+    kept = np.delete(np.arange(400), 5)
+    np.testing.assert_array_equal(meta["store_row"], kept)
+    np.testing.assert_allclose(emb, model.embed(adata[kept]), atol=1e-6)
+
+
 def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad):
     model = MetricModel.load(bundle)
     adata = ad.read_h5ad(synthetic_h5ad)[:300]

@@ -98,6 +98,7 @@ def embed_collection(
     progress_bar: bool = False,
     check_counts: bool = True,
     store_options: dict[str, Any] | None = None,
+    min_genes: int | None = None,
 ) -> Path:
     """Embed every cell of ``source`` (paths, glob, manifest or a CellCollection) with
     ``model`` (a MetricModel) and write the embeddings store ``out`` (module docstring).
@@ -110,7 +111,9 @@ def embed_collection(
     ``check_counts``: values that are not raw counts are an error (every batch read is
     checked, :class:`CellCollection`); False embeds them as they are. ``store_options``
     open each store (:func:`~cellsift.data.open_store`: a SOMA store's ``measurement``,
-    ``var_id``). A CellCollection given as ``source`` keeps its own settings.
+    ``var_id``). ``min_genes``: leave out cells with fewer genes detected (1: cells without
+    counts, which a store may not hold otherwise). A CellCollection given as ``source`` keeps
+    its own settings.
 
     ``devices`` > 1 spawns that many processes (NCCL on GPUs, one each; gloo on the CPU),
     each embedding one shard. Called inside an initialised ``torch.distributed`` job, every
@@ -146,6 +149,7 @@ def embed_collection(
         "progress_bar": progress_bar,
         "check_counts": check_counts,
         "store_options": store_options,
+        "min_genes": min_genes,
     }
     if devices > 1 and not (dist.is_available() and dist.is_initialized()):
         with output_lock(out, _LOCKED_BY):  # (the ranks leave it to this process)
@@ -322,6 +326,7 @@ def _embed_shard(
     progress_bar: bool,
     check_counts: bool,
     store_options: dict[str, Any] | None,
+    min_genes: int | None = None,
 ) -> Path:
     """This rank's shard of ``out`` (and on rank 0 the store's metadata and finish)."""
     coll = (
@@ -335,6 +340,7 @@ def _embed_shard(
             overlap_of="vocabulary",
             check_counts=check_counts,
             store_options=store_options,
+            min_genes=min_genes,
         )
     )
     if obs_columns is not None:  # (named before the cells are embedded, not after)
@@ -407,8 +413,8 @@ def _write_shard(
             for s in progress(
                 starts, total=len(starts), desc="embed", enabled=progress_bar, unit="batch"
             ):
-                rows = np.arange(s, min(s + batch_size, stop))
-                counts = coll.read(rows)
+                rows = np.arange(s, min(s + batch_size, stop))  # kept cells' positions
+                counts = coll.read(coll.cell_ids[rows])
                 if coll.check_counts:
                     _check_some_counts(coll, counts, rows)
                 x = to_torch_csr(counts).to(dev)
