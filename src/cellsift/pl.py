@@ -15,7 +15,7 @@ the suffix).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -338,39 +338,40 @@ def _confusion_table(
         )
     unknown = p_raw.isna().to_numpy() | (p_raw.astype(str) == UNKNOWN).to_numpy()
     p = np.full(len(p_raw), UNKNOWN, dtype=object)
-    if not ontology_aware:
+    if ontology_aware:
+        cl = ontology if ontology is not None else load_cell_ontology()
+        try:
+            t = cl.harmonize(t_raw.astype(str).tolist())
+            if (~unknown).any():
+                p[~unknown] = cl.harmonize(p_raw[~unknown].astype(str).tolist())
+        except OntologyError as err:
+            raise OntologyError(
+                f"{err} To show labels outside the Cell Ontology as they are, pass "
+                "ontology_aware=False."
+            ) from None
+        ancestors = {term: set(cl.ancestors(term)) for term in set(t)}
+        column = [
+            UNKNOWN if c == UNKNOWN else ANCESTOR if c in ancestors[r] else c
+            for r, c in zip(t, p.tolist(), strict=True)
+        ]
+        apart = [ANCESTOR, UNKNOWN]
+        name: Callable[[str], str] = cl.name
+    else:  # the labels as written, no ancestor calls
         t = t_raw.astype(str).tolist()
         p[~unknown] = p_raw[~unknown].astype(str).to_numpy()
-        column = p.tolist()
-        rows = sorted(set(t))
-        others = sorted({c for c in column if c != UNKNOWN} - set(rows))
-        counts = pd.crosstab(pd.Series(t, name="true"), pd.Series(column, name="call"))
-        return counts.reindex(index=rows, columns=[*rows, *others, UNKNOWN], fill_value=0)
-    cl = ontology if ontology is not None else load_cell_ontology()
-    try:
-        t = cl.harmonize(t_raw.astype(str).tolist())
-        if (~unknown).any():
-            p[~unknown] = cl.harmonize(p_raw[~unknown].astype(str).tolist())
-    except OntologyError as err:
-        raise OntologyError(
-            f"{err} To show labels outside the Cell Ontology as they are, pass "
-            "ontology_aware=False."
-        ) from None
-    ancestors = {term: set(cl.ancestors(term)) for term in set(t)}
-    column = [
-        UNKNOWN if c == UNKNOWN else ANCESTOR if c in ancestors[r] else c
-        for r, c in zip(t, p.tolist(), strict=True)
-    ]
-    rows = sorted(set(t), key=lambda term: (cl.name(term), term))
+        column, apart = p.tolist(), [UNKNOWN]
+
+        def name(term: str) -> str:
+            return term
+
+    rows = sorted(set(t), key=lambda term: (name(term), term))
     others = sorted(
-        {c for c in column if c not in (UNKNOWN, ANCESTOR)} - set(rows),
-        key=lambda term: (cl.name(term), term),
+        {c for c in column if c not in apart} - set(rows), key=lambda term: (name(term), term)
     )
-    cols = [*rows, *others, ANCESTOR, UNKNOWN]
     counts = pd.crosstab(pd.Series(t, name="true"), pd.Series(column, name="call"))
-    table = counts.reindex(index=rows, columns=cols, fill_value=0)
-    table.index = pd.Index(cl.names(rows), name="true")
-    table.columns = pd.Index([*cl.names([*rows, *others]), ANCESTOR, UNKNOWN], name="call")
+    table = counts.reindex(index=rows, columns=[*rows, *others, *apart], fill_value=0)
+    table.index = pd.Index([name(r) for r in rows], name="true")
+    table.columns = pd.Index([*(name(c) for c in [*rows, *others]), *apart], name="call")
     return table
 
 
