@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +32,7 @@ from .._warnings import UntrainedDecoderWarning
 from ..data.genes import GeneVocabulary
 from ..data.stores import refuse_other
 from ..errors import CellsiftError, ConfigError
+from ..losses.triplet import Negative, Relatives
 
 __all__ = [
     "Bundle",
@@ -348,13 +349,18 @@ def metric_settings(
     }
 
 
+def _one_of(choices: tuple[str, ...]) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
 #: The loss settings a bundle's config.json (or an import) may give: what each must be.
 _LOSS_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "margin": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a distance >= 0"),
     "triplet_weight": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "classifier_weight": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "negative": (lambda v: v in ("semihard", "hardest", "random"), "semihard, hardest or random"),
-    "relatives": (lambda v: v in ("never", "resolved"), "never or resolved"),
+    "negative": (lambda v: v in get_args(Negative), _one_of(get_args(Negative))),
+    "relatives": (lambda v: v in get_args(Relatives), _one_of(get_args(Relatives))),
     "ontology_aware": (lambda v: isinstance(v, bool), "true or false"),
 }
 

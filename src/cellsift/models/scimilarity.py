@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import pandas as pd
 import torch
@@ -23,7 +23,6 @@ import torch
 from .._utils import is_whole
 from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError, ConfigError
-from ..losses.triplet import Negative
 from ..nn import MLPDecoder, MLPEncoder
 from .bundle import load_state, loss_setting_problem
 
@@ -269,11 +268,17 @@ def _loss_settings(hyperparameters: dict[str, Any], path: Any) -> dict[str, Any]
     """The triplet settings of SCimilarity's hyperparameters.json as a bundle's ``loss``
     (what fine-tuning the imported model trains with); those it lacks keep cellsift's
     defaults, which are SCimilarity's published ones."""
-    names = {"margin": "margin", "triplet_loss_weight": "triplet_weight"}
+    names = {
+        "margin": "margin",
+        "triplet_loss_weight": "triplet_weight",
+        "negative_selection": "negative",
+    }
     loss: dict[str, Any] = {}
     for theirs, ours in names.items():
-        if theirs not in hyperparameters:
-            continue
+        if theirs not in hyperparameters or (
+            ours == "negative" and hyperparameters[theirs] is None
+        ):
+            continue  # (cellsift's default, SCimilarity's published one)
         value = hyperparameters[theirs]
         problem = loss_setting_problem(ours, value)
         if problem is not None:  # (refused now: a bundle that no load would take)
@@ -282,14 +287,5 @@ def _loss_settings(hyperparameters: dict[str, Any], path: Any) -> dict[str, Any]
                 "cellsift cannot train with it. Fix the value, or import a model trained with "
                 "SCimilarity's settings."
             )
-        loss[ours] = float(value)
-    negative = hyperparameters.get("negative_selection")
-    if negative is not None:
-        modes = get_args(Negative)
-        if negative not in modes:
-            raise ConfigError(
-                f"{path}: hyperparameters.json's negative_selection is {negative!r}; cellsift "
-                f"mines {', '.join(map(repr, modes))} negatives."
-            )
-        loss["negative"] = negative
+        loss[ours] = value if isinstance(value, str) else float(value)
     return loss
