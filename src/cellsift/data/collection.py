@@ -274,7 +274,7 @@ class CellCollection:
                     allowed = (
                         list(wanted) if many or isinstance(wanted, set | frozenset) else [wanted]
                     )
-                    texts = [_as_text(np.array([v]))[0] for v in allowed]
+                    texts = [value_text(v) for v in allowed]
                     mask &= values.isin([t for t in texts if t is not None]).to_numpy()
             apply("obs_filter", mask)
         nnz = store.row_nnz() if store.stored_zeros else store.stored_row_nnz()
@@ -553,6 +553,12 @@ def _as_text(values: Any) -> np.ndarray:
     values = _plain_values(values)
     floats = values.categories if isinstance(values, pd.Categorical) else np.asarray(values)
     return text_or_none(_whole_floats_as_ints(values) if floats.dtype.kind == "f" else values)
+
+
+def value_text(value: Any) -> str | None:
+    """One value as :func:`_as_text` reads a column of it (1015.0 and 1015 are "1015"; None
+    where missing): how a filter's or a split's given values meet the columns."""
+    return _as_text(np.array([value]))[0]
 
 
 def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 << 22) -> None:

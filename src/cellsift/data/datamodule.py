@@ -12,7 +12,7 @@ import numpy as np
 from .._utils import logger, no_label
 from .._warnings import warn
 from ..errors import ConfigError
-from .collection import CellCollection, ObsFilter, StoreLike, _as_text
+from .collection import CellCollection, ObsFilter, StoreLike, _as_text, value_text
 from .genes import GeneVocabulary
 from .loader import CellLoader, IterableCellDataset
 from .sampling import Mode
@@ -108,9 +108,7 @@ class CellDataModule(pl.LightningDataModule):
         # (groups read as text, as the split column is: a YAML [1015] names donor "1015",
         # and a whole float 1015.0 (a column with gaps) does too)
         self.val_groups = (
-            [str(_as_text(np.array([g]))[0]) for g in val_groups]
-            if val_groups is not None
-            else None
+            [str(value_text(g)) for g in val_groups] if val_groups is not None else None
         )
         self.val_fraction = val_fraction
         self.seed, self.batch_size = seed, batch_size

@@ -260,12 +260,9 @@ class CellStore(ABC):
         """An obs DataFrame of ``columns`` (all by default), indexed by the cells' obs
         names as an AnnData's obs is (where the store has names; else by position)."""
         cols = self.obs_columns if columns is None else columns
-        names = getattr(self, "obs_names", None)
-        index = names if names is not None and len(names) == self.n_obs else None
-        frame = pd.DataFrame({c: self.obs_column(c) for c in cols})
-        if index is not None:
-            frame.index = index
-        return frame
+        names = getattr(self, "obs_names", None)  # (positions where the store has none)
+        index = names if names is not None else pd.RangeIndex(self.n_obs)
+        return pd.DataFrame({c: self.obs_column(c) for c in cols}, index=index)
 
     def __repr__(self) -> str:
         layer = f", layer={self.layer!r}" if self.layer else ""

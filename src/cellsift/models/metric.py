@@ -125,14 +125,7 @@ class MetricModel:
         if not isinstance(ontology_aware, bool):
             raise TypeError(f"ontology_aware is True or False, not {ontology_aware!r}.")
         cl = load_cell_ontology()
-        if not ontology_aware:
-            self.labels = [str(t) for t in labels]
-            self.label_names = self.labels if label_names is None else list(label_names)
-            if len(self.labels) != len(self.label_names) or len(set(self.labels)) != len(
-                self.labels
-            ):
-                raise ValueError("labels must be unique, and label_names parallel to them.")
-        elif label_names is None:
+        if ontology_aware and label_names is None:
             try:
                 self.labels = list(dict.fromkeys(cl.harmonize(labels)))  # names, ids may meet
             except OntologyError as err:
@@ -142,8 +135,9 @@ class MetricModel:
                     "--model.ontology_aware false)."
                 ) from None
             self.label_names = cl.names(self.labels)
-        else:
-            self.labels, self.label_names = [str(t) for t in labels], list(label_names)
+        else:  # taken as they are: a saved model's, or labels outside the ontology
+            self.labels = [str(t) for t in labels]
+            self.label_names = list(self.labels if label_names is None else label_names)
             if len(self.labels) != len(self.label_names) or len(set(self.labels)) != len(
                 self.labels
             ):
