@@ -196,3 +196,34 @@ def test_a_damaged_scimilarity_directory_is_named(tmp_path, name, content, messa
     with pytest.raises(CellsiftError, match=message):
         import_scimilarity(src, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_labels_outside_the_ontology_import_as_written(tmp_path):
+    """A SCimilarity model trained on labels outside the Cell Ontology (cell lines) is
+    refused with the option that imports it; with ontology_aware=False its labels are
+    taken as written, related to themselves only, and the bundle loads with the weights
+    the import of CL labels loads."""
+    from cellsift.models import MetricModel
+    from cellsift.ontology import OntologyError
+
+    src = tmp_path / "model"
+    shutil.copytree(FIXTURE, src)
+    lines = ["HCC827", "H1975", "A549", "H838"]
+    pd.DataFrame({"0": lines}).to_csv(src / "label_ints.csv")
+    with pytest.raises(OntologyError, match=r"ontology_aware=False"):
+        import_scimilarity(src, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    model = MetricModel.load(import_scimilarity(src, tmp_path / "bundle", ontology_aware=False))
+    assert model.labels == lines and model.label_names == lines
+    assert model.config["loss"]["ontology_aware"] is False and model.config["ontology"] is None
+    related = model.module.triplet.related_ll.numpy()
+    np.testing.assert_array_equal(related, np.eye(len(lines), dtype=bool))
+    labels = json.loads((tmp_path / "bundle" / "labels.json").read_text())
+    assert [lab["source_name"] for lab in labels] == lines
+    reference = MetricModel.load(import_scimilarity(FIXTURE, tmp_path / "cl"))
+    ours, theirs = model.module.encoder.state_dict(), reference.module.encoder.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="ontology_aware is True or False"):
+        import_scimilarity(src, tmp_path / "other", ontology_aware="no")  # type: ignore[arg-type]

@@ -211,26 +211,49 @@ def read_scimilarity(
 
 
 def import_scimilarity(
-    path: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    ontology_aware: bool = True,
 ) -> Path:
     """Convert a SCimilarity model directory into a cellsift bundle (:mod:`.bundle`).
 
     Labels are harmonised onto Cell Ontology ids (an error lists names that are not CL
-    terms; names of one term become one label); the normalisation SCimilarity applies
-    (counts per 10,000, log1p) goes into the config. Embeddings of the bundle equal
+    terms; names of one term become one label); with ``ontology_aware=False`` (a model
+    trained on labels outside the Cell Ontology: cell lines, a lab's own annotation) they
+    are taken as written, each related to itself only, as
+    ``MetricModel(..., ontology_aware=False)`` takes them. The normalisation SCimilarity
+    applies (counts per 10,000, log1p) goes into the config. Embeddings of the bundle equal
     SCimilarity's.
     """
-    from ..ontology import load_cell_ontology
+    from ..ontology import OntologyError, load_cell_ontology
     from .bundle import save_bundle
 
+    if not isinstance(ontology_aware, bool):
+        raise TypeError(f"ontology_aware is True or False, not {ontology_aware!r}.")
     model = read_scimilarity(path)
     cl = load_cell_ontology()
-    ids = cl.harmonize(model.labels)
+    if ontology_aware:
+        try:
+            ids = cl.harmonize(model.labels)
+        except OntologyError as err:
+            raise OntologyError(
+                f"{path}: label_ints.csv: {err} To import a model trained on labels outside "
+                "the Cell Ontology (cell lines, a lab's own annotation) with its labels as "
+                "written, pass ontology_aware=False."
+            ) from None
+    else:
+        ids = list(model.labels)
     names: dict[str, list[str]] = {}  # (names may meet: a synonym, an obsolete term's successor)
     for i, n in zip(ids, model.labels, strict=True):
         names.setdefault(i, []).append(n)
     labels = [
-        {"id": i, "name": cl.name(i), "source_name": "; ".join(dict.fromkeys(n))}
+        {
+            "id": i,
+            "name": cl.name(i) if ontology_aware else i,
+            "source_name": "; ".join(dict.fromkeys(n)),
+        }
         for i, n in names.items()
     ]
     enc = model.encoder
@@ -244,7 +267,8 @@ def import_scimilarity(
             "input_dropout": model.hyperparameters.get("input_dropout", 0.4),
         },
         "normalization": {"target_sum": 1e4, "log1p": True},
-        "loss": _loss_settings(model.hyperparameters, path),
+        "loss": {**_loss_settings(model.hyperparameters, path), "ontology_aware": ontology_aware},
+        "ontology": {"version": cl.version} if ontology_aware else None,
         "source": {
             "kind": "scimilarity",
             "path": str(Path(path).resolve()),
