@@ -229,3 +229,14 @@ def test_a_models_query_needs_half_its_genes_or_5000():
         assert small.align(_var(list(small.genes[:600])), of="vocabulary").n_matched == 600
     with pytest.raises(GeneAlignmentError, match="need 500"):
         small.align(_var(list(small.genes[:499])), of="vocabulary")
+
+
+def test_a_gene_without_an_id_is_refused(tmp_path):
+    """A vocabulary cannot hold a gene without an id (its genes.tsv could not be read back):
+    refused where made, naming the gene, and a genes.tsv line without one is named, not
+    skipped as a blank line (which shifted every later gene by one)."""
+    with pytest.raises(ValueError, match="gene 1 of the vocabulary has an empty id"):
+        GeneVocabulary(["A", " ", "C"])
+    (tmp_path / "genes.tsv").write_text("gene_id\nA\n\nC\n")
+    with pytest.raises(ValueError, match=r"gene 1 \(line 3\) has no gene_id"):
+        GeneVocabulary.load(tmp_path / "genes.tsv")

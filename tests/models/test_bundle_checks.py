@@ -173,6 +173,12 @@ def _labels_without_id(path: Path) -> None:
             r"genes\.tsv cannot be the model's genes .*'gene_id' column",
         ),
         (
+            lambda p: (p / "genes.tsv").write_text(
+                "\n".join(["gene_id", *[f"G{i}" if i != 2 else "" for i in range(30)]]) + "\n"
+            ),
+            r"genes\.tsv cannot be the model's genes .*gene 2 \(line 4\) has no gene_id",
+        ),
+        (
             _edit_config(lambda c: c["loss"].update(margin=True)),
             r"config\.json's loss\.margin is True, not a distance >= 0",
         ),
@@ -203,6 +209,7 @@ def _labels_without_id(path: Path) -> None:
         "label-twice",
         "labels-not-json",
         "genes-tsv-without-gene-id",
+        "genes-tsv-empty-gene-id",
         "margin-a-bool",
         "triplet-weight-text",
         "negative-null",

@@ -115,6 +115,13 @@ class GeneVocabulary:
         self, genes: Sequence[str] | pd.Index, symbols: Sequence[str] | None = None
     ) -> None:
         self.genes = pd.Index(np.asarray(genes, dtype=str))
+        empty = np.flatnonzero(self.genes.str.strip() == "")
+        if len(empty):
+            raise ValueError(
+                f"gene {empty[0]} of the vocabulary has an empty id"
+                + (f" ({len(empty) - 1} more too)" if len(empty) > 1 else "")
+                + "; every gene needs an id (name the store's genes, or leave those out)."
+            )
         stripped = _strip_version(self.genes)  # alignment ignores Ensembl versions
         if stripped.has_duplicates:
             dups = self.genes[stripped.duplicated(keep=False)].unique()[:5].tolist()
@@ -190,10 +197,25 @@ class GeneVocabulary:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> GeneVocabulary:
-        # every name as written: no "NA" / "null" / "None" read as missing
-        df = pd.read_csv(Path(path), sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+        # every name as written: no "NA" / "null" / "None" read as missing, and no line
+        # skipped (a blank line is a gene without an id, not nothing)
+        df = pd.read_csv(
+            Path(path),
+            sep="\t",
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            skip_blank_lines=False,
+        )
         if "gene_id" not in df.columns:
             raise ValueError(f"{path}: a genes.tsv needs a 'gene_id' column.")
+        empty = np.flatnonzero(df["gene_id"].str.strip() == "")
+        if len(empty):
+            raise ValueError(
+                f"{path}: gene {empty[0]} (line {empty[0] + 2}) has no gene_id"
+                + (f", and {len(empty) - 1} more" if len(empty) > 1 else "")
+                + "; every gene the model reads needs its id."
+            )
         return cls(df["gene_id"], df["symbol"] if "symbol" in df.columns else None)
 
     # -- alignment ------------------------------------------------------------------------
