@@ -206,9 +206,16 @@ def test_blank_and_pandas_missing_labels_name_no_term(cl):
 
 
 def test_coarsen_rare_counts_no_study_for_cells_without_one(cl):
-    """A label seen only in cells without a study is in no study, not in one per NaN."""
+    """A label seen only in cells without a study is in no study, not in one per NaN (or
+    per value that spells a missing one)."""
     labels = ["CL:0000236"] * 4 + ["CL:0000788"] * 3  # B cell; naive B cell (a descendant)
     studies = ["a", "b", "a", "b", float("nan"), None, float("nan")]
     out, report = cl.coarsen_rare(labels, studies, min_studies=2)
     assert report.studies["CL:0000788"] == 0
     assert out == ["CL:0000236"] * 7 and report.moved == {"CL:0000788": "CL:0000236"}
+    # text that means no study (as in study and split columns everywhere): "unknown",
+    # blanks, and the "nan" / "None" that astype(str) makes of a column with gaps
+    for none in ("unknown", "", " ", "nan", "NaN", "None", "<NA>"):
+        out, report = cl.coarsen_rare(labels, ["a", "b", "a", "b", "a", none, none])
+        assert report.studies["CL:0000788"] == 1, none
+        assert report.moved == {"CL:0000788": "CL:0000236"}, none

@@ -297,8 +297,9 @@ class CellOntology:
         The parent is the nearest ancestor, within the label set, that is itself seen in at
         least ``min_studies`` studies; ties go to the one seen in more studies, then to the
         smaller id (deterministic). Labels without such a parent become None (dropped); the
-        report says what moved where and what was dropped. Cells without a study (None, NaN)
-        count toward no study.
+        report says what moved where and what was dropped. Cells without a study (None, NaN,
+        or text that spells a missing value: ``unknown``, ``nan``, blank) count toward no
+        study.
         """
         labels, studies = list(labels), list(studies)
         if len(labels) != len(studies):
@@ -313,9 +314,11 @@ class CellOntology:
                 "first."
             )
         seen: dict[str, set[str]] = {}
-        for lab, st in zip(labels, studies, strict=True):  # a missing study counts as none
+        # a missing study, or text that spells one ("unknown", "nan"), counts as none
+        none = no_label(studies) if studies else np.zeros(0, dtype=bool)
+        for lab, st, missing in zip(labels, studies, none, strict=True):
             studies_of = seen.setdefault(lab, set())
-            if not _missing(st):
+            if not missing:
                 studies_of.add(st)
         n_studies = {lab: len(s) for lab, s in seen.items()}
         viable = {lab for lab, n in n_studies.items() if n >= min_studies}
