@@ -76,7 +76,8 @@ def _reference(z, y, s, related, margin, mode, resolved=False):
     d = pairwise_distance(z).double().numpy()
     y, s, related = y.numpy(), s.numpy(), related.numpy()
     anc = ANCESTOR.numpy()
-    uses = {(int(st), int(lab)) for st, lab in zip(s, y, strict=True) if lab >= 0}
+    # (a cell without a study, -1, uses no label)
+    uses = {(int(st), int(lab)) for st, lab in zip(s, y, strict=True) if lab >= 0 and st >= 0}
 
     def allowed(a, m):
         if not related[y[a], y[m]]:
@@ -105,11 +106,17 @@ def _reference(z, y, s, related, margin, mode, resolved=False):
     return out, d
 
 
+@pytest.mark.parametrize("studies", ["labelled", "unlabelled-only"])
 @pytest.mark.parametrize("resolved", [False, True])
 @pytest.mark.parametrize("mode", ["semihard", "hardest", "random"])
 @pytest.mark.parametrize("margin", [0.05, 0.3])
-def test_selection_satisfies_scimilarity_rules(mode, margin, resolved, path):
+def test_selection_satisfies_scimilarity_rules(mode, margin, resolved, studies, path):
+    """``studies="unlabelled-only"``: the labelled cells have no study and only cells
+    without a label have studies, up to the largest code (a fine-tuning batch of cells
+    outside the model's labels): no study uses a label, so no relatives are admitted."""
     z, y, s, related = _batch()
+    if studies == "unlabelled-only":
+        s = torch.where(y >= 0, -1, torch.arange(len(y)) % 3)
     ref, d = _reference(z, y, s, related, margin, mode, resolved)
     t = _mine(
         path,
@@ -150,7 +157,8 @@ def test_selection_satisfies_scimilarity_rules(mode, margin, resolved, path):
                 nearest = min(ref[pair], key=lambda c: (d[pair[0], c], c))
                 assert m == nearest
     relatives = related[y[t.anchor], y[t.negative]] & (y[t.anchor] != y[t.negative])
-    assert bool(relatives.any()) == resolved  # the option, and only it, admits relatives
+    # the option, and only it, admits relatives (where studies tell them apart)
+    assert bool(relatives.any()) == (resolved and studies == "labelled")
     if resolved:  # never for an anchor of label 0 from study 2, which does not use label 1
         assert not (relatives & (y[t.anchor] == 0) & (s[t.anchor] == 2)).any()
 

@@ -481,9 +481,10 @@ def study_uses_label(y_n: torch.Tensor, study_n: torch.Tensor, n_labels: int) ->
 
 
 def _label_use(y_n: torch.Tensor, study_n: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """Studies x labels boolean: which labels each study gives cells of the batch."""
+    """Studies x labels boolean: which labels each study gives cells of the batch; a row
+    for every study code in the batch (its cells without a label too: they are looked up)."""
     known = (y_n >= 0) & (study_n >= 0)
-    n_studies = int(study_n.max().item()) + 1 if known.any() else 1
+    n_studies = max(int(study_n.max().item()) + 1, 1) if len(study_n) else 1
     used = torch.zeros(n_studies, n_labels, dtype=torch.bool, device=y_n.device)
     used[study_n[known], y_n[known]] = True
     return used
