@@ -198,6 +198,13 @@ class CellCollection:
                 "Loosen the filter that removes them all; a label column for training "
                 "(dropna) must hold labels, not only missing or 'unknown' values."
             )
+        if len(self.cell_ids) < self.offsets[-1]:
+            logger.info(
+                "the collection keeps %s of %s cells (%s)",
+                f"{len(self.cell_ids):,}",
+                f"{int(self.offsets[-1]):,}",
+                "; ".join(f"{what} removes {k:,}" for what, k in removed.items() if k),
+            )
         self._obs_cache: dict[str, Any] = {}
         self._value_maps: dict[str, dict[str, str]] = {}
 
