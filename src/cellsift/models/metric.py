@@ -241,7 +241,8 @@ class MetricModel:
         ``compile`` compiles the encoder and decoder. Where ``data`` is not a data module
         (whose own settings hold otherwise), it is read with ``study_key``, the obs column
         of studies (positives from another study; None: none), labels from
-        :attr:`label_key` (``from_collection``'s), and every cell trains: give a
+        :attr:`label_key` (``from_collection``'s), and every labelled cell trains (cells
+        without a label, or labelled ``unknown``, are left out; how many is logged): give a
         :class:`CellDataModule` (``val_fraction``, ``split_key``) to hold studies out for
         validation.
 
