@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 
@@ -156,33 +157,78 @@ def test_metric_plan_refuses_labels_the_model_would_not_line_up_with():
             MetricPlan(genes, labels, hidden=(8,), latent=4)
 
 
+class _Validations(pl.Callback):
+    """What a run validated (step, epoch, val/asw, val/loss) and each epoch's training
+    loss mean, as the loggers got them."""
+
+    def __init__(self):
+        self.seen: list[tuple] = []
+
+    def on_validation_end(self, trainer, plan):
+        if not trainer.sanity_checking:
+            m = trainer.callback_metrics
+            asw, loss = float(m["val/asw"]), float(m["val/loss"])
+            self.seen.append(("val", trainer.global_step, trainer.current_epoch, asw, loss))
+
+    def on_train_epoch_start(self, trainer, plan):
+        if "train/loss_epoch" in trainer.callback_metrics:  # (the epoch before's)
+            self.seen.append(("epoch", float(trainer.callback_metrics["train/loss_epoch"])))
+
+
+@pytest.mark.parametrize("validation", ["at-epoch-end", "mid-epoch-only", "none"])
 def test_a_run_resumed_from_an_epochs_last_step_ends_as_the_uninterrupted_one(
-    synthetic_h5ad, tmp_path
+    synthetic_h5ad, tmp_path, validation
 ):
-    """A checkpoint of an epoch's last step is written before that epoch's validation,
-    whose triplet mining draws: validation's draws are kept out of training's stream, so
-    the resumed run ends with the uninterrupted run's weights."""
+    """A checkpoint of an epoch's last step is written before that epoch's validation and
+    end: the resumed run validates that epoch (early stopping and monitored checkpoints
+    see it), logs its means, and goes on, as the uninterrupted run did. Validation's
+    triplet mining draws are kept out of training's stream, so the resumed run ends with
+    the uninterrupted run's weights."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = {"val_fraction": 0} if validation == "none" else {}
+    trainer_options = {"val_check_interval": 0.5} if validation == "mid-epoch-only" else {}
 
     def run(root, **fit):
         torch.manual_seed(0)
-        dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1)
+        dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1, **data)
         ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)
-        trainer = _trainer(root, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt])
+        seen = _Validations()
+        trainer = _trainer(
+            root,
+            max_epochs=3,
+            enable_checkpointing=True,
+            callbacks=[ckpt, seen],
+            num_sanity_val_steps=0,
+            **trainer_options,
+        )
         plan = TrainingPlan(module)
         trainer.fit(plan, datamodule=dm, **fit)
-        return trainer, plan
+        return trainer, plan, seen.seen
 
-    whole, plan = run(tmp_path / "whole")
-    per_epoch = whole.global_step // 2
+    whole, plan, seen = run(tmp_path / "whole")
+    per_epoch = whole.global_step // 3
+    if validation == "mid-epoch-only":
+        assert per_epoch % 2 == 1  # (so that no validation falls on an epoch's last step)
     first = tmp_path / "whole" / f"epoch=0-step={per_epoch}.ckpt"
     assert first.exists()
-    resumed, again = run(tmp_path / "resumed", ckpt_path=first)
+    resumed, again, seen_again = run(tmp_path / "resumed", ckpt_path=first)
     assert resumed.global_step == whole.global_step
     for (key, a), b in zip(
         plan.module.state_dict().items(), again.module.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+    # what the uninterrupted run logged from the checkpoint's step on: epoch 0's
+    # validation (where it validated at its end) and means, then the epochs after
+    after = [e for e in seen if e[0] == "epoch" or e[1] >= per_epoch]
+    assert [e[:3] for e in seen_again] == [e[:3] for e in after]
+
+    def values(events):
+        return [v for e in events for v in (e[1:] if e[0] == "epoch" else e[3:])]
+
+    np.testing.assert_allclose(values(seen_again), values(after), rtol=1e-6)
+    if validation == "at-epoch-end":
+        assert seen_again[0][:3] == ("val", per_epoch, 0)
 
 
 def test_an_epoch_resumed_mid_way_logs_the_mean_over_all_its_batches(synthetic_h5ad, tmp_path):

@@ -404,6 +404,7 @@ class TrainingPlan(pl.LightningModule):
                 ": a resumed run goes on with the optimiser and schedule state it saved. "
                 "Resume with those, or start a new run (or fine-tune the saved model bundle)."
             )
+        _finish_the_epoch(checkpoint)
         # the epoch's sums so far, for a run that goes on mid-epoch (a new epoch clears them):
         # every rank's, held by rank 0
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -430,7 +431,12 @@ class TrainingPlan(pl.LightningModule):
     def on_validation_start(self) -> None:
         # validation draws (triplet mining in eval mode): kept out of training's random
         # stream, so that a run resumed from a checkpoint written just before a validation
-        # (an epoch's last step) draws as the uninterrupted run did after it
+        # (an epoch's last step) draws as the uninterrupted run did after it. That resumed
+        # run validates first (_finish_the_epoch): from the checkpoint's stream, as the
+        # uninterrupted run did
+        if self._rng_to_restore is not None and not self.trainer.sanity_checking:
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
         self._rng_before_validation = _rng_state()
 
     def on_validation_end(self) -> None:
@@ -500,6 +506,41 @@ class TrainingPlan(pl.LightningModule):
         # a callable object) so that checkpoints do not store the old length
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _finish_the_epoch(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint written as an epoch's last training batch ended (a ``ModelCheckpoint``
+    every n steps, the plan's own on a signal) comes before that epoch's validation and its
+    end (epoch means, early stopping, epoch-end checkpoints). Lightning resumes such a
+    checkpoint in the next epoch, skipping both: the resumed run would not validate that
+    epoch, and would log the next epoch's means over both. Its loop state is set to where
+    the last batch has completed and the validation has not begun (as a checkpoint written
+    as that validation started), so that the resumed run validates and ends the epoch as
+    the uninterrupted run did, then goes on. Checkpoints written anywhere else are left
+    as they are."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    batches = loop.get("epoch_loop.batch_progress")
+    validation = loop.get("epoch_loop.val_loop.batch_progress")
+    if not (isinstance(batches, dict) and isinstance(validation, dict)):
+        return  # (a checkpoint without loop state, or of a Lightning that keeps it otherwise)
+    total, current = batches.get("total", {}), batches.get("current", {})
+    keys = ("ready", "started", "processed", "completed")
+    if not all(k in total and k in current for k in keys) or not batches.get("is_last_batch"):
+        return
+    if not total["ready"] == total["started"] == total["processed"] == total["completed"] + 1:
+        return  # (not written as a training batch ended)
+    total["completed"] += 1
+    current["completed"] += 1
+    done = validation.get("total", {}).get("completed", 0)
+    # Lightning's sign of a validation under way: one batch started, none processed
+    validation["total"] = {
+        "ready": done + 1,
+        "started": done + 1,
+        "processed": done,
+        "completed": done,
+    }
+    validation["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    validation["is_last_batch"] = False
 
 
 def _check_negatives(trainer: pl.Trainer, module: nn.Module) -> None:
