@@ -215,6 +215,38 @@ def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad,
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
 
+def test_a_checkpoint_callback_without_a_folder_keeps_what_last_resumes(synthetic_h5ad, tmp_path):
+    """A ModelCheckpoint given without dirpath keeps its checkpoints in
+    <default_root_dir>/checkpoints, where ckpt_path="last" looks (Lightning's default, the
+    logger's version_0/checkpoints, is not looked in by the resumed run, version_1): a run
+    stopped by a signal goes on from where it stopped, in the same TensorBoard run."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def train(root, **kw):
+        best = ModelCheckpoint(monitor="val/asw", mode="max", save_last=True)
+        callbacks = [best, *kw.pop("callbacks", [])]
+        data = {"split_key": "donor_id", "seed": 3}
+        return _fit(synthetic_h5ad, root, data=data, max_epochs=2, callbacks=callbacks, **kw)
+
+    class CtrlCAtStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    whole = train(tmp_path / "whole")
+    with pytest.raises(TrainingInterrupted, match="stopped on SIGINT after step 3") as err:
+        train(tmp_path / "run", callbacks=[CtrlCAtStep()])
+    assert Path(err.value.checkpoint) == tmp_path / "run" / "checkpoints" / "last.ckpt"
+    resumed = train(tmp_path / "run", ckpt_path="last")
+    assert resumed.trainer is not None and resumed.trainer.global_step == whole.trainer.global_step
+    for (key, a), b in zip(
+        whole.module.state_dict().items(), resumed.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+    assert [p.name for p in (tmp_path / "run" / "lightning_logs").iterdir()] == ["version_0"]
+
+
 def test_a_signal_within_an_accumulation_stops_the_run_after_its_step(synthetic_h5ad, tmp_path):
     """With accumulate_grad_batches=2, a signal at a batch that does not step the optimiser
     stops the run after the next batch, which does: no half-accumulated gradient is lost,

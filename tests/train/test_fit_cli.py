@@ -181,6 +181,30 @@ def test_fit_validates_where_max_steps_ends_an_epoch_early(synthetic_h5ad, tmp_p
     assert (run / "model" / "model.safetensors").exists()
 
 
+def test_fit_keeps_checkpoints_of_a_callback_without_a_folder_where_last_finds_them(
+    synthetic_h5ad, tmp_path
+):
+    """A config's ModelCheckpoint without dirpath keeps its checkpoints in the logger's
+    folder of runs (<save_dir>/<name>/checkpoints), not in one run's version_0: a run
+    resumed with --ckpt_path last goes on from them, in the same TensorBoard run."""
+    args = _args(synthetic_h5ad, tmp_path, "--trainer.log_every_n_steps", "1")
+    config = yaml.safe_load(Path(args[1]).read_text())
+    for cb in config["trainer"]["callbacks"]:
+        cb["init_args"].pop("dirpath", None)
+    config["trainer"]["max_epochs"] = 1
+    Path(args[1]).write_text(yaml.safe_dump(config))
+    assert main(["fit", *args]) == 0
+    kept = tmp_path / "metric" / "checkpoints"
+    assert (kept / "last.ckpt").exists() and list(kept.glob("best-*.ckpt"))
+    assert not (tmp_path / "metric" / "version_0" / "checkpoints").exists()
+    first = torch.load(kept / "last.ckpt", weights_only=True)["global_step"]
+    resume = ("--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert main(["fit", *args, *resume]) == 0
+    assert [p.name for p in (tmp_path / "metric").glob("version_*")] == ["version_0"]
+    steps = [step for step, _ in _scalars(tmp_path / "metric" / "version_0")["train/loss_step"]]
+    assert steps == list(range(2 * first))  # the second epoch's, after the first's
+
+
 _DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
 
 

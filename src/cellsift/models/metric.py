@@ -37,7 +37,7 @@ from ..nn.metric import hidden_widths
 from ..ontology import OntologyError, load_cell_ontology
 from ..train import TrainingPlan
 from ..train._stop import interrupts_kept
-from ..train.resume import continued_run
+from ..train.resume import continued_run, place_checkpoints
 from .bundle import (
     BundleError,
     check_device,
@@ -248,7 +248,8 @@ class MetricModel:
 
         Unless the callbacks hold a ``ModelCheckpoint`` (or checkpointing is off), a
         checkpoint is kept at each epoch's end in ``<default_root_dir>/checkpoints``, with
-        ``last.ckpt``; ``ckpt_path`` resumes a run from a checkpoint file or from ``"last"``
+        ``last.ckpt`` (a ``ModelCheckpoint`` without ``dirpath`` keeps its checkpoints
+        there too); ``ckpt_path`` resumes a run from a checkpoint file or from ``"last"``
         (as an uninterrupted run would have gone on), and with Lightning's default logger
         the resumed run logs on in the TensorBoard run that wrote the checkpoint. With a
         ``ModelCheckpoint`` that monitors a metric (e.g. ``val/asw``, with early stopping),
@@ -281,9 +282,11 @@ class MetricModel:
         plan.run_identity = self.run_identity()
         root = Path(default_root_dir) if default_root_dir is not None else Path.cwd()
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        # in one place across runs, so that ckpt_path="last" finds the last one
+        place_checkpoints(callbacks, root / "checkpoints")
         if trainer_kwargs.get("enable_checkpointing", True) is not False and not any(
             isinstance(cb, ModelCheckpoint) for cb in callbacks
-        ):  # in one place across runs, so that ckpt_path="last" finds the last one
+        ):
             callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", save_last=True))
         run_logger = trainer_kwargs.pop("logger", None)
         if run_logger is None or run_logger is True:  # Lightning's default, continuing a run

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..models.bundle import check_bundle_path
 from ._stop import interrupts_kept
 from .plan import TrainingPlan
-from .resume import continued_run, read_checkpoint
+from .resume import continued_run, place_checkpoints, read_checkpoint
 
 __all__ = ["FitCLI", "MetricPlan", "run_fit"]
 
@@ -159,8 +159,17 @@ class FitCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
-        """A run resumed from a checkpoint logs on in the TensorBoard run that wrote it."""
+        """A run resumed from a checkpoint logs on in the TensorBoard run that wrote it.
+        A ``ModelCheckpoint`` without ``dirpath`` keeps its checkpoints in the logger's
+        folder of runs (``<save_dir>/<name>/checkpoints``, as configs/metric.yaml's do),
+        where ``--ckpt_path last`` finds them, not in one run's ``version_N``."""
         config = self.config[self.subcommand]
+        run_logger = self.trainer.logger
+        if isinstance(run_logger, TensorBoardLogger):
+            where = Path(run_logger.save_dir) / run_logger.name / "checkpoints"
+        else:
+            where = Path(self.trainer.default_root_dir) / "checkpoints"
+        place_checkpoints(self.trainer.checkpoint_callbacks, where)
         logger = _continued_logger(self.trainer, config.get("ckpt_path"), config.trainer.logger)
         if logger is not None:
             self.trainer.logger = logger

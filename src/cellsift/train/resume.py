@@ -3,6 +3,7 @@ that wrote it, which the resumed run logs on in."""
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from .._utils import logger
 from ..errors import DataError
 
-__all__ = ["checkpoint_file", "continued_run", "read_checkpoint"]
+__all__ = ["checkpoint_file", "continued_run", "place_checkpoints", "read_checkpoint"]
 
 
 #: What to do about a checkpoint that cannot be read, where a run resumes from it.
@@ -35,6 +36,18 @@ def read_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, 
             f"is truncated, corrupt or not a checkpoint (a model bundle's files are not). {advice}"
         ) from err
     return ckpt
+
+
+def place_checkpoints(callbacks: Iterable[Any], dirpath: str | Path) -> None:
+    """Give the ``ModelCheckpoint`` callbacks that name no directory ``dirpath``, one place
+    across runs. Lightning would put their checkpoints in the logger's folder of this run
+    (``version_N/checkpoints``), and a resumed run, which gets a new one, would not find
+    them with ``ckpt_path="last"``: it would start over (the stop on a signal says to
+    resume so)."""
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+            cb.dirpath = os.path.realpath(dirpath)
+            logger.info("ModelCheckpoint without dirpath: its checkpoints go to %s", dirpath)
 
 
 def checkpoint_file(ckpt_path: str, callbacks: Iterable[Any]) -> Path | None:
@@ -60,7 +73,11 @@ def continued_run(
     path = checkpoint_file(ckpt_path, callbacks) if ckpt_path else None
     if path is None:
         if ckpt_path == "last":  # (a job that always passes "last" starts so the first time)
-            dirs = [str(cb.dirpath) for cb in callbacks if isinstance(cb, ModelCheckpoint)]
+            dirs = [
+                str(cb.dirpath)
+                for cb in callbacks
+                if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None
+            ]
             logger.warning(
                 "ckpt_path='last': no last*.ckpt in %s, so training starts from the beginning "
                 "(to resume, run where the interrupted run ran, or pass its checkpoint's path)",
