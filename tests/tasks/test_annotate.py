@@ -259,8 +259,9 @@ def test_held_out_calibration_is_the_conformal_quantile_and_keeps_new_cells():
 def test_calibration_against_a_selection_of_the_reference_is_its_conformal_quantile():
     """calibrate() with safelist / blocklist / filter measures against the selected reference
     cells only (and samples them only), exactly as brute force over that selection; annotate
-    against another selection than the threshold's warns."""
+    against another selection than the threshold's warns (one set by hand holds for any)."""
     from cellsift._warnings import CellsiftWarning
+    from cellsift.errors import ConfigError
 
     x, meta, _ = _atlas(n_per=80, spread=0.4, seed=2)
     y, study = meta["cell_type_ontology_term_id"].to_numpy(), meta["study"].to_numpy()
@@ -290,6 +291,11 @@ def test_calibration_against_a_selection_of_the_reference_is_its_conformal_quant
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ann.annotate(x[cal][:5], blocklist=["CL:0000236"])
+        # a threshold set by hand holds against any selection: nothing to warn of
+        ann.distance_threshold = thr
+        ann.annotate(x[cal][:5])
+    with pytest.raises(ConfigError, match="distance_threshold is a distance"):
+        ann.distance_threshold = "0.3"  # type: ignore[assignment]
 
     # the reference itself: every selected cell (n_cells above their number) against the
     # other selected cells, then against the selected cells of other studies

@@ -108,11 +108,6 @@ class KNNAnnotator:
                 f"min_support must be in [0, 1) (a call needs more than that share of the "
                 f"votes), not {min_support!r}."
             )
-        if distance_threshold is not None and not is_number(distance_threshold):
-            raise ConfigError(
-                f"distance_threshold is a distance beyond which a call is unknown (a number; "
-                f"calibrate() sets one), or None for no abstention, not {distance_threshold!r}."
-            )
         if abstain_on not in ("mean", "nearest"):
             raise ValueError(f"abstain_on must be 'mean' or 'nearest', not {abstain_on!r}.")
         if label_key not in index.metadata_columns:
@@ -121,12 +116,29 @@ class KNNAnnotator:
             )
         self.index, self.label_key, self.k = index, label_key, k
         self.weighted, self.ontology_aware = weighted, ontology_aware
-        self.min_support, self.distance_threshold = min_support, distance_threshold
+        self.min_support = min_support
+        self.distance_threshold = distance_threshold  # (checked, and set as given)
         self.abstain_on = abstain_on
-        #: the reference selection (safelist, blocklist, filter) :meth:`calibrate` last set
-        #: the threshold on: None, the whole reference; unset, a threshold given as a number
-        self._calibrated_on: Any = _UNSET
         self._load_labels()
+
+    @property
+    def distance_threshold(self) -> float | None:
+        """The distance beyond which a call is ``unknown`` (None: no abstention by
+        distance); :meth:`calibrate` sets it, or set it by hand."""
+        return self._distance_threshold
+
+    @distance_threshold.setter
+    def distance_threshold(self, value: float | None) -> None:
+        if value is not None and not is_number(value):
+            raise ConfigError(
+                f"distance_threshold is a distance beyond which a call is unknown (a number; "
+                f"calibrate() sets one), or None for no abstention, not {value!r}."
+            )
+        self._distance_threshold = None if value is None else float(value)
+        #: the reference selection (safelist, blocklist, filter) :meth:`calibrate` set the
+        #: threshold on: None, the whole reference; unset, a threshold given as a number
+        #: (by hand: no selection to hold queries to)
+        self._calibrated_on: Any = _UNSET
 
     def __repr__(self) -> str:
         threshold = self.distance_threshold
@@ -290,7 +302,8 @@ class KNNAnnotator:
                 "no threshold (no calls of unknown by distance: leave calibrate out; "
                 "tl.annotate: abstain=False)."
             )
-        self.distance_threshold, self._calibrated_on = threshold, expr
+        self.distance_threshold = threshold
+        self._calibrated_on = expr  # (after the threshold, whose setting unsets it)
         logger.info(
             "KNNAnnotator: distance threshold %.4f (quantile %.3f of %d cells)",
             self.distance_threshold,
