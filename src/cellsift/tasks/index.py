@@ -279,6 +279,26 @@ class CellIndex:
             raise ValueError(f"engine must be 'exact', 'ivf' or 'auto', not {engine!r}.")
         return index
 
+    def rebuild(self, *, nlist: int | None = None, seed: int = 0) -> float:
+        """Train the IVF lists anew over every indexed cell, the ones :meth:`add` appended
+        too (whose lists were trained without them; add() warns where they are found short
+        of the target), and calibrate ``nprobe`` again for the index's ``k`` and target
+        recall; returns the recall reached. ``nlist``: as :meth:`build` (default: from the
+        number of cells). Cells, metadata and model stay; save to persist. An exact index
+        has no lists: nothing to rebuild (1.0)."""
+        if self.engine != "ivf":
+            return 1.0
+        n = self.n_cells
+        if nlist is not None and not (is_whole(nlist, least=1) and nlist <= n):
+            raise CellIndexError(
+                f"nlist must be a whole number of lists from 1 to the number of cells "
+                f"({n}), not {nlist!r}."
+            )
+        k = int(self.params.get("calibrated_k") or 50)
+        target = float(self.params.get("target_recall", 0.99))
+        self._build_ivf(nlist=None if nlist is None else int(nlist), seed=seed)
+        return self.calibrate(k=k, target_recall=target, seed=seed)
+
     def _build_ivf(self, nlist: int | None, seed: int) -> None:
         faiss = import_optional("faiss")
         n, d = self.embeddings.shape
@@ -762,7 +782,7 @@ class CellIndex:
         The IVF lists keep their centroids (no retraining): the new cells' own recall@k (k
         calibrated for, on a sample of them, leave-one-out) is measured, and a warning says
         when it falls short of the index's target (cells unlike those the lists were trained
-        on): rebuild the index over all the embeddings then. Save to persist.
+        on): :meth:`rebuild` then. Save to persist.
         """
         emb = normalize_embeddings(embeddings)
         if emb.shape[1] != self.dim:
@@ -827,8 +847,8 @@ class CellIndex:
             warn(
                 f"the {added:,} cells added are found at recall@{k} {reached:.1%}, short of the "
                 f"{target:.1%} this IVF index was calibrated to: its lists were trained "
-                "without cells like them. Rebuild the index over all the embeddings "
-                "(CellIndex.build; cellsift index), or search it exactly (exact=True)."
+                "without cells like them. Rebuild its lists over all the cells "
+                "(index.rebuild(), then save), or search it exactly (exact=True)."
             )
 
     # -- persistence ------------------------------------------------------------------------
