@@ -349,9 +349,29 @@ def remove_path(path: Path, attempts: int = 50) -> None:
             time.sleep(0.02)
 
 
+def in_obs_order(values: pd.Series, obs_names: pd.Index, what: str) -> Any:
+    """A Series' values in obs order: as they are where its index is the obs names (also
+    where they repeat) or pandas' default positions (0, 1, ..., n - 1); aligned by obs
+    name where its index names the cells in another order (``adata.obs.sort_values(...)``
+    then a comparison). Any other index is an error naming ``what``."""
+    index = values.index.astype(str)
+    if index.equals(obs_names) or values.index.equals(pd.RangeIndex(len(values))):
+        return values.array
+    if index.has_duplicates or not obs_names.isin(index).all():
+        raise ValueError(
+            f"{what} is a Series whose index is not the cells' obs names: index it by "
+            f"adata.obs_names, or pass its values in obs order ({what}.to_numpy())."
+        )
+    return pd.Series(values.to_numpy(), index=index).reindex(obs_names).array
+
+
 def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     """A boolean mask over ``adata``'s cells from a mask or obs names; an empty selection,
-    a mask of the wrong length or unknown names are errors naming ``what``."""
+    a mask of the wrong length or unknown names are errors naming ``what``. A boolean
+    Series is read by its index (:func:`in_obs_order`)."""
+    is_mask = pd.api.types.is_bool_dtype(getattr(group, "dtype", None))
+    if isinstance(group, pd.Series) and is_mask and len(group) == adata.n_obs:
+        group = pd.Series(in_obs_order(group, adata.obs_names, what))
     if isinstance(getattr(group, "dtype", None), pd.BooleanDtype):  # a nullable mask
         missing = int(pd.isna(group).sum())
         if missing:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import BACKED_ROWS, adata_counts, cell_mask, is_number
+from ._utils import BACKED_ROWS, adata_counts, cell_mask, in_obs_order, is_number
 from .errors import ConfigError, DataError, MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 from .tasks.index import CellIndexError
@@ -250,19 +250,8 @@ def _group_labels(adata: ad.AnnData, groups: Any) -> Any:
                 f"obs has no column {groups!r}; it has {', '.join(map(str, adata.obs.columns))}."
             )
         return adata.obs[groups].array
-    if isinstance(groups, pd.Series):
-        index = groups.index.astype(str)
-        if index.equals(adata.obs_names):
-            return groups.array  # (in obs order already: also where obs names repeat)
-        # pandas' default index (0, 1, ..., n - 1) is positions, in obs order; any other
-        # (a reversed or shifted range too) names cells
-        if not groups.index.equals(pd.RangeIndex(len(groups))):
-            if index.has_duplicates or not adata.obs_names.isin(index).all():
-                raise ValueError(
-                    "groups is a Series whose index is not the cells' obs names: index it by "
-                    "adata.obs_names, or pass its values in obs order (groups.to_numpy())."
-                )
-            return pd.Series(groups.to_numpy(), index=index).reindex(adata.obs_names).array
+    if isinstance(groups, pd.Series) and len(groups) == adata.n_obs:
+        return in_obs_order(groups, adata.obs_names, "groups")
     values = groups.array if isinstance(groups, pd.Series) else np.asarray(groups)
     if values.ndim != 1 or len(values) != adata.n_obs:
         raise ValueError(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cellsift._warnings import CellsiftWarning
-from cellsift.errors import GeneAlignmentError
+from cellsift.errors import DataError, GeneAlignmentError
 from cellsift.models import MetricModel
 from cellsift.tasks import attribute_difference, explain_difference
 
@@ -180,6 +180,14 @@ def test_groups_by_obs_names_and_subsampling(linear):
     res = attribute_difference(model, adata, is_a, ~is_a, max_cells=7, seed=3)
     assert res.attributions_ng.shape == (7, N_GENES)
     assert set(res.cells) <= set(adata.obs_names[is_a])
+    # a boolean Series is read by its index: a comparison on reordered obs (sort_values)
+    # selects the cells it names, not those at its positions
+    shuffled = adata.obs.iloc[np.random.default_rng(0).permutation(adata.n_obs)]
+    by_series = explain_difference(model, adata, shuffled["group"] == "a", shuffled["group"] == "b")
+    pd.testing.assert_frame_equal(by_mask, by_series)
+    foreign = pd.Series(is_a, index=[f"x{i}" for i in range(adata.n_obs)])
+    with pytest.raises(ValueError, match="group_a is a Series whose index is not the cells'"):
+        explain_difference(model, adata, foreign, ~is_a)
 
 
 def test_errors(linear):
@@ -208,6 +216,22 @@ def test_errors(linear):
         explain_difference(model, adata, nullable, ~is_a)
     with pytest.raises(ValueError, match="n_steps"):
         explain_difference(model, adata, is_a, ~is_a, n_steps=0)
+    for method in ("riemann_left", "riemann_trapezoid"):  # (captum's sums need 2 steps)
+        with pytest.raises(ConfigError, match=rf"method '{method}' needs n_steps of at least 2"):
+            explain_difference(model, adata, is_a, ~is_a, n_steps=1, method=method)
+    # cells without counts in the model's genes: named, as embed names them (in A, each
+    # is its own zeros baseline; in B, they pull its centroid to the encoder's output for
+    # no expression)
+    counts = adata.X.toarray()
+    counts[[0, 50]] = 0
+    empty = ad.AnnData(sp.csr_matrix(counts), obs=adata.obs, var=adata.var)
+    with pytest.raises(DataError, match=r"2 of 80 cells have no counts .*'cell0', 'cell50'"):
+        explain_difference(model, empty, is_a, ~is_a)
+    cells_with_counts = np.ones(adata.n_obs, bool)
+    cells_with_counts[[0, 50]] = False
+    with pytest.raises(DataError, match=r"1 of 79 cells have no counts .*\['cell50'\]"):
+        explain_difference(model, empty, is_a & cells_with_counts, ~is_a)  # B's only
+    explain_difference(model, empty, is_a & cells_with_counts, ~is_a & cells_with_counts)
     with pytest.raises(ConfigError, match="batch_size must be at least 1 cell, not 0"):
         explain_difference(model, adata, is_a, ~is_a, batch_size=0)
     with pytest.raises(ConfigError, match=r"'simpson' is not an integration rule .* riemann_left"):

@@ -391,19 +391,43 @@ class MetricModel:
         ``check_counts``, cells without counts in the model's genes are an error: they carry
         nothing to embed or label."""
         x = self.aligned_counts(adata, layer=layer, check_counts=check_counts, source=source)
-        empty = np.flatnonzero(np.diff(x.indptr) == 0) if check_counts else np.zeros(0, int)
+        if check_counts:
+            self.check_cells_have_counts(
+                x,
+                adata.obs_names,
+                layer=layer,
+                source=source,
+                anyway="; or embed them anyway with check_counts=False (cellsift annotate: "
+                "--no-check-counts)",
+            )
+        return self._run(x, fn, width, batch_size, device)
+
+    def check_cells_have_counts(
+        self,
+        x: sp.csr_matrix,
+        obs_names: pd.Index,
+        *,
+        rows: np.ndarray | None = None,
+        layer: str | None = None,
+        source: str = "adata",
+        anyway: str = "",
+    ) -> None:
+        """A DataError naming the cells (of ``rows``, default all) without counts in the
+        aligned counts ``x`` (:meth:`aligned_counts`): they carry nothing to embed, label or
+        explain. ``anyway``: how to go on with them, where there is a way."""
+        nnz = np.diff(x.indptr)
+        rows = np.arange(x.shape[0]) if rows is None else np.asarray(rows)
+        empty = rows[nnz[rows] == 0]
         if len(empty):
-            names = adata.obs_names[empty[:3]].tolist()
+            names = obs_names[empty[:3]].tolist()
             where = f"{source} ({'X' if layer is None else layer})"
             how = "" if layer is None else f", layer={layer!r}"
             raise DataError(
-                f"{where}: {len(empty)} of {x.shape[0]} cells have no counts in the model's "
+                f"{where}: {len(empty)} of {len(rows)} cells have no counts in the model's "
                 f"genes (e.g. {names}); they carry nothing to embed or label. Drop them: keep "
-                f"= np.diff(model.aligned_counts(adata{how}).indptr) > 0, then adata[keep]; or "
-                "embed them anyway with check_counts=False (cellsift annotate: "
-                "--no-check-counts)."
+                f"= np.diff(model.aligned_counts(adata{how}).indptr) > 0, then adata[keep]"
+                f"{anyway}."
             )
-        return self._run(x, fn, width, batch_size, device)
 
     def _run(
         self,

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .._utils import cell_mask, progress
+from .._utils import cell_mask, is_whole, progress
 from .._warnings import warn
 from ..data.loader import to_torch_csr
 from ..errors import ConfigError
@@ -166,8 +166,8 @@ def attribute_difference(
     """
     from captum.attr import IntegratedGradients
 
-    if n_steps < 1:
-        raise ConfigError(f"n_steps must be at least 1, not {n_steps}.")
+    if not is_whole(n_steps, least=1):
+        raise ConfigError(f"n_steps must be a whole number of at least 1, not {n_steps!r}.")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1 cell, not {batch_size}.")
     if method not in _IG_METHODS:
@@ -175,11 +175,20 @@ def attribute_difference(
             f"method {method!r} is not an integration rule of captum's: use one of "
             f"{', '.join(_IG_METHODS)}."
         )
+    if n_steps < 2 and method.startswith("riemann"):  # (captum asserts it, in no words)
+        raise ConfigError(
+            f"method {method!r} needs n_steps of at least 2 (its sum spans the steps), not "
+            f"{n_steps}; or use method='gausslegendre'."
+        )
     if max_cells is not None and max_cells < 1:
         raise ConfigError(f"max_cells must be at least 1 (or None for all), not {max_cells}.")
     mask_a = cell_mask(adata, group_a, "group_a")
     mask_b = cell_mask(adata, group_b, "group_b")
     x = model.aligned_counts(adata, layer=layer)
+    # (a cell without counts is its own zeros baseline: nothing to attribute, nor a place
+    # in group B's centroid, which would be the encoder's output for no expression)
+    chosen = np.flatnonzero(mask_a | mask_b)
+    model.check_cells_have_counts(x, adata.obs_names, rows=chosen, layer=layer)
     module = model.module
     dev = torch.device(device) if device is not None else next(module.parameters()).device
     module.to(dev).eval()
@@ -206,7 +215,7 @@ def attribute_difference(
         attr, delta = ig.attribute(
             x_ng,
             baselines=b_ng,
-            n_steps=n_steps,
+            n_steps=int(n_steps),
             method=method,
             return_convergence_delta=True,
         )
