@@ -200,6 +200,8 @@ def test_ancestor_calls_are_counted_apart_from_wrong_calls(tmp_path):
         (B, B): 6,
         (B, LYMPHOCYTE): 1,  # ancestor, a term no row has
         (B, None): 2,  # a missing call is an abstention
+        (B, "Unknown"): 1,  # and so is one that spells a missing value ("nan" from
+        (CD8, "nan"): 1,  # astype(str) of a column with gaps), in any case
         (T, T): 3,  # exact: T cell is only an ancestor call for CD4 and CD8
         (T, CD4): 2,  # more specific than the truth: not an ancestor call
     }
@@ -215,9 +217,9 @@ def test_ancestor_calls_are_counted_apart_from_wrong_calls(tmp_path):
     cols = [b, cd4, cd8, t, pl.ANCESTOR, UNKNOWN]
     expected = pd.DataFrame(
         [
-            [6, 0, 0, 0, 1, 2],
+            [6, 0, 0, 0, 1, 3],
             [0, 5, 2, 0, 3, 1],
-            [2, 0, 4, 0, 1, 0],
+            [2, 0, 4, 0, 1, 1],
             [0, 2, 0, 3, 0, 0],
         ],
         index=[b, cd4, cd8, t],
@@ -230,6 +232,9 @@ def test_ancestor_calls_are_counted_apart_from_wrong_calls(tmp_path):
     frac = _heatmap(pl.annotation_confusion(true, pred, normalize=True))
     np.testing.assert_allclose(frac.sum(1), 1.0)
     np.testing.assert_allclose(frac.loc[cd4, pl.ANCESTOR], 3 / 11)
+    # labels as written: the same rule for calls that spell a missing value
+    plain = _heatmap(pl.annotation_confusion(true, pred, ontology_aware=False))
+    assert plain.loc[B, UNKNOWN] == 3 and "Unknown" not in plain.columns
 
 
 def test_annotation_confusion_errors():
@@ -237,8 +242,9 @@ def test_annotation_confusion_errors():
         pl.annotation_confusion([B, B], [B])
     with pytest.raises(ValueError, match="no cells"):
         pl.annotation_confusion([], [])
-    with pytest.raises(ValueError, match="1 missing labels"):
-        pl.annotation_confusion([B, None], [B, B])
+    for missing in (None, "unknown", " ", "NaN"):
+        with pytest.raises(ValueError, match="1 missing labels"):
+            pl.annotation_confusion([B, missing], [B, B])
     with pytest.raises(ValueError, match=r"not a Cell Ontology term.*ontology_aware=False"):
         pl.annotation_confusion([B, "alien cell"], [B, B])
 

@@ -23,7 +23,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ._utils import atomic_path, is_file
+from ._utils import atomic_path, is_file, no_label
 from .errors import MissingKeyError
 from .tasks import UNKNOWN, SearchResult
 
@@ -264,7 +264,8 @@ def annotation_confusion(
     Parameters
     ----------
     true, pred
-        One label per cell: CL ids or names; ``pred`` may hold ``unknown`` (or missing).
+        One label per cell: CL ids or names; ``pred`` may hold ``unknown`` (or missing, or
+        text that spells a missing value: ``nan``, blank, any case), counted as abstentions.
     ontology
         The Cell Ontology (default: :func:`~cellsift.ontology.load_cell_ontology`).
     ontology_aware
@@ -332,11 +333,14 @@ def _confusion_table(
         raise ValueError(f"true has {len(t_raw)} labels and pred {len(p_raw)}; pass one per cell.")
     if len(t_raw) == 0:
         raise ValueError("no cells: true and pred are empty.")
-    if t_raw.isna().any():
+    # missing, or text that spells a missing value ("unknown", "nan", blank; any case)
+    missing = no_label(t_raw)
+    if missing.any():
         raise ValueError(
-            f"true holds {int(t_raw.isna().sum())} missing labels; leave those cells out."
+            f"true holds {int(missing.sum())} missing labels (missing, 'unknown', 'nan' or "
+            "blank); leave those cells out."
         )
-    unknown = p_raw.isna().to_numpy() | (p_raw.astype(str) == UNKNOWN).to_numpy()
+    unknown = no_label(p_raw)
     p = np.full(len(p_raw), UNKNOWN, dtype=object)
     if ontology_aware:
         cl = ontology if ontology is not None else load_cell_ontology()
