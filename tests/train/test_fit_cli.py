@@ -297,6 +297,24 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
     steps = [step for step, _ in _scalars(tmp_path / "metric" / "version_2")["train/loss_step"]]
     assert steps == list(range(n_steps)), steps
 
+    # stopped at the first epoch's last step, before its validation: the resumed run
+    # validates that epoch first, as the uninterrupted run did (the same val/asw at the
+    # same steps), and logs its epoch means
+    for f in (tmp_path / "checkpoints").iterdir():
+        f.unlink()
+    term["init_args"]["step"] = n_train
+    stopped = fit(callbacks=[term], name="stopped_at_epoch_end")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    resumed = fit("--ckpt_path", "last", name="resume_at_epoch_end")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_weights(run_full, tmp_path / "metric" / "version_3")
+    full_scalars, scalars = _scalars(run_full), _scalars(tmp_path / "metric" / "version_3")
+    for tag in ("val/asw", "train/loss_epoch"):
+        assert [s for s, _ in scalars[tag]] == [s for s, _ in full_scalars[tag]], tag
+        np.testing.assert_allclose(
+            [v for _, v in scalars[tag]], [v for _, v in full_scalars[tag]], rtol=1e-5
+        )
+
 
 def _assert_same_weights(run_a: Path, run_b: Path) -> None:
     from safetensors.torch import load_file
