@@ -24,6 +24,20 @@ def test_align_reorders_and_marks_missing():
     assert gm.n_matched == 2 and not gm.identity
 
 
+def test_a_reordering_map_reads_read_only_values():
+    """Values in read-only memory (Arrow's, a memory map) are reordered into a copy, not
+    sorted in place (which failed), and the store's matrix is left as it was."""
+    import scipy.sparse as sp
+
+    vocab = GeneVocabulary(["G2", "G0", "G1"])
+    x = sp.csr_matrix(np.array([[1, 2, 0], [0, 3, 4]], dtype=np.float32))
+    x.data.flags.writeable = False
+    got = vocab.align(_var(["G0", "G1", "G2"])).apply(x)
+    assert got.has_sorted_indices
+    np.testing.assert_array_equal(got.toarray(), [[0, 1, 2], [4, 0, 3]])
+    np.testing.assert_array_equal(x.data, [1, 2, 3, 4])
+
+
 def test_align_by_symbols_column_and_ensembl_versions():
     vocab = GeneVocabulary(["ENSG00000000001", "ENSG00000000002"], symbols=["A", "B"])
     by_symbol = vocab.align(_var(["B", "A"]))

@@ -209,10 +209,10 @@ class SomaStore(CellStore):
             pos, data, cols = pos[order], data[order], cols[order]
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(np.bincount(pos, minlength=len(rows)), out=indptr[1:])
-        return sp.csr_matrix(
-            (data.astype(np.float32, copy=False), cols.astype(np.int32), indptr),
-            shape=(len(rows), self.n_vars),
-        )
+        # (Arrow's buffers are read-only: values that later steps may change in place, a
+        # reordering of genes or a transform, are copied out of them)
+        data = data.astype(np.float32, copy=not data.flags.writeable)
+        return sp.csr_matrix((data, cols.astype(np.int32), indptr), shape=(len(rows), self.n_vars))
 
 
 def _renamed(frame: Any) -> dict[str, str]:

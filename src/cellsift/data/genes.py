@@ -95,6 +95,8 @@ class GeneMap:
             (data, mapped.astype(np.int32), indptr), shape=(x.shape[0], self.n_vocab)
         )
         if not self.keeps_order:  # (an order-keeping map keeps sorted rows sorted)
+            if not out.data.flags.writeable:  # (a store's read-only buffer: TileDB's Arrow)
+                out.data = out.data.copy()
             out.sort_indices()
         return out
 
