@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import zarr
 
-from cellsift.data import open_store
+from cellsift.data import CellCollection, open_store
 from cellsift.data._direct import ShardedArrayReader, read_ranges
 from cellsift.datasets import synthetic_atlas
+from cellsift.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,25 @@ def test_corrupt_shard_index_is_detected(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(OSError, match="checksum"):
+    with pytest.raises(DataError, match=r"c/0: shard index fails its checksum"):
         open_store(path).read(np.arange(10))
+
+
+@pytest.mark.parametrize(
+    ("size", "said"),
+    [(0, "found: the file is truncated"), (50, "found: the file is truncated"), (700, "checksum")],
+)
+def test_a_shard_cut_short_is_named(tmp_path, size, said):
+    """A shard file shorter than its index (132 bytes here; an interrupted copy: empty, or
+    cut) is named as truncated, and one cut past its index as failing the index's
+    checksum: a DataError naming the file (an OSError of a negative offset before)."""
+    path = synthetic_atlas(
+        500, 100, path=tmp_path / "c.zarr", chunk_elems=1_024, shard_elems=8_192, seed=4
+    )
+    shard = path / "X" / "data" / "c" / "0"
+    shard.write_bytes(shard.read_bytes()[:size])
+    with pytest.raises(DataError, match=rf"c/0: .*{said}"):
+        CellCollection(path).read(np.arange(10))
 
 
 @pytest.mark.parametrize(

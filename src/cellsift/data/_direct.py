@@ -221,13 +221,13 @@ class ChunkedReader(ABC):
         if fd is None:
             return b""
         try:
-            if offset is None:
-                offset = os.fstat(fd).st_size - nbytes
+            if offset is None:  # (a file shorter than that: an interrupted copy)
+                offset = max(os.fstat(fd).st_size - nbytes, 0)
             raw = os.pread(fd, nbytes, offset)
         finally:
             FILES.release(fd)
         if len(raw) != nbytes:
-            raise OSError(
+            raise DataError(
                 f"{file}: {nbytes} bytes expected at offset {offset}, "
                 f"{len(raw)} found: the file is truncated or corrupt; re-create it."
             )
@@ -393,7 +393,7 @@ class ShardedArrayReader(DecodingReader):
                     import google_crc32c
 
                     if google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
-                        raise OSError(
+                        raise DataError(
                             f"{self._key(shard)}: shard index fails its checksum "
                             "(corrupt file): re-create or re-convert the store."
                         )
@@ -491,7 +491,7 @@ def _read_pieces(reader: ChunkedReader, file_off: np.ndarray, n_elems: np.ndarra
             if off < 0:
                 out[pos // size : (pos + n) // size] = 0
             elif os.preadv(fd, [view[pos : pos + n]], off) != n:
-                raise OSError(
+                raise DataError(
                     f"{reader.path}: {n} bytes expected at offset {off}: the file is "
                     "truncated or corrupt; re-create it."
                 )
