@@ -372,6 +372,12 @@ def test_missing_metadata_stay_missing_and_filters_name_type_mismatches():
         index.select({"obj": ["a", None]}),
         np.flatnonzero(meta["obj"].isna() | (meta["obj"] == "a")),
     )
+    for missing in ([None], [np.nan], (None, np.nan)):  # a list of missing values only
+        np.testing.assert_array_equal(
+            index.select({"obj": missing}), np.flatnonzero(meta["obj"].isna())
+        )
+    with pytest.raises(CellIndexError, match="selects no cells"):  # (no value: no cell)
+        index.select({"obj": []})
     with pytest.raises(CellIndexError, match=r"'obj' holds string, the filter gives int\)"):
         index.select({"obj": 3})
     with pytest.raises(CellIndexError, match=r"'n' holds int64, the filter gives str values"):

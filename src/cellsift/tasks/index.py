@@ -1098,7 +1098,8 @@ def _expression(filter: FilterLike) -> Any:
                 value = value.item()
             if values is not None:
                 given = [v for v in values if not _missing(v)]
-                term = field.isin(given)
+                # (isin of no values compares a null type with the column's: refused)
+                term = field.isin(given) if given else pc.scalar(False)
                 if len(given) < len(values):
                     term = term | field.is_null()
             elif _missing(value):
