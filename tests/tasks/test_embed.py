@@ -310,6 +310,31 @@ def test_obs_columns_named_like_the_origin_columns_do_not_replace_them(
     assert set(meta["store_obs"]) == {"shop_A"} and set(meta["obs_name_obs"]) == {"x"}
 
 
+def test_numbers_and_booleans_with_gaps_keep_their_type_through_embed_and_index(
+    bundle, synthetic_h5ad, tmp_path
+):
+    """Nullable integer and boolean obs columns (an age, a flag, with gaps) keep their type
+    in the embeddings' metadata and the index built from them, so a filter compares them
+    as numbers and booleans (they were stored as text, and such filters refused); text and
+    categories stay text."""
+    from cellsift.tasks import CellIndex
+
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)[:60].copy()
+    adata.obs["age"] = pd.array([i if i % 3 else None for i in range(60)], dtype="Int64")
+    adata.obs["flag"] = pd.array([bool(i % 2) if i % 4 else None for i in range(60)], "boolean")
+    adata.obs["grp"] = pd.Categorical([f"g{i % 3}" if i % 5 else None for i in range(60)])
+    adata.write_h5ad(tmp_path / "typed.h5ad")
+    meta = load_embeddings(embed_collection(model, tmp_path / "typed.h5ad", tmp_path / "e.zarr"))[1]
+    pd.testing.assert_series_equal(meta["age"], adata.obs["age"].reset_index(drop=True))
+    pd.testing.assert_series_equal(meta["flag"], adata.obs["flag"].reset_index(drop=True))
+    assert meta["grp"].tolist() == [None if pd.isna(g) else g for g in adata.obs["grp"]]
+    index = CellIndex.build(*load_embeddings(tmp_path / "e.zarr"), engine="exact")
+    np.testing.assert_array_equal(index.select({"age": [1, 2]}), [1, 2])
+    want = np.flatnonzero(adata.obs["flag"].fillna(False).to_numpy())
+    np.testing.assert_array_equal(index.select({"flag": True}), want)
+
+
 def test_pseudobulk_takes_a_column_of_cells_with_repeated_names(synthetic_h5ad):
     adata = ad.read_h5ad(synthetic_h5ad)[:40].copy()
     adata.obs_names = [f"c{i % 10}" for i in range(40)]

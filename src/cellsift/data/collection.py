@@ -329,6 +329,21 @@ class CellCollection:
             self._obs_cache[name] = col
         return self._obs_cache[name]
 
+    def obs_typed(self, name: str) -> Any:
+        """``name`` over the kept cells with its type where every store holds numbers or
+        booleans (nullable ones too: an Int64 column with gaps stays Int64, a boolean one
+        boolean; a metadata filter compares them as such), else as :meth:`obs_column`
+        reads it (text, as labels and filters by value read it)."""
+        if name not in self._value_maps:
+            parts = [pd.Series(s.obs_column(name)) for s in self.stores]
+            whole = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+            if pd.api.types.is_bool_dtype(whole.dtype) or (
+                pd.api.types.is_numeric_dtype(whole.dtype)
+                and isinstance(whole.dtype, pd.api.extensions.ExtensionDtype)
+            ):  # (numpy's numbers are read as they are by obs_column too)
+                return whole.array[self.cell_ids]
+        return self.obs_column(name)
+
     def map_values(self, name: str, mapping: Mapping[str, str]) -> None:
         """Read obs ``name`` through ``mapping`` from now on (e.g. names -> Cell Ontology ids).
 

@@ -489,7 +489,8 @@ def _finalize(
     pq = import_optional("pyarrow.parquet")
     pa = import_optional("pyarrow")
     cols = list(obs_columns) if obs_columns is not None else _all_columns(coll)
-    meta = pd.DataFrame({c: np.asarray(coll.obs_column(c)) for c in cols})
+    # (numbers and booleans keep their type, nullable ones too; other columns as text)
+    meta = pd.DataFrame({c: _column(coll.obs_typed(c)) for c in cols})
     for c, values in coll.origin().items():  # each cell's store, row and obs name
         if c in meta.columns:  # an obs column of that name: kept under another
             kept = f"{c}_obs"
@@ -533,6 +534,15 @@ def _finalize(
         len(shards),
         "" if len(shards) == 1 else "s",
     )
+
+
+def _column(values: Any) -> Any:
+    """A metadata column: pandas' nullable arrays as they are, others as numpy arrays."""
+    if isinstance(values, pd.api.extensions.ExtensionArray) and not isinstance(
+        values, pd.Categorical
+    ):
+        return values
+    return np.asarray(values)
 
 
 def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFrame]:
