@@ -3,6 +3,7 @@ and an interruption leaves the old or the new output in place, never neither."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -52,7 +53,6 @@ def test_overwrite_replaces_an_earlier_output_of_the_kind_only(tmp_path):
     _bundle(tmp_path / "empty", overwrite=True)  # an empty folder is no loss
     # a SCimilarity model imported onto itself is refused, not deleted
     src = tmp_path / "scimilarity"
-    import shutil
 
     shutil.copytree(FIXTURE, src)
     with pytest.raises(FileExistsError, match="not a model bundle"):
@@ -82,6 +82,15 @@ def test_overwrite_replaces_an_earlier_output_of_the_kind_only(tmp_path):
     convert(tmp_path / "a.h5ad", tmp_path / "sharded", shard_size=2)
     convert(tmp_path / "a.h5ad", tmp_path / "sharded", shard_size=1, overwrite=True)
     assert len(list((tmp_path / "sharded").glob("shard-*.h5ad"))) == 3
+    # a sharded store's folder that holds other files too (notes, the source itself) is
+    # a folder of other files: never replaced, whatever its manifest says
+    shutil.copy(tmp_path / "a.h5ad", tmp_path / "sharded" / "source.h5ad")
+    (tmp_path / "sharded" / "NOTES.txt").write_text("keep me")
+    before = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    for src in (tmp_path / "sharded" / "source.h5ad", tmp_path / "a.h5ad"):
+        with pytest.raises(FileExistsError, match="not a sharded store"):
+            convert(src, tmp_path / "sharded", shard_size=1, overwrite=True)
+        assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == before
 
 
 def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, monkeypatch):
@@ -179,7 +188,6 @@ def test_a_tree_that_gains_files_while_removed_is_removed(tmp_path, monkeypatch)
     """zarr's I/O thread can write a chunk after Ctrl-C: rmtree then meets 'directory not
     empty'; the removal goes on until the tree is gone."""
     import errno
-    import shutil
 
     tree = tmp_path / ".out.zarr.tmp-1"
     (tree / "X" / "indices" / "c").mkdir(parents=True)

@@ -34,18 +34,23 @@ _A_SHARDED_STORE = "a sharded store"
 
 def _is_sharded_store(path: Path) -> bool:
     """Is ``path`` a sharded store as :func:`convert` writes one: a folder whose
-    ``manifest.json`` names a store format and its shard files? (Not any folder with a
-    manifest: a CellIndex or a project folder is never replaced.)"""
+    ``manifest.json`` names a store format and its shard files, and that holds nothing
+    else? (Not any folder with a manifest: a CellIndex or a project folder, or a sharded
+    store's folder that also keeps notes or the source, is never replaced.)"""
     try:
         manifest = json.loads((path / "manifest.json").read_text())
+        held = {p.name for p in path.iterdir()}
     except (OSError, ValueError):
         return False
-    return (
+    if not (
         isinstance(manifest, dict)
         and manifest.get("format") in FORMATS
         and isinstance(manifest.get("files"), list)
         and all(isinstance(f, str) for f in manifest["files"])
-    )
+    ):
+        return False
+    listed = {Path(f).parts[0] for f in manifest["files"] if Path(f).parts}
+    return held <= listed | {"manifest.json"}
 
 
 def _obs_chunk(store: CellStore, columns: list[str], rows: np.ndarray) -> pd.DataFrame:
