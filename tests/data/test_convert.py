@@ -36,6 +36,28 @@ def test_convert_roundtrip_every_direction(indexed_paths, tmp_path, src, dst):
         )
 
 
+@pytest.mark.parametrize("gaps", [False, True])
+@pytest.mark.parametrize("dst", ["h5ad", "zarr", "soma"])
+def test_text_columns_of_pandas_string_type_convert(tmp_path, dst, gaps):
+    """An obs column of pandas' nullable string type (anndata writes it as a
+    nullable-string-array when asked to) converts to every format, gaps kept; writing it
+    as anndata's default refused it after all of X had been written."""
+    import pandas as pd
+
+    n = 30
+    values = pd.array([None if gaps and i % 7 == 0 else f"bc{i}" for i in range(n)], "string")
+    obs = pd.DataFrame({"sample": values}, index=[f"c{i}" for i in range(n)])
+    adata = ad.AnnData(
+        sp.csr_matrix(np.ones((n, 4), np.float32)), obs=obs, var=pd.DataFrame(index=list("abcd"))
+    )
+    with ad.settings.override(allow_write_nullable_strings=True):
+        adata.write_h5ad(tmp_path / "in.h5ad")
+    out = open_store(convert(tmp_path / "in.h5ad", tmp_path / f"out.{dst}"))
+    got = pd.Series(np.asarray(out.obs_column("sample"), dtype=object))
+    assert got.isna().tolist() == values.isna().tolist()
+    assert got[got.notna()].astype(str).tolist() == values.dropna().tolist()
+
+
 def test_converted_h5ad_opens_in_anndata(indexed_paths, tmp_path):
     out = convert(indexed_paths["soma"], tmp_path / "x.h5ad")
     adata = ad.read_h5ad(out)

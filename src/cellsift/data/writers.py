@@ -202,8 +202,8 @@ def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
             df[col] = text_or_none(s.array)
         elif isinstance(s.dtype, pd.CategoricalDtype) and _is_date(s.cat.categories.dtype):
             df[col] = s.cat.rename_categories(text_or_none(s.cat.categories.array))
-        if categories and df[col].dtype == object:
-            df[col] = df[col].astype("category")
+        if categories and (df[col].dtype == object or isinstance(df[col].dtype, pd.StringDtype)):
+            df[col] = df[col].astype("category")  # (anndata's writer refuses pandas' strings)
     return df
 
 
