@@ -66,6 +66,34 @@ def test_corrupt_zarr(tmp_path, indexed_paths):
 
 
 @pytest.mark.parametrize(
+    ("lost", "part"),
+    [
+        ("obs", "obs"),
+        ("ms/RNA/var", "var"),
+        ("ms/RNA/X/raw/__fragments", "measurement and X layers"),
+    ],
+)
+def test_a_damaged_soma_store_is_named_with_the_part_it_lacks(tmp_path, indexed_paths, lost, part):
+    """A TileDB-SOMA store that lost an array or X's data files (an interrupted copy) is a
+    DataError naming the store, the part and the fix, with TileDB's words on the file; not
+    tiledbsoma's own error (a traceback from every command)."""
+    from cellsift.cli import main
+
+    path = tmp_path / "damaged.soma"
+    shutil.copytree(indexed_paths["soma"], path)
+    target = path / lost
+    if target.name == "__fragments":
+        for fragment in target.iterdir():
+            shutil.rmtree(fragment)
+    else:
+        shutil.rmtree(target)
+    said = rf"damaged\.soma: its {part} cannot be read \(.*\): the store is incomplete or corrupt"
+    with pytest.raises(DataError, match=said):
+        CellCollection(path).read(np.arange(5))
+    assert main(["info", str(path)]) == 2
+
+
+@pytest.mark.parametrize(
     ("value", "match"),
     [(-1.0, "negative values"), (0.37, "non-integer values"), (np.nan, "NaN or infinite")],
 )

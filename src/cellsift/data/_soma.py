@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -18,6 +20,37 @@ from .writers import SOMA_RENAMED, Format
 #: TileDB settings of reads: result buffers of 128 MB (libtiledbsoma's default is 1 GiB per
 #: buffer), so memory follows the batches read, not the library's defaults.
 TILEDB_CONFIG: dict[str, Any] = {"soma.init_buffer_bytes": 128 << 20}
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _reads(part: str) -> Callable[[_F], _F]:
+    """A SOMA read whose array is missing or damaged (an interrupted copy: a lost array or
+    fragment) raises tiledbsoma's error, which names a file deep in the store: said as a
+    DataError naming the store, the part and the fix. A query that TileDB cancelled on
+    Ctrl-C stays as it is (an interruption, not damage)."""
+
+    def wrap(method: _F) -> _F:
+        @functools.wraps(method)
+        def reading(self: SomaStore, *args: Any, **kwargs: Any) -> Any:
+            soma = import_optional("tiledbsoma")
+            try:
+                return method(self, *args, **kwargs)
+            except soma.SOMAError as err:
+                if "Query cancelled" in str(err):
+                    raise
+                said = " ".join(str(err).split())  # (TileDB's lines, the file it lacks)
+                said = said if len(said) <= 400 else said[:400] + " ..."
+                raise self._error(
+                    f"its {part} cannot be read ({type(err).__name__}: {said}): the store is "
+                    "incomplete or corrupt (an interrupted copy?).",
+                    "Copy the store again or re-create it.",
+                ) from err
+
+        return reading  # type: ignore[return-value]
+
+    return wrap
 
 
 class SomaStore(CellStore):
@@ -59,7 +92,11 @@ class SomaStore(CellStore):
         self.var_id = var_id
         self.tiledb_config = {**TILEDB_CONFIG, **(tiledb_config or {})}
         super().__init__(path, layer=layer or "raw")
-        exp = self.handle
+        self._check_layout()
+
+    @_reads("measurement and X layers")
+    def _check_layout(self) -> None:
+        exp, measurement = self.handle, self.measurement
         if measurement not in exp.ms:
             raise self._error(
                 f"has no measurement {measurement!r} (it has {list(exp.ms.keys())}).",
@@ -85,6 +122,7 @@ class SomaStore(CellStore):
             reclaim_signals()  # (TileDB took SIGINT as it opened the store)
 
     @cached_property
+    @_reads("obs")
     def joinids(self) -> np.ndarray:
         tbl = self.handle.obs.read(column_names=["soma_joinid"]).concat()
         return np.sort(tbl.column("soma_joinid").to_numpy())
@@ -99,6 +137,7 @@ class SomaStore(CellStore):
         return len(j) == 0 or (j[0] == 0 and j[-1] == len(j) - 1)
 
     @cached_property
+    @_reads("obs")
     def _obs_stored(self) -> dict[str, str]:
         """obs column -> its name in the store: all but ``soma_joinid`` and ``obs_id`` (the obs
         names, as cellsift and tiledbsoma.io write them); the writer's input columns that it
@@ -114,6 +153,7 @@ class SomaStore(CellStore):
         return list(self._obs_stored)
 
     @cached_property
+    @_reads("obs")
     def obs_names(self) -> pd.Index | None:
         """The ``obs_id`` column (cellsift's SOMA writer and ``tiledbsoma.io`` keep the obs
         names there; ``tiledbsoma.io``, an AnnData's named index under its name), or None."""
@@ -124,6 +164,7 @@ class SomaStore(CellStore):
         tbl = self.handle.obs.read(column_names=["soma_joinid", col]).concat().to_pandas()
         return pd.Index(tbl.sort_values("soma_joinid")[col].astype(str).to_numpy())
 
+    @_reads("obs")
     def _load_obs_column(self, name: str) -> Any:
         stored = self._obs_stored[name]
         tbl = self.handle.obs.read(column_names=["soma_joinid", stored]).concat()
@@ -151,6 +192,7 @@ class SomaStore(CellStore):
             return col.array  # pandas' nullable numbers, with their missing values
         return col.to_numpy()
 
+    @_reads("var")
     def _load_var(self) -> pd.DataFrame:
         frame = self.handle.ms[self.measurement].var
         var = frame.read().concat().to_pandas().sort_values("soma_joinid")
@@ -173,6 +215,7 @@ class SomaStore(CellStore):
         return var.rename(columns={v: k for k, v in own.items() if k != v})
 
     @property
+    @_reads("X")
     def nnz(self) -> int | None:
         return int(self.handle.ms[self.measurement].X[self.layer].nnz)
 
@@ -186,6 +229,7 @@ class SomaStore(CellStore):
             [self._query(rows[i : i + n]) for i in range(0, len(rows), n)], format="csr"
         )
 
+    @_reads("X")
     def _query(self, rows: np.ndarray) -> sp.csr_matrix:
         joinids = rows if self._contiguous else self.joinids[rows]
         x = self.handle.ms[self.measurement].X[self.layer]
