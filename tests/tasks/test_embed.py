@@ -131,6 +131,16 @@ def test_each_command_names_an_output_of_another_kind(bundle, synthetic_h5ad, tm
     (tmp_path / "m.json").write_text('{"files": {"a.h5ad": 1}}')
     with pytest.raises(DataError, match=r"m\.json is not a manifest of stores"):
         cs.data.CellCollection(tmp_path / "m.json")
+    # a manifest that is not an object, or cut short: named in one line, not a traceback
+    (tmp_path / "m.json").write_text('["a.h5ad"]')
+    with pytest.raises(DataError, match=r"m\.json is not a manifest of stores"):
+        cs.data.CellCollection(tmp_path / "m.json")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text('{"format": "h5ad", "fil')
+    with pytest.raises(DataError, match=r"manifest\.json is not JSON .*damaged or cut short"):
+        cs.data.CellCollection(tmp_path / "shards")
+    assert main(["info", str(tmp_path / "shards")]) == 2
+    assert "is not JSON" in capsys.readouterr().err
 
 
 def test_a_filtered_collection_embeds_the_cells_it_keeps(bundle, synthetic_h5ad, tmp_path, capsys):

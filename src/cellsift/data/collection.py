@@ -42,7 +42,15 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
         refuse_other(p, "cells")
         manifest = p / "manifest.json" if p.is_dir() else p
         if manifest.suffix == ".json" and manifest.exists():
-            files = json.loads(manifest.read_text()).get("files")
+            try:
+                listed = json.loads(manifest.read_text())
+            except (ValueError, UnicodeDecodeError) as err:  # (a cut or damaged file)
+                raise DataError(
+                    f"{manifest} is not JSON ({err}): the manifest is damaged or cut short. "
+                    "Write it again (cellsift convert --shard-size writes one), or copy it "
+                    "again."
+                ) from None
+            files = listed.get("files") if isinstance(listed, dict) else None
             if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
                 raise DataError(
                     f'{manifest} is not a manifest of stores: it needs "files", a list of '
