@@ -141,6 +141,34 @@ def test_categories_that_grow_from_chunk_to_chunk(tmp_path):
     assert list(got.astype(object)) == ["A", "B", "A", "C", "A", np.nan, "D"]
 
 
+def test_ordered_categories_grow_only_in_their_order(tmp_path):
+    """An ordered categorical's categories grow at the end of the store's enumeration:
+    a later chunk that adds one at its end keeps the order; one that puts a new category
+    between old ones (low < mid < high after low < high) is refused, naming the fix, not
+    stored with mid after high (where mid > high would come out True)."""
+    from cellsift.errors import DataError
+
+    var = pd.DataFrame(index=["g0", "g1"])
+    x = np.ones((2, 2), np.float32)
+
+    def dose(values, categories):
+        return pd.DataFrame(
+            {"dose": pd.Categorical(values, categories=categories, ordered=True)},
+            index=[f"c{len(values)}{v}" for v in values],
+        )
+
+    with open_writer(tmp_path / "ok.soma", var, n_obs=4) as writer:
+        writer.append(x, dose(["low", "mid"], ["low", "mid"]))
+        writer.append(x, dose(["mid", "high"], ["low", "mid", "high"]))
+    got = open_store(tmp_path / "ok.soma").obs_column("dose")
+    assert list(got.categories) == ["low", "mid", "high"] and got.ordered
+    with pytest.raises(DataError, match=r"'dose' is an ordered categorical .*Give the first"):
+        with open_writer(tmp_path / "bad.soma", var, n_obs=4) as writer:
+            writer.append(x, dose(["low", "high"], ["low", "high"]))
+            writer.append(x, dose(["mid", "high"], ["low", "mid", "high"]))
+    assert not (tmp_path / "bad.soma").exists()
+
+
 # -- 4: dates -------------------------------------------------------------------------------
 
 

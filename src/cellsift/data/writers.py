@@ -531,6 +531,17 @@ class SomaWriter(StoreWriter):
                 continue
             col = obs_df[name].astype("category")
             extra = col.cat.categories.difference(dtype.categories, sort=False)
+            if len(extra) and dtype.ordered:  # an enumeration grows at its end only
+                grown = dtype.categories.append(extra)
+                declared = list(col.cat.categories)
+                if [c for c in grown if c in set(declared)] != declared:
+                    raise DataError(
+                        f"{self.path}: obs column {name!r} is an ordered categorical whose "
+                        f"chunk declares the order {declared}, which a TileDB-SOMA store "
+                        f"cannot hold after {list(dtype.categories)} (its categories grow at "
+                        "the end only). Give the first chunk every category, in order "
+                        "(pd.Categorical(values, categories=all_of_them, ordered=True))."
+                    )
             if len(extra):
                 dtype = pd.CategoricalDtype(dtype.categories.append(extra), ordered=dtype.ordered)
                 self._categories[name] = dtype
