@@ -42,6 +42,20 @@ def test_indexed_atlas_encodes_index():
         indexed_atlas(10, 1)
 
 
+def test_a_store_its_name_misdescribes_is_refused_before_writing(tmp_path):
+    """format="h5ad" to a path named .zarr (and the like) is refused by every writer, as
+    convert refuses it: no reader would open the file as what its name says."""
+    from cellsift.errors import ConfigError
+
+    for name, fmt in (("x.zarr", "h5ad"), ("x.h5ad", "soma"), ("x.soma", "zarr")):
+        with pytest.raises(ConfigError, match=rf"{name} is named as .* asked for is {fmt}"):
+            synthetic_atlas(50, 20, path=tmp_path / name, format=fmt)
+        with pytest.raises(ConfigError, match="is named as"):
+            indexed_atlas(50, 6, path=tmp_path / name, format=fmt)
+        assert not (tmp_path / name).exists()
+    assert synthetic_atlas(50, 20, path=tmp_path / "plain", format="h5ad").is_file()
+
+
 def test_missing_shared_data_says_where(tmp_path):
     with pytest.raises(FileNotFoundError, match="CELLSIFT_DATA"):
         shared_data_path("kang2018", tmp_path)

@@ -20,9 +20,9 @@ from .writers import (
     A_STORE,
     FORMATS,
     Format,
+    check_named,
     guess_format,
     is_store,
-    named_format,
     open_writer,
 )
 
@@ -134,12 +134,7 @@ def convert(
         check_replaceable(dest, overwrite, _is_sharded_store, _A_SHARDED_STORE)  # before the work
     else:
         fmt = format or guess_format(dest)
-        named = named_format(dest.name)
-        if named is not None and named != fmt:  # a store that its own name misdescribes
-            raise ConfigError(
-                f"{dest} is named as {named} but the format asked for is {fmt}: name it "
-                f"*{_SUFFIX[fmt]}, or leave the format out."
-            )
+        check_named(dest, fmt)  # (a store that its own name misdescribes)
         check_replaceable(dest, overwrite, is_store, A_STORE)
     if check_counts and store.n_obs > 0:
         # a sample, as a collection checks when it opens: log-normalised values written as

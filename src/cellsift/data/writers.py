@@ -67,6 +67,18 @@ def is_store(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in (".h5ad", ".h5")
 
 
+def check_named(path: str | os.PathLike[str], fmt: str) -> None:
+    """A ConfigError where ``path``'s suffix names another format than ``fmt`` (an HDF5 file
+    named .zarr, which no reader would then open as what its name says)."""
+    named = named_format(Path(path).name)
+    if named is not None and named != fmt:
+        suffix = {"h5ad": ".h5ad", "zarr": ".zarr", "soma": ".soma"}.get(fmt, "")
+        raise ConfigError(
+            f"{path} is named as {named} but the format asked for is {fmt}: name it "
+            f"*{suffix}, or leave the format out."
+        )
+
+
 def named_format(name: str) -> Format | None:
     """The format a file name's suffix names (``.h5ad``/``.h5``, ``.zarr``, ``.soma``/
     ``.tiledb``); None for another suffix."""
@@ -669,4 +681,5 @@ def open_writer(
     fmt = format or guess_format(path)
     if fmt not in _WRITERS:
         raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    check_named(path, fmt)
     return _WRITERS[fmt](path, var, n_obs=n_obs, overwrite=overwrite, **options)
