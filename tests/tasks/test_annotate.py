@@ -517,13 +517,30 @@ def test_an_even_split_at_one_distance_is_no_majority_weighted_or_not(weighted):
 def test_an_unknown_call_reports_the_majority_labels_share_in_either_mode():
     """Four CD4 T, one B and five unlabelled neighbours: no term has a majority, so the call
     is unknown, with the plain majority label's share (0.4) as its confidence in ontology
-    mode too (not the share of whichever term sorts first)."""
+    mode too (not the share of whichever term sorts first). So too for a call made unknown
+    by its distance: four CD4 and two CD8 neighbours would call T cell at 0.6 in ontology
+    mode, and beyond the threshold the call is unknown at CD4's 0.4, not T cell's 0.6."""
     query, index = _ring(["CL:0000624"] * 4 + ["CL:0000236"] + [None] * 5)
     for aware in (False, True):
         out = KNNAnnotator(index, k=10, weighted=False, ontology_aware=aware).annotate(query)
         assert out["label"].iloc[0] == UNKNOWN
         assert out["knn_label"].iloc[0] == "CL:0000624"
         assert out["confidence"].iloc[0] == pytest.approx(0.4)
+    query, index = _ring(["CL:0000624"] * 4 + ["CL:0000625"] * 2 + [None] * 4)
+    aware = KNNAnnotator(index, k=10, weighted=False, ontology_aware=True)
+    assert aware.annotate(query)["confidence"].iloc[0] == pytest.approx(0.6)  # (T cell)
+    near = aware.annotate(query)["mean_distance"].iloc[0]
+    for abstain_on in ("mean", "nearest"):
+        far = KNNAnnotator(
+            index,
+            k=10,
+            weighted=False,
+            ontology_aware=True,
+            distance_threshold=near / 2,
+            abstain_on=abstain_on,
+        ).annotate(query)
+        assert far["label"].iloc[0] == UNKNOWN and far["knn_label"].iloc[0] == "CL:0000624"
+        assert far["confidence"].iloc[0] == pytest.approx(0.4)
 
 
 @pytest.mark.parametrize("ontology_aware", [False, True])

@@ -542,9 +542,8 @@ class KNNAnnotator:
             score = np.where(specific, support + self._depth[None, :] * 1e-9, -1.0)
             call = np.argmax(score, axis=1)  # (ties: the deeper term)
             label = terms[call]
-            has = ok.any(1)
-            # (no qualifying term: an unknown call, with the plain majority label's share)
-            conf = np.where(has, support[np.arange(n_q), call], top[:, 0])
+            has = ok.any(1)  # (none: an unknown call, with the majority label's share)
+            conf = support[np.arange(n_q), call]
         else:
             label = knn_label.copy()
             conf = top[:, 0]
@@ -555,6 +554,9 @@ class KNNAnnotator:
         if self.distance_threshold is not None:
             unknown |= ~(self._statistic(dist) <= self.distance_threshold)
         label = np.where(unknown, UNKNOWN, label)
+        # an unknown call's confidence is the plain majority label's share, whatever made
+        # it unknown (beyond the threshold, a term's support would speak for a call not made)
+        conf = np.where(unknown, top[:, 0], conf)
         return pd.DataFrame(
             {
                 "label": label.astype(str),
