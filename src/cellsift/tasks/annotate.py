@@ -382,6 +382,8 @@ class KNNAnnotator:
         Columns: ``label`` (a reference label, an ancestor in ontology mode, or
         ``unknown``), ``label_id`` and ``label_name`` (the Cell Ontology id and name where
         the label names a CL term: an id in any form, a name, a synonym; else the label),
+        (plain votes count labels as written: one term spelt two ways in the reference, an
+        id and a name, is two labels there, one in ontology mode),
         ``confidence`` (the call's share of the ``k`` neighbours' votes; a neighbour
         without a label votes for nothing; for a call of ``unknown``, the share of
         ``knn_label``), ``margin`` (over the runner-up reference
