@@ -228,8 +228,12 @@ def test_a_models_query_needs_half_its_genes_or_5000():
     vocab = GeneVocabulary([f"ENSG{i:011d}" for i in range(12_000)])
     panel = _var(list(vocab.genes[:300]))  # every gene the model's, 2.5% of them
     assert vocab.align(panel).n_matched == 300
-    with pytest.raises(GeneAlignmentError, match=r"only 300 of its 300 genes match the model's"):
+    with pytest.raises(  # (every gene matches: ids are no suspect, the panel is)
+        GeneAlignmentError, match=r"all 300 of its genes are the model's, but .* only 300 of"
+    ):
         vocab.align(panel, of="vocabulary")
+    with pytest.raises(GeneAlignmentError, match=r"only 299 of its 300 genes match the model's"):
+        vocab.align(_var([*vocab.genes[:299], "ENSG99999999999"]), of="vocabulary")
     with pytest.warns(UserWarning, match=r"5500 of the model's 12000 genes are found \(46%"):
         gm = vocab.align(_var(list(vocab.genes[:5_500])), of="vocabulary")
     assert gm.n_matched == 5_500

@@ -284,6 +284,14 @@ class GeneVocabulary:
             need = min_overlap * min(len(var), len(self))
         if n_matched == 0 or n_matched < need:
             what = "the model's" if of == "vocabulary" else "the vocabulary's"
+            if n_matched == len(var) and of == "vocabulary":  # ids agree: too few genes
+                raise GeneAlignmentError(
+                    f"{source}: all {n_matched} of its genes are {what}, but they are only "
+                    f"{n_matched} of {what} {len(self)} (need {int(np.ceil(need))}): the "
+                    "data hold a gene panel or a subset (variable genes), not the whole "
+                    "transcriptome the model reads. Use the data with all their genes (raw "
+                    "counts, layer= or adata.raw where the subset is X)."
+                )
             raise GeneAlignmentError(
                 f"{source}: only {n_matched} of its {len(var)} genes match {what} "
                 f"{len(self)} genes (need {int(np.ceil(need))}; best key {key}). Check that "
