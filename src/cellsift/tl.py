@@ -143,6 +143,8 @@ def annotate(
         )
         if abstain:
             if isinstance(calibrate_on, ad.AnnData):
+                if copy and use_rep not in calibrate_on.obsm:  # (copy: no input is written)
+                    calibrate_on = calibrate_on.copy()
                 _ensure_embedded(
                     calibrate_on, model, use_rep, "calibrate_on", layer, check_counts, index
                 )

@@ -445,7 +445,13 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     plain = query.obs["cellsift_cell_type_ontology_term_id"].astype(str).to_numpy()
     held_out = ref[300:700].copy()
     del held_out.obsm["X_cellsift"]
+    # copy=True writes into no input: neither the query nor the calibration cells
+    copied = cs.tl.annotate(
+        query, index, model=model, calibrate_on=held_out, ontology_aware=False, copy=True
+    )
+    assert copied is not None and "X_cellsift" not in held_out.obsm
     cs.tl.annotate(query, index, model=model, calibrate_on=held_out, ontology_aware=False)
+    assert (copied.obs == query.obs).all().all()
     thr = KNNAnnotator(index).calibrate(model.embed(held_out))
     far = query.obs["cellsift_mean_distance"].to_numpy() > thr
     labels = query.obs["cellsift_cell_type_ontology_term_id"].astype(str).to_numpy()
