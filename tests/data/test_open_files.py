@@ -37,8 +37,9 @@ def many(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _owner() -> SimpleNamespace:
-    """What the descriptors belong to: a reader's token and the files it opened."""
-    return SimpleNamespace(token=os.urandom(8).hex(), opened={})
+    """What the descriptors belong to: a reader's token, the files it opened and no
+    metadata file it holds to."""
+    return SimpleNamespace(token=os.urandom(8).hex(), opened={}, anchor=None)
 
 
 @contextlib.contextmanager
@@ -88,7 +89,7 @@ def test_a_replaced_or_removed_file_is_named_not_read_for_the_one_first_opened(t
         assert os.pread(fd, 3, 0) == b"old"
     (tmp_path / "g").write_bytes(b"new")
     os.replace(tmp_path / "g", f)  # (as writers replace files: a temporary, renamed)
-    with pytest.raises(DataError, match=r"f was replaced since it was first read"):
+    with pytest.raises(DataError, match=r"f was replaced since the store opened it"):
         with _use(cache, first, f):
             pass
     with _use(cache, _owner(), f) as fd:
@@ -190,7 +191,27 @@ def test_a_store_opened_again_after_its_file_was_replaced_reads_the_new_file(tmp
     limit, FILES.limit = FILES.limit, 0  # every idle descriptor closed
     try:
         second.read(rows)
-        with pytest.raises(DataError, match="was replaced since it was first read"):
+        with pytest.raises(DataError, match="was replaced since the store opened it"):
             first.read(rows)
     finally:
         FILES.limit = limit
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_a_store_replaced_after_opening_before_its_first_read_says_so(tmp_path, fmt):
+    """A store opened, then replaced (convert --overwrite, as writers replace outputs)
+    before it read any counts: its first read refuses the new files. It read rows of
+    neither store before (the new file's bytes at offsets the old one's metadata gave)."""
+    from cellsift.data.convert import convert
+
+    old = indexed_atlas(300, 6, path=tmp_path / "old.h5ad")
+    new = indexed_atlas(300, 6, path=None)
+    new.X = new.X * 3  # (the same layout, other values)
+    new.write_h5ad(tmp_path / "new.h5ad")
+    path = convert(old, tmp_path / f"x.{fmt}")
+    store = open_store(path)
+    convert(tmp_path / "new.h5ad", path, overwrite=True)
+    with pytest.raises(DataError, match=r"replaced .*since the store .*open the store again"):
+        store.read(np.arange(50))
+    again = open_store(path)
+    np.testing.assert_array_equal(again.read(np.arange(50)).toarray(), new.X[:50].toarray())

@@ -121,9 +121,25 @@ class OpenFiles:
                 if known is not None and known != (st.st_dev, st.st_ino):
                     os.close(fd)
                     raise DataError(
-                        f"{file} was replaced since it was first read (rewritten or moved "
+                        f"{file} was replaced since the store opened it (rewritten or moved "
                         "there): open the store again to read the new file."
                     )
+                if known is None and reader.anchor is not None:
+                    # a file first opened now must belong to the store the reader opened
+                    # (its metadata file unchanged), not to one that replaced it since
+                    anchor, identity = reader.anchor
+                    try:
+                        now = os.stat(anchor)
+                        same = (now.st_dev, now.st_ino) == identity
+                    except FileNotFoundError:
+                        same = False
+                    if not same:
+                        os.close(fd)
+                        raise DataError(
+                            f"{anchor.parent} was replaced or removed since the store was "
+                            "opened (rewritten or moved there): open the store again to read "
+                            "the new one."
+                        )
                 reader.opened[file] = (st.st_dev, st.st_ino)
                 self._fds[key] = fd
             self._fds.move_to_end(key)
@@ -204,6 +220,16 @@ class ChunkedReader(ABC):
         #: this reader's descriptors in :data:`FILES`, and the files (device, inode) it read
         self.token = uuid.uuid4().hex
         self.opened: dict[Path, tuple[int, int]] = {}
+        #: a file read when the reader was made (its metadata) and its (device, inode): a
+        #: file of the array first opened later is read only while that one is unchanged
+        self.anchor: tuple[Path, tuple[int, int]] | None = None
+
+    def _pin(self, file: Path, fd: int | None = None) -> None:
+        """Take ``file`` (of descriptor ``fd``, the one the store read it through, where
+        known) as the one the reader reads: its first direct read refuses another file
+        that has replaced it since."""
+        st = os.fstat(fd) if fd is not None else os.stat(file)
+        self.opened[file] = (st.st_dev, st.st_ino)
 
     def _acquire(self, file: Path, absent_ok: bool = False) -> int | None:
         """This reader's descriptor of ``file`` from :data:`FILES` (give it back with
@@ -349,7 +375,9 @@ class ShardedArrayReader(DecodingReader):
         """A reader for the array at ``path``, or None when it is not of the handled kind."""
         path = Path(path)
         try:
-            meta = json.loads((path / "zarr.json").read_text())
+            with open(path / "zarr.json", "rb") as f:  # (its identity as read: the anchor)
+                meta = json.loads(f.read())
+                st = os.fstat(f.fileno())
         except (OSError, ValueError):
             return None
         codecs = meta.get("codecs", [])
@@ -372,7 +400,9 @@ class ShardedArrayReader(DecodingReader):
         ):
             logger.debug("%s: unhandled sharding codecs; reading through zarr", path)
             return None
-        return cls(path, meta, *dec)
+        reader = cls(path, meta, *dec)
+        reader.anchor = (path / "zarr.json", (st.st_dev, st.st_ino))
+        return reader
 
     # -- shard files and indexes ----------------------------------------------------------
     def _index(self, shard: int) -> np.ndarray | None:
@@ -410,6 +440,16 @@ class ShardedArrayReader(DecodingReader):
         return np.frombuffer(out, dtype=self.dtype)
 
 
+def _h5_descriptor(ds: Any) -> int | None:
+    """The descriptor through which h5py reads ``ds``'s file (its default driver's), or
+    None where the driver keeps none."""
+    try:
+        handle = ds.file.id.get_vfd_handle()
+    except Exception:  # (another driver: the file's path is stat'ed instead)
+        return None
+    return handle if isinstance(handle, int) else None
+
+
 class H5ChunkReader(DecodingReader):
     """A chunked HDF5 dataset, uncompressed or gzip, without other filters.
 
@@ -420,6 +460,7 @@ class H5ChunkReader(DecodingReader):
     def __init__(self, file: Path, ds: Any) -> None:
         super().__init__()
         self.path, self.dtype = file, ds.dtype
+        self._pin(file, _h5_descriptor(ds))
         self.chunk_elems = int(ds.chunks[0])
         self.size = int(ds.shape[0])
         self.gzip = ds.compression == "gzip"
@@ -466,6 +507,7 @@ class H5ContiguousReader(ChunkedReader):
     def __init__(self, file: Path, ds: Any) -> None:
         super().__init__()
         self.path, self.dtype = file, ds.dtype
+        self._pin(file, _h5_descriptor(ds))
         self.offset = int(ds.id.get_offset())
 
     def fetch(
