@@ -215,3 +215,45 @@ def test_store_and_data_module_classes_import_from_cellsift_data():
         "ZarrStore",
         "SomaStore",
     }
+
+
+def test_an_output_saved_over_while_it_is_loaded_is_read_as_one_version(tmp_path, monkeypatch):
+    """Another process saves an index or a bundle over the folder while it is loaded (its
+    files are read one after another): the load reads the folder again and returns one
+    version whole, not files of both (which looked corrupt to each other, or mixed one
+    index's embeddings with another's metadata)."""
+    import pandas as pd
+
+    from cellsift.models import bundle as bundle_module
+    from cellsift.tasks import index as index_module
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "index"
+    first = CellIndex.build(rng.normal(size=(50, 4)), pd.DataFrame({"v": ["a"] * 50}))
+    second = CellIndex.build(rng.normal(size=(50, 4)), pd.DataFrame({"v": ["b"] * 50}))
+    first.save(path)
+    digest, swaps = index_module._file_digest, []
+
+    def saved_over_once(file):  # (the first file checked: then the folder is replaced)
+        if not swaps:
+            swaps.append(file)
+            second.save(path, overwrite=True)
+        return digest(file)
+
+    monkeypatch.setattr(index_module, "_file_digest", saved_over_once)
+    loaded = CellIndex.load(path)
+    assert swaps and set(loaded.metadata_rows(range(50))["v"]) == {"b"}
+    np.testing.assert_array_equal(np.asarray(loaded.embeddings), np.asarray(second.embeddings))
+
+    bundle = _bundle(tmp_path / "bundle", width=4)
+    sha, swaps = bundle_module._sha256, []
+
+    def bundle_saved_over_once(file):
+        if not swaps:
+            swaps.append(file)
+            _bundle(bundle, width=6, overwrite=True)
+        return sha(file)
+
+    monkeypatch.setattr(bundle_module, "_sha256", bundle_saved_over_once)
+    weights = load_bundle(bundle).weights["encoder"]
+    assert swaps and [v for v in weights.values() if v.ndim == 2][-1].shape[0] == 6

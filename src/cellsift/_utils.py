@@ -200,6 +200,42 @@ def atomic_dir(
         yield tmp
 
 
+def _folder_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder (None: absent): an output saved over it (a new folder
+    renamed into place) changes it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+#: Reads of a folder that another process keeps replacing, before giving up.
+READ_ATTEMPTS = 5
+
+
+def read_one_version(path: Path, read: Callable[[], T], error: Callable[[str], Exception]) -> T:
+    """``read()`` of the output folder ``path`` (its files read one after another) as one
+    version of it: where another process saved over the folder while it was read (an
+    overwrite renames a new folder into place), the files may be of two versions, or
+    look corrupt to each other; it is read again. ``error`` makes the exception for a
+    folder replaced on every one of :data:`READ_ATTEMPTS` reads."""
+    for _ in range(READ_ATTEMPTS):
+        before = _folder_identity(path)
+        try:
+            out = read()
+        except Exception:
+            if before is not None and _folder_identity(path) != before:
+                continue  # (replaced meanwhile: what failed may have been the swap)
+            raise
+        if _folder_identity(path) == before:
+            return out
+    raise error(
+        f"{path} was saved over by another process each of the {READ_ATTEMPTS} times it was "
+        "read: read it once the saves are done."
+    )
+
+
 def move_into_place(tmp: Path, final: Path) -> None:
     """Move ``tmp`` to ``final``, replacing what is there.
 

@@ -27,7 +27,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._utils import atomic_dir, check_replaceable, holds, is_whole, state_differences
+from .._utils import (
+    atomic_dir,
+    check_replaceable,
+    holds,
+    is_whole,
+    read_one_version,
+    state_differences,
+)
 from .._warnings import UntrainedDecoderWarning
 from ..data.genes import GeneVocabulary
 from ..data.stores import refuse_other
@@ -199,6 +206,11 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
     """
     dev = check_device(device)
     folder = Path(path)
+    # (as one version of the folder, where another process saves over it meanwhile)
+    return read_one_version(folder, lambda: _load_bundle(folder, dev), BundleError)
+
+
+def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
     refuse_other(folder, "model", BundleError)
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a bundle directory (it does not exist or is a file).")

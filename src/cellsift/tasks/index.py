@@ -59,6 +59,7 @@ from .._utils import (
     logger,
     model_fingerprint,
     positions,
+    read_one_version,
     rename_apart,
     text_or_none,
 )
@@ -892,6 +893,13 @@ class CellIndex:
         a missing or altered file is an error naming it.
         """
         root = Path(path)
+        # (as one version of the folder, where another process saves over it meanwhile)
+        return read_one_version(
+            root, lambda: cls._load(root, mmap=mmap, verify=verify), CellIndexError
+        )
+
+    @classmethod
+    def _load(cls, root: Path, *, mmap: bool, verify: bool) -> CellIndex:
         man_path = root / "manifest.json"
         refuse_other(root, "index", CellIndexError)
         if not root.is_dir():
