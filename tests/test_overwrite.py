@@ -257,3 +257,32 @@ def test_an_output_saved_over_while_it_is_loaded_is_read_as_one_version(tmp_path
     monkeypatch.setattr(bundle_module, "_sha256", bundle_saved_over_once)
     weights = load_bundle(bundle).weights["encoder"]
     assert swaps and [v for v in weights.values() if v.ndim == 2][-1].shape[0] == 6
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_what_appears_at_the_output_while_it_is_written_is_kept(tmp_path, overwrite):
+    """A folder of other files made at the output path while the output was written (or
+    another run's output, without overwrite) is not replaced as the output is placed: the
+    path is checked again then, and without overwrite the move itself fails where anything
+    is there. The finished output's temporary copy is removed."""
+    from cellsift.data.writers import open_writer
+    from cellsift.datasets import indexed_atlas
+
+    adata = indexed_atlas(20, 6)
+    path = tmp_path / "out.zarr"
+    writer = open_writer(path, adata.var, n_obs=20, overwrite=overwrite)
+    writer.append(adata.X, adata.obs)
+    path.mkdir()
+    (path / "results.csv").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"out\.zarr exists"):
+        writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+    assert (path / "results.csv").read_text() == "keep me"
+    if overwrite:
+        return
+    with pytest.raises(FileExistsError, match=r"out\.h5ad exists"):  # (another run's output)
+        with utils.atomic_path(tmp_path / "out.h5ad") as t:
+            t.write_text("new")
+            (tmp_path / "out.h5ad").write_text("another run's")
+    assert (tmp_path / "out.h5ad").read_text() == "another run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad", "out.zarr"]

@@ -169,7 +169,7 @@ def atomic_path(
     tmp = temp_sibling(final)
     try:
         yield tmp
-        move_into_place(tmp, final)
+        place_output(tmp, final, overwrite, replaces, what)  # (checked again)
     finally:
         if tmp.exists():
             remove_path(tmp)
@@ -236,6 +236,20 @@ def read_one_version(path: Path, read: Callable[[], T], error: Callable[[str], E
     )
 
 
+def place_output(
+    tmp: Path, final: Path, overwrite: bool, replaces: Replaceable | None = None, what: str = ""
+) -> None:
+    """Move the finished output ``tmp`` to ``final``, checked again as it is placed
+    (:func:`check_replaceable`): what appeared there while the output was written (another
+    run's output, a folder made meanwhile) is replaced only as it would have been when the
+    write began. Without ``overwrite`` the move fails, in one step, where anything is there
+    (Linux ``renameat2`` with ``RENAME_NOREPLACE``; elsewhere checked just before)."""
+    if not overwrite and _rename(tmp, final, _RENAME_NOREPLACE):
+        return
+    check_replaceable(final, overwrite, replaces, what)
+    move_into_place(tmp, final)
+
+
 def move_into_place(tmp: Path, final: Path) -> None:
     """Move ``tmp`` to ``final``, replacing what is there.
 
@@ -264,24 +278,31 @@ def move_into_place(tmp: Path, final: Path) -> None:
     remove_path(old)
 
 
-_RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # linux/fs.h
 _AT_FDCWD = -100
 
 
 def _exchange(a: Path, b: Path) -> bool:
     """Trade the places of two existing paths in one atomic step (Linux ``renameat2`` with
     ``RENAME_EXCHANGE``); False where the system or the file system cannot."""
+    return _rename(a, b, _RENAME_EXCHANGE)
+
+
+def _rename(a: Path, b: Path, flags: int) -> bool:
+    """Linux ``renameat2(a, b, flags)`` in one atomic step; False where the system or the
+    file system cannot. ``RENAME_NOREPLACE`` where ``b`` exists: a FileExistsError."""
     if sys.platform != "linux":
         return False
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:  # (a C library older than glibc 2.28)
         return False
-    args = (_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if renameat2(*args) == 0:
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):  # not supported
         return False
+    if code == errno.EEXIST:
+        raise FileExistsError(f"{b} exists; remove it or pass overwrite=True (--overwrite).")
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 

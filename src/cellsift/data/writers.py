@@ -24,7 +24,7 @@ from .._utils import (
     check_replaceable,
     import_optional,
     make_parent,
-    move_into_place,
+    place_output,
     reclaim_signals,
     remove_path,
     rename_apart,
@@ -163,10 +163,11 @@ class StoreWriter:
                 raise ValueError(f"{self.n_obs} cells written, {self.n_obs_expected} announced.")
             obs = pd.concat(self._obs) if self._obs else pd.DataFrame(index=pd.Index([], dtype=str))
             self._finish(_clean_frame(obs))
+            # (checked again: what appeared at the path while the cells were written)
+            place_output(self.tmp, self.path, self.overwrite, is_store, A_STORE)
         except BaseException:
             self.abort()
             raise
-        move_into_place(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:

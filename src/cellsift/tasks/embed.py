@@ -51,8 +51,8 @@ from .._utils import (
     is_whole,
     logger,
     model_fingerprint,
-    move_into_place,
     output_lock,
+    place_output,
     progress,
     remove_path,
     temporaries,
@@ -525,8 +525,7 @@ def _finalize(
             "shards": shards,
         }
     )
-    check_replaceable(out, overwrite, _REPLACES, _WHAT)
-    move_into_place(staging, out)
+    place_output(staging, out, overwrite, _REPLACES, _WHAT)  # (checked again as placed)
     logger.info(
         "embedded %d cells into %s (%d shard%s)",
         bounds[-1],
