@@ -179,6 +179,15 @@ def test_an_existing_output_is_refused_before_the_work(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"{tmp_path / 'afile'} is a file, not a folder" in err, err
     assert (tmp_path / "afile").read_text() == "mine"
+    # a name the file system refuses (its hidden temporary copy too long; a full disk, a
+    # read-only folder alike): one line that says what to do, not a traceback
+    long = tmp_path / ("x" * 245 + ".zarr")
+    assert main(["convert", str(tmp_path / "d.h5ad"), str(long)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cellsift convert: error: [Errno 36] File name too long") and (
+        "choose a shorter output name" in err and err.count("\n") == 1
+    ), err
+    assert not long.exists()
 
 
 def _tiny_bundle(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -403,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stopped("fit", err)
         except user_errors as err:
             return _error("fit", err)
+        except OSError as err:
+            if err.errno not in _OUTPUT_LIMITS:
+                raise
+            return _error("fit", _output_limit(err))
         except KeyboardInterrupt as err:
             return _interrupted("fit", sigterm=isinstance(err, Terminated))
         return 0
@@ -426,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except Exception as err:
+        if isinstance(err, OSError) and err.errno in _OUTPUT_LIMITS:  # the machine's limits
+            return _error(args.command, _output_limit(err))  # (one line that says which)
         if not _cancelled_by_ctrl_c(err):
             raise
         return _interrupted(args.command)
@@ -516,6 +523,25 @@ _COMMAND_OPTIONS = {
     "annotate": ("--layer", "--no-check-counts", "--quantile", "--no-ontology", "--label-key"),
     "fit": (_FIT_LAYER, _FIT_CHECK),
 }
+
+
+#: What a full disk, a read-only or forbidden folder or too long a name raise as an output is
+#: written, and what to do about each: said in one line (exit status 2), not a traceback.
+_OUTPUT_LIMITS = {
+    errno.ENOSPC: "free space there or write the output elsewhere",
+    errno.EDQUOT: "free space within the quota or write the output elsewhere",
+    errno.EROFS: "the file system is read-only: write the output elsewhere",
+    errno.EACCES: "check the folder's permissions, or write the output elsewhere",
+    errno.ENAMETOOLONG: "choose a shorter output name (its hidden temporary copy adds about "
+    "20 characters)",
+}
+
+
+def _output_limit(err: OSError) -> OSError:
+    """``err`` with what to do about it (:data:`_OUTPUT_LIMITS`) in its message."""
+    where = f": {err.filename}" if err.filename else ""
+    advice = _OUTPUT_LIMITS.get(err.errno or 0, "")
+    return OSError(err.errno, f"{err.strerror}{where}; {advice}.")
 
 
 def _error(command: str, err: BaseException) -> int:
