@@ -269,12 +269,7 @@ class CellIndex:
         if engine == "ivf":
             if len(emb) == 0:
                 raise CellIndexError("no cells to index: an IVF index trains its lists on them.")
-            if nlist is not None and not (is_whole(nlist, least=1) and nlist <= len(emb)):
-                raise CellIndexError(
-                    f"nlist must be a whole number of lists from 1 to the number of cells "
-                    f"({len(emb)}), not {nlist!r}."
-                )
-            index._build_ivf(nlist=None if nlist is None else int(nlist), seed=seed)
+            index._build_ivf(nlist=nlist, seed=seed)
             index.calibrate(k=k, target_recall=target_recall, seed=seed)
         elif engine != "exact":
             raise ValueError(f"engine must be 'exact', 'ivf' or 'auto', not {engine!r}.")
@@ -289,21 +284,23 @@ class CellIndex:
         has no lists: nothing to rebuild (1.0)."""
         if self.engine != "ivf":
             return 1.0
-        n = self.n_cells
+        k = int(self.params.get("calibrated_k") or 50)
+        target = float(self.params.get("target_recall", 0.99))
+        self._build_ivf(nlist=nlist, seed=seed)
+        return self.calibrate(k=k, target_recall=target, seed=seed)
+
+    def _build_ivf(self, nlist: Any, seed: int) -> None:
+        """Train ``nlist`` lists (None: from the number of cells) over every indexed cell."""
+        faiss = import_optional("faiss")
+        n, d = self.embeddings.shape
         if nlist is not None and not (is_whole(nlist, least=1) and nlist <= n):
             raise CellIndexError(
                 f"nlist must be a whole number of lists from 1 to the number of cells "
                 f"({n}), not {nlist!r}."
             )
-        k = int(self.params.get("calibrated_k") or 50)
-        target = float(self.params.get("target_recall", 0.99))
-        self._build_ivf(nlist=None if nlist is None else int(nlist), seed=seed)
-        return self.calibrate(k=k, target_recall=target, seed=seed)
-
-    def _build_ivf(self, nlist: int | None, seed: int) -> None:
-        faiss = import_optional("faiss")
-        n, d = self.embeddings.shape
-        nlist = nlist or int(np.clip(4 * math.sqrt(n), 1, max(n // 39, 1)))
+        nlist = (
+            int(nlist) if nlist is not None else int(np.clip(4 * math.sqrt(n), 1, max(n // 39, 1)))
+        )
         quantizer = faiss.IndexFlatIP(d)
         ivf = faiss.IndexIVFScalarQuantizer(
             quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
