@@ -166,7 +166,8 @@ def test_an_existing_output_is_refused_before_the_work(tmp_path, capsys):
     assert "is a folder that is not an h5ad file" in capsys.readouterr().err
     # an output named as another kind of store: refused before the work, not written as h5ad
     assert main(["annotate", "m", "i", "d.h5ad", str(tmp_path / "calls.zarr")]) == 2
-    assert "calls.zarr is named as zarr, but annotate writes an h5ad" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "calls.zarr is named as zarr but the format asked for is h5ad: annotate writes" in said
     assert not (tmp_path / "calls.zarr").exists()
     # an output below a file: the file named, not the system's bare "File exists"
     (tmp_path / "afile").write_text("mine")

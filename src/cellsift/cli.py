@@ -147,7 +147,7 @@ def _annotate(args: argparse.Namespace) -> int:
 
     from . import tl
     from ._utils import atomic_path, check_replaceable, is_file
-    from .data.writers import named_format
+    from .data.writers import check_named
     from .errors import ConfigError, DataError
     from .models import MetricModel
     from .tasks import CellIndex
@@ -162,13 +162,12 @@ def _annotate(args: argparse.Namespace) -> int:
             f"{args.out} is the --calibrate-on file, which this command reads (and would "
             "replace with the annotated queries): write the output elsewhere."
         )
-    named = named_format(Path(args.out).name)
-    if named is not None and named != "h5ad":  # (a name that says another kind of store)
-        raise ConfigError(
-            f"{args.out} is named as {named}, but annotate writes an h5ad file (the queries "
-            "with their calls): name it *.h5ad, and convert it afterwards (cellsift convert) "
-            f"for a {named} copy."
-        )
+    check_named(  # (a name that says another kind of store)
+        args.out,
+        "h5ad",
+        "annotate writes an h5ad file (the queries with their calls): name it *.h5ad, and "
+        "convert it afterwards (cellsift convert) for a copy in another format.",
+    )
     check_replaceable(Path(args.out), args.overwrite, is_file, "an h5ad file")  # before the work
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)

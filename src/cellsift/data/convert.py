@@ -19,6 +19,7 @@ from .stores import CellStore, cut_by_values, open_store
 from .writers import (
     A_STORE,
     FORMATS,
+    SUFFIX,
     Format,
     check_named,
     guess_format,
@@ -28,7 +29,6 @@ from .writers import (
 
 __all__ = ["convert"]
 
-_SUFFIX = {"h5ad": ".h5ad", "zarr": ".zarr", "soma": ".soma"}
 _A_SHARDED_STORE = "a sharded store"
 
 
@@ -187,7 +187,7 @@ def convert(
         tmp.mkdir()
         files, sizes = [], []
         for k, lo in enumerate(range(0, len(rows_all), shard_size)):
-            name = f"shard-{k:05d}{_SUFFIX[fmt]}"
+            name = f"shard-{k:05d}{SUFFIX[fmt]}"
             rows = rows_all[lo : lo + shard_size]
             write(tmp / name, rows, f"shard {k}", overwrite=False)
             files.append(name)

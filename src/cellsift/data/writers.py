@@ -67,16 +67,18 @@ def is_store(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in (".h5ad", ".h5")
 
 
-def check_named(path: str | os.PathLike[str], fmt: str) -> None:
+#: The file name suffix each format writes.
+SUFFIX: dict[str, str] = {"h5ad": ".h5ad", "zarr": ".zarr", "soma": ".soma"}
+
+
+def check_named(path: str | os.PathLike[str], fmt: str, fix: str | None = None) -> None:
     """A ConfigError where ``path``'s suffix names another format than ``fmt`` (an HDF5 file
-    named .zarr, which no reader would then open as what its name says)."""
+    named .zarr, which no reader would then open as what its name says); ``fix``: what to
+    do instead (default: name it for ``fmt``, or leave the format out)."""
     named = named_format(Path(path).name)
     if named is not None and named != fmt:
-        suffix = {"h5ad": ".h5ad", "zarr": ".zarr", "soma": ".soma"}.get(fmt, "")
-        raise ConfigError(
-            f"{path} is named as {named} but the format asked for is {fmt}: name it "
-            f"*{suffix}, or leave the format out."
-        )
+        fix = fix or f"name it *{SUFFIX.get(fmt, '')}, or leave the format out."
+        raise ConfigError(f"{path} is named as {named} but the format asked for is {fmt}: {fix}")
 
 
 def named_format(name: str) -> Format | None:
