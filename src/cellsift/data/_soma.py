@@ -34,11 +34,12 @@ def _reads(part: str) -> Callable[[_F], _F]:
     def wrap(method: _F) -> _F:
         @functools.wraps(method)
         def reading(self: SomaStore, *args: Any, **kwargs: Any) -> Any:
-            soma = import_optional("tiledbsoma")
             try:
                 return method(self, *args, **kwargs)
-            except soma.SOMAError as err:
-                if "Query cancelled" in str(err):
+            except Exception as err:  # (tiledbsoma looked up here only: every read passes)
+                if not isinstance(err, import_optional("tiledbsoma").SOMAError) or (
+                    "Query cancelled" in str(err)
+                ):
                     raise
                 said = " ".join(str(err).split())  # (TileDB's lines, the file it lacks)
                 said = said if len(said) <= 400 else said[:400] + " ..."
@@ -253,10 +254,12 @@ class SomaStore(CellStore):
             pos, data, cols = pos[order], data[order], cols[order]
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(np.bincount(pos, minlength=len(rows)), out=indptr[1:])
-        # (Arrow's buffers are read-only: values that later steps may change in place, a
-        # reordering of genes or a transform, are copied out of them)
-        data = data.astype(np.float32, copy=not data.flags.writeable)
-        return sp.csr_matrix((data, cols.astype(np.int32), indptr), shape=(len(rows), self.n_vars))
+        # (values in Arrow's read-only memory where they are float32: a collection's read
+        # copies them into its batch, and a gene reordering into its own)
+        return sp.csr_matrix(
+            (data.astype(np.float32, copy=False), cols.astype(np.int32), indptr),
+            shape=(len(rows), self.n_vars),
+        )
 
 
 def _renamed(frame: Any) -> dict[str, str]:
