@@ -342,11 +342,14 @@ class CellCollection:
         booleans (nullable ones too: an Int64 column with gaps stays Int64, a boolean one
         boolean; a metadata filter compares them as such), else as :meth:`obs_column`
         reads it (text, as labels and filters by value read it)."""
-        if name not in self._value_maps:
-            parts = [pd.Series(s.obs_column(name)) for s in self.stores]
+        types = pd.api.types
+        parts = [pd.Series(s.obs_column(name)) for s in self.stores]  # (the stores' caches)
+        if name not in self._value_maps and all(  # (text is read as text, not joined here)
+            types.is_bool_dtype(p.dtype) or types.is_numeric_dtype(p.dtype) for p in parts
+        ):
             whole = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-            if pd.api.types.is_bool_dtype(whole.dtype) or (
-                pd.api.types.is_numeric_dtype(whole.dtype)
+            if types.is_bool_dtype(whole.dtype) or (
+                types.is_numeric_dtype(whole.dtype)
                 and isinstance(whole.dtype, pd.api.extensions.ExtensionDtype)
             ):  # (numpy's numbers are read as they are by obs_column too)
                 return whole.array[self.cell_ids]
