@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-check-counts",
         action="store_true",
-        help="embed values that are not raw counts as they are",
+        help="embed values that are not raw counts, and cells without counts, as they are",
     )
     p.add_argument("--overwrite", action="store_true")
     _add_soma_options(p)

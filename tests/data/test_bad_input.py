@@ -177,6 +177,9 @@ def test_empty_cells(tmp_path):
         CellCollection(path)
     coll = CellCollection(path, min_genes=1)
     assert coll.n_obs == 58 and 7 not in coll.cell_ids
+    unchecked = CellCollection(path, check_counts=False)  # every cell, read as it is
+    assert unchecked.n_obs == 60
+    np.testing.assert_array_equal(unchecked.read(np.arange(60)).toarray(), x.toarray())
 
 
 @pytest.mark.parametrize("layout", ["dense_h5ad", "dense_memory", "soma"])
@@ -202,6 +205,8 @@ def test_empty_cells_of_stores_without_row_lengths_are_refused_when_read(tmp_pat
         coll.read(np.arange(5, 15))
     kept = CellCollection(source, min_genes=1)
     assert kept.n_obs == 59 and kept.read(kept.cell_ids).shape == (59, 5)
+    unchecked = CellCollection(source, check_counts=False)  # every cell, read as it is
+    np.testing.assert_array_equal(unchecked.read(unchecked.cell_ids).toarray(), x)
 
 
 def test_filters_that_keep_nothing(indexed_paths, tmp_path):

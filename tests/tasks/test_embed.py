@@ -173,6 +173,10 @@ def test_a_filtered_collection_embeds_the_cells_it_keeps(bundle, synthetic_h5ad,
     kept = np.delete(np.arange(400), 5)
     np.testing.assert_array_equal(meta["store_row"], kept)
     np.testing.assert_allclose(emb, model.embed(adata[kept]), atol=1e-6)
+    assert main([*args, "--no-check-counts", "--overwrite"]) == 0  # every cell, as it is
+    emb, meta = load_embeddings(tmp_path / "e.zarr")
+    np.testing.assert_array_equal(meta["store_row"], np.arange(400))
+    np.testing.assert_allclose(emb, model.embed(adata, check_counts=False), atol=1e-6)
 
 
 def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad):

@@ -106,7 +106,9 @@ class CellCollection:
     check_counts
         Read a sample of cells of each store and raise if they are not raw counts; then
         every batch read raises on a cell with values that are not counts (NaN, infinite,
-        negative or not whole).
+        negative or not whole). Cells without counts are an error too (as the stores open,
+        where their row lengths are free, else as they are read): drop them with
+        ``min_genes=1``. Unchecked, every value and every cell is read as it is.
     """
 
     def __init__(
@@ -292,7 +294,9 @@ class CellCollection:
                     texts = [value_text(v) for v in allowed]
                     mask &= values.isin([t for t in texts if t is not None]).to_numpy()
             apply("obs_filter", mask)
-        nnz = store.row_nnz() if store.stored_zeros else store.stored_row_nnz()
+        nnz = None
+        if self.check_counts:  # (unchecked, cells without counts are read as they are)
+            nnz = store.row_nnz() if store.stored_zeros else store.stored_row_nnz()
         if nnz is not None:
             # checked where it is free (CSR stores, or counted already), among the cells kept
             n_empty = int(((nnz == 0) & keep).sum())
