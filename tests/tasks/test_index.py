@@ -339,25 +339,65 @@ def test_add_meets_categorical_metadata_with_plain_values(tmp_path):
         assert isinstance(rows["cell_type"].dtype, pd.CategoricalDtype)
 
 
-def test_a_handle_on_an_index_saved_over_since_says_so(tmp_path):
+def test_a_handle_reads_the_index_it_loaded_whatever_is_saved_over_it(tmp_path):
     """Two handles on one saved index; one grows it and saves it back (load, add, save with
-    overwrite): the other, still on the old embeddings, refuses to read the new metadata
-    (which describe other cells) rather than filter or label with them. A handle saving over
-    its own path goes on."""
+    overwrite): the other goes on with the version it loaded, its metadata with its
+    embeddings (the new metadata describe other cells), even with the folder removed. A
+    handle saving over its own path goes on with what it saved."""
+    import shutil
+
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 8)).astype(np.float32)
     path = CellIndex.build(x, pd.DataFrame({"study": ["a"] * 300})).save(tmp_path / "idx")
     reader, writer = CellIndex.load(path), CellIndex.load(path)
     writer.add(rng.normal(size=(50, 8)), pd.DataFrame({"study": ["b"] * 50}))
     writer.save(path, overwrite=True)
-    with pytest.raises(CellIndexError, match="was replaced or removed since this index was"):
+    with pytest.raises(CellIndexError, match=r"the filter \{'study': 'b'\} selects no cells"):
         reader.search(x[:1], 5, filter={"study": "b"})
-    with pytest.raises(CellIndexError, match="load it again"):
-        reader.metadata_rows([0])
+    assert reader.search(x[:1], 1, filter={"study": "a"}).indices[0, 0] == 0
+    assert list(reader.metadata_rows([0, 299])["study"]) == ["a", "a"]
     again = CellIndex.load(path)
     assert set(again.search(x[:1], 5, filter={"study": "b"}).indices[0]) <= set(range(300, 350))
     again.save(path, overwrite=True)  # its own metadata, saved over themselves
     assert list(again.metadata_rows([349])["study"]) == ["b"]
+    shutil.rmtree(path)
+    assert list(again.metadata_rows([0, 349])["study"]) == ["a", "b"]
+    assert reader.metadata_columns == ["study"] and len(reader) == 300
+
+
+def test_a_handle_loaded_while_another_process_saves_reads_one_version(tmp_path):
+    """An index loaded again and again while another process saves versions of it over the
+    same path (each version's study column names its size): every handle's metadata match
+    its own embeddings, read at once or after more saves."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "idx"
+    CellIndex.build(np.ones((10, 4), np.float32), pd.DataFrame({"v": ["10"] * 10})).save(path)
+    saver = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, numpy as np, pandas as pd\n"
+            "from cellsift.tasks.index import CellIndex\n"
+            "for i in range(60):\n"
+            "    n = 10 + i % 7\n"
+            "    CellIndex.build(np.ones((n, 4), np.float32), pd.DataFrame({'v': [str(n)] * n}))"
+            ".save(sys.argv[1], overwrite=True)\n",
+            str(path),
+        ]
+    )
+    handles = []
+    try:
+        while saver.poll() is None:
+            index = CellIndex.load(path, verify=False)
+            handles.append(index)
+            assert set(index.metadata_rows(np.arange(len(index)))["v"]) == {str(len(index))}
+    finally:
+        saver.wait()
+    assert saver.returncode == 0 and len(handles) > 1
+    for index in handles:  # long after their loads
+        assert set(index.metadata_rows(np.arange(len(index)))["v"]) == {str(len(index))}
 
 
 def test_missing_metadata_stay_missing_and_filters_name_type_mismatches():

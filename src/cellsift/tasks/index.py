@@ -2,8 +2,9 @@
 
 Embeddings are stored L2-normalised (float32); distances are cosine distances ``1 - cos``.
 Metadata lives in Parquet and is filtered lazily with pyarrow (only the columns a filter
-names are read; it is never loaded whole into pandas). Search is one interface over two
-engines:
+names are read; it is never loaded whole into pandas). A loaded index holds its files open
+(embeddings and metadata memory-mapped), so it reads the version it loaded, consistent with
+itself, whatever is saved over its folder later. Search is one interface over two engines:
 
 ``exact``  blocked matrix products in torch (GPU when present), top-k merged block by block
 ``ivf``    faiss IVF with 8-bit scalar-quantised lists (inner product on the normalised
@@ -227,10 +228,10 @@ class CellIndex:
     ) -> None:
         self.embeddings = embeddings
         self._metadata = metadata  # a pyarrow Table in memory, or None when on disk
-        self._metadata_path = metadata_path
-        # the metadata file as loaded: read by path at each use, so one saved over since (by
-        # another handle on the same index) would describe other cells than these embeddings
-        self._metadata_file = _file_identity(metadata_path) if metadata_path else None
+        # the metadata file as loaded, held open (mapped): a save over the index since (by
+        # another handle, another process) puts other files in its place, whose metadata
+        # describe other cells than these embeddings; this handle reads the ones it loaded
+        self._metadata_file = _open_metadata(metadata_path) if metadata_path else None
         self.engine = engine
         self.ann = ann
         self.params: dict[str, Any] = dict(params or {})
@@ -449,24 +450,13 @@ class CellIndex:
         ds = import_optional("pyarrow.dataset")
         if self._metadata is not None:
             return ds.dataset(self._metadata)
-        if self._metadata_path is not None:
-            try:
-                same = _file_identity(self._metadata_path) == self._metadata_file
-            except FileNotFoundError:
-                same = False
-            if not same:
-                raise CellIndexError(
-                    f"{self._metadata_path.parent} was replaced or removed since this index "
-                    "was loaded from it (saved over by another process or handle), so its "
-                    "metadata no longer describe these embeddings: load it again "
-                    "(CellIndex.load) to use the index as it is now."
-                )
-            return ds.dataset(str(self._metadata_path), format="parquet")
+        if self._metadata_file is not None:
+            return self._metadata_file
         raise CellIndexError("this index has no metadata; build it with metadata= to filter.")
 
     @property
     def metadata_columns(self) -> list[str]:
-        if self._metadata is None and self._metadata_path is None:
+        if self._metadata is None and self._metadata_file is None:
             return []
         return [c for c in self._dataset().schema.names if c != "cell_index"]
 
@@ -547,7 +537,7 @@ class CellIndex:
                         "without metadata (CellIndex.build(embeddings, metadata=...))."
                     )
                 )
-        if self._metadata is None and self._metadata_path is None:
+        if self._metadata is None and self._metadata_file is None:
             return pd.DataFrame(index=range(len(rows)))
         ds = self._dataset()
         cols = cols if columns is not None else has
@@ -795,7 +785,7 @@ class CellIndex:
                 "embed them with the model that built the index (cellsift embed), or build "
                 "an index of the other model's embeddings."
             )
-        has_meta = self._metadata is not None or self._metadata_path is not None
+        has_meta = self._metadata is not None or self._metadata_file is not None
         if has_meta != (metadata is not None):
             raise CellIndexError(
                 "add() needs metadata exactly when the index has it (same columns)."
@@ -821,7 +811,7 @@ class CellIndex:
                     f"{sorted(new.schema.names)}{why}."
                 )
             self._metadata = _concat_metadata(old, new.select(old.schema.names))
-            self._metadata_path = None
+            self._metadata_file = None
         self.embeddings = np.concatenate([np.asarray(self.embeddings), emb])
         if self.ann is not None:
             self.ann.add(emb)
@@ -856,7 +846,7 @@ class CellIndex:
         with atomic_dir(path, overwrite=overwrite, marker=_INDEX_FILES, what=_AN_INDEX) as tmp:
             np.save(tmp / "embeddings.npy", np.asarray(self.embeddings), allow_pickle=False)
             files = ["embeddings.npy"]
-            if self._metadata is not None or self._metadata_path is not None:
+            if self._metadata is not None or self._metadata_file is not None:
                 table = self._metadata if self._metadata is not None else self._dataset().to_table()
                 pq.write_table(table, tmp / "metadata.parquet", row_group_size=1 << 17)
                 files.append("metadata.parquet")
@@ -875,9 +865,6 @@ class CellIndex:
                 "files": {f: _file_digest(tmp / f) for f in files},
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        saved = Path(path) / "metadata.parquet"
-        if self._metadata_path is not None and self._metadata_path.resolve() == saved.resolve():
-            self._metadata_file = _file_identity(saved)  # its own metadata, saved over itself
         return Path(path)
 
     @classmethod
@@ -961,11 +948,17 @@ class CellIndex:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _file_identity(path: Path) -> tuple[int, int, int, int]:
-    """(device, inode, size, modification time in ns) of a file: another file put in its
-    place (a save's rename) or the file rewritten changes it."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+def _open_metadata(path: Path) -> Any:
+    """The Parquet file ``path`` as a dataset read from the file as opened now (memory-
+    mapped: reads at offsets, safe from threads), whatever is put in its place later."""
+    pa = import_optional("pyarrow")
+    ds = import_optional("pyarrow.dataset")
+    fmt = ds.ParquetFileFormat()
+    try:
+        fragment = fmt.make_fragment(pa.memory_map(str(path)))
+        return ds.FileSystemDataset([fragment], fragment.physical_schema, fmt)
+    except (OSError, pa.ArrowException) as err:
+        raise CellIndexError(f"{path} cannot be read ({err}); rebuild the index.") from None
 
 
 def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
