@@ -440,6 +440,9 @@ def test_a_missing_metadata_column_is_named():
     want = want.groupby([want.index, want.to_numpy()]).size()
     np.testing.assert_array_equal(by_query["hits"].to_numpy(), want.to_numpy())
     assert list(res.summary("rank").sort_index()["queries"]) == [2, 2, 2]
+    gaps = CellIndex.build(x, pd.DataFrame({"donor": ["a", None] * 25})).search(x[:2], 3)
+    counted = gaps.summary("donor")  # hits without a donor too
+    assert counted["hits"].sum() == 6 and counted["hits"].iloc[counted.index.isna()].sum() > 0
     bare = CellIndex.build(x).search(x[:2], 3)
     with pytest.raises(CellIndexError, match="built without metadata"):
         bare.summary("donor")

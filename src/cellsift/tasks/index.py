@@ -188,16 +188,19 @@ class SearchResult:
 
     def summary(self, by: str | Sequence[str] = "dataset_id") -> pd.DataFrame:
         """Hits counted by metadata column(s) ``by``: cells, queries with a hit, mean
-        distance. ``query`` and ``rank`` name the hits' query and rank, unless the metadata
-        hold a column of that name (which they then name)."""
+        distance; hits whose value is missing are counted under NaN. ``query`` and ``rank``
+        name the hits' query and rank, unless the metadata hold a column of that name (which
+        they then name)."""
         keys = [by] if isinstance(by, str) else list(by)
         own = set(self.index.metadata_columns)
         read = [k for k in keys if k in own or k not in ("query", "rank")]
         q, r = np.nonzero(self.indices >= 0)
         meta = self.index.metadata_rows(self.indices[q, r], read) if read else None
         hits = pd.DataFrame({"query": q, "rank": r, "distance": self.distances[q, r]})
-        g = hits.groupby(
-            [meta[k] if meta is not None and k in read else hits[k] for k in keys], observed=True
+        g = hits.groupby(  # (hits whose value is missing counted too, under NaN)
+            [meta[k] if meta is not None and k in read else hits[k] for k in keys],
+            observed=True,
+            dropna=False,
         )
         out = pd.DataFrame(
             {
