@@ -131,6 +131,26 @@ def test_a_category_without_cells_keeps_the_colours_and_leaves_the_legend():
     plt.close("all")
 
 
+def test_categories_are_drawn_and_listed_as_written():
+    """Names matplotlib would read otherwise: one starting with "_" (which legends leave
+    out), dollar signs (mathematics; unpaired, the drawing fails) are listed as written."""
+    cells = ad.AnnData(np.zeros((40, 1), np.float32))
+    cells.obsm["X_umap"] = np.random.default_rng(0).random((40, 2))
+    names = ["_unassigned", "run_$1_$2", "$x$", "B"]
+    cells.obs["c$"] = pd.Categorical(np.repeat(names, 10), categories=names)
+    ax = pl.embedding(cells, "c$")
+    legend = ax.get_legend().get_texts()
+    assert len(legend) == 4 and [t.get_text() for t in legend] == [
+        n.replace("$", r"\$") for n in names
+    ]
+    ax.figure.canvas.draw()  # drawn as text (matplotlib draws an escaped dollar as one)
+    assert not any(matplotlib.cbook.is_math_text(t.get_text()) for t in legend)
+    assert ax.get_title() == r"c\$"
+    ax = pl.annotation_confusion(["run_$1_$2", "b"], ["b", "b"], ontology_aware=False)
+    ax.figure.canvas.draw()
+    assert r"run_\$1_\$2" in [t.get_text() for t in ax.get_yticklabels()]
+
+
 # -- search summary ---------------------------------------------------------------------------
 def test_search_summary_bars_are_the_summary(tmp_path):
     rng = np.random.default_rng(1)
@@ -151,6 +171,13 @@ def test_search_summary_bars_are_the_summary(tmp_path):
     )
     with pytest.raises(KeyError, match="not a summary column"):
         pl.search_summary(result, "study", value="distance")
+
+    meta.loc[meta["study"] == "s2", "study"] = None  # hits without a study: a bar of their own
+    result = CellIndex.build(emb, meta, engine="exact").search(emb[:5], 30)
+    ax = pl.search_summary(result, by="study")
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    bars = dict(zip(labels, [p.get_width() for p in ax.patches], strict=True))
+    assert bars["NA"] == summary.loc["s2", "hits"] and sum(bars.values()) == 150
 
 
 # -- annotation confusion ---------------------------------------------------------------------

@@ -102,21 +102,28 @@ def embedding(
             cat = pd.Categorical(values)
             colors = _palette(palette, [str(c) for c in cat.categories])
             missing = cat.codes < 0
+            # the legend's entries given in full: matplotlib leaves out artists whose label
+            # starts with "_", which is a category's name as any other
+            handles, labels = [], []
             if missing.any():
-                ax.scatter(
-                    xy[missing, 0], xy[missing, 1], s=s, color=na_color, linewidths=0, label="NA"
+                handles.append(
+                    ax.scatter(xy[missing, 0], xy[missing, 1], s=s, color=na_color, linewidths=0)
                 )
+                labels.append("NA")
             for k, name in enumerate(cat.categories):
                 sel = cat.codes == k
                 if not sel.any():  # (a category of no cells here: no legend entry)
                     continue
-                ax.scatter(
-                    xy[sel, 0], xy[sel, 1], s=s, color=colors[k], linewidths=0, label=str(name)
+                handles.append(
+                    ax.scatter(xy[sel, 0], xy[sel, 1], s=s, color=colors[k], linewidths=0)
                 )
+                labels.append(_literal(name))
             if legend_loc is not None:
                 scale = max(1.0, 6.0 / np.sqrt(s))
                 if legend_loc == "right margin":
                     ax.legend(
+                        handles,
+                        labels,
                         loc="center left",
                         bbox_to_anchor=(1.0, 0.5),
                         frameon=False,
@@ -125,7 +132,7 @@ def embedding(
                     )
                 else:
                     loc: Any = legend_loc
-                    ax.legend(loc=loc, markerscale=scale, fontsize="small")
+                    ax.legend(handles, labels, loc=loc, markerscale=scale, fontsize="small")
         else:
             v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
             ok = np.isfinite(v)
@@ -138,7 +145,7 @@ def embedding(
     ax.set_ylabel(f"{name}2")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title if title is not None else (color or basis))
+    ax.set_title(title if title is not None else _literal(color or basis))
     _save(ax.figure, save)
     return ax
 
@@ -229,13 +236,15 @@ def search_summary(
         raise ValueError("the search found no hits; there is nothing to plot.")
     if n_top is not None:
         summary = summary.head(n_top)
-    labels = [" / ".join(map(str, k)) if isinstance(k, tuple) else str(k) for k in summary.index]
+    labels = [
+        " / ".join(map(_literal, k)) if isinstance(k, tuple) else _literal(k) for k in summary.index
+    ]
     ax = _axes(ax, figsize=(6.0, 0.8 + 0.3 * len(summary)))
     ax.barh(np.arange(len(summary)), summary[value].to_numpy(), color=color)
     ax.set_yticks(np.arange(len(summary)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel(value.replace("_", " "))
-    ax.set_ylabel(by if isinstance(by, str) else " / ".join(by))
+    ax.set_xlabel(_literal(value.replace("_", " ")))
+    ax.set_ylabel(_literal(by) if isinstance(by, str) else " / ".join(map(_literal, by)))
     _save(ax.figure, save)
     return ax
 
@@ -289,8 +298,8 @@ def annotation_confusion(
     ax.figure.colorbar(
         im, ax=ax, fraction=0.04, pad=0.02, label="fraction" if normalize else "cells"
     )
-    ax.set_xticks(np.arange(n_cols), list(table.columns), rotation=90)
-    ax.set_yticks(np.arange(n_rows), list(table.index))
+    ax.set_xticks(np.arange(n_cols), [_literal(c) for c in table.columns], rotation=90)
+    ax.set_yticks(np.arange(n_rows), [_literal(r) for r in table.index])
     apart = 2 if ontology_aware else 1  # the columns of ancestor calls and abstentions
     ax.axvline(n_cols - apart - 0.5, color="black", linewidth=1.0)
     ax.set_xlabel("call")
@@ -415,19 +424,28 @@ def attributions(
         raise MissingKeyError(f"gene_symbols={gene_symbols!r} is not a column of df.")
     label_col = gene_symbols or ("symbol" if "symbol" in df.columns else None)
     top = df.sort_values(column, ascending=False, kind="stable").head(n_genes)
-    labels = (top[label_col] if label_col else top.index.to_series()).astype(str).tolist()
+    labels = [_literal(g) for g in (top[label_col] if label_col else top.index.to_series())]
     v = top[column].to_numpy(dtype=float)
     ax = _axes(ax, figsize=(5.0, 0.8 + 0.25 * len(top)))
     ax.barh(np.arange(len(top)), v, color=np.where(v >= 0, "tab:red", "tab:blue"))
     ax.set_yticks(np.arange(len(top)), labels)
     ax.invert_yaxis()
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel(column.replace("_", " "))
+    ax.set_xlabel(_literal(column.replace("_", " ")))
     _save(ax.figure, save)
     return ax
 
 
 # -- shared -------------------------------------------------------------------------------
+def _literal(value: object) -> str:
+    """A value from the data (a category, a label, a gene, a column's name) as text that
+    matplotlib draws as written: a ``$`` would start mathematics (and an unpaired one fail
+    the drawing). Missing values read ``NA``."""
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return "NA"
+    return str(value).replace("$", r"\$")
+
+
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     if ax is not None:
         return ax
