@@ -185,6 +185,17 @@ def test_names_of_deprecated_terms_map_as_their_ids_do():
     )  # fmt: skip
     with pytest.raises(OntologyError, match="obsolete"):
         cl.harmonize([cl.name(orphan).removeprefix("obsolete ")])
+    # and by a synonym, where no current term has the name: every such synonym
+    synonyms = {
+        syn: t
+        for t in sorted(cl.terms)
+        if cl.is_deprecated(t) and cl.replacement(t) is not None
+        for syn in cl.terms[t].get("synonyms", [])
+        if cl.id(syn) is None and syn.strip()
+    }
+    assert "Meis2 (Marmoset)" in synonyms  # CL:4023106, replaced by CL:4023065
+    assert cl.harmonize(list(synonyms)) == [cl.replacement(t) for t in synonyms.values()]
+    assert cl.term("meis2 (marmoset)") == "CL:4023065"
 
 
 def test_blank_and_pandas_missing_labels_name_no_term(cl):

@@ -108,12 +108,17 @@ class CellOntology:
         #: names of deprecated terms, "obsolete " stripped (older data name them so): read
         #: only where no current term has the name
         self._by_obsolete: dict[str, str] = {}
+        #: synonyms of deprecated terms: read only where no name above matches
+        self._by_obsolete_synonym: dict[str, str] = {}
         for term, info in self.terms.items():
             # (several deprecated terms have an empty label: a blank value names no term)
             if info.get("deprecated"):
                 name = info["label"].casefold().removeprefix("obsolete ").strip()
                 if name:
                     self._by_obsolete.setdefault(name, term)
+                for syn in info.get("synonyms", []):
+                    if syn.strip():
+                        self._by_obsolete_synonym.setdefault(syn.casefold().strip(), term)
                 continue
             if info["label"].strip():
                 self._by_label.setdefault(info["label"], term)
@@ -272,8 +277,11 @@ class CellOntology:
         term = f"CL:{m.group(1)}" if m else value
         if term in self.terms:
             return term
-        return self.id(value) or self._by_obsolete.get(
-            value.casefold().removeprefix("obsolete ").strip()
+        folded = value.casefold()
+        return (
+            self.id(value)
+            or self._by_obsolete.get(folded.removeprefix("obsolete ").strip())
+            or self._by_obsolete_synonym.get(folded)
         )
 
     def term(self, value: Any) -> str | None:
