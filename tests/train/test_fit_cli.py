@@ -462,6 +462,13 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
             r"--data\.init_args\.batch_sise is not an option of CellDataModule",
         ),
         (["--trainer.precision", "17"], r"precision: '17' is not valid \(expected .*'bf16-mixed'"),
+        # Lightning's own checks of the trainer, and the settings it divides by unchecked
+        (["--trainer.max_epochs", "-3"], r"`max_epochs` must be a non-negative integer or -1"),
+        (["--trainer.devices", "0"], r"`Trainer\(devices='0'\)` value is not a valid input"),
+        (["--trainer.accumulate_grad_batches", "0"], r"accumulate_grad_batches is .* not 0\."),
+        (["--trainer.val_check_interval", "0"], r"val_check_interval is a share .* not 0\."),
+        (["--trainer.val_check_interval", "0.0"], r"val_check_interval is a share .* not 0\.0"),
+        (["--trainer.val_check_interval", "1.5"], r"invalid value 1.5 for val_check_interval"),
         # a setting of the class inside the optional data section, named as it was given
         (
             ["--data.init_args.pin_memory", "maybe"],

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -214,6 +215,8 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
             raise ConfigError(
                 f"{_one_line(str(err))} (cellsift fit --help lists the options)."
             ) from None
+        except MisconfigurationException as err:  # Lightning's word on a trainer setting
+            raise ConfigError(" ".join(str(err).split())) from None
 
 
 _KEY = re.compile(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)')

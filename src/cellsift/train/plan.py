@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from .._utils import state_differences
+from .._utils import is_whole, state_differences
 from .._warnings import warn
 from ..errors import ConfigError, ResumeError, TrainingError, TrainingInterrupted
 from ._stop import StopRequest
@@ -227,6 +227,7 @@ class TrainingPlan(pl.LightningModule):
         return loss
 
     def setup(self, stage: str) -> None:
+        _check_steps(self.trainer)
         _check_watched(self.trainer)
         if stage == "fit":
             _check_negatives(self.trainer, self.module)
@@ -584,6 +585,25 @@ def _check_negatives(trainer: pl.Trainer, module: nn.Module) -> None:
         "they train by reconstruction only. Add cells of unrelated types, or use "
         "relatives='resolved' where the studies label the relatives apart."
     )
+
+
+def _check_steps(trainer: Any) -> None:
+    """Trainer settings that Lightning takes as given and then divides by (a step in, or
+    as the optimiser is made): named before the run starts."""
+    accumulate = trainer.accumulate_grad_batches
+    if not is_whole(accumulate, least=1):
+        raise ConfigError(
+            f"accumulate_grad_batches is the number of batches per optimiser step (1 or "
+            f"more), not {accumulate!r}."
+        )
+    interval = trainer.val_check_interval
+    if (isinstance(interval, float) and not 0.0 < interval <= 1.0) or (
+        not isinstance(interval, float) and not is_whole(interval, least=1)
+    ):
+        raise ConfigError(
+            f"val_check_interval is a share of an epoch (a float in (0, 1]) or a number of "
+            f"batches (1 or more) between validations, not {interval!r}."
+        )
 
 
 def _check_watched(trainer: pl.Trainer) -> None:
