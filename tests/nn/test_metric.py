@@ -132,6 +132,14 @@ def test_loss_adds_the_weighted_label_loss(synthetic_h5ad):
         ValueError, match=r"classifier_weight must lie in \[0, 1 - triplet_weight\]"
     ):
         MetricModule(coll.n_vars, (32,), 8, triplet_weight=0.6, classifier_weight=0.5)
+    # weights adding up to 1, as written (in floats 0.07 + 0.93 > 1): no reconstruction
+    related = torch.from_numpy(cl.related(labels))
+    for w, wc in ((0.07, 0.93), (0.33, 0.67), (0.55, 0.45)):
+        full = MetricModule(
+            coll.n_vars, (32,), 8, related_ll=related, triplet_weight=w, classifier_weight=wc
+        )
+        out = full(batch)
+        torch.testing.assert_close(out["loss"], w * out["triplet_loss"] + wc * out["label_loss"])
     with pytest.raises(ValueError, match="no label head"):
         MetricModule(coll.n_vars, (32,), 8).predict_proba(batch)
 

@@ -150,7 +150,8 @@ class MetricModule(nn.Module):
         _check_settings(n_genes, hidden, latent, dropout, input_dropout, margin, target_sum)
         if not 0.0 <= triplet_weight <= 1.0:
             raise ConfigError(f"triplet_weight must lie in [0, 1], not {triplet_weight:g}.")
-        if not 0.0 <= classifier_weight <= 1.0 - triplet_weight:
+        # (within rounding: 0.07 + 0.93 is above 1 in floats)
+        if not 0.0 <= classifier_weight <= 1.0 - triplet_weight + 1e-9:
             raise ConfigError(
                 f"classifier_weight must lie in [0, 1 - triplet_weight] = [0, "
                 f"{1.0 - triplet_weight:g}], not {classifier_weight:g}."
@@ -206,7 +207,7 @@ class MetricModule(nn.Module):
         if self.classifier is not None and "y_n" in batch:
             label = self.label_loss(self.classifier(z), batch["y_n"], batch.get("study_n"))
             out["label_loss"] = label
-        out["loss"] = w * triplet + wc * label + (1.0 - w - wc) * recon
+        out["loss"] = w * triplet + wc * label + max(1.0 - w - wc, 0.0) * recon
         return out
 
     def label_loss(
