@@ -194,6 +194,10 @@ def _labels_without_id(path: Path) -> None:
             _edit_config(lambda c: c.update(decoder_trained="no")),
             r"config\.json's decoder_trained is 'no', not true or false",
         ),
+        (
+            _edit_config(lambda c: c.update(label_key=["cell_type"])),
+            r"config\.json's label_key is \['cell_type'\], not the name of an obs column",
+        ),
     ],
     ids=[
         "no-encoder-weights",
@@ -214,6 +218,7 @@ def _labels_without_id(path: Path) -> None:
         "triplet-weight-text",
         "negative-null",
         "decoder-trained-text",
+        "label-key-a-list",
     ],
 )
 def test_a_bundle_whose_files_disagree_is_refused_naming_file_and_key(tmp_path, edit, message):

@@ -797,3 +797,17 @@ def test_training_on_stores_reads_the_models_label_column_and_trains_every_cell(
             )
         dm = trainer.datamodule
         assert dm.val is None and dm.train.n_obs == data.n_obs
+    # the bundle keeps the label column: the loaded model fine-tunes on it as it trained
+    loaded = MetricModel.load(model.save(tmp_path / "bundle"))
+    assert loaded.label_key == "coarse"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*labels the model does not have")
+        trainer = loaded.train(
+            adata,
+            max_epochs=1,
+            accelerator="cpu",
+            default_root_dir=tmp_path,
+            enable_checkpointing=False,
+            **quiet,
+        )
+    assert trainer.datamodule.label_key == "coarse"

@@ -370,7 +370,7 @@ def test_fit_trains_labels_outside_the_cell_ontology_as_they_are(tmp_path, capsy
     adata = synthetic_atlas(500, 200, n_studies=2, seed=4)
     obs = adata.obs["cell_type_ontology_term_id"].astype(str)
     lines = {t: f"line-{i}" for i, t in enumerate(sorted(set(obs)))}
-    adata.obs["cell_type_ontology_term_id"] = obs.map(lines)
+    adata.obs["cell_type_ontology_term_id"] = adata.obs["cell_line"] = obs.map(lines)
     path = tmp_path / "lines.h5ad"
     adata.write_h5ad(path)
     one = ("--trainer.max_epochs", "1")
@@ -381,10 +381,12 @@ def test_fit_trains_labels_outside_the_cell_ontology_as_they_are(tmp_path, capsy
     as_they_are = ("--data.init_args.harmonize_labels", "false", "--model.ontology_aware", "false")
     bundle = tmp_path / "bundle"
     extra = (*one, *as_they_are, "--model.bundle_dir", str(bundle))
+    extra += ("--data.init_args.label_key", "cell_line")
     assert main(["fit", *_args(path, tmp_path, *extra, name="lines")]) == 0
     model = MetricModel.load(bundle)
     assert model.labels == model.label_names == sorted(lines.values())
     assert model.config["loss"]["ontology_aware"] is False
+    assert model.label_key == "cell_line"  # what fine-tuning the bundle reads labels from
 
 
 def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):

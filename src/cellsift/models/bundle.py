@@ -324,6 +324,9 @@ def metric_settings(
             raise bad(f"{section}.{key}", f"is {values[key]!r}, not {what}")
     if not isinstance(config.get("decoder_trained", True), bool):
         raise bad("decoder_trained", f"is {config['decoder_trained']!r}, not true or false")
+    label_key = config.get("label_key", "an obs column")
+    if not isinstance(label_key, str) or not label_key.strip():
+        raise bad("label_key", f"is {label_key!r}, not the name of an obs column")
     if norm.get("log1p", True) is not True:
         raise bad(
             "normalization.log1p", f"is {norm['log1p']!r}; cellsift's models always apply log1p"

@@ -189,7 +189,8 @@ class MetricModel:
             target_sum=target_sum,
         )
         self.trainer: pl.Trainer | None = None
-        #: the obs column :meth:`train` reads labels from where it is given stores
+        #: the obs column :meth:`train` reads labels from where it is given stores (that of
+        #: ``from_collection``, of the data module it last trained on; saved in the bundle)
         self.label_key = "cell_type_ontology_term_id"
         #: a loaded bundle's other fields of each label (e.g. an import's source_name)
         self._label_fields: dict[str, dict[str, Any]] = {}
@@ -269,6 +270,8 @@ class MetricModel:
             )
         if isinstance(data, CellDataModule):
             dm = data
+            if dm.label_key:  # (the model's labels are read from there from now on)
+                self.label_key = dm.label_key
         else:
             dm = CellDataModule(
                 data, study_key=study_key, label_key=self.label_key, val_fraction=0.0
@@ -535,7 +538,7 @@ class MetricModel:
         ]
         return save_bundle(
             path,
-            config=self.config,
+            config={**self.config, "label_key": self.label_key},
             genes=self.genes,
             labels=labels,
             modules=self._modules(),
@@ -615,6 +618,7 @@ class MetricModel:
                 "allow_untrained_decoder=True to model.train to train a decoder from scratch.",
                 UntrainedDecoderWarning,
             )
+        model.label_key = b.config.get("label_key", model.label_key)  # (checked: a text)
         # where it came from (an import's source, its labels' source names) stays with it
         if "source" in b.config:
             model.config["source"] = b.config["source"]

@@ -135,6 +135,9 @@ class MetricPlan(TrainingPlan):
         root = self.trainer.log_dir or self.trainer.default_root_dir
         if self.trainer.is_global_zero:
             path = Path(self.bundle_dir) if self.bundle_dir else Path(root) / "model"
+            label_key = getattr(self.trainer.datamodule, "label_key", None)  # type: ignore[attr-defined]
+            if label_key:  # (kept in the bundle: what fine-tuning it reads labels from)
+                self.metric_model.label_key = label_key
             self.metric_model.module.eval()
             self.metric_model.save(path, overwrite=True)
             logger.warning(
