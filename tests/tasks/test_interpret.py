@@ -232,8 +232,13 @@ def test_errors(linear):
     with pytest.raises(DataError, match=r"1 of 79 cells have no counts .*\['cell50'\]"):
         explain_difference(model, empty, is_a & cells_with_counts, ~is_a)  # B's only
     explain_difference(model, empty, is_a & cells_with_counts, ~is_a & cells_with_counts)
-    with pytest.raises(ConfigError, match="batch_size must be at least 1 cell, not 0"):
-        explain_difference(model, adata, is_a, ~is_a, batch_size=0)
+    for bad in (0, 2.5):
+        with pytest.raises(ConfigError, match=f"batch_size must be a whole .* not {bad}"):
+            explain_difference(model, adata, is_a, ~is_a, batch_size=bad)
+    with pytest.raises(ConfigError, match=r"max_cells must be a whole .* not 2\.5"):
+        explain_difference(model, adata, is_a, ~is_a, max_cells=2.5)
+    with pytest.raises(ConfigError, match="cuda:64"):  # (a device no machine here has)
+        explain_difference(model, adata, is_a, ~is_a, device="cuda:64")
     with pytest.raises(ConfigError, match=r"'simpson' is not an integration rule .* riemann_left"):
         explain_difference(model, adata, is_a, ~is_a, method="simpson")
 

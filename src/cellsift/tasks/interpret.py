@@ -168,8 +168,10 @@ def attribute_difference(
 
     if not is_whole(n_steps, least=1):
         raise ConfigError(f"n_steps must be a whole number of at least 1, not {n_steps!r}.")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1 cell, not {batch_size}.")
+    if not is_whole(batch_size, least=1):
+        raise ConfigError(
+            f"batch_size must be a whole number of at least 1 cell, not {batch_size!r}."
+        )
     if method not in _IG_METHODS:
         raise ConfigError(
             f"method {method!r} is not an integration rule of captum's: use one of "
@@ -180,8 +182,14 @@ def attribute_difference(
             f"method {method!r} needs n_steps of at least 2 (its sum spans the steps), not "
             f"{n_steps}; or use method='gausslegendre'."
         )
-    if max_cells is not None and max_cells < 1:
-        raise ConfigError(f"max_cells must be at least 1 (or None for all), not {max_cells}.")
+    if max_cells is not None and not is_whole(max_cells, least=1):
+        raise ConfigError(
+            f"max_cells must be a whole number of at least 1 (or None for all), not {max_cells!r}."
+        )
+    if device is not None:
+        from ..models.bundle import check_device  # (cellsift.models imports Lightning)
+
+        device = check_device(device)  # (a device torch cannot use here: one it can, named)
     mask_a = cell_mask(adata, group_a, "group_a")
     mask_b = cell_mask(adata, group_b, "group_b")
     x = model.aligned_counts(adata, layer=layer)
