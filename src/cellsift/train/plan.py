@@ -235,8 +235,8 @@ class TrainingPlan(pl.LightningModule):
         if precision.endswith("-true") and precision != "32-true":
             raise ConfigError(
                 f"precision {precision!r} casts the weights themselves, but batches arrive as "
-                "float32 counts (sparse in the first layer): use 'bf16-mixed' (or '16-mixed' "
-                "on a GPU) for lower precision, or '32-true'."
+                "float32 counts (sparse in the first layer): use '32-true', or 'bf16-mixed' "
+                "(or '16-mixed' on a GPU) for lower precision."
             )
 
     def on_fit_start(self) -> None:
@@ -327,8 +327,9 @@ class TrainingPlan(pl.LightningModule):
         if self.trainer.global_step == 0:
             raise TrainingError(
                 "no training step ran (max_epochs, max_steps or limit_train_batches is 0, or "
-                "no training batch was made): the model holds its initial weights, and no "
-                "bundle is written. Train for at least one step."
+                "no training batch was made: a batch takes at least 2 cells): the model holds "
+                "its initial weights (cellsift fit writes no bundle of them). Train for at "
+                "least one step."
             )
         best = next(
             (
