@@ -204,6 +204,7 @@ def test_blank_and_pandas_missing_labels_name_no_term(cl):
     import pandas as pd
 
     assert cl.id("") is None and cl.id("   ") is None
+    assert cl.id(" B cell ") == cl.id("b cell\t") == "CL:0000236"
     for blank in ("", "   ", "\t", "Unknown", "NaN"):  # no label, as dropna reads them
         with pytest.raises(OntologyError, match=r"a value that means no label .*drop those cells"):
             cl.harmonize(["B cell", blank])

@@ -143,7 +143,9 @@ class CellOntology:
         return [self.name(t) for t in terms]
 
     def id(self, name: str) -> str | None:
-        """The id of a label (exact, then ignoring case, then synonyms); None if unknown."""
+        """The id of a label (exact, then ignoring case, then synonyms; around spaces
+        ignored, as :meth:`harmonize` ignores them); None if unknown."""
+        name = name.strip()
         return (
             self._by_label.get(name)
             or self._by_folded.get(name.casefold())
