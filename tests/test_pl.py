@@ -145,6 +145,7 @@ def test_categories_are_drawn_and_listed_as_written():
     ]
     ax.figure.canvas.draw()  # drawn as text (matplotlib draws an escaped dollar as one)
     assert not any(matplotlib.cbook.is_math_text(t.get_text()) for t in legend)
+    assert [c.get_label() for c in ax.collections] == [t.get_text() for t in legend]
     assert ax.get_title() == r"c\$"
     ax = pl.annotation_confusion(["run_$1_$2", "b"], ["b", "b"], ontology_aware=False)
     ax.figure.canvas.draw()

@@ -102,22 +102,31 @@ def embedding(
             cat = pd.Categorical(values)
             colors = _palette(palette, [str(c) for c in cat.categories])
             missing = cat.codes < 0
-            # the legend's entries given in full: matplotlib leaves out artists whose label
-            # starts with "_", which is a category's name as any other
+            # the legend's entries given in full: matplotlib's own leaves out artists whose
+            # label starts with "_", which is a category's name as any other
             handles, labels = [], []
             if missing.any():
-                handles.append(
-                    ax.scatter(xy[missing, 0], xy[missing, 1], s=s, color=na_color, linewidths=0)
-                )
                 labels.append("NA")
+                handles.append(
+                    ax.scatter(
+                        xy[missing, 0],
+                        xy[missing, 1],
+                        s=s,
+                        color=na_color,
+                        linewidths=0,
+                        label=labels[-1],
+                    )
+                )
             for k, name in enumerate(cat.categories):
                 sel = cat.codes == k
                 if not sel.any():  # (a category of no cells here: no legend entry)
                     continue
-                handles.append(
-                    ax.scatter(xy[sel, 0], xy[sel, 1], s=s, color=colors[k], linewidths=0)
-                )
                 labels.append(_literal(name))
+                handles.append(
+                    ax.scatter(
+                        xy[sel, 0], xy[sel, 1], s=s, color=colors[k], linewidths=0, label=labels[-1]
+                    )
+                )
             if legend_loc is not None:
                 scale = max(1.0, 6.0 / np.sqrt(s))
                 if legend_loc == "right margin":
