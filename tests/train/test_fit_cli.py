@@ -59,6 +59,20 @@ class SignalAtStep(pl.Callback):
         time.sleep(0.5)  # what a dead worker would do to this process has happened by now
 
 
+class BadCellOnRank(pl.Callback):
+    """Raises the error a bad count raises (a DataError) on one DDP rank at a global step,
+    as where only that rank's batches hold the cell."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            from cellsift.errors import DataError
+
+            raise DataError(f"bad.h5ad (X): cell 7 ('cell_7') holds nan (rank {self.rank}).")
+
+
 class SecondSignal(pl.Callback):
     """At a global step, a first SIGTERM (held for the end of the step) and a second signal
     ``sig`` in a step that does not end."""
@@ -360,6 +374,28 @@ def test_fit_terminated_outside_a_step_says_so_and_leaves_no_partial_bundle(
         "cellsift fit: terminated; no partial output was left in place."
     )
     assert not list(tmp_path.rglob("model")) and not list(tmp_path.rglob(".model.*"))
+
+
+@pytest.mark.multi_device
+def test_fit_says_one_ranks_bad_input_in_one_line(synthetic_h5ad, tmp_path):
+    """Under DDP (2 gloo processes) a bad cell only rank 1 reads: the other rank's
+    collective is cut short; the command says rank 1's error in one line, exit status 2,
+    as one process does, and leaves no note of it behind."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    bad = {"class_path": "test_fit_cli.BadCellOnRank", "init_args": {"step": 1, "rank": 1}}
+    args = _args(synthetic_h5ad, tmp_path, *_DDP, callbacks=[bad])
+    run = subprocess.run(
+        [sys.executable, "-m", "cellsift.cli", "fit", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    said = [line for line in run.stderr.splitlines() if line.startswith("cellsift fit: error:")]
+    assert said and all("cell 7 ('cell_7') holds nan (rank 1)" in line for line in said)
+    assert not list(tmp_path.glob(".cellsift-fit-rank-*"))
 
 
 def test_fit_trains_labels_outside_the_cell_ontology_as_they_are(tmp_path, capsys):

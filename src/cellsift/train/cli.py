@@ -19,7 +19,9 @@ bundle lands in that run's directory.
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +34,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from .._utils import logger
 from ..data.datamodule import CellDataModule
-from ..errors import ConfigError
+from ..errors import CellsiftError, ConfigError, TrainingInterrupted
 from ..models.bundle import check_bundle_path
 from ._stop import interrupts_kept
 from .plan import TrainingPlan
@@ -177,6 +179,70 @@ class FitCLI(LightningCLI):
         logger = _continued_logger(self.trainer, config.get("ckpt_path"), config.trainer.logger)
         if logger is not None:
             self.trainer.logger = logger
+        _RUN.clear()  # where ranks leave their errors about the input, for rank 0 to say
+        _RUN.update(
+            root=Path(self.trainer.default_root_dir),
+            rank=self.trainer.global_rank,
+            world=self.trainer.world_size,
+            start=time.time(),
+        )
+        if _RUN["world"] > 1:
+            if _RUN["rank"] == 0:  # (before the other ranks start: an earlier run's)
+                _clear_rank_errors()
+            self.trainer.callbacks.append(_RankErrors())  # type: ignore[attr-defined]
+
+
+#: Errors about the input or the settings: every command says them in one line.
+_USER_ERRORS = (CellsiftError, FileNotFoundError, FileExistsError)
+#: This process's run under ``cellsift fit`` (FitCLI.before_fit): root, rank, world, start.
+_RUN: dict[str, Any] = {}
+
+
+def _rank_error_file(rank: int) -> Path:
+    return _RUN["root"] / f".cellsift-fit-rank-{rank:05d}.error"
+
+
+class _RankErrors(pl.Callback):
+    """A rank's error about the input (a bad count only it reads), kept for rank 0: the
+    other ranks see only a collective cut short (gloo's "Connection closed by peer"), and
+    rank 0's status is the command's."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        if not isinstance(exception, _USER_ERRORS) or isinstance(exception, TrainingInterrupted):
+            return  # (signals reach every rank by the plan's own means)
+        try:
+            _rank_error_file(trainer.global_rank).write_bytes(pickle.dumps(exception))
+        except (OSError, pickle.PicklingError, TypeError, AttributeError):
+            pass  # (the rank still says it on its own)
+
+
+def _peer_error(wait: float = 2.0) -> BaseException | None:
+    """Another rank's error about the input, of this run (None: none within ``wait``
+    seconds: the rank that failed writes it as it stops)."""
+    if _RUN.get("world", 1) < 2:
+        return None
+    deadline = time.monotonic() + wait
+    while True:
+        for rank in range(_RUN["world"]):
+            path = _rank_error_file(rank)
+            if rank == _RUN["rank"]:
+                continue
+            try:
+                if path.stat().st_mtime < _RUN["start"] - 1.0:  # an earlier run's
+                    continue
+                err = pickle.loads(path.read_bytes())
+            except (OSError, pickle.UnpicklingError, TypeError, AttributeError, EOFError):
+                continue
+            if isinstance(err, BaseException):
+                return err
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+def _clear_rank_errors() -> None:
+    for rank in range(_RUN.get("world", 0)):
+        _rank_error_file(rank).unlink(missing_ok=True)
 
 
 def _continued_logger(
@@ -201,6 +267,7 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
     args = list(argv or [])
     if args and args[0] == "fit":
         args = args[1:]
+    _RUN.clear()  # (FitCLI.before_fit sets it for this run)
     # the arguments are the command line's, passed on; Ctrl-C stays an interrupt
     with warnings.catch_warnings(), interrupts_kept():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -220,6 +287,18 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
             ) from None
         except MisconfigurationException as err:  # Lightning's word on a trainer setting
             raise ConfigError(" ".join(str(err).split())) from None
+        except _USER_ERRORS:
+            raise
+        except Exception:
+            # on several ranks, one rank's bad input ends the others in a collective cut
+            # short: that rank's error is the run's, said as one process says it
+            peer = _peer_error()
+            if peer is not None:
+                raise peer from None
+            raise
+        finally:
+            if _RUN.get("rank") == 0:
+                _clear_rank_errors()
 
 
 _KEY = re.compile(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)')
