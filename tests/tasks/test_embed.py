@@ -835,6 +835,38 @@ def test_a_rerun_keeps_finished_shards_of_the_same_model_only(bundle, synthetic_
         np.testing.assert_allclose(load_embeddings(out)[0], want, atol=1e-5)
 
 
+def test_a_rerun_recomputes_a_shard_of_a_soma_store_opened_otherwise(
+    bundle, synthetic_h5ad, tmp_path
+):
+    """A killed run's shard of a SOMA store read with one gene-id column; the rerun reads
+    another (--var-id), which maps the genes otherwise: the shard is embedded again."""
+    import tiledbsoma.io
+    import zarr
+
+    from cellsift.data import CellCollection
+    from cellsift.tasks import embed as embed_mod
+
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)[:200].copy()
+    adata.var.index.name = None
+    adata.var["gene_id"] = adata.var_names.to_numpy()
+    adata.var["reversed_id"] = adata.var_names.to_numpy()[::-1]
+    soma = tmp_path / "cells.soma"
+    tiledbsoma.io.from_anndata(str(soma), adata, measurement_name="RNA")
+    as_ids = {"var_id": "gene_id"}
+    coll = CellCollection(soma, genes=model.genes, layer="data", store_options=as_ids)
+    staging = tmp_path / ".emb.zarr.partial-of-1"
+    shard = staging / "shard-00000"
+    embed_mod._write_shard(model, coll, shard, (0, coll.n_obs), torch.device("cpu"), 512, False)
+    zarr.open_array(str(shard), mode="r+")[:] = 7.0
+    attrs = {"start": 0, "stop": coll.n_obs, "digest": embed_mod._digest(model.fingerprint, coll)}
+    embed_mod._set_attrs(shard, attrs)
+    out = tmp_path / "emb.zarr"
+    embed_collection(model, soma, out, layer="data", store_options={"var_id": "reversed_id"})
+    reversed_genes = ad.AnnData(adata.X, obs=adata.obs, var=adata.var.set_index("reversed_id"))
+    np.testing.assert_allclose(load_embeddings(out)[0], model.embed(reversed_genes), atol=1e-5)
+
+
 def test_a_rerun_recomputes_a_shard_of_a_zarr_store_changed_in_place(
     bundle, synthetic_h5ad, tmp_path
 ):

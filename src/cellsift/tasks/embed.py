@@ -619,13 +619,20 @@ class _MissingPart(DataError, FileNotFoundError):
 
 
 def _digest(fingerprint: str, coll: CellCollection) -> str:
-    """Of the model (its fingerprint) and the input (each store's path, counts location,
-    and the size and modification time of each of its files; the cells kept): a kept
-    shard must match both."""
+    """Of the model (its fingerprint) and the input (each store's path, counts location
+    (a SOMA store's measurement too), how its genes map onto the model's, and the size and
+    modification time of each of its files; the cells kept): a kept shard must match both."""
     h = hashlib.blake2b(digest_size=16)
     h.update(fingerprint.encode())
     sources = [
-        [str(s.path), getattr(s, "layer", None), _files_state(Path(s.path))] for s in coll.stores
+        [
+            str(s.path),
+            getattr(s, "layer", None),
+            getattr(s, "measurement", None),
+            hashlib.blake2b(np.ascontiguousarray(m.col_map, np.int64).tobytes()).hexdigest(),
+            _files_state(Path(s.path)),
+        ]
+        for s, m in zip(coll.stores, coll.gene_maps, strict=True)
     ]
     h.update(json.dumps([sources, coll.n_obs]).encode())
     h.update(np.ascontiguousarray(coll.cell_ids, dtype=np.int64).tobytes())
