@@ -579,7 +579,9 @@ def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad):
 
 
 @pytest.mark.multi_device
-def test_two_ranks_write_one_shard_each_and_match_one_process(bundle, synthetic_h5ad, tmp_path):
+def test_two_ranks_write_one_shard_each_and_match_one_process(
+    bundle, synthetic_h5ad, tmp_path, caplog
+):
     import zarr
 
     model = MetricModel.load(bundle)
@@ -602,6 +604,7 @@ def test_two_ranks_write_one_shard_each_and_match_one_process(bundle, synthetic_
     with pytest.raises(DataError, match=r"holds -1; counts are finite and non-negative"):
         embed_collection(model, tmp_path / "bad.h5ad", tmp_path / "bad.zarr", devices=2)
     assert not list(tmp_path.glob("*.error"))
+    assert not [r for r in caplog.records if "Terminating process" in r.getMessage()]
 
 
 @pytest.mark.multi_device

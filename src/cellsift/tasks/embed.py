@@ -29,6 +29,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
 import pickle
 import random
@@ -173,6 +174,10 @@ def _spawn_ranks(model: Any, source: Any, out: Path, devices: int, kwargs: dict)
         start_method="spawn",
         join=False,
     )
+    # (torch logs each rank it stops after another's failure; the failure is said once)
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)
     try:
         while not ranks.join():
             pass
@@ -193,6 +198,7 @@ def _spawn_ranks(model: Any, source: Any, out: Path, devices: int, kwargs: dict)
             ) from None
         raise
     finally:
+        spawn_log.setLevel(level)
         for rank in range(devices):
             _rank_error_file(out, rank).unlink(missing_ok=True)
 
