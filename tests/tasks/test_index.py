@@ -365,6 +365,49 @@ def test_a_handle_reads_the_index_it_loaded_whatever_is_saved_over_it(tmp_path):
     assert reader.metadata_columns == ["study"] and len(reader) == 300
 
 
+def test_a_loaded_index_pickles_searches_from_threads_and_names_a_file_rewritten_in_place(
+    tmp_path,
+):
+    """A loaded index: copied or pickled (to another process), the copy reads the same
+    metadata; filtered searches from several threads give one thread's answers; its
+    metadata rewritten in place (same file, other bytes) are an error naming the fix, for
+    it and its copies, and a copy made after a save over the folder refuses the new file."""
+    import copy
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    meta = pd.DataFrame({"study": rng.choice(["a", "b", "c"], 600)})
+    path = CellIndex.build(x, meta).save(tmp_path / "idx")
+    index = CellIndex.load(path)
+    want = index.search(x[:20], 5, filter={"study": "b"}).indices
+    for other in (copy.deepcopy(index), pickle.loads(pickle.dumps(index))):
+        np.testing.assert_array_equal(other.search(x[:20], 5, filter={"study": "b"}).indices, want)
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(
+            pool.map(lambda s: index.search(x[:20], 5, filter={"study": s}).indices, "bcb" * 8)
+        )
+    for got in runs[::3] + runs[2::3]:
+        np.testing.assert_array_equal(got, want)
+    copied = pickle.dumps(index)
+    grown = CellIndex.load(path)
+    grown.add(rng.normal(size=(5, 8)), pd.DataFrame({"study": ["d"] * 5}))
+    grown.save(path, overwrite=True)
+    np.testing.assert_array_equal(index.search(x[:20], 5, filter={"study": "b"}).indices, want)
+    with pytest.raises(CellIndexError, match="replaced or removed since this index was loaded"):
+        pickle.loads(copied).metadata_rows([0])
+    table = pq.read_table(path / "metadata.parquet")
+    index = CellIndex.load(path)
+    with open(path / "metadata.parquet", "r+b") as f:  # the same file, rewritten
+        f.truncate(0)
+        pq.write_table(table.slice(0, 10), f)
+    with pytest.raises(CellIndexError, match=r"rewritten, replaced or removed .* load the index"):
+        index.search(x[:2], 5, filter={"study": "b"})
+
+
 def test_a_handle_loaded_while_another_process_saves_reads_one_version(tmp_path):
     """An index loaded again and again while another process saves versions of it over the
     same path (each version's study column names its size): every handle's metadata match

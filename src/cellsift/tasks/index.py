@@ -3,8 +3,9 @@
 Embeddings are stored L2-normalised (float32); distances are cosine distances ``1 - cos``.
 Metadata lives in Parquet and is filtered lazily with pyarrow (only the columns a filter
 names are read; it is never loaded whole into pandas). A loaded index holds its files open
-(embeddings and metadata memory-mapped), so it reads the version it loaded, consistent with
-itself, whatever is saved over its folder later. Search is one interface over two engines:
+(embeddings memory-mapped, metadata by a descriptor), so it reads the version it loaded,
+consistent with itself, whatever is saved over its folder later. Search is one interface
+over two engines:
 
 ``exact``  blocked matrix products in torch (GPU when present), top-k merged block by block
 ``ivf``    faiss IVF with 8-bit scalar-quantised lists (inner product on the normalised
@@ -231,10 +232,10 @@ class CellIndex:
     ) -> None:
         self.embeddings = embeddings
         self._metadata = metadata  # a pyarrow Table in memory, or None when on disk
-        # the metadata file as loaded, held open (mapped): a save over the index since (by
-        # another handle, another process) puts other files in its place, whose metadata
-        # describe other cells than these embeddings; this handle reads the ones it loaded
-        self._metadata_file = _open_metadata(metadata_path) if metadata_path else None
+        # the metadata file as loaded, held open: a save over the index since (by another
+        # handle, another process) puts other files in its place, whose metadata describe
+        # other cells than these embeddings; this handle reads the ones it loaded
+        self._metadata_file = _HeldParquet(metadata_path) if metadata_path else None
         self.engine = engine
         self.ann = ann
         self.params: dict[str, Any] = dict(params or {})
@@ -454,7 +455,7 @@ class CellIndex:
         if self._metadata is not None:
             return ds.dataset(self._metadata)
         if self._metadata_file is not None:
-            return self._metadata_file
+            return self._metadata_file.dataset()
         raise CellIndexError("this index has no metadata; build it with metadata= to filter.")
 
     @property
@@ -951,17 +952,61 @@ class CellIndex:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _open_metadata(path: Path) -> Any:
-    """The Parquet file ``path`` as a dataset read from the file as opened now (memory-
-    mapped: reads at offsets, safe from threads), whatever is put in its place later."""
-    pa = import_optional("pyarrow")
-    ds = import_optional("pyarrow.dataset")
-    fmt = ds.ParquetFileFormat()
-    try:
-        fragment = fmt.make_fragment(pa.memory_map(str(path)))
-        return ds.FileSystemDataset([fragment], fragment.physical_schema, fmt)
-    except (OSError, pa.ArrowException) as err:
-        raise CellIndexError(f"{path} cannot be read ({err}); rebuild the index.") from None
+class _HeldParquet:
+    """A Parquet file read as it was opened: held by a descriptor (reads at offsets, safe
+    from threads), so a save that puts another file in its place (a rename) leaves this
+    one readable, consistent with the embeddings loaded beside it. A file rewritten in
+    place (same inode, other size or time) is an error naming the fix, not other rows.
+    Pickled (to another process), it is opened again by its path, if still the same file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._open(None)
+
+    def _open(self, identity: tuple[int, int, int, int] | None) -> None:
+        pa = import_optional("pyarrow")
+        ds = import_optional("pyarrow.dataset")
+        self._dataset: Any = None
+        try:
+            self._file = pa.OSFile(str(self.path))
+            self.identity = _identity(os.fstat(self._file.fileno()))
+            if identity is not None and self.identity != identity:
+                return  # another file than the one loaded: said as it is read
+            fmt = ds.ParquetFileFormat()
+            fragment = fmt.make_fragment(self._file)
+            self._dataset = ds.FileSystemDataset([fragment], fragment.physical_schema, fmt)
+        except (OSError, pa.ArrowException) as err:
+            if identity is not None:  # (removed since: said as it is read)
+                self.identity = (-1, -1, -1, -1)
+                return
+            raise CellIndexError(
+                f"{self.path} cannot be read ({err}); rebuild the index."
+            ) from None
+        self.loaded = self.identity
+
+    def dataset(self) -> Any:
+        if self._dataset is None or _identity(os.fstat(self._file.fileno())) != self.loaded:
+            raise CellIndexError(
+                f"{self.path} was rewritten, replaced or removed since this index was loaded "
+                "from it (by another process or handle), so its metadata no longer describe "
+                "these embeddings: load the index again (CellIndex.load)."
+            )
+        return self._dataset
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "loaded": getattr(self, "loaded", None)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self.loaded = state["loaded"]
+        self._open(self.loaded)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(device, inode, size, modification time in ns) of a file: another file put in its
+    place, or the file rewritten, changes it."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
