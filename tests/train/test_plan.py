@@ -122,6 +122,25 @@ def test_nan_loss_stops_with_the_step(synthetic_h5ad, tmp_path):
         trainer.fit(TrainingPlan(_Explodes(module)), datamodule=dm)
 
 
+def test_validation_every_so_often_takes_each_of_lightnings_forms(synthetic_h5ad, tmp_path):
+    """A share of an epoch, a number of batches, or a time (text, timedelta, dict) between
+    validations trains; none of batches, a share of 0 or above 1 is refused before a step."""
+    import datetime
+
+    from cellsift.errors import ConfigError
+
+    dm, module = _setup(synthetic_h5ad)
+    for every in (0.5, np.float32(0.5), 2, "00:00:05:00", datetime.timedelta(minutes=5)):
+        trainer = _trainer(tmp_path, max_steps=2, val_check_interval=every)
+        trainer.fit(TrainingPlan(module), datamodule=dm)
+        assert trainer.global_step == 2
+    for every in (0, 0.0):
+        trainer = _trainer(tmp_path, max_steps=2, val_check_interval=every)
+        with pytest.raises(ConfigError, match=f"val_check_interval is .* not {every}"):
+            trainer.fit(TrainingPlan(module), datamodule=dm)
+        assert trainer.global_step == 0
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_gradients_are_clipped_under_mixed_precision(synthetic_h5ad, tmp_path, precision):
     """Mixed precision unscales gradients before clipping them, which a fused optimiser

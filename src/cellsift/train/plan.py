@@ -16,6 +16,7 @@ and do not depend on the number of ranks.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import signal
 import time
@@ -597,9 +598,13 @@ def _check_steps(trainer: Any) -> None:
             f"accumulate_grad_batches is the number of batches per optimiser step (1 or "
             f"more), not {accumulate!r}."
         )
-    interval = trainer.val_check_interval
-    if (isinstance(interval, float) and not 0.0 < interval <= 1.0) or (
-        not isinstance(interval, float) and not is_whole(interval, least=1)
+    # (a time between validations, "DD:HH:MM:SS" or a timedelta, leaves it unset)
+    interval = getattr(trainer, "val_check_interval", None)
+    if not isinstance(interval, numbers.Real) or isinstance(interval, bool):
+        return
+    whole = isinstance(interval, numbers.Integral)
+    if (not whole and not 0.0 < float(interval) <= 1.0) or (
+        whole and not is_whole(interval, least=1)
     ):
         raise ConfigError(
             f"val_check_interval is a share of an epoch (a float in (0, 1]) or a number of "
