@@ -70,7 +70,9 @@ def embedding(
         Colours of the categories: a mapping category -> colour, a list, or a colour map
         name (default: tab10 / tab20, or turbo for more than 20 categories). Colours follow
         all of the column's categories, those without cells too; the legend lists the
-        categories with cells.
+        categories with cells. Each category's scatter carries its name as label (for a
+        legend of your own: matplotlib's leaves out labels starting with ``_``; pass it the
+        handles, ``ax.legend(ax.collections, [c.get_label() for c in ax.collections])``).
     cmap
         Colour map of a numeric ``color``.
     size

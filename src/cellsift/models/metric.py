@@ -268,10 +268,10 @@ class MetricModel:
                 "decoder.ckpt), or pass allow_untrained_decoder=True to train a decoder from "
                 "scratch along with the encoder."
             )
+        label_key = self.label_key
         if isinstance(data, CellDataModule):
             dm = data
-            if dm.label_key:  # (the model's labels are read from there from now on)
-                self.label_key = dm.label_key
+            label_key = dm.label_key or label_key  # (the model's, once it has trained)
         else:
             dm = CellDataModule(
                 data, study_key=study_key, label_key=self.label_key, val_fraction=0.0
@@ -313,6 +313,7 @@ class MetricModel:
             trainer.fit(plan, datamodule=dm, ckpt_path=ckpt_path)
         self.module.eval()
         self.trainer = trainer
+        self.label_key = label_key
         if not self.decoder_trained:  # trained now, with the encoder
             self.decoder_trained = True
             self.config.pop("decoder_trained", None)

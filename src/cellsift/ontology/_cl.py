@@ -125,7 +125,7 @@ class CellOntology:
                 self._by_folded.setdefault(info["label"].casefold(), term)
             for syn in info.get("synonyms", []):
                 if syn.strip():
-                    self._by_synonym.setdefault(syn.casefold(), term)
+                    self._by_synonym.setdefault(syn.casefold().strip(), term)
         self._children: dict[str, set[str]] | None = None
 
     def __repr__(self) -> str:
