@@ -93,6 +93,42 @@ def test_overwrite_replaces_an_earlier_output_of_the_kind_only(tmp_path):
         assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == before
 
 
+def test_a_store_overwrite_replaces_only_a_store_and_not_a_folder_that_looks_like_one(tmp_path):
+    """Zarr groups that anndata did not encode (an embeddings store, an image) and a folder
+    that holds an entry named ms (as a SOMA experiment does) are not stores: convert and
+    synthetic_atlas with overwrite refuse them, leaving them whole; a store of each format
+    (written by cellsift or by anndata / tiledbsoma.io) is replaced."""
+    import tiledbsoma.io
+    import zarr
+
+    from cellsift.datasets import synthetic_atlas
+    from cellsift.models import MetricModel
+    from cellsift.tasks import embed_collection
+
+    src = synthetic_atlas(200, 120, seed=0, path=tmp_path / "atlas.h5ad")
+    model = MetricModel.from_collection(src, hidden=(8,), latent=4)
+    embeddings = embed_collection(model, src, tmp_path / "emb.zarr")
+    image = tmp_path / "image.zarr"
+    zarr.open_group(str(image), mode="w").create_array("0", shape=(4, 4), dtype="u1")
+    project = tmp_path / "project"
+    (project / "ms").mkdir(parents=True)
+    (project / "ms" / "run1.raw").write_bytes(b"spectra")
+    (project / "thesis.tex").write_text("keep me")
+    for folder in (embeddings, image, project):
+        before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        for fmt in ("zarr",) if folder.suffix else ("zarr", "soma"):
+            with pytest.raises(FileExistsError, match=r"not a store \(h5ad, Zarr, SOMA\)"):
+                convert(src, folder, format=fmt, overwrite=True)
+        with pytest.raises(FileExistsError, match="not a store"):
+            synthetic_atlas(10, 10, path=folder, format="zarr", overwrite=True)
+        assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    adata = ad.read_h5ad(src)
+    adata.write_zarr(tmp_path / "by_anndata.zarr")
+    tiledbsoma.io.from_anndata(str(tmp_path / "by_tiledbsoma.soma"), adata, "RNA")
+    for store in ("by_anndata.zarr", "by_tiledbsoma.soma"):
+        convert(src, tmp_path / store, overwrite=True)
+
+
 def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, monkeypatch):
     """The refusal comes before min_genes counts every cell's genes (a pass over the whole
     input), plain or sharded."""

@@ -48,12 +48,35 @@ SOMA_WRITE_VALUES = 1 << 20
 
 
 def _store_marker(p: Path) -> Format | None:
-    """The format of an existing store folder, by the files its format writes."""
-    if (p / "zarr.json").exists() or (p / ".zgroup").exists():
-        return "zarr"
-    if (p / "__tiledb_group.tdb").exists() or (p / "__group").exists() or (p / "ms").exists():
+    """The format of an existing store folder, by the files its format writes: a Zarr
+    group that anndata encoded (its attributes say ``encoding-type: anndata``), a TileDB
+    group with a SOMA experiment's ``obs`` and ``ms``. Another Zarr group (an embeddings
+    store, an image) or a folder that merely holds an ``ms`` is none."""
+    zarr_attrs = _zarr_attributes(p)
+    if zarr_attrs is not None:
+        return "zarr" if zarr_attrs.get("encoding-type") == "anndata" else None
+    tiledb = (p / "__tiledb_group.tdb").is_file() or (p / "__group").is_dir()
+    if tiledb and (p / "obs").is_dir() and (p / "ms").is_dir():
         return "soma"
     return None
+
+
+def _zarr_attributes(p: Path) -> dict | None:
+    """The attributes of the Zarr group ``p`` (version 3's zarr.json, version 2's .zattrs;
+    empty where it has none); None where ``p`` is no Zarr group, or its metadata cannot be
+    read."""
+    try:
+        if (p / "zarr.json").is_file():
+            meta = json.loads((p / "zarr.json").read_text())
+            attrs = meta.get("attributes", {}) if isinstance(meta, dict) else None
+        elif (p / ".zgroup").is_file():
+            zattrs = p / ".zattrs"
+            attrs = json.loads(zattrs.read_text()) if zattrs.is_file() else {}
+        else:
+            return None
+    except (OSError, ValueError):
+        return {}  # (a Zarr group, but not one to tell as a store)
+    return attrs if isinstance(attrs, dict) else {}
 
 
 A_STORE = "a store (h5ad, Zarr, SOMA)"  # what a writer's output replaces
