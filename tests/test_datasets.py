@@ -35,6 +35,21 @@ def test_hierarchy_shows_in_expression():
     assert d("CL:0000624", "CL:0000625") < d("CL:0000624", "CL:0001054")
 
 
+def test_monocytes_share_the_myeloid_program_with_megakaryocytes():
+    """A monocyte is a myeloid cell as well as a leukocyte (two parents in CL): its types'
+    profiles raise the myeloid program's genes, which megakaryocytes raise too and which
+    lymphocytes (B, NK) do not."""
+    from cellsift.datasets import _AtlasModel
+
+    for seed in range(3):
+        model = _AtlasModel(n_genes=2000, n_studies=2, donors_per_study=2, seed=seed)
+        p = dict(zip(model.leaves, model.log_profiles, strict=True))
+        mk, b, nk = p["CL:0000556"], p["CL:0000236"], p["CL:0000623"]
+        for mono in ("CL:0001054", "CL:0002396"):  # CD14, CD16 monocytes
+            up = (p[mono] - b > 1) & (mk - b > 1) & (p[mono] - nk > 1) & (mk - nk > 1)
+            assert up.sum() > 30  # ~3% of genes; by chance alone a handful
+
+
 def test_indexed_atlas_encodes_index():
     a = indexed_atlas(100, 6)
     np.testing.assert_array_equal(a.X[:, 0].toarray().ravel(), np.arange(1, 101))

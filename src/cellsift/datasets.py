@@ -32,25 +32,35 @@ __all__ = [
     "synthetic_atlas",
 ]
 
-#: Cell Ontology terms of the synthetic atlas: id -> (name, parent id or None, relative abundance).
-#: A term's parent is its nearest Cell Ontology ancestor among these terms (CL 2026-03-26).
-CELL_TYPES: dict[str, tuple[str, str | None, float]] = {
-    "CL:0000738": ("leukocyte", None, 0.0),
-    "CL:0000542": ("lymphocyte", "CL:0000738", 0.0),
-    "CL:0000763": ("myeloid cell", None, 0.0),
-    "CL:0000084": ("T cell", "CL:0000542", 0.0),
-    "CL:0000624": ("CD4-positive, alpha-beta T cell", "CL:0000084", 0.30),
-    "CL:0000625": ("CD8-positive, alpha-beta T cell", "CL:0000084", 0.12),
-    "CL:0000236": ("B cell", "CL:0000542", 0.10),
-    "CL:0000786": ("plasma cell", "CL:0000542", 0.01),
-    "CL:0000623": ("natural killer cell", "CL:0000542", 0.08),
-    "CL:0000576": ("monocyte", "CL:0000738", 0.0),
-    "CL:0001054": ("CD14-positive monocyte", "CL:0000576", 0.22),
-    "CL:0002396": ("CD14-low, CD16-positive monocyte", "CL:0001054", 0.07),
-    "CL:0000451": ("dendritic cell", "CL:0000738", 0.03),
-    "CL:0000784": ("plasmacytoid dendritic cell", "CL:0000451", 0.01),
-    "CL:0000556": ("megakaryocyte", "CL:0000763", 0.01),
+#: Cell Ontology terms of the synthetic atlas: id -> (name, parent ids, relative abundance).
+#: A term's parents are its nearest Cell Ontology ancestors among these terms (CL
+#: 2026-03-26): a monocyte is a leukocyte and a myeloid cell.
+CELL_TYPES: dict[str, tuple[str, tuple[str, ...], float]] = {
+    "CL:0000738": ("leukocyte", (), 0.0),
+    "CL:0000542": ("lymphocyte", ("CL:0000738",), 0.0),
+    "CL:0000763": ("myeloid cell", (), 0.0),
+    "CL:0000084": ("T cell", ("CL:0000542",), 0.0),
+    "CL:0000624": ("CD4-positive, alpha-beta T cell", ("CL:0000084",), 0.30),
+    "CL:0000625": ("CD8-positive, alpha-beta T cell", ("CL:0000084",), 0.12),
+    "CL:0000236": ("B cell", ("CL:0000542",), 0.10),
+    "CL:0000786": ("plasma cell", ("CL:0000542",), 0.01),
+    "CL:0000623": ("natural killer cell", ("CL:0000542",), 0.08),
+    "CL:0000576": ("monocyte", ("CL:0000738", "CL:0000763"), 0.0),
+    "CL:0001054": ("CD14-positive monocyte", ("CL:0000576",), 0.22),
+    "CL:0002396": ("CD14-low, CD16-positive monocyte", ("CL:0001054",), 0.07),
+    "CL:0000451": ("dendritic cell", ("CL:0000738",), 0.03),
+    "CL:0000784": ("plasmacytoid dendritic cell", ("CL:0000451",), 0.01),
+    "CL:0000556": ("megakaryocyte", ("CL:0000763",), 0.01),
 }
+
+
+def _lineage(term: str) -> list[str]:
+    """``term`` and every ancestor of it among :data:`CELL_TYPES`, each once."""
+    seen = [term]
+    for node in seen:  # (grows as it is read: a walk over every parent)
+        seen += [p for p in CELL_TYPES[node][1] if p not in seen]
+    return seen
+
 
 _ASSAYS = [
     ("EFO:0009922", "10x 3' v3"),
@@ -90,13 +100,8 @@ class _AtlasModel:
             up = rng.random(g) < 0.03
             programs[term] = np.where(up, rng.normal(2.0, 0.6, g), 0.0)
         prof = []
-        for leaf in self.leaves:
-            logp = base.copy()
-            node: str | None = leaf
-            while node is not None:
-                logp = logp + programs[node]
-                node = CELL_TYPES[node][1]
-            prof.append(logp)
+        for leaf in self.leaves:  # a program for the type and each of its ancestors, once
+            prof.append(base + sum(programs[node] for node in _lineage(leaf)))
         logp_all = np.stack(prof)
         self.log_profiles = (logp_all - np.log(np.exp(logp_all).sum(1, keepdims=True))).astype(
             np.float32
