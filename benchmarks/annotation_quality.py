@@ -237,28 +237,42 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=("kang2018", "synthetic"),
+        default=["kang2018", "synthetic"],
+        help="the datasets to evaluate (default: both)",
+    )
     args = ap.parse_args()
     from cellsift.datasets import shared_data_path, synthetic_atlas
 
     results: dict[str, Any] = {}
     detail: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    try:
-        kang: Path | None = shared_data_path("kang2018")
-    except FileNotFoundError as err:
-        kang, skipped["kang2018"] = None, str(err)
+    kang: Path | None = None
+    if "kang2018" not in args.datasets:
+        skipped["kang2018"] = "not asked for (--datasets)"
+    else:
+        try:
+            kang = shared_data_path("kang2018")
+        except FileNotFoundError as err:
+            skipped["kang2018"] = str(err)
     if kang is not None:
         print(f"# kang2018: {kang}", flush=True)
         donors = ["1015"] if args.quick else None  # the largest donor
         r = evaluate(kang, "batch", donors, removed="CL:0000236")  # B cells
         results["kang2018"], detail["kang2018"] = r["summary"], r["per_split"]
-    with tempfile.TemporaryDirectory() as tmp:
-        n = 6_000 if args.quick else 20_000
-        path = synthetic_atlas(n, 2_000, n_studies=4, path=Path(tmp) / "synthetic.h5ad", seed=7)
-        print(f"# synthetic: {n:,} cells x 2,000 genes, 4 studies", flush=True)
-        studies = ["study_00"] if args.quick else None
-        r = evaluate(path, "dataset_id", studies, removed="CL:0000236")
-        results["synthetic"], detail["synthetic"] = r["summary"], r["per_split"]
+    if "synthetic" not in args.datasets:
+        skipped["synthetic"] = "not asked for (--datasets)"
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            n = 6_000 if args.quick else 20_000
+            path = synthetic_atlas(n, 2_000, n_studies=4, path=Path(tmp) / "synthetic.h5ad", seed=7)
+            print(f"# synthetic: {n:,} cells x 2,000 genes, 4 studies", flush=True)
+            studies = ["study_00"] if args.quick else None
+            r = evaluate(path, "dataset_id", studies, removed="CL:0000236")
+            results["synthetic"], detail["synthetic"] = r["summary"], r["per_split"]
     targets = {
         name: {
             "f1_at_least_pca_and_logreg": bool(
