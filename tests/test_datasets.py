@@ -74,6 +74,8 @@ def test_a_store_its_name_misdescribes_is_refused_before_writing(tmp_path):
 def test_missing_shared_data_says_where(tmp_path):
     with pytest.raises(FileNotFoundError, match="CELLSIFT_DATA"):
         shared_data_path("kang2018", tmp_path)
+    with pytest.raises(KeyError, match=r"'kang' is not .* the names are kang2018, cellbench_lung"):
+        shared_data_path("kang", tmp_path)
 
 
 def test_kang_loader_when_present():

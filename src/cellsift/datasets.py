@@ -366,6 +366,10 @@ def shared_data_path(name: str, data_dir: str | os.PathLike[str] | None = None) 
 
     The folder is ``$CELLSIFT_DATA``, else ``../shared/data`` beside the repository.
     """
+    if name not in _SHARED_FILES:
+        raise KeyError(
+            f"{name!r} is not a shared benchmark file; the names are {', '.join(_SHARED_FILES)}."
+        )
     env = os.environ.get("CELLSIFT_DATA")
     folder = Path(data_dir) if data_dir is not None else Path(env) if env else SHARED_DATA_DIR
     path = folder / _SHARED_FILES[name]

@@ -41,7 +41,7 @@ def embed(
     (``source`` names the data in messages, e.g. its file). ``uns["cellsift"][key_added]``
     records the model's fingerprint, so that :func:`annotate` and :func:`search_centroid`
     refuse an embedding that another model made."""
-    adata = adata.copy() if copy else adata
+    adata = _copied(adata) if copy else adata
     adata.obsm[key_added] = model.embed(
         adata,
         layer=layer,
@@ -125,7 +125,7 @@ def annotate(
                 "KNNAnnotator has its own settings and threshold. Set them when making it "
                 "(KNNAnnotator(...), .calibrate(...)), or pass its index as the reference."
             )
-    adata = adata.copy() if copy else adata
+    adata = _copied(adata) if copy else adata
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
     index.check_model(model)
     _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts, index=index)
@@ -345,3 +345,8 @@ def _is_default(value: Any, default: Any) -> bool:
     # (numbers of any type: np.int64(50) is k's default 50)
     same_kind = type(value) is type(default) or (is_number(value) and is_number(default))
     return bool(same_kind and value == default)
+
+
+def _copied(adata: ad.AnnData) -> ad.AnnData:
+    """A copy in memory (of a backed AnnData too, which ``copy()`` would write to a file)."""
+    return adata.to_memory() if adata.isbacked else adata.copy()

@@ -471,6 +471,17 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     far = query.obs["cellsift_mean_distance"].to_numpy() > thr_left
     labels = query.obs["cellsift_cell_type_ontology_term_id"].astype(str).to_numpy()
     assert (labels[far] == "unknown").all() and dropped not in set(labels)
+    # copy=True of a backed AnnData: a copy in memory, the file not written
+    backed = ad.read_h5ad(synthetic_h5ad, backed="r")
+    before = synthetic_h5ad.stat().st_mtime_ns
+    embedded = cs.tl.embed(backed, model, copy=True)
+    assert not embedded.isbacked and "X_cellsift" not in backed.obsm
+    np.testing.assert_allclose(embedded.obsm["X_cellsift"], ref.obsm["X_cellsift"], atol=1e-6)
+    annotated = cs.tl.annotate(backed[:50], index, model=model, ontology_aware=False, copy=True)
+    assert not annotated.isbacked and "cellsift_confidence" in annotated.obs
+    assert "cellsift_confidence" not in backed.obs
+    assert synthetic_h5ad.stat().st_mtime_ns == before
+    backed.file.close()
 
 
 def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, capsys):
