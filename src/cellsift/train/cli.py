@@ -19,6 +19,7 @@ bundle lands in that run's directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickle
 import re
 import time
@@ -242,7 +243,8 @@ def _peer_error(wait: float = 2.0) -> BaseException | None:
 
 def _clear_rank_errors() -> None:
     for rank in range(_RUN.get("world", 0)):
-        _rank_error_file(rank).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a folder it cannot write: no notes were left)
+            _rank_error_file(rank).unlink(missing_ok=True)
 
 
 def _continued_logger(
