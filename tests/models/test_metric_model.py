@@ -213,6 +213,19 @@ def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad,
         whole.module.state_dict().items(), resumed.module.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+    # without checkpoints, "last" names no file: the state's own path is the one to give
+    off = {"enable_checkpointing": False}
+    with pytest.raises(
+        TrainingInterrupted, match=r"resume with ckpt_path='[^']*last\.ckpt'"
+    ) as err:
+        train(tmp_path / "no_checkpoints", callbacks=[stop], **off)
+    assert Path(err.value.checkpoint) == tmp_path / "no_checkpoints" / "last.ckpt"
+    assert "ckpt_path='last'" not in str(err.value)
+    resumed = train(tmp_path / "no_checkpoints", ckpt_path=err.value.checkpoint, **off)
+    for (key, a), b in zip(
+        whole.module.state_dict().items(), resumed.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
 
 def test_a_checkpoint_callback_without_a_folder_keeps_what_last_resumes(synthetic_h5ad, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from cellsift._warnings import CellsiftWarning
 from cellsift.cli import main
 from cellsift.models import MetricModel
 from cellsift.ontology import load_cell_ontology
@@ -376,6 +377,32 @@ def test_fit_terminated_outside_a_step_says_so_and_leaves_no_partial_bundle(
     assert not list(tmp_path.rglob("model")) and not list(tmp_path.rglob(".model.*"))
 
 
+def test_fit_says_settings_lightning_meets_late_in_one_line(synthetic_h5ad, tmp_path, capsys):
+    """An EarlyStopping that watches a metric nothing logs; validation without groups to
+    hold out: one line each, exit status 2, the second before a step."""
+    watch = {"class_path": "lightning.pytorch.callbacks.EarlyStopping"}
+    watch["init_args"] = {"monitor": "val/accuracy"}
+    args = _args(synthetic_h5ad, tmp_path, "--trainer.max_epochs", "1", callbacks=[watch])
+    assert main(["fit", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cellsift fit: error: Early stopping conditioned on metric")
+    assert not any(line.lstrip().startswith("File ") for line in err)
+    no_groups = ("--data.init_args.split_key", "null", "--data.init_args.study_key", "null")
+    with pytest.warns(CellsiftWarning, match=r"val_fraction=0.15 holds out no cells"):
+        assert main(["fit", *_args(synthetic_h5ad, tmp_path, *no_groups, name="no_groups")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "whole groups of split_key, and none is set" in err[-1]
+    assert "--data.init_args.split_key donor_id" in err[-1]
+
+
+def test_a_fast_dev_run_leaves_nothing_a_real_run_would_take_up(synthetic_h5ad, tmp_path, caplog):
+    """fast_dev_run tries the settings on a step: it keeps no checkpoint (which the real
+    run's ckpt_path='last' would resume from) and writes no bundle."""
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, "--trainer.fast_dev_run", "true")]) == 0
+    assert "fast_dev_run, so no model bundle is written" in caplog.text
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("model.safetensors"))
+
+
 @pytest.mark.multi_device
 def test_fit_says_one_ranks_bad_input_in_one_line(synthetic_h5ad, tmp_path):
     """Under DDP (2 gloo processes) a bad cell only rank 1 reads: the other rank's
@@ -507,6 +534,7 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
         (["--trainer.val_check_interval", "0"], r"val_check_interval is a share .* not 0\."),
         (["--trainer.val_check_interval", "0.0"], r"val_check_interval is a share .* not 0\.0"),
         (["--trainer.val_check_interval", "1.5"], r"invalid value 1.5 for val_check_interval"),
+        (["--trainer.val_check_interval", "100000"], r"`val_check_interval` \(100000\) must be"),
         # a setting of the class inside the optional data section, named as it was given
         (
             ["--data.init_args.pin_memory", "maybe"],

@@ -232,6 +232,13 @@ class CellDataModule(pl.LightningDataModule):
                 "(split_key=None and study_key=None): pass split_key= the obs column they "
                 "are values of."
             )
+        if self.split_key is None and self.val_fraction > 0:
+            warn(
+                f"val_fraction={self.val_fraction:g} holds out no cells: validation holds out "
+                "whole groups of split_key, and none is set (split_key=None and "
+                "study_key=None), so every cell trains. Pass split_key= a column of groups "
+                "(e.g. donor_id) to validate, or val_fraction=0."
+            )
         if self.split_key is None or (self.val_groups is None and self.val_fraction <= 0):
             self.train, self.val = coll, None
             return

@@ -136,7 +136,11 @@ class MetricPlan(TrainingPlan):
         super().on_fit_end()  # the best weights by the monitored metric, where kept
         # every rank: under DDP ``log_dir`` is a broadcast from rank 0
         root = self.trainer.log_dir or self.trainer.default_root_dir
-        if self.trainer.is_global_zero:
+        if getattr(
+            self.trainer, "fast_dev_run", False
+        ):  # a trial of the settings: its one step is no model
+            logger.warning("cellsift fit: fast_dev_run, so no model bundle is written")
+        elif self.trainer.is_global_zero:
             path = Path(self.bundle_dir) if self.bundle_dir else Path(root) / "model"
             label_key = getattr(self.trainer.datamodule, "label_key", None)  # type: ignore[attr-defined]
             if label_key:  # (kept in the bundle: what fine-tuning it reads labels from)
@@ -241,6 +245,17 @@ def _peer_error(wait: float = 2.0) -> BaseException | None:
         time.sleep(0.1)
 
 
+#: Lightning's words on a setting, raised as RuntimeError or ValueError once the run meets
+#: it (a monitored metric never logged, validation less often than an epoch's batches).
+_LIGHTNING_SETTING = re.compile(r"^(Early stopping conditioned on metric|`val_check_interval`)")
+
+
+def _lightning_setting(err: Exception) -> ConfigError | None:
+    """A ConfigError of Lightning's message where ``err`` is its word on a setting."""
+    text = " ".join(str(err).split())
+    return ConfigError(text) if _LIGHTNING_SETTING.match(text) else None
+
+
 def _clear_rank_errors() -> None:
     for rank in range(_RUN.get("world", 0)):
         with contextlib.suppress(OSError):  # (a folder it cannot write: no notes were left)
@@ -290,6 +305,14 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
         except MisconfigurationException as err:  # Lightning's word on a trainer setting
             raise ConfigError(" ".join(str(err).split())) from None
         except _USER_ERRORS:
+            raise
+        except (RuntimeError, ValueError) as err:
+            said = _lightning_setting(err)
+            if said is not None:
+                raise said from None
+            peer = _peer_error()
+            if peer is not None:
+                raise peer from None
             raise
         except Exception:
             # on several ranks, one rank's bad input ends the others in a collective cut

@@ -230,6 +230,13 @@ class TrainingPlan(pl.LightningModule):
     def setup(self, stage: str) -> None:
         _check_steps(self.trainer)
         _check_watched(self.trainer)
+        if getattr(
+            self.trainer, "fast_dev_run", False
+        ):  # a trial run: Lightning keeps its last.ckpt regardless,
+            # which ckpt_path="last" would then resume the real run from
+            for cb in self.trainer.checkpoint_callbacks:
+                if isinstance(cb, ModelCheckpoint):
+                    cb.save_last = False
         if stage == "fit":
             _check_negatives(self.trainer, self.module)
         precision = str(self.trainer.precision)
@@ -296,10 +303,18 @@ class TrainingPlan(pl.LightningModule):
         connector.update_train_step_metrics()
         step = self.trainer.global_step
         name = "a signal to another rank" if signum is None else signal.Signals(signum).name
+        found_as_last = any(
+            isinstance(cb, ModelCheckpoint) and cb.dirpath
+            for cb in self.trainer.checkpoint_callbacks
+        )
+        how = (
+            "resume with ckpt_path='last' or that path (cellsift fit: --ckpt_path last)"
+            if found_as_last  # (without a ModelCheckpoint, "last" names no file)
+            else f"resume with ckpt_path={path!r} (cellsift fit: --ckpt_path {path})"
+        )
         raise TrainingInterrupted(
             f"training stopped on {name} after step {step} (epoch {self.current_epoch}); "
-            f"its state is saved in {path}: resume with ckpt_path='last' or that path "
-            "(cellsift fit: --ckpt_path last), and it goes on as if never stopped.",
+            f"its state is saved in {path}: {how}, and it goes on as if never stopped.",
             checkpoint=path,
             step=step,
             signal=signum,
@@ -632,6 +647,13 @@ def _check_watched(trainer: pl.Trainer) -> None:
         raise ConfigError(
             f"callbacks watch {', '.join(watching)}, but limit_val_batches=0 runs no "
             f"validation: leave it out, {drop}"
+        )
+    if dm.val is None and dm.split_key is None:
+        raise ConfigError(
+            f"callbacks watch {', '.join(watching)}, but the data module holds no validation "
+            "cells: validation holds out whole groups of split_key, and none is set "
+            "(split_key=None and study_key=None). Set its split_key to a column of groups "
+            f"(e.g. donor_id; cellsift fit: --data.init_args.split_key donor_id), {drop}"
         )
     if dm.val is None:
         raise ConfigError(
