@@ -127,6 +127,21 @@ def test_a_store_overwrite_replaces_only_a_store_and_not_a_folder_that_looks_lik
     tiledbsoma.io.from_anndata(str(tmp_path / "by_tiledbsoma.soma"), adata, "RNA")
     for store in ("by_anndata.zarr", "by_tiledbsoma.soma"):
         convert(src, tmp_path / store, overwrite=True)
+    # a store of anndata before 0.8 (no encoding in its attributes), in a folder of no
+    # suffix: opened as Zarr, and replaced as a store
+    import json
+
+    from cellsift.data import CellCollection
+
+    old = tmp_path / "pbmc"
+    with ad.settings.override(zarr_write_format=2):
+        adata.write_zarr(old)
+    attrs = json.loads((old / ".zattrs").read_text())
+    (old / ".zattrs").write_text(
+        json.dumps({k: v for k, v in attrs.items() if "encoding" not in k})
+    )
+    assert CellCollection(old).n_obs == adata.n_obs
+    convert(src, old, format="zarr", overwrite=True)
 
 
 def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, monkeypatch):

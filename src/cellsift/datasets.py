@@ -193,7 +193,7 @@ def _sample_nb(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> s
 _UNIT = 1024
 
 #: Bumped whenever the generator's output changes (caches of generated atlases key on it).
-SYNTHETIC_VERSION = 2
+SYNTHETIC_VERSION = 3
 
 
 def _zero_truncated_nb(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:

@@ -349,4 +349,4 @@ def _is_default(value: Any, default: Any) -> bool:
 
 def _copied(adata: ad.AnnData) -> ad.AnnData:
     """A copy in memory (of a backed AnnData too, which ``copy()`` would write to a file)."""
-    return adata.to_memory() if adata.isbacked else adata.copy()
+    return adata.to_memory(copy=True) if adata.isbacked else adata.copy()

@@ -471,11 +471,18 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     far = query.obs["cellsift_mean_distance"].to_numpy() > thr_left
     labels = query.obs["cellsift_cell_type_ontology_term_id"].astype(str).to_numpy()
     assert (labels[far] == "unknown").all() and dropped not in set(labels)
-    # copy=True of a backed AnnData: a copy in memory, the file not written
+    # copy=True of a backed AnnData (or a view of one): a copy in memory that shares
+    # nothing with it, the file not written
     backed = ad.read_h5ad(synthetic_h5ad, backed="r")
     before = synthetic_h5ad.stat().st_mtime_ns
+    backed.obsm["X_pca"] = np.zeros((backed.n_obs, 2))
     embedded = cs.tl.embed(backed, model, copy=True)
     assert not embedded.isbacked and "X_cellsift" not in backed.obsm
+    embedded.obsm["X_pca"][0, 0] = 9.0
+    assert backed.obsm["X_pca"][0, 0] == 0.0
+    part = cs.tl.embed(backed[:20], model, copy=True)
+    part.obsm["X_pca"][0, 0] = 9.0  # (a view's entries would be tied to the backed object)
+    del backed.obsm["X_pca"]
     np.testing.assert_allclose(embedded.obsm["X_cellsift"], ref.obsm["X_cellsift"], atol=1e-6)
     annotated = cs.tl.annotate(backed[:50], index, model=model, ontology_aware=False, copy=True)
     assert not annotated.isbacked and "cellsift_confidence" in annotated.obs

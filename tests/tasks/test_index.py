@@ -366,7 +366,7 @@ def test_a_handle_reads_the_index_it_loaded_whatever_is_saved_over_it(tmp_path):
 
 
 def test_a_loaded_index_pickles_searches_from_threads_and_names_a_file_rewritten_in_place(
-    tmp_path,
+    tmp_path, monkeypatch
 ):
     """A loaded index: copied or pickled (to another process), the copy reads the same
     metadata; filtered searches from several threads give one thread's answers; its
@@ -399,6 +399,16 @@ def test_a_loaded_index_pickles_searches_from_threads_and_names_a_file_rewritten
     np.testing.assert_array_equal(index.search(x[:20], 5, filter={"study": "b"}).indices, want)
     with pytest.raises(CellIndexError, match="replaced or removed since this index was loaded"):
         pickle.loads(copied).metadata_rows([0])
+    # saved over its own folder, and loaded by a relative path before a change of folder:
+    # its copies open the files it saved
+    index = CellIndex.load(path)
+    index.save(path, overwrite=True)
+    assert pickle.loads(pickle.dumps(index)).metadata_rows([0]).equals(index.metadata_rows([0]))
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        relative = CellIndex.load("idx")
+        m.chdir(path)
+        assert copy.deepcopy(relative).metadata_rows([3]).equals(index.metadata_rows([3]))
     table = pq.read_table(path / "metadata.parquet")
     index = CellIndex.load(path)
     with open(path / "metadata.parquet", "r+b") as f:  # the same file, rewritten

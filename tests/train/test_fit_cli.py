@@ -403,6 +403,33 @@ def test_a_fast_dev_run_leaves_nothing_a_real_run_would_take_up(synthetic_h5ad, 
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("model.safetensors"))
 
 
+def test_runs_sharing_a_folder_keep_their_ranks_errors_apart(tmp_path):
+    """The notes a rank leaves for rank 0 are its run's: another run in the same root
+    directory neither reads them as its own nor removes them."""
+    import types
+
+    from cellsift.errors import DataError
+    from cellsift.train import cli
+
+    def run(run_id: str, rank: int) -> None:
+        cli._RUN.clear()
+        cli._RUN.update(root=tmp_path, run=run_id, rank=rank, world=2, start=time.time())
+
+    try:
+        run("b", 1)  # run B's rank 1 meets a bad cell
+        bad = DataError("cell 7 holds nan (run B)")
+        cli._RankErrors().on_exception(types.SimpleNamespace(global_rank=1), None, bad)
+        run("a", 0)  # run A's rank 0, its collective cut short by something else
+        assert cli._peer_error(wait=0.2) is None
+        cli._clear_rank_errors()  # run A ends
+        run("b", 0)
+        assert str(cli._peer_error(wait=0.2)) == "cell 7 holds nan (run B)"
+        cli._clear_rank_errors()
+        assert not list(tmp_path.iterdir())
+    finally:
+        cli._RUN.clear()
+
+
 @pytest.mark.multi_device
 def test_fit_says_one_ranks_bad_input_in_one_line(synthetic_h5ad, tmp_path):
     """Under DDP (2 gloo processes) a bad cell only rank 1 reads: the other rank's

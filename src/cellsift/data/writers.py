@@ -49,12 +49,17 @@ SOMA_WRITE_VALUES = 1 << 20
 
 def _store_marker(p: Path) -> Format | None:
     """The format of an existing store folder, by the files its format writes: a Zarr
-    group that anndata encoded (its attributes say ``encoding-type: anndata``), a TileDB
+    group that anndata encoded (its attributes say ``encoding-type: anndata``, or, written
+    before anndata 0.8, it holds X and obs without an encoding), a TileDB
     group with a SOMA experiment's ``obs`` and ``ms``. Another Zarr group (an embeddings
     store, an image) or a folder that merely holds an ``ms`` is none."""
     zarr_attrs = _zarr_attributes(p)
     if zarr_attrs is not None:
-        return "zarr" if zarr_attrs.get("encoding-type") == "anndata" else None
+        if zarr_attrs.get("encoding-type") == "anndata":
+            return "zarr"
+        # (anndata before 0.8 wrote no encoding: its groups X and obs tell it)
+        unencoded = "encoding-type" not in zarr_attrs and "cellsift" not in zarr_attrs
+        return "zarr" if unencoded and (p / "X").exists() and (p / "obs").exists() else None
     tiledb = (p / "__tiledb_group.tdb").is_file() or (p / "__group").is_dir()
     if tiledb and (p / "obs").is_dir() and (p / "ms").is_dir():
         return "soma"

@@ -869,6 +869,12 @@ class CellIndex:
                 "files": {f: _file_digest(tmp / f) for f in files},
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        held = self._metadata_file
+        saved = Path(path) / "metadata.parquet"
+        if held is not None and held.path == saved.absolute():
+            # saved over its own folder: the file it holds is its own copy now; the one in
+            # its place (the same metadata) is what a copy of this index opens again
+            self._metadata_file = _HeldParquet(saved)
         return Path(path)
 
     @classmethod
@@ -961,7 +967,7 @@ class _HeldParquet:
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path = path.absolute()  # (a copy opens it again from wherever it is then)
         self._open(None)
 
     def _open(self, identity: tuple[int, int, int, int] | None) -> None:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pickle
 import re
 import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,9 +138,8 @@ class MetricPlan(TrainingPlan):
         super().on_fit_end()  # the best weights by the monitored metric, where kept
         # every rank: under DDP ``log_dir`` is a broadcast from rank 0
         root = self.trainer.log_dir or self.trainer.default_root_dir
-        if getattr(
-            self.trainer, "fast_dev_run", False
-        ):  # a trial of the settings: its one step is no model
+        trial = getattr(self.trainer, "fast_dev_run", False)
+        if trial:  # a trial of the settings: its one step is no model
             logger.warning("cellsift fit: fast_dev_run, so no model bundle is written")
         elif self.trainer.is_global_zero:
             path = Path(self.bundle_dir) if self.bundle_dir else Path(root) / "model"
@@ -185,26 +186,31 @@ class FitCLI(LightningCLI):
         if logger is not None:
             self.trainer.logger = logger
         _RUN.clear()  # where ranks leave their errors about the input, for rank 0 to say
+        rank = self.trainer.global_rank
+        if rank == 0:  # (before it starts the other ranks, which inherit its environment)
+            os.environ[_RUN_ID] = uuid.uuid4().hex[:12]
         _RUN.update(
             root=Path(self.trainer.default_root_dir),
-            rank=self.trainer.global_rank,
+            run=os.environ.get(_RUN_ID, ""),
+            rank=rank,
             world=self.trainer.world_size,
             start=time.time(),
         )
         if _RUN["world"] > 1:
-            if _RUN["rank"] == 0:  # (before the other ranks start: an earlier run's)
-                _clear_rank_errors()
             self.trainer.callbacks.append(_RankErrors())  # type: ignore[attr-defined]
 
 
 #: Errors about the input or the settings: every command says them in one line.
 _USER_ERRORS = (CellsiftError, FileNotFoundError, FileExistsError)
-#: This process's run under ``cellsift fit`` (FitCLI.before_fit): root, rank, world, start.
+#: This process's run under ``cellsift fit`` (FitCLI.before_fit): root, run (an id that
+#: rank 0 makes and the ranks it starts inherit), rank, world, start.
 _RUN: dict[str, Any] = {}
+_RUN_ID = "CELLSIFT_FIT_RUN"
 
 
 def _rank_error_file(rank: int) -> Path:
-    return _RUN["root"] / f".cellsift-fit-rank-{rank:05d}.error"
+    # (named by the run: two runs may share a root directory)
+    return _RUN["root"] / f".cellsift-fit-{_RUN['run']}-rank-{rank:05d}.error"
 
 
 class _RankErrors(pl.Callback):
@@ -215,7 +221,10 @@ class _RankErrors(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
         if not isinstance(exception, _USER_ERRORS) or isinstance(exception, TrainingInterrupted):
             return  # (signals reach every rank by the plan's own means)
+        if not _RUN.get("run"):  # (ranks started otherwise than by rank 0: no shared id)
+            return
         try:
+            _RUN["root"].mkdir(parents=True, exist_ok=True)
             _rank_error_file(trainer.global_rank).write_bytes(pickle.dumps(exception))
         except (OSError, pickle.PicklingError, TypeError, AttributeError):
             pass  # (the rank still says it on its own)
@@ -224,7 +233,7 @@ class _RankErrors(pl.Callback):
 def _peer_error(wait: float = 2.0) -> BaseException | None:
     """Another rank's error about the input, of this run (None: none within ``wait``
     seconds: the rank that failed writes it as it stops)."""
-    if _RUN.get("world", 1) < 2:
+    if _RUN.get("world", 1) < 2 or not _RUN.get("run"):
         return None
     deadline = time.monotonic() + wait
     while True:
@@ -257,6 +266,8 @@ def _lightning_setting(err: Exception) -> ConfigError | None:
 
 
 def _clear_rank_errors() -> None:
+    if not _RUN.get("run"):
+        return
     for rank in range(_RUN.get("world", 0)):
         with contextlib.suppress(OSError):  # (a folder it cannot write: no notes were left)
             _rank_error_file(rank).unlink(missing_ok=True)

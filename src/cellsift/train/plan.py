@@ -230,10 +230,9 @@ class TrainingPlan(pl.LightningModule):
     def setup(self, stage: str) -> None:
         _check_steps(self.trainer)
         _check_watched(self.trainer)
-        if getattr(
-            self.trainer, "fast_dev_run", False
-        ):  # a trial run: Lightning keeps its last.ckpt regardless,
-            # which ckpt_path="last" would then resume the real run from
+        if getattr(self.trainer, "fast_dev_run", False):
+            # a trial run: Lightning keeps its last.ckpt regardless, which ckpt_path="last"
+            # would then resume the real run from
             for cb in self.trainer.checkpoint_callbacks:
                 if isinstance(cb, ModelCheckpoint):
                     cb.save_last = False
