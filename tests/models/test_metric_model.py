@@ -228,6 +228,21 @@ def test_training_resumed_from_last_ends_as_an_uninterrupted_run(synthetic_h5ad,
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
 
+def test_a_fast_dev_run_keeps_no_last_checkpoint_and_leaves_the_callback_as_given(
+    synthetic_h5ad, tmp_path
+):
+    """fast_dev_run: Lightning would keep last.ckpt (over a real run's), which "last" would
+    resume from; none is kept, and the caller's callback, given to the real run next, keeps
+    its own last."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    keep = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(synthetic_h5ad, tmp_path, callbacks=[keep], fast_dev_run=True, logger=False)
+    assert keep.save_last is True and not list(tmp_path.rglob("*.ckpt"))
+    _fit(synthetic_h5ad, tmp_path, callbacks=[keep], max_steps=2, logger=False)
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
 def test_a_checkpoint_callback_without_a_folder_keeps_what_last_resumes(synthetic_h5ad, tmp_path):
     """A ModelCheckpoint given without dirpath keeps its checkpoints in
     <default_root_dir>/checkpoints, where ckpt_path="last" looks (Lightning's default, the

@@ -404,6 +404,10 @@ def test_a_loaded_index_pickles_searches_from_threads_and_names_a_file_rewritten
     index = CellIndex.load(path)
     index.save(path, overwrite=True)
     assert pickle.loads(pickle.dumps(index)).metadata_rows([0]).equals(index.metadata_rows([0]))
+    (tmp_path / "link").symlink_to(path)  # loaded by a link, saved by the folder's name
+    linked = CellIndex.load(tmp_path / "link")
+    linked.save(tmp_path / "x" / ".." / "idx", overwrite=True)
+    assert copy.deepcopy(linked).metadata_rows([1]).equals(index.metadata_rows([1]))
     with monkeypatch.context() as m:
         m.chdir(tmp_path)
         relative = CellIndex.load("idx")

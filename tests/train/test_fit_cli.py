@@ -449,7 +449,7 @@ def test_fit_says_one_ranks_bad_input_in_one_line(synthetic_h5ad, tmp_path):
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     said = [line for line in run.stderr.splitlines() if line.startswith("cellsift fit: error:")]
     assert said and all("cell 7 ('cell_7') holds nan (rank 1)" in line for line in said)
-    assert not list(tmp_path.glob(".cellsift-fit-rank-*"))
+    assert not list(tmp_path.glob(".cellsift-fit-*"))
 
 
 def test_fit_trains_labels_outside_the_cell_ontology_as_they_are(tmp_path, capsys):

@@ -203,7 +203,7 @@ class CellDataModule(pl.LightningDataModule):
                     f"{what}={key!r} names no obs column of {store.path}, which has "
                     f"{', '.join(store.obs_columns)}. Pass {what}= the column of studies "
                     "(or donors) to take positives from and hold out whole, or study_key=None "
-                    "(and split_key=None) for data of one study."
+                    "(and split_key=None, val_fraction=0) for data of one study."
                 )
         if self.label_key and self.harmonize_labels:
             from ..ontology import OntologyError, load_cell_ontology

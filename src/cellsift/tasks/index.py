@@ -870,11 +870,10 @@ class CellIndex:
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         held = self._metadata_file
-        saved = Path(path) / "metadata.parquet"
-        if held is not None and held.path == saved.absolute():
+        if held is not None and _same_place(held.path.parent, Path(path)):
             # saved over its own folder: the file it holds is its own copy now; the one in
             # its place (the same metadata) is what a copy of this index opens again
-            self._metadata_file = _HeldParquet(saved)
+            self._metadata_file = _HeldParquet(Path(path) / "metadata.parquet")
         return Path(path)
 
     @classmethod
@@ -1007,6 +1006,14 @@ class _HeldParquet:
         self.path = state["path"]
         self.loaded = state["loaded"]
         self._open(self.loaded)
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    """Do ``a`` and ``b`` name one folder now (through links, ``..``, another spelling)?"""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import pickle
 import re
 import time
@@ -186,13 +185,10 @@ class FitCLI(LightningCLI):
         if logger is not None:
             self.trainer.logger = logger
         _RUN.clear()  # where ranks leave their errors about the input, for rank 0 to say
-        rank = self.trainer.global_rank
-        if rank == 0:  # (before it starts the other ranks, which inherit its environment)
-            os.environ[_RUN_ID] = uuid.uuid4().hex[:12]
         _RUN.update(
             root=Path(self.trainer.default_root_dir),
-            run=os.environ.get(_RUN_ID, ""),
-            rank=rank,
+            run="",  # (agreed by the ranks once they are joined: _RankErrors.setup)
+            rank=self.trainer.global_rank,
             world=self.trainer.world_size,
             start=time.time(),
         )
@@ -203,9 +199,8 @@ class FitCLI(LightningCLI):
 #: Errors about the input or the settings: every command says them in one line.
 _USER_ERRORS = (CellsiftError, FileNotFoundError, FileExistsError)
 #: This process's run under ``cellsift fit`` (FitCLI.before_fit): root, run (an id that
-#: rank 0 makes and the ranks it starts inherit), rank, world, start.
+#: rank 0 makes and sends every rank as training sets up), rank, world, start.
 _RUN: dict[str, Any] = {}
-_RUN_ID = "CELLSIFT_FIT_RUN"
 
 
 def _rank_error_file(rank: int) -> Path:
@@ -217,6 +212,11 @@ class _RankErrors(pl.Callback):
     """A rank's error about the input (a bad count only it reads), kept for rank 0: the
     other ranks see only a collective cut short (gloo's "Connection closed by peer"), and
     rank 0's status is the command's."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        # one id for the run's notes (runs may share a folder), rank 0's, sent to every rank
+        # once they are joined (however they were started: Lightning, torchrun, SLURM)
+        _RUN["run"] = str(trainer.strategy.broadcast(uuid.uuid4().hex[:12], src=0))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
         if not isinstance(exception, _USER_ERRORS) or isinstance(exception, TrainingInterrupted):

@@ -15,9 +15,11 @@ and do not depend on the number of ranks.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -231,11 +233,14 @@ class TrainingPlan(pl.LightningModule):
         _check_steps(self.trainer)
         _check_watched(self.trainer)
         if getattr(self.trainer, "fast_dev_run", False):
-            # a trial run: Lightning keeps its last.ckpt regardless, which ckpt_path="last"
-            # would then resume the real run from
-            for cb in self.trainer.checkpoint_callbacks:
-                if isinstance(cb, ModelCheckpoint):
-                    cb.save_last = False
+            # a trial run: Lightning keeps its last.ckpt regardless (over a real run's), which
+            # ckpt_path="last" would then resume the real run from. This run's callbacks
+            # become copies that keep none; the caller's own are left as they are
+            callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+            for i, cb in enumerate(callbacks):
+                if isinstance(cb, ModelCheckpoint) and cb.save_last:
+                    callbacks[i] = copy.copy(cb)
+                    callbacks[i].save_last = False
         if stage == "fit":
             _check_negatives(self.trainer, self.module)
         precision = str(self.trainer.precision)
@@ -309,7 +314,7 @@ class TrainingPlan(pl.LightningModule):
         how = (
             "resume with ckpt_path='last' or that path (cellsift fit: --ckpt_path last)"
             if found_as_last  # (without a ModelCheckpoint, "last" names no file)
-            else f"resume with ckpt_path={path!r} (cellsift fit: --ckpt_path {path})"
+            else f"resume with ckpt_path={path!r} (cellsift fit: --ckpt_path {shlex.quote(path)})"
         )
         raise TrainingInterrupted(
             f"training stopped on {name} after step {step} (epoch {self.current_epoch}); "
