@@ -337,3 +337,29 @@ def test_what_appears_at_the_output_while_it_is_written_is_kept(tmp_path, overwr
             (tmp_path / "out.h5ad").write_text("another run's")
     assert (tmp_path / "out.h5ad").read_text() == "another run's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad", "out.zarr"]
+
+
+def test_a_signal_while_the_old_output_is_deleted_acts_once_it_is_gone(tmp_path, monkeypatch):
+    """Ctrl-C once the new output is in place, as the old one (now beside it) is deleted:
+    the deletion finishes, then the interruption acts; no half-deleted old output stays."""
+    import os
+    import signal
+    import time
+
+    final, tmp = tmp_path / "out", tmp_path / ".out.tmp-1"
+    for folder, text in ((final, "old"), (tmp, "new")):
+        folder.mkdir()
+        for i in range(50):
+            (folder / f"part{i}").write_text(text)
+    real = utils.remove_path
+
+    def interrupted(path):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # (where the signal acts, unless held)
+        real(path)
+
+    monkeypatch.setattr(utils, "remove_path", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        utils.move_into_place(tmp, final)
+    assert {p.read_text() for p in final.iterdir()} == {"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -275,7 +275,28 @@ def move_into_place(tmp: Path, final: Path) -> None:
         except BaseException:
             os.replace(old, final)
             raise
-    remove_path(old)
+    with signals_held():  # the new output is in place: the old one goes whole, then Ctrl-C
+        remove_path(old)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then let the first one act as it
+    would have: for work that must not stop half done, such as deleting an old output the
+    new one has replaced. (Handlers are the main thread's to set; elsewhere, no hold.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if got:
+            signal.raise_signal(got[0])
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # linux/fs.h
