@@ -812,10 +812,11 @@ def test_training_on_stores_reads_the_models_label_column_and_trains_every_cell(
     model = MetricModel.from_collection(adata, label_key="coarse", hidden=(16,), latent=4)
     assert "CL:0000084" in model.labels  # T cell
     quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
-    for data in (adata, adata[adata.obs["dataset_id"] == "study_00"].copy()):
+
+    def train(model, data):
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*labels the model does not have")
-            trainer = model.train(
+            return model.train(
                 data,
                 max_epochs=1,
                 accelerator="cpu",
@@ -823,19 +824,11 @@ def test_training_on_stores_reads_the_models_label_column_and_trains_every_cell(
                 enable_checkpointing=False,
                 **quiet,
             )
-        dm = trainer.datamodule
+
+    for data in (adata, adata[adata.obs["dataset_id"] == "study_00"].copy()):
+        dm = train(model, data).datamodule
         assert dm.val is None and dm.train.n_obs == data.n_obs
     # the bundle keeps the label column: the loaded model fine-tunes on it as it trained
     loaded = MetricModel.load(model.save(tmp_path / "bundle"))
     assert loaded.label_key == "coarse"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*labels the model does not have")
-        trainer = loaded.train(
-            adata,
-            max_epochs=1,
-            accelerator="cpu",
-            default_root_dir=tmp_path,
-            enable_checkpointing=False,
-            **quiet,
-        )
-    assert trainer.datamodule.label_key == "coarse"
+    assert train(loaded, adata).datamodule.label_key == "coarse"

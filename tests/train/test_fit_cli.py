@@ -126,6 +126,19 @@ def _args(
     return ["--config", str(path), *extra]
 
 
+def _fit_process(args: list[str]) -> subprocess.CompletedProcess:
+    """``cellsift fit ARGS`` in a process of its own, as a user runs it (this folder on the
+    path, for the callbacks the tests define)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    return subprocess.run(
+        [sys.executable, "-m", "cellsift.cli", "fit", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -360,15 +373,9 @@ def test_fit_terminated_outside_a_step_says_so_and_leaves_no_partial_bundle(
 ):
     """SIGTERM once training is done (as the bundle is about to be written): the command
     ends as Ctrl-C ends it, status 143 and one line, with no bundle half written."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     late = {"class_path": "test_fit_cli.SignalAtFitEnd"}
-    args = _args(synthetic_h5ad, tmp_path, "--trainer.max_epochs", "1", callbacks=[late])
-    run = subprocess.run(
-        [sys.executable, "-m", "cellsift.cli", "fit", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = _fit_process(
+        _args(synthetic_h5ad, tmp_path, "--trainer.max_epochs", "1", callbacks=[late])
     )
     assert run.returncode == 143, run.stderr[-3000:]
     assert run.stderr.strip().splitlines()[-1] == (
@@ -435,16 +442,8 @@ def test_fit_says_one_ranks_bad_input_in_one_line(synthetic_h5ad, tmp_path):
     """Under DDP (2 gloo processes) a bad cell only rank 1 reads: the other rank's
     collective is cut short; the command says rank 1's error in one line, exit status 2,
     as one process does, and leaves no note of it behind."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     bad = {"class_path": "test_fit_cli.BadCellOnRank", "init_args": {"step": 1, "rank": 1}}
-    args = _args(synthetic_h5ad, tmp_path, *_DDP, callbacks=[bad])
-    run = subprocess.run(
-        [sys.executable, "-m", "cellsift.cli", "fit", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = _fit_process(_args(synthetic_h5ad, tmp_path, *_DDP, callbacks=[bad]))
     assert run.returncode == 2, run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     said = [line for line in run.stderr.splitlines() if line.startswith("cellsift fit: error:")]
