@@ -608,3 +608,24 @@ def model_fingerprint(model: Any) -> str:
         t = t.detach().cpu().contiguous().reshape(-1)
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def write_error(path: Path, err: BaseException) -> None:
+    """Leave ``err`` at ``path`` for another process of the run to raise (:func:`read_error`):
+    a rank's error about its input, which its peers see only as a process gone. Best
+    effort: an error that does not pickle, or a folder that takes no file, leaves none."""
+    import pickle
+
+    with contextlib.suppress(OSError, pickle.PicklingError, TypeError, AttributeError):
+        path.write_bytes(pickle.dumps(err))
+
+
+def read_error(path: Path) -> BaseException | None:
+    """The error another process left at ``path`` (:func:`write_error`); None if none."""
+    import pickle
+
+    try:
+        err = pickle.loads(path.read_bytes())
+    except (OSError, pickle.UnpicklingError, TypeError, AttributeError, EOFError):
+        return None
+    return err if isinstance(err, BaseException) else None

@@ -385,10 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .errors import CellsiftError, TrainingInterrupted
+    from .errors import USER_ERRORS as user_errors
+    from .errors import TrainingInterrupted
 
-    # problems with the user's data or files: one line that names them, exit status 2
-    user_errors = (CellsiftError, FileNotFoundError, FileExistsError)
     if argv[:2] in (["-v", "fit"], ["--verbose", "fit"]):  # the global option, before fit
         argv = argv[1:]
         logging.basicConfig(format="%(message)s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "USER_ERRORS",
     "CellsiftError",
     "ConfigError",
     "DataError",
@@ -73,3 +74,8 @@ class TrainingInterrupted(CellsiftError):
     def exit_status(self) -> int:
         """The shell's status for a process ended by the signal: 128 + its number."""
         return 128 + (self.signal if self.signal is not None else 15)
+
+
+#: Errors about the user's input, settings or files: every command says them in one line
+#: (exit status 2), and a process of several says one process's as its own.
+USER_ERRORS: tuple[type[Exception], ...] = (CellsiftError, FileNotFoundError, FileExistsError)

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import threading
 import time
@@ -55,9 +54,11 @@ from .._utils import (
     output_lock,
     place_output,
     progress,
+    read_error,
     remove_path,
     temporaries,
     text_or_none,
+    write_error,
 )
 from .._warnings import warn
 from ..data import CellCollection
@@ -65,7 +66,7 @@ from ..data.collection import _cell_name, resolve_paths
 from ..data.loader import to_torch_csr
 from ..data.stores import is_anndata, refuse_other
 from ..errors import (
-    CellsiftError,
+    USER_ERRORS,
     ConfigError,
     DataError,
     MissingKeyError,
@@ -217,26 +218,15 @@ def _end(processes: Sequence[Any], grace: float = 10.0) -> None:
             p.join()
 
 
-#: Errors of a rank that are about the input or the settings: the main process raises them
-#: as they are (one line on the command line), not as the rank's traceback.
-_USER_ERRORS = (CellsiftError, FileNotFoundError, FileExistsError)
-
-
 def _rank_error_file(out: Path, rank: int) -> Path:
     return out.with_name(f".{out.name}.rank-{rank:05d}.error")
 
 
 def _rank_failure(out: Path, world: int) -> BaseException | None:
     """The first rank's error about the input or settings, as it raised it (None: none)."""
-    for rank in range(world):
-        path = _rank_error_file(out, rank)
-        try:
-            err = pickle.loads(path.read_bytes())
-        except (OSError, pickle.UnpicklingError, TypeError, AttributeError, EOFError):
-            continue
-        if isinstance(err, BaseException):
-            return err
-    return None
+    return next(
+        (e for r in range(world) if (e := read_error(_rank_error_file(out, r))) is not None), None
+    )
 
 
 def _spawned(
@@ -259,11 +249,8 @@ def _spawned(
             torch.cuda.set_device(rank)
             kwargs = {**kwargs, "device": f"cuda:{rank}"}
         _embed_rank(model, source, out, **kwargs)
-    except _USER_ERRORS as err:  # for the main process to raise (_rank_failure)
-        try:
-            _rank_error_file(out, rank).write_bytes(pickle.dumps(err))
-        except (OSError, pickle.PicklingError, TypeError, AttributeError):
-            pass  # (the rank's traceback still reaches the main process)
+    except USER_ERRORS as err:  # for the main process to raise (_rank_failure)
+        write_error(_rank_error_file(out, rank), err)  # (else its traceback reaches it)
         raise
     finally:
         dist.destroy_process_group()

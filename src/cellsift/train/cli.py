@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import pickle
 import re
 import time
 import uuid
@@ -34,9 +33,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .._utils import logger
+from .._utils import logger, read_error, write_error
 from ..data.datamodule import CellDataModule
-from ..errors import CellsiftError, ConfigError, TrainingInterrupted
+from ..errors import USER_ERRORS, ConfigError, TrainingInterrupted
 from ..models.bundle import check_bundle_path
 from ._stop import interrupts_kept
 from .plan import TrainingPlan
@@ -190,16 +189,13 @@ class FitCLI(LightningCLI):
             run="",  # (agreed by the ranks once they are joined: _RankErrors.setup)
             rank=self.trainer.global_rank,
             world=self.trainer.world_size,
-            start=time.time(),
         )
         if _RUN["world"] > 1:
             self.trainer.callbacks.append(_RankErrors())  # type: ignore[attr-defined]
 
 
-#: Errors about the input or the settings: every command says them in one line.
-_USER_ERRORS = (CellsiftError, FileNotFoundError, FileExistsError)
 #: This process's run under ``cellsift fit`` (FitCLI.before_fit): root, run (an id that
-#: rank 0 makes and sends every rank as training sets up), rank, world, start.
+#: rank 0 makes and sends every rank as training sets up), rank, world.
 _RUN: dict[str, Any] = {}
 
 
@@ -219,15 +215,13 @@ class _RankErrors(pl.Callback):
         _RUN["run"] = str(trainer.strategy.broadcast(uuid.uuid4().hex[:12], src=0))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
-        if not isinstance(exception, _USER_ERRORS) or isinstance(exception, TrainingInterrupted):
+        if not isinstance(exception, USER_ERRORS) or isinstance(exception, TrainingInterrupted):
             return  # (signals reach every rank by the plan's own means)
         if not _RUN.get("run"):  # (ranks started otherwise than by rank 0: no shared id)
             return
-        try:
+        with contextlib.suppress(OSError):
             _RUN["root"].mkdir(parents=True, exist_ok=True)
-            _rank_error_file(trainer.global_rank).write_bytes(pickle.dumps(exception))
-        except (OSError, pickle.PicklingError, TypeError, AttributeError):
-            pass  # (the rank still says it on its own)
+        write_error(_rank_error_file(trainer.global_rank), exception)
 
 
 def _peer_error(wait: float = 2.0) -> BaseException | None:
@@ -238,16 +232,8 @@ def _peer_error(wait: float = 2.0) -> BaseException | None:
     deadline = time.monotonic() + wait
     while True:
         for rank in range(_RUN["world"]):
-            path = _rank_error_file(rank)
-            if rank == _RUN["rank"]:
-                continue
-            try:
-                if path.stat().st_mtime < _RUN["start"] - 1.0:  # an earlier run's
-                    continue
-                err = pickle.loads(path.read_bytes())
-            except (OSError, pickle.UnpicklingError, TypeError, AttributeError, EOFError):
-                continue
-            if isinstance(err, BaseException):
+            err = None if rank == _RUN["rank"] else read_error(_rank_error_file(rank))
+            if err is not None:
                 return err
         if time.monotonic() > deadline:
             return None
@@ -262,7 +248,8 @@ _LIGHTNING_SETTING = re.compile(r"^(Early stopping conditioned on metric|`val_ch
 def _lightning_setting(err: Exception) -> ConfigError | None:
     """A ConfigError of Lightning's message where ``err`` is its word on a setting."""
     text = " ".join(str(err).split())
-    return ConfigError(text) if _LIGHTNING_SETTING.match(text) else None
+    said = isinstance(err, RuntimeError | ValueError) and _LIGHTNING_SETTING.match(text)
+    return ConfigError(text) if said else None
 
 
 def _clear_rank_errors() -> None:
@@ -315,22 +302,14 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
             ) from None
         except MisconfigurationException as err:  # Lightning's word on a trainer setting
             raise ConfigError(" ".join(str(err).split())) from None
-        except _USER_ERRORS:
+        except USER_ERRORS:
             raise
-        except (RuntimeError, ValueError) as err:
-            said = _lightning_setting(err)
+        except Exception as err:
+            # Lightning's word on a setting; or, on several ranks, one rank's bad input that
+            # ended the others in a collective cut short: said as one process says it
+            said = _lightning_setting(err) or _peer_error()
             if said is not None:
                 raise said from None
-            peer = _peer_error()
-            if peer is not None:
-                raise peer from None
-            raise
-        except Exception:
-            # on several ranks, one rank's bad input ends the others in a collective cut
-            # short: that rank's error is the run's, said as one process says it
-            peer = _peer_error()
-            if peer is not None:
-                raise peer from None
             raise
         finally:
             if _RUN.get("rank") == 0:
