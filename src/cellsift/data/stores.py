@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, DataError, MissingKeyError
-from .writers import Format, guess_format, is_store
+from .writers import Format, _zarr_attributes, guess_format, is_store
 
 __all__ = ["CellStore", "open_store"]
 
@@ -49,9 +49,7 @@ def kind_of(path: Path) -> str | None:
         manifest = _json(path / "manifest.json")
         if isinstance(manifest, dict) and manifest.get("format") == "cellsift.CellIndex":
             return "index"
-        attrs = _json(path / "zarr.json")
-        attrs = attrs.get("attributes") if isinstance(attrs, dict) else None
-        if isinstance(attrs, dict) and attrs.get("cellsift") == "embeddings":
+        if (_zarr_attributes(path) or {}).get("cellsift") == "embeddings":
             return "embeddings"
     return "cells" if is_store(path) else None
 

@@ -969,26 +969,29 @@ class _HeldParquet:
         self.path = path.absolute()  # (a copy opens it again from wherever it is then)
         self._open(None)
 
-    def _open(self, identity: tuple[int, int, int, int] | None) -> None:
+    def _open(self, loaded: tuple[int, int, int, int] | None) -> None:
+        """Open the file; ``loaded``: the identity it had when loaded (None: now), where a
+        copy opens it again. Another file there, or none, is said as it is read."""
         pa = import_optional("pyarrow")
         ds = import_optional("pyarrow.dataset")
         self._dataset: Any = None
+        self.loaded = loaded
         try:
             self._file = pa.OSFile(str(self.path))
-            self.identity = _identity(os.fstat(self._file.fileno()))
-            if identity is not None and self.identity != identity:
-                return  # another file than the one loaded: said as it is read
-            fmt = ds.ParquetFileFormat()
-            fragment = fmt.make_fragment(self._file)
-            self._dataset = ds.FileSystemDataset([fragment], fragment.physical_schema, fmt)
-        except (OSError, pa.ArrowException) as err:
-            if identity is not None:  # (removed since: said as it is read)
-                self.identity = (-1, -1, -1, -1)
+            opened = _identity(os.fstat(self._file.fileno()))
+            if self.loaded is None:
+                self.loaded = opened
+            elif opened != self.loaded:
                 return
-            raise CellIndexError(
-                f"{self.path} cannot be read ({err}); rebuild the index."
-            ) from None
-        self.loaded = self.identity
+            fragment = ds.ParquetFileFormat().make_fragment(self._file)
+            self._dataset = ds.FileSystemDataset(
+                [fragment], fragment.physical_schema, ds.ParquetFileFormat()
+            )
+        except (OSError, pa.ArrowException) as err:
+            if loaded is None:
+                raise CellIndexError(
+                    f"{self.path} cannot be read ({err}); rebuild the index."
+                ) from None
 
     def dataset(self) -> Any:
         if self._dataset is None or _identity(os.fstat(self._file.fileno())) != self.loaded:
@@ -1000,12 +1003,11 @@ class _HeldParquet:
         return self._dataset
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "loaded": getattr(self, "loaded", None)}
+        return {"path": self.path, "loaded": self.loaded}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
-        self.loaded = state["loaded"]
-        self._open(self.loaded)
+        self._open(state["loaded"])
 
 
 def _same_place(a: Path, b: Path) -> bool:
