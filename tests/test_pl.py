@@ -76,6 +76,12 @@ def test_embedding_missing_values_and_numeric_colour(cells):
     ax = pl.embedding(cells, "cell_type", basis="umap")  # "umap" means "X_umap"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["NA", "B", "NK", "T"]
     assert len(ax.collections[0].get_offsets()) == 1
+    # a category spelled "NA" is not the missing values' entry
+    cells.obs["cell_type"] = cells.obs["cell_type"].cat.rename_categories({"NK": "NA"})
+    ax = pl.embedding(cells, "cell_type", basis="umap")
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts == ["NA (missing)", "B", "NA", "T"]
+    assert len(ax.collections[0].get_offsets()) == 1
 
     _, ax = plt.subplots()
     out = pl.embedding(cells, "score", ax=ax)
@@ -179,6 +185,14 @@ def test_search_summary_bars_are_the_summary(tmp_path):
     labels = [t.get_text() for t in ax.get_yticklabels()]
     bars = dict(zip(labels, [p.get_width() for p in ax.patches], strict=True))
     assert bars["NA"] == summary.loc["s2", "hits"] and sum(bars.values()) == 150
+    meta.loc[meta["study"] == "s1", "study"] = "NA"  # a study of that name: two bars
+    result = CellIndex.build(emb, meta, engine="exact").search(emb[:5], 30)
+    ax = pl.search_summary(result, by="study")
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert sorted(labels) == ["NA", "NA (missing)", "s3", "s4"]
+    bars = dict(zip(labels, [p.get_width() for p in ax.patches], strict=True))
+    assert bars["NA (missing)"] == summary.loc["s2", "hits"]
+    assert bars["NA"] == summary.loc["s1", "hits"]
 
 
 # -- annotation confusion ---------------------------------------------------------------------

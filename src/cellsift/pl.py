@@ -15,7 +15,7 @@ the suffix).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,7 +108,7 @@ def embedding(
             # label starts with "_", which is a category's name as any other
             handles, labels = [], []
             if missing.any():
-                labels.append("NA")
+                labels.append(_literals([*cat.categories, None])[-1])
                 handles.append(
                     ax.scatter(
                         xy[missing, 0],
@@ -247,9 +247,9 @@ def search_summary(
         raise ValueError("the search found no hits; there is nothing to plot.")
     if n_top is not None:
         summary = summary.head(n_top)
-    labels = [
-        " / ".join(map(_literal, k)) if isinstance(k, tuple) else _literal(k) for k in summary.index
-    ]
+    keys = [k if isinstance(k, tuple) else (k,) for k in summary.index]
+    levels = [_literals(level) for level in zip(*keys, strict=True)]
+    labels = [" / ".join(k) for k in zip(*levels, strict=True)]
     ax = _axes(ax, figsize=(6.0, 0.8 + 0.3 * len(summary)))
     ax.barh(np.arange(len(summary)), summary[value].to_numpy(), color=color)
     ax.set_yticks(np.arange(len(summary)), labels)
@@ -309,8 +309,8 @@ def annotation_confusion(
     ax.figure.colorbar(
         im, ax=ax, fraction=0.04, pad=0.02, label="fraction" if normalize else "cells"
     )
-    ax.set_xticks(np.arange(n_cols), [_literal(c) for c in table.columns], rotation=90)
-    ax.set_yticks(np.arange(n_rows), [_literal(r) for r in table.index])
+    ax.set_xticks(np.arange(n_cols), _literals(table.columns), rotation=90)
+    ax.set_yticks(np.arange(n_rows), _literals(table.index))
     apart = 2 if ontology_aware else 1  # the columns of ancestor calls and abstentions
     ax.axvline(n_cols - apart - 0.5, color="black", linewidth=1.0)
     ax.set_xlabel("call")
@@ -455,6 +455,16 @@ def _literal(value: object) -> str:
     if pd.api.types.is_scalar(value) and pd.isna(value):
         return "NA"
     return str(value).replace("$", r"\$")
+
+
+def _literals(values: Iterable[object]) -> list[str]:
+    """:func:`_literal` of each value, a missing one ``NA`` unless a value present is spelled
+    so (then ``NA (missing)``): a legend or axis tells the two apart."""
+    values = list(values)
+    missing = [pd.api.types.is_scalar(v) and bool(pd.isna(v)) for v in values]
+    texts = [_literal(v) for v in values]
+    taken = any(t == "NA" and not m for t, m in zip(texts, missing, strict=True))
+    return ["NA (missing)" if m and taken else t for t, m in zip(texts, missing, strict=True)]
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from cellsift.data import open_store, open_writer
 from cellsift.data.convert import convert
 from cellsift.datasets import synthetic_atlas
-from cellsift.errors import DataError
+from cellsift.errors import DataError, MissingKeyError
 
 pytest.importorskip("tiledbsoma")
 
@@ -222,15 +222,37 @@ def test_datetimes_with_a_time_zone_are_written_as_text(tmp_path, fmt):
 
 
 def test_tiledbsoma_io_experiment_opens_without_var_id(adata, io_experiment, tmp_path):
-    store = open_store(io_experiment, layer="data")
+    """... and without layer=: its one X layer ("data") holds the counts."""
+    store = open_store(io_experiment)
+    assert store.layer == "data"
     assert list(store.var_names) == list(adata.var_names)
     assert list(store.obs_names) == list(adata.obs_names)
     assert (store.read(np.arange(N_CELLS)) != adata.X).nnz == 0
-    back = ad.read_h5ad(convert(io_experiment, tmp_path / "out.h5ad", layer="data"))
+    back = ad.read_h5ad(convert(io_experiment, tmp_path / "out.h5ad"))
     assert list(back.var_names) == list(adata.var_names)
     pd.testing.assert_frame_equal(
         back.obs[["cell_type", "dataset_id"]], adata.obs[["cell_type", "dataset_id"]]
     )
+
+
+def test_several_x_layers_without_raw_name_the_choice(adata, tmp_path):
+    """With no "raw" layer and more than one, no layer is guessed: the error names the
+    default and the layers to choose from."""
+    import tiledbsoma.io
+
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.astype(np.float32) / 2
+    uri = str(tmp_path / "two.soma")
+    tiledbsoma.io.from_anndata(uri, adata, measurement_name="RNA")
+    with pytest.raises(
+        MissingKeyError, match=r"no X layer 'raw' \(the default: .* 2 X layers.*Pass layer="
+    ) as err:
+        open_store(uri)
+    assert "'counts'" in str(err.value) and "'data'" in str(err.value)
+    with pytest.raises(MissingKeyError, match=r"no X layer 'raw' \(it has"):
+        open_store(uri, layer="raw")  # (named: no word of a default)
+    store = open_store(uri, layer="counts")
+    assert (store.read(np.arange(N_CELLS)) != adata.layers["counts"]).nnz == 0
 
 
 def test_tiledbsoma_io_experiment_of_named_indexes_opens_as_written(adata, tmp_path):

@@ -46,8 +46,8 @@ def test_soma_store_options_reach_every_command(bundle, synthetic_h5ad, tmp_path
     adata.var.index.name = None
     soma = str(tmp_path / "rna.soma")
     tiledbsoma.io.from_anndata(soma, adata, measurement_name="rna", var_id_name="gene")
-    flags = ["--layer", "data", "--measurement", "rna", "--var-id", "gene"]
-    assert main(["info", soma, "--layer", "data"]) == 2  # no measurement RNA
+    flags = ["--measurement", "rna", "--var-id", "gene"]  # (its one X layer: "data")
+    assert main(["info", soma]) == 2  # no measurement RNA
     assert "measurement" in capsys.readouterr().err
     assert main(["info", soma, *flags]) == 0
     assert "cells      300" in capsys.readouterr().out

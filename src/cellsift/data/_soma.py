@@ -67,7 +67,8 @@ class SomaStore(CellStore):
     measurement
         Measurement name (Census: ``"RNA"``).
     layer
-        X layer holding counts (Census: ``"raw"``).
+        X layer holding counts. Default: ``"raw"`` (Census, cellsift), else the experiment's
+        only X layer (``tiledbsoma.io.from_anndata`` names the AnnData's X ``"data"``).
     var_id
         var column with gene ids. Default: ``"feature_id"`` (Census, cellsift), else the
         column ``tiledbsoma.io.from_anndata`` kept the AnnData's named var index in, else
@@ -92,6 +93,7 @@ class SomaStore(CellStore):
         self.measurement = measurement
         self.var_id = var_id
         self.tiledb_config = {**TILEDB_CONFIG, **(tiledb_config or {})}
+        self._default_layer = layer is None
         super().__init__(path, layer=layer or "raw")
         self._check_layout()
 
@@ -103,11 +105,18 @@ class SomaStore(CellStore):
                 f"has no measurement {measurement!r} (it has {list(exp.ms.keys())}).",
                 "Pass measurement= with one of these.",
             )
-        if self.layer not in exp.ms[measurement].X:
-            raise self._no_layer(
-                f"has no X layer {self.layer!r} (it has {list(exp.ms[measurement].X.keys())}).",
-                "Pass layer= with one of these.",
-            )
+        layers = list(exp.ms[measurement].X.keys())
+        if self.layer in layers:
+            return
+        if self._default_layer and len(layers) == 1:  # (tiledbsoma.io's "data")
+            self.layer = layers[0]
+            return
+        default = f" (the default: the experiment has {len(layers)} X layers, not one)"
+        raise self._no_layer(
+            f"has no X layer {self.layer!r}{default if self._default_layer else ''} "
+            f"(it has {layers}).",
+            "Pass layer= with one of these.",
+        )
 
     def _open(self) -> Any:
         soma = import_optional("tiledbsoma")
