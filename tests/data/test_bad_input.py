@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from cellsift.data import CellCollection, open_store
-from cellsift.datasets import indexed_atlas
+from cellsift.datasets import indexed_atlas, synthetic_atlas
 from cellsift.errors import CellsiftError, DataError, GeneAlignmentError
 
 
@@ -560,3 +560,13 @@ def test_filter_thresholds_and_rows_that_are_not_numbers_of_the_right_kind_are_n
         with pytest.raises(IndexError, match="must be sorted and unique"):
             coll.read(rows)
     assert coll.read(np.array([], dtype=np.int64)).shape == (0, 5)
+
+
+def test_an_empty_soma_store_is_refused_up_front(tmp_path):
+    """SOMA arrays cannot be empty: a writer (and synthetic_atlas) of 0 cells says so before
+    it writes anything, and names the formats that hold an empty store."""
+    pytest.importorskip("tiledbsoma")
+    with pytest.raises(ValueError, match=r"at least one cell, not n_obs=0.*h5ad or Zarr"):
+        synthetic_atlas(0, 50, path=tmp_path / "none.soma", format="soma")
+    assert not list(tmp_path.iterdir())
+    assert synthetic_atlas(0, 50, path=tmp_path / "none.zarr").exists()

@@ -472,6 +472,12 @@ class SomaWriter(StoreWriter):
     ) -> None:
         if n_obs is None:
             raise ValueError("SomaWriter needs n_obs up front (SOMA arrays have a fixed shape).")
+        if n_obs < 1:
+            raise ValueError(
+                f"SomaWriter needs at least one cell, not n_obs={n_obs}: a TileDB-SOMA "
+                "experiment's arrays cannot be empty (tiledbsoma.io refuses an empty AnnData "
+                "too). Write an empty store as h5ad or Zarr."
+            )
         super().__init__(path, var, n_obs=n_obs, **kwargs)
         self._n_total: int = n_obs
         soma = import_optional("tiledbsoma")
