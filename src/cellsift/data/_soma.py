@@ -106,10 +106,9 @@ class SomaStore(CellStore):
                 "Pass measurement= with one of these.",
             )
         layers = list(exp.ms[measurement].X.keys())
-        if self.layer in layers:
-            return
-        if self._default_layer and len(layers) == 1:  # (tiledbsoma.io's "data")
-            self.layer = layers[0]
+        if self.layer not in layers and self._default_layer and len(layers) == 1:
+            self.layer = layers[0]  # (tiledbsoma.io's "data")
+        if self.layer in exp.ms[measurement].X:  # (opens it: a damaged array is named here)
             return
         default = f" (the default: the experiment has {len(layers)} X layers, not one)"
         raise self._no_layer(
