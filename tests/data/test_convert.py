@@ -262,3 +262,29 @@ def test_a_format_that_contradicts_the_name_is_refused(indexed_paths, tmp_path):
     assert list(tmp_path.iterdir()) == []
     out = convert(indexed_paths["h5ad"], tmp_path / "f.out", format="h5ad")  # no format named
     assert open_store(out, format="h5ad").n_obs == 2_000
+
+
+@pytest.mark.parametrize("where", ["obs", "var"])
+def test_column_names_a_zarr_store_cannot_hold_are_named_before_writing(tmp_path, where):
+    """A Zarr store keeps each obs/var column in a folder of its name: a name over 255
+    bytes or with a '/' is a DataError naming the column and the fix, before any cell is
+    written, and nothing is left behind; h5ad takes the long name (HDF5 has no such limit)."""
+    adata = ad.AnnData(
+        sp.csr_matrix(np.ones((4, 2), np.float32)),
+        obs={"study": ["a", "b", "a", "b"]},
+        var={"symbol": ["x", "y"]},
+    )
+    adata.obs_names, adata.var_names = [f"c{i}" for i in range(4)], ["g0", "g1"]
+    frame = getattr(adata, where)
+    for name, said in [("é" * 128, r"is 256 bytes long"), ("a/b", r"has a '/'")]:
+        frame[name] = frame.iloc[:, 0]
+        src = tmp_path / f"{len(name)}.h5ad"
+        adata.write_h5ad(src)
+        with pytest.raises(DataError, match=rf"{where} column '.*' {said}.*Rename the column"):
+            convert(src, tmp_path / "out.zarr")
+        assert not [p for p in tmp_path.iterdir() if "out.zarr" in p.name]  # (nor its temp)
+        del frame[name]
+    frame["é" * 128] = frame.iloc[:, 0]
+    adata.write_h5ad(tmp_path / "long.h5ad")
+    back = ad.read_h5ad(convert(tmp_path / "long.h5ad", tmp_path / "out.h5ad"))
+    assert "é" * 128 in getattr(back, where).columns

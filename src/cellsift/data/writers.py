@@ -250,6 +250,8 @@ def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
     return df
 
 
+#: The longest file or folder name most file systems take (ext4, XFS, APFS: 255 bytes).
+NAME_MAX_BYTES = 255
 _CSR_ATTRS = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 _ROOT_ATTRS = {"encoding-type": "anndata", "encoding-version": "0.1.0"}
 
@@ -345,6 +347,7 @@ class ZarrWriter(_AnnDataWriter):
         import zarr
 
         super().__init__(path, var, **kwargs)
+        self._check_names(self.var, "var")
         with self._setting_up():  # (a failure removes the temporary output)
             if shard_elems % chunk_elems:
                 raise ValueError("shard_elems must be a multiple of chunk_elems.")
@@ -369,6 +372,29 @@ class ZarrWriter(_AnnDataWriter):
             self._buffers: dict[str, list[np.ndarray]] = {"data": [], "indices": []}
             self._buffered = 0
             self._flushed = 0
+
+    def append(self, x: sp.spmatrix | np.ndarray, obs: pd.DataFrame) -> None:
+        self._check_names(obs, "obs")
+        super().append(x, obs)
+
+    def _check_names(self, frame: pd.DataFrame, what: str) -> None:
+        """Each column is a folder of the store: its name must be one folder's name."""
+        for col in frame.columns:
+            name = str(col)
+            size = len(name.encode())
+            if "/" in name or size > NAME_MAX_BYTES:
+                why = (
+                    "has a '/', which Zarr reads as a folder within a folder"
+                    if "/" in name
+                    else f"is {size} bytes long, and most file systems take folder names "
+                    f"of {NAME_MAX_BYTES} at most"
+                )
+                shown = name if len(name) <= 60 else name[:60] + "..."
+                raise DataError(
+                    f"{self.path}: {what} column {shown!r} {why}; a Zarr store keeps each "
+                    f"column in a folder of its name. Rename the column "
+                    f"(adata.{what}.rename(columns=...)), or write h5ad."
+                )
 
     def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
         self._buffers["data"].append(data)
