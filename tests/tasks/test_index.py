@@ -287,6 +287,39 @@ def test_search_within_max_distance_is_exhaustive(data, monkeypatch):
         index.search(q[:1], 5, max_distance=float("nan"))
 
 
+def test_search_within_keeps_max_hits_block_by_block(data, monkeypatch):
+    """Across blocks, with ties (cells repeated) and a filter, the hits cut at max_hits are
+    the first of all hits within reach, which come sorted by distance, ties by cell (as a
+    stable sort of them all); the memory held stays queries x max_hits, not queries x the
+    cells within reach."""
+    import tracemalloc
+
+    x, meta, q = data
+    x = np.concatenate([x[:3000], x[:3000]])  # every distance twice: ties across blocks
+    index = CellIndex.build(x, pd.concat([meta[:3000]] * 2, ignore_index=True), engine="exact")
+    monkeypatch.setattr(CellIndex, "BLOCK_ROWS", 1000)
+    monkeypatch.setattr(CellIndex, "SIMILARITIES", 3 * 1000)
+    for filt, reach in ((None, 0.5), ({"study": "study_03"}, 1.0)):
+        rows = index.select(filt) if filt else np.arange(len(x))
+        every = index.search_within(q[:7], reach, filter=filt, max_hits=len(x))
+        for ids, dist in every:
+            assert set(ids) <= set(rows) and len(ids) > 40
+            step, ties = np.diff(dist), np.flatnonzero(np.diff(dist) == 0)
+            assert (step >= 0).all() and len(ties) and (ids[ties + 1] > ids[ties]).all()
+        for max_hits in (1, 5, 37):
+            hits = index.search_within(q[:7], reach, filter=filt, max_hits=max_hits)
+            for (ids, dist), (all_ids, all_dist) in zip(hits, every, strict=True):
+                np.testing.assert_array_equal(ids, all_ids[:max_hits])
+                np.testing.assert_array_equal(dist, all_dist[:max_hits])
+    wide = CellIndex.build(np.repeat(x[:1], 60_000, axis=0), engine="exact")
+    tracemalloc.start()
+    hits = wide.search_within(np.repeat(q[:1], 100, axis=0), 2.0, max_hits=10)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [list(ids) for ids, _ in hits] == [list(range(10))] * 100
+    assert peak < 20e6  # (all 6M hits: 72 MB)
+
+
 def test_add_save_load_roundtrip(tmp_path, data):
     x, meta, q = data
     index = CellIndex.build(x[:20_000], meta[:20_000], engine="ivf")

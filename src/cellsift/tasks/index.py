@@ -646,20 +646,27 @@ class CellIndex:
             )
         q = self._queries(queries)
         rows = self.select(filter) if filter is not None else None
-        out: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(q))]
+        # each query's nearest max_hits so far, kept block by block: memory queries x
+        # max_hits, not queries x the cells within reach
+        best = [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
         for start, block in self._blocks(rows):
             for first, last in self._query_chunks(len(q), len(block)):
                 sims = (torch.from_numpy(q[first:last]) @ torch.from_numpy(block).T).numpy()
                 for i in range(last - first):
                     hit = np.flatnonzero(1.0 - sims[i] <= max_distance)
+                    if len(hit) == 0:
+                        continue
                     ids = hit + start if rows is None else rows[start + hit]
-                    out[first + i].append((ids, 1.0 - sims[i, hit]))
+                    kept_ids, kept_dist = best[first + i]
+                    best[first + i] = _nearest(
+                        np.concatenate([kept_ids, ids.astype(np.int64)]),
+                        np.concatenate([kept_dist, (1.0 - sims[i, hit]).astype(np.float32)]),
+                        max_hits,
+                    )
         result = []
-        for parts in out:
-            ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-            dist = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
-            order = np.argsort(dist, kind="stable")[:max_hits]
-            result.append((ids[order].astype(np.int64), dist[order].astype(np.float32)))
+        for ids, dist in best:
+            order = np.argsort(dist, kind="stable")
+            result.append((ids[order], dist[order]))
         return result
 
     #: Rows of the index compared with the queries at a time by exact search.
@@ -1058,6 +1065,17 @@ _AN_INDEX = "a cell index"
 def check_index_path(path: str | os.PathLike[str], overwrite: bool) -> None:
     """Refuse ``path`` for a new index, as :meth:`CellIndex.save` would, before the work."""
     check_replaceable(Path(path), overwrite, holds(*_INDEX_FILES), _AN_INDEX)
+
+
+def _nearest(ids: np.ndarray, dist: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``keep`` hits of least distance, ties to the earlier hit (as a stable sort of
+    all of them would keep); all of them, in their order, when they are no more."""
+    if len(dist) <= keep:
+        return ids, dist
+    cut = np.partition(dist, keep - 1)[keep - 1]
+    near = np.flatnonzero(dist <= cut)  # (in their order: the stable sort breaks ties so)
+    near = near[np.argsort(dist[near], kind="stable")[:keep]]
+    return ids[near], dist[near]
 
 
 def _check_distance(max_distance: Any) -> None:
