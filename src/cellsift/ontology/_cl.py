@@ -324,10 +324,12 @@ class CellOntology:
                 "first."
             )
         seen: dict[str, set[str]] = {}
+        cells: dict[str, int] = {}
         # a missing study, or text that spells one ("unknown", "nan"), counts as none
         none = no_label(studies) if studies else np.zeros(0, dtype=bool)
         for lab, st, missing in zip(labels, studies, none, strict=True):
             studies_of = seen.setdefault(lab, set())
+            cells[lab] = cells.get(lab, 0) + 1
             if not missing:
                 studies_of.add(st)
         n_studies = {lab: len(s) for lab, s in seen.items()}
@@ -339,7 +341,7 @@ class CellOntology:
             options = [(d, -n_studies[a], a) for a, d in anc.items() if a in viable]
             mapping[lab] = min(options)[2] if options else None
             if mapping[lab] is None:
-                report.dropped[lab] = sum(1 for x in labels if x == lab)
+                report.dropped[lab] = cells[lab]
             else:
                 report.moved[lab] = mapping[lab]  # type: ignore[assignment]
         return [mapping[lab] for lab in labels], report
