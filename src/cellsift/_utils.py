@@ -581,9 +581,17 @@ def text_or_none(values: Any) -> np.ndarray:
         out[pd.isna(values)] = None
         return out
     values = np.asarray(values, dtype=object)
-    out = values.astype(str).astype(object)
-    out[pd.isna(values)] = None
+    missing = pd.isna(values)
+    # text stays the very objects it is (a categorical's cells share its categories' text);
+    # others as numpy writes them (str(1.0) is "1.0"). No fixed-width copy of the column
+    other = ~(_IS_TEXT(values).astype(bool) | missing)
+    out = values.copy()
+    out[other] = values[other].astype(str)
+    out[missing] = None
     return out
+
+
+_IS_TEXT = np.frompyfunc(lambda v: type(v) is str, 1, 1)
 
 
 def model_fingerprint(model: Any) -> str:

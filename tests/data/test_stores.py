@@ -178,3 +178,22 @@ def test_each_format_reads_into_a_vocabulary_of_its_genes_reordered(indexed_path
     assert got.has_sorted_indices
     assert got.data.flags.writeable  # (a batch's values: a transform may change them)
     np.testing.assert_array_equal(got.toarray(), adata.X[rows][:, order].toarray())
+
+
+def test_text_of_a_column_shares_its_values_and_reads_as_numpy_writes_them():
+    """text_or_none (every text column of the embeddings' metadata, every text obs column
+    a collection reads) keeps text as the objects it is: a categorical's cells share its
+    categories' text rather than each holding a copy (about 1 KB a cell over a few columns);
+    other values read as numpy writes them, missing ones as None."""
+    import pandas as pd
+
+    from cellsift._utils import text_or_none
+
+    values = np.array(["a", 1, 1.0, None, np.nan, b"x", np.str_("s"), True, pd.NA], dtype=object)
+    want = values.astype(str).astype(object)
+    want[pd.isna(values)] = None
+    assert list(text_or_none(values)) == list(want)
+    cat = pd.Categorical(["a long cell type name " * 4, "B cell"] * 1000)
+    out = text_or_none(np.asarray(cat))
+    assert list(out) == list(cat.astype(str))
+    assert all(x is cat.categories[cat.codes[i]] for i, x in enumerate(out))

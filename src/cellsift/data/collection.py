@@ -323,7 +323,7 @@ class CellCollection:
                 np.asarray(obs_names)[rows] if obs_names is not None else rows
             )
         paths = pd.Categorical(np.array([str(s.path) for s in self.stores], dtype=object)[k])
-        return pd.DataFrame({"store": paths, "store_row": local, "obs_name": names.astype(str)})
+        return pd.DataFrame({"store": paths, "store_row": local, "obs_name": text_or_none(names)})
 
     def obs_column(self, name: str) -> pd.Categorical | np.ndarray:
         """``name`` over the kept cells (categories unified across stores; missing values
