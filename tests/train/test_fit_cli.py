@@ -571,6 +571,16 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
             r"--data\.init_args\.val_groups: '5x' is not valid \(expected a list or null\) \(",
         ),
         (["--model.margin", "abc"], r"--model\.margin: 'abc' is not valid \(expected float\) \("),
+        # a class_path that names no class: the reason, not the whole section's value
+        (
+            ["--data", "cellsift.data.datamodule.CellDataModul"],
+            r"--data: class_path 'cellsift\.data\.datamodule\.CellDataModul' cannot be used "
+            r"\(module 'cellsift\.data\.datamodule' has no attribute 'CellDataModul'\)",
+        ),
+        (
+            ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLoger"],
+            r"--trainer\.logger: class_path '.*TensorBoardLoger' cannot be used \(module",
+        ),
         (["--model.hidden", "[a]"], r"--model\.hidden: 'a' is not valid \(expected int\) \("),
     ],
 )
@@ -672,6 +682,44 @@ def test_fit_refuses_to_resume_a_checkpoint_of_another_model(synthetic_h5ad, tmp
     assert main(["fit", *_args(synthetic_h5ad, tmp_path, *resume, name="last")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "last.ckpt cannot be read as a checkpoint" in err
+
+
+def test_fit_resumes_only_with_the_optimiser_and_schedule_that_trained(
+    synthetic_h5ad, tmp_path, capsys
+):
+    """LightningCLI's --optimizer replaces the plan's optimiser: the checkpoint records the
+    one that trained, so that a resume with another learning rate (which the saved state
+    would silently override) or another optimiser (which failed at its first step, a
+    traceback) is refused in one line. --lr_scheduler alone, which LightningCLI ignores, is
+    refused; a folder given as the checkpoint is named as what it is."""
+    sgd = ["--optimizer", "SGD", "--optimizer.lr", "0.1", "--trainer.max_epochs", "1"]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *sgd)]) == 0
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)["cellsift_optimization"]
+    assert saved["optimizer"] == "SGD" and saved["lr"] == 0.1 and saved["scheduler"] == "none"
+    faster = [*sgd[:3], "0.5", "--ckpt_path", str(last)]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *faster, name="faster")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "other optimiser settings (optimization.lr 0.1 there, 0.5 here)" in err
+    plan = ["--ckpt_path", str(last)]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *plan, name="plan")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "(optimization.optimizer 'SGD' there, 'AdamW' here; optimization.scheduler 'none' "
+        "there, 'cosine' here)" in err
+    )
+    step = ["--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1"]
+    (tmp_path / "step").mkdir()
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path / "step", *step)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--lr_scheduler takes effect only with --optimizer" in err
+    assert not (tmp_path / "step" / "checkpoints").exists()
+    bundle = tmp_path / "metric" / "version_0" / "model"
+    for folder, what in ((bundle, "a model bundle"), (tmp_path / "checkpoints", "a folder")):
+        resume = ["--ckpt_path", str(folder)]
+        assert main(["fit", *_args(synthetic_h5ad, tmp_path, *resume, name="dir")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{folder} is {what}, not a checkpoint file" in err
 
 
 def test_fit_reads_a_manifest_of_shards_given_on_the_command_line(synthetic_h5ad, tmp_path):

@@ -164,7 +164,7 @@ class FitCLI(LightningCLI):
         # hyperparameters): an unreadable file is said in one line, naming it
         # ("last" names a file only once the callbacks exist: continued_run reads it)
         path = self.config[self.config.subcommand].get("ckpt_path")
-        if path is not None and Path(path).is_file():
+        if path is not None and Path(path).exists():  # (a folder: named as one)
             read_checkpoint(path)
         super()._parse_ckpt_path()
 
@@ -174,6 +174,12 @@ class FitCLI(LightningCLI):
         folder of runs (``<save_dir>/<name>/checkpoints``, as configs/metric.yaml's do),
         where ``--ckpt_path last`` finds them, not in one run's ``version_N``."""
         config = self.config[self.subcommand]
+        if config.get("lr_scheduler") is not None and config.get("optimizer") is None:
+            raise ConfigError(  # (LightningCLI applies a schedule with its optimizer only)
+                "--lr_scheduler takes effect only with --optimizer (e.g. --optimizer AdamW "
+                "--optimizer.lr 0.005), which replaces the model's optimiser and schedule; "
+                "without it the model's own schedule runs: --model.scheduler cosine or none."
+            )
         run_logger = self.trainer.logger
         if isinstance(run_logger, TensorBoardLogger):
             where = Path(run_logger.save_dir) / run_logger.name / "checkpoints"
@@ -320,6 +326,16 @@ _KEY = re.compile(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)')
 _CLASS = re.compile(r"\s*- Problem with given class_path '([^']+)'")
 _UNKNOWN = re.compile(r"\s*Option '([^']+)' is not accepted")
 _LEVELS = (("key", _KEY), ("class", _CLASS), ("unknown", _UNKNOWN))
+
+
+def _unusable_class(lines: list[str], at: int, depth: int) -> bool:
+    """The class_path of ``lines[at]`` names no usable class: the line under it, deeper, is
+    the reason (``module 'x' has no attribute 'Y'``), not a setting of the class."""
+    if at + 1 >= len(lines) or len(lines[at + 1]) - len(lines[at + 1].lstrip()) <= depth:
+        return False
+    return not any(p.match(lines[at + 1]) for _, p in _LEVELS)
+
+
 _EXPECTED = re.compile(r"Expected an? (.+?)(?:\. Got value: (.*))?$")
 
 
@@ -343,6 +359,8 @@ def _one_line(message: str) -> str:
         depth = len(line) - len(line.lstrip())
         while above and above[-1][0] >= depth:
             above.pop()
+        if kind == "class" and _unusable_class(lines, at, depth):
+            kind = "unusable"  # (a class_path that names no class: the reason lies below)
         if kind != "class" and (fault is None or depth > fault[0]):
             fault = (depth, at, kind, found.group(1), list(above))
         above.append((depth, kind, found.group(1)))
@@ -350,7 +368,7 @@ def _one_line(message: str) -> str:
         return "; ".join(line.strip() for line in lines)
     depth, at, kind, name, levels = fault
     setting, after_class, owner = "", False, ""
-    for _, what, label in [*levels, (depth, "key", name)]:
+    for _, what, label in [*levels, *([(depth, "key", name)] if kind != "unusable" else [])]:
         if what == "class":
             after_class, owner = True, label.rsplit(".", 1)[-1]
             continue
@@ -358,6 +376,8 @@ def _one_line(message: str) -> str:
         setting, after_class = (setting + dot if setting else "--") + label, False
     if kind == "unknown":
         return f"{setting} is not an option" + (f" of {owner}" if owner else "")
+    if kind == "unusable":
+        return f"{setting}: class_path {name!r} cannot be used ({lines[at + 1].strip()})"
     block = [lines[at].split(":", 1)[1].strip()]  # the key's own line, then its level's
     for line in lines[at + 1 :]:
         if len(line) - len(line.lstrip()) <= depth:

@@ -148,6 +148,10 @@ class TrainingPlan(pl.LightningModule):
         self._val_i: list[torch.Tensor | None] = []
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        # a resumed checkpoint's optimiser settings, compared once the trainer has built this
+        # run's optimisers (on_fit_start: LightningCLI's --optimizer may replace the plan's)
+        self._saved_optimization: dict[str, Any] | None = None
+        self._own_schedule: Any = None  # (configure_optimizers' cosine, told from others)
         self._rng_before_validation: dict[str, Any] | None = None  # (kept out of training's)
         #: This rank's (cell-weighted sum, cells) of each training scalar in this epoch
         self._epoch_sums: dict[str, tuple[float, float]] = {}
@@ -256,6 +260,33 @@ class TrainingPlan(pl.LightningModule):
         # found): a module left in eval mode by embedding, loading or an earlier fit would
         # train without dropout and with frozen BatchNorm statistics
         self.train()
+        self._check_optimization()  # (a resumed run's optimisers exist, their state not yet)
+
+    def _check_optimization(self) -> None:
+        """Refuse to resume a checkpoint whose optimiser or schedule settings are not this
+        run's (on_load_checkpoint keeps them): its state would override this run's."""
+        saved, self._saved_optimization = self._saved_optimization, None
+        if saved is None:
+            return
+        here = self._optimization()
+        if "optimizer" not in saved:  # (a checkpoint of an older version: the plan's three)
+            here = {k: v for k, v in here.items() if k in ("lr", "weight_decay", "scheduler")}
+        if saved.get("optimizer") != here.get("optimizer"):  # (another class: its name says)
+            saved, here = (
+                {k: v for k, v in d.items() if k.startswith(_CLASSES)} for d in (saved, here)
+            )
+        if saved.get("scheduler") != here.get("scheduler"):
+            saved, here = (
+                {k: v for k, v in d.items() if not k.startswith("scheduler.")}
+                for d in (saved, here)
+            )
+        changed = _changed_settings({"optimization": saved}, {"optimization": here})
+        if changed:
+            raise ResumeError(
+                f"the checkpoint was trained with other optimiser settings ({'; '.join(changed)})"
+                ": a resumed run goes on with the optimiser and schedule state it saved. "
+                "Resume with those, or start a new run (or fine-tune the saved model bundle)."
+            )
 
     def on_train_epoch_start(self) -> None:
         self._tick = None
@@ -414,18 +445,11 @@ class TrainingPlan(pl.LightningModule):
                     "MetricModel.load(dir).train(...))."
                 )
         # the optimiser's and schedule's state come from the checkpoint: other settings here
-        # would be silently overridden by them (or, for the schedule, mismatched with them)
-        saved_optimization = checkpoint.get("cellsift_optimization")  # (None: older versions)
-        changed = _changed_settings(
-            saved_optimization and {"optimization": saved_optimization},
-            {"optimization": self._optimization()},
-        )
-        if changed:
-            raise ResumeError(
-                f"the checkpoint was trained with other optimiser settings ({'; '.join(changed)})"
-                ": a resumed run goes on with the optimiser and schedule state it saved. "
-                "Resume with those, or start a new run (or fine-tune the saved model bundle)."
-            )
+        # would be silently overridden by them (or, for the schedule, mismatched with them),
+        # another optimiser fail at its first step. Compared where the run's optimisers exist
+        self._saved_optimization = checkpoint.get("cellsift_optimization")  # (None: older)
+        if self._trainer is not None and self.trainer.optimizers:  # (restored after setup)
+            self._check_optimization()
         _finish_the_epoch(checkpoint)
         # the epoch's sums so far, for a run that goes on mid-epoch (a new epoch clears them):
         # every rank's, held by rank 0
@@ -499,8 +523,40 @@ class TrainingPlan(pl.LightningModule):
             self.log("val/asw", float(silhouette(z, y, related)), sync_dist=True)
 
     def _optimization(self) -> dict[str, Any]:
-        """The optimiser's and schedule's settings, which a resumed run must share."""
-        return {"lr": self.lr, "weight_decay": self.weight_decay, "scheduler": self.scheduler}
+        """The optimiser's and schedule's settings, which a resumed run must share: those of
+        the optimiser and schedule the trainer steps (the plan's, or LightningCLI's
+        --optimizer / --lr_scheduler in their place), read from them once they exist."""
+        plan = {"lr": self.lr, "weight_decay": self.weight_decay, "scheduler": self.scheduler}
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if not optimizers:
+            return plan
+        out: dict[str, Any] = {}
+        for i, opt in enumerate(optimizers):
+            key = "optimizer" if i == 0 else f"optimizer{i}"
+            out[key] = type(opt).__name__
+            for name, value in opt.defaults.items():
+                if name not in _IMPLEMENTATION and _setting(value) is not None:
+                    out[name if i == 0 else f"{key}.{name}"] = _setting(value)
+            # the settings schedules keep in the optimiser's groups (OneCycleLR's max_lr; not
+            # initial_lr, the optimiser's lr)
+            for name, value in opt.param_groups[0].items():
+                if name not in opt.defaults and name not in ("params", "initial_lr"):
+                    if _setting(value) is not None:
+                        out[f"scheduler.{name}" if i == 0 else f"{key}.{name}"] = _setting(value)
+        out["scheduler"] = "none"
+        for i, config in enumerate(self.trainer.lr_scheduler_configs):
+            key = "scheduler" if i == 0 else f"scheduler{i}"
+            sched = config.scheduler
+            if sched is self._own_schedule:
+                out[key] = "cosine"
+                continue
+            out[key] = type(sched).__name__
+            out[f"{key}.interval"], out[f"{key}.frequency"] = config.interval, config.frequency
+            for name, value in sched.state_dict().items():
+                if not name.startswith("_") and name not in _PROGRESS:
+                    if _setting(value) is not None:
+                        out[f"{key}.{name}"] = _setting(value)
+        return out
 
     def configure_optimizers(self) -> Any:
         params = list(self.module.parameters())
@@ -527,7 +583,31 @@ class TrainingPlan(pl.LightningModule):
         # keeps its old length and, past it, climbs back to the full rate); a function (not
         # a callable object) so that checkpoints do not store the old length
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+        self._own_schedule = sched
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+#: The keys of the optimiser's and the schedule's classes (and the schedule's settings).
+_CLASSES = ("optimizer", "scheduler")
+#: Optimiser settings of how it computes, not what: free to differ between runs (devices).
+_IMPLEMENTATION = frozenset({"foreach", "fused", "capturable", "differentiable"})
+#: A schedule's state that its steps change (the checkpoint restores it), not its settings.
+_PROGRESS = frozenset(
+    {"last_epoch", "base_lrs", "best", "num_bad_epochs", "cooldown_counter", "verbose"}
+)
+
+
+def _setting(value: Any) -> Any:
+    """``value`` as a comparable setting (numbers, text, flags and lists of them; a
+    one-number tensor as its number), or None for what is none of these."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, tuple | list):
+        items = [_setting(v) for v in value]
+        return items if all(v is not None for v in items) else None
+    return None
 
 
 def _finish_the_epoch(checkpoint: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .._utils import logger
+from ..data.stores import kind_of
 from ..errors import DataError
 
 __all__ = ["checkpoint_file", "continued_run", "place_checkpoints", "read_checkpoint"]
@@ -26,6 +27,13 @@ def read_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, 
     """A Lightning checkpoint file, memory-mapped (weights stay on disk until read), or a
     :class:`~cellsift.errors.DataError` in one line naming the file when it is truncated,
     corrupt or no training state (ending with ``advice``)."""
+    if Path(path).is_dir():  # (a model bundle, a run's folder of checkpoints)
+        what = "a model bundle" if kind_of(Path(path)) == "model" else "a folder"
+        raise DataError(
+            f"{path} is {what}, not a checkpoint file: resume from a .ckpt of the run (e.g. "
+            "checkpoints/last.ckpt, or 'last'). A bundle's weights go on training as a new "
+            "run: MetricModel.load(dir).train(...)."
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not (isinstance(ckpt, dict) and "state_dict" in ckpt):
@@ -59,7 +67,7 @@ def checkpoint_file(ckpt_path: str, callbacks: Iterable[Any]) -> Path | None:
         found = [f for d in dirs for f in Path(d).glob("last*.ckpt")]
         return max(found, key=lambda f: f.stat().st_mtime) if found else None
     path = Path(ckpt_path)
-    return path if path.is_file() else None
+    return path if path.exists() else None  # (a folder: read_checkpoint names it)
 
 
 def continued_run(
