@@ -722,6 +722,50 @@ def test_fit_resumes_only_with_the_optimiser_and_schedule_that_trained(
         assert f"{folder} is {what}, not a checkpoint file" in err
 
 
+def test_fit_resume_compares_schedule_settings_not_progress_nor_torch_versions(
+    synthetic_h5ad, tmp_path, capsys
+):
+    """A schedule's settings are compared, not its progress (CosineAnnealingWarmRestarts'
+    T_cur moves as it steps); MultiStepLR's milestones are settings. A default one side
+    lacks (an optimiser setting a newer torch added) is no difference, and a checkpoint of
+    an older version (the plan's lr, weight_decay and scheduler) resumes as it did."""
+    warm = ["--optimizer", "AdamW", "--lr_scheduler", "CosineAnnealingWarmRestarts"]
+    warm += ["--lr_scheduler.T_0", "5"]
+    for folder in ("warm", "steps", "plan"):
+        (tmp_path / folder).mkdir()
+    args = _args(synthetic_h5ad, tmp_path / "warm", *warm, "--trainer.max_epochs", "2")
+    assert main(["fit", *args]) == 0
+    last = tmp_path / "warm" / "checkpoints" / "last.ckpt"
+    resume = [*warm, "--trainer.max_epochs", "3", "--ckpt_path", str(last)]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path / "warm", *resume, name="again")]) == 0
+    steps = ["--optimizer", "SGD", "--lr_scheduler", "MultiStepLR"]
+    args = _args(synthetic_h5ad, tmp_path / "steps", *steps, "--lr_scheduler.milestones", "[1]")
+    assert main(["fit", *[*args, "--trainer.max_epochs", "1"]]) == 0
+    last = tmp_path / "steps" / "checkpoints" / "last.ckpt"
+    later = [*steps, "--lr_scheduler.milestones", "[2]", "--ckpt_path", str(last)]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path / "steps", *later, name="later")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(optimization.scheduler.milestones [[1, 1]] there, [[2, 1]] here)" in err
+    # the plan's own optimiser: a setting the checkpoint lacks, or the older record
+    assert (
+        main(["fit", *_args(synthetic_h5ad, tmp_path / "plan", "--trainer.max_epochs", "1")]) == 0
+    )
+    last = tmp_path / "plan" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    record = ckpt["cellsift_optimization"]
+    for saved in (
+        {k: v for k, v in record.items() if k != "eps"},
+        {"lr": record["lr"], "weight_decay": record["weight_decay"], "scheduler": "cosine"},
+    ):
+        torch.save({**ckpt, "cellsift_optimization": saved}, tmp_path / "edited.ckpt")
+        resume = ["--trainer.max_epochs", "2", "--ckpt_path", str(tmp_path / "edited.ckpt")]
+        assert main(["fit", *_args(synthetic_h5ad, tmp_path / "plan", *resume, name="r")]) == 0
+        faster = ["--model.lr", "0.05", *resume]
+        assert main(["fit", *_args(synthetic_h5ad, tmp_path / "plan", *faster, name="f")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "(optimization.lr 0.005 there, 0.05 here)" in err
+
+
 def test_fit_reads_a_manifest_of_shards_given_on_the_command_line(synthetic_h5ad, tmp_path):
     """The documented source, ``--data.init_args.source atlas/manifest.json``, reaches the
     data module as the path (the parser once put the manifest's text in its place)."""

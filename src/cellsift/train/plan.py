@@ -16,12 +16,14 @@ and do not depend on the number of ranks.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import numbers
 import os
 import shlex
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -280,6 +282,10 @@ class TrainingPlan(pl.LightningModule):
                 {k: v for k, v in d.items() if not k.startswith("scheduler.")}
                 for d in (saved, here)
             )
+        # a setting one side lacks is one its torch version lacks (a default added since),
+        # not one changed: compared where both hold it
+        both = saved.keys() & here.keys()
+        saved, here = ({k: v for k, v in d.items() if k in both} for d in (saved, here))
         changed = _changed_settings({"optimization": saved}, {"optimization": here})
         if changed:
             raise ResumeError(
@@ -552,10 +558,13 @@ class TrainingPlan(pl.LightningModule):
                 continue
             out[key] = type(sched).__name__
             out[f"{key}.interval"], out[f"{key}.frequency"] = config.interval, config.frequency
-            for name, value in sched.state_dict().items():
-                if not name.startswith("_") and name not in _PROGRESS:
-                    if _setting(value) is not None:
-                        out[f"{key}.{name}"] = _setting(value)
+            # its settings: what its class takes, as the schedule keeps it (not its progress,
+            # which the checkpoint restores: CosineAnnealingWarmRestarts' T_cur)
+            for name in inspect.signature(type(sched).__init__).parameters:
+                if name not in _NOT_SETTINGS and hasattr(sched, name):
+                    value = _setting(getattr(sched, name))
+                    if value is not None:
+                        out[f"{key}.{name}"] = value
         return out
 
     def configure_optimizers(self) -> Any:
@@ -591,10 +600,8 @@ class TrainingPlan(pl.LightningModule):
 _CLASSES = ("optimizer", "scheduler")
 #: Optimiser settings of how it computes, not what: free to differ between runs (devices).
 _IMPLEMENTATION = frozenset({"foreach", "fused", "capturable", "differentiable"})
-#: A schedule's state that its steps change (the checkpoint restores it), not its settings.
-_PROGRESS = frozenset(
-    {"last_epoch", "base_lrs", "best", "num_bad_epochs", "cooldown_counter", "verbose"}
-)
+#: A schedule's arguments that are not its settings.
+_NOT_SETTINGS = frozenset({"self", "optimizer", "last_epoch", "verbose"})
 
 
 def _setting(value: Any) -> Any:
@@ -607,6 +614,8 @@ def _setting(value: Any) -> Any:
     if isinstance(value, tuple | list):
         items = [_setting(v) for v in value]
         return items if all(v is not None for v in items) else None
+    if isinstance(value, Mapping):  # (MultiStepLR's milestones, a Counter)
+        return _setting(sorted(([k, v] for k, v in value.items()), key=repr))
     return None
 
 
