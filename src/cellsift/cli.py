@@ -491,6 +491,10 @@ _AS_OPTIONS = {
         ("Pass layer= with", "Pass --layer with"),
     ),
     "--no-check-counts": (("pass check_counts=False", "pass --no-check-counts"),),
+    "--measurement": (
+        ("pass measurement='raw'", "pass --measurement raw"),
+        ("Pass measurement= with", "Pass --measurement with"),
+    ),
     "--no-ontology": (("pass ontology_aware=False", "pass --no-ontology"),),
     "--format": (("or pass format=.", "or pass --format."),),
     "--label-key": (("or pass another label_key.", "or pass another --label-key."),),
@@ -515,9 +519,9 @@ _AS_OPTIONS = {
 #: Hints naming a Python argument that a command has no option for: left out there.
 _NOT_OPTIONS = {"--format": ((", or pass format=.", "."),)}
 _COMMAND_OPTIONS = {
-    "info": ("--layer",),
-    "convert": ("--layer", "--no-check-counts", "--format"),
-    "embed": ("--layer", "--no-check-counts", "--min-genes"),
+    "info": ("--layer", "--measurement"),
+    "convert": ("--layer", "--no-check-counts", "--format", "--measurement"),
+    "embed": ("--layer", "--no-check-counts", "--min-genes", "--measurement"),
     "annotate": ("--layer", "--no-check-counts", "--quantile", "--no-ontology", "--label-key"),
     "fit": (_FIT_LAYER, _FIT_CHECK),
 }

@@ -249,10 +249,28 @@ def test_several_x_layers_without_raw_name_the_choice(adata, tmp_path):
     ) as err:
         open_store(uri)
     assert "'counts'" in str(err.value) and "'data'" in str(err.value)
-    with pytest.raises(MissingKeyError, match=r"no X layer 'raw' \(it has"):
+    with pytest.raises(MissingKeyError, match=r"no X layer 'raw' in measurement 'RNA' \(it has"):
         open_store(uri, layer="raw")  # (named: no word of a default)
     store = open_store(uri, layer="counts")
     assert (store.read(np.arange(N_CELLS)) != adata.layers["counts"]).nnz == 0
+
+
+def test_counts_in_a_raw_measurement_are_not_passed_over_for_the_normalised_layer(adata, tmp_path):
+    """scanpy's layout (X normalised, counts in raw) written by tiledbsoma.io: its one X
+    layer "data" holds the normalised values and the measurement "raw" the counts. Without
+    a layer named, the store does not take "data": the error names measurement='raw',
+    which reads the counts."""
+    import tiledbsoma.io
+
+    counts = adata.X.copy()
+    adata.raw = adata
+    adata.X = adata.X.astype(np.float32) / 3
+    uri = str(tmp_path / "scanpy.soma")
+    tiledbsoma.io.from_anndata(uri, adata, measurement_name="RNA")
+    with pytest.raises(MissingKeyError, match=r"beside it\) in measurement 'RNA'.*'raw' to read"):
+        open_store(uri)
+    assert (open_store(uri, measurement="raw").read(np.arange(N_CELLS)) != counts).nnz == 0
+    assert open_store(uri, layer="data").layer == "data"  # (named: read as asked)
 
 
 def test_tiledbsoma_io_experiment_of_named_indexes_opens_as_written(adata, tmp_path):

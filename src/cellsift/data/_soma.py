@@ -106,15 +106,30 @@ class SomaStore(CellStore):
                 "Pass measurement= with one of these.",
             )
         layers = list(exp.ms[measurement].X.keys())
+        # tiledbsoma.io writes an AnnData's raw (where scanpy keeps counts) as a measurement
+        # "raw": the one X layer beside it is then the normalised values, not the counts
+        raw_apart = measurement != "raw" and "raw" in exp.ms
         if self.layer not in layers and self._default_layer and len(layers) == 1:
-            self.layer = layers[0]  # (tiledbsoma.io's "data")
+            if not raw_apart:
+                self.layer = layers[0]  # (tiledbsoma.io's "data")
         if self.layer in exp.ms[measurement].X:  # (opens it: a damaged array is named here)
             return
-        default = f" (the default: the experiment has {len(layers)} X layers, not one)"
+        default = ""
+        if self._default_layer:
+            default = f" (the default: the experiment has {len(layers)} X layers, not one)"
+            if raw_apart and len(layers) == 1:
+                default = " (the default; its one layer is not taken, as a measurement 'raw' is"
+                default += " beside it)"
+        fix = "Pass layer= with one of these."
+        if raw_apart:
+            fix += (
+                " tiledbsoma.io keeps an AnnData's raw (counts, as scanpy leaves them) in the "
+                "measurement 'raw': pass measurement='raw' to read those."
+            )
         raise self._no_layer(
-            f"has no X layer {self.layer!r}{default if self._default_layer else ''} "
-            f"(it has {layers}).",
-            "Pass layer= with one of these.",
+            f"has no X layer {self.layer!r}{default} in measurement {measurement!r} (it has "
+            f"{layers}).",
+            fix,
         )
 
     def _open(self) -> Any:
