@@ -16,7 +16,8 @@ import scipy.sparse as sp
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from cellsift.errors import DataError, GeneAlignmentError, TrainingInterrupted
+from cellsift.data import CellDataModule
+from cellsift.errors import ConfigError, DataError, GeneAlignmentError, TrainingInterrupted
 from cellsift.models import MetricModel
 from cellsift.train._stop import SIGNALS, StopRequest
 from conftest import train_without
@@ -832,3 +833,34 @@ def test_training_on_stores_reads_the_models_label_column_and_trains_every_cell(
     loaded = MetricModel.load(model.save(tmp_path / "bundle"))
     assert loaded.label_key == "coarse"
     assert train(loaded, adata).datamodule.label_key == "coarse"
+
+
+def test_training_reads_the_counts_where_they_are_and_enough_of_the_models_genes(
+    synthetic_h5ad, tmp_path
+):
+    """scanpy's layout (X normalised, counts in a layer): from_collection and train take
+    layer= (and check_counts=), as the error says; data holding a tenth of the model's genes
+    are refused as embed refuses them, not trained with the rest read as zero; a file that
+    is no checkpoint is said so whatever the logger."""
+    adata = ad.read_h5ad(synthetic_h5ad)
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.astype(np.float32) / 7
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
+    kw = {"max_epochs": 1, "accelerator": "cpu", "enable_checkpointing": False, **quiet}
+    with pytest.raises(DataError, match=r"Point layer= at raw counts"):
+        MetricModel.from_collection(adata, hidden=(16,), latent=4)
+    model = MetricModel.from_collection(adata, hidden=(16,), latent=4, layer="counts")
+    with pytest.raises(DataError, match=r"Point layer= at raw counts"):
+        model.train(adata, default_root_dir=tmp_path, **kw)
+    model.train(adata, default_root_dir=tmp_path, layer="counts", **kw)
+    assert model.trainer.global_step > 0
+    with pytest.raises(ConfigError, match=r"collection_options=\{'layer'"):
+        model.train(CellDataModule(adata), layer="counts", **kw)
+    panel = adata[:, : adata.n_vars // 10].copy()
+    before = model.embed(adata[:50], layer="counts")
+    with pytest.raises(GeneAlignmentError, match=r"only 30 of the model's 300 \(need 150\)"):
+        model.train(panel, default_root_dir=tmp_path, layer="counts", **kw)
+    np.testing.assert_array_equal(model.embed(adata[:50], layer="counts"), before)
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(DataError, match=r"notes\.ckpt cannot be read as a checkpoint"):
+        model.train(adata, layer="counts", ckpt_path=str(tmp_path / "notes.ckpt"), **kw)

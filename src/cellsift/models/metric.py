@@ -37,7 +37,7 @@ from ..nn.metric import hidden_widths
 from ..ontology import OntologyError, load_cell_ontology
 from ..train import TrainingPlan
 from ..train._stop import interrupts_kept
-from ..train.resume import continued_run, place_checkpoints
+from ..train.resume import checkpoint_file, continued_run, place_checkpoints, read_checkpoint
 from .bundle import (
     BundleError,
     check_device,
@@ -204,14 +204,27 @@ class MetricModel:
 
     @classmethod
     def from_collection(
-        cls, source: Any, *, label_key: str = "cell_type_ontology_term_id", **kwargs: Any
+        cls,
+        source: Any,
+        *,
+        label_key: str = "cell_type_ontology_term_id",
+        layer: str | None = None,
+        check_counts: bool = True,
+        **kwargs: Any,
     ) -> MetricModel:
-        """A model for the genes and labels of a collection (or anything CellCollection takes)."""
-        coll = (
-            source
-            if isinstance(source, CellCollection)
-            else CellCollection(source, dropna=[label_key])
-        )
+        """A model for the genes and labels of a collection (or anything CellCollection takes,
+        read with ``layer`` and ``check_counts`` as it takes them)."""
+        if isinstance(source, CellCollection):
+            if layer is not None or not check_counts:
+                raise ConfigError(
+                    "layer= and check_counts= are the reading of stores a collection is built "
+                    "from; this one is built: pass them to CellCollection(...)."
+                )
+            coll = source
+        else:
+            coll = CellCollection(
+                source, dropna=[label_key], layer=layer, check_counts=check_counts
+            )
         labels = coll.codes(label_key)[1]  # the distinct labels, sorted, missing ones left out
         model = cls(coll.genes, labels, **kwargs)
         model.label_key = label_key  # (what train() reads the labels from)
@@ -232,6 +245,8 @@ class MetricModel:
         compile: bool = False,
         study_key: str | None = "dataset_id",
         allow_untrained_decoder: bool = False,
+        layer: str | None = None,
+        check_counts: bool = True,
         **trainer_kwargs: Any,
     ) -> pl.Trainer:
         """Train on a :class:`CellDataModule` (or stores to build one from: paths, a glob,
@@ -242,10 +257,12 @@ class MetricModel:
         ``compile`` compiles the encoder and decoder. Where ``data`` is not a data module
         (whose own settings hold otherwise), it is read with ``study_key``, the obs column
         of studies (positives from another study; None: none), labels from
-        :attr:`label_key` (``from_collection``'s), and every labelled cell trains (cells
-        without a label, or labelled ``unknown``, are left out; how many is logged): give a
+        :attr:`label_key` (``from_collection``'s), counts from ``layer`` (checked unless
+        ``check_counts`` is False), and every labelled cell trains (cells without a label,
+        or labelled ``unknown``, are left out; how many is logged): give a
         :class:`CellDataModule` (``val_fraction``, ``split_key``) to hold studies out for
-        validation.
+        validation. The data must hold at least half the model's genes (or 5,000), as
+        :meth:`embed` asks; the model's others read as zero.
 
         Unless the callbacks hold a ``ModelCheckpoint`` (or checkpointing is off), a
         checkpoint is kept at each epoch's end in ``<default_root_dir>/checkpoints``, with
@@ -270,16 +287,33 @@ class MetricModel:
             )
         label_key = self.label_key
         if isinstance(data, CellDataModule):
+            if layer is not None or not check_counts:
+                raise ConfigError(
+                    "layer= and check_counts= are the reading of data given as stores; a data "
+                    "module reads as its collection_options say: pass them there "
+                    "(CellDataModule(..., collection_options={'layer': ...}))."
+                )
             dm = data
             label_key = dm.label_key or label_key  # (the model's, once it has trained)
         else:
             dm = CellDataModule(
-                data, study_key=study_key, label_key=self.label_key, val_fraction=0.0
+                data,
+                study_key=study_key,
+                label_key=self.label_key,
+                val_fraction=0.0,
+                collection_options={"layer": layer, "check_counts": check_counts},
             )
         aware = self.config["loss"]["ontology_aware"]
-        read_as = (dm.genes, dm.labels, dm.harmonize_labels)
+        read_as = (dm.genes, dm.labels, dm.harmonize_labels, dm.collection_options)
         dm.genes, dm.labels, dm.harmonize_labels = self.genes, self.labels, aware
-        if dm.collection is not None and read_as != (self.genes, self.labels, aware):
+        # the model's genes must be held enough (as embed asks), not only the data's
+        dm.collection_options = {"overlap_of": "vocabulary", **dm.collection_options}
+        if dm.collection is not None and read_as != (
+            self.genes,
+            self.labels,
+            aware,
+            dm.collection_options,
+        ):
             dm.reset()  # set up (inspected) before: read again as the model reads them
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, compile=compile)
         plan.run_identity = self.run_identity()
@@ -298,6 +332,10 @@ class MetricModel:
                 "version": SLURMEnvironment.job_id()
             }
             run_logger = TensorBoardLogger(root, name="lightning_logs", **run)
+        elif ckpt_path is not None:  # (continued_run reads it above: checked there)
+            found = checkpoint_file(ckpt_path, callbacks)
+            if found is not None:  # (a file that is no checkpoint: said, not torch's words)
+                read_checkpoint(found)
         trainer = pl.Trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,
