@@ -41,7 +41,7 @@ def embed(
     (``source`` names the data in messages, e.g. its file). ``uns["cellsift"][key_added]``
     records the model's fingerprint, so that :func:`annotate` and :func:`search_centroid`
     refuse an embedding that another model made."""
-    adata = _copied(adata) if copy else adata
+    adata = _copied(adata) if copy else _writable(adata)
     adata.obsm[key_added] = model.embed(
         adata,
         layer=layer,
@@ -125,7 +125,7 @@ def annotate(
                 "KNNAnnotator has its own settings and threshold. Set them when making it "
                 "(KNNAnnotator(...), .calibrate(...)), or pass its index as the reference."
             )
-    adata = _copied(adata) if copy else adata
+    adata = _copied(adata) if copy else _writable(adata)
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
     index.check_model(model)
     _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts, index=index)
@@ -345,6 +345,18 @@ def _is_default(value: Any, default: Any) -> bool:
     # (numbers of any type: np.int64(50) is k's default 50)
     same_kind = type(value) is type(default) or (is_number(value) and is_number(default))
     return bool(same_kind and value == default)
+
+
+def _writable(adata: ad.AnnData) -> ad.AnnData:
+    """``adata`` if results can be written into it: a view of a backed AnnData cannot take
+    them (anndata would copy it to a file), said before any work is done."""
+    if adata.isbacked and adata.is_view:
+        raise DataError(
+            "this is a view of a backed AnnData, which cannot take new obs or obsm entries "
+            "(anndata would write a copy of it to a file): pass copy=True (an AnnData in "
+            "memory comes back), or load the view first (adata[...].to_memory())."
+        )
+    return adata
 
 
 def _copied(adata: ad.AnnData) -> ad.AnnData:

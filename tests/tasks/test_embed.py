@@ -487,6 +487,13 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     annotated = cs.tl.annotate(backed[:50], index, model=model, ontology_aware=False, copy=True)
     assert not annotated.isbacked and "cellsift_confidence" in annotated.obs
     assert "cellsift_confidence" not in backed.obs
+    # in place, a backed view cannot take the results: said before the work, with the fix
+    for call in (
+        lambda: cs.tl.embed(backed[:20], model),
+        lambda: cs.tl.annotate(backed[:20], index, model=model, ontology_aware=False),
+    ):
+        with pytest.raises(DataError, match=r"view of a backed AnnData.*pass copy=True"):
+            call()
     assert synthetic_h5ad.stat().st_mtime_ns == before
     backed.file.close()
 
