@@ -584,7 +584,7 @@ def text_or_none(values: Any) -> np.ndarray:
     missing = pd.isna(values)
     # text stays the very objects it is (a categorical's cells share its categories' text);
     # others as numpy writes them (str(1.0) is "1.0"). No fixed-width copy of the column
-    other = ~(_IS_TEXT(values).astype(bool) | missing)
+    other = ~(np.asarray(_IS_TEXT(values), dtype=bool) | missing)  # (0-d: a bool comes)
     out = values.copy()
     out[other] = values[other].astype(str)
     out[missing] = None

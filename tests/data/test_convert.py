@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from cellsift._warnings import CellsiftWarning
 from cellsift.data import CellCollection, open_store
 from cellsift.data.convert import convert
+from cellsift.data.writers import ZarrWriter
 from cellsift.errors import DataError
 
 
@@ -280,10 +281,15 @@ def test_column_names_a_zarr_store_cannot_hold_are_named_before_writing(tmp_path
         frame[name] = frame.iloc[:, 0]
         src = tmp_path / f"{len(name)}.h5ad"
         adata.write_h5ad(src)
-        with pytest.raises(DataError, match=rf"{where} column '.*' {said}.*Rename the column"):
+        with pytest.raises(DataError, match=rf"the {where} column '.*' {said}.*Rename it"):
             convert(src, tmp_path / "out.zarr")
         assert not [p for p in tmp_path.iterdir() if "out.zarr" in p.name]  # (nor its temp)
         del frame[name]
+    with pytest.raises(DataError, match=rf"the {where} index name '\.\.' names no folder"):
+        var = adata.var.rename_axis("..") if where == "var" else adata.var
+        obs = adata.obs.rename_axis("..") if where == "obs" else adata.obs
+        with ZarrWriter(tmp_path / "dots.zarr", var) as writer:
+            writer.append(adata.X, obs)
     frame["é" * 128] = frame.iloc[:, 0]
     adata.write_h5ad(tmp_path / "long.h5ad")
     back = ad.read_h5ad(convert(tmp_path / "long.h5ad", tmp_path / "out.h5ad"))

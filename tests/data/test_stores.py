@@ -193,6 +193,9 @@ def test_text_of_a_column_shares_its_values_and_reads_as_numpy_writes_them():
     want = values.astype(str).astype(object)
     want[pd.isna(values)] = None
     assert list(text_or_none(values)) == list(want)
+    for one in ("a", 1.5, None):  # a single value: a 0-d array, as numpy gives it
+        got = text_or_none(np.array(one, dtype=object))
+        assert got.shape == () and got.item() == (None if one is None else str(one))
     cat = pd.Categorical(["a long cell type name " * 4, "B cell"] * 1000)
     out = text_or_none(np.asarray(cat))
     assert list(out) == list(cat.astype(str))

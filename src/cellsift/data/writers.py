@@ -378,23 +378,30 @@ class ZarrWriter(_AnnDataWriter):
         super().append(x, obs)
 
     def _check_names(self, frame: pd.DataFrame, what: str) -> None:
-        """Each column is a folder of the store: its name must be one folder's name."""
-        for col in frame.columns:
-            name = str(col)
+        """Each column (and the index, under its name) is a folder of the store: its name
+        must be one folder's name."""
+        named = [(str(col), "column", f"adata.{what}.rename(columns=...)") for col in frame]
+        if frame.index.name is not None:
+            fix = f"adata.{what}.index.name = None, or a shorter name"
+            named.append((str(frame.index.name), "index name", fix))
+        for name, kind, fix in named:
             size = len(name.encode())
-            if "/" in name or size > NAME_MAX_BYTES:
+            if "/" in name:
+                why = "has a '/', which Zarr reads as a folder within a folder"
+            elif name in ("", ".", ".."):
+                why = "names no folder of its own"
+            elif size > NAME_MAX_BYTES:
                 why = (
-                    "has a '/', which Zarr reads as a folder within a folder"
-                    if "/" in name
-                    else f"is {size} bytes long, and most file systems take folder names "
-                    f"of {NAME_MAX_BYTES} at most"
+                    f"is {size} bytes long, and most file systems take folder names of "
+                    f"{NAME_MAX_BYTES} at most"
                 )
-                shown = name if len(name) <= 60 else name[:60] + "..."
-                raise DataError(
-                    f"{self.path}: {what} column {shown!r} {why}; a Zarr store keeps each "
-                    f"column in a folder of its name. Rename the column "
-                    f"(adata.{what}.rename(columns=...)), or write h5ad."
-                )
+            else:
+                continue
+            shown = name if len(name) <= 60 else name[:60] + "..."
+            raise DataError(
+                f"{self.path}: the {what} {kind} {shown!r} {why}; a Zarr store keeps each "
+                f"column in a folder of its name. Rename it ({fix}), or write h5ad."
+            )
 
     def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
         self._buffers["data"].append(data)
