@@ -577,6 +577,10 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
             r"--data: class_path 'cellsift\.data\.datamodule\.CellDataModul' cannot be used "
             r"\(module 'cellsift\.data\.datamodule' has no attribute 'CellDataModul'\)",
         ),
+        (  # a class whose arguments are not all given: named as options
+            ["--optimizer", "AdamW", "--lr_scheduler", "StepLR"],
+            r"--lr_scheduler: StepLR needs step_size \(--lr_scheduler\.step_size\) \(",
+        ),
         (
             ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLoger"],
             r"--trainer\.logger: class_path '.*TensorBoardLoger' cannot be used \(module",

@@ -326,6 +326,7 @@ _KEY = re.compile(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)')
 _CLASS = re.compile(r"\s*- Problem with given class_path '([^']+)'")
 _UNKNOWN = re.compile(r"\s*Option '([^']+)' is not accepted")
 _LEVELS = (("key", _KEY), ("class", _CLASS), ("unknown", _UNKNOWN))
+_REQUIRED = re.compile(r"the following arguments are required: (.+)$")
 
 
 def _unusable_class(lines: list[str], at: int, depth: int) -> bool:
@@ -377,7 +378,13 @@ def _one_line(message: str) -> str:
     if kind == "unknown":
         return f"{setting} is not an option" + (f" of {owner}" if owner else "")
     if kind == "unusable":
-        return f"{setting}: class_path {name!r} cannot be used ({lines[at + 1].strip()})"
+        reason = lines[at + 1].strip()
+        missing = _REQUIRED.match(reason)
+        if missing is not None:  # (the class is fine: arguments it needs are not given)
+            needed = [a.strip() for a in missing.group(1).split(",")]
+            options = ", ".join(f"{setting}.{a}" for a in needed)
+            return f"{setting}: {name.rsplit('.', 1)[-1]} needs {', '.join(needed)} ({options})"
+        return f"{setting}: class_path {name!r} cannot be used ({reason})"
     block = [lines[at].split(":", 1)[1].strip()]  # the key's own line, then its level's
     for line in lines[at + 1 :]:
         if len(line) - len(line.lstrip()) <= depth:
