@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, MissingKeyError, OutputInUseError
+from .errors import ConfigError, DataError, MissingKeyError, OutputInUseError
 
 logger = logging.getLogger("cellsift")
 
@@ -491,8 +491,20 @@ def adata_counts(
     ``"raw"``, ``adata.raw`` with its own genes. Returns the matrix, its var, and the other
     places (quoted layer names, ``'raw'``) for messages; a place it lacks is an error that
     lists them."""
-    others = [f"'{k}'" for k in adata.layers.keys() if k != layer]
-    others += ["'raw'"] if adata.raw is not None and layer != "raw" else []
+    both = adata.raw is not None and "raw" in adata.layers  # (one name, two places)
+    others = [
+        "layers['raw'] (rename it to read it)" if both and k == "raw" else f"'{k}'"
+        for k in adata.layers.keys()
+        if k != layer
+    ]
+    if adata.raw is not None and layer != "raw":
+        others.append("'raw' (adata.raw)" if both else "'raw'")
+    if layer == "raw" and both:
+        raise DataError(
+            f"{source} has both a raw (adata.raw) and a layer named 'raw', and layer='raw' "
+            "names the first. To read the layer, rename it (adata.layers['counts'] = "
+            "adata.layers.pop('raw')) and pass its new name."
+        )
     has = f"this AnnData has: {', '.join(others)}" if others else "it has none"
     if layer is None and adata.X is None:
         raise MissingKeyError(f"{source} has no X: pass layer= where the counts are ({has}).")

@@ -83,6 +83,34 @@ def test_layers_and_raw(data_dir):
         open_store(path, layer="spliced")
 
 
+def test_a_layer_named_raw_beside_a_raw_is_named_not_passed_over(tmp_path):
+    """layer='raw' names adata.raw; a layer also called 'raw' (counts kept so, with scanpy's
+    normalised adata.raw beside it) cannot be read by that name: an error that says so and
+    how to reach it, in memory and on disk, instead of reading adata.raw."""
+    import anndata as ad
+
+    from cellsift._utils import adata_counts
+    from cellsift.errors import DataError, MissingKeyError
+
+    adata = indexed_atlas(40, 6)
+    adata.layers["raw"] = adata.X.copy()
+    adata.raw = ad.AnnData(adata.X * 0.5, var=adata.var)
+    said = r"both a raw \(adata\.raw\) and a layer named 'raw'.*adata\.layers\.pop\('raw'\)"
+    with pytest.raises(DataError, match=said):
+        adata_counts(adata, "raw")
+    with pytest.raises(
+        MissingKeyError, match=r"layers\['raw'\] \(rename it to read it\), 'raw' \("
+    ):
+        adata_counts(adata, "counts")
+    for fmt in ("h5ad", "zarr"):
+        path = tmp_path / f"both.{fmt}"
+        adata.write_h5ad(path) if fmt == "h5ad" else adata.write_zarr(path)
+        with pytest.raises(DataError, match=said):
+            open_store(path, layer="raw")
+    adata.layers["counts"] = adata.layers.pop("raw")  # the fix the error gives
+    assert (adata_counts(adata, "counts")[0] != adata.X).nnz == 0
+
+
 def test_dense_x_is_read(data_dir):
     adata = indexed_atlas(50, 4)
     adata.X = adata.X.toarray()

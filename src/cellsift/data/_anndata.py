@@ -69,6 +69,13 @@ class AnnDataStore(CellStore):
     # -- layout -------------------------------------------------------------------------
     def _matrix(self, root: Any) -> Any:
         key = self._matrix_key()
+        if self.layer == "raw" and _held(root, "raw/X") and _held(root, "layers/raw"):
+            raise self._error(
+                "has both a raw (adata.raw) and a layer named 'raw', and layer='raw' names "
+                "the first.",
+                "To read the layer, rename it (adata.layers['counts'] = "
+                "adata.layers.pop('raw')) and pass its new name.",
+            )
         if not _held(root, key):
             have = ["X (layer=None)"] if _held(root, "X") else []
             if _held(root, "layers"):
