@@ -750,6 +750,19 @@ def test_fit_resume_compares_schedule_settings_not_progress_nor_torch_versions(
     assert main(["fit", *_args(synthetic_h5ad, tmp_path / "steps", *later, name="later")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "(optimization.scheduler.milestones [[1, 1]] there, [[2, 1]] here)" in err
+    # LightningCLI's ReduceLROnPlateau (its class takes *args): its state holds the settings
+    plateau = ["--optimizer", "AdamW", "--lr_scheduler", "ReduceLROnPlateau"]
+    plateau += ["--lr_scheduler.monitor", "val/loss"]
+    (tmp_path / "plateau").mkdir()
+    args = _args(synthetic_h5ad, tmp_path / "plateau", *plateau, "--trainer.max_epochs", "1")
+    assert main(["fit", *args]) == 0
+    last = tmp_path / "plateau" / "checkpoints" / "last.ckpt"
+    for patience, rc in (("10", 0), ("20", 2)):
+        resume = [*plateau, "--lr_scheduler.patience", patience, "--ckpt_path", str(last)]
+        resume += ["--trainer.max_epochs", "2"]
+        assert main(["fit", *_args(synthetic_h5ad, tmp_path / "plateau", *resume, name="p")]) == rc
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(optimization.scheduler.patience 10 there, 20 here)" in err
     # the plan's own optimiser: a setting the checkpoint lacks, or the older record
     assert (
         main(["fit", *_args(synthetic_h5ad, tmp_path / "plan", "--trainer.max_epochs", "1")]) == 0

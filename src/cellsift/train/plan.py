@@ -16,7 +16,6 @@ and do not depend on the number of ranks.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import numbers
 import os
@@ -541,13 +540,13 @@ class TrainingPlan(pl.LightningModule):
             key = "optimizer" if i == 0 else f"optimizer{i}"
             out[key] = type(opt).__name__
             for name, value in opt.defaults.items():
-                if name not in _IMPLEMENTATION and _setting(value) is not None:
+                if name not in _IMPLEMENTATION and _setting(value) is not _UNREADABLE:
                     out[name if i == 0 else f"{key}.{name}"] = _setting(value)
             # the settings schedules keep in the optimiser's groups (OneCycleLR's max_lr; not
             # initial_lr, the optimiser's lr)
             for name, value in opt.param_groups[0].items():
                 if name not in opt.defaults and name not in ("params", "initial_lr"):
-                    if _setting(value) is not None:
+                    if _setting(value) is not _UNREADABLE:
                         out[f"scheduler.{name}" if i == 0 else f"{key}.{name}"] = _setting(value)
         out["scheduler"] = "none"
         for i, config in enumerate(self.trainer.lr_scheduler_configs):
@@ -558,13 +557,12 @@ class TrainingPlan(pl.LightningModule):
                 continue
             out[key] = type(sched).__name__
             out[f"{key}.interval"], out[f"{key}.frequency"] = config.interval, config.frequency
-            # its settings: what its class takes, as the schedule keeps it (not its progress,
-            # which the checkpoint restores: CosineAnnealingWarmRestarts' T_cur)
-            for name in inspect.signature(type(sched).__init__).parameters:
-                if name not in _NOT_SETTINGS and hasattr(sched, name):
-                    value = _setting(getattr(sched, name))
-                    if value is not None:
-                        out[f"{key}.{name}"] = value
+            # its settings: its state but for its progress (which the checkpoint restores:
+            # the epoch, CosineAnnealingWarmRestarts' T_cur, ReduceLROnPlateau's best)
+            for name, value in sched.state_dict().items():
+                if not name.startswith("_") and name not in _PROGRESS:
+                    if _setting(value) is not _UNREADABLE:
+                        out[f"{key}.{name}"] = _setting(value)
         return out
 
     def configure_optimizers(self) -> Any:
@@ -600,23 +598,37 @@ class TrainingPlan(pl.LightningModule):
 _CLASSES = ("optimizer", "scheduler")
 #: Optimiser settings of how it computes, not what: free to differ between runs (devices).
 _IMPLEMENTATION = frozenset({"foreach", "fused", "capturable", "differentiable"})
-#: A schedule's arguments that are not its settings.
-_NOT_SETTINGS = frozenset({"self", "optimizer", "last_epoch", "verbose"})
+#: A schedule's state that its steps change (torch's schedules), not its settings.
+_PROGRESS = frozenset(
+    {
+        "last_epoch",
+        "base_lrs",
+        "verbose",
+        "best",  # ReduceLROnPlateau
+        "num_bad_epochs",
+        "cooldown_counter",
+        "T_cur",  # CosineAnnealingWarmRestarts
+        "T_i",
+    }
+)
+#: What _setting gives for a value that is no comparable setting (a function, an object).
+_UNREADABLE = object()
 
 
 def _setting(value: Any) -> Any:
-    """``value`` as a comparable setting (numbers, text, flags and lists of them; a
-    one-number tensor as its number), or None for what is none of these."""
+    """``value`` as a comparable setting (numbers, text, flags, None and lists of them, a
+    mapping as its sorted items; a one-number tensor as its number), or
+    :data:`_UNREADABLE` for what is none of these."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, tuple | list):
         items = [_setting(v) for v in value]
-        return items if all(v is not None for v in items) else None
+        return _UNREADABLE if any(v is _UNREADABLE for v in items) else items
     if isinstance(value, Mapping):  # (MultiStepLR's milestones, a Counter)
         return _setting(sorted(([k, v] for k, v in value.items()), key=repr))
-    return None
+    return _UNREADABLE
 
 
 def _finish_the_epoch(checkpoint: dict[str, Any]) -> None:
