@@ -482,6 +482,7 @@ def _stopped(command: str, err: TrainingInterrupted) -> int:
 
 _FIT_LAYER = "--data.init_args.collection_options.layer"
 _FIT_CHECK = "--data.init_args.collection_options.check_counts"
+_FIT_STORE = "--data.init_args.collection_options.store_options"
 #: Hints in the library's messages that name a Python argument, as the commands that have
 #: the matching option spell them.
 _AS_OPTIONS = {
@@ -515,6 +516,10 @@ _AS_OPTIONS = {
         ("Pass layer= with", f"Pass {_FIT_LAYER} with"),
     ),
     _FIT_CHECK: (("pass check_counts=False", f"pass {_FIT_CHECK} false"),),
+    _FIT_STORE: (
+        ("pass measurement='raw'", f"pass {_FIT_STORE} '{{measurement: raw}}'"),
+        ("Pass measurement= with", f"Pass {_FIT_STORE} '{{measurement: ...}}' with"),
+    ),
 }
 #: Hints naming a Python argument that a command has no option for: left out there.
 _NOT_OPTIONS = {"--format": ((", or pass format=.", "."),)}
@@ -523,7 +528,7 @@ _COMMAND_OPTIONS = {
     "convert": ("--layer", "--no-check-counts", "--format", "--measurement"),
     "embed": ("--layer", "--no-check-counts", "--min-genes", "--measurement"),
     "annotate": ("--layer", "--no-check-counts", "--quantile", "--no-ontology", "--label-key"),
-    "fit": (_FIT_LAYER, _FIT_CHECK),
+    "fit": (_FIT_LAYER, _FIT_CHECK, _FIT_STORE),
 }
 
 

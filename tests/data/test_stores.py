@@ -109,6 +109,16 @@ def test_a_layer_named_raw_beside_a_raw_is_named_not_passed_over(tmp_path):
             open_store(path, layer="raw")
     adata.layers["counts"] = adata.layers.pop("raw")  # the fix the error gives
     assert (adata_counts(adata, "counts")[0] != adata.X).nnz == 0
+    # a layer named "raw" and no adata.raw: layer="raw" reads it, on disk as in memory
+    del adata.raw
+    adata.layers["raw"] = adata.layers.pop("counts") * 2
+    assert (adata_counts(adata, "raw")[0] != adata.X * 2).nnz == 0
+    for fmt in ("h5ad", "zarr"):
+        path = tmp_path / f"layer.{fmt}"
+        adata.write_h5ad(path) if fmt == "h5ad" else adata.write_zarr(path)
+        store = open_store(path, layer="raw")
+        assert (store.read(np.arange(40)) != adata.X * 2).nnz == 0
+        assert list(store.var_names) == list(adata.var_names)
 
 
 def test_dense_x_is_read(data_dir):

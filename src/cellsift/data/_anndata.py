@@ -52,6 +52,8 @@ class AnnDataStore(CellStore):
     ) -> None:
         super().__init__(path, layer=layer)
         root = self.handle  # open now: a corrupt file fails here, with its name
+        # layer "raw": adata.raw, or where there is none a layer so named (as in memory)
+        self._raw = layer == "raw" and (_held(root, "raw/X") or not _held(root, "layers/raw"))
         self._check_layout(root)
         self._direct: list[ChunkedReader] | None = None
         if direct and not self._dense:
@@ -106,7 +108,7 @@ class AnnDataStore(CellStore):
     def _matrix_key(self) -> str:
         if self.layer is None:
             return "X"
-        return "raw/X" if self.layer == "raw" else f"layers/{self.layer}"
+        return "raw/X" if self._raw else f"layers/{self.layer}"
 
     def _check_layout(self, root: Any) -> None:
         for group in ("obs", "var"):  # (a missing raw is named by the matrix's check)
@@ -121,7 +123,7 @@ class AnnDataStore(CellStore):
         if enc == "csc_matrix":
             if self.layer is None:
                 fix = "adata.X = adata.X.tocsr()"
-            elif self.layer == "raw":
+            elif self._raw:
                 fix = "adata.raw = anndata.AnnData(adata.raw.X.tocsr(), var=adata.raw.var)"
             else:
                 fix = f"adata.layers[{self.layer!r}] = adata.layers[{self.layer!r}].tocsr()"
@@ -172,7 +174,7 @@ class AnnDataStore(CellStore):
 
     def _load_var(self) -> pd.DataFrame:
         root = self.handle
-        var = ad.io.read_elem(root["raw/var"] if self.layer == "raw" else root["var"])
+        var = ad.io.read_elem(root["raw/var"] if self._raw else root["var"])
         var.index = var.index.astype(str)
         return var
 

@@ -44,7 +44,7 @@ class ZarrStore(AnnDataStore):
 
     @property
     def _base(self) -> str:
-        return {None: "X", "raw": "raw/X"}.get(self.layer, f"layers/{self.layer}")
+        return "raw/X" if self._raw else "X" if self.layer is None else f"layers/{self.layer}"
 
     def _check_complete(self) -> None:
         """Refuse a store whose ``data`` or ``indices`` lacks a chunk (or shard) file.
