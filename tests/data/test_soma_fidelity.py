@@ -255,7 +255,9 @@ def test_several_x_layers_without_raw_name_the_choice(adata, tmp_path):
     assert (store.read(np.arange(N_CELLS)) != adata.layers["counts"]).nnz == 0
 
 
-def test_counts_in_a_raw_measurement_are_not_passed_over_for_the_normalised_layer(adata, tmp_path):
+def test_counts_in_a_raw_measurement_are_not_passed_over_for_the_normalised_layer(
+    adata, tmp_path, capsys
+):
     """scanpy's layout (X normalised, counts in raw) written by tiledbsoma.io: its one X
     layer "data" holds the normalised values and the measurement "raw" the counts. Without
     a layer named, the store does not take "data": the error names measurement='raw',
@@ -271,6 +273,10 @@ def test_counts_in_a_raw_measurement_are_not_passed_over_for_the_normalised_laye
         open_store(uri)
     assert (open_store(uri, measurement="raw").read(np.arange(N_CELLS)) != counts).nnz == 0
     assert open_store(uri, layer="data").layer == "data"  # (named: read as asked)
+    from cellsift.cli import main
+
+    assert main(["info", uri]) == 2  # the hint as the command's option
+    assert "pass --measurement raw to read those" in capsys.readouterr().err
 
 
 def test_tiledbsoma_io_experiment_of_named_indexes_opens_as_written(adata, tmp_path):
