@@ -750,6 +750,16 @@ def test_fit_resume_compares_schedule_settings_not_progress_nor_torch_versions(
     assert main(["fit", *_args(synthetic_h5ad, tmp_path / "steps", *later, name="later")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "(optimization.scheduler.milestones [[1, 1]] there, [[2, 1]] here)" in err
+    # CyclicLR keeps its base_lr only as base_lrs: a setting, not progress
+    cyclic = ["--optimizer", "SGD", "--lr_scheduler", "CyclicLR", "--lr_scheduler.max_lr", "0.1"]
+    (tmp_path / "cyclic").mkdir()
+    args = _args(synthetic_h5ad, tmp_path / "cyclic", *cyclic, "--lr_scheduler.base_lr", "0.01")
+    assert main(["fit", *args, "--trainer.max_epochs", "1"]) == 0
+    last = tmp_path / "cyclic" / "checkpoints" / "last.ckpt"
+    other = [*cyclic, "--lr_scheduler.base_lr", "0.05", "--ckpt_path", str(last)]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path / "cyclic", *other, name="o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "optimization.scheduler.base_lrs [0.01] there, [0.05] here" in err
     # LightningCLI's ReduceLROnPlateau (its class takes *args): its state holds the settings
     plateau = ["--optimizer", "AdamW", "--lr_scheduler", "ReduceLROnPlateau"]
     plateau += ["--lr_scheduler.monitor", "val/loss"]

@@ -602,7 +602,6 @@ _IMPLEMENTATION = frozenset({"foreach", "fused", "capturable", "differentiable"}
 _PROGRESS = frozenset(
     {
         "last_epoch",
-        "base_lrs",
         "verbose",
         "best",  # ReduceLROnPlateau
         "num_bad_epochs",
