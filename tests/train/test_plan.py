@@ -304,3 +304,52 @@ def test_a_setting_added_since_a_checkpoint_was_kept_reads_as_its_old_default():
     assert _changed_settings(old, {"loss": {"margin": 0.05, "ontology_aware": False}}) == [
         "loss.ontology_aware True there, False here"
     ]
+
+
+def test_a_schedules_settings_do_not_move_as_it_steps_and_name_what_differs():
+    """The resume check's record of a schedule (its state less its progress) is the same
+    after any number of steps, for each of torch's schedules, those of schedules too; and it
+    tells two schedules of other settings apart (SequentialLR's milestones, an inner
+    schedule's gamma)."""
+    from cellsift.train.plan import _schedule_settings
+
+    sched = torch.optim.lr_scheduler
+
+    def built(opt: torch.optim.Optimizer, name: str, value: float = 0.5) -> object:
+        make = {
+            "StepLR": lambda: sched.StepLR(opt, 2, value),
+            "MultiStepLR": lambda: sched.MultiStepLR(opt, [2, 5], value),
+            "ConstantLR": lambda: sched.ConstantLR(opt, value, total_iters=3),
+            "LinearLR": lambda: sched.LinearLR(opt, value, total_iters=3),
+            "ExponentialLR": lambda: sched.ExponentialLR(opt, value),
+            "PolynomialLR": lambda: sched.PolynomialLR(opt, 6, value),
+            "CosineAnnealingLR": lambda: sched.CosineAnnealingLR(opt, 4),
+            "CosineAnnealingWarmRestarts": lambda: sched.CosineAnnealingWarmRestarts(opt, 2, 2),
+            "CyclicLR": lambda: sched.CyclicLR(opt, 0.01, 0.1, step_size_up=2),
+            "OneCycleLR": lambda: sched.OneCycleLR(opt, 0.1, total_steps=20),
+            "ReduceLROnPlateau": lambda: sched.ReduceLROnPlateau(opt, patience=1),
+            "SequentialLR": lambda: sched.SequentialLR(
+                opt, [sched.LinearLR(opt, 0.5, total_iters=2), sched.ExponentialLR(opt, value)], [3]
+            ),
+            "ChainedScheduler": lambda: sched.ChainedScheduler(
+                [sched.StepLR(opt, 2, 0.5), sched.ExponentialLR(opt, value)]
+            ),
+        }
+        return make[name]()
+
+    for name in (
+        "StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR",
+        "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR",
+        "ReduceLROnPlateau", "SequentialLR", "ChainedScheduler",
+    ):  # fmt: skip
+        weights = [torch.nn.Parameter(torch.ones(3))]
+        opt = torch.optim.SGD(weights, lr=0.1, momentum=0.9)
+        schedule = built(opt, name)
+        first = _schedule_settings(schedule.state_dict(), "s")
+        for step in range(9):
+            opt.step()
+            schedule.step(*([1.0 + step % 2] if name == "ReduceLROnPlateau" else []))
+            assert _schedule_settings(schedule.state_dict(), "s") == first, name
+        if name in ("SequentialLR", "ChainedScheduler", "StepLR", "ExponentialLR"):
+            other = built(torch.optim.SGD(weights, lr=0.1, momentum=0.9), name, value=0.25)
+            assert _schedule_settings(other.state_dict(), "s") != first, name

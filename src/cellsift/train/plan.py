@@ -557,12 +557,7 @@ class TrainingPlan(pl.LightningModule):
                 continue
             out[key] = type(sched).__name__
             out[f"{key}.interval"], out[f"{key}.frequency"] = config.interval, config.frequency
-            # its settings: its state but for its progress (which the checkpoint restores:
-            # the epoch, CosineAnnealingWarmRestarts' T_cur, ReduceLROnPlateau's best)
-            for name, value in sched.state_dict().items():
-                if not name.startswith("_") and name not in _PROGRESS:
-                    if _setting(value) is not _UNREADABLE:
-                        out[f"{key}.{name}"] = _setting(value)
+            out |= _schedule_settings(sched.state_dict(), key)
         return out
 
     def configure_optimizers(self) -> Any:
@@ -610,6 +605,28 @@ _PROGRESS = frozenset(
         "T_i",
     }
 )
+
+
+def _schedule_settings(state: dict[str, Any], key: str) -> dict[str, Any]:
+    """A schedule's settings from its state, less its progress (which the checkpoint
+    restores: the epoch, CosineAnnealingWarmRestarts' T_cur, ReduceLROnPlateau's best); of a
+    schedule of schedules (SequentialLR, ChainedScheduler), its milestones and each inner
+    schedule's settings."""
+    out: dict[str, Any] = {}
+    for name, value in state.items():
+        if name == "_schedulers" and isinstance(value, list | tuple):
+            for i, inner in enumerate(value):
+                if isinstance(inner, dict):
+                    out |= _schedule_settings(inner, f"{key}.{i}")
+            continue
+        name = "milestones" if name == "_milestones" else name  # (SequentialLR's)
+        if name.startswith("_") or name in _PROGRESS:
+            continue
+        if _setting(value) is not _UNREADABLE:
+            out[f"{key}.{name}"] = _setting(value)
+    return out
+
+
 #: What _setting gives for a value that is no comparable setting (a function, an object).
 _UNREADABLE = object()
 
