@@ -227,3 +227,38 @@ def test_labels_outside_the_ontology_import_as_written(tmp_path):
         torch.testing.assert_close(value, theirs[key], rtol=0, atol=0)
     with pytest.raises(TypeError, match="ontology_aware is True or False"):
         import_scimilarity(src, tmp_path / "other", ontology_aware="no")  # type: ignore[arg-type]
+
+
+def test_weights_of_nan_and_an_impossible_format_version_are_refused(tmp_path):
+    """A bundle (or a SCimilarity model) whose weights hold NaN or infinity would embed
+    every cell as NaN: refused as it loads (imports), naming the weights. A format version
+    below 0 is no bundle format."""
+    from cellsift.errors import CellsiftError
+    from cellsift.models import MetricModel
+    from cellsift.models.bundle import _sha256
+
+    model = MetricModel([f"g{i}" for i in range(12)], ["CL:0000236"], hidden=(8,), latent=4)
+    with torch.no_grad():
+        next(model.module.encoder.parameters())[0, 0] = float("nan")
+    path = model.save(tmp_path / "nan")
+    with pytest.raises(BundleError, match=r"model\.safetensors holds NaN or infinite weights \("):
+        MetricModel.load(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["format_version"] = -3
+    (path / "config.json").write_text(json.dumps(cfg))
+    sums = json.loads((path / "checksums.json").read_text())
+    sums["config.json"] = _sha256(path / "config.json")
+    (path / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(BundleError, match=r"format_version -3 is no bundle format"):
+        load_bundle(path)
+    folder = tmp_path / "scimilarity"
+    shutil.copytree(FIXTURE, folder)
+    ckpt = torch.load(folder / "encoder.ckpt", weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][name] = torch.full_like(ckpt["state_dict"][name], float("inf"))
+    torch.save(ckpt, folder / "encoder.ckpt")
+    with pytest.raises(
+        CellsiftError, match=rf"encoder\.ckpt holds NaN or infinite weights \({name}"
+    ):
+        import_scimilarity(folder, tmp_path / "imported")
+    assert not (tmp_path / "imported").exists()

@@ -244,6 +244,11 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
     version = config.get("format_version", 0)
     if isinstance(version, bool) or not isinstance(version, int):
         raise BundleError(f"{folder}: config.json's format_version {version!r} is not a number.")
+    if version < 0:
+        raise BundleError(
+            f"{folder}: config.json's format_version {version} is no bundle format (0 to "
+            f"{FORMAT_VERSION}). {_REMAKE}"
+        )
     if version > FORMAT_VERSION:
         raise BundleError(
             f"{folder}: bundle format {config['format_version']} is newer than this "
@@ -404,11 +409,29 @@ def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str
     return ""
 
 
+def not_finite(state: Mapping[str, torch.Tensor], prefix: str = "") -> str:
+    """The weights of ``state`` that hold NaN or infinite values, named (up to three), or
+    ``""``: a model of such weights embeds every cell as NaN."""
+    bad = [
+        f"{prefix}{k}"
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(v.isfinite().all())
+    ]
+    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+
+
 def load_weights(
     path: str | os.PathLike[str], name: str, module: nn.Module, state: Mapping[str, torch.Tensor]
 ) -> None:
     """Load a bundle's weights of ``name`` into ``module``; weights that do not fit (names,
-    shapes) are a BundleError naming model.safetensors and the tensor."""
+    shapes) are a BundleError naming model.safetensors and the tensor, as are weights that
+    hold NaN or infinite values."""
+    bad = not_finite(state, prefix=f"{name}.")
+    if bad:
+        raise BundleError(
+            f"{path}: model.safetensors holds NaN or infinite weights ({bad}), which would "
+            f"embed every cell as NaN: the model had diverged, or the file is damaged. {_REMAKE}"
+        )
     diff = load_state(module, state, prefix=f"{name}.")
     if diff:
         raise BundleError(

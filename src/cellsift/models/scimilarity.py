@@ -24,7 +24,7 @@ from .._utils import is_whole
 from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError, ConfigError
 from ..nn import MLPDecoder, MLPEncoder
-from .bundle import load_state, loss_setting_problem
+from .bundle import load_state, loss_setting_problem, not_finite
 
 __all__ = ["ScimilarityModel", "import_scimilarity", "read_scimilarity"]
 
@@ -186,6 +186,7 @@ def read_scimilarity(
         dropout=hp.get("dropout", 0.5),
         input_dropout=hp.get("input_dropout", 0.4),
     )
+    _check_finite(folder / "encoder.ckpt", enc_state)
     diff = load_state(encoder, enc_state)
     if diff:
         raise CellsiftError(
@@ -197,6 +198,7 @@ def read_scimilarity(
     if (folder / "decoder.ckpt").exists():
         decoder = MLPDecoder(n_in, hidden, latent, dropout=hp.get("dropout", 0.5))
         dec_state = _read(folder, "decoder.ckpt", lambda p: _state_dict(p, map_location))
+        _check_finite(folder / "decoder.ckpt", dec_state)
         diff = load_state(decoder, dec_state)
         if diff:
             raise CellsiftError(
@@ -208,6 +210,17 @@ def read_scimilarity(
     if (folder / "label_ints.csv").exists():
         labels = _read(folder, "label_ints.csv", _label_table)
     return ScimilarityModel(encoder.eval(), decoder, genes, labels, hp)
+
+
+def _check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that hold NaN or infinite values: they embed (decode) every cell so."""
+    bad = not_finite(state)
+    if bad:
+        raise CellsiftError(
+            f"{path} holds NaN or infinite weights ({bad}), which would give NaN for every "
+            "cell: the model had diverged in training, or the file is damaged. Import a model "
+            "whose training converged."
+        )
 
 
 def import_scimilarity(
