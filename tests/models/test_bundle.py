@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -161,7 +162,6 @@ def test_a_bundle_keeps_its_labels_under_a_newer_ontology(tmp_path):
     assert loaded.labels == ["CL:0000062", "CL:0000236", "CL:0000054"]
     assert loaded.label_names[2] == "bone matrix secreting cell"
     x = np.random.default_rng(0).poisson(1.0, (5, 30)).astype(np.float32)
-    import anndata as ad
 
     adata = ad.AnnData(x, var=pd.DataFrame(index=genes))
     np.testing.assert_allclose(loaded.embed(adata), model.embed(adata), atol=1e-6)
@@ -238,10 +238,16 @@ def test_weights_of_nan_and_an_impossible_format_version_are_refused(tmp_path):
     from cellsift.models.bundle import _sha256
 
     model = MetricModel([f"g{i}" for i in range(12)], ["CL:0000236"], hidden=(8,), latent=4)
+    with torch.no_grad():  # a decoder's NaN: the embeddings are fine, the model loads
+        next(model.module.decoder.parameters())[0, 0] = float("nan")
+    x = np.random.default_rng(0).poisson(1.0, (5, 12)).astype(np.float32)
+    cells = ad.AnnData(x, var=pd.DataFrame(index=[f"g{i}" for i in range(12)]))
+    loaded = MetricModel.load(model.save(tmp_path / "d"))
+    np.testing.assert_array_equal(loaded.embed(cells), model.embed(cells))
     with torch.no_grad():
         next(model.module.encoder.parameters())[0, 0] = float("nan")
     path = model.save(tmp_path / "nan")
-    with pytest.raises(BundleError, match=r"model\.safetensors holds NaN or infinite weights \("):
+    with pytest.raises(BundleError, match=r"safetensors holds NaN or infinite encoder weights \("):
         MetricModel.load(path)
     cfg = json.loads((path / "config.json").read_text())
     cfg["format_version"] = -3

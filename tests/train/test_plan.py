@@ -309,8 +309,8 @@ def test_a_setting_added_since_a_checkpoint_was_kept_reads_as_its_old_default():
 def test_a_schedules_settings_do_not_move_as_it_steps_and_name_what_differs():
     """The resume check's record of a schedule (its state less its progress) is the same
     after any number of steps, for each of torch's schedules, those of schedules too; and it
-    tells two schedules of other settings apart (SequentialLR's milestones, an inner
-    schedule's gamma)."""
+    tells two schedules of other settings apart (an inner schedule's gamma, OneCycleLR's
+    pct_start, which it keeps under private names)."""
     from cellsift.train.plan import _schedule_settings
 
     sched = torch.optim.lr_scheduler
@@ -326,7 +326,7 @@ def test_a_schedules_settings_do_not_move_as_it_steps_and_name_what_differs():
             "CosineAnnealingLR": lambda: sched.CosineAnnealingLR(opt, 4),
             "CosineAnnealingWarmRestarts": lambda: sched.CosineAnnealingWarmRestarts(opt, 2, 2),
             "CyclicLR": lambda: sched.CyclicLR(opt, 0.01, 0.1, step_size_up=2),
-            "OneCycleLR": lambda: sched.OneCycleLR(opt, 0.1, total_steps=20),
+            "OneCycleLR": lambda: sched.OneCycleLR(opt, 0.1, total_steps=20, pct_start=value),
             "ReduceLROnPlateau": lambda: sched.ReduceLROnPlateau(opt, patience=1),
             "SequentialLR": lambda: sched.SequentialLR(
                 opt, [sched.LinearLR(opt, 0.5, total_iters=2), sched.ExponentialLR(opt, value)], [3]
@@ -350,6 +350,6 @@ def test_a_schedules_settings_do_not_move_as_it_steps_and_name_what_differs():
             opt.step()
             schedule.step(*([1.0 + step % 2] if name == "ReduceLROnPlateau" else []))
             assert _schedule_settings(schedule.state_dict(), "s") == first, name
-        if name in ("SequentialLR", "ChainedScheduler", "StepLR", "ExponentialLR"):
+        if name in ("SequentialLR", "ChainedScheduler", "StepLR", "ExponentialLR", "OneCycleLR"):
             other = built(torch.optim.SGD(weights, lr=0.1, momentum=0.9), name, value=0.25)
             assert _schedule_settings(other.state_dict(), "s") != first, name

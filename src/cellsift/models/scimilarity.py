@@ -198,7 +198,6 @@ def read_scimilarity(
     if (folder / "decoder.ckpt").exists():
         decoder = MLPDecoder(n_in, hidden, latent, dropout=hp.get("dropout", 0.5))
         dec_state = _read(folder, "decoder.ckpt", lambda p: _state_dict(p, map_location))
-        _check_finite(folder / "decoder.ckpt", dec_state)
         diff = load_state(decoder, dec_state)
         if diff:
             raise CellsiftError(
@@ -213,12 +212,12 @@ def read_scimilarity(
 
 
 def _check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """Refuse weights that hold NaN or infinite values: they embed (decode) every cell so."""
+    """Refuse encoder weights that hold NaN or infinite values: they embed every cell so."""
     bad = not_finite(state)
     if bad:
         raise CellsiftError(
-            f"{path} holds NaN or infinite weights ({bad}), which would give NaN for every "
-            "cell: the model had diverged in training, or the file is damaged. Import a model "
+            f"{path} holds NaN or infinite weights ({bad}), which would embed every cell as "
+            "NaN: the model had diverged in training, or the file is damaged. Import a model "
             "whose training converged."
         )
 

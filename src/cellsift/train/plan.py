@@ -619,7 +619,7 @@ def _schedule_settings(state: dict[str, Any], key: str) -> dict[str, Any]:
                 if isinstance(inner, dict):
                     out |= _schedule_settings(inner, f"{key}.{i}")
             continue
-        name = "milestones" if name == "_milestones" else name  # (SequentialLR's)
+        name = _PRIVATE_SETTINGS.get(name, name)  # (SequentialLR's, OneCycleLR's)
         if name.startswith("_") or name in _PROGRESS:
             continue
         if _setting(value) is not _UNREADABLE:
@@ -627,6 +627,12 @@ def _schedule_settings(state: dict[str, Any], key: str) -> dict[str, Any]:
     return out
 
 
+#: Settings that schedules keep under private names, and the names they are compared by.
+_PRIVATE_SETTINGS = {
+    "_milestones": "milestones",  # SequentialLR
+    "_schedule_phases": "phases",  # OneCycleLR: pct_start, three_phase
+    "_anneal_func_type": "anneal_strategy",  # OneCycleLR
+}
 #: What _setting gives for a value that is no comparable setting (a function, an object).
 _UNREADABLE = object()
 
