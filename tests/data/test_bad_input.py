@@ -513,6 +513,38 @@ def test_obs_filter_values_are_read_as_text_as_a_yaml_filter_gives_them(tmp_path
             np.testing.assert_array_equal(kept.cell_ids, np.arange(40), err_msg=name)
 
 
+def test_dates_and_float32_join_across_stores_as_they_are_written(tmp_path):
+    """One column held as text in one store and as dates (or float64) in another joins to
+    one value per date (not the dates' nanoseconds), so a split by it keeps each date on one
+    side; a float32 column reads as written ("0.1"), so a filter by 0.1 finds its cells."""
+    import pandas as pd
+
+    from cellsift.data import CellDataModule
+
+    days = ["2020-01-31", "2020-02-01"] * 20
+    text = indexed_atlas(40, 5)
+    text.obs["date"] = days
+    text.obs["dose"] = np.tile(np.array([0.1, 0.5], np.float32), 20)
+    dated = indexed_atlas(40, 5)
+    dated.obs_names = [f"d{i}" for i in range(40)]
+    dated.obs["date"] = pd.to_datetime(days)
+    dated.obs["dose"] = np.tile([0.1, 0.5], 20)
+    paths = [_write(tmp_path, "text.h5ad", text), dated]  # (h5ad holds no dates: in memory)
+    coll = CellCollection(paths)
+    assert coll.codes("date")[1] == ["2020-01-31", "2020-02-01"]
+    assert coll.codes("dose")[1] == ["0.1", "0.5"]
+    np.testing.assert_array_equal(coll.obs_column("dose"), np.tile([0.1, 0.5], 40))
+    kept = CellCollection(paths, obs_filter={"dose": 0.1})
+    assert kept.n_obs == 40 and (kept.obs_column("dose") == 0.1).all()
+    assert CellCollection(paths[0], obs_filter={"dose": 0.1}).n_obs == 20
+    dm = CellDataModule(
+        paths, label_key=None, study_key=None, split_key="date", val_groups=["2020-01-31"]
+    )
+    dm.setup("fit")
+    assert set(dm.val.obs_column("date")) == {"2020-01-31"} and dm.val.n_obs == 40
+    assert set(dm.train.obs_column("date")) == {"2020-02-01"} and dm.train.n_obs == 40
+
+
 @pytest.mark.parametrize(
     "dtype", [np.float32, np.float64, np.float16, np.int32, np.int64, np.uint16]
 )

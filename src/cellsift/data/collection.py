@@ -335,7 +335,10 @@ class CellCollection:
                 values = values[self.cell_ids]
                 col: Any = pd.Categorical(text_or_none(values))
             else:
-                col = np.concatenate([np.asarray(p) for p in parts])[self.cell_ids]
+                arrays = [np.asarray(p) for p in parts]
+                if len({a.dtype for a in arrays}) > 1:  # joined in a wider type: float32
+                    arrays = [_as_written(a) for a in arrays]  # by the value it writes
+                col = np.concatenate(arrays)[self.cell_ids]
             if name in self._value_maps:
                 col = _map_values(col, self._value_maps[name])
             self._obs_cache[name] = col
@@ -564,24 +567,40 @@ def allow_open_files(n_stores: int) -> None:
         FILES.limit = max(8, min(FILES.limit, (raised - n_stores) // 4))
 
 
+def _as_written(arr: np.ndarray) -> np.ndarray:
+    """Floats narrower than float64 as the float64 of the decimal they are written as
+    (float32 0.1 is 0.1, not 0.10000000149011612), so that a store of float32 and one of
+    float64 join to one value; other arrays as they are."""
+    if arr.dtype.kind == "f" and arr.dtype.itemsize < 8:
+        return arr.astype(str).astype(np.float64)
+    return arr
+
+
 def _whole_floats_as_ints(values: Any) -> np.ndarray:
     """``values`` as objects for a column joined across stores as text, whole floats (and
     float categories) as ints: a store that holds a column of whole numbers with gaps as
-    floats would read donor 1000 as "1000.0" where another reads "1000"."""
+    floats would read donor 1000 as "1000.0" where another reads "1000". Dates as their
+    text ("2020-01-31", as a store of text holds them), float32 as it is written ("0.1")."""
     if isinstance(values, pd.Categorical):
-        if values.categories.dtype.kind != "f" or not len(values.categories):
+        if values.categories.dtype.kind not in "fmM" or not len(values.categories):
             return np.asarray(values, dtype=object)
         cats = _whole_floats_as_ints(np.asarray(values.categories))
         out: np.ndarray = cats[np.maximum(values.codes, 0)]
         out[values.codes < 0] = None
         return out
     arr = np.asarray(values)
+    if arr.dtype.kind in "mM":  # dates and durations as their text, not as nanoseconds
+        return text_or_none(arr)
     if arr.dtype.kind != "f":
         return np.asarray(arr, dtype=object)
     out = arr.astype(object)
-    whole = np.isfinite(arr) & (np.abs(arr) < 2**53)
+    finite = np.isfinite(arr)
+    whole = finite & (np.abs(arr) < 2**53)
     whole[whole] = arr[whole] == np.round(arr[whole])
     out[whole] = arr[whole].astype(np.int64).astype(object)
+    if arr.dtype.itemsize < 8:  # float32 as numpy writes it ("0.1"), not as the float64 it
+        part = finite & ~whole  # widens to ("0.10000000149011612")
+        out[part] = arr[part].astype(str).astype(object)
     return out
 
 
