@@ -513,6 +513,30 @@ def test_obs_filter_values_are_read_as_text_as_a_yaml_filter_gives_them(tmp_path
             np.testing.assert_array_equal(kept.cell_ids, np.arange(40), err_msg=name)
 
 
+def test_a_cell_with_counts_only_in_genes_the_collection_lacks_is_named(tmp_path):
+    """min_genes counts a store's genes: a cell whose counts all lie in genes outside the
+    collection's would read as an empty row. Read, it is named (unchecked, read as empty)."""
+    import pandas as pd
+
+    genes = [f"ENSG{i:011d}" for i in range(10)]
+    first = ad.AnnData(sp.csr_matrix(np.ones((4, 10), np.float32)), var=pd.DataFrame(index=genes))
+    x = np.zeros((4, 12), np.float32)
+    x[:, :10] = 1
+    x[2] = 0
+    x[2, 10:] = 5  # cell 2: counts in the two extra genes only
+    extra = ad.AnnData(sp.csr_matrix(x), var=pd.DataFrame(index=[*genes, "ENSG1", "ENSG2"]))
+    extra.obs_names = [f"b{i}" for i in range(4)]
+    paths = [_write(tmp_path, "first.h5ad", first), _write(tmp_path, "extra.h5ad", extra)]
+    coll = CellCollection(paths, min_genes=1)
+    assert coll.n_obs == 8
+    said = r"extra\.h5ad \(X\): cell 2 \('b2'\) has counts only in genes outside the 10"
+    with pytest.raises(DataError, match=said):
+        coll.read(np.arange(8))
+    coll.read(np.array([0, 4, 5, 7]))  # (the others read)
+    empty = CellCollection(paths, min_genes=1, check_counts=False).read(np.arange(8))
+    assert np.diff(empty.indptr).tolist() == [10, 10, 10, 10, 10, 10, 0, 10]
+
+
 def test_dates_and_float32_join_across_stores_as_they_are_written(tmp_path):
     """One column held as text in one store and as dates (or float64) in another joins to
     one value per date (not the dates' nanoseconds), so a split by it keeps each date on one

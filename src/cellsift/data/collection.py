@@ -421,6 +421,8 @@ class CellCollection:
             if self.check_counts:  # every batch read (the sample checked at open misses cells)
                 _check_batch(store, raw, local)
             x = self.gene_maps[k].apply(raw)
+            if self.check_counts:
+                _check_aligned(store, raw, x, local)
             indptr = x.indptr.astype(np.int64)
             datas.append(x.data)
             idxs.append(x.indices)
@@ -484,6 +486,23 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
             "min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`."
         )
     _refuse_duplicates(store, x, rows)
+
+
+def _check_aligned(
+    store: CellStore, raw: sp.csr_matrix, x: sp.csr_matrix, rows: np.ndarray
+) -> None:
+    """A DataError naming the first cell whose counts (``raw``, checked) all lie in genes
+    the collection's genes lack: aligned (``x``), it would read as an empty cell, which
+    min_genes (counting the store's genes) let through."""
+    lost = np.flatnonzero((np.diff(x.indptr) == 0) & (np.diff(raw.indptr) > 0))
+    if len(lost):
+        where = f"{store.path} ({'X' if store.layer is None else store.layer})"
+        raise DataError(
+            f"{where}: {_cell_name(store, int(rows[lost[0]]))} has counts only in genes "
+            f"outside the {x.shape[1]:,} the collection reads (its first store's, or a model's), "
+            "so it would read as an empty cell, with nothing to train, embed or label. Drop "
+            "such cells (obs_filter), or pass check_counts=False to read them as empty."
+        )
 
 
 def _cell_name(store: CellStore, cell: int) -> str:
