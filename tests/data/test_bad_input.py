@@ -535,6 +535,13 @@ def test_a_cell_with_counts_only_in_genes_the_collection_lacks_is_named(tmp_path
     coll.read(np.array([0, 4, 5, 7]))  # (the others read)
     empty = CellCollection(paths, min_genes=1, check_counts=False).read(np.arange(8))
     assert np.diff(empty.indptr).tolist() == [10, 10, 10, 10, 10, 10, 0, 10]
+    x[2, 0] = 1.0  # a stored zero in one of the collection's genes is no count either
+    stored = sp.csr_matrix(x)
+    stored.data[stored.indices == 0] = 0.0
+    extra.X = stored
+    paths[1] = _write(tmp_path, "stored.h5ad", extra)
+    with pytest.raises(DataError, match=r"stored\.h5ad \(X\): cell 2 \('b2'\) has counts only"):
+        CellCollection(paths, min_genes=1).read(np.arange(8))
 
 
 def test_dates_and_float32_join_across_stores_as_they_are_written(tmp_path):

@@ -494,14 +494,16 @@ def _check_aligned(
     """A DataError naming the first cell whose counts (``raw``, checked) all lie in genes
     the collection's genes lack: aligned (``x``), it would read as an empty cell, which
     min_genes (counting the store's genes) let through."""
-    lost = np.flatnonzero((np.diff(x.indptr) == 0) & (np.diff(raw.indptr) > 0))
+    # (by the sum: a stored zero in one of the collection's genes is no count)
+    lost = np.flatnonzero((np.asarray(x.sum(axis=1)).ravel() == 0) & (np.diff(raw.indptr) > 0))
     if len(lost):
         where = f"{store.path} ({'X' if store.layer is None else store.layer})"
         raise DataError(
             f"{where}: {_cell_name(store, int(rows[lost[0]]))} has counts only in genes "
             f"outside the {x.shape[1]:,} the collection reads (its first store's, or a model's), "
-            "so it would read as an empty cell, with nothing to train, embed or label. Drop "
-            "such cells (obs_filter), or pass check_counts=False to read them as empty."
+            "so it would read as an empty cell, with nothing to train, embed or label. Leave "
+            "such cells out of the stores (their counts in those genes sum to 0), or pass "
+            "check_counts=False to read them as empty."
         )
 
 
