@@ -419,10 +419,10 @@ class CellCollection:
             local = rows[a:b] - self.offsets[k]
             raw = store.read(local)
             if self.check_counts:  # every batch read (the sample checked at open misses cells)
-                _check_batch(store, raw, local)
+                zeros = _check_batch(store, raw, local)
             x = self.gene_maps[k].apply(raw)
             if self.check_counts:
-                _check_aligned(store, raw, x, local)
+                _check_aligned(store, raw, x, local, zeros)
             indptr = x.indptr.astype(np.int64)
             datas.append(x.data)
             idxs.append(x.indices)
@@ -433,11 +433,11 @@ class CellCollection:
         return sp.csr_matrix((data, indices, np.concatenate(ptrs)), shape=(len(rows), self.n_vars))
 
 
-def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
+def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
     """Raise a :class:`DataError` naming the store and the first cell whose values are not
     counts (NaN, infinite, negative or not whole), that holds stored zeros only, or whose
     row holds a gene twice (one compiled pass over the values read, and one over the column
-    indices: cheap next to reading them)."""
+    indices: cheap next to reading them). Returns whether ``x`` stores zeros as entries."""
     data = x.data
     where = f"{store.path} ({'X' if store.layer is None else store.layer})"
 
@@ -486,16 +486,18 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> None:
             "min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`."
         )
     _refuse_duplicates(store, x, rows)
+    return bool(zeros)
 
 
 def _check_aligned(
-    store: CellStore, raw: sp.csr_matrix, x: sp.csr_matrix, rows: np.ndarray
+    store: CellStore, raw: sp.csr_matrix, x: sp.csr_matrix, rows: np.ndarray, zeros: bool
 ) -> None:
     """A DataError naming the first cell whose counts (``raw``, checked) all lie in genes
     the collection's genes lack: aligned (``x``), it would read as an empty cell, which
-    min_genes (counting the store's genes) let through."""
-    # (by the sum: a stored zero in one of the collection's genes is no count)
-    lost = np.flatnonzero((np.asarray(x.sum(axis=1)).ravel() == 0) & (np.diff(raw.indptr) > 0))
+    min_genes (counting the store's genes) let through. ``zeros``: ``raw`` stores zeros as
+    entries (:func:`_check_batch`), where a row's entries are not all counts: summed then."""
+    held = np.diff(x.indptr) > 0 if not zeros else np.asarray(x.sum(axis=1)).ravel() > 0
+    lost = np.flatnonzero(~held & (np.diff(raw.indptr) > 0))
     if len(lost):
         where = f"{store.path} ({'X' if store.layer is None else store.layer})"
         raise DataError(
