@@ -611,19 +611,15 @@ def _whole_floats_as_ints(values: Any) -> np.ndarray:
         out: np.ndarray = cats[np.maximum(values.codes, 0)]
         out[values.codes < 0] = None
         return out
-    arr = np.asarray(values)
+    arr = _as_written(np.asarray(values))
     if arr.dtype.kind in "mM":  # dates and durations as their text, not as nanoseconds
         return text_or_none(arr)
     if arr.dtype.kind != "f":
         return np.asarray(arr, dtype=object)
     out = arr.astype(object)
-    finite = np.isfinite(arr)
-    whole = finite & (np.abs(arr) < 2**53)
+    whole = np.isfinite(arr) & (np.abs(arr) < 2**53)
     whole[whole] = arr[whole] == np.round(arr[whole])
     out[whole] = arr[whole].astype(np.int64).astype(object)
-    if arr.dtype.itemsize < 8:  # float32 as numpy writes it ("0.1"), not as the float64 it
-        part = finite & ~whole  # widens to ("0.10000000149011612")
-        out[part] = arr[part].astype(str).astype(object)
     return out
 
 
