@@ -539,15 +539,16 @@ class TrainingPlan(pl.LightningModule):
         for i, opt in enumerate(optimizers):
             key = "optimizer" if i == 0 else f"optimizer{i}"
             out[key] = type(opt).__name__
-            for name, value in opt.defaults.items():
-                if name not in _IMPLEMENTATION and _setting(value) is not _UNREADABLE:
-                    out[name if i == 0 else f"{key}.{name}"] = _setting(value)
+            own = {n: v for n, v in opt.defaults.items() if n not in _IMPLEMENTATION}
+            out |= _settings(own, "" if i == 0 else f"{key}.")
             # the settings schedules keep in the optimiser's groups (OneCycleLR's max_lr; not
             # initial_lr, the optimiser's lr)
-            for name, value in opt.param_groups[0].items():
-                if name not in opt.defaults and name not in ("params", "initial_lr"):
-                    if _setting(value) is not _UNREADABLE:
-                        out[f"scheduler.{name}" if i == 0 else f"{key}.{name}"] = _setting(value)
+            group = {
+                n: v
+                for n, v in opt.param_groups[0].items()
+                if n not in opt.defaults and n not in ("params", "initial_lr")
+            }
+            out |= _settings(group, "scheduler." if i == 0 else f"{key}.")
         out["scheduler"] = "none"
         for i, config in enumerate(self.trainer.lr_scheduler_configs):
             key = "scheduler" if i == 0 else f"scheduler{i}"
@@ -613,6 +614,7 @@ def _schedule_settings(state: dict[str, Any], key: str) -> dict[str, Any]:
     schedule of schedules (SequentialLR, ChainedScheduler), its milestones and each inner
     schedule's settings."""
     out: dict[str, Any] = {}
+    own: dict[str, Any] = {}
     for name, value in state.items():
         if name == "_schedulers" and isinstance(value, list | tuple):
             for i, inner in enumerate(value):
@@ -620,11 +622,16 @@ def _schedule_settings(state: dict[str, Any], key: str) -> dict[str, Any]:
                     out |= _schedule_settings(inner, f"{key}.{i}")
             continue
         name = _PRIVATE_SETTINGS.get(name, name)  # (SequentialLR's, OneCycleLR's)
-        if name.startswith("_") or name in _PROGRESS:
-            continue
-        if _setting(value) is not _UNREADABLE:
-            out[f"{key}.{name}"] = _setting(value)
-    return out
+        if not name.startswith("_") and name not in _PROGRESS:
+            own[name] = value
+    return out | _settings(own, f"{key}.")
+
+
+def _settings(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``values`` as comparable settings (:func:`_setting`), keyed ``prefix + name``; those
+    that are none (a function, an object) left out."""
+    read = {f"{prefix}{name}": _setting(value) for name, value in values.items()}
+    return {k: v for k, v in read.items() if v is not _UNREADABLE}
 
 
 #: Settings that schedules keep under private names, and the names they are compared by.
