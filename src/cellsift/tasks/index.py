@@ -652,15 +652,16 @@ class CellIndex:
         for start, block in self._blocks(rows):
             for first, last in self._query_chunks(len(q), len(block)):
                 sims = (torch.from_numpy(q[first:last]) @ torch.from_numpy(block).T).numpy()
+                apart = 1.0 - sims  # (float32, as the similarities)
                 for i in range(last - first):
-                    hit = np.flatnonzero(1.0 - sims[i] <= max_distance)
+                    hit = np.flatnonzero(apart[i] <= max_distance)
                     if len(hit) == 0:
                         continue
                     ids = hit + start if rows is None else rows[start + hit]
                     kept_ids, kept_dist = best[first + i]
                     best[first + i] = _nearest(
-                        np.concatenate([kept_ids, ids.astype(np.int64)]),
-                        np.concatenate([kept_dist, (1.0 - sims[i, hit]).astype(np.float32)]),
+                        np.concatenate([kept_ids, ids.astype(np.int64, copy=False)]),
+                        np.concatenate([kept_dist, apart[i, hit]]),
                         max_hits,
                     )
         result = []
