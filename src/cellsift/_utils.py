@@ -484,6 +484,15 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
 BACKED_ROWS = 65_536
 
 
+#: layer="raw" where an AnnData holds both ``adata.raw`` and a layer named "raw" (in memory
+#: or in a file): what the name reads, and how to read the other.
+RAW_CLASH = (
+    "has both a raw (adata.raw) and a layer named 'raw', and layer='raw' names the first.",
+    "To read the layer, rename it (adata.layers['counts'] = adata.layers.pop('raw')) and "
+    "pass its new name.",
+)
+
+
 def adata_counts(
     adata: Any, layer: str | None, source: str = "adata"
 ) -> tuple[Any, pd.DataFrame, list[str]]:
@@ -500,11 +509,7 @@ def adata_counts(
     if adata.raw is not None and layer != "raw":
         others.append("'raw' (adata.raw)" if both else "'raw'")
     if layer == "raw" and both:
-        raise DataError(
-            f"{source} has both a raw (adata.raw) and a layer named 'raw', and layer='raw' "
-            "names the first. To read the layer, rename it (adata.layers['counts'] = "
-            "adata.layers.pop('raw')) and pass its new name."
-        )
+        raise DataError(f"{source} {' '.join(RAW_CLASH)}")
     has = f"this AnnData has: {', '.join(others)}" if others else "it has none"
     if layer is None and adata.X is None:
         raise MissingKeyError(f"{source} has no X: pass layer= where the counts are ({has}).")

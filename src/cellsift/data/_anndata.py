@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._utils import RAW_CLASH
 from . import _csr
 from ._direct import ChunkedReader, read_ranges
 from .stores import CellStore
@@ -72,12 +73,7 @@ class AnnDataStore(CellStore):
     def _matrix(self, root: Any) -> Any:
         key = self._matrix_key()
         if self.layer == "raw" and _held(root, "raw/X") and _held(root, "layers/raw"):
-            raise self._error(
-                "has both a raw (adata.raw) and a layer named 'raw', and layer='raw' names "
-                "the first.",
-                "To read the layer, rename it (adata.layers['counts'] = "
-                "adata.layers.pop('raw')) and pass its new name.",
-            )
+            raise self._error(*RAW_CLASH)
         if not _held(root, key):
             have = ["X (layer=None)"] if _held(root, "X") else []
             if _held(root, "layers"):
