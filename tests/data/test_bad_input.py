@@ -513,6 +513,36 @@ def test_obs_filter_values_are_read_as_text_as_a_yaml_filter_gives_them(tmp_path
             np.testing.assert_array_equal(kept.cell_ids, np.arange(40), err_msg=name)
 
 
+def test_a_true_or_false_filter_keeps_the_cells_of_0_and_1_columns_too(tmp_path):
+    """A flag held as booleans in one store and as 0/1 in another (is_primary_data written
+    by different tools) is one flag to a filter: True keeps the True and the 1 cells, 1 keeps
+    them too, and False or 0 keeps the others; text "1" stays text."""
+    flags = np.tile([True, False], 20)
+    as_bool = indexed_atlas(40, 5)
+    as_bool.obs["primary"] = flags
+    as_ints = indexed_atlas(40, 5)
+    as_ints.obs_names = [f"i{i}" for i in range(40)]
+    as_ints.obs["primary"] = flags.astype(np.int64)
+    as_floats = indexed_atlas(40, 5)
+    as_floats.obs_names = [f"f{i}" for i in range(40)]
+    as_floats.obs["primary"] = flags.astype(np.float32)
+    paths = [
+        _write(tmp_path, "bool.h5ad", as_bool),
+        _write(tmp_path, "ints.h5ad", as_ints),
+        _write(tmp_path, "floats.h5ad", as_floats),
+    ]
+    kept_rows = np.concatenate([np.arange(0, 40, 2) + 40 * k for k in range(3)])
+    for wanted in (True, np.True_, 1, 1.0, [True], np.array([1])):
+        kept = CellCollection(paths, obs_filter={"primary": wanted})
+        np.testing.assert_array_equal(kept.cell_ids, kept_rows, err_msg=repr(wanted))
+    for wanted in (False, 0, [0.0]):
+        kept = CellCollection(paths, obs_filter={"primary": wanted})
+        np.testing.assert_array_equal(kept.cell_ids, kept_rows + 1, err_msg=repr(wanted))
+    assert CellCollection(paths, obs_filter={"primary": [True, False]}).n_obs == 120
+    with pytest.raises(DataError, match="keep none"):
+        CellCollection(paths[0], obs_filter={"primary": "1"})
+
+
 def test_a_cell_with_counts_only_in_genes_the_collection_lacks_is_named(tmp_path):
     """min_genes counts a store's genes: a cell whose counts all lie in genes outside the
     collection's would read as an empty row. Read, it is named (unchecked, read as empty)."""

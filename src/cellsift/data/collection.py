@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob as _glob
 import json
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -92,7 +93,8 @@ class CellCollection:
         Where counts live in each store (``None`` = X, a layer name, or ``"raw"``).
     obs_filter
         Keep cells by obs: ``{"column": value or [values]}`` (compared as text, whole
-        floats as ints: ``{"donor": [1015]}`` keeps donor "1015") or a function of an obs
+        floats as ints: ``{"donor": [1015]}`` keeps donor "1015"; ``True`` or ``1`` keeps
+        a flag's cells held as booleans or as 0/1) or a function of an obs
         frame (indexed by the cells' obs names, as an AnnData's obs is) returning a
         boolean mask.
     dropna
@@ -291,8 +293,8 @@ class CellCollection:
                     allowed = (
                         list(wanted) if many or isinstance(wanted, set | frozenset) else [wanted]
                     )
-                    texts = [value_text(v) for v in allowed]
-                    mask &= values.isin([t for t in texts if t is not None]).to_numpy()
+                    texts = [t for v in allowed for t in filter_texts(v)]
+                    mask &= values.isin(texts).to_numpy()
             apply("obs_filter", mask)
         nnz = None
         if self.check_counts:  # (unchecked, cells without counts are read as they are)
@@ -634,6 +636,24 @@ def value_text(value: Any) -> str | None:
     """One value as :func:`_as_text` reads a column of it (1015.0 and 1015 are "1015"; None
     where missing): how a filter's or a split's given values meet the columns."""
     return _as_text(np.array([value]))[0]
+
+
+#: a flag's two forms: booleans, and 0/1 (as numbers, or whole floats, read)
+_FLAG_FORMS = {"True": "1", "False": "0", "1": "True", "0": "False"}
+
+
+def filter_texts(value: Any) -> list[str]:
+    """The texts of a column's values that a filter's given ``value`` keeps: its own
+    (:func:`value_text`), and for a flag given as a boolean or as the number 0 or 1, the
+    other form too, so that ``True`` keeps the cells of a column of booleans and of one of
+    0/1 (one store's ``is_primary_data`` written as either). Text is only itself."""
+    text = value_text(value)
+    if text is None:
+        return []
+    flag = isinstance(value, bool | np.bool_) or (
+        isinstance(value, numbers.Number) and text in ("0", "1")
+    )
+    return [text, _FLAG_FORMS[text]] if flag and text in _FLAG_FORMS else [text]
 
 
 def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 << 22) -> None:
