@@ -51,6 +51,28 @@ def test_unweighted_votes_match_sklearn_knn():
     assert ((out["confidence"] >= 0) & (out["confidence"] <= 1)).all()
 
 
+def test_an_even_vote_goes_to_the_first_label_as_in_sklearn():
+    """Two neighbours of different labels at the very same distance: the call is the label
+    first in sorted order (scikit-learn's rule), whatever numpy's sort does with equal keys."""
+    m, labels = 24, np.asarray(list("ABCDEFGH"))
+    rng = np.random.default_rng(3)
+    pairs = np.stack([rng.choice(len(labels), 2, replace=False) for _ in range(m)])
+    eye = np.eye(2 * m, dtype=np.float32)
+    # query i's two neighbours: e_i +- e_(m+i) / 2, at one distance from it, far from others
+    ref = np.concatenate([eye[:m] + 0.5 * eye[m:], eye[:m] - 0.5 * eye[m:]])
+    y = np.concatenate([labels[pairs[:, 0]], labels[pairs[:, 1]]])
+    index = CellIndex.build(ref, pd.DataFrame({"lab": y}), engine="exact")
+    out = KNNAnnotator(index, label_key="lab", k=2, weighted=False, min_support=0.0).annotate(
+        eye[:m]
+    )
+    first = labels[pairs.min(1)]
+    sk = KNeighborsClassifier(2, metric="cosine").fit(ref, y).predict(eye[:m])
+    np.testing.assert_array_equal(sk, first)
+    np.testing.assert_array_equal(out["knn_label"].to_numpy(), first)
+    np.testing.assert_array_equal(out["label"].to_numpy(), first)
+    np.testing.assert_allclose(out["confidence"], 0.5)
+
+
 def test_unseen_type_abstains_and_seen_types_do_not():
     x, meta, _ = _atlas(spread=0.3)
     y = meta["cell_type_ontology_term_id"].to_numpy()

@@ -70,7 +70,8 @@ class KNNAnnotator:
     label_key
         Metadata column of reference labels (Cell Ontology ids for ``ontology_aware``).
     k, weighted
-        Neighbours that vote, and whether nearer ones count more.
+        Neighbours that vote, and whether nearer ones count more. An even vote goes to
+        the label first in sorted order (scikit-learn's rule).
     ontology_aware
         Propagate votes to ancestors and call the most specific well-supported term.
     min_support
@@ -526,7 +527,9 @@ class KNNAnnotator:
         total = w.sum(1)
         share = votes / np.maximum(total, 1e-12)[:, None]
         ref = share[:, : self._labels.n_reference]
-        order = np.argsort(-ref, axis=1)[:, :2]
+        # an even vote: the label first in sorted order, as scikit-learn's (numpy's default
+        # sort leaves equal keys in any order, which differs by platform)
+        order = np.argsort(-ref, axis=1, kind="stable")[:, :2]
         top = np.take_along_axis(ref, order, 1)
         terms = np.asarray(self._labels.terms, dtype=object)
         knn_label = np.where(voted, terms[order[:, 0]], UNKNOWN)
