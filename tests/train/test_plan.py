@@ -194,19 +194,23 @@ class _Validations(pl.Callback):
             self.seen.append(("epoch", float(trainer.callback_metrics["train/loss_epoch"])))
 
 
-@pytest.mark.parametrize("validation", ["at-epoch-end", "mid-epoch-only", "none"])
+@pytest.mark.parametrize(
+    "validation", ["at-epoch-end", "mid-epoch-only", "none", "mid-epoch-at-the-checkpoint"]
+)
 def test_a_run_resumed_from_an_epochs_last_step_ends_as_the_uninterrupted_one(
     synthetic_h5ad, tmp_path, validation
 ):
     """A checkpoint of an epoch's last step is written before that epoch's validation and
     end: the resumed run validates that epoch (early stopping and monitored checkpoints
-    see it), logs its means, and goes on, as the uninterrupted run did. Validation's
+    see it), logs its means, and goes on, as the uninterrupted run did. So does one of a
+    step within the epoch after which a validation is due (val_check_interval). Validation's
     triplet mining draws are kept out of training's stream, so the resumed run ends with
     the uninterrupted run's weights."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     data = {"val_fraction": 0} if validation == "none" else {}
-    trainer_options = {"val_check_interval": 0.5} if validation == "mid-epoch-only" else {}
+    mid = validation.startswith("mid-epoch")
+    trainer_options = {"val_check_interval": 0.5} if mid else {}
 
     def run(root, **fit):
         torch.manual_seed(0)
@@ -227,9 +231,12 @@ def test_a_run_resumed_from_an_epochs_last_step_ends_as_the_uninterrupted_one(
 
     whole, plan, seen = run(tmp_path / "whole")
     per_epoch = whole.global_step // 3
-    if validation == "mid-epoch-only":
+    if mid:
         assert per_epoch % 2 == 1  # (so that no validation falls on an epoch's last step)
-    first = tmp_path / "whole" / f"epoch=0-step={per_epoch}.ckpt"
+    at = per_epoch // 2 if validation == "mid-epoch-at-the-checkpoint" else per_epoch
+    if at != per_epoch:
+        assert ("val", at, 0) in [e[:3] for e in seen]
+    first = tmp_path / "whole" / f"epoch=0-step={at}.ckpt"
     assert first.exists()
     resumed, again, seen_again = run(tmp_path / "resumed", ckpt_path=first)
     assert resumed.global_step == whole.global_step
@@ -239,15 +246,15 @@ def test_a_run_resumed_from_an_epochs_last_step_ends_as_the_uninterrupted_one(
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
     # what the uninterrupted run logged from the checkpoint's step on: epoch 0's
     # validation (where it validated at its end) and means, then the epochs after
-    after = [e for e in seen if e[0] == "epoch" or e[1] >= per_epoch]
+    after = [e for e in seen if e[0] == "epoch" or e[1] >= at]
     assert [e[:3] for e in seen_again] == [e[:3] for e in after]
 
     def values(events):
         return [v for e in events for v in (e[1:] if e[0] == "epoch" else e[3:])]
 
     np.testing.assert_allclose(values(seen_again), values(after), rtol=1e-6)
-    if validation == "at-epoch-end":
-        assert seen_again[0][:3] == ("val", per_epoch, 0)
+    if validation in ("at-epoch-end", "mid-epoch-at-the-checkpoint"):
+        assert seen_again[0][:3] == ("val", at, 0)
 
 
 def test_an_epoch_resumed_mid_way_logs_the_mean_over_all_its_batches(synthetic_h5ad, tmp_path):

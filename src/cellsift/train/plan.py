@@ -420,6 +420,8 @@ class TrainingPlan(pl.LightningModule):
         if self.run_identity is not None:
             checkpoint["cellsift_data"] = self.run_identity
         checkpoint["cellsift_optimization"] = self._optimization()
+        if self._trainer is not None and self.trainer.training:  # (a training batch ended)
+            checkpoint["cellsift_validates_next"] = _validates_next(self.trainer)
         # the TensorBoard run it belongs to, which a resumed run logs on in (cellsift.train.
         # resume: `cellsift fit --ckpt_path`, MetricModel.train(ckpt_path=...))
         logger = self.trainer.logger if self._trainer is not None else None
@@ -660,16 +662,31 @@ def _setting(value: Any) -> Any:
     return _UNREADABLE
 
 
+def _validates_next(trainer: pl.Trainer) -> bool | None:
+    """Whether the fit validates after the training batch that has just ended, as
+    Lightning's epoch loop decides it then (``val_check_interval``, the epoch's last batch,
+    ``check_val_every_n_epoch``); None where its loop does not say."""
+    try:
+        fetcher = trainer.fit_loop._data_fetcher
+        if fetcher is None:  # (no training under way)
+            return None
+        return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
+    except (AttributeError, TypeError, AssertionError):  # (another Lightning's loops)
+        return None
+
+
 def _finish_the_epoch(checkpoint: dict[str, Any]) -> None:
-    """A checkpoint written as an epoch's last training batch ended (a ``ModelCheckpoint``
-    every n steps, the plan's own on a signal) comes before that epoch's validation and its
-    end (epoch means, early stopping, epoch-end checkpoints). Lightning resumes such a
-    checkpoint in the next epoch, skipping both: the resumed run would not validate that
-    epoch, and would log the next epoch's means over both. Its loop state is set to where
-    the last batch has completed and the validation has not begun (as a checkpoint written
-    as that validation started), so that the resumed run validates and ends the epoch as
-    the uninterrupted run did, then goes on. Checkpoints written anywhere else are left
-    as they are."""
+    """A checkpoint written as a training batch ended (a ``ModelCheckpoint`` every n steps,
+    the plan's own on a signal) comes before the validation due after that batch
+    (``val_check_interval``; the epoch's last batch), and before the epoch's end (epoch
+    means, early stopping, epoch-end checkpoints) after an epoch's last batch. Lightning
+    resumes such a checkpoint with the next batch, skipping both: the resumed run would
+    not validate there, and would log the next epoch's means over both. Its loop state is
+    set to where the batch has completed and the validation has not begun (as a checkpoint
+    written as that validation started), so that the resumed run validates (and ends the
+    epoch) as the uninterrupted run did, then goes on. A checkpoint records whether a
+    validation was due (``cellsift_validates_next``; one of an older version: after an
+    epoch's last batch); checkpoints written anywhere else are left as they are."""
     loop = checkpoint.get("loops", {}).get("fit_loop", {})
     batches = loop.get("epoch_loop.batch_progress")
     validation = loop.get("epoch_loop.val_loop.batch_progress")
@@ -677,7 +694,8 @@ def _finish_the_epoch(checkpoint: dict[str, Any]) -> None:
         return  # (a checkpoint without loop state, or of a Lightning that keeps it otherwise)
     total, current = batches.get("total", {}), batches.get("current", {})
     keys = ("ready", "started", "processed", "completed")
-    if not all(k in total and k in current for k in keys) or not batches.get("is_last_batch"):
+    due = checkpoint.get("cellsift_validates_next") or batches.get("is_last_batch")
+    if not all(k in total and k in current for k in keys) or not due:
         return
     if not total["ready"] == total["started"] == total["processed"] == total["completed"] + 1:
         return  # (not written as a training batch ended)
