@@ -611,3 +611,25 @@ def test_plain_calls_name_their_cl_terms_and_other_labels_keep_theirs():
     assert out["label_name"].tolist() == names
     with pytest.raises(OntologyError, match=r"'clone 7'.*pass ontology_aware=False"):
         KNNAnnotator(index, ontology_aware=True)
+
+
+def test_plain_votes_warn_where_two_reference_labels_name_one_term():
+    """A reference that writes one type two ways (an id in some studies, its name in
+    others) splits that type's plain votes, so that few calls reach a majority: it warns,
+    naming the spellings and the fixes. Labels of distinct terms (or none) do not."""
+    from cellsift._warnings import CellsiftWarning
+
+    x, meta, _ = _atlas(n_per=40)
+    labels = meta["cell_type_ontology_term_id"].to_numpy().copy()
+    labels[np.flatnonzero(labels == "CL:0000236")[::2]] = "B cell"
+    labels[np.flatnonzero(labels == "CL:0000623")[::2]] = "natural killer cell"
+    index = CellIndex.build(x, pd.DataFrame({"cell_type_ontology_term_id": labels}))
+    said = r"'B cell' and 'CL:0000236'.* name one Cell Ontology term.*ontology_aware=True"
+    with pytest.warns(CellsiftWarning, match=said) as caught:
+        KNNAnnotator(index, k=5)
+    assert "'CL:0000623' and 'natural killer cell'" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CellsiftWarning)
+        KNNAnnotator(index, k=5, ontology_aware=True)  # (one term's votes, summed)
+        meta = pd.DataFrame({"cell_type_ontology_term_id": np.repeat(["B cell", "clone 7"], 20)})
+        KNNAnnotator(CellIndex.build(x[:40], meta), k=5)

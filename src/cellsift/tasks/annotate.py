@@ -160,6 +160,32 @@ class KNNAnnotator:
         self._up: np.ndarray | None = None
         if self.ontology_aware:
             self._extend_with_ancestors()
+        else:
+            self._warn_of_spellings()
+
+    def _warn_of_spellings(self) -> None:
+        """Warn where plain votes split: reference labels that name one Cell Ontology term
+        (its id in some studies, its name in others) are counted apart, so that neither
+        may reach a majority; the calls would then name that term anyway."""
+        cl = load_cell_ontology()
+        spellings: dict[str, list[str]] = {}
+        for label in self._labels.terms:
+            term = cl.term(label)
+            if term is not None:
+                spellings.setdefault(term, []).append(label)
+        shared = [names for names in spellings.values() if len(names) > 1]
+        if not shared:
+            return
+        listed = "; ".join(" and ".join(repr(n) for n in names) for names in shared[:3])
+        warn(
+            f"the reference's {self.label_key!r} spells {len(shared)} cell "
+            f"type{'s' if len(shared) > 1 else ''} more than one way ({listed}"
+            f"{'; ...' if len(shared) > 3 else ''}): a type's spellings name one Cell "
+            "Ontology term, but plain votes count each apart, so its votes split and its "
+            "calls may fall short of a majority. Pass ontology_aware=True (cellsift annotate: "
+            "without --no-ontology), or write the labels one way (CellOntology.harmonize) "
+            "in the reference."
+        )
 
     def _sync_labels(self) -> None:
         """Read the labels again where the index grew since (:meth:`CellIndex.add`): the
