@@ -351,6 +351,41 @@ def test_numbers_and_booleans_with_gaps_keep_their_type_through_embed_and_index(
     np.testing.assert_array_equal(index.select({"flag": True}), want)
 
 
+def test_obs_columns_of_some_stores_are_kept_missing_for_the_others(
+    bundle, synthetic_h5ad, tmp_path
+):
+    """A column that only some stores hold (one study records donors, another does not)
+    is kept, missing for the cells of stores without it and of its type where the stores
+    holding it agree (a number stays a number, so an index filters it as one); it can be
+    named in obs_columns. A column no store holds is an error."""
+    from cellsift.errors import MissingKeyError
+    from cellsift.tasks import CellIndex
+
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)
+    first, second = adata[:30].copy(), adata[30:70].copy()
+    first.obs["donor"] = pd.Categorical(np.repeat(["d1", "d2"], 15))
+    first.obs["age"] = np.arange(30, dtype=np.int64)
+    second.obs["flag"] = np.tile([True, False], 20)
+    paths = [tmp_path / "first.h5ad", tmp_path / "second.h5ad"]
+    first.write_h5ad(paths[0])
+    second.write_h5ad(paths[1])
+    meta = load_embeddings(embed_collection(model, paths, tmp_path / "e.zarr"))[1]
+    assert meta["donor"].tolist() == [*np.repeat(["d1", "d2"], 15), *[None] * 40]
+    want = pd.array([*range(30), *[None] * 40], dtype="Int64")
+    pd.testing.assert_extension_array_equal(pd.array(meta["age"]), want)
+    flags = pd.array([*[None] * 30, *np.tile([True, False], 20)], dtype="boolean")
+    pd.testing.assert_extension_array_equal(pd.array(meta["flag"]), flags)
+    index = CellIndex.build(*load_embeddings(tmp_path / "e.zarr"), engine="exact")
+    np.testing.assert_array_equal(index.select({"donor": ["d2"]}), np.arange(15, 30))
+    np.testing.assert_array_equal(index.select({"age": [3, 4]}), [3, 4])
+    np.testing.assert_array_equal(index.select({"flag": True}), np.arange(30, 70, 2))
+    named = embed_collection(model, paths, tmp_path / "n.zarr", obs_columns=["donor"])
+    assert load_embeddings(named)[1]["donor"].tolist() == meta["donor"].tolist()
+    with pytest.raises(MissingKeyError, match=r"obs_columns \['donr'\] are not obs columns"):
+        embed_collection(model, paths, tmp_path / "x.zarr", obs_columns=["donr"])
+
+
 def test_pseudobulk_takes_a_column_of_cells_with_repeated_names(synthetic_h5ad):
     adata = ad.read_h5ad(synthetic_h5ad)[:40].copy()
     adata.obs_names = [f"c{i % 10}" for i in range(40)]

@@ -327,32 +327,71 @@ class CellCollection:
         paths = pd.Categorical(np.array([str(s.path) for s in self.stores], dtype=object)[k])
         return pd.DataFrame({"store": paths, "store_row": local, "obs_name": text_or_none(names)})
 
-    def obs_column(self, name: str) -> pd.Categorical | np.ndarray:
+    def _store_columns(self, name: str, absent_ok: bool) -> tuple[list[Any], bool]:
+        """Each store's column ``name``; with ``absent_ok``, stores without it (where some
+        have it) give missing values, typed as the others' values where they agree
+        (booleans, whole numbers, numbers; else text). Also whether any was filled so."""
+        held = [name in s.obs_columns for s in self.stores]
+        if all(held) or not absent_ok or not any(held):  # (none: the first store says so)
+            return [s.obs_column(name) for s in self.stores], False
+        types = pd.api.types
+        kinds = [
+            pd.Series(s.obs_column(name)[:0]).dtype for s in self.stores if name in s.obs_columns
+        ]
+        if all(types.is_bool_dtype(k) for k in kinds):
+            dtype: Any = "boolean"
+        elif all(types.is_integer_dtype(k) for k in kinds):
+            dtype = "Int64"
+        elif all(types.is_numeric_dtype(k) and not types.is_bool_dtype(k) for k in kinds):
+            dtype = "Float64"
+        else:
+            dtype = None  # text: None where missing
+        parts = [
+            s.obs_column(name)
+            if h
+            else np.full(s.n_obs, None, dtype=object)
+            if dtype is None
+            else pd.array([pd.NA] * s.n_obs, dtype=dtype)
+            for s, h in zip(self.stores, held, strict=True)
+        ]
+        return parts, True
+
+    def obs_column(self, name: str, *, absent_ok: bool = False) -> pd.Categorical | np.ndarray:
         """``name`` over the kept cells (categories unified across stores; missing values
-        stay missing)."""
+        stay missing). With ``absent_ok``, a column that some stores lack is missing for
+        their cells (not an error, unless no store has it)."""
         if name not in self._obs_cache:
-            parts = [_plain_values(s.obs_column(name)) for s in self.stores]
-            if any(isinstance(p, pd.Categorical) or np.asarray(p).dtype == object for p in parts):
-                values = np.concatenate([_whole_floats_as_ints(p) for p in parts])
-                values = values[self.cell_ids]
-                col: Any = pd.Categorical(text_or_none(values))
-            else:
-                arrays = [np.asarray(p) for p in parts]
-                if len({a.dtype for a in arrays}) > 1:  # joined in a wider type: float32
-                    arrays = [_as_written(a) for a in arrays]  # by the value it writes
-                col = np.concatenate(arrays)[self.cell_ids]
-            if name in self._value_maps:
-                col = _map_values(col, self._value_maps[name])
-            self._obs_cache[name] = col
+            columns, filled = self._store_columns(name, absent_ok)
+            if filled:  # (not kept: a call without absent_ok raises for such a column)
+                return self._joined(name, columns)
+            self._obs_cache[name] = self._joined(name, columns)
         return self._obs_cache[name]
 
-    def obs_typed(self, name: str) -> Any:
+    def _joined(self, name: str, columns: list[Any]) -> pd.Categorical | np.ndarray:
+        """The stores' ``columns`` of obs ``name`` as one column over the kept cells."""
+        parts = [_plain_values(c) for c in columns]
+        if any(isinstance(p, pd.Categorical) or np.asarray(p).dtype == object for p in parts):
+            values = np.concatenate([_whole_floats_as_ints(p) for p in parts])
+            values = values[self.cell_ids]
+            col: Any = pd.Categorical(text_or_none(values))
+        else:
+            arrays = [np.asarray(p) for p in parts]
+            if len({a.dtype for a in arrays}) > 1:  # joined in a wider type: float32
+                arrays = [_as_written(a) for a in arrays]  # by the value it writes
+            col = np.concatenate(arrays)[self.cell_ids]
+        if name in self._value_maps:
+            col = _map_values(col, self._value_maps[name])
+        return col
+
+    def obs_typed(self, name: str, *, absent_ok: bool = False) -> Any:
         """``name`` over the kept cells with its type where every store holds numbers or
         booleans (nullable ones too: an Int64 column with gaps stays Int64, a boolean one
         boolean; a metadata filter compares them as such), else as :meth:`obs_column`
-        reads it (text, as labels and filters by value read it)."""
+        reads it (text, as labels and filters by value read it). ``absent_ok``: as
+        :meth:`obs_column` takes it."""
         types = pd.api.types
-        parts = [pd.Series(s.obs_column(name)) for s in self.stores]  # (the stores' caches)
+        columns = self._store_columns(name, absent_ok)[0]  # (the stores' caches)
+        parts = [pd.Series(c) for c in columns]
         if name not in self._value_maps and all(  # (text is read as text, not joined here)
             types.is_bool_dtype(p.dtype) or types.is_numeric_dtype(p.dtype) for p in parts
         ):
@@ -362,7 +401,7 @@ class CellCollection:
                 and isinstance(whole.dtype, pd.api.extensions.ExtensionDtype)
             ):  # (numpy's numbers are read as they are by obs_column too)
                 return whole.array[self.cell_ids]
-        return self.obs_column(name)
+        return self.obs_column(name, absent_ok=absent_ok)
 
     def map_values(self, name: str, mapping: Mapping[str, str]) -> None:
         """Read obs ``name`` through ``mapping`` from now on (e.g. names -> Cell Ontology ids).

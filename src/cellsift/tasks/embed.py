@@ -106,7 +106,8 @@ def embed_collection(
     ``model`` (a MetricModel) and write the embeddings store ``out`` (module docstring).
 
     Genes are aligned to the model's vocabulary per store (an error below half overlap);
-    ``obs_columns`` (default: all) go to ``metadata.parquet``, with each cell's origin
+    ``obs_columns`` (default: all, of any store; missing for the cells of stores without
+    them) go to ``metadata.parquet``, with each cell's origin
     (``store``, ``store_row``, ``obs_name``: :meth:`CellCollection.origin`), so that
     search hits lead back to their cells. GPU when present.
 
@@ -341,7 +342,7 @@ def _embed_shard(
         missing = [c for c in obs_columns if c not in have]
         if missing:
             raise MissingKeyError(
-                f"obs_columns {missing} are not obs columns of every store; they have {have}."
+                f"obs_columns {missing} are not obs columns of any store; they have {have}."
             )
     n = coll.n_obs
     bounds = [n * r // world for r in range(world + 1)]
@@ -483,7 +484,17 @@ def _finalize(
     pa = import_optional("pyarrow")
     cols = list(obs_columns) if obs_columns is not None else _all_columns(coll)
     # (numbers and booleans keep their type, nullable ones too; other columns as text)
-    meta = pd.DataFrame({c: _column(coll.obs_typed(c)) for c in cols})
+    meta = pd.DataFrame({c: _column(coll.obs_typed(c, absent_ok=True)) for c in cols})
+    for c in cols:
+        lacking = [str(st.path) for st in coll.stores if c not in st.obs_columns]
+        if lacking:
+            logger.info(
+                "obs column %r is missing for the cells of %d store%s without it (%s)",
+                c,
+                len(lacking),
+                "" if len(lacking) == 1 else "s",
+                ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else ""),
+            )
     for c, values in coll.origin().items():  # each cell's store, row and obs name
         if c in meta.columns:  # an obs column of that name: kept under another
             kept = f"{c}_obs"
@@ -652,7 +663,5 @@ def _files_state(path: Path) -> str:
 
 
 def _all_columns(coll: CellCollection) -> list[str]:
-    cols: list[str] = []
-    for s in coll.stores:
-        cols += [c for c in s.obs_columns if c not in cols]
-    return [c for c in cols if all(c in s.obs_columns for s in coll.stores)]
+    """The obs columns of any of the stores, in the order they first appear."""
+    return list(dict.fromkeys(c for s in coll.stores for c in s.obs_columns))
