@@ -358,8 +358,23 @@ def test_hints_name_the_commands_options(tmp_path, capsys):
     assert main(["info", str(tmp_path / "afile")]) == 2
     assert capsys.readouterr().err.rstrip().endswith("name it *.h5ad, *.zarr or *.soma.")
     from cellsift.cli import _error
+    from cellsift.errors import DataError
     from cellsift.ontology import OntologyError
 
+    no_x = "x.h5ad has no X. Choose layer= among: layers['counts'], raw."
+    assert _error("info", DataError(no_x)) == 2
+    assert "Choose --layer among: layers['counts'], raw." in capsys.readouterr().err
+    assert (
+        _error("fit", DataError(no_x.replace("X.", "X. Choose layer= among: X (layer=None)"))) == 2
+    )
+    said = capsys.readouterr().err
+    assert "Choose --data.init_args.collection_options.layer among: X (null)" in said
+    assert "layer=" not in said
+    example = "layer= applies to every store: CellCollection([open_store(b, layer='counts')])."
+    assert _error("embed", DataError(example)) == 2
+    assert "--layer applies to every store: CellCollection([open_store(b, layer='counts')])" in (
+        capsys.readouterr().err
+    )
     hint = "to annotate with these labels as they are, pass ontology_aware=False."
     assert _error("annotate", OntologyError(f"Not Cell Ontology labels: 'x'. {hint}")) == 2
     assert "as they are, pass --no-ontology." in capsys.readouterr().err

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -150,7 +151,7 @@ def _annotate(args: argparse.Namespace) -> int:
     from .data.writers import check_named
     from .errors import ConfigError, DataError
     from .models import MetricModel
-    from .tasks import CellIndex
+    from .tasks import CellIndex, KNNAnnotator
 
     _refuse_inside(args.out, the_model_bundle=args.model, the_index=args.index)
     # (the query itself may be written over: the output holds its cells and counts)
@@ -169,31 +170,44 @@ def _annotate(args: argparse.Namespace) -> int:
         "convert it afterwards (cellsift convert) for a copy in another format.",
     )
     check_replaceable(Path(args.out), args.overwrite, is_file, "an h5ad file")  # before the work
+    if args.calibrate_on is not None and args.no_abstain:
+        raise ConfigError(
+            "--calibrate-on sets the abstention threshold, which --no-abstain leaves out: "
+            "pass one of them."
+        )
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
     index.check_model(model)  # before any embedding
+    # the reference's labels read and checked (column, Cell Ontology terms) before any work
+    annotator = KNNAnnotator(
+        index,
+        label_key=args.label_key,
+        k=args.k,
+        ontology_aware=not args.no_ontology,
+        abstain_on=args.abstain_on,
+    )
     adata = _read_h5ad(args.data)
     if adata.n_obs == 0:  # (as cellsift embed: an empty query is a mistake, not a result)
         raise DataError(f"{args.data}: no cells to annotate.")
     check = not args.no_check_counts
     tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
-    calibration = None
-    if args.calibrate_on is not None:
-        calibration = _read_h5ad(args.calibrate_on)
-        tl.embed(
-            calibration, model, layer=args.layer, source=str(args.calibrate_on), check_counts=check
-        )
-    tl.annotate(
-        adata,
-        index,
-        calibrate_on=calibration,
-        label_key=args.label_key,
-        k=args.k,
-        ontology_aware=not args.no_ontology,
-        abstain=not args.no_abstain,
-        abstain_on=args.abstain_on,
-        quantile=args.quantile,
-    )
+    if not args.no_abstain:
+        held = None  # (none: calibrated on the reference itself)
+        if args.calibrate_on is not None:
+            # its counts where --calibrate-layer says (X: "X"), else where the queries' are
+            place = args.layer if args.calibrate_layer is None else args.calibrate_layer
+            calibration = _read_h5ad(args.calibrate_on)
+            with _hints_for("--calibrate-layer"):
+                tl.embed(
+                    calibration,
+                    model,
+                    layer=None if place == "X" else place,
+                    source=str(args.calibrate_on),
+                    check_counts=check,
+                )
+            held = calibration.obsm["X_cellsift"]
+        annotator.calibrate(held, quantile=args.quantile)
+    tl.annotate(adata, annotator)
     with atomic_path(
         args.out, overwrite=args.overwrite, replaces=is_file, what="an h5ad file"
     ) as tmp:
@@ -370,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out labelled cells (not trained on, not indexed) to set the abstention "
         "threshold from; default: the reference itself",
     )
+    p.add_argument(
+        "--calibrate-layer",
+        default=None,
+        metavar="PLACE",
+        help="counts location in the --calibrate-on file: a layer name, 'raw' or 'X' "
+        "(default: --layer's)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_annotate)
 
@@ -486,11 +507,6 @@ _FIT_STORE = "--data.init_args.collection_options.store_options"
 #: Hints in the library's messages that name a Python argument, as the commands that have
 #: the matching option spell them.
 _AS_OPTIONS = {
-    "--layer": (
-        ("Point layer= at", "Point --layer at"),
-        ("Choose layer= among: X (layer=None)", "Choose --layer among: X (no --layer)"),
-        ("Pass layer= with", "Pass --layer with"),
-    ),
     "--no-check-counts": (("pass check_counts=False", "pass --no-check-counts"),),
     "--measurement": (
         ("pass measurement='raw'", "pass --measurement raw"),
@@ -510,17 +526,41 @@ _AS_OPTIONS = {
         ),
     ),
     # fit: the data module's collection options, as LightningCLI takes them
-    _FIT_LAYER: (
-        ("Point layer= at", f"Point {_FIT_LAYER} at"),
-        ("Choose layer= among: X (layer=None)", f"Choose {_FIT_LAYER} among: X (null)"),
-        ("Pass layer= with", f"Pass {_FIT_LAYER} with"),
-    ),
     _FIT_CHECK: (("pass check_counts=False", f"pass {_FIT_CHECK} false"),),
     _FIT_STORE: (
         ("pass measurement='raw'", f"pass {_FIT_STORE} '{{measurement: raw}}'"),
         ("Pass measurement= with", f"Pass {_FIT_STORE} '{{measurement: ...}}' with"),
     ),
 }
+#: Options that say where counts are, and how each names X: a hint's ``layer=`` (where no
+#: value follows) names the option instead.
+_LAYER_OPTIONS = {
+    "--layer": "X (no --layer)",
+    "--calibrate-layer": "X (--calibrate-layer X)",
+    _FIT_LAYER: "X (null)",
+}
+_LAYER_HINT = re.compile(r"(?<![\w.\-])layer=(?=[\s,.;:)]|$)")
+
+
+def _layer_hints(text: str, option: str) -> str:
+    """``text`` with its hints of ``layer=`` naming ``option`` (one of :data:`_LAYER_OPTIONS`)."""
+    return _LAYER_HINT.sub(option, text.replace("X (layer=None)", _LAYER_OPTIONS[option]))
+
+
+@contextlib.contextmanager
+def _hints_for(option: str) -> Iterator[None]:
+    """Errors raised inside name ``option`` where their hints say ``layer=``: the counts
+    of a second input (``--calibrate-on``) are located by an option of their own."""
+    from .errors import CellsiftError
+
+    try:
+        yield
+    except CellsiftError as err:
+        if err.args and isinstance(err.args[0], str):
+            err.args = (_layer_hints(err.args[0], option), *err.args[1:])
+        raise
+
+
 #: Hints naming a Python argument that a command has no option for: left out there.
 _NOT_OPTIONS = {"--format": ((", or pass format=.", "."),)}
 _COMMAND_OPTIONS = {
@@ -561,6 +601,9 @@ def _error(command: str, err: BaseException) -> int:
         text = last.split(": ", 1)[1] if ": " in last else last
     options = _COMMAND_OPTIONS.get(command, ())
     for option in options:
+        if option in _LAYER_OPTIONS:
+            text = _layer_hints(text, option)
+            continue
         for python, shell in _AS_OPTIONS[option]:
             text = text.replace(python, shell)
     for option, hints in _NOT_OPTIONS.items():

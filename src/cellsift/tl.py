@@ -128,10 +128,9 @@ def annotate(
     adata = _copied(adata) if copy else _writable(adata)
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
     index.check_model(model)
-    _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts, index=index)
     if isinstance(reference, KNNAnnotator):
         ann = reference
-    else:
+    else:  # (the reference's labels read and checked before the cells are embedded)
         ann = KNNAnnotator(
             reference,
             label_key=label_key,
@@ -141,6 +140,8 @@ def annotate(
             min_support=min_support,
             abstain_on=abstain_on,
         )
+    _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts, index=index)
+    if not isinstance(reference, KNNAnnotator):
         if abstain:
             if isinstance(calibrate_on, ad.AnnData):
                 if copy and use_rep not in calibrate_on.obsm:  # (copy: no input is written)

@@ -579,6 +579,58 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     assert main([*args, "--overwrite", "--layer", "counts"]) == 0
 
 
+def test_annotate_checks_the_reference_labels_before_embedding_and_reads_calibration_counts_where_told(
+    bundle, synthetic_h5ad, tmp_path, capsys
+):
+    """A label column the reference lacks is said before the queries are embedded (here,
+    before the queries' values are found not to be counts), by the command and by
+    tl.annotate. The calibration file's counts may lie elsewhere than the queries'
+    (--calibrate-layer, X by default as --layer's place); its errors name that option. A
+    query of too few genes names --layer on the command line."""
+    from cellsift.errors import CellsiftError
+
+    emb, idx, out = tmp_path / "emb.zarr", tmp_path / "index", tmp_path / "annotated.h5ad"
+    assert main(["embed", str(bundle), str(synthetic_h5ad), str(emb)]) == 0
+    assert main(["index", str(emb), str(idx), "--engine", "exact"]) == 0
+    adata = ad.read_h5ad(synthetic_h5ad)
+    logged = adata[:300].copy()
+    logged.layers["counts"] = logged.X.copy()
+    logged.X = logged.X.copy()
+    logged.X.data = np.log1p(logged.X.data)
+    logged.write_h5ad(tmp_path / "logged.h5ad")
+    capsys.readouterr()
+    args = [str(bundle), str(idx), str(tmp_path / "logged.h5ad"), str(out)]
+    assert main(["annotate", *args, "--label-key", "typo"]) == 2
+    said = capsys.readouterr().err
+    assert "'typo'" in said and "counts" not in said.split("'typo'")[0], said
+    assert main(["annotate", *args, "--label-key", "typo", "--layer", "counts"]) == 2
+    with pytest.raises(CellsiftError, match="typo"):
+        cs.tl.annotate(
+            logged, cs.tasks.CellIndex.load(idx), model=MetricModel.load(bundle), label_key="typo"
+        )
+    assert "X_cellsift" not in logged.obsm
+    capsys.readouterr()
+    query = [str(bundle), str(idx), str(synthetic_h5ad), str(out), "--overwrite"]
+    calibrate = ["--calibrate-on", str(tmp_path / "logged.h5ad"), "--quantile", "0.9"]
+    assert main(["annotate", *query, *calibrate]) == 2
+    said = capsys.readouterr().err
+    assert "Point --calibrate-layer at raw counts" in said and "--layer" not in said, said
+    assert main(["annotate", *query, *calibrate, "--calibrate-layer", "counts"]) == 0
+    # the queries' counts in a layer, the calibration file's in X
+    calibration = ["--calibrate-on", str(synthetic_h5ad)]
+    assert main(["annotate", *args, "--overwrite", "--layer", "counts", *calibration]) == 2
+    assert "synthetic.h5ad has no layer 'counts'" in capsys.readouterr().err
+    calibration += ["--calibrate-layer", "X"]
+    assert main(["annotate", *args, "--overwrite", "--layer", "counts", *calibration]) == 0
+    assert main(["annotate", *args, "--overwrite", "--no-abstain", *calibration]) == 2
+    assert "--calibrate-on sets the abstention threshold" in capsys.readouterr().err
+    panel = adata[:50, :100].copy()
+    panel.write_h5ad(tmp_path / "panel.h5ad")
+    assert main(["embed", str(bundle), str(tmp_path / "panel.h5ad"), str(tmp_path / "p.zarr")]) == 2
+    said = capsys.readouterr().err
+    assert "point --layer at the raw counts" in said and "layer=" not in said, said
+
+
 def test_pseudobulk_groups_by_name_and_reads_backed_files(synthetic_h5ad, monkeypatch):
     from cellsift import tl
     from cellsift.errors import MissingKeyError

@@ -289,8 +289,9 @@ class GeneVocabulary:
                     f"{source}: all {n_matched} of its genes are {what}, but they are only "
                     f"{n_matched} of {what} {len(self)} (need {int(np.ceil(need))}): the "
                     "data hold a gene panel or a subset (variable genes), not the whole "
-                    "transcriptome the model reads. Use the data with all their genes (raw "
-                    "counts, layer= or adata.raw where the subset is X)."
+                    "transcriptome the model reads. Use the data with all their genes: "
+                    "point layer= at the raw counts where X holds the subset ('raw': "
+                    "adata.raw)."
                 )
             raise GeneAlignmentError(
                 f"{source}: only {n_matched} of its {len(var)} genes match {what} "
