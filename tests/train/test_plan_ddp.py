@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,14 @@ def _rank(rank: int, path: str, out: str, port: int) -> None:
     torch.manual_seed(0)
     dm, module = _setup(path)
     trainer = trainer_for(out, devices=WORLD, strategy="ddp", max_epochs=2)
-    trainer.fit(TrainingPlan(module, asw_cells=100_000), datamodule=dm)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trainer.fit(TrainingPlan(module, asw_cells=100_000), datamodule=dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    torch.save({"state": module.state_dict(), **metrics}, Path(out) / f"rank{rank}.pt")
+    warned = [str(w.message) for w in said]
+    torch.save(
+        {"state": module.state_dict(), "warned": warned, **metrics}, Path(out) / f"rank{rank}.pt"
+    )
 
 
 @pytest.mark.multi_device
@@ -56,6 +62,10 @@ def test_ddp_keeps_replicas_equal_and_validates_on_the_whole_set(synthetic_h5ad,
     # both ranks log one silhouette and one validation loss, of every validation cell
     assert r0["val/asw"] == r1["val/asw"]
     assert r0["val/loss"] == r1["val/loss"]
+    # the epoch means are every rank's (gathered): logged as such, Lightning does not ask
+    # for sync_dist
+    assert r0["train/loss_epoch"] == r1["train/loss_epoch"]
+    assert not [w for w in r0["warned"] + r1["warned"] if "sync_dist" in w]
     module.load_state_dict(r0["state"])
     module.eval()
     z, y = [], []

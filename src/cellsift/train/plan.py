@@ -210,8 +210,9 @@ class TrainingPlan(pl.LightningModule):
         from a mid-epoch checkpoint logs the mean over all of its batches, not only those
         after the checkpoint (Lightning keeps no logged values in a checkpoint)."""
         for key, (total, weight) in self._global_epoch_sums().items():
-            if weight > 0:
-                self.log(f"train/{key}_epoch", total / weight, on_step=False, on_epoch=True)
+            if weight > 0:  # the same value on every rank; synced so that Lightning knows it
+                mean = total / weight
+                self.log(f"train/{key}_epoch", mean, on_step=False, on_epoch=True, sync_dist=True)
         self._epoch_sums = {}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
