@@ -288,7 +288,7 @@ def test_a_process_exits_with_its_loader_workers_running(indexed_paths, method):
 def _worker_told_to_end(exiting):
     from cellsift.data.loader import _worker_init
 
-    _worker_init(exiting, None, 0)
+    _worker_init(exiting, exiting, None, 0)
     exiting.value = 1  # the main process is exiting; then multiprocessing's SIGTERM
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(10)
@@ -306,6 +306,42 @@ def test_a_worker_ended_as_its_main_process_exits_ends_cleanly():
     worker.start()
     worker.join(30)
     assert worker.exitcode == 0
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_the_workers_of_a_failed_loader_end_with_it(tmp_path, method):
+    """An error in a worker (a cell that is no counts) ends the pass; a loader dropped then
+    (a failed fit in a notebook) has torch shut its workers down, terminating those that do
+    not end when asked. They end then (that SIGTERM is the main process's, not a
+    scheduler's, which they ignore), rather than each failure leaving a process behind for
+    as long as the session runs."""
+    import gc
+
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from cellsift.errors import DataError
+
+    x = sp.csr_matrix(np.ones((64, 4), np.float32))
+    x.data[100] = np.nan  # cell 25
+    ad.AnnData(x).write_h5ad(tmp_path / "nan.h5ad")
+
+    def fail() -> multiprocessing.Process:
+        ds = IterableCellDataset(
+            CellCollection(tmp_path / "nan.h5ad", check_counts=False), batch_size=16
+        )
+        ds.collection.check_counts = True  # (the opening sample would have caught it)
+        loader = CellLoader(ds, num_workers=1, multiprocessing_context=method)
+        with pytest.raises(DataError, match=r"cell 25 \('25'\) holds nan"):
+            list(loader)
+        (worker,) = loader._iterator._workers
+        assert worker.is_alive()  # (persistent: the loader's next pass would use it)
+        return worker
+
+    worker = fail()
+    gc.collect()
+    worker.join(30)
+    assert not worker.is_alive()
 
 
 @pytest.mark.parametrize("mode", ["sequential", "block", "weighted"])

@@ -29,6 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from .._utils import is_whole
 from ..errors import ConfigError, ResumeError
@@ -421,22 +422,37 @@ def _set_exiting() -> None:
         flag.value = 1
 
 
-def _worker_init(exiting: Any, user_init: Any, worker_id: int) -> None:
+def _worker_init(exiting: Any, stopping: Any, user_init: Any, worker_id: int) -> None:
     """A worker leaves SIGTERM and SIGINT to the main process. A scheduler signals every
     process of a job (Ctrl-C: of the terminal's process group): a worker that died of it
     would fail the main process's next step with "DataLoader worker killed by signal",
     before it could stop cleanly (a fit saves its state at the end of the step). The main
     process ends its workers when it stops: a SIGTERM once it is exiting (``exiting`` is
-    set) ends the worker, and a worker whose main process died exits."""
-    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, exiting))
+    set) or shutting this iterator's workers down (``stopping``: torch terminates workers
+    that did not end when asked, as after an error in one) ends the worker, and a worker
+    whose main process died exits."""
+    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, exiting, stopping))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if user_init is not None:
         user_init(worker_id)
 
 
-def _on_sigterm(exiting: Any, signum: int, frame: Any) -> None:
-    if exiting.value:  # the main process ends its workers as it exits: end cleanly, as
-        os._exit(0)  # torch's own workers do (killed by a signal, torch's handler raises)
+def _on_sigterm(exiting: Any, stopping: Any, signum: int, frame: Any) -> None:
+    if exiting.value or stopping.value:  # the main process ends its workers: end cleanly,
+        os._exit(0)  # as torch's own workers do (killed by a signal, torch's handler raises)
+
+
+class _WorkersIter(_MultiProcessingDataLoaderIter):
+    """torch's iterator over a loader's workers, which says when it shuts them down
+    (``stopping``, read by the workers' SIGTERM handler, :func:`_worker_init`)."""
+
+    def __init__(self, loader: DataLoader, stopping: Any) -> None:
+        self._stopping = stopping
+        super().__init__(loader)
+
+    def _shutdown_workers(self) -> None:
+        self._stopping.value = 1
+        super()._shutdown_workers()
 
 
 class _EpochSampler:
@@ -485,8 +501,8 @@ class CellLoader(DataLoader):
 
     Workers are persistent (started once per run); they are spawned rather than forked when
     a store needs it (TileDB-SOMA, where an explicit ``fork`` is refused). They ignore
-    SIGINT, and SIGTERM until the main process exits: both are the main process's to act on
-    (a fit stops at the end of the step and saves its state).
+    SIGINT, and SIGTERM until the main process exits or shuts them down: both are the main
+    process's to act on (a fit stops at the end of the step and saves its state).
     """
 
     def __init__(
@@ -517,9 +533,8 @@ class CellLoader(DataLoader):
                     "'spawn' or 'forkserver'."
                 )
             multiprocessing_context = context
-            kwargs["worker_init_fn"] = functools.partial(
-                _worker_init, _exit_flag(context), kwargs.get("worker_init_fn")
-            )
+            self._exiting = _exit_flag(context)
+        self._user_init = kwargs.pop("worker_init_fn", None)
         super().__init__(
             dataset,
             batch_size=None,
@@ -601,6 +616,17 @@ class CellLoader(DataLoader):
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
+
+    def _get_iterator(self) -> Any:
+        """torch's iterator; over workers, one whose workers are told when it shuts them
+        down (a flag of their own: a later iterator's workers are not)."""
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        stopping = self.multiprocessing_context.RawValue("b", 0)
+        self.worker_init_fn = functools.partial(
+            _worker_init, self._exiting, stopping, self._user_init
+        )
+        return _WorkersIter(self, stopping)
 
     def __len__(self) -> int:
         return len(self.cell_dataset)
