@@ -543,6 +543,34 @@ def test_a_true_or_false_filter_keeps_the_cells_of_0_and_1_columns_too(tmp_path)
         CellCollection(paths[0], obs_filter={"primary": "1"})
 
 
+def test_a_column_some_stores_lack_joins_as_the_stores_holding_it_do():
+    """Read with absent_ok, a column some stores lack is missing for their cells, and
+    joins the holders' values as they join where every store holds it: booleans beside
+    0/1 as the numbers, float32 as written (0.1, not 0.10000000149011612); read strictly,
+    it is an error naming the store without it."""
+    import pandas as pd
+
+    from cellsift.errors import MissingKeyError
+
+    parts = [indexed_atlas(4, 5) for _ in range(3)]
+    for k, part in enumerate(parts):
+        part.obs_names = [f"{k}-{i}" for i in range(4)]
+    parts[0].obs["flag"] = [True, False, True, False]
+    parts[0].obs["dose"] = np.array([0.1, 0.5, 0.1, 0.5], np.float32)
+    parts[1].obs["flag"] = np.array([1, 0, 0, 1])
+    coll = CellCollection(parts)
+    flag = coll.obs_typed("flag", absent_ok=True)
+    want = pd.array([1, 0, 1, 0, 1, 0, 0, 1, *[None] * 4], dtype="Int64")
+    pd.testing.assert_extension_array_equal(pd.array(flag), want)
+    text = coll.obs_column("flag", absent_ok=True)
+    assert list(text[:8]) == list("10101001") and text[8:].isna().all()
+    dose = coll.obs_typed("dose", absent_ok=True)
+    want = pd.array([0.1, 0.5, 0.1, 0.5, *[None] * 8], dtype="Float64")
+    pd.testing.assert_extension_array_equal(pd.array(dose), want)
+    with pytest.raises(MissingKeyError, match="obs has no column 'dose'"):
+        coll.obs_column("dose")
+
+
 def test_a_cell_with_counts_only_in_genes_the_collection_lacks_is_named(tmp_path):
     """min_genes counts a store's genes: a cell whose counts all lie in genes outside the
     collection's would read as an empty row. Read, it is named (unchecked, read as empty)."""

@@ -257,6 +257,48 @@ def test_a_run_resumed_from_an_epochs_last_step_ends_as_the_uninterrupted_one(
         assert seen_again[0][:3] == ("val", at, 0)
 
 
+def test_a_run_resumed_under_a_time_between_validations_logs_on_the_same_steps(
+    synthetic_h5ad, tmp_path
+):
+    """With a time between validations, a resumed run starts that clock afresh and does not
+    find the validation due that the uninterrupted run made after the checkpoint's step:
+    the checkpoint is resumed as Lightning reads it, with its logged steps those of the
+    uninterrupted run (not one behind, as a checkpoint set to validate first would leave
+    them)."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    at = 3
+
+    class Slow(pl.Callback):  # the time between validations passes at step `at`
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == at and not trainer.ckpt_path:
+                time.sleep(1.2)
+
+    def run(root, **fit):
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1)
+        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)
+        trainer = _trainer(
+            root,
+            max_epochs=1,
+            enable_checkpointing=True,
+            callbacks=[Slow(), ckpt],
+            num_sanity_val_steps=0,
+            val_check_interval=timedelta(seconds=1),
+        )
+        trainer.fit(TrainingPlan(module), datamodule=dm, **fit)
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    assert whole.global_step > at + 1
+    resumed = run(tmp_path / "resumed", ckpt_path=tmp_path / "whole" / f"epoch=0-step={at}.ckpt")
+    assert resumed.global_step == whole.global_step
+    stepped = [t.fit_loop.epoch_loop._batches_that_stepped for t in (whole, resumed)]
+    assert stepped[0] == stepped[1]
+
+
 def test_an_epoch_resumed_mid_way_logs_the_mean_over_all_its_batches(synthetic_h5ad, tmp_path):
     """The training epoch means of an epoch resumed from a mid-epoch checkpoint are those
     of the uninterrupted epoch (Lightning keeps no logged values in a checkpoint: without

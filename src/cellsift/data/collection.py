@@ -335,19 +335,23 @@ class CellCollection:
         if all(held) or not absent_ok or not any(held):  # (none: the first store says so)
             return [s.obs_column(name) for s in self.stores], False
         types = pd.api.types
-        kinds = [
-            pd.Series(s.obs_column(name)[:0]).dtype for s in self.stores if name in s.obs_columns
-        ]
-        if all(types.is_bool_dtype(k) for k in kinds):
+        present = [s.obs_column(name) for s, h in zip(self.stores, held, strict=True) if h]
+        kinds = [pd.Series(c[:0]).dtype for c in present]
+        flags = [types.is_bool_dtype(k) for k in kinds]
+        both = list(zip(flags, kinds, strict=True))
+        if all(flags):
             dtype: Any = "boolean"
-        elif all(types.is_integer_dtype(k) for k in kinds):
-            dtype = "Int64"
-        elif all(types.is_numeric_dtype(k) and not types.is_bool_dtype(k) for k in kinds):
+        elif all(f or types.is_integer_dtype(k) for f, k in both):
+            dtype = "Int64"  # (booleans beside 0/1 join as the numbers, as obs_column's join)
+        elif all(not f and types.is_numeric_dtype(k) for f, k in both):
             dtype = "Float64"
         else:
             dtype = None  # text: None where missing
+        if dtype in ("Int64", "Float64"):  # one type that the missing values' joins
+            present = [_joinable(c, dtype) for c in present]
+        columns = iter(present)
         parts = [
-            s.obs_column(name)
+            next(columns)
             if h
             else np.full(s.n_obs, None, dtype=object)
             if dtype is None
@@ -638,6 +642,16 @@ def _as_written(arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind == "f" and arr.dtype.itemsize < 8:
         return arr.astype(str).astype(np.float64)
     return arr
+
+
+def _joinable(column: Any, dtype: str) -> Any:
+    """A store's column of numbers as the nullable ``dtype`` ("Int64", "Float64") that
+    missing values join: booleans as 0/1, narrow floats as the decimal they are written as
+    (:func:`_as_written`: float32 0.1 is 0.1)."""
+    if isinstance(column, pd.api.extensions.ExtensionArray):
+        return pd.array(column, dtype=dtype)
+    wide = np.float64 if dtype == "Float64" else np.int64
+    return pd.array(_as_written(np.asarray(column)).astype(wide), dtype=dtype)
 
 
 def _whole_floats_as_ints(values: Any) -> np.ndarray:

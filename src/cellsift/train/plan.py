@@ -666,7 +666,11 @@ def _setting(value: Any) -> Any:
 def _validates_next(trainer: pl.Trainer) -> bool | None:
     """Whether the fit validates after the training batch that has just ended, as
     Lightning's epoch loop decides it then (``val_check_interval``, the epoch's last batch,
-    ``check_val_every_n_epoch``); None where its loop does not say."""
+    ``check_val_every_n_epoch``); None where its loop does not say, or where the time since
+    the last validation decides (a resumed run starts that clock afresh: its loop would
+    not find the validation due, and would train on past it)."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        return None
     try:
         fetcher = trainer.fit_loop._data_fetcher
         if fetcher is None:  # (no training under way)
