@@ -255,6 +255,24 @@ def test_demo_settings_and_a_stopped_demo(synthetic_h5ad, tmp_path, capsys):
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
+def test_the_demo_without_its_extra_and_without_the_data_says_so(tmp_path, monkeypatch, capsys):
+    """Without the demo's extra (scanpy, umap, scikit-learn: `pip install cellsift[demo]`),
+    `cellsift demo` says so in one line before any work; without the shared data, the
+    first line says where it looked and how to point at it, whole."""
+    import sys
+
+    from cellsift.demo import _source
+
+    monkeypatch.setitem(sys.modules, "umap", None)  # (as where it is not installed)
+    assert main(["demo", "--synthetic", "--out", str(tmp_path / "d")]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "umap" in said[0] and "pip install 'cellsift[demo]'" in said[0]
+    assert not (tmp_path / "d").exists()
+    monkeypatch.setenv("CELLSIFT_DATA", str(tmp_path / "nowhere"))
+    what = _source(tmp_path, False, 2000)[2]
+    assert "kang2018_pbmc_ctrl_8donors.h5ad is not in" in what and "CELLSIFT_DATA" in what
+
+
 @pytest.mark.slow
 def test_demo_runs_on_a_synthetic_atlas(tmp_path):
     proc = subprocess.run(

@@ -29,7 +29,7 @@ logger = logging.getLogger("cellsift")
 
 T = TypeVar("T")
 
-_EXTRAS = {"tiledbsoma": "soma"}
+_EXTRAS = {"tiledbsoma": "soma", "scanpy": "demo", "umap": "demo", "sklearn": "demo"}
 
 
 def import_optional(module: str) -> ModuleType:
@@ -37,9 +37,13 @@ def import_optional(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as err:
+        from .errors import MissingDependencyError
+
         extra = _EXTRAS.get(module.split(".")[0])
         hint = f"pip install 'cellsift[{extra}]'" if extra else f"pip install {module}"
-        raise ImportError(f"{module} is needed for this and is not installed: {hint}") from err
+        raise MissingDependencyError(
+            f"{module} is needed for this and is not installed: {hint}"
+        ) from err
 
 
 def is_whole(value: object, least: int | None = None) -> bool:

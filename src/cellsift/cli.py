@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--synthetic", action="store_true", help="use a synthetic atlas")
     p.add_argument(
-        "--n-cells", type=_at_least(2_000), default=50_000, help="synthetic atlas size (>= 2000)"
+        "--n-cells", type=_at_least(2_000), default=20_000, help="synthetic atlas size (>= 2000)"
     )
     p.set_defaults(func=_demo)
     return parser

@@ -8,6 +8,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "GeneAlignmentError",
+    "MissingDependencyError",
     "MissingKeyError",
     "OutputInUseError",
     "ProcessDiedError",
@@ -42,6 +43,10 @@ class MissingKeyError(CellsiftError, KeyError):
 
     def __str__(self) -> str:  # the message as written, not KeyError's quoted repr
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(CellsiftError, ImportError):
+    """An optional package a feature needs is not installed (the message names the extra)."""
 
 
 class OutputInUseError(CellsiftError, RuntimeError):
