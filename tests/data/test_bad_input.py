@@ -550,6 +550,7 @@ def test_a_column_some_stores_lack_joins_as_the_stores_holding_it_do():
     it is an error naming the store without it."""
     import pandas as pd
 
+    from cellsift.data.collection import _as_text
     from cellsift.errors import MissingKeyError
 
     parts = [indexed_atlas(4, 5) for _ in range(3)]
@@ -569,6 +570,23 @@ def test_a_column_some_stores_lack_joins_as_the_stores_holding_it_do():
     pd.testing.assert_extension_array_equal(pd.array(dose), want)
     with pytest.raises(MissingKeyError, match="obs has no column 'dose'"):
         coll.obs_column("dose")
+    # as numpy joins them where every store holds the column (review): whole floats read
+    # as ints, booleans beside floats as 0/1, unsigned 64-bit integers beyond Int64 as floats
+    for first, second, typed, text in (
+        ([1.0, 2.5, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], None, ["1", "2.5", "3", "4", "5"]),
+        ([True, False, True, False], [0.5, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0, 0.5], None),
+        (np.array([2**63 + 5, 1, 1, 1], np.uint64), [3, 4, 5, 6], [float(2**63 + 5)], None),
+        (pd.array([0.1, None, 0.5, 0.1], "Float32"), [1.0, 2.0, 3.0, 4.0], [0.1], ["0.1"]),
+    ):
+        parts[0].obs["x"], parts[1].obs["x"] = first, second
+        coll = CellCollection(parts)
+        values = pd.array(coll.obs_typed("x", absent_ok=True))
+        assert values.isna()[8:].all() and len(values) == 12
+        if typed is not None:
+            np.testing.assert_array_equal(values[: len(typed)].to_numpy(float), typed)
+        if text is not None:
+            said = _as_text(coll.obs_column("x", absent_ok=True))
+            assert list(said[: len(text)]) == text
 
 
 def test_a_cell_with_counts_only_in_genes_the_collection_lacks_is_named(tmp_path):

@@ -339,11 +339,14 @@ class CellCollection:
         kinds = [pd.Series(c[:0]).dtype for c in present]
         flags = [types.is_bool_dtype(k) for k in kinds]
         both = list(zip(flags, kinds, strict=True))
+        # as numpy joins them where every store holds the column: booleans beside numbers
+        # as 0/1, unsigned 64-bit integers (beyond Int64) beside others as floats
+        wide = any(types.is_unsigned_integer_dtype(k) and k.itemsize == 8 for k in kinds)
         if all(flags):
             dtype: Any = "boolean"
-        elif all(f or types.is_integer_dtype(k) for f, k in both):
-            dtype = "Int64"  # (booleans beside 0/1 join as the numbers, as obs_column's join)
-        elif all(not f and types.is_numeric_dtype(k) for f, k in both):
+        elif not wide and all(f or types.is_integer_dtype(k) for f, k in both):
+            dtype = "Int64"
+        elif all(types.is_numeric_dtype(k) for k in kinds):
             dtype = "Float64"
         else:
             dtype = None  # text: None where missing
@@ -607,10 +610,14 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
 
 def _plain_values(values: Any) -> Any:
     """A nullable pandas column (Int64, boolean, string) as objects with None where missing:
-    numpy would turn whole numbers with missing values into floats (group 3 read as 3.0)."""
+    numpy would turn whole numbers with missing values into floats (group 3 read as 3.0).
+    Nullable floats as numpy floats with NaN where missing, read as numpy's floats are
+    (whole ones as ints, narrow ones as written)."""
     if isinstance(values, pd.api.extensions.ExtensionArray) and not isinstance(
         values, pd.Categorical
     ):
+        if pd.api.types.is_float_dtype(values.dtype):
+            return values.to_numpy(dtype=values.dtype.numpy_dtype, na_value=np.nan)
         return values.to_numpy(dtype=object, na_value=None)
     return values
 
@@ -649,7 +656,10 @@ def _joinable(column: Any, dtype: str) -> Any:
     missing values join: booleans as 0/1, narrow floats as the decimal they are written as
     (:func:`_as_written`: float32 0.1 is 0.1)."""
     if isinstance(column, pd.api.extensions.ExtensionArray):
-        return pd.array(column, dtype=dtype)
+        if dtype == "Float64" and pd.api.types.is_float_dtype(column.dtype):
+            column = _plain_values(column)  # (as numpy's floats, NaN where missing)
+        else:
+            return pd.array(column, dtype=dtype)
     wide = np.float64 if dtype == "Float64" else np.int64
     return pd.array(_as_written(np.asarray(column)).astype(wide), dtype=dtype)
 
