@@ -550,6 +550,49 @@ def test_bad_recall_targets_and_rows_are_named_and_a_model_output_is_a_query(dat
     np.testing.assert_array_equal(index.search(z, 4).indices, index.search(q[:3], 4).indices)
 
 
+def test_add_of_cells_with_missing_values_keeps_whole_numbers_and_flags(tmp_path):
+    """New cells whose whole-number or yes/no column has missing values (embeddings of a
+    store without that column) keep it Int64 / boolean, as pd.concat does, saved and loaded
+    too; a column the new cells hold no value of at all takes the index's type."""
+    rng = np.random.default_rng(0)
+    meta = pd.DataFrame(
+        {"age": np.arange(4), "flag": [True, False, True, True], "t": list("ab") * 2}
+    )
+    index = CellIndex.build(rng.normal(size=(4, 8)), meta)
+    new = pd.DataFrame(
+        {
+            "age": pd.array([7, None], dtype="Int64"),
+            "flag": pd.array([None, False], dtype="boolean"),
+            "t": ["c", None],
+        }
+    )
+    index.add(rng.normal(size=(2, 8)), new)
+    empty = pd.DataFrame({"age": [np.nan], "flag": [np.nan], "t": [np.nan]})  # (no values)
+    index.add(rng.normal(size=(1, 8)), empty)
+    want = pd.concat([meta, new, empty.astype({"age": "Int64", "flag": "boolean"})])
+    for idx in (index, CellIndex.load(index.save(tmp_path / "idx"))):
+        rows = idx.metadata_rows(np.arange(7))
+        pd.testing.assert_series_equal(
+            rows["age"], want["age"].astype("Int64").reset_index(drop=True), check_names=False
+        )
+        pd.testing.assert_series_equal(
+            rows["flag"], want["flag"].astype("boolean").reset_index(drop=True), check_names=False
+        )
+        np.testing.assert_array_equal(idx.select({"age": [7]}), [4])
+        np.testing.assert_array_equal(idx.select({"flag": False}), [1, 5])
+    with pytest.raises(CellIndexError, match=r"differ: .*\(None in a column they have no"):
+        index.add(rng.normal(size=(1, 8)), pd.DataFrame({"age": [1]}))
+    # a categorical's gaps stay a categorical's
+    cats = CellIndex.build(
+        rng.normal(size=(4, 8)), pd.DataFrame({"ct": pd.Categorical(list("TTBB"))})
+    )
+    cats.add(rng.normal(size=(2, 8)), pd.DataFrame({"ct": [None, "NK"]}))
+    cats.add(rng.normal(size=(1, 8)), pd.DataFrame({"ct": [np.nan]}))
+    rows = cats.metadata_rows(np.arange(7))["ct"]
+    assert isinstance(rows.dtype, pd.CategoricalDtype)
+    assert rows.tolist()[:4] == list("TTBB") and rows.isna().tolist()[4:] == [True, False, True]
+
+
 def test_add_names_a_mismatch_of_cell_names():
     """Cells named by their metadata's rows (obs_name) and new cells without names, or the
     reverse: the error says where obs_name comes from and what to pass."""

@@ -818,6 +818,11 @@ class CellIndex:
                         " (the new metadata's row names become obs_name, but the index holds "
                         "no cell names: pass the new metadata with reset_index(drop=True))"
                     )
+                if not why:
+                    why = (
+                        ": give the new cells the index's columns (None in a column they "
+                        "have no value of), and leave out others"
+                    )
                 raise CellIndexError(
                     f"metadata columns differ: index {sorted(old.schema.names)}, new "
                     f"{sorted(new.schema.names)}{why}."
@@ -1132,6 +1137,8 @@ def _concat_metadata(old: Any, new: Any) -> Any:
     columns = []
     for name in old.schema.names:
         a, b = old.column(name), new.column(name)
+        if len(b) and b.null_count == len(b):  # no values at all: missing ones of the index's
+            b = pa.nulls(len(b), a.type)
         recode = pa.types.is_dictionary(a.type) != pa.types.is_dictionary(b.type)
         if recode:
             a, b = (
@@ -1157,14 +1164,27 @@ def _concat_metadata(old: Any, new: Any) -> Any:
         for name, col in zip(old.schema.names, columns, strict=True)
         if col.type != old.schema.field(name).type
     }
+    # whole numbers and flags that now have missing values read back as pandas' nullable
+    # Int64 / boolean (as pd.concat gives them), not as floats and objects
+    gaps = {name for name, col in zip(old.schema.names, columns, strict=True) if col.null_count}
     meta = dict(old.schema.metadata or {})
-    if changed and b"pandas" in meta:
+    if (changed or gaps) and b"pandas" in meta:
         record = json.loads(meta[b"pandas"])
         record["columns"] = [c for c in record.get("columns", []) if c.get("name") not in changed]
+        for c in record["columns"]:  # (a categorical's numpy_type is its codes' type)
+            if c.get("name") in gaps and c.get("pandas_type") in _NULLABLE:
+                c["numpy_type"] = _NULLABLE[c["pandas_type"]]
         meta[b"pandas"] = json.dumps(record).encode()
     return pa.Table.from_arrays(columns, names=old.schema.names).replace_schema_metadata(
         meta or None
     )
+
+
+#: numpy's whole-number and boolean dtypes, and pandas' nullable ones that hold gaps
+_NULLABLE = {
+    "bool": "boolean",
+    **{f"{u}int{b}": f"{u.upper()}Int{b}" for u in ("", "u") for b in (8, 16, 32, 64)},
+}
 
 
 def _expression(filter: FilterLike) -> Any:
