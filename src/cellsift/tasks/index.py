@@ -771,7 +771,9 @@ class CellIndex:
     def add(
         self, embeddings: Any, metadata: pd.DataFrame | Any = None, *, model: Any = None
     ) -> np.ndarray:
-        """Append cells (and their metadata, with the same columns); returns their positions.
+        """Append cells (and their metadata, with the same columns: None where the new cells
+        have no value, which whole numbers and flags keep as pandas' nullable types);
+        returns their positions.
 
         ``model``: the model that embedded the new cells (or its fingerprint; default: the
         one :func:`load_embeddings` notes in the metadata). Cells of another model than the
