@@ -358,7 +358,7 @@ class CellCollection:
             if h
             else np.full(s.n_obs, None, dtype=object)
             if dtype is None
-            else pd.array([pd.NA] * s.n_obs, dtype=dtype)
+            else _all_missing(s.n_obs, dtype)
             for s, h in zip(self.stores, held, strict=True)
         ]
         return parts, True
@@ -649,6 +649,20 @@ def _as_written(arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind == "f" and arr.dtype.itemsize < 8:
         return arr.astype(str).astype(np.float64)
     return arr
+
+
+#: pandas' nullable arrays by dtype name: values and a mask (True: missing)
+_MASKED = {
+    "boolean": (pd.arrays.BooleanArray, np.bool_),
+    "Int64": (pd.arrays.IntegerArray, np.int64),
+    "Float64": (pd.arrays.FloatingArray, np.float64),
+}
+
+
+def _all_missing(n: int, dtype: str) -> Any:
+    """``n`` missing values of pandas' nullable ``dtype`` (from arrays, not a list of n)."""
+    kind, values = _MASKED[dtype]
+    return kind(np.zeros(n, values), np.ones(n, np.bool_))
 
 
 def _joinable(column: Any, dtype: str) -> Any:
