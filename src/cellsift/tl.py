@@ -128,10 +128,11 @@ def annotate(
     adata = _copied(adata) if copy else _writable(adata)
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
     index.check_model(model)
-    if isinstance(reference, KNNAnnotator):
-        ann = reference
-    else:  # (the reference's labels read and checked before the cells are embedded)
-        ann = KNNAnnotator(
+    # (the reference's labels read and checked before the cells are embedded)
+    ann = (
+        reference
+        if isinstance(reference, KNNAnnotator)
+        else KNNAnnotator(
             reference,
             label_key=label_key,
             k=k,
@@ -140,23 +141,23 @@ def annotate(
             min_support=min_support,
             abstain_on=abstain_on,
         )
+    )
     _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts, index=index)
-    if not isinstance(reference, KNNAnnotator):
-        if abstain:
-            if isinstance(calibrate_on, ad.AnnData):
-                if copy and use_rep not in calibrate_on.obsm:  # (copy: no input is written)
-                    calibrate_on = calibrate_on.copy()
-                _ensure_embedded(
-                    calibrate_on, model, use_rep, "calibrate_on", layer, check_counts, index
-                )
-                calibrate_on = calibrate_on.obsm[use_rep]
-            ann.calibrate(
-                calibrate_on,
-                quantile=quantile,
-                group_key=calibrate_by,
-                safelist=safelist,
-                blocklist=blocklist,
+    if ann is not reference and abstain:  # (a ready annotator has its own threshold)
+        if isinstance(calibrate_on, ad.AnnData):
+            if copy and use_rep not in calibrate_on.obsm:  # (copy: no input is written)
+                calibrate_on = calibrate_on.copy()
+            _ensure_embedded(
+                calibrate_on, model, use_rep, "calibrate_on", layer, check_counts, index
             )
+            calibrate_on = calibrate_on.obsm[use_rep]
+        ann.calibrate(
+            calibrate_on,
+            quantile=quantile,
+            group_key=calibrate_by,
+            safelist=safelist,
+            blocklist=blocklist,
+        )
     out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
     out.index = adata.obs_names
     adata.obs[f"{key_added}_cell_type"] = out["label_name"].astype("category")
