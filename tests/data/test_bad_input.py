@@ -587,6 +587,18 @@ def test_a_column_some_stores_lack_joins_as_the_stores_holding_it_do():
         if text is not None:
             said = _as_text(coll.obs_column("x", absent_ok=True))
             assert list(said[: len(text)]) == text
+    # unsigned 64-bit whole numbers stay exact: as Int64 where they fit (review), as UInt64
+    # where every holder is unsigned and some go beyond Int64
+    big = 2**60 + 1
+    for first, second, dtype in (
+        (np.array([big, 2, 1, 1], np.uint64), [3, 4, 5, 6], "Int64"),
+        (np.array([1, 2, 1, 1], np.uint64), np.array([3, 4, 5, 6], np.int32), "Int64"),
+        (np.array([2**63 + 5, 2, 1, 1], np.uint64), np.array([3, 4, 5, 6], np.uint8), "UInt64"),
+    ):
+        parts[0].obs["x"], parts[1].obs["x"] = first, second
+        values = pd.array(CellCollection(parts).obs_typed("x", absent_ok=True))
+        want = pd.array([*first.tolist(), *np.asarray(second).tolist(), *[None] * 4], dtype)
+        pd.testing.assert_extension_array_equal(values, want)
 
 
 def test_a_cell_with_counts_only_in_genes_the_collection_lacks_is_named(tmp_path):

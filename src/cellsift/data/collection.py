@@ -340,17 +340,19 @@ class CellCollection:
         flags = [types.is_bool_dtype(k) for k in kinds]
         both = list(zip(flags, kinds, strict=True))
         # as numpy joins them where every store holds the column: booleans beside numbers
-        # as 0/1, unsigned 64-bit integers (beyond Int64) beside others as floats
-        wide = any(types.is_unsigned_integer_dtype(k) and k.itemsize == 8 for k in kinds)
+        # as 0/1; whole numbers as Int64 where they fit, UInt64 where all are unsigned and
+        # some go beyond, else (beyond Int64 beside signed ones) as floats
+        wide = any(_beyond_int64(c) for c in present)
+        unsigned = all(f or types.is_unsigned_integer_dtype(k) for f, k in both)
         if all(flags):
             dtype: Any = "boolean"
-        elif not wide and all(f or types.is_integer_dtype(k) for f, k in both):
-            dtype = "Int64"
+        elif all(f or types.is_integer_dtype(k) for f, k in both) and (unsigned or not wide):
+            dtype = "UInt64" if wide else "Int64"
         elif all(types.is_numeric_dtype(k) for k in kinds):
             dtype = "Float64"
         else:
             dtype = None  # text: None where missing
-        if dtype in ("Int64", "Float64"):  # one type that the missing values' joins
+        if dtype in ("Int64", "UInt64", "Float64"):  # one type that the missing values' join
             present = [_joinable(c, dtype) for c in present]
         columns = iter(present)
         parts = [
@@ -655,6 +657,7 @@ def _as_written(arr: np.ndarray) -> np.ndarray:
 _MASKED = {
     "boolean": (pd.arrays.BooleanArray, np.bool_),
     "Int64": (pd.arrays.IntegerArray, np.int64),
+    "UInt64": (pd.arrays.IntegerArray, np.uint64),
     "Float64": (pd.arrays.FloatingArray, np.float64),
 }
 
@@ -666,16 +669,25 @@ def _all_missing(n: int, dtype: str) -> Any:
 
 
 def _joinable(column: Any, dtype: str) -> Any:
-    """A store's column of numbers as the nullable ``dtype`` ("Int64", "Float64") that
-    missing values join: booleans as 0/1, narrow floats as the decimal they are written as
-    (:func:`_as_written`: float32 0.1 is 0.1)."""
+    """A store's column of numbers as the nullable ``dtype`` ("Int64", "UInt64",
+    "Float64") that missing values join: booleans as 0/1, narrow floats as the decimal they
+    are written as (:func:`_as_written`: float32 0.1 is 0.1)."""
     if isinstance(column, pd.api.extensions.ExtensionArray):
         if dtype == "Float64" and pd.api.types.is_float_dtype(column.dtype):
             column = _plain_values(column)  # (as numpy's floats, NaN where missing)
         else:
             return pd.array(column, dtype=dtype)
-    wide = np.float64 if dtype == "Float64" else np.int64
+    wide = {"Float64": np.float64, "UInt64": np.uint64}.get(dtype, np.int64)
     return pd.array(_as_written(np.asarray(column)).astype(wide), dtype=dtype)
+
+
+def _beyond_int64(column: Any) -> bool:
+    """Whether a store's column holds unsigned whole numbers beyond Int64's range."""
+    dtype = pd.Series(column[:0]).dtype
+    if not (pd.api.types.is_unsigned_integer_dtype(dtype) and dtype.itemsize == 8):
+        return False
+    values = pd.Series(column).dropna()
+    return bool(len(values)) and int(values.max()) > np.iinfo(np.int64).max
 
 
 def _whole_floats_as_ints(values: Any) -> np.ndarray:
