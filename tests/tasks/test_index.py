@@ -593,6 +593,38 @@ def test_add_of_cells_with_missing_values_keeps_whole_numbers_and_flags(tmp_path
     assert rows.tolist()[:4] == list("TTBB") and rows.isna().tolist()[4:] == [True, False, True]
 
 
+def test_add_keeps_whole_numbers_of_a_narrower_type_and_flags_given_as_objects(tmp_path):
+    """Gaps of Int64 new cells in an index's int32 or uint8 column (h5ad obs often holds
+    int32) read back as Int64, as pd.concat gives them, not as floats (review); flags and
+    whole numbers given as Python objects with None (the message's advice, or a column
+    pd.concat filled with NaN) are flags and whole numbers, not text."""
+    rng = np.random.default_rng(0)
+    for kind in (np.int32, np.uint8):
+        meta = pd.DataFrame({"donor": np.array([15, 16, 15], kind)})
+        index = CellIndex.build(rng.normal(size=(3, 8)), meta)
+        new = pd.DataFrame({"donor": pd.array([88, None], dtype="Int64")})
+        index.add(rng.normal(size=(2, 8)), new)
+        want = pd.concat([meta, new], ignore_index=True)["donor"]
+        assert want.dtype == "Int64"
+        for idx in (index, CellIndex.load(index.save(tmp_path / kind.__name__))):
+            rows = idx.metadata_rows(np.arange(5))["donor"]
+            pd.testing.assert_series_equal(rows, want, check_names=False)
+            np.testing.assert_array_equal(idx.select({"donor": 88}), [3])
+    meta = pd.DataFrame({"flag": [True, False], "n": [1, 2]})
+    index = CellIndex.build(rng.normal(size=(2, 8)), meta)
+    given = pd.concat([pd.DataFrame({"flag": [False], "n": [3]}), pd.DataFrame({"n": [4]})])
+    assert given["flag"].dtype == object  # (False and NaN)
+    objects = {"flag": [None, True, None], "n": [None, 5, None]}
+    objects = {k: np.array(v, dtype=object) for k, v in objects.items()}
+    index.add(rng.normal(size=(3, 8)), pd.DataFrame(objects))
+    index.add(rng.normal(size=(2, 8)), given.reset_index(drop=True))
+    rows = index.metadata_rows(np.arange(7))
+    assert rows["flag"].dtype == "boolean" and rows["n"].dtype == "Int64"
+    assert rows["flag"].tolist() == [True, False, pd.NA, True, pd.NA, False, pd.NA]
+    assert rows["n"].tolist() == [1, 2, pd.NA, 5, pd.NA, 3, 4]
+    np.testing.assert_array_equal(index.select({"flag": True}), [0, 3])
+
+
 def test_add_names_a_mismatch_of_cell_names():
     """Cells named by their metadata's rows (obs_name) and new cells without names, or the
     reverse: the error says where obs_name comes from and what to pass."""

@@ -1114,7 +1114,7 @@ def _as_table(metadata: Any, n: int, start: int = 0) -> Any:
             df.insert(0, "obs_name", metadata.index.astype(str).to_numpy())
         for col in df.columns:
             if df[col].dtype == object:  # as text, missing values kept missing (not "nan")
-                df[col] = text_or_none(df[col].to_numpy())
+                df[col] = _objects_typed(df[col].to_numpy())
         table = pa.Table.from_pandas(df, preserve_index=False)
     elif isinstance(metadata, pa.Table):
         table = metadata
@@ -1125,6 +1125,20 @@ def _as_table(metadata: Any, n: int, start: int = 0) -> Any:
     if "cell_index" in table.schema.names:
         table = table.drop(["cell_index"])
     return table.append_column("cell_index", pa.array(np.arange(start, start + n, dtype=np.int64)))
+
+
+def _objects_typed(values: np.ndarray) -> Any:
+    """A column of Python objects as pandas' nullable booleans where its values are all
+    flags, nullable Int64 where all whole numbers (as ``[True, None]`` or a column that
+    ``pd.concat`` filled with NaN for a frame without it holds them), else as text with
+    missing values kept missing (:func:`text_or_none`)."""
+    kind = pd.api.types.infer_dtype(values, skipna=True)
+    if kind in ("boolean", "integer") and not pd.isna(values).all():
+        try:
+            return pd.array(values, dtype="boolean" if kind == "boolean" else "Int64")
+        except (OverflowError, TypeError, ValueError):  # (beyond Int64: as text)
+            pass
+    return text_or_none(values)
 
 
 def _concat_metadata(old: Any, new: Any) -> Any:
@@ -1168,14 +1182,25 @@ def _concat_metadata(old: Any, new: Any) -> Any:
     }
     # whole numbers and flags that now have missing values read back as pandas' nullable
     # Int64 / boolean (as pd.concat gives them), not as floats and objects
+    # (also where the type widened: an int32 column met by Int64's gaps is Int64)
     gaps = {name for name, col in zip(old.schema.names, columns, strict=True) if col.null_count}
     meta = dict(old.schema.metadata or {})
     if (changed or gaps) and b"pandas" in meta:
         record = json.loads(meta[b"pandas"])
-        record["columns"] = [c for c in record.get("columns", []) if c.get("name") not in changed]
-        for c in record["columns"]:  # (a categorical's numpy_type is its codes' type)
-            if c.get("name") in gaps and c.get("pandas_type") in _NULLABLE:
-                c["numpy_type"] = _NULLABLE[c["pandas_type"]]
+        kinds = dict(zip(old.schema.names, (c.type for c in columns), strict=True))
+        entries = []
+        for c in record.get("columns", []):
+            name = c.get("name")
+            if name in changed:  # now of the type it was promoted to
+                kind = kinds[name]
+                if name not in gaps or not (pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
+                    continue  # (read back as that type's own)
+                c = {**c, "pandas_type": "bool" if pa.types.is_boolean(kind) else str(kind)}
+                c["metadata"] = None
+            if name in gaps and c.get("pandas_type") in _NULLABLE:
+                c["numpy_type"] = _NULLABLE[c["pandas_type"]]  # (a categorical's: its codes')
+            entries.append(c)
+        record["columns"] = entries
         meta[b"pandas"] = json.dumps(record).encode()
     return pa.Table.from_arrays(columns, names=old.schema.names).replace_schema_metadata(
         meta or None
