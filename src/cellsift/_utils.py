@@ -32,14 +32,26 @@ T = TypeVar("T")
 _EXTRAS = {"tiledbsoma": "soma", "scanpy": "demo", "umap": "demo", "sklearn": "demo"}
 
 
-def import_optional(module: str) -> ModuleType:
-    """Import an optional backend, or raise an error that says which extra installs it."""
+def import_optional(module: str, extra: str | None = None) -> ModuleType:
+    """Import an optional backend, or raise an error that says which extra installs it
+    (``extra``, else the one that brings it), or, where it is installed but fails to
+    import (a package it needs at another version), the import's own error."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
         from .errors import MissingDependencyError
 
-        extra = _EXTRAS.get(module.split(".")[0])
+        top = module.split(".")[0]
+        extra = extra or _EXTRAS.get(top)
+        # (a blocked import, sys.modules[name] = None, raises without a name: not installed)
+        missing = isinstance(err, ModuleNotFoundError) and (err.name or top).split(".")[0] == top
+        if not missing:
+            raise MissingDependencyError(
+                f"{module} is installed but cannot be imported ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'}): "
+                "fix that installation (the error names what it lacks, or what is at a "
+                "version it does not take)."
+            ) from err
         hint = f"pip install 'cellsift[{extra}]'" if extra else f"pip install {module}"
         raise MissingDependencyError(
             f"{module} is needed for this and is not installed: {hint}"

@@ -56,8 +56,9 @@ def _source(out: Path, synthetic: bool, n_cells: int) -> tuple[Path, str, str]:
 def run_demo(
     out: str | Path = "demo_out", *, synthetic: bool = False, n_cells: int = SYNTHETIC_CELLS
 ) -> int:
-    for module in ("scanpy", "umap", "sklearn"):  # (the demo's extra: said before any work)
-        import_optional(module)
+    # the demo's extra (its baselines, plots and the SOMA store): said before any work
+    for module in ("scanpy", "umap", "sklearn", "tiledbsoma"):
+        import_optional(module, "demo")
     if synthetic and n_cells < MIN_CELLS:
         raise ConfigError(
             f"the demo needs at least {MIN_CELLS:,} cells (a held-out study, and validation "
