@@ -679,6 +679,43 @@ def test_embedding_a_backed_anndata_equals_the_in_memory_one(synthetic_h5ad, tmp
     )
 
 
+def test_a_backed_anndata_is_embedded_a_block_at_a_time(synthetic_h5ad, tmp_path, monkeypatch):
+    """A backed AnnData is read, aligned and embedded a block of rows at a time: the
+    process never holds its aligned counts whole (before: every block and their join, twice
+    the data); a cell without counts in a later block is named by its rows there."""
+    import tracemalloc
+
+    from cellsift.models import metric
+
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
+    one = ad.read_h5ad(synthetic_h5ad)
+    many = ad.concat([one] * 7, index_unique="-")  # 21,000 cells
+    x = many.X.tolil()
+    x[15_003] = 0  # an empty cell in the 31st block of 500
+    many.X = x.tocsr()
+    many.write_h5ad(tmp_path / "many.h5ad")
+    monkeypatch.setattr(metric, "BACKED_ROWS", 500)
+    backed = ad.read_h5ad(tmp_path / "many.h5ad", backed="r")
+    name = many.obs_names[15_003]
+    said = rf"1 of the 500 cells in rows 15000-15499 of 21000 cells .*\['{name}'\]"
+    with pytest.raises(DataError, match=said):
+        model.embed(backed)
+    kept = many[np.diff(many.X.indptr) > 0].copy()
+    kept.write_h5ad(tmp_path / "kept.h5ad")
+    backed = ad.read_h5ad(tmp_path / "kept.h5ad", backed="r")
+    aligned = model.aligned_counts(kept)
+    size = aligned.data.nbytes + aligned.indices.nbytes + aligned.indptr.nbytes
+    want = model.embed(kept)
+    tracemalloc.start()  # (numpy's arrays; torch's are not traced)
+    try:
+        got = model.embed(backed)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, want)
+    assert peak < 0.75 * size, (peak, size)
+
+
 def test_training_runs_in_train_mode_after_embedding_loading_or_an_earlier_fit(
     synthetic_h5ad, tmp_path
 ):

@@ -390,33 +390,45 @@ class MetricModel:
         negative, non-integer: e.g. log-normalised data, which the model would normalise
         again) are an error. ``source`` names the data in messages (e.g. its file)."""
         x, var, others = adata_counts(adata, layer, source)
+        align = self._aligner(var, others, layer, check_counts, source)
+        if sp.issparse(x) or isinstance(x, np.ndarray):
+            return align(x)
+        # backed (anndata's on-disk matrices): read in row blocks
+        return sp.vstack(
+            [align(x[start : start + BACKED_ROWS]) for start in range(0, x.shape[0], BACKED_ROWS)]
+            or [sp.csr_matrix((0, len(self.genes)), dtype=np.float32)],
+            format="csr",
+        )
+
+    def _aligner(
+        self,
+        var: pd.DataFrame,
+        others: list[str],
+        layer: str | None,
+        check_counts: bool,
+        source: str,
+    ) -> Callable[[Any], sp.csr_matrix]:
+        """Counts of a block of cells (of genes ``var``) -> CSR in the model's gene order,
+        checked as :meth:`aligned_counts` says."""
         has = f" (this AnnData has: {', '.join(others)})" if others else ""
         gm = self.genes.align(var, source=source, min_overlap=0.5, of="vocabulary")
         if not gm.identity:
             logger.info(
                 "%d of the model's %d genes found (%s)", gm.n_matched, len(self.genes), gm.key
             )
-        if sp.issparse(x) or isinstance(x, np.ndarray):
-            out = gm.apply(sp.csr_matrix(x, dtype=np.float32))
-        else:  # backed (anndata's on-disk matrices): read in row blocks
-            out = sp.vstack(
-                [
-                    gm.apply(sp.csr_matrix(x[start : start + BACKED_ROWS], dtype=np.float32))
-                    for start in range(0, x.shape[0], BACKED_ROWS)
-                ]
-                or [sp.csr_matrix((0, len(self.genes)), dtype=np.float32)],
-                format="csr",
-            )
-        out = canonical(out)
-        if check_counts:
-            where = f"{source} ({'X' if layer is None else layer})"
-            check_count_values(
-                out.data,
-                where,
-                f" Point layer= at raw counts{has}, or pass check_counts=False if these "
-                "values are meant.",
-            )
-        return out
+
+        def align(block: Any) -> sp.csr_matrix:
+            out = canonical(gm.apply(sp.csr_matrix(block, dtype=np.float32)))
+            if check_counts:
+                check_count_values(
+                    out.data,
+                    f"{source} ({'X' if layer is None else layer})",
+                    f" Point layer= at raw counts{has}, or pass check_counts=False if these "
+                    "values are meant.",
+                )
+            return out
+
+        return align
 
     def _apply(
         self,
@@ -429,20 +441,29 @@ class MetricModel:
         check_counts: bool = True,
         source: str = "adata",
     ) -> np.ndarray:
-        """``fn(batch)`` over the aligned counts of ``adata`` in blocks, concatenated. With
+        """``fn(batch)`` over the aligned counts of ``adata`` in blocks, into one array. With
         ``check_counts``, cells without counts in the model's genes are an error: they carry
-        nothing to embed or label."""
-        x = self.aligned_counts(adata, layer=layer, check_counts=check_counts, source=source)
-        if check_counts:
-            self.check_cells_have_counts(
-                x,
-                adata.obs_names,
-                layer=layer,
-                source=source,
-                anyway="; or embed them anyway with check_counts=False (cellsift annotate: "
-                "--no-check-counts)",
-            )
-        return self._run(x, fn, width, batch_size, device)
+        nothing to embed or label. A backed AnnData is read, aligned and checked a block of
+        rows at a time (never whole in memory); an error names the first block's cells."""
+        x, var, others = adata_counts(adata, layer, source)
+        align = self._aligner(var, others, layer, check_counts, source)
+        backed = not (sp.issparse(x) or isinstance(x, np.ndarray))
+        step = BACKED_ROWS if backed else max(x.shape[0], 1)  # (in memory: aligned at once)
+        out = np.empty((x.shape[0], width), dtype=np.float32)
+        for start in range(0, x.shape[0], step):
+            block = align(x[start : start + step] if backed else x)
+            if check_counts:
+                self.check_cells_have_counts(
+                    block,
+                    adata.obs_names,
+                    first=start,
+                    layer=layer,
+                    source=source,
+                    anyway="; or embed them anyway with check_counts=False (cellsift "
+                    "annotate: --no-check-counts)",
+                )
+            self._run(block, fn, width, batch_size, device, out=out[start : start + step])
+        return out
 
     def check_cells_have_counts(
         self,
@@ -450,22 +471,28 @@ class MetricModel:
         obs_names: pd.Index,
         *,
         rows: np.ndarray | None = None,
+        first: int = 0,
         layer: str | None = None,
         source: str = "adata",
         anyway: str = "",
     ) -> None:
         """A DataError naming the cells (of ``rows``, default all) without counts in the
         aligned counts ``x`` (:meth:`aligned_counts`): they carry nothing to embed, label or
-        explain. ``anyway``: how to go on with them, where there is a way."""
+        explain. ``first``: the cell (of ``obs_names``) that is ``x``'s first row, where
+        ``x`` holds a block of them. ``anyway``: how to go on with them, where there is a way."""
         nnz = np.diff(x.indptr)
         rows = np.arange(x.shape[0]) if rows is None else np.asarray(rows)
         empty = rows[nnz[rows] == 0]
         if len(empty):
-            names = obs_names[empty[:3]].tolist()
+            names = obs_names[first + empty[:3]].tolist()
             where = f"{source} ({'X' if layer is None else layer})"
             how = "" if layer is None else f", layer={layer!r}"
+            of = f"{len(rows)}"
+            if x.shape[0] < len(obs_names):  # (a block of the cells)
+                of = f"the {len(rows)} cells in rows {first}-{first + x.shape[0] - 1} of"
+                of = f"{of} {len(obs_names)}"
             raise DataError(
-                f"{where}: {len(empty)} of {len(rows)} cells have no counts in the model's "
+                f"{where}: {len(empty)} of {of} cells have no counts in the model's "
                 f"genes (e.g. {names}); they carry nothing to embed or label. Drop them: keep "
                 f"= np.diff(model.aligned_counts(adata{how}).indptr) > 0, then adata[keep]"
                 f"{anyway}."
@@ -478,20 +505,25 @@ class MetricModel:
         width: int,
         batch_size: int = 4096,
         device: str | torch.device | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``fn(batch)`` over counts already in the model's gene order (:meth:`aligned_counts`)."""
+        """``fn(batch)`` over counts already in the model's gene order (:meth:`aligned_counts`),
+        each batch written into ``out`` (cells x ``width``; default: a new array): no
+        per-batch results kept and joined (their buffers, freed between kept ones, would
+        stay with the process)."""
         if not is_whole(batch_size, least=1):
             raise ConfigError(
                 f"batch_size must be a whole number of at least 1, not {batch_size!r}."
             )
         dev = check_device(device) if device is not None else next(self.module.parameters()).device
         self.module.to(dev).eval()
-        out = []
+        if out is None:
+            out = np.empty((x.shape[0], width), dtype=np.float32)
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 t = to_torch_csr(x[start : start + batch_size]).to(dev)
-                out.append(fn({"x_ng": t}).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
+                out[start : start + batch_size] = fn({"x_ng": t}).cpu().numpy()
+        return out
 
     def embed_aligned(
         self,
