@@ -66,6 +66,7 @@ from .._utils import (
     text_or_none,
 )
 from .._warnings import warn
+from ..data.collection import filter_texts
 from ..data.stores import refuse_other
 from ..errors import CellsiftError
 
@@ -476,7 +477,7 @@ class CellIndex:
             )
         pa = import_optional("pyarrow")
         try:
-            tbl = ds.to_table(columns=["cell_index"], filter=_expression(filter))
+            tbl = ds.to_table(columns=["cell_index"], filter=_expression(filter, ds.schema))
         except (
             pa.ArrowNotImplementedError,
             pa.ArrowTypeError,
@@ -807,7 +808,7 @@ class CellIndex:
         start = self.n_cells
         if metadata is not None:
             old = self._metadata if self._metadata is not None else self._dataset().to_table()
-            new = _as_table(metadata, len(emb), start=start)
+            new = _as_table(metadata, len(emb), start=start, text=_text_columns(old.schema))
             if set(new.schema.names) != set(old.schema.names):
                 why = ""
                 if "obs_name" in set(old.schema.names) - set(new.schema.names):
@@ -1102,7 +1103,10 @@ def check_k(k: Any) -> None:
         raise CellIndexError(f"k must be a whole number of neighbours >= 1, not {k!r}.")
 
 
-def _as_table(metadata: Any, n: int, start: int = 0) -> Any:
+def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = frozenset()) -> Any:
+    """``metadata`` (a DataFrame or an Arrow table) as an Arrow table with ``cell_index``
+    from ``start``. Object columns as :func:`_objects_typed` reads them, those named in
+    ``text`` (an index's columns of text, which new cells join) as text."""
     if metadata is None:
         return None
     pa = import_optional("pyarrow")
@@ -1114,7 +1118,8 @@ def _as_table(metadata: Any, n: int, start: int = 0) -> Any:
             df.insert(0, "obs_name", metadata.index.astype(str).to_numpy())
         for col in df.columns:
             if df[col].dtype == object:  # as text, missing values kept missing (not "nan")
-                df[col] = _objects_typed(df[col].to_numpy())
+                values = df[col].to_numpy()
+                df[col] = text_or_none(values) if col in text else _objects_typed(values)
         table = pa.Table.from_pandas(df, preserve_index=False)
     elif isinstance(metadata, pa.Table):
         table = metadata
@@ -1139,6 +1144,18 @@ def _objects_typed(values: np.ndarray) -> Any:
         except (OverflowError, TypeError, ValueError):  # (beyond Int64: as text)
             pass
     return text_or_none(values)
+
+
+def _text_columns(schema: Any) -> frozenset[str]:
+    """The columns of an Arrow ``schema`` that hold text (plain or dictionary-encoded)."""
+    pa = import_optional("pyarrow")
+
+    def is_text(t: Any) -> bool:
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+    return frozenset(f.name for f in schema if is_text(f.type))
 
 
 def _concat_metadata(old: Any, new: Any) -> Any:
@@ -1214,7 +1231,9 @@ _NULLABLE = {
 }
 
 
-def _expression(filter: FilterLike) -> Any:
+def _expression(filter: FilterLike, schema: Any = None) -> Any:
+    """A mapping filter as an Arrow expression, each value read as its column's type in
+    ``schema`` (:func:`_as_column_type`); an expression as it is."""
     pc = import_optional("pyarrow.compute")
     if isinstance(filter, Mapping):
         expr = None
@@ -1223,6 +1242,10 @@ def _expression(filter: FilterLike) -> Any:
             values = _as_list(value)
             if isinstance(value, np.ndarray) and value.ndim == 0:
                 value = value.item()
+            if schema is not None and str(col) in schema.names:
+                kind = schema.field(str(col)).type
+                given = values if values is not None else [value]
+                values = [form for v in given for form in _as_column_type(v, kind)]
             if values is not None:
                 given = [v for v in values if not _missing(v)]
                 # (isin of no values compares a null type with the column's: refused)
@@ -1243,6 +1266,45 @@ def _expression(filter: FilterLike) -> Any:
             f"pyarrow.compute.Expression, not {type(filter).__name__} ({filter!r})."
         )
     return filter
+
+
+def _as_column_type(value: Any, kind: Any) -> list[Any]:
+    """A filter's value as a column of Arrow type ``kind`` holds it (the forms it may take
+    there), where it reads as one: text columns as text ("1015" for 1015 or 1015.0, and
+    "True" and "1" for True or 1, as metadata written as text holds flags; as
+    :class:`~cellsift.data.CellCollection`'s filters read them), whole-number columns from
+    whole numbers, flags and their text ("1015"), flag columns from flags, 0/1 and
+    "True"/"False", float columns from numbers and their text. Other values stay as given
+    (and a comparison of another type is an error naming the column's type)."""
+    pa = import_optional("pyarrow")
+    if _missing(value):
+        return [value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    text = isinstance(value, str)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return [value] if text or isinstance(value, bytes) else filter_texts(value)
+    if pa.types.is_boolean(kind):
+        forms = {"True": True, "False": False, "true": True, "false": False}
+        if text and value in forms:
+            return [forms[value]]
+        if not text and not isinstance(value, bool) and is_number(value) and value in (0, 1):
+            return [bool(value)]
+        return [value]
+    if pa.types.is_integer(kind):
+        if text and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+            return [int(value)]
+        if isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
+            return [int(value)]
+        return [value]
+    if pa.types.is_floating(kind) and text:
+        try:
+            return [float(value)]
+        except ValueError:
+            return [value]
+    return [value]
 
 
 def _as_list(value: Any) -> list[Any] | None:
