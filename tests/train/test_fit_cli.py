@@ -107,7 +107,7 @@ def _args(
     """The shipped config, pointed at ``root`` and made small; ``extra`` overrides."""
     config = yaml.safe_load(CONFIG.read_text())
     for cb in config["trainer"]["callbacks"]:
-        if "dirpath" in cb["init_args"]:
+        if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["dirpath"] = str(root / "checkpoints")
     config["trainer"]["callbacks"] += callbacks or []
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(root)
@@ -214,7 +214,11 @@ def test_fit_keeps_checkpoints_of_a_callback_without_a_folder_where_last_finds_t
 ):
     """A config's ModelCheckpoint without dirpath keeps its checkpoints in the logger's
     folder of runs (<save_dir>/<name>/checkpoints), not in one run's version_0: a run
-    resumed with --ckpt_path last goes on from them, in the same TensorBoard run."""
+    resumed with --ckpt_path last goes on from them, in the same TensorBoard run. The
+    shipped config's are such (review: a fixed folder for every run let `last` resume
+    another run's checkpoint, one of another save_dir)."""
+    shipped = yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"]
+    assert not [cb for cb in shipped if "dirpath" in cb["init_args"]]
     args = _args(synthetic_h5ad, tmp_path, "--trainer.log_every_n_steps", "1")
     config = yaml.safe_load(Path(args[1]).read_text())
     for cb in config["trainer"]["callbacks"]:
@@ -640,6 +644,18 @@ def test_fit_refuses_to_resume_a_checkpoint_of_another_model(synthetic_h5ad, tmp
     bigger = ["--model.hidden", "[64, 48]", "--ckpt_path", str(last)]
     assert main(["fit", *_args(synthetic_h5ad, tmp_path, *bigger, name="bigger")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"the checkpoint {last} was trained with other settings" in err
+    assert "architecture.hidden [64, 32] there, [64, 48] here" in err
+    # a checkpoint that does not say what it was trained on (older versions): the weights'
+    # shapes are compared
+    import torch
+
+    state = torch.load(last, weights_only=False)
+    del state["cellsift_data"]
+    torch.save(state, tmp_path / "older.ckpt")
+    bigger = ["--model.hidden", "[64, 48]", "--ckpt_path", str(tmp_path / "older.ckpt")]
+    assert main(["fit", *_args(synthetic_h5ad, tmp_path, *bigger, name="older")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the checkpoint holds another model" in err and "(32,) there, (48,) here" in err
     # other data of the same shapes (the genes in another order): refused, not resumed
     import anndata as ad
@@ -650,7 +666,17 @@ def test_fit_refuses_to_resume_a_checkpoint_of_another_model(synthetic_h5ad, tmp
     resume = ["--ckpt_path", str(last)]
     assert main(["fit", *_args(tmp_path / "reordered.h5ad", tmp_path, *resume, name="re")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "the checkpoint was trained on other genes than this run's data" in err
+    assert f"the checkpoint {last} was trained on other genes (as many, " in err
+    # fewer genes and other labels: counted, the labels named (review: tensor names)
+    fewer = ad.read_h5ad(synthetic_h5ad)[:, :250].copy()
+    labels = fewer.obs["cell_type_ontology_term_id"]
+    first = sorted(labels.unique())[0]
+    fewer = fewer[(labels != first).to_numpy()].copy()
+    fewer.write_h5ad(tmp_path / "fewer.h5ad")
+    assert main(["fit", *_args(tmp_path / "fewer.h5ad", tmp_path, *resume, name="few")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "other genes (300 there, 250 here) and labels (" in err
+    assert f"e.g. ['{first}'] only there" in err
     # a truncated checkpoint: named, in one line
     trunc = tmp_path / "trunc.ckpt"
     trunc.write_bytes(last.read_bytes()[:50_000])

@@ -365,6 +365,7 @@ class MetricModel:
         settings = {k: self.config[k] for k in ("architecture", "loss", "normalization")}
         return {
             "genes": genes.hexdigest(),
+            "n_genes": len(self.genes),
             "labels": list(self.labels),
             "settings": copy.deepcopy(settings),  # (plain values: the config holds no others)
         }

@@ -434,24 +434,33 @@ class TrainingPlan(pl.LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        _check_same_model(checkpoint.get("state_dict", {}), self.state_dict())
+        # what the run is (data, settings) first: it says what differs in the user's terms,
+        # where other weights' shapes would name tensors
         saved, here = checkpoint.get("cellsift_data"), self.run_identity
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        which = f"the checkpoint {path}" if path else "the checkpoint"
         if saved is not None and here is not None:
-            what = [k for k in ("genes", "labels") if saved.get(k) != here.get(k)]
+            what = [
+                _identity_difference(k, saved, here)
+                for k in ("genes", "labels")
+                if saved.get(k) != here.get(k)
+            ]
             if what:
                 raise ResumeError(
-                    f"the checkpoint was trained on other {' and '.join(what)} than this run's "
-                    "data: resume with the data it was made with, or start a new run without "
-                    "--ckpt_path."
+                    f"{which} was trained on other {' and '.join(what)} than this run's "
+                    "data: resume with the data it was made with (or the run it belongs to: "
+                    "another run's checkpoints in the same folder?), or start a new run "
+                    "without --ckpt_path."
                 )
             changed = _changed_settings(saved.get("settings"), here.get("settings"))
             if changed:  # (checkpoints of older versions hold no settings)
                 raise ResumeError(
-                    f"the checkpoint was trained with other settings ({'; '.join(changed)}): "
+                    f"{which} was trained with other settings ({'; '.join(changed)}): "
                     "a resumed run goes on with the settings it was made with. Resume with "
                     "those, or start a new run (or fine-tune the saved model bundle: "
                     "MetricModel.load(dir).train(...))."
                 )
+        _check_same_model(checkpoint.get("state_dict", {}), self.state_dict())
         # the optimiser's and schedule's state come from the checkpoint: other settings here
         # would be silently overridden by them (or, for the schedule, mismatched with them),
         # another optimiser fail at its first step. Compared where the run's optimisers exist
@@ -851,6 +860,25 @@ def _changed_settings(saved: dict[str, Any] | None, here: dict[str, Any] | None)
             if a.get(key) != b.get(key):
                 out.append(f"{section}.{key} {a.get(key)!r} there, {b.get(key)!r} here")
     return out
+
+
+def _identity_difference(key: str, saved: dict[str, Any], here: dict[str, Any]) -> str:
+    """How a run's ``genes`` or ``labels`` differ between a checkpoint and this run, as
+    counts (and the labels one has that the other lacks, a few)."""
+    if key == "genes":
+        there, now = saved.get("n_genes"), here.get("n_genes")
+        if not (there and now):  # (checkpoints of older versions: the digest only)
+            return "genes"
+        if there == now:
+            return f"genes (as many, {now:,}, but others or in another order)"
+        return f"genes ({there:,} there, {now:,} here)"
+    a, b = list(saved.get("labels") or []), list(here.get("labels") or [])
+    held_there, held_here = set(a), set(b)
+    only = [x for x in a if x not in held_here][:3]
+    new = [x for x in b if x not in held_there][:3]
+    extra = f"; e.g. {only} only there" if only else ""
+    extra += f"; e.g. {new} only here" if new else ""
+    return f"labels ({len(a):,} there, {len(b):,} here{extra})"
 
 
 def _check_same_model(saved: dict[str, Any], here: dict[str, Any]) -> None:
