@@ -178,12 +178,15 @@ def _annotate(args: argparse.Namespace) -> int:
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
     index.check_model(model)  # before any embedding
-    # the reference's labels read and checked (column, Cell Ontology terms) before any work
+    # the reference's labels read and checked (column, Cell Ontology terms) before any work;
+    # by default as the model was trained: its label column, and plain votes for labels it
+    # took as written (outside the Cell Ontology: cell lines, a lab's own)
+    aware = bool(model.config["loss"].get("ontology_aware", True))
     annotator = KNNAnnotator(
         index,
-        label_key=args.label_key,
+        label_key=args.label_key or model.label_key,
         k=args.k,
-        ontology_aware=not args.no_ontology,
+        ontology_aware=aware if args.ontology is None else args.ontology,
         abstain_on=args.abstain_on,
     )
     adata = _read_h5ad(args.data)
@@ -355,9 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="an h5ad of raw counts to annotate")
     p.add_argument("out", help="the annotated h5ad to write")
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
-    p.add_argument("--label-key", default="cell_type_ontology_term_id")
+    p.add_argument(
+        "--label-key",
+        default=None,
+        help="the index metadata's column of labels (default: the one the model trained on)",
+    )
     p.add_argument("--k", type=_at_least(1), default=50)
-    p.add_argument("--no-ontology", action="store_true", help="plain majority votes")
+    p.add_argument(
+        "--ontology",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Cell Ontology votes (an ancestor where the neighbours' types split), or "
+        "--no-ontology: plain majority votes (default: as the model was trained)",
+    )
     p.add_argument("--no-abstain", action="store_true", help="never call 'unknown' on distance")
     p.add_argument(
         "--no-check-counts",

@@ -579,6 +579,35 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     assert main([*args, "--overwrite", "--layer", "counts"]) == 0
 
 
+def test_annotate_reads_labels_as_the_model_trained_on_them(synthetic_h5ad, tmp_path, capsys):
+    """A model trained on labels outside the Cell Ontology (cell lines) from its own column:
+    cellsift annotate reads that column with plain votes by default (review: it asked for
+    both --label-key and --no-ontology); --ontology and --label-key still choose."""
+    adata = ad.read_h5ad(synthetic_h5ad)
+    lines = {t: f"line-{k}" for k, t in enumerate(sorted(adata.obs["cell_type"].unique()))}
+    adata.obs["cell_line"] = adata.obs["cell_type"].map(lines).astype(str)
+    path = tmp_path / "lines.h5ad"
+    adata.write_h5ad(path)
+    torch.manual_seed(0)
+    model = MetricModel.from_collection(
+        path, label_key="cell_line", hidden=(64,), latent=16, ontology_aware=False
+    )
+    bundle = model.save(tmp_path / "lines_model")
+    emb, idx, out = tmp_path / "emb.zarr", tmp_path / "index", tmp_path / "out.h5ad"
+    assert main(["embed", str(bundle), str(path), str(emb)]) == 0
+    assert main(["index", str(emb), str(idx), "--engine", "exact"]) == 0
+    assert main(["annotate", str(bundle), str(idx), str(path), str(out), "--no-abstain"]) == 0
+    called = ad.read_h5ad(out).obs["cellsift_cell_type"]
+    assert set(called) - {"unknown"} <= set(lines.values())
+    assert len(set(called) - {"unknown"}) >= 2  # (an untrained model: calls, not skill)
+    capsys.readouterr()
+    args = ["annotate", str(bundle), str(idx), str(path), str(out), "--overwrite"]
+    assert main([*args, "--ontology"]) == 2  # (asked for: cell lines are no CL terms)
+    assert "not Cell Ontology terms" in capsys.readouterr().err
+    assert main([*args, "--label-key", "cell_type", "--no-abstain"]) == 0
+    assert set(ad.read_h5ad(out).obs["cellsift_cell_type"]) - {"unknown"} <= set(lines)
+
+
 def test_annotate_checks_the_reference_labels_before_embedding_and_reads_calibration_counts_where_told(
     bundle, synthetic_h5ad, tmp_path, capsys
 ):
