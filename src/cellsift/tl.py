@@ -65,10 +65,10 @@ def annotate(
     layer: str | None = None,
     check_counts: bool = True,
     use_rep: str = "X_cellsift",
-    label_key: str = "cell_type_ontology_term_id",
+    label_key: str | None = None,
     k: int = 50,
     weighted: bool = True,
-    ontology_aware: bool = True,
+    ontology_aware: bool | None = None,
     min_support: float = 0.5,
     abstain: bool = True,
     abstain_on: Literal["mean", "nearest"] = "mean",
@@ -99,6 +99,11 @@ def annotate(
     abstain with probability at most ``1 - quantile``. It is calibrated against the reference
     cells that ``safelist`` and ``blocklist`` leave, as the queries are annotated.
     ``abstain_on``: the distance compared with the threshold (see :class:`KNNAnnotator`).
+
+    ``label_key`` (the reference metadata's column of labels) and ``ontology_aware`` (Cell
+    Ontology votes, else plain ones) default to how ``model`` trained: its label column,
+    and plain votes where it took its labels as written (outside the Cell Ontology);
+    without a model, ``cell_type_ontology_term_id`` and Cell Ontology votes.
     """
     if isinstance(reference, KNNAnnotator):  # it has its settings and threshold already
         options = {
@@ -128,6 +133,11 @@ def annotate(
     adata = _copied(adata) if copy else _writable(adata)
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
     index.check_model(model)
+    if label_key is None:  # as the model trained (the docstring)
+        label_key = getattr(model, "label_key", None) or "cell_type_ontology_term_id"
+    if ontology_aware is None:
+        config = getattr(model, "config", None) or {}
+        ontology_aware = bool(config.get("loss", {}).get("ontology_aware", True))
     # (the reference's labels read and checked before the cells are embedded)
     ann = (
         reference

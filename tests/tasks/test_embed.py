@@ -581,8 +581,9 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
 
 def test_annotate_reads_labels_as_the_model_trained_on_them(synthetic_h5ad, tmp_path, capsys):
     """A model trained on labels outside the Cell Ontology (cell lines) from its own column:
-    cellsift annotate reads that column with plain votes by default (review: it asked for
-    both --label-key and --no-ontology); --ontology and --label-key still choose."""
+    cellsift annotate and tl.annotate read that column with plain votes by default (review:
+    it asked for both --label-key and --no-ontology); --ontology and --label-key still
+    choose."""
     adata = ad.read_h5ad(synthetic_h5ad)
     lines = {t: f"line-{k}" for k, t in enumerate(sorted(adata.obs["cell_type"].unique()))}
     adata.obs["cell_line"] = adata.obs["cell_type"].map(lines).astype(str)
@@ -600,6 +601,10 @@ def test_annotate_reads_labels_as_the_model_trained_on_them(synthetic_h5ad, tmp_
     called = ad.read_h5ad(out).obs["cellsift_cell_type"]
     assert set(called) - {"unknown"} <= set(lines.values())
     assert len(set(called) - {"unknown"}) >= 2  # (an untrained model: calls, not skill)
+    # tl.annotate too, given the model
+    query = adata[:200].copy()
+    cs.tl.annotate(query, CellIndex.load(idx), model=model, abstain=False)
+    assert set(query.obs["cellsift_cell_type"]) - {"unknown"} <= set(lines.values())
     capsys.readouterr()
     args = ["annotate", str(bundle), str(idx), str(path), str(out), "--overwrite"]
     assert main([*args, "--ontology"]) == 2  # (asked for: cell lines are no CL terms)
