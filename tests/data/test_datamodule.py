@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from cellsift._warnings import CellsiftWarning
 from cellsift.data.datamodule import CellDataModule, split_groups
 from cellsift.datasets import synthetic_atlas
 from cellsift.transforms import default_pipeline
@@ -358,7 +359,9 @@ def test_text_that_means_no_value_is_no_label_study_or_group():
         dm = CellDataModule(
             adata, label_key="cell_type", study_key="study", val_fraction=0.3, seed=seed
         )
-        dm.setup()
+        # cells left out for want of a label are said, not only logged (review)
+        with pytest.warns(CellsiftWarning, match=r"30 of 60 cells \(50\.0%\) have no label in"):
+            dm.setup()
         assert dm.categories["study_n"] == ["s1", "s2"]
         assert dm.val_groups in (["s1"], ["s2"])
         # of the 30 labelled cells: 10 per study validate, the other's 10 and the 10
@@ -372,3 +375,11 @@ def test_text_that_means_no_value_is_no_label_study_or_group():
     )
     assert ds.categories["y_n"] == ["B", "T"] and ds.categories["study_n"] == ["s1", "s2"]
     assert (ds.weights[obs["cell_type"].isin(["nan", "unknown"]).to_numpy()] == 0).all()
+    # under 1% of the cells: logged only
+    few = ad.concat([adata[obs["cell_type"].isin(["T", "B"]).to_numpy()]] * 4 + [adata[:2]])
+    few.obs_names_make_unique()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CellsiftWarning)
+        CellDataModule(few, label_key="cell_type", study_key="study", val_fraction=0).setup()

@@ -210,6 +210,8 @@ class CellCollection:
                 "Loosen the filter that removes them all; a label column for training "
                 "(dropna) must hold labels, not only missing or 'unknown' values."
             )
+        #: cells each filter removes, on its own (e.g. "min_genes=200": 1,203), over all stores
+        self.removed = {what: k for what, k in removed.items() if k}
         if len(self.cell_ids) < self.offsets[-1]:
             logger.info(
                 "the collection keeps %s of %s cells (%s)",
@@ -268,7 +270,7 @@ class CellCollection:
         for col in dropna:
             values = store.obs_column(col)
             missing = no_label(values)  # blank, "Unknown", "NaN" too
-            apply(f"dropna {col!r} (missing or 'unknown')", ~missing)
+            apply(_dropna_what(col), ~missing)
         if obs_filter is not None:
             if callable(obs_filter):
                 result: Any = obs_filter(store.obs())
@@ -557,6 +559,11 @@ def _check_aligned(
             "such cells out of the stores (their counts in those genes sum to 0), or pass "
             "check_counts=False to read them as empty."
         )
+
+
+def _dropna_what(col: str) -> str:
+    """How :attr:`CellCollection.removed` names the cells ``dropna`` removes for ``col``."""
+    return f"dropna {col!r} (missing or 'unknown')"
 
 
 def _cell_name(store: CellStore, cell: int) -> str:

@@ -8,14 +8,26 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .._utils import logger, no_label
-from .._warnings import warn
+from .._warnings import CellsiftWarning, warn
 from ..errors import ConfigError
-from .collection import CellCollection, ObsFilter, StoreLike, _as_text, value_text
+from .collection import (
+    CellCollection,
+    ObsFilter,
+    StoreLike,
+    _as_text,
+    _dropna_what,
+    value_text,
+)
 from .genes import GeneVocabulary
 from .loader import CellLoader, IterableCellDataset
 from .sampling import Mode
+
+#: the share of cells without a label from which their leaving training is a warning (below:
+#: logged)
+UNLABELLED_WARN = 0.01
 
 __all__ = ["CellDataModule", "split_groups"]
 
@@ -196,6 +208,18 @@ class CellDataModule(pl.LightningDataModule):
             **options,
         )
         self.collection = coll
+        unlabelled = coll.removed.get(_dropna_what(self.label_key), 0) if self.label_key else 0
+        total = int(coll.offsets[-1])
+        if unlabelled:
+            said = (
+                f"{unlabelled:,} of {total:,} cells ({unlabelled / total:.1%}) have no label in "
+                f"{self.label_key!r} (missing, blank or 'unknown') and are left out of "
+                "training and validation; label them to train on them."
+            )
+            if unlabelled >= UNLABELLED_WARN * total:  # (each rank reads the same: said once)
+                rank_zero_warn(said, category=CellsiftWarning)
+            else:
+                logger.info(said)
         for what, key in (("study_key", self.study_key), ("split_key", self.split_key)):
             store = next((s for s in coll.stores if key and key not in s.obs_columns), None)
             if store is not None:  # (study_key's default names CELLxGENE's column)

@@ -259,7 +259,7 @@ class MetricModel:
         of studies (positives from another study; None: none), labels from
         :attr:`label_key` (``from_collection``'s), counts from ``layer`` (checked unless
         ``check_counts`` is False), and every labelled cell trains (cells without a label,
-        or labelled ``unknown``, are left out; how many is logged): give a
+        or labelled ``unknown``, are left out; a warning says how many from 1% on): give a
         :class:`CellDataModule` (``val_fraction``, ``split_key``) to hold studies out for
         validation. The data must hold at least half the model's genes (or 5,000), as
         :meth:`embed` asks; the model's others read as zero.
