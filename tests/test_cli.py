@@ -287,6 +287,16 @@ def test_the_demo_without_its_extra_and_without_the_data_says_so(tmp_path, monke
     assert len(said) == 1 and "umap is installed but cannot be imported" in said[0]
     assert "Numba needs NumPy 2.2" in said[0] and "not installed" not in said[0]
     assert not (tmp_path / "d").exists()
+    # a compiled part of an installed package missing: installed, broken (review)
+    from cellsift._utils import import_optional
+    from cellsift.errors import MissingDependencyError
+
+    (broken / "partial").mkdir()
+    (broken / "partial" / "__init__.py").write_text("from . import _core\n")
+    with pytest.raises(MissingDependencyError, match=r"partial is installed but cannot be"):
+        import_optional("partial")
+    with pytest.raises(MissingDependencyError, match=r"not installed: pip install nothere$"):
+        import_optional("nothere.sub")
     monkeypatch.setenv("CELLSIFT_DATA", str(tmp_path / "nowhere"))
     what = _source(tmp_path, False, 2000)[2]
     assert "kang2018_pbmc_ctrl_8donors.h5ad is not in" in what and "CELLSIFT_DATA" in what

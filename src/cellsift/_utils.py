@@ -7,6 +7,7 @@ import ctypes
 import errno
 import glob
 import importlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -43,16 +44,23 @@ def import_optional(module: str, extra: str | None = None) -> ModuleType:
 
         top = module.split(".")[0]
         extra = extra or _EXTRAS.get(top)
-        # (a blocked import, sys.modules[name] = None, raises without a name: not installed)
-        missing = isinstance(err, ModuleNotFoundError) and (err.name or top).split(".")[0] == top
-        if not missing:
+        # not installed: the package itself is not found (blocked, sys.modules[name] = None,
+        # counts as not installed); a part of it or a package it needs missing is a broken
+        # installation
+        try:
+            found = sys.modules.get(top, False) is not None and (
+                top in sys.modules or importlib.util.find_spec(top) is not None
+            )
+        except (ImportError, ValueError):
+            found = False
+        if found:
             raise MissingDependencyError(
                 f"{module} is installed but cannot be imported ({type(err).__name__}: "
                 f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'}): "
                 "fix that installation (the error names what it lacks, or what is at a "
                 "version it does not take)."
             ) from err
-        hint = f"pip install 'cellsift[{extra}]'" if extra else f"pip install {module}"
+        hint = f"pip install 'cellsift[{extra}]'" if extra else f"pip install {top}"
         raise MissingDependencyError(
             f"{module} is needed for this and is not installed: {hint}"
         ) from err

@@ -295,8 +295,11 @@ def test_embed_collection_checks_its_input_before_writing(bundle, synthetic_h5ad
     for kwargs in ({"batch_size": 0}, {"devices": 0}):
         with pytest.raises(ConfigError, match=f"{next(iter(kwargs))} must be a whole number"):
             embed_collection(model, synthetic_h5ad, tmp_path / "d.zarr", **kwargs)
-    with pytest.raises(ConfigError, match="batch_size must be a whole number of at least 1"):
-        cs.tl.embed(adata[:10].copy(), model, batch_size=0)
+    for cells in (adata[:10].copy(), adata[:0].copy()):  # (no cells: checked too; review)
+        with pytest.raises(ConfigError, match="batch_size must be a whole number of at least"):
+            cs.tl.embed(cells, model, batch_size=0)
+        with pytest.raises(ConfigError, match="bogus"):
+            model.embed(cells, device="bogus:7")
     with pytest.raises(MissingKeyError, match=r"obs_columns \['donr'\] are not obs columns"):
         embed_collection(model, synthetic_h5ad, tmp_path / "e.zarr", obs_columns=["donr"])
     assert not list(tmp_path.glob(".e.zarr*"))  # nothing embedded first

@@ -446,6 +446,9 @@ class MetricModel:
         ``check_counts``, cells without counts in the model's genes are an error: they carry
         nothing to embed or label. A backed AnnData is read, aligned and checked a block of
         rows at a time (never whole in memory); an error names the first block's cells."""
+        _check_batch_size(batch_size)  # (here too: no batch runs for no cells)
+        if device is not None:
+            check_device(device)
         x, var, others = adata_counts(adata, layer, source)
         align = self._aligner(var, others, layer, check_counts, source)
         backed = not (sp.issparse(x) or isinstance(x, np.ndarray))
@@ -512,10 +515,7 @@ class MetricModel:
         each batch written into ``out`` (cells x ``width``; default: a new array): no
         per-batch results kept and joined (their buffers, freed between kept ones, would
         stay with the process)."""
-        if not is_whole(batch_size, least=1):
-            raise ConfigError(
-                f"batch_size must be a whole number of at least 1, not {batch_size!r}."
-            )
+        _check_batch_size(batch_size)
         dev = check_device(device) if device is not None else next(self.module.parameters()).device
         self.module.to(dev).eval()
         if out is None:
@@ -699,3 +699,9 @@ class MetricModel:
         }
         model.module.to(device).eval()
         return model
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    """``batch_size`` counts cells embedded at a time: a whole number >= 1."""
+    if not is_whole(batch_size, least=1):
+        raise ConfigError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
