@@ -340,3 +340,20 @@ def test_a_gene_listed_twice_in_gene_order_is_named(tmp_path):
         match=r"gene_order\.tsv: gene vocabulary has duplicate ids.*'ENSG00000000004'",
     ):
         import_scimilarity(src, tmp_path / "bundle")
+
+
+def test_a_training_run_folder_or_checkpoint_given_as_a_bundle_is_named(tmp_path):
+    """A fit's log folder (its bundle in model/, or none yet) or a checkpoint file given
+    where a bundle is wanted: named as what it is, with where the bundle is (review)."""
+    run = tmp_path / "metric" / "version_0"
+    run.mkdir(parents=True)
+    (run / "hparams.yaml").write_text("lr: 0.005\n")
+    with pytest.raises(BundleError, match=r"log folder, not a model bundle: it holds no bundle"):
+        load_bundle(run)
+    _model().save(run / "model")
+    with pytest.raises(BundleError, match=rf"log folder, not a model bundle: its bundle is {run}"):
+        MetricModel.load(run)
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"PK")
+    with pytest.raises(BundleError, match=r"last\.ckpt is a training checkpoint .* not a model"):
+        MetricModel.load(ckpt)

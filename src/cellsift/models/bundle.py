@@ -212,9 +212,27 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
 
 def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
     refuse_other(folder, "model", BundleError)
+    if folder.is_file() and folder.suffix == ".ckpt":
+        raise BundleError(
+            f"{folder} is a training checkpoint (a run's state, to resume with --ckpt_path), "
+            "not a model bundle: cellsift fit writes the bundle at the run's end, in its log "
+            "folder (<save_dir>/<name>/version_N/model); MetricModel.save writes one too."
+        )
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a bundle directory (it does not exist or is a file).")
     missing = [f for f in (*_FILES, "checksums.json") if not (folder / f).is_file()]
+    run = (folder / "hparams.yaml").is_file() or any(folder.glob("events.out.tfevents.*"))
+    if missing and run:  # a training run's log folder (cellsift fit's), not its bundle
+        inside = folder / "model"
+        raise BundleError(
+            f"{folder} is a training run's log folder, not a model bundle: "
+            + (
+                f"its bundle is {inside}."
+                if (inside / "config.json").is_file()
+                else "it holds no bundle (the run did not finish: resume it with "
+                "--ckpt_path last, and the bundle is written in its model folder)."
+            )
+        )
     if missing:
         raise BundleError(
             f"{folder}: bundle is incomplete, missing {', '.join(missing)} (or not as files). "
