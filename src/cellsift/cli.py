@@ -426,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
         logging.basicConfig(format="%(message)s")
         logger.setLevel(logging.INFO)
+        logging.getLogger("lightning").propagate = False  # (as below: printed once)
     if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
         from .train.cli import run_fit
 

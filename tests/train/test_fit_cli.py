@@ -848,3 +848,20 @@ def test_fit_reads_a_list_of_stores(synthetic_h5ad, tmp_path, capsys):
             main(["fit", *args])
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["data"]["init_args"]["source"] == want
+
+
+def test_verbose_fit_prints_lightnings_lines_once(synthetic_h5ad, tmp_path):
+    """`cellsift -v fit`: Lightning's records through its own handler only, not the root
+    one's too (review: each printed twice)."""
+    args = _args(synthetic_h5ad, tmp_path, "--trainer.fast_dev_run", "1")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "cellsift.cli", "-v", "fit", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    assert sum("Seed set to 0" in line for line in lines) == 1, lines
