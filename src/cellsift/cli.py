@@ -518,6 +518,7 @@ def _stopped(command: str, err: TrainingInterrupted) -> int:
 _FIT_LAYER = "--data.init_args.collection_options.layer"
 _FIT_CHECK = "--data.init_args.collection_options.check_counts"
 _FIT_STORE = "--data.init_args.collection_options.store_options"
+_FIT_DATA = "--data.init_args"  # (the data module's own options: study_key, split_key, ...)
 #: Hints in the library's messages that name a Python argument, as the commands that have
 #: the matching option spell them.
 _AS_OPTIONS = {
@@ -544,6 +545,15 @@ _AS_OPTIONS = {
     _FIT_STORE: (
         ("pass measurement='raw'", f"pass {_FIT_STORE} '{{measurement: raw}}'"),
         ("Pass measurement= with", f"Pass {_FIT_STORE} '{{measurement: ...}}' with"),
+    ),
+    _FIT_DATA: (
+        (
+            "or study_key=None (and split_key=None, val_fraction=0)",
+            f"or {_FIT_DATA}.study_key null (and {_FIT_DATA}.split_key null, "
+            f"{_FIT_DATA}.val_fraction 0)",
+        ),
+        ("Pass study_key= the column", f"Pass {_FIT_DATA}.study_key the column"),
+        ("Pass split_key= the column", f"Pass {_FIT_DATA}.split_key the column"),
     ),
 }
 #: Options that say where counts are, and how each names X: a hint's ``layer=`` (where no
@@ -582,7 +592,7 @@ _COMMAND_OPTIONS = {
     "convert": ("--layer", "--no-check-counts", "--format", "--measurement"),
     "embed": ("--layer", "--no-check-counts", "--min-genes", "--measurement"),
     "annotate": ("--layer", "--no-check-counts", "--quantile", "--no-ontology", "--label-key"),
-    "fit": (_FIT_LAYER, _FIT_CHECK, _FIT_STORE),
+    "fit": (_FIT_LAYER, _FIT_CHECK, _FIT_STORE, _FIT_DATA),
 }
 
 

@@ -508,6 +508,9 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
         and "study_key='study' names no obs column" in err[0]
         and "dataset_id" in err[0]
     )
+    # its fix in the command's options, not the library's arguments (review)
+    assert "Pass --data.init_args.study_key the column" in err[0]
+    assert "or --data.init_args.study_key null (and --data.init_args.split_key null" in err[0]
     # no validation cells, with the config's callbacks watching val/asw: said before training
     no_val = ("--data.init_args.val_fraction", "0")
     assert main(["fit", *_args(good, tmp_path, *no_val, name="no_val")]) == 2
