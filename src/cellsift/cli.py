@@ -184,7 +184,7 @@ def _annotate(args: argparse.Namespace) -> int:
     aware = bool(model.config["loss"].get("ontology_aware", True))
     annotator = KNNAnnotator(
         index,
-        label_key=args.label_key or model.label_key,
+        label_key=args.label_key or tl.model_label_key(index, model),
         k=args.k,
         ontology_aware=aware if args.ontology is None else args.ontology,
         abstain_on=args.abstain_on,

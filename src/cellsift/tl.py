@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import BACKED_ROWS, adata_counts, cell_mask, in_obs_order, is_number
+from ._utils import BACKED_ROWS, adata_counts, cell_mask, in_obs_order, is_number, logger
 from .errors import ConfigError, DataError, MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 from .tasks.index import CellIndexError
@@ -119,10 +119,12 @@ def annotate(
             "calibrate_on": calibrate_on,
         }
         defaults = inspect.signature(annotate).parameters
-        given = [
+        own = {"label_key": reference.label_key, "ontology_aware": reference.ontology_aware}
+        given = [  # (a value the annotator has already is no other setting)
             name
             for name, value in options.items()
             if not _is_default(value, defaults[name].default)
+            and not (name in own and _is_default(value, own[name]))
         ]
         if given:
             raise ConfigError(
@@ -134,7 +136,7 @@ def annotate(
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
     index.check_model(model)
     if label_key is None:  # as the model trained (the docstring)
-        label_key = getattr(model, "label_key", None) or "cell_type_ontology_term_id"
+        label_key = model_label_key(index, model)
     if ontology_aware is None:
         config = getattr(model, "config", None) or {}
         ontology_aware = bool(config.get("loss", {}).get("ontology_aware", True))
@@ -176,6 +178,20 @@ def annotate(
     adata.obs[f"{key_added}_min_distance"] = out["min_distance"].to_numpy()
     adata.obs[f"{key_added}_mean_distance"] = out["mean_distance"].to_numpy()
     return adata if copy else None
+
+
+def model_label_key(index: CellIndex, model: Any) -> str:
+    """The reference metadata's column of labels to annotate with, by default: the one
+    ``model`` trained on where the index holds it, else ``cell_type_ontology_term_id``
+    where it holds that (an index of other data than the model's); the model's otherwise,
+    which the annotator then names as missing."""
+    default = "cell_type_ontology_term_id"
+    own = getattr(model, "label_key", None) or default
+    held = index.metadata_columns
+    if own not in held and default in held:
+        logger.info("labels from %r: the index metadata have no %r (the model's)", default, own)
+        return default
+    return own
 
 
 def check_embedded_by(adata: ad.AnnData, use_rep: str, model: Any, what: str = "adata") -> None:

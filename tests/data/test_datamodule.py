@@ -383,3 +383,10 @@ def test_text_that_means_no_value_is_no_label_study_or_group():
     with warnings.catch_warnings():
         warnings.simplefilter("error", CellsiftWarning)
         CellDataModule(few, label_key="cell_type", study_key="study", val_fraction=0).setup()
+        # unlabelled cells another filter leaves out anyway: not counted (review)
+        labelled = {"cell_type": ["T", "B"]}
+        dm = CellDataModule(
+            adata, label_key="cell_type", study_key="study", val_fraction=0, obs_filter=labelled
+        )
+        dm.setup()
+        assert dm.collection.removed_alone == {}

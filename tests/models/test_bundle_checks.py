@@ -348,7 +348,10 @@ def test_a_training_run_folder_or_checkpoint_given_as_a_bundle_is_named(tmp_path
     run = tmp_path / "metric" / "version_0"
     run.mkdir(parents=True)
     (run / "hparams.yaml").write_text("lr: 0.005\n")
-    with pytest.raises(BundleError, match=r"log folder, not a model bundle: it holds no bundle"):
+    with pytest.raises(
+        BundleError,
+        match=r"log folder, not a model bundle: it holds no bundle\. cellsift fit writes",
+    ):
         load_bundle(run)
     _model().save(run / "model")
     with pytest.raises(BundleError, match=rf"log folder, not a model bundle: its bundle is {run}"):

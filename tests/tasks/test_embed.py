@@ -231,6 +231,8 @@ def test_annotate_with_a_ready_annotator_refuses_options_it_would_ignore(bundle,
         with pytest.raises(ConfigError, match=rf"^{', '.join(options)} set up the annotator"):
             cs.tl.annotate(query, ann, **options)
     cs.tl.annotate(query, ann, k=50, abstain=True)  # (the defaults, given)
+    # the annotator's own label column and voting, given: no other setting (review)
+    cs.tl.annotate(query, ann, label_key="cell_type_ontology_term_id", ontology_aware=False)
     cs.tl.annotate(query, ann, k=np.int64(50), quantile=np.float64(0.99))  # (of numpy's types)
     want = ann.annotate(query.obsm["X_cellsift"])
     assert (
@@ -614,6 +616,17 @@ def test_annotate_reads_labels_as_the_model_trained_on_them(synthetic_h5ad, tmp_
     assert "not Cell Ontology terms" in capsys.readouterr().err
     assert main([*args, "--label-key", "cell_type", "--no-abstain"]) == 0
     assert set(ad.read_h5ad(out).obs["cellsift_cell_type"]) - {"unknown"} <= set(lines)
+    # an index of data without the model's column, with Cell Ontology ids: those (review:
+    # refused for want of the model's column, where the command used to annotate)
+    other, other_idx = tmp_path / "other.zarr", tmp_path / "other_index"
+    plain = tmp_path / "plain.h5ad"
+    ad.read_h5ad(synthetic_h5ad).write_h5ad(plain)
+    assert main(["embed", str(bundle), str(plain), str(other)]) == 0
+    assert main(["index", str(other), str(other_idx), "--engine", "exact"]) == 0
+    args = ["annotate", str(bundle), str(other_idx), str(path), str(out), "--overwrite"]
+    assert main([*args, "--no-abstain"]) == 0
+    names = set(adata.obs["cell_type"])
+    assert set(ad.read_h5ad(out).obs["cellsift_cell_type"]) - {"unknown"} <= names
 
 
 def test_annotate_checks_the_reference_labels_before_embedding_and_reads_calibration_counts_where_told(

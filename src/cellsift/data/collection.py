@@ -191,8 +191,9 @@ class CellCollection:
         if isinstance(dropna, str):  # one column, not its letters
             dropna = [dropna]
         removed: dict[str, int] = {}  # cells each filter removes, over all stores
+        alone: dict[str, int] = {}  # cells only it removes (every other filter keeps them)
         masks = [
-            self._keep_mask(s, obs_filter, dropna, min_genes, min_counts, removed)
+            self._keep_mask(s, obs_filter, dropna, min_genes, min_counts, removed, alone)
             for s in self.stores
         ]
         self.cell_ids = np.concatenate(
@@ -212,6 +213,8 @@ class CellCollection:
             )
         #: cells each filter removes, on its own (e.g. "min_genes=200": 1,203), over all stores
         self.removed = {what: k for what, k in removed.items() if k}
+        #: cells only that filter removes: every other filter keeps them
+        self.removed_alone = {what: k for what, k in alone.items() if k}
         if len(self.cell_ids) < self.offsets[-1]:
             logger.info(
                 "the collection keeps %s of %s cells (%s)",
@@ -254,13 +257,16 @@ class CellCollection:
         min_genes: int | None,
         min_counts: float | None,
         removed: dict[str, int],
+        alone: dict[str, int] | None = None,
     ) -> np.ndarray:
         """The store's cells that every filter keeps; ``removed`` counts, per filter, the
-        cells it removes (each filter on its own)."""
+        cells it removes (each filter on its own), ``alone`` those only it removes."""
+        masks: dict[str, np.ndarray] = {}
 
         def apply(what: str, mask: np.ndarray) -> None:
             removed[what] = removed.get(what, 0) + int((~mask).sum())
             keep[:] &= mask
+            masks[what] = masks[what] & mask if what in masks else mask
 
         keep = np.ones(store.n_obs, dtype=bool)
         if min_genes is not None:
@@ -298,6 +304,13 @@ class CellCollection:
                     texts = [t for v in allowed for t in filter_texts(v)]
                     mask &= values.isin(texts).to_numpy()
             apply("obs_filter", mask)
+        if alone is not None and len(masks) > 1:
+            for what, mask in masks.items():  # (kept by all the others, not by this one)
+                others = np.logical_and.reduce([m for w, m in masks.items() if w != what])
+                alone[what] = alone.get(what, 0) + int((~mask & others).sum())
+        elif alone is not None:
+            for what, mask in masks.items():
+                alone[what] = alone.get(what, 0) + int((~mask).sum())
         nnz = None
         if self.check_counts:  # (unchecked, cells without counts are read as they are)
             nnz = store.row_nnz() if store.stored_zeros else store.stored_row_nnz()

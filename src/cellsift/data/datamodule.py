@@ -208,8 +208,10 @@ class CellDataModule(pl.LightningDataModule):
             **options,
         )
         self.collection = coll
-        unlabelled = coll.removed.get(_dropna_what(self.label_key), 0) if self.label_key else 0
-        total = int(coll.offsets[-1])
+        # (among the cells the other filters keep: those only the label leaves out)
+        what = _dropna_what(self.label_key) if self.label_key else ""
+        unlabelled = coll.removed_alone.get(what, 0)
+        total = coll.n_obs + unlabelled
         if unlabelled:
             said = (
                 f"{unlabelled:,} of {total:,} cells ({unlabelled / total:.1%}) have no label in "

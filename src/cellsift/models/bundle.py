@@ -229,8 +229,9 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
             + (
                 f"its bundle is {inside}."
                 if (inside / "config.json").is_file()
-                else "it holds no bundle (the run did not finish: resume it with "
-                "--ckpt_path last, and the bundle is written in its model folder)."
+                else "it holds no bundle. cellsift fit writes one in its model folder "
+                "when the run ends (a run stopped early: resume it with --ckpt_path last); "
+                "after MetricModel.train, save one with model.save(dir)."
             )
         )
     if missing:

@@ -483,7 +483,7 @@ class KNNAnnotator:
                 ~pc.field(self.label_key).isin(values) | pc.field(self.label_key).is_null()
             )
         if filter is not None:
-            terms.append(_expression(filter))
+            terms.append(_expression(filter, self.index._dataset().schema))
         expr = None
         for t in terms:
             expr = t if expr is None else expr & t

@@ -1119,7 +1119,7 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
         for col in df.columns:
             if df[col].dtype == object:  # as text, missing values kept missing (not "nan")
                 values = df[col].to_numpy()
-                df[col] = text_or_none(values) if col in text else _objects_typed(values)
+                df[col] = _objects_as_text(values) if col in text else _objects_typed(values)
         table = pa.Table.from_pandas(df, preserve_index=False)
     elif isinstance(metadata, pa.Table):
         table = metadata
@@ -1132,18 +1132,30 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
     return table.append_column("cell_index", pa.array(np.arange(start, start + n, dtype=np.int64)))
 
 
+def _objects_as_text(values: np.ndarray) -> np.ndarray:
+    """A column of Python objects as text that a filter's values meet (:func:`~cellsift.
+    data.collection.value_text`): whole floats as ints (1.0 is "1"), missing values None."""
+    whole = np.array(
+        [isinstance(v, float | np.floating) and float(v).is_integer() for v in values], dtype=bool
+    )
+    if whole.any():
+        values = values.copy()
+        values[whole] = [int(v) for v in values[whole]]
+    return text_or_none(values)
+
+
 def _objects_typed(values: np.ndarray) -> Any:
     """A column of Python objects as pandas' nullable booleans where its values are all
     flags, nullable Int64 where all whole numbers (as ``[True, None]`` or a column that
     ``pd.concat`` filled with NaN for a frame without it holds them), else as text with
-    missing values kept missing (:func:`text_or_none`)."""
+    missing values kept missing (:func:`_objects_as_text`)."""
     kind = pd.api.types.infer_dtype(values, skipna=True)
     if kind in ("boolean", "integer") and not pd.isna(values).all():
         try:
             return pd.array(values, dtype="boolean" if kind == "boolean" else "Int64")
         except (OverflowError, TypeError, ValueError):  # (beyond Int64: as text)
             pass
-    return text_or_none(values)
+    return _objects_as_text(values)
 
 
 def _text_columns(schema: Any) -> frozenset[str]:
