@@ -555,7 +555,8 @@ def test_labels_outside_the_cell_ontology_train_as_they_are(tmp_path):
     adata = synthetic_atlas(600, 300, n_studies=2, seed=5)
     ids = sorted(set(adata.obs["cell_type_ontology_term_id"].astype(str)))
     lines = ["T cell", "CD4-positive, alpha-beta T cell", "HCC827", "H1975", "A549", "H2228"]
-    as_lines = dict(zip(ids, lines[: len(ids)], strict=False))
+    lines += [f"LINE-{k}" for k in range(len(ids))]  # (every cell labelled)
+    as_lines = dict(zip(ids, lines[: len(ids)], strict=True))
     assert len(as_lines) >= 4
     obs = adata.obs["cell_type_ontology_term_id"].astype(str)
     adata.obs["cell_type_ontology_term_id"] = obs.map(as_lines)
