@@ -181,10 +181,14 @@ def _annotate(args: argparse.Namespace) -> int:
     # the reference's labels read and checked (column, Cell Ontology terms) before any work;
     # by default as the model was trained: its label column, and plain votes for labels it
     # took as written (outside the Cell Ontology: cell lines, a lab's own)
-    aware = bool(model.config["loss"].get("ontology_aware", True))
+    label_key, aware = (
+        (args.label_key, tl.model_voting(model))
+        if args.label_key
+        else tl.model_label_key(index, model)
+    )
     annotator = KNNAnnotator(
         index,
-        label_key=args.label_key or tl.model_label_key(index, model),
+        label_key=label_key,
         k=args.k,
         ontology_aware=aware if args.ontology is None else args.ontology,
         abstain_on=args.abstain_on,

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import BACKED_ROWS, adata_counts, cell_mask, in_obs_order, is_number, logger
+from ._utils import BACKED_ROWS, adata_counts, cell_mask, in_obs_order, is_number
+from ._warnings import warn
 from .errors import ConfigError, DataError, MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 from .tasks.index import CellIndexError
@@ -103,7 +104,9 @@ def annotate(
     ``label_key`` (the reference metadata's column of labels) and ``ontology_aware`` (Cell
     Ontology votes, else plain ones) default to how ``model`` trained: its label column,
     and plain votes where it took its labels as written (outside the Cell Ontology);
-    without a model, ``cell_type_ontology_term_id`` and Cell Ontology votes.
+    where the index lacks the model's column but holds ``cell_type_ontology_term_id``, that
+    one by Cell Ontology votes (a warning says so); without a model,
+    ``cell_type_ontology_term_id`` and Cell Ontology votes.
     """
     if isinstance(reference, KNNAnnotator):  # it has its settings and threshold already
         options = {
@@ -136,10 +139,11 @@ def annotate(
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
     index.check_model(model)
     if label_key is None:  # as the model trained (the docstring)
-        label_key = model_label_key(index, model)
+        label_key, aware = model_label_key(index, model)
+    else:
+        aware = model_voting(model)
     if ontology_aware is None:
-        config = getattr(model, "config", None) or {}
-        ontology_aware = bool(config.get("loss", {}).get("ontology_aware", True))
+        ontology_aware = aware
     # (the reference's labels read and checked before the cells are embedded)
     ann = (
         reference
@@ -180,18 +184,30 @@ def annotate(
     return adata if copy else None
 
 
-def model_label_key(index: CellIndex, model: Any) -> str:
-    """The reference metadata's column of labels to annotate with, by default: the one
-    ``model`` trained on where the index holds it, else ``cell_type_ontology_term_id``
-    where it holds that (an index of other data than the model's); the model's otherwise,
-    which the annotator then names as missing."""
+def model_voting(model: Any) -> bool:
+    """Cell Ontology votes by default unless ``model`` took its labels as written."""
+    config = getattr(model, "config", None) or {}
+    return bool(config.get("loss", {}).get("ontology_aware", True))
+
+
+def model_label_key(index: CellIndex, model: Any) -> tuple[str, bool]:
+    """The reference metadata's column of labels to annotate with by default, and whether
+    its votes are the Cell Ontology's: the column ``model`` trained on where the index
+    holds it (voting as the model took its labels); else ``cell_type_ontology_term_id``
+    where the index holds that (an index of other data than the model's: Cell Ontology
+    ids, Cell Ontology votes; a warning says so); the model's otherwise, which the
+    annotator then names as missing."""
     default = "cell_type_ontology_term_id"
     own = getattr(model, "label_key", None) or default
     held = index.metadata_columns
     if own not in held and default in held:
-        logger.info("labels from %r: the index metadata have no %r (the model's)", default, own)
-        return default
-    return own
+        warn(
+            f"the index metadata have no {own!r} column (the labels the model trained on): "
+            f"annotating with their {default!r}, by Cell Ontology votes. Name another column "
+            "with label_key= (cellsift annotate: --label-key)."
+        )
+        return default, True
+    return own, model_voting(model)
 
 
 def check_embedded_by(adata: ad.AnnData, use_rep: str, model: Any, what: str = "adata") -> None:

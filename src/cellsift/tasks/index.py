@@ -1135,13 +1135,20 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
 def _objects_as_text(values: np.ndarray) -> np.ndarray:
     """A column of Python objects as text that a filter's values meet (:func:`~cellsift.
     data.collection.value_text`): whole floats as ints (1.0 is "1"), missing values None."""
-    whole = np.array(
-        [isinstance(v, float | np.floating) and float(v).is_integer() for v in values], dtype=bool
+    whole = np.array(  # (below 2**53, as the collection's and filters' text: 1e20 is "1e+20")
+        [isinstance(v, float | np.floating) and _whole_below_2_53(float(v)) for v in values],
+        dtype=bool,
     )
     if whole.any():
         values = values.copy()
         values[whole] = [int(v) for v in values[whole]]
     return text_or_none(values)
+
+
+def _whole_below_2_53(v: float) -> bool:
+    """A float that is a whole number exactly held (|v| < 2**53, as
+    :func:`~cellsift.data.collection.value_text` writes such floats as ints)."""
+    return math.isfinite(v) and v.is_integer() and abs(v) < 2**53
 
 
 def _objects_typed(values: np.ndarray) -> Any:
