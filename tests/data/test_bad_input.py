@@ -721,3 +721,19 @@ def test_an_empty_soma_store_is_refused_up_front(tmp_path):
         synthetic_atlas(0, 50, path=tmp_path / "none.soma", format="soma")
     assert not list(tmp_path.iterdir())
     assert synthetic_atlas(0, 50, path=tmp_path / "none.zarr").exists()
+
+
+def test_whole_floats_among_objects_read_as_ints_as_filters_give_them():
+    """An obs column of mixed objects holding whole floats ([1.0, "a"]) reads them as ints,
+    as numpy's float columns and filters' values do: "1", so that a filter of 1 or 1.0 keeps
+    the cell (review: "1.0", kept by no filter); 1e20 stays "1e+20"."""
+    import pandas as pd
+
+    part = indexed_atlas(4, 5)
+    part.obs["v"] = np.array([1.0, "a", 1e20, 2.5], dtype=object)
+    coll = CellCollection(part)
+    assert list(coll.obs_column("v").astype(str)) == ["1", "a", "1e+20", "2.5"]
+    for wanted, kept in ((1, [0]), (1.0, [0]), ("1", [0]), (1e20, [2]), (2.5, [3])):
+        got = CellCollection(part, obs_filter={"v": wanted}).cell_ids
+        np.testing.assert_array_equal(got, kept, err_msg=repr(wanted))
+    assert pd.isna(CellCollection(part).obs_column("v")).sum() == 0

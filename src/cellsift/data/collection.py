@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob as _glob
 import json
+import math
 import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -725,6 +726,8 @@ def _whole_floats_as_ints(values: Any) -> np.ndarray:
     arr = _as_written(np.asarray(values))
     if arr.dtype.kind in "mM":  # dates and durations as their text, not as nanoseconds
         return text_or_none(arr)
+    if arr.dtype == object:  # (mixed objects: their whole floats)
+        return objects_whole_as_ints(arr)
     if arr.dtype.kind != "f":
         return np.asarray(arr, dtype=object)
     out = arr.astype(object)
@@ -735,10 +738,37 @@ def _whole_floats_as_ints(values: Any) -> np.ndarray:
 
 
 def _as_text(values: Any) -> np.ndarray:
-    """An obs column as text (None where missing), whole floats as ints."""
+    """An obs column as text (None where missing), whole floats as ints (also the floats
+    of a column of mixed objects: [1.0, "a"] reads "1", "a", as a filter of 1.0 does)."""
     values = _plain_values(values)
     floats = values.categories if isinstance(values, pd.Categorical) else np.asarray(values)
-    return text_or_none(_whole_floats_as_ints(values) if floats.dtype.kind == "f" else values)
+    if floats.dtype.kind == "f":
+        return text_or_none(_whole_floats_as_ints(values))
+    if floats.dtype == object and not isinstance(values, pd.Categorical):
+        return text_or_none(objects_whole_as_ints(floats))
+    return text_or_none(values)
+
+
+def _whole_float(v: Any) -> bool:
+    """A float holding a whole number exactly (finite, below 2**53)."""
+    if not isinstance(v, float | np.floating):
+        return False
+    x = float(v)
+    return math.isfinite(x) and x.is_integer() and abs(x) < 2**53
+
+
+def objects_whole_as_ints(values: np.ndarray) -> np.ndarray:
+    """An object array with its whole floats (below 2**53, as :func:`_whole_floats_as_ints`
+    takes them) as ints; the array itself where it holds no floats (a check in C)."""
+    kind = pd.api.types.infer_dtype(values, skipna=True)
+    if kind not in ("floating", "mixed-integer-float", "mixed", "mixed-integer"):
+        return values
+    whole = np.fromiter((_whole_float(v) for v in values), dtype=np.bool_, count=len(values))
+    if not whole.any():
+        return values
+    out = values.copy()
+    out[whole] = [int(v) for v in values[whole]]
+    return out
 
 
 def value_text(value: Any) -> str | None:

@@ -66,7 +66,7 @@ from .._utils import (
     text_or_none,
 )
 from .._warnings import warn
-from ..data.collection import filter_texts
+from ..data.collection import filter_texts, objects_whole_as_ints
 from ..data.stores import refuse_other
 from ..errors import CellsiftError
 
@@ -1134,21 +1134,9 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
 
 def _objects_as_text(values: np.ndarray) -> np.ndarray:
     """A column of Python objects as text that a filter's values meet (:func:`~cellsift.
-    data.collection.value_text`): whole floats as ints (1.0 is "1"), missing values None."""
-    whole = np.array(  # (below 2**53, as the collection's and filters' text: 1e20 is "1e+20")
-        [isinstance(v, float | np.floating) and _whole_below_2_53(float(v)) for v in values],
-        dtype=bool,
-    )
-    if whole.any():
-        values = values.copy()
-        values[whole] = [int(v) for v in values[whole]]
-    return text_or_none(values)
-
-
-def _whole_below_2_53(v: float) -> bool:
-    """A float that is a whole number exactly held (|v| < 2**53, as
-    :func:`~cellsift.data.collection.value_text` writes such floats as ints)."""
-    return math.isfinite(v) and v.is_integer() and abs(v) < 2**53
+    data.collection.value_text`): whole floats as ints (1.0 is "1"; below 2**53, so 1e20 is
+    "1e+20"), missing values None."""
+    return text_or_none(objects_whole_as_ints(values))
 
 
 def _objects_typed(values: np.ndarray) -> Any:
