@@ -356,7 +356,11 @@ def test_a_training_run_folder_or_checkpoint_given_as_a_bundle_is_named(tmp_path
     _model().save(run / "model")
     with pytest.raises(BundleError, match=rf"log folder, not a model bundle: its bundle is {run}"):
         MetricModel.load(run)
-    ckpt = tmp_path / "last.ckpt"
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
     ckpt.write_bytes(b"PK")
+    for folder in (ckpt.parent, tmp_path):  # (train()'s root holds checkpoints/)
+        with pytest.raises(BundleError, match=r"holds training checkpoints .* not a model"):
+            MetricModel.load(folder)
     with pytest.raises(BundleError, match=r"last\.ckpt is a training checkpoint .* not a model"):
         MetricModel.load(ckpt)

@@ -221,6 +221,13 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a bundle directory (it does not exist or is a file).")
     missing = [f for f in (*_FILES, "checksums.json") if not (folder / f).is_file()]
+    if missing and (any(folder.glob("*.ckpt")) or any(folder.glob("*/*.ckpt"))):
+        raise BundleError(  # (MetricModel.train's root, or a folder of checkpoints)
+            f"{folder} holds training checkpoints (a run's states, to resume with ckpt_path), "
+            "not a model bundle: cellsift fit writes the bundle at the run's end in its log "
+            "folder (<save_dir>/<name>/version_N/model); after MetricModel.train, save one "
+            "with model.save(dir)."
+        )
     run = (folder / "hparams.yaml").is_file() or any(folder.glob("events.out.tfevents.*"))
     if missing and run:  # a training run's log folder (cellsift fit's), not its bundle
         inside = folder / "model"
