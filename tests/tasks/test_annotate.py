@@ -633,3 +633,11 @@ def test_plain_votes_warn_where_two_reference_labels_name_one_term():
         KNNAnnotator(index, k=5, ontology_aware=True)  # (one term's votes, summed)
         meta = pd.DataFrame({"cell_type_ontology_term_id": np.repeat(["B cell", "clone 7"], 20)})
         KNNAnnotator(CellIndex.build(x[:40], meta), k=5)
+
+
+def test_an_index_without_metadata_is_named_as_such():
+    """An annotator of an index built without metadata says so and how to build one with
+    labels (not "it has []")."""
+    index = CellIndex.build(np.random.default_rng(0).normal(size=(10, 4)))
+    with pytest.raises(CellIndexError, match=r"holds no metadata, so no labels \('cell_type'\)"):
+        KNNAnnotator(index, label_key="cell_type", k=3)

@@ -111,6 +111,13 @@ class KNNAnnotator:
             )
         if abstain_on not in ("mean", "nearest"):
             raise ValueError(f"abstain_on must be 'mean' or 'nearest', not {abstain_on!r}.")
+        if not index.metadata_columns:
+            raise CellIndexError(
+                f"the index holds no metadata, so no labels ({label_key!r}) to annotate "
+                "with: build it with the cells' metadata (CellIndex.build(embeddings, "
+                "metadata), or cellsift index from an embeddings store of cellsift embed, "
+                "which keeps the obs columns)."
+            )
         if label_key not in index.metadata_columns:
             raise CellIndexError(
                 f"the index metadata have no {label_key!r} column; it has {index.metadata_columns}."
