@@ -142,6 +142,22 @@ def test_a_store_overwrite_replaces_only_a_store_and_not_a_folder_that_looks_lik
     )
     assert CellCollection(old).n_obs == adata.n_obs
     convert(src, old, format="zarr", overwrite=True)
+    # files named as h5ad that anndata did not write (a Cell Ranger matrix, notes) are kept
+    # (review: any .h5 or .h5ad file was replaced); an h5ad anndata wrote is replaced
+    import h5py
+
+    tenx = tmp_path / "filtered_feature_bc_matrix.h5"
+    with h5py.File(tenx, "w") as f:
+        f.create_group("matrix").create_dataset("data", data=np.arange(3))
+    notes = tmp_path / "notes.h5ad"
+    notes.write_text("my lab notes")
+    for file in (tenx, notes):
+        before = file.read_bytes()
+        with pytest.raises(FileExistsError, match=r"is a file that is not a store"):
+            convert(src, file, format="h5ad", overwrite=True)
+        assert file.read_bytes() == before
+    adata.write_h5ad(tmp_path / "by_anndata.h5ad")
+    convert(src, tmp_path / "by_anndata.h5ad", overwrite=True)
 
 
 def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, monkeypatch):

@@ -147,8 +147,8 @@ def _index(args: argparse.Namespace) -> int:
 def _annotate(args: argparse.Namespace) -> int:
 
     from . import tl
-    from ._utils import atomic_path, check_replaceable, is_file
-    from .data.writers import check_named
+    from ._utils import atomic_path, check_replaceable
+    from .data.writers import check_named, is_h5ad_file
     from .errors import ConfigError, DataError
     from .models import MetricModel
     from .tasks import CellIndex, KNNAnnotator
@@ -169,7 +169,9 @@ def _annotate(args: argparse.Namespace) -> int:
         "annotate writes an h5ad file (the queries with their calls): name it *.h5ad, and "
         "convert it afterwards (cellsift convert) for a copy in another format.",
     )
-    check_replaceable(Path(args.out), args.overwrite, is_file, "an h5ad file")  # before the work
+    check_replaceable(
+        Path(args.out), args.overwrite, is_h5ad_file, "an h5ad file"
+    )  # before the work
     if args.calibrate_on is not None and args.no_abstain:
         raise ConfigError(
             "--calibrate-on sets the abstention threshold, which --no-abstain leaves out: "
@@ -216,7 +218,7 @@ def _annotate(args: argparse.Namespace) -> int:
         annotator.calibrate(held, quantile=args.quantile)
     tl.annotate(adata, annotator)
     with atomic_path(
-        args.out, overwrite=args.overwrite, replaces=is_file, what="an h5ad file"
+        args.out, overwrite=args.overwrite, replaces=is_h5ad_file, what="an h5ad file"
     ) as tmp:
         adata.write_h5ad(tmp)
     counts = adata.obs["cellsift_cell_type"].value_counts()

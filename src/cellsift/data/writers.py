@@ -92,7 +92,24 @@ def is_store(path: Path) -> bool:
     folder (never another folder)."""
     if path.is_dir():
         return _store_marker(path) is not None
-    return path.is_file() and path.suffix.lower() in (".h5ad", ".h5")
+    return is_h5ad_file(path)
+
+
+def is_h5ad_file(path: Path) -> bool:
+    """Is ``path`` an AnnData HDF5 file (named .h5ad or .h5): one anndata wrote (its root
+    says ``encoding-type: anndata``, or, written by an older anndata, holds ``obs`` and
+    ``var``), not another HDF5 file (a Cell Ranger matrix) or a file of another kind."""
+    if not (path.is_file() and path.suffix.lower() in (".h5ad", ".h5")):
+        return False
+    try:
+        if not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r") as f:
+            encoding = f.attrs.get("encoding-type", b"")
+            encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+            return encoding == "anndata" or ("obs" in f and "var" in f)
+    except OSError:  # (unreadable: not one this replaces)
+        return False
 
 
 #: The file name suffix each format writes.
