@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -561,3 +562,23 @@ def test_a_temporary_output_left_by_a_killed_write_is_named(indexed_paths, tmp_p
     assert "2 temporary outputs of an earlier write that did not finish" in caplog.text
     assert ".out.zarr.tmp-0123abcd" in caplog.text and (tmp_path / "out.zarr").exists()
     assert ".out.zarr.old-4567cdef" in caplog.text
+
+
+def test_a_commands_warnings_print_in_one_line(tmp_path):
+    """cellsift's warnings from a command: `cellsift: warning: ...` in one line, not the
+    library's file, line number and source line (review)."""
+    from cellsift.datasets import indexed_atlas
+
+    a = indexed_atlas(40, 10, path=None)
+    a.obsm["X_umap"] = np.zeros((40, 2))
+    a.write_h5ad(tmp_path / "full.h5ad")
+    done = subprocess.run(
+        [sys.executable, "-m", "cellsift.cli", "convert", str(tmp_path / "full.h5ad"),
+         str(tmp_path / "full.zarr")],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "not carried over" in line]
+    assert len(said) == 1 and said[0].startswith("cellsift: warning: "), done.stderr
+    assert "convert(" not in done.stderr and ".py:" not in done.stderr

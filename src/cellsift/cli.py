@@ -424,6 +424,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with _warnings_in_one_line():
+        return _main(argv)
+
+
+@contextlib.contextmanager
+def _warnings_in_one_line() -> Iterator[None]:
+    """cellsift's warnings printed as ``cellsift: warning: ...``, one line each, not with
+    the file, line and source line of the library's code that raised them."""
+    import warnings
+
+    from ._warnings import CellsiftWarning
+
+    default = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):  # type: ignore[no-untyped-def]
+        if issubclass(category, CellsiftWarning):
+            return f"cellsift: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .errors import USER_ERRORS as user_errors
     from .errors import TrainingInterrupted
