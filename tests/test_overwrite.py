@@ -158,6 +158,12 @@ def test_a_store_overwrite_replaces_only_a_store_and_not_a_folder_that_looks_lik
         assert file.read_bytes() == before
     adata.write_h5ad(tmp_path / "by_anndata.h5ad")
     convert(src, tmp_path / "by_anndata.h5ad", overwrite=True)
+    # an h5ad cut short or empty (nothing readable to lose) is replaced as before (review)
+    whole = (tmp_path / "by_anndata.h5ad").read_bytes()
+    for name, content in (("cut.h5ad", whole[: len(whole) // 2]), ("empty.h5ad", b"")):
+        (tmp_path / name).write_bytes(content)
+        convert(src, tmp_path / name, overwrite=True)
+        assert ad.read_h5ad(tmp_path / name).n_obs == adata.n_obs
 
 
 def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, monkeypatch):

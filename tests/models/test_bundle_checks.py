@@ -354,8 +354,16 @@ def test_a_training_run_folder_or_checkpoint_given_as_a_bundle_is_named(tmp_path
     ):
         load_bundle(run)
     _model().save(run / "model")
-    with pytest.raises(BundleError, match=rf"log folder, not a model bundle: its bundle is {run}"):
-        MetricModel.load(run)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"PK")
+    root = tmp_path / "no_logger"  # (cellsift fit without a logger: model/ in its root)
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "last.ckpt").write_bytes(b"PK")
+    _model().save(root / "model")
+    for folder in (run, root):  # a bundle there is named before its checkpoints (review)
+        said = rf"run's folder, not a model bundle: its bundle is {folder / 'model'}"
+        with pytest.raises(BundleError, match=said):
+            MetricModel.load(folder)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"PK")

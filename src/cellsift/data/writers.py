@@ -98,18 +98,26 @@ def is_store(path: Path) -> bool:
 def is_h5ad_file(path: Path) -> bool:
     """Is ``path`` an AnnData HDF5 file (named .h5ad or .h5): one anndata wrote (its root
     says ``encoding-type: anndata``, or, written by an older anndata, holds ``obs`` and
-    ``var``), not another HDF5 file (a Cell Ranger matrix) or a file of another kind."""
+    ``var``), not another HDF5 file (a Cell Ranger matrix) or a file of another kind. An
+    empty file, or an HDF5 file that cannot be opened to look (cut short, or locked by
+    another process or a file system without HDF5's locks), counts as one: nothing
+    readable is lost by replacing it."""
     if not (path.is_file() and path.suffix.lower() in (".h5ad", ".h5")):
         return False
     try:
+        if path.stat().st_size == 0:
+            return True
         if not h5py.is_hdf5(path):
             return False
+    except OSError:
+        return False
+    try:
         with h5py.File(path, "r") as f:
             encoding = f.attrs.get("encoding-type", b"")
             encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
             return encoding == "anndata" or ("obs" in f and "var" in f)
-    except OSError:  # (unreadable: not one this replaces)
-        return False
+    except OSError:  # (an HDF5 file it cannot open to look at)
+        return True
 
 
 #: The file name suffix each format writes.

@@ -221,25 +221,25 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a bundle directory (it does not exist or is a file).")
     missing = [f for f in (*_FILES, "checksums.json") if not (folder / f).is_file()]
+    run = (folder / "hparams.yaml").is_file() or any(folder.glob("events.out.tfevents.*"))
+    inside = folder / "model"
+    if missing and (inside / "config.json").is_file():  # (a run's root, logger or not)
+        raise BundleError(
+            f"{folder} is a training run's folder, not a model bundle: its bundle is {inside}."
+        )
+    if missing and run:  # a training run's log folder (cellsift fit's), without a bundle
+        raise BundleError(
+            f"{folder} is a training run's log folder, not a model bundle: it holds no "
+            "bundle. cellsift fit writes one in its model folder when the run ends (a run "
+            "stopped early: resume it with --ckpt_path last); after MetricModel.train, save "
+            "one with model.save(dir)."
+        )
     if missing and (any(folder.glob("*.ckpt")) or any(folder.glob("*/*.ckpt"))):
         raise BundleError(  # (MetricModel.train's root, or a folder of checkpoints)
             f"{folder} holds training checkpoints (a run's states, to resume with ckpt_path), "
             "not a model bundle: cellsift fit writes the bundle at the run's end in its log "
             "folder (<save_dir>/<name>/version_N/model); after MetricModel.train, save one "
             "with model.save(dir)."
-        )
-    run = (folder / "hparams.yaml").is_file() or any(folder.glob("events.out.tfevents.*"))
-    if missing and run:  # a training run's log folder (cellsift fit's), not its bundle
-        inside = folder / "model"
-        raise BundleError(
-            f"{folder} is a training run's log folder, not a model bundle: "
-            + (
-                f"its bundle is {inside}."
-                if (inside / "config.json").is_file()
-                else "it holds no bundle. cellsift fit writes one in its model folder "
-                "when the run ends (a run stopped early: resume it with --ckpt_path last); "
-                "after MetricModel.train, save one with model.save(dir)."
-            )
         )
     if missing:
         raise BundleError(
