@@ -183,11 +183,7 @@ def _annotate(args: argparse.Namespace) -> int:
     # the reference's labels read and checked (column, Cell Ontology terms) before any work;
     # by default as the model was trained: its label column, and plain votes for labels it
     # took as written (outside the Cell Ontology: cell lines, a lab's own)
-    label_key, aware = (
-        (args.label_key, tl.model_voting(model))
-        if args.label_key
-        else tl.model_label_key(index, model)
-    )
+    label_key, aware = tl.labels_of(index, model, args.label_key)
     annotator = KNNAnnotator(
         index,
         label_key=label_key,

@@ -138,10 +138,7 @@ def annotate(
     adata = _copied(adata) if copy else _writable(adata)
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
     index.check_model(model)
-    if label_key is None:  # as the model trained (the docstring)
-        label_key, aware = model_label_key(index, model)
-    else:
-        aware = model_voting(model)
+    label_key, aware = labels_of(index, model, label_key)  # (as the docstring says)
     if ontology_aware is None:
         ontology_aware = aware
     # (the reference's labels read and checked before the cells are embedded)
@@ -184,19 +181,18 @@ def annotate(
     return adata if copy else None
 
 
-def model_voting(model: Any) -> bool:
-    """Cell Ontology votes by default unless ``model`` took its labels as written."""
-    config = getattr(model, "config", None) or {}
-    return bool(config.get("loss", {}).get("ontology_aware", True))
-
-
-def model_label_key(index: CellIndex, model: Any) -> tuple[str, bool]:
-    """The reference metadata's column of labels to annotate with by default, and whether
-    its votes are the Cell Ontology's: the column ``model`` trained on where the index
-    holds it (voting as the model took its labels); else ``cell_type_ontology_term_id``
+def labels_of(index: CellIndex, model: Any, label_key: str | None = None) -> tuple[str, bool]:
+    """The reference metadata's column of labels to annotate with, and whether its votes
+    are the Cell Ontology's, by default: ``label_key`` where given; else the column
+    ``model`` trained on where the index holds it; else ``cell_type_ontology_term_id``
     where the index holds that (an index of other data than the model's: Cell Ontology
-    ids, Cell Ontology votes; a warning says so); the model's otherwise, which the
-    annotator then names as missing."""
+    ids, so Cell Ontology votes; a warning says so); else the model's, which the annotator
+    then names as missing. Votes otherwise as the model took its labels (plain for labels
+    outside the Cell Ontology)."""
+    config = getattr(model, "config", None) or {}
+    aware = bool(config.get("loss", {}).get("ontology_aware", True))
+    if label_key is not None:
+        return label_key, aware
     default = "cell_type_ontology_term_id"
     own = getattr(model, "label_key", None) or default
     held = index.metadata_columns
@@ -207,7 +203,7 @@ def model_label_key(index: CellIndex, model: Any) -> tuple[str, bool]:
             "with label_key= (cellsift annotate: --label-key)."
         )
         return default, True
-    return own, model_voting(model)
+    return own, aware
 
 
 def check_embedded_by(adata: ad.AnnData, use_rep: str, model: Any, what: str = "adata") -> None:

@@ -737,3 +737,6 @@ def test_whole_floats_among_objects_read_as_ints_as_filters_give_them():
         got = CellCollection(part, obs_filter={"v": wanted}).cell_ids
         np.testing.assert_array_equal(got, kept, err_msg=repr(wanted))
     assert pd.isna(CellCollection(part).obs_column("v")).sum() == 0
+    # as categories of a categorical too (review: they stayed "1.0")
+    part.obs["v"] = pd.Categorical(np.array([1.0, "a", 1.0, "b"], dtype=object))
+    np.testing.assert_array_equal(CellCollection(part, obs_filter={"v": 1}).cell_ids, [0, 2])

@@ -212,9 +212,7 @@ class CellCollection:
                 "Loosen the filter that removes them all; a label column for training "
                 "(dropna) must hold labels, not only missing or 'unknown' values."
             )
-        #: cells each filter removes, on its own (e.g. "min_genes=200": 1,203), over all stores
-        self.removed = {what: k for what, k in removed.items() if k}
-        #: cells only that filter removes: every other filter keeps them
+        #: cells only that filter removes (every other filter keeps them), over all stores
         self.removed_alone = {what: k for what, k in alone.items() if k}
         if len(self.cell_ids) < self.offsets[-1]:
             logger.info(
@@ -258,7 +256,7 @@ class CellCollection:
         min_genes: int | None,
         min_counts: float | None,
         removed: dict[str, int],
-        alone: dict[str, int] | None = None,
+        alone: dict[str, int],
     ) -> np.ndarray:
         """The store's cells that every filter keeps; ``removed`` counts, per filter, the
         cells it removes (each filter on its own), ``alone`` those only it removes."""
@@ -305,13 +303,10 @@ class CellCollection:
                     texts = [t for v in allowed for t in filter_texts(v)]
                     mask &= values.isin(texts).to_numpy()
             apply("obs_filter", mask)
-        if alone is not None and len(masks) > 1:
-            for what, mask in masks.items():  # (kept by all the others, not by this one)
-                others = np.logical_and.reduce([m for w, m in masks.items() if w != what])
-                alone[what] = alone.get(what, 0) + int((~mask & others).sum())
-        elif alone is not None:
-            for what, mask in masks.items():
-                alone[what] = alone.get(what, 0) + int((~mask).sum())
+        for what, mask in masks.items():
+            # kept by all the others (by none: True), not by this one
+            others = np.logical_and.reduce([m for w, m in masks.items() if w != what], initial=True)
+            alone[what] = alone.get(what, 0) + int((~mask & others).sum())
         nnz = None
         if self.check_counts:  # (unchecked, cells without counts are read as they are)
             nnz = store.row_nnz() if store.stored_zeros else store.stored_row_nnz()
@@ -576,7 +571,8 @@ def _check_aligned(
 
 
 def _dropna_what(col: str) -> str:
-    """How :attr:`CellCollection.removed` names the cells ``dropna`` removes for ``col``."""
+    """How :attr:`CellCollection.removed_alone` names the cells ``dropna`` removes for
+    ``col``."""
     return f"dropna {col!r} (missing or 'unknown')"
 
 
@@ -717,7 +713,7 @@ def _whole_floats_as_ints(values: Any) -> np.ndarray:
     floats would read donor 1000 as "1000.0" where another reads "1000". Dates as their
     text ("2020-01-31", as a store of text holds them), float32 as it is written ("0.1")."""
     if isinstance(values, pd.Categorical):
-        if values.categories.dtype.kind not in "fmM" or not len(values.categories):
+        if values.categories.dtype.kind not in "fmMO" or not len(values.categories):
             return np.asarray(values, dtype=object)
         cats = _whole_floats_as_ints(np.asarray(values.categories))
         out: np.ndarray = cats[np.maximum(values.codes, 0)]
@@ -727,7 +723,7 @@ def _whole_floats_as_ints(values: Any) -> np.ndarray:
     if arr.dtype.kind in "mM":  # dates and durations as their text, not as nanoseconds
         return text_or_none(arr)
     if arr.dtype == object:  # (mixed objects: their whole floats)
-        return objects_whole_as_ints(arr)
+        return _objects_whole_as_ints(arr)
     if arr.dtype.kind != "f":
         return np.asarray(arr, dtype=object)
     out = arr.astype(object)
@@ -742,10 +738,8 @@ def _as_text(values: Any) -> np.ndarray:
     of a column of mixed objects: [1.0, "a"] reads "1", "a", as a filter of 1.0 does)."""
     values = _plain_values(values)
     floats = values.categories if isinstance(values, pd.Categorical) else np.asarray(values)
-    if floats.dtype.kind == "f":
+    if floats.dtype.kind in "fO":
         return text_or_none(_whole_floats_as_ints(values))
-    if floats.dtype == object and not isinstance(values, pd.Categorical):
-        return text_or_none(objects_whole_as_ints(floats))
     return text_or_none(values)
 
 
@@ -757,7 +751,7 @@ def _whole_float(v: Any) -> bool:
     return math.isfinite(x) and x.is_integer() and abs(x) < 2**53
 
 
-def objects_whole_as_ints(values: np.ndarray) -> np.ndarray:
+def _objects_whole_as_ints(values: np.ndarray) -> np.ndarray:
     """An object array with its whole floats (below 2**53, as :func:`_whole_floats_as_ints`
     takes them) as ints; the array itself where it holds no floats (a check in C)."""
     kind = pd.api.types.infer_dtype(values, skipna=True)

@@ -63,10 +63,9 @@ from .._utils import (
     positions,
     read_one_version,
     rename_apart,
-    text_or_none,
 )
 from .._warnings import warn
-from ..data.collection import filter_texts, objects_whole_as_ints
+from ..data.collection import _as_text, filter_texts
 from ..data.stores import refuse_other
 from ..errors import CellsiftError
 
@@ -1119,7 +1118,7 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
         for col in df.columns:
             if df[col].dtype == object:  # as text, missing values kept missing (not "nan")
                 values = df[col].to_numpy()
-                df[col] = _objects_as_text(values) if col in text else _objects_typed(values)
+                df[col] = _as_text(values) if col in text else _objects_typed(values)
         table = pa.Table.from_pandas(df, preserve_index=False)
     elif isinstance(metadata, pa.Table):
         table = metadata
@@ -1132,37 +1131,35 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
     return table.append_column("cell_index", pa.array(np.arange(start, start + n, dtype=np.int64)))
 
 
-def _objects_as_text(values: np.ndarray) -> np.ndarray:
-    """A column of Python objects as text that a filter's values meet (:func:`~cellsift.
-    data.collection.value_text`): whole floats as ints (1.0 is "1"; below 2**53, so 1e20 is
-    "1e+20"), missing values None."""
-    return text_or_none(objects_whole_as_ints(values))
-
-
 def _objects_typed(values: np.ndarray) -> Any:
     """A column of Python objects as pandas' nullable booleans where its values are all
     flags, nullable Int64 where all whole numbers (as ``[True, None]`` or a column that
     ``pd.concat`` filled with NaN for a frame without it holds them), else as text with
-    missing values kept missing (:func:`_objects_as_text`)."""
+    missing values kept missing, whole floats as ints (the collection's ``_as_text``:
+    the text a filter's value meets)."""
     kind = pd.api.types.infer_dtype(values, skipna=True)
     if kind in ("boolean", "integer") and not pd.isna(values).all():
         try:
             return pd.array(values, dtype="boolean" if kind == "boolean" else "Int64")
         except (OverflowError, TypeError, ValueError):  # (beyond Int64: as text)
             pass
-    return _objects_as_text(values)
+    return _as_text(values)
 
 
 def _text_columns(schema: Any) -> frozenset[str]:
     """The columns of an Arrow ``schema`` that hold text (plain or dictionary-encoded)."""
+    return frozenset(f.name for f in schema if _is_text_type(_value_type(f.type)))
+
+
+def _value_type(kind: Any) -> Any:
+    """An Arrow type, a dictionary's as its values' type."""
     pa = import_optional("pyarrow")
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
 
-    def is_text(t: Any) -> bool:
-        if pa.types.is_dictionary(t):
-            t = t.value_type
-        return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
 
-    return frozenset(f.name for f in schema if is_text(f.type))
+def _is_text_type(kind: Any) -> bool:
+    pa = import_optional("pyarrow")
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
 
 def _concat_metadata(old: Any, new: Any) -> Any:
@@ -1288,10 +1285,9 @@ def _as_column_type(value: Any, kind: Any) -> list[Any]:
         return [value]
     if isinstance(value, np.generic):
         value = value.item()
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
+    kind = _value_type(kind)
     text = isinstance(value, str)
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    if _is_text_type(kind):
         return [value] if text or isinstance(value, bytes) else filter_texts(value)
     if pa.types.is_boolean(kind):
         forms = {"True": True, "False": False, "true": True, "false": False}
