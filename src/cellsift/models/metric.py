@@ -444,18 +444,18 @@ class MetricModel:
     ) -> np.ndarray:
         """``fn(batch)`` over the aligned counts of ``adata`` in blocks, into one array. With
         ``check_counts``, cells without counts in the model's genes are an error: they carry
-        nothing to embed or label. A backed AnnData is read, aligned and checked a block of
-        rows at a time (never whole in memory); an error names the first block's cells."""
+        nothing to embed or label. Read, aligned and checked a block of rows at a time, in
+        memory or backed (the aligned counts never whole in memory); an error names the
+        first faulty block's cells."""
         _check_batch_size(batch_size)  # (here too: no batch runs for no cells)
         if device is not None:
             check_device(device)
         x, var, others = adata_counts(adata, layer, source)
         align = self._aligner(var, others, layer, check_counts, source)
-        backed = not (sp.issparse(x) or isinstance(x, np.ndarray))
-        step = BACKED_ROWS if backed else max(x.shape[0], 1)  # (in memory: aligned at once)
         out = np.empty((x.shape[0], width), dtype=np.float32)
+        step = BACKED_ROWS
         for start in range(0, x.shape[0], step):
-            block = align(x[start : start + step] if backed else x)
+            block = align(x[start : start + step])
             if check_counts:
                 self.check_cells_have_counts(
                     block,
