@@ -262,6 +262,56 @@ def test_a_run_resumed_from_an_epochs_last_step_ends_as_the_uninterrupted_one(
         assert seen_again[0][:3] == ("val", at, 0)
 
 
+@pytest.mark.parametrize("every", ["an-epoch", "an-epoch-and-a-step"])
+def test_a_finished_run_goes_on_from_where_it_ended(synthetic_h5ad, tmp_path, every):
+    """A run's last checkpoint is written again as it ends: resumed with its own length it
+    does nothing again (before: a checkpoint saved on the epoch's last step, before that
+    epoch's validation, validated again and kept a second best, "-v1"); given more epochs
+    it goes on from its last step (before: from the last save every n steps) and ends as
+    the uninterrupted run of that length, with one best checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, epochs, steps, **fit):
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1)
+        callbacks = [
+            ModelCheckpoint(
+                dirpath=root, filename="best-{epoch}-{step}", monitor="val/asw", mode="max"
+            ),
+            ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=steps),
+        ]
+        seen = _Validations()
+        trainer = _trainer(
+            root,
+            max_epochs=epochs,
+            enable_checkpointing=True,
+            callbacks=[*callbacks, seen],
+            num_sanity_val_steps=0,
+        )
+        plan = TrainingPlan(module, scheduler="none")
+        trainer.fit(plan, datamodule=dm, **fit)
+        return trainer, plan, [e[:3] for e in seen.seen if e[0] == "val"]
+
+    whole, plan, seen = run(tmp_path / "whole", 3, 10**6)
+    per_epoch = whole.global_step // 3
+    steps = per_epoch if every == "an-epoch" else per_epoch + 1
+    root = tmp_path / "split"
+    first, _, _ = run(root, 2, steps)
+    assert first.global_step == 2 * per_epoch
+    again, _, validated = run(root, 2, steps, ckpt_path="last")
+    assert again.global_step == 2 * per_epoch
+    assert validated == []
+    assert len(list(root.glob("best-*.ckpt"))) == 1
+    on, plan_on, validated = run(root, 3, steps, ckpt_path="last")
+    assert on.global_step == whole.global_step
+    assert validated == [("val", 3 * per_epoch, 2)] == seen[2:]
+    for (key, a), b in zip(
+        plan.module.state_dict().items(), plan_on.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+    assert len(list(root.glob("best-*.ckpt"))) == 1
+
+
 def test_a_run_resumed_under_a_time_between_validations_logs_on_the_same_steps(
     synthetic_h5ad, tmp_path
 ):

@@ -388,6 +388,7 @@ class TrainingPlan(pl.LightningModule):
                 "its initial weights (cellsift fit writes no bundle of them). Train for at "
                 "least one step."
             )
+        self._save_where_it_ended()
         best = next(
             (
                 cb
@@ -410,12 +411,35 @@ class TrainingPlan(pl.LightningModule):
                 f"the best weights by {best.monitor}, {value}at epoch {ckpt['epoch']}"
             )
 
+    def _save_where_it_ended(self) -> None:
+        """The ``last`` checkpoint of each ``ModelCheckpoint`` that keeps one, written again
+        as the fit ends (before the best weights are loaded), so that ``ckpt_path="last"``
+        goes on from where the run ended. Lightning writes it only where the callback saves:
+        one saving every n steps leaves it up to n - 1 steps behind, and one whose save falls
+        on an epoch's last step holds the state from before that epoch's validation and end,
+        which a resumed run would do again (a second best checkpoint, ``-v1``, beside the
+        first)."""
+        if getattr(self.trainer, "fast_dev_run", False):  # (setup: it keeps no last)
+            return
+        written: set[str] = set()
+        for cb in self.trainer.checkpoint_callbacks:
+            if not (isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath):
+                continue
+            path = cb.last_model_path or os.path.join(
+                str(cb.dirpath), f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+            )
+            if path not in written:  # (callbacks that share a folder share their last)
+                cb.last_model_path = path  # (before: it is part of the callback's state)
+                self.trainer.save_checkpoint(path, weights_only=False)
+                written.add(path)
+
     # -- random state: a resumed run draws what the uninterrupted run would have drawn --------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # every rank builds the checkpoint (rank 0 writes it); each rank draws its own stream.
         # Written as a validation ends (ModelCheckpoint's on_validation_end runs before the
         # plan's): training's stream as it was before the validation drew from it
-        rng = self._rng_before_validation
+        # (a run resumed and saved before its first batch: the stream it restored, not yet set)
+        rng = self._rng_before_validation or self._rng_to_restore
         checkpoint["cellsift_rng"] = {"per_rank": _gather_objects(rng or _rng_state())}
         checkpoint["cellsift_epoch_sums"] = self._global_epoch_sums()  # (every rank's)
         if self.run_identity is not None:
