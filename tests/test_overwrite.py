@@ -164,6 +164,55 @@ def test_a_store_overwrite_replaces_only_a_store_and_not_a_folder_that_looks_lik
         (tmp_path / name).write_bytes(content)
         convert(src, tmp_path / name, overwrite=True)
         assert ad.read_h5ad(tmp_path / name).n_obs == adata.n_obs
+    # ... but they are no store to open: loading one as a bundle or index says it is a file
+    # (review: "is a store of cells' counts")
+    from cellsift.tasks import CellIndex
+
+    for name, content in (("cut.h5", whole[: len(whole) // 2]), ("empty.h5ad", b"")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(Exception, match="is a file, not an index folder"):
+            CellIndex.load(tmp_path / name)
+        with pytest.raises(Exception, match=r"not a bundle directory \(it does not exist or is a"):
+            MetricModel.load(tmp_path / name)
+
+
+def test_a_file_another_process_holds_open_is_told_by_what_it_holds(tmp_path):
+    """HDF5 locks a file that a process has open for writing: a Cell Ranger matrix held so
+    is still refused by overwrite (review: it could not be opened to look, and was replaced
+    as if cut short), and an h5ad output held so (open in a notebook) is replaced."""
+    import subprocess
+    import sys
+
+    import h5py
+
+    from cellsift.datasets import synthetic_atlas
+
+    src = synthetic_atlas(50, 20, seed=0, path=tmp_path / "atlas.h5ad")
+    tenx = tmp_path / "filtered_feature_bc_matrix.h5"
+    with h5py.File(tenx, "w") as f:
+        f.create_group("matrix").create_dataset("data", data=np.arange(3))
+    output = tmp_path / "out.h5ad"
+    convert(src, output)
+    hold = "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); print(1, flush=True); time.sleep(60)"
+    for path, replaced in ((tenx, False), (output, True)):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout.readline().strip() == "1"
+            with pytest.raises(OSError, match="lock"):
+                h5py.File(path, "r")  # (held: HDF5's lock refuses it)
+            before = path.read_bytes()
+            if replaced:
+                convert(src, path, overwrite=True)
+            else:
+                with pytest.raises(FileExistsError, match="is a file that is not a store"):
+                    convert(src, path, overwrite=True)
+                assert path.read_bytes() == before
+        finally:
+            holder.kill()
+            holder.wait()
+    assert ad.read_h5ad(output).n_obs == 50
 
 
 def test_convert_refuses_an_existing_output_before_reading_the_cells(tmp_path, monkeypatch):

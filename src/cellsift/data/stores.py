@@ -51,7 +51,7 @@ def kind_of(path: Path) -> str | None:
             return "index"
         if (_zarr_attributes(path) or {}).get("cellsift") == "embeddings":
             return "embeddings"
-    return "cells" if is_store(path) else None
+    return "cells" if is_store(path, unreadable=False) else None
 
 
 def _json(path: Path) -> Any:

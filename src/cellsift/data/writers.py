@@ -87,37 +87,39 @@ def _zarr_attributes(p: Path) -> dict | None:
 A_STORE = "a store (h5ad, Zarr, SOMA)"  # what a writer's output replaces
 
 
-def is_store(path: Path) -> bool:
+def is_store(path: Path, *, unreadable: bool = True) -> bool:
     """Is ``path`` a store that a conversion may replace: an h5ad file, a Zarr or SOMA
-    folder (never another folder)."""
+    folder (never another folder). ``unreadable``: what an h5ad file that HDF5 cannot
+    open counts as (:func:`is_h5ad_file`)."""
     if path.is_dir():
         return _store_marker(path) is not None
-    return is_h5ad_file(path)
+    return is_h5ad_file(path, unreadable=unreadable)
 
 
-def is_h5ad_file(path: Path) -> bool:
+def is_h5ad_file(path: Path, *, unreadable: bool = True) -> bool:
     """Is ``path`` an AnnData HDF5 file (named .h5ad or .h5): one anndata wrote (its root
     says ``encoding-type: anndata``, or, written by an older anndata, holds ``obs`` and
-    ``var``), not another HDF5 file (a Cell Ranger matrix) or a file of another kind. An
-    empty file, or an HDF5 file that cannot be opened to look (cut short, or locked by
-    another process or a file system without HDF5's locks), counts as one: nothing
-    readable is lost by replacing it."""
+    ``var``), not another HDF5 file (a Cell Ranger matrix) or a file of another kind. A
+    file locked by another process (an h5ad open in a notebook) is read without HDF5's
+    lock to tell. An empty file, or an HDF5 file that cannot be opened (cut short,
+    corrupt) is ``unreadable`` (default True: an output that overwrite replaces, as nothing
+    readable is lost by it)."""
     if not (path.is_file() and path.suffix.lower() in (".h5ad", ".h5")):
         return False
     try:
         if path.stat().st_size == 0:
-            return True
+            return unreadable
         if not h5py.is_hdf5(path):
             return False
     except OSError:
         return False
-    try:
-        with h5py.File(path, "r") as f:
+    try:  # (read only, to look: no lock, which another process's open file would refuse)
+        with h5py.File(path, "r", locking=False) as f:
             encoding = f.attrs.get("encoding-type", b"")
             encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
             return encoding == "anndata" or ("obs" in f and "var" in f)
-    except OSError:  # (an HDF5 file it cannot open to look at)
-        return True
+    except OSError:  # (an HDF5 file that cannot be opened: cut short or corrupt)
+        return unreadable
 
 
 #: The file name suffix each format writes.
