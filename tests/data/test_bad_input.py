@@ -246,6 +246,14 @@ def test_blank_and_spelled_out_missing_labels_are_dropped(tmp_path, caplog):
             "keeps 34 of 40 cells (dropna 'cell_type_ontology_term_id' (missing or 'unknown') "
             "removes 6)" in caplog.text
         )
+        what = "dropna 'cell_type_ontology_term_id' (missing or 'unknown')"
+        assert kept.removed == kept.removed_alone == {what: 6}
+    # each filter's count on its own, and those only it removes (the six are donor_0's)
+    both = CellCollection(
+        path, dropna="cell_type_ontology_term_id", obs_filter={"donor_id": "donor_1"}
+    )
+    assert both.removed == {what: 6, "obs_filter": 33}
+    assert both.removed_alone == {"obs_filter": 27}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="cellsift"):
         CellCollection(path)  # no filter removes anything: nothing said

@@ -212,6 +212,8 @@ class CellCollection:
                 "Loosen the filter that removes them all; a label column for training "
                 "(dropna) must hold labels, not only missing or 'unknown' values."
             )
+        #: cells each filter removes, on its own (e.g. "min_genes=200": 1,203), over all stores
+        self.removed = {what: k for what, k in removed.items() if k}
         #: cells only that filter removes (every other filter keeps them), over all stores
         self.removed_alone = {what: k for what, k in alone.items() if k}
         if len(self.cell_ids) < self.offsets[-1]:
