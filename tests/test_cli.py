@@ -243,6 +243,14 @@ def test_demo_settings_and_a_stopped_demo(synthetic_h5ad, tmp_path, capsys):
         run_demo(tmp_path, synthetic=True, n_cells=1999)
     assert list(tmp_path.iterdir()) == []
     assert _source(tmp_path, True, 2000)[0] != _source(tmp_path, True, 2500)[0]
+    # a size asks for a synthetic atlas, where the real data is found too (review: it ran
+    # on the real data, the size unsaid)
+    path, _, what = _source(tmp_path, False, 2000)
+    assert path == _source(tmp_path, True, 2000)[0]
+    assert what.startswith("synthetic atlas, 2,000 cells") and "--n-cells was given" in what
+    with pytest.raises(SystemExit, match="2"):
+        main(["demo", "--n-cells", "200", "--out", str(tmp_path)])
+    assert "--n-cells: must be at least 2000, not 200" in capsys.readouterr().err
 
     def sigterm_once_training() -> None:
         while "StopRequest" not in repr(signal.getsignal(signal.SIGTERM)):
@@ -299,7 +307,7 @@ def test_the_demo_without_its_extra_and_without_the_data_says_so(tmp_path, monke
     with pytest.raises(MissingDependencyError, match=r"not installed: pip install nothere$"):
         import_optional("nothere.sub")
     monkeypatch.setenv("CELLSIFT_DATA", str(tmp_path / "nowhere"))
-    what = _source(tmp_path, False, 2000)[2]
+    what = _source(tmp_path, False, None)[2]
     assert "kang2018_pbmc_ctrl_8donors.h5ad is not in" in what and "CELLSIFT_DATA" in what
 
 

@@ -413,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--synthetic", action="store_true", help="use a synthetic atlas")
     p.add_argument(
-        "--n-cells", type=_at_least(2_000), default=20_000, help="synthetic atlas size (>= 2000)"
+        "--n-cells",
+        type=_at_least(2_000),
+        help="a synthetic atlas of this many cells (>= 2000), even where the real data is "
+        "found (default with --synthetic: 20000)",
     )
     p.set_defaults(func=_demo)
     return parser

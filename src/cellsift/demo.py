@@ -35,18 +35,19 @@ MIN_CELLS = 2_000
 SYNTHETIC_CELLS = 20_000
 
 
-def _source(out: Path, synthetic: bool, n_cells: int) -> tuple[Path, str, str]:
+def _source(out: Path, synthetic: bool, n_cells: int | None) -> tuple[Path, str, str]:
     """(h5ad path, study/donor column, description)."""
     from .datasets import shared_data_path
 
-    if not synthetic:
+    if not synthetic and n_cells is None:
         try:
             path = shared_data_path("kang2018")
             return path, "batch", f"real data: Kang 2018 PBMC, 8 donors ({path})"
         except FileNotFoundError as err:  # (where it looked, and how to point at the data)
             reason = str(err).split(" (the files come from")[0]
     else:
-        reason = "--synthetic was given"
+        reason = "--synthetic was given" if synthetic else "--n-cells was given"
+    n_cells = SYNTHETIC_CELLS if n_cells is None else n_cells
     path = out / f"synthetic_atlas_{n_cells}.h5ad"  # (one of another size is not this one)
     if not path.exists():
         synthetic_atlas(n_cells, 2000, n_studies=6, path=path, seed=0)
@@ -54,12 +55,15 @@ def _source(out: Path, synthetic: bool, n_cells: int) -> tuple[Path, str, str]:
 
 
 def run_demo(
-    out: str | Path = "demo_out", *, synthetic: bool = False, n_cells: int = SYNTHETIC_CELLS
+    out: str | Path = "demo_out", *, synthetic: bool = False, n_cells: int | None = None
 ) -> int:
+    """The demo, written to ``out``: on the real data where found, unless ``synthetic`` or
+    ``n_cells`` (a synthetic atlas of that many cells; default :data:`SYNTHETIC_CELLS`)
+    asks for a synthetic atlas. Returns the exit status."""
     # the demo's extra (its baselines, plots and the SOMA store): said before any work
     for module in ("scanpy", "umap", "sklearn", "tiledbsoma"):
         import_optional(module, "demo")
-    if synthetic and n_cells < MIN_CELLS:
+    if n_cells is not None and n_cells < MIN_CELLS:
         raise ConfigError(
             f"the demo needs at least {MIN_CELLS:,} cells (a held-out study, and validation "
             f"studies with enough cells to calibrate the abstention threshold), not {n_cells:,}."
