@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cellsift._warnings import CellsiftWarning
 from cellsift.data import CellCollection, GeneVocabulary
 from cellsift.errors import GeneAlignmentError
 
@@ -80,8 +81,8 @@ def test_a_model_query_leaves_out_only_the_genes_a_shared_name_makes_ambiguous()
     ids = [_ens(i) if i % 4 else _ens(1000 + i) for i in range(n)] + [_ens(999)]
     symbols = [f"S{i}" for i in range(n)] + ["S5"]  # a second locus named S5
     var = pd.DataFrame({"gene_symbols": symbols}, index=ids)
-    with pytest.warns(
-        UserWarning, match=r"1 of the model's genes .*\['S5'\].*var\['gene_symbols'\]"
+    with pytest.warns(  # (cellsift's: one line on the command line)
+        CellsiftWarning, match=r"1 of the model's genes .*\['S5'\].*var\['gene_symbols'\]"
     ):
         gm = vocab.align(var, of="vocabulary", min_overlap=0.5)
     assert gm.key == "gene_symbols->symbols" and gm.n_matched == n - 1
@@ -234,7 +235,7 @@ def test_a_models_query_needs_half_its_genes_or_5000():
         vocab.align(panel, of="vocabulary")
     with pytest.raises(GeneAlignmentError, match=r"only 299 of its 300 genes match the model's"):
         vocab.align(_var([*vocab.genes[:299], "ENSG99999999999"]), of="vocabulary")
-    with pytest.warns(UserWarning, match=r"5500 of the model's 12000 genes are found \(46%"):
+    with pytest.warns(CellsiftWarning, match=r"5500 of the model's 12000 genes are found \(46%"):
         gm = vocab.align(_var(list(vocab.genes[:5_500])), of="vocabulary")
     assert gm.n_matched == 5_500
     with pytest.raises(GeneAlignmentError, match="need 5000"):

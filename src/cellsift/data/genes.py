@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._utils import atomic_path
+from .._warnings import warn
 from ..errors import GeneAlignmentError
 
 __all__ = ["GeneMap", "GeneVocabulary"]
@@ -301,20 +301,18 @@ class GeneVocabulary:
                 f"with Ensembl ids ({', '.join(ID_COLUMNS)}) is matched automatically."
             )
         if of == "vocabulary" and n_matched < min_overlap * len(self):
-            warnings.warn(
+            warn(
                 f"{source}: {n_matched} of the model's {len(self)} genes are found "
                 f"({n_matched / len(self):.0%}; best key {key}); the missing ones read as 0, "
                 "which can shift embeddings and labels.",
-                UserWarning,
                 stacklevel=3,
             )
         if len(shared):
-            warnings.warn(
+            warn(
                 f"{source}: {len(shared)} of the model's genes are each named by several of "
                 f"its genes ({key}), e.g. {shared[:5].tolist()}, so they read as 0. To use "
                 f"them, make the names unique {how}, or align by a unique id column such "
                 "as Ensembl ids.",
-                UserWarning,
                 stacklevel=3,
             )
         named = np.flatnonzero(target != "")

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from .._utils import is_whole, state_differences
-from .._warnings import warn
+from .._warnings import CellsiftWarning, warn
 from ..errors import ConfigError, ResumeError, TrainingError, TrainingInterrupted
 from ._stop import StopRequest
 from .metrics import silhouette
@@ -504,7 +504,8 @@ class TrainingPlan(pl.LightningModule):
             rank_zero_warn(
                 f"the checkpoint holds the random states of {len(states)} ranks, this run has "
                 f"{world}: random draws start afresh, so the resumed run will not repeat the "
-                "interrupted one exactly."
+                "interrupted one exactly.",
+                category=CellsiftWarning,
             )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
