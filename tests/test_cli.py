@@ -39,6 +39,29 @@ def test_help_and_the_package_import_no_heavy_libraries():
     assert out.returncode == 0, out.stderr
 
 
+def test_every_options_default_is_in_its_help():
+    """An option with a default says it in its help (review: --k, --batch-size, --engine,
+    --chunk-size and --out did not), auto's size limit included."""
+    import argparse
+
+    from cellsift.cli import build_parser
+    from cellsift.tasks.index import AUTO_EXACT_BELOW
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    seen = 0
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+                continue
+            seen += 1
+            said = action.help or ""
+            assert f"default: {action.default}" in said, (name, action.option_strings, said)
+    assert seen >= 6
+    engine = next(a for a in build_parser()._subparsers._actions if a.dest == "command")
+    help_ = next(a.help for a in engine.choices["index"]._actions if a.dest == "engine")
+    assert f"exact below {AUTO_EXACT_BELOW:,} cells" in help_
+
+
 def test_output_to_a_reader_that_has_gone_ends_quietly(indexed_paths):
     """``cellsift info ... | head -1``: the pipe closes before the command writes; it ends
     with SIGPIPE's status, no traceback."""

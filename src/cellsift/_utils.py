@@ -522,7 +522,7 @@ def adata_counts(
 ) -> tuple[Any, pd.DataFrame, list[str]]:
     """Where an AnnData keeps counts: ``X`` (``layer=None``), ``layers[layer]`` or, for
     ``"raw"``, ``adata.raw`` with its own genes. Returns the matrix, its var, and the other
-    places (quoted layer names, ``'raw'``) for messages; a place it lacks is an error that
+    places (X, quoted layer names, ``'raw'``) for messages; a place it lacks is an error that
     lists them."""
     both = adata.raw is not None and "raw" in adata.layers  # (one name, two places)
     others = [
@@ -532,6 +532,8 @@ def adata_counts(
     ]
     if adata.raw is not None and layer != "raw":
         others.append("'raw' (adata.raw)" if both else "'raw'")
+    if layer is not None and adata.X is not None:
+        others.insert(0, "X (layer=None)")
     if layer == "raw" and both:
         raise DataError(f"{source} {' '.join(RAW_CLASH)}")
     has = f"this AnnData has: {', '.join(others)}" if others else "it has none"

@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-genes", type=_at_least(0), default=None, help="drop cells with fewer genes"
     )
-    p.add_argument("--chunk-size", type=_at_least(1), default=50_000, help="cells per write")
+    p.add_argument(
+        "--chunk-size", type=_at_least(1), default=50_000, help="cells per write (default: 50000)"
+    )
     p.add_argument(
         "--no-check-counts",
         action="store_true",
@@ -324,12 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="stores: a path, a glob or a manifest")
     p.add_argument("out", help="the embeddings store to write (a directory, e.g. emb.zarr)")
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
-    p.add_argument("--batch-size", type=_at_least(1), default=8192)
+    p.add_argument(
+        "--batch-size", type=_at_least(1), default=8192, help="cells per batch (default: 8192)"
+    )
     p.add_argument(
         "--devices",
         type=_at_least(1),
         default=1,
-        help="processes, one shard each (one per GPU; gloo on the CPU); a killed run resumes",
+        help="processes, one shard each (one per GPU; gloo on the CPU); a killed run resumes "
+        "(default: 1)",
     )
     p.add_argument(
         "--min-genes",
@@ -349,8 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="build a searchable CellIndex from an embeddings store")
     p.add_argument("embeddings", help="written by cellsift embed")
     p.add_argument("out", help="the index directory to write")
-    p.add_argument("--engine", choices=["auto", "exact", "ivf"], default="auto")
-    p.add_argument("--k", type=_at_least(1), default=50, help="k the IVF recall is calibrated for")
+    p.add_argument(
+        "--engine",
+        choices=["auto", "exact", "ivf"],
+        default="auto",
+        help="exact search or faiss IVF (default: auto, exact below 50,000 cells)",
+    )
+    p.add_argument(
+        "--k",
+        type=_at_least(1),
+        default=50,
+        help="k the IVF recall is calibrated for (default: 50)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_index)
 
@@ -365,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the index metadata's column of labels (default: the one the model trained on)",
     )
-    p.add_argument("--k", type=_at_least(1), default=50)
+    p.add_argument("--k", type=_at_least(1), default=50, help="neighbours that vote (default: 50)")
     p.add_argument(
         "--ontology",
         action=argparse.BooleanOptionalAction,
@@ -383,14 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--abstain-on",
         choices=["mean", "nearest"],
         default="mean",
-        help="distance compared with the threshold: mean over the k voters, or the nearest's",
+        help="distance compared with the threshold: mean over the k voters, or the nearest's "
+        "(default: mean)",
     )
     p.add_argument(
         "--quantile",
         type=float,
         default=0.99,
         help="abstention threshold: cells of known types call 'unknown' with probability at "
-        "most 1 - quantile (default 0.99)",
+        "most 1 - quantile (default: 0.99)",
     )
     p.add_argument(
         "--calibrate-on",
@@ -410,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_annotate)
 
     p = sub.add_parser("demo", help="run the main job on the real data (or a synthetic atlas)")
-    p.add_argument("--out", default="demo_out")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--synthetic", action="store_true", help="use a synthetic atlas")
     p.add_argument(
         "--n-cells",

@@ -673,7 +673,10 @@ def test_annotate_checks_the_reference_labels_before_embedding_and_reads_calibra
     # the queries' counts in a layer, the calibration file's in X
     calibration = ["--calibrate-on", str(synthetic_h5ad)]
     assert main(["annotate", *args, "--overwrite", "--layer", "counts", *calibration]) == 2
-    assert "synthetic.h5ad has no layer 'counts'" in capsys.readouterr().err
+    said = capsys.readouterr().err  # (naming X as its option reads it: review)
+    assert (
+        "synthetic.h5ad has no layer 'counts' (this AnnData has: X (--calibrate-layer X))" in said
+    )
     calibration += ["--calibrate-layer", "X"]
     assert main(["annotate", *args, "--overwrite", "--layer", "counts", *calibration]) == 0
     assert main(["annotate", *args, "--overwrite", "--no-abstain", *calibration]) == 2

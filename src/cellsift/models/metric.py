@@ -386,8 +386,9 @@ class MetricModel:
         source: str = "adata",
     ) -> sp.csr_matrix:
         """Counts of ``adata.X`` (or ``layers[layer]``; ``"raw"``: ``adata.raw``) as CSR in
-        the model's gene order: genes matched by id or symbol, missing ones zero; below half
-        overlap, an error. With ``check_counts``, values that are not raw counts (NaN,
+        the model's gene order: genes matched by id or symbol, missing ones zero; fewer than
+        half the model's genes found, a warning, and an error where they are also fewer than
+        5,000. With ``check_counts``, values that are not raw counts (NaN,
         negative, non-integer: e.g. log-normalised data, which the model would normalise
         again) are an error. ``source`` names the data in messages (e.g. its file)."""
         x, var, others = adata_counts(adata, layer, source)
@@ -553,7 +554,8 @@ class MetricModel:
         check_counts: bool = True,
         source: str = "adata",
     ) -> np.ndarray:
-        """Embeddings (cells x latent) of raw counts in ``adata.X`` or ``adata.layers[layer]``.
+        """Embeddings (cells x latent) of raw counts in ``adata.X``, ``adata.layers[layer]``
+        or (``layer="raw"``) ``adata.raw``.
 
         Genes are aligned to the model's by id or symbol (missing genes are zeros); too little
         overlap is an error naming the count, as are values that are not raw counts (see
