@@ -354,8 +354,16 @@ class CellIndex:
         q, kth, recall_at = self._recall_of(rows, k)
         nlist = self.params["nlist"]
         rerank = RERANK
-        nprobe, reached = _least_nprobe(lambda p: recall_at(p, rerank), nlist, target_recall)
-        if nprobe >= max(nlist // 4, 2) and self.n_cells > rerank * (k + 1):
+        # a quarter of the lists or more: the re-rank factor first. Not searched beyond that
+        # (the costliest searches, of many lists), as the answer there would not be used
+        quarter = max(nlist // 4, 2)
+        rerankable = self.n_cells > rerank * (k + 1)
+        nprobe, reached = _least_nprobe(
+            lambda p: recall_at(p, rerank),
+            min(quarter - 1, nlist) if rerankable else nlist,
+            target_recall,
+        )
+        if rerankable and reached < target_recall:
             few = np.sort(rng.permutation(len(rows))[:RERANK_QUERIES])
             rerank = self._calibrate_rerank(q[few], rows[few], k, kth[few], target_recall)
             nprobe, reached = _least_nprobe(lambda p: recall_at(p, rerank), nlist, target_recall)
@@ -1361,14 +1369,16 @@ def _recall(found: np.ndarray, kth: np.ndarray) -> float:
 
 
 def _least_nprobe(
-    recall_at: Callable[[int], float], nlist: int, target_recall: float
+    recall_at: Callable[[int], float], most: int, target_recall: float
 ) -> tuple[int, float]:
-    """The fewest lists (doubling, then bisecting) whose recall reaches the target (all of
-    them where none does), and its recall; each number of lists searched once."""
+    """The fewest lists, up to ``most``, (doubling, then bisecting) whose recall reaches the
+    target (``most`` where none does), and its recall; each number of lists searched once."""
     recall = functools.cache(recall_at)
     lo, hi = 0, 1
-    while hi < nlist and recall(hi) < target_recall:
-        lo, hi = hi, min(hi * 2, nlist)
+    while hi < most and recall(hi) < target_recall:
+        lo, hi = hi, min(hi * 2, most)
+    if recall(hi) < target_recall:  # (none reaches it: nothing to bisect)
+        return hi, recall(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if recall(mid) >= target_recall else (mid, hi)
