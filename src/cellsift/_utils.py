@@ -548,6 +548,37 @@ def adata_counts(
     raise MissingKeyError(f"{source} has no layer {layer!r} ({has}).")
 
 
+def csr_fault(
+    indptr: np.ndarray, indices: np.ndarray | None, n_cols: int, first: int = 0
+) -> str | None:
+    """What is wrong with a CSR matrix's structure (a file damaged on disk or in transfer),
+    or None: its row pointer must start at 0 and never decrease and, with ``indices``, end
+    at their number, which must lie in [0, ``n_cols``). Read before scipy touches it: its
+    compiled routines read out of bounds on such a matrix (a crash, not an error).
+    ``first``: the number of its first row, in what messages say."""
+    if len(indptr) == 0:
+        return "the row pointer is empty"
+    if indptr[0] != 0:
+        return f"the row pointer starts at {int(indptr[0])}, not 0"
+    down = np.flatnonzero(np.diff(indptr) < 0)
+    if len(down):
+        i = int(down[0])
+        return (
+            f"the row pointer decreases at row {first + i} ({int(indptr[i])}, then "
+            f"{int(indptr[i + 1])})"
+        )
+    if indices is None:
+        return None
+    if indptr[-1] != len(indices):
+        return f"the row pointer ends at {int(indptr[-1])}, but there are {len(indices)} values"
+    if len(indices):
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= n_cols:
+            bad = low if low < 0 else high
+            return f"a column index is {bad}, outside the {n_cols} genes"
+    return None
+
+
 def canonical(x: Any) -> Any:
     """CSR ``x`` with each cell's counts of a gene in one entry (duplicates summed: a count
     split in two would be log-transformed in parts) and no stored zeros (a cell of zeros is

@@ -748,3 +748,36 @@ def test_whole_floats_among_objects_read_as_ints_as_filters_give_them():
     # as categories of a categorical too (review: they stayed "1.0")
     part.obs["v"] = pd.Categorical(np.array([1.0, "a", 1.0, "b"], dtype=object))
     np.testing.assert_array_equal(CellCollection(part, obs_filter={"v": 1}).cell_ids, [0, 2])
+
+
+@pytest.mark.parametrize("damage", ["indptr", "indices"])
+def test_a_csr_matrix_damaged_on_disk_is_named_not_a_crash(tmp_path, damage):
+    """Bytes of X's row pointer or column indices overwritten (a disk or transfer fault):
+    scipy's compiled routines read out of bounds on such a matrix (a segmentation fault in
+    sum_duplicates, review), or numpy raised from deep in a batch. The store names the
+    damage on opening (row pointer) or on reading the cells (indices), in the h5ad and the
+    Zarr store; a model embedding the AnnData that anndata reads from it names it too."""
+    from cellsift.models import MetricModel
+
+    adata = synthetic_atlas(300, 60, seed=0)
+    path = _write(tmp_path, "atlas.h5ad", adata)
+    model = MetricModel.from_collection(path, hidden=(8,), latent=4)
+    with h5py.File(path, "r+") as f:
+        if damage == "indptr":
+            f["X/indptr"][101] = 2**31 - 100  # (then 102's value: it decreases)
+        else:
+            f["X/indices"][77] = 2**31 - 7
+    said = (
+        r"the row pointer decreases at row 101 \(2147483548, then \d+\)"
+        if damage == "indptr"
+        else r"a column index is 2147483641, outside the 60 genes"
+    )
+    damaged = ad.read_h5ad(path)
+    damaged.write_zarr(tmp_path / "atlas.zarr")
+    for store in (path, tmp_path / "atlas.zarr"):
+        with pytest.raises(DataError, match=rf"{store.name}: is corrupt: in X.*, {said}\. Re-"):
+            CellCollection(store)
+    with pytest.raises(DataError, match=rf"adata \(X\) is corrupt: {said}\. Re-create"):
+        model.embed(damaged)
+    with pytest.raises(DataError, match=rf"adata \(X\) is corrupt: {said}\. Re-create"):
+        CellCollection(damaged)  # (in memory)

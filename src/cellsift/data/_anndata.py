@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import RAW_CLASH
+from .._utils import RAW_CLASH, csr_fault
 from . import _csr
 from ._direct import ChunkedReader, read_ranges
 from .stores import CellStore
@@ -145,6 +145,12 @@ class AnnDataStore(CellStore):
                 f"{len(indptr)} entries, but X holds {n_data} values for {self._shape[0]} cells.",
                 "Re-create or re-download the file.",
             )
+        fault = csr_fault(indptr, None, self._shape[1])
+        if fault is not None:
+            raise self._error(
+                f"is corrupt: in {self._matrix_key()}, {fault}.",
+                "Re-create or re-download the file.",
+            )
 
     @property
     def n_obs(self) -> int:
@@ -196,7 +202,15 @@ class AnnDataStore(CellStore):
         # Direct reads cost microseconds a call: read exactly the wanted rows. Through h5py or
         # zarr a call costs far more, and ranges with small gaps are merged into one read.
         gap = 0 if self._direct is not None else _csr.MAX_GAP
-        return _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments, gap)
+        x = _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments, gap)
+        fault = csr_fault(x.indptr, x.indices, self._shape[1])
+        if fault is not None:  # (the row pointer is checked on opening: the indices here)
+            first, last = int(rows[0]), int(rows[-1])
+            raise self._error(
+                f"is corrupt: in {self._matrix_key()} of cells {first}-{last}, {fault}.",
+                "Re-create or re-download the file.",
+            )
+        return x
 
     def _read_segments(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._direct is not None:

@@ -25,7 +25,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from .._utils import BACKED_ROWS, adata_counts, canonical, is_whole, logger, model_fingerprint
+from .._utils import (
+    BACKED_ROWS,
+    adata_counts,
+    canonical,
+    csr_fault,
+    is_whole,
+    logger,
+    model_fingerprint,
+)
 from .._warnings import UntrainedDecoderWarning, warn
 from ..data import CellCollection, GeneVocabulary
 from ..data.collection import check_count_values
@@ -409,7 +417,7 @@ class MetricModel:
         layer: str | None,
         check_counts: bool,
         source: str,
-    ) -> Callable[[Any], sp.csr_matrix]:
+    ) -> Callable[..., sp.csr_matrix]:
         """Counts of a block of cells (of genes ``var``) -> CSR in the model's gene order,
         checked as :meth:`aligned_counts` says."""
         has = f" (this AnnData has: {', '.join(others)})" if others else ""
@@ -419,7 +427,15 @@ class MetricModel:
                 "%d of the model's %d genes found (%s)", gm.n_matched, len(self.genes), gm.key
             )
 
-        def align(block: Any) -> sp.csr_matrix:
+        def align(block: Any, first: int = 0) -> sp.csr_matrix:
+            """``block``: the cells from row ``first`` on."""
+            if sp.issparse(block) and block.format == "csr":
+                fault = csr_fault(block.indptr, block.indices, block.shape[1], first)
+                if fault is not None:  # (a file damaged on disk, read as it is)
+                    raise DataError(
+                        f"{source} ({'X' if layer is None else layer}) is corrupt: {fault}. "
+                        "Re-create or re-download the file it was read from."
+                    )
             out = canonical(gm.apply(sp.csr_matrix(block, dtype=np.float32)))
             if check_counts:
                 check_count_values(
@@ -456,7 +472,7 @@ class MetricModel:
         out = np.empty((x.shape[0], width), dtype=np.float32)
         step = BACKED_ROWS
         for start in range(0, x.shape[0], step):
-            block = align(x[start : start + step])
+            block = align(x[start : start + step], start)
             if check_counts:
                 self.check_cells_have_counts(
                     block,
