@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
@@ -14,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._utils import RAW_CLASH, csr_fault
+from ..errors import CellsiftError
 from . import _csr
 from ._direct import ChunkedReader, read_ranges
 from .stores import CellStore
@@ -156,27 +159,48 @@ class AnnDataStore(CellStore):
     def n_obs(self) -> int:
         return self._shape[0]
 
+    @contextlib.contextmanager
+    def _reading(self, element: str) -> Iterator[None]:
+        """An element that h5py, zarr or its codecs cannot decode (a chunk cut short or
+        overwritten) named as the store's damage, not as the codec's error."""
+        try:
+            yield
+        except CellsiftError:
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            said = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise self._error(
+                f"{element} cannot be read ({type(err).__name__}: {said}): the file is "
+                "damaged or incomplete (a copy or write that did not finish?).",
+                "Re-create it, or copy it again.",
+            ) from err
+
     @cached_property
     def indptr(self) -> np.ndarray:
         if self._dense:
             return np.arange(self.n_obs + 1, dtype=np.int64) * self._shape[1]
-        return np.asarray(self._matrix(self.handle)["indptr"][...], dtype=np.int64)
+        with self._reading(f"{self._matrix_key()}/indptr"):
+            return np.asarray(self._matrix(self.handle)["indptr"][...], dtype=np.int64)
 
     @cached_property
     def obs_columns(self) -> list[str]:
         return [str(c) for c in _attr(self.handle["obs"], "column-order", [])]
 
     def _load_obs_column(self, name: str) -> Any:
-        return _plain(ad.io.read_elem(self.handle["obs"][name]))
+        with self._reading(f"obs/{name}"):
+            return _plain(ad.io.read_elem(self.handle["obs"][name]))
 
     @cached_property
     def obs_names(self) -> pd.Index:
         obs = self.handle["obs"]
-        return pd.Index(_plain(ad.io.read_elem(obs[_attr(obs, "_index")]))).astype(str)
+        key = _attr(obs, "_index")
+        with self._reading(f"obs/{key}"):
+            return pd.Index(_plain(ad.io.read_elem(obs[key]))).astype(str)
 
     def _load_var(self) -> pd.DataFrame:
         root = self.handle
-        var = ad.io.read_elem(root["raw/var"] if self._raw else root["var"])
+        with self._reading("raw/var" if self._raw else "var"):
+            var = ad.io.read_elem(root["raw/var"] if self._raw else root["var"])
         var.index = var.index.astype(str)
         return var
 
@@ -202,7 +226,8 @@ class AnnDataStore(CellStore):
         # Direct reads cost microseconds a call: read exactly the wanted rows. Through h5py or
         # zarr a call costs far more, and ranges with small gaps are merged into one read.
         gap = 0 if self._direct is not None else _csr.MAX_GAP
-        x = _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments, gap)
+        with self._reading(f"{self._matrix_key()} of cells {int(rows[0])}-{int(rows[-1])}"):
+            x = _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments, gap)
         fault = csr_fault(x.indptr, x.indices, self._shape[1])
         if fault is not None:  # (the row pointer is checked on opening: the indices here)
             first, last = int(rows[0]), int(rows[-1])
