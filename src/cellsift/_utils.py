@@ -160,7 +160,7 @@ def check_replaceable(
     if not (final.exists() or final.is_symlink()):
         return
     if not overwrite:
-        raise FileExistsError(f"{final} exists; remove it or pass overwrite=True (--overwrite).")
+        raise FileExistsError(f"{final} exists; remove it or pass overwrite=True.")
     if replaces is None or replaces(final):
         return
     if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
@@ -347,7 +347,7 @@ def _rename(a: Path, b: Path, flags: int) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):  # not supported
         return False
     if code == errno.EEXIST:
-        raise FileExistsError(f"{b} exists; remove it or pass overwrite=True (--overwrite).")
+        raise FileExistsError(f"{b} exists; remove it or pass overwrite=True.")
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 

@@ -570,6 +570,7 @@ _FIT_DATA = "--data.init_args"  # (the data module's own options: study_key, spl
 #: Hints in the library's messages that name a Python argument, as the commands that have
 #: the matching option spell them.
 _AS_OPTIONS = {
+    "--overwrite": (("pass overwrite=True", "pass --overwrite"),),
     "--no-check-counts": (("pass check_counts=False", "pass --no-check-counts"),),
     "--measurement": (
         ("pass measurement='raw'", "pass --measurement raw"),
@@ -637,9 +638,17 @@ def _hints_for(option: str) -> Iterator[None]:
 _NOT_OPTIONS = {"--format": ((", or pass format=.", "."),)}
 _COMMAND_OPTIONS = {
     "info": ("--layer", "--measurement"),
-    "convert": ("--layer", "--no-check-counts", "--format", "--measurement"),
-    "embed": ("--layer", "--no-check-counts", "--min-genes", "--measurement"),
-    "annotate": ("--layer", "--no-check-counts", "--quantile", "--no-ontology", "--label-key"),
+    "convert": ("--layer", "--no-check-counts", "--format", "--measurement", "--overwrite"),
+    "embed": ("--layer", "--no-check-counts", "--min-genes", "--measurement", "--overwrite"),
+    "index": ("--overwrite",),
+    "annotate": (
+        "--layer",
+        "--no-check-counts",
+        "--quantile",
+        "--no-ontology",
+        "--label-key",
+        "--overwrite",
+    ),
     "fit": (_FIT_LAYER, _FIT_CHECK, _FIT_STORE, _FIT_DATA),
 }
 

@@ -210,8 +210,10 @@ def test_empty_cells_of_stores_without_row_lengths_are_refused_when_read(tmp_pat
 
 
 def test_filters_that_keep_nothing(indexed_paths, tmp_path):
-    with pytest.raises(
-        DataError, match=r"keep none of the 2,000 cells \(obs_filter removes 2,000\)"
+    with pytest.raises(  # (no word of labels where no label column is asked for: review)
+        DataError,
+        match=r"keep none of the 2,000 cells \(obs_filter removes 2,000\)\. Loosen "
+        r"the filter that removes them all\.$",
     ):
         CellCollection(indexed_paths["h5ad"], obs_filter={"dataset_id": "nope"})
     # a label column of 'unknown' only (CellBench's cell lines): the message names it

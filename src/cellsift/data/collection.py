@@ -207,10 +207,16 @@ class CellCollection:
         if len(self.cell_ids) == 0:
             n = int(self.offsets[-1])
             counts = "; ".join(f"{what} removes {k:,}" for what, k in removed.items() if k)
+            dropped = any(what.startswith("dropna") and k for what, k in removed.items())
+            labels = (
+                "; a label column for training (dropna) must hold labels, not only missing or "
+                "'unknown' values"
+                if dropped
+                else ""
+            )
             raise DataError(
                 f"the filters keep none of the {n:,} cells ({counts or 'there are none'}). "
-                "Loosen the filter that removes them all; a label column for training "
-                "(dropna) must hold labels, not only missing or 'unknown' values."
+                f"Loosen the filter that removes them all{labels}."
             )
         #: cells each filter removes, on its own (e.g. "min_genes=200": 1,203), over all stores
         self.removed = {what: k for what, k in removed.items() if k}
