@@ -634,6 +634,18 @@ def _hints_for(option: str) -> Iterator[None]:
         raise
 
 
+#: Hints in Python code where a command has a way of its own: (pattern, the command's words).
+_AS_WORDS = {
+    "annotate": (
+        (
+            re.compile(
+                r"Drop them: keep = np\.diff\(model\.aligned_counts\(adata[^)]*\)"
+                r"\.indptr\) > 0, then adata\[keep\]"
+            ),
+            "Drop them from the file",
+        ),
+    ),
+}
 #: Hints naming a Python argument that a command has no option for: left out there.
 _NOT_OPTIONS = {"--format": ((", or pass format=.", "."),)}
 _COMMAND_OPTIONS = {
@@ -687,6 +699,8 @@ def _error(command: str, err: BaseException) -> int:
             continue
         for python, shell in _AS_OPTIONS[option]:
             text = text.replace(python, shell)
+    for pattern, words in _AS_WORDS.get(command, ()):
+        text = pattern.sub(words, text)
     for option, hints in _NOT_OPTIONS.items():
         for python, without in hints if option not in options else ():
             text = text.replace(python, without)

@@ -644,14 +644,24 @@ def test_embedding_refuses_values_that_are_not_raw_counts(synthetic_h5ad):
         model.embed(adata, layer="neg")
 
 
-def test_embedding_refuses_cells_without_counts_in_the_models_genes(synthetic_h5ad):
+def test_embedding_refuses_cells_without_counts_in_the_models_genes(synthetic_h5ad, capsys):
     model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
     adata = ad.read_h5ad(synthetic_h5ad)[:100].copy()
     x = adata.X.toarray()
     x[[4, 7]] = 0  # two emptied cells
     adata.X = sp.csr_matrix(x)
-    with pytest.raises(DataError, match=r"2 of 100 cells have no counts in the model's genes"):
+    with pytest.raises(
+        DataError, match=r"2 of 100 cells have no counts in the model's genes"
+    ) as err:
         model.embed(adata)
+    assert str(err.value).endswith("; or, to embed them anyway, pass check_counts=False.")
+    # the command names its own ways, not Python's (review)
+    from cellsift.cli import _error
+
+    _error("annotate", err.value)
+    said = capsys.readouterr().err
+    assert "Drop them from the file; or, to embed them anyway, pass --no-check-counts." in said
+    assert "np.diff" not in said and "check_counts=" not in said
     # counts only in genes the model lacks count as empty too
     extra = ad.AnnData(
         sp.hstack([adata.X[:10], np.ones((10, 1), dtype=np.float32)], format="csr"),

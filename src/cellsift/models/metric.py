@@ -480,8 +480,7 @@ class MetricModel:
                     first=start,
                     layer=layer,
                     source=source,
-                    anyway="; or embed them anyway with check_counts=False (cellsift "
-                    "annotate: --no-check-counts)",
+                    anyway="; or, to embed them anyway, pass check_counts=False",
                 )
             self._run(block, fn, width, batch_size, device, out=out[start : start + step])
         return out
