@@ -647,7 +647,10 @@ _AS_WORDS = {
     ),
 }
 #: Hints naming a Python argument that a command has no option for: left out there.
-_NOT_OPTIONS = {"--format": ((", or pass format=.", "."),)}
+_NOT_OPTIONS = {
+    "--format": ((", or pass format=.", "."),),
+    "genes=": ((", or pass genes= (a vocabulary).", "."),),
+}
 _COMMAND_OPTIONS = {
     "info": ("--layer", "--measurement"),
     "convert": ("--layer", "--no-check-counts", "--format", "--measurement", "--overwrite"),

@@ -127,7 +127,7 @@ def test_counts_only_in_a_layer_are_named_and_nothing_absent_is_offered(tmp_path
         tl.pseudobulk(adata, counts.obs["donor_id"])
 
 
-def test_duplicate_gene_ids(tmp_path):
+def test_duplicate_gene_ids(tmp_path, capsys):
     adata = indexed_atlas(50, 5)
     adata.var_names = ["ENSG00000000000"] * 2 + list(adata.var_names[2:])
     path = _write(tmp_path, "dups.h5ad", adata)
@@ -136,6 +136,18 @@ def test_duplicate_gene_ids(tmp_path):
     # the first store, whose genes make the vocabulary, and a conversion's input: named too
     with pytest.raises(DataError, match=r"dups\.h5ad: its gene vocabulary has duplicate ids"):
         CellCollection(path)
+    # symbols: no word of Ensembl versions; the command line is not told of genes= (review)
+    from cellsift.cli import _error
+
+    adata.var_names = ["ISG15"] * 2 + [f"S{i}" for i in range(3)]
+    symbols = _write(tmp_path, "symbols.h5ad", adata)
+    with pytest.raises(DataError) as err:
+        CellCollection(symbols)
+    said = str(err.value)
+    assert "duplicate ids, e.g. ['ISG15']" in said and "Ensembl" not in said
+    assert said.endswith("then write it again), or pass genes= (a vocabulary).")
+    _error("fit", err.value)
+    assert capsys.readouterr().err.rstrip().endswith("then write it again).")
     from cellsift.data.convert import convert
 
     with pytest.raises(DataError, match=r"dups\.h5ad: var_names hold the same name more than"):

@@ -162,8 +162,9 @@ class CellCollection:
                 self.genes = GeneVocabulary.from_var(self.stores[0].var)
             except ValueError as err:  # (duplicate ids: named with the store that holds them)
                 raise DataError(
-                    f"{self.stores[0].path}: its {err} To do so, keep one of each (adata[:, "
-                    "~adata.var_names.duplicated()]), or pass genes= (a vocabulary)."
+                    f"{self.stores[0].path}: its {err} To do so, keep one of each (in Python: "
+                    "adata = adata[:, ~adata.var_names.duplicated()].copy(), then write it "
+                    "again), or pass genes= (a vocabulary)."
                 ) from err
         elif isinstance(genes, GeneVocabulary):
             self.genes = genes

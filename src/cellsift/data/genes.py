@@ -127,9 +127,9 @@ class GeneVocabulary:
         stripped = _strip_version(self.genes)  # alignment ignores Ensembl versions
         if stripped.has_duplicates:
             dups = self.genes[stripped.duplicated(keep=False)].unique()[:5].tolist()
+            versions = " (Ensembl versions ignored)" if any(_ENSEMBL.match(g) for g in dups) else ""
             raise ValueError(
-                f"gene vocabulary has duplicate ids (Ensembl versions ignored), e.g. {dups}; "
-                "make them unique."
+                f"gene vocabulary has duplicate ids{versions}, e.g. {dups}; make them unique."
             )
         self.symbols = None if symbols is None else pd.Index(np.asarray(symbols, dtype=str))
         if self.symbols is not None and len(self.symbols) != len(self.genes):
