@@ -795,3 +795,12 @@ def test_a_csr_matrix_damaged_on_disk_is_named_not_a_crash(tmp_path, damage):
         model.embed(damaged)
     with pytest.raises(DataError, match=rf"adata \(X\) is corrupt: {said}\. Re-create"):
         CellCollection(damaged)  # (in memory)
+
+
+def test_a_store_of_no_genes_says_so(tmp_path):
+    """Cells over no genes: said as such, not as "only 0 of its 0 genes match the
+    vocabulary's 0 genes (need 0)" (review), on file and in memory."""
+    empty = ad.AnnData(sp.csr_matrix((5, 0), dtype=np.float32))
+    for source in (_write(tmp_path, "nogenes.h5ad", empty), empty):
+        with pytest.raises(DataError, match=r": no genes \(its var is empty, its counts 0 col"):
+            CellCollection(source)

@@ -157,6 +157,12 @@ class CellCollection:
         self.offsets = np.concatenate(([0], np.cumsum([s.n_obs for s in self.stores]))).astype(
             np.int64
         )
+        for store in self.stores:  # (before any gene count says "0 of its 0 genes")
+            if len(store.var) == 0:
+                raise DataError(
+                    f"{store.path}: no genes (its var is empty, its counts 0 columns wide): "
+                    "there is nothing to read. Use a store of the cells' counts over genes."
+                )
         if genes is None:
             try:
                 self.genes = GeneVocabulary.from_var(self.stores[0].var)
