@@ -259,3 +259,26 @@ def test_a_gene_without_an_id_is_refused(tmp_path):
     (tmp_path / "genes.tsv").write_text("gene_id\nA\n\nC\n")
     with pytest.raises(ValueError, match=r"gene 1 \(line 3\) has no gene_id"):
         GeneVocabulary.load(tmp_path / "genes.tsv")
+
+
+def test_no_overlap_says_what_kind_of_names_each_side_holds():
+    """The commonest mismatch (symbols against Ensembl ids, mouse against human ids): the
+    message says what each side's names are, with examples (review: only the counts)."""
+    vocab = GeneVocabulary([_ens(i) for i in range(100)])
+    with pytest.raises(GeneAlignmentError) as err:
+        vocab.align(_var([f"SYM{i}" for i in range(100)]), of="vocabulary")
+    assert (
+        "Its var_names are not Ensembl ids (symbols? e.g. 'SYM0', 'SYM1'); the model's genes "
+        "are Ensembl ids (ENSG..., e.g. 'ENSG00000000000') (no symbols held)."
+    ) in str(err.value)
+    with pytest.raises(GeneAlignmentError, match=r"are Ensembl ids \(ENSMUSG\.\.\., e\.g\."):
+        vocab.align(_var([f"ENSMUSG{i:011d}" for i in range(100)]))
+
+
+def test_ensembl_ids_named_twice_are_not_told_to_align_by_ensembl_ids():
+    vocab = GeneVocabulary([_ens(i) for i in range(20)])
+    query = _var([_ens(0), _ens(0), *[_ens(i) for i in range(2, 20)]])
+    with pytest.warns(CellsiftWarning, match=r"\['ENSG00000000000'\], so they read as 0") as seen:
+        vocab.align(query, of="vocabulary")
+    said = str(seen[0].message)
+    assert said.endswith("make the names unique with adata.var_names_make_unique().")

@@ -48,6 +48,20 @@ def _unambiguous(names: pd.Index) -> np.ndarray:
     return (names != "") & ~names.duplicated(keep=False)
 
 
+def _kind_of_names(names: pd.Index) -> str:
+    """What a list of gene names holds, for messages: Ensembl ids of which species prefix
+    (ENSG: human, ENSMUSG: mouse), or other names (symbols), with examples."""
+    sample = pd.Index(np.asarray(names[:2000], dtype=str))
+    if len(sample) == 0:
+        return "none"
+    ensembl = sample[sample.str.match(_ENSEMBL)]
+    if len(ensembl) >= len(sample) / 2:
+        prefix = ensembl.str.extract(r"^(ENS[A-Z]*G)", expand=False).value_counts().index[0]
+        return f"Ensembl ids ({prefix}..., e.g. {ensembl[0]!r})"
+    others = sample[~sample.str.match(_ENSEMBL)][:2].tolist()
+    return f"not Ensembl ids (symbols? e.g. {', '.join(repr(g) for g in others)})"
+
+
 def _strip_version(ids: pd.Index) -> pd.Index:
     """ENSG00000141510.17 -> ENSG00000141510 (Ensembl versions differ between releases)."""
     return pd.Index([g.split(".")[0] if _ENSEMBL.match(g) else g for g in ids.astype(str)])
@@ -272,11 +286,17 @@ class GeneVocabulary:
         how = (
             "with adata.var_names_make_unique()" if column == "var_names" else f"in var['{column}']"
         )
+        # (names that are Ensembl ids already: no other column of ids to offer)
+        by_ids = (
+            ""
+            if any(_ENSEMBL.match(str(g)) for g in shared[:5])
+            else (", or align by a unique id column such as Ensembl ids")
+        )
         if len(shared) and of != "vocabulary":
             raise GeneAlignmentError(
                 f"{source}: duplicate gene ids among its genes ({key}), e.g. "
                 f"{shared[:5].tolist()}: each names several of its genes. Make them "
-                f"unique {how}, or align by a unique id column such as Ensembl ids."
+                f"unique {how}{by_ids}."
             )
         if of == "vocabulary":
             need = min(min_overlap * len(self), MODEL_MIN_GENES)
@@ -298,7 +318,10 @@ class GeneVocabulary:
                 f"{len(self)} genes (need {int(np.ceil(need))}; best key {key}). Check that "
                 "both use the same kind of ids (Ensembl ids vs symbols) and species, and that "
                 "the data are not subset to a gene panel or to variable genes; a var column "
-                f"with Ensembl ids ({', '.join(ID_COLUMNS)}) is matched automatically."
+                f"with Ensembl ids ({', '.join(ID_COLUMNS)}) is matched automatically. Its "
+                f"var_names are {_kind_of_names(var.index)}; {what} genes are "
+                f"{_kind_of_names(self.genes)}"
+                + (", with symbols." if self.symbols is not None else " (no symbols held).")
             )
         if of == "vocabulary" and n_matched < min_overlap * len(self):
             warn(
@@ -311,8 +334,7 @@ class GeneVocabulary:
             warn(
                 f"{source}: {len(shared)} of the model's genes are each named by several of "
                 f"its genes ({key}), e.g. {shared[:5].tolist()}, so they read as 0. To use "
-                f"them, make the names unique {how}, or align by a unique id column such "
-                "as Ensembl ids.",
+                f"them, make the names unique {how}{by_ids}.",
                 stacklevel=3,
             )
         named = np.flatnonzero(target != "")
