@@ -900,8 +900,12 @@ def test_float64_rows_beyond_float32_range_and_zero_rows():
 
     x = np.array([[3.0, 4.0], [1e-300, 0.0], [0.0, 0.0]]) * np.array([[1e200], [1.0], [1.0]])
     np.testing.assert_allclose(normalize_embeddings(x[:2]), [[0.6, 0.8], [1.0, 0.0]], rtol=1e-7)
-    with pytest.raises(CellIndexError, match="1 rows are all zeros"):
+    with pytest.raises(CellIndexError, match=r"1 row is all zeros \(row 2, from 0\)"):
         normalize_embeddings(x)
+    many = np.ones((70_000, 2), dtype=np.float32)  # (two blocks: rows numbered across them)
+    many[[3, 65_540, 69_999]] = 0
+    with pytest.raises(CellIndexError, match=r"3 rows are all zeros \(rows 3, 65540, 69999,"):
+        normalize_embeddings(many)
 
 
 def test_filters_take_values_of_any_list_like():

@@ -130,22 +130,30 @@ def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
             "do: mend or leave out those cells' counts, then embed them again."
         )
     out = np.empty(a.shape, dtype=np.float32)
-    zero = 0
+    zero: list[np.ndarray] = []
     for start in range(0, len(a), _NORMALIZE_ROWS):
         block = a[start : start + _NORMALIZE_ROWS]
         if block.dtype == np.float64:
             scale = np.abs(block).max(axis=1, initial=0.0, keepdims=True)
             block = (block / np.where(scale == 0, 1.0, scale)).astype(np.float32)
         norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
-        zero += int((norms == 0).sum())
+        zero.append(np.flatnonzero(norms == 0) + start)
         np.divide(
             block,
             np.where(norms == 0, 1.0, norms)[:, None],
             out=out[start : start + _NORMALIZE_ROWS],
             casting="unsafe",
         )
-    if zero:
-        raise CellIndexError(f"{what}: {zero} rows are all zeros and have no direction.")
+    bad = np.concatenate(zero) if zero else np.zeros(0, dtype=np.int64)
+    if len(bad):
+        rows = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        one = len(bad) == 1
+        raise CellIndexError(
+            f"{what}: {len(bad)} {'row is' if one else 'rows are'} all zeros (row"
+            f"{'' if one else 's'} {rows}, from 0), with no direction to compare by cosine. "
+            "A model's embedding is never all zeros: these rows come from elsewhere (a "
+            "placeholder, a failed write?); leave them out or embed those cells again."
+        )
     return out
 
 
