@@ -205,6 +205,11 @@ def test_whole_number_labels_with_missing_values_stay_whole():
     index = CellIndex.build(x, meta.assign(code=codes), engine="exact")
     out = KNNAnnotator(index, label_key="code", k=15).annotate(x[::50])
     assert set(out["knn_label"]) <= {str(c) for c in range(len(TYPES))}
+    # ... and so do those of a float column, as pandas holds ints with NaN (review: "1.0")
+    floats = codes.to_numpy(dtype="float64", na_value=np.nan)
+    index = CellIndex.build(x, meta.assign(code=floats), engine="exact")
+    again = KNNAnnotator(index, label_key="code", k=15).annotate(x[::50])
+    pd.testing.assert_series_equal(again["knn_label"], out["knn_label"])
 
 
 def test_leave_one_study_out_calibration_allows_for_study_shifts():

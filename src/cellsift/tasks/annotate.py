@@ -40,6 +40,7 @@ import pandas as pd
 
 from .._utils import import_optional, is_number, is_whole, logger, no_label
 from .._warnings import warn
+from ..data.collection import _as_text
 from ..errors import ConfigError, DataError
 from ..ontology import OntologyError, load_cell_ontology
 from .index import CellIndex, CellIndexError, check_k
@@ -218,7 +219,9 @@ class KNNAnnotator:
         # (whole numbers with missing values stay whole: label 4, not 4.0)
         col = tbl.column(self.label_key).to_pandas(integer_object_nulls=True)
         cat = col.array if isinstance(col.dtype, pd.CategoricalDtype) else pd.Categorical(col)
-        names = pd.Index(cat.categories.astype(str))
+        # as the collection reads a label column: whole floats (a column of ints with
+        # missing values, written as floats) as ints, "4", not "4.0"
+        names = pd.Index(_as_text(np.asarray(cat.categories)).astype(str))
         ok = ~no_label(names)
         terms = np.unique(np.asarray(names[ok]))
         if len(terms) == 0:
