@@ -312,6 +312,44 @@ def test_a_finished_run_goes_on_from_where_it_ended(synthetic_h5ad, tmp_path, ev
     assert len(list(root.glob("best-*.ckpt"))) == 1
 
 
+def test_a_run_stopped_early_and_resumed_stops_where_it_stopped(synthetic_h5ad, tmp_path):
+    """A run stopped by early stopping keeps its last checkpoint of the steps (not one
+    written where it stopped: Lightning keeps no stop in a checkpoint, and a resumed run
+    trained on past it, review): a job that always resumes from "last" replays to the stop,
+    stops there again and ends with the same weights."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    def run(**fit):
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1)
+        callbacks = [
+            ModelCheckpoint(
+                dirpath=tmp_path, filename="best-{epoch}-{step}", monitor="val/asw", mode="max"
+            ),
+            ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=4),
+            EarlyStopping(monitor="val/asw", mode="max", patience=0, min_delta=1.0),
+        ]
+        trainer = _trainer(
+            tmp_path,
+            max_epochs=30,
+            enable_checkpointing=True,
+            callbacks=callbacks,
+            num_sanity_val_steps=0,
+        )
+        plan = TrainingPlan(module, scheduler="none")
+        trainer.fit(plan, datamodule=dm, **fit)
+        return trainer, plan
+
+    first, plan = run()
+    assert first.current_epoch < 5  # (stopped early)
+    again, plan_again = run(ckpt_path="last")
+    assert again.global_step == first.global_step
+    for (key, a), b in zip(
+        plan.module.state_dict().items(), plan_again.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+
+
 def test_a_run_resumed_under_a_time_between_validations_logs_on_the_same_steps(
     synthetic_h5ad, tmp_path
 ):

@@ -412,25 +412,32 @@ class TrainingPlan(pl.LightningModule):
             )
 
     def _save_where_it_ended(self) -> None:
-        """The ``last`` checkpoint of each ``ModelCheckpoint`` that keeps one, written again
-        as the fit ends (before the best weights are loaded), so that ``ckpt_path="last"``
-        goes on from where the run ended. Lightning writes it only where the callback saves:
-        one saving every n steps leaves it up to n - 1 steps behind, and one whose save falls
-        on an epoch's last step holds the state from before that epoch's validation and end,
-        which a resumed run would do again (a second best checkpoint, ``-v1``, beside the
-        first)."""
-        if getattr(self.trainer, "fast_dev_run", False):  # (setup: it keeps no last)
-            return
+        """The ``last`` checkpoint of each ``ModelCheckpoint`` that keeps one as a file,
+        written again where the fit ran its epochs out (max_epochs), before the best weights
+        are loaded: ``ckpt_path="last"`` with more epochs goes on from there. Lightning
+        writes it only where the callback saves: one saving every n steps leaves it up to
+        n - 1 steps behind, and one whose save falls on an epoch's last step holds the state
+        from before that epoch's validation and end, which a resumed run would do again (a
+        second best checkpoint, ``-v1``, beside the first). A fit stopped before its epochs
+        ran out (early stopping, max_steps) keeps its last as it is: Lightning keeps no stop
+        in a checkpoint, so a resumed run would train on past the stop; from the last save
+        it replays to the stop and stops again."""
+        trainer = self.trainer
+        if getattr(trainer, "fast_dev_run", False) or trainer.should_stop:
+            return  # (fast_dev_run: setup leaves it no last to keep)
+        epochs = trainer.max_epochs
+        if epochs is None or epochs < 0 or trainer.current_epoch < epochs:
+            return  # (no limit of epochs, or not reached: stopped otherwise)
         written: set[str] = set()
-        for cb in self.trainer.checkpoint_callbacks:
-            if not (isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath):
-                continue
+        for cb in trainer.checkpoint_callbacks:
+            if not (isinstance(cb, ModelCheckpoint) and cb.save_last is True and cb.dirpath):
+                continue  # (save_last "link": a link to a saved one, as Lightning keeps it)
             path = cb.last_model_path or os.path.join(
                 str(cb.dirpath), f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
             )
             if path not in written:  # (callbacks that share a folder share their last)
                 cb.last_model_path = path  # (before: it is part of the callback's state)
-                self.trainer.save_checkpoint(path, weights_only=False)
+                trainer.save_checkpoint(path, weights_only=cb.save_weights_only)
                 written.add(path)
 
     # -- random state: a resumed run draws what the uninterrupted run would have drawn --------
