@@ -517,6 +517,17 @@ RAW_CLASH = (
 )
 
 
+def _holds_x(adata: Any) -> bool:
+    """Does an AnnData hold X, without reading it: a backed one's file is asked (anndata
+    opens its X to answer, which a file without one cannot), a view's parent (a view's X
+    is a copy of its part)."""
+    if getattr(adata, "isbacked", False):
+        return "X" in adata.file
+    if getattr(adata, "is_view", False):
+        return adata._adata_ref.X is not None  # (anndata's own reference to the parent)
+    return adata.X is not None
+
+
 def adata_counts(
     adata: Any, layer: str | None, source: str = "adata"
 ) -> tuple[Any, pd.DataFrame, list[str]]:
@@ -532,7 +543,7 @@ def adata_counts(
     ]
     if adata.raw is not None and layer != "raw":
         others.append("'raw' (adata.raw)" if both else "'raw'")
-    if layer is not None and adata.X is not None:
+    if layer is not None and _holds_x(adata):
         others.insert(0, "X (layer=None)")
     if layer == "raw" and both:
         raise DataError(f"{source} {' '.join(RAW_CLASH)}")

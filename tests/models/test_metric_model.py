@@ -17,7 +17,13 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 from cellsift.data import CellDataModule
-from cellsift.errors import ConfigError, DataError, GeneAlignmentError, TrainingInterrupted
+from cellsift.errors import (
+    ConfigError,
+    DataError,
+    GeneAlignmentError,
+    MissingKeyError,
+    TrainingInterrupted,
+)
 from cellsift.models import MetricModel
 from cellsift.train._stop import SIGNALS, StopRequest
 from conftest import train_without
@@ -688,6 +694,19 @@ def test_embedding_a_backed_anndata_equals_the_in_memory_one(synthetic_h5ad, tmp
     np.testing.assert_allclose(
         model.embed(ad.read_h5ad(tmp_path / "dense.h5ad", backed="r")), want, atol=1e-6
     )
+    # counts in a layer of a file without X (review: asking whether it held X opened it)
+    full = ad.read_h5ad(synthetic_h5ad)
+    ad.AnnData(obs=full.obs, var=full.var, layers={"counts": full.X}).write_h5ad(
+        tmp_path / "no_x.h5ad"
+    )
+    no_x = ad.read_h5ad(tmp_path / "no_x.h5ad", backed="r")
+    np.testing.assert_array_equal(model.embed(no_x, layer="counts"), want)
+    with pytest.raises(MissingKeyError, match=r"has no layer 'n' \(this AnnData has: 'counts'\)"):
+        model.embed(no_x, layer="n")
+    held = "has no layer 'n' \\(this AnnData has: X \\(layer=None\\)\\)"
+    for with_x in (backed, full, full[:50]):  # (a view: its parent asked)
+        with pytest.raises(MissingKeyError, match=held):
+            model.embed(with_x, layer="n")
 
 
 def test_a_backed_anndata_is_embedded_a_block_at_a_time(synthetic_h5ad, tmp_path, monkeypatch):
