@@ -226,13 +226,13 @@ class AnnDataStore(CellStore):
         # Direct reads cost microseconds a call: read exactly the wanted rows. Through h5py or
         # zarr a call costs far more, and ranges with small gaps are merged into one read.
         gap = 0 if self._direct is not None else _csr.MAX_GAP
-        with self._reading(f"{self._matrix_key()} of cells {int(rows[0])}-{int(rows[-1])}"):
+        which = f" of cells {int(rows[0])}-{int(rows[-1])}" if len(rows) else ""
+        with self._reading(f"{self._matrix_key()}{which}"):
             x = _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments, gap)
         fault = csr_fault(x.indptr, x.indices, self._shape[1])
         if fault is not None:  # (the row pointer is checked on opening: the indices here)
-            first, last = int(rows[0]), int(rows[-1])
             raise self._error(
-                f"is corrupt: in {self._matrix_key()} of cells {first}-{last}, {fault}.",
+                f"is corrupt: in {self._matrix_key()}{which}, {fault}.",
                 "Re-create or re-download the file.",
             )
         return x

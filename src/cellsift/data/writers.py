@@ -113,13 +113,18 @@ def is_h5ad_file(path: Path, *, unreadable: bool = True) -> bool:
             return False
     except OSError:
         return False
-    try:  # (read only, to look: no lock, which another process's open file would refuse)
-        with h5py.File(path, "r", locking=False) as f:
-            encoding = f.attrs.get("encoding-type", b"")
-            encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
-            return encoding == "anndata" or ("obs" in f and "var" in f)
-    except OSError:  # (an HDF5 file that cannot be opened: cut short or corrupt)
-        return unreadable
+    # read only, to look; a file another process holds open for writing refuses HDF5's
+    # lock: looked at without it (not first: a file this process holds open refuses to be
+    # opened again with other locking)
+    for locking in (None, False):
+        try:
+            with h5py.File(path, "r", locking=locking) as f:
+                encoding = f.attrs.get("encoding-type", b"")
+                encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+                return encoding == "anndata" or ("obs" in f and "var" in f)
+        except OSError:
+            continue
+    return unreadable  # (an HDF5 file that cannot be opened: cut short or corrupt)
 
 
 #: The file name suffix each format writes.
