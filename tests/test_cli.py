@@ -441,6 +441,11 @@ def test_hints_name_the_commands_options(tmp_path, capsys):
     from cellsift.errors import DataError
     from cellsift.ontology import OntologyError
 
+    no_id = "x.soma: var has no column 'feature_id'. Pass var_id= with one of ['gene']."
+    assert _error("convert", DataError(no_id)) == 2
+    assert "Pass --var-id with one of ['gene']." in capsys.readouterr().err
+    assert _error("fit", DataError(no_id)) == 2
+    assert "store_options '{var_id: ...}' with one of" in capsys.readouterr().err
     no_x = "x.h5ad has no X. Choose layer= among: layers['counts'], raw."
     assert _error("info", DataError(no_x)) == 2
     assert "Choose --layer among: layers['counts'], raw." in capsys.readouterr().err

@@ -575,6 +575,7 @@ _AS_OPTIONS = {
     "--measurement": (
         ("pass measurement='raw'", "pass --measurement raw"),
         ("Pass measurement= with", "Pass --measurement with"),
+        ("Pass var_id= with", "Pass --var-id with"),
     ),
     "--no-ontology": (("pass ontology_aware=False", "pass --no-ontology"),),
     "--format": (("or pass format=.", "or pass --format."),),
@@ -594,6 +595,7 @@ _AS_OPTIONS = {
     _FIT_STORE: (
         ("pass measurement='raw'", f"pass {_FIT_STORE} '{{measurement: raw}}'"),
         ("Pass measurement= with", f"Pass {_FIT_STORE} '{{measurement: ...}}' with"),
+        ("Pass var_id= with", f"Pass {_FIT_STORE} '{{var_id: ...}}' with"),
     ),
     _FIT_DATA: (
         (

@@ -291,6 +291,9 @@ def test_tiledbsoma_io_experiment_of_named_indexes_opens_as_written(adata, tmp_p
     assert list(store.var_names) == list(adata.var_names)
     assert list(store.obs_names) == list(adata.obs_names)
     assert (store.read(np.arange(N_CELLS)) != adata.X).nnz == 0
+    # the obs names' column is no column of values too (review: "barcode" came back as one)
+    assert "barcode" not in store.obs_columns
+    assert store.obs_columns == [str(c) for c in adata.obs.columns]
 
 
 def test_var_without_gene_ids_names_the_fix(tmp_path):
@@ -303,6 +306,49 @@ def test_var_without_gene_ids_names_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"var has no column 'feature_id'.*Pass var_id="):
         len(open_store(uri, layer="data").var)
     assert list(open_store(uri, layer="data", var_id="gene").var_names) == ["g0", "g1"]
+    # the join ids are offered as no gene ids, and refused as such (review: a KeyError)
+    with pytest.raises(DataError, match=r"Pass var_id= with one of \['gene'\]\.$"):
+        len(open_store(uri, layer="data").var)
+    with pytest.raises(DataError, match=r"'soma_joinid' holds the join ids \(positions\)"):
+        len(open_store(uri, layer="data", var_id="soma_joinid").var)
+
+
+def test_an_experiment_missing_a_part_is_named_incomplete(tmp_path):
+    """An experiment without obs, ms, its measurement's var or X (an ingest that did not
+    finish): one error naming the part, not tiledbsoma's AttributeError or TypeError."""
+    import pyarrow as pa
+    import tiledbsoma
+
+    def make(name, *leave_out):
+        uri = str(tmp_path / name)
+        with tiledbsoma.Experiment.create(uri) as exp:
+            ids = pa.array([0, 1], pa.int64())
+            if "obs" not in leave_out:
+                t = pa.table({"soma_joinid": ids, "obs_id": ["c1", "c2"]})
+                exp.add_new_dataframe("obs", schema=t.schema, domain=[(0, 1)]).write(t)
+            if "ms" in leave_out:
+                return uri
+            rna = exp.add_new_collection("ms").add_new_collection("RNA", tiledbsoma.Measurement)
+            if "var" not in leave_out:
+                t = pa.table({"soma_joinid": ids, "feature_id": ["g1", "g2"]})
+                rna.add_new_dataframe("var", schema=t.schema, domain=[(0, 1)]).write(t)
+            if "X" not in leave_out:
+                rna.add_new_collection("X").add_new_sparse_ndarray(
+                    "raw", type=pa.float32(), shape=(2, 2)
+                )
+        return uri
+
+    cases = {
+        ("obs", "ms"): "is an experiment without obs or ms",
+        ("ms",): "is an experiment without ms",
+        ("obs",): "is an experiment without obs",
+        ("var",): "has a measurement 'RNA' without var",
+        ("X",): "has a measurement 'RNA' without X",
+    }
+    for parts, said in cases.items():
+        uri = make("-".join(parts) + ".soma", *parts)
+        with pytest.raises(DataError, match=rf"{said}: it is incomplete .* Re-create it"):
+            open_store(uri)
 
 
 # -- 5: counts ------------------------------------------------------------------------------

@@ -100,10 +100,23 @@ class SomaStore(CellStore):
     @_reads("measurement and X layers")
     def _check_layout(self) -> None:
         exp, measurement = self.handle, self.measurement
+        incomplete = "it is incomplete (an ingest or a copy that did not finish?)."
+        missing = [part for part in ("obs", "ms") if part not in exp]
+        if missing:
+            raise self._error(
+                f"is an experiment without {' or '.join(missing)}: {incomplete}",
+                "Re-create it, or copy it again.",
+            )
         if measurement not in exp.ms:
             raise self._error(
                 f"has no measurement {measurement!r} (it has {list(exp.ms.keys())}).",
                 "Pass measurement= with one of these.",
+            )
+        missing = [part for part in ("var", "X") if part not in exp.ms[measurement]]
+        if missing:
+            raise self._error(
+                f"has a measurement {measurement!r} without {' or '.join(missing)}: {incomplete}",
+                "Re-create it, or copy it again.",
             )
         layers = list(exp.ms[measurement].X.keys())
         # tiledbsoma.io writes an AnnData's raw (where scanpy keeps counts) as a measurement
@@ -163,13 +176,22 @@ class SomaStore(CellStore):
     @cached_property
     @_reads("obs")
     def _obs_stored(self) -> dict[str, str]:
-        """obs column -> its name in the store: all but ``soma_joinid`` and ``obs_id`` (the obs
-        names, as cellsift and tiledbsoma.io write them); the writer's input columns that it
+        """obs column -> its name in the store: all but ``soma_joinid`` and the obs names'
+        (``obs_id``, or tiledbsoma.io's named index: :attr:`_obs_names_column`); the writer's input columns that it
         stored under another name (:data:`~cellsift.data.writers.SOMA_RENAMED`) under their
         own names."""
         obs = self.handle.obs
-        stored = [n for n in obs.schema.names if n not in ("soma_joinid", "obs_id")]
+        names = self._obs_names_column
+        stored = [n for n in obs.schema.names if n not in ("soma_joinid", names)]
         return _own_names(stored, _renamed(obs))
+
+    @cached_property
+    def _obs_names_column(self) -> str | None:
+        """The obs column of the obs names: ``obs_id`` (cellsift's writer, ``tiledbsoma.io``),
+        else that of an AnnData's named index (``tiledbsoma.io``: under its name); None."""
+        names = self.handle.obs.schema.names
+        col = "obs_id" if "obs_id" in names else _original_index(self.handle.obs)
+        return col if col is not None and col in names else None
 
     @property
     def obs_columns(self) -> list[str]:
@@ -181,9 +203,8 @@ class SomaStore(CellStore):
     def obs_names(self) -> pd.Index | None:
         """The ``obs_id`` column (cellsift's SOMA writer and ``tiledbsoma.io`` keep the obs
         names there; ``tiledbsoma.io``, an AnnData's named index under its name), or None."""
-        names = self.handle.obs.schema.names
-        col = "obs_id" if "obs_id" in names else _original_index(self.handle.obs)
-        if col is None or col not in names:
+        col = self._obs_names_column
+        if col is None:
             return None
         tbl = self.handle.obs.read(column_names=["soma_joinid", col]).concat().to_pandas()
         return pd.Index(tbl.sort_values("soma_joinid")[col].astype(str).to_numpy())
@@ -227,12 +248,13 @@ class SomaStore(CellStore):
                 (c for c in ("feature_id", named, "var_id") if c is not None and c in var),
                 "feature_id",
             )
-        if var_id not in var.columns:
+        columns = [str(c) for c in var.columns if c != "soma_joinid"]
+        if var_id not in columns:  # (soma_joinid: positions, no gene ids)
             also = "" if self.var_id is not None else " (nor 'var_id', tiledbsoma.io's default)"
-            raise self._error(
-                f"var has no column {var_id!r}{also}.",
-                f"Pass var_id= with one of {list(var.columns)}.",
-            )
+            problem = f"var has no column {var_id!r}{also}."
+            if var_id == "soma_joinid":
+                problem = "var's 'soma_joinid' holds the join ids (positions), not gene ids."
+            raise self._error(problem, f"Pass var_id= with one of {columns}.")
         var.index = pd.Index(var.pop(var_id).astype(str).to_numpy())
         var = var.drop(columns=["soma_joinid"])
         own = _own_names([str(c) for c in var.columns], _renamed(frame))
