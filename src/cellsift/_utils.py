@@ -522,6 +522,8 @@ def _holds_x(adata: Any) -> bool:
     opens its X to answer, which a file without one cannot), a view's parent (a view's X
     is a copy of its part)."""
     if getattr(adata, "isbacked", False):
+        if not adata.file.is_open:  # (closed since: opened again, as reading X would)
+            adata.file.open()
         return "X" in adata.file
     if getattr(adata, "is_view", False):
         return adata._adata_ref.X is not None  # (anndata's own reference to the parent)
@@ -548,7 +550,7 @@ def adata_counts(
     if layer == "raw" and both:
         raise DataError(f"{source} {' '.join(RAW_CLASH)}")
     has = f"this AnnData has: {', '.join(others)}" if others else "it has none"
-    if layer is None and adata.X is None:
+    if layer is None and not _holds_x(adata):
         raise MissingKeyError(f"{source} has no X: pass layer= where the counts are ({has}).")
     if layer is None:
         return adata.X, adata.var, others

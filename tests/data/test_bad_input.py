@@ -148,6 +148,15 @@ def test_duplicate_gene_ids(tmp_path, capsys):
     assert said.endswith("then write it again), or pass genes= (a vocabulary).")
     _error("fit", err.value)
     assert capsys.readouterr().err.rstrip().endswith("then write it again).")
+    # ids that differ in their version only: the fix given keeps one of each (review: the
+    # plain duplicated() kept both, and the same error came back)
+    adata.var_names = [f"ENSG{i % 2:011d}.{i // 2 + 1}" for i in range(4)] + ["ENSG00000000009"]
+    with pytest.raises(DataError, match=r"duplicate ids \(Ensembl versions ignored\)") as err:
+        CellCollection(adata)
+    fix = r'adata[:, ~adata.var_names.str.replace(r"\.\d+$", "", regex=True).duplicated()]'
+    assert fix in str(err.value)
+    kept = adata[:, ~adata.var_names.str.replace(r"\.\d+$", "", regex=True).duplicated()].copy()
+    assert CellCollection(kept).n_vars == 3
     from cellsift.data.convert import convert
 
     with pytest.raises(DataError, match=r"dups\.h5ad: var_names hold the same name more than"):

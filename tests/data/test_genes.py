@@ -269,8 +269,19 @@ def test_no_overlap_says_what_kind_of_names_each_side_holds():
         vocab.align(_var([f"SYM{i}" for i in range(100)]), of="vocabulary")
     assert (
         "Its var_names are not Ensembl ids (symbols? e.g. 'SYM0', 'SYM1'); the model's genes "
-        "are Ensembl ids (ENSG..., e.g. 'ENSG00000000000') (no symbols held)."
+        "are Ensembl ids (ENSG..., e.g. 'ENSG00000000000'), with no symbols beside them."
     ) in str(err.value)
+    # a model of symbols: no word of symbols beside them; a mix said as one (review)
+    symbols = GeneVocabulary([f"SYM{i}" for i in range(100)])
+    with pytest.raises(GeneAlignmentError) as err:
+        symbols.align(_var([_ens(i) for i in range(50)] + [f"X{i}" for i in range(50)]))
+    assert str(err.value).endswith(
+        "Its var_names are a mix of Ensembl ids (ENSG..., e.g. 'ENSG00000000000') and other "
+        "names (e.g. 'X0', 'X1'); the vocabulary's genes are not Ensembl ids (symbols? e.g. "
+        "'SYM0', 'SYM1')."
+    )
+    with pytest.raises(GeneAlignmentError, match=r"^store: no genes \(its var is empty"):
+        symbols.align(_var([]), of="vocabulary")
     with pytest.raises(GeneAlignmentError, match=r"are Ensembl ids \(ENSMUSG\.\.\., e\.g\."):
         vocab.align(_var([f"ENSMUSG{i:011d}" for i in range(100)]))
 

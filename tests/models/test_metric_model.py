@@ -703,6 +703,9 @@ def test_embedding_a_backed_anndata_equals_the_in_memory_one(synthetic_h5ad, tmp
     np.testing.assert_array_equal(model.embed(no_x, layer="counts"), want)
     with pytest.raises(MissingKeyError, match=r"has no layer 'n' \(this AnnData has: 'counts'\)"):
         model.embed(no_x, layer="n")
+    with pytest.raises(MissingKeyError, match=r"has no X: pass layer= where the counts are"):
+        model.embed(no_x)
+    backed.file.close()  # (closed since: asked as anndata would read it, opened again)
     held = "has no layer 'n' \\(this AnnData has: X \\(layer=None\\)\\)"
     for with_x in (backed, full, full[:50]):  # (a view: its parent asked)
         with pytest.raises(MissingKeyError, match=held):

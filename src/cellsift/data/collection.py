@@ -167,10 +167,17 @@ class CellCollection:
             try:
                 self.genes = GeneVocabulary.from_var(self.stores[0].var)
             except ValueError as err:  # (duplicate ids: named with the store that holds them)
+                # ids that differ in their Ensembl version only are one gene: kept once by id
+                versions = not self.stores[0].var.index.duplicated().any()
+                names = (
+                    'adata.var_names.str.replace(r"\\.\\d+$", "", regex=True)'
+                    if versions
+                    else "adata.var_names"
+                )
                 raise DataError(
                     f"{self.stores[0].path}: its {err} To do so, keep one of each (in Python: "
-                    "adata = adata[:, ~adata.var_names.duplicated()].copy(), then write it "
-                    "again), or pass genes= (a vocabulary)."
+                    f"adata = adata[:, ~{names}.duplicated()].copy(), then write it again), or "
+                    "pass genes= (a vocabulary)."
                 ) from err
         elif isinstance(genes, GeneVocabulary):
             self.genes = genes

@@ -54,12 +54,17 @@ def _kind_of_names(names: pd.Index) -> str:
     sample = pd.Index(np.asarray(names[:2000], dtype=str))
     if len(sample) == 0:
         return "none"
-    ensembl = sample[sample.str.match(_ENSEMBL)]
-    if len(ensembl) >= len(sample) / 2:
+    is_id = np.asarray(sample.str.match(_ENSEMBL), dtype=bool)
+    ensembl, others = sample[is_id], sample[~is_id][:2].tolist()
+    if len(ensembl):
         prefix = ensembl.str.extract(r"^(ENS[A-Z]*G)", expand=False).value_counts().index[0]
-        return f"Ensembl ids ({prefix}..., e.g. {ensembl[0]!r})"
-    others = sample[~sample.str.match(_ENSEMBL)][:2].tolist()
-    return f"not Ensembl ids (symbols? e.g. {', '.join(repr(g) for g in others)})"
+        ids = f"Ensembl ids ({prefix}..., e.g. {ensembl[0]!r})"
+    examples = ", ".join(repr(g) for g in others)
+    if len(ensembl) >= 0.9 * len(sample):
+        return ids
+    if len(ensembl) <= 0.1 * len(sample):
+        return f"not Ensembl ids (symbols? e.g. {examples})"
+    return f"a mix of {ids} and other names (e.g. {examples})"
 
 
 def _strip_version(ids: pd.Index) -> pd.Index:
@@ -262,6 +267,11 @@ class GeneVocabulary:
         """
         if of not in ("smaller", "vocabulary"):
             raise ValueError(f"of must be 'smaller' or 'vocabulary', not {of!r}.")
+        if len(var) == 0:  # (before any count reads "all 0 of its genes")
+            raise GeneAlignmentError(
+                f"{source}: no genes (its var is empty, its counts 0 columns wide): there is "
+                "nothing to read. Use the cells' counts over genes."
+            )
         candidates: list[tuple[str, pd.Index]] = [("var_names", _names(var.index))]
         candidates += [(c, _names(var[c])) for c in GENE_COLUMNS if c in var.columns]
         targets = [("ids", _strip_version(self.genes))]
@@ -304,6 +314,10 @@ class GeneVocabulary:
             need = min_overlap * min(len(var), len(self))
         if n_matched == 0 or n_matched < need:
             what = "the model's" if of == "vocabulary" else "the vocabulary's"
+            beside = ""  # (symbols matter beside ids only: genes named by symbols are so)
+            if any(_ENSEMBL.match(g) for g in self.genes[:2000]):
+                held = self.symbols is not None and (self.symbols != "").any()
+                beside = ", with their symbols" if held else ", with no symbols beside them"
             if n_matched == len(var) and of == "vocabulary":  # ids agree: too few genes
                 raise GeneAlignmentError(
                     f"{source}: all {n_matched} of its genes are {what}, but they are only "
@@ -320,8 +334,7 @@ class GeneVocabulary:
                 "the data are not subset to a gene panel or to variable genes; a var column "
                 f"with Ensembl ids ({', '.join(ID_COLUMNS)}) is matched automatically. Its "
                 f"var_names are {_kind_of_names(var.index)}; {what} genes are "
-                f"{_kind_of_names(self.genes)}"
-                + (", with symbols." if self.symbols is not None else " (no symbols held).")
+                f"{_kind_of_names(self.genes)}{beside}."
             )
         if of == "vocabulary" and n_matched < min_overlap * len(self):
             warn(
