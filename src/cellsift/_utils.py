@@ -517,12 +517,15 @@ RAW_CLASH = (
 )
 
 
-def _holds_x(adata: Any) -> bool:
+def _holds_x(adata: Any, reopen: bool = False) -> bool:
     """Does an AnnData hold X, without reading it: a backed one's file is asked (anndata
     opens its X to answer, which a file without one cannot), a view's parent (a view's X
-    is a copy of its part)."""
+    is a copy of its part). A backed file closed since is opened again where ``reopen``
+    (X is to be read: anndata would), else taken to hold none (only a message asks)."""
     if getattr(adata, "isbacked", False):
-        if not adata.file.is_open:  # (closed since: opened again, as reading X would)
+        if not adata.file.is_open:
+            if not reopen:
+                return False
             adata.file.open()
         return "X" in adata.file
     if getattr(adata, "is_view", False):
@@ -550,7 +553,7 @@ def adata_counts(
     if layer == "raw" and both:
         raise DataError(f"{source} {' '.join(RAW_CLASH)}")
     has = f"this AnnData has: {', '.join(others)}" if others else "it has none"
-    if layer is None and not _holds_x(adata):
+    if layer is None and not _holds_x(adata, reopen=True):
         raise MissingKeyError(f"{source} has no X: pass layer= where the counts are ({has}).")
     if layer is None:
         return adata.X, adata.var, others

@@ -294,6 +294,15 @@ def test_tiledbsoma_io_experiment_of_named_indexes_opens_as_written(adata, tmp_p
     # the obs names' column is no column of values too (review: "barcode" came back as one)
     assert "barcode" not in store.obs_columns
     assert store.obs_columns == [str(c) for c in adata.obs.columns]
+    # a column of values called obs_id beside the named index stays one, as tiledbsoma.io
+    # reads it (review: it was taken as the obs names, and the index as a column)
+    adata.obs["obs_id"] = [f"donor{i % 2}" for i in range(N_CELLS)]
+    uri = str(tmp_path / "named_and_obs_id.soma")
+    tiledbsoma.io.from_anndata(uri, adata, measurement_name="RNA")
+    store = open_store(uri, layer="data")
+    assert list(store.obs_names) == list(adata.obs_names)
+    assert "obs_id" in store.obs_columns and "barcode" not in store.obs_columns
+    assert list(store.obs_column("obs_id")) == list(adata.obs["obs_id"])
 
 
 def test_var_without_gene_ids_names_the_fix(tmp_path):

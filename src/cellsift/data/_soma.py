@@ -101,7 +101,8 @@ class SomaStore(CellStore):
     def _check_layout(self) -> None:
         exp, measurement = self.handle, self.measurement
         incomplete = "it is incomplete (an ingest or a copy that did not finish?)."
-        missing = [part for part in ("obs", "ms") if part not in exp]
+        # (its members' names: "in" opens the member, and a damaged one is named where read)
+        missing = [part for part in ("obs", "ms") if part not in list(exp.keys())]
         if missing:
             raise self._error(
                 f"is an experiment without {' or '.join(missing)}: {incomplete}",
@@ -112,7 +113,7 @@ class SomaStore(CellStore):
                 f"has no measurement {measurement!r} (it has {list(exp.ms.keys())}).",
                 "Pass measurement= with one of these.",
             )
-        missing = [part for part in ("var", "X") if part not in exp.ms[measurement]]
+        missing = [part for part in ("var", "X") if part not in list(exp.ms[measurement].keys())]
         if missing:
             raise self._error(
                 f"has a measurement {measurement!r} without {' or '.join(missing)}: {incomplete}",
@@ -187,11 +188,14 @@ class SomaStore(CellStore):
 
     @cached_property
     def _obs_names_column(self) -> str | None:
-        """The obs column of the obs names: ``obs_id`` (cellsift's writer, ``tiledbsoma.io``),
-        else that of an AnnData's named index (``tiledbsoma.io``: under its name); None."""
+        """The obs column of the obs names: that of an AnnData's named index (``tiledbsoma.io``
+        keeps it under its name, and says which), else ``obs_id`` (cellsift's writer,
+        ``tiledbsoma.io`` for an unnamed index); None."""
         names = self.handle.obs.schema.names
-        col = "obs_id" if "obs_id" in names else _original_index(self.handle.obs)
-        return col if col is not None and col in names else None
+        named = _original_index(self.handle.obs)  # (first: "obs_id" beside it is a column)
+        if named is not None and named in names:
+            return named
+        return "obs_id" if "obs_id" in names else None
 
     @property
     def obs_columns(self) -> list[str]:
