@@ -7,6 +7,7 @@ import shutil
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -148,15 +149,28 @@ def test_duplicate_gene_ids(tmp_path, capsys):
     assert said.endswith("then write it again), or pass genes= (a vocabulary).")
     _error("fit", err.value)
     assert capsys.readouterr().err.rstrip().endswith("then write it again).")
-    # ids that differ in their version only: the fix given keeps one of each (review: the
-    # plain duplicated() kept both, and the same error came back)
-    adata.var_names = [f"ENSG{i % 2:011d}.{i // 2 + 1}" for i in range(4)] + ["ENSG00000000009"]
-    with pytest.raises(DataError, match=r"duplicate ids \(Ensembl versions ignored\)") as err:
-        CellCollection(adata)
-    fix = r'adata[:, ~adata.var_names.str.replace(r"\.\d+$", "", regex=True).duplicated()]'
-    assert fix in str(err.value)
-    kept = adata[:, ~adata.var_names.str.replace(r"\.\d+$", "", regex=True).duplicated()].copy()
-    assert CellCollection(kept).n_vars == 3
+    # the fix given, pasted, keeps one of each (review: ids that differ in their version only
+    # were all kept, and the same error came back), by the names the ids were taken from
+    # (an id column), and no other gene (names such as AC0051.1 and AC0051.2 are two)
+    ens = [f"ENSG{i % 2:011d}.{i // 2 + 1}" for i in range(4)] + ["ENSG00000000009"]
+    cases = {
+        "versions": (ens, None, 3),
+        "versions and the same id": ([*ens[:4], ens[0]], None, 2),
+        "in an id column": ([f"S{i}" for i in range(5)], ens, 3),
+        "names with a dot": (["A", "A", "AC0051.1", "AC0051.2", "B"], None, 4),
+    }
+    for case, (names, ids, genes) in cases.items():
+        adata.var = (
+            pd.DataFrame(index=names)
+            if ids is None
+            else pd.DataFrame({"gene_ids": ids}, index=names)
+        )
+        with pytest.raises(DataError, match="duplicate ids") as err:
+            CellCollection(adata)
+        code = str(err.value).split("in Python: ")[1].split(", then write it again")[0]
+        scope = {"adata": adata}
+        exec(code, scope)
+        assert CellCollection(scope["adata"]).n_vars == genes, case
     from cellsift.data.convert import convert
 
     with pytest.raises(DataError, match=r"dups\.h5ad: var_names hold the same name more than"):

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from .._utils import is_number, is_whole, logger, no_label, positions, text_or_none
 from ..errors import ConfigError, DataError, MissingKeyError
 from ._values import first_fault
-from .genes import GeneMap, GeneVocabulary
+from .genes import GeneMap, GeneVocabulary, id_column
 from .stores import CellStore, is_anndata, open_store, refuse_other
 
 __all__ = ["CellCollection", "resolve_paths"]
@@ -167,17 +167,8 @@ class CellCollection:
             try:
                 self.genes = GeneVocabulary.from_var(self.stores[0].var)
             except ValueError as err:  # (duplicate ids: named with the store that holds them)
-                # ids that differ in their Ensembl version only are one gene: kept once by id
-                versions = not self.stores[0].var.index.duplicated().any()
-                names = (
-                    'adata.var_names.str.replace(r"\\.\\d+$", "", regex=True)'
-                    if versions
-                    else "adata.var_names"
-                )
                 raise DataError(
-                    f"{self.stores[0].path}: its {err} To do so, keep one of each (in Python: "
-                    f"adata = adata[:, ~{names}.duplicated()].copy(), then write it again), or "
-                    "pass genes= (a vocabulary)."
+                    f"{self.stores[0].path}: its {err}{_keep_one_of_each(self.stores[0].var, err)}"
                 ) from err
         elif isinstance(genes, GeneVocabulary):
             self.genes = genes
@@ -590,6 +581,24 @@ def _check_aligned(
             "such cells out of the stores (their counts in those genes sum to 0), or pass "
             "check_counts=False to read them as empty."
         )
+
+
+def _keep_one_of_each(var: pd.DataFrame, err: ValueError) -> str:
+    """How to keep one of each gene a store names twice (where ``err`` says so): by the
+    names the vocabulary took as ids (var_names, or an id column), their Ensembl versions
+    left out where it took ids that differ in their version only as one."""
+    if "duplicate" not in str(err):
+        return ""
+    names = "adata.var_names"
+    column = id_column(var)
+    if column is not None:
+        names = f"adata.var[{column!r}]"
+    if "Ensembl versions ignored" in str(err):
+        names += '.str.replace(r"^(ENS[A-Z]*G\\d{11})\\.\\d+$", r"\\1", regex=True)'
+    return (
+        f" To do so, keep one of each (in Python: adata = adata[:, ~{names}.duplicated()]"
+        ".copy(), then write it again), or pass genes= (a vocabulary)."
+    )
 
 
 def _dropna_what(col: str) -> str:

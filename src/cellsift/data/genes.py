@@ -48,6 +48,25 @@ def _unambiguous(names: pd.Index) -> np.ndarray:
     return (names != "") & ~names.duplicated(keep=False)
 
 
+def id_column(var: pd.DataFrame) -> str | None:
+    """The var column :meth:`GeneVocabulary.from_var` takes gene ids from: None where
+    var_names are Ensembl ids, else the first id column (:data:`ID_COLUMNS`) of unique
+    Ensembl ids, if any."""
+    if _mostly_ensembl(_names(var.index)):
+        return None
+    return next(
+        (
+            c
+            for c in ID_COLUMNS
+            if c in var.columns
+            and _mostly_ensembl(_names(var[c]))
+            and not var[c].isna().any()
+            and not _names(var[c]).has_duplicates
+        ),
+        None,
+    )
+
+
 def _kind_of_names(names: pd.Index) -> str:
     """What a list of gene names holds, for messages: Ensembl ids of which species prefix
     (ENSG: human, ENSMUSG: mouse), or other names (symbols), with examples."""
@@ -184,20 +203,9 @@ class GeneVocabulary:
         """
         names = _names(var.index)
         ids, syms = names, None
-        if not _mostly_ensembl(names):
-            id_col = next(
-                (
-                    c
-                    for c in ID_COLUMNS
-                    if c in var.columns
-                    and _mostly_ensembl(_names(var[c]))
-                    and not var[c].isna().any()
-                    and not _names(var[c]).has_duplicates
-                ),
-                None,
-            )
-            if id_col is not None:
-                ids, syms = _names(var[id_col]), names
+        id_col = id_column(var)
+        if id_col is not None:
+            ids, syms = _names(var[id_col]), names
         if symbols is not None:
             syms = _names(var[symbols])
         elif syms is None:
