@@ -517,15 +517,15 @@ RAW_CLASH = (
 )
 
 
-def _holds_x(adata: Any, reopen: bool = False) -> bool:
+def _holds_x(adata: Any, reopen: bool = False) -> bool | None:
     """Does an AnnData hold X, without reading it: a backed one's file is asked (anndata
     opens its X to answer, which a file without one cannot), a view's parent (a view's X
     is a copy of its part). A backed file closed since is opened again where ``reopen``
-    (X is to be read: anndata would), else taken to hold none (only a message asks)."""
+    (X is to be read: anndata would), else not known (None: only a message asks)."""
     if getattr(adata, "isbacked", False):
         if not adata.file.is_open:
             if not reopen:
-                return False
+                return None
             adata.file.open()
         return "X" in adata.file
     if getattr(adata, "is_view", False):
@@ -548,8 +548,10 @@ def adata_counts(
     ]
     if adata.raw is not None and layer != "raw":
         others.append("'raw' (adata.raw)" if both else "'raw'")
-    if layer is not None and _holds_x(adata):
-        others.insert(0, "X (layer=None)")
+    if layer is not None:
+        held = _holds_x(adata)  # (None: a backed file closed since, not opened to word this)
+        if held is not False:
+            others.insert(0, "X (layer=None)" + (", if its file holds one" if held is None else ""))
     if layer == "raw" and both:
         raise DataError(f"{source} {' '.join(RAW_CLASH)}")
     has = f"this AnnData has: {', '.join(others)}" if others else "it has none"

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from .._utils import is_number, is_whole, logger, no_label, positions, text_or_none
 from ..errors import ConfigError, DataError, MissingKeyError
 from ._values import first_fault
-from .genes import GeneMap, GeneVocabulary, id_column
+from .genes import GeneMap, GeneVocabulary, _names, _strip_version, id_column
 from .stores import CellStore, is_anndata, open_store, refuse_other
 
 __all__ = ["CellCollection", "resolve_paths"]
@@ -168,7 +168,7 @@ class CellCollection:
                 self.genes = GeneVocabulary.from_var(self.stores[0].var)
             except ValueError as err:  # (duplicate ids: named with the store that holds them)
                 raise DataError(
-                    f"{self.stores[0].path}: its {err}{_keep_one_of_each(self.stores[0].var, err)}"
+                    f"{self.stores[0].path}: its {err}{_keep_one_of_each(self.stores[0], err)}"
                 ) from err
         elif isinstance(genes, GeneVocabulary):
             self.genes = genes
@@ -583,21 +583,27 @@ def _check_aligned(
         )
 
 
-def _keep_one_of_each(var: pd.DataFrame, err: ValueError) -> str:
+def _keep_one_of_each(store: CellStore, err: ValueError) -> str:
     """How to keep one of each gene a store names twice (where ``err`` says so): by the
-    names the vocabulary took as ids (var_names, or an id column), their Ensembl versions
-    left out where it took ids that differ in their version only as one."""
+    names the vocabulary took as ids (var_names, or an id column; of ``adata.raw`` where
+    the counts are read there), their Ensembl versions left out where that leaves more
+    duplicates (ids that differ in their version only are one gene)."""
     if "duplicate" not in str(err):
         return ""
-    names = "adata.var_names"
+    var = store.var
+    raw = store.layer == "raw"
+    table = "raw" if raw else "adata"
     column = id_column(var)
-    if column is not None:
-        names = f"adata.var[{column!r}]"
-    if "Ensembl versions ignored" in str(err):
+    ids = _names(var.index if column is None else var[column])
+    names = f"{table}.var_names" if column is None else f"{table}.var[{column!r}]"
+    if _strip_version(ids).duplicated().sum() > ids.duplicated().sum():
         names += '.str.replace(r"^(ENS[A-Z]*G\\d{11})\\.\\d+$", r"\\1", regex=True)'
+    keep = f"adata = adata[:, ~{names}.duplicated()].copy()"
+    if raw:
+        keep = f"raw = adata.raw.to_adata(); adata.raw = raw[:, ~{names}.duplicated()].copy()"
     return (
-        f" To do so, keep one of each (in Python: adata = adata[:, ~{names}.duplicated()]"
-        ".copy(), then write it again), or pass genes= (a vocabulary)."
+        f" To do so, keep one of each (in Python: {keep}, then write it again), or pass "
+        "genes= (a vocabulary)."
     )
 
 
