@@ -571,9 +571,9 @@ def csr_fault(
 ) -> str | None:
     """What is wrong with a CSR matrix's structure (a file damaged on disk or in transfer),
     or None: its row pointer must start at 0 and never decrease and, with ``indices``, end
-    at their number, which must lie in [0, ``n_cols``). Read before scipy touches it: its
-    compiled routines read out of bounds on such a matrix (a crash, not an error).
-    ``first``: the number of its first row, in what messages say."""
+    at their number, which must lie in [0, ``n_cols``) (:func:`index_fault`). Read before
+    scipy touches it: its compiled routines read out of bounds on such a matrix (a crash,
+    not an error). ``first``: the number of its first row, in what messages say."""
     if len(indptr) == 0:
         return "the row pointer is empty"
     if indptr[0] != 0:
@@ -589,12 +589,28 @@ def csr_fault(
         return None
     if indptr[-1] != len(indices):
         return f"the row pointer ends at {int(indptr[-1])}, but there are {len(indices)} values"
+    return index_fault(indices, n_cols)
+
+
+def index_fault(indices: np.ndarray, n_cols: int) -> str | None:
+    """A CSR matrix's column index outside [0, ``n_cols``), said; or None."""
     if len(indices):
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= n_cols:
             bad = low if low < 0 else high
             return f"a column index is {bad}, outside the {n_cols} genes"
     return None
+
+
+def check_csr(x: Any, where: str, first: int = 0) -> None:
+    """A :class:`~cellsift.errors.DataError` where the CSR matrix ``x`` (counts read from a
+    file, whose rows start at row ``first``) is damaged (:func:`csr_fault`); ``where``
+    names it (e.g. ``"adata (X)"``)."""
+    fault = csr_fault(x.indptr, x.indices, x.shape[1], first)
+    if fault is not None:
+        raise DataError(
+            f"{where} is corrupt: {fault}. Re-create or re-download the file it was read from."
+        )
 
 
 def canonical(x: Any) -> Any:

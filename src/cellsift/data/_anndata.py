@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import RAW_CLASH, csr_fault
+from .._utils import RAW_CLASH, csr_fault, index_fault
 from ..errors import CellsiftError
 from . import _csr
 from ._direct import ChunkedReader, read_ranges
@@ -229,8 +229,9 @@ class AnnDataStore(CellStore):
         which = f" of cells {int(rows[0])}-{int(rows[-1])}" if len(rows) else ""
         with self._reading(f"{self._matrix_key()}{which}"):
             x = _csr.read_rows(self.indptr, rows, self._shape[1], self._read_segments, gap)
-        fault = csr_fault(x.indptr, x.indices, self._shape[1])
-        if fault is not None:  # (the row pointer is checked on opening: the indices here)
+        # (its row pointer is made of the store's, checked on opening: the indices only)
+        fault = index_fault(x.indices, self._shape[1])
+        if fault is not None:
             raise self._error(
                 f"is corrupt: in {self._matrix_key()}{which}, {fault}.",
                 "Re-create or re-download the file.",

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import adata_counts, canonical, csr_fault, logger
+from .._utils import adata_counts, canonical, check_csr, logger
 from ..errors import DataError
 from .stores import CellStore
 
@@ -35,13 +35,8 @@ class MemoryStore(CellStore):
         super().__init__(name, layer=layer, on_disk=False)
         x, var, _ = adata_counts(adata, layer, name)  # (a view's matrix is its own subset)
         if sp.issparse(x):
-            fault = csr_fault(x.indptr, x.indices, x.shape[1]) if x.format == "csr" else None
-            if fault is not None:  # (before scipy's routines read it out of bounds)
-                where = "X" if layer is None else layer
-                raise DataError(
-                    f"{name} ({where}) is corrupt: {fault}. Re-create or re-download the file "
-                    "it was read from."
-                )
+            if x.format == "csr":  # (before scipy's routines read it out of bounds)
+                check_csr(x, f"{name} ({'X' if layer is None else layer})")
             if x.format != "csr":
                 logger.info("%s: %s counts turned into CSR to read by rows", name, x.format)
             x = canonical(sp.csr_matrix(x))  # (a copy only where duplicates or zeros are stored)

@@ -29,7 +29,7 @@ from .._utils import (
     BACKED_ROWS,
     adata_counts,
     canonical,
-    csr_fault,
+    check_csr,
     is_whole,
     logger,
     model_fingerprint,
@@ -429,13 +429,8 @@ class MetricModel:
 
         def align(block: Any, first: int = 0) -> sp.csr_matrix:
             """``block``: the cells from row ``first`` on."""
-            if sp.issparse(block) and block.format == "csr":
-                fault = csr_fault(block.indptr, block.indices, block.shape[1], first)
-                if fault is not None:  # (a file damaged on disk, read as it is)
-                    raise DataError(
-                        f"{source} ({'X' if layer is None else layer}) is corrupt: {fault}. "
-                        "Re-create or re-download the file it was read from."
-                    )
+            if sp.issparse(block) and block.format == "csr":  # (a file damaged on disk)
+                check_csr(block, f"{source} ({'X' if layer is None else layer})", first)
             out = canonical(gm.apply(sp.csr_matrix(block, dtype=np.float32)))
             if check_counts:
                 check_count_values(
