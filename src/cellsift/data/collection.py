@@ -157,18 +157,12 @@ class CellCollection:
         self.offsets = np.concatenate(([0], np.cumsum([s.n_obs for s in self.stores]))).astype(
             np.int64
         )
-        for store in self.stores:  # (before any gene count says "0 of its 0 genes")
-            if len(store.var) == 0:
-                raise DataError(
-                    f"{store.path}: no genes (its var is empty, its counts 0 columns wide): "
-                    "there is nothing to read. Use a store of the cells' counts over genes."
-                )
         if genes is None:
             try:
                 self.genes = GeneVocabulary.from_var(self.stores[0].var)
             except ValueError as err:  # (duplicate ids: named with the store that holds them)
                 raise DataError(
-                    f"{self.stores[0].path}: its {err}{_keep_one_of_each(self.stores[0], err)}"
+                    f"{self.stores[0].path}: its {err}{_keep_one_of_each(self.stores[0])}"
                 ) from err
         elif isinstance(genes, GeneVocabulary):
             self.genes = genes
@@ -583,20 +577,23 @@ def _check_aligned(
         )
 
 
-def _keep_one_of_each(store: CellStore, err: ValueError) -> str:
-    """How to keep one of each gene a store names twice (where ``err`` says so): by the
-    names the vocabulary took as ids (var_names, or an id column; of ``adata.raw`` where
-    the counts are read there), their Ensembl versions left out where that leaves more
-    duplicates (ids that differ in their version only are one gene)."""
-    if "duplicate" not in str(err):
-        return ""
+def _keep_one_of_each(store: CellStore) -> str:
+    """How to keep one of each gene a store names twice: by the names the vocabulary took
+    as ids (var_names, or an id column; of ``adata.raw`` where the counts are read there),
+    their Ensembl versions left out where that leaves more duplicates (ids that differ in
+    their version only are one gene); nothing where no id is named twice (the vocabulary
+    refused them for another reason)."""
     var = store.var
     raw = store.layer == "raw"
     table = "raw" if raw else "adata"
     column = id_column(var)
     ids = _names(var.index if column is None else var[column])
+    ids = ids[ids != ""]  # (no id: refused as such, whatever its count)
+    plain, stripped = ids.duplicated().sum(), _strip_version(ids).duplicated().sum()
+    if not stripped:
+        return ""
     names = f"{table}.var_names" if column is None else f"{table}.var[{column!r}]"
-    if _strip_version(ids).duplicated().sum() > ids.duplicated().sum():
+    if stripped > plain:
         names += '.str.replace(r"^(ENS[A-Z]*G\\d{11})\\.\\d+$", r"\\1", regex=True)'
     keep = f"adata = adata[:, ~{names}.duplicated()].copy()"
     if raw:

@@ -32,10 +32,14 @@ MODEL_MIN_GENES = 5000
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
 
 
+#: The share of names that are Ensembl ids from which they are taken as ids (a few genes of
+#: an atlas may lack one and keep a symbol in the id column).
+MOSTLY = 0.9
+
+
 def _mostly_ensembl(names: pd.Index) -> bool:
-    """Are at least 90% of ``names`` Ensembl gene ids? (A few genes of an atlas may lack one
-    and keep a symbol in the id column.)"""
-    return len(names) > 0 and float(names.str.match(_ENSEMBL).mean()) >= 0.9
+    """Are at least :data:`MOSTLY` of ``names`` Ensembl gene ids?"""
+    return len(names) > 0 and float(names.str.match(_ENSEMBL).mean()) >= MOSTLY
 
 
 def _names(values: pd.Index | pd.Series) -> pd.Index:
@@ -79,9 +83,9 @@ def _kind_of_names(names: pd.Index) -> str:
         prefix = ensembl.str.extract(r"^(ENS[A-Z]*G)", expand=False).value_counts().index[0]
         ids = f"Ensembl ids ({prefix}..., e.g. {ensembl[0]!r})"
     examples = ", ".join(repr(g) for g in others)
-    if len(ensembl) >= 0.9 * len(sample):
+    if len(ensembl) >= MOSTLY * len(sample):
         return ids
-    if len(ensembl) <= 0.1 * len(sample):
+    if len(ensembl) <= (1 - MOSTLY) * len(sample):
         return f"not Ensembl ids (symbols? e.g. {examples})"
     return f"a mix of {ids} and other names (e.g. {examples})"
 

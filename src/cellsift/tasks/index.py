@@ -368,7 +368,7 @@ class CellIndex:
         rerankable = self.n_cells > rerank * (k + 1)
         nprobe, reached = _least_nprobe(
             lambda p: recall_at(p, rerank),
-            min(quarter - 1, nlist) if rerankable else nlist,
+            quarter - 1 if rerankable else nlist,
             target_recall,
         )
         if rerankable and reached < target_recall:
