@@ -166,13 +166,16 @@ def test_a_store_overwrite_replaces_only_a_store_and_not_a_folder_that_looks_lik
         assert ad.read_h5ad(tmp_path / name).n_obs == adata.n_obs
     # ... but they are no store to open: loading one as a bundle or index says it is a file
     # (review: "is a store of cells' counts")
-    from cellsift.tasks import CellIndex
+    from cellsift.models import BundleError
+    from cellsift.tasks import CellIndexError
 
     for name, content in (("cut.h5", whole[: len(whole) // 2]), ("empty.h5ad", b"")):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(Exception, match="is a file, not an index folder"):
+        with pytest.raises(CellIndexError, match="is a file, not an index folder"):
             CellIndex.load(tmp_path / name)
-        with pytest.raises(Exception, match=r"not a bundle directory \(it does not exist or is a"):
+        with pytest.raises(
+            BundleError, match=r"not a bundle directory \(it does not exist or is a"
+        ):
             MetricModel.load(tmp_path / name)
 
 
