@@ -18,7 +18,14 @@ import scipy.sparse as sp
 from .._utils import is_number, is_whole, logger, no_label, positions, text_or_none
 from ..errors import ConfigError, DataError, MissingKeyError
 from ._values import first_fault
-from .genes import GeneMap, GeneVocabulary, _names, _strip_version, id_column
+from .genes import (
+    DuplicateGenesError,
+    GeneMap,
+    GeneVocabulary,
+    _names,
+    _strip_version,
+    id_column,
+)
 from .stores import CellStore, is_anndata, open_store, refuse_other
 
 __all__ = ["CellCollection", "resolve_paths"]
@@ -160,10 +167,13 @@ class CellCollection:
         if genes is None:
             try:
                 self.genes = GeneVocabulary.from_var(self.stores[0].var)
-            except ValueError as err:  # (duplicate ids: named with the store that holds them)
-                raise DataError(
-                    f"{self.stores[0].path}: its {err}{_keep_one_of_each(self.stores[0])}"
-                ) from err
+            except ValueError as err:  # (named with the store that holds them)
+                fix = (
+                    _keep_one_of_each(self.stores[0])
+                    if isinstance(err, DuplicateGenesError)
+                    else ""
+                )
+                raise DataError(f"{self.stores[0].path}: its {err}{fix}") from err
         elif isinstance(genes, GeneVocabulary):
             self.genes = genes
         else:
@@ -588,7 +598,7 @@ def _keep_one_of_each(store: CellStore) -> str:
     table = "raw" if raw else "adata"
     column = id_column(var)
     ids = _names(var.index if column is None else var[column])
-    ids = ids[ids != ""]  # (no id: refused as such, whatever its count)
+    ids = ids[ids.str.strip() != ""]  # (no id: refused as such, whatever its count)
     plain, stripped = ids.duplicated().sum(), _strip_version(ids).duplicated().sum()
     if not stripped:
         return ""

@@ -83,9 +83,11 @@ def _kind_of_names(names: pd.Index) -> str:
         prefix = ensembl.str.extract(r"^(ENS[A-Z]*G)", expand=False).value_counts().index[0]
         ids = f"Ensembl ids ({prefix}..., e.g. {ensembl[0]!r})"
     examples = ", ".join(repr(g) for g in others)
-    if len(ensembl) >= MOSTLY * len(sample):
+    # (shares as _mostly_ensembl takes them: 1 in 10 ids is "not Ensembl ids", as 9 in 10
+    # are ids, which (1 - MOSTLY) * n, a hair under n / 10, did not say)
+    if float(is_id.mean()) >= MOSTLY:
         return ids
-    if len(ensembl) <= (1 - MOSTLY) * len(sample):
+    if float((~is_id).mean()) >= MOSTLY:
         return f"not Ensembl ids (symbols? e.g. {examples})"
     return f"a mix of {ids} and other names (e.g. {examples})"
 
@@ -93,6 +95,10 @@ def _kind_of_names(names: pd.Index) -> str:
 def _strip_version(ids: pd.Index) -> pd.Index:
     """ENSG00000141510.17 -> ENSG00000141510 (Ensembl versions differ between releases)."""
     return pd.Index([g.split(".")[0] if _ENSEMBL.match(g) else g for g in ids.astype(str)])
+
+
+class DuplicateGenesError(ValueError):
+    """A vocabulary's ids name a gene twice (a ValueError, as every refused vocabulary)."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,7 @@ class GeneVocabulary:
         if stripped.has_duplicates:
             dups = self.genes[stripped.duplicated(keep=False)].unique()[:5].tolist()
             versions = " (Ensembl versions ignored)" if any(_ENSEMBL.match(g) for g in dups) else ""
-            raise ValueError(
+            raise DuplicateGenesError(
                 f"gene vocabulary has duplicate ids{versions}, e.g. {dups}; make them unique."
             )
         self.symbols = None if symbols is None else pd.Index(np.asarray(symbols, dtype=str))
