@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .errors import ConfigError, DataError, MissingKeyError, OutputInUseError
 
@@ -567,49 +568,66 @@ def adata_counts(
 
 
 def csr_fault(
-    indptr: np.ndarray, indices: np.ndarray | None, n_cols: int, first: int = 0
+    indptr: np.ndarray,
+    indices: np.ndarray | None,
+    n_cols: int,
+    first: int = 0,
+    *,
+    along: str = "row",
+    across: str = "column",
+    of: str = "genes",
 ) -> str | None:
     """What is wrong with a CSR matrix's structure (a file damaged on disk or in transfer),
     or None: its row pointer must start at 0 and never decrease and, with ``indices``, end
     at their number, which must lie in [0, ``n_cols``) (:func:`index_fault`). Read before
     scipy touches it: its compiled routines read out of bounds on such a matrix (a crash,
-    not an error). ``first``: the number of its first row, in what messages say."""
+    not an error). ``first``: the number of its first row, in what messages say; ``along``,
+    ``across`` and ``of`` word a CSC matrix (its columns, row indices, cells)."""
     if len(indptr) == 0:
-        return "the row pointer is empty"
+        return f"the {along} pointer is empty"
     if indptr[0] != 0:
-        return f"the row pointer starts at {int(indptr[0])}, not 0"
+        return f"the {along} pointer starts at {int(indptr[0])}, not 0"
     down = np.flatnonzero(np.diff(indptr) < 0)
     if len(down):
         i = int(down[0])
         return (
-            f"the row pointer decreases at row {first + i} ({int(indptr[i])}, then "
+            f"the {along} pointer decreases at {along} {first + i} ({int(indptr[i])}, then "
             f"{int(indptr[i + 1])})"
         )
     if indices is None:
         return None
     if indptr[-1] != len(indices):
-        return f"the row pointer ends at {int(indptr[-1])}, but there are {len(indices)} values"
-    return index_fault(indices, n_cols)
+        return f"the {along} pointer ends at {int(indptr[-1])}, but there are {len(indices)} values"
+    return index_fault(indices, n_cols, across=across, of=of)
 
 
-def index_fault(indices: np.ndarray, n_cols: int) -> str | None:
+def index_fault(
+    indices: np.ndarray, n_cols: int, *, across: str = "column", of: str = "genes"
+) -> str | None:
     """A CSR matrix's column index outside [0, ``n_cols``), said; or None."""
     if len(indices):
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= n_cols:
             bad = low if low < 0 else high
-            return f"a column index is {bad}, outside the {n_cols} genes"
+            return f"a {across} index is {bad}, outside the {n_cols} {of}"
     return None
 
 
 def check_csr(x: Any, where: str, first: int = 0) -> None:
-    """A :class:`~cellsift.errors.DataError` where the CSR matrix ``x`` (counts read from a
-    file, whose rows start at row ``first``) is damaged (:func:`csr_fault`); ``where``
-    names it (e.g. ``"adata (X)"``)."""
-    fault = csr_fault(x.indptr, x.indices, x.shape[1], first)
+    """A :class:`~cellsift.errors.DataError` where the sparse matrix ``x`` (counts, whose
+    rows start at row ``first``) is damaged (:func:`csr_fault`): a CSR or CSC matrix, whose
+    pointers and indices scipy's conversions and slices trust (other formats: nothing
+    checked); ``where`` names it (e.g. ``"adata (X)"``)."""
+    fmt = x.format if sp.issparse(x) else None  # (not anndata's backed datasets: read whole)
+    if fmt == "csr":
+        fault = csr_fault(x.indptr, x.indices, x.shape[1], first)
+    elif fmt == "csc":  # (columns: its rows are its indices, numbered from first)
+        fault = csr_fault(x.indptr, x.indices, x.shape[0], along="column", across="row", of="cells")
+    else:
+        return
     if fault is not None:
         raise DataError(
-            f"{where} is corrupt: {fault}. Re-create or re-download the file it was read from."
+            f"{where} is corrupt: {fault}. Re-create it, or re-download the file it was read from."
         )
 
 

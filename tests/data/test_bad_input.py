@@ -843,6 +843,53 @@ def test_a_csr_matrix_damaged_on_disk_is_named_not_a_crash(tmp_path, damage):
         CellCollection(damaged)  # (in memory)
 
 
+def test_damage_beyond_the_first_block_a_csc_matrix_and_wide_indices_are_named(
+    tmp_path, monkeypatch
+):
+    """Where the first checks missed damage (review): a model's blocks of an AnnData in
+    memory (scipy's slice dropped an index outside the genes, and the block's check then
+    found nothing); backed blocks, named by their row in the file, not in the block; a
+    damaged CSC matrix in memory (converted by scipy unchecked); an int64 index on disk
+    beyond int32 (cast, it wrapped into the genes)."""
+    import cellsift.models.metric as metric
+    from cellsift.models import MetricModel
+
+    monkeypatch.setattr(metric, "BACKED_ROWS", 16)  # (blocks of 16 cells: 40 cells, 3)
+    adata = synthetic_atlas(80, 30, seed=0)
+    adata = adata[np.flatnonzero(adata.X.getnnz(axis=1))[:40]].copy()  # (cells with counts)
+    adata.X = sp.csr_matrix(adata.X)
+    model = MetricModel.from_collection(adata, hidden=(8,), latent=4)
+    damaged = adata.copy()
+    damaged.X.indices[damaged.X.indptr[35]] = 99  # (cell 35: in the third block)
+    for run in (model.embed, model.aligned_counts):
+        with pytest.raises(DataError, match=r"a column index is 99, outside the 30 genes"):
+            run(damaged)
+    path = _write(tmp_path, "atlas.h5ad", adata)
+    with h5py.File(path, "r+") as f:
+        f["X/indptr"][20] = f["X/indptr"][21] + 5  # (then 21's value: it decreases)
+    backed = ad.read_h5ad(path, backed="r")
+    for run in (model.embed, model.aligned_counts):
+        with pytest.raises(DataError, match=r"the row pointer decreases at row 20 "):
+            run(backed)
+    backed.file.close()
+    csc = ad.AnnData(sp.csc_matrix(adata.X), var=adata.var)
+    csc.X.indices[5] = 40
+    for run in (CellCollection, model.embed):
+        with pytest.raises(DataError, match=r"X\) is corrupt: a row index is 40, outside the 40"):
+            run(csc)
+    wide = adata.copy()
+    wide.X.indices = wide.X.indices.astype(np.int64)
+    wide.X.indptr = wide.X.indptr.astype(np.int64)
+    path = _write(tmp_path, "wide.h5ad", wide)
+    with h5py.File(path, "r+") as f:
+        assert f["X/indices"].dtype == np.int64
+        f["X/indices"][f["X/indptr"][12]] = 2**32 + 7  # (cast to int32: gene 7)
+    ad.read_h5ad(path).write_zarr(tmp_path / "wide.zarr")
+    for store in (path, tmp_path / "wide.zarr"):
+        with pytest.raises(DataError, match=r"a column index is 4294967303, outside the 30 g"):
+            CellCollection(store, check_counts=False).stores[0].read(np.arange(10, 14))
+
+
 def test_a_store_of_no_genes_says_so(tmp_path):
     """Cells over no genes: said as such, not as "only 0 of its 0 genes match the
     vocabulary's 0 genes (need 0)" (review), on file and in memory."""

@@ -241,7 +241,7 @@ class AnnDataStore(CellStore):
     def _read_segments(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._direct is not None:
             data, indices = read_ranges(self._direct, starts, ends, self._threads())
-            return data.astype(np.float32, copy=False), indices.astype(np.int32, copy=False)
+            return data.astype(np.float32, copy=False), _csr.as_int32(indices)
         return self._read_segments_api(starts, ends)
 
     def _read_segments_api(

@@ -19,6 +19,18 @@ MAX_GAP = 1 << 15
 ReadSegments = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+def as_int32(indices: np.ndarray) -> np.ndarray:
+    """Column indices as int32 (every store's gene count fits), where they fit: a damaged
+    file's index beyond int32 stays as it is, for the read's check to name (a cast would
+    wrap it into the genes)."""
+    if indices.dtype == np.int32:
+        return indices
+    info = np.iinfo(np.int32)
+    if len(indices) and (indices.max() > info.max or indices.min() < info.min):
+        return indices.astype(np.int64, copy=False)
+    return indices.astype(np.int32)
+
+
 def segments(
     indptr: np.ndarray, rows: np.ndarray, max_gap: int = MAX_GAP
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

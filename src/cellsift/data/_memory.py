@@ -34,9 +34,8 @@ class MemoryStore(CellStore):
             )
         super().__init__(name, layer=layer, on_disk=False)
         x, var, _ = adata_counts(adata, layer, name)  # (a view's matrix is its own subset)
-        if sp.issparse(x):
-            if x.format == "csr":  # (before scipy's routines read it out of bounds)
-                check_csr(x, f"{name} ({'X' if layer is None else layer})")
+        if sp.issparse(x):  # (checked before scipy's routines read it out of bounds)
+            check_csr(x, f"{name} ({'X' if layer is None else layer})")
             if x.format != "csr":
                 logger.info("%s: %s counts turned into CSR to read by rows", name, x.format)
             x = canonical(sp.csr_matrix(x))  # (a copy only where duplicates or zeros are stored)

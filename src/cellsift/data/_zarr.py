@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _csr
 from ._anndata import AnnDataStore
 from ._direct import ChunkedReader, ShardedArrayReader
 from .writers import Format
@@ -143,7 +144,7 @@ class ZarrStore(AnnDataStore):
         parts = loop.run_until_complete(fetch())
         data, indices = parts[: len(ranges)], parts[len(ranges) :]
         cat = np.concatenate
-        return (cat(data).astype(np.float32, copy=False), cat(indices).astype(np.int32, copy=False))
+        return cat(data).astype(np.float32, copy=False), _csr.as_int32(cat(indices))
 
 
 def _missing(folder: Path, keys: list[str]) -> list[int]:

@@ -405,7 +405,10 @@ class MetricModel:
             return align(x)
         # backed (anndata's on-disk matrices): read in row blocks
         return sp.vstack(
-            [align(x[start : start + BACKED_ROWS]) for start in range(0, x.shape[0], BACKED_ROWS)]
+            [
+                align(x[start : start + BACKED_ROWS], start)
+                for start in range(0, x.shape[0], BACKED_ROWS)
+            ]
             or [sp.csr_matrix((0, len(self.genes)), dtype=np.float32)],
             format="csr",
         )
@@ -421,6 +424,7 @@ class MetricModel:
         """Counts of a block of cells (of genes ``var``) -> CSR in the model's gene order,
         checked as :meth:`aligned_counts` says."""
         has = f" (this AnnData has: {', '.join(others)})" if others else ""
+        where = f"{source} ({'X' if layer is None else layer})"
         gm = self.genes.align(var, source=source, min_overlap=0.5, of="vocabulary")
         if not gm.identity:
             logger.info(
@@ -429,13 +433,12 @@ class MetricModel:
 
         def align(block: Any, first: int = 0) -> sp.csr_matrix:
             """``block``: the cells from row ``first`` on."""
-            if sp.issparse(block) and block.format == "csr":  # (a file damaged on disk)
-                check_csr(block, f"{source} ({'X' if layer is None else layer})", first)
+            check_csr(block, where, first)  # (a file damaged on disk)
             out = canonical(gm.apply(sp.csr_matrix(block, dtype=np.float32)))
             if check_counts:
                 check_count_values(
                     out.data,
-                    f"{source} ({'X' if layer is None else layer})",
+                    where,
                     f" Point layer= at raw counts{has}, or pass check_counts=False if these "
                     "values are meant.",
                 )
@@ -464,6 +467,9 @@ class MetricModel:
             check_device(device)
         x, var, others = adata_counts(adata, layer, source)
         align = self._aligner(var, others, layer, check_counts, source)
+        # a matrix in memory checked whole: scipy's slice of a damaged one drops what lies
+        # outside it (a block's own check would then find nothing wrong)
+        check_csr(x, f"{source} ({'X' if layer is None else layer})")
         out = np.empty((x.shape[0], width), dtype=np.float32)
         step = BACKED_ROWS
         for start in range(0, x.shape[0], step):
