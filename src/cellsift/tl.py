@@ -321,7 +321,9 @@ def search_centroid(
     With ``qc``, the result's ``qc`` holds the query-coherence check
     (:func:`~cellsift.tasks.query_coherence`: do the set's subpopulations find the same
     cells?), which warns when the set looks heterogeneous. It clusters the set's cell
-    embeddings: ``obsm[use_rep]`` when present, else embedded here.
+    embeddings (``obsm[use_rep]`` when present, else embedded here), searches with each
+    cluster's counts summed and embedded as the set's are, and compares those hits with
+    the ones returned.
     """
     index.check_model(model)
     mask = np.ones(adata.n_obs, dtype=bool) if cells is None else cell_mask(adata, cells)
@@ -332,14 +334,27 @@ def search_centroid(
     bulk = pseudobulk(adata, labels, layer=layer)
     result = index.search(_embed_bulk(model, bulk, "the cell set"), k, filter=filter)
     if qc:
+        rows = np.flatnonzero(mask)
         if use_rep in adata.obsm:
             check_embedded_by(adata, use_rep, model)
-            z = np.asarray(adata.obsm[use_rep])[mask]
+            z = np.asarray(adata.obsm[use_rep])[rows]
         else:  # the set's cells; any without counts in the model's genes sit out the check
-            x = model.aligned_counts(adata[mask], layer=layer)
-            x = x[np.diff(x.indptr) > 0]
-            z = model.embed_aligned(x)
-        result.qc = query_coherence(index, z, k, filter=filter)
+            x = model.aligned_counts(adata[rows], layer=layer)
+            counted = np.diff(x.indptr) > 0
+            rows = rows[counted]
+            z = model.embed_aligned(x[counted])
+
+        def embed_clusters(cluster: np.ndarray) -> np.ndarray:
+            groups = np.full(adata.n_obs, None, dtype=object)
+            groups[rows] = cluster  # (clusters 0..n-1, none empty: n rows in that order)
+            # a cluster without counts in the model's genes can only be one of cells whose
+            # embeddings came from obsm: an error, as for the set
+            sums = pseudobulk(adata, groups, layer=layer)
+            return _embed_bulk(model, sums, "the query-coherence check's cluster")
+
+        result.qc = query_coherence(
+            index, z, k, filter=filter, hits=result.indices[0], embed_clusters=embed_clusters
+        )
     return result
 
 

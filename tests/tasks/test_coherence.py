@@ -63,3 +63,27 @@ def test_small_sets_and_errors():
     assert len(qc.clusters) == 1 and qc.coherence == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no query cells"):
         query_coherence(index, np.zeros((0, z.shape[1]), dtype=np.float32))
+
+
+def test_given_hits_and_cluster_queries_are_what_is_compared():
+    z, pop = _clustered()
+    index = CellIndex.build(z, engine="exact")
+    query = z[pop == 1][:40]
+    centre = z[pop == 3].mean(0)
+    hits = _top(z, centre, 50)  # another population's cells: nothing in common
+    with pytest.warns(CellsiftWarning, match="heterogeneous"):
+        qc = query_coherence(index, query, k=50, hits=hits)
+    assert qc.coherence == 0
+    seen = []
+
+    def embed_clusters(cluster):  # each cluster's query: population 3's centre
+        seen.append(cluster.copy())
+        return np.repeat(centre[None], cluster.max() + 1, axis=0)
+
+    qc = query_coherence(index, query, k=50, hits=hits, embed_clusters=embed_clusters)
+    np.testing.assert_array_equal(seen[0], qc.cluster_n)
+    assert set(seen[0].tolist()) == set(range(len(qc.clusters)))
+    np.testing.assert_allclose(qc.clusters["overlap"], 1.0)
+    assert qc.coherence == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one embedding per cluster"):
+        query_coherence(index, query, k=50, embed_clusters=lambda c: z[:1])
