@@ -71,6 +71,38 @@ def test_an_even_vote_goes_to_the_first_label_as_in_sklearn():
     np.testing.assert_array_equal(out["knn_label"].to_numpy(), first)
     np.testing.assert_array_equal(out["label"].to_numpy(), first)
     np.testing.assert_allclose(out["confidence"], 0.5)
+    # whole-number labels in numeric order, as scikit-learn's (review: as text, 10 before 2)
+    numbers = np.asarray([2, 10, 33, 4, 100, 7, 51, 9])
+    y = np.concatenate([numbers[pairs[:, 0]], numbers[pairs[:, 1]]])
+    index = CellIndex.build(ref, pd.DataFrame({"lab": y}), engine="exact")
+    out = KNNAnnotator(index, label_key="lab", k=2, weighted=False, min_support=0.0).annotate(
+        eye[:m]
+    )
+    sk = KNeighborsClassifier(2, metric="cosine").fit(ref, y).predict(eye[:m])
+    np.testing.assert_array_equal(out["label"].to_numpy(), sk.astype(str))
+    assert (sk != np.asarray(sorted(map(str, numbers)))[0]).any()  # (text order would differ)
+
+
+def test_categories_no_reference_cell_holds_are_no_labels():
+    """A label column filtered with pandas keeps the categories of the cells it dropped
+    (doublets): they are no reference labels (review: refused as no Cell Ontology term, or
+    counted and offered to a safelist that then selected no cells)."""
+    x, meta, _ = _atlas()
+    meta = meta.copy()
+    col = meta["cell_type_ontology_term_id"].astype(str)
+    meta["cell_type_ontology_term_id"] = pd.Categorical(col, categories=[*col.unique(), "doublet"])
+    index = CellIndex.build(x, meta, engine="exact")
+    ontology = KNNAnnotator(index, k=5)  # (ontology-aware: 'doublet' is no CL term)
+    plain = KNNAnnotator(index, k=5, ontology_aware=False)
+    assert "doublet" not in plain._labels.terms and len(plain._labels.terms) == col.nunique()
+    with pytest.raises(CellIndexError, match="safelist names 1 label that the reference"):
+        plain.annotate(x[:3], safelist=["doublet"])
+    np.testing.assert_array_equal(
+        ontology.annotate(x[:20])["label"],
+        KNNAnnotator(CellIndex.build(x, meta.astype(str), engine="exact"), k=5).annotate(x[:20])[
+            "label"
+        ],
+    )
 
 
 def test_unseen_type_abstains_and_seen_types_do_not():

@@ -219,18 +219,25 @@ class KNNAnnotator:
         # (whole numbers with missing values stay whole: label 4, not 4.0)
         col = tbl.column(self.label_key).to_pandas(integer_object_nulls=True)
         cat = col.array if isinstance(col.dtype, pd.CategoricalDtype) else pd.Categorical(col)
+        # categories no cell holds (left by a filter of the reference) are no labels
+        cat = cat.remove_unused_categories()
         # as the collection reads a label column: whole floats (a column of ints with
         # missing values, written as floats) as ints, "4", not "4.0"
         names = pd.Index(_as_text(np.asarray(cat.categories)).astype(str))
         ok = ~no_label(names)
-        terms = np.unique(np.asarray(names[ok]))
+        # in sorted order, numbers as numbers (2 before 10), as scikit-learn's classes: an
+        # even vote goes to the first
+        numbers = pd.api.types.is_numeric_dtype(cat.categories.dtype)
+        order = np.argsort(np.asarray(cat.categories if numbers else names), kind="stable")
+        terms = list(dict.fromkeys(names[order][ok[order]]))  # (1 and 1.0 read alike: once)
         if len(terms) == 0:
             raise CellIndexError(
                 f"the index metadata's {self.label_key!r} holds no labels (all missing or "
                 "'unknown'): index labelled reference cells, or pass another label_key."
             )
+        place = {t: i for i, t in enumerate(terms)}
         lookup = np.full(len(names) + 1, -1, dtype=np.int32)  # the last slot: missing (-1)
-        lookup[:-1][ok] = np.searchsorted(terms, np.asarray(names[ok]))
+        lookup[:-1][ok] = [place[t] for t in names[ok]]
         codes = np.full(self.index.n_cells, -1, dtype=np.int32)
         codes[tbl.column("cell_index").to_numpy()] = lookup[np.asarray(cat.codes)]
         return _Labels([str(t) for t in terms], codes, len(terms))
