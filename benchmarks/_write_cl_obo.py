@@ -2,9 +2,11 @@
 
 SCimilarity reads the ontology with ``obonet.read_obo`` (an ``is_a`` graph keyed by term id,
 ``name`` per node, ``is_obsolete: true`` terms dropped), so each term gets ``id:``, ``name:``,
-its direct parents (ancestors at distance 1) as ``is_a:`` and, when deprecated,
-``is_obsolete: true``. The packaged ancestors follow is_a and part_of alike, so both end up as
-``is_a`` here; ancestor/descendant sets, all SCimilarity asks of the graph, are unchanged.
+its parents as ``is_a:`` and, when deprecated, ``is_obsolete: true``. The packaged ancestors
+follow is_a and part_of alike, through terms of other ontologies too (a few CL terms reach
+``cell`` only through GO terms), so a term's parents are its CL ancestors that are no
+ancestor of another of them (the transitive reduction within CL): ancestor/descendant sets
+within CL, all SCimilarity asks of the graph, are unchanged.
 
 Usage: ``python benchmarks/_write_cl_obo.py OUT.obo`` (needs cellxgene-ontology-guide and
 zstandard installed, e.g. the project's .venv).
@@ -31,6 +33,17 @@ def newest_cl_file() -> Path:
     return files[-1]
 
 
+def _parents(term_id: str, terms: dict[str, dict]) -> list[str]:
+    """The term's CL ancestors that are no ancestor of another of them: their is_a closure
+    is its CL ancestors (a distance-1 ancestor outside CL would be a node of no name)."""
+    ancestors = {a for a in terms[term_id].get("ancestors", {}) if a in terms and a != term_id}
+    return sorted(
+        a
+        for a in ancestors
+        if not any(a in terms[b].get("ancestors", {}) for b in ancestors if b != a)
+    )
+
+
 def obo_text(terms: dict[str, dict], version: str) -> str:
     release = version.removeprefix("v")
     lines = ["format-version: 1.2", f"data-version: cl/releases/{release}", "ontology: cl", ""]
@@ -38,7 +51,7 @@ def obo_text(terms: dict[str, dict], version: str) -> str:
         term = terms[term_id]
         name = " ".join(str(term["label"]).split())  # one line, no stray whitespace
         lines += ["[Term]", f"id: {term_id}", f"name: {name}"]
-        parents = sorted(a for a, dist in term.get("ancestors", {}).items() if dist == 1)
+        parents = _parents(term_id, terms)
         lines += [f"is_a: {p}" for p in parents]
         if term.get("deprecated"):
             lines.append("is_obsolete: true")
