@@ -726,12 +726,12 @@ class CellIndex:
             s = torch.empty((len(q), top), device=dev)
             i = torch.empty((len(q), top), dtype=torch.long, device=dev)
             for first, last in self._query_chunks(len(q), rows_t.shape[1]):
-                torch.topk(qt[first:last] @ rows_t, top, dim=1, out=(s[first:last], i[first:last]))
+                s[first:last], i[first:last] = _top_first(qt[first:last] @ rows_t, top)
             best_s = torch.cat([best_s, s], 1)
             best_i = torch.cat([best_i, i + start], 1)
             if start:  # merged with the earlier blocks' best: the best kk, nearest first
-                best_s, pos = torch.topk(best_s, min(kk, best_s.shape[1]), dim=1)
-                best_i = torch.gather(best_i, 1, pos)
+                best_s, best_i = _merged_top(best_s, best_i, kk)
+        best_s, best_i = _merged_top(best_s, best_i, kk)  # (in order: ties by position)
         idx = best_i.cpu().numpy()
         if rows is not None:
             idx = rows[idx]
@@ -780,7 +780,10 @@ class CellIndex:
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest of the candidates (-1: none) by the stored float32 vectors."""
         dist = self._distances(q, cand, np.float32)
-        order = np.argsort(dist, axis=1, kind="stable")[:, : min(k, cand.shape[1])]
+        # nearest first, equal distances by position (as exact search orders them); a
+        # missing candidate (-1, at inf) after every cell
+        order = np.lexsort((np.where(cand < 0, self.n_cells, cand), dist), axis=1)
+        order = order[:, : min(k, cand.shape[1])]
         return np.take_along_axis(dist, order, 1), np.take_along_axis(cand, order, 1)
 
     # -- growing ----------------------------------------------------------------------------
@@ -1343,6 +1346,36 @@ def _fingerprint_of(model: Any) -> str:
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _top_first(scores: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``top`` highest scores and their columns, equal scores at the cut taken
+    from the first columns (``torch.topk`` takes any of them: a search's hits would then
+    depend on ``k``, or on the platform, where cells lie at one distance)."""
+    if top == 0 or top >= scores.shape[1]:  # (every column: no cut)
+        return torch.topk(scores, top, dim=1)
+    vals, cols = torch.topk(scores, top + 1, dim=1)  # (one more: is the cut between ties?)
+    tied = torch.nonzero(vals[:, top - 1] == vals[:, top]).ravel()
+    vals, cols = vals[:, :top], cols[:, :top]
+    if len(tied):  # (rare: duplicated cells) above the cut, then the first at it
+        sc, at = scores[tied], vals[tied, -1:]
+        above = sc > at
+        fill = top - above.sum(1, keepdim=True)
+        keep = above | ((sc == at) & ((sc == at).cumsum(1) <= fill))
+        c = torch.nonzero(keep)[:, 1].view(len(tied), top)
+        cols[tied], vals[tied] = c, torch.gather(sc, 1, c)
+    return vals, cols
+
+
+def _merged_top(
+    scores: torch.Tensor, cols: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top`` highest of each row's candidates (``scores`` at cells ``cols``), highest
+    first, equal scores by cell position."""
+    by_cell = torch.argsort(cols, dim=1, stable=True)
+    scores, cols = torch.gather(scores, 1, by_cell), torch.gather(cols, 1, by_cell)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :top]
+    return torch.gather(scores, 1, order), torch.gather(cols, 1, order)
 
 
 def _pad(dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
