@@ -653,7 +653,11 @@ class CellIndex:
         max_hits: int = 100_000,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every indexed cell within ``max_distance`` of each query (exhaustive, exact):
-        one (indices, distances) pair per query, sorted by distance, at most ``max_hits``."""
+        one (indices, distances) pair per query, sorted by distance, at most ``max_hits``.
+
+        Distances are float32 (``1 - cos``), so a cell's distance to itself or to a copy is
+        0 within about 1e-7 either way: to find copies, ask for ``max_distance=1e-6``, not
+        0."""
         _check_distance(max_distance)
         if not is_whole(max_hits, least=1):
             raise CellIndexError(
