@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 from ._utils import BACKED_ROWS, adata_counts, cell_mask, in_obs_order, is_number
 from ._warnings import warn
+from .data.collection import check_count_values
 from .errors import ConfigError, DataError, MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
 from .tasks.index import CellIndexError
@@ -253,6 +254,14 @@ def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> a
     One row per group with cells (a categorical column's unused categories are left out),
     the genes of the counts read: ``X``, ``layers[layer]`` or, for ``"raw"``,
     ``adata.raw`` (with its own var). A backed AnnData is read in row blocks."""
+    return _summed(adata, groups, layer)
+
+
+def _summed(
+    adata: ad.AnnData, groups: Any, layer: str | None, counts_of: str | None = None
+) -> ad.AnnData:
+    """:func:`pseudobulk`; with ``counts_of`` (what the sums are for), each cell's values
+    checked as raw counts first: a sum hides a negative value beside a positive one."""
     cat = pd.Categorical(_group_labels(adata, groups)).remove_unused_categories()
     keep = cat.codes >= 0
     if not keep.any():
@@ -266,6 +275,17 @@ def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> a
             "give them distinct labels (e.g. all as text)."
         )
     x, var, _ = adata_counts(adata, layer)
+
+    def checked(block: Any, start: int = 0) -> Any:
+        """``block`` (the cells from ``start`` on), its grouped cells' values checked."""
+        if counts_of is not None:
+            summed = block[keep[start : start + block.shape[0]]]
+            values = summed.data if sp.issparse(summed) else np.asarray(summed).ravel()
+            where = f"adata ({'X' if layer is None else layer})"
+            fix = f" {counts_of} sums raw counts: point layer= at them."
+            check_count_values(values, where, fix)
+        return block
+
     onehot = sp.csr_matrix(
         (np.ones(keep.sum()), (cat.codes[keep], np.flatnonzero(keep))),
         shape=(len(cat.categories), adata.n_obs),
@@ -273,11 +293,12 @@ def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> a
     if sp.issparse(x) or isinstance(x, np.ndarray):
         if x.dtype == np.float16:  # (scipy.sparse holds no float16)
             x = x.astype(np.float32)
-        sums = sp.csr_matrix(onehot @ sp.csr_matrix(x))
+        sums = sp.csr_matrix(onehot @ sp.csr_matrix(checked(x)))
     else:  # backed (anndata's on-disk matrix): row blocks
         sums = sp.csr_matrix((len(cat.categories), x.shape[1]))
         for start in range(0, x.shape[0], BACKED_ROWS):
             block = sp.csr_matrix(x[start : start + BACKED_ROWS], dtype=np.float64)
+            block = checked(block, start)
             sums += onehot[:, start : start + block.shape[0]] @ block
         sums = sp.csr_matrix(sums)
     return ad.AnnData(sums, obs=pd.DataFrame(index=names), var=var.copy())
@@ -331,7 +352,7 @@ def search_centroid(
         raise ValueError("the cell set is empty; select at least one cell.")
     labels = np.full(adata.n_obs, None, dtype=object)
     labels[mask] = "centroid"
-    bulk = pseudobulk(adata, labels, layer=layer)
+    bulk = _summed(adata, labels, layer, "search_centroid")
     result = index.search(_embed_bulk(model, bulk, "the cell set"), k, filter=filter)
     if qc:
         rows = np.flatnonzero(mask)
@@ -349,7 +370,7 @@ def search_centroid(
             groups[rows] = cluster  # (clusters 0..n-1, none empty: n rows in that order)
             # a cluster without counts in the model's genes can only be one of cells whose
             # embeddings came from obsm: an error, as for the set
-            sums = pseudobulk(adata, groups, layer=layer)
+            sums = _summed(adata, groups, layer)  # (its values checked as the set's were)
             return _embed_bulk(model, sums, "the query-coherence check's cluster")
 
         result.qc = query_coherence(
@@ -371,7 +392,7 @@ def search_clusters(
     """:func:`search_centroid` for every group of ``obs[groupby]`` (e.g. clusters), with
     the pseudobulks embedded in one pass."""
     index.check_model(model)
-    bulk = pseudobulk(adata, groupby, layer=layer)
+    bulk = _summed(adata, groupby, layer, "search_clusters")
     res = index.search(_embed_bulk(model, bulk, f"groups of {groupby!r}"), k, filter=filter)
     return {
         str(name): SearchResult(res.distances[i : i + 1], res.indices[i : i + 1], index)

@@ -716,7 +716,7 @@ def test_pseudobulk_groups_by_name_and_reads_backed_files(synthetic_h5ad, monkey
         cs.tl.pseudobulk(ref, mixed)
 
 
-def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad):
+def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad, tmp_path):
     model = MetricModel.load(bundle)
     ref = ad.read_h5ad(synthetic_h5ad)
     bulk = cs.tl.pseudobulk(ref, "cell_type")
@@ -759,6 +759,27 @@ def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad):
     assert res.summary("dataset_id")["hits"].sum() == 20
     with pytest.raises(ValueError, match="empty"):
         cs.tl.search_centroid(ref, model, index, cells=np.zeros(ref.n_obs, dtype=bool))
+    # each summed cell's values are counts: a negative value that a positive one beside it
+    # cancels in the sum is named (review: only the sums were checked), in memory and
+    # backed; a cell outside the set is not read for it
+    bad = ref.copy()
+    first = np.flatnonzero(cells)[:2]
+    gene = bad.X[first[1]].indices[0]
+    x = bad.X.toarray()
+    x[first[0], gene], x[first[1], gene] = -3, x[first[1], gene] + 3
+    bad.X = sp.csr_matrix(x)
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    backed = ad.read_h5ad(tmp_path / "bad.h5ad", backed="r")
+    for data in (bad, backed):
+        with pytest.raises(DataError, match=r"negative values \(-3\).*search_centroid sums"):
+            cs.tl.search_centroid(data, model, index, cells=cells, k=5, qc=False)
+        with pytest.raises(DataError, match=r"negative values \(-3\).*search_clusters sums"):
+            cs.tl.search_clusters(data, model, index, "cell_type", k=5)
+    backed.file.close()
+    others = ~cells
+    others[first] = False
+    cs.tl.search_centroid(bad, model, index, cells=others, k=5, qc=False)
+    assert cs.tl.pseudobulk(bad, "cell_type").X.min() >= 0  # (summing alone checks nothing)
 
 
 @pytest.mark.multi_device
