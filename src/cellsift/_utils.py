@@ -558,13 +558,22 @@ def adata_counts(
     has = f"this AnnData has: {', '.join(others)}" if others else "it has none"
     if layer is None and not _holds_x(adata, reopen=True):
         raise MissingKeyError(f"{source} has no X: pass layer= where the counts are ({has}).")
+    in_raw = layer == "raw" and adata.raw is not None
+    if layer is not None and not in_raw and layer not in adata.layers:
+        raise MissingKeyError(f"{source} has no layer {layer!r} ({has}).")
+    # a sparse matrix in memory checked before anything reads it (scipy's routines read a
+    # damaged one out of bounds); of a view, its parent's, which the view's is sliced from
+    # (the slice would drop what lies outside the genes, or crash)
+    whole = adata._adata_ref if adata.is_view else adata
+    check_csr(_counts_of(whole, layer, in_raw), f"{source} ({'X' if layer is None else layer})")
+    return _counts_of(adata, layer, in_raw), adata.raw.var if in_raw else adata.var, others
+
+
+def _counts_of(adata: Any, layer: str | None, in_raw: bool) -> Any:
+    """The matrix at ``layer`` (``in_raw``: adata.raw's)."""
     if layer is None:
-        return adata.X, adata.var, others
-    if layer == "raw" and adata.raw is not None:
-        return adata.raw.X, adata.raw.var, others
-    if layer in adata.layers:
-        return adata.layers[layer], adata.var, others
-    raise MissingKeyError(f"{source} has no layer {layer!r} ({has}).")
+        return adata.X
+    return adata.raw.X if in_raw else adata.layers[layer]
 
 
 def csr_fault(

@@ -355,21 +355,22 @@ def search_centroid(
     bulk = _summed(adata, labels, layer, "search_centroid")
     result = index.search(_embed_bulk(model, bulk, "the cell set"), k, filter=filter)
     if qc:
-        rows = np.flatnonzero(mask)
         if use_rep in adata.obsm:
             check_embedded_by(adata, use_rep, model)
+        # the set's cells; any without counts in the model's genes sit out the check (they
+        # would make a cluster of no counts), whether embedded here or in obsm
+        rows = np.flatnonzero(mask)
+        x = _aligned_rows(model, adata, rows, layer)
+        counted = np.diff(x.indptr) > 0
+        rows = rows[counted]
+        if use_rep in adata.obsm:
             z = np.asarray(adata.obsm[use_rep])[rows]
-        else:  # the set's cells; any without counts in the model's genes sit out the check
-            x = model.aligned_counts(adata[rows], layer=layer)
-            counted = np.diff(x.indptr) > 0
-            rows = rows[counted]
+        else:
             z = model.embed_aligned(x[counted])
 
         def embed_clusters(cluster: np.ndarray) -> np.ndarray:
             groups = np.full(adata.n_obs, None, dtype=object)
             groups[rows] = cluster  # (clusters 0..n-1, none empty: n rows in that order)
-            # a cluster without counts in the model's genes can only be one of cells whose
-            # embeddings came from obsm: an error, as for the set
             sums = _summed(adata, groups, layer)  # (its values checked as the set's were)
             return _embed_bulk(model, sums, "the query-coherence check's cluster")
 
@@ -398,6 +399,19 @@ def search_clusters(
         str(name): SearchResult(res.distances[i : i + 1], res.indices[i : i + 1], index)
         for i, name in enumerate(bulk.obs_names)
     }
+
+
+def _aligned_rows(model: Any, adata: ad.AnnData, rows: np.ndarray, layer: str | None) -> Any:
+    """The counts of cells ``rows`` (ascending) in the model's genes, read a block of rows at
+    a time (of a backed AnnData or a view of one too, which cannot be sliced again); their
+    values are not checked (the set's sum has checked them)."""
+    x, var, others = adata_counts(adata, layer)
+    align = model._aligner(var, others, layer, False, "adata")
+    return sp.vstack(
+        [align(x[rows[i : i + BACKED_ROWS]]) for i in range(0, len(rows), BACKED_ROWS)]
+        or [sp.csr_matrix((0, len(model.genes)), dtype=np.float32)],
+        format="csr",
+    )
 
 
 def _embed_bulk(model: Any, bulk: ad.AnnData, what: str) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import adata_counts, canonical, check_csr, logger
+from .._utils import adata_counts, canonical, logger
 from ..errors import DataError
 from .stores import CellStore
 
@@ -33,9 +33,9 @@ class MemoryStore(CellStore):
                 "which cellsift reads by rows itself."
             )
         super().__init__(name, layer=layer, on_disk=False)
-        x, var, _ = adata_counts(adata, layer, name)  # (a view's matrix is its own subset)
-        if sp.issparse(x):  # (checked before scipy's routines read it out of bounds)
-            check_csr(x, f"{name} ({'X' if layer is None else layer})")
+        # (a view's matrix is its own subset; a damaged sparse one is refused there)
+        x, var, _ = adata_counts(adata, layer, name)
+        if sp.issparse(x):
             if x.format != "csr":
                 logger.info("%s: %s counts turned into CSR to read by rows", name, x.format)
             x = canonical(sp.csr_matrix(x))  # (a copy only where duplicates or zeros are stored)
