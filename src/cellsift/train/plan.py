@@ -7,10 +7,12 @@ run), logging (losses, cells/s, learning rate), the stop on a non-finite loss, t
 SIGTERM or Ctrl-C at the end of a step with the run's state saved (:mod:`._stop`) and, at the
 end of fit, the best weights by the metric a checkpoint callback monitors.
 
-Under DDP the logged epoch values are means over every rank's batches, cells/s counts every
+Under DDP the logged epoch values, training's and validation's, are cell-weighted means over
+every rank's batches (summed by the plan, not by Lightning's reduction), cells/s counts every
 rank's cells, and the validation silhouette is computed on every rank's validation cells,
 gathered: the values that checkpoints and early stopping read are the same on every rank
-and do not depend on the number of ranks.
+and do not depend on the number of ranks (but for a loss of cells within a batch, as the
+triplet loss: the batches differ with the ranks).
 """
 
 from __future__ import annotations
@@ -76,6 +78,16 @@ def _gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def _over_ranks(sums: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """(sum, weight) per key, added over every rank's ``sums``."""
+    out: dict[str, tuple[float, float]] = {}
+    for rank in _gather_objects(sums):
+        for key, (total, weight) in rank.items():
+            had = out.get(key, (0.0, 0.0))
+            out[key] = (had[0] + total, had[1] + weight)
     return out
 
 
@@ -156,6 +168,8 @@ class TrainingPlan(pl.LightningModule):
         self._rng_before_validation: dict[str, Any] | None = None  # (kept out of training's)
         #: This rank's (cell-weighted sum, cells) of each training scalar in this epoch
         self._epoch_sums: dict[str, tuple[float, float]] = {}
+        #: This rank's (cell-weighted sum, cells) of each validation scalar in this epoch
+        self._val_sums: dict[str, tuple[float, float]] = {}
         #: What the run is (a digest of the model's genes, its labels, its settings), set by
         #: whoever knows (MetricModel.train, MetricPlan): checkpoints keep it, and a run
         #: resumed on other data or with other settings of the same shapes is refused.
@@ -169,7 +183,8 @@ class TrainingPlan(pl.LightningModule):
     def _log_scalars(self, out: dict[str, Any], prefix: str, n: int) -> None:
         """Losses and counts of ``out``: training, per step (this rank's) and per epoch (the
         mean over every rank's batches, :meth:`on_train_epoch_end`); validation, per epoch
-        (Lightning's mean, reduced over ranks at its end)."""
+        (the mean over every rank's batches, :meth:`on_validation_epoch_end`: Lightning's
+        own reduction over gloo ranks divides their summed batch sizes as integers)."""
         for key, value in out.items():
             if key.endswith("loss") or key.startswith("n_"):
                 scalar = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
@@ -185,24 +200,12 @@ class TrainingPlan(pl.LightningModule):
                     total, weight = self._epoch_sums.get(key, (0.0, 0.0))
                     self._epoch_sums[key] = (total + scalar * n, weight + n)
                     continue
-                self.log(
-                    f"{prefix}/{key}",
-                    scalar,
-                    batch_size=n,
-                    prog_bar=key == "loss",
-                    on_step=False,
-                    on_epoch=True,
-                    sync_dist=True,
-                )
+                total, weight = self._val_sums.get(key, (0.0, 0.0))
+                self._val_sums[key] = (total + scalar * n, weight + n)
 
     def _global_epoch_sums(self) -> dict[str, tuple[float, float]]:
         """The epoch's (cell-weighted sum, cells) per training scalar, over every rank."""
-        out: dict[str, tuple[float, float]] = {}
-        for sums in _gather_objects(self._epoch_sums):
-            for key, (total, weight) in sums.items():
-                had = out.get(key, (0.0, 0.0))
-                out[key] = (had[0] + total, had[1] + weight)
-        return out
+        return _over_ranks(self._epoch_sums)
 
     def on_train_epoch_end(self) -> None:
         """``train/<scalar>_epoch``: the cell-weighted mean over the epoch's batches on every
@@ -548,10 +551,18 @@ class TrainingPlan(pl.LightningModule):
             self._val_y.append(batch["y_n"].detach())
             self._val_i.append(batch.get("obs_idx_n"))
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
     def on_validation_epoch_end(self) -> None:
-        """The silhouette of the first ``asw_cells`` validation cells by cell index (batches
+        """``val/<scalar>``: the cell-weighted mean over every rank's validation batches; and
+        the silhouette of the first ``asw_cells`` validation cells by cell index (batches
         without ``obs_idx_n``: in arrival order), of every rank's cells gathered: the same set
         and value on any number of ranks."""
+        sums, self._val_sums = _over_ranks(self._val_sums), {}
+        for key, (total, weight) in sums.items():
+            if weight > 0:  # the same value on every rank; synced so that Lightning knows it
+                self.log(f"val/{key}", total / weight, prog_bar=key == "loss", sync_dist=True)
         local = [
             (z.cpu(), y.cpu(), None if i is None else i.cpu())
             for z, y, i in zip(self._val_z, self._val_y, self._val_i, strict=True)
