@@ -784,10 +784,16 @@ class CellIndex:
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest of the candidates (-1: none) by the stored float32 vectors."""
         dist = self._distances(q, cand, np.float32)
-        # nearest first, equal distances by position (as exact search orders them); a
-        # missing candidate (-1, at inf) after every cell
-        order = np.lexsort((np.where(cand < 0, self.n_cells, cand), dist), axis=1)
-        order = order[:, : min(k, cand.shape[1])]
+        kk = min(k, cand.shape[1])
+        order = np.argsort(dist, axis=1, kind="stable")
+        # equal distances by position, as exact search orders them (a missing candidate, -1
+        # at inf, after every cell): sorted so again only where the first k + 1 hold ties
+        head = np.take_along_axis(dist, order[:, : kk + 1], 1)
+        tied = np.flatnonzero((head[:, 1:] == head[:, :-1]).any(1))
+        if len(tied):
+            key = np.where(cand[tied] < 0, self.n_cells, cand[tied])
+            order[tied] = np.lexsort((key, dist[tied]), axis=1)
+        order = order[:, :kk]
         return np.take_along_axis(dist, order, 1), np.take_along_axis(cand, order, 1)
 
     # -- growing ----------------------------------------------------------------------------
