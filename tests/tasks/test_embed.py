@@ -797,6 +797,38 @@ def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad, tmp_path):
     assert cs.tl.pseudobulk(bad, "cell_type").X.min() >= 0  # (summing alone checks nothing)
 
 
+def test_embeddings_saved_over_while_loaded_come_with_their_own_metadata(
+    bundle, synthetic_h5ad, tmp_path, monkeypatch
+):
+    """A store saved over (cellsift embed --overwrite, renamed into place) between the read
+    of its embeddings and of its metadata: both come from one version (review: the old
+    run's embeddings with the new run's cells and model, unsaid)."""
+    import pyarrow.parquet as pq
+
+    from cellsift._utils import move_into_place
+
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)
+    first, second = adata[:300].copy(), adata[300:600].copy()
+    first.write_h5ad(tmp_path / "a.h5ad")
+    second.write_h5ad(tmp_path / "b.h5ad")
+    store = embed_collection(model, tmp_path / "a.h5ad", tmp_path / "e.zarr")
+    embed_collection(model, tmp_path / "b.h5ad", tmp_path / "new.zarr")
+    real, swapped = pq.read_table, []
+
+    def swap_then_read(path, *args, **kwargs):  # the new run lands between the two reads
+        if not swapped:
+            swapped.append(path)
+            move_into_place(tmp_path / "new.zarr", store)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", swap_then_read)
+    emb, meta = load_embeddings(store)
+    assert swapped
+    assert list(meta["obs_name"]) == list(second.obs_names)
+    np.testing.assert_allclose(emb, model.embed(second), atol=1e-6)
+
+
 @pytest.mark.multi_device
 def test_two_ranks_write_one_shard_each_and_match_one_process(
     bundle, synthetic_h5ad, tmp_path, caplog

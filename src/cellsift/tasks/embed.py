@@ -55,6 +55,7 @@ from .._utils import (
     place_output,
     progress,
     read_error,
+    read_one_version,
     remove_path,
     temporaries,
     text_or_none,
@@ -550,11 +551,17 @@ def _column(values: Any) -> Any:
 
 def load_embeddings(path: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFrame]:
     """(embeddings, metadata) of a store written by :func:`embed_collection`; the
-    metadata's ``attrs["model_fingerprint"]`` names the model that embedded them."""
-    zarr = import_optional("zarr")
-    pq = import_optional("pyarrow.parquet")
+    metadata's ``attrs["model_fingerprint"]`` names the model that embedded them. Both of
+    one version of the store, where another process saves over it meanwhile."""
     path = Path(path)
     refuse_other(path, "embeddings")
+    return read_one_version(path, lambda: _read_embeddings(path), DataError)
+
+
+def _read_embeddings(path: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """:func:`load_embeddings`' reads: the shards, then the metadata."""
+    zarr = import_optional("zarr")
+    pq = import_optional("pyarrow.parquet")
     try:
         root = zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, ValueError) as err:
