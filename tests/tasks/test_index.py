@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from cellsift._warnings import CellsiftWarning
 from cellsift.tasks import CellIndex, CellIndexError
 
 
@@ -853,6 +854,27 @@ def test_add_refuses_cells_another_model_embedded(synthetic_h5ad, tmp_path):
     index.check_model(a)
     with pytest.raises(CellIndexError, match="embeddings of another model"):
         index.check_model(b)
+
+
+def test_a_metadata_column_named_cell_index_is_kept_under_another_name(tmp_path):
+    """'cell_index' holds each cell's position in the index: a metadata column of that name
+    (a lab's own cell ids) is kept as cell_index_obs, said (review: replaced, unsaid)."""
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    meta = pd.DataFrame({"cell_index": [f"lab-{i}" for i in range(30)][::-1]})
+    with pytest.warns(CellsiftWarning, match="'cell_index' is stored as 'cell_index_obs'"):
+        index = CellIndex.build(x, meta, engine="exact")
+    index.save(tmp_path / "idx")
+    index = CellIndex.load(tmp_path / "idx")
+    assert index.metadata_columns == ["cell_index_obs"]
+    got = index.metadata_rows([0, 29], ["cell_index", "cell_index_obs"])
+    assert got.to_dict("list") == {"cell_index": [0, 29], "cell_index_obs": ["lab-29", "lab-0"]}
+    np.testing.assert_array_equal(index.select({"cell_index_obs": "lab-29"}), [0])
+    with pytest.warns(CellsiftWarning, match="cell_index_obs"):
+        index.add(x[:2], meta[:2])
+    assert list(index.metadata_rows([30, 31], ["cell_index_obs"])["cell_index_obs"]) == [
+        "lab-29",
+        "lab-28",
+    ]
 
 
 def test_result_metadata_keep_columns_named_like_the_result_columns():

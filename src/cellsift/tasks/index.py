@@ -1144,6 +1144,15 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
         df = metadata.reset_index(drop=True)
         if named:
             df.insert(0, "obs_name", metadata.index.astype(str).to_numpy())
+        if "cell_index" in df.columns:  # the index's own column: a column of that name kept
+            kept = "cell_index_obs"
+            while kept in df.columns:
+                kept += "_"
+            df = df.rename(columns={"cell_index": kept})
+            warn(
+                f"the metadata column 'cell_index' is stored as {kept!r} in the index: "
+                "'cell_index' there holds each cell's position in the index."
+            )
         for col in df.columns:
             if df[col].dtype == object:  # as text, missing values kept missing (not "nan")
                 values = df[col].to_numpy()
@@ -1155,7 +1164,7 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
         raise TypeError("metadata must be a pandas DataFrame or a pyarrow Table.")
     if table.num_rows != n:
         raise CellIndexError(f"metadata has {table.num_rows} rows for {n} embeddings.")
-    if "cell_index" in table.schema.names:
+    if "cell_index" in table.schema.names:  # (an Arrow table: an index's own, renumbered)
         table = table.drop(["cell_index"])
     return table.append_column("cell_index", pa.array(np.arange(start, start + n, dtype=np.int64)))
 
