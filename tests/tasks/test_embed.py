@@ -15,7 +15,7 @@ import torch
 import cellsift as cs
 from cellsift._warnings import CellsiftWarning
 from cellsift.cli import main
-from cellsift.errors import DataError
+from cellsift.errors import ConfigError, DataError
 from cellsift.models import MetricModel
 from cellsift.ontology import load_cell_ontology
 from cellsift.tasks import (
@@ -827,6 +827,12 @@ def test_embeddings_saved_over_while_loaded_come_with_their_own_metadata(
     assert swapped
     assert list(meta["obs_name"]) == list(second.obs_names)
     np.testing.assert_allclose(emb, model.embed(second), atol=1e-6)
+    # a store named as another kind of store is refused before the work (review: a Zarr
+    # folder named .h5ad was written)
+    for name in ("e.h5ad", "e.soma"):
+        with pytest.raises(ConfigError, match=rf"{name} is named as \w+ but the format asked"):
+            embed_collection(model, tmp_path / "a.h5ad", tmp_path / name)
+        assert not list(tmp_path.glob(f"*{name}*"))
 
 
 @pytest.mark.multi_device

@@ -780,6 +780,12 @@ def test_bad_k_empty_queries_and_cell_names(data, ivf, tmp_path):
     hit = index.search(x[7:8], 1)
     assert hit.metadata()["obs_name"].tolist() == ["AAAC-7"]
     assert "obs_name" not in CellIndex.build(x[:100], meta[:100]).metadata_columns
+    # an index named as a store of cells is refused, before anything is written (review:
+    # cellsift index wrote idx.soma, which no SOMA reader opens)
+    for name in ("idx.soma", "idx.zarr", "idx.h5ad"):
+        with pytest.raises(CellIndexError, match=rf"{name} is named as a \w+ store, but an"):
+            index.save(tmp_path / name)
+        assert not list(tmp_path.glob(f"*{name}*"))
 
 
 def test_a_damaged_or_newer_manifest_is_named(tmp_path, data):

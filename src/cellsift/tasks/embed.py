@@ -66,6 +66,7 @@ from ..data import CellCollection
 from ..data.collection import _cell_name, resolve_paths
 from ..data.loader import to_torch_csr
 from ..data.stores import is_anndata, refuse_other
+from ..data.writers import check_named
 from ..errors import (
     USER_ERRORS,
     ConfigError,
@@ -136,6 +137,12 @@ def embed_collection(
             "the CellCollection reads other genes (or another order) than the model's: "
             "build it with genes=model.genes, or pass its stores' paths (aligned here)."
         )
+    check_named(  # (a name that says a store of cells' counts)
+        out,
+        "zarr",
+        "an embeddings store is a Zarr folder of its own: name it *.zarr (or without a "
+        "store's suffix).",
+    )
     check_replaceable(out, overwrite, _REPLACES, _WHAT)
     stores = source.stores if isinstance(source, CellCollection) else resolve_paths(source)
     if any(is_anndata(s) or getattr(s, "format", None) == "memory" for s in stores):

@@ -891,6 +891,7 @@ class CellIndex:
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write the index directory atomically (see the module docstring)."""
         pq = import_optional("pyarrow.parquet")
+        check_index_path(path, overwrite)
         with atomic_dir(path, overwrite=overwrite, marker=_INDEX_FILES, what=_AN_INDEX) as tmp:
             np.save(tmp / "embeddings.npy", np.asarray(self.embeddings), allow_pickle=False)
             files = ["embeddings.npy"]
@@ -1100,7 +1101,18 @@ _AN_INDEX = "a cell index"
 
 
 def check_index_path(path: str | os.PathLike[str], overwrite: bool) -> None:
-    """Refuse ``path`` for a new index, as :meth:`CellIndex.save` would, before the work."""
+    """Refuse ``path`` for a new index, as :meth:`CellIndex.save` would, before the work:
+    a name that says a store of cells (an index named .h5ad, .zarr or .soma, which no
+    reader of those opens), or an output it may not replace."""
+    from ..data.writers import named_format
+
+    named = named_format(Path(path).name)
+    if named is not None:
+        raise CellIndexError(
+            f"{path} is named as a {named} store, but an index is a folder of its own "
+            "(manifest.json, embeddings.npy, ...): name it without that suffix (e.g. "
+            "cells.index)."
+        )
     check_replaceable(Path(path), overwrite, holds(*_INDEX_FILES), _AN_INDEX)
 
 
