@@ -786,6 +786,12 @@ def test_bad_k_empty_queries_and_cell_names(data, ivf, tmp_path):
         with pytest.raises(CellIndexError, match=rf"{name} is named as a \w+ store, but an"):
             index.save(tmp_path / name)
         assert not list(tmp_path.glob(f"*{name}*"))
+    # an index already there under such a name (saved so before) is saved over (review:
+    # load, add, save back failed)
+    old = tmp_path / "old.zarr"
+    index.save(tmp_path / "moved")
+    (tmp_path / "moved").rename(old)
+    CellIndex.load(old).save(old, overwrite=True)
 
 
 def test_a_damaged_or_newer_manifest_is_named(tmp_path, data):
@@ -881,6 +887,11 @@ def test_a_metadata_column_named_cell_index_is_kept_under_another_name(tmp_path)
         "lab-29",
         "lab-28",
     ]
+    import pyarrow as pa  # (an Arrow table alike: review, it was dropped unsaid)
+
+    with pytest.warns(CellsiftWarning, match="'cell_index' is stored as 'cell_index_obs'"):
+        index = CellIndex.build(x, pa.Table.from_pandas(meta), engine="exact")
+    assert index.metadata_columns == ["cell_index_obs"]
 
 
 def test_result_metadata_keep_columns_named_like_the_result_columns():

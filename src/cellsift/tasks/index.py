@@ -585,6 +585,13 @@ class CellIndex:
         (:meth:`calibrate`), more in proportion for a larger ``k`` than calibrated for or a
         filter, and more again for a query whose probed lists hold fewer than ``k`` cells:
         every query gets ``k`` hits where ``k`` cells qualify.
+
+        Cells at one distance come in cell order, so that a smaller ``k``'s hits are the
+        first of a larger ``k``'s: in exact search where their distances are equal as
+        computed (one embedding's float32 products can differ by about 1e-7 with its place
+        in the matrix product, and with the queries searched together); IVF re-ranks its
+        candidates so, but which of many cells at one distance become candidates is faiss's
+        choice.
         """
         q = self._queries(queries)
         check_k(k)
@@ -1107,7 +1114,7 @@ def check_index_path(path: str | os.PathLike[str], overwrite: bool) -> None:
     from ..data.writers import named_format
 
     named = named_format(Path(path).name)
-    if named is not None:
+    if named is not None and not holds(*_INDEX_FILES)(Path(path)):  # (an index there: kept)
         raise CellIndexError(
             f"{path} is named as a {named} store, but an index is a folder of its own "
             "(manifest.json, embeddings.npy, ...): name it without that suffix (e.g. "
@@ -1156,15 +1163,6 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
         df = metadata.reset_index(drop=True)
         if named:
             df.insert(0, "obs_name", metadata.index.astype(str).to_numpy())
-        if "cell_index" in df.columns:  # the index's own column: a column of that name kept
-            kept = "cell_index_obs"
-            while kept in df.columns:
-                kept += "_"
-            df = df.rename(columns={"cell_index": kept})
-            warn(
-                f"the metadata column 'cell_index' is stored as {kept!r} in the index: "
-                "'cell_index' there holds each cell's position in the index."
-            )
         for col in df.columns:
             if df[col].dtype == object:  # as text, missing values kept missing (not "nan")
                 values = df[col].to_numpy()
@@ -1176,8 +1174,16 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
         raise TypeError("metadata must be a pandas DataFrame or a pyarrow Table.")
     if table.num_rows != n:
         raise CellIndexError(f"metadata has {table.num_rows} rows for {n} embeddings.")
-    if "cell_index" in table.schema.names:  # (an Arrow table: an index's own, renumbered)
-        table = table.drop(["cell_index"])
+    names = table.schema.names
+    if "cell_index" in names:  # the index's own column: a column of that name kept
+        kept = "cell_index_obs"
+        while kept in names:
+            kept += "_"
+        table = table.rename_columns([kept if c == "cell_index" else c for c in names])
+        warn(
+            f"the metadata column 'cell_index' is stored as {kept!r} in the index: "
+            "'cell_index' there holds each cell's position in the index."
+        )
     return table.append_column("cell_index", pa.array(np.arange(start, start + n, dtype=np.int64)))
 
 
