@@ -94,7 +94,12 @@ def test_cells_at_one_distance_come_by_position_whatever_k_and_blocks(monkeypatc
     exact search takes them in cell order, so a smaller k's hits are the first of a larger
     k's (review: topk took any of them), across blocks too; IVF re-ranks them so."""
     rng = np.random.default_rng(0)
-    base = rng.normal(size=(40, 16)).astype(np.float32)
+    # unit rows of four entries +-0.5: every product is exact in float32, whatever the
+    # matrix product's order (so ties are ties as computed; review)
+    base = np.zeros((40, 16), np.float32)
+    for row in base:
+        row[rng.choice(16, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    assert len(np.unique(base, axis=0)) == 40
     x = np.repeat(base, 6, axis=0)[rng.permutation(240)]  # each embedding six times
     q = base[:10]
     monkeypatch.setattr(CellIndex, "BLOCK_ROWS", 50)  # (a cell's copies in several blocks)
