@@ -24,8 +24,8 @@ def _setup(path: str) -> tuple[CellDataModule, MetricModule]:
     return setup(path, batch_size=128, fetch_factor=2, val_fraction=0.3)
 
 
-def _rank(rank: int, path: str, out: str, port: int) -> None:
-    # what torchrun sets; Lightning then runs this process as rank ``rank`` of WORLD
+def _as_rank(rank: int, port: int) -> None:
+    """What torchrun sets: Lightning then runs this process as rank ``rank`` of WORLD."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -34,6 +34,10 @@ def _rank(rank: int, path: str, out: str, port: int) -> None:
         LOCAL_RANK=str(rank),
         NODE_RANK="0",
     )
+
+
+def _rank(rank: int, path: str, out: str, port: int) -> None:
+    _as_rank(rank, port)
     torch.manual_seed(0)
     dm, module = _setup(path)
     trainer = trainer_for(out, devices=WORLD, strategy="ddp", max_epochs=2)
@@ -52,14 +56,7 @@ def _odd_setup(path: str) -> tuple[CellDataModule, MetricModule]:
 
 
 def _validate_rank(rank: int, path: str, out: str, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
+    _as_rank(rank, port)
     torch.manual_seed(0)
     dm, module = _odd_setup(path)
     trainer = trainer_for(out, devices=WORLD, strategy="ddp")

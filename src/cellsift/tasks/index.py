@@ -742,7 +742,9 @@ class CellIndex:
             best_i = torch.cat([best_i, i + start], 1)
             if start:  # merged with the earlier blocks' best: the best kk, nearest first
                 best_s, best_i = _merged_top(best_s, best_i, kk)
-        best_s, best_i = _merged_top(best_s, best_i, kk)  # (in order: ties by position)
+        tied = torch.nonzero((best_s[:, 1:] == best_s[:, :-1]).any(1)).ravel()
+        if len(tied):  # one block's topk: equal scores in any order, put by position
+            best_s[tied], best_i[tied] = _merged_top(best_s[tied], best_i[tied], kk)
         idx = best_i.cpu().numpy()
         if rows is not None:
             idx = rows[idx]
