@@ -1,6 +1,6 @@
 """Query coherence of a centroid search: does the check tell one cell type from a mix of two?
 
-Kang 2018 PBMC (../shared/data). A MetricModel (cellsift's small-atlas settings, 12 epochs)
+Kang 2018 PBMC (../shared/data, or $CELLSIFT_DATA). A MetricModel (cellsift's small-atlas settings, 12 epochs)
 is trained on all donors but one; the held-out donor's cells are the queries, the other
 donors' cells the index (exact search). Query sets: every author-labelled type alone, every
 pair of types 50/50 and, for the six large types, 30/70 and 70/30. Each set is searched with
@@ -42,7 +42,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-KANG = Path(__file__).resolve().parents[2] / "shared" / "data" / "kang2018_pbmc_ctrl_8donors.h5ad"
 EPOCHS = 12
 
 
@@ -78,7 +77,7 @@ def scimilarity_qc(index, z: np.ndarray, hits: np.ndarray, k: int, seed: int = 4
     return float(np.mean([np.isin(row, list(wanted)).sum() / 100 for row in found]))
 
 
-def run_donor(adata, held: str, ks: list[int], root: Path) -> list[dict]:
+def run_donor(adata, kang: Path, held: str, ks: list[int], root: Path) -> list[dict]:
     import cellsift as cs
     from cellsift.data import CellDataModule
     from cellsift.models import SMALL_ATLAS_LOADER, SMALL_ATLAS_MODEL, MetricModel
@@ -86,9 +85,9 @@ def run_donor(adata, held: str, ks: list[int], root: Path) -> list[dict]:
 
     donors = adata.obs["batch"].astype(str)
     torch.manual_seed(0)
-    model = MetricModel.from_collection(KANG, **SMALL_ATLAS_MODEL)
+    model = MetricModel.from_collection(kang, **SMALL_ATLAS_MODEL)
     dm = CellDataModule(
-        KANG,
+        kang,
         study_key="batch",
         split_key="batch",
         val_fraction=0.1,
@@ -139,14 +138,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     methods = ["cellsift", "cellsift_mean_embedding", "scimilarity_qc"]
-    if not KANG.exists():
+    from cellsift.datasets import shared_data_path
+
+    try:
+        kang = shared_data_path("kang2018")
+    except FileNotFoundError as err:
         print(
             json.dumps(
                 {
                     "benchmark": "query_coherence",
                     "unit": "AUROC, single cell types against two-type mixes",
                     "results": {},
-                    "skipped": {m: f"{KANG} is absent (../shared/data)" for m in methods},
+                    "skipped": {m: str(err) for m in methods},
                 }
             )
         )
@@ -156,11 +159,11 @@ def main() -> None:
 
     from cellsift.tasks.coherence import MIN_COHERENCE
 
-    adata = ad.read_h5ad(KANG)
+    adata = ad.read_h5ad(kang)
     order = adata.obs["batch"].astype(str).value_counts().index
     donors, ks = ([order[0]], [100]) if args.quick else (list(order[:2]), [50, 100, 200])
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [r for d in donors for r in run_donor(adata, d, ks, Path(tmp))]
+        rows = [r for d in donors for r in run_donor(adata, kang, d, ks, Path(tmp))]
     table = pd.DataFrame(rows)
     results: dict[str, float] = {}
     detail: dict[str, dict] = {}
