@@ -1196,9 +1196,7 @@ def _objects_typed(values: np.ndarray) -> Any:
     missing values kept missing, whole floats as ints (the collection's ``_as_text``:
     the text a filter's value meets)."""
     kind = pd.api.types.infer_dtype(values, skipna=True)
-    # (ints beside whole floats, [2, 10.0], are whole numbers too; a fraction among them
-    # cannot be cast, and leaves the column text)
-    if kind in ("boolean", "integer", "mixed-integer-float") and not pd.isna(values).all():
+    if kind in ("boolean", "integer") and not pd.isna(values).all():
         try:
             return pd.array(values, dtype="boolean" if kind == "boolean" else "Int64")
         except (OverflowError, TypeError, ValueError):  # (beyond Int64: as text)
