@@ -116,6 +116,11 @@ def test_cells_at_one_distance_come_by_position_whatever_k_and_blocks(monkeypatc
         for k in (1, 2, 3, 5, 8, 13):
             got = index.search(q, k, nprobe=4 if engine == "ivf" else None).indices
             np.testing.assert_array_equal(got, whole.indices[:, :k], err_msg=f"{engine} k={k}")
+    # ties at the cut taken by position, then ordered by distance again (review: the
+    # nearest cell came second, behind a tied cell of lower position)
+    cells = np.array([[1, 1, 1, -1], [1, 1, 1, 1], [1, 1, 1, -1], [-1, -1, -1, -1]], np.float32)
+    hit = CellIndex.build(cells / 2, engine="exact").search(np.full((1, 4), 0.5), 2)
+    assert hit.indices.tolist() == [[1, 0]] and hit.distances.tolist() == [[0.0, 0.5]]
 
 
 def test_ivf_reaches_the_calibrated_recall(data, ivf):
