@@ -902,6 +902,11 @@ def test_a_metadata_column_named_cell_index_is_kept_under_another_name(tmp_path)
     with pytest.warns(CellsiftWarning, match="'cell_index' is stored as 'cell_index_obs'"):
         index = CellIndex.build(x, pa.Table.from_pandas(meta), engine="exact")
     assert index.metadata_columns == ["cell_index_obs"]
+    # new cells' values are typed as the index's column of the kept name (text here), not
+    # of the old (review: ints, refused beside its text)
+    with pytest.warns(CellsiftWarning, match="cell_index_obs"):
+        index.add(x[:2], pd.DataFrame({"cell_index": np.array([3, 4], dtype=object)}))
+    assert list(index.metadata_rows([30, 31], ["cell_index_obs"])["cell_index_obs"]) == ["3", "4"]
 
 
 def test_result_metadata_keep_columns_named_like_the_result_columns():

@@ -1165,6 +1165,8 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
         df = metadata.reset_index(drop=True)
         if named:
             df.insert(0, "obs_name", metadata.index.astype(str).to_numpy())
+        if "cell_index" in df.columns:  # (renamed first: the index's text columns by name)
+            df = df.rename(columns={"cell_index": _kept_cell_index(list(df.columns))})
         for col in df.columns:
             if df[col].dtype == object:  # as text, missing values kept missing (not "nan")
                 values = df[col].to_numpy()
@@ -1177,16 +1179,23 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
     if table.num_rows != n:
         raise CellIndexError(f"metadata has {table.num_rows} rows for {n} embeddings.")
     names = table.schema.names
-    if "cell_index" in names:  # the index's own column: a column of that name kept
-        kept = "cell_index_obs"
-        while kept in names:
-            kept += "_"
+    if "cell_index" in names:
+        kept = _kept_cell_index(names)
         table = table.rename_columns([kept if c == "cell_index" else c for c in names])
-        warn(
-            f"the metadata column 'cell_index' is stored as {kept!r} in the index: "
-            "'cell_index' there holds each cell's position in the index."
-        )
     return table.append_column("cell_index", pa.array(np.arange(start, start + n, dtype=np.int64)))
+
+
+def _kept_cell_index(names: list[str]) -> str:
+    """The name a metadata column called cell_index is kept under (the index's own column
+    holds each cell's position), said."""
+    kept = "cell_index_obs"
+    while kept in names:
+        kept += "_"
+    warn(
+        f"the metadata column 'cell_index' is stored as {kept!r} in the index: 'cell_index' "
+        "there holds each cell's position in the index."
+    )
+    return kept
 
 
 def _objects_typed(values: np.ndarray) -> Any:
