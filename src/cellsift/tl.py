@@ -360,7 +360,8 @@ def search_centroid(
         # the set's cells; any without counts in the model's genes sit out the check (they
         # would make a cluster of no counts), whether embedded here or in obsm
         rows = np.flatnonzero(mask)
-        x = _aligned_rows(model, adata, rows, layer)
+        # (values not checked again: the set's sum has checked them)
+        x = model.aligned_counts(adata, layer=layer, check_counts=False, rows=rows)
         counted = np.diff(x.indptr) > 0
         rows = rows[counted]
         if use_rep in adata.obsm:
@@ -399,19 +400,6 @@ def search_clusters(
         str(name): SearchResult(res.distances[i : i + 1], res.indices[i : i + 1], index)
         for i, name in enumerate(bulk.obs_names)
     }
-
-
-def _aligned_rows(model: Any, adata: ad.AnnData, rows: np.ndarray, layer: str | None) -> Any:
-    """The counts of cells ``rows`` (ascending) in the model's genes, read a block of rows at
-    a time (of a backed AnnData or a view of one too, which cannot be sliced again); their
-    values are not checked (the set's sum has checked them)."""
-    x, var, others = adata_counts(adata, layer)
-    align = model._aligner(var, others, layer, False, "adata")
-    return sp.vstack(
-        [align(x[rows[i : i + BACKED_ROWS]]) for i in range(0, len(rows), BACKED_ROWS)]
-        or [sp.csr_matrix((0, len(model.genes)), dtype=np.float32)],
-        format="csr",
-    )
 
 
 def _embed_bulk(model: Any, bulk: ad.AnnData, what: str) -> np.ndarray:

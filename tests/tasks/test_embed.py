@@ -719,6 +719,13 @@ def test_pseudobulk_groups_by_name_and_reads_backed_files(synthetic_h5ad, monkey
 def test_pseudobulk_and_centroid_search(bundle, synthetic_h5ad, tmp_path):
     model = MetricModel.load(bundle)
     ref = ad.read_h5ad(synthetic_h5ad)
+    # some rows' aligned counts: those of all, in memory and backed (by blocks)
+    some = np.flatnonzero(np.arange(ref.n_obs) % 7 == 3)
+    whole = model.aligned_counts(ref)[some].toarray()
+    backed = ad.read_h5ad(synthetic_h5ad, backed="r")
+    for data in (ref, backed):
+        np.testing.assert_array_equal(model.aligned_counts(data, rows=some).toarray(), whole)
+    backed.file.close()
     bulk = cs.tl.pseudobulk(ref, "cell_type")
     for name in bulk.obs_names[:3]:  # sums agree with numpy
         want = np.asarray(ref.X[(ref.obs["cell_type"] == name).to_numpy()].sum(0)).ravel()

@@ -392,23 +392,30 @@ class MetricModel:
         layer: str | None = None,
         check_counts: bool = True,
         source: str = "adata",
+        rows: np.ndarray | None = None,
     ) -> sp.csr_matrix:
         """Counts of ``adata.X`` (or ``layers[layer]``; ``"raw"``: ``adata.raw``) as CSR in
         the model's gene order: genes matched by id or symbol, missing ones zero; fewer than
         half the model's genes found, a warning, and an error where they are also fewer than
         5,000. With ``check_counts``, values that are not raw counts (NaN,
         negative, non-integer: e.g. log-normalised data, which the model would normalise
-        again) are an error. ``source`` names the data in messages (e.g. its file)."""
+        again) are an error. ``source`` names the data in messages (e.g. its file).
+        ``rows``: those cells only (positions, ascending; default all), read as the others
+        (a backed AnnData, or a view of one, which cannot be sliced again, by row blocks)."""
         x, var, others = adata_counts(adata, layer, source)
         align = self._aligner(var, others, layer, check_counts, source)
-        if sp.issparse(x) or isinstance(x, np.ndarray):
-            return align(x)
+        if sp.issparse(x) or isinstance(x, np.ndarray):  # (checked whole by adata_counts)
+            return align(x if rows is None else x[rows], checked=True)
         # backed (anndata's on-disk matrices): read in row blocks
-        return sp.vstack(
-            [
-                align(x[start : start + BACKED_ROWS], start)
-                for start in range(0, x.shape[0], BACKED_ROWS)
+        if rows is None:
+            blocks = [(s, x[s : s + BACKED_ROWS]) for s in range(0, x.shape[0], BACKED_ROWS)]
+        else:  # (rows of a block apart: numbered in messages from the block's first)
+            blocks = [
+                (int(rows[i]), x[rows[i : i + BACKED_ROWS]])
+                for i in range(0, len(rows), BACKED_ROWS)
             ]
+        return sp.vstack(
+            [align(block, first) for first, block in blocks]
             or [sp.csr_matrix((0, len(self.genes)), dtype=np.float32)],
             format="csr",
         )
@@ -431,9 +438,11 @@ class MetricModel:
                 "%d of the model's %d genes found (%s)", gm.n_matched, len(self.genes), gm.key
             )
 
-        def align(block: Any, first: int = 0) -> sp.csr_matrix:
-            """``block``: the cells from row ``first`` on."""
-            check_csr(block, where, first)  # (a file damaged on disk)
+        def align(block: Any, first: int = 0, checked: bool = False) -> sp.csr_matrix:
+            """``block``: the cells from row ``first`` on; ``checked``: its structure already
+            (a slice of a matrix in memory, which adata_counts checks whole)."""
+            if not checked:  # (a block read from a file damaged on disk)
+                check_csr(block, where, first)
             out = canonical(gm.apply(sp.csr_matrix(block, dtype=np.float32)))
             if check_counts:
                 check_count_values(
@@ -467,10 +476,11 @@ class MetricModel:
             check_device(device)
         x, var, others = adata_counts(adata, layer, source)
         align = self._aligner(var, others, layer, check_counts, source)
+        in_memory = sp.issparse(x) or isinstance(x, np.ndarray)  # (checked whole there)
         out = np.empty((x.shape[0], width), dtype=np.float32)
         step = BACKED_ROWS
         for start in range(0, x.shape[0], step):
-            block = align(x[start : start + step], start)
+            block = align(x[start : start + step], start, in_memory)
             if check_counts:
                 self.check_cells_have_counts(
                     block,
