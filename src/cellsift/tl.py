@@ -363,17 +363,20 @@ def search_centroid(
         # (values not checked again: the set's sum has checked them)
         x = model.aligned_counts(adata, layer=layer, check_counts=False, rows=rows)
         counted = np.diff(x.indptr) > 0
-        rows = rows[counted]
+        x = x[counted]
         if use_rep in adata.obsm:
-            z = np.asarray(adata.obsm[use_rep])[rows]
+            z = np.asarray(adata.obsm[use_rep])[rows[counted]]
         else:
-            z = model.embed_aligned(x[counted])
+            z = model.embed_aligned(x)
 
         def embed_clusters(cluster: np.ndarray) -> np.ndarray:
-            groups = np.full(adata.n_obs, None, dtype=object)
-            groups[rows] = cluster  # (clusters 0..n-1, none empty: n rows in that order)
-            sums = _summed(adata, groups, layer)  # (its values checked as the set's were)
-            return _embed_bulk(model, sums, "the query-coherence check's cluster")
+            """Each cluster's counts summed (of the rows of ``x`` already read: the model's
+            genes, whose sum is the aligned sum) and embedded; none is empty."""
+            onehot = sp.csr_matrix(
+                (np.ones(len(cluster)), (cluster, np.arange(len(cluster)))),
+                shape=(int(cluster.max()) + 1, len(cluster)),
+            )
+            return np.asarray(model.embed_aligned(sp.csr_matrix(onehot @ x, dtype=np.float32)))
 
         result.qc = query_coherence(
             index, z, k, filter=filter, hits=result.indices[0], embed_clusters=embed_clusters
