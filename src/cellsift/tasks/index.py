@@ -1410,10 +1410,8 @@ def _top_first(scores: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tens
         above = sc > at
         fill = top - above.sum(1, keepdim=True)
         keep = above | ((sc == at) & ((sc == at).cumsum(1) <= fill))
-        c = torch.nonzero(keep)[:, 1].view(len(tied), top)  # (by position)
-        v = torch.gather(sc, 1, c)
-        order = torch.argsort(v, dim=1, descending=True, stable=True)  # (by score again)
-        cols[tied], vals[tied] = torch.gather(c, 1, order), torch.gather(v, 1, order)
+        c = torch.nonzero(keep)[:, 1].view(len(tied), top)
+        vals[tied], cols[tied] = _merged_top(torch.gather(sc, 1, c), c, top)  # (by score)
     return vals, cols
 
 
