@@ -197,22 +197,16 @@ class TrainingPlan(pl.LightningModule):
                         on_step=True,
                         on_epoch=False,
                     )
-                    total, weight = self._epoch_sums.get(key, (0.0, 0.0))
-                    self._epoch_sums[key] = (total + scalar * n, weight + n)
-                    continue
-                total, weight = self._val_sums.get(key, (0.0, 0.0))
-                self._val_sums[key] = (total + scalar * n, weight + n)
-
-    def _global_epoch_sums(self) -> dict[str, tuple[float, float]]:
-        """The epoch's (cell-weighted sum, cells) per training scalar, over every rank."""
-        return _over_ranks(self._epoch_sums)
+                sums = self._epoch_sums if prefix == "train" else self._val_sums
+                total, weight = sums.get(key, (0.0, 0.0))
+                sums[key] = (total + scalar * n, weight + n)
 
     def on_train_epoch_end(self) -> None:
         """``train/<scalar>_epoch``: the cell-weighted mean over the epoch's batches on every
         rank. The sums are the plan's own, kept in checkpoints, so that an epoch resumed
         from a mid-epoch checkpoint logs the mean over all of its batches, not only those
         after the checkpoint (Lightning keeps no logged values in a checkpoint)."""
-        for key, (total, weight) in self._global_epoch_sums().items():
+        for key, (total, weight) in _over_ranks(self._epoch_sums).items():
             if weight > 0:  # the same value on every rank; synced so that Lightning knows it
                 mean = total / weight
                 self.log(f"train/{key}_epoch", mean, on_step=False, on_epoch=True, sync_dist=True)
@@ -451,7 +445,7 @@ class TrainingPlan(pl.LightningModule):
         # (a run resumed and saved before its first batch: the stream it restored, not yet set)
         rng = self._rng_before_validation or self._rng_to_restore
         checkpoint["cellsift_rng"] = {"per_rank": _gather_objects(rng or _rng_state())}
-        checkpoint["cellsift_epoch_sums"] = self._global_epoch_sums()  # (every rank's)
+        checkpoint["cellsift_epoch_sums"] = _over_ranks(self._epoch_sums)  # (every rank's)
         if self.run_identity is not None:
             checkpoint["cellsift_data"] = self.run_identity
         checkpoint["cellsift_optimization"] = self._optimization()
