@@ -248,3 +248,36 @@ def test_too_few_steps_warn(linear):
     is_a = (adata.obs["group"] == "a").to_numpy()
     with pytest.warns(CellsiftWarning, match="did not converge"):
         explain_difference(model, adata, is_a, ~is_a, n_steps=1)
+
+
+def test_only_the_groups_cells_are_read_and_checked(linear, tmp_path):
+    """Cells in neither group are not read, nor checked: a value that is no count there
+    (in memory or in a backed file) does not stop the attribution, whose results equal
+    those without the cell. A group's own such value is refused, and ``check_counts=False``
+    (which the message offers) takes it as it is."""
+    model, adata = linear
+    extra = adata.X.toarray()
+    extra = np.vstack([extra, extra[:1] + 0.5])  # one cell more, in neither group
+    obs = pd.concat([adata.obs, pd.DataFrame({"group": ["c"]}, index=["odd"])])
+    bigger = ad.AnnData(sp.csr_matrix(extra), obs=obs, var=adata.var)
+    is_a = (adata.obs["group"] == "a").to_numpy()
+    want = attribute_difference(model, adata, is_a, ~is_a)
+    path = tmp_path / "bigger.h5ad"
+    bigger.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        for data in (bigger, backed):
+            got = attribute_difference(
+                model, data, data.obs["group"] == "a", data.obs["group"] == "b"
+            )
+            np.testing.assert_allclose(got.attributions_ng, want.attributions_ng, atol=1e-6)
+            assert list(got.cells) == list(want.cells)
+    finally:
+        backed.file.close()
+    in_a = bigger.obs["group"].isin(["a", "c"])
+    with pytest.raises(DataError, match="check_counts=False"):
+        attribute_difference(model, bigger, in_a, bigger.obs["group"] == "b")
+    res = attribute_difference(
+        model, bigger, in_a, bigger.obs["group"] == "b", check_counts=False, max_cells=None
+    )
+    assert res.cells[-1] == "odd"

@@ -127,6 +127,7 @@ def attribute_difference(
     group_b: Any,
     *,
     layer: str | None = None,
+    check_counts: bool = True,
     baseline: Baseline | np.ndarray = "zeros",
     n_steps: int = 50,
     method: str = "gausslegendre",
@@ -145,7 +146,11 @@ def attribute_difference(
         holding ``normalize`` and ``encoder``).
     adata
         Raw counts in ``adata.X`` or ``adata.layers[layer]``; genes are aligned to the
-        model's by id or symbol (too little overlap is an error naming the count).
+        model's by id or symbol (too little overlap is an error naming the count). Only
+        the cells of the two groups are read and checked.
+    check_counts
+        Refuse values that are not raw counts (NaN, negative, non-integer) in the two
+        groups' cells; False: use them as they are.
     group_a, group_b
         The cells to explain and the comparison group: boolean masks over ``adata.obs`` or
         obs names.
@@ -192,17 +197,19 @@ def attribute_difference(
         device = check_device(device)  # (a device torch cannot use here: one it can, named)
     mask_a = cell_mask(adata, group_a, "group_a")
     mask_b = cell_mask(adata, group_b, "group_b")
-    x = model.aligned_counts(adata, layer=layer)
+    # the two groups' cells only, as x's rows (a backed atlas is not read whole)
+    chosen = np.flatnonzero(mask_a | mask_b)
+    x = model.aligned_counts(adata, layer=layer, check_counts=check_counts, rows=chosen)
     # (a cell without counts is its own zeros baseline: nothing to attribute, nor a place
     # in group B's centroid, which would be the encoder's output for no expression)
-    chosen = np.flatnonzero(mask_a | mask_b)
-    model.check_cells_have_counts(x, adata.obs_names, rows=chosen, layer=layer)
+    model.check_cells_have_counts(x, adata.obs_names[chosen], layer=layer)
     module = model.module
     dev = torch.device(device) if device is not None else next(module.parameters()).device
     module.to(dev).eval()
     n_genes = len(model.genes)
 
-    rows_a, rows_b = np.flatnonzero(mask_a), np.flatnonzero(mask_b)
+    rows_a = np.searchsorted(chosen, np.flatnonzero(mask_a))  # (as rows of x)
+    rows_b = np.searchsorted(chosen, np.flatnonzero(mask_b))
     mean_a, _ = _group_means(module, x[rows_a], dev, embed=False)
     mean_b, centroid = _group_means(module, x[rows_b], dev, embed=True)
     base_g = _baseline(baseline, mean_b, n_genes).to(dev)
@@ -238,7 +245,7 @@ def attribute_difference(
         distance_n=np.concatenate(dist),
         baseline_distance_n=np.concatenate(base_dist),
         delta_n=np.concatenate(deltas),
-        cells=adata.obs_names[rows_a],
+        cells=adata.obs_names[chosen[rows_a]],
         genes=model.genes.genes,
         symbols=model.genes.symbols,
         mean_a_g=mean_a,
