@@ -178,6 +178,9 @@ def test_search_summary_bars_are_the_summary(tmp_path):
     )
     with pytest.raises(KeyError, match="not a summary column"):
         pl.search_summary(result, "study", value="distance")
+    for bad in (0, -1, 2.5):  # (pandas' head(-1) would drop the last group)
+        with pytest.raises(ValueError, match=f"n_top must be a whole number .* not {bad}"):
+            pl.search_summary(result, "study", n_top=bad)
 
     meta.loc[meta["study"] == "s2", "study"] = None  # hits without a study: a bar of their own
     result = CellIndex.build(emb, meta, engine="exact").search(emb[:5], 30)
@@ -315,6 +318,31 @@ def test_confusion_of_labels_outside_the_ontology_is_the_crosstab_as_written():
     np.testing.assert_array_equal(got.to_numpy(), expected.to_numpy())
 
 
+def test_confusion_of_numbers_and_of_series_pairs_the_same_labels_and_cells():
+    """Cluster numbers whose calls hold a missing value (so pandas stores them as floats:
+    2.0) are the same labels as the true ints; two Series are paired by their index, as
+    scikit-learn's confusion_matrix pairs the aligned labels."""
+    from sklearn.metrics import confusion_matrix
+
+    true = pd.Series([0, 1, 2, 0, 1, 2, 2])
+    pred = pd.Series([0, 1, 2, 0, 2, np.nan, 2])
+    got = _heatmap(pl.annotation_confusion(true, pred, ontology_aware=False))
+    assert list(got.index) == ["0", "1", "2"] and list(got.columns) == ["0", "1", "2", UNKNOWN]
+    called = pred.notna().to_numpy()
+    expected = confusion_matrix(true[called], pred[called].astype(int))
+    np.testing.assert_array_equal(got.iloc[:, :3].to_numpy(), expected)
+    assert got[UNKNOWN].tolist() == [0, 0, 1]
+
+    cells = [f"c{i}" for i in range(7)]
+    true_s = pd.Series(["B", "T", "T", "B", "NK", "NK", "T"], index=cells)
+    pred_s = pd.Series(["B", "T", "NK", "B", "NK", "NK", "T"], index=cells)[::-1]
+    got = _heatmap(pl.annotation_confusion(true_s, pred_s, ontology_aware=False))
+    expected = confusion_matrix(true_s, pred_s.reindex(true_s.index), labels=["B", "NK", "T"])
+    np.testing.assert_array_equal(got.iloc[:, :3].to_numpy(), expected)
+    with pytest.raises(ValueError, match="indexes name different cells"):
+        pl.annotation_confusion(true_s, pred_s.set_axis([f"x{i}" for i in range(7)]))
+
+
 # -- attributions -----------------------------------------------------------------------------
 def test_attribution_bars_are_the_top_genes(tmp_path):
     rng = np.random.default_rng(3)
@@ -338,8 +366,9 @@ def test_attribution_bars_are_the_top_genes(tmp_path):
     assert ax.get_yticklabels()[0].get_text() == top.index[0]
     with pytest.raises(KeyError, match="'score' is not a column"):
         pl.attributions(df, column="score")
-    with pytest.raises(ValueError, match="n_genes must be at least 1"):
-        pl.attributions(df, n_genes=0)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"n_genes must be a whole number .* not {bad}"):
+            pl.attributions(df, n_genes=bad)
 
 
 # -- saving and import ------------------------------------------------------------------------
@@ -353,6 +382,22 @@ def test_save_is_atomic_and_checks_the_format(cells, tmp_path):
     with pytest.raises(ValueError, match="cannot save as 'xyz'"):
         pl.embedding(cells, "cell_type", save=tmp_path / "plot.xyz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.pdf", "plot.png"]
+
+
+def test_a_path_under_an_unexpanded_home_folder_is_refused(cells, tmp_path, monkeypatch):
+    """``~/plot.png`` is not expanded by Python: rather than make a folder named ``~`` in
+    the working directory (a trap for a later ``rm -rf ~``), the error names the path
+    written out. A file named ``~plot.png``, and a folder ``~`` that is there, are fine."""
+    from cellsift.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"starts with '~'.*folder named '~'"):
+        pl.embedding(cells, "cell_type", save="~/plot.png")
+    assert not (tmp_path / "~").exists()
+    pl.embedding(cells, "cell_type", save="~plot.png")
+    (tmp_path / "~").mkdir()
+    pl.embedding(cells, "cell_type", save="~/plot.png")
+    assert _png(tmp_path / "~" / "plot.png") and _png(tmp_path / "~plot.png")
 
 
 def test_import_cellsift_does_not_import_heavy_dependencies():

@@ -202,7 +202,16 @@ def atomic_path(
 
 def make_parent(path: Path) -> None:
     """Make the folders above ``path``; one of them that exists as a file is a
-    :class:`ConfigError` naming it (not the system's bare "File exists")."""
+    :class:`ConfigError` naming it (not the system's bare "File exists"). A relative path
+    whose first folder is ``~`` (or ``~user``), not there, is refused: Python does not
+    expand it to the home folder, and a folder of that name would be made here."""
+    head = path.parts[0] if len(path.parts) > 1 else ""  # (the first folder, if any)
+    if not path.is_absolute() and head.startswith("~") and not Path(head).exists():
+        raise ConfigError(
+            f"{path} starts with {head!r}, which is not expanded to a home folder here: it "
+            f"would make a folder named {head!r} in {Path.cwd()}. Write the path out, e.g. "
+            f"{os.path.expanduser(path)}."
+        )
     for folder in (path.parent, *path.parent.parents):
         if folder.exists() or folder.is_symlink():
             if not folder.is_dir():

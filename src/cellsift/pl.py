@@ -23,7 +23,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ._utils import atomic_path, is_file, no_label
+from ._utils import atomic_path, is_file, is_whole, no_label
 from .errors import MissingKeyError
 from .tasks import UNKNOWN, SearchResult
 
@@ -246,7 +246,12 @@ def search_summary(
     if summary.empty:
         raise ValueError("the search found no hits; there is nothing to plot.")
     if n_top is not None:
-        summary = summary.head(n_top)
+        if not is_whole(n_top, least=1):
+            raise ValueError(
+                f"n_top must be a whole number of groups of at least 1 (or None for all), "
+                f"not {n_top!r}."
+            )
+        summary = summary.head(int(n_top))
     keys = [k if isinstance(k, tuple) else (k,) for k in summary.index]
     levels = [_literals(level) for level in zip(*keys, strict=True)]
     labels = [" / ".join(k) for k in zip(*levels, strict=True)]
@@ -347,8 +352,10 @@ def _confusion_table(
     (not ``ontology_aware``: the labels as written, no ancestor calls)."""
     from .ontology import OntologyError, load_cell_ontology
 
-    t_raw = pd.Series(np.asarray(true, dtype=object))
-    p_raw = pd.Series(np.asarray(pred, dtype=object))
+    if isinstance(true, pd.Series) and isinstance(pred, pd.Series):
+        pred = _by_index(true, pred)
+    t_raw = pd.Series(_label_values(true))
+    p_raw = pd.Series(_label_values(pred))
     if len(t_raw) != len(p_raw):
         raise ValueError(f"true has {len(t_raw)} labels and pred {len(p_raw)}; pass one per cell.")
     if len(t_raw) == 0:
@@ -399,6 +406,37 @@ def _confusion_table(
     return table
 
 
+def _by_index(true: pd.Series, pred: pd.Series) -> pd.Series:
+    """``pred`` in the order of ``true``'s index, where the two Series name the same cells
+    in another order; an error where they name other cells."""
+    if true.index.equals(pred.index):
+        return pred
+    if (
+        true.index.is_unique
+        and pred.index.is_unique
+        and len(true) == len(pred)
+        and true.index.isin(pred.index).all()
+    ):
+        return pred.reindex(true.index)
+    raise ValueError(
+        "true and pred are Series whose indexes name different cells; pass one label per "
+        "cell for the same cells (e.g. pred.reindex(true.index)), or arrays in one order."
+    )
+
+
+def _label_values(labels: Any) -> np.ndarray:
+    """Labels as objects, a whole-number float as its int (a column of numbers with a
+    missing value is float: its 2.0 is the label 2 of the other side)."""
+    values = np.asarray(labels, dtype=object)
+    return np.array(
+        [
+            int(v) if isinstance(v, float | np.floating) and float(v).is_integer() else v
+            for v in values.ravel()
+        ],
+        dtype=object,
+    ).reshape(values.shape)
+
+
 # -- interpretation -----------------------------------------------------------------------
 def attributions(
     df: pd.DataFrame,
@@ -427,14 +465,14 @@ def attributions(
     """
     if column not in df.columns:
         raise MissingKeyError(f"{column!r} is not a column of df; it has {list(df.columns)}.")
-    if n_genes < 1:
-        raise ValueError(f"n_genes must be at least 1, not {n_genes}.")
+    if not is_whole(n_genes, least=1):
+        raise ValueError(f"n_genes must be a whole number of at least 1, not {n_genes!r}.")
     if df.empty:
         raise ValueError("df has no genes; there is nothing to plot.")
     if gene_symbols is not None and gene_symbols not in df.columns:
         raise MissingKeyError(f"gene_symbols={gene_symbols!r} is not a column of df.")
     label_col = gene_symbols or ("symbol" if "symbol" in df.columns else None)
-    top = df.sort_values(column, ascending=False, kind="stable").head(n_genes)
+    top = df.sort_values(column, ascending=False, kind="stable").head(int(n_genes))
     labels = [_literal(g) for g in (top[label_col] if label_col else top.index.to_series())]
     v = top[column].to_numpy(dtype=float)
     ax = _axes(ax, figsize=(5.0, 0.8 + 0.25 * len(top)))
