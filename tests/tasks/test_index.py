@@ -279,6 +279,56 @@ def test_filtered_search_only_returns_selected_cells(data, ivf):
     assert hits["study"].isin(big).all() and len(hits) == 100 * 50
 
 
+@pytest.mark.parametrize("k", [10, 50])
+def test_filtered_ivf_finds_the_selections_nearest_from_inside_and_outside(
+    data, ivf, monkeypatch, k
+):
+    """A filter on cell type (clusters) leaves most lists without selected cells, and a
+    query of another type finds its nearest selected cells far away, in many lists: the
+    search still finds them (brute force on the selection as the reference), from queries
+    inside and outside the selection alike; only selected cells come back. Searched through
+    the ANN (the selections' size here would be searched exactly otherwise)."""
+    import cellsift.tasks.index as index_module
+
+    monkeypatch.setattr(index_module, "EXACT_SELECTION_MAX", 0)
+    monkeypatch.setattr(index_module, "EXACT_SELECTION_FRACTION", 0.0)
+    x, meta, q = data
+    clusters = meta["cluster"].to_numpy()
+    q_cluster = clusters[::300]
+    for chosen in (list(range(10)), [3]):
+        rows = np.flatnonzero(np.isin(clusters, chosen))
+        res = ivf.search(q, k, filter={"cluster": chosen})
+        assert np.isin(res.indices, rows).all()
+        d, _ = _brute(x, q, k, rows)
+        found = res.distances <= d[:, -1:] + 1e-5  # (by distance: ties stand for each other)
+        inside = np.isin(q_cluster, chosen)
+        assert inside.any() and (~inside).any()
+        assert found[inside].mean() >= 0.98 and found[~inside].mean() >= 0.98, (chosen, k)
+    # a given nprobe sets the first lists probed only: k hits of the selection still
+    res = ivf.search(q, k, filter={"cluster": [3]}, nprobe=1)
+    assert np.isin(res.indices, np.flatnonzero(clusters == 3)).all() and (res.indices >= 0).all()
+
+
+def test_filtered_ivf_sees_added_and_rebuilt_lists(data, monkeypatch):
+    """The lists' cells, kept for filtered searches, follow add() and rebuild(): an added
+    cell is found by a filter that selects it."""
+    import cellsift.tasks.index as index_module
+
+    monkeypatch.setattr(index_module, "EXACT_SELECTION_MAX", 0)
+    monkeypatch.setattr(index_module, "EXACT_SELECTION_FRACTION", 0.0)
+    x, meta, q = data
+    index = CellIndex.build(x[:5000], meta[:5000], engine="ivf", k=10)
+    flt = {"study": ["study_00", "study_01", "study_02", "study_03", "study_04"]}
+    index.search(q, 10, filter=flt)  # (the lists' cells kept)
+    more = meta[5000:5010].assign(study="study_00")
+    index.add(q[:10] * 1.0001, more)
+    res = index.search(q[:10], 1, filter=flt)
+    np.testing.assert_array_equal(res.indices[:, 0], np.arange(5000, 5010))
+    index.rebuild(nlist=20)
+    res = index.search(q[:10], 1, filter=flt)
+    np.testing.assert_array_equal(res.indices[:, 0], np.arange(5000, 5010))
+
+
 def test_filter_errors(ivf, data):
     q = data[2]
     with pytest.raises(CellIndexError, match="selects no cells"):

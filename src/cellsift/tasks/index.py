@@ -22,8 +22,9 @@ distances exact.
 
 A filter (metadata predicate) selects cells without mutating the index. Small selections are
 searched exactly within the selection (exact recall, and faster than probing an ANN for a
-few matches); large ones through the ANN with an id selector and ``nprobe`` raised in
-proportion to the selectivity.
+few matches); large ones through the ANN with an id selector, each query probing the lists
+that hold selected cells, nearest first, as deep as its neighbours turn out to lie (a query
+outside the selection finds its nearest selected cells far away, spread over many lists).
 
 Directory layout (written atomically; ``CellIndex.load`` memory-maps the embeddings)::
 
@@ -94,6 +95,11 @@ ADDED_RECALL_SLACK = 0.02
 ADDED_SAMPLE = 200
 #: Most candidate values (queries x candidates x dims) re-ranked at a time.
 RERANK_VALUES = 1 << 24
+#: A filtered IVF search whose hits lie deeper than this share of the lists it probed
+#: probes on, up to twice the cells (:meth:`CellIndex._ivf_within`).
+FILTER_DEPTH = 0.7
+#: Most query-to-list similarities (queries x lists with selected cells) ordered at a time.
+ORDER_VALUES = 1 << 22
 #: Indexes below this size use exact search under ``engine="auto"``.
 AUTO_EXACT_BELOW = 50_000
 
@@ -247,6 +253,7 @@ class CellIndex:
         self.engine = engine
         self.ann = ann
         self.params: dict[str, Any] = dict(params or {})
+        self._kept_lists: tuple[Any, int, np.ndarray, np.ndarray] | None = None
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
@@ -582,9 +589,13 @@ class CellIndex:
         ``filter`` restricts the search to cells whose metadata match, without changing the
         index; ``exact`` forces exact search; ``max_distance`` drops hits farther than it
         (their slots become -1 / inf). An IVF search probes as many lists as calibrated
-        (:meth:`calibrate`), more in proportion for a larger ``k`` than calibrated for or a
-        filter, and more again for a query whose probed lists hold fewer than ``k`` cells:
-        every query gets ``k`` hits where ``k`` cells qualify.
+        (:meth:`calibrate`; ``nprobe`` to set it), more in proportion for a larger ``k``
+        than calibrated for, and more again for a query whose probed lists hold fewer than
+        ``k`` cells: every query gets ``k`` hits where ``k`` cells qualify. With a filter
+        that leaves many cells (IVF), each query probes the lists holding selected cells,
+        nearest first, until they hold as many selected cells as the calibrated number of
+        lists holds cells, and on while its nearest cells lie in the last lists probed (a
+        query far from the selection); a given ``nprobe`` sets the first of these only.
 
         Cells at one distance come in cell order, so that a smaller ``k``'s hits are the
         first of a larger ``k``'s: in exact search where their distances are equal as
@@ -608,17 +619,17 @@ class CellIndex:
             calibrated = self.params.get("calibrated_k")
             if nprobe is None and calibrated and k > calibrated:  # more neighbours: more lists
                 probe = int(min(self.params["nlist"], math.ceil(probe * k / calibrated)))
-            if rows is not None:  # fewer matches per list: probe more lists
-                probe = int(min(self.params["nlist"], math.ceil(probe * self.n_cells / n_sel)))
-            dist, idx = self._ivf(q, k, probe, rows)
-            # a query whose probed lists hold fewer than k cells (a large k, a narrow
-            # filter) probes more lists, up to all of them, until it has its k
-            wanted = min(k, n_sel)
-            short = np.flatnonzero((idx[:, :wanted] < 0).any(1))
-            while len(short) and probe < self.params["nlist"]:
-                probe = int(min(self.params["nlist"], probe * 4))
-                dist[short], idx[short] = self._ivf(q[short], k, probe, rows)
-                short = short[(idx[short, :wanted] < 0).any(1)]
+            if rows is not None:
+                dist, idx = self._ivf_within(q, k, probe, rows, deepen=nprobe is None)
+            else:
+                dist, idx = self._ivf(q, k, probe, None)
+                # a query whose probed lists hold fewer than k cells (a large k) probes
+                # more lists, up to all of them, until it has its k
+                short = np.flatnonzero((idx[:, : min(k, self.n_cells)] < 0).any(1))
+                while len(short) and probe < self.params["nlist"]:
+                    probe = int(min(self.params["nlist"], probe * 4))
+                    dist[short], idx[short] = self._ivf(q[short], k, probe, None)
+                    short = short[(idx[short, : min(k, self.n_cells)] < 0).any(1)]
         if max_distance is not None:
             far = dist > max_distance
             dist[far], idx[far] = np.inf, -1
@@ -758,14 +769,10 @@ class CellIndex:
         rows: np.ndarray | None,
         pool: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The IVF's ``pool`` candidates of each query (default: ``rerank`` times the larger
-        of k and the k calibrated for, whose recall holds for fewer neighbours too),
-        re-ranked exactly; the k nearest."""
+        """The IVF's ``pool`` candidates of each query (default: :meth:`_pool`), re-ranked
+        exactly; the k nearest."""
         kk = min(k, self.n_cells)
-        if pool is None:
-            calibrated = int(self.params.get("calibrated_k") or 0)
-            pool = int(self.params.get("rerank", 1)) * max(kk, calibrated)
-        pool = min(max(pool, kk), self.n_cells)
+        pool = min(max(pool or self._pool(k), kk), self.n_cells)
         dist = np.full((len(q), kk), np.inf, dtype=np.float32)
         idx = np.full((len(q), kk), -1, dtype=np.int64)
         step = max(1, RERANK_VALUES // (pool * self.dim))  # (candidates held a group at a time)
@@ -773,6 +780,109 @@ class CellIndex:
             cand = self._candidates(q[lo : lo + step], pool, nprobe, rows)
             dist[lo : lo + step], idx[lo : lo + step] = self._rerank(q[lo : lo + step], cand, kk)
         return _pad(dist, idx, k)
+
+    def _ivf_within(
+        self, q: np.ndarray, k: int, nprobe: int, rows: np.ndarray, deepen: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """IVF search among the cells ``rows`` (a filter's), the k nearest of each query.
+
+        A selection is unevenly spread over the lists: a filter on cell type fills some
+        lists and leaves most empty. Each query probes the lists that hold selected cells,
+        nearest first, until they hold as many selected cells as ``nprobe`` lists hold cells
+        on average (what an unfiltered search scans). Where the nearest it found (as the
+        codes rank them: k, or the k calibrated for where more) then include one from the
+        last of its lists (``deepen``: past :data:`FILTER_DEPTH` of them), its neighbours
+        lie on beyond: a query outside the selection, whose nearest selected cells are far
+        and spread over many lists. It probes the next lists, up to twice the cells, and so
+        on until its nearest lie nearer in or every such list is probed, as does a query
+        that found fewer than k cells. The candidates of all its lists are re-ranked
+        exactly at the end.
+        """
+        lists, centroids = self._lists()
+        held = np.bincount(lists[rows], minlength=len(centroids))
+        live = np.flatnonzero(held)  # the lists with selected cells
+        held, centroids = held[live], centroids[live]
+        kk, pool, wanted = min(k, self.n_cells), self._pool(k), min(k, len(rows))
+        # how deep the hits lie: judged by as many as calibrated for, at least (fewer than
+        # k = 50 hits would often all lie near the front by chance)
+        deep = min(max(kk, int(self.params.get("calibrated_k") or 0)), pool)
+        selector = self._selector(rows)
+        scanned = nprobe * self.n_cells / self.params["nlist"]
+        # lists ordered per query as far as needed: at first, 4 times as many as would
+        # hold the budget were the selection spread evenly over them
+        first = min(len(live), max(64, 4 * math.ceil(scanned * len(live) / len(rows))))
+        dist = np.full((len(q), kk), np.inf, dtype=np.float32)
+        idx = np.full((len(q), kk), -1, dtype=np.int64)
+        step = max(1, min(RERANK_VALUES // (pool * self.dim), ORDER_VALUES // len(live)))
+        for lo in range(0, len(q), step):
+            qc = q[lo : lo + step]
+            score = qc @ centroids.T
+            order, budget = _list_order(score, first), np.full(len(qc), scanned)
+            # each query's best candidates by the codes so far, from its first `done` lists
+            best = np.full((len(qc), pool), -np.inf, dtype=np.float32)
+            cand = np.full((len(qc), pool), -1, dtype=np.int64)
+            done = np.zeros(len(qc), dtype=np.int64)
+            todo = np.arange(len(qc))
+            while len(todo):
+                cum = np.cumsum(held[order[todo]], axis=1)
+                if order.shape[1] < len(live) and (cum[:, -1] < budget[todo]).any():
+                    order = _list_order(score, 4 * order.shape[1])  # more lists, in order
+                    continue
+                n_lists = np.minimum((cum < budget[todo, None]).sum(1) + 1, order.shape[1])
+                width = int(n_lists.max())
+                probed = order[todo, :width]
+                columns = np.arange(width)[None, :]
+                assign = np.where(
+                    (columns >= done[todo, None]) & (columns < n_lists[:, None]), live[probed], -1
+                )  # (the lists not probed yet)
+                near = np.take_along_axis(score[todo], probed, 1)
+                sim, new = self._preassigned(qc[todo], pool, assign, near, selector)
+                best[todo], cand[todo] = _merged_best(best[todo], cand[todo], sim, new)
+                done[todo] = n_lists
+                i = cand[todo, :deep]  # (the nearest as the codes rank them)
+                more = (i[:, :wanted] < 0).any(1)
+                if deepen:
+                    found = np.searchsorted(live, lists[np.maximum(i, 0)])
+                    more |= _deepest(probed, found, i >= 0, len(live)) > FILTER_DEPTH * n_lists
+                todo = todo[more & (n_lists < len(live))]
+                budget[todo] *= 2
+            dist[lo : lo + step], idx[lo : lo + step] = self._rerank(qc, cand, kk)
+        return _pad(dist, idx, k)
+
+    def _pool(self, k: int) -> int:
+        """Candidates re-ranked a query: ``rerank`` times the larger of k and the k
+        calibrated for (whose recall holds for fewer neighbours too)."""
+        kk = min(k, self.n_cells)
+        calibrated = int(self.params.get("calibrated_k") or 0)
+        return min(int(self.params.get("rerank", 1)) * max(kk, calibrated), self.n_cells)
+
+    def _lists(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each indexed cell's IVF list and the lists' centroids, kept until the lists
+        change (:meth:`add`, :meth:`rebuild`)."""
+        kept = self._kept_lists
+        if kept is None or kept[0] is not self.ann or kept[1] != self.ann.ntotal:
+            faiss = import_optional("faiss")
+            inverted = self.ann.invlists
+            lists = np.full(self.ann.ntotal, -1, dtype=np.int32)
+            for number in range(self.ann.nlist):
+                size = inverted.list_size(number)
+                if size:
+                    ids = inverted.get_ids(number)
+                    lists[faiss.rev_swig_ptr(ids, size)] = number
+                    inverted.release_ids(number, ids)
+            centroids = self.ann.quantizer.reconstruct_n(0, self.ann.nlist)
+            kept = self._kept_lists = (self.ann, self.ann.ntotal, lists, centroids)
+        return kept[2], kept[3]
+
+    def _selector(self, rows: np.ndarray) -> Any:
+        """A faiss id selector of the cells ``rows`` (its bitmap kept alive with it)."""
+        faiss = import_optional("faiss")
+        bitmap = np.zeros(self.n_cells, dtype=bool)
+        bitmap[rows] = True
+        packed = np.packbits(bitmap, bitorder="little")
+        selector = faiss.IDSelectorBitmap(self.n_cells, faiss.swig_ptr(packed))
+        selector.bitmap_ref = packed  # (faiss holds a pointer only)
+        return selector
 
     def _candidates(
         self, q: np.ndarray, n: int, nprobe: int, rows: np.ndarray | None
@@ -784,11 +894,30 @@ class CellIndex:
         params = faiss.SearchParametersIVF()
         params.nprobe = int(nprobe)
         if rows is not None:
-            bitmap = np.zeros(self.n_cells, dtype=bool)
-            bitmap[rows] = True
-            packed = np.packbits(bitmap, bitorder="little")
-            params.sel = faiss.IDSelectorBitmap(self.n_cells, faiss.swig_ptr(packed))
+            params.sel = self._selector(rows)
         return self.ann.search(q, int(n), params=params)[1]
+
+    def _preassigned(
+        self, q: np.ndarray, n: int, lists: np.ndarray, near: np.ndarray, selector: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's ``n`` best cells of ``selector`` by the IVF's 8-bit codes in its
+        lists ``lists`` (-1: none; ``near``: its similarities to them): their similarities
+        (-inf: none) and cells (-1), best first."""
+        faiss = import_optional("faiss")
+        params = faiss.SearchParametersIVF()
+        params.nprobe = lists.shape[1]
+        params.sel = selector
+        lists = np.ascontiguousarray(lists, dtype=np.int64)
+        near = np.ascontiguousarray(near, dtype=np.float32)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        sim = np.empty((len(q), int(n)), dtype=np.float32)
+        cells = np.empty((len(q), int(n)), dtype=np.int64)
+        ptr = faiss.swig_ptr
+        self.ann.search_preassigned_c(
+            len(q), ptr(q), int(n), ptr(lists), ptr(near), ptr(sim), ptr(cells), False, params
+        )
+        sim[cells < 0] = -np.inf
+        return sim, cells
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest of the candidates (-1: none) by the stored float32 vectors."""
@@ -1434,6 +1563,37 @@ def _pad(dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
         dist = np.pad(dist, ((0, 0), (0, extra)), constant_values=np.inf)
         idx = np.pad(idx, ((0, 0), (0, extra)), constant_values=-1)
     return dist, idx.astype(np.int64)
+
+
+def _list_order(score: np.ndarray, width: int) -> np.ndarray:
+    """Each query's ``width`` nearest lists (columns of ``score``, its similarities to
+    them), nearest first; equal similarities by list."""
+    if width >= score.shape[1]:
+        return np.argsort(-score, axis=1, kind="stable")
+    part = np.argpartition(-score, width - 1, axis=1)[:, :width]
+    part.sort(axis=1)  # (by list, so that the stable sort below puts ties by list)
+    near = np.take_along_axis(score, part, 1)
+    return np.take_along_axis(part, np.argsort(-near, axis=1, kind="stable"), 1)
+
+
+def _merged_best(
+    sim_a: np.ndarray, cells_a: np.ndarray, sim_b: np.ndarray, cells_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best of two sets of candidates (of other cells) per query, as many as each
+    holds: by similarity, the first set's first where equal."""
+    sim = np.concatenate([sim_a, sim_b], axis=1)
+    order = np.argsort(-sim, axis=1, kind="stable")[:, : sim_a.shape[1]]
+    cells = np.take_along_axis(np.concatenate([cells_a, cells_b], axis=1), order, 1)
+    return np.take_along_axis(sim, order, 1), cells
+
+
+def _deepest(probed: np.ndarray, found: np.ndarray, valid: np.ndarray, n_lists: int) -> np.ndarray:
+    """For each query, how deep in its probed lists (``probed``, nearest first) the
+    deepest of its hits lies (1: the first list; 0: no hit); ``found``: each hit's list,
+    ``valid``: which hits are cells."""
+    rank = np.zeros((len(probed), n_lists), dtype=np.int64)
+    np.put_along_axis(rank, probed, np.arange(1, probed.shape[1] + 1)[None, :], 1)
+    return np.where(valid, np.take_along_axis(rank, found, 1), 0).max(1, initial=0)
 
 
 def _drop_self(idx: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
