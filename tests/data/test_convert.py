@@ -294,3 +294,40 @@ def test_column_names_a_zarr_store_cannot_hold_are_named_before_writing(tmp_path
     adata.write_h5ad(tmp_path / "long.h5ad")
     back = ad.read_h5ad(convert(tmp_path / "long.h5ad", tmp_path / "out.h5ad"))
     assert "é" * 128 in getattr(back, where).columns
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "soma"])
+def test_an_anndata_in_memory_of_mixed_columns_and_named_index_converts(tmp_path, fmt):
+    """An object column of text and numbers (as a concat of two studies makes) is stored
+    as text in every format (h5ad failed once every cell was written, naming no column); a
+    column named by a number is read by its name as text; the obs index keeps its name
+    (h5ad, Zarr); a column named '_index' (anndata's own name for the index) is refused
+    before a cell is written, naming it."""
+    import pandas as pd
+
+    from cellsift.data.writers import H5adWriter
+
+    n = 6
+    obs = pd.DataFrame(
+        {
+            "batch": np.array([1, "x", 2.5, None, "x", 1], dtype=object),
+            0: pd.Categorical(["a", "b", "a", "b", "a", "b"]),
+        },
+        index=pd.Index([f"cell{i}" for i in range(n)], name="barcode"),
+    )
+    var = pd.DataFrame(index=["A", "B", "C"])
+    x = sp.csr_matrix(np.arange(1, 3 * n + 1, dtype=np.float32).reshape(n, 3))
+    adata = ad.AnnData(x, obs=obs, var=var)
+    out = convert(adata, tmp_path / f"out.{fmt}", chunk_size=4)
+    store = open_store(out)
+    batch = pd.Series(np.asarray(store.obs_column("batch"), dtype=object))
+    assert batch[:3].tolist() == ["1", "x", "2.5"] and pd.isna(batch[3])
+    assert np.asarray(store.obs_column("0"), dtype=object).tolist() == list("ababab")
+    if fmt != "soma":
+        back = ad.read_h5ad(out) if fmt == "h5ad" else ad.read_zarr(out)
+        assert back.obs.index.name == "barcode"
+        assert back.obs["batch"].astype(object).tolist()[:3] == ["1", "x", "2.5"]
+    with pytest.raises(DataError, match=r"obs has a column named '_index'.*rename it"):
+        with H5adWriter(tmp_path / "reserved.h5ad", var) as writer:
+            writer.append(x, obs.rename(columns={0: "_index"}))
+    assert not list(tmp_path.glob("*reserved*"))

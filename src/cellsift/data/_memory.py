@@ -52,7 +52,15 @@ class MemoryStore(CellStore):
         self._var = var.copy()
         self._var.index = self._var.index.astype(str)
         self._obs = adata.obs.copy()
-        self._obs_names = pd.Index(adata.obs_names.astype(str))
+        names = [str(c) for c in self._obs.columns]  # (read by name as text, as files hold)
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise DataError(
+                f"{name}: obs columns {twice} are named alike once written as text (e.g. 0 "
+                "and '0'); rename one (adata.obs.rename(columns=...))."
+            )
+        self._obs.columns = pd.Index(names, dtype=object)
+        self._obs_names = pd.Index(adata.obs_names.astype(str), name=adata.obs_names.name)
 
     def _open(self) -> Any:
         return self._x
@@ -63,7 +71,7 @@ class MemoryStore(CellStore):
 
     @property
     def obs_columns(self) -> list[str]:
-        return [str(c) for c in self._obs.columns]
+        return list(self._obs.columns)
 
     @property
     def obs_names(self) -> pd.Index:

@@ -64,7 +64,7 @@ def _obs_chunk(store: CellStore, columns: list[str], rows: np.ndarray) -> pd.Dat
         data[c] = col[rows] if isinstance(col, ExtensionArray) else np.asarray(col)[rows]
     names = getattr(store, "obs_names", None)
     index = np.asarray(names)[rows] if names is not None else rows.astype(str)
-    return pd.DataFrame(data, index=pd.Index(index))
+    return pd.DataFrame(data, index=pd.Index(index, name=getattr(names, "name", None)))
 
 
 def _chunks(store: CellStore, rows: np.ndarray, chunk_size: int) -> list[np.ndarray]:

@@ -263,10 +263,30 @@ def _is_date(dtype: Any) -> bool:
     return isinstance(dtype, pd.DatetimeTZDtype) or getattr(dtype, "kind", None) in ("m", "M")
 
 
+def _check_reserved(df: pd.DataFrame, what: str, path: str | os.PathLike[str]) -> None:
+    """anndata's files keep a frame's index under ``_index``: a column of that name cannot
+    be written (anndata would say so only as the store is finished)."""
+    if "_index" in df.columns:
+        raise DataError(
+            f"{path}: {what} has a column named '_index', a name anndata keeps for the "
+            f"index; rename it (adata.{what}.rename(columns={{'_index': ...}})) and convert "
+            "again."
+        )
+
+
+def _mixes_text(values: np.ndarray) -> bool:
+    """Whether an object column holds text and other values (numbers, booleans) both:
+    HDF5 stores a categorical's categories of one kind only."""
+    present = values[~pd.isna(values)]
+    is_text = np.fromiter((isinstance(v, str) for v in present), bool, len(present))
+    return bool(is_text.any() and not is_text.all())
+
+
 def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
     """``df`` as the writers store it: the index as text; dates, times and durations as their
     text ("2020-01-31", "2020-01-31 10:00:00+01:00"; anndata and TileDB-SOMA store no
-    datetimes with time zones); with ``categories``, text columns as categoricals."""
+    datetimes with time zones); with ``categories``, text columns as categoricals (a column
+    of text and numbers: all as text)."""
     df = df.copy()
     df.index = df.index.astype(str)
     if df.index.name in df.columns:  # anndata refuses an index named like a column
@@ -278,6 +298,8 @@ def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
         elif isinstance(s.dtype, pd.CategoricalDtype) and _is_date(s.cat.categories.dtype):
             df[col] = s.cat.rename_categories(text_or_none(s.cat.categories.array))
         if categories and (df[col].dtype == object or isinstance(df[col].dtype, pd.StringDtype)):
+            if df[col].dtype == object and _mixes_text(df[col].to_numpy()):
+                df[col] = text_or_none(df[col].to_numpy())  # (as Zarr and SOMA store it)
             df[col] = df[col].astype("category")  # (anndata's writer refuses pandas' strings)
     return df
 
@@ -292,9 +314,14 @@ class _AnnDataWriter(StoreWriter):
     """Shared logic of the AnnData layouts (h5ad and Zarr): X as CSR, obs/var via anndata."""
 
     def __init__(self, path: str | os.PathLike[str], var: pd.DataFrame, **kwargs: Any) -> None:
+        _check_reserved(var, "var", path)
         super().__init__(path, var, **kwargs)
         self._indptr: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         self._nnz = 0
+
+    def append(self, x: sp.spmatrix | np.ndarray, obs: pd.DataFrame) -> None:
+        _check_reserved(obs, "obs", self.path)  # (here, not once every cell is written)
+        super().append(x, obs)
 
     def _append_x(self, x: sp.csr_matrix) -> None:
         self._write_elements(
