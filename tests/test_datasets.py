@@ -53,8 +53,14 @@ def test_monocytes_share_the_myeloid_program_with_megakaryocytes():
 def test_indexed_atlas_encodes_index():
     a = indexed_atlas(100, 6)
     np.testing.assert_array_equal(a.X[:, 0].toarray().ravel(), np.arange(1, 101))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 2 genes, not 1"):
         indexed_atlas(10, 1)
+    with pytest.raises(ValueError, match="chunk_size must be a whole number of at least 1"):
+        indexed_atlas(10, 6, chunk_size=0)
+    with pytest.raises(ValueError, match="n_cells must be a whole number of at least 0"):
+        indexed_atlas(-1, 6)
+    empty = indexed_atlas(0, 6)  # (as synthetic_atlas(0): an AnnData of no cells)
+    assert empty.shape == (0, 6) and "dataset_id" in empty.obs
 
 
 def test_a_store_its_name_misdescribes_is_refused_before_writing(tmp_path):

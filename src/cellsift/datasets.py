@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import progress
+from ._utils import is_whole, progress
 from .data.writers import Format, open_writer
 
 __all__ = [
@@ -313,8 +313,14 @@ def indexed_atlas(
     over the synthetic cell types), ``dataset_id`` (contiguous studies) and ``obs_index``.
     Float32 holds the index exactly up to 2**24 cells.
     """
-    if n_genes < 2:
-        raise ValueError("indexed_atlas needs at least 2 genes.")
+    if not is_whole(n_genes, least=2):
+        raise ValueError(
+            f"indexed_atlas needs a whole number of at least 2 genes, not {n_genes!r}."
+        )
+    if not is_whole(n_cells, least=0):
+        raise ValueError(f"n_cells must be a whole number of at least 0, not {n_cells!r}.")
+    if not is_whole(chunk_size, least=1):
+        raise ValueError(f"chunk_size must be a whole number of at least 1, not {chunk_size!r}.")
     if n_cells >= 2**24:
         raise ValueError("indexed_atlas encodes indices in float32: at most 2**24 - 1 cells.")
     leaves = [k for k, (_, _, p) in CELL_TYPES.items() if p > 0]
@@ -341,6 +347,7 @@ def indexed_atlas(
         return x, obs
 
     chunks = [chunk(s, min(chunk_size, n_cells - s)) for s in range(0, n_cells, chunk_size)]
+    chunks = chunks or [chunk(0, 0)]  # (no cells: an AnnData of none, with its columns)
     if path is None:
         x = sp.vstack([c[0] for c in chunks], format="csr")
         return ad.AnnData(X=x, obs=pd.concat([c[1] for c in chunks]), var=var)
