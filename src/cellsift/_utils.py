@@ -480,7 +480,17 @@ def in_obs_order(values: pd.Series, obs_names: pd.Index, what: str) -> Any:
 def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     """A boolean mask over ``adata``'s cells from a mask or obs names; an empty selection,
     a mask of the wrong length or unknown names are errors naming ``what``. A boolean
-    Series is read by its index (:func:`in_obs_order`)."""
+    Series is read by its index (:func:`in_obs_order`); so is one of True and False as
+    objects (a flag column after a concat)."""
+    dtype = getattr(group, "dtype", None)
+    if dtype is not None and dtype.kind == "O" and len(group) and _all_flags(group):
+        missing = int(pd.isna(np.asarray(group, dtype=object)).sum())
+        if missing:
+            raise ValueError(
+                f"{what}: the mask has {missing} missing values (None or NaN among True and "
+                "False); fill them first (mask.fillna(False).astype(bool))."
+            )
+        group = group.astype(bool)
     is_mask = pd.api.types.is_bool_dtype(getattr(group, "dtype", None))
     if isinstance(group, pd.Series) and is_mask and len(group) == adata.n_obs:
         group = pd.Series(in_obs_order(group, adata.obs_names, what))
@@ -512,6 +522,13 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     if not mask.any():
         raise ValueError(f"{what} is empty: select at least one cell.")
     return mask
+
+
+def _all_flags(values: Any) -> bool:
+    """Whether objects are True and False only, with missing values among them."""
+    values = np.asarray(values, dtype=object).ravel()
+    present = values[~pd.isna(values)]
+    return len(present) > 0 and all(isinstance(v, bool | np.bool_) for v in present)
 
 
 #: Rows read at a time from a backed AnnData's matrix.

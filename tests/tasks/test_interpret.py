@@ -185,6 +185,14 @@ def test_groups_by_obs_names_and_subsampling(linear):
     shuffled = adata.obs.iloc[np.random.default_rng(0).permutation(adata.n_obs)]
     by_series = explain_difference(model, adata, shuffled["group"] == "a", shuffled["group"] == "b")
     pd.testing.assert_frame_equal(by_mask, by_series)
+    # a flag column of True and False as objects (as a concat leaves one) is a mask too,
+    # read by its index; with a missing value, the error says so (not "cells not found")
+    flags = pd.Series(list(shuffled["group"] == "a"), index=shuffled.index, dtype=object)
+    by_flags = explain_difference(model, adata, flags, ~is_a)
+    pd.testing.assert_frame_equal(by_mask, by_flags)
+    flags.iloc[0] = None
+    with pytest.raises(ValueError, match=r"group_a: the mask has 1 missing values \(None"):
+        explain_difference(model, adata, flags, ~is_a)
     foreign = pd.Series(is_a, index=[f"x{i}" for i in range(adata.n_obs)])
     with pytest.raises(ValueError, match="group_a is a Series whose index is not the cells'"):
         explain_difference(model, adata, foreign, ~is_a)
