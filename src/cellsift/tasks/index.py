@@ -97,7 +97,7 @@ ADDED_SAMPLE = 200
 RERANK_VALUES = 1 << 24
 #: A filtered IVF search whose hits lie deeper than this share of the lists it probed
 #: probes on, up to twice the cells (:meth:`CellIndex._ivf_within`).
-FILTER_DEPTH = 0.7
+FILTER_DEPTH = 0.6
 #: Most query-to-list similarities (queries x lists with selected cells) ordered at a time.
 ORDER_VALUES = 1 << 22
 #: Indexes below this size use exact search under ``engine="auto"``.
