@@ -274,12 +274,10 @@ def _check_reserved(df: pd.DataFrame, what: str, path: str | os.PathLike[str]) -
         )
 
 
-def _mixes_text(values: np.ndarray) -> bool:
-    """Whether an object column holds text and other values (numbers, booleans) both:
-    HDF5 stores a categorical's categories of one kind only."""
-    present = values[~pd.isna(values)]
-    is_text = np.fromiter((isinstance(v, str) for v in present), bool, len(present))
-    return bool(is_text.any() and not is_text.all())
+def _mixed(categories: pd.Index) -> bool:
+    """Whether categories are objects not all text (text and numbers, or integers beyond
+    int64): HDF5 stores categories of one kind only, as an array of numbers or of text."""
+    return categories.dtype == object and not all(isinstance(v, str) for v in categories)
 
 
 def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
@@ -298,9 +296,9 @@ def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
         elif isinstance(s.dtype, pd.CategoricalDtype) and _is_date(s.cat.categories.dtype):
             df[col] = s.cat.rename_categories(text_or_none(s.cat.categories.array))
         if categories and (df[col].dtype == object or isinstance(df[col].dtype, pd.StringDtype)):
-            if df[col].dtype == object and _mixes_text(df[col].to_numpy()):
-                df[col] = text_or_none(df[col].to_numpy())  # (as Zarr and SOMA store it)
             df[col] = df[col].astype("category")  # (anndata's writer refuses pandas' strings)
+            if _mixed(df[col].cat.categories):  # (as text, as TileDB-SOMA stores them)
+                df[col] = pd.Categorical(text_or_none(df[col].to_numpy()))
     return df
 
 
@@ -756,6 +754,23 @@ def _enumeration(categories: pd.Index) -> Any:
     return pa.array(text_or_none(categories), type=pa.large_string())
 
 
+#: Object columns of these kinds alone (and missing values) are stored as such in
+#: TileDB-SOMA, as h5ad and Zarr store them; others as text.
+_OBJECT_KINDS = {"boolean": "bool_", "integer": "int64", "floating": "float64"}
+_OBJECT_KINDS["mixed-integer-float"] = "float64"
+
+
+def _object_column(s: pd.Series) -> Any:
+    """An object column as Arrow: True/False, whole numbers or numbers (with missing values
+    as nulls) as such, anything else as text."""
+    pa = _pa()
+    kind = _OBJECT_KINDS.get(pd.api.types.infer_dtype(s, skipna=True))
+    if kind is not None:
+        with contextlib.suppress(pa.ArrowException, TypeError, ValueError, OverflowError):
+            return pa.array(s, type=getattr(pa, kind)(), from_pandas=True)
+    return pa.array(text_or_none(s), type=pa.large_string())
+
+
 def _arrow_table(df: pd.DataFrame, start: int) -> Any:
     """``df`` as an Arrow table with join ids ``start``, ``start + 1``, ...: text as text,
     categoricals as dictionaries over their categories (SOMA enumerations)."""
@@ -775,7 +790,7 @@ def _arrow_table(df: pd.DataFrame, start: int) -> Any:
                 ordered=s.cat.ordered,
             )
         elif s.dtype == object:
-            cols[str(name)] = pa.array(text_or_none(s), type=pa.large_string())
+            cols[str(name)] = _object_column(s)
         elif s.dtype == bool:
             cols[str(name)] = pa.array(s.to_numpy(), type=pa.bool_())
         else:  # numbers (float16 as float32); pandas' nullable Int64 / boolean with their nulls
