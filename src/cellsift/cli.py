@@ -195,6 +195,8 @@ def _annotate(args: argparse.Namespace) -> int:
     if adata.n_obs == 0:  # (as cellsift embed: an empty query is a mistake, not a result)
         raise DataError(f"{args.data}: no cells to annotate.")
     check = not args.no_check_counts
+    if args.drop_empty:
+        adata = _with_counts(adata, model, args.layer, str(args.data), check)
     tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
     if not args.no_abstain:
         held = None  # (none: calibrated on the reference itself)
@@ -202,6 +204,15 @@ def _annotate(args: argparse.Namespace) -> int:
             # its counts where --calibrate-layer says (X: "X"), else where the queries' are
             place = args.layer if args.calibrate_layer is None else args.calibrate_layer
             calibration = _read_h5ad(args.calibrate_on)
+            if args.drop_empty:
+                with _hints_for("--calibrate-layer"):
+                    calibration = _with_counts(
+                        calibration,
+                        model,
+                        None if place == "X" else place,
+                        str(args.calibrate_on),
+                        check,
+                    )
             with _hints_for("--calibrate-layer"):
                 tl.embed(
                     calibration,
@@ -222,6 +233,29 @@ def _annotate(args: argparse.Namespace) -> int:
     for name, c in counts.head(15).items():
         print(f"  {c:>9,}  {name}")
     return 0
+
+
+def _with_counts(adata: Any, model: Any, layer: str | None, source: str, check: bool) -> Any:
+    """``adata`` without its cells that have no counts in the model's genes (``--drop-empty``),
+    said in a line; an error where none is left."""
+    import numpy as np
+
+    from .errors import DataError
+
+    keep = (
+        np.diff(model.aligned_counts(adata, layer=layer, check_counts=check, source=source).indptr)
+        > 0
+    )
+    if keep.all():
+        return adata
+    if not keep.any():
+        raise DataError(
+            f"{source}: none of its {adata.n_obs:,} cells has counts in the model's genes."
+        )
+    print(
+        f"{source}: left out {int((~keep).sum()):,} of {adata.n_obs:,} cells without counts in the model's genes"
+    )
+    return adata[keep].copy()
 
 
 def _read_h5ad(path: str) -> Any:
@@ -389,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ontology: plain majority votes (default: as the model was trained)",
     )
     p.add_argument("--no-abstain", action="store_true", help="never call 'unknown' on distance")
+    p.add_argument(
+        "--drop-empty",
+        action="store_true",
+        help="leave out cells without counts in the model's genes (of the data and of "
+        "--calibrate-on), saying how many; by default they are an error",
+    )
     p.add_argument(
         "--no-check-counts",
         action="store_true",
@@ -644,7 +684,7 @@ _AS_WORDS = {
                 r"Drop them: keep = np\.diff\(model\.aligned_counts\(adata[^)]*\)"
                 r"\.indptr\) > 0, then adata\[keep\]"
             ),
-            "Drop them from the file",
+            "Leave them out with --drop-empty",
         ),
     ),
 }

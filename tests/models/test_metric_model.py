@@ -666,7 +666,10 @@ def test_embedding_refuses_cells_without_counts_in_the_models_genes(synthetic_h5
 
     _error("annotate", err.value)
     said = capsys.readouterr().err
-    assert "Drop them from the file; or, to embed them anyway, pass --no-check-counts." in said
+    assert (
+        "Leave them out with --drop-empty; or, to embed them anyway, pass --no-check-counts."
+        in said
+    )
     assert "np.diff" not in said and "check_counts=" not in said
     # counts only in genes the model lacks count as empty too
     extra = ad.AnnData(

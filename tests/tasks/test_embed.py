@@ -581,6 +581,30 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     err = capsys.readouterr().err
     assert "logged.h5ad (X): contains non-integer values" in err and "'counts'" in err
     assert main([*args, "--overwrite", "--layer", "counts"]) == 0
+    # cells without counts in the model's genes: an error whose way is --drop-empty, which
+    # leaves them out of the output (and out of --calibrate-on), saying how many
+    empty = ad.read_h5ad(synthetic_h5ad)[:300].copy()
+    x = empty.X.toarray()
+    x[[3, 8]] = 0
+    empty.X = sp.csr_matrix(x)
+    empty.write_h5ad(tmp_path / "empty.h5ad")
+    empty[:150].write_h5ad(cal)
+    args = ["annotate", str(bundle), str(idx), str(tmp_path / "empty.h5ad"), str(out)]
+    capsys.readouterr()
+    assert main([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 300 cells have no counts in the model's genes" in err
+    assert "Leave them out with --drop-empty" in err and "np.diff" not in err
+    assert main([*args, "--overwrite", "--drop-empty", "--calibrate-on", str(cal)]) == 0
+    said = capsys.readouterr().out
+    assert "left out 2 of 300 cells without counts in the model's genes" in said
+    assert "left out 2 of 150 cells" in said
+    kept = ad.read_h5ad(out)
+    assert kept.n_obs == 298 and not kept.obs_names.isin(empty.obs_names[[3, 8]]).any()
+    empty.X = sp.csr_matrix(empty.shape, dtype=np.float32)
+    empty.write_h5ad(tmp_path / "empty.h5ad")
+    assert main([*args, "--overwrite", "--drop-empty"]) == 2
+    assert "none of its 300 cells has counts in the model's genes" in capsys.readouterr().err
 
 
 def test_annotate_reads_labels_as_the_model_trained_on_them(synthetic_h5ad, tmp_path, capsys):
