@@ -339,8 +339,12 @@ def test_confusion_of_numbers_and_of_series_pairs_the_same_labels_and_cells():
     got = _heatmap(pl.annotation_confusion(true_s, pred_s, ontology_aware=False))
     expected = confusion_matrix(true_s, pred_s.reindex(true_s.index), labels=["B", "NK", "T"])
     np.testing.assert_array_equal(got.iloc[:, :3].to_numpy(), expected)
-    with pytest.raises(ValueError, match="indexes name different cells"):
+    with pytest.raises(ValueError, match=r"indexes name different cells.*\.to_numpy\(\)"):
         pl.annotation_confusion(true_s, pred_s.set_axis([f"x{i}" for i in range(7)]))
+    # calls with pandas' default index (an annotator's table) pair by position
+    calls = pd.Series(pred_s.reindex(true_s.index).to_numpy())
+    by_position = _heatmap(pl.annotation_confusion(true_s, calls, ontology_aware=False))
+    np.testing.assert_array_equal(by_position.iloc[:, :3].to_numpy(), expected)
 
 
 # -- attributions -----------------------------------------------------------------------------

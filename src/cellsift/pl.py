@@ -408,8 +408,11 @@ def _confusion_table(
 
 def _by_index(true: pd.Series, pred: pd.Series) -> pd.Series:
     """``pred`` in the order of ``true``'s index, where the two Series name the same cells
-    in another order; an error where they name other cells."""
-    if true.index.equals(pred.index):
+    in another order; by position where either has pandas' default index (0, 1, ..., n - 1:
+    a table of calls, as :meth:`KNNAnnotator.annotate` returns); an error where they name
+    other cells."""
+    default = [s.index.equals(pd.RangeIndex(len(s))) for s in (true, pred)]
+    if true.index.equals(pred.index) or any(default):
         return pred
     if (
         true.index.is_unique
@@ -419,8 +422,8 @@ def _by_index(true: pd.Series, pred: pd.Series) -> pd.Series:
     ):
         return pred.reindex(true.index)
     raise ValueError(
-        "true and pred are Series whose indexes name different cells; pass one label per "
-        "cell for the same cells (e.g. pred.reindex(true.index)), or arrays in one order."
+        "true and pred are Series whose indexes name different cells: pass one label per "
+        "cell, indexed by the same cells, or their values in one order (.to_numpy())."
     )
 
 

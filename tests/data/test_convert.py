@@ -335,6 +335,15 @@ def test_an_anndata_in_memory_of_mixed_columns_and_named_index_converts(tmp_path
     if fmt != "soma":
         back = ad.read_h5ad(out) if fmt == "h5ad" else ad.read_zarr(out)
         assert back.obs.index.name == "barcode"
+        # from a file too; a name that is no text (a number) as text
+        again = convert(out, tmp_path / f"again.{fmt}")
+        back = ad.read_h5ad(again) if fmt == "h5ad" else ad.read_zarr(again)
+        assert back.obs.index.name == "barcode"
+        numbered = adata.copy()
+        numbered.obs.index.name = 7
+        third = convert(numbered, tmp_path / f"third.{fmt}")
+        back = ad.read_h5ad(third) if fmt == "h5ad" else ad.read_zarr(third)
+        assert back.obs.index.name == "7"
         assert back.obs["batch"].astype(object).tolist()[:3] == ["1", "x", "2.5"]
     with pytest.raises(DataError, match=r"obs has a column named '_index'.*rename it"):
         with H5adWriter(tmp_path / "reserved.h5ad", var) as writer:

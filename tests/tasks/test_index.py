@@ -309,6 +309,36 @@ def test_filtered_ivf_finds_the_selections_nearest_from_inside_and_outside(
     assert np.isin(res.indices, np.flatnonzero(clusters == 3)).all() and (res.indices >= 0).all()
 
 
+def test_filtered_ivf_with_fewer_selected_cells_than_k(data, monkeypatch):
+    """A selection of 3 cells searched for 10 through the IVF: the 3, then empty slots (a
+    query's empty candidates once crashed the search for how deep its hits lie)."""
+    import cellsift.tasks.index as index_module
+
+    monkeypatch.setattr(index_module, "EXACT_SELECTION_MAX", 0)
+    monkeypatch.setattr(index_module, "EXACT_SELECTION_FRACTION", 0.0)
+    x, meta, q = data
+    index = CellIndex.build(x[:8000], meta[:8000].assign(uid=np.arange(8000)), engine="ivf", k=20)
+    lists, _ = index._lists()
+    chosen = np.flatnonzero(lists < lists[0])[:3]  # (their lists numbered below cell 0's)
+    res = index.search(q[:5], 10, filter={"uid": chosen.tolist()})
+    np.testing.assert_array_equal(np.sort(res.indices[:, :3], 1), np.tile(chosen, (5, 1)))
+    assert (res.indices[:, 3:] == -1).all() and np.isinf(res.distances[:, 3:]).all()
+
+
+def test_list_order_widens_as_a_prefix_whatever_the_ties():
+    """A query's lists nearest first, equal similarities by list: the first w of a wider
+    order are the order of w lists, so that lists probed stay probed as it widens."""
+    from cellsift.tasks.index import _list_order
+
+    rng = np.random.default_rng(0)
+    score = np.round(rng.normal(size=(7, 300)), 1).astype(np.float32)  # (many ties)
+    score[0] = 0.5  # (all tied)
+    full = _list_order(score, 300)
+    np.testing.assert_array_equal(full, np.lexsort((np.tile(np.arange(300), (7, 1)), -score)))
+    for width in (1, 5, 64, 150, 299):
+        np.testing.assert_array_equal(_list_order(score, width), full[:, :width])
+
+
 def test_filtered_ivf_sees_added_and_rebuilt_lists(data, monkeypatch):
     """The lists' cells, kept for filtered searches, follow add() and rebuild(): an added
     cell is found by a filter that selects it."""

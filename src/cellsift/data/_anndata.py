@@ -195,7 +195,9 @@ class AnnDataStore(CellStore):
         obs = self.handle["obs"]
         key = _attr(obs, "_index")
         with self._reading(f"obs/{key}"):
-            return pd.Index(_plain(ad.io.read_elem(obs[key]))).astype(str)
+            names = pd.Index(_plain(ad.io.read_elem(obs[key]))).astype(str)
+        # (anndata keeps the index under its name, or under "_index" where it has none)
+        return names.rename(None if key == "_index" else str(key))
 
     def _load_var(self) -> pd.DataFrame:
         root = self.handle

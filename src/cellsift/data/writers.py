@@ -287,6 +287,8 @@ def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
     of text and numbers: all as text)."""
     df = df.copy()
     df.index = df.index.astype(str)
+    if df.index.name is not None:  # (as text: anndata takes no other key)
+        df.index.name = str(df.index.name)
     if df.index.name in df.columns:  # anndata refuses an index named like a column
         df.index.name = None
     for col in df.columns:

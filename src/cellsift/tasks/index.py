@@ -332,6 +332,7 @@ class CellIndex:
         for start in range(0, n, 1 << 18):
             ivf.add(np.ascontiguousarray(self.embeddings[start : start + (1 << 18)]))
         self.ann = ivf
+        self._kept_lists = None  # (the old lists' cells: not kept alive)
         self.params.update(nlist=nlist, nprobe=max(1, nlist // 64), rerank=RERANK)
 
     def calibrate(
@@ -842,7 +843,8 @@ class CellIndex:
                 i = cand[todo, :deep]  # (the nearest as the codes rank them)
                 more = (i[:, :wanted] < 0).any(1)
                 if deepen:
-                    found = np.searchsorted(live, lists[np.maximum(i, 0)])
+                    # (each hit's list among the live ones; none: the first, not counted)
+                    found = np.where(i >= 0, np.searchsorted(live, lists[np.maximum(i, 0)]), 0)
                     more |= _deepest(probed, found, i >= 0, len(live)) > FILTER_DEPTH * n_lists
                 todo = todo[more & (n_lists < len(live))]
                 budget[todo] *= 2
@@ -1001,6 +1003,7 @@ class CellIndex:
         self.embeddings = np.concatenate([np.asarray(self.embeddings), emb])
         if self.ann is not None:
             self.ann.add(emb)
+            self._kept_lists = None  # (its lists' cells changed)
             self._check_added(start)
         return np.arange(start, self.n_cells)
 
@@ -1567,11 +1570,16 @@ def _pad(dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 
 def _list_order(score: np.ndarray, width: int) -> np.ndarray:
     """Each query's ``width`` nearest lists (columns of ``score``, its similarities to
-    them), nearest first; equal similarities by list."""
-    if width >= score.shape[1]:
+    them), nearest first, equal similarities by list: the first ``width`` of its lists in
+    that order, whatever ``width`` (a wider order goes on from a narrower one)."""
+    n = score.shape[1]
+    if width >= n:
         return np.argsort(-score, axis=1, kind="stable")
-    part = np.argpartition(-score, width - 1, axis=1)[:, :width]
-    part.sort(axis=1)  # (by list, so that the stable sort below puts ties by list)
+    least = -np.partition(-score, width - 1, axis=1)[:, width - 1 : width]  # the width-th
+    above = score > least
+    tied = score == least  # (of these, the first by list, as many as width leaves)
+    taken = above | (tied & (np.cumsum(tied, axis=1) <= width - above.sum(1, keepdims=True)))
+    part = (np.flatnonzero(taken) % n).reshape(len(score), width)  # (by list in each row)
     near = np.take_along_axis(score, part, 1)
     return np.take_along_axis(part, np.argsort(-near, axis=1, kind="stable"), 1)
 
