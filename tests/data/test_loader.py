@@ -161,6 +161,22 @@ def test_weighted_balancing_scales(coll, class_scale):
     CellLoader(ds).load_state_dict(state)
 
 
+def test_unlabelled_cells_count_in_no_study():
+    """A study of 1,000 labelled cells among 99,000 unlabelled ones is weighted as a study
+    of 1,000 (as SCimilarity, which drops unlabelled cells before weighting): its labelled
+    cells weigh as another study's 1,000 of the same labels, and unlabelled cells nothing."""
+    from cellsift.data import balanced_weights
+
+    labels = np.concatenate([np.tile([0, 1], 500), np.full(99_000, -1), np.tile([0, 1], 500)])
+    studies = np.concatenate([np.zeros(100_000, np.int64), np.ones(1_000, np.int64)])
+    w = balanced_weights(labels, studies, study_scale=1e3)
+    np.testing.assert_allclose(w[:1_000], w[-1_000:], rtol=1e-12)
+    assert (w[1_000:100_000] == 0).all()
+    kept = labels >= 0
+    want = _scimilarity_weights(labels[kept], studies[kept], 1e4, 1e3)
+    np.testing.assert_allclose(w[kept], want, rtol=1e-10)
+
+
 def test_weighted_draws_follow_the_weights(coll):
     rng = np.random.default_rng(0)
     weights = rng.gamma(0.5, size=coll.n_obs)

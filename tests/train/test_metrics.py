@@ -44,3 +44,36 @@ def test_silhouette_of_degenerate_embeddings_matches_sklearn():
     for z, y in cases:
         got = float(silhouette(torch.tensor(z, dtype=torch.float32), torch.tensor(y)))
         assert got == pytest.approx(silhouette_score(z, y, metric="cosine"), abs=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_a_diverged_embedding_scores_nan_not_a_number(metric):
+    """One NaN coordinate (a diverged model): the score is NaN, which a checkpoint or early
+    stopping that watches it sees, not 0.0 or a plausible value; the euclidean distances of
+    a NaN row to the others are NaN, not 0."""
+    from cellsift.losses import pairwise_distance
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(150) % 3
+    z = torch.randn(3, 8, generator=g)[y] * 5 + torch.randn(150, 8, generator=g)
+    assert np.isfinite(float(silhouette(z, y, distance=metric)))
+    z[7, 2] = float("nan")
+    assert np.isnan(float(silhouette(z, y, distance=metric)))
+    d = pairwise_distance(z, metric)
+    others = torch.arange(150) != 7  # (its distance to itself is 0 as any cell's)
+    assert torch.isnan(d[7, others]).all() and torch.isfinite(d[:7, :7]).all()
+
+
+def test_relatives_of_any_dtype_and_the_wrong_shape():
+    """A 0/1 relatives matrix (ints, floats, numpy) reads as the boolean one; one smaller
+    than the label codes is an error saying so."""
+    g = torch.Generator().manual_seed(2)
+    y = torch.randint(0, 3, (120,), generator=g)
+    z = torch.randn(3, 4, generator=g)[y] + 0.3 * torch.randn(120, 4, generator=g)
+    related = torch.eye(3, dtype=torch.bool)
+    related[0, 1] = related[1, 0] = True
+    want = float(silhouette(z, y, related))
+    for other in (related.to(torch.uint8), related.long(), related.float(), related.numpy()):
+        assert float(silhouette(z, y, other)) == pytest.approx(want, abs=1e-7)
+    with pytest.raises(ValueError, match=r"related_ll is \(2, 2\) for label codes up to 2"):
+        silhouette(z, y, related[:2, :2])

@@ -495,3 +495,30 @@ def test_a_schedules_settings_do_not_move_as_it_steps_and_name_what_differs():
         if name in ("SequentialLR", "ChainedScheduler", "StepLR", "ExponentialLR", "OneCycleLR"):
             other = built(torch.optim.SGD(weights, lr=0.1, momentum=0.9), name, value=0.25)
             assert _schedule_settings(other.state_dict(), "s") != first, name
+
+
+def test_validation_asw_is_of_the_distance_trained_on(synthetic_h5ad, tmp_path):
+    """A model whose triplet loss is euclidean is scored on euclidean distances, as its
+    embedding is trained: the silhouette of its validation cells computed so, by hand."""
+    from cellsift.train import silhouette
+
+    torch.manual_seed(0)
+    dm = CellDataModule(synthetic_h5ad, split_key="donor_id", batch_size=256, val_fraction=0.2)
+    dm.setup()
+    related = torch.from_numpy(load_cell_ontology().related(dm.categories["y_n"]))
+    module = MetricModule(
+        dm.collection.n_vars, (64, 64), 16, related_ll=related, distance="euclidean"
+    )
+    trainer = _trainer(tmp_path)
+    trainer.validate(TrainingPlan(module), datamodule=dm)
+    module.eval()
+    z, y = [], []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            z.append(module(batch)["z_nk"])
+            y.append(batch["y_n"])
+    z_all, y_all = torch.cat(z)[:5_000], torch.cat(y)[:5_000]
+    euclidean = float(silhouette(z_all, y_all, related, "euclidean"))
+    cosine = float(silhouette(z_all, y_all, related, "cosine"))
+    assert abs(euclidean - cosine) > 1e-3  # (the two differ here)
+    assert float(trainer.callback_metrics["val/asw"]) == pytest.approx(euclidean, abs=1e-5)

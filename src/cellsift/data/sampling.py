@@ -51,9 +51,11 @@ def balanced_weights(
     """Class- and study-balanced sampling weights (SCimilarity's scheme).
 
     ``w = 1/log1p(n_class/class_scale) * 1/log1p(n_study/study_scale)``, where ``n_class``
-    and ``n_study`` count the cells sharing a cell's label and study; weights are clipped
-    to ``max_ratio`` times their median so tiny groups do not dominate. Negative labels
-    (missing) get weight 0.
+    and ``n_study`` count the labelled cells sharing a cell's label and study; weights are
+    clipped to ``max_ratio`` times their median so tiny groups do not dominate. Negative
+    labels (missing) get weight 0, and count in no study (as SCimilarity, which leaves
+    them out first): a study of few labelled cells among many without is not sampled as a
+    large one.
     """
     for name, value, ok, bound in (
         ("class_scale", class_scale, class_scale > 0, "> 0"),
@@ -76,7 +78,8 @@ def balanced_weights(
                 f"studies must give one study per cell: {studies.shape[0] if studies.ndim else 0} "
                 f"for {len(labels)} labels."
             )
-        w = w * _inverse_log_count(studies, study_scale)
+        labelled = labels >= 0
+        w[labelled] *= _inverse_log_count(studies[labelled], study_scale)
     w[labels < 0] = 0.0
     pos = w[w > 0]
     if len(pos):

@@ -61,8 +61,8 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
         sq = (z_nk * z_nk).sum(1)
         d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
         d2.fill_diagonal_(0.0)  # not the rounding error of |z|^2 + |z|^2 - 2 z.z
-        positive = d2 > 0
-        return torch.where(positive, torch.where(positive, d2, 1.0).sqrt(), 0.0)
+        zero = d2 <= 0  # (NaN is not: a NaN embedding's distances stay NaN)
+        return torch.where(zero, 0.0, torch.where(zero, 1.0, d2).sqrt())
 
 
 _SYMMETRIC_FROM = 256  # rows from which the Gram matrix is computed by symmetric blocks

@@ -21,12 +21,25 @@ def silhouette(
     distance to the cells of another label, where labels related to its own (ancestor or
     descendant, ``related_ll``) are not counted as other clusters: a CD4 T cell near T cells
     is not penalised. Cells with label < 0 are ignored; singletons score 0 (as scikit-learn).
+    An embedding that is not finite (a diverged model) makes the score NaN, not a number a
+    checkpoint or early stopping would take for one. ``related_ll``: labels x labels, any
+    dtype whose nonzero entries mark relatives.
     """
     keep = y_n >= 0
     z, y = z_nk[keep], y_n[keep].long()
     labels, y = torch.unique(y, return_inverse=True)
     if len(labels) < 2:
         raise ValueError("the silhouette needs at least two labels.")
+    if related_ll is not None:
+        related_ll = torch.as_tensor(related_ll).to(z.device).bool()
+        size = int(labels.max()) + 1
+        if related_ll.ndim != 2 or min(related_ll.shape) < size:
+            raise ValueError(
+                f"related_ll is {tuple(related_ll.shape)} for label codes up to {size - 1}: "
+                "give one row and one column per label code."
+            )
+    if not torch.isfinite(z).all():
+        return torch.tensor(float("nan"))
     d = pairwise_distance(z, distance).double()
     d.fill_diagonal_(0.0)  # (a cell's distance to itself, not float32's rounding of it)
     onehot = torch.nn.functional.one_hot(y, len(labels)).double()
@@ -37,7 +50,7 @@ def silhouette(
     mean = sums / counts
     other = ~torch.eye(len(labels), dtype=torch.bool, device=z.device)
     if related_ll is not None:
-        other &= ~related_ll.to(z.device)[labels][:, labels]
+        other &= ~related_ll[labels][:, labels]
     b = mean.masked_fill(~other[y], float("inf")).min(1).values
     top = torch.maximum(a, b)  # (a = b = 0: 0, as scikit-learn)
     s = torch.where((own > 0) & torch.isfinite(b) & (top > 0), (b - a) / top, 0.0)

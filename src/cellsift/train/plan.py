@@ -38,6 +38,7 @@ from torch import nn
 from .._utils import is_whole, state_differences
 from .._warnings import CellsiftWarning, warn
 from ..errors import ConfigError, ResumeError, TrainingError, TrainingInterrupted
+from ..losses.triplet import Distance
 from ._stop import StopRequest
 from .metrics import silhouette
 from .resume import read_checkpoint
@@ -571,10 +572,12 @@ class TrainingPlan(pl.LightningModule):
             order = torch.argsort(torch.cat([b[2] for b in batches])).to(self.device)
             z, y = z[order], y[order]
         z, y = z[: self.asw_cells], y[: self.asw_cells]
-        related = getattr(getattr(self.module, "triplet", None), "related_ll", None)
+        triplet = getattr(self.module, "triplet", None)
+        related = getattr(triplet, "related_ll", None)
+        distance: Distance = getattr(triplet, "distance", "cosine")  # (the distance trained on)
         if len(torch.unique(y[y >= 0])) >= 2:
             # the same value on every rank; synced so that Lightning knows it is global
-            self.log("val/asw", float(silhouette(z, y, related)), sync_dist=True)
+            self.log("val/asw", float(silhouette(z, y, related, distance)), sync_dist=True)
 
     def _optimization(self) -> dict[str, Any]:
         """The optimiser's and schedule's settings, which a resumed run must share: those of
