@@ -479,7 +479,9 @@ def in_obs_order(values: pd.Series, obs_names: pd.Index, what: str) -> Any:
 
 def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     """A boolean mask over ``adata``'s cells from a mask or obs names; an empty selection,
-    a mask of the wrong length or unknown names are errors naming ``what``. A boolean
+    a mask of the wrong length, unknown names or numbers (positions or names? the common
+    ``np.flatnonzero(mask)`` read as names would select other cells) are errors naming
+    ``what``. A boolean
     Series is read by its index (:func:`in_obs_order`); so is one of True and False as
     objects (a flag column after a concat)."""
     dtype = getattr(group, "dtype", None)
@@ -511,6 +513,15 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
             )
         mask = arr
     else:
+        if arr.size and (
+            arr.dtype.kind in "iuf"
+            or (arr.dtype == object and all(is_number(v) for v in np.ravel(arr)))
+        ):
+            raise ValueError(
+                f"{what} holds numbers, which could be positions or obs names: pass a "
+                "boolean mask (np.isin(np.arange(adata.n_obs), positions)) or obs names "
+                "(adata.obs_names[positions], or the names as text)."
+            )
         names = pd.Index(np.atleast_1d(arr).astype(str))
         missing = names.difference(adata.obs_names)
         if len(missing):

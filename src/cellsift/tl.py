@@ -43,7 +43,7 @@ def embed(
     (``source`` names the data in messages, e.g. its file). ``uns["cellsift"][key_added]``
     records the model's fingerprint, so that :func:`annotate` and :func:`search_centroid`
     refuse an embedding that another model made."""
-    adata = _copied(adata) if copy else _writable(adata)
+    adata = _copied(adata) if copy else _writable(adata, source)
     adata.obsm[key_added] = model.embed(
         adata,
         layer=layer,
@@ -160,7 +160,7 @@ def annotate(
     if ann is not reference and abstain:  # (a ready annotator has its own threshold)
         if isinstance(calibrate_on, ad.AnnData):
             if copy and use_rep not in calibrate_on.obsm:  # (copy: no input is written)
-                calibrate_on = calibrate_on.copy()
+                calibrate_on = _copied(calibrate_on)
             _ensure_embedded(
                 calibrate_on, model, use_rep, "calibrate_on", layer, check_counts, index
             )
@@ -353,7 +353,7 @@ def search_centroid(
     labels = np.full(adata.n_obs, None, dtype=object)
     labels[mask] = "centroid"
     bulk = _summed(adata, labels, layer, "search_centroid")
-    result = index.search(_embed_bulk(model, bulk, "the cell set"), k, filter=filter)
+    result = index.search(_embed_bulk(model, bulk, "the cell set", False), k, filter=filter)
     if qc:
         if use_rep in adata.obsm:
             check_embedded_by(adata, use_rep, model)
@@ -405,13 +405,13 @@ def search_clusters(
     }
 
 
-def _embed_bulk(model: Any, bulk: ad.AnnData, what: str) -> np.ndarray:
+def _embed_bulk(model: Any, bulk: ad.AnnData, what: str, named: bool = True) -> np.ndarray:
     """The pseudobulks' embeddings; a pseudobulk without counts in the model's genes (its
-    cells have none there) is an error naming it."""
+    cells have none there) is an error naming it (``named``: the groups have names)."""
     x = model.aligned_counts(bulk)
     empty = list(bulk.obs_names[np.diff(x.indptr) == 0])
     if empty:
-        names = "" if empty == ["centroid"] else f" ({', '.join(map(repr, empty[:5]))})"
+        names = f" ({', '.join(map(repr, empty[:5]))})" if named else ""
         raise DataError(
             f"{what}{names}: no counts in the model's {len(model.genes)} genes, summed over "
             "the cells; choose cells with counts there, or point layer= at the counts."
@@ -428,14 +428,15 @@ def _is_default(value: Any, default: Any) -> bool:
     return bool(same_kind and value == default)
 
 
-def _writable(adata: ad.AnnData) -> ad.AnnData:
+def _writable(adata: ad.AnnData, what: str = "adata") -> ad.AnnData:
     """``adata`` if results can be written into it: a view of a backed AnnData cannot take
-    them (anndata would copy it to a file), said before any work is done."""
+    them (anndata would copy it to a file), said before any work is done, naming ``what``."""
     if adata.isbacked and adata.is_view:
         raise DataError(
-            "this is a view of a backed AnnData, which cannot take new obs or obsm entries "
-            "(anndata would write a copy of it to a file): pass copy=True (an AnnData in "
-            "memory comes back), or load the view first (adata[...].to_memory())."
+            f"{what} is a view of a backed AnnData, which cannot take new obs or obsm "
+            "entries (anndata would write a copy of it to a file): pass copy=True (an "
+            "AnnData in memory comes back, the input left as it is), or load the view first "
+            f"({what}[...].to_memory())."
         )
     return adata
 

@@ -256,6 +256,18 @@ def test_centroid_search_of_cells_without_counts_names_them(bundle, synthetic_h5
         cs.tl.search_centroid(query, model, index, cells=np.arange(40) < 20, k=5, qc=False)
     with pytest.raises(DataError, match=r"^groups of 'part' \('empty'\): no counts"):
         cs.tl.search_clusters(query, model, index, "part", k=5)
+    query.obs["part"] = np.where(np.arange(40) < 20, "centroid", "full")  # (a group's name)
+    with pytest.raises(DataError, match=r"^groups of 'part' \('centroid'\): no counts"):
+        cs.tl.search_clusters(query, model, index, "part", k=5)
+    # positions are no cells: refused, not read as obs names (which here are numbers too)
+    numbered = query[20:].copy()
+    numbered.obs_names = [str(i) for i in range(20)][::-1]
+    with pytest.raises(ValueError, match=r"cells holds numbers.*boolean mask"):
+        cs.tl.search_centroid(numbered, model, index, cells=np.arange(5), k=5, qc=False)
+    with pytest.raises(ValueError, match=r"cells holds numbers"):
+        cs.tl.search_centroid(numbered, model, index, cells=[0, 1, 2], k=5, qc=False)
+    # (names given as text are names)
+    cs.tl.search_centroid(numbered, model, index, cells=["0", "1", "2"], k=5, qc=False)
     full = cs.tl.search_centroid(query, model, index, cells=np.arange(40) >= 20, k=5, qc=False)
     bulk = cs.tl.pseudobulk(query[20:], np.full(20, "x"))
     np.testing.assert_array_equal(full.indices, index.search(model.embed(bulk), 5).indices)
@@ -513,8 +525,15 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     labels = query.obs["cellsift_cell_type_ontology_term_id"].astype(str).to_numpy()
     assert (labels[far] == "unknown").all() and dropped not in set(labels)
     # copy=True of a backed AnnData (or a view of one): a copy in memory that shares
-    # nothing with it, the file not written
+    # nothing with it, the file not written; so of backed calibration cells too, and
+    # in place, a backed view of them is named as such
     backed = ad.read_h5ad(synthetic_h5ad, backed="r")
+    for held in (backed, backed[300:700]):
+        options = {"calibrate_on": held, "ontology_aware": False}
+        cs.tl.annotate(query, index, model=model, copy=True, **options)
+        assert "X_cellsift" not in held.obsm
+    with pytest.raises(DataError, match=r"^calibrate_on is a view of a backed AnnData"):
+        cs.tl.annotate(query, index, model=model, calibrate_on=backed[300:700])
     before = synthetic_h5ad.stat().st_mtime_ns
     backed.obsm["X_pca"] = np.zeros((backed.n_obs, 2))
     embedded = cs.tl.embed(backed, model, copy=True)

@@ -359,6 +359,16 @@ def test_filtered_ivf_sees_added_and_rebuilt_lists(data, monkeypatch):
     np.testing.assert_array_equal(res.indices[:, 0], np.arange(5000, 5010))
 
 
+def test_hits_metadata_of_no_columns_keeps_one_row_per_hit(data, ivf):
+    """columns=[]: the hits' query, rank and distance only; metadata_rows: one empty row
+    per cell (pandas' positional take of no columns crashed)."""
+    q = data[2]
+    res = ivf.search(q[:3], 4)
+    hits = res.metadata([])
+    assert list(hits.columns) == ["query", "rank", "distance"] and len(hits) == 12
+    assert ivf.metadata_rows([5, 2, 5], []).shape == (3, 0)
+
+
 def test_filter_errors(ivf, data):
     q = data[2]
     with pytest.raises(CellIndexError, match="selects no cells"):

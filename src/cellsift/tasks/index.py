@@ -565,10 +565,10 @@ class CellIndex:
                         "without metadata (CellIndex.build(embeddings, metadata=...))."
                     )
                 )
-        if self._metadata is None and self._metadata_file is None:
-            return pd.DataFrame(index=range(len(rows)))
-        ds = self._dataset()
         cols = cols if columns is not None else has
+        if (self._metadata is None and self._metadata_file is None) or not cols:
+            return pd.DataFrame(index=range(len(rows)))  # (no columns: one row per cell still)
+        ds = self._dataset()
         uniq, inverse = np.unique(rows, return_inverse=True)
         tbl = ds.take(uniq, columns=cols)
         return tbl.to_pandas().iloc[inverse].reset_index(drop=True)
