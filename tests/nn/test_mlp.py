@@ -95,13 +95,47 @@ def test_sparse_input_dropout_drops_stored_values():
         assert not torch.equal(enc2(csr), enc2(csr))
 
 
-def test_sparse_input_with_a_column_outside_the_genes_is_refused():
+@pytest.mark.parametrize("column", [50, -1])
+def test_sparse_input_with_a_column_outside_the_genes_is_refused(column):
+    """A column index past the genes, or negative (which the kernel skipped, as if the cell
+    had no counts), is refused."""
     enc = MLPEncoder(50, (8,), 4).eval()
     bad = torch.sparse_csr_tensor(
-        torch.tensor([0, 1]), torch.tensor([50]), torch.tensor([1.0]), size=(1, 50)
+        torch.tensor([0, 1]), torch.tensor([column]), torch.tensor([1.0]), size=(1, 50)
     )
     with torch.no_grad(), pytest.raises(ValueError, match="outside the batch's 50 genes"):
         enc(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_an_encoder_of_another_dtype_reads_float32_counts_sparse_or_dense(dtype):
+    """A float64 or bfloat16 encoder given float32 counts (sparse or dense), or a float32
+    one given float64 or int counts: the batch in the weights' dtype, as the dense layer
+    with the batch cast by hand (the sparse kernel, float32 only, crashed on them)."""
+    torch.manual_seed(5)
+    x, csr = _counts_csr(seed=6)
+    enc = MLPEncoder(3000, (64,), 8).eval().to(dtype)
+    with torch.no_grad():
+        want = enc(x.to(dtype))
+        assert not enc.reads_sparse(csr)
+        torch.testing.assert_close(enc(csr), want)
+        torch.testing.assert_close(enc(x), want)
+    enc32 = MLPEncoder(3000, (64,), 8).eval()
+    with torch.no_grad():
+        want = enc32(x)
+        torch.testing.assert_close(enc32(x.double()), want)
+        torch.testing.assert_close(enc32(x.round().long()), enc32(x.round()))
+
+
+def test_counts_changed_in_place_before_backward_are_an_error():
+    """Stored values changed in place between forward and backward: autograd's error, as for
+    a dense input, not the weight gradient of other counts."""
+    enc = MLPEncoder(3000, (32,), 8).eval()
+    _, csr = _counts_csr(seed=7)
+    out = enc(csr)
+    csr.values().mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("n_genes", [40, 60])

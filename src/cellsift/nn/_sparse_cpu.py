@@ -88,7 +88,7 @@ class _CSRLinear(torch.autograd.Function):
             (values.detach().float().numpy(), col.numpy(), crow.numpy()),
             shape=(len(crow) - 1, n_genes),
         )
-        if csr.nnz and int(csr.indices.max()) >= n_genes:  # the kernels do not check
+        if csr.nnz and (int(csr.indices.max()) >= n_genes or int(csr.indices.min()) < 0):
             raise ValueError(f"a column index is outside the batch's {n_genes} genes.")
         if not csr.has_sorted_indices:
             csr = csr.sorted_indices()
@@ -98,11 +98,15 @@ class _CSRLinear(torch.autograd.Function):
         out = np.zeros((csr.shape[0], h), dtype=np.float32)
         _csr_times_rows(csr.indptr, csr.indices, csr.data, weight_gh, bounds, out)
         ctx.csr, ctx.has_bias = csr, bias_h is not None
+        # (the values read again by backward: changed in place before it, autograd says so,
+        # as for a dense input, rather than a gradient of other counts)
+        ctx.save_for_backward(values)
         y = torch.from_numpy(out)
         return y if bias_h is None else y.add_(bias_h.detach())
 
     @staticmethod
     def backward(ctx: Any, grad_nh: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ctx.saved_tensors  # noqa: B018 (autograd's check that the values are unchanged)
         csc = ctx.csr.tocsc()
         g = np.ascontiguousarray(grad_nh.detach().float().numpy())
         grad_w = np.empty((g.shape[1], csc.shape[1]), dtype=np.float32)

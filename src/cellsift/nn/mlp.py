@@ -50,9 +50,10 @@ class MLPEncoder(nn.Module):
         values (:mod:`cellsift.nn._sparse_cpu`; input dropout drops stored values, as it would
         drop them from the dense matrix); elsewhere the batch is densified."""
         if x_ng.layout != torch.sparse_csr:
-            return nn.functional.normalize(self.network(x_ng), dim=1)
+            return nn.functional.normalize(self.network(self._as_weights(x_ng)), dim=1)
         if not self.reads_sparse(x_ng):
-            return nn.functional.normalize(self.network(x_ng.to_dense()), dim=1)
+            dense = self._as_weights(x_ng.to_dense())
+            return nn.functional.normalize(self.network(dense), dim=1)
         from ._sparse_cpu import csr_linear
 
         block0 = self.network[0]
@@ -81,12 +82,24 @@ class MLPEncoder(nn.Module):
             h = block(h)
         return nn.functional.normalize(h, dim=1)
 
+    def _as_weights(self, x_ng: torch.Tensor) -> torch.Tensor:
+        """A batch in the weights' dtype (float64 counts for a float32 model, float32 for a
+        float64 one), as autocast leaves it where autocast is on."""
+        dtype = self._weight_dtype()
+        if x_ng.dtype == dtype or torch.is_autocast_enabled(x_ng.device.type):
+            return x_ng
+        return x_ng.to(dtype)
+
+    def _weight_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     def reads_sparse(self, x_ng: torch.Tensor) -> bool:
         """Will :meth:`forward` read this batch's stored values only (CSR counts on the CPU,
-        no gradient asked for the counts, not under ``torch.compile``)."""
+        a float32 model, no gradient asked for the counts, not under ``torch.compile``)."""
         return (
             x_ng.layout == torch.sparse_csr
             and x_ng.device.type == "cpu"
+            and self._weight_dtype() == torch.float32
             and not x_ng.requires_grad
             and not torch.compiler.is_compiling()
             and not getattr(self, "_compiled", False)
