@@ -345,6 +345,12 @@ def test_confusion_of_numbers_and_of_series_pairs_the_same_labels_and_cells():
     calls = pd.Series(pred_s.reindex(true_s.index).to_numpy())
     by_position = _heatmap(pl.annotation_confusion(true_s, calls, ontology_aware=False))
     np.testing.assert_array_equal(by_position.iloc[:, :3].to_numpy(), expected)
+    # but two Series of the same positions in other orders (a frame, one column sorted) pair
+    # by those
+    frame = pd.DataFrame({"true": true_s.to_numpy(), "call": calls.to_numpy()})
+    sorted_calls = frame.sort_values("call")["call"]
+    got = _heatmap(pl.annotation_confusion(frame["true"], sorted_calls, ontology_aware=False))
+    np.testing.assert_array_equal(got.iloc[:, :3].to_numpy(), expected)
 
 
 # -- attributions -----------------------------------------------------------------------------

@@ -408,11 +408,10 @@ def _confusion_table(
 
 def _by_index(true: pd.Series, pred: pd.Series) -> pd.Series:
     """``pred`` in the order of ``true``'s index, where the two Series name the same cells
-    in another order; by position where either has pandas' default index (0, 1, ..., n - 1:
-    a table of calls, as :meth:`KNNAnnotator.annotate` returns); an error where they name
-    other cells."""
-    default = [s.index.equals(pd.RangeIndex(len(s))) for s in (true, pred)]
-    if true.index.equals(pred.index) or any(default):
+    in another order; else by position where either has pandas' default index (0, 1, ...,
+    n - 1: a table of calls, as :meth:`KNNAnnotator.annotate` returns); an error where they
+    name other cells."""
+    if true.index.equals(pred.index):
         return pred
     if (
         true.index.is_unique
@@ -421,6 +420,8 @@ def _by_index(true: pd.Series, pred: pd.Series) -> pd.Series:
         and true.index.isin(pred.index).all()
     ):
         return pred.reindex(true.index)
+    if any(s.index.equals(pd.RangeIndex(len(s))) for s in (true, pred)):
+        return pred
     raise ValueError(
         "true and pred are Series whose indexes name different cells: pass one label per "
         "cell, indexed by the same cells, or their values in one order (.to_numpy())."

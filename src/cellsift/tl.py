@@ -137,6 +137,9 @@ def annotate(
                 "(KNNAnnotator(...), .calibrate(...)), or pass its index as the reference."
             )
     adata = _copied(adata) if copy else _writable(adata)
+    calibrating = isinstance(calibrate_on, ad.AnnData) and use_rep not in calibrate_on.obsm
+    if calibrating and abstain and not copy:  # (said before the query is embedded)
+        _writable(calibrate_on, "calibrate_on")
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
     index.check_model(model)
     label_key, aware = labels_of(index, model, label_key)  # (as the docstring says)
@@ -435,8 +438,8 @@ def _writable(adata: ad.AnnData, what: str = "adata") -> ad.AnnData:
         raise DataError(
             f"{what} is a view of a backed AnnData, which cannot take new obs or obsm "
             "entries (anndata would write a copy of it to a file): pass copy=True (an "
-            "AnnData in memory comes back, the input left as it is), or load the view first "
-            f"({what}[...].to_memory())."
+            "AnnData in memory comes back, the input left as it is), or load the view into "
+            "memory first (view.to_memory())."
         )
     return adata
 

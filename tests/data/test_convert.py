@@ -300,9 +300,9 @@ def test_column_names_a_zarr_store_cannot_hold_are_named_before_writing(tmp_path
 def test_an_anndata_in_memory_of_mixed_columns_and_named_index_converts(tmp_path, fmt):
     """An object column of text and numbers (as a concat of two studies makes) is stored
     as text in every format (h5ad failed once every cell was written, naming no column); a
-    column named by a number is read by its name as text; one of True and False is stored
-    as such in SOMA too (it was text there), one of ints beyond int64 as text in h5ad too
-    (it failed); the obs index keeps its name
+    column named by a number is read by its name as text; one of ints beyond int64 as text
+    in h5ad too (it failed), and one of text, True and 1 keeps True apart from 1; the obs
+    index keeps its name
     (h5ad, Zarr); a column named '_index' (anndata's own name for the index) is refused
     before a cell is written, naming it."""
     import pandas as pd
@@ -316,6 +316,8 @@ def test_an_anndata_in_memory_of_mixed_columns_and_named_index_converts(tmp_path
             0: pd.Categorical(["a", "b", "a", "b", "a", "b"]),
             "flag": np.array([True, False, None, True, True, False], dtype=object),
             "big": np.array([2**70, 1, 2, 3, 4, 5], dtype=object),
+            "kinds": np.array(["a", True, 1, 0, False, None], dtype=object),
+            "cats": pd.Categorical(["a", 1, "a", 1, "a", 1]),
         },
         index=pd.Index([f"cell{i}" for i in range(n)], name="barcode"),
     )
@@ -327,11 +329,16 @@ def test_an_anndata_in_memory_of_mixed_columns_and_named_index_converts(tmp_path
     batch = pd.Series(np.asarray(store.obs_column("batch"), dtype=object))
     assert batch[:3].tolist() == ["1", "x", "2.5"] and pd.isna(batch[3])
     assert np.asarray(store.obs_column("0"), dtype=object).tolist() == list("ababab")
-    flag = np.asarray(store.obs_column("flag"), dtype=object)  # (True/False in every format)
-    assert [bool(v) for i, v in enumerate(flag) if i != 2] == [True, False, True, True, False]
+    flag = np.asarray(store.obs_column("flag"), dtype=object)  # (SOMA: as text)
+    shown = [str(v) for i, v in enumerate(flag) if i != 2]
+    assert shown == ["True", "False", "True", "True", "False"]
     assert pd.isna(flag[2])
     big = np.asarray(store.obs_column("big"), dtype=object).tolist()  # (beyond int64: text)
     assert big == [str(2**70), "1", "2", "3", "4", "5"]
+    kinds = np.asarray(store.obs_column("kinds"), dtype=object)  # (True is not 1, as text)
+    assert kinds[:5].tolist() == ["a", "True", "1", "0", "False"] and pd.isna(kinds[5])
+    cats = np.asarray(store.obs_column("cats"), dtype=object).tolist()  # (text and numbers)
+    assert [str(v) for v in cats] == ["a", "1"] * 3
     if fmt != "soma":
         back = ad.read_h5ad(out) if fmt == "h5ad" else ad.read_zarr(out)
         assert back.obs.index.name == "barcode"

@@ -314,8 +314,9 @@ def test_a_models_label_deprecated_since_it_was_saved_still_trains(recwarn):
 
 
 def test_a_donor_held_as_whole_floats_in_one_store_is_one_donor(tmp_path):
-    """One store holds donors as integer categories, another as floats with a gap (pandas'
-    integers with a missing value): donor 1000 is one group, all in validation."""
+    """One store holds donors as integer categories (one cell without), another as floats
+    with a gap (pandas' integers with a missing value): donor 1000 is one group, all in
+    validation; a filter of 1000 keeps its cells in either."""
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -326,7 +327,8 @@ def test_a_donor_held_as_whole_floats_in_one_store_is_one_donor(tmp_path):
         ad.AnnData(sp.csr_matrix(np.ones((n, 3), np.float32)), obs=obs).write_h5ad(tmp_path / name)
         return tmp_path / name
 
-    a = write("a.h5ad", pd.Categorical([1000, 1001] * 10))
+    # (integer categories with a missing cell: read by the categories, not as 1000.0)
+    a = write("a.h5ad", pd.Categorical([1000, 1001] * 9 + [None, 1000]))
     b = write("b.h5ad", np.array([1000.0, 1001.0, np.nan, 1000.0] * 5))
     dm = CellDataModule(
         [a, b], label_key="cell_type", study_key="donor", val_groups=[1000], batch_size=8
@@ -335,6 +337,10 @@ def test_a_donor_held_as_whole_floats_in_one_store_is_one_donor(tmp_path):
     assert dm.categories["study_n"] == ["1000", "1001"]
     assert set(np.asarray(dm.val.obs_column("donor"), dtype=str)) == {"1000"}
     assert dm.val.n_obs == 10 + 10  # store a's ten, store b's ten
+    from cellsift.data import CellCollection
+
+    alone = CellCollection(a, obs_filter={"donor": 1000}, check_counts=False)
+    assert alone.n_obs == 10 and alone.codes("donor")[1] == ["1000"]
     assert "1000" not in set(np.asarray(dm.train.obs_column("donor"), dtype=object).astype(str))
 
 

@@ -532,8 +532,11 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
         options = {"calibrate_on": held, "ontology_aware": False}
         cs.tl.annotate(query, index, model=model, copy=True, **options)
         assert "X_cellsift" not in held.obsm
+    fresh = query.copy()
+    del fresh.obsm["X_cellsift"]
     with pytest.raises(DataError, match=r"^calibrate_on is a view of a backed AnnData"):
-        cs.tl.annotate(query, index, model=model, calibrate_on=backed[300:700])
+        cs.tl.annotate(fresh, index, model=model, calibrate_on=backed[300:700])
+    assert "X_cellsift" not in fresh.obsm  # (said before the query was embedded)
     before = synthetic_h5ad.stat().st_mtime_ns
     backed.obsm["X_pca"] = np.zeros((backed.n_obs, 2))
     embedded = cs.tl.embed(backed, model, copy=True)

@@ -757,9 +757,12 @@ def _whole_floats_as_ints(values: Any) -> np.ndarray:
     floats would read donor 1000 as "1000.0" where another reads "1000". Dates as their
     text ("2020-01-31", as a store of text holds them), float32 as it is written ("0.1")."""
     if isinstance(values, pd.Categorical):
-        if values.categories.dtype.kind not in "fmMO" or not len(values.categories):
+        if not len(values.categories):
             return np.asarray(values, dtype=object)
-        cats = _whole_floats_as_ints(np.asarray(values.categories))
+        cats = np.asarray(values.categories)
+        # (by the categories, not numpy's reading of the column: whole-number categories
+        # with a missing value would come as floats, donor 1 as "1.0")
+        cats = _whole_floats_as_ints(cats) if cats.dtype.kind in "fmMO" else cats.astype(object)
         out: np.ndarray = cats[np.maximum(values.codes, 0)]
         out[values.codes < 0] = None
         return out
@@ -781,8 +784,9 @@ def _as_text(values: Any) -> np.ndarray:
     """An obs column as text (None where missing), whole floats as ints (also the floats
     of a column of mixed objects: [1.0, "a"] reads "1", "a", as a filter of 1.0 does)."""
     values = _plain_values(values)
-    floats = values.categories if isinstance(values, pd.Categorical) else np.asarray(values)
-    if floats.dtype.kind in "fO":
+    if isinstance(values, pd.Categorical):  # (by its categories: [1, NaN] is not "1.0")
+        return text_or_none(_whole_floats_as_ints(values))
+    if np.asarray(values).dtype.kind in "fO":
         return text_or_none(_whole_floats_as_ints(values))
     return text_or_none(values)
 

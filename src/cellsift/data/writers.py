@@ -274,6 +274,12 @@ def _check_reserved(df: pd.DataFrame, what: str, path: str | os.PathLike[str]) -
         )
 
 
+def _mixed_kinds(values: np.ndarray) -> bool:
+    """Whether objects mix kinds (text, True/False, numbers): one categorical of them would
+    take True for 1 and False for 0, as pandas compares them."""
+    return pd.api.types.infer_dtype(values, skipna=True) in ("mixed", "mixed-integer")
+
+
 def _mixed(categories: pd.Index) -> bool:
     """Whether categories are objects not all text (text and numbers, or integers beyond
     int64): HDF5 stores categories of one kind only, as an array of numbers or of text."""
@@ -297,9 +303,12 @@ def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
             df[col] = text_or_none(s.array)
         elif isinstance(s.dtype, pd.CategoricalDtype) and _is_date(s.cat.categories.dtype):
             df[col] = s.cat.rename_categories(text_or_none(s.cat.categories.array))
+        if categories and df[col].dtype == object and _mixed_kinds(df[col].to_numpy()):
+            df[col] = text_or_none(df[col].to_numpy())  # (as TileDB-SOMA stores them)
         if categories and (df[col].dtype == object or isinstance(df[col].dtype, pd.StringDtype)):
             df[col] = df[col].astype("category")  # (anndata's writer refuses pandas' strings)
-            if _mixed(df[col].cat.categories):  # (as text, as TileDB-SOMA stores them)
+        if categories and isinstance(df[col].dtype, pd.CategoricalDtype):
+            if _mixed(df[col].cat.categories):  # (as text: HDF5 holds categories of one kind)
                 df[col] = pd.Categorical(text_or_none(df[col].to_numpy()))
     return df
 
@@ -756,23 +765,6 @@ def _enumeration(categories: pd.Index) -> Any:
     return pa.array(text_or_none(categories), type=pa.large_string())
 
 
-#: Object columns of these kinds alone (and missing values) are stored as such in
-#: TileDB-SOMA, as h5ad and Zarr store them; others as text.
-_OBJECT_KINDS = {"boolean": "bool_", "integer": "int64", "floating": "float64"}
-_OBJECT_KINDS["mixed-integer-float"] = "float64"
-
-
-def _object_column(s: pd.Series) -> Any:
-    """An object column as Arrow: True/False, whole numbers or numbers (with missing values
-    as nulls) as such, anything else as text."""
-    pa = _pa()
-    kind = _OBJECT_KINDS.get(pd.api.types.infer_dtype(s, skipna=True))
-    if kind is not None:
-        with contextlib.suppress(pa.ArrowException, TypeError, ValueError, OverflowError):
-            return pa.array(s, type=getattr(pa, kind)(), from_pandas=True)
-    return pa.array(text_or_none(s), type=pa.large_string())
-
-
 def _arrow_table(df: pd.DataFrame, start: int) -> Any:
     """``df`` as an Arrow table with join ids ``start``, ``start + 1``, ...: text as text,
     categoricals as dictionaries over their categories (SOMA enumerations)."""
@@ -791,8 +783,8 @@ def _arrow_table(df: pd.DataFrame, start: int) -> Any:
                 _enumeration(s.cat.categories),
                 ordered=s.cat.ordered,
             )
-        elif s.dtype == object:
-            cols[str(name)] = _object_column(s)
+        elif s.dtype == object:  # (as text: a later chunk of the column may hold others)
+            cols[str(name)] = pa.array(text_or_none(s), type=pa.large_string())
         elif s.dtype == bool:
             cols[str(name)] = pa.array(s.to_numpy(), type=pa.bool_())
         else:  # numbers (float16 as float32); pandas' nullable Int64 / boolean with their nulls
