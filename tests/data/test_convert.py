@@ -318,6 +318,7 @@ def test_an_anndata_in_memory_of_mixed_columns_and_named_index_converts(tmp_path
             "big": np.array([2**70, 1, 2, 3, 4, 5], dtype=object),
             "kinds": np.array(["a", True, 1, 0, False, None], dtype=object),
             "cats": pd.Categorical(["a", 1, "a", 1, "a", 1]),
+            "donor": np.array([1000.0, None, 2.0, 1000.0, 2.0, 2.0], dtype=object),
         },
         index=pd.Index([f"cell{i}" for i in range(n)], name="barcode"),
     )
@@ -339,6 +340,11 @@ def test_an_anndata_in_memory_of_mixed_columns_and_named_index_converts(tmp_path
     assert kinds[:5].tolist() == ["a", "True", "1", "0", "False"] and pd.isna(kinds[5])
     cats = np.asarray(store.obs_column("cats"), dtype=object).tolist()  # (text and numbers)
     assert [str(v) for v in cats] == ["a", "1"] * 3
+    # whole floats as objects: donor 1000 in every format, as a filter of 1000 reads it
+    from cellsift.data import CellCollection
+
+    kept = CellCollection(out, obs_filter={"donor": 1000}, check_counts=False)
+    assert kept.n_obs == 2 and kept.codes("donor")[1] == ["1000"]
     if fmt != "soma":
         back = ad.read_h5ad(out) if fmt == "h5ad" else ad.read_zarr(out)
         assert back.obs.index.name == "barcode"

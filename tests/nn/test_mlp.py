@@ -127,6 +127,22 @@ def test_an_encoder_of_another_dtype_reads_float32_counts_sparse_or_dense(dtype)
         torch.testing.assert_close(enc32(x.round().long()), enc32(x.round()))
 
 
+def test_whole_number_and_float64_counts_under_autocast_and_in_training():
+    """Under autocast, float64 or int counts are taken as float32 (autocast casts only the
+    floats it knows); int CSR counts train (input dropout takes floats)."""
+    torch.manual_seed(8)
+    x, _ = _counts_csr(seed=9)
+    counts = x.round().long()
+    enc = MLPEncoder(3000, (32,), 8).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = enc(counts.float())
+        torch.testing.assert_close(enc(counts), want)
+        torch.testing.assert_close(enc(counts.double()), want)
+    enc.train()
+    enc(counts.to_sparse_csr()).sum().backward()
+    assert enc.network[0][1].weight.grad.abs().sum() > 0
+
+
 def test_counts_changed_in_place_before_backward_are_an_error():
     """Stored values changed in place between forward and backward: autograd's error, as for
     a dense input, not the weight gradient of other counts."""

@@ -783,8 +783,12 @@ def _arrow_table(df: pd.DataFrame, start: int) -> Any:
                 _enumeration(s.cat.categories),
                 ordered=s.cat.ordered,
             )
-        elif s.dtype == object:  # (as text: a later chunk of the column may hold others)
-            cols[str(name)] = pa.array(text_or_none(s), type=pa.large_string())
+        elif s.dtype == object:  # as text (a later chunk of the column may hold others),
+            # whole floats as ints, as a collection reads them (1000.0 is donor "1000")
+            from .collection import _objects_whole_as_ints
+
+            text = text_or_none(_objects_whole_as_ints(s.to_numpy()))
+            cols[str(name)] = pa.array(text, type=pa.large_string())
         elif s.dtype == bool:
             cols[str(name)] = pa.array(s.to_numpy(), type=pa.bool_())
         else:  # numbers (float16 as float32); pandas' nullable Int64 / boolean with their nulls

@@ -68,6 +68,8 @@ class MLPEncoder(nn.Module):
                 "align the counts to the model's genes first."
             )
         stored = values = x_ng.values()  # values() makes a new tensor object on every call
+        if not values.is_floating_point():  # (whole-number counts: dropout takes floats)
+            values = values.float()
         for m in first[:at]:  # the input dropout
             assert isinstance(m, nn.Dropout)
             values = nn.functional.dropout(values, m.p, m.training)
@@ -84,11 +86,12 @@ class MLPEncoder(nn.Module):
 
     def _as_weights(self, x_ng: torch.Tensor) -> torch.Tensor:
         """A batch in the weights' dtype (float64 counts for a float32 model, float32 for a
-        float64 one), as autocast leaves it where autocast is on."""
+        float64 one); under autocast, floats it takes as they are, others as float32."""
         dtype = self._weight_dtype()
-        if x_ng.dtype == dtype or torch.is_autocast_enabled(x_ng.device.type):
-            return x_ng
-        return x_ng.to(dtype)
+        if torch.is_autocast_enabled(x_ng.device.type):  # (autocast takes these floats)
+            low = (torch.float32, torch.float16, torch.bfloat16)
+            return x_ng if x_ng.dtype in low else x_ng.float()
+        return x_ng if x_ng.dtype == dtype else x_ng.to(dtype)
 
     def _weight_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
