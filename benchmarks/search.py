@@ -143,14 +143,16 @@ def main() -> None:
         flt = {"sample": "sample_007"}
         rows = np.flatnonzero(meta["sample"] == "sample_007")
         sub_truth = exact.search(q, K, filter=flt, exact=True).indices
-        secs, res = timed(lambda: loaded.search(q, K, filter=flt))
-        assert np.isin(res.indices, rows).all()
-        record(
-            "cellsift/ivf/filtered_1pct",
-            recall=recall(res.indices, sub_truth),
-            qps=N_QUERIES / secs,
-            selected=len(rows),
-        )
+
+        def filtered(name: str, flt: dict, rows: np.ndarray, truth: np.ndarray) -> None:
+            """The saved IVF index searched with ``flt`` (its cells ``rows``), timed."""
+            secs, res = timed(lambda: loaded.search(q, K, filter=flt))
+            assert np.isin(res.indices, rows).all()
+            record(
+                name, recall=recall(res.indices, truth), qps=N_QUERIES / secs, selected=len(rows)
+            )
+
+        filtered("cellsift/ivf/filtered_1pct", flt, rows, sub_truth)
 
         # filtered by cell type: 100 of the 400 types (25% of the cells). Most lists hold
         # none of them, and three queries in four are of another type, whose nearest
@@ -167,14 +169,7 @@ def main() -> None:
             qps=N_QUERIES / secs,
             selected=len(rows_types),
         )
-        secs, res = timed(lambda: loaded.search(q, K, filter=flt_types))
-        assert np.isin(res.indices, rows_types).all()
-        record(
-            "cellsift/ivf/filtered_types_25pct",
-            recall=recall(res.indices, types_truth),
-            qps=N_QUERIES / secs,
-            selected=len(rows_types),
-        )
+        filtered("cellsift/ivf/filtered_types_25pct", flt_types, rows_types, types_truth)
         index_module.EXACT_SELECTION_MAX = EXACT_SELECTION_MAX
 
         try:
@@ -198,30 +193,22 @@ def main() -> None:
                 bytes_per_cell=(Path(tmp) / "hnsw.bin").stat().st_size / n,
             )
             # hnswlib's filtered search: a Python predicate per visited node
-            allowed = np.zeros(n, dtype=bool)
-            allowed[rows] = True
-            secs, (labels, _) = timed(
-                lambda: h.knn_query(q[:100], k=K, num_threads=1, filter=lambda i: allowed[i]),
-                repeats=1,
-            )
-            record(
-                "hnswlib/filtered_1pct",
-                recall=recall(labels, sub_truth[:100]),
-                qps=100 / secs,
-                selected=len(rows),
-            )
-            allowed = np.zeros(n, dtype=bool)
-            allowed[rows_types] = True
-            secs, (labels, _) = timed(
-                lambda: h.knn_query(q[:100], k=K, num_threads=1, filter=lambda i: allowed[i]),
-                repeats=1,
-            )
-            record(
-                "hnswlib/filtered_types_25pct",
-                recall=recall(labels, types_truth[:100]),
-                qps=100 / secs,
-                selected=len(rows_types),
-            )
+            for name, selected, within in (
+                ("hnswlib/filtered_1pct", rows, sub_truth),
+                ("hnswlib/filtered_types_25pct", rows_types, types_truth),
+            ):
+                allowed = np.zeros(n, dtype=bool)
+                allowed[selected] = True
+                secs, (labels, _) = timed(
+                    lambda: h.knn_query(q[:100], k=K, num_threads=1, filter=lambda i: allowed[i]),  # noqa: B023
+                    repeats=1,
+                )
+                record(
+                    name,
+                    recall=recall(labels, within[:100]),
+                    qps=100 / secs,
+                    selected=len(selected),
+                )
             del h
         try:
             from usearch.index import Index as UIndex
