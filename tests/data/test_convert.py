@@ -319,6 +319,7 @@ def test_an_anndata_in_memory_of_mixed_columns_and_named_index_converts(tmp_path
             "kinds": np.array(["a", True, 1, 0, False, None], dtype=object),
             "cats": pd.Categorical(["a", 1, "a", 1, "a", 1]),
             "donor": np.array([1000.0, None, 2.0, 1000.0, 2.0, 2.0], dtype=object),
+            "plate": np.array(["a", 1000.0, 2.5, None, "a", 1000.0], dtype=object),
         },
         index=pd.Index([f"cell{i}" for i in range(n)], name="barcode"),
     )
@@ -345,6 +346,8 @@ def test_an_anndata_in_memory_of_mixed_columns_and_named_index_converts(tmp_path
 
     kept = CellCollection(out, obs_filter={"donor": 1000}, check_counts=False)
     assert kept.n_obs == 2 and kept.codes("donor")[1] == ["1000"]
+    kept = CellCollection(out, obs_filter={"plate": 1000}, check_counts=False)  # (with text)
+    assert kept.n_obs == 2 and kept.codes("plate")[1] == ["1000"]
     if fmt != "soma":
         back = ad.read_h5ad(out) if fmt == "h5ad" else ad.read_zarr(out)
         assert back.obs.index.name == "barcode"

@@ -141,6 +141,13 @@ def test_whole_number_and_float64_counts_under_autocast_and_in_training():
     enc.train()
     enc(counts.to_sparse_csr()).sum().backward()
     assert enc.network[0][1].weight.grad.abs().sum() > 0
+    # a float64 encoder, whose weights autocast leaves as they are: counts as float64
+    enc64 = MLPEncoder(3000, (32,), 8).eval().double()
+    with torch.no_grad():
+        want = enc64(counts.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for given in (counts, counts.double(), counts.float(), counts.to_sparse_csr()):
+                torch.testing.assert_close(enc64(given), want)
 
 
 def test_counts_changed_in_place_before_backward_are_an_error():

@@ -274,6 +274,14 @@ def _check_reserved(df: pd.DataFrame, what: str, path: str | os.PathLike[str]) -
         )
 
 
+def _object_text(values: np.ndarray) -> np.ndarray:
+    """Objects as text (None where missing), whole floats as ints, as a collection reads a
+    column of them: 1000.0 is donor "1000" in every format."""
+    from .collection import _objects_whole_as_ints  # (collection reads stores: no cycle)
+
+    return text_or_none(_objects_whole_as_ints(values))
+
+
 def _mixed_kinds(values: np.ndarray) -> bool:
     """Whether objects mix kinds (text, True/False, numbers): one categorical of them would
     take True for 1 and False for 0, as pandas compares them."""
@@ -304,7 +312,7 @@ def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
         elif isinstance(s.dtype, pd.CategoricalDtype) and _is_date(s.cat.categories.dtype):
             df[col] = s.cat.rename_categories(text_or_none(s.cat.categories.array))
         if categories and df[col].dtype == object and _mixed_kinds(df[col].to_numpy()):
-            df[col] = text_or_none(df[col].to_numpy())  # (as TileDB-SOMA stores them)
+            df[col] = _object_text(df[col].to_numpy())  # (as TileDB-SOMA stores them)
         if categories and (df[col].dtype == object or isinstance(df[col].dtype, pd.StringDtype)):
             df[col] = df[col].astype("category")  # (anndata's writer refuses pandas' strings)
         if categories and isinstance(df[col].dtype, pd.CategoricalDtype):
@@ -783,12 +791,8 @@ def _arrow_table(df: pd.DataFrame, start: int) -> Any:
                 _enumeration(s.cat.categories),
                 ordered=s.cat.ordered,
             )
-        elif s.dtype == object:  # as text (a later chunk of the column may hold others),
-            # whole floats as ints, as a collection reads them (1000.0 is donor "1000")
-            from .collection import _objects_whole_as_ints
-
-            text = text_or_none(_objects_whole_as_ints(s.to_numpy()))
-            cols[str(name)] = pa.array(text, type=pa.large_string())
+        elif s.dtype == object:  # (as text: a later chunk of the column may hold others)
+            cols[str(name)] = pa.array(_object_text(s.to_numpy()), type=pa.large_string())
         elif s.dtype == bool:
             cols[str(name)] = pa.array(s.to_numpy(), type=pa.bool_())
         else:  # numbers (float16 as float32); pandas' nullable Int64 / boolean with their nulls

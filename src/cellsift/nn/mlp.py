@@ -86,10 +86,11 @@ class MLPEncoder(nn.Module):
 
     def _as_weights(self, x_ng: torch.Tensor) -> torch.Tensor:
         """A batch in the weights' dtype (float64 counts for a float32 model, float32 for a
-        float64 one); under autocast, floats it takes as they are, others as float32."""
+        float64 one); under autocast (which leaves float64 weights as they are), floats it
+        takes as they are, others as float32."""
         dtype = self._weight_dtype()
-        if torch.is_autocast_enabled(x_ng.device.type):  # (autocast takes these floats)
-            low = (torch.float32, torch.float16, torch.bfloat16)
+        if torch.is_autocast_enabled(x_ng.device.type) and dtype != torch.float64:
+            low = (torch.float32, torch.float16, torch.bfloat16)  # (autocast takes these)
             return x_ng if x_ng.dtype in low else x_ng.float()
         return x_ng if x_ng.dtype == dtype else x_ng.to(dtype)
 
