@@ -146,9 +146,23 @@ def is_file(path: Path) -> bool:
     return path.is_file()
 
 
-def holds(*names: str) -> Replaceable:
-    """:data:`Replaceable` of folder outputs: a folder holding all of ``names``."""
-    return lambda path: path.is_dir() and all((path / n).exists() for n in names)
+class holds:
+    """:data:`Replaceable` of folder outputs: a folder holding all of ``names``; with
+    ``only``, nothing else (an overwrite replaces the folder whole: another output saved
+    inside it, or a user's notes, would go with it)."""
+
+    def __init__(self, *names: str, only: Sequence[str] | None = None) -> None:
+        self.names, self.only = names, only
+
+    def __call__(self, path: Path) -> bool:
+        held = path.is_dir() and all((path / n).exists() for n in self.names)
+        return held and not self.extras(path)
+
+    def extras(self, path: Path) -> list[str]:
+        """What the folder ``path`` holds besides ``only`` (none where ``only`` is None)."""
+        if self.only is None or not path.is_dir():
+            return []
+        return sorted(set(os.listdir(path)) - set(self.only))
 
 
 def check_replaceable(
@@ -166,6 +180,13 @@ def check_replaceable(
         return
     if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
         return
+    extras = replaces.extras(final) if isinstance(replaces, holds) else []
+    if extras and isinstance(replaces, holds) and holds(*replaces.names)(final):
+        shown = ", ".join(extras[:5]) + (", ..." if len(extras) > 5 else "")
+        raise FileExistsError(
+            f"{final} is {what} that holds other files too ({shown}), which overwrite would "
+            "delete with it: move them out first, or choose another path."
+        )
     kind = "a folder" if final.is_dir() else "a file"
     raise FileExistsError(
         f"{final} exists and is {kind} that is not {what}: overwrite replaces only {what}, "
@@ -238,9 +259,12 @@ def _folder_identity(path: Path) -> tuple[int, int] | None:
     """(device, inode) of a folder (None: absent): an output saved over it (a new folder
     renamed into place) changes it."""
     try:
-        st = os.stat(path)
+        return _identity_of(os.stat(path))
     except OSError:
         return None
+
+
+def _identity_of(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
@@ -255,15 +279,25 @@ def read_one_version(path: Path, read: Callable[[], T], error: Callable[[str], E
     look corrupt to each other; it is read again. ``error`` makes the exception for a
     folder replaced on every one of :data:`READ_ATTEMPTS` reads."""
     for _ in range(READ_ATTEMPTS):
-        before = _folder_identity(path)
+        # the folder held open while it is read: a save that replaces it cannot give its
+        # (device, inode) to a later save's folder, which would look like no change
         try:
-            out = read()
-        except Exception:
-            if before is not None and _folder_identity(path) != before:
-                continue  # (replaced meanwhile: what failed may have been the swap)
-            raise
-        if _folder_identity(path) == before:
-            return out
+            held: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            held = None
+        try:
+            before = None if held is None else _identity_of(os.fstat(held))
+            try:
+                out = read()
+            except Exception:
+                if before is not None and _folder_identity(path) != before:
+                    continue  # (replaced meanwhile: what failed may have been the swap)
+                raise
+            if _folder_identity(path) == before:
+                return out
+        finally:
+            if held is not None:
+                os.close(held)
     raise error(
         f"{path} was saved over by another process each of the {READ_ATTEMPTS} times it was "
         "read: read it once the saves are done."

@@ -261,6 +261,19 @@ def test_a_gene_without_an_id_is_refused(tmp_path):
         GeneVocabulary.load(tmp_path / "genes.tsv")
 
 
+def test_names_with_a_carriage_return_or_a_nul_are_refused(tmp_path):
+    """Gene ids or symbols read from text with Windows line ends ('TP53\\r'): refused where
+    the vocabulary is made, naming the gene and the fix; its genes.tsv would have read them
+    back as other genes, and the bundle failed to load."""
+    with pytest.raises(ValueError, match=r"gene 1's id 'TP53\\r' holds a carriage return"):
+        GeneVocabulary(["A", "TP53\r", "C"])
+    with pytest.raises(ValueError, match=r"gene 0's symbol '\\x00z' holds .* a NUL"):
+        GeneVocabulary(["A", "B"], ["\x00z", "b"])
+    tabbed = GeneVocabulary(["A", "B\tx"])  # (a tab is quoted: it reads back)
+    tabbed.save(tmp_path / "genes.tsv")
+    assert GeneVocabulary.load(tmp_path / "genes.tsv") == tabbed
+
+
 def test_no_overlap_says_what_kind_of_names_each_side_holds():
     """The commonest mismatch (symbols against Ensembl ids, mouse against human ids): the
     message says what each side's names are, with examples (review: only the counts)."""

@@ -268,3 +268,49 @@ def test_weights_of_nan_and_an_impossible_format_version_are_refused(tmp_path):
     ):
         import_scimilarity(folder, tmp_path / "imported")
     assert not (tmp_path / "imported").exists()
+
+
+def test_a_load_between_two_saves_over_the_bundle_is_one_version(tmp_path, monkeypatch):
+    """Two saves over the bundle while it is read (another process's): the load gives one
+    whole version, never one's config with the other's weights. A file system that gives
+    a freed folder's inode to the next folder made (ext4 does) made the second save look
+    like no change."""
+    import cellsift.models.bundle as bundle_module
+    from cellsift.models import MetricModel
+
+    genes = [f"ENSG{i:011d}" for i in range(30)]
+    torch.manual_seed(0)
+    first = MetricModel(genes, ["CL:0000236"], hidden=(8,), latent=2, target_sum=1e4)
+    torch.manual_seed(1)
+    second = MetricModel(genes, ["CL:0000236"], hidden=(8,), latent=2, target_sum=5e3)
+    path = first.save(tmp_path / "m")
+    read = bundle_module.load_file
+
+    def saved_over_twice_first(*args, **kwargs):  # (as the weights are opened)
+        monkeypatch.setattr(bundle_module, "load_file", read)
+        second.save(path, overwrite=True)
+        second.save(path, overwrite=True)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(bundle_module, "load_file", saved_over_twice_first)
+    loaded = MetricModel.load(path)
+    assert loaded.config["normalization"]["target_sum"] == 5e3
+    for key, value in second.module.encoder.state_dict().items():
+        torch.testing.assert_close(loaded.module.encoder.state_dict()[key], value)
+
+
+def test_a_bundle_folder_holding_other_files_is_not_replaced(tmp_path):
+    """overwrite replaces a bundle's folder whole: one that holds other files too (a user's
+    notes, another bundle saved inside it) is refused, naming them, and nothing is lost."""
+    from cellsift.models import MetricModel
+
+    model = MetricModel([f"g{i}" for i in range(20)], ["CL:0000236"], hidden=(8,), latent=2)
+    outer = model.save(tmp_path / "outer")
+    model.save(outer / "inner")
+    (outer / "notes.txt").write_text("kept")
+    with pytest.raises(FileExistsError, match=r"holds other files too \(inner, notes\.txt\)"):
+        model.save(outer, overwrite=True)
+    assert (outer / "notes.txt").read_text() == "kept" and (outer / "inner" / "genes.tsv").exists()
+    (outer / "notes.txt").unlink()
+    shutil.rmtree(outer / "inner")
+    model.save(outer, overwrite=True)  # (a bundle alone: replaced)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._utils import (
-    atomic_dir,
+    atomic_path,
     check_replaceable,
     holds,
     is_whole,
@@ -52,6 +52,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _FILES = ("config.json", "model.safetensors", "genes.tsv", "labels.json")
+#: A bundle's folder, which an overwrite replaces: one holding these files and no others.
+_A_BUNDLE = holds(*_FILES, only=(*_FILES, "checksums.json"))
 
 
 class BundleError(CellsiftError):
@@ -83,7 +85,7 @@ def _sha256(path: Path) -> str:
 def check_bundle_path(path: str | os.PathLike[str], overwrite: bool) -> None:
     """Refuse ``path`` for a bundle as :func:`save_bundle` would (it exists and overwrite is
     off, or it is something else than a bundle), before the work that makes one."""
-    check_replaceable(Path(path), overwrite, holds(*_FILES), "a model bundle")
+    check_replaceable(Path(path), overwrite, _A_BUNDLE, "a model bundle")
 
 
 def save_bundle(
@@ -98,7 +100,8 @@ def save_bundle(
     """Write a bundle directory atomically (see the module docstring)."""
     from .. import __version__
 
-    with atomic_dir(path, overwrite=overwrite, marker=_FILES, what="a model bundle") as tmp:
+    with atomic_path(path, overwrite=overwrite, replaces=_A_BUNDLE, what="a model bundle") as tmp:
+        tmp.mkdir()
         cfg = {
             **config,
             "format_version": FORMAT_VERSION,
