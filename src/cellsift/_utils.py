@@ -159,10 +159,11 @@ class holds:
         return held and not self.extras(path)
 
     def extras(self, path: Path) -> list[str]:
-        """What the folder ``path`` holds besides ``only`` (none where ``only`` is None)."""
+        """What the folder ``path`` holds besides ``only`` (none where ``only`` is None),
+        hidden files (a file manager's .DS_Store) apart."""
         if self.only is None or not path.is_dir():
             return []
-        return sorted(set(os.listdir(path)) - set(self.only))
+        return sorted(n for n in set(os.listdir(path)) - set(self.only) if not n.startswith("."))
 
 
 def check_replaceable(
@@ -286,7 +287,9 @@ def read_one_version(path: Path, read: Callable[[], T], error: Callable[[str], E
         except OSError:
             held = None
         try:
-            before = None if held is None else _identity_of(os.fstat(held))
+            # (a folder that cannot be opened as such, though its files read: Windows, or a
+            # folder one may enter but not list: its identity by name, as before)
+            before = _folder_identity(path) if held is None else _identity_of(os.fstat(held))
             try:
                 out = read()
             except Exception:

@@ -299,9 +299,11 @@ def test_a_load_between_two_saves_over_the_bundle_is_one_version(tmp_path, monke
         torch.testing.assert_close(loaded.module.encoder.state_dict()[key], value)
 
 
-def test_a_bundle_folder_holding_other_files_is_not_replaced(tmp_path):
+def test_a_bundle_folder_holding_other_files_is_not_replaced(tmp_path, monkeypatch):
     """overwrite replaces a bundle's folder whole: one that holds other files too (a user's
-    notes, another bundle saved inside it) is refused, naming them, and nothing is lost."""
+    notes, another bundle saved inside it) is refused, naming them, and nothing is lost.
+    A folder that can be entered but not opened to list (Windows cannot open folders) still
+    loads."""
     from cellsift.models import MetricModel
 
     model = MetricModel([f"g{i}" for i in range(20)], ["CL:0000236"], hidden=(8,), latent=2)
@@ -313,4 +315,16 @@ def test_a_bundle_folder_holding_other_files_is_not_replaced(tmp_path):
     assert (outer / "notes.txt").read_text() == "kept" and (outer / "inner" / "genes.tsv").exists()
     (outer / "notes.txt").unlink()
     shutil.rmtree(outer / "inner")
+    (outer / ".DS_Store").write_text("")  # (a file manager's hidden file goes with it)
     model.save(outer, overwrite=True)  # (a bundle alone: replaced)
+    import os
+
+    real = os.open
+
+    def no_folders(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_folders)
+    assert MetricModel.load(outer).genes == model.genes

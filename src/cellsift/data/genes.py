@@ -173,19 +173,16 @@ class GeneVocabulary:
                 + "; every gene needs an id (name the store's genes, or leave those out)."
             )
         self.symbols = None if symbols is None else pd.Index(np.asarray(symbols, dtype=str))
-        for what, names in (("id", self.genes), ("symbol", self.symbols)):
-            if names is None:
-                continue
-            # (a carriage return: names read from text with Windows line ends; no file of
-            # genes, genes.tsv included, would read them back as written)
-            odd = np.flatnonzero(names.str.contains(r"[\r\x00]"))
-            if len(odd):
-                raise ValueError(
-                    f"gene {odd[0]}'s {what} {names[odd[0]]!r} holds a carriage return or a "
-                    f"NUL{f' ({len(odd) - 1} more too)' if len(odd) > 1 else ''}: names "
-                    "read from text with Windows line ends keep their '\\r'; strip them "
-                    "(e.g. [g.strip() for g in genes])."
-                )
+        # (a carriage return: ids read from text with Windows line ends; no file of genes,
+        # genes.tsv included, would read them back as written)
+        odd = np.flatnonzero(self.genes.str.contains(r"[\r\x00]"))
+        if len(odd):
+            raise ValueError(
+                f"gene {odd[0]}'s id {self.genes[odd[0]]!r} holds a carriage return or a "
+                f"NUL{f' ({len(odd) - 1} more too)' if len(odd) > 1 else ''}: names "
+                "read from text with Windows line ends keep their '\\r'; strip them "
+                "(e.g. [g.strip() for g in genes])."
+            )
         stripped = _strip_version(self.genes)  # alignment ignores Ensembl versions
         if stripped.has_duplicates:
             dups = self.genes[stripped.duplicated(keep=False)].unique()[:5].tolist()
