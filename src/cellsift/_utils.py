@@ -160,10 +160,24 @@ class holds:
 
     def extras(self, path: Path) -> list[str]:
         """What the folder ``path`` holds besides ``only`` (none where ``only`` is None),
-        hidden files (a file manager's .DS_Store) apart."""
+        a file manager's own files apart (:data:`FILE_MANAGER_FILES`, ``._*``)."""
         if self.only is None or not path.is_dir():
             return []
-        return sorted(n for n in set(os.listdir(path)) - set(self.only) if not n.startswith("."))
+        return sorted(
+            n for n in set(os.listdir(path)) - set(self.only) if not _file_managers(path / n)
+        )
+
+
+#: Files a file manager leaves in the folders it shows (an overwrite may take them along).
+FILE_MANAGER_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def _file_managers(path: Path) -> bool:
+    """Whether ``path`` is a file a file manager made (never a folder, nor other hidden
+    files: a user's .git or .notes are theirs)."""
+    name = path.name
+    made = name in FILE_MANAGER_FILES or name.startswith("._")
+    return made and path.is_file() and not path.is_symlink()
 
 
 def check_replaceable(

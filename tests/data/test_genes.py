@@ -262,14 +262,26 @@ def test_a_gene_without_an_id_is_refused(tmp_path):
 
 
 def test_names_with_a_carriage_return_or_a_nul_are_refused(tmp_path):
-    """Gene ids read from text with Windows line ends ('TP53\\r'): refused where
+    """Gene ids or symbols read from text with Windows line ends ('TP53\\r'): refused where
     the vocabulary is made, naming the gene and the fix; its genes.tsv would have read them
     back as other genes, and the bundle failed to load."""
     with pytest.raises(ValueError, match=r"gene 1's id 'TP53\\r' holds a carriage return"):
         GeneVocabulary(["A", "TP53\r", "C"])
     with pytest.raises(ValueError, match=r"gene 0's id '\\x00z' holds .* a NUL"):
         GeneVocabulary(["\x00z", "B"])
-    GeneVocabulary(["A", "B"], ["SYM\r", "b"])  # (symbols: a store of them still opens)
+    with pytest.raises(ValueError, match=r"gene 0's symbol 'S\\rM' holds a carriage"):
+        GeneVocabulary(["A", "B"], ["S\rM", "b"])
+    # a store's symbols: a trailing \r stripped (Windows line ends), others holding one or a
+    # NUL left out; its vocabulary saves and loads as it is
+    var = pd.DataFrame(
+        {"feature_name": ["TP53\r", "S\rM", "a\x00z", "GAPDH"]},
+        index=[f"ENSG{i:011d}" for i in range(4)],
+    )
+    vocab = GeneVocabulary.from_var(var)
+    assert vocab.symbols.tolist() == ["TP53", "", "", "GAPDH"]
+    vocab.save(tmp_path / "store.tsv")
+    back = GeneVocabulary.load(tmp_path / "store.tsv")
+    assert back == vocab and back.symbols.equals(vocab.symbols)
     tabbed = GeneVocabulary(["A", "B\tx"])  # (a tab is quoted: it reads back)
     tabbed.save(tmp_path / "genes.tsv")
     assert GeneVocabulary.load(tmp_path / "genes.tsv") == tabbed

@@ -315,7 +315,13 @@ def test_a_bundle_folder_holding_other_files_is_not_replaced(tmp_path, monkeypat
     assert (outer / "notes.txt").read_text() == "kept" and (outer / "inner" / "genes.tsv").exists()
     (outer / "notes.txt").unlink()
     shutil.rmtree(outer / "inner")
-    (outer / ".DS_Store").write_text("")  # (a file manager's hidden file goes with it)
+    (outer / ".git").mkdir()  # (a hidden folder, and hidden notes, are a user's: kept)
+    (outer / ".notes").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds other files too \(\.git, \.notes\)"):
+        model.save(outer, overwrite=True)
+    shutil.rmtree(outer / ".git")
+    (outer / ".notes").unlink()
+    (outer / ".DS_Store").write_text("")  # (a file manager's own file goes with it)
     model.save(outer, overwrite=True)  # (a bundle alone: replaced)
     import os
 

@@ -173,16 +173,20 @@ class GeneVocabulary:
                 + "; every gene needs an id (name the store's genes, or leave those out)."
             )
         self.symbols = None if symbols is None else pd.Index(np.asarray(symbols, dtype=str))
-        # (a carriage return: ids read from text with Windows line ends; no file of genes,
-        # genes.tsv included, would read them back as written)
-        odd = np.flatnonzero(self.genes.str.contains(r"[\r\x00]"))
-        if len(odd):
-            raise ValueError(
-                f"gene {odd[0]}'s id {self.genes[odd[0]]!r} holds a carriage return or a "
-                f"NUL{f' ({len(odd) - 1} more too)' if len(odd) > 1 else ''}: names "
-                "read from text with Windows line ends keep their '\\r'; strip them "
-                "(e.g. [g.strip() for g in genes])."
-            )
+        for what, names in (("id", self.genes), ("symbol", self.symbols)):
+            if names is None:
+                continue
+            # (a carriage return: names read from text with Windows line ends; no file of
+            # genes, genes.tsv included, would read them back as written. A store's
+            # symbols are cleaned by from_var instead)
+            odd = np.flatnonzero(names.str.contains(r"[\r\x00]"))
+            if len(odd):
+                raise ValueError(
+                    f"gene {odd[0]}'s {what} {names[odd[0]]!r} holds a carriage return or a "
+                    f"NUL{f' ({len(odd) - 1} more too)' if len(odd) > 1 else ''}: names "
+                    "read from text with Windows line ends keep their '\\r'; strip them "
+                    "(e.g. [g.strip() for g in genes])."
+                )
         stripped = _strip_version(self.genes)  # alignment ignores Ensembl versions
         if stripped.has_duplicates:
             dups = self.genes[stripped.duplicated(keep=False)].unique()[:5].tolist()
@@ -219,7 +223,9 @@ class GeneVocabulary:
         symbols as var_names, Ensembl ids in ``gene_ids``). Symbols otherwise come from the
         ``symbols`` column if given, else the first symbol column found (``feature_name``,
         ``gene_symbols``, ``gene_symbol``, ``gene_name``, ``symbol``). Symbols that name two
-        genes alike cannot identify genes, and are left out ("", as missing ones).
+        genes alike cannot identify genes, and are left out ("", as missing ones); so are
+        symbols holding a carriage return or a NUL after a trailing one is stripped (text
+        read with Windows line ends: "TP53\\r" is TP53), which no genes.tsv holds.
         """
         names = _names(var.index)
         ids, syms = names, None
@@ -231,6 +237,9 @@ class GeneVocabulary:
         elif syms is None:
             sym_col = next((c for c in SYMBOL_COLUMNS if c in var.columns), None)
             syms = _names(var[sym_col]) if sym_col else None
+        if syms is not None:
+            syms = syms.str.removesuffix("\r")
+            syms = syms.where(~syms.str.contains(r"[\r\x00]"), "")
         if syms is None or not _unambiguous(syms).any():
             return cls(ids)
         return cls(ids, np.where(_unambiguous(syms), syms, "").tolist())
