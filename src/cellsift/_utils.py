@@ -9,6 +9,7 @@ import glob
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import signal
@@ -536,7 +537,8 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     Series is read by its index (:func:`in_obs_order`); so is one of True and False as
     objects (a flag column after a concat)."""
     dtype = getattr(group, "dtype", None)
-    if dtype is not None and dtype.kind == "O" and len(group) and _all_flags(group):
+    flags = dtype is not None and dtype.kind == "O" and len(group)
+    if flags and pd.api.types.infer_dtype(group, skipna=True) == "boolean":
         missing = int(pd.isna(np.asarray(group, dtype=object)).sum())
         if missing:
             raise ValueError(
@@ -584,13 +586,6 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     if not mask.any():
         raise ValueError(f"{what} is empty: select at least one cell.")
     return mask
-
-
-def _all_flags(values: Any) -> bool:
-    """Whether objects are True and False only, with missing values among them."""
-    values = np.asarray(values, dtype=object).ravel()
-    present = values[~pd.isna(values)]
-    return len(present) > 0 and all(isinstance(v, bool | np.bool_) for v in present)
 
 
 #: Rows read at a time from a backed AnnData's matrix.
@@ -791,6 +786,28 @@ def rename_apart(
             new = f"{base}{k}"
         taken.add(new)
         out[name] = new
+    return out
+
+
+def _whole_float(v: Any) -> bool:
+    """A float holding a whole number exactly (finite, below 2**53)."""
+    if not isinstance(v, float | np.floating):
+        return False
+    x = float(v)
+    return math.isfinite(x) and x.is_integer() and abs(x) < 2**53
+
+
+def objects_whole_as_ints(values: np.ndarray) -> np.ndarray:
+    """An object array with its whole floats (below 2**53, as a collection's obs columns
+    read them) as ints; the array itself where it holds no floats (a check in C)."""
+    kind = pd.api.types.infer_dtype(values, skipna=True)
+    if kind not in ("floating", "mixed-integer-float", "mixed", "mixed-integer"):
+        return values
+    whole = np.fromiter((_whole_float(v) for v in values), dtype=np.bool_, count=len(values))
+    if not whole.any():
+        return values
+    out = values.copy()
+    out[whole] = [int(v) for v in values[whole]]
     return out
 
 

@@ -23,7 +23,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ._utils import atomic_path, is_file, is_whole, no_label
+from ._utils import atomic_path, is_file, is_whole, no_label, objects_whole_as_ints
 from .errors import MissingKeyError
 from .tasks import UNKNOWN, SearchResult
 
@@ -430,15 +430,9 @@ def _by_index(true: pd.Series, pred: pd.Series) -> pd.Series:
 
 def _label_values(labels: Any) -> np.ndarray:
     """Labels as objects, a whole-number float as its int (a column of numbers with a
-    missing value is float: its 2.0 is the label 2 of the other side)."""
-    values = np.asarray(labels, dtype=object)
-    return np.array(
-        [
-            int(v) if isinstance(v, float | np.floating) and float(v).is_integer() else v
-            for v in values.ravel()
-        ],
-        dtype=object,
-    ).reshape(values.shape)
+    missing value is float: its 2.0 is the label 2 of the other side), as a collection
+    reads them."""
+    return objects_whole_as_ints(np.asarray(labels, dtype=object).ravel())
 
 
 # -- interpretation -----------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob as _glob
 import json
-import math
 import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -15,7 +14,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import is_number, is_whole, logger, no_label, positions, text_or_none
+from .._utils import (
+    is_number,
+    is_whole,
+    logger,
+    no_label,
+    objects_whole_as_ints,
+    positions,
+    text_or_none,
+)
 from ..errors import ConfigError, DataError, MissingKeyError
 from ._values import first_fault
 from .genes import (
@@ -770,7 +777,7 @@ def _whole_floats_as_ints(values: Any) -> np.ndarray:
     if arr.dtype.kind in "mM":  # dates and durations as their text, not as nanoseconds
         return text_or_none(arr)
     if arr.dtype == object:  # (mixed objects: their whole floats)
-        return _objects_whole_as_ints(arr)
+        return objects_whole_as_ints(arr)
     if arr.dtype.kind != "f":
         return np.asarray(arr, dtype=object)
     out = arr.astype(object)
@@ -789,28 +796,6 @@ def _as_text(values: Any) -> np.ndarray:
     if np.asarray(values).dtype.kind in "fO":
         return text_or_none(_whole_floats_as_ints(values))
     return text_or_none(values)
-
-
-def _whole_float(v: Any) -> bool:
-    """A float holding a whole number exactly (finite, below 2**53)."""
-    if not isinstance(v, float | np.floating):
-        return False
-    x = float(v)
-    return math.isfinite(x) and x.is_integer() and abs(x) < 2**53
-
-
-def _objects_whole_as_ints(values: np.ndarray) -> np.ndarray:
-    """An object array with its whole floats (below 2**53, as :func:`_whole_floats_as_ints`
-    takes them) as ints; the array itself where it holds no floats (a check in C)."""
-    kind = pd.api.types.infer_dtype(values, skipna=True)
-    if kind not in ("floating", "mixed-integer-float", "mixed", "mixed-integer"):
-        return values
-    whole = np.fromiter((_whole_float(v) for v in values), dtype=np.bool_, count=len(values))
-    if not whole.any():
-        return values
-    out = values.copy()
-    out[whole] = [int(v) for v in values[whole]]
-    return out
 
 
 def value_text(value: Any) -> str | None:

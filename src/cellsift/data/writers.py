@@ -24,6 +24,7 @@ from .._utils import (
     check_replaceable,
     import_optional,
     make_parent,
+    objects_whole_as_ints,
     place_output,
     reclaim_signals,
     remove_path,
@@ -277,9 +278,7 @@ def _check_reserved(df: pd.DataFrame, what: str, path: str | os.PathLike[str]) -
 def _object_text(values: np.ndarray) -> np.ndarray:
     """Objects as text (None where missing), whole floats as ints, as a collection reads a
     column of them: 1000.0 is donor "1000" in every format."""
-    from .collection import _objects_whole_as_ints  # (collection reads stores: no cycle)
-
-    return text_or_none(_objects_whole_as_ints(values))
+    return text_or_none(objects_whole_as_ints(values))
 
 
 def _mixed_kinds(values: np.ndarray) -> bool:
