@@ -93,6 +93,41 @@ def test_overwrite_replaces_an_earlier_output_of_the_kind_only(tmp_path):
         assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == before
 
 
+def test_an_index_or_embeddings_folder_holding_other_files_is_not_replaced(tmp_path):
+    """overwrite replaces an index's or an embeddings store's folder whole: one that holds
+    other files too (a user's notes, an index saved inside a store) is refused before the
+    work, naming them, and nothing is lost; a file manager's own files go with it."""
+    from cellsift.datasets import synthetic_atlas
+    from cellsift.models import MetricModel
+    from cellsift.tasks import embed_collection, load_embeddings
+
+    src = synthetic_atlas(60, 120, seed=0, path=tmp_path / "atlas.h5ad")
+    model = MetricModel.from_collection(src, hidden=(8,), latent=4)
+    emb = embed_collection(model, src, tmp_path / "emb.zarr")
+    index = CellIndex.build(*load_embeddings(emb))
+    index.save(tmp_path / "index")
+    index.save(emb / "cells.index")  # (a user's index of the store, kept inside it)
+    (tmp_path / "index" / "notes.txt").write_text("kept")
+    (tmp_path / "index" / "ivf.faiss").write_text("")  # (its own names are its own)
+
+    def tree(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+    before = {f: tree(f) for f in (emb, tmp_path / "index")}
+    with pytest.raises(FileExistsError, match=r"holds other files too \(notes\.txt\)"):
+        index.save(tmp_path / "index", overwrite=True)
+    with pytest.raises(FileExistsError, match=r"holds other files too \(cells\.index\)"):
+        embed_collection(model, src, emb, overwrite=True)
+    assert {f: tree(f) for f in before} == before
+    (tmp_path / "index" / "notes.txt").unlink()
+    (tmp_path / "index" / ".DS_Store").write_text("")
+    index.save(tmp_path / "index", overwrite=True)
+    assert CellIndex.load(tmp_path / "index").n_cells == 60
+    shutil.rmtree(emb / "cells.index")
+    embed_collection(model, src, emb, overwrite=True)
+    assert len(load_embeddings(emb)[0]) == 60
+
+
 def test_a_store_overwrite_replaces_only_a_store_and_not_a_folder_that_looks_like_one(tmp_path):
     """Zarr groups that anndata did not encode (an embeddings store, an image) and a folder
     that holds an entry named ms (as a SOMA experiment does) are not stores: convert and

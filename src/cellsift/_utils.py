@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fnmatch
 import glob
 import importlib
 import importlib.util
@@ -149,8 +150,9 @@ def is_file(path: Path) -> bool:
 
 class holds:
     """:data:`Replaceable` of folder outputs: a folder holding all of ``names``; with
-    ``only``, nothing else (an overwrite replaces the folder whole: another output saved
-    inside it, or a user's notes, would go with it)."""
+    ``only`` (names, or shell patterns such as ``shard-[0-9]*``), nothing else (an
+    overwrite replaces the folder whole: another output saved inside it, or a user's
+    notes, would go with it)."""
 
     def __init__(self, *names: str, only: Sequence[str] | None = None) -> None:
         self.names, self.only = names, only
@@ -165,7 +167,10 @@ class holds:
         if self.only is None or not path.is_dir():
             return []
         return sorted(
-            n for n in set(os.listdir(path)) - set(self.only) if not _file_managers(path / n)
+            n
+            for n in os.listdir(path)
+            if not any(fnmatch.fnmatchcase(n, pattern) for pattern in self.only)
+            and not _file_managers(path / n)
         )
 
 
@@ -262,11 +267,11 @@ def make_parent(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(
-    path: str | os.PathLike[str], *, overwrite: bool, marker: Sequence[str], what: str
+    path: str | os.PathLike[str], *, overwrite: bool, replaces: holds, what: str
 ) -> Iterator[Path]:
     """:func:`atomic_path` for a folder output: yields the temporary folder, made; an
-    existing ``path`` is replaced only if it holds the ``marker`` files (``what`` it is)."""
-    with atomic_path(path, overwrite=overwrite, replaces=holds(*marker), what=what) as tmp:
+    existing ``path`` is replaced only if ``replaces`` tells it is ``what`` it makes."""
+    with atomic_path(path, overwrite=overwrite, replaces=replaces, what=what) as tmp:
         tmp.mkdir()
         yield tmp
 

@@ -76,8 +76,11 @@ from ..errors import (
     ProcessDiedError,
 )
 
-#: What an existing ``out`` must be for ``overwrite`` to replace it.
-_REPLACES = holds("zarr.json", "metadata.parquet")
+#: What an existing ``out`` must be for ``overwrite`` to replace it: a store, holding its
+#: own files only.
+_REPLACES = holds(
+    "zarr.json", "metadata.parquet", only=("zarr.json", "metadata.parquet", "shard-[0-9]*")
+)
 _WHAT = "an embeddings store"
 
 __all__ = ["embed_collection", "load_embeddings"]

@@ -1033,7 +1033,7 @@ class CellIndex:
         """Write the index directory atomically (see the module docstring)."""
         pq = import_optional("pyarrow.parquet")
         check_index_path(path, overwrite)
-        with atomic_dir(path, overwrite=overwrite, marker=_INDEX_FILES, what=_AN_INDEX) as tmp:
+        with atomic_dir(path, overwrite=overwrite, replaces=_REPLACES, what=_AN_INDEX) as tmp:
             np.save(tmp / "embeddings.npy", np.asarray(self.embeddings), allow_pickle=False)
             files = ["embeddings.npy"]
             if self._metadata is not None or self._metadata_file is not None:
@@ -1238,6 +1238,8 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
 _IVF_PARAMS = ("nlist", "nprobe")
 #: What a saved index holds in any case, and what it is called in messages.
 _INDEX_FILES = ("manifest.json", "embeddings.npy")
+#: What overwrite replaces: an index's folder, holding its own files only.
+_REPLACES = holds(*_INDEX_FILES, only=(*_INDEX_FILES, "metadata.parquet", "ivf.faiss"))
 _AN_INDEX = "a cell index"
 
 
@@ -1254,7 +1256,7 @@ def check_index_path(path: str | os.PathLike[str], overwrite: bool) -> None:
             "(manifest.json, embeddings.npy, ...): name it without that suffix (e.g. "
             "cells.index)."
         )
-    check_replaceable(Path(path), overwrite, holds(*_INDEX_FILES), _AN_INDEX)
+    check_replaceable(Path(path), overwrite, _REPLACES, _AN_INDEX)
 
 
 def _nearest(ids: np.ndarray, dist: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
