@@ -441,6 +441,22 @@ def test_mining_settings_and_study_codes_are_checked():
         TripletLoss(distance="cos")  # type: ignore[arg-type]
 
 
+def test_euclidean_distances_of_embeddings_far_from_the_origin_keep_their_precision():
+    """Rows far from the origin, close to each other: their distances as float64's cdist
+    gives them (|a|^2 + |b|^2 - 2 a.b lost them to rounding: 0.14 off distances of 0.01),
+    and a row that is not finite spoils its own distances only."""
+    g = torch.Generator().manual_seed(0)
+    z = 100 + 0.01 * torch.randn(50, 8, generator=g)
+    want = torch.cdist(z.double(), z.double())
+    torch.testing.assert_close(pairwise_distance(z, "euclidean").double(), want, atol=2e-5, rtol=0)
+    z[3, 1], z[7, 0] = float("nan"), float("inf")
+    d = pairwise_distance(z, "euclidean")
+    fine = torch.ones(50, dtype=torch.bool)
+    fine[[3, 7]] = False
+    torch.testing.assert_close(d[fine][:, fine].double(), want[fine][:, fine], atol=2e-5, rtol=0)
+    assert bool(d[3, fine].isnan().all()) and not bool(d[7, fine].isfinite().any())
+
+
 def test_euclidean_distances_stay_in_float32_under_autocast():
     """Mining compares distances within a margin: under bf16 autocast the euclidean distance
     is computed in float32, as the cosine one is."""

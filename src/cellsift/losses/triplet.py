@@ -52,12 +52,18 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
     """All pairwise distances of the rows of ``z_nk``: cosine (1 - cos) or euclidean.
 
     Differentiable, with finite gradients where distances are 0 (the diagonal): the
-    euclidean square root is taken only of positive squared distances.
+    euclidean square root is taken only of positive squared distances, of rows centred on
+    their mean first (distances do not change; ``|a|^2 + |b|^2 - 2 a.b`` of rows far from
+    the origin would lose the distance to rounding). A row that is not finite is left out
+    of the mean: its own distances alone are NaN or infinite.
     """
     _check_choice("distance", distance, Distance)
     if distance == "cosine":
         return _CosineDistance.apply(nn.functional.normalize(z_nk, dim=1))
     with torch.autocast(z_nk.device.type, enabled=False):  # (as cosine's: not in bf16)
+        finite = torch.isfinite(z_nk).all(1, keepdim=True)
+        kept = torch.where(finite, z_nk, 0.0)
+        z_nk = z_nk - kept.sum(0) / finite.sum().clamp_min(1)
         sq = (z_nk * z_nk).sum(1)
         d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
         d2.fill_diagonal_(0.0)  # not the rounding error of |z|^2 + |z|^2 - 2 z.z
