@@ -588,17 +588,54 @@ def test_an_output_inside_an_input_folder_is_refused(indexed_paths, tmp_path, ca
     assert "is inside the input store" in capsys.readouterr().err
 
 
-def test_a_temporary_output_left_by_a_killed_write_is_named(indexed_paths, tmp_path, caplog):
+def test_a_temporary_output_left_by_a_killed_write_is_removed(indexed_paths, tmp_path, caplog):
+    """What a write killed outright leaves beside its output is removed by the next write
+    of that output, which holds the output's lock (no other process writes it), naming it;
+    while another process writes the output, a second write is refused and removes nothing
+    of it."""
     import logging
+    import subprocess
+    import sys
 
-    (tmp_path / ".out.zarr.tmp-0123abcd").mkdir()  # what a SIGKILLed convert leaves
+    src, out = str(indexed_paths["h5ad"]), tmp_path / "out.zarr"
+    killed = (
+        "import os, signal, sys\n"
+        "from cellsift.data.convert import convert\n"
+        "import cellsift.data.writers as w\n"
+        "def die(tmp, *args, **kwargs):\n"
+        "    if sys.argv[3] == 'wait':\n"
+        "        print('written', flush=True)\n"
+        "        sys.stdin.readline()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "w.place_output = die\n"
+        "convert(sys.argv[1], sys.argv[2], format='zarr')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", killed, src, str(out), "die"], check=False)
+    assert run.returncode == -9
+    (left,) = tmp_path.glob(".out.zarr.tmp-*")
+    writer = subprocess.Popen(  # (it removes what the killed one left, then holds the lock)
+        [sys.executable, "-c", killed, src, str(out), "wait"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "written\n"
+        (writing,) = tmp_path.glob(".out.zarr.tmp-*")
+        assert writing != left
+        assert main(["convert", src, str(out)]) == 2  # (refused: the writer holds the lock)
+        assert writing.exists()
+    finally:
+        writer.kill()
+        writer.wait()
     # and what a write killed while it deleted the output it replaced leaves
     (tmp_path / ".out.zarr.old-4567cdef").mkdir()
     with caplog.at_level(logging.WARNING, logger="cellsift"):
-        assert main(["convert", str(indexed_paths["h5ad"]), str(tmp_path / "out.zarr")]) == 0
-    assert "2 temporary outputs of an earlier write that did not finish" in caplog.text
-    assert ".out.zarr.tmp-0123abcd" in caplog.text and (tmp_path / "out.zarr").exists()
-    assert ".out.zarr.old-4567cdef" in caplog.text
+        assert main(["convert", src, str(out)]) == 0
+    assert f"removing {writing.name}, left by a write that did not finish" in caplog.text
+    assert "removing .out.zarr.old-4567cdef" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["out.zarr"]
 
 
 def test_a_commands_warnings_print_in_one_line(tmp_path):

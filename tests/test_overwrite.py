@@ -337,7 +337,11 @@ def test_an_interrupted_overwrite_leaves_the_old_or_the_new_output(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         _bundle(path, width=6, overwrite=True)
     assert _width(path) == 6
-    monkeypatch.undo()  # and where it can: the same after an exchange
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".bundle.old-")]) == 1
+    monkeypatch.undo()  # the next write removes what that one left (it holds the lock)
+    _bundle(path, width=7, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    # and where it can: the same after an exchange
     monkeypatch.setattr(utils, "remove_path", interrupted_deleting_the_old)
     with pytest.raises(KeyboardInterrupt):
         _bundle(path, width=8, overwrite=True)

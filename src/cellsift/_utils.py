@@ -228,18 +228,21 @@ def atomic_path(
     Works for files and directories (Zarr, TileDB-SOMA). On error the temporary output is
     removed, so a failed or interrupted write never leaves a partial ``path`` behind; an
     existing ``path`` (with ``overwrite``; ``replaces`` and ``what``: see
-    :func:`check_replaceable`) is replaced by :func:`move_into_place`.
+    :func:`check_replaceable`) is replaced by :func:`move_into_place`. The block holds
+    ``path``'s :func:`output_lock`: another process writing it meanwhile is refused, and the
+    temporary outputs a killed write of it left are removed (:func:`temp_sibling`).
     """
     final = Path(path)
     check_replaceable(final, overwrite, replaces, what)
     make_parent(final)
-    tmp = temp_sibling(final)
-    try:
-        yield tmp
-        place_output(tmp, final, overwrite, replaces, what)  # (checked again)
-    finally:
-        if tmp.exists():
-            remove_path(tmp)
+    with output_lock(final, what or "a file or folder") as locked:
+        tmp = temp_sibling(final, locked=locked)
+        try:
+            yield tmp
+            place_output(tmp, final, overwrite, replaces, what)  # (checked again)
+        finally:
+            if tmp.exists():
+                remove_path(tmp)
 
 
 def make_parent(path: Path) -> None:
@@ -419,19 +422,21 @@ def _rename(a: Path, b: Path, flags: int) -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(path: Path, what: str) -> Iterator[None]:
+def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[bool]:
     """Hold ``path``'s write lock (an exclusive ``flock`` on ``.<name>.lock`` beside it)
     for the block; a run that finds it held raises :class:`OutputInUseError` naming the
-    holder's process (``what``: the command, for the message).
+    holder's process (``what``: the command or the output, for the message; ``resumes``:
+    a run of it goes on from the unfinished work of an earlier one). Yields whether the
+    lock is held: then no other process writes ``path`` (nor its temporary outputs).
 
     The kernel releases the lock of a process killed outright, so a lock is never left
     held by a dead run; its file is removed as the block ends (a process that locked the
     file meanwhile sees it gone and locks the new one). POSIX only: where ``fcntl`` is
-    missing (Windows) runs are not locked."""
+    missing (Windows) runs are not locked, and the block gets False."""
     try:
         import fcntl
     except ImportError:  # (Windows)
-        yield
+        yield False
         return
     lock = path.with_name(f".{path.name}.lock")
     make_parent(path)
@@ -442,10 +447,17 @@ def output_lock(path: Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            if resumes:
+                raise OutputInUseError(
+                    f"{path} is being written by another run ({what}, process {holder}): "
+                    "two runs would share its unfinished work. Wait for that run to end (or "
+                    "stop it), then run this one again; it goes on from what that one "
+                    "finished."
+                ) from None
             raise OutputInUseError(
-                f"{path} is being written by another run ({what}, process {holder}): two "
-                "runs would share its unfinished work. Wait for that run to end (or stop "
-                "it), then run this one again; it goes on from what that one finished."
+                f"{path} is being written by another process ({what}, process {holder}): "
+                "the second write to finish would replace the first. Wait for it to end, "
+                "or write to another path."
             ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
@@ -457,7 +469,7 @@ def output_lock(path: Path, what: str) -> Iterator[None]:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        yield True
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)  # (held: a process waiting on this file retries on the next)
@@ -475,14 +487,20 @@ def temporaries(folder: Path, name: str | None = None) -> list[Path]:
     return sorted(p for kind in ("tmp", "old") for p in folder.glob(f".{named}.{kind}-*"))
 
 
-def temp_sibling(path: Path) -> Path:
+def temp_sibling(path: Path, *, locked: bool = False) -> Path:
     """A hidden, unique path beside ``path`` to write into before moving it into place.
 
-    Temporary outputs of ``path`` already there (a process killed outright, by SIGKILL or a
-    power cut, leaves its own) are named in a warning, not removed: one may be another
+    Temporary outputs of ``path`` already there are what a process killed outright (by
+    SIGKILL, the out-of-memory killer or a power cut) left. Where the caller holds
+    ``path``'s :func:`output_lock` (``locked``) no other process writes them: they are
+    removed. Elsewhere they are named in a warning, not removed: one may be another
     process's write in progress."""
     stale = temporaries(path.parent, path.name)
-    if stale:
+    if stale and locked:
+        for left in stale:
+            logger.warning("%s: removing %s, left by a write that did not finish", path, left.name)
+            remove_path(left)
+    elif stale:
         logger.warning(
             "%s: %d temporary output%s of an earlier write that did not finish (%s) %s beside "
             "it; remove %s once no other process writes %s",

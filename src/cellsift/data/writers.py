@@ -25,6 +25,7 @@ from .._utils import (
     import_optional,
     make_parent,
     objects_whole_as_ints,
+    output_lock,
     place_output,
     reclaim_signals,
     remove_path,
@@ -186,14 +187,22 @@ class StoreWriter:
         check_replaceable(self.path, overwrite, is_store, A_STORE)
         self.overwrite = overwrite
         make_parent(self.path)
-        self.tmp = temp_sibling(self.path)
-        self.var = _clean_frame(var)
-        if not self.var.index.is_unique:
-            dups = var.index[var.index.duplicated()].unique()[:5].tolist()
-            raise DataError(
-                f"{path}: var_names must be unique to write a store, and {dups} appear more "
-                "than once. Make them unique first (adata.var_names_make_unique())."
-            )
+        # held until close or abort: no other process writes the store meanwhile
+        self._lock = contextlib.ExitStack()
+        locked = self._lock.enter_context(output_lock(self.path, A_STORE))
+        try:
+            self.tmp = temp_sibling(self.path, locked=locked)
+        except BaseException:
+            self._lock.close()
+            raise
+        with self._setting_up():
+            self.var = _clean_frame(var)
+            if not self.var.index.is_unique:
+                dups = var.index[var.index.duplicated()].unique()[:5].tolist()
+                raise DataError(
+                    f"{path}: var_names must be unique to write a store, and {dups} appear "
+                    "more than once. Make them unique first (adata.var_names_make_unique())."
+                )
         self.n_vars = len(var)
         self.n_obs_expected = n_obs
         self.n_obs = 0
@@ -231,12 +240,16 @@ class StoreWriter:
         except BaseException:
             self.abort()
             raise
+        self._lock.close()
         return self.path
 
     def abort(self) -> None:
         """Remove the partial output."""
-        if self.tmp.exists():
-            remove_path(self.tmp)
+        try:
+            if self.tmp.exists():
+                remove_path(self.tmp)
+        finally:
+            self._lock.close()
 
     @contextlib.contextmanager
     def _setting_up(self) -> Iterator[None]:
@@ -422,8 +435,8 @@ class ZarrWriter(_AnnDataWriter):
         import zarr
 
         super().__init__(path, var, **kwargs)
-        self._check_names(self.var, "var")
         with self._setting_up():  # (a failure removes the temporary output)
+            self._check_names(self.var, "var")
             if shard_elems % chunk_elems:
                 raise ValueError("shard_elems must be a multiple of chunk_elems.")
             self._root = zarr.open_group(self.tmp, mode="w", zarr_format=3)
@@ -588,9 +601,8 @@ class SomaWriter(StoreWriter):
             )
         super().__init__(path, var, n_obs=n_obs, **kwargs)
         self._n_total: int = n_obs
-        soma = import_optional("tiledbsoma")
-        self._soma = soma
         with self._setting_up():  # (a failure removes the temporary output)
+            soma = self._soma = import_optional("tiledbsoma")
             try:
                 self._exp = soma.Experiment.create(str(self.tmp))
             finally:

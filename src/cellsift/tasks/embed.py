@@ -166,7 +166,7 @@ def embed_collection(
         "min_genes": min_genes,
     }
     if devices > 1 and not (dist.is_available() and dist.is_initialized()):
-        with output_lock(out, _LOCKED_BY):  # (the ranks leave it to this process)
+        with output_lock(out, _LOCKED_BY, resumes=True):  # (the ranks leave it to this process)
             _spawn_ranks(model, source, out, devices, kwargs)
         return out
     return _embed_rank(model, source, out, **kwargs)
@@ -288,14 +288,14 @@ def _run_lock(out: Path, rank: int, distributed: bool) -> Iterator[None]:
     by :func:`embed_collection` (which holds it for its ranks): rank 0 takes it, and in a
     ``torch.distributed`` job tells the other ranks whether it could, so that all stop."""
     if not distributed:
-        with output_lock(out, _LOCKED_BY):
+        with output_lock(out, _LOCKED_BY, resumes=True):
             yield
         return
     with contextlib.ExitStack() as held:
         outcome: list[Any] = [None]
         if rank == 0:
             try:
-                held.enter_context(output_lock(out, _LOCKED_BY))
+                held.enter_context(output_lock(out, _LOCKED_BY, resumes=True))
             except OutputInUseError as err:
                 outcome = [str(err)]
         dist.broadcast_object_list(outcome, src=0)
