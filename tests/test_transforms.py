@@ -46,12 +46,30 @@ def test_normalize_log1p_match_scanpy(adata, target, sparse):
 @pytest.mark.parametrize("sparse", [True, False])
 def test_counts_held_in_other_types_give_float32_results(adata, dtype, sparse):
     """Counts held as bfloat16 / float16 (exact up to 256 / 2048) or int64: the totals are
-    summed in float32 (a bfloat16 sum stops growing at 256), the results are float32."""
+    summed in float64 (a bfloat16 sum stops growing at 256), the results are float32."""
     ref = default_pipeline()({"x_ng": _csr(adata.X)})["x_ng"]
     x = _csr(adata.X) if sparse else torch.from_numpy(adata.X.toarray())
     out = default_pipeline()({"x_ng": x.to(dtype)})["x_ng"]
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_cells_whose_total_passes_float32s_largest_are_scaled_not_zeroed(adata, sparse):
+    """Values near float32's largest: each cell's total overflows float32 (it scaled the
+    cell to zeros, as if it were empty); summed in float64, the cell normalises as the same
+    pattern of ones does."""
+    ones = adata.X.copy()
+    ones.data[:] = 1
+    huge = ones.copy()
+    huge.data[:] = 3e38
+    steps = torch.nn.Sequential(NormalizeTotal(), Log1p(), Densify())
+    got, want = (
+        steps({"x_ng": _csr(x) if sparse else torch.from_numpy(x.toarray())})["x_ng"]
+        for x in (huge, ones)
+    )
+    torch.testing.assert_close(got, want)
+    assert int((got.sum(1) > 0).sum()) == adata.n_obs - 1  # (only the empty cell is empty)
 
 
 def test_zscore_and_subset(adata):

@@ -24,12 +24,6 @@ __all__ = ["Densify", "GeneSubset", "Log1p", "NormalizeTotal", "ZScore", "defaul
 Batch = dict[str, Any]
 
 
-def _row_ids(x: torch.Tensor) -> torch.Tensor:
-    crow = x.crow_indices()
-    counts = crow[1:] - crow[:-1]
-    return torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
-
-
 def _with_values(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.sparse_csr_tensor(
         x.crow_indices(), x.col_indices(), values, size=x.shape, check_invariants=False
@@ -76,8 +70,9 @@ class Densify(_Transform):
 class NormalizeTotal(_Transform):
     """Scale each cell to ``target_sum`` total counts (scanpy ``normalize_total``).
 
-    Cells with no counts stay zero. Totals are summed in float32 at least (a bfloat16 sum
-    stops growing at 256), and so are the results.
+    Cells with no counts stay zero. Totals are summed in float64 (a bfloat16 sum stops
+    growing at 256, and a float32 one overflows for values near float32's largest, which
+    would scale the cell to zeros); the results are float32 at least.
     """
 
     target_sum: float
@@ -92,15 +87,22 @@ class NormalizeTotal(_Transform):
         self.target_sum = float(target_sum)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _at_least_float32(x.dtype)
         if x.layout == torch.sparse_csr:
-            values = x.values().to(_at_least_float32(x.dtype))
-            rows = _row_ids(x)
-            totals = torch.zeros(x.shape[0], dtype=values.dtype, device=x.device)
-            totals.index_add_(0, rows, values)
-            scale = self.target_sum / torch.where(totals > 0, totals, torch.ones_like(totals))
-            return _with_values(x, values * scale[rows])
-        totals = x.sum(1, keepdim=True, dtype=_at_least_float32(x.dtype))
-        return (self.target_sum / torch.where(totals > 0, totals, torch.ones_like(totals))) * x
+            # each row's values summed as one segment, and its scale repeated over them
+            # (3x faster on the CPU than adding into the totals by row ids, then gathering)
+            values, crow = x.values(), x.crow_indices()
+            totals = torch.segment_reduce(values.to(torch.float64), "sum", offsets=crow)
+            per_value = torch.repeat_interleave(
+                self._scale(totals, dtype), crow[1:] - crow[:-1], output_size=len(values)
+            )
+            return _with_values(x, values.to(dtype) * per_value)
+        totals = x.sum(1, keepdim=True, dtype=torch.float64)
+        return self._scale(totals, dtype) * x.to(dtype)
+
+    def _scale(self, totals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``target_sum / total`` of each cell (1 for a cell without counts), in ``dtype``."""
+        return (self.target_sum / torch.where(totals > 0, totals, 1.0)).to(dtype)
 
     def extra_repr(self) -> str:
         return f"target_sum={self.target_sum:g}"

@@ -556,7 +556,7 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
                 where,
                 cell(int(np.searchsorted(x.indptr, np.flatnonzero(data == 0)[0], "right") - 1)),
             )
-        empty = np.flatnonzero(np.asarray(x.sum(axis=1)).ravel() == 0)
+        empty = np.flatnonzero(np.asarray(x.sum(axis=1, dtype=np.float64)).ravel() == 0)
         if len(empty):
             raise DataError(
                 f"{where}: {cell(int(empty[0]))} has no counts (its stored entries are all "
@@ -581,7 +581,11 @@ def _check_aligned(
     the collection's genes lack: aligned (``x``), it would read as an empty cell, which
     min_genes (counting the store's genes) let through. ``zeros``: ``raw`` stores zeros as
     entries (:func:`_check_batch`), where a row's entries are not all counts: summed then."""
-    held = np.diff(x.indptr) > 0 if not zeros else np.asarray(x.sum(axis=1)).ravel() > 0
+    held = (
+        np.diff(x.indptr) > 0
+        if not zeros
+        else np.asarray(x.sum(axis=1, dtype=np.float64)).ravel() > 0
+    )
     lost = np.flatnonzero(~held & (np.diff(raw.indptr) > 0))
     if len(lost):
         where = f"{store.path} ({'X' if store.layer is None else store.layer})"
@@ -835,7 +839,8 @@ def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 <<
         v = block[first]
         if not np.isfinite(v):
             raise DataError(
-                f"{where}: contains NaN or infinite values; counts must be finite.{fix}"
+                f"{where}: contains NaN or infinite values (or values past float32's "
+                f"largest, about 3.4e38, read as infinite); counts must be finite.{fix}"
             )
         if v < 0:
             raise DataError(

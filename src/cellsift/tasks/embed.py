@@ -437,7 +437,7 @@ def _check_some_counts(coll: CellCollection, counts: Any, rows: np.ndarray) -> N
     """Cells without counts in the model's genes (their counts all in other genes) carry
     nothing to embed: they would all land on one point. An error naming some. (Row sums,
     not stored entries: a store may hold explicit zeros; counts are >= 0.)"""
-    empty = rows[np.asarray(counts.sum(axis=1)).ravel() == 0]
+    empty = rows[np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel() == 0]
     if len(empty) == 0:
         return
     ids = coll.cell_ids[empty[:3]]
