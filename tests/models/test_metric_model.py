@@ -525,6 +525,13 @@ def test_training_warns_of_labels_that_cannot_train(synthetic_h5ad, tmp_path):
     single = MetricModel.from_collection(one, hidden=(16,), latent=4)
     with pytest.warns(CellsiftWarning, match="1 usable label .* only the reconstruction"):
         single.train(one, default_root_dir=tmp_path, study_key=None, **kw)
+    each = adata[:60].copy()  # a label per cell (a column of cell names): no positives
+    each.obs["name"] = [f"cell{i}" for i in range(each.n_obs)]
+    named = MetricModel.from_collection(
+        each, label_key="name", ontology_aware=False, hidden=(16,), latent=4
+    )
+    with pytest.warns(CellsiftWarning, match=r"no label in 'name' has two cells \(its 60 "):
+        named.train(each, default_root_dir=tmp_path, study_key=None, **kw)
     # relatives are never negatives: T cells and their CD4 subtype alone form no triplet,
     # and with B cells beside them only a label related to every other one is named
     t_cells, cd4, b_cells = "CL:0000084", "CL:0000624", "CL:0000236"

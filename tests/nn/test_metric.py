@@ -185,11 +185,12 @@ def test_label_loss_does_not_credit_a_descendant_the_study_uses(relatives):
         ({"margin": -0.1}, "margin is a distance, at least 0"),
         ({"target_sum": 0.0}, "target_sum is the counts per cell"),
         ({"target_sum": -1.0}, "target_sum is the counts per cell"),
+        ({"n_genes": 1}, "at least two genes, not n_genes=1: .* every cell would embed alike"),
     ],
 )
 def test_settings_that_cannot_make_a_model_are_named(settings, message):
     from cellsift.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        MetricModule(20, **{"hidden": [16], "latent": 8, **settings})
+        MetricModule(**{"n_genes": 20, "hidden": [16], "latent": 8, **settings})
     MetricModule(np.int64(20), hidden=[np.int64(16)], latent=np.int64(8))  # numpy's ints too

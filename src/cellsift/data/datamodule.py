@@ -337,6 +337,16 @@ class CellDataModule(pl.LightningDataModule):
                 f"{'' if usable == 1 else 's'} in {self.label_key!r}: triplets need a "
                 "negative of another label, so only the reconstruction trains."
             )
+            return
+        cells = np.bincount(codes[codes >= 0], minlength=len(present))
+        cells[outside] = 0
+        if cells.max() < 2:
+            warn(
+                f"no label in {self.label_key!r} has two cells (its {usable:,} labels have one "
+                "each): triplets need a positive of the anchor's label, so only the "
+                f"reconstruction trains. Is {self.label_key!r} a column of cell names rather "
+                "than cell types?"
+            )
 
     @property
     def gene_vocabulary(self) -> GeneVocabulary:

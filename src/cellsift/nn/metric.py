@@ -82,8 +82,12 @@ def _check_settings(
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
     hidden = hidden_widths(hidden)
-    if not whole(n_genes) or n_genes < 1:
-        raise ConfigError(f"a model reads at least one gene, not n_genes={n_genes!r}.")
+    if not whole(n_genes) or n_genes < 2:
+        raise ConfigError(
+            f"a model reads at least two genes, not n_genes={n_genes!r}: each cell's counts "
+            "are scaled to the same total, so one gene alone is the same in every cell "
+            "that has counts, and every cell would embed alike."
+        )
     if not hidden or any(not whole(h) or h < 1 for h in hidden):
         raise ConfigError(
             f"hidden lists the widths of at least one layer, each a positive whole number, "

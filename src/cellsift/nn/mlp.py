@@ -74,8 +74,12 @@ class MLPEncoder(nn.Module):
             assert isinstance(m, nn.Dropout)
             values = nn.functional.dropout(values, m.p, m.training)
         if values is not stored:  # dropped in training; in eval dropout returns its input
-            x_ng = torch.sparse_csr_tensor(
-                x_ng.crow_indices(), x_ng.col_indices(), values, size=x_ng.shape
+            x_ng = torch.sparse_csr_tensor(  # (the batch's own structure: checked already)
+                x_ng.crow_indices(),
+                x_ng.col_indices(),
+                values,
+                size=x_ng.shape,
+                check_invariants=False,
             )
         h = csr_linear(x_ng, linear.weight, linear.bias, self._weight_gh(linear.weight))
         for m in first[at + 1 :]:

@@ -328,6 +328,9 @@ class CellIndex:
         rng = np.random.default_rng(seed)
         sample = self.embeddings[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))]
         ivf.cp.seed = seed
+        # (faiss prints a warning of its own for under 39 cells a list: a small index's, or
+        # a user's nlist; its recall is what calibrate() measures and reports)
+        ivf.cp.min_points_per_centroid = 1
         ivf.train(np.ascontiguousarray(sample))
         for start in range(0, n, 1 << 18):
             ivf.add(np.ascontiguousarray(self.embeddings[start : start + (1 << 18)]))
