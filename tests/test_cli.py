@@ -629,11 +629,16 @@ def test_a_temporary_output_left_by_a_killed_write_is_removed(indexed_paths, tmp
     finally:
         writer.kill()
         writer.wait()
-    # and what a write killed while it deleted the output it replaced leaves
+    # and an old output that a replacement moved aside: with nothing at the path, the only
+    # copy of it (kept, named); once the path holds an output, what a deletion left (removed)
     (tmp_path / ".out.zarr.old-4567cdef").mkdir()
     with caplog.at_level(logging.WARNING, logger="cellsift"):
         assert main(["convert", src, str(out)]) == 0
     assert f"removing {writing.name}, left by a write that did not finish" in caplog.text
+    assert ".out.zarr.old-4567cdef is the output this path held" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.zarr.old-4567cdef", "out.zarr"]
+    with caplog.at_level(logging.WARNING, logger="cellsift"):
+        assert main(["convert", src, str(out), "--overwrite"]) == 0
     assert "removing .out.zarr.old-4567cdef" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == ["out.zarr"]
 

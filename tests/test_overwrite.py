@@ -124,6 +124,11 @@ def test_an_index_or_embeddings_folder_holding_other_files_is_not_replaced(tmp_p
     index.save(tmp_path / "index", overwrite=True)
     assert CellIndex.load(tmp_path / "index").n_cells == 60
     shutil.rmtree(emb / "cells.index")
+    (emb / "shard-1notes.txt").write_text("kept")  # (no shard's name, as written)
+    with pytest.raises(FileExistsError, match=r"holds other files too \(shard-1notes\.txt\)"):
+        embed_collection(model, src, emb, overwrite=True)
+    (emb / "shard-1notes.txt").unlink()
+    (emb / "embeddings").mkdir()  # (the one array of a store of version 1: its own)
     embed_collection(model, src, emb, overwrite=True)
     assert len(load_embeddings(emb)[0]) == 60
 
@@ -476,3 +481,59 @@ def test_a_signal_while_the_old_output_is_deleted_acts_once_it_is_gone(tmp_path,
         utils.move_into_place(tmp, final)
     assert {p.read_text() for p in final.iterdir()} == {"new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_what_a_killed_write_left_is_removed_only_where_it_is_no_ones(tmp_path, caplog):
+    """Under the output's lock, a killed write's temporary output goes; an old output moved
+    aside goes only once a new one is in place (killed between a replacement's two renames,
+    it is the only copy: named, kept); another output's temporaries that look alike stay."""
+    import logging
+    import os
+
+    bundle = _bundle(tmp_path / "bundle", width=4)
+    os.rename(bundle, tmp_path / ".bundle.old-1a2b3c4d")  # (killed between the renames)
+    (tmp_path / ".bundle.tmp-0123abcd").mkdir()  # (a killed write's)
+    (tmp_path / ".bundle.tmp-x.tmp-89abcdef").mkdir()  # (an output named bundle.tmp-x's)
+    with caplog.at_level(logging.WARNING, logger="cellsift"):
+        _bundle(tmp_path / "bundle", width=6)
+    assert ".bundle.old-1a2b3c4d is the output this path held" in caplog.text
+    assert _width(tmp_path / ".bundle.old-1a2b3c4d") == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".bundle.old-1a2b3c4d", ".bundle.tmp-x.tmp-89abcdef", "bundle"
+    ]  # fmt: skip
+    _bundle(tmp_path / "bundle", width=8, overwrite=True)  # (the new one in place: it goes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.tmp-x.tmp-89abcdef", "bundle"]
+
+
+def test_writes_on_a_file_system_without_locks_and_a_writer_left_open(tmp_path, monkeypatch):
+    """A file system that keeps no locks (Lustre without -o flock: ENOSYS) writes unlocked,
+    leaving no lock file; a store writer of this process left open (an append that failed,
+    outside a with) is named as such when the path is written again, and its abort() frees
+    it."""
+    import errno
+    import fcntl
+
+    import pandas as pd
+
+    from cellsift.data.writers import open_writer
+    from cellsift.errors import OutputInUseError
+
+    locks = fcntl.flock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    _bundle(tmp_path / "bundle")
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    monkeypatch.setattr(fcntl, "flock", locks)
+    var = pd.DataFrame(index=["g0", "g1", "g2"])
+    first = open_writer(tmp_path / "out.h5ad", var)
+    with pytest.raises(ValueError, match="chunk has 4 genes"):
+        first.append(np.ones((2, 4), np.float32), pd.DataFrame(index=["a", "b"]))
+    with pytest.raises(OutputInUseError, match=r"an earlier writer in this process .* abort"):
+        open_writer(tmp_path / "out.h5ad", var)
+    first.abort()
+    with open_writer(tmp_path / "out.h5ad", var) as second:
+        second.append(np.ones((2, 3), np.float32), pd.DataFrame(index=["a", "b"]))
+    assert ad.read_h5ad(tmp_path / "out.h5ad").n_obs == 2

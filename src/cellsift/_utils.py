@@ -432,7 +432,8 @@ def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[boo
     The kernel releases the lock of a process killed outright, so a lock is never left
     held by a dead run; its file is removed as the block ends (a process that locked the
     file meanwhile sees it gone and locks the new one). POSIX only: where ``fcntl`` is
-    missing (Windows) runs are not locked, and the block gets False."""
+    missing (Windows), or the file system keeps no locks, runs are not locked, and the block
+    gets False."""
     try:
         import fcntl
     except ImportError:  # (Windows)
@@ -447,6 +448,12 @@ def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[boo
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            if holder == str(os.getpid()):
+                raise OutputInUseError(
+                    f"{path} is being written by an earlier writer in this process ({what}) "
+                    "that was neither finished nor aborted: call its abort() (or close()), "
+                    "or let it go (del), then write again."
+                ) from None
             if resumes:
                 raise OutputInUseError(
                     f"{path} is being written by another run ({what}, process {holder}): "
@@ -459,6 +466,15 @@ def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[boo
                 "the second write to finish would replace the first. Wait for it to end, "
                 "or write to another path."
             ) from None
+        except OSError as err:  # a file system without locks (Lustre without -o flock, ...)
+            os.close(fd)
+            if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # (no process can hold a lock here: none to wait for)
+            logger.debug("%s: writes are not locked here (%s)", path, err.strerror)
+            yield False
+            return
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -484,7 +500,8 @@ def temporaries(folder: Path, name: str | None = None) -> list[Path]:
     if not folder.is_dir():
         return []
     named = glob.escape(name) if name is not None else "*"
-    return sorted(p for kind in ("tmp", "old") for p in folder.glob(f".{named}.{kind}-*"))
+    tag = "[0-9a-f]" * 8  # (as written: not a look-alike, such as another output's own)
+    return sorted(p for kind in ("tmp", "old") for p in folder.glob(f".{named}.{kind}-{tag}"))
 
 
 def temp_sibling(path: Path, *, locked: bool = False) -> Path:
@@ -493,13 +510,25 @@ def temp_sibling(path: Path, *, locked: bool = False) -> Path:
     Temporary outputs of ``path`` already there are what a process killed outright (by
     SIGKILL, the out-of-memory killer or a power cut) left. Where the caller holds
     ``path``'s :func:`output_lock` (``locked``) no other process writes them: they are
-    removed. Elsewhere they are named in a warning, not removed: one may be another
-    process's write in progress."""
+    removed, and so is an old output that a replacement moved aside (``.old-*``) once the
+    new one is at ``path``. Where nothing is at ``path``, that old output is the only copy
+    (a replacement killed between its two renames): it is named in a warning, kept. Without
+    the lock, all are named in a warning, not removed: one may be another process's write
+    in progress."""
     stale = temporaries(path.parent, path.name)
-    if stale and locked:
-        for left in stale:
+    if locked:
+        placed = path.exists() or path.is_symlink()
+        for left in [p for p in stale if placed or ".tmp-" in p.name]:
             logger.warning("%s: removing %s, left by a write that did not finish", path, left.name)
             remove_path(left)
+        for kept in [p for p in stale if not placed and ".old-" in p.name]:
+            logger.warning(
+                "%s: %s is the output this path held, moved aside by a replacement that did "
+                "not finish; move it back to %s to keep it",
+                path,
+                kept.name,
+                path.name,
+            )
     elif stale:
         logger.warning(
             "%s: %d temporary output%s of an earlier write that did not finish (%s) %s beside "

@@ -79,7 +79,10 @@ from ..errors import (
 #: What an existing ``out`` must be for ``overwrite`` to replace it: a store, holding its
 #: own files only.
 _REPLACES = holds(
-    "zarr.json", "metadata.parquet", only=("zarr.json", "metadata.parquet", "shard-[0-9]*")
+    "zarr.json",
+    "metadata.parquet",
+    # (the shards as written; "embeddings": the one array of a store of version 1)
+    only=("zarr.json", "metadata.parquet", "shard-" + "[0-9]" * 5, "embeddings"),
 )
 _WHAT = "an embeddings store"
 
