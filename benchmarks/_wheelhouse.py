@@ -3,7 +3,8 @@
     python benchmarks/_wheelhouse.py DIR [--python-version 3.12] [--have FILE] [--cl-only]
 
 Resolves cellsift's dependencies from this environment's installed versions (cellsift's own
-requirements and theirs, extras left out but jsonargparse's ``signatures``) and downloads
+requirements and theirs, extras left out but jsonargparse's ``signatures``), and those of
+what ``benchmarks/gpu_check.sh``'s device tests run with (:data:`TEST_ROOTS`), and downloads
 manylinux x86-64 wheels of those versions for the target Python into DIR. ``--have``: a
 file of distribution names the target already has (one per line or space-separated, e.g.
 from ``pip list``), left out. ``--cl-only``: cellxgene-ontology-guide is re-packed with the
@@ -33,16 +34,20 @@ PLATFORMS = [
 ]
 # what a GPU machine's framework image brings (the wheels would be large or CUDA-specific)
 ALWAYS_PRESENT = {"torch", "triton", "numpy"}
+# what the device tests need besides cellsift's own requirements: the test runner, and the
+# independent reference of tests/test_devices.py's label calls
+TEST_ROOTS = ("pytest", "scikit-learn")
 
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirement_closure(root: str = "cellsift") -> dict[str, str]:
-    """Installed distributions that ``root`` needs, transitively, with their versions."""
+def requirement_closure(root: str = "cellsift", *others: str) -> dict[str, str]:
+    """Installed distributions that ``root`` needs, transitively, with their versions; and
+    the ``others`` with what they need."""
     seen: dict[str, str] = {}
-    todo = [root]
+    todo = [root, *others]
     while todo:
         name = _norm(todo.pop())
         if name in seen:
@@ -56,7 +61,7 @@ def requirement_closure(root: str = "cellsift") -> dict[str, str]:
             if "extra ==" in req and not (name == "jsonargparse" and "signatures" in req):
                 continue
             todo.append(re.split(r"[ ;<>=!\[~(]", req, maxsplit=1)[0])
-    seen.pop(root, None)
+    seen.pop(_norm(root), None)
     return seen
 
 
@@ -90,7 +95,8 @@ def main() -> None:
     have = set(ALWAYS_PRESENT)
     if args.have:
         have |= {_norm(w) for w in re.split(r"[\s,]+", args.have.read_text()) if w}
-    wanted = {n: v for n, v in requirement_closure().items() if n not in have}
+    closure = requirement_closure("cellsift", *TEST_ROOTS)
+    wanted = {n: v for n, v in closure.items() if n not in have}
     args.dir.mkdir(parents=True, exist_ok=True)
     platforms = [x for p in PLATFORMS for x in ("--platform", p)]
     pins = [f"{name}=={version}" for name, version in sorted(wanted.items())]

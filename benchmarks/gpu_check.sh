@@ -17,11 +17,12 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 wheels=${WHEELS:-.whl}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # (this checkout's cellsift)
 if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
   site=${SITE:-/tmp/cellsift-site}
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" "$wheels"/*.whl || exit 1
-  export PYTHONPATH="$site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$site:$PYTHONPATH"
 fi
 $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 2
 { nvidia-smi; $py -c "import torch, lightning; print(torch.__version__, lightning.__version__)"; } \

@@ -72,7 +72,8 @@ class NormalizeTotal(_Transform):
 
     Cells with no counts stay zero. Totals are summed in float64 (a bfloat16 sum stops
     growing at 256, and a float32 one overflows for values near float32's largest, which
-    would scale the cell to zeros); the results are float32 at least.
+    would scale the cell to zeros; float32 on Apple's MPS, which has no float64); the
+    results are float32 at least.
     """
 
     target_sum: float
@@ -92,12 +93,12 @@ class NormalizeTotal(_Transform):
             # each row's values summed as one segment, and its scale repeated over them
             # (3x faster on the CPU than adding into the totals by row ids, then gathering)
             values, crow = x.values(), x.crow_indices()
-            totals = torch.segment_reduce(values.to(torch.float64), "sum", offsets=crow)
+            totals = torch.segment_reduce(values.to(_total_dtype(x)), "sum", offsets=crow)
             per_value = torch.repeat_interleave(
                 self._scale(totals, dtype), crow[1:] - crow[:-1], output_size=len(values)
             )
             return _with_values(x, values.to(dtype) * per_value)
-        totals = x.sum(1, keepdim=True, dtype=torch.float64)
+        totals = x.sum(1, keepdim=True, dtype=_total_dtype(x))
         return self._scale(totals, dtype) * x.to(dtype)
 
     def _scale(self, totals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,6 +107,11 @@ class NormalizeTotal(_Transform):
 
     def extra_repr(self) -> str:
         return f"target_sum={self.target_sum:g}"
+
+
+def _total_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for sums of counts; float32 on Apple's MPS, which has no float64."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:

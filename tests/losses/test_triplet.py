@@ -457,6 +457,27 @@ def test_euclidean_distances_of_embeddings_far_from_the_origin_keep_their_precis
     assert bool(d[3, fine].isnan().all()) and not bool(d[7, fine].isfinite().any())
 
 
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_half_precision_embeddings_mine_on_float32_distances(distance):
+    """Embeddings in bf16 (a CPU autocast's: normalize stays bf16 there) mine and score on
+    float32 distances, as the same values in float32 do (bf16 distances are off by up to
+    0.009 against a margin of 0.05, and changed 1.2% of hardest picks)."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(32, 16)
+    x, y = torch.randn(400, 32, generator=g), torch.randint(0, 5, (400,), generator=g)
+    loss = TripletLoss(negative="hardest", distance=distance)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = torch.nn.functional.normalize(lin(x), dim=1)
+        assert z.dtype == torch.bfloat16
+        got, t = loss(z, y)
+    want, t32 = loss(z.detach().float(), y)
+    for name in ("anchor", "positive", "negative"):
+        torch.testing.assert_close(getattr(t, name), getattr(t32, name))
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert lin.weight.grad is not None and bool(torch.isfinite(lin.weight.grad).all())
+
+
 def test_euclidean_distances_stay_in_float32_under_autocast():
     """Mining compares distances within a margin: under bf16 autocast the euclidean distance
     is computed in float32, as the cosine one is."""

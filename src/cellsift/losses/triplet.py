@@ -540,6 +540,8 @@ class TripletLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, Triplets]:
         rules = (self.related_ll, study_n, self.margin, self.negative, generator, self.ancestor_ll)
+        if z_nk.dtype in (torch.float16, torch.bfloat16):  # (a CPU autocast's embeddings)
+            z_nk = z_nk.float()  # distances that mine within a margin: never in half precision
         if self.distance == "cosine":  # distances without autograd; the hinge's own backward
             z = nn.functional.normalize(z_nk, dim=1)
             with torch.no_grad():
