@@ -55,6 +55,10 @@ def requirement_closure(root: str = "cellsift", *others: str) -> dict[str, str]:
         try:
             dist = md.distribution(name)
         except md.PackageNotFoundError:
+            if name in map(_norm, (root, *others)):  # (not a requirement's optional part)
+                raise SystemExit(
+                    f"{name} is not installed here: install it to resolve it"
+                ) from None
             continue
         seen[name] = dist.version
         for req in dist.requires or []:

@@ -129,8 +129,10 @@ def test_an_index_or_embeddings_folder_holding_other_files_is_not_replaced(tmp_p
         embed_collection(model, src, emb, overwrite=True)
     (emb / "shard-1notes.txt").unlink()
     (emb / "embeddings").mkdir()  # (the one array of a store of version 1: its own)
+    (tmp_path / ".emb.zarr.old-0123abcd").mkdir()  # (a replacement killed as it deleted)
     embed_collection(model, src, emb, overwrite=True)
     assert len(load_embeddings(emb)[0]) == 60
+    assert not (tmp_path / ".emb.zarr.old-0123abcd").exists()
 
 
 def test_a_store_overwrite_replaces_only_a_store_and_not_a_folder_that_looks_like_one(tmp_path):
@@ -492,10 +494,11 @@ def test_what_a_killed_write_left_is_removed_only_where_it_is_no_ones(tmp_path, 
 
     bundle = _bundle(tmp_path / "bundle", width=4)
     os.rename(bundle, tmp_path / ".bundle.old-1a2b3c4d")  # (killed between the renames)
+    (tmp_path / "bundle").mkdir()  # (and made again, empty, by a script's mkdir -p)
     (tmp_path / ".bundle.tmp-0123abcd").mkdir()  # (a killed write's)
     (tmp_path / ".bundle.tmp-x.tmp-89abcdef").mkdir()  # (an output named bundle.tmp-x's)
     with caplog.at_level(logging.WARNING, logger="cellsift"):
-        _bundle(tmp_path / "bundle", width=6)
+        _bundle(tmp_path / "bundle", width=6, overwrite=True)
     assert ".bundle.old-1a2b3c4d is the output this path held" in caplog.text
     assert _width(tmp_path / ".bundle.old-1a2b3c4d") == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -505,13 +508,15 @@ def test_what_a_killed_write_left_is_removed_only_where_it_is_no_ones(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.tmp-x.tmp-89abcdef", "bundle"]
 
 
-def test_writes_on_a_file_system_without_locks_and_a_writer_left_open(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", ["ENOSYS", "EBADF"])
+def test_writes_on_a_file_system_without_locks_and_a_writer_left_open(tmp_path, monkeypatch, code):
     """A file system that keeps no locks (Lustre without -o flock: ENOSYS) writes unlocked,
     leaving no lock file; a store writer of this process left open (an append that failed,
     outside a with) is named as such when the path is written again, and its abort() frees
     it."""
     import errno
     import fcntl
+    import os
 
     import pandas as pd
 
@@ -520,8 +525,8 @@ def test_writes_on_a_file_system_without_locks_and_a_writer_left_open(tmp_path, 
 
     locks = fcntl.flock
 
-    def no_locks(fd, op):
-        raise OSError(errno.ENOSYS, "Function not implemented")
+    def no_locks(fd, op):  # (Lustre without -o flock; some NFS mounts: EBADF)
+        raise OSError(getattr(errno, code), "no locks")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     _bundle(tmp_path / "bundle")
@@ -534,6 +539,13 @@ def test_writes_on_a_file_system_without_locks_and_a_writer_left_open(tmp_path, 
     with pytest.raises(OutputInUseError, match=r"an earlier writer in this process .* abort"):
         open_writer(tmp_path / "out.h5ad", var)
     first.abort()
-    with open_writer(tmp_path / "out.h5ad", var) as second:
+    umask = os.umask(0o002)  # (a group that shares outputs: its lock file too)
+    try:
+        with open_writer(tmp_path / "out.h5ad", var) as second:
+            assert (tmp_path / ".out.h5ad.lock").stat().st_mode & 0o777 == 0o664
+            second.append(np.ones((2, 3), np.float32), pd.DataFrame(index=["a", "b"]))
+    finally:
+        os.umask(umask)
+    with open_writer(tmp_path / "out.h5ad", var, overwrite=True) as second:
         second.append(np.ones((2, 3), np.float32), pd.DataFrame(index=["a", "b"]))
     assert ad.read_h5ad(tmp_path / "out.h5ad").n_obs == 2

@@ -235,8 +235,8 @@ def atomic_path(
     final = Path(path)
     check_replaceable(final, overwrite, replaces, what)
     make_parent(final)
-    with output_lock(final, what or "a file or folder") as locked:
-        tmp = temp_sibling(final, locked=locked)
+    with output_lock(final, what or "a file or folder"):
+        tmp = temp_sibling(final)
         try:
             yield tmp
             place_output(tmp, final, overwrite, replaces, what)  # (checked again)
@@ -363,12 +363,13 @@ def move_into_place(tmp: Path, final: Path) -> None:
     if _exchange(tmp, final):
         os.replace(tmp, old)  # (named as an old output, should the deletion not finish)
     else:
-        os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            os.replace(old, final)
-            raise
+        with signals_held():  # (the two renames whole: a Ctrl-C between leaves neither)
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
     with signals_held():  # the new output is in place: the old one goes whole, then Ctrl-C
         remove_path(old)
 
@@ -421,39 +422,84 @@ def _rename(a: Path, b: Path, flags: int) -> bool:
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
+#: The lock files (absolute paths) this process holds: a write that finds one of them held
+#: is told that a writer of this very process is open, whatever the file's pid says.
+_HELD: set[str] = set()
+#: What flock answers on a file system that keeps no locks (Lustre without -o flock, some
+#: NFS, CIFS and FUSE mounts).
+_NO_LOCKS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF})
+
+
+def _lock_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def holds_output_lock(path: str | os.PathLike[str]) -> bool:
+    """Whether this process holds ``path``'s :func:`output_lock`."""
+    return os.path.abspath(_lock_file(Path(path))) in _HELD
+
+
 @contextlib.contextmanager
 def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[bool]:
     """Hold ``path``'s write lock (an exclusive ``flock`` on ``.<name>.lock`` beside it)
     for the block; a run that finds it held raises :class:`OutputInUseError` naming the
     holder's process (``what``: the command or the output, for the message; ``resumes``:
-    a run of it goes on from the unfinished work of an earlier one). Yields whether the
-    lock is held: then no other process writes ``path`` (nor its temporary outputs).
+    a run of it goes on from the unfinished work of an earlier one), or saying that it is
+    an earlier writer of this process. Yields whether the lock is held: then no other
+    process writes ``path`` (nor its temporary outputs).
 
     The kernel releases the lock of a process killed outright, so a lock is never left
     held by a dead run; its file is removed as the block ends (a process that locked the
-    file meanwhile sees it gone and locks the new one). POSIX only: where ``fcntl`` is
-    missing (Windows), or the file system keeps no locks, runs are not locked, and the block
-    gets False."""
+    file meanwhile sees it gone and locks the new one). The file is made as the umask
+    allows (a group's members share outputs), and one that another user made and this one
+    may not write is locked through a read-only descriptor. POSIX only: where ``fcntl`` is
+    missing (Windows), or the file system keeps no locks, runs are not locked, and the
+    block gets False."""
     try:
         import fcntl
     except ImportError:  # (Windows)
         yield False
         return
-    lock = path.with_name(f".{path.name}.lock")
+    lock = _lock_file(path)
+    key = os.path.abspath(lock)
+    if key in _HELD:
+        raise OutputInUseError(
+            f"{path} is being written by an earlier writer in this process ({what}) that "
+            "was neither finished nor aborted: call its abort() (or close()), or let it go "
+            "(del), then write again."
+        )
     make_parent(path)
+    fd: int | None = None
+    try:
+        with signals_held():  # (a Ctrl-C as the lock is taken: released below, not kept)
+            fd = _take_lock(fcntl, lock, path, what, resumes)
+            if fd is not None:
+                _HELD.add(key)
+        if fd is None:
+            yield False
+            return
+        with contextlib.suppress(OSError):  # (a read-only descriptor: no pid to name)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield True
+    finally:
+        if fd is not None:
+            _HELD.discard(key)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)  # (held: a process waiting on this file retries on the next)
+            os.close(fd)
+
+
+def _take_lock(fcntl: Any, lock: Path, path: Path, what: str, resumes: bool) -> int | None:
+    """A descriptor of ``lock`` holding its flock; None where the file system keeps no
+    locks. :class:`OutputInUseError` where another process holds it."""
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, made = _open_lock(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            if holder == str(os.getpid()):
-                raise OutputInUseError(
-                    f"{path} is being written by an earlier writer in this process ({what}) "
-                    "that was neither finished nor aborted: call its abort() (or close()), "
-                    "or let it go (del), then write again."
-                ) from None
             if resumes:
                 raise OutputInUseError(
                     f"{path} is being written by another run ({what}, process {holder}): "
@@ -466,30 +512,46 @@ def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[boo
                 "the second write to finish would replace the first. Wait for it to end, "
                 "or write to another path."
             ) from None
-        except OSError as err:  # a file system without locks (Lustre without -o flock, ...)
+        except OSError as err:
             os.close(fd)
-            if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            if err.errno not in _NO_LOCKS:
                 raise
-            with contextlib.suppress(OSError):
-                os.unlink(lock)  # (no process can hold a lock here: none to wait for)
-            logger.debug("%s: writes are not locked here (%s)", path, err.strerror)
-            yield False
-            return
+            if made:  # (only its own: another client of the file system may lock it)
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+            logger.info("%s: not locked (the file system keeps no locks: %s)", path, err.strerror)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
             same = False
+        except BaseException:
+            os.close(fd)
+            raise
         if same:
-            break
+            return fd
         os.close(fd)  # its holder removed it as we opened it: lock the one there now
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)  # (held: a process waiting on this file retries on the next)
-        os.close(fd)
+
+
+def _open_lock(lock: Path) -> tuple[int, bool]:
+    """A descriptor of the lock file, and whether this call made it."""
+    while True:
+        try:
+            return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(lock, os.O_RDWR), False
+        except FileNotFoundError:
+            continue  # (removed meanwhile: made again)
+        except PermissionError:  # (another user's, not writable to this one: locks too)
+            try:
+                return os.open(lock, os.O_RDONLY), False
+            except FileNotFoundError:
+                continue
 
 
 def temporaries(folder: Path, name: str | None = None) -> list[Path]:
@@ -504,20 +566,28 @@ def temporaries(folder: Path, name: str | None = None) -> list[Path]:
     return sorted(p for kind in ("tmp", "old") for p in folder.glob(f".{named}.{kind}-{tag}"))
 
 
-def temp_sibling(path: Path, *, locked: bool = False) -> Path:
+def temp_sibling(path: Path) -> Path:
     """A hidden, unique path beside ``path`` to write into before moving it into place.
 
     Temporary outputs of ``path`` already there are what a process killed outright (by
     SIGKILL, the out-of-memory killer or a power cut) left. Where the caller holds
-    ``path``'s :func:`output_lock` (``locked``) no other process writes them: they are
+    ``path``'s :func:`output_lock` no other process writes them: they are
     removed, and so is an old output that a replacement moved aside (``.old-*``) once the
     new one is at ``path``. Where nothing is at ``path``, that old output is the only copy
     (a replacement killed between its two renames): it is named in a warning, kept. Without
     the lock, all are named in a warning, not removed: one may be another process's write
     in progress."""
+    clear_leftovers(path)
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def clear_leftovers(path: Path) -> None:
+    """What killed writes of ``path`` left beside it, removed or named as
+    :func:`temp_sibling` says (removed only where this process holds ``path``'s lock)."""
     stale = temporaries(path.parent, path.name)
-    if locked:
-        placed = path.exists() or path.is_symlink()
+    if holds_output_lock(path):
+        # an output at the path (not a folder made empty meanwhile, e.g. by mkdir -p)
+        placed = path.is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir()))
         for left in [p for p in stale if placed or ".tmp-" in p.name]:
             logger.warning("%s: removing %s, left by a write that did not finish", path, left.name)
             remove_path(left)
@@ -541,7 +611,6 @@ def temp_sibling(path: Path, *, locked: bool = False) -> Path:
             "them" if len(stale) > 1 else "it",
             path.name,
         )
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
 def remove_path(path: Path, attempts: int = 50) -> None:

@@ -471,8 +471,10 @@ def test_half_precision_embeddings_mine_on_float32_distances(distance):
         assert z.dtype == torch.bfloat16
         got, t = loss(z, y)
     want, t32 = loss(z.detach().float(), y)
+    mined = mine_triplets(z.detach(), y, negative="hardest", distance=distance)
     for name in ("anchor", "positive", "negative"):
         torch.testing.assert_close(getattr(t, name), getattr(t32, name))
+        torch.testing.assert_close(getattr(mined, name), getattr(t32, name))
     torch.testing.assert_close(got, want)
     got.backward()
     assert lin.weight.grad is not None and bool(torch.isfinite(lin.weight.grad).all())

@@ -189,9 +189,9 @@ class StoreWriter:
         make_parent(self.path)
         # held until close or abort: no other process writes the store meanwhile
         self._lock = contextlib.ExitStack()
-        locked = self._lock.enter_context(output_lock(self.path, A_STORE))
+        self._lock.enter_context(output_lock(self.path, A_STORE))
         try:
-            self.tmp = temp_sibling(self.path, locked=locked)
+            self.tmp = temp_sibling(self.path)
         except BaseException:
             self._lock.close()
             raise

@@ -372,8 +372,8 @@ def mine_triplets(
         (``relatives="resolved"``, module docstring).
     """
     with torch.no_grad():
-        if dist_nn is None:
-            d = pairwise_distance(z_nk, distance).float()
+        if dist_nn is None:  # (in float32 at least, as the loss mines)
+            d = pairwise_distance(_at_least_float32(z_nk), distance).float()
         else:
             d = dist_nn.detach().to(z_nk.device).float()
             if bool((d < 0).any()):  # (NaN is not < 0: a NaN costs only its own pairs)
@@ -540,8 +540,7 @@ class TripletLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, Triplets]:
         rules = (self.related_ll, study_n, self.margin, self.negative, generator, self.ancestor_ll)
-        if z_nk.dtype in (torch.float16, torch.bfloat16):  # (a CPU autocast's embeddings)
-            z_nk = z_nk.float()  # distances that mine within a margin: never in half precision
+        z_nk = _at_least_float32(z_nk)  # (a CPU autocast's embeddings are bf16)
         if self.distance == "cosine":  # distances without autograd; the hinge's own backward
             z = nn.functional.normalize(z_nk, dim=1)
             with torch.no_grad():
@@ -563,6 +562,12 @@ class TripletLoss(nn.Module):
             return z_nk.sum() * 0.0, t
         d_ap, d_an = _triplet_distances(d, t)
         return (d_ap - d_an + self.margin).clamp_min(0.0).mean(), t
+
+
+def _at_least_float32(z: torch.Tensor) -> torch.Tensor:
+    """``z`` in float32 where it is in half precision: distances that mine within a margin
+    (0.05) are never computed in bf16 (steps of 0.004) or float16."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
 
 
 def _triplet_distances(d: torch.Tensor, t: Triplets) -> tuple[torch.Tensor, torch.Tensor]:

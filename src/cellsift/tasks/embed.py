@@ -46,6 +46,7 @@ import torch.distributed as dist
 from .._utils import (
     atomic_path,
     check_replaceable,
+    clear_leftovers,
     holds,
     import_optional,
     is_whole,
@@ -543,6 +544,7 @@ def _finalize(
             "shards": shards,
         }
     )
+    clear_leftovers(out)  # (an old store a killed replacement left beside it, ...)
     place_output(staging, out, overwrite, _REPLACES, _WHAT)  # (checked again as placed)
     logger.info(
         "embedded %d cells into %s (%d shard%s)",
