@@ -72,6 +72,24 @@ def test_cells_whose_total_passes_float32s_largest_are_scaled_not_zeroed(adata, 
     assert int((got.sum(1) > 0).sum()) == adata.n_obs - 1  # (only the empty cell is empty)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int64])
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])
+def test_densify_gives_what_torch_gives(dtype, index):
+    """The CPU kernel against torch's own to_dense: unsorted and repeated genes in a row
+    (summed), empty rows and an empty batch, each value and index type."""
+    crow = torch.tensor([0, 3, 3, 6, 6], dtype=index)
+    col = torch.tensor([4, 1, 4, 0, 5, 2], dtype=index)
+    values = torch.tensor([1, 2, 3, 4, 5, 6]).to(dtype)
+    for x in (
+        torch.sparse_csr_tensor(crow, col, values, size=(4, 6)),
+        torch.sparse_csr_tensor(crow[:1], col[:0], values[:0], size=(0, 6)),
+    ):
+        got = Densify().transform(x)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, x.to_dense(), rtol=0, atol=0)
+    assert Densify().transform(x).shape == (0, 6)
+
+
 def test_zscore_and_subset(adata):
     x = default_pipeline()({"x_ng": _csr(adata.X)})["x_ng"]
     mean, std = x.mean(0).numpy(), x.std(0).numpy()  # unbiased, as sc.pp.scale

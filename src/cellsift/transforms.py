@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -45,26 +44,27 @@ class _Transform(nn.Module):
 
 
 #: CSR value types scipy's routine takes (not bfloat16 or float16).
-_SCIPY_DTYPES = frozenset({torch.float32, torch.float64, torch.int32, torch.int64})
+_KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.int32, torch.int64})
 
 
 class Densify(_Transform):
     """Sparse CSR counts -> dense float tensor (on the batch's device).
 
-    On the CPU the matrix is filled by scipy's CSR routine into lazily zeroed memory, about
-    8x faster than ``torch.Tensor.to_dense`` (which first writes every zero).
+    On the CPU the matrix is zeroed and filled row by row in parallel (a numba kernel), much
+    faster than ``torch.Tensor.to_dense`` and than scipy's single-threaded ``toarray``.
     """
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout != torch.sparse_csr:
             return x
-        if x.device.type != "cpu" or x.requires_grad or x.dtype not in _SCIPY_DTYPES:
+        if x.device.type != "cpu" or x.requires_grad or x.dtype not in _KERNEL_DTYPES:
             return x.to_dense()
-        csr = sp.csr_matrix(
-            (x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()),
-            shape=tuple(x.shape),
-        )
-        return torch.from_numpy(csr.toarray())
+        from .nn._sparse_cpu import csr_to_dense
+
+        values = x.values().numpy()
+        out = np.empty(tuple(x.shape), dtype=values.dtype)
+        csr_to_dense(x.crow_indices().numpy(), x.col_indices().numpy(), values, out)
+        return torch.from_numpy(out)
 
 
 class NormalizeTotal(_Transform):
