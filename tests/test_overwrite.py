@@ -549,3 +549,44 @@ def test_writes_on_a_file_system_without_locks_and_a_writer_left_open(tmp_path, 
     with open_writer(tmp_path / "out.h5ad", var, overwrite=True) as second:
         second.append(np.ones((2, 3), np.float32), pd.DataFrame(index=["a", "b"]))
     assert ad.read_h5ad(tmp_path / "out.h5ad").n_obs == 2
+
+
+def test_a_lock_file_that_leads_nowhere_or_is_not_ones_own(tmp_path, monkeypatch):
+    """A lock file that is a link to nothing: an error naming it (it looped, holding
+    signals); one output through a linked folder: the same lock, this process's writer
+    named; another user's lock file, read-only, that NFS will not lock (EBADF): refused,
+    not written unlocked."""
+    import errno
+    import fcntl
+    import os
+
+    import pandas as pd
+
+    from cellsift.data.writers import open_writer
+    from cellsift.errors import OutputInUseError
+
+    (tmp_path / ".bundle.lock").symlink_to(tmp_path / "nowhere" / "x")
+    with pytest.raises(ConfigError, match=r"\.bundle\.lock, the lock file .* Remove it"):
+        _bundle(tmp_path / "bundle")
+    (tmp_path / ".bundle.lock").unlink()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    var = pd.DataFrame(index=["g0", "g1"])
+    with open_writer(tmp_path / "real" / "out.h5ad", var) as writer:
+        with pytest.raises(OutputInUseError, match="an earlier writer in this process"):
+            open_writer(tmp_path / "linked" / "out.h5ad", var)
+        writer.append(np.ones((1, 2), np.float32), pd.DataFrame(index=["a"]))
+    real_flock = fcntl.flock
+
+    def read_only(lock):  # (another user's file, 0644: opened to read)
+        return os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644), False, False
+
+    def nfs(fd, op):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(utils, "_open_lock", read_only)
+    monkeypatch.setattr(fcntl, "flock", nfs)
+    with pytest.raises(PermissionError, match=r"is another user's and cannot be locked"):
+        _bundle(tmp_path / "bundle")

@@ -88,6 +88,13 @@ def test_densify_gives_what_torch_gives(dtype, index):
         assert got.dtype == dtype
         torch.testing.assert_close(got, x.to_dense(), rtol=0, atol=0)
     assert Densify().transform(x).shape == (0, 6)
+    # a malformed batch (a row slice's pointer, a column outside the matrix): refused
+    for crow, col in (([2, 3, 5], [0, 1, 2, 3, 0]), ([0, 1, 2], [-1, 0]), ([0, 1, 2], [4, 0])):
+        bad = torch.sparse_csr_tensor(
+            torch.tensor(crow), torch.tensor(col), torch.ones(len(col)), size=(2, 4)
+        )
+        with pytest.raises(ValueError, match="Densify: a malformed CSR batch"):
+            Densify().transform(bad)
 
 
 def test_zscore_and_subset(adata):

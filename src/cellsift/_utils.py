@@ -425,6 +425,8 @@ def _rename(a: Path, b: Path, flags: int) -> bool:
 #: The lock files (absolute paths) this process holds: a write that finds one of them held
 #: is told that a writer of this very process is open, whatever the file's pid says.
 _HELD: set[str] = set()
+#: Opens of an output's lock file before giving up (it keeps vanishing as it is opened).
+LOCK_ATTEMPTS = 100
 #: What flock answers on a file system that keeps no locks (Lustre without -o flock, some
 #: NFS, CIFS and FUSE mounts).
 _NO_LOCKS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF})
@@ -434,9 +436,14 @@ def _lock_file(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
+def _held_key(lock: Path) -> str:
+    """The lock file's place, its folder's symlinks resolved (one output by two paths)."""
+    return os.path.join(os.path.realpath(lock.parent), lock.name)
+
+
 def holds_output_lock(path: str | os.PathLike[str]) -> bool:
     """Whether this process holds ``path``'s :func:`output_lock`."""
-    return os.path.abspath(_lock_file(Path(path))) in _HELD
+    return _held_key(_lock_file(Path(path))) in _HELD
 
 
 @contextlib.contextmanager
@@ -461,7 +468,7 @@ def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[boo
         yield False
         return
     lock = _lock_file(path)
-    key = os.path.abspath(lock)
+    key = _held_key(lock)
     if key in _HELD:
         raise OutputInUseError(
             f"{path} is being written by an earlier writer in this process ({what}) that "
@@ -494,7 +501,7 @@ def _take_lock(fcntl: Any, lock: Path, path: Path, what: str, resumes: bool) -> 
     """A descriptor of ``lock`` holding its flock; None where the file system keeps no
     locks. :class:`OutputInUseError` where another process holds it."""
     while True:
-        fd, made = _open_lock(lock)
+        fd, made, writable = _open_lock(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -514,6 +521,12 @@ def _take_lock(fcntl: Any, lock: Path, path: Path, what: str, resumes: bool) -> 
             ) from None
         except OSError as err:
             os.close(fd)
+            if err.errno == errno.EBADF and not writable:  # (NFS locks only what one may write)
+                raise PermissionError(
+                    f"{lock}, the lock file of {path}, is another user's and cannot be locked "
+                    "by this one here: if no run writes the output now, remove it (or let "
+                    "its owner make it group-writable), then write again."
+                ) from None
             if err.errno not in _NO_LOCKS:
                 raise
             if made:  # (only its own: another client of the file system may lock it)
@@ -536,22 +549,39 @@ def _take_lock(fcntl: Any, lock: Path, path: Path, what: str, resumes: bool) -> 
         os.close(fd)  # its holder removed it as we opened it: lock the one there now
 
 
-def _open_lock(lock: Path) -> tuple[int, bool]:
-    """A descriptor of the lock file, and whether this call made it."""
-    while True:
+def _open_lock(lock: Path) -> tuple[int, bool, bool]:
+    """A descriptor of the lock file, whether this call made it, and whether it is open for
+    writing (another user's file that this one may not write is opened to read: on a local
+    file system that locks too)."""
+    for _ in range(LOCK_ATTEMPTS):
         try:
-            return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+            return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True, True
         except FileExistsError:
             pass
-        try:
-            return os.open(lock, os.O_RDWR), False
-        except FileNotFoundError:
-            continue  # (removed meanwhile: made again)
-        except PermissionError:  # (another user's, not writable to this one: locks too)
+        for flags in (os.O_RDWR, os.O_RDONLY):
             try:
-                return os.open(lock, os.O_RDONLY), False
+                return os.open(lock, flags), False, flags == os.O_RDWR
             except FileNotFoundError:
-                continue
+                break  # (removed meanwhile, or a link to nothing: tried again, below)
+            except PermissionError:
+                if flags == os.O_RDONLY:
+                    raise
+    raise ConfigError(
+        f"{lock}, the lock file of an output, could not be opened {LOCK_ATTEMPTS} times: it "
+        "exists, but opening it finds nothing (a link to a file that is not there?). Remove "
+        "it, then write again."
+    )
+
+
+def _an_output_at(path: Path) -> bool:
+    """Whether ``path`` holds an output: not nothing, nor a folder made empty meanwhile
+    (by a script's ``mkdir -p``), nor one that cannot be listed (as if it were empty)."""
+    if path.is_symlink() or path.is_file():
+        return True
+    try:
+        return path.is_dir() and any(path.iterdir())
+    except OSError:
+        return False
 
 
 def temporaries(folder: Path, name: str | None = None) -> list[Path]:
@@ -585,13 +615,13 @@ def clear_leftovers(path: Path) -> None:
     """What killed writes of ``path`` left beside it, removed or named as
     :func:`temp_sibling` says (removed only where this process holds ``path``'s lock)."""
     stale = temporaries(path.parent, path.name)
-    if holds_output_lock(path):
-        # an output at the path (not a folder made empty meanwhile, e.g. by mkdir -p)
-        placed = path.is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir()))
-        for left in [p for p in stale if placed or ".tmp-" in p.name]:
+    old = [p for p in stale if p.name.rsplit(".", 1)[1].startswith("old-")]
+    if stale and holds_output_lock(path):
+        placed = _an_output_at(path) if old else True
+        for left in [p for p in stale if placed or p not in old]:
             logger.warning("%s: removing %s, left by a write that did not finish", path, left.name)
             remove_path(left)
-        for kept in [p for p in stale if not placed and ".old-" in p.name]:
+        for kept in [] if placed else old:
             logger.warning(
                 "%s: %s is the output this path held, moved aside by a replacement that did "
                 "not finish; move it back to %s to keep it",

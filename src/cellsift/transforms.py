@@ -57,13 +57,35 @@ class Densify(_Transform):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout != torch.sparse_csr:
             return x
-        if x.device.type != "cpu" or x.requires_grad or x.dtype not in _KERNEL_DTYPES:
+        if (
+            x.device.type != "cpu"
+            or x.requires_grad
+            or x.dtype not in _KERNEL_DTYPES
+            or x.ndim != 2  # (batched, or with dense dimensions: torch's own)
+            or x.values().ndim != 1
+        ):
             return x.to_dense()
         from .nn._sparse_cpu import csr_to_dense
 
-        values = x.values().numpy()
+        values, crow = x.values().numpy(), x.crow_indices().numpy()
+        steps = np.diff(crow)
+        if (
+            len(crow) != x.shape[0] + 1
+            or crow[0] != 0
+            or crow[-1] != len(values)
+            or (steps < 0).any()
+        ):
+            raise ValueError(
+                f"Densify: a malformed CSR batch (row pointer from {crow[0]} to {crow[-1]} "
+                f"over {len(values)} values, {int((steps < 0).sum())} rows of negative length)."
+            )
         out = np.empty(tuple(x.shape), dtype=values.dtype)
-        csr_to_dense(x.crow_indices().numpy(), x.col_indices().numpy(), values, out)
+        outside = csr_to_dense(crow, x.col_indices().numpy(), values, out)
+        if outside:
+            raise ValueError(
+                f"Densify: a malformed CSR batch ({outside} column indices outside its "
+                f"{x.shape[1]} columns)."
+            )
         return torch.from_numpy(out)
 
 

@@ -45,12 +45,21 @@ def _csr_times_rows(indptr, indices, data, w_gh, gene_bounds, out):  # type: ign
 def csr_to_dense(indptr, indices, data, out):  # type: ignore[no-untyped-def]
     """out = the CSR matrix, dense (duplicates summed, as scipy's toarray). Rows in parallel,
     each zeroed and filled by its own thread: the page faults of fresh memory (most of the
-    cost for a batch of 1000 x 28k) are taken by all cores, not one."""
+    cost for a batch of 1000 x 28k) are taken by all cores, not one. Returns the number of
+    column indices outside the matrix (left out; the caller refuses the batch). ``indptr``
+    is the caller's to check (from 0 to ``len(data)``, never decreasing)."""
+    n = out.shape[1]
+    outside = 0
     for i in numba.prange(out.shape[0]):
         o = out[i]
         o[:] = 0
         for q in range(indptr[i], indptr[i + 1]):
-            o[indices[q]] += data[q]
+            j = indices[q]
+            if 0 <= j < n:
+                o[j] += data[q]
+            else:
+                outside += 1
+    return outside
 
 
 _GRAD_GENES = 16  # genes per block of the weight gradient: one 64-byte line per hidden unit

@@ -171,6 +171,7 @@ def embed_collection(
     }
     if devices > 1 and not (dist.is_available() and dist.is_initialized()):
         with output_lock(out, _LOCKED_BY, resumes=True):  # (the ranks leave it to this process)
+            clear_leftovers(out)  # (here, where the lock is held)
             _spawn_ranks(model, source, out, devices, kwargs)
         return out
     return _embed_rank(model, source, out, **kwargs)
