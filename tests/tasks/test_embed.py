@@ -896,7 +896,7 @@ def test_two_ranks_write_one_shard_each_and_match_one_process(
 
     model = MetricModel.load(bundle)
     one = embed_collection(model, synthetic_h5ad, tmp_path / "one.zarr", batch_size=500)
-    (tmp_path / ".two.zarr.old-0123abcd").mkdir()  # (what a killed replacement left: removed)
+    (tmp_path / ".two.zarr.tmp-0123abcd").mkdir()  # (what a killed write left: removed)
     two = embed_collection(model, synthetic_h5ad, tmp_path / "two.zarr", batch_size=500, devices=2)
     e1, m1 = load_embeddings(one)
     e2, m2 = load_embeddings(two)
