@@ -34,11 +34,25 @@ def _csr_times_rows(indptr, indices, data, w_gh, gene_bounds, out):  # type: ign
             lo = start + np.searchsorted(indices[start:stop], g0)
             hi = start + np.searchsorted(indices[start:stop], g1)
             o = out[i]
-            for q in range(lo, hi):
+            q = lo
+            # four stored values per pass over the output row (a quarter of its loads and
+            # stores), each added in turn: the same sums, rounded in the same order
+            while q + 3 < hi:
+                v0, v1, v2, v3 = data[q], data[q + 1], data[q + 2], data[q + 3]
+                w0, w1 = w_gh[indices[q]], w_gh[indices[q + 1]]
+                w2, w3 = w_gh[indices[q + 2]], w_gh[indices[q + 3]]
+                for k in range(h):
+                    t = o[k] + v0 * w0[k]
+                    t = t + v1 * w1[k]
+                    t = t + v2 * w2[k]
+                    o[k] = t + v3 * w3[k]
+                q += 4
+            while q < hi:
                 v = data[q]
                 w = w_gh[indices[q]]
                 for k in range(h):
                     o[k] += v * w[k]
+                q += 1
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
