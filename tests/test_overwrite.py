@@ -566,8 +566,31 @@ def test_a_lock_file_that_leads_nowhere_or_is_not_ones_own(tmp_path, monkeypatch
     from cellsift.errors import OutputInUseError
 
     (tmp_path / ".bundle.lock").symlink_to(tmp_path / "nowhere" / "x")
-    with pytest.raises(ConfigError, match=r"\.bundle\.lock, the lock file .* Remove it"):
+    with pytest.raises(ConfigError, match=r"\.bundle\.lock, the lock file .* is a link, not"):
         _bundle(tmp_path / "bundle")
+    (tmp_path / ".bundle.lock").unlink()
+    (tmp_path / "notes.txt").write_text("kept")  # (a link to a file: never written through)
+    (tmp_path / ".bundle.lock").symlink_to(tmp_path / "notes.txt")
+    with pytest.raises(ConfigError, match=r"\.bundle\.lock, the lock file .* is a link, not"):
+        _bundle(tmp_path / "bundle")
+    assert (tmp_path / "notes.txt").read_text() == "kept"
+    (tmp_path / ".bundle.lock").unlink()
+    (tmp_path / ".bundle.lock").mkdir()
+    with pytest.raises(ConfigError, match=r"\.bundle\.lock, the lock file .* is a folder, not"):
+        _bundle(tmp_path / "bundle")
+    (tmp_path / ".bundle.lock").rmdir()
+    unlink = os.unlink
+
+    def sticky(path, *args, **kwargs):  # (another user's lock file in /scratch: stays)
+        if str(path).endswith(".bundle.lock"):
+            raise PermissionError(1, "Operation not permitted")
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", sticky)
+    _bundle(tmp_path / "bundle")
+    _bundle(tmp_path / "bundle", width=6, overwrite=True)  # (released: written again)
+    monkeypatch.undo()
+    assert _width(tmp_path / "bundle") == 6
     (tmp_path / ".bundle.lock").unlink()
     (tmp_path / "real").mkdir()
     (tmp_path / "linked").symlink_to(tmp_path / "real")
@@ -589,4 +612,4 @@ def test_a_lock_file_that_leads_nowhere_or_is_not_ones_own(tmp_path, monkeypatch
     monkeypatch.setattr(utils, "_open_lock", read_only)
     monkeypatch.setattr(fcntl, "flock", nfs)
     with pytest.raises(PermissionError, match=r"is another user's and cannot be locked"):
-        _bundle(tmp_path / "bundle")
+        _bundle(tmp_path / "other")

@@ -95,6 +95,14 @@ def test_densify_gives_what_torch_gives(dtype, index):
         )
         with pytest.raises(ValueError, match="Densify: a malformed CSR batch"):
             Densify().transform(bad)
+    no_rows = torch.sparse_csr_tensor(  # (torch builds it; its row pointer is empty)
+        torch.tensor([], dtype=torch.int64),
+        torch.tensor([], dtype=torch.int64),
+        torch.ones(0),
+        size=(0, 3),
+    )
+    with pytest.raises(ValueError, match="a row pointer of 0 entries for 0 rows"):
+        Densify().transform(no_rows)
 
 
 def test_zscore_and_subset(adata):

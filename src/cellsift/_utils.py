@@ -492,8 +492,10 @@ def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[boo
     finally:
         if fd is not None:
             _HELD.discard(key)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)  # (held: a process waiting on this file retries on the next)
+            # (held: a process waiting on this file retries on the next; another user's in a
+            # folder with the sticky bit, which only its owner may remove, stays)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
             os.close(fd)
 
 
@@ -553,6 +555,7 @@ def _open_lock(lock: Path) -> tuple[int, bool, bool]:
     """A descriptor of the lock file, whether this call made it, and whether it is open for
     writing (another user's file that this one may not write is opened to read: on a local
     file system that locks too)."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)  # (a link's target is no lock file of ours)
     for _ in range(LOCK_ATTEMPTS):
         try:
             return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True, True
@@ -560,12 +563,20 @@ def _open_lock(lock: Path) -> tuple[int, bool, bool]:
             pass
         for flags in (os.O_RDWR, os.O_RDONLY):
             try:
-                return os.open(lock, flags), False, flags == os.O_RDWR
+                return os.open(lock, flags | nofollow), False, flags == os.O_RDWR
             except FileNotFoundError:
-                break  # (removed meanwhile, or a link to nothing: tried again, below)
+                break  # (removed meanwhile: tried again, below)
             except PermissionError:
                 if flags == os.O_RDONLY:
                     raise
+            except OSError as err:  # a link (ELOOP under O_NOFOLLOW), a folder
+                if err.errno in (errno.ELOOP, errno.EISDIR):
+                    raise ConfigError(
+                        f"{lock}, the lock file of an output, is a "
+                        f"{'link' if lock.is_symlink() else 'folder'}, not a file: remove it, "
+                        "then write again."
+                    ) from None
+                raise
     raise ConfigError(
         f"{lock}, the lock file of an output, could not be opened {LOCK_ATTEMPTS} times: it "
         "exists, but opening it finds nothing (a link to a file that is not there?). Remove "

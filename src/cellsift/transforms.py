@@ -68,13 +68,13 @@ class Densify(_Transform):
         from .nn._sparse_cpu import csr_to_dense
 
         values, crow = x.values().numpy(), x.crow_indices().numpy()
+        if len(crow) != x.shape[0] + 1:
+            raise ValueError(
+                f"Densify: a malformed CSR batch (a row pointer of {len(crow)} entries for "
+                f"{x.shape[0]} rows)."
+            )
         steps = np.diff(crow)
-        if (
-            len(crow) != x.shape[0] + 1
-            or crow[0] != 0
-            or crow[-1] != len(values)
-            or (steps < 0).any()
-        ):
+        if crow[0] != 0 or crow[-1] != len(values) or (steps < 0).any():
             raise ValueError(
                 f"Densify: a malformed CSR batch (row pointer from {crow[0]} to {crow[-1]} "
                 f"over {len(values)} values, {int((steps < 0).sum())} rows of negative length)."

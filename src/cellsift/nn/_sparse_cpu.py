@@ -36,7 +36,8 @@ def _csr_times_rows(indptr, indices, data, w_gh, gene_bounds, out):  # type: ign
             o = out[i]
             q = lo
             # four stored values per pass over the output row (a quarter of its loads and
-            # stores), each added in turn: the same sums, rounded in the same order
+            # stores), each added in turn: for float32 values and weights (what csr_linear
+            # passes) the same sums, rounded in the same order
             while q + 3 < hi:
                 v0, v1, v2, v3 = data[q], data[q + 1], data[q + 2], data[q + 3]
                 w0, w1 = w_gh[indices[q]], w_gh[indices[q + 1]]
