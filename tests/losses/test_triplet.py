@@ -480,6 +480,24 @@ def test_half_precision_embeddings_mine_on_float32_distances(distance):
     assert lin.weight.grad is not None and bool(torch.isfinite(lin.weight.grad).all())
 
 
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_a_nan_embedding_spoils_only_its_own_gradient(distance):
+    """A row of NaN (no triplet holds it: its distances are NaN): the loss stays finite, and
+    the other rows' gradients are those of the batch without it (a 0 x NaN term in the
+    backward's products made every row's NaN)."""
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(24, 8, generator=g), torch.randint(0, 4, (24,), generator=g)
+    z[3] = float("nan")
+    z.requires_grad_(True)
+    loss, t = TripletLoss(negative="hardest", distance=distance, margin=0.5)(z, y)
+    loss.backward()
+    assert bool(torch.isfinite(loss)) and not bool(((t.anchor == 3) | (t.negative == 3)).any())
+    rest = torch.arange(24) != 3
+    assert z.grad is not None and bool(torch.isfinite(z.grad[rest]).all())
+    d = pairwise_distance(z.detach(), distance)
+    assert bool(d[3, rest].isnan().all()) and bool(d[rest][:, rest].isfinite().all())
+
+
 def test_euclidean_distances_stay_in_float32_under_autocast():
     """Mining compares distances within a margin: under bf16 autocast the euclidean distance
     is computed in float32, as the cosine one is."""

@@ -54,8 +54,9 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
     Differentiable, with finite gradients where distances are 0 (the diagonal): the
     euclidean square root is taken only of positive squared distances, of rows centred on
     their mean first (distances do not change; ``|a|^2 + |b|^2 - 2 a.b`` of rows far from
-    the origin would lose the distance to rounding). A row that is not finite is left out
-    of the mean: its own distances alone are NaN or infinite.
+    the origin would lose the distance to rounding). A row that is not finite (a diverged
+    model's) has NaN distances, and neither they nor it reach the other rows' gradients
+    (a 0 x NaN term in a product would make every row's NaN).
     """
     _check_choice("distance", distance, Distance)
     if distance == "cosine":
@@ -63,15 +64,23 @@ def pairwise_distance(z_nk: torch.Tensor, distance: Distance = "cosine") -> torc
     with torch.autocast(z_nk.device.type, enabled=False):  # (as cosine's: not in bf16)
         finite = torch.isfinite(z_nk).all(1, keepdim=True)
         kept = torch.where(finite, z_nk, 0.0)
-        z_nk = z_nk - kept.sum(0) / finite.sum().clamp_min(1)
+        z_nk = torch.where(finite, z_nk - kept.sum(0) / finite.sum().clamp_min(1), 0.0)
         sq = (z_nk * z_nk).sum(1)
         d2 = torch.addmm(sq[:, None], z_nk, z_nk.T, alpha=-2.0).add_(sq[None, :])
         d2.fill_diagonal_(0.0)  # not the rounding error of |z|^2 + |z|^2 - 2 z.z
-        zero = d2 <= 0  # (NaN is not: a NaN embedding's distances stay NaN)
-        return torch.where(zero, 0.0, torch.where(zero, 1.0, d2).sqrt())
+        zero = d2 <= 0
+        d = torch.where(zero, 0.0, torch.where(zero, 1.0, d2).sqrt())
+        spoilt = torch.where(finite[:, 0], 0.0, float("nan")).to(d.dtype)
+        return d + spoilt[:, None] + spoilt[None, :]  # (the rows that are not finite: NaN)
 
 
 _SYMMETRIC_FROM = 256  # rows from which the Gram matrix is computed by symmetric blocks
+
+
+def _finite_rows(z: torch.Tensor) -> torch.Tensor:
+    """``z`` with its rows that are not finite as zeros: for the gradient's products, where
+    such a row's weights are 0 (mining gives it no triplet) but 0 x NaN is NaN."""
+    return torch.where(torch.isfinite(z).all(1, keepdim=True), z, 0.0)
 
 
 def _cosine_distances(z: torch.Tensor) -> torch.Tensor:
@@ -112,6 +121,7 @@ class _CosineDistance(torch.autograd.Function):
         z, d = ctx.saved_tensors
         with torch.autocast(z.device.type, enabled=False):
             g = grad.to(z.dtype).masked_fill(d <= 0, 0.0)  # relu: no gradient where clipped
+            z = _finite_rows(z)  # (a NaN row's 0 x NaN would spoil every row's gradient)
             return torch.mm(g, z).addmm_(g.T, z).neg_()  # (G + G.T) z; BLAS reads G.T in place
 
 
@@ -154,7 +164,8 @@ class _CosineTripletHinge(torch.autograd.Function):
             w_an = w_an * grad.to(z.dtype)
             w = torch.cat([-w_an, -w_an, w_an, w_an])
             w_nn = torch.zeros(n * n, dtype=z.dtype, device=z.device).index_add_(0, at, w)
-            return torch.mm(w_nn.view(n, n), z), None, None, None, None, None, None
+            # (a row no triplet holds, NaN: its 0 x NaN would spoil every row's gradient)
+            return torch.mm(w_nn.view(n, n), _finite_rows(z)), None, None, None, None, None, None
 
 
 @dataclass
