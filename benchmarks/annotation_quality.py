@@ -35,7 +35,6 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -120,22 +119,19 @@ def cellsift_embed(
         obs_filter=lambda obs: (obs[group_key].astype(str) != held).to_numpy() & ~exclude,
         **SMALL_ATLAS_LOADER,
     )
-    root = tempfile.mkdtemp(prefix="cellsift-bench-")  # (what a killed run saves: kept)
-    try:
-        model.train(
-            dm,
-            accelerator="auto",
-            devices=1,
-            default_root_dir=root,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            **TRAIN,
-        )
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(root)  # (empty unless the run was stopped)
+    root = tempfile.mkdtemp(prefix="cellsift-bench-")  # (what a stopped run saves: kept)
+    model.train(
+        dm,
+        accelerator="auto",
+        devices=1,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **TRAIN,
+    )
+    os.rmdir(root)  # (empty: the run finished)
     return model.embed(ad.read_h5ad(path)), model
 
 
