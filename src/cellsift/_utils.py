@@ -465,6 +465,7 @@ def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[boo
     try:
         import fcntl
     except ImportError:  # (Windows)
+        clear_leftovers(path)  # (named only: unlocked)
         yield False
         return
     lock = _lock_file(path)
@@ -482,6 +483,7 @@ def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[boo
             fd = _take_lock(fcntl, lock, path, what, resumes)
             if fd is not None:
                 _HELD.add(key)
+        clear_leftovers(path)  # (removed where the lock is held, else named)
         if fd is None:
             yield False
             return
@@ -608,23 +610,20 @@ def temporaries(folder: Path, name: str | None = None) -> list[Path]:
 
 
 def temp_sibling(path: Path) -> Path:
-    """A hidden, unique path beside ``path`` to write into before moving it into place.
-
-    Temporary outputs of ``path`` already there are what a process killed outright (by
-    SIGKILL, the out-of-memory killer or a power cut) left. Where the caller holds
-    ``path``'s :func:`output_lock` no other process writes them: they are
-    removed, and so is an old output that a replacement moved aside (``.old-*``) once the
-    new one is at ``path``. Where nothing is at ``path``, that old output is the only copy
-    (a replacement killed between its two renames): it is named in a warning, kept. Without
-    the lock, all are named in a warning, not removed: one may be another process's write
-    in progress."""
-    clear_leftovers(path)
+    """A hidden, unique path beside ``path`` to write into before moving it into place
+    (what killed writes left there: :func:`clear_leftovers`, as the lock is taken)."""
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
 def clear_leftovers(path: Path) -> None:
-    """What killed writes of ``path`` left beside it, removed or named as
-    :func:`temp_sibling` says (removed only where this process holds ``path``'s lock)."""
+    """What killed writes of ``path`` left beside it, called by :func:`output_lock` as it
+    takes the lock. Temporary outputs are what a process killed outright (by SIGKILL, the
+    out-of-memory killer or a power cut) left. Where this process holds ``path``'s lock no
+    other process writes them: they are removed, and so is an old output that a
+    replacement moved aside (``.old-*``) once an output is at ``path``. Where nothing is at
+    ``path``, that old output is the only copy (a replacement killed between its two
+    renames): it is named in a warning, kept. Without the lock, all are named in a
+    warning, not removed: one may be another process's write in progress."""
     stale = temporaries(path.parent, path.name)
     old = [p for p in stale if p.name.rsplit(".", 1)[1].startswith("old-")]
     if stale and holds_output_lock(path):

@@ -43,7 +43,7 @@ class _Transform(nn.Module):
         raise NotImplementedError
 
 
-#: CSR value types scipy's routine takes (not bfloat16 or float16).
+#: CSR value types the CPU kernel takes (not bfloat16 or float16: torch's own).
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.int32, torch.int64})
 
 

@@ -384,7 +384,7 @@ def mine_triplets(
     """
     with torch.no_grad():
         if dist_nn is None:  # (in float32 at least, as the loss mines)
-            d = pairwise_distance(_at_least_float32(z_nk), distance).float()
+            d = pairwise_distance(_no_half(z_nk), distance).float()
         else:
             d = dist_nn.detach().to(z_nk.device).float()
             if bool((d < 0).any()):  # (NaN is not < 0: a NaN costs only its own pairs)
@@ -551,7 +551,7 @@ class TripletLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, Triplets]:
         rules = (self.related_ll, study_n, self.margin, self.negative, generator, self.ancestor_ll)
-        z_nk = _at_least_float32(z_nk)  # (a CPU autocast's embeddings are bf16)
+        z_nk = _no_half(z_nk)  # (a CPU autocast's embeddings are bf16)
         if self.distance == "cosine":  # distances without autograd; the hinge's own backward
             z = nn.functional.normalize(z_nk, dim=1)
             with torch.no_grad():
@@ -575,7 +575,7 @@ class TripletLoss(nn.Module):
         return (d_ap - d_an + self.margin).clamp_min(0.0).mean(), t
 
 
-def _at_least_float32(z: torch.Tensor) -> torch.Tensor:
+def _no_half(z: torch.Tensor) -> torch.Tensor:
     """``z`` in float32 where it is in half precision: distances that mine within a margin
     (0.05) are never computed in bf16 (steps of 0.004) or float16."""
     return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z

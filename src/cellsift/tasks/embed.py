@@ -46,7 +46,6 @@ import torch.distributed as dist
 from .._utils import (
     atomic_path,
     check_replaceable,
-    clear_leftovers,
     holds,
     import_optional,
     is_whole,
@@ -171,7 +170,6 @@ def embed_collection(
     }
     if devices > 1 and not (dist.is_available() and dist.is_initialized()):
         with output_lock(out, _LOCKED_BY, resumes=True):  # (the ranks leave it to this process)
-            clear_leftovers(out)  # (here, where the lock is held)
             _spawn_ranks(model, source, out, devices, kwargs)
         return out
     return _embed_rank(model, source, out, **kwargs)
@@ -545,7 +543,6 @@ def _finalize(
             "shards": shards,
         }
     )
-    clear_leftovers(out)  # (an old store a killed replacement left beside it, ...)
     place_output(staging, out, overwrite, _REPLACES, _WHAT)  # (checked again as placed)
     logger.info(
         "embedded %d cells into %s (%d shard%s)",
