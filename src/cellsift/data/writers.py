@@ -190,11 +190,7 @@ class StoreWriter:
         # held until close or abort: no other process writes the store meanwhile
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(output_lock(self.path, A_STORE))
-        try:
-            self.tmp = temp_sibling(self.path)
-        except BaseException:
-            self._lock.close()
-            raise
+        self.tmp = temp_sibling(self.path)  # (a name: leftovers are the lock's to clear)
         with self._setting_up():
             self.var = _clean_frame(var)
             if not self.var.index.is_unique:
