@@ -259,7 +259,7 @@ def test_loss_is_mean_hinge_with_the_formulas_gradient(negative, dtype, path):
     torch.testing.assert_close(got, ref, **tol)
 
 
-@pytest.mark.parametrize("n", [7, 300, 301])  # below and above the symmetric blocks, odd halves
+@pytest.mark.parametrize("n", [7, 300, 301])
 def test_cosine_distance_matches_autograd_of_the_formula(n):
     z = torch.randn(n, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     z[1] = z[0] * 2.0  # a pair at distance 0 (as the diagonal): where the relu may clip
