@@ -1,0 +1,41 @@
+"""The compiled passes of :mod:`cellsift.data._values`, at module level so that numba's
+cache finds them again: kernels defined inside a function are keyed by their closure, which
+differs in every process, so each process compiled them anew (about 1.5 s) and added them to
+a cache that only grew. Imported on first use: ``import cellsift`` stays light."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._values import WHOLE_TOL
+
+
+@numba.njit(inline="always")
+def _is_count(v, tol, one):  # type: ignore[no-untyped-def]
+    # the distance to the nearer whole number, without rounding v + 0.5 (which, from 2**23
+    # in float32, rounds an odd whole number up to the next even one)
+    f = v - np.floor(v)
+    return (v >= 0) and (v < np.inf) and (min(f, one - f) <= tol)  # (NaN fails them)
+
+
+@numba.njit(cache=True, nogil=True)
+def count(data):  # type: ignore[no-untyped-def]
+    """Values that are not counts, and zeros (every value read: it vectorises)."""
+    bad = 0
+    zeros = 0
+    tol, one = data.dtype.type(WHOLE_TOL), data.dtype.type(1.0)
+    for i in range(data.shape[0]):
+        bad += np.int64(not _is_count(data[i], tol, one))
+        zeros += np.int64(data[i] == 0)
+    return bad, zeros
+
+
+@numba.njit(cache=True, nogil=True)
+def first(data):  # type: ignore[no-untyped-def]
+    """Position of the first value that is not a count, or -1 (stops there)."""
+    tol, one = data.dtype.type(WHOLE_TOL), data.dtype.type(1.0)
+    for i in range(data.shape[0]):
+        if not _is_count(data[i], tol, one):
+            return i
+    return -1

@@ -1,0 +1,48 @@
+"""The compiled kernels are found again in numba's cache by the next process: it compiles
+nothing and adds nothing (a kernel whose cache key differs per process would compile anew in
+every process and grow the cache without end)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+SCRIPT = """
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from cellsift.data._values import first_fault
+from cellsift.losses import mine_triplets
+from cellsift.nn._sparse_cpu import csr_linear
+from cellsift.transforms import Densify
+
+for dtype in (np.float32, np.float64):
+    first_fault(np.array([1, 0, 2.5], dtype=dtype))
+z = torch.nn.functional.normalize(torch.randn(40, 8), dim=1)
+y = torch.arange(40) % 4
+for mode in ("semihard", "hardest"):
+    mine_triplets(z, y, study_n=torch.arange(40) % 2, negative=mode)
+x = sp.random(16, 30, density=0.3, format="csr", dtype=np.float32, random_state=0)
+t = torch.sparse_csr_tensor(
+    torch.from_numpy(x.indptr).long(), torch.from_numpy(x.indices).long(),
+    torch.from_numpy(x.data), size=x.shape,
+)
+w = torch.randn(5, 30, requires_grad=True)
+csr_linear(t, w, None, np.ascontiguousarray(w.detach().numpy().T)).sum().backward()
+Densify().transform(t)
+"""
+
+
+def test_a_second_process_compiles_nothing_new(tmp_path):
+    cache = tmp_path / "numba-cache"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+
+    def run() -> dict[str, int]:
+        subprocess.run([sys.executable, "-c", SCRIPT], env=env, check=True, timeout=600)
+        return {str(p.relative_to(cache)): p.stat().st_size for p in cache.rglob("*.nb*")}
+
+    first = run()
+    assert any(name.endswith(".nbc") for name in first)  # (the kernels were cached at all)
+    assert run() == first
