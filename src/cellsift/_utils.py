@@ -682,6 +682,13 @@ def in_obs_order(values: pd.Series, obs_names: pd.Index, what: str) -> Any:
     index = values.index.astype(str)
     if index.equals(obs_names) or values.index.equals(pd.RangeIndex(len(values))):
         return values.array
+    if obs_names.has_duplicates:
+        raise ValueError(
+            f"{what} is a Series in another order than the cells, and the obs names repeat "
+            f"(e.g. {obs_names[obs_names.duplicated()][0]!r}), so it cannot be aligned to the "
+            f"cells by name: pass its values in obs order ({what}.to_numpy()), or make the "
+            "names unique first (adata.obs_names_make_unique())."
+        )
     if index.has_duplicates or not obs_names.isin(index).all():
         raise ValueError(
             f"{what} is a Series whose index is not the cells' obs names: index it by "
@@ -744,6 +751,14 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
                 f"{list(missing[:3])}."
             )
         mask = np.asarray(adata.obs_names.isin(names))
+        repeated = adata.obs_names[adata.obs_names.duplicated()].intersection(names)
+        if len(repeated):
+            raise ValueError(
+                f"{what}: obs names repeat, and {len(repeated)} of those given name several "
+                f"cells (e.g. {repeated[0]!r}: {int((adata.obs_names == repeated[0]).sum())} "
+                "cells), so names cannot tell them apart: pass a boolean mask, or make the "
+                "names unique first (adata.obs_names_make_unique())."
+            )
     if not mask.any():
         raise ValueError(f"{what} is empty: select at least one cell.")
     return mask

@@ -7,6 +7,7 @@ cs.tl.annotate(adata, index, model=model)       # obs["cellsift_cell_type"], ...
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Literal
 
@@ -347,7 +348,8 @@ def search_centroid(
     cells?), which warns when the set looks heterogeneous. It clusters the set's cell
     embeddings (``obsm[use_rep]`` when present, else embedded here), searches with each
     cluster's counts summed and embedded as the set's are, and compares those hits with
-    the ones returned.
+    the ones returned. Its ``cluster_n`` holds one cluster per cell of the set, in obs
+    order: -1 for a cell without counts in the model's genes, which sits out the check.
     """
     index.check_model(model)
     mask = np.ones(adata.n_obs, dtype=bool) if cells is None else cell_mask(adata, cells)
@@ -381,9 +383,12 @@ def search_centroid(
             )
             return np.asarray(model.embed_aligned(sp.csr_matrix(onehot @ x, dtype=np.float32)))
 
-        result.qc = query_coherence(
+        checked = query_coherence(
             index, z, k, filter=filter, hits=result.indices[0], embed_clusters=embed_clusters
         )
+        cluster_n = np.full(len(rows), -1, dtype=np.int64)  # one per cell of the set
+        cluster_n[counted] = checked.cluster_n
+        result.qc = dataclasses.replace(checked, cluster_n=cluster_n)
     return result
 
 

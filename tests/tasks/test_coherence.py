@@ -87,3 +87,22 @@ def test_given_hits_and_cluster_queries_are_what_is_compared():
     assert qc.coherence == pytest.approx(1.0)
     with pytest.raises(ValueError, match="one embedding per cluster"):
         query_coherence(index, query, k=50, embed_clusters=lambda c: z[:1])
+
+
+def test_one_set_of_cells_is_one_result_in_any_order():
+    """k-means draws its starting centroids by row position: the cells are clustered in an
+    order of their values, so the obs order of the same cells changes nothing."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 32))
+    pop = np.repeat(np.arange(4), 400)
+    z = centers[pop] + 0.9 * rng.normal(size=(len(pop), 32))
+    z = (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float32)
+    index = CellIndex.build(z, engine="exact")
+    query = np.concatenate([z[pop == 0][:60], z[pop == 1][:20]])  # a 75/25 mix
+    want = query_coherence(index, query, k=50, warn_below=None)
+    for seed in range(8):
+        order = np.random.default_rng(seed).permutation(len(query))
+        got = query_coherence(index, query[order], k=50, warn_below=None)
+        assert got.coherence == want.coherence
+        pd.testing.assert_frame_equal(got.clusters, want.clusters)
+        np.testing.assert_array_equal(got.cluster_n, want.cluster_n[order])

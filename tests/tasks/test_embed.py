@@ -273,6 +273,47 @@ def test_centroid_search_of_cells_without_counts_names_them(bundle, synthetic_h5
     np.testing.assert_array_equal(full.indices, index.search(model.embed(bulk), 5).indices)
 
 
+def test_centroid_check_names_each_cell_of_the_set(bundle, synthetic_h5ad):
+    """The coherence check's clusters come one per cell of the set, in obs order, with -1
+    for a cell without counts in the model's genes (it sits out the check)."""
+    model = MetricModel.load(bundle)
+    ref = ad.read_h5ad(synthetic_h5ad)
+    index = CellIndex.build(model.embed(ref), ref.obs.reset_index(drop=True), model=model)
+    query = ref[:400].copy()
+    x = query.X.tolil()
+    x[7] = 0
+    query.X = x.tocsr()
+    # every other cell, of one type, cell 7 among them
+    cells = (np.arange(400) % 2 == 1) & (query.obs["cell_type"] == query.obs["cell_type"].iloc[7])
+    cells = cells.to_numpy()
+    first = int(np.flatnonzero(cells).tolist().index(7))
+    with warnings.catch_warnings():  # (whether this small model's clusters look alike)
+        warnings.simplefilter("ignore", CellsiftWarning)
+        qc = cs.tl.search_centroid(query, model, index, cells=cells, k=20).qc
+    assert len(qc.cluster_n) == cells.sum() and qc.cluster_n[first] == -1
+    assert (np.delete(qc.cluster_n, first) >= 0).all()
+    assert qc.clusters["cells"].sum() == cells.sum() - 1 and len(qc.clusters) == 3
+    query.obs.loc[cells, "qc_cluster"] = qc.cluster_n  # (as a user would keep it)
+
+
+def test_cells_named_by_repeated_obs_names_are_refused(bundle, synthetic_h5ad):
+    """Obs names that repeat (after a concat of samples sharing barcodes) cannot tell cells
+    apart: names that select several cells, and a reordered mask Series, are refused with
+    the fix, rather than selecting another group's cell or blaming the Series' index."""
+    model = MetricModel.load(bundle)
+    ref = ad.read_h5ad(synthetic_h5ad)
+    index = CellIndex.build(model.embed(ref), ref.obs.reset_index(drop=True), model=model)
+    query = ref[:40].copy()
+    query.obs_names = [f"c{i % 30}" for i in range(40)]  # c0..c9 name two cells each
+    with pytest.raises(ValueError, match=r"obs names repeat.*'c4': 2 cells.*boolean mask"):
+        cs.tl.search_centroid(query, model, index, cells=["c4", "c20"], k=5, qc=False)
+    cs.tl.search_centroid(query, model, index, cells=["c20", "c21"], k=5, qc=False)  # unique
+    mask = pd.Series(np.arange(40) < 20, index=query.obs_names)
+    with pytest.raises(ValueError, match=r"another order.*obs names repeat.*to_numpy"):
+        cs.tl.search_centroid(query, model, index, cells=mask.iloc[::-1], k=5, qc=False)
+    cs.tl.search_centroid(query, model, index, cells=mask, k=5, qc=False)  # (in obs order)
+
+
 def test_embed_collection_checks_its_input_before_writing(bundle, synthetic_h5ad, tmp_path):
     """A CellCollection of other genes (it was embedded in its own gene order), cells whose
     counts all lie in genes the model lacks (they would all land on one point), sizes below

@@ -115,8 +115,13 @@ def query_coherence(
     z = normalize_embeddings(np.atleast_2d(cells), "query cells")
     if len(z) == 0:
         raise ValueError("no query cells: pass at least one embedding.")
+    # the cells in an order of their values, for what depends on row order (k-means draws
+    # its starting centroids by row position; means round by summation order): one set of
+    # cells is one result, whatever order the caller's obs put them in
+    by_value = np.lexsort(z.T[::-1])
+    z_sorted = np.ascontiguousarray(z[by_value])
     if hits is None:
-        hits = index.search(z.mean(0, keepdims=True), k, filter=filter).indices[0]
+        hits = index.search(z_sorted.mean(0, keepdims=True), k, filter=filter).indices[0]
     whole = {int(i) for i in np.ravel(hits) if i >= 0}
     if not whole:
         raise ValueError("the set's search found no cells; nothing to compare against.")
@@ -130,13 +135,14 @@ def query_coherence(
             spherical=True,
             min_points_per_centroid=1,  # few cells are fine: the clusters are only compared
         )
-        km.train(z)
+        km.train(z_sorted)
         cluster = km.index.search(z, 1)[1][:, 0]
     else:
         cluster = np.zeros(len(z), dtype=np.int64)
     ids, cluster = np.unique(cluster, return_inverse=True)  # clusters 0..n-1, none empty
     if embed_clusters is None:
-        centroids = np.stack([z[cluster == c].mean(0) for c in range(len(ids))])
+        sorted_cluster = cluster[by_value]
+        centroids = np.stack([z_sorted[sorted_cluster == c].mean(0) for c in range(len(ids))])
     else:
         centroids = np.asarray(embed_clusters(cluster))
         if centroids.shape != (len(ids), z.shape[1]):
