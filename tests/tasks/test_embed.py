@@ -183,7 +183,10 @@ def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad):
     adata = ad.read_h5ad(synthetic_h5ad)[:300]
     shuffled = adata[:, np.random.default_rng(0).permutation(adata.n_vars)[:-5]].copy()
     x = model.aligned_counts(shuffled)
+    before = x.copy()
     np.testing.assert_allclose(model.embed_aligned(x, batch_size=128), model.embed(shuffled))
+    for part in ("data", "indices", "indptr"):  # (its batches share its arrays: only read)
+        np.testing.assert_array_equal(getattr(x, part), getattr(before, part))
     with pytest.raises(ValueError, match=r"x has \d+ genes, the model \d+: align"):
         model.embed_aligned(x[:, :-1])
 

@@ -94,7 +94,12 @@ def _kind_of_names(names: pd.Index) -> str:
 
 def _strip_version(ids: pd.Index) -> pd.Index:
     """ENSG00000141510.17 -> ENSG00000141510 (Ensembl versions differ between releases)."""
-    return pd.Index([g.split(".")[0] if _ENSEMBL.match(g) else g for g in ids.astype(str)])
+    names = ids.astype(str).tolist()
+    # (a name without a dot is its own stripped form: only dotted names are matched)
+    for i in np.flatnonzero(np.char.find(np.asarray(names, dtype=str), ".") >= 0):
+        if _ENSEMBL.match(names[i]):
+            names[i] = names[i].split(".")[0]
+    return pd.Index(names)
 
 
 class DuplicateGenesError(ValueError):
@@ -187,7 +192,7 @@ class GeneVocabulary:
                     "read from text with Windows line ends keep their '\\r'; strip them "
                     "(e.g. [g.strip() for g in genes])."
                 )
-        stripped = _strip_version(self.genes)  # alignment ignores Ensembl versions
+        stripped = self._stripped()  # alignment ignores Ensembl versions
         if stripped.has_duplicates:
             dups = self.genes[stripped.duplicated(keep=False)].unique()[:5].tolist()
             versions = " (Ensembl versions ignored)" if any(_ENSEMBL.match(g) for g in dups) else ""
@@ -203,6 +208,13 @@ class GeneVocabulary:
                 f"gene symbols must name one gene each, and {dups} name several; pass unique "
                 "symbols, or none (genes then align by id only)."
             )
+
+    def _stripped(self) -> pd.Index:
+        """``genes`` without Ensembl versions (kept for the ``genes`` they were made of)."""
+        kept = getattr(self, "_stripped_of", None)
+        if kept is None or kept[0] is not self.genes:
+            kept = self._stripped_of = (self.genes, _strip_version(self.genes))
+        return kept[1]
 
     def __len__(self) -> int:
         return len(self.genes)
@@ -311,7 +323,7 @@ class GeneVocabulary:
             )
         candidates: list[tuple[str, pd.Index]] = [("var_names", _names(var.index))]
         candidates += [(c, _names(var[c])) for c in GENE_COLUMNS if c in var.columns]
-        targets = [("ids", _strip_version(self.genes))]
+        targets = [("ids", self._stripped())]
         if self.symbols is not None:
             targets.append(("symbols", self.symbols))
         best: tuple[tuple[int, bool, bool], str, pd.Index, pd.Index, np.ndarray] | None = None
