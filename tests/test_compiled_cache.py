@@ -7,6 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import numba
+import pytest
+
+import cellsift
 
 SCRIPT = """
 import numpy as np
@@ -35,9 +41,13 @@ Densify().transform(t)
 """
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="numba compiles nothing (NUMBA_DISABLE_JIT)")
 def test_a_second_process_compiles_nothing_new(tmp_path):
     cache = tmp_path / "numba-cache"
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    src = str(Path(cellsift.__file__).resolve().parents[1])  # (the checkout under test)
+    path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": path}
 
     def run() -> dict[str, int]:
         subprocess.run([sys.executable, "-c", SCRIPT], env=env, check=True, timeout=600)

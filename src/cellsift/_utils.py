@@ -682,7 +682,7 @@ def in_obs_order(values: pd.Series, obs_names: pd.Index, what: str) -> Any:
     index = values.index.astype(str)
     if index.equals(obs_names) or values.index.equals(pd.RangeIndex(len(values))):
         return values.array
-    if obs_names.has_duplicates:
+    if obs_names.has_duplicates and index.has_duplicates:
         raise ValueError(
             f"{what} is a Series in another order than the cells, and the obs names repeat "
             f"(e.g. {obs_names[obs_names.duplicated()][0]!r}), so it cannot be aligned to the "
@@ -751,7 +751,12 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
                 f"{list(missing[:3])}."
             )
         mask = np.asarray(adata.obs_names.isin(names))
-        repeated = adata.obs_names[adata.obs_names.duplicated()].intersection(names)
+        # a name that several cells bear selects them all only where it is given as often
+        # (e.g. adata.obs_names itself); given fewer times, which of them is meant is unsaid
+        counts = adata.obs_names.value_counts()
+        repeated = counts.index[counts > 1].intersection(names)
+        given = names.value_counts()
+        repeated = repeated[given.reindex(repeated).to_numpy() < counts[repeated].to_numpy()]
         if len(repeated):
             raise ValueError(
                 f"{what}: obs names repeat, and {len(repeated)} of those given name several "

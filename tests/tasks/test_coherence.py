@@ -106,3 +106,11 @@ def test_one_set_of_cells_is_one_result_in_any_order():
         assert got.coherence == want.coherence
         pd.testing.assert_frame_equal(got.clusters, want.clusters)
         np.testing.assert_array_equal(got.cluster_n, want.cluster_n[order])
+    # nor do rounding-level differences (another batch size, BLAS or device; float64)
+    for seed in range(8):
+        moved = query.copy()
+        flip = np.random.default_rng(100 + seed).random(moved.shape) < 0.3
+        moved[flip] = np.nextafter(moved[flip], np.float32(2))
+        assert query_coherence(index, moved, k=50, warn_below=None).coherence == want.coherence
+    got = query_coherence(index, query.astype(np.float64), k=50, warn_below=None)
+    assert got.coherence == want.coherence

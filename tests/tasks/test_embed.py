@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 
 import cellsift as cs
+from cellsift._utils import cell_mask, in_obs_order
 from cellsift._warnings import CellsiftWarning
 from cellsift.cli import main
 from cellsift.errors import ConfigError, DataError
@@ -187,6 +188,12 @@ def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad):
     np.testing.assert_allclose(model.embed_aligned(x, batch_size=128), model.embed(shuffled))
     for part in ("data", "indices", "indptr"):  # (its batches share its arrays: only read)
         np.testing.assert_array_equal(getattr(x, part), getattr(before, part))
+    for part in (x.data, x.indices):  # read-only memory (mapped): torch would warn of it
+        part.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        np.testing.assert_array_equal(model.embed_aligned(x), model.embed_aligned(before))
     with pytest.raises(ValueError, match=r"x has \d+ genes, the model \d+: align"):
         model.embed_aligned(x[:, :-1])
 
@@ -315,6 +322,14 @@ def test_cells_named_by_repeated_obs_names_are_refused(bundle, synthetic_h5ad):
     with pytest.raises(ValueError, match=r"another order.*obs names repeat.*to_numpy"):
         cs.tl.search_centroid(query, model, index, cells=mask.iloc[::-1], k=5, qc=False)
     cs.tl.search_centroid(query, model, index, cells=mask, k=5, qc=False)  # (in obs order)
+    # every copy of a name given (all the cells' names): no doubt which cells are meant
+    np.testing.assert_array_equal(cell_mask(query, query.obs_names), np.ones(40, dtype=bool))
+    np.testing.assert_array_equal(cell_mask(query, ["c4", "c4"]), query.obs_names == "c4")
+    # a Series of one value per name, in another order, with each name once: by name
+    per_name = pd.Series(np.arange(30), index=[f"c{i}" for i in range(30)]).iloc[::-1]
+    np.testing.assert_array_equal(
+        np.asarray(in_obs_order(per_name, query.obs_names, "groups")), np.arange(40) % 30
+    )
 
 
 def test_embed_collection_checks_its_input_before_writing(bundle, synthetic_h5ad, tmp_path):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._values import WHOLE_TOL
-
 
 @numba.njit(inline="always")
 def _is_count(v, tol, one):  # type: ignore[no-untyped-def]
@@ -20,11 +18,13 @@ def _is_count(v, tol, one):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def count(data):  # type: ignore[no-untyped-def]
-    """Values that are not counts, and zeros (every value read: it vectorises)."""
+def count(data, tol):  # type: ignore[no-untyped-def]
+    """Values that are not counts (further than ``tol``, of ``data``'s dtype, from a whole
+    number: an argument, as numba's cache would keep a module constant of another file
+    after it changed), and zeros (every value read: it vectorises)."""
     bad = 0
     zeros = 0
-    tol, one = data.dtype.type(WHOLE_TOL), data.dtype.type(1.0)
+    one = data.dtype.type(1.0)
     for i in range(data.shape[0]):
         bad += np.int64(not _is_count(data[i], tol, one))
         zeros += np.int64(data[i] == 0)
@@ -32,9 +32,9 @@ def count(data):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def first(data):  # type: ignore[no-untyped-def]
+def first(data, tol):  # type: ignore[no-untyped-def]
     """Position of the first value that is not a count, or -1 (stops there)."""
-    tol, one = data.dtype.type(WHOLE_TOL), data.dtype.type(1.0)
+    one = data.dtype.type(1.0)
     for i in range(data.shape[0]):
         if not _is_count(data[i], tol, one):
             return i

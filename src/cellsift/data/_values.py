@@ -26,5 +26,6 @@ def first_fault(data: np.ndarray) -> tuple[int, int]:
         data = data.astype(np.float64)
     from ._count_kernels import count, first  # (numba on first use)
 
-    bad, zeros = count(data)
-    return (int(first(data)) if bad else -1), int(zeros)
+    tol = data.dtype.type(WHOLE_TOL)
+    bad, zeros = count(data, tol)
+    return (int(first(data, tol)) if bad else -1), int(zeros)

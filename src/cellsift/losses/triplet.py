@@ -95,11 +95,10 @@ def _cosine_distances(z: torch.Tensor) -> torch.Tensor:
 
 
 class _CosineDistance(torch.autograd.Function):
-    """``relu(1 - z @ z.T)`` of unit rows ``z``: one n x n buffer, the Gram matrix by
-    symmetric blocks (:func:`_cosine_distances`), and a backward of two products
-    (``-(G + G.T) @ z``) without autograd's intermediate n x n gradients. In the input's
-    precision, not autocast's: mining compares distances within a margin of 0.05, which
-    bf16 rounds to a few steps."""
+    """``relu(1 - z @ z.T)`` of unit rows ``z``: one n x n buffer (:func:`_cosine_distances`),
+    and a backward of two products (``-(G + G.T) @ z``) without autograd's intermediate
+    n x n gradients. In the input's precision, not autocast's: mining compares distances
+    within a margin of 0.05, which bf16 rounds to a few steps."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -736,6 +736,8 @@ def _row_view(x: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     """Rows ``start:stop`` of CSR ``x``, sharing its values and column indices where scipy's
     slice copies them (8% of embedding 10k cells): for reading only, as a batch's tensors,
     which share them in turn, are read by the model's transforms and first layer."""
+    if not (x.data.flags.writeable and x.indices.flags.writeable):
+        return x[start:stop]  # (read-only memory, e.g. mapped: torch takes writable arrays)
     stop = min(stop, x.shape[0])
     ptr = x.indptr[start : stop + 1]
     lo, hi = int(ptr[0]), int(ptr[-1])

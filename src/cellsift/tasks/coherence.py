@@ -115,12 +115,10 @@ def query_coherence(
     z = normalize_embeddings(np.atleast_2d(cells), "query cells")
     if len(z) == 0:
         raise ValueError("no query cells: pass at least one embedding.")
-    # the cells in an order of their values (their bytes, compared as rows: 50x faster than
-    # a lexsort of 128 columns), for what depends on row order (k-means draws its starting
-    # centroids by row position; means round by summation order): one set of cells is one
-    # result, whatever order the caller's obs put them in
-    rows = np.ascontiguousarray(z).view(np.dtype((np.void, z.shape[1] * z.itemsize)))
-    by_value = np.argsort(rows.ravel(), kind="stable")
+    # the cells in the order of their values, for what depends on row order (k-means draws
+    # its starting centroids by row position; means round by summation order): one set of
+    # cells is one result, whatever order the caller's obs put them in
+    by_value = _value_order(z)
     z_sorted = np.ascontiguousarray(z[by_value])
     if hits is None:
         hits = index.search(z_sorted.mean(0, keepdims=True), k, filter=filter).indices[0]
@@ -168,3 +166,15 @@ def query_coherence(
             "(cellsift.tl.search_clusters)."
         )
     return QueryCoherence(coherence, clusters, cluster)
+
+
+def _value_order(z: np.ndarray) -> np.ndarray:
+    """Rows of float32 ``z`` sorted by their values, column 0 first (a lexsort's order), as
+    byte strings: each value's bits made a big-endian key that sorts as the value does
+    (-0.0 as 0.0). 50x faster than a lexsort of 128 columns, and a value that moves by its
+    last bit moves its row only past rows of equal values before it."""
+    bits = np.ascontiguousarray(z, dtype=np.float32) + np.float32(0.0)  # (-0.0 -> 0.0)
+    u = bits.view(np.uint32)
+    key = np.where(u >> 31, ~u, u | np.uint32(1 << 31)).astype(">u4")
+    rows = np.ascontiguousarray(key).view(np.dtype((np.void, 4 * z.shape[1])))
+    return np.argsort(rows.ravel(), kind="stable")
