@@ -501,6 +501,10 @@ def test_bad_loader_settings_and_states_are_named(indexed_paths):
         IterableCellDataset(coll, **OPTS, world_size=0)
     with pytest.raises(ConfigError, match="rank is this process's place"):
         IterableCellDataset(coll, **OPTS, rank=2, world_size=2)
+    # a rank without a world size takes it from torch.distributed (here none: 1 process)
+    with pytest.raises(ConfigError, match=r"rank 1 is not below the world size 1 \(from torch"):
+        CellLoader(IterableCellDataset(coll, **OPTS, rank=1)).state_dict()
+    assert IterableCellDataset(coll, **OPTS, world_size=3).rank_world == (0, 3)
     loader = CellLoader(IterableCellDataset(coll, **OPTS))
     with pytest.raises(ResumeError, match="not a loader state: it lacks batches, fingerprint"):
         loader.load_state_dict({"epoch": 0})

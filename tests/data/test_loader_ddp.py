@@ -23,6 +23,10 @@ def _run(rank: int, world: int, path: str, out: str, port: int) -> None:
             CellCollection(path), mode="block", batch_size=50, block_size=8, fetch_factor=2
         )
         assert ds.rank_world == (rank, world)
+        coll = CellCollection(path)
+        for given in ({"world_size": world}, {"rank": rank}):  # the other from the group
+            one = IterableCellDataset(coll, mode="block", batch_size=50, **given)
+            assert one.rank_world == (rank, world), given
         seen = [b["obs_idx_n"] for b in CellLoader(ds, num_workers=2)]
         mine = torch.cat(seen)
         gathered: list[torch.Tensor | None] = [None] * world

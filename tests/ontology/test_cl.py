@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cellsift._warnings import CellsiftWarning
 from cellsift.datasets import CELL_TYPES
 from cellsift.ontology import load_cell_ontology
 from cellsift.ontology._cl import OntologyError, available_versions
@@ -70,6 +71,24 @@ def test_closure_of_a_label_listed_twice(cl):
     assert rel[0, 2] and rel[2, 0] and rel[2, 1] and rel[1, 2] and not rel[2, 3]
     unique = cl.related(["CL:0000084", "CL:0000624", "CL:0000236"])
     np.testing.assert_array_equal(rel[np.ix_([2, 1, 3], [2, 1, 3])], unique)
+
+
+def test_closure_of_a_deprecated_label_is_its_successors(cl):
+    """A model's label that a later release deprecated: related to what its successor is
+    related to (and to its successor), not to nothing; one without a successor warns."""
+    dep = next(
+        t for t in sorted(cl.terms)
+        if cl.is_deprecated(t) and cl.replacement(t) and cl.ancestors(cl.replacement(t))
+    )  # fmt: skip
+    rep = cl.replacement(dep)
+    parent = cl.ancestors(rep)[0]
+    anc, desc = cl.closure([dep, parent, rep])
+    assert anc[0, 1] and anc[0, 2] and desc[1, 0] and not anc[1, 0]
+    assert cl.related([dep, parent])[0, 1]
+    orphan = next(t for t in sorted(cl.terms) if cl.is_deprecated(t) and not cl.replacement(t))
+    with pytest.warns(CellsiftWarning, match=f"{orphan} is deprecated .* without a successor"):
+        anc, _ = cl.closure([orphan, parent])
+    assert not anc.any()
 
 
 def test_harmonize(cl):

@@ -198,9 +198,18 @@ class IterableCellDataset(IterableDataset):
     # -- plan ----------------------------------------------------------------------------
     @property
     def rank_world(self) -> tuple[int, int]:
-        if self._rank is not None or self._world is not None:
-            return self._rank or 0, self._world or 1
-        return _dist_rank_world()
+        """(rank, world size): each as given, else from ``torch.distributed`` (0 and 1
+        without a process group), so that giving one does not reset the other."""
+        rank, world = _dist_rank_world()
+        rank = self._rank if self._rank is not None else rank
+        world = self._world if self._world is not None else world
+        if rank >= world:
+            given = "given" if self._world is not None else "from torch.distributed"
+            raise ConfigError(
+                f"rank {rank} is not below the world size {world} ({given}): pass "
+                "world_size too, or neither, to take both from torch.distributed."
+            )
+        return rank, world
 
     def resolve_rank(self) -> None:
         """Fix rank and world size from ``torch.distributed`` of this (main) process.

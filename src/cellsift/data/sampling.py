@@ -55,7 +55,9 @@ def balanced_weights(
     clipped to ``max_ratio`` times their median so tiny groups do not dominate. Negative
     labels (missing) get weight 0, and count in no study (as SCimilarity, which leaves
     them out first): a study of few labelled cells among many without is not sampled as a
-    large one.
+    large one. Negative studies (missing) count as one study of their own: their cells are
+    balanced against the studies as a whole, not each as a study of one cell (which would
+    give each the largest weight).
     """
     for name, value, ok, bound in (
         ("class_scale", class_scale, class_scale > 0, "> 0"),

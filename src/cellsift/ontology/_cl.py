@@ -204,15 +204,34 @@ class CellOntology:
     def closure(self, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Boolean matrices over ``labels``: ``ancestor[i, j]`` is True when ``labels[j]`` is a
         strict ancestor of ``labels[i]``; ``descendant`` is its transpose. A label listed
-        twice gets the same rows and columns at both places."""
+        twice gets the same rows and columns at both places.
+
+        A deprecated term (a model's label, saved under an older release) has no ancestors
+        of its own: it takes its successor's, and its successor as one, as the type it now
+        names; one without a successor has none (a warning says so).
+        """
         index: dict[str, list[int]] = {}
         for i, t in enumerate(labels):
             index.setdefault(t, []).append(i)
         anc = np.zeros((len(labels), len(labels)), dtype=bool)
+        orphans: list[str] = []
         for t, rows in index.items():
-            for a in self._term(t).get("ancestors", {}):
+            source: str | None = self.replacement(t) if self.is_deprecated(t) else t
+            if source is None:
+                orphans.append(t)
+                continue
+            for a in [source, *self._term(source).get("ancestors", {})]:
                 if a != t and a in index:
                     anc[np.ix_(rows, index[a])] = True
+        if orphans:
+            from .._warnings import warn
+
+            warn(
+                f"{', '.join(orphans[:5])} {'is' if len(orphans) == 1 else 'are'} deprecated in "
+                f"CL {self.version} without a successor: the ontology relates "
+                f"{'it' if len(orphans) == 1 else 'them'} to no other label (triplet mining "
+                "can then take a former ancestor as a negative)."
+            )
         return anc, anc.T.copy()
 
     def related(self, labels: Sequence[str]) -> np.ndarray:
