@@ -242,6 +242,14 @@ def test_whole_number_labels_with_missing_values_stay_whole():
     index = CellIndex.build(x, meta.assign(code=floats), engine="exact")
     again = KNNAnnotator(index, label_key="code", k=15).annotate(x[::50])
     pd.testing.assert_series_equal(again["knn_label"], out["knn_label"])
+    # lists of the column's own values name its labels as their text does (review: "0.0")
+    ann = KNNAnnotator(index, label_key="code", k=15)
+    for given in ([0.0, 1.0], [0, 1], np.array([0.0, 1.0])):
+        pd.testing.assert_frame_equal(
+            ann.annotate(x[::50], blocklist=given), ann.annotate(x[::50], blocklist=["0", "1"])
+        )
+    with pytest.raises(CellIndexError, match="blocklist holds a missing value"):
+        ann.annotate(x[::50], blocklist=[0.0, np.nan])
 
 
 def test_leave_one_study_out_calibration_allows_for_study_shifts():

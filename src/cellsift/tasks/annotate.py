@@ -40,7 +40,7 @@ import pandas as pd
 
 from .._utils import import_optional, is_number, is_whole, logger, no_label
 from .._warnings import warn
-from ..data.collection import _as_text
+from ..data.collection import _as_text, value_text
 from ..errors import ConfigError, DataError
 from ..ontology import OntologyError, load_cell_ontology
 from .index import CellIndex, CellIndexError, check_k
@@ -513,7 +513,13 @@ class KNNAnnotator:
         would otherwise block nothing)."""
         if isinstance(labels, str):
             raise TypeError(f"{what} is a list of labels, not one string: {what}=[{labels!r}].")
-        wanted = [str(v) for v in labels]
+        # (as the reference's values were read: 0.0 and 0 are "0", as in a column of
+        # whole numbers with missing values, which pandas holds as floats)
+        wanted = [v if isinstance(v, str) else value_text(v) for v in labels]
+        if any(v is None for v in wanted):
+            raise CellIndexError(
+                f"{what} holds a missing value (None or NaN), which names no label: leave it out."
+            )
         if not wanted:
             raise CellIndexError(
                 f"{what} is empty: it would keep no reference cell; name the reference labels "
