@@ -682,14 +682,15 @@ def in_obs_order(values: pd.Series, obs_names: pd.Index, what: str) -> Any:
     index = values.index.astype(str)
     if index.equals(obs_names) or values.index.equals(pd.RangeIndex(len(values))):
         return values.array
-    if obs_names.has_duplicates and index.has_duplicates:
+    by_name = not index.has_duplicates and obs_names.isin(index).all()
+    if obs_names.has_duplicates and not (by_name and index.isin(obs_names).all()):
         raise ValueError(
             f"{what} is a Series in another order than the cells, and the obs names repeat "
             f"(e.g. {obs_names[obs_names.duplicated()][0]!r}), so it cannot be aligned to the "
             f"cells by name: pass its values in obs order ({what}.to_numpy()), or make the "
             "names unique first (adata.obs_names_make_unique())."
         )
-    if index.has_duplicates or not obs_names.isin(index).all():
+    if not by_name:
         raise ValueError(
             f"{what} is a Series whose index is not the cells' obs names: index it by "
             f"adata.obs_names, or pass its values in obs order ({what}.to_numpy())."

@@ -504,7 +504,9 @@ def test_bad_loader_settings_and_states_are_named(indexed_paths):
     # a rank without a world size takes it from torch.distributed (here none: 1 process)
     with pytest.raises(ConfigError, match=r"rank 1 is not below the world size 1 \(from torch"):
         CellLoader(IterableCellDataset(coll, **OPTS, rank=1)).state_dict()
-    assert IterableCellDataset(coll, **OPTS, world_size=3).rank_world == (0, 3)
+    assert IterableCellDataset(coll, **OPTS, world_size=3).rank_world == (0, 3)  # (no group)
+    shown = repr(IterableCellDataset(coll, **OPTS, rank=1))  # (a repr that does not raise)
+    assert "rank 1 of ?" in shown
     loader = CellLoader(IterableCellDataset(coll, **OPTS))
     with pytest.raises(ResumeError, match="not a loader state: it lacks batches, fingerprint"):
         loader.load_state_dict({"epoch": 0})

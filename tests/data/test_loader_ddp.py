@@ -18,6 +18,7 @@ def _run(rank: int, world: int, path: str, out: str, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from cellsift.data import CellCollection, CellLoader, IterableCellDataset
+        from cellsift.errors import ConfigError
 
         ds = IterableCellDataset(
             CellCollection(path), mode="block", batch_size=50, block_size=8, fetch_factor=2
@@ -27,6 +28,24 @@ def _run(rank: int, world: int, path: str, out: str, port: int) -> None:
         for given in ({"world_size": world}, {"rank": rank}):  # the other from the group
             one = IterableCellDataset(coll, mode="block", batch_size=50, **given)
             assert one.rank_world == (rank, world), given
+        whole = IterableCellDataset(coll, mode="sequential", batch_size=50, world_size=1)
+        assert whole.rank_world == (0, 1)  # one shard: every rank reads every cell
+        with pytest.raises(ConfigError, match=r"world_size=4, but torch\.distributed runs 2"):
+            IterableCellDataset(coll, batch_size=50, world_size=4).rank_world  # noqa: B018
+        # a plain DataLoader's spawned workers (no process group): the shard as pickled
+        plain = torch.utils.data.DataLoader(
+            IterableCellDataset(coll, mode="sequential", batch_size=50, world_size=world),
+            batch_size=None,
+            num_workers=1,
+            multiprocessing_context="spawn",
+        )
+        shard = torch.cat([b["obs_idx_n"] for b in plain])
+        shards: list[torch.Tensor | None] = [None] * world
+        dist.all_gather_object(shards, shard)
+        if rank == 0:
+            both = torch.cat(shards).numpy()  # type: ignore[arg-type]
+            np.testing.assert_array_equal(np.sort(both), np.arange(len(both)))
+            assert len(both) == coll.n_obs
         seen = [b["obs_idx_n"] for b in CellLoader(ds, num_workers=2)]
         mine = torch.cat(seen)
         gathered: list[torch.Tensor | None] = [None] * world

@@ -74,17 +74,24 @@ def test_closure_of_a_label_listed_twice(cl):
 
 
 def test_closure_of_a_deprecated_label_is_its_successors(cl):
-    """A model's label that a later release deprecated: related to what its successor is
-    related to (and to its successor), not to nothing; one without a successor warns."""
+    """A model's label that a later release deprecated stands for its successor: related as
+    it is, up and down, and the same as it (neither ancestor of the other, so no study's
+    labels can set them apart); one without a successor relates to nothing, with a warning."""
     dep = next(
         t for t in sorted(cl.terms)
-        if cl.is_deprecated(t) and cl.replacement(t) and cl.ancestors(cl.replacement(t))
+        if cl.is_deprecated(t) and (r := cl.replacement(t)) and cl.ancestors(r)
+        and cl.descendants(r)
     )  # fmt: skip
     rep = cl.replacement(dep)
-    parent = cl.ancestors(rep)[0]
-    anc, desc = cl.closure([dep, parent, rep])
-    assert anc[0, 1] and anc[0, 2] and desc[1, 0] and not anc[1, 0]
-    assert cl.related([dep, parent])[0, 1]
+    parent, child = cl.ancestors(rep)[0], cl.descendants(rep)[0]
+    labels = [dep, parent, rep, child]
+    anc, desc = cl.closure(labels)
+    want, _ = cl.closure([rep, parent, rep, child])
+    np.testing.assert_array_equal(anc, want)  # (as the successor's, twice)
+    assert anc[0, 1] and anc[3, 0] and not anc[0, 2] and not anc[2, 0]
+    np.testing.assert_array_equal(desc, anc.T)
+    rel = cl.related(labels)
+    assert rel[0, 2] and rel[2, 0] and rel[0, 1] and rel[0, 3] and rel.all()
     orphan = next(t for t in sorted(cl.terms) if cl.is_deprecated(t) and not cl.replacement(t))
     with pytest.warns(CellsiftWarning, match=f"{orphan} is deprecated .* without a successor"):
         anc, _ = cl.closure([orphan, parent])

@@ -330,6 +330,11 @@ def test_cells_named_by_repeated_obs_names_are_refused(bundle, synthetic_h5ad):
     np.testing.assert_array_equal(
         np.asarray(in_obs_order(per_name, query.obs_names, "groups")), np.arange(40) % 30
     )
+    extra = pd.concat([pd.Series([99], index=["zzz"]), per_name.iloc[1:]])  # 'zzz': no cell
+    with pytest.raises(ValueError, match="obs names repeat"):
+        in_obs_order(extra, query.obs_names, "groups")
+    with pytest.raises(ValueError, match="obs names repeat"):  # (one value per cell, as tl's)
+        cs.tl.pseudobulk(query, pd.Series(np.arange(40), index=[f"x{i}" for i in range(40)]))
 
 
 def test_embed_collection_checks_its_input_before_writing(bundle, synthetic_h5ad, tmp_path):

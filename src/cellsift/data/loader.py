@@ -198,11 +198,24 @@ class IterableCellDataset(IterableDataset):
     # -- plan ----------------------------------------------------------------------------
     @property
     def rank_world(self) -> tuple[int, int]:
-        """(rank, world size): each as given, else from ``torch.distributed`` (0 and 1
-        without a process group), so that giving one does not reset the other."""
-        rank, world = _dist_rank_world()
-        rank = self._rank if self._rank is not None else rank
-        world = self._world if self._world is not None else world
+        """(rank, world size): as given; what is not given, from ``torch.distributed`` (0
+        and 1 without a process group). A world size given alone takes the group's rank
+        where the group has that many processes; one shard (1) is rank 0 on every process,
+        and without a group the first shard is read; a world size other than the group's
+        needs the rank given too."""
+        group_rank, group_world = _dist_rank_world()
+        world = self._world if self._world is not None else group_world
+        rank = self._rank
+        if rank is None:
+            if world == group_world:
+                rank = group_rank
+            elif world == 1 or group_world == 1:
+                rank = 0
+            else:
+                raise ConfigError(
+                    f"world_size={world}, but torch.distributed runs {group_world} processes: "
+                    "pass this process's rank too (or neither, to shard by the group)."
+                )
         if rank >= world:
             given = "given" if self._world is not None else "from torch.distributed"
             raise ConfigError(
@@ -210,6 +223,14 @@ class IterableCellDataset(IterableDataset):
                 "world_size too, or neither, to take both from torch.distributed."
             )
         return rank, world
+
+    def __getstate__(self) -> dict[str, Any]:
+        """As pickled for a DataLoader's spawned workers, which have no process group:
+        with the rank and world size of this process's group fixed in."""
+        state = self.__dict__.copy()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            state["_rank"], state["_world"] = self.rank_world
+        return state
 
     def resolve_rank(self) -> None:
         """Fix rank and world size from ``torch.distributed`` of this (main) process.
@@ -231,8 +252,11 @@ class IterableCellDataset(IterableDataset):
 
     def __repr__(self) -> str:
         cfg = self.cfg
-        rank, world = self.rank_world
-        shard = f", rank {rank} of {world}" if world > 1 else ""
+        try:
+            rank, world = self.rank_world
+            shard = f", rank {rank} of {world}" if world > 1 else ""
+        except ConfigError:  # (a shard that cannot be read: shown as given)
+            shard = f", rank {self._rank} of {self._world or '?'}"
         keys = f", keys {sorted(self.obs_keys)}" if self.obs_keys else ""
         return (
             f"IterableCellDataset({self.collection.n_obs:,} cells, {cfg.mode} mode, "

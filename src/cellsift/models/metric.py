@@ -178,8 +178,12 @@ class MetricModel:
         n = len(self.labels)
         idx = [i for i, t in enumerate(self.labels) if ontology_aware and t in cl.terms]
         anc = np.zeros((n, n), dtype=bool)
-        anc[np.ix_(idx, idx)] = cl.closure([self.labels[i] for i in idx])[0]
-        related = torch.from_numpy(anc | anc.T | np.eye(n, dtype=bool))
+        rel = np.eye(n, dtype=bool)
+        if idx:  # (a deprecated label stands for its successor: the same as it, if present)
+            known = [self.labels[i] for i in idx]
+            anc[np.ix_(idx, idx)] = cl.closure(known)[0]
+            rel[np.ix_(idx, idx)] = cl.related(known)
+        related = torch.from_numpy(rel)
         ancestors = torch.from_numpy(anc)
         self.module = MetricModule(
             len(self.genes),

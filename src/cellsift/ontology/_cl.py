@@ -206,39 +206,56 @@ class CellOntology:
         strict ancestor of ``labels[i]``; ``descendant`` is its transpose. A label listed
         twice gets the same rows and columns at both places.
 
-        A deprecated term (a model's label, saved under an older release) has no ancestors
-        of its own: it takes its successor's, and its successor as one, as the type it now
-        names; one without a successor has none (a warning says so).
+        A deprecated term (a model's label, saved under an older release) has no relations
+        of its own: it stands for its successor, the type it now names, in both directions
+        (and is neither ancestor nor descendant of the successor, nor of another term it
+        shares it with: :meth:`related` calls them the same). One without a successor
+        relates to nothing (a warning says so).
         """
-        index: dict[str, list[int]] = {}
-        for i, t in enumerate(labels):
-            index.setdefault(t, []).append(i)
-        anc = np.zeros((len(labels), len(labels)), dtype=bool)
-        orphans: list[str] = []
-        for t, rows in index.items():
-            source: str | None = self.replacement(t) if self.is_deprecated(t) else t
-            if source is None:
+        return self._closure(self._current_terms(labels))
+
+    def _closure(self, current: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`closure` over labels' current terms (:meth:`_current_terms`)."""
+        by_term: dict[str, list[int]] = {}
+        for i, t in enumerate(current):
+            by_term.setdefault(t, []).append(i)
+        anc = np.zeros((len(current), len(current)), dtype=bool)
+        for t, rows in by_term.items():
+            if not self.is_deprecated(t):  # (one without a successor: no ancestors known)
+                for a in self._term(t).get("ancestors", {}):
+                    if a != t and a in by_term:
+                        anc[np.ix_(rows, by_term[a])] = True
+        return anc, anc.T.copy()
+
+    def _current_terms(self, labels: Sequence[str]) -> list[str]:
+        """Each label's current term: itself, or a deprecated one's successor (itself where
+        it has none, with a warning)."""
+        current, orphans = [], []
+        for t in labels:
+            rep = self.replacement(t) if self.is_deprecated(t) else t
+            if rep is None and t not in orphans:
                 orphans.append(t)
-                continue
-            for a in [source, *self._term(source).get("ancestors", {})]:
-                if a != t and a in index:
-                    anc[np.ix_(rows, index[a])] = True
+            current.append(rep if rep is not None else t)
         if orphans:
             from .._warnings import warn
 
+            one = len(orphans) == 1
+            more = f" and {len(orphans) - 5} more" if len(orphans) > 5 else ""
             warn(
-                f"{', '.join(orphans[:5])} {'is' if len(orphans) == 1 else 'are'} deprecated in "
-                f"CL {self.version} without a successor: the ontology relates "
-                f"{'it' if len(orphans) == 1 else 'them'} to no other label (triplet mining "
-                "can then take a former ancestor as a negative)."
+                f"{', '.join(orphans[:5])}{more} {'is' if one else 'are'} deprecated in CL "
+                f"{self.version} without a successor: the ontology relates "
+                f"{'it' if one else 'them'} to no other label (triplet mining can then take "
+                "a former ancestor as a negative)."
             )
-        return anc, anc.T.copy()
+        return current
 
     def related(self, labels: Sequence[str]) -> np.ndarray:
-        """``related[i, j]``: ``labels[i]`` and ``labels[j]`` are equal, or one is an ancestor
-        of the other (such pairs must not serve as negatives)."""
-        anc, desc = self.closure(labels)
-        same = np.asarray(labels, dtype=object)
+        """``related[i, j]``: ``labels[i]`` and ``labels[j]`` name the same current term (a
+        deprecated label its successor's), or one is an ancestor of the other (such pairs
+        must not serve as negatives)."""
+        current = self._current_terms(labels)
+        anc, desc = self._closure(current)
+        same = np.asarray(current, dtype=object)
         return anc | desc | (same[:, None] == same[None, :])
 
     def harmonize(self, values: Iterable[str], *, replace_deprecated: bool = True) -> list[str]:
