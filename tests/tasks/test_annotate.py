@@ -250,6 +250,13 @@ def test_whole_number_labels_with_missing_values_stay_whole():
         )
     with pytest.raises(CellIndexError, match="blocklist holds a missing value"):
         ann.annotate(x[::50], blocklist=[0.0, np.nan])
+    # a text column that holds "1.0": met by 1.0 as written
+    texts = np.where(np.isnan(floats), None, floats.astype(str)).astype(object)
+    index = CellIndex.build(x, meta.assign(code=texts), engine="exact")
+    ann = KNNAnnotator(index, label_key="code", k=15)
+    pd.testing.assert_frame_equal(
+        ann.annotate(x[::50], blocklist=[1.0]), ann.annotate(x[::50], blocklist=["1.0"])
+    )
 
 
 def test_leave_one_study_out_calibration_allows_for_study_shifts():

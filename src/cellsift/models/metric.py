@@ -181,8 +181,7 @@ class MetricModel:
         rel = np.eye(n, dtype=bool)
         if idx:  # (a deprecated label stands for its successor: the same as it, if present)
             known = [self.labels[i] for i in idx]
-            anc[np.ix_(idx, idx)] = cl.closure(known)[0]
-            rel[np.ix_(idx, idx)] = cl.related(known)
+            anc[np.ix_(idx, idx)], rel[np.ix_(idx, idx)] = cl.relations(known, stacklevel=3)
         related = torch.from_numpy(rel)
         ancestors = torch.from_numpy(anc)
         self.module = MetricModule(

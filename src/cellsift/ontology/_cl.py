@@ -212,7 +212,7 @@ class CellOntology:
         shares it with: :meth:`related` calls them the same). One without a successor
         relates to nothing (a warning says so).
         """
-        return self._closure(self._current_terms(labels))
+        return self._closure(self._current_terms(labels, stacklevel=3))
 
     def _closure(self, current: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`closure` over labels' current terms (:meth:`_current_terms`)."""
@@ -227,9 +227,10 @@ class CellOntology:
                         anc[np.ix_(rows, by_term[a])] = True
         return anc, anc.T.copy()
 
-    def _current_terms(self, labels: Sequence[str]) -> list[str]:
+    def _current_terms(self, labels: Sequence[str], stacklevel: int = 2) -> list[str]:
         """Each label's current term: itself, or a deprecated one's successor (itself where
-        it has none, with a warning)."""
+        it has none, with a warning: ``stacklevel`` as :func:`cellsift._warnings.warn`'s,
+        counted from here)."""
         current, orphans = [], []
         for t in labels:
             rep = self.replacement(t) if self.is_deprecated(t) else t
@@ -245,7 +246,8 @@ class CellOntology:
                 f"{', '.join(orphans[:5])}{more} {'is' if one else 'are'} deprecated in CL "
                 f"{self.version} without a successor: the ontology relates "
                 f"{'it' if one else 'them'} to no other label (triplet mining can then take "
-                "a former ancestor as a negative)."
+                "a former ancestor as a negative).",
+                stacklevel=stacklevel,
             )
         return current
 
@@ -253,10 +255,17 @@ class CellOntology:
         """``related[i, j]``: ``labels[i]`` and ``labels[j]`` name the same current term (a
         deprecated label its successor's), or one is an ancestor of the other (such pairs
         must not serve as negatives)."""
-        current = self._current_terms(labels)
+        return self.relations(labels, stacklevel=3)[1]
+
+    def relations(
+        self, labels: Sequence[str], stacklevel: int = 2
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(ancestor, related)``: :meth:`closure`'s first matrix and :meth:`related`, from
+        one reading of the labels (one warning, where one is due)."""
+        current = self._current_terms(labels, stacklevel=stacklevel + 1)
         anc, desc = self._closure(current)
         same = np.asarray(current, dtype=object)
-        return anc | desc | (same[:, None] == same[None, :])
+        return anc, anc | desc | (same[:, None] == same[None, :])
 
     def harmonize(self, values: Iterable[str], *, replace_deprecated: bool = True) -> list[str]:
         """Map CL ids or names (labels, synonyms; any case) onto current CL ids.
