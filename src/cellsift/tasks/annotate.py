@@ -516,16 +516,17 @@ class KNNAnnotator:
         # (as the reference's values were read: 0.0 and 0 are "0", as in a column of
         # whole numbers with missing values, which pandas holds as floats; but a text
         # column holding "1.0" is met by 1.0 as written)
-        held = self._term_of
+        reference = self._term_of
 
         def text(v: Any) -> str | None:
             if isinstance(v, str):
                 return v
             read = value_text(v)
-            return str(v) if read not in held and str(v) in held else read
+            return str(v) if read not in reference and str(v) in reference else read
 
-        wanted = [text(v) for v in labels]
-        if any(v is None for v in wanted):
+        texts = [text(v) for v in labels]
+        wanted = [v for v in texts if v is not None]
+        if len(wanted) < len(texts):
             raise CellIndexError(
                 f"{what} holds a missing value (None or NaN), which names no label: leave it out."
             )
