@@ -139,6 +139,39 @@ def test_gene_names_round_trip_as_written_and_damaged_checksums_are_named(tmp_pa
             load_bundle(path)
 
 
+def test_spaces_around_genes_tsv_names_are_not_names(tmp_path):
+    """genes.tsv edited by hand (spaces after the names and the header): read as the names,
+    which match the query's genes, not as names that match none."""
+    from cellsift.models import MetricModel
+    from cellsift.models.bundle import _sha256
+
+    genes = [f"ENSG{i:011d}" for i in range(30)]
+    model = MetricModel(genes, ["CL:0000236", "CL:0000576"], hidden=(8,), latent=4)
+    path = model.save(tmp_path / "b")
+    lines = (path / "genes.tsv").read_text().splitlines()
+    (path / "genes.tsv").write_text("\n".join(f"{line} " for line in lines) + "\n")
+    sums = json.loads((path / "checksums.json").read_text())
+    sums["genes.tsv"] = _sha256(path / "genes.tsv")
+    (path / "checksums.json").write_text(json.dumps(sums))
+    loaded = MetricModel.load(path)
+    assert list(loaded.genes.genes) == genes
+    x = np.random.default_rng(0).poisson(2.0, (5, 30)).astype(np.float32) + 1
+    query = ad.AnnData(x, var=pd.DataFrame(index=genes))
+    np.testing.assert_array_equal(loaded.embed(query), model.embed(query))
+
+
+def test_scimilarity_label_table_is_read_by_its_column_0(tmp_path):
+    """label_ints.csv with another column before SCimilarity's "0" (which its CellEmbedding
+    reads): the labels are column "0"'s."""
+    src = tmp_path / "model"
+    shutil.copytree(FIXTURE, src)
+    names = pd.read_csv(src / "label_ints.csv", index_col=0, dtype=str).iloc[:, 0].tolist()
+    extra = pd.DataFrame({"n_cells": [str(100 + i) for i in range(len(names))], "0": names})
+    extra.to_csv(src / "label_ints.csv")
+    bundle = load_bundle(import_scimilarity(src, tmp_path / "bundle"))
+    assert [lab["name"] for lab in bundle.labels] == names
+
+
 def test_a_bundle_keeps_its_labels_under_a_newer_ontology(tmp_path):
     """A bundle saved when CL:0000054 was current (CL has since deprecated it for osteoblast,
     CL:0000062, also among its labels): loads with its own ids and names, neither merged
@@ -155,8 +188,12 @@ def test_a_bundle_keeps_its_labels_under_a_newer_ontology(tmp_path):
     labels = json.loads((path / "labels.json").read_text())
     labels[2] = {"id": "CL:0000054", "name": "bone matrix secreting cell"}
     (path / "labels.json").write_text(json.dumps(labels))
+    config = json.loads((path / "config.json").read_text())
+    config["label_ids"][2] = "CL:0000054"  # (as the bundle was saved then)
+    (path / "config.json").write_text(json.dumps(config))
     sums = json.loads((path / "checksums.json").read_text())
     sums["labels.json"] = _sha256(path / "labels.json")
+    sums["config.json"] = _sha256(path / "config.json")
     (path / "checksums.json").write_text(json.dumps(sums))
     loaded = MetricModel.load(path)
     assert loaded.labels == ["CL:0000062", "CL:0000236", "CL:0000054"]

@@ -125,6 +125,12 @@ def _labels_without_id(path: Path) -> None:
     (path / "labels.json").write_text(json.dumps([{"name": "B cell"}, {"id": "CL:0000576"}]))
 
 
+def _labels_reordered(path: Path) -> None:
+    """labels.json's labels in another order: the label head's rows would be misread."""
+    labels = json.loads((path / "labels.json").read_text())
+    (path / "labels.json").write_text(json.dumps(labels[::-1]))
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -169,6 +175,10 @@ def _labels_without_id(path: Path) -> None:
         ),
         (lambda p: (p / "labels.json").write_text("[{"), r"labels\.json is not JSON"),
         (
+            _labels_reordered,
+            r"labels\.json lists other labels, or the same in another order, than config\.json",
+        ),
+        (
             lambda p: (p / "genes.tsv").write_text("name\nA\n"),
             r"genes\.tsv cannot be the model's genes .*'gene_id' column",
         ),
@@ -212,6 +222,7 @@ def _labels_without_id(path: Path) -> None:
         "label-without-id",
         "label-twice",
         "labels-not-json",
+        "labels-reordered",
         "genes-tsv-without-gene-id",
         "genes-tsv-empty-gene-id",
         "margin-a-bool",

@@ -638,7 +638,8 @@ class MetricModel:
         ]
         return save_bundle(
             path,
-            config={**self.config, "label_key": self.label_key},
+            # the labels' order, which the label head's outputs follow, beside labels.json's
+            config={**self.config, "label_key": self.label_key, "label_ids": list(self.labels)},
             genes=self.genes,
             labels=labels,
             modules=self._modules(),
@@ -669,6 +670,14 @@ class MetricModel:
         """
         b = load_bundle(path, device=device)
         settings = metric_settings(path, b, cls)
+        saved_order = b.config.get("label_ids")  # (bundles before it: not recorded)
+        if saved_order is not None and saved_order != list(b.label_ids):
+            raise BundleError(
+                f"{path}: labels.json lists other labels, or the same in another order, than "
+                f"config.json's label_ids ({len(b.label_ids)} against {len(saved_order)}); "
+                "the label head's outputs follow config.json's order and would be read as "
+                "other labels. Restore labels.json, or save the model again with cellsift."
+            )
         try:
             model = cls(
                 b.genes,

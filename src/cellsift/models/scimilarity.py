@@ -119,7 +119,8 @@ def _label_table(path: Path) -> list[str]:
     table = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
     if table.shape[1] < 1:
         raise ValueError("it needs an index column and a label column")
-    return table.iloc[:, 0].tolist()
+    # SCimilarity's CellEmbedding reads the column named "0" (its save_all writes only it)
+    return (table["0"] if "0" in table.columns else table.iloc[:, 0]).tolist()
 
 
 def _gene_order(path: Path) -> list[str]:
