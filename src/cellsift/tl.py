@@ -319,7 +319,12 @@ def _group_labels(adata: ad.AnnData, groups: Any) -> Any:
         return adata.obs[groups].array
     if isinstance(groups, pd.Series) and len(groups) == adata.n_obs:
         return in_obs_order(groups, adata.obs_names, "groups")
-    values = groups.array if isinstance(groups, pd.Series) else np.asarray(groups)
+    if isinstance(groups, pd.Series):
+        values = groups.array
+    elif isinstance(groups, np.ndarray):
+        values = groups
+    else:  # a list: None and NaN kept missing (numpy would make a NaN among text 'nan')
+        values = np.asarray(groups, dtype=object)
     if values.ndim != 1 or len(values) != adata.n_obs:
         raise ValueError(
             f"groups holds {len(values)} labels for {adata.n_obs} cells: pass one per cell "
@@ -371,6 +376,14 @@ def search_centroid(
         x = x[counted]
         if use_rep in adata.obsm:
             z = np.asarray(adata.obsm[use_rep])[rows[counted]]
+            width = model.config["architecture"]["latent"]
+            if z.ndim != 2 or z.shape[1] != width:  # (another tool's, without a record)
+                raise CellIndexError(
+                    f"adata.obsm[{use_rep!r}] has {z.shape[1] if z.ndim == 2 else z.ndim} "
+                    f"dims, the model's embedding {width}: it is not this model's. Embed "
+                    "again with cellsift.tl.embed(adata, model), pass use_rep= of this "
+                    "model's embedding, or qc=False."
+                )
         else:
             z = model.embed_aligned(x)
 

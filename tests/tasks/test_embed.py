@@ -306,6 +306,24 @@ def test_centroid_check_names_each_cell_of_the_set(bundle, synthetic_h5ad):
     query.obs.loc[cells, "qc_cluster"] = qc.cluster_n  # (as a user would keep it)
 
 
+def test_pseudobulk_and_centroid_checks_of_what_users_pass(bundle, synthetic_h5ad):
+    """Groups as a plain list (obs[col].tolist()) leave unlabelled cells out as a Series
+    does, not as a group 'nan'; an obsm embedding of another width (another tool's, no
+    record) is named, not an internal callback."""
+    model = MetricModel.load(bundle)
+    ref = ad.read_h5ad(synthetic_h5ad)
+    query = ref[:40].copy()
+    groups = pd.Series(["A" if i % 3 else np.nan for i in range(40)], index=query.obs_names)
+    want = cs.tl.pseudobulk(query, groups)
+    got = cs.tl.pseudobulk(query, groups.tolist())
+    assert list(got.obs_names) == list(want.obs_names) == ["A"]
+    np.testing.assert_array_equal(got.X.toarray(), want.X.toarray())
+    index = CellIndex.build(model.embed(ref), ref.obs.reset_index(drop=True), model=model)
+    query.obsm["X_cellsift"] = np.random.default_rng(0).normal(size=(40, 50)).astype("float32")
+    with pytest.raises(CellIndexError, match=r"obsm\['X_cellsift'\] has 50 dims, the model's"):
+        cs.tl.search_centroid(query, model, index, k=5)
+
+
 def test_cells_named_by_repeated_obs_names_are_refused(bundle, synthetic_h5ad):
     """Obs names that repeat (after a concat of samples sharing barcodes) cannot tell cells
     apart: names that select several cells, and a reordered mask Series, are refused with
