@@ -323,8 +323,9 @@ def _group_labels(adata: ad.AnnData, groups: Any) -> Any:
         values = groups.array
     elif isinstance(groups, np.ndarray):
         values = groups
-    else:  # a list: None and NaN kept missing (numpy would make a NaN among text 'nan')
-        values = np.asarray(groups, dtype=object)
+    else:  # read as the Series of them is (numpy would make a NaN among text 'nan')
+        as_list = groups if isinstance(groups, pd.api.extensions.ExtensionArray) else list(groups)
+        values = pd.Series(as_list, dtype=None).array
     if values.ndim != 1 or len(values) != adata.n_obs:
         raise ValueError(
             f"groups holds {len(values)} labels for {adata.n_obs} cells: pass one per cell "
@@ -375,14 +376,16 @@ def search_centroid(
         counted = np.diff(x.indptr) > 0
         x = x[counted]
         if use_rep in adata.obsm:
-            z = np.asarray(adata.obsm[use_rep])[rows[counted]]
+            rep = adata.obsm[use_rep]
+            z = np.asarray(rep.toarray() if sp.issparse(rep) else rep)[rows[counted]]
             width = model.config["architecture"]["latent"]
             if z.ndim != 2 or z.shape[1] != width:  # (another tool's, without a record)
+                shape = f"{z.shape[1]} dims" if z.ndim == 2 else f"a {z.ndim}-d array"
                 raise CellIndexError(
-                    f"adata.obsm[{use_rep!r}] has {z.shape[1] if z.ndim == 2 else z.ndim} "
-                    f"dims, the model's embedding {width}: it is not this model's. Embed "
-                    "again with cellsift.tl.embed(adata, model), pass use_rep= of this "
-                    "model's embedding, or qc=False."
+                    f"adata.obsm[{use_rep!r}] holds {shape}, not cells x the model's "
+                    f"{width}: it is not this model's embedding. Embed again with "
+                    "cellsift.tl.embed(adata, model), pass use_rep= of this model's "
+                    "embedding, or qc=False."
                 )
         else:
             z = model.embed_aligned(x)

@@ -175,6 +175,10 @@ def _labels_reordered(path: Path) -> None:
         ),
         (lambda p: (p / "labels.json").write_text("[{"), r"labels\.json is not JSON"),
         (
+            _edit_config(lambda c: c.update(label_ids=5)),
+            r"config\.json's label_ids is 5, not a list of label ids",
+        ),
+        (
             _labels_reordered,
             r"labels\.json lists other labels, or the same in another order, than config\.json",
         ),
@@ -222,6 +226,7 @@ def _labels_reordered(path: Path) -> None:
         "label-without-id",
         "label-twice",
         "labels-not-json",
+        "label-ids-not-a-list",
         "labels-reordered",
         "genes-tsv-without-gene-id",
         "genes-tsv-empty-gene-id",

@@ -320,8 +320,12 @@ def test_pseudobulk_and_centroid_checks_of_what_users_pass(bundle, synthetic_h5a
     np.testing.assert_array_equal(got.X.toarray(), want.X.toarray())
     index = CellIndex.build(model.embed(ref), ref.obs.reset_index(drop=True), model=model)
     query.obsm["X_cellsift"] = np.random.default_rng(0).normal(size=(40, 50)).astype("float32")
-    with pytest.raises(CellIndexError, match=r"obsm\['X_cellsift'\] has 50 dims, the model's"):
+    with pytest.raises(CellIndexError, match=r"obsm\['X_cellsift'\] holds 50 dims, not cells x"):
         cs.tl.search_centroid(query, model, index, k=5)
+    # a list of whole numbers and NaN: the groups the Series of them makes ('1.0', ...)
+    numbers = [1 if i % 2 else (2 if i % 3 else np.nan) for i in range(40)]
+    want = cs.tl.pseudobulk(query, pd.Series(numbers, index=query.obs_names))
+    assert list(cs.tl.pseudobulk(query, numbers).obs_names) == list(want.obs_names)
 
 
 def test_cells_named_by_repeated_obs_names_are_refused(bundle, synthetic_h5ad):

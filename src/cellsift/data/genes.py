@@ -277,10 +277,9 @@ class GeneVocabulary:
             na_filter=False,
             skip_blank_lines=False,
         )
-        # (spaces around a name or a header are an editor's, not the name's: no gene id or
-        # symbol holds them, and kept they would match no query's genes)
+        # (spaces around a header are an editor's; names are kept as written, as a
+        # vocabulary of any names round-trips)
         df.columns = df.columns.str.strip()
-        df = df.apply(lambda column: column.str.strip())
         if "gene_id" not in df.columns:
             raise ValueError(f"{path}: a genes.tsv needs a 'gene_id' column.")
         empty = np.flatnonzero(df["gene_id"].str.strip() == "")

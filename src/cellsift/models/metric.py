@@ -47,6 +47,7 @@ from ..train import TrainingPlan
 from ..train._stop import interrupts_kept
 from ..train.resume import checkpoint_file, continued_run, place_checkpoints, read_checkpoint
 from .bundle import (
+    _REMAKE,
     BundleError,
     check_device,
     load_bundle,
@@ -671,6 +672,13 @@ class MetricModel:
         b = load_bundle(path, device=device)
         settings = metric_settings(path, b, cls)
         saved_order = b.config.get("label_ids")  # (bundles before it: not recorded)
+        if saved_order is not None and not (
+            isinstance(saved_order, list) and all(isinstance(t, str) for t in saved_order)
+        ):
+            raise BundleError(
+                f"{path}: config.json's label_ids is {saved_order!r}, not a list of label "
+                f"ids. {_REMAKE}"
+            )
         if saved_order is not None and saved_order != list(b.label_ids):
             raise BundleError(
                 f"{path}: labels.json lists other labels, or the same in another order, than "
