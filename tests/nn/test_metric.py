@@ -104,6 +104,30 @@ def test_label_loss_credits_a_label_and_its_descendants():
     assert float(module.label_loss(logits, torch.full((7,), -1))) == 0.0
 
 
+def test_label_loss_credits_nothing_below_a_label_the_study_tells_apart():
+    """A study labelling cells T cell and others CD4-positive says its T cells are not
+    CD4-positive, and so not of a CD4-positive subtype either (one another study uses)."""
+    cl = load_cell_ontology()
+    labels = ["CL:0000084", "CL:0000624", "CL:0000897", "CL:0000236"]  # T, CD4, CD4 memory, B
+    module = MetricModule(
+        10,
+        (8,),
+        4,
+        related_ll=torch.from_numpy(cl.related(labels)),
+        ancestor_ll=torch.from_numpy(cl.closure(labels)[0]),
+        classifier_weight=0.5,
+    )
+    y, study = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1])
+    logits = torch.tensor(
+        [[-20.0, -20.0, 20.0, -20.0], [0, 5.0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 5.0]],
+        dtype=torch.float64,
+    )
+    p = torch.softmax(logits, 1)
+    # cell 0 (T, study 0 uses CD4): credited T only; cell 1 (CD4): CD4 and CD4 memory
+    want = -(p[0, 0].log() + (p[1, 1] + p[1, 2]).log() + p[2, 2].log() + p[3, 3].log()) / 4
+    torch.testing.assert_close(module.label_loss(logits, y, study), want)
+
+
 def test_loss_adds_the_weighted_label_loss(synthetic_h5ad):
     coll = CellCollection(synthetic_h5ad)
     ds = IterableCellDataset(

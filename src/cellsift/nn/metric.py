@@ -120,6 +120,9 @@ class MetricModule(nn.Module):
     relatives, ancestor_ll
         ``"resolved"``: relatives that a study's own labels tell apart may be negatives
         (needs ``ancestor_ll``; :class:`~cellsift.losses.TripletLoss`). Default ``"never"``.
+        ``ancestor_ll`` (``[i, j]``: label j a strict ancestor of label i) is also what the
+        label head credits descendants by: without it the label loss is a plain
+        cross-entropy (:class:`~cellsift.models.MetricModel` always passes it).
     margin, negative, distance
         Triplet mining and loss (SCimilarity: 0.05, semihard).
     triplet_weight
@@ -231,7 +234,11 @@ class MetricModule(nn.Module):
         study = torch.zeros_like(y) if study_n is None else study_n[known].long()
         told_apart = study_uses_label(y, study, credit.shape[1])
         own = nn.functional.one_hot(y, credit.shape[1]).bool()
-        credit = credit & (~told_apart | own)
+        # a descendant the study tells apart is not credited, nor anything below it (a cell
+        # that is not CD4-positive is no CD4-positive memory cell either)
+        apart = told_apart & credit & ~own
+        below = (apart.to(logits.dtype) @ credit_ll.to(logits.dtype)) > 0
+        credit = credit & (~below | own)
         credited = logits.masked_fill(~credit, float("-inf"))
         return (torch.logsumexp(logits, 1) - torch.logsumexp(credited, 1)).mean()
 
