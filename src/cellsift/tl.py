@@ -324,7 +324,8 @@ def _group_labels(adata: ad.AnnData, groups: Any) -> Any:
     elif isinstance(groups, np.ndarray):
         values = groups
     else:  # read as the Series of them is (numpy would make a NaN among text 'nan')
-        as_list = groups if isinstance(groups, pd.api.extensions.ExtensionArray) else list(groups)
+        keep = isinstance(groups, pd.Index | pd.api.extensions.ExtensionArray)  # (categories)
+        as_list = groups if keep else list(groups)
         values = pd.Series(as_list, dtype=None).array
     if values.ndim != 1 or len(values) != adata.n_obs:
         raise ValueError(

@@ -70,13 +70,11 @@ def test_forward_without_labels_reconstructs_only(synthetic_h5ad):
     torch.testing.assert_close(out["z_nk"].norm(dim=1), torch.ones(32))
 
 
-def test_label_loss_credits_a_label_and_its_descendants():
-    """The ontology-aware label loss against numpy: -log of the probability summed over the
-    cell's label and every label of the set below it in the Cell Ontology (each cell from a
-    study of its own: no study labels apart what it is credited with)."""
+def _with_label_head(labels: list[str]) -> MetricModule:
+    """A small module with a label head over ``labels`` (CL ids), relatives and ancestors
+    from the Cell Ontology."""
     cl = load_cell_ontology()
-    labels = ["CL:0000576", "CL:0001054", "CL:0002396", "CL:0000236", "CL:0000084"]
-    module = MetricModule(
+    return MetricModule(
         10,
         (8,),
         4,
@@ -84,6 +82,15 @@ def test_label_loss_credits_a_label_and_its_descendants():
         ancestor_ll=torch.from_numpy(cl.closure(labels)[0]),
         classifier_weight=0.3,
     )
+
+
+def test_label_loss_credits_a_label_and_its_descendants():
+    """The ontology-aware label loss against numpy: -log of the probability summed over the
+    cell's label and every label of the set below it in the Cell Ontology (each cell from a
+    study of its own: no study labels apart what it is credited with)."""
+    cl = load_cell_ontology()
+    labels = ["CL:0000576", "CL:0001054", "CL:0002396", "CL:0000236", "CL:0000084"]
+    module = _with_label_head(labels)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(7, len(labels), generator=gen, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 4, -1, 0])
@@ -107,16 +114,8 @@ def test_label_loss_credits_a_label_and_its_descendants():
 def test_label_loss_credits_nothing_below_a_label_the_study_tells_apart():
     """A study labelling cells T cell and others CD4-positive says its T cells are not
     CD4-positive, and so not of a CD4-positive subtype either (one another study uses)."""
-    cl = load_cell_ontology()
     labels = ["CL:0000084", "CL:0000624", "CL:0000897", "CL:0000236"]  # T, CD4, CD4 memory, B
-    module = MetricModule(
-        10,
-        (8,),
-        4,
-        related_ll=torch.from_numpy(cl.related(labels)),
-        ancestor_ll=torch.from_numpy(cl.closure(labels)[0]),
-        classifier_weight=0.5,
-    )
+    module = _with_label_head(labels)
     y, study = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1])
     logits = torch.tensor(
         [[-20.0, -20.0, 20.0, -20.0], [0, 5.0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 5.0]],

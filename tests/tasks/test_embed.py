@@ -322,10 +322,18 @@ def test_pseudobulk_and_centroid_checks_of_what_users_pass(bundle, synthetic_h5a
     query.obsm["X_cellsift"] = np.random.default_rng(0).normal(size=(40, 50)).astype("float32")
     with pytest.raises(CellIndexError, match=r"obsm\['X_cellsift'\] holds 50 dims, not cells x"):
         cs.tl.search_centroid(query, model, index, k=5)
+    query.obsm["X_cellsift"] = sp.csr_matrix(model.embed(query))  # (sparse: read as dense)
+    with warnings.catch_warnings():  # (whether this small model's clusters look alike)
+        warnings.simplefilter("ignore", CellsiftWarning)
+        dense = cs.tl.search_centroid(query.copy(), model, index, k=5)
+    assert dense.qc is not None and len(dense.qc.cluster_n) == 40
     # a list of whole numbers and NaN: the groups the Series of them makes ('1.0', ...)
     numbers = [1 if i % 2 else (2 if i % 3 else np.nan) for i in range(40)]
     want = cs.tl.pseudobulk(query, pd.Series(numbers, index=query.obs_names))
     assert list(cs.tl.pseudobulk(query, numbers).obs_names) == list(want.obs_names)
+    ordered = pd.CategoricalIndex(["b", "a"] * 20, categories=["c", "b", "a"], ordered=True)
+    want = cs.tl.pseudobulk(query, pd.Series(ordered, index=query.obs_names))
+    assert list(cs.tl.pseudobulk(query, ordered).obs_names) == list(want.obs_names) == ["b", "a"]
 
 
 def test_cells_named_by_repeated_obs_names_are_refused(bundle, synthetic_h5ad):

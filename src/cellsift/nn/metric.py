@@ -13,10 +13,15 @@ training label set): a cell's label is credited with the probability of that lab
 all its descendants in the set, so a cell labelled "monocyte" is satisfied by any monocyte
 subtype while a "CD14-positive monocyte" must be told from its siblings. A descendant
 that the cell's own study uses as a label (read from the batch, as ``relatives="resolved"``
-mining does; without study codes the batch counts as one study) is not credited: a study
-that labels cells "CD14-positive monocyte" and others "CD14-low, CD16-positive monocyte" (a
-CL descendant) means the first are not the second (credited, the head could call every
-CD14-positive monocyte CD16-positive at no cost). Then ``loss = triplet_weight * triplet +
+mining does; without study codes the batch counts as one study) is not credited, nor any
+label below it: a study that labels cells "CD14-positive monocyte" and others "CD14-low,
+CD16-positive monocyte" (a CL descendant) means the first are not the second, nor of its
+subtypes (credited, the head could call every CD14-positive monocyte CD16-positive at no
+cost). Only the label's own descendants are read so: a label the study uses beside it that
+is neither ancestor nor descendant ("CD4-positive T cell" beside "memory T cell") says less,
+as the study's cells of one may include the other's, and what lies below both stays
+credited. (``relatives="resolved"`` mining frees the told-apart label itself as a negative
+and keeps what lies below it excluded, the cautious side.) Then ``loss = triplet_weight * triplet +
 classifier_weight * label + (1 - triplet_weight - classifier_weight) * MSE``.
 """
 
