@@ -1110,3 +1110,39 @@ def test_filters_take_values_of_any_list_like():
         index.select({"lab": range(3)})
     with pytest.raises(CellIndexError, match=r"'d' holds int64, the filter gives str values"):
         index.select({"d": {"a": 1}.keys()})
+
+
+@pytest.mark.parametrize("top", [1, 5, 15, 50])
+def test_exact_top_k_prefilter_keeps_every_hit(top, monkeypatch):
+    """The CPU prefilter of exact search (the best groups of columns first) returns the
+    same scores and cells as a top-k over every column, ties at the cut included (those
+    rows go whole), on scores with many equal values and duplicated cells."""
+    from cellsift.tasks import index as index_module
+
+    full = index_module._top_first_all
+    gen = torch.Generator().manual_seed(top)
+
+    def canonical(vals, cols):
+        order = np.lexsort((cols.numpy(), -vals.numpy()))
+        return np.take_along_axis(vals.numpy(), order, 1), np.take_along_axis(
+            cols.numpy(), order, 1
+        )
+
+    for n in (16 * 4 * (top + 1) + 7, 5000):
+        scores = torch.randn(64, n, generator=gen)
+        scores[:20] = torch.round(scores[:20] * 4) / 4  # many equal values
+        scores[20:30, 100:110] = scores[20:30, 10:11]  # a cell duplicated ten times
+        scores[30:34] = 0.5  # every column equal
+        for part in (slice(0, 20), slice(20, 30), slice(30, 34), slice(34, 64)):
+            got = index_module._top_first(scores[part], top)
+            want = full(scores[part], top)
+            for a, b in zip(canonical(*got), canonical(*want), strict=True):
+                np.testing.assert_array_equal(a, b)
+            # against numpy: the top scores, equal ones at the cut from the first columns
+            ref = np.argsort(-scores[part].numpy(), axis=1, kind="stable")[:, :top]
+            np.testing.assert_array_equal(np.sort(canonical(*got)[1], 1), np.sort(ref, 1))
+    # (distinct scores: the prefilter alone answers, no row searched whole)
+    calls = []
+    monkeypatch.setattr(index_module, "_top_first_all", lambda *a: calls.append(a) or full(*a))
+    index_module._top_first(torch.randn(64, 5000, generator=gen), top)
+    assert not calls

@@ -1533,10 +1533,44 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
 
 
+#: Columns per group of :func:`_top_first`'s prefilter on the CPU.
+_TOP_GROUP = 16
+
+
 def _top_first(scores: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's ``top`` highest scores and their columns, equal scores at the cut taken
     from the first columns (``torch.topk`` takes any of them: a search's hits would then
-    depend on ``k``, or on the platform, where cells lie at one distance)."""
+    depend on ``k``, or on the platform, where cells lie at one distance).
+
+    On the CPU a prefilter first: the columns fall into groups (columns j, j + G, j + 2G,
+    ...), and each row's ``top + 1`` best group maxima bound its ``top + 1`` best scores from
+    below; only the groups reaching that bound are searched (the same hits: a row tied at
+    the cut is searched whole, as before)."""
+    m, n = scores.shape
+    g = _TOP_GROUP
+    groups = n // g
+    if scores.device.type != "cpu" or top == 0 or top >= n or groups < 4 * (top + 1):
+        return _top_first_all(scores, top)
+    best = scores[:, : groups * g].view(m, g, groups).amax(1)  # (the groups' maxima)
+    bound = torch.topk(best, top + 1, dim=1, sorted=False)[0].amin(1, keepdim=True)
+    width = int((best >= bound).sum(1).max())  # (more than top + 1: equal maxima)
+    if width * g > n // 4:
+        return _top_first_all(scores, top)
+    picked = torch.topk(best, width, dim=1, sorted=False)[1]
+    cols = (picked.unsqueeze(2) + torch.arange(0, groups * g, groups)).view(m, -1)
+    if groups * g < n:  # (the last columns, in no group: always searched)
+        cols = torch.cat([cols, torch.arange(groups * g, n).expand(m, -1)], 1)
+    vals, at = torch.topk(torch.gather(scores, 1, cols), top + 1, dim=1)
+    cols = torch.gather(cols, 1, at)
+    tied = torch.nonzero(vals[:, top - 1] == vals[:, top]).ravel()
+    vals, cols = vals[:, :top], cols[:, :top]
+    if len(tied):  # (rare) searched whole, for the first columns at the cut
+        vals[tied], cols[tied] = _top_first_all(scores[tied], top)
+    return vals, cols
+
+
+def _top_first_all(scores: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_top_first` over every column."""
     if top == 0 or top >= scores.shape[1]:  # (every column: no cut)
         return torch.topk(scores, top, dim=1)
     vals, cols = torch.topk(scores, top + 1, dim=1)  # (one more: is the cut between ties?)
