@@ -1141,6 +1141,10 @@ def test_exact_top_k_prefilter_keeps_every_hit(top, monkeypatch):
             # against numpy: the top scores, equal ones at the cut from the first columns
             ref = np.argsort(-scores[part].numpy(), axis=1, kind="stable")[:, :top]
             np.testing.assert_array_equal(np.sort(canonical(*got)[1], 1), np.sort(ref, 1))
+    nan = torch.randn(3, 5000, generator=gen)
+    nan[:, 7] = float("nan")  # (refused upstream; here the full top-k's answer)
+    for a, b in zip(index_module._top_first(nan, top), full(nan, top), strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
     # (distinct scores: the prefilter alone answers, no row searched whole)
     calls = []
     monkeypatch.setattr(index_module, "_top_first_all", lambda *a: calls.append(a) or full(*a))

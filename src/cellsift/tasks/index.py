@@ -1553,6 +1553,8 @@ def _top_first(scores: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tens
         return _top_first_all(scores, top)
     best = scores[:, : groups * g].view(m, g, groups).amax(1)  # (the groups' maxima)
     bound = torch.topk(best, top + 1, dim=1, sorted=False)[0].amin(1, keepdim=True)
+    if bool(torch.isnan(bound).any()):  # (a NaN bounds nothing; embeddings refuse them)
+        return _top_first_all(scores, top)
     width = int((best >= bound).sum(1).max())  # (more than top + 1: equal maxima)
     if width * g > n // 4:
         return _top_first_all(scores, top)
