@@ -698,6 +698,22 @@ def in_obs_order(values: pd.Series, obs_names: pd.Index, what: str) -> Any:
     return pd.Series(values.to_numpy(), index=index).reindex(obs_names).array
 
 
+def _refuse_names_of_several(obs_names: pd.Index, names: pd.Index, what: str) -> None:
+    """A name that several cells bear selects them all only where it is given as often
+    (e.g. adata.obs_names itself); given fewer times, which of them is meant is unsaid."""
+    counts = obs_names.value_counts()
+    repeated = counts.index[counts > 1].intersection(names)
+    given = names.value_counts().reindex(repeated).to_numpy()
+    repeated = repeated[given < counts[repeated].to_numpy()]
+    if len(repeated):
+        raise ValueError(
+            f"{what}: obs names repeat, and {len(repeated)} of those given name several "
+            f"cells (e.g. {repeated[0]!r}: {int(counts[repeated[0]])} cells), so names cannot "
+            "tell them apart: pass a boolean mask, or make the names unique first "
+            "(adata.obs_names_make_unique())."
+        )
+
+
 def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     """A boolean mask over ``adata``'s cells from a mask or obs names; an empty selection,
     a mask of the wrong length, unknown names or numbers (positions or names? the common
@@ -752,19 +768,8 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
                 f"{list(missing[:3])}."
             )
         mask = np.asarray(adata.obs_names.isin(names))
-        # a name that several cells bear selects them all only where it is given as often
-        # (e.g. adata.obs_names itself); given fewer times, which of them is meant is unsaid
-        counts = adata.obs_names.value_counts()
-        repeated = counts.index[counts > 1].intersection(names)
-        given = names.value_counts()
-        repeated = repeated[given.reindex(repeated).to_numpy() < counts[repeated].to_numpy()]
-        if len(repeated):
-            raise ValueError(
-                f"{what}: obs names repeat, and {len(repeated)} of those given name several "
-                f"cells (e.g. {repeated[0]!r}: {int((adata.obs_names == repeated[0]).sum())} "
-                "cells), so names cannot tell them apart: pass a boolean mask, or make the "
-                "names unique first (adata.obs_names_make_unique())."
-            )
+        if adata.obs_names.has_duplicates:  # (the counts only where names repeat)
+            _refuse_names_of_several(adata.obs_names, names, what)
     if not mask.any():
         raise ValueError(f"{what} is empty: select at least one cell.")
     return mask

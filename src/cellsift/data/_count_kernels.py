@@ -1,7 +1,7 @@
 """The compiled passes of :mod:`cellsift.data._values`, at module level so that numba's
 cache finds them again: kernels defined inside a function are keyed by their closure, which
-differs in every process, so each process compiled them anew (about 1.5 s) and added them to
-a cache that only grew. Imported on first use: ``import cellsift`` stays light."""
+differs in every process, so each process compiled them anew (0.5 s here) and added them
+to a cache that only grew. Imported on first use: ``import cellsift`` stays light."""
 
 from __future__ import annotations
 

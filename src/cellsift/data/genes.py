@@ -94,12 +94,10 @@ def _kind_of_names(names: pd.Index) -> str:
 
 def _strip_version(ids: pd.Index) -> pd.Index:
     """ENSG00000141510.17 -> ENSG00000141510 (Ensembl versions differ between releases)."""
-    names = ids.astype(str).tolist()
     # (a name without a dot is its own stripped form: only dotted names are matched)
-    for i in [i for i, g in enumerate(names) if "." in g]:
-        if _ENSEMBL.match(names[i]):
-            names[i] = names[i].split(".")[0]
-    return pd.Index(names)
+    return pd.Index(
+        [g.split(".")[0] if "." in g and _ENSEMBL.match(g) else g for g in ids.astype(str)]
+    )
 
 
 class DuplicateGenesError(ValueError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,8 @@ def save_bundle(
         tmp.mkdir()
         cfg = {
             **config,
+            # the labels' order, which a label head's outputs follow, beside labels.json's
+            "label_ids": [lab["id"] for lab in labels or []],
             "format_version": FORMAT_VERSION,
             "cellsift_version": __version__,
             "modules": sorted(modules),
@@ -304,7 +307,26 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
             f"{folder}: genes.tsv cannot be the model's genes ({err}). {_REMAKE}"
         ) from None
     labels = _check_labels(folder, _read_json(folder, "labels.json"))
+    _check_label_order(folder, config.get("label_ids"), [lab["id"] for lab in labels])
     return Bundle(config, weights, genes, labels)
+
+
+def _check_label_order(folder: Path, saved: Any, ids: list[str]) -> None:
+    """config.json's ``label_ids`` (bundles before it: none) are labels.json's, in order."""
+    if saved is None:
+        return
+    if not (isinstance(saved, list) and all(isinstance(t, str) for t in saved)):
+        raise BundleError(
+            f"{folder}: config.json's label_ids is {reprlib.repr(saved)}, not a list of label "
+            f"ids. {_REMAKE}"
+        )
+    if saved != ids:
+        raise BundleError(
+            f"{folder}: labels.json lists other labels, or the same in another order, than "
+            f"config.json's label_ids ({len(ids)} against {len(saved)}); a label head's "
+            "outputs follow config.json's order and would be read as other labels. Restore "
+            "labels.json, or save the model again with cellsift."
+        )
 
 
 def _is_number(value: Any) -> bool:

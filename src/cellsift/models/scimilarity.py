@@ -282,7 +282,6 @@ def import_scimilarity(
         "normalization": {"target_sum": 1e4, "log1p": True},
         "loss": {**_loss_settings(model.hyperparameters, path), "ontology_aware": ontology_aware},
         "ontology": {"version": cl.version} if ontology_aware else None,
-        "label_ids": [lab["id"] for lab in labels],  # (their order, as MetricModel.save's)
         "source": {
             "kind": "scimilarity",
             "path": str(Path(path).resolve()),
