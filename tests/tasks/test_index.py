@@ -538,6 +538,96 @@ def test_a_handle_reads_the_index_it_loaded_whatever_is_saved_over_it(tmp_path):
     assert reader.metadata_columns == ["study"] and len(reader) == 300
 
 
+def test_saving_over_an_index_another_handle_saved_since_is_refused(tmp_path):
+    """Two handles load one index and each adds cells: the second to save back would drop
+    the first's cells; it is refused, naming the fix. A handle that saved last saves again;
+    one that never read the folder overwrites it as asked."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 8)).astype(np.float32)
+    path = CellIndex.build(x, pd.DataFrame({"study": ["a"] * 20})).save(tmp_path / "idx")
+    first, second = CellIndex.load(path), CellIndex.load(tmp_path / "." / "idx")
+    first.add(x[:3], pd.DataFrame({"study": ["b"] * 3}))
+    first.save(path, overwrite=True)
+    second.add(x[:5], pd.DataFrame({"study": ["c"] * 5}))
+    with pytest.raises(CellIndexError, match=r"saved by another handle .* load the index again"):
+        second.save(tmp_path / "." / "idx", overwrite=True)
+    assert len(CellIndex.load(path)) == 23  # the first's cells kept
+    first.add(x[:1], pd.DataFrame({"study": ["b"]}))
+    first.save(path, overwrite=True)  # its own last save: saved over
+    assert len(CellIndex.load(path)) == 24
+    second.save(tmp_path / "elsewhere")  # elsewhere, as the message says
+    assert len(CellIndex.load(tmp_path / "elsewhere")) == 25
+    fresh = CellIndex.build(x[:2], pd.DataFrame({"study": ["d"] * 2}))
+    fresh.save(path, overwrite=True)  # never read from there: overwritten as asked
+    assert len(CellIndex.load(path)) == 2
+
+
+def test_add_keeps_an_ordered_categorical_in_order(tmp_path):
+    """New cells' categories that an ordered column lacks go where the new cells' own
+    order puts them (lo < mid < hi, not lo < hi < mid), kept through save and load; plain
+    values the column holds keep its order; values no order places are refused."""
+    rng = np.random.default_rng(0)
+    stage = pd.Categorical(["lo", "hi"] * 5, categories=["lo", "hi"], ordered=True)
+    index = CellIndex.build(rng.normal(size=(10, 8)), pd.DataFrame({"stage": stage}))
+    later = pd.Categorical(["mid", "hi"], categories=["lo", "mid", "hi"], ordered=True)
+    index.add(rng.normal(size=(2, 8)), pd.DataFrame({"stage": later}))
+    index.add(rng.normal(size=(2, 8)), pd.DataFrame({"stage": ["hi", None]}))
+    for each in (index, CellIndex.load(index.save(tmp_path / "idx"))):
+        rows = each.metadata_rows(np.arange(14))["stage"]
+        assert rows.cat.ordered and list(rows.cat.categories) == ["lo", "mid", "hi"]
+        assert list(rows.cat.codes.iloc[[0, 10, 1]]) == [0, 1, 2]  # lo < mid < hi
+        assert list(rows.iloc[10:13]) == ["mid", "hi", "hi"] and pd.isna(rows.iloc[13])
+    for other in (["top"], pd.Categorical(["top"]), pd.Categorical(["hi", "lo"], ordered=True)):
+        with pytest.raises(CellIndexError, match=r"'stage' is an ordered categorical .*lo < mid"):
+            index.add(rng.normal(size=(1, 8)), pd.DataFrame({"stage": other[:1]}))
+    assert len(index) == 14
+
+
+def test_a_column_named_by_a_number_is_filtered_and_read_by_that_name():
+    """A metadata column named 0 (stored as "0") is the one a filter {0: ...}, columns=[0]
+    and summary(by=0) name, not the column at position 0."""
+    rng = np.random.default_rng(0)
+    meta = pd.DataFrame({"batch": rng.choice(["a", "b"], 60), 0: rng.choice(["a", "b"], 60)})
+    index = CellIndex.build(rng.normal(size=(60, 8)), meta)
+    np.testing.assert_array_equal(index.select({0: "a"}), np.flatnonzero(meta[0] == "a"))
+    assert list(index.metadata_rows([0, 1], columns=[0])["0"]) == list(meta[0][:2])
+    hits = index.search(rng.normal(size=(3, 8)), 5, filter={0: "b"})
+    assert (meta[0].to_numpy()[hits.indices.ravel()] == "b").all()
+    assert list(hits.summary(by=0).index) == ["b"]
+
+
+def test_queries_of_bfloat16_and_search_settings_are_checked(data, ivf):
+    """An autocast model's bfloat16 output is a query; nprobe is a whole number >= 1; an
+    empty 1-d query and a device this machine lacks are named."""
+    x, _, _ = data
+    q = torch.from_numpy(x[:3]).bfloat16()
+    np.testing.assert_array_equal(ivf.search(q, 1, exact=True).indices.ravel(), [0, 1, 2])
+    for bad in (-1, 0, 2.5, "3", True):
+        with pytest.raises(CellIndexError, match="nprobe is the number of IVF lists"):
+            ivf.search(x[:2], 5, nprobe=bad)
+    np.testing.assert_array_equal(
+        ivf.search(x[:2], 5, nprobe=np.int64(2)).indices, ivf.search(x[:2], 5, nprobe=2).indices
+    )
+    with pytest.raises(CellIndexError, match="queries have 0 dims, the index 32"):
+        ivf.search(np.zeros(0), 5)
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="CUDA is not available on this machine"):
+            ivf.search(x[:2], 5, device="cuda")
+
+
+def test_rebuild_calibrates_for_the_k_and_recall_asked_at_build():
+    """An IVF index built over fewer cells than k (or one cell) rebuilt once it has grown
+    is calibrated for the k and recall asked at build, not the k its cells then allowed."""
+    rng = np.random.default_rng(0)
+    for n in (1, 8):
+        index = CellIndex.build(
+            rng.normal(size=(n, 8)), engine="ivf", nlist=1, k=20, target_recall=0.9
+        )
+        index.add(rng.normal(size=(200, 8)))
+        index.rebuild(nlist=4)
+        assert index.params["calibrated_k"] == 20 and index.params["target_recall"] == 0.9
+
+
 def test_a_loaded_index_pickles_searches_from_threads_and_names_a_file_rewritten_in_place(
     tmp_path, monkeypatch
 ):
@@ -904,7 +994,10 @@ def test_a_damaged_or_newer_manifest_is_named(tmp_path, data):
     manifest = json.loads((path / "manifest.json").read_text())
     for change, message in (
         ({"version": 99}, "format version 99; this cellsift reads versions up to 1"),
+        ({"version": "1"}, r"manifest\.json is corrupt \(its format version '1' is not a whole"),
         ({"files": None}, r"manifest\.json is corrupt"),
+        # a metadata file the manifest does not list: its checksum unknown
+        ({"files": {"embeddings.npy": manifest["files"]["embeddings.npy"]}}, "does not list the"),
     ):
         (path / "manifest.json").write_text(json.dumps(manifest | change))
         with pytest.raises(CellIndexError, match=message):

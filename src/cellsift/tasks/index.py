@@ -31,7 +31,9 @@ Directory layout (written atomically; ``CellIndex.load`` memory-maps the embeddi
     index/
       manifest.json       version, n_cells, dim, engine, parameters, file sizes and checksums
       embeddings.npy      n_cells x dim float32, L2-normalised
-      metadata.parquet    one row per cell (+ ``cell_index``), may be absent
+      metadata.parquet    one row per cell (+ ``cell_index``), may be absent; a categorical
+                          column of numbers (not text) reads back as its numbers (Parquet
+                          keeps the categories of text only)
       ivf.faiss           the faiss index, when the engine is ivf
 """
 
@@ -119,9 +121,7 @@ def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
     (1e20 or 1e-24 as well as 1) keep their direction; float64 rows, which may lie beyond
     float32's range, are first scaled by their largest entry.
     """
-    if isinstance(x, torch.Tensor):  # (a model's output may still hold its graph)
-        x = x.detach().cpu()
-    a = np.asarray(x)
+    a = _as_array(x)
     if a.dtype != np.float64:
         a = np.asarray(a, dtype=np.float32)
     if a.ndim != 2:
@@ -161,6 +161,16 @@ def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
             "placeholder, a failed write?); leave them out or embed those cells again."
         )
     return out
+
+
+def _as_array(x: Any) -> np.ndarray:
+    """``x`` as a numpy array; a tensor detached (a model's output may still hold its graph),
+    on the CPU, and in float32 unless float64 (numpy holds no bfloat16: an autocast's)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype != torch.float64:
+            x = x.float()
+    return np.asarray(x)
 
 
 #: Rows normalised at a time (a float64 copy of a block's at most).
@@ -206,7 +216,7 @@ class SearchResult:
         distance; hits whose value is missing are counted under NaN. ``query`` and ``rank``
         name the hits' query and rank, unless the metadata hold a column of that name (which
         they then name)."""
-        keys = [by] if isinstance(by, str) else list(by)
+        keys = _column_names(by)
         own = set(self.index.metadata_columns)
         read = [k for k in keys if k in own or k not in ("query", "rank")]
         q, r = np.nonzero(self.indices >= 0)
@@ -254,6 +264,9 @@ class CellIndex:
         self.ann = ann
         self.params: dict[str, Any] = dict(params or {})
         self._kept_lists: tuple[Any, int, np.ndarray, np.ndarray] | None = None
+        # the manifest digest of each folder this handle loaded from or saved to, as it was
+        # then: saving over one that another handle has saved to since is refused (save)
+        self._versions: dict[str, str] = {}
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
@@ -304,7 +317,7 @@ class CellIndex:
         has no lists: nothing to rebuild (1.0)."""
         if self.engine != "ivf":
             return 1.0
-        k = int(self.params.get("calibrated_k") or 50)
+        k = int(self.params.get("asked_k") or self.params.get("calibrated_k") or 50)
         target = float(self.params.get("target_recall", 0.99))
         self._build_ivf(nlist=nlist, seed=seed)
         return self.calibrate(k=k, target_recall=target, seed=seed)
@@ -363,6 +376,9 @@ class CellIndex:
             )
         if self.engine != "ivf":
             return 1.0
+        # the k and recall asked, which rebuild() calibrates for again (with more cells, k may
+        # then be more than calibrated_k, which the cells at hand bound)
+        self.params.update(asked_k=int(k), target_recall=float(target_recall))
         if self.n_cells < 2:  # no other cell to find: every list (the one) is probed
             nlist = self.params["nlist"]
             self.params.update(nprobe=nlist, calibrated_k=0, calibrated_recall=1.0)
@@ -392,7 +408,6 @@ class CellIndex:
             rerank=rerank,
             calibrated_k=k,
             calibrated_recall=round(reached, 4),
-            target_recall=float(target_recall),
         )
         logger.info(
             "CellIndex: nprobe %d of %d lists, %d candidates re-ranked a query, give recall@%d "
@@ -556,7 +571,7 @@ class CellIndex:
             )
         has = self.metadata_columns
         if columns is not None:
-            cols = [columns] if isinstance(columns, str) else list(columns)
+            cols = _column_names(columns)
             missing = [c for c in cols if c not in has and c != "cell_index"]
             if missing:
                 raise CellIndexError(
@@ -613,13 +628,22 @@ class CellIndex:
         k = int(k)  # (faiss takes Python ints only)
         if max_distance is not None:
             _check_distance(max_distance)
+        if nprobe is not None and not is_whole(nprobe, least=1):
+            raise CellIndexError(
+                f"nprobe is the number of IVF lists each query probes, a whole number >= 1 "
+                f"(None: as calibrated), not {nprobe!r}."
+            )
+        if device is not None:
+            from ..models.bundle import check_device
+
+            check_device(device)  # (before the work: a device this machine lacks, named)
         rows = self.select(filter) if filter is not None else None
         n_sel = len(rows) if rows is not None else self.n_cells
         small = n_sel <= max(EXACT_SELECTION_MAX, EXACT_SELECTION_FRACTION * self.n_cells)
         if self.engine == "exact" or exact or (rows is not None and small):
             dist, idx = self._exact(q, k, rows, device=device)
         else:
-            probe = nprobe or self.params["nprobe"]
+            probe = int(nprobe) if nprobe is not None else self.params["nprobe"]
             calibrated = self.params.get("calibrated_k")
             if nprobe is None and calibrated and k > calibrated:  # more neighbours: more lists
                 probe = int(min(self.params["nlist"], math.ceil(probe * k / calibrated)))
@@ -656,15 +680,13 @@ class CellIndex:
 
     def _queries(self, queries: Any) -> np.ndarray:
         """Query embeddings, L2-normalised, checked against the index's width."""
-        if isinstance(queries, torch.Tensor):  # (a model's output may still hold its graph)
-            queries = queries.detach().cpu()
-        q = normalize_embeddings(np.atleast_2d(queries), "queries")
-        if q.shape[1] != self.dim:
+        q = np.atleast_2d(_as_array(queries))
+        if q.ndim == 2 and q.shape[1] != self.dim:  # (before their values: an empty 1-d query)
             raise CellIndexError(
                 f"queries have {q.shape[1]} dims, the index {self.dim}: embed them with the "
                 "model that built this index."
             )
-        return q
+        return normalize_embeddings(q, "queries")
 
     def search_within(
         self,
@@ -1036,7 +1058,9 @@ class CellIndex:
         """Write the index directory atomically (see the module docstring)."""
         pq = import_optional("pyarrow.parquet")
         check_index_path(path, overwrite)
+        key = _folder_key(Path(path))
         with atomic_dir(path, overwrite=overwrite, replaces=_REPLACES, what=_AN_INDEX) as tmp:
+            self._check_not_saved_over(Path(path), key)  # (its lock held: no save between)
             np.save(tmp / "embeddings.npy", np.asarray(self.embeddings), allow_pickle=False)
             files = ["embeddings.npy"]
             if self._metadata is not None or self._metadata_file is not None:
@@ -1057,13 +1081,34 @@ class CellIndex:
                 "params": self.params,
                 "files": {f: _file_digest(tmp / f) for f in files},
             }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            raw = json.dumps(manifest, indent=2).encode()
+            (tmp / "manifest.json").write_bytes(raw)
+        self._versions[key] = hashlib.sha256(raw).hexdigest()
         held = self._metadata_file
         if held is not None and _same_place(held.path.parent, Path(path)):
             # saved over its own folder: the file it holds is its own copy now; the one in
             # its place (the same metadata) is what a copy of this index opens again
             self._metadata_file = _HeldParquet(Path(path) / "metadata.parquet")
         return Path(path)
+
+    def _check_not_saved_over(self, path: Path, key: str) -> None:
+        """Refuse to save over ``path`` where this handle loaded from it (or saved to it) and
+        another handle or process has saved to it since: its cells (added there) would be
+        lost without a word."""
+        known = self._versions.get(key)
+        if known is None:
+            return
+        try:
+            now = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+        except OSError:  # (removed since, or no index there now: nothing of it is lost)
+            return
+        if now != known:
+            raise CellIndexError(
+                f"{path} was saved by another handle or process since this index was loaded "
+                "from it (or saved to it), so saving this one over it would drop what that "
+                "save added: load the index again (CellIndex.load), add these cells to it "
+                "and save that; or save this index elsewhere."
+            )
 
     @classmethod
     def load(
@@ -1091,7 +1136,8 @@ class CellIndex:
                 "(cellsift index writes one)."
             )
         try:
-            manifest = json.loads(man_path.read_text())
+            raw = man_path.read_bytes()
+            manifest = json.loads(raw.decode())
         except FileNotFoundError:
             raise CellIndexError(
                 f"{root} is not a CellIndex: {man_path.name} is missing."
@@ -1101,13 +1147,24 @@ class CellIndex:
         if not isinstance(manifest, dict) or manifest.get("format") != "cellsift.CellIndex":
             found = manifest.get("format") if isinstance(manifest, dict) else type(manifest)
             raise CellIndexError(f"{root} is not a CellIndex (manifest format {found!r}).")
-        version = manifest.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        version: Any = manifest.get("version")
+        if not is_whole(version, least=1):
+            raise CellIndexError(
+                f"{man_path} is corrupt (its format version {version!r} is not a whole "
+                "number); rebuild the index."
+            )
+        if version > FORMAT_VERSION:
             raise CellIndexError(
                 f"{root} is a CellIndex of format version {version!r}; this cellsift reads "
                 f"versions up to {FORMAT_VERSION}: upgrade cellsift, or rebuild the index."
             )
         _check_manifest(manifest, man_path)
+        meta = root / "metadata.parquet"
+        if meta.exists() and meta.name not in manifest["files"]:  # (its checksum unknown)
+            raise CellIndexError(
+                f"{man_path} is corrupt (it does not list the {meta.name} beside it); rebuild "
+                "the index."
+            )
         for name, want in manifest["files"].items():
             f = root / name
             if not f.exists():
@@ -1134,8 +1191,7 @@ class CellIndex:
                 raise CellIndexError(
                     f"{root / 'ivf.faiss'} cannot be read ({first}); rebuild the index."
                 ) from None
-        meta = root / "metadata.parquet"
-        return cls(
+        index = cls(
             emb,
             None,
             engine=manifest["engine"],
@@ -1143,6 +1199,8 @@ class CellIndex:
             params=manifest["params"],
             metadata_path=meta if meta.exists() else None,
         )
+        index._versions[_folder_key(root)] = hashlib.sha256(raw).hexdigest()
+        return index
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -1197,6 +1255,12 @@ class _HeldParquet:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
         self._open(state["loaded"])
+
+
+def _folder_key(path: Path) -> str:
+    """An index folder's path as one text whatever its spelling (links, ``..``; the folder
+    itself is replaced by each save, so not its inode)."""
+    return str(path.resolve())
 
 
 def _same_place(a: Path, b: Path) -> bool:
@@ -1322,6 +1386,13 @@ def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = froz
     return table.append_column("cell_index", pa.array(np.arange(start, start + n, dtype=np.int64)))
 
 
+def _column_names(columns: Any) -> list[str]:
+    """Metadata column names as given (one name, or several) as the index stores them: as
+    text (a DataFrame's column ``0`` is stored as ``"0"``)."""
+    several = isinstance(columns, Iterable) and not isinstance(columns, str | bytes)
+    return [str(c) for c in (columns if several else [columns])]
+
+
 def _kept_cell_index(names: list[str]) -> str:
     """The name a metadata column called cell_index is kept under (the index's own column
     holds each cell's position), said."""
@@ -1371,8 +1442,9 @@ def _concat_metadata(old: Any, new: Any) -> Any:
 
     Types are promoted as pyarrow does (int to float, one dictionary with another); a
     categorical column met by plain values (or the reverse) is decoded on both sides and
-    stays a categorical when it was one in the index. Types that do not promote (text and
-    numbers) are an error naming the column.
+    stays a categorical when it was one in the index. An ordered categorical keeps its
+    order (:func:`_in_order`). Types that do not promote (text and numbers) are an error
+    naming the column.
     """
     pa = import_optional("pyarrow")
     columns = []
@@ -1380,6 +1452,8 @@ def _concat_metadata(old: Any, new: Any) -> Any:
         a, b = old.column(name), new.column(name)
         if len(b) and b.null_count == len(b):  # no values at all: missing ones of the index's
             b = pa.nulls(len(b), a.type)
+        if pa.types.is_dictionary(a.type) and a.type.ordered:
+            a, b = _in_order(a, b, name)
         recode = pa.types.is_dictionary(a.type) != pa.types.is_dictionary(b.type)
         if recode:
             a, b = (
@@ -1432,6 +1506,41 @@ def _concat_metadata(old: Any, new: Any) -> Any:
     )
 
 
+def _in_order(a: Any, b: Any, name: str) -> tuple[Any, Any]:
+    """The index's ordered categorical column ``a`` and the new cells' ``b`` (categorical
+    or plain) as one ordered dictionary: ``a``'s categories in their order where ``b`` has
+    no other value; ``b``'s where it is ordered and orders ``a``'s the same way (categories
+    put between them). An error where ``b`` orders ``a``'s categories otherwise, or brings
+    values no order of ``b``'s places among them."""
+    pa = import_optional("pyarrow")
+    old, new = a.to_pandas(), b.to_pandas()
+    order = list(old.cat.categories)
+    ordered = isinstance(new.dtype, pd.CategoricalDtype) and bool(new.cat.ordered)
+    theirs = list(new.cat.categories) if ordered else []
+    shared = [c for c in theirs if c in set(order)]
+    extra = [v for v in pd.unique(new.dropna()) if v not in set(order)]
+    why = ""
+    if shared != [c for c in order if c in set(theirs)]:
+        why = f"the new cells order them otherwise ({' < '.join(map(str, shared))})"
+    elif extra and len(shared) < len(order):  # (not ordered, or not among all of the index's)
+        why = (
+            f"the new cells bring values it lacks ({', '.join(map(str, extra[:5]))}) with "
+            "no order that places them among its categories"
+        )
+    if why:
+        raise CellIndexError(
+            f"metadata column {name!r} is an ordered categorical in the index "
+            f"({' < '.join(map(str, order))}), and {why}: give the new cells' column as an "
+            "ordered categorical of every category in its order (the index's among them), "
+            "or make both columns unordered."
+        )
+    if extra:
+        order = theirs
+    kind = pd.CategoricalDtype(order, ordered=True)
+    a, b = (pa.chunked_array([pa.array(pd.Categorical(x, dtype=kind))]) for x in (old, new))
+    return a, b
+
+
 #: numpy's whole-number and boolean dtypes, and pandas' nullable ones that hold gaps
 _NULLABLE = {
     "bool": "boolean",
@@ -1446,7 +1555,7 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
     if isinstance(filter, Mapping):
         expr = None
         for col, value in filter.items():  # None (or NaN) selects missing values
-            field = pc.field(col)
+            field = pc.field(str(col))  # (the stored name: an int would be a position)
             values = _as_list(value)
             if isinstance(value, np.ndarray) and value.ndim == 0:
                 value = value.item()
