@@ -104,6 +104,19 @@ def test_info_counts_missing_values_apart(tmp_path, capsys):
     seen = next(line for line in _describe(open_store(adata)).splitlines() if "seen" in line)
     assert "1 value: 2020-01-31 (1 cell missing)" in seen
     assert "var_names" not in _describe(open_store(adata[:, :0]))
+    # numbers in their order, not as text sorts them (12 before 9)
+    shown = _describe(open_store(adata)).splitlines()
+    index = next(line for line in shown if line.strip().startswith("obs_index"))
+    assert "50 values: 0, 1, 2, 3, ..." in index
+    adata.obs["size"] = pd.array([12, 9, None, 100, 9.0] * 10, dtype="Int64")
+    size = next(line for line in _describe(open_store(adata)).splitlines() if "size" in line)
+    assert "3 values: 9, 12, 100 (10 cells missing)" in size
+
+
+def test_info_of_a_manifest_of_no_stores_says_so(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text('{"files": []}')
+    assert main(["info", str(tmp_path / "manifest.json")]) == 2
+    assert "manifest.json lists no stores" in capsys.readouterr().err
 
 
 def test_convert_and_errors(indexed_paths, tmp_path, capsys):

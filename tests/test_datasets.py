@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 
@@ -18,6 +19,25 @@ def test_synthetic_atlas_is_realistic_and_deterministic():
     assert (a.X != b.X).nnz == 0  # chunking does not change the atlas
     c = synthetic_atlas(3_000, 1_000, n_studies=4, seed=3)
     assert (a.X != c.X).nnz > 0
+
+
+def test_synthetic_atlas_settings_are_checked_and_no_cells_keep_their_columns(tmp_path):
+    full = synthetic_atlas(10, 50, n_studies=2)
+    for none in (
+        synthetic_atlas(0, 50, n_studies=2),
+        ad.read_h5ad(synthetic_atlas(0, 50, n_studies=2, path=tmp_path / "none.h5ad")),
+    ):
+        assert none.shape == (0, 50) and list(none.obs.columns) == list(full.obs.columns)
+    for bad, said in (
+        ({"n_cells": -5}, "n_cells must be a whole number of at least 0, not -5"),
+        ({"n_cells": 10.5}, "n_cells must be a whole number of at least 0, not 10.5"),
+        ({"n_studies": 0}, "n_studies must be a whole number of at least 1, not 0"),
+        ({"donors_per_study": 0}, "donors_per_study must be a whole number of at least 1"),
+        ({"chunk_size": 0}, "chunk_size must be a whole number of at least 1"),
+        ({"chunk_size": -1}, "chunk_size must be a whole number of at least 1"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            synthetic_atlas(**({"n_cells": 10, "n_genes": 50} | bad))
 
 
 def test_hierarchy_shows_in_expression():

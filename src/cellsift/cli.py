@@ -59,9 +59,14 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
         lines.append(f"  var        {', '.join(map(str, store.var.columns))}")
     lines.append("  obs")
     for col in store.obs_columns:
-        values = pd.Series(text_or_none(store.obs_column(col)))  # (dates as dates)
+        raw = pd.Series(store.obs_column(col))
+        values = pd.Series(text_or_none(raw.array))  # (dates as dates)
         missing = int(values.isna().sum())  # counted apart, not shown as a value "nan"
-        uniq = np.unique(values.dropna().to_numpy().astype(str))
+        if pd.api.types.is_numeric_dtype(raw.dtype):  # numbers in their order, not as text's
+            kept = raw.dropna().drop_duplicates().sort_values()
+            uniq = pd.unique(np.asarray(text_or_none(kept.array), dtype=object))
+        else:
+            uniq = np.unique(values.dropna().to_numpy().astype(str))
         show = ", ".join(uniq[:4].tolist()) + (", ..." if len(uniq) > 4 else "")
         noun = "value" if len(uniq) == 1 else "values"
         lines.append(
@@ -613,6 +618,9 @@ _AS_OPTIONS = {
     "--overwrite": (("pass overwrite=True", "pass --overwrite"),),
     "--no-check-counts": (("pass check_counts=False", "pass --no-check-counts"),),
     "--measurement": (
+        ("no option measurement, var_id", "no --measurement, --var-id"),
+        ("no option measurement", "no --measurement"),
+        ("no option var_id", "no --var-id"),
         ("pass measurement='raw'", "pass --measurement raw"),
         ("Pass measurement= with", "Pass --measurement with"),
         ("Pass var_id= with", "Pass --var-id with"),

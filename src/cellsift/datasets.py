@@ -266,24 +266,37 @@ def synthetic_atlas(
     **writer_options
         Passed to the store writer (e.g. ``compression="gzip"`` for h5ad).
     """
+    for name, value, least in (
+        ("n_cells", n_cells, 0),
+        ("n_genes", n_genes, 1),
+        ("n_studies", n_studies, 1),
+        ("donors_per_study", donors_per_study, 1),
+    ):
+        if not is_whole(value, least=least):
+            raise ValueError(f"{name} must be a whole number of at least {least}, not {value!r}.")
+    if chunk_size is not None and not is_whole(chunk_size, least=1):
+        raise ValueError(
+            f"chunk_size must be a whole number of at least 1 (None: from n_genes), not "
+            f"{chunk_size!r}."
+        )
     model = _AtlasModel(n_genes, n_studies, donors_per_study, seed)
     # Cells come in units of _UNIT with their own random streams: the atlas does not depend
     # on chunk_size, which only sets how many units are generated and written at a time.
     per_chunk = chunk_size or max(1, 20_000_000 // max(n_genes, 1))
     units_per_chunk = max(1, per_chunk // _UNIT)
-    starts = range(0, n_cells, units_per_chunk * _UNIT)
+    starts = range(0, max(n_cells, 1), units_per_chunk * _UNIT)  # (no cells: one chunk of none)
 
     def make(start: int) -> tuple[sp.csr_matrix, pd.DataFrame]:
         stop = min(n_cells, start + units_per_chunk * _UNIT)
         parts = [model.chunk(u, min(_UNIT, stop - u)) for u in range(start, stop, _UNIT)]
+        parts = parts or [model.chunk(start, 0)]  # (no cells: their columns still)
         return sp.vstack([p[0] for p in parts], format="csr"), pd.concat([p[1] for p in parts])
 
     chunks = (make(s) for s in starts)
     if path is None:
-        xs, obs = zip(*chunks, strict=True) if n_cells else ((), ())
-        x = sp.vstack(xs, format="csr") if xs else sp.csr_matrix((0, n_genes), dtype=np.float32)
-        obs_df = pd.concat(obs) if obs else None
-        return ad.AnnData(X=x.astype(np.float32), obs=obs_df, var=model.var())
+        xs, obs = zip(*chunks, strict=True)
+        x = sp.vstack(xs, format="csr")
+        return ad.AnnData(X=x.astype(np.float32), obs=pd.concat(obs), var=model.var())
     writer = open_writer(
         path, model.var(), format=format, n_obs=n_cells, overwrite=overwrite, **writer_options
     )

@@ -37,7 +37,7 @@ SYNTHETIC_CELLS = 20_000
 
 def _source(out: Path, synthetic: bool, n_cells: int | None) -> tuple[Path, str, str]:
     """(h5ad path, study/donor column, description)."""
-    from .datasets import shared_data_path
+    from .datasets import SYNTHETIC_VERSION, shared_data_path
 
     if not synthetic and n_cells is None:
         try:
@@ -48,7 +48,8 @@ def _source(out: Path, synthetic: bool, n_cells: int | None) -> tuple[Path, str,
     else:
         reason = "--synthetic was given" if synthetic else "--n-cells was given"
     n_cells = SYNTHETIC_CELLS if n_cells is None else n_cells
-    path = out / f"synthetic_atlas_{n_cells}.h5ad"  # (one of another size is not this one)
+    # (one of another size, or from another version of the generator, is not this one)
+    path = out / f"synthetic_atlas_{n_cells}_v{SYNTHETIC_VERSION}.h5ad"
     if not path.exists():
         synthetic_atlas(n_cells, 2000, n_studies=6, path=path, seed=0)
     return path, "dataset_id", f"synthetic atlas, {n_cells:,} cells x 2,000 genes ({reason})"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -294,6 +295,32 @@ def test_column_names_a_zarr_store_cannot_hold_are_named_before_writing(tmp_path
     adata.write_h5ad(tmp_path / "long.h5ad")
     back = ad.read_h5ad(convert(tmp_path / "long.h5ad", tmp_path / "out.h5ad"))
     assert "é" * 128 in getattr(back, where).columns
+
+
+@pytest.mark.parametrize("where", ["obs", "var"])
+def test_names_an_h5ad_cannot_read_back_are_named_before_writing(tmp_path, where):
+    """A column or index named "" or "." makes an h5ad anndata cannot read (its obs
+    unreadable, or the write failing at its end): named before any cell is written, and
+    nothing is left behind."""
+    adata = ad.AnnData(
+        sp.csr_matrix(np.ones((4, 2), np.float32)),
+        obs={"study": ["a", "b", "a", "b"]},
+        var={"symbol": ["x", "y"]},
+    )
+    adata.obs_names, adata.var_names = [f"c{i}" for i in range(4)], ["g0", "g1"]
+    for name in ("", "."):
+        for kind, made in (
+            ("column", adata.copy()),
+            ("index name", adata.copy()),
+        ):
+            frame = getattr(made, where)
+            if kind == "column":
+                frame[name] = frame.iloc[:, 0]
+            else:
+                frame.index.name = name
+            with pytest.raises(DataError, match=rf"the {where} {kind} '{re.escape(name)}' names"):
+                convert(made, tmp_path / "out.h5ad")
+            assert not list(tmp_path.iterdir())  # (nor its temporary output)
 
 
 @pytest.mark.parametrize("fmt", ["h5ad", "zarr", "soma"])

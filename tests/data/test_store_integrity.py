@@ -151,6 +151,26 @@ def test_a_sharded_folder_named_zarr_is_named_as_such(tmp_path):
     assert CellCollection(out).n_obs == 50
 
 
+@pytest.mark.parametrize("part", ["data", "indices"])
+@pytest.mark.parametrize("kind", ["cellsift", "h5ad"])
+def test_a_matrix_without_its_values_or_columns_is_named_as_damage(stores, kind, part, tmp_path):
+    """X without its data or indices (an element a copy lost): the store's damage, named
+    with the element, as a lost row pointer is (not a KeyError from the reader)."""
+    import h5py
+
+    if kind == "h5ad":
+        path = tmp_path / "cells.h5ad"
+        ad.AnnData(_counts(20, 5)).write_h5ad(path)
+        with h5py.File(path, "a") as f:
+            del f[f"X/{part}"]
+    else:
+        path = tmp_path / stores[kind].name
+        shutil.copytree(stores[kind], path)
+        shutil.rmtree(path / "X" / part)
+    with pytest.raises(DataError, match=rf"X/{part} cannot be read .* damaged or incomplete"):
+        open_store(path)
+
+
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_chunk_cut_short_is_named_as_damage_whatever_the_array(stores, kind, direct, tmp_path):

@@ -16,6 +16,7 @@ import cellsift as cs
 from cellsift._utils import cell_mask, in_obs_order
 from cellsift._warnings import CellsiftWarning
 from cellsift.cli import main
+from cellsift.data import open_store
 from cellsift.errors import ConfigError, DataError
 from cellsift.models import MetricModel
 from cellsift.ontology import load_cell_ontology
@@ -59,9 +60,17 @@ def test_soma_store_options_reach_every_command(bundle, synthetic_h5ad, tmp_path
     assert main(["embed", str(bundle), soma, str(out), *flags]) == 0
     np.testing.assert_allclose(load_embeddings(out)[0], model.embed(adata), atol=1e-5)
     assert main(["info", str(synthetic_h5ad), "--var-id", "gene"]) == 2
-    assert "h5ad store, which takes no option var_id (its options: rdcc_nbytes, direct)" in (
+    assert "an h5ad store, which takes no --var-id (that is for TileDB-SOMA stores)" in (
         capsys.readouterr().err
     )
+    zarr = tmp_path / "back.zarr"
+    assert main(["convert", str(tmp_path / "back.h5ad"), str(zarr)]) == 0
+    assert main(["info", str(zarr), "--measurement", "RNA", "--var-id", "gene"]) == 2
+    assert "no --measurement, --var-id (those are for TileDB-SOMA stores)" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(ConfigError, match=r"no option rdcc_nbytes \(its options: measurement"):
+        open_store(soma, rdcc_nbytes=1)
 
 
 def test_embed_collection_matches_embedding_in_memory(bundle, synthetic_h5ad, tmp_path):

@@ -141,7 +141,11 @@ class AnnDataStore(CellStore):
             raise self._error(f"X has unknown encoding {enc!r}.", "Write it with anndata >= 0.8.")
         self._shape = tuple(int(s) for s in _attr(mat, "shape"))
         indptr = self.indptr
-        n_data, n_idx = int(mat["data"].shape[0]), int(mat["indices"].shape[0])
+        sizes = []
+        for part in ("data", "indices"):  # (one missing: the file's damage, named)
+            with self._reading(f"{self._matrix_key()}/{part}"):
+                sizes.append(int(mat[part].shape[0]))
+        n_data, n_idx = sizes
         if len(indptr) != self._shape[0] + 1 or indptr[-1] != n_data or n_idx != n_data:
             raise self._error(
                 f"is truncated or corrupt: X's row pointer ends at {indptr[-1]} and has "

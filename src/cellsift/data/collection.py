@@ -72,6 +72,12 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
                     f'{manifest} is not a manifest of stores: it needs "files", a list of '
                     'store paths relative to it ({"files": ["a.h5ad", "b.zarr"]}).'
                 )
+            if not files:
+                raise DataError(
+                    f"{manifest} lists no stores: its cells are in none. List the stores in "
+                    'its "files" ({"files": ["a.h5ad", "b.zarr"]}), or write it again '
+                    "(cellsift convert --shard-size writes one)."
+                )
             return [manifest.parent / f for f in files]
         if any(ch in str(source) for ch in "*?[") and not p.exists():
             # (a file or folder that exists is itself, though its name holds [, * or ?)

@@ -334,8 +334,9 @@ def open_store(
     takes = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "path")]
     other = [n for n in options if n not in takes]
     if other:  # (a SOMA store's measurement= given for an h5ad file, say)
-        raise ConfigError(
-            f"{path} is a {fmt} store, which takes no option {', '.join(other)} (its options: "
-            f"{', '.join(t for t in takes if t != 'layer')})."
-        )
+        a = {"h5ad": "an h5ad", "zarr": "a Zarr", "soma": "a TileDB-SOMA"}[fmt]
+        why = f"its options: {', '.join(t for t in takes if t != 'layer')}"
+        if fmt != "soma" and set(other) <= {"measurement", "var_id"}:
+            why = f"{'that is' if len(other) == 1 else 'those are'} for TileDB-SOMA stores"
+        raise ConfigError(f"{path} is {a} store, which takes no option {', '.join(other)} ({why}).")
     return cls(path, layer=layer, **options)

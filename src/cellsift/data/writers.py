@@ -275,13 +275,24 @@ def _is_date(dtype: Any) -> bool:
 
 def _check_reserved(df: pd.DataFrame, what: str, path: str | os.PathLike[str]) -> None:
     """anndata's files keep a frame's index under ``_index``: a column of that name cannot
-    be written (anndata would say so only as the store is finished)."""
+    be written (anndata would say so only as the store is finished); nor can one, or an
+    index, named ``""`` or ``"."`` (an h5ad whose obs anndata cannot read back)."""
     if "_index" in df.columns:
         raise DataError(
             f"{path}: {what} has a column named '_index', a name anndata keeps for the "
             f"index; rename it (adata.{what}.rename(columns={{'_index': ...}})) and convert "
             "again."
         )
+    named = [(str(c), "column", f"adata.{what}.rename(columns=...)") for c in df.columns]
+    if df.index.name is not None:
+        named.append((str(df.index.name), "index name", f"adata.{what}.index.name = None"))
+    for name, kind, fix in named:
+        if name in ("", "."):
+            raise DataError(
+                f"{path}: the {what} {kind} {name!r} names no element of its own, and anndata "
+                f"stores each under its name (a file written so does not read back); rename "
+                f"it ({fix}) and convert again."
+            )
 
 
 def _object_text(values: np.ndarray) -> np.ndarray:
