@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -560,6 +563,43 @@ def test_saving_over_an_index_another_handle_saved_since_is_refused(tmp_path):
     fresh = CellIndex.build(x[:2], pd.DataFrame({"study": ["d"] * 2}))
     fresh.save(path, overwrite=True)  # never read from there: overwritten as asked
     assert len(CellIndex.load(path)) == 2
+    # a copy is a handle of its own
+    first = CellIndex.load(path)
+    second = copy.copy(first)
+    second.add(x[:2], pd.DataFrame({"study": ["e"] * 2}))
+    second.save(path, overwrite=True)
+    first.add(x[:1], pd.DataFrame({"study": ["f"]}))
+    with pytest.raises(CellIndexError, match="saved by another handle"):
+        first.save(path, overwrite=True)
+    # one pickled by a cellsift that kept no versions saves as before
+    older = pickle.loads(pickle.dumps(first))
+    del older.__dict__["_versions"]
+    older = pickle.loads(pickle.dumps(older))
+    older.save(tmp_path / "older")
+    assert len(CellIndex.load(tmp_path / "older")) == 3
+
+
+def test_saving_over_an_index_through_a_link_is_checked_as_the_folder(tmp_path):
+    """A folder reached through a link (current -> v1): a save puts a folder in the link's
+    place; a second handle loaded through the link is refused there, and a handle that
+    saved through a link to its own folder saves to that folder again."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 8)).astype(np.float32)
+    CellIndex.build(x, pd.DataFrame({"s": ["a"] * 5})).save(tmp_path / "v1")
+    (tmp_path / "current").symlink_to(tmp_path / "v1")
+    first, second = CellIndex.load(tmp_path / "current"), CellIndex.load(tmp_path / "current")
+    first.add(x[:2], pd.DataFrame({"s": ["b"] * 2}))
+    first.save(tmp_path / "current", overwrite=True)
+    second.add(x[:3], pd.DataFrame({"s": ["c"] * 3}))
+    with pytest.raises(CellIndexError, match="saved by another handle"):
+        second.save(tmp_path / "current", overwrite=True)
+    assert len(CellIndex.load(tmp_path / "current")) == 7
+    own = CellIndex.load(tmp_path / "v1")
+    (tmp_path / "other").symlink_to(tmp_path / "v1")
+    own.add(x[:1], pd.DataFrame({"s": ["d"]}))
+    own.save(tmp_path / "other", overwrite=True)  # the link's place, now a folder
+    own.save(tmp_path / "v1", overwrite=True)  # its own folder, which no one saved since
+    assert len(CellIndex.load(tmp_path / "v1")) == 6
 
 
 def test_add_keeps_an_ordered_categorical_in_order(tmp_path):
@@ -580,6 +620,8 @@ def test_add_keeps_an_ordered_categorical_in_order(tmp_path):
     for other in (["top"], pd.Categorical(["top"]), pd.Categorical(["hi", "lo"], ordered=True)):
         with pytest.raises(CellIndexError, match=r"'stage' is an ordered categorical .*lo < mid"):
             index.add(rng.normal(size=(1, 8)), pd.DataFrame({"stage": other[:1]}))
+    with pytest.raises(CellIndexError, match=r"'stage' holds text in the index and numbers"):
+        index.add(rng.normal(size=(1, 8)), pd.DataFrame({"stage": [3]}))
     assert len(index) == 14
 
 
@@ -602,13 +644,14 @@ def test_queries_of_bfloat16_and_search_settings_are_checked(data, ivf):
     x, _, _ = data
     q = torch.from_numpy(x[:3]).bfloat16()
     np.testing.assert_array_equal(ivf.search(q, 1, exact=True).indices.ravel(), [0, 1, 2])
-    for bad in (-1, 0, 2.5, "3", True):
+    for bad in (-1, 0, 2.5, "3", True, np.nan):
         with pytest.raises(CellIndexError, match="nprobe is the number of IVF lists"):
             ivf.search(x[:2], 5, nprobe=bad)
-    np.testing.assert_array_equal(
-        ivf.search(x[:2], 5, nprobe=np.int64(2)).indices, ivf.search(x[:2], 5, nprobe=2).indices
-    )
-    with pytest.raises(CellIndexError, match="queries have 0 dims, the index 32"):
+    for same in (np.int64(2), 2.0):  # (a whole float, as a config file gives it)
+        np.testing.assert_array_equal(
+            ivf.search(x[:2], 5, nprobe=same).indices, ivf.search(x[:2], 5, nprobe=2).indices
+        )
+    with pytest.raises(CellIndexError, match=r"the queries hold no values \(shape \(1, 0\)\)"):
         ivf.search(np.zeros(0), 5)
     if not torch.cuda.is_available():
         with pytest.raises(Exception, match="CUDA is not available on this machine"):

@@ -268,6 +268,20 @@ class CellIndex:
         # then: saving over one that another handle has saved to since is refused (save)
         self._versions: dict[str, str] = {}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_versions", {})  # (pickled by a cellsift without it)
+
+    def __copy__(self) -> CellIndex:
+        """A handle of its own: what :meth:`add`, :meth:`calibrate` and :meth:`save` change
+        in place (the IVF lists, the parameters, the versions saved) is not shared."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.params, new._versions, new._kept_lists = dict(self.params), dict(self._versions), None
+        if self.ann is not None:
+            new.ann = import_optional("faiss").clone_index(self.ann)
+        return new
+
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def build(
@@ -628,7 +642,9 @@ class CellIndex:
         k = int(k)  # (faiss takes Python ints only)
         if max_distance is not None:
             _check_distance(max_distance)
-        if nprobe is not None and not is_whole(nprobe, least=1):
+        if nprobe is not None and not (
+            is_number(nprobe) and float(nprobe).is_integer() and nprobe >= 1
+        ):
             raise CellIndexError(
                 f"nprobe is the number of IVF lists each query probes, a whole number >= 1 "
                 f"(None: as calibrated), not {nprobe!r}."
@@ -681,7 +697,12 @@ class CellIndex:
     def _queries(self, queries: Any) -> np.ndarray:
         """Query embeddings, L2-normalised, checked against the index's width."""
         q = np.atleast_2d(_as_array(queries))
-        if q.ndim == 2 and q.shape[1] != self.dim:  # (before their values: an empty 1-d query)
+        if q.ndim == 2 and q.shape[1] == 0:
+            raise CellIndexError(
+                f"the queries hold no values (shape {q.shape}): pass embeddings of cells x "
+                f"{self.dim} dims."
+            )
+        if q.ndim == 2 and q.shape[1] != self.dim:  # (before their values)
             raise CellIndexError(
                 f"queries have {q.shape[1]} dims, the index {self.dim}: embed them with the "
                 "model that built this index."
@@ -1058,9 +1079,8 @@ class CellIndex:
         """Write the index directory atomically (see the module docstring)."""
         pq = import_optional("pyarrow.parquet")
         check_index_path(path, overwrite)
-        key = _folder_key(Path(path))
         with atomic_dir(path, overwrite=overwrite, replaces=_REPLACES, what=_AN_INDEX) as tmp:
-            self._check_not_saved_over(Path(path), key)  # (its lock held: no save between)
+            self._check_not_saved_over(Path(path))  # (its lock held: no save between)
             np.save(tmp / "embeddings.npy", np.asarray(self.embeddings), allow_pickle=False)
             files = ["embeddings.npy"]
             if self._metadata is not None or self._metadata_file is not None:
@@ -1083,7 +1103,10 @@ class CellIndex:
             }
             raw = json.dumps(manifest, indent=2).encode()
             (tmp / "manifest.json").write_bytes(raw)
-        self._versions[key] = hashlib.sha256(raw).hexdigest()
+        # (after the save: a link saved over is a folder now, no longer its target)
+        self._versions.update(
+            dict.fromkeys(_folder_keys(Path(path)), hashlib.sha256(raw).hexdigest())
+        )
         held = self._metadata_file
         if held is not None and _same_place(held.path.parent, Path(path)):
             # saved over its own folder: the file it holds is its own copy now; the one in
@@ -1091,18 +1114,18 @@ class CellIndex:
             self._metadata_file = _HeldParquet(Path(path) / "metadata.parquet")
         return Path(path)
 
-    def _check_not_saved_over(self, path: Path, key: str) -> None:
+    def _check_not_saved_over(self, path: Path) -> None:
         """Refuse to save over ``path`` where this handle loaded from it (or saved to it) and
         another handle or process has saved to it since: its cells (added there) would be
         lost without a word."""
-        known = self._versions.get(key)
-        if known is None:
+        known = {self._versions[k] for k in _folder_keys(path) if k in self._versions}
+        if not known:
             return
         try:
             now = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
         except OSError:  # (removed since, or no index there now: nothing of it is lost)
             return
-        if now != known:
+        if known != {now}:
             raise CellIndexError(
                 f"{path} was saved by another handle or process since this index was loaded "
                 "from it (or saved to it), so saving this one over it would drop what that "
@@ -1199,7 +1222,7 @@ class CellIndex:
             params=manifest["params"],
             metadata_path=meta if meta.exists() else None,
         )
-        index._versions[_folder_key(root)] = hashlib.sha256(raw).hexdigest()
+        index._versions.update(dict.fromkeys(_folder_keys(root), hashlib.sha256(raw).hexdigest()))
         return index
 
 
@@ -1257,10 +1280,11 @@ class _HeldParquet:
         self._open(state["loaded"])
 
 
-def _folder_key(path: Path) -> str:
-    """An index folder's path as one text whatever its spelling (links, ``..``; the folder
-    itself is replaced by each save, so not its inode)."""
-    return str(path.resolve())
+def _folder_keys(path: Path) -> set[str]:
+    """An index folder's path as texts whatever its spelling (``..``, links above it; not
+    its inode: each save puts a new folder in place): the folder it leads to, and its name
+    in the folder it is in (a link of that name, which a save replaces by a folder)."""
+    return {str(path.resolve()), str(path.absolute().parent.resolve() / path.name)}
 
 
 def _same_place(a: Path, b: Path) -> bool:
@@ -1519,6 +1543,13 @@ def _in_order(a: Any, b: Any, name: str) -> tuple[Any, Any]:
     theirs = list(new.cat.categories) if ordered else []
     shared = [c for c in theirs if c in set(order)]
     extra = [v for v in pd.unique(new.dropna()) if v not in set(order)]
+    text = [all(isinstance(v, str) for v in values) for values in (order, extra)]
+    if extra and order and text[0] != text[1]:
+        raise CellIndexError(
+            f"metadata column {name!r} holds {'text' if text[0] else 'numbers'} in the index "
+            f"and {'text' if text[1] else 'numbers'} in the new cells "
+            f"({', '.join(map(str, extra[:5]))}): give the new cells' column the index's type."
+        )
     why = ""
     if shared != [c for c in order if c in set(theirs)]:
         why = f"the new cells order them otherwise ({' < '.join(map(str, shared))})"
@@ -1531,8 +1562,7 @@ def _in_order(a: Any, b: Any, name: str) -> tuple[Any, Any]:
         raise CellIndexError(
             f"metadata column {name!r} is an ordered categorical in the index "
             f"({' < '.join(map(str, order))}), and {why}: give the new cells' column as an "
-            "ordered categorical of every category in its order (the index's among them), "
-            "or make both columns unordered."
+            "ordered categorical of every category in its order (the index's among them)."
         )
     if extra:
         order = theirs
