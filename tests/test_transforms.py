@@ -42,6 +42,26 @@ def test_normalize_log1p_match_scanpy(adata, target, sparse):
     assert "y_n" in out  # other keys pass through
 
 
+def test_log1p_of_a_gene_stored_twice_is_of_its_summed_count():
+    """A sparse batch storing a gene of a cell twice (or its genes out of order): log1p of
+    the summed count, as scipy and the dense batch give; in order and once, as it is."""
+    import scipy.sparse as sp
+
+    m = sp.csr_matrix(
+        (np.array([1.0, 2.0, 1.0, 4.0, 5.0, 6.0], np.float32), [0, 0, 1, 2, 1, 1], [0, 3, 3, 6]),
+        shape=(3, 3),
+    )
+    steps = torch.nn.Sequential(Log1p(), Densify())
+    out = steps({"x_ng": _csr(m)})["x_ng"].numpy()
+    np.testing.assert_allclose(out, np.log1p(m.toarray()), rtol=1e-6)
+    np.testing.assert_allclose(out, m.log1p().toarray(), rtol=1e-6)
+    m.sum_duplicates()  # (sorted, once: the batch itself, its values log1p'd)
+    x = _csr(m)
+    y = Log1p()({"x_ng": x})["x_ng"]
+    assert torch.equal(y.col_indices(), x.col_indices())
+    torch.testing.assert_close(y.values(), torch.log1p(x.values()))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int64])
 @pytest.mark.parametrize("sparse", [True, False])
 def test_counts_held_in_other_types_give_float32_results(adata, dtype, sparse):

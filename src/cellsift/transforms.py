@@ -141,12 +141,29 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
 
 
 class Log1p(_Transform):
-    """Natural ``log(1 + x)`` (scanpy ``log1p``)."""
+    """Natural ``log(1 + x)`` (scanpy ``log1p``); of a cell's summed count where a sparse
+    batch stores a gene of it more than once (as :class:`Densify` and scipy sum them)."""
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout == torch.sparse_csr:
+            if _unsorted_columns(x):  # (repeats among them: summed first)
+                coo = x.to_sparse_coo()  # (which says it is coalesced: made anew, it is not)
+                coo = torch.sparse_coo_tensor(coo.indices(), coo.values(), x.shape).coalesce()
+                x = coo.to_sparse_csr()
             return _with_values(x, torch.log1p(x.values()))
         return torch.log1p(x)
+
+
+def _unsorted_columns(x: torch.Tensor) -> bool:
+    """Whether a CSR batch's column indices fail to rise strictly within a row (a column
+    stored twice, or out of order, which may hide one)."""
+    col, crow = x.col_indices(), x.crow_indices()
+    if len(col) < 2:
+        return False
+    rising = col[1:] > col[:-1]
+    starts = crow[1:-1]  # (a row's first value follows another row's last: not compared)
+    rising[starts[(starts > 0) & (starts < len(col))] - 1] = True
+    return not bool(rising.all())
 
 
 class ZScore(_Transform):

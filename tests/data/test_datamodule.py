@@ -261,9 +261,10 @@ def test_val_groups_are_read_as_text_and_checked():
     adata = indexed_atlas(80, 10, path=None)
     adata.obs["donor"] = np.arange(80) % 4 + 1000
     adata.obs["qc"] = np.where(np.arange(80) < 8, None, "ok")
-    dm = CellDataModule(adata, split_key="donor", val_groups=[1003])
-    dm.setup()
-    assert dm.val is not None and dm.val.n_obs == 20 and dm.val_groups == ["1003"]
+    for one in ([1003], 1003, np.int64(1003)):  # (one group as a number, as YAML gives it)
+        dm = CellDataModule(adata, split_key="donor", val_groups=one)
+        dm.setup()
+        assert dm.val is not None and dm.val.n_obs == 20 and dm.val_groups == ["1003"]
     with pytest.raises(ConfigError, match=r"val_groups \['1009'\] are not groups of 'donor'"):
         CellDataModule(adata, split_key="donor", val_groups=["1003", "1009"]).setup()
     # a donor column with gaps is float (1003.0): its groups are still "1003", as obs_filter

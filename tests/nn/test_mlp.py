@@ -24,6 +24,13 @@ def test_shapes_normalisation_and_defaults():
     assert dec(z).shape == (7, 200)
 
 
+def test_an_encoder_without_hidden_layers_reads_sparse_counts():
+    """hidden=(): one Linear to the latent space, which the sparse path reads as well."""
+    enc = MLPEncoder(50, hidden=(), latent=4).eval()
+    x = torch.rand(6, 50) * (torch.rand(6, 50) < 0.2)
+    torch.testing.assert_close(enc(x.to_sparse_csr()), enc(x), rtol=1e-5, atol=1e-6)
+
+
 def _counts_csr(n=60, genes=3000, density=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(n, genes, generator=g) < density

@@ -46,6 +46,17 @@ def test_silhouette_of_degenerate_embeddings_matches_sklearn():
         assert got == pytest.approx(silhouette_score(z, y, metric="cosine"), abs=1e-6)
 
 
+def test_euclidean_silhouette_of_equal_points_is_exact_in_float32():
+    """Equal points of float32 embeddings far from the origin: distance 0, not the square
+    root of float32's rounding of |a|^2 + |b|^2 - 2ab (about 1e-3 |z|)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 10
+    z = np.repeat(centres, 5, axis=0).astype(np.float32)
+    y = np.repeat(np.arange(3), 5)
+    got = float(silhouette(torch.from_numpy(z), torch.from_numpy(y), distance="euclidean"))
+    assert got == pytest.approx(silhouette_score(z.astype(np.float64), y), abs=1e-7)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_a_diverged_embedding_scores_nan_not_a_number(metric):
     """One NaN coordinate (a diverged model): the score is NaN, which a checkpoint or early

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -115,8 +115,8 @@ class CellDataModule(pl.LightningDataModule):
         self.genes = genes
         self.label_key, self.study_key = label_key, study_key
         self.split_key = split_key or study_key
-        if isinstance(val_groups, str):  # one group, not its letters
-            val_groups = [val_groups]
+        if isinstance(val_groups, str) or not isinstance(val_groups, Iterable | None):
+            val_groups = [val_groups]  # one group (not its letters; a number)
         # (groups read as text, as the split column is: a YAML [1015] names donor "1015",
         # and a whole float 1015.0 (a column with gaps) does too)
         self.val_groups = (

@@ -56,9 +56,8 @@ class MLPEncoder(nn.Module):
             return nn.functional.normalize(self.network(dense), dim=1)
         from ._sparse_cpu import csr_linear
 
-        block0 = self.network[0]
-        assert isinstance(block0, nn.Sequential)
-        first = list(block0)
+        block0 = self.network[0]  # (a bare Linear without hidden layers)
+        first = list(block0) if isinstance(block0, nn.Sequential) else [block0]
         at = next(i for i, m in enumerate(first) if isinstance(m, nn.Linear))
         linear = first[at]
         assert isinstance(linear, nn.Linear)

@@ -40,7 +40,9 @@ def silhouette(
             )
     if not torch.isfinite(z).all():
         return torch.tensor(float("nan"))
-    d = pairwise_distance(z, distance).double()
+    # in float64 (where the device has it): a float32 |a|^2 + |b|^2 - 2ab of equal points
+    # is a rounding error, whose square root is about 1e-3 |z|
+    d = pairwise_distance(z if z.device.type == "mps" else z.double(), distance).double()
     d.fill_diagonal_(0.0)  # (a cell's distance to itself, not float32's rounding of it)
     onehot = torch.nn.functional.one_hot(y, len(labels)).double()
     counts = onehot.sum(0)
