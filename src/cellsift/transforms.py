@@ -141,12 +141,17 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
 
 
 class Log1p(_Transform):
-    """Natural ``log(1 + x)`` (scanpy ``log1p``); of a cell's summed count where a sparse
-    batch stores a gene of it more than once (as :class:`Densify` and scipy sum them)."""
+    """Natural ``log(1 + x)`` (scanpy ``log1p``).
+
+    On the CPU, of a cell's summed count where a sparse batch stores a gene of it more than
+    once (as :class:`Densify` and scipy sum them). Elsewhere (a GPU) a sparse batch must
+    store each gene of a cell once, as cellsift's readers give them (``sum_duplicates``
+    first): telling would stop the device each batch to read the answer.
+    """
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout == torch.sparse_csr:
-            if _unsorted_columns(x):  # (repeats among them: summed first)
+            if x.device.type == "cpu" and _unsorted_columns(x):  # (repeats: summed first)
                 coo = x.to_sparse_coo()  # (which says it is coalesced: made anew, it is not)
                 coo = torch.sparse_coo_tensor(coo.indices(), coo.values(), x.shape).coalesce()
                 x = coo.to_sparse_csr()
