@@ -111,6 +111,11 @@ def test_info_counts_missing_values_apart(tmp_path, capsys):
     adata.obs["size"] = pd.array([12, 9, None, 100, 9.0] * 10, dtype="Int64")
     size = next(line for line in _describe(open_store(adata)).splitlines() if "size" in line)
     assert "3 values: 9, 12, 100 (10 cells missing)" in size
+    adata.obs["cluster"] = pd.Categorical([10, 2, 1, 3, 2] * 10)  # (as leiden's, of numbers)
+    adata.obs["grade"] = pd.Categorical(["lo", "mid", "hi"] * 16 + ["lo"] * 2, ["lo", "mid", "hi"])
+    shown = _describe(open_store(adata))
+    assert "4 values: 1, 2, 3, 10" in next(s for s in shown.splitlines() if "cluster" in s)
+    assert "3 values: lo, mid, hi" in next(s for s in shown.splitlines() if "grade" in s)
 
 
 def test_info_of_a_manifest_of_no_stores_says_so(tmp_path, capsys):

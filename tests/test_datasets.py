@@ -22,12 +22,16 @@ def test_synthetic_atlas_is_realistic_and_deterministic():
 
 
 def test_synthetic_atlas_settings_are_checked_and_no_cells_keep_their_columns(tmp_path):
-    full = synthetic_atlas(10, 50, n_studies=2)
-    for none in (
-        synthetic_atlas(0, 50, n_studies=2),
-        ad.read_h5ad(synthetic_atlas(0, 50, n_studies=2, path=tmp_path / "none.h5ad")),
-    ):
+    for written in (False, True):  # (in memory, and as an h5ad stores it)
+
+        def atlas(n: int, written: bool = written) -> ad.AnnData:
+            if not written:
+                return synthetic_atlas(n, 50, n_studies=2)
+            return ad.read_h5ad(synthetic_atlas(n, 50, n_studies=2, path=tmp_path / f"{n}.h5ad"))
+
+        none, full = atlas(0), atlas(10)
         assert none.shape == (0, 50) and list(none.obs.columns) == list(full.obs.columns)
+        assert list(none.obs.dtypes.map(str)) == list(full.obs.dtypes.map(str))
     for bad, said in (
         ({"n_cells": -5}, "n_cells must be a whole number of at least 0, not -5"),
         ({"n_cells": 10.5}, "n_cells must be a whole number of at least 0, not 10.5"),

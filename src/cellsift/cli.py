@@ -62,7 +62,9 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
         raw = pd.Series(store.obs_column(col))
         values = pd.Series(text_or_none(raw.array))  # (dates as dates)
         missing = int(values.isna().sum())  # counted apart, not shown as a value "nan"
-        if pd.api.types.is_numeric_dtype(raw.dtype):  # numbers in their order, not as text's
+        categorical = isinstance(raw.dtype, pd.CategoricalDtype)
+        if categorical or pd.api.types.is_numeric_dtype(raw.dtype):
+            # numbers in their order, not as text's; categories in theirs
             kept = raw.dropna().drop_duplicates().sort_values()
             uniq = pd.unique(np.asarray(text_or_none(kept.array), dtype=object))
         else:

@@ -147,8 +147,9 @@ class _AtlasModel:
             {
                 "cell_type_ontology_term_id": ids,
                 "cell_type": names,
-                "dataset_id": [f"study_{s:02d}" for s in study],
-                "donor_id": [f"donor_{d:03d}" for d in donor],
+                # (text for no cells too, which a list of none is not)
+                "dataset_id": np.array([f"study_{s:02d}" for s in study], dtype=object),
+                "donor_id": np.array([f"donor_{d:03d}" for d in donor], dtype=object),
                 "assay_ontology_term_id": assay[:, 0],
                 "assay": assay[:, 1],
                 "tissue_ontology_term_id": "UBERON:0000178",

@@ -600,6 +600,12 @@ def test_saving_over_an_index_through_a_link_is_checked_as_the_folder(tmp_path):
     own.save(tmp_path / "other", overwrite=True)  # the link's place, now a folder
     own.save(tmp_path / "v1", overwrite=True)  # its own folder, which no one saved since
     assert len(CellIndex.load(tmp_path / "v1")) == 6
+    (tmp_path / "link").symlink_to(tmp_path / "v1")
+    through = CellIndex.load(tmp_path / "link")  # loaded through a link, saved to its folder
+    through.add(x[:1], pd.DataFrame({"s": ["e"]}))
+    through.save(tmp_path / "v1", overwrite=True)
+    through.save(tmp_path / "link", overwrite=True)  # the link leads to its own save
+    assert len(CellIndex.load(tmp_path / "link")) == 7
 
 
 def test_add_keeps_an_ordered_categorical_in_order(tmp_path):
@@ -647,6 +653,9 @@ def test_queries_of_bfloat16_and_search_settings_are_checked(data, ivf):
     for bad in (-1, 0, 2.5, "3", True, np.nan):
         with pytest.raises(CellIndexError, match="nprobe is the number of IVF lists"):
             ivf.search(x[:2], 5, nprobe=bad)
+    every = ivf.search(x[:2], 5, nprobe=ivf.params["nlist"]).indices
+    for more in (10**20, 1e20):  # (every list, at most)
+        np.testing.assert_array_equal(ivf.search(x[:2], 5, nprobe=more).indices, every)
     for same in (np.int64(2), 2.0):  # (a whole float, as a config file gives it)
         np.testing.assert_array_equal(
             ivf.search(x[:2], 5, nprobe=same).indices, ivf.search(x[:2], 5, nprobe=2).indices

@@ -659,7 +659,9 @@ class CellIndex:
         if self.engine == "exact" or exact or (rows is not None and small):
             dist, idx = self._exact(q, k, rows, device=device)
         else:
-            probe = int(nprobe) if nprobe is not None else self.params["nprobe"]
+            probe = self.params["nprobe"]
+            if nprobe is not None:  # (faiss probes every list at most; its int is 64 bits)
+                probe = int(min(nprobe, self.params["nlist"]))
             calibrated = self.params.get("calibrated_k")
             if nprobe is None and calibrated and k > calibrated:  # more neighbours: more lists
                 probe = int(min(self.params["nlist"], math.ceil(probe * k / calibrated)))
@@ -1118,6 +1120,7 @@ class CellIndex:
         """Refuse to save over ``path`` where this handle loaded from it (or saved to it) and
         another handle or process has saved to it since: its cells (added there) would be
         lost without a word."""
+        # (several: loaded through a link, saved to its folder since; any is this handle's)
         known = {self._versions[k] for k in _folder_keys(path) if k in self._versions}
         if not known:
             return
@@ -1125,7 +1128,7 @@ class CellIndex:
             now = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
         except OSError:  # (removed since, or no index there now: nothing of it is lost)
             return
-        if known != {now}:
+        if now not in known:
             raise CellIndexError(
                 f"{path} was saved by another handle or process since this index was loaded "
                 "from it (or saved to it), so saving this one over it would drop what that "
