@@ -39,6 +39,45 @@ def test_a_reordering_map_reads_read_only_values():
     np.testing.assert_array_equal(x.data, [1, 2, 3, 4])
 
 
+def test_a_reordering_map_leaves_the_callers_counts_and_anndata_as_they_were():
+    """Every gene of the query in the model, in another order: the aligned copy is
+    reordered, the caller's matrix (an AnnData's X of float32 CSR, shared by scipy) not, so
+    a second alignment and the AnnData's own values are what they were."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from cellsift.models import MetricModel
+
+    vocab = GeneVocabulary(["G2", "G0", "G1"])
+    x = sp.csr_matrix(np.array([[1, 2, 3], [0, 5, 6]], dtype=np.float32))
+    before = x.copy()
+    gm = vocab.align(_var(["G0", "G1", "G2"]))
+    for _ in range(2):
+        np.testing.assert_array_equal(gm.apply(x).toarray(), [[3, 1, 2], [6, 0, 5]])
+        assert (x != before).nnz == 0 and np.array_equal(x.indices, before.indices)
+    genes = [_ens(i) for i in range(60)]
+    model = MetricModel(genes, ["CL:0000236", "CL:0000084"], hidden=[8], latent=4)
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(
+        sp.random(5, 60, density=0.5, format="csr", dtype=np.float32, random_state=0)
+    )
+    adata.X.data[:] = rng.integers(1, 9, adata.X.nnz)
+    adata.var_names = genes[::-1]
+    held = adata.X.copy()
+    got = model.aligned_counts(adata)
+    np.testing.assert_array_equal(got.toarray(), held.toarray()[:, ::-1])
+    assert (adata.X != held).nnz == 0
+
+
+def test_ids_named_twice_by_their_versions_are_told_to_keep_one_of_each():
+    vocab = GeneVocabulary([_ens(i) for i in range(20)])
+    query = _var([f"{_ens(0)}.1", f"{_ens(0)}.2", *[_ens(i) for i in range(2, 20)]])
+    with pytest.raises(GeneAlignmentError, match=r"differ in their Ensembl version only") as err:
+        vocab.align(query)
+    assert "var_names_make_unique" not in str(err.value)
+    assert "adata.var_names.str.replace(" in str(err.value)
+
+
 def test_align_by_symbols_column_and_ensembl_versions():
     vocab = GeneVocabulary(["ENSG00000000001", "ENSG00000000002"], symbols=["A", "B"])
     by_symbol = vocab.align(_var(["B", "A"]))

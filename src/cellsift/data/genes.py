@@ -130,7 +130,9 @@ class GeneMap:
         column indices sorted (as torch's sparse CSR tensors require).
 
         Genes the vocabulary lacks are dropped; vocabulary genes the store lacks stay zero.
+        ``x`` is never changed; the result may share its arrays (an identity map: ``x``).
         """
+        given = x
         if not x.has_sorted_indices:  # a valid CSR, as some tools write it
             x = x.sorted_indices()
         if self.identity:
@@ -146,7 +148,9 @@ class GeneMap:
             (data, mapped.astype(np.int32), indptr), shape=(x.shape[0], self.n_vocab)
         )
         if not self.keeps_order:  # (an order-keeping map keeps sorted rows sorted)
-            if not out.data.flags.writeable:  # (a store's read-only buffer: TileDB's Arrow)
+            # sorted in place: not in the caller's values (every gene kept: its very array),
+            # nor in a store's read-only buffer (TileDB's Arrow)
+            if not out.data.flags.writeable or np.shares_memory(out.data, given.data):
                 out.data = out.data.copy()
             out.sort_indices()
         return out
@@ -346,6 +350,14 @@ class GeneVocabulary:
         how = (
             "with adata.var_names_make_unique()" if column == "var_names" else f"in var['{column}']"
         )
+        named_as = dict(candidates)[column][hit & ~clear]
+        if len(named_as) and named_as.is_unique:  # (unique as written: by their versions only)
+            names = "adata.var_names" if column == "var_names" else f"adata.var[{column!r}]"
+            how = (
+                "by keeping one of each: they differ in their Ensembl version only, and name "
+                rf"one gene (adata = adata[:, ~{names}.str.replace(r'\.\d+$', '', "
+                "regex=True).duplicated()].copy())"
+            )
         # (names that are Ensembl ids already: no other column of ids to offer)
         by_ids = (
             ""

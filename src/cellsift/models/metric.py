@@ -404,7 +404,9 @@ class MetricModel:
         negative, non-integer: e.g. log-normalised data, which the model would normalise
         again) are an error. ``source`` names the data in messages (e.g. its file).
         ``rows``: those cells only (positions, ascending; default all), read as the others
-        (a backed AnnData, or a view of one, which cannot be sliced again, by row blocks)."""
+        (a backed AnnData, or a view of one, which cannot be sliced again, by row blocks).
+        ``adata`` is never changed; the result may share its arrays (counts already float32
+        CSR in the model's gene order): copy it before changing it in place."""
         x, var, others = adata_counts(adata, layer, source)
         align = self._aligner(var, others, layer, check_counts, source)
         if sp.issparse(x) or isinstance(x, np.ndarray):  # (checked whole by adata_counts)
