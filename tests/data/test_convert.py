@@ -297,6 +297,28 @@ def test_column_names_a_zarr_store_cannot_hold_are_named_before_writing(tmp_path
     assert "é" * 128 in getattr(back, where).columns
 
 
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "soma"])
+def test_a_writer_sums_a_chunks_repeated_genes_in_a_copy(tmp_path, fmt):
+    """A chunk storing a gene of a cell twice is stored summed; the caller's matrix (whose
+    arrays scipy's csr_matrix shares) keeps its own arrays as they were."""
+    import pandas as pd
+
+    from cellsift.data import open_store, open_writer
+
+    x = sp.csr_matrix(
+        (np.array([1.0, 2.0, 3.0], np.float32), np.array([1, 1, 0]), np.array([0, 3, 3])),
+        shape=(2, 3),
+    )
+    arrays = [a.copy() for a in (x.data, x.indices, x.indptr)]
+    var = pd.DataFrame(index=["g0", "g1", "g2"])
+    with open_writer(tmp_path / f"out.{fmt}", var, n_obs=2) as writer:
+        writer.append(x, pd.DataFrame(index=["c0", "c1"]))
+    for now, was in zip((x.data, x.indices, x.indptr), arrays, strict=True):
+        np.testing.assert_array_equal(now, was)
+    got = open_store(tmp_path / f"out.{fmt}").read(np.arange(2))
+    np.testing.assert_array_equal(got.toarray(), [[3, 3, 0], [0, 0, 0]])
+
+
 @pytest.mark.parametrize("where", ["obs", "var"])
 def test_names_an_h5ad_cannot_read_back_are_named_before_writing(tmp_path, where):
     """A column or index named "" or "." makes an h5ad anndata cannot read (its obs
