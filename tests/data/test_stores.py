@@ -141,6 +141,32 @@ def test_store_pickles_without_handle(atlas_stores):
         assert (clone.read(np.arange(3)) != store.read(np.arange(3))).nnz == 0
 
 
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_zarr_store_read_by_anndata_is_read_from_several_threads(tmp_path, zarr_format, direct):
+    """A Zarr store that zarr itself reads (anndata's, not sharded; or direct=False) read
+    from four threads at once (a loader's and the caller's): every read right, none taken
+    for damage (one event loop ran one read at a time)."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anndata as ad
+
+    adata = synthetic_atlas(600, 50, n_studies=2, seed=1)
+    path = tmp_path / "cells.zarr"
+    with ad.settings.override(zarr_write_format=zarr_format):
+        adata.write_zarr(path)
+    store = open_store(path, direct=direct)
+    rng = np.random.default_rng(0)
+    sets = [np.sort(rng.choice(600, 150, replace=False)) for _ in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(store.read, sets))
+    for rows, x in zip(sets, got, strict=True):
+        assert (x != adata.X[rows]).nnz == 0
+    clone = pickle.loads(pickle.dumps(store))
+    assert (clone.read(sets[0]) != adata.X[sets[0]]).nnz == 0
+
+
 def test_genes_detected_where_free_and_by_a_pass(atlas_stores, data_dir):
     adata, paths = atlas_stores
     want = np.diff(adata.X.indptr)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ class ZarrStore(AnnDataStore):
     def __init__(
         self, path: str | os.PathLike[str], *, layer: str | None = None, direct: bool = True
     ) -> None:
-        self._aio: tuple[int, Any, dict[str, Any]] | None = None
+        self._loops_init()
         super().__init__(path, layer=layer, direct=direct)
         if not self._dense:
             self._check_complete()
@@ -111,13 +113,32 @@ class ZarrStore(AnnDataStore):
                 "Check the path; re-create the store if it is corrupt.",
             ) from err
 
+    def _loops_init(self) -> None:
+        """Each reading thread's event loop and arrays, by thread: a loop runs one read at a
+        time, and the loader's thread and the caller's (or a user's threads) read at once.
+        Closed by :meth:`close`, or as the store is collected."""
+        self._loops: dict[int, tuple[int, Any, dict[str, Any]]] = {}
+        self._loops_lock = threading.Lock()
+        weakref.finalize(self, _close_loops, self._loops, self._loops_lock)
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_aio"] = None
+        del state["_loops"], state["_loops_lock"]
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._loops_init()
+
+    def close(self) -> None:
+        super().close()
+        _close_loops(self._loops, self._loops_lock)
+
     def _async_arrays(self) -> tuple[Any, dict[str, Any]]:
-        if self._aio is None or self._aio[0] != os.getpid():
+        thread = threading.get_ident()
+        with self._loops_lock:
+            held = self._loops.get(thread)
+        if held is None or held[0] != os.getpid():  # (a forked process: loops of its own)
             from zarr.api.asynchronous import open_array
 
             loop = asyncio.new_event_loop()
@@ -127,8 +148,10 @@ class ZarrStore(AnnDataStore):
                 )
                 for name in ("data", "indices")
             }
-            self._aio = (os.getpid(), loop, arrays)
-        return self._aio[1], self._aio[2]
+            held = (os.getpid(), loop, arrays)
+            with self._loops_lock:
+                self._loops[thread] = held
+        return held[1], held[2]
 
     def _read_segments_api(
         self, starts: np.ndarray, ends: np.ndarray
@@ -145,6 +168,17 @@ class ZarrStore(AnnDataStore):
         data, indices = parts[: len(ranges)], parts[len(ranges) :]
         cat = np.concatenate
         return cat(data).astype(np.float32, copy=False), _csr.as_int32(cat(indices))
+
+
+def _close_loops(loops: dict[int, tuple[int, Any, dict[str, Any]]], lock: Any) -> None:
+    """Close the event loops of this process in ``loops`` (none is running: each runs within
+    a read), and forget them all."""
+    with lock:
+        held = list(loops.values())
+        loops.clear()
+    for pid, loop, _ in held:
+        if pid == os.getpid() and not loop.is_running():
+            loop.close()
 
 
 def _missing(folder: Path, keys: list[str]) -> list[int]:
