@@ -141,6 +141,33 @@ def test_store_pickles_without_handle(atlas_stores):
         assert (clone.read(np.arange(3)) != store.read(np.arange(3))).nnz == 0
 
 
+def test_an_h5ad_deflated_after_another_filter_is_read_through_h5py(tmp_path):
+    """Counts N-bit packed, then deflated (h5py names the pipeline "gzip"): read as h5py
+    decodes them, not inflated alone and taken for a damaged file."""
+    import anndata as ad
+    import h5py
+
+    x = sp.random(200, 50, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    x.data[:] = np.random.default_rng(0).integers(1, 100, x.nnz)
+    path = tmp_path / "nbit.h5ad"
+    ad.AnnData(x).write_h5ad(path)
+    with h5py.File(path, "a") as f:
+        data = f["X/data"][...]
+        del f["X/data"]
+        kind = h5py.h5t.STD_I32LE.copy()
+        kind.set_precision(16)
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((64,))
+        dcpl.set_filter(5, 0, ())  # H5Z_FILTER_NBIT
+        dcpl.set_deflate(4)
+        space = h5py.h5s.create_simple((len(data),))
+        packed = h5py.Dataset(h5py.h5d.create(f["X"].id, b"data", kind, space, dcpl=dcpl))
+        packed[...] = data.astype(np.int32)
+        assert packed.compression == "gzip"
+    for direct in (True, False):
+        assert (open_store(path, direct=direct).read(np.arange(200)) != x).nnz == 0
+
+
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_a_zarr_store_read_by_anndata_is_read_from_several_threads(tmp_path, zarr_format, direct):

@@ -544,7 +544,12 @@ def _read_pieces(reader: ChunkedReader, file_off: np.ndarray, n_elems: np.ndarra
 
 
 def open_h5_reader(file: Path, ds: Any) -> ChunkedReader | None:
-    """A direct reader for h5py dataset ``ds`` of ``file``, or None when h5py must read it."""
+    """A direct reader for h5py dataset ``ds`` of ``file``, or None when h5py must read it.
+
+    Direct where the chunks are raw or deflated only: h5py names a pipeline ``gzip`` when
+    it holds other filters too (N-bit, a plugin's), so the filters are counted as well.
+    """
+    plist = ds.id.get_create_plist()
     plain = (
         ds.ndim == 1
         and ds.shape[0] > 0
@@ -553,7 +558,8 @@ def open_h5_reader(file: Path, ds: Any) -> ChunkedReader | None:
         and not ds.fletcher32
         and ds.scaleoffset is None
         and ds.compression in (None, "gzip")
-        and ds.id.get_create_plist().get_external_count() == 0
+        and plist.get_nfilters() == (ds.compression is not None)
+        and plist.get_external_count() == 0
     )
     if not plain:
         logger.debug(
