@@ -193,6 +193,13 @@ def test_a_zarr_store_read_by_anndata_is_read_from_several_threads(tmp_path, zar
     clone = pickle.loads(pickle.dumps(store))
     assert (clone.read(sets[0]) != adata.X[sets[0]]).nnz == 0
 
+    async def in_a_running_loop() -> sp.csr_matrix:  # (as a notebook's cells run)
+        return store.read(sets[1])
+
+    import asyncio
+
+    assert (asyncio.run(in_a_running_loop()) != adata.X[sets[1]]).nnz == 0
+
 
 def test_genes_detected_where_free_and_by_a_pass(atlas_stores, data_dir):
     adata, paths = atlas_stores

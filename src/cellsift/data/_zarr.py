@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ class ZarrStore(AnnDataStore):
     def __init__(
         self, path: str | os.PathLike[str], *, layer: str | None = None, direct: bool = True
     ) -> None:
-        self._loops_init()
+        self._aio: tuple[int, dict[str, Any]] | None = None
         super().__init__(path, layer=layer, direct=direct)
         if not self._dense:
             self._check_complete()
@@ -113,50 +112,30 @@ class ZarrStore(AnnDataStore):
                 "Check the path; re-create the store if it is corrupt.",
             ) from err
 
-    def _loops_init(self) -> None:
-        """Each reading thread's event loop and arrays, by thread: a loop runs one read at a
-        time, and the loader's thread and the caller's (or a user's threads) read at once.
-        Closed by :meth:`close`, or as the store is collected."""
-        self._loops: dict[int, tuple[int, Any, dict[str, Any]]] = {}
-        self._loops_lock = threading.Lock()
-        weakref.finalize(self, _close_loops, self._loops, self._loops_lock)
-
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        del state["_loops"], state["_loops_lock"]
+        state["_aio"] = None
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._loops_init()
-
-    def close(self) -> None:
-        super().close()
-        _close_loops(self._loops, self._loops_lock)
-
-    def _async_arrays(self) -> tuple[Any, dict[str, Any]]:
-        thread = threading.get_ident()
-        with self._loops_lock:
-            held = self._loops.get(thread)
-        if held is None or held[0] != os.getpid():  # (a forked process: loops of its own)
+    def _async_arrays(self) -> dict[str, Any]:
+        """The matrix's data and indices as zarr's async arrays, opened on :data:`IO_LOOP`
+        (once a process)."""
+        if self._aio is None or self._aio[0] != os.getpid():
             from zarr.api.asynchronous import open_array
 
-            loop = asyncio.new_event_loop()
             arrays = {
-                name: loop.run_until_complete(
+                name: IO_LOOP.run(
                     open_array(store=str(self.path), path=f"{self._base}/{name}", mode="r")
                 )
                 for name in ("data", "indices")
             }
-            held = (os.getpid(), loop, arrays)
-            with self._loops_lock:
-                self._loops[thread] = held
-        return held[1], held[2]
+            self._aio = (os.getpid(), arrays)
+        return self._aio[1]
 
     def _read_segments_api(
         self, starts: np.ndarray, ends: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        loop, arrays = self._async_arrays()
+        arrays = self._async_arrays()
         ranges = [slice(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
         async def fetch() -> list[Any]:
@@ -164,21 +143,45 @@ class ZarrStore(AnnDataStore):
                 *(arrays[name].getitem(r) for name in ("data", "indices") for r in ranges)
             )
 
-        parts = loop.run_until_complete(fetch())
+        parts = IO_LOOP.run(fetch())
         data, indices = parts[: len(ranges)], parts[len(ranges) :]
         cat = np.concatenate
         return cat(data).astype(np.float32, copy=False), _csr.as_int32(cat(indices))
 
 
-def _close_loops(loops: dict[int, tuple[int, Any, dict[str, Any]]], lock: Any) -> None:
-    """Close the event loops of this process in ``loops`` (none is running: each runs within
-    a read), and forget them all."""
-    with lock:
-        held = list(loops.values())
-        loops.clear()
-    for pid, loop, _ in held:
-        if pid == os.getpid() and not loop.is_running():
-            loop.close()
+class _LoopThread:
+    """An event loop running in a thread of its own, which any thread hands coroutines to
+    and waits for: zarr's reads of many ranges at once (gathered), from the loader's thread
+    and the caller's together, and from a thread that runs a loop itself (a notebook's),
+    where a loop of the caller's thread could not run. Started on first use; a forked
+    process starts its own."""
+
+    def __init__(self) -> None:
+        self._forget()
+        if hasattr(os, "register_at_fork"):  # (a lock a parent's thread held: not the child's)
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = os.getpid()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._running()).result()
+
+    def _running(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                self._loop = asyncio.new_event_loop()
+                self._pid = os.getpid()
+                threading.Thread(
+                    target=self._loop.run_forever, name="cellsift-zarr-io", daemon=True
+                ).start()
+            return self._loop
+
+
+#: The event loop zarr's asynchronous reads run on (:class:`_LoopThread`).
+IO_LOOP = _LoopThread()
 
 
 def _missing(folder: Path, keys: list[str]) -> list[int]:
