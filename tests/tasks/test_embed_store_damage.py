@@ -34,6 +34,11 @@ def _chunk(store: Path) -> Path:
     return next(p for p in (store / "shard-00000" / "c").rglob("*") if p.is_file())
 
 
+def _overwritten(raw: bytes) -> bytes:
+    middle = len(raw) // 2
+    return raw[:middle] + bytes(16) + raw[middle + 16 :]
+
+
 DAMAGES = {
     "shard folder removed": (lambda s: shutil.rmtree(s / "shard-00000"), "shard-00000 is missing"),
     "shard zarr.json removed": (
@@ -45,6 +50,10 @@ DAMAGES = {
         "shard-00000 cannot be read, a chunk is truncated or corrupt",
     ),
     "chunk removed": (lambda s: _chunk(s).unlink(), "shard-00000 lacks 1 of its 1 chunks"),
+    "chunk overwritten in its middle": (  # (its size kept: the checksum tells)
+        lambda s: _chunk(s).write_bytes(_overwritten(_chunk(s).read_bytes())),
+        "shard-00000 cannot be read, a chunk is truncated or corrupt",
+    ),
     "metadata removed": (
         lambda s: (s / "metadata.parquet").unlink(),
         r"metadata\.parquet is missing",

@@ -208,9 +208,11 @@ class CellCollection:
                     gm.n_vocab,
                 )
         self.check_counts = check_counts
-        if check_counts:
-            for s in self.stores:
+        for s in self.stores:
+            if check_counts:
                 _check_counts(s)
+            elif min_genes is not None:  # (its genes counted as the checks would count them)
+                _sample_stored_zeros(s)
         if isinstance(dropna, str):  # one column, not its letters
             dropna = [dropna]
         removed: dict[str, int] = {}  # cells each filter removes, over all stores
@@ -662,23 +664,35 @@ def _refuse_duplicates(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> 
         )
 
 
+def _sample_stored_zeros(store: CellStore, n_sample: int = 512) -> tuple[np.ndarray, Any]:
+    """Read a sample of the store's cells (``n_sample``, spread over it), and where it holds
+    zeros stored as entries, have genes per cell counted from the values (one pass over the
+    file, for the empty-cell check and min_genes) rather than from the row pointer, which
+    counts them. Returns the sample's rows and counts."""
+    if store.n_obs == 0:
+        return np.zeros(0, dtype=np.int64), sp.csr_matrix((0, store.n_vars), dtype=np.float32)
+    rows = np.unique(np.linspace(0, store.n_obs - 1, min(n_sample, store.n_obs)).astype(np.int64))
+    x = store.read(rows)
+    if x.nnz and not x.data.all():
+        store.stored_zeros = True
+        logger.info(
+            "%s (%s): zeros are stored as entries; genes per cell are counted from the values "
+            "(one pass over the file as it opens, for the empty-cell check and min_genes)",
+            store.path,
+            "X" if store.layer is None else store.layer,
+        )
+    return rows, x
+
+
 def _check_counts(store: CellStore, n_sample: int = 512) -> None:
     """Raise if a sample of cells holds NaN, negative or non-integer values, or a gene
     twice in a row (duplicate CSR entries). A store of no cells (a shard whose cells were
     all filtered out) has none to check."""
     if store.n_obs == 0:
         return
-    rows = np.unique(np.linspace(0, store.n_obs - 1, min(n_sample, store.n_obs)).astype(np.int64))
+    rows, x = _sample_stored_zeros(store, n_sample)
     layers = _other_layers(store)
     where = f"{store.path} ({'X' if store.layer is None else store.layer})"
-    x = store.read(rows)
-    if x.nnz and not x.data.all():
-        store.stored_zeros = True
-        logger.info(
-            "%s: zeros are stored as entries; genes per cell are counted from the values (one "
-            "pass over the file as it opens, for the empty-cell check and min_genes)",
-            where,
-        )
     check_count_values(
         x.data,
         where,

@@ -411,8 +411,12 @@ def _write_shard(
     module = model.module.to(dev).eval()
     latent = int(model.config["architecture"]["latent"])
     with atomic_path(shard, overwrite=True) as tmp:
-        arr = zarr.create_array(
-            tmp, shape=(stop - start, latent), chunks=(CHUNK, latent), dtype="float32"
+        arr = zarr.create_array(  # (zstd's checksum: a chunk damaged on disk is an error)
+            tmp,
+            shape=(stop - start, latent),
+            chunks=(CHUNK, latent),
+            dtype="float32",
+            compressors=zarr.codecs.ZstdCodec(checksum=True),
         )
         pending: list[np.ndarray] = []  # flushed a whole chunk at a time
         written = 0
