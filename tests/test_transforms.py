@@ -47,14 +47,34 @@ def test_log1p_of_a_gene_stored_twice_is_of_its_summed_count():
     the summed count, as scipy and the dense batch give; in order and once, as it is."""
     import scipy.sparse as sp
 
-    m = sp.csr_matrix(
-        (np.array([1.0, 2.0, 1.0, 4.0, 5.0, 6.0], np.float32), [0, 0, 1, 2, 1, 1], [0, 3, 3, 6]),
-        shape=(3, 3),
-    )
+    def repeats() -> sp.csr_matrix:  # (fresh: scipy's log1p sums its matrix's in place)
+        values = np.array([1.0, 2.0, 1.0, 4.0, 5.0, 6.0], np.float32)
+        return sp.csr_matrix((values, [0, 0, 1, 2, 1, 1], [0, 3, 3, 6]), shape=(3, 3))
+
+    m = repeats()
     steps = torch.nn.Sequential(Log1p(), Densify())
     out = steps({"x_ng": _csr(m)})["x_ng"].numpy()
     np.testing.assert_allclose(out, np.log1p(m.toarray()), rtol=1e-6)
-    np.testing.assert_allclose(out, m.log1p().toarray(), rtol=1e-6)
+    np.testing.assert_allclose(out, repeats().log1p().toarray(), rtol=1e-6)
+    m = repeats()
+    x = torch.sparse_csr_tensor(
+        *(torch.from_numpy(a) for a in (m.indptr, m.indices, m.data)), m.shape
+    )
+    y = Log1p()({"x_ng": x})["x_ng"]  # (int32 indices: kept so)
+    assert y.col_indices().dtype == torch.int32 and y.crow_indices().dtype == torch.int32
+    np.testing.assert_allclose(Densify()({"x_ng": y})["x_ng"].numpy(), out, rtol=1e-6)
+    with pytest.raises(ValueError, match="stores a gene of a cell twice and asks for gradients"):
+        Log1p()({"x_ng": _csr(repeats()).requires_grad_(True)})
+    one = repeats()[2:]  # (a batched, 3-d CSR: taken as it is)
+    batched = torch.sparse_csr_tensor(
+        torch.tensor([one.indptr] * 2),
+        torch.tensor([one.indices] * 2),
+        torch.tensor([one.data] * 2),
+        size=(2, *one.shape),
+    )
+    torch.testing.assert_close(
+        Log1p()({"x_ng": batched})["x_ng"].values(), batched.values().log1p()
+    )
     m.sum_duplicates()  # (sorted, once: the batch itself, its values log1p'd)
     x = _csr(m)
     y = Log1p()({"x_ng": x})["x_ng"]

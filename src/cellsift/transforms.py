@@ -152,18 +152,32 @@ class Log1p(_Transform):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout == torch.sparse_csr:
             if x.device.type == "cpu" and _unsorted_columns(x):  # (repeats: summed first)
-                coo = x.to_sparse_coo()  # (which says it is coalesced: made anew, it is not)
-                coo = torch.sparse_coo_tensor(coo.indices(), coo.values(), x.shape).coalesce()
-                x = coo.to_sparse_csr()
+                x = _summed(x)
             return _with_values(x, torch.log1p(x.values()))
         return torch.log1p(x)
 
 
+def _summed(x: torch.Tensor) -> torch.Tensor:
+    """CSR ``x`` with each row's repeated columns summed, its indices of their type."""
+    if x.requires_grad:  # (the sum's gradient does not pass back to the repeated entries)
+        raise ValueError(
+            "Log1p: a batch that stores a gene of a cell twice and asks for gradients; sum "
+            "the repeats first (scipy's sum_duplicates, or torch's coalesce)."
+        )
+    coo = x.to_sparse_coo()  # (which says it is coalesced: made anew, it is not)
+    coo = torch.sparse_coo_tensor(coo.indices(), coo.values(), x.shape).coalesce().to_sparse_csr()
+    kind = x.crow_indices().dtype
+    return torch.sparse_csr_tensor(
+        coo.crow_indices().to(kind), coo.col_indices().to(kind), coo.values(), size=x.shape
+    )
+
+
 def _unsorted_columns(x: torch.Tensor) -> bool:
     """Whether a CSR batch's column indices fail to rise strictly within a row (a column
-    stored twice, or out of order, which may hide one)."""
+    stored twice, or out of order, which may hide one); False for a batched (3-d) one,
+    whose batches torch's sum does not take apart."""
     col, crow = x.col_indices(), x.crow_indices()
-    if len(col) < 2:
+    if len(col) < 2 or crow.dim() > 1:
         return False
     rising = col[1:] > col[:-1]
     starts = crow[1:-1]  # (a row's first value follows another row's last: not compared)

@@ -317,6 +317,14 @@ def test_a_writer_sums_a_chunks_repeated_genes_in_a_copy(tmp_path, fmt):
         np.testing.assert_array_equal(now, was)
     got = open_store(tmp_path / f"out.{fmt}").read(np.arange(2))
     np.testing.assert_array_equal(got.toarray(), [[3, 3, 0], [0, 0, 0]])
+    # a chunk the caller fills again once appended (a buffer of its own): stored as it was
+    chunk = sp.csr_matrix(np.array([[1, 0, 2]], np.float32))
+    with open_writer(tmp_path / f"again.{fmt}", var, n_obs=2) as writer:
+        writer.append(chunk, pd.DataFrame(index=["c0"]))
+        chunk.data[:] = 99
+        writer.append(chunk, pd.DataFrame(index=["c1"]))
+    got = open_store(tmp_path / f"again.{fmt}").read(np.arange(2))
+    np.testing.assert_array_equal(got.toarray(), [[1, 0, 2], [99, 0, 99]])
 
 
 @pytest.mark.parametrize("where", ["obs", "var"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -172,6 +173,8 @@ class AnnDataStore(CellStore):
         except CellsiftError:
             raise
         except (OSError, RuntimeError, ValueError, KeyError) as err:
+            if sys.is_finalizing():  # (a read the interpreter's exit cut short: no damage)
+                raise
             said = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise self._error(
                 f"{element} cannot be read ({type(err).__name__}: {said}): the file is "

@@ -503,8 +503,9 @@ class ZarrWriter(_AnnDataWriter):
             )
 
     def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
-        self._buffers["data"].append(data)
-        self._buffers["indices"].append(indices)
+        # held until a shard fills: copies, not the caller's arrays (a buffer it refills)
+        self._buffers["data"].append(np.array(data, copy=True))
+        self._buffers["indices"].append(np.array(indices, copy=True))
         self._buffered += len(data)
         if self._buffered >= self._shard:
             self._flush(final=False)
