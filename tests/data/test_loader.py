@@ -130,6 +130,19 @@ def test_resume_refuses_other_settings(coll):
     other = CellLoader(IterableCellDataset(coll, mode="block", **OPTS), num_workers=1)
     with pytest.raises(ResumeError, match="num_workers: saved 2, now 1"):
         other.load_state_dict(state)
+    # other cells of the same number (another filter): refused, not resumed past cells of
+    # theirs that the saved run never read
+    from cellsift.datasets import indexed_atlas
+
+    adata = indexed_atlas(400, 8)
+    even, odd = (
+        CellCollection(adata, obs_filter=lambda o, r=r: (o["obs_index"] % 2 == r).to_numpy())
+        for r in (0, 1)
+    )
+    state = CellLoader(IterableCellDataset(even, mode="block", **OPTS)).state_dict()
+    with pytest.raises(ResumeError, match=r"cells: saved [0-9a-f]+, now [0-9a-f]+"):
+        CellLoader(IterableCellDataset(odd, mode="block", **OPTS)).load_state_dict(state)
+    CellLoader(IterableCellDataset(even, mode="block", **OPTS)).load_state_dict(state)
 
 
 def _scimilarity_weights(labels, studies, class_scale, study_scale, max_ratio=100.0):

@@ -272,10 +272,18 @@ class IterableCellDataset(IterableDataset):
         return {
             **dataclasses.asdict(self.cfg),
             "n_cells": self.collection.n_obs,
+            # which cells (a filter or a store that keeps their number, but not them), in
+            # which stores
+            "cells": self._cells_digest,
             "world_size": world,
             "num_workers": self.num_workers,
             "weights": _digest(self.weights),
         }
+
+    @functools.cached_property
+    def _cells_digest(self) -> str | None:
+        ids = np.asarray(self.collection.cell_ids, dtype=np.int64)
+        return _digest(np.concatenate([ids, np.asarray(self.collection.offsets, np.int64)]))
 
     # -- iteration -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
@@ -371,7 +379,8 @@ def to_torch_csr(x: sp.csr_matrix) -> torch.Tensor:
 
 
 def _digest(weights: np.ndarray | None) -> str | None:
-    """A short digest of weighted mode's per-cell weights (they decide every draw)."""
+    """A short digest of an array: weighted mode's per-cell weights (they decide every
+    draw), the cells read."""
     if weights is None:
         return None
     return hashlib.blake2b(np.ascontiguousarray(weights).tobytes(), digest_size=8).hexdigest()
