@@ -65,6 +65,17 @@ def test_log1p_of_a_gene_stored_twice_is_of_its_summed_count():
     np.testing.assert_allclose(Densify()({"x_ng": y})["x_ng"].numpy(), out, rtol=1e-6)
     with pytest.raises(ValueError, match="stores a gene of a cell twice and asks for gradients"):
         Log1p()({"x_ng": _csr(repeats()).requires_grad_(True)})
+    # genes out of order but each once: log1p of each value, gradients reaching them as
+    # torch's own log1p of the values sends them
+    grads = []
+    for step in (lambda s: Log1p()({"x_ng": s})["x_ng"].values(), lambda s: s.values().log1p()):
+        values = torch.tensor([1.0, 3.0], requires_grad=True)
+        shuffled = torch.sparse_csr_tensor(
+            torch.tensor([0, 2]), torch.tensor([2, 0]), values, (1, 3)
+        )
+        step(shuffled).sum().backward()
+        grads.append(values.grad)
+    torch.testing.assert_close(grads[0], grads[1])
     one = repeats()[2:]  # (a batched, 3-d CSR: taken as it is)
     batched = torch.sparse_csr_tensor(
         torch.tensor([one.indptr] * 2),

@@ -152,18 +152,21 @@ class Log1p(_Transform):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout == torch.sparse_csr:
             if x.device.type == "cpu" and _unsorted_columns(x):  # (repeats: summed first)
-                x = _summed(x)
+                summed = _summed(x.detach())
+                if len(summed.values()) < len(x.values()):  # (else out of order only: as is)
+                    if x.requires_grad:  # (the sum's gradient does not reach the repeats)
+                        raise ValueError(
+                            "Log1p: a batch that stores a gene of a cell twice and asks for "
+                            "gradients; sum the repeats first (scipy's sum_duplicates, or "
+                            "torch's coalesce)."
+                        )
+                    x = summed
             return _with_values(x, torch.log1p(x.values()))
         return torch.log1p(x)
 
 
 def _summed(x: torch.Tensor) -> torch.Tensor:
     """CSR ``x`` with each row's repeated columns summed, its indices of their type."""
-    if x.requires_grad:  # (the sum's gradient does not pass back to the repeated entries)
-        raise ValueError(
-            "Log1p: a batch that stores a gene of a cell twice and asks for gradients; sum "
-            "the repeats first (scipy's sum_duplicates, or torch's coalesce)."
-        )
     coo = x.to_sparse_coo()  # (which says it is coalesced: made anew, it is not)
     coo = torch.sparse_coo_tensor(coo.indices(), coo.values(), x.shape).coalesce().to_sparse_csr()
     kind = x.crow_indices().dtype

@@ -211,8 +211,8 @@ class CellCollection:
         for s in self.stores:
             if check_counts:
                 _check_counts(s)
-            elif min_genes is not None:  # (its genes counted as the checks would count them)
-                _sample_stored_zeros(s)
+            elif min_genes:  # (its genes counted as the checks would count them)
+                _sample_stored_zeros(s, uses="min_genes")
         if isinstance(dropna, str):  # one column, not its letters
             dropna = [dropna]
         removed: dict[str, int] = {}  # cells each filter removes, over all stores
@@ -664,7 +664,9 @@ def _refuse_duplicates(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> 
         )
 
 
-def _sample_stored_zeros(store: CellStore, n_sample: int = 512) -> tuple[np.ndarray, Any]:
+def _sample_stored_zeros(
+    store: CellStore, n_sample: int = 512, uses: str = "the empty-cell check and min_genes"
+) -> tuple[np.ndarray, Any]:
     """Read a sample of the store's cells (``n_sample``, spread over it), and where it holds
     zeros stored as entries, have genes per cell counted from the values (one pass over the
     file, for the empty-cell check and min_genes) rather than from the row pointer, which
@@ -677,9 +679,10 @@ def _sample_stored_zeros(store: CellStore, n_sample: int = 512) -> tuple[np.ndar
         store.stored_zeros = True
         logger.info(
             "%s (%s): zeros are stored as entries; genes per cell are counted from the values "
-            "(one pass over the file as it opens, for the empty-cell check and min_genes)",
+            "(one pass over the file as it opens, for %s)",
             store.path,
             "X" if store.layer is None else store.layer,
+            uses,
         )
     return rows, x
 

@@ -356,19 +356,19 @@ class GeneVocabulary:
             if any(_ENSEMBL.match(str(g)) for g in shared[:5])
             else (", or align by a unique id column such as Ensembl ids")
         )
-        fix = f"make the names unique {how}{by_ids}."
+        fix = f"To use them, make the names unique {how}{by_ids}."
         named_as = dict(candidates)[column][hit & ~clear]
         if len(named_as) and named_as.is_unique:  # (unique as written: by their versions only)
             names = "adata.var_names" if column == "var_names" else f"adata.var[{column!r}]"
             fix = (
-                "the names differ in their Ensembl version only, which names one gene: keep "
-                rf"one of each (adata = adata[:, ~{names}.str.replace(r'\.\d+$', '', "
+                "They differ in their Ensembl version only and name one gene: to use them, "
+                rf"keep one of each (adata = adata[:, ~{names}.str.replace(r'\.\d+$', '', "
                 "regex=True).duplicated()].copy())."
             )
         if len(shared) and of != "vocabulary":
             raise GeneAlignmentError(
                 f"{source}: duplicate gene ids among its genes ({key}), e.g. "
-                f"{shared[:5].tolist()}: each names several of its genes. To use them, {fix}"
+                f"{shared[:5].tolist()}: each names several of its genes. {fix}"
             )
         if of == "vocabulary":
             need = min(min_overlap * len(self), MODEL_MIN_GENES)
@@ -408,8 +408,7 @@ class GeneVocabulary:
         if len(shared):
             warn(
                 f"{source}: {len(shared)} of the model's genes are each named by several of "
-                f"its genes ({key}), e.g. {shared[:5].tolist()}, so they read as 0. To use "
-                f"them, {fix}",
+                f"its genes ({key}), e.g. {shared[:5].tolist()}, so they read as 0. {fix}",
                 stacklevel=3,
             )
         named = np.flatnonzero(target != "")

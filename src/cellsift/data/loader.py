@@ -383,7 +383,8 @@ def _digest(weights: np.ndarray | None) -> str | None:
     draw), the cells read."""
     if weights is None:
         return None
-    return hashlib.blake2b(np.ascontiguousarray(weights).tobytes(), digest_size=8).hexdigest()
+    little = np.ascontiguousarray(weights, dtype=weights.dtype.newbyteorder("<"))  # (any host)
+    return hashlib.blake2b(little.tobytes(), digest_size=8).hexdigest()
 
 
 def _worker_skips(counts: list[int], n: int) -> tuple[list[int], int]:
