@@ -56,3 +56,37 @@ def test_a_second_process_compiles_nothing_new(tmp_path):
     first = run()
     assert any(name.endswith(".nbc") for name in first)  # (the kernels were cached at all)
     assert run() == first
+
+
+def test_a_kernel_numba_cannot_cache_is_compiled_in_each_process(monkeypatch, caplog):
+    """Where numba finds no folder it may write its cache to (a read-only install and
+    home), it refuses cache=True as the kernel is defined: the kernel is compiled without
+    its cache instead (same results), said once; other errors still raise."""
+    import logging
+
+    from cellsift import _numba
+
+    real = numba.njit
+
+    def no_locator(*args, cache=False, **options):
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x'")
+        return real(*args, **options)
+
+    monkeypatch.setattr(numba, "njit", no_locator)
+    monkeypatch.setattr(_numba, "_said", [])
+
+    def twice(x):
+        return 2 * x
+
+    with caplog.at_level(logging.INFO, logger="cellsift"):
+        kernels = [_numba.njit_cached(nogil=True)(twice) for _ in range(2)]
+    assert [k(21) for k in kernels] == [42, 42]
+    assert sum("cannot cache its compiled kernels" in r.message for r in caplog.records) == 1
+
+    def broken(*args, **options):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(numba, "njit", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        _numba.njit_cached()(twice)

@@ -201,6 +201,39 @@ def test_a_zarr_store_read_by_anndata_is_read_from_several_threads(tmp_path, zar
     assert (asyncio.run(in_a_running_loop()) != adata.X[sets[1]]).nnz == 0
 
 
+@pytest.mark.parametrize("kind", ["h5ad", "anndata.zarr", "cellsift.zarr", "soma"])
+def test_a_store_opened_by_a_relative_path_reads_its_files_after_a_chdir(
+    tmp_path, monkeypatch, kind
+):
+    """Two folders holding stores of one name but other cells; a store (and a collection)
+    opened by a relative name in the first reads the first's cells after the working folder
+    moves to the second (as a notebook's %cd does): not the second's, nor a mix."""
+
+    from cellsift.data import CellCollection
+    from cellsift.data.convert import convert
+
+    name = "cells.zarr" if kind.endswith("zarr") else f"cells.{kind}"
+    atlases = {}
+    for folder, seed in (("A", 1), ("B", 2)):
+        (tmp_path / folder).mkdir()
+        adata = synthetic_atlas(300, 200, n_studies=2, seed=seed)
+        atlases[folder] = adata
+        path = tmp_path / folder / name
+        if kind == "anndata.zarr":
+            adata.write_zarr(path)
+        elif kind == "h5ad":
+            adata.write_h5ad(path)
+        else:
+            convert(adata, path, format="zarr" if kind == "cellsift.zarr" else "soma")
+    monkeypatch.chdir(tmp_path / "A")
+    store, coll = open_store(name), CellCollection(name)
+    monkeypatch.chdir(tmp_path / "B")
+    rows = np.arange(0, 300, 7)
+    want = atlases["A"].X[rows]
+    assert (store.read(rows) != want).nnz == 0
+    assert (coll.read(rows) != want).nnz == 0
+
+
 def test_genes_detected_where_free_and_by_a_pass(atlas_stores, data_dir):
     adata, paths = atlas_stores
     want = np.diff(adata.X.indptr)

@@ -1413,3 +1413,19 @@ def test_embeddings_of_shards_lead_back_to_their_cells(bundle, synthetic_h5ad, t
     hit = 1234
     cell = adata[meta["obs_name"].iloc[hit]]
     np.testing.assert_allclose(emb[hit], model.embed(cell)[0], atol=1e-5)
+
+
+def test_ranks_meet_on_a_port_the_system_gives_not_one_drawn_from_random():
+    """Two seeded runs at once drew one port from Python's random numbers (and moved the
+    caller's sequence on): the port is one the system has free, the sequence untouched."""
+    import random
+    import socket
+
+    from cellsift.tasks.embed import _free_port
+
+    random.seed(0)
+    state = random.getstate()
+    port = _free_port()
+    assert random.getstate() == state
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))  # (free: the ranks' store binds it)

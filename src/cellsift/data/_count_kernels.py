@@ -8,6 +8,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._numba import njit_cached
+
 
 @numba.njit(inline="always")
 def _is_count(v, tol, one):  # type: ignore[no-untyped-def]
@@ -17,7 +19,7 @@ def _is_count(v, tol, one):  # type: ignore[no-untyped-def]
     return (v >= 0) and (v < np.inf) and (min(f, one - f) <= tol)  # (NaN fails them)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit_cached(nogil=True)
 def count(data, tol):  # type: ignore[no-untyped-def]
     """Values that are not counts (further than ``tol``, of ``data``'s dtype, from a whole
     number: an argument, as numba's cache would keep a module constant of another file
@@ -31,7 +33,7 @@ def count(data, tol):  # type: ignore[no-untyped-def]
     return bad, zeros
 
 
-@numba.njit(cache=True, nogil=True)
+@njit_cached(nogil=True)
 def first(data, tol):  # type: ignore[no-untyped-def]
     """Position of the first value that is not a count, or -1 (stops there)."""
     one = data.dtype.type(1.0)

@@ -81,7 +81,10 @@ class CellStore(ABC):
     def __init__(
         self, path: str | os.PathLike[str], *, layer: str | None = None, on_disk: bool = True
     ) -> None:
-        self.path = Path(path)  # (a store in memory: the name its messages give)
+        # a file's path made absolute as it opens (the store opens its files later, and in
+        # loader processes: a relative path would lead elsewhere once the working folder
+        # changes); a store in memory: the name its messages give
+        self.path = Path(os.path.abspath(path)) if on_disk else Path(path)
         self.layer = layer
         self._pid: int | None = None
         self._handle: Any = None

@@ -28,6 +28,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._numba import njit_cached
+
 SEMIHARD, RANDOM, HARDEST = 0, 1, 2
 TRIES = 4  # proposals per pair before the exact draw
 _INF_KEY = np.int64(0x7F800000) << 32  # hardest: keys from here on are no distance (inf, NaN)
@@ -190,7 +192,7 @@ def _one_anchor(  # type: ignore[no-untyped-def]
         out[k0 + k] = pick
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit_cached(parallel=True, nogil=True)
 def triplets(  # type: ignore[no-untyped-def]
     d, y, study, related, ancestor, uses, rule_study, margin, seed, mode, threads, tries=TRIES
 ):
@@ -273,7 +275,7 @@ def triplets(  # type: ignore[no-untyped-def]
     return a[:kept], p[:kept], out[:kept], dist_ap[:kept], dist_an[:kept], total
 
 
-@numba.njit(cache=True, nogil=True)
+@njit_cached(nogil=True)
 def label_blocks(y, study):  # type: ignore[no-untyped-def]
     """The batch's cells by label, and its anchors with where each one's pairs start.
 

@@ -18,11 +18,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._numba import njit_cached
+
 #: genes per block: their weight rows (hidden floats each) should stay in the CPU's cache
 _BLOCK_BYTES = 8 << 20
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit_cached(parallel=True, nogil=True)
 def _csr_times_rows(indptr, indices, data, w_gh, gene_bounds, out):  # type: ignore[no-untyped-def]
     """out[i, :] += sum over stored (i, g, v) of v * w_gh[g, :]; row indices sorted per row."""
     n = len(indptr) - 1
@@ -56,7 +58,7 @@ def _csr_times_rows(indptr, indices, data, w_gh, gene_bounds, out):  # type: ign
                 q += 1
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit_cached(parallel=True, nogil=True)
 def csr_to_dense(indptr, indices, data, out):  # type: ignore[no-untyped-def]
     """out = the CSR matrix, dense (duplicates summed, as scipy's toarray). Rows in parallel,
     each zeroed and filled by its own thread: the page faults of fresh memory (most of the
@@ -80,7 +82,7 @@ def csr_to_dense(indptr, indices, data, out):  # type: ignore[no-untyped-def]
 _GRAD_GENES = 16  # genes per block of the weight gradient: one 64-byte line per hidden unit
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit_cached(parallel=True, nogil=True)
 def _csc_weight_grad(indptr, indices, data, g_nh, out_hg):  # type: ignore[no-untyped-def]
     """out_hg[:, g] = sum over stored (i, g, v) of v * g_nh[i, :]: the first layer's weight
     gradient, in the weight's own layout. Genes (CSC columns) in blocks of 16, in parallel:

@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import os
-import random
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -182,7 +182,7 @@ _LOCKED_BY = "cellsift embed / embed_collection"
 def _spawn_ranks(model: Any, source: Any, out: Path, devices: int, kwargs: dict) -> None:
     """Run :func:`_embed_rank` in ``devices`` spawned processes and wait for them; a
     signal or a rank's failure stops them all (the finished shards are kept)."""
-    port = random.randint(20_000, 45_000)
+    port = _free_port()
     ranks = torch.multiprocessing.start_processes(
         _spawned,
         args=(devices, port, os.getpid(), model, source, out, kwargs),
@@ -217,6 +217,15 @@ def _spawn_ranks(model: Any, source: Any, out: Path, devices: int, kwargs: dict)
         spawn_log.setLevel(level)
         for rank in range(devices):
             _rank_error_file(out, rank).unlink(missing_ok=True)
+
+
+def _free_port() -> int:
+    """A port the system has free now, for the ranks to meet on: not one drawn from
+    Python's random numbers, which a seeded run draws alike in every run (two at once on
+    one machine then met on one port), and whose sequence the draw would move on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _end(processes: Sequence[Any], grace: float = 10.0) -> None:
