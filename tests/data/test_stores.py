@@ -232,6 +232,12 @@ def test_a_store_opened_by_a_relative_path_reads_its_files_after_a_chdir(
     want = atlases["A"].X[rows]
     assert (store.read(rows) != want).nnz == 0
     assert (coll.read(rows) != want).nnz == 0
+    assert str(store.path) == name  # (named as given, in messages and outputs)
+    # ".." after a link: the folder the system leads it to (A's), not the link's own
+    (tmp_path / "A" / "sub").mkdir()
+    (tmp_path / "B" / "link").symlink_to(tmp_path / "A" / "sub")
+    through = open_store(f"link/../{name}")
+    assert (through.read(rows) != want).nnz == 0
 
 
 def test_genes_detected_where_free_and_by_a_pass(atlas_stores, data_dir):

@@ -44,11 +44,11 @@ class H5adStore(AnnDataStore):
         super().__init__(path, layer=layer, direct=direct)
 
     def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
-        return [open_h5_reader(self.path, mat[name]) for name in ("data", "indices")]
+        return [open_h5_reader(self.file, mat[name]) for name in ("data", "indices")]
 
     def _open(self) -> Any:
         try:
-            return h5py.File(self.path, "r", rdcc_nbytes=self.rdcc_nbytes)
+            return h5py.File(self.file, "r", rdcc_nbytes=self.rdcc_nbytes)
         except OSError as err:
             if err.errno == errno.EMFILE or "errno = 24," in str(err):  # (h5py's own words)
                 raise DataError(too_many_open_files(self.path)) from None

@@ -150,7 +150,8 @@ class SomaStore(CellStore):
         soma = import_optional("tiledbsoma")
         try:
             context = soma.SOMATileDBContext(tiledb_config=self.tiledb_config)
-            return soma.Experiment.open(str(self.path), context=context)
+            # (its links resolved here: TileDB reads "link/.." as text, the parent of the link)
+            return soma.Experiment.open(os.path.realpath(self.file), context=context)
         except Exception as err:  # tiledbsoma raises several types for unreadable stores
             raise self._error(
                 f"cannot be opened as a TileDB-SOMA Experiment ({type(err).__name__}: {err}).",

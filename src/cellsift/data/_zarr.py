@@ -64,7 +64,7 @@ class ZarrStore(AnnDataStore):
             step = int((getattr(arr, "shards", None) or arr.chunks)[0])
             keys = [arr.metadata.encode_chunk_key((k,)) for k in range(-(-size // step))]
             absent = []
-            for k in _missing(self.path / self._base / name, keys):
+            for k in _missing(self.file / self._base / name, keys):
                 lo, hi = k * step, min(size, (k + 1) * step)
                 if name == "indices" and self._row_starts_only(lo, hi):
                     absent.append(k)  # may hold only gene 0 (the fill value): zarr wrote none
@@ -92,20 +92,20 @@ class ZarrStore(AnnDataStore):
 
     def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
         return [
-            ShardedArrayReader.open(self.path / self._base / name) for name in ("data", "indices")
+            ShardedArrayReader.open(self.file / self._base / name) for name in ("data", "indices")
         ]
 
     def _open(self) -> Any:
         import zarr
 
-        marked = any((self.path / m).exists() for m in ("zarr.json", ".zgroup"))
-        if (self.path / "manifest.json").is_file() and not marked:
+        marked = any((self.file / m).exists() for m in ("zarr.json", ".zgroup"))
+        if (self.file / "manifest.json").is_file() and not marked:
             raise self._error(
                 "is a sharded store (manifest.json lists its shards), not one Zarr store.",
                 "Read all of it with CellCollection(path), or open one shard with open_store.",
             )
         try:
-            return zarr.open_group(self.path, mode="r")
+            return zarr.open_group(self.file, mode="r")
         except Exception as err:  # zarr raises several types for unreadable stores
             raise self._error(
                 f"cannot be opened as Zarr ({type(err).__name__}: {err}).",
@@ -125,7 +125,7 @@ class ZarrStore(AnnDataStore):
 
             arrays = {
                 name: IO_LOOP.run(
-                    open_array(store=str(self.path), path=f"{self._base}/{name}", mode="r")
+                    open_array(store=str(self.file), path=f"{self._base}/{name}", mode="r")
                 )
                 for name in ("data", "indices")
             }

@@ -81,10 +81,11 @@ class CellStore(ABC):
     def __init__(
         self, path: str | os.PathLike[str], *, layer: str | None = None, on_disk: bool = True
     ) -> None:
-        # a file's path made absolute as it opens (the store opens its files later, and in
-        # loader processes: a relative path would lead elsewhere once the working folder
-        # changes); a store in memory: the name its messages give
-        self.path = Path(os.path.abspath(path)) if on_disk else Path(path)
+        self.path = Path(path)  # as given: messages and outputs name it so (in memory: a name)
+        # what the store opens its files by, later and in loader processes: made absolute
+        # now (a relative path would lead elsewhere once the working folder changes), with
+        # its links and ".." kept (the folder a link's ".." leads to is the system's to say)
+        self.file = self.path.absolute() if on_disk else self.path
         self.layer = layer
         self._pid: int | None = None
         self._handle: Any = None
@@ -115,8 +116,8 @@ class CellStore(ABC):
         if self._handle is not None and self._pid == os.getpid() and hasattr(self._handle, "close"):
             self._handle.close()
         self._handle = None
-        if self.path.exists():  # (a store in memory: only a name)
-            FILES.forget(self.path)
+        if self.file.exists():  # (a store in memory: only a name)
+            FILES.forget(self.file)
 
     def _error(self, what: str, fix: str) -> DataError:
         return DataError(f"{self.path}: {what} {fix}")

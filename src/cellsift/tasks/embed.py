@@ -667,7 +667,7 @@ def _digest(fingerprint: str, coll: CellCollection) -> str:
             getattr(s, "layer", None),
             getattr(s, "measurement", None),
             hashlib.blake2b(np.ascontiguousarray(m.col_map, np.int64).tobytes()).hexdigest(),
-            _files_state(Path(s.path)),
+            _files_state(Path(s.file)),
         ]
         for s, m in zip(coll.stores, coll.gene_maps, strict=True)
     ]
