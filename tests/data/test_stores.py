@@ -337,3 +337,15 @@ def test_text_of_a_column_shares_its_values_and_reads_as_numpy_writes_them():
     out = text_or_none(np.asarray(cat))
     assert list(out) == list(cat.astype(str))
     assert all(x is cat.categories[cat.codes[i]] for i, x in enumerate(out))
+
+
+def test_a_path_starting_with_a_tilde_is_said_to_be_taken_as_written(tmp_path, monkeypatch):
+    """Python does not expand '~' (a shell does, unquoted): a store named so that does not
+    exist says so and gives the path written out, where the home folder holds it."""
+    import anndata as ad
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ad.AnnData(sp.csr_matrix(np.ones((2, 3), np.float32))).write_h5ad(tmp_path / "cells.h5ad")
+    with pytest.raises(FileNotFoundError, match=r"'~' is not expanded .*cells\.h5ad\)"):
+        open_store("~/cells.h5ad")
+    assert open_store(tmp_path / "cells.h5ad").n_obs == 2

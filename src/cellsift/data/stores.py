@@ -69,6 +69,18 @@ def refuse_other(path: Path, wanted: str, error: type[Exception] = DataError) ->
         raise error(f"{path} is {KINDS[kind]}, not {KINDS[wanted]}.")
 
 
+def _no_such_path(path: str | os.PathLike[str]) -> str:
+    """That ``path`` does not exist; where it starts with ``~``, that Python does not
+    expand it to the home folder (a shell does, unquoted), and the path written out."""
+    said = f"{path} does not exist."
+    if str(path).startswith("~") and os.path.expanduser(path) != str(path):
+        said += (
+            f" '~' is not expanded to a home folder here: write the path out "
+            f"({os.path.expanduser(path)})."
+        )
+    return said
+
+
 class CellStore(ABC):
     """A store of cells: counts by row, obs columns, var.
 
@@ -91,7 +103,7 @@ class CellStore(ABC):
         self._handle: Any = None
         self._obs_cache: dict[str, Any] = {}
         if on_disk and not self.path.exists():
-            raise FileNotFoundError(f"{self.path} does not exist.")
+            raise FileNotFoundError(_no_such_path(self.path))
 
     # -- handle management --------------------------------------------------------------
     @property
@@ -323,7 +335,7 @@ def open_store(
             )
         return MemoryStore(path, layer=layer, name=name)
     if not Path(path).exists():
-        raise FileNotFoundError(f"{path} does not exist.")
+        raise FileNotFoundError(_no_such_path(path))
     refuse_other(Path(path), "cells")
     fmt = format or guess_format(path)
     cls: type[CellStore]
