@@ -154,26 +154,25 @@ class _LoopThread:
     and waits for: zarr's reads of many ranges at once (gathered), from the loader's thread
     and the caller's together, and from a thread that runs a loop itself (a notebook's),
     where a loop of the caller's thread could not run. Started on first use; a forked
-    process starts its own."""
+    process (whose copy has no thread running it, and maybe a lock a parent's thread held)
+    starts its own."""
 
     def __init__(self) -> None:
         self._forget()
-        if hasattr(os, "register_at_fork"):  # (a lock a parent's thread held: not the child's)
+        if hasattr(os, "register_at_fork"):  # (no fork where it lacks: Windows)
             os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pid = os.getpid()
 
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._running()).result()
 
     def _running(self) -> asyncio.AbstractEventLoop:
         with self._lock:
-            if self._loop is None or self._pid != os.getpid():
+            if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-                self._pid = os.getpid()
                 threading.Thread(
                     target=self._loop.run_forever, name="cellsift-zarr-io", daemon=True
                 ).start()

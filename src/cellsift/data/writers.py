@@ -219,9 +219,7 @@ class StoreWriter:
             raise ValueError(f"chunk has {x.shape[1]} genes, the store {self.n_vars}.")
         if x.shape[0] != len(obs):
             raise ValueError(f"chunk has {x.shape[0]} cells but {len(obs)} obs rows.")
-        if (
-            not x.has_canonical_format
-        ):  # (summed in a copy: scipy's csr_matrix(x) shares x's arrays)
+        if not x.has_canonical_format:  # (summed in a copy: csr_matrix(x) shares x's arrays)
             x = x.copy()
             x.sum_duplicates()
         self._append_x(x)

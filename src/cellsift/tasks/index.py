@@ -1106,9 +1106,7 @@ class CellIndex:
             raw = json.dumps(manifest, indent=2).encode()
             (tmp / "manifest.json").write_bytes(raw)
         # (after the save: a link saved over is a folder now, no longer its target)
-        self._versions.update(
-            dict.fromkeys(_folder_keys(Path(path)), hashlib.sha256(raw).hexdigest())
-        )
+        self._versions.update(dict.fromkeys(_folder_keys(Path(path)), _manifest_digest(raw)))
         held = self._metadata_file
         if held is not None and _same_place(held.path.parent, Path(path)):
             # saved over its own folder: the file it holds is its own copy now; the one in
@@ -1125,7 +1123,7 @@ class CellIndex:
         if not known:
             return
         try:
-            now = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+            now = _manifest_digest((path / "manifest.json").read_bytes())
         except OSError:  # (removed since, or no index there now: nothing of it is lost)
             return
         if now not in known:
@@ -1225,7 +1223,7 @@ class CellIndex:
             params=manifest["params"],
             metadata_path=meta if meta.exists() else None,
         )
-        index._versions.update(dict.fromkeys(_folder_keys(root), hashlib.sha256(raw).hexdigest()))
+        index._versions.update(dict.fromkeys(_folder_keys(root), _manifest_digest(raw)))
         return index
 
 
@@ -1281,6 +1279,11 @@ class _HeldParquet:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
         self._open(state["loaded"])
+
+
+def _manifest_digest(raw: bytes) -> str:
+    """A saved version of an index: its manifest's digest (the manifest holds every file's)."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _folder_keys(path: Path) -> set[str]:
