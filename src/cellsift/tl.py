@@ -16,7 +16,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import BACKED_ROWS, adata_counts, cell_mask, in_obs_order, is_number
+from ._utils import (
+    BACKED_ROWS,
+    adata_counts,
+    cell_mask,
+    in_obs_order,
+    is_number,
+    objects_whole_as_ints,
+)
 from ._warnings import warn
 from .data.collection import check_count_values
 from .errors import ConfigError, DataError, MissingKeyError
@@ -168,7 +175,7 @@ def annotate(
             _ensure_embedded(
                 calibrate_on, model, use_rep, "calibrate_on", layer, check_counts, index
             )
-            calibrate_on = calibrate_on.obsm[use_rep]
+            calibrate_on = obsm_array(calibrate_on, use_rep)
         ann.calibrate(
             calibrate_on,
             quantile=quantile,
@@ -176,7 +183,7 @@ def annotate(
             safelist=safelist,
             blocklist=blocklist,
         )
-    out = ann.annotate(np.asarray(adata.obsm[use_rep]), safelist=safelist, blocklist=blocklist)
+    out = ann.annotate(obsm_array(adata, use_rep), safelist=safelist, blocklist=blocklist)
     out.index = adata.obs_names
     adata.obs[f"{key_added}_cell_type"] = out["label_name"].astype("category")
     adata.obs[f"{key_added}_cell_type_ontology_term_id"] = out["label_id"].astype("category")
@@ -209,6 +216,13 @@ def labels_of(index: CellIndex, model: Any, label_key: str | None = None) -> tup
         )
         return default, True
     return own, aware
+
+
+def obsm_array(adata: ad.AnnData, use_rep: str) -> np.ndarray:
+    """``adata.obsm[use_rep]`` as a dense array (a sparse matrix densified, a DataFrame's
+    values), as embeddings are read."""
+    rep = adata.obsm[use_rep]
+    return np.asarray(rep.toarray() if sp.issparse(rep) else rep)
 
 
 def check_embedded_by(adata: ad.AnnData, use_rep: str, model: Any, what: str = "adata") -> None:
@@ -270,7 +284,8 @@ def _summed(
     keep = cat.codes >= 0
     if not keep.any():
         raise ValueError("no cell belongs to a group; nothing to sum.")
-    names = pd.Index([str(c) for c in cat.categories])
+    # (a column of whole numbers with a missing value is float: its 2.0 names the group 2)
+    names = pd.Index([str(c) for c in objects_whole_as_ints(np.asarray(cat.categories, object))])
     if names.has_duplicates:
         twice = set(names[names.duplicated()])
         same = [repr(c) for c in cat.categories if str(c) in twice]
@@ -377,8 +392,7 @@ def search_centroid(
         counted = np.diff(x.indptr) > 0
         x = x[counted]
         if use_rep in adata.obsm:
-            rep = adata.obsm[use_rep]
-            z = np.asarray(rep.toarray() if sp.issparse(rep) else rep)[rows[counted]]
+            z = obsm_array(adata, use_rep)[rows[counted]]
             width = model.config["architecture"]["latent"]
             if z.ndim != 2 or z.shape[1] != width:  # (another tool's, without a record)
                 shape = f"{z.shape[1]} dims" if z.ndim == 2 else f"a {z.ndim}-d array"

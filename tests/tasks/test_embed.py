@@ -336,10 +336,20 @@ def test_pseudobulk_and_centroid_checks_of_what_users_pass(bundle, synthetic_h5a
         warnings.simplefilter("ignore", CellsiftWarning)
         dense = cs.tl.search_centroid(query.copy(), model, index, k=5)
     assert dense.qc is not None and len(dense.qc.cluster_n) == 40
-    # a list of whole numbers and NaN: the groups the Series of them makes ('1.0', ...)
+    with warnings.catch_warnings():  # (a sparse obsm annotates as its dense values)
+        warnings.simplefilter("ignore", CellsiftWarning)
+        sparse = cs.tl.annotate(query, index, model=model, abstain=False, copy=True)
+        query.obsm["X_cellsift"] = query.obsm["X_cellsift"].toarray()
+        dense = cs.tl.annotate(query, index, model=model, abstain=False, copy=True)
+    pd.testing.assert_frame_equal(sparse.obs, dense.obs)
+    # a list of whole numbers and NaN (a float column): the groups 1 and 2, named as the
+    # same numbers as ints are ('1', not '1.0')
     numbers = [1 if i % 2 else (2 if i % 3 else np.nan) for i in range(40)]
     want = cs.tl.pseudobulk(query, pd.Series(numbers, index=query.obs_names))
     assert list(cs.tl.pseudobulk(query, numbers).obs_names) == list(want.obs_names)
+    assert sorted(want.obs_names) == ["1", "2"]
+    halves = cs.tl.pseudobulk(query, [1.5 if i % 2 else 2.0 for i in range(40)])
+    assert sorted(halves.obs_names) == ["1.5", "2"]
     ordered = pd.CategoricalIndex(["b", "a"] * 20, categories=["c", "b", "a"], ordered=True)
     want = cs.tl.pseudobulk(query, pd.Series(ordered, index=query.obs_names))
     assert list(cs.tl.pseudobulk(query, ordered).obs_names) == list(want.obs_names) == ["b", "a"]
