@@ -22,6 +22,7 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -40,13 +41,28 @@ BLOCK = 64
 FETCH = 16
 
 
+def _writers_digest() -> str:
+    """A digest of the code that writes the converted stores (the converter and the
+    writers): stores a changed converter would write otherwise are converted anew, not
+    taken from the cache."""
+    import cellsift.data.convert
+    import cellsift.data.writers
+
+    digest = hashlib.sha256()
+    for module in (cellsift.data.convert, cellsift.data.writers):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def make_atlas(n_cells: int, n_genes: int, formats: tuple[str, ...]) -> dict[str, Path]:
-    """The benchmark atlas in each format (cached under benchmarks/.data)."""
+    """The benchmark atlas in each format (cached under benchmarks/.data: the h5ad by the
+    generator's version, the stores converted from it by the converter's code)."""
     from cellsift.data.convert import convert
     from cellsift.datasets import SYNTHETIC_VERSION, synthetic_atlas
 
     folder = DATA / f"atlas_{n_cells}x{n_genes}_v{SYNTHETIC_VERSION}"
-    folder.mkdir(parents=True, exist_ok=True)
+    converted = folder / f"converted_{_writers_digest()}"
+    converted.mkdir(parents=True, exist_ok=True)
     paths = {"h5ad": folder / "atlas.h5ad"}
     if not paths["h5ad"].exists():
         t = time.perf_counter()
@@ -59,10 +75,10 @@ def make_atlas(n_cells: int, n_genes: int, formats: tuple[str, ...]) -> dict[str
     for fmt in formats:
         if fmt == "h5ad":
             continue
-        paths[fmt] = folder / f"atlas.{fmt}"
+        paths[fmt] = converted / f"atlas.{fmt}"
         if not paths[fmt].exists():
             convert(paths["h5ad"], paths[fmt], progress_bar=True)
-    shards = folder / "shards"
+    shards = converted / "shards"
     if not shards.exists():
         convert(paths["h5ad"], shards, format="h5ad", shard_size=max(10_000, n_cells // 8))
     paths["shards"] = shards
@@ -264,8 +280,12 @@ def main() -> None:
             if key in skipped:
                 continue
             out = job()
-            if "skipped" in out:
+            if "skipped" in out:  # (its earlier rounds' figures go too: none half-run)
                 skipped[key] = out["skipped"]
+                if key.startswith("scan/"):
+                    scan.pop(key.split("/")[1], None)
+                for table in (results, rss, notes):
+                    table.pop(key, None)
                 print(f"# {key:34s} skipped: {out['skipped']}", flush=True)
                 continue
             print(

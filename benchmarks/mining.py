@@ -141,8 +141,9 @@ def main() -> None:
                     ],
                     timeout=1800,
                 )
-                if "skipped" in peer:
-                    skipped["scimilarity"] = peer["skipped"]
+                if "skipped" in peer:  # (its earlier rounds' figures go too: none half-run)
+                    skipped["scimilarity"] = f"{peer['skipped']} (in {mode}; later modes not run)"
+                    peers.clear()
                     continue
                 peers.append(peer)
             out = {

@@ -14,9 +14,10 @@ pair of types 50/50 and, for the six large types, 30/70 and 70/30. Each set is s
                       was before it compared like with like)
 ``scimilarity_qc``    SCimilarity's ``search_centroid_nearest`` qc, its formula on the same
                       embeddings: k-means of the cells' embeddings into 10 clusters (their
-                      default), each centroid's 100 nearest cells, the mean share of them
-                      among the set's hits (their default of 10,000 set hits would hold
-                      the whole index here: the set's own k instead)
+                      default), each centroid's 100 nearest cells (k where k < 100), the
+                      mean share of them among the set's hits (their default of 10,000
+                      set hits would hold the whole index here: the set's own k instead;
+                      an adaptation of their check, not their code path)
 
 Scores: AUROC of single types against mixes (a coherence check should score single types
 higher), and, for cellsift, how many sets its warning threshold flags. ``--quick``: one
@@ -68,13 +69,16 @@ def query_sets(types: np.ndarray, seed: int = 0) -> list[tuple[str, str, np.ndar
 def scimilarity_qc(index, z: np.ndarray, hits: np.ndarray, k: int, seed: int = 4) -> float:
     """SCimilarity's query coherence (``CellQuery.search_centroid_nearest``): k-means of
     the cells' embeddings (10 clusters, scipy's ``kmeans``, as theirs), each centroid's 100
-    nearest cells, the mean share of them among the set's hits."""
+    nearest cells (fewer where the set has fewer than 100 hits: ``k``, so that a cluster's
+    nearest can all be hits, as their 100 among 10,000 can), the mean share of them among
+    the set's hits."""
     from scipy.cluster.vq import kmeans
 
     centroids = kmeans(z.astype(np.float64), min(10, len(z)), seed=seed)[0]
-    found = index.search(centroids.astype(np.float32), 100).indices
+    nearest = min(100, k)
+    found = index.search(centroids.astype(np.float32), nearest).indices
     wanted = set(hits.tolist())
-    return float(np.mean([np.isin(row, list(wanted)).sum() / 100 for row in found]))
+    return float(np.mean([np.isin(row, list(wanted)).sum() / nearest for row in found]))
 
 
 def run_donor(adata, kang: Path, held: str, ks: list[int], root: Path) -> list[dict]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -38,6 +37,9 @@ import torch
 
 K = 50
 N_QUERIES = 1000
+#: one thread count for every engine: torch's (OMP_NUM_THREADS where set, else the cores),
+#: which cellsift's exact search runs on; faiss (cellsift's IVF) and the peers are given it
+THREADS = torch.get_num_threads()
 
 
 def make_embeddings(n: int, dim: int = 128, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
@@ -86,7 +88,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=None, help="cells (default 1M; --quick 200k)")
     args = ap.parse_args()
+    import faiss
+
     import cellsift.tasks.index as index_module
+
+    faiss.omp_set_num_threads(THREADS)
     from cellsift.tasks import CellIndex
     from cellsift.tasks.index import EXACT_SELECTION_MAX
 
@@ -180,10 +186,10 @@ def main() -> None:
             t = time.perf_counter()
             h = hnswlib.Index(space="cosine", dim=x.shape[1])
             h.init_index(max_elements=n, M=80, ef_construction=1000)
-            h.add_items(x, np.arange(n), num_threads=os.cpu_count() or 1)
+            h.add_items(x, np.arange(n), num_threads=THREADS)
             build = time.perf_counter() - t
             h.set_ef(100)
-            secs, (labels, _) = timed(lambda: h.knn_query(q, k=K, num_threads=os.cpu_count() or 1))
+            secs, (labels, _) = timed(lambda: h.knn_query(q, k=K, num_threads=THREADS))
             h.save_index(str(Path(tmp) / "hnsw.bin"))
             record(
                 "hnswlib",
@@ -217,9 +223,9 @@ def main() -> None:
         else:
             t = time.perf_counter()
             u = UIndex(ndim=x.shape[1], metric="cos", dtype="f32")
-            u.add(np.arange(n), x, threads=os.cpu_count() or 1)
+            u.add(np.arange(n), x, threads=THREADS)
             build = time.perf_counter() - t
-            secs, m = timed(lambda: u.search(q, K, threads=os.cpu_count() or 1))
+            secs, m = timed(lambda: u.search(q, K, threads=THREADS))
             u.save(str(Path(tmp) / "usearch.bin"))
             record(
                 "usearch",
@@ -255,8 +261,7 @@ def main() -> None:
                     "dim": int(x.shape[1]),
                     "queries": N_QUERIES,
                     "k": K,
-                    "threads": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
+                    "threads": THREADS,
                 },
             }
         )

@@ -72,6 +72,8 @@ def main() -> None:
     adata.layers["counts"] = adata.X.copy()  # where lognorm_counts reads raw counts
     t0 = time.perf_counter()
     ce = CellEmbedding(model_path=args.model)
+    # warm-up on 256 cells, as cellsift's side has (its first call pays for allocations)
+    ce.get_embeddings(lognorm_counts(align_dataset(adata[:256].copy(), ce.gene_order)).X)
     t1 = time.perf_counter()
     data = align_dataset(adata, ce.gene_order)
     data = lognorm_counts(data)

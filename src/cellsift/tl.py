@@ -107,7 +107,8 @@ def annotate(
     like ``adata``, or their embeddings); else on the reference itself,
     leave-one-``calibrate_by``-out when given (e.g. the study column); cells of known types
     abstain with probability at most ``1 - quantile``. It is calibrated against the reference
-    cells that ``safelist`` and ``blocklist`` leave, as the queries are annotated.
+    cells that ``safelist`` and ``blocklist`` leave, as the queries are annotated (a ready
+    annotator keeps its threshold: one calibrated against other cells is refused).
     ``abstain_on``: the distance compared with the threshold (see :class:`KNNAnnotator`).
 
     ``label_key`` (the reference metadata's column of labels) and ``ontology_aware`` (Cell
@@ -167,6 +168,14 @@ def annotate(
             abstain_on=abstain_on,
         )
     )
+    if ann is reference:  # (its threshold must be of the reference cells voting here)
+        mismatch = ann.threshold_mismatch(safelist, blocklist)
+        if mismatch is not None:
+            raise ConfigError(
+                f"reference is a calibrated KNNAnnotator, and {mismatch} Or pass the "
+                "CellIndex: tl.annotate then calibrates against the cells safelist and "
+                "blocklist leave."
+            )
     _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts, index=index)
     if ann is not reference and abstain:  # (a ready annotator has its own threshold)
         if isinstance(calibrate_on, ad.AnnData):

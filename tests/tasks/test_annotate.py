@@ -643,6 +643,30 @@ def test_an_empty_safelist_is_named_and_an_empty_blocklist_blocks_nothing():
         with pytest.raises(CellIndexError, match=r"safelist is empty.* safelist=None"):
             ann.annotate(x[:5], safelist=empty)
     pd.testing.assert_frame_equal(ann.annotate(x[:20], blocklist=[]), ann.annotate(x[:20]))
+    # lists given as iterators: read once (counting the blocklist emptied it: "empty")
+    blocked = ann.annotate(x[:20], blocklist=[TYPES[0]])
+    pd.testing.assert_frame_equal(ann.annotate(x[:20], blocklist=iter([TYPES[0]])), blocked)
+    safe = ann.annotate(x[:20], safelist=TYPES[1:3])
+    pd.testing.assert_frame_equal(ann.annotate(x[:20], safelist=iter(TYPES[1:3])), safe)
+
+
+def test_an_even_vote_of_unrelated_terms_is_called_alike_in_ontology_mode():
+    """Neighbours split evenly between two unrelated types, below min_support: both qualify
+    and ontology mode calls the first in sorted order, as plain votes do (it called the term
+    with more ancestors)."""
+    terms = ["CL:0000236", "CL:0000624"]  # B cell; CD4 T cell, which has more ancestors
+    cl = load_cell_ontology()
+    assert len(cl.ancestors(terms[1])) > len(cl.ancestors(terms[0]))
+    index = CellIndex.build(
+        np.eye(2, dtype=np.float32),
+        pd.DataFrame({"cell_type_ontology_term_id": terms}),
+        engine="exact",
+    )
+    for aware in (False, True):
+        ann = KNNAnnotator(index, k=2, weighted=False, min_support=0.3, ontology_aware=aware)
+        out = ann.annotate(np.ones((1, 2), np.float32))
+        assert out["label"].tolist() == out["knn_label"].tolist() == ["CL:0000236"]
+        assert out["confidence"].tolist() == [0.5]
 
 
 def test_plain_calls_name_their_cl_terms_and_other_labels_keep_theirs():

@@ -637,6 +637,20 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     far = query.obs["cellsift_mean_distance"].to_numpy() > thr_left
     labels = query.obs["cellsift_cell_type_ontology_term_id"].astype(str).to_numpy()
     assert (labels[far] == "unknown").all() and dropped not in set(labels)
+    # a ready annotator keeps its threshold: one calibrated against other reference cells
+    # than the blocklist leaves is refused (it was used with a warning); the same, taken
+    whole = KNNAnnotator(index, ontology_aware=False)
+    whole.calibrate(model.embed(held_out))
+    with pytest.raises(ConfigError, match=r"calibrated against the whole reference.* CellIndex"):
+        cs.tl.annotate(query, whole, model=model, blocklist=[dropped])
+    left = KNNAnnotator(index, ontology_aware=False)
+    left.calibrate(model.embed(held_out), blocklist=[dropped])
+    with pytest.raises(ConfigError, match=r"calibrated against a selection of it"):
+        cs.tl.annotate(query, left, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CellsiftWarning)
+        again = cs.tl.annotate(query, left, model=model, blocklist=[dropped], copy=True)
+    pd.testing.assert_frame_equal(again.obs, query.obs)
     # copy=True of a backed AnnData (or a view of one): a copy in memory that shares
     # nothing with it, the file not written; so of backed calibration cells too, and
     # in place, a backed view of them is named as such

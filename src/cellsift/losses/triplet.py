@@ -10,7 +10,8 @@ descendant), by the triplet loss ``d(a, p) - d(a, n) + margin`` of each candidat
 ``random``    a random candidate with loss > 0
 
 Pairs without a candidate give no triplet. The distance that mines is the distance of the
-loss.
+loss (SCimilarity mines on squared euclidean distances, twice the cosine distance on unit
+rows, and takes the euclidean distance in its loss: its margin means another window in each).
 
 ``relatives="resolved"`` relaxes the ontology rule where the data resolve it: a study that
 labels some cells with a term and others with its descendant (e.g. "CD14-positive monocyte"

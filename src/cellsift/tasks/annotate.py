@@ -72,7 +72,8 @@ class KNNAnnotator:
         Metadata column of reference labels (Cell Ontology ids for ``ontology_aware``).
     k, weighted
         Neighbours that vote, and whether nearer ones count more. An even vote goes to
-        the label first in sorted order (scikit-learn's rule).
+        the label first in sorted order (scikit-learn's rule); in ontology mode, to a
+        reference label before a coarser term.
     ontology_aware
         Propagate votes to ancestors and call the most specific well-supported term.
     min_support
@@ -271,8 +272,6 @@ class KNNAnnotator:
                     up[i, pos[a]] = 1.0
         self._labels = _Labels(terms, codes, len(ids))
         self._up = up
-        # a term's depth: how many of the terms are it or its ancestors (more = more specific)
-        self._depth = up.sum(1)
 
     # -- calibration --------------------------------------------------------------------------
     def calibrate(
@@ -442,20 +441,9 @@ class KNNAnnotator:
         """
         self._sync_labels()
         expr = self._reference_filter(safelist, blocklist, filter)
-        calibrated = self._calibrated_on
-        if calibrated is not _UNSET and self.distance_threshold is not None:
-            same = (calibrated is None and expr is None) or (
-                calibrated is not None and expr is not None and calibrated.equals(expr)
-            )
-            if not same:
-                warn(
-                    "the distance threshold was calibrated against "
-                    f"{'the whole reference' if calibrated is None else 'a selection of it'}"
-                    f", and these queries are annotated against "
-                    f"{'the whole reference' if expr is None else 'another selection'} "
-                    "(safelist, blocklist, filter), which sits at other distances from "
-                    "them: calibrate() with the same safelist, blocklist and filter."
-                )
+        mismatch = self._calibrated_elsewhere(expr)
+        if mismatch is not None:
+            warn(mismatch)
         if not is_whole(batch_size, least=1):
             raise ConfigError(
                 f"batch_size must be a whole number of at least 1 cell, not {batch_size!r}."
@@ -481,6 +469,38 @@ class KNNAnnotator:
         out.insert(2, "label_name", out["label_id"].map(names))
         return out
 
+    def threshold_mismatch(
+        self,
+        safelist: Sequence[str] | None = None,
+        blocklist: Sequence[str] | None = None,
+        filter: Any = None,
+    ) -> str | None:
+        """Why the threshold :meth:`calibrate` set does not fit queries annotated against
+        the reference cells that ``safelist``, ``blocklist`` and ``filter`` leave, else None
+        (it fits, or was set by hand): what :meth:`annotate` warns of."""
+        self._sync_labels()
+        return self._calibrated_elsewhere(self._reference_filter(safelist, blocklist, filter))
+
+    def _calibrated_elsewhere(self, expr: Any) -> str | None:
+        """Why a threshold calibrated by :meth:`calibrate` does not fit queries annotated
+        against the reference cells ``expr`` selects (None: it fits, or was set by hand).
+        Selections are compared as written (two that select the same cells may differ)."""
+        calibrated = self._calibrated_on
+        if calibrated is _UNSET or self.distance_threshold is None:
+            return None
+        if (calibrated is None and expr is None) or (
+            calibrated is not None and expr is not None and calibrated.equals(expr)
+        ):
+            return None
+        return (
+            "the distance threshold was calibrated against "
+            f"{'the whole reference' if calibrated is None else 'a selection of it'}"
+            f", and these queries are annotated against "
+            f"{'the whole reference' if expr is None else 'another selection'} "
+            "(safelist, blocklist, filter), which sits at other distances from "
+            "them: calibrate() with the same safelist, blocklist and filter."
+        )
+
     def _reference_filter(
         self, safelist: Sequence[str] | None, blocklist: Sequence[str] | None, filter: Any
     ) -> Any:
@@ -488,7 +508,11 @@ class KNNAnnotator:
         from .index import _expression
 
         terms = []
-        if blocklist is not None and not isinstance(blocklist, str) and not list(blocklist):
+        # (read once: an iterator read for its length would be empty after)
+        safelist, blocklist = (
+            v if v is None or isinstance(v, str) else list(v) for v in (safelist, blocklist)
+        )
+        if blocklist is not None and not isinstance(blocklist, str) and not blocklist:
             blocklist = None  # blocks nothing
         if safelist is not None:
             terms.append(
@@ -602,9 +626,11 @@ class KNNAnnotator:
             # several (other lineages, with min_support below a half), the most supported
             qualifying = ok.astype(np.float32)
             finer = qualifying @ self._up - qualifying  # qualifying strict descendants
-            specific = ok & (finer == 0)
-            score = np.where(specific, support + self._depth[None, :] * 1e-9, -1.0)
-            call = np.argmax(score, axis=1)  # (ties: the deeper term)
+            specific = ok & (finer == 0)  # (of no common lineage: none is another's ancestor)
+            # the most supported; of even ones, the first: reference labels in sorted order,
+            # then coarser terms (as plain votes; sums of shares differ in their last bits)
+            best = np.where(specific, support, -1.0).max(1, keepdims=True)
+            call = np.argmax(specific & (support >= best - _ROUNDING), axis=1)
             label = terms[call]
             has = ok.any(1)  # (none: an unknown call, with the majority label's share)
             conf = support[np.arange(n_q), call]
