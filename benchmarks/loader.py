@@ -42,15 +42,16 @@ FETCH = 16
 
 
 def _writers_digest() -> str:
-    """A digest of the code that writes the converted stores (the converter and the
-    writers): stores a changed converter would write otherwise are converted anew, not
+    """A digest of the code that reads and writes the converted stores (cellsift.data and
+    its helpers): stores a changed converter would write otherwise are converted anew, not
     taken from the cache."""
-    import cellsift.data.convert
-    import cellsift.data.writers
+    import cellsift._utils
+    import cellsift.data
 
     digest = hashlib.sha256()
-    for module in (cellsift.data.convert, cellsift.data.writers):
-        digest.update(Path(module.__file__ or "").read_bytes())
+    folder = Path(cellsift.data.__file__ or "").parent
+    for file in [*sorted(folder.glob("*.py")), Path(cellsift._utils.__file__ or "")]:
+        digest.update(file.read_bytes())
     return digest.hexdigest()[:12]
 
 

@@ -118,6 +118,10 @@ def annotate(
     one by Cell Ontology votes (a warning says so); without a model,
     ``cell_type_ontology_term_id`` and Cell Ontology votes.
     """
+    # (read once: the threshold's check, the calibration and the calls each read them)
+    safelist, blocklist = (
+        v if v is None or isinstance(v, str) else list(v) for v in (safelist, blocklist)
+    )
     if isinstance(reference, KNNAnnotator):  # it has its settings and threshold already
         options = {
             "label_key": label_key,
@@ -279,8 +283,10 @@ def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> a
     """Summed counts per group: ``groups`` is an obs column name or one label per cell (a
     Series indexed by obs names is aligned to them; cells labelled None/NaN are left out).
     One row per group with cells (a categorical column's unused categories are left out),
-    the genes of the counts read: ``X``, ``layers[layer]`` or, for ``"raw"``,
-    ``adata.raw`` (with its own var). A backed AnnData is read in row blocks."""
+    named by the group as text (a whole number as an int, ``"2"``, also in a column of
+    floats, as one of numbers with missing values is), the genes of the counts read:
+    ``X``, ``layers[layer]`` or, for ``"raw"``, ``adata.raw`` (with its own var). A backed
+    AnnData is read in row blocks."""
     return _summed(adata, groups, layer)
 
 
@@ -297,7 +303,7 @@ def _summed(
     names = pd.Index([str(c) for c in objects_whole_as_ints(np.asarray(cat.categories, object))])
     if names.has_duplicates:
         twice = set(names[names.duplicated()])
-        same = [repr(c) for c in cat.categories if str(c) in twice]
+        same = [repr(c) for c, name in zip(cat.categories, names, strict=True) if name in twice]
         raise ValueError(
             f"groups {', '.join(same)} read the same as text, which names a group's row: "
             "give them distinct labels (e.g. all as text)."
@@ -443,7 +449,8 @@ def search_clusters(
     filter: Any = None,
 ) -> dict[str, SearchResult]:
     """:func:`search_centroid` for every group of ``obs[groupby]`` (e.g. clusters), with
-    the pseudobulks embedded in one pass."""
+    the pseudobulks embedded in one pass; keyed by the groups as :func:`pseudobulk` names
+    them."""
     index.check_model(model)
     bulk = _summed(adata, groupby, layer, "search_clusters")
     res = index.search(_embed_bulk(model, bulk, f"groups of {groupby!r}"), k, filter=filter)

@@ -350,6 +350,8 @@ def test_pseudobulk_and_centroid_checks_of_what_users_pass(bundle, synthetic_h5a
     assert sorted(want.obs_names) == ["1", "2"]
     halves = cs.tl.pseudobulk(query, [1.5 if i % 2 else 2.0 for i in range(40)])
     assert sorted(halves.obs_names) == ["1.5", "2"]
+    with pytest.raises(ValueError, match=r"groups 1.0, '1' read the same as text"):
+        cs.tl.pseudobulk(query, ["1", 1.0] * 20)
     ordered = pd.CategoricalIndex(["b", "a"] * 20, categories=["c", "b", "a"], ordered=True)
     want = cs.tl.pseudobulk(query, pd.Series(ordered, index=query.obs_names))
     assert list(cs.tl.pseudobulk(query, ordered).obs_names) == list(want.obs_names) == ["b", "a"]
@@ -647,6 +649,17 @@ def test_tl_embed_and_annotate_write_the_obs_columns(bundle, synthetic_h5ad):
     left.calibrate(model.embed(held_out), blocklist=[dropped])
     with pytest.raises(ConfigError, match=r"calibrated against a selection of it"):
         cs.tl.annotate(query, left, model=model)
+    # a blocklist given as an iterator: read once (the check emptied it: nothing blocked)
+    for reference in (left, index):
+        copied = cs.tl.annotate(
+            query,
+            reference,
+            model=model,
+            blocklist=iter([dropped]),
+            copy=True,
+            **({} if reference is left else {"calibrate_on": held_out, "ontology_aware": False}),
+        )
+        assert dropped not in set(copied.obs["cellsift_cell_type_ontology_term_id"].astype(str))
     with warnings.catch_warnings():
         warnings.simplefilter("error", CellsiftWarning)
         again = cs.tl.annotate(query, left, model=model, blocklist=[dropped], copy=True)
