@@ -371,3 +371,36 @@ def test_a_bundle_folder_holding_other_files_is_not_replaced(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "open", no_folders)
     assert MetricModel.load(outer).genes == model.genes
+
+
+def test_genes_tsv_edited_with_checksums_made_anew_is_refused(tmp_path):
+    """Two genes swapped (or a symbol changed) in genes.tsv, its checksum made anew: the
+    counts would feed other genes' weights, so the bundle is refused (config.json holds a
+    digest of the genes, as it holds the labels' order); a bundle saved before the digest
+    (none in config.json) loads as before."""
+    from cellsift.models import MetricModel
+    from cellsift.models.bundle import _sha256
+
+    genes = [f"ENSG{i:011d}" for i in range(30)]
+    model = MetricModel(genes, ["CL:0000236", "CL:0000576"], hidden=(8,), latent=4)
+    path = model.save(tmp_path / "b", overwrite=True)
+
+    def rewrite(file: str, text: str) -> None:
+        (path / file).write_text(text)
+        sums = json.loads((path / "checksums.json").read_text())
+        sums[file] = _sha256(path / file)
+        (path / "checksums.json").write_text(json.dumps(sums))
+
+    original = (path / "genes.tsv").read_text()
+    lines = original.splitlines()
+    swapped = [lines[0], lines[2], lines[1], *lines[3:]]
+    rewrite("genes.tsv", "\n".join(swapped) + "\n")
+    with pytest.raises(BundleError, match=r"genes\.tsv lists other genes, or the same in anoth"):
+        MetricModel.load(path)
+    rewrite("genes.tsv", original)
+    assert list(MetricModel.load(path).genes.genes) == genes
+    config = json.loads((path / "config.json").read_text())
+    del config["genes_sha256"]  # (as a bundle saved before it)
+    rewrite("config.json", json.dumps(config))
+    rewrite("genes.tsv", "\n".join(swapped) + "\n")
+    assert list(MetricModel.load(path).genes.genes[:2]) == [genes[1], genes[0]]

@@ -804,6 +804,21 @@ def test_training_runs_in_train_mode_after_embedding_loading_or_an_earlier_fit(
     assert not loaded.module.training  # back in eval mode for embedding after fit
 
 
+def test_embedding_leaves_the_module_in_its_mode_and_on_its_device(synthetic_h5ad):
+    """Inference runs in eval mode and gives the same embedding whatever mode the module is
+    in; a module in train mode (a custom training loop's) is left in it, on its device."""
+    model = MetricModel.from_collection(synthetic_h5ad, hidden=(32,), latent=8)
+    cells = ad.read_h5ad(synthetic_h5ad)[:20].copy()
+    model.module.eval()
+    want = model.embed(cells)
+    assert not model.module.training
+    model.module.train()
+    np.testing.assert_array_equal(model.embed(cells, device="cpu"), want)
+    np.testing.assert_array_equal(model.embed_aligned(model.aligned_counts(cells)), want)
+    assert model.module.training and model.module.encoder.training
+    assert next(model.module.parameters()).device.type == "cpu"
+
+
 def test_a_fit_without_a_step_is_an_error(synthetic_h5ad, tmp_path):
     from cellsift.errors import TrainingError
 

@@ -205,7 +205,12 @@ def test_label_loss_does_not_credit_a_descendant_the_study_uses(relatives):
         ({"hidden": [16, 0]}, "hidden lists the widths"),
         ({"dropout": 1.0}, r"dropout is a probability in \[0, 1\)"),
         ({"input_dropout": float("nan")}, r"input_dropout is a probability"),
-        ({"margin": -0.1}, "margin is a distance, at least 0"),
+        ({"margin": -0.1}, "margin is a finite distance, at least 0"),
+        ({"margin": float("inf")}, "margin is a finite distance"),  # (no bundle holds it)
+        (
+            {"classifier_weight": 0.1, "related_ll": torch.zeros(0, 0, dtype=torch.bool)},
+            r"a label head \(classifier_weight > 0\) calls one of the model's labels, and",
+        ),
         ({"target_sum": 0.0}, "target_sum is the counts per cell"),
         ({"target_sum": -1.0}, "target_sum is the counts per cell"),
         ({"n_genes": 1}, "at least two genes, not n_genes=1: .* every cell would embed alike"),

@@ -18,7 +18,8 @@ import hashlib
 import json
 import os
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -107,6 +108,8 @@ def save_bundle(
             **config,
             # the labels' order, which a label head's outputs follow, beside labels.json's
             "label_ids": [lab["id"] for lab in labels or []],
+            # and a digest of genes.tsv's genes, which the input's columns follow
+            "genes_sha256": _genes_digest(genes),
             "format_version": FORMAT_VERSION,
             "cellsift_version": __version__,
             "modules": sorted(modules),
@@ -169,6 +172,26 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 _REMAKE = "The bundle was edited or written by another tool; save the model again with cellsift."
+
+
+@contextmanager
+def inference_on(
+    module: torch.nn.Module, device: str | torch.device | None
+) -> Iterator[torch.device]:
+    """``module`` in eval mode on ``device`` (default: where it is) for the block, which
+    gets the device; its mode and device restored after (a model trained on a GPU and
+    embedded on the CPU stays on the GPU; a custom training loop's module stays training)."""
+    first = next(module.parameters(), None)
+    before = first.device if first is not None else torch.device("cpu")
+    dev = check_device(device) if device is not None else before
+    training = module.training
+    module.to(dev).eval()
+    try:
+        yield dev
+    finally:
+        module.train(training)
+        if dev != before:
+            module.to(before)
 
 
 def _read_json(folder: Path, name: str) -> Any:
@@ -306,9 +329,23 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
         raise BundleError(
             f"{folder}: genes.tsv cannot be the model's genes ({err}). {_REMAKE}"
         ) from None
+    saved = config.get("genes_sha256")  # (bundles before it: none)
+    if saved is not None and saved != _genes_digest(genes):
+        raise BundleError(
+            f"{folder}: genes.tsv lists other genes, or the same in another order, than the "
+            "model was saved with (config.json's genes_sha256): each gene's counts would feed "
+            "another gene's weights. Restore genes.tsv, or save the model again with cellsift."
+        )
     labels = _check_labels(folder, _read_json(folder, "labels.json"))
     _check_label_order(folder, config.get("label_ids"), [lab["id"] for lab in labels])
     return Bundle(config, weights, genes, labels)
+
+
+def _genes_digest(genes: GeneVocabulary) -> str:
+    """A digest of the genes' ids and symbols, in order."""
+    symbols = None if genes.symbols is None else list(genes.symbols)
+    text = json.dumps([list(genes.genes), symbols])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_label_order(folder: Path, saved: Any, ids: list[str]) -> None:

@@ -49,6 +49,7 @@ from ..train.resume import checkpoint_file, continued_run, place_checkpoints, re
 from .bundle import (
     BundleError,
     check_device,
+    inference_on,
     load_bundle,
     load_weights,
     metric_settings,
@@ -484,18 +485,19 @@ class MetricModel:
         in_memory = sp.issparse(x) or isinstance(x, np.ndarray)  # (checked whole there)
         out = np.empty((x.shape[0], width), dtype=np.float32)
         step = BACKED_ROWS
-        for start in range(0, x.shape[0], step):
-            block = align(x[start : start + step], start, in_memory)
-            if check_counts:
-                self.check_cells_have_counts(
-                    block,
-                    adata.obs_names,
-                    first=start,
-                    layer=layer,
-                    source=source,
-                    anyway="; or, to embed them anyway, pass check_counts=False",
-                )
-            self._run(block, fn, width, batch_size, device, out=out[start : start + step])
+        with inference_on(self.module, device) as dev:
+            for start in range(0, x.shape[0], step):
+                block = align(x[start : start + step], start, in_memory)
+                if check_counts:
+                    self.check_cells_have_counts(
+                        block,
+                        adata.obs_names,
+                        first=start,
+                        layer=layer,
+                        source=source,
+                        anyway="; or, to embed them anyway, pass check_counts=False",
+                    )
+                self._run(block, fn, width, batch_size, dev, out=out[start : start + step])
         return out
 
     def check_cells_have_counts(
@@ -536,17 +538,16 @@ class MetricModel:
         x: sp.csr_matrix,
         fn: Callable[[dict[str, Any]], torch.Tensor],
         width: int,
-        batch_size: int = 4096,
-        device: str | torch.device | None = None,
+        batch_size: int,
+        dev: torch.device,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
         """``fn(batch)`` over counts already in the model's gene order (:meth:`aligned_counts`),
-        each batch written into ``out`` (cells x ``width``; default: a new array): no
-        per-batch results kept and joined (their buffers, freed between kept ones, would
-        stay with the process)."""
+        on ``dev``, where the module is in eval mode (:func:`~cellsift.models.bundle.
+        inference_on`), each batch written into ``out`` (cells x ``width``; default: a new
+        array): no per-batch results kept and joined (their buffers, freed between kept
+        ones, would stay with the process)."""
         _check_batch_size(batch_size)
-        dev = check_device(device) if device is not None else next(self.module.parameters()).device
-        self.module.to(dev).eval()
         if out is None:
             out = np.empty((x.shape[0], width), dtype=np.float32)
         with torch.no_grad():
@@ -570,7 +571,8 @@ class MetricModel:
                 "with model.aligned_counts(adata) first."
             )
         latent = self.config["architecture"]["latent"]
-        return self._run(sp.csr_matrix(x), self.module.embed, latent, batch_size, device)
+        with inference_on(self.module, device) as dev:
+            return self._run(sp.csr_matrix(x), self.module.embed, latent, batch_size, dev)
 
     def embed(
         self,

@@ -103,8 +103,10 @@ def _check_settings(
     for name, p in (("dropout", dropout), ("input_dropout", input_dropout)):
         if not 0.0 <= p < 1.0:  # (NaN fails too)
             raise ConfigError(f"{name} is a probability in [0, 1), not {p!r}.")
-    if not margin >= 0.0:
-        raise ConfigError(f"margin is a distance, at least 0, not {margin!r} (SCimilarity: 0.05).")
+    if not 0.0 <= margin < float("inf"):
+        raise ConfigError(
+            f"margin is a finite distance, at least 0, not {margin!r} (SCimilarity: 0.05)."
+        )
     if not 0.0 < target_sum < float("inf"):
         raise ConfigError(
             f"target_sum is the counts per cell after normalisation, above 0, not "
@@ -180,6 +182,11 @@ class MetricModule(nn.Module):
             if related_ll is None:
                 raise ValueError("classifier_weight > 0 needs the label set (related_ll).")
             n_labels = related_ll.shape[0]
+            if n_labels == 0:
+                raise ConfigError(
+                    "a label head (classifier_weight > 0) calls one of the model's labels, "
+                    "and it has none: give the labels, or classifier_weight=0."
+                )
             self.classifier = CosineClassifier(latent, n_labels)
             # [l, m]: a cell labelled l is credited with label m's probability (m is l or a
             # descendant of l)

@@ -415,38 +415,41 @@ def _write_shard(
     progress_bar: bool,
 ) -> None:
     """Embed rows ``span`` = [start, stop) into the zarr array ``shard`` (atomically)."""
+    from ..models.bundle import inference_on  # (cellsift.models imports Lightning)
+
     zarr = import_optional("zarr")
     start, stop = span
-    module = model.module.to(dev).eval()
-    latent = int(model.config["architecture"]["latent"])
-    with atomic_path(shard, overwrite=True) as tmp:
-        arr = zarr.create_array(  # (zstd's checksum: a chunk damaged on disk is an error)
-            tmp,
-            shape=(stop - start, latent),
-            chunks=(CHUNK, latent),
-            dtype="float32",
-            compressors=zarr.codecs.ZstdCodec(checksum=True),
-        )
-        pending: list[np.ndarray] = []  # flushed a whole chunk at a time
-        written = 0
-        starts = range(start, stop, batch_size)
-        with torch.no_grad():
-            for s in progress(
-                starts, total=len(starts), desc="embed", enabled=progress_bar, unit="batch"
-            ):
-                rows = np.arange(s, min(s + batch_size, stop))  # kept cells' positions
-                counts = coll.read(coll.cell_ids[rows])
-                if coll.check_counts:
-                    _check_some_counts(coll, counts, rows)
-                x = to_torch_csr(counts).to(dev)
-                pending.append(module.embed({"x_ng": x}).float().cpu().numpy())
-                held = sum(len(p) for p in pending)
-                last = rows[-1] == stop - 1
-                if held >= CHUNK or last:
-                    block = np.concatenate(pending)
-                    cut = held if last else held - held % CHUNK
-                    arr[written : written + cut] = block[:cut]
-                    written, pending = written + cut, [block[cut:]]
+    module = model.module
+    with inference_on(module, dev):  # (its mode and device restored after)
+        latent = int(model.config["architecture"]["latent"])
+        with atomic_path(shard, overwrite=True) as tmp:
+            arr = zarr.create_array(  # (zstd's checksum: a chunk damaged on disk is an error)
+                tmp,
+                shape=(stop - start, latent),
+                chunks=(CHUNK, latent),
+                dtype="float32",
+                compressors=zarr.codecs.ZstdCodec(checksum=True),
+            )
+            pending: list[np.ndarray] = []  # flushed a whole chunk at a time
+            written = 0
+            starts = range(start, stop, batch_size)
+            with torch.no_grad():
+                for s in progress(
+                    starts, total=len(starts), desc="embed", enabled=progress_bar, unit="batch"
+                ):
+                    rows = np.arange(s, min(s + batch_size, stop))  # kept cells' positions
+                    counts = coll.read(coll.cell_ids[rows])
+                    if coll.check_counts:
+                        _check_some_counts(coll, counts, rows)
+                    x = to_torch_csr(counts).to(dev)
+                    pending.append(module.embed({"x_ng": x}).float().cpu().numpy())
+                    held = sum(len(p) for p in pending)
+                    last = rows[-1] == stop - 1
+                    if held >= CHUNK or last:
+                        block = np.concatenate(pending)
+                        cut = held if last else held - held % CHUNK
+                        arr[written : written + cut] = block[:cut]
+                        written, pending = written + cut, [block[cut:]]
 
 
 def _check_some_counts(coll: CellCollection, counts: Any, rows: np.ndarray) -> None:

@@ -203,58 +203,59 @@ def attribute_difference(
     # (a cell without counts is its own zeros baseline: nothing to attribute, nor a place
     # in group B's centroid, which would be the encoder's output for no expression)
     model.check_cells_have_counts(x, adata.obs_names[chosen], layer=layer)
+    from ..models.bundle import inference_on
+
     module = model.module
-    dev = torch.device(device) if device is not None else next(module.parameters()).device
-    module.to(dev).eval()
-    n_genes = len(model.genes)
+    with inference_on(module, device) as dev:  # (its mode and device restored after)
+        n_genes = len(model.genes)
 
-    rows_a = np.searchsorted(chosen, np.flatnonzero(mask_a))  # (as rows of x)
-    rows_b = np.searchsorted(chosen, np.flatnonzero(mask_b))
-    mean_a, _ = _group_means(module, x[rows_a], dev, embed=False)
-    mean_b, centroid = _group_means(module, x[rows_b], dev, embed=True)
-    base_g = _baseline(baseline, mean_b, n_genes).to(dev)
+        rows_a = np.searchsorted(chosen, np.flatnonzero(mask_a))  # (as rows of x)
+        rows_b = np.searchsorted(chosen, np.flatnonzero(mask_b))
+        mean_a, _ = _group_means(module, x[rows_a], dev, embed=False)
+        mean_b, centroid = _group_means(module, x[rows_b], dev, embed=True)
+        base_g = _baseline(baseline, mean_b, n_genes).to(dev)
 
-    if max_cells is not None and len(rows_a) > max_cells:
-        rng = np.random.default_rng(seed)
-        rows_a = np.sort(rng.choice(rows_a, max_cells, replace=False))
-    forward = _CentroidDistance(module.encoder, centroid.to(dev)).to(dev).eval()
-    ig = IntegratedGradients(forward)
-    attrs, dist, base_dist, deltas = [], [], [], []
-    xa = x[rows_a]
-    batches = range(0, len(rows_a), batch_size)
-    for start in progress(
-        batches, total=len(batches), desc="integrated gradients", enabled=progress_bar
-    ):
-        x_ng = _normalized(module, xa[start : start + batch_size], dev)
-        b_ng = base_g.expand_as(x_ng).contiguous()
-        attr, delta = ig.attribute(
-            x_ng,
-            baselines=b_ng,
-            n_steps=int(n_steps),
-            method=method,
-            return_convergence_delta=True,
+        if max_cells is not None and len(rows_a) > max_cells:
+            rng = np.random.default_rng(seed)
+            rows_a = np.sort(rng.choice(rows_a, max_cells, replace=False))
+        forward = _CentroidDistance(module.encoder, centroid.to(dev)).to(dev).eval()
+        ig = IntegratedGradients(forward)
+        attrs, dist, base_dist, deltas = [], [], [], []
+        xa = x[rows_a]
+        batches = range(0, len(rows_a), batch_size)
+        for start in progress(
+            batches, total=len(batches), desc="integrated gradients", enabled=progress_bar
+        ):
+            x_ng = _normalized(module, xa[start : start + batch_size], dev)
+            b_ng = base_g.expand_as(x_ng).contiguous()
+            attr, delta = ig.attribute(
+                x_ng,
+                baselines=b_ng,
+                n_steps=int(n_steps),
+                method=method,
+                return_convergence_delta=True,
+            )
+            with torch.no_grad():
+                dist.append(forward(x_ng).cpu().numpy())
+                base_dist.append(forward(b_ng).cpu().numpy())
+            attrs.append(attr.detach().cpu().numpy())
+            deltas.append(delta.detach().cpu().numpy())
+
+        result = DifferenceAttributions(
+            attributions_ng=np.concatenate(attrs).astype(np.float32),
+            distance_n=np.concatenate(dist),
+            baseline_distance_n=np.concatenate(base_dist),
+            delta_n=np.concatenate(deltas),
+            cells=adata.obs_names[chosen[rows_a]],
+            genes=model.genes.genes,
+            symbols=model.genes.symbols,
+            mean_a_g=mean_a,
+            mean_b_g=mean_b,
+            params={
+                "baseline": baseline if isinstance(baseline, str) else "custom",
+                "n_steps": n_steps,
+            },
         )
-        with torch.no_grad():
-            dist.append(forward(x_ng).cpu().numpy())
-            base_dist.append(forward(b_ng).cpu().numpy())
-        attrs.append(attr.detach().cpu().numpy())
-        deltas.append(delta.detach().cpu().numpy())
-
-    result = DifferenceAttributions(
-        attributions_ng=np.concatenate(attrs).astype(np.float32),
-        distance_n=np.concatenate(dist),
-        baseline_distance_n=np.concatenate(base_dist),
-        delta_n=np.concatenate(deltas),
-        cells=adata.obs_names[chosen[rows_a]],
-        genes=model.genes.genes,
-        symbols=model.genes.symbols,
-        mean_a_g=mean_a,
-        mean_b_g=mean_b,
-        params={
-            "baseline": baseline if isinstance(baseline, str) else "custom",
-            "n_steps": n_steps,
-        },
-    )
     _check_convergence(result, n_steps)
     return result
 
