@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from cellsift.data import CellCollection, CellLoader, IterableCellDataset
@@ -523,3 +524,22 @@ def test_bad_loader_settings_and_states_are_named(indexed_paths):
     loader = CellLoader(IterableCellDataset(coll, **OPTS))
     with pytest.raises(ResumeError, match="not a loader state: it lacks batches, fingerprint"):
         loader.load_state_dict({"epoch": 0})
+
+
+def test_a_batch_beyond_int32_positions_is_refused_not_wrapped():
+    """A batch whose values outnumber int32 positions (2**31) is an error naming the
+    batch size, not a row pointer wrapped to negative positions."""
+    from types import SimpleNamespace
+
+    from cellsift.data.loader import to_torch_csr
+
+    x = SimpleNamespace(
+        indptr=np.array([0, 2**31 + 3]),
+        indices=np.zeros(3, np.int32),
+        data=np.ones(3, np.float32),
+        shape=(1, 60_000),
+    )
+    with pytest.raises(ConfigError, match=r"2,147,483,651 values.* smaller batch_size"):
+        to_torch_csr(x)
+    ok = sp.csr_matrix(np.eye(3, dtype=np.float32))
+    assert to_torch_csr(ok).crow_indices().tolist() == [0, 1, 2, 3]

@@ -6,7 +6,9 @@ A dense X of many genes must not be read 65,536 cells at a time: chunks hold at 
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from types import SimpleNamespace
 
 import anndata as ad
 import h5py
@@ -143,3 +145,37 @@ def test_a_store_without_a_row_pointer_is_planned_by_its_density(indexed_paths, 
     assert per < soma.n_vars
     monkeypatch.setattr(stores, "SCAN_VALUES", 10 * per)  # ten cells of the mean a chunk
     assert soma.chunk_bounds()[0] == (0, 10)
+
+
+def test_row_counts_of_a_scan_chunk_equal_scipy_and_hold_no_copy_of_its_values():
+    """Genes (nonzero values) and float64 sums per row of a CSR chunk: rows empty, of
+    stored zeros only, a row pointer not starting at 0, and row blocks of 2**20 values
+    crossed; against scipy. Memory beside the chunk: about a byte a value (the zeros'
+    mask), not the 8 bytes of an int64 running count or a float64 copy."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n, genes = 3_000, 1_000
+    x = sp.random(n, genes, density=0.5, format="csr", random_state=1, dtype=np.float32)
+    x.data = rng.integers(0, 5, x.nnz).astype(np.float32)  # stored zeros among them
+    x = sp.csr_matrix(x)
+    x.data[x.indptr[7] : x.indptr[8]] = 0  # a row of stored zeros only
+    x = sp.vstack([x[:10], sp.csr_matrix((5, genes), dtype=np.float32), x[10:]], format="csr")
+    assert x.nnz > 1 << 20 and (np.diff(x.indptr) == 0).sum() >= 5
+    want_nnz = np.array([np.count_nonzero(x.data[a:b]) for a, b in itertools.pairwise(x.indptr)])
+    want_sums = np.array(
+        [x.data[a:b].astype(np.float64).sum() for a, b in itertools.pairwise(x.indptr)]
+    )
+    tracemalloc.start()
+    nnz, sums = stores._csr_row_nnz_and_sums(x)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(nnz, want_nnz)
+    np.testing.assert_array_equal(sums, want_sums)
+    assert peak < 2 * x.nnz + (16 << 20), peak  # (the mask, and row blocks of 8 MB)
+    # a chunk whose row pointer starts inside its arrays (rows of a larger matrix's;
+    # scipy makes none, so only the arrays the function reads)
+    part = SimpleNamespace(data=x.data, indptr=x.indptr[100:201])
+    nnz, sums = stores._csr_row_nnz_and_sums(part)
+    np.testing.assert_array_equal(nnz, want_nnz[100:200])
+    np.testing.assert_array_equal(sums, want_sums[100:200])

@@ -89,6 +89,41 @@ def test_embed_collection_matches_embedding_in_memory(bundle, synthetic_h5ad, tm
         embed_collection(model, synthetic_h5ad, out)
 
 
+def test_metadata_written_a_row_group_at_a_time_is_the_whole_table(
+    bundle, synthetic_h5ad, tmp_path, monkeypatch
+):
+    """The metadata, written a row group at a time (the cells' text never whole in
+    memory), reads as one table would: numbers, nullable numbers, booleans and text with
+    missing values; a text column missing in every cell of its first row group is text,
+    not Arrow's null type; the origin columns per row group."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import cellsift.tasks.embed as embed_module
+
+    model = MetricModel.load(bundle)
+    adata = ad.read_h5ad(synthetic_h5ad)[:350].copy()
+    n = adata.n_obs
+    adata.obs["late"] = [None] * 120 + [f"t{i % 3}" for i in range(n - 120)]
+    adata.obs["count"] = pd.array([i if i % 7 else None for i in range(n)], dtype="Int64")
+    adata.obs["flag"] = np.arange(n) % 2 == 0
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    paths = [tmp_path / "a.h5ad", synthetic_h5ad]
+    whole = load_embeddings(embed_collection(model, paths, tmp_path / "whole.zarr"))[1]
+    monkeypatch.setattr(embed_module, "METADATA_ROWS", 100)
+    out = embed_collection(model, paths, tmp_path / "groups.zarr")
+    parquet = pq.ParquetFile(out / "metadata.parquet")
+    assert parquet.metadata.num_row_groups == -(-len(whole) // 100)
+    assert parquet.schema_arrow.field("late").type == pa.string()
+    grouped = load_embeddings(out)[1]
+    pd.testing.assert_frame_equal(grouped, whole)
+    assert grouped["late"].iloc[:120].isna().all() and grouped["late"].iloc[120:n].notna().all()
+    assert grouped["store"].iloc[n - 1] == str(paths[0]) and grouped["store"].iloc[n] == str(
+        paths[1]
+    )
+    np.testing.assert_array_equal(grouped["store_row"].iloc[n : n + 3], [0, 1, 2])
+
+
 def test_embed_command_checks_counts_unless_told_not_to(bundle, synthetic_h5ad, tmp_path, capsys):
     adata = ad.read_h5ad(synthetic_h5ad)[:200].copy()
     adata.X = adata.X.astype(np.float32)

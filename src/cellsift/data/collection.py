@@ -353,13 +353,14 @@ class CellCollection:
         return keep
 
     # -- obs ------------------------------------------------------------------------------
-    def origin(self) -> pd.DataFrame:
-        """Where each kept cell comes from: ``store`` (its path), ``store_row`` (its row
-        there) and ``obs_name`` (its obs name there; the row, as text, for a store without
-        names)."""
-        k = np.searchsorted(self.offsets, self.cell_ids, side="right") - 1
-        local = self.cell_ids - self.offsets[k]
-        bounds = np.searchsorted(self.cell_ids, self.offsets)  # cell_ids are sorted: a slice each
+    def origin(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """Where each kept cell (those from ``start`` to ``stop``; default all) comes from:
+        ``store`` (its path), ``store_row`` (its row there) and ``obs_name`` (its obs name
+        there; the row, as text, for a store without names)."""
+        cells = self.cell_ids[start:stop]
+        k = np.searchsorted(self.offsets, cells, side="right") - 1
+        local = cells - self.offsets[k]
+        bounds = np.searchsorted(cells, self.offsets)  # cell_ids are sorted: a slice each
         names = np.empty(len(local), dtype=object)
         for i, s in enumerate(self.stores):
             rows = local[bounds[i] : bounds[i + 1]]

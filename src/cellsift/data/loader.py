@@ -368,7 +368,12 @@ class IterableCellDataset(IterableDataset):
 
 def to_torch_csr(x: sp.csr_matrix) -> torch.Tensor:
     """A scipy CSR matrix as a torch sparse CSR tensor (float32 values, int32 indices: a batch
-    never nears 2**31 values), sharing memory where the dtypes allow."""
+    of 2**31 values or more is an error), sharing memory where the dtypes allow."""
+    if x.indptr[-1] > np.iinfo(np.int32).max:
+        raise ConfigError(
+            f"a batch of {x.shape[0]:,} cells holds {int(x.indptr[-1]):,} values, more than "
+            "a batch's int32 positions reach (2**31 - 1): pass a smaller batch_size."
+        )
     return torch.sparse_csr_tensor(
         torch.from_numpy(x.indptr.astype(np.int32)),
         torch.from_numpy(x.indices.astype(np.int32, copy=False)),

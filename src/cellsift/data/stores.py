@@ -259,9 +259,7 @@ class CellStore(ABC):
                 nnz[start:stop] = np.count_nonzero(x, axis=1)
                 sums[start:stop] = x.sum(1, dtype=np.float64)
             else:
-                nonzero = np.concatenate(([0], np.cumsum(x.data != 0)))
-                nnz[start:stop] = np.diff(nonzero[x.indptr])
-                sums[start:stop] = np.asarray(x.sum(1, dtype=np.float64)).ravel()
+                nnz[start:stop], sums[start:stop] = _csr_row_nnz_and_sums(x)
         self._obs_cache["__row_nnz"], self._obs_cache["__row_sums"] = nnz, sums
 
     def row_sums(self) -> np.ndarray:
@@ -283,16 +281,41 @@ class CellStore(ABC):
         return f"{type(self).__name__}({str(self.path)!r}{layer}: {self.n_obs} cells x {self.n_vars} genes)"
 
 
-def cut_by_values(values: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
+def _csr_row_nnz_and_sums(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Nonzero values and their float64 sum per row of ``x``, with temporaries of a byte a
+    value (the zeros' mask) beside those of its stored zeros: a scan chunk holds 64 Mi
+    values, whose int64 running counts or float64 copy would take 512 MB each."""
+    ptr = x.indptr.astype(np.int64) - int(x.indptr[0])
+    data = x.data[int(x.indptr[0]) : int(x.indptr[-1])]
+    lengths = np.diff(ptr)
+    zeros = np.flatnonzero(data == 0)  # (stored zeros: few, or none)
+    rows_of_zeros = np.searchsorted(ptr, zeros, side="right") - 1
+    nnz = lengths - np.bincount(rows_of_zeros, minlength=len(lengths))
+    sums = np.zeros(len(lengths), dtype=np.float64)
+    # in float64, by row blocks of about 2**20 values (reduceat casts its whole input)
+    for lo, hi in cut_by_values(lengths, max(len(lengths), 1), 1 << 20):
+        held = np.flatnonzero(lengths[lo:hi]) + lo  # (reduceat gives an empty row a value)
+        if len(held):
+            block = data[ptr[lo] : ptr[hi]].astype(np.float64)
+            sums[held] = np.add.reduceat(block, ptr[held] - ptr[lo])
+    return nnz, sums
+
+
+def cut_by_values(
+    values: np.ndarray, max_rows: int, max_values: int | None = None
+) -> list[tuple[int, int]]:
     """Row ranges ``[start, stop)`` over rows holding ``values`` values each: at most
-    ``max_rows`` rows and :data:`SCAN_VALUES` values a range (a single row may hold more)."""
+    ``max_rows`` rows and ``max_values`` (default :data:`SCAN_VALUES`) values a range (a
+    single row may hold more)."""
+    if max_values is None:
+        max_values = SCAN_VALUES
     if max_rows < 1:
         raise ValueError(f"a chunk holds at least 1 cell, not {max_rows}.")
     ends = np.cumsum(values, dtype=np.int64)
     bounds, start, n = [], 0, len(values)
     while start < n:
         base = int(ends[start - 1]) if start else 0
-        fits = int(np.searchsorted(ends, base + SCAN_VALUES, side="right"))
+        fits = int(np.searchsorted(ends, base + max_values, side="right"))
         stop = min(n, start + max_rows, max(fits, start + 1))
         bounds.append((start, stop))
         start = stop

@@ -510,38 +510,8 @@ def _finalize(
         for stale in temporaries(folder):
             remove_path(stale)
     zarr = import_optional("zarr")
-    pq = import_optional("pyarrow.parquet")
-    pa = import_optional("pyarrow")
     cols = list(obs_columns) if obs_columns is not None else _all_columns(coll)
-    # (numbers and booleans keep their type, nullable ones too; other columns as text)
-    meta = pd.DataFrame({c: _column(coll.obs_typed(c, absent_ok=True)) for c in cols})
-    for c in cols:
-        lacking = [str(st.path) for st in coll.stores if c not in st.obs_columns]
-        if lacking:
-            logger.info(
-                "obs column %r is missing for the cells of %d store%s without it (%s)",
-                c,
-                len(lacking),
-                "" if len(lacking) == 1 else "s",
-                ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else ""),
-            )
-    for c, values in coll.origin().items():  # each cell's store, row and obs name
-        if c in meta.columns:  # an obs column of that name: kept under another
-            kept = f"{c}_obs"
-            while kept in meta.columns:
-                kept += "_"
-            meta = meta.rename(columns={c: kept})
-            warn(
-                f"the obs column {c!r} is stored as {kept!r} in the embeddings' metadata: "
-                f"{c!r} there holds each cell's origin (store, store_row, obs_name)."
-            )
-        meta[c] = values.to_numpy()
-    for c in meta.columns:
-        if meta[c].dtype == object:  # as text, missing values kept missing (not "nan")
-            meta[c] = text_or_none(meta[c].to_numpy())
-    table = pa.Table.from_pandas(meta, preserve_index=False)
-    with atomic_path(staging / "metadata.parquet", overwrite=True) as tmp:
-        pq.write_table(table, tmp, row_group_size=1 << 17)
+    _write_metadata(coll, cols, staging / "metadata.parquet")
     shards = [
         {"path": f"shard-{r:05d}", "start": bounds[r], "stop": bounds[r + 1]}
         for r in range(len(bounds) - 1)
@@ -567,6 +537,63 @@ def _finalize(
         len(shards),
         "" if len(shards) == 1 else "s",
     )
+
+
+#: Cells a row group of the metadata holds, and so that its writer holds at once as text.
+METADATA_ROWS = 1 << 17
+#: The metadata's columns of each cell's origin (:meth:`CellCollection.origin`).
+ORIGIN_COLUMNS = ("store", "store_row", "obs_name")
+
+
+def _write_metadata(coll: CellCollection, cols: list[str], path: Path) -> None:
+    """The cells' metadata into the Parquet file ``path`` (atomically): the obs ``cols``
+    (numbers and booleans keep their type, nullable ones too; others as text) and each
+    cell's origin (store, store_row, obs_name). Written a row group at a time: the columns
+    are held as the collection reads them (categories, numbers), and only a row group's
+    cells as text (a million cells' text would take gigabytes as Python objects)."""
+    pq = import_optional("pyarrow.parquet")
+    pa = import_optional("pyarrow")
+    typed = {c: coll.obs_typed(c, absent_ok=True) for c in cols}
+    for c in cols:
+        lacking = [str(st.path) for st in coll.stores if c not in st.obs_columns]
+        if lacking:
+            logger.info(
+                "obs column %r is missing for the cells of %d store%s without it (%s)",
+                c,
+                len(lacking),
+                "" if len(lacking) == 1 else "s",
+                ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else ""),
+            )
+    names = {c: c for c in cols}  # obs column -> its name in the metadata
+    for c in ORIGIN_COLUMNS:  # each cell's store, row and obs name
+        if c in names.values():  # an obs column of that name: kept under another
+            kept = f"{c}_obs"
+            while kept in names.values():
+                kept += "_"
+            names = {k: kept if v == c else v for k, v in names.items()}
+            warn(
+                f"the obs column {c!r} is stored as {kept!r} in the embeddings' metadata: "
+                f"{c!r} there holds each cell's origin (store, store_row, obs_name)."
+            )
+    n = len(coll.cell_ids)
+    with atomic_path(path, overwrite=True) as tmp, contextlib.ExitStack() as opened:
+        writer = None
+        for start in range(0, max(n, 1), METADATA_ROWS):  # (0 cells: one empty group)
+            stop = min(n, start + METADATA_ROWS)
+            block = pd.DataFrame({names[c]: _column(v[start:stop]) for c, v in typed.items()})
+            for c, values in coll.origin(start, stop).items():
+                block[c] = values.to_numpy()
+            text = [c for c in block.columns if block[c].dtype == object]
+            for c in text:  # as text, missing values kept missing (not "nan")
+                block[c] = text_or_none(block[c].to_numpy())
+            table = pa.Table.from_pandas(block, preserve_index=False)
+            if writer is None:  # (text as text in every group, one of only None too)
+                fields = [
+                    pa.field(f.name, pa.string()) if f.name in text else f for f in table.schema
+                ]
+                schema = pa.schema(fields, metadata=table.schema.metadata)
+                writer = opened.enter_context(pq.ParquetWriter(tmp, schema))
+            writer.write_table(table.cast(schema), row_group_size=METADATA_ROWS)
 
 
 def _column(values: Any) -> Any:
