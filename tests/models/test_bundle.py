@@ -400,6 +400,10 @@ def test_genes_tsv_edited_with_checksums_made_anew_is_refused(tmp_path):
     rewrite("genes.tsv", original)
     assert list(MetricModel.load(path).genes.genes) == genes
     config = json.loads((path / "config.json").read_text())
+    for odd in (123, "", ["x"]):
+        rewrite("config.json", json.dumps({**config, "genes_sha256": odd}))
+        with pytest.raises(BundleError, match=r"genes_sha256 is .*, not a digest of the genes"):
+            MetricModel.load(path)
     del config["genes_sha256"]  # (as a bundle saved before it)
     rewrite("config.json", json.dumps(config))
     rewrite("genes.tsv", "\n".join(swapped) + "\n")

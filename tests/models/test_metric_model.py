@@ -817,6 +817,10 @@ def test_embedding_leaves_the_module_in_its_mode_and_on_its_device(synthetic_h5a
     np.testing.assert_array_equal(model.embed_aligned(model.aligned_counts(cells)), want)
     assert model.module.training and model.module.encoder.training
     assert next(model.module.parameters()).device.type == "cpu"
+    model.module.encoder.eval()  # a part the loop froze stays frozen
+    model.embed(cells)
+    assert model.module.training and model.module.decoder.training
+    assert not model.module.encoder.training
 
 
 def test_a_fit_without_a_step_is_an_error(synthetic_h5ad, tmp_path):

@@ -115,6 +115,8 @@ def test_metadata_written_a_row_group_at_a_time_is_the_whole_table(
     parquet = pq.ParquetFile(out / "metadata.parquet")
     assert parquet.metadata.num_row_groups == -(-len(whole) // 100)
     assert parquet.schema_arrow.field("late").type == pa.string()
+    described = {c["name"]: c for c in parquet.schema_arrow.pandas_metadata["columns"]}
+    assert described["late"]["pandas_type"] == "unicode"
     grouped = load_embeddings(out)[1]
     pd.testing.assert_frame_equal(grouped, whole)
     assert grouped["late"].iloc[:120].isna().all() and grouped["late"].iloc[120:n].notna().all()

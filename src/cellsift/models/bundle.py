@@ -15,6 +15,7 @@ hand, with checksums made anew, or written by another tool): what does not fit i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import reprlib
@@ -179,17 +180,20 @@ def inference_on(
     module: torch.nn.Module, device: str | torch.device | None
 ) -> Iterator[torch.device]:
     """``module`` in eval mode on ``device`` (default: where it is) for the block, which
-    gets the device; its mode and device restored after (a model trained on a GPU and
-    embedded on the CPU stays on the GPU; a custom training loop's module stays training)."""
-    first = next(module.parameters(), None)
+    gets the device; each part's mode and the device restored after (a model trained on a
+    GPU and embedded on the CPU stays on the GPU; a custom training loop's module stays
+    training, a part it froze stays frozen). A module is where its first parameter (else
+    buffer) is."""
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
     before = first.device if first is not None else torch.device("cpu")
     dev = check_device(device) if device is not None else before
-    training = module.training
+    modes = [(part, part.training) for part in module.modules()]
     module.to(dev).eval()
     try:
         yield dev
     finally:
-        module.train(training)
+        for part, training in modes:
+            part.training = training
         if dev != before:
             module.to(before)
 
@@ -330,6 +334,11 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
             f"{folder}: genes.tsv cannot be the model's genes ({err}). {_REMAKE}"
         ) from None
     saved = config.get("genes_sha256")  # (bundles before it: none)
+    if saved is not None and not (isinstance(saved, str) and len(saved) == 64):
+        raise BundleError(
+            f"{folder}: config.json's genes_sha256 is {reprlib.repr(saved)}, not a digest of "
+            f"the genes (64 hexadecimal digits). {_REMAKE}"
+        )
     if saved is not None and saved != _genes_digest(genes):
         raise BundleError(
             f"{folder}: genes.tsv lists other genes, or the same in another order, than the "

@@ -591,9 +591,22 @@ def _write_metadata(coll: CellCollection, cols: list[str], path: Path) -> None:
                 fields = [
                     pa.field(f.name, pa.string()) if f.name in text else f for f in table.schema
                 ]
-                schema = pa.schema(fields, metadata=table.schema.metadata)
+                schema = pa.schema(fields, metadata=_text_in_pandas_metadata(table, text))
                 writer = opened.enter_context(pq.ParquetWriter(tmp, schema))
             writer.write_table(table.cast(schema), row_group_size=METADATA_ROWS)
+
+
+def _text_in_pandas_metadata(table: Any, text: list[str]) -> dict[bytes, bytes]:
+    """``table``'s schema metadata with its ``text`` columns named text in pandas' (a
+    column of only missing values in the first row group is "empty" there)."""
+    metadata = dict(table.schema.metadata or {})
+    if b"pandas" in metadata:
+        described = json.loads(metadata[b"pandas"])
+        for column in described.get("columns", []):
+            if column.get("name") in text:
+                column["pandas_type"], column["numpy_type"] = "unicode", "object"
+        metadata[b"pandas"] = json.dumps(described).encode()
+    return metadata
 
 
 def _column(values: Any) -> Any:
