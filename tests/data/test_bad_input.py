@@ -96,7 +96,14 @@ def test_a_damaged_soma_store_is_named_with_the_part_it_lacks(tmp_path, indexed_
 
 @pytest.mark.parametrize(
     ("value", "match"),
-    [(-1.0, "negative values"), (0.37, "non-integer values"), (np.nan, "NaN or infinite")],
+    [
+        (-1.0, "negative values"),
+        (0.37, "non-integer values"),
+        (np.nan, "NaN or infinite"),
+        # (read as float32: beyond 2**24 whole numbers are rounded, 2**24 + 1 to 2**24)
+        (2.0**24 + 1, r"a value of 16,777,216, beyond the whole numbers float32 .* holds"),
+        (2.0**31 + 7, r"a value of 2,147,483,648, beyond .*\(bulk or pseudobulk sums"),
+    ],
 )
 def test_not_counts(tmp_path, value, match):
     adata = indexed_atlas(200, 5)
@@ -739,8 +746,9 @@ def test_dates_and_float32_join_across_stores_as_they_are_written(tmp_path):
     "dtype", [np.float32, np.float64, np.float16, np.int32, np.int64, np.uint16]
 )
 def test_one_pass_count_check_agrees_with_numpy(dtype):
-    """The compiled check finds the first value numpy's three tests (finite, >= 0, whole
-    within 1e-3) refuse, and counts the zeros, in every dtype counts come in."""
+    """The compiled check finds the first value numpy's tests (finite, >= 0, whole within
+    1e-3, below 2**24, where float32 stops holding every whole number) refuse, and counts
+    the zeros, in every dtype counts come in."""
     from cellsift.data._values import first_fault
 
     rng = np.random.default_rng(0)
@@ -757,7 +765,7 @@ def test_one_pass_count_check_agrees_with_numpy(dtype):
         data = x.astype(dtype)
     v = data.astype(np.float64)
     with np.errstate(invalid="ignore"):
-        ref = ~(np.isfinite(v) & (v >= 0) & (np.abs(v - np.round(v)) <= 1e-3))
+        ref = ~(np.isfinite(v) & (v >= 0) & (np.abs(v - np.round(v)) <= 1e-3) & (v < 2**24))
     first = int(np.flatnonzero(ref)[0]) if ref.any() else -1
     assert first_fault(data) == (first, int((v == 0).sum()))
     assert first_fault(data[:0]) == (-1, 0)
@@ -909,3 +917,14 @@ def test_a_store_of_no_genes_says_so(tmp_path):
     for source in (_write(tmp_path, "nogenes.h5ad", empty), empty):
         with pytest.raises(DataError, match=r": no genes \(its var is empty, its counts 0 col"):
             CellCollection(source)
+
+
+def test_counts_float32_would_round_are_faults_of_any_dtype():
+    """From 2**24 on float32 (in which counts are read) holds only some whole numbers: such
+    a value is no count, whatever the stored dtype; below it every whole number is one."""
+    from cellsift.data._values import first_fault
+
+    for dtype in (np.int64, np.uint32, np.float64, np.float32):
+        assert first_fault(np.array([3, 2**24 - 1, 2**24, 5], dtype=dtype)) == (2, 0)
+        assert first_fault(np.array([0, 2**24 - 1], dtype=dtype)) == (-1, 1)
+    assert first_fault(np.array([0, 65535], dtype=np.uint16)) == (-1, 1)

@@ -24,7 +24,7 @@ from .._utils import (
     text_or_none,
 )
 from ..errors import ConfigError, DataError, MissingKeyError
-from ._values import first_fault
+from ._values import COUNT_LIMIT, first_fault
 from .genes import (
     DuplicateGenesError,
     GeneMap,
@@ -545,6 +545,8 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
         what = (
             "counts are finite and non-negative"
             if not (v >= 0 and np.isfinite(v))
+            else f"counts are below {COUNT_LIMIT:,} ({_too_large(v)})"
+            if v >= COUNT_LIMIT
             else "counts are whole numbers (normalised or log-transformed values?)"
         )
         layers = _other_layers(store)
@@ -871,10 +873,21 @@ def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 <<
                 f"{where}: contains negative values ({v:g}); these are not "
                 f"counts (scaled or centred data?).{fix}"
             )
+        if v >= COUNT_LIMIT:
+            raise DataError(f"{where}: contains {_too_large(v)}.{fix}")
         raise DataError(
             f"{where}: contains non-integer values (e.g. {v:.4g}); these look "
             f"normalised or log-transformed, not raw counts.{fix}"
         )
+
+
+def _too_large(v: float) -> str:
+    """What a value of :data:`COUNT_LIMIT` or more is, for messages."""
+    return (
+        f"a value of {v:,.0f}, beyond the whole numbers float32 (in which counts are read) "
+        f"holds exactly from {COUNT_LIMIT:,} on, so it would be read rounded: one gene's "
+        "count in one cell never nears it (bulk or pseudobulk sums, or scaled values?)"
+    )
 
 
 def _other_layers(store: CellStore) -> str:
