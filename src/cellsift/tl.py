@@ -462,8 +462,11 @@ def search_clusters(
 
 def _embed_bulk(model: Any, bulk: ad.AnnData, what: str, named: bool = True) -> np.ndarray:
     """The pseudobulks' embeddings; a pseudobulk without counts in the model's genes (its
-    cells have none there) is an error naming it (``named``: the groups have names)."""
-    x = model.aligned_counts(bulk)
+    cells have none there) is an error naming it (``named``: the groups have names). Its
+    cells' values were checked as they were summed (:func:`_summed`); the sums are not
+    checked as one cell's counts: a gene's sum over many cells may pass 2**24, which a
+    cell's count never nears."""
+    x = model.aligned_counts(bulk, check_counts=False)
     empty = list(bulk.obs_names[np.diff(x.indptr) == 0])
     if empty:
         names = f" ({', '.join(map(repr, empty[:5]))})" if named else ""

@@ -389,6 +389,15 @@ def test_pseudobulk_and_centroid_checks_of_what_users_pass(bundle, synthetic_h5a
     assert sorted(halves.obs_names) == ["1.5", "2"]
     with pytest.raises(ValueError, match=r"groups 1.0, '1' read the same as text"):
         cs.tl.pseudobulk(query, ["1", 1.0] * 20)
+    # a set whose sum of a gene passes 2**24, which no cell's count may: searched
+    deep = query.copy()
+    del deep.obsm["X_cellsift"]
+    deep.X = sp.csr_matrix(deep.X)
+    deep.X[:, 0] = 500_000.0  # x 40 cells: 2e7
+    assert cs.tl.pseudobulk(deep, ["all"] * 40).X[0, 0] > 2**24
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellsiftWarning)
+        assert len(cs.tl.search_centroid(deep, model, index, k=5).indices[0]) == 5
     ordered = pd.CategoricalIndex(["b", "a"] * 20, categories=["c", "b", "a"], ordered=True)
     want = cs.tl.pseudobulk(query, pd.Series(ordered, index=query.obs_names))
     assert list(cs.tl.pseudobulk(query, ordered).obs_names) == list(want.obs_names) == ["b", "a"]
