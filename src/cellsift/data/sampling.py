@@ -19,8 +19,10 @@ Modes
     is drawn with probability proportional to its total weight, then ``cells_per_block`` cells
     from it in proportion to their weights: each draw has exactly the target marginal
     probability while reads stay contiguous (``block_size=1`` gives independent draws).
-    With the defaults (blocks of 64, 32 cells per block) a batch of 1024 mixes 32 blocks,
-    twice as many as block mode's 16; fewer cells per block means more diverse batches and
+    With the defaults (blocks of 64, 32 cells per block) a batch's worth of 1024 cells is
+    drawn from 32 blocks, twice as many as block mode's 16; a fetch then shuffles
+    ``fetch_factor`` such draws together, so that a batch of the default fetch of 16 mixes
+    about 300 blocks (block mode: 250). Fewer cells per block means more diverse batches and
     more reading (each drawn block is read, and decoded in compressed stores).
     No work per batch grows with the number of cells.
 """
