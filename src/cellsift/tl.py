@@ -286,7 +286,9 @@ def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> a
     named by the group as text (a whole number as an int, ``"2"``, also in a column of
     floats, as one of numbers with missing values is), the genes of the counts read:
     ``X``, ``layers[layer]`` or, for ``"raw"``, ``adata.raw`` (with its own var). A backed
-    AnnData is read in row blocks."""
+    AnnData is read in row blocks. Sums are not one cell's counts: a gene's may reach
+    2**24, which the counts checks refuse in a cell; embed them with ``check_counts=False``
+    (:func:`search_centroid` and :func:`search_clusters` do)."""
     return _summed(adata, groups, layer)
 
 

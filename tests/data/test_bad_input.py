@@ -101,8 +101,8 @@ def test_a_damaged_soma_store_is_named_with_the_part_it_lacks(tmp_path, indexed_
         (0.37, "non-integer values"),
         (np.nan, "NaN or infinite"),
         # (read as float32: beyond 2**24 whole numbers are rounded, 2**24 + 1 to 2**24)
-        (2.0**24 + 1, r"a value of 16,777,216, beyond the whole numbers float32 .* holds"),
-        (2.0**31 + 7, r"a value of 2,147,483,648, beyond .*\(bulk or pseudobulk sums"),
+        (2.0**24 + 1, r"contains 16,777,216 \(as float32 reads it\); counts are below 16,777"),
+        (2.0**31 + 7, r"contains 2,147,483,648 .* sums over cells \(a pseudobulk's: embed one w"),
     ],
 )
 def test_not_counts(tmp_path, value, match):
@@ -928,3 +928,18 @@ def test_counts_float32_would_round_are_faults_of_any_dtype():
         assert first_fault(np.array([3, 2**24 - 1, 2**24, 5], dtype=dtype)) == (2, 0)
         assert first_fault(np.array([0, 2**24 - 1], dtype=dtype)) == (-1, 1)
     assert first_fault(np.array([0, 65535], dtype=np.uint16)) == (-1, 1)
+
+
+def test_a_too_large_value_is_written_readably_in_every_message(tmp_path):
+    """Values of 2**24 or more: whole digits up to 1e15, exponent form beyond (1e300 was
+    written with 301 digits); the loader's per-batch check says it once, in digits."""
+    from cellsift.data.collection import _check_batch, check_count_values
+
+    with pytest.raises(DataError, match=r"contains 1e\+300 \(as float32 reads it\)"):
+        check_count_values(np.array([1e300]), "W", "")
+    with pytest.raises(DataError, match=r"contains 123,456,789,012 \(as"):
+        check_count_values(np.array([123456789012.0]), "W", "")
+    store = open_store(_write(tmp_path, "a.h5ad", indexed_atlas(20, 5)))
+    x = sp.csr_matrix(np.array([[1.0, 2.0], [2.0**24, 3.0]], dtype=np.float32))
+    with pytest.raises(DataError, match=r"holds 16,777,216; counts are below 16,777,216, from"):
+        _check_batch(store, x, np.array([0, 1]))

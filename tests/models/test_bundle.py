@@ -400,7 +400,7 @@ def test_genes_tsv_edited_with_checksums_made_anew_is_refused(tmp_path):
     rewrite("genes.tsv", original)
     assert list(MetricModel.load(path).genes.genes) == genes
     config = json.loads((path / "config.json").read_text())
-    for odd in (123, "", ["x"]):
+    for odd in (123, "", ["x"], None, "z" * 64, config["genes_sha256"].upper()):
         rewrite("config.json", json.dumps({**config, "genes_sha256": odd}))
         with pytest.raises(BundleError, match=r"genes_sha256 is .*, not a digest of the genes"):
             MetricModel.load(path)

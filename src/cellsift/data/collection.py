@@ -529,7 +529,7 @@ class CellCollection:
 
 def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
     """Raise a :class:`DataError` naming the store and the first cell whose values are not
-    counts (NaN, infinite, negative or not whole), that holds stored zeros only, or whose
+    counts (NaN, infinite, negative, not whole, or 2**24 or more), that holds stored zeros only, or whose
     row holds a gene twice (one compiled pass over the values read, and one over the column
     indices: cheap next to reading them). Returns whether ``x`` stores zeros as entries."""
     data = x.data
@@ -545,13 +545,13 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
         what = (
             "counts are finite and non-negative"
             if not (v >= 0 and np.isfinite(v))
-            else f"counts are below {COUNT_LIMIT:,} ({_too_large(v)})"
+            else f"counts are below {COUNT_LIMIT:,}, {_TOO_LARGE}"
             if v >= COUNT_LIMIT
             else "counts are whole numbers (normalised or log-transformed values?)"
         )
         layers = _other_layers(store)
         raise DataError(
-            f"{where}: {cell(row)} holds {v:g}; {what}. Fix or drop that cell"
+            f"{where}: {cell(row)} holds {_value_text(v)}; {what}. Fix or drop that cell"
             + (f", point layer= at raw counts (this file has: {layers})" if layers else "")
             + ", or pass check_counts=False if these values are meant."
         )
@@ -691,7 +691,8 @@ def _sample_stored_zeros(
 
 
 def _check_counts(store: CellStore, n_sample: int = 512) -> None:
-    """Raise if a sample of cells holds NaN, negative or non-integer values, or a gene
+    """Raise if a sample of cells holds NaN, negative, non-integer or too large values
+    (2**24 or more, which float32 would round), or a gene
     twice in a row (duplicate CSR entries). A store of no cells (a shard whose cells were
     all filtered out) has none to check."""
     if store.n_obs == 0:
@@ -854,7 +855,8 @@ def filter_texts(value: Any) -> list[str]:
 
 def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 << 22) -> None:
     """Raise a :class:`DataError` naming ``where`` (and ending with ``fix``) if the stored
-    values ``data`` hold NaN or infinities, negatives or non-integers: not raw counts.
+    values ``data`` hold NaN or infinities, negatives, non-integers or values of 2**24 or
+    more (which float32, in which counts are read, would round): not raw counts.
     Read ``chunk`` values at a time, so that a whole atlas in memory costs no full-size
     temporaries."""
     for start in range(0, len(data), chunk):
@@ -874,20 +876,27 @@ def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 <<
                 f"counts (scaled or centred data?).{fix}"
             )
         if v >= COUNT_LIMIT:
-            raise DataError(f"{where}: contains {_too_large(v)}.{fix}")
+            raise DataError(
+                f"{where}: contains {_value_text(v)} (as float32 reads it); counts are below "
+                f"{COUNT_LIMIT:,}, {_TOO_LARGE}.{fix}"
+            )
         raise DataError(
             f"{where}: contains non-integer values (e.g. {v:.4g}); these look "
             f"normalised or log-transformed, not raw counts.{fix}"
         )
 
 
-def _too_large(v: float) -> str:
-    """What a value of :data:`COUNT_LIMIT` or more is, for messages."""
-    return (
-        f"a value of {v:,.0f}, beyond the whole numbers float32 (in which counts are read) "
-        f"holds exactly from {COUNT_LIMIT:,} on, so it would be read rounded: one gene's "
-        "count in one cell never nears it (bulk or pseudobulk sums, or scaled values?)"
-    )
+#: Why a value of :data:`COUNT_LIMIT` or more is no count, for messages.
+_TOO_LARGE = (
+    "from where float32, in which counts are read, rounds whole numbers; no gene's count "
+    "in one cell nears it: scaled values, or sums over cells (a pseudobulk's: embed one "
+    "with check_counts=False, its cells' values checked as they were summed)"
+)
+
+
+def _value_text(v: float) -> str:
+    """A value for messages: whole digits up to 1e15, else in exponent form."""
+    return f"{v:,.0f}" if abs(v) < 1e15 and float(v).is_integer() else f"{v:.6g}"
 
 
 def _other_layers(store: CellStore) -> str:

@@ -402,7 +402,7 @@ class MetricModel:
         the model's gene order: genes matched by id or symbol, missing ones zero; fewer than
         half the model's genes found, a warning, and an error where they are also fewer than
         5,000. With ``check_counts``, values that are not raw counts (NaN,
-        negative, non-integer: e.g. log-normalised data, which the model would normalise
+        negative, non-integer, 2**24 or more: e.g. log-normalised data, which the model would normalise
         again) are an error. ``source`` names the data in messages (e.g. its file).
         ``rows``: those cells only (positions, ascending; default all), read as the others
         (a backed AnnData, or a view of one, which cannot be sliced again, by row blocks).
