@@ -507,3 +507,54 @@ def test_euclidean_distances_stay_in_float32_under_autocast():
     assert d.dtype == torch.float32
     want = torch.cdist(z.double(), z.double()).float()
     torch.testing.assert_close(d, want, atol=1e-4, rtol=1e-4)
+
+
+def test_resolved_relatives_without_related_ll_mine_any_batch(path):
+    """relatives="resolved" with the default related_ll (the same label only): sized by
+    ancestor_ll's labels, so a batch without the highest label mines (it was a 2 x 2
+    default against a 4 x 4 ancestor_ll)."""
+    anc = torch.zeros(4, 4, dtype=torch.bool)
+    anc[1, 0] = anc[2, 0] = anc[3, 1] = True
+    loss = TripletLoss(0.5, relatives="resolved", ancestor_ll=anc)
+    y, s = torch.tensor([0, 0, 1, 1, 0, 1]), torch.tensor([0, 1, 0, 1, 0, 1])
+    value, t = loss(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), y, s)
+    assert torch.isfinite(value) and t.n_pairs > 0
+
+
+def test_a_diagonal_in_ancestor_ll_is_no_relative_of_the_anchor_itself(path):
+    """A label is no strict ancestor of itself: a diagonal in ancestor_ll is ignored on
+    both paths (the torch path took the anchor's own label, and the anchor, as negative)."""
+    anc = torch.zeros(4, 4, dtype=torch.bool)
+    anc[1, 0] = anc[2, 0] = anc[3, 1] = True
+    anc_d = anc | torch.eye(4, dtype=torch.bool)
+    related = anc_d | anc_d.T
+    y, s = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    t = mine_triplets(z, y, related, s, margin=5.0, negative="hardest", ancestor_ll=anc_d)
+    assert len(t) > 0 and (y[t.negative] != y[t.anchor]).all()
+    assert (t.negative != t.anchor).all()
+
+
+def test_a_mined_triplet_has_a_positive_hinge_as_mining_rounds_it(path):
+    """Mining keeps d(a,n) < d(a,p) + margin in float32; the loss's hinge is rounded the
+    same way, so no mined triplet's hinge is 0 (d(a,p) - d(a,n) + margin rounded to 0)."""
+    d = torch.tensor([[0, 0.035345063, 0.33534506], [0.035345063, 0, 1], [0.33534506, 1, 0]])
+    y = torch.tensor([0, 0, 1])
+    t = mine_triplets(torch.zeros(3, 1), y, dist_nn=d, margin=0.3, negative="hardest")
+    assert len(t) == 1
+    assert float((t.d_ap - t.d_an) + 0.3) == 0.0  # (the other rounding's hinge)
+    hinge = triplet_module._CosineTripletHinge.apply(
+        torch.nn.functional.normalize(torch.randn(3, 2), dim=1),
+        t.anchor, t.positive, t.negative, t.d_ap, t.d_an, 0.3,
+    )  # fmt: skip
+    assert float(hinge) > 0
+
+
+def test_bad_study_codes_and_related_ll_are_named_on_both_paths(path):
+    z, y = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"study_n must hold one study code .* per cell \(6\)"):
+        mine_triplets(z, y, study_n=torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match=r"codes down to -3"):
+        mine_triplets(z, y, study_n=torch.tensor([0, 1, 0, -3, 0, 1]))
+    with pytest.raises(ValueError, match=r"related_ll is \(4,\), not labels x labels"):
+        mine_triplets(z, y, torch.ones(4, dtype=torch.bool))

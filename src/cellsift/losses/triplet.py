@@ -138,7 +138,9 @@ class _CosineTripletHinge(torch.autograd.Function):
         d_an: torch.Tensor,
         margin: float,
     ) -> torch.Tensor:
-        hinge = (d_ap - d_an).add_(margin)
+        # d(a,p) + margin - d(a,n), rounded as mining's window (d(a,n) < d(a,p) + margin): a
+        # mined triplet's hinge is positive (d(a,p) - d(a,n) + margin could round to 0)
+        hinge = (d_ap + margin).sub_(d_an)
         active = hinge > 0
         count = len(hinge)
         # d(mean hinge)/d(z_a . z_p) = -1/count and d/d(z_a . z_n) = +1/count, where active
@@ -317,13 +319,19 @@ def _triplets_compiled(
         ancestor,
         uses,
         rule_study,
-        np.float32(margin),
+        _float32(margin),
         seed,
         mode,
         min(numba.get_num_threads(), torch.get_num_threads()),
     )
     a, p, neg, d_ap, d_an = (torch.from_numpy(x) for x in (a, p, neg, d_ap, d_an))
     return Triplets(a, p, neg, int(n_pairs), d_ap, d_an)
+
+
+def _float32(x: float) -> np.float32:
+    """``x`` as float32; beyond its range infinite, without numpy's overflow warning."""
+    with np.errstate(over="ignore"):
+        return np.float32(x)
 
 
 def _compiled_path(device: torch.device) -> bool:
@@ -406,6 +414,12 @@ def _mine(
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         if n == 0 or not bool((y >= 0).any()):
             return Triplets(empty, empty, empty, 0)
+        lowest = int(study_n.min()) if study_n is not None and study_n.numel() else -1
+        if study_n is not None and (tuple(study_n.shape) != (n,) or lowest < -1):
+            raise ValueError(  # (the CPU kernel does not check its indices)
+                f"study_n must hold one study code (>= 0, or -1 for none) per cell ({n}); "
+                f"it has shape {tuple(study_n.shape)} and codes down to {lowest}."
+            )
         if not compiled:  # (the compiled kernel enumerates its pairs itself)
             a, p = _positive_pairs(y, study_n.to(dev) if study_n is not None else None)
             if len(a) == 0:
@@ -415,9 +429,12 @@ def _mine(
                 f"triplet mining on {dev.type} takes at most {_MAX_CELLS} cells a batch, not {n}."
             )
         n_labels = int(y.max().item()) + 1
-        if related_ll is None:
-            related_ll = torch.eye(n_labels, dtype=torch.bool, device=dev)
+        if related_ll is None:  # the same label only: over ancestor_ll's labels where given
+            size = max(n_labels, ancestor_ll.shape[0] if ancestor_ll is not None else 0)
+            related_ll = torch.eye(size, dtype=torch.bool, device=dev)
         related_ll = related_ll.to(dev).bool()
+        if related_ll.ndim != 2 or related_ll.shape[0] != related_ll.shape[1]:
+            raise ValueError(f"related_ll is {tuple(related_ll.shape)}, not labels x labels.")
         if n_labels > related_ll.shape[0]:  # the CPU kernel does not check its indices
             raise ValueError(
                 f"label code {n_labels - 1} is outside related_ll ({related_ll.shape[0]} labels)."
@@ -429,13 +446,9 @@ def _mine(
             )
         if tuple(d.shape) != (n, n):
             raise ValueError(f"dist_nn is {tuple(d.shape)}, not cells x cells ({n} x {n}).")
-        if related_ll.shape[0] != related_ll.shape[1]:
-            raise ValueError(f"related_ll is {tuple(related_ll.shape)}, not labels x labels.")
-        lowest = int(study_n.min()) if study_n is not None and study_n.numel() else -1
-        if study_n is not None and (tuple(study_n.shape) != (n,) or lowest < -1):
-            raise ValueError(  # (the CPU kernel does not check its indices)
-                f"study_n must hold one study code (>= 0, or -1 for none) per cell ({n}); "
-                f"it has shape {tuple(study_n.shape)} and codes down to {lowest}."
+        if ancestor_ll is not None:  # strict ancestors: a label is none of its own (both paths)
+            ancestor_ll = ancestor_ll.to(dev).bool() & ~torch.eye(
+                len(ancestor_ll), dtype=torch.bool, device=dev
             )
         if compiled:  # the draws: SplitMix64 from a seed of the torch generator (hardest: none)
             seed = 0
@@ -563,7 +576,7 @@ class TripletLoss(nn.Module):
         if len(t) == 0:
             return z_nk.sum() * 0.0, t
         d_ap, d_an = _triplet_distances(d, t)
-        return (d_ap - d_an + self.margin).clamp_min(0.0).mean(), t
+        return (d_ap + self.margin - d_an).clamp_min(0.0).mean(), t  # (as mining rounds)
 
 
 def _no_half(z: torch.Tensor) -> torch.Tensor:
