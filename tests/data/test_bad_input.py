@@ -101,8 +101,8 @@ def test_a_damaged_soma_store_is_named_with_the_part_it_lacks(tmp_path, indexed_
         (0.37, "non-integer values"),
         (np.nan, "NaN or infinite"),
         # (read as float32: beyond 2**24 whole numbers are rounded, 2**24 + 1 to 2**24)
-        (2.0**24 + 1, r"contains 16,777,216 \(as float32 reads it\); counts are below 16,777"),
-        (2.0**31 + 7, r"contains 2,147,483,648 .* sums over cells \(a pseudobulk's: embed one w"),
+        (2.0**24 + 1, r"contains a value float32 reads as 16,777,216; counts are below 16,77"),
+        (2.0**31 + 7, r"reads as 2,147,483,648; .* sums over cells \(a pseudobulk's: embed one w"),
     ],
 )
 def test_not_counts(tmp_path, value, match):
@@ -931,15 +931,18 @@ def test_counts_float32_would_round_are_faults_of_any_dtype():
 
 
 def test_a_too_large_value_is_written_readably_in_every_message(tmp_path):
-    """Values of 2**24 or more: whole digits up to 1e15, exponent form beyond (1e300 was
-    written with 301 digits); the loader's per-batch check says it once, in digits."""
+    """Values of 2**24 or more, named as float32 reads them (whole digits up to 1e15,
+    exponent form beyond: 1e300 was written with 301 digits, and is infinite in float32),
+    whatever dtype the values were checked in; the loader's per-batch check alike."""
     from cellsift.data.collection import _check_batch, check_count_values
 
-    with pytest.raises(DataError, match=r"contains 1e\+300 \(as float32 reads it\)"):
+    with pytest.raises(DataError, match=r"contains a value beyond float32's largest \(1e\+300;"):
         check_count_values(np.array([1e300]), "W", "")
-    with pytest.raises(DataError, match=r"contains 123,456,789,012 \(as"):
+    with pytest.raises(DataError, match=r"contains a value float32 reads as 123,456,790,528;"):
         check_count_values(np.array([123456789012.0]), "W", "")
+    with pytest.raises(DataError, match=r"float32 reads as 2,147,483,648;"):
+        check_count_values(np.array([2**31 + 7], dtype=np.int64), "W", "")
     store = open_store(_write(tmp_path, "a.h5ad", indexed_atlas(20, 5)))
     x = sp.csr_matrix(np.array([[1.0, 2.0], [2.0**24, 3.0]], dtype=np.float32))
-    with pytest.raises(DataError, match=r"holds 16,777,216; counts are below 16,777,216, from"):
+    with pytest.raises(DataError, match=r"holds a value float32 reads as 16,777,216; counts are"):
         _check_batch(store, x, np.array([0, 1]))

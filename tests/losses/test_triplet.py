@@ -558,3 +558,14 @@ def test_bad_study_codes_and_related_ll_are_named_on_both_paths(path):
         mine_triplets(z, y, study_n=torch.tensor([0, 1, 0, -3, 0, 1]))
     with pytest.raises(ValueError, match=r"related_ll is \(4,\), not labels x labels"):
         mine_triplets(z, y, torch.ones(4, dtype=torch.bool))
+
+
+def test_labels_beyond_ancestor_ll_are_named_as_such(path):
+    anc = torch.zeros(4, 4, dtype=torch.bool)
+    anc[1, 0] = True
+    loss = TripletLoss(0.5, relatives="resolved", ancestor_ll=anc)
+    y, s = torch.tensor([0, 0, 1, 1, 5, 5, 2, 2]), torch.tensor([0, 1] * 4)
+    with pytest.raises(
+        ValueError, match=r"ancestor_ll is \(4, 4\): .* codes of the batch \(up to 5\)"
+    ):
+        loss(torch.randn(8, 3), y, s)

@@ -550,8 +550,9 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
             else "counts are whole numbers (normalised or log-transformed values?)"
         )
         layers = _other_layers(store)
+        held = _as_float32(v) if v >= COUNT_LIMIT else f"{v:g}"
         raise DataError(
-            f"{where}: {cell(row)} holds {_value_text(v)}; {what}. Fix or drop that cell"
+            f"{where}: {cell(row)} holds {held}; {what}. Fix or drop that cell"
             + (f", point layer= at raw counts (this file has: {layers})" if layers else "")
             + ", or pass check_counts=False if these values are meant."
         )
@@ -877,8 +878,8 @@ def check_count_values(data: np.ndarray, where: str, fix: str, chunk: int = 1 <<
             )
         if v >= COUNT_LIMIT:
             raise DataError(
-                f"{where}: contains {_value_text(v)} (as float32 reads it); counts are below "
-                f"{COUNT_LIMIT:,}, {_TOO_LARGE}.{fix}"
+                f"{where}: contains {_as_float32(v)}; counts are below {COUNT_LIMIT:,}, "
+                f"{_TOO_LARGE}.{fix}"
             )
         raise DataError(
             f"{where}: contains non-integer values (e.g. {v:.4g}); these look "
@@ -894,9 +895,15 @@ _TOO_LARGE = (
 )
 
 
-def _value_text(v: float) -> str:
-    """A value for messages: whole digits up to 1e15, else in exponent form."""
-    return f"{v:,.0f}" if abs(v) < 1e15 and float(v).is_integer() else f"{v:.6g}"
+def _as_float32(v: float) -> str:
+    """A value of :data:`COUNT_LIMIT` or more as float32 reads it, for messages: whole
+    digits up to 1e15, else in exponent form."""
+    with np.errstate(over="ignore"):
+        read = float(np.float32(v))
+    if not np.isfinite(read):
+        return f"a value beyond float32's largest ({v:.6g}; about 3.4e38)"
+    text = f"{read:,.0f}" if read < 1e15 else f"{read:.6g}"
+    return f"a value float32 reads as {text}"
 
 
 def _other_layers(store: CellStore) -> str:

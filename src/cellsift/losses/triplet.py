@@ -139,7 +139,8 @@ class _CosineTripletHinge(torch.autograd.Function):
         margin: float,
     ) -> torch.Tensor:
         # d(a,p) + margin - d(a,n), rounded as mining's window (d(a,n) < d(a,p) + margin): a
-        # mined triplet's hinge is positive (d(a,p) - d(a,n) + margin could round to 0)
+        # mined triplet's hinge is positive (d(a,p) - d(a,n) + margin could round to 0), where
+        # the loss's distances are mining's float32 ones (float64 embeddings' are finer)
         hinge = (d_ap + margin).sub_(d_an)
         active = hinge > 0
         count = len(hinge)
@@ -429,6 +430,11 @@ def _mine(
                 f"triplet mining on {dev.type} takes at most {_MAX_CELLS} cells a batch, not {n}."
             )
         n_labels = int(y.max().item()) + 1
+        if ancestor_ll is not None and (ancestor_ll.ndim != 2 or n_labels > len(ancestor_ll)):
+            raise ValueError(
+                f"ancestor_ll is {tuple(ancestor_ll.shape)}: labels x labels over the label "
+                f"codes of the batch (up to {n_labels - 1})."
+            )
         if related_ll is None:  # the same label only: over ancestor_ll's labels where given
             size = max(n_labels, ancestor_ll.shape[0] if ancestor_ll is not None else 0)
             related_ll = torch.eye(size, dtype=torch.bool, device=dev)
