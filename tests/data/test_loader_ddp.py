@@ -67,3 +67,47 @@ def test_gloo_two_ranks_cover_every_cell_once(indexed_paths, tmp_path: Path):
     )
     seen = np.load(out)
     np.testing.assert_array_equal(np.sort(seen), np.arange(N_INDEXED))
+
+
+def _run_shares(rank: int, world: int, path: str, port: int) -> None:
+    """On each of 2 gloo ranks: a validation set of one cell, and training cells short of a
+    batch per rank, are named before an epoch runs (a rank without validation cells made
+    Lightning's loader check fail there and the other rank's gloo connection close)."""
+    from types import SimpleNamespace
+
+    from cellsift.data import CellDataModule
+    from cellsift.errors import ConfigError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dm = CellDataModule(
+            path, split_key="group", val_groups=["solo"], batch_size=16, pin_memory=False
+        )
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(world_size=world)
+        with pytest.raises(ConfigError, match=r"the 1 validation cells are fewer than the 2 pro"):
+            dm.val_dataloader()
+        assert len(dm.train_dataloader()) > 0  # (59 cells: a batch of 16 on each rank)
+        small = CellDataModule(path, val_fraction=0, batch_size=64, pin_memory=False)
+        small.setup("fit")
+        small.trainer = SimpleNamespace(world_size=world)
+        with pytest.raises(ConfigError, match=r"the 60 training cells make no batch on each of"):
+            small.train_dataloader()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multi_device
+def test_shares_too_small_for_every_rank_are_named_before_training(tmp_path: Path):
+    import random
+
+    from cellsift.datasets import synthetic_atlas
+
+    adata = synthetic_atlas(60, 40, n_studies=2, seed=0)
+    adata.obs["group"] = ["solo"] + ["rest"] * 59
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    port = random.randint(20_000, 40_000)
+    torch.multiprocessing.start_processes(
+        _run_shares, args=(2, str(tmp_path / "a.h5ad"), port), nprocs=2, start_method="spawn"
+    )

@@ -383,6 +383,14 @@ class CellDataModule(pl.LightningDataModule):
             self._train_loader = CellLoader(
                 ds, num_workers=self.num_workers, pin_memory=self._pins()
             )
+            if world > 1 and len(self._train_loader) == 0:  # (said before an empty epoch)
+                n = self.train.n_obs
+                raise ConfigError(
+                    f"the {n:,} training cells make no batch on each of the {world} processes: "
+                    f"each takes whole batches of batch_size={self.batch_size} from its share "
+                    "of an epoch's cells (the rest is left out). Lower batch_size (to "
+                    f"{max(n // world, 2)} or less), or train on fewer devices."
+                )
             if self._train_loader_state is not None:  # resuming: the checkpoint's position
                 self._train_loader.load_state_dict(self._train_loader_state)
                 self._train_loader_state = None
@@ -411,6 +419,13 @@ class CellDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> CellLoader | list[Any]:
         if self.val is None:
             return []
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.val.n_obs < world:  # (a process without validation cells stops every other)
+            raise ConfigError(
+                f"the {self.val.n_obs} validation cells are fewer than the {world} processes, "
+                "which validate on a share each: hold out groups of at least "
+                f"{world} cells (val_groups, val_fraction), or train on fewer devices."
+            )
         ds = self._dataset(self.val, mode="sequential", fetch_factor=1)
         return CellLoader(ds, num_workers=self.num_workers, pin_memory=self._pins())
 
