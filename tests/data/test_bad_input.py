@@ -946,3 +946,6 @@ def test_a_too_large_value_is_written_readably_in_every_message(tmp_path):
     x = sp.csr_matrix(np.array([[1.0, 2.0], [2.0**24, 3.0]], dtype=np.float32))
     with pytest.raises(DataError, match=r"holds a value float32 reads as 16,777,216; counts are"):
         _check_batch(store, x, np.array([0, 1]))
+    x.data[2] = np.inf  # (infinite: named as such, not as a large value)
+    with pytest.raises(DataError, match=r"holds inf; counts are finite and non-negative"):
+        _check_batch(store, x, np.array([0, 1]))

@@ -550,7 +550,7 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
             else "counts are whole numbers (normalised or log-transformed values?)"
         )
         layers = _other_layers(store)
-        held = _as_float32(v) if v >= COUNT_LIMIT else f"{v:g}"
+        held = _as_float32(v) if np.isfinite(v) and v >= COUNT_LIMIT else f"{v:.10g}"
         raise DataError(
             f"{where}: {cell(row)} holds {held}; {what}. Fix or drop that cell"
             + (f", point layer= at raw counts (this file has: {layers})" if layers else "")
@@ -901,7 +901,7 @@ def _as_float32(v: float) -> str:
     with np.errstate(over="ignore"):
         read = float(np.float32(v))
     if not np.isfinite(read):
-        return f"a value beyond float32's largest ({v:.6g}; about 3.4e38)"
+        return f"a value beyond float32's largest ({v:.10g}; about 3.4e38)"
     text = f"{read:,.0f}" if read < 1e15 else f"{read:.6g}"
     return f"a value float32 reads as {text}"
 

@@ -380,17 +380,20 @@ class CellDataModule(pl.LightningDataModule):
             world = self.trainer.world_size if self.trainer is not None else 1
             # no batch of one cell: BatchNorm cannot normalise it in training
             ds = self._dataset(self.train, drop_last=world > 1, min_batch=2)
-            self._train_loader = CellLoader(
-                ds, num_workers=self.num_workers, pin_memory=self._pins()
-            )
-            if world > 1 and len(self._train_loader) == 0:  # (said before an empty epoch)
+            loader = CellLoader(ds, num_workers=self.num_workers, pin_memory=self._pins())
+            if world > 1 and len(loader) == 0:  # (said before an empty epoch; none kept)
                 n = self.train.n_obs
+                lower = (
+                    f"Lower batch_size (to {n // world} or less), or train"
+                    if n // world >= 2  # (a batch holds 2 cells at least)
+                    else "Train"
+                )
                 raise ConfigError(
                     f"the {n:,} training cells make no batch on each of the {world} processes: "
                     f"each takes whole batches of batch_size={self.batch_size} from its share "
-                    "of an epoch's cells (the rest is left out). Lower batch_size (to "
-                    f"{max(n // world, 2)} or less), or train on fewer devices."
+                    f"of an epoch's cells (the rest is left out). {lower} on fewer devices."
                 )
+            self._train_loader = loader
             if self._train_loader_state is not None:  # resuming: the checkpoint's position
                 self._train_loader.load_state_dict(self._train_loader_state)
                 self._train_loader_state = None
