@@ -282,9 +282,7 @@ def main() -> None:
                 continue
             out = job()
             if "skipped" in out:  # (its earlier rounds' figures go too: none half-run)
-                skipped[key] = out["skipped"]
-                if key.startswith("scan/"):
-                    scan.pop(key.split("/")[1], None)
+                skipped[key] = out["skipped"]  # (peers only: cellsift's runs raise)
                 for table in (results, rss, notes):
                     table.pop(key, None)
                 print(f"# {key:34s} skipped: {out['skipped']}", flush=True)

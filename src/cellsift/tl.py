@@ -16,18 +16,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import (
-    BACKED_ROWS,
-    adata_counts,
-    cell_mask,
-    in_obs_order,
-    is_number,
-    objects_whole_as_ints,
-)
+from ._utils import BACKED_ROWS, adata_counts, cell_mask, in_obs_order, is_number
 from ._warnings import warn
-from .data.collection import check_count_values
+from .data.collection import _as_text, check_count_values
 from .errors import ConfigError, DataError, MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
+from .tasks.annotate import label_lists
 from .tasks.index import CellIndexError
 
 __all__ = ["annotate", "embed", "pseudobulk", "search_centroid", "search_clusters"]
@@ -118,10 +112,8 @@ def annotate(
     one by Cell Ontology votes (a warning says so); without a model,
     ``cell_type_ontology_term_id`` and Cell Ontology votes.
     """
-    # (read once: the threshold's check, the calibration and the calls each read them)
-    safelist, blocklist = (
-        v if v is None or isinstance(v, str) else list(v) for v in (safelist, blocklist)
-    )
+    # (the threshold's check, the calibration and the calls each read them)
+    safelist, blocklist = label_lists(safelist, blocklist)
     if isinstance(reference, KNNAnnotator):  # it has its settings and threshold already
         options = {
             "label_key": label_key,
@@ -301,8 +293,9 @@ def _summed(
     keep = cat.codes >= 0
     if not keep.any():
         raise ValueError("no cell belongs to a group; nothing to sum.")
-    # (a column of whole numbers with a missing value is float: its 2.0 names the group 2)
-    names = pd.Index([str(c) for c in objects_whole_as_ints(np.asarray(cat.categories, object))])
+    # as the collection reads values as text: a column of whole numbers with a missing
+    # value is float, and its 2.0 names the group 2
+    names = pd.Index(_as_text(np.asarray(cat.categories)).astype(str))
     if names.has_duplicates:
         twice = set(names[names.duplicated()])
         same = [repr(c) for c, name in zip(cat.categories, names, strict=True) if name in twice]

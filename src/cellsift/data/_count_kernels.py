@@ -15,8 +15,9 @@ from .._numba import njit_cached
 def _is_count(v, tol, one):  # type: ignore[no-untyped-def]
     # the distance to the nearer whole number, without rounding v + 0.5 (which, from 2**23
     # in float32, rounds an odd whole number up to the next even one)
-    # and below 2**24 (16,777,216), from where float32, in which counts are read, holds
-    # only some whole numbers: a larger value would be read rounded
+    # and below 2**24 (16,777,216: _values.COUNT_LIMIT, written out as numba's cache would
+    # keep another file's constant after it changed), from where float32, in which counts
+    # are read, holds only some whole numbers: a larger value would be read rounded
     f = v - np.floor(v)
     return (v >= 0) and (v < 16777216.0) and (min(f, one - f) <= tol)  # (NaN fails them)
 

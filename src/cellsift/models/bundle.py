@@ -334,26 +334,26 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
         raise BundleError(
             f"{folder}: genes.tsv cannot be the model's genes ({err}). {_REMAKE}"
         ) from None
-    saved = config.get("genes_sha256", _NO_DIGEST)  # (bundles before it: none)
-    if saved is not _NO_DIGEST and not (
-        isinstance(saved, str) and re.fullmatch("[0-9a-f]{64}", saved)
-    ):
-        raise BundleError(
-            f"{folder}: config.json's genes_sha256 is {reprlib.repr(saved)}, not a digest of "
-            f"the genes (64 lower-case hexadecimal digits, as cellsift writes it). {_REMAKE}"
-        )
-    if saved is not _NO_DIGEST and saved != _genes_digest(genes):
-        raise BundleError(
-            f"{folder}: genes.tsv lists other genes, or the same in another order, than the "
-            "model was saved with (config.json's genes_sha256): each gene's counts would feed "
-            "another gene's weights. Restore genes.tsv, or save the model again with cellsift."
-        )
+    if "genes_sha256" in config:  # (bundles before it: none)
+        _check_genes_digest(folder, config["genes_sha256"], genes)
     labels = _check_labels(folder, _read_json(folder, "labels.json"))
     _check_label_order(folder, config.get("label_ids"), [lab["id"] for lab in labels])
     return Bundle(config, weights, genes, labels)
 
 
-_NO_DIGEST = object()  # (a bundle saved before genes_sha256)
+def _check_genes_digest(folder: Path, saved: Any, genes: GeneVocabulary) -> None:
+    """config.json's ``genes_sha256`` is cellsift's digest of genes.tsv's genes."""
+    if not (isinstance(saved, str) and re.fullmatch("[0-9a-f]{64}", saved)):
+        raise BundleError(
+            f"{folder}: config.json's genes_sha256 is {reprlib.repr(saved)}, not a digest of "
+            f"the genes (64 lower-case hexadecimal digits, as cellsift writes it). {_REMAKE}"
+        )
+    if saved != _genes_digest(genes):
+        raise BundleError(
+            f"{folder}: genes.tsv lists other genes, or the same in another order, than the "
+            "model was saved with (config.json's genes_sha256): each gene's counts would feed "
+            "another gene's weights. Restore genes.tsv, or save the model again with cellsift."
+        )
 
 
 def _genes_digest(genes: GeneVocabulary) -> str:

@@ -48,7 +48,6 @@ from ..train._stop import interrupts_kept
 from ..train.resume import checkpoint_file, continued_run, place_checkpoints, read_checkpoint
 from .bundle import (
     BundleError,
-    check_device,
     inference_on,
     load_bundle,
     load_weights,
@@ -477,15 +476,13 @@ class MetricModel:
         nothing to embed or label. Read, aligned and checked a block of rows at a time, in
         memory or backed (the aligned counts never whole in memory); an error names the
         first faulty block's cells."""
-        _check_batch_size(batch_size)  # (here too: no batch runs for no cells)
-        if device is not None:
-            check_device(device)
+        _check_batch_size(batch_size)  # (here: no batch runs for no cells)
         x, var, others = adata_counts(adata, layer, source)
         align = self._aligner(var, others, layer, check_counts, source)
         in_memory = sp.issparse(x) or isinstance(x, np.ndarray)  # (checked whole there)
         out = np.empty((x.shape[0], width), dtype=np.float32)
         step = BACKED_ROWS
-        with inference_on(self.module, device) as dev:
+        with inference_on(self.module, device) as dev:  # (the device checked before a read)
             for start in range(0, x.shape[0], step):
                 block = align(x[start : start + step], start, in_memory)
                 if check_counts:
@@ -546,8 +543,7 @@ class MetricModel:
         on ``dev``, where the module is in eval mode (:func:`~cellsift.models.bundle.
         inference_on`), each batch written into ``out`` (cells x ``width``; default: a new
         array): no per-batch results kept and joined (their buffers, freed between kept
-        ones, would stay with the process)."""
-        _check_batch_size(batch_size)
+        ones, would stay with the process). ``batch_size`` checked by the caller."""
         if out is None:
             out = np.empty((x.shape[0], width), dtype=np.float32)
         with torch.no_grad():
@@ -571,6 +567,7 @@ class MetricModel:
                 "with model.aligned_counts(adata) first."
             )
         latent = self.config["architecture"]["latent"]
+        _check_batch_size(batch_size)
         with inference_on(self.module, device) as dev:
             return self._run(sp.csr_matrix(x), self.module.embed, latent, batch_size, dev)
 

@@ -61,6 +61,13 @@ class _Labels:
     n_reference: int  # the first n_reference terms are reference labels
 
 
+def label_lists(*lists: Any) -> tuple[Any, ...]:
+    """Safelists and blocklists as lists, read once (an iterator read for its length, or
+    by one step of several, would be empty for the next); None and a single string (an
+    error where they are read) as they are."""
+    return tuple(v if v is None or isinstance(v, str) else list(v) for v in lists)
+
+
 class KNNAnnotator:
     """Annotate query embeddings by their nearest reference cells in ``index``.
 
@@ -508,10 +515,7 @@ class KNNAnnotator:
         from .index import _expression
 
         terms = []
-        # (read once: an iterator read for its length would be empty after)
-        safelist, blocklist = (
-            v if v is None or isinstance(v, str) else list(v) for v in (safelist, blocklist)
-        )
+        safelist, blocklist = label_lists(safelist, blocklist)
         if blocklist is not None and not isinstance(blocklist, str) and not blocklist:
             blocklist = None  # blocks nothing
         if safelist is not None:
