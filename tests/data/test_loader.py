@@ -128,8 +128,8 @@ def _assert_resume_is_exact(make, stop: int, epochs: int) -> None:
 def test_resume_refuses_other_settings(coll):
     loader = CellLoader(IterableCellDataset(coll, mode="block", **OPTS), num_workers=2)
     state = loader.state_dict()
-    other = CellLoader(IterableCellDataset(coll, mode="block", **OPTS), num_workers=1)
-    with pytest.raises(ResumeError, match="num_workers: saved 2, now 1"):
+    other = CellLoader(IterableCellDataset(coll, mode="block", seed=1, **OPTS), num_workers=1)
+    with pytest.raises(ResumeError, match=r"\(seed: saved 0, now 1\)"):
         other.load_state_dict(state)
     # other cells of the same number (another filter): refused, not resumed past cells of
     # theirs that the saved run never read
@@ -144,6 +144,137 @@ def test_resume_refuses_other_settings(coll):
     with pytest.raises(ResumeError, match=r"cells: saved [0-9a-f]+, now [0-9a-f]+"):
         CellLoader(IterableCellDataset(odd, mode="block", **OPTS)).load_state_dict(state)
     CellLoader(IterableCellDataset(even, mode="block", **OPTS)).load_state_dict(state)
+
+
+def _read(loader, stop: int | None = None) -> tuple[list[np.ndarray], dict | None]:
+    """A loader's batches (cell indices) of one pass, up to ``stop`` of them, and its state
+    then (None: read to the end)."""
+    out = []
+    for batch in loader:
+        out.append(batch["obs_idx_n"].numpy())
+        if len(out) == stop:
+            return out, loader.state_dict()
+    return out, None
+
+
+def _ranks(coll, world: int, workers: int, mode: str = "block", **extra) -> list[CellLoader]:
+    """One loader per rank, as a data module makes them for training (drop_last on
+    several ranks, no batch of one cell)."""
+    return [
+        CellLoader(
+            IterableCellDataset(
+                coll,
+                mode=mode,
+                rank=rank,
+                world_size=world,
+                drop_last=world > 1,
+                seed=5,
+                label_key="cell_type_ontology_term_id",
+                **{"min_batch": 2, **OPTS, **extra},
+            ),
+            num_workers=workers,
+        )
+        for rank in range(world)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["block", "sequential"])
+def test_an_epoch_resumed_on_other_ranks_and_workers_reads_the_cells_left(coll, mode):
+    """2 ranks x 2 workers stop after 5 batches; 1 rank without workers goes on and stops
+    after 3; 3 ranks x 1 worker read the rest of the epoch. No cell is read twice, every
+    cell is read but those the last part's drop_last leaves out (fewer than a batch per
+    rank), each loader counts the epoch's batches done as its own (``recounted``), and
+    the next epoch is the last loaders' own whole epoch."""
+    first = _ranks(coll, 2, 2, mode)
+    parts = [_read(loader, 5) for loader in first]
+    read = [b for batches, _ in parts for b in batches]
+    state = parts[0][1]
+    (one,) = _ranks(coll, 1, 0, mode)
+    one.load_state_dict(state)
+    assert one.recounted == 10  # 2 ranks x 5 batches, as batches of one rank
+    batches, state = _read(one, 3)
+    read += batches
+    assert state["earlier"] == [[2, 2, 5, True]] and state["batches"] == 3
+    last = _ranks(coll, 3, 1, mode)
+    left = []
+    for loader in last:
+        loader.load_state_dict(state)
+        batches, done = _read(loader)
+        assert done is None and loader.recounted == len(loader) - len(batches)
+        left.append(batches)
+    assert len({len(b) for b in left}) == 1  # (the same number of batches on every rank)
+    cells = np.concatenate(read + [b for batches in left for b in batches])
+    assert len(np.unique(cells)) == len(cells)
+    assert N_INDEXED - 3 * OPTS["batch_size"] < len(cells) <= N_INDEXED
+    # the next epoch: a 3-rank epoch, as a fresh loader reads it
+    for loader, rank in zip(last, range(3), strict=True):
+        fresh = _ranks(coll, 3, 1, mode)[rank]
+        fresh.set_epoch(1)
+        for x, y in zip(_read(loader)[0], _read(fresh)[0], strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_a_resume_in_a_replanned_epoch_on_as_many_ranks_is_exact(coll):
+    """A state saved in an epoch planned anew, resumed on the ranks and workers that saved
+    it, gives exactly the batches the run would have read on."""
+    state = _read(_ranks(coll, 2, 0)[0], 4)[1]
+
+    def make():
+        (loader,) = _ranks(coll, 1, 2)
+        loader.load_state_dict(state)
+        return loader
+
+    _assert_resume_is_exact(make, stop=3, epochs=2)
+
+
+def test_weighted_draws_resumed_on_other_ranks_make_up_the_epoch(coll):
+    """Weighted mode draws with replacement: the rest of the epoch is the draws left, drawn
+    anew (by other random keys than the first part's)."""
+    first = _ranks(coll, 2, 1, "weighted")
+    read = [b for loader in first for b in _read(loader, 3)[0]]
+    state = first[0].state_dict()
+    later = []
+    for loader in _ranks(coll, 3, 2, "weighted"):
+        loader.load_state_dict(state)
+        later += _read(loader)[0]
+    n = sum(len(b) for b in read + later)
+    assert N_INDEXED - 3 * OPTS["batch_size"] < n <= N_INDEXED
+    whole = [b for loader in _ranks(coll, 3, 2, "weighted") for b in _read(loader)[0]]
+    assert not any(np.array_equal(a, b) for a in later for b in whole)
+
+
+def test_a_resume_on_other_ranks_is_refused_where_ranks_read_unequal_shares(coll):
+    """Two ranks without drop_last can read different numbers of batches: the state of
+    one does not say what the other read."""
+    ds = IterableCellDataset(coll, mode="block", rank=0, world_size=2, seed=5, **OPTS)
+    state = _read(CellLoader(ds), 2)[1]
+    (one,) = _ranks(coll, 1, 0, min_batch=1)
+    with pytest.raises(ResumeError, match="2 ranks reading without drop_last"):
+        one.load_state_dict(state)
+    assert one.cell_dataset.earlier(0) == ()  # (nothing of the refused state kept)
+    # an epoch resumed on other ranks again and again: up to 17 parts are kept
+    (one,) = _ranks(coll, 1, 0)
+    state = _ranks(coll, 2, 0)[0].state_dict()
+    state.update(batches=1, earlier=[[1, 1, 1, False]] * 16)
+    with pytest.raises(ResumeError, match="an epoch read in 18 parts"):
+        one.load_state_dict(state)
+    state["earlier"] = state["earlier"][:15]
+    one.load_state_dict(state)
+    assert len(one.cell_dataset.earlier(0)) == 16
+
+
+def test_an_epoch_read_whole_and_resumed_on_other_ranks_is_over(coll):
+    loader = _ranks(coll, 2, 0)[0]
+    batches, _ = _read(loader)
+    state = loader.state_dict()
+    assert state["batches"] == len(batches)
+    (one,) = _ranks(coll, 1, 0)
+    one.load_state_dict(state)
+    assert one.recounted == len(one)
+    fresh = _ranks(coll, 1, 0)[0]
+    fresh.set_epoch(1)
+    for x, y in zip(_read(one)[0], _read(fresh)[0], strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def _scimilarity_weights(labels, studies, class_scale, study_scale, max_ratio=100.0):

@@ -101,6 +101,29 @@ class SignalAtFitEnd(pl.Callback):
         raise AssertionError("SIGTERM did not stop the fit")
 
 
+class RecordCells(pl.Callback):
+    """Writes each training batch's cells (epoch, step, cell indices) to a file of its
+    process in ``folder``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx) -> None:
+        cells = ",".join(map(str, batch["obs_idx_n"].tolist()))
+        with open(self.folder / f"cells-{os.getpid()}.txt", "a") as f:
+            f.write(f"{trainer.current_epoch} {trainer.global_step} {cells}\n")
+
+
+def _recorded(folder: Path) -> list[tuple[int, int, np.ndarray]]:
+    """RecordCells' batches: (epoch, step, cells)."""
+    out = []
+    for path in folder.glob("cells-*.txt"):
+        for line in path.read_text().splitlines():
+            epoch, step, cells = line.split()
+            out.append((int(epoch), int(step), np.array(cells.split(","), dtype=np.int64)))
+    return out
+
+
 def _args(
     source: Path, root: Path, *extra: str, callbacks: list | None = None, name: str = "config"
 ) -> list[str]:
@@ -868,3 +891,91 @@ def test_verbose_fit_prints_lightnings_lines_once(synthetic_h5ad, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = (done.stdout + done.stderr).splitlines()
     assert sum("Seed set to 0" in line for line in lines) == 1, lines
+
+
+@pytest.mark.multi_device
+@pytest.mark.parametrize(
+    ("before", "after", "killed_at"),
+    [(2, 1, 3), (1, 2, 6), (1, 2, 9)],
+    ids=["2to1", "1to2", "1to2-nothing-left"],
+)
+def test_fit_resumes_mid_epoch_on_another_number_of_devices(
+    synthetic_h5ad, tmp_path, before, after, killed_at
+):
+    """Killed mid-epoch on ``before`` processes, resumed with ``--ckpt_path last`` on
+    ``after``: the rest of the epoch is the cells no process trained on yet, planned anew
+    (none twice, none lost but what the last batch leaves out), Lightning's count of the
+    epoch goes on as the new run counts it (it validates once at the epoch's end and runs
+    the next epoch whole) and the cosine schedule goes on from where the cells trained put
+    it, to 0 at the end. Killed at step 9 of 10 on 1 process, what is left of the epoch
+    makes no batch on 2: the resumed run validates and ends the epoch first."""
+    devices = {n: (() if n == 1 else _DDP) for n in (1, 2)}
+    every_step = ("--trainer.log_every_n_steps", "1", "--data.init_args.mode", "block")
+    runs = {}
+    for name in ("killed", "resumed"):
+        (tmp_path / name).mkdir()
+        runs[name] = {
+            "class_path": "test_fit_cli.RecordCells",
+            "init_args": {"folder": str(tmp_path / name)},
+        }
+    # (2 processes take 4 batches each an epoch, 1 takes 10)
+    ckpts = tmp_path / "checkpoints"
+    kill = {"class_path": "test_fit_cli.KillAtStep", "init_args": {"step": killed_at}}
+    killed = _fit_process(
+        _args(
+            synthetic_h5ad,
+            tmp_path,
+            *devices[before],
+            *every_step,
+            callbacks=[_checkpoint_every_step(tmp_path), kill, runs["killed"]],
+            name="crash",
+        )
+    )
+    assert killed.returncode != 0
+    ckpt = torch.load(ckpts / "last.ckpt", weights_only=False)
+    saved_step = ckpt["global_step"]
+    assert ckpt["epoch"] == 0 and 0 < saved_step <= killed_at
+    resumed = _fit_process(
+        _args(
+            synthetic_h5ad,
+            tmp_path,
+            *devices[after],
+            *every_step,
+            "--ckpt_path",
+            "last",
+            callbacks=[runs["resumed"]],
+            name="resume",
+        )
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first = [c for e, step, c in _recorded(tmp_path / "killed") if step < saved_step]
+    rest = _recorded(tmp_path / "resumed")
+    assert {e for e, _, _ in rest} == ({1} if killed_at == 9 else {0, 1})
+    epoch0 = np.concatenate(first + [c for e, _, c in rest if e == 0])
+    epoch1 = np.concatenate([c for e, _, c in rest if e == 1])
+    for cells in (epoch0, epoch1):
+        assert len(np.unique(cells)) == len(cells)  # no cell twice in an epoch
+    # every training cell but fewer than a batch per process (the last batches left out)
+    trained = (
+        set(epoch1) | set(epoch0) | {i for _, _, c in _recorded(tmp_path / "killed") for i in c}
+    )
+    assert len(epoch0) > len(trained) - BATCH * after
+    assert len(epoch1) > len(trained) - BATCH * after
+    # one validation per epoch, at its end; the cosine schedule falls step by step across
+    # the resume, to this run's last step's rate
+    scalars = _scalars(tmp_path / "metric" / "version_0")
+    steps1 = sorted({step for e, step, _ in rest if e == 1})
+    assert [step for step, _ in scalars["val/asw"]] == [steps1[0] - 1, steps1[-1]]
+    lr = [v for _, v in sorted(scalars["train/lr"])]
+    assert lr == sorted(lr, reverse=True) and lr[0] == pytest.approx(5e-3)
+    assert len(lr) == steps1[-1] + 1  # (one rate per step)
+    total = 2 * len(steps1)  # this run's steps of 2 epochs
+
+    def cosine(step: int) -> float:
+        return 5e-3 * 0.5 * (1 + np.cos(np.pi * step / total))
+
+    # the first resumed step's rate: that of this run's steps done, those of the epoch's
+    # batches that are not left
+    left = len({step for e, step, _ in rest if e == 0})
+    assert lr[saved_step] == pytest.approx(cosine(total // 2 - left))
+    assert lr[-1] == pytest.approx(cosine(total - 1))

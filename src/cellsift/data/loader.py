@@ -6,7 +6,9 @@ over workers, so the batch order of a rank is fixed by (seed, epoch, rank, world
 num_workers) and a run can resume from any batch: :class:`CellLoader` counts the batches it
 handed out; its ``state_dict`` goes into Lightning checkpoints, and after
 ``load_state_dict`` each worker skips exactly the batches already consumed, without reading
-them.
+them. A state saved by another number of ranks or workers (or with ``drop_last`` otherwise,
+which training sets on several ranks) says which cells every rank read: the rest of that
+epoch is planned anew for this loader (:class:`~cellsift.data.sampling.Segment`).
 """
 
 from __future__ import annotations
@@ -34,11 +36,23 @@ from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 from .._utils import is_whole
 from ..errors import ConfigError, ResumeError
 from .collection import CellCollection
-from .sampling import EpochPlan, Mode, SamplingConfig, balanced_weights, make_plan
+from .sampling import (
+    EpochPlan,
+    Mode,
+    SamplingConfig,
+    Segment,
+    _worker_skips,
+    balanced_weights,
+    make_plan,
+)
 
 __all__ = ["CellLoader", "IterableCellDataset", "to_torch_csr"]
 
 Batch = dict[str, Any]
+
+#: Parts of one epoch read before the rest of it was planned anew that a loader keeps (an
+#: epoch resumed on another number of processes or workers, again and again).
+MAX_PARTS = 16
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -175,9 +189,12 @@ class IterableCellDataset(IterableDataset):
             self.weights = _checked_weights(weights, collection.n_obs, label_key)
         self._rank, self._world = rank, world_size
         self.num_workers = 0  # set by CellLoader: fixes the batch order for resume
-        # (epoch, batches of it already consumed by this rank), in shared memory so that
-        # persistent worker processes see what the main process sets before each epoch.
-        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # (epoch, batches of it already consumed by this rank, the number of parts of an
+        # epoch read before it was planned anew, that epoch) and those parts (Segment's
+        # fields), in shared memory so that persistent worker processes see what the main
+        # process sets before each epoch.
+        self._position = torch.zeros(4, dtype=torch.int64).share_memory_()
+        self._parts = torch.zeros((MAX_PARTS, 4), dtype=torch.int64).share_memory_()
 
     @property
     def epoch(self) -> int:
@@ -194,6 +211,27 @@ class IterableCellDataset(IterableDataset):
     @skip.setter
     def skip(self, value: int) -> None:
         self._position[1] = value
+
+    def earlier(self, epoch: int) -> tuple[Segment, ...]:
+        """The parts of ``epoch`` read before the rest of it was planned anew (none, but
+        in an epoch resumed on another number of processes or workers)."""
+        n, of = int(self._position[2]), int(self._position[3])
+        if n == 0 or of != epoch:
+            return ()
+        return tuple(
+            Segment(int(w), int(k), int(b), bool(d)) for w, k, b, d in self._parts[:n].tolist()
+        )
+
+    def set_earlier(self, epoch: int, parts: tuple[Segment, ...]) -> None:
+        if len(parts) > MAX_PARTS:
+            raise ResumeError(
+                f"the saved position is of an epoch read in {len(parts) + 1} parts, each on "
+                f"another number of processes or workers; at most {MAX_PARTS + 1} are kept. "
+                "Resume on as many processes and workers as the last part was read with."
+            )
+        for i, p in enumerate(parts):
+            self._parts[i] = torch.tensor([p.world, p.workers, p.batches, int(p.drop_last)])
+        self._position[2], self._position[3] = len(parts), epoch
 
     # -- plan ----------------------------------------------------------------------------
     @property
@@ -239,15 +277,20 @@ class IterableCellDataset(IterableDataset):
         """
         self._rank, self._world = self.rank_world
 
-    def plan(self, epoch: int | None = None) -> EpochPlan:
+    def plan(self, epoch: int | None = None, *, whole: bool = False) -> EpochPlan:
+        """This rank's plan of ``epoch`` (default: the dataset's): of what is left of it
+        where parts of it were read before it was planned anew (:meth:`earlier`), unless
+        ``whole``."""
         rank, world = self.rank_world
+        epoch = self.epoch if epoch is None else epoch
         return make_plan(
             self.cfg,
             self.collection.n_obs,
-            self.epoch if epoch is None else epoch,
+            epoch,
             rank,
             world,
             self.weights,
+            () if whole else self.earlier(epoch),
         )
 
     def __repr__(self) -> str:
@@ -264,8 +307,9 @@ class IterableCellDataset(IterableDataset):
         )
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch."""
-        return self.plan().total_batches
+        """Batches this rank yields per epoch (read whole: the rest of an epoch planned anew,
+        resumed on another number of processes or workers, has fewer)."""
+        return self.plan(whole=True).total_batches
 
     def fingerprint(self) -> dict[str, Any]:
         _, world = self.rank_world
@@ -392,31 +436,6 @@ def _digest(weights: np.ndarray | None) -> str | None:
     return hashlib.blake2b(little.tobytes(), digest_size=8).hexdigest()
 
 
-def _worker_skips(counts: list[int], n: int) -> tuple[list[int], int]:
-    """Batches each worker stream has delivered once ``n`` batches came out, and whose turn is next.
-
-    The DataLoader takes one batch from each worker in turn, passing over workers that are
-    done; ``counts`` is how many batches each worker makes.
-    """
-    if n > sum(counts):
-        raise ResumeError(f"cannot skip {n} batches: the epoch has only {sum(counts)}.")
-    n_workers = len(counts)
-    active = [c for c in counts if c > 0]  # (a worker with no batches takes no turn)
-    rounds = min(min(active, default=0), n // max(len(active), 1))  # whole rounds, then step
-    skips = [min(rounds, c) for c in counts]
-    remaining, w = n - sum(skips), 0
-    while remaining > 0:
-        if skips[w] < counts[w]:
-            skips[w] += 1
-            remaining -= 1
-        w = (w + 1) % n_workers
-    for _ in range(n_workers):  # the next worker with batches left
-        if skips[w] < counts[w]:
-            break
-        w = (w + 1) % n_workers
-    return skips, w
-
-
 def _checked_weights(weights: Any, n_cells: int, label_key: str | None) -> np.ndarray:
     """Weighted mode's weights, one per cell (finite, >= 0, some > 0), or an error naming
     what is wrong, as the dataset is made (not at the first batch, in a worker);
@@ -534,13 +553,22 @@ class _Pass:
     started: bool = False
 
 
+#: What a loader's fingerprint says of how it reads (processes, workers, drop_last, which
+#: follows the number of processes in training), not what: a position saved with others is
+#: resumed by planning the rest of its epoch anew.
+_HOW = ("world_size", "num_workers", "drop_last")
+
+
 class CellLoader(DataLoader):
     """A DataLoader over an :class:`IterableCellDataset` that can save and restore its position.
 
     Each ``iter()`` runs one epoch (the dataset's ``epoch``, then the next). ``state_dict()``
     records the epoch and the batches handed out; ``load_state_dict()`` makes the next
     ``iter()`` continue with exactly the batches an uninterrupted run would have produced.
-    Lightning stores this state in its checkpoints. A training loop that numbers its epochs
+    Lightning stores this state in its checkpoints. A state saved by another number of
+    ranks or workers resumes with the rest of its epoch planned anew (the cells no rank took
+    yet; ``recounted`` says how many of this loader's batches of the epoch that makes done).
+    A training loop that numbers its epochs
     (``sampler.set_epoch``, as Lightning does, before or just after the ``iter()``, as long
     as no batch was taken) says which epoch a restored run goes on with: the restored one
     (whatever is left of it, if anything: a checkpoint written before the loop ended that
@@ -605,6 +633,10 @@ class CellLoader(DataLoader):
         self._run_next: int | None = None
         self._restored: tuple[int, int, int] | None = None
         self._keep_skip = False  # the next iter() runs out a restored epoch, even if all done
+        #: where a state saved with another number of processes or workers was restored:
+        #: the batches of its epoch done, as this loader counts them (its epoch's batches
+        #: less those left), for a training loop to count on from
+        self.recounted: int | None = None
 
     # DataLoader sets ``sampler`` as it is made: the sampler a training loop numbers epochs on
     @property  # type: ignore[override]
@@ -646,7 +678,7 @@ class CellLoader(DataLoader):
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
         ds = self.cell_dataset
         ds.resolve_rank()
-        if self._skip and self._skip >= len(ds) and not self._keep_skip:
+        if self._skip and self._skip >= ds.plan(self._epoch).total_batches and not self._keep_skip:
             # restored after the epoch's last batch: over, unless the training loop says
             # otherwise (:meth:`_number_epoch`), and the next one begins
             self._epoch, self._skip = self._epoch + 1, 0
@@ -688,6 +720,8 @@ class CellLoader(DataLoader):
         self._epoch = self._current = epoch
         self._consumed = self._skip = 0
         self._pass, self._run_next, self._restored, self._keep_skip = None, None, None, False
+        self.cell_dataset.set_earlier(epoch, ())
+        self.recounted = None
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch in progress and batches consumed (and the training loop's number of that
@@ -703,6 +737,11 @@ class CellLoader(DataLoader):
                 else None
             ),
             "fingerprint": self.cell_dataset.fingerprint(),
+            # (the parts of the epoch read on other numbers of processes or workers)
+            "earlier": [
+                [p.world, p.workers, p.batches, p.drop_last]
+                for p in self.cell_dataset.earlier(self._current)
+            ],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -712,16 +751,60 @@ class CellLoader(DataLoader):
                 f"this is not a loader state: it lacks {', '.join(lacking)}. Pass what "
                 "CellLoader.state_dict() returned (a checkpoint keeps it)."
             )
-        mine = self.cell_dataset.fingerprint()
-        diff = {k: (v, mine.get(k)) for k, v in state["fingerprint"].items() if mine.get(k) != v}
+        ds = self.cell_dataset
+        saved, mine = state["fingerprint"], ds.fingerprint()
+        diff = {k: (v, mine.get(k)) for k, v in saved.items() if k not in _HOW and mine.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
             raise ResumeError(
                 f"the saved loader state does not fit this loader ({detail}). Resume with the "
-                "same data, sampling options, number of devices and num_workers."
+                "same data and sampling options."
             )
-        self._epoch = self._current = int(state["epoch"])
-        self._skip = self._consumed = int(state["batches"])
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        earlier = tuple(
+            Segment(int(w), int(k), int(b), bool(d)) for w, k, b, d in state.get("earlier", [])
+        )
+        self.recounted = None
+        if batches and any(saved.get(k, mine[k]) != mine[k] for k in _HOW):
+            # read by another number of processes or workers: the rest of the epoch (the
+            # cells no rank took yet) is planned anew, for this loader
+            how = Segment(
+                int(saved["world_size"]),
+                int(saved["num_workers"]),
+                batches,
+                bool(saved["drop_last"]),
+            )
+            counted = len(ds)  # (this loader's count of the epoch's batches)
+            if batches >= self._part_batches(epoch, earlier, how):  # the epoch was read whole
+                earlier, batches, left = (), counted, 0
+            else:
+                earlier, batches = (*earlier, how), 0
+                left = self._batches_left(epoch, earlier)
+            self.recounted = counted - left
+        ds.set_earlier(epoch, earlier)
+        self._epoch = self._current = epoch
+        self._skip = self._consumed = batches
         run = state.get("run_epoch")  # (None: not numbered, or an older checkpoint)
         self._pass, self._run_next, self._keep_skip = None, None, False
         self._restored = None if run is None else (self._current, self._consumed, int(run))
+
+    def _batches_left(self, epoch: int, earlier: tuple[Segment, ...]) -> int:
+        """This rank's batches of ``epoch`` once its ``earlier`` parts were read."""
+        ds = self.cell_dataset
+        rank, world = ds.rank_world
+        plan = make_plan(ds.cfg, ds.collection.n_obs, epoch, rank, world, ds.weights, earlier)
+        return plan.total_batches
+
+    def _part_batches(self, epoch: int, earlier: tuple[Segment, ...], part: Segment) -> int:
+        """The batches of each rank in ``part`` of ``epoch`` (after its ``earlier`` parts),
+        as it was read; more saved as taken is an error."""
+        ds = self.cell_dataset
+        cfg = dataclasses.replace(ds.cfg, drop_last=part.drop_last)
+        plan = make_plan(cfg, ds.collection.n_obs, epoch, 0, part.world, ds.weights, earlier)
+        if part.batches > plan.total_batches:
+            raise ResumeError(
+                f"the saved position ({part.batches} batches of epoch {epoch}) is past the "
+                f"{plan.total_batches} batches each of its {part.world} ranks had: the state "
+                "is not of this data and these sampling options."
+            )
+        return plan.total_batches

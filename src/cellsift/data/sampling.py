@@ -29,15 +29,17 @@ Modes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 
 from .._utils import is_whole
-from ..errors import ConfigError
+from ..errors import ConfigError, ResumeError
 
-__all__ = ["EpochPlan", "SamplingConfig", "balanced_weights", "make_plan"]
+__all__ = ["EpochPlan", "SamplingConfig", "Segment", "balanced_weights", "make_plan"]
 
 Mode = Literal["sequential", "block", "weighted"]
 
@@ -140,11 +142,29 @@ class SamplingConfig:
         return self.batch_size * (1 if self.mode == "sequential" else self.fetch_factor)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A part of an epoch read before the rest of it was planned anew: by ``world`` ranks of
+    ``workers`` workers each (``drop_last`` as they read), each rank having taken
+    ``batches`` batches (a run resumed on another number of processes or workers)."""
+
+    world: int
+    workers: int
+    batches: int
+    drop_last: bool
+
+
 class EpochPlan:
     """The fetches of one rank in one epoch.
 
     ``fetch(i)`` gives the cell positions of fetch ``i`` (indices into the collection's kept
     cells) in the order they are yielded; ``n_batches(i)`` how many batches it makes.
+
+    ``earlier``: the parts of this epoch already read otherwise (:class:`Segment`, in
+    order). The plan is then of the rest: the cells no earlier part took (in weighted mode,
+    the draws left), shared among this plan's ranks as an epoch's cells are; its fetches
+    are shuffled (drawn) anew. Every cell is still seen once per epoch, but for those that
+    ``drop_last`` leaves out of the last part.
     """
 
     def __init__(
@@ -155,37 +175,99 @@ class EpochPlan:
         rank: int,
         world: int,
         weights: np.ndarray | None = None,
+        earlier: Sequence[Segment] = (),
     ) -> None:
         self.cfg, self.epoch, self.rank, self.world = cfg, epoch, rank, world
+        self.n_cells = n_cells
+        self.part = 0  # which part of the epoch this plan is (its fetches' random keys)
+        source: int | np.ndarray  # the epoch's draws (weighted), else its cells in order
+        if cfg.mode == "weighted":
+            if weights is None:
+                raise ValueError("weighted mode needs per-cell weights.")
+            self._init_weighted(weights)
+            source = cfg.num_samples or n_cells
+        else:
+            source = self._epoch_order()
+        for segment in earlier:
+            source = self._left_after(segment, source)
+            self.part += 1
+        self._share(source)
+
+    def _share(self, source: int | np.ndarray) -> None:
+        """This rank's share of ``source`` (a number of draws, or cells in order)."""
+        cfg, world, rank = self.cfg, self.world, self.rank
         if cfg.min_batch > 1 and world > 1 and not cfg.drop_last:
             raise ConfigError(
                 "min_batch > 1 on several ranks needs drop_last=True: left out per rank, a "
                 "short last batch would give the ranks different numbers of batches."
             )
-        self.n_cells = n_cells
-        if cfg.mode == "weighted":
-            if weights is None:
-                raise ValueError("weighted mode needs per-cell weights.")
-            self._init_weighted(weights)
-            total = cfg.num_samples or n_cells
-            self.n_rank = total // world if cfg.drop_last else -(-total // world)
-        else:
-            order = self._epoch_order()
-            n = len(order)
+        if isinstance(source, np.ndarray):  # (cells in order)
+            n = len(source)
             if cfg.drop_last:
                 n = (n // (world * cfg.batch_size)) * world * cfg.batch_size
             lo, hi = rank * n // world, (rank + 1) * n // world
-            self._order = order[lo:hi]
+            self._order = source[lo:hi]
             self.n_rank = hi - lo
+        else:  # (a number of draws)
+            source = int(source)
+            self.n_rank = source // world if cfg.drop_last else -(-source // world)
         if cfg.drop_last:
             self.n_rank = (self.n_rank // cfg.batch_size) * cfg.batch_size
         if 0 < self.n_rank % cfg.batch_size < cfg.min_batch:  # too small a last batch
             self.n_rank -= self.n_rank % cfg.batch_size
         self.n_fetches = -(-self.n_rank // cfg.fetch_size)
 
+    def _left_after(self, segment: Segment, source: int | np.ndarray) -> int | np.ndarray:
+        """What is left of ``source`` (draws, or cells in order) once ``segment`` read it."""
+        if segment.world > 1 and not segment.drop_last:
+            raise ResumeError(
+                f"the saved position is of {segment.world} ranks reading without drop_last, "
+                "whose numbers of batches differ: which cells the other ranks read is not "
+                "known. Resume on as many ranks and workers as it was saved with."
+            )
+        taken = []
+        for rank in range(segment.world):
+            part = copy.copy(self)  # (the same epoch, weights and part of it)
+            part.cfg = replace(self.cfg, drop_last=segment.drop_last)
+            part.rank, part.world = rank, segment.world
+            part._share(source)
+            taken.append(part._taken(segment.workers, segment.batches))
+        if not isinstance(source, np.ndarray):
+            return int(source) - sum(int(t) for t in taken)
+        read = np.zeros(self.n_cells, dtype=bool)
+        for cells in taken:
+            read[cells] = True
+        return source[~read[source]]
+
+    def _taken(self, workers: int, batches: int) -> np.ndarray | int:
+        """The cells of the first ``batches`` batches this rank hands out over ``workers``
+        workers (in weighted mode, their number)."""
+        counts = [
+            sum(self.n_batches(i) for i in range(w, self.n_fetches, workers))
+            for w in range(workers)
+        ]
+        skips, _ = _worker_skips(counts, batches)
+        bs, out, n = self.cfg.batch_size, [], 0
+        for w in range(workers):
+            left = skips[w]
+            for i in range(w, self.n_fetches, workers):
+                if left == 0:
+                    break
+                took = min(left, self.n_batches(i))
+                left -= took
+                if self.cfg.mode == "weighted":
+                    n += min(took * bs, self.fetch_len(i))
+                else:
+                    out.append(self.fetch(i)[: took * bs])
+        if self.cfg.mode == "weighted":
+            return n
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
     # -- epoch order (sequential, block) --------------------------------------------------
     def _rng(self, *key: int) -> np.random.Generator:
-        return np.random.default_rng([self.cfg.seed, self.epoch, *key])
+        # (a later part of the epoch draws its own: the part keyed last, from 1 on)
+        part = (self.part,) if self.part else ()
+        return np.random.default_rng([self.cfg.seed, self.epoch, *key, *part])
 
     def _epoch_order(self) -> np.ndarray:
         n, b = self.n_cells, self.cfg.block_size
@@ -255,8 +337,35 @@ def make_plan(
     rank: int = 0,
     world: int = 1,
     weights: np.ndarray | None = None,
+    earlier: Sequence[Segment] = (),
 ) -> EpochPlan:
-    """The plan of ``rank`` (of ``world``) for ``epoch``."""
+    """The plan of ``rank`` (of ``world``) for ``epoch`` (of the rest of it, after the
+    ``earlier`` parts: :class:`EpochPlan`)."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world}).")
-    return EpochPlan(cfg, n_cells, epoch, rank, world, weights)
+    return EpochPlan(cfg, n_cells, epoch, rank, world, weights, earlier)
+
+
+def _worker_skips(counts: list[int], n: int) -> tuple[list[int], int]:
+    """Batches each worker stream has delivered once ``n`` batches came out, and whose turn is next.
+
+    The DataLoader takes one batch from each worker in turn, passing over workers that are
+    done; ``counts`` is how many batches each worker makes.
+    """
+    if n > sum(counts):
+        raise ResumeError(f"cannot skip {n} batches: the epoch has only {sum(counts)}.")
+    n_workers = len(counts)
+    active = [c for c in counts if c > 0]  # (a worker with no batches takes no turn)
+    rounds = min(min(active, default=0), n // max(len(active), 1))  # whole rounds, then step
+    skips = [min(rounds, c) for c in counts]
+    remaining, w = n - sum(skips), 0
+    while remaining > 0:
+        if skips[w] < counts[w]:
+            skips[w] += 1
+            remaining -= 1
+        w = (w + 1) % n_workers
+    for _ in range(n_workers):  # the next worker with batches left
+        if skips[w] < counts[w]:
+            break
+        w = (w + 1) % n_workers
+    return skips, w

@@ -166,6 +166,11 @@ class TrainingPlan(pl.LightningModule):
         # run's optimisers (on_fit_start: LightningCLI's --optimizer may replace the plan's)
         self._saved_optimization: dict[str, Any] | None = None
         self._own_schedule: Any = None  # (configure_optimizers' cosine, told from others)
+        # its length in steps, and what a step of a run resumed on another number of devices
+        # is as this run counts them (the steps it would have made to there, less those made)
+        self._span = {"steps": 1, "offset": 0}
+        # the checkpoint a run resumes from, until its loops' state is read (on_fit_start)
+        self._resumed_from: dict[str, Any] | None = None
         self._rng_before_validation: dict[str, Any] | None = None  # (kept out of training's)
         #: This rank's (cell-weighted sum, cells) of each training scalar in this epoch
         self._epoch_sums: dict[str, tuple[float, float]] = {}
@@ -261,6 +266,7 @@ class TrainingPlan(pl.LightningModule):
         # train without dropout and with frozen BatchNorm statistics
         self.train()
         self._check_optimization()  # (a resumed run's optimisers exist, their state not yet)
+        self._count_on_a_replanned_epoch()
 
     def _check_optimization(self) -> None:
         """Refuse to resume a checkpoint whose optimiser or schedule settings are not this
@@ -297,6 +303,12 @@ class TrainingPlan(pl.LightningModule):
         self._epoch_sums = {}  # (not called when a run resumes mid-epoch: on_load_checkpoint)
 
     def on_train_start(self) -> None:
+        if getattr(self.trainer.train_dataloader, "recounted", None) is not None:
+            raise ResumeError(
+                "the checkpoint was written on another number of devices (or loader workers), "
+                f"and under {type(self.trainer.strategy).__name__} a run restores it only "
+                "after training has set up: resume on as many devices and workers as wrote it."
+            )
         # the rates of this run's schedule at the step it starts from: a run resumed with more
         # epochs than it was started with would otherwise take its first step at the rate
         # the checkpoint's optimizer holds, that of the old schedule (the same value when
@@ -315,6 +327,42 @@ class TrainingPlan(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self._stop.restore()
+
+    def _count_on_a_replanned_epoch(self) -> None:
+        """A run resumed on another number of devices (or loader workers) than its checkpoint
+        was written with: its loader plans the rest of the epoch anew, as batches of this
+        run (``CellLoader.recounted``: how many of the epoch's batches that makes done).
+        Lightning's count of the epoch's batches, in the loop state it is about to restore,
+        is set to that (it ends the epoch, and validates, by its count; where nothing of the
+        epoch is left here, it validates and ends it as after its last batch), and the
+        cosine schedule goes on from where this run would be after as many cells: its steps
+        are of another number of cells than the saved run's. (A resume on as many devices
+        and workers goes on with the saved counts.)"""
+        checkpoint, self._resumed_from = self._resumed_from, None
+        trainer = self.trainer
+        if checkpoint is None:
+            return
+        if trainer.train_dataloader is None:  # (as the cosine schedule's length reads it)
+            trainer.fit_loop.setup_data()
+        loader = trainer.train_dataloader
+        here = getattr(loader, "recounted", None)
+        if here is None:
+            return
+        loader.recounted = None  # type: ignore[union-attr]
+        length = int(trainer.num_training_batches)  # (finite: a CellLoader has a length)
+        _recount_the_epoch(checkpoint, here, length)
+        acc = trainer.accumulate_grad_batches
+        per_epoch = math.ceil(length / acc)
+        epoch = int(checkpoint.get("epoch", 0))
+        done = epoch * per_epoch + (per_epoch if here >= length else here // acc)
+        offset = done - int(checkpoint.get("global_step", 0))
+        span = self._span
+        if trainer.max_steps >= 0:  # (the run ends at max_steps, or its epochs' end before)
+            epochs = trainer.max_epochs
+            whole = per_epoch * max(epochs, 1) if epochs is not None and epochs >= 0 else None
+            ends = trainer.max_steps + offset
+            span["steps"] = max(min(ends, whole) if whole is not None else ends, 1)
+        span["offset"] = offset
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # every rank asks every step (one small all-reduce under DDP), so that a signal that
@@ -497,6 +545,7 @@ class TrainingPlan(pl.LightningModule):
         if self._trainer is not None and self.trainer.optimizers:  # (restored after setup)
             self._check_optimization()
         _finish_the_epoch(checkpoint)
+        self._resumed_from = checkpoint  # (its loops are restored after on_fit_start)
         # the epoch's sums so far, for a run that goes on mid-epoch (a new epoch clears them):
         # every rank's, held by rank 0
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -628,10 +677,14 @@ class TrainingPlan(pl.LightningModule):
         )
         if self.scheduler == "none":
             return opt
-        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        span = self._span = {
+            "steps": max(int(self.trainer.estimated_stepping_batches), 1),
+            "offset": 0,
+        }
 
         def cosine(step: int) -> float:  # from 1 at step 0 to 0 at this run's last step
-            return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+            steps, at = span["steps"], step + span["offset"]
+            return 0.5 * (1.0 + math.cos(math.pi * min(at, steps) / steps))
 
         # closed form, with the length read from this run: a run resumed with more epochs
         # than it was started with anneals to 0 at its new end (a restored CosineAnnealingLR
@@ -727,6 +780,24 @@ def _validates_next(trainer: pl.Trainer) -> bool | None:
         return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
     except (AttributeError, TypeError, AssertionError):  # (another Lightning's loops)
         return None
+
+
+def _recount_the_epoch(checkpoint: dict[str, Any], done: int, length: int) -> None:
+    """The checkpoint's count of its epoch's batches set to ``done`` (of ``length``): where
+    a run resumed on another number of devices counts the epoch's batches otherwise. Where
+    that is all of them, the checkpoint is as one written as the epoch's last batch ended
+    (:func:`_finish_the_epoch`: the run validates and ends the epoch first)."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    batches = loop.get("epoch_loop.batch_progress")
+    if not isinstance(batches, dict) or "ready" not in batches.get("current", {}):
+        return  # (a checkpoint without loop state, or of a Lightning that keeps it otherwise)
+    current = batches["current"]
+    shift = done - current["ready"]
+    for key in ("ready", "started", "processed", "completed"):
+        current[key] += shift
+    if done >= length:
+        batches["is_last_batch"] = True
+        _finish_the_epoch(checkpoint)
 
 
 def _finish_the_epoch(checkpoint: dict[str, Any]) -> None:
