@@ -522,3 +522,64 @@ def test_validation_asw_is_of_the_distance_trained_on(synthetic_h5ad, tmp_path):
     cosine = float(silhouette(z_all, y_all, related, "cosine"))
     assert abs(euclidean - cosine) > 1e-3  # (the two differ here)
     assert float(trainer.callback_metrics["val/asw"]) == pytest.approx(euclidean, abs=1e-5)
+
+
+class _OwnData(pl.LightningDataModule):
+    """A data module of a user's own around a CellLoader: Lightning saves and restores the
+    loader's position itself (in its fit loop's state)."""
+
+    def __init__(self, dm: CellDataModule, num_workers: int = 0) -> None:
+        super().__init__()
+        self.dm, self.num_workers, self.loader = dm, num_workers, None
+
+    def train_dataloader(self):
+        from cellsift.data import CellLoader
+
+        if self.loader is None:
+            self.loader = CellLoader(self.dm._dataset(self.dm.train), num_workers=self.num_workers)
+        return self.loader
+
+
+class _Batches(pl.Callback):
+    def __init__(self) -> None:
+        self.cells: list[np.ndarray] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.cells.append(batch["obs_idx_n"].numpy().copy())
+
+
+def test_a_loader_of_a_users_data_module_resumes_where_lightning_saved_it(synthetic_h5ad, tmp_path):
+    """A CellLoader in a data module of the user's own, under a plan without a schedule
+    (nothing builds the loader before Lightning restores its loops): the resumed run reads
+    on from the checkpoint's batch; resumed with another number of loader workers, the run
+    is refused with a ResumeError naming the fix (Lightning restores its count of the epoch
+    before such a loader says how much of it is left)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cellsift.errors import ResumeError
+
+    def run(root, workers=0, **fit):
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad, mode="block", seed=1)
+        batches = _Batches()
+        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1)
+        trainer = _trainer(
+            root,
+            max_epochs=1,
+            enable_checkpointing=True,
+            callbacks=[ckpt, batches],
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        data = _OwnData(dm, workers)
+        trainer.fit(TrainingPlan(module, scheduler="none"), datamodule=data, **fit)
+        return batches.cells
+
+    whole = run(tmp_path / "whole")
+    assert len(whole) > 4
+    resumed = run(tmp_path / "resumed", ckpt_path=tmp_path / "whole" / "epoch=0-step=3.ckpt")
+    assert len(resumed) == len(whole) - 3
+    for x, y in zip(resumed, whole[3:], strict=True):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ResumeError, match="as many devices and workers as wrote it"):
+        run(tmp_path / "other", 2, ckpt_path=tmp_path / "whole" / "epoch=0-step=3.ckpt")

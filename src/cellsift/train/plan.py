@@ -37,6 +37,7 @@ from torch import nn
 
 from .._utils import is_whole, state_differences
 from .._warnings import CellsiftWarning, warn
+from ..data.datamodule import CellDataModule
 from ..errors import ConfigError, ResumeError, TrainingError, TrainingInterrupted
 from ..losses.triplet import Distance
 from ._stop import StopRequest
@@ -306,8 +307,11 @@ class TrainingPlan(pl.LightningModule):
         if getattr(self.trainer.train_dataloader, "recounted", None) is not None:
             raise ResumeError(
                 "the checkpoint was written on another number of devices (or loader workers), "
-                f"and under {type(self.trainer.strategy).__name__} a run restores it only "
-                "after training has set up: resume on as many devices and workers as wrote it."
+                "and this run's training loader was made after Lightning restored its count "
+                "of the epoch's batches, which then does not fit the rest of the epoch (a "
+                "data module other than CellDataModule, or a strategy that restores "
+                f"checkpoints after setting up, here {type(self.trainer.strategy).__name__}): "
+                "resume on as many devices and workers as wrote it."
             )
         # the rates of this run's schedule at the step it starts from: a run resumed with more
         # epochs than it was started with would otherwise take its first step at the rate
@@ -343,6 +347,10 @@ class TrainingPlan(pl.LightningModule):
         if checkpoint is None:
             return
         if trainer.train_dataloader is None:  # (as the cosine schedule's length reads it)
+            if not isinstance(getattr(trainer, "datamodule", None), CellDataModule):
+                # (other loaders are made after the loops restore, where Lightning gives
+                # them the state it saved of them)
+                return
             trainer.fit_loop.setup_data()
         loader = trainer.train_dataloader
         here = getattr(loader, "recounted", None)
