@@ -192,6 +192,11 @@ def test_an_epoch_resumed_on_other_ranks_and_workers_reads_the_cells_left(coll, 
     (one,) = _ranks(coll, 1, 0, mode)
     one.load_state_dict(state)
     assert one.recounted == 10  # 2 ranks x 5 batches, as batches of one rank
+    # saved before it read a batch (a checkpoint as a validation ends): as much is done
+    unread = one.state_dict()
+    for loader in _ranks(coll, 3, 1, mode):
+        loader.load_state_dict(unread)
+        assert loader.recounted == len(loader) - len(_read(loader)[0]) > 0
     batches, state = _read(one, 3)
     read += batches
     assert state["earlier"] == [[2, 2, 5, True]] and state["batches"] == 3

@@ -583,3 +583,74 @@ def test_a_loader_of_a_users_data_module_resumes_where_lightning_saved_it(synthe
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ResumeError, match="as many devices and workers as wrote it"):
         run(tmp_path / "other", 2, ckpt_path=tmp_path / "whole" / "epoch=0-step=3.ckpt")
+
+
+class _RankZeroOf(CellDataModule):
+    """A data module whose training loader reads as rank 0 of ``world`` processes (the
+    share, and the saved state, of such a rank), in one process."""
+
+    def __init__(self, *args, world: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.world = world
+
+    def _dataset(self, coll, **overrides):
+        if coll is self.train:
+            overrides |= {"rank": 0, "world_size": self.world, "drop_last": self.world > 1}
+        return super()._dataset(coll, **overrides)
+
+
+class _Rates(pl.Callback):
+    def __init__(self) -> None:
+        self.lr: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("max_steps", [-1, 20])
+def test_a_run_resumed_on_other_ranks_resumes_again_on_its_own_schedule(
+    synthetic_h5ad, tmp_path, max_steps
+):
+    """A run of 2 ranks resumed on 1 (its schedule shifted to the steps 1 rank would have
+    made), then resumed again on 1 from one of its own checkpoints, goes on with its rates
+    exactly (the shift is kept in its checkpoints), to the end of its schedule."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, world, **fit):
+        torch.manual_seed(0)
+        dm = _RankZeroOf(
+            synthetic_h5ad,
+            world=world,
+            split_key="donor_id",
+            batch_size=128,
+            block_size=16,
+            fetch_factor=4,
+            val_fraction=0.2,
+            mode="block",
+        )
+        dm.setup()
+        related = torch.from_numpy(load_cell_ontology().related(dm.categories["y_n"]))
+        module = MetricModule(dm.collection.n_vars, (32,), 8, related_ll=related)
+        rates = _Rates()
+        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)
+        trainer = _trainer(
+            root,
+            max_epochs=2,
+            max_steps=max_steps,
+            enable_checkpointing=True,
+            callbacks=[ckpt, rates],
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(TrainingPlan(module), datamodule=dm, **fit)
+        return rates.lr, trainer.global_step
+
+    run(tmp_path / "a", 2)
+    first, end = run(tmp_path / "b", 1, ckpt_path=tmp_path / "a" / "epoch=0-step=3.ckpt")
+    steps = sorted(first)
+    assert steps[0] == 3 and steps[-1] == end - 1
+    rates = [first[s] for s in steps]
+    assert rates == sorted(rates, reverse=True)
+    assert rates[-1] < 0.02 * 5e-3  # (the schedule ends at this run's last step)
+    again, end_again = run(tmp_path / "c", 1, ckpt_path=tmp_path / "b" / "epoch=0-step=6.ckpt")
+    assert end_again == end
+    assert again == {s: first[s] for s in steps if s >= 6}

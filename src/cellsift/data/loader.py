@@ -765,7 +765,7 @@ class CellLoader(DataLoader):
             Segment(int(w), int(k), int(b), bool(d)) for w, k, b, d in state.get("earlier", [])
         )
         self.recounted = None
-        if batches and any(saved.get(k, mine[k]) != mine[k] for k in _HOW):
+        if any(saved.get(k, mine[k]) != mine[k] for k in _HOW):
             # read by another number of processes or workers: the rest of the epoch (the
             # cells no rank took yet) is planned anew, for this loader
             how = Segment(
@@ -775,7 +775,9 @@ class CellLoader(DataLoader):
                 bool(saved["drop_last"]),
             )
             counted = len(ds)  # (this loader's count of the epoch's batches)
-            if batches >= self._part_batches(epoch, earlier, how):  # the epoch was read whole
+            if batches == 0:  # (nothing read of the saved part: no part of its own)
+                left = self._batches_left(epoch, earlier)
+            elif batches >= self._part_batches(epoch, earlier, how):  # epoch read whole
                 earlier, batches, left = (), counted, 0
             else:
                 earlier, batches = (*earlier, how), 0

@@ -346,6 +346,8 @@ class TrainingPlan(pl.LightningModule):
         trainer = self.trainer
         if checkpoint is None:
             return
+        # the shift of a run resumed on another number of devices before, which it keeps
+        self._shift_schedule(int(checkpoint.get("cellsift_schedule_offset", 0)))
         if trainer.train_dataloader is None:  # (as the cosine schedule's length reads it)
             if not isinstance(getattr(trainer, "datamodule", None), CellDataModule):
                 # (other loaders are made after the loops restore, where Lightning gives
@@ -363,11 +365,21 @@ class TrainingPlan(pl.LightningModule):
         per_epoch = math.ceil(length / acc)
         epoch = int(checkpoint.get("epoch", 0))
         done = epoch * per_epoch + (per_epoch if here >= length else here // acc)
-        offset = done - int(checkpoint.get("global_step", 0))
-        span = self._span
-        if trainer.max_steps >= 0:  # (the run ends at max_steps, or its epochs' end before)
-            epochs = trainer.max_epochs
-            whole = per_epoch * max(epochs, 1) if epochs is not None and epochs >= 0 else None
+        self._shift_schedule(done - int(checkpoint.get("global_step", 0)))
+
+    def _shift_schedule(self, offset: int) -> None:
+        """The cosine schedule taken ``offset`` steps on (the steps this run would have made
+        to where a run resumed on another number of devices goes on, less those made); its
+        length is this run's, and ends at ``max_steps`` (a count of steps made) where that
+        comes first."""
+        trainer, span = self.trainer, self._span
+        if self._own_schedule is None or offset == span["offset"]:
+            return
+        if trainer.max_steps >= 0:
+            epochs, length = trainer.max_epochs, trainer.num_training_batches
+            whole = None  # (the steps of the run's epochs, where they end it)
+            if epochs is not None and epochs >= 0 and math.isfinite(length):
+                whole = math.ceil(length / trainer.accumulate_grad_batches) * max(epochs, 1)
             ends = trainer.max_steps + offset
             span["steps"] = max(min(ends, whole) if whole is not None else ends, 1)
         span["offset"] = offset
@@ -506,6 +518,8 @@ class TrainingPlan(pl.LightningModule):
         if self.run_identity is not None:
             checkpoint["cellsift_data"] = self.run_identity
         checkpoint["cellsift_optimization"] = self._optimization()
+        if self._span["offset"]:  # (a run resumed on another number of devices before)
+            checkpoint["cellsift_schedule_offset"] = self._span["offset"]
         if self._trainer is not None and self.trainer.training:  # (a training batch ended)
             checkpoint["cellsift_validates_next"] = _validates_next(self.trainer)
         # the TensorBoard run it belongs to, which a resumed run logs on in (cellsift.train.
