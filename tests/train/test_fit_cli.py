@@ -906,8 +906,8 @@ def test_fit_resumes_mid_epoch_on_another_number_of_devices(
     ``after``: the rest of the epoch is the cells no process trained on yet, planned anew
     (none twice, none lost but what the last batch leaves out), Lightning's count of the
     epoch goes on as the new run counts it (it validates once at the epoch's end and runs
-    the next epoch whole) and the cosine schedule goes on from where the cells trained put
-    it, to 0 at the end. Killed at step 9 of 10 on 1 process, what is left of the epoch
+    the next epoch whole) and the cosine schedule goes on from the rate the checkpoint
+    left, to 0 at the end. Killed at step 9 of 10 on 1 process, what is left of the epoch
     makes no batch on 2: the resumed run validates and ends the epoch first."""
     devices = {n: (() if n == 1 else _DDP) for n in (1, 2)}
     every_step = ("--trainer.log_every_n_steps", "1", "--data.init_args.mode", "block")
@@ -969,13 +969,17 @@ def test_fit_resumes_mid_epoch_on_another_number_of_devices(
     lr = [v for _, v in sorted(scalars["train/lr"])]
     assert lr == sorted(lr, reverse=True) and lr[0] == pytest.approx(5e-3)
     assert len(lr) == steps1[-1] + 1  # (one rate per step)
-    total = 2 * len(steps1)  # this run's steps of 2 epochs
 
-    def cosine(step: int) -> float:
-        return 5e-3 * 0.5 * (1 + np.cos(np.pi * step / total))
+    def cosine(position: float) -> float:
+        return 5e-3 * 0.5 * (1 + np.cos(np.pi * position))
 
-    # the first resumed step's rate: that of this run's steps done, those of the epoch's
-    # batches that are not left
-    left = len({step for e, step, _ in rest if e == 0})
-    assert lr[saved_step] == pytest.approx(cosine(total // 2 - left))
-    assert lr[-1] == pytest.approx(cosine(total - 1))
+    # the first resumed step's rate is the one the checkpoint's run had there (its 2 epochs
+    # of 4 steps on 2 processes, 10 on 1); then the schedule goes on evenly from there to
+    # this run's end: from this run's count of the steps done (its epoch's batches less
+    # those left) to its 2 epochs' steps
+    assert lr[saved_step] == pytest.approx(cosine(saved_step / (8 if before == 2 else 20)))
+    total, left = 2 * len(steps1), len({step for e, step, _ in rest if e == 0})
+    done = total // 2 - left
+    start = saved_step / (8 if before == 2 else 20)
+    last = start + (total - 1 - done) * (1 - start) / (total - done)
+    assert lr[-1] == pytest.approx(cosine(last))

@@ -607,13 +607,15 @@ class _Rates(pl.Callback):
         self.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("max_steps", [-1, 20])
-def test_a_run_resumed_on_other_ranks_resumes_again_on_its_own_schedule(
-    synthetic_h5ad, tmp_path, max_steps
+@pytest.mark.parametrize(("before", "after", "max_steps"), [(2, 1, -1), (2, 1, 20), (1, 2, 9)])
+def test_a_run_resumed_on_other_ranks_goes_on_along_its_schedule(
+    synthetic_h5ad, tmp_path, before, after, max_steps
 ):
-    """A run of 2 ranks resumed on 1 (its schedule shifted to the steps 1 rank would have
-    made), then resumed again on 1 from one of its own checkpoints, goes on with its rates
-    exactly (the shift is kept in its checkpoints), to the end of its schedule."""
+    """A run of ``before`` ranks resumed on ``after`` goes on from the rate its checkpoint
+    left (no jump, also where max_steps ends it: its steps now hold other numbers of cells)
+    and falls step by step to 0 at its last step; resumed again from one of its own
+    checkpoints on as many ranks, it goes on with its rates exactly (its checkpoints keep
+    how its schedule goes on)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(root, world, **fit):
@@ -644,13 +646,16 @@ def test_a_run_resumed_on_other_ranks_resumes_again_on_its_own_schedule(
         trainer.fit(TrainingPlan(module), datamodule=dm, **fit)
         return rates.lr, trainer.global_step
 
-    run(tmp_path / "a", 2)
-    first, end = run(tmp_path / "b", 1, ckpt_path=tmp_path / "a" / "epoch=0-step=3.ckpt")
+    whole, _ = run(tmp_path / "a", before)
+    first, end = run(tmp_path / "b", after, ckpt_path=tmp_path / "a" / "epoch=0-step=3.ckpt")
     steps = sorted(first)
     assert steps[0] == 3 and steps[-1] == end - 1
-    rates = [first[s] for s in steps]
-    assert rates == sorted(rates, reverse=True)
-    assert rates[-1] < 0.02 * 5e-3  # (the schedule ends at this run's last step)
-    again, end_again = run(tmp_path / "c", 1, ckpt_path=tmp_path / "b" / "epoch=0-step=6.ckpt")
+    assert first[3] == whole[3]  # (the rate the checkpoint's run had there)
+    rates = [whole[s] for s in range(3)] + [first[s] for s in steps]
+    assert rates == sorted(rates, reverse=True) and len(set(rates)) == len(rates)
+    assert rates[-1] < 0.05 * 5e-3  # (the schedule ends at this run's last step)
+    if max_steps > 0:
+        assert end == max_steps
+    again, end_again = run(tmp_path / "c", after, ckpt_path=tmp_path / "b" / "epoch=0-step=6.ckpt")
     assert end_again == end
     assert again == {s: first[s] for s in steps if s >= 6}

@@ -167,9 +167,10 @@ class TrainingPlan(pl.LightningModule):
         # run's optimisers (on_fit_start: LightningCLI's --optimizer may replace the plan's)
         self._saved_optimization: dict[str, Any] | None = None
         self._own_schedule: Any = None  # (configure_optimizers' cosine, told from others)
-        # its length in steps, and what a step of a run resumed on another number of devices
-        # is as this run counts them (the steps it would have made to there, less those made)
-        self._span = {"steps": 1, "offset": 0}
+        # its length in steps; for a run resumed on another number of devices, what its
+        # steps are as this run counts them (the steps it would have made to there, less
+        # those made), and (that step, as counted so, the schedule's position there)
+        self._span: dict[str, Any] = {"steps": 1, "offset": 0, "from": None}
         # the checkpoint a run resumes from, until its loops' state is read (on_fit_start)
         self._resumed_from: dict[str, Any] | None = None
         self._rng_before_validation: dict[str, Any] | None = None  # (kept out of training's)
@@ -346,8 +347,10 @@ class TrainingPlan(pl.LightningModule):
         trainer = self.trainer
         if checkpoint is None:
             return
-        # the shift of a run resumed on another number of devices before, which it keeps
-        self._shift_schedule(int(checkpoint.get("cellsift_schedule_offset", 0)))
+        saved = checkpoint.get("cellsift_schedule")  # (None: of an older version)
+        if isinstance(saved, dict) and (saved.get("offset") or saved.get("from")):
+            # (a run resumed on other devices before: its schedule as it went on)
+            self._go_on_with_schedule(saved["offset"], saved.get("from"))
         if trainer.train_dataloader is None:  # (as the cosine schedule's length reads it)
             if not isinstance(getattr(trainer, "datamodule", None), CellDataModule):
                 # (other loaders are made after the loops restore, where Lightning gives
@@ -365,24 +368,31 @@ class TrainingPlan(pl.LightningModule):
         per_epoch = math.ceil(length / acc)
         epoch = int(checkpoint.get("epoch", 0))
         done = epoch * per_epoch + (per_epoch if here >= length else here // acc)
-        self._shift_schedule(done - int(checkpoint.get("global_step", 0)))
+        step = int(checkpoint.get("global_step", 0))
+        # the schedule goes on from its position at the checkpoint (that of the run which
+        # wrote it; an older checkpoint's: where this run's count puts it)
+        at = _position(saved, step) if isinstance(saved, dict) and "steps" in saved else None
+        self._go_on_with_schedule(done - step, None if at is None else (done, at))
 
-    def _shift_schedule(self, offset: int) -> None:
-        """The cosine schedule taken ``offset`` steps on (the steps this run would have made
-        to where a run resumed on another number of devices goes on, less those made); its
-        length is this run's, and ends at ``max_steps`` (a count of steps made) where that
-        comes first."""
+    def _go_on_with_schedule(self, offset: int, start: Any) -> None:
+        """The cosine schedule of a run resumed on another number of devices: its steps
+        counted as this run counts them (``offset``: the steps it would have made to the
+        checkpoint, less those made) and, where ``start`` (that count, the schedule's
+        position there) is given, going on from that position, evenly, to its end at this
+        run's last step: the rate neither jumps at the resume nor ends above 0. Its last step
+        is that of this run's epochs, or ``max_steps`` (a count of steps made) before."""
         trainer, span = self.trainer, self._span
-        if self._own_schedule is None or offset == span["offset"]:
+        if self._own_schedule is None:
             return
-        if trainer.max_steps >= 0:
-            epochs, length = trainer.max_epochs, trainer.num_training_batches
-            whole = None  # (the steps of the run's epochs, where they end it)
-            if epochs is not None and epochs >= 0 and math.isfinite(length):
-                whole = math.ceil(length / trainer.accumulate_grad_batches) * max(epochs, 1)
-            ends = trainer.max_steps + offset
-            span["steps"] = max(min(ends, whole) if whole is not None else ends, 1)
+        epochs, length = trainer.max_epochs, trainer.num_training_batches
+        whole = None  # (the steps of the run's epochs, as this run counts them)
+        if epochs is not None and epochs >= 0 and math.isfinite(length):
+            whole = math.ceil(length / trainer.accumulate_grad_batches) * max(epochs, 1)
+        ends = trainer.max_steps + offset if trainer.max_steps >= 0 else None
+        bounds = [x for x in (whole, ends) if x is not None]
+        span["steps"] = max(min(bounds), 1) if bounds else span["steps"]
         span["offset"] = offset
+        span["from"] = None if start is None else (int(start[0]), float(start[1]))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # every rank asks every step (one small all-reduce under DDP), so that a signal that
@@ -518,8 +528,13 @@ class TrainingPlan(pl.LightningModule):
         if self.run_identity is not None:
             checkpoint["cellsift_data"] = self.run_identity
         checkpoint["cellsift_optimization"] = self._optimization()
-        if self._span["offset"]:  # (a run resumed on another number of devices before)
-            checkpoint["cellsift_schedule_offset"] = self._span["offset"]
+        if self._own_schedule is not None:  # (where a run on other devices goes on from)
+            span = self._span
+            checkpoint["cellsift_schedule"] = {
+                "steps": span["steps"],
+                "offset": span["offset"],
+                "from": None if span["from"] is None else list(span["from"]),
+            }
         if self._trainer is not None and self.trainer.training:  # (a training batch ended)
             checkpoint["cellsift_validates_next"] = _validates_next(self.trainer)
         # the TensorBoard run it belongs to, which a resumed run logs on in (cellsift.train.
@@ -702,11 +717,11 @@ class TrainingPlan(pl.LightningModule):
         span = self._span = {
             "steps": max(int(self.trainer.estimated_stepping_batches), 1),
             "offset": 0,
+            "from": None,
         }
 
         def cosine(step: int) -> float:  # from 1 at step 0 to 0 at this run's last step
-            steps, at = span["steps"], step + span["offset"]
-            return 0.5 * (1.0 + math.cos(math.pi * min(at, steps) / steps))
+            return 0.5 * (1.0 + math.cos(math.pi * _position(span, step)))
 
         # closed form, with the length read from this run: a run resumed with more epochs
         # than it was started with anneals to 0 at its new end (a restored CosineAnnealingLR
@@ -802,6 +817,19 @@ def _validates_next(trainer: pl.Trainer) -> bool | None:
         return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
     except (AttributeError, TypeError, AssertionError):  # (another Lightning's loops)
         return None
+
+
+def _position(span: Mapping[str, Any], step: int) -> float:
+    """The cosine schedule's position (0 to 1) at ``step`` (see ``_go_on_with_schedule``)."""
+    steps = span["steps"]
+    at = min(step + span.get("offset", 0), steps)
+    start = span.get("from")
+    if start is None:
+        return at / steps
+    first, position = start
+    if steps <= first:
+        return 1.0
+    return position + (at - first) * (1.0 - position) / (steps - first)
 
 
 def _recount_the_epoch(checkpoint: dict[str, Any], done: int, length: int) -> None:
