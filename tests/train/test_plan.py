@@ -659,3 +659,20 @@ def test_a_run_resumed_on_other_ranks_goes_on_along_its_schedule(
     again, end_again = run(tmp_path / "c", after, ckpt_path=tmp_path / "b" / "epoch=0-step=6.ckpt")
     assert end_again == end
     assert again == {s: first[s] for s in steps if s >= 6}
+
+
+def test_the_cosine_rates_are_those_of_the_closed_form_bit_for_bit():
+    """A run's rates, step by step, are 0.5 (1 + cos(pi t / T)) as runs of earlier versions
+    computed them (a checkpoint of one resumes with exactly its rates)."""
+    import math
+    import types
+
+    for steps in (20, 37, 500):
+        plan = TrainingPlan(torch.nn.Linear(2, 2))
+        plan._trainer = types.SimpleNamespace(
+            estimated_stepping_batches=steps, gradient_clip_val=0, precision="32-true"
+        )
+        sched = plan.configure_optimizers()["lr_scheduler"]["scheduler"]
+        factors = [sched.lr_lambdas[0](t) for t in range(steps + 2)]
+        want = [0.5 * (1.0 + math.cos(math.pi * min(t, steps) / steps)) for t in range(steps + 2)]
+        assert factors == want

@@ -721,6 +721,9 @@ class TrainingPlan(pl.LightningModule):
         }
 
         def cosine(step: int) -> float:  # from 1 at step 0 to 0 at this run's last step
+            if span["from"] is None:  # (pi * step / steps: rounded as runs always were)
+                steps = span["steps"]
+                return 0.5 * (1.0 + math.cos(math.pi * min(step + span["offset"], steps) / steps))
             return 0.5 * (1.0 + math.cos(math.pi * _position(span, step)))
 
         # closed form, with the length read from this run: a run resumed with more epochs
