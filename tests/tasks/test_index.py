@@ -1295,3 +1295,40 @@ def test_exact_top_k_prefilter_keeps_every_hit(top, monkeypatch):
     monkeypatch.setattr(index_module, "_top_first_all", lambda *a: calls.append(a) or full(*a))
     index_module._top_first(torch.randn(64, 5000, generator=gen), top)
     assert not calls
+
+
+def test_metadata_rows_of_a_saved_index_read_its_row_groups_as_the_whole_file_gives(
+    tmp_path, monkeypatch
+):
+    """A saved index's metadata rows (any order, repeats, across row groups, first and
+    last) are those of the metadata it was built with, of every column type, and of the
+    whole file read at once."""
+    import pyarrow.parquet as pq
+
+    from cellsift.tasks import index as index_module
+
+    monkeypatch.setattr(index_module, "METADATA_ROWS", 7)  # (groups of 7 rows, the last of 2)
+    rng = np.random.default_rng(0)
+    n = 100
+    meta = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(rng.choice(["T", "B", "NK"], n)),
+            "study": rng.choice(["s1", "s2"], n),
+            "n_counts": rng.random(n),
+            "kept": rng.random(n) > 0.5,
+        }
+    )
+    loaded = CellIndex.load(CellIndex.build(rng.normal(size=(n, 4)), meta).save(tmp_path / "i"))
+    assert pq.ParquetFile(tmp_path / "i" / "metadata.parquet").num_row_groups == 15
+    whole = pq.read_table(tmp_path / "i" / "metadata.parquet").to_pandas()
+    assert loaded.metadata_rows([]).shape == (0, 4)
+    for rows in ([0], [99], [98, 3, 3, 50, 0, 99, 13, 14], list(range(n))[::-1]):
+        got = loaded.metadata_rows(rows)
+        want = meta.iloc[rows].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, want)
+        pd.testing.assert_frame_equal(
+            got, whole.drop(columns="cell_index").iloc[rows].reset_index(drop=True)
+        )
+        pd.testing.assert_frame_equal(
+            loaded.metadata_rows(rows, ["kept", "cell_type"]), want[["kept", "cell_type"]]
+        )

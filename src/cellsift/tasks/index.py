@@ -600,9 +600,8 @@ class CellIndex:
         cols = cols if columns is not None else has
         if (self._metadata is None and self._metadata_file is None) or not cols:
             return pd.DataFrame(index=range(len(rows)))  # (no columns: one row per cell still)
-        ds = self._dataset()
         uniq, inverse = np.unique(rows, return_inverse=True)
-        tbl = ds.take(uniq, columns=cols)
+        tbl = _take(self._dataset(), uniq, cols)
         return tbl.to_pandas().iloc[inverse].reset_index(drop=True)
 
     # -- search -----------------------------------------------------------------------------
@@ -1087,7 +1086,7 @@ class CellIndex:
             files = ["embeddings.npy"]
             if self._metadata is not None or self._metadata_file is not None:
                 table = self._metadata if self._metadata is not None else self._dataset().to_table()
-                pq.write_table(table, tmp / "metadata.parquet", row_group_size=1 << 17)
+                pq.write_table(table, tmp / "metadata.parquet", row_group_size=METADATA_ROWS)
                 files.append("metadata.parquet")
             if self.ann is not None:
                 faiss = import_optional("faiss")
@@ -1228,6 +1227,31 @@ class CellIndex:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+#: Rows per row group of a saved index's metadata (what a lookup of a few rows reads).
+METADATA_ROWS = 1 << 17
+
+
+def _take(dataset: Any, rows: np.ndarray, columns: list[str]) -> Any:
+    """Rows ``rows`` (sorted, unique) of a metadata dataset as a pyarrow Table. Of a
+    Parquet file, only the row groups holding them are read (``Dataset.take`` reads every
+    one: 0.1 s for one row of a 1M-cell file)."""
+    fragments = list(dataset.get_fragments()) if hasattr(dataset, "files") else []
+    if len(fragments) != 1 or not len(rows):
+        return dataset.take(rows, columns=columns)
+    (fragment,) = fragments
+    meta = fragment.metadata
+    sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    starts = np.concatenate(([0], np.cumsum(sizes)))
+    group = np.searchsorted(starts, rows, side="right") - 1
+    wanted = np.unique(group)
+    read = fragment.subset(row_group_ids=wanted.tolist()).to_table(
+        columns=columns, schema=dataset.schema
+    )
+    # each row's place in what was read: its group's place there, plus its own in the group
+    first = np.concatenate(([0], np.cumsum(sizes[wanted])))[np.searchsorted(wanted, group)]
+    return read.take(first + rows - starts[group])
+
+
 class _HeldParquet:
     """A Parquet file read as it was opened: held by a descriptor (reads at offsets, safe
     from threads), so a save that puts another file in its place (a rename) leaves this
