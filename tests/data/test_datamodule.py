@@ -314,6 +314,29 @@ def test_a_models_label_deprecated_since_it_was_saved_still_trains(recwarn):
     assert not [w for w in recwarn if "labels the model does not have" in str(w.message)]
 
 
+def test_a_models_current_label_trains_its_term_beside_a_deprecated_one_replaced_by_it():
+    """A model saved when CL:0000054 (bone matrix secreting cell) and CL:0000062
+    (osteoblast) were both current holds both; CL has since replaced the first by the
+    second. Data naming the current term, by name or id, trains CL:0000062, whichever comes
+    first in the model's labels; the old id as the model holds it trains its own label."""
+    adata = synthetic_atlas(300, 200, n_studies=2, seed=0)
+    ids = adata.obs["cell_type_ontology_term_id"].astype(str).to_numpy().copy()
+    types = sorted(set(ids))
+    ids[ids == types[0]] = "osteoblast"
+    ids[ids == types[1]] = "CL:0000054"
+    ids[ids == types[2]] = "CL_0000062"
+    adata.obs["cell_type_ontology_term_id"] = ids
+    for first in (["CL:0000054", "CL:0000062"], ["CL:0000062", "CL:0000054"]):
+        labels = [*first, *types[3:]]
+        dm = CellDataModule(
+            adata, labels=labels, harmonize_labels=True, study_key=None, val_fraction=0
+        )
+        dm.setup("fit")
+        got = np.asarray(dm.collection.obs_column("cell_type_ontology_term_id"), dtype=str)
+        assert (got == "CL:0000062").sum() == np.isin(ids, ["osteoblast", "CL_0000062"]).sum()
+        assert (got == "CL:0000054").sum() == (ids == "CL:0000054").sum()
+
+
 def test_a_donor_held_as_whole_floats_in_one_store_is_one_donor(tmp_path):
     """One store holds donors as integer categories (one cell without), another as floats
     with a gap (pandas' integers with a missing value): donor 1000 is one group, all in

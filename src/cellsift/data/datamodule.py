@@ -311,8 +311,11 @@ class CellDataModule(pl.LightningDataModule):
         ids = dict(zip(rest, cl.harmonize(rest), strict=True))
         own: dict[str, str] = {}  # current id -> the model's label
         for label in self.labels or ():  # (one that names no current term: matched as written)
-            if (term := cl.term(label)) is not None:
-                own.setdefault(term, label)
+            term = cl.term(label)
+            # (where the model holds a current term and deprecated ones now replaced by it,
+            # the data's cells of that term train the current one, whatever the order)
+            if term is not None and (term not in own or label == term):
+                own[term] = label
         return {r: r if r in fixed else own.get(ids[r], ids[r]) for r in raw}
 
     def _check_labels(self, codes: np.ndarray, present: list[str]) -> None:
