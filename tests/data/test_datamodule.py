@@ -420,3 +420,50 @@ def test_text_that_means_no_value_is_no_label_study_or_group():
         )
         dm.setup()
         assert dm.collection.removed_alone == {}
+
+
+def test_labels_seen_in_too_few_studies_train_as_their_nearest_viable_ancestor():
+    """coarsen_labels=2: CD4 T cells of one study train as T cells (seen in four); the
+    monocytes of one study, without such an ancestor among the labels, are left out and
+    said; labels written as names are coarsened as their ids. Without a study column or
+    harmonized labels, it is refused naming what it needs."""
+    from cellsift.errors import ConfigError
+
+    adata = synthetic_atlas(400, 200, n_studies=4, seed=0)
+    label = np.array(
+        ["B cell"] * 100
+        + ["CL:0000084"] * 100  # T cell
+        + ["CD4-positive, alpha-beta T cell"] * 50
+        + ["CL:0000576"] * 50  # monocyte
+        + ["CL:0000625"] * 100  # CD8-positive, alpha-beta T cell
+    )
+    study = np.array([f"s{i % 4}" for i in range(400)], dtype=object)
+    study[200:250], study[250:300] = "s1", "s2"
+    adata.obs["cell_type"], adata.obs["study"] = label, study
+    kw = {"label_key": "cell_type", "study_key": "study", "val_fraction": 0}
+    dm = CellDataModule(adata, harmonize_labels=True, coarsen_labels=2, **kw)
+    with pytest.warns(UserWarning, match=r"50 cells of 1 label .* left out \(CL:0000576\)"):
+        dm.setup()
+    assert dm.categories["y_n"] == ["CL:0000084", "CL:0000236", "CL:0000625"]
+    assert dm.collection.n_obs == 350
+    got = np.asarray(dm.collection.obs_column("cell_type"), dtype=str)
+    want = np.delete(label, np.s_[250:300])
+    want = np.where(want == "CD4-positive, alpha-beta T cell", "CL:0000084", want)
+    want = np.where(want == "B cell", "CL:0000236", want)
+    np.testing.assert_array_equal(got, want)
+    # with a model's labels (MetricModel.train sets them): coarsened the same
+    fixed = CellDataModule(
+        adata, harmonize_labels=True, coarsen_labels=2, labels=dm.categories["y_n"], **kw
+    )
+    with pytest.warns(UserWarning, match="left out"):
+        fixed.setup()
+    np.testing.assert_array_equal(
+        np.asarray(fixed.collection.obs_column("cell_type"), dtype=str), want
+    )
+    for bad, what in (
+        ({"harmonize_labels": False}, "harmonize_labels=True"),
+        ({"harmonize_labels": True, "study_key": None}, "a study_key"),
+        ({"harmonize_labels": True, "coarsen_labels": 0}, "1 or more"),
+    ):
+        with pytest.raises(ConfigError, match=what):
+            CellDataModule(adata, **{**kw, "coarsen_labels": 2, **bad}).setup()

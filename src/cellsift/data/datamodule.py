@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .._utils import logger, no_label
+from .._utils import is_whole, logger, no_label
 from .._warnings import CellsiftWarning, warn
 from ..errors import ConfigError
 from .collection import (
@@ -80,6 +80,12 @@ class CellDataModule(pl.LightningDataModule):
     harmonize_labels
         Read ``label_key`` as Cell Ontology terms: names and ids map to current CL ids (an
         error lists values that are not CL terms).
+    coarsen_labels
+        A number of studies (e.g. 2; needs ``harmonize_labels`` and ``study_key``): a label
+        seen in fewer studies of the data trains as its nearest ancestor among the labels
+        that are seen in as many (:meth:`~cellsift.ontology.CellOntology.coarsen_rare`,
+        SCimilarity's most viable parent); cells of a label without one are left out, as
+        unlabelled cells are. What moved and what was left out is logged.
     pin_memory
         Batches in page-locked memory, so that their copy to the GPU runs beside the step
         (Lightning copies with ``non_blocking``). Default: when the trainer trains on CUDA.
@@ -108,6 +114,7 @@ class CellDataModule(pl.LightningDataModule):
         collection_options: Mapping[str, Any] | None = None,
         labels: Sequence[str] | None = None,
         harmonize_labels: bool = False,
+        coarsen_labels: int | None = None,
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
@@ -139,6 +146,7 @@ class CellDataModule(pl.LightningDataModule):
         self.collection_options = dict(collection_options or {})
         self.labels = list(labels) if labels is not None else None
         self.harmonize_labels = harmonize_labels
+        self.coarsen_labels = coarsen_labels
         self.pin_memory = pin_memory
         self.collection: CellCollection | None = None
         self.train: CellCollection | None = None
@@ -178,6 +186,24 @@ class CellDataModule(pl.LightningDataModule):
                 f"num_workers counts loader processes (0: read in the training process), not "
                 f"{self.num_workers}."
             )
+        if self.coarsen_labels is not None:
+            if not is_whole(self.coarsen_labels, least=1):
+                raise ConfigError(
+                    "coarsen_labels is the number of studies a label must be seen in (1 or "
+                    f"more), not {self.coarsen_labels!r}."
+                )
+            lacking = [
+                what
+                for what, ok in (
+                    ("harmonize_labels=True (it moves Cell Ontology ids)", self.harmonize_labels),
+                    ("a study_key (it counts studies)", self.study_key),
+                )
+                if not ok
+            ]
+            if lacking:
+                raise ConfigError(
+                    f"coarsen_labels={self.coarsen_labels} needs {' and '.join(lacking)}."
+                )
         options = dict(self.collection_options)
         # the label column is always required; columns dropna names too
         dropna = [self.label_key] if self.label_key else []
@@ -245,7 +271,10 @@ class CellDataModule(pl.LightningDataModule):
                     "(`cellsift fit`: --data.init_args.harmonize_labels false "
                     "--model.ontology_aware false)."
                 ) from None
-            coll.map_values(self.label_key, harmonized)
+            if self.coarsen_labels is not None:
+                coll = self.collection = self._coarsened(coll, harmonized)
+            else:
+                coll.map_values(self.label_key, harmonized)
         if self.label_key:
             codes, present = coll.codes(self.label_key)
             self.categories["y_n"] = present
@@ -300,6 +329,52 @@ class CellDataModule(pl.LightningDataModule):
             self.val.n_obs,
             ", ".join(self.val_groups),
         )
+
+    def _coarsened(self, coll: CellCollection, harmonized: dict[str, str]) -> CellCollection:
+        """``coll`` with its labels read as ``harmonized`` and then coarsened
+        (``coarsen_labels``): the cells of labels without a viable ancestor left out."""
+        from ..ontology import load_cell_ontology
+
+        assert self.label_key and self.study_key
+        cl = load_cell_ontology()
+        coll.map_values(self.label_key, harmonized)
+        labels, names = coll.codes(self.label_key)
+        studies, study_names = coll.codes(self.study_key)
+        # one entry per (label, study) the data holds, what coarsen_rare counts; of current
+        # terms (a model's label that CL has deprecated since stays as it is)
+        pairs = np.unique(np.stack([labels, studies], axis=1), axis=0)
+        current = np.array([not cl.is_deprecated(name) for name in names], dtype=bool)
+        pairs = pairs[(pairs[:, 0] >= 0) & current[np.maximum(pairs[:, 0], 0)]]
+        moved, report = cl.coarsen_rare(
+            [names[i] for i in pairs[:, 0]],
+            [study_names[i] if i >= 0 else None for i in pairs[:, 1]],
+            min_studies=int(self.coarsen_labels),  # type: ignore[arg-type]
+        )
+        to = {names[i]: m for i, m in zip(pairs[:, 0], moved, strict=True)}
+        n_cells = np.bincount(labels[labels >= 0], minlength=len(names))
+        for label, parent in sorted(report.moved.items()):
+            logger.info(
+                "coarsen_labels: %s (%d cells, %d studies) trains as %s",
+                label,
+                n_cells[names.index(label)],
+                report.studies[label],
+                parent,
+            )
+        dropped = sorted(report.dropped)
+        coll.map_values(
+            self.label_key,
+            {raw: to.get(term) or term for raw, term in harmonized.items()},
+        )
+        if not dropped:
+            return coll
+        gone = np.isin(labels, [names.index(label) for label in dropped])
+        warn(
+            f"coarsen_labels={self.coarsen_labels}: {int(gone.sum()):,} cells of "
+            f"{len(dropped)} label{'s' if len(dropped) > 1 else ''} seen in fewer studies "
+            f"and without such an ancestor among the labels are left out "
+            f"({', '.join(dropped[:5])}{', ...' if len(dropped) > 5 else ''})."
+        )
+        return coll.subset(np.flatnonzero(~gone))
 
     def _harmonized(self, cl: Any, raw: list[str]) -> dict[str, str]:
         """CL ids of the data's labels ``raw``; with fixed ``labels`` (a model's, saved under

@@ -345,7 +345,7 @@ class CellOntology:
         return term
 
     def coarsen_rare(
-        self, labels: Sequence[str], studies: Sequence[str], *, min_studies: int = 2
+        self, labels: Sequence[str], studies: Sequence[Any], *, min_studies: int = 2
     ) -> tuple[list[str | None], CoarsenReport]:
         """Move labels seen in fewer than ``min_studies`` studies to their most viable parent.
 
