@@ -325,16 +325,17 @@ def test_a_models_current_label_trains_its_term_beside_a_deprecated_one_replaced
     ids[ids == types[0]] = "osteoblast"
     ids[ids == types[1]] = "CL:0000054"
     ids[ids == types[2]] = "CL_0000062"
+    ids[ids == types[3]] = "CL_0000054"  # the deprecated id, spelled otherwise
     adata.obs["cell_type_ontology_term_id"] = ids
     for first in (["CL:0000054", "CL:0000062"], ["CL:0000062", "CL:0000054"]):
-        labels = [*first, *types[3:]]
+        labels = [*first, *types[4:]]
         dm = CellDataModule(
             adata, labels=labels, harmonize_labels=True, study_key=None, val_fraction=0
         )
         dm.setup("fit")
         got = np.asarray(dm.collection.obs_column("cell_type_ontology_term_id"), dtype=str)
         assert (got == "CL:0000062").sum() == np.isin(ids, ["osteoblast", "CL_0000062"]).sum()
-        assert (got == "CL:0000054").sum() == (ids == "CL:0000054").sum()
+        assert (got == "CL:0000054").sum() == np.isin(ids, ["CL:0000054", "CL_0000054"]).sum()
 
 
 def test_a_donor_held_as_whole_floats_in_one_store_is_one_donor(tmp_path):
@@ -460,6 +461,17 @@ def test_labels_seen_in_too_few_studies_train_as_their_nearest_viable_ancestor()
     np.testing.assert_array_equal(
         np.asarray(fixed.collection.obs_column("cell_type"), dtype=str), want
     )
+    # a model's label that this Cell Ontology lacks (a newer release's) stays as written
+    newer = label.copy()
+    newer[300:] = "CL:9999999"
+    adata.obs["cell_type"] = newer
+    labels = ["CL:0000084", "CL:0000236", "CL:9999999"]
+    kept = CellDataModule(adata, harmonize_labels=True, coarsen_labels=2, labels=labels, **kw)
+    with pytest.warns(UserWarning, match="left out"):
+        kept.setup()
+    assert (
+        np.asarray(kept.collection.obs_column("cell_type"), dtype=str) == "CL:9999999"
+    ).sum() == 100
     for bad, what in (
         ({"harmonize_labels": False}, "harmonize_labels=True"),
         ({"harmonize_labels": True, "study_key": None}, "a study_key"),

@@ -343,7 +343,9 @@ class CellDataModule(pl.LightningDataModule):
         # one entry per (label, study) the data holds, what coarsen_rare counts; of current
         # terms (a model's label that CL has deprecated since stays as it is)
         pairs = np.unique(np.stack([labels, studies], axis=1), axis=0)
-        current = np.array([not cl.is_deprecated(name) for name in names], dtype=bool)
+        current = np.array(
+            [name in cl.terms and not cl.is_deprecated(name) for name in names], dtype=bool
+        )
         pairs = pairs[(pairs[:, 0] >= 0) & current[np.maximum(pairs[:, 0], 0)]]
         moved, report = cl.coarsen_rare(
             [names[i] for i in pairs[:, 0]],
@@ -391,7 +393,13 @@ class CellDataModule(pl.LightningDataModule):
             # the data's cells of that term train the current one, whatever the order)
             if term is not None and (term not in own or label == term):
                 own[term] = label
-        return {r: r if r in fixed else own.get(ids[r], ids[r]) for r in raw}
+        # a value naming one of the labels as written (a deprecated term, in another
+        # spelling) trains that label; else the label of the current term it names
+        named = {r: cl.resolve(r) for r in rest}
+        return {
+            r: r if r in fixed else named[r] if named[r] in fixed else own.get(ids[r], ids[r])
+            for r in raw
+        }
 
     def _check_labels(self, codes: np.ndarray, present: list[str]) -> None:
         """Warn where labels will not train: cells whose label the fixed ``labels`` (a

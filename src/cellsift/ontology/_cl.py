@@ -331,6 +331,12 @@ class CellOntology:
             or self._by_obsolete_synonym.get(folded)
         )
 
+    def resolve(self, value: Any) -> str | None:
+        """The CL id that ``value`` (an id in any common form, a name or a synonym) names as
+        written: a deprecated term stays itself (:meth:`term` gives what replaces it); None
+        where it names none."""
+        return None if _missing(value) else self._resolve(str(value))
+
     def term(self, value: Any) -> str | None:
         """The current CL id ``value`` names (as :meth:`harmonize` maps it), or None where it
         names none (not a CL term, missing, obsolete without a successor)."""
