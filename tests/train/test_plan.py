@@ -524,6 +524,21 @@ def test_validation_asw_is_of_the_distance_trained_on(synthetic_h5ad, tmp_path):
     assert float(trainer.callback_metrics["val/asw"]) == pytest.approx(euclidean, abs=1e-5)
 
 
+def _saving_every(root, steps: int, callbacks: list, **kw) -> pl.Trainer:
+    """A trainer (no sanity validation) that keeps a checkpoint every ``steps`` steps in
+    ``root``, named by epoch and step."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=steps, save_top_k=-1)
+    return _trainer(
+        root,
+        enable_checkpointing=True,
+        callbacks=[ckpt, *callbacks],
+        num_sanity_val_steps=0,
+        **kw,
+    )
+
+
 class _OwnData(pl.LightningDataModule):
     """A data module of a user's own around a CellLoader: Lightning saves and restores the
     loader's position itself (in its fit loop's state)."""
@@ -554,7 +569,6 @@ def test_a_loader_of_a_users_data_module_resumes_where_lightning_saved_it(synthe
     on from the checkpoint's batch; resumed with another number of loader workers, the run
     is refused with a ResumeError naming the fix (Lightning restores its count of the epoch
     before such a loader says how much of it is left)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from cellsift.errors import ResumeError
 
@@ -562,15 +576,7 @@ def test_a_loader_of_a_users_data_module_resumes_where_lightning_saved_it(synthe
         torch.manual_seed(0)
         dm, module = _setup(synthetic_h5ad, mode="block", seed=1)
         batches = _Batches()
-        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1)
-        trainer = _trainer(
-            root,
-            max_epochs=1,
-            enable_checkpointing=True,
-            callbacks=[ckpt, batches],
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
+        trainer = _saving_every(root, 3, [batches], max_epochs=1, limit_val_batches=0)
         data = _OwnData(dm, workers)
         trainer.fit(TrainingPlan(module, scheduler="none"), datamodule=data, **fit)
         return batches.cells
@@ -616,7 +622,6 @@ def test_a_run_resumed_on_other_ranks_goes_on_along_its_schedule(
     and falls step by step to 0 at its last step; resumed again from one of its own
     checkpoints on as many ranks, it goes on with its rates exactly (its checkpoints keep
     how its schedule goes on)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(root, world, **fit):
         torch.manual_seed(0)
@@ -634,15 +639,7 @@ def test_a_run_resumed_on_other_ranks_goes_on_along_its_schedule(
         related = torch.from_numpy(load_cell_ontology().related(dm.categories["y_n"]))
         module = MetricModule(dm.collection.n_vars, (32,), 8, related_ll=related)
         rates = _Rates()
-        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)
-        trainer = _trainer(
-            root,
-            max_epochs=2,
-            max_steps=max_steps,
-            enable_checkpointing=True,
-            callbacks=[ckpt, rates],
-            num_sanity_val_steps=0,
-        )
+        trainer = _saving_every(root, 1, [rates], max_epochs=2, max_steps=max_steps)
         trainer.fit(TrainingPlan(module), datamodule=dm, **fit)
         return rates.lr, trainer.global_step
 
