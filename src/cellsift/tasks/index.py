@@ -1244,6 +1244,8 @@ def _take(dataset: Any, rows: np.ndarray, columns: list[str]) -> Any:
     starts = np.concatenate(([0], np.cumsum(sizes)))
     group = np.searchsorted(starts, rows, side="right") - 1
     wanted = np.unique(group)
+    if len(wanted) == len(sizes):  # (every group: read whole, as take does)
+        return dataset.take(rows, columns=columns)
     read = fragment.subset(row_group_ids=wanted.tolist()).to_table(
         columns=columns, schema=dataset.schema
     )
