@@ -82,6 +82,13 @@ def _count(values: Sequence[str], one: str, many: str) -> str:
     return f"1 label is {one}" if len(values) == 1 else f"{len(values)} labels are {many}"
 
 
+def _study_text(value: Any) -> str:
+    """A study as text, as the data module reads study columns: a whole float as an int."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _listing(values: Sequence[str], at_most: int = 20) -> str:
     """'a', 'b', ... and N more."""
     more = f" and {len(values) - at_most} more" if len(values) > at_most else ""
@@ -381,8 +388,8 @@ class CellOntology:
         for lab, st, missing in zip(labels, studies, none, strict=True):
             studies_of = seen.setdefault(lab, set())
             cells[lab] = cells.get(lab, 0) + 1
-            if not missing:
-                studies_of.add(st)
+            if not missing:  # (a study as text: 1, 1.0 and "1" are one study)
+                studies_of.add(_study_text(st))
         n_studies = {lab: len(s) for lab, s in seen.items()}
         viable = {lab for lab, n in n_studies.items() if n >= min_studies}
         report = CoarsenReport(studies=n_studies)
