@@ -336,6 +336,20 @@ def test_a_models_current_label_trains_its_term_beside_a_deprecated_one_replaced
         got = np.asarray(dm.collection.obs_column("cell_type_ontology_term_id"), dtype=str)
         assert (got == "CL:0000062").sum() == np.isin(ids, ["osteoblast", "CL_0000062"]).sum()
         assert (got == "CL:0000054").sum() == np.isin(ids, ["CL:0000054", "CL_0000054"]).sum()
+    # a model's label CL has made obsolete without a successor, spelled otherwise in the
+    # data (CL:0000002, obsolete immortal cell line cell): trains that label
+    ids[ids == "CL_0000054"] = "CL_0000002"
+    adata.obs["cell_type_ontology_term_id"] = ids
+    dm = CellDataModule(
+        adata,
+        labels=["CL:0000002", "CL:0000062", *types[4:]],
+        harmonize_labels=True,
+        study_key=None,
+        val_fraction=0,
+    )
+    dm.setup("fit")
+    got = np.asarray(dm.collection.obs_column("cell_type_ontology_term_id"), dtype=str)
+    assert (got == "CL:0000002").sum() == (ids == "CL_0000002").sum() > 0
 
 
 def test_a_donor_held_as_whole_floats_in_one_store_is_one_donor(tmp_path):

@@ -385,7 +385,12 @@ class CellDataModule(pl.LightningDataModule):
         release deprecated one of its terms still trains its own label."""
         fixed = set(self.labels or ())
         rest = [r for r in raw if r not in fixed]
-        ids = dict(zip(rest, cl.harmonize(rest), strict=True))
+        # a value naming one of the labels as written (a deprecated term, in another
+        # spelling; also one CL left without a successor) trains that label; the others
+        # train the label of the current term they name
+        named = {r: cl.resolve(r) for r in rest}
+        todo = [r for r in rest if named[r] not in fixed]
+        ids = dict(zip(todo, cl.harmonize(todo), strict=True))
         own: dict[str, str] = {}  # current id -> the model's label
         for label in self.labels or ():  # (one that names no current term: matched as written)
             term = cl.term(label)
@@ -393,9 +398,6 @@ class CellDataModule(pl.LightningDataModule):
             # the data's cells of that term train the current one, whatever the order)
             if term is not None and (term not in own or label == term):
                 own[term] = label
-        # a value naming one of the labels as written (a deprecated term, in another
-        # spelling) trains that label; else the label of the current term it names
-        named = {r: cl.resolve(r) for r in rest}
         return {
             r: r if r in fixed else named[r] if named[r] in fixed else own.get(ids[r], ids[r])
             for r in raw

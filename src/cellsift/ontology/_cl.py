@@ -10,6 +10,7 @@ labels seen in too few studies into a viable parent (:meth:`coarsen_rare`).
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -83,9 +84,16 @@ def _count(values: Sequence[str], one: str, many: str) -> str:
 
 
 def _study_text(value: Any) -> str:
-    """A study as text, as the data module reads study columns: a whole float as an int."""
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        return str(int(value))
+    """A study as text, as the data module reads study columns: a whole number (1.0,
+    ``Decimal("1")``, numpy's) as an int; a flag stays ``True`` / ``False``."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool | np.bool_):
+        number: Any = value
+        try:
+            whole = float(number).is_integer()
+        except (TypeError, ValueError):  # (a complex number)
+            whole = False
+        if whole:
+            return str(int(number))
     return str(value)
 
 
