@@ -108,6 +108,18 @@ def test_harmonize(cl):
         cl.harmonize([deprecated], replace_deprecated=False)
     with pytest.raises(TypeError, match=r"not the text 'B cell' \(its letters\)"):
         cl.harmonize("B cell")  # (it named the letters 'B', 'c', ... as unknown labels)
+    # spaces as a spreadsheet leaves them: doubled, tabs, non-breaking; names and synonyms
+    spaced = [
+        "B  cell",
+        "B\tcell",
+        "B\xa0cell",
+        " naive  B cell ",
+        "NK\u00a0cell",
+        "B   lymphocyte",
+    ]
+    assert cl.harmonize(spaced) == [*["CL:0000236"] * 3, "CL:0000788", "CL:0000623", "CL:0000236"]
+    with pytest.raises(OntologyError, match="'Bcell'"):
+        cl.harmonize(["Bcell"])  # (spaces are read as one, not dropped)
 
 
 def test_harmonize_follows_successors_to_a_current_term(cl):

@@ -106,6 +106,12 @@ def _listing(values: Sequence[str], at_most: int = 20) -> str:
     return ", ".join(shown) + more
 
 
+def _spaced(text: str) -> str:
+    """``text`` with the spaces around it dropped and each run within it (tabs,
+    non-breaking spaces) one space: how names are compared."""
+    return " ".join(text.split())
+
+
 def _missing(value: Any) -> bool:
     """None, NaN or pandas' NA (whose comparisons are neither True nor False)."""
     return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
@@ -128,19 +134,19 @@ class CellOntology:
         for term, info in self.terms.items():
             # (several deprecated terms have an empty label: a blank value names no term)
             if info.get("deprecated"):
-                name = info["label"].casefold().removeprefix("obsolete ").strip()
+                name = _spaced(info["label"].casefold().removeprefix("obsolete "))
                 if name:
                     self._by_obsolete.setdefault(name, term)
                 for syn in info.get("synonyms", []):
                     if syn.strip():
-                        self._by_obsolete_synonym.setdefault(syn.casefold().strip(), term)
+                        self._by_obsolete_synonym.setdefault(_spaced(syn.casefold()), term)
                 continue
             if info["label"].strip():
-                self._by_label.setdefault(info["label"], term)
-                self._by_folded.setdefault(info["label"].casefold(), term)
+                self._by_label.setdefault(_spaced(info["label"]), term)
+                self._by_folded.setdefault(_spaced(info["label"].casefold()), term)
             for syn in info.get("synonyms", []):
                 if syn.strip():
-                    self._by_synonym.setdefault(syn.casefold().strip(), term)
+                    self._by_synonym.setdefault(_spaced(syn.casefold()), term)
         self._children: dict[str, set[str]] | None = None
 
     def __repr__(self) -> str:
@@ -158,9 +164,10 @@ class CellOntology:
         return [self.name(t) for t in terms]
 
     def id(self, name: str) -> str | None:
-        """The id of a label (exact, then ignoring case, then synonyms; around spaces
-        ignored, as :meth:`harmonize` ignores them); None if unknown."""
-        name = name.strip()
+        """The id of a label (exact, then ignoring case, then synonyms; spaces around it
+        ignored and runs of them, tabs or non-breaking spaces within it read as one space,
+        as :meth:`harmonize` reads them); None if unknown."""
+        name = _spaced(name)
         return (
             self._by_label.get(name)
             or self._by_folded.get(name.casefold())
@@ -283,7 +290,8 @@ class CellOntology:
         return anc, anc | desc | (same[:, None] == same[None, :])
 
     def harmonize(self, values: Iterable[str], *, replace_deprecated: bool = True) -> list[str]:
-        """Map CL ids or names (labels, synonyms; any case) onto current CL ids.
+        """Map CL ids or names (labels, synonyms; any case, spaces around them ignored and
+        runs of them within read as one) onto current CL ids.
 
         Deprecated ids are replaced by their successor where the ontology names one. Values that
         cannot be mapped raise one error that lists them all.
@@ -332,7 +340,7 @@ class CellOntology:
     def _resolve(self, value: str) -> str | None:
         """The CL id that ``value`` (an id in any common form, a name or a synonym) names,
         deprecated or not; None if none (a blank value names none)."""
-        value = value.strip()
+        value = _spaced(value)
         if not value:
             return None
         m = _CL_ID.match(value)  # cl:0000236, CL_0000236, an OBO PURL
