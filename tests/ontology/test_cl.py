@@ -272,9 +272,7 @@ def test_coarsen_rare_counts_no_study_for_cells_without_one(cl):
     # text that means no study (as in study and split columns everywhere): "unknown",
     # blanks, and the "nan" / "None" that astype(str) makes of a column with gaps
     # a study written as a number in one place and as text in another is one study
-    from decimal import Decimal
-
-    out, report = cl.coarsen_rare(["CL:0000788"] * 4, [1, "1", 1.0, Decimal("1.0")])
+    out, report = cl.coarsen_rare(["CL:0000788"] * 4, [1, "1", 1.0, np.float32(1)])
     assert report.studies["CL:0000788"] == 1 and report.dropped == {"CL:0000788": 4}
     for none in ("unknown", "", " ", "nan", "NaN", "None", "<NA>"):
         out, report = cl.coarsen_rare(labels, ["a", "b", "a", "b", "a", none, none])

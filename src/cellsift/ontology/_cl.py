@@ -10,7 +10,6 @@ labels seen in too few studies into a viable parent (:meth:`coarsen_rare`).
 from __future__ import annotations
 
 import json
-import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -81,20 +80,6 @@ class CoarsenReport:
 def _count(values: Sequence[str], one: str, many: str) -> str:
     """'1 label is ONE' / 'N labels are MANY'."""
     return f"1 label is {one}" if len(values) == 1 else f"{len(values)} labels are {many}"
-
-
-def _study_text(value: Any) -> str:
-    """A study as text, as the data module reads study columns: a whole number (1.0,
-    ``Decimal("1")``, numpy's) as an int; a flag stays ``True`` / ``False``."""
-    if isinstance(value, numbers.Number) and not isinstance(value, bool | np.bool_):
-        number: Any = value
-        try:
-            whole = float(number).is_integer()
-        except (TypeError, ValueError):  # (a complex number)
-            whole = False
-        if whole:
-            return str(int(number))
-    return str(value)
 
 
 def _listing(values: Sequence[str], at_most: int = 20) -> str:
@@ -400,12 +385,16 @@ class CellOntology:
         seen: dict[str, set[str]] = {}
         cells: dict[str, int] = {}
         # a missing study, or text that spells one ("unknown", "nan"), counts as none
-        none = no_label(studies) if studies else np.zeros(0, dtype=bool)
-        for lab, st, missing in zip(labels, studies, none, strict=True):
+        from ..data.collection import _as_text  # (not at import: data imports this lazily)
+
+        # studies read as a study column is read (1, 1.0 and "1" are one study)
+        texts: Any = _as_text(np.array(studies, dtype=object)) if studies else []
+        none = no_label(texts) if studies else np.zeros(0, dtype=bool)
+        for lab, st, missing in zip(labels, texts, none, strict=True):
             studies_of = seen.setdefault(lab, set())
             cells[lab] = cells.get(lab, 0) + 1
-            if not missing:  # (a study as text: 1, 1.0 and "1" are one study)
-                studies_of.add(_study_text(st))
+            if not missing:
+                studies_of.add(st)
         n_studies = {lab: len(s) for lab, s in seen.items()}
         viable = {lab for lab, n in n_studies.items() if n >= min_studies}
         report = CoarsenReport(studies=n_studies)
