@@ -277,10 +277,12 @@ class IterableCellDataset(IterableDataset):
         """
         self._rank, self._world = self.rank_world
 
-    def plan(self, epoch: int | None = None, *, whole: bool = False) -> EpochPlan:
+    def plan(
+        self, epoch: int | None = None, earlier: tuple[Segment, ...] | None = None
+    ) -> EpochPlan:
         """This rank's plan of ``epoch`` (default: the dataset's): of what is left of it
-        where parts of it were read before it was planned anew (:meth:`earlier`), unless
-        ``whole``."""
+        after its ``earlier`` parts (default: those it holds, :meth:`earlier`; ``()``: the
+        epoch read whole)."""
         rank, world = self.rank_world
         epoch = self.epoch if epoch is None else epoch
         return make_plan(
@@ -290,7 +292,7 @@ class IterableCellDataset(IterableDataset):
             rank,
             world,
             self.weights,
-            () if whole else self.earlier(epoch),
+            self.earlier(epoch) if earlier is None else earlier,
         )
 
     def __repr__(self) -> str:
@@ -309,7 +311,7 @@ class IterableCellDataset(IterableDataset):
     def __len__(self) -> int:
         """Batches this rank yields per epoch (read whole: the rest of an epoch planned anew,
         resumed on another number of processes or workers, has fewer)."""
-        return self.plan(whole=True).total_batches
+        return self.plan(earlier=()).total_batches
 
     def fingerprint(self) -> dict[str, Any]:
         _, world = self.rank_world
@@ -334,11 +336,7 @@ class IterableCellDataset(IterableDataset):
         info = get_worker_info()
         wid, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         plan = self.plan()
-        counts = [
-            sum(plan.n_batches(i) for i in range(w, plan.n_fetches, n_workers))
-            for w in range(n_workers)
-        ]
-        skips, turn = _worker_skips(counts, self.skip)
+        skips, turn = _worker_skips(plan.stream_batches(n_workers), self.skip)
         # Fetch stream s is fetches s, s + W, ...; on resume the DataLoader starts again with
         # worker 0, so worker 0 takes the stream whose turn it is, and so on around.
         stream = (wid + turn) % n_workers
@@ -775,13 +773,11 @@ class CellLoader(DataLoader):
                 bool(saved["drop_last"]),
             )
             counted = len(ds)  # (this loader's count of the epoch's batches)
-            if batches == 0:  # (nothing read of the saved part: no part of its own)
-                left = self._batches_left(epoch, earlier)
-            elif batches >= self._part_batches(epoch, earlier, how):  # epoch read whole
-                earlier, batches, left = (), counted, 0
-            else:
+            if batches >= self._part_batches(epoch, earlier, how) > 0:  # epoch read whole
+                earlier, batches = (), counted
+            elif batches:  # (nothing read of the saved part: no part of its own)
                 earlier, batches = (*earlier, how), 0
-                left = self._batches_left(epoch, earlier)
+            left = ds.plan(epoch, earlier).total_batches - batches
             self.recounted = counted - left
         ds.set_earlier(epoch, earlier)
         self._epoch = self._current = epoch
@@ -789,13 +785,6 @@ class CellLoader(DataLoader):
         run = state.get("run_epoch")  # (None: not numbered, or an older checkpoint)
         self._pass, self._run_next, self._keep_skip = None, None, False
         self._restored = None if run is None else (self._current, self._consumed, int(run))
-
-    def _batches_left(self, epoch: int, earlier: tuple[Segment, ...]) -> int:
-        """This rank's batches of ``epoch`` once its ``earlier`` parts were read."""
-        ds = self.cell_dataset
-        rank, world = ds.rank_world
-        plan = make_plan(ds.cfg, ds.collection.n_obs, epoch, rank, world, ds.weights, earlier)
-        return plan.total_batches
 
     def _part_batches(self, epoch: int, earlier: tuple[Segment, ...], part: Segment) -> int:
         """The batches of each rank in ``part`` of ``epoch`` (after its ``earlier`` parts),

@@ -242,11 +242,7 @@ class EpochPlan:
     def _taken(self, workers: int, batches: int) -> np.ndarray | int:
         """The cells of the first ``batches`` batches this rank hands out over ``workers``
         workers (in weighted mode, their number)."""
-        counts = [
-            sum(self.n_batches(i) for i in range(w, self.n_fetches, workers))
-            for w in range(workers)
-        ]
-        skips, _ = _worker_skips(counts, batches)
+        skips, _ = _worker_skips(self.stream_batches(workers), batches)
         bs, out, n = self.cfg.batch_size, [], 0
         for w in range(workers):
             left = skips[w]
@@ -324,6 +320,14 @@ class EpochPlan:
         if self.cfg.mode == "block":
             cells = cells[self._rng(self.rank, i).permutation(len(cells))]
         return cells
+
+    def stream_batches(self, workers: int) -> list[int]:
+        """The batches of each of ``workers`` workers (worker ``w`` reads fetches ``w``,
+        ``w + workers``, ...)."""
+        return [
+            sum(self.n_batches(i) for i in range(w, self.n_fetches, workers))
+            for w in range(workers)
+        ]
 
     @property
     def total_batches(self) -> int:
