@@ -1233,8 +1233,9 @@ METADATA_ROWS = 1 << 17
 
 def _take(dataset: Any, rows: np.ndarray, columns: list[str]) -> Any:
     """Rows ``rows`` (sorted, unique) of a metadata dataset as a pyarrow Table. Of a
-    Parquet file, only the row groups holding them are read (``Dataset.take`` reads every
-    one: 0.1 s for one row of a 1M-cell file)."""
+    Parquet file, only the row groups holding them are read where that is not all of them
+    (``Dataset.take`` reads every one: one row of a 1M-cell index, 0.02-0.03 s against
+    0.004-0.01 s)."""
     fragments = list(dataset.get_fragments()) if hasattr(dataset, "files") else []
     if len(fragments) != 1 or not len(rows):
         return dataset.take(rows, columns=columns)

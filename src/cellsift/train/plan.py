@@ -340,9 +340,10 @@ class TrainingPlan(pl.LightningModule):
         Lightning's count of the epoch's batches, in the loop state it is about to restore,
         is set to that (it ends the epoch, and validates, by its count; where nothing of the
         epoch is left here, it validates and ends it as after its last batch), and the
-        cosine schedule goes on from where this run would be after as many cells: its steps
-        are of another number of cells than the saved run's. (A resume on as many devices
-        and workers goes on with the saved counts.)"""
+        cosine schedule goes on from the rate the checkpoint left to 0 at this run's last
+        step (its steps hold another number of cells than the saved run's:
+        :meth:`_go_on_with_schedule`). A resume on as many devices and workers goes on with
+        the saved counts, and with the schedule as its checkpoint says it went on."""
         checkpoint, self._resumed_from = self._resumed_from, None
         trainer = self.trainer
         if checkpoint is None:
@@ -371,7 +372,7 @@ class TrainingPlan(pl.LightningModule):
         step = int(checkpoint.get("global_step", 0))
         # the schedule goes on from its position at the checkpoint (that of the run which
         # wrote it; an older checkpoint's: where this run's count puts it)
-        at = _position(saved, step) if isinstance(saved, dict) and "steps" in saved else None
+        at = _angle(saved, step) / math.pi if isinstance(saved, dict) and "steps" in saved else None
         self._go_on_with_schedule(done - step, None if at is None else (done, at))
 
     def _go_on_with_schedule(self, offset: int, start: Any) -> None:
@@ -721,10 +722,7 @@ class TrainingPlan(pl.LightningModule):
         }
 
         def cosine(step: int) -> float:  # from 1 at step 0 to 0 at this run's last step
-            if span["from"] is None:  # (pi * step / steps: rounded as runs always were)
-                steps = span["steps"]
-                return 0.5 * (1.0 + math.cos(math.pi * min(step + span["offset"], steps) / steps))
-            return 0.5 * (1.0 + math.cos(math.pi * _position(span, step)))
+            return 0.5 * (1.0 + math.cos(_angle(span, step)))
 
         # closed form, with the length read from this run: a run resumed with more epochs
         # than it was started with anneals to 0 at its new end (a restored CosineAnnealingLR
@@ -822,17 +820,18 @@ def _validates_next(trainer: pl.Trainer) -> bool | None:
         return None
 
 
-def _position(span: Mapping[str, Any], step: int) -> float:
-    """The cosine schedule's position (0 to 1) at ``step`` (see ``_go_on_with_schedule``)."""
+def _angle(span: Mapping[str, Any], step: int) -> float:
+    """The cosine schedule's angle (0 to pi) at ``step`` (see ``_go_on_with_schedule``);
+    ``pi * step / steps`` rounded as runs always computed it, where it was not continued."""
     steps = span["steps"]
     at = min(step + span.get("offset", 0), steps)
     start = span.get("from")
     if start is None:
-        return at / steps
+        return math.pi * at / steps
     first, position = start
     if steps <= first:
-        return 1.0
-    return position + (at - first) * (1.0 - position) / (steps - first)
+        return math.pi
+    return math.pi * (position + (at - first) * (1.0 - position) / (steps - first))
 
 
 def _recount_the_epoch(checkpoint: dict[str, Any], done: int, length: int) -> None:
