@@ -422,3 +422,29 @@ def test_an_anndata_in_memory_of_mixed_columns_and_named_index_converts(tmp_path
         with H5adWriter(tmp_path / "reserved.h5ad", var) as writer:
             writer.append(x, obs.rename(columns={0: "_index"}))
     assert not list(tmp_path.glob("*reserved*"))
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_values_that_are_not_counts_outside_the_sample_are_refused_naming_the_cell(tmp_path, fmt):
+    """A store whose first half holds counts and whose second log-normalised values (two
+    batches joined after one was normalised): the opening sample of 512 cells misses cell 1,
+    whose values are not whole; convert names it and writes nothing."""
+    rng = np.random.default_rng(0)
+    counts = sp.random(2000, 30, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 10)
+    counts = sp.csr_matrix(sp.hstack([sp.csr_matrix(np.ones((2000, 1), np.float32)), counts]))
+    cell_1 = slice(counts.indptr[1], counts.indptr[2])
+    counts.data[cell_1] = np.log1p(counts.data[cell_1]) + rng.uniform(0.01, 0.5)
+    sampled = np.unique(np.linspace(0, 1999, 512).astype(np.int64))
+    assert 1 not in sampled
+    a = ad.AnnData(counts)
+    a.obs_names = [f"cell-{i}" for i in range(2000)]
+    a.write_h5ad(tmp_path / "joined.h5ad")
+    out = tmp_path / f"out.{fmt}"
+    with pytest.raises(
+        DataError, match=r"cell 1 \('cell-1'\) holds \d\.\d+; counts are whole numbers"
+    ):
+        convert(tmp_path / "joined.h5ad", out, chunk_size=300)
+    assert not out.exists()
+    convert(tmp_path / "joined.h5ad", out, check_counts=False)  # (as asked: written as they are)
+    np.testing.assert_allclose(open_store(out).read(np.array([1])).data, counts[1].data)

@@ -529,33 +529,16 @@ class CellCollection:
 
 def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
     """Raise a :class:`DataError` naming the store and the first cell whose values are not
-    counts (NaN, infinite, negative, not whole, or 2**24 or more), that holds stored zeros only, or whose
-    row holds a gene twice (one compiled pass over the values read, and one over the column
-    indices: cheap next to reading them). Returns whether ``x`` stores zeros as entries."""
+    counts (:func:`refuse_non_counts`), that holds stored zeros only, or whose row holds a
+    gene twice (one compiled pass over the values read, and one over the column indices:
+    cheap next to reading them). Returns whether ``x`` stores zeros as entries."""
     data = x.data
     where = f"{store.path} ({'X' if store.layer is None else store.layer})"
 
     def cell(row: int) -> str:
         return _cell_name(store, int(rows[row]))
 
-    first, zeros = first_fault(data)
-    if first >= 0:
-        row = int(np.searchsorted(x.indptr, first, side="right") - 1)
-        v = data[first]
-        what = (
-            "counts are finite and non-negative"
-            if not (v >= 0 and np.isfinite(v))
-            else f"counts are below {COUNT_LIMIT:,}, {_TOO_LARGE}"
-            if v >= COUNT_LIMIT
-            else "counts are whole numbers (normalised or log-transformed values?)"
-        )
-        layers = _other_layers(store)
-        held = _as_float32(v) if np.isfinite(v) and v >= COUNT_LIMIT else f"{v:.10g}"
-        raise DataError(
-            f"{where}: {cell(row)} holds {held}; {what}. Fix or drop that cell"
-            + (f", point layer= at raw counts (this file has: {layers})" if layers else "")
-            + ", or pass check_counts=False if these values are meant."
-        )
+    zeros = refuse_non_counts(store, x, rows)
     if zeros:  # zeros stored as entries
         # (the opening check counts genes from the values where its sample finds any; a
         # store whose zeros lie elsewhere counted them as genes when the filters ran)
@@ -584,6 +567,34 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
         )
     _refuse_duplicates(store, x, rows)
     return bool(zeros)
+
+
+def refuse_non_counts(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
+    """Raise a :class:`DataError` naming the store and the first cell of ``rows`` (read as
+    ``x``) whose values are not counts: NaN, infinite, negative, not whole, or 2**24 or
+    more (one compiled pass over the values). Returns whether ``x`` stores zeros as
+    entries."""
+    data = x.data
+    where = f"{store.path} ({'X' if store.layer is None else store.layer})"
+    first, zeros = first_fault(data)
+    if first < 0:
+        return bool(zeros)
+    row = int(np.searchsorted(x.indptr, first, side="right") - 1)
+    v = data[first]
+    what = (
+        "counts are finite and non-negative"
+        if not (v >= 0 and np.isfinite(v))
+        else f"counts are below {COUNT_LIMIT:,}, {_TOO_LARGE}"
+        if v >= COUNT_LIMIT
+        else "counts are whole numbers (normalised or log-transformed values?)"
+    )
+    layers = _other_layers(store)
+    held = _as_float32(v) if np.isfinite(v) and v >= COUNT_LIMIT else f"{v:.10g}"
+    raise DataError(
+        f"{where}: {_cell_name(store, int(rows[row]))} holds {held}; {what}. Fix or drop that cell"
+        + (f", point layer= at raw counts (this file has: {layers})" if layers else "")
+        + ", or pass check_counts=False if these values are meant."
+    )
 
 
 def _check_aligned(

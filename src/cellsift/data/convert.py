@@ -14,7 +14,7 @@ from pandas.api.extensions import ExtensionArray
 from .._utils import atomic_path, check_replaceable, progress
 from .._warnings import warn
 from ..errors import ConfigError, DataError
-from .collection import resolve_paths
+from .collection import refuse_non_counts, resolve_paths
 from .stores import CellStore, cut_by_values, open_store
 from .writers import (
     A_STORE,
@@ -105,8 +105,10 @@ def convert(
         Most cells read and written at a time (fewer where they would hold more than
         :data:`~cellsift.data.stores.SCAN_VALUES` values: a dense matrix of many genes).
     check_counts
-        Check a sample of the source's cells for values that are not raw counts (NaN,
-        negative, non-integer: e.g. log-normalised X while the counts sit in a layer).
+        Refuse values that are not raw counts (NaN, negative, non-integer: e.g.
+        log-normalised X while the counts sit in a layer): a sample of the source's cells
+        before anything is written, then every cell as it is read, the first such cell
+        named (the output is then not written).
 
     The output appears only when complete: a failed or interrupted conversion leaves nothing.
     What else an h5ad or Zarr source holds (other layers, obsm, uns, ...) is not written: a
@@ -171,6 +173,8 @@ def convert(
                 steps, total=len(steps), desc=desc, enabled=progress_bar, unit="chunk"
             ):
                 x = store.read(chunk)
+                if check_counts:  # (the sample above: cells of another kind elsewhere)
+                    refuse_non_counts(store, x, chunk)
                 if not x.data.all():  # zeros stored as entries are not carried over
                     x = x.copy()  # (a store's arrays may be read-only)
                     x.eliminate_zeros()
