@@ -566,6 +566,8 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
         (["--model.lr", "-1"], "lr must be > 0"),
         (["--model.asw_cells", "1"], "asw_cells must be at least 2"),
         (["--trainer.max_epochs", "0"], "no training step ran"),
+        (["--trainer.max_epochs", "-1"], r"this run has no last step \(max_epochs=-1 and no"),
+        (["--ckpt_path", "best"], r"--ckpt_path best names the best checkpoint of a fit run in"),
         (["--model.dropout", "1.5"], r"dropout is a probability in \[0, 1\), not 1.5"),
         (["--model.hidden", "[]"], r"hidden lists the widths of at least one layer"),
         (["--model.hidden", "[0]"], r"hidden lists the widths .* not \[0\]"),
@@ -659,7 +661,7 @@ def test_fit_refuses_a_validation_split_of_one_cell_type(tmp_path, capsys):
     ]
     assert main(["fit", *_args(path, tmp_path, *extra)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "validation cells hold 1 cell type (CL:0000624)" in err[-1]
+    assert "validation cells hold 1 cell type the model knows (CL:0000624)" in err[-1]
     assert not (tmp_path / "checkpoints").exists()  # said before training
 
 

@@ -312,12 +312,20 @@ def test_a_finished_run_goes_on_from_where_it_ended(synthetic_h5ad, tmp_path, ev
     assert len(list(root.glob("best-*.ckpt"))) == 1
 
 
-def test_a_run_stopped_early_and_resumed_stops_where_it_stopped(synthetic_h5ad, tmp_path):
+@pytest.mark.parametrize("saved", ["every-4-steps", "every-epoch"])
+def test_a_run_stopped_early_and_resumed_stops_where_it_stopped(synthetic_h5ad, tmp_path, saved):
     """A run stopped by early stopping keeps its last checkpoint of the steps (not one
-    written where it stopped: Lightning keeps no stop in a checkpoint, and a resumed run
-    trained on past it, review): a job that always resumes from "last" replays to the stop,
-    stops there again and ends with the same weights."""
+    written where it stopped again as it ends: Lightning keeps no stop in a checkpoint, and
+    a resumed run trained on past it, review): a job that always resumes from "last"
+    replays to the stop, stops there again and ends with the same weights. A last
+    checkpoint saved at each epoch's end (MetricModel.train's) is written after early
+    stopping asked to stop: it keeps that stop, and the run resumed from it ends at once,
+    saying so (it trained another epoch, hunt175)."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from cellsift._warnings import CellsiftWarning
+
+    every = {"every_n_train_steps": 4} if saved == "every-4-steps" else {}
 
     def run(**fit):
         torch.manual_seed(0)
@@ -326,8 +334,8 @@ def test_a_run_stopped_early_and_resumed_stops_where_it_stopped(synthetic_h5ad, 
             ModelCheckpoint(
                 dirpath=tmp_path, filename="best-{epoch}-{step}", monitor="val/asw", mode="max"
             ),
-            ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=4),
-            EarlyStopping(monitor="val/asw", mode="max", patience=0, min_delta=1.0),
+            ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, **every),
+            EarlyStopping(monitor="val/asw", mode="max", patience=1, min_delta=1.0),
         ]
         trainer = _trainer(
             tmp_path,
@@ -342,7 +350,11 @@ def test_a_run_stopped_early_and_resumed_stops_where_it_stopped(synthetic_h5ad, 
 
     first, plan = run()
     assert first.current_epoch < 5  # (stopped early)
-    again, plan_again = run(ckpt_path="last")
+    if saved == "every-epoch":
+        with pytest.warns(CellsiftWarning, match=r"written as its run stopped .*ends there too"):
+            again, plan_again = run(ckpt_path="last")
+    else:
+        again, plan_again = run(ckpt_path="last")
     assert again.global_step == first.global_step
     for (key, a), b in zip(
         plan.module.state_dict().items(), plan_again.module.state_dict().values(), strict=True
@@ -434,6 +446,11 @@ def test_resuming_from_last_without_a_checkpoint_says_where_it_looked(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="cellsift"):
         assert continued_run("last", [ModelCheckpoint(dirpath=where)], tmp_path, "run") is None
     assert f"no last*.ckpt in {where}, so training starts from the beginning" in caplog.text
+    caplog.clear()  # two callbacks in one folder (a best and a last): named once
+    two = [ModelCheckpoint(dirpath=where, monitor="val/asw"), ModelCheckpoint(dirpath=where)]
+    with caplog.at_level(logging.WARNING, logger="cellsift"):
+        assert continued_run("last", two, tmp_path, "run") is None
+    assert f"no last*.ckpt in {where}, so training" in caplog.text
 
 
 def test_a_setting_added_since_a_checkpoint_was_kept_reads_as_its_old_default():
@@ -673,3 +690,146 @@ def test_the_cosine_rates_are_those_of_the_closed_form_bit_for_bit():
         factors = [sched.lr_lambdas[0](t) for t in range(steps + 2)]
         want = [0.5 * (1.0 + math.cos(math.pi * min(t, steps) / steps)) for t in range(steps + 2)]
         assert factors == want
+
+
+def _splitmix64(idx: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser in numpy's uint64 (the reference for the plan's int64 one)."""
+    x = idx.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (x ^ (x >> np.uint64(31))).view(np.int64)
+
+
+def _sorted_by_type(tmp_path):
+    """The synthetic atlas stored sorted by cell type, the most common first (as many
+    atlases are sorted)."""
+    import anndata as ad
+
+    from cellsift.datasets import synthetic_atlas
+
+    a = ad.read_h5ad(synthetic_atlas(3_000, 300, n_studies=4, path=tmp_path / "s.h5ad", seed=1))
+    types = a.obs["cell_type"].astype(str)
+    a = a[np.argsort(-types.map(types.value_counts()).to_numpy(), kind="stable")].copy()
+    a.write_h5ad(tmp_path / "sorted.h5ad")
+    return tmp_path / "sorted.h5ad"
+
+
+def _known(path, labels: list[str] | None, **kw):
+    """A data module split by donor whose model knows ``labels`` (None: the data's), and a
+    small MetricModule for them."""
+    dm = CellDataModule(
+        path, split_key="donor_id", val_fraction=0.2, batch_size=64, labels=labels, **kw
+    )
+    dm.setup()
+    related = torch.from_numpy(load_cell_ontology().related(dm.label_set))
+    return dm, MetricModule(dm.collection.n_vars, (64, 64), 16, related_ll=related)
+
+
+def test_validation_asw_is_of_a_sample_spread_over_the_validation_cells(tmp_path):
+    """Data stored sorted by cell type: the first 150 validation cells by index are of one
+    type, which the model does not know (unlabelled, y_n -1), and gave no val/asw. The
+    silhouette is of the 150 labelled cells of the lowest hashes of their index: computed
+    here by hand, with SplitMix64 in numpy's unsigned arithmetic."""
+    import warnings
+
+    from cellsift.train import silhouette
+
+    torch.manual_seed(0)
+    path = _sorted_by_type(tmp_path)
+    everything = CellDataModule(path, split_key="donor_id", val_fraction=0.2).label_set
+    with warnings.catch_warnings():  # (the CD4 T cells train unlabelled: said)
+        warnings.simplefilter("ignore")
+        dm, module = _known(path, [lab for lab in everything if lab != "CL:0000624"])
+    trainer = _trainer(tmp_path)
+    trainer.validate(TrainingPlan(module, asw_cells=150), datamodule=dm)
+    module.eval()
+    z, y, idx = [], [], []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            z.append(module(batch)["z_nk"])
+            y.append(batch["y_n"])
+            idx.append(batch["obs_idx_n"])
+    z_all, y_all, i_all = torch.cat(z), torch.cat(y), torch.cat(idx).numpy()
+    assert (y_all[np.argsort(i_all)][:150] == -1).all()  # (what the first cells are)
+    labelled = (y_all >= 0).numpy()
+    keys = _splitmix64(i_all[labelled])
+    pick = np.argsort(keys)[:150]
+    z_s, y_s = z_all[labelled][pick], y_all[labelled][pick]
+    assert len(torch.unique(y_s)) >= 5  # spread over the types
+    want = float(silhouette(z_s, y_s, module.triplet.related_ll))
+    assert float(trainer.callback_metrics["val/asw"]) == pytest.approx(want, abs=1e-5)
+
+
+def test_no_silhouette_of_one_type_is_said_and_refused_where_watched(tmp_path):
+    """Validation cells of a common type and a rare one the model knows, two sampled: one
+    type, no silhouette. A warning says why; with a callback watching val/asw, an error
+    naming the fix at the first validation (Lightning named only the missing key)."""
+    import warnings
+
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from cellsift._warnings import CellsiftWarning
+    from cellsift.errors import ConfigError
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # (the other types train unlabelled: said)
+        warnings.simplefilter("ignore")
+        dm, module = _known(_sorted_by_type(tmp_path), ["CL:0000624", "CL:0000786"])
+    with pytest.warns(CellsiftWarning, match=r"no val/asw this validation: its 2 labelled cells"):
+        _trainer(tmp_path).validate(TrainingPlan(module, asw_cells=2), datamodule=dm)
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[EarlyStopping(monitor="val/asw", mode="max")],
+    )
+    with pytest.raises(ConfigError, match=r"callbacks watch val/asw\. .*raise asw_cells"):
+        trainer.fit(TrainingPlan(module, asw_cells=2), datamodule=dm)
+
+
+def test_watched_silhouette_needs_types_the_model_knows(synthetic_h5ad, tmp_path):
+    """A model's fixed labels of which the validation cells hold one (B cells): the others
+    validate unlabelled, so there is no silhouette; refused before the first epoch."""
+    import warnings
+
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from cellsift.errors import ConfigError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm, module = _known(synthetic_h5ad, ["CL:0000236", "CL:0000000"])
+    trainer = _trainer(
+        tmp_path, max_epochs=1, callbacks=[EarlyStopping(monitor="val/asw", mode="max")]
+    )
+    with pytest.raises(ConfigError, match=r"watch val/asw, but the validation cells hold 1 "):
+        trainer.fit(TrainingPlan(module), datamodule=dm)
+
+
+def test_a_cosine_schedule_needs_a_run_with_a_last_step(synthetic_h5ad, tmp_path):
+    """max_epochs=-1 without max_steps (early stopping or max_time to end it): the cosine
+    schedule has no length to anneal over; a ConfigError names the settings (it was an
+    OverflowError of Lightning's infinite estimate, hunt175). A constant rate trains."""
+    from cellsift.errors import ConfigError
+
+    dm, module = _setup(synthetic_h5ad)
+    with pytest.raises(ConfigError, match=r"no last step \(max_epochs=-1 and no max_steps"):
+        _trainer(tmp_path, max_epochs=-1, max_time="00:00:00:30").fit(
+            TrainingPlan(module), datamodule=dm
+        )
+    trainer = _trainer(tmp_path, max_epochs=-1, limit_train_batches=2, max_time="00:00:00:30")
+    trainer.callbacks.append(_StopAfter(3))
+    trainer.fit(TrainingPlan(module, scheduler="none"), datamodule=dm)
+    assert trainer.global_step == 3
+
+
+class _StopAfter(pl.Callback):
+    """Stops the fit after ``steps`` optimiser steps."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True

@@ -122,7 +122,11 @@ class TrainingPlan(pl.LightningModule):
     scheduler
         ``"cosine"`` (annealed to 0 over the run's steps) or ``"none"``.
     asw_cells
-        Validation cells (in the fixed validation order) used for the silhouette.
+        Labelled validation cells the silhouette (``val/asw``) is taken over: a sample
+        spread over the validation set (the cells of the lowest hashes of their index,
+        ``obs_idx_n``), the same cells every epoch and on any number of ranks (batches
+        without ``obs_idx_n``: the first to arrive). Unlabelled cells (``y_n`` -1) are not
+        counted.
     compile
         ``torch.compile`` the module's dense parts (its ``encoder`` and ``decoder``, or the
         whole module when it has neither); state-dict keys do not change.
@@ -163,6 +167,7 @@ class TrainingPlan(pl.LightningModule):
         self._val_i: list[torch.Tensor | None] = []
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        self._stopped: dict[str, int] | None = None  # (a resumed checkpoint's stop, if any)
         # a resumed checkpoint's optimiser settings, compared once the trainer has built this
         # run's optimisers (on_fit_start: LightningCLI's --optimizer may replace the plan's)
         self._saved_optimization: dict[str, Any] | None = None
@@ -329,6 +334,16 @@ class TrainingPlan(pl.LightningModule):
         self._stop = StopRequest()
         self._stop.install()
         self._stepped_at = self.trainer.global_step
+        stopped, self._stopped = self._stopped, None  # (read once: a later fit's own)
+        if stopped is not None:  # the run had stopped there: it ends there again
+            where = f"epoch {stopped['epoch']}, step {stopped['step']}"
+            rank_zero_warn(
+                f"the checkpoint was written as its run stopped (its callbacks, e.g. "
+                f"EarlyStopping, stopped it at {where}): this run ends there too, as that one "
+                "did. To train on, train the model it made anew (a new run from its weights).",
+                category=CellsiftWarning,
+            )
+            self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
         self._stop.restore()
@@ -498,7 +513,8 @@ class TrainingPlan(pl.LightningModule):
         second best checkpoint, ``-v1``, beside the first). A fit stopped before its epochs
         ran out (early stopping, max_steps) keeps its last as it is: Lightning keeps no stop
         in a checkpoint, so a resumed run would train on past the stop; from the last save
-        it replays to the stop and stops again."""
+        it replays to the stop and stops again (one saved after the stop keeps it,
+        ``cellsift_stopped``: the run resumed from it ends at once)."""
         trainer = self.trainer
         if getattr(trainer, "fast_dev_run", False) or trainer.should_stop:
             return  # (fast_dev_run: setup leaves it no last to keep)
@@ -538,6 +554,14 @@ class TrainingPlan(pl.LightningModule):
             }
         if self._trainer is not None and self.trainer.training:  # (a training batch ended)
             checkpoint["cellsift_validates_next"] = _validates_next(self.trainer)
+        if self._trainer is not None and _asked_to_stop(self.trainer):
+            # written after a callback stopped the run (EarlyStopping at a validation's end,
+            # before a checkpoint callback saves): Lightning keeps no stop, and the run
+            # resumed from here would train on until its callbacks stop it again
+            checkpoint["cellsift_stopped"] = {
+                "epoch": self.trainer.current_epoch,
+                "step": self.trainer.global_step,
+            }
         # the TensorBoard run it belongs to, which a resumed run logs on in (cellsift.train.
         # resume: `cellsift fit --ckpt_path`, MetricModel.train(ckpt_path=...))
         logger = self.trainer.logger if self._trainer is not None else None
@@ -549,6 +573,7 @@ class TrainingPlan(pl.LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._stopped = checkpoint.get("cellsift_stopped")
         # what the run is (data, settings) first: it says what differs in the user's terms,
         # where other weights' shapes would name tensors
         saved, here = checkpoint.get("cellsift_data"), self.run_identity
@@ -628,19 +653,43 @@ class TrainingPlan(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.module(batch)
         self._log_scalars(out, "val", int(batch["x_ng"].shape[0]))
-        if "z_nk" in out and "y_n" in batch and sum(len(z) for z in self._val_z) < self.asw_cells:
-            self._val_z.append(out["z_nk"].detach())
-            self._val_y.append(batch["y_n"].detach())
-            self._val_i.append(batch.get("obs_idx_n"))
+        if "z_nk" in out and "y_n" in batch:
+            self._keep_for_silhouette(out["z_nk"].detach(), batch["y_n"], batch.get("obs_idx_n"))
+
+    def _keep_for_silhouette(
+        self, z: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None
+    ) -> None:
+        """Keep a batch's labelled cells for the silhouette: of batches with cell indices,
+        the ``asw_cells`` of the lowest :func:`_spread_key` so far (at most twice as many
+        held between compactions); of others, the first ``asw_cells``."""
+        labelled = y >= 0
+        z, y = z[labelled], y.detach()[labelled]
+        if idx is None:
+            left = self.asw_cells - sum(len(k) for k in self._val_y)
+            if left > 0:
+                self._val_z.append(z[:left])
+                self._val_y.append(y[:left])
+                self._val_i.append(None)
+            return
+        self._val_z.append(z)
+        self._val_y.append(y)
+        self._val_i.append(_spread_key(idx.detach()[labelled]))
+        keys = [k for k in self._val_i if k is not None]
+        if sum(len(k) for k in keys) > 2 * self.asw_cells and len(keys) == len(self._val_i):
+            kz, ky, kk = _lowest_keys(self._val_z, self._val_y, keys, self.asw_cells)
+            self._val_z, self._val_y, self._val_i = [kz], [ky], [kk]
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = {}
 
     def on_validation_epoch_end(self) -> None:
         """``val/<scalar>``: the cell-weighted mean over every rank's validation batches; and
-        the silhouette of the first ``asw_cells`` validation cells by cell index (batches
-        without ``obs_idx_n``: in arrival order), of every rank's cells gathered: the same set
-        and value on any number of ranks."""
+        the silhouette of ``asw_cells`` labelled validation cells spread over the set (the
+        lowest :func:`_spread_key` of their index; batches without ``obs_idx_n``: in arrival
+        order), of every rank's cells gathered: the same set and value on any number of
+        ranks. Where those cells hold fewer than two labels there is no silhouette: an
+        error naming why where a callback watches ``val/asw`` (Lightning's would name only
+        the missing key), else a warning."""
         sums, self._val_sums = _over_ranks(self._val_sums), {}
         for key, (total, weight) in sums.items():
             if weight > 0:  # the same value on every rank; synced so that Lightning knows it
@@ -653,18 +702,34 @@ class TrainingPlan(pl.LightningModule):
         batches = [b for rank in _gather_objects(local) for b in rank]
         if not batches:
             return
-        z = torch.cat([b[0] for b in batches]).to(self.device)
-        y = torch.cat([b[1] for b in batches]).to(self.device)
-        if all(b[2] is not None for b in batches):
-            order = torch.argsort(torch.cat([b[2] for b in batches])).to(self.device)
-            z, y = z[order], y[order]
-        z, y = z[: self.asw_cells], y[: self.asw_cells]
+        zs, ys = [b[0] for b in batches], [b[1] for b in batches]
+        keys = [b[2] for b in batches if b[2] is not None]
+        if len(keys) == len(batches):
+            z, y, _ = _lowest_keys(zs, ys, keys, self.asw_cells)
+        else:  # (in arrival order)
+            z, y = torch.cat(zs)[: self.asw_cells], torch.cat(ys)[: self.asw_cells]
+        z, y = z.to(self.device), y.to(self.device)
         triplet = getattr(self.module, "triplet", None)
         related = getattr(triplet, "related_ll", None)
         distance: Distance = getattr(triplet, "distance", "cosine")  # (the distance trained on)
-        if len(torch.unique(y[y >= 0])) >= 2:
+        if len(torch.unique(y)) >= 2:
             # the same value on every rank; synced so that Lightning knows it is global
             self.log("val/asw", float(silhouette(z, y, related, distance)), sync_dist=True)
+            return
+        if self.trainer.sanity_checking:  # (a few batches only)
+            return
+        why = (
+            f"no val/asw this validation: its {len(y):,} labelled cells sampled (asw_cells="
+            f"{self.asw_cells:,}) hold {len(torch.unique(y))} cell type(s), and a silhouette "
+            "compares two or more"
+        )
+        if any(getattr(cb, "monitor", None) == "val/asw" for cb in self.trainer.callbacks):  # type: ignore[attr-defined]
+            raise ConfigError(
+                f"{why}; callbacks watch val/asw. Validate on cells of several types the model "
+                "knows (val_groups, or a split_key / val_fraction), raise asw_cells, or watch "
+                "val/loss instead."
+            )
+        rank_zero_warn(why + ".", category=CellsiftWarning)
 
     def _optimization(self) -> dict[str, Any]:
         """The optimiser's and schedule's settings, which a resumed run must share: those of
@@ -715,8 +780,17 @@ class TrainingPlan(pl.LightningModule):
         )
         if self.scheduler == "none":
             return opt
+        estimated = self.trainer.estimated_stepping_batches
+        if not math.isfinite(estimated):
+            raise ConfigError(
+                "the cosine schedule anneals the rate to 0 over the run's steps, and this run "
+                "has no last step (max_epochs=-1 and no max_steps; max_time and early "
+                "stopping end a run at no step known before): set max_epochs or max_steps, "
+                "or train at a constant rate: TrainingPlan(scheduler='none'), cellsift fit "
+                "--model.scheduler none."
+            )
         span = self._span = {
-            "steps": max(int(self.trainer.estimated_stepping_batches), 1),
+            "steps": max(int(estimated), 1),
             "offset": 0,
             "from": None,
         }
@@ -956,6 +1030,41 @@ def _check_steps(trainer: Any) -> None:
         )
 
 
+def _asked_to_stop(trainer: pl.Trainer) -> bool:
+    """Whether a callback (early stopping) or the user's code has stopped the fit: the
+    trainer's ``should_stop``, but where the plan set it as ``max_steps`` ends the run (a
+    run resumed with more steps goes on)."""
+    ended = 0 <= trainer.max_steps <= trainer.global_step
+    return bool(trainer.should_stop) and not ended and trainer.state.fn == "fit"
+
+
+def _spread_key(idx: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser of cell indices (int64, wrapping, logical shifts by masks): a
+    bijection whose order spreads over the cells, so that the cells of the lowest keys are
+    a sample of the set whatever its order (data stored sorted by cell type too), the same
+    on any device."""
+    x = idx.long() * -7046029254386353131  # 0x9E3779B97F4A7C15
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * -7723592293110705685  # 0x94D049BB133111EB
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def _lowest_keys(
+    zs: list[torch.Tensor], ys: list[torch.Tensor], keys: list[torch.Tensor], n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``n`` cells of the lowest keys (distinct: one per cell), in key order."""
+    dev = zs[0].device
+    z, y, k = (
+        torch.cat(zs),
+        torch.cat([t.to(dev) for t in ys]),
+        torch.cat([t.to(dev) for t in keys]),
+    )
+    order = torch.argsort(k)[:n]
+    return z[order], y[order], k[order]
+
+
 def _check_watched(trainer: pl.Trainer) -> None:
     """Callbacks that watch validation metrics (early stopping, a monitored checkpoint) need
     validation cells of several types: checked before the first epoch, not at its end."""
@@ -992,12 +1101,13 @@ def _check_watched(trainer: pl.Trainer) -> None:
             "it is given: give it a CellDataModule(..., val_fraction=0.1); cellsift fit: "
             f"--data.init_args.val_fraction), {drop}"
         )
-    if dm.label_key:
-        labels = dm.val.codes(dm.label_key)[1]
+    if dm.label_key:  # (the labels the model knows: others validate unlabelled)
+        known = set(dm.label_set)
+        labels = [lab for lab in dm.val.codes(dm.label_key)[1] if lab in known]
         if len(labels) < 2:
             raise ConfigError(
                 f"callbacks watch {', '.join(watching)}, but the validation cells hold "
-                f"{len(labels)} cell type{'' if len(labels) == 1 else 's'} "
+                f"{len(labels)} cell type{'' if len(labels) == 1 else 's'} the model knows "
                 f"({', '.join(labels) or 'none'}): the silhouette compares two or more. "
                 f"Choose val_groups (or a split_key / val_fraction) whose cells hold several "
                 f"types, {drop}"
