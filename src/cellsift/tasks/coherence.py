@@ -96,8 +96,14 @@ def query_coherence(
         Hits per search.
     n_clusters
         Clusters of the query cells, at most one per ``min_cluster_cells`` cells.
+    min_cluster_cells
+        Query cells per cluster that the number of clusters allows (``len(cells) //
+        min_cluster_cells`` at most, 1 at least). It bounds how many clusters are made,
+        not their sizes: k-means may still make a cluster of fewer cells.
     filter
         Metadata filter of the searches (as the set's search).
+    seed
+        Of k-means' starting centroids.
     warn_below
         Warn when the coherence is below this (None: never).
     hits

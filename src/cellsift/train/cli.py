@@ -164,6 +164,13 @@ class FitCLI(LightningCLI):
         # hyperparameters): an unreadable file is said in one line, naming it
         # ("last" names a file only once the callbacks exist: continued_run reads it)
         path = self.config[self.config.subcommand].get("ckpt_path")
+        if path == "best" and not Path(path).exists():
+            raise ConfigError(
+                "--ckpt_path best names the best checkpoint of a fit run in the same process, "
+                "which a new `cellsift fit` has none of: resume with --ckpt_path last, or "
+                "with the checkpoint file's path (the best: checkpoints/best-*.ckpt in the "
+                "logger's folder)."
+            )
         if path is not None and Path(path).exists():  # (a folder: named as one)
             read_checkpoint(path)
         super()._parse_ckpt_path()

@@ -81,11 +81,13 @@ def continued_run(
     path = checkpoint_file(ckpt_path, callbacks) if ckpt_path else None
     if path is None:
         if ckpt_path == "last":  # (a job that always passes "last" starts so the first time)
-            dirs = [
-                str(cb.dirpath)
-                for cb in callbacks
-                if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None
-            ]
+            dirs = list(  # (callbacks that share a folder name it once)
+                dict.fromkeys(
+                    str(cb.dirpath)
+                    for cb in callbacks
+                    if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None
+                )
+            )
             logger.warning(
                 "ckpt_path='last': no last*.ckpt in %s, so training starts from the beginning "
                 "(to resume, run where the interrupted run ran, or pass its checkpoint's path)",
