@@ -351,7 +351,7 @@ def test_a_run_stopped_early_and_resumed_stops_where_it_stopped(synthetic_h5ad, 
     first, plan = run()
     assert first.current_epoch < 5  # (stopped early)
     if saved == "every-epoch":
-        with pytest.warns(CellsiftWarning, match=r"written as its run stopped .*ends there too"):
+        with pytest.warns(CellsiftWarning, match=r"as early stopping stopped its run .*stops th"):
             again, plan_again = run(ckpt_path="last")
     else:
         again, plan_again = run(ckpt_path="last")
@@ -775,8 +775,10 @@ def test_no_silhouette_of_one_type_is_said_and_refused_where_watched(tmp_path):
     with warnings.catch_warnings():  # (the other types train unlabelled: said)
         warnings.simplefilter("ignore")
         dm, module = _known(_sorted_by_type(tmp_path), ["CL:0000624", "CL:0000786"])
+    watching = [EarlyStopping(monitor="val/asw", mode="max")]  # (which watch fits only)
     with pytest.warns(CellsiftWarning, match=r"no val/asw this validation: its 2 labelled cells"):
-        _trainer(tmp_path).validate(TrainingPlan(module, asw_cells=2), datamodule=dm)
+        trainer = _trainer(tmp_path, callbacks=watching)
+        trainer.validate(TrainingPlan(module, asw_cells=2), datamodule=dm)
     trainer = _trainer(
         tmp_path,
         max_epochs=1,
@@ -833,3 +835,48 @@ class _StopAfter(pl.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.steps:
             trainer.should_stop = True
+
+
+def test_only_early_stopping_is_kept_as_a_stop(synthetic_h5ad, tmp_path):
+    """A run stopped by its time (Lightning's Timer: max_time) or a callback of the user's
+    goes on when resumed (review166: the first version kept every stop). The stop of an
+    early-stopped checkpoint is for the fit resumed from it: a validation from it, then a
+    fit of the same plan without it, trains (review166: it ended at once)."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
+
+    def run(root, stop, epochs=2, **fit):
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1)
+        keep = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
+        trainer = _trainer(
+            root,
+            max_epochs=epochs,
+            enable_checkpointing=True,
+            callbacks=[keep, *stop],
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(TrainingPlan(module, scheduler="none"), datamodule=dm, **fit)
+        return trainer
+
+    whole = run(tmp_path / "whole", [])
+    first = run(tmp_path / "timer", [Timer(duration=timedelta(microseconds=1), interval="epoch")])
+    assert first.global_step == whole.global_step // 2  # (after the first epoch)
+    assert run(tmp_path / "timer", [], ckpt_path="last").global_step == whole.global_step
+    first = run(tmp_path / "user", [_StopAfter(1)])
+    assert first.global_step == 1  # (Lightning ends that epoch there: the resumed run
+    assert run(tmp_path / "user", [], ckpt_path="last").global_step > 1  # trains the next)
+    # an early-stopped run's last checkpoint: validated from, then a new fit of the plan
+    root = tmp_path / "early"
+    early = [EarlyStopping(monitor="val/asw", mode="max", patience=0, min_delta=1.0)]
+    first = run(root, early, epochs=30)
+    assert first.current_epoch < 5
+    torch.manual_seed(0)
+    dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1)
+    plan = TrainingPlan(module, scheduler="none")
+    trainer = _trainer(root)
+    trainer.validate(plan, datamodule=dm, ckpt_path=str(root / "last.ckpt"))
+    trainer = _trainer(root, max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(plan, datamodule=dm)
+    assert trainer.global_step == whole.global_step // 2

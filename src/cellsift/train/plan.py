@@ -167,7 +167,7 @@ class TrainingPlan(pl.LightningModule):
         self._val_i: list[torch.Tensor | None] = []
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
-        self._stopped: dict[str, int] | None = None  # (a resumed checkpoint's stop, if any)
+        self._stopped: dict[str, Any] | None = None  # (a resumed checkpoint's stop, if any)
         # a resumed checkpoint's optimiser settings, compared once the trainer has built this
         # run's optimisers (on_fit_start: LightningCLI's --optimizer may replace the plan's)
         self._saved_optimization: dict[str, Any] | None = None
@@ -335,12 +335,12 @@ class TrainingPlan(pl.LightningModule):
         self._stop.install()
         self._stepped_at = self.trainer.global_step
         stopped, self._stopped = self._stopped, None  # (read once: a later fit's own)
-        if stopped is not None:  # the run had stopped there: it ends there again
+        if stopped is not None and stopped["ckpt"] == str(self.trainer.ckpt_path):
             where = f"epoch {stopped['epoch']}, step {stopped['step']}"
             rank_zero_warn(
-                f"the checkpoint was written as its run stopped (its callbacks, e.g. "
-                f"EarlyStopping, stopped it at {where}): this run ends there too, as that one "
-                "did. To train on, train the model it made anew (a new run from its weights).",
+                f"the checkpoint was written as early stopping stopped its run ({where}): "
+                "this run stops there too, as that one did (where min_epochs / min_steps let "
+                "it). To train on, train the model it made anew (a new run from its weights).",
                 category=CellsiftWarning,
             )
             self.trainer.should_stop = True
@@ -555,9 +555,9 @@ class TrainingPlan(pl.LightningModule):
         if self._trainer is not None and self.trainer.training:  # (a training batch ended)
             checkpoint["cellsift_validates_next"] = _validates_next(self.trainer)
         if self._trainer is not None and _asked_to_stop(self.trainer):
-            # written after a callback stopped the run (EarlyStopping at a validation's end,
-            # before a checkpoint callback saves): Lightning keeps no stop, and the run
-            # resumed from here would train on until its callbacks stop it again
+            # written after early stopping stopped the run (at a validation's end, before a
+            # checkpoint callback saves): Lightning keeps no stop, and the run resumed from
+            # here would train on until early stopping stops it again
             checkpoint["cellsift_stopped"] = {
                 "epoch": self.trainer.current_epoch,
                 "step": self.trainer.global_step,
@@ -573,7 +573,12 @@ class TrainingPlan(pl.LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._stopped = checkpoint.get("cellsift_stopped")
+        # a stop kept for the fit that resumes from this checkpoint (not a validation's or
+        # a load of its weights: a later fit of this plan is its own)
+        fit = self._trainer is not None and self.trainer.state.fn == "fit"
+        ckpt = getattr(self._trainer, "ckpt_path", None) if fit else None
+        stop = checkpoint.get("cellsift_stopped")
+        self._stopped = {**stop, "ckpt": str(ckpt)} if stop and ckpt else None
         # what the run is (data, settings) first: it says what differs in the user's terms,
         # where other weights' shapes would name tensors
         saved, here = checkpoint.get("cellsift_data"), self.run_identity
@@ -661,10 +666,12 @@ class TrainingPlan(pl.LightningModule):
     ) -> None:
         """Keep a batch's labelled cells for the silhouette: of batches with cell indices,
         the ``asw_cells`` of the lowest :func:`_spread_key` so far (at most twice as many
-        held between compactions); of others, the first ``asw_cells``."""
+        held between compactions); once a batch without them has come, the first
+        ``asw_cells`` to arrive."""
         labelled = y >= 0
         z, y = z[labelled], y.detach()[labelled]
-        if idx is None:
+        key = None if idx is None else _spread_key(idx.detach()[labelled])
+        if key is None or any(k is None for k in self._val_i):  # (in arrival order)
             left = self.asw_cells - sum(len(k) for k in self._val_y)
             if left > 0:
                 self._val_z.append(z[:left])
@@ -673,9 +680,9 @@ class TrainingPlan(pl.LightningModule):
             return
         self._val_z.append(z)
         self._val_y.append(y)
-        self._val_i.append(_spread_key(idx.detach()[labelled]))
+        self._val_i.append(key)
         keys = [k for k in self._val_i if k is not None]
-        if sum(len(k) for k in keys) > 2 * self.asw_cells and len(keys) == len(self._val_i):
+        if sum(len(k) for k in keys) > 2 * self.asw_cells:
             kz, ky, kk = _lowest_keys(self._val_z, self._val_y, keys, self.asw_cells)
             self._val_z, self._val_y, self._val_i = [kz], [ky], [kk]
 
@@ -723,7 +730,8 @@ class TrainingPlan(pl.LightningModule):
             f"{self.asw_cells:,}) hold {len(torch.unique(y))} cell type(s), and a silhouette "
             "compares two or more"
         )
-        if any(getattr(cb, "monitor", None) == "val/asw" for cb in self.trainer.callbacks):  # type: ignore[attr-defined]
+        watched = any(getattr(cb, "monitor", None) == "val/asw" for cb in self.trainer.callbacks)  # type: ignore[attr-defined]
+        if watched and self.trainer.state.fn == "fit":  # (callbacks watch in fits only)
             raise ConfigError(
                 f"{why}; callbacks watch val/asw. Validate on cells of several types the model "
                 "knows (val_groups, or a split_key / val_fraction), raise asw_cells, or watch "
@@ -1031,11 +1039,20 @@ def _check_steps(trainer: Any) -> None:
 
 
 def _asked_to_stop(trainer: pl.Trainer) -> bool:
-    """Whether a callback (early stopping) or the user's code has stopped the fit: the
-    trainer's ``should_stop``, but where the plan set it as ``max_steps`` ends the run (a
-    run resumed with more steps goes on)."""
-    ended = 0 <= trainer.max_steps <= trainer.global_step
-    return bool(trainer.should_stop) and not ended and trainer.state.fn == "fit"
+    """Whether early stopping has stopped the fit: a run that has found what it trains
+    for. Not the other stops, which a resumed run goes on past: ``max_steps`` (the plan
+    sets ``should_stop`` as it ends the run: a run resumed with more steps goes on),
+    ``max_time`` (Lightning's Timer: a scheduled job that resumes where its time ran out)
+    or a callback of the user's."""
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+
+    if not trainer.should_stop or trainer.state.fn != "fit":
+        return False
+    return any(
+        isinstance(cb, EarlyStopping) and cb.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+        for cb in trainer.callbacks  # type: ignore[attr-defined]
+    )
 
 
 def _spread_key(idx: torch.Tensor) -> torch.Tensor:
