@@ -236,7 +236,7 @@ def _annotate(args: argparse.Namespace) -> int:
     ) as tmp:
         adata.write_h5ad(tmp)
     counts = adata.obs["cellsift_cell_type"].value_counts()
-    print(f"wrote {args.out}: {adata.n_obs:,} cells annotated")
+    print(f"wrote {args.out}: {adata.n_obs:,} cell{'' if adata.n_obs == 1 else 's'} annotated")
     for name, c in counts.head(15).items():
         print(f"  {c:>9,}  {name}")
     return 0

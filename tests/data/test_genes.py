@@ -96,6 +96,20 @@ def test_zero_overlap_error_names_source_and_count():
         vocab.align(_var(["TP53", "GAPDH", "ACTB"]), source="my.h5ad")
 
 
+def test_symbols_of_another_case_are_named_as_such():
+    """Mouse-style symbols (Cd3e) against a human model's (CD3E): no gene matches as written;
+    the error says how many match ignoring case and asks about the species. Names that
+    match in no case get no such sentence."""
+    symbols = [f"GENE{i}" for i in range(100)]
+    vocab = GeneVocabulary([_ens(i) for i in range(100)], symbols=symbols)
+    mouse = _var([s.capitalize() for s in symbols[:80]])
+    with pytest.raises(GeneAlignmentError, match=r"only 0 of its 80 genes.* 80 of its var_name"):
+        vocab.align(mouse, source="mouse.h5ad", of="vocabulary")
+    with pytest.raises(GeneAlignmentError) as other:
+        vocab.align(_var([f"X{i}" for i in range(80)]), source="x.h5ad", of="vocabulary")
+    assert "ignoring case" not in str(other.value)
+
+
 def test_duplicate_gene_ids_error():
     vocab = GeneVocabulary(["A", "B", "C"])
     var = pd.DataFrame(index=pd.Index(["A", "B", "C"]))

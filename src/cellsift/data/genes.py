@@ -396,7 +396,7 @@ class GeneVocabulary:
                 "the data are not subset to a gene panel or to variable genes; a var column "
                 f"with Ensembl ids ({', '.join(ID_COLUMNS)}) is matched automatically. Its "
                 f"var_names are {_kind_of_names(var.index)}; {what} genes are "
-                f"{_kind_of_names(self.genes)}{beside}."
+                f"{_kind_of_names(self.genes)}{beside}.{self._case_hint(var, n_matched, need)}"
             )
         if of == "vocabulary" and n_matched < min_overlap * len(self):
             warn(
@@ -416,3 +416,20 @@ class GeneVocabulary:
         col_map[clear] = named[target[named].get_indexer(ids[clear])]
         identity = len(var) == len(self) and bool(np.array_equal(col_map, np.arange(len(self))))
         return GeneMap(col_map, n_matched, key, identity, len(self))
+
+    def _case_hint(self, var: pd.DataFrame, n_matched: int, need: float) -> str:
+        """Where the data's var_names would match enough of the genes (ids or symbols)
+        ignoring case, a sentence saying so: genes match as written, and symbols that
+        differ in case are most often another species' (mouse Cd3e, human CD3E)."""
+        ours = {str(g).casefold() for g in self.genes}
+        if self.symbols is not None:
+            ours |= {str(g).casefold() for g in self.symbols if g}
+        names = pd.Index(var.index.astype(str))
+        folded = int(names.str.casefold().isin(list(ours)).sum())
+        if folded < need or folded <= n_matched:
+            return ""
+        return (
+            f" {folded} of its var_names match ignoring case (genes are matched as written): "
+            "mouse and human symbols differ so (Cd3e, CD3E): are the data of the model's "
+            "species? Map them to its genes (orthologues) rather than changing their case."
+        )
