@@ -21,8 +21,10 @@ def silhouette(
     distance to the cells of another label, where labels related to its own (ancestor or
     descendant, ``related_ll``) are not counted as other clusters: a CD4 T cell near T cells
     is not penalised. Cells with label < 0 are ignored; singletons score 0 (as scikit-learn).
-    An embedding that is not finite (a diverged model) makes the score NaN, not a number a
-    checkpoint or early stopping would take for one. ``related_ll``: labels x labels, any
+    A labelled cell's embedding that is not finite (a diverged model) makes the score NaN,
+    not a number a checkpoint or early stopping would take for one (unlabelled cells are
+    not read). Where every label is related to every other, no cell has another cluster:
+    the score is 0. ``related_ll``: labels x labels, any
     dtype whose nonzero entries mark relatives.
     """
     keep = y_n >= 0
