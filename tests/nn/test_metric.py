@@ -214,6 +214,13 @@ def test_label_loss_does_not_credit_a_descendant_the_study_uses(relatives):
         ({"target_sum": 0.0}, "target_sum is the counts per cell"),
         ({"target_sum": -1.0}, "target_sum is the counts per cell"),
         ({"n_genes": 1}, "at least two genes, not n_genes=1: .* every cell would embed alike"),
+        # not numbers: a text (a TypeError of a comparison) or True (taken for 1; hunt177)
+        ({"classifier_weight": "0.5"}, r"classifier_weight is a number, not '0.5' \(str\)"),
+        ({"classifier_weight": True}, r"classifier_weight is a number, not True \(bool\)"),
+        ({"triplet_weight": "0.1"}, r"triplet_weight is a number, not '0.1'"),
+        ({"dropout": "0.5"}, r"dropout is a number, not '0.5'"),
+        ({"margin": None}, r"margin is a number, not None"),
+        ({"target_sum": True}, r"target_sum is a number, not True"),
     ],
 )
 def test_settings_that_cannot_make_a_model_are_named(settings, message):

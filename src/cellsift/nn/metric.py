@@ -69,6 +69,14 @@ def hidden_widths(hidden: Any) -> list[Any]:
     return list(hidden)
 
 
+def _check_number(name: str, value: Any) -> None:
+    """A :class:`ConfigError` where a setting ``name`` is no real number (a text "0.5", or
+    True, which Python would read as 1), rather than a TypeError of a comparison or a
+    boolean taken for a weight."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ConfigError(f"{name} is a number, not {value!r} ({type(value).__name__}).")
+
+
 def _check_settings(
     n_genes: int,
     hidden: Sequence[int],
@@ -86,6 +94,13 @@ def _check_settings(
     def whole(v: Any) -> bool:  # (numpy's integers too; not True/False)
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
+    for name, v in (
+        ("dropout", dropout),
+        ("input_dropout", input_dropout),
+        ("margin", margin),
+        ("target_sum", target_sum),
+    ):
+        _check_number(name, v)
     hidden = hidden_widths(hidden)
     if not whole(n_genes) or n_genes < 2:
         raise ConfigError(
@@ -162,6 +177,8 @@ class MetricModule(nn.Module):
     ) -> None:
         super().__init__()
         _check_settings(n_genes, hidden, latent, dropout, input_dropout, margin, target_sum)
+        _check_number("triplet_weight", triplet_weight)
+        _check_number("classifier_weight", classifier_weight)
         if not 0.0 <= triplet_weight <= 1.0:
             raise ConfigError(f"triplet_weight must lie in [0, 1], not {triplet_weight:g}.")
         # (within rounding: 0.07 + 0.93 is above 1 in floats)
