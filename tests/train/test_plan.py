@@ -779,15 +779,29 @@ def test_no_silhouette_of_one_type_is_said_and_refused_where_watched(tmp_path):
     with pytest.warns(CellsiftWarning, match=r"no val/asw this validation: its 2 labelled cells"):
         trainer = _trainer(tmp_path, callbacks=watching)
         trainer.validate(TrainingPlan(module, asw_cells=2), datamodule=dm)
+    # the sample is known before training where the whole validation set is read: said
+    # then, not after the first epoch (review167)
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        callbacks=[EarlyStopping(monitor="val/asw", mode="max")],
+    )
+    with pytest.raises(ConfigError, match=r"the 2 labelled validation cells its silhouette sa"):
+        trainer.fit(TrainingPlan(module, asw_cells=2), datamodule=dm)
+    assert trainer.global_step == 0
+    # where part of it is (limit_val_batches), at the validation that samples it
     trainer = _trainer(
         tmp_path,
         max_epochs=1,
         limit_train_batches=1,
+        limit_val_batches=0.5,
         num_sanity_val_steps=0,
         callbacks=[EarlyStopping(monitor="val/asw", mode="max")],
     )
     with pytest.raises(ConfigError, match=r"callbacks watch val/asw\. .*raise asw_cells"):
         trainer.fit(TrainingPlan(module, asw_cells=2), datamodule=dm)
+    assert trainer.global_step == 1
 
 
 def test_watched_silhouette_needs_types_the_model_knows(synthetic_h5ad, tmp_path):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -247,7 +248,7 @@ class TrainingPlan(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         _check_steps(self.trainer)
-        _check_watched(self.trainer)
+        _check_watched(self.trainer, self.asw_cells)
         if getattr(self.trainer, "fast_dev_run", False):
             # a trial run: Lightning keeps its last.ckpt regardless (over a real run's), which
             # ckpt_path="last" would then resume the real run from. This run's callbacks
@@ -1082,9 +1083,11 @@ def _lowest_keys(
     return z[order], y[order], k[order]
 
 
-def _check_watched(trainer: pl.Trainer) -> None:
+def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
     """Callbacks that watch validation metrics (early stopping, a monitored checkpoint) need
-    validation cells of several types: checked before the first epoch, not at its end."""
+    validation cells of several types, and ``val/asw`` a sample of ``asw_cells`` of them
+    (:meth:`TrainingPlan._keep_for_silhouette`) holding several: checked before the first
+    epoch, not at its end."""
     from ..data.datamodule import CellDataModule
 
     watching = sorted(
@@ -1129,6 +1132,21 @@ def _check_watched(trainer: pl.Trainer) -> None:
                 f"Choose val_groups (or a split_key / val_fraction) whose cells hold several "
                 f"types, {drop}"
             )
+        whole = trainer.limit_val_batches == 1.0  # (the whole set read; callbacks: fits only)
+        if "val/asw" in watching and whole and trainer.state.fn == "fit":
+            # the cells the silhouette will sample, as the validation batches carry them
+            codes = dm.val.codes(dm.label_key, dm.label_set)[0]
+            rows = torch.from_numpy(np.asarray(dm.val.cell_ids)[codes >= 0].astype(np.int64))
+            sample = torch.argsort(_spread_key(rows))[:asw_cells].numpy()
+            held = np.unique(codes[codes >= 0][sample])
+            if len(held) < 2:
+                raise ConfigError(
+                    f"callbacks watch val/asw, but the {len(sample):,} labelled validation "
+                    f"cells its silhouette samples (asw_cells={asw_cells:,}) hold one cell "
+                    f"type ({dm.label_set[int(held[0])]}): the other types are too rare among "
+                    "them. Raise asw_cells, choose val_groups whose cells hold several types "
+                    f"more evenly, watch val/loss instead, {drop}"
+                )
 
 
 #: Settings added to a run's identity since it was first kept in checkpoints, by section,
