@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._utils import Terminated, logger, terminated
+from .errors import MIN_GENES_FIX
 
 if TYPE_CHECKING:
     from .errors import TrainingInterrupted
@@ -630,9 +631,7 @@ _AS_OPTIONS = {
     "--no-ontology": (("pass ontology_aware=False", "pass --no-ontology"),),
     "--format": (("or pass format=.", "or pass --format."),),
     "--label-key": (("or pass another label_key.", "or pass another --label-key."),),
-    "--min-genes": (
-        ("min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`", "--min-genes 1"),
-    ),
+    "--min-genes": ((MIN_GENES_FIX, "--min-genes 1"),),
     "--quantile": (
         (
             "a lower quantile (quantile=), or set no threshold (no calls of unknown by distance: "

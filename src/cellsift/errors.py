@@ -18,6 +18,15 @@ __all__ = [
 ]
 
 
+#: How cells without counts are dropped, in the Python API's terms (the command line
+#: says its own option in its place).
+MIN_GENES_FIX = (
+    "min_genes=1 (CellCollection(..., min_genes=1), which MetricModel.from_collection takes; "
+    "CellDataModule(..., collection_options={'min_genes': 1}), which MetricModel.train "
+    "takes) or `cellsift convert --min-genes 1`"
+)
+
+
 class CellsiftError(Exception):
     """Base class of cellsift's errors."""
 

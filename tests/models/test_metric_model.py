@@ -971,3 +971,37 @@ def test_training_reads_the_counts_where_they_are_and_enough_of_the_models_genes
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     with pytest.raises(DataError, match=r"notes\.ckpt cannot be read as a checkpoint"):
         model.train(adata, layer="counts", ckpt_path=str(tmp_path / "notes.ckpt"), **kw)
+
+
+def test_cells_without_counts_in_memory_name_a_cell_and_fixes_that_work(synthetic_h5ad, tmp_path):
+    """An AnnData in memory holding a cell without counts: the error names that cell and
+    ways to drop such cells that the in-memory path takes (it named only CellCollection's
+    min_genes and convert, neither of which from_collection or train took as such;
+    hunt179). Each named way works."""
+    from cellsift.data import CellCollection
+
+    adata = ad.read_h5ad(synthetic_h5ad)[:300].copy()
+    x = sp.csr_matrix(adata.X).tolil()
+    x[3] = 0
+    adata.X = x.tocsr()
+    adata.X.eliminate_zeros()
+    with pytest.raises(
+        DataError, match=r"1 of 300 cells have no counts at all, e\.g\. cell 3 \("
+    ) as err:
+        MetricModel.from_collection(adata, hidden=(16,), latent=4)
+    assert "CellDataModule(..., collection_options={'min_genes': 1})" in str(err.value)
+    assert "adata[adata.X.getnnz(axis=1) > 0]" in str(err.value)
+    model = MetricModel.from_collection(CellCollection(adata, min_genes=1), hidden=(16,), latent=4)
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
+    kw = {"max_epochs": 1, "accelerator": "cpu", "enable_checkpointing": False, **quiet}
+    dm = CellDataModule(
+        adata,
+        label_key=model.label_key,
+        study_key=None,
+        val_fraction=0,
+        batch_size=64,
+        collection_options={"min_genes": 1},
+    )
+    model.train(dm, default_root_dir=tmp_path, **kw)
+    assert model.trainer.global_step > 0
+    model.train(adata[adata.X.getnnz(axis=1) > 0], default_root_dir=tmp_path, **kw)

@@ -23,7 +23,7 @@ from .._utils import (
     positions,
     text_or_none,
 )
-from ..errors import ConfigError, DataError, MissingKeyError
+from ..errors import MIN_GENES_FIX, ConfigError, DataError, MissingKeyError
 from ._values import COUNT_LIMIT, first_fault
 from .genes import (
     DuplicateGenesError,
@@ -344,11 +344,19 @@ class CellCollection:
             nnz = store.row_nnz() if store.stored_zeros else store.stored_row_nnz()
         if nnz is not None:
             # checked where it is free (CSR stores, or counted already), among the cells kept
-            n_empty = int(((nnz == 0) & keep).sum())
-            if n_empty:
+            empty = np.flatnonzero((nnz == 0) & keep)
+            if len(empty):
+                from ._memory import MemoryStore
+
+                held = (  # (an AnnData in memory: its own mask too)
+                    "; an AnnData in memory: adata[adata.X.getnnz(axis=1) > 0] (or its layer's)"
+                    if isinstance(store, MemoryStore)
+                    else ""
+                )
                 raise DataError(
-                    f"{store.path}: {n_empty} of {store.n_obs} cells have no counts at all. "
-                    "Drop them with min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`."
+                    f"{store.path}: {len(empty)} of {store.n_obs} cells have no counts at all, "
+                    f"e.g. {_cell_name(store, int(empty[0]))}. Drop them with {MIN_GENES_FIX}"
+                    f"{held}."
                 )
         return keep
 
