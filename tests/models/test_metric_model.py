@@ -1005,3 +1005,15 @@ def test_cells_without_counts_in_memory_name_a_cell_and_fixes_that_work(syntheti
     model.train(dm, default_root_dir=tmp_path, **kw)
     assert model.trainer.global_step > 0
     model.train(adata[adata.X.getnnz(axis=1) > 0], default_root_dir=tmp_path, **kw)
+
+
+def test_values_that_are_not_counts_in_memory_name_the_anndatas_layers(synthetic_h5ad):
+    """Log-normalised X with the counts in a layer, trained on in memory: the error names
+    the AnnData's layers as it does a file's (it named none: a store in memory has no file
+    to list; hunt179)."""
+    adata = ad.read_h5ad(synthetic_h5ad)[:200].copy()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.log1p()
+    model = MetricModel.from_collection(adata, layer="counts", hidden=(16,), latent=4)
+    with pytest.raises(DataError, match=r"layer= at raw counts \(this AnnData has: 'counts'\)"):
+        model.train(adata, max_epochs=1, accelerator="cpu", logger=False)

@@ -49,6 +49,10 @@ class MemoryStore(CellStore):
                 "dask array), or write the AnnData to h5ad and pass the path."
             )
         self._x = x
+        #: where else the AnnData holds counts (its layers, raw), for messages
+        self.count_places = [str(k) for k in adata.layers.keys()] + (
+            ["raw"] if adata.raw is not None else []
+        )
         self._var = var.copy()
         self._var.index = self._var.index.astype(str)
         self._obs = adata.obs.copy()

@@ -600,7 +600,7 @@ def refuse_non_counts(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> b
     held = _as_float32(v) if np.isfinite(v) and v >= COUNT_LIMIT else f"{v:.10g}"
     raise DataError(
         f"{where}: {_cell_name(store, int(rows[row]))} holds {held}; {what}. Fix or drop that cell"
-        + (f", point layer= at raw counts (this file has: {layers})" if layers else "")
+        + (f", point layer= at raw counts ({_holder(store)} has: {layers})" if layers else "")
         + ", or pass check_counts=False if these values are meant."
     )
 
@@ -723,7 +723,7 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
     check_count_values(
         x.data,
         where,
-        f" Point layer= at raw counts{' (this file has: ' + layers + ')' if layers else ''}, "
+        f" Point layer= at raw counts{f' ({_holder(store)} has: {layers})' if layers else ''}, "
         "or pass check_counts=False if these values are meant.",
     )
     _refuse_duplicates(store, x, rows)
@@ -926,6 +926,11 @@ def _as_float32(v: float) -> str:
 
 
 def _other_layers(store: CellStore) -> str:
+    """Where else the store's file (or AnnData in memory) holds counts, for messages: its
+    layers and raw, quoted, e.g. ``'counts', 'raw'``; "" where it holds none."""
+    held = getattr(store, "count_places", None)  # (an AnnData in memory names its own)
+    if held is not None:
+        return ", ".join(f"'{k}'" for k in held)
     root = getattr(store, "handle", None)
     if root is None:
         return ""
@@ -936,6 +941,12 @@ def _other_layers(store: CellStore) -> str:
         return ", ".join(names)
     except Exception:  # non-AnnData stores have no layers to suggest
         return ""
+
+
+def _holder(store: CellStore) -> str:
+    """What holds a store's counts, for messages: "this AnnData" (in memory), else "this
+    file"."""
+    return "this AnnData" if getattr(store, "count_places", None) is not None else "this file"
 
 
 def _map_values(col: Any, mapping: Mapping[str, str]) -> pd.Categorical:
