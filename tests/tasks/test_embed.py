@@ -215,6 +215,12 @@ def test_a_filtered_collection_embeds_the_cells_it_keeps(bundle, synthetic_h5ad,
     assert main(args) == 2
     assert "no counts at all, e.g. cell 5 (" in (err := capsys.readouterr().err)
     assert "Drop them with --min-genes 1." in err
+    dense = adata.copy()  # (its cells counted as they are read: another message)
+    dense.X = dense.X.toarray()
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    dense_args = ["embed", str(bundle), str(tmp_path / "dense.h5ad"), str(tmp_path / "d.zarr")]
+    assert main(dense_args) == 2
+    assert "has no counts at all. Drop such cells with --min-genes 1." in capsys.readouterr().err
     assert main([*args, "--min-genes", "1"]) == 0
     emb, meta = load_embeddings(tmp_path / "e.zarr")
     kept = np.delete(np.arange(400), 5)

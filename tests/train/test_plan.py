@@ -790,18 +790,20 @@ def test_no_silhouette_of_one_type_is_said_and_refused_where_watched(tmp_path):
     with pytest.raises(ConfigError, match=r"the 2 labelled validation cells its silhouette sa"):
         trainer.fit(TrainingPlan(module, asw_cells=2), datamodule=dm)
     assert trainer.global_step == 0
-    # where part of it is (limit_val_batches), at the validation that samples it
-    trainer = _trainer(
-        tmp_path,
-        max_epochs=1,
-        limit_train_batches=1,
-        limit_val_batches=0.5,
-        num_sanity_val_steps=0,
-        callbacks=[EarlyStopping(monitor="val/asw", mode="max")],
-    )
-    with pytest.raises(ConfigError, match=r"callbacks watch val/asw\. .*raise asw_cells"):
-        trainer.fit(TrainingPlan(module, asw_cells=2), datamodule=dm)
-    assert trainer.global_step == 1
+    # where part of it is (limit_val_batches: a share, or a number of batches, 1 too:
+    # review168), at the validation that samples it
+    for part in (0.5, 1):
+        trainer = _trainer(
+            tmp_path,
+            max_epochs=1,
+            limit_train_batches=1,
+            limit_val_batches=part,
+            num_sanity_val_steps=0,
+            callbacks=[EarlyStopping(monitor="val/asw", mode="max")],
+        )
+        with pytest.raises(ConfigError, match=r"callbacks watch val/asw\. .*raise asw_cells"):
+            trainer.fit(TrainingPlan(module, asw_cells=2), datamodule=dm)
+        assert trainer.global_step == 1
 
 
 def test_watched_silhouette_needs_types_the_model_knows(synthetic_h5ad, tmp_path):

@@ -571,7 +571,7 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
     if len(empty):
         raise DataError(
             f"{where}: {cell(int(empty[0]))} has no counts at all. Drop such cells with "
-            "min_genes=1 (CellCollection) or `cellsift convert --min-genes 1`."
+            f"{MIN_GENES_FIX}."
         )
     _refuse_duplicates(store, x, rows)
     return bool(zeros)

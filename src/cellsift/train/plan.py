@@ -1132,7 +1132,8 @@ def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
                 f"Choose val_groups (or a split_key / val_fraction) whose cells hold several "
                 f"types, {drop}"
             )
-        whole = trainer.limit_val_batches == 1.0  # (the whole set read; callbacks: fits only)
+        # the whole set read (a float 1.0; an int counts batches); callbacks watch fits only
+        whole = isinstance(trainer.limit_val_batches, float) and trainer.limit_val_batches == 1.0
         if "val/asw" in watching and whole and trainer.state.fn == "fit":
             # the cells the silhouette will sample, as the validation batches carry them
             codes = dm.val.codes(dm.label_key, dm.label_set)[0]
