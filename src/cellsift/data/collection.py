@@ -346,11 +346,9 @@ class CellCollection:
             # checked where it is free (CSR stores, or counted already), among the cells kept
             empty = np.flatnonzero((nnz == 0) & keep)
             if len(empty):
-                from ._memory import MemoryStore
-
                 held = (  # (an AnnData in memory: its own mask too)
                     "; an AnnData in memory: adata[adata.X.getnnz(axis=1) > 0] (or its layer's)"
-                    if isinstance(store, MemoryStore)
+                    if store.format == "memory"
                     else ""
                 )
                 raise DataError(
@@ -541,7 +539,7 @@ def _check_batch(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> bool:
     gene twice (one compiled pass over the values read, and one over the column indices:
     cheap next to reading them). Returns whether ``x`` stores zeros as entries."""
     data = x.data
-    where = f"{store.path} ({'X' if store.layer is None else store.layer})"
+    where = _where(store)
 
     def cell(row: int) -> str:
         return _cell_name(store, int(rows[row]))
@@ -583,7 +581,7 @@ def refuse_non_counts(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> b
     more (one compiled pass over the values). Returns whether ``x`` stores zeros as
     entries."""
     data = x.data
-    where = f"{store.path} ({'X' if store.layer is None else store.layer})"
+    where = _where(store)
     first, zeros = first_fault(data)
     if first < 0:
         return bool(zeros)
@@ -619,7 +617,7 @@ def _check_aligned(
     )
     lost = np.flatnonzero(~held & (np.diff(raw.indptr) > 0))
     if len(lost):
-        where = f"{store.path} ({'X' if store.layer is None else store.layer})"
+        where = _where(store)
         raise DataError(
             f"{where}: {_cell_name(store, int(rows[lost[0]]))} has counts only in genes "
             f"outside the {x.shape[1]:,} the collection reads (its first store's, or a model's), "
@@ -679,7 +677,7 @@ def _refuse_duplicates(store: CellStore, x: sp.csr_matrix, rows: np.ndarray) -> 
     shorter = np.flatnonzero(np.diff(summed.indptr) < np.diff(x.indptr))
     if len(shorter):
         raise DataError(
-            f"{store.path} ({'X' if store.layer is None else store.layer}): "
+            f"{_where(store)}: "
             f"{_cell_name(store, int(rows[shorter[0]]))}'s row holds the same gene more than "
             "once (a CSR matrix with duplicate entries); its counts would be normalised in "
             "parts. Sum them and write the file again: adata.X.sum_duplicates(); "
@@ -719,7 +717,7 @@ def _check_counts(store: CellStore, n_sample: int = 512) -> None:
         return
     rows, x = _sample_stored_zeros(store, n_sample)
     layers = _other_layers(store)
-    where = f"{store.path} ({'X' if store.layer is None else store.layer})"
+    where = _where(store)
     check_count_values(
         x.data,
         where,
@@ -928,9 +926,8 @@ def _as_float32(v: float) -> str:
 def _other_layers(store: CellStore) -> str:
     """Where else the store's file (or AnnData in memory) holds counts, for messages: its
     layers and raw, quoted, e.g. ``'counts', 'raw'``; "" where it holds none."""
-    held = getattr(store, "count_places", None)  # (an AnnData in memory names its own)
-    if held is not None:
-        return ", ".join(f"'{k}'" for k in held)
+    if store.format == "memory":  # (an AnnData in memory names its own)
+        return ", ".join(f"'{k}'" for k in store.count_places)  # type: ignore[attr-defined]
     root = getattr(store, "handle", None)
     if root is None:
         return ""
@@ -946,7 +943,12 @@ def _other_layers(store: CellStore) -> str:
 def _holder(store: CellStore) -> str:
     """What holds a store's counts, for messages: "this AnnData" (in memory), else "this
     file"."""
-    return "this AnnData" if getattr(store, "count_places", None) is not None else "this file"
+    return "this AnnData" if store.format == "memory" else "this file"
+
+
+def _where(store: CellStore) -> str:
+    """A store's counts as messages name them: ``path (X)``, or its layer in place of X."""
+    return f"{store.path} ({'X' if store.layer is None else store.layer})"
 
 
 def _map_values(col: Any, mapping: Mapping[str, str]) -> pd.Categorical:

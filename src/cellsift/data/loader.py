@@ -775,7 +775,7 @@ class CellLoader(DataLoader):
             counted = len(ds)  # (this loader's count of the epoch's batches)
             if batches >= self._part_batches(epoch, earlier, how) > 0:  # epoch read whole
                 earlier, batches = (), counted
-            elif batches:  # (nothing read of the saved part: no part of its own)
+            elif batches:  # a part read: one of the earlier (none read: no part of its own)
                 earlier, batches = (*earlier, how), 0
             left = ds.plan(epoch, earlier).total_batches - batches
             self.recounted = counted - left

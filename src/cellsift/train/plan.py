@@ -720,7 +720,8 @@ class TrainingPlan(pl.LightningModule):
         triplet = getattr(self.module, "triplet", None)
         related = getattr(triplet, "related_ll", None)
         distance: Distance = getattr(triplet, "distance", "cosine")  # (the distance trained on)
-        if len(torch.unique(y)) >= 2:
+        types = len(torch.unique(y))
+        if types >= 2:
             # the same value on every rank; synced so that Lightning knows it is global
             self.log("val/asw", float(silhouette(z, y, related, distance)), sync_dist=True)
             return
@@ -728,10 +729,10 @@ class TrainingPlan(pl.LightningModule):
             return
         why = (
             f"no val/asw this validation: its {len(y):,} labelled cells sampled (asw_cells="
-            f"{self.asw_cells:,}) hold {len(torch.unique(y))} cell type(s), and a silhouette "
-            "compares two or more"
+            f"{self.asw_cells:,}) hold {types} cell type(s), and a silhouette compares two or "
+            "more"
         )
-        watched = any(getattr(cb, "monitor", None) == "val/asw" for cb in self.trainer.callbacks)  # type: ignore[attr-defined]
+        watched = "val/asw" in _watching(self.trainer)
         if watched and self.trainer.state.fn == "fit":  # (callbacks watch in fits only)
             raise ConfigError(
                 f"{why}; callbacks watch val/asw. Validate on cells of several types the model "
@@ -1083,6 +1084,17 @@ def _lowest_keys(
     return z[order], y[order], k[order]
 
 
+def _watching(trainer: pl.Trainer) -> list[str]:
+    """The validation metrics (``val/...``) the trainer's callbacks monitor, sorted."""
+    return sorted(
+        {
+            str(cb.monitor)
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if str(getattr(cb, "monitor", None) or "").startswith("val/")
+        }
+    )
+
+
 def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
     """Callbacks that watch validation metrics (early stopping, a monitored checkpoint) need
     validation cells of several types, and ``val/asw`` a sample of ``asw_cells`` of them
@@ -1090,13 +1102,7 @@ def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
     epoch, not at its end."""
     from ..data.datamodule import CellDataModule
 
-    watching = sorted(
-        {
-            str(cb.monitor)
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if str(getattr(cb, "monitor", None) or "").startswith("val/")
-        }
-    )
+    watching = _watching(trainer)
     dm = trainer.datamodule  # type: ignore[attr-defined]
     if not watching or not isinstance(dm, CellDataModule):
         return
@@ -1122,8 +1128,9 @@ def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
             f"--data.init_args.val_fraction), {drop}"
         )
     if dm.label_key:  # (the labels the model knows: others validate unlabelled)
-        known = set(dm.label_set)
-        labels = [lab for lab in dm.val.codes(dm.label_key)[1] if lab in known]
+        # the validation cells' codes as their batches carry them (y_n: -1 for others)
+        codes = dm.val.codes(dm.label_key, dm.label_set)[0]
+        labels = [dm.label_set[i] for i in np.unique(codes[codes >= 0])]
         if len(labels) < 2:
             raise ConfigError(
                 f"callbacks watch {', '.join(watching)}, but the validation cells hold "
@@ -1135,8 +1142,7 @@ def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
         # the whole set read (a float 1.0; an int counts batches); callbacks watch fits only
         whole = isinstance(trainer.limit_val_batches, float) and trainer.limit_val_batches == 1.0
         if "val/asw" in watching and whole and trainer.state.fn == "fit":
-            # the cells the silhouette will sample, as the validation batches carry them
-            codes = dm.val.codes(dm.label_key, dm.label_set)[0]
+            # the cells the silhouette will sample (their rows: the batches' obs_idx_n)
             rows = torch.from_numpy(np.asarray(dm.val.cell_ids)[codes >= 0].astype(np.int64))
             sample = torch.argsort(_spread_key(rows))[:asw_cells].numpy()
             held = np.unique(codes[codes >= 0][sample])
