@@ -679,3 +679,35 @@ def test_a_commands_warnings_print_in_one_line(tmp_path):
     said = [line for line in done.stderr.splitlines() if "not carried over" in line]
     assert len(said) == 1 and said[0].startswith("cellsift: warning: "), done.stderr
     assert "convert(" not in done.stderr and ".py:" not in done.stderr
+
+
+def test_fit_names_its_options_for_study_and_split_keys_the_data_lack(capsys):
+    """The data module's fixes for a study_key or split_key that names no column, as
+    ``cellsift fit`` spells them: its options, no Python argument left."""
+    from cellsift.cli import _error
+    from cellsift.data import CellDataModule
+    from cellsift.datasets import indexed_atlas
+    from cellsift.errors import ConfigError
+
+    adata = indexed_atlas(60, 10, path=None)
+    del adata.obs["dataset_id"]
+    opt = "--data.init_args"
+    for kwargs, want in (
+        (
+            {},
+            f"or {opt}.study_key null for data of one study (then validate on the groups of a "
+            f"{opt}.split_key, or pass {opt}.val_fraction 0).",
+        ),
+        (
+            {"study_key": None, "split_key": "batch"},
+            f"Pass {opt}.split_key the column of groups "
+            f"(e.g. donors) to hold out whole for validation, {opt}.split_key null to hold out "
+            f"groups of {opt}.study_key, or {opt}.val_fraction 0 to validate on none.",
+        ),
+    ):
+        with pytest.raises(ConfigError) as err:
+            CellDataModule(adata, **kwargs).setup()
+        assert _error("fit", err.value) == 2
+        said = capsys.readouterr().err
+        assert said.rstrip().endswith(want), said
+        assert "=" not in said.split("names no obs column", 1)[1].split(". ", 1)[1]

@@ -647,13 +647,16 @@ _AS_OPTIONS = {
         ("Pass var_id= with", f"Pass {_FIT_STORE} '{{var_id: ...}}' with"),
     ),
     _FIT_DATA: (
-        (
-            "or study_key=None (and split_key=None, val_fraction=0)",
-            f"or {_FIT_DATA}.study_key null (and {_FIT_DATA}.split_key null, "
-            f"{_FIT_DATA}.val_fraction 0)",
-        ),
         ("Pass study_key= the column", f"Pass {_FIT_DATA}.study_key the column"),
+        ("or study_key=None for", f"or {_FIT_DATA}.study_key null for"),
+        ("groups of a split_key=,", f"groups of a {_FIT_DATA}.split_key,"),
         ("Pass split_key= the column", f"Pass {_FIT_DATA}.split_key the column"),
+        (
+            "split_key=None to hold out groups of study_key,",
+            f"{_FIT_DATA}.split_key null to hold out groups of {_FIT_DATA}.study_key,",
+        ),
+        ("or pass val_fraction=0).", f"or pass {_FIT_DATA}.val_fraction 0)."),
+        ("or val_fraction=0 to validate", f"or {_FIT_DATA}.val_fraction 0 to validate"),
     ),
 }
 #: Options that say where counts are, and how each names X: a hint's ``layer=`` (where no

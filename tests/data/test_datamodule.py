@@ -237,17 +237,27 @@ def test_a_study_key_the_data_lack_names_the_argument():
     """The default study_key names CELLxGENE's column: data without it are told which
     argument to set (and that None means one study), not only that a column is missing."""
     from cellsift.datasets import indexed_atlas
-    from cellsift.errors import ConfigError
+    from cellsift.errors import ConfigError, MissingKeyError
 
     adata = indexed_atlas(60, 10, path=None)
     del adata.obs["dataset_id"]
-    with pytest.raises(ConfigError, match=r"study_key='dataset_id' names no obs column of adata"):
+    with pytest.raises(
+        ConfigError, match=r"study_key='dataset_id' names no obs column of adata"
+    ) as err:
         CellDataModule(adata).setup()
-    with pytest.raises(ConfigError, match=r"split_key='batch' names no obs column.*study_key=None"):
+    # each key's own fix: study_key=None alone trains (split_key only validates)
+    assert "study_key=None for data of one study" in str(err.value)
+    assert "split_key=None" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"split_key='batch' names no obs column") as err:
         CellDataModule(adata, study_key=None, split_key="batch").setup()
+    assert "hold out whole for validation" in str(err.value)
+    assert "positives" not in str(err.value)  # (what study_key does, not split_key)
     dm = CellDataModule(adata, study_key=None, val_fraction=0)
     dm.setup()
     assert dm.train is not None and dm.train.n_obs == 60
+    # a label column an AnnData in memory lacks: added to its obs, not to a file
+    with pytest.raises(MissingKeyError, match=r"add the column to adata\.obs\.$"):
+        CellDataModule(adata, label_key="nope", study_key=None, val_fraction=0).setup()
 
 
 def test_val_groups_are_read_as_text_and_checked():

@@ -32,6 +32,17 @@ UNLABELLED_WARN = 0.01
 __all__ = ["CellDataModule", "split_groups"]
 
 
+#: What to pass where the data module's study_key or split_key names no obs column.
+_KEY_FIXES = {
+    "study_key": "Pass study_key= the column of studies (or donors) to take positives from, "
+    "or study_key=None for data of one study (then validate on the groups of a split_key=, "
+    "or pass val_fraction=0).",
+    "split_key": "Pass split_key= the column of groups (e.g. donors) to hold out whole for "
+    "validation, split_key=None to hold out groups of study_key, or val_fraction=0 to "
+    "validate on none.",
+}
+
+
 def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list[str]:
     """Whole groups (studies, donors) for validation: about ``val_fraction`` of the cells.
 
@@ -253,9 +264,7 @@ class CellDataModule(pl.LightningDataModule):
             if store is not None:  # (study_key's default names CELLxGENE's column)
                 raise ConfigError(
                     f"{what}={key!r} names no obs column of {store.path}, which has "
-                    f"{', '.join(store.obs_columns)}. Pass {what}= the column of studies "
-                    "(or donors) to take positives from and hold out whole, or study_key=None "
-                    "(and split_key=None, val_fraction=0) for data of one study."
+                    f"{', '.join(store.obs_columns)}. {_KEY_FIXES[what]}"
                 )
         if self.label_key and self.harmonize_labels:
             from ..ontology import OntologyError, load_cell_ontology

@@ -183,7 +183,8 @@ class CellStore(ABC):
             if name not in self.obs_columns:
                 raise MissingKeyError(
                     f"{self.path}: obs has no column {name!r}; it has {', '.join(self.obs_columns)}."
-                    " Pick one of these or add the column to the file."
+                    " Pick one of these or add the column to "
+                    + ("adata.obs." if self.format == "memory" else "the file.")
                 )
             self._obs_cache[name] = self._load_obs_column(name)
         return self._obs_cache[name]
