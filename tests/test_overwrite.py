@@ -613,3 +613,100 @@ def test_a_lock_file_that_leads_nowhere_or_is_not_ones_own(tmp_path, monkeypatch
     monkeypatch.setattr(fcntl, "flock", nfs)
     with pytest.raises(PermissionError, match=r"is another user's and cannot be locked"):
         _bundle(tmp_path / "other")
+
+
+_UNDER_A_LIMIT = r"""
+import resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # (Python ignores SIGXFSZ)
+from cellsift.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_a_write_stopped_by_a_file_size_limit_fails_in_one_line_and_leaves_nothing(tmp_path, fmt):
+    """A write that the machine stops (a file size limit here; a full disk alike): one line
+    that says which limit and what to do, the exit status of an error, and no hidden
+    temporary output left behind. An h5ad written through HDF5's own file driver left its
+    temporary file (its abort closed the file first, which raised again) and crashed the
+    process (HDF5 flushes a file whose write failed again as it is freed)."""
+    import subprocess
+    import sys
+
+    from cellsift.datasets import synthetic_atlas
+
+    adata = synthetic_atlas(n_cells=3000, n_genes=300, seed=0)
+    adata.write_h5ad(tmp_path / "src.h5ad")
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", _UNDER_A_LIMIT, str((256 if fmt == "h5ad" else 32) << 10), "convert",
+         str(tmp_path / "src.h5ad"), str(out / f"o.{fmt}")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert err[-1].startswith("cellsift convert: error: [Errno 27] File too large")
+    assert "raise the limit or write the output elsewhere" in err[-1]
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_an_annotated_h5ad_write_that_fails_leaves_nothing_and_a_later_one_writes(
+    tmp_path, monkeypatch
+):
+    """The h5ad that `cellsift annotate` writes (writers.write_h5ad): a write the disk
+    refuses raises that error (not one of HDF5's about its closing), and the file closes;
+    the same AnnData then writes whole, and reads back as anndata's own writer wrote it."""
+    import errno
+
+    from cellsift.data import writers
+    from cellsift.datasets import synthetic_atlas
+
+    adata = synthetic_atlas(n_cells=400, n_genes=50, seed=0)
+    adata.obs["note"] = ["a", "b"] * 200  # (text: categorical, as anndata writes it)
+    write = writers._DroppingFile.write
+    budget = [20_000]
+
+    def full_disk(self, b):
+        budget[0] -= memoryview(b).nbytes
+        if budget[0] < 0 and self._kept is None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, b)
+
+    monkeypatch.setattr(writers._DroppingFile, "write", full_disk)
+    with pytest.raises(OSError) as err:
+        with utils.atomic_path(tmp_path / "a.h5ad") as tmp:
+            writers.write_h5ad(adata, tmp)
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(writers._DroppingFile, "write", write)
+    with utils.atomic_path(tmp_path / "a.h5ad") as tmp:
+        writers.write_h5ad(adata, tmp)
+    adata.write_h5ad(tmp_path / "b.h5ad")
+    a, b = ad.read_h5ad(tmp_path / "a.h5ad"), ad.read_h5ad(tmp_path / "b.h5ad")
+    assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs) and a.var.equals(b.var)
+    assert a.obs["note"].dtype == "category"
+
+
+def test_the_machines_limits_are_said_in_one_line_whichever_library_met_them(capsys):
+    """A full disk met by numpy (an index's arrays: an OSError without errno) or by TileDB
+    (a SOMA store: its own error type) is said as an OSError's is, with what to do."""
+    import errno
+
+    import tiledbsoma
+
+    from cellsift.cli import _error, _output_limit
+
+    short = _output_limit(OSError("800000 requested and 785376 written"))
+    assert short is not None and "the disk is full or a file size limit" in str(short)
+    assert str(short).startswith("a write stopped short (800000 requested")
+    soma = _output_limit(tiledbsoma.SOMAError("POSIX write error:No space left on device"))
+    assert soma is not None and soma.errno == errno.ENOSPC
+    assert _output_limit(tiledbsoma.SOMAError("some other failure")) is None
+    assert _output_limit(OSError(errno.ENOENT, "No such file or directory")) is None
+    big = _output_limit(OSError(errno.EFBIG, "File too large"))
+    assert big is not None and _error("index", big) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("cellsift index: error: [Errno 27] File too large; a file size")

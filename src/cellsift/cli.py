@@ -156,7 +156,7 @@ def _annotate(args: argparse.Namespace) -> int:
 
     from . import tl
     from ._utils import atomic_path, check_replaceable
-    from .data.writers import check_named, is_h5ad_file
+    from .data.writers import check_named, is_h5ad_file, write_h5ad
     from .errors import ConfigError, DataError
     from .models import MetricModel
     from .tasks import CellIndex, KNNAnnotator
@@ -235,7 +235,7 @@ def _annotate(args: argparse.Namespace) -> int:
     with atomic_path(
         args.out, overwrite=args.overwrite, replaces=is_h5ad_file, what="an h5ad file"
     ) as tmp:
-        adata.write_h5ad(tmp)
+        write_h5ad(adata, tmp)
     counts = adata.obs["cellsift_cell_type"].value_counts()
     print(f"wrote {args.out}: {adata.n_obs:,} cell{'' if adata.n_obs == 1 else 's'} annotated")
     for name, c in counts.head(15).items():
@@ -533,10 +533,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _stopped("fit", err)
         except user_errors as err:
             return _error("fit", err)
-        except OSError as err:
-            if err.errno not in _OUTPUT_LIMITS:
+        except Exception as err:
+            limit = _output_limit(err)
+            if limit is None:
                 raise
-            return _error("fit", _output_limit(err))
+            return _error("fit", limit)
         except KeyboardInterrupt as err:
             return _interrupted("fit", sigterm=isinstance(err, Terminated))
         return 0
@@ -560,8 +561,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except Exception as err:
-        if isinstance(err, OSError) and err.errno in _OUTPUT_LIMITS:  # the machine's limits
-            return _error(args.command, _output_limit(err))  # (one line that says which)
+        limit = _output_limit(err)  # the machine's limits: one line that says which
+        if limit is not None:
+            return _error(args.command, limit)
         if not _cancelled_by_ctrl_c(err):
             raise
         return _interrupted(args.command)
@@ -727,18 +729,43 @@ _COMMAND_OPTIONS = {
 _OUTPUT_LIMITS = {
     errno.ENOSPC: "free space there or write the output elsewhere",
     errno.EDQUOT: "free space within the quota or write the output elsewhere",
+    errno.EFBIG: "a file size limit stopped it (`ulimit -f`, or the file system's largest "
+    "file): raise the limit or write the output elsewhere",
     errno.EROFS: "the file system is read-only: write the output elsewhere",
     errno.EACCES: "check the folder's permissions, or write the output elsewhere",
     errno.ENAMETOOLONG: "choose a shorter output name (its hidden temporary copy adds about "
     "20 characters)",
 }
+#: The limits as TileDB's errors (SOMA outputs) say them, which are no OSError.
+_TILEDB_LIMITS = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "File too large": errno.EFBIG,
+}
+#: numpy's write of an array that stopped short (``tofile``, ``np.save``): an OSError
+#: without an errno.
+_SHORT_WRITE = re.compile(r"^(\d+) requested and (\d+) written$")
 
 
-def _output_limit(err: OSError) -> OSError:
-    """``err`` with what to do about it (:data:`_OUTPUT_LIMITS`) in its message."""
-    where = f": {err.filename}" if err.filename else ""
-    advice = _OUTPUT_LIMITS.get(err.errno or 0, "")
-    return OSError(err.errno, f"{err.strerror}{where}; {advice}.")
+def _output_limit(err: BaseException) -> OSError | None:
+    """``err``, where a limit of the machine stopped a write (a full disk, a quota, a file
+    size limit, ...), as an OSError with what to do about it (:data:`_OUTPUT_LIMITS`) in its
+    message; else None."""
+    if isinstance(err, OSError) and err.errno in _OUTPUT_LIMITS:
+        where = f": {err.filename}" if err.filename else ""
+        advice = _OUTPUT_LIMITS[err.errno]
+        return OSError(err.errno, f"{err.strerror}{where}; {advice}.")
+    if isinstance(err, OSError) and err.errno is None and _SHORT_WRITE.match(str(err)):
+        return OSError(
+            f"a write stopped short ({err}): the disk is full or a file size limit was "
+            "reached; free space there, raise the limit (`ulimit -f`), or write the output "
+            "elsewhere.",
+        )
+    if type(err).__name__ in ("SOMAError", "TileDBError"):
+        code = next((c for text, c in _TILEDB_LIMITS.items() if text in str(err)), None)
+        if code is not None:
+            return OSError(code, f"{os.strerror(code)}; {_OUTPUT_LIMITS[code]}.")
+    return None
 
 
 def _error(command: str, err: BaseException) -> int:

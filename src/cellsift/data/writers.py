@@ -8,6 +8,7 @@ moved into place on :meth:`StoreWriter.close`; :meth:`StoreWriter.abort` removes
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from .._utils import (
 )
 from ..errors import ConfigError, DataError
 
-__all__ = ["FORMATS", "StoreWriter", "guess_format", "open_writer"]
+__all__ = ["FORMATS", "StoreWriter", "guess_format", "open_writer", "write_h5ad"]
 
 Format = Literal["h5ad", "zarr", "soma"]
 FORMATS: tuple[Format, ...] = ("h5ad", "zarr", "soma")
@@ -381,6 +382,112 @@ class _AnnDataWriter(StoreWriter):
                 ad.io.write_elem(root, key, {})
 
 
+class _DroppingFile(io.FileIO):
+    """A file that HDF5 writes through (h5py's file-object driver) and that, once a write to
+    it failed (or once told to: :meth:`drop`), keeps what HDF5 writes in memory instead.
+
+    HDF5 crashes the process (a segmentation fault) when a file whose write failed (a full
+    disk, a file size limit) is closed or freed, even at exit: each time it flushes its
+    caches again, and fails again. Through this file only the first failed write raises
+    (in Python: it is kept as ``error``); HDF5's later writes, the flushes of its caches as
+    the error unwinds and as the file closes, succeed in memory, and its reads see them, so
+    that HDF5 closes the file as if the disk had taken it all (:func:`_close_h5` then
+    raises the error: the output is incomplete, and is removed).
+    """
+
+    error: OSError | None = None
+    _kept: list[tuple[int, bytes]] | None = None  # (offset, bytes), in the order written
+
+    def drop(self) -> None:
+        """From now on, keep HDF5's writes in memory (the output is not wanted)."""
+        if self._kept is None:
+            self._kept = []
+
+    def write(self, b: Any) -> int:
+        if self._kept is None:
+            try:
+                return super().write(b)
+            except OSError as err:
+                self.error = err
+                self.drop()
+                raise
+        data = bytes(b)
+        at = self.tell()
+        self._kept.append((at, data))
+        self.seek(at + len(data))
+        return len(data)
+
+    def readinto(self, buffer: Any) -> int:
+        at = self.tell()
+        view = memoryview(buffer).cast("B")
+        n = super().readinto(view) or 0
+        if self._kept is None:
+            return n
+        view[n:] = bytes(len(view) - n)  # (beyond the file: what only memory holds, or 0)
+        for start, data in self._kept:  # (later writes over earlier ones)
+            lo, hi = max(at, start), min(at + len(view), start + len(data))
+            if lo < hi:
+                view[lo - at : hi - at] = data[lo - start : hi - start]
+        self.seek(at + len(view))
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self._kept is not None:  # (the file on disk stays as it is)
+            return self.tell() if size is None else size
+        try:
+            return super().truncate(size)
+        except OSError as err:
+            self.error = err
+            self.drop()
+            raise
+
+
+def _close_h5(file: h5py.File, raw: _DroppingFile, *, keep: bool = True) -> None:
+    """Close ``file`` (written through ``raw``) and ``raw``. ``keep``: its content matters,
+    and a write of it that failed (:class:`_DroppingFile`), however HDF5 took it, is raised;
+    else what is left to write goes to memory."""
+    if not keep:
+        raw.drop()
+    try:
+        if file.id.valid:
+            file.close()
+    except BaseException as err:  # (a write failed as it closed: again, into memory)
+        raw.drop()
+        with contextlib.suppress(Exception):
+            if file.id.valid:
+                file.close()
+        raw.close()
+        # (the file-object driver can report the write's OSError as another error)
+        if keep and raw.error is not None and raw.error is not err:
+            raise raw.error from err
+        raise
+    raw.close()
+    if keep and raw.error is not None:
+        raise raw.error
+
+
+def write_h5ad(adata: ad.AnnData, path: str | os.PathLike[str]) -> None:
+    """``adata`` as an h5ad file at ``path`` (a temporary output: :func:`cellsift._utils.
+    atomic_path`'s), as ``adata.write_h5ad`` writes it (text columns made categorical), but
+    through a file that a failed write (a full disk) leaves closable: the error is raised
+    instead of the process crashing (:class:`_DroppingFile`)."""
+    adata.strings_to_categoricals()
+    if adata.raw is not None:
+        adata.strings_to_categoricals(adata.raw.var)
+    raw = _DroppingFile(path, "w+")
+    try:
+        file = h5py.File(raw, "w", rdcc_nbytes=0)  # (no chunk cache: :class:`H5adWriter`)
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        ad.io.write_elem(file, "/", adata)
+    except BaseException:
+        _close_h5(file, raw, keep=False)
+        raise
+    _close_h5(file, raw)
+
+
 class H5adWriter(_AnnDataWriter):
     """h5ad (HDF5) with X as CSR in chunked datasets; uncompressed unless ``compression``."""
 
@@ -397,7 +504,10 @@ class H5adWriter(_AnnDataWriter):
     ) -> None:
         super().__init__(path, var, **kwargs)
         with self._setting_up():  # (a failure removes the temporary output)
-            self._file = h5py.File(self.tmp, "w")
+            self._raw = _DroppingFile(self.tmp, "w+")  # (a failed write: _DroppingFile)
+            # no chunk cache: each write is made as it is asked for, so that one the disk
+            # refuses fails there, not as a dataset closes (HDF5 then crashes as it exits)
+            self._file = h5py.File(self._raw, "w", rdcc_nbytes=0)
             x = self._file.create_group("X")
             x.attrs.update(_CSR_ATTRS)
             opts = {"maxshape": (None,), "chunks": (chunk_elems,), "compression": compression}
@@ -415,13 +525,21 @@ class H5adWriter(_AnnDataWriter):
         x.attrs["shape"] = (self.n_obs, self.n_vars)
         x.create_dataset("indptr", data=np.concatenate(self._indptr))
         self._write_meta(self._file, obs)
-        self._file.close()
+        del x
+        self._data = self._indices = None  # (closed with the file: none outlives it)
+        _close_h5(self._file, self._raw)
 
     def abort(self) -> None:
-        file = getattr(self, "_file", None)  # (None: its creation failed)
-        if file is not None and file.id.valid:
-            file.close()
-        super().abort()
+        raw = getattr(self, "_raw", None)  # (None: its creation failed)
+        self._data = self._indices = None  # (closed with the file: none outlives it)
+        try:
+            file = getattr(self, "_file", None)
+            if file is not None and raw is not None:
+                _close_h5(file, raw, keep=False)
+            elif raw is not None:
+                raw.close()
+        finally:  # (the temporary output goes, whatever closing it raised)
+            super().abort()
 
 
 class ZarrWriter(_AnnDataWriter):
