@@ -378,3 +378,16 @@ def test_ensembl_ids_named_twice_are_not_told_to_align_by_ensembl_ids():
         vocab.align(query, of="vocabulary")
     said = str(seen[0].message)
     assert said.endswith("make the names unique with adata.var_names_make_unique().")
+
+
+def test_a_vocabulary_given_with_a_gene_twice_is_a_config_error(tmp_path):
+    """genes= with an id twice: the collection's error names the argument, as a
+    ConfigError (the command line says it in one line, not as a traceback)."""
+    from cellsift.data import CellCollection
+    from cellsift.datasets import indexed_atlas
+    from cellsift.errors import ConfigError
+
+    adata = indexed_atlas(40, 10, path=None)
+    genes = list(adata.var_names)
+    with pytest.raises(ConfigError, match=r"genes= .*duplicate ids.*make them unique"):
+        CellCollection(adata, genes=[genes[0], genes[0], *genes[1:]])

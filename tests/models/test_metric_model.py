@@ -1017,3 +1017,53 @@ def test_values_that_are_not_counts_in_memory_name_the_anndatas_layers(synthetic
     model = MetricModel.from_collection(adata, layer="counts", hidden=(16,), latent=4)
     with pytest.raises(DataError, match=r"layer= at raw counts \(this AnnData has: 'counts'\)"):
         model.train(adata, max_epochs=1, accelerator="cpu", logger=False)
+
+
+def test_train_takes_one_callback_and_the_plans_schedule(synthetic_h5ad, tmp_path):
+    """One callback, as Trainer takes it (not only a list); scheduler='none', which a run
+    bounded by max_time alone (max_epochs=-1) needs, as the cosine schedule's error says;
+    asw_cells reaches the plan; a schedule that is none of the two is refused."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from cellsift.errors import ConfigError
+
+    rates = LearningRateMonitor()
+    with pytest.raises(ConfigError, match=r"scheduler='none' \(MetricModel\.train"):
+        _fit(synthetic_h5ad, tmp_path / "a", max_epochs=-1, max_time={"seconds": 5})
+    trainer = None
+
+    class Seen(pl.Callback):
+        def on_train_end(self, trainer_, plan):
+            nonlocal trainer
+            trainer = trainer_
+
+    seen = Seen()
+    _fit(
+        synthetic_h5ad,
+        tmp_path / "b",
+        max_epochs=-1,
+        max_time={"seconds": 3},
+        scheduler="none",
+        asw_cells=50,
+        callbacks=seen,
+        logger=False,
+    )
+    assert trainer is not None and trainer.global_step > 0
+    plan = trainer.lightning_module
+    assert plan.scheduler == "none" and plan.asw_cells == 50
+    assert not trainer.lr_scheduler_configs  # a constant rate
+    _fit(synthetic_h5ad, tmp_path / "c", max_steps=2, callbacks=rates)
+    assert rates.lrs  # (the single callback ran)
+    with pytest.raises(ConfigError, match="scheduler is 'cosine'"):
+        _fit(synthetic_h5ad, tmp_path / "d", max_steps=1, scheduler="cosin")
+
+
+def test_a_one_dimensional_embedding_is_refused():
+    """Unit-length embeddings of width 1 are -1 or 1: every cell at one of two points."""
+    from cellsift.errors import ConfigError
+
+    genes = [f"ENSG{i:011d}" for i in range(10)]
+    with pytest.raises(ConfigError, match=r"latent is the embedding's width, at least 2"):
+        MetricModel(genes, ["CL:0000236", "CL:0000624"], hidden=(8,), latent=1)
+    MetricModel(genes, ["CL:0000236", "CL:0000624"], hidden=(8,), latent=2)

@@ -177,8 +177,21 @@ def test_metric_plan_refuses_labels_the_model_would_not_line_up_with():
     genes = [f"ENSG{i:011d}" for i in range(10)]
     MetricPlan(genes, ["CL:0000236", "CL:0000624"], hidden=(8,), latent=4)  # fine
     for labels in (["B cell", "CL:0000624"], ["CL:0000236", "B cell", "CL:0000624"]):
-        with pytest.raises(ConfigError, match=r"e.g. 'B cell'.*harmonize_labels: true"):
+        with pytest.raises(ConfigError, match=r"e.g. 'B cell'.*harmonize_labels: true") as e:
             MetricPlan(genes, labels, hidden=(8,), latent=4)
+        # which id to list where data.init_args.labels gives them (harmonised already)
+        assert "'B cell' is CL:0000236" in str(e.value)
+        assert "list data.init_args.labels, where given, as those ids" in str(e.value)
+
+
+def test_plan_settings_that_are_no_schedule_are_refused():
+    """A scheduler other than the two (a typo) is refused, not trained as the cosine."""
+    from cellsift.errors import ConfigError
+
+    module = torch.nn.Linear(2, 2)
+    for bad in ("None", "constant", None):
+        with pytest.raises(ConfigError, match=r"scheduler is 'cosine' .* or 'none'"):
+            TrainingPlan(module, scheduler=bad)  # type: ignore[arg-type]
 
 
 class _Validations(pl.Callback):

@@ -190,7 +190,10 @@ class CellCollection:
         elif isinstance(genes, GeneVocabulary):
             self.genes = genes
         else:
-            self.genes = GeneVocabulary(list(genes))
+            try:
+                self.genes = GeneVocabulary(list(genes))
+            except ValueError as err:  # (a ConfigError: the command line says it in a line)
+                raise ConfigError(f"genes= (the vocabulary to read through): its {err}") from err
         self.gene_maps: list[GeneMap] = [
             self.genes.align(s.var, source=str(s.path), min_overlap=min_overlap, of=overlap_of)
             for s in self.stores

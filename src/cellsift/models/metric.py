@@ -13,7 +13,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anndata as ad
 import lightning.pytorch as pl
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -254,6 +254,8 @@ class MetricModel:
         default_root_dir: str | os.PathLike[str] | None = None,
         ckpt_path: str | None = None,
         compile: bool = False,
+        scheduler: Literal["cosine", "none"] = "cosine",
+        asw_cells: int = 5_000,
         study_key: str | None = "dataset_id",
         allow_untrained_decoder: bool = False,
         layer: str | None = None,
@@ -265,8 +267,12 @@ class MetricModel:
 
         The data are read through the model's gene vocabulary and label set. Extra keyword
         arguments go to ``lightning.pytorch.Trainer`` (e.g. ``precision="bf16-mixed"``);
-        ``compile`` compiles the encoder and decoder. Where ``data`` is not a data module
-        (whose own settings hold otherwise), it is read with ``study_key``, the obs column
+        ``lr``, ``weight_decay``, ``scheduler`` (``"cosine"``, annealed to 0 over the run, or
+        ``"none"``, a constant rate: to train until early stopping or ``max_time`` with
+        ``max_epochs=-1``), ``asw_cells`` (the validation silhouette's cells) and ``compile``
+        (the encoder and decoder compiled) go to the :class:`TrainingPlan`. Where ``data``
+        is not a data module (whose own settings hold otherwise), it is read with
+        ``study_key``, the obs column
         of studies (positives from another study; None: none), labels from
         :attr:`label_key` (``from_collection``'s), counts from ``layer`` (checked unless
         ``check_counts`` is False), and every labelled cell trains (cells without a label,
@@ -326,10 +332,19 @@ class MetricModel:
             dm.collection_options,
         ):
             dm.reset()  # set up (inspected) before: read again as the model reads them
-        plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, compile=compile)
+        plan = TrainingPlan(
+            self.module,
+            lr=lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            asw_cells=asw_cells,
+            compile=compile,
+        )
         plan.run_identity = self.run_identity()
         root = Path(default_root_dir) if default_root_dir is not None else Path.cwd()
-        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        callbacks = trainer_kwargs.pop("callbacks", None) or []
+        # (as Trainer takes them: a list, or one callback)
+        callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
         # in one place across runs, so that ckpt_path="last" finds the last one
         place_checkpoints(callbacks, root / "checkpoints")
         if trainer_kwargs.get("enable_checkpointing", True) is not False and not any(

@@ -113,8 +113,11 @@ def _check_settings(
             f"hidden lists the widths of at least one layer, each a positive whole number, "
             f"not {hidden!r} (SCimilarity: [1024, 1024, 1024])."
         )
-    if not whole(latent) or latent < 1:
-        raise ConfigError(f"latent is the embedding's width, at least 1, not {latent!r}.")
+    if not whole(latent) or latent < 2:
+        raise ConfigError(
+            f"latent is the embedding's width, at least 2, not {latent!r}: embeddings are "
+            "scaled to unit length, which in one dimension leaves each cell at -1 or 1."
+        )
     for name, p in (("dropout", dropout), ("input_dropout", input_dropout)):
         if not 0.0 <= p < 1.0:  # (NaN fails too)
             raise ConfigError(f"{name} is a probability in [0, 1), not {p!r}.")

@@ -112,11 +112,15 @@ class MetricPlan(TrainingPlan):
             ontology_aware=ontology_aware,
         )
         if model.labels != list(labels):  # the data's label codes index `labels` as they are
-            changed = [f"{a!r}" for a in labels if a not in model.labels]
+            from ..ontology import load_cell_ontology
+
+            ids = load_cell_ontology().harmonize(list(labels))
+            changed = [f"{a!r} is {b}" for a, b in zip(labels, ids, strict=True) if a != b]
             raise ConfigError(
                 "the data's labels are not current Cell Ontology ids (e.g. "
                 f"{', '.join(changed[:3])}), so the model's labels (harmonised) would not line "
-                "up with the data's codes; set data.init_args.harmonize_labels: true."
+                "up with the data's codes; set data.init_args.harmonize_labels: true, and "
+                "list data.init_args.labels, where given, as those ids."
             )
         super().__init__(
             model.module,

@@ -152,6 +152,11 @@ class TrainingPlan(pl.LightningModule):
             raise ConfigError(
                 f"asw_cells must be at least 2 (a silhouette compares cells), not {asw_cells}."
             )
+        if scheduler not in ("cosine", "none"):
+            raise ConfigError(
+                f"scheduler is 'cosine' (annealed to 0 over the run) or 'none' (a constant "
+                f"rate), not {scheduler!r}."
+            )
         self.module = module
         if compile:
             parts = [getattr(module, n) for n in ("encoder", "decoder") if hasattr(module, n)]
@@ -796,8 +801,8 @@ class TrainingPlan(pl.LightningModule):
                 "the cosine schedule anneals the rate to 0 over the run's steps, and this run "
                 "has no last step (max_epochs=-1 and no max_steps; max_time and early "
                 "stopping end a run at no step known before): set max_epochs or max_steps, "
-                "or train at a constant rate: TrainingPlan(scheduler='none'), cellsift fit "
-                "--model.scheduler none."
+                "or train at a constant rate: scheduler='none' (MetricModel.train, "
+                "TrainingPlan), cellsift fit --model.scheduler none."
             )
         span = self._span = {
             "steps": max(int(estimated), 1),
