@@ -503,3 +503,55 @@ def test_labels_seen_in_too_few_studies_train_as_their_nearest_viable_ancestor()
     ):
         with pytest.raises(ConfigError, match=what):
             CellDataModule(adata, **{**kw, "coarsen_labels": 2, **bad}).setup()
+
+
+def test_a_flag_written_as_booleans_in_one_store_and_0_1_in_another_is_one_flag():
+    """``is_primary_data`` as booleans in one store, 0/1 in another, text in a third: one
+    flag with two values (codes, obs_column), as obs_filter reads it, and validation groups
+    given as either form hold out the cells of every store (1 and True alike)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from cellsift.data import CellCollection
+
+    def store(flag, name):
+        x = sp.csr_matrix(np.eye(4, 10, dtype=np.float32) + 1)
+        obs = pd.DataFrame(
+            {"flag": flag, "lab": ["T", "B", "T", "B"]}, index=[f"{name}{i}" for i in range(4)]
+        )
+        return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(10)]))
+
+    a = store([True, False, True, False], "a")
+    b = store(np.array([1, 0, 1, 0]), "b")
+    c = store(pd.Categorical(["True", "False", "True", "False"]), "c")
+    only_ints = store(np.array([1, 0, 1, 0]), "d")
+    for stores in ([a, b], [a, b, c], [b, a]):
+        coll = CellCollection(stores)
+        codes, cats = coll.codes("flag")
+        assert cats == ["False", "True"]
+        want = np.array([int(v) for s in stores for v in _flags(s.obs["flag"])])
+        np.testing.assert_array_equal(codes, want)
+        kept = CellCollection(stores, obs_filter={"flag": True}).origin().obs_name
+        for given in (True, 1):
+            dm = CellDataModule(
+                stores, label_key="lab", study_key=None, split_key="flag", val_groups=[given]
+            )
+            dm.setup()
+            assert list(dm.val.origin().obs_name) == list(kept)
+    # a store of numbers alone keeps its numbers; True and 1 still name the group
+    assert list(CellCollection([only_ints]).codes("flag")[1]) == ["0", "1"]
+    for given in (True, 1):
+        dm = CellDataModule(
+            [only_ints], label_key="lab", study_key=None, split_key="flag", val_groups=[given]
+        )
+        dm.setup()
+        assert list(dm.val.origin().obs_name) == ["d0", "d2"]
+    # numbers other than 0 and 1 are no flag: not read as booleans
+    other = store(np.array([2, 0, 1, 0]), "e")
+    assert "2" in CellCollection([a, other]).codes("flag")[1]
+
+
+def _flags(values):
+    """A column's values as the flags they write (True, 1 and "True" as True)."""
+    return [str(v) in ("True", "1") for v in values]

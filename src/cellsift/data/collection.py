@@ -431,7 +431,7 @@ class CellCollection:
 
     def _joined(self, name: str, columns: list[Any]) -> pd.Categorical | np.ndarray:
         """The stores' ``columns`` of obs ``name`` as one column over the kept cells."""
-        parts = [_plain_values(c) for c in columns]
+        parts = _one_flag([_plain_values(c) for c in columns])
         if any(isinstance(p, pd.Categorical) or np.asarray(p).dtype == object for p in parts):
             values = np.concatenate([_whole_floats_as_ints(p) for p in parts])
             values = values[self.cell_ids]
@@ -742,6 +742,52 @@ def _plain_values(values: Any) -> Any:
             return values.to_numpy(dtype=values.dtype.numpy_dtype, na_value=np.nan)
         return values.to_numpy(dtype=object, na_value=None)
     return values
+
+
+def _flag_kind(values: Any) -> str | None:
+    """How a store's column may hold a flag: "bool" (booleans, or their text), "01" (the
+    numbers 0 and 1, or their text), "none" (no value at all), else None. Missing values
+    aside."""
+    if isinstance(values, pd.Categorical):
+        values = values.categories[np.unique(values.codes[values.codes >= 0])]
+    arr = np.asarray(values)
+    if arr.dtype == bool:
+        return "bool"
+    if arr.dtype.kind in "iuf":
+        present = arr[~np.isnan(arr)] if arr.dtype.kind == "f" else arr
+        if not len(present):
+            return "none"
+        return "01" if bool(np.isin(present, (0, 1)).all()) else None
+    if arr.dtype.kind not in "OUS":
+        return None
+    distinct = pd.unique(arr.astype(object).ravel())
+    texts = {t for t in text_or_none(_whole_floats_as_ints(distinct)) if t is not None}
+    if not texts:
+        return "none"
+    if texts <= {"True", "False"}:
+        return "bool"
+    return "01" if texts <= {"0", "1"} else None
+
+
+def _one_flag(parts: list[Any]) -> list[Any]:
+    """The stores' columns of one obs name, where some hold booleans and the others only
+    0 and 1 (``is_primary_data`` written either way), with the 0s and 1s as booleans: one
+    flag, read as ``obs_filter`` reads it (``True`` keeps both forms), not as four groups
+    (or two stores' booleans joined as numbers). Other columns as they are."""
+    if len(parts) < 2:
+        return parts
+    kinds = [_flag_kind(p) for p in parts]
+    if "bool" not in kinds or "01" not in kinds or None in kinds:
+        return parts
+    out = []
+    for part, kind in zip(parts, kinds, strict=True):
+        if kind == "01":
+            texts = text_or_none(_whole_floats_as_ints(part))
+            flags = np.full(len(texts), None, dtype=object)
+            flags[texts == "1"], flags[texts == "0"] = True, False
+            part = flags if (flags == None).any() else flags.astype(bool)  # noqa: E711
+        out.append(part)
+    return out
 
 
 def allow_open_files(n_stores: int) -> None:

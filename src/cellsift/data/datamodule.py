@@ -19,6 +19,7 @@ from .collection import (
     StoreLike,
     _as_text,
     _dropna_what,
+    filter_texts,
     value_text,
 )
 from .genes import GeneVocabulary
@@ -137,6 +138,10 @@ class CellDataModule(pl.LightningDataModule):
             val_groups = [val_groups]  # one group (not its letters; a number)
         # (groups read as text, as the split column is: a YAML [1015] names donor "1015",
         # and a whole float 1015.0 (a column with gaps) does too)
+        # each group's texts: its own, and a flag's other form (True is also 1; as
+        # obs_filter reads a flag written as booleans in one store and 0/1 in another)
+        given = val_groups if val_groups is not None else ()
+        self._group_forms = {str(value_text(g)): filter_texts(g) for g in given}
         self.val_groups = (
             [str(value_text(g)) for g in val_groups] if val_groups is not None else None
         )
@@ -315,7 +320,10 @@ class CellDataModule(pl.LightningDataModule):
                 str(g) for g in split_groups(groups[known], self.val_fraction, self.seed)
             ]
         held = set(groups[known])
-        absent = [g for g in self.val_groups if g not in held]
+        forms = {
+            g: [f for f in self._group_forms.get(g, [g]) if f in held] for g in self.val_groups
+        }
+        absent = [g for g in self.val_groups if not forms[g]]
         if absent:
             shown = sorted(held)
             raise ConfigError(
@@ -323,7 +331,7 @@ class CellDataModule(pl.LightningDataModule):
                 f"kept (the data and filters: obs_filter, dropna, min_genes), which hold "
                 f"{', '.join(shown[:10])}{', ...' if len(shown) > 10 else ''}."
             )
-        is_val = np.isin(groups, self.val_groups) & known
+        is_val = np.isin(groups, [f for g in self.val_groups for f in forms[g]]) & known
         if is_val.all() or not is_val.any():
             raise ConfigError(
                 f"val_groups {self.val_groups} leave no training or no validation "
