@@ -555,3 +555,25 @@ def test_a_flag_written_as_booleans_in_one_store_and_0_1_in_another_is_one_flag(
 def _flags(values):
     """A column's values as the flags they write (True, 1 and "True" as True)."""
     return [str(v) in ("True", "1") for v in values]
+
+
+def test_validation_groups_come_near_the_share_asked_for():
+    """Groups are taken where they bring the validation share nearer val_fraction: a study
+    of most of the atlas is never held out for a tenth; equal donors give the nearest
+    number of donors (one of seven for 0.15, not two); every group too large: the smallest,
+    with a warning; one group always trains."""
+    rng = np.random.default_rng(0)
+    big = np.array(["big"] * 9000 + [f"s{i}" for i in range(10) for _ in range(100)])
+    for seed in range(20):
+        chosen = split_groups(big, 0.1, seed)
+        assert "big" not in chosen
+        assert abs(np.isin(big, chosen).mean() - 0.1) <= 0.05 + 1e-9
+    donors = np.repeat([f"d{i}" for i in range(7)], 1500)
+    for seed in range(10):
+        assert len(split_groups(donors, 0.15, seed)) == 1
+        assert len(split_groups(donors, 0.3, seed)) == 2
+    with pytest.warns(CellsiftWarning, match=r"smallest, 'b', validates \(40\.0% of the cells\)"):
+        assert split_groups(np.array(["a"] * 60 + ["b"] * 40), 0.1) == ["b"]
+    for seed in range(10):  # (0.99: every group but one)
+        shuffled = rng.permutation(donors)
+        assert len(split_groups(shuffled, 0.99, seed)) == 6

@@ -47,8 +47,11 @@ _KEY_FIXES = {
 def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list[str]:
     """Whole groups (studies, donors) for validation: about ``val_fraction`` of the cells.
 
-    Groups are taken in a seeded random order until the fraction is reached; at least one
-    group stays for training.
+    The groups are gone through in a seeded random order, and each is taken where it brings
+    the validation cells nearer ``val_fraction`` of all (a group larger than twice what is
+    still wanted is passed over: one study of most of an atlas is not held out for a tenth);
+    at least one group stays for training. Where every group is that large, the smallest
+    is taken, and a warning says the share.
     """
     names, counts = np.unique(np.asarray(groups).astype(str), return_counts=True)
     if len(names) < 2:
@@ -56,13 +59,23 @@ def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list
             f"a split by group needs at least 2 groups, found {len(names)}; pass val_fraction=0 "
             "or a split_key with several values (e.g. donor_id)."
         )
-    order = np.random.default_rng(seed).permutation(len(names))
+    target = val_fraction * counts.sum()
     chosen, total = [], 0
-    for i in order[:-1]:
-        if total >= val_fraction * counts.sum():
+    for i in np.random.default_rng(seed).permutation(len(names)):
+        if len(chosen) == len(names) - 1:
             break
-        chosen.append(str(names[i]))
-        total += counts[i]
+        if abs(total + counts[i] - target) < abs(total - target):
+            chosen.append(str(names[i]))
+            total += counts[i]
+    if not chosen and target > 0:
+        smallest = int(np.argmin(counts))
+        chosen, total = [str(names[smallest])], counts[smallest]
+        warn(
+            f"val_fraction={val_fraction:g}: every group holds more than twice that share of "
+            f"the cells; the smallest, {str(names[smallest])!r}, validates "
+            f"({total / counts.sum():.1%} of the cells). Pass val_groups= to choose, or a "
+            "split_key of smaller groups."
+        )
     return chosen
 
 
