@@ -60,7 +60,8 @@ def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list
             "or a split_key with several values (e.g. donor_id)."
         )
     target = val_fraction * counts.sum()
-    chosen, total = [], 0
+    chosen: list[str] = []
+    total = 0
     for i in np.random.default_rng(seed).permutation(len(names)):
         if len(chosen) == len(names) - 1:
             break
