@@ -3,6 +3,7 @@ and an interruption leaves the old or the new output in place, never neither."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import threading
 from pathlib import Path
@@ -666,22 +667,22 @@ def test_an_annotated_h5ad_write_that_fails_leaves_nothing_and_a_later_one_write
 
     adata = synthetic_atlas(n_cells=400, n_genes=50, seed=0)
     adata.obs["note"] = ["a", "b"] * 200  # (text: categorical, as anndata writes it)
-    write = writers._DroppingFile.write
+    write = writers._DroppingFile._write
     budget = [20_000]
 
-    def full_disk(self, b):
-        budget[0] -= memoryview(b).nbytes
+    def full_disk(self, view):
+        budget[0] -= view.nbytes
         if budget[0] < 0 and self._kept is None:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return write(self, b)
+        return write(self, view)
 
-    monkeypatch.setattr(writers._DroppingFile, "write", full_disk)
+    monkeypatch.setattr(writers._DroppingFile, "_write", full_disk)
     with pytest.raises(OSError) as err:
         with utils.atomic_path(tmp_path / "a.h5ad") as tmp:
             writers.write_h5ad(adata, tmp)
     assert err.value.errno == errno.ENOSPC
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-    monkeypatch.setattr(writers._DroppingFile, "write", write)
+    monkeypatch.setattr(writers._DroppingFile, "_write", write)
     with utils.atomic_path(tmp_path / "a.h5ad") as tmp:
         writers.write_h5ad(adata, tmp)
     adata.write_h5ad(tmp_path / "b.h5ad")
@@ -710,3 +711,74 @@ def test_the_machines_limits_are_said_in_one_line_whichever_library_met_them(cap
     assert big is not None and _error("index", big) == 2
     said = capsys.readouterr().err
     assert said.startswith("cellsift index: error: [Errno 27] File too large; a file size")
+
+
+def test_h5ad_writes_the_disk_takes_in_part_are_made_whole(tmp_path, monkeypatch):
+    """A write near the disk's end takes part of what was asked (and says how much): the
+    rest is written too, and where the disk then refuses it, that error is raised. HDF5's
+    file-object driver does not look at the count: a part left out was a corrupt output
+    placed as complete."""
+    import errno
+
+    from cellsift.data import writers
+    from cellsift.datasets import synthetic_atlas
+
+    adata = synthetic_atlas(n_cells=500, n_genes=80, seed=0)
+    adata.write_h5ad(tmp_path / "src.h5ad")
+    room = [None]
+
+    class Partial(io.FileIO):  # at most 1,000 bytes a call; none beyond ``room``
+        def write(self, b):
+            part = memoryview(b).cast("B")[:1000]
+            if room[0] is not None:
+                if room[0] <= 0:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                part = part[: room[0]]
+                room[0] -= len(part)
+            return super().write(part)
+
+    class Dropping(writers._DroppingFile, Partial):
+        pass
+
+    monkeypatch.setattr(writers, "_DroppingFile", Dropping)
+    convert(tmp_path / "src.h5ad", tmp_path / "a.h5ad")
+    convert(tmp_path / "src.h5ad", tmp_path / "a.zarr")  # (the same cells, another writer)
+    a, want = ad.read_h5ad(tmp_path / "a.h5ad"), ad.read_h5ad(tmp_path / "src.h5ad")
+    assert (a.X != want.X).nnz == 0 and a.obs.index.equals(want.obs.index)
+    room[0] = (tmp_path / "a.h5ad").stat().st_size - 5000  # the disk ends before the file
+    with pytest.raises(OSError) as err:
+        convert(tmp_path / "src.h5ad", tmp_path / "b.h5ad")
+    assert err.value.errno == errno.ENOSPC
+    assert not list(tmp_path.glob("*b.h5ad*"))
+
+
+def test_an_interrupt_inside_an_h5ad_write_ends_the_command_as_an_interrupt(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C (or SIGTERM) raised while HDF5 writes through Python, also as it closes the
+    file: the command ends as interrupted (130), not with the error HDF5's driver makes of
+    it, and leaves nothing."""
+    from cellsift.cli import main
+    from cellsift.data import writers
+    from cellsift.datasets import synthetic_atlas
+
+    synthetic_atlas(n_cells=600, n_genes=80, seed=0).write_h5ad(tmp_path / "src.h5ad")
+    write, calls = writers._DroppingFile._write, [0, None]
+
+    def counting(self, view):
+        n = write(self, view)
+        calls[0] += 1
+        if calls[0] == calls[1]:  # (after the bytes went: the signal's latest moment)
+            raise KeyboardInterrupt
+        return n
+
+    monkeypatch.setattr(writers._DroppingFile, "_write", counting)
+    args = ["convert", "--chunk-size", "100", str(tmp_path / "src.h5ad")]
+    assert main([*args, str(tmp_path / "whole.h5ad")]) == 0
+    total = calls[0]
+    (tmp_path / "whole.h5ad").unlink()
+    for at in (2, total - 1, total):  # (the last writes: as the file closes)
+        calls[:] = [0, at]
+        assert main([*args, str(tmp_path / "out" / "o.h5ad")]) == 130, at
+        assert "interrupted; no partial output was left in place" in capsys.readouterr().err
+        assert not [p for p in (tmp_path / "out").iterdir()], at

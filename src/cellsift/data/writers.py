@@ -8,6 +8,7 @@ moved into place on :meth:`StoreWriter.close`; :meth:`StoreWriter.abort` removes
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -396,6 +397,7 @@ class _DroppingFile(io.FileIO):
     """
 
     error: OSError | None = None
+    interrupt: BaseException | None = None  # (Ctrl-C, SIGTERM: raised inside HDF5's call)
     _kept: list[tuple[int, bytes]] | None = None  # (offset, bytes), in the order written
 
     def drop(self) -> None:
@@ -403,19 +405,35 @@ class _DroppingFile(io.FileIO):
         if self._kept is None:
             self._kept = []
 
+    def _failed(self, err: BaseException) -> None:
+        """A write or truncation that raised: kept (the first error, the first interrupt),
+        and the rest of HDF5's writes go to memory."""
+        if isinstance(err, OSError):
+            self.error = self.error or err
+        elif not isinstance(err, Exception):
+            self.interrupt = self.interrupt or err
+        self.drop()
+
     def write(self, b: Any) -> int:
+        try:  # (all of it: an interrupt can come at any line HDF5's call runs)
+            return self._write(memoryview(b).cast("B"))
+        except BaseException as err:
+            self._failed(err)
+            raise
+
+    def _write(self, view: memoryview) -> int:
         if self._kept is None:
-            try:
-                return super().write(b)
-            except OSError as err:
-                self.error = err
-                self.drop()
-                raise
-        data = bytes(b)
+            done = 0  # whole: a write short of the disk's end returns fewer bytes, which
+            while done < len(view):  # HDF5's file-object driver would not notice
+                wrote = super().write(view[done:])
+                if not wrote:
+                    raise OSError(errno.EIO, "a write to the file made no progress")
+                done += wrote
+            return done
         at = self.tell()
-        self._kept.append((at, data))
-        self.seek(at + len(data))
-        return len(data)
+        self._kept.append((at, view.tobytes()))
+        self.seek(at + len(view))
+        return len(view)
 
     def readinto(self, buffer: Any) -> int:
         at = self.tell()
@@ -432,20 +450,20 @@ class _DroppingFile(io.FileIO):
         return len(view)
 
     def truncate(self, size: int | None = None) -> int:
-        if self._kept is not None:  # (the file on disk stays as it is)
-            return self.tell() if size is None else size
         try:
+            if self._kept is not None:  # (the file on disk stays as it is)
+                return self.tell() if size is None else size
             return super().truncate(size)
-        except OSError as err:
-            self.error = err
-            self.drop()
+        except BaseException as err:
+            self._failed(err)
             raise
 
 
 def _close_h5(file: h5py.File, raw: _DroppingFile, *, keep: bool = True) -> None:
     """Close ``file`` (written through ``raw``) and ``raw``. ``keep``: its content matters,
     and a write of it that failed (:class:`_DroppingFile`), however HDF5 took it, is raised;
-    else what is left to write goes to memory."""
+    else what is left to write goes to memory. An interrupt raised inside HDF5's writes
+    (Ctrl-C, SIGTERM) is raised as itself once the file is closed."""
     if not keep:
         raw.drop()
     try:
@@ -457,11 +475,15 @@ def _close_h5(file: h5py.File, raw: _DroppingFile, *, keep: bool = True) -> None
             if file.id.valid:
                 file.close()
         raw.close()
-        # (the file-object driver can report the write's OSError as another error)
+        # (the file-object driver reports what its callback raised as another error)
+        if raw.interrupt is not None and raw.interrupt is not err:
+            raise raw.interrupt from None
         if keep and raw.error is not None and raw.error is not err:
             raise raw.error from err
         raise
     raw.close()
+    if raw.interrupt is not None:
+        raise raw.interrupt
     if keep and raw.error is not None:
         raise raw.error
 
@@ -503,10 +525,14 @@ class H5adWriter(_AnnDataWriter):
         **kwargs: Any,
     ) -> None:
         super().__init__(path, var, **kwargs)
+        self._chunk = chunk_elems
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # elements of no whole chunk
+        self._pending_n = self._written = 0
         with self._setting_up():  # (a failure removes the temporary output)
             self._raw = _DroppingFile(self.tmp, "w+")  # (a failed write: _DroppingFile)
             # no chunk cache: each write is made as it is asked for, so that one the disk
-            # refuses fails there, not as a dataset closes (HDF5 then crashes as it exits)
+            # refuses fails there, not as a dataset closes (HDF5 then crashes as it exits);
+            # elements are written a whole chunk at a time (none is read back to be added to)
             self._file = h5py.File(self._raw, "w", rdcc_nbytes=0)
             x = self._file.create_group("X")
             x.attrs.update(_CSR_ATTRS)
@@ -515,12 +541,31 @@ class H5adWriter(_AnnDataWriter):
             self._indices = x.create_dataset("indices", shape=(0,), dtype=np.int32, **opts)
 
     def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
-        n0, n1 = self._nnz, self._nnz + len(data)
+        self._pending.append((data, indices))
+        self._pending_n += len(data)
+        if self._pending_n >= self._chunk:
+            self._write_pending(self._pending_n // self._chunk * self._chunk)
+        else:  # held back: a copy (the caller may fill its arrays again)
+            self._pending[-1] = (data.copy(), indices.copy())
+
+    def _write_pending(self, n: int) -> None:
+        """Write the first ``n`` elements held back; keep the rest."""
+        if len(self._pending) == 1:  # (a large append is not copied)
+            data, indices = self._pending[0]
+        else:
+            data, indices = (np.concatenate(part) for part in zip(*self._pending, strict=True))
+        n0, n1 = self._written, self._written + n
         for ds, values in ((self._data, data), (self._indices, indices)):
             ds.resize((n1,))
-            ds[n0:n1] = values
+            ds[n0:n1] = values[:n]
+        self._written = n1
+        # (the rest copied: a view would keep the whole append in memory)
+        self._pending = [(data[n:].copy(), indices[n:].copy())] if n < len(data) else []
+        self._pending_n = len(data) - n
 
     def _finish(self, obs: pd.DataFrame) -> None:
+        if self._pending_n:
+            self._write_pending(self._pending_n)
         x = self._file["X"]
         x.attrs["shape"] = (self.n_obs, self.n_vars)
         x.create_dataset("indptr", data=np.concatenate(self._indptr))
