@@ -276,6 +276,20 @@ def main() -> None:
         for name, data_args in peer_args.items():
             jobs.append((name, partial(_peers.run_peer, name, data_args + common, 1800)))
 
+    # each peer runs right after the cellsift job it is compared with (dense batches of its
+    # store): this machine's speed drifts over minutes, and a round runs for minutes
+    peer_by_store = {"h5ad": ("annloader", "scdataset", "cellarium"), "soma": ("tiledbsoma_ml",)}
+    peer_jobs = {key: job for key, job in jobs if not key.startswith(("cellsift/", "scan/"))}
+    ordered = []
+    for key, job in jobs:
+        if key in peer_jobs:
+            continue
+        ordered.append((key, job))
+        for fmt, names in peer_by_store.items():
+            if key == f"cellsift/{fmt}/block{BLOCK}/dense":
+                ordered += [(p, peer_jobs.pop(p)) for p in names if p in peer_jobs]
+    jobs = ordered + list(peer_jobs.items())
+
     for r in range(rounds):
         for key, job in jobs:
             if key in skipped:
@@ -319,7 +333,6 @@ def main() -> None:
         results[key], rss[key] = round(out["cells_per_s"], 1), out["peak_rss_mb"]
         print(f"# {key} {out['cells_per_s']:,.0f} cells/s, peak rss {out['peak_rss_mb']:,.0f} MB")
 
-    peer_by_store = {"h5ad": ("annloader", "scdataset", "cellarium"), "soma": ("tiledbsoma_ml",)}
     ratios = {}
     for fmt in ("h5ad", "zarr", "soma"):
         block = results[f"cellsift/{fmt}/block{BLOCK}"]

@@ -1,6 +1,7 @@
 """Cell search: CellIndex (exact, faiss IVF) vs hnswlib with SCimilarity's parameters, and usearch.
 
-Clustered synthetic embeddings (1M x 128; ``--quick``: 200k): 400 cell-type clusters with
+Clustered synthetic embeddings (1M x 128; ``--quick``: 50k, which hnswlib's build at
+SCimilarity's parameters keeps to a few minutes; ``--n``: any): 400 cell-type clusters with
 study shifts and noise, L2-normalised, as cell embeddings are. The 1,000 queries are new cells of the same
 atlas (drawn like the indexed ones, not indexed); k = 50. For every index, in the same run and on the same vectors:
 recall@50 against exact search, queries/s (all 1,000 queries in one call, every library on
@@ -86,7 +87,7 @@ def timed(fn: Any, repeats: int = 3) -> tuple[float, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--n", type=int, default=None, help="cells (default 1M; --quick 200k)")
+    ap.add_argument("--n", type=int, default=None, help="cells (default 1M; --quick 50k)")
     args = ap.parse_args()
     import faiss
 
@@ -96,7 +97,7 @@ def main() -> None:
     from cellsift.tasks import CellIndex
     from cellsift.tasks.index import EXACT_SELECTION_MAX
 
-    n = args.n or (200_000 if args.quick else 1_000_000)
+    n = args.n or (50_000 if args.quick else 1_000_000)
     t = time.perf_counter()
     x, meta = make_embeddings(n + N_QUERIES)
     # queries: new cells of the same atlas (drawn like the indexed ones, not indexed)
@@ -163,7 +164,7 @@ def main() -> None:
         # filtered by cell type: 100 of the 400 types (25% of the cells). Most lists hold
         # none of them, and three queries in four are of another type, whose nearest
         # selected cells lie far away. At 1M cells such a selection is past the size
-        # searched exactly; the threshold is scaled with the atlas (--quick: 40k of 200k)
+        # searched exactly; the threshold is scaled with the atlas (--quick: 10k of 50k)
         index_module.EXACT_SELECTION_MAX = round(EXACT_SELECTION_MAX * n / 1_000_000)
         flt_types = {"cell_type": list(range(100))}
         rows_types = np.flatnonzero(meta["cell_type"].to_numpy() < 100)
