@@ -99,6 +99,7 @@ def main() -> None:
                 if "skipped" in peer:  # (its earlier rounds' figures go too: none half-run)
                     skipped["scimilarity"] = f"{peer['skipped']} (in round {r + 1})"
                     rates.pop("scimilarity", None)
+                    detail.pop("scimilarity", None)
                 else:
                     want = np.load(Path(tmp) / "scimilarity.npy")
                     rates.setdefault("scimilarity", []).append(peer["cells_per_s"])

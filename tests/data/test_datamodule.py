@@ -547,6 +547,24 @@ def test_a_flag_written_as_booleans_in_one_store_and_0_1_in_another_is_one_flag(
         )
         dm.setup()
         assert list(dm.val.origin().obs_name) == ["d0", "d2"]
+    # a store whose column holds no value, or that has none: missing flags, not numbers
+    nan = store(np.full(4, np.nan), "n")
+    assert CellCollection([a, b, nan]).codes("flag")[1] == ["False", "True"]
+    assert CellCollection([a, nan]).codes("flag")[1] == ["False", "True"]
+    x = sp.csr_matrix(np.ones((2, 10), np.float32))
+    lacking = ad.AnnData(x, obs=pd.DataFrame({"lab": ["T", "B"]}, index=["z0", "z1"]))
+    lacking.var_names = [f"g{i}" for i in range(10)]
+    joined = CellCollection([a, b, lacking])
+    typed = joined.obs_typed("flag", absent_ok=True)
+    assert str(typed.dtype) == "boolean"  # (as the embeddings' metadata writes it)
+    assert list(typed[:8]) == [True, False] * 4 and typed[8:].isna().all()
+    assert list(pd.unique(joined.obs_column("flag", absent_ok=True)[:8])) == ["True", "False"]
+    # the groups held out as the column holds them (1 given, True held)
+    dm = CellDataModule(
+        [a, b], label_key="lab", study_key=None, split_key="flag", val_groups=[1, "1"]
+    )
+    dm.setup()
+    assert dm.val_groups == ["True"] and dm.val.n_obs == 4
     # numbers other than 0 and 1 are no flag: not read as booleans
     other = store(np.array([2, 0, 1, 0]), "e")
     assert "2" in CellCollection([a, other]).codes("flag")[1]

@@ -386,9 +386,10 @@ class CellCollection:
         (booleans, whole numbers, numbers; else text). Also whether any was filled so."""
         held = [name in s.obs_columns for s in self.stores]
         if all(held) or not absent_ok or not any(held):  # (none: the first store says so)
-            return [s.obs_column(name) for s in self.stores], False
+            return _one_flag([s.obs_column(name) for s in self.stores]), False
         types = pd.api.types
         present = [s.obs_column(name) for s, h in zip(self.stores, held, strict=True) if h]
+        present = _one_flag(present)
         kinds = [pd.Series(c[:0]).dtype for c in present]
         flags = [types.is_bool_dtype(k) for k in kinds]
         both = list(zip(flags, kinds, strict=True))
@@ -431,7 +432,7 @@ class CellCollection:
 
     def _joined(self, name: str, columns: list[Any]) -> pd.Categorical | np.ndarray:
         """The stores' ``columns`` of obs ``name`` as one column over the kept cells."""
-        parts = _one_flag([_plain_values(c) for c in columns])
+        parts = [_plain_values(c) for c in columns]  # (a flag's forms made one: _one_flag)
         if any(isinstance(p, pd.Categorical) or np.asarray(p).dtype == object for p in parts):
             values = np.concatenate([_whole_floats_as_ints(p) for p in parts])
             values = values[self.cell_ids]
@@ -771,21 +772,23 @@ def _flag_kind(values: Any) -> str | None:
 
 def _one_flag(parts: list[Any]) -> list[Any]:
     """The stores' columns of one obs name, where some hold booleans and the others only
-    0 and 1 (``is_primary_data`` written either way), with the 0s and 1s as booleans: one
+    0 and 1 (``is_primary_data`` written either way) or no value, with the 0s and 1s as
+    booleans (and a column of no value as missing booleans, not as numbers): one
     flag, read as ``obs_filter`` reads it (``True`` keeps both forms), not as four groups
     (or two stores' booleans joined as numbers). Other columns as they are."""
     if len(parts) < 2:
         return parts
     kinds = [_flag_kind(p) for p in parts]
-    if "bool" not in kinds or "01" not in kinds or None in kinds:
+    if "bool" not in kinds or None in kinds or not {"01", "none"} & set(kinds):
         return parts
     out = []
     for part, kind in zip(parts, kinds, strict=True):
-        if kind == "01":
-            texts = text_or_none(_whole_floats_as_ints(part))
+        if kind in ("01", "none"):  # (a store's column of missing values only: missing flags)
+            texts = text_or_none(_whole_floats_as_ints(_plain_values(part)))
             flags = np.full(len(texts), None, dtype=object)
             flags[texts == "1"], flags[texts == "0"] = True, False
-            part = flags if (flags == None).any() else flags.astype(bool)  # noqa: E711
+            missing = pd.isna(flags).any()
+            part = pd.array(flags, dtype="boolean") if missing else flags.astype(bool)
         out.append(part)
     return out
 

@@ -154,8 +154,10 @@ class CellDataModule(pl.LightningDataModule):
         # and a whole float 1015.0 (a column with gaps) does too)
         # each group's texts: its own, and a flag's other form (True is also 1; as
         # obs_filter reads a flag written as booleans in one store and 0/1 in another)
-        given = val_groups if val_groups is not None else ()
-        self._group_forms = {str(value_text(g)): filter_texts(g) for g in given}
+        self._group_forms: dict[str, list[str]] = {}
+        for g in val_groups if val_groups is not None else ():
+            forms = self._group_forms.setdefault(str(value_text(g)), [])
+            forms += [f for f in filter_texts(g) if f not in forms]
         self.val_groups = (
             [str(value_text(g)) for g in val_groups] if val_groups is not None else None
         )
@@ -345,7 +347,9 @@ class CellDataModule(pl.LightningDataModule):
                 f"kept (the data and filters: obs_filter, dropna, min_genes), which hold "
                 f"{', '.join(shown[:10])}{', ...' if len(shown) > 10 else ''}."
             )
-        is_val = np.isin(groups, [f for g in self.val_groups for f in forms[g]]) & known
+        # the groups held out, as the column holds them (1 given for a flag read as True)
+        self.val_groups = list(dict.fromkeys(f for g in self.val_groups for f in forms[g]))
+        is_val = np.isin(groups, self.val_groups) & known
         if is_val.all() or not is_val.any():
             raise ConfigError(
                 f"val_groups {self.val_groups} leave no training or no validation "

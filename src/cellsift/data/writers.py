@@ -541,31 +541,33 @@ class H5adWriter(_AnnDataWriter):
             self._indices = x.create_dataset("indices", shape=(0,), dtype=np.int32, **opts)
 
     def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
-        self._pending.append((data, indices))
-        self._pending_n += len(data)
-        if self._pending_n >= self._chunk:
-            self._write_pending(self._pending_n // self._chunk * self._chunk)
-        else:  # held back: a copy (the caller may fill its arrays again)
-            self._pending[-1] = (data.copy(), indices.copy())
+        if self._pending_n + len(data) < self._chunk:  # held back: a copy (the caller may
+            self._pending.append((data.copy(), indices.copy()))  # fill its arrays again)
+            self._pending_n += len(data)
+            return
+        if self._pending:  # the chunk begun, completed from this append's head
+            need = self._chunk - self._pending_n
+            held = [*self._pending, (data[:need], indices[:need])]
+            self._put(*(np.concatenate(part) for part in zip(*held, strict=True)))
+            data, indices = data[need:], indices[need:]
+        whole = len(data) // self._chunk * self._chunk  # (written from the caller's arrays)
+        if whole:
+            self._put(data[:whole], indices[:whole])
+        rest = len(data) - whole  # (copied: a view would keep the whole append in memory)
+        self._pending = [(data[whole:].copy(), indices[whole:].copy())] if rest else []
+        self._pending_n = rest
 
-    def _write_pending(self, n: int) -> None:
-        """Write the first ``n`` elements held back; keep the rest."""
-        if len(self._pending) == 1:  # (a large append is not copied)
-            data, indices = self._pending[0]
-        else:
-            data, indices = (np.concatenate(part) for part in zip(*self._pending, strict=True))
-        n0, n1 = self._written, self._written + n
+    def _put(self, data: np.ndarray, indices: np.ndarray) -> None:
+        """Write elements after those written."""
+        n0, n1 = self._written, self._written + len(data)
         for ds, values in ((self._data, data), (self._indices, indices)):
             ds.resize((n1,))
-            ds[n0:n1] = values[:n]
+            ds[n0:n1] = values
         self._written = n1
-        # (the rest copied: a view would keep the whole append in memory)
-        self._pending = [(data[n:].copy(), indices[n:].copy())] if n < len(data) else []
-        self._pending_n = len(data) - n
 
     def _finish(self, obs: pd.DataFrame) -> None:
-        if self._pending_n:
-            self._write_pending(self._pending_n)
+        if self._pending:
+            self._put(*(np.concatenate(part) for part in zip(*self._pending, strict=True)))
         x = self._file["X"]
         x.attrs["shape"] = (self.n_obs, self.n_vars)
         x.create_dataset("indptr", data=np.concatenate(self._indptr))
