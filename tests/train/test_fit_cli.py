@@ -575,7 +575,7 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
         (["--model.dropout", "1.5"], r"dropout is a probability in \[0, 1\), not 1.5"),
         (["--model.hidden", "[]"], r"hidden lists the widths of at least one layer"),
         (["--model.hidden", "[0]"], r"hidden lists the widths .* not \[0\]"),
-        (["--model.latent", "0"], "latent is the embedding's width, at least 1, not 0"),
+        (["--model.latent", "0"], "latent is the embedding's width, at least 2, not 0"),
         (["--model.margin", "-1"], "margin is a finite distance, at least 0, not -1"),
         (["--model.target_sum", "0"], "target_sum is the counts per cell .* above 0"),
         (["--data.init_args.val_fraction", "1.5"], r"val_fraction .* in \[0, 1\), not 1.5"),

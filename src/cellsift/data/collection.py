@@ -745,13 +745,27 @@ def _plain_values(values: Any) -> Any:
     return values
 
 
+_FLAG_TEXTS = {"True": "bool", "False": "bool", "0": "01", "1": "01"}
+
+
+def _text_kind(values: np.ndarray) -> str | None:
+    """:func:`_flag_kind` of distinct values (objects or text)."""
+    texts = {t for t in text_or_none(_whole_floats_as_ints(values)) if t is not None}
+    kinds = {_FLAG_TEXTS.get(t) for t in texts}
+    return "none" if not kinds else kinds.pop() if len(kinds) == 1 and None not in kinds else None
+
+
 def _flag_kind(values: Any) -> str | None:
     """How a store's column may hold a flag: "bool" (booleans, or their text), "01" (the
     numbers 0 and 1, or their text), "none" (no value at all), else None. Missing values
-    aside."""
+    aside. Cheap for the columns that are no flag (a look at their first values)."""
     if isinstance(values, pd.Categorical):
-        values = values.categories[np.unique(values.codes[values.codes >= 0])]
-    arr = np.asarray(values)
+        cats = np.asarray(values.categories, dtype=object)
+        if _text_kind(cats) is None:  # (by the categories the cells use)
+            used = np.bincount(values.codes[values.codes >= 0], minlength=len(cats)) > 0
+            return _text_kind(cats[used])
+        return _text_kind(cats) if (values.codes >= 0).any() else "none"
+    arr = np.asarray(values).ravel()
     if arr.dtype == bool:
         return "bool"
     if arr.dtype.kind in "iuf":
@@ -761,13 +775,9 @@ def _flag_kind(values: Any) -> str | None:
         return "01" if bool(np.isin(present, (0, 1)).all()) else None
     if arr.dtype.kind not in "OUS":
         return None
-    distinct = pd.unique(arr.astype(object).ravel())
-    texts = {t for t in text_or_none(_whole_floats_as_ints(distinct)) if t is not None}
-    if not texts:
-        return "none"
-    if texts <= {"True", "False"}:
-        return "bool"
-    return "01" if texts <= {"0", "1"} else None
+    if _text_kind(pd.unique(arr[:256].astype(object))) is None:  # (barcodes: at once)
+        return None
+    return _text_kind(pd.unique(arr.astype(object)))
 
 
 def _one_flag(parts: list[Any]) -> list[Any]:
@@ -778,8 +788,13 @@ def _one_flag(parts: list[Any]) -> list[Any]:
     (or two stores' booleans joined as numbers). Other columns as they are."""
     if len(parts) < 2:
         return parts
-    kinds = [_flag_kind(p) for p in parts]
-    if "bool" not in kinds or None in kinds or not {"01", "none"} & set(kinds):
+    kinds = []
+    for part in parts:  # (the first store's column that is no flag ends the look)
+        kind = _flag_kind(part)
+        if kind is None:
+            return parts
+        kinds.append(kind)
+    if "bool" not in kinds or not {"01", "none"} & set(kinds):
         return parts
     out = []
     for part, kind in zip(parts, kinds, strict=True):

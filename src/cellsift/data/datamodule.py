@@ -50,8 +50,8 @@ def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list
     The groups are gone through in a seeded random order, and each is taken where it brings
     the validation cells nearer ``val_fraction`` of all (a group larger than twice what is
     still wanted is passed over: one study of most of an atlas is not held out for a tenth);
-    at least one group stays for training. Where every group is that large, the smallest
-    is taken, and a warning says the share.
+    at least one group stays for training. Where every group is that large (a few studies),
+    the smallest is taken, and the log says the share.
     """
     names, counts = np.unique(np.asarray(groups).astype(str), return_counts=True)
     if len(names) < 2:
@@ -71,11 +71,12 @@ def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list
     if not chosen and target > 0:
         smallest = int(np.argmin(counts))
         chosen, total = [str(names[smallest])], counts[smallest]
-        warn(
-            f"val_fraction={val_fraction:g}: every group holds more than twice that share of "
-            f"the cells; the smallest, {str(names[smallest])!r}, validates "
-            f"({total / counts.sum():.1%} of the cells). Pass val_groups= to choose, or a "
-            "split_key of smaller groups."
+        logger.info(
+            "val_fraction=%g: every group holds more than twice that share of the cells; the "
+            "smallest, %r, validates (%.1f%% of the cells)",
+            val_fraction,
+            str(names[smallest]),
+            100 * total / counts.sum(),
         )
     return chosen
 
@@ -347,7 +348,11 @@ class CellDataModule(pl.LightningDataModule):
                 f"kept (the data and filters: obs_filter, dropna, min_genes), which hold "
                 f"{', '.join(shown[:10])}{', ...' if len(shown) > 10 else ''}."
             )
-        # the groups held out, as the column holds them (1 given for a flag read as True)
+        # the groups held out, as the column holds them (1 given for a flag read as True),
+        # each still standing for all its forms (a later setup may read other data)
+        for g in self.val_groups:
+            for f in forms[g]:
+                self._group_forms[f] = self._group_forms.get(g, [g])
         self.val_groups = list(dict.fromkeys(f for g in self.val_groups for f in forms[g]))
         is_val = np.isin(groups, self.val_groups) & known
         if is_val.all() or not is_val.any():
