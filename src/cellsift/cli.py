@@ -588,7 +588,13 @@ def _sigterm_interrupts() -> Iterator[None]:
 def _cancelled_by_ctrl_c(err: BaseException) -> bool:
     """TileDB takes Ctrl-C during a query (Python never sees it) and cancels the query: what
     reaches the command is its error, which is an interruption, not a failure."""
-    return type(err).__name__ in ("SOMAError", "TileDBError") and "Query cancelled" in str(err)
+    return _tiledb_error(err) and "Query cancelled" in str(err)
+
+
+def _tiledb_error(err: BaseException) -> bool:
+    """An error of TileDB (SOMA stores), told by its type's name: the command line does not
+    import tiledbsoma to tell it."""
+    return type(err).__name__ in ("SOMAError", "TileDBError")
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -761,7 +767,7 @@ def _output_limit(err: BaseException) -> OSError | None:
             "reached; free space there, raise the limit (`ulimit -f`), or write the output "
             "elsewhere.",
         )
-    if type(err).__name__ in ("SOMAError", "TileDBError"):
+    if _tiledb_error(err):
         code = next((c for text, c in _TILEDB_LIMITS.items() if text in str(err)), None)
         if code is not None:
             return OSError(code, f"{os.strerror(code)}; {_OUTPUT_LIMITS[code]}.")

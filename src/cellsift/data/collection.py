@@ -769,10 +769,11 @@ def _flag_kind(values: Any) -> str | None:
     if arr.dtype == bool:
         return "bool"
     if arr.dtype.kind in "iuf":
-        present = arr[~np.isnan(arr)] if arr.dtype.kind == "f" else arr
-        if not len(present):
-            return "none"
-        return "01" if bool(np.isin(present, (0, 1)).all()) else None
+        for part in (arr[:256], arr):  # (another number among the first: at once)
+            present = part[~np.isnan(part)] if part.dtype.kind == "f" else part
+            if not np.isin(present, (0, 1)).all():
+                return None
+        return "01" if len(present) else "none"
     if arr.dtype.kind not in "OUS":
         return None
     if _text_kind(pd.unique(arr[:256].astype(object))) is None:  # (barcodes: at once)

@@ -153,15 +153,15 @@ class CellDataModule(pl.LightningDataModule):
             val_groups = [val_groups]  # one group (not its letters; a number)
         # (groups read as text, as the split column is: a YAML [1015] names donor "1015",
         # and a whole float 1015.0 (a column with gaps) does too)
-        # each group's texts: its own, and a flag's other form (True is also 1; as
+        # each given group's texts: its own, and a flag's other form (True is also 1; as
         # obs_filter reads a flag written as booleans in one store and 0/1 in another)
-        self._group_forms: dict[str, list[str]] = {}
-        for g in val_groups if val_groups is not None else ():
-            forms = self._group_forms.setdefault(str(value_text(g)), [])
-            forms += [f for f in filter_texts(g) if f not in forms]
-        self.val_groups = (
-            [str(value_text(g)) for g in val_groups] if val_groups is not None else None
-        )
+        self._given: dict[str, list[str]] | None = None
+        if val_groups is not None:
+            self._given = {}
+            for g in val_groups:
+                forms = self._given.setdefault(str(value_text(g)), [])
+                forms += [f for f in filter_texts(g) if f not in forms]
+        self.val_groups = list(self._given) if self._given is not None else None
         self.val_fraction = val_fraction
         self.seed, self.batch_size = seed, batch_size
         self.loader_options = {
@@ -337,10 +337,9 @@ class CellDataModule(pl.LightningDataModule):
                 str(g) for g in split_groups(groups[known], self.val_fraction, self.seed)
             ]
         held = set(groups[known])
-        forms = {
-            g: [f for f in self._group_forms.get(g, [g]) if f in held] for g in self.val_groups
-        }
-        absent = [g for g in self.val_groups if not forms[g]]
+        wanted = self._given if self._given is not None else {g: [g] for g in self.val_groups}
+        forms = {g: [f for f in texts if f in held] for g, texts in wanted.items()}
+        absent = [g for g in wanted if not forms[g]]
         if absent:
             shown = sorted(held)
             raise ConfigError(
@@ -348,12 +347,9 @@ class CellDataModule(pl.LightningDataModule):
                 f"kept (the data and filters: obs_filter, dropna, min_genes), which hold "
                 f"{', '.join(shown[:10])}{', ...' if len(shown) > 10 else ''}."
             )
-        # the groups held out, as the column holds them (1 given for a flag read as True),
-        # each still standing for all its forms (a later setup may read other data)
-        for g in self.val_groups:
-            for f in forms[g]:
-                self._group_forms[f] = self._group_forms.get(g, [g])
-        self.val_groups = list(dict.fromkeys(f for g in self.val_groups for f in forms[g]))
+        # the groups held out, as the column holds them (1 given for a flag read as True; a
+        # later setup, of other data, matches the given groups again)
+        self.val_groups = list(dict.fromkeys(f for texts in forms.values() for f in texts))
         is_val = np.isin(groups, self.val_groups) & known
         if is_val.all() or not is_val.any():
             raise ConfigError(

@@ -488,6 +488,18 @@ def _close_h5(file: h5py.File, raw: _DroppingFile, *, keep: bool = True) -> None
         raise raw.error
 
 
+def _open_h5(path: str | os.PathLike[str]) -> tuple[h5py.File, _DroppingFile]:
+    """A new HDF5 file at ``path`` written through a :class:`_DroppingFile`, without a chunk
+    cache: each write is made as it is asked for, so that one the disk refuses fails there,
+    not as a dataset closes (where HDF5 would crash as it exits)."""
+    raw = _DroppingFile(path, "w+")
+    try:
+        return h5py.File(raw, "w", rdcc_nbytes=0), raw
+    except BaseException:
+        raw.close()
+        raise
+
+
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike[str]) -> None:
     """``adata`` as an h5ad file at ``path`` (a temporary output: :func:`cellsift._utils.
     atomic_path`'s), as ``adata.write_h5ad`` writes it (text columns made categorical), but
@@ -496,12 +508,7 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike[str]) -> None:
     adata.strings_to_categoricals()
     if adata.raw is not None:
         adata.strings_to_categoricals(adata.raw.var)
-    raw = _DroppingFile(path, "w+")
-    try:
-        file = h5py.File(raw, "w", rdcc_nbytes=0)  # (no chunk cache: :class:`H5adWriter`)
-    except BaseException:
-        raw.close()
-        raise
+    file, raw = _open_h5(path)
     try:
         ad.io.write_elem(file, "/", adata)
     except BaseException:
@@ -526,14 +533,11 @@ class H5adWriter(_AnnDataWriter):
     ) -> None:
         super().__init__(path, var, **kwargs)
         self._chunk = chunk_elems
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # elements of no whole chunk
-        self._pending_n = self._written = 0
+        # elements of no whole chunk yet: written a whole chunk at a time (with no chunk
+        # cache, a part chunk would be read back, and recompressed, to be added to)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         with self._setting_up():  # (a failure removes the temporary output)
-            self._raw = _DroppingFile(self.tmp, "w+")  # (a failed write: _DroppingFile)
-            # no chunk cache: each write is made as it is asked for, so that one the disk
-            # refuses fails there, not as a dataset closes (HDF5 then crashes as it exits);
-            # elements are written a whole chunk at a time (none is read back to be added to)
-            self._file = h5py.File(self._raw, "w", rdcc_nbytes=0)
+            self._file, self._raw = _open_h5(self.tmp)
             x = self._file.create_group("X")
             x.attrs.update(_CSR_ATTRS)
             opts = {"maxshape": (None,), "chunks": (chunk_elems,), "compression": compression}
@@ -541,29 +545,27 @@ class H5adWriter(_AnnDataWriter):
             self._indices = x.create_dataset("indices", shape=(0,), dtype=np.int32, **opts)
 
     def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
-        if self._pending_n + len(data) < self._chunk:  # held back: a copy (the caller may
-            self._pending.append((data.copy(), indices.copy()))  # fill its arrays again)
-            self._pending_n += len(data)
+        pending = sum(len(d) for d, _ in self._pending)
+        if pending + len(data) < self._chunk:  # held back: a copy (the caller may fill its
+            self._pending.append((data.copy(), indices.copy()))  # arrays again)
             return
         if self._pending:  # the chunk begun, completed from this append's head
-            need = self._chunk - self._pending_n
+            need = self._chunk - pending
             held = [*self._pending, (data[:need], indices[:need])]
             self._put(*(np.concatenate(part) for part in zip(*held, strict=True)))
             data, indices = data[need:], indices[need:]
         whole = len(data) // self._chunk * self._chunk  # (written from the caller's arrays)
         if whole:
             self._put(data[:whole], indices[:whole])
-        rest = len(data) - whole  # (copied: a view would keep the whole append in memory)
-        self._pending = [(data[whole:].copy(), indices[whole:].copy())] if rest else []
-        self._pending_n = rest
+        # (the rest copied: a view would keep the whole append in memory)
+        self._pending = [(data[whole:].copy(), indices[whole:].copy())] if whole < len(data) else []
 
     def _put(self, data: np.ndarray, indices: np.ndarray) -> None:
         """Write elements after those written."""
-        n0, n1 = self._written, self._written + len(data)
+        n0 = len(self._data)
         for ds, values in ((self._data, data), (self._indices, indices)):
-            ds.resize((n1,))
-            ds[n0:n1] = values
-        self._written = n1
+            ds.resize((n0 + len(data),))
+            ds[n0:] = values
 
     def _finish(self, obs: pd.DataFrame) -> None:
         if self._pending:
@@ -572,19 +574,12 @@ class H5adWriter(_AnnDataWriter):
         x.attrs["shape"] = (self.n_obs, self.n_vars)
         x.create_dataset("indptr", data=np.concatenate(self._indptr))
         self._write_meta(self._file, obs)
-        del x
-        self._data = self._indices = None  # (closed with the file: none outlives it)
         _close_h5(self._file, self._raw)
 
     def abort(self) -> None:
-        raw = getattr(self, "_raw", None)  # (None: its creation failed)
-        self._data = self._indices = None  # (closed with the file: none outlives it)
         try:
-            file = getattr(self, "_file", None)
-            if file is not None and raw is not None:
-                _close_h5(file, raw, keep=False)
-            elif raw is not None:
-                raw.close()
+            if hasattr(self, "_file"):  # (none: its creation failed)
+                _close_h5(self._file, self._raw, keep=False)
         finally:  # (the temporary output goes, whatever closing it raised)
             super().abort()
 
