@@ -101,6 +101,30 @@ def test_embedding_errors(cells):
         pl.embedding(cells, "cell_type", palette={"B": "red", "NK": "green"})
 
 
+def test_a_sparse_2d_embedding_is_drawn_as_its_dense_values(cells):
+    import scipy.sparse as sp
+
+    dense = cells.obsm["X_umap"].copy()
+    cells.obsm["X_umap"] = sp.csr_matrix(dense)
+    cells.obsm["X_sparse"] = sp.csr_matrix(dense)
+    ax = pl.embedding(cells, "cell_type")
+    sel = (cells.obs["cell_type"] == "B").to_numpy()
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), dense[sel])
+    with pytest.raises(KeyError, match=r"present: \['X_umap', 'X_sparse'\]"):
+        pl.embedding(cells, "cell_type", basis="X_tsne")
+
+
+def test_legend_on_data_names_each_category_at_its_median(cells):
+    cells.obs["cell_type"] = cells.obs["cell_type"].cat.add_categories(["unused"])
+    ax = pl.embedding(cells, "cell_type", legend_loc="on data")
+    assert ax.get_legend() is None
+    texts = {t.get_text(): t.get_position() for t in ax.texts}
+    assert sorted(texts) == ["B", "NK", "T"]  # (no text for a category of no cells)
+    for name, pos in texts.items():
+        sel = (cells.obs["cell_type"] == name).to_numpy()
+        np.testing.assert_allclose(pos, np.median(cells.obsm["X_umap"][sel], axis=0))
+
+
 def test_embedding_palettes_of_too_few_colours_or_keyed_by_value():
     """A qualitative map with fewer colours than categories would give two categories one
     colour: refused, as a short list is. A mapping keyed by integer categories is taken."""
@@ -370,6 +394,11 @@ def test_attribution_bars_are_the_top_genes(tmp_path):
         p.get_facecolor() == matplotlib.colors.to_rgba("tab:blue") for p in negative
     )
     assert _png(tmp_path / "genes.png")
+
+    unnamed = df.assign(symbol=df["symbol"].where(df.index != top.index[1]))  # one NaN
+    ax = pl.attributions(unnamed, n_genes=3)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == [top["symbol"].iloc[0], top.index[1], top["symbol"].iloc[2]]
 
     ax = pl.attributions(df.drop(columns="symbol"), n_genes=100)
     assert len(ax.patches) == 30

@@ -26,6 +26,7 @@ import pandas as pd
 from ._utils import atomic_path, is_file, is_whole, no_label, objects_whole_as_ints
 from .errors import MissingKeyError
 from .tasks import UNKNOWN, SearchResult
+from .tl import obsm_array
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -80,7 +81,9 @@ def embedding(
     title
         Axes title (default: ``color``).
     legend_loc
-        ``"right margin"`` (outside the axes), any matplotlib legend location, or None.
+        ``"right margin"`` (outside the axes), ``"on data"`` (each category's name at the
+        median of its cells, as scanpy; no legend), any matplotlib legend location, or
+        None.
     na_color
         Colour of cells whose value is missing.
     ax, save
@@ -129,7 +132,21 @@ def embedding(
                         xy[sel, 0], xy[sel, 1], s=s, color=colors[k], linewidths=0, label=labels[-1]
                     )
                 )
-            if legend_loc is not None:
+            if legend_loc == "on data":
+                for k, name in enumerate(cat.categories):
+                    sel = cat.codes == k
+                    if sel.any():
+                        x, y = np.median(xy[sel], axis=0)
+                        ax.text(
+                            x,
+                            y,
+                            _literal(name),
+                            ha="center",
+                            va="center",
+                            fontsize="small",
+                            fontweight="bold",
+                        )
+            elif legend_loc is not None:
                 scale = max(1.0, 6.0 / np.sqrt(s))
                 if legend_loc == "right margin":
                     ax.legend(
@@ -164,12 +181,12 @@ def embedding(
 def _basis(adata: ad.AnnData, basis: str) -> np.ndarray:
     key = basis if basis in adata.obsm else f"X_{basis}"
     if key not in adata.obsm:
-        two_d = [k for k in adata.obsm if np.asarray(adata.obsm[k]).shape[1:] == (2,)]
+        two_d = [k for k in adata.obsm if tuple(adata.obsm[k].shape[1:]) == (2,)]
         raise MissingKeyError(
             f"obsm has no {basis!r}; 2-D embeddings present: {two_d or 'none'}. Compute one, "
             "e.g. sc.pp.neighbors(adata, use_rep='X_cellsift'); sc.tl.umap(adata)."
         )
-    xy = np.asarray(adata.obsm[key], dtype=float)
+    xy = obsm_array(adata, key).astype(float, copy=False)
     if xy.ndim != 2 or xy.shape[1] != 2:
         raise ValueError(
             f"obsm[{key!r}] has shape {xy.shape}; plotting needs a 2-D embedding. Compute one, "
@@ -457,7 +474,7 @@ def attributions(
         The value to rank and plot.
     gene_symbols
         Column with the names to label bars with (default: ``symbol`` when present, else
-        the index).
+        the index). A gene without a name there is labelled by its index.
     ax, save
         Axes to draw into; path to write the figure to.
     """
@@ -471,7 +488,10 @@ def attributions(
         raise MissingKeyError(f"gene_symbols={gene_symbols!r} is not a column of df.")
     label_col = gene_symbols or ("symbol" if "symbol" in df.columns else None)
     top = df.sort_values(column, ascending=False, kind="stable").head(int(n_genes))
-    labels = [_literal(g) for g in (top[label_col] if label_col else top.index.to_series())]
+    names = top.index.to_series()
+    if label_col:  # (a gene without a symbol: its id, not "NA")
+        names = top[label_col].where(top[label_col].notna(), names)
+    labels = [_literal(g) for g in names]
     v = top[column].to_numpy(dtype=float)
     ax = _axes(ax, figsize=(5.0, 0.8 + 0.25 * len(top)))
     ax.barh(np.arange(len(top)), v, color=np.where(v >= 0, "tab:red", "tab:blue"))
