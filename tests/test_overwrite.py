@@ -654,6 +654,36 @@ def test_a_write_stopped_by_a_file_size_limit_fails_in_one_line_and_leaves_nothi
     assert sorted(p.name for p in out.iterdir()) == []
 
 
+_SAVE_UNDER_A_LIMIT = r"""
+import resource, sys
+from cellsift.models import MetricModel
+model = MetricModel([f"g{i}" for i in range(2000)], ["CL:0000236", "CL:0000624"], hidden=(64,))
+limit = 100_000  # (under the weights' 0.5 MB; over config.json)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # (Python ignores SIGXFSZ)
+try:
+    model.save(sys.argv[1])
+except OSError as err:
+    print(err.errno, err.filename)
+"""
+
+
+def test_a_bundle_whose_weights_the_disk_refuses_raises_that_oserror(tmp_path):
+    """safetensors reports a write the machine stops as an error of its own (with the
+    system's number in its text), which `cellsift fit` said as a traceback: it is the
+    system's OSError, naming the bundle's file, and no temporary folder is left."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "model"
+    done = subprocess.run(
+        [sys.executable, "-c", _SAVE_UNDER_A_LIMIT, str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["27", str(out / "model.safetensors")]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_annotated_h5ad_write_that_fails_leaves_nothing_and_a_later_one_writes(
     tmp_path, monkeypatch
 ):
@@ -707,6 +737,11 @@ def test_the_machines_limits_are_said_in_one_line_whichever_library_met_them(cap
     assert soma is not None and soma.errno == errno.ENOSPC
     assert _output_limit(tiledbsoma.SOMAError("some other failure")) is None
     assert _output_limit(OSError(errno.ENOENT, "No such file or directory")) is None
+    # a copy or a rename names its source and its destination: the limit is the latter's
+    copied = _output_limit(OSError(errno.ENOSPC, "No space left on device", "/a", None, "/b/c"))
+    assert copied is not None and str(copied).startswith(
+        "[Errno 28] No space left on device: /b/c;"
+    )
     big = _output_limit(OSError(errno.EFBIG, "File too large"))
     assert big is not None and _error("index", big) == 2
     said = capsys.readouterr().err

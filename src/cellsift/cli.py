@@ -758,7 +758,9 @@ def _output_limit(err: BaseException) -> OSError | None:
     size limit, ...), as an OSError with what to do about it (:data:`_OUTPUT_LIMITS`) in its
     message; else None."""
     if isinstance(err, OSError) and err.errno in _OUTPUT_LIMITS:
-        where = f": {err.filename}" if err.filename else ""
+        # (a copy or a rename: the second name is the destination, where the limit is)
+        target = err.filename2 or err.filename
+        where = f": {target}" if target else ""
         advice = _OUTPUT_LIMITS[err.errno]
         return OSError(err.errno, f"{err.strerror}{where}; {advice}.")
     if isinstance(err, OSError) and err.errno is None and _SHORT_WRITE.match(str(err)):

@@ -260,6 +260,43 @@ def test_fit_keeps_checkpoints_of_a_callback_without_a_folder_where_last_finds_t
     assert steps == list(range(2 * first))  # the second epoch's, after the first's
 
 
+_FIT_UNDER_A_LIMIT = r"""
+import resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # (Python ignores SIGXFSZ)
+from cellsift.cli import main
+sys.exit(main(["fit", *sys.argv[2:]]))
+"""
+
+
+def test_a_checkpoint_the_disk_refuses_is_said_naming_it_and_the_last_one_is_kept(
+    synthetic_h5ad, tmp_path
+):
+    """A checkpoint write that the machine stops (a file size limit here; a full disk
+    alike): one line naming the checkpoint (not a temporary file elsewhere), the last
+    checkpoint whole, and no partial file beside it. Lightning's writer staged the file in
+    the system's temporary folder and copied it over the last one where the two are on
+    different file systems, and its error named the staged file."""
+    root = tmp_path / "run"
+    root.mkdir()
+    args = _args(synthetic_h5ad, root)
+    assert main(["fit", *args, "--trainer.max_steps", "1"]) == 0
+    last = root / "checkpoints" / "last.ckpt"
+    size = last.stat().st_size
+    assert size > 200_000  # (the limit below is under one checkpoint)
+    done = subprocess.run(
+        [sys.executable, "-c", _FIT_UNDER_A_LIMIT, str(size // 2), *args,
+         "--trainer.max_steps", "3", "--ckpt_path", "last"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith(f"cellsift fit: error: [Errno 27] File too large: {last};"), said
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    left = sorted(p.name for p in last.parent.iterdir())
+    assert [n for n in left if not n.startswith("best-")] == ["last.ckpt"], left
+
+
 _DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
 
 

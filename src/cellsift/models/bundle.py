@@ -86,6 +86,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], tmp: Path, final: Path) -> None:
+    """safetensors' ``save_file``, where a write the system refuses (a full disk, a quota, a
+    file size limit) is that OSError, naming the bundle's file (safetensors reports it as
+    an error of its own, with the system's number in its text)."""
+    try:
+        save_file(tensors, str(tmp))
+    except SafetensorError as err:
+        code = _OS_ERROR.search(str(err))
+        if code is None:
+            raise
+        errno = int(code.group(1))
+        raise OSError(errno, os.strerror(errno), str(final)) from err
+
+
 def check_bundle_path(path: str | os.PathLike[str], overwrite: bool) -> None:
     """Refuse ``path`` for a bundle as :func:`save_bundle` would (it exists and overwrite is
     off, or it is something else than a bundle), before the work that makes one."""
@@ -122,7 +139,7 @@ def save_bundle(
             for name, module in modules.items()
             for k, v in module.state_dict().items()
         }
-        save_file(tensors, str(tmp / "model.safetensors"))
+        _save_tensors(tensors, tmp / "model.safetensors", Path(path) / "model.safetensors")
         genes.save(tmp / "genes.tsv")
         (tmp / "labels.json").write_text(json.dumps(labels or [], indent=1))
         sums = {f: _sha256(tmp / f) for f in _FILES}

@@ -43,7 +43,7 @@ from ..errors import ConfigError, ResumeError, TrainingError, TrainingInterrupte
 from ..losses.triplet import Distance
 from ._stop import StopRequest
 from .metrics import silhouette
-from .resume import read_checkpoint
+from .resume import read_checkpoint, write_checkpoints_atomically
 
 __all__ = ["TrainingPlan"]
 
@@ -252,6 +252,7 @@ class TrainingPlan(pl.LightningModule):
         return loss
 
     def setup(self, stage: str) -> None:
+        write_checkpoints_atomically(self.trainer)
         _check_steps(self.trainer)
         _check_watched(self.trainer, self.asw_cells)
         if getattr(self.trainer, "fast_dev_run", False):

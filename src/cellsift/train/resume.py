@@ -7,16 +7,26 @@ import os
 import pickle
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
+import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .._utils import logger
+from .._utils import atomic_path, logger
 from ..data.stores import kind_of
 from ..errors import DataError
 
-__all__ = ["checkpoint_file", "continued_run", "place_checkpoints", "read_checkpoint"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "checkpoint_file",
+    "continued_run",
+    "place_checkpoints",
+    "read_checkpoint",
+    "write_checkpoints_atomically",
+]
 
 
 #: What to do about a checkpoint that cannot be read, where a run resumes from it.
@@ -44,6 +54,65 @@ def read_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, 
             f"is truncated, corrupt or not a checkpoint (a model bundle's files are not). {advice}"
         ) from err
     return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but a local checkpoint is written to a temporary file
+    beside it and renamed into place (:func:`~cellsift._utils.atomic_path`).
+
+    Lightning's own writes the whole checkpoint to memory, then through fsspec to a
+    temporary file in the system's temporary folder, then moves that file into place: where
+    the two folders are on different file systems (a tmpfs ``/tmp``, a cluster's scratch
+    disk) the move is a copy into the truncated checkpoint, so a full disk or a kill during
+    it destroys the previous ``last.ckpt``, and a new checkpoint is left empty or partial
+    for a resumed run to find. Here the previous file stays whole until the new one is, a
+    failed write removes its temporary file, and a full disk is the system's OSError (not
+    torch's "unexpected pos"), naming the checkpoint. Remote paths go to Lightning's."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        fs, local = fsspec.core.url_to_fs(str(path))
+        if storage_options is not None or not isinstance(fs, LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        final = Path(local)
+        with atomic_path(final, overwrite=True, what="a checkpoint") as tmp, open(tmp, "wb") as f:
+            out = _Writes(f)
+            try:
+                torch.save(checkpoint, cast(IO[bytes], out))
+            except RuntimeError as err:  # (torch's words for a failed write of the file)
+                if out.error is None:
+                    raise
+                raise OSError(out.error.errno, out.error.strerror, str(final)) from err
+
+
+class _Writes:
+    """A file for torch.save that keeps the OSError of a write that failed: torch reports
+    it as a RuntimeError of its own ("unexpected pos"), without the cause."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self.f.write(data))
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_checkpoints_atomically(trainer: Any) -> None:
+    """Give ``trainer``'s strategy an :class:`AtomicCheckpointIO` where it writes through
+    Lightning's default writer (a writer of the user's own, or a strategy that shards its
+    checkpoints, is left as it is)."""
+    strategy = trainer.strategy
+    if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def place_checkpoints(callbacks: Iterable[Any], dirpath: str | Path) -> None:
