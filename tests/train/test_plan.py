@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 
+from cellsift._warnings import CellsiftWarning
 from cellsift.data.datamodule import CellDataModule
 from cellsift.errors import TrainingError
 from cellsift.nn import MetricModule
@@ -865,6 +867,36 @@ class _StopAfter(pl.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.steps:
             trainer.should_stop = True
+
+
+def test_a_run_resumed_under_the_time_it_has_spent_says_so(synthetic_h5ad, tmp_path):
+    """Lightning counts max_time over the whole run, resumes included: a run resumed under
+    the max_time that stopped it ends at once, and a warning says so (and how to train
+    on); with more time it trains on, unwarned."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+
+    def run(seconds, **fit):
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1)
+        keep = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+        timer = Timer(duration=timedelta(seconds=seconds), interval="step")
+        trainer = _trainer(
+            tmp_path, max_epochs=-1, enable_checkpointing=True, callbacks=[keep, timer]
+        )
+        trainer.fit(TrainingPlan(module, scheduler="none"), datamodule=dm, **fit)
+        return trainer
+
+    first = run(2).global_step
+    with pytest.warns(
+        CellsiftWarning, match=r"has trained for 0:00:0\d of its max_time \(0:00:02\)"
+    ):
+        again = run(2, ckpt_path="last")
+    assert again.global_step == first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CellsiftWarning)
+        assert run(4, ckpt_path="last").global_step > first
 
 
 def test_only_early_stopping_is_kept_as_a_stop(synthetic_h5ad, tmp_path):

@@ -25,6 +25,7 @@ import shlex
 import signal
 import time
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -279,6 +280,7 @@ class TrainingPlan(pl.LightningModule):
         # found): a module left in eval mode by embedding, loading or an earlier fit would
         # train without dropout and with frozen BatchNorm statistics
         self.train()
+        _say_time_spent(self.trainer)
         self._check_optimization()  # (a resumed run's optimisers exist, their state not yet)
         self._count_on_a_replanned_epoch()
 
@@ -1046,12 +1048,36 @@ def _check_steps(trainer: Any) -> None:
         )
 
 
+def _say_time_spent(trainer: pl.Trainer) -> None:
+    """Warn where a run resumes under a ``max_time`` (Lightning's Timer) that its checkpoint
+    has already spent: Lightning counts the time over the whole run, resumes included, so
+    such a run ends at once, with no more training than the checkpoint's."""
+    from lightning.pytorch.callbacks import Timer
+    from lightning.pytorch.trainer.states import RunningStage
+
+    if trainer.ckpt_path is None:
+        return
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        left = cb.time_remaining(RunningStage.TRAINING) if isinstance(cb, Timer) else None
+        if left is not None and left <= 0:
+            elapsed = cb.time_elapsed(RunningStage.TRAINING)
+            spent, limit = (timedelta(seconds=round(t)) for t in (elapsed, elapsed + left))
+            warn(
+                f"the run resumed from {trainer.ckpt_path} has trained for {spent} of its "
+                f"max_time ({limit}): "
+                "Lightning counts max_time over the whole run, resumes included, so this "
+                "one ends at once. Give a longer max_time to train on.",
+                stacklevel=1,
+            )
+
+
 def _asked_to_stop(trainer: pl.Trainer) -> bool:
     """Whether early stopping has stopped the fit: a run that has found what it trains
     for. Not the other stops, which a resumed run goes on past: ``max_steps`` (the plan
     sets ``should_stop`` as it ends the run: a run resumed with more steps goes on),
-    ``max_time`` (Lightning's Timer: a scheduled job that resumes where its time ran out)
-    or a callback of the user's."""
+    ``max_time`` (Lightning's Timer: a run resumed with more time, or without a limit,
+    goes on; with the same, it ends at once, and :func:`_say_time_spent` says so) or a
+    callback of the user's."""
     from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
