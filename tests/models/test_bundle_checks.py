@@ -388,3 +388,19 @@ def test_a_training_run_folder_or_checkpoint_given_as_a_bundle_is_named(tmp_path
             MetricModel.load(folder)
     with pytest.raises(BundleError, match=r"last\.ckpt is a training checkpoint .* not a model"):
         MetricModel.load(ckpt)
+
+
+def test_a_gene_order_saved_with_a_byte_order_mark_imports_its_first_gene(tmp_path):
+    """A gene_order.tsv an editor saved as "UTF-8 with BOM": the mark is not part of the
+    first gene's id, which read so matched no gene of the data (its counts read as zero,
+    the embeddings wrong, and no warning: the other genes overlap)."""
+    from cellsift.data import GeneVocabulary
+
+    src = tmp_path / "model"
+    shutil.copytree(FIXTURE, src)
+    first = (src / "gene_order.tsv").read_text().splitlines()[0]
+    (src / "gene_order.tsv").write_bytes(b"\xef\xbb\xbf" + (src / "gene_order.tsv").read_bytes())
+    model = MetricModel.load(import_scimilarity(src, tmp_path / "bundle"))
+    assert model.genes.genes[0] == first
+    with pytest.raises(ValueError, match=r"gene 0's id '\\ufeffA' holds .* a byte order mark"):
+        GeneVocabulary(["\ufeffA", "B"])

@@ -186,13 +186,17 @@ class GeneVocabulary:
             # (a carriage return: names read from text with Windows line ends; no file of
             # genes, genes.tsv included, would read them back as written. A store's
             # symbols are cleaned by from_var instead)
-            odd = np.flatnonzero(names.str.contains(r"[\r\x00]"))
+            # a byte order mark: text an editor saved as "UTF-8 with BOM", read as UTF-8,
+            # puts one before the first name (which then matches no gene)
+            odd = np.flatnonzero(names.str.contains(r"[\r\x00\ufeff]"))
             if len(odd):
                 raise ValueError(
-                    f"gene {odd[0]}'s {what} {names[odd[0]]!r} holds a carriage return or a "
-                    f"NUL{f' ({len(odd) - 1} more too)' if len(odd) > 1 else ''}: names "
-                    "read from text with Windows line ends keep their '\\r'; strip them "
-                    "(e.g. [g.strip() for g in genes])."
+                    f"gene {odd[0]}'s {what} {names[odd[0]]!r} holds a carriage return, a NUL "
+                    f"or a byte order mark{f' ({len(odd) - 1} more too)' if len(odd) > 1 else ''}"
+                    ": names read from text with Windows line ends keep their '\\r', and text "
+                    "saved with a byte order mark read as UTF-8 keeps it ('\\ufeff'); strip "
+                    "them (e.g. [g.strip().lstrip('\\ufeff') for g in genes], or read the "
+                    "file with encoding='utf-8-sig')."
                 )
         stripped = self._stripped()  # alignment ignores Ensembl versions
         if stripped.has_duplicates:

@@ -125,8 +125,8 @@ def _label_table(path: Path) -> list[str]:
 
 def _gene_order(path: Path) -> list[str]:
     """One gene per line (the first column), as SCimilarity reads it: every name as written,
-    none read as missing."""
-    lines = path.read_text().splitlines()
+    none read as missing (a byte order mark that an editor put before the first is none)."""
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
     return [line.split("\t")[0].strip() for line in lines if line.strip()]
 
 
