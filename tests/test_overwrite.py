@@ -817,3 +817,46 @@ def test_an_interrupt_inside_an_h5ad_write_ends_the_command_as_an_interrupt(
         assert main([*args, str(tmp_path / "out" / "o.h5ad")]) == 130, at
         assert "interrupted; no partial output was left in place" in capsys.readouterr().err
         assert not [p for p in (tmp_path / "out").iterdir()], at
+
+
+def test_a_checkpoint_over_a_folder_is_refused_and_one_another_process_writes_is_written(
+    tmp_path,
+):
+    """AtomicCheckpointIO: a checkpoint path that is a folder is refused (replacing it would
+    delete the folder and all in it); one whose lock another process holds (two runs in
+    one folder of checkpoints) is written whole all the same, with a warning, not a
+    failed fit."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from cellsift._warnings import CellsiftWarning
+    from cellsift.train.resume import AtomicCheckpointIO
+
+    io_ = AtomicCheckpointIO()
+    results = tmp_path / "results"
+    (results / "sub").mkdir(parents=True)
+    (results / "sub" / "kept.txt").write_text("data")
+    with pytest.raises(IsADirectoryError, match="a checkpoint is a file, and this path is a"):
+        io_.save_checkpoint({"step": 1}, results)
+    assert (results / "sub" / "kept.txt").read_text() == "data"
+
+    last = tmp_path / "last.ckpt"
+    io_.save_checkpoint({"step": 1}, last)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(tmp_path / ".last.ckpt.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.warns(CellsiftWarning, match=r"another process is writing .*last\.ckpt"):
+            io_.save_checkpoint({"step": 2, "w": torch.ones(3)}, last)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert torch.load(last, weights_only=True)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.ckpt.lock", "last.ckpt", "results"]

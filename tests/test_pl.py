@@ -123,6 +123,12 @@ def test_legend_on_data_names_each_category_at_its_median(cells):
     for name, pos in texts.items():
         sel = (cells.obs["cell_type"] == name).to_numpy()
         np.testing.assert_allclose(pos, np.median(cells.obsm["X_umap"][sel], axis=0))
+    # a cell without a place (NaN: not embedded) is not counted
+    placed = cells.obsm["X_umap"].copy()
+    cells.obsm["X_umap"][0] = np.nan
+    ax = pl.embedding(cells, "cell_type", legend_loc="on data")
+    (b,) = [t.get_position() for t in ax.texts if t.get_text() == "B"]
+    np.testing.assert_allclose(b, np.median(placed[1:30], axis=0))
 
 
 def test_embedding_palettes_of_too_few_colours_or_keyed_by_value():
@@ -396,9 +402,10 @@ def test_attribution_bars_are_the_top_genes(tmp_path):
     assert _png(tmp_path / "genes.png")
 
     unnamed = df.assign(symbol=df["symbol"].where(df.index != top.index[1]))  # one NaN
-    ax = pl.attributions(unnamed, n_genes=3)
-    labels = [t.get_text() for t in ax.get_yticklabels()]
-    assert labels == [top["symbol"].iloc[0], top.index[1], top["symbol"].iloc[2]]
+    for symbols in (unnamed, unnamed.astype({"symbol": "category"})):
+        ax = pl.attributions(symbols, n_genes=3)
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert labels == [top["symbol"].iloc[0], top.index[1], top["symbol"].iloc[2]]
 
     ax = pl.attributions(df.drop(columns="symbol"), n_genes=100)
     assert len(ax.patches) == 30

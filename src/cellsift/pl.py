@@ -82,7 +82,7 @@ def embedding(
         Axes title (default: ``color``).
     legend_loc
         ``"right margin"`` (outside the axes), ``"on data"`` (each category's name at the
-        median of its cells, as scanpy; no legend), any matplotlib legend location, or
+        median of its cells placed, as scanpy; no legend), any matplotlib legend location, or
         None.
     na_color
         Colour of cells whose value is missing.
@@ -133,8 +133,9 @@ def embedding(
                     )
                 )
             if legend_loc == "on data":
+                finite = np.isfinite(xy).all(1)  # (cells without a place: not counted)
                 for k, name in enumerate(cat.categories):
-                    sel = cat.codes == k
+                    sel = (cat.codes == k) & finite
                     if sel.any():
                         x, y = np.median(xy[sel], axis=0)
                         ax.text(
@@ -490,7 +491,7 @@ def attributions(
     top = df.sort_values(column, ascending=False, kind="stable").head(int(n_genes))
     names = top.index.to_series()
     if label_col:  # (a gene without a symbol: its id, not "NA")
-        names = top[label_col].where(top[label_col].notna(), names)
+        names = top[label_col].astype(object).where(top[label_col].notna(), names)
     labels = [_literal(g) for g in names]
     v = top[column].to_numpy(dtype=float)
     ax = _axes(ax, figsize=(5.0, 0.8 + 0.25 * len(top)))

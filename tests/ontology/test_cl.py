@@ -195,7 +195,7 @@ def test_real_labels_are_current_cl_terms(cl):
 
 def test_coarsen_rare_says_it_takes_ids(cl):
     with pytest.raises(
-        OntologyError, match=r"takes current Cell Ontology ids, and 'plasma cell' are not"
+        OntologyError, match=r"takes current Cell Ontology ids, and 'plasma cell' is not"
     ):
         cl.coarsen_rare(["plasma cell", "CL:0000236"], ["s1", "s2"])
 

@@ -378,8 +378,9 @@ class CellOntology:
         )
         if not_ids:
             raise OntologyError(
-                f"coarsen_rare takes current Cell Ontology ids, and {_listing(not_ids)} are "
-                "not (or are deprecated): map names and ids to current ids with harmonize() "
+                f"coarsen_rare takes current Cell Ontology ids, and {_listing(not_ids)} "
+                f"{'is' if len(not_ids) == 1 else 'are'} not (or "
+                f"{'is' if len(not_ids) == 1 else 'are'} deprecated): map names and ids to current ids with harmonize() "
                 "first."
             )
         seen: dict[str, set[str]] = {}

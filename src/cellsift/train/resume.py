@@ -3,6 +3,7 @@ that wrote it, which the resumed run logs on in."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from collections.abc import Iterable
@@ -15,9 +16,10 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .._utils import atomic_path, logger
+from .._utils import atomic_path, logger, temp_sibling
+from .._warnings import warn
 from ..data.stores import kind_of
-from ..errors import DataError
+from ..errors import DataError, OutputInUseError
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -66,8 +68,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     disk) the move is a copy into the truncated checkpoint, so a full disk or a kill during
     it destroys the previous ``last.ckpt``, and a new checkpoint is left empty or partial
     for a resumed run to find. Here the previous file stays whole until the new one is, a
-    failed write removes its temporary file, and a full disk is the system's OSError (not
-    torch's "unexpected pos"), naming the checkpoint. Remote paths go to Lightning's."""
+    failed write removes its temporary file (one a killed write left is removed as the
+    same checkpoint is next written), and a full disk is the system's OSError (not torch's
+    "unexpected pos"), naming the checkpoint. A folder is refused. Remote paths go to
+    Lightning's."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -77,14 +81,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         final = Path(local)
-        with atomic_path(final, overwrite=True, what="a checkpoint") as tmp, open(tmp, "wb") as f:
-            out = _Writes(f)
-            try:
-                torch.save(checkpoint, cast(IO[bytes], out))
-            except RuntimeError as err:  # (torch's words for a failed write of the file)
-                if out.error is None:
-                    raise
-                raise OSError(out.error.errno, out.error.strerror, str(final)) from err
+        if final.is_dir():  # (replaced, the folder and all in it would go)
+            raise IsADirectoryError(
+                errno.EISDIR,
+                "a checkpoint is a file, and this path is a folder: name a .ckpt file (in it)",
+                str(final),
+            )
+        try:
+            with atomic_path(final, overwrite=True, what="a checkpoint") as tmp:
+                _save(checkpoint, tmp, final)
+            return
+        except OutputInUseError:  # (as its lock is taken: nothing written yet)
+            pass
+        # another process writes this checkpoint (two runs in one folder of checkpoints):
+        # this one is written all the same, renamed into place as that one's is, so that
+        # either is whole; its leftovers are not cleared (they may be the other's write)
+        warn(
+            f"another process is writing {final} (two runs sharing a folder of checkpoints "
+            "overwrite each other's): give each run a folder of its own."
+        )
+        tmp = temp_sibling(final)
+        try:
+            _save(checkpoint, tmp, final)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _save(checkpoint: dict[str, Any], tmp: Path, final: Path) -> None:
+    """``torch.save`` of ``checkpoint`` into ``tmp``; a write the system refuses is its
+    OSError, naming ``final``."""
+    with open(tmp, "wb") as f:
+        out = _Writes(f)
+        try:
+            torch.save(checkpoint, cast(IO[bytes], out))
+        except RuntimeError as err:  # (torch's words for a failed write of the file)
+            if out.error is None:
+                raise
+            raise OSError(out.error.errno, out.error.strerror, str(final)) from err
 
 
 class _Writes:
