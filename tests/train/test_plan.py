@@ -869,6 +869,49 @@ class _StopAfter(pl.Callback):
             trainer.should_stop = True
 
 
+def test_a_fit_removes_what_killed_checkpoint_writes_left_in_its_folder(
+    synthetic_h5ad, tmp_path, caplog
+):
+    """A checkpoint write killed outright (SIGKILL, the out-of-memory killer) leaves its
+    hidden temporary file, up to a whole checkpoint: the next fit with that folder removes
+    it (a best-* name is never written again), but not one of a checkpoint whose lock
+    another process holds (its write in progress), nor files of other names."""
+    import logging
+    import subprocess
+    import sys
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    killed = ckpts / ".best-epoch=3-step=120.ckpt.tmp-0123abcd"
+    busy = ckpts / ".last.ckpt.tmp-89abcdef"
+    other = ckpts / ".notes.txt.tmp-01234567"
+    for path in (killed, busy, other):
+        path.write_bytes(b"partial")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(ckpts / ".last.ckpt.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        dm, module = _setup(synthetic_h5ad)
+        keep = ModelCheckpoint(dirpath=ckpts, save_top_k=0)
+        trainer = _trainer(
+            tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[keep], limit_val_batches=0
+        )
+        with caplog.at_level(logging.WARNING, logger="cellsift"):
+            trainer.fit(TrainingPlan(module, scheduler="none"), datamodule=dm)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not killed.exists() and busy.exists() and other.exists()
+    assert f"removing {killed.name}, left by a write that did not finish" in caplog.text
+
+
 def test_a_run_resumed_under_the_time_it_has_spent_says_so(synthetic_h5ad, tmp_path):
     """Lightning counts max_time over the whole run, resumes included: a run resumed under
     the max_time that stopped it ends at once, and a warning says so (and how to train

@@ -44,7 +44,7 @@ from ..errors import ConfigError, ResumeError, TrainingError, TrainingInterrupte
 from ..losses.triplet import Distance
 from ._stop import StopRequest
 from .metrics import silhouette
-from .resume import read_checkpoint, write_checkpoints_atomically
+from .resume import clear_checkpoint_leftovers, read_checkpoint, write_checkpoints_atomically
 
 __all__ = ["TrainingPlan"]
 
@@ -254,6 +254,8 @@ class TrainingPlan(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         write_checkpoints_atomically(self.trainer)
+        if stage == "fit":
+            clear_checkpoint_leftovers(self.trainer)
         _check_steps(self.trainer)
         _check_watched(self.trainer, self.asw_cells)
         if getattr(self.trainer, "fast_dev_run", False):

@@ -3,9 +3,11 @@ that wrote it, which the resumed run logs on in."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, cast
@@ -16,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .._utils import atomic_path, logger, temp_sibling
+from .._utils import atomic_path, logger, output_lock, temporaries
 from .._warnings import warn
 from ..data.stores import kind_of
 from ..errors import DataError, OutputInUseError
@@ -24,6 +26,7 @@ from ..errors import DataError, OutputInUseError
 __all__ = [
     "AtomicCheckpointIO",
     "checkpoint_file",
+    "clear_checkpoint_leftovers",
     "continued_run",
     "place_checkpoints",
     "read_checkpoint",
@@ -95,12 +98,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             pass
         # another process writes this checkpoint (two runs in one folder of checkpoints):
         # this one is written all the same, renamed into place as that one's is, so that
-        # either is whole; its leftovers are not cleared (they may be the other's write)
+        # either is whole; its leftovers are not cleared (they may be the other's write),
+        # and its temporary file is named apart from those the lock's holder clears
         warn(
             f"another process is writing {final} (two runs sharing a folder of checkpoints "
             "overwrite each other's): give each run a folder of its own."
         )
-        tmp = temp_sibling(final)
+        tmp = final.with_name(f".{final.name}.unlocked-{uuid.uuid4().hex[:8]}")
         try:
             _save(checkpoint, tmp, final)
             os.replace(tmp, final)
@@ -147,6 +151,30 @@ def write_checkpoints_atomically(trainer: Any) -> None:
     strategy = trainer.strategy
     if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def clear_checkpoint_leftovers(trainer: Any) -> None:
+    """Remove what killed checkpoint writes left in the folders of ``trainer``'s
+    ``ModelCheckpoint`` callbacks (hidden ``.<name>.ckpt.tmp-*`` files, each up to a whole
+    checkpoint), on the rank that writes them. A write's leftovers are cleared as the same
+    checkpoint is next written, but most checkpoints' names (``best-epoch=3-step=1200``)
+    are never written again. Those of a checkpoint that another process is writing are
+    left alone."""
+    if not trainer.is_global_zero:
+        return
+    dirs = {cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)}
+    for folder in sorted(str(d) for d in dirs if d):
+        fs, local = fsspec.core.url_to_fs(folder)
+        if not isinstance(fs, LocalFileSystem):
+            continue
+        names = {p.name[1:].rsplit(".", 1)[0] for p in temporaries(Path(local))}
+        for name in sorted(n for n in names if n.endswith(".ckpt")):
+            # (taking the lock clears them; another process's lock: its write, kept)
+            with (
+                contextlib.suppress(OutputInUseError),
+                output_lock(Path(local) / name, "a checkpoint"),
+            ):
+                pass
 
 
 def place_checkpoints(callbacks: Iterable[Any], dirpath: str | Path) -> None:
