@@ -819,6 +819,23 @@ def test_an_interrupt_inside_an_h5ad_write_ends_the_command_as_an_interrupt(
         assert not [p for p in (tmp_path / "out").iterdir()], at
 
 
+class _Listing:
+    """Pickled into a checkpoint: lists, as it is written, the hidden files of ``folder``
+    and the temporary files that taking ``last.ckpt``'s lock would clear there."""
+
+    def __init__(self, folder):
+        self.folder, self.hidden, self.cleared = folder, [], []
+
+    def __reduce__(self):
+        from cellsift._utils import temporaries
+
+        self.hidden = sorted(
+            p.name for p in self.folder.glob(".last.ckpt.*") if p.suffix != ".lock"
+        )
+        self.cleared = temporaries(self.folder, "last.ckpt")
+        return (str, ("listed",))
+
+
 def test_a_checkpoint_over_a_folder_is_refused_and_one_another_process_writes_is_written(
     tmp_path,
 ):
@@ -831,7 +848,9 @@ def test_a_checkpoint_over_a_folder_is_refused_and_one_another_process_writes_is
 
     import torch
 
+    from cellsift._utils import output_lock
     from cellsift._warnings import CellsiftWarning
+    from cellsift.errors import OutputInUseError
     from cellsift.train.resume import AtomicCheckpointIO
 
     io_ = AtomicCheckpointIO()
@@ -853,10 +872,20 @@ def test_a_checkpoint_over_a_folder_is_refused_and_one_another_process_writes_is
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
+        seen = _Listing(tmp_path)  # (what the holder would clear, as the file is written)
         with pytest.warns(CellsiftWarning, match=r"another process is writing .*last\.ckpt"):
-            io_.save_checkpoint({"step": 2, "w": torch.ones(3)}, last)
+            io_.save_checkpoint({"step": 2, "w": torch.ones(3), "seen": seen}, last)
     finally:
         holder.kill()
         holder.wait()
-    assert torch.load(last, weights_only=True)["step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.ckpt.lock", "last.ckpt", "results"]
+        holder.stdout.close()
+    # the holder, taking its lock again meanwhile, clears the temporary files of killed
+    # writes: this one's is none of them (review173: it was, and the fit failed)
+    assert seen.cleared == [] and [n.split("-")[0] for n in seen.hidden] == [".last.ckpt.unlocked"]
+    assert torch.load(last, weights_only=False)["step"] == 2
+    with (
+        output_lock(last, "a checkpoint"),
+        pytest.raises(OutputInUseError, match="an earlier writer in this process"),
+    ):  # (this process's own writer: its error, not another process's warning)
+        io_.save_checkpoint({"step": 3}, last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "results"]

@@ -332,6 +332,9 @@ def test_names_with_a_carriage_return_or_a_nul_are_refused(tmp_path):
     )
     vocab = GeneVocabulary.from_var(var)
     assert vocab.symbols.tolist() == ["TP53", "", "", "GAPDH"]
+    # a leading byte order mark (text saved "with BOM") stripped too, one elsewhere left out
+    boms = var.assign(feature_name=["\ufeffTP53", "S\ufeffM", "a", "GAPDH"])
+    assert GeneVocabulary.from_var(boms).symbols.tolist() == ["TP53", "", "a", "GAPDH"]
     vocab.save(tmp_path / "store.tsv")
     back = GeneVocabulary.load(tmp_path / "store.tsv")
     assert back == vocab and back.symbols.equals(vocab.symbols)

@@ -194,9 +194,10 @@ class GeneVocabulary:
                     f"gene {odd[0]}'s {what} {names[odd[0]]!r} holds a carriage return, a NUL "
                     f"or a byte order mark{f' ({len(odd) - 1} more too)' if len(odd) > 1 else ''}"
                     ": names read from text with Windows line ends keep their '\\r', and text "
-                    "saved with a byte order mark read as UTF-8 keeps it ('\\ufeff'); strip "
-                    "them (e.g. [g.strip().lstrip('\\ufeff') for g in genes], or read the "
-                    "file with encoding='utf-8-sig')."
+                    "saved with a byte order mark read as UTF-8 keeps it ('\\ufeff'). Strip "
+                    "them: a list's, [g.strip().lstrip('\\ufeff') for g in genes] (or read "
+                    "the file with encoding='utf-8-sig'); a store's, adata.var_names = "
+                    "adata.var_names.str.strip().str.lstrip('\\ufeff'), then write it again."
                 )
         stripped = self._stripped()  # alignment ignores Ensembl versions
         if stripped.has_duplicates:
@@ -243,7 +244,8 @@ class GeneVocabulary:
         ``gene_symbols``, ``gene_symbol``, ``gene_name``, ``symbol``). Symbols that name two
         genes alike cannot identify genes, and are left out ("", as missing ones); so are
         symbols holding a carriage return or a NUL after a trailing one is stripped (text
-        read with Windows line ends: "TP53\\r" is TP53), which no genes.tsv holds.
+        read with Windows line ends: "TP53\\r" is TP53), or a byte order mark after a
+        leading one is (text saved "with BOM", read as UTF-8), which no genes.tsv holds.
         """
         names = _names(var.index)
         ids, syms = names, None
@@ -256,8 +258,8 @@ class GeneVocabulary:
             sym_col = next((c for c in SYMBOL_COLUMNS if c in var.columns), None)
             syms = _names(var[sym_col]) if sym_col else None
         if syms is not None:
-            syms = syms.str.removesuffix("\r")
-            syms = syms.where(~syms.str.contains(r"[\r\x00]"), "")
+            syms = syms.str.removesuffix("\r").str.removeprefix("\ufeff")
+            syms = syms.where(~syms.str.contains(r"[\r\x00\ufeff]"), "")
         if syms is None or not _unambiguous(syms).any():
             return cls(ids)
         return cls(ids, np.where(_unambiguous(syms), syms, "").tolist())

@@ -175,6 +175,8 @@ class TrainingPlan(pl.LightningModule):
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._stopped: dict[str, Any] | None = None  # (a resumed checkpoint's stop, if any)
+        # the epoch and step a fit resumes from (its checkpoint's), until the fit starts
+        self._resumed_at: tuple[int, int] | None = None
         # a resumed checkpoint's optimiser settings, compared once the trainer has built this
         # run's optimisers (on_fit_start: LightningCLI's --optimizer may replace the plan's)
         self._saved_optimization: dict[str, Any] | None = None
@@ -282,7 +284,9 @@ class TrainingPlan(pl.LightningModule):
         # found): a module left in eval mode by embedding, loading or an earlier fit would
         # train without dropout and with frozen BatchNorm statistics
         self.train()
-        _say_time_spent(self.trainer)
+        resumed_at, self._resumed_at = self._resumed_at, None
+        if resumed_at is not None:
+            _say_time_spent(self.trainer, *resumed_at)
         self._check_optimization()  # (a resumed run's optimisers exist, their state not yet)
         self._count_on_a_replanned_epoch()
 
@@ -590,6 +594,8 @@ class TrainingPlan(pl.LightningModule):
         ckpt = getattr(self._trainer, "ckpt_path", None) if fit else None
         stop = checkpoint.get("cellsift_stopped")
         self._stopped = {**stop, "ckpt": str(ckpt)} if stop and ckpt else None
+        at = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
+        self._resumed_at = at if ckpt else None
         # what the run is (data, settings) first: it says what differs in the user's terms,
         # where other weights' shapes would name tensors
         saved, here = checkpoint.get("cellsift_data"), self.run_identity
@@ -1050,26 +1056,28 @@ def _check_steps(trainer: Any) -> None:
         )
 
 
-def _say_time_spent(trainer: pl.Trainer) -> None:
-    """Warn where a run resumes under a ``max_time`` (Lightning's Timer) that its checkpoint
-    has already spent: Lightning counts the time over the whole run, resumes included, so
-    such a run ends at once, with no more training than the checkpoint's."""
+def _say_time_spent(trainer: pl.Trainer, epoch: int, step: int) -> None:
+    """Warn where a run resumes (from a checkpoint of ``epoch`` and ``step``) under a
+    ``max_time`` (Lightning's Timer) that its checkpoint has already spent: Lightning counts
+    the time over the whole run, resumes included, so such a run ends at once, with no more
+    training than the checkpoint's (unless ``min_epochs`` / ``min_steps`` are not met yet:
+    it trains to them)."""
     from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.trainer.states import RunningStage
 
-    if trainer.ckpt_path is None:
+    loop = trainer.fit_loop
+    if (loop.min_epochs and epoch < loop.min_epochs) or (loop.min_steps and step < loop.min_steps):
         return
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         left = cb.time_remaining(RunningStage.TRAINING) if isinstance(cb, Timer) else None
         if left is not None and left <= 0:
             elapsed = cb.time_elapsed(RunningStage.TRAINING)
-            spent, limit = (timedelta(seconds=round(t)) for t in (elapsed, elapsed + left))
-            warn(
+            spent, limit = (timedelta(seconds=int(t)) for t in (elapsed, elapsed + left))
+            rank_zero_warn(
                 f"the run resumed from {trainer.ckpt_path} has trained for {spent} of its "
-                f"max_time ({limit}): "
-                "Lightning counts max_time over the whole run, resumes included, so this "
-                "one ends at once. Give a longer max_time to train on.",
-                stacklevel=1,
+                f"max_time ({limit}): Lightning counts max_time over the whole run, resumes "
+                "included, so this one ends at once. Give a longer max_time to train on.",
+                category=CellsiftWarning,
             )
 
 

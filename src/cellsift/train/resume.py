@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .._utils import atomic_path, logger, output_lock, temporaries
+from .._utils import atomic_path, holds_output_lock, logger, output_lock, temporaries
 from .._warnings import warn
 from ..data.stores import kind_of
 from ..errors import DataError, OutputInUseError
@@ -95,7 +95,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 _save(checkpoint, tmp, final)
             return
         except OutputInUseError:  # (as its lock is taken: nothing written yet)
-            pass
+            if holds_output_lock(final):  # (an earlier writer of this process's: its error)
+                raise
         # another process writes this checkpoint (two runs in one folder of checkpoints):
         # this one is written all the same, renamed into place as that one's is, so that
         # either is whole; its leftovers are not cleared (they may be the other's write),
