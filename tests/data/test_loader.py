@@ -384,13 +384,18 @@ def test_batch_carries_codes_and_balanced_weights(indexed_paths):
 
 def test_labels_outside_fixed_categories_are_drawn_as_any_other(coll):
     """A model's label list (fixed categories) codes other labels -1 (unlabelled), but
-    weighted mode still balances and draws those cells by their own labels."""
+    weighted mode still balances and draws those cells by their own labels; studies
+    outside fixed categories are balanced as their own studies, not as one (hunt188)."""
     key = "cell_type_ontology_term_id"
     opts = {"mode": "weighted", "label_key": key, "study_key": "dataset_id", "num_samples": 4096}
     free = IterableCellDataset(coll, **opts, batch_size=256)
     (known, *_) = free.categories["y_n"]
     fixed = IterableCellDataset(coll, **opts, batch_size=256, categories={"y_n": [known]})
     np.testing.assert_array_equal(fixed.weights, free.weights)
+    assert len(free.categories["study_n"]) > 2
+    (study, *_) = free.categories["study_n"]
+    one = IterableCellDataset(coll, **opts, batch_size=256, categories={"study_n": [study]})
+    np.testing.assert_array_equal(one.weights, free.weights)
     drawn = np.concatenate([b["y_n"].numpy() for b in CellLoader(fixed)])
     labels = np.asarray(coll.obs_column(key))
     assert (drawn == -1).sum() > len(drawn) // 2  # every other label

@@ -173,14 +173,19 @@ class IterableCellDataset(IterableDataset):
             if balanced:
                 if "y_n" not in self.codes:
                     raise ConfigError("weighted mode needs label_key (and study_key) or weights=.")
-                # balanced over the data's own labels: cells of a label outside the fixed
-                # categories (a model's) train unlabelled, and are drawn as any other
-                labels = self.codes["y_n"]
-                if (categories or {}).get("y_n") is not None:
-                    labels = collection.codes(self.obs_keys["y_n"])[0]
+                # balanced over the data's own labels and studies: cells of a label outside
+                # the fixed categories (a model's) train unlabelled, and are drawn as any
+                # other; those of studies outside them, as their own studies (not as one)
+                own = {
+                    key: collection.codes(self.obs_keys[key])[0]
+                    if (categories or {}).get(key) is not None
+                    else self.codes[key]
+                    for key in ("y_n", "study_n")
+                    if key in self.codes
+                }
                 weights = balanced_weights(
-                    labels,
-                    self.codes.get("study_n"),
+                    own["y_n"],
+                    own.get("study_n"),
                     class_scale=class_scale,
                     study_scale=study_scale,
                     max_ratio=max_ratio,
