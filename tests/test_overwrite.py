@@ -3,6 +3,7 @@ and an interruption leaves the old or the new output in place, never neither."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import shutil
 import threading
@@ -833,6 +834,13 @@ class _Listing:
             p.name for p in self.folder.glob(".last.ckpt.*") if p.suffix != ".lock"
         )
         self.cleared = temporaries(self.folder, "last.ckpt")
+        self.locked = []  # (held by its writer: a clearing that takes the lock removes it)
+        for name in self.hidden:
+            with open(self.folder / name, "rb") as f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self.locked.append(name)
         return (str, ("listed",))
 
 
@@ -882,6 +890,7 @@ def test_a_checkpoint_over_a_folder_is_refused_and_one_another_process_writes_is
     # the holder, taking its lock again meanwhile, clears the temporary files of killed
     # writes: this one's is none of them (review173: it was, and the fit failed)
     assert seen.cleared == [] and [n.split("-")[0] for n in seen.hidden] == [".last.ckpt.unlocked"]
+    assert seen.locked == seen.hidden
     assert torch.load(last, weights_only=False)["step"] == 2
     with (
         output_lock(last, "a checkpoint"),

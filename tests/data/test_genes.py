@@ -335,6 +335,12 @@ def test_names_with_a_carriage_return_or_a_nul_are_refused(tmp_path):
     # a leading byte order mark (text saved "with BOM") stripped too, one elsewhere left out
     boms = var.assign(feature_name=["\ufeffTP53", "S\ufeffM", "a", "GAPDH"])
     assert GeneVocabulary.from_var(boms).symbols.tolist() == ["TP53", "", "a", "GAPDH"]
+    # and a store's names aligned to a vocabulary are read so too (review174: a symbol
+    # cleaned in the vocabulary matched no gene of a store spelling it so)
+    symbols = GeneVocabulary(var.index, ["TP53", "CD4", "BRCA1", "GAPDH"])
+    gm = symbols.align(_var(["\ufeffTP53", "CD4\r", "BRCA1", "GAPDH"]))
+    assert gm.key == "var_names->symbols" and gm.n_matched == 4
+    np.testing.assert_array_equal(gm.col_map, [0, 1, 2, 3])
     vocab.save(tmp_path / "store.tsv")
     back = GeneVocabulary.load(tmp_path / "store.tsv")
     assert back == vocab and back.symbols.equals(vocab.symbols)

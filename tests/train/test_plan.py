@@ -887,13 +887,17 @@ def test_a_fit_removes_what_killed_checkpoint_writes_left_in_its_folder(
     killed = ckpts / ".best-epoch=3-step=120.ckpt.tmp-0123abcd"
     busy = ckpts / ".last.ckpt.tmp-89abcdef"
     other = ckpts / ".notes.txt.tmp-01234567"
-    for path in (killed, busy, other):
+    # written beside another process's lock: one whose writer was killed, one being written
+    killed_beside = ckpts / ".best-epoch=4-step=150.ckpt.unlocked-0123abcd"
+    writing_beside = ckpts / ".last.ckpt.unlocked-89abcdef"
+    for path in (killed, busy, other, killed_beside, writing_beside):
         path.write_bytes(b"partial")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time\n"
-         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-         str(ckpts / ".last.ckpt.lock")],
+         "for path in sys.argv[1:]:\n"
+         "    fcntl.flock(os.open(path, os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX)\n"
+         "print('held', flush=True); time.sleep(60)",
+         str(ckpts / ".last.ckpt.lock"), str(writing_beside)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -911,6 +915,7 @@ def test_a_fit_removes_what_killed_checkpoint_writes_left_in_its_folder(
         holder.stdout.close()
     assert not killed.exists() and busy.exists() and other.exists()
     assert f"removing {killed.name}, left by a write that did not finish" in caplog.text
+    assert not killed_beside.exists() and writing_beside.exists()  # (review174: both kept)
 
 
 def test_a_run_resumed_under_the_time_it_has_spent_says_so(synthetic_h5ad, tmp_path):
@@ -947,6 +952,38 @@ def test_a_run_resumed_under_the_time_it_has_spent_says_so(synthetic_h5ad, tmp_p
         # min_steps not met yet: Lightning trains on to them (review173: it warned)
         assert run(2, ckpt_path="last", min_steps=first + 2).global_step == first + 2
         assert run(4, ckpt_path="last").global_step > first + 2
+
+
+def test_a_resume_from_an_epochs_end_under_spent_time_counts_epochs_as_min_epochs_does(
+    synthetic_h5ad, tmp_path
+):
+    """A checkpoint written as an epoch ended holds that epoch's number ("epoch" 0 after
+    the first), but min_epochs counts it done: resumed under a spent max_time with
+    min_epochs=1, the run ends at once, and says so (review174: it said nothing)."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+
+    def run(epochs, min_epochs=None, **fit):
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1)
+        each = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+        timer = Timer(duration=timedelta(microseconds=1), interval="epoch")
+        trainer = _trainer(
+            tmp_path,
+            max_epochs=epochs,
+            min_epochs=min_epochs,
+            enable_checkpointing=True,
+            callbacks=[each, timer],
+        )
+        trainer.fit(TrainingPlan(module, scheduler="none"), datamodule=dm, **fit)
+        return trainer
+
+    first = run(5)
+    assert first.current_epoch == 1 and (tmp_path / "epoch=0.ckpt").exists()  # (after one)
+    with pytest.warns(CellsiftWarning, match=r"ends at once"):
+        again = run(5, min_epochs=1, ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+    assert again.global_step == first.global_step
 
 
 def test_only_early_stopping_is_kept_as_a_stop(synthetic_h5ad, tmp_path):

@@ -47,6 +47,14 @@ def _names(values: pd.Index | pd.Series) -> pd.Index:
     return pd.Index(np.where(pd.isna(values), "", np.asarray(values, dtype=object)).astype(str))
 
 
+def _cleaned(names: pd.Index) -> pd.Index:
+    """Names as text editors leave them read as they mean: a trailing carriage return (text
+    with Windows line ends) and a leading byte order mark (text saved "with BOM") stripped;
+    a name holding either elsewhere, or a NUL, is none ("")."""
+    names = names.str.removesuffix("\r").str.removeprefix("\ufeff")
+    return names.where(~names.str.contains(r"[\r\x00\ufeff]"), "")
+
+
 def _unambiguous(names: pd.Index) -> np.ndarray:
     """Which of ``names`` can identify a gene: not "" (none) and not shared with another."""
     return (names != "") & ~names.duplicated(keep=False)
@@ -258,8 +266,7 @@ class GeneVocabulary:
             sym_col = next((c for c in SYMBOL_COLUMNS if c in var.columns), None)
             syms = _names(var[sym_col]) if sym_col else None
         if syms is not None:
-            syms = syms.str.removesuffix("\r").str.removeprefix("\ufeff")
-            syms = syms.where(~syms.str.contains(r"[\r\x00\ufeff]"), "")
+            syms = _cleaned(syms)
         if syms is None or not _unambiguous(syms).any():
             return cls(ids)
         return cls(ids, np.where(_unambiguous(syms), syms, "").tolist())
@@ -332,8 +339,9 @@ class GeneVocabulary:
                 f"{source}: no genes (its var is empty, its counts 0 columns wide): there is "
                 "nothing to read. Use the cells' counts over genes."
             )
-        candidates: list[tuple[str, pd.Index]] = [("var_names", _names(var.index))]
-        candidates += [(c, _names(var[c])) for c in GENE_COLUMNS if c in var.columns]
+        # (names as from_var reads a vocabulary's symbols: "TP53\r" is TP53 here too)
+        candidates: list[tuple[str, pd.Index]] = [("var_names", _cleaned(_names(var.index)))]
+        candidates += [(c, _cleaned(_names(var[c]))) for c in GENE_COLUMNS if c in var.columns]
         targets = [("ids", self._stripped())]
         if self.symbols is not None:
             targets.append(("symbols", self.symbols))

@@ -285,8 +285,7 @@ class TrainingPlan(pl.LightningModule):
         # train without dropout and with frozen BatchNorm statistics
         self.train()
         resumed_at, self._resumed_at = self._resumed_at, None
-        if resumed_at is not None:
-            _say_time_spent(self.trainer, *resumed_at)
+        _say_time_spent(self.trainer, *(resumed_at or (0, 0)), resumed=resumed_at is not None)
         self._check_optimization()  # (a resumed run's optimisers exist, their state not yet)
         self._count_on_a_replanned_epoch()
 
@@ -490,8 +489,9 @@ class TrainingPlan(pl.LightningModule):
         are the initial ones."""
         if self.trainer.global_step == 0:
             raise TrainingError(
-                "no training step ran (max_epochs, max_steps or limit_train_batches is 0, or "
-                "no training batch was made: a batch takes at least 2 cells): the model holds "
+                "no training step ran (max_epochs, max_steps or limit_train_batches is 0, "
+                "max_time was spent (a warning says so), or no training batch was made: a "
+                "batch takes at least 2 cells): the model holds "
                 "its initial weights (cellsift fit writes no bundle of them). Train for at "
                 "least one step."
             )
@@ -594,8 +594,12 @@ class TrainingPlan(pl.LightningModule):
         ckpt = getattr(self._trainer, "ckpt_path", None) if fit else None
         stop = checkpoint.get("cellsift_stopped")
         self._stopped = {**stop, "ckpt": str(ckpt)} if stop and ckpt else None
-        at = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
-        self._resumed_at = at if ckpt else None
+        # the epochs as min_epochs counts them (Lightning's processed epochs: one more than
+        # "epoch" in a checkpoint written as an epoch ended, a best-* one)
+        loops = checkpoint.get("loops", {}).get("fit_loop", {})
+        done = loops.get("epoch_progress", {}).get("current", {}).get("processed")
+        epochs = int(done if done is not None else checkpoint.get("epoch", 0))
+        self._resumed_at = (epochs, int(checkpoint.get("global_step", 0))) if ckpt else None
         # what the run is (data, settings) first: it says what differs in the user's terms,
         # where other weights' shapes would name tensors
         saved, here = checkpoint.get("cellsift_data"), self.run_identity
@@ -1056,27 +1060,34 @@ def _check_steps(trainer: Any) -> None:
         )
 
 
-def _say_time_spent(trainer: pl.Trainer, epoch: int, step: int) -> None:
-    """Warn where a run resumes (from a checkpoint of ``epoch`` and ``step``) under a
-    ``max_time`` (Lightning's Timer) that its checkpoint has already spent: Lightning counts
-    the time over the whole run, resumes included, so such a run ends at once, with no more
-    training than the checkpoint's (unless ``min_epochs`` / ``min_steps`` are not met yet:
-    it trains to them)."""
+def _say_time_spent(trainer: pl.Trainer, epochs: int, step: int, resumed: bool) -> None:
+    """Warn where a fit starts under a ``max_time`` (Lightning's Timer) already spent: one
+    resumed from a checkpoint (of ``epochs`` processed and ``step``) whose run has trained
+    for it (Lightning counts the time over the whole run, resumes included), or one whose
+    Timer a validation from a checkpoint on the same trainer restored. Such a fit ends at
+    once, with no more training than the checkpoint's (unless ``min_epochs`` /
+    ``min_steps`` are not met yet: it trains to them)."""
     from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.trainer.states import RunningStage
 
     loop = trainer.fit_loop
-    if (loop.min_epochs and epoch < loop.min_epochs) or (loop.min_steps and step < loop.min_steps):
+    if (loop.min_epochs and epochs < loop.min_epochs) or (loop.min_steps and step < loop.min_steps):
         return
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         left = cb.time_remaining(RunningStage.TRAINING) if isinstance(cb, Timer) else None
         if left is not None and left <= 0:
             elapsed = cb.time_elapsed(RunningStage.TRAINING)
             spent, limit = (timedelta(seconds=int(t)) for t in (elapsed, elapsed + left))
+            run = (
+                f"the run resumed from {trainer.ckpt_path}"
+                if resumed
+                else "this fit (its Timer restored from a checkpoint, by a validation or "
+                "test on the same trainer)"
+            )
             rank_zero_warn(
-                f"the run resumed from {trainer.ckpt_path} has trained for {spent} of its "
-                f"max_time ({limit}): Lightning counts max_time over the whole run, resumes "
-                "included, so this one ends at once. Give a longer max_time to train on.",
+                f"{run} has trained for {spent} of its max_time ({limit}): Lightning counts "
+                "max_time over the whole run, resumes included, so this one ends at once. "
+                "Give a longer max_time to train on.",
                 category=CellsiftWarning,
             )
 

@@ -100,30 +100,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # another process writes this checkpoint (two runs in one folder of checkpoints):
         # this one is written all the same, renamed into place as that one's is, so that
         # either is whole; its leftovers are not cleared (they may be the other's write),
-        # and its temporary file is named apart from those the lock's holder clears
+        # and its temporary file is named apart from those the lock's holder clears, and
+        # locked itself until it is in place (:func:`clear_checkpoint_leftovers` removes
+        # one it can lock: a killed write's)
         warn(
             f"another process is writing {final} (two runs sharing a folder of checkpoints "
             "overwrite each other's): give each run a folder of its own."
         )
-        tmp = final.with_name(f".{final.name}.unlocked-{uuid.uuid4().hex[:8]}")
+        tmp = final.with_name(f".{final.name}.{_UNLOCKED}-{uuid.uuid4().hex[:8]}")
         try:
-            _save(checkpoint, tmp, final)
-            os.replace(tmp, final)
+            with open(tmp, "wb") as f:
+                with contextlib.suppress(ImportError, OSError):  # (Windows; no locks there)
+                    import fcntl
+
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                _save(checkpoint, f, final)
+                f.flush()
+                os.replace(tmp, final)  # (still locked as it moves)
         finally:
             tmp.unlink(missing_ok=True)
 
 
-def _save(checkpoint: dict[str, Any], tmp: Path, final: Path) -> None:
-    """``torch.save`` of ``checkpoint`` into ``tmp``; a write the system refuses is its
-    OSError, naming ``final``."""
-    with open(tmp, "wb") as f:
-        out = _Writes(f)
-        try:
-            torch.save(checkpoint, cast(IO[bytes], out))
-        except RuntimeError as err:  # (torch's words for a failed write of the file)
-            if out.error is None:
-                raise
-            raise OSError(out.error.errno, out.error.strerror, str(final)) from err
+#: The temporary files of checkpoints written beside another process's lock.
+_UNLOCKED = "unlocked"
+
+
+def _save(checkpoint: dict[str, Any], f: Any, final: Path) -> None:
+    """``torch.save`` of ``checkpoint`` into the file ``f`` (a path: opened to write); a
+    write the system refuses is its OSError, naming ``final``."""
+    if isinstance(f, Path):
+        with open(f, "wb") as opened:
+            _save(checkpoint, opened, final)
+        return
+    out = _Writes(f)
+    try:
+        torch.save(checkpoint, cast(IO[bytes], out))
+    except RuntimeError as err:  # (torch's words for a failed write of the file)
+        if out.error is None:
+            raise
+        raise OSError(out.error.errno, out.error.strerror, str(final)) from err
 
 
 class _Writes:
@@ -156,8 +171,8 @@ def write_checkpoints_atomically(trainer: Any) -> None:
 
 def clear_checkpoint_leftovers(trainer: Any) -> None:
     """Remove what killed checkpoint writes left in the folders of ``trainer``'s
-    ``ModelCheckpoint`` callbacks (hidden ``.<name>.ckpt.tmp-*`` files, each up to a whole
-    checkpoint), on the rank that writes them. A write's leftovers are cleared as the same
+    ``ModelCheckpoint`` callbacks (hidden ``.<name>.ckpt.tmp-*`` and ``.unlocked-*`` files,
+    each up to a whole checkpoint), on the rank that writes them. A write's leftovers are cleared as the same
     checkpoint is next written, but most checkpoints' names (``best-epoch=3-step=1200``)
     are never written again. Those of a checkpoint that another process is writing are
     left alone."""
@@ -176,6 +191,29 @@ def clear_checkpoint_leftovers(trainer: Any) -> None:
                 output_lock(Path(local) / name, "a checkpoint"),
             ):
                 pass
+        for left in sorted(Path(local).glob(f".*.ckpt.{_UNLOCKED}-{'[0-9a-f]' * 8}")):
+            _remove_if_unlocked(left)
+
+
+def _remove_if_unlocked(path: Path) -> None:
+    """Remove the temporary file of a checkpoint written beside another process's lock
+    where no process holds it locked any more (its writer was killed)."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):  # (Windows; gone meanwhile: placed)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a writer's lock: its write, kept)
+        logger.warning(
+            "%s: removing %s, left by a write that did not finish", path.parent, path.name
+        )
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def place_checkpoints(callbacks: Iterable[Any], dirpath: str | Path) -> None:
