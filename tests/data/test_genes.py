@@ -341,6 +341,11 @@ def test_names_with_a_carriage_return_or_a_nul_are_refused(tmp_path):
     gm = symbols.align(_var(["\ufeffTP53", "CD4\r", "BRCA1", "GAPDH"]))
     assert gm.key == "var_names->symbols" and gm.n_matched == 4
     np.testing.assert_array_equal(gm.col_map, [0, 1, 2, 3])
+    # a name written so beside the same name as written is not read as it (the one as
+    # written is the gene; review175: both became one name, and the store was refused)
+    gm = symbols.align(_var(["TP53", "CD4", "BRCA1", "GAPDH", "TP53\r", "\ufeffCD4"]))
+    assert gm.n_matched == 4
+    np.testing.assert_array_equal(gm.col_map, [0, 1, 2, 3, -1, -1])
     vocab.save(tmp_path / "store.tsv")
     back = GeneVocabulary.load(tmp_path / "store.tsv")
     assert back == vocab and back.symbols.equals(vocab.symbols)

@@ -892,6 +892,9 @@ def test_a_fit_removes_what_killed_checkpoint_writes_left_in_its_folder(
     writing_beside = ckpts / ".last.ckpt.unlocked-89abcdef"
     for path in (killed, busy, other, killed_beside, writing_beside):
         path.write_bytes(b"partial")
+    # one opened by a writer not yet locked (empty until it is: review175, it was removed)
+    opened_beside = ckpts / ".best-epoch=5-step=180.ckpt.unlocked-456789ab"
+    opened_beside.touch()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time\n"
          "for path in sys.argv[1:]:\n"
@@ -916,6 +919,7 @@ def test_a_fit_removes_what_killed_checkpoint_writes_left_in_its_folder(
     assert not killed.exists() and busy.exists() and other.exists()
     assert f"removing {killed.name}, left by a write that did not finish" in caplog.text
     assert not killed_beside.exists() and writing_beside.exists()  # (review174: both kept)
+    assert opened_beside.exists()
 
 
 def test_a_run_resumed_under_the_time_it_has_spent_says_so(synthetic_h5ad, tmp_path):
@@ -952,6 +956,25 @@ def test_a_run_resumed_under_the_time_it_has_spent_says_so(synthetic_h5ad, tmp_p
         # min_steps not met yet: Lightning trains on to them (review173: it warned)
         assert run(2, ckpt_path="last", min_steps=first + 2).global_step == first + 2
         assert run(4, ckpt_path="last").global_step > first + 2
+
+
+def test_a_second_fit_on_a_trainer_whose_time_is_spent_says_so(synthetic_h5ad, tmp_path):
+    """A trainer fitted until its max_time, fitted again (min_epochs met by the first):
+    the second fit ends at once, and the warning says the earlier fit spent the time
+    (review175: it blamed a checkpoint, or said nothing with min_epochs)."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import Timer
+
+    dm, module = _setup(synthetic_h5ad, mode="weighted", seed=1)
+    timer = Timer(duration=timedelta(microseconds=1), interval="epoch")
+    trainer = _trainer(tmp_path, max_epochs=5, min_epochs=1, callbacks=[timer])
+    plan = TrainingPlan(module, scheduler="none")
+    trainer.fit(plan, datamodule=dm)
+    steps = trainer.global_step
+    with pytest.warns(CellsiftWarning, match=r"spent by an earlier fit on this trainer"):
+        trainer.fit(plan, datamodule=dm)
+    assert trainer.global_step == steps
 
 
 def test_a_resume_from_an_epochs_end_under_spent_time_counts_epochs_as_min_epochs_does(

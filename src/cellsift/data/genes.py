@@ -47,12 +47,25 @@ def _names(values: pd.Index | pd.Series) -> pd.Index:
     return pd.Index(np.where(pd.isna(values), "", np.asarray(values, dtype=object)).astype(str))
 
 
+_ODD = r"[\r\x00\ufeff]"  # a carriage return, a NUL, a byte order mark
+
+
 def _cleaned(names: pd.Index) -> pd.Index:
-    """Names as text editors leave them read as they mean: a trailing carriage return (text
-    with Windows line ends) and a leading byte order mark (text saved "with BOM") stripped;
-    a name holding either elsewhere, or a NUL, is none ("")."""
-    names = names.str.removesuffix("\r").str.removeprefix("\ufeff")
-    return names.where(~names.str.contains(r"[\r\x00\ufeff]"), "")
+    """Names as text editors leave them, read as they mean: a trailing carriage return
+    (text with Windows line ends) and a leading byte order mark (text saved "with BOM")
+    stripped. A name that then equals another name as written, or another such name, keeps
+    its spelling (the one written so is the gene; two alike would name neither), and so
+    does one holding either mark elsewhere, or a NUL (which names no gene)."""
+    joined = "".join(names)  # (the common case, none: one scan in C, not one a name)
+    if "\r" not in joined and "\x00" not in joined and "\ufeff" not in joined:
+        return names
+    odd = np.asarray(names.str.contains(_ODD))
+    fixed = names[odd].str.removesuffix("\r").str.removeprefix("\ufeff")
+    keep = ~fixed.str.contains(_ODD) & (fixed != "")
+    keep &= ~fixed.isin(names[~odd]) & ~fixed.duplicated(keep=False)
+    out = np.asarray(names, dtype=object).copy()
+    out[np.flatnonzero(odd)[keep]] = fixed[keep]
+    return pd.Index(out.astype(str))
 
 
 def _unambiguous(names: pd.Index) -> np.ndarray:
@@ -265,8 +278,9 @@ class GeneVocabulary:
         elif syms is None:
             sym_col = next((c for c in SYMBOL_COLUMNS if c in var.columns), None)
             syms = _names(var[sym_col]) if sym_col else None
-        if syms is not None:
+        if syms is not None:  # (those still odd are no symbol: the vocabulary refuses them)
             syms = _cleaned(syms)
+            syms = syms.where(~syms.str.contains(_ODD), "")
         if syms is None or not _unambiguous(syms).any():
             return cls(ids)
         return cls(ids, np.where(_unambiguous(syms), syms, "").tolist())

@@ -285,7 +285,12 @@ class TrainingPlan(pl.LightningModule):
         # train without dropout and with frozen BatchNorm statistics
         self.train()
         resumed_at, self._resumed_at = self._resumed_at, None
-        _say_time_spent(self.trainer, *(resumed_at or (0, 0)), resumed=resumed_at is not None)
+        if resumed_at is None:  # (a trainer fitted before: its loops' own counts)
+            done = getattr(self.trainer.fit_loop.epoch_progress.current, "processed", 0)
+            resumed_at = (int(done), int(self.trainer.global_step))
+            _say_time_spent(self.trainer, *resumed_at, resumed=False)
+        else:
+            _say_time_spent(self.trainer, *resumed_at, resumed=True)
         self._check_optimization()  # (a resumed run's optimisers exist, their state not yet)
         self._count_on_a_replanned_epoch()
 
@@ -1063,8 +1068,8 @@ def _check_steps(trainer: Any) -> None:
 def _say_time_spent(trainer: pl.Trainer, epochs: int, step: int, resumed: bool) -> None:
     """Warn where a fit starts under a ``max_time`` (Lightning's Timer) already spent: one
     resumed from a checkpoint (of ``epochs`` processed and ``step``) whose run has trained
-    for it (Lightning counts the time over the whole run, resumes included), or one whose
-    Timer a validation from a checkpoint on the same trainer restored. Such a fit ends at
+    for it (Lightning counts the time over the whole run, resumes included), or one on a
+    trainer whose Timer an earlier fit spent, or a validation from a checkpoint restored. Such a fit ends at
     once, with no more training than the checkpoint's (unless ``min_epochs`` /
     ``min_steps`` are not met yet: it trains to them)."""
     from lightning.pytorch.callbacks import Timer
@@ -1081,8 +1086,8 @@ def _say_time_spent(trainer: pl.Trainer, epochs: int, step: int, resumed: bool) 
             run = (
                 f"the run resumed from {trainer.ckpt_path}"
                 if resumed
-                else "this fit (its Timer restored from a checkpoint, by a validation or "
-                "test on the same trainer)"
+                else "this fit (its Timer spent by an earlier fit on this trainer, or "
+                "restored from a checkpoint by a validation or test on it)"
             )
             rank_zero_warn(
                 f"{run} has trained for {spent} of its max_time ({limit}): Lightning counts "

@@ -206,6 +206,11 @@ def _remove_if_unlocked(path: Path) -> None:
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a writer's lock: its write, kept)
+        # a live writer locks its file before the first byte: one unlocked and empty may be
+        # a writer's between its opening and its lock (left: it holds nothing), and one
+        # no longer at ``path`` was placed meanwhile
+        if os.fstat(fd).st_size == 0 or os.stat(path).st_ino != os.fstat(fd).st_ino:
+            return
         logger.warning(
             "%s: removing %s, left by a write that did not finish", path.parent, path.name
         )
