@@ -343,9 +343,11 @@ def test_names_with_a_carriage_return_or_a_nul_are_refused(tmp_path):
     np.testing.assert_array_equal(gm.col_map, [0, 1, 2, 3])
     # a name written so beside the same name as written is not read as it (the one as
     # written is the gene; review175: both became one name, and the store was refused)
-    gm = symbols.align(_var(["TP53", "CD4", "BRCA1", "GAPDH", "TP53\r", "\ufeffCD4"]))
-    assert gm.n_matched == 4
-    np.testing.assert_array_equal(gm.col_map, [0, 1, 2, 3, -1, -1])
+    gm = symbols.align(_var(["TP53", "CD4", "BRCA1", "GAPDH", "TP53\r", "\ufeffCD4", "GAPDH\x00"]))
+    assert gm.n_matched == 4  # (a trailing NUL is kept: review176, numpy's text dropped it)
+    np.testing.assert_array_equal(gm.col_map, [0, 1, 2, 3, -1, -1, -1])
+    nul = GeneVocabulary.from_var(var.assign(feature_name=["TP53", "CD4", "C\x00", "GAPDH"]))
+    assert nul.symbols.tolist() == ["TP53", "CD4", "", "GAPDH"]
     vocab.save(tmp_path / "store.tsv")
     back = GeneVocabulary.load(tmp_path / "store.tsv")
     assert back == vocab and back.symbols.equals(vocab.symbols)

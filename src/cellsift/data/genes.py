@@ -44,7 +44,9 @@ def _mostly_ensembl(names: pd.Index) -> bool:
 
 def _names(values: pd.Index | pd.Series) -> pd.Index:
     """Gene names as text, a missing one (NaN, None) as "": no gene's name, never matched."""
-    return pd.Index(np.where(pd.isna(values), "", np.asarray(values, dtype=object)).astype(str))
+    # (pandas' text, not numpy's: numpy's drops trailing NULs, "C\x00" would read "C")
+    kept = np.where(pd.isna(values), "", np.asarray(values, dtype=object))
+    return pd.Index(kept, dtype=object).astype(str)
 
 
 _ODD = r"[\r\x00\ufeff]"  # a carriage return, a NUL, a byte order mark
@@ -65,7 +67,7 @@ def _cleaned(names: pd.Index) -> pd.Index:
     keep &= ~fixed.isin(names[~odd]) & ~fixed.duplicated(keep=False)
     out = np.asarray(names, dtype=object).copy()
     out[np.flatnonzero(odd)[keep]] = fixed[keep]
-    return pd.Index(out.astype(str))
+    return pd.Index(out, dtype=object)
 
 
 def _unambiguous(names: pd.Index) -> np.ndarray:
