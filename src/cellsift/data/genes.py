@@ -211,7 +211,7 @@ class GeneVocabulary:
             # symbols are cleaned by from_var instead)
             # a byte order mark: text an editor saved as "UTF-8 with BOM", read as UTF-8,
             # puts one before the first name (which then matches no gene)
-            odd = np.flatnonzero(names.str.contains(r"[\r\x00\ufeff]"))
+            odd = np.flatnonzero(names.str.contains(_ODD))
             if len(odd):
                 raise ValueError(
                     f"gene {odd[0]}'s {what} {names[odd[0]]!r} holds a carriage return, a NUL "

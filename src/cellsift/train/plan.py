@@ -285,12 +285,10 @@ class TrainingPlan(pl.LightningModule):
         # train without dropout and with frozen BatchNorm statistics
         self.train()
         resumed_at, self._resumed_at = self._resumed_at, None
-        if resumed_at is None:  # (a trainer fitted before: its loops' own counts)
-            done = getattr(self.trainer.fit_loop.epoch_progress.current, "processed", 0)
-            resumed_at = (int(done), int(self.trainer.global_step))
-            _say_time_spent(self.trainer, *resumed_at, resumed=False)
-        else:
-            _say_time_spent(self.trainer, *resumed_at, resumed=True)
+        # (not resumed: the trainer's own counts, an earlier fit's on a trainer fitted before)
+        done = getattr(self.trainer.fit_loop.epoch_progress.current, "processed", 0)
+        at = resumed_at or (int(done), int(self.trainer.global_step))
+        _say_time_spent(self.trainer, *at, resumed=resumed_at is not None)
         self._check_optimization()  # (a resumed run's optimisers exist, their state not yet)
         self._count_on_a_replanned_epoch()
 
@@ -1069,9 +1067,9 @@ def _say_time_spent(trainer: pl.Trainer, epochs: int, step: int, resumed: bool) 
     """Warn where a fit starts under a ``max_time`` (Lightning's Timer) already spent: one
     resumed from a checkpoint (of ``epochs`` processed and ``step``) whose run has trained
     for it (Lightning counts the time over the whole run, resumes included), or one on a
-    trainer whose Timer an earlier fit spent, or a validation from a checkpoint restored. Such a fit ends at
-    once, with no more training than the checkpoint's (unless ``min_epochs`` /
-    ``min_steps`` are not met yet: it trains to them)."""
+    trainer whose Timer an earlier fit spent, or a validation from a checkpoint restored.
+    Such a fit ends at once, with no more training than the checkpoint's (unless
+    ``min_epochs`` / ``min_steps`` are not met yet: it trains to them)."""
     from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.trainer.states import RunningStage
 

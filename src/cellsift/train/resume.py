@@ -91,8 +91,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 str(final),
             )
         try:
-            with atomic_path(final, overwrite=True, what="a checkpoint") as tmp:
-                _save(checkpoint, tmp, final)
+            with (
+                atomic_path(final, overwrite=True, what="a checkpoint") as tmp,
+                open(tmp, "wb") as f,
+            ):
+                _save(checkpoint, f, final)
             return
         except OutputInUseError:  # (as its lock is taken: nothing written yet)
             if holds_output_lock(final):  # (an earlier writer of this process's: its error)
@@ -126,12 +129,8 @@ _UNLOCKED = "unlocked"
 
 
 def _save(checkpoint: dict[str, Any], f: Any, final: Path) -> None:
-    """``torch.save`` of ``checkpoint`` into the file ``f`` (a path: opened to write); a
-    write the system refuses is its OSError, naming ``final``."""
-    if isinstance(f, Path):
-        with open(f, "wb") as opened:
-            _save(checkpoint, opened, final)
-        return
+    """``torch.save`` of ``checkpoint`` into the open file ``f``; a write the system refuses
+    is its OSError, naming ``final``."""
     out = _Writes(f)
     try:
         torch.save(checkpoint, cast(IO[bytes], out))
@@ -171,11 +170,11 @@ def write_checkpoints_atomically(trainer: Any) -> None:
 
 def clear_checkpoint_leftovers(trainer: Any) -> None:
     """Remove what killed checkpoint writes left in the folders of ``trainer``'s
-    ``ModelCheckpoint`` callbacks (hidden ``.<name>.ckpt.tmp-*`` and ``.unlocked-*`` files,
-    each up to a whole checkpoint), on the rank that writes them. A write's leftovers are cleared as the same
-    checkpoint is next written, but most checkpoints' names (``best-epoch=3-step=1200``)
-    are never written again. Those of a checkpoint that another process is writing are
-    left alone."""
+    ``ModelCheckpoint`` callbacks (hidden ``.<name>.ckpt.tmp-*`` and ``.unlocked-*``
+    files, each up to a whole checkpoint), on the rank that writes them. A write's
+    leftovers are cleared as the same checkpoint is next written, but most checkpoints'
+    names (``best-epoch=3-step=1200``) are never written again. Those of a checkpoint that
+    another process is writing are left alone."""
     if not trainer.is_global_zero:
         return
     dirs = {cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)}
