@@ -19,8 +19,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/cellsift demo
 
+# Both cores: the tests that do not need the machine to themselves run in TEST_WORKERS
+# processes, then those that do (marked serial: DDP's 2 processes, wall-clock timing) one
+# at a time. Both parts run; either failing fails the target. `pytest` alone runs all in one.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q
+	@status=0; \
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not serial" || status=$$?; \
+	$(BIN)/python -m pytest -q -m serial || status=$$?; \
+	exit $$status
 
 bench: install
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"

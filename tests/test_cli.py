@@ -283,6 +283,11 @@ def test_demo_settings_and_a_stopped_demo(synthetic_h5ad, tmp_path, capsys):
     assert "--n-cells: must be at least 2000, not 200" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="needs at least 2,000 cells"):
         run_demo(tmp_path, synthetic=True, n_cells=1999)
+    with pytest.raises(SystemExit, match="2"):
+        main(["demo", "--synthetic", "--epochs", "0", "--out", str(tmp_path)])
+    assert "--epochs: must be at least 1, not 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="at least 1 epoch, not 0"):
+        run_demo(tmp_path, synthetic=True, epochs=0)
     assert list(tmp_path.iterdir()) == []
     assert _source(tmp_path, True, 2000)[0] != _source(tmp_path, True, 2500)[0]
     # a size asks for a synthetic atlas, where the real data is found too (review: it ran
@@ -364,6 +369,8 @@ def test_demo_runs_on_a_synthetic_atlas(tmp_path):
             "--synthetic",
             "--n-cells",
             "4000",
+            "--epochs",
+            "4",
             "--out",
             str(tmp_path),
         ],
@@ -377,6 +384,9 @@ def test_demo_runs_on_a_synthetic_atlas(tmp_path):
     assert any("weighted" in line for line in lines)
     assert "split by 'dataset_id'" in proc.stdout
     assert "ontology-aware calls:" in proc.stdout and "unknown (distance threshold" in proc.stdout
+    assert "cells, 4 epochs) ..." in proc.stdout
+    assert (tmp_path / "umap.png").stat().st_size > 0
+    assert (tmp_path / "metric_model" / "model.safetensors").exists()
 
 
 def test_an_error_from_a_loader_worker_prints_its_own_message(tmp_path, capsys):

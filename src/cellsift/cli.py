@@ -290,7 +290,8 @@ def _read_h5ad(path: str) -> Any:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.out, synthetic=args.synthetic, n_cells=args.n_cells)
+    given = {} if args.epochs is None else {"epochs": args.epochs}
+    return run_demo(args.out, synthetic=args.synthetic, n_cells=args.n_cells, **given)
 
 
 def _at_least(least: int) -> Callable[[str], int]:
@@ -481,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_at_least(2_000),
         help="a synthetic atlas of this many cells (>= 2000), even where the real data is "
         "found (default with --synthetic: 20000)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_at_least(1),
+        help="epochs of training (default: 40; fewer: a quicker run, a weaker model)",
     )
     p.set_defaults(func=_demo)
     return parser

@@ -397,6 +397,7 @@ def test_counts_come_back_and_each_chunk_is_one_fragment(tmp_path, monkeypatch, 
     assert len(list(fragments.iterdir())) == sum(chunk.nnz > 0 for chunk in chunks)
 
 
+@pytest.mark.serial  # (answered within a second: timed)
 def test_a_signal_during_a_large_write_is_answered_within_a_piece(tmp_path, monkeypatch):
     """A chunk of 12M counts takes TileDB seconds to write: a signal arriving meanwhile is
     answered after the piece being submitted (a fraction of a second), not after the chunk,

@@ -378,6 +378,7 @@ def test_a_run_stopped_early_and_resumed_stops_where_it_stopped(synthetic_h5ad, 
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.serial  # (validations a second apart: a slow step would add one)
 def test_a_run_resumed_under_a_time_between_validations_logs_on_the_same_steps(
     synthetic_h5ad, tmp_path
 ):
