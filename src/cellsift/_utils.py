@@ -447,11 +447,14 @@ def holds_output_lock(path: str | os.PathLike[str]) -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[bool]:
+def output_lock(
+    path: Path, what: str, *, resumes: bool = False, in_use: str | None = None
+) -> Iterator[bool]:
     """Hold ``path``'s write lock (an exclusive ``flock`` on ``.<name>.lock`` beside it)
     for the block; a run that finds it held raises :class:`OutputInUseError` naming the
     holder's process (``what``: the command or the output, for the message; ``resumes``:
-    a run of it goes on from the unfinished work of an earlier one), or saying that it is
+    a run of it goes on from the unfinished work of an earlier one; ``in_use``: the
+    message instead, ``{holder}`` replaced by the holder's process), or saying that it is
     an earlier writer of this process. Yields whether the lock is held: then no other
     process writes ``path`` (nor its temporary outputs).
 
@@ -480,7 +483,7 @@ def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[boo
     fd: int | None = None
     try:
         with signals_held():  # (a Ctrl-C as the lock is taken: released below, not kept)
-            fd = _take_lock(fcntl, lock, path, what, resumes)
+            fd = _take_lock(fcntl, lock, path, what, resumes, in_use)
             if fd is not None:
                 _HELD.add(key)
         clear_leftovers(path)  # (removed where the lock is held, else named)
@@ -501,7 +504,9 @@ def output_lock(path: Path, what: str, *, resumes: bool = False) -> Iterator[boo
             os.close(fd)
 
 
-def _take_lock(fcntl: Any, lock: Path, path: Path, what: str, resumes: bool) -> int | None:
+def _take_lock(
+    fcntl: Any, lock: Path, path: Path, what: str, resumes: bool, in_use: str | None
+) -> int | None:
     """A descriptor of ``lock`` holding its flock; None where the file system keeps no
     locks. :class:`OutputInUseError` where another process holds it."""
     while True:
@@ -511,6 +516,8 @@ def _take_lock(fcntl: Any, lock: Path, path: Path, what: str, resumes: bool) -> 
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            if in_use is not None:
+                raise OutputInUseError(in_use.replace("{holder}", holder)) from None
             if resumes:
                 raise OutputInUseError(
                     f"{path} is being written by another run ({what}, process {holder}): "

@@ -923,6 +923,84 @@ def test_a_fit_removes_what_killed_checkpoint_writes_left_in_its_folder(
     assert opened_beside.exists()
 
 
+def test_a_fit_into_another_running_fits_checkpoint_folder_is_refused(synthetic_h5ad, tmp_path):
+    """Two runs in one checkpoint folder overwrite each other's last.ckpt: a fit whose folder
+    another fit holds (a process of its own, holding the lock as a fit does) is refused as
+    it sets up, naming the folder and that process, with nothing written. A fit holds its
+    folders until it ends or fails: then another process, or this one, fits there."""
+    import subprocess
+    import sys
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cellsift.errors import OutputInUseError
+    from cellsift.train.resume import FIT_LOCK
+
+    ckpts = tmp_path / "ckpts"
+    # another fit's lock, taken as a fit takes it
+    hold = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from cellsift._utils import output_lock\n"
+        "with output_lock(Path(sys.argv[1]), 'cellsift fit'):\n"
+        "    print('held', flush=True); sys.stdin.readline()\n"
+    )
+    try_lock = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from cellsift._utils import output_lock\n"
+        "with output_lock(Path(sys.argv[1]), 'cellsift fit'):\n"
+        "    print('taken')\n"
+    )
+
+    def fit(fail_at=None):
+        class Fail(pl.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step == fail_at:
+                    raise ValueError("a failing step")
+
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad)
+        keep = ModelCheckpoint(dirpath=ckpts, save_last=True, save_top_k=0)
+        trainer = _trainer(
+            tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[keep, Fail()]
+        )
+        trainer.fit(TrainingPlan(module, scheduler="none"), datamodule=dm)
+        return trainer
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(ckpts / FIT_LOCK)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputInUseError) as err:
+            fit()
+        said = str(err.value)
+        assert said.startswith(f"{ckpts.resolve()} is the checkpoint folder of another fit")
+        assert f"(process {holder.pid})" in said and "a folder of its own" in said
+        assert [p.name for p in ckpts.iterdir()] == [f".{FIT_LOCK}.lock"]
+    finally:
+        holder.communicate("\n")
+    trainer = fit()  # (that fit ended: its folder is free)
+    assert (ckpts / "last.ckpt").exists() and trainer.global_step == 2
+
+    def taken_by_another_process():
+        done = subprocess.run(
+            [sys.executable, "-c", try_lock, str(ckpts / FIT_LOCK)],
+            capture_output=True,
+            text=True,
+        )
+        return done.returncode == 0 and done.stdout.strip() == "taken"
+
+    assert taken_by_another_process()  # (released as that fit ended)
+    with pytest.raises(ValueError, match="a failing step"):
+        fit(fail_at=1)
+    assert taken_by_another_process()  # (released as it failed)
+    assert fit().global_step == 2  # (nor kept by this process)
+    assert not (ckpts / f".{FIT_LOCK}.lock").exists()
+
+
 def test_a_run_resumed_under_the_time_it_has_spent_says_so(synthetic_h5ad, tmp_path):
     """Lightning counts max_time over the whole run, resumes included: a run resumed under
     the max_time that stopped it ends at once, and a warning says so (and how to train

@@ -44,7 +44,12 @@ from ..errors import ConfigError, ResumeError, TrainingError, TrainingInterrupte
 from ..losses.triplet import Distance
 from ._stop import StopRequest
 from .metrics import silhouette
-from .resume import clear_checkpoint_leftovers, read_checkpoint, write_checkpoints_atomically
+from .resume import (
+    clear_checkpoint_leftovers,
+    hold_checkpoint_folders,
+    read_checkpoint,
+    write_checkpoints_atomically,
+)
 
 __all__ = ["TrainingPlan"]
 
@@ -257,6 +262,7 @@ class TrainingPlan(pl.LightningModule):
     def setup(self, stage: str) -> None:
         write_checkpoints_atomically(self.trainer)
         if stage == "fit":
+            hold_checkpoint_folders(self.trainer)  # (another fit's folder: refused)
             clear_checkpoint_leftovers(self.trainer)
         _check_steps(self.trainer)
         _check_watched(self.trainer, self.asw_cells)

@@ -16,7 +16,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from .._utils import atomic_path, holds_output_lock, logger, output_lock, temporaries
 from .._warnings import warn
@@ -28,6 +28,7 @@ __all__ = [
     "checkpoint_file",
     "clear_checkpoint_leftovers",
     "continued_run",
+    "hold_checkpoint_folders",
     "place_checkpoints",
     "read_checkpoint",
     "write_checkpoints_atomically",
@@ -192,6 +193,68 @@ def clear_checkpoint_leftovers(trainer: Any) -> None:
                 pass
         for left in sorted(Path(local).glob(f".*.ckpt.{_UNLOCKED}-{'[0-9a-f]' * 8}")):
             _remove_if_unlocked(left)
+
+
+#: The lock a fit holds in each of its checkpoint folders (``.cellsift-fit.lock``).
+FIT_LOCK = "cellsift-fit"
+
+
+def hold_checkpoint_folders(trainer: Any) -> None:
+    """Refuse a fit whose checkpoint folder another fit is writing: two runs in one folder
+    overwrite each other's ``last.ckpt`` (``ckpt_path="last"`` would resume whichever wrote
+    last) and mix their best checkpoints. Rank 0 holds each local folder's lock (a
+    ``.cellsift-fit.lock`` in it) until the fit ends, or fails (a callback added to the
+    trainer's releases them; the next fit's removes it). A killed run's lock goes with
+    it."""
+    for cb in [cb for cb in trainer.callbacks if isinstance(cb, _FoldersHeld)]:
+        cb.locks.close()  # (an earlier fit's, released as it ended)
+        trainer.callbacks.remove(cb)
+    if not trainer.is_global_zero:
+        return
+    folders = set()
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            fs, local = fsspec.core.url_to_fs(str(cb.dirpath))
+            if isinstance(fs, LocalFileSystem):
+                folders.add(os.path.realpath(local))
+    if not folders:
+        return
+    held = _FoldersHeld()
+    trainer.callbacks.append(held)  # (before the first lock: a refusal releases the others)
+    for folder in sorted(folders):
+        if not os.path.isdir(folder):  # (made for the lock: removed with it, where left empty)
+            held.locks.callback(_remove_if_empty, folder)
+        held.locks.enter_context(
+            output_lock(
+                Path(folder) / FIT_LOCK,
+                "cellsift fit",
+                in_use=f"{folder} is the checkpoint folder of another fit, still running "
+                "(process {holder}): two runs in one folder overwrite each other's "
+                "last.ckpt, and a resume would go on from whichever wrote last. Give this "
+                "run a folder of its own (ModelCheckpoint's dirpath; cellsift fit: another "
+                "--trainer.logger.init_args.name or save_dir), or wait for that run to end.",
+            )
+        )
+
+
+def _remove_if_empty(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
+
+
+class _FoldersHeld(Callback):
+    """The checkpoint folders' locks of a fit (:func:`hold_checkpoint_folders`), released
+    as it ends or fails (it stays in the trainer's callbacks, which Lightning is going
+    through as it calls these)."""
+
+    def __init__(self) -> None:
+        self.locks = contextlib.ExitStack()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.locks.close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.locks.close()
 
 
 def _remove_if_unlocked(path: Path) -> None:
