@@ -286,8 +286,9 @@ def test_demo_settings_and_a_stopped_demo(synthetic_h5ad, tmp_path, capsys):
     with pytest.raises(SystemExit, match="2"):
         main(["demo", "--synthetic", "--epochs", "0", "--out", str(tmp_path)])
     assert "--epochs: must be at least 1, not 0" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="at least 1 epoch, not 0"):
-        run_demo(tmp_path, synthetic=True, epochs=0)
+    for epochs in (0, True, 2.0):
+        with pytest.raises(ConfigError, match=f"number of epochs, at least 1, not {epochs}"):
+            run_demo(tmp_path, synthetic=True, epochs=epochs)
     assert list(tmp_path.iterdir()) == []
     assert _source(tmp_path, True, 2000)[0] != _source(tmp_path, True, 2500)[0]
     # a size asks for a synthetic atlas, where the real data is found too (review: it ran

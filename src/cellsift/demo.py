@@ -71,8 +71,10 @@ def run_demo(
     # the demo's extra (its baselines, plots and the SOMA store): said before any work
     for module in ("scanpy", "umap", "sklearn", "tiledbsoma"):
         import_optional(module, "demo")
-    if epochs < 1:
-        raise ConfigError(f"the demo trains for at least 1 epoch, not {epochs}.")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(
+            f"the demo trains for a whole number of epochs, at least 1, not {epochs!r}."
+        )
     if n_cells is not None and n_cells < MIN_CELLS:
         raise ConfigError(
             f"the demo needs at least {MIN_CELLS:,} cells (a held-out study, and validation "
@@ -118,15 +120,16 @@ def run_demo(
                 assert x.shape[1] == coll.n_vars and bool(np.isfinite(x.numpy()).all())
                 n += x.shape[0]
                 nb += 1
-                if nb == 1:
-                    first, n_first = time.perf_counter(), n
                 seen.update(batch["obs_idx_n"].tolist())
                 counts.update(np.asarray(ds.categories["y_n"])[batch["y_n"].numpy()].tolist())
+                if nb == 1:
+                    first, n_first = time.perf_counter(), n
             end = time.perf_counter()
-            rate = (n - n_first) / (end - first) if nb > 1 else n / (end - t)
+            # (one batch: no rate after it to give)
+            rate = f"{(n - n_first) / (end - first):,.0f}" if nb > 1 else "-"
             print(
-                f"  {fmt:6s} {mode:9s} {first - t:7.2f} s {rate:11,.0f} {nb:9d} {n:7,d}"
-                f" {len(seen):9,d}"
+                f"  {fmt:6s} {mode:9s} {first - t:7.2f} s {rate:>11s} {nb:9d} {n:6,d}"
+                f" {len(seen):10,d}"
             )
             freq[mode] = counts
 
@@ -173,7 +176,7 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
     y = adata.obs[label_key].astype(str).to_numpy()
     print(
         f"\n  MetricModel: training on all but {group_key} {held!r} ({(~test).sum():,} cells, "
-        f"{epochs} epochs) ..."
+        f"{epochs} epoch{'s' if epochs != 1 else ''}) ..."
     )
     torch.manual_seed(0)
     model = MetricModel.from_collection(h5ad, **SMALL_ATLAS_MODEL)

@@ -337,9 +337,9 @@ _DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accele
     "devices", [1, pytest.param(2, marks=pytest.mark.multi_device)], ids=["1proc", "2ddp"]
 )
 def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
-    """Every process SIGKILLed inside epoch 2, or stopped by SIGTERM inside epoch 1 (one
-    process) or at its last step; `--ckpt_path last` finishes with exactly the uninterrupted
-    run's batches and each rank's random draws: the same weights, bit for bit.
+    """Every process SIGKILLed inside epoch 2, or stopped by SIGTERM inside epoch 1 or at
+    its last step; `--ckpt_path last` finishes with exactly the uninterrupted run's batches
+    and each rank's random draws: the same weights, bit for bit.
     With 2 DDP processes (gloo) Lightning launches the second rank itself, as for a user."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     ddp = _DDP if devices == 2 else ()
@@ -397,33 +397,30 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
     assert steps[0] < ckpt["global_step"]  # the interrupted part is there too
 
     # stopped by a scheduler's SIGTERM in the first epoch, sent to every process of the job
-    # (the loader's worker too): the run stops after that step with its state saved and
-    # exit status 143, and the resumed run ends with the uninterrupted run's weights (under
-    # DDP, the kill above resumed mid-epoch, and the signal to rank 1 alone comes below)
+    # (the loader's worker too) or, under DDP, to rank 1 alone: every rank stops after that
+    # step with its state saved (each rank's place in the epoch) and exit status 143, and
+    # the resumed run ends with the uninterrupted run's weights
+    for f in (tmp_path / "checkpoints").iterdir():
+        f.unlink()
+    stop_at = n_train // 2
     term = {
         "class_path": "test_fit_cli.SignalAtStep",
-        "init_args": {"step": n_train // 2, "rank": 1 if devices == 2 else None},
+        "init_args": {"step": stop_at, "rank": 1 if devices == 2 else None},
     }
-    version = 2
-    if devices == 1:
-        for f in (tmp_path / "checkpoints").iterdir():
-            f.unlink()
-        stop_at = n_train // 2
-        stopped = fit("--data.init_args.num_workers", "1", callbacks=[term], name="stopped")
-        assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-        said = [line for line in stopped.stderr.splitlines() if line.startswith("cellsift fit: ")]
-        assert said and f"after step {stop_at} (epoch 0)" in said[0], stopped.stderr[-3000:]
-        assert "--ckpt_path last" in said[0]
-        last = tmp_path / "checkpoints" / "last.ckpt"
-        assert torch.load(last, weights_only=False)["global_step"] == stop_at
-        resumed = fit("--ckpt_path", "last", name="resume_stopped")
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        _assert_same_weights(run_full, tmp_path / "metric" / "version_2")
-        # the curves have every step once, the one the signal ended too (logged before it
-        # stopped)
-        steps = [s for s, _ in _scalars(tmp_path / "metric" / "version_2")["train/loss_step"]]
-        assert steps == list(range(n_steps)), steps
-        version = 3
+    worker = ("--data.init_args.num_workers", "1") if devices == 1 else ()
+    stopped = fit(*worker, callbacks=[term], name="stopped")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    said = [line for line in stopped.stderr.splitlines() if line.startswith("cellsift fit: ")]
+    assert said and f"after step {stop_at} (epoch 0)" in said[0], stopped.stderr[-3000:]
+    assert "--ckpt_path last" in said[0]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == stop_at
+    resumed = fit("--ckpt_path", "last", name="resume_stopped")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_weights(run_full, tmp_path / "metric" / "version_2")
+    # the curves have every step once, the one the signal ended too (logged before it stopped)
+    steps = [step for step, _ in _scalars(tmp_path / "metric" / "version_2")["train/loss_step"]]
+    assert steps == list(range(n_steps)), steps
 
     # stopped at the first epoch's last step, before its validation (under DDP, by a
     # SIGTERM to rank 1 alone: every rank stops after that step, its state saved): the
@@ -440,7 +437,7 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
     assert torch.load(last, weights_only=False)["global_step"] == n_train
     resumed = fit("--ckpt_path", "last", name="resume_at_epoch_end")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    run = tmp_path / "metric" / f"version_{version}"
+    run = tmp_path / "metric" / "version_3"
     _assert_same_weights(run_full, run)
     full_scalars, scalars = _scalars(run_full), _scalars(run)
     for tag in ("val/asw", "train/loss_epoch"):

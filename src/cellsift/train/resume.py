@@ -8,6 +8,7 @@ import errno
 import os
 import pickle
 import uuid
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, cast
@@ -17,6 +18,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerStatus
 
 from .._utils import atomic_path, holds_output_lock, logger, output_lock, temporaries
 from .._warnings import warn
@@ -209,6 +211,10 @@ def hold_checkpoint_folders(trainer: Any) -> None:
     for cb in [cb for cb in trainer.callbacks if isinstance(cb, _FoldersHeld)]:
         cb.locks.close()  # (an earlier fit's, released as it ended)
         trainer.callbacks.remove(cb)
+    for held in list(_HOLDERS):  # (another trainer's fit of this process that has ended,
+        fitter = held.fitter()  # failed where a callback's on_exception raised before it)
+        if fitter is None or fitter.state.status != TrainerStatus.RUNNING:
+            held.locks.close()
     if not trainer.is_global_zero:
         return
     folders = set()
@@ -219,13 +225,15 @@ def hold_checkpoint_folders(trainer: Any) -> None:
                 folders.add(os.path.realpath(local))
     if not folders:
         return
-    held = _FoldersHeld()
-    trainer.callbacks.append(held)  # (before the first lock: a refusal releases the others)
+    held = _FoldersHeld(trainer)
+    # (before the first lock: a refusal releases the others; first: released before any
+    # other callback's on_exception, which may raise)
+    trainer.callbacks.insert(0, held)
     for folder in sorted(folders):
         if not os.path.isdir(folder):  # (made for the lock: removed with it, where left empty)
             held.locks.callback(_remove_if_empty, folder)
-        held.locks.enter_context(
-            output_lock(
+        try:
+            lock = output_lock(
                 Path(folder) / FIT_LOCK,
                 "cellsift fit",
                 in_use=f"{folder} is the checkpoint folder of another fit, still running "
@@ -234,7 +242,13 @@ def hold_checkpoint_folders(trainer: Any) -> None:
                 "run a folder of its own (ModelCheckpoint's dirpath; cellsift fit: another "
                 "--trainer.logger.init_args.name or save_dir), or wait for that run to end.",
             )
-        )
+            held.locks.enter_context(lock)
+        except PermissionError as err:  # (a folder this user may not write: its saves say so)
+            logger.info("%s: not locked against other fits (%s)", folder, err.strerror)
+
+
+#: The fits' folder locks of this process (their callbacks, while they are alive).
+_HOLDERS: weakref.WeakSet[_FoldersHeld] = weakref.WeakSet()
 
 
 def _remove_if_empty(folder: str) -> None:
@@ -247,8 +261,10 @@ class _FoldersHeld(Callback):
     as it ends or fails (it stays in the trainer's callbacks, which Lightning is going
     through as it calls these)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trainer: Any) -> None:
         self.locks = contextlib.ExitStack()
+        self.fitter = weakref.ref(trainer)
+        _HOLDERS.add(self)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.locks.close()
