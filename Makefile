@@ -22,7 +22,8 @@ demo: install
 # Both cores: the tests that do not need the machine to themselves run in TEST_WORKERS
 # processes, then those that do (marked serial: DDP's 2 processes, wall-clock timing) one
 # at a time. Both parts run; either failing fails the target, as does selecting no test at
-# all (PYTEST_ARGS, e.g. a folder, may leave one part none). `pytest` alone runs all in one.
+# all (PYTEST_ARGS, e.g. a folder, may leave one part none; a -m there replaces each part's
+# own). `pytest` alone runs all in one.
 TEST_WORKERS ?= 2
 
 test: install

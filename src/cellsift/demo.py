@@ -97,7 +97,7 @@ def run_demo(
     pipeline = default_pipeline()
     # (the first batch waits for the loader's worker to start, a fresh process where the
     # store needs one (SOMA): the rate is that of the batches after it)
-    print("\n  store  mode      1st batch     cells/s   batches  cells   distinct")
+    print("\n  store  mode      1st batch     cells/s   batches      cells   distinct")
     freq: dict[str, Counter[str]] = {}
     for fmt, path in stores.items():
         coll = CellCollection(path)
@@ -128,7 +128,7 @@ def run_demo(
             # (one batch: no rate after it to give)
             rate = f"{(n - n_first) / (end - first):,.0f}" if nb > 1 else "-"
             print(
-                f"  {fmt:6s} {mode:9s} {first - t:7.2f} s {rate:>11s} {nb:9d} {n:6,d}"
+                f"  {fmt:6s} {mode:9s} {first - t:7.2f} s {rate:>11s} {nb:9d} {n:10,d}"
                 f" {len(seen):10,d}"
             )
             freq[mode] = counts

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import pickle
+import threading
 import uuid
 import weakref
 from collections.abc import Iterable
@@ -206,15 +207,18 @@ def hold_checkpoint_folders(trainer: Any) -> None:
     overwrite each other's ``last.ckpt`` (``ckpt_path="last"`` would resume whichever wrote
     last) and mix their best checkpoints. Rank 0 holds each local folder's lock (a
     ``.cellsift-fit.lock`` in it) until the fit ends, or fails (a callback added to the
-    trainer's releases them; the next fit's removes it). A killed run's lock goes with
-    it."""
+    trainer's releases them; the next fit's removes it; where another callback's
+    ``on_exception`` raised before it, the next fit of this process releases them). A
+    killed run's lock goes with it. A folder where this user may not make the lock file is
+    fitted unlocked, with a warning in the log."""
     for cb in [cb for cb in trainer.callbacks if isinstance(cb, _FoldersHeld)]:
-        cb.locks.close()  # (an earlier fit's, released as it ended)
+        cb.release()  # (an earlier fit's, released as it ended)
         trainer.callbacks.remove(cb)
-    for held in list(_HOLDERS):  # (another trainer's fit of this process that has ended,
-        fitter = held.fitter()  # failed where a callback's on_exception raised before it)
-        if fitter is None or fitter.state.status != TrainerStatus.RUNNING:
-            held.locks.close()
+    with _HOLDING:  # (another trainer's fit of this process that has ended: one that failed
+        for held in list(_HOLDERS):  # where a callback's on_exception raised before its own)
+            fitter = held.fitter()
+            if fitter is None or fitter.state.status != TrainerStatus.RUNNING:
+                held.release()
     if not trainer.is_global_zero:
         return
     folders = set()
@@ -226,9 +230,9 @@ def hold_checkpoint_folders(trainer: Any) -> None:
     if not folders:
         return
     held = _FoldersHeld(trainer)
-    # (before the first lock: a refusal releases the others; first: released before any
-    # other callback's on_exception, which may raise)
-    trainer.callbacks.insert(0, held)
+    # (before the first lock: a refusal releases the others; last: a checkpoint saved on
+    # the exception, by a callback before it, is saved while the folder is held)
+    trainer.callbacks.append(held)
     for folder in sorted(folders):
         if not os.path.isdir(folder):  # (made for the lock: removed with it, where left empty)
             held.locks.callback(_remove_if_empty, folder)
@@ -243,12 +247,17 @@ def hold_checkpoint_folders(trainer: Any) -> None:
                 "--trainer.logger.init_args.name or save_dir), or wait for that run to end.",
             )
             held.locks.enter_context(lock)
-        except PermissionError as err:  # (a folder this user may not write: its saves say so)
-            logger.info("%s: not locked against other fits (%s)", folder, err.strerror)
+        except PermissionError as err:
+            if (Path(folder) / f".{FIT_LOCK}.lock").exists():  # (another user's fit's lock)
+                raise
+            # a folder where this user may not make a file: its saves say so
+            logger.warning("%s: not locked against other fits (%s)", folder, err)
 
 
-#: The fits' folder locks of this process (their callbacks, while they are alive).
+#: The fits' folder locks of this process (their callbacks, while they are alive), and the
+#: lock of that set and of their releases (fits of several threads).
 _HOLDERS: weakref.WeakSet[_FoldersHeld] = weakref.WeakSet()
+_HOLDING = threading.RLock()
 
 
 def _remove_if_empty(folder: str) -> None:
@@ -264,13 +273,18 @@ class _FoldersHeld(Callback):
     def __init__(self, trainer: Any) -> None:
         self.locks = contextlib.ExitStack()
         self.fitter = weakref.ref(trainer)
-        _HOLDERS.add(self)
+        with _HOLDING:
+            _HOLDERS.add(self)
+
+    def release(self) -> None:
+        with _HOLDING:
+            self.locks.close()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self.locks.close()
+        self.release()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.locks.close()
+        self.release()
 
 
 def _remove_if_unlocked(path: Path) -> None:
