@@ -1021,6 +1021,7 @@ def test_a_checkpoint_folder_that_cannot_hold_a_lock_is_fitted_unlocked(
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from cellsift import _utils
+    from cellsift.errors import OutputInUseError
     from cellsift.train.resume import FIT_LOCK
 
     open_lock = _utils._open_lock
@@ -1044,7 +1045,7 @@ def test_a_checkpoint_folder_that_cannot_hold_a_lock_is_fitted_unlocked(
     dm, module = _setup(synthetic_h5ad)
     keep = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True, save_top_k=0)
     trainer = _trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[keep])
-    with pytest.raises(PermissionError):
+    with pytest.raises(OutputInUseError, match=r"ckpts holds another user's fit lock .* remove"):
         trainer.fit(TrainingPlan(module, scheduler="none"), datamodule=dm)
 
 

@@ -210,7 +210,8 @@ def hold_checkpoint_folders(trainer: Any) -> None:
     trainer's releases them; the next fit's removes it; where another callback's
     ``on_exception`` raised before it, the next fit of this process releases them). A
     killed run's lock goes with it. A folder where this user may not make the lock file is
-    fitted unlocked, with a warning in the log."""
+    fitted unlocked, with a warning in the log; one holding a lock file this user may not
+    open (another user's fit's) is refused."""
     for cb in [cb for cb in trainer.callbacks if isinstance(cb, _FoldersHeld)]:
         cb.release()  # (an earlier fit's, released as it ended)
         trainer.callbacks.remove(cb)
@@ -248,8 +249,13 @@ def hold_checkpoint_folders(trainer: Any) -> None:
             )
             held.locks.enter_context(lock)
         except PermissionError as err:
-            if (Path(folder) / f".{FIT_LOCK}.lock").exists():  # (another user's fit's lock)
-                raise
+            lock_file = Path(folder) / f".{FIT_LOCK}.lock"
+            if lock_file.exists():  # (another user's fit's lock, or a killed one's)
+                raise OutputInUseError(
+                    f"{folder} holds another user's fit lock ({lock_file.name}), which this "
+                    "user may not open: if no fit runs there now, remove it (or let its "
+                    "owner make it group-writable); else give this run a folder of its own."
+                ) from err
             # a folder where this user may not make a file: its saves say so
             logger.warning("%s: not locked against other fits (%s)", folder, err)
 
