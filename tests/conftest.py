@@ -38,6 +38,35 @@ def device_available() -> bool:
     return kind == "cpu"
 
 
+@pytest.fixture
+def held_elsewhere() -> Any:
+    """A context manager: ``path``'s output lock held by another process (as a run of
+    cellsift holds it) for the block, which gets that process (its ``pid``)."""
+    import contextlib
+    import subprocess
+    import sys
+
+    hold = (
+        "import sys\nfrom pathlib import Path\nfrom cellsift._utils import output_lock\n"
+        "with output_lock(Path(sys.argv[1]), 'cellsift fit'):\n"
+        "    print('held', flush=True); sys.stdin.readline()\n"
+    )
+
+    @contextlib.contextmanager
+    def held(path: Path) -> Any:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", hold, str(path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            yield holder
+        finally:
+            holder.communicate("\n")
+
+    return held
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")

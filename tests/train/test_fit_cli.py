@@ -270,28 +270,16 @@ sys.exit(main(["fit", *sys.argv[2:]]))
 
 
 def test_fit_into_a_folder_another_fit_writes_is_refused_in_one_line(
-    synthetic_h5ad, tmp_path, capsys
+    synthetic_h5ad, tmp_path, capsys, held_elsewhere
 ):
     """A second run of one config (its checkpoints in ``<save_dir>/<name>/checkpoints``, as
     the first's) while the first runs: refused in one line, exit 2, before training."""
     from cellsift.train.resume import FIT_LOCK
 
     args = _args(synthetic_h5ad, tmp_path, "--trainer.max_steps", "1")
-    hold = (
-        "import sys\nfrom pathlib import Path\nfrom cellsift._utils import output_lock\n"
-        "with output_lock(Path(sys.argv[1]), 'cellsift fit'):\n"
-        "    print('held', flush=True); sys.stdin.readline()\n"
-    )
     folder = tmp_path / "checkpoints"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", hold, str(folder / FIT_LOCK)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_elsewhere(folder / FIT_LOCK) as holder:
         assert main(["fit", *args]) == 2
-    finally:
-        holder.communicate("\n")
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.startswith(f"cellsift fit: error: {folder} is the checkpoint folder of another")
     assert f"(process {holder.pid})" in said and "--trainer.logger.init_args.name" in said

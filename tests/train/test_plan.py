@@ -923,7 +923,9 @@ def test_a_fit_removes_what_killed_checkpoint_writes_left_in_its_folder(
     assert opened_beside.exists()
 
 
-def test_a_fit_into_another_running_fits_checkpoint_folder_is_refused(synthetic_h5ad, tmp_path):
+def test_a_fit_into_another_running_fits_checkpoint_folder_is_refused(
+    synthetic_h5ad, tmp_path, held_elsewhere
+):
     """Two runs in one checkpoint folder overwrite each other's last.ckpt: a fit whose folder
     another fit holds (a process of its own, holding the lock as a fit does) is refused as
     it sets up, naming the folder and that process, with nothing written. A fit holds its
@@ -937,14 +939,6 @@ def test_a_fit_into_another_running_fits_checkpoint_folder_is_refused(synthetic_
     from cellsift.train.resume import FIT_LOCK
 
     ckpts = tmp_path / "ckpts"
-    # another fit's lock, taken as a fit takes it
-    hold = (
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from cellsift._utils import output_lock\n"
-        "with output_lock(Path(sys.argv[1]), 'cellsift fit'):\n"
-        "    print('held', flush=True); sys.stdin.readline()\n"
-    )
     try_lock = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -972,20 +966,13 @@ def test_a_fit_into_another_running_fits_checkpoint_folder_is_refused(synthetic_
         trainer.fit(TrainingPlan(module, scheduler="none"), datamodule=dm)
         return trainer
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", hold, str(ckpts / FIT_LOCK)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_elsewhere(ckpts / FIT_LOCK) as holder:  # (another fit's lock, as a fit holds it)
         with pytest.raises(OutputInUseError) as err:
             fit()
         said = str(err.value)
         assert said.startswith(f"{ckpts.resolve()} is the checkpoint folder of another fit")
         assert f"(process {holder.pid})" in said and "a folder of its own" in said
         assert [p.name for p in ckpts.iterdir()] == [f".{FIT_LOCK}.lock"]
-    finally:
-        holder.communicate("\n")
     trainer = fit()  # (that fit ended: its folder is free)
     assert (ckpts / "last.ckpt").exists() and trainer.global_step == 2
 
