@@ -172,6 +172,18 @@ def write_checkpoints_atomically(trainer: Any) -> None:
         strategy.checkpoint_io = AtomicCheckpointIO()
 
 
+def _local_folders(trainer: Any) -> list[str]:
+    """The local folders of ``trainer``'s ``ModelCheckpoint`` callbacks, each once (however
+    spelled), sorted; remote ones are not among them."""
+    folders = set()
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            fs, local = fsspec.core.url_to_fs(str(cb.dirpath))
+            if isinstance(fs, LocalFileSystem):
+                folders.add(os.path.realpath(local))
+    return sorted(folders)
+
+
 def clear_checkpoint_leftovers(trainer: Any) -> None:
     """Remove what killed checkpoint writes left in the folders of ``trainer``'s
     ``ModelCheckpoint`` callbacks (hidden ``.<name>.ckpt.tmp-*`` and ``.unlocked-*``
@@ -181,11 +193,7 @@ def clear_checkpoint_leftovers(trainer: Any) -> None:
     another process is writing are left alone."""
     if not trainer.is_global_zero:
         return
-    dirs = {cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)}
-    for folder in sorted(str(d) for d in dirs if d):
-        fs, local = fsspec.core.url_to_fs(folder)
-        if not isinstance(fs, LocalFileSystem):
-            continue
+    for local in _local_folders(trainer):
         names = {p.name[1:].rsplit(".", 1)[0] for p in temporaries(Path(local))}
         for name in sorted(n for n in names if n.endswith(".ckpt")):
             # (taking the lock clears them; another process's lock: its write, kept)
@@ -222,19 +230,14 @@ def hold_checkpoint_folders(trainer: Any) -> None:
                 held.release()
     if not trainer.is_global_zero:
         return
-    folders = set()
-    for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
-            fs, local = fsspec.core.url_to_fs(str(cb.dirpath))
-            if isinstance(fs, LocalFileSystem):
-                folders.add(os.path.realpath(local))
+    folders = _local_folders(trainer)
     if not folders:
         return
     held = _FoldersHeld(trainer)
     # (before the first lock: a refusal releases the others; last: a checkpoint saved on
     # the exception, by a callback before it, is saved while the folder is held)
     trainer.callbacks.append(held)
-    for folder in sorted(folders):
+    for folder in folders:
         if not os.path.isdir(folder):  # (made for the lock: removed with it, where left empty)
             held.locks.callback(_remove_if_empty, folder)
         try:
