@@ -528,17 +528,75 @@ def test_runs_sharing_a_folder_keep_their_ranks_errors_apart(tmp_path):
         cli._RUN.clear()
 
 
+def test_rank_0_keeps_its_error_until_ranks_it_did_not_start_have_read_it(tmp_path):
+    """Ranks another launcher started (torchrun, SLURM): rank 0, failing on its input,
+    clears its note only once the other rank has read it (that rank then says rank 0's
+    error, not its collective's traceback), or after the wait where it never does."""
+    import threading
+    import types
+
+    from cellsift._utils import read_error
+    from cellsift.errors import DataError
+    from cellsift.train import cli
+
+    def as_rank(rank: int) -> None:
+        cli._RUN.clear()
+        cli._RUN.update(root=tmp_path, run="r", rank=rank, world=2, launcher=None)
+
+    bad = DataError("cell 7 holds nan (rank 0)")
+    try:
+        as_rank(0)
+        cli._RankErrors().on_exception(types.SimpleNamespace(global_rank=0), None, bad)
+        as_rank(1)  # its collective cut short: it reads rank 0's error, and says so
+        assert str(cli._peer_error(wait=1.0)) == "cell 7 holds nan (rank 0)"
+        as_rank(0)
+        start = time.monotonic()
+        cli._let_ranks_read_errors(wait=20.0)  # (read already)
+        assert time.monotonic() - start < 2.0
+        cli._clear_rank_errors()
+        assert not list(tmp_path.iterdir())
+        # rank 1 reads it while rank 0 waits
+        cli._RankErrors().on_exception(types.SimpleNamespace(global_rank=0), None, bad)
+        note, read = cli._rank_error_file(0), cli._rank_read_file(1)
+
+        def rank_1_reads() -> None:
+            time.sleep(0.5)
+            assert str(read_error(note)) == str(bad)
+            read.touch()
+
+        reader = threading.Thread(target=rank_1_reads)
+        reader.start()
+        start = time.monotonic()
+        cli._let_ranks_read_errors(wait=20.0)
+        waited = time.monotonic() - start
+        reader.join()
+        assert read.exists() and 0.4 < waited < 10.0
+        cli._clear_rank_errors()
+        # a rank that never reads it: rank 0 goes on after the wait
+        cli._RankErrors().on_exception(types.SimpleNamespace(global_rank=0), None, bad)
+        start = time.monotonic()
+        cli._let_ranks_read_errors(wait=0.5)
+        assert 0.5 <= time.monotonic() - start < 5.0
+        cli._clear_rank_errors()
+        assert not list(tmp_path.iterdir())
+    finally:
+        cli._RUN.clear()
+
+
 @pytest.mark.multi_device
-def test_fit_says_one_ranks_bad_input_in_one_line(synthetic_h5ad, tmp_path):
-    """Under DDP (2 gloo processes) a bad cell only rank 1 reads: the other rank's
-    collective is cut short; the command says rank 1's error in one line, exit status 2,
-    as one process does, and leaves no note of it behind."""
-    bad = {"class_path": "test_fit_cli.BadCellOnRank", "init_args": {"step": 1, "rank": 1}}
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fit_says_one_ranks_bad_input_in_one_line(synthetic_h5ad, tmp_path, rank):
+    """Under DDP (2 gloo processes) a bad cell only one rank reads: the other rank's
+    collective is cut short; each process says that rank's error in one line (no
+    traceback of the collective), the command exits with status 2, as one process does,
+    and leaves no note of it behind."""
+    bad = {"class_path": "test_fit_cli.BadCellOnRank", "init_args": {"step": 1, "rank": rank}}
     run = _fit_process(_args(synthetic_h5ad, tmp_path, *_DDP, callbacks=[bad]))
     assert run.returncode == 2, run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     said = [line for line in run.stderr.splitlines() if line.startswith("cellsift fit: error:")]
-    assert said and all("cell 7 ('cell_7') holds nan (rank 1)" in line for line in said)
+    assert len(said) == 2, run.stderr[-3000:]
+    assert all(f"cell 7 ('cell_7') holds nan (rank {rank})" in line for line in said)
     assert not list(tmp_path.glob(".cellsift-fit-*"))
 
 

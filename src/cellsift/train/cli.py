@@ -206,19 +206,27 @@ class FitCLI(LightningCLI):
             run="",  # (agreed by the ranks once they are joined: _RankErrors.setup)
             rank=self.trainer.global_rank,
             world=self.trainer.world_size,
+            launcher=self.trainer.strategy.launcher,  # (rank 0's: the ranks it starts)
         )
         if _RUN["world"] > 1:
             self.trainer.callbacks.append(_RankErrors())  # type: ignore[attr-defined]
 
 
 #: This process's run under ``cellsift fit`` (FitCLI.before_fit): root, run (an id that
-#: rank 0 makes and sends every rank as training sets up), rank, world.
+#: rank 0 makes and sends every rank as training sets up), rank, world, launcher (the
+#: strategy's, which on rank 0 starts the other ranks of this machine).
 _RUN: dict[str, Any] = {}
 
 
 def _rank_error_file(rank: int) -> Path:
     # (named by the run: two runs may share a root directory)
     return _RUN["root"] / f".cellsift-fit-{_RUN['run']}-rank-{rank:05d}.error"
+
+
+def _rank_read_file(rank: int) -> Path:
+    """Left by rank ``rank`` once it has read another rank's error (for rank 0 to clear
+    the notes only then)."""
+    return _rank_error_file(rank).with_suffix(".read")
 
 
 class _RankErrors(pl.Callback):
@@ -251,6 +259,8 @@ def _peer_error(wait: float = 2.0) -> BaseException | None:
         for rank in range(_RUN["world"]):
             err = None if rank == _RUN["rank"] else read_error(_rank_error_file(rank))
             if err is not None:
+                with contextlib.suppress(OSError):
+                    _rank_read_file(_RUN["rank"]).touch()
                 return err
         if time.monotonic() > deadline:
             return None
@@ -273,8 +283,45 @@ def _clear_rank_errors() -> None:
     if not _RUN.get("run"):
         return
     for rank in range(_RUN.get("world", 0)):
-        with contextlib.suppress(OSError):  # (a folder it cannot write: no notes were left)
-            _rank_error_file(rank).unlink(missing_ok=True)
+        for note in (_rank_error_file(rank), _rank_read_file(rank)):
+            with contextlib.suppress(OSError):  # (a folder it cannot write: no notes left)
+                note.unlink(missing_ok=True)
+
+
+def _let_ranks_read_errors(wait: float = 10.0) -> None:
+    """On rank 0 as the run fails, before the ranks' errors are cleared: where a rank left
+    one (world > 1), the other ranks are to say it too, rather than the traceback of a
+    collective cut short. So this rank leaves the process group now (their collectives
+    end at once, not as this process exits, after the clearing), then waits, at most
+    ``wait`` seconds: for the ranks it started (Lightning's launcher) until they have
+    exited, for the others until each has read an error or left its own. The ranks it
+    started are then no longer watched: Lightning's watcher SIGKILLs this process once it
+    sees one exit with a nonzero status, which would take this process's own status and
+    message."""
+    if _RUN.get("world", 1) < 2 or not _RUN.get("run"):
+        return
+    world = range(_RUN["world"])
+    if not any(_rank_error_file(rank).exists() for rank in world):
+        return  # (no error of the input: the ranks' tracebacks are all there is)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # (a group a failed collective left broken)
+            dist.destroy_process_group()
+    procs = getattr(_RUN.get("launcher"), "procs", None)
+    started = list(procs) if isinstance(procs, list) else []
+    others = [rank for rank in world if rank != _RUN["rank"]]
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if started and all(proc.poll() is not None for proc in started):
+            break
+        if not started and all(
+            _rank_read_file(rank).exists() or _rank_error_file(rank).exists() for rank in others
+        ):
+            break
+        time.sleep(0.05)
+    if isinstance(procs, list):
+        procs.clear()  # (the list Lightning's watcher reads)
 
 
 def _continued_logger(
@@ -330,6 +377,7 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
             raise
         finally:
             if _RUN.get("rank") == 0:
+                _let_ranks_read_errors()
                 _clear_rank_errors()
 
 
