@@ -268,6 +268,22 @@ def test_soma_reads_in_bounded_queries(atlas_stores, monkeypatch):
     assert (store.read(rows) != adata.X[rows]).nnz == 0
 
 
+def test_soma_reads_go_without_tiledbs_preprocess_tile_merge(atlas_stores):
+    """TileDB 2.30's sparse global-order reader, its "preprocess tile merge" on, corrupts
+    the heap now and then (a race in its parallel merge: a process reading the obs of
+    stores written chunk by chunk died in one test run in a few). The store's reads,
+    here and in a loader worker's copy, go without it, beside the user's settings."""
+    import pickle
+
+    _, paths = atlas_stores
+    store = open_store(paths["soma"], tiledb_config={"soma.init_buffer_bytes": 1 << 20})
+    for reader in (store, pickle.loads(pickle.dumps(store))):
+        config = reader.handle.context.native_context.config()
+        assert config["sm.query.sparse_global_order.preprocess_tile_merge"] == "0"
+        assert config["soma.init_buffer_bytes"] == str(1 << 20)
+        assert len(reader.var_names) == 200
+
+
 _CTRL_C_AFTER_SOMA = """
 import os, signal, sys, time
 from cellsift.data import CellCollection, CellLoader, IterableCellDataset

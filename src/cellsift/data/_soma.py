@@ -18,8 +18,16 @@ from .stores import CellStore
 from .writers import SOMA_RENAMED, Format
 
 #: TileDB settings of reads: result buffers of 128 MB (libtiledbsoma's default is 1 GiB per
-#: buffer), so memory follows the batches read, not the library's defaults.
-TILEDB_CONFIG: dict[str, Any] = {"soma.init_buffer_bytes": 128 << 20}
+#: buffer), so memory follows the batches read, not the library's defaults; and no
+#: "preprocess tile merge" in the sparse global-order reader (on by default in TileDB
+#: 2.30, which tiledbsoma 2.3 ships): a race in its parallel merge corrupts the heap
+#: (TileDB-Inc/TileDB#5723, fixed after 2.30.0). Reads of the obs or var of a store of
+#: several fragments (one per chunk written) crashed the process now and then: a
+#: segfault in the merge's worker thread, or an abort in a later read.
+TILEDB_CONFIG: dict[str, Any] = {
+    "soma.init_buffer_bytes": 128 << 20,
+    "sm.query.sparse_global_order.preprocess_tile_merge": 0,
+}
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
