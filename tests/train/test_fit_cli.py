@@ -528,10 +528,12 @@ def test_runs_sharing_a_folder_keep_their_ranks_errors_apart(tmp_path):
         cli._RUN.clear()
 
 
-def test_rank_0_keeps_its_error_until_ranks_it_did_not_start_have_read_it(tmp_path):
-    """Ranks another launcher started (torchrun, SLURM): rank 0, failing on its input,
-    clears its note only once the other rank has read it (that rank then says rank 0's
-    error, not its collective's traceback), or after the wait where it never does."""
+def test_rank_0_keeps_its_error_until_the_other_ranks_have_read_it(tmp_path):
+    """Rank 0, failing on its input, clears its note only once each other rank has read
+    it (that rank then says rank 0's error, not its collective's traceback), has left an
+    error of its own, or, started by this process, has exited; else after the wait. The
+    ranks it started are no longer watched by Lightning's watcher (which SIGKILLs the
+    process once one exits with a nonzero status, as they do with an input error)."""
     import threading
     import types
 
@@ -539,44 +541,88 @@ def test_rank_0_keeps_its_error_until_ranks_it_did_not_start_have_read_it(tmp_pa
     from cellsift.errors import DataError
     from cellsift.train import cli
 
-    def as_rank(rank: int) -> None:
+    def as_rank(rank: int, launcher: object = None, world: int = 2) -> None:
         cli._RUN.clear()
-        cli._RUN.update(root=tmp_path, run="r", rank=rank, world=2, launcher=None)
+        cli._RUN.update(root=tmp_path, run="r", rank=rank, world=world, launcher=launcher)
 
-    bad = DataError("cell 7 holds nan (rank 0)")
+    def fails(rank: int, message: str) -> None:
+        error = DataError(message)
+        cli._RankErrors().on_exception(types.SimpleNamespace(global_rank=rank), None, error)
+
+    def waited(wait: float = 20.0) -> float:
+        start = time.monotonic()
+        cli._let_ranks_read_errors(wait=wait)
+        return time.monotonic() - start
+
     try:
         as_rank(0)
-        cli._RankErrors().on_exception(types.SimpleNamespace(global_rank=0), None, bad)
+        fails(0, "cell 7 holds nan (rank 0)")
         as_rank(1)  # its collective cut short: it reads rank 0's error, and says so
         assert str(cli._peer_error(wait=1.0)) == "cell 7 holds nan (rank 0)"
         as_rank(0)
-        start = time.monotonic()
-        cli._let_ranks_read_errors(wait=20.0)  # (read already)
-        assert time.monotonic() - start < 2.0
+        assert waited() < 2.0  # (read already)
         cli._clear_rank_errors()
         assert not list(tmp_path.iterdir())
-        # rank 1 reads it while rank 0 waits
-        cli._RankErrors().on_exception(types.SimpleNamespace(global_rank=0), None, bad)
+
+        # rank 1 reads it while rank 0 waits (ranks another launcher started: torchrun)
+        fails(0, "cell 7 holds nan (rank 0)")
         note, read = cli._rank_error_file(0), cli._rank_read_file(1)
 
         def rank_1_reads() -> None:
             time.sleep(0.5)
-            assert str(read_error(note)) == str(bad)
+            assert str(read_error(note)) == "cell 7 holds nan (rank 0)"
             read.touch()
 
         reader = threading.Thread(target=rank_1_reads)
         reader.start()
-        start = time.monotonic()
-        cli._let_ranks_read_errors(wait=20.0)
-        waited = time.monotonic() - start
+        took = waited()
         reader.join()
-        assert read.exists() and 0.4 < waited < 10.0
+        assert read.exists() and 0.4 < took < 10.0
         cli._clear_rank_errors()
+
+        # a rank that failed on its own input has nothing to read
+        fails(1, "cell 9 holds nan (rank 1)")
+        assert waited() < 2.0
+        cli._clear_rank_errors()
+
         # a rank that never reads it: rank 0 goes on after the wait
-        cli._RankErrors().on_exception(types.SimpleNamespace(global_rank=0), None, bad)
-        start = time.monotonic()
-        cli._let_ranks_read_errors(wait=0.5)
-        assert 0.5 <= time.monotonic() - start < 5.0
+        fails(0, "cell 7 holds nan (rank 0)")
+        assert 0.5 <= waited(0.5) < 5.0
+        cli._clear_rank_errors()
+
+        # ranks this process started (1 and 2 of 4; rank 3, on another machine, reads it
+        # late): no longer watched while rank 0 waits, and counted once they have exited
+        procs = [
+            subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({t})"])
+            for t in (0.2, 0.6)
+        ]
+        launcher = types.SimpleNamespace(procs=list(procs))
+        watched, seen_watched = launcher.procs, []
+        as_rank(0, launcher, world=4)
+        fails(0, "cell 7 holds nan (rank 0)")
+        fails(1, "cell 1 holds nan (rank 1)")  # (rank 1 failed on its own)
+
+        def rank_3_reads() -> None:
+            time.sleep(1.0)
+            seen_watched.append(list(watched))
+            cli._rank_read_file(3).touch()
+
+        reader = threading.Thread(target=rank_3_reads)
+        reader.start()
+        took = waited()
+        reader.join()
+        assert seen_watched == [[]] and 0.9 < took < 10.0
+        assert watched == [] and all(p.poll() is not None for p in procs)
+        cli._clear_rank_errors()
+        assert not list(tmp_path.iterdir())
+        procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])]
+        as_rank(0, types.SimpleNamespace(procs=list(procs)))
+        fails(0, "cell 7 holds nan (rank 0)")
+        try:
+            assert 0.5 <= waited(0.5) < 5.0  # (still running: rank 0 goes on)
+        finally:
+            procs[0].kill()
+            procs[0].wait()
         cli._clear_rank_errors()
         assert not list(tmp_path.iterdir())
     finally:

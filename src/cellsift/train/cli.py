@@ -214,7 +214,8 @@ class FitCLI(LightningCLI):
 
 #: This process's run under ``cellsift fit`` (FitCLI.before_fit): root, run (an id that
 #: rank 0 makes and sends every rank as training sets up), rank, world, launcher (the
-#: strategy's, which on rank 0 starts the other ranks of this machine).
+#: strategy's, which on rank 0 starts the other ranks of this machine), started (those
+#: ranks' processes, once no longer watched: :func:`_unwatch_started_ranks`).
 _RUN: dict[str, Any] = {}
 
 
@@ -288,40 +289,52 @@ def _clear_rank_errors() -> None:
                 note.unlink(missing_ok=True)
 
 
-def _let_ranks_read_errors(wait: float = 10.0) -> None:
+def _unwatch_started_ranks() -> None:
+    """The run ends on an error about the input: the ranks this process started (Lightning's
+    launcher: the other ranks of its machine) exit with status 2 as they say it. Lightning's
+    watcher SIGKILLs this process once it sees one exit with a nonzero status, which would
+    take this process's own status and message: it watches the launcher's list of them,
+    emptied here (they are kept in ``_RUN["started"]``)."""
+    procs = getattr(_RUN.get("launcher"), "procs", None)
+    if isinstance(procs, list):
+        _RUN.setdefault("started", []).extend(procs)
+        procs.clear()
+
+
+def _let_ranks_read_errors(wait: float = 5.0) -> None:
     """On rank 0 as the run fails, before the ranks' errors are cleared: where a rank left
     one (world > 1), the other ranks are to say it too, rather than the traceback of a
     collective cut short. So this rank leaves the process group now (their collectives
     end at once, not as this process exits, after the clearing), then waits, at most
-    ``wait`` seconds: for the ranks it started (Lightning's launcher) until they have
-    exited, for the others until each has read an error or left its own. The ranks it
-    started are then no longer watched: Lightning's watcher SIGKILLs this process once it
-    sees one exit with a nonzero status, which would take this process's own status and
-    message."""
+    ``wait`` seconds, until every other rank has read an error (``_rank_read_file``) or
+    left its own; the ranks it started count once they have exited (one that died
+    otherwise). A rank that never meets a collective (NCCL does not see a peer leave)
+    costs the whole wait."""
     if _RUN.get("world", 1) < 2 or not _RUN.get("run"):
         return
     world = range(_RUN["world"])
     if not any(_rank_error_file(rank).exists() for rank in world):
         return  # (no error of the input: the ranks' tracebacks are all there is)
+    _unwatch_started_ranks()  # (before they can exit)
+    started = _RUN.get("started", [])
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):  # (a group a failed collective left broken)
             dist.destroy_process_group()
-    procs = getattr(_RUN.get("launcher"), "procs", None)
-    started = list(procs) if isinstance(procs, list) else []
+
+    def settled(rank: int) -> bool:
+        if _rank_read_file(rank).exists() or _rank_error_file(rank).exists():
+            return True
+        # (Lightning's launcher starts ranks 1, 2, ... of rank 0's machine, in order)
+        return 1 <= rank <= len(started) and started[rank - 1].poll() is not None
+
     others = [rank for rank in world if rank != _RUN["rank"]]
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        if started and all(proc.poll() is not None for proc in started):
-            break
-        if not started and all(
-            _rank_read_file(rank).exists() or _rank_error_file(rank).exists() for rank in others
-        ):
-            break
+        if all(settled(rank) for rank in others):
+            return
         time.sleep(0.05)
-    if isinstance(procs, list):
-        procs.clear()  # (the list Lightning's watcher reads)
 
 
 def _continued_logger(
@@ -367,12 +380,14 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
         except MisconfigurationException as err:  # Lightning's word on a trainer setting
             raise ConfigError(" ".join(str(err).split())) from None
         except USER_ERRORS:
+            _unwatch_started_ranks()
             raise
         except Exception as err:
             # Lightning's word on a setting; or, on several ranks, one rank's bad input that
             # ended the others in a collective cut short: said as one process says it
             said = _lightning_setting(err) or _peer_error()
             if said is not None:
+                _unwatch_started_ranks()
                 raise said from None
             raise
         finally:
