@@ -19,20 +19,23 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/cellsift demo
 
-# Both cores: the tests that do not need the machine to themselves run in TEST_WORKERS
-# processes, then those that do (marked serial: DDP's 2 processes, wall-clock timing) one
-# at a time. Both parts run; either failing fails the target, as does selecting no test at
-# all (PYTEST_ARGS, e.g. a folder, may leave one part none; a -m there replaces each part's
-# own). `pytest` alone runs all in one.
+# Both cores, in three parts: the tests that need neither part below in TEST_WORKERS
+# processes; then the DDP tests (marked multi_device: 2 processes each), TEST_WORKERS of
+# them at a time; then those timed by the clock (marked serial), one at a time, alone.
+# Every part runs; one failing fails the target, as does selecting no test at all
+# (PYTEST_ARGS, e.g. a folder, may leave a part none; a -m there replaces each part's own).
+# `pytest` alone runs all in one.
 TEST_WORKERS ?= 2
+PYTEST_PARTS := "not serial and not multi_device" "multi_device and not serial" "serial"
 
 test: install
 	@status=0; none=0; \
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not serial" $(PYTEST_ARGS) \
-	  || { rc=$$?; if [ $$rc -eq 5 ]; then none=$$((none + 1)); else status=$$rc; fi; }; \
-	$(BIN)/python -m pytest -q -m serial $(PYTEST_ARGS) \
-	  || { rc=$$?; if [ $$rc -eq 5 ]; then none=$$((none + 1)); else status=$$rc; fi; }; \
-	if [ $$status -eq 0 ] && [ $$none -eq 2 ]; then status=5; fi; \
+	for part in $(PYTEST_PARTS); do \
+	  case "$$part" in serial) workers="";; *) workers="-n $(TEST_WORKERS) --dist worksteal";; esac; \
+	  $(BIN)/python -m pytest -q $$workers -m "$$part" $(PYTEST_ARGS) \
+	    || { rc=$$?; if [ $$rc -eq 5 ]; then none=$$((none + 1)); else status=$$rc; fi; }; \
+	done; \
+	if [ $$status -eq 0 ] && [ $$none -eq 3 ]; then status=5; fi; \
 	exit $$status
 
 bench: install

@@ -20,14 +20,6 @@ N_INDEXED = 2_000
 TEST_DEVICE = os.environ.get("CELLSIFT_TEST_DEVICE", "cuda")
 
 
-@pytest.hookimpl(tryfirst=True)  # (before -m selects by the marks)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """DDP tests start 2 processes, which need both cores: they are ``serial`` too."""
-    for item in items:
-        if item.get_closest_marker("multi_device"):
-            item.add_marker(pytest.mark.serial)
-
-
 def device_available() -> bool:
     """Whether torch can run on ``TEST_DEVICE`` here (``cpu``: always)."""
     kind = torch.device(TEST_DEVICE).type
