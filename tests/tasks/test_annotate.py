@@ -105,6 +105,32 @@ def test_categories_no_reference_cell_holds_are_no_labels():
     )
 
 
+def test_an_ivf_reference_is_searched_at_its_target_recall_for_queries_unlike_it():
+    """Query cells between the reference's populations: the IVF reference, calibrated on
+    its own cells, finds fewer of their neighbours; the annotator calibrates its search on
+    the queries, so their votes and distances are (nearly all) the exact search's. A few
+    queries are searched exactly."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(40, 32))
+    lab = rng.integers(0, 40, 30_000)
+    x = (centers[lab] + 0.6 * rng.normal(size=(len(lab), 32))).astype(np.float32)
+    meta = pd.DataFrame({"label": lab.astype(str)})
+    ivf = CellIndex.build(x, meta, engine="ivf", k=50)
+    exact = CellIndex.build(x, meta, engine="exact")
+    pick = np.random.default_rng(5).integers(0, len(x), (2, 3000))
+    q = (x[pick[0]] + x[pick[1]]) / 2
+
+    def calls(index: CellIndex, queries: np.ndarray) -> pd.DataFrame:
+        return KNNAnnotator(index, label_key="label", ontology_aware=False, k=50).annotate(queries)
+
+    got, want = calls(ivf, q), calls(exact, q)
+    same = np.isclose(got["mean_distance"], want["mean_distance"], rtol=0, atol=1e-6)
+    assert same.mean() > 0.7  # (every neighbour found; calibrated on its own cells: 0.41)
+    assert (got["label"] == want["label"]).mean() > 0.99
+    few = calls(ivf, q[:200])  # (no more than a calibration's sample: exactly)
+    pd.testing.assert_frame_equal(few, want.iloc[:200].reset_index(drop=True))
+
+
 def test_unseen_type_abstains_and_seen_types_do_not():
     x, meta, _ = _atlas(spread=0.3)
     y = meta["cell_type_ontology_term_id"].to_numpy()

@@ -23,14 +23,18 @@ Ontology-aware mode: votes also count for every Cell Ontology ancestor of the vo
 (within the terms that are ancestors of the reference labels); the call is the most specific
 term holding more than ``min_support`` of the votes (default: a strict majority). Cells whose
 neighbours split between two T-cell subtypes are then called "T cell" rather than either
-subtype at random. Below a majority, terms of several lineages may qualify: of the most
-specific (none of whose descendants qualifies), the most supported is called.
+subtype at random. Several terms, none an ancestor of another, may qualify: below a
+majority, terms of several lineages; at a majority too, where the ontology joins lineages
+below the root (a monocyte's vote counts for both "mononuclear phagocyte" and "myeloid
+cell"). Of the most specific qualifying terms (none of whose descendants qualifies), the
+best supported is called; on an even vote, the first by its id.
 
 Safelists and blocklists restrict the reference by filtering the index (nothing is deleted).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -462,11 +466,14 @@ class KNNAnnotator:
             raise DataError(
                 f"query embeddings must be a cells x dims array, not of shape {q.shape}."
             )
+        index, exact = self._index_for(q)
         parts = [
-            self._annotate_block(q[s : s + batch_size], expr) for s in range(0, len(q), batch_size)
+            self._annotate_block(index, q[s : s + batch_size], expr, exact)
+            for s in range(0, len(q), batch_size)
         ]
         if not parts:  # no queries: the columns all the same
-            parts = [self._annotate_block(np.zeros((0, self.index.dim), np.float32), expr)]
+            none = np.zeros((0, self.index.dim), np.float32)
+            parts = [self._annotate_block(index, none, expr, exact)]
         out = pd.concat(parts, ignore_index=True)
         # labels that name CL terms get their ids and names; others (a lab's own) keep theirs
         cl = load_cell_ontology()
@@ -585,8 +592,51 @@ class KNNAnnotator:
     #: searched together, then voted on in groups that fit, whatever the number of labels.
     VOTES = 1 << 23
 
-    def _annotate_block(self, q: np.ndarray, expr: Any) -> pd.DataFrame:
-        res = self.index.search(q, self.k, filter=expr)
+    #: Queries an IVF reference is calibrated on (:meth:`_index_for`); as few or fewer are
+    #: searched exactly.
+    CALIBRATION_QUERIES = 500
+
+    def _index_for(self, q: np.ndarray) -> tuple[CellIndex, bool]:
+        """The index to search the queries ``q`` in, and whether exactly: an exact one as
+        it is; an IVF index calibrated again (its parameters, apart) on a sample of the
+        queries for its target recall at ``k``, where they need more lists or candidates
+        than its own cells (queries unlike the reference: a new study, other tissue), never
+        fewer; searched exactly where the queries are no more than the sample (the
+        calibration's exact search of them would cost as much)."""
+        index = self.index
+        if index.engine != "ivf" or not len(q) or index.n_cells < 2:
+            return index, False
+        if len(q) <= self.CALIBRATION_QUERIES:
+            return index, True
+        params, k = index.params, self.k
+        calibrated = int(params.get("calibrated_k") or 0)
+        probe = int(params["nprobe"])
+        if calibrated and k > calibrated:  # (as CellIndex.search scales it for this k)
+            probe = int(min(params["nlist"], math.ceil(probe * k / calibrated)))
+        mine = index._searcher()
+        mine.calibrate(
+            k=k,
+            target_recall=float(params.get("target_recall") or 0.99),
+            n_queries=self.CALIBRATION_QUERIES,
+            queries=q,
+        )
+        mine.params.update(
+            nprobe=max(int(mine.params["nprobe"]), probe),
+            rerank=max(int(mine.params.get("rerank", 1)), int(params.get("rerank", 1))),
+        )
+        if mine.params["nprobe"] > probe or mine.params["rerank"] > params.get("rerank", 1):
+            logger.info(
+                "KNNAnnotator: the queries need %d lists of %d and %d x k candidates for recall "
+                "@%d %.4f (the index's own cells: %d, %d x)",
+                mine.params["nprobe"], params["nlist"], mine.params["rerank"], k,
+                mine.params["calibrated_recall"], probe, params.get("rerank", 1),
+            )  # fmt: skip
+        return mine, False
+
+    def _annotate_block(
+        self, index: CellIndex, q: np.ndarray, expr: Any, exact: bool
+    ) -> pd.DataFrame:
+        res = index.search(q, self.k, filter=expr, exact=exact)
         step = max(self.VOTES // max(len(self._labels.terms), 1), 1)
         parts = [
             self._vote(res.indices[a : a + step], res.distances[a : a + step])

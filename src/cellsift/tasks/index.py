@@ -282,6 +282,15 @@ class CellIndex:
             new.ann = import_optional("faiss").clone_index(self.ann)
         return new
 
+    def _searcher(self) -> CellIndex:
+        """A handle for searching with parameters of its own (:meth:`calibrate` on it
+        changes only those): the embeddings, metadata and IVF lists are this index's, not
+        copied (:meth:`add` and :meth:`save` are for the index itself)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.params = dict(self.params)
+        return new
+
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def build(
@@ -366,10 +375,24 @@ class CellIndex:
         self.params.update(nlist=nlist, nprobe=max(1, nlist // 64), rerank=RERANK)
 
     def calibrate(
-        self, *, k: int = 50, target_recall: float = 0.99, n_queries: int = 500, seed: int = 0
+        self,
+        *,
+        k: int = 50,
+        target_recall: float = 0.99,
+        n_queries: int = 500,
+        seed: int = 0,
+        queries: Any = None,
     ) -> float:
         """Smallest ``nprobe`` (doubling, then bisecting) whose recall@k on a sample of the
         indexed cells reaches ``target_recall``; returns the recall reached.
+
+        ``queries`` (embeddings): calibrated on a sample of these instead. The indexed cells
+        stand for new cells like them; queries unlike them (another study, tissue or
+        protocol; cells between the reference's populations) lie where the lists nearest a
+        query hold fewer of its neighbours, and need more lists (an index calibrated to
+        0.99 on its cells can find far fewer of theirs).
+        :meth:`KNNAnnotator.annotate` calibrates a copy of its index so on the cells it
+        annotates.
 
         ``nprobe`` is calibrated with candidates re-ranked :data:`RERANK` times k. Where that
         takes a quarter of the lists or more (the 8-bit codes cannot rank close neighbours:
@@ -398,9 +421,17 @@ class CellIndex:
             self.params.update(nprobe=nlist, calibrated_k=0, calibrated_recall=1.0)
             return 1.0
         rng = np.random.default_rng(seed + 1)
-        rows = np.sort(rng.choice(self.n_cells, min(n_queries, self.n_cells), replace=False))
-        k = int(min(k, self.n_cells - 1))
-        q, kth, recall_at = self._recall_of(rows, k)
+        if queries is None:  # the indexed cells, each one's own entry left out
+            rows = np.sort(rng.choice(self.n_cells, min(n_queries, self.n_cells), replace=False))
+            k = int(min(k, self.n_cells - 1))
+            q, kth, recall_at = self._recall_of(rows, k)
+        else:
+            given = self._queries(queries)
+            if not len(given):
+                raise CellIndexError("calibrate(queries=...) needs at least one query.")
+            pick = np.sort(rng.choice(len(given), min(n_queries, len(given)), replace=False))
+            rows, k = None, int(min(k, self.n_cells))
+            q, kth, recall_at = self._recall_of(None, k, given[pick])
         nlist = self.params["nlist"]
         rerank = RERANK
         # a quarter of the lists or more: the re-rank factor first. Not searched beyond that
@@ -413,8 +444,9 @@ class CellIndex:
             target_recall,
         )
         if rerankable and reached < target_recall:
-            few = np.sort(rng.permutation(len(rows))[:RERANK_QUERIES])
-            rerank = self._calibrate_rerank(q[few], rows[few], k, kth[few], target_recall)
+            few = np.sort(rng.permutation(len(q))[:RERANK_QUERIES])
+            own = None if rows is None else rows[few]
+            rerank = self._calibrate_rerank(q[few], own, k, kth[few], target_recall)
             nprobe, reached = _least_nprobe(lambda p: recall_at(p, rerank), nlist, target_recall)
         pool = rerank * (k + 1)
         self.params.update(
@@ -429,8 +461,9 @@ class CellIndex:
             nprobe, nlist, pool, k, reached,
         )  # fmt: skip
         if reached < target_recall:
+            whose = "cell's" if queries is None else "query's"
             warn(
-                f"this IVF index finds {reached:.1%} of each cell's {k} nearest cells, short of "
+                f"this IVF index finds {reached:.1%} of each {whose} {k} nearest cells, short of "
                 f"the {target_recall:.1%} asked, with every list probed and {pool} candidates "
                 "re-ranked: its 8-bit codes cannot tell these embeddings' neighbours apart. "
                 "Search it exactly (engine='exact' when built, exact=True when searched; "
@@ -439,23 +472,30 @@ class CellIndex:
         return reached
 
     def _recall_of(
-        self, rows: np.ndarray, k: int
+        self, rows: np.ndarray | None, k: int, queries: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, Callable[[int, int], float]]:
-        """The indexed cells ``rows`` as queries, the exact distance to each one's k-th
-        nearest other cell, and their recall@k in IVF searches as a function of (nprobe,
-        re-rank factor). Leave-one-out: each cell stands for a new cell like it, so its own
-        entry (found at distance 0 by every engine) is not counted."""
-        q = np.ascontiguousarray(self.embeddings[rows])
-        kth = self._distances(q, _drop_self(self._exact(q, k + 1, None)[1], rows, k)).max(1)
+        """The indexed cells ``rows`` as queries (or ``queries``, normalised, where rows is
+        None), the exact distance to each one's k-th nearest other cell, and their recall@k
+        in IVF searches as a function of (nprobe, re-rank factor). Leave-one-out: each
+        indexed cell stands for a new cell like it, so its own entry (found at distance 0 by
+        every engine) is not counted."""
+        q = np.ascontiguousarray(self.embeddings[rows] if rows is not None else queries)
+        more = 1 if rows is not None else 0  # (its own entry, left out)
+        kth = self._distances(q, _drop_self(self._exact(q, k + more, None)[1], rows, k)).max(1)
 
         def recall_at(nprobe: int, rerank: int) -> float:
-            found = self._ivf(q, k + 1, nprobe, None, pool=rerank * (k + 1))
+            found = self._ivf(q, k + more, nprobe, None, pool=rerank * (k + 1))
             return _recall(self._distances(q, _drop_self(found[1], rows, k)), kth)
 
         return q, kth, recall_at
 
     def _calibrate_rerank(
-        self, q: np.ndarray, rows: np.ndarray, k: int, kth: np.ndarray, target_recall: float
+        self,
+        q: np.ndarray,
+        rows: np.ndarray | None,
+        k: int,
+        kth: np.ndarray,
+        target_recall: float,
     ) -> int:
         """The re-rank factor for :meth:`calibrate`: every list probed once for the largest
         candidate pool; the pools of smaller factors are its first candidates (faiss ranks
@@ -1817,9 +1857,11 @@ def _deepest(probed: np.ndarray, found: np.ndarray, valid: np.ndarray, n_lists: 
     return np.where(valid, np.take_along_axis(rank, found, 1), 0).max(1, initial=0)
 
 
-def _drop_self(idx: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+def _drop_self(idx: np.ndarray, rows: np.ndarray | None, k: int) -> np.ndarray:
     """Each query's first k neighbours other than the query cell itself (-1: none), from a
-    search's indices."""
+    search's indices (rows None: queries that are not indexed cells, their first k)."""
+    if rows is None:
+        return np.ascontiguousarray(idx[:, :k])
     out = np.full((len(idx), k), -1, dtype=np.int64)
     for i, (r, self_row) in enumerate(zip(idx, rows, strict=True)):
         rest = r[r != self_row][:k]
