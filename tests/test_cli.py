@@ -256,6 +256,16 @@ def test_annotate_reads_its_query_files_with_one_line_errors(tmp_path):
         _read_h5ad(str(tmp_path / "missing.h5ad"))
 
 
+def test_annotate_refuses_an_output_named_as_a_folder_before_the_work(tmp_path, capsys):
+    """``out_dir/`` (a folder's name): the annotated h5ad was written as a file named
+    ``out_dir``, unsaid. Refused in one line, before the model is read."""
+    out = str(tmp_path / "out_dir") + "/"
+    assert main(["annotate", str(tmp_path / "no_model"), "no_index", "q.h5ad", out]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "names a folder (it ends in a separator)" in said[0]
+    assert "out_dir/cells.h5ad" in said[0] and not list(tmp_path.iterdir())
+
+
 def test_lightning_messages_print_once(indexed_paths):
     code = (
         "import logging, sys; from cellsift.cli import main; "

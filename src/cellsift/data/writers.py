@@ -138,7 +138,15 @@ SUFFIX: dict[str, str] = {"h5ad": ".h5ad", "zarr": ".zarr", "soma": ".soma"}
 def check_named(path: str | os.PathLike[str], fmt: str, fix: str | None = None) -> None:
     """A ConfigError where ``path``'s suffix names another format than ``fmt`` (an HDF5 file
     named .zarr, which no reader would then open as what its name says); ``fix``: what to
-    do instead (default: name it for ``fmt``, or leave the format out)."""
+    do instead (default: name it for ``fmt``, or leave the format out). An h5ad named
+    as a folder (``out/``: pathlib drops the separator, and the file took the folder's
+    name) is refused too."""
+    text = os.fspath(path)
+    if fmt == "h5ad" and text.endswith(tuple({os.sep, os.altsep or os.sep, "/"})):
+        raise ConfigError(
+            f"{text} names a folder (it ends in a separator), and an h5ad is one file: give "
+            f"the file's name, e.g. {os.path.join(text, 'cells.h5ad')}."
+        )
     named = named_format(Path(path).name)
     if named is not None and named != fmt:
         fix = fix or f"name it *{SUFFIX.get(fmt, '')}, or leave the format out."
