@@ -74,6 +74,19 @@ class BadCellOnRank(pl.Callback):
             raise DataError(f"bad.h5ad (X): cell 7 ('cell_7') holds nan (rank {self.rank}).")
 
 
+class StallOnRank(pl.Callback):
+    """One DDP rank stalls at a global step outside any collective (a long read, an NCCL
+    collective that does not see a peer leave), its process id written to ``pidfile``."""
+
+    def __init__(self, step: int, rank: int, pidfile: str) -> None:
+        self.step, self.rank, self.pidfile = step, rank, pidfile
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            Path(self.pidfile).write_text(str(os.getpid()))
+            time.sleep(300)
+
+
 class SecondSignal(pl.Callback):
     """At a global step, a first SIGTERM (held for the end of the step) and a second signal
     ``sig`` in a step that does not end."""
@@ -643,6 +656,29 @@ def test_fit_says_one_ranks_bad_input_in_one_line(synthetic_h5ad, tmp_path, rank
     said = [line for line in run.stderr.splitlines() if line.startswith("cellsift fit: error:")]
     assert len(said) == 2, run.stderr[-3000:]
     assert all(f"cell 7 ('cell_7') holds nan (rank {rank})" in line for line in said)
+    assert not list(tmp_path.glob(".cellsift-fit-*"))
+
+
+@pytest.mark.multi_device
+def test_a_rank_that_does_not_stop_after_rank_0s_error_is_ended(synthetic_h5ad, tmp_path):
+    """Rank 0 fails on its input while rank 1 is busy outside any collective: rank 0 says
+    its error and, after its wait, ends the rank it started (left running, it would hold
+    its device until its collective timed out), exit status 2, nothing left behind."""
+    pidfile = tmp_path / "rank1.pid"
+    bad = {"class_path": "test_fit_cli.BadCellOnRank", "init_args": {"step": 1, "rank": 0}}
+    stall = {
+        "class_path": "test_fit_cli.StallOnRank",
+        "init_args": {"step": 1, "rank": 1, "pidfile": str(pidfile)},
+    }
+    start = time.monotonic()
+    run = _fit_process(_args(synthetic_h5ad, tmp_path, *_DDP, callbacks=[bad, stall]))
+    # (its pipes held open by a rank left running, the command would end with it: 300 s)
+    assert run.returncode == 2 and time.monotonic() - start < 150, run.stderr[-3000:]
+    said = [line for line in run.stderr.splitlines() if line.startswith("cellsift fit: error:")]
+    assert len(said) == 1 and "cell 7 ('cell_7') holds nan (rank 0)" in said[0]
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
     assert not list(tmp_path.glob(".cellsift-fit-*"))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import subprocess
 import time
 import uuid
 import warnings
@@ -309,7 +310,9 @@ def _let_ranks_read_errors(wait: float = 5.0) -> None:
     ``wait`` seconds, until every other rank has read an error (``_rank_read_file``) or
     left its own; the ranks it started count once they have exited (one that died
     otherwise). A rank that never meets a collective (NCCL does not see a peer leave)
-    costs the whole wait."""
+    costs the whole wait; one that this process started is then ended (SIGKILL, as
+    Lightning ends them on Ctrl-C), not left holding its device until its collective
+    times out."""
     if _RUN.get("world", 1) < 2 or not _RUN.get("run"):
         return
     world = range(_RUN["world"])
@@ -335,6 +338,12 @@ def _let_ranks_read_errors(wait: float = 5.0) -> None:
         if all(settled(rank) for rank in others):
             return
         time.sleep(0.05)
+    for rank, proc in enumerate(started, start=1):
+        if proc.poll() is None:
+            logger.info("rank %d has not stopped %.0f s after the run failed: ended", rank, wait)
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5.0)
 
 
 def _continued_logger(
