@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
+from cellsift._warnings import CellsiftWarning
 from cellsift.ontology import load_cell_ontology
 from cellsift.tasks import UNKNOWN, CellIndex, CellIndexError, KNNAnnotator
 
@@ -123,12 +124,45 @@ def test_an_ivf_reference_is_searched_at_its_target_recall_for_queries_unlike_it
     def calls(index: CellIndex, queries: np.ndarray) -> pd.DataFrame:
         return KNNAnnotator(index, label_key="label", ontology_aware=False, k=50).annotate(queries)
 
+    own = dict(ivf.params)
     got, want = calls(ivf, q), calls(exact, q)
     same = np.isclose(got["mean_distance"], want["mean_distance"], rtol=0, atol=1e-6)
     assert same.mean() > 0.7  # (every neighbour found; calibrated on its own cells: 0.41)
     assert (got["label"] == want["label"]).mean() > 0.99
-    few = calls(ivf, q[:200])  # (no more than a calibration's sample: exactly)
-    pd.testing.assert_frame_equal(few, want.iloc[:200].reset_index(drop=True))
+    assert ivf.params == own  # (the index as it was)
+    few = calls(ivf, q[:1000])  # (fewer than a calibration costs: exactly)
+    pd.testing.assert_frame_equal(few, want.iloc[:1000].reset_index(drop=True))
+    # queries like the reference, fewer neighbours than calibrated for: never fewer lists
+    # or candidates than the index's own (the candidates follow its calibrated k)
+    like = x[pick[0]] + 0.05 * np.random.default_rng(6).normal(size=(3000, 32)).astype(np.float32)
+    searcher, exactly = KNNAnnotator(ivf, label_key="label", k=10)._index_for(like)
+    assert not exactly and searcher.params["calibrated_k"] == own["calibrated_k"] == 50
+    assert searcher.params["nprobe"] >= own["nprobe"]
+    assert searcher.params["rerank"] >= own["rerank"]
+
+
+def test_an_ivf_reference_its_codes_cannot_search_is_searched_exactly(monkeypatch):
+    """Queries whose neighbours the 8-bit codes cannot rank, every list probed: searched
+    exactly (right, and cheaper), without the index's warning, whose fixes are not the
+    annotator's options."""
+    from cellsift import tasks
+
+    monkeypatch.setattr(tasks.index, "RERANK_MAX", 2)  # (at most the first factor)
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(8, 32))
+    lab = rng.integers(0, 8, 3000)
+    x = (centers[lab] + 0.02 * rng.normal(size=(3000, 32))).astype(np.float32)
+    with pytest.warns(CellsiftWarning, match="short of the 99.0% asked"):
+        ivf = CellIndex.build(x, pd.DataFrame({"label": lab.astype(str)}), engine="ivf", k=10)
+    q = x[rng.integers(0, 3000, 2000)] + 0.01 * rng.normal(size=(2000, 32)).astype(np.float32)
+    annotator = KNNAnnotator(ivf, label_key="label", ontology_aware=False, k=10)
+    assert annotator._index_for(q) == (ivf, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CellsiftWarning)
+        got = annotator.annotate(q)
+    exact = CellIndex.build(x, pd.DataFrame({"label": lab.astype(str)}), engine="exact")
+    want = KNNAnnotator(exact, label_key="label", ontology_aware=False, k=10).annotate(q)
+    pd.testing.assert_frame_equal(got, want)
 
 
 def test_unseen_type_abstains_and_seen_types_do_not():

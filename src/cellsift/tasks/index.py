@@ -390,9 +390,9 @@ class CellIndex:
         stand for new cells like them; queries unlike them (another study, tissue or
         protocol; cells between the reference's populations) lie where the lists nearest a
         query hold fewer of its neighbours, and need more lists (an index calibrated to
-        0.99 on its cells can find far fewer of theirs).
-        :meth:`KNNAnnotator.annotate` calibrates a copy of its index so on the cells it
-        annotates.
+        0.99 on its cells can find far fewer of theirs). The target then holds over these
+        queries on average. :meth:`KNNAnnotator.annotate` calibrates the search parameters
+        of a handle of its index (the index left as it is) so on the cells it annotates.
 
         ``nprobe`` is calibrated with candidates re-ranked :data:`RERANK` times k. Where that
         takes a quarter of the lists or more (the 8-bit codes cannot rank close neighbours:
