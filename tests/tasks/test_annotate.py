@@ -132,13 +132,20 @@ def test_an_ivf_reference_is_searched_at_its_target_recall_for_queries_unlike_it
     assert ivf.params == own  # (the index as it was)
     few = calls(ivf, q[:1000])  # (fewer than a calibration costs: exactly)
     pd.testing.assert_frame_equal(few, want.iloc[:1000].reset_index(drop=True))
-    # queries like the reference, fewer neighbours than calibrated for: never fewer lists
-    # or candidates than the index's own (the candidates follow its calibrated k)
+    # queries like the reference, fewer neighbours than calibrated for, an index set to
+    # more lists and candidates than they need: never fewer than the index's own (the
+    # candidates follow its calibrated k)
     like = x[pick[0]] + 0.05 * np.random.default_rng(6).normal(size=(3000, 32)).astype(np.float32)
-    searcher, exactly = KNNAnnotator(ivf, label_key="label", k=10)._index_for(like)
+    generous = ivf._searcher()
+    generous.params.update(nprobe=4 * own["nprobe"], rerank=4 * own["rerank"])
+    searcher, exactly = KNNAnnotator(generous, label_key="label", k=10)._index_for(like)
     assert not exactly and searcher.params["calibrated_k"] == own["calibrated_k"] == 50
-    assert searcher.params["nprobe"] >= own["nprobe"]
-    assert searcher.params["rerank"] >= own["rerank"]
+    assert searcher.params["nprobe"] == 4 * own["nprobe"]
+    assert searcher.params["rerank"] == 4 * own["rerank"]
+    wants = ivf._searcher()  # (what they need: no more than the index's own setting)
+    assert (
+        wants.calibrate(k=50, queries=like) >= 0.99 and wants.params["nprobe"] < 4 * own["nprobe"]
+    )
 
 
 def test_an_ivf_reference_its_codes_cannot_search_is_searched_exactly(monkeypatch):

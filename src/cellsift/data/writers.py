@@ -142,7 +142,7 @@ def check_named(path: str | os.PathLike[str], fmt: str, fix: str | None = None) 
     as a folder (``out/``: pathlib drops the separator, and the file took the folder's
     name) is refused too."""
     text = os.fspath(path)
-    if fmt == "h5ad" and text.endswith(tuple({os.sep, os.altsep or os.sep, "/"})):
+    if fmt == "h5ad" and text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
         raise ConfigError(
             f"{text} names a folder (it ends in a separator), and an h5ad is one file: give "
             f"the file's name, e.g. {os.path.join(text, 'cells.h5ad')}."

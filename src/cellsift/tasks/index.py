@@ -275,9 +275,8 @@ class CellIndex:
     def __copy__(self) -> CellIndex:
         """A handle of its own: what :meth:`add`, :meth:`calibrate` and :meth:`save` change
         in place (the IVF lists, the parameters, the versions saved) is not shared."""
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new.params, new._versions, new._kept_lists = dict(self.params), dict(self._versions), None
+        new = self._searcher()
+        new._versions, new._kept_lists = dict(self._versions), None
         if self.ann is not None:
             new.ann = import_optional("faiss").clone_index(self.ann)
         return new
@@ -698,12 +697,9 @@ class CellIndex:
         if self.engine == "exact" or exact or (rows is not None and small):
             dist, idx = self._exact(q, k, rows, device=device)
         else:
-            probe = self.params["nprobe"]
+            probe = self._nprobe_for(k)
             if nprobe is not None:  # (faiss probes every list at most; its int is 64 bits)
                 probe = int(min(nprobe, self.params["nlist"]))
-            calibrated = self.params.get("calibrated_k")
-            if nprobe is None and calibrated and k > calibrated:  # more neighbours: more lists
-                probe = int(min(self.params["nlist"], math.ceil(probe * k / calibrated)))
             if rows is not None:
                 dist, idx = self._ivf_within(q, k, probe, rows, deepen=nprobe is None)
             else:
@@ -848,6 +844,14 @@ class CellIndex:
         if rows is not None:
             idx = rows[idx]
         return _pad(1.0 - best_s.cpu().numpy(), idx, k)
+
+    def _nprobe_for(self, k: int) -> int:
+        """The lists an IVF search of ``k`` neighbours probes: as calibrated, more in
+        proportion for a larger ``k`` than calibrated for."""
+        probe, calibrated = int(self.params["nprobe"]), self.params.get("calibrated_k")
+        if calibrated and k > calibrated:  # more neighbours: more lists
+            probe = int(min(self.params["nlist"], math.ceil(probe * k / calibrated)))
+        return probe
 
     def _ivf(
         self,

@@ -21,7 +21,14 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerStatus
 
-from .._utils import atomic_path, holds_output_lock, logger, output_lock, temporaries
+from .._utils import (
+    _lock_file,
+    atomic_path,
+    holds_output_lock,
+    logger,
+    output_lock,
+    temporaries,
+)
 from .._warnings import warn
 from ..data.stores import kind_of
 from ..errors import DataError, OutputInUseError
@@ -252,7 +259,7 @@ def hold_checkpoint_folders(trainer: Any) -> None:
             )
             held.locks.enter_context(lock)
         except PermissionError as err:
-            lock_file = Path(folder) / f".{FIT_LOCK}.lock"
+            lock_file = _lock_file(Path(folder) / FIT_LOCK)
             if lock_file.exists():  # (another user's fit's lock, or a killed one's)
                 raise OutputInUseError(
                     f"{folder} holds another user's fit lock ({lock_file.name}), which this "
