@@ -296,11 +296,45 @@ def test_fit_into_a_folder_another_fit_writes_is_refused_in_one_line(
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.startswith(f"cellsift fit: error: {folder} is the checkpoint folder of another")
     assert f"(process {holder.pid})" in said and "--trainer.logger.init_args.name" in said
-    assert (
-        not list(folder.glob("*.ckpt"))
-        and not (tmp_path / "metric" / "version_0" / "model").exists()
-    )
+    assert not list(folder.glob("*.ckpt"))
+    assert not (tmp_path / "metric").exists()  # no run folder of a run that never trained
     assert main(["fit", *args]) == 0  # (that run ended)
+    run = tmp_path / "metric" / "version_0"
+    kept = sorted(p.name for p in run.iterdir())
+    assert "model" in kept and "config.yaml" in kept
+    # refused again: the run before it is kept whole, and the refused run's folder goes,
+    # as does its resume's (a run folder that was there: kept whole)
+    with held_elsewhere(folder / FIT_LOCK):
+        assert main(["fit", *args]) == 2
+        assert main(["fit", *args, "--ckpt_path", "last"]) == 2
+    assert sorted(p.name for p in run.iterdir()) == kept
+    assert [p.name for p in (tmp_path / "metric").iterdir()] == ["version_0"]
+    # another process's run given the same version (its events file): kept
+    other = tmp_path / "metric" / "version_1"
+    other.mkdir()
+    (other / "config.yaml").write_text("theirs")
+    events = other / "events.out.tfevents.1.another-host.1.0"
+    events.write_text("")
+    with held_elsewhere(folder / FIT_LOCK):
+        assert main(["fit", *args, "--trainer.logger.init_args.version", "1"]) == 2
+    assert events.exists() and (other / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_a_fit_that_failed_keeps_its_run_folder_once_it_has_trained(
+    synthetic_h5ad, tmp_path, capsys, step
+):
+    """A bad cell met in the first batch: the run never trained, and its folder of logs
+    goes with it; met in the second, the run's logs and config stay."""
+    bad = {"class_path": "test_fit_cli.BadCellOnRank", "init_args": {"step": step, "rank": 0}}
+    args = _args(synthetic_h5ad, tmp_path, "--trainer.log_every_n_steps", "1", callbacks=[bad])
+    assert main(["fit", *args]) == 2
+    assert "cell 7 ('cell_7') holds nan" in capsys.readouterr().err
+    run = tmp_path / "metric" / "version_0"
+    if step == 0:
+        assert not (tmp_path / "metric").exists()
+    else:
+        assert (run / "config.yaml").exists() and "train/loss_step" in _scalars(run)
 
 
 def test_a_checkpoint_the_disk_refuses_is_said_naming_it_and_the_last_one_is_kept(
@@ -871,6 +905,7 @@ def test_fit_refuses_a_validation_split_of_one_cell_type(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "validation cells hold 1 cell type the model knows (CL:0000624)" in err[-1]
     assert not (tmp_path / "checkpoints").exists()  # said before training
+    assert not (tmp_path / "metric").exists()  # (nor its TensorBoard run and config)
 
 
 def test_fit_refuses_to_resume_a_checkpoint_of_another_model(synthetic_h5ad, tmp_path, capsys):

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
+import socket
 import subprocess
 import time
 import uuid
@@ -208,6 +210,8 @@ class FitCLI(LightningCLI):
             rank=self.trainer.global_rank,
             world=self.trainer.world_size,
             launcher=self.trainer.strategy.launcher,  # (rank 0's: the ranks it starts)
+            trainer=self.trainer,
+            runs=_runs_before(self.trainer.logger),
         )
         if _RUN["world"] > 1:
             self.trainer.callbacks.append(_RankErrors())  # type: ignore[attr-defined]
@@ -216,8 +220,73 @@ class FitCLI(LightningCLI):
 #: This process's run under ``cellsift fit`` (FitCLI.before_fit): root, run (an id that
 #: rank 0 makes and sends every rank as training sets up), rank, world, launcher (the
 #: strategy's, which on rank 0 starts the other ranks of this machine), started (those
-#: ranks' processes, once no longer watched: :func:`_unwatch_started_ranks`).
+#: ranks' processes, once no longer watched: :func:`_unwatch_started_ranks`), trainer, runs
+#: (:func:`_runs_before`).
 _RUN: dict[str, Any] = {}
+
+#: What a fit writes in its run's folder as it sets up: LightningCLI's config, the logger's
+#: hyperparameters, TensorBoard's events (named by host and process).
+_SETUP_FILES = ("config.yaml", "hparams.yaml")
+_EVENTS = "events.out.tfevents."
+
+
+def _runs_before(run_logger: Any) -> tuple[Path, frozenset[str] | None, frozenset[str]] | None:
+    """The logger's folder of runs (``<save_dir>/<name>``), the runs in it before this fit
+    (None: no such folder) and their TensorBoard events files (``run/file``); None for a
+    logger without one."""
+    root = getattr(run_logger, "root_dir", None)
+    if not root:
+        return None
+    root = Path(root)
+    with contextlib.suppress(OSError):
+        runs = frozenset(p.name for p in root.iterdir())
+        events = frozenset(f"{p.parent.name}/{p.name}" for p in root.glob(f"*/{_EVENTS}*"))
+        return root, runs, events
+    return root, None, frozenset()
+
+
+def _this_process_events(name: str) -> bool:
+    """A TensorBoard events file of this host's process (their names say which)."""
+    if not name.startswith(_EVENTS):  # events.out.tfevents.<time>.<host>.<pid>.<n>
+        return False
+    parts = name[len(_EVENTS) :].split(".")
+    return parts[1:-2] == socket.gethostname().split(".") and parts[-2] == str(os.getpid())
+
+
+def _remove_untrained_run() -> None:
+    """On rank 0, as a fit fails before its first training batch (refused as it set up:
+    a held checkpoint folder, a validation split it cannot use): the run's folder of logs
+    that it made (its config.yaml, hparams.yaml and empty TensorBoard events) goes, so that
+    the next fit is not the second version of a run that never trained. A run folder that
+    was there before (a resumed run's) loses only the events file this fit began; one that
+    holds anything else (another process's events: a run given the same version) stays."""
+    trainer, runs = _RUN.get("trainer"), _RUN.get("runs")
+    if trainer is None or runs is None or trainer.logger is None:
+        return
+    if trainer.fit_loop.epoch_loop.batch_progress.total.started:
+        return  # (it trained: what it logged is kept)
+    root, before, events = runs
+    with contextlib.suppress(OSError):
+        run = Path(trainer.logger.log_dir)
+        if run.parent != root or not run.is_dir():
+            return
+        began = [
+            path
+            for path in run.glob(f"{_EVENTS}*")
+            if f"{run.name}/{path.name}" not in events and _this_process_events(path.name)
+        ]
+        if before is not None and run.name in before:  # (a run this fit went on with)
+            for path in began:
+                path.unlink()
+            return
+        made = [path for path in run.iterdir() if path.name in _SETUP_FILES]
+        if len(made) + len(began) != len(list(run.iterdir())):
+            return
+        for path in made + began:
+            path.unlink()
+        run.rmdir()
+        if before is None:  # (the folder of runs was made for it)
+            root.rmdir()
 
 
 def _rank_error_file(rank: int) -> Path:
@@ -372,8 +441,9 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
     # the arguments are the command line's, passed on; Ctrl-C stays an interrupt
     with warnings.catch_warnings(), interrupts_kept():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        failed = True
         try:
-            return FitCLI(
+            cli = FitCLI(
                 MetricPlan,
                 CellDataModule,
                 subclass_mode_data=True,
@@ -382,6 +452,8 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
                 # a bad argument raises (said in one line) rather than printing the usage
                 parser_kwargs={"prog": "cellsift", "exit_on_error": False},
             )
+            failed = False
+            return cli
         except argparse.ArgumentError as err:
             raise ConfigError(
                 f"{_one_line(str(err))} (cellsift fit --help lists the options)."
@@ -403,6 +475,9 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
             if _RUN.get("rank") == 0:
                 _let_ranks_read_errors()
                 _clear_rank_errors()
+                if failed:
+                    _remove_untrained_run()
+            _RUN.pop("trainer", None)  # (not kept alive past the run)
 
 
 _KEY = re.compile(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)')
