@@ -97,11 +97,25 @@ def _csc_weight_grad(indptr, indices, data, g_nh, out_hg):  # type: ignore[no-un
         acc = np.zeros((_GRAD_GENES, h), dtype=np.float32)
         for t in range(width):
             o = acc[t]
-            for q in range(indptr[g0 + t], indptr[g0 + t + 1]):
+            q, stop = indptr[g0 + t], indptr[g0 + t + 1]
+            # four stored values per pass over the buffer's row, each added in turn (as
+            # _csr_times_rows): the same sums, rounded in the same order
+            while q + 3 < stop:
+                v0, v1, v2, v3 = data[q], data[q + 1], data[q + 2], data[q + 3]
+                r0, r1 = g_nh[indices[q]], g_nh[indices[q + 1]]
+                r2, r3 = g_nh[indices[q + 2]], g_nh[indices[q + 3]]
+                for k in range(h):
+                    s = o[k] + v0 * r0[k]
+                    s = s + v1 * r1[k]
+                    s = s + v2 * r2[k]
+                    o[k] = s + v3 * r3[k]
+                q += 4
+            while q < stop:
                 v = data[q]
                 row = g_nh[indices[q]]
                 for k in range(h):
                     o[k] += v * row[k]
+                q += 1
         for k in range(h):
             for t in range(width):
                 out_hg[k, g0 + t] = acc[t, k]
