@@ -106,7 +106,9 @@ def test_categories_no_reference_cell_holds_are_no_labels():
     )
 
 
-def test_an_ivf_reference_is_searched_at_its_target_recall_for_queries_unlike_it():
+def test_an_ivf_reference_is_searched_at_its_target_recall_for_queries_unlike_it(
+    monkeypatch,
+):
     """Query cells between the reference's populations: the IVF reference, calibrated on
     its own cells, finds fewer of their neighbours; the annotator calibrates its search on
     the queries, so their votes and distances are (nearly all) the exact search's. A few
@@ -146,6 +148,19 @@ def test_an_ivf_reference_is_searched_at_its_target_recall_for_queries_unlike_it
     assert (
         wants.calibrate(k=50, queries=like) >= 0.99 and wants.params["nprobe"] < 4 * own["nprobe"]
     )
+    # a filter whose selection the index searches exactly (here any: 30,000 cells): no
+    # calibration of a search it would not make, and the exact search's calls
+    calibrations = []
+    real = CellIndex.calibrate
+    monkeypatch.setattr(
+        CellIndex, "calibrate", lambda self, **kw: calibrations.append(kw) or real(self, **kw)
+    )
+    some = {"label": [str(c) for c in range(20)]}
+    got = KNNAnnotator(ivf, label_key="label", ontology_aware=False, k=50).annotate(q, filter=some)
+    assert calibrations == []
+    exactly = KNNAnnotator(exact, label_key="label", ontology_aware=False, k=50)
+    pd.testing.assert_frame_equal(got, exactly.annotate(q, filter=some))
+    assert len(calls(ivf, q)) == len(q) and len(calibrations) == 1  # (unfiltered: calibrated)
 
 
 def test_an_ivf_reference_its_codes_cannot_search_is_searched_exactly(monkeypatch):

@@ -468,7 +468,7 @@ class KNNAnnotator:
             raise DataError(
                 f"query embeddings must be a cells x dims array, not of shape {q.shape}."
             )
-        index, exact = self._index_for(q)
+        index, exact = self._index_for(q, expr)
         parts = [
             self._annotate_block(index, q[s : s + batch_size], expr, exact)
             for s in range(0, len(q), batch_size)
@@ -602,9 +602,11 @@ class KNNAnnotator:
     #: and 5,000 queries 0.21, 0.49 and 1.65 s).
     EXACT_QUERIES = 1_500
 
-    def _index_for(self, q: np.ndarray) -> tuple[CellIndex, bool]:
-        """The index to search the queries ``q`` in, and whether exactly: an exact one as
-        it is; an IVF index with search parameters of its own (the index left as it is),
+    def _index_for(self, q: np.ndarray, expr: Any = None) -> tuple[CellIndex, bool]:
+        """The index to search the queries ``q`` in (among the reference cells ``expr``
+        selects), and whether exactly: an exact one as it is, and so an IVF index where the
+        selection is one that its search takes exactly (few cells); else an IVF index
+        with search parameters of its own (the index left as it is),
         calibrated on a sample of the queries for the index's target recall at ``k``,
         where they need more lists or candidates than its own cells (queries unlike the
         reference: a new study, other tissue), never fewer: the target then holds over
@@ -618,6 +620,8 @@ class KNNAnnotator:
             return index, False
         if len(q) <= self.EXACT_QUERIES:
             return index, True
+        if expr is not None and index._selection_searched_exactly(len(index.select(expr))):
+            return index, True  # (no calibration of a search it would not make)
         params = index.params
         calibrated = int(params.get("calibrated_k") or 0)
         probe, rerank = index._nprobe_for(self.k), int(params.get("rerank", 1))

@@ -418,6 +418,7 @@ class CellIndex:
         if self.n_cells < 2:  # no other cell to find: every list (the one) is probed
             nlist = self.params["nlist"]
             self.params.update(nprobe=nlist, calibrated_k=0, calibrated_recall=1.0)
+            self.params.pop("added_recall", None)
             return 1.0
         rng = np.random.default_rng(seed + 1)
         if queries is None:  # the indexed cells, each one's own entry left out
@@ -454,6 +455,7 @@ class CellIndex:
             calibrated_k=k,
             calibrated_recall=round(reached, 4),
         )
+        self.params.pop("added_recall", None)  # (measured against these settings anew)
         logger.info(
             "CellIndex: nprobe %d of %d lists, %d candidates re-ranked a query, give recall@%d "
             "%.4f",
@@ -692,9 +694,8 @@ class CellIndex:
 
             check_device(device)  # (before the work: a device this machine lacks, named)
         rows = self.select(filter) if filter is not None else None
-        n_sel = len(rows) if rows is not None else self.n_cells
-        small = n_sel <= max(EXACT_SELECTION_MAX, EXACT_SELECTION_FRACTION * self.n_cells)
-        if self.engine == "exact" or exact or (rows is not None and small):
+        small = rows is not None and self._selection_searched_exactly(len(rows))
+        if self.engine == "exact" or exact or small:
             dist, idx = self._exact(q, k, rows, device=device)
         else:
             probe = self._nprobe_for(k)
@@ -844,6 +845,12 @@ class CellIndex:
         if rows is not None:
             idx = rows[idx]
         return _pad(1.0 - best_s.cpu().numpy(), idx, k)
+
+    def _selection_searched_exactly(self, n_selected: int) -> bool:
+        """Whether a filter selecting ``n_selected`` cells makes a search exact: few enough
+        for exact search to be the cheaper (:data:`EXACT_SELECTION_MAX`,
+        :data:`EXACT_SELECTION_FRACTION`)."""
+        return n_selected <= max(EXACT_SELECTION_MAX, EXACT_SELECTION_FRACTION * self.n_cells)
 
     def _nprobe_for(self, k: int) -> int:
         """The lists an IVF search of ``k`` neighbours probes: as calibrated, more in
@@ -1100,8 +1107,12 @@ class CellIndex:
 
     def _check_added(self, start: int) -> None:
         """Warn where the cells added from ``start`` on are found at a recall@k short of the
-        index's target (the lists were trained without them)."""
-        k = min(int(self.params.get("calibrated_k") or 0), self.n_cells - 1)
+        index's target (the lists were trained without them); the lowest such recall since
+        the last calibration is kept in ``params["added_recall"]`` (saved with the index,
+        and said again as it loads)."""
+        # (an index built from one cell calibrated for no neighbour: the k it was asked for)
+        k = int(self.params.get("calibrated_k") or self.params.get("asked_k") or 0)
+        k = min(k, self.n_cells - 1)
         added = self.n_cells - start
         if k < 1 or added == 0:
             return
@@ -1112,11 +1123,24 @@ class CellIndex:
         )
         target = float(self.params.get("target_recall", 0.99))
         if reached < target - ADDED_RECALL_SLACK:
+            lowest = min(reached, float(self.params.get("added_recall", 1.0)))
+            self.params["added_recall"] = round(lowest, 4)
             warn(
                 f"the {added:,} cells added are found at recall@{k} {reached:.1%}, short of the "
                 f"{target:.1%} this IVF index was calibrated to: its lists were trained "
-                "without cells like them. Rebuild its lists over all the cells "
-                "(index.rebuild(), then save), or search it exactly (exact=True)."
+                f"without cells like them. {_REBUILD}"
+            )
+
+    def _warn_if_added_short(self, root: Path) -> None:
+        """As a saved index loads: where cells added to it were found short of its target
+        (:meth:`_check_added`) and it was not rebuilt since, say so again."""
+        added = self.params.get("added_recall")
+        target = float(self.params.get("target_recall", 0.99))
+        if is_number(added) and added < target - ADDED_RECALL_SLACK:
+            warn(
+                f"{root}: cells added to this IVF index after its lists were trained were "
+                f"found at a recall of {added:.1%}, short of the {target:.1%} it was "
+                f"calibrated to. {_REBUILD}"
             )
 
     # -- persistence ------------------------------------------------------------------------
@@ -1267,10 +1291,16 @@ class CellIndex:
             metadata_path=meta if meta.exists() else None,
         )
         index._versions.update(dict.fromkeys(_folder_keys(root), _manifest_digest(raw)))
+        index._warn_if_added_short(root)
         return index
 
 
 # -- helpers ----------------------------------------------------------------------------------
+_REBUILD = (
+    "Rebuild its lists over all the cells (index.rebuild(), then save), or search it exactly "
+    "(exact=True)."
+)
+
 #: Rows per row group of a saved index's metadata (what a lookup of a few rows reads).
 METADATA_ROWS = 1 << 17
 
@@ -1698,7 +1728,7 @@ def _as_column_type(value: Any, kind: Any) -> list[Any]:
     "True" and "1" for True or 1, as metadata written as text holds flags; as
     :class:`~cellsift.data.CellCollection`'s filters read them), whole-number columns from
     whole numbers, flags and their text ("1015"), flag columns from flags, 0/1 and
-    "True"/"False", float columns from numbers and their text. Other values stay as given
+    "True"/"False" (another number: no form, as it equals neither), float columns from numbers and their text. Other values stay as given
     (and a comparison of another type is an error naming the column's type)."""
     pa = import_optional("pyarrow")
     if _missing(value):
@@ -1713,8 +1743,9 @@ def _as_column_type(value: Any, kind: Any) -> list[Any]:
         forms = {"True": True, "False": False, "true": True, "false": False}
         if text and value in forms:
             return [forms[value]]
-        if not text and not isinstance(value, bool) and is_number(value) and value in (0, 1):
-            return [bool(value)]
+        if not text and not isinstance(value, bool) and is_number(value):
+            # 0/1 are the flags; another number is neither (pyarrow would call it True)
+            return [bool(value)] if value in (0, 1) else []
         return [value]
     if pa.types.is_integer(kind):
         if text and re.fullmatch(r"\s*[-+]?\d+\s*", value):
