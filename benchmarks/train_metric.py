@@ -100,6 +100,7 @@ def run_cellsift(
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[clock],
+        default_root_dir=str(zarr.parent),  # (a run stopped by a signal saves its state there)
     )
     times = _per_step(clock.stamps, warmup)
     per = statistics.median(times)
@@ -175,6 +176,17 @@ def main() -> None:
     results: dict[str, float] = {}
     detail: dict[str, Any] = {}
     skipped: dict[str, str] = {}
+    if not gpu:  # (a CPU without native bfloat16 takes minutes a step in bf16-mixed)
+        from cellsift.train.plan import CPU_BFLOAT16_SLOWER, cpu_bfloat16_slowdown
+
+        slower = cpu_bfloat16_slowdown()
+        if slower > CPU_BFLOAT16_SLOWER:
+            del variants["cellsift/bf16"]
+            skipped["cellsift/bf16"] = (
+                f"bfloat16 matrix products ran {slower:.0f}x slower than float32 ones on this "
+                f"CPU (no native bfloat16; {torch.backends.cpu.get_cpu_capability()}): "
+                "cellsift warns against bf16-mixed here"
+            )
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         zarr = synthetic_atlas(n_cells, N_GENES, n_studies=6, path=Path(tmp) / "atlas.zarr")
