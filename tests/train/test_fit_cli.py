@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +113,27 @@ class SignalAtFitEnd(pl.Callback):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)
         raise AssertionError("SIGTERM did not stop the fit")
+
+
+#: Two fits in threads of one process: A set up, B set up, A failed (its run_fit done).
+_A_READY, _B_READY, _A_DONE = (threading.Event() for _ in range(3))
+
+
+class FailOnceTheOtherFitIsSetUp(pl.Callback):
+    """Fit A: fails before its first batch, once fit B has set up."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _A_READY.set()
+        _B_READY.wait(300)
+        raise RuntimeError("fit A fails before its first batch")
+
+
+class TrainOnceTheOtherFitHasFailed(pl.Callback):
+    """Fit B: set up, trains once fit A has failed."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _B_READY.set()
+        _A_DONE.wait(300)
 
 
 class RecordCells(pl.Callback):
@@ -335,6 +357,43 @@ def test_a_fit_that_failed_keeps_its_run_folder_once_it_has_trained(
         assert not (tmp_path / "metric").exists()
     else:
         assert (run / "config.yaml").exists() and "train/loss_step" in _scalars(run)
+
+
+def test_a_fit_failing_in_one_thread_removes_only_its_own_run_folder(synthetic_h5ad, tmp_path):
+    """Fits in two threads of one process: A sets up, B sets up, A fails before its first
+    batch: A's run folder goes, B's (set up after A's, its events file of the same
+    process) stays and B trains (review185: B's was removed, and B failed writing to it)."""
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    a = {"class_path": "test_fit_cli.FailOnceTheOtherFitIsSetUp"}
+    b = {"class_path": "test_fit_cli.TrainOnceTheOtherFitHasFailed"}
+    one = ("--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1")
+    args_a = _args(synthetic_h5ad, tmp_path / "A", *one, callbacks=[a], name="a")
+    args_b = _args(synthetic_h5ad, tmp_path / "B", *one, callbacks=[b], name="b")
+    status = {}
+
+    def fit(name, args, done=None):
+        try:
+            status[name] = main(["fit", *args])
+        except RuntimeError as err:
+            status[name] = str(err)
+        finally:
+            if done is not None:
+                done.set()
+
+    for event in (_A_READY, _B_READY, _A_DONE):
+        event.clear()
+    first = threading.Thread(target=fit, args=("A", args_a, _A_DONE))
+    first.start()
+    assert _A_READY.wait(300)
+    second = threading.Thread(target=fit, args=("B", args_b))
+    second.start()
+    first.join(300)
+    second.join(300)
+    assert status == {"A": "fit A fails before its first batch", "B": 0}
+    assert not (tmp_path / "A" / "metric").exists()
+    run_b = tmp_path / "B" / "metric" / "version_0"
+    assert (run_b / "config.yaml").exists() and "train/loss_step" in _scalars(run_b)
 
 
 def test_a_checkpoint_the_disk_refuses_is_said_naming_it_and_the_last_one_is_kept(

@@ -99,7 +99,8 @@ def _csc_weight_grad(indptr, indices, data, g_nh, out_hg):  # type: ignore[no-un
             o = acc[t]
             q, stop = indptr[g0 + t], indptr[g0 + t + 1]
             # four stored values per pass over the buffer's row, each added in turn (as
-            # _csr_times_rows): the same sums, rounded in the same order
+            # _csr_times_rows): for float32 values and gradients (what the backward passes)
+            # the same sums, rounded in the same order
             while q + 3 < stop:
                 v0, v1, v2, v3 = data[q], data[q + 1], data[q + 2], data[q + 3]
                 r0, r1 = g_nh[indices[q]], g_nh[indices[q + 1]]

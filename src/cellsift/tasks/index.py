@@ -342,6 +342,7 @@ class CellIndex:
         k = int(self.params.get("asked_k") or self.params.get("calibrated_k") or 50)
         target = float(self.params.get("target_recall", 0.99))
         self._build_ivf(nlist=nlist, seed=seed)
+        self.params.pop("added_recall", None)  # (every cell is in the lists trained now)
         return self.calibrate(k=k, target_recall=target, seed=seed)
 
     def _build_ivf(self, nlist: Any, seed: int) -> None:
@@ -418,7 +419,6 @@ class CellIndex:
         if self.n_cells < 2:  # no other cell to find: every list (the one) is probed
             nlist = self.params["nlist"]
             self.params.update(nprobe=nlist, calibrated_k=0, calibrated_recall=1.0)
-            self.params.pop("added_recall", None)
             return 1.0
         rng = np.random.default_rng(seed + 1)
         if queries is None:  # the indexed cells, each one's own entry left out
@@ -455,7 +455,6 @@ class CellIndex:
             calibrated_k=k,
             calibrated_recall=round(reached, 4),
         )
-        self.params.pop("added_recall", None)  # (measured against these settings anew)
         logger.info(
             "CellIndex: nprobe %d of %d lists, %d candidates re-ranked a query, give recall@%d "
             "%.4f",
@@ -1108,8 +1107,8 @@ class CellIndex:
     def _check_added(self, start: int) -> None:
         """Warn where the cells added from ``start`` on are found at a recall@k short of the
         index's target (the lists were trained without them); the lowest such recall since
-        the last calibration is kept in ``params["added_recall"]`` (saved with the index,
-        and said again as it loads)."""
+        the lists were trained is kept in ``params["added_recall"]`` (saved with the index,
+        said again as it loads, until :meth:`rebuild`)."""
         # (an index built from one cell calibrated for no neighbour: the k it was asked for)
         k = int(self.params.get("calibrated_k") or self.params.get("asked_k") or 0)
         k = min(k, self.n_cells - 1)

@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import subprocess
+import threading
 import time
 import uuid
 import warnings
@@ -210,9 +211,8 @@ class FitCLI(LightningCLI):
             rank=self.trainer.global_rank,
             world=self.trainer.world_size,
             launcher=self.trainer.strategy.launcher,  # (rank 0's: the ranks it starts)
-            trainer=self.trainer,
-            runs=_runs_before(self.trainer.logger),
         )
+        _FIT.run = (self.trainer, _runs_before(self.trainer.logger))
         if _RUN["world"] > 1:
             self.trainer.callbacks.append(_RankErrors())  # type: ignore[attr-defined]
 
@@ -220,9 +220,12 @@ class FitCLI(LightningCLI):
 #: This process's run under ``cellsift fit`` (FitCLI.before_fit): root, run (an id that
 #: rank 0 makes and sends every rank as training sets up), rank, world, launcher (the
 #: strategy's, which on rank 0 starts the other ranks of this machine), started (those
-#: ranks' processes, once no longer watched: :func:`_unwatch_started_ranks`), trainer, runs
-#: (:func:`_runs_before`).
+#: ranks' processes, once no longer watched: :func:`_unwatch_started_ranks`).
 _RUN: dict[str, Any] = {}
+
+#: This thread's fit (``run``: its trainer and :func:`_runs_before`), for
+#: :func:`_remove_untrained_run` (fits of other threads have their own).
+_FIT = threading.local()
 
 #: What a fit writes in its run's folder as it sets up: LightningCLI's config, the logger's
 #: hyperparameters, TensorBoard's events (named by host and process).
@@ -260,10 +263,13 @@ def _remove_untrained_run() -> None:
     the next fit is not the second version of a run that never trained. A run folder that
     was there before (a resumed run's) loses only the events file this fit began; one that
     holds anything else (another process's events: a run given the same version) stays."""
-    trainer, runs = _RUN.get("trainer"), _RUN.get("runs")
+    trainer, runs = getattr(_FIT, "run", None) or (None, None)
     if trainer is None or runs is None or trainer.logger is None:
         return
-    if trainer.fit_loop.epoch_loop.batch_progress.total.started:
+    begun = getattr(trainer.lightning_module, "_batches_begun", None)
+    if begun is None:  # (another plan: the loop's count, a resumed run's included)
+        begun = trainer.fit_loop.epoch_loop.batch_progress.total.started
+    if begun:
         return  # (it trained: what it logged is kept)
     root, before, events = runs
     with contextlib.suppress(OSError):
@@ -438,6 +444,7 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
     if args and args[0] == "fit":
         args = args[1:]
     _RUN.clear()  # (FitCLI.before_fit sets it for this run)
+    _FIT.run = None
     # the arguments are the command line's, passed on; Ctrl-C stays an interrupt
     with warnings.catch_warnings(), interrupts_kept():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -477,7 +484,7 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
                 _clear_rank_errors()
                 if failed:
                     _remove_untrained_run()
-            _RUN.pop("trainer", None)  # (not kept alive past the run)
+            _FIT.run = None  # (not kept alive past the run)
 
 
 _KEY = re.compile(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)')

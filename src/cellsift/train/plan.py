@@ -18,7 +18,6 @@ triplet loss: the batches differ with the ranks).
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import numbers
 import os
@@ -178,6 +177,7 @@ class TrainingPlan(pl.LightningModule):
         self._val_z: list[torch.Tensor] = []
         self._val_y: list[torch.Tensor] = []
         self._val_i: list[torch.Tensor | None] = []
+        self._batches_begun = 0  # (training batches this fit began: its logs hold something)
         self._tick: float | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._stopped: dict[str, Any] | None = None  # (a resumed checkpoint's stop, if any)
@@ -261,6 +261,7 @@ class TrainingPlan(pl.LightningModule):
         return loss
 
     def setup(self, stage: str) -> None:
+        self._batches_begun = 0
         write_checkpoints_atomically(self.trainer)
         if stage == "fit":
             hold_checkpoint_folders(self.trainer)  # (another fit's folder: refused)
@@ -664,6 +665,7 @@ class TrainingPlan(pl.LightningModule):
             )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batches_begun += 1
         # restored here, not on load: between the two, Lightning may validate (the sanity
         # check; triplet mining draws), which the uninterrupted run did not do at this point.
         # (The loader's iterator draws from a generator of its own: CellLoader.)
@@ -1006,43 +1008,28 @@ def _finish_the_epoch(checkpoint: dict[str, Any]) -> None:
     validation["is_last_batch"] = False
 
 
-#: How many times slower than float32 a CPU's bfloat16 matrix products may be before
-#: ``bf16-mixed`` training on it is warned of (CPUs with native bfloat16 run them faster).
-CPU_BFLOAT16_SLOWER = 2.0
-
-
-@functools.cache
-def cpu_bfloat16_slowdown() -> float:
-    """Time of a bfloat16 matrix product on this CPU over a float32 one's (best of 5 each;
-    64 x 512 by 512 x 512, a few ms where bfloat16 is not native). CPUs with AVX512-BF16 or
-    AMX run bfloat16 products faster than float32 ones; on others (AVX2 only) torch falls
-    back to a scalar kernel, tens of times slower."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(64, 512, generator=gen), torch.randn(512, 512, generator=gen)
-
-    def best(x: torch.Tensor, y: torch.Tensor) -> float:
-        x @ y  # (the first call's allocations and threads)
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(a.bfloat16(), b.bfloat16()) / max(best(a, b), 1e-9)
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether torch multiplies bfloat16 matrices on this CPU with oneDNN's kernels (x86
+    CPUs with AVX-512 or AMX; ARM CPUs with bfloat16), not with its scalar fallback: on an
+    AVX2-only CPU a bfloat16 product of 64 x 512 by 512 x 512 took 51-120x a float32 one's
+    (one thread), a step of the default model minutes. Decided from the CPU, not timed (a
+    timing on a loaded machine can miss it)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # (a torch without the query)
+        return bool(torch.cpu._is_avx512_supported())
 
 
 def _check_cpu_bfloat16() -> None:
-    """Warn where ``bf16-mixed`` on this CPU trains slower, not faster (no native bfloat16
-    arithmetic): a step of the default model took minutes, not seconds, on an AVX2 CPU."""
-    slower = cpu_bfloat16_slowdown()
-    if slower > CPU_BFLOAT16_SLOWER:
+    """Warn where ``bf16-mixed`` on this CPU trains slower, not faster."""
+    if not cpu_has_fast_bfloat16():
         rank_zero_warn(
-            f"precision 'bf16-mixed' on this CPU: its bfloat16 matrix products ran "
-            f"{slower:.0f}x slower than float32 ones here (no native bfloat16 arithmetic; "
-            f"torch's CPU capability: {torch.backends.cpu.get_cpu_capability()}), so training "
-            "would be many times slower, not faster. Train in '32-true' on this machine "
-            "(bf16-mixed pays on GPUs, and on CPUs with AVX512-BF16 or AMX).",
+            "precision 'bf16-mixed' on this CPU: torch has no fast bfloat16 matrix product "
+            "here (its oneDNN kernels need AVX-512 or AMX; this CPU's capability: "
+            f"{torch.backends.cpu.get_cpu_capability()}) and multiplies bfloat16 matrices "
+            "with a scalar fallback, tens of times slower than float32, so training would be "
+            "many times slower, not faster. Train in '32-true' on this machine (bf16-mixed "
+            "pays on GPUs, and on CPUs with AVX-512 or AMX).",
             category=CellsiftWarning,
         )
 
