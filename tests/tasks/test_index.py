@@ -1122,6 +1122,11 @@ def test_a_damaged_or_newer_manifest_is_named(tmp_path, data):
         ({"engine": "hnsw"}, "engine 'hnsw' is neither 'exact' nor 'ivf'"),
         ({"params": {k: v for k, v in params.items() if k != "nprobe"}}, "params lack whole"),
         ({"files": {k: v for k, v in files.items() if k != "ivf.faiss"}}, "ivf.faiss is not"),
+        # the optional ones, hand-edited (hunt190: a raw ValueError / TypeError as searched)
+        ({"params": params | {"rerank": "x"}}, "params 'rerank' is 'x', not a whole number"),
+        ({"params": params | {"calibrated_k": 2.5}}, "params 'calibrated_k' is 2.5, not a"),
+        ({"params": params | {"target_recall": 0}}, "'target_recall' is 0, not a share in"),
+        ({"params": params | {"added_recall": True}}, "'added_recall' is True, not a share"),
     ):
         (path / "manifest.json").write_text(json.dumps(manifest | change))
         with pytest.raises(CellIndexError, match=rf"manifest\.json is corrupt \(.*{message}"):

@@ -1424,6 +1424,12 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
             problems.append("'params' is not a map")
         elif engine == "ivf" and not all(is_whole(params.get(p), least=1) for p in _IVF_PARAMS):
             problems.append(f"an IVF index's params lack whole numbers for {list(_IVF_PARAMS)}")
+        else:  # (the optional ones, where given: of the kinds calibrate() writes)
+            problems += [
+                f"params {name!r} is {params[name]!r}, not {what}"
+                for name, (ok, what) in _OPTIONAL_PARAMS.items()
+                if params.get(name) is not None and not ok(params[name])
+            ]
     if not problems and isinstance(files, dict):
         wanted = ["embeddings.npy", *(["ivf.faiss"] if engine == "ivf" else [])]
         problems += [f"{name} is not listed" for name in wanted if name not in files]
@@ -1433,6 +1439,21 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
 
 #: The parameters of an IVF search a saved index must hold.
 _IVF_PARAMS = ("nlist", "nprobe")
+
+
+def _share(x: Any) -> bool:
+    return is_number(x) and not isinstance(x, bool) and 0 <= x <= 1
+
+
+#: Those it may hold: a check of each, and what it says it should be.
+_OPTIONAL_PARAMS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "rerank": (lambda x: is_whole(x, least=1), "a whole number >= 1"),
+    "asked_k": (lambda x: is_whole(x, least=1), "a whole number >= 1"),
+    "calibrated_k": (lambda x: is_whole(x, least=0), "a whole number >= 0"),
+    "target_recall": (lambda x: _share(x) and x > 0, "a share in (0, 1]"),
+    "calibrated_recall": (_share, "a share in [0, 1]"),
+    "added_recall": (_share, "a share in [0, 1]"),
+}
 #: What a saved index holds in any case, and what it is called in messages.
 _INDEX_FILES = ("manifest.json", "embeddings.npy")
 #: What overwrite replaces: an index's folder, holding its own files only.
