@@ -320,6 +320,16 @@ def test_demo_settings_and_a_stopped_demo(synthetic_h5ad, tmp_path, capsys):
         _train_and_annotate(synthetic_h5ad, "dataset_id", tmp_path / "run")
     assert err.value.checkpoint is None and err.value.exit_status == 143
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+    assert not (tmp_path / "run" / "fit").exists()  # (its empty folder: hunt192)
+    # an output folder it cannot make: one line naming it (hunt192: a traceback)
+    (tmp_path / "a_file").write_text("")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "x"):
+        with pytest.raises(ConfigError, match=rf"cannot make its output folder {out} \("):
+            run_demo(out, synthetic=True, n_cells=2000)
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path / "a_file" / "x"), "--n-cells", "2000"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "give --out a folder this user may write" in said[0]
 
 
 def test_the_demo_without_its_extra_and_without_the_data_says_so(tmp_path, monkeypatch, capsys):

@@ -92,14 +92,25 @@ def positions(rows: Any, error: type[Exception] = IndexError) -> np.ndarray:
     return given.astype(np.int64, copy=False)
 
 
+#: The TileDB setting of every context cellsift makes: TileDB installs no signal handlers
+#: of its own (SIGINT, SIGPIPE). Those pass a signal on to the handler they replaced, which
+#: :func:`reclaim_signals` gives back only where the store was opened in the main thread: a
+#: SOMA store first opened in another thread of a process that ignores SIGINT (a spawned
+#: loader worker reading in a thread) crashed on Ctrl-C (a segfault), and with it the fit
+#: (``DataLoader worker ... killed by signal``) before it could save its state.
+TILEDB_NO_SIGNAL_HANDLERS = {"sm.enable_signal_handlers": "false"}
+
+
 def reclaim_signals() -> None:
     """Give SIGINT and SIGPIPE back to the handlers Python has for them (in the main thread).
 
     TileDB installs handlers of its own for both when it first opens an array, which pass
     the signal on to the handler they replaced: where that was "ignore" (a loader worker, a
     job started in the background, SIGPIPE under Python), the signal crashed the process (a
-    segfault). Called after each TileDB-SOMA open or create; a signal is then Python's to act
-    on, once the query in progress (one chunk) returns."""
+    segfault). cellsift's own contexts ask TileDB for none (:data:`TILEDB_NO_SIGNAL_HANDLERS`);
+    where another context came first (the user's), this is called after each TileDB-SOMA
+    open or create; a signal is then Python's to act on, once the query in progress (one
+    chunk) returns."""
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in (signal.SIGINT, signal.SIGPIPE):

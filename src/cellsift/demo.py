@@ -11,6 +11,7 @@ line says which data it runs on.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections import Counter
@@ -81,7 +82,13 @@ def run_demo(
             f"studies with enough cells to calibrate the abstention threshold), not {n_cells:,}."
         )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # (a file there, a file on the way, a folder not this user's)
+        raise ConfigError(
+            f"the demo cannot make its output folder {out} ({err.strerror or err}): give "
+            "--out a folder this user may write."
+        ) from None
     h5ad, group_key, what = _source(out, synthetic, n_cells)
     print(f"cellsift demo on {what}")
     label_key = "cell_type_ontology_term_id"
@@ -132,6 +139,7 @@ def run_demo(
                 f" {len(seen):10,d}"
             )
             freq[mode] = counts
+            del loader  # (its workers end now, not after the training below)
 
     cl = load_cell_ontology()
     print("\n  cell type (share of cells drawn)   block-shuffled   weighted (balanced)")
@@ -204,6 +212,8 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
     except TrainingInterrupted as err:  # the demo does not resume: its state is not kept
         if err.checkpoint is not None:
             Path(err.checkpoint).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (its folder, where nothing else is in it)
+            (out / "fit").rmdir()
         name = signal.Signals(err.signal).name if err.signal is not None else "a signal"
         raise TrainingInterrupted(
             f"the demo stopped on {name} while training (after step {err.step}); run "

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import import_optional, reclaim_signals, text_or_none
+from .._utils import TILEDB_NO_SIGNAL_HANDLERS, import_optional, reclaim_signals, text_or_none
 from .stores import CellStore
 from .writers import SOMA_RENAMED, Format
 
@@ -23,10 +23,12 @@ from .writers import SOMA_RENAMED, Format
 #: 2.30, which tiledbsoma 2.3 ships): a race in its parallel merge corrupts the heap
 #: (TileDB-Inc/TileDB#5723, fixed after 2.30.0). Reads of the obs or var of a store of
 #: several fragments (one per chunk written) crashed the process now and then: a
-#: segfault in the merge's worker thread, or an abort in a later read.
+#: segfault in the merge's worker thread, or an abort in a later read. No signal handlers of
+#: TileDB's (:data:`~cellsift._utils.TILEDB_NO_SIGNAL_HANDLERS`).
 TILEDB_CONFIG: dict[str, Any] = {
     "soma.init_buffer_bytes": 128 << 20,
     "sm.query.sparse_global_order.preprocess_tile_merge": 0,
+    **TILEDB_NO_SIGNAL_HANDLERS,
 }
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._utils import (
+    TILEDB_NO_SIGNAL_HANDLERS,
     check_replaceable,
     import_optional,
     make_parent,
@@ -782,7 +783,8 @@ class SomaWriter(StoreWriter):
         with self._setting_up():  # (a failure removes the temporary output)
             soma = self._soma = import_optional("tiledbsoma")
             try:
-                self._exp = soma.Experiment.create(str(self.tmp))
+                context = soma.SOMATileDBContext(tiledb_config=TILEDB_NO_SIGNAL_HANDLERS)
+                self._exp = soma.Experiment.create(str(self.tmp), context=context)
             finally:
                 reclaim_signals()  # (TileDB took SIGINT as it created the store)
             self._ms = self._exp.add_new_collection("ms")
