@@ -70,8 +70,33 @@ def test_sparse_input_in_cpu_inference_matches_dense():
     with torch.no_grad():
         torch.testing.assert_close(enc(csr), enc(x), atol=1e-5, rtol=1e-5)
     assert not enc.reads_sparse(csr.clone().requires_grad_(True))  # asked for its gradient
-    enc.compile()  # lazy: compiles on the first call
-    assert not enc.reads_sparse(csr)  # a compiled graph takes dense batches
+
+
+def test_a_compiled_encoder_reads_sparse_counts_and_matches_the_uncompiled_one():
+    """compile() leaves the first layer out of its graphs: a sparse batch is read by its
+    stored values (not densified: the first layer of every gene), and the compiled encoder
+    gives the uncompiled one's outputs and gradients, sparse or dense."""
+    torch.manual_seed(0)
+    enc = MLPEncoder(3000, (64, 32), 16).eval()  # eval: no dropout draws to tell apart
+    x, csr = _counts_csr(seed=3)
+    r = torch.randn(len(x), 16)
+
+    def run(inp):
+        enc.zero_grad()
+        out = enc(inp)
+        (out * r).sum().backward()
+        return out.detach(), [p.grad.clone() for p in enc.parameters()]
+
+    want = run(x)
+    enc.compile()
+    assert enc.reads_sparse(csr)
+    compiled = [m for m in enc.modules() if getattr(m, "_compiled_call_impl", None)]
+    assert len(compiled) == 2 + len(enc.network) - 1  # (BatchNorm, PReLU; each later block)
+    for inp in (csr, x):
+        out, grads = run(inp)
+        torch.testing.assert_close(out, want[0], atol=1e-5, rtol=1e-5)
+        for got, ref in zip(grads, want[1], strict=True):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_sparse_input_gradients_match_dense():

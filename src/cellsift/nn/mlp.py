@@ -56,9 +56,7 @@ class MLPEncoder(nn.Module):
             return nn.functional.normalize(self.network(dense), dim=1)
         from ._sparse_cpu import csr_linear
 
-        block0 = self.network[0]  # (a bare Linear without hidden layers)
-        first = list(block0) if isinstance(block0, nn.Sequential) else [block0]
-        at = next(i for i, m in enumerate(first) if isinstance(m, nn.Linear))
+        first, at = self._first_block()
         linear = first[at]
         assert isinstance(linear, nn.Linear)
         if x_ng.shape[1] != linear.in_features:  # (the kernel reads the weight by gene)
@@ -100,16 +98,23 @@ class MLPEncoder(nn.Module):
     def _weight_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def _first_block(self) -> tuple[list[nn.Module], int]:
+        """The first block's layers (a bare Linear without hidden layers) and where its
+        Linear is among them."""
+        block0 = self.network[0]
+        first = list(block0) if isinstance(block0, nn.Sequential) else [block0]
+        return first, next(i for i, m in enumerate(first) if isinstance(m, nn.Linear))
+
     def reads_sparse(self, x_ng: torch.Tensor) -> bool:
         """Will :meth:`forward` read this batch's stored values only (CSR counts on the CPU,
-        a float32 model, no gradient asked for the counts, not under ``torch.compile``)."""
+        a float32 model, no gradient asked for the counts, not traced by ``torch.compile``:
+        :meth:`compile` leaves the first layer out of its graphs)."""
         return (
             x_ng.layout == torch.sparse_csr
             and x_ng.device.type == "cpu"
             and self._weight_dtype() == torch.float32
             and not x_ng.requires_grad
             and not torch.compiler.is_compiling()
-            and not getattr(self, "_compiled", False)
         )
 
     def _weight_gh(self, weight_hg: torch.Tensor) -> np.ndarray:
@@ -124,10 +129,15 @@ class MLPEncoder(nn.Module):
         return buf
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
-        """``torch.compile`` this encoder; its compiled graph takes dense batches only (a
-        sparse batch does not trace), so :meth:`reads_sparse` then says no."""
-        self._compiled = True
-        super().compile(*args, **kwargs)
+        """``torch.compile`` this encoder's layers after its first Linear (the first block's
+        rest and each later block), leaving the input dropout and the first Linear as they
+        run: on the CPU they read a sparse batch's stored values, which a compiled graph
+        would densify (the first layer then multiplies every gene: training ran at 0.68x
+        the uncompiled speed on 28,000 genes); elsewhere the first layer is one dense
+        product either way."""
+        first, at = self._first_block()
+        for m in [*first[at + 1 :], *list(self.network)[1:]]:
+            m.compile(*args, **kwargs)
 
 
 class MLPDecoder(nn.Module):
