@@ -329,7 +329,7 @@ def test_demo_settings_and_a_stopped_demo(synthetic_h5ad, tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--out", str(tmp_path / "a_file" / "x"), "--n-cells", "2000"]) == 2
     said = capsys.readouterr().err.strip().splitlines()
-    assert len(said) == 1 and "give --out a folder this user may write" in said[0]
+    assert len(said) == 1 and "name a folder this user may write (cellsift demo --out)" in said[0]
 
 
 def test_the_demo_without_its_extra_and_without_the_data_says_so(tmp_path, monkeypatch, capsys):

@@ -86,8 +86,8 @@ def run_demo(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # (a file there, a file on the way, a folder not this user's)
         raise ConfigError(
-            f"the demo cannot make its output folder {out} ({err.strerror or err}): give "
-            "--out a folder this user may write."
+            f"the demo cannot make its output folder {out} ({err.strerror or err}): name a "
+            "folder this user may write (cellsift demo --out)."
         ) from None
     h5ad, group_key, what = _source(out, synthetic, n_cells)
     print(f"cellsift demo on {what}")

@@ -1135,7 +1135,7 @@ class CellIndex:
         (:meth:`_check_added`) and it was not rebuilt since, say so again."""
         added = self.params.get("added_recall")
         target = float(self.params.get("target_recall", 0.99))
-        if is_number(added) and added < target - ADDED_RECALL_SLACK:
+        if added is not None and float(added) < target - ADDED_RECALL_SLACK:
             warn(
                 f"{root}: cells added to this IVF index after its lists were trained were "
                 f"found at a recall of {added:.1%}, short of the {target:.1%} it was "
