@@ -537,6 +537,37 @@ def test_fit_argument_errors_are_one_line(extra, message, capsys):
     assert message in err and err.rstrip().endswith("(cellsift fit --help lists the options).")
 
 
+def test_a_commands_line_on_stderr_is_one_write(monkeypatch):
+    """The error, stop and interrupt lines go to stderr in one write each: under DDP every
+    rank says the run's error, and two writes a line (print's text, then its newline)
+    from two processes to the shared stderr joined two ranks' lines into one."""
+    import io
+    import sys
+
+    from cellsift.cli import _error, _interrupted, _stopped
+    from cellsift.errors import ConfigError, TrainingInterrupted
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, text):
+            self.calls.append(text)
+            return super().write(text)
+
+    for say in (
+        lambda: _error("fit", ConfigError("cell 7 holds nan")),
+        lambda: _interrupted("convert"),
+        lambda: _stopped("fit", TrainingInterrupted("stopped", checkpoint=None, step=3, signal=2)),
+    ):
+        err = Writes()
+        monkeypatch.setattr(sys, "stderr", err)
+        say()
+        assert len(err.calls) == 1 and err.calls[0].count("\n") == 1, err.calls
+        assert err.calls[0].endswith("\n") and err.calls[0].startswith("cellsift ")
+
+
 def test_fit_names_its_own_options_for_data_that_are_not_counts(tmp_path, capsys):
     """The count check's hint names the options of fit (LightningCLI's keys), not Python's."""
     from cellsift.datasets import synthetic_atlas

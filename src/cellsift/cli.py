@@ -614,14 +614,14 @@ def _interrupted(command: str, sigterm: bool = False) -> int:
     """Ctrl-C (exit status 130) or SIGTERM (143): one line (outputs are written atomically:
     an interrupted one is not left in place)."""
     how = "terminated" if sigterm else "interrupted"
-    print(f"cellsift {command}: {how}; no partial output was left in place.", file=sys.stderr)
+    _say(f"cellsift {command}: {how}; no partial output was left in place.")
     return 143 if sigterm else 130
 
 
 def _stopped(command: str, err: TrainingInterrupted) -> int:
     """Training stopped on a signal, its state saved: the library's message (where the
     state is, how to resume) and the signal's exit status (143 SIGTERM, 130 SIGINT)."""
-    print(f"cellsift {command}: {err}", file=sys.stderr)
+    _say(f"cellsift {command}: {err}")
     return err.exit_status
 
 
@@ -802,8 +802,16 @@ def _error(command: str, err: BaseException) -> int:
     for option, hints in _NOT_OPTIONS.items():
         for python, without in hints if option not in options else ():
             text = text.replace(python, without)
-    print(f"cellsift {command}: error: {text}", file=sys.stderr)
+    _say(f"cellsift {command}: error: {text}")
     return 2
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr in one write. Under DDP every rank says the run's error: print's
+    two writes (the text, then the newline) to the shared, unbuffered stderr interleaved
+    two ranks' lines into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
