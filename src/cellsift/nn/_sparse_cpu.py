@@ -24,38 +24,43 @@ from .._numba import njit_cached
 _BLOCK_BYTES = 8 << 20
 
 
+@numba.njit(inline="always")
+def _add_scaled_rows(o, data, indices, rows, start, stop):  # type: ignore[no-untyped-def]
+    """o += sum over q in [start, stop) of data[q] * rows[indices[q]]: four stored values per
+    pass over ``o`` (a quarter of its loads and stores), each added in turn, so that for
+    float32 values and rows (what the kernels are given) the sums are those of one value at
+    a time, rounded in the same order."""
+    h = o.shape[0]
+    q = start
+    while q + 3 < stop:
+        v0, v1, v2, v3 = data[q], data[q + 1], data[q + 2], data[q + 3]
+        r0, r1 = rows[indices[q]], rows[indices[q + 1]]
+        r2, r3 = rows[indices[q + 2]], rows[indices[q + 3]]
+        for k in range(h):
+            t = o[k] + v0 * r0[k]
+            t = t + v1 * r1[k]
+            t = t + v2 * r2[k]
+            o[k] = t + v3 * r3[k]
+        q += 4
+    while q < stop:
+        v = data[q]
+        r = rows[indices[q]]
+        for k in range(h):
+            o[k] += v * r[k]
+        q += 1
+
+
 @njit_cached(parallel=True, nogil=True)
 def _csr_times_rows(indptr, indices, data, w_gh, gene_bounds, out):  # type: ignore[no-untyped-def]
     """out[i, :] += sum over stored (i, g, v) of v * w_gh[g, :]; row indices sorted per row."""
     n = len(indptr) - 1
-    h = w_gh.shape[1]
     for block in range(len(gene_bounds) - 1):
         g0, g1 = gene_bounds[block], gene_bounds[block + 1]
         for i in numba.prange(n):
             start, stop = indptr[i], indptr[i + 1]
             lo = start + np.searchsorted(indices[start:stop], g0)
             hi = start + np.searchsorted(indices[start:stop], g1)
-            o = out[i]
-            q = lo
-            # four stored values per pass over the output row (a quarter of its loads and
-            # stores), each added in turn: for float32 values and weights (what csr_linear
-            # passes) the same sums, rounded in the same order
-            while q + 3 < hi:
-                v0, v1, v2, v3 = data[q], data[q + 1], data[q + 2], data[q + 3]
-                w0, w1 = w_gh[indices[q]], w_gh[indices[q + 1]]
-                w2, w3 = w_gh[indices[q + 2]], w_gh[indices[q + 3]]
-                for k in range(h):
-                    t = o[k] + v0 * w0[k]
-                    t = t + v1 * w1[k]
-                    t = t + v2 * w2[k]
-                    o[k] = t + v3 * w3[k]
-                q += 4
-            while q < hi:
-                v = data[q]
-                w = w_gh[indices[q]]
-                for k in range(h):
-                    o[k] += v * w[k]
-                q += 1
+            _add_scaled_rows(out[i], data, indices, w_gh, lo, hi)
 
 
 @njit_cached(parallel=True, nogil=True)
@@ -96,27 +101,7 @@ def _csc_weight_grad(indptr, indices, data, g_nh, out_hg):  # type: ignore[no-un
         width = min(_GRAD_GENES, n_genes - g0)
         acc = np.zeros((_GRAD_GENES, h), dtype=np.float32)
         for t in range(width):
-            o = acc[t]
-            q, stop = indptr[g0 + t], indptr[g0 + t + 1]
-            # four stored values per pass over the buffer's row, each added in turn (as
-            # _csr_times_rows): for float32 values and gradients (what the backward passes)
-            # the same sums, rounded in the same order
-            while q + 3 < stop:
-                v0, v1, v2, v3 = data[q], data[q + 1], data[q + 2], data[q + 3]
-                r0, r1 = g_nh[indices[q]], g_nh[indices[q + 1]]
-                r2, r3 = g_nh[indices[q + 2]], g_nh[indices[q + 3]]
-                for k in range(h):
-                    s = o[k] + v0 * r0[k]
-                    s = s + v1 * r1[k]
-                    s = s + v2 * r2[k]
-                    o[k] = s + v3 * r3[k]
-                q += 4
-            while q < stop:
-                v = data[q]
-                row = g_nh[indices[q]]
-                for k in range(h):
-                    o[k] += v * row[k]
-                q += 1
+            _add_scaled_rows(acc[t], data, indices, g_nh, indptr[g0 + t], indptr[g0 + t + 1])
         for k in range(h):
             for t in range(width):
                 out_hg[k, g0 + t] = acc[t, k]
