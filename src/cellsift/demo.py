@@ -32,8 +32,9 @@ __all__ = ["MIN_CELLS", "run_demo"]
 
 #: The smallest synthetic atlas the demo runs on.
 MIN_CELLS = 2_000
-#: The synthetic atlas of a demo without the real data: about as long to run as Kang's.
-SYNTHETIC_CELLS = 20_000
+#: The synthetic atlas of a demo without the real data: about as long to run as Kang's
+#: (9,913 cells trained on against 9,523: 4 min 9 s against 4 min 32 s on 2 cores).
+SYNTHETIC_CELLS = 12_000
 #: The demo's epochs of training.
 EPOCHS = 40
 
