@@ -197,6 +197,7 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
         **SMALL_ATLAS_LOADER,
         obs_filter=lambda obs: (obs[group_key].astype(str) != held).to_numpy(),
     )
+    fit_dir = out / "fit"  # (a stop's checkpoint, removed: the demo does not resume)
     t = time.perf_counter()
     try:
         model.train(
@@ -208,13 +209,13 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
             enable_progress_bar=False,
             enable_model_summary=False,
             enable_checkpointing=False,
-            default_root_dir=out / "fit",
+            default_root_dir=fit_dir,
         )
     except TrainingInterrupted as err:  # the demo does not resume: its state is not kept
         if err.checkpoint is not None:
             Path(err.checkpoint).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # (its folder, where nothing else is in it)
-            (out / "fit").rmdir()
+            fit_dir.rmdir()
         name = signal.Signals(err.signal).name if err.signal is not None else "a signal"
         raise TrainingInterrupted(
             f"the demo stopped on {name} while training (after step {err.step}); run "

@@ -266,10 +266,9 @@ def _remove_untrained_run() -> None:
     trainer, runs = getattr(_FIT, "run", None) or (None, None)
     if trainer is None or runs is None or trainer.logger is None:
         return
-    begun = getattr(trainer.lightning_module, "_batches_begun", None)
-    if begun is None:  # (another plan: the loop's count, a resumed run's included)
-        begun = trainer.fit_loop.epoch_loop.batch_progress.total.started
-    if begun:
+    # (the plan's own count: the loop's restores a resumed run's; none: the plan was never
+    # attached, nothing written)
+    if getattr(trainer.lightning_module, "_batches_begun", 0):
         return  # (it trained: what it logged is kept)
     root, before, events = runs
     with contextlib.suppress(OSError):
