@@ -624,7 +624,7 @@ class KNNAnnotator:
             return index, True  # (no calibration of a search it would not make)
         params = index.params
         calibrated = int(params.get("calibrated_k") or 0)
-        probe, rerank = index._nprobe_for(self.k), int(params.get("rerank", 1))
+        probe, rerank = index._nprobe_for(self.k), index._rerank_factor()
         target = float(params.get("target_recall") or 0.99)
         mine = index._searcher()
         with warnings.catch_warnings():  # (short of the target: said below, searched exactly)
@@ -645,7 +645,7 @@ class KNNAnnotator:
             return index, True
         mine.params.update(
             nprobe=max(int(mine.params["nprobe"]), probe),
-            rerank=max(int(mine.params.get("rerank", 1)), rerank),
+            rerank=max(mine._rerank_factor(), rerank),
         )
         if mine.params["nprobe"] > probe or mine.params["rerank"] > rerank:
             logger.info(

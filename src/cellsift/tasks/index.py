@@ -953,7 +953,12 @@ class CellIndex:
         calibrated for (whose recall holds for fewer neighbours too)."""
         kk = min(k, self.n_cells)
         calibrated = int(self.params.get("calibrated_k") or 0)
-        return min(int(self.params.get("rerank", 1)) * max(kk, calibrated), self.n_cells)
+        return min(self._rerank_factor() * max(kk, calibrated), self.n_cells)
+
+    def _rerank_factor(self) -> int:
+        """The re-rank factor searches use: 1 (the k best by their codes) for an index
+        saved without one."""
+        return int(self.params.get("rerank", 1))
 
     def _lists(self) -> tuple[np.ndarray, np.ndarray]:
         """Each indexed cell's IVF list and the lists' centroids, kept until the lists
@@ -1118,7 +1123,7 @@ class CellIndex:
         rng = np.random.default_rng(0)
         rows = start + np.sort(rng.choice(added, min(added, ADDED_SAMPLE), replace=False))
         reached = self._recall_of(rows, k)[2](
-            int(self.params["nprobe"]), int(self.params.get("rerank", RERANK))
+            int(self.params["nprobe"]), self._rerank_factor()
         )
         target = float(self.params.get("target_recall", 0.99))
         if reached < target - ADDED_RECALL_SLACK:
