@@ -285,7 +285,14 @@ def test_demo_settings_and_a_stopped_demo(synthetic_h5ad, tmp_path, capsys):
     import threading
     import time
 
-    from cellsift.demo import _source, _train_and_annotate, run_demo
+    from cellsift.demo import (
+        EPOCHS,
+        MIN_CELLS,
+        SYNTHETIC_CELLS,
+        _source,
+        _train_and_annotate,
+        run_demo,
+    )
     from cellsift.errors import ConfigError, TrainingInterrupted
 
     with pytest.raises(SystemExit, match="2"):
@@ -309,6 +316,12 @@ def test_demo_settings_and_a_stopped_demo(synthetic_h5ad, tmp_path, capsys):
     with pytest.raises(SystemExit, match="2"):
         main(["demo", "--n-cells", "200", "--out", str(tmp_path)])
     assert "--n-cells: must be at least 2000, not 200" in capsys.readouterr().err
+    # its help gives the defaults the demo takes (hunt192: a synthetic atlas of 20000 cells)
+    with pytest.raises(SystemExit, match="0"):
+        main(["demo", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"(default with --synthetic: {SYNTHETIC_CELLS})" in said
+    assert f"(default: {EPOCHS};" in said and f"(>= {MIN_CELLS})" in said
 
     def sigterm_once_training() -> None:
         while "StopRequest" not in repr(signal.getsignal(signal.SIGTERM)):
@@ -406,6 +419,10 @@ def test_demo_runs_on_a_synthetic_atlas(tmp_path):
     assert "split by 'dataset_id'" in proc.stdout
     assert "ontology-aware calls:" in proc.stdout and "unknown (distance threshold" in proc.stdout
     assert "cells, 4 epochs) ..." in proc.stdout
+    # its progress: a line each epoch here (4 epochs), the last one's too (hunt192: none)
+    said = [line.split(":")[0].strip() for line in lines if line.startswith("    epoch ")]
+    assert said == ["epoch 1/4", "epoch 2/4", "epoch 3/4", "epoch 4/4"]
+    assert "validation loss" in proc.stdout and "silhouette" in proc.stdout
     assert (tmp_path / "umap.png").stat().st_size > 0
     assert (tmp_path / "metric_model" / "model.safetensors").exists()
 

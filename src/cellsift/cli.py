@@ -474,19 +474,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_annotate)
 
+    from .demo import EPOCHS, MIN_CELLS, SYNTHETIC_CELLS
+
     p = sub.add_parser("demo", help="run the main job on the real data (or a synthetic atlas)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--synthetic", action="store_true", help="use a synthetic atlas")
     p.add_argument(
         "--n-cells",
-        type=_at_least(2_000),
-        help="a synthetic atlas of this many cells (>= 2000), even where the real data is "
-        "found (default with --synthetic: 20000)",
+        type=_at_least(MIN_CELLS),
+        help=f"a synthetic atlas of this many cells (>= {MIN_CELLS}), even where the real data "
+        f"is found (default with --synthetic: {SYNTHETIC_CELLS})",
     )
     p.add_argument(
         "--epochs",
         type=_at_least(1),
-        help="epochs of training (default: 40; fewer: a quicker run, a weaker model)",
+        help=f"epochs of training (default: {EPOCHS}; fewer: a quicker run, a weaker model)",
     )
     p.set_defaults(func=_demo)
     return parser

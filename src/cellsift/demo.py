@@ -16,19 +16,15 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from ._utils import import_optional
-from .data import CellCollection, CellLoader, IterableCellDataset
-from .data.convert import convert
-from .data.datamodule import CellDataModule
-from .datasets import synthetic_atlas
 from .errors import ConfigError, TrainingInterrupted
-from .ontology import load_cell_ontology
-from .transforms import default_pipeline
 
-__all__ = ["MIN_CELLS", "run_demo"]
+# (the library is imported as the demo runs: the command line reads the settings below
+# without it)
+
+__all__ = ["EPOCHS", "MIN_CELLS", "SYNTHETIC_CELLS", "run_demo"]
 
 #: The smallest synthetic atlas the demo runs on.
 MIN_CELLS = 2_000
@@ -41,7 +37,7 @@ EPOCHS = 40
 
 def _source(out: Path, synthetic: bool, n_cells: int | None) -> tuple[Path, str, str]:
     """(h5ad path, study/donor column, description)."""
-    from .datasets import SYNTHETIC_VERSION, shared_data_path
+    from .datasets import SYNTHETIC_VERSION, shared_data_path, synthetic_atlas
 
     if not synthetic and n_cells is None:
         try:
@@ -82,6 +78,14 @@ def run_demo(
             f"the demo needs at least {MIN_CELLS:,} cells (a held-out study, and validation "
             f"studies with enough cells to calibrate the abstention threshold), not {n_cells:,}."
         )
+    import numpy as np
+
+    from .data import CellCollection, CellLoader, IterableCellDataset
+    from .data.convert import convert
+    from .data.datamodule import CellDataModule
+    from .ontology import load_cell_ontology
+    from .transforms import default_pipeline
+
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -168,13 +172,16 @@ def run_demo(
 def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPOCHS) -> None:
     """Hold one donor (or study) out, train a MetricModel, annotate the held-out cells by kNN."""
     import anndata as ad
+    import numpy as np
     import pandas as pd
     import scanpy as sc
     import torch
     from sklearn.metrics import f1_score
     from sklearn.neighbors import KNeighborsClassifier
 
+    from .data.datamodule import CellDataModule
     from .models import SMALL_ATLAS_LOADER, SMALL_ATLAS_MODEL, MetricModel
+    from .ontology import load_cell_ontology
     from .tasks import UNKNOWN, CellIndex, KNNAnnotator
 
     label_key = "cell_type_ontology_term_id"
@@ -210,6 +217,7 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
             enable_model_summary=False,
             enable_checkpointing=False,
             default_root_dir=fit_dir,
+            callbacks=[_epoch_lines(epochs)],
         )
     except TrainingInterrupted as err:  # the demo does not resume: its state is not kept
         if err.checkpoint is not None:
@@ -276,12 +284,57 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
     print(f"  UMAP of the embedding -> {out / 'umap.png'}; model bundle -> {out / 'metric_model'}")
 
 
-def _umap_png(
-    z: np.ndarray, *, names: np.ndarray, held: np.ndarray, title: str, path: Path
-) -> None:
+#: Lines the demo prints as it trains, at most (one every few epochs, and the last).
+PROGRESS_LINES = 8
+
+
+def _epoch_lines(epochs: int) -> Any:
+    """A callback printing the training's progress every few epochs (about
+    :data:`PROGRESS_LINES` lines in all, the last epoch's among them): the epoch's mean
+    training loss, the validation loss and silhouette, and the time since training began."""
+    import lightning.pytorch as pl
+
+    every = max(1, -(-epochs // PROGRESS_LINES))
+
+    class EpochLines(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            self.began, self.said = time.perf_counter(), 0
+
+        def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            # (current_epoch: the epochs ended, each one's scalars logged by now)
+            if trainer.current_epoch and trainer.current_epoch % every == 0:
+                self.say(trainer, trainer.current_epoch)
+
+        def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            if trainer.current_epoch > self.said:
+                self.say(trainer, trainer.current_epoch)
+
+        def say(self, trainer: pl.Trainer, done: int) -> None:
+            self.said = done
+            got = trainer.callback_metrics
+            parts = [
+                f"{what} {float(got[key]):.4f}"
+                for key, what in (
+                    ("train/loss_epoch", "loss"),
+                    ("val/loss", "validation loss"),
+                    ("val/asw", "silhouette"),
+                )
+                if key in got
+            ]
+            print(
+                f"    epoch {done:{len(str(epochs))}d}/{epochs}: {', '.join(parts)} "
+                f"({time.perf_counter() - self.began:.0f} s)",
+                flush=True,
+            )
+
+    return EpochLines()
+
+
+def _umap_png(z: Any, *, names: Any, held: Any, title: str, path: Path) -> None:
     """UMAP of the embedding (cosine), coloured by cell type and by held-out cells."""
     import anndata as ad
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1122,9 +1122,7 @@ class CellIndex:
             return
         rng = np.random.default_rng(0)
         rows = start + np.sort(rng.choice(added, min(added, ADDED_SAMPLE), replace=False))
-        reached = self._recall_of(rows, k)[2](
-            int(self.params["nprobe"]), self._rerank_factor()
-        )
+        reached = self._recall_of(rows, k)[2](int(self.params["nprobe"]), self._rerank_factor())
         target = float(self.params.get("target_recall", 0.99))
         if reached < target - ADDED_RECALL_SLACK:
             lowest = min(reached, float(self.params.get("added_recall", 1.0)))
