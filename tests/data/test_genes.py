@@ -132,20 +132,29 @@ def test_a_model_query_leaves_out_only_the_genes_a_shared_name_makes_ambiguous()
     n = 40
     vocab = GeneVocabulary([_ens(i) for i in range(n)], [f"S{i}" for i in range(n)])
     ids = [_ens(i) if i % 4 else _ens(1000 + i) for i in range(n)] + [_ens(999)]
-    symbols = [f"S{i}" for i in range(n)] + ["S5"]  # a second locus named S5
+    symbols = [f"S{i}" for i in range(n)] + ["S4"]  # a second locus named S4
     var = pd.DataFrame({"gene_symbols": symbols}, index=ids)
     with pytest.warns(  # (cellsift's: one line on the command line)
-        CellsiftWarning, match=r"1 of the model's genes .*\['S5'\].*var\['gene_symbols'\]"
+        CellsiftWarning, match=r"1 of the model's genes .*\['S4'\].*var\['gene_symbols'\]"
     ):
         gm = vocab.align(var, of="vocabulary", min_overlap=0.5)
     assert gm.key == "gene_symbols->symbols" and gm.n_matched == n - 1
-    want = [i if i != 5 else -1 for i in range(n)] + [-1]
+    want = [i if i != 4 else -1 for i in range(n)] + [-1]
     np.testing.assert_array_equal(gm.col_map, want)
     # within an atlas's stores the same names are an error that names the column
     with pytest.raises(
-        GeneAlignmentError, match=r"duplicate gene ids .*\['S5'\].*var\['gene_symbols'\]"
+        GeneAlignmentError, match=r"duplicate gene ids .*\['S4'\].*var\['gene_symbols'\]"
     ):
         vocab.align(var)
+    # a shared symbol whose gene's id is the model's: matched by its id, no warning
+    import warnings
+
+    var = pd.DataFrame({"gene_symbols": [*symbols[:n], "S5"]}, index=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = vocab.align(var, of="vocabulary", min_overlap=0.5)
+    assert gm.key == "gene_symbols->symbols (+1 by var_names->ids)" and gm.n_matched == n
+    np.testing.assert_array_equal(gm.col_map, [*range(n), -1])
 
 
 def test_missing_names_match_nothing():
@@ -286,8 +295,12 @@ def test_a_models_query_needs_half_its_genes_or_5000():
         GeneAlignmentError, match=r"all 300 of its genes are the model's, but .* only 300 of"
     ):
         vocab.align(panel, of="vocabulary")
-    with pytest.raises(GeneAlignmentError, match=r"only 299 of its 300 genes match the model's"):
+    with pytest.raises(GeneAlignmentError, match=r"299 of its 300 genes are the model's, but"):
         vocab.align(_var([*vocab.genes[:299], "ENSG99999999999"]), of="vocabulary")
+    with pytest.raises(GeneAlignmentError, match=r"only 299 of its 400 genes match the model's"):
+        vocab.align(
+            _var([*vocab.genes[:299], *(_ens(50_000 + i) for i in range(101))]), of="vocabulary"
+        )
     with pytest.warns(CellsiftWarning, match=r"5500 of the model's 12000 genes are found \(46%"):
         gm = vocab.align(_var(list(vocab.genes[:5_500])), of="vocabulary")
     assert gm.n_matched == 5_500
@@ -407,3 +420,95 @@ def test_a_vocabulary_given_with_a_gene_twice_is_a_config_error(tmp_path):
     genes = list(adata.var_names)
     with pytest.raises(ConfigError, match=r"genes= .*duplicate ids.*make them unique"):
         CellCollection(adata, genes=[genes[0], genes[0], *genes[1:]])
+
+
+def test_names_padded_with_spaces_match_their_genes():
+    """Gene names with spaces or tabs around them (a hand-edited table, a spreadsheet's
+    export) are read as the names they pad, in a store and in a vocabulary alike (hunt194:
+    30% of a store's symbols padded read as 0, unsaid); one that then equals another name
+    keeps its spelling (the one written so is the gene)."""
+    symbols = ["TP53", "CD4", "BRCA1", "GAPDH"]
+    vocab = GeneVocabulary([_ens(i) for i in range(4)], symbols)
+    gm = vocab.align(_var(["TP53 ", " CD4", "\tBRCA1\t", "GAPDH"]), of="vocabulary")
+    assert gm.key == "var_names->symbols" and gm.n_matched == 4
+    np.testing.assert_array_equal(gm.col_map, [0, 1, 2, 3])
+    gm = vocab.align(_var(["TP53", "TP53 ", "CD4", "BRCA1", "GAPDH"]), of="vocabulary")
+    np.testing.assert_array_equal(gm.col_map, [0, -1, 1, 2, 3])
+    # padded ids, in the store or in the vocabulary (versions stripped as ever)
+    gm = vocab.align(_var([f" {_ens(i)}.3 " for i in range(4)]), of="vocabulary")
+    assert gm.key == "var_names->ids"
+    np.testing.assert_array_equal(gm.col_map, [0, 1, 2, 3])
+    padded = GeneVocabulary([f"{_ens(i)} " for i in range(4)], [" TP53", "CD4", "BRCA1", "GAPDH"])
+    np.testing.assert_array_equal(padded.align(_var([_ens(3), _ens(1)])).col_map, [3, 1])
+    np.testing.assert_array_equal(padded.align(_var(["GAPDH", "TP53"])).col_map, [3, 0])
+    # a vocabulary of a store's symbols reads them so too
+    var = pd.DataFrame({"feature_name": ["TP53 ", "CD4"]}, index=[_ens(0), _ens(1)])
+    assert GeneVocabulary.from_var(var).symbols.tolist() == ["TP53", "CD4"]
+
+
+def test_ensembl_ids_in_a_column_of_any_name_are_matched():
+    """Ensembl ids in a var column not among the usual names (scanpy's concatenate writes
+    'gene_ids-0'): matched as the usual id columns are, for a query and for a vocabulary
+    made of the store (hunt194: aligned by the symbols, 83 of 1,287 genes otherwise)."""
+    ids = [_ens(i) for i in range(100)]
+    vocab = GeneVocabulary(ids, [f"S{i}" for i in range(100)])
+    symbols = [f"S{i}" if i % 5 else f"OLD{i}" for i in range(100)]  # (some renamed since)
+    for column in ("gene_ids-0", "ensembl"):
+        var = pd.DataFrame({column: ids[::-1]}, index=symbols[::-1])
+        gm = vocab.align(var, of="vocabulary")
+        assert gm.key == f"{column}->ids" and gm.n_matched == 100
+        np.testing.assert_array_equal(gm.col_map, np.arange(100)[::-1])
+        made = GeneVocabulary.from_var(var)
+        assert made.genes.tolist() == ids[::-1] and made.symbols.tolist() == symbols[::-1]
+    # a column of numbers or of other text is no candidate (nor an error)
+    var = pd.DataFrame({"n_cells": np.arange(100), "kind": "Gene Expression"}, index=ids)
+    assert vocab.align(var).key == "var_names->ids"
+
+
+def test_genes_whose_id_changed_are_matched_by_their_symbol():
+    """A store matched by ids, whose ids for some genes are another release's: those genes
+    are matched by their symbols, where a symbol names one gene on each side and neither
+    gene is matched otherwise (hunt194: CCL5, TXNIP, PSMB3 read as 0, their symbols the
+    model's). A symbol whose gene is matched by id already, or that names two of the
+    store's genes, matches nothing more."""
+    ids = [_ens(i) for i in range(100)]
+    vocab = GeneVocabulary(ids, [f"S{i}" for i in range(100)])
+    new_ids = [_ens(1000 + i) if i < 10 else ids[i] for i in range(100)]
+    symbols = [f"S{i}" if i < 80 else f"NEW{i}" for i in range(100)]  # (renamed since)
+    var = pd.DataFrame({"gene_ids": new_ids}, index=symbols)
+    gm = vocab.align(var, of="vocabulary")
+    assert gm.n_matched == 100 and gm.key == "gene_ids->ids (+10 by var_names->symbols)"
+    np.testing.assert_array_equal(gm.col_map, np.arange(100))
+    # S0's id matched by gene 100 of the store; S1 named twice: neither is filled in
+    var = pd.DataFrame({"gene_ids": [*new_ids, ids[0], _ens(2000)]}, index=[*symbols, "X", "S1"])
+    gm = vocab.align(var, of="vocabulary")
+    assert gm.col_map[100] == 0 and gm.col_map[0] == -1  # (its id, not its symbol)
+    assert gm.col_map[1] == gm.col_map[101] == -1
+    np.testing.assert_array_equal(gm.col_map[2:100], np.arange(2, 100))
+    assert gm.n_matched == 99 and gm.identity is False
+
+
+def test_a_subset_of_the_models_genes_is_told_as_one():
+    """Nearly every gene of a query the model's, but too few of the model's: the message
+    says it is a panel or a subset (hunt194: one gene not the model's sent it to the
+    message about kinds of ids and species, naming var_names though ids had matched)."""
+    vocab = GeneVocabulary([_ens(i) for i in range(12_000)], [f"S{i}" for i in range(12_000)])
+    var = pd.DataFrame({"gene_ids": [*vocab.genes[:1150], *(_ens(50_000 + i) for i in range(50))]})
+    var.index = [*(f"S{i}" for i in range(1150)), *(f"X{i}" for i in range(50))]
+    with pytest.raises(GeneAlignmentError) as err:
+        vocab.align(var, source="kang.h5ad", of="vocabulary")
+    said = str(err.value)
+    assert said.startswith("kang.h5ad: 1150 of its 1200 genes are the model's, but they are only")
+    assert "a gene panel or a subset" in said and "species" not in said
+
+
+def test_symbols_in_lower_case_are_told_to_be_upper_cased_where_the_models_are():
+    """A human model's symbols, written in lower case by the data (cd3e): the error offers
+    upper-casing (with the species caveat), not only orthologues (hunt194)."""
+    symbols = [f"GENE{i}" for i in range(100)]
+    vocab = GeneVocabulary([_ens(i) for i in range(100)], symbols=symbols)
+    with pytest.raises(GeneAlignmentError) as err:
+        vocab.align(_var([s.lower() for s in symbols[:80]]), of="vocabulary")
+    said = str(err.value)
+    assert "80 of its var_names match ignoring case" in said
+    assert "adata.var_names = adata.var_names.str.upper()" in said and "orthologues" in said

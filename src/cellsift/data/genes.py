@@ -50,19 +50,23 @@ def _names(values: pd.Index | pd.Series) -> pd.Index:
 
 
 _ODD = r"[\r\x00\ufeff]"  # a carriage return, a NUL, a byte order mark
+_MAYBE_ODD = re.compile(r"[\s\x00\ufeff]")  # (any of those, or white space)
 
 
 def _cleaned(names: pd.Index) -> pd.Index:
-    """Names as text editors leave them, read as they mean: a trailing carriage return
-    (text with Windows line ends) and a leading byte order mark (text saved "with BOM")
-    stripped. A name that then equals another name as written, or another such name, keeps
-    its spelling (the one written so is the gene; two alike would name neither), and so
-    does one holding either mark elsewhere, or a NUL (which names no gene)."""
+    """Names as text editors and spreadsheets leave them, read as they mean: white space
+    around them (a padded table; a trailing carriage return: text with Windows line ends)
+    and a leading byte order mark (text saved "with BOM") stripped. A name that then equals
+    another name as written, or another such name, keeps its spelling (the one written so
+    is the gene; two alike would name neither), and so does one holding a carriage return
+    or a byte order mark elsewhere, or a NUL (which names no gene)."""
     joined = "".join(names)  # (the common case, none: one scan in C, not one a name)
-    if "\r" not in joined and "\x00" not in joined and "\ufeff" not in joined:
+    if not _MAYBE_ODD.search(joined):
         return names
-    odd = np.asarray(names.str.contains(_ODD))
-    fixed = names[odd].str.removesuffix("\r").str.removeprefix("\ufeff")
+    odd = np.asarray(names.str.contains(_ODD)) | np.asarray(names.str.strip() != names)
+    if not odd.any():  # (white space within names only)
+        return names
+    fixed = names[odd].str.strip().str.removeprefix("\ufeff").str.strip()
     keep = ~fixed.str.contains(_ODD) & (fixed != "")
     keep &= ~fixed.isin(names[~odd]) & ~fixed.duplicated(keep=False)
     out = np.asarray(names, dtype=object).copy()
@@ -75,18 +79,43 @@ def _unambiguous(names: pd.Index) -> np.ndarray:
     return (names != "") & ~names.duplicated(keep=False)
 
 
+def _of_text(values: pd.Series) -> bool:
+    """Can a var column hold gene names (text, or categories of text)?"""
+    kind = values.dtype
+    if isinstance(kind, pd.CategoricalDtype):
+        kind = kind.categories.dtype
+    return pd.api.types.is_object_dtype(kind) or pd.api.types.is_string_dtype(kind)
+
+
+def id_columns(var: pd.DataFrame) -> list[str]:
+    """var's columns that may hold gene ids: the usual ones (:data:`ID_COLUMNS`), then any
+    other column of text whose first names are mostly Ensembl ids (scanpy's concatenate
+    writes ``gene_ids-0``), in var's order."""
+    usual = [c for c in ID_COLUMNS if c in var.columns]
+    return usual + [
+        c
+        for c in var.columns
+        if c not in GENE_COLUMNS
+        and _of_text(var[c])
+        and _mostly_ensembl(_names(var[c].iloc[:ID_SAMPLE]))
+    ]
+
+
+#: The names of a var column looked at to tell whether it holds ids (:func:`id_columns`).
+ID_SAMPLE = 200
+
+
 def id_column(var: pd.DataFrame) -> str | None:
     """The var column :meth:`GeneVocabulary.from_var` takes gene ids from: None where
-    var_names are Ensembl ids, else the first id column (:data:`ID_COLUMNS`) of unique
+    var_names are Ensembl ids, else the first id column (:func:`id_columns`) of unique
     Ensembl ids, if any."""
     if _mostly_ensembl(_names(var.index)):
         return None
     return next(
         (
             c
-            for c in ID_COLUMNS
-            if c in var.columns
-            and _mostly_ensembl(_names(var[c]))
+            for c in id_columns(var)
+            if _mostly_ensembl(_names(var[c]))
             and not var[c].isna().any()
             and not _names(var[c]).has_duplicates
         ),
@@ -121,6 +150,13 @@ def _strip_version(ids: pd.Index) -> pd.Index:
     return pd.Index(
         [g.split(".")[0] if "." in g and _ENSEMBL.match(g) else g for g in ids.astype(str)]
     )
+
+
+def _positions(target: pd.Index, names: pd.Index) -> np.ndarray:
+    """The vocabulary positions of ``names``, each one of ``target`` (the vocabulary's ids
+    or symbols, "" where a gene has none)."""
+    named = np.flatnonzero(target != "")
+    return named[target[named].get_indexer(names)]
 
 
 class DuplicateGenesError(ValueError):
@@ -260,15 +296,17 @@ class GeneVocabulary:
         """Vocabulary of a store's var: Ensembl ids where the store has them, and symbols.
 
         The ids are var_names, unless var_names are not Ensembl ids and an id column
-        (``gene_ids``, ``gene_id``, ``feature_id``, ``ensembl_id``) holds unique ones: then
+        (``gene_ids``, ``gene_id``, ``feature_id``, ``ensembl_id``, else any other column of
+        Ensembl ids: :func:`id_columns`) holds unique ones: then
         that column gives the ids and var_names the symbols (10x and the Kang 2018 data keep
         symbols as var_names, Ensembl ids in ``gene_ids``). Symbols otherwise come from the
         ``symbols`` column if given, else the first symbol column found (``feature_name``,
         ``gene_symbols``, ``gene_symbol``, ``gene_name``, ``symbol``). Symbols that name two
-        genes alike cannot identify genes, and are left out ("", as missing ones); so are
-        symbols holding a carriage return or a NUL after a trailing one is stripped (text
-        read with Windows line ends: "TP53\\r" is TP53), or a byte order mark after a
-        leading one is (text saved "with BOM", read as UTF-8), which no genes.tsv holds.
+        genes alike cannot identify genes, and are left out ("", as missing ones); white
+        space around a symbol is stripped ("TP53 " and, text read with Windows line ends,
+        "TP53\\r" are TP53), as is a leading byte order mark (text saved "with BOM", read
+        as UTF-8); symbols holding a carriage return, a byte order mark or a NUL still are
+        left out, which no genes.tsv holds.
         """
         names = _names(var.index)
         ids, syms = names, None
@@ -333,11 +371,16 @@ class GeneVocabulary:
     ) -> GeneMap:
         """Map the genes of ``var`` (a store's var table) onto this vocabulary.
 
-        var_names and the usual gene-id and symbol columns are each tried against the
-        vocabulary's ids and symbols (Ensembl versions ignored); the one that finds the most
-        vocabulary genes is used (on a tie, one without duplicates among its matches, so
-        that a symbols column that names two genes alike does not win over unique
-        var_names; then a match by ids over one by symbols; then var_names first).
+        var_names, the columns of ids (:func:`id_columns`) and the usual symbol columns are
+        each tried against the vocabulary's ids and symbols (Ensembl versions ignored, white
+        space around names stripped); the one that finds the most vocabulary genes is used
+        (on a tie, one without duplicates among its matches, so that a symbols column that
+        names two genes alike does not win over unique var_names; then a match by ids over
+        one by symbols; then var_names first). The store's genes it leaves unmatched are
+        then matched by the others, in the same order, onto vocabulary genes not matched
+        yet (a gene whose Ensembl id changed between releases, found by its symbol), each
+        by a name that names one gene of the store; ``GeneMap.key`` says how many so
+        (``"gene_ids->ids (+10 by var_names->symbols)"``).
         Duplicate ids among the matched genes are an error, as are too few matches, naming
         the store and the count:
 
@@ -355,13 +398,15 @@ class GeneVocabulary:
                 f"{source}: no genes (its var is empty, its counts 0 columns wide): there is "
                 "nothing to read. Use the cells' counts over genes."
             )
-        # (names as from_var reads a vocabulary's symbols: "TP53\r" is TP53 here too)
+        # (names as from_var reads a vocabulary's symbols: "TP53\r", "TP53 " are TP53 here too)
+        columns = id_columns(var) + [c for c in SYMBOL_COLUMNS if c in var.columns]
         candidates: list[tuple[str, pd.Index]] = [("var_names", _cleaned(_names(var.index)))]
-        candidates += [(c, _cleaned(_names(var[c]))) for c in GENE_COLUMNS if c in var.columns]
-        targets = [("ids", self._stripped())]
+        candidates += [(str(c), _cleaned(_names(var[c]))) for c in columns]
+        genes = _cleaned(self.genes)  # (a vocabulary's names padded: read so too)
+        targets = [("ids", self._stripped() if genes is self.genes else _strip_version(genes))]
         if self.symbols is not None:
-            targets.append(("symbols", self.symbols))
-        best: tuple[tuple[int, bool, bool], str, pd.Index, pd.Index, np.ndarray] | None = None
+            targets.append(("symbols", _cleaned(self.symbols)))
+        tried: list[tuple[tuple[int, bool, bool], str, pd.Index, pd.Index, np.ndarray]] = []
         for name, ids in candidates:
             ids = _strip_version(ids)
             for tname, tgt in targets:
@@ -370,13 +415,39 @@ class GeneVocabulary:
                 # (several genes of the store, so which one?); then ids over symbols
                 clear = hit & _unambiguous(ids)
                 score = (int(clear.sum()), bool(np.array_equal(hit, clear)), tname == "ids")
-                if best is None or score > best[0]:
-                    best = (score, f"{name}->{tname}", ids, tgt, hit)
-        assert best is not None
-        (n_matched, _, _), key, ids, target, hit = best
+                tried.append((score, f"{name}->{tname}", ids, tgt, hit))
+        # the best (on a tie, the first tried: var_names first)
+        order = sorted(range(len(tried)), key=lambda i: tried[i][0], reverse=True)
+        (n_matched, _, _), key, ids, target, hit = tried[order[0]]
         clear = hit & _unambiguous(ids)
-        shared = ids[hit & ~clear].unique()  # vocabulary genes named by several of var's
+        col_map = np.full(len(ids), -1, dtype=np.int64)
+        col_map[clear] = _positions(target, ids[clear])
+        # genes the best key leaves unmatched, matched by another (an id of another
+        # release, its symbol the vocabulary's): by names of one gene each, onto
+        # vocabulary genes not matched otherwise, the keys in the order of their matches
+        used = np.zeros(len(self), dtype=bool)
+        used[col_map[clear]] = True
+        filled = []
+        for i in order[1:]:
+            _, other, o_ids, o_target, o_hit = tried[i]
+            free = o_hit & _unambiguous(o_ids) & (col_map < 0)
+            if not free.any():
+                continue
+            at = np.flatnonzero(free)
+            pos = _positions(o_target, o_ids[at])
+            new = ~used[pos]
+            if new.any():
+                col_map[at[new]], used[pos[new]] = pos[new], True
+                filled.append(f"+{int(new.sum())} by {other}")
+        if filled:
+            key += f" ({', '.join(filled)})"
+        n_matched = int(used.sum())
+        # vocabulary genes named by several of var's (by the best key), matched by none
+        shared = ids[hit & ~clear].unique()
+        shared = shared[~used[_positions(target, shared)]] if len(shared) else shared
         column = key.split("->")[0]
+        if column not in dict(candidates):  # (a column named with "->": as tried)
+            column = next(c for c, _ in candidates if key.startswith(f"{c}->"))
         how = (
             "with adata.var_names_make_unique()" if column == "var_names" else f"in var['{column}']"
         )
@@ -410,22 +481,31 @@ class GeneVocabulary:
             if any(_ENSEMBL.match(g) for g in self.genes[:2000]):
                 held = self.symbols is not None and (self.symbols != "").any()
                 beside = ", with their symbols" if held else ", with no symbols beside them"
-            if n_matched == len(var) and of == "vocabulary":  # ids agree: too few genes
+            if n_matched >= MOSTLY * len(var) and of == "vocabulary":  # too few genes
+                mine = (
+                    f"all {n_matched} of its genes"
+                    if n_matched == len(var)
+                    else f"{n_matched} of its {len(var)} genes"
+                )
                 raise GeneAlignmentError(
-                    f"{source}: all {n_matched} of its genes are {what}, but they are only "
+                    f"{source}: {mine} are {what}, but they are only "
                     f"{n_matched} of {what} {len(self)} (need {int(np.ceil(need))}): the "
                     "data hold a gene panel or a subset (variable genes), not the whole "
                     "transcriptome the model reads. Use the data with all their genes: "
                     "point layer= at the raw counts where X holds the subset ('raw': "
                     "adata.raw)."
                 )
+            # (the names the best key matched, where they matched any)
+            names_of, names_are = var.index, "var_names are"
+            if n_matched and column != "var_names":
+                names_of, names_are = _names(var[column]), f"var['{column}'] holds"
             raise GeneAlignmentError(
                 f"{source}: only {n_matched} of its {len(var)} genes match {what} "
                 f"{len(self)} genes (need {int(np.ceil(need))}; best key {key}). Check that "
                 "both use the same kind of ids (Ensembl ids vs symbols) and species, and that "
                 "the data are not subset to a gene panel or to variable genes; a var column "
-                f"with Ensembl ids ({', '.join(ID_COLUMNS)}) is matched automatically. Its "
-                f"var_names are {_kind_of_names(var.index)}; {what} genes are "
+                f"of Ensembl ids ({', '.join(ID_COLUMNS)} or any other) is matched "
+                f"automatically. Its {names_are} {_kind_of_names(names_of)}; {what} genes are "
                 f"{_kind_of_names(self.genes)}{beside}.{self._case_hint(var, n_matched, need)}"
             )
         if of == "vocabulary" and n_matched < min_overlap * len(self):
@@ -441,9 +521,6 @@ class GeneVocabulary:
                 f"its genes ({key}), e.g. {shared[:5].tolist()}, so they read as 0. {fix}",
                 stacklevel=3,
             )
-        named = np.flatnonzero(target != "")
-        col_map = np.full(len(ids), -1, dtype=np.int64)
-        col_map[clear] = named[target[named].get_indexer(ids[clear])]
         identity = len(var) == len(self) and bool(np.array_equal(col_map, np.arange(len(self))))
         return GeneMap(col_map, n_matched, key, identity, len(self))
 
@@ -455,11 +532,26 @@ class GeneVocabulary:
         if self.symbols is not None:
             ours |= {str(g).casefold() for g in self.symbols if g}
         names = pd.Index(var.index.astype(str))
-        folded = int(names.str.casefold().isin(list(ours)).sum())
+        found = np.asarray(names.str.casefold().isin(list(ours)))
+        folded = int(found.sum())
         if folded < need or folded <= n_matched:
             return ""
-        return (
-            f" {folded} of its var_names match ignoring case (genes are matched as written): "
-            "mouse and human symbols differ so (Cd3e, CD3E): are the data of the model's "
-            "species? Map them to its genes (orthologues) rather than changing their case."
+        said = f" {folded} of its var_names match ignoring case (genes are matched as written): "
+        theirs = names[found]
+        if not (theirs == theirs.str.lower()).mean() >= MOSTLY:  # (mouse-style: Cd3e)
+            return said + (
+                "mouse and human symbols differ so (Cd3e, CD3E): are the data of the model's "
+                "species? Map them to its genes (orthologues) rather than changing their case."
+            )
+        # written in lower case (cd3e): the model's own genes, as some tools write them, or
+        # another species' (mouse symbols lower-cased)
+        upper = [g for g in (self.symbols if self.symbols is not None else self.genes) if g]
+        fix = (
+            "upper-case them (adata.var_names = adata.var_names.str.upper())"
+            if np.mean([g == g.upper() for g in upper[:2000]]) >= MOSTLY
+            else "write them as the model's genes are written"
+        )
+        return said + (
+            f"they are written in lower case. If they are genes of the model's species, {fix}; "
+            "if of another (mouse symbols lower-cased), map them to its genes (orthologues)."
         )
