@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import anndata as ad
@@ -311,7 +312,10 @@ def _summed(
             summed = block[keep[start : start + block.shape[0]]]
             values = summed.data if sp.issparse(summed) else np.asarray(summed).ravel()
             where = f"adata ({'X' if layer is None else layer})"
-            fix = f" {counts_of} sums raw counts: point layer= at them."
+            fix = (
+                f" {counts_of} sums raw counts: point layer= at them (or pass "
+                "check_counts=False to sum the values as they are)."
+            )
             check_count_values(values, where, fix)
         return block
 
@@ -352,7 +356,12 @@ def _group_labels(adata: ad.AnnData, groups: Any) -> Any:
         keep = isinstance(groups, pd.Index | pd.api.extensions.ExtensionArray)  # (categories)
         as_list = groups if keep else list(groups)
         values = pd.Series(as_list, dtype=None).array
-    if values.ndim != 1 or len(values) != adata.n_obs:
+    if values.ndim != 1:
+        raise ValueError(
+            f"groups is an array of shape {tuple(values.shape)}: pass one label per cell, "
+            "1-d (an obs column name, or the array raveled)."
+        )
+    if len(values) != adata.n_obs:
         raise ValueError(
             f"groups holds {len(values)} labels for {adata.n_obs} cells: pass one per cell "
             "(or an obs column name)."
@@ -371,6 +380,7 @@ def search_centroid(
     filter: Any = None,
     qc: bool = True,
     use_rep: str = "X_cellsift",
+    check_counts: bool = True,
 ) -> SearchResult:
     """Cells of the index nearest the centroid of a cell set: the set's counts summed
     (pseudobulk), embedded, searched. ``cells``: a boolean mask or obs names (default all).
@@ -382,6 +392,11 @@ def search_centroid(
     cluster's counts summed and embedded as the set's are, and compares those hits with
     the ones returned. Its ``cluster_n`` holds one cluster per cell of the set, in obs
     order: -1 for a cell without counts in the model's genes, which sits out the check.
+    The set's cells are read a block at a time (a backed AnnData is never read whole).
+
+    With ``check_counts``, each summed cell's values must be raw counts (a sum hides a
+    negative value beside a positive one); False sums them as they are (counts corrected
+    for ambient RNA, which are not whole numbers).
     """
     index.check_model(model)
     mask = np.ones(adata.n_obs, dtype=bool) if cells is None else cell_mask(adata, cells)
@@ -389,40 +404,65 @@ def search_centroid(
         raise ValueError("the cell set is empty; select at least one cell.")
     labels = np.full(adata.n_obs, None, dtype=object)
     labels[mask] = "centroid"
-    bulk = _summed(adata, labels, layer, "search_centroid")
+    bulk = _summed(adata, labels, layer, "search_centroid" if check_counts else None)
     result = index.search(_embed_bulk(model, bulk, "the cell set", False), k, filter=filter)
     if qc:
+        embedded = None
         if use_rep in adata.obsm:
             check_embedded_by(adata, use_rep, model)
-        # the set's cells; any without counts in the model's genes sit out the check (they
-        # would make a cluster of no counts), whether embedded here or in obsm
-        rows = np.flatnonzero(mask)
-        # (values not checked again: the set's sum has checked them)
-        x = model.aligned_counts(adata, layer=layer, check_counts=False, rows=rows)
-        counted = np.diff(x.indptr) > 0
-        x = x[counted]
-        if use_rep in adata.obsm:
-            z = obsm_array(adata, use_rep)[rows[counted]]
+            embedded = obsm_array(adata, use_rep)
             width = model.config["architecture"]["latent"]
-            if z.ndim != 2 or z.shape[1] != width:  # (another tool's, without a record)
-                shape = f"{z.shape[1]} dims" if z.ndim == 2 else f"a {z.ndim}-d array"
+            if embedded.ndim != 2 or embedded.shape[1] != width:  # (another tool's, unrecorded)
+                shape = (
+                    f"{embedded.shape[1]} dims"
+                    if embedded.ndim == 2
+                    else f"a {embedded.ndim}-d array"
+                )
                 raise CellIndexError(
                     f"adata.obsm[{use_rep!r}] holds {shape}, not cells x the model's "
                     f"{width}: it is not this model's embedding. Embed again with "
                     "cellsift.tl.embed(adata, model), pass use_rep= of this model's "
                     "embedding, or qc=False."
                 )
-        else:
-            z = model.embed_aligned(x)
+        # the set's cells; any without counts in the model's genes sit out the check (they
+        # would make a cluster of no counts), whether embedded here or in obsm. Read a
+        # block at a time, twice (here, and to sum each cluster's counts): a set of
+        # millions of cells (a backed atlas) is not held whole
+        rows = np.flatnonzero(mask)
+
+        def blocks() -> Iterator[tuple[sp.csr_matrix, np.ndarray]]:
+            """The set's aligned counts a block of cells at a time, those without counts
+            left out, and which those are (values not checked again: the set's sum has)."""
+            for x in model.aligned_blocks(
+                adata, layer=layer, check_counts=False, rows=rows, block_rows=BACKED_ROWS
+            ):
+                counted = np.diff(x.indptr) > 0
+                yield x[counted], counted
+
+        parts = [
+            (counted, None if embedded is not None else model.embed_aligned(x))
+            for x, counted in blocks()
+        ]
+        counted = np.concatenate([c for c, _ in parts])
+        z = (
+            embedded[rows[counted]]
+            if embedded is not None
+            else np.concatenate([e for _, e in parts])
+        )
 
         def embed_clusters(cluster: np.ndarray) -> np.ndarray:
-            """Each cluster's counts summed (of the rows of ``x`` already read: the model's
-            genes, whose sum is the aligned sum) and embedded; none is empty."""
-            onehot = sp.csr_matrix(
-                (np.ones(len(cluster)), (cluster, np.arange(len(cluster)))),
-                shape=(int(cluster.max()) + 1, len(cluster)),
-            )
-            return np.asarray(model.embed_aligned(sp.csr_matrix(onehot @ x, dtype=np.float32)))
+            """Each cluster's counts summed (the model's genes: their sum is the aligned
+            sum) and embedded; none is empty."""
+            n_clusters, sums, at = int(cluster.max()) + 1, None, 0
+            for x, _ in blocks():
+                part = cluster[at : at + x.shape[0]]
+                at += x.shape[0]
+                onehot = sp.csr_matrix(
+                    (np.ones(len(part)), (part, np.arange(len(part)))),
+                    shape=(n_clusters, len(part)),
+                )
+                sums = onehot @ x if sums is None else sums + onehot @ x
+            return np.asarray(model.embed_aligned(sp.csr_matrix(sums, dtype=np.float32)))
 
         checked = query_coherence(
             index, z, k, filter=filter, hits=result.indices[0], embed_clusters=embed_clusters
@@ -442,12 +482,13 @@ def search_clusters(
     k: int = 100,
     layer: str | None = None,
     filter: Any = None,
+    check_counts: bool = True,
 ) -> dict[str, SearchResult]:
     """:func:`search_centroid` for every group of ``obs[groupby]`` (e.g. clusters), with
     the pseudobulks embedded in one pass; keyed by the groups as :func:`pseudobulk` names
-    them."""
+    them; ``check_counts`` as there."""
     index.check_model(model)
-    bulk = _summed(adata, groupby, layer, "search_clusters")
+    bulk = _summed(adata, groupby, layer, "search_clusters" if check_counts else None)
     res = index.search(_embed_bulk(model, bulk, f"groups of {groupby!r}"), k, filter=filter)
     return {
         str(name): SearchResult(res.distances[i : i + 1], res.indices[i : i + 1], index)

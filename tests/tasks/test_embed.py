@@ -1510,3 +1510,74 @@ def test_embeddings_of_shards_lead_back_to_their_cells(bundle, synthetic_h5ad, t
     hit = 1234
     cell = adata[meta["obs_name"].iloc[hit]]
     np.testing.assert_allclose(emb[hit], model.embed(cell)[0], atol=1e-5)
+
+
+def test_the_centroid_check_reads_the_set_a_block_at_a_time(
+    bundle, synthetic_h5ad, tmp_path, monkeypatch
+):
+    """search_centroid's check reads the set's cells in blocks (hunt193: the aligned counts
+    of the whole set held twice: a backed atlas of millions of cells did not fit): the
+    same check in blocks of 97 cells as whole, in memory and backed, with cells without
+    counts in any block; and its memory stays under the set's aligned counts."""
+    import tracemalloc
+
+    from cellsift import tl
+
+    model = MetricModel.load(bundle)
+    ref = ad.read_h5ad(synthetic_h5ad)
+    index = CellIndex.build(model.embed(ref), ref.obs.reset_index(drop=True), model=model)
+    x = ref.X.tolil()
+    for row in (3, 151, 2000):
+        x[row] = 0
+    ref.X = x.tocsr()
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    cells = np.arange(ref.n_obs) % 3 != 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellsiftWarning)
+        whole = cs.tl.search_centroid(ref, model, index, cells=cells, k=20).qc
+        monkeypatch.setattr(tl, "BACKED_ROWS", 97)
+        backed = ad.read_h5ad(tmp_path / "ref.h5ad", backed="r")
+        for data in (ref, backed):
+            qc = cs.tl.search_centroid(data, model, index, cells=cells, k=20).qc
+            np.testing.assert_array_equal(qc.cluster_n, whole.cluster_n)
+            assert qc.coherence == pytest.approx(whole.coherence, abs=1e-6)
+        assert (whole.cluster_n == -1).sum() == 2  # (cells 3 and 2000; 151 is not in the set)
+        aligned = model.aligned_counts(ref, rows=np.flatnonzero(cells))
+        held = aligned.data.nbytes + aligned.indices.nbytes + aligned.indptr.nbytes
+        peaks = []
+        for rows in (97, ref.n_obs):  # (blocks of 97 cells, and one block: the set whole)
+            monkeypatch.setattr(tl, "BACKED_ROWS", rows)
+            tracemalloc.start()
+            cs.tl.search_centroid(backed, model, index, cells=cells, k=20)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+    backed.file.close()
+    assert peaks[0] < peaks[1] - 0.75 * held, (peaks, held)  # (a copy of them saved, at least)
+
+
+def test_sums_of_values_that_are_not_counts_are_searched_where_told(bundle, synthetic_h5ad):
+    """search_centroid and search_clusters take check_counts=False, as embed does, for
+    values that are not whole counts (ambient-corrected); the error says so (hunt193: it
+    offered only layer=)."""
+    model = MetricModel.load(bundle)
+    ref = ad.read_h5ad(synthetic_h5ad)
+    index = CellIndex.build(model.embed(ref), ref.obs.reset_index(drop=True), model=model)
+    scaled = ref.copy()
+    scaled.X = scaled.X * np.float32(0.9)
+    cells = (ref.obs["cell_type"] == ref.obs["cell_type"].iloc[0]).to_numpy()
+    with pytest.raises(DataError, match=r"search_centroid sums raw counts.*check_counts=False"):
+        cs.tl.search_centroid(scaled, model, index, cells=cells, k=5, qc=False)
+    with pytest.raises(DataError, match=r"search_clusters sums raw counts.*check_counts=False"):
+        cs.tl.search_clusters(scaled, model, index, "cell_type", k=5)
+    got = cs.tl.search_centroid(
+        scaled, model, index, cells=cells, k=5, qc=False, check_counts=False
+    )
+    bulk = cs.tl.pseudobulk(scaled, "cell_type")
+    name = ref.obs["cell_type"].iloc[0]
+    direct = index.search(model.embed(bulk[[name]], check_counts=False), 5)
+    np.testing.assert_array_equal(got.indices, direct.indices)
+    per = cs.tl.search_clusters(scaled, model, index, "cell_type", k=5, check_counts=False)
+    np.testing.assert_array_equal(per[name].indices, direct.indices)
+    # groups as a column array (n, 1): said as such (hunt193: "300 labels for 300 cells")
+    with pytest.raises(ValueError, match=r"groups is an array of shape \(\d+, 1\): pass one"):
+        cs.tl.pseudobulk(ref, ref.obs[["cell_type"]].to_numpy())

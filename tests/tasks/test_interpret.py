@@ -289,3 +289,55 @@ def test_only_the_groups_cells_are_read_and_checked(linear, tmp_path):
         model, bigger, in_a, bigger.obs["group"] == "b", check_counts=False, max_cells=None
     )
     assert res.cells[-1] == "odd"
+
+
+def test_a_baseline_series_is_read_by_its_genes(linear):
+    """A baseline given as a Series (a control's mean expression, from an AnnData of its
+    own gene order) is read by its index, not by position (hunt193: values put
+    on the wrong genes, unsaid); the model's genes it lacks read as 0, as in the counts."""
+    model, adata = linear
+    is_a = (adata.obs["group"] == "a").to_numpy()
+    values = np.linspace(0.5, 2.0, N_GENES).astype(np.float32)
+    genes = [f"g{i}" for i in range(N_GENES)]
+    want = attribute_difference(model, adata, is_a, ~is_a, baseline=values)
+    reversed_ = pd.Series(values[::-1], index=genes[::-1])
+    got = attribute_difference(model, adata, is_a, ~is_a, baseline=reversed_)
+    np.testing.assert_array_equal(got.attributions_ng, want.attributions_ng)
+    np.testing.assert_array_equal(got.baseline_distance_n, want.baseline_distance_n)
+    # genes the model lacks are left out; those it has that the Series lacks read as 0
+    partial = pd.Series([*values[:20], 9.0], index=[*genes[:20], "other"])
+    zeros_after = np.where(np.arange(N_GENES) < 20, values, 0).astype(np.float32)
+    np.testing.assert_array_equal(
+        attribute_difference(model, adata, is_a, ~is_a, baseline=partial).attributions_ng,
+        attribute_difference(model, adata, is_a, ~is_a, baseline=zeros_after).attributions_ng,
+    )
+    with pytest.raises(GeneAlignmentError, match=r"the baseline: only 0 of its 2 genes"):
+        attribute_difference(model, adata, is_a, ~is_a, baseline=pd.Series([1.0, 2.0]))
+    with pytest.raises(ValueError, match="the baseline holds 1 values that are not finite"):
+        attribute_difference(model, adata, is_a, ~is_a, baseline=reversed_.replace(2.0, np.nan))
+
+
+def test_a_float64_model_is_attributed_and_nan_counts_are_said(linear):
+    """A model in float64 (module.double(): its embeddings float64) is attributed as in
+    float32 (hunt193: a dtype error from the centroid product); counts read unchecked
+    that hold NaN give attributions that are not finite: a warning says so (hunt193: an
+    all-NaN ranking, unsaid)."""
+    import copy
+    import warnings
+
+    model, adata = linear
+    is_a = (adata.obs["group"] == "a").to_numpy()
+    want = attribute_difference(model, adata, is_a, ~is_a)
+    wide = copy.deepcopy(model)
+    wide.module.double()
+    got = attribute_difference(wide, adata, is_a, ~is_a)
+    np.testing.assert_allclose(got.attributions_ng, want.attributions_ng, rtol=1e-4, atol=1e-6)
+    nan = adata.copy()
+    x = nan.X.toarray()
+    x[-1, 5] = np.nan  # (a cell of group B: the centroid, and so every distance)
+    nan.X = sp.csr_matrix(x)
+    with pytest.warns(CellsiftWarning, match=r"40 of 40 cells have attributions or distances"):
+        attribute_difference(model, nan, is_a, ~is_a, check_counts=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CellsiftWarning)
+        attribute_difference(model, adata, is_a, ~is_a)

@@ -11,7 +11,7 @@ import copy
 import hashlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -427,18 +427,29 @@ class MetricModel:
         if sp.issparse(x) or isinstance(x, np.ndarray):  # (checked whole by adata_counts)
             return align(x if rows is None else x[rows], checked=True)
         # backed (anndata's on-disk matrices): read in row blocks
-        if rows is None:
-            blocks = [(s, x[s : s + BACKED_ROWS]) for s in range(0, x.shape[0], BACKED_ROWS)]
-        else:  # (rows of a block apart: numbered in messages from the block's first)
-            blocks = [
-                (int(rows[i]), x[rows[i : i + BACKED_ROWS]])
-                for i in range(0, len(rows), BACKED_ROWS)
-            ]
         return sp.vstack(
-            [align(block, first) for first, block in blocks]
+            list(_blocks(x, rows, BACKED_ROWS, align))
             or [sp.csr_matrix((0, len(self.genes)), dtype=np.float32)],
             format="csr",
         )
+
+    def aligned_blocks(
+        self,
+        adata: ad.AnnData,
+        *,
+        layer: str | None = None,
+        check_counts: bool = True,
+        source: str = "adata",
+        rows: np.ndarray | None = None,
+        block_rows: int = BACKED_ROWS,
+    ) -> Iterator[sp.csr_matrix]:
+        """:meth:`aligned_counts` ``block_rows`` cells at a time, in order (the last block
+        fewer): for work over more cells than their aligned counts would fit in memory (a
+        backed atlas); the genes are aligned once."""
+        x, var, others = adata_counts(adata, layer, source)
+        align = self._aligner(var, others, layer, check_counts, source)
+        whole = sp.issparse(x) or isinstance(x, np.ndarray)  # (checked whole by adata_counts)
+        yield from _blocks(x, rows, block_rows, align, checked=whole)
 
     def _aligner(
         self,
@@ -743,6 +754,23 @@ class MetricModel:
         }
         model.module.to(device).eval()
         return model
+
+
+def _blocks(
+    x: Any,
+    rows: np.ndarray | None,
+    block_rows: int,
+    align: Callable[..., sp.csr_matrix],
+    checked: bool = False,
+) -> Iterator[sp.csr_matrix]:
+    """``x``'s rows (``rows``, or all) ``block_rows`` at a time, each block aligned (read
+    from a backed matrix block by block; a block numbered in messages from its first row)."""
+    n = x.shape[0] if rows is None else len(rows)
+    for i in range(0, n, block_rows):
+        if rows is None:
+            yield align(x[i : i + block_rows], i, checked=checked)
+        else:
+            yield align(x[rows[i : i + block_rows]], int(rows[i]), checked=checked)
 
 
 def _check_batch_size(batch_size: Any) -> None:

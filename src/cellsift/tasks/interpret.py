@@ -117,7 +117,8 @@ class _CentroidDistance(nn.Module):
         self.register_buffer("centroid_k", centroid_k)
 
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
-        return 1.0 - self.encoder(x_ng) @ self.centroid_k
+        z = self.encoder(x_ng)  # (a float64 model's embeddings are float64)
+        return 1.0 - z @ self.centroid_k.to(z.dtype)
 
 
 def attribute_difference(
@@ -157,7 +158,9 @@ def attribute_difference(
     baseline
         Where each path starts: ``"zeros"`` (no expression, SCimilarity's choice),
         ``"group_b"`` (group B's mean log-normalised expression) or one log-normalised value
-        per model gene.
+        per model gene: an array in the model's gene order, or a Series indexed by genes
+        (ids or symbols, aligned to the model's as the counts are; the model's genes it
+        lacks read as 0, as they do in the counts).
     n_steps, method
         captum's integration steps and rule.
     max_cells
@@ -207,13 +210,11 @@ def attribute_difference(
 
     module = model.module
     with inference_on(module, device) as dev:  # (its mode and device restored after)
-        n_genes = len(model.genes)
-
         rows_a = np.searchsorted(chosen, np.flatnonzero(mask_a))  # (as rows of x)
         rows_b = np.searchsorted(chosen, np.flatnonzero(mask_b))
         mean_a, _ = _group_means(module, x[rows_a], dev, embed=False)
         mean_b, centroid = _group_means(module, x[rows_b], dev, embed=True)
-        base_g = _baseline(baseline, mean_b, n_genes).to(dev)
+        base_g = _baseline(baseline, mean_b, model.genes).to(dev)
 
         if max_cells is not None and len(rows_a) > max_cells:
             rng = np.random.default_rng(seed)
@@ -256,6 +257,7 @@ def attribute_difference(
                 "n_steps": n_steps,
             },
         )
+    _check_finite(result)
     _check_convergence(result, n_steps)
     return result
 
@@ -312,7 +314,22 @@ def _group_means(
     return mean, (z_sum / norm).float()
 
 
-def _baseline(baseline: Baseline | np.ndarray, mean_b: np.ndarray, n_genes: int) -> torch.Tensor:
+def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch.Tensor:
+    """The baseline's log-normalised value of each of the model's ``genes`` (its
+    :class:`~cellsift.data.GeneVocabulary`)."""
+    n_genes = len(genes)
+    if isinstance(baseline, pd.Series):  # by its genes, not by position
+        gm = genes.align(pd.DataFrame(index=baseline.index), source="the baseline", of="vocabulary")
+        values = np.asarray(baseline, dtype=np.float32)
+        if not np.isfinite(values[gm.col_map >= 0]).all():
+            bad = int((~np.isfinite(values[gm.col_map >= 0])).sum())
+            raise ValueError(
+                f"the baseline holds {bad} values that are not finite (NaN or inf): every "
+                "attribution would be NaN. Give finite log-normalised values."
+            )
+        arr = np.zeros(n_genes, dtype=np.float32)
+        arr[gm.col_map[gm.col_map >= 0]] = values[gm.col_map >= 0]
+        return torch.from_numpy(arr)
     if isinstance(baseline, str):
         if baseline == "zeros":
             return torch.zeros(n_genes)
@@ -333,6 +350,20 @@ def _baseline(baseline: Baseline | np.ndarray, mean_b: np.ndarray, n_genes: int)
             "(NaN or inf): every attribution would be NaN. Give finite log-normalised values."
         )
     return torch.from_numpy(arr.copy())
+
+
+def _check_finite(result: DifferenceAttributions) -> None:
+    """Attributions that are not finite come of values that are not counts (NaN; read with
+    ``check_counts=False``): said, naming how many cells, rather than ranked."""
+    cells = ~np.isfinite(result.attributions_ng).all(1) | ~np.isfinite(result.distance_n)
+    if cells.any():
+        warn(
+            f"{int(cells.sum())} of {len(cells)} cells have attributions or distances that "
+            "are not finite (NaN or inf), of values that are not counts in group A's or "
+            "group B's cells (read with check_counts=False): their genes' ranks mean "
+            "nothing. Remove the cells with such values, or pass check_counts=True to "
+            "name them."
+        )
 
 
 def _check_convergence(result: DifferenceAttributions, n_steps: int) -> None:
