@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -416,7 +417,9 @@ def test_demo_runs_on_a_synthetic_atlas(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("cellsift demo on synthetic atlas")
     assert any("weighted" in line for line in lines)
-    assert "split by 'dataset_id'" in proc.stdout
+    assert re.search(
+        r"cells to train on; validation: [\d,]+ cells of dataset_id study_", proc.stdout
+    )
     assert "ontology-aware calls:" in proc.stdout and "unknown (distance threshold" in proc.stdout
     assert "cells, 4 epochs) ..." in proc.stdout
     # its progress: a line each epoch here (4 epochs), the last one's too (hunt192: none)

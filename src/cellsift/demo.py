@@ -82,7 +82,6 @@ def run_demo(
 
     from .data import CellCollection, CellLoader, IterableCellDataset
     from .data.convert import convert
-    from .data.datamodule import CellDataModule
     from .ontology import load_cell_ontology
     from .transforms import default_pipeline
 
@@ -155,15 +154,6 @@ def run_demo(
             f" {freq['weighted'][term] / total_w:19.1%}"
         )
 
-    dm = CellDataModule(
-        stores["zarr"], study_key=group_key, split_key=group_key, val_fraction=0.15, batch_size=1024
-    )
-    dm.setup()
-    assert dm.train is not None and dm.val is not None
-    print(
-        f"\n  train/validation split by {group_key!r}: {dm.train.n_obs:,} training cells, "
-        f"{dm.val.n_obs:,} validation cells (held out: {', '.join(dm.val_groups or [])})"
-    )
     _train_and_annotate(h5ad, group_key, out, epochs)
     print(f"  outputs in {out}/")
     return 0
@@ -217,7 +207,7 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
             enable_model_summary=False,
             enable_checkpointing=False,
             default_root_dir=fit_dir,
-            callbacks=[_epoch_lines(epochs)],
+            callbacks=[_epoch_lines(epochs, group_key)],
         )
     except TrainingInterrupted as err:  # the demo does not resume: its state is not kept
         if err.checkpoint is not None:
@@ -288,8 +278,9 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
 PROGRESS_LINES = 8
 
 
-def _epoch_lines(epochs: int) -> Any:
-    """A callback printing the training's progress every few epochs (about
+def _epoch_lines(epochs: int, group_key: str) -> Any:
+    """A callback printing the split the training reads (the cells it trains on, and the
+    validation groups of ``group_key``), then its progress every few epochs (about
     :data:`PROGRESS_LINES` lines in all, the last epoch's among them): the epoch's mean
     training loss, the validation loss and silhouette, and the time since training began."""
     import lightning.pytorch as pl
@@ -298,6 +289,14 @@ def _epoch_lines(epochs: int) -> Any:
 
     class EpochLines(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            dm = trainer.datamodule
+            if dm.train is not None and dm.val is not None:
+                print(
+                    f"  {dm.train.n_obs:,} cells to train on; validation: {dm.val.n_obs:,} "
+                    f"cells of {group_key} {', '.join(map(str, dm.val_groups or []))} (not "
+                    "trained on)",
+                    flush=True,
+                )
             self.began, self.said = time.perf_counter(), 0
 
         def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
