@@ -207,7 +207,7 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
             enable_model_summary=False,
             enable_checkpointing=False,
             default_root_dir=fit_dir,
-            callbacks=[_epoch_lines(epochs, group_key)],
+            callbacks=[_epoch_lines(epochs, dm, group_key)],
         )
     except TrainingInterrupted as err:  # the demo does not resume: its state is not kept
         if err.checkpoint is not None:
@@ -278,9 +278,9 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
 PROGRESS_LINES = 8
 
 
-def _epoch_lines(epochs: int, group_key: str) -> Any:
-    """A callback printing the split the training reads (the cells it trains on, and the
-    validation groups of ``group_key``), then its progress every few epochs (about
+def _epoch_lines(epochs: int, dm: Any, group_key: str) -> Any:
+    """A callback printing the split the training reads from the data module ``dm`` (the
+    cells it trains on, and the validation groups of ``group_key``), then its progress every few epochs (about
     :data:`PROGRESS_LINES` lines in all, the last epoch's among them): the epoch's mean
     training loss, the validation loss and silhouette, and the time since training began."""
     import lightning.pytorch as pl
@@ -289,7 +289,6 @@ def _epoch_lines(epochs: int, group_key: str) -> Any:
 
     class EpochLines(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            dm = trainer.datamodule
             if dm.train is not None and dm.val is not None:
                 print(
                     f"  {dm.train.n_obs:,} cells to train on; validation: {dm.val.n_obs:,} "
