@@ -259,6 +259,20 @@ def test_blank_and_pandas_missing_labels_name_no_term(cl):
         "CL:0000236",
         "CL:0000084",
     ]
+    # a missing value is no name (hunt195: AttributeError), as in harmonize
+    assert cl.id(None) is None and cl.id(float("nan")) is None and cl.id(pd.NA) is None
+    # NaN floats of a column with gaps are one object a cell: named once, and counted
+    # (hunt195: "a missing value, a missing value, ... and 299972 more")
+    labels = (
+        pd.Series(["B cell", None, "T cell", None] * 50)
+        .astype(object)
+        .where(lambda s: s.notna(), np.nan)
+    )
+    labels = [float(v) if not isinstance(v, str) else v for v in labels]  # (distinct NaNs)
+    with pytest.raises(OntologyError) as err:
+        cl.harmonize([*labels, "unknown"])
+    said = str(err.value)
+    assert said.count("a missing value (NaN/None/NA)") == 1 and "101 of 201" in said
 
 
 def test_coarsen_rare_counts_no_study_for_cells_without_one(cl):

@@ -799,3 +799,23 @@ def test_an_index_without_metadata_is_named_as_such():
     index = CellIndex.build(np.random.default_rng(0).normal(size=(10, 4)))
     with pytest.raises(CellIndexError, match=r"holds no metadata, so no labels \('cell_type'\)"):
         KNNAnnotator(index, label_key="cell_type", k=3)
+
+
+def test_an_even_ontology_vote_goes_to_the_first_by_id_whatever_the_spelling():
+    """Ontology mode: an even vote goes to the first term by its id, whether the reference
+    writes ids or names (hunt195: by the names' text, "B cell" before "T cell", where the
+    ids put T cell, CL:0000084, first)."""
+    import warnings
+
+    x = np.array([[1, 0.01, 0], [1, -0.01, 0]], dtype=np.float32)
+    q = np.array([[1, 0, 0]], dtype=np.float32)
+    calls = []
+    for spelled in (["CL:0000084", "CL:0000236"], ["T cell", "B cell"], ["B cell", "T cell"]):
+        meta = pd.DataFrame({"cell_type_ontology_term_id": spelled})
+        index = CellIndex.build(x if spelled[0] != "B cell" else x[::-1], meta, engine="exact")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ann = KNNAnnotator(index, k=2, weighted=False, ontology_aware=True, min_support=0.3)
+            out = ann.annotate(q)
+        calls.append((out["label"].iloc[0], out["knn_label"].iloc[0]))
+    assert calls == [("CL:0000084", "CL:0000084")] * 3

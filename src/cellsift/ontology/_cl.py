@@ -151,8 +151,10 @@ class CellOntology:
     def id(self, name: str) -> str | None:
         """The id of a label (exact, then ignoring case, then synonyms; spaces around it
         ignored and runs of them, tabs or non-breaking spaces within it read as one space,
-        as :meth:`harmonize` reads them); None if unknown."""
-        name = _spaced(name)
+        as :meth:`harmonize` reads them); None if unknown or missing (None, NaN)."""
+        if _missing(name):
+            return None
+        name = _spaced(str(name))
         return (
             self._by_label.get(name)
             or self._by_folded.get(name.casefold())
@@ -288,10 +290,15 @@ class CellOntology:
             )
         values = list(values)
         cache: dict[str, str | None] = {}
+        missing = []  # (NaN floats of a column are as many objects as cells: counted once)
         for v in set(values):
-            cache[v] = None if _missing(v) else self._harmonize_one(str(v), replace_deprecated)
+            if _missing(v):
+                missing.append(v)
+            else:
+                cache[v] = self._harmonize_one(str(v), replace_deprecated)
         # (key=str: labels with gaps mix NaN floats, None or pandas' NA with text)
         failed = sorted((v for v, t in cache.items() if t is None), key=str)
+        failed += list({str(v): v for v in missing}.values())  # (one of each kind)
         if failed:
             # (a dict finds pandas' NA by identity; a list's `in` would compare it)
             # (no label: missing, blank, 'unknown', 'NaN'...: the rule dropna reads)
@@ -302,9 +309,12 @@ class CellOntology:
             parts = []
             if n_absent := sum(absent.values()):
                 kinds = "a value that means" if n_absent == 1 else "values that mean"
+                blank = {v for v in failed if absent[v] and not _missing(v)}
+                cells = sum(1 for v in values if _missing(v) or v in blank)
                 parts.append(
                     f"The labels hold {kinds} no label (missing, blank, 'unknown': "
-                    f"{_listing([v for v in failed if absent[v]])}), which name no cell type: "
+                    f"{_listing([v for v in failed if absent[v]])}; {cells:,} of "
+                    f"{len(values):,}), which name no cell type: "
                     "drop those cells first (CellCollection(dropna=[key]), which drops them all)."
                 )
             if unknown:

@@ -267,8 +267,10 @@ class KNNAnnotator:
                 "with these labels as they are, pass ontology_aware=False."
             ) from None
         self._term_of = dict(zip(refs, harmonized, strict=True))
-        pos = {t: i for i, t in enumerate(dict.fromkeys(harmonized))}
-        ids = list(pos)
+        # in the order of their ids, whatever the reference's spelling (an id, a name): an
+        # even vote goes to the first by its id
+        ids = sorted(set(harmonized))
+        pos = {t: i for i, t in enumerate(ids)}
         to_term = np.asarray([pos[t] for t in harmonized], dtype=np.int32)
         codes = self._labels.codes
         codes = np.where(codes >= 0, to_term[np.maximum(codes, 0)], -1).astype(np.int32)
