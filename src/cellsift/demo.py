@@ -319,6 +319,8 @@ def _epoch_lines(epochs: int, dm: Any, group_key: str) -> Any:
                 )
                 if key in got
             ]
+            if not parts:  # (nothing logged yet: the first epoch of a resumed run)
+                return
             print(
                 f"    epoch {done:{len(str(epochs))}d}/{epochs}: {', '.join(parts)} "
                 f"({time.perf_counter() - self.began:.0f} s)",

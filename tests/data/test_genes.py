@@ -512,3 +512,41 @@ def test_symbols_in_lower_case_are_told_to_be_upper_cased_where_the_models_are()
     said = str(err.value)
     assert "80 of its var_names match ignoring case" in said
     assert "adata.var_names = adata.var_names.str.upper()" in said and "orthologues" in said
+
+
+def test_var_columns_of_one_name_twice_or_of_other_labels_are_read_by_position():
+    """A var holding two columns of one name (a concat's) or a column labelled by a number:
+    aligned as before, those columns read by position (review187: AttributeError on the
+    duplicated name, KeyError on the number's text)."""
+    ids = [_ens(i) for i in range(40)]
+    vocab = GeneVocabulary(ids, [f"S{i}" for i in range(40)])
+    names = [f"X{i}" for i in range(40)]
+    twice = pd.DataFrame({"gene_ids": ids[::-1], "n": 1, "m": 2}, index=names)
+    twice.columns = ["gene_ids", "n", "n"]
+    gm = vocab.align(twice, of="vocabulary")
+    assert gm.key == "gene_ids->ids"
+    np.testing.assert_array_equal(gm.col_map, np.arange(40)[::-1])
+    assert GeneVocabulary.from_var(twice).genes.tolist() == ids[::-1]
+    numbered = pd.DataFrame({0: ids[::-1]}, index=names)
+    assert vocab.align(numbered).key == "0->ids"
+    mouse = pd.DataFrame({0: [f"ENSMUSG{i:011d}" for i in range(40)]}, index=names)
+    with pytest.raises(GeneAlignmentError, match=r"only 0 of its 40 genes match"):
+        vocab.align(mouse)
+    # the ids given twice (two columns of one name): neither is read, nothing fails
+    twice.columns = ["gene_ids", "gene_ids", "n"]
+    with pytest.raises(GeneAlignmentError, match=r"only 0 of its 40 genes match"):
+        vocab.align(twice)
+
+
+def test_another_column_of_ids_fills_no_gene():
+    """A column of Ensembl ids under another name serves as the best key, never to fill in
+    genes the best key left (review187: orthologues' or paralogues' ids would)."""
+    ids = [_ens(i) for i in range(40)]
+    vocab = GeneVocabulary(ids, [f"S{i}" for i in range(40)])
+    var = pd.DataFrame(
+        {"paralog_id": [_ens(5000 + i) if i < 30 else _ens(69 - i) for i in range(40)]},
+        index=[f"S{i}" if i < 30 else f"OTHER{i}" for i in range(40)],
+    )
+    gm = vocab.align(var, of="vocabulary", min_overlap=0.5)
+    assert gm.key == "var_names->symbols" and gm.n_matched == 30
+    np.testing.assert_array_equal(gm.col_map, [*range(30), *[-1] * 10])

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -50,7 +50,19 @@ def _names(values: pd.Index | pd.Series) -> pd.Index:
 
 
 _ODD = r"[\r\x00\ufeff]"  # a carriage return, a NUL, a byte order mark
-_MAYBE_ODD = re.compile(r"[\s\x00\ufeff]")  # (any of those, or white space)
+#: White space as str.strip() reads it, in ASCII (a fast test of ASCII names for it).
+_ASCII_SPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+
+
+def _maybe_odd(joined: str) -> bool:
+    """Does text hold white space, a NUL or a byte order mark? (Fast: a scan in C a
+    character for ASCII text; else one split on white space.)"""
+    if "\x00" in joined or "\ufeff" in joined:
+        return True
+    if joined.isascii():
+        return any(c in joined for c in _ASCII_SPACE)
+    parts = joined.split(maxsplit=1)
+    return len(parts) != 1 or len(parts[0]) != len(joined)
 
 
 def _cleaned(names: pd.Index) -> pd.Index:
@@ -61,7 +73,7 @@ def _cleaned(names: pd.Index) -> pd.Index:
     is the gene; two alike would name neither), and so does one holding a carriage return
     or a byte order mark elsewhere, or a NUL (which names no gene)."""
     joined = "".join(names)  # (the common case, none: one scan in C, not one a name)
-    if not _MAYBE_ODD.search(joined):
+    if not _maybe_odd(joined):
         return names
     odd = np.asarray(names.str.contains(_ODD)) | np.asarray(names.str.strip() != names)
     if not odd.any():  # (white space within names only)
@@ -87,17 +99,26 @@ def _of_text(values: pd.Series) -> bool:
     return pd.api.types.is_object_dtype(kind) or pd.api.types.is_string_dtype(kind)
 
 
-def id_columns(var: pd.DataFrame) -> list[str]:
-    """var's columns that may hold gene ids: the usual ones (:data:`ID_COLUMNS`), then any
-    other column of text whose first names are mostly Ensembl ids (scanpy's concatenate
-    writes ``gene_ids-0``), in var's order."""
-    usual = [c for c in ID_COLUMNS if c in var.columns]
+def _columns(var: pd.DataFrame) -> dict[Any, pd.Series]:
+    """var's columns by their labels, of the labels that name one column (a label given
+    to two columns, as a concat can leave, names neither)."""
+    labels = pd.Index(var.columns)
+    twice = labels.duplicated(keep=False)
+    return {label: var.iloc[:, j] for j, label in enumerate(labels) if not twice[j]}
+
+
+def id_columns(var: pd.DataFrame) -> list[Any]:
+    """The labels of var's columns that may hold gene ids: the usual ones
+    (:data:`ID_COLUMNS`), then any other column of text whose first names are mostly
+    Ensembl ids (scanpy's concatenate writes ``gene_ids-0``), in var's order."""
+    columns = _columns(var)
+    usual = [c for c in ID_COLUMNS if c in columns]
     return usual + [
         c
-        for c in var.columns
+        for c, values in columns.items()
         if c not in GENE_COLUMNS
-        and _of_text(var[c])
-        and _mostly_ensembl(_names(var[c].iloc[:ID_SAMPLE]))
+        and _of_text(values)
+        and _mostly_ensembl(_names(values.iloc[:ID_SAMPLE]))
     ]
 
 
@@ -111,13 +132,14 @@ def id_column(var: pd.DataFrame) -> str | None:
     Ensembl ids, if any."""
     if _mostly_ensembl(_names(var.index)):
         return None
+    columns = _columns(var)
     return next(
         (
             c
             for c in id_columns(var)
-            if _mostly_ensembl(_names(var[c]))
-            and not var[c].isna().any()
-            and not _names(var[c]).has_duplicates
+            if _mostly_ensembl(_names(columns[c]))
+            and not columns[c].isna().any()
+            and not _names(columns[c]).has_duplicates
         ),
         None,
     )
@@ -150,6 +172,20 @@ def _strip_version(ids: pd.Index) -> pd.Index:
     return pd.Index(
         [g.split(".")[0] if "." in g and _ENSEMBL.match(g) else g for g in ids.astype(str)]
     )
+
+
+@dataclass(frozen=True)
+class _Tried:
+    """One key tried in :meth:`GeneVocabulary.align`: var's names (``label``: a column's,
+    None for var_names) against the vocabulary's ids or symbols (``target``)."""
+
+    score: tuple[int, bool, bool]
+    key: str
+    label: Any
+    ids: pd.Index
+    target: pd.Index
+    hit: np.ndarray
+    clear: np.ndarray
 
 
 def _positions(target: pd.Index, names: pd.Index) -> np.ndarray:
@@ -310,14 +346,21 @@ class GeneVocabulary:
         """
         names = _names(var.index)
         ids, syms = names, None
+        columns = _columns(var)
         id_col = id_column(var)
         if id_col is not None:
-            ids, syms = _names(var[id_col]), names
+            ids, syms = _names(columns[id_col]), names
         if symbols is not None:
-            syms = _names(var[symbols])
+            if symbols not in columns:
+                raise ValueError(
+                    f"var has no column {symbols!r} of symbols"
+                    + (" (its name is given to two columns)" if symbols in var.columns else "")
+                    + "; pass the name of a column of var."
+                )
+            syms = _names(columns[symbols])
         elif syms is None:
-            sym_col = next((c for c in SYMBOL_COLUMNS if c in var.columns), None)
-            syms = _names(var[sym_col]) if sym_col else None
+            sym_col = next((c for c in SYMBOL_COLUMNS if c in columns), None)
+            syms = _names(columns[sym_col]) if sym_col else None
         if syms is not None:  # (those still odd are no symbol: the vocabulary refuses them)
             syms = _cleaned(syms)
             syms = syms.where(~syms.str.contains(_ODD), "")
@@ -399,15 +442,17 @@ class GeneVocabulary:
                 "nothing to read. Use the cells' counts over genes."
             )
         # (names as from_var reads a vocabulary's symbols: "TP53\r", "TP53 " are TP53 here too)
-        columns = id_columns(var) + [c for c in SYMBOL_COLUMNS if c in var.columns]
-        candidates: list[tuple[str, pd.Index]] = [("var_names", _cleaned(_names(var.index)))]
-        candidates += [(str(c), _cleaned(_names(var[c]))) for c in columns]
+        # candidates: (var's column label, or None for var_names; its names as read)
+        by_label = _columns(var)
+        labels = id_columns(var) + [c for c in SYMBOL_COLUMNS if c in by_label]
+        candidates: list[tuple[Any, pd.Index]] = [(None, _cleaned(_names(var.index)))]
+        candidates += [(c, _cleaned(_names(by_label[c]))) for c in labels]
         genes = _cleaned(self.genes)  # (a vocabulary's names padded: read so too)
         targets = [("ids", self._stripped() if genes is self.genes else _strip_version(genes))]
         if self.symbols is not None:
             targets.append(("symbols", _cleaned(self.symbols)))
-        tried: list[tuple[tuple[int, bool, bool], str, pd.Index, pd.Index, np.ndarray]] = []
-        for name, ids in candidates:
+        tried: list[_Tried] = []
+        for label, ids in candidates:
             ids = _strip_version(ids)
             for tname, tgt in targets:
                 hit = np.asarray(ids.isin(tgt[tgt != ""]))
@@ -415,42 +460,45 @@ class GeneVocabulary:
                 # (several genes of the store, so which one?); then ids over symbols
                 clear = hit & _unambiguous(ids)
                 score = (int(clear.sum()), bool(np.array_equal(hit, clear)), tname == "ids")
-                tried.append((score, f"{name}->{tname}", ids, tgt, hit))
+                name = "var_names" if label is None else str(label)
+                tried.append(_Tried(score, f"{name}->{tname}", label, ids, tgt, hit, clear))
         # the best (on a tie, the first tried: var_names first)
-        order = sorted(range(len(tried)), key=lambda i: tried[i][0], reverse=True)
-        (n_matched, _, _), key, ids, target, hit = tried[order[0]]
-        clear = hit & _unambiguous(ids)
+        order = sorted(range(len(tried)), key=lambda i: tried[i].score, reverse=True)
+        best = tried[order[0]]
+        key, column, ids, target, hit, clear = (
+            best.key, best.label, best.ids, best.target, best.hit, best.clear
+        )  # fmt: skip
         col_map = np.full(len(ids), -1, dtype=np.int64)
         col_map[clear] = _positions(target, ids[clear])
         # genes the best key leaves unmatched, matched by another (an id of another
         # release, its symbol the vocabulary's): by names of one gene each, onto
-        # vocabulary genes not matched otherwise, the keys in the order of their matches
+        # vocabulary genes not matched otherwise, the keys in the order of their matches;
+        # var_names and the usual columns only (another column of ids may be of other
+        # genes: orthologues, paralogues; it serves as the best key only)
         used = np.zeros(len(self), dtype=bool)
         used[col_map[clear]] = True
         filled = []
-        for i in order[1:]:
-            _, other, o_ids, o_target, o_hit = tried[i]
-            free = o_hit & _unambiguous(o_ids) & (col_map < 0)
+        for other in (tried[i] for i in order[1:]):
+            if (col_map >= 0).all() or used.all():
+                break
+            if other.label is not None and other.label not in GENE_COLUMNS:
+                continue
+            free = other.clear & (col_map < 0)
             if not free.any():
                 continue
             at = np.flatnonzero(free)
-            pos = _positions(o_target, o_ids[at])
+            pos = _positions(other.target, other.ids[at])
             new = ~used[pos]
             if new.any():
                 col_map[at[new]], used[pos[new]] = pos[new], True
-                filled.append(f"+{int(new.sum())} by {other}")
+                filled.append(f"+{int(new.sum())} by {other.key}")
         if filled:
             key += f" ({', '.join(filled)})"
         n_matched = int(used.sum())
         # vocabulary genes named by several of var's (by the best key), matched by none
         shared = ids[hit & ~clear].unique()
         shared = shared[~used[_positions(target, shared)]] if len(shared) else shared
-        column = key.split("->")[0]
-        if column not in dict(candidates):  # (a column named with "->": as tried)
-            column = next(c for c, _ in candidates if key.startswith(f"{c}->"))
-        how = (
-            "with adata.var_names_make_unique()" if column == "var_names" else f"in var['{column}']"
-        )
+        how = "with adata.var_names_make_unique()" if column is None else f"in var[{column!r}]"
         # (names that are Ensembl ids already: no other column of ids to offer)
         by_ids = (
             ""
@@ -458,9 +506,9 @@ class GeneVocabulary:
             else (", or align by a unique id column such as Ensembl ids")
         )
         fix = f"To use them, make the names unique {how}{by_ids}."
-        named_as = dict(candidates)[column][hit & ~clear]
+        named_as = dict(candidates)[column][hit & ~clear]  # (None: var_names)
         if len(named_as) and named_as.is_unique:  # (unique as written: by their versions only)
-            names = "adata.var_names" if column == "var_names" else f"adata.var[{column!r}]"
+            names = "adata.var_names" if column is None else f"adata.var[{column!r}]"
             fix = (
                 "They differ in their Ensembl version only and name one gene: to use them, "
                 rf"keep one of each (adata = adata[:, ~{names}.str.replace(r'\.\d+$', '', "
@@ -497,8 +545,8 @@ class GeneVocabulary:
                 )
             # (the names the best key matched, where they matched any)
             names_of, names_are = var.index, "var_names are"
-            if n_matched and column != "var_names":
-                names_of, names_are = _names(var[column]), f"var['{column}'] holds"
+            if n_matched and column is not None:
+                names_of, names_are = _names(by_label[column]), f"var[{column!r}] holds"
             raise GeneAlignmentError(
                 f"{source}: only {n_matched} of its {len(var)} genes match {what} "
                 f"{len(self)} genes (need {int(np.ceil(need))}; best key {key}). Check that "

@@ -27,7 +27,7 @@ from torch import nn
 from .._utils import cell_mask, is_whole, progress
 from .._warnings import warn
 from ..data.loader import to_torch_csr
-from ..errors import ConfigError
+from ..errors import ConfigError, GeneAlignmentError
 
 __all__ = ["DifferenceAttributions", "attribute_difference", "explain_difference"]
 
@@ -257,7 +257,7 @@ def attribute_difference(
                 "n_steps": n_steps,
             },
         )
-    _check_finite(result)
+    _check_finite(result, check_counts)
     _check_convergence(result, n_steps)
     return result
 
@@ -319,7 +319,21 @@ def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch
     :class:`~cellsift.data.GeneVocabulary`)."""
     n_genes = len(genes)
     if isinstance(baseline, pd.Series):  # by its genes, not by position
-        gm = genes.align(pd.DataFrame(index=baseline.index), source="the baseline", of="vocabulary")
+        try:  # (every gene it names counts; the model's genes it lacks read as 0)
+            gm = genes.align(
+                pd.DataFrame(index=baseline.index),
+                source="the baseline",
+                min_overlap=0.0,
+                of="vocabulary",
+            )
+        except GeneAlignmentError:
+            raise GeneAlignmentError(
+                f"the baseline is a Series, read by its index (genes), and none of its "
+                f"{len(baseline)} index values ({', '.join(map(repr, baseline.index[:3]))}"
+                f"{', ...' if len(baseline) > 3 else ''}) is one of the "
+                "model's genes (ids or symbols): index it by the model's genes, or pass the "
+                "values in the model's gene order as an array (baseline.to_numpy())."
+            ) from None
         values = np.asarray(baseline, dtype=np.float32)
         if not np.isfinite(values[gm.col_map >= 0]).all():
             bad = int((~np.isfinite(values[gm.col_map >= 0])).sum())
@@ -352,17 +366,21 @@ def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch
     return torch.from_numpy(arr.copy())
 
 
-def _check_finite(result: DifferenceAttributions) -> None:
-    """Attributions that are not finite come of values that are not counts (NaN; read with
-    ``check_counts=False``): said, naming how many cells, rather than ranked."""
+def _check_finite(result: DifferenceAttributions, check_counts: bool) -> None:
+    """Attributions that are not finite (of values that are not counts, read with
+    ``check_counts=False``; or of the model): said, naming how many cells, rather than
+    ranked."""
     cells = ~np.isfinite(result.attributions_ng).all(1) | ~np.isfinite(result.distance_n)
     if cells.any():
+        why = (
+            "the model's outputs for them are not finite (its weights?)"
+            if check_counts
+            else "of values that are not counts in group A's or group B's cells (read with "
+            "check_counts=False; check_counts=True names them)"
+        )
         warn(
             f"{int(cells.sum())} of {len(cells)} cells have attributions or distances that "
-            "are not finite (NaN or inf), of values that are not counts in group A's or "
-            "group B's cells (read with check_counts=False): their genes' ranks mean "
-            "nothing. Remove the cells with such values, or pass check_counts=True to "
-            "name them."
+            f"are not finite (NaN or inf): {why}. Their genes' ranks mean nothing."
         )
 
 
