@@ -198,6 +198,7 @@ def _annotate(args: argparse.Namespace) -> int:
         k=args.k,
         ontology_aware=aware if args.ontology is None else args.ontology,
         abstain_on=args.abstain_on,
+        min_support=args.min_support,
     )
     adata = _read_h5ad(args.data)
     if adata.n_obs == 0:  # (as cellsift embed: an empty query is a mistake, not a result)
@@ -307,6 +308,17 @@ def _at_least(least: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _share_below_one(text: str) -> float:
+    """An argparse type: a share in [0, 1) (else argparse's one-line error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, not {text}")
+    return value
 
 
 def _add_soma_options(p: argparse.ArgumentParser) -> None:
@@ -431,7 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Cell Ontology votes (an ancestor where the neighbours' types split), or "
         "--no-ontology: plain majority votes (default: as the model was trained)",
     )
-    p.add_argument("--no-abstain", action="store_true", help="never call 'unknown' on distance")
+    p.add_argument(
+        "--min-support",
+        type=_share_below_one,
+        default=0.5,
+        help="a call needs more than this share of the k votes, else 'unknown' (with "
+        "--ontology, a coarser term); 0: the label with most votes (default: 0.5, a majority)",
+    )
+    p.add_argument(
+        "--no-abstain",
+        action="store_true",
+        help="never call 'unknown' on distance (a call still needs more than --min-support "
+        "of the votes: --min-support 0 with it calls every cell)",
+    )
     p.add_argument(
         "--drop-empty",
         action="store_true",

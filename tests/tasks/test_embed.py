@@ -21,6 +21,7 @@ from cellsift.errors import ConfigError, DataError
 from cellsift.models import MetricModel
 from cellsift.ontology import load_cell_ontology
 from cellsift.tasks import (
+    UNKNOWN,
     CellIndex,
     CellIndexError,
     KNNAnnotator,
@@ -1581,3 +1582,36 @@ def test_sums_of_values_that_are_not_counts_are_searched_where_told(bundle, synt
     # groups as a column array (n, 1): said as such (hunt193: "300 labels for 300 cells")
     with pytest.raises(ValueError, match=r"groups is an array of shape \(\d+, 1\): pass one"):
         cs.tl.pseudobulk(ref, ref.obs[["cell_type"]].to_numpy())
+
+
+def test_annotate_command_takes_the_share_of_votes_a_call_needs(
+    bundle, synthetic_h5ad, tmp_path, capsys
+):
+    """cellsift annotate --min-support: the share of the votes a call needs, as
+    KNNAnnotator's min_support (hunt196: --no-abstain still called cells whose votes split
+    'unknown', and nothing on the command line could change it); 0 with --no-abstain calls
+    every cell, by the label with most votes."""
+    from cellsift import tl
+
+    emb, idx, out = tmp_path / "emb.zarr", tmp_path / "index", tmp_path / "annotated.h5ad"
+    query = ad.read_h5ad(synthetic_h5ad)[:600].copy()
+    query.write_h5ad(tmp_path / "query.h5ad")
+    assert main(["embed", str(bundle), str(synthetic_h5ad), str(emb)]) == 0
+    assert main(["index", str(emb), str(idx), "--engine", "exact"]) == 0
+    base = ["annotate", str(bundle), str(idx), str(tmp_path / "query.h5ad"), str(out)]
+    base += ["--no-ontology", "--no-abstain", "--k", "50", "--overwrite"]
+    model, index = MetricModel.load(bundle), CellIndex.load(idx)
+    tl.embed(query, model)
+    for share in (0.0, 0.5, 0.8):
+        assert main([*base, "--min-support", str(share)]) == 0
+        got = ad.read_h5ad(out).obs["cellsift_cell_type"].astype(str).to_numpy()
+        want = KNNAnnotator(
+            index, label_key="cell_type", k=50, ontology_aware=False, min_support=share
+        ).annotate(query.obsm["X_cellsift"])["label"]
+        np.testing.assert_array_equal(got, want.astype(str).to_numpy())
+        unknown = int((got == UNKNOWN).sum())
+        assert (unknown == 0) if share == 0.0 else (unknown > 0 or share == 0.5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="2"):
+        main([*base, "--min-support", "1"])
+    assert "--min-support: must be at least 0 and below 1, not 1" in capsys.readouterr().err

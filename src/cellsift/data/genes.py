@@ -420,12 +420,14 @@ class GeneVocabulary:
         (on a tie, one without duplicates among its matches, so that a symbols column that
         names two genes alike does not win over unique var_names; then a match by ids over
         one by symbols; then var_names first). The store's genes it leaves unmatched are
-        then matched by the others, in the same order, onto vocabulary genes not matched
-        yet (a gene whose Ensembl id changed between releases, found by its symbol), each
-        by a name that names one gene of the store; ``GeneMap.key`` says how many so
-        (``"gene_ids->ids (+10 by var_names->symbols)"``).
-        Duplicate ids among the matched genes are an error, as are too few matches, naming
-        the store and the count:
+        then matched by the others (var_names and the usual columns: another column of ids
+        may be other genes', orthologues' or paralogues'), in the same order, onto
+        vocabulary genes not matched yet (a gene whose Ensembl id changed between
+        releases, found by its symbol), each by a name that names one gene of the store;
+        ``GeneMap.key`` says how many so (``"gene_ids->ids (+10 by var_names->symbols)"``).
+        Names that several of the store's genes share, where no other key tells those
+        apart, are an error (``of="smaller"``) or read as 0 with a warning (``of="vocabulary"``),
+        as are too few matches, naming the store and the count:
 
         ``of="smaller"``  fewer than ``min_overlap`` x min(genes in store, vocabulary): the
                           stores of one atlas share most genes of the smaller gene set
