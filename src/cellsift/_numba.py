@@ -2,14 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numba
 
 _logger = logging.getLogger("cellsift")
 _said: list[bool] = []
+#: Seconds the first call of compiled kernels may take before a note says they are being
+#: compiled (:func:`first_call`); loaded from numba's cache they take about one.
+NOTICE_AFTER = 5.0
+_called: set[str] = set()
+
+
+@contextlib.contextmanager
+def first_call(what: str) -> Iterator[None]:
+    """Around a call of the compiled kernels ``what``: where the first such call in this
+    process takes longer than :data:`NOTICE_AFTER` seconds (numba compiling them, on the
+    first run of an installation: half a minute for the triplet mining; its cache keeps
+    them after), a note says so while it waits, once, rather than a silent pause."""
+    if what in _called:
+        yield
+        return
+    _called.add(what)
+    note = threading.Timer(
+        NOTICE_AFTER,
+        _logger.warning,
+        args=(
+            "cellsift: compiling %s (on the first run of this installation only: numba "
+            "keeps the compiled code in its cache) ...",
+            what,
+        ),
+    )
+    note.daemon = True
+    note.start()
+    try:
+        yield
+    finally:
+        note.cancel()
 
 
 def njit_cached(**options: Any) -> Callable[[Callable[..., Any]], Any]:

@@ -296,6 +296,7 @@ def _triplets_compiled(
     pairs' draws."""
     import numba
 
+    from .._numba import first_call
     from . import _mining_cpu
 
     none = np.zeros((0, 0), dtype=np.bool_)
@@ -312,19 +313,20 @@ def _triplets_compiled(
         "random": _mining_cpu.RANDOM,
         "hardest": _mining_cpu.HARDEST,
     }[negative]
-    a, p, neg, d_ap, d_an, n_pairs = _mining_cpu.triplets(
-        np.ascontiguousarray(d_nn.numpy(), dtype=np.float32),
-        y.numpy(),
-        study,
-        np.ascontiguousarray(related_ll.numpy(), dtype=np.bool_),
-        ancestor,
-        uses,
-        rule_study,
-        _float32(margin),
-        seed,
-        mode,
-        min(numba.get_num_threads(), torch.get_num_threads()),
-    )
+    with first_call("the triplet mining kernel"):
+        a, p, neg, d_ap, d_an, n_pairs = _mining_cpu.triplets(
+            np.ascontiguousarray(d_nn.numpy(), dtype=np.float32),
+            y.numpy(),
+            study,
+            np.ascontiguousarray(related_ll.numpy(), dtype=np.bool_),
+            ancestor,
+            uses,
+            rule_study,
+            _float32(margin),
+            seed,
+            mode,
+            min(numba.get_num_threads(), torch.get_num_threads()),
+        )
     a, p, neg, d_ap, d_an = (torch.from_numpy(x) for x in (a, p, neg, d_ap, d_an))
     return Triplets(a, p, neg, int(n_pairs), d_ap, d_an)
 
