@@ -447,14 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-support",
         type=_share_below_one,
         default=0.5,
-        help="a call needs more than this share of the k votes, else 'unknown' (with "
-        "--ontology, a coarser term); 0: the label with most votes (default: 0.5, a majority)",
+        help="a call needs more than this share of the k votes, else 'unknown'; 0: the label "
+        "with most votes (default: 0.5, a majority). With --ontology, the call is the most "
+        "specific term holding more than this share (a vote counts for the label's "
+        "ancestors too): a low value calls subtypes few neighbours voted for",
     )
     p.add_argument(
         "--no-abstain",
         action="store_true",
         help="never call 'unknown' on distance (a call still needs more than --min-support "
-        "of the votes: --min-support 0 with it calls every cell)",
+        "of the votes: with plain votes, --min-support 0 calls every cell)",
     )
     p.add_argument(
         "--drop-empty",

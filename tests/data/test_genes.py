@@ -532,10 +532,15 @@ def test_var_columns_of_one_name_twice_or_of_other_labels_are_read_by_position()
     mouse = pd.DataFrame({0: [f"ENSMUSG{i:011d}" for i in range(40)]}, index=names)
     with pytest.raises(GeneAlignmentError, match=r"only 0 of its 40 genes match"):
         vocab.align(mouse)
-    # the ids given twice (two columns of one name): neither is read, nothing fails
+    # the ids given twice (two columns of one name): neither is read, nothing fails; the
+    # same values twice (a concat's copy) are read once (review188: neither)
     twice.columns = ["gene_ids", "gene_ids", "n"]
     with pytest.raises(GeneAlignmentError, match=r"only 0 of its 40 genes match"):
         vocab.align(twice)
+    same = pd.concat([twice.iloc[:, :1]] * 2, axis=1)
+    assert list(same.columns) == ["gene_ids", "gene_ids"]
+    assert vocab.align(same).key == "gene_ids->ids"
+    assert GeneVocabulary.from_var(same).genes.tolist() == ids[::-1]
 
 
 def test_another_column_of_ids_fills_no_gene():

@@ -72,6 +72,27 @@ def test_sparse_input_in_cpu_inference_matches_dense():
     assert not enc.reads_sparse(csr.clone().requires_grad_(True))  # asked for its gradient
 
 
+def test_the_weight_is_transposed_once_while_weights_are_unchanged():
+    """Within weights_unchanged (inference over many batches) the first layer's weight is
+    transposed once, not once a batch (hunt197: ~100 ms a batch of SCimilarity's model);
+    the same outputs; outside it, a changed weight is read again."""
+    torch.manual_seed(0)
+    enc = MLPEncoder(3000, (256, 64), 16).eval()
+    x, csr = _counts_csr()
+    weight = enc.network[0][1].weight
+    with torch.no_grad():
+        want = enc(csr)
+        with enc.weights_unchanged():
+            first = enc._weight_gh(weight)
+            torch.testing.assert_close(enc(csr), want, rtol=0, atol=0)
+            weight.mul_(2)  # (no one does within: the copy held is not made again)
+            assert enc._weight_gh(weight) is first
+            torch.testing.assert_close(enc(csr), want, rtol=0, atol=0)
+            with enc.weights_unchanged():  # (nested: its own copy, then the outer's again)
+                torch.testing.assert_close(enc(csr), enc(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(enc(csr), enc(x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_compiled_encoder_reads_sparse_counts_and_matches_the_uncompiled_one():
     """compile() leaves the first layer out of its graphs: a sparse batch is read by its
     stored values (not densified: the first layer of every gene), and the compiled encoder

@@ -273,6 +273,13 @@ def test_blank_and_pandas_missing_labels_name_no_term(cl):
         cl.harmonize([*labels, "unknown"])
     said = str(err.value)
     assert said.count("a missing value (NaN/None/NA)") == 1 and "101 of 201" in said
+    # None, NaN, pandas' NA and NaT alike: one missing value (review188: one of each)
+    with pytest.raises(OntologyError) as err:
+        cl.harmonize(["B cell", pd.NA, None, float("nan"), np.nan, pd.NaT, "T cell"])
+    said = str(err.value)
+    assert said.count("a missing value (NaN/None/NA)") == 1 and "5 of 7" in said
+    with pytest.raises(TypeError, match=r"id\(\) reads one label .* harmonize\(labels\)"):
+        cl.id(["B cell"])
 
 
 def test_coarsen_rare_counts_no_study_for_cells_without_one(cl):

@@ -321,6 +321,10 @@ def test_a_baseline_series_is_read_by_its_genes(linear):
     )
     with pytest.raises(GeneAlignmentError, match=r"read by its index .*baseline\.to_numpy\(\)"):
         attribute_difference(model, adata, is_a, ~is_a, baseline=pd.Series([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"names genes twice \('g1'\)"):
+        attribute_difference(
+            model, adata, is_a, ~is_a, baseline=pd.Series([1.0, 2.0], index=["g1", "g1"])
+        )
     with pytest.raises(ValueError, match="the baseline holds 1 values that are not finite"):
         attribute_difference(model, adata, is_a, ~is_a, baseline=reversed_.replace(2.0, np.nan))
 

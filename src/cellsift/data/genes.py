@@ -100,11 +100,18 @@ def _of_text(values: pd.Series) -> bool:
 
 
 def _columns(var: pd.DataFrame) -> dict[Any, pd.Series]:
-    """var's columns by their labels, of the labels that name one column (a label given
-    to two columns, as a concat can leave, names neither)."""
+    """var's columns by their labels: a label given to several columns (as a concat can
+    leave) names the first where they hold the same values, else none of them."""
     labels = pd.Index(var.columns)
-    twice = labels.duplicated(keep=False)
-    return {label: var.iloc[:, j] for j, label in enumerate(labels) if not twice[j]}
+    out: dict[Any, pd.Series] = {}
+    for label in labels.unique():
+        at = np.flatnonzero(labels == label) if labels.has_duplicates else [labels.get_loc(label)]
+        if len(at) == 0:  # (a label that equals none of them: NaN)
+            continue
+        first = var.iloc[:, at[0]]
+        if all(first.equals(var.iloc[:, j]) for j in at[1:]):
+            out[label] = first
+    return out
 
 
 def id_columns(var: pd.DataFrame) -> list[Any]:

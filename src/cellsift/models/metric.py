@@ -572,7 +572,7 @@ class MetricModel:
         ones, would stay with the process). ``batch_size`` checked by the caller."""
         if out is None:
             out = np.empty((x.shape[0], width), dtype=np.float32)
-        with torch.no_grad():
+        with torch.no_grad(), self.module.encoder.weights_unchanged():
             for start in range(0, x.shape[0], batch_size):
                 t = to_torch_csr(_row_view(x, start, start + batch_size)).to(dev)
                 out[start : start + batch_size] = fn({"x_ng": t}).cpu().numpy()

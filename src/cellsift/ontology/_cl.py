@@ -152,9 +152,14 @@ class CellOntology:
         """The id of a label (exact, then ignoring case, then synonyms; spaces around it
         ignored and runs of them, tabs or non-breaking spaces within it read as one space,
         as :meth:`harmonize` reads them); None if unknown or missing (None, NaN)."""
-        if _missing(name):
-            return None
-        name = _spaced(str(name))
+        if not isinstance(name, str):
+            if pd.api.types.is_scalar(name) and _missing(name):
+                return None
+            raise TypeError(
+                f"id() reads one label (text), not {type(name).__name__} {name!r}; for a "
+                "list of labels, harmonize(labels)."
+            )
+        name = _spaced(name)
         return (
             self._by_label.get(name)
             or self._by_folded.get(name.casefold())
@@ -298,7 +303,7 @@ class CellOntology:
                 cache[v] = self._harmonize_one(str(v), replace_deprecated)
         # (key=str: labels with gaps mix NaN floats, None or pandas' NA with text)
         failed = sorted((v for v, t in cache.items() if t is None), key=str)
-        failed += list({str(v): v for v in missing}.values())  # (one of each kind)
+        failed += missing[:1]  # (None, NaN, NA alike: "a missing value", once)
         if failed:
             # (a dict finds pandas' NA by identity; a list's `in` would compare it)
             # (no label: missing, blank, 'unknown', 'NaN'...: the rule dropna reads)

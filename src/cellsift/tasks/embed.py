@@ -433,7 +433,7 @@ def _write_shard(
             pending: list[np.ndarray] = []  # flushed a whole chunk at a time
             written = 0
             starts = range(start, stop, batch_size)
-            with torch.no_grad():
+            with torch.no_grad(), module.encoder.weights_unchanged():
                 for s in progress(
                     starts, total=len(starts), desc="embed", enabled=progress_bar, unit="batch"
                 ):

@@ -319,6 +319,12 @@ def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch
     :class:`~cellsift.data.GeneVocabulary`)."""
     n_genes = len(genes)
     if isinstance(baseline, pd.Series):  # by its genes, not by position
+        if baseline.index.has_duplicates:
+            twice = baseline.index[baseline.index.duplicated()].unique()[:3].tolist()
+            raise ValueError(
+                f"the baseline Series names genes twice ({', '.join(map(repr, twice))}): it "
+                "is read by its index, one value a gene; keep one of each."
+            )
         try:  # (every gene it names counts; the model's genes it lacks read as 0)
             gm = genes.align(
                 pd.DataFrame(index=baseline.index),
