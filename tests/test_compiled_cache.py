@@ -15,6 +15,8 @@ import pytest
 import cellsift
 
 SCRIPT = """
+import cellsift._numba
+cellsift._numba.NOTICE_AFTER = 2.5  # (above a load from the cache, below a compile)
 import numpy as np
 import scipy.sparse as sp
 import torch

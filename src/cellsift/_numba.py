@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +25,8 @@ def first_call(what: str) -> Iterator[None]:
     process takes longer than :data:`NOTICE_AFTER` seconds (numba compiling them, on the
     first run of an installation: half a minute for the triplet mining; its cache keeps
     them after), a note says so while it waits, once, rather than a silent pause."""
-    if what in _called:
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    if what in _called or rank != "0":  # (once, and of one process of a distributed run)
         yield
         return
     _called.add(what)

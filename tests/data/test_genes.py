@@ -179,13 +179,30 @@ def test_a_symbol_naming_two_genes_leaves_only_it_out_of_a_vocabulary():
 
 
 def test_unique_var_names_beat_a_symbols_column_that_names_two_genes_alike():
-    """CellBench's case: var_names MATR3 and MATR3-1, its symbol column MATR3 twice."""
+    """CellBench's case: var_names MATR3 and MATR3-1, its symbol column MATR3 twice. The
+    names var_names_make_unique() made match no gene (hunt198: which gene each names
+    follows the file's gene order: two files swapped two genes' counts), with a warning;
+    an id column tells them apart."""
     vocab = GeneVocabulary(["MATR3", "B", "C"])
     var = pd.DataFrame(index=pd.Index(["MATR3", "MATR3-1", "B", "C"]))
     var["gene_symbol"] = ["MATR3", "MATR3", "B", "C"]
-    gm = vocab.align(var)
-    assert gm.key == "var_names->ids" and gm.n_matched == 3
-    np.testing.assert_array_equal(gm.col_map, [0, -1, 1, 2])
+    with pytest.warns(CellsiftWarning, match=r"1 of the vocabulary's genes .*\['MATR3'\]"):
+        gm = vocab.align(var)
+    assert gm.key == "var_names->ids" and gm.n_matched == 2
+    np.testing.assert_array_equal(gm.col_map, [-1, -1, 1, 2])
+    # two files made unique in other gene orders: no gene takes the other's counts
+    ids = [_ens(i) for i in range(4)]
+    first = pd.DataFrame({"gene_ids": ids}, index=["S10", "S10-1", "B", "C"])
+    made = GeneVocabulary.from_var(first)
+    assert made.genes.tolist() == ids and made.symbols.tolist() == ["", "", "B", "C"]
+    second = pd.DataFrame(index=["S10", "S10-1", "C", "B"])  # (S10 is gene 1 here)
+    gm = made.align(second, min_overlap=0.1)  # (its symbols are none of them: missing)
+    np.testing.assert_array_equal(gm.col_map, [-1, -1, 3, 2])
+    np.testing.assert_array_equal(made.align(first).col_map, [0, 1, 2, 3])  # (by ids)
+    # a name with a number after a dash is a name where its stem is none (NKX2-1)
+    assert GeneVocabulary.from_var(
+        pd.DataFrame({"gene_ids": ids[:2]}, index=["NKX2-1", "NKX2-5"])
+    ).symbols.tolist() == ["NKX2-1", "NKX2-5"]
 
 
 def test_vocabulary_roundtrip(tmp_path):
@@ -249,7 +266,11 @@ def test_vocabulary_of_the_real_data_uses_ensembl_ids(name):
     var = ad.read_h5ad(path, backed="r").var
     vocab = GeneVocabulary.from_var(var)
     assert vocab.genes.equals(pd.Index(var["gene_ids"].astype(str)))
-    assert vocab.symbols.equals(pd.Index(var.index.astype(str)))
+    # the symbols: var_names, but those var_names_make_unique() made (Y_RNA, Y_RNA-1, ...)
+    names = pd.Index(var.index.astype(str))
+    stem = names.str.extract(r"^(.+)-\d+$", expand=False)
+    made = (stem.notna() & stem.isin(names)) | names.isin(stem[stem.isin(names)])
+    assert vocab.symbols.equals(pd.Index(np.where(made, "", names)))
     assert vocab.align(var).identity
 
 
@@ -555,3 +576,25 @@ def test_another_column_of_ids_fills_no_gene():
     gm = vocab.align(var, of="vocabulary", min_overlap=0.5)
     assert gm.key == "var_names->symbols" and gm.n_matched == 30
     np.testing.assert_array_equal(gm.col_map, [*range(30), *[-1] * 10])
+
+
+def test_a_vocabulary_takes_ids_from_a_column_with_a_few_gaps_or_padded_names():
+    """A first store's id column with a few genes without an id (a merge's gaps, a
+    transgene) or with padded ids (a TSV's tab) still gives the vocabulary its Ensembl ids
+    (hunt198: the vocabulary became the store's symbols, and a store of Ensembl ids then
+    matched none of it); a gene without an id is named by its var_name."""
+    ids = [_ens(i) for i in range(100)]
+    symbols = [f"S{i}" for i in range(100)]
+    gaps = pd.DataFrame({"gene_ids": [None if i in (5, 50, 70) else g for i, g in enumerate(ids)]})
+    gaps.index = symbols
+    vocab = GeneVocabulary.from_var(gaps)
+    want = [symbols[i] if i in (5, 50, 70) else g for i, g in enumerate(ids)]
+    assert vocab.genes.tolist() == want and vocab.symbols.tolist() == symbols
+    padded = pd.DataFrame({"gene_ids": [f"{g}\t" for g in ids]}, index=[f" {s}" for s in symbols])
+    vocab = GeneVocabulary.from_var(padded)
+    assert vocab.genes.tolist() == ids and vocab.symbols.tolist() == symbols
+    assert vocab.align(_var(ids[::-1]), of="vocabulary").n_matched == 100
+    # too many gaps (over 1 in 10): no id column (the var_names are the ids)
+    many = pd.DataFrame({"gene_ids": [None if i % 5 == 0 else g for i, g in enumerate(ids)]})
+    many.index = symbols
+    assert GeneVocabulary.from_var(many).genes.tolist() == symbols

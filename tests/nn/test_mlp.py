@@ -93,6 +93,43 @@ def test_the_weight_is_transposed_once_while_weights_are_unchanged():
         torch.testing.assert_close(enc(csr), enc(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_hold_is_its_own_threads():
+    """Two threads' holds ending out of order (A, B begin; A, B end) leave no hold after
+    them, and neither reads the other's (review189: the module kept B's restored hold of A
+    for good, and every later forward read that old weight)."""
+    import threading
+
+    torch.manual_seed(0)
+    enc = MLPEncoder(3000, (256, 64), 16).eval()
+    x, csr = _counts_csr()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    got = {}
+
+    def a() -> None:
+        with torch.no_grad(), enc.weights_unchanged():
+            got["a"] = enc(csr)
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(10)
+        with torch.no_grad(), enc.weights_unchanged():
+            b_in.set()
+            a_out.wait(10)
+            got["b"] = enc(csr)
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    torch.testing.assert_close(got["a"], got["b"], rtol=0, atol=0)
+    with torch.no_grad():
+        enc.network[0][1].weight.mul_(2)  # (outside every hold: read again)
+        torch.testing.assert_close(enc(csr), enc(x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_compiled_encoder_reads_sparse_counts_and_matches_the_uncompiled_one():
     """compile() leaves the first layer out of its graphs: a sparse batch is read by its
     stored values (not densified: the first layer of every gene), and the compiled encoder

@@ -86,6 +86,22 @@ def _cleaned(names: pd.Index) -> pd.Index:
     return pd.Index(out, dtype=object)
 
 
+def _made_unique(names: pd.Index) -> np.ndarray:
+    """Which of ``names`` are a name and the copies ``var_names_make_unique()`` made of it
+    (X, X-1, X-2: genes of one symbol, told apart by their order in a file, which differs
+    between files): none of them names one gene across files. (A name ``X-1`` whose ``X``
+    is not among them is a name: NKX2-1.)"""
+    out = np.zeros(len(names), dtype=bool)
+    if "-" not in "".join(names):
+        return out
+    dashed = np.flatnonzero(np.asarray(names.str.contains("-", regex=False), dtype=bool))
+    base = names[dashed].str.extract(r"^(.+)-\d+$", expand=False)
+    copy = np.asarray(base.notna() & base.isin(names), dtype=bool)
+    out[dashed[copy]] = True
+    out |= np.asarray(names.isin(base[copy]), dtype=bool)
+    return out
+
+
 def _unambiguous(names: pd.Index) -> np.ndarray:
     """Which of ``names`` can identify a gene: not "" (none) and not shared with another."""
     return (names != "") & ~names.duplicated(keep=False)
@@ -105,9 +121,7 @@ def _columns(var: pd.DataFrame) -> dict[Any, pd.Series]:
     labels = pd.Index(var.columns)
     out: dict[Any, pd.Series] = {}
     for label in labels.unique():
-        at = np.flatnonzero(labels == label) if labels.has_duplicates else [labels.get_loc(label)]
-        if len(at) == 0:  # (a label that equals none of them: NaN)
-            continue
+        at = labels.get_indexer_for([label])  # (NaN too)
         first = var.iloc[:, at[0]]
         if all(first.equals(var.iloc[:, j]) for j in at[1:]):
             out[label] = first
@@ -125,7 +139,7 @@ def id_columns(var: pd.DataFrame) -> list[Any]:
         for c, values in columns.items()
         if c not in GENE_COLUMNS
         and _of_text(values)
-        and _mostly_ensembl(_names(values.iloc[:ID_SAMPLE]))
+        and _mostly_ensembl(_cleaned(_names(values.iloc[:ID_SAMPLE])))
     ]
 
 
@@ -136,20 +150,26 @@ ID_SAMPLE = 200
 def id_column(var: pd.DataFrame) -> str | None:
     """The var column :meth:`GeneVocabulary.from_var` takes gene ids from: None where
     var_names are Ensembl ids, else the first id column (:func:`id_columns`) of unique
-    Ensembl ids, if any."""
-    if _mostly_ensembl(_names(var.index)):
+    Ensembl ids (names as :func:`_cleaned` reads them; a gene without one, at most 1 in
+    10, takes its var_name: :func:`column_ids`), if any."""
+    if _mostly_ensembl(_cleaned(_names(var.index))):
         return None
-    columns = _columns(var)
     return next(
         (
             c
             for c in id_columns(var)
-            if _mostly_ensembl(_names(columns[c]))
-            and not columns[c].isna().any()
-            and not _names(columns[c]).has_duplicates
+            if _mostly_ensembl(ids := column_ids(var, c)) and not ids.has_duplicates
         ),
         None,
     )
+
+
+def column_ids(var: pd.DataFrame, column: Any) -> pd.Index:
+    """The gene ids of var's ``column``, as a vocabulary takes them: cleaned
+    (:func:`_cleaned`), a gene without one (missing, blank: a transgene, a merge's gap)
+    named by its var_name."""
+    ids = _cleaned(_names(_columns(var)[column]))
+    return pd.Index(np.where(ids == "", _cleaned(_names(var.index)), ids), dtype=object)
 
 
 def _kind_of_names(names: pd.Index) -> str:
@@ -193,6 +213,7 @@ class _Tried:
     target: pd.Index
     hit: np.ndarray
     clear: np.ndarray
+    copies: np.ndarray
 
 
 def _positions(target: pd.Index, names: pd.Index) -> np.ndarray:
@@ -345,18 +366,19 @@ class GeneVocabulary:
         symbols as var_names, Ensembl ids in ``gene_ids``). Symbols otherwise come from the
         ``symbols`` column if given, else the first symbol column found (``feature_name``,
         ``gene_symbols``, ``gene_symbol``, ``gene_name``, ``symbol``). Symbols that name two
-        genes alike cannot identify genes, and are left out ("", as missing ones); white
+        genes alike cannot identify genes, and are left out ("", as missing ones), as are
+        a symbol and the copies ``var_names_make_unique()`` made of it (X, X-1); white
         space around a symbol is stripped ("TP53 " and, text read with Windows line ends,
         "TP53\\r" are TP53), as is a leading byte order mark (text saved "with BOM", read
         as UTF-8); symbols holding a carriage return, a byte order mark or a NUL still are
         left out, which no genes.tsv holds.
         """
-        names = _names(var.index)
+        names = _cleaned(_names(var.index))  # (as align reads them: "TP53 " is TP53)
         ids, syms = names, None
         columns = _columns(var)
         id_col = id_column(var)
         if id_col is not None:
-            ids, syms = _names(columns[id_col]), names
+            ids, syms = column_ids(var, id_col), names
         if symbols is not None:
             if symbols not in columns:
                 raise ValueError(
@@ -370,7 +392,7 @@ class GeneVocabulary:
             syms = _names(columns[sym_col]) if sym_col else None
         if syms is not None:  # (those still odd are no symbol: the vocabulary refuses them)
             syms = _cleaned(syms)
-            syms = syms.where(~syms.str.contains(_ODD), "")
+            syms = syms.where(~syms.str.contains(_ODD) & ~_made_unique(syms), "")
         if syms is None or not _unambiguous(syms).any():
             return cls(ids)
         return cls(ids, np.where(_unambiguous(syms), syms, "").tolist())
@@ -463,19 +485,20 @@ class GeneVocabulary:
         tried: list[_Tried] = []
         for label, ids in candidates:
             ids = _strip_version(ids)
+            copies = _made_unique(ids)  # (X, X-1: which gene each is differs by file)
             for tname, tgt in targets:
                 hit = np.asarray(ids.isin(tgt[tgt != ""]))
                 # genes found by names of one gene each; then no name shared among the hits
                 # (several genes of the store, so which one?); then ids over symbols
-                clear = hit & _unambiguous(ids)
+                clear = hit & _unambiguous(ids) & ~copies
                 score = (int(clear.sum()), bool(np.array_equal(hit, clear)), tname == "ids")
                 name = "var_names" if label is None else str(label)
-                tried.append(_Tried(score, f"{name}->{tname}", label, ids, tgt, hit, clear))
+                tried.append(_Tried(score, f"{name}->{tname}", label, ids, tgt, hit, clear, copies))
         # the best (on a tie, the first tried: var_names first)
         order = sorted(range(len(tried)), key=lambda i: tried[i].score, reverse=True)
         best = tried[order[0]]
-        key, column, ids, target, hit, clear = (
-            best.key, best.label, best.ids, best.target, best.hit, best.clear
+        key, column, ids, target, hit, clear, copies = (
+            best.key, best.label, best.ids, best.target, best.hit, best.clear, best.copies
         )  # fmt: skip
         col_map = np.full(len(ids), -1, dtype=np.int64)
         col_map[clear] = _positions(target, ids[clear])
@@ -505,8 +528,10 @@ class GeneVocabulary:
             key += f" ({', '.join(filled)})"
         n_matched = int(used.sum())
         # vocabulary genes named by several of var's (by the best key), matched by none
-        shared = ids[hit & ~clear].unique()
+        shared = ids[hit & ~clear & ~copies].unique()
         shared = shared[~used[_positions(target, shared)]] if len(shared) else shared
+        copied = ids[hit & copies].unique()  # (their genes matched by no other key)
+        copied = copied[~used[_positions(target, copied)]] if len(copied) else copied
         how = "with adata.var_names_make_unique()" if column is None else f"in var[{column!r}]"
         # (names that are Ensembl ids already: no other column of ids to offer)
         by_ids = (
@@ -515,7 +540,7 @@ class GeneVocabulary:
             else (", or align by a unique id column such as Ensembl ids")
         )
         fix = f"To use them, make the names unique {how}{by_ids}."
-        named_as = dict(candidates)[column][hit & ~clear]  # (None: var_names)
+        named_as = dict(candidates)[column][hit & ~clear & ~copies]  # (None: var_names)
         if len(named_as) and named_as.is_unique:  # (unique as written: by their versions only)
             names = "adata.var_names" if column is None else f"adata.var[{column!r}]"
             fix = (
@@ -576,6 +601,17 @@ class GeneVocabulary:
             warn(
                 f"{source}: {len(shared)} of the model's genes are each named by several of "
                 f"its genes ({key}), e.g. {shared[:5].tolist()}, so they read as 0. {fix}",
+                stacklevel=3,
+            )
+        if len(copied):
+            whose = "the model's" if of == "vocabulary" else "the vocabulary's"
+            warn(
+                f"{source}: {len(copied)} of {whose} genes are named by names that "
+                f"var_names_make_unique() makes of one name ({key}), e.g. "
+                f"{copied[:5].tolist()}: genes of one symbol, told apart by their order in "
+                "each file, which no other file shares, so they read as 0. To use them, "
+                "name the genes by unique ids (a var column of Ensembl ids, such as "
+                "gene_ids).",
                 stacklevel=3,
             )
         identity = len(var) == len(self) and bool(np.array_equal(col_map, np.arange(len(self))))

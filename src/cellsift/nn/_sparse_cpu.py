@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .._numba import njit_cached
+from .._numba import first_call, njit_cached
 
 #: genes per block: their weight rows (hidden floats each) should stay in the CPU's cache
 _BLOCK_BYTES = 8 << 20
@@ -134,7 +134,8 @@ class _CSRLinear(torch.autograd.Function):
         per_block = max(1, _BLOCK_BYTES // (4 * h))
         bounds = np.append(np.arange(0, n_genes, per_block), n_genes).astype(np.int64)
         out = np.zeros((csr.shape[0], h), dtype=np.float32)
-        _csr_times_rows(csr.indptr, csr.indices, csr.data, weight_gh, bounds, out)
+        with first_call("the sparse first layer's kernel"):
+            _csr_times_rows(csr.indptr, csr.indices, csr.data, weight_gh, bounds, out)
         ctx.csr, ctx.has_bias = csr, bias_h is not None
         # (the values read again by backward: changed in place before it, autograd says so,
         # as for a dense input, rather than a gradient of other counts)
@@ -148,7 +149,8 @@ class _CSRLinear(torch.autograd.Function):
         csc = ctx.csr.tocsc()
         g = np.ascontiguousarray(grad_nh.detach().float().numpy())
         grad_w = np.empty((g.shape[1], csc.shape[1]), dtype=np.float32)
-        _csc_weight_grad(csc.indptr, csc.indices, csc.data, g, grad_w)
+        with first_call("the sparse first layer's gradient kernel"):
+            _csc_weight_grad(csc.indptr, csc.indices, csc.data, g, grad_w)
         grad_b = grad_nh.sum(0) if ctx.has_bias else None
         return None, None, None, None, torch.from_numpy(grad_w), grad_b, None
 

@@ -9,6 +9,7 @@ layout (``network.<block>.<layer>``) equals SCimilarity's, so its checkpoints lo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,6 +18,12 @@ import torch
 from torch import nn
 
 __all__ = ["MLPDecoder", "MLPEncoder"]
+
+#: The encoder, weight and transposed copy that :meth:`MLPEncoder.weights_unchanged` holds
+#: in this thread or task (a context variable: another thread's hold is not this one's).
+_HELD: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "cellsift_weights_unchanged", default=None
+)
 
 
 def _stack(dims: Sequence[int], dropouts: Sequence[float | None], d_out: int) -> nn.Sequential:
@@ -123,30 +130,32 @@ class MLPEncoder(nn.Module):
         on every call (~30 ms for SCimilarity's model) into one buffer kept between calls,
         but once within :meth:`weights_unchanged`. Not cached on the weight's version: fused
         optimisers update weights without bumping it."""
-        held = getattr(self, "_weight_gh_held", None)
-        if held is not None and held[0] is weight_hg and held[1] is not None:
-            return held[1]  # type: ignore[no-any-return]
+        held = _HELD.get()  # (this thread's, this task's)
+        if held is not None and (held[0] is not self or held[1] is not weight_hg):
+            held = None  # (another encoder's hold, or its weight replaced)
+        if held is not None and held[2] is not None:
+            return held[2]  # type: ignore[no-any-return]
         w = weight_hg.detach().numpy()
         buf = getattr(self, "_weight_gh_buffer", None)
         if buf is None or buf.shape != w.T.shape:
             buf = self._weight_gh_buffer = np.empty(w.T.shape, dtype=np.float32)
         np.copyto(buf, w.T)
-        if held is not None and held[0] is weight_hg:
-            held[1] = buf
+        if held is not None:
+            held[2] = buf
         return buf
 
     @contextlib.contextmanager
     def weights_unchanged(self) -> Iterator[None]:
-        """Within: nothing changes the weights (inference over many batches), so the first
-        layer's weight is transposed for the sparse kernel once, not once a batch (~3-6% of
-        an embedding's time with SCimilarity's model)."""
+        """Within (in this thread or task; holds nest): nothing changes the weights
+        (inference over many batches), so the first layer's weight is transposed for the
+        sparse kernel once, not once a batch (~5% of an embedding's time with
+        SCimilarity's model)."""
         first, at = self._first_block()
-        before = getattr(self, "_weight_gh_held", None)
-        self._weight_gh_held: list[Any] | None = [first[at].weight, None]
+        token = _HELD.set([self, first[at].weight, None])
         try:
             yield
         finally:
-            self._weight_gh_held = before
+            _HELD.reset(token)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """``torch.compile`` this encoder's layers after its first Linear (the first block's
