@@ -179,30 +179,34 @@ def test_a_symbol_naming_two_genes_leaves_only_it_out_of_a_vocabulary():
 
 
 def test_unique_var_names_beat_a_symbols_column_that_names_two_genes_alike():
-    """CellBench's case: var_names MATR3 and MATR3-1, its symbol column MATR3 twice. The
-    names var_names_make_unique() made match no gene (hunt198: which gene each names
-    follows the file's gene order: two files swapped two genes' counts), with a warning;
-    an id column tells them apart."""
+    """CellBench's case: var_names MATR3 and MATR3-1, its symbol column MATR3 twice."""
     vocab = GeneVocabulary(["MATR3", "B", "C"])
     var = pd.DataFrame(index=pd.Index(["MATR3", "MATR3-1", "B", "C"]))
     var["gene_symbol"] = ["MATR3", "MATR3", "B", "C"]
-    with pytest.warns(CellsiftWarning, match=r"1 of the vocabulary's genes .*\['MATR3'\]"):
-        gm = vocab.align(var)
-    assert gm.key == "var_names->ids" and gm.n_matched == 2
-    np.testing.assert_array_equal(gm.col_map, [-1, -1, 1, 2])
-    # two files made unique in other gene orders: no gene takes the other's counts
+    gm = vocab.align(var)
+    assert gm.key == "var_names->ids" and gm.n_matched == 3
+    np.testing.assert_array_equal(gm.col_map, [0, -1, 1, 2])
+
+
+def test_a_vocabulary_takes_symbols_from_the_symbol_column_beside_ids():
+    """A 10x store (var_names made unique: S10, S10-1; ids in gene_ids; the symbols in a
+    column): the vocabulary's symbols are the column's, where S10 names two genes and so
+    neither; a second file made unique in another gene order does not swap their counts
+    (hunt198: the vocabulary took S10-1 as a symbol, which names another gene there)."""
     ids = [_ens(i) for i in range(4)]
-    first = pd.DataFrame({"gene_ids": ids}, index=["S10", "S10-1", "B", "C"])
+    first = pd.DataFrame(
+        {"gene_ids": ids, "gene_symbols": ["S10", "S10", "B", "C"]},
+        index=["S10", "S10-1", "B", "C"],
+    )
     made = GeneVocabulary.from_var(first)
     assert made.genes.tolist() == ids and made.symbols.tolist() == ["", "", "B", "C"]
     second = pd.DataFrame(index=["S10", "S10-1", "C", "B"])  # (S10 is gene 1 here)
-    gm = made.align(second, min_overlap=0.1)  # (its symbols are none of them: missing)
-    np.testing.assert_array_equal(gm.col_map, [-1, -1, 3, 2])
+    np.testing.assert_array_equal(made.align(second, min_overlap=0.1).col_map, [-1, -1, 3, 2])
     np.testing.assert_array_equal(made.align(first).col_map, [0, 1, 2, 3])  # (by ids)
-    # a name with a number after a dash is a name where its stem is none (NKX2-1)
-    assert GeneVocabulary.from_var(
-        pd.DataFrame({"gene_ids": ids[:2]}, index=["NKX2-1", "NKX2-5"])
-    ).symbols.tolist() == ["NKX2-1", "NKX2-5"]
+    # without a symbol column, var_names serve (a name with a dash and a number may be a
+    # gene's own: IGHV1-69 and IGHV1-69-2, NKX2-1)
+    plain = first.drop(columns="gene_symbols")
+    assert GeneVocabulary.from_var(plain).symbols.tolist() == ["S10", "S10-1", "B", "C"]
 
 
 def test_vocabulary_roundtrip(tmp_path):
@@ -266,11 +270,9 @@ def test_vocabulary_of_the_real_data_uses_ensembl_ids(name):
     var = ad.read_h5ad(path, backed="r").var
     vocab = GeneVocabulary.from_var(var)
     assert vocab.genes.equals(pd.Index(var["gene_ids"].astype(str)))
-    # the symbols: var_names, but those var_names_make_unique() made (Y_RNA, Y_RNA-1, ...)
-    names = pd.Index(var.index.astype(str))
-    stem = names.str.extract(r"^(.+)-\d+$", expand=False)
-    made = (stem.notna() & stem.isin(names)) | names.isin(stem[stem.isin(names)])
-    assert vocab.symbols.equals(pd.Index(np.where(made, "", names)))
+    # the symbols: the symbol column's, those naming two genes (CellBench's Y_RNA) left out
+    symbols = pd.Index(var["gene_symbol"].astype(str))
+    assert vocab.symbols.equals(pd.Index(np.where(symbols.duplicated(keep=False), "", symbols)))
     assert vocab.align(var).identity
 
 

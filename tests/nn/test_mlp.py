@@ -128,6 +128,26 @@ def test_a_hold_is_its_own_threads():
     with torch.no_grad():
         enc.network[0][1].weight.mul_(2)  # (outside every hold: read again)
         torch.testing.assert_close(enc(csr), enc(x), atol=1e-5, rtol=1e-5)
+    # a task begun within a hold (its context a copy) reads the weight again once the hold
+    # has ended (review190: it kept reading the copy held)
+    import asyncio
+
+    async def main() -> None:
+        later = asyncio.Event()
+
+        async def task() -> torch.Tensor:
+            await later.wait()
+            return enc(csr)
+
+        with torch.no_grad(), enc.weights_unchanged():
+            enc(csr)
+            running = asyncio.create_task(task())
+        with torch.no_grad():
+            enc.network[0][1].weight.mul_(2)
+            later.set()
+            torch.testing.assert_close(await running, enc(x), atol=1e-5, rtol=1e-5)
+
+    asyncio.run(main())
 
 
 def test_a_compiled_encoder_reads_sparse_counts_and_matches_the_uncompiled_one():

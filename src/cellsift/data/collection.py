@@ -29,8 +29,10 @@ from .genes import (
     DuplicateGenesError,
     GeneMap,
     GeneVocabulary,
+    _cleaned,
     _names,
     _strip_version,
+    column_ids,
     id_column,
 )
 from .stores import CellStore, is_anndata, open_store, refuse_other
@@ -641,7 +643,7 @@ def _keep_one_of_each(store: CellStore) -> str:
     raw = store.layer == "raw"
     table = "raw" if raw else "adata"
     column = id_column(var)
-    ids = _names(var.index if column is None else var[column])
+    ids = _cleaned(_names(var.index)) if column is None else column_ids(var, column)
     ids = ids[ids.str.strip() != ""]  # (no id: refused as such, whatever its count)
     plain, stripped = ids.duplicated().sum(), _strip_version(ids).duplicated().sum()
     if not stripped:

@@ -86,22 +86,6 @@ def _cleaned(names: pd.Index) -> pd.Index:
     return pd.Index(out, dtype=object)
 
 
-def _made_unique(names: pd.Index) -> np.ndarray:
-    """Which of ``names`` are a name and the copies ``var_names_make_unique()`` made of it
-    (X, X-1, X-2: genes of one symbol, told apart by their order in a file, which differs
-    between files): none of them names one gene across files. (A name ``X-1`` whose ``X``
-    is not among them is a name: NKX2-1.)"""
-    out = np.zeros(len(names), dtype=bool)
-    if "-" not in "".join(names):
-        return out
-    dashed = np.flatnonzero(np.asarray(names.str.contains("-", regex=False), dtype=bool))
-    base = names[dashed].str.extract(r"^(.+)-\d+$", expand=False)
-    copy = np.asarray(base.notna() & base.isin(names), dtype=bool)
-    out[dashed[copy]] = True
-    out |= np.asarray(names.isin(base[copy]), dtype=bool)
-    return out
-
-
 def _unambiguous(names: pd.Index) -> np.ndarray:
     """Which of ``names`` can identify a gene: not "" (none) and not shared with another."""
     return (names != "") & ~names.duplicated(keep=False)
@@ -213,7 +197,6 @@ class _Tried:
     target: pd.Index
     hit: np.ndarray
     clear: np.ndarray
-    copies: np.ndarray
 
 
 def _positions(target: pd.Index, names: pd.Index) -> np.ndarray:
@@ -361,13 +344,15 @@ class GeneVocabulary:
 
         The ids are var_names, unless var_names are not Ensembl ids and an id column
         (``gene_ids``, ``gene_id``, ``feature_id``, ``ensembl_id``, else any other column of
-        Ensembl ids: :func:`id_columns`) holds unique ones: then
-        that column gives the ids and var_names the symbols (10x and the Kang 2018 data keep
-        symbols as var_names, Ensembl ids in ``gene_ids``). Symbols otherwise come from the
+        Ensembl ids: :func:`id_columns`) holds unique ones (a gene without one, at most 1 in
+        10, named by its var_name): then that column gives the ids and the symbols come
+        from a symbol column where var has one, else from var_names (10x and the Kang 2018
+        data keep symbols as var_names, Ensembl ids in ``gene_ids``; var_names made unique,
+        MATR3 and MATR3-1, name one gene each by their order in the file only, where the
+        symbol column's MATR3 twice names neither). Symbols otherwise come from the
         ``symbols`` column if given, else the first symbol column found (``feature_name``,
         ``gene_symbols``, ``gene_symbol``, ``gene_name``, ``symbol``). Symbols that name two
-        genes alike cannot identify genes, and are left out ("", as missing ones), as are
-        a symbol and the copies ``var_names_make_unique()`` made of it (X, X-1); white
+        genes alike cannot identify genes, and are left out ("", as missing ones); white
         space around a symbol is stripped ("TP53 " and, text read with Windows line ends,
         "TP53\\r" are TP53), as is a leading byte order mark (text saved "with BOM", read
         as UTF-8); symbols holding a carriage return, a byte order mark or a NUL still are
@@ -377,8 +362,14 @@ class GeneVocabulary:
         ids, syms = names, None
         columns = _columns(var)
         id_col = id_column(var)
+        sym_col = next((c for c in SYMBOL_COLUMNS if c in columns), None)
         if id_col is not None:
-            ids, syms = column_ids(var, id_col), names
+            # symbols: var_names, or a column of symbols where var has one (10x's
+            # var_names are symbols var_names_make_unique() made unique, MATR3 and MATR3-1,
+            # which name one gene each by their order in the file only; the column's
+            # MATR3 twice is seen to name neither)
+            ids = column_ids(var, id_col)
+            syms = names if sym_col is None else _names(columns[sym_col])
         if symbols is not None:
             if symbols not in columns:
                 raise ValueError(
@@ -388,11 +379,10 @@ class GeneVocabulary:
                 )
             syms = _names(columns[symbols])
         elif syms is None:
-            sym_col = next((c for c in SYMBOL_COLUMNS if c in columns), None)
             syms = _names(columns[sym_col]) if sym_col else None
         if syms is not None:  # (those still odd are no symbol: the vocabulary refuses them)
             syms = _cleaned(syms)
-            syms = syms.where(~syms.str.contains(_ODD) & ~_made_unique(syms), "")
+            syms = syms.where(~syms.str.contains(_ODD), "")
         if syms is None or not _unambiguous(syms).any():
             return cls(ids)
         return cls(ids, np.where(_unambiguous(syms), syms, "").tolist())
@@ -485,20 +475,19 @@ class GeneVocabulary:
         tried: list[_Tried] = []
         for label, ids in candidates:
             ids = _strip_version(ids)
-            copies = _made_unique(ids)  # (X, X-1: which gene each is differs by file)
             for tname, tgt in targets:
                 hit = np.asarray(ids.isin(tgt[tgt != ""]))
                 # genes found by names of one gene each; then no name shared among the hits
                 # (several genes of the store, so which one?); then ids over symbols
-                clear = hit & _unambiguous(ids) & ~copies
+                clear = hit & _unambiguous(ids)
                 score = (int(clear.sum()), bool(np.array_equal(hit, clear)), tname == "ids")
                 name = "var_names" if label is None else str(label)
-                tried.append(_Tried(score, f"{name}->{tname}", label, ids, tgt, hit, clear, copies))
+                tried.append(_Tried(score, f"{name}->{tname}", label, ids, tgt, hit, clear))
         # the best (on a tie, the first tried: var_names first)
         order = sorted(range(len(tried)), key=lambda i: tried[i].score, reverse=True)
         best = tried[order[0]]
-        key, column, ids, target, hit, clear, copies = (
-            best.key, best.label, best.ids, best.target, best.hit, best.clear, best.copies
+        key, column, ids, target, hit, clear = (
+            best.key, best.label, best.ids, best.target, best.hit, best.clear
         )  # fmt: skip
         col_map = np.full(len(ids), -1, dtype=np.int64)
         col_map[clear] = _positions(target, ids[clear])
@@ -528,10 +517,8 @@ class GeneVocabulary:
             key += f" ({', '.join(filled)})"
         n_matched = int(used.sum())
         # vocabulary genes named by several of var's (by the best key), matched by none
-        shared = ids[hit & ~clear & ~copies].unique()
+        shared = ids[hit & ~clear].unique()
         shared = shared[~used[_positions(target, shared)]] if len(shared) else shared
-        copied = ids[hit & copies].unique()  # (their genes matched by no other key)
-        copied = copied[~used[_positions(target, copied)]] if len(copied) else copied
         how = "with adata.var_names_make_unique()" if column is None else f"in var[{column!r}]"
         # (names that are Ensembl ids already: no other column of ids to offer)
         by_ids = (
@@ -540,7 +527,7 @@ class GeneVocabulary:
             else (", or align by a unique id column such as Ensembl ids")
         )
         fix = f"To use them, make the names unique {how}{by_ids}."
-        named_as = dict(candidates)[column][hit & ~clear & ~copies]  # (None: var_names)
+        named_as = dict(candidates)[column][hit & ~clear]  # (None: var_names)
         if len(named_as) and named_as.is_unique:  # (unique as written: by their versions only)
             names = "adata.var_names" if column is None else f"adata.var[{column!r}]"
             fix = (
@@ -601,17 +588,6 @@ class GeneVocabulary:
             warn(
                 f"{source}: {len(shared)} of the model's genes are each named by several of "
                 f"its genes ({key}), e.g. {shared[:5].tolist()}, so they read as 0. {fix}",
-                stacklevel=3,
-            )
-        if len(copied):
-            whose = "the model's" if of == "vocabulary" else "the vocabulary's"
-            warn(
-                f"{source}: {len(copied)} of {whose} genes are named by names that "
-                f"var_names_make_unique() makes of one name ({key}), e.g. "
-                f"{copied[:5].tolist()}: genes of one symbol, told apart by their order in "
-                "each file, which no other file shares, so they read as 0. To use them, "
-                "name the genes by unique ids (a var column of Ensembl ids, such as "
-                "gene_ids).",
                 stacklevel=3,
             )
         identity = len(var) == len(self) and bool(np.array_equal(col_map, np.arange(len(self))))

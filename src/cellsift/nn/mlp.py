@@ -131,8 +131,8 @@ class MLPEncoder(nn.Module):
         but once within :meth:`weights_unchanged`. Not cached on the weight's version: fused
         optimisers update weights without bumping it."""
         held = _HELD.get()  # (this thread's, this task's)
-        if held is not None and (held[0] is not self or held[1] is not weight_hg):
-            held = None  # (another encoder's hold, or its weight replaced)
+        if held is not None and (held[0] is not self or held[1] is not weight_hg or not held[3]):
+            held = None  # (another encoder's hold, its weight replaced, or the hold ended)
         if held is not None and held[2] is not None:
             return held[2]  # type: ignore[no-any-return]
         w = weight_hg.detach().numpy()
@@ -151,10 +151,12 @@ class MLPEncoder(nn.Module):
         sparse kernel once, not once a batch (~5% of an embedding's time with
         SCimilarity's model)."""
         first, at = self._first_block()
-        token = _HELD.set([self, first[at].weight, None])
+        held = [self, first[at].weight, None, True]
+        token = _HELD.set(held)
         try:
             yield
-        finally:
+        finally:  # (ended for a task begun within too, whose context holds a copy of it)
+            held[3] = False
             _HELD.reset(token)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
