@@ -203,10 +203,19 @@ def test_a_vocabulary_takes_symbols_from_the_symbol_column_beside_ids():
     second = pd.DataFrame(index=["S10", "S10-1", "C", "B"])  # (S10 is gene 1 here)
     np.testing.assert_array_equal(made.align(second, min_overlap=0.1).col_map, [-1, -1, 3, 2])
     np.testing.assert_array_equal(made.align(first).col_map, [0, 1, 2, 3])  # (by ids)
-    # without a symbol column, var_names serve (a name with a dash and a number may be a
-    # gene's own: IGHV1-69 and IGHV1-69-2, NKX2-1)
+    # without a symbol column (10x read by scanpy), a name and those made of it are no
+    # symbol (review191: the swap again); the ids name them
     plain = first.drop(columns="gene_symbols")
-    assert GeneVocabulary.from_var(plain).symbols.tolist() == ["S10", "S10-1", "B", "C"]
+    made = GeneVocabulary.from_var(plain)
+    assert made.symbols.tolist() == ["", "", "B", "C"]
+    np.testing.assert_array_equal(made.align(second, min_overlap=0.1).col_map, [-1, -1, 3, 2])
+    lone = pd.DataFrame({"gene_ids": ids[:2]}, index=["NKX2-1", "B-1"])  # (no stem: names)
+    assert GeneVocabulary.from_var(lone).symbols.tolist() == ["NKX2-1", "B-1"]
+    # a symbol column of other text, or with gaps, corrects nothing (review191: genes lost)
+    names = ["TP53", "CD3E", "MS4A1", "ACTB"]
+    for other in (ids, [None, "CD3E", "nan", "ACTB"], ["TP53", "", "MS4A1", "OLD"]):
+        var = pd.DataFrame({"gene_ids": ids, "gene_name": other}, index=names)
+        assert GeneVocabulary.from_var(var).symbols.tolist() == names
 
 
 def test_vocabulary_roundtrip(tmp_path):

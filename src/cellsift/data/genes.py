@@ -86,6 +86,30 @@ def _cleaned(names: pd.Index) -> pd.Index:
     return pd.Index(out, dtype=object)
 
 
+def _symbols_beside_ids(names: pd.Index, column: pd.Series | None) -> pd.Index:
+    """The symbols of a store whose genes an id column names and whose var_names are
+    symbols, some made unique by ``var_names_make_unique()`` (10x read by scanpy: MATR3,
+    MATR3-1, which name one gene each by their order in the file only, so another file's
+    MATR3-1 may be the other gene). A symbol column (``column``) tells, gene by gene: its
+    value where it is the var_name, or the var_name's stem (MATR3 for MATR3-1: then named
+    twice, and so no gene's), else the var_name (a column of other text, a gap). Without
+    one, a var_name and the names made of it (X, X-1: a gene of its own such as
+    IGHV1-69-2 too, which nothing here tells from a copy) are no symbol: the ids name
+    those genes."""
+    dashed = np.flatnonzero(np.asarray(names.str.contains("-", regex=False), dtype=bool))
+    stem = pd.Series("", index=range(len(names)), dtype=object)
+    stem.iloc[dashed] = names[dashed].str.extract(r"^(.+)-\d+$", expand=False).fillna("")
+    stem = pd.Index(stem.to_numpy(), dtype=object)
+    if column is None:
+        copy = (stem != "") & stem.isin(names)
+        made = copy | names.isin(stem[copy])
+        return pd.Index(np.where(made, "", names), dtype=object)
+    given = _cleaned(_names(column))
+    agrees = (given == names) | ((given == stem) & (stem != ""))
+    usable = (given != "") & (given.str.casefold() != "nan") & ~given.str.match(_ENSEMBL.pattern)
+    return pd.Index(np.where(agrees & usable, given, names), dtype=object)
+
+
 def _unambiguous(names: pd.Index) -> np.ndarray:
     """Which of ``names`` can identify a gene: not "" (none) and not shared with another."""
     return (names != "") & ~names.duplicated(keep=False)
@@ -345,11 +369,10 @@ class GeneVocabulary:
         The ids are var_names, unless var_names are not Ensembl ids and an id column
         (``gene_ids``, ``gene_id``, ``feature_id``, ``ensembl_id``, else any other column of
         Ensembl ids: :func:`id_columns`) holds unique ones (a gene without one, at most 1 in
-        10, named by its var_name): then that column gives the ids and the symbols come
-        from a symbol column where var has one, else from var_names (10x and the Kang 2018
-        data keep symbols as var_names, Ensembl ids in ``gene_ids``; var_names made unique,
-        MATR3 and MATR3-1, name one gene each by their order in the file only, where the
-        symbol column's MATR3 twice names neither). Symbols otherwise come from the
+        10, named by its var_name): then that column gives the ids and var_names the
+        symbols, but those ``var_names_make_unique()`` made, as a symbol column tells
+        (:func:`_symbols_beside_ids`; 10x and the Kang 2018 data keep symbols as
+        var_names, Ensembl ids in ``gene_ids``). Symbols otherwise come from the
         ``symbols`` column if given, else the first symbol column found (``feature_name``,
         ``gene_symbols``, ``gene_symbol``, ``gene_name``, ``symbol``). Symbols that name two
         genes alike cannot identify genes, and are left out ("", as missing ones); white
@@ -364,12 +387,8 @@ class GeneVocabulary:
         id_col = id_column(var)
         sym_col = next((c for c in SYMBOL_COLUMNS if c in columns), None)
         if id_col is not None:
-            # symbols: var_names, or a column of symbols where var has one (10x's
-            # var_names are symbols var_names_make_unique() made unique, MATR3 and MATR3-1,
-            # which name one gene each by their order in the file only; the column's
-            # MATR3 twice is seen to name neither)
             ids = column_ids(var, id_col)
-            syms = names if sym_col is None else _names(columns[sym_col])
+            syms = _symbols_beside_ids(names, None if sym_col is None else columns[sym_col])
         if symbols is not None:
             if symbols not in columns:
                 raise ValueError(
