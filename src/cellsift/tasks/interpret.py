@@ -340,16 +340,10 @@ def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch
                 "model's genes (ids or symbols): index it by the model's genes, or pass the "
                 "values in the model's gene order as an array (baseline.to_numpy())."
             ) from None
-        values = np.asarray(baseline, dtype=np.float32)
-        if not np.isfinite(values[gm.col_map >= 0]).all():
-            bad = int((~np.isfinite(values[gm.col_map >= 0])).sum())
-            raise ValueError(
-                f"the baseline holds {bad} values that are not finite (NaN or inf): every "
-                "attribution would be NaN. Give finite log-normalised values."
-            )
-        arr = np.zeros(n_genes, dtype=np.float32)
-        arr[gm.col_map[gm.col_map >= 0]] = values[gm.col_map >= 0]
-        return torch.from_numpy(arr)
+        found = gm.col_map >= 0  # (in the model's gene order, checked as an array below)
+        in_order = np.zeros(n_genes, dtype=np.float32)
+        in_order[gm.col_map[found]] = np.asarray(baseline, dtype=np.float32)[found]
+        baseline = in_order
     if isinstance(baseline, str):
         if baseline == "zeros":
             return torch.zeros(n_genes)
