@@ -431,9 +431,10 @@ _DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accele
     "devices", [1, pytest.param(2, marks=pytest.mark.multi_device)], ids=["1proc", "2ddp"]
 )
 def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
-    """Every process SIGKILLed inside epoch 2, or stopped by SIGTERM inside epoch 1 or at
-    its last step; `--ckpt_path last` finishes with exactly the uninterrupted run's batches
-    and each rank's random draws: the same weights, bit for bit.
+    """One run interrupted three times, each resumed with `--ckpt_path last`: stopped by a
+    scheduler's SIGTERM inside epoch 1, then at its last step (before its validation), then
+    every process SIGKILLed inside epoch 2; it ends with exactly the uninterrupted run's
+    batches and each rank's random draws: the same weights, bit for bit, and the same curves.
     With 2 DDP processes (gloo) Lightning launches the second rank itself, as for a user."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     ddp = _DDP if devices == 2 else ()
@@ -453,6 +454,20 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
             start_new_session=True,
         )
 
+    def said_stopped(done: subprocess.CompletedProcess, step: int) -> None:
+        """Every rank stopped after ``step`` (epoch 0), its state saved, exit status 143."""
+        assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+        said = [line for line in done.stderr.splitlines() if line.startswith("cellsift fit: ")]
+        assert said and f"after step {step} (epoch 0)" in said[0], done.stderr[-3000:]
+        assert "--ckpt_path last" in said[0]
+        last = tmp_path / "checkpoints" / "last.ckpt"
+        assert torch.load(last, weights_only=False)["global_step"] == step
+
+    def resume(*args: str, callbacks: list | None = None, name: str) -> subprocess.CompletedProcess:
+        done = fit("--ckpt_path", "last", *args, callbacks=callbacks, name=name)
+        assert "Restored all states" in done.stderr + done.stdout, done.stderr[-3000:]
+        return done
+
     # the uninterrupted run (2 epochs); every rank reaches the end, rank 0 writes the bundle
     full = fit(name="full")
     assert full.returncode == 0, full.stderr[-3000:]
@@ -468,72 +483,45 @@ def test_fit_resumes_mid_epoch_after_a_kill(synthetic_h5ad, tmp_path, devices):
     for f in (tmp_path / "checkpoints").iterdir():
         f.unlink()
 
-    kill = {"class_path": "test_fit_cli.KillAtStep", "init_args": {"step": n_train * 3 // 2}}
-    killed = fit(callbacks=[_checkpoint_every_step(tmp_path), kill], name="crash")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["epoch"] == 1 and n_train < ckpt["global_step"] < n_steps
-
-    resumed = fit("--ckpt_path", "last", name="resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Restored all states" in resumed.stderr + resumed.stdout
-    # it logs on in the interrupted run's TensorBoard run, and its bundle lands there
-    run = tmp_path / "metric" / "version_1"
-    assert not (tmp_path / "metric" / "version_2").exists()
-    scalars = _scalars(run)
-    # epoch 2 went on from the kill: no batch ran twice or was skipped (a restarted epoch would
-    # end at a later step), and the weights are the uninterrupted run's
-    assert scalars["epoch"][-1][0] + 1 == n_steps
-    _assert_same_weights(run_full, run)
-    # one value per step: what the killed run logged after its checkpoint is purged
-    steps = [step for step, _ in scalars["train/loss_step"]]
-    assert steps == sorted(set(steps)) and steps[-1] == n_steps - 1
-    assert steps[0] < ckpt["global_step"]  # the interrupted part is there too
-
     # stopped by a scheduler's SIGTERM in the first epoch, sent to every process of the job
     # (the loader's worker too) or, under DDP, to rank 1 alone: every rank stops after that
-    # step with its state saved (each rank's place in the epoch) and exit status 143, and
-    # the resumed run ends with the uninterrupted run's weights
-    for f in (tmp_path / "checkpoints").iterdir():
-        f.unlink()
+    # step with its state saved (each rank's place in the epoch)
     stop_at = n_train // 2
     term = {
         "class_path": "test_fit_cli.SignalAtStep",
         "init_args": {"step": stop_at, "rank": 1 if devices == 2 else None},
     }
     worker = ("--data.init_args.num_workers", "1") if devices == 1 else ()
-    stopped = fit(*worker, callbacks=[term], name="stopped")
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-    said = [line for line in stopped.stderr.splitlines() if line.startswith("cellsift fit: ")]
-    assert said and f"after step {stop_at} (epoch 0)" in said[0], stopped.stderr[-3000:]
-    assert "--ckpt_path last" in said[0]
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == stop_at
-    resumed = fit("--ckpt_path", "last", name="resume_stopped")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same_weights(run_full, tmp_path / "metric" / "version_2")
-    # the curves have every step once, the one the signal ended too (logged before it stopped)
-    steps = [step for step, _ in _scalars(tmp_path / "metric" / "version_2")["train/loss_step"]]
-    assert steps == list(range(n_steps)), steps
+    said_stopped(fit(*worker, callbacks=[term], name="stopped"), stop_at)
 
-    # stopped at the first epoch's last step, before its validation (under DDP, by a
-    # SIGTERM to rank 1 alone: every rank stops after that step, its state saved): the
-    # resumed run validates that epoch first, as the uninterrupted run did (the same
-    # val/asw at the same steps), logs its epoch means, and ends with the same weights
-    for f in (tmp_path / "checkpoints").iterdir():
-        f.unlink()
+    # resumed, and stopped again at the first epoch's last step, before its validation
     term["init_args"]["step"] = n_train
-    stopped = fit(callbacks=[term], name="stopped_at_epoch_end")
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-    said = [line for line in stopped.stderr.splitlines() if line.startswith("cellsift fit: ")]
-    assert said and f"after step {n_train} (epoch 0)" in said[0], stopped.stderr[-3000:]
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == n_train
-    resumed = fit("--ckpt_path", "last", name="resume_at_epoch_end")
+    said_stopped(resume(callbacks=[term], name="stopped_at_epoch_end"), n_train)
+
+    # resumed (it validates that epoch first, as the uninterrupted run did), and every
+    # process killed outright inside epoch 2, a checkpoint written after every step
+    kill = {"class_path": "test_fit_cli.KillAtStep", "init_args": {"step": n_train * 3 // 2}}
+    killed = resume(callbacks=[_checkpoint_every_step(tmp_path), kill], name="crash")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # (the newest last*.ckpt, as "last" finds it: this callback's, beside the stopped runs')
+    last = max((tmp_path / "checkpoints").glob("last*.ckpt"), key=lambda f: f.stat().st_mtime)
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["epoch"] == 1 and n_train < ckpt["global_step"] < n_steps
+
+    resumed = resume(name="resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    run = tmp_path / "metric" / "version_3"
+    # each part logs on in the interrupted run's TensorBoard run, and the bundle lands there
+    run = tmp_path / "metric" / "version_1"
+    assert not (tmp_path / "metric" / "version_2").exists()
     _assert_same_weights(run_full, run)
+    # no batch ran twice or was skipped (a restarted epoch would end at a later step); one
+    # value per step, those the signals ended too (logged before they stopped), and what
+    # the killed part logged after its checkpoint purged
     full_scalars, scalars = _scalars(run_full), _scalars(run)
+    assert scalars["epoch"][-1][0] + 1 == n_steps
+    steps = [step for step, _ in scalars["train/loss_step"]]
+    assert steps == list(range(n_steps)), steps
+    # the same validations at the same steps, and the same epoch means
     for tag in ("val/asw", "train/loss_epoch"):
         assert [s for s, _ in scalars[tag]] == [s for s, _ in full_scalars[tag]], tag
         np.testing.assert_allclose(
