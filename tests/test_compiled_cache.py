@@ -24,7 +24,7 @@ import torch
 from cellsift.data._values import first_fault
 from cellsift.losses import mine_triplets
 from cellsift.nn._sparse_cpu import csr_linear
-from cellsift.transforms import Densify
+from cellsift.transforms import Densify, Log1p, NormalizeTotal
 
 for dtype in (np.float32, np.float64):
     first_fault(np.array([1, 0, 2.5], dtype=dtype))
@@ -39,7 +39,7 @@ t = torch.sparse_csr_tensor(
 )
 w = torch.randn(5, 30, requires_grad=True)
 csr_linear(t, w, None, np.ascontiguousarray(w.detach().numpy().T)).sum().backward()
-Densify().transform(t)
+Densify().transform(Log1p().transform(NormalizeTotal().transform(t)))
 """
 
 

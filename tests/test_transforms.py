@@ -123,6 +123,43 @@ def test_cells_whose_total_passes_float32s_largest_are_scaled_not_zeroed(adata, 
     assert int((got.sum(1) > 0).sum()) == adata.n_obs - 1  # (only the empty cell is empty)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])
+def test_normalize_total_on_the_cpu_gives_what_torch_gives(adata, dtype, index):
+    """The CPU kernel (float32 results) against torch's own steps (those a GPU runs), bit for
+    bit: each value and index type, an empty cell, a cell of stored zeros, one holding NaN
+    (the rest of it scaled as torch scales it), an empty batch; a malformed batch is
+    refused, not read outside its values."""
+    m = adata.X.copy()
+    m.data[m.indptr[5] : m.indptr[6]] = 0  # (stored zeros: a total of 0, left as they are)
+    m.data[m.indptr[7]] = np.nan if dtype == torch.float32 else 3
+
+    def csr(crow, col, values, shape):
+        return torch.sparse_csr_tensor(crow.to(index), col.to(index), values, size=shape)
+
+    data = torch.from_numpy(m.data).to(dtype)
+    x = csr(torch.from_numpy(m.indptr), torch.from_numpy(m.indices), data, m.shape)
+    empty = csr(torch.zeros(1), torch.zeros(0), data[:0], (0, m.shape[1]))
+    for batch in (x, empty):
+        got = NormalizeTotal(1e4).transform(batch)
+        assert got.values().dtype == torch.float32 and got.crow_indices().dtype == index
+        assert torch.equal(got.col_indices(), batch.col_indices())
+        values = batch.values().float().requires_grad_(True)  # (gradients: torch's steps)
+        want = NormalizeTotal(1e4).transform(
+            csr(batch.crow_indices(), batch.col_indices(), values, batch.shape)
+        )
+        torch.testing.assert_close(
+            got.values(), want.values().detach(), rtol=0, atol=0, equal_nan=True
+        )
+    assert len(got.values()) == 0
+    bad = torch.sparse_csr_tensor(  # (a row slice's pointer: from 2)
+        torch.tensor([2, 3, 5]), torch.tensor([0, 1, 2, 3, 0]), torch.ones(5), size=(2, 4)
+    )
+    for step in (NormalizeTotal(), Log1p()):
+        with pytest.raises(ValueError, match=f"{type(step).__name__}: a malformed CSR batch"):
+            step.transform(bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int64])
 @pytest.mark.parametrize("index", [torch.int32, torch.int64])
 def test_densify_gives_what_torch_gives(dtype, index):

@@ -47,6 +47,37 @@ class _Transform(nn.Module):
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.int32, torch.int64})
 
 
+def _kernel_takes(x: torch.Tensor) -> bool:
+    """Whether the CPU kernels take CSR batch ``x``: on the CPU, without gradients, values of
+    a type they read, 2-d (batched, or with dense dimensions: torch's own)."""
+    return (
+        x.device.type == "cpu"
+        and not x.requires_grad
+        and x.dtype in _KERNEL_DTYPES
+        and x.ndim == 2
+        and x.values().ndim == 1
+    )
+
+
+def _checked_crow(x: torch.Tensor, what: str) -> np.ndarray:
+    """The row pointer of CSR batch ``x`` for a CPU kernel, checked so that no row reads
+    outside the values (from 0 to their count, never decreasing), else a ValueError."""
+    crow = x.crow_indices().numpy()
+    n_values = x.values().shape[0]
+    if len(crow) != x.shape[0] + 1:
+        raise ValueError(
+            f"{what}: a malformed CSR batch (a row pointer of {len(crow)} entries for "
+            f"{x.shape[0]} rows)."
+        )
+    steps = np.diff(crow)
+    if crow[0] != 0 or crow[-1] != n_values or (steps < 0).any():
+        raise ValueError(
+            f"{what}: a malformed CSR batch (row pointer from {crow[0]} to {crow[-1]} "
+            f"over {n_values} values, {int((steps < 0).sum())} rows of negative length)."
+        )
+    return crow
+
+
 class Densify(_Transform):
     """Sparse CSR counts -> dense float tensor (on the batch's device).
 
@@ -57,28 +88,11 @@ class Densify(_Transform):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout != torch.sparse_csr:
             return x
-        if (
-            x.device.type != "cpu"
-            or x.requires_grad
-            or x.dtype not in _KERNEL_DTYPES
-            or x.ndim != 2  # (batched, or with dense dimensions: torch's own)
-            or x.values().ndim != 1
-        ):
+        if not _kernel_takes(x):
             return x.to_dense()
         from .nn._sparse_cpu import csr_to_dense
 
-        values, crow = x.values().numpy(), x.crow_indices().numpy()
-        if len(crow) != x.shape[0] + 1:
-            raise ValueError(
-                f"Densify: a malformed CSR batch (a row pointer of {len(crow)} entries for "
-                f"{x.shape[0]} rows)."
-            )
-        steps = np.diff(crow)
-        if crow[0] != 0 or crow[-1] != len(values) or (steps < 0).any():
-            raise ValueError(
-                f"Densify: a malformed CSR batch (row pointer from {crow[0]} to {crow[-1]} "
-                f"over {len(values)} values, {int((steps < 0).sum())} rows of negative length)."
-            )
+        crow, values = _checked_crow(x, "Densify"), x.values().numpy()
         out = np.empty(tuple(x.shape), dtype=values.dtype)
         outside = csr_to_dense(crow, x.col_indices().numpy(), values, out)
         if outside:
@@ -112,6 +126,13 @@ class NormalizeTotal(_Transform):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _at_least_float32(x.dtype)
         if x.layout == torch.sparse_csr:
+            if dtype == torch.float32 and _kernel_takes(x):  # (the CPU's kernel: one pass)
+                from .nn._sparse_cpu import csr_normalize_total
+
+                pointer = _checked_crow(x, "NormalizeTotal")
+                out = np.empty(len(x.values()), dtype=np.float32)
+                csr_normalize_total(pointer, x.values().numpy(), self.target_sum, out)
+                return _with_values(x, torch.from_numpy(out))
             # each row's values summed as one segment, and its scale repeated over them
             # (3x faster on the CPU than adding into the totals by row ids, then gathering)
             values, crow = x.values(), x.crow_indices()
@@ -182,6 +203,10 @@ def _unsorted_columns(x: torch.Tensor) -> bool:
     col, crow = x.col_indices(), x.crow_indices()
     if len(col) < 2 or crow.dim() > 1:
         return False
+    if _kernel_takes(x):  # (one pass, no temporaries)
+        from .nn._sparse_cpu import csr_rows_rise
+
+        return not csr_rows_rise(_checked_crow(x, "Log1p"), col.numpy())
     rising = col[1:] > col[:-1]
     starts = crow[1:-1]  # (a row's first value follows another row's last: not compared)
     rising[starts[(starts > 0) & (starts < len(col))] - 1] = True

@@ -84,6 +84,36 @@ def csr_to_dense(indptr, indices, data, out):  # type: ignore[no-untyped-def]
     return outside
 
 
+@njit_cached(parallel=True, nogil=True)
+def csr_normalize_total(indptr, data, target_sum, out):  # type: ignore[no-untyped-def]
+    """out = each row's values times ``target_sum / its total``, in float32, as
+    :class:`cellsift.transforms.NormalizeTotal` computes it: the total summed in float64,
+    the scale rounded to float32 (``target_sum`` itself where the total is not above 0), the
+    value rounded to float32 before the product. Rows in parallel; one pass to sum a row and
+    one to scale it, where torch takes a pass and a temporary per step. ``indptr`` is the
+    caller's to check (from 0 to ``len(data)``, never decreasing)."""
+    for i in numba.prange(len(indptr) - 1):
+        total = 0.0
+        for q in range(indptr[i], indptr[i + 1]):
+            total += data[q]
+        scale = np.float32(target_sum / total) if total > 0 else np.float32(target_sum)
+        for q in range(indptr[i], indptr[i + 1]):
+            out[q] = np.float32(data[q]) * scale
+
+
+@njit_cached(parallel=True, nogil=True)
+def csr_rows_rise(indptr, indices):  # type: ignore[no-untyped-def]
+    """Whether every row's column indices rise strictly (no column stored twice, none out of
+    order): rows in parallel, no temporaries. ``indptr`` is the caller's to check."""
+    unsorted = 0
+    for i in numba.prange(len(indptr) - 1):
+        rising = True
+        for q in range(indptr[i] + 1, indptr[i + 1]):
+            rising &= indices[q] > indices[q - 1]
+        unsorted += not rising
+    return unsorted == 0
+
+
 _GRAD_GENES = 16  # genes per block of the weight gradient: one 64-byte line per hidden unit
 
 
