@@ -152,12 +152,30 @@ def test_normalize_total_on_the_cpu_gives_what_torch_gives(adata, dtype, index):
             got.values(), want.values().detach(), rtol=0, atol=0, equal_nan=True
         )
     assert len(got.values()) == 0
-    bad = torch.sparse_csr_tensor(  # (a row slice's pointer: from 2)
-        torch.tensor([2, 3, 5]), torch.tensor([0, 1, 2, 3, 0]), torch.ones(5), size=(2, 4)
-    )
-    for step in (NormalizeTotal(), Log1p()):
-        with pytest.raises(ValueError, match=f"{type(step).__name__}: a malformed CSR batch"):
-            step.transform(bad)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, "grad"]
+)
+def test_a_malformed_batch_on_the_cpu_is_refused_by_name(dtype):
+    """A CSR batch whose row pointer or column indices do not fit its values (a row
+    slice's pointer, a pointer past the values, fewer column indices than values) is
+    refused by each transform with its name, whichever path reads it (the kernels, torch's
+    own steps for other types or for gradients), not read outside its values (a crash)."""
+    grad = dtype == "grad"
+    dtype = torch.float32 if grad else dtype
+    for crow, col, n_values, problem in (
+        ([2, 3, 5], [0, 1, 2, 3, 0], 5, "row pointer from 2 to 5"),
+        ([0, 3, 50_000_000], [0, 1, 2, 3, 0], 5, "row pointer from 0 to 50000000"),
+        ([0, 1, 50_000_000], [0, 1], 50_000_000, "2 column indices for 50000000 values"),
+    ):
+        values = torch.ones(n_values, dtype=dtype, requires_grad=grad)
+        bad = torch.sparse_csr_tensor(torch.tensor(crow), torch.tensor(col), values, (2, 4))
+        for step in (NormalizeTotal(), Log1p(), Densify()):
+            with pytest.raises(ValueError, match=f"{type(step).__name__}: a malformed CSR batch"):
+                step.transform(bad)
+            with pytest.raises(ValueError, match=problem):
+                step.transform(bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int64])

@@ -60,10 +60,15 @@ def _kernel_takes(x: torch.Tensor) -> bool:
 
 
 def _checked_crow(x: torch.Tensor, what: str) -> np.ndarray:
-    """The row pointer of CSR batch ``x`` for a CPU kernel, checked so that no row reads
-    outside the values (from 0 to their count, never decreasing), else a ValueError."""
+    """The row pointer of CSR batch ``x`` (on the CPU, 2-d) for a CPU kernel or torch's own
+    steps, checked so that no row reads outside the values or their column indices (from 0
+    to their count, never decreasing; one column index a value), else a ValueError."""
     crow = x.crow_indices().numpy()
-    n_values = x.values().shape[0]
+    n_values, n_cols = x.values().shape[0], x.col_indices().shape[0]
+    if n_cols != n_values:
+        raise ValueError(
+            f"{what}: a malformed CSR batch ({n_cols} column indices for {n_values} values)."
+        )
     if len(crow) != x.shape[0] + 1:
         raise ValueError(
             f"{what}: a malformed CSR batch (a row pointer of {len(crow)} entries for "
@@ -78,6 +83,14 @@ def _checked_crow(x: torch.Tensor, what: str) -> np.ndarray:
     return crow
 
 
+def _check_on_cpu(x: torch.Tensor, what: str) -> None:
+    """:func:`_checked_crow` for a CSR batch on the CPU, 2-d (torch's own steps, too, read
+    outside a malformed batch's values: a crash, or numbers of other memory). Elsewhere
+    (a GPU) unchecked: telling would stop the device each batch."""
+    if x.device.type == "cpu" and x.ndim == 2:
+        _checked_crow(x, what)
+
+
 class Densify(_Transform):
     """Sparse CSR counts -> dense float tensor (on the batch's device).
 
@@ -89,6 +102,7 @@ class Densify(_Transform):
         if x.layout != torch.sparse_csr:
             return x
         if not _kernel_takes(x):
+            _check_on_cpu(x, "Densify")
             return x.to_dense()
         from .nn._sparse_cpu import csr_to_dense
 
@@ -133,6 +147,7 @@ class NormalizeTotal(_Transform):
                 out = np.empty(len(x.values()), dtype=np.float32)
                 csr_normalize_total(pointer, x.values().numpy(), self.target_sum, out)
                 return _with_values(x, torch.from_numpy(out))
+            _check_on_cpu(x, "NormalizeTotal")
             # each row's values summed as one segment, and its scale repeated over them
             # (3x faster on the CPU than adding into the totals by row ids, then gathering)
             values, crow = x.values(), x.crow_indices()
@@ -197,20 +212,16 @@ def _summed(x: torch.Tensor) -> torch.Tensor:
 
 
 def _unsorted_columns(x: torch.Tensor) -> bool:
-    """Whether a CSR batch's column indices fail to rise strictly within a row (a column
-    stored twice, or out of order, which may hide one); False for a batched (3-d) one,
-    whose batches torch's sum does not take apart."""
-    col, crow = x.col_indices(), x.crow_indices()
-    if len(col) < 2 or crow.dim() > 1:
+    """Whether a CSR batch on the CPU has column indices that fail to rise strictly within
+    a row (a column stored twice, or out of order, which may hide one): one compiled pass;
+    a malformed batch is refused. False for a batched (3-d) one, whose batches torch's sum
+    does not take apart."""
+    if x.crow_indices().dim() > 1:
         return False
-    if _kernel_takes(x):  # (one pass, no temporaries)
-        from .nn._sparse_cpu import csr_rows_rise
+    from .nn._sparse_cpu import csr_rows_rise
 
-        return not csr_rows_rise(_checked_crow(x, "Log1p"), col.numpy())
-    rising = col[1:] > col[:-1]
-    starts = crow[1:-1]  # (a row's first value follows another row's last: not compared)
-    rising[starts[(starts > 0) & (starts < len(col))] - 1] = True
-    return not bool(rising.all())
+    crow = _checked_crow(x, "Log1p")
+    return not csr_rows_rise(crow, x.col_indices().numpy())
 
 
 class ZScore(_Transform):
