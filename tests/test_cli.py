@@ -426,6 +426,10 @@ def test_demo_runs_on_a_synthetic_atlas(tmp_path):
     said = [line.split(":")[0].strip() for line in lines if line.startswith("    epoch ")]
     assert said == ["epoch 1/2", "epoch 2/2"]
     assert "validation loss" in proc.stdout and "silhouette" in proc.stdout
+    # the UMAP's wait (umap-learn compiling its kernels) is said before it, not after
+    umap_lines = [i for i, line in enumerate(lines) if "UMAP of the" in line]
+    assert len(umap_lines) == 2 and lines[umap_lines[0]].endswith("cells' embedding ...")
+    assert umap_lines[1] == umap_lines[0] + 1 and "umap.png" in lines[umap_lines[1]]
     assert (tmp_path / "umap.png").stat().st_size > 0
     assert (tmp_path / "metric_model" / "model.safetensors").exists()
 

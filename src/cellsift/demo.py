@@ -264,6 +264,8 @@ def _train_and_annotate(h5ad: Path, group_key: str, out: Path, epochs: int = EPO
         f"mean distance to the 15 voters: quantile 0.99 of {val.sum():,} validation cells, "
         f"{group_key} {', '.join(dm.val_groups or [])})"
     )
+    # (umap-learn compiles its kernels in each process: a wait of its own, said first)
+    print(f"  UMAP of the {len(z):,} cells' embedding ...", flush=True)
     _umap_png(
         z,
         names=np.array(load_cell_ontology().names(y)),
