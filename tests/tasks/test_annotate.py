@@ -559,6 +559,22 @@ def test_bad_settings_are_named_and_one_query_is_one_cell():
     assert "abstain=False" not in str(err.value).split("tl.annotate")[0]
 
 
+def test_queries_are_read_as_the_index_reads_them():
+    """A model's output that still holds its graph, and float64 rows beyond float32's
+    range, annotate and calibrate as CellIndex.search reads them (the same calls as the
+    float32 array), not a tensor error or rows taken for inf."""
+    import torch
+
+    x, meta, _ = _atlas(n_per=40)
+    ann = KNNAnnotator(CellIndex.build(x[::2], meta[::2], engine="exact"), k=5)
+    want = ann.annotate(x[1::2])
+    graph = torch.from_numpy(x[1::2]).requires_grad_(True) * 1.0
+    for q in (graph, x[1::2].astype(np.float64) * 1e300):
+        pd.testing.assert_frame_equal(ann.annotate(q), want, check_exact=False, atol=1e-5)
+    threshold = ann.calibrate(x[1::2])
+    assert ann.calibrate(graph) == pytest.approx(threshold, abs=1e-6)
+
+
 @pytest.mark.parametrize("ontology_aware", [False, True])
 def test_votes_tallied_a_few_queries_at_a_time_give_the_same_calls(monkeypatch, ontology_aware):
     """Votes are queries x labels: tallied in groups (memory stays bounded with thousands of

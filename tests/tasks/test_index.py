@@ -168,6 +168,21 @@ def test_ivf_recall_holds_for_tight_clusters_and_any_k(spread, monkeypatch):
         assert np.mean(got <= np.sort(d, 1)[:, k - 1 : k] + 1e-12) >= 0.98
 
 
+def test_an_ivf_index_of_one_cell_grown_by_add_is_searched_as_its_check_measured():
+    """An IVF index built from one cell is calibrated for no neighbour: its searches re-rank
+    as many candidates as the check of added cells measured (the k it was asked for), so
+    the cells added are found (they were ranked by codes trained on one cell, and missed,
+    while the check found nothing short)."""
+    rng = np.random.default_rng(5)
+    index = CellIndex.build(rng.normal(size=(1, 8)).astype(np.float32), engine="ivf", k=10)
+    new = rng.normal(size=(3, 8)).astype(np.float32)
+    index.add(new)  # (no warning: errors here)
+    assert index.params["calibrated_k"] == 0
+    got, exact = (index.search(new, 1, exact=e) for e in (False, True))
+    np.testing.assert_array_equal(got.indices.ravel(), [1, 2, 3])
+    np.testing.assert_array_equal(got.indices, exact.indices)
+
+
 def test_cells_added_unlike_the_lists_training_are_warned_of(tmp_path):
     """add() keeps the IVF lists: cells like the indexed ones are found as well (quietly);
     cells of clusters the lists never saw are found far less often, which a warning says

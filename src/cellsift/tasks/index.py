@@ -950,9 +950,11 @@ class CellIndex:
 
     def _pool(self, k: int) -> int:
         """Candidates re-ranked a query: ``rerank`` times the larger of k and the k
-        calibrated for (whose recall holds for fewer neighbours too)."""
+        calibrated for (whose recall holds for fewer neighbours too); for an index built from
+        one cell, calibrated for no neighbour, the k it was asked for (as cells added to it
+        are checked: :meth:`_check_added`)."""
         kk = min(k, self.n_cells)
-        calibrated = int(self.params.get("calibrated_k") or 0)
+        calibrated = int(self.params.get("calibrated_k") or self.params.get("asked_k") or 0)
         return min(self._rerank_factor() * max(kk, calibrated), self.n_cells)
 
     def _rerank_factor(self) -> int:
