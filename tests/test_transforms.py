@@ -176,6 +176,27 @@ def test_a_malformed_batch_on_the_cpu_is_refused_by_name(dtype):
                 step.transform(bad)
             with pytest.raises(ValueError, match=problem):
                 step.transform(bad)
+    # hybrid (a value a vector) and batched (3-d) batches too; and column indices outside
+    # the matrix where torch's steps write by them (Log1p's sum of repeats, to_dense)
+    hybrid = torch.sparse_csr_tensor(
+        torch.tensor([0, 2, 100_000_000]), torch.tensor([0, 1, 2]), torch.ones(3, 2, dtype=dtype)
+    )
+    batched = torch.sparse_csr_tensor(
+        torch.tensor([[0, 2, 3], [-1_000_000, 2, 3]]),
+        torch.tensor([[0, 1, 2], [0, 1, 2]]),
+        torch.ones(2, 3, dtype=dtype),
+        (2, 2, 4),
+    )
+    for bad in (hybrid, batched):
+        for step in (NormalizeTotal(), Log1p(), Densify()):
+            with pytest.raises(ValueError, match=f"{type(step).__name__}: a malformed CSR batch"):
+                step.transform(bad)
+    outside = torch.sparse_csr_tensor(  # (out of order in a row: summed by torch)
+        torch.tensor([0, 2, 3]), torch.tensor([0, -1, 2]), torch.ones(3, dtype=dtype), (2, 4)
+    )
+    for step in (Log1p(), Densify()):
+        with pytest.raises(ValueError, match="1 column indices outside its 4 columns"):
+            step.transform(outside)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int64])

@@ -59,36 +59,52 @@ def _kernel_takes(x: torch.Tensor) -> bool:
     )
 
 
-def _checked_crow(x: torch.Tensor, what: str) -> np.ndarray:
-    """The row pointer of CSR batch ``x`` (on the CPU, 2-d) for a CPU kernel or torch's own
-    steps, checked so that no row reads outside the values or their column indices (from 0
-    to their count, never decreasing; one column index a value), else a ValueError."""
+def _checked_crow(x: torch.Tensor, what: str, columns: bool = False) -> np.ndarray:
+    """The row pointer of CSR batch ``x`` (on the CPU; batched or hybrid too) for a CPU
+    kernel or torch's own steps, checked so that no row reads outside the values or their
+    column indices (from 0 to their count, never decreasing; one column index a value) and,
+    with ``columns``, no value outside the matrix's columns; else a ValueError."""
     crow = x.crow_indices().numpy()
-    n_values, n_cols = x.values().shape[0], x.col_indices().shape[0]
+    col = x.col_indices()
+    batch = crow.ndim - 1  # (batch dimensions: 0, or 1 for a batched CSR)
+    n_values, n_cols = x.values().shape[batch], col.shape[-1]
     if n_cols != n_values:
         raise ValueError(
             f"{what}: a malformed CSR batch ({n_cols} column indices for {n_values} values)."
         )
-    if len(crow) != x.shape[0] + 1:
+    n_rows = x.shape[batch]
+    if crow.shape[-1] != n_rows + 1:
         raise ValueError(
-            f"{what}: a malformed CSR batch (a row pointer of {len(crow)} entries for "
-            f"{x.shape[0]} rows)."
+            f"{what}: a malformed CSR batch (a row pointer of {crow.shape[-1]} entries for "
+            f"{n_rows} rows)."
         )
-    steps = np.diff(crow)
-    if crow[0] != 0 or crow[-1] != n_values or (steps < 0).any():
+    first, last, steps = crow[..., 0], crow[..., -1], np.diff(crow, axis=-1)
+    if (first != 0).any() or (last != n_values).any() or (steps < 0).any():
+        start, end = (
+            int(v.flat[np.argmax(v != want)]) for v, want in ((first, 0), (last, n_values))
+        )
         raise ValueError(
-            f"{what}: a malformed CSR batch (row pointer from {crow[0]} to {crow[-1]} "
+            f"{what}: a malformed CSR batch (row pointer from {start} to {end} "
             f"over {n_values} values, {int((steps < 0).sum())} rows of negative length)."
         )
+    if columns and n_values:
+        c = col.numpy()
+        width = x.shape[batch + 1]
+        outside = int(((c < 0) | (c >= width)).sum())
+        if outside:
+            raise ValueError(
+                f"{what}: a malformed CSR batch ({outside} column indices outside its "
+                f"{width} columns)."
+            )
     return crow
 
 
-def _check_on_cpu(x: torch.Tensor, what: str) -> None:
-    """:func:`_checked_crow` for a CSR batch on the CPU, 2-d (torch's own steps, too, read
-    outside a malformed batch's values: a crash, or numbers of other memory). Elsewhere
-    (a GPU) unchecked: telling would stop the device each batch."""
-    if x.device.type == "cpu" and x.ndim == 2:
-        _checked_crow(x, what)
+def _check_on_cpu(x: torch.Tensor, what: str, columns: bool = False) -> None:
+    """:func:`_checked_crow` for a CSR batch on the CPU (torch's own steps, too, read outside
+    a malformed batch's values: a crash, or numbers of other memory). Elsewhere (a GPU)
+    unchecked: telling would stop the device each batch."""
+    if x.device.type == "cpu":
+        _checked_crow(x, what, columns)
 
 
 class Densify(_Transform):
@@ -102,7 +118,7 @@ class Densify(_Transform):
         if x.layout != torch.sparse_csr:
             return x
         if not _kernel_takes(x):
-            _check_on_cpu(x, "Densify")
+            _check_on_cpu(x, "Densify", columns=True)  # (torch writes where they say)
             return x.to_dense()
         from .nn._sparse_cpu import csr_to_dense
 
@@ -214,14 +230,18 @@ def _summed(x: torch.Tensor) -> torch.Tensor:
 def _unsorted_columns(x: torch.Tensor) -> bool:
     """Whether a CSR batch on the CPU has column indices that fail to rise strictly within
     a row (a column stored twice, or out of order, which may hide one): one compiled pass;
-    a malformed batch is refused. False for a batched (3-d) one, whose batches torch's sum
-    does not take apart."""
-    if x.crow_indices().dim() > 1:
-        return False
+    a malformed batch is refused (one whose columns are summed next, by torch's coalesce,
+    its columns checked too). False for a batched (3-d) one, whose batches torch's sum does
+    not take apart."""
     from .nn._sparse_cpu import csr_rows_rise
 
     crow = _checked_crow(x, "Log1p")
-    return not csr_rows_rise(crow, x.col_indices().numpy())
+    if crow.ndim > 1:
+        return False
+    unsorted = not csr_rows_rise(crow, x.col_indices().numpy())
+    if unsorted:
+        _checked_crow(x, "Log1p", columns=True)
+    return bool(unsorted)
 
 
 class ZScore(_Transform):
