@@ -59,15 +59,14 @@ def _kernel_takes(x: torch.Tensor) -> bool:
     )
 
 
-def _checked_crow(x: torch.Tensor, what: str, columns: bool = False) -> np.ndarray:
+def _checked_crow(x: torch.Tensor, what: str) -> np.ndarray:
     """The row pointer of CSR batch ``x`` (on the CPU; batched or hybrid too) for a CPU
     kernel or torch's own steps, checked so that no row reads outside the values or their
-    column indices (from 0 to their count, never decreasing; one column index a value) and,
-    with ``columns``, no value outside the matrix's columns; else a ValueError."""
+    column indices (from 0 to their count, never decreasing; one column index a value);
+    else a ValueError."""
     crow = x.crow_indices().numpy()
-    col = x.col_indices()
     batch = crow.ndim - 1  # (batch dimensions: 0, or 1 for a batched CSR)
-    n_values, n_cols = x.values().shape[batch], col.shape[-1]
+    n_values, n_cols = x.values().shape[batch], x.col_indices().shape[-1]
     if n_cols != n_values:
         raise ValueError(
             f"{what}: a malformed CSR batch ({n_cols} column indices for {n_values} values)."
@@ -87,24 +86,19 @@ def _checked_crow(x: torch.Tensor, what: str, columns: bool = False) -> np.ndarr
             f"{what}: a malformed CSR batch (row pointer from {start} to {end} "
             f"over {n_values} values, {int((steps < 0).sum())} rows of negative length)."
         )
-    if columns and n_values:
-        c = col.numpy()
-        width = x.shape[batch + 1]
-        outside = int(((c < 0) | (c >= width)).sum())
-        if outside:
-            raise ValueError(
-                f"{what}: a malformed CSR batch ({outside} column indices outside its "
-                f"{width} columns)."
-            )
     return crow
 
 
-def _check_on_cpu(x: torch.Tensor, what: str, columns: bool = False) -> None:
-    """:func:`_checked_crow` for a CSR batch on the CPU (torch's own steps, too, read outside
-    a malformed batch's values: a crash, or numbers of other memory). Elsewhere (a GPU)
-    unchecked: telling would stop the device each batch."""
-    if x.device.type == "cpu":
-        _checked_crow(x, what, columns)
+def _check_columns(x: torch.Tensor, what: str) -> None:
+    """A ValueError where CSR batch ``x`` (on the CPU) holds a column index outside its
+    columns: for torch's own steps that write by them (``to_dense``, a sum of repeats)."""
+    c = x.col_indices().numpy()
+    width = x.shape[c.ndim]  # (the dimension after the rows)
+    outside = int(((c < 0) | (c >= width)).sum())
+    if outside:
+        raise ValueError(
+            f"{what}: a malformed CSR batch ({outside} column indices outside its {width} columns)."
+        )
 
 
 class Densify(_Transform):
@@ -118,7 +112,9 @@ class Densify(_Transform):
         if x.layout != torch.sparse_csr:
             return x
         if not _kernel_takes(x):
-            _check_on_cpu(x, "Densify", columns=True)  # (torch writes where they say)
+            if x.device.type == "cpu":  # (unchecked on a GPU: telling would stop it)
+                _checked_crow(x, "Densify")
+                _check_columns(x, "Densify")  # (torch writes where they say)
             return x.to_dense()
         from .nn._sparse_cpu import csr_to_dense
 
@@ -163,7 +159,8 @@ class NormalizeTotal(_Transform):
                 out = np.empty(len(x.values()), dtype=np.float32)
                 csr_normalize_total(pointer, x.values().numpy(), self.target_sum, out)
                 return _with_values(x, torch.from_numpy(out))
-            _check_on_cpu(x, "NormalizeTotal")
+            if x.device.type == "cpu":  # (torch's steps read outside a malformed batch)
+                _checked_crow(x, "NormalizeTotal")
             # each row's values summed as one segment, and its scale repeated over them
             # (3x faster on the CPU than adding into the totals by row ids, then gathering)
             values, crow = x.values(), x.crow_indices()
@@ -229,19 +226,21 @@ def _summed(x: torch.Tensor) -> torch.Tensor:
 
 def _unsorted_columns(x: torch.Tensor) -> bool:
     """Whether a CSR batch on the CPU has column indices that fail to rise strictly within
-    a row (a column stored twice, or out of order, which may hide one): one compiled pass;
-    a malformed batch is refused (one whose columns are summed next, by torch's coalesce,
-    its columns checked too). False for a batched (3-d) one, whose batches torch's sum does
-    not take apart."""
-    from .nn._sparse_cpu import csr_rows_rise
-
-    crow = _checked_crow(x, "Log1p")
-    if crow.ndim > 1:
+    a row (a column stored twice, or out of order, which may hide one); a malformed batch is
+    refused (one whose columns are summed next, by torch's coalesce, its columns checked
+    too). False for a batched (3-d) one, whose batches torch's sum does not take apart."""
+    if _checked_crow(x, "Log1p").ndim > 1:
         return False
-    unsorted = not csr_rows_rise(crow, x.col_indices().numpy())
-    if unsorted:
-        _checked_crow(x, "Log1p", columns=True)
-    return bool(unsorted)
+    col, crow = x.col_indices(), x.crow_indices()
+    if len(col) < 2:
+        return False
+    rising = col[1:] > col[:-1]
+    starts = crow[1:-1]  # (a row's first value follows another row's last: not compared)
+    rising[starts[(starts > 0) & (starts < len(col))] - 1] = True
+    if rising.all():
+        return False
+    _check_columns(x, "Log1p")
+    return True
 
 
 class ZScore(_Transform):

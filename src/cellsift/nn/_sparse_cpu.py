@@ -101,19 +101,6 @@ def csr_normalize_total(indptr, data, target_sum, out):  # type: ignore[no-untyp
             out[q] = np.float32(data[q]) * scale
 
 
-@njit_cached(parallel=True, nogil=True)
-def csr_rows_rise(indptr, indices):  # type: ignore[no-untyped-def]
-    """Whether every row's column indices rise strictly (no column stored twice, none out of
-    order): rows in parallel, no temporaries. ``indptr`` is the caller's to check."""
-    unsorted = 0
-    for i in numba.prange(len(indptr) - 1):
-        rising = True
-        for q in range(indptr[i] + 1, indptr[i + 1]):
-            rising &= indices[q] > indices[q - 1]
-        unsorted += not rising
-    return unsorted == 0
-
-
 _GRAD_GENES = 16  # genes per block of the weight gradient: one 64-byte line per hidden unit
 
 

@@ -47,7 +47,7 @@ from .._warnings import CellsiftWarning, warn
 from ..data.collection import _as_text, value_text
 from ..errors import ConfigError, DataError
 from ..ontology import OntologyError, load_cell_ontology
-from .index import CellIndex, CellIndexError, _as_array, check_k
+from .index import CellIndex, CellIndexError, as_embeddings, check_k
 
 __all__ = ["UNKNOWN", "KNNAnnotator"]
 
@@ -70,14 +70,6 @@ def label_lists(*lists: Any) -> tuple[Any, ...]:
     by one step of several, would be empty for the next); None and a single string (an
     error where they are read) as they are."""
     return tuple(v if v is None or isinstance(v, str) else list(v) for v in lists)
-
-
-def _queries(embeddings: Any) -> np.ndarray:
-    """Embeddings as :meth:`CellIndex.search` reads them: a tensor detached (a model's
-    output may still hold its graph) and on the CPU; float64 kept (rows beyond float32's
-    range keep their direction as the search normalises them), else float32."""
-    q = _as_array(embeddings)
-    return q if q.dtype == np.float64 else np.asarray(q, dtype=np.float32)
 
 
 class KNNAnnotator:
@@ -339,7 +331,7 @@ class KNNAnnotator:
                 f"n_cells is how many reference cells to calibrate on, at least 1, not {n_cells!r}."
             )
         if embeddings is not None:
-            q = _queries(embeddings)
+            q = as_embeddings(embeddings)
             if q.ndim != 2:
                 raise DataError(
                     f"calibration embeddings must be a cells x dims array, not of shape {q.shape}."
@@ -471,7 +463,7 @@ class KNNAnnotator:
             raise ConfigError(
                 f"batch_size must be a whole number of at least 1 cell, not {batch_size!r}."
             )
-        q = _queries(embeddings)
+        q = as_embeddings(embeddings)
         if q.ndim == 1:  # one cell, as CellIndex.search takes it
             q = q[None]
         if q.ndim != 2:

@@ -121,9 +121,7 @@ def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
     (1e20 or 1e-24 as well as 1) keep their direction; float64 rows, which may lie beyond
     float32's range, are first scaled by their largest entry.
     """
-    a = _as_array(x)
-    if a.dtype != np.float64:
-        a = np.asarray(a, dtype=np.float32)
+    a = as_embeddings(x)
     if a.ndim != 2:
         raise CellIndexError(f"{what} must be a 2-d array (cells x dims), not shape {a.shape}.")
     if not np.isfinite(a).all():
@@ -171,6 +169,13 @@ def _as_array(x: Any) -> np.ndarray:
         if x.dtype != torch.float64:
             x = x.float()
     return np.asarray(x)
+
+
+def as_embeddings(x: Any) -> np.ndarray:
+    """Embeddings as the index reads them (:func:`_as_array`): float64 kept (rows beyond
+    float32's range keep their direction as they are normalised), else float32."""
+    a = _as_array(x)
+    return a if a.dtype == np.float64 else np.asarray(a, dtype=np.float32)
 
 
 #: Rows normalised at a time (a float64 copy of a block's at most).
