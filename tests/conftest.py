@@ -20,6 +20,22 @@ N_INDEXED = 2_000
 TEST_DEVICE = os.environ.get("CELLSIFT_TEST_DEVICE", "cuda")
 
 
+#: What each rank of ``start_ranks`` needs, imported once by the process it is forked from.
+RANK_PRELOAD = ["torch", "lightning.pytorch", "anndata", "cellsift.data", "cellsift.tasks"]
+
+
+def start_ranks(fn: Any, args: tuple, nprocs: int = 2) -> None:
+    """``fn(rank, *args)`` on ``nprocs`` processes, as ``torch.multiprocessing.spawn``
+    runs it (an error in one raises here), each forked from a server that imported torch,
+    Lightning and cellsift once: a spawned rank imports them anew, seconds of the suite
+    each. The ranks get this process's ``sys.path`` and folder, not the environment it
+    has now (the server's is the one it started with): set a rank's variables in ``fn``."""
+    import multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_PRELOAD)
+    torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, start_method="forkserver")
+
+
 def device_available() -> bool:
     """Whether torch can run on ``TEST_DEVICE`` here (``cpu``: always)."""
     kind = torch.device(TEST_DEVICE).type

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import N_INDEXED
+from conftest import N_INDEXED, start_ranks
 
 
 def _run(rank: int, world: int, path: str, out: str, port: int) -> None:
@@ -62,9 +62,7 @@ def test_gloo_two_ranks_cover_every_cell_once(indexed_paths, tmp_path: Path):
 
     out = tmp_path / "seen.npy"
     port = random.randint(20_000, 40_000)
-    torch.multiprocessing.start_processes(
-        _run, args=(2, str(indexed_paths["h5ad"]), str(out), port), nprocs=2, start_method="spawn"
-    )
+    start_ranks(_run, (2, str(indexed_paths["h5ad"]), str(out), port))
     seen = np.load(out)
     np.testing.assert_array_equal(np.sort(seen), np.arange(N_INDEXED))
 
@@ -109,6 +107,4 @@ def test_shares_too_small_for_every_rank_are_named_before_training(tmp_path: Pat
     adata.obs["group"] = ["solo"] + ["rest"] * 59
     adata.write_h5ad(tmp_path / "a.h5ad")
     port = random.randint(20_000, 40_000)
-    torch.multiprocessing.start_processes(
-        _run_shares, args=(2, str(tmp_path / "a.h5ad"), port), nprocs=2, start_method="spawn"
-    )
+    start_ranks(_run_shares, (2, str(tmp_path / "a.h5ad"), port))

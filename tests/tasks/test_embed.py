@@ -28,6 +28,7 @@ from cellsift.tasks import (
     embed_collection,
     load_embeddings,
 )
+from conftest import start_ranks
 
 
 @pytest.fixture(scope="module")
@@ -1259,9 +1260,7 @@ def test_a_running_distributed_job_embeds_one_shard_a_rank_and_respects_the_lock
 
     def job() -> list[str]:
         args = (random.randint(20_000, 45_000), str(bundle), str(synthetic_h5ad), str(out))
-        torch.multiprocessing.start_processes(
-            _embed_in_a_job, args=(*args, str(tmp_path)), nprocs=2, start_method="spawn"
-        )
+        start_ranks(_embed_in_a_job, (*args, str(tmp_path)))
         return [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
 
     with output_lock(out, "a test"):

@@ -16,6 +16,7 @@ from cellsift.data.datamodule import CellDataModule
 from cellsift.nn import MetricModule
 from cellsift.train import TrainingPlan
 from cellsift.train.metrics import silhouette
+from conftest import start_ranks
 
 WORLD = 2
 
@@ -71,12 +72,7 @@ def test_validation_losses_are_cell_means_on_any_number_of_ranks(synthetic_h5ad,
     mean whatever the batches, is the same (review: Lightning's reduction over gloo ranks
     divided their summed batch sizes as integers, 0.13% off with 382 + 383 cells)."""
     port = random.randint(20_000, 40_000)
-    torch.multiprocessing.start_processes(
-        _validate_rank,
-        args=(str(synthetic_h5ad), str(tmp_path), port),
-        nprocs=WORLD,
-        start_method="spawn",
-    )
+    start_ranks(_validate_rank, (str(synthetic_h5ad), str(tmp_path), port), nprocs=WORLD)
     r0, r1 = (torch.load(tmp_path / f"val{r}.pt") for r in range(WORLD))
     torch.manual_seed(0)
     dm, module = _odd_setup(str(synthetic_h5ad))
@@ -91,9 +87,7 @@ def test_validation_losses_are_cell_means_on_any_number_of_ranks(synthetic_h5ad,
 @pytest.mark.multi_device
 def test_ddp_keeps_replicas_equal_and_validates_on_the_whole_set(synthetic_h5ad, tmp_path):
     port = random.randint(20_000, 40_000)
-    torch.multiprocessing.start_processes(
-        _rank, args=(str(synthetic_h5ad), str(tmp_path), port), nprocs=WORLD, start_method="spawn"
-    )
+    start_ranks(_rank, (str(synthetic_h5ad), str(tmp_path), port), nprocs=WORLD)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     dm, module = _setup(str(synthetic_h5ad))
     # gradients are all-reduced: every step leaves the replicas with the same weights (the
