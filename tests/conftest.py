@@ -36,6 +36,13 @@ def start_ranks(fn: Any, args: tuple, nprocs: int = 2) -> None:
     torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, start_method="forkserver")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The DDP tests (marked ``multi_device``), the longest, first: a worker of pytest-xdist
+    starts on them while the other takes the short tests, and work stealing evens out the
+    rest (at the end of a worker's share, one would run on alone)."""
+    items.sort(key=lambda item: item.get_closest_marker("multi_device") is None)
+
+
 def device_available() -> bool:
     """Whether torch can run on ``TEST_DEVICE`` here (``cpu``: always)."""
     kind = torch.device(TEST_DEVICE).type
