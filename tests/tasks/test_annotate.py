@@ -452,6 +452,20 @@ def test_calibration_against_a_selection_of_the_reference_is_its_conformal_quant
         ann.annotate(x[cal][:5])
     with pytest.raises(ConfigError, match="distance_threshold is a distance"):
         ann.distance_threshold = "0.3"  # type: ignore[assignment]
+    # a filter is the same selection whatever the order of its columns and values
+    ann = KNNAnnotator(index, k=k)
+    ann.calibrate(
+        x[cal], quantile=q, filter={"study": ["a", "b"], "cell_type_ontology_term_id": TYPES[:3]}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for again in (
+            {"cell_type_ontology_term_id": TYPES[2::-1], "study": ["b", "a", "b"]},
+            {"study": np.array(["b", "a"]), "cell_type_ontology_term_id": list(TYPES[:3])},
+        ):
+            ann.annotate(x[cal][:5], filter=again)
+    with pytest.warns(CellsiftWarning, match="another selection"):
+        ann.annotate(x[cal][:5], filter={"study": ["a"], "cell_type_ontology_term_id": TYPES[:3]})
 
     # the reference itself: every selected cell (n_cells above their number) against the
     # other selected cells, then against the selected cells of other studies

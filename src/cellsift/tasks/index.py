@@ -1717,11 +1717,13 @@ _NULLABLE = {
 
 def _expression(filter: FilterLike, schema: Any = None) -> Any:
     """A mapping filter as an Arrow expression, each value read as its column's type in
-    ``schema`` (:func:`_as_column_type`); an expression as it is."""
+    ``schema`` (:func:`_as_column_type`); an expression as it is. A mapping's expression is
+    the same whatever the order of its columns and of a column's values (a threshold
+    calibrated with it is compared with the next call's by expression)."""
     pc = import_optional("pyarrow.compute")
     if isinstance(filter, Mapping):
         expr = None
-        for col, value in filter.items():  # None (or NaN) selects missing values
+        for col, value in sorted(filter.items(), key=lambda item: str(item[0])):
             field = pc.field(str(col))  # (the stored name: an int would be a position)
             values = _as_list(value)
             if isinstance(value, np.ndarray) and value.ndim == 0:
@@ -1731,10 +1733,10 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
                 given = values if values is not None else [value]
                 values = [form for v in given for form in _as_column_type(v, kind)]
             if values is not None:
-                given = [v for v in values if not _missing(v)]
+                given = _canonical([v for v in values if not _missing(v)])
                 # (isin of no values compares a null type with the column's: refused)
                 term = field.isin(given) if given else pc.scalar(False)
-                if len(given) < len(values):
+                if any(_missing(v) for v in values):
                     term = term | field.is_null()
             elif _missing(value):
                 term = field.is_null()
@@ -1750,6 +1752,24 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
             f"pyarrow.compute.Expression, not {type(filter).__name__} ({filter!r})."
         )
     return filter
+
+
+def _canonical(values: list[Any]) -> list[Any]:
+    """A filter column's values in one order, each once: by type, then value within one
+    (values of a type that do not order among themselves keep the order given)."""
+    by_type: dict[str, list[Any]] = {}
+    for v in values:
+        by_type.setdefault(type(v).__name__, []).append(v)
+    out = []
+    for name in sorted(by_type):
+        group = by_type[name]
+        try:
+            group = sorted(group)
+        except TypeError:
+            out += group
+            continue
+        out += [v for i, v in enumerate(group) if i == 0 or v != group[i - 1]]
+    return out
 
 
 def _as_column_type(value: Any, kind: Any) -> list[Any]:
