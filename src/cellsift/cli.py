@@ -180,10 +180,16 @@ def _annotate(args: argparse.Namespace) -> int:
     check_replaceable(
         Path(args.out), args.overwrite, is_h5ad_file, "an h5ad file"
     )  # before the work
-    if args.calibrate_on is not None and args.no_abstain:
+    for option in ("calibrate_on", "calibrate_by"):
+        if getattr(args, option) is not None and args.no_abstain:
+            raise ConfigError(
+                f"--{option.replace('_', '-')} sets the abstention threshold, which "
+                "--no-abstain leaves out: pass one of them."
+            )
+    if args.calibrate_on is not None and args.calibrate_by is not None:
         raise ConfigError(
-            "--calibrate-on sets the abstention threshold, which --no-abstain leaves out: "
-            "pass one of them."
+            "--calibrate-by groups the reference cells that calibrate without --calibrate-on; "
+            "held-out cells (--calibrate-on) are not in the reference: pass one of them."
         )
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
@@ -200,6 +206,18 @@ def _annotate(args: argparse.Namespace) -> int:
         abstain_on=args.abstain_on,
         min_support=args.min_support,
     )
+    # the reference cells that vote, checked before any embedding
+    selection: dict[str, Any] = {"safelist": args.safelist, "blocklist": args.blocklist}
+    if args.filter:
+        selection["filter"] = {}
+        for column, value in args.filter:
+            selection["filter"].setdefault(column, []).append(value)
+    annotator.check_selection(**selection)
+    if args.calibrate_by is not None and args.calibrate_by not in index.metadata_columns:
+        raise ConfigError(
+            f"--calibrate-by {args.calibrate_by!r}: the index metadata has no such column "
+            f"(it has {', '.join(map(repr, index.metadata_columns))})."
+        )
     adata = _read_h5ad(args.data)
     if adata.n_obs == 0:  # (as cellsift embed: an empty query is a mistake, not a result)
         raise DataError(f"{args.data}: no cells to annotate.")
@@ -231,8 +249,8 @@ def _annotate(args: argparse.Namespace) -> int:
                     check_counts=check,
                 )
             held = calibration.obsm["X_cellsift"]
-        annotator.calibrate(held, quantile=args.quantile)
-    tl.annotate(adata, annotator)
+        annotator.calibrate(held, quantile=args.quantile, group_key=args.calibrate_by, **selection)
+    tl.annotate(adata, annotator, **selection)
     with atomic_path(
         args.out, overwrite=args.overwrite, replaces=is_h5ad_file, what="an h5ad file"
     ) as tmp:
@@ -242,6 +260,16 @@ def _annotate(args: argparse.Namespace) -> int:
     for name, c in counts.head(15).items():
         print(f"  {c:>9,}  {name}")
     return 0
+
+
+def _filter_term(text: str) -> tuple[str, str]:
+    """``--filter COLUMN=VALUE``: the column and the value (text, read as the column's type)."""
+    column, sep, value = text.partition("=")
+    if not sep or not column.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not COLUMN=VALUE (e.g. --filter tissue=blood)"
+        )
+    return column.strip(), value
 
 
 def _with_counts(adata: Any, model: Any, layer: str | None, source: str, check: bool) -> Any:
@@ -496,6 +524,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PLACE",
         help="counts location in the --calibrate-on file: a layer name, 'raw' or 'X' "
         "(default: --layer's)",
+    )
+    p.add_argument(
+        "--calibrate-by",
+        default=None,
+        metavar="COLUMN",
+        help="without --calibrate-on: score each sampled reference cell by its nearest cells "
+        "of other groups of this index metadata column (a study or donor column: new "
+        "studies sit farther than a study's cells from each other)",
+    )
+    p.add_argument(
+        "--safelist",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="vote with the reference cells of these labels only (exactly these, not their "
+        "subtypes; with --ontology a CL id or name each)",
+    )
+    p.add_argument(
+        "--blocklist",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="leave the reference cells of these labels out of the votes",
+    )
+    p.add_argument(
+        "--filter",
+        action="append",
+        type=_filter_term,
+        default=None,
+        metavar="COLUMN=VALUE",
+        help="vote with the reference cells whose index metadata COLUMN holds VALUE (given "
+        "again for the same column: any of the values; for other columns: all of them)",
     )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_annotate)

@@ -82,6 +82,7 @@ def annotate(
     calibrate_on: Any = None,
     safelist: list[str] | None = None,
     blocklist: list[str] | None = None,
+    filter: Any = None,
     key_added: str = "cellsift",
     copy: bool = False,
 ) -> ad.AnnData | None:
@@ -102,8 +103,9 @@ def annotate(
     like ``adata``, or their embeddings); else on the reference itself,
     leave-one-``calibrate_by``-out when given (e.g. the study column); cells of known types
     abstain with probability at most ``1 - quantile``. It is calibrated against the reference
-    cells that ``safelist`` and ``blocklist`` leave, as the queries are annotated (a ready
-    annotator keeps its threshold: one calibrated against other cells is refused).
+    cells that ``safelist``, ``blocklist`` and ``filter`` (index metadata: ``{"tissue":
+    ["blood"]}``) leave, as the queries are annotated (a ready annotator keeps its threshold:
+    one calibrated against other cells is refused).
     ``abstain_on``: the distance compared with the threshold (see :class:`KNNAnnotator`).
 
     ``label_key`` (the reference metadata's column of labels) and ``ontology_aware`` (Cell
@@ -166,13 +168,15 @@ def annotate(
         )
     )
     if ann is reference:  # (its threshold must be of the reference cells voting here)
-        mismatch = ann.threshold_mismatch(safelist, blocklist)
+        mismatch = ann.threshold_mismatch(safelist, blocklist, filter)
         if mismatch is not None:
             raise ConfigError(
                 f"reference is a calibrated KNNAnnotator, and {mismatch} Or pass the "
-                "CellIndex: tl.annotate then calibrates against the cells safelist and "
-                "blocklist leave."
+                "CellIndex: tl.annotate then calibrates against the cells safelist, "
+                "blocklist and filter leave."
             )
+    else:
+        ann.check_selection(safelist, blocklist, filter)  # (before the cells are embedded)
     _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts, index=index)
     if ann is not reference and abstain:  # (a ready annotator has its own threshold)
         if isinstance(calibrate_on, ad.AnnData):
@@ -188,8 +192,11 @@ def annotate(
             group_key=calibrate_by,
             safelist=safelist,
             blocklist=blocklist,
+            filter=filter,
         )
-    out = ann.annotate(obsm_array(adata, use_rep), safelist=safelist, blocklist=blocklist)
+    out = ann.annotate(
+        obsm_array(adata, use_rep), safelist=safelist, blocklist=blocklist, filter=filter
+    )
     out.index = adata.obs_names
     adata.obs[f"{key_added}_cell_type"] = out["label_name"].astype("category")
     adata.obs[f"{key_added}_cell_type_ontology_term_id"] = out["label_id"].astype("category")

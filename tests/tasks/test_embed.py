@@ -824,6 +824,70 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     assert "none of its 300 cells has counts in the model's genes" in capsys.readouterr().err
 
 
+def test_annotate_command_votes_with_the_reference_cells_it_is_told_to(
+    bundle, synthetic_h5ad, tmp_path, capsys
+):
+    """--safelist, --blocklist, --filter COLUMN=VALUE (a column given twice: either value)
+    and --calibrate-by: the calls tl.annotate makes with the same selection, each cell's
+    nearest distance the brute-force one over the selected reference cells; a selection
+    the reference cannot make is one line, exit status 2, before any embedding."""
+    from cellsift import tl
+
+    emb, idx, out = tmp_path / "emb.zarr", tmp_path / "index", tmp_path / "annotated.h5ad"
+    assert main(["embed", str(bundle), str(synthetic_h5ad), str(emb)]) == 0
+    assert main(["index", str(emb), str(idx), "--engine", "exact"]) == 0
+    query = ad.read_h5ad(synthetic_h5ad)
+    query = query[np.arange(0, query.n_obs, 7)].copy()
+    query.write_h5ad(tmp_path / "query.h5ad")
+    ref, meta = load_embeddings(emb)
+    studies = sorted(meta["dataset_id"].unique())
+    keep = ["CL:0000624", "CL:0000625", "CL:0000236"]  # CD4, CD8 T cells, B cells
+    base = ["annotate", str(bundle), str(idx), str(tmp_path / "query.h5ad"), str(out)]
+    selection = ["--safelist", *keep, "--blocklist", "CL:0000236"]
+    selection += ["--filter", f"dataset_id={studies[0]}", "--filter", f"dataset_id={studies[1]}"]
+    assert main([*base, *selection, "--calibrate-by", "donor_id"]) == 0
+    got = ad.read_h5ad(out).obs
+    want = tl.annotate(
+        query.copy(),
+        CellIndex.load(idx),
+        model=MetricModel.load(bundle),
+        safelist=keep,
+        blocklist=["CL:0000236"],
+        filter={"dataset_id": studies[:2]},
+        calibrate_by="donor_id",
+        copy=True,
+    ).obs
+    for col in ("cellsift_cell_type_ontology_term_id", "cellsift_confidence"):
+        np.testing.assert_array_equal(got[col].astype(str), want[col].astype(str))
+    calls = set(got["cellsift_cell_type_ontology_term_id"].astype(str))
+    assert calls - {"unknown"} and calls <= {"CL:0000624", "CL:0000625", "unknown"} | set(
+        load_cell_ontology().ancestors("CL:0000624")
+    )
+    chosen = meta["cell_type_ontology_term_id"].isin(keep[:2]) & meta["dataset_id"].isin(
+        studies[:2]
+    )
+    unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    q = MetricModel.load(bundle).embed(query)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    brute = (1 - q.astype(np.float64) @ unit[chosen.to_numpy()].T.astype(np.float64)).min(1)
+    np.testing.assert_allclose(got["cellsift_min_distance"], brute, atol=1e-5)
+    capsys.readouterr()
+    for wrong, said in (
+        (["--filter", "nope=1"], "filter names columns the metadata does not have: ['nope']"),
+        (["--filter", "dataset_id=no_such_study"], "selects no"),
+        (["--safelist", "CL:0000084"], "safelist names 1 label that the reference's"),
+        (["--calibrate-by", "nope"], "--calibrate-by 'nope': the index metadata has no such"),
+        (["--calibrate-by", "donor_id", "--no-abstain"], "--calibrate-by sets the abstention"),
+        (["--calibrate-by", "donor_id", "--calibrate-on", str(synthetic_h5ad)], "pass one of"),
+    ):
+        assert main([*base, "--overwrite", *wrong]) == 2, wrong
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], (wrong, err)
+    with pytest.raises(SystemExit, match="2"):
+        main([*base, "--overwrite", "--filter", "dataset_id"])
+    assert "'dataset_id' is not COLUMN=VALUE" in capsys.readouterr().err
+
+
 def test_annotate_reads_labels_as_the_model_trained_on_them(synthetic_h5ad, tmp_path, capsys):
     """A model trained on labels outside the Cell Ontology (cell lines) from its own column:
     cellsift annotate and tl.annotate read that column with plain votes by default (review:

@@ -487,6 +487,21 @@ class KNNAnnotator:
         out.insert(2, "label_name", out["label_id"].map(names))
         return out
 
+    def check_selection(
+        self,
+        safelist: Sequence[str] | None = None,
+        blocklist: Sequence[str] | None = None,
+        filter: Any = None,
+    ) -> None:
+        """Raise where the reference cells ``safelist``, ``blocklist`` and ``filter`` select
+        (as :meth:`annotate` and :meth:`calibrate` take them) cannot be: labels the reference
+        does not hold, metadata columns it lacks or values of another type, a filter that
+        keeps no cell. What those would raise, before the queries are embedded."""
+        self._sync_labels()
+        self._reference_filter(safelist, blocklist, filter)
+        if filter is not None:
+            self.index.select(filter)
+
     def threshold_mismatch(
         self,
         safelist: Sequence[str] | None = None,
