@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,9 +20,21 @@ from torch import nn
 
 __all__ = ["MLPDecoder", "MLPEncoder"]
 
-#: The encoder, weight and transposed copy that :meth:`MLPEncoder.weights_unchanged` holds
-#: in this thread or task (a context variable: another thread's hold is not this one's).
-_HELD: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+
+@dataclasses.dataclass
+class _Hold:
+    """What :meth:`MLPEncoder.weights_unchanged` holds: the encoder, its first layer's
+    weight, that weight's transposed copy once made, and whether the hold lasts (a task
+    begun within keeps a reference to it after it has ended)."""
+
+    encoder: nn.Module
+    weight: Any  # (the Linear's weight: a Parameter)
+    transposed: np.ndarray | None = None
+    active: bool = True
+
+
+#: This thread's or task's hold (a context variable: another thread's is not this one's).
+_HELD: contextvars.ContextVar[_Hold | None] = contextvars.ContextVar(
     "cellsift_weights_unchanged", default=None
 )
 
@@ -131,17 +144,19 @@ class MLPEncoder(nn.Module):
         but once within :meth:`weights_unchanged`. Not cached on the weight's version: fused
         optimisers update weights without bumping it."""
         held = _HELD.get()  # (this thread's, this task's)
-        if held is not None and (held[0] is not self or held[1] is not weight_hg or not held[3]):
+        if held is not None and (
+            held.encoder is not self or held.weight is not weight_hg or not held.active
+        ):
             held = None  # (another encoder's hold, its weight replaced, or the hold ended)
-        if held is not None and held[2] is not None:
-            return held[2]  # type: ignore[no-any-return]
+        if held is not None and held.transposed is not None:
+            return held.transposed
         w = weight_hg.detach().numpy()
         buf = getattr(self, "_weight_gh_buffer", None)
         if buf is None or buf.shape != w.T.shape:
             buf = self._weight_gh_buffer = np.empty(w.T.shape, dtype=np.float32)
         np.copyto(buf, w.T)
         if held is not None:
-            held[2] = buf
+            held.transposed = buf
         return buf
 
     @contextlib.contextmanager
@@ -151,12 +166,12 @@ class MLPEncoder(nn.Module):
         sparse kernel once, not once a batch (~5% of an embedding's time with
         SCimilarity's model)."""
         first, at = self._first_block()
-        held = [self, first[at].weight, None, True]
+        held = _Hold(self, first[at].weight)
         token = _HELD.set(held)
         try:
             yield
         finally:  # (ended for a task begun within too, whose context holds a copy of it)
-            held[3] = False
+            held.active = False
             _HELD.reset(token)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
