@@ -199,6 +199,22 @@ def test_a_malformed_batch_on_the_cpu_is_refused_by_name(dtype):
             step.transform(outside)
 
 
+def test_normalize_total_takes_cells_by_genes_only():
+    """A batch that is not cells x genes (a well-formed batched or hybrid CSR tensor, a 3-d
+    dense one) is refused by name: its totals are no cell's (torch's own errors before, or
+    sums along the wrong dimension); Log1p and Densify, value by value, take them."""
+    dense = torch.tensor([[[1.0, 0, 2], [0, 3, 0]], [[0, 1, 1], [4, 0, 0]]])
+    batched = dense.to_sparse_csr()
+    hybrid = torch.sparse_csr_tensor(
+        torch.tensor([0, 1, 2]), torch.tensor([0, 1]), torch.tensor([[1.0, 2], [3, 4]]), (2, 3, 2)
+    )
+    for x, what in ((batched, "batched or hybrid"), (hybrid, "batched or hybrid"), (dense, "")):
+        with pytest.raises(ValueError, match=r"NormalizeTotal .* has 3 dimensions") as err:
+            NormalizeTotal().transform(x)
+        assert ("batched or hybrid" in str(err.value)) == bool(what)
+        torch.testing.assert_close(Densify().transform(Log1p().transform(x)), x.to_dense().log1p())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int64])
 @pytest.mark.parametrize("index", [torch.int32, torch.int64])
 def test_densify_gives_what_torch_gives(dtype, index):

@@ -150,17 +150,24 @@ class NormalizeTotal(_Transform):
         self.target_sum = float(target_sum)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
+        sparse = x.layout == torch.sparse_csr
+        # (a malformed batch said as such first; torch's steps read outside one on the CPU)
+        pointer = _checked_crow(x, "NormalizeTotal") if sparse and x.device.type == "cpu" else None
+        if x.dim() != 2:  # (a batched or hybrid CSR tensor too: its totals are no cell's)
+            raise ValueError(
+                f"NormalizeTotal scales each cell of a cells x genes batch, and this one has "
+                f"{x.dim()} dimensions {tuple(x.shape)}"
+                f"{' (a batched or hybrid CSR tensor)' if sparse else ''}"
+                ": pass 2-D batches, one per set of cells."
+            )
         dtype = _at_least_float32(x.dtype)
-        if x.layout == torch.sparse_csr:
+        if sparse:
             if dtype == torch.float32 and _kernel_takes(x):  # (the CPU's kernel: one pass)
                 from .nn._sparse_cpu import csr_normalize_total
 
-                pointer = _checked_crow(x, "NormalizeTotal")
                 out = np.empty(len(x.values()), dtype=np.float32)
                 csr_normalize_total(pointer, x.values().numpy(), self.target_sum, out)
                 return _with_values(x, torch.from_numpy(out))
-            if x.device.type == "cpu":  # (torch's steps read outside a malformed batch)
-                _checked_crow(x, "NormalizeTotal")
             # each row's values summed as one segment, and its scale repeated over them
             # (3x faster on the CPU than adding into the totals by row ids, then gathering)
             values, crow = x.values(), x.crow_indices()
