@@ -961,14 +961,31 @@ def state_differences(saved: Any, here: Any, prefix: str = "", at_most: int = 2)
     def shape(v: Any) -> tuple[int, ...] | None:
         return tuple(v.shape) if hasattr(v, "shape") else None
 
+    def real(v: Any) -> bool | None:  # (whether it holds real numbers, not integers)
+        dtype: Any = getattr(v, "dtype", None)
+        if hasattr(dtype, "is_floating_point"):  # (torch's)
+            return bool(dtype.is_floating_point)
+        try:
+            return None if dtype is None else bool(np.issubdtype(dtype, np.floating))
+        except TypeError:
+            return None
+
     shapes = [
         f"{prefix}{k} {shape(saved[k])} there, {shape(v)} here"
         for k, v in here.items()
         if k in saved and shape(saved[k]) != shape(v)
     ]
+    kinds = [  # (integers for real numbers load, rounded: no such model's weights)
+        f"{prefix}{k} of {saved[k].dtype} there, {v.dtype} here"
+        for k, v in here.items()
+        if k in saved
+        and shape(saved[k]) == shape(v)
+        and None not in (real(saved[k]), real(v))
+        and real(saved[k]) != real(v)
+    ]
     missing = [f"{prefix}{k} only here" for k in here if k not in saved]
     extra = [f"{prefix}{k} only there" for k in saved if k not in here]
-    return shapes[:at_most] + missing[:at_most] + extra[:at_most]
+    return shapes[:at_most] + kinds[:at_most] + missing[:at_most] + extra[:at_most]
 
 
 def rename_apart(

@@ -175,8 +175,7 @@ def annotate(
                 "CellIndex: tl.annotate then calibrates against the cells safelist, "
                 "blocklist and filter leave."
             )
-    else:
-        ann.check_selection(safelist, blocklist, filter)  # (before the cells are embedded)
+    ann.check_selection(safelist, blocklist, filter)  # (before the cells are embedded)
     _ensure_embedded(adata, model, use_rep, layer=layer, check_counts=check_counts, index=index)
     if ann is not reference and abstain:  # (a ready annotator has its own threshold)
         if isinstance(calibrate_on, ad.AnnData):

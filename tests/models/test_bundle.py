@@ -284,8 +284,15 @@ def test_weights_of_nan_and_an_impossible_format_version_are_refused(tmp_path):
     with torch.no_grad():
         next(model.module.encoder.parameters())[0, 0] = float("nan")
     path = model.save(tmp_path / "nan")
-    with pytest.raises(BundleError, match=r"safetensors holds NaN or infinite encoder weights \("):
+    with pytest.raises(BundleError, match=r"safetensors holds NaN or infinite encoder weights"):
         MetricModel.load(path)
+    # a BatchNorm variance below 0 (a damaged file: no training makes one) embeds as NaN too
+    with torch.no_grad():
+        next(model.module.encoder.parameters())[0, 0] = 0.0
+        bn = next(m for m in model.module.encoder.modules() if isinstance(m, torch.nn.BatchNorm1d))
+        bn.running_var[1] = -0.5
+    with pytest.raises(BundleError, match=r"negative variances \(encoder\..*running_var\)"):
+        MetricModel.load(model.save(tmp_path / "negative"))
     cfg = json.loads((path / "config.json").read_text())
     cfg["format_version"] = -3
     (path / "config.json").write_text(json.dumps(cfg))
@@ -301,7 +308,7 @@ def test_weights_of_nan_and_an_impossible_format_version_are_refused(tmp_path):
     ckpt["state_dict"][name] = torch.full_like(ckpt["state_dict"][name], float("inf"))
     torch.save(ckpt, folder / "encoder.ckpt")
     with pytest.raises(
-        CellsiftError, match=rf"encoder\.ckpt holds NaN or infinite weights \({name}"
+        CellsiftError, match=rf"encoder\.ckpt holds NaN or infinite weights, .* \({name}"
     ):
         import_scimilarity(folder, tmp_path / "imported")
     assert not (tmp_path / "imported").exists()

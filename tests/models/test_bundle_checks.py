@@ -60,6 +60,15 @@ def _drop_weights(prefix: str) -> Callable[[Path], None]:
     return edit
 
 
+def _retyped(name: str, dtype: torch.dtype) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        flat = load_file(path / "model.safetensors")
+        flat[name] = (flat[name] * 100).to(dtype)
+        save_file(flat, path / "model.safetensors")
+
+    return edit
+
+
 def _edited(tmp_path: Path, edit: Callable[[Path], None], **kwargs) -> Path:
     path = _model(**kwargs).save(tmp_path / "bundle")
     edit(path)
@@ -135,6 +144,11 @@ def _labels_reordered(path: Path) -> None:
     ("edit", "message"),
     [
         (_drop_weights("encoder."), r"model\.safetensors has no encoder weights"),
+        (  # (integers for real numbers: they loaded, rounded, and embedded otherwise)
+            _retyped("encoder.network.0.1.weight", torch.int64),
+            r"model\.safetensors does not fit config\.json: encoder\.network\.0\.1\.weight "
+            r"of torch\.int64 there, torch\.float32 here",
+        ),
         (
             _edit_config(lambda c: c["architecture"].update(hidden=[16])),
             r"model\.safetensors does not fit config\.json: encoder\.network\.0\.1\.weight "
@@ -215,6 +229,7 @@ def _labels_reordered(path: Path) -> None:
     ],
     ids=[
         "no-encoder-weights",
+        "encoder-weight-integers",
         "hidden-edited",
         "unknown-loss-key",
         "n-genes-not-genes-tsv",

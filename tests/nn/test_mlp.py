@@ -217,6 +217,24 @@ def test_sparse_input_with_a_column_outside_the_genes_is_refused(column):
         enc(bad)
 
 
+def test_sparse_input_whose_row_pointer_falls_is_refused():
+    """A row pointer that falls (a tensor built without torch's checks) read as empty rows:
+    the cells' counts silently left out (hunt205); refused by name."""
+    enc = MLPEncoder(10, (8,), 4).eval()
+    bad = torch.sparse_csr_tensor(
+        torch.tensor([0, 3, 1, 3]),
+        torch.tensor([1, 2, 3]),
+        torch.tensor([1.0, 1.0, 1.0]),
+        size=(3, 10),
+        check_invariants=False,
+    )
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match=r"row pointer falls after cell 1 \(from 3 to 1\)"),
+    ):
+        enc(bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_an_encoder_of_another_dtype_reads_float32_counts_sparse_or_dense(dtype):
     """A float64 or bfloat16 encoder given float32 counts (sparse or dense), or a float32

@@ -871,12 +871,26 @@ def test_annotate_command_votes_with_the_reference_cells_it_is_told_to(
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     brute = (1 - q.astype(np.float64) @ unit[chosen.to_numpy()].T.astype(np.float64)).min(1)
     np.testing.assert_allclose(got["cellsift_min_distance"], brute, atol=1e-5)
+    # a list option given twice: both lists (review195: the last one only)
+    again = ["--safelist", *keep[:2], "--safelist", keep[2], "--blocklist", "CL:0000236"]
+    again += ["--filter", f"dataset_id={studies[0]}", "--filter", f"dataset_id={studies[1]}"]
+    assert main([*base, "--overwrite", *again, "--calibrate-by", "donor_id"]) == 0
+    pd.testing.assert_frame_equal(ad.read_h5ad(out).obs, got)
+    # each wrong selection in one line, before the queries are embedded (values that are not
+    # counts: their error, were they embedded)
+    logged = query.copy()
+    logged.X = np.log1p(logged.X)
+    logged.write_h5ad(tmp_path / "logged.h5ad")
+    base[3] = str(tmp_path / "logged.h5ad")
     capsys.readouterr()
     for wrong, said in (
         (["--filter", "nope=1"], "filter names columns the metadata does not have: ['nope']"),
-        (["--filter", "dataset_id=no_such_study"], "selects no"),
+        (["--filter", "dataset_id=no_such_study"], "leave none of the reference's"),
         (["--safelist", "CL:0000084"], "safelist names 1 label that the reference's"),
+        (["--safelist", keep[2], "--blocklist", keep[2]], "leave none of the reference's"),
+        (["--filter", f"n_counts={10**400}"], "leave none of the reference's"),
         (["--calibrate-by", "nope"], "--calibrate-by 'nope': the index metadata has no such"),
+        (["--calibrate-by", "dataset_id", "--filter", f"dataset_id={studies[0]}"], "two groups"),
         (["--calibrate-by", "donor_id", "--no-abstain"], "--calibrate-by sets the abstention"),
         (["--calibrate-by", "donor_id", "--calibrate-on", str(synthetic_h5ad)], "pass one of"),
     ):

@@ -863,6 +863,42 @@ def test_missing_metadata_stay_missing_and_filters_name_type_mismatches():
         index.search(rng.normal(size=(2, 8)), 3, filter={"n": ["a", "b"]})
 
 
+def test_a_filter_reads_numbers_and_flags_as_its_columns_type_in_any_order():
+    """A float column's filter takes 24, 24.0, "24" and True alike, whatever their order
+    in the list (pyarrow guessed a flag type for a list that began with True); a whole
+    number beyond an integer column's type equals none of its cells (it raised Python's
+    OverflowError); NaT selects missing timestamps."""
+    from cellsift.tasks.index import _expression
+
+    rng = np.random.default_rng(0)
+    when = pd.to_datetime(["2020-01-01", None, "2021-06-30", "2020-01-01"] * 5)
+    meta = pd.DataFrame(
+        {
+            "f": np.array([0.0, 1.0, 1.5, 24.0, np.nan] * 4),
+            "i": np.arange(20),
+            "t": when,
+        }
+    )
+    index = CellIndex.build(rng.normal(size=(20, 8)), meta)
+    f = meta["f"].to_numpy()
+    for forms in ([24], [24.0], ["24"], [24, 24.0, "24"]):
+        np.testing.assert_array_equal(index.select({"f": forms}), np.flatnonzero(f == 24))
+    for values in ([1.5, True], [True, 1.5], [1, 1.0, True]):
+        want = np.flatnonzero(np.isin(f, [float(v) for v in values]))
+        np.testing.assert_array_equal(index.select({"f": values}), want)
+    assert _expression({"f": [1.5, True, 24]}, index._dataset().schema).equals(
+        _expression({"f": ["24", 1.0, 1.5]}, index._dataset().schema)
+    )
+    np.testing.assert_array_equal(index.select({"i": [3, 10**20]}), [3])
+    with pytest.raises(CellIndexError, match="selects no cells"):
+        index.select({"i": str(10**20)})
+    np.testing.assert_array_equal(index.select({"t": pd.NaT}), np.flatnonzero(when.isna()))
+    np.testing.assert_array_equal(
+        index.select({"t": [pd.NaT, pd.Timestamp("2020-01-01")]}),
+        np.flatnonzero(when.isna() | (when == "2020-01-01")),
+    )
+
+
 def test_a_missing_metadata_column_is_named():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, 8))

@@ -529,9 +529,10 @@ def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str
     return ""
 
 
-def not_finite(state: Mapping[str, torch.Tensor], prefix: str = "") -> str:
-    """The weights of ``state`` that hold NaN or infinite values, named (up to three), or
-    ``""``: a model of such weights embeds every cell as NaN."""
+def unusable_weights(state: Mapping[str, torch.Tensor], prefix: str = "") -> str:
+    """The weights of ``state`` that would embed every cell as NaN, named (up to three), or
+    ``""``: NaN or infinite values, or a BatchNorm running variance below 0 (its square root
+    is NaN)."""
     bad = [
         f"{prefix}{k}"
         for k, v in state.items()
@@ -540,7 +541,10 @@ def not_finite(state: Mapping[str, torch.Tensor], prefix: str = "") -> str:
         and v.numel()
         # (NaN spreads to the least and greatest value, an infinity is one of them: a pass
         # that is about 70x faster than isfinite over every weight)
-        and not bool(torch.stack(torch.aminmax(v)).isfinite().all())
+        and (
+            not bool((low_high := torch.stack(torch.aminmax(v))).isfinite().all())
+            or (k.endswith("running_var") and float(low_high[0]) < 0)
+        )
     ]
     return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
 
@@ -549,14 +553,15 @@ def load_weights(
     path: str | os.PathLike[str], name: str, module: nn.Module, state: Mapping[str, torch.Tensor]
 ) -> None:
     """Load a bundle's weights of ``name`` into ``module``; weights that do not fit (names,
-    shapes) are a BundleError naming model.safetensors and the tensor, as are encoder
-    weights that hold NaN or infinite values."""
-    bad = not_finite(state, prefix=f"{name}.") if name == "encoder" else ""
+    shapes, integers for real numbers) are a BundleError naming model.safetensors and the
+    tensor, as are encoder weights that would embed every cell as NaN."""
+    bad = unusable_weights(state, prefix=f"{name}.") if name == "encoder" else ""
     if bad:  # (the encoder's: those embed; a decoder's or a label head's fail where used)
         raise BundleError(
-            f"{path}: model.safetensors holds NaN or infinite encoder weights ({bad}), which "
-            "would embed every cell as NaN: the model had diverged in training (train it "
-            "again, e.g. with a lower learning rate), or the file is damaged."
+            f"{path}: model.safetensors holds NaN or infinite encoder weights, or negative "
+            f"variances ({bad}), which would embed every cell as NaN: the model had diverged "
+            "in training (train it again, e.g. with a lower learning rate), or the file is "
+            "damaged."
         )
     diff = load_state(module, state, prefix=f"{name}.")
     if diff:

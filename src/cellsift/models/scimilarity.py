@@ -24,7 +24,7 @@ from .._utils import is_whole
 from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError, ConfigError
 from ..nn import MLPDecoder, MLPEncoder
-from .bundle import load_state, loss_setting_problem, not_finite
+from .bundle import load_state, loss_setting_problem, unusable_weights
 
 __all__ = ["ScimilarityModel", "import_scimilarity", "read_scimilarity"]
 
@@ -213,11 +213,13 @@ def read_scimilarity(
 
 
 def _check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """Refuse encoder weights that hold NaN or infinite values: they embed every cell so."""
-    bad = not_finite(state)
+    """Refuse encoder weights that would embed every cell as NaN (NaN or infinite values,
+    negative variances)."""
+    bad = unusable_weights(state)
     if bad:
         raise CellsiftError(
-            f"{path} holds NaN or infinite weights ({bad}), which would embed every cell as "
+            f"{path} holds NaN or infinite weights, or negative variances ({bad}), which "
+            "would embed every cell as "
             "NaN: the model had diverged in training, or the file is damaged. Import a model "
             "whose training converged."
         )

@@ -145,6 +145,12 @@ class _CSRLinear(torch.autograd.Function):
         )
         if csr.nnz and (int(csr.indices.max()) >= n_genes or int(csr.indices.min()) < 0):
             raise ValueError(f"a column index is outside the batch's {n_genes} genes.")
+        falls = np.flatnonzero(np.diff(csr.indptr) < 0)  # (scipy checks its ends only)
+        if len(falls):
+            raise ValueError(
+                f"the batch's row pointer falls after cell {falls[0]} (from "
+                f"{csr.indptr[falls[0]]} to {csr.indptr[falls[0] + 1]}): a malformed CSR batch."
+            )
         if not csr.has_sorted_indices:
             csr = csr.sorted_indices()
         h = weight_hg.shape[0]

@@ -498,9 +498,23 @@ class KNNAnnotator:
         does not hold, metadata columns it lacks or values of another type, a filter that
         keeps no cell. What those would raise, before the queries are embedded."""
         self._sync_labels()
-        self._reference_filter(safelist, blocklist, filter)
-        if filter is not None:
-            self.index.select(filter)
+        expr = self._reference_filter(safelist, blocklist, filter)
+        if filter is not None:  # (its columns and values' types, named as given)
+            self.index._selected(filter)
+        if expr is not None and len(self.index._selected(expr)) == 0:
+            given = [
+                f"{name}={value!r}"
+                for name, value in (
+                    ("safelist", safelist),
+                    ("blocklist", blocklist),
+                    ("filter", filter),
+                )
+                if value is not None
+            ]
+            raise CellIndexError(
+                f"{' and '.join(given)} leave none of the reference's {self.index.n_cells:,} "
+                "cells to vote: select reference cells that the queries can be compared with."
+            )
 
     def threshold_mismatch(
         self,

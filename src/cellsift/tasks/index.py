@@ -567,6 +567,16 @@ class CellIndex:
 
     def select(self, filter: FilterLike) -> np.ndarray:
         """Sorted positions of the cells a metadata predicate selects (an error if none)."""
+        rows = self._selected(filter)
+        if len(rows) == 0:
+            raise CellIndexError(
+                f"the filter {_filter_text(filter)} selects no cells of the {self.n_cells:,} "
+                "indexed; check the column values (CellIndex.metadata_rows shows some)."
+            )
+        return rows
+
+    def _selected(self, filter: FilterLike) -> np.ndarray:
+        """:meth:`select`'s positions, none without an error."""
         ds = self._dataset()
         names = set(ds.schema.names)
         missing = sorted({str(c) for c in filter} - names) if isinstance(filter, Mapping) else []
@@ -599,20 +609,15 @@ class CellIndex:
             absent = re.search(r"No match for FieldRef\.Name\((.*?)\)", str(err))
             if absent is not None:  # an expression naming a column the metadata lack
                 raise CellIndexError(
-                    f"the filter {filter} names a column the metadata does not have "
-                    f"({absent.group(1)!r}); it has {sorted(names - {'cell_index'})}."
+                    f"the filter {_filter_text(filter)} names a column the metadata does not "
+                    f"have ({absent.group(1)!r}); it has {sorted(names - {'cell_index'})}."
                 ) from None
             raise CellIndexError(
-                f"the filter {filter!r} cannot be compared with the metadata{types}: give "
-                f"values of each column's type, e.g. text for a text column. ({err})"
+                f"the filter {_filter_text(filter)} cannot be compared with the metadata"
+                f"{types}: give values of each column's type, e.g. text for a text column. "
+                f"({' '.join(str(err).split())})"
             ) from None
-        rows = np.sort(tbl.column("cell_index").to_numpy())
-        if len(rows) == 0:
-            raise CellIndexError(
-                f"the filter {filter!r} selects no cells of the {self.n_cells:,} indexed; "
-                "check the column values (CellIndex.metadata_rows shows some)."
-            )
-        return rows
+        return np.sort(tbl.column("cell_index").to_numpy())
 
     def metadata_rows(self, rows: Any, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Metadata of cells ``rows`` (any order, repeats allowed) as a DataFrame."""
@@ -1754,6 +1759,11 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
     return filter
 
 
+def _filter_text(filter: FilterLike) -> str:
+    """A filter in one line, for a message (an Arrow expression prints over several)."""
+    return repr(filter) if isinstance(filter, Mapping) else " ".join(str(filter).split())
+
+
 def _canonical(values: list[Any]) -> list[Any]:
     """A filter column's values in one order, each once: by type, then value within one
     (values of a type that do not order among themselves keep the order given)."""
@@ -1798,16 +1808,23 @@ def _as_column_type(value: Any, kind: Any) -> list[Any]:
             return [bool(value)] if value in (0, 1) else []
         return [value]
     if pa.types.is_integer(kind):
+        whole = value
         if text and re.fullmatch(r"\s*[-+]?\d+\s*", value):
-            return [int(value)]
-        if isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
-            return [int(value)]
+            whole = int(value)
+        elif isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
+            whole = int(value)
+        if isinstance(whole, int):  # (beyond the column's type: equals none of its values)
+            info = np.iinfo(kind.to_pandas_dtype())
+            return [whole] if info.min <= whole <= info.max else []
         return [value]
-    if pa.types.is_floating(kind) and text:
-        try:
+    if pa.types.is_floating(kind):  # (numbers and flags as floats: 24, 24.0, "24" alike)
+        if text:
+            try:
+                return [float(value)]
+            except ValueError:
+                return [value]
+        if isinstance(value, bool) or is_number(value):
             return [float(value)]
-        except ValueError:
-            return [value]
     return [value]
 
 
@@ -1827,7 +1844,13 @@ def _fingerprint_of(model: Any) -> str:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+    """None, NaN, pandas' NA or NaT: a filter value that selects missing values."""
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or value is pd.NA
+        or value is pd.NaT
+    )
 
 
 #: Columns per group of :func:`_top_first`'s prefilter on the CPU.
