@@ -558,6 +558,14 @@ def test_bad_study_codes_and_related_ll_are_named_on_both_paths(path):
         mine_triplets(z, y, study_n=torch.tensor([0, 1, 0, -3, 0, 1]))
     with pytest.raises(ValueError, match=r"related_ll is \(4,\), not labels x labels"):
         mine_triplets(z, y, torch.ones(4, dtype=torch.bool))
+    # a label code below -1 (hunt206: the CPU kernel read its rules outside their table,
+    # mining such a cell as a negative, or crashed), also behind TripletLoss
+    for low in (-2, -100_000_000):
+        bad = torch.tensor([0, 0, 1, low, 0, 1])
+        with pytest.raises(ValueError, match=rf"label codes down to {low}: .* -1 for a cell"):
+            mine_triplets(z, bad, negative="hardest")
+        with pytest.raises(ValueError, match=rf"label codes down to {low}"):
+            TripletLoss()(z, bad)
 
 
 def test_labels_beyond_ancestor_ll_are_named_as_such(path):

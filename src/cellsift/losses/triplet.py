@@ -415,6 +415,11 @@ def _mine(
         n = len(y)
         compiled = _compiled_path(dev)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
+        if n and int(y.min()) < -1:  # (the CPU kernel does not check its indices)
+            raise ValueError(
+                f"y_n holds label codes down to {int(y.min())}: a label code is >= 0, or -1 "
+                "for a cell without a label."
+            )
         if n == 0 or not bool((y >= 0).any()):
             return Triplets(empty, empty, empty, 0)
         lowest = int(study_n.min()) if study_n is not None and study_n.numel() else -1
