@@ -975,13 +975,15 @@ def state_differences(saved: Any, here: Any, prefix: str = "", at_most: int = 2)
         for k, v in here.items()
         if k in saved and shape(saved[k]) != shape(v)
     ]
-    kinds = [  # (integers for real numbers load, rounded: no such model's weights)
+    kinds = [  # (integers for real numbers load, rounded: no such model's weights; a
+        # counter saved as a real number, as a state cast to half precision whole holds it,
+        # loads as it was)
         f"{prefix}{k} of {saved[k].dtype} there, {v.dtype} here"
         for k, v in here.items()
         if k in saved
         and shape(saved[k]) == shape(v)
-        and None not in (real(saved[k]), real(v))
-        and real(saved[k]) != real(v)
+        and real(saved[k]) is False
+        and real(v) is True
     ]
     missing = [f"{prefix}{k} only here" for k in here if k not in saved]
     extra = [f"{prefix}{k} only there" for k in saved if k not in here]

@@ -224,8 +224,7 @@ def _annotate(args: argparse.Namespace) -> int:
     check = not args.no_check_counts
     if args.drop_empty:
         adata = _with_counts(adata, model, args.layer, str(args.data), check)
-    # calibrated first: what it meets (too few cells for the quantile, one group) is said
-    # before the queries are embedded
+    tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
     if not args.no_abstain:
         held = None  # (none: calibrated on the reference itself)
         if args.calibrate_on is not None:
@@ -251,7 +250,6 @@ def _annotate(args: argparse.Namespace) -> int:
                 )
             held = calibration.obsm["X_cellsift"]
         annotator.calibrate(held, quantile=args.quantile, group_key=args.calibrate_by, **selection)
-    tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
     tl.annotate(adata, annotator, **selection)
     with atomic_path(
         args.out, overwrite=args.overwrite, replaces=is_h5ad_file, what="an h5ad file"

@@ -140,6 +140,25 @@ def _labels_reordered(path: Path) -> None:
     (path / "labels.json").write_text(json.dumps(labels[::-1]))
 
 
+def test_a_state_cast_to_half_precision_whole_loads():
+    """Every tensor of a state cast to float16 (a way to shrink a file), BatchNorm's
+    counter too: it loads (review196: the counter, a real number there, was refused), while
+    integers where the model holds real numbers are refused."""
+    from cellsift.models.bundle import load_state
+    from cellsift.nn import MLPEncoder
+
+    torch.manual_seed(0)
+    source = MLPEncoder(20, (16, 16), 8)
+    half = {k: v.half() for k, v in source.state_dict().items()}
+    target = MLPEncoder(20, (16, 16), 8)
+    assert load_state(target, half) == ""
+    torch.testing.assert_close(
+        target.state_dict()["network.0.1.weight"], half["network.0.1.weight"].float()
+    )
+    ints = {**half, "network.0.1.weight": half["network.0.1.weight"].long()}
+    assert "network.0.1.weight of torch.int64 there, torch.float32 here" in load_state(target, ints)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

@@ -466,6 +466,13 @@ def test_calibration_against_a_selection_of_the_reference_is_its_conformal_quant
             ann.annotate(x[cal][:5], filter=again)
     with pytest.warns(CellsiftWarning, match="another selection"):
         ann.annotate(x[cal][:5], filter={"study": ["a"], "cell_type_ontology_term_id": TYPES[:3]})
+    # a selection that leaves no reference cell, said in one line (an Arrow expression too)
+    import pyarrow.compute as pc
+
+    for nothing in ({"study": ["z"]}, pc.field("study").isin(["y", "z"])):
+        with pytest.raises(CellIndexError, match="leave none of the reference's") as err:
+            ann.check_selection(filter=nothing)
+        assert "\n" not in str(err.value)
 
     # the reference itself: every selected cell (n_cells above their number) against the
     # other selected cells, then against the selected cells of other studies

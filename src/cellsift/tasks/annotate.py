@@ -47,7 +47,7 @@ from .._warnings import CellsiftWarning, warn
 from ..data.collection import _as_text, value_text
 from ..errors import ConfigError, DataError
 from ..ontology import OntologyError, load_cell_ontology
-from .index import CellIndex, CellIndexError, as_embeddings, check_k
+from .index import CellIndex, CellIndexError, _filter_text, as_embeddings, check_k
 
 __all__ = ["UNKNOWN", "KNNAnnotator"]
 
@@ -503,7 +503,7 @@ class KNNAnnotator:
             self.index._selected(filter)
         if expr is not None and len(self.index._selected(expr)) == 0:
             given = [
-                f"{name}={value!r}"
+                f"{name}={_filter_text(value) if name == 'filter' else repr(value)}"
                 for name, value in (
                     ("safelist", safelist),
                     ("blocklist", blocklist),
