@@ -863,7 +863,7 @@ def test_missing_metadata_stay_missing_and_filters_name_type_mismatches():
         index.search(rng.normal(size=(2, 8)), 3, filter={"n": ["a", "b"]})
 
 
-def test_a_filter_reads_numbers_and_flags_as_its_columns_type_in_any_order():
+def test_a_filter_reads_numbers_and_flags_as_its_columns_type_in_any_order(tmp_path):
     """A float column's filter takes 24, 24.0, "24" and True alike, whatever their order
     in the list (pyarrow guessed a flag type for a list that began with True); a whole
     number beyond an integer column's type equals none of its cells (it raised Python's
@@ -890,6 +890,16 @@ def test_a_filter_reads_numbers_and_flags_as_its_columns_type_in_any_order():
         _expression({"f": ["24", 1.0, 1.5]}, index._dataset().schema)
     )
     np.testing.assert_array_equal(index.select({"i": [3, 10**20]}), [3])
+    # a uint64 column of values beyond int64's range (review196: read as int64, they
+    # overflowed, and the column was cast to int64 after a save)
+    big = pd.DataFrame({"u": np.array([1, 24, 2**64 - 1, 5] * 5, dtype=np.uint64)})
+    unsigned = CellIndex.build(rng.normal(size=(20, 8)), big)
+    unsigned.save(tmp_path / "unsigned")
+    for ix in (unsigned, CellIndex.load(tmp_path / "unsigned")):
+        np.testing.assert_array_equal(
+            ix.select({"u": [24, 2**64 - 1]}), np.flatnonzero(big["u"].isin([24, 2**64 - 1]))
+        )
+        np.testing.assert_array_equal(ix.select({"u": "24"}), np.flatnonzero(big["u"] == 24))
     with pytest.raises(CellIndexError, match="selects no cells"):
         index.select({"i": str(10**20)})
     np.testing.assert_array_equal(index.select({"t": pd.NaT}), np.flatnonzero(when.isna()))

@@ -1725,6 +1725,7 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
     ``schema`` (:func:`_as_column_type`); an expression as it is. A mapping's expression is
     the same whatever the order of its columns and of a column's values (a threshold
     calibrated with it is compared with the next call's by expression)."""
+    pa = import_optional("pyarrow")
     pc = import_optional("pyarrow.compute")
     if isinstance(filter, Mapping):
         expr = None
@@ -1733,14 +1734,22 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
             values = _as_list(value)
             if isinstance(value, np.ndarray) and value.ndim == 0:
                 value = value.item()
+            whole = None  # (an integer column's type, for its value set)
             if schema is not None and str(col) in schema.names:
                 kind = schema.field(str(col)).type
                 given = values if values is not None else [value]
                 values = [form for v in given for form in _as_column_type(v, kind)]
+                if pa.types.is_integer(_value_type(kind)):
+                    whole = _value_type(kind)
             if values is not None:
                 given = _canonical([v for v in values if not _missing(v)])
+                value_set: Any = given
+                if whole is not None and given and all(type(v) is int for v in given):
+                    # (as the column's type: read as int64, values above its range
+                    # overflowed, and a uint64 column of such values was cast to int64)
+                    value_set = pa.array(given, type=whole)
                 # (isin of no values compares a null type with the column's: refused)
-                term = field.isin(given) if given else pc.scalar(False)
+                term = field.isin(value_set) if given else pc.scalar(False)
                 if any(_missing(v) for v in values):
                     term = term | field.is_null()
             elif _missing(value):
