@@ -890,6 +890,7 @@ def test_a_filter_reads_numbers_and_flags_as_its_columns_type_in_any_order(tmp_p
         _expression({"f": ["24", 1.0, 1.5]}, index._dataset().schema)
     )
     np.testing.assert_array_equal(index.select({"i": [3, 10**20]}), [3])
+    np.testing.assert_array_equal(index.select({"f": [24, 10**400]}), np.flatnonzero(f == 24))
     # a uint64 column of values beyond int64's range (review196: read as int64, they
     # overflowed, and the column was cast to int64 after a save)
     big = pd.DataFrame({"u": np.array([1, 24, 2**64 - 1, 5] * 5, dtype=np.uint64)})

@@ -1833,7 +1833,10 @@ def _as_column_type(value: Any, kind: Any) -> list[Any]:
             except ValueError:
                 return [value]
         if isinstance(value, bool) or is_number(value):
-            return [float(value)]
+            try:
+                return [float(value)]
+            except OverflowError:  # (a whole number beyond float's range: equals no cell)
+                return []
     return [value]
 
 
