@@ -949,3 +949,30 @@ def test_a_too_large_value_is_written_readably_in_every_message(tmp_path):
     x.data[2] = np.inf  # (infinite: named as such, not as a large value)
     with pytest.raises(DataError, match=r"holds inf; counts are finite and non-negative"):
         _check_batch(store, x, np.array([0, 1]))
+
+
+def test_a_subset_takes_sorted_positions_or_a_mask_and_names_others():
+    """``subset`` of a collection of two stores: a mask keeps its cells, and positions out
+    of order, repeated, out of range, fractional or a mask of another length are refused
+    (hunt207: a mask kept copies of cells 0 and 1, -1 wrapped to the last cell, 1.9 was
+    cell 1, and positions out of order gave origin() another store's cell names)."""
+    a = synthetic_atlas(200, 50, n_studies=2, seed=0)
+    a = a[a.X.getnnz(axis=1) > 0].copy()
+    coll = CellCollection([a[:100].copy(), a[100:].copy()])
+    mask = np.zeros(coll.n_obs, bool)
+    mask[[3, 150]] = True
+    for kept in (coll.subset(mask), coll.subset(np.array([3, 150])), coll.subset([3, 150])):
+        assert kept.n_obs == 2
+        assert list(kept.origin()["obs_name"]) == list(a.obs_names[[3, 150]])
+        np.testing.assert_array_equal(kept.cell_ids, coll.cell_ids[[3, 150]])
+    assert coll.subset(np.array([], dtype=np.int64)).n_obs == 0
+    for bad, said in (
+        (np.array([150, 3]), "must be sorted, each once"),
+        (np.array([3, 3]), "must be sorted, each once"),
+        (np.array([-1]), r"positions are cells 0 to \d+ of this collection, not -1"),
+        (np.array([coll.n_obs]), "positions are cells 0 to"),
+        (np.array([1.9]), "rows are positions"),
+        (mask[:10], r"one entry per cell"),
+    ):
+        with pytest.raises(IndexError, match=said):
+            coll.subset(bad)

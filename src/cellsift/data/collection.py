@@ -497,10 +497,30 @@ class CellCollection:
         return pd.Categorical(cat, categories=cats).codes.astype(np.int64), cats
 
     def subset(self, positions: np.ndarray) -> CellCollection:
-        """The same stores restricted to kept cells ``positions`` (sorted)."""
+        """The same stores restricted to kept cells ``positions``: positions among this
+        collection's cells (sorted, each once), or a boolean mask over them."""
+        from .._utils import positions as as_positions  # (the argument has its name)
+
+        given = np.asarray(positions)
+        if given.dtype == np.bool_:
+            if given.shape != (self.n_obs,):
+                raise IndexError(
+                    f"a mask of the cells to keep has one entry per cell ({self.n_obs:,}), "
+                    f"not shape {given.shape}."
+                )
+            rows = np.flatnonzero(given)
+        else:
+            rows = as_positions(given).reshape(-1)
+        if len(rows) and (rows[0] < 0 or rows.max() >= self.n_obs):
+            raise IndexError(
+                f"positions are cells 0 to {self.n_obs - 1} of this collection, not "
+                f"{int(rows.min())} .. {int(rows.max())}."
+            )
+        if len(rows) > 1 and not (np.diff(rows) > 0).all():
+            raise IndexError("positions must be sorted, each once (np.unique gives them so).")
         out = object.__new__(CellCollection)
         out.__dict__.update(self.__dict__)
-        out.cell_ids = self.cell_ids[np.asarray(positions, dtype=np.int64)]
+        out.cell_ids = self.cell_ids[rows]
         out._obs_cache = {}
         return out
 
