@@ -224,32 +224,34 @@ def _annotate(args: argparse.Namespace) -> int:
     check = not args.no_check_counts
     if args.drop_empty:
         adata = _with_counts(adata, model, args.layer, str(args.data), check)
+    # a calibration on the reference itself first (what it meets, one group or too few
+    # cells, is said before the queries are embedded); on held-out cells after the queries
+    # are embedded (a bad query file is said before those are)
+    if not args.no_abstain and args.calibrate_on is None:
+        annotator.calibrate(quantile=args.quantile, group_key=args.calibrate_by, **selection)
     tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
-    if not args.no_abstain:
-        held = None  # (none: calibrated on the reference itself)
-        if args.calibrate_on is not None:
-            # its counts where --calibrate-layer says (X: "X"), else where the queries' are
-            place = args.layer if args.calibrate_layer is None else args.calibrate_layer
-            calibration = _read_h5ad(args.calibrate_on)
-            if args.drop_empty:
-                with _hints_for("--calibrate-layer"):
-                    calibration = _with_counts(
-                        calibration,
-                        model,
-                        None if place == "X" else place,
-                        str(args.calibrate_on),
-                        check,
-                    )
+    if not args.no_abstain and args.calibrate_on is not None:
+        # its counts where --calibrate-layer says (X: "X"), else where the queries' are
+        place = args.layer if args.calibrate_layer is None else args.calibrate_layer
+        calibration = _read_h5ad(args.calibrate_on)
+        if args.drop_empty:
             with _hints_for("--calibrate-layer"):
-                tl.embed(
+                calibration = _with_counts(
                     calibration,
                     model,
-                    layer=None if place == "X" else place,
-                    source=str(args.calibrate_on),
-                    check_counts=check,
+                    None if place == "X" else place,
+                    str(args.calibrate_on),
+                    check,
                 )
-            held = calibration.obsm["X_cellsift"]
-        annotator.calibrate(held, quantile=args.quantile, group_key=args.calibrate_by, **selection)
+        with _hints_for("--calibrate-layer"):
+            tl.embed(
+                calibration,
+                model,
+                layer=None if place == "X" else place,
+                source=str(args.calibrate_on),
+                check_counts=check,
+            )
+        annotator.calibrate(calibration.obsm["X_cellsift"], quantile=args.quantile, **selection)
     tl.annotate(adata, annotator, **selection)
     with atomic_path(
         args.out, overwrite=args.overwrite, replaces=is_h5ad_file, what="an h5ad file"

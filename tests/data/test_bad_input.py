@@ -973,6 +973,9 @@ def test_a_subset_takes_sorted_positions_or_a_mask_and_names_others():
         (np.array([coll.n_obs]), "positions are cells 0 to"),
         (np.array([1.9]), "rows are positions"),
         (mask[:10], r"one entry per cell"),
+        (np.array([3, -1]), r"positions are cells 0 to \d+ of this collection, not -1"),
+        (np.array([[3, 150]]), r"1-d list of cells"),
+        (np.int64(3), r"1-d list of cells"),
     ):
         with pytest.raises(IndexError, match=said):
             coll.subset(bad)

@@ -502,6 +502,10 @@ class CellCollection:
         from .._utils import positions as as_positions  # (the argument has its name)
 
         given = np.asarray(positions)
+        if given.ndim != 1:
+            raise IndexError(
+                f"positions are a 1-d list of cells (or a mask), not of shape {given.shape}."
+            )
         if given.dtype == np.bool_:
             if given.shape != (self.n_obs,):
                 raise IndexError(
@@ -510,8 +514,8 @@ class CellCollection:
                 )
             rows = np.flatnonzero(given)
         else:
-            rows = as_positions(given).reshape(-1)
-        if len(rows) and (rows[0] < 0 or rows.max() >= self.n_obs):
+            rows = as_positions(given)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n_obs):
             raise IndexError(
                 f"positions are cells 0 to {self.n_obs - 1} of this collection, not "
                 f"{int(rows.min())} .. {int(rows.max())}."

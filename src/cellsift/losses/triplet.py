@@ -415,12 +415,14 @@ def _mine(
         n = len(y)
         compiled = _compiled_path(dev)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
-        if n and int(y.min()) < -1:  # (the CPU kernel does not check its indices)
+        # (the least and greatest code in one read from the device)
+        low, high = (int(v) for v in torch.aminmax(y)) if n else (-1, -1)
+        if low < -1:  # (the CPU kernel does not check its indices)
             raise ValueError(
-                f"y_n holds label codes down to {int(y.min())}: a label code is >= 0, or -1 "
-                "for a cell without a label."
+                f"y_n holds label codes down to {low}: a label code is >= 0, or -1 for a "
+                "cell without a label."
             )
-        if n == 0 or not bool((y >= 0).any()):
+        if high < 0:  # (no cell, or none with a label)
             return Triplets(empty, empty, empty, 0)
         lowest = int(study_n.min()) if study_n is not None and study_n.numel() else -1
         if study_n is not None and (tuple(study_n.shape) != (n,) or lowest < -1):
@@ -436,7 +438,7 @@ def _mine(
             raise ValueError(
                 f"triplet mining on {dev.type} takes at most {_MAX_CELLS} cells a batch, not {n}."
             )
-        n_labels = int(y.max().item()) + 1
+        n_labels = high + 1
         if ancestor_ll is not None and (ancestor_ll.ndim != 2 or n_labels > len(ancestor_ll)):
             raise ValueError(
                 f"ancestor_ll is {tuple(ancestor_ll.shape)}: labels x labels over the label "

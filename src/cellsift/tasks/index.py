@@ -1744,9 +1744,15 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
             if values is not None:
                 given = _canonical([v for v in values if not _missing(v)])
                 value_set: Any = given
-                if whole is not None and given and all(type(v) is int for v in given):
-                    # (as the column's type: read as int64, values above its range
-                    # overflowed, and a uint64 column of such values was cast to int64)
+                if (
+                    whole is not None
+                    and given
+                    and all(type(v) is int for v in given)
+                    and (pa.types.is_uint64(whole) or max(given) > _INT64_MAX)
+                ):  # (as a uint64 column's type: as int64, values above its range
+                    # overflowed, and such a column was cast to int64 to compare; others
+                    # as int64, so that the expression stays one when added cells widen
+                    # the column's type)
                     value_set = pa.array(given, type=whole)
                 # (isin of no values compares a null type with the column's: refused)
                 term = field.isin(value_set) if given else pc.scalar(False)
@@ -1766,6 +1772,9 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
             f"pyarrow.compute.Expression, not {type(filter).__name__} ({filter!r})."
         )
     return filter
+
+
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 def _filter_text(filter: FilterLike) -> str:
