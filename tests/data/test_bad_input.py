@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from cellsift._warnings import CellsiftWarning
 from cellsift.data import CellCollection, open_store
 from cellsift.datasets import indexed_atlas, synthetic_atlas
 from cellsift.errors import CellsiftError, DataError, GeneAlignmentError
@@ -431,8 +432,15 @@ def test_min_counts_0_still_refuses_empty_cells_and_origin_takes_a_store_twice(t
     with pytest.raises(DataError, match="1 of 20 cells have no counts"):
         CellCollection(path, min_counts=0)
     ok = _write(tmp_path, "ok.h5ad", indexed_atlas(20, 5))
-    origin = CellCollection([ok, ok]).origin()  # the same file twice
+    # the same file twice: read as two stores, said (hunt208: trained on twice, unsaid)
+    with pytest.warns(
+        CellsiftWarning, match=r"ok\.h5ad is listed twice in the stores given"
+    ) as said:
+        origin = CellCollection([ok, ok]).origin()
+    assert len(said) == 1
     assert (origin["store"] == str(ok)).all() and len(origin) == 40
+    with pytest.warns(CellsiftWarning, match=r"listed twice .* \(also as .*ok\.h5ad\)"):
+        CellCollection([ok, f"{tmp_path}/./ok.h5ad"])
     np.testing.assert_array_equal(origin["store_row"], np.tile(np.arange(20), 2))
 
 

@@ -907,6 +907,18 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
             r"--trainer\.logger: class_path '.*TensorBoardLoger' cannot be used \(module",
         ),
         (["--model.hidden", "[a]"], r"--model\.hidden: 'a' is not valid \(expected int\) \("),
+        # settings Lightning refuses as its Trainer is made, or divides by (hunt208: its
+        # ValueError, or ZeroDivisionError in the sanity check, with a traceback)
+        (["--trainer.strategy", "ddp_foo"], r"a trainer setting: You selected an invalid strat"),
+        (["--trainer.num_nodes", "0"], r"a trainer setting: `num_nodes` must be a positive int"),
+        (
+            ["--trainer.check_val_every_n_epoch", "0"],
+            r"--trainer\.check_val_every_n_epoch is how many epochs apart .* not 0\.",
+        ),
+        (  # no labels, no silhouette: the shipped callbacks watch it (hunt208: an epoch ran)
+            ["--data.init_args.label_key", "null", "--data.init_args.mode", "block"],
+            r"callbacks watch val/asw, but the data module reads no labels \(label_key=None\)",
+        ),
     ],
 )
 def test_fit_says_bad_settings_in_one_line(synthetic_h5ad, tmp_path, capsys, extra, message):

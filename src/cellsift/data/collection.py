@@ -80,7 +80,7 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
                     'its "files" ({"files": ["a.h5ad", "b.zarr"]}), or write it again '
                     "(cellsift convert --shard-size writes one)."
                 )
-            return [manifest.parent / f for f in files]
+            return _once_each([manifest.parent / f for f in files], f"the manifest {manifest}")
         if any(ch in str(source) for ch in "*?[") and not p.exists():
             # (a file or folder that exists is itself, though its name holds [, * or ?)
             # (a sharded store's folder/*: its manifest lists the shards, it is not one)
@@ -97,7 +97,30 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
     out: list[StoreLike] = []
     for item in source:
         out.extend(resolve_paths(item))
-    return out
+    return _once_each(out, "the stores given")
+
+
+def _once_each(stores: list[StoreLike], where: str) -> list[StoreLike]:
+    """``stores``, with a warning for each one listed twice (by its real path, or the same
+    open object): its cells are read, trained on and counted once a listing."""
+    seen: dict[Any, StoreLike] = {}
+    for store in stores:
+        key = (
+            os.path.realpath(store)
+            if isinstance(store, str | os.PathLike)
+            else ("object", id(store))
+        )
+        if key in seen:
+            from .._warnings import warn
+
+            also = f" (also as {seen[key]})" if str(seen[key]) != str(store) else ""
+            warn(
+                f"{store} is listed twice in {where}{also}: its cells are read as two stores' "
+                "(trained on twice an epoch). List each store once where that is not meant "
+                "(a glob and a path, or two globs, may meet)."
+            )
+        seen[key] = store
+    return stores
 
 
 class CellCollection:

@@ -37,7 +37,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .._utils import logger, read_error, write_error
+from .._utils import is_whole, logger, read_error, write_error
 from ..data.datamodule import CellDataModule
 from ..errors import USER_ERRORS, ConfigError, TrainingInterrupted
 from ..models.bundle import check_bundle_path
@@ -182,6 +182,22 @@ class FitCLI(LightningCLI):
         if path is not None and Path(path).exists():  # (a folder: named as one)
             read_checkpoint(path)
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Lightning's Trainer; a setting it refuses as it is made (a strategy name it does
+        not know, an accelerator whose package is missing, num_nodes 0) is a ConfigError of
+        its words, as are validation intervals below 1, which it takes and divides by."""
+        trainer = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        every = trainer.get("check_val_every_n_epoch")
+        if every is not None and (not is_whole(every) or every < 1):
+            raise ConfigError(
+                f"--trainer.check_val_every_n_epoch is how many epochs apart validations run, "
+                f"a whole number of at least 1 (or null), not {every!r}."
+            )
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError, ImportError) as err:
+            raise ConfigError(f"a trainer setting: {' '.join(str(err).split())}") from None
 
     def before_fit(self) -> None:
         """A run resumed from a checkpoint logs on in the TensorBoard run that wrote it.

@@ -1220,6 +1220,12 @@ def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
             "it is given: give it a CellDataModule(..., val_fraction=0.1); cellsift fit: "
             f"--data.init_args.val_fraction), {drop}"
         )
+    if not dm.label_key and "val/asw" in watching:  # (no labels: no silhouette is logged)
+        raise ConfigError(
+            "callbacks watch val/asw, but the data module reads no labels (label_key=None): "
+            "the silhouette compares cells of several labelled types. Set its label_key "
+            "(cellsift fit: --data.init_args.label_key), watch val/loss instead, " + drop
+        )
     if dm.label_key:  # (the labels the model knows: others validate unlabelled)
         # the validation cells' codes as their batches carry them (y_n: -1 for others)
         codes = dm.val.codes(dm.label_key, dm.label_set)[0]
