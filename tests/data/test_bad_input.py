@@ -433,9 +433,7 @@ def test_min_counts_0_still_refuses_empty_cells_and_origin_takes_a_store_twice(t
         CellCollection(path, min_counts=0)
     ok = _write(tmp_path, "ok.h5ad", indexed_atlas(20, 5))
     # the same file twice: read as two stores, said (hunt208: trained on twice, unsaid)
-    with pytest.warns(
-        CellsiftWarning, match=r"ok\.h5ad is listed twice in the stores given"
-    ) as said:
+    with pytest.warns(CellsiftWarning, match=r"ok\.h5ad is listed twice among the stores") as said:
         origin = CellCollection([ok, ok]).origin()
     assert len(said) == 1
     assert (origin["store"] == str(ok)).all() and len(origin) == 40

@@ -136,6 +136,17 @@ class TrainOnceTheOtherFitHasFailed(pl.Callback):
         _A_DONE.wait(300)
 
 
+class BadStateKey(pl.Callback):
+    """A callback whose own code fails as Lightning's Trainer reads it (its state key)."""
+
+    @property
+    def state_key(self) -> str:
+        return self._key(1, 2)  # type: ignore[call-arg]  (one argument too many: a TypeError)
+
+    def _key(self, x: int) -> str:
+        return str(x)
+
+
 class RecordCells(pl.Callback):
     """Writes each training batch's cells (epoch, step, cell indices) to a file of its
     process in ``folder``."""
@@ -1287,3 +1298,12 @@ def test_fit_resumes_mid_epoch_on_another_number_of_devices(
     start = saved_step / (8 if before == 2 else 20)
     last = start + (total - 1 - done) * (1 - start) / (total - done)
     assert lr[-1] == pytest.approx(cosine(last))
+
+
+def test_an_error_of_a_users_callback_keeps_its_traceback(synthetic_h5ad, tmp_path):
+    """Lightning's refusals of settings are one line (test_fit_says_bad_settings_in_one_line);
+    an error in a user's callback's own code, met as the Trainer is made, is not called a
+    setting and keeps its traceback (review198)."""
+    bad = {"class_path": "test_fit_cli.BadStateKey"}
+    with pytest.raises(TypeError, match=r"_key\(\) takes 2 positional arguments"):
+        main(["fit", *_args(synthetic_h5ad, tmp_path, callbacks=[bad])])

@@ -12,7 +12,7 @@ import torch
 
 from cellsift._warnings import CellsiftWarning
 from cellsift.data.datamodule import CellDataModule
-from cellsift.errors import TrainingError
+from cellsift.errors import ConfigError, TrainingError
 from cellsift.nn import MetricModule
 from cellsift.ontology import load_cell_ontology
 from cellsift.train import TrainingPlan
@@ -141,8 +141,6 @@ def test_validation_every_so_often_takes_each_of_lightnings_forms(synthetic_h5ad
     """A share of an epoch, a number of batches, or a time (text, timedelta, dict) between
     validations trains; none of batches, a share of 0 or above 1 is refused before a step."""
     import datetime
-
-    from cellsift.errors import ConfigError
 
     dm, module = _setup(synthetic_h5ad)
     for every in (0.5, np.float32(0.5), 2, "00:00:05:00", datetime.timedelta(minutes=5)):
@@ -1221,3 +1219,29 @@ def test_only_early_stopping_is_kept_as_a_stop(synthetic_h5ad, tmp_path):
     trainer = _trainer(root, max_epochs=1, num_sanity_val_steps=0)
     trainer.fit(plan, datamodule=dm)
     assert trainer.global_step == whole.global_step // 2
+
+
+def test_watching_the_silhouette_without_labels_is_refused_where_it_would_fail(
+    synthetic_h5ad, tmp_path
+):
+    """Unlabelled data log no silhouette: a fit whose callback must have val/asw is refused
+    before training; an EarlyStopping told to go on without it (strict=False), and a
+    validation (callbacks watch fits only), run (review198: both were refused)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    dm = CellDataModule(
+        synthetic_h5ad, label_key=None, split_key="donor_id", val_fraction=0.2, mode="block"
+    )
+    dm.setup()
+    module = MetricModule(dm.collection.n_vars, (16,), 8)
+    strict = _trainer(tmp_path, max_epochs=1, callbacks=[EarlyStopping("val/asw", mode="max")])
+    with pytest.raises(ConfigError, match="callbacks watch val/asw, but the data module reads no"):
+        strict.fit(TrainingPlan(module), datamodule=dm)
+    assert strict.global_step == 0
+    lenient = EarlyStopping("val/asw", mode="max", strict=False)
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[lenient])
+    trainer.fit(TrainingPlan(module), datamodule=dm)
+    assert trainer.global_step > 0 and "val/loss" in trainer.callback_metrics
+    checked = _trainer(tmp_path, callbacks=[EarlyStopping("val/asw", mode="max")])
+    checked.validate(TrainingPlan(module), datamodule=dm, verbose=False)
+    assert "val/loss" in checked.callback_metrics

@@ -80,7 +80,7 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
                     'its "files" ({"files": ["a.h5ad", "b.zarr"]}), or write it again '
                     "(cellsift convert --shard-size writes one)."
                 )
-            return _once_each([manifest.parent / f for f in files], f"the manifest {manifest}")
+            return [manifest.parent / f for f in files]
         if any(ch in str(source) for ch in "*?[") and not p.exists():
             # (a file or folder that exists is itself, though its name holds [, * or ?)
             # (a sharded store's folder/*: its manifest lists the shards, it is not one)
@@ -97,30 +97,29 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
     out: list[StoreLike] = []
     for item in source:
         out.extend(resolve_paths(item))
-    return _once_each(out, "the stores given")
+    return out
 
 
-def _once_each(stores: list[StoreLike], where: str) -> list[StoreLike]:
-    """``stores``, with a warning for each one listed twice (by its real path, or the same
-    open object): its cells are read, trained on and counted once a listing."""
-    seen: dict[Any, StoreLike] = {}
-    for store in stores:
-        key = (
-            os.path.realpath(store)
-            if isinstance(store, str | os.PathLike)
-            else ("object", id(store))
-        )
+def _once_each(stores: list[StoreLike]) -> None:
+    """A warning for each store listed twice (by its real path, or the same open object):
+    its cells are read, trained on and counted once a listing."""
+    seen: dict[Any, int] = {}
+    for i, store in enumerate(stores):
+        path = isinstance(store, str | os.PathLike)
+        key: Any = os.path.realpath(store) if isinstance(store, str | os.PathLike) else id(store)
         if key in seen:
             from .._warnings import warn
 
-            also = f" (also as {seen[key]})" if str(seen[key]) != str(store) else ""
+            first = stores[seen[key]]
+            name = str(store) if path else f"store {i} ({type(store).__name__})"
+            also = f" (also as {first})" if path and str(first) != str(store) else ""
+            also = also if path else f" (as store {seen[key]})"
             warn(
-                f"{store} is listed twice in {where}{also}: its cells are read as two stores' "
-                "(trained on twice an epoch). List each store once where that is not meant "
-                "(a glob and a path, or two globs, may meet)."
+                f"{name} is listed twice among the stores{also}: its cells are read as two "
+                "stores' (trained on twice an epoch). List each store once where that is not "
+                "meant (a glob and a path, or two globs, may meet)."
             )
-        seen[key] = store
-    return stores
+        seen.setdefault(key, i)
 
 
 class CellCollection:
@@ -175,6 +174,7 @@ class CellCollection:
         store_options: Mapping[str, Any] | None = None,
     ) -> None:
         paths = resolve_paths(source)
+        _once_each(paths)
         if not paths:
             raise ValueError("a collection needs at least one store.")
         if min_genes is not None and not is_whole(min_genes, least=0):

@@ -197,6 +197,8 @@ class FitCLI(LightningCLI):
         try:
             return super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError, ImportError) as err:
+            if not _raised_in_lightning(err):  # (a user's callback's own error: as it is)
+                raise
             raise ConfigError(f"a trainer setting: {' '.join(str(err).split())}") from None
 
     def before_fit(self) -> None:
@@ -362,6 +364,18 @@ def _peer_error(wait: float = 2.0) -> BaseException | None:
 #: Lightning's words on a setting, raised as RuntimeError or ValueError once the run meets
 #: it (a monitored metric never logged, validation less often than an epoch's batches).
 _LIGHTNING_SETTING = re.compile(r"^(Early stopping conditioned on metric|`val_check_interval`)")
+
+
+def _raised_in_lightning(err: BaseException) -> bool:
+    """Whether ``err`` was raised by Lightning's own code (its innermost frame in its
+    package): its word on a setting, not a bug of code it called."""
+    tb, last = err.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return False
+    package = Path(pl.__file__).resolve().parent.parent  # (lightning: fabric and pytorch)
+    return Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
 
 
 def _lightning_setting(err: Exception) -> ConfigError | None:

@@ -1220,7 +1220,12 @@ def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
             "it is given: give it a CellDataModule(..., val_fraction=0.1); cellsift fit: "
             f"--data.init_args.val_fraction), {drop}"
         )
-    if not dm.label_key and "val/asw" in watching:  # (no labels: no silhouette is logged)
+    strict_asw = [  # (an EarlyStopping with strict=False goes on without the metric)
+        cb
+        for cb in trainer.callbacks  # type: ignore[attr-defined]
+        if str(getattr(cb, "monitor", None)) == "val/asw" and getattr(cb, "strict", True)
+    ]
+    if not dm.label_key and strict_asw and trainer.state.fn == "fit":  # (no labels: no silhouette)
         raise ConfigError(
             "callbacks watch val/asw, but the data module reads no labels (label_key=None): "
             "the silhouette compares cells of several labelled types. Set its label_key "
