@@ -136,17 +136,6 @@ class TrainOnceTheOtherFitHasFailed(pl.Callback):
         _A_DONE.wait(300)
 
 
-class BadStateKey(pl.Callback):
-    """A callback whose own code fails as Lightning's Trainer reads it (its state key)."""
-
-    @property
-    def state_key(self) -> str:
-        return self._key(1, 2)  # type: ignore[call-arg]  (one argument too many: a TypeError)
-
-    def _key(self, x: int) -> str:
-        return str(x)
-
-
 class RecordCells(pl.Callback):
     """Writes each training batch's cells (epoch, step, cell indices) to a file of its
     process in ``folder``."""
@@ -1300,10 +1289,20 @@ def test_fit_resumes_mid_epoch_on_another_number_of_devices(
     assert lr[-1] == pytest.approx(cosine(last))
 
 
-def test_an_error_of_a_users_callback_keeps_its_traceback(synthetic_h5ad, tmp_path):
-    """Lightning's refusals of settings are one line (test_fit_says_bad_settings_in_one_line);
-    an error in a user's callback's own code, met as the Trainer is made, is not called a
-    setting and keeps its traceback (review198)."""
-    bad = {"class_path": "test_fit_cli.BadStateKey"}
-    with pytest.raises(TypeError, match=r"_key\(\) takes 2 positional arguments"):
-        main(["fit", *_args(synthetic_h5ad, tmp_path, callbacks=[bad])])
+def test_only_lightnings_own_refusals_are_called_settings():
+    """What cellsift fit says in one line as a trainer setting is an error raised in
+    Lightning's own code as it makes its Trainer (an unknown strategy); an error raised in
+    a user's code that Lightning calls keeps its traceback (review198)."""
+    from cellsift.train.cli import _raised_in_lightning
+
+    with pytest.raises(ValueError) as lightnings:
+        pl.Trainer(strategy="ddp_foo", logger=False)
+    assert _raised_in_lightning(lightnings.value)
+
+    class Mine(pl.Callback):
+        def setup(self, trainer: pl.Trainer, pl_module: object, stage: str) -> None:
+            raise TypeError("a bug of mine")
+
+    with pytest.raises(TypeError) as users:
+        Mine().setup(None, None, "fit")  # type: ignore[arg-type]
+    assert not _raised_in_lightning(users.value)
