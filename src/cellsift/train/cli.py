@@ -123,8 +123,9 @@ class MetricPlan(TrainingPlan):
             raise ConfigError(
                 "the data's labels are not current Cell Ontology ids (e.g. "
                 f"{', '.join(changed[:3])}), so the model's labels (harmonised) would not line "
-                "up with the data's codes; set data.init_args.harmonize_labels: true, and "
-                "list data.init_args.labels, where given, as those ids."
+                "up with the data's codes: list data.init_args.labels, where given, as those "
+                "ids (labels listed are kept as written), and set "
+                "data.init_args.harmonize_labels: true where it is not."
             )
         super().__init__(
             model.module,
