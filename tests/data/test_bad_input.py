@@ -975,11 +975,14 @@ def test_a_subset_takes_sorted_positions_or_a_mask_and_names_others():
     for bad, said in (
         (np.array([150, 3]), "must be sorted, each once"),
         (np.array([3, 3]), "must be sorted, each once"),
-        (np.array([-1]), r"positions are cells 0 to \d+ of this collection, not -1"),
-        (np.array([coll.n_obs]), "positions are cells 0 to"),
+        (np.array([-1]), r"positions must lie in \[0, \d+\) \(cells of this collection\), not -1"),
+        (np.array([coll.n_obs]), r"positions must lie in \[0, \d+\)"),
         (np.array([1.9]), "rows are positions"),
         (mask[:10], r"one entry per cell"),
-        (np.array([3, -1]), r"positions are cells 0 to \d+ of this collection, not -1"),
+        (
+            np.array([3, -1]),
+            r"positions must lie in \[0, \d+\) \(cells of this collection\), not -1",
+        ),
         (np.array([[3, 150]]), r"1-d list of cells"),
         (np.int64(3), r"1-d list of cells"),
     ):

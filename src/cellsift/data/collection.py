@@ -100,20 +100,31 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
     return out
 
 
+def _check_sorted_rows(rows: np.ndarray, n: int, name: str, of: str) -> None:
+    """An IndexError unless ``rows`` rise strictly (sorted, each once) within [0, ``n``)."""
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise IndexError(
+            f"{name} must lie in [0, {n}) ({of}), not {int(rows.min())} .. {int(rows.max())}."
+        )
+    if len(rows) > 1 and not (np.diff(rows) > 0).all():
+        raise IndexError(f"{name} must be sorted, each once (np.unique gives them so).")
+
+
 def _once_each(stores: list[StoreLike]) -> None:
     """A warning for each store listed twice (by its real path, or the same open object):
     its cells are read, trained on and counted once a listing."""
     seen: dict[Any, int] = {}
     for i, store in enumerate(stores):
         path = isinstance(store, str | os.PathLike)
-        key: Any = os.path.realpath(store) if isinstance(store, str | os.PathLike) else id(store)
+        key: Any = os.path.realpath(store) if path else id(store)  # type: ignore[arg-type]
         if key in seen:
             from .._warnings import warn
 
             first = stores[seen[key]]
-            name = str(store) if path else f"store {i} ({type(store).__name__})"
-            also = f" (also as {first})" if path and str(first) != str(store) else ""
-            also = also if path else f" (as store {seen[key]})"
+            if not path:
+                name, also = f"store {i} ({type(store).__name__})", f" (as store {seen[key]})"
+            else:
+                name, also = str(store), "" if str(first) == str(store) else f" (also as {first})"
             warn(
                 f"{name} is listed twice among the stores{also}: its cells are read as two "
                 "stores' (trained on twice an epoch). List each store once where that is not "
@@ -538,13 +549,7 @@ class CellCollection:
             rows = np.flatnonzero(given)
         else:
             rows = as_positions(given)
-        if len(rows) and (rows.min() < 0 or rows.max() >= self.n_obs):
-            raise IndexError(
-                f"positions are cells 0 to {self.n_obs - 1} of this collection, not "
-                f"{int(rows.min())} .. {int(rows.max())}."
-            )
-        if len(rows) > 1 and not (np.diff(rows) > 0).all():
-            raise IndexError("positions must be sorted, each once (np.unique gives them so).")
+        _check_sorted_rows(rows, self.n_obs, "positions", "cells of this collection")
         out = object.__new__(CellCollection)
         out.__dict__.update(self.__dict__)
         out.cell_ids = self.cell_ids[rows]
@@ -555,13 +560,7 @@ class CellCollection:
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of global rows ``rows`` (sorted, unique), genes in vocabulary order."""
         rows = positions(rows).reshape(-1)
-        if len(rows) > 1 and not (np.diff(rows) > 0).all():
-            raise IndexError("rows must be sorted and unique (np.unique(rows) gives them so).")
-        if len(rows) and (rows[0] < 0 or rows[-1] >= self.offsets[-1]):
-            raise IndexError(
-                f"rows must lie in [0, {int(self.offsets[-1])}) (the cells of all stores), "
-                f"not {int(rows.min())} .. {int(rows.max())}."
-            )
+        _check_sorted_rows(rows, int(self.offsets[-1]), "rows", "the cells of all stores")
         bounds = np.searchsorted(rows, self.offsets)
         datas, idxs, ptrs = [], [], [np.zeros(1, dtype=np.int64)]
         nnz = 0

@@ -499,9 +499,12 @@ class KNNAnnotator:
         keeps no cell. What those would raise, before the queries are embedded."""
         self._sync_labels()
         expr = self._reference_filter(safelist, blocklist, filter)
+        rows = None
         if filter is not None:  # (its columns and values' types, named as given)
-            self.index._selected(filter)
-        if expr is not None and len(self.index._selected(expr)) == 0:
+            rows = self.index._selected(filter)
+        if expr is not None and (safelist is not None or blocklist is not None):
+            rows = self.index._selected(expr)  # (the whole selection: labels too)
+        if rows is not None and len(rows) == 0:
             given = [
                 f"{name}={_filter_text(value) if name == 'filter' else repr(value)}"
                 for name, value in (
