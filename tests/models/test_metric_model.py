@@ -408,8 +408,8 @@ def test_a_label_or_gene_given_as_text_is_refused_not_read_as_letters():
 
 def test_settings_a_fit_cannot_honour_are_refused_before_training(synthetic_h5ad, tmp_path):
     """Early stopping on val/asw without validation cells (said before the first epoch, not
-    by Lightning at its end), and a precision that casts the weights themselves: errors that
-    name the fix; nothing is trained."""
+    by Lightning at its end), a precision that casts the weights themselves and validations
+    0 epochs apart: errors that name the fix; nothing is trained."""
     from lightning.pytorch.callbacks import EarlyStopping
 
     from cellsift.errors import ConfigError
@@ -435,6 +435,11 @@ def test_settings_a_fit_cannot_honour_are_refused_before_training(synthetic_h5ad
             ConfigError, match=rf"precision '{precision}' casts the weights .*bf16-mixed"
         ):
             _fit(synthetic_h5ad, tmp_path / "b", max_epochs=1, precision=precision)
+    for every in (0, 1.5):  # (Lightning takes 0, then divides by it as the epoch ends)
+        with pytest.raises(
+            ConfigError, match=rf"check_val_every_n_epoch is how many .* not {every}\."
+        ):
+            _fit(synthetic_h5ad, tmp_path / "c", max_epochs=1, check_val_every_n_epoch=every)
     assert not list(tmp_path.rglob("*.ckpt"))
 
 

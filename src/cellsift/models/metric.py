@@ -45,6 +45,7 @@ from ..nn.metric import hidden_widths
 from ..ontology import OntologyError, load_cell_ontology
 from ..train import TrainingPlan
 from ..train._stop import interrupts_kept
+from ..train.plan import check_validation_interval
 from ..train.resume import checkpoint_file, continued_run, place_checkpoints, read_checkpoint
 from .bundle import (
     BundleError,
@@ -302,6 +303,9 @@ class MetricModel:
                 "decoder.ckpt), or pass allow_untrained_decoder=True to train a decoder from "
                 "scratch along with the encoder."
             )
+        check_validation_interval(
+            trainer_kwargs.get("check_val_every_n_epoch"), "check_val_every_n_epoch"
+        )
         label_key = self.label_key
         if isinstance(data, CellDataModule):
             if layer is not None or not check_counts:

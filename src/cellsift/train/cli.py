@@ -37,12 +37,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .._utils import is_whole, logger, read_error, write_error
+from .._utils import logger, read_error, write_error
 from ..data.datamodule import CellDataModule
 from ..errors import USER_ERRORS, ConfigError, TrainingInterrupted
 from ..models.bundle import check_bundle_path
 from ._stop import interrupts_kept
-from .plan import TrainingPlan
+from .plan import TrainingPlan, check_validation_interval
 from .resume import continued_run, place_checkpoints, read_checkpoint
 
 __all__ = ["FitCLI", "MetricPlan", "run_fit"]
@@ -189,12 +189,9 @@ class FitCLI(LightningCLI):
         not know, an accelerator whose package is missing, num_nodes 0) is a ConfigError of
         its words, as are validation intervals below 1, which it takes and divides by."""
         trainer = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        every = trainer.get("check_val_every_n_epoch")
-        if every is not None and (not is_whole(every) or every < 1):
-            raise ConfigError(
-                f"--trainer.check_val_every_n_epoch is how many epochs apart validations run, "
-                f"a whole number of at least 1 (or null), not {every!r}."
-            )
+        check_validation_interval(
+            trainer.get("check_val_every_n_epoch"), "--trainer.check_val_every_n_epoch", "null"
+        )
         try:
             return super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError, ImportError) as err:

@@ -921,6 +921,16 @@ def _setting(value: Any) -> Any:
     return _UNREADABLE
 
 
+def check_validation_interval(every: object, name: str, unset: str = "None") -> None:
+    """``check_val_every_n_epoch`` (named ``name`` in the error) is a whole number of at
+    least 1 or ``unset``: Lightning takes 0 and fails on its first epoch dividing by it."""
+    if every is not None and (not is_whole(every) or every < 1):
+        raise ConfigError(
+            f"{name} is how many epochs apart validations run, a whole number of at least 1 "
+            f"(or {unset}), not {every!r}."
+        )
+
+
 def _validates_next(trainer: pl.Trainer) -> bool | None:
     """Whether the fit validates after the training batch that has just ended, as
     Lightning's epoch loop decides it then (``val_check_interval``, the epoch's last batch,
