@@ -910,6 +910,32 @@ def test_a_filter_reads_numbers_and_flags_as_its_columns_type_in_any_order(tmp_p
     )
 
 
+def test_a_float_columns_filter_reads_values_in_its_precision(tmp_path):
+    """float16, float32 and float64 columns each select the cells whose value the filter's
+    reads as in the column's precision (a float16 column: Arrow compares none, it was an
+    error); a value beyond the column's range equals none of its cells, not its infinite
+    ones (1e300 selected a float32 column's inf)."""
+    rng = np.random.default_rng(0)
+    values = np.array([0.1, np.inf, 0.3, 2.5, np.nan] * 4)
+    meta = pd.DataFrame({f"f{b}": values.astype(f"float{b}") for b in (16, 32, 64)})
+    index = CellIndex.build(rng.normal(size=(20, 8)), meta)
+    index.save(tmp_path / "ix")
+    for ix in (index, CellIndex.load(tmp_path / "ix")):
+        for col in meta:
+            held = meta[col].to_numpy()
+            for want in ([0.1], [0.3, "2.5"], [np.inf], [0.1, np.nan]):
+                read = [float(w) for w in want]
+                expected = np.isin(held, np.asarray(read, dtype=held.dtype)) | (
+                    np.isnan(held) & np.isnan(read).any()
+                )
+                np.testing.assert_array_equal(
+                    ix.select({col: want}), np.flatnonzero(expected), err_msg=f"{col} {want}"
+                )
+            np.testing.assert_array_equal(ix.select({col: [1e300, 2.5]}), [3, 8, 13, 18])
+            with pytest.raises(CellIndexError, match="selects no cells"):
+                ix.select({col: 70_000.0 if col == "f16" else 1e300})
+
+
 def test_a_missing_metadata_column_is_named():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, 8))

@@ -1741,6 +1741,8 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
                 values = [form for v in given for form in _as_column_type(v, kind)]
                 if pa.types.is_integer(_value_type(kind)):
                     whole = _value_type(kind)
+                elif pa.types.is_float16(_value_type(kind)):  # (Arrow compares no halffloat:
+                    field = field.cast(pa.float32())  # as float32, which holds each exactly)
             if values is not None:
                 given = _canonical([v for v in values if not _missing(v)])
                 value_set: Any = given
@@ -1806,7 +1808,8 @@ def _as_column_type(value: Any, kind: Any) -> list[Any]:
     "True" and "1" for True or 1, as metadata written as text holds flags; as
     :class:`~cellsift.data.CellCollection`'s filters read them), whole-number columns from
     whole numbers, flags and their text ("1015"), flag columns from flags, 0/1 and
-    "True"/"False" (another number: no form, as it equals neither), float columns from numbers and their text. Other values stay as given
+    "True"/"False" (another number: no form, as it equals neither), float columns from
+    numbers and their text, in the column's precision. Other values stay as given
     (and a comparison of another type is an error naming the column's type)."""
     pa = import_optional("pyarrow")
     if _missing(value):
@@ -1838,14 +1841,21 @@ def _as_column_type(value: Any, kind: Any) -> list[Any]:
     if pa.types.is_floating(kind):  # (numbers and flags as floats: 24, 24.0, "24" alike)
         if text:
             try:
-                return [float(value)]
+                number = float(value)
             except ValueError:
                 return [value]
-        if isinstance(value, bool) or is_number(value):
+        elif isinstance(value, bool) or is_number(value):
             try:
-                return [float(value)]
+                number = float(value)
             except OverflowError:  # (a whole number beyond float's range: equals no cell)
                 return []
+        else:
+            return [value]
+        # in the column's precision (0.1 is a float32 column's 0.1), where it holds it: a
+        # value beyond its range equals no cell (not its infinite ones)
+        with np.errstate(over="ignore"):
+            held = kind.to_pandas_dtype()(number)
+        return [float(held)] if np.isfinite(held) or not np.isfinite(number) else []
     return [value]
 
 
