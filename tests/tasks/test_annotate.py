@@ -468,12 +468,16 @@ def test_calibration_against_a_selection_of_the_reference_is_its_conformal_quant
         ann.annotate(x[cal][:5], filter={"study": ["a"], "cell_type_ontology_term_id": TYPES[:3]})
     # cells added whose whole-number column widens the index's (int8 -> int64): the same
     # filter is the same selection (review197: a typed value set made it another)
-    small = meta[~cal].reset_index(drop=True).assign(batch=lambda m: (m.index % 3).astype("int8"))
-    grown = CellIndex.build(x[~cal][:200], small[:200], engine="exact")
-    ann = KNNAnnotator(grown, k=k)
-    ann.calibrate(x[cal], quantile=q, filter={"batch": [1, 2]})
-    grown.add(x[~cal][200:], small[200:].astype({"batch": "int64"}))
-    assert ann.threshold_mismatch(filter={"batch": [2, 1]}) is None
+    # (and uint32 -> uint64: the uint64 column's typed value set made it another)
+    for narrow, wide in (("int8", "int64"), ("uint32", "uint64"), ("uint8", "uint16")):
+        small = meta[~cal].reset_index(drop=True).assign(batch=lambda m: m.index % 3)
+        small = small.astype({"batch": narrow})
+        grown = CellIndex.build(x[~cal][:200], small[:200], engine="exact")
+        ann = KNNAnnotator(grown, k=k)
+        ann.calibrate(x[cal], quantile=q, filter={"batch": [1, 2]})
+        grown.add(x[~cal][200:], small[200:].astype({"batch": wide}))
+        assert str(grown._dataset().schema.field("batch").type) == wide
+        assert ann.threshold_mismatch(filter={"batch": [2, 1]}) is None, (narrow, wide)
     # a selection that leaves no reference cell, said in one line (an Arrow expression too)
     import pyarrow.compute as pc
 
