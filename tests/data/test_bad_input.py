@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import anndata as ad
 import h5py
@@ -440,6 +441,13 @@ def test_min_counts_0_still_refuses_empty_cells_and_origin_takes_a_store_twice(t
     with pytest.warns(CellsiftWarning, match=r"listed twice .* \(also as .*ok\.h5ad\)"):
         CellCollection([ok, f"{tmp_path}/./ok.h5ad"])
     np.testing.assert_array_equal(origin["store_row"], np.tile(np.arange(20), 2))
+    # open stores of the file, or a path and a store of it (their paths were not compared)
+    for twice in ([open_store(ok), open_store(ok)], [ok, open_store(ok, layer=None)]):
+        with pytest.warns(CellsiftWarning, match=r"ok\.h5ad is listed twice among the stores"):
+            CellCollection(twice)
+    with warnings.catch_warnings():  # AnnDatas in memory: objects, even of equal contents
+        warnings.simplefilter("error")
+        CellCollection([indexed_atlas(20, 5), indexed_atlas(20, 5)])
 
 
 @pytest.mark.parametrize("fmt", ["h5ad", "zarr"])

@@ -111,20 +111,27 @@ def _check_sorted_rows(rows: np.ndarray, n: int, name: str, of: str) -> None:
 
 
 def _once_each(stores: list[StoreLike]) -> None:
-    """A warning for each store listed twice (by its real path, or the same open object):
-    its cells are read, trained on and counted once a listing."""
+    """A warning for each store listed twice (by its real path, as a path or an open store
+    of a file, or the same object in memory): its cells are read, trained on and counted
+    once a listing."""
     seen: dict[Any, int] = {}
     for i, store in enumerate(stores):
-        path = isinstance(store, str | os.PathLike)
-        key: Any = os.path.realpath(store) if path else id(store)  # type: ignore[arg-type]
+        if isinstance(store, CellStore) and store.on_disk:
+            path: Any = store.path
+        elif isinstance(store, str | os.PathLike):
+            path = store
+        else:
+            path = None
+        key: Any = id(store) if path is None else os.path.realpath(path)
         if key in seen:
             from .._warnings import warn
 
             first = stores[seen[key]]
-            if not path:
+            first = first.path if isinstance(first, CellStore) else first
+            if path is None:
                 name, also = f"store {i} ({type(store).__name__})", f" (as store {seen[key]})"
             else:
-                name, also = str(store), "" if str(first) == str(store) else f" (also as {first})"
+                name, also = str(path), "" if str(first) == str(path) else f" (also as {first})"
             warn(
                 f"{name} is listed twice among the stores{also}: its cells are read as two "
                 "stores' (trained on twice an epoch). List each store once where that is not "

@@ -98,6 +98,7 @@ class CellStore(ABC):
         # now (a relative path would lead elsewhere once the working folder changes), with
         # its links and ".." kept (the folder a link's ".." leads to is the system's to say)
         self.file = self.path.absolute() if on_disk else self.path
+        self.on_disk = on_disk
         self.layer = layer
         self._pid: int | None = None
         self._handle: Any = None
