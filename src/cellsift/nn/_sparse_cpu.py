@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from .._numba import first_call, njit_cached
+from .._utils import csr_fault
 
 #: genes per block: their weight rows (hidden floats each) should stay in the CPU's cache
 _BLOCK_BYTES = 8 << 20
@@ -139,18 +140,17 @@ class _CSRLinear(torch.autograd.Function):
         bias_h: torch.Tensor | None,
         weight_gh: np.ndarray,
     ) -> torch.Tensor:
+        # (before scipy, which checks the pointer's ends only: a falling pointer read as
+        # empty rows, a negative column skipped by the kernel)
+        indptr, indices = crow.numpy(), col.numpy()
+        fault = csr_fault(indptr, indices, n_genes, of="batch's genes")
+        if fault is None and len(values) != len(indices):
+            fault = f"{len(indices)} column indices for {len(values)} values"
+        if fault is not None:
+            raise ValueError(f"a malformed CSR batch: {fault}.")
         csr = sp.csr_matrix(
-            (values.detach().float().numpy(), col.numpy(), crow.numpy()),
-            shape=(len(crow) - 1, n_genes),
+            (values.detach().float().numpy(), indices, indptr), shape=(len(indptr) - 1, n_genes)
         )
-        if csr.nnz and (int(csr.indices.max()) >= n_genes or int(csr.indices.min()) < 0):
-            raise ValueError(f"a column index is outside the batch's {n_genes} genes.")
-        falls = np.flatnonzero(np.diff(csr.indptr) < 0)  # (scipy checks its ends only)
-        if len(falls):
-            raise ValueError(
-                f"the batch's row pointer falls after cell {falls[0]} (from "
-                f"{csr.indptr[falls[0]]} to {csr.indptr[falls[0] + 1]}): a malformed CSR batch."
-            )
         if not csr.has_sorted_indices:
             csr = csr.sorted_indices()
         h = weight_hg.shape[0]
