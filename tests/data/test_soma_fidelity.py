@@ -360,6 +360,57 @@ def test_an_experiment_missing_a_part_is_named_incomplete(tmp_path):
             open_store(uri)
 
 
+@pytest.mark.parametrize("gene_ids", [[0, 2, 4, 6, 8], [5, 6, 7, 8, 9], [0, 1, 2, 3, 4]])
+def test_counts_land_on_the_genes_of_their_var_join_ids(tmp_path, gene_ids):
+    """Var join ids that are not the genes' positions (gaps, or from 5): each value is read
+    under the gene of its join id (it was read at the join id as a position: another gene,
+    or past the last, which crashed the process); a value of a join id var lacks is an
+    error naming it."""
+    import pyarrow as pa
+    import tiledbsoma
+
+    from cellsift.data import CellCollection
+
+    rng = np.random.default_rng(0)
+    dense = rng.integers(0, 4, size=(6, 5)).astype(np.float32)
+    dense[:, 0] += 1
+    rows, cols = np.nonzero(dense)
+
+    def make(name, x_genes):
+        uri = str(tmp_path / name)
+        with tiledbsoma.Experiment.create(uri) as exp:
+            t = pa.table({"soma_joinid": pa.array(range(6), pa.int64()), "obs_id": list("abcdef")})
+            exp.add_new_dataframe("obs", schema=t.schema, domain=[(0, 5)]).write(t)
+            rna = exp.add_new_collection("ms").add_new_collection("RNA", tiledbsoma.Measurement)
+            ids = pa.array(gene_ids, pa.int64())
+            t = pa.table({"soma_joinid": ids, "feature_id": [f"g{j}" for j in gene_ids]})
+            rna.add_new_dataframe("var", schema=t.schema, domain=[(0, 11)]).write(t)
+            x = rna.add_new_collection("X").add_new_sparse_ndarray(
+                "raw", type=pa.float32(), shape=(6, 12)
+            )
+            x.write(
+                pa.table(
+                    {
+                        "soma_dim_0": pa.array(rows, pa.int64()),
+                        "soma_dim_1": pa.array(np.asarray(x_genes)[cols], pa.int64()),
+                        "soma_data": pa.array(dense[rows, cols]),
+                    }
+                )
+            )
+        return uri
+
+    uri = make("gaps.soma", gene_ids)
+    store = open_store(uri)
+    assert list(store.var_names) == [f"g{j}" for j in gene_ids]
+    np.testing.assert_array_equal(store.read(np.arange(6)).toarray(), dense)
+    np.testing.assert_array_equal(store.read(np.array([1, 4])).toarray(), dense[[1, 4]])
+    np.testing.assert_array_equal(CellCollection(uri).read(np.arange(6)).toarray(), dense)
+    lost = [*gene_ids[:4], 11]  # the last gene's values under a join id var lacks
+    with pytest.raises(DataError, match=r"holds values of the gene of join id 11, which var"):
+        open_store(make("lost.soma", lost)).read(np.arange(6))
+
+
+# -- 5: counts ------------------------------------------------------------------------------
 # -- 5: counts ------------------------------------------------------------------------------
 
 

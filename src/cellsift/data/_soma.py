@@ -275,6 +275,34 @@ class SomaStore(CellStore):
         own = _own_names([str(c) for c in var.columns], _renamed(frame))
         return var.rename(columns={v: k for k, v in own.items() if k != v})
 
+    @cached_property
+    @_reads("var")
+    def _gene_joinids(self) -> np.ndarray | None:
+        """The var join ids in order, where they are not the genes' positions (0 to
+        n_vars - 1; a store written by cellsift or ``tiledbsoma.io``'s are); else None."""
+        frame = self.handle.ms[self.measurement].var
+        j = np.sort(frame.read(column_names=["soma_joinid"]).concat()["soma_joinid"].to_numpy())
+        return None if len(j) and j[0] == 0 and j[-1] == len(j) - 1 else j
+
+    def _gene_positions(self, joinids: np.ndarray) -> np.ndarray:
+        """The positions in var of the genes of X's values (their ``soma_dim_1``); a
+        DataError where var lacks one (a store whose X and var do not agree)."""
+        genes = self._gene_joinids
+        if genes is None:
+            cols, held = joinids, (joinids >= 0) & (joinids < self.n_vars)
+        else:
+            cols = np.searchsorted(genes, joinids)
+            held = cols < len(genes)
+            held[held] = genes[cols[held]] == joinids[held]
+        if not held.all():
+            lost = int(joinids[~held][0])
+            raise self._error(
+                f"X layer {self.layer!r} holds values of the gene of join id {lost}, which "
+                f"var (of {self.n_vars:,} genes) lacks: X and var do not agree.",
+                "Re-create the store, or copy it again.",
+            )
+        return cols
+
     @property
     @_reads("X")
     def nnz(self) -> int | None:
@@ -308,7 +336,7 @@ class SomaStore(CellStore):
         lookup[joinids - joinids[0]] = np.arange(len(joinids))
         pos = lookup[tbl.column("soma_dim_0").to_numpy() - joinids[0]]
         data = tbl.column("soma_data").to_numpy()
-        cols = tbl.column("soma_dim_1").to_numpy()
+        cols = self._gene_positions(tbl.column("soma_dim_1").to_numpy())
         if len(pos) > 1 and np.any(pos[1:] < pos[:-1]):
             order = np.argsort(pos, kind="stable")
             pos, data, cols = pos[order], data[order], cols[order]
