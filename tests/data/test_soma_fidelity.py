@@ -322,6 +322,20 @@ def test_var_without_gene_ids_names_the_fix(tmp_path):
         len(open_store(uri, layer="data", var_id="soma_joinid").var)
 
 
+def test_a_dense_x_layer_is_refused_as_the_store_opens(tmp_path):
+    """A dense X layer (tiledbsoma.io's X_kind=DenseNDArray) opened, then every read failed
+    with tiledbsoma's words on a result order (hunt209): refused as it opens, with fixes."""
+    import tiledbsoma
+    import tiledbsoma.io
+
+    a = ad.AnnData(np.ones((3, 2), np.float32))
+    a.var_names = ["g0", "g1"]
+    uri = str(tmp_path / "dense.soma")
+    tiledbsoma.io.from_anndata(uri, a, measurement_name="RNA", X_kind=tiledbsoma.DenseNDArray)
+    with pytest.raises(DataError, match=r"X layer 'data' as a DenseNDArray.*X_kind=tiledbsoma"):
+        open_store(uri)
+
+
 def test_an_experiment_missing_a_part_is_named_incomplete(tmp_path):
     """An experiment without obs, ms, its measurement's var or X (an ingest that did not
     finish): one error naming the part, not tiledbsoma's AttributeError or TypeError."""

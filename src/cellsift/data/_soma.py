@@ -137,6 +137,16 @@ class SomaStore(CellStore):
             if not raw_apart:
                 self.layer = layers[0]  # (tiledbsoma.io's "data")
         if self.layer in exp.ms[measurement].X:  # (opens it: a damaged array is named here)
+            kind = type(exp.ms[measurement].X[self.layer]).__name__
+            if kind != "SparseNDArray":  # (tiledbsoma.io's X_kind=DenseNDArray)
+                raise self._error(
+                    f"holds X layer {self.layer!r} as a {kind}; cells are read from sparse "
+                    "layers (SparseNDArray, as CELLxGENE Census and tiledbsoma.io by default "
+                    "write them).",
+                    "Ingest it again with tiledbsoma.io.from_anndata(..., "
+                    "X_kind=tiledbsoma.SparseNDArray), or read it with tiledbsoma.io.to_anndata "
+                    "and pass the AnnData.",
+                )
             return
         default = ""
         if self._default_layer:
