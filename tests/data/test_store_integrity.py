@@ -196,3 +196,50 @@ def test_a_chunk_cut_short_is_named_as_damage_whatever_the_array(stores, kind, d
             assert element == "X/data" and direct and "X/data/" in said, said
         else:
             assert "the file is damaged or incomplete" in said, said
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("kind", ["h5ad", "zarr-v3", "zarr-v3-sharded"])
+def test_a_damaged_gzip_chunk_is_named_as_damage(counts, kind, direct, tmp_path):
+    """A gzip chunk whose bytes were overwritten (h5ad written with compression="gzip",
+    Zarr v3 with a gzip codec): the store's damage, named, not zlib's bare error (hunt209:
+    ``zlib.error`` raised through the direct reads and Zarr's)."""
+    import h5py
+    import zarr
+    from zarr.codecs import GzipCodec
+
+    if kind == "h5ad":
+        path = tmp_path / "gz.h5ad"
+        _adata(counts).write_h5ad(path, compression="gzip")
+        with h5py.File(path) as f:
+            at = f["X/data"].id.get_chunk_info(0).byte_offset
+        raw = bytearray(path.read_bytes())
+        raw[at + 10 : at + 40] = b"\0" * 30
+        path.write_bytes(bytes(raw))
+    else:
+        path = tmp_path / f"{kind}.zarr"
+        with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3):
+            warnings.simplefilter("ignore")  # anndata's notices on zarr formats
+            root = zarr.open_group(path, mode="w", zarr_format=3)
+            root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+            ad.io.write_elem(root, "X", counts, dataset_kwargs={"compressors": [GzipCodec()]})
+            ad.io.write_elem(root, "obs", _adata(counts).obs)
+            ad.io.write_elem(root, "var", _adata(counts).var)
+            if kind.endswith("sharded"):  # (the values again, in chunks within shards)
+                del root["X"]["data"]
+                root["X"].create_array(
+                    "data",
+                    data=counts.data,
+                    chunks=(100,),
+                    shards=(400,),
+                    compressors=[GzipCodec()],
+                )
+        np.testing.assert_array_equal(
+            open_store(path, direct=direct).read(np.arange(400)).toarray(), counts.toarray()
+        )
+        chunk = _file(path, "data", 0)
+        raw = bytearray(chunk.read_bytes())
+        raw[30:60] = b"\x07" * 30
+        chunk.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"X of cells 0-399 cannot be read \((zlib\.error|OSError)"):
+        open_store(path, direct=direct).read(np.arange(400))

@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -172,12 +173,13 @@ class AnnDataStore(CellStore):
             yield
         except CellsiftError:
             raise
-        except (OSError, RuntimeError, ValueError, KeyError) as err:
+        except (OSError, RuntimeError, ValueError, KeyError, zlib.error) as err:
             if sys.is_finalizing():  # (a read the interpreter's exit cut short: no damage)
                 raise
             said = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            kind = "zlib.error" if isinstance(err, zlib.error) else type(err).__name__
             raise self._error(
-                f"{element} cannot be read ({type(err).__name__}: {said}): the file is "
+                f"{element} cannot be read ({kind}: {said}): the file is "
                 "damaged or incomplete (a copy or write that did not finish?).",
                 "Re-create it, or copy it again.",
             ) from err
