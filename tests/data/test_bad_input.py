@@ -210,7 +210,7 @@ def test_duplicate_gene_ids(tmp_path, capsys):
     assert not list(tmp_path.glob("*out*"))
 
 
-def test_missing_obs_column(indexed_paths):
+def test_missing_obs_column(indexed_paths, tmp_path):
     coll = CellCollection(indexed_paths["h5ad"])
     with pytest.raises(
         KeyError, match=r"indexed\.h5ad: obs has no column 'cell_type'.*dataset_id"
@@ -221,6 +221,50 @@ def test_missing_obs_column(indexed_paths):
     assert isinstance(err.value, CellsiftError) and str(err.value).startswith(
         str(indexed_paths["h5ad"])
     )
+    # obs of no columns: said so (hunt209: "it has . Pick one of these")
+    bare = tmp_path / "bare.h5ad"
+    ad.AnnData(sp.csr_matrix(np.ones((2, 3), np.float32))).write_h5ad(bare)
+    with pytest.raises(KeyError, match=r"no column 'cell_type', nor any other\. Add it to the"):
+        open_store(bare).obs_column("cell_type")
+
+
+def test_a_store_reads_rows_only_as_sorted_whole_positions(tmp_path):
+    """A store's read refuses float rows (hunt209: 0.5 and 1.9 read as rows 0 and 1),
+    rows out of order or twice, out of range, or not one list, as a collection's does."""
+    path = tmp_path / "f.h5ad"
+    x = np.arange(1, 7, dtype=np.float32).reshape(3, 2)
+    ad.AnnData(sp.csr_matrix(x)).write_h5ad(path)
+    store = open_store(path)
+    np.testing.assert_array_equal(store.read(np.array([0, 2])).toarray(), x[[0, 2]])
+    cases = {
+        r"rows are positions \(integers\), not float64 values": np.array([0.5, 1.9]),
+        r"rows must be sorted, each once": [2, 1],
+        r"rows must lie in \[0, 3\) \(the cells of .*f\.h5ad\), not 0 \.\. 3": [0, 3],
+        r"rows are one list of positions, not an array of shape \(1, 2\)": [[0, 1]],
+    }
+    for said, rows in cases.items():
+        with pytest.raises(IndexError, match=said):
+            store.read(rows)
+
+
+def test_an_h5ad_in_the_sparse_layout_of_anndata_before_0_7_names_the_rewrite(tmp_path):
+    """X as an h5sparse group without anndata's encoding (anndata < 0.7): named, with the
+    rewrite (hunt209: "'Group' object has no attribute 'shape'")."""
+    import h5py
+
+    path = tmp_path / "old.h5ad"
+    ad.AnnData(sp.csr_matrix(np.array([[1, 0, 2], [0, 3, 0]], np.float32))).write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        for key in ("encoding-type", "encoding-version", "shape"):
+            del f["X"].attrs[key]
+        f["X"].attrs["h5sparse_format"] = "csr"
+        f["X"].attrs["h5sparse_shape"] = np.array([2, 3])
+    for direct in (True, False):
+        with pytest.raises(
+            DataError, match=r"old\.h5ad: holds X in the sparse layout of anndata before 0\.7"
+        ):
+            open_store(path, direct=direct)
+    assert ad.read_h5ad(path).X.shape == (2, 3)  # (the rewrite's first step reads it)
 
 
 def test_zero_gene_overlap(tmp_path, indexed_paths):

@@ -135,7 +135,14 @@ class AnnDataStore(CellStore):
             )
         self._dense = enc in (None, "array")
         if self._dense:
-            if len(mat.shape) != 2:
+            if _attr(mat, "h5sparse_format") is not None:  # (anndata before 0.7; no encoding)
+                raise self._error(
+                    f"holds {self._matrix_key()} in the sparse layout of anndata before 0.7 "
+                    "(h5sparse), which cells are not read from one by one.",
+                    "Write it again with today's anndata: "
+                    "anndata.read_h5ad(path).write_h5ad(new_path).",
+                )
+            if len(getattr(mat, "shape", ())) != 2:  # (a group of another layout: no shape)
                 raise self._error("X is neither CSR nor a 2-d array.", "Write it with anndata.")
             self._shape = tuple(int(s) for s in mat.shape)
             return

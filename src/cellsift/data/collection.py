@@ -35,7 +35,7 @@ from .genes import (
     column_ids,
     id_column,
 )
-from .stores import CellStore, is_anndata, open_store, refuse_other
+from .stores import CellStore, check_sorted_rows, is_anndata, open_store, refuse_other
 
 __all__ = ["CellCollection", "resolve_paths"]
 
@@ -98,16 +98,6 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
     for item in source:
         out.extend(resolve_paths(item))
     return out
-
-
-def _check_sorted_rows(rows: np.ndarray, n: int, name: str, of: str) -> None:
-    """An IndexError unless ``rows`` rise strictly (sorted, each once) within [0, ``n``)."""
-    if len(rows) and (rows.min() < 0 or rows.max() >= n):
-        raise IndexError(
-            f"{name} must lie in [0, {n}) ({of}), not {int(rows.min())} .. {int(rows.max())}."
-        )
-    if len(rows) > 1 and not (np.diff(rows) > 0).all():
-        raise IndexError(f"{name} must be sorted, each once (np.unique gives them so).")
 
 
 def _once_each(stores: list[StoreLike]) -> None:
@@ -556,7 +546,7 @@ class CellCollection:
             rows = np.flatnonzero(given)
         else:
             rows = as_positions(given)
-        _check_sorted_rows(rows, self.n_obs, "positions", "cells of this collection")
+        check_sorted_rows(rows, self.n_obs, "positions", "cells of this collection")
         out = object.__new__(CellCollection)
         out.__dict__.update(self.__dict__)
         out.cell_ids = self.cell_ids[rows]
@@ -567,7 +557,7 @@ class CellCollection:
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of global rows ``rows`` (sorted, unique), genes in vocabulary order."""
         rows = positions(rows).reshape(-1)
-        _check_sorted_rows(rows, int(self.offsets[-1]), "rows", "the cells of all stores")
+        check_sorted_rows(rows, int(self.offsets[-1]), "rows", "the cells of all stores")
         bounds = np.searchsorted(rows, self.offsets)
         datas, idxs, ptrs = [], [], [np.zeros(1, dtype=np.int64)]
         nnz = 0

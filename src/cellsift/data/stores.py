@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._utils import positions
 from ..errors import ConfigError, DataError, MissingKeyError
 from .writers import Format, _zarr_attributes, guess_format, is_store
 
@@ -79,6 +80,19 @@ def _no_such_path(path: str | os.PathLike[str]) -> str:
             f"({os.path.expanduser(path)})."
         )
     return said
+
+
+def check_sorted_rows(rows: np.ndarray, n: int, name: str, of: str) -> None:
+    """An IndexError unless ``rows`` (1-d) rise strictly (sorted, each once) within
+    [0, ``n``)."""
+    if rows.ndim != 1:
+        raise IndexError(f"{name} are one list of positions, not an array of shape {rows.shape}.")
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise IndexError(
+            f"{name} must lie in [0, {n}) ({of}), not {int(rows.min())} .. {int(rows.max())}."
+        )
+    if len(rows) > 1 and not (np.diff(rows) > 0).all():
+        raise IndexError(f"{name} must be sorted, each once (np.unique gives them so).")
 
 
 class CellStore(ABC):
@@ -182,10 +196,14 @@ class CellStore(ABC):
         """One obs column, loaded on first use (categorical or numpy array)."""
         if name not in self._obs_cache:
             if name not in self.obs_columns:
+                where = "adata.obs." if self.format == "memory" else "the file."
+                has = ", ".join(self.obs_columns)
                 raise MissingKeyError(
-                    f"{self.path}: obs has no column {name!r}; it has {', '.join(self.obs_columns)}."
-                    " Pick one of these or add the column to "
-                    + ("adata.obs." if self.format == "memory" else "the file.")
+                    f"{self.path}: obs has no column {name!r}; it has {has}. Pick one of "
+                    f"these or add the column to {where}"
+                    if has
+                    else f"{self.path}: obs has no column {name!r}, nor any other. Add it to "
+                    f"{where}"
                 )
             self._obs_cache[name] = self._load_obs_column(name)
         return self._obs_cache[name]
@@ -217,11 +235,8 @@ class CellStore(ABC):
 
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of ``rows`` (sorted, unique, in ``[0, n_obs)``) as float32 CSR."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_obs):
-            raise IndexError(f"{self.path}: rows must lie in [0, {self.n_obs}).")
-        if len(rows) > 1 and np.any(rows[1:] <= rows[:-1]):
-            raise ValueError("rows must be sorted and unique.")
+        rows = positions(rows)  # (float rows: an error, not truncated to others)
+        check_sorted_rows(rows, self.n_obs, "rows", f"the cells of {self.path}")
         return self._read_rows(rows)
 
     def iter_chunks(self, chunk_size: int = 65_536) -> Iterator[tuple[int, sp.csr_matrix]]:
