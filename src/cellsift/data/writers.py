@@ -382,6 +382,13 @@ class _AnnDataWriter(StoreWriter):
     def _write_elements(self, data: np.ndarray, indices: np.ndarray) -> None:
         raise NotImplementedError
 
+    def _row_pointer(self) -> np.ndarray:
+        """The row pointer to write: int32 as the column indices are, where the values'
+        number fits (as anndata writes it; scipy's slices of a matrix whose pointer and
+        indices differ in type fail), else int64."""
+        indptr = np.concatenate(self._indptr)
+        return indptr.astype(np.int32) if self._nnz <= np.iinfo(np.int32).max else indptr
+
     def _write_meta(self, root: Any, obs: pd.DataFrame) -> None:
         root.attrs.update(_ROOT_ATTRS)
         # obs/var are small: shard nothing (and say so, which also quiets anndata's notice).
@@ -581,7 +588,7 @@ class H5adWriter(_AnnDataWriter):
             self._put(*(np.concatenate(part) for part in zip(*self._pending, strict=True)))
         x = self._file["X"]
         x.attrs["shape"] = (self.n_obs, self.n_vars)
-        x.create_dataset("indptr", data=np.concatenate(self._indptr))
+        x.create_dataset("indptr", data=self._row_pointer())
         self._write_meta(self._file, obs)
         _close_h5(self._file, self._raw)
 
@@ -700,7 +707,7 @@ class ZarrWriter(_AnnDataWriter):
         self._flush(final=True)
         x = self._x_group
         x.attrs["shape"] = [self.n_obs, self.n_vars]
-        indptr = np.concatenate(self._indptr)
+        indptr = self._row_pointer()
         x.create_array("indptr", data=indptr, chunks=(min(len(indptr), 1 << 20),))
         self._write_meta(self._root, obs)
 
