@@ -468,7 +468,9 @@ def test_one_layer_for_stores_that_keep_counts_apart_names_the_way_out(tmp_path)
     assert CellCollection([open_store(a), open_store(b, layer="counts")]).n_obs == 40
 
 
-def test_min_counts_0_still_refuses_empty_cells_and_origin_takes_a_store_twice(tmp_path):
+def test_min_counts_0_still_refuses_empty_cells_and_origin_takes_a_store_twice(
+    tmp_path, monkeypatch
+):
     adata = indexed_atlas(20, 5)
     x = adata.X.toarray()
     x[4] = 0
@@ -489,6 +491,23 @@ def test_min_counts_0_still_refuses_empty_cells_and_origin_takes_a_store_twice(t
     for twice in ([open_store(ok), open_store(ok)], [ok, open_store(ok, layer=None)]):
         with pytest.warns(CellsiftWarning, match=r"ok\.h5ad is listed twice among the stores"):
             CellCollection(twice)
+    # stores opened by relative paths, from other folders: their files compared (review199:
+    # the paths as given, the same name in two folders warned, a file by two names did not)
+    other = tmp_path / "other"
+    other.mkdir()
+    _write(other, "ok.h5ad", indexed_atlas(20, 5))
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        here = open_store("ok.h5ad")
+        m.chdir(other)
+        there = open_store("ok.h5ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CellCollection([here, there])
+    with pytest.warns(
+        CellsiftWarning, match=r"^ok\.h5ad is listed twice .* \(also as .*ok\.h5ad\)"
+    ):
+        CellCollection([ok, here])
     with warnings.catch_warnings():  # AnnDatas in memory: objects, even of equal contents
         warnings.simplefilter("error")
         CellCollection([indexed_atlas(20, 5), indexed_atlas(20, 5)])

@@ -374,7 +374,10 @@ def test_an_experiment_missing_a_part_is_named_incomplete(tmp_path):
             open_store(uri)
 
 
-@pytest.mark.parametrize("gene_ids", [[0, 2, 4, 6, 8], [5, 6, 7, 8, 9], [0, 1, 2, 3, 4]])
+@pytest.mark.parametrize(
+    "gene_ids",
+    [[0, 2, 4, 6, 8], [5, 6, 7, 8, 9], [0, 1, 2, 3, 4], [1, 5, 2**21 + 7, 2**21 + 9, 2**22]],
+)
 def test_counts_land_on_the_genes_of_their_var_join_ids(tmp_path, gene_ids):
     """Var join ids that are not the genes' positions (gaps, or from 5): each value is read
     under the gene of its join id (it was read at the join id as a position: another gene,
@@ -398,9 +401,10 @@ def test_counts_land_on_the_genes_of_their_var_join_ids(tmp_path, gene_ids):
             rna = exp.add_new_collection("ms").add_new_collection("RNA", tiledbsoma.Measurement)
             ids = pa.array(gene_ids, pa.int64())
             t = pa.table({"soma_joinid": ids, "feature_id": [f"g{j}" for j in gene_ids]})
-            rna.add_new_dataframe("var", schema=t.schema, domain=[(0, 11)]).write(t)
+            last = max(*gene_ids, *x_genes, 11)  # (join ids spread far: by binary search)
+            rna.add_new_dataframe("var", schema=t.schema, domain=[(0, last)]).write(t)
             x = rna.add_new_collection("X").add_new_sparse_ndarray(
-                "raw", type=pa.float32(), shape=(6, 12)
+                "raw", type=pa.float32(), shape=(6, last + 1)
             )
             x.write(
                 pa.table(

@@ -1027,7 +1027,8 @@ def test_values_that_are_not_counts_in_memory_name_the_anndatas_layers(synthetic
 def test_train_takes_one_callback_and_the_plans_schedule(synthetic_h5ad, tmp_path):
     """One callback, as Trainer takes it (not only a list); scheduler='none', which a run
     bounded by max_time alone (max_epochs=-1) needs, as the cosine schedule's error says;
-    asw_cells reaches the plan; a schedule that is none of the two is refused."""
+    asw_cells reaches the plan; a schedule that is none of the two is refused; numpy's
+    whole numbers of epochs between validations are taken."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor
 
@@ -1058,7 +1059,14 @@ def test_train_takes_one_callback_and_the_plans_schedule(synthetic_h5ad, tmp_pat
     plan = trainer.lightning_module
     assert plan.scheduler == "none" and plan.asw_cells == 50
     assert not trainer.lr_scheduler_configs  # a constant rate
-    _fit(synthetic_h5ad, tmp_path / "c", max_steps=2, callbacks=rates)
+    # (a numpy whole number of epochs between validations: Lightning takes Python's only)
+    _fit(
+        synthetic_h5ad,
+        tmp_path / "c",
+        max_steps=2,
+        callbacks=rates,
+        check_val_every_n_epoch=np.int64(1),
+    )
     assert rates.lrs  # (the single callback ran)
     with pytest.raises(ConfigError, match="scheduler is 'cosine'"):
         _fit(synthetic_h5ad, tmp_path / "d", max_steps=1, scheduler="cosin")

@@ -468,8 +468,10 @@ def test_calibration_against_a_selection_of_the_reference_is_its_conformal_quant
         ann.annotate(x[cal][:5], filter={"study": ["a"], "cell_type_ontology_term_id": TYPES[:3]})
     # cells added whose whole-number column widens the index's (int8 -> int64): the same
     # filter is the same selection (review197: a typed value set made it another)
-    # (and uint32 -> uint64: the uint64 column's typed value set made it another)
-    for narrow, wide in (("int8", "int64"), ("uint32", "uint64"), ("uint8", "uint16")):
+    # (and uint32 -> uint64, uint8 -> int16: a uint64 column's values are typed uint64;
+    # the selection is built again as the index's columns are typed when compared)
+    widened = (("int8", "int64"), ("uint32", "uint64"), ("uint8", "uint16"), ("uint8", "int16"))
+    for narrow, wide in widened:
         small = meta[~cal].reset_index(drop=True).assign(batch=lambda m: m.index % 3)
         small = small.astype({"batch": narrow})
         grown = CellIndex.build(x[~cal][:200], small[:200], engine="exact")
@@ -478,6 +480,15 @@ def test_calibration_against_a_selection_of_the_reference_is_its_conformal_quant
         grown.add(x[~cal][200:], small[200:].astype({"batch": wide}))
         assert str(grown._dataset().schema.field("batch").type) == wide
         assert ann.threshold_mismatch(filter={"batch": [2, 1]}) is None, (narrow, wide)
+    # the selection is kept as given: values read from an iterator once, a list the caller
+    # changes later as it was
+    values = [1, 2]
+    ann.calibrate(x[cal], quantile=q, filter={"batch": iter(values)})
+    assert ann.threshold_mismatch(filter={"batch": [2, 1]}) is None
+    ann.calibrate(x[cal], quantile=q, filter={"batch": values})
+    values.append(0)
+    assert ann.threshold_mismatch(filter={"batch": [2, 1]}) is None
+    assert ann.threshold_mismatch(filter={"batch": values}) is not None
     # a selection that leaves no reference cell, said in one line (an Arrow expression too)
     import pyarrow.compute as pc
 

@@ -107,12 +107,12 @@ def _once_each(stores: list[StoreLike]) -> None:
     seen: dict[Any, int] = {}
     for i, store in enumerate(stores):
         if isinstance(store, CellStore) and store.on_disk:
-            path: Any = store.path
+            path: Any = store.path  # (as given, for the message; its file: absolute)
+            key: Any = os.path.realpath(store.file)
         elif isinstance(store, str | os.PathLike):
-            path = store
+            path, key = store, os.path.realpath(store)
         else:
-            path = None
-        key: Any = id(store) if path is None else os.path.realpath(path)
+            path, key = None, id(store)
         if key in seen:
             from .._warnings import warn
 

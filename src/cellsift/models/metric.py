@@ -303,9 +303,10 @@ class MetricModel:
                 "decoder.ckpt), or pass allow_untrained_decoder=True to train a decoder from "
                 "scratch along with the encoder."
             )
-        check_validation_interval(
-            trainer_kwargs.get("check_val_every_n_epoch"), "check_val_every_n_epoch"
-        )
+        every = trainer_kwargs.get("check_val_every_n_epoch")
+        check_validation_interval(every, "check_val_every_n_epoch")
+        if every is not None:  # (numpy's whole numbers too: Lightning takes Python's only)
+            trainer_kwargs["check_val_every_n_epoch"] = int(every)
         label_key = self.label_key
         if isinstance(data, CellDataModule):
             if layer is not None or not check_counts:

@@ -35,7 +35,7 @@ Safelists and blocklists restrict the reference by filtering the index (nothing 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -70,6 +70,17 @@ def label_lists(*lists: Any) -> tuple[Any, ...]:
     by one step of several, would be empty for the next); None and a single string (an
     error where they are read) as they are."""
     return tuple(v if v is None or isinstance(v, str) else list(v) for v in lists)
+
+
+def _as_given(safelist: Any, blocklist: Any, filter: Any) -> tuple[Any, Any, Any]:
+    """A reference selection kept to be built again later: the lists, and a mapping filter's
+    values, copied as lists (one its caller changes later, or an iterator, stays as read)."""
+    from .index import _as_list
+
+    safelist, blocklist = label_lists(safelist, blocklist)
+    if isinstance(filter, Mapping):
+        filter = {c: v if (vs := _as_list(v)) is None else vs for c, v in filter.items()}
+    return safelist, blocklist, filter
 
 
 class KNNAnnotator:
@@ -156,8 +167,8 @@ class KNNAnnotator:
                 f"calibrate() sets one), or None for no abstention, not {value!r}."
             )
         self._distance_threshold = None if value is None else float(value)
-        #: the reference selection (safelist, blocklist, filter) :meth:`calibrate` set the
-        #: threshold on: None, the whole reference; unset, a threshold given as a number
+        #: the reference selection (safelist, blocklist, filter, as given: _as_given)
+        #: :meth:`calibrate` set the threshold on; unset, a threshold given as a number
         #: (by hand: no selection to hold queries to)
         self._calibrated_on: Any = _UNSET
 
@@ -323,7 +334,8 @@ class KNNAnnotator:
         another selection than the threshold's warns.
         """
         self._sync_labels()
-        expr = self._reference_filter(safelist, blocklist, filter)
+        given = _as_given(safelist, blocklist, filter)  # (an iterator: read once, here)
+        expr = self._reference_filter(*given)
         if not 0.0 < quantile < 1.0:
             raise ConfigError(f"quantile must be in (0, 1), not {quantile}.")
         if embeddings is None and not is_whole(n_cells, least=1):
@@ -361,7 +373,10 @@ class KNNAnnotator:
                 "tl.annotate: abstain=False)."
             )
         self.distance_threshold = threshold
-        self._calibrated_on = expr  # (after the threshold, whose setting unsets it)
+        # (after the threshold, whose setting unsets it) the selection as given, built
+        # again as the index's columns are typed when compared: added cells may widen a
+        # column's type, which types a filter's values
+        self._calibrated_on = given
         logger.info(
             "KNNAnnotator: distance threshold %.4f (quantile %.3f of %d cells)",
             self.distance_threshold,
@@ -535,9 +550,9 @@ class KNNAnnotator:
         """Why a threshold calibrated by :meth:`calibrate` does not fit queries annotated
         against the reference cells ``expr`` selects (None: it fits, or was set by hand).
         Selections are compared as written (two that select the same cells may differ)."""
-        calibrated = self._calibrated_on
-        if calibrated is _UNSET or self.distance_threshold is None:
+        if self._calibrated_on is _UNSET or self.distance_threshold is None:
             return None
+        calibrated = self._reference_filter(*self._calibrated_on)
         if (calibrated is None and expr is None) or (
             calibrated is not None and expr is not None and calibrated.equals(expr)
         ):

@@ -1750,12 +1750,11 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
                     whole is not None
                     and given
                     and all(type(v) is int for v in given)
-                    and pa.types.is_unsigned_integer(whole)
-                ):  # (an unsigned column's as uint64: as int64, values above its range
-                    # overflowed, and a uint64 column was cast to int64 to compare; so as
-                    # uint64 or int64 by the column's sign, not its width, the expression
-                    # stays one when added cells widen the column's type)
-                    value_set = pa.array(given, type=pa.uint64())
+                    and (pa.types.is_uint64(whole) or max(given) > _INT64_MAX)
+                ):  # (as a uint64 column's type: as int64, values above its range
+                    # overflowed, and such a column was cast to int64 to compare; others
+                    # as int64)
+                    value_set = pa.array(given, type=whole)
                 # (isin of no values compares a null type with the column's: refused)
                 term = field.isin(value_set) if given else pc.scalar(False)
                 if any(_missing(v) for v in values):
@@ -1774,6 +1773,9 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
             f"pyarrow.compute.Expression, not {type(filter).__name__} ({filter!r})."
         )
     return filter
+
+
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 def _filter_text(filter: FilterLike) -> str:
