@@ -41,6 +41,47 @@ def test_incomplete_directory_is_named(tmp_path):
         read_scimilarity(tmp_path / "m")
 
 
+def test_label_files_of_another_layout_are_read_in_order_or_named(tmp_path):
+    """label_ints.csv without its header line keeps its first label (it was read as the
+    header: dropped), rows out of order come in the order of their numbers; columns
+    swapped (names read as the numbers' labels) or a blank name (a bundle written that
+    its own load refused) are errors naming SCimilarity's layout."""
+    read = {
+        "no-header": ("0,B cell\n1,T cell\n2,monocyte\n", ["B cell", "T cell", "monocyte"]),
+        "shuffled": (",0\n1,K562\n0,HEK293\n2,Jurkat\n", ["HEK293", "K562", "Jurkat"]),
+    }
+    refused = {
+        "swapped": ("label,int\nHEK293,0\nK562,1\n", r"holds 'HEK293', not a label number"),
+        "blank": ('"",0\n0,""\n1,"HEK293"\n', r"label 0 has no name"),
+        "gap": (",0\n0,HEK293\n2,K562\n", r"holds numbers not 0 to n - 1"),
+    }
+    for name, (text, labels) in {**read, **refused}.items():
+        shutil.copytree(FIXTURE, tmp_path / name)
+        (tmp_path / name / "label_ints.csv").write_text(text)
+        if name in read:
+            assert read_scimilarity(tmp_path / name).labels == labels
+            continue
+        with pytest.raises(CellsiftError, match=rf"{labels} \(SCimilarity's layout is a header"):
+            read_scimilarity(tmp_path / name)
+
+
+def test_a_device_this_machine_lacks_and_a_directory_given_as_a_bundle_are_named(tmp_path):
+    """map_location naming a device this machine lacks is said as such (it was said as a
+    corrupt encoder.ckpt); a SCimilarity directory loaded as a bundle names the import (it
+    was taken for a folder of training checkpoints)."""
+    from cellsift.errors import ConfigError
+    from cellsift.models import MetricModel
+    from cellsift.models.bundle import BundleError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"map_location='cuda': CUDA is not available"):
+            read_scimilarity(FIXTURE, map_location="cuda")
+    with pytest.raises(ConfigError, match=r"map_location='gpu' is not a torch device"):
+        read_scimilarity(FIXTURE, map_location="gpu")
+    with pytest.raises(BundleError, match=r"is a SCimilarity model directory, not a model bundle"):
+        MetricModel.load(FIXTURE)
+
+
 def test_an_imported_model_fine_tunes_with_its_own_triplet_settings(tmp_path):
     """hyperparameters.json's margin, triplet weight and negative mode become the bundle's
     loss settings (what fine-tuning trains with); a mode cellsift lacks is named. The

@@ -147,15 +147,16 @@ def save_bundle(
     return Path(path)
 
 
-def check_device(device: str | torch.device) -> torch.device:
+def check_device(device: str | torch.device, name: str = "device") -> torch.device:
     """``device`` as a :class:`torch.device`, where torch can use it on this machine;
-    otherwise a ConfigError that names the problem and a device to use instead."""
+    otherwise a ConfigError that names the problem and a device to use instead (``name``:
+    the argument that gave it, in the message)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise ConfigError(
-            f"device={device!r} is not a torch device ({first}); pass 'cpu', 'cuda', "
+            f"{name}={device!r} is not a torch device ({first}); pass 'cpu', 'cuda', "
             "'cuda:<index>' or 'mps'."
         ) from None
     if dev.type == "cuda":
@@ -163,27 +164,27 @@ def check_device(device: str | torch.device) -> torch.device:
         if n == 0:
             why = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU seen"
             raise ConfigError(
-                f"device={device!r}: CUDA is not available on this machine ({why}); use "
-                "device='cpu' (a model loaded so can move to a GPU later, where there is one)."
+                f"{name}={device!r}: CUDA is not available on this machine ({why}); use "
+                f"{name}='cpu' (a model loaded so can move to a GPU later, where there is one)."
             )
         if dev.index is not None and dev.index >= n:
             raise ConfigError(
-                f"device={device!r}: this machine has {n} CUDA device(s), cuda:0 to "
-                f"cuda:{n - 1}; pass one of those, or device='cpu'."
+                f"{name}={device!r}: this machine has {n} CUDA device(s), cuda:0 to "
+                f"cuda:{n - 1}; pass one of those, or {name}='cpu'."
             )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(
-            f"device={device!r}: MPS (Apple's GPU backend) is not available on this machine; "
-            "use device='cpu'."
+            f"{name}={device!r}: MPS (Apple's GPU backend) is not available on this machine; "
+            f"use {name}='cpu'."
         )
     elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
         raise ConfigError(
-            f"device={device!r}: XPU (Intel's GPU backend) is not available on this machine; "
-            "use device='cpu'."
+            f"{name}={device!r}: XPU (Intel's GPU backend) is not available on this machine; "
+            f"use {name}='cpu'."
         )
     elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
         raise ConfigError(
-            f"device={device!r}: a model runs on 'cpu', 'cuda', 'mps' or 'xpu', not on "
+            f"{name}={device!r}: a model runs on 'cpu', 'cuda', 'mps' or 'xpu', not on "
             f"{dev.type!r} devices{' (they hold no values)' if dev.type == 'meta' else ''}; "
             "pass one of those."
         )
@@ -284,6 +285,12 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
             "bundle. cellsift fit writes one in its model folder when the run ends (a run "
             "stopped early: resume it with --ckpt_path last); after MetricModel.train, save "
             "one with model.save(dir)."
+        )
+    if missing and all((folder / f).is_file() for f in ("encoder.ckpt", "gene_order.tsv")):
+        raise BundleError(
+            f"{folder} is a SCimilarity model directory, not a model bundle: convert it once "
+            f"with cellsift.models.import_scimilarity({str(folder)!r}, out) and load or pass "
+            "out."
         )
     if missing and (any(folder.glob("*.ckpt")) or any(folder.glob("*/*.ckpt"))):
         raise BundleError(  # (MetricModel.train's root, or a folder of checkpoints)

@@ -24,7 +24,7 @@ from .._utils import is_whole
 from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError, ConfigError
 from ..nn import MLPDecoder, MLPEncoder
-from .bundle import load_state, loss_setting_problem, unusable_weights
+from .bundle import check_device, load_state, loss_setting_problem, unusable_weights
 
 __all__ = ["ScimilarityModel", "import_scimilarity", "read_scimilarity"]
 
@@ -115,12 +115,33 @@ def _hyperparameters(path: Path) -> dict[str, Any]:
     return hp
 
 
+#: label_ints.csv as SCimilarity writes it: a header line, then each label's number and name
+_LABEL_LAYOUT = (
+    "SCimilarity's layout is a header line (',0'), then a line '<number>,<name>' for each "
+    "label, numbered 0 to n - 1"
+)
+
+
 def _label_table(path: Path) -> list[str]:
+    """The label names of label_ints.csv in the order of their numbers; an error where the
+    first column is not the numbers 0 to n - 1 (a file without its header line: read as
+    one without; columns swapped: the names were read as numbers) or a name is blank."""
     table = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
     if table.shape[1] < 1:
-        raise ValueError("it needs an index column and a label column")
+        raise ValueError(f"it needs an index column and a label column ({_LABEL_LAYOUT})")
+    if re.fullmatch(r"\s*\d+\s*", str(table.index.name or "")):  # (no header line)
+        table = pd.read_csv(path, index_col=0, header=None, dtype=str, keep_default_na=False)
     # SCimilarity's CellEmbedding reads the column named "0" (its save_all writes only it)
-    return (table["0"] if "0" in table.columns else table.iloc[:, 0]).tolist()
+    names = table["0"] if "0" in table.columns else table.iloc[:, 0]
+    numbers = [int(n) if re.fullmatch(r"\s*\d+\s*", str(n)) else None for n in table.index]
+    if sorted(n for n in numbers if n is not None) != list(range(len(numbers))):
+        odd = next((t for t, n in zip(table.index, numbers, strict=True) if n is None), None)
+        said = f"{odd!r}, not a label number" if odd is not None else "numbers not 0 to n - 1"
+        raise ValueError(f"its first column holds {said} ({_LABEL_LAYOUT})")
+    blank = [n for n, name in zip(numbers, names, strict=True) if not str(name).strip()]
+    if blank:
+        raise ValueError(f"label {blank[0]} has no name ({_LABEL_LAYOUT})")
+    return [name for _, name in sorted(zip(numbers, names.tolist(), strict=True))]
 
 
 def _gene_order(path: Path) -> list[str]:
@@ -137,6 +158,7 @@ def read_scimilarity(
 
     Raises a clear error naming a missing file or a checkpoint that does not fit the genes.
     """
+    map_location = str(check_device(map_location, "map_location"))  # (not the file's fault)
     folder = Path(path)
     missing = [f for f in _NEEDED if not (folder / f).exists()]
     if missing:
