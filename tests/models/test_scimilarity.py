@@ -39,6 +39,18 @@ def test_incomplete_directory_is_named(tmp_path):
     (tmp_path / "m" / "gene_order.tsv").write_text("A\nB\n")
     with pytest.raises(CellsiftError, match="lists 2 genes but the encoder takes 50"):
         read_scimilarity(tmp_path / "m")
+    # settings files that hold no JSON object: named (a list gave Python's TypeError words)
+    shutil.copytree(FIXTURE, tmp_path / "n")
+    for name, text, said in (
+        ("hyperparameters.json", "[1]", "an array, not a JSON object of settings"),
+        ("layer_sizes.json", '"x"', "a string, not a JSON object of weight names"),
+    ):
+        (tmp_path / "n" / name).write_text(text)
+        with pytest.raises(
+            CellsiftError, match=rf"{name} cannot be read \(ValueError: it holds {said}"
+        ):
+            read_scimilarity(tmp_path / "n")
+        shutil.copy(FIXTURE / name, tmp_path / "n" / name)
 
 
 def test_label_files_of_another_layout_are_read_in_order_or_named(tmp_path):

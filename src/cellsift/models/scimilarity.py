@@ -97,8 +97,18 @@ def _state_dict(path: Path, map_location: str) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that holds an object (``what`` it maps, for the message)."""
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+        kind = kinds.get(type(value), "a number")
+        raise ValueError(f"it holds {kind}, not a JSON object of {what}")
+    return value
+
+
 def _layer_sizes(path: Path) -> dict[str, list[int]]:
-    sizes = dict(json.loads(path.read_text()))
+    sizes = _json_object(path, "weight names to shapes")
     for key, shape in sizes.items():
         if not (isinstance(shape, list) and all(is_whole(n, 0) for n in shape)):
             raise ValueError(f"{key!r} has the shape {shape!r}, not a list of sizes")
@@ -107,7 +117,7 @@ def _layer_sizes(path: Path) -> dict[str, list[int]]:
 
 def _hyperparameters(path: Path) -> dict[str, Any]:
     """hyperparameters.json, with the settings the network is built from checked."""
-    hp = dict(json.loads(path.read_text()))
+    hp = _json_object(path, "settings")
     for key, default in (("dropout", 0.5), ("input_dropout", 0.4)):
         value = hp.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
