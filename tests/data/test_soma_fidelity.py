@@ -423,9 +423,18 @@ def test_counts_land_on_the_genes_of_their_var_join_ids(tmp_path, gene_ids):
     np.testing.assert_array_equal(store.read(np.arange(6)).toarray(), dense)
     np.testing.assert_array_equal(store.read(np.array([1, 4])).toarray(), dense[[1, 4]])
     np.testing.assert_array_equal(CellCollection(uri).read(np.arange(6)).toarray(), dense)
-    lost = [*gene_ids[:4], 11]  # the last gene's values under a join id var lacks
-    with pytest.raises(DataError, match=r"holds values of the gene of join id 11, which var"):
-        open_store(make("lost.soma", lost)).read(np.arange(6))
+    # the last gene's values under a join id var lacks: past its join ids, or between them
+    between = [j for j in range(max(gene_ids)) if j not in gene_ids][:1]
+    for missing in (11, *between):
+        lost = [*gene_ids[:4], missing]
+        with pytest.raises(DataError, match=rf"of the gene of join id {missing}, which var"):
+            open_store(make(f"lost{missing}.soma", lost)).read(np.arange(6))
+    # a store sent to a loader process leaves its lookup table behind (made where read)
+    import pickle
+
+    sent = pickle.loads(pickle.dumps(store))
+    assert "_gene_lookup" not in vars(sent)
+    np.testing.assert_array_equal(sent.read(np.arange(6)).toarray(), dense)
 
 
 # -- 5: counts ------------------------------------------------------------------------------

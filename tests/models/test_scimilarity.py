@@ -61,11 +61,16 @@ def test_label_files_of_another_layout_are_read_in_order_or_named(tmp_path):
     read = {
         "no-header": ("0,B cell\n1,T cell\n2,monocyte\n", ["B cell", "T cell", "monocyte"]),
         "shuffled": (",0\n1,K562\n0,HEK293\n2,Jurkat\n", ["HEK293", "K562", "Jurkat"]),
+        # a header of numbers (pandas' to_csv(index=False) of a frame): a header still
+        "numbered-header": ("0,1\n0,B cell\n1,T cell\n", ["B cell", "T cell"]),
+        "one-line": ("0,B cell\n", ["B cell"]),
+        "header-only": (",0\n", []),
     }
     refused = {
         "swapped": ("label,int\nHEK293,0\nK562,1\n", r"holds 'HEK293', not a label number"),
         "blank": ('"",0\n0,""\n1,"HEK293"\n', r"label 0 has no name"),
         "gap": (",0\n0,HEK293\n2,K562\n", r"holds numbers not 0 to n - 1"),
+        "negative": (",0\n-1,HEK293\n0,K562\n", r"holds '-1', not a label number"),
     }
     for name, (text, labels) in {**read, **refused}.items():
         shutil.copytree(FIXTURE, tmp_path / name)

@@ -302,11 +302,16 @@ class SomaStore(CellStore):
         genes = self._gene_joinids
         if genes is None or not len(genes) or genes[0] < 0:
             return None
-        if int(genes[-1]) > 16 * len(genes) + (1 << 20):  # (a table mostly empty)
+        if int(genes[-1]) >= 4 * len(genes) + 1024:  # (a table mostly empty)
             return None
-        table = np.full(int(genes[-1]) + 1, -1, dtype=np.int64)
-        table[genes] = np.arange(len(genes))
+        table = np.full(int(genes[-1]) + 1, -1, dtype=np.int32)
+        table[genes] = np.arange(len(genes), dtype=np.int32)
         return table
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_gene_lookup", None)  # (made again where read: not sent to each worker)
+        return state
 
     def _gene_positions(self, joinids: np.ndarray) -> np.ndarray:
         """The positions in var of the genes of X's values (their ``soma_dim_1``); a

@@ -134,20 +134,32 @@ _LABEL_LAYOUT = (
 
 def _label_table(path: Path) -> list[str]:
     """The label names of label_ints.csv in the order of their numbers; an error where the
-    first column is not the numbers 0 to n - 1 (a file without its header line: read as
-    one without; columns swapped: the names were read as numbers) or a name is blank."""
-    table = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
-    if table.shape[1] < 1:
-        raise ValueError(f"it needs an index column and a label column ({_LABEL_LAYOUT})")
-    if re.fullmatch(r"\s*\d+\s*", str(table.index.name or "")):  # (no header line)
-        table = pd.read_csv(path, index_col=0, header=None, dtype=str, keep_default_na=False)
-    # SCimilarity's CellEmbedding reads the column named "0" (its save_all writes only it)
-    names = table["0"] if "0" in table.columns else table.iloc[:, 0]
-    numbers = [int(n) if re.fullmatch(r"\s*\d+\s*", str(n)) else None for n in table.index]
-    if sorted(n for n in numbers if n is not None) != list(range(len(numbers))):
-        odd = next((t for t, n in zip(table.index, numbers, strict=True) if n is None), None)
-        said = f"{odd!r}, not a label number" if odd is not None else "numbers not 0 to n - 1"
-        raise ValueError(f"its first column holds {said} ({_LABEL_LAYOUT})")
+    first column is not the numbers 0 to n - 1 (columns swapped: the names were read as
+    numbers) or a name is blank. A first line of numbers is read as a header where the
+    rows then number the labels, else as the first label (a file without its header)."""
+    readings = [pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)]
+    if re.fullmatch(r"\s*\d+\s*", str(readings[0].index.name or "")):
+        readings.append(
+            pd.read_csv(path, index_col=0, header=None, dtype=str, keep_default_na=False)
+        )
+    problem = ""
+    for table in readings:
+        if table.shape[1] < 1:
+            raise ValueError(f"it needs an index column and a label column ({_LABEL_LAYOUT})")
+        # SCimilarity's CellEmbedding reads the column named "0" (its save_all writes only it)
+        names = table["0"] if "0" in table.columns else table.iloc[:, 0]
+        numbers = [int(n) if re.fullmatch(r"\s*\d+\s*", str(n)) else None for n in table.index]
+        # (a header line of numbers and no rows: the file's one label, without its header)
+        in_order = sorted(n for n in numbers if n is not None) == list(range(len(numbers)))
+        if in_order and (len(numbers) or len(readings) == 1):
+            break
+        if not problem:  # (said of the file read with its first line as the header)
+            odd = next((t for t, n in zip(table.index, numbers, strict=True) if n is None), None)
+            problem = (
+                f"'{odd}', not a label number" if odd is not None else "numbers not 0 to n - 1"
+            )
+    else:
+        raise ValueError(f"its first column holds {problem} ({_LABEL_LAYOUT})")
     blank = [n for n, name in zip(numbers, names, strict=True) if not str(name).strip()]
     if blank:
         raise ValueError(f"label {blank[0]} has no name ({_LABEL_LAYOUT})")
