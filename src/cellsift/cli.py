@@ -180,12 +180,18 @@ def _annotate(args: argparse.Namespace) -> int:
     check_replaceable(
         Path(args.out), args.overwrite, is_h5ad_file, "an h5ad file"
     )  # before the work
-    for option in ("calibrate_on", "calibrate_by"):
+    for option in ("calibrate_on", "calibrate_by", "quantile"):
         if getattr(args, option) is not None and args.no_abstain:
             raise ConfigError(
                 f"--{option.replace('_', '-')} sets the abstention threshold, which "
                 "--no-abstain leaves out: pass one of them."
             )
+    if args.calibrate_layer is not None and args.calibrate_on is None:
+        raise ConfigError(
+            "--calibrate-layer locates the counts of the --calibrate-on file, which was not "
+            "given: pass both, or neither (the reference then calibrates itself)."
+        )
+    quantile = 0.99 if args.quantile is None else args.quantile
     if args.calibrate_on is not None and args.calibrate_by is not None:
         raise ConfigError(
             "--calibrate-by groups the reference cells that calibrate without --calibrate-on; "
@@ -228,7 +234,7 @@ def _annotate(args: argparse.Namespace) -> int:
     # cells, is said before the queries are embedded); on held-out cells after the queries
     # are embedded (a bad query file is said before those are)
     if not args.no_abstain and args.calibrate_on is None:
-        annotator.calibrate(quantile=args.quantile, group_key=args.calibrate_by, **selection)
+        annotator.calibrate(quantile=quantile, group_key=args.calibrate_by, **selection)
     tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
     if not args.no_abstain and args.calibrate_on is not None:
         # its counts where --calibrate-layer says (X: "X"), else where the queries' are
@@ -251,7 +257,7 @@ def _annotate(args: argparse.Namespace) -> int:
                 source=str(args.calibrate_on),
                 check_counts=check,
             )
-        annotator.calibrate(calibration.obsm["X_cellsift"], quantile=args.quantile, **selection)
+        annotator.calibrate(calibration.obsm["X_cellsift"], quantile=quantile, **selection)
     tl.annotate(adata, annotator, **selection)
     with atomic_path(
         args.out, overwrite=args.overwrite, replaces=is_h5ad_file, what="an h5ad file"
@@ -338,6 +344,18 @@ def _at_least(least: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _quantile(text: str) -> float:
+    """An argparse type: a quantile strictly between 0 and 1 (else argparse's one-line
+    error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, not {text}")
+    return value
 
 
 def _share_below_one(text: str) -> float:
@@ -508,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quantile",
-        type=float,
-        default=0.99,
+        type=_quantile,
+        default=None,
         help="abstention threshold: cells of known types call 'unknown' with probability at "
         "most 1 - quantile (default: 0.99)",
     )

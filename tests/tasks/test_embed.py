@@ -999,6 +999,22 @@ def test_annotate_checks_the_reference_labels_before_embedding_and_reads_calibra
     assert main(["annotate", *args, "--overwrite", "--layer", "counts", *calibration]) == 0
     assert main(["annotate", *args, "--overwrite", "--no-abstain", *calibration]) == 2
     assert "--calibrate-on sets the abstention threshold" in capsys.readouterr().err
+    # options of a threshold that is not set, or not calibrated on a file, and quantiles
+    # out of range: refused before any work (hunt212: exit 0, the option unread)
+    refused = {
+        ("--no-abstain", "--quantile", "0.9"): "--quantile sets the abstention threshold",
+        ("--calibrate-layer", "nope"): "--calibrate-layer locates the counts of the --calib",
+        ("--quantile", "1.5"): "--quantile: must lie strictly between 0 and 1, not 1.5",
+        ("--quantile", "0"): "--quantile: must lie strictly between 0 and 1, not 0",
+    }
+    for options, said in refused.items():
+        try:
+            code = main(["annotate", *query, *options])
+        except SystemExit as exit_:  # (argparse's refusal of a value)
+            code = exit_.code
+        assert code == 2, options
+        err = capsys.readouterr().err  # (argparse's: its usage, then the one line)
+        assert said in err.strip().splitlines()[-1], err
     panel = adata[:50, :100].copy()
     panel.write_h5ad(tmp_path / "panel.h5ad")
     assert main(["embed", str(bundle), str(tmp_path / "panel.h5ad"), str(tmp_path / "p.zarr")]) == 2

@@ -931,6 +931,15 @@ def test_fit_says_bad_settings_in_one_line(synthetic_h5ad, tmp_path, capsys, ext
     assert not (tmp_path / "lightning_logs").exists() and not list(tmp_path.rglob("model"))
 
 
+def test_fit_says_a_config_that_is_no_text_file_in_one_line(synthetic_h5ad, tmp_path, capsys):
+    """The data given as --config (hunt212: jsonargparse's UnicodeDecodeError, a traceback)."""
+    for given in (["--config", str(synthetic_h5ad)], [f"--config={synthetic_h5ad}"]):
+        assert main(["fit", *given]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cellsift fit: error: --config "), err
+        assert "is not a YAML file: it is not text (byte 0 is 0x89)" in err[0], err
+
+
 def test_fit_refuses_a_bundle_dir_it_would_not_write_before_training(
     synthetic_h5ad, tmp_path, capsys
 ):

@@ -465,11 +465,35 @@ def _continued_logger(
     return None if run is None else type(logger)(**{**init.as_dict(), **run})
 
 
+def _check_config_files(args: list[str]) -> None:
+    """A ConfigError where a ``--config`` file is not text (a data file given by mistake):
+    jsonargparse reads it as UTF-8 and raises the decoder's error as a traceback."""
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            given = args[i + 1]
+        elif arg.startswith("--config="):
+            given = arg.split("=", 1)[1]
+        else:
+            continue
+        path = Path(given)
+        if not path.is_file():  # (a missing one: jsonargparse's own words, said in one line)
+            continue
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"--config {given} is not a YAML file: it is not text (byte {err.start} is "
+                f"0x{err.object[err.start]:02x}); pass the run's settings, e.g. "
+                "configs/metric.yaml, and the data with --data.init_args.source."
+            ) from None
+
+
 def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
     """``cellsift fit ARGS``: train with LightningCLI (see the module docstring)."""
     args = list(argv or [])
     if args and args[0] == "fit":
         args = args[1:]
+    _check_config_files(args)
     _RUN.clear()  # (FitCLI.before_fit sets it for this run)
     _FIT.run = None
     # the arguments are the command line's, passed on; Ctrl-C stays an interrupt
