@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import anndata as ad
 import numpy as np
@@ -88,6 +89,17 @@ def test_sharded_output_and_manifest(indexed_paths, tmp_path):
     assert coll.n_obs == 2_000
     np.testing.assert_array_equal(coll.read(np.arange(2_000)).toarray()[:, 0], np.arange(1, 2_001))
     assert CellCollection(str(out / "*")).n_obs == 2_000  # a glob of the shards, not the manifest
+    # a glob that meets a sharded store named like a file (convert's output "x.h5ad" with
+    # --shard-size): its shards (hunt212: opened as one h5ad, "truncated, corrupt"); a
+    # folder of no manifest so named: a folder, said in one line
+    named = convert(indexed_paths["h5ad"], tmp_path / "g" / "x.h5ad", shard_size=600)
+    assert named.is_dir()
+    shutil.copy(indexed_paths["h5ad"], tmp_path / "g" / "a.h5ad")
+    assert CellCollection(str(tmp_path / "g" / "*.h5ad")).n_obs == 4_000
+    (tmp_path / "g" / "empty.h5ad").mkdir()
+    with pytest.raises(DataError, match=r"empty\.h5ad: is a folder, not an h5ad file") as err:
+        CellCollection(str(tmp_path / "g" / "*.h5ad"))
+    assert "\n" not in str(err.value)
 
 
 def test_a_store_whose_name_looks_like_a_glob_is_itself(indexed_paths, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -47,13 +48,19 @@ class H5adStore(AnnDataStore):
         return [open_h5_reader(self.file, mat[name]) for name in ("data", "indices")]
 
     def _open(self) -> Any:
+        if Path(self.file).is_dir():  # (h5py's words: a file it cannot read)
+            raise self._error(
+                "is a folder, not an h5ad file (a sharded store has a manifest.json in it).",
+                "Pass an h5ad file, or the folder of a sharded store.",
+            )
         try:
             return h5py.File(self.file, "r", rdcc_nbytes=self.rdcc_nbytes)
         except OSError as err:
             if err.errno == errno.EMFILE or "errno = 24," in str(err):  # (h5py's own words)
                 raise DataError(too_many_open_files(self.path)) from None
             raise self._error(
-                f"cannot be read as HDF5 ({err}); the file is truncated, corrupt or not an h5ad.",
+                f"cannot be read as HDF5 ({' '.join(str(err).split())}); the file is "
+                "truncated, corrupt or not an h5ad.",
                 "Re-create or re-download it.",
             ) from err
 

@@ -87,7 +87,8 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
             found = sorted(f for f in _glob.glob(str(source)) if Path(f).name != "manifest.json")
             if not found:
                 raise FileNotFoundError(f"no store matches {source}.")
-            return list(found)
+            # (a sharded store among them, a folder named like a file: its shards)
+            return [store for f in found for store in resolve_paths(f)]
         return [source]
     if not isinstance(source, Sequence):
         raise TypeError(
