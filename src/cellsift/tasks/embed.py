@@ -253,6 +253,15 @@ def _rank_failure(out: Path, world: int) -> BaseException | None:
     )
 
 
+def _thread_locked_bars() -> None:
+    """Progress bars of this process locked by a thread lock, not tqdm's default of a
+    multiprocessing one: a rank ended by SIGTERM (the run interrupted) leaves no semaphore
+    behind, which Python's resource tracker would report at exit as leaked."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _spawned(
     rank: int,
     world: int,
@@ -264,6 +273,7 @@ def _spawned(
     kwargs: dict,
 ) -> None:
     _exit_with(parent)
+    _thread_locked_bars()
     kwargs = {**kwargs, "locked": True}  # (by the parent, for the run)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
