@@ -100,6 +100,12 @@ def test_sharded_output_and_manifest(indexed_paths, tmp_path):
     with pytest.raises(DataError, match=r"empty\.h5ad: is a folder, not an h5ad file") as err:
         CellCollection(str(tmp_path / "g" / "*.h5ad"))
     assert "\n" not in str(err.value)
+    # a match whose own name holds a glob character (a broken link): itself, not globbed
+    # again (review201: a RecursionError)
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "broken*").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"broken\*"):
+        CellCollection(str(tmp_path / "h" / "*"))
 
 
 def test_a_store_whose_name_looks_like_a_glob_is_itself(indexed_paths, tmp_path):

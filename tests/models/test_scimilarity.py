@@ -64,6 +64,10 @@ def test_label_files_of_another_layout_are_read_in_order_or_named(tmp_path):
         # a header of numbers (pandas' to_csv(index=False) of a frame): a header still
         "numbered-header": ("0,1\n0,B cell\n1,T cell\n", ["B cell", "T cell"]),
         "one-line": ("0,B cell\n", ["B cell"]),
+        # (no header, the last label first: its first line was read as the header, the
+        # label dropped; review201)
+        "no-header-reversed": ("1,T cell\n0,B cell\n", ["B cell", "T cell"]),
+        "no-header-last-first": ("3,NK\n0,B\n1,T\n2,mono\n", ["B", "T", "mono", "NK"]),
         "header-only": (",0\n", []),
     }
     refused = {

@@ -938,6 +938,14 @@ def test_fit_says_a_config_that_is_no_text_file_in_one_line(synthetic_h5ad, tmp_
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("cellsift fit: error: --config "), err
         assert "is not a YAML file: it is not text (byte 0 is 0x89)" in err[0], err
+    # settings given inline, longer than a file's name can be: read as settings (review201:
+    # "File name too long")
+    long = '{"seed_everything": 7' + " " * 300 + "}"
+    assert len(long) > 255
+    with pytest.raises(SystemExit) as printed:  # (--print_config: printed, then exit 0)
+        main(["fit", "--config", long, "--print_config"])
+    assert printed.value.code in (0, None)
+    assert "seed_everything: 7" in capsys.readouterr().out
 
 
 def test_fit_refuses_a_bundle_dir_it_would_not_write_before_training(

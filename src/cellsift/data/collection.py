@@ -88,7 +88,11 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
             if not found:
                 raise FileNotFoundError(f"no store matches {source}.")
             # (a sharded store among them, a folder named like a file: its shards)
-            return [store for f in found for store in resolve_paths(f)]
+            return [
+                store
+                for f in found
+                for store in (resolve_paths(f) if Path(f, "manifest.json").is_file() else [f])
+            ]
         return [source]
     if not isinstance(source, Sequence):
         raise TypeError(

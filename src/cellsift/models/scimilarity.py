@@ -135,12 +135,14 @@ _LABEL_LAYOUT = (
 def _label_table(path: Path) -> list[str]:
     """The label names of label_ints.csv in the order of their numbers; an error where the
     first column is not the numbers 0 to n - 1 (columns swapped: the names were read as
-    numbers) or a name is blank. A first line of numbers is read as a header where the
-    rows then number the labels, else as the first label (a file without its header)."""
-    readings = [pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)]
-    if re.fullmatch(r"\s*\d+\s*", str(readings[0].index.name or "")):
-        readings.append(
-            pd.read_csv(path, index_col=0, header=None, dtype=str, keep_default_na=False)
+    numbers) or a name is blank. A first line that starts with a number is read as the
+    first label where the lines then number the labels (a file without its header line),
+    else as the header."""
+    headed = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
+    readings = [headed]
+    if re.fullmatch(r"\s*\d+\s*", str(headed.index.name or "")):  # (its first line: a label?)
+        readings.insert(
+            0, pd.read_csv(path, index_col=0, header=None, dtype=str, keep_default_na=False)
         )
     problem = ""
     for table in readings:
@@ -149,11 +151,11 @@ def _label_table(path: Path) -> list[str]:
         # SCimilarity's CellEmbedding reads the column named "0" (its save_all writes only it)
         names = table["0"] if "0" in table.columns else table.iloc[:, 0]
         numbers = [int(n) if re.fullmatch(r"\s*\d+\s*", str(n)) else None for n in table.index]
-        # (a header line of numbers and no rows: the file's one label, without its header)
+        # (no rows: a file of its header line alone, no labels)
         in_order = sorted(n for n in numbers if n is not None) == list(range(len(numbers)))
         if in_order and (len(numbers) or len(readings) == 1):
             break
-        if not problem:  # (said of the file read with its first line as the header)
+        if table is headed:  # (said of the file read with its first line as the header)
             odd = next((t for t, n in zip(table.index, numbers, strict=True) if n is None), None)
             problem = (
                 f"'{odd}', not a label number" if odd is not None else "numbers not 0 to n - 1"

@@ -475,11 +475,12 @@ def _check_config_files(args: list[str]) -> None:
             given = arg.split("=", 1)[1]
         else:
             continue
-        path = Path(given)
-        if not path.is_file():  # (a missing one: jsonargparse's own words, said in one line)
+        # (a missing one: jsonargparse's own words, said in one line; a name too long to be
+        # a file's: the settings themselves, given inline)
+        if not os.path.isfile(given):
             continue
         try:
-            path.read_text(encoding="utf-8")
+            Path(given).read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise ConfigError(
                 f"--config {given} is not a YAML file: it is not text (byte {err.start} is "
