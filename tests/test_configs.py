@@ -28,3 +28,12 @@ def test_data_config_builds_a_datamodule(indexed_paths):
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["x_ng"].shape == (100, 12) and dm.val is not None
+
+
+def test_the_data_config_is_the_metric_configs_data_section():
+    """configs/data.yaml is the data section of configs/metric.yaml, whole (hunt213: it
+    lacked harmonize_labels, so labels given as Cell Ontology names failed to fit, and
+    drew batches by other settings)."""
+    data = yaml.safe_load((CONFIGS / "data.yaml").read_text())
+    metric = yaml.safe_load((CONFIGS / "metric.yaml").read_text())
+    assert data["data"] == metric["data"]
