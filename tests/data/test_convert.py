@@ -106,6 +106,11 @@ def test_sharded_output_and_manifest(indexed_paths, tmp_path):
     (tmp_path / "h" / "broken*").symlink_to(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"broken\*"):
         CellCollection(str(tmp_path / "h" / "*"))
+    # manifests of other names met by a glob: their stores (review202: a format error)
+    for part in ("a", "b"):
+        listed = {"files": [str(out / f"shard-0000{0 if part == 'a' else 1}.h5ad")]}
+        (tmp_path / f"atlas_{part}.json").write_text(json.dumps(listed))
+    assert CellCollection(str(tmp_path / "atlas_*.json")).n_obs == 1_200
 
 
 def test_a_store_whose_name_looks_like_a_glob_is_itself(indexed_paths, tmp_path):

@@ -75,6 +75,10 @@ def test_label_files_of_another_layout_are_read_in_order_or_named(tmp_path):
         "blank": ('"",0\n0,""\n1,"HEK293"\n', r"label 0 has no name"),
         "gap": (",0\n0,HEK293\n2,K562\n", r"holds numbers not 0 to n - 1"),
         "negative": (",0\n-1,HEK293\n0,K562\n", r"holds '-1', not a label number"),
+        # no header, a first label out of range or twice: not read as a header (review202:
+        # the label dropped)
+        "first-out-of-range": ("2,C\n0,B\n", r"holds numbers not 0 to n - 1"),
+        "first-twice": ("0,X\n0,B\n1,T\n", r"holds numbers not 0 to n - 1"),
     }
     for name, (text, labels) in {**read, **refused}.items():
         shutil.copytree(FIXTURE, tmp_path / name)

@@ -87,11 +87,10 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
             found = sorted(f for f in _glob.glob(str(source)) if Path(f).name != "manifest.json")
             if not found:
                 raise FileNotFoundError(f"no store matches {source}.")
-            # (a sharded store among them, a folder named like a file: its shards)
+            # (a sharded store among them, a folder named like a file, or a manifest: its
+            # stores; a match that is no file, a broken link named with *: as it is)
             return [
-                store
-                for f in found
-                for store in (resolve_paths(f) if Path(f, "manifest.json").is_file() else [f])
+                store for f in found for store in (resolve_paths(f) if Path(f).exists() else [f])
             ]
         return [source]
     if not isinstance(source, Sequence):

@@ -153,7 +153,12 @@ def _label_table(path: Path) -> list[str]:
         numbers = [int(n) if re.fullmatch(r"\s*\d+\s*", str(n)) else None for n in table.index]
         # (no rows: a file of its header line alone, no labels)
         in_order = sorted(n for n in numbers if n is not None) == list(range(len(numbers)))
-        if in_order and (len(numbers) or len(readings) == 1):
+        # a first line of numbers that the headerless reading refused is a header only where
+        # all of it is numbers (pandas' column labels, "0,1"): "2,C" then "0,B" is a label
+        # out of range, not a header
+        header = table is headed and len(readings) > 1
+        whole = all(re.fullmatch(r"\s*\d+\s*", str(c)) for c in table.columns)
+        if in_order and (len(numbers) or len(readings) == 1) and (whole or not header):
             break
         if table is headed:  # (said of the file read with its first line as the header)
             odd = next((t for t, n in zip(table.index, numbers, strict=True) if n is None), None)
