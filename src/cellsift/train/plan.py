@@ -924,7 +924,7 @@ def _setting(value: Any) -> Any:
 def check_validation_interval(every: object, name: str, unset: str = "None") -> None:
     """``check_val_every_n_epoch`` (named ``name`` in the error) is a whole number of at
     least 1 or ``unset``: Lightning takes 0 and fails on its first epoch dividing by it."""
-    if every is not None and (not is_whole(every) or every < 1):
+    if every is not None and not is_whole(every, least=1):
         raise ConfigError(
             f"{name} is how many epochs apart validations run, a whole number of at least 1 "
             f"(or {unset}), not {every!r}."
