@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .._utils import is_whole, logger, no_label
+from .._utils import is_number, is_whole, logger, no_label
 from .._warnings import CellsiftWarning, warn
 from ..errors import ConfigError
 from .collection import (
@@ -44,8 +44,12 @@ _KEY_FIXES = {
 }
 
 
-def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list[str]:
-    """Whole groups (studies, donors) for validation: about ``val_fraction`` of the cells.
+def split_groups(
+    groups: np.ndarray, val_fraction: float, seed: int = 0, n_cells: int | None = None
+) -> list[str]:
+    """Whole groups (studies, donors) for validation: about ``val_fraction`` of the cells
+    (``n_cells``, where cells of no group, which always train, are among them; default:
+    the cells of ``groups``).
 
     The groups are gone through in a seeded random order, and each is taken where it brings
     the validation cells nearer ``val_fraction`` of all (a group larger than twice what is
@@ -59,7 +63,8 @@ def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list
             f"a split by group needs at least 2 groups, found {len(names)}; pass val_fraction=0 "
             "or a split_key with several values (e.g. donor_id)."
         )
-    target = val_fraction * counts.sum()
+    n_cells = int(counts.sum()) if n_cells is None else n_cells
+    target = val_fraction * n_cells
     chosen: list[str] = []
     total = 0
     for i in np.random.default_rng(seed).permutation(len(names)):
@@ -76,7 +81,7 @@ def split_groups(groups: np.ndarray, val_fraction: float, seed: int = 0) -> list
             "smallest, %r, validates (%.1f%% of the cells)",
             val_fraction,
             str(names[smallest]),
-            100 * total / counts.sum(),
+            100 * total / n_cells,
         )
     return chosen
 
@@ -202,22 +207,22 @@ class CellDataModule(pl.LightningDataModule):
             return
         # checked here, not in __init__: the command line builds the module while it parses
         # and would bury the message in its own
-        if self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, not {self.seed}.")
-        if self.batch_size < 2:
+        if not is_whole(self.seed, least=0):
+            raise ConfigError(f"seed must be a non-negative integer, not {self.seed!r}.")
+        if not is_whole(self.batch_size, least=2):
             raise ConfigError(
                 "batch_size must be at least 2 for training (BatchNorm normalises over the "
-                f"batch), not {self.batch_size}."
+                f"batch), a whole number, not {self.batch_size!r}."
             )
-        if not 0.0 <= self.val_fraction < 1.0:
+        if not (is_number(self.val_fraction) and 0.0 <= self.val_fraction < 1.0):
             raise ConfigError(
                 f"val_fraction is the share of cells to validate on, in [0, 1), not "
                 f"{self.val_fraction!r}."
             )
-        if self.num_workers < 0:
+        if not is_whole(self.num_workers, least=0):
             raise ConfigError(
                 f"num_workers counts loader processes (0: read in the training process), not "
-                f"{self.num_workers}."
+                f"{self.num_workers!r}."
             )
         if self.coarsen_labels is not None:
             if not is_whole(self.coarsen_labels, least=1):
@@ -243,11 +248,12 @@ class CellDataModule(pl.LightningDataModule):
         extra = options.pop("dropna", None) or ()
         extra = [extra] if isinstance(extra, str) else list(extra)  # (one column as text)
         dropna += [c for c in extra if c not in dropna]
-        if "obs_filter" in options:
-            raise ConfigError(
-                "collection_options has obs_filter, which the data module takes itself: pass "
-                "CellDataModule(obs_filter=...) (data.init_args.obs_filter)."
-            )
+        for own in ("obs_filter", "genes", "source"):
+            if own in options:
+                raise ConfigError(
+                    f"collection_options has {own}, which the data module takes itself: pass "
+                    f"CellDataModule({own}=...) (data.init_args.{own})."
+                )
         allowed = set(inspect.signature(CellCollection).parameters) - {
             "source",
             "genes",
@@ -334,7 +340,8 @@ class CellDataModule(pl.LightningDataModule):
         groups = np.where(known, values, "").astype(str)
         if self.val_groups is None:  # (given ones were read as text when the module was made)
             self.val_groups = [
-                str(g) for g in split_groups(groups[known], self.val_fraction, self.seed)
+                str(g)
+                for g in split_groups(groups[known], self.val_fraction, self.seed, len(groups))
             ]
         held = set(groups[known])
         wanted = self._given if self._given is not None else {g: [g] for g in self.val_groups}
