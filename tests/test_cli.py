@@ -83,6 +83,24 @@ def test_info(indexed_paths, capsys):
     assert "stored     4,000 values (16.7% of cells x genes)" in capsys.readouterr().out
 
 
+def test_info_says_the_gene_ids_as_the_genes_are_aligned(tmp_path, capsys):
+    """var_names are said to be Ensembl ids where most are, as genes are aligned (hunt216:
+    from the first three names, so a mitochondrial symbol first said "symbols")."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    ids = [f"ENSG{i:011d}" for i in range(100)]
+    for name, genes, kind in (
+        ("symbol-first", ["MT-CO1", *ids[1:]], "(Ensembl ids)"),
+        ("ids-first", [*ids[:3], *(f"SYM{i}" for i in range(97))], "(symbols or other ids)"),
+    ):
+        path = tmp_path / f"{name}.h5ad"
+        x = sp.csr_matrix(np.ones((4, 100), np.float32))
+        ad.AnnData(X=x, var=pd.DataFrame(index=genes)).write_h5ad(path)
+        assert main(["info", str(path)]) == 0
+        assert kind in capsys.readouterr().out, name
+
+
 def test_info_counts_missing_values_apart(tmp_path, capsys):
     from cellsift.datasets import indexed_atlas
 

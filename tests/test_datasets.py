@@ -39,6 +39,10 @@ def test_synthetic_atlas_settings_are_checked_and_no_cells_keep_their_columns(tm
         ({"donors_per_study": 0}, "donors_per_study must be a whole number of at least 1"),
         ({"chunk_size": 0}, "chunk_size must be a whole number of at least 1"),
         ({"chunk_size": -1}, "chunk_size must be a whole number of at least 1"),
+        # (hunt216: numpy's words, or True taken as 1)
+        ({"seed": None}, "seed must be a whole number of at least 0, not None"),
+        ({"seed": -1}, "seed must be a whole number of at least 0, not -1"),
+        ({"seed": True}, "seed must be a whole number of at least 0, not True"),
     ):
         with pytest.raises(ValueError, match=said):
             synthetic_atlas(**({"n_cells": 10, "n_genes": 50} | bad))
@@ -83,8 +87,13 @@ def test_indexed_atlas_encodes_index():
         indexed_atlas(10, 6, chunk_size=0)
     with pytest.raises(ValueError, match="n_cells must be a whole number of at least 0"):
         indexed_atlas(-1, 6)
+    for studies in (0, -1):  # (hunt216: one study, or "study_-1", made silently)
+        with pytest.raises(ValueError, match=rf"n_studies must be .* at least 1, not {studies}"):
+            indexed_atlas(10, 6, n_studies=studies)
     empty = indexed_atlas(0, 6)  # (as synthetic_atlas(0): an AnnData of no cells)
     assert empty.shape == (0, 6) and "dataset_id" in empty.obs
+    # its columns of the types of an atlas of cells (hunt216: text columns were float)
+    assert list(empty.obs.dtypes.map(str)) == list(indexed_atlas(4, 6).obs.dtypes.map(str))
 
 
 def test_a_store_its_name_misdescribes_is_refused_before_writing(tmp_path):

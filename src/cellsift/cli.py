@@ -39,7 +39,7 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
     import pandas as pd
 
     from ._utils import text_or_none
-    from .data.genes import _ENSEMBL
+    from .data.genes import _mostly_ensembl, _names
 
     lines = [
         f"{store.path}",
@@ -52,8 +52,8 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
         # (the matrix's stored entries, read from its row pointer: explicit zeros count)
         lines.append(f"  stored     {nnz:,} values ({density:.1%} of cells x genes)")
     names = store.var_names[:3].tolist()
-    if names:
-        ensembl = all(_ENSEMBL.match(g) for g in names)
+    if names:  # (the kind the genes are aligned as: Ensembl ids where most are)
+        ensembl = _mostly_ensembl(_names(store.var_names))
         kind = "Ensembl ids" if ensembl else "symbols or other ids"
         lines.append(f"  var_names  {', '.join(names)}, ... ({kind})")
     if len(store.var.columns):

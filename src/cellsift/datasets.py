@@ -261,7 +261,8 @@ def synthetic_atlas(
     format
         ``"h5ad"``, ``"zarr"`` or ``"soma"``; guessed from ``path`` when omitted.
     chunk_size
-        Cells generated and written at a time (memory is bounded by one chunk).
+        Cells generated and written at a time (memory is bounded by one chunk), in whole
+        units of 1,024 cells (rounded down, at least one unit).
     seed
         The atlas is a pure function of its arguments and ``seed``.
     **writer_options
@@ -272,6 +273,7 @@ def synthetic_atlas(
         ("n_genes", n_genes, 1),
         ("n_studies", n_studies, 1),
         ("donors_per_study", donors_per_study, 1),
+        ("seed", seed, 0),
     ):
         if not is_whole(value, least=least):
             raise ValueError(f"{name} must be a whole number of at least {least}, not {value!r}.")
@@ -335,6 +337,8 @@ def indexed_atlas(
         raise ValueError(f"n_cells must be a whole number of at least 0, not {n_cells!r}.")
     if not is_whole(chunk_size, least=1):
         raise ValueError(f"chunk_size must be a whole number of at least 1, not {chunk_size!r}.")
+    if not is_whole(n_studies, least=1):
+        raise ValueError(f"n_studies must be a whole number of at least 1, not {n_studies!r}.")
     if n_cells >= 2**24:
         raise ValueError("indexed_atlas encodes indices in float32: at most 2**24 - 1 cells.")
     leaves = [k for k, (_, _, p) in CELL_TYPES.items() if p > 0]
@@ -352,8 +356,13 @@ def indexed_atlas(
         obs = pd.DataFrame(
             {
                 "cell_type_ontology_term_id": np.array(leaves)[idx % len(leaves)],
-                "dataset_id": [f"study_{s}" for s in (idx * n_studies) // max(n_cells, 1)],
-                "donor_id": [f"donor_{d}" for d in (idx * n_studies * 2) // max(n_cells, 1)],
+                # (text, also for no cells: pandas makes an empty list's column float)
+                "dataset_id": np.array(
+                    [f"study_{s}" for s in (idx * n_studies) // max(n_cells, 1)], dtype=object
+                ),
+                "donor_id": np.array(
+                    [f"donor_{d}" for d in (idx * n_studies * 2) // max(n_cells, 1)], dtype=object
+                ),
                 "obs_index": idx,
             },
             index=[f"cell_{i}" for i in idx],
