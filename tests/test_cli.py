@@ -93,6 +93,8 @@ def test_info_says_the_gene_ids_as_the_genes_are_aligned(tmp_path, capsys):
     for name, genes, kind in (
         ("symbol-first", ["MT-CO1", *ids[1:]], "(Ensembl ids)"),
         ("ids-first", [*ids[:3], *(f"SYM{i}" for i in range(97))], "(symbols or other ids)"),
+        # (ids as Windows line ends leave them: aligned as ids, review203)
+        ("carriage-returns", [f"{g}\r" for g in ids], "(Ensembl ids)"),
     ):
         path = tmp_path / f"{name}.h5ad"
         x = sp.csr_matrix(np.ones((4, 100), np.float32))

@@ -39,7 +39,7 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
     import pandas as pd
 
     from ._utils import text_or_none
-    from .data.genes import _mostly_ensembl, _names
+    from .data.genes import _cleaned, _mostly_ensembl, _names
 
     lines = [
         f"{store.path}",
@@ -53,7 +53,7 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
         lines.append(f"  stored     {nnz:,} values ({density:.1%} of cells x genes)")
     names = store.var_names[:3].tolist()
     if names:  # (the kind the genes are aligned as: Ensembl ids where most are)
-        ensembl = _mostly_ensembl(_names(store.var_names))
+        ensembl = _mostly_ensembl(_cleaned(_names(store.var_names)))
         kind = "Ensembl ids" if ensembl else "symbols or other ids"
         lines.append(f"  var_names  {', '.join(names)}, ... ({kind})")
     if len(store.var.columns):

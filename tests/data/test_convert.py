@@ -89,6 +89,8 @@ def test_sharded_output_and_manifest(indexed_paths, tmp_path):
     assert coll.n_obs == 2_000
     np.testing.assert_array_equal(coll.read(np.arange(2_000)).toarray()[:, 0], np.arange(1, 2_001))
     assert CellCollection(str(out / "*")).n_obs == 2_000  # a glob of the shards, not the manifest
+    # a glob of manifests alone: their stores (review203: every manifest.json left out)
+    assert CellCollection(str(tmp_path / "shard[s]" / "manifest.json")).n_obs == 2_000
     # a glob that meets a sharded store named like a file (convert's output "x.h5ad" with
     # --shard-size): its shards (hunt212: opened as one h5ad, "truncated, corrupt"); a
     # folder of no manifest so named: a folder, said in one line

@@ -645,3 +645,31 @@ def test_settings_of_another_type_are_named_not_left_to_numpy_or_torch():
     for own in ("genes", "source"):
         with pytest.raises(ConfigError, match=rf"has {own}, which the data module takes itself"):
             CellDataModule(adata, collection_options={own: ["x"]}).setup()
+
+
+def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
+    """The validation groups go into the checkpoint's data module state: a module that draws
+    others (a run made before val_fraction counted the cells of no group, review203) is
+    refused with the run's groups to pass; given them, it goes on where the run stopped."""
+    from cellsift.datasets import synthetic_atlas
+    from cellsift.errors import ResumeError
+
+    adata = synthetic_atlas(1200, 200, n_studies=3, donors_per_study=3, seed=1)
+    options = {"split_key": "donor_id", "batch_size": 64, "num_workers": 0}
+    dm = CellDataModule(adata, val_fraction=0.2, **options)
+    dm.setup()
+    loader = iter(dm.train_dataloader())
+    next(loader), next(loader)
+    state = dm.state_dict()
+    assert state["val_groups"] == dm.val_groups
+    donors = sorted(set(adata.obs["donor_id"].astype(str)))
+    other = [d for d in donors if d not in dm.val_groups][:1]
+    elsewhere = CellDataModule(adata, val_groups=other, **options)
+    elsewhere.setup()
+    with pytest.raises(ResumeError, match=r"validated on donor_id \[.*\], and this data module"):
+        elsewhere.load_state_dict(state)
+    again = CellDataModule(adata, val_groups=state["val_groups"], **options)
+    again.setup()
+    again.load_state_dict(state)
+    expected = next(loader)["obs_idx_n"]
+    np.testing.assert_array_equal(next(iter(again.train_dataloader()))["obs_idx_n"], expected)

@@ -84,7 +84,17 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
         if any(ch in str(source) for ch in "*?[") and not p.exists():
             # (a file or folder that exists is itself, though its name holds [, * or ?)
             # (a sharded store's folder/*: its manifest lists the shards, it is not one)
-            found = sorted(f for f in _glob.glob(str(source)) if Path(f).name != "manifest.json")
+            matched = [os.path.normpath(f) for f in _glob.glob(str(source))]
+            # a sharded store's manifest.json is left out where its folder, or a store in
+            # it, is matched too (folder/*: the shards, listed once); manifests alone
+            # (*/manifest.json) are their stores
+            near = {str(Path(f).parent) for f in matched if Path(f).name != "manifest.json"}
+            near |= set(matched)
+            found = sorted(
+                f
+                for f in matched
+                if Path(f).name != "manifest.json" or str(Path(f).parent) not in near
+            )
             if not found:
                 raise FileNotFoundError(f"no store matches {source}.")
             # (a sharded store among them, a folder named like a file, or a manifest: its

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .._utils import is_number, is_whole, logger, no_label
 from .._warnings import CellsiftWarning, warn
-from ..errors import ConfigError
+from ..errors import ConfigError, ResumeError
 from .collection import (
     CellCollection,
     ObsFilter,
@@ -537,14 +537,25 @@ class CellDataModule(pl.LightningDataModule):
     # (the cosine schedule) makes Lightning create the loader before: the position would be
     # lost and the resumed epoch would start over from its first batch.
     def state_dict(self) -> dict[str, Any]:
-        """The training loader's position (epoch, batches consumed), for checkpoints."""
-        return {} if self._train_loader is None else {"train": self._train_loader.state_dict()}
+        """The training loader's position (epoch, batches consumed), and the validation
+        groups, for checkpoints."""
+        if self._train_loader is None:
+            return {}
+        return {"train": self._train_loader.state_dict(), "val_groups": self.val_groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the training loader where :meth:`state_dict` was taken."""
+        """Resume the training loader where :meth:`state_dict` was taken; a run that held
+        out other validation groups than this module's is refused, naming them."""
         state = state_dict.get("train")
         if state is None:
             return
+        held = state_dict.get("val_groups")
+        if held is not None and self.val_groups is not None and list(held) != self.val_groups:
+            raise ResumeError(
+                f"the checkpoint's run validated on {self.split_key} {list(held)}, and this "
+                f"data module holds out {self.val_groups}: pass val_groups={list(held)} "
+                "(data.init_args.val_groups) to go on with the run's split."
+            )
         if self._train_loader is not None:
             self._train_loader.load_state_dict(state)
         else:

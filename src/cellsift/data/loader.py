@@ -761,7 +761,8 @@ class CellLoader(DataLoader):
             detail = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
             raise ResumeError(
                 f"the saved loader state does not fit this loader ({detail}). Resume with the "
-                "same data and sampling options."
+                "same data and sampling options, and the same validation groups (val_groups=: "
+                "the run's log names them)."
             )
         epoch, batches = int(state["epoch"]), int(state["batches"])
         earlier = tuple(
