@@ -1,7 +1,8 @@
 """kNN annotation against a CellIndex: vectorised voting, confidence, abstention, ontology.
 
 Each query cell's ``k`` nearest reference cells vote for their labels (weighted by
-``1 - distance / 2`` when ``weighted``). Votes are counted with one ``bincount`` over all
+``1 - distance / 2``, at least 1e-6, when ``weighted``: a neighbour opposite the query
+still votes, as a sliver). Votes are counted with one ``bincount`` over all
 queries. Confidence statistics per cell: the winning label's share of the votes, its margin
 over the second label, the distance to the nearest reference cell and the mean distance to
 the ``k`` that vote.
@@ -22,12 +23,14 @@ trained on together, so that threshold is lower and abstains more.
 Ontology-aware mode: votes also count for every Cell Ontology ancestor of the voted label
 (within the terms that are ancestors of the reference labels); the call is the most specific
 term holding more than ``min_support`` of the votes (default: a strict majority). Cells whose
-neighbours split between two T-cell subtypes are then called "T cell" rather than either
+neighbours split between two T-cell subtypes (CD4 and CD8 alpha-beta T cells) are then
+called by their nearest common ancestor ("mature alpha-beta T cell") rather than either
 subtype at random. Several terms, none an ancestor of another, may qualify: below a
 majority, terms of several lineages; at a majority too, where the ontology joins lineages
 below the root (a monocyte's vote counts for both "mononuclear phagocyte" and "myeloid
 cell"). Of the most specific qualifying terms (none of whose descendants qualifies), the
-best supported is called; on an even vote, the first by its id.
+best supported is called; on an even vote, a reference label before a coarser term, and
+among either, the first by its id.
 
 Safelists and blocklists restrict the reference by filtering the index (nothing is deleted).
 """
