@@ -668,7 +668,8 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
     elsewhere.setup()
     with pytest.raises(ResumeError, match=r"validated on donor_id \[.*\], and this data module"):
         elsewhere.load_state_dict(state)
-    again = CellDataModule(adata, val_groups=state["val_groups"], **options)
+    # the run's groups given in another order: the same split (review204: refused)
+    again = CellDataModule(adata, val_groups=state["val_groups"][::-1], **options)
     again.setup()
     again.load_state_dict(state)
     expected = next(loader)["obs_idx_n"]

@@ -84,16 +84,18 @@ def resolve_paths(source: StoreLike | Sequence[StoreLike]) -> list[StoreLike]:
         if any(ch in str(source) for ch in "*?[") and not p.exists():
             # (a file or folder that exists is itself, though its name holds [, * or ?)
             # (a sharded store's folder/*: its manifest lists the shards, it is not one)
-            matched = [os.path.normpath(f) for f in _glob.glob(str(source))]
+            matched = _glob.glob(str(source))
             # a sharded store's manifest.json is left out where its folder, or a store in
             # it, is matched too (folder/*: the shards, listed once); manifests alone
-            # (*/manifest.json) are their stores
-            near = {str(Path(f).parent) for f in matched if Path(f).name != "manifest.json"}
-            near |= set(matched)
+            # (*/manifest.json) are their stores. (Compared as normalised text, siblings of
+            # one glob; read as matched: "link/.." is the link's target's parent.)
+            key = {f: os.path.normpath(f) for f in matched}
+            near = {os.path.dirname(key[f]) for f in matched if Path(f).name != "manifest.json"}
+            near |= set(key.values())
             found = sorted(
                 f
                 for f in matched
-                if Path(f).name != "manifest.json" or str(Path(f).parent) not in near
+                if Path(f).name != "manifest.json" or os.path.dirname(key[f]) not in near
             )
             if not found:
                 raise FileNotFoundError(f"no store matches {source}.")

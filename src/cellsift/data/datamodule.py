@@ -550,7 +550,8 @@ class CellDataModule(pl.LightningDataModule):
         if state is None:
             return
         held = state_dict.get("val_groups")
-        if held is not None and self.val_groups is not None and list(held) != self.val_groups:
+        # (as sets: the groups' order does not change the split)
+        if held is not None and self.val_groups is not None and set(held) != set(self.val_groups):
             raise ResumeError(
                 f"the checkpoint's run validated on {self.split_key} {list(held)}, and this "
                 f"data module holds out {self.val_groups}: pass val_groups={list(held)} "
