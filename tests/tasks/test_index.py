@@ -1215,6 +1215,10 @@ def test_a_damaged_or_newer_manifest_is_named(tmp_path, data):
         ({"params": params | {"calibrated_k": 2.5}}, "params 'calibrated_k' is 2.5, not a"),
         ({"params": params | {"target_recall": 0}}, "'target_recall' is 0, not a share in"),
         ({"params": params | {"added_recall": True}}, "'added_recall' is True, not a share"),
+        # an IVF index called exact: its ivf.faiss unread, then gone at the next save
+        # (hunt218); a file no index holds
+        ({"engine": "exact"}, "lists 'ivf.faiss', which an index of engine 'exact' does not"),
+        ({"files": files | {"../x": files["ivf.faiss"]}}, "lists '../x', which an index of"),
     ):
         (path / "manifest.json").write_text(json.dumps(manifest | change))
         with pytest.raises(CellIndexError, match=rf"manifest\.json is corrupt \(.*{message}"):

@@ -1448,6 +1448,14 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
     if not problems and isinstance(files, dict):
         wanted = ["embeddings.npy", *(["ivf.faiss"] if engine == "ivf" else [])]
         problems += [f"{name} is not listed" for name in wanted if name not in files]
+        # (a file no index of its engine writes: an exact engine's ivf.faiss would be left
+        # unread, and gone at the next save)
+        kept = {*wanted, "metadata.parquet"}
+        problems += [
+            f"it lists {name!r}, which an index of engine {engine!r} does not hold"
+            for name in files
+            if name not in kept
+        ]
     if problems:
         raise CellIndexError(f"{path} is corrupt ({'; '.join(problems)}); rebuild the index.")
 
