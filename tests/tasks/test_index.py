@@ -1482,3 +1482,16 @@ def test_metadata_rows_of_a_saved_index_read_its_row_groups_as_the_whole_file_gi
         pd.testing.assert_frame_equal(
             loaded.metadata_rows(rows, ["kept", "cell_type"]), want[["kept", "cell_type"]]
         )
+
+
+def test_an_index_of_no_cells_takes_cells_of_any_column_types(tmp_path):
+    """An index built with no cells holds the column types pandas guessed (an empty column:
+    float64); the first cells added give the columns their types (hunt218: text cells were
+    refused as "string in the new cells"), after a save and load too."""
+    rng = np.random.default_rng(0)
+    empty = CellIndex.build(np.zeros((0, 8), np.float32), pd.DataFrame({"c": [], "n": []}))
+    empty.save(tmp_path / "empty")
+    for ix in (empty, CellIndex.load(tmp_path / "empty")):
+        ix.add(rng.normal(size=(3, 8)), pd.DataFrame({"c": ["a", "b", "b"], "n": [1, 2, 3]}))
+        np.testing.assert_array_equal(ix.select({"c": "b"}), [1, 2])
+        np.testing.assert_array_equal(ix.select({"n": [1, 3]}), [0, 2])

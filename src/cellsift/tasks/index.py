@@ -1626,6 +1626,8 @@ def _concat_metadata(old: Any, new: Any) -> Any:
         a, b = old.column(name), new.column(name)
         if len(b) and b.null_count == len(b):  # no values at all: missing ones of the index's
             b = pa.nulls(len(b), a.type)
+        elif len(a) == 0:  # (an index of no cells: its columns' types were pandas' guesses)
+            a = pa.nulls(0, b.type)
         if pa.types.is_dictionary(a.type) and a.type.ordered:
             a, b = _in_order(a, b, name)
         recode = pa.types.is_dictionary(a.type) != pa.types.is_dictionary(b.type)
