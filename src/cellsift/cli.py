@@ -191,7 +191,8 @@ def _annotate(args: argparse.Namespace) -> int:
             "--calibrate-layer locates the counts of the --calibrate-on file, which was not "
             "given: pass both, or neither (the reference then calibrates itself)."
         )
-    quantile = 0.99 if args.quantile is None else args.quantile
+    # (the annotator's default quantile, where none is given)
+    quantile = {} if args.quantile is None else {"quantile": args.quantile}
     if args.calibrate_on is not None and args.calibrate_by is not None:
         raise ConfigError(
             "--calibrate-by groups the reference cells that calibrate without --calibrate-on; "
@@ -234,7 +235,7 @@ def _annotate(args: argparse.Namespace) -> int:
     # cells, is said before the queries are embedded); on held-out cells after the queries
     # are embedded (a bad query file is said before those are)
     if not args.no_abstain and args.calibrate_on is None:
-        annotator.calibrate(quantile=quantile, group_key=args.calibrate_by, **selection)
+        annotator.calibrate(group_key=args.calibrate_by, **quantile, **selection)
     tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
     if not args.no_abstain and args.calibrate_on is not None:
         # its counts where --calibrate-layer says (X: "X"), else where the queries' are
@@ -257,7 +258,7 @@ def _annotate(args: argparse.Namespace) -> int:
                 source=str(args.calibrate_on),
                 check_counts=check,
             )
-        annotator.calibrate(calibration.obsm["X_cellsift"], quantile=quantile, **selection)
+        annotator.calibrate(calibration.obsm["X_cellsift"], **quantile, **selection)
     tl.annotate(adata, annotator, **selection)
     with atomic_path(
         args.out, overwrite=args.overwrite, replaces=is_h5ad_file, what="an h5ad file"
@@ -346,27 +347,21 @@ def _at_least(least: int) -> Callable[[str], int]:
     return parse
 
 
-def _quantile(text: str) -> float:
-    """An argparse type: a quantile strictly between 0 and 1 (else argparse's one-line
-    error)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, not {text}")
-    return value
+def _share(*, zero: bool) -> Callable[[str], float]:
+    """An argparse type: a share below 1, from 0 where ``zero``, else above it (else
+    argparse's one-line error)."""
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (0.0 <= value if zero else 0.0 < value) or not value < 1.0:
+            least = "at least 0" if zero else "above 0"
+            raise argparse.ArgumentTypeError(f"must be {least} and below 1, not {text}")
+        return value
 
-def _share_below_one(text: str) -> float:
-    """An argparse type: a share in [0, 1) (else argparse's one-line error)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, not {text}")
-    return value
+    return parse
 
 
 def _add_soma_options(p: argparse.ArgumentParser) -> None:
@@ -493,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--min-support",
-        type=_share_below_one,
+        type=_share(zero=True),
         default=0.5,
         help="a call needs more than this share of the k votes, else 'unknown'; 0: the label "
         "with most votes (default: 0.5, a majority). With --ontology, the call is the most "
@@ -526,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quantile",
-        type=_quantile,
+        type=_share(zero=False),
         default=None,
         help="abstention threshold: cells of known types call 'unknown' with probability at "
         "most 1 - quantile (default: 0.99)",

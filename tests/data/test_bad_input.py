@@ -240,7 +240,7 @@ def test_a_store_reads_rows_only_as_sorted_whole_positions(tmp_path):
         r"rows are positions \(integers\), not float64 values": np.array([0.5, 1.9]),
         r"rows must be sorted, each once": [2, 1],
         r"rows must lie in \[0, 3\) \(the cells of .*f\.h5ad\), not 0 \.\. 3": [0, 3],
-        r"rows are one list of positions, not an array of shape \(1, 2\)": [[0, 1]],
+        r"rows are a 1-d list of cells, not of shape \(1, 2\)": [[0, 1]],
     }
     for said, rows in cases.items():
         with pytest.raises(IndexError, match=said):

@@ -1004,8 +1004,8 @@ def test_annotate_checks_the_reference_labels_before_embedding_and_reads_calibra
     refused = {
         ("--no-abstain", "--quantile", "0.9"): "--quantile sets the abstention threshold",
         ("--calibrate-layer", "nope"): "--calibrate-layer locates the counts of the --calib",
-        ("--quantile", "1.5"): "--quantile: must lie strictly between 0 and 1, not 1.5",
-        ("--quantile", "0"): "--quantile: must lie strictly between 0 and 1, not 0",
+        ("--quantile", "1.5"): "--quantile: must be above 0 and below 1, not 1.5",
+        ("--quantile", "0"): "--quantile: must be above 0 and below 1, not 0",
     }
     for options, said in refused.items():
         try:

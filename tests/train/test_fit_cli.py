@@ -938,6 +938,13 @@ def test_fit_says_a_config_that_is_no_text_file_in_one_line(synthetic_h5ad, tmp_
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("cellsift fit: error: --config "), err
         assert "is not a YAML file: it is not text (byte 0 is 0x89)" in err[0], err
+    # a text file read from its head only: a character cut where the head ends is no error
+    from cellsift.train.cli import _check_config_files
+
+    cut = tmp_path / "long.yaml"
+    cut.write_text("# " + "a" * ((1 << 16) - 3) + "\u00e9\nseed_everything: 7\n", encoding="utf-8")
+    assert cut.read_bytes()[(1 << 16) - 1 : (1 << 16) + 1] == "\u00e9".encode()
+    _check_config_files(["--config", str(cut)])
     # settings given inline, longer than a file's name can be: read as settings (review201:
     # "File name too long")
     long = '{"seed_everything": 7' + " " * 300 + "}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 from typing import Any
 
 import h5py
@@ -48,7 +47,7 @@ class H5adStore(AnnDataStore):
         return [open_h5_reader(self.file, mat[name]) for name in ("data", "indices")]
 
     def _open(self) -> Any:
-        if Path(self.file).is_dir():  # (h5py's words: a file it cannot read)
+        if self.file.is_dir():  # (h5py's words: a file it cannot read)
             raise self._error(
                 "is a folder, not an h5ad file (a sharded store has a manifest.json in it).",
                 "Pass an h5ad file, or the folder of a sharded store.",

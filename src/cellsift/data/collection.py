@@ -20,9 +20,12 @@ from .._utils import (
     logger,
     no_label,
     objects_whole_as_ints,
-    positions,
     text_or_none,
 )
+from .._utils import (
+    positions as to_positions,
+)
+from .._warnings import warn
 from ..errors import MIN_GENES_FIX, ConfigError, DataError, MissingKeyError
 from ._values import COUNT_LIMIT, first_fault
 from .genes import (
@@ -130,8 +133,6 @@ def _once_each(stores: list[StoreLike]) -> None:
         else:
             path, key = None, id(store)
         if key in seen:
-            from .._warnings import warn
-
             first = stores[seen[key]]
             first = first.path if isinstance(first, CellStore) else first
             if path is None:
@@ -546,13 +547,7 @@ class CellCollection:
     def subset(self, positions: np.ndarray) -> CellCollection:
         """The same stores restricted to kept cells ``positions``: positions among this
         collection's cells (sorted, each once), or a boolean mask over them."""
-        from .._utils import positions as as_positions  # (the argument has its name)
-
         given = np.asarray(positions)
-        if given.ndim != 1:
-            raise IndexError(
-                f"positions are a 1-d list of cells (or a mask), not of shape {given.shape}."
-            )
         if given.dtype == np.bool_:
             if given.shape != (self.n_obs,):
                 raise IndexError(
@@ -561,7 +556,7 @@ class CellCollection:
                 )
             rows = np.flatnonzero(given)
         else:
-            rows = as_positions(given)
+            rows = to_positions(given)
         check_sorted_rows(rows, self.n_obs, "positions", "cells of this collection")
         out = object.__new__(CellCollection)
         out.__dict__.update(self.__dict__)
@@ -572,7 +567,7 @@ class CellCollection:
     # -- reading --------------------------------------------------------------------------
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of global rows ``rows`` (sorted, unique), genes in vocabulary order."""
-        rows = positions(rows).reshape(-1)
+        rows = to_positions(rows).reshape(-1)
         check_sorted_rows(rows, int(self.offsets[-1]), "rows", "the cells of all stores")
         bounds = np.searchsorted(rows, self.offsets)
         datas, idxs, ptrs = [], [], [np.zeros(1, dtype=np.int64)]

@@ -86,7 +86,7 @@ def check_sorted_rows(rows: np.ndarray, n: int, name: str, of: str) -> None:
     """An IndexError unless ``rows`` (1-d) rise strictly (sorted, each once) within
     [0, ``n``)."""
     if rows.ndim != 1:
-        raise IndexError(f"{name} are one list of positions, not an array of shape {rows.shape}.")
+        raise IndexError(f"{name} are a 1-d list of cells, not of shape {rows.shape}.")
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
         raise IndexError(
             f"{name} must lie in [0, {n}) ({of}), not {int(rows.min())} .. {int(rows.max())}."

@@ -132,6 +132,11 @@ _LABEL_LAYOUT = (
 )
 
 
+def _label_number(text: Any) -> int | None:
+    """A label number as label_ints.csv writes it (whole, not negative), or None."""
+    return int(text) if re.fullmatch(r"\s*\d+\s*", str(text)) else None
+
+
 def _label_table(path: Path) -> list[str]:
     """The label names of label_ints.csv in the order of their numbers; an error where the
     first column is not the numbers 0 to n - 1 (columns swapped: the names were read as
@@ -140,7 +145,7 @@ def _label_table(path: Path) -> list[str]:
     else as the header."""
     headed = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
     readings = [headed]
-    if re.fullmatch(r"\s*\d+\s*", str(headed.index.name or "")):  # (its first line: a label?)
+    if _label_number(headed.index.name) is not None:  # (its first line: a label?)
         readings.insert(
             0, pd.read_csv(path, index_col=0, header=None, dtype=str, keep_default_na=False)
         )
@@ -150,14 +155,14 @@ def _label_table(path: Path) -> list[str]:
             raise ValueError(f"it needs an index column and a label column ({_LABEL_LAYOUT})")
         # SCimilarity's CellEmbedding reads the column named "0" (its save_all writes only it)
         names = table["0"] if "0" in table.columns else table.iloc[:, 0]
-        numbers = [int(n) if re.fullmatch(r"\s*\d+\s*", str(n)) else None for n in table.index]
+        numbers = [_label_number(n) for n in table.index]
         # (no rows: a file of its header line alone, no labels)
         in_order = sorted(n for n in numbers if n is not None) == list(range(len(numbers)))
         # a first line of numbers that the headerless reading refused is a header only where
         # all of it is numbers (pandas' column labels, "0,1"): "2,C" then "0,B" is a label
         # out of range, not a header
         header = table is headed and len(readings) > 1
-        whole = all(re.fullmatch(r"\s*\d+\s*", str(c)) for c in table.columns)
+        whole = all(_label_number(c) is not None for c in table.columns)
         if in_order and (len(numbers) or len(readings) == 1) and (whole or not header):
             break
         if table is headed:  # (said of the file read with its first line as the header)

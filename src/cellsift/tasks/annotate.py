@@ -50,7 +50,7 @@ from .._warnings import CellsiftWarning, warn
 from ..data.collection import _as_text, value_text
 from ..errors import ConfigError, DataError
 from ..ontology import OntologyError, load_cell_ontology
-from .index import CellIndex, CellIndexError, _filter_text, as_embeddings, check_k
+from .index import CellIndex, CellIndexError, _as_list, _filter_text, as_embeddings, check_k
 
 __all__ = ["UNKNOWN", "KNNAnnotator"]
 
@@ -78,8 +78,6 @@ def label_lists(*lists: Any) -> tuple[Any, ...]:
 def _as_given(safelist: Any, blocklist: Any, filter: Any) -> tuple[Any, Any, Any]:
     """A reference selection kept to be built again later: the lists, and a mapping filter's
     values, copied as lists (one its caller changes later, or an iterator, stays as read)."""
-    from .index import _as_list
-
     safelist, blocklist = label_lists(safelist, blocklist)
     if isinstance(filter, Mapping):
         filter = {c: v if (vs := _as_list(v)) is None else vs for c, v in filter.items()}

@@ -1744,27 +1744,22 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
             values = _as_list(value)
             if isinstance(value, np.ndarray) and value.ndim == 0:
                 value = value.item()
-            whole = None  # (an integer column's type, for its value set)
+            unsigned64 = False  # (a uint64 column: its value set typed so)
             if schema is not None and str(col) in schema.names:
                 kind = schema.field(str(col)).type
                 given = values if values is not None else [value]
                 values = [form for v in given for form in _as_column_type(v, kind)]
-                if pa.types.is_integer(_value_type(kind)):
-                    whole = _value_type(kind)
-                elif pa.types.is_float16(_value_type(kind)):  # (Arrow compares no halffloat:
+                unsigned64 = pa.types.is_uint64(_value_type(kind))
+                if pa.types.is_float16(_value_type(kind)):  # (Arrow compares no halffloat:
                     field = field.cast(pa.float32())  # as float32, which holds each exactly)
             if values is not None:
                 given = _canonical([v for v in values if not _missing(v)])
                 value_set: Any = given
-                if (
-                    whole is not None
-                    and given
-                    and all(type(v) is int for v in given)
-                    and (pa.types.is_uint64(whole) or max(given) > _INT64_MAX)
-                ):  # (as a uint64 column's type: as int64, values above its range
-                    # overflowed, and such a column was cast to int64 to compare; others
-                    # as int64)
-                    value_set = pa.array(given, type=whole)
+                if unsigned64 and given and all(type(v) is int for v in given):
+                    # (as int64, values above its range overflowed, and the column was cast
+                    # to int64 to compare; other integer columns' as int64, whatever their
+                    # width: _as_column_type left out values beyond it)
+                    value_set = pa.array(given, type=pa.uint64())
                 # (isin of no values compares a null type with the column's: refused)
                 term = field.isin(value_set) if given else pc.scalar(False)
                 if any(_missing(v) for v in values):
@@ -1783,9 +1778,6 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
             f"pyarrow.compute.Expression, not {type(filter).__name__} ({filter!r})."
         )
     return filter
-
-
-_INT64_MAX = np.iinfo(np.int64).max
 
 
 def _filter_text(filter: FilterLike) -> str:

@@ -19,6 +19,7 @@ bundle lands in that run's directory.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import os
 import re
@@ -467,7 +468,9 @@ def _continued_logger(
 
 def _check_config_files(args: list[str]) -> None:
     """A ConfigError where a ``--config`` file is not text (a data file given by mistake):
-    jsonargparse reads it as UTF-8 and raises the decoder's error as a traceback."""
+    jsonargparse reads it as UTF-8 and raises the decoder's error as a traceback. Its first
+    64 KiB are read (a data file's header says so at once; an h5ad's first byte), not a
+    file of gigabytes whole."""
     for i, arg in enumerate(args):
         if arg in ("--config", "-c") and i + 1 < len(args):
             given = args[i + 1]
@@ -479,8 +482,10 @@ def _check_config_files(args: list[str]) -> None:
         # a file's: the settings themselves, given inline)
         if not os.path.isfile(given):
             continue
-        try:
-            Path(given).read_text(encoding="utf-8")
+        with open(given, "rb") as f:
+            head = f.read(1 << 16)
+        try:  # (a character cut at the end of the head: not an error)
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
         except UnicodeDecodeError as err:
             raise ConfigError(
                 f"--config {given} is not a YAML file: it is not text (byte {err.start} is "
