@@ -6,10 +6,12 @@ per anchor, in parallel over anchors:
 
 0. the anchor's allowed negatives as a mask over the batch, built once per label and study
    and shared by the anchors of both (so that step 1 reads contiguous memory only);
-1. scan the row once for allowed negatives inside the union of the anchor's pair windows
-   (``hardest``: the row minimum instead, and done);
-2. counting-sort those candidates into equal-width distance buckets (two candidates to a
-   bucket on average), so that the buckets a pair's window meets are one contiguous run;
+1. one vectorised pass over the row gives each cell its bucket: a candidate (an allowed
+   negative inside the union of the anchor's pair windows) one of n / 4 equal-width
+   distance buckets over that union, any other cell one of a few spare buckets past the
+   last (``hardest``: the row minimum instead, and done);
+2. a counting sort by bucket (unsigned indices, no branch per cell), so that the buckets a
+   pair's window meets are one contiguous run of candidates;
 3. per pair, rejection sampling: a uniform draw from that run is kept if it lies inside the
    window, else drawn again. A kept draw is uniform over the window's candidates; after
    ``tries`` rejections (the window holds few of the run's candidates, or none), the run is
@@ -72,10 +74,12 @@ def _anchor_tables(yi, si, related, ancestor, uses, ok, coarse, used_by):  # typ
 
 @numba.njit(inline="always")
 def _bucket(x, low, scale, n_buckets):  # type: ignore[no-untyped-def]
-    """floor((x - low) * scale) clipped to [0, n_buckets - 1]: monotone in x, branch-free.
-    NaN (an infinite ``x`` where the span was infinite and ``scale`` 0) is bucket 0: ``max``
-    keeps its first argument unless the second is greater, and NaN is greater than nothing."""
-    return int(min(n_buckets - 1.0, max(0.0, (x - low) * scale)))
+    """floor((x - low) * scale) clipped to [0, n_buckets - 1], in float32 (as the row's
+    cells are bucketed): monotone in x, branch-free. NaN (0 x inf: an infinite ``x`` where
+    the span was infinite and ``scale`` 0, or ``x == low`` where a span too small for
+    float32 made ``scale`` infinite) is bucket 0: ``max`` keeps its first argument unless
+    the second is greater, and NaN is greater than nothing."""
+    return int(min(np.float32(n_buckets - 1), max(np.float32(0.0), (x - low) * scale)))
 
 
 @numba.njit(inline="always")
@@ -107,8 +111,7 @@ def _allowed_mask(y, study, related, ancestor, uses, yi, si, ok, coarse, used_by
 
 @numba.njit(inline="always")
 def _one_anchor(  # type: ignore[no-untyped-def]
-    row, allowed, k0, k1, d_ap, upper, seed, mode, semihard, tries, out,
-    cand_v, cand_j, which, start, fill, o_v, o_j,
+    row, allowed, k0, k1, d_ap, upper, seed, mode, semihard, tries, out, which, start, o_v, o_j,
 ):  # fmt: skip
     """The negatives of one anchor's pairs (``out[k0:k1]``); the pairs' windows are
     ``d_ap[:k1 - k0]`` and ``upper[:k1 - k0]``, their draws :func:`_uniform` (pair k's
@@ -136,32 +139,37 @@ def _one_anchor(  # type: ignore[no-untyped-def]
             hi = upper[k]
     if not semihard:
         lo = np.float32(-np.inf)
-    c = 0  # candidates, collected without branches (a taken branch per cell mispredicts)
+    # equal-width buckets over the union window, a quarter as many as cells (about two
+    # candidates to a bucket where half the row is in the window); random: from 0 (distances
+    # are >= 0, and anything below still falls in bucket 0)
+    n_buckets = max(n // 4, 1)
+    low = lo if semihard else np.float32(0.0)
+    span = np.float64(hi) - np.float64(low)
+    scale = np.float32(n_buckets / span if span > 0 and span < np.inf else 0.0)
+    top = np.float32(n_buckets - 1)
+    # every cell's bucket (a loop the compiler vectorises): a candidate's (as _bucket), or
+    # one of 8 spare buckets past the last for the other cells (spread, so that their counts
+    # are not one chain of dependent stores); the sort then moves every cell, branch-free
     for j in range(n):
         v = row[j]
-        cand_v[c], cand_j[c] = v, j
-        c += (v > lo) & (v < hi) & allowed[j]
+        ok = (v > lo) & (v < hi) & allowed[j]
+        b = np.uint32(min(top, max(np.float32(0.0), (v - low) * scale)))
+        which[j] = b if ok else np.uint32(n_buckets) + (np.uint32(j) & np.uint32(7))
+    start[: n_buckets + 9] = 0
+    for j in range(n):
+        start[which[j] + np.uint32(1)] += np.uint32(1)
+    for b in range(n_buckets + 8):
+        start[b + 1] += start[b]
+    c = start[n_buckets]
     if c == 0:
         out[k0:k1] = -1
         return
-    # equal-width buckets over the union window, two candidates to a bucket on average;
-    # random: from 0 (distances are >= 0, and anything below still falls in bucket 0)
-    n_buckets = max(c // 2, 1)
-    low = np.float64(lo) if semihard else 0.0
-    span = np.float64(hi) - low
-    scale = n_buckets / span if span > 0 and span < np.inf else 0.0
-    start[: n_buckets + 1] = 0  # counting sort by bucket
-    for q in range(c):  # (a loop of its own: no stores that depend on each other, vectorised)
-        which[q] = _bucket(np.float64(cand_v[q]), low, scale, n_buckets)
-    for q in range(c):
-        start[which[q] + 1] += 1
-    for b in range(n_buckets):
-        start[b + 1] += start[b]
-    fill[:n_buckets] = start[:n_buckets]
-    for q in range(c):
-        b = which[q]
-        o_v[fill[b]], o_j[fill[b]] = cand_v[q], cand_j[q]
-        fill[b] += 1
+    for j in range(n):
+        b = which[j]
+        o_j[start[b]] = j
+        o_v[start[b]] = row[j]
+        start[b] += np.uint32(1)
+    # (now start[b] is where bucket b + 1 begins: bucket b is start[b - 1]:start[b])
     for k in range(m):
         w_lo, w_hi = d_ap[k], upper[k]
         if w_hi != w_hi or (semihard and w_lo != w_lo):  # NaN
@@ -169,11 +177,12 @@ def _one_anchor(  # type: ignore[no-untyped-def]
             continue
         # proposal: the buckets that meet the window, contiguous in o_v; a uniform proposal
         # inside the window is accepted (rejection sampling: uniform over the window)
-        b_hi = _bucket(np.float64(w_hi), low, scale, n_buckets)
+        b_hi = _bucket(w_hi, low, scale, n_buckets)
         first = 0
         if semihard:
-            first = start[_bucket(np.float64(w_lo), low, scale, n_buckets)]
-        size = start[b_hi + 1] - first
+            b_lo = _bucket(w_lo, low, scale, n_buckets)
+            first = start[b_lo - 1] if b_lo > 0 else 0
+        size = start[b_hi] - first
         pick = -1
         draw = (k0 + k) * (tries + 1)
         for t in range(tries):
@@ -236,13 +245,10 @@ def triplets(  # type: ignore[no-untyped-def]
         allowed = np.empty(n, np.bool_)
         d_ap = np.empty(n, np.float32)
         upper = np.empty(n, np.float32)
-        cand_v = np.empty(n, np.float32)
-        cand_j = np.empty(n, np.int64)
-        which = np.empty(n, np.int64)
-        bucket_start = np.empty(n + 1, np.int64)
-        fill = np.empty(n, np.int64)
+        which = np.empty(n, np.uint32)
+        bucket_start = np.empty(max(n // 4, 1) + 10, np.uint32)
         o_v = np.empty(n, np.float32)
-        o_j = np.empty(n, np.int64)
+        o_j = np.empty(n, np.uint32)
         current = -1
         for r in range(block * len(anchors) // n_blocks, (block + 1) * len(anchors) // n_blocks):
             t = order[r]
@@ -261,7 +267,7 @@ def triplets(  # type: ignore[no-untyped-def]
                 upper[k] = d_ap[k] + margin
             _one_anchor(
                 row, allowed, k0, k1, d_ap, upper, useed, mode, semihard, tries, out,
-                cand_v, cand_j, which, bucket_start, fill, o_v, o_j,
+                which, bucket_start, o_v, o_j,
             )  # fmt: skip
             for k in range(k1 - k0):  # the triplets' distances, while the row is in cache
                 dist_ap[k0 + k] = d_ap[k]
