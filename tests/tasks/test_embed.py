@@ -251,6 +251,10 @@ def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad):
         np.testing.assert_array_equal(model.embed_aligned(x), model.embed_aligned(before))
     with pytest.raises(ValueError, match=r"x has \d+ genes, the model \d+: align"):
         model.embed_aligned(x[:, :-1])
+    rows = x[:3].toarray()  # a dense array or a list of rows is read as one
+    np.testing.assert_allclose(model.embed_aligned(rows.tolist()), model.embed_aligned(x[:3]))
+    with pytest.raises(ValueError, match=r"cells x genes \(2-D\), not 1-D"):
+        model.embed_aligned(rows[0])
 
 
 def test_annotate_refuses_an_embedding_another_model_made(bundle, synthetic_h5ad, tmp_path):

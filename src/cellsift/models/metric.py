@@ -591,7 +591,11 @@ class MetricModel:
         device: str | torch.device | None = None,
     ) -> np.ndarray:
         """Embeddings of raw counts already in the model's gene order (cells x genes, as
-        :meth:`aligned_counts` returns them): no alignment and no checks."""
+        :meth:`aligned_counts` returns them; a dense array or a list of rows is read as
+        one): no alignment and no checks of the values."""
+        x = x if sp.issparse(x) else np.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"x must be cells x genes (2-D), not {x.ndim}-D {x.shape}.")
         if x.shape[1] != len(self.genes):
             raise ValueError(
                 f"x has {x.shape[1]} genes, the model {len(self.genes)}: align the counts "
