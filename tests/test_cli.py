@@ -213,6 +213,26 @@ def test_counts_below_their_least_are_refused_when_parsed(args, capsys):
     assert "must be at least" in err or "is not a whole number" in err
 
 
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (["embed", "m", "d.h5ad", ""], "out"),
+        (["index", "", "idx"], "embeddings"),
+        (["convert", "in.h5ad", " "], "output"),
+        (["info", ""], "path"),
+        (["annotate", "m", "i", "d.h5ad", "o.h5ad", "--calibrate-on", ""], "--calibrate-on"),
+        (["demo", "--out", ""], "--out"),
+    ],
+)
+def test_an_empty_path_is_refused_when_parsed(args, name, capsys):
+    """An empty path would be read as the current folder (and named as "" or ".")."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cellsift {args[0]}: error: argument {name}: an empty path: name a file" in err
+
+
 def test_an_existing_output_is_refused_before_the_work(tmp_path, capsys):
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "notes.txt").write_text("mine")

@@ -271,6 +271,13 @@ def _annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _path(text: str) -> str:
+    """A path argument: not empty (an empty one would be read as the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name a file or folder")
+    return text
+
+
 def _filter_term(text: str) -> tuple[str, str]:
     """``--filter COLUMN=VALUE``: the column and the value (text, read as the column's type)."""
     column, sep, value = text.partition("=")
@@ -387,14 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="what a store (h5ad, Zarr, SOMA, manifest) holds")
-    p.add_argument("path")
+    p.add_argument("path", type=_path)
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
     _add_soma_options(p)
     p.set_defaults(func=_info)
 
     p = sub.add_parser("convert", help="convert between h5ad, Zarr and TileDB-SOMA")
-    p.add_argument("input")
-    p.add_argument("output", help="*.h5ad, *.zarr or *.soma (a directory with --shard-size)")
+    p.add_argument("input", type=_path)
+    p.add_argument(
+        "output", type=_path, help="*.h5ad, *.zarr or *.soma (a directory with --shard-size)"
+    )
     p.add_argument("--format", choices=["h5ad", "zarr", "soma"], default=None)
     p.add_argument("--layer", default=None, help="counts location in the input")
     p.add_argument("--shard-size", type=_at_least(1), default=None, help="cells per output shard")
@@ -420,9 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("embed", help="embed every cell of a collection with a model bundle")
-    p.add_argument("model", help="a model bundle directory (MetricModel.save, cellsift fit)")
-    p.add_argument("data", help="stores: a path, a glob or a manifest")
-    p.add_argument("out", help="the embeddings store to write (a directory, e.g. emb.zarr)")
+    p.add_argument(
+        "model", type=_path, help="a model bundle directory (MetricModel.save, cellsift fit)"
+    )
+    p.add_argument("data", type=_path, help="stores: a path, a glob or a manifest")
+    p.add_argument(
+        "out", type=_path, help="the embeddings store to write (a directory, e.g. emb.zarr)"
+    )
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
     p.add_argument(
         "--batch-size", type=_at_least(1), default=8192, help="cells per batch (default: 8192)"
@@ -450,8 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("index", help="build a searchable CellIndex from an embeddings store")
-    p.add_argument("embeddings", help="written by cellsift embed")
-    p.add_argument("out", help="the index directory to write")
+    p.add_argument("embeddings", type=_path, help="written by cellsift embed")
+    p.add_argument("out", type=_path, help="the index directory to write")
     p.add_argument(
         "--engine",
         choices=["auto", "exact", "ivf"],
@@ -468,10 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_index)
 
     p = sub.add_parser("annotate", help="annotate an h5ad by kNN against a CellIndex")
-    p.add_argument("model", help="the model bundle that embedded the index")
-    p.add_argument("index", help="a CellIndex directory (cellsift index)")
-    p.add_argument("data", help="an h5ad of raw counts to annotate")
-    p.add_argument("out", help="the annotated h5ad to write")
+    p.add_argument("model", type=_path, help="the model bundle that embedded the index")
+    p.add_argument("index", type=_path, help="a CellIndex directory (cellsift index)")
+    p.add_argument("data", type=_path, help="an h5ad of raw counts to annotate")
+    p.add_argument("out", type=_path, help="the annotated h5ad to write")
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
     p.add_argument(
         "--label-key",
@@ -528,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calibrate-on",
+        type=_path,
         default=None,
         metavar="H5AD",
         help="held-out labelled cells (not trained on, not indexed) to set the abstention "
@@ -580,7 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import EPOCHS, MIN_CELLS, SYNTHETIC_CELLS
 
     p = sub.add_parser("demo", help="run the main job on the real data (or a synthetic atlas)")
-    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument(
+        "--out", type=_path, default="demo_out", help="output folder (default: demo_out)"
+    )
     p.add_argument("--synthetic", action="store_true", help="use a synthetic atlas")
     p.add_argument(
         "--n-cells",

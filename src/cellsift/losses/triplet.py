@@ -26,6 +26,7 @@ device.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -331,6 +332,13 @@ def _triplets_compiled(
     return Triplets(a, p, neg, int(n_pairs), d_ap, d_an)
 
 
+def _check_margin(margin: float) -> None:
+    """A margin is a distance: >= 0 (a negative one leaves semihard windows empty, and
+    random mode would pick negatives closer than the positives by more than it)."""
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not margin >= 0:
+        raise ValueError(f"margin must be a number >= 0 (a distance), not {margin!r}.")
+
+
 def _float32(x: float) -> np.float32:
     """``x`` as float32; beyond its range infinite, without numpy's overflow warning."""
     with np.errstate(over="ignore"):
@@ -409,6 +417,7 @@ def _mine(
 ) -> Triplets:
     """:func:`mine_triplets` on float32 distances ``d`` (>= 0 or NaN) on the batch's device."""
     _check_choice("negative", negative, Negative)
+    _check_margin(margin)
     dev = d.device
     with torch.no_grad():
         y = y_n.long().to(dev)
@@ -548,6 +557,7 @@ class TripletLoss(nn.Module):
             raise ValueError(f"relatives must be 'never' or 'resolved', not {relatives!r}.")
         _check_choice("negative", negative, Negative)
         _check_choice("distance", distance, Distance)
+        _check_margin(margin)
         if relatives == "resolved" and ancestor_ll is None:
             raise ValueError("relatives='resolved' needs ancestor_ll (CellOntology.closure).")
         self.margin, self.negative, self.distance = margin, negative, distance

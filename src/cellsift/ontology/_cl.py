@@ -286,7 +286,8 @@ class CellOntology:
         runs of them within read as one) onto current CL ids.
 
         Deprecated ids are replaced by their successor where the ontology names one. Values that
-        cannot be mapped raise one error that lists them all.
+        cannot be mapped raise one error that counts them and lists them (the first 20 of
+        each kind).
         """
         if isinstance(values, str):
             raise TypeError(
