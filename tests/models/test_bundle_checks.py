@@ -369,8 +369,13 @@ def _prefixed(state: dict) -> None:
             r"\(network\.1\.1\.weight takes 31 inputs, network\.0\.1\.weight gives 32\)",
         ),
         (_prefixed, r"encoder\.ckpt is not a SCimilarity encoder: it has no Linear weights"),
+        (
+            lambda s: s.update({"network.0.1.weight": s["network.0.1.weight"].to_sparse()}),
+            r"encoder\.ckpt cannot be read .*'network\.0\.1\.weight' as a torch\.sparse_coo "
+            r"tensor, not a dense one .*tensor\.to_dense\(\)",
+        ),
     ],
-    ids=["batchnorm-size", "extra-key", "layers-do-not-chain", "prefixed-keys"],
+    ids=["batchnorm-size", "extra-key", "layers-do-not-chain", "prefixed-keys", "sparse"],
 )
 def test_an_encoder_checkpoint_that_does_not_fit_is_named(tmp_path, change, message):
     src = _scimilarity_with(tmp_path, change)

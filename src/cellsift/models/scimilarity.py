@@ -94,6 +94,12 @@ def _state_dict(path: Path, map_location: str) -> dict[str, torch.Tensor]:
     other = [k for k, v in ckpt["state_dict"].items() if not isinstance(v, torch.Tensor)]
     if other:
         raise ValueError(f"its state_dict holds {other[0]!r}, which is not a tensor")
+    laid = [(k, v.layout) for k, v in ckpt["state_dict"].items() if v.layout != torch.strided]
+    if laid:  # (SCimilarity saves dense weights; torch's checks do not take sparse ones)
+        raise ValueError(
+            f"its state_dict holds {laid[0][0]!r} as a {laid[0][1]} tensor, not a dense one "
+            "(SCimilarity saves dense weights); save it dense (tensor.to_dense())"
+        )
     return ckpt["state_dict"]
 
 
