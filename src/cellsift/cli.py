@@ -141,12 +141,22 @@ def _embed(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     from .tasks import CellIndex, load_embeddings
-    from .tasks.index import check_index_path
+    from .tasks.index import AUTO_EXACT_BELOW, check_index_path
 
     _refuse_inside(args.out, the_embeddings_store=args.embeddings)
     check_index_path(args.out, args.overwrite)  # refused before the work, not after it
     emb, meta = load_embeddings(args.embeddings)
-    index = CellIndex.build(emb, meta, engine=args.engine, k=args.k)
+    index = CellIndex.build(emb, meta, engine=args.engine, k=args.k or 50)
+    if args.k is not None and index.engine == "exact":
+        from ._warnings import warn
+
+        why = "--engine exact"
+        if args.engine != "exact":
+            why = f"auto: fewer than {AUTO_EXACT_BELOW:,} cells"
+        warn(
+            f"--k {args.k} is not used: the index is exact ({why}), which searches every "
+            "cell; --k sets the k an IVF index's recall is calibrated for."
+        )
     index.save(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {index!r}")
     return 0
@@ -474,8 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--k",
         type=_at_least(1),
-        default=50,
-        help="k the IVF recall is calibrated for (default: 50)",
+        default=None,
+        help="k the IVF recall is calibrated for (default: 50; an exact index has no use for it)",
     )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_index)

@@ -1749,3 +1749,25 @@ def test_a_rank_ended_by_sigterm_leaves_no_semaphore_to_report(tmp_path):
     }
     assert "leaked semaphore" in said["0"]  # (tqdm's default lock: the report this avoids)
     assert "leaked semaphore" not in said["1"] and not said["1"].strip(), said["1"]
+
+
+def test_index_says_when_its_k_is_not_used(bundle, synthetic_h5ad, tmp_path, recwarn):
+    """--k calibrates an IVF index's recall: given for an exact index (asked for, or chosen
+    by auto below 50,000 cells), a warning says it is not used; not given, nothing."""
+    from cellsift.data import CellCollection
+
+    model = MetricModel.load(bundle)
+    part = CellCollection(
+        synthetic_h5ad, genes=model.genes, obs_filter=lambda obs: np.arange(len(obs)) < 300
+    )
+    emb = str(embed_collection(model, part, tmp_path / "e.zarr"))
+    assert main(["index", emb, str(tmp_path / "auto")]) == 0
+    assert not [w for w in recwarn if issubclass(w.category, CellsiftWarning)]
+    for engine, why in (["--engine", "exact"], "--engine exact"), ([], "auto: fewer than 50,000"):
+        with pytest.warns(
+            CellsiftWarning, match=rf"--k 10 is not used: the index is exact \({why}"
+        ):
+            assert (
+                main(["index", emb, str(tmp_path / "idx"), "--k", "10", *engine, "--overwrite"])
+                == 0
+            )
