@@ -212,6 +212,11 @@ def test_a_bundle_keeps_its_labels_under_a_newer_ontology(tmp_path):
         ("layer_sizes.json", "not json", r"layer_sizes\.json cannot be read"),
         ("encoder.ckpt", b"PK\x03\x04 truncated", r"encoder\.ckpt cannot be read"),
         ("label_ints.csv", "", r"label_ints\.csv cannot be read"),
+        (
+            "label_ints.csv",
+            ",0\n0,B cell\n1,CD4-positive, alpha-beta T cell\n",
+            r"in line 3, saw 3: a line holds more than a number and a name; quote a name",
+        ),
         ("hyperparameters.json", "{", r"hyperparameters\.json cannot be read"),
         ("hyperparameters.json", '{"dropout": "0.5"}', r"dropout is '0\.5', not a probab"),
         ("hyperparameters.json", '{"dropout": null}', "dropout is None, not a probability"),

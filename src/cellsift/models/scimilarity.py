@@ -149,7 +149,14 @@ def _label_table(path: Path) -> list[str]:
     numbers) or a name is blank. A first line that starts with a number is read as the
     first label where the lines then number the labels (a file without its header line),
     else as the header."""
-    headed = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
+    try:
+        headed = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as err:  # (a hand-written file: a name's comma unquoted)
+        said = str(err).strip().removeprefix("Error tokenizing data. C error: ")
+        raise ValueError(
+            f"{said}: a line holds more than a number and a name; quote a name that holds "
+            'a comma, as SCimilarity writes it (2,"CD4-positive, alpha-beta T cell")'
+        ) from None
     readings = [headed]
     if _label_number(headed.index.name) is not None:  # (its first line: a label?)
         readings.insert(
