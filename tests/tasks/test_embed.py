@@ -234,7 +234,7 @@ def test_a_filtered_collection_embeds_the_cells_it_keeps(bundle, synthetic_h5ad,
     np.testing.assert_allclose(emb, model.embed(adata, check_counts=False), atol=1e-6)
 
 
-def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad):
+def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad, tmp_path):
     model = MetricModel.load(bundle)
     adata = ad.read_h5ad(synthetic_h5ad)[:300]
     shuffled = adata[:, np.random.default_rng(0).permutation(adata.n_vars)[:-5]].copy()
@@ -255,6 +255,11 @@ def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad):
     np.testing.assert_allclose(model.embed_aligned(rows.tolist()), model.embed_aligned(x[:3]))
     with pytest.raises(ValueError, match=r"cells x genes \(2-D\), not 1-D"):
         model.embed_aligned(rows[0])
+    with pytest.raises(TypeError, match="not an AnnData: model.embed"):
+        model.embed_aligned(shuffled)
+    ad.AnnData(x[:3]).write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r").X  # (anndata's backed sparse X)
+    np.testing.assert_allclose(model.embed_aligned(backed), model.embed_aligned(x[:3]))
 
 
 def test_annotate_refuses_an_embedding_another_model_made(bundle, synthetic_h5ad, tmp_path):

@@ -332,11 +332,15 @@ def _triplets_compiled(
     return Triplets(a, p, neg, int(n_pairs), d_ap, d_an)
 
 
-def _check_margin(margin: float) -> None:
-    """A margin is a distance: >= 0 (a negative one leaves semihard windows empty, and
-    random mode would pick negatives closer than the positives by more than it)."""
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not margin >= 0:
+def _checked_margin(margin: Any) -> float:
+    """``margin`` as a float, checked: a distance, >= 0 (a negative one leaves semihard
+    windows empty, and random mode would pick negatives closer than the positives by more
+    than it). A number, or a 0-d array or tensor holding one."""
+    number = isinstance(margin, numbers.Real) or getattr(margin, "ndim", None) == 0
+    value = float(margin) if number and not isinstance(margin, bool) else float("nan")
+    if not value >= 0:
         raise ValueError(f"margin must be a number >= 0 (a distance), not {margin!r}.")
+    return value
 
 
 def _float32(x: float) -> np.float32:
@@ -417,7 +421,7 @@ def _mine(
 ) -> Triplets:
     """:func:`mine_triplets` on float32 distances ``d`` (>= 0 or NaN) on the batch's device."""
     _check_choice("negative", negative, Negative)
-    _check_margin(margin)
+    margin = _checked_margin(margin)
     dev = d.device
     with torch.no_grad():
         y = y_n.long().to(dev)
@@ -557,7 +561,7 @@ class TripletLoss(nn.Module):
             raise ValueError(f"relatives must be 'never' or 'resolved', not {relatives!r}.")
         _check_choice("negative", negative, Negative)
         _check_choice("distance", distance, Distance)
-        _check_margin(margin)
+        margin = _checked_margin(margin)
         if relatives == "resolved" and ancestor_ll is None:
             raise ValueError("relatives='resolved' needs ancestor_ll (CellOntology.closure).")
         self.margin, self.negative, self.distance = margin, negative, distance

@@ -593,7 +593,13 @@ class MetricModel:
         """Embeddings of raw counts already in the model's gene order (cells x genes, as
         :meth:`aligned_counts` returns them; a dense array or a list of rows is read as
         one): no alignment and no checks of the values."""
-        x = x if sp.issparse(x) else np.asarray(x)
+        if isinstance(x, ad.AnnData):
+            raise TypeError(
+                "embed_aligned takes counts already in the model's gene order, not an "
+                "AnnData: model.embed(adata) aligns its genes (or model.aligned_counts(adata))."
+            )
+        if not sp.issparse(x):  # (anndata's backed sparse X reads itself into memory)
+            x = x.to_memory() if hasattr(x, "to_memory") else np.asarray(x)
         if x.ndim != 2:
             raise ValueError(f"x must be cells x genes (2-D), not {x.ndim}-D {x.shape}.")
         if x.shape[1] != len(self.genes):
