@@ -255,7 +255,7 @@ def test_embed_aligned_is_embed_after_alignment(bundle, synthetic_h5ad, tmp_path
     np.testing.assert_allclose(model.embed_aligned(rows.tolist()), model.embed_aligned(x[:3]))
     with pytest.raises(ValueError, match=r"cells x genes \(2-D\), not 1-D"):
         model.embed_aligned(rows[0])
-    with pytest.raises(TypeError, match="not an AnnData: model.embed"):
+    with pytest.raises(TypeError, match=r"not an AnnData: model\.embed"):
         model.embed_aligned(shuffled)
     ad.AnnData(x[:3]).write_h5ad(tmp_path / "a.h5ad")
     backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r").X  # (anndata's backed sparse X)
