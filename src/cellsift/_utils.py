@@ -696,8 +696,9 @@ def in_obs_order(values: pd.Series, obs_names: pd.Index, what: str) -> Any:
     """A Series' values in obs order: as they are where its index is the obs names (also
     where they repeat) or pandas' default positions (0, 1, ..., n - 1); aligned by obs
     name where its index names the cells in another order (``adata.obs.sort_values(...)``
-    then a comparison). Any other index is an error naming ``what``."""
-    index = values.index.astype(str)
+    then a comparison). Any other index is an error naming ``what``. Names are compared as
+    text (obs names that are numbers: ``adata.obs.index`` set to integers)."""
+    index, obs_names = values.index.astype(str), obs_names.astype(str)
     if index.equals(obs_names) or values.index.equals(pd.RangeIndex(len(values))):
         return values.array
     by_name = not index.has_duplicates and obs_names.isin(index).all()

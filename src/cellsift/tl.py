@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import anndata as ad
@@ -56,7 +56,7 @@ def embed(
         source=source,
     )
     # which model made it: annotate and search refuse another model's embeddings
-    record = dict(adata.uns.get("cellsift", {}))
+    record = dict(_record(adata))
     record[key_added] = {"model_fingerprint": model.fingerprint}
     adata.uns["cellsift"] = record
     return adata if copy else None
@@ -237,11 +237,23 @@ def obsm_array(adata: ad.AnnData, use_rep: str) -> np.ndarray:
     return np.asarray(rep.toarray() if sp.issparse(rep) else rep)
 
 
+def _record(adata: ad.AnnData) -> Mapping[str, Any]:
+    """``uns["cellsift"]``: which model made each embedding :func:`embed` put in obsm (empty
+    where none); something else stored under that key is an error, not overwritten."""
+    record = adata.uns.get("cellsift", {})
+    if not isinstance(record, Mapping):
+        raise ValueError(
+            f"adata.uns['cellsift'] holds {type(record).__name__} {record!r:.60}, not the "
+            "record of embeddings that cellsift keeps there: move it to another key."
+        )
+    return record
+
+
 def check_embedded_by(adata: ad.AnnData, use_rep: str, model: Any, what: str = "adata") -> None:
     """Refuse ``obsm[use_rep]`` when :func:`embed` recorded another model than ``model`` (a
     MetricModel, or a CellIndex: the model that built it) as its maker. Embeddings put
     there by other means carry no record and are taken as they are."""
-    made_by = adata.uns.get("cellsift", {}).get(use_rep, {}).get("model_fingerprint")
+    made_by = _record(adata).get(use_rep, {}).get("model_fingerprint")
     if made_by is None or model is None:
         return
     if isinstance(model, CellIndex):

@@ -6,6 +6,7 @@ import pytest
 
 from cellsift._warnings import CellsiftWarning
 from cellsift.data import CellCollection, GeneVocabulary
+from cellsift.data.genes import DuplicateGenesError
 from cellsift.errors import GeneAlignmentError
 
 
@@ -119,6 +120,15 @@ def test_duplicate_gene_ids_error():
     dup = pd.DataFrame(index=pd.Index(["A", "A", "B"]))
     with pytest.raises(GeneAlignmentError, match="duplicate gene ids"):
         vocab.align(dup)
+
+
+def test_ids_that_alignment_reads_as_one_are_duplicates_of_the_vocabulary():
+    """A padded, versioned id beside its bare twin: alignment reads both as one gene (it
+    strips padding, then versions), so the vocabulary refuses them, as it does ids that
+    differ by version alone (a pandas InvalidIndexError at every alignment, before)."""
+    with pytest.raises(DuplicateGenesError, match="gene vocabulary has duplicate ids"):
+        GeneVocabulary(["ENSG00000000001.1 ", "ENSG00000000001", "B"])
+    GeneVocabulary(["ENSG00000000001.1 ", "ENSG00000000002", "B"])  # (distinct: fine)
 
 
 def _ens(i):
@@ -333,9 +343,11 @@ def test_a_models_query_needs_half_its_genes_or_5000():
         vocab.align(
             _var([*vocab.genes[:299], *(_ens(50_000 + i) for i in range(101))]), of="vocabulary"
         )
-    with pytest.warns(CellsiftWarning, match=r"5500 of the model's 12000 genes are found \(46%"):
+    with pytest.warns(CellsiftWarning, match=r"5500 of the model's 12000 genes are found \(45%"):
         gm = vocab.align(_var(list(vocab.genes[:5_500])), of="vocabulary")
     assert gm.n_matched == 5_500
+    with pytest.warns(CellsiftWarning, match=r"5999 of the model's 12000 genes are found \(49%"):
+        vocab.align(_var(list(vocab.genes[:5_999])), of="vocabulary")  # (not "50%": below half)
     with pytest.raises(GeneAlignmentError, match="need 5000"):
         vocab.align(_var(list(vocab.genes[:4_999])), of="vocabulary")
     small = GeneVocabulary(list(vocab.genes[:1000]))

@@ -284,6 +284,11 @@ def test_annotate_refuses_an_embedding_another_model_made(bundle, synthetic_h5ad
     assert query.uns["cellsift"]["X_cellsift"]["model_fingerprint"] == model.fingerprint
     del query.uns["cellsift"]  # embeddings put there by other means are taken as they are
     cs.tl.annotate(query, index, abstain=False)
+    query.uns["cellsift"] = "a note"  # not cellsift's record: named, not overwritten
+    for call in (lambda: cs.tl.embed(query, model), lambda: cs.tl.annotate(query, index)):
+        with pytest.raises(ValueError, match=r"uns\['cellsift'\] holds str 'a note', not the"):
+            call()
+    assert query.uns["cellsift"] == "a note"
 
 
 def test_annotate_with_a_ready_annotator_refuses_options_it_would_ignore(bundle, synthetic_h5ad):
@@ -444,6 +449,12 @@ def test_cells_named_by_repeated_obs_names_are_refused(bundle, synthetic_h5ad):
     per_name = pd.Series(np.arange(30), index=[f"c{i}" for i in range(30)]).iloc[::-1]
     np.testing.assert_array_equal(
         np.asarray(in_obs_order(per_name, query.obs_names, "groups")), np.arange(40) % 30
+    )
+    numbered = pd.Index(np.arange(40) + 1000)  # obs names that are numbers (obs.index set so)
+    by_number = pd.Series(np.arange(40), index=numbered)
+    np.testing.assert_array_equal(in_obs_order(by_number, numbered, "groups"), np.arange(40))
+    np.testing.assert_array_equal(
+        in_obs_order(by_number.iloc[::-1], numbered, "groups"), np.arange(40)
     )
     extra = pd.concat([pd.Series([99], index=["zzz"]), per_name.iloc[1:]])  # 'zzz': no cell
     with pytest.raises(ValueError, match="obs names repeat"):

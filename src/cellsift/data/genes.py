@@ -329,7 +329,9 @@ class GeneVocabulary:
                     "the file with encoding='utf-8-sig'); a store's, adata.var_names = "
                     "adata.var_names.str.strip().str.lstrip('\\ufeff'), then write it again."
                 )
-        stripped = self._stripped()  # alignment ignores Ensembl versions
+        # alignment reads names cleaned of padding, and ignores Ensembl versions: two ids
+        # that are one there are one gene ("ENSG...1.1 " beside "ENSG...1")
+        stripped = _strip_version(_cleaned(self.genes))
         if stripped.has_duplicates:
             dups = self.genes[stripped.duplicated(keep=False)].unique()[:5].tolist()
             versions = " (Ensembl versions ignored)" if any(_ENSEMBL.match(g) for g in dups) else ""
@@ -599,7 +601,8 @@ class GeneVocabulary:
         if of == "vocabulary" and n_matched < min_overlap * len(self):
             warn(
                 f"{source}: {n_matched} of the model's {len(self)} genes are found "
-                f"({n_matched / len(self):.0%}; best key {key}); the missing ones read as 0, "
+                f"({100 * n_matched // len(self)}%; best key {key}); the "
+                "missing ones read as 0, "
                 "which can shift embeddings and labels.",
                 stacklevel=3,
             )
