@@ -11,6 +11,7 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from cellsift._warnings import CellsiftWarning
+from cellsift.errors import ConfigError
 from cellsift.ontology import load_cell_ontology
 from cellsift.tasks import UNKNOWN, CellIndex, CellIndexError, KNNAnnotator
 
@@ -410,6 +411,9 @@ def test_held_out_calibration_is_the_conformal_quantile_and_keeps_new_cells():
     assert held_out.distance_threshold == thr  # a failed calibration leaves the threshold
     with pytest.raises(ValueError, match="quantile must be"):
         KNNAnnotator(index).calibrate(x[cal], quantile=1.0)
+    with pytest.raises(ConfigError, match=r"held-out cells .* are not in the reference"):
+        held_out.calibrate(x[cal], quantile=0.99, group_key="dataset_id")  # (was ignored)
+    assert held_out.distance_threshold == thr
 
 
 def test_calibration_against_a_selection_of_the_reference_is_its_conformal_quantile():

@@ -343,6 +343,11 @@ class KNNAnnotator:
             raise ConfigError(
                 f"n_cells is how many reference cells to calibrate on, at least 1, not {n_cells!r}."
             )
+        if embeddings is not None and group_key is not None:
+            raise ConfigError(
+                "group_key groups the reference cells that calibrate without embeddings; "
+                "held-out cells (embeddings) are not in the reference: pass one of them."
+            )
         if embeddings is not None:
             q = as_embeddings(embeddings)
             if q.ndim != 2:
