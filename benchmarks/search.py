@@ -96,7 +96,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=None, help="cells (default 1M; --quick 50k)")
     args = ap.parse_args()
+    if args.n is not None and args.n < 100 * K:  # (hnswlib fails a search of fewer)
+        ap.error(f"--n must be at least {100 * K:,}: the 1% filter must select k = {K} cells.")
     import faiss
+    import pyarrow as pa
 
     import cellsift.tasks.index as index_module
 
@@ -161,7 +164,8 @@ def main() -> None:
         def filtered(name: str, flt: dict, rows: np.ndarray, truth: np.ndarray) -> None:
             """The saved IVF index searched with ``flt`` (its cells ``rows``), timed."""
             secs, res = timed(lambda: loaded.search(q, K, filter=flt))
-            assert np.isin(res.indices, rows).all()
+            found = res.indices[res.indices >= 0]  # (fewer selected cells than k: padded)
+            assert np.isin(found, rows).all()
             record(
                 name, recall=recall(res.indices, truth), qps=N_QUERIES / secs, selected=len(rows)
             )
@@ -211,9 +215,11 @@ def main() -> None:
             # and at the least ef (of a ladder) whose recall reaches cellsift IVF's, for qps
             # at matched recall
             target = results["cellsift/ivf"]["recall"]
+            reached = False
             for ef in (K, 60, 70, 80, 100, 125, 150, 200, 300, 400, 600, 800):
                 h.set_ef(max(ef, K))
                 if recall(h.knn_query(q, k=K, num_threads=THREADS)[0], truth) >= target:
+                    reached = True
                     break
             secs, (labels, _) = timed(lambda: h.knn_query(q, k=K, num_threads=THREADS))
             record(
@@ -221,6 +227,7 @@ def main() -> None:
                 recall=recall(labels, truth),
                 qps=N_QUERIES / secs,
                 ef=max(ef, K),
+                reached=reached,  # (0: no ef of the ladder reached it; the last one's figures)
             )
             h.set_ef(K)
             # hnswlib's filtered search: a Python predicate per visited node; cellsift's
@@ -244,13 +251,16 @@ def main() -> None:
                 fresh = CellIndex.load(Path(tmp) / "ivf")  # (its selection caches cold too)
                 if what == "filtered_types_25pct":  # (through the IVF, as its row above)
                     index_module.EXACT_SELECTION_MAX = round(EXACT_SELECTION_MAX * n / 1_000_000)
+                arrow_threads = pa.cpu_count()  # (the filter's scan runs in arrow's pool)
                 torch.set_num_threads(1)
                 faiss.omp_set_num_threads(1)
+                pa.set_cpu_count(1)
                 try:
                     secs, res = timed(lambda: fresh.search(q[:100], K, filter=flt_), repeats=1)  # noqa: B023
                 finally:
                     torch.set_num_threads(THREADS)
                     faiss.omp_set_num_threads(THREADS)
+                    pa.set_cpu_count(arrow_threads)
                     index_module.EXACT_SELECTION_MAX = EXACT_SELECTION_MAX
                 record(
                     f"cellsift/ivf/{what}/one_thread",

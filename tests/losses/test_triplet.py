@@ -441,12 +441,13 @@ def test_mining_settings_and_study_codes_are_checked():
         TripletLoss(negative="semi-hard")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="distance must be one of 'cosine', 'euclidean'"):
         TripletLoss(distance="cos")  # type: ignore[arg-type]
-    for margin in (-0.05, float("nan"), "0.05", True, np.array([0.05])):  # a distance
+    not_numbers = ("0.05", True, np.True_, torch.tensor(True), np.array("0.5"), np.complex128(1))
+    for margin in (-0.05, float("nan"), np.array([0.05]), *not_numbers):  # a distance
         with pytest.raises(ValueError, match=r"margin must be a number >= 0 \(a distance\)"):
             TripletLoss(margin=margin)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=r"margin must be a number >= 0 \(a distance\)"):
             mine_triplets(z, y, margin=margin, negative="random")  # type: ignore[arg-type]
-    for margin in (0, np.float32(0.05), float("inf"), torch.tensor(0.05), Fraction(1, 20)):
+    for margin in (0, np.float32(0.05), float("inf"), torch.tensor(0.05), Fraction(1, 20), 10**400):
         assert isinstance(TripletLoss(margin=margin).margin, float)  # (as the loss adds it)
         TripletLoss(margin=margin)(z, y)
         mine_triplets(z, y, margin=margin)

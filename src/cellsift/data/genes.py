@@ -331,12 +331,23 @@ class GeneVocabulary:
                 )
         # alignment reads names cleaned of padding, and ignores Ensembl versions: two ids
         # that are one there are one gene ("ENSG...1.1 " beside "ENSG...1")
-        stripped = _strip_version(_cleaned(self.genes))
+        cleaned = _cleaned(self.genes)
+        stripped = _strip_version(cleaned)
+        if cleaned is self.genes:  # (the ids alignment reads: kept for it)
+            self._stripped_of = (self.genes, stripped)
         if stripped.has_duplicates:
             dups = self.genes[stripped.duplicated(keep=False)].unique()[:5].tolist()
-            versions = " (Ensembl versions ignored)" if any(_ENSEMBL.match(g) for g in dups) else ""
+            padded = (
+                " (white space around them ignored)" if any(g != g.strip() for g in dups) else ""
+            )
+            versions = (
+                " (Ensembl versions ignored)"
+                if any(_ENSEMBL.match(g.strip()) for g in dups)
+                else ""
+            )
             raise DuplicateGenesError(
-                f"gene vocabulary has duplicate ids{versions}, e.g. {dups}; make them unique."
+                f"gene vocabulary has duplicate ids{versions}{padded}, e.g. {dups}; make them "
+                "unique."
             )
         if self.symbols is not None and len(self.symbols) != len(self.genes):
             raise ValueError("symbols must be parallel to genes.")

@@ -335,12 +335,30 @@ def _triplets_compiled(
 def _checked_margin(margin: Any) -> float:
     """``margin`` as a float, checked: a distance, >= 0 (a negative one leaves semihard
     windows empty, and random mode would pick negatives closer than the positives by more
-    than it). A number, or a 0-d array or tensor holding one."""
-    number = isinstance(margin, numbers.Real) or getattr(margin, "ndim", None) == 0
-    value = float(margin) if number and not isinstance(margin, bool) else float("nan")
+    than it). A real number (not a bool), or a 0-d array or tensor of integers or floats."""
+    dtype = getattr(margin, "dtype", None)
+    if isinstance(margin, bool | np.bool_):
+        number = False
+    elif isinstance(margin, numbers.Real):
+        number = True
+    elif getattr(margin, "ndim", None) != 0:
+        number = False
+    elif isinstance(dtype, np.dtype):
+        number = dtype.kind in "iuf"
+    else:
+        number = isinstance(dtype, torch.dtype) and (dtype.is_floating_point or _integral(dtype))
+    try:
+        value = float(margin) if number else float("nan")
+    except OverflowError:  # (a whole number beyond float's range)
+        value = float("inf")
     if not value >= 0:
         raise ValueError(f"margin must be a number >= 0 (a distance), not {margin!r}.")
     return value
+
+
+def _integral(dtype: torch.dtype) -> bool:
+    """An integer torch dtype (not bool)."""
+    return dtype != torch.bool and not dtype.is_complex and not dtype.is_floating_point
 
 
 def _float32(x: float) -> np.float32:
