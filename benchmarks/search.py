@@ -176,7 +176,8 @@ def main() -> None:
         # none of them, and three queries in four are of another type, whose nearest
         # selected cells lie far away. At 1M cells such a selection is past the size
         # searched exactly; the threshold is scaled with the atlas (--quick: 10k of 50k)
-        index_module.EXACT_SELECTION_MAX = round(EXACT_SELECTION_MAX * n / 1_000_000)
+        scaled_max = round(EXACT_SELECTION_MAX * n / 1_000_000)
+        index_module.EXACT_SELECTION_MAX = scaled_max
         flt_types = {"cell_type": list(range(100))}
         rows_types = np.flatnonzero(meta["cell_type"].to_numpy() < 100)
         secs, res = timed(lambda: exact.search(q, K, filter=flt_types, exact=True))
@@ -217,7 +218,7 @@ def main() -> None:
             target = results["cellsift/ivf"]["recall"]
             reached = False
             for ef in (K, 60, 70, 80, 100, 125, 150, 200, 300, 400, 600, 800):
-                h.set_ef(max(ef, K))
+                h.set_ef(ef)
                 if recall(h.knn_query(q, k=K, num_threads=THREADS)[0], truth) >= target:
                     reached = True
                     break
@@ -226,7 +227,7 @@ def main() -> None:
                 "hnswlib/at_ivf_recall",
                 recall=recall(labels, truth),
                 qps=N_QUERIES / secs,
-                ef=max(ef, K),
+                ef=ef,
                 reached=reached,  # (0: no ef of the ladder reached it; the last one's figures)
             )
             h.set_ef(K)
@@ -250,7 +251,7 @@ def main() -> None:
                 )
                 fresh = CellIndex.load(Path(tmp) / "ivf")  # (its selection caches cold too)
                 if what == "filtered_types_25pct":  # (through the IVF, as its row above)
-                    index_module.EXACT_SELECTION_MAX = round(EXACT_SELECTION_MAX * n / 1_000_000)
+                    index_module.EXACT_SELECTION_MAX = scaled_max
                 arrow_threads = pa.cpu_count()  # (the filter's scan runs in arrow's pool)
                 torch.set_num_threads(1)
                 faiss.omp_set_num_threads(1)

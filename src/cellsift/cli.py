@@ -146,7 +146,8 @@ def _index(args: argparse.Namespace) -> int:
     _refuse_inside(args.out, the_embeddings_store=args.embeddings)
     check_index_path(args.out, args.overwrite)  # refused before the work, not after it
     emb, meta = load_embeddings(args.embeddings)
-    index = CellIndex.build(emb, meta, engine=args.engine, k=args.k or 50)
+    k = {} if args.k is None else {"k": args.k}  # (the index's default, where none is given)
+    index = CellIndex.build(emb, meta, engine=args.engine, **k)
     if args.k is not None and index.engine == "exact":
         from ._warnings import warn
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import numpy as np
 import pytest
 import torch
@@ -441,13 +439,13 @@ def test_mining_settings_and_study_codes_are_checked():
         TripletLoss(negative="semi-hard")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="distance must be one of 'cosine', 'euclidean'"):
         TripletLoss(distance="cos")  # type: ignore[arg-type]
-    not_numbers = ("0.05", True, np.True_, torch.tensor(True), np.array("0.5"), np.complex128(1))
-    for margin in (-0.05, float("nan"), np.array([0.05]), *not_numbers):  # a distance
+    not_numbers = ("0.05", True, np.True_, torch.tensor(0.05), np.array(0.5), np.complex128(1))
+    for margin in (-0.05, float("nan"), *not_numbers):  # a distance, a number (as the model's)
         with pytest.raises(ValueError, match=r"margin must be a number >= 0 \(a distance\)"):
             TripletLoss(margin=margin)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=r"margin must be a number >= 0 \(a distance\)"):
             mine_triplets(z, y, margin=margin, negative="random")  # type: ignore[arg-type]
-    for margin in (0, np.float32(0.05), float("inf"), torch.tensor(0.05), Fraction(1, 20), 10**400):
+    for margin in (0, np.float32(0.05), np.int64(1), float("inf")):
         assert isinstance(TripletLoss(margin=margin).margin, float)  # (as the loss adds it)
         TripletLoss(margin=margin)(z, y)
         mine_triplets(z, y, margin=margin)

@@ -331,10 +331,7 @@ class GeneVocabulary:
                 )
         # alignment reads names cleaned of padding, and ignores Ensembl versions: two ids
         # that are one there are one gene ("ENSG...1.1 " beside "ENSG...1")
-        cleaned = _cleaned(self.genes)
-        stripped = _strip_version(cleaned)
-        if cleaned is self.genes:  # (the ids alignment reads: kept for it)
-            self._stripped_of = (self.genes, stripped)
+        stripped = self._stripped()
         if stripped.has_duplicates:
             dups = self.genes[stripped.duplicated(keep=False)].unique()[:5].tolist()
             padded = (
@@ -360,10 +357,11 @@ class GeneVocabulary:
             )
 
     def _stripped(self) -> pd.Index:
-        """``genes`` without Ensembl versions (kept for the ``genes`` they were made of)."""
+        """``genes`` as alignment reads them: cleaned of padding (:func:`_cleaned`), without
+        Ensembl versions (kept for the ``genes`` they were made of)."""
         kept = getattr(self, "_stripped_of", None)
         if kept is None or kept[0] is not self.genes:
-            kept = self._stripped_of = (self.genes, _strip_version(self.genes))
+            kept = self._stripped_of = (self.genes, _strip_version(_cleaned(self.genes)))
         return kept[1]
 
     def __len__(self) -> int:
@@ -500,8 +498,7 @@ class GeneVocabulary:
         labels = id_columns(var) + [c for c in SYMBOL_COLUMNS if c in by_label]
         candidates: list[tuple[Any, pd.Index]] = [(None, _cleaned(_names(var.index)))]
         candidates += [(c, _cleaned(_names(by_label[c]))) for c in labels]
-        genes = _cleaned(self.genes)  # (a vocabulary's names padded: read so too)
-        targets = [("ids", self._stripped() if genes is self.genes else _strip_version(genes))]
+        targets = [("ids", self._stripped())]  # (a vocabulary's names padded: read so too)
         if self.symbols is not None:
             targets.append(("symbols", _cleaned(self.symbols)))
         tried: list[_Tried] = []

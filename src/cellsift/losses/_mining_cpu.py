@@ -72,6 +72,16 @@ def _anchor_tables(yi, si, related, ancestor, uses, ok, coarse, used_by):  # typ
         used_by[st + 1] = resolved and uses[st, yi]
 
 
+SPARE = 8  # buckets past the last, for the cells that are no candidates (a power of 2)
+
+
+@numba.njit(inline="always")
+def _n_buckets(n):  # type: ignore[no-untyped-def]
+    """Candidate buckets of a row of ``n`` cells: a quarter as many as cells (about two
+    candidates to a bucket where half the row is in the window), at least one."""
+    return max(n // 4, 1)
+
+
 @numba.njit(inline="always")
 def _bucket(x, low, scale, n_buckets):  # type: ignore[no-untyped-def]
     """floor((x - low) * scale) clipped to [0, n_buckets - 1], in float32 (as the row's
@@ -139,26 +149,25 @@ def _one_anchor(  # type: ignore[no-untyped-def]
             hi = upper[k]
     if not semihard:
         lo = np.float32(-np.inf)
-    # equal-width buckets over the union window, a quarter as many as cells (about two
-    # candidates to a bucket where half the row is in the window); random: from 0 (distances
-    # are >= 0, and anything below still falls in bucket 0)
-    n_buckets = max(n // 4, 1)
+    # equal-width buckets over the union window (_n_buckets); random: from 0 (distances are
+    # >= 0, and anything below still falls in bucket 0)
+    n_buckets = _n_buckets(n)
     low = lo if semihard else np.float32(0.0)
     span = np.float64(hi) - np.float64(low)
     scale = np.float32(n_buckets / span if span > 0 and span < np.inf else 0.0)
     top = np.float32(n_buckets - 1)
     # every cell's bucket (a loop the compiler vectorises): a candidate's (as _bucket), or
-    # one of 8 spare buckets past the last for the other cells (spread, so that their counts
+    # one of the SPARE buckets past the last for the other cells (spread, so that their counts
     # are not one chain of dependent stores); the sort then moves every cell, branch-free
     for j in range(n):
         v = row[j]
         ok = (v > lo) & (v < hi) & allowed[j]
         b = np.uint32(min(top, max(np.float32(0.0), (v - low) * scale)))
-        which[j] = b if ok else np.uint32(n_buckets) + (np.uint32(j) & np.uint32(7))
-    start[: n_buckets + 9] = 0
+        which[j] = b if ok else np.uint32(n_buckets) + (np.uint32(j) & np.uint32(SPARE - 1))
+    start[: n_buckets + SPARE + 1] = 0
     for j in range(n):
         start[which[j] + np.uint32(1)] += np.uint32(1)
-    for b in range(n_buckets + 8):
+    for b in range(n_buckets + SPARE):
         start[b + 1] += start[b]
     c = start[n_buckets]
     if c == 0:
@@ -246,7 +255,7 @@ def triplets(  # type: ignore[no-untyped-def]
         d_ap = np.empty(n, np.float32)
         upper = np.empty(n, np.float32)
         which = np.empty(n, np.uint32)
-        bucket_start = np.empty(max(n // 4, 1) + 10, np.uint32)
+        bucket_start = np.empty(_n_buckets(n) + SPARE + 1, np.uint32)
         o_v = np.empty(n, np.float32)
         o_j = np.empty(n, np.uint32)
         current = -1

@@ -26,13 +26,14 @@ device.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
+
+from .._utils import is_number
 
 __all__ = ["TripletLoss", "Triplets", "mine_triplets", "pairwise_distance"]
 
@@ -333,32 +334,12 @@ def _triplets_compiled(
 
 
 def _checked_margin(margin: Any) -> float:
-    """``margin`` as a float, checked: a distance, >= 0 (a negative one leaves semihard
-    windows empty, and random mode would pick negatives closer than the positives by more
-    than it). A real number (not a bool), or a 0-d array or tensor of integers or floats."""
-    dtype = getattr(margin, "dtype", None)
-    if isinstance(margin, bool | np.bool_):
-        number = False
-    elif isinstance(margin, numbers.Real):
-        number = True
-    elif getattr(margin, "ndim", None) != 0:
-        number = False
-    elif isinstance(dtype, np.dtype):
-        number = dtype.kind in "iuf"
-    else:
-        number = isinstance(dtype, torch.dtype) and (dtype.is_floating_point or _integral(dtype))
-    try:
-        value = float(margin) if number else float("nan")
-    except OverflowError:  # (a whole number beyond float's range)
-        value = float("inf")
-    if not value >= 0:
+    """``margin`` as a float, checked: a distance, a number >= 0 (a negative one leaves
+    semihard windows empty, and random mode would pick negatives closer than the positives
+    by more than it)."""
+    if not (is_number(margin) and margin >= 0):
         raise ValueError(f"margin must be a number >= 0 (a distance), not {margin!r}.")
-    return value
-
-
-def _integral(dtype: torch.dtype) -> bool:
-    """An integer torch dtype (not bool)."""
-    return dtype != torch.bool and not dtype.is_complex and not dtype.is_floating_point
+    return float(margin)
 
 
 def _float32(x: float) -> np.float32:
@@ -414,6 +395,7 @@ def mine_triplets(
         with ``study_n``, relatives that a study's labels tell apart may be negatives
         (``relatives="resolved"``, module docstring).
     """
+    margin = _checked_margin(margin)  # (TripletLoss checks its own once, not per batch)
     with torch.no_grad():
         if dist_nn is None:  # (in float32 at least, as the loss mines)
             d = pairwise_distance(_no_half(z_nk), distance).float()
@@ -439,7 +421,6 @@ def _mine(
 ) -> Triplets:
     """:func:`mine_triplets` on float32 distances ``d`` (>= 0 or NaN) on the batch's device."""
     _check_choice("negative", negative, Negative)
-    margin = _checked_margin(margin)
     dev = d.device
     with torch.no_grad():
         y = y_n.long().to(dev)
