@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import logging
 import math
+import numbers
 import os
 import shutil
 import signal
@@ -77,10 +78,20 @@ def is_whole(value: object, least: int | None = None) -> bool:
 
 
 def is_number(value: object) -> bool:
-    """A real number (Python's or numpy's, not a bool), not NaN."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+    """A real number (Python's, numpy's or a ``numbers.Real`` such as a Fraction; not a
+    bool, nor an array or tensor), not NaN."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         return False
     return bool(value == value)
+
+
+def as_float(value: Any) -> float:
+    """``float(value)`` of a real number, infinite (with its sign) where it lies beyond
+    float's range (a whole number such as ``10**400``, which ``float`` refuses)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def positions(rows: Any, error: type[Exception] = IndexError) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -445,10 +447,16 @@ def test_mining_settings_and_study_codes_are_checked():
             TripletLoss(margin=margin)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=r"margin must be a number >= 0 \(a distance\)"):
             mine_triplets(z, y, margin=margin, negative="random")  # type: ignore[arg-type]
-    for margin in (0, np.float32(0.05), np.int64(1), float("inf")):
+    for margin in (0, np.float32(0.05), np.int64(1), float("inf"), Fraction(1, 20), 10**400):
         assert isinstance(TripletLoss(margin=margin).margin, float)  # (as the loss adds it)
         TripletLoss(margin=margin)(z, y)
         mine_triplets(z, y, margin=margin)
+    assert TripletLoss(margin=10**400).margin == float("inf")  # (beyond float's range)
+    loss = TripletLoss()
+    for margin in (-1.0, float("nan"), "0.05"):  # set later: checked as at construction
+        with pytest.raises(ValueError, match=r"margin must be a number >= 0 \(a distance\)"):
+            loss.margin = margin  # type: ignore[assignment]
+    assert loss.margin == 0.05
 
 
 def test_euclidean_distances_of_embeddings_far_from_the_origin_keep_their_precision():

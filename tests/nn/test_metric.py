@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -207,6 +209,8 @@ def test_label_loss_does_not_credit_a_descendant_the_study_uses(relatives):
         ({"input_dropout": float("nan")}, r"input_dropout is a probability"),
         ({"margin": -0.1}, "margin is a finite distance, at least 0"),
         ({"margin": float("inf")}, "margin is a finite distance"),  # (no bundle holds it)
+        ({"margin": 10**400}, "margin is a finite distance"),  # (beyond float's range)
+        ({"target_sum": 10**400}, "target_sum is the counts per cell"),
         (
             {"classifier_weight": 0.1, "related_ll": torch.zeros(0, 0, dtype=torch.bool)},
             r"a label head \(classifier_weight > 0\) calls one of the model's labels, and",
@@ -229,3 +233,5 @@ def test_settings_that_cannot_make_a_model_are_named(settings, message):
     with pytest.raises(ConfigError, match=message):
         MetricModule(**{"n_genes": 20, "hidden": [16], "latent": 8, **settings})
     MetricModule(np.int64(20), hidden=[np.int64(16)], latent=np.int64(8))  # numpy's ints too
+    # a Fraction is a real number to the model and to its loss alike
+    assert MetricModule(20, [16], 8, margin=Fraction(1, 20)).triplet.margin == 0.05

@@ -456,6 +456,9 @@ def test_calibration_against_a_selection_of_the_reference_is_its_conformal_quant
         ann.annotate(x[cal][:5])
     with pytest.raises(ConfigError, match="distance_threshold is a distance"):
         ann.distance_threshold = "0.3"  # type: ignore[assignment]
+    ann.distance_threshold = 10**400  # (beyond float's range: no abstention by distance)
+    assert ann.distance_threshold == float("inf")
+    ann.distance_threshold = thr
     # a filter is the same selection whatever the order of its columns and values
     ann = KNNAnnotator(index, k=k)
     ann.calibrate(

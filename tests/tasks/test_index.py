@@ -710,7 +710,7 @@ def test_queries_of_bfloat16_and_search_settings_are_checked(data, ivf):
         with pytest.raises(CellIndexError, match="nprobe is the number of IVF lists"):
             ivf.search(x[:2], 5, nprobe=bad)
     every = ivf.search(x[:2], 5, nprobe=ivf.params["nlist"]).indices
-    for more in (10**20, 1e20):  # (every list, at most)
+    for more in (10**20, 1e20, 10**400):  # (every list, at most; 10**400 no float)
         np.testing.assert_array_equal(ivf.search(x[:2], 5, nprobe=more).indices, every)
     for same in (np.int64(2), 2.0):  # (a whole float, as a config file gives it)
         np.testing.assert_array_equal(

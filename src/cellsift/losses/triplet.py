@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._utils import is_number
+from .._utils import as_float, is_number
 
 __all__ = ["TripletLoss", "Triplets", "mine_triplets", "pairwise_distance"]
 
@@ -339,7 +339,7 @@ def _checked_margin(margin: Any) -> float:
     by more than it)."""
     if not (is_number(margin) and margin >= 0):
         raise ValueError(f"margin must be a number >= 0 (a distance), not {margin!r}.")
-    return float(margin)
+    return as_float(margin)  # (a whole number beyond float's range: inf)
 
 
 def _float32(x: float) -> np.float32:
@@ -560,7 +560,6 @@ class TripletLoss(nn.Module):
             raise ValueError(f"relatives must be 'never' or 'resolved', not {relatives!r}.")
         _check_choice("negative", negative, Negative)
         _check_choice("distance", distance, Distance)
-        margin = _checked_margin(margin)
         if relatives == "resolved" and ancestor_ll is None:
             raise ValueError("relatives='resolved' needs ancestor_ll (CellOntology.closure).")
         self.margin, self.negative, self.distance = margin, negative, distance
@@ -574,6 +573,15 @@ class TripletLoss(nn.Module):
             self.register_buffer("ancestor_ll", ancestor_ll.bool())
         else:
             self.ancestor_ll = None
+
+    @property
+    def margin(self) -> float:
+        """The hinge's margin, a distance (checked where set: :func:`_checked_margin`)."""
+        return self._margin
+
+    @margin.setter
+    def margin(self, value: Any) -> None:
+        self._margin = _checked_margin(value)
 
     def forward(
         self,

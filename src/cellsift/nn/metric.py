@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import as_float
 from ..errors import ConfigError
 from ..losses import TripletLoss
 from ..losses.triplet import Distance, Negative, Relatives, study_uses_label
@@ -121,11 +122,12 @@ def _check_settings(
     for name, p in (("dropout", dropout), ("input_dropout", input_dropout)):
         if not 0.0 <= p < 1.0:  # (NaN fails too)
             raise ConfigError(f"{name} is a probability in [0, 1), not {p!r}.")
-    if not 0.0 <= margin < float("inf"):
+    # (as floats: Python compares a whole number beyond float's range, 10**400, as below inf)
+    if not 0.0 <= as_float(margin) < float("inf"):
         raise ConfigError(
             f"margin is a finite distance, at least 0, not {margin!r} (SCimilarity: 0.05)."
         )
-    if not 0.0 < target_sum < float("inf"):
+    if not 0.0 < as_float(target_sum) < float("inf"):
         raise ConfigError(
             f"target_sum is the counts per cell after normalisation, above 0, not "
             f"{target_sum!r} (default 1e4)."

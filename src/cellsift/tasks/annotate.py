@@ -45,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._utils import import_optional, is_number, is_whole, logger, no_label
+from .._utils import as_float, import_optional, is_number, is_whole, logger, no_label
 from .._warnings import CellsiftWarning, warn
 from ..data.collection import _as_text, value_text
 from ..errors import ConfigError, DataError
@@ -167,7 +167,7 @@ class KNNAnnotator:
                 f"distance_threshold is a distance beyond which a call is unknown (a number; "
                 f"calibrate() sets one), or None for no abstention, not {value!r}."
             )
-        self._distance_threshold = None if value is None else float(value)
+        self._distance_threshold = None if value is None else as_float(value)
         #: the reference selection (safelist, blocklist, filter, as given: _as_given)
         #: :meth:`calibrate` set the threshold on; unset, a threshold given as a number
         #: (by hand: no selection to hold queries to)

@@ -55,6 +55,7 @@ import pandas as pd
 import torch
 
 from .._utils import (
+    as_float,
     atomic_dir,
     check_replaceable,
     holds,
@@ -691,8 +692,9 @@ class CellIndex:
         k = int(k)  # (faiss takes Python ints only)
         if max_distance is not None:
             _check_distance(max_distance)
-        if nprobe is not None and not (
-            is_number(nprobe) and float(nprobe).is_integer() and nprobe >= 1
+        if nprobe is not None and not (  # (a whole float too; any whole number: min'd below)
+            is_whole(nprobe, least=1)
+            or (is_number(nprobe) and as_float(nprobe).is_integer() and nprobe >= 1)
         ):
             raise CellIndexError(
                 f"nprobe is the number of IVF lists each query probes, a whole number >= 1 "
