@@ -13,7 +13,7 @@ from cellsift._warnings import CellsiftWarning
 from cellsift.data import CellCollection, open_store
 from cellsift.data.convert import convert
 from cellsift.data.writers import ZarrWriter
-from cellsift.errors import DataError
+from cellsift.errors import ConfigError, DataError
 
 
 @pytest.mark.parametrize(
@@ -270,6 +270,16 @@ def test_what_convert_does_not_carry_is_named(tmp_path, fmt):
     named = r"the file's raw, layers\['spliced'\], obsm\['X_umap'\], uns are not carried over"
     with pytest.warns(CellsiftWarning, match=named):
         convert(tmp_path / f"full.{fmt}", tmp_path / "full.soma")
+    # in place (overwrite): what it does not carry would be lost with the source (hunt227)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ConfigError, match=r"full\.\w+ is the input: converting it in place would"):
+        convert(tmp_path / f"full.{fmt}", tmp_path / f"full.{fmt}", overwrite=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    read = ad.read_h5ad if fmt == "h5ad" else ad.read_zarr
+    assert "X_umap" in read(tmp_path / f"full.{fmt}").obsm
+    with warnings.catch_warnings():  # (a file of counts, obs and var alone: nothing lost)
+        warnings.simplefilter("error")
+        convert(tmp_path / f"plain.{fmt}", tmp_path / f"plain.{fmt}", overwrite=True)
 
 
 def test_min_genes_counts_values_and_stored_zeros_are_not_carried(tmp_path):

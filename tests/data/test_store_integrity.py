@@ -243,3 +243,34 @@ def test_a_damaged_gzip_chunk_is_named_as_damage(counts, kind, direct, tmp_path)
         chunk.write_bytes(bytes(raw))
     with pytest.raises(DataError, match=r"X of cells 0-399 cannot be read \((zlib\.error|OSError)"):
         open_store(path, direct=direct).read(np.arange(400))
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "zarr"])
+def test_damaged_metadata_is_named_as_damage_on_open_and_on_convert(kind, tmp_path):
+    """An object header of X (h5ad) or X's zarr.json (Zarr) overwritten: opening the store
+    names its layout as damaged; obsm's header so damaged (h5ad): convert, which lists the elements
+    it does not carry over, names them so. Not h5py's KeyError or json's error (hunt227: a
+    traceback and exit 1 from every command)."""
+    import h5py
+
+    adata = _adata(_counts(20, 5))
+    adata.obsm["X_umap"] = np.zeros((20, 2))
+    damaged = [("X", "its layout")] + ([("obsm", "its other elements")] if kind == "h5ad" else [])
+    for element, what in damaged:
+        path = tmp_path / f"{element}.{kind}"
+        if kind == "h5ad":
+            adata.write_h5ad(path)
+            with h5py.File(path) as f:
+                at = h5py.h5o.get_info(f[element].id).addr
+            with open(path, "r+b") as fh:
+                fh.seek(at)
+                fh.write(b"\xff" * 16)
+        else:  # (cellsift's Zarr: anndata's consolidates its metadata, read from the root)
+            path = _write("cellsift", adata.X, tmp_path / "written")
+            meta = path / element / "zarr.json"
+            meta.write_text(meta.read_text()[:20])
+        pattern = rf"{re.escape(str(path))}: {what} .*cannot be read .* damaged or incomplete"
+        with pytest.raises(DataError, match=pattern):
+            open_store(path)
+            convert(path, tmp_path / f"{element}-{kind}.zarr")
+        assert not (tmp_path / f"{element}-{kind}.zarr").exists()

@@ -58,14 +58,15 @@ class AnnDataStore(CellStore):
     ) -> None:
         super().__init__(path, layer=layer)
         root = self.handle  # open now: a corrupt file fails here, with its name
-        # layer "raw": adata.raw, or where there is none a layer so named (as in memory)
-        self._raw = layer == "raw" and (_held(root, "raw/X") or not _held(root, "layers/raw"))
-        self._check_layout(root)
         self._direct: list[ChunkedReader] | None = None
-        if direct and not self._dense:
-            readers = self._direct_readers(self._matrix(root))
-            if readers and all(r is not None for r in readers):
-                self._direct = readers  # type: ignore[assignment]
+        with self._reading("its layout (the groups and attributes that say what it holds)"):
+            # layer "raw": adata.raw, or where there is none a layer so named (as in memory)
+            self._raw = layer == "raw" and (_held(root, "raw/X") or not _held(root, "layers/raw"))
+            self._check_layout(root)
+            if direct and not self._dense:
+                readers = self._direct_readers(self._matrix(root))
+                if readers and all(r is not None for r in readers):
+                    self._direct = readers  # type: ignore[assignment]
 
     def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
         """Direct readers of the matrix's ``data`` and ``indices`` (None where not possible)."""
@@ -96,14 +97,14 @@ class AnnDataStore(CellStore):
         """The file's elements besides the counts read, obs and var (other layers, X, raw,
         obsm, varm, obsp, varp, uns), as ``layers['spliced']``, ``obsm['X_umap']``, ``uns``."""
         root, read = self.handle, self._matrix_key()
-
-        out = ["X"] if read != "X" and _held(root, "X") else []
-        out += ["raw"] if not read.startswith("raw/") and _held(root, "raw") else []
-        for group in ("layers", "obsm", "varm", "obsp", "varp"):
-            if _held(root, group):
-                out += [f"{group}[{k!r}]" for k in root[group] if f"{group}/{k}" != read]
-        if _held(root, "uns") and len(root["uns"]):
-            out.append("uns")
+        with self._reading("its other elements (layers, obsm, varm, obsp, varp, uns)"):
+            out = ["X"] if read != "X" and _held(root, "X") else []
+            out += ["raw"] if not read.startswith("raw/") and _held(root, "raw") else []
+            for group in ("layers", "obsm", "varm", "obsp", "varp"):
+                if _held(root, group):
+                    out += [f"{group}[{k!r}]" for k in root[group] if f"{group}/{k}" != read]
+            if _held(root, "uns") and len(root["uns"]):
+                out.append("uns")
         return out
 
     def _matrix_key(self) -> str:

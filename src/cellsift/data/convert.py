@@ -145,8 +145,13 @@ def convert(
 
         _check_counts(store)
     others: list[str] = getattr(store, "other_elements", list)()
+    shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+    if others and dest.exists() and os.path.samefile(source, dest):
+        raise ConfigError(  # (overwrite: the source itself replaced, and what it holds lost)
+            f"{dest} is the input: converting it in place would drop its {shown}, which "
+            "convert does not carry over. Write the output elsewhere."
+        )
     if others:  # a store for reading cells: what else the file holds is not copied
-        shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
         warn(
             f"{source}: convert writes the counts ({store.layer or 'X'}), obs and var; the "
             f"file's {shown} are not carried over. Keep the source for them."
