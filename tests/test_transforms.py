@@ -277,7 +277,7 @@ def test_zscore_keeps_the_precision_of_float64_batches_and_statistics():
     assert ZScore(torch.zeros(7), torch.ones(7)).mean_g.dtype == torch.float32
 
 
-@pytest.mark.parametrize("target", [0, -1.0, float("nan"), float("inf"), "1e4", True])
+@pytest.mark.parametrize("target", [0, -1.0, float("nan"), float("inf"), "1e4", True, 10**400])
 def test_normalize_total_refuses_a_target_that_is_not_a_positive_number(target):
     from cellsift.errors import ConfigError
 

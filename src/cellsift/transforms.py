@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._utils import is_number
+from ._utils import as_float, is_number
 from .errors import ConfigError
 
 __all__ = ["Densify", "GeneSubset", "Log1p", "NormalizeTotal", "ZScore", "default_pipeline"]
@@ -142,12 +142,12 @@ class NormalizeTotal(_Transform):
 
     def __init__(self, target_sum: float = 1e4, key: str = "x_ng") -> None:
         super().__init__(key)
-        if not (is_number(target_sum) and 0 < target_sum < math.inf):
+        if not (is_number(target_sum) and 0 < as_float(target_sum) < math.inf):
             raise ConfigError(
                 f"target_sum is the counts per cell after normalisation, a number above 0 "
                 f"(1e4: counts per 10k), not {target_sum!r}."
             )
-        self.target_sum = float(target_sum)
+        self.target_sum = as_float(target_sum)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         sparse = x.layout == torch.sparse_csr

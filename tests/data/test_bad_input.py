@@ -454,6 +454,9 @@ def test_empty_cells_that_the_filters_remove_are_no_error(tmp_path):
         CellCollection(path)
     assert CellCollection(path, min_counts=1).n_obs == 49
     assert CellCollection(path, obs_filter={"keep": "yes"}).n_obs == 49
+    # a whole number beyond float's range keeps no cell (it was an OverflowError)
+    with pytest.raises(DataError, match=r"keep none of the 50 cells \(min_counts=inf removes"):
+        CellCollection(path, min_counts=10**400)
 
 
 def test_one_layer_for_stores_that_keep_counts_apart_names_the_way_out(tmp_path):

@@ -98,6 +98,13 @@ def test_sharded_output_and_manifest(indexed_paths, tmp_path):
     assert named.is_dir()
     shutil.copy(indexed_paths["h5ad"], tmp_path / "g" / "a.h5ad")
     assert CellCollection(str(tmp_path / "g" / "*.h5ad")).n_obs == 4_000
+    # a shard converted into the sharded store that holds it (review209: the store's other
+    # shards were deleted): refused, nothing changed
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    for shards in (600, None):
+        with pytest.raises(ConfigError, match=r"holds the input .*shard-00001\.h5ad"):
+            convert(out / "shard-00001.h5ad", out, shard_size=shards, overwrite=True)
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
     (tmp_path / "g" / "empty.h5ad").mkdir()
     with pytest.raises(DataError, match=r"empty\.h5ad: is a folder, not an h5ad file") as err:
         CellCollection(str(tmp_path / "g" / "*.h5ad"))

@@ -82,6 +82,16 @@ def test_layers_and_raw(data_dir):
         assert (store.read(np.arange(300)) != counts).nnz == 0
     with pytest.raises(Exception, match="layer="):
         open_store(path, layer="spliced")
+    # names that are no layer's (paths h5py or zarr would resolve elsewhere, or refuse as
+    # paths: review209, "the file is damaged" of a healthy Zarr): no such layer, the choices
+    from cellsift.errors import MissingKeyError
+
+    zarr_path = data_dir / "layers.zarr"
+    adata.write_zarr(zarr_path)
+    for where in (path, zarr_path):
+        for name in ("", ".", "..", "../X", "counts/data"):
+            with pytest.raises(MissingKeyError, match=r"has no layers/.*Choose layer= among: X"):
+                open_store(where, layer=name)
 
 
 def test_a_layer_named_raw_beside_a_raw_is_named_not_passed_over(tmp_path):

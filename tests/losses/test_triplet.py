@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from fractions import Fraction
 
 import numpy as np
@@ -457,6 +458,10 @@ def test_mining_settings_and_study_codes_are_checked():
         with pytest.raises(ValueError, match=r"margin must be a number >= 0 \(a distance\)"):
             loss.margin = margin  # type: ignore[assignment]
     assert loss.margin == 0.05
+    # a loss pickled whole when the margin was a plain attribute loads with it
+    old = TripletLoss.__new__(TripletLoss)
+    old.__setstate__({**{k: v for k, v in loss.__dict__.items() if k != "_margin"}, "margin": 0.2})
+    assert old.margin == 0.2 and pickle.loads(pickle.dumps(old)).margin == 0.2
 
 
 def test_euclidean_distances_of_embeddings_far_from_the_origin_keep_their_precision():

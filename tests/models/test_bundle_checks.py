@@ -229,6 +229,10 @@ def test_a_state_cast_to_half_precision_whole_loads():
             _edit_config(lambda c: c["loss"].update(margin=True)),
             r"config\.json's loss\.margin is True, not a distance >= 0",
         ),
+        (  # (a whole number beyond float's range: inf, no OverflowError)
+            _edit_config(lambda c: c["loss"].update(margin=10**400)),
+            r"config\.json's loss\.margin is 10+, not a distance >= 0",
+        ),
         (
             _edit_config(lambda c: c["loss"].update(triplet_weight="0.1")),
             r"config\.json's loss\.triplet_weight is '0\.1', not a number in \[0, 1\]",
@@ -265,6 +269,7 @@ def test_a_state_cast_to_half_precision_whole_loads():
         "genes-tsv-without-gene-id",
         "genes-tsv-empty-gene-id",
         "margin-a-bool",
+        "margin-beyond-float",
         "triplet-weight-text",
         "negative-null",
         "decoder-trained-text",

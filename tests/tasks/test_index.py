@@ -484,6 +484,12 @@ def test_search_within_max_distance_is_exhaustive(data, monkeypatch):
             index.search_within(q[:1], **{"max_distance": 0.3, **bad})
     with pytest.raises(CellIndexError, match="max_distance is a cosine distance"):
         index.search(q[:1], 5, max_distance=float("nan"))
+    # a whole number beyond float's range: inf, every hit (it was an OverflowError)
+    (ids, _), *_ = index.search_within(q[:1], 10**400, max_hits=7)
+    np.testing.assert_array_equal(ids, i[0, :7])
+    np.testing.assert_array_equal(
+        index.search(q[:2], 5, max_distance=10**400).indices, index.search(q[:2], 5).indices
+    )
 
 
 def test_search_within_keeps_max_hits_block_by_block(data, monkeypatch):

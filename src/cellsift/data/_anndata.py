@@ -80,7 +80,14 @@ class AnnDataStore(CellStore):
         key = self._matrix_key()
         if self.layer == "raw" and _held(root, "raw/X") and _held(root, "layers/raw"):
             raise self._error(*RAW_CLASH)
-        if not _held(root, key):
+        # (a name that is no one element of layers, "", "..", "c/data": none the file holds,
+        # not a path h5py or zarr would resolve elsewhere or refuse as a path)
+        named = self.layer in (None, "raw") or (
+            isinstance(self.layer, str)
+            and self.layer not in ("", ".", "..")
+            and "/" not in self.layer
+        )
+        if not (named and _held(root, key)):
             have = ["X (layer=None)"] if _held(root, "X") else []
             if _held(root, "layers"):
                 have += [f"layers[{k!r}]" for k in root["layers"]]

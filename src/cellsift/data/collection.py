@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._utils import (
+    as_float,
     is_number,
     is_whole,
     logger,
@@ -206,6 +207,8 @@ class CellCollection:
             raise ConfigError(f"min_genes is a number of genes (0 or more), not {min_genes!r}.")
         if min_counts is not None and not (is_number(min_counts) and min_counts >= 0):
             raise ConfigError(f"min_counts is a number of counts (0 or more), not {min_counts!r}.")
+        if min_counts is not None:  # (compared with float sums; 10**400 is no float)
+            min_counts = as_float(min_counts)
         allow_open_files(len(paths))
         opts = dict(store_options or {})
         try:

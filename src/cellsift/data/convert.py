@@ -131,6 +131,12 @@ def convert(
             "symbols) and convert it again."
         )
     dest = Path(dest)
+    a_path = isinstance(source, str | os.PathLike)  # (else an AnnData or a store in memory)
+    if a_path and dest.resolve() in Path(source).resolve().parents:  # (it would be deleted)
+        raise ConfigError(
+            f"{dest} holds the input {source}: writing there would replace it (and whatever "
+            "else is there) while it is read. Write the output elsewhere."
+        )
     if shard_size is not None:
         fmt = format or (guess_format(dest.with_suffix(dest.suffix or ".h5ad")))
         check_replaceable(dest, overwrite, _is_sharded_store, _A_SHARDED_STORE)  # before the work
@@ -146,7 +152,7 @@ def convert(
         _check_counts(store)
     others: list[str] = getattr(store, "other_elements", list)()
     shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
-    if others and dest.exists() and os.path.samefile(source, dest):
+    if others and a_path and dest.exists() and os.path.samefile(source, dest):
         raise ConfigError(  # (overwrite: the source itself replaced, and what it holds lost)
             f"{dest} is the input: converting it in place would drop its {shown}, which "
             "convert does not carry over. Write the output elsewhere."

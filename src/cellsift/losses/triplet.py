@@ -583,6 +583,12 @@ class TripletLoss(nn.Module):
     def margin(self, value: Any) -> None:
         self._margin = _checked_margin(value)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a loss pickled whole when its margin was a plain attribute: the property's now
+        if "margin" in state:
+            state["_margin"] = _checked_margin(state.pop("margin"))
+        super().__setstate__(state)
+
     def forward(
         self,
         z_nk: torch.Tensor,

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._utils import (
+    as_float,
     atomic_path,
     check_replaceable,
     holds,
@@ -503,7 +504,7 @@ def _one_of(choices: tuple[str, ...]) -> str:
 
 #: The loss settings a bundle's config.json (or an import) may give: what each must be.
 _LOSS_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "margin": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a distance >= 0"),
+    "margin": (lambda v: _is_number(v) and 0 <= as_float(v) < float("inf"), "a distance >= 0"),
     "triplet_weight": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "classifier_weight": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "negative": (lambda v: v in get_args(Negative), _one_of(get_args(Negative))),

@@ -691,7 +691,7 @@ class CellIndex:
         check_k(k)
         k = int(k)  # (faiss takes Python ints only)
         if max_distance is not None:
-            _check_distance(max_distance)
+            max_distance = _check_distance(max_distance)
         if nprobe is not None and not (  # (a whole float too; any whole number: min'd below)
             is_whole(nprobe, least=1)
             or (is_number(nprobe) and as_float(nprobe).is_integer() and nprobe >= 1)
@@ -772,7 +772,7 @@ class CellIndex:
         Distances are float32 (``1 - cos``), so a cell's distance to itself or to a copy is
         0 within about 1e-7 either way: to find copies, ask for ``max_distance=1e-6``, not
         0."""
-        _check_distance(max_distance)
+        max_distance = _check_distance(max_distance)
         if not is_whole(max_hits, least=1):
             raise CellIndexError(
                 f"max_hits is how many hits to keep per query, a whole number >= 1, not "
@@ -1513,14 +1513,16 @@ def _nearest(ids: np.ndarray, dist: np.ndarray, keep: int) -> tuple[np.ndarray, 
     return ids[near], dist[near]
 
 
-def _check_distance(max_distance: Any) -> None:
-    """``max_distance`` is a number that is not NaN (cosine distances lie in [0, 2]; inf
-    keeps every hit), else a :class:`CellIndexError`."""
+def _check_distance(max_distance: Any) -> float:
+    """``max_distance`` as a float, a number that is not NaN (cosine distances lie in [0,
+    2]; inf keeps every hit; a whole number beyond float's range is inf), else a
+    :class:`CellIndexError`."""
     if not is_number(max_distance):
         raise CellIndexError(
             f"max_distance is a cosine distance (a number; distances lie in [0, 2]), not "
             f"{max_distance!r}."
         )
+    return as_float(max_distance)
 
 
 def check_k(k: Any) -> None:
