@@ -247,10 +247,12 @@ class CellCollection:
                 self.genes = GeneVocabulary(list(genes))
             except ValueError as err:  # (a ConfigError: the command line says it in a line)
                 raise ConfigError(f"genes= (the vocabulary to read through): its {err}") from err
-        self.gene_maps: list[GeneMap] = [
-            self.genes.align(s.var, source=str(s.path), min_overlap=min_overlap, of=overlap_of)
-            for s in self.stores
-        ]
+        self.gene_maps: list[GeneMap] = []
+        for s in self.stores:  # (its gene map is what reads need: the table let go at once)
+            self.gene_maps.append(
+                self.genes.align(s.var, source=str(s.path), min_overlap=min_overlap, of=overlap_of)
+            )
+            s.release_var()
         for s, gm in zip(self.stores, self.gene_maps, strict=True):
             if not gm.identity:
                 logger.info(

@@ -184,9 +184,16 @@ class CellStore(ABC):
     def var_names(self) -> pd.Index:
         return self.var.index
 
-    @property
+    @cached_property
     def n_vars(self) -> int:
         return len(self.var)
+
+    def release_var(self) -> None:
+        """Let go of the gene table read so far (read again when next asked for), its gene
+        count kept: a collection keeps each store's gene map, not its table, which for a
+        few thousand genes of text is about half a megabyte a store."""
+        _ = self.n_vars
+        self.__dict__.pop("var", None)
 
     @property
     def shape(self) -> tuple[int, int]:
