@@ -102,8 +102,9 @@ def test_sharded_output_and_manifest(indexed_paths, tmp_path):
     # shards were deleted): refused, nothing changed
     before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
     for shards in (600, None):
-        with pytest.raises(ConfigError, match=r"holds the input .*shard-00001\.h5ad"):
-            convert(out / "shard-00001.h5ad", out, shard_size=shards, overwrite=True)
+        for source in (out / "shard-00001.h5ad", open_store(out / "shard-00001.h5ad")):
+            with pytest.raises(ConfigError, match=r"holds the input .*shard-00001\.h5ad"):
+                convert(source, out, shard_size=shards, overwrite=True)  # (review210: a store)
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
     (tmp_path / "g" / "empty.h5ad").mkdir()
     with pytest.raises(DataError, match=r"empty\.h5ad: is a folder, not an h5ad file") as err:
@@ -279,8 +280,9 @@ def test_what_convert_does_not_carry_is_named(tmp_path, fmt):
         convert(tmp_path / f"full.{fmt}", tmp_path / "full.soma")
     # in place (overwrite): what it does not carry would be lost with the source (hunt227)
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    with pytest.raises(ConfigError, match=r"full\.\w+ is the input: converting it in place would"):
-        convert(tmp_path / f"full.{fmt}", tmp_path / f"full.{fmt}", overwrite=True)
+    for source in (tmp_path / f"full.{fmt}", open_store(tmp_path / f"full.{fmt}")):
+        with pytest.raises(ConfigError, match=r"full\.\w+ is the input: converting it in place"):
+            convert(source, tmp_path / f"full.{fmt}", overwrite=True)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     read = ad.read_h5ad if fmt == "h5ad" else ad.read_zarr
     assert "X_umap" in read(tmp_path / f"full.{fmt}").obsm

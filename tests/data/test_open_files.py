@@ -155,6 +155,13 @@ def test_a_collection_keeps_its_stores_gene_maps_not_their_gene_tables(many):
     assert all("var" not in s.__dict__ for s in coll.stores)  # (reads need no table)
     for store, table in zip(coll.stores, tables, strict=True):
         assert store.var.equals(table)
+    # a table the store held already (read, or edited by its user) is the user's: kept
+    # (review210: an edited var_names let go, the next collection aligned the file's)
+    store = open_store(many[0])
+    store.var.index = [f"renamed{i}" for i in range(store.n_vars)]
+    CellCollection([store], genes=list(store.var.index))
+    assert list(store.var.index) == [f"renamed{i}" for i in range(store.n_vars)]
+    assert CellCollection([store], genes=list(store.var.index)).gene_maps[0].n_matched == 6
 
 
 _OPEN_MANY = """

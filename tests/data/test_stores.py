@@ -92,6 +92,9 @@ def test_layers_and_raw(data_dir):
         for name in ("", ".", "..", "../X", "counts/data"):
             with pytest.raises(MissingKeyError, match=r"has no layers/.*Choose layer= among: X"):
                 open_store(where, layer=name)
+    adata.layers["0"] = counts  # (a name given as a number reads the layer so named)
+    adata.write_h5ad(data_dir / "layer0.h5ad")
+    assert (open_store(data_dir / "layer0.h5ad", layer=0).read(np.arange(300)) != counts).nnz == 0
 
 
 def test_a_layer_named_raw_beside_a_raw_is_named_not_passed_over(tmp_path):

@@ -83,9 +83,7 @@ class AnnDataStore(CellStore):
         # (a name that is no one element of layers, "", "..", "c/data": none the file holds,
         # not a path h5py or zarr would resolve elsewhere or refuse as a path)
         named = self.layer in (None, "raw") or (
-            isinstance(self.layer, str)
-            and self.layer not in ("", ".", "..")
-            and "/" not in self.layer
+            str(self.layer) not in ("", ".", "..") and "/" not in str(self.layer)
         )
         if not (named and _held(root, key)):
             have = ["X (layer=None)"] if _held(root, "X") else []

@@ -227,6 +227,9 @@ class CellCollection:
                     "CellCollection([open_store(a), open_store(b, layer='counts')])."
                 ) from err
             raise
+        # the gene tables stores held before (read, or edited by their user): kept, where
+        # those the collection reads to align are let go once aligned
+        held = ["var" in s.__dict__ for s in self.stores]
         self.offsets = np.concatenate(([0], np.cumsum([s.n_obs for s in self.stores]))).astype(
             np.int64
         )
@@ -248,11 +251,12 @@ class CellCollection:
             except ValueError as err:  # (a ConfigError: the command line says it in a line)
                 raise ConfigError(f"genes= (the vocabulary to read through): its {err}") from err
         self.gene_maps: list[GeneMap] = []
-        for s in self.stores:  # (its gene map is what reads need: the table let go at once)
+        for s, kept in zip(self.stores, held, strict=True):  # (its gene map is what reads need)
             self.gene_maps.append(
                 self.genes.align(s.var, source=str(s.path), min_overlap=min_overlap, of=overlap_of)
             )
-            s.release_var()
+            if not kept:
+                s.release_var()
         for s, gm in zip(self.stores, self.gene_maps, strict=True):
             if not gm.identity:
                 logger.info(

@@ -131,8 +131,10 @@ def convert(
             "symbols) and convert it again."
         )
     dest = Path(dest)
-    a_path = isinstance(source, str | os.PathLike)  # (else an AnnData or a store in memory)
-    if a_path and dest.resolve() in Path(source).resolve().parents:  # (it would be deleted)
+    # the source's file, whether given by its path or as a store opened on it (an AnnData
+    # in memory has none)
+    src = store.file if store.on_disk else None
+    if src is not None and dest.resolve() in src.resolve().parents:  # (it would be deleted)
         raise ConfigError(
             f"{dest} holds the input {source}: writing there would replace it (and whatever "
             "else is there) while it is read. Write the output elsewhere."
@@ -152,7 +154,7 @@ def convert(
         _check_counts(store)
     others: list[str] = getattr(store, "other_elements", list)()
     shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
-    if others and a_path and dest.exists() and os.path.samefile(source, dest):
+    if others and src is not None and dest.exists() and os.path.samefile(src, dest):
         raise ConfigError(  # (overwrite: the source itself replaced, and what it holds lost)
             f"{dest} is the input: converting it in place would drop its {shown}, which "
             "convert does not carry over. Write the output elsewhere."
