@@ -96,6 +96,26 @@ def test_a_damaged_soma_store_is_named_with_the_part_it_lacks(tmp_path, indexed_
     assert main(["info", str(path)]) == 2
 
 
+@pytest.mark.parametrize("part", ["obs", "ms/RNA/var", "ms/RNA/X/raw"])
+def test_a_soma_store_that_lost_a_commit_file_is_named_not_read_short(tmp_path, part):
+    """An array of a TileDB-SOMA store that kept a data fragment but lost its commit file (a
+    copy that stopped between the two folders): named as the store's damage as it opens.
+    TileDB reads such a fragment as absent (hunt230: 250 of 1,000 cells read empty, or a
+    quarter of the cells gone from obs, without a word), so nothing is read."""
+    from cellsift.datasets import indexed_atlas
+
+    path = indexed_atlas(1000, 16, format="soma", path=tmp_path / "copied.soma", chunk_size=250)
+    open_store(path)  # (whole: opens)
+    commits = sorted((path / part / "__commits").glob("*.wrt"))
+    commits[len(commits) // 2].unlink()
+    name = part.rsplit("/", 2)[-2] if part.endswith("/raw") else part.rsplit("/", 1)[-1]
+    said = (
+        rf"copied\.soma: its {name} holds 1 of {len(commits)} data fragments without their commit"
+    )
+    with pytest.raises(DataError, match=said + r" .*incomplete or corrupt \(an interrupted copy"):
+        CellCollection(path)
+
+
 @pytest.mark.parametrize(
     ("value", "match"),
     [

@@ -64,6 +64,36 @@ def _reads(part: str) -> Callable[[_F], _F]:
     return wrap
 
 
+def _check_commits(store: SomaStore, part: str, uri: str) -> None:
+    """Every data fragment of a local array has its commit: TileDB reads a fragment whose
+    commit file is missing as if it were not there, so a copy that stopped between an
+    array's ``__fragments`` and its ``__commits`` would read cells or counts as absent,
+    silently. A commit is a ``<fragment>.wrt`` file, or the fragment named in a file of
+    consolidated commits (``.con``, ``.ignore``). Arrays elsewhere (an object store's URI)
+    are not listed."""
+    path = uri.removeprefix("file://") if uri.startswith("file://") or "://" not in uri else None
+    if path is None or not os.path.isdir(os.path.join(path, "__fragments")):
+        return
+    fragments = sorted(os.listdir(os.path.join(path, "__fragments")))
+    commits = os.path.join(path, "__commits")
+    names = os.listdir(commits) if os.path.isdir(commits) else []
+    committed = {n.removesuffix(".wrt") for n in names if n.endswith(".wrt")}
+    lost = [f for f in fragments if f not in committed]
+    if lost:  # (named in consolidated commits: committed too)
+        listed = b"".join(
+            open(os.path.join(commits, n), "rb").read() for n in names if not n.endswith(".wrt")
+        )
+        lost = [f for f in lost if f.encode() not in listed]
+    if lost:
+        raise store._error(
+            f"its {part} holds {len(lost)} of {len(fragments)} data fragments without their "
+            f"commit (e.g. {lost[0]}: {os.path.join(path, '__commits')} lacks it), which "
+            "TileDB would read as absent: the store is incomplete or corrupt (an interrupted "
+            "copy?).",
+            "Copy the store again or re-create it.",
+        )
+
+
 class SomaStore(CellStore):
     """A TileDB-SOMA Experiment: obs, ``ms[measurement].var`` and ``X[layer]``.
 
@@ -137,7 +167,19 @@ class SomaStore(CellStore):
             if not raw_apart:
                 self.layer = layers[0]  # (tiledbsoma.io's "data")
         if self.layer in exp.ms[measurement].X:  # (opens it: a damaged array is named here)
-            kind = type(exp.ms[measurement].X[self.layer]).__name__
+            x = exp.ms[measurement].X[self.layer]
+            ms = exp.ms[measurement]
+            for part, array in (
+                ("obs", lambda: exp.obs),
+                ("var", lambda: ms.var),
+                ("X", lambda: x),
+            ):
+                try:
+                    uri = array().uri
+                except import_optional("tiledbsoma").SOMAError:  # (named where it is read)
+                    continue
+                _check_commits(self, part, uri)
+            kind = type(x).__name__
             if kind != "SparseNDArray":  # (tiledbsoma.io's X_kind=DenseNDArray)
                 raise self._error(
                     f"holds X layer {self.layer!r} as a {kind}; cells are read from sparse "
