@@ -67,7 +67,6 @@ class AnnDataStore(CellStore):
                 readers = self._direct_readers(self._matrix(root))
                 if readers and all(r is not None for r in readers):
                     self._direct = readers  # type: ignore[assignment]
-        self.release_handle()
 
     def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
         """Direct readers of the matrix's ``data`` and ``indices`` (None where not possible)."""
@@ -111,7 +110,6 @@ class AnnDataStore(CellStore):
                     out += [f"{group}[{k!r}]" for k in root[group] if f"{group}/{k}" != read]
             if _held(root, "uns") and len(root["uns"]):
                 out.append("uns")
-        self.release_handle()
         return out
 
     def _matrix_key(self) -> str:
@@ -208,9 +206,7 @@ class AnnDataStore(CellStore):
 
     @cached_property
     def obs_columns(self) -> list[str]:
-        columns = [str(c) for c in _attr(self.handle["obs"], "column-order", [])]
-        self.release_handle()
-        return columns
+        return [str(c) for c in _attr(self.handle["obs"], "column-order", [])]
 
     def _load_obs_column(self, name: str) -> Any:
         with self._reading(f"obs/{name}"):
@@ -222,7 +218,6 @@ class AnnDataStore(CellStore):
         key = _attr(obs, "_index")
         with self._reading(f"obs/{key}"):
             names = pd.Index(_plain(ad.io.read_elem(obs[key]))).astype(str)
-        self.release_handle()
         # (anndata keeps the index under its name, or under "_index" where it has none)
         return names.rename(None if key == "_index" else str(key))
 

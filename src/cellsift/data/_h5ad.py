@@ -46,37 +46,12 @@ class H5adStore(AnnDataStore):
     def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
         return [open_h5_reader(self.file, mat[name]) for name in ("data", "indices")]
 
-    def release_handle(self) -> None:
-        """Close the HDF5 file where the counts are read directly (the reads need no h5py
-        handle): HDF5 keeps about half a megabyte for each open file, which a collection of
-        thousands of stores would hold for as long as it lives. Metadata read later opens
-        the file again: the one the store opened (one that replaced it since is refused, as
-        the direct reads refuse it)."""
-        if getattr(self, "_direct", None) and self._handle is not None and self._pid == os.getpid():
-            self._handle.close()
-            self._handle = None
-
     def _open(self) -> Any:
         if self.file.is_dir():  # (h5py's words: a file it cannot read)
             raise self._error(
                 "is a folder, not an h5ad file (a sharded store has a manifest.json in it).",
                 "Pass an h5ad file, or the folder of a sharded store.",
             )
-        direct = getattr(self, "_direct", None)  # (None while the store first opens)
-        known = direct[0].opened.get(self.file) if direct else None
-        if known is not None:  # opened again (released, or in another process): the same file
-            try:
-                st = os.stat(self.file)
-            except FileNotFoundError:
-                raise DataError(
-                    f"{self.file} was removed since the store opened it: restore it, or open "
-                    "the store again."
-                ) from None
-            if (st.st_dev, st.st_ino) != known:
-                raise DataError(
-                    f"{self.file} was replaced since the store opened it (rewritten or moved "
-                    "there): open the store again to read the new file."
-                )
         try:
             return h5py.File(self.file, "r", rdcc_nbytes=self.rdcc_nbytes)
         except OSError as err:

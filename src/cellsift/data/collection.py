@@ -1068,7 +1068,6 @@ def _other_layers(store: CellStore) -> str:
         names = [f"'{k}'" for k in root["layers"].keys()] if "layers" in root else []
         if "raw" in root:
             names.append("'raw'")
-        store.release_handle()
         return ", ".join(names)
     except Exception:  # non-AnnData stores have no layers to suggest
         return ""

@@ -178,9 +178,7 @@ class CellStore(ABC):
     @cached_property
     def var(self) -> pd.DataFrame:
         """Gene table: index = var_names, plus any columns (e.g. ``gene_ids``, ``feature_name``)."""
-        table = self._load_var()
-        self.release_handle()
-        return table
+        return self._load_var()
 
     @property
     def var_names(self) -> pd.Index:
@@ -215,13 +213,7 @@ class CellStore(ABC):
                     f"{where}"
                 )
             self._obs_cache[name] = self._load_obs_column(name)
-            self.release_handle()
         return self._obs_cache[name]
-
-    def release_handle(self) -> None:
-        """Close the backend handle where reads do not need it (:class:`H5adStore` reading
-        its counts directly); it opens again when metadata is next read. Here: nothing."""
-        return None
 
     def stored_row_nnz(self) -> np.ndarray | None:
         """Genes detected per cell if the store keeps them (a CSR row pointer), else None."""
