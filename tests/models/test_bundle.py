@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -80,6 +81,16 @@ def test_round_trip_and_atomic_overwrite(tmp_path):
     with pytest.raises(FileExistsError):
         save_bundle(path, config={}, modules={"encoder": enc}, genes=genes)
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary left behind
+    # every file as the umask allows: a group that shares a bundle reads its weights too
+    # (hunt231: safetensors made model.safetensors readable by its owner alone)
+    umask = os.umask(0o002)
+    try:
+        shared = save_bundle(tmp_path / "shared", config={}, modules={"encoder": enc}, genes=genes)
+    finally:
+        os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in shared.iterdir()} == {
+        p.name: 0o664 for p in shared.iterdir()
+    }
 
 
 def test_damaged_bundles_are_refused(imported, tmp_path):

@@ -788,6 +788,17 @@ def test_fit_trains_labels_outside_the_cell_ontology_as_they_are(tmp_path, capsy
     assert model.labels == model.label_names == sorted(lines.values())
     assert model.config["loss"]["ontology_aware"] is False
     assert model.label_key == "cell_line"  # what fine-tuning the bundle reads labels from
+    # a new run into the same bundle_dir: refused before training (hunt231: replaced the
+    # earlier run's bundle without a word); the run that wrote it resumes into it
+    written = {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()}
+    capsys.readouterr()
+    assert main(["fit", *_args(path, tmp_path, *extra, name="lines")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"--model.bundle_dir {bundle} holds a model bundle already" in err[-1]
+    assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == written
+    resumed = (*extra[:-2], "--trainer.max_epochs", "2", *extra[-2:], "--ckpt_path", "last")
+    assert main(["fit", *_args(path, tmp_path, *resumed, name="lines")]) == 0
+    assert MetricModel.load(bundle).labels == sorted(lines.values())
 
 
 def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
@@ -914,6 +925,14 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
         (
             ["--trainer.check_val_every_n_epoch", "0"],
             r"--trainer\.check_val_every_n_epoch is how many epochs apart .* not 0\.",
+        ),
+        (  # a callback's own check, as jsonargparse makes it (hunt231: two tracebacks, exit 1)
+            [
+                "--trainer.callbacks",
+                '[{"class_path": "lightning.pytorch.callbacks.EarlyStopping", '
+                '"init_args": {"monitor": "val/asw", "mode": "maximum"}}]',
+            ],
+            r"trainer\.callbacks: EarlyStopping: `mode` can be min, max, got maximum$",
         ),
         (  # no labels, no silhouette: the shipped callbacks watch it (hunt208: an epoch ran)
             ["--data.init_args.label_key", "null", "--data.init_args.mode", "block"],

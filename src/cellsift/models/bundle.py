@@ -35,6 +35,7 @@ from .._utils import (
     as_float,
     atomic_path,
     check_replaceable,
+    file_umask,
     holds,
     is_whole,
     read_one_version,
@@ -93,7 +94,9 @@ _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 def _save_tensors(tensors: dict[str, torch.Tensor], tmp: Path, final: Path) -> None:
     """safetensors' ``save_file``, where a write the system refuses (a full disk, a quota, a
     file size limit) is that OSError, naming the bundle's file (safetensors reports it as
-    an error of its own, with the system's number in its text)."""
+    an error of its own, with the system's number in its text). The file's mode is the
+    umask's, as the bundle's other files are (safetensors makes it readable by its owner
+    alone: a group's members could read a shared bundle's settings, not its weights)."""
     try:
         save_file(tensors, str(tmp))
     except SafetensorError as err:
@@ -102,6 +105,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], tmp: Path, final: Path) -> N
             raise
         errno = int(code.group(1))
         raise OSError(errno, os.strerror(errno), str(final)) from err
+    os.chmod(tmp, 0o666 & ~file_umask())
 
 
 def check_bundle_path(path: str | os.PathLike[str], overwrite: bool) -> None:

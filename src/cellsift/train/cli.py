@@ -206,6 +206,14 @@ class FitCLI(LightningCLI):
         folder of runs (``<save_dir>/<name>/checkpoints``, as configs/metric.yaml's do),
         where ``--ckpt_path last`` finds them, not in one run's ``version_N``."""
         config = self.config[self.subcommand]
+        bundle = getattr(self.model, "bundle_dir", None)
+        if bundle and config.get("ckpt_path") is None and Path(bundle).is_dir():
+            if any(Path(bundle).iterdir()):  # (a run resumed rewrites its own bundle)
+                raise ConfigError(
+                    f"--model.bundle_dir {bundle} holds a model bundle already (an earlier "
+                    "run's), which this new run would replace: give another folder, remove "
+                    "that one, or resume the run that wrote it (--ckpt_path last)."
+                )
         if config.get("lr_scheduler") is not None and config.get("optimizer") is None:
             raise ConfigError(  # (LightningCLI applies a schedule with its optimizer only)
                 "--lr_scheduler takes effect only with --optimizer (e.g. --optimizer AdamW "
@@ -377,6 +385,28 @@ def _raised_in_lightning(err: BaseException) -> bool:
     return Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
 
 
+def _misconfigured_callback(err: BaseException) -> ConfigError | None:
+    """Lightning's word on a callback's setting (``ModelCheckpoint(mode="maximum")``), which
+    jsonargparse raises as the cause of its own error while it makes the callbacks: one
+    line naming the callback."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, MisconfigurationException):
+            break
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or id(cause) in seen:
+        return None
+    name, tb = "a callback", cause.__traceback__
+    while tb is not None:  # (the frame of the callback that refused the setting)
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, pl.Callback):
+            name = type(owner).__name__
+        tb = tb.tb_next
+    return ConfigError(f"trainer.callbacks: {name}: {' '.join(str(cause).split())}")
+
+
 def _lightning_setting(err: Exception) -> ConfigError | None:
     """A ConfigError of Lightning's message where ``err`` is its word on a setting."""
     text = " ".join(str(err).split())
@@ -528,9 +558,10 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
             _unwatch_started_ranks()
             raise
         except Exception as err:
-            # Lightning's word on a setting; or, on several ranks, one rank's bad input that
-            # ended the others in a collective cut short: said as one process says it
-            said = _lightning_setting(err) or _peer_error()
+            # Lightning's word on a setting (a callback's, wrapped by jsonargparse as it made
+            # the callbacks); or, on several ranks, one rank's bad input that ended the others
+            # in a collective cut short: said as one process says it
+            said = _lightning_setting(err) or _misconfigured_callback(err) or _peer_error()
             if said is not None:
                 _unwatch_started_ranks()
                 raise said from None
