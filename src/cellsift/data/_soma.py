@@ -14,6 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._utils import TILEDB_NO_SIGNAL_HANDLERS, import_optional, reclaim_signals, text_or_none
+from .._warnings import warn
 from .stores import CellStore
 from .writers import SOMA_RENAMED, Format
 
@@ -69,29 +70,48 @@ def _check_commits(store: SomaStore, part: str, uri: str) -> None:
     commit file is missing as if it were not there, so a copy that stopped between an
     array's ``__fragments`` and its ``__commits`` would read cells or counts as absent,
     silently. A commit is a ``<fragment>.wrt`` file, or the fragment named in a file of
-    consolidated commits (``.con``, ``.ignore``). Arrays elsewhere (an object store's URI)
-    are not listed."""
+    consolidated commits (``.con``, ``.ignore``).
+
+    Refused: a fragment without a commit that some commit was written after (a commit
+    lost: written later, it should have been too), or an array without any commit. A
+    fragment written after every commit is what a write in progress looks like (its commit
+    comes last), or one that never finished: TileDB reads without it, and a warning says
+    so. Arrays elsewhere (an object store's URI) are not listed."""
     path = uri.removeprefix("file://") if uri.startswith("file://") or "://" not in uri else None
     if path is None or not os.path.isdir(os.path.join(path, "__fragments")):
         return
-    fragments = sorted(os.listdir(os.path.join(path, "__fragments")))
+    fragments = os.path.join(path, "__fragments")
     commits = os.path.join(path, "__commits")
     names = os.listdir(commits) if os.path.isdir(commits) else []
     committed = {n.removesuffix(".wrt") for n in names if n.endswith(".wrt")}
-    lost = [f for f in fragments if f not in committed]
-    if lost:  # (named in consolidated commits: committed too)
-        listed = b"".join(
-            open(os.path.join(commits, n), "rb").read() for n in names if not n.endswith(".wrt")
-        )
-        lost = [f for f in lost if f.encode() not in listed]
-    if lost:
+    lost = sorted(f for f in os.listdir(fragments) if f not in committed)
+    if not lost:
+        return
+    listed = b"".join(  # (named in consolidated commits: committed too)
+        open(os.path.join(commits, n), "rb").read() for n in names if not n.endswith(".wrt")
+    )
+    lost = [f for f in lost if f.encode() not in listed]
+    if not lost:
+        return
+    last_commit = max((os.stat(os.path.join(commits, n)).st_mtime_ns for n in names), default=None)
+    behind = [
+        f
+        for f in lost
+        if last_commit is None or os.stat(os.path.join(fragments, f)).st_mtime_ns <= last_commit
+    ]
+    n = len(os.listdir(fragments))
+    if behind:
         raise store._error(
-            f"its {part} holds {len(lost)} of {len(fragments)} data fragments without their "
-            f"commit (e.g. {lost[0]}: {os.path.join(path, '__commits')} lacks it), which "
-            "TileDB would read as absent: the store is incomplete or corrupt (an interrupted "
-            "copy?).",
+            f"its {part} holds {len(behind)} of {n} data fragments without their commit (e.g. "
+            f"{behind[0]}: {commits} lacks it), which TileDB would read as absent: the store "
+            "is incomplete or corrupt (an interrupted copy?).",
             "Copy the store again or re-create it.",
         )
+    warn(
+        f"{store.path}: its {part} holds {len(lost)} of {n} data fragments written after its "
+        f"last commit and not committed (e.g. {lost[0]}): a write in progress, or one that "
+        "did not finish; TileDB reads the store without them."
+    )
 
 
 class SomaStore(CellStore):
