@@ -796,6 +796,9 @@ def test_fit_trains_labels_outside_the_cell_ontology_as_they_are(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert f"--model.bundle_dir {bundle} holds a model bundle already" in err[-1]
     assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == written
+    trial = (*extra, "--trainer.fast_dev_run", "true")  # (writes no bundle: review212)
+    assert main(["fit", *_args(path, tmp_path, *trial, name="lines")]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == written
     resumed = (*extra[:-2], "--trainer.max_epochs", "2", *extra[-2:], "--ckpt_path", "last")
     assert main(["fit", *_args(path, tmp_path, *resumed, name="lines")]) == 0
     assert MetricModel.load(bundle).labels == sorted(lines.values())
@@ -972,6 +975,46 @@ def test_fit_says_a_config_that_is_no_text_file_in_one_line(synthetic_h5ad, tmp_
         main(["fit", "--config", long, "--print_config"])
     assert printed.value.code in (0, None)
     assert "seed_everything: 7" in capsys.readouterr().out
+
+
+def test_only_a_callbacks_refused_setting_is_said_as_one():
+    """A callback's __init__ refusing a setting, as jsonargparse wraps it: one line naming
+    the callback. The same exception raised by a callback's work, or one raised ``from
+    None`` while it was handled, is no setting (review212: a KeyError in training said as
+    "trainer.callbacks: Buggy: ...", exit 2)."""
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from cellsift.train.cli import _misconfigured_callback
+
+    class Strict(pl.Callback):
+        def __init__(self, mode: str) -> None:
+            if mode not in ("min", "max"):
+                raise MisconfigurationException(f"mode can be min, max, got {mode}")
+
+        def on_train_start(self, trainer, module) -> None:
+            raise MisconfigurationException("an optional feature is unavailable")
+
+    def made(make) -> BaseException:
+        try:
+            try:
+                make()
+            except MisconfigurationException as err:
+                raise ValueError("Does not validate against any of the Union subtypes") from err
+        except ValueError as wrapped:
+            return wrapped
+        raise AssertionError("nothing raised")
+
+    said = _misconfigured_callback(made(lambda: Strict("maximum")))
+    assert str(said) == "trainer.callbacks: Strict: mode can be min, max, got maximum"
+    assert _misconfigured_callback(made(lambda: Strict("min").on_train_start(None, None))) is None
+    try:
+        try:
+            Strict("maximum")
+        except MisconfigurationException:
+            raise KeyError("a bug") from None
+    except KeyError as bug:
+        assert _misconfigured_callback(bug) is None
 
 
 def test_fit_refuses_a_bundle_dir_it_would_not_write_before_training(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from collections.abc import Callable
 from functools import cached_property
 from typing import Any, TypeVar
@@ -65,6 +66,11 @@ def _reads(part: str) -> Callable[[_F], _F]:
     return wrap
 
 
+#: Seconds after its last change that a fragment without its commit, newer than every
+#: commit, is taken for a write in progress (warned of), not a lost commit (refused).
+WRITE_GRACE = 60.0
+
+
 def _check_commits(store: SomaStore, part: str, uri: str) -> None:
     """Every data fragment of a local array has its commit: TileDB reads a fragment whose
     commit file is missing as if it were not there, so a copy that stopped between an
@@ -75,8 +81,10 @@ def _check_commits(store: SomaStore, part: str, uri: str) -> None:
     Refused: a fragment without a commit that some commit was written after (a commit
     lost: written later, it should have been too), or an array without any commit. A
     fragment written after every commit is what a write in progress looks like (its commit
-    comes last), or one that never finished: TileDB reads without it, and a warning says
-    so. Arrays elsewhere (an object store's URI) are not listed."""
+    comes last): TileDB reads without it, and a warning says so, within
+    :data:`WRITE_GRACE` seconds of its last change; older, it is refused too (a copy that
+    kept the files' times, ``cp -a``, and lost the newest commit; or a write that never
+    finished). Arrays elsewhere (an object store's URI) are not listed."""
     path = uri.removeprefix("file://") if uri.startswith("file://") or "://" not in uri else None
     if path is None or not os.path.isdir(os.path.join(path, "__fragments")):
         return
@@ -94,18 +102,20 @@ def _check_commits(store: SomaStore, part: str, uri: str) -> None:
     if not lost:
         return
     last_commit = max((os.stat(os.path.join(commits, n)).st_mtime_ns for n in names), default=None)
-    behind = [
-        f
-        for f in lost
-        if last_commit is None or os.stat(os.path.join(fragments, f)).st_mtime_ns <= last_commit
-    ]
+    recent = time.time_ns() - int(WRITE_GRACE * 1e9)
+    behind = []
+    for f in lost:
+        changed = os.stat(os.path.join(fragments, f)).st_mtime_ns
+        if last_commit is None or changed <= last_commit or changed < recent:
+            behind.append(f)
     n = len(os.listdir(fragments))
     if behind:
         raise store._error(
             f"its {part} holds {len(behind)} of {n} data fragments without their commit (e.g. "
             f"{behind[0]}: {commits} lacks it), which TileDB would read as absent: the store "
-            "is incomplete or corrupt (an interrupted copy?).",
-            "Copy the store again or re-create it.",
+            "is incomplete or corrupt (an interrupted copy, or a write that did not finish?).",
+            "Copy the store again or re-create it (a write that did not finish: remove that "
+            "fragment's folder, which TileDB reads without).",
         )
     warn(
         f"{store.path}: its {part} holds {len(lost)} of {n} data fragments written after its "

@@ -131,14 +131,6 @@ def convert(
             "symbols) and convert it again."
         )
     dest = Path(dest)
-    # the source's file, whether given by its path or as a store opened on it (an AnnData
-    # in memory has none)
-    src = store.file if store.on_disk else None
-    if src is not None and dest.resolve() in src.resolve().parents:  # (it would be deleted)
-        raise ConfigError(
-            f"{dest} holds the input {source}: writing there would replace it (and whatever "
-            "else is there) while it is read. Write the output elsewhere."
-        )
     if shard_size is not None:
         fmt = format or (guess_format(dest.with_suffix(dest.suffix or ".h5ad")))
         check_replaceable(dest, overwrite, _is_sharded_store, _A_SHARDED_STORE)  # before the work
@@ -146,6 +138,14 @@ def convert(
         fmt = format or guess_format(dest)
         check_named(dest, fmt)  # (a store that its own name misdescribes)
         check_replaceable(dest, overwrite, is_store, A_STORE)
+    # the source's file, whether given by its path or as a store opened on it (an AnnData
+    # in memory has none); inside a store overwrite would replace (one of its shards)
+    src = store.file if store.on_disk else None
+    if src is not None and dest.resolve() in src.resolve().parents:  # (it would be deleted)
+        raise ConfigError(
+            f"{dest} holds the input {source}: writing there would replace it (and whatever "
+            "else is there) while it is read. Write the output elsewhere."
+        )
     if check_counts and store.n_obs > 0:
         # a sample, as a collection checks when it opens: log-normalised values written as
         # counts would surface only at training, with the file's counts layer left behind

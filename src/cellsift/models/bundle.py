@@ -14,6 +14,7 @@ hand, with checksums made anew, or written by another tool): what does not fit i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -105,7 +106,8 @@ def _save_tensors(tensors: dict[str, torch.Tensor], tmp: Path, final: Path) -> N
             raise
         errno = int(code.group(1))
         raise OSError(errno, os.strerror(errno), str(final)) from err
-    os.chmod(tmp, 0o666 & ~file_umask())
+    with contextlib.suppress(OSError):  # (a file system that keeps no modes: as it made it)
+        os.chmod(tmp, 0o666 & ~file_umask())
 
 
 def check_bundle_path(path: str | os.PathLike[str], overwrite: bool) -> None:

@@ -207,7 +207,8 @@ class FitCLI(LightningCLI):
         where ``--ckpt_path last`` finds them, not in one run's ``version_N``."""
         config = self.config[self.subcommand]
         bundle = getattr(self.model, "bundle_dir", None)
-        if bundle and config.get("ckpt_path") is None and Path(bundle).is_dir():
+        trial = getattr(self.trainer, "fast_dev_run", False)  # (writes no bundle)
+        if bundle and not trial and config.get("ckpt_path") is None and Path(bundle).is_dir():
             if any(Path(bundle).iterdir()):  # (a run resumed rewrites its own bundle)
                 raise ConfigError(
                     f"--model.bundle_dir {bundle} holds a model bundle already (an earlier "
@@ -388,22 +389,27 @@ def _raised_in_lightning(err: BaseException) -> bool:
 def _misconfigured_callback(err: BaseException) -> ConfigError | None:
     """Lightning's word on a callback's setting (``ModelCheckpoint(mode="maximum")``), which
     jsonargparse raises as the cause of its own error while it makes the callbacks: one
-    line naming the callback."""
+    line naming the callback. Only an error raised in a callback's ``__init__`` (a setting
+    refused as it is made), reached through causes and contexts that are not suppressed:
+    an error of a callback's work, or one raised ``from None``, is not a setting."""
     seen: set[int] = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
         if isinstance(cause, MisconfigurationException):
             break
         seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     if cause is None or id(cause) in seen:
         return None
-    name, tb = "a callback", cause.__traceback__
-    while tb is not None:  # (the frame of the callback that refused the setting)
-        owner = tb.tb_frame.f_locals.get("self")
-        if isinstance(owner, pl.Callback):
+    name, tb = None, cause.__traceback__
+    while tb is not None:  # (the callback whose __init__ refused the setting)
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name == "__init__" and isinstance(owner, pl.Callback):
             name = type(owner).__name__
         tb = tb.tb_next
+    if name is None:
+        return None
     return ConfigError(f"trainer.callbacks: {name}: {' '.join(str(cause).split())}")
 
 
