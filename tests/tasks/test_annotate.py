@@ -586,6 +586,8 @@ def test_no_queries_give_an_empty_frame_with_every_column():
     out = KNNAnnotator(CellIndex.build(x, meta, engine="exact"), k=5).annotate(x[:0])
     assert len(out) == 0
     assert {"label", "label_name", "confidence", "min_distance", "mean_distance"} <= set(out)
+    # labels are text, as with queries (pandas maps an empty column to float64)
+    assert [out[c].dtype for c in ("label", "label_id", "label_name")] == [object] * 3
 
 
 def test_bad_settings_are_named_and_one_query_is_one_cell():

@@ -503,9 +503,10 @@ class KNNAnnotator:
         # labels that name CL terms get their ids and names; others (a lab's own) keep theirs
         cl = load_cell_ontology()
         ids = {t: cl.term(t) or t for t in out["label"].unique()}
-        out.insert(1, "label_id", out["label"].map(ids))
+        # (as text even with no queries, where pandas maps an empty column to float64)
+        out.insert(1, "label_id", out["label"].map(ids).astype(object))
         names = {i: cl.name(i) if i in cl.terms else i for i in set(ids.values())}
-        out.insert(2, "label_name", out["label_id"].map(names))
+        out.insert(2, "label_name", out["label_id"].map(names).astype(object))
         return out
 
     def check_selection(
