@@ -85,19 +85,6 @@ def is_number(value: object) -> bool:
     return bool(value == value)
 
 
-def file_umask() -> int:
-    """The process's file mode creation mask: from ``/proc`` where Linux gives it (no
-    thread sees it changed), else set and put back at once."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def as_float(value: Any) -> float:
     """``float(value)`` of a real number, infinite (with its sign) where it lies beyond
     float's range (a whole number such as ``10**400``, which ``float`` refuses)."""

@@ -93,6 +93,21 @@ def test_round_trip_and_atomic_overwrite(tmp_path):
     }
 
 
+def test_a_file_system_that_keeps_no_modes_still_gets_the_bundle(tmp_path, monkeypatch):
+    """Where the weights' mode cannot be set (a file system without modes: EPERM), the
+    bundle is written as safetensors made it (review212: the bundle was lost)."""
+    enc = MLPEncoder(20, (8,), 4)
+    genes = GeneVocabulary([f"g{i}" for i in range(20)])
+
+    def refused(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refused)
+    path = save_bundle(tmp_path / "b", config={}, modules={"encoder": enc}, genes=genes)
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(load_bundle(path).weights["encoder"][k], v)
+
+
 def test_damaged_bundles_are_refused(imported, tmp_path):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(imported, corrupt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from fractions import Fraction
 
 import numpy as np
 import pandas as pd
@@ -718,7 +719,7 @@ def test_queries_of_bfloat16_and_search_settings_are_checked(data, ivf):
     every = ivf.search(x[:2], 5, nprobe=ivf.params["nlist"]).indices
     for more in (10**20, 1e20, 10**400):  # (every list, at most; 10**400 no float)
         np.testing.assert_array_equal(ivf.search(x[:2], 5, nprobe=more).indices, every)
-    for same in (np.int64(2), 2.0):  # (a whole float, as a config file gives it)
+    for same in (np.int64(2), 2.0, Fraction(2, 1)):  # (a whole float, as a config gives it)
         np.testing.assert_array_equal(
             ivf.search(x[:2], 5, nprobe=same).indices, ivf.search(x[:2], 5, nprobe=2).indices
         )

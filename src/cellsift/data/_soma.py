@@ -89,10 +89,11 @@ def _check_commits(store: SomaStore, part: str, uri: str) -> None:
     if path is None or not os.path.isdir(os.path.join(path, "__fragments")):
         return
     fragments = os.path.join(path, "__fragments")
+    written = os.listdir(fragments)
     commits = os.path.join(path, "__commits")
     names = os.listdir(commits) if os.path.isdir(commits) else []
     committed = {n.removesuffix(".wrt") for n in names if n.endswith(".wrt")}
-    lost = sorted(f for f in os.listdir(fragments) if f not in committed)
+    lost = sorted(f for f in written if f not in committed)
     if not lost:
         return
     listed = b"".join(  # (named in consolidated commits: committed too)
@@ -108,7 +109,7 @@ def _check_commits(store: SomaStore, part: str, uri: str) -> None:
         changed = os.stat(os.path.join(fragments, f)).st_mtime_ns
         if last_commit is None or changed <= last_commit or changed < recent:
             behind.append(f)
-    n = len(os.listdir(fragments))
+    n = len(written)
     if behind:
         raise store._error(
             f"its {part} holds {len(behind)} of {n} data fragments without their commit (e.g. "

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import reprlib
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +37,6 @@ from .._utils import (
     as_float,
     atomic_path,
     check_replaceable,
-    file_umask,
     holds,
     is_whole,
     read_one_version,
@@ -92,12 +92,13 @@ def _sha256(path: Path) -> str:
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], tmp: Path, final: Path) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], tmp: Path, final: Path, like: Path) -> None:
     """safetensors' ``save_file``, where a write the system refuses (a full disk, a quota, a
     file size limit) is that OSError, naming the bundle's file (safetensors reports it as
-    an error of its own, with the system's number in its text). The file's mode is the
-    umask's, as the bundle's other files are (safetensors makes it readable by its owner
-    alone: a group's members could read a shared bundle's settings, not its weights)."""
+    an error of its own, with the system's number in its text). The file takes the mode of
+    ``like``, a file of the bundle written as files are (the umask's, or a shared folder's
+    default ACL): safetensors makes it readable by its owner alone, so a group's members
+    could read a shared bundle's settings, not its weights."""
     try:
         save_file(tensors, str(tmp))
     except SafetensorError as err:
@@ -107,7 +108,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], tmp: Path, final: Path) -> N
         errno = int(code.group(1))
         raise OSError(errno, os.strerror(errno), str(final)) from err
     with contextlib.suppress(OSError):  # (a file system that keeps no modes: as it made it)
-        os.chmod(tmp, 0o666 & ~file_umask())
+        shutil.copymode(like, tmp)
 
 
 def check_bundle_path(path: str | os.PathLike[str], overwrite: bool) -> None:
@@ -146,7 +147,8 @@ def save_bundle(
             for name, module in modules.items()
             for k, v in module.state_dict().items()
         }
-        _save_tensors(tensors, tmp / "model.safetensors", Path(path) / "model.safetensors")
+        final = Path(path) / "model.safetensors"
+        _save_tensors(tensors, tmp / "model.safetensors", final, like=tmp / "config.json")
         genes.save(tmp / "genes.tsv")
         (tmp / "labels.json").write_text(json.dumps(labels or [], indent=1))
         sums = {f: _sha256(tmp / f) for f in _FILES}

@@ -692,10 +692,8 @@ class CellIndex:
         k = int(k)  # (faiss takes Python ints only)
         if max_distance is not None:
             max_distance = _check_distance(max_distance)
-        if nprobe is not None and not (  # (a whole float too; any whole number: min'd below)
-            is_whole(nprobe, least=1)
-            or (is_number(nprobe) and as_float(nprobe).is_integer() and nprobe >= 1)
-        ):
+        # a whole number of any kind (2.0, as a config gives it; 10**400: min'd below)
+        if nprobe is not None and not (is_number(nprobe) and nprobe >= 1 and nprobe % 1 == 0):
             raise CellIndexError(
                 f"nprobe is the number of IVF lists each query probes, a whole number >= 1 "
                 f"(None: as calibrated), not {nprobe!r}."
