@@ -77,12 +77,12 @@ def is_whole(value: object, least: int | None = None) -> bool:
     return least is None or bool(value >= least)
 
 
-def is_number(value: object) -> bool:
+def is_number(value: object, *, nan: bool = False) -> bool:
     """A real number (Python's, numpy's or a ``numbers.Real`` such as a Fraction; not a
-    bool, nor an array or tensor), not NaN."""
+    bool, nor an array or tensor), not NaN unless ``nan``."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         return False
-    return bool(value == value)
+    return nan or bool(value == value)
 
 
 def as_float(value: Any) -> float:

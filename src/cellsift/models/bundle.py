@@ -38,6 +38,7 @@ from .._utils import (
     atomic_path,
     check_replaceable,
     holds,
+    is_number,
     is_whole,
     read_one_version,
     state_differences,
@@ -414,10 +415,6 @@ def _check_label_order(folder: Path, saved: Any, ids: list[str]) -> None:
         )
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def metric_settings(
     path: str | os.PathLike[str], bundle: Bundle, model: Callable[..., Any]
 ) -> dict[str, Any]:
@@ -454,9 +451,9 @@ def metric_settings(
             "a list of layer sizes (whole numbers)",
         ),
         ("architecture", arch, "latent", is_whole, "a whole number"),
-        ("architecture", arch, "dropout", _is_number, "a number"),
-        ("architecture", arch, "input_dropout", _is_number, "a number"),
-        ("normalization", norm, "target_sum", _is_number, "a number"),
+        ("architecture", arch, "dropout", is_number, "a number"),
+        ("architecture", arch, "input_dropout", is_number, "a number"),
+        ("normalization", norm, "target_sum", is_number, "a number"),
     ]
     for section, values, key, ok, what in checks:
         if key not in values:
@@ -512,9 +509,9 @@ def _one_of(choices: tuple[str, ...]) -> str:
 
 #: The loss settings a bundle's config.json (or an import) may give: what each must be.
 _LOSS_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "margin": (lambda v: _is_number(v) and 0 <= as_float(v) < float("inf"), "a distance >= 0"),
-    "triplet_weight": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "classifier_weight": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "margin": (lambda v: is_number(v) and 0 <= as_float(v) < float("inf"), "a distance >= 0"),
+    "triplet_weight": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "classifier_weight": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "negative": (lambda v: v in get_args(Negative), _one_of(get_args(Negative))),
     "relatives": (lambda v: v in get_args(Relatives), _one_of(get_args(Relatives))),
     "ontology_aware": (lambda v: isinstance(v, bool), "true or false"),

@@ -27,14 +27,13 @@ classifier_weight * label + (1 - triplet_weight - classifier_weight) * MSE``.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._utils import as_float
+from .._utils import as_float, is_number, is_whole
 from ..errors import ConfigError
 from ..losses import TripletLoss
 from ..losses.triplet import Distance, Negative, Relatives, study_uses_label
@@ -74,7 +73,7 @@ def _check_number(name: str, value: Any) -> None:
     """A :class:`ConfigError` where a setting ``name`` is no real number (a text "0.5", or
     True, which Python would read as 1), rather than a TypeError of a comparison or a
     boolean taken for a weight."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if not is_number(value, nan=True):  # (NaN: each setting's own range check says why)
         raise ConfigError(f"{name} is a number, not {value!r} ({type(value).__name__}).")
 
 
@@ -92,9 +91,6 @@ def _check_settings(
     alike), rather than a torch error deep in construction or a model that trains to
     nothing."""
 
-    def whole(v: Any) -> bool:  # (numpy's integers too; not True/False)
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
     for name, v in (
         ("dropout", dropout),
         ("input_dropout", input_dropout),
@@ -103,18 +99,18 @@ def _check_settings(
     ):
         _check_number(name, v)
     hidden = hidden_widths(hidden)
-    if not whole(n_genes) or n_genes < 2:
+    if not is_whole(n_genes) or n_genes < 2:
         raise ConfigError(
             f"a model reads at least two genes, not n_genes={n_genes!r}: each cell's counts "
             "are scaled to the same total, so one gene alone is the same in every cell "
             "that has counts, and every cell would embed alike."
         )
-    if not hidden or any(not whole(h) or h < 1 for h in hidden):
+    if not hidden or any(not is_whole(h) or h < 1 for h in hidden):
         raise ConfigError(
             f"hidden lists the widths of at least one layer, each a positive whole number, "
             f"not {hidden!r} (SCimilarity: [1024, 1024, 1024])."
         )
-    if not whole(latent) or latent < 2:
+    if not is_whole(latent) or latent < 2:
         raise ConfigError(
             f"latent is the embedding's width, at least 2, not {latent!r}: embeddings are "
             "scaled to unit length, which in one dimension leaves each cell at -1 or 1."
