@@ -743,6 +743,34 @@ def test_a_run_resumed_on_other_ranks_goes_on_along_its_schedule(
     assert again == {s: first[s] for s in steps if s >= 6}
 
 
+def test_a_finished_run_given_more_epochs_takes_the_rates_of_the_longer_run(
+    synthetic_h5ad, tmp_path
+):
+    """A run resumed with more epochs than it ran (README: ``--ckpt_path last`` with more
+    ``max_epochs``) follows the schedule of its new length: from its first step on, the
+    rates are those a run started with the new max_epochs takes at the same steps (the
+    finished run's rate of 0 goes back up), and they fall to 0 at the new end."""
+
+    def run(root, epochs, **fit):
+        torch.manual_seed(0)
+        dm, module = _setup(synthetic_h5ad, seed=1)
+        rates = _Rates()
+        trainer = _saving_every(root, 10**6, [rates], max_epochs=epochs)
+        trainer.fit(TrainingPlan(module), datamodule=dm, **fit)
+        trainer.save_checkpoint(root / "end.ckpt")
+        return rates.lr, trainer.global_step
+
+    whole, end = run(tmp_path / "a", 4)
+    short, half = run(tmp_path / "b", 2)
+    assert 2 * half == end
+    assert short[half - 1] < 0.05 * 5e-3  # (the short run annealed to its end)
+    on, end_on = run(tmp_path / "b", 4, ckpt_path=tmp_path / "b" / "end.ckpt")
+    assert end_on == end
+    assert sorted(on) == list(range(half, end))
+    assert on == {s: whole[s] for s in range(half, end)}
+    assert on[half] > 0.4 * 5e-3 and on[end - 1] < 0.05 * 5e-3
+
+
 def test_the_cosine_rates_are_those_of_the_closed_form_bit_for_bit():
     """A run's rates, step by step, are 0.5 (1 + cos(pi t / T)) as runs of earlier versions
     computed them (a checkpoint of one resumes with exactly its rates)."""
