@@ -241,7 +241,7 @@ def _annotate(args: argparse.Namespace) -> int:
         raise DataError(f"{args.data}: no cells to annotate.")
     check = not args.no_check_counts
     if args.drop_empty:
-        adata = _with_counts(adata, model, args.layer, str(args.data), check)
+        adata = _with_counts(adata, model, args.layer, str(args.data), check, over=args.out)
     # a calibration on the reference itself first (what it meets, one group or too few
     # cells, is said before the queries are embedded); on held-out cells after the queries
     # are embedded (a bad query file is said before those are)
@@ -299,12 +299,17 @@ def _filter_term(text: str) -> tuple[str, str]:
     return column.strip(), value
 
 
-def _with_counts(adata: Any, model: Any, layer: str | None, source: str, check: bool) -> Any:
+def _with_counts(
+    adata: Any, model: Any, layer: str | None, source: str, check: bool, over: str | None = None
+) -> Any:
     """``adata`` without its cells that have no counts in the model's genes (``--drop-empty``),
-    said in a line; an error where none is left."""
+    said in a line; an error where none is left, or where ``over`` (the output) is the file
+    ``source`` and cells would be left out: it would be written without them."""
+    import os
+
     import numpy as np
 
-    from .errors import DataError
+    from .errors import ConfigError, DataError
 
     keep = (
         np.diff(model.aligned_counts(adata, layer=layer, check_counts=check, source=source).indptr)
@@ -315,6 +320,13 @@ def _with_counts(adata: Any, model: Any, layer: str | None, source: str, check: 
     if not keep.any():
         raise DataError(
             f"{source}: none of its {adata.n_obs:,} cells has counts in the model's genes."
+        )
+    if over is not None and Path(over).exists() and os.path.samefile(over, source):
+        raise ConfigError(
+            f"{over} is the query file, and --drop-empty leaves {int((~keep).sum()):,} of its "
+            f"{adata.n_obs:,} cells out (no counts in the model's genes): written over it, "
+            "they would be lost. Write the output elsewhere, or annotate every cell (without "
+            "--drop-empty: the cells without counts are named in an error)."
         )
     print(
         f"{source}: left out {int((~keep).sum()):,} of {adata.n_obs:,} cells without counts in the model's genes"

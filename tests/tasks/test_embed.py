@@ -838,6 +838,20 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     assert "left out 2 of 150 cells" in said
     kept = ad.read_h5ad(out)
     assert kept.n_obs == 298 and not kept.obs_names.isin(empty.obs_names[[3, 8]]).any()
+    # written over the query file, --drop-empty would lose the cells it leaves out: refused,
+    # the file as it was; where it leaves none out, the file takes the calls
+    query = str(tmp_path / "empty.h5ad")
+    before = (tmp_path / "empty.h5ad").read_bytes()
+    in_place = ["annotate", str(bundle), str(idx), query, query, "--overwrite", "--drop-empty"]
+    capsys.readouterr()
+    assert main(in_place) == 2
+    err = capsys.readouterr().err
+    assert "is the query file, and --drop-empty leaves 2 of its 300 cells out" in err
+    assert (tmp_path / "empty.h5ad").read_bytes() == before
+    kept.write_h5ad(query)
+    assert main(in_place) == 0
+    assert ad.read_h5ad(query).n_obs == 298
+    assert "cellsift_cell_type" in ad.read_h5ad(query).obs
     empty.X = sp.csr_matrix(empty.shape, dtype=np.float32)
     empty.write_h5ad(tmp_path / "empty.h5ad")
     assert main([*args, "--overwrite", "--drop-empty"]) == 2
