@@ -238,3 +238,45 @@ def test_a_store_replaced_after_opening_before_its_first_read_says_so(tmp_path, 
         store.read(np.arange(50))
     again = open_store(path)
     np.testing.assert_array_equal(again.read(np.arange(50)).toarray(), new.X[:50].toarray())
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "soma"])
+def test_a_closed_store_opened_again_reads_only_the_file_it_first_opened(tmp_path, fmt):
+    """A store that read its size and genes, then closed (a collection lets go of each
+    store's gene table; a loader process opens its own): its file replaced by one of other
+    cells and genes, the store read the new obs and gene table against its old size and
+    gene map (30 rows of obs for 50 cells, genes in another order), with no error. Now any
+    read that opens it again, in this process or a forked one, says it was replaced."""
+    from cellsift.data.convert import convert
+
+    if fmt == "soma":
+        pytest.importorskip("tiledbsoma")
+    old = indexed_atlas(50, 8, path=tmp_path / "old.h5ad")
+    new = indexed_atlas(50, 8, path=None)[:30, ::-1].copy()
+    new.write_h5ad(tmp_path / "new.h5ad")
+    path = old if fmt == "h5ad" else convert(old, tmp_path / f"x.{fmt}")
+    store = open_store(path)
+    genes, n_obs = list(store.var_names), store.n_obs
+    store.release_var()
+    store.close()
+    if fmt == "h5ad":
+        os.replace(tmp_path / "new.h5ad", path)
+    else:
+        convert(tmp_path / "new.h5ad", path, overwrite=True)
+    assert store.n_obs == n_obs  # (read before)
+    for read in (lambda: store.var, lambda: store.obs_column("donor_id"), store.obs):
+        with pytest.raises(DataError, match="was replaced since the store opened it"):
+            read()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        said = pool.apply(_read_var_in_a_child, (store,))
+    assert "was replaced since the store opened it" in said
+    again = open_store(path)
+    assert again.n_obs == 30 and list(again.var_names) == genes[::-1]
+
+
+def _read_var_in_a_child(store) -> str:
+    try:
+        store.__dict__.pop("var", None)
+        return repr(store.var.shape)
+    except DataError as err:
+        return str(err)

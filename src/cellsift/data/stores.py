@@ -123,12 +123,38 @@ class CellStore(ABC):
     # -- handle management --------------------------------------------------------------
     @property
     def handle(self) -> Any:
-        """The open backend handle of this process (re-opened after a fork)."""
+        """The open backend handle of this process (re-opened after a fork, or after
+        :meth:`close`): of the file or folder first opened, else a :class:`DataError` (what
+        was read of the store, its size and genes, is of that one)."""
         if self._handle is None or self._pid != os.getpid():
             self._handle = None
-            self._handle = self._open()
-            self._pid = os.getpid()
+            handle = self._open()
+            try:
+                self._same_as_first_opened()
+            except BaseException:
+                if hasattr(handle, "close"):
+                    handle.close()
+                raise
+            self._handle, self._pid = handle, os.getpid()
         return self._handle
+
+    def _same_as_first_opened(self) -> None:
+        if not self.on_disk:
+            return
+        try:
+            st = os.stat(self.file)
+        except FileNotFoundError:
+            raise DataError(
+                f"{self.path} was removed since the store opened it: restore it, or open "
+                "the store again."
+            ) from None
+        identity = (st.st_dev, st.st_ino)
+        first = self.__dict__.setdefault("_identity", identity)  # (stores pickled before: now)
+        if first != identity:
+            raise DataError(
+                f"{self.path} was replaced since the store opened it (rewritten or moved "
+                "there): open the store again to read the new file."
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
