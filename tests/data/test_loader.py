@@ -556,11 +556,13 @@ def test_min_batch_on_several_ranks_needs_drop_last(coll):
         ({"num_samples": -5}, "num_samples .* not -5"),
         ({"batch_size": 64.0}, "batch_size must be a whole number >= 1, not 64.0"),
         ({"block_size": True}, "block_size must be a whole number >= 1, not True"),
+        ({"num_samples": 10, "mode": "block"}, "block mode reads every cell once an epoch"),
     ],
 )
 def test_sampling_settings_that_mean_nothing_are_refused(coll, setting, message):
     """num_samples=0 drew a whole epoch and -5 none, silently; a float size failed deep in
-    numpy."""
+    numpy; num_samples outside weighted mode was left unread. Studies as text (one None
+    among them) were a TypeError of numpy's sort."""
     from cellsift.data.sampling import balanced_weights
     from cellsift.errors import ConfigError
 
@@ -571,6 +573,22 @@ def test_sampling_settings_that_mean_nothing_are_refused(coll, setting, message)
         balanced_weights(np.array(["B cell", "T cell"]))
     with pytest.raises(ConfigError, match="one study per cell: 3 for 2 labels"):
         balanced_weights(np.array([0, 1]), np.array([0, 0, 1]))
+    with pytest.raises(ConfigError, match="studies must be one integer code per cell"):
+        balanced_weights(np.array([0, 1, 1]), np.array(["a", None, "b"], dtype=object))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_the_ranks_draws_add_up_to_num_samples(drop_last):
+    """num_samples=10 on 3 ranks drew 4 on each, 12 an epoch, without drop_last; with it,
+    every rank draws as many whole batches (those the draws fill on all ranks: none of 10)."""
+    from cellsift.data.sampling import EpochPlan, SamplingConfig
+
+    cfg = SamplingConfig(mode="weighted", batch_size=4, num_samples=10, drop_last=drop_last)
+    shares = [EpochPlan(cfg, 5, 0, r, 3, np.ones(5)).n_rank for r in range(3)]
+    assert shares == ([0, 0, 0] if drop_last else [3, 3, 4])
+    cfg = SamplingConfig(mode="weighted", batch_size=4, num_samples=30, drop_last=drop_last)
+    shares = [EpochPlan(cfg, 5, 0, r, 3, np.ones(5)).n_rank for r in range(3)]
+    assert shares == ([8, 8, 8] if drop_last else [10, 10, 10])
 
 
 def test_weighted_balancing_cap(coll):

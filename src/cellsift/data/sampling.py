@@ -79,6 +79,11 @@ def balanced_weights(
     w = _inverse_log_count(labels, class_scale)
     if studies is not None:
         studies = np.asarray(studies)
+        if studies.ndim == 1 and not np.issubdtype(studies.dtype, np.integer):
+            raise ConfigError(
+                f"studies must be one integer code per cell (negative: missing), not an array "
+                f"of {studies.dtype}; code text studies first (CellCollection.codes)."
+            )
         if studies.shape != labels.shape:
             raise ConfigError(
                 f"studies must give one study per cell: {studies.shape[0] if studies.ndim else 0} "
@@ -106,7 +111,10 @@ class SamplingConfig:
     Training on several ranks needs it (the data module sets it there): without it, ranks
     can get different numbers of batches, which suits reading every cell (embedding) only;
     ``min_batch``: a rank's last batch with fewer cells than this is left out (training
-    takes 2: BatchNorm cannot normalise one cell), the other batches are unchanged.
+    takes 2: BatchNorm cannot normalise one cell), the other batches are unchanged;
+    ``num_samples``: the cells drawn an epoch in weighted mode (None: as many as there are
+    cells), shared among the ranks (with ``drop_last``, the whole batches of them each rank
+    can have as many of).
     """
 
     mode: Mode = "block"
@@ -131,6 +139,12 @@ class SamplingConfig:
             raise ConfigError(
                 f"num_samples (cells drawn per epoch in weighted mode) must be a whole number "
                 f">= 1, or None for as many as there are cells; not {self.num_samples!r}."
+            )
+        if self.num_samples is not None and self.mode != "weighted":
+            raise ConfigError(
+                f"num_samples is the number of cells drawn per epoch in weighted mode; "
+                f"{self.mode} mode reads every cell once an epoch: leave num_samples out, or "
+                "sample with mode='weighted'."
             )
         if not is_whole(self.seed, 0):
             raise ConfigError(f"seed must be a non-negative integer, not {self.seed!r}.")
@@ -201,18 +215,15 @@ class EpochPlan:
                 "min_batch > 1 on several ranks needs drop_last=True: left out per rank, a "
                 "short last batch would give the ranks different numbers of batches."
             )
-        if isinstance(source, np.ndarray):  # (cells in order)
-            n = len(source)
-            if cfg.drop_last:
-                n = (n // (world * cfg.batch_size)) * world * cfg.batch_size
-            lo, hi = rank * n // world, (rank + 1) * n // world
-            self._order = source[lo:hi]
-            self.n_rank = hi - lo
-        else:  # (a number of draws)
-            source = int(source)
-            self.n_rank = source // world if cfg.drop_last else -(-source // world)
+        # (the ranks' shares of the cells in order, or of the draws, add up to the whole;
+        # drop_last: to as many whole batches on every rank as it holds)
+        n = len(source) if isinstance(source, np.ndarray) else int(source)
         if cfg.drop_last:
-            self.n_rank = (self.n_rank // cfg.batch_size) * cfg.batch_size
+            n = (n // (world * cfg.batch_size)) * world * cfg.batch_size
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        if isinstance(source, np.ndarray):
+            self._order = source[lo:hi]
+        self.n_rank = hi - lo
         if 0 < self.n_rank % cfg.batch_size < cfg.min_batch:  # too small a last batch
             self.n_rank -= self.n_rank % cfg.batch_size
         self.n_fetches = -(-self.n_rank // cfg.fetch_size)
