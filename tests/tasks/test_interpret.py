@@ -329,6 +329,24 @@ def test_a_baseline_series_is_read_by_its_genes(linear):
         attribute_difference(model, adata, is_a, ~is_a, baseline=reversed_.replace(2.0, np.nan))
 
 
+def test_a_baseline_series_naming_a_gene_by_its_id_and_its_symbol_is_refused():
+    """A Series naming one gene by its Ensembl id and by its symbol, with two values: the
+    id's was read, the symbol's dropped, unsaid (hunt232). Names of other genes beside
+    the model's still read."""
+    from cellsift.data import GeneVocabulary
+    from cellsift.tasks.interpret import _baseline
+
+    ids = [f"ENSG{i:011d}" for i in range(6)]
+    genes = GeneVocabulary(ids, [f"GENE{i}" for i in range(6)])
+    mean_b = np.zeros(6, dtype=np.float32)
+    for index in ([ids[1], "GENE1"], ["GENE1", ids[1]], ["GENE1", ids[2], "GENE1x", ids[1]]):
+        values = pd.Series(np.arange(len(index), dtype=np.float32) + 1, index=index)
+        with pytest.raises(ValueError, match=r"names genes twice, by two names \('"):
+            _baseline(values, mean_b, genes)
+    got = _baseline(pd.Series([1.0, 2.0, 3.0], index=["GENE1", ids[2], "other"]), mean_b, genes)
+    np.testing.assert_array_equal(got.numpy(), [0, 1, 2, 0, 0, 0])
+
+
 def test_a_float64_model_is_attributed_and_nan_counts_are_said(linear):
     """A model in float64 (module.double(): its embeddings float64) is attributed as in
     float32 (hunt193: a dtype error from the centroid product); counts read unchecked

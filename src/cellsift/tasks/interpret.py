@@ -314,6 +314,35 @@ def _group_means(
     return mean, (z_sum / norm).float()
 
 
+def _refuse_a_gene_named_twice(
+    index: pd.Index, found: np.ndarray, genes: Any, col_map: np.ndarray
+) -> None:
+    """A ValueError where names of a baseline Series left unread (``~found``) are of model
+    genes that another of its names gave (an Ensembl id and the gene's symbol): one of two
+    values for a gene would be dropped."""
+    if found.all():
+        return
+    try:
+        again = genes.align(
+            pd.DataFrame(index=index[~found]),
+            source="the baseline",
+            min_overlap=0.0,
+            of="vocabulary",
+        )
+    except GeneAlignmentError:  # (none of them is a model gene's name)
+        return
+    hit = again.col_map >= 0
+    if not hit.any():
+        return
+    named = index[~found][hit][0]
+    other = index[found][np.flatnonzero(col_map[found] == again.col_map[hit][0])[0]]
+    raise ValueError(
+        f"the baseline Series names genes twice, by two names ({named!r} and {other!r} are "
+        f"the model's gene {genes.genes[again.col_map[hit][0]]!r}): it is read by its "
+        "index, one value a gene; keep one of each."
+    )
+
+
 def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch.Tensor:
     """The baseline's log-normalised value of each of the model's ``genes`` (its
     :class:`~cellsift.data.GeneVocabulary`)."""
@@ -341,6 +370,7 @@ def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch
                 "values in the model's gene order as an array (baseline.to_numpy())."
             ) from None
         found = gm.col_map >= 0  # (in the model's gene order, checked as an array below)
+        _refuse_a_gene_named_twice(baseline.index, found, genes, gm.col_map)
         in_order = np.zeros(n_genes, dtype=np.float32)
         in_order[gm.col_map[found]] = np.asarray(baseline, dtype=np.float32)[found]
         baseline = in_order
