@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -526,13 +528,42 @@ def test_genes_whose_id_changed_are_matched_by_their_symbol():
     gm = vocab.align(var, of="vocabulary")
     assert gm.n_matched == 100 and gm.key == "gene_ids->ids (+10 by var_names->symbols)"
     np.testing.assert_array_equal(gm.col_map, np.arange(100))
-    # S0's id matched by gene 100 of the store; S1 named twice: neither is filled in
+    # S0's id matched by gene 100 of the store; S1 named twice: neither is filled in (S0,
+    # by its symbol the gene X gives: said)
     var = pd.DataFrame({"gene_ids": [*new_ids, ids[0], _ens(2000)]}, index=[*symbols, "X", "S1"])
-    gm = vocab.align(var, of="vocabulary")
+    with pytest.warns(
+        UserWarning, match=r"1 of its genes are not read: .*'S0' \(ENSG0+, read from 'X'\)"
+    ):
+        gm = vocab.align(var, of="vocabulary")
+    assert gm.twice == {0: 0}
     assert gm.col_map[100] == 0 and gm.col_map[0] == -1  # (its id, not its symbol)
     assert gm.col_map[1] == gm.col_map[101] == -1
     np.testing.assert_array_equal(gm.col_map[2:100], np.arange(2, 100))
     assert gm.n_matched == 99 and gm.identity is False
+
+
+@pytest.mark.parametrize("first", ["id", "symbol"])
+def test_a_gene_named_by_its_id_and_by_its_symbol_is_said_to_be_read_once(first):
+    """A query naming one model gene twice, by its Ensembl id and by its symbol (two
+    columns of counts): one column was read and the other left out, unsaid (hunt234: a
+    gene named twice by one kind of name reads as 0, with a warning). Said now, naming
+    both; the vocabulary matched whole, or not."""
+    vocab = GeneVocabulary([_ens(i) for i in range(4)], ["A", "B", "C", "D"])
+    names = [_ens(0), "A"] if first == "id" else ["A", _ens(0)]
+    for rest in ([_ens(1), _ens(2), "D"], ["B", "C"]):
+        var = pd.DataFrame(index=[*names, *rest])
+        with pytest.warns(UserWarning, match="1 of its genes are not read") as said:
+            gm = vocab.align(var, source="q.h5ad", of="vocabulary")
+        read = int(np.flatnonzero(gm.col_map[:2] == 0)[0])  # (by the key that won)
+        assert gm.col_map[1 - read] == -1 and gm.twice == {1 - read: 0}
+        text = str(said[0].message)
+        assert text.startswith("q.h5ad: ")
+        assert f"{names[1 - read]!r} ({_ens(0)}, read from {names[read]!r})" in text
+    # a gene of each name once: nothing said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = vocab.align(pd.DataFrame(index=[_ens(0), "B", _ens(2), "D"]), of="vocabulary")
+    assert gm.twice == {} and gm.n_matched == 4
 
 
 def test_a_subset_of_the_models_genes_is_told_as_one():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -209,6 +209,10 @@ def _strip_version(ids: pd.Index) -> pd.Index:
     )
 
 
+#: Whose genes a vocabulary holds, by ``align``'s ``of``.
+_WHOSE = {"vocabulary": "model", "smaller": "vocabulary"}
+
+
 @dataclass(frozen=True)
 class _Tried:
     """One key tried in :meth:`GeneVocabulary.align`: var's names (``label``: a column's,
@@ -240,6 +244,8 @@ class GeneMap:
 
     ``col_map[j]`` is the vocabulary position of store column ``j``, or -1 when the
     vocabulary lacks it. ``identity`` marks a store whose genes are the vocabulary, in order.
+    ``twice``: store columns left out (-1) that by another of their names (an id, a symbol)
+    are a vocabulary gene another column gives: column -> that gene's position.
     """
 
     col_map: np.ndarray
@@ -247,6 +253,7 @@ class GeneMap:
     key: str
     identity: bool
     n_vocab: int
+    twice: Mapping[int, int] = field(default_factory=dict)
 
     @cached_property
     def keeps_order(self) -> bool:
@@ -544,6 +551,17 @@ class GeneVocabulary:
                 filled.append(f"+{int(new.sum())} by {other.key}")
         if filled:
             key += f" ({', '.join(filled)})"
+        # var's genes left unmatched whose names by another key are of vocabulary genes
+        # matched already (an id in var_names, the same gene's symbol beside it): said below
+        twice: dict[int, int] = {}
+        for other in tried:
+            if other.label is not None and other.label not in GENE_COLUMNS:
+                continue
+            rows = np.flatnonzero(other.clear & (col_map < 0))
+            if len(rows):
+                for row, gene in zip(rows, _positions(other.target, other.ids[rows]), strict=True):
+                    if used[gene]:
+                        twice.setdefault(int(row), int(gene))
         n_matched = int(used.sum())
         # vocabulary genes named by several of var's (by the best key), matched by none
         shared = ids[hit & ~clear].unique()
@@ -620,8 +638,22 @@ class GeneVocabulary:
                 f"its genes ({key}), e.g. {shared[:5].tolist()}, so they read as 0. {fix}",
                 stacklevel=3,
             )
+        if twice:
+            names = var.index
+            shown = ", ".join(
+                f"{names[row]!r} ({self.genes[gene]}, read from "
+                f"{names[int(np.flatnonzero(col_map == gene)[0])]!r})"
+                for row, gene in list(twice.items())[:3]
+            )
+            warn(
+                f"{source}: {len(twice)} of its genes are not read: each names, by another of "
+                f"its names (an Ensembl id, a symbol), a gene of the {_WHOSE[of]} that another "
+                f"of its genes gives ({key}), e.g. {shown}. Where they are one gene, sum "
+                "their counts into one column first.",
+                stacklevel=3,
+            )
         identity = len(var) == len(self) and bool(np.array_equal(col_map, np.arange(len(self))))
-        return GeneMap(col_map, n_matched, key, identity, len(self))
+        return GeneMap(col_map, n_matched, key, identity, len(self), twice)
 
     def _case_hint(self, var: pd.DataFrame, n_matched: int, need: float) -> str:
         """Where the data's var_names would match enough of the genes (ids or symbols)

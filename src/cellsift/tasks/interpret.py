@@ -14,6 +14,7 @@ through the model's own ``normalize`` module, exactly as :meth:`MetricModel.embe
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -314,35 +315,6 @@ def _group_means(
     return mean, (z_sum / norm).float()
 
 
-def _refuse_a_gene_named_twice(
-    index: pd.Index, found: np.ndarray, genes: Any, col_map: np.ndarray
-) -> None:
-    """A ValueError where names of a baseline Series left unread (``~found``) are of model
-    genes that another of its names gave (an Ensembl id and the gene's symbol): one of two
-    values for a gene would be dropped."""
-    if found.all():
-        return
-    try:
-        again = genes.align(
-            pd.DataFrame(index=index[~found]),
-            source="the baseline",
-            min_overlap=0.0,
-            of="vocabulary",
-        )
-    except GeneAlignmentError:  # (none of them is a model gene's name)
-        return
-    hit = again.col_map >= 0
-    if not hit.any():
-        return
-    named = index[~found][hit][0]
-    other = index[found][np.flatnonzero(col_map[found] == again.col_map[hit][0])[0]]
-    raise ValueError(
-        f"the baseline Series names genes twice, by two names ({named!r} and {other!r} are "
-        f"the model's gene {genes.genes[again.col_map[hit][0]]!r}): it is read by its "
-        "index, one value a gene; keep one of each."
-    )
-
-
 def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch.Tensor:
     """The baseline's log-normalised value of each of the model's ``genes`` (its
     :class:`~cellsift.data.GeneVocabulary`)."""
@@ -355,12 +327,14 @@ def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch
                 "is read by its index, one value a gene; keep one of each."
             )
         try:  # (every gene it names counts; the model's genes it lacks read as 0)
-            gm = genes.align(
-                pd.DataFrame(index=baseline.index),
-                source="the baseline",
-                min_overlap=0.0,
-                of="vocabulary",
-            )
+            with warnings.catch_warnings():  # (a gene named twice: refused below)
+                warnings.filterwarnings("ignore", r"the baseline: \d+ of its genes are not read")
+                gm = genes.align(
+                    pd.DataFrame(index=baseline.index),
+                    source="the baseline",
+                    min_overlap=0.0,
+                    of="vocabulary",
+                )
         except GeneAlignmentError:
             raise GeneAlignmentError(
                 f"the baseline is a Series, read by its index (genes), and none of its "
@@ -369,8 +343,16 @@ def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch
                 "model's genes (ids or symbols): index it by the model's genes, or pass the "
                 "values in the model's gene order as an array (baseline.to_numpy())."
             ) from None
+        if gm.twice:  # (an id and the gene's symbol: one of two values would be dropped)
+            row, gene = next(iter(gm.twice.items()))
+            other = baseline.index[int(np.flatnonzero(gm.col_map == gene)[0])]
+            raise ValueError(
+                f"the baseline Series names genes twice, by two names "
+                f"({baseline.index[row]!r} and {other!r} are the model's gene "
+                f"{genes.genes[gene]!r}): it is read by its index, one value a gene; keep one "
+                "of each."
+            )
         found = gm.col_map >= 0  # (in the model's gene order, checked as an array below)
-        _refuse_a_gene_named_twice(baseline.index, found, genes, gm.col_map)
         in_order = np.zeros(n_genes, dtype=np.float32)
         in_order[gm.col_map[found]] = np.asarray(baseline, dtype=np.float32)[found]
         baseline = in_order
