@@ -321,7 +321,10 @@ def _with_counts(
         raise DataError(
             f"{source}: none of its {adata.n_obs:,} cells has counts in the model's genes."
         )
-    if over is not None and Path(over).exists() and os.path.samefile(over, source):
+    # (the entry the output replaces is the query's own file: a link named as the output
+    # is replaced itself, the query left as it is)
+    replaced = Path(os.path.realpath(Path(over).parent)) / Path(over).name if over else None
+    if replaced is not None and replaced == Path(os.path.realpath(source)):
         raise ConfigError(
             f"{over} is the query file, and --drop-empty leaves {int((~keep).sum()):,} of its "
             f"{adata.n_obs:,} cells out (no counts in the model's genes): written over it, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -265,13 +266,28 @@ def test_a_closed_store_opened_again_reads_only_the_file_it_first_opened(tmp_pat
         convert(tmp_path / "new.h5ad", path, overwrite=True)
     assert store.n_obs == n_obs  # (read before)
     for read in (lambda: store.var, lambda: store.obs_column("donor_id"), store.obs):
-        with pytest.raises(DataError, match="was replaced since the store opened it"):
+        with pytest.raises(DataError, match="was replaced or rewritten since the store opened"):
             read()
     with multiprocessing.get_context("fork").Pool(1) as pool:
         said = pool.apply(_read_var_in_a_child, (store,))
-    assert "was replaced since the store opened it" in said
+    assert "was replaced or rewritten since the store opened it" in said
     again = open_store(path)
     assert again.n_obs == 30 and list(again.var_names) == genes[::-1]
+    # rewritten where it is (anndata truncates an h5ad file, reuses a Zarr folder: the
+    # inode kept, review213), then removed
+    again.release_var()
+    again.close()
+    if fmt != "soma":
+        written = indexed_atlas(20, 8, path=None)
+        (written.write_h5ad if fmt == "h5ad" else written.write_zarr)(path)
+        with pytest.raises(DataError, match="was replaced or rewritten since the store opened"):
+            _ = again.var
+    gone = open_store(path)
+    gone.release_var()
+    gone.close()
+    shutil.rmtree(path) if fmt != "h5ad" else os.remove(path)
+    with pytest.raises(DataError, match="was removed since the store opened it: restore it"):
+        _ = gone.var
 
 
 def _read_var_in_a_child(store) -> str:

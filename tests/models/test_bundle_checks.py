@@ -193,6 +193,10 @@ def test_a_state_cast_to_half_precision_whole_loads():
             _edit_config(lambda c: c["architecture"].update(dropout=1.5)),
             r"config\.json's settings do not make a MetricModel \(dropout is a probability",
         ),
+        (  # (review213: NaN is named by the model's range check, as before)
+            _edit_config(lambda c: c["normalization"].update(target_sum=float("nan"))),
+            r"config\.json's settings do not make a MetricModel \(target_sum is the counts",
+        ),
         (
             _edit_config(lambda c: c.pop("normalization")),
             r"config\.json's normalization is missing",
@@ -259,6 +263,7 @@ def test_a_state_cast_to_half_precision_whole_loads():
         "latent-missing",
         "hidden-not-a-list",
         "dropout-out-of-range",
+        "target-sum-nan",
         "normalization-missing",
         "config-not-json",
         "label-without-id",

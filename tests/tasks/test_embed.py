@@ -848,6 +848,14 @@ def test_command_line_embed_index_annotate(bundle, synthetic_h5ad, tmp_path, cap
     err = capsys.readouterr().err
     assert "is the query file, and --drop-empty leaves 2 of its 300 cells out" in err
     assert (tmp_path / "empty.h5ad").read_bytes() == before
+    # the query reached through a link, the output its file: refused too; an output that
+    # is a link to the query replaces the link, the query as it was (review213)
+    (tmp_path / "link.h5ad").symlink_to("empty.h5ad")
+    linked = [str(tmp_path / "link.h5ad") if a == query else a for a in in_place]
+    assert main([*linked[:4], query, *linked[5:]]) == 2
+    assert main([*linked[:3], query, linked[4], *linked[5:]]) == 0
+    assert not (tmp_path / "link.h5ad").is_symlink()
+    assert (tmp_path / "empty.h5ad").read_bytes() == before
     kept.write_h5ad(query)
     assert main(in_place) == 0
     assert ad.read_h5ad(query).n_obs == 298

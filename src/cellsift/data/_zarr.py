@@ -35,6 +35,7 @@ class ZarrStore(AnnDataStore):
     """
 
     format: Format = "zarr"
+    _anchors = ("zarr.json", ".zgroup", ".zattrs")
 
     def __init__(
         self, path: str | os.PathLike[str], *, layer: str | None = None, direct: bool = True

@@ -8,6 +8,7 @@ DataLoader worker), so stores can be pickled into workers.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -121,39 +122,57 @@ class CellStore(ABC):
             raise FileNotFoundError(_no_such_path(self.path))
 
     # -- handle management --------------------------------------------------------------
+    #: Files in a store's folder whose change says the store was rewritten (Zarr's
+    #: metadata: rewritten in place, the folder keeps its inode).
+    _anchors: tuple[str, ...] = ()
+
     @property
     def handle(self) -> Any:
         """The open backend handle of this process (re-opened after a fork, or after
-        :meth:`close`): of the file or folder first opened, else a :class:`DataError` (what
-        was read of the store, its size and genes, is of that one)."""
+        :meth:`close`): of the file or folder first opened, unchanged, else a
+        :class:`DataError` (what was read of the store, its size and genes, is of that
+        one)."""
         if self._handle is None or self._pid != os.getpid():
             self._handle = None
-            handle = self._open()
-            try:
-                self._same_as_first_opened()
-            except BaseException:
-                if hasattr(handle, "close"):
-                    handle.close()
-                raise
-            self._handle, self._pid = handle, os.getpid()
+            self._same_as_first_opened()
+            self._handle, self._pid = self._open(), os.getpid()
         return self._handle
+
+    def _identity(self) -> tuple[Any, ...]:
+        """What tells this store's file (its inode, size and time of change) or folder (its
+        inode, and those of its :attr:`_anchors`) from another written at its path."""
+
+        def of(st: os.stat_result) -> tuple[int, ...]:
+            return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+        st = os.stat(self.file)
+        if not self.file.is_dir():
+            return of(st)
+        anchors = []
+        for name in self._anchors:
+            with contextlib.suppress(FileNotFoundError):
+                anchors.append((name, *of(os.stat(self.file / name))))
+        return (st.st_dev, st.st_ino, *anchors)
 
     def _same_as_first_opened(self) -> None:
         if not self.on_disk:
             return
+        first = self.__dict__.get("_first_identity")
         try:
-            st = os.stat(self.file)
+            now = self._identity()
         except FileNotFoundError:
+            if first is None:  # (the store's own error, as it opens)
+                return
             raise DataError(
                 f"{self.path} was removed since the store opened it: restore it, or open "
                 "the store again."
             ) from None
-        identity = (st.st_dev, st.st_ino)
-        first = self.__dict__.setdefault("_identity", identity)  # (stores pickled before: now)
-        if first != identity:
+        if first is None:
+            self._first_identity = now
+        elif first != now:
             raise DataError(
-                f"{self.path} was replaced since the store opened it (rewritten or moved "
-                "there): open the store again to read the new file."
+                f"{self.path} was replaced or rewritten since the store opened it: open the "
+                "store again to read what is there now."
             )
 
     def __getstate__(self) -> dict[str, Any]:

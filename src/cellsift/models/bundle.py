@@ -415,6 +415,10 @@ def _check_label_order(folder: Path, saved: Any, ids: list[str]) -> None:
         )
 
 
+def _real(value: Any) -> bool:
+    return is_number(value, nan=True)
+
+
 def metric_settings(
     path: str | os.PathLike[str], bundle: Bundle, model: Callable[..., Any]
 ) -> dict[str, Any]:
@@ -451,9 +455,10 @@ def metric_settings(
             "a list of layer sizes (whole numbers)",
         ),
         ("architecture", arch, "latent", is_whole, "a whole number"),
-        ("architecture", arch, "dropout", is_number, "a number"),
-        ("architecture", arch, "input_dropout", is_number, "a number"),
-        ("normalization", norm, "target_sum", is_number, "a number"),
+        # (NaN passes: the model's range check names it)
+        ("architecture", arch, "dropout", _real, "a number"),
+        ("architecture", arch, "input_dropout", _real, "a number"),
+        ("normalization", norm, "target_sum", _real, "a number"),
     ]
     for section, values, key, ok, what in checks:
         if key not in values:
