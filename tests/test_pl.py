@@ -145,6 +145,12 @@ def test_embedding_palettes_of_too_few_colours_or_keyed_by_value():
     cells.obs["i"] = pd.Categorical([1, 2] * 6)
     ax = pl.embedding(cells, "i", palette={1: "red", 2: "blue"})
     assert {tuple(c.get_facecolors()[0][:3]) for c in ax.collections} == {(1, 0, 0), (0, 0, 1)}
+    # float categories, keys of equal value (hunt232: "1" is not "1.0", refused)
+    cells.obs["f"] = pd.Categorical([1.0, 2.0] * 6)
+    ax = pl.embedding(cells, "f", palette={1: "red", 2: "blue"})
+    assert [tuple(c.get_facecolors()[0][:3]) for c in ax.collections] == [(1, 0, 0), (0, 0, 1)]
+    with pytest.raises(KeyError, match=r"palette has no colour for \['2\.0'\]"):
+        pl.embedding(cells, "f", palette={1: "red", 3: "blue"})
     plt.close("all")
 
 

@@ -105,7 +105,7 @@ def embedding(
         values = adata.obs[color]
         if _is_categorical(values):
             cat = pd.Categorical(values)
-            colors = _palette(palette, [str(c) for c in cat.categories])
+            colors = _palette(palette, [str(c) for c in cat.categories], list(cat.categories))
             missing = cat.codes < 0
             # the legend's entries given in full: matplotlib's own leaves out artists whose
             # label starts with "_", which is a category's name as any other
@@ -197,19 +197,39 @@ def _basis(adata: ad.AnnData, basis: str) -> np.ndarray:
     return xy
 
 
+def _holds(mapping: Mapping[Any, Any], key: Any) -> bool:
+    try:
+        return key in mapping
+    except TypeError:  # (unhashable)
+        return False
+
+
 def _is_categorical(values: pd.Series) -> bool:
     return not (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values))
 
 
-def _palette(palette: Mapping[str, Any] | Sequence[Any] | str | None, names: list[str]) -> list:
+def _palette(
+    palette: Mapping[Any, Any] | Sequence[Any] | str | None,
+    names: list[str],
+    values: list[Any] | None = None,
+) -> list:
+    """The colours of the categories ``names`` (their text; ``values``: themselves)."""
     import matplotlib as mpl
 
     if isinstance(palette, Mapping):  # keyed by the categories' text or their values
         by_text = {str(k): v for k, v in palette.items()}
-        missing = [n for n in names if n not in by_text]
+        colors, missing = [], []
+        for i, name in enumerate(names):
+            value = None if values is None else values[i]
+            if name in by_text:
+                colors.append(by_text[name])
+            elif value is not None and _holds(palette, value):  # (a key of 2 for 2.0)
+                colors.append(palette[value])
+            else:
+                missing.append(name)
         if missing:
             raise MissingKeyError(f"palette has no colour for {missing}; add them to the mapping.")
-        return [by_text[n] for n in names]
+        return colors
     if palette is not None and not isinstance(palette, str):
         colors = list(palette)
         if len(colors) < len(names):

@@ -41,6 +41,12 @@ def test_one_population_is_coherent_and_overlaps_match_brute_force():
         assert row["cells"] == (qc.cluster_n == cl).sum()
     w = qc.clusters["cells"].to_numpy()
     assert qc.coherence == pytest.approx((qc.clusters["overlap"] * w).sum() / w.sum())
+    # coherent by the caller's threshold, as the warning is (hunt232: by 0.4 always)
+    above = qc.coherence + 0.01
+    with pytest.warns(CellsiftWarning, match="heterogeneous"):
+        strict = query_coherence(index, query, k=50, warn_below=above)
+    assert strict.coherence == qc.coherence and not strict.coherent
+    assert query_coherence(index, query, k=50, warn_below=None).coherent
 
 
 def test_mixed_populations_are_flagged():

@@ -60,15 +60,19 @@ class QueryCoherence:
         the whole set's hits that the cluster's own centroid search also returns).
     cluster_n
         Each query cell's cluster.
+    threshold
+        The coherence at and above which the set is :attr:`coherent` (``warn_below``;
+        :data:`MIN_COHERENCE` where that was None).
     """
 
     coherence: float
     clusters: pd.DataFrame
     cluster_n: np.ndarray
+    threshold: float = MIN_COHERENCE
 
     @property
     def coherent(self) -> bool:
-        return self.coherence >= MIN_COHERENCE
+        return self.coherence >= self.threshold
 
 
 def query_coherence(
@@ -171,7 +175,8 @@ def query_coherence(
             "centroid may sit between populations; search the clusters separately "
             "(cellsift.tl.search_clusters)."
         )
-    return QueryCoherence(coherence, clusters, cluster)
+    threshold = MIN_COHERENCE if warn_below is None else float(warn_below)
+    return QueryCoherence(coherence, clusters, cluster, threshold)
 
 
 def _value_order(z: np.ndarray) -> np.ndarray:
