@@ -730,6 +730,21 @@ def test_an_output_inside_an_input_folder_is_refused(indexed_paths, tmp_path, ca
     zarr = indexed_paths["zarr"]
     assert main(["convert", str(zarr), str(zarr / "x.h5ad")]) == 2
     assert "is inside the input store" in capsys.readouterr().err
+    # the stores a manifest or a glob names, and the library's calls (hunt235: embedded
+    # into a shard, which anndata then could not read)
+    from cellsift.data.convert import convert
+    from cellsift.errors import ConfigError
+
+    shards = convert(indexed_paths["h5ad"], tmp_path / "shards", format="zarr", shard_size=500)
+    inside = str(shards / "shard-00000.zarr" / "emb.zarr")
+    for data in (shards / "manifest.json", shards / "*.zarr"):
+        assert main(["embed", "model", str(data), inside]) == 2
+        assert "is inside the input store" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="is inside the input store"):
+        convert(zarr, zarr / "x.h5ad")
+    assert (
+        not (zarr / "x.h5ad").exists() and not (shards / "shard-00000.zarr" / "emb.zarr").exists()
+    )
 
 
 def test_a_temporary_output_left_by_a_killed_write_is_removed(indexed_paths, tmp_path, caplog):

@@ -208,6 +208,25 @@ def _file_managers(path: Path) -> bool:
     return made and path.is_file() and not path.is_symlink()
 
 
+def refuse_inside(out: str | os.PathLike[str], **inputs: str | os.PathLike[str] | None) -> None:
+    """An output inside a folder the command reads (a bundle, an index, a store; named by
+    the keyword, ``the_input_store``): a :class:`~cellsift.errors.ConfigError` before the
+    work, which would otherwise end by damaging it (an overwrite replaces a file there).
+    An output *at* an input is judged by the kind of output it would replace."""
+    from .errors import ConfigError
+
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        folder = Path(path).resolve()
+        if folder.is_dir() and folder in target.parents:
+            raise ConfigError(
+                f"{out} is inside {what.replace('_', ' ')} {path}, which this command reads: "
+                "write the output elsewhere."
+            )
+
+
 def check_replaceable(
     final: Path, overwrite: bool, replaces: Replaceable | None = None, what: str = ""
 ) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._utils import Terminated, logger, terminated
+from ._utils import Terminated, logger, refuse_inside, terminated
 from .errors import MIN_GENES_FIX
 
 if TYPE_CHECKING:
@@ -79,26 +79,10 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(lines)
 
 
-def _refuse_inside(out: str, **inputs: str) -> None:
-    """An output inside a folder the command reads (a bundle, an index, a store): refused
-    before the work, which would otherwise end by damaging it (``--overwrite`` replaces a
-    file there). An output *at* an input is judged by the kind of output it would replace."""
-    from .errors import ConfigError
-
-    target = Path(out).resolve()
-    for what, path in inputs.items():
-        folder = Path(path).resolve()
-        if folder.is_dir() and folder in target.parents:
-            raise ConfigError(
-                f"{out} is inside {what.replace('_', ' ')} {path}, which this command reads: "
-                "write the output elsewhere."
-            )
-
-
 def _convert(args: argparse.Namespace) -> int:
     from .data.convert import convert
 
-    _refuse_inside(args.output, the_input_store=args.input)
+    refuse_inside(args.output, the_input_store=args.input)
     out = convert(
         args.input,
         args.output,
@@ -117,10 +101,13 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from .data.collection import resolve_paths
     from .models import MetricModel
     from .tasks import embed_collection
 
-    _refuse_inside(args.out, the_model_bundle=args.model, the_input_store=args.data)
+    refuse_inside(args.out, the_model_bundle=args.model, the_input_store=args.data)
+    for store in resolve_paths(args.data):  # (the stores a manifest or a glob names)
+        refuse_inside(args.out, the_input_store=store)
     model = MetricModel.load(args.model)
     out = embed_collection(
         model,
@@ -143,7 +130,7 @@ def _index(args: argparse.Namespace) -> int:
     from .tasks import CellIndex, load_embeddings
     from .tasks.index import AUTO_EXACT_BELOW, check_index_path
 
-    _refuse_inside(args.out, the_embeddings_store=args.embeddings)
+    refuse_inside(args.out, the_embeddings_store=args.embeddings)
     check_index_path(args.out, args.overwrite)  # refused before the work, not after it
     emb, meta = load_embeddings(args.embeddings)
     k = {} if args.k is None else {"k": args.k}  # (the index's default, where none is given)
@@ -172,7 +159,7 @@ def _annotate(args: argparse.Namespace) -> int:
     from .models import MetricModel
     from .tasks import CellIndex, KNNAnnotator
 
-    _refuse_inside(args.out, the_model_bundle=args.model, the_index=args.index)
+    refuse_inside(args.out, the_model_bundle=args.model, the_index=args.index)
     # (the query itself may be written over: the output holds its cells and counts)
     if (
         args.calibrate_on is not None

@@ -1459,6 +1459,18 @@ def test_a_rerun_keeps_finished_shards_of_the_same_model_only(bundle, synthetic_
     embed_mod._set_attrs(shard, attrs)
     embed_collection(model, synthetic_h5ad, out)
     np.testing.assert_array_equal(load_embeddings(out)[0], marker)  # kept, not recomputed
+    # a shard of a run that did not check counts: kept by such a run, made again by one
+    # that checks them (hunt235: its cells were never checked)
+    for checked, kept in ((False, True), (True, False)):
+        embed_mod._write_shard(model, coll, shard, (0, coll.n_obs), torch.device("cpu"), 512, False)
+        zarr.open_array(str(shard), mode="r+")[:] = marker
+        embed_mod._set_attrs(shard, attrs | {"checked": False})
+        embed_collection(model, synthetic_h5ad, out, overwrite=True, check_counts=checked)
+        got = load_embeddings(out)[0]
+        if kept:
+            np.testing.assert_array_equal(got, marker)
+        else:
+            np.testing.assert_allclose(got, full, atol=1e-5)
     # another model's shard is recomputed
     other = MetricModel.from_collection(synthetic_h5ad, hidden=(64,), latent=16)
     embed_mod._write_shard(model, coll, shard, (0, coll.n_obs), torch.device("cpu"), 512, False)

@@ -1270,6 +1270,11 @@ def test_add_refuses_cells_another_model_embedded(synthetic_h5ad, tmp_path):
     index.check_model(a)
     with pytest.raises(CellIndexError, match="embeddings of another model"):
         index.check_model(b)
+    # build: a model given beside the one load_embeddings notes must be that one (hunt235:
+    # the given one was taken, and queries of it accepted)
+    with pytest.raises(CellIndexError, match=r"made by another model \(fingerprint"):
+        CellIndex.build(emb_b[:100], meta_b[:100], engine="exact", model=a)
+    CellIndex.build(emb_b[:100], meta_b[:100], engine="exact", model=b).check_model(b)
 
 
 def test_a_metadata_column_named_cell_index_is_kept_under_another_name(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.extensions import ExtensionArray
 
-from .._utils import atomic_path, check_replaceable, progress
+from .._utils import atomic_path, check_replaceable, progress, refuse_inside
 from .._warnings import warn
 from ..errors import ConfigError, DataError
 from .collection import refuse_non_counts, resolve_paths
@@ -141,6 +141,7 @@ def convert(
     # the source's file, whether given by its path or as a store opened on it (an AnnData
     # in memory has none); inside a store overwrite would replace (one of its shards)
     src = store.file if store.on_disk else None
+    refuse_inside(dest, the_input_store=src)
     if src is not None and dest.resolve() in src.resolve().parents:  # (it would be deleted)
         raise ConfigError(
             f"{dest} holds the input {source}: writing there would replace it (and whatever "

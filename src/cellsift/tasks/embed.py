@@ -56,6 +56,7 @@ from .._utils import (
     progress,
     read_error,
     read_one_version,
+    refuse_inside,
     remove_path,
     temporaries,
     text_or_none,
@@ -65,7 +66,7 @@ from .._warnings import warn
 from ..data import CellCollection
 from ..data.collection import _cell_name, resolve_paths
 from ..data.loader import to_torch_csr
-from ..data.stores import is_anndata, refuse_other
+from ..data.stores import CellStore, is_anndata, refuse_other
 from ..data.writers import check_named
 from ..errors import (
     USER_ERRORS,
@@ -157,6 +158,8 @@ def embed_collection(
             "an AnnData in memory is embedded with cellsift.tl.embed(adata, model) (into "
             "adata.obsm), or written first (adata.write_h5ad) and its path passed."
         )
+    for store in stores:  # (each store a manifest or a glob names too)
+        refuse_inside(out, the_input_store=store.file if isinstance(store, CellStore) else store)
     kwargs: dict[str, Any] = {
         "layer": layer,
         "obs_columns": obs_columns,
@@ -393,7 +396,7 @@ def _embed_shard(
     shard = staging / f"shard-{rank:05d}"
     fingerprint = model_fingerprint(model)  # hashes the encoder's weights: once
     digest = _digest(fingerprint, coll)
-    if _shard_done(shard, bounds[rank], bounds[rank + 1], digest):
+    if _shard_done(shard, bounds[rank], bounds[rank + 1], digest, coll.check_counts):
         logger.info("rank %d: shard %s already complete, kept", rank, shard.name)
     else:
         # a killed run's half-written shard (the staging folder is this output's, the
@@ -405,7 +408,8 @@ def _embed_shard(
         _write_shard(
             model, coll, shard, (bounds[rank], bounds[rank + 1]), dev, batch_size, progress_bar
         )
-        _set_attrs(shard, {"start": bounds[rank], "stop": bounds[rank + 1], "digest": digest})
+        done = {"start": bounds[rank], "stop": bounds[rank + 1], "digest": digest}
+        _set_attrs(shard, done | {"checked": bool(coll.check_counts)})
     if distributed:
         dist.barrier()
     if rank == 0:
@@ -491,15 +495,18 @@ def _set_attrs(shard: Path, attrs: dict) -> None:
         tmp.write_text(json.dumps(meta))
 
 
-def _shard_done(shard: Path, start: int, stop: int, digest: str) -> bool:
+def _shard_done(shard: Path, start: int, stop: int, digest: str, checked: bool) -> bool:
     """Whether ``shard`` holds rows [start, stop) embedded by this model from these stores
-    (a finished earlier run)."""
+    (a finished earlier run), their counts checked where this run checks them (a shard an
+    earlier run wrote with check_counts=False is written again)."""
     meta = shard / "zarr.json"
     if not meta.is_file():
         return False
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError):
+        return False
+    if checked and attrs.get("checked") is False:
         return False
     return (attrs.get("start"), attrs.get("stop"), attrs.get("digest")) == (start, stop, digest)
 

@@ -319,8 +319,17 @@ class CellIndex:
         that queries embedded by another model are refused (:meth:`check_model`).
         """
         emb = normalize_embeddings(embeddings)
-        if model is None and isinstance(metadata, pd.DataFrame):
-            model = metadata.attrs.get("model_fingerprint")
+        noted = (
+            metadata.attrs.get("model_fingerprint") if isinstance(metadata, pd.DataFrame) else None
+        )
+        if model is not None and noted is not None and _fingerprint_of(model) != noted:
+            raise CellIndexError(
+                f"the embeddings were made by another model (fingerprint {noted[:12]}, as "
+                f"load_embeddings notes) than the one given (fingerprint "
+                f"{_fingerprint_of(model)[:12]}): pass the model that embedded them (or no "
+                "model: the noted one is taken), or embed the cells with this one."
+            )
+        model = noted if model is None else model
         table = _as_table(metadata, len(emb))
         if engine == "auto":
             engine = "exact" if len(emb) < AUTO_EXACT_BELOW else "ivf"
