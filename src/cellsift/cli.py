@@ -286,14 +286,26 @@ def _filter_term(text: str) -> tuple[str, str]:
     return column.strip(), value
 
 
+def _replaces_the_file(out: Path, source: Path) -> bool:
+    """Would writing ``out`` (a file put in place of the entry it names) replace the file
+    ``source``? A link named as ``out`` is replaced itself, the file left as it is (a
+    symbolic link; a hard link, the file's other name, keeps it); the file's own entry,
+    however spelt (a case-insensitive file system), is replaced."""
+    if Path(os.path.realpath(out.parent)) / out.name == Path(os.path.realpath(source)):
+        return True
+    try:
+        same = os.path.samefile(out, source)
+    except OSError:  # (no output yet)
+        return False
+    return same and not out.is_symlink() and out.stat().st_nlink == 1
+
+
 def _with_counts(
     adata: Any, model: Any, layer: str | None, source: str, check: bool, over: str | None = None
 ) -> Any:
     """``adata`` without its cells that have no counts in the model's genes (``--drop-empty``),
     said in a line; an error where none is left, or where ``over`` (the output) is the file
     ``source`` and cells would be left out: it would be written without them."""
-    import os
-
     import numpy as np
 
     from .errors import ConfigError, DataError
@@ -308,10 +320,7 @@ def _with_counts(
         raise DataError(
             f"{source}: none of its {adata.n_obs:,} cells has counts in the model's genes."
         )
-    # (the entry the output replaces is the query's own file: a link named as the output
-    # is replaced itself, the query left as it is)
-    replaced = Path(os.path.realpath(Path(over).parent)) / Path(over).name if over else None
-    if replaced is not None and replaced == Path(os.path.realpath(source)):
+    if over is not None and _replaces_the_file(Path(over), Path(source)):
         raise ConfigError(
             f"{over} is the query file, and --drop-empty leaves {int((~keep).sum()):,} of its "
             f"{adata.n_obs:,} cells out (no counts in the model's genes): written over it, "

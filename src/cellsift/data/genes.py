@@ -553,15 +553,25 @@ class GeneVocabulary:
             key += f" ({', '.join(filled)})"
         # var's genes left unmatched whose names by another key are of vocabulary genes
         # matched already (an id in var_names, the same gene's symbol beside it): said below
+        # (by its Ensembl id; by its symbol only where it has no Ensembl id of another gene:
+        # a gene not in the vocabulary whose symbol another release gave the vocabulary's,
+        # one of two genes that share a symbol, is another gene)
         twice: dict[int, int] = {}
+        vocab_ids = self._stripped()
         for other in tried:
             if other.label is not None and other.label not in GENE_COLUMNS:
                 continue
             rows = np.flatnonzero(other.clear & (col_map < 0))
-            if len(rows):
-                for row, gene in zip(rows, _positions(other.target, other.ids[rows]), strict=True):
-                    if used[gene]:
-                        twice.setdefault(int(row), int(gene))
+            if not len(rows):
+                continue
+            by_id = other.key.endswith("->ids")
+            for row, gene in zip(rows, _positions(other.target, other.ids[rows]), strict=True):
+                if not used[gene] or row in twice:
+                    continue
+                if by_id or not any(
+                    _ENSEMBL.match(str(t.ids[row])) and t.ids[row] != vocab_ids[gene] for t in tried
+                ):
+                    twice[int(row)] = int(gene)
         n_matched = int(used.sum())
         # vocabulary genes named by several of var's (by the best key), matched by none
         shared = ids[hit & ~clear].unique()
