@@ -144,6 +144,21 @@ def annotate(
                 "KNNAnnotator has its own settings and threshold. Set them when making it "
                 "(KNNAnnotator(...), .calibrate(...)), or pass its index as the reference."
             )
+    else:  # (as cellsift annotate refuses them)
+        for name, value in (("quantile", quantile), ("calibrate_by", calibrate_by)):
+            if not abstain and not _is_default(
+                value, inspect.signature(annotate).parameters[name].default
+            ):
+                raise ConfigError(
+                    f"{name} sets the abstention threshold, which abstain=False leaves out: "
+                    "pass one of them."
+                )
+        if calibrate_by is not None and calibrate_on is not None:
+            raise ConfigError(
+                "calibrate_by groups the reference cells that calibrate without "
+                "calibrate_on; held-out cells (calibrate_on) are not in the reference: pass "
+                "one of them."
+            )
     adata = _copied(adata) if copy else _writable(adata)
     calibrating = isinstance(calibrate_on, ad.AnnData) and use_rep not in calibrate_on.obsm
     if calibrating and abstain and not copy:  # (said before the query is embedded)

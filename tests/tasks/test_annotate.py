@@ -367,6 +367,37 @@ def test_leave_one_study_out_calibration_allows_for_study_shifts():
         KNNAnnotator(single).calibrate(group_key="study")
 
 
+def test_calibrations_a_selection_leaves_nothing_to_score_say_so():
+    """A selection leaving one group (per-group calibration), or one cell (on the reference
+    itself), blamed the reference ("needs two groups in the reference") or counted 0 of 1
+    calibration cells; tl.annotate's calibrate_by with calibrate_on was refused in
+    calibrate()'s words, and quantile / calibrate_by with abstain=False were left unread
+    (hunt236: cellsift annotate refuses them)."""
+    import anndata as ad
+
+    from cellsift import tl
+
+    x, meta, _ = _atlas(n_per=40)
+    meta = meta.assign(id=np.arange(len(meta)))
+    index = CellIndex.build(x, meta, engine="exact")
+    ann = KNNAnnotator(index, k=5)
+    only_a = {"study": ["a"]}
+    with pytest.raises(CellIndexError, match=r"two groups in the reference that the selection"):
+        ann.calibrate(quantile=0.5, group_key="study", filter=only_a)
+    with pytest.raises(CellIndexError, match=r"other reference cells that the selection .* is 1"):
+        ann.calibrate(quantile=0.5, filter={"id": [0]})
+    assert ann.calibrate(quantile=0.5, group_key="study") > 0
+    cells = ad.AnnData(np.zeros((5, 1), np.float32))
+    cells.obsm["X_cellsift"] = x[:5]
+    for options, said in (
+        ({"calibrate_by": "study", "calibrate_on": x[:10]}, "calibrate_by groups the reference"),
+        ({"abstain": False, "quantile": 0.3}, "quantile sets the abstention threshold"),
+        ({"abstain": False, "calibrate_by": "study"}, "calibrate_by sets the abstention"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            tl.annotate(cells, index, **options)
+
+
 def test_held_out_calibration_is_the_conformal_quantile_and_keeps_new_cells():
     """Reference cells pulled tight (as training does), new cells of the same types looser:
     a threshold from the reference abstains on many new cells; one from held-out cells keeps

@@ -399,6 +399,13 @@ class KNNAnnotator:
         rng = np.random.default_rng(seed)
         k = self._k_used
         pool = np.arange(self.index.n_cells) if expr is None else self.index.select(expr)
+        among = "" if expr is None else " that the selection (safelist, blocklist, filter) keeps"
+        if group_key is None and len(pool) < 2:
+            raise CellIndexError(
+                f"calibrating on the reference scores its cells against the other reference "
+                f"cells{among}, and there is {len(pool)}: pass held-out cells "
+                "(calibrate(embeddings)), or select more."
+            )
         rows = np.sort(rng.choice(pool, min(n_cells, len(pool)), replace=False))
         if group_key is None:
             res = self.index.search(np.asarray(self.index.embeddings[rows]), k + 1, filter=expr)
@@ -420,18 +427,19 @@ class KNNAnnotator:
                 mine = codes == c
                 value = pa.scalar(g.item() if isinstance(g, np.generic) else g)
                 others = (field != value) | field.is_null()
-                try:
-                    res = self.index.search(
-                        np.asarray(self.index.embeddings[rows[mine]]),
-                        k,
-                        filter=others if expr is None else others & expr,
-                    )
-                except CellIndexError:  # a single group: nothing to leave it out against
+                others = others if expr is None else others & expr
+                if not len(
+                    self.index._selected(others)
+                ):  # (one group: none to leave it out against)
                     continue
+                res = self.index.search(
+                    np.asarray(self.index.embeddings[rows[mine]]), k, filter=others
+                )
                 other[mine] = self._statistic(res.distances)
             if np.isnan(other).all():
                 raise CellIndexError(
-                    f"calibrating by {group_key!r} needs at least two groups in the reference."
+                    f"calibrating by {group_key!r} needs at least two groups in the reference"
+                    f"{among}."
                 )
         return np.asarray(other[np.isfinite(other)], dtype=np.float64)
 
