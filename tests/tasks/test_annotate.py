@@ -367,6 +367,29 @@ def test_leave_one_study_out_calibration_allows_for_study_shifts():
         KNNAnnotator(single).calibrate(group_key="study")
 
 
+def test_self_calibration_scores_the_labelled_reference_cells_only():
+    """Calibration on the reference scores cells of known types: unlabelled reference
+    cells (far off here: doublets, debris) were sampled too, and raised the threshold
+    (hunt236); they still count as neighbours. Brute force over the labelled cells."""
+    x, meta, _ = _atlas(n_per=60, spread=0.3, seed=3)
+    rng = np.random.default_rng(4)
+    far = rng.normal(size=(60, x.shape[1])).astype(np.float32)
+    labels = [*meta["cell_type_ontology_term_id"], *([None] * 60)]
+    index = CellIndex.build(
+        np.concatenate([x, far]),
+        pd.DataFrame({"cell_type_ontology_term_id": labels}),
+        engine="exact",
+    )
+    unit = np.concatenate([x, far]).astype(np.float64)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    d = 1.0 - unit[: len(x)] @ unit.T
+    d[np.arange(len(x)), np.arange(len(x))] = np.inf  # (its own hit left out)
+    scores = np.sort(d.min(1))
+    want = scores[int(np.ceil((len(scores) + 1) * 0.9)) - 1]
+    ann = KNNAnnotator(index, k=5, abstain_on="nearest")
+    assert ann.calibrate(quantile=0.9, n_cells=10_000) == pytest.approx(want, abs=1e-6)
+
+
 def test_calibrations_a_selection_leaves_nothing_to_score_say_so():
     """A selection leaving one group (per-group calibration), or one cell (on the reference
     itself), blamed the reference ("needs two groups in the reference") or counted 0 of 1

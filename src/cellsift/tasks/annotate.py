@@ -322,7 +322,7 @@ class KNNAnnotator:
         nearest one's; the ``ceil((n + 1) q)``-th smallest of n), so new cells of known
         types abstain with probability at most ``1 - quantile``.
 
-        Without ``embeddings``: a sample of ``n_cells`` reference cells, each scored by its
+        Without ``embeddings``: a sample of ``n_cells`` labelled reference cells, each scored by its
         ``k`` nearest *other* reference cells, or with ``group_key`` (a study or donor column)
         by its nearest cells of other groups (leave-one-group-out: new studies sit farther
         than a study's cells from each other). Trained-on cells understate new cells'
@@ -399,11 +399,12 @@ class KNNAnnotator:
         rng = np.random.default_rng(seed)
         k = self._k_used
         pool = np.arange(self.index.n_cells) if expr is None else self.index.select(expr)
+        pool = pool[self._labels.codes[pool] >= 0]  # (cells of known types: labelled ones)
         among = "" if expr is None else " that the selection (safelist, blocklist, filter) keeps"
         if group_key is None and len(pool) < 2:
             raise CellIndexError(
-                f"calibrating on the reference scores its cells against the other reference "
-                f"cells{among}, and there is {len(pool)}: pass held-out cells "
+                f"calibrating on the reference scores its labelled cells against the other "
+                f"reference cells{among}, and there is {len(pool)}: pass held-out cells "
                 "(calibrate(embeddings)), or select more."
             )
         rows = np.sort(rng.choice(pool, min(n_cells, len(pool)), replace=False))
