@@ -740,6 +740,10 @@ def test_an_output_inside_an_input_folder_is_refused(indexed_paths, tmp_path, ca
     for data in (shards / "manifest.json", shards / "*.zarr"):
         assert main(["embed", "model", str(data), inside]) == 2
         assert "is inside the input store" in capsys.readouterr().err
+    # the folder of a sharded store, however named (review215: by its manifest, taken)
+    for data in (shards, shards / "manifest.json"):
+        assert main(["embed", "model", str(data), str(shards / "emb.zarr")]) == 2
+        assert f"is inside the input store {shards}" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="is inside the input store"):
         convert(zarr, zarr / "x.h5ad")
     assert (

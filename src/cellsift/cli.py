@@ -104,8 +104,9 @@ def _embed(args: argparse.Namespace) -> int:
     from .data.collection import resolve_paths
     from .models import MetricModel
     from .tasks import embed_collection
+    from .tasks.embed import _folder_of
 
-    refuse_inside(args.out, the_model_bundle=args.model, the_input_store=args.data)
+    refuse_inside(args.out, the_model_bundle=args.model, the_input_store=_folder_of(args.data))
     for store in resolve_paths(args.data):  # (the stores a manifest or a glob names)
         refuse_inside(args.out, the_input_store=store)
     model = MetricModel.load(args.model)

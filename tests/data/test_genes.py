@@ -588,6 +588,12 @@ def test_a_gene_named_by_its_id_and_by_its_symbol_is_said_to_be_read_once(first)
         warnings.simplefilter("error")
         gm = vocab.align(var, min_overlap=0.0, of="vocabulary")
     assert gm.twice == {} and list(gm.col_map) == [-1, 0, 1]
+    # another column of ids (orthologues': not read by the alignment) tells nothing
+    # (review215: it silenced the warning)
+    var = pd.DataFrame(index=[_ens(0), "A", _ens(1), _ens(2), "D"])
+    var["mouse_gene_id"] = [f"ENSMUSG{i:011d}" for i in range(5)]
+    with pytest.warns(UserWarning, match="1 of its genes are not read"):
+        assert vocab.align(var, min_overlap=0.0, of="vocabulary").twice == {1: 0}
     # a gene of each name once: nothing said
     with warnings.catch_warnings():
         warnings.simplefilter("error")

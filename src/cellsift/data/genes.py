@@ -569,7 +569,9 @@ class GeneVocabulary:
                 if not used[gene] or row in twice:
                     continue
                 if by_id or not any(
-                    _ENSEMBL.match(str(t.ids[row])) and t.ids[row] != vocab_ids[gene] for t in tried
+                    _ENSEMBL.match(str(t.ids[row])) and t.ids[row] != vocab_ids[gene]
+                    for t in tried
+                    if t.label is None or t.label in GENE_COLUMNS  # (not orthologues' ids)
                 ):
                     twice[int(row)] = int(gene)
         n_matched = int(used.sum())

@@ -158,6 +158,7 @@ def embed_collection(
             "an AnnData in memory is embedded with cellsift.tl.embed(adata, model) (into "
             "adata.obsm), or written first (adata.write_h5ad) and its path passed."
         )
+    refuse_inside(out, the_input_store=_folder_of(source))
     for store in stores:  # (each store a manifest or a glob names too)
         refuse_inside(out, the_input_store=store.file if isinstance(store, CellStore) else store)
     kwargs: dict[str, Any] = {
@@ -493,6 +494,18 @@ def _set_attrs(shard: Path, attrs: dict) -> None:
     meta["attributes"] = {**meta.get("attributes", {}), **attrs}
     with atomic_path(shard / "zarr.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(meta))
+
+
+def _folder_of(source: Any) -> Path | None:
+    """The folder ``source`` names where it is one (a store, a sharded store), or a sharded
+    store's manifest.json names its folder (whose shards a glob reads, and convert
+    --overwrite replaces whole)."""
+    if not isinstance(source, str | os.PathLike):
+        return None
+    path = Path(source)
+    if path.is_dir():
+        return path
+    return path.parent if path.name == "manifest.json" and path.is_file() else None
 
 
 def _shard_done(shard: Path, start: int, stop: int, digest: str, checked: bool) -> bool:

@@ -319,17 +319,7 @@ class CellIndex:
         that queries embedded by another model are refused (:meth:`check_model`).
         """
         emb = normalize_embeddings(embeddings)
-        noted = (
-            metadata.attrs.get("model_fingerprint") if isinstance(metadata, pd.DataFrame) else None
-        )
-        if model is not None and noted is not None and _fingerprint_of(model) != noted:
-            raise CellIndexError(
-                f"the embeddings were made by another model (fingerprint {noted[:12]}, as "
-                f"load_embeddings notes) than the one given (fingerprint "
-                f"{_fingerprint_of(model)[:12]}): pass the model that embedded them (or no "
-                "model: the noted one is taken), or embed the cells with this one."
-            )
-        model = noted if model is None else model
+        model = _the_model_of(model, metadata)
         table = _as_table(metadata, len(emb))
         if engine == "auto":
             engine = "exact" if len(emb) < AUTO_EXACT_BELOW else "ivf"
@@ -1081,8 +1071,7 @@ class CellIndex:
         emb = normalize_embeddings(embeddings)
         if emb.shape[1] != self.dim:
             raise CellIndexError(f"new embeddings have {emb.shape[1]} dims, the index {self.dim}.")
-        if model is None and isinstance(metadata, pd.DataFrame):
-            model = metadata.attrs.get("model_fingerprint")
+        model = _the_model_of(model, metadata)
         built = self.params.get("model")
         if model is not None and built is not None and _fingerprint_of(model) != built:
             raise CellIndexError(
@@ -1879,6 +1868,23 @@ def _as_list(value: Any) -> list[Any] | None:
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return None
     return list(value) if isinstance(value, Iterable) else None
+
+
+def _the_model_of(model: Any, metadata: Any) -> Any:
+    """The model that embedded cells: ``model`` (a model or its fingerprint) where given,
+    else the fingerprint :func:`load_embeddings` notes in ``metadata``; a
+    :class:`CellIndexError` where both are given and differ."""
+    noted = metadata.attrs.get("model_fingerprint") if isinstance(metadata, pd.DataFrame) else None
+    if model is not None and noted is not None and _fingerprint_of(model) != noted:
+        raise CellIndexError(
+            f"the embeddings' metadata notes another model (fingerprint {noted[:12]}, as "
+            f"load_embeddings noted it) than the one given (fingerprint "
+            f"{_fingerprint_of(model)[:12]}): pass the model that embedded them (or no model: "
+            "the noted one is taken), or embed the cells with this one; where the metadata "
+            "is of another embedding of the cells, drop its note "
+            "(metadata.attrs.pop('model_fingerprint'))."
+        )
+    return noted if model is None else model
 
 
 def _fingerprint_of(model: Any) -> str:
