@@ -123,6 +123,33 @@ def test_cells_whose_total_passes_float32s_largest_are_scaled_not_zeroed(adata, 
     assert int((got.sum(1) > 0).sum()) == adata.n_obs - 1  # (only the empty cell is empty)
 
 
+def test_a_cell_holding_nan_normalises_to_nan_as_scanpy_does():
+    """A NaN total failed "> 0" and the cell was scaled as an empty one (by the target),
+    its other values finite and wrong (hunt237); scanpy gives the cell NaN. Its stored
+    values NaN, dense or sparse, on torch's steps and the CPU kernel; other cells as
+    they were."""
+    import anndata as ad
+    import scanpy as sc
+
+    x = np.array([[np.nan, 1, 0], [1, 2, 3], [0, 0, 0]], np.float32)
+    want = ad.AnnData(x.copy())
+    sc.pp.normalize_total(want, target_sum=1e4)
+    dense = NormalizeTotal(1e4)({"x_ng": torch.from_numpy(x)})["x_ng"].numpy()
+    np.testing.assert_allclose(dense, want.X, rtol=1e-6, equal_nan=True)
+    for grad in (False, True):  # (the CPU kernel; torch's steps)
+        values = torch.from_numpy(x).to_sparse_csr()
+        if grad:
+            values = torch.sparse_csr_tensor(
+                values.crow_indices(),
+                values.col_indices(),
+                values.values().requires_grad_(True),
+                size=values.shape,
+            )
+        got = NormalizeTotal(1e4).transform(values).to_dense().detach().numpy()
+        assert np.isnan(got[0, :2]).all() and got[0, 2] == 0  # (a value not stored stays 0)
+        np.testing.assert_allclose(got[1:], want.X[1:], rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
 @pytest.mark.parametrize("index", [torch.int32, torch.int64])
 def test_normalize_total_on_the_cpu_gives_what_torch_gives(adata, dtype, index):

@@ -180,8 +180,9 @@ class NormalizeTotal(_Transform):
         return self._scale(totals, dtype) * x.to(dtype)
 
     def _scale(self, totals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``target_sum / total`` of each cell (1 for a cell without counts), in ``dtype``."""
-        return (self.target_sum / torch.where(totals > 0, totals, 1.0)).to(dtype)
+        """``target_sum / total`` of each cell (1 for a cell without counts; NaN for one with
+        a NaN among them, as scanpy), in ``dtype``."""
+        return (self.target_sum / torch.where((totals > 0) | totals.isnan(), totals, 1.0)).to(dtype)
 
     def extra_repr(self) -> str:
         return f"target_sum={self.target_sum:g}"

@@ -89,7 +89,8 @@ def csr_to_dense(indptr, indices, data, out):  # type: ignore[no-untyped-def]
 def csr_normalize_total(indptr, data, target_sum, out):  # type: ignore[no-untyped-def]
     """out = each row's values times ``target_sum / its total``, in float32, as
     :class:`cellsift.transforms.NormalizeTotal` computes it: the total summed in float64,
-    the scale rounded to float32 (``target_sum`` itself where the total is not above 0), the
+    the scale rounded to float32 (``target_sum`` itself where the total is not above 0, NaN
+    where it is NaN), the
     value rounded to float32 before the product. Rows in parallel; one pass to sum a row and
     one to scale it, where torch takes a pass and a temporary per step. ``indptr`` is the
     caller's to check (from 0 to ``len(data)``, never decreasing)."""
@@ -97,7 +98,8 @@ def csr_normalize_total(indptr, data, target_sum, out):  # type: ignore[no-untyp
         total = 0.0
         for q in range(indptr[i], indptr[i + 1]):
             total += data[q]
-        scale = np.float32(target_sum / total) if total > 0 else np.float32(target_sum)
+        keep = total > 0 or total != total  # (NaN among the values: a NaN row)
+        scale = np.float32(target_sum / total) if keep else np.float32(target_sum)
         for q in range(indptr[i], indptr[i + 1]):
             out[q] = np.float32(data[q]) * scale
 
