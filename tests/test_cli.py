@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -740,10 +741,17 @@ def test_an_output_inside_an_input_folder_is_refused(indexed_paths, tmp_path, ca
     for data in (shards / "manifest.json", shards / "*.zarr"):
         assert main(["embed", "model", str(data), inside]) == 2
         assert "is inside the input store" in capsys.readouterr().err
-    # the folder of a sharded store, however named (review215: by its manifest, taken)
-    for data in (shards, shards / "manifest.json"):
+    # the folder of a sharded store, however named (review215: by its manifest, taken;
+    # review216: by a glob); not a project folder that holds a manifest of its stores
+    for data in (shards, shards / "manifest.json", shards / "*.zarr"):
         assert main(["embed", "model", str(data), str(shards / "emb.zarr")]) == 2
         assert f"is inside the input store {shards}" in capsys.readouterr().err
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "manifest.json").write_text(json.dumps({"files": [str(indexed_paths["h5ad"])]}))
+    for data in (project, project / "manifest.json"):
+        assert main(["embed", "model", str(data), str(project / "results" / "emb.zarr")]) == 2
+        assert "model is not a bundle directory" in capsys.readouterr().err  # (past the check)
     with pytest.raises(ConfigError, match="is inside the input store"):
         convert(zarr, zarr / "x.h5ad")
     assert (

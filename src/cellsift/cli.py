@@ -104,11 +104,10 @@ def _embed(args: argparse.Namespace) -> int:
     from .data.collection import resolve_paths
     from .models import MetricModel
     from .tasks import embed_collection
-    from .tasks.embed import _folder_of
+    from .tasks.embed import refuse_inside_inputs
 
-    refuse_inside(args.out, the_model_bundle=args.model, the_input_store=_folder_of(args.data))
-    for store in resolve_paths(args.data):  # (the stores a manifest or a glob names)
-        refuse_inside(args.out, the_input_store=store)
+    refuse_inside(args.out, the_model_bundle=args.model)
+    refuse_inside_inputs(args.out, resolve_paths(args.data))  # (a manifest's, a glob's too)
     model = MetricModel.load(args.model)
     out = embed_collection(
         model,

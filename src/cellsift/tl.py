@@ -145,7 +145,8 @@ def annotate(
                 "(KNNAnnotator(...), .calibrate(...)), or pass its index as the reference."
             )
     else:  # (as cellsift annotate refuses them)
-        for name, value in (("quantile", quantile), ("calibrate_by", calibrate_by)):
+        threshold = (("quantile", quantile), ("calibrate_by", calibrate_by))
+        for name, value in (*threshold, ("calibrate_on", calibrate_on)):
             if not abstain and not _is_default(
                 value, inspect.signature(annotate).parameters[name].default
             ):

@@ -588,6 +588,12 @@ def test_a_gene_named_by_its_id_and_by_its_symbol_is_said_to_be_read_once(first)
         warnings.simplefilter("error")
         gm = vocab.align(var, min_overlap=0.0, of="vocabulary")
     assert gm.twice == {} and list(gm.col_map) == [-1, 0, 1]
+    # ...in a column of ids of another name, the one the alignment reads (review216)
+    for name in ("gene_ids-0", "ensembl_gene_id"):
+        var = pd.DataFrame({name: [_ens(9), _ens(0), _ens(1)]}, index=["A", "A-1", "B"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert vocab.align(var, min_overlap=0.0, of="vocabulary").twice == {}
     # another column of ids (orthologues': not read by the alignment) tells nothing
     # (review215: it silenced the warning)
     var = pd.DataFrame(index=[_ens(0), "A", _ens(1), _ens(2), "D"])

@@ -409,6 +409,13 @@ def test_calibrations_a_selection_leaves_nothing_to_score_say_so():
         ann.calibrate(quantile=0.5, group_key="study", filter=only_a)
     with pytest.raises(CellIndexError, match=r"other reference cells that the selection .* is 1"):
         ann.calibrate(quantile=0.5, filter={"id": [0]})
+    # by group, a selection of no labelled cells: said as such, not as one group (review216)
+    unlabelled = meta.assign(
+        cell_type_ontology_term_id=np.where(meta["id"] < 40, None, "CL:0000236")
+    )
+    blank = KNNAnnotator(CellIndex.build(x, unlabelled, engine="exact"), k=5)
+    with pytest.raises(CellIndexError, match=r"labelled cells .* and there are 0"):
+        blank.calibrate(quantile=0.5, group_key="study", filter={"id": list(range(40))})
     assert ann.calibrate(quantile=0.5, group_key="study") > 0
     cells = ad.AnnData(np.zeros((5, 1), np.float32))
     cells.obsm["X_cellsift"] = x[:5]
@@ -416,6 +423,7 @@ def test_calibrations_a_selection_leaves_nothing_to_score_say_so():
         ({"calibrate_by": "study", "calibrate_on": x[:10]}, "calibrate_by groups the reference"),
         ({"abstain": False, "quantile": 0.3}, "quantile sets the abstention threshold"),
         ({"abstain": False, "calibrate_by": "study"}, "calibrate_by sets the abstention"),
+        ({"abstain": False, "calibrate_on": x[:10]}, "calibrate_on sets the abstention"),
     ):
         with pytest.raises(ConfigError, match=said):
             tl.annotate(cells, index, **options)

@@ -571,7 +571,8 @@ class GeneVocabulary:
                 if by_id or not any(
                     _ENSEMBL.match(str(t.ids[row])) and t.ids[row] != vocab_ids[gene]
                     for t in tried
-                    if t.label is None or t.label in GENE_COLUMNS  # (not orthologues' ids)
+                    # (the columns read: not another column of ids, orthologues')
+                    if t.label is None or t.label in GENE_COLUMNS or t.label == column
                 ):
                     twice[int(row)] = int(gene)
         n_matched = int(used.sum())

@@ -401,11 +401,11 @@ class KNNAnnotator:
         pool = np.arange(self.index.n_cells) if expr is None else self.index.select(expr)
         pool = pool[self._labels.codes[pool] >= 0]  # (cells of known types: labelled ones)
         among = "" if expr is None else " that the selection (safelist, blocklist, filter) keeps"
-        if group_key is None and len(pool) < 2:
+        if len(pool) < (2 if group_key is None else 1):
             raise CellIndexError(
                 f"calibrating on the reference scores its labelled cells against the other "
-                f"reference cells{among}, and there is {len(pool)}: pass held-out cells "
-                "(calibrate(embeddings)), or select more."
+                f"reference cells{among}, and there {'is' if len(pool) == 1 else 'are'} "
+                f"{len(pool)}: pass held-out cells (calibrate(embeddings)), or select more."
             )
         rows = np.sort(rng.choice(pool, min(n_cells, len(pool)), replace=False))
         if group_key is None:

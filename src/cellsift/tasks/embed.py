@@ -158,9 +158,7 @@ def embed_collection(
             "an AnnData in memory is embedded with cellsift.tl.embed(adata, model) (into "
             "adata.obsm), or written first (adata.write_h5ad) and its path passed."
         )
-    refuse_inside(out, the_input_store=_folder_of(source))
-    for store in stores:  # (each store a manifest or a glob names too)
-        refuse_inside(out, the_input_store=store.file if isinstance(store, CellStore) else store)
+    refuse_inside_inputs(out, stores)
     kwargs: dict[str, Any] = {
         "layer": layer,
         "obs_columns": obs_columns,
@@ -496,16 +494,22 @@ def _set_attrs(shard: Path, attrs: dict) -> None:
         tmp.write_text(json.dumps(meta))
 
 
-def _folder_of(source: Any) -> Path | None:
-    """The folder ``source`` names where it is one (a store, a sharded store), or a sharded
-    store's manifest.json names its folder (whose shards a glob reads, and convert
-    --overwrite replaces whole)."""
-    if not isinstance(source, str | os.PathLike):
-        return None
-    path = Path(source)
-    if path.is_dir():
-        return path
-    return path.parent if path.name == "manifest.json" and path.is_file() else None
+def refuse_inside_inputs(out: str | os.PathLike[str], stores: Sequence[Any]) -> None:
+    """A :class:`ConfigError` where ``out`` lies inside a store of ``stores`` (paths or open
+    stores: each a manifest or a glob names), or inside the folder of a sharded store
+    (:func:`~cellsift.data.convert.convert`'s layout) that holds one: a glob reads its
+    shards, and convert --overwrite replaces it whole. (A project folder that holds a
+    manifest of stores listed by name is no store.)"""
+    from ..data.convert import _is_sharded_store
+
+    for store in stores:
+        path = store.file if isinstance(store, CellStore) else store
+        if not isinstance(path, str | os.PathLike):
+            continue
+        refuse_inside(out, the_input_store=path)
+        folder = Path(path).absolute().parent
+        if _is_sharded_store(folder):
+            refuse_inside(out, the_input_store=folder)
 
 
 def _shard_done(shard: Path, start: int, stop: int, digest: str, checked: bool) -> bool:
