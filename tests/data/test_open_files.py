@@ -282,6 +282,11 @@ def test_a_closed_store_opened_again_reads_only_the_file_it_first_opened(tmp_pat
         (written.write_h5ad if fmt == "h5ad" else written.write_zarr)(path)
         with pytest.raises(DataError, match="was replaced or rewritten since the store opened"):
             _ = again.var
+        # its rows too, read straight from the files (an h5ad rewritten where it is: the
+        # new file's bytes at the old one's offsets, "truncated or corrupt")
+        said = "was replaced since the store opened it" if fmt == "h5ad" else "is missing"
+        with pytest.raises(DataError, match=said):  # (a Zarr folder of anndata's layout)
+            again.read(np.arange(5))
     gone = open_store(path)
     gone.release_var()
     gone.close()

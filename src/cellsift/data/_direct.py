@@ -66,6 +66,13 @@ def _decoder(codecs: list[dict[str, Any]]) -> tuple[Any, str] | None:
     return None
 
 
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What tells a file from another written at its path since: its device and inode (a
+    file moved there), size and time of change (one rewritten where it is, as anndata
+    truncates an h5ad file)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class OpenFiles:
     """Read-only descriptors of the files that direct readers read, for all of this process's
     readers: at most ``limit`` kept open when idle, the least recently used closed first, so
@@ -118,7 +125,7 @@ class OpenFiles:
                         )
                     return None
                 st = os.fstat(fd)
-                if known is not None and known != (st.st_dev, st.st_ino):
+                if known is not None and known != file_identity(st):
                     os.close(fd)
                     raise DataError(
                         f"{file} was replaced since the store opened it (rewritten or moved "
@@ -130,7 +137,7 @@ class OpenFiles:
                     anchor, identity = reader.anchor
                     try:
                         now = os.stat(anchor)
-                        same = (now.st_dev, now.st_ino) == identity
+                        same = file_identity(now) == identity
                     except FileNotFoundError:
                         same = False
                     if not same:
@@ -140,7 +147,7 @@ class OpenFiles:
                             "opened (rewritten or moved there): open the store again to read "
                             "the new one."
                         )
-                reader.opened[file] = (st.st_dev, st.st_ino)
+                reader.opened[file] = file_identity(st)
                 self._fds[key] = fd
             self._fds.move_to_end(key)
             self._users[fd] = self._users.get(fd, 0) + 1
@@ -217,19 +224,20 @@ class ChunkedReader(ABC):
     path: Path
 
     def __init__(self) -> None:
-        #: this reader's descriptors in :data:`FILES`, and the files (device, inode) it read
+        #: this reader's descriptors in :data:`FILES`, and the files it read (each one's
+        #: :func:`file_identity`)
         self.token = uuid.uuid4().hex
-        self.opened: dict[Path, tuple[int, int]] = {}
-        #: a file read when the reader was made (its metadata) and its (device, inode): a
-        #: file of the array first opened later is read only while that one is unchanged
-        self.anchor: tuple[Path, tuple[int, int]] | None = None
+        self.opened: dict[Path, tuple[int, ...]] = {}
+        #: a file read when the reader was made (its metadata) and its identity: a file of
+        #: the array first opened later is read only while that one is unchanged
+        self.anchor: tuple[Path, tuple[int, ...]] | None = None
 
     def _pin(self, file: Path, fd: int | None = None) -> None:
         """Take ``file`` (of descriptor ``fd``, the one the store read it through, where
         known) as the one the reader reads: its first direct read refuses another file
         that has replaced it since."""
         st = os.fstat(fd) if fd is not None else os.stat(file)
-        self.opened[file] = (st.st_dev, st.st_ino)
+        self.opened[file] = file_identity(st)
 
     def _acquire(self, file: Path, absent_ok: bool = False) -> int | None:
         """This reader's descriptor of ``file`` from :data:`FILES` (give it back with
@@ -401,7 +409,7 @@ class ShardedArrayReader(DecodingReader):
             logger.debug("%s: unhandled sharding codecs; reading through zarr", path)
             return None
         reader = cls(path, meta, *dec)
-        reader.anchor = (path / "zarr.json", (st.st_dev, st.st_ino))
+        reader.anchor = (path / "zarr.json", file_identity(st))
         return reader
 
     # -- shard files and indexes ----------------------------------------------------------

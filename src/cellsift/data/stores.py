@@ -141,17 +141,15 @@ class CellStore(ABC):
     def _identity(self) -> tuple[Any, ...]:
         """What tells this store's file (its inode, size and time of change) or folder (its
         inode, and those of its :attr:`_anchors`) from another written at its path."""
-
-        def of(st: os.stat_result) -> tuple[int, ...]:
-            return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        from ._direct import file_identity
 
         st = os.stat(self.file)
         if not self.file.is_dir():
-            return of(st)
+            return file_identity(st)
         anchors = []
         for name in self._anchors:
             with contextlib.suppress(FileNotFoundError):
-                anchors.append((name, *of(os.stat(self.file / name))))
+                anchors.append((name, *file_identity(os.stat(self.file / name))))
         return (st.st_dev, st.st_ino, *anchors)
 
     def _same_as_first_opened(self) -> None:
