@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cellsift.data import GeneVocabulary
+from cellsift.errors import DataError
 from cellsift.models import BundleError, import_scimilarity, load_bundle, save_bundle
 from cellsift.nn import MLPEncoder
 from cellsift.transforms import Log1p, NormalizeTotal
@@ -317,6 +318,23 @@ def test_weights_of_nan_and_an_impossible_format_version_are_refused(tmp_path):
     path = model.save(tmp_path / "nan")
     with pytest.raises(BundleError, match=r"safetensors holds NaN or infinite encoder weights"):
         MetricModel.load(path)
+    # a label head's NaN labelled every cell as the first label (hunt238): refused as it
+    # loads, and predict of such a model in memory is an error, not those calls
+    headed = MetricModel(
+        [f"g{i}" for i in range(12)],
+        ["CL:0000236", "CL:0000084"],
+        hidden=(8,),
+        latent=4,
+        classifier_weight=0.5,
+    )
+    with torch.no_grad():
+        headed.module.classifier.weight[1, 0] = float("nan")
+    with pytest.raises(BundleError, match=r"NaN or infinite classifier weights.* labels as NaN"):
+        MetricModel.load(headed.save(tmp_path / "head"))
+    with pytest.raises(DataError, match=r"cells: the label head gives 5 of 5 cells NaN"):
+        headed.predict(cells, source="cells")
+    headed.module.to(torch.bfloat16)  # (numpy has no bfloat16: the output is float32)
+    assert headed.embed(cells).dtype == np.float32
     # a BatchNorm variance below 0 (a damaged file: no training makes one) embeds as NaN too
     with torch.no_grad():
         next(model.module.encoder.parameters())[0, 0] = 0.0

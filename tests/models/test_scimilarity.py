@@ -39,6 +39,12 @@ def test_incomplete_directory_is_named(tmp_path):
     (tmp_path / "m" / "gene_order.tsv").write_text("A\nB\n")
     with pytest.raises(CellsiftError, match="lists 2 genes but the encoder takes 50"):
         read_scimilarity(tmp_path / "m")
+    # a header line (one gene more): named as a header, not as files of two models
+    (tmp_path / "m" / "gene_order.tsv").write_text(
+        "gene\n" + (FIXTURE / "gene_order.tsv").read_text()
+    )
+    with pytest.raises(CellsiftError, match=r"first line is 'gene', a header.* remove that line"):
+        read_scimilarity(tmp_path / "m")
     # settings files that hold no JSON object: named (a list gave Python's TypeError words)
     shutil.copytree(FIXTURE, tmp_path / "n")
     for name, text, said in (

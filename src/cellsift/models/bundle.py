@@ -572,12 +572,14 @@ def load_weights(
 ) -> None:
     """Load a bundle's weights of ``name`` into ``module``; weights that do not fit (names,
     shapes, integers for real numbers) are a BundleError naming model.safetensors and the
-    tensor, as are encoder weights that would embed every cell as NaN."""
-    bad = unusable_weights(state, prefix=f"{name}.") if name == "encoder" else ""
-    if bad:  # (the encoder's: those embed; a decoder's or a label head's fail where used)
+    tensor, as are encoder weights that would embed every cell as NaN and label-head
+    weights that would label every cell as NaN (read as the first label)."""
+    effect = {"encoder": "embed every cell", "classifier": "give every cell's labels"}
+    bad = unusable_weights(state, prefix=f"{name}.") if name in effect else ""
+    if bad:  # (a decoder's fail where used: in training, which stops at a NaN loss)
         raise BundleError(
-            f"{path}: model.safetensors holds NaN or infinite encoder weights, or negative "
-            f"variances ({bad}), which would embed every cell as NaN: the model had diverged "
+            f"{path}: model.safetensors holds NaN or infinite {name} weights, or negative "
+            f"variances ({bad}), which would {effect[name]} as NaN: the model had diverged "
             "in training (train it again, e.g. with a lower learning rate), or the file is "
             "damaged."
         )

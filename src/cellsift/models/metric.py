@@ -580,7 +580,8 @@ class MetricModel:
         with torch.no_grad(), self.module.encoder.weights_unchanged():
             for start in range(0, x.shape[0], batch_size):
                 t = to_torch_csr(_row_view(x, start, start + batch_size)).to(dev)
-                out[start : start + batch_size] = fn({"x_ng": t}).cpu().numpy()
+                # (as float32 whatever the module's type: numpy has no bfloat16)
+                out[start : start + batch_size] = fn({"x_ng": t}).float().cpu().numpy()
         return out
 
     def embed_aligned(
@@ -662,6 +663,14 @@ class MetricModel:
             check_counts,
             source,
         )
+        lost = ~np.isfinite(p).all(1)
+        if lost.any():  # (argmax would read a row of NaN as the first label)
+            raise DataError(
+                f"{source}: the label head gives {int(lost.sum()):,} of "
+                f"{len(p):,} cells NaN probabilities: its weights or the model's are not "
+                "finite (a model diverged in training), or those cells' counts are not "
+                "(check_counts=False let NaN through)."
+            )
         best = p.argmax(1) if len(p) else np.zeros(0, dtype=int)
         ids, names = np.asarray(self.labels), np.asarray(self.label_names)
         out = pd.DataFrame(

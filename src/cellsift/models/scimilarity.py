@@ -47,6 +47,24 @@ class ScimilarityModel:
 _LINEAR = re.compile(r"network\.(\d+)(?:\.(\d+))?\.weight")
 
 
+#: First lines of a gene list that are a header (read as one gene more).
+_HEADERS = frozenset(
+    {
+        "gene",
+        "genes",
+        "gene_id",
+        "gene_ids",
+        "gene_name",
+        "gene_symbol",
+        "symbol",
+        "feature_name",
+        "name",
+        "id",
+        "ensembl_id",
+    }
+)
+
+
 def _hidden_sizes(state: dict[str, torch.Tensor], folder: Path) -> tuple[list[int], int, int]:
     """(hidden sizes, latent size, n_genes) from an encoder state dict: its ``network.*``
     Linear weights in block order, which must chain (each takes what the one before gives)."""
@@ -228,6 +246,12 @@ def read_scimilarity(
     hidden, latent, n_in = _hidden_sizes(enc_state, folder)
     # one gene per line, as SCimilarity reads it (no "NA" or "null" read as missing)
     genes = _read(folder, "gene_order.tsv", _gene_order)
+    if len(genes) == n_in + 1 and genes[0].strip().lower() in _HEADERS:
+        raise CellsiftError(
+            f"{folder}: gene_order.tsv's first line is {genes[0]!r}, a header, which "
+            "SCimilarity writes none of (one gene a line, the encoder's inputs in order): "
+            "remove that line."
+        )
     if len(genes) != n_in:
         raise CellsiftError(
             f"{folder}: gene_order.tsv lists {len(genes)} genes but the encoder "
