@@ -273,18 +273,27 @@ def test_a_closed_store_opened_again_reads_only_the_file_it_first_opened(tmp_pat
     assert "was replaced or rewritten since the store opened it" in said
     again = open_store(path)
     assert again.n_obs == 30 and list(again.var_names) == genes[::-1]
+    # only touched (as clusters' scratch spaces ask): the same file, read on (review217)
+    again.release_var()
+    again.close()
+    for held in (path, *[Path(path) / m for m in ("zarr.json", ".zattrs")]):
+        if Path(held).is_file():
+            os.utime(held)
+    assert list(again.var_names) == genes[::-1] and again.read(np.arange(5)).shape == (5, 8)
     # rewritten where it is (anndata truncates an h5ad file, reuses a Zarr folder: the
-    # inode kept, review213), then removed
+    # inode kept, review213; of another size: one of the same size is not told), removed
     again.release_var()
     again.close()
     if fmt != "soma":
-        written = indexed_atlas(20, 8, path=None)
+        written = indexed_atlas(400, 8, path=None)
         (written.write_h5ad if fmt == "h5ad" else written.write_zarr)(path)
         with pytest.raises(DataError, match="was replaced or rewritten since the store opened"):
             _ = again.var
         # its rows too, read straight from the files (an h5ad rewritten where it is: the
         # new file's bytes at the old one's offsets, "truncated or corrupt")
-        said = "was replaced since the store opened it" if fmt == "h5ad" else "is missing"
+        said = "was (replaced|rewritten) since the store opened it"
+        if fmt == "zarr":  # (a Zarr folder of anndata's layout: other files)
+            said = "is missing|was removed since it was first read"
         with pytest.raises(DataError, match=said):  # (a Zarr folder of anndata's layout)
             again.read(np.arange(5))
     gone = open_store(path)
@@ -301,3 +310,24 @@ def _read_var_in_a_child(store) -> str:
         return repr(store.var.shape)
     except DataError as err:
         return str(err)
+
+
+def test_a_file_rewritten_while_its_descriptor_is_open_is_told_at_the_next_read(tmp_path):
+    """An h5ad rewritten where it is by another process while a store reads it (HDF5's
+    file locking off, as on many clusters): the descriptor kept open read the new bytes at
+    the old offsets ("truncated or corrupt", or values of the wrong cells; review217). The
+    next read says it was rewritten; a touch alone changes nothing."""
+    path = tmp_path / "gap.h5ad"
+    indexed_atlas(300, 8, path=path, chunk_size=32)
+    store = open_store(path)
+    rows = np.arange(0, 300, 7)
+    first = store.read(rows).toarray()
+    os.utime(path)
+    np.testing.assert_array_equal(store.read(rows).toarray(), first)
+    new = indexed_atlas(600, 8, path=None)
+    new.write_h5ad(tmp_path / "new.h5ad")
+    code = f"import anndata as ad; ad.read_h5ad({str(tmp_path / 'new.h5ad')!r}).write_h5ad({str(path)!r})"
+    env = {**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    with pytest.raises(DataError, match=r"gap\.h5ad was rewritten since the store opened it"):
+        store.read(rows)

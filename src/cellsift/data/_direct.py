@@ -68,9 +68,10 @@ def _decoder(codecs: list[dict[str, Any]]) -> tuple[Any, str] | None:
 
 def file_identity(st: os.stat_result) -> tuple[int, ...]:
     """What tells a file from another written at its path since: its device and inode (a
-    file moved there), size and time of change (one rewritten where it is, as anndata
-    truncates an h5ad file)."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    file moved there) and size (one rewritten where it is, as anndata truncates an h5ad
+    file). Not its time of change: a file only touched (as some clusters' scratch spaces
+    ask of files kept) is the same file, and a run reading it goes on."""
+    return (st.st_dev, st.st_ino, st.st_size)
 
 
 class OpenFiles:
@@ -114,6 +115,13 @@ class OpenFiles:
         key = (reader.token, file)
         with self._lock:
             fd = self._fds.get(key)
+            if fd is not None and file_identity(os.fstat(fd)) != reader.opened.get(file):
+                # (a file written where it is while its descriptor stayed open: the next
+                # read says so, not the new bytes at the old offsets)
+                raise DataError(
+                    f"{file} was rewritten since the store opened it (its size changed): "
+                    "open the store again to read the new file."
+                )
             if fd is None:
                 fd = self._open(file)
                 known = reader.opened.get(file)

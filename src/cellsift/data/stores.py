@@ -139,8 +139,8 @@ class CellStore(ABC):
         return self._handle
 
     def _identity(self) -> tuple[Any, ...]:
-        """What tells this store's file (its inode, size and time of change) or folder (its
-        inode, and those of its :attr:`_anchors`) from another written at its path."""
+        """What tells this store's file (its inode and size: ``file_identity``) or folder
+        (its inode, and those of its :attr:`_anchors`) from another written at its path."""
         from ._direct import file_identity
 
         st = os.stat(self.file)

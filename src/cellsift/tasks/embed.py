@@ -502,12 +502,14 @@ def refuse_inside_inputs(out: str | os.PathLike[str], stores: Sequence[Any]) -> 
     manifest of stores listed by name is no store.)"""
     from ..data.convert import _is_sharded_store
 
+    folders: set[Path] = set()  # (each folder once: a sharded store lists thousands)
     for store in stores:
         path = store.file if isinstance(store, CellStore) else store
         if not isinstance(path, str | os.PathLike):
             continue
         refuse_inside(out, the_input_store=path)
-        folder = Path(path).absolute().parent
+        folders.add(Path(path).resolve().parent)
+    for folder in folders:
         if _is_sharded_store(folder):
             refuse_inside(out, the_input_store=folder)
 
