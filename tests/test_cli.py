@@ -746,6 +746,14 @@ def test_an_output_inside_an_input_folder_is_refused(indexed_paths, tmp_path, ca
     for data in (shards, shards / "manifest.json", shards / "*.zarr"):
         assert main(["embed", "model", str(data), str(shards / "emb.zarr")]) == 2
         assert f"is inside the input store {shards}" in capsys.readouterr().err
+    # shards that are links, in a folder of their own with the manifest (review218)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for shard in sorted(shards.glob("shard-*")):
+        (linked / shard.name).symlink_to(shard)
+    (linked / "manifest.json").write_text((shards / "manifest.json").read_text())
+    assert main(["embed", "model", str(linked), str(linked / "emb.zarr")]) == 2
+    assert f"is inside the input store {linked}" in capsys.readouterr().err
     project = tmp_path / "project"
     project.mkdir()
     (project / "manifest.json").write_text(json.dumps({"files": [str(indexed_paths["h5ad"])]}))

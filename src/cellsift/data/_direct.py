@@ -119,8 +119,8 @@ class OpenFiles:
                 # (a file written where it is while its descriptor stayed open: the next
                 # read says so, not the new bytes at the old offsets)
                 raise DataError(
-                    f"{file} was rewritten since the store opened it (its size changed): "
-                    "open the store again to read the new file."
+                    f"{file} was rewritten since the store opened it (its size changed: "
+                    "written anew, or written to): open the store again to read it now."
                 )
             if fd is None:
                 fd = self._open(file)

@@ -508,7 +508,8 @@ def refuse_inside_inputs(out: str | os.PathLike[str], stores: Sequence[Any]) -> 
         if not isinstance(path, str | os.PathLike):
             continue
         refuse_inside(out, the_input_store=path)
-        folders.add(Path(path).resolve().parent)
+        # (a shard that is a link: the folder holding it, and the one it leads into)
+        folders.update({Path(path).absolute().parent, Path(path).resolve().parent})
     for folder in folders:
         if _is_sharded_store(folder):
             refuse_inside(out, the_input_store=folder)
