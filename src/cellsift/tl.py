@@ -117,6 +117,7 @@ def annotate(
     """
     # (the threshold's check, the calibration and the calls each read them)
     safelist, blocklist = label_lists(safelist, blocklist)
+    defaults = inspect.signature(annotate).parameters
     if isinstance(reference, KNNAnnotator):  # it has its settings and threshold already
         options = {
             "label_key": label_key,
@@ -130,7 +131,6 @@ def annotate(
             "calibrate_by": calibrate_by,
             "calibrate_on": calibrate_on,
         }
-        defaults = inspect.signature(annotate).parameters
         own = {"label_key": reference.label_key, "ontology_aware": reference.ontology_aware}
         given = [  # (a value the annotator has already is no other setting)
             name
@@ -145,11 +145,13 @@ def annotate(
                 "(KNNAnnotator(...), .calibrate(...)), or pass its index as the reference."
             )
     else:  # (as cellsift annotate refuses them)
-        threshold = (("quantile", quantile), ("calibrate_by", calibrate_by))
-        for name, value in (*threshold, ("calibrate_on", calibrate_on)):
-            if not abstain and not _is_default(
-                value, inspect.signature(annotate).parameters[name].default
-            ):
+        threshold = {
+            "quantile": quantile,
+            "calibrate_by": calibrate_by,
+            "calibrate_on": calibrate_on,
+        }
+        for name, value in threshold.items():
+            if not abstain and not _is_default(value, defaults[name].default):
                 raise ConfigError(
                     f"{name} sets the abstention threshold, which abstain=False leaves out: "
                     "pass one of them."

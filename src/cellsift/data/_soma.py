@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable
 from functools import cached_property
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -97,7 +98,7 @@ def _check_commits(store: SomaStore, part: str, uri: str) -> None:
     if not lost:
         return
     listed = b"".join(  # (named in consolidated commits: committed too)
-        open(os.path.join(commits, n), "rb").read() for n in names if not n.endswith(".wrt")
+        Path(commits, n).read_bytes() for n in names if not n.endswith(".wrt")
     )
     lost = [f for f in lost if f.encode() not in listed]
     if not lost:

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import json
 import os
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from functools import cached_property
@@ -144,7 +145,7 @@ class CellStore(ABC):
         from ._direct import file_identity
 
         st = os.stat(self.file)
-        if not self.file.is_dir():
+        if not stat.S_ISDIR(st.st_mode):
             return file_identity(st)
         anchors = []
         for name in self._anchors:

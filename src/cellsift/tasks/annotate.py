@@ -398,8 +398,8 @@ class KNNAnnotator:
         (of the cells ``expr`` selects, searched among them)."""
         rng = np.random.default_rng(seed)
         k = self._k_used
-        pool = np.arange(self.index.n_cells) if expr is None else self.index.select(expr)
-        pool = pool[self._labels.codes[pool] >= 0]  # (cells of known types: labelled ones)
+        chosen = np.arange(self.index.n_cells) if expr is None else self.index.select(expr)
+        pool = chosen[self._labels.codes[chosen] >= 0]  # (cells of known types: labelled ones)
         among = "" if expr is None else " that the selection (safelist, blocklist, filter) keeps"
         if len(pool) < (2 if group_key is None else 1):
             raise CellIndexError(
@@ -420,6 +420,9 @@ class KNNAnnotator:
             # such, not as text, which Arrow and pandas spell differently (1015 / 1015.0).
             # Cells without a group sit out; they are others to every group.
             codes, values = pd.factorize(self.index.metadata_rows(rows, [group_key])[group_key])
+            # each group's cells among those selected, read once: a group without others
+            # beside it (one group) has none to leave it out against
+            sizes = self.index.metadata_rows(chosen, [group_key])[group_key].value_counts()
             other = np.full(len(rows), np.nan)
             pa = import_optional("pyarrow")
             pc = import_optional("pyarrow.compute")
@@ -429,9 +432,7 @@ class KNNAnnotator:
                 value = pa.scalar(g.item() if isinstance(g, np.generic) else g)
                 others = (field != value) | field.is_null()
                 others = others if expr is None else others & expr
-                if not len(
-                    self.index._selected(others)
-                ):  # (one group: none to leave it out against)
+                if sizes.get(g, 0) == len(chosen):
                     continue
                 res = self.index.search(
                     np.asarray(self.index.embeddings[rows[mine]]), k, filter=others

@@ -407,8 +407,15 @@ def _embed_shard(
         _write_shard(
             model, coll, shard, (bounds[rank], bounds[rank + 1]), dev, batch_size, progress_bar
         )
-        done = {"start": bounds[rank], "stop": bounds[rank + 1], "digest": digest}
-        _set_attrs(shard, done | {"checked": bool(coll.check_counts)})
+        _set_attrs(
+            shard,
+            {
+                "start": bounds[rank],
+                "stop": bounds[rank + 1],
+                "digest": digest,
+                "checked": bool(coll.check_counts),
+            },
+        )
     if distributed:
         dist.barrier()
     if rank == 0:

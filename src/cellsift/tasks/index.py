@@ -325,7 +325,7 @@ class CellIndex:
             engine = "exact" if len(emb) < AUTO_EXACT_BELOW else "ivf"
         index = cls(emb, table, engine=engine)
         if model is not None:
-            index.params["model"] = _fingerprint_of(model)
+            index.params["model"] = model
         if engine == "ivf":
             if len(emb) == 0:
                 raise CellIndexError("no cells to index: an IVF index trains its lists on them.")
@@ -1073,10 +1073,10 @@ class CellIndex:
             raise CellIndexError(f"new embeddings have {emb.shape[1]} dims, the index {self.dim}.")
         model = _the_model_of(model, metadata)
         built = self.params.get("model")
-        if model is not None and built is not None and _fingerprint_of(model) != built:
+        if model is not None and built is not None and model != built:
             raise CellIndexError(
                 f"the new cells were embedded by another model (fingerprint "
-                f"{_fingerprint_of(model)[:12]}) than this index's (fingerprint {built[:12]}): "
+                f"{model[:12]}) than this index's (fingerprint {built[:12]}): "
                 "embed them with the model that built the index (cellsift embed), or build "
                 "an index of the other model's embeddings."
             )
@@ -1870,21 +1870,21 @@ def _as_list(value: Any) -> list[Any] | None:
     return list(value) if isinstance(value, Iterable) else None
 
 
-def _the_model_of(model: Any, metadata: Any) -> Any:
-    """The model that embedded cells: ``model`` (a model or its fingerprint) where given,
-    else the fingerprint :func:`load_embeddings` notes in ``metadata``; a
-    :class:`CellIndexError` where both are given and differ."""
+def _the_model_of(model: Any, metadata: Any) -> str | None:
+    """The fingerprint of the model that embedded cells: ``model``'s (a model, hashed once,
+    or its fingerprint) where given, else the one :func:`load_embeddings` notes in
+    ``metadata``; a :class:`CellIndexError` where both are given and differ."""
     noted = metadata.attrs.get("model_fingerprint") if isinstance(metadata, pd.DataFrame) else None
-    if model is not None and noted is not None and _fingerprint_of(model) != noted:
+    given = None if model is None else _fingerprint_of(model)
+    if given is not None and noted is not None and given != noted:
         raise CellIndexError(
             f"the embeddings' metadata notes another model (fingerprint {noted[:12]}, as "
-            f"load_embeddings noted it) than the one given (fingerprint "
-            f"{_fingerprint_of(model)[:12]}): pass the model that embedded them (or no model: "
-            "the noted one is taken), or embed the cells with this one; where the metadata "
-            "is of another embedding of the cells, drop its note "
-            "(metadata.attrs.pop('model_fingerprint'))."
+            f"load_embeddings noted it) than the one given (fingerprint {given[:12]}): pass "
+            "the model that embedded them (or no model: the noted one is taken), or embed the "
+            "cells with this one; where the metadata is of another embedding of the cells, "
+            "drop its note (metadata.attrs.pop('model_fingerprint'))."
         )
-    return noted if model is None else model
+    return noted if given is None else given
 
 
 def _fingerprint_of(model: Any) -> str:
