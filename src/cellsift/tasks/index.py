@@ -1071,15 +1071,13 @@ class CellIndex:
         emb = normalize_embeddings(embeddings)
         if emb.shape[1] != self.dim:
             raise CellIndexError(f"new embeddings have {emb.shape[1]} dims, the index {self.dim}.")
-        model = _the_model_of(model, metadata)
-        built = self.params.get("model")
-        if model is not None and built is not None and model != built:
-            raise CellIndexError(
-                f"the new cells were embedded by another model (fingerprint "
-                f"{model[:12]}) than this index's (fingerprint {built[:12]}): "
-                "embed them with the model that built the index (cellsift embed), or build "
-                "an index of the other model's embeddings."
-            )
+        _one_model(
+            _the_model_of(model, metadata),
+            self.params.get("model"),
+            "the new cells were embedded by another model (fingerprint {0}) than this "
+            "index's (fingerprint {1}): embed them with the model that built the index "
+            "(cellsift embed), or build an index of the other model's embeddings.",
+        )
         has_meta = self._metadata is not None or self._metadata_file is not None
         if has_meta != (metadata is not None):
             raise CellIndexError(
@@ -1876,15 +1874,23 @@ def _the_model_of(model: Any, metadata: Any) -> str | None:
     ``metadata``; a :class:`CellIndexError` where both are given and differ."""
     noted = metadata.attrs.get("model_fingerprint") if isinstance(metadata, pd.DataFrame) else None
     given = None if model is None else _fingerprint_of(model)
-    if given is not None and noted is not None and given != noted:
-        raise CellIndexError(
-            f"the embeddings' metadata notes another model (fingerprint {noted[:12]}, as "
-            f"load_embeddings noted it) than the one given (fingerprint {given[:12]}): pass "
-            "the model that embedded them (or no model: the noted one is taken), or embed the "
-            "cells with this one; where the metadata is of another embedding of the cells, "
-            "drop its note (metadata.attrs.pop('model_fingerprint'))."
-        )
+    _one_model(
+        noted,
+        given,
+        "the embeddings' metadata notes another model (fingerprint {0}, as load_embeddings "
+        "noted it) than the one given (fingerprint {1}): pass the model that embedded them "
+        "(or no model: the noted one is taken), or embed the cells with this one; where the "
+        "metadata is of another embedding of the cells, drop its note "
+        "(metadata.attrs.pop('model_fingerprint')).",
+    )
     return noted if given is None else given
+
+
+def _one_model(a: str | None, b: str | None, message: str) -> None:
+    """A :class:`CellIndexError` of ``message`` (the two fingerprints, shortened, in its
+    ``{0}`` and ``{1}``) where both are known and differ."""
+    if a is not None and b is not None and a != b:
+        raise CellIndexError(message.format(a[:12], b[:12]))
 
 
 def _fingerprint_of(model: Any) -> str:
