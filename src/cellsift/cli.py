@@ -158,6 +158,7 @@ def _annotate(args: argparse.Namespace) -> int:
     from .errors import ConfigError, DataError
     from .models import MetricModel
     from .tasks import CellIndex, KNNAnnotator
+    from .tasks.annotate import calibration_conflict, without_abstention
 
     refuse_inside(args.out, the_model_bundle=args.model, the_index=args.index)
     # (the query itself may be written over: the output holds its cells and counts)
@@ -180,10 +181,7 @@ def _annotate(args: argparse.Namespace) -> int:
     )  # before the work
     for option in ("calibrate_on", "calibrate_by", "quantile"):
         if getattr(args, option) is not None and args.no_abstain:
-            raise ConfigError(
-                f"--{option.replace('_', '-')} sets the abstention threshold, which "
-                "--no-abstain leaves out: pass one of them."
-            )
+            raise without_abstention(f"--{option.replace('_', '-')}", "--no-abstain")
     if args.calibrate_layer is not None and args.calibrate_on is None:
         raise ConfigError(
             "--calibrate-layer locates the counts of the --calibrate-on file, which was not "
@@ -192,10 +190,7 @@ def _annotate(args: argparse.Namespace) -> int:
     # (the annotator's default quantile, where none is given)
     quantile = {} if args.quantile is None else {"quantile": args.quantile}
     if args.calibrate_on is not None and args.calibrate_by is not None:
-        raise ConfigError(
-            "--calibrate-by groups the reference cells that calibrate without --calibrate-on; "
-            "held-out cells (--calibrate-on) are not in the reference: pass one of them."
-        )
+        raise calibration_conflict("--calibrate-by", "--calibrate-on")
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
     index.check_model(model)  # before any embedding

@@ -22,7 +22,7 @@ from ._warnings import warn
 from .data.collection import _as_text, check_count_values
 from .errors import ConfigError, DataError, MissingKeyError
 from .tasks import CellIndex, KNNAnnotator, SearchResult, query_coherence
-from .tasks.annotate import label_lists
+from .tasks.annotate import calibration_conflict, label_lists, without_abstention
 from .tasks.index import CellIndexError
 
 __all__ = ["annotate", "embed", "pseudobulk", "search_centroid", "search_clusters"]
@@ -152,16 +152,9 @@ def annotate(
         }
         for name, value in threshold.items():
             if not abstain and not _is_default(value, defaults[name].default):
-                raise ConfigError(
-                    f"{name} sets the abstention threshold, which abstain=False leaves out: "
-                    "pass one of them."
-                )
+                raise without_abstention(name, "abstain=False")
         if calibrate_by is not None and calibrate_on is not None:
-            raise ConfigError(
-                "calibrate_by groups the reference cells that calibrate without "
-                "calibrate_on; held-out cells (calibrate_on) are not in the reference: pass "
-                "one of them."
-            )
+            raise calibration_conflict("calibrate_by", "calibrate_on")
     adata = _copied(adata) if copy else _writable(adata)
     calibrating = isinstance(calibrate_on, ad.AnnData) and use_rep not in calibrate_on.obsm
     if calibrating and abstain and not copy:  # (said before the query is embedded)

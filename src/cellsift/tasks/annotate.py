@@ -75,6 +75,23 @@ def label_lists(*lists: Any) -> tuple[Any, ...]:
     return tuple(v if v is None or isinstance(v, str) else list(v) for v in lists)
 
 
+def calibration_conflict(by: str, on: str) -> ConfigError:
+    """The error for a threshold asked of both groups of the reference (``by``, as the caller
+    names it) and held-out cells (``on``)."""
+    return ConfigError(
+        f"{by} groups the reference cells that calibrate without {on}; held-out cells ({on}) "
+        "are not in the reference: pass one of them."
+    )
+
+
+def without_abstention(option: str, off: str) -> ConfigError:
+    """The error for ``option`` (one that sets the abstention threshold) given with
+    abstention off (``off``: as the caller names it)."""
+    return ConfigError(
+        f"{option} sets the abstention threshold, which {off} leaves out: pass one of them."
+    )
+
+
 def _as_given(safelist: Any, blocklist: Any, filter: Any) -> tuple[Any, Any, Any]:
     """A reference selection kept to be built again later: the lists, and a mapping filter's
     values, copied as lists (one its caller changes later, or an iterator, stays as read)."""
@@ -344,10 +361,7 @@ class KNNAnnotator:
                 f"n_cells is how many reference cells to calibrate on, at least 1, not {n_cells!r}."
             )
         if embeddings is not None and group_key is not None:
-            raise ConfigError(
-                "group_key groups the reference cells that calibrate without embeddings; "
-                "held-out cells (embeddings) are not in the reference: pass one of them."
-            )
+            raise calibration_conflict("group_key", "embeddings")
         if embeddings is not None:
             q = as_embeddings(embeddings)
             if q.ndim != 2:
