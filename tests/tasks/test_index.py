@@ -1226,10 +1226,19 @@ def test_a_damaged_or_newer_manifest_is_named(tmp_path, data):
         # (hunt218); a file no index holds
         ({"engine": "exact"}, "lists 'ivf.faiss', which an index of engine 'exact' does not"),
         ({"files": files | {"../x": files["ivf.faiss"]}}, "lists '../x', which an index of"),
+        # another metric than the one searched by; a model noted as no fingerprint (hunt241:
+        # loaded, and searched by cosine; a raw TypeError as checked)
+        ({"metric": "euclidean"}, "metric 'euclidean' is not 'cosine'"),
+        ({"params": params | {"model": 5}}, "params 'model' is 5, not text"),
     ):
         (path / "manifest.json").write_text(json.dumps(manifest | change))
         with pytest.raises(CellIndexError, match=rf"manifest\.json is corrupt \(.*{message}"):
             CellIndex.load(path)
+    # lists, cells or dims the manifest gives otherwise than ivf.faiss holds (hunt241: the
+    # manifest's lists steer how far searches probe)
+    (path / "manifest.json").write_text(json.dumps(manifest | {"params": params | {"nlist": 3}}))
+    with pytest.raises(CellIndexError, match=rf"the manifest says 3 lists \({params['nlist']} in"):
+        CellIndex.load(path)
     (path / "manifest.json").write_text(json.dumps(manifest))
     (path / "ivf.faiss").write_bytes(b"\0" * files["ivf.faiss"]["bytes"])  # same size
     with pytest.raises(CellIndexError, match=r"ivf\.faiss cannot be read \(.*\); rebuild"):
@@ -1508,3 +1517,22 @@ def test_an_index_of_no_cells_takes_cells_of_any_column_types(tmp_path):
         ix.add(rng.normal(size=(3, 8)), pd.DataFrame({"c": ["a", "b", "b"], "n": [1, 2, 3]}))
         np.testing.assert_array_equal(ix.select({"c": "b"}), [1, 2])
         np.testing.assert_array_equal(ix.select({"n": [1, 3]}), [0, 2])
+
+
+def test_distances_lie_in_zero_to_two(data):
+    """A cell's distance to itself or to its copy is 0, never the -1e-7 of float32 products
+    (hunt241), and an opposite cell's at most 2; in every engine, and within a radius."""
+    x = data[0][:3000].copy()
+    x[1] = x[0]
+    x[2] = -x[0]
+    for engine in ("exact", "ivf"):
+        index = CellIndex.build(x, engine=engine)
+        res = index.search(x[:3], k=index.n_cells)
+        hit = res.indices >= 0
+        assert (res.distances[hit] >= 0).all() and (res.distances[hit] <= 2).all()
+        assert res.distances[0, 0] == 0 and res.distances[0, 1] == 0
+        assert np.isinf(res.distances[~hit]).all()
+        # every cell searched for itself: hundreds came out below 0 before
+        assert (index.search(x, k=1).distances >= 0).all()
+        for ids, dist in index.search_within(x[:50], max_distance=2.0):
+            assert len(ids) == index.n_cells and (dist >= 0).all() and (dist <= 2).all()

@@ -115,6 +115,15 @@ class CellIndexError(CellsiftError):
 RESULT_COLUMNS = ("query", "rank", "distance")
 
 
+def _in_range(dist: np.ndarray) -> np.ndarray:
+    """``dist`` (cosine distances, inf where no hit) clipped in place to [0, 2]: a cell's
+    distance to itself or to its copy comes out of float32 products as about -1e-7 (the
+    order of sorted distances stays as it was)."""
+    np.maximum(dist, 0.0, out=dist)
+    dist[np.isfinite(dist) & (dist > 2.0)] = 2.0
+    return dist
+
+
 def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
     """``x`` as C-contiguous float32 rows of unit L2 norm; an error for NaN or zero rows.
 
@@ -720,6 +729,7 @@ class CellIndex:
                     probe = int(min(self.params["nlist"], probe * 4))
                     dist[short], idx[short] = self._ivf(q[short], k, probe, None)
                     short = short[(idx[short, : min(k, self.n_cells)] < 0).any(1)]
+        _in_range(dist)
         if max_distance is not None:
             far = dist > max_distance
             dist[far], idx[far] = np.inf, -1
@@ -798,7 +808,7 @@ class CellIndex:
         result = []
         for ids, dist in best:
             order = np.argsort(dist, kind="stable")
-            result.append((ids[order], dist[order]))
+            result.append((ids[order], _in_range(dist[order])))
         return result
 
     #: Rows of the index compared with the queries at a time by exact search.
@@ -1292,6 +1302,19 @@ class CellIndex:
                 raise CellIndexError(
                     f"{root / 'ivf.faiss'} cannot be read ({first}); rebuild the index."
                 ) from None
+            held = {  # (what the manifest says of it, and what it holds)
+                "cells": (manifest["n_cells"], ann.ntotal),
+                "dims": (manifest["dim"], ann.d),
+                "lists": (manifest["params"]["nlist"], getattr(ann, "nlist", None)),
+            }
+            wrong = [
+                f"{said} {what} ({has} in it)" for what, (said, has) in held.items() if said != has
+            ]
+            if wrong:
+                raise CellIndexError(
+                    f"{root / 'ivf.faiss'} is not the index its manifest describes (the "
+                    f"manifest says {', '.join(wrong)}); rebuild the index."
+                )
         index = cls(
             emb,
             None,
@@ -1441,6 +1464,8 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
                 for name, (ok, what) in _OPTIONAL_PARAMS.items()
                 if params.get(name) is not None and not ok(params[name])
             ]
+    if manifest.get("metric", "cosine") != "cosine":  # (the one an index searches by)
+        problems.append(f"metric {manifest['metric']!r} is not 'cosine'")
     if not problems and isinstance(files, dict):
         wanted = ["embeddings.npy", *(["ivf.faiss"] if engine == "ivf" else [])]
         problems += [f"{name} is not listed" for name in wanted if name not in files]
@@ -1472,6 +1497,7 @@ _OPTIONAL_PARAMS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "target_recall": (lambda x: _share(x) and x > 0, "a share in (0, 1]"),
     "calibrated_recall": (_share, "a share in [0, 1]"),
     "added_recall": (_share, "a share in [0, 1]"),
+    "model": (lambda x: isinstance(x, str), "text (the embedding model's fingerprint)"),
 }
 #: What a saved index holds in any case, and what it is called in messages.
 _INDEX_FILES = ("manifest.json", "embeddings.npy")
