@@ -224,6 +224,25 @@ def test_obs_and_var_come_back_as_they_were(tmp_path, fmt):
     assert (back.X != x).nnz == 0
 
 
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "soma"])
+def test_nullable_floats_of_an_anndata_in_memory_are_written(tmp_path, fmt):
+    """pandas' Float64 / Float32 obs columns (which anndata cannot write, so only an AnnData
+    in memory holds them) are written as floats, a missing value as NaN (hunt240: anndata's
+    raw error once every count was written)."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    n = 5
+    x = sp.csr_matrix(np.arange(1, 3 * n + 1, dtype=np.float32).reshape(n, 3))
+    a = ad.AnnData(x)
+    a.obs["score"] = pd.array([0.5, None, 1.5, 2.0, 2.5], dtype="Float64")
+    a.obs["s32"] = pd.array([None, 1.0, 2.0, 3.0, 4.0], dtype="Float32")
+    back = ad.read_h5ad(convert(convert(a, tmp_path / f"o.{fmt}"), tmp_path / "back.h5ad"))
+    for col, want in (("score", [0.5, np.nan, 1.5, 2.0, 2.5]), ("s32", [np.nan, 1, 2, 3, 4])):
+        np.testing.assert_array_equal(back.obs[col].to_numpy(dtype=float), want)
+    assert (back.X != x).nnz == 0
+
+
 def test_converting_no_cells_is_an_error(tmp_path):
     import scipy.sparse as sp
 

@@ -329,8 +329,9 @@ def _mixed(categories: pd.Index) -> bool:
 def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
     """``df`` as the writers store it: the index as text; dates, times and durations as their
     text ("2020-01-31", "2020-01-31 10:00:00+01:00"; anndata and TileDB-SOMA store no
-    datetimes with time zones); with ``categories``, text columns as categoricals (a column
-    of text and numbers: all as text)."""
+    datetimes with time zones); with ``categories`` (the AnnData layouts), text columns as
+    categoricals (a column of text and numbers: all as text) and pandas' nullable floats as
+    floats, missing values NaN (anndata writes no ``Float64`` arrays)."""
     df = df.copy()
     df.index = df.index.astype(str)
     if df.index.name is not None:  # (as text: anndata takes no other key)
@@ -343,6 +344,8 @@ def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
             df[col] = text_or_none(s.array)
         elif isinstance(s.dtype, pd.CategoricalDtype) and _is_date(s.cat.categories.dtype):
             df[col] = s.cat.rename_categories(text_or_none(s.cat.categories.array))
+        if categories and isinstance(df[col].dtype, pd.Float32Dtype | pd.Float64Dtype):
+            df[col] = df[col].to_numpy(dtype=df[col].dtype.numpy_dtype, na_value=np.nan)
         if categories and df[col].dtype == object and _mixed_kinds(df[col].to_numpy()):
             df[col] = _object_text(df[col].to_numpy())  # (as TileDB-SOMA stores them)
         if categories and (df[col].dtype == object or isinstance(df[col].dtype, pd.StringDtype)):
