@@ -1,5 +1,5 @@
-"""The ``cellsift`` command: ``info``, ``convert``, ``fit``, ``embed``, ``index``, ``annotate``,
-``demo``."""
+"""The ``cellsift`` command: ``info``, ``convert``, ``fit``, ``embed``, ``index``, ``search``,
+``annotate``, ``demo``."""
 
 from __future__ import annotations
 
@@ -264,6 +264,163 @@ def _annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The tables ``cellsift search`` writes, by their names' suffix.
+_TABLES = {".parquet": "parquet", ".csv": ",", ".tsv": "\t"}
+
+
+def _is_table(path: Path) -> bool:
+    """:data:`~cellsift._utils.Replaceable` of ``cellsift search``'s outputs: a file named
+    as one of :data:`_TABLES`."""
+    return path.is_file() and path.suffix.lower() in _TABLES
+
+
+def _search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import tl
+    from ._utils import atomic_path, check_replaceable
+    from .errors import ConfigError, DataError
+    from .models import MetricModel
+    from .tasks import CellIndex, SearchResult
+
+    out = Path(args.out)
+    refuse_inside(args.out, the_model_bundle=args.model, the_index=args.index)
+    if _replaces_the_file(out, Path(args.data)):
+        raise ConfigError(
+            f"{args.out} is the query file, which this command reads (and would replace with "
+            "the table of hits): write the output elsewhere."
+        )
+    if out.suffix.lower() not in _TABLES:
+        raise ConfigError(
+            f"{args.out}: search writes a table of hits; name it *.parquet, *.csv or *.tsv "
+            "(its suffix says which)."
+        )
+    check_replaceable(out, args.overwrite, _is_table, "a table of hits")  # before the work
+    if args.groupby is not None and args.centroid:
+        raise ConfigError(
+            "--groupby searches with each group's centroid, --centroid with the centroid of "
+            "every cell (or of --cells): pass one of them."
+        )
+    centroids = args.centroid or args.groupby is not None
+    if args.drop_empty and centroids:
+        raise ConfigError(
+            "--drop-empty leaves out query cells without counts in the model's genes, which a "
+            "centroid's sum leaves out anyway: pass it without --centroid and --groupby."
+        )
+    if args.no_qc and not args.centroid:
+        raise ConfigError(
+            "--no-qc leaves out the query-coherence check of a --centroid search; other "
+            "searches have none: pass it with --centroid, or leave it out."
+        )
+    model = MetricModel.load(args.model)
+    index = CellIndex.load(args.index)
+    index.check_model(model)  # before any embedding
+    search: dict[str, Any] = {}
+    if args.filter:  # (as cellsift annotate reads it)
+        search["filter"] = {}
+        for column, value in args.filter:
+            search["filter"].setdefault(column, []).append(value)
+    for column in [*(args.columns or []), *([args.summary_by] if args.summary_by else [])]:
+        if column not in index.metadata_columns:
+            raise ConfigError(
+                f"{column!r}: the index metadata has no such column (it has "
+                f"{', '.join(map(repr, index.metadata_columns))})."
+            )
+    adata = _read_h5ad(args.data)
+    if args.cells:
+        wanted: dict[str, list[str]] = {}
+        for column, value in args.cells:
+            wanted.setdefault(column, []).append(value)
+        keep = np.ones(adata.n_obs, dtype=bool)
+        for column, values in wanted.items():
+            if column not in adata.obs:
+                raise ConfigError(
+                    f"--cells {column}=...: {args.data} has no obs column {column!r} (it has "
+                    f"{', '.join(map(repr, map(str, adata.obs.columns)))})."
+                )
+            keep &= adata.obs[column].astype(str).isin(values).to_numpy()
+        if not keep.any():
+            said = "; ".join(f"{c} in {v}" for c, v in wanted.items())
+            raise DataError(f"{args.data}: no cell has {said} (--cells).")
+        adata = adata[keep].copy()
+    if adata.n_obs == 0:
+        raise DataError(f"{args.data}: no cells to search with.")
+    check = not args.no_check_counts
+    if args.groupby is not None:
+        if args.groupby not in adata.obs:
+            raise ConfigError(
+                f"--groupby {args.groupby!r}: {args.data} has no such obs column (it has "
+                f"{', '.join(map(repr, map(str, adata.obs.columns)))})."
+            )
+        by_group = tl.search_clusters(
+            adata,
+            model,
+            index,
+            args.groupby,
+            k=args.k,
+            layer=args.layer,
+            check_counts=check,
+            **search,
+        )
+        names = np.array(list(by_group), dtype=object)
+        result = SearchResult(
+            np.concatenate([r.distances for r in by_group.values()]),
+            np.concatenate([r.indices for r in by_group.values()]),
+            index,
+        )
+    elif args.centroid:
+        result = tl.search_centroid(
+            adata,
+            model,
+            index,
+            k=args.k,
+            layer=args.layer,
+            qc=not args.no_qc,
+            check_counts=check,
+            **search,
+        )
+        names = np.array(["centroid"], dtype=object)
+    else:
+        if args.drop_empty:
+            adata = _with_counts(adata, model, args.layer, str(args.data), check)
+        tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
+        result = index.search(adata.obsm["X_cellsift"], args.k, **search)
+        names = adata.obs_names.to_numpy(dtype=object)
+    if args.max_distance is not None:
+        far = result.distances > args.max_distance
+        result.distances[far], result.indices[far] = np.inf, -1
+    columns = args.columns
+    if columns is not None and "obs_name" in index.metadata_columns:
+        columns = ["obs_name", *(c for c in columns if c != "obs_name")]  # (which cell)
+    table = result.metadata(columns)
+    if "obs_name" in table:  # (which cell, beside its distance)
+        table.insert(3, "obs_name", table.pop("obs_name"))
+    table["query"] = names[table["query"].to_numpy()].astype(str)
+    with atomic_path(
+        out, overwrite=args.overwrite, replaces=_is_table, what="a table of hits"
+    ) as tmp:
+        kind = _TABLES[out.suffix.lower()]
+        if kind == "parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, sep=kind, index=False)
+    queries = len(names)
+    print(
+        f"wrote {args.out}: {len(table):,} hit{'' if len(table) == 1 else 's'} of {queries:,} "
+        f"{'quer' + ('y' if queries == 1 else 'ies')}"
+    )
+    if args.centroid and result.qc is not None:
+        qc = result.qc
+        verdict = (
+            "coherent" if qc.coherent else "heterogeneous: its subpopulations find other cells"
+        )
+        print(f"query coherence {qc.coherence:.3f} (threshold {qc.threshold:.2f}): {verdict}")
+    if args.summary_by is not None:
+        summary = result.summary(args.summary_by)
+        print(summary.head(15).to_string())
+    return 0
+
+
 def _path(text: str) -> str:
     """A path argument: not empty (an empty one would be read as the current folder)."""
     if not text.strip():
@@ -369,6 +526,17 @@ def _at_least(least: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _distance(text: str) -> float:
+    """An argparse type: a cosine distance, 0 to 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cosine distance (0 to 2)")
+    return value
 
 
 def _share(*, zero: bool) -> Callable[[str], float]:
@@ -496,6 +664,87 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_index)
+
+    p = sub.add_parser("search", help="search a CellIndex with an h5ad's cells or centroids")
+    p.add_argument("model", type=_path, help="the model bundle that embedded the index")
+    p.add_argument("index", type=_path, help="a CellIndex directory (cellsift index)")
+    p.add_argument("data", type=_path, help="an h5ad of raw counts: the queries")
+    p.add_argument(
+        "out",
+        type=_path,
+        help="the table of hits to write (*.parquet, *.csv or *.tsv): one row per query and "
+        "rank, with query, rank, distance and the hit's index metadata",
+    )
+    p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
+    p.add_argument("--k", type=_at_least(1), default=50, help="hits per query (default: 50)")
+    p.add_argument(
+        "--cells",
+        action="append",
+        type=_filter_term,
+        default=None,
+        metavar="COLUMN=VALUE",
+        help="search with the query cells whose obs COLUMN holds VALUE (given again for the "
+        "same column: any of the values; for other columns: all of them); default: every cell",
+    )
+    p.add_argument(
+        "--centroid",
+        action="store_true",
+        help="one search with the centroid of the cells (their counts summed, embedded), "
+        "checked for query coherence (do the cells' subpopulations find the same cells?)",
+    )
+    p.add_argument(
+        "--groupby",
+        default=None,
+        metavar="COLUMN",
+        help="one centroid search per group of this obs column (clusters, samples)",
+    )
+    p.add_argument(
+        "--no-qc", action="store_true", help="leave out --centroid's query-coherence check"
+    )
+    p.add_argument(
+        "--filter",
+        action="append",
+        type=_filter_term,
+        default=None,
+        metavar="COLUMN=VALUE",
+        help="search the indexed cells whose metadata COLUMN holds VALUE (given again for "
+        "the same column: any of the values; for other columns: all of them)",
+    )
+    p.add_argument(
+        "--max-distance",
+        type=_distance,
+        default=None,
+        help="leave out hits farther than this cosine distance (0 to 2)",
+    )
+    p.add_argument(
+        "--columns",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="COLUMN",
+        help="the index metadata columns written with each hit (default: all; the hit's "
+        "obs_name always, where the index holds the cells' names)",
+    )
+    p.add_argument(
+        "--summary-by",
+        default=None,
+        metavar="COLUMN",
+        help="print the hits counted by this index metadata column (a study, tissue or "
+        "disease column)",
+    )
+    p.add_argument(
+        "--drop-empty",
+        action="store_true",
+        help="leave out query cells without counts in the model's genes, saying how many; "
+        "by default they are an error",
+    )
+    p.add_argument(
+        "--no-check-counts",
+        action="store_true",
+        help="embed values that are not raw counts, and cells without counts, as they are",
+    )
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_search)
 
     p = sub.add_parser("annotate", help="annotate an h5ad by kNN against a CellIndex")
     p.add_argument("model", type=_path, help="the model bundle that embedded the index")
@@ -841,17 +1090,14 @@ def _hints_for(option: str) -> Iterator[None]:
 
 
 #: Hints in Python code where a command has a way of its own: (pattern, the command's words).
-_AS_WORDS = {
-    "annotate": (
-        (
-            re.compile(
-                r"Drop them: keep = np\.diff\(model\.aligned_counts\(adata[^)]*\)"
-                r"\.indptr\) > 0, then adata\[keep\]"
-            ),
-            "Leave them out with --drop-empty",
-        ),
+_DROP_EMPTY = (
+    re.compile(
+        r"Drop them: keep = np\.diff\(model\.aligned_counts\(adata[^)]*\)"
+        r"\.indptr\) > 0, then adata\[keep\]"
     ),
-}
+    "Leave them out with --drop-empty",
+)
+_AS_WORDS = {"annotate": (_DROP_EMPTY,), "search": (_DROP_EMPTY,)}
 #: Hints naming a Python argument that a command has no option for: left out there.
 _NOT_OPTIONS = {
     "--format": ((", or pass format=.", "."),),
@@ -870,6 +1116,7 @@ _COMMAND_OPTIONS = {
         "--label-key",
         "--overwrite",
     ),
+    "search": ("--layer", "--no-check-counts", "--overwrite"),
     "fit": (_FIT_LAYER, _FIT_CHECK, _FIT_STORE, _FIT_DATA),
 }
 

@@ -1821,3 +1821,88 @@ def test_index_says_when_its_k_is_not_used(bundle, synthetic_h5ad, tmp_path, rec
                 main(["index", emb, str(tmp_path / "idx"), "--k", "10", *engine, "--overwrite"])
                 == 0
             )
+
+
+def test_command_line_search(bundle, synthetic_h5ad, tmp_path, capsys):
+    """cellsift search: each query cell's hits as an exact search of the index finds them
+    (by name, with the hits' metadata), a centroid's and each group's as tl.search_centroid
+    and tl.search_clusters find them; the filters and the table's formats; refusals before
+    the work."""
+    emb, idx = tmp_path / "emb.zarr", tmp_path / "index"
+    assert main(["embed", str(bundle), str(synthetic_h5ad), str(emb)]) == 0
+    assert main(["index", str(emb), str(idx), "--engine", "exact"]) == 0
+    model, index = MetricModel.load(bundle), CellIndex.load(idx)
+    queries = ad.read_h5ad(synthetic_h5ad)[::10].copy()
+    queries.write_h5ad(tmp_path / "q.h5ad")
+    q = str(tmp_path / "q.h5ad")
+    capsys.readouterr()
+    # every query cell: its k nearest by brute force (numpy), named
+    out = tmp_path / "hits.parquet"
+    assert main(["search", str(bundle), str(idx), q, str(out), "--k", "7"]) == 0
+    assert f"wrote {out}: 2,100 hits of 300 queries" in capsys.readouterr().out
+    hits = pd.read_parquet(out)
+    assert list(hits.columns[:4]) == ["query", "rank", "distance", "obs_name"]
+    z = model.embed(queries)
+    ref = index.embeddings / np.linalg.norm(index.embeddings, axis=1, keepdims=True)
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    d = 1 - zn @ ref.T
+    names = index.metadata_rows(np.arange(index.n_cells), ["obs_name"])["obs_name"].to_numpy()
+    for i, name in enumerate(queries.obs_names):
+        got = hits[hits["query"] == name]
+        assert list(got["rank"]) == list(range(7))
+        np.testing.assert_allclose(got["distance"], np.sort(d[i])[:7], atol=1e-5)
+        assert set(got["obs_name"]) == set(names[np.argsort(d[i], kind="stable")[:7]])
+    # a filter of the index, a selection of the queries, a radius; as TSV with columns asked
+    out = tmp_path / "hits.tsv"
+    args = ["search", str(bundle), str(idx), q, str(out), "--k", "5", "--columns", "cell_type"]
+    args += ["--filter", "dataset_id=study_01", "--filter", "dataset_id=study_02"]
+    args += ["--cells", "dataset_id=study_00", "--max-distance", "0.1"]
+    assert main([*args, "--summary-by", "dataset_id"]) == 0
+    printed = capsys.readouterr().out
+    hits = pd.read_csv(out, sep="\t")
+    assert list(hits.columns) == ["query", "rank", "distance", "obs_name", "cell_type"]
+    chosen = queries.obs_names[queries.obs["dataset_id"] == "study_00"]
+    assert set(hits["query"]) <= set(chosen) and (hits["distance"] <= 0.1).all()
+    study = index.metadata_rows(np.arange(index.n_cells), ["dataset_id"])["dataset_id"]
+    by_name = dict(zip(names, study.astype(str), strict=True))
+    assert {by_name[n] for n in hits["obs_name"]} <= {"study_01", "study_02"}
+    assert "study_00" not in printed and "study_01" in printed
+    # the centroid of a cell set, with its coherence said; each group's centroid (CSV)
+    out = tmp_path / "centroid.csv"
+    cells = ["--cells", "cell_type=B cell"]
+    with warnings.catch_warnings():  # (a set this untrained model may split: a warning)
+        warnings.simplefilter("ignore", CellsiftWarning)
+        assert main(["search", str(bundle), str(idx), q, str(out), "--centroid", *cells]) == 0
+    assert "query coherence" in capsys.readouterr().out
+    hits = pd.read_csv(out)
+    b = queries[queries.obs["cell_type"] == "B cell"].copy()
+    want = cs.tl.search_centroid(b, model, index, k=50, qc=False)
+    assert (hits["query"] == "centroid").all()
+    np.testing.assert_array_equal(hits["obs_name"], names[want.indices[0]])
+    out = tmp_path / "groups.csv"
+    assert main(["search", str(bundle), str(idx), q, str(out), "--groupby", "cell_type"]) == 0
+    hits = pd.read_csv(out)
+    for group, res in cs.tl.search_clusters(queries, model, index, "cell_type", k=50).items():
+        np.testing.assert_array_equal(
+            hits.loc[hits["query"] == group, "obs_name"], names[res.indices[0]]
+        )
+    # refused before any work, each in one line
+    for bad, message in (
+        ([q], f"{q} is the query file"),
+        ([str(tmp_path / "hits.h5ad")], "name it *.parquet, *.csv or *.tsv"),
+        ([str(out)], "exists; remove it or pass --overwrite"),
+        ([str(tmp_path / "x.csv"), "--centroid", "--groupby", "cell_type"], "pass one of them"),
+        ([str(tmp_path / "x.csv"), "--no-qc"], "--no-qc leaves out"),
+        ([str(tmp_path / "x.csv"), "--centroid", "--drop-empty"], "pass it without --centroid"),
+        ([str(tmp_path / "x.csv"), "--summary-by", "nope"], "the index metadata has no such"),
+        ([str(tmp_path / "x.csv"), "--cells", "nope=1"], "has no obs column 'nope'"),
+        ([str(tmp_path / "x.csv"), "--cells", "cell_type=nope"], "no cell has cell_type in"),
+        ([str(tmp_path / "x.csv"), "--groupby", "nope"], "--groupby 'nope':"),
+    ):
+        assert main(["search", str(bundle), str(idx), q, *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x.csv").exists()
+    assert ad.read_h5ad(q).n_obs == 300  # (the query, untouched)
+    with pytest.raises(SystemExit):
+        main(["search", str(bundle), str(idx), q, str(tmp_path / "x.csv"), "--max-distance", "3"])
