@@ -326,6 +326,8 @@ class IterableCellDataset(IterableDataset):
             # which cells (a filter or a store that keeps their number, but not them), in
             # which stores
             "cells": self._cells_digest,
+            # and their counts (a store rewritten with other values for the same cells)
+            "counts": self._counts_digest,
             "world_size": world,
             "num_workers": self.num_workers,
             "weights": _digest(self.weights),
@@ -335,6 +337,24 @@ class IterableCellDataset(IterableDataset):
     def _cells_digest(self) -> str | None:
         ids = np.asarray(self.collection.cell_ids, dtype=np.int64)
         return _digest(np.concatenate([ids, np.asarray(self.collection.offsets, np.int64)]))
+
+    #: Cells whose counts :meth:`fingerprint` keeps a digest of, spread over the cells.
+    COUNTS_SAMPLE = 16
+
+    @functools.cached_property
+    def _counts_digest(self) -> str | None:
+        """A digest of the counts of :attr:`COUNTS_SAMPLE` cells spread over the cells, as
+        read (genes aligned, explicit zeros dropped: a store converted to another format,
+        or moved, keeps it; one rewritten with other counts does not)."""
+        ids = np.asarray(self.collection.cell_ids, dtype=np.int64)
+        if len(ids) == 0:
+            return None
+        picks = np.linspace(0, len(ids) - 1, min(len(ids), self.COUNTS_SAMPLE)).astype(np.int64)
+        x = sp.csr_matrix(self.collection.read(np.unique(ids[picks])), dtype=np.float32)
+        x.eliminate_zeros()
+        x.sort_indices()
+        parts = (x.indptr.astype(np.int64), x.indices.astype(np.int64), x.data)
+        return _digest(np.concatenate([np.asarray(p, np.float64) for p in parts]))
 
     # -- iteration -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
@@ -560,6 +580,12 @@ class _Pass:
 #: follows the number of processes in training), not what: a position saved with others is
 #: resumed by planning the rest of its epoch anew.
 _HOW = ("world_size", "num_workers", "drop_last")
+#: The fingerprint's digests, as a difference in them is said.
+_DIGESTS = {
+    "cells": "the cells read",
+    "counts": "the cells' counts (a store rewritten since?)",
+    "weights": "the sampling weights (labels or studies)",
+}
 
 
 class CellLoader(DataLoader):
@@ -758,7 +784,10 @@ class CellLoader(DataLoader):
         saved, mine = state["fingerprint"], ds.fingerprint()
         diff = {k: (v, mine.get(k)) for k, v in saved.items() if k not in _HOW and mine.get(k) != v}
         if diff:
-            detail = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
+            detail = ", ".join(
+                f"{_DIGESTS[k]} differ" if k in _DIGESTS else f"{k}: saved {a}, now {b}"
+                for k, (a, b) in diff.items()
+            )
             raise ResumeError(
                 f"the saved loader state does not fit this loader ({detail}). Resume with the "
                 "same data and sampling options, and the same validation groups (val_groups=: "
