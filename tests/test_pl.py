@@ -377,6 +377,10 @@ def test_confusion_of_numbers_and_of_series_pairs_the_same_labels_and_cells():
     np.testing.assert_array_equal(got.iloc[:, :3].to_numpy(), expected)
     with pytest.raises(ValueError, match=r"indexes name different cells.*\.to_numpy\(\)"):
         pl.annotation_confusion(true_s, pred_s.set_axis([f"x{i}" for i in range(7)]))
+    # names that repeat: said so, not "different cells" (hunt242)
+    twice = true_s.set_axis(["c", "c", "c", "d", "d", "d", "d"])
+    with pytest.raises(ValueError, match=r"true's index names a cell more than once \('c'\)"):
+        pl.annotation_confusion(twice, twice.iloc[::-1])
     # calls with pandas' default index (an annotator's table) pair by position
     calls = pd.Series(pred_s.reindex(true_s.index).to_numpy())
     by_position = _heatmap(pl.annotation_confusion(true_s, calls, ontology_aware=False))

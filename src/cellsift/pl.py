@@ -460,6 +460,14 @@ def _by_index(true: pd.Series, pred: pd.Series) -> pd.Series:
         return pred.reindex(true.index)
     if any(s.index.equals(pd.RangeIndex(len(s))) for s in (true, pred)):
         return pred
+    if not (true.index.is_unique and pred.index.is_unique):
+        twice = true.index if not true.index.is_unique else pred.index
+        raise ValueError(
+            f"{'true' if twice is true.index else 'pred'}'s index names a cell more than "
+            f"once ({twice[twice.duplicated()][0]!r}), so the cells of true and pred cannot "
+            "be matched by name: make the names unique (adata.obs_names_make_unique()), or "
+            "pass their values in one order (.to_numpy())."
+        )
     raise ValueError(
         "true and pred are Series whose indexes name different cells: pass one label per "
         "cell, indexed by the same cells, or their values in one order (.to_numpy())."

@@ -100,7 +100,8 @@ def annotate(
     With ``abstain`` the annotator's distance threshold is calibrated
     (:meth:`KNNAnnotator.calibrate`): on ``calibrate_on`` when given, held-out labelled
     cells of the reference's types that the model did not train on (an AnnData, embedded
-    like ``adata``, or their embeddings); else on the reference itself,
+    like ``adata``: into its ``obsm[use_rep]`` and ``uns``, unless ``copy``; or their
+    embeddings); else on the reference itself,
     leave-one-``calibrate_by``-out when given (e.g. the study column); cells of known types
     abstain with probability at most ``1 - quantile``. It is calibrated against the reference
     cells that ``safelist``, ``blocklist`` and ``filter`` (index metadata: ``{"tissue":
