@@ -872,3 +872,21 @@ def test_fit_names_its_options_for_study_and_split_keys_the_data_lack(capsys):
         said = capsys.readouterr().err
         assert said.rstrip().endswith(want), said
         assert "=" not in said.split("names no obs column", 1)[1].split(". ", 1)[1]
+
+
+def test_warnings_name_the_command_s_own_way():
+    """A warning's hint in Python code reads in the command's words where it has a way of
+    its own (cellsift search's --groupby for tl.search_clusters), else as written."""
+    import warnings
+
+    from cellsift._warnings import CellsiftWarning
+    from cellsift.cli import _warnings_in_one_line
+
+    text = "the query cells look heterogeneous: search the clusters separately (cellsift.tl.search_clusters)."
+    for command, want in (
+        ("search", "separately (--groupby with an obs column of clusters)."),
+        ("annotate", "separately (cellsift.tl.search_clusters)."),
+    ):
+        with _warnings_in_one_line(command):
+            line = warnings.formatwarning(CellsiftWarning(text), CellsiftWarning, "x.py", 1)
+        assert line.startswith("cellsift: warning: the query cells") and line.endswith(want + "\n")

@@ -880,14 +880,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with _warnings_in_one_line():
-        return _main(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in given if not a.startswith("-")), "")
+    with _warnings_in_one_line(command):
+        return _main(given)
 
 
 @contextlib.contextmanager
-def _warnings_in_one_line() -> Iterator[None]:
+def _warnings_in_one_line(command: str = "") -> Iterator[None]:
     """cellsift's warnings printed as ``cellsift: warning: ...``, one line each, not with
-    the file, line and source line of the library's code that raised them."""
+    the file, line and source line of the library's code that raised them; a hint in
+    Python code where ``command`` has a way of its own (:data:`_AS_WORDS`) in its words."""
     import warnings
 
     from ._warnings import CellsiftWarning
@@ -896,7 +899,10 @@ def _warnings_in_one_line() -> Iterator[None]:
 
     def one_line(message, category, filename, lineno, line=None):  # type: ignore[no-untyped-def]
         if issubclass(category, CellsiftWarning):
-            return f"cellsift: warning: {message}\n"
+            text = str(message)
+            for pattern, words in _AS_WORDS.get(command, ()):
+                text = pattern.sub(words, text)
+            return f"cellsift: warning: {text}\n"
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = one_line
@@ -1097,7 +1103,16 @@ _DROP_EMPTY = (
     ),
     "Leave them out with --drop-empty",
 )
-_AS_WORDS = {"annotate": (_DROP_EMPTY,), "search": (_DROP_EMPTY,)}
+_AS_WORDS = {
+    "annotate": (_DROP_EMPTY,),
+    "search": (
+        _DROP_EMPTY,
+        (
+            re.compile(r"\(cellsift\.tl\.search_clusters\)"),
+            "(--groupby with an obs column of clusters)",
+        ),
+    ),
+}
 #: Hints naming a Python argument that a command has no option for: left out there.
 _NOT_OPTIONS = {
     "--format": ((", or pass format=.", "."),),
