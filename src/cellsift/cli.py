@@ -278,7 +278,7 @@ def _search(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import tl
-    from ._utils import atomic_path, check_replaceable
+    from ._utils import atomic_path, check_replaceable, rename_apart
     from .errors import ConfigError, DataError
     from .models import MetricModel
     from .tasks import CellIndex, SearchResult
@@ -320,29 +320,16 @@ def _search(args: argparse.Namespace) -> int:
         search["filter"] = {}
         for column, value in args.filter:
             search["filter"].setdefault(column, []).append(value)
-    for column in [*(args.columns or []), *([args.summary_by] if args.summary_by else [])]:
+    columns = None if args.columns is None else list(dict.fromkeys(args.columns))  # (once)
+    for column in [*(columns or []), *([args.summary_by] if args.summary_by else [])]:
         if column not in index.metadata_columns:
-            raise ConfigError(
-                f"{column!r}: the index metadata has no such column (it has "
-                f"{', '.join(map(repr, index.metadata_columns))})."
-            )
+            held = ", ".join(map(repr, index.metadata_columns)) or "none: it was built without"
+            raise ConfigError(f"{column!r}: the index metadata has no such column (it has {held}).")
     adata = _read_h5ad(args.data)
+    rows = np.arange(adata.n_obs)  # (the query cells' rows in the file)
     if args.cells:
-        wanted: dict[str, list[str]] = {}
-        for column, value in args.cells:
-            wanted.setdefault(column, []).append(value)
-        keep = np.ones(adata.n_obs, dtype=bool)
-        for column, values in wanted.items():
-            if column not in adata.obs:
-                raise ConfigError(
-                    f"--cells {column}=...: {args.data} has no obs column {column!r} (it has "
-                    f"{', '.join(map(repr, map(str, adata.obs.columns)))})."
-                )
-            keep &= adata.obs[column].astype(str).isin(values).to_numpy()
-        if not keep.any():
-            said = "; ".join(f"{c} in {v}" for c, v in wanted.items())
-            raise DataError(f"{args.data}: no cell has {said} (--cells).")
-        adata = adata[keep].copy()
+        rows = _cells_where(adata, args.cells, args.data)
+        adata = adata[rows].copy()
     if adata.n_obs == 0:
         raise DataError(f"{args.data}: no cells to search with.")
     check = not args.no_check_counts
@@ -352,6 +339,14 @@ def _search(args: argparse.Namespace) -> int:
                 f"--groupby {args.groupby!r}: {args.data} has no such obs column (it has "
                 f"{', '.join(map(repr, map(str, adata.obs.columns)))})."
             )
+        without = int(adata.obs[args.groupby].isna().sum())
+        if without == adata.n_obs:
+            raise DataError(
+                f"{args.data}: none of the {adata.n_obs:,} cells searched with has a value in "
+                f"--groupby {args.groupby!r}; name a column of groups (clusters, samples)."
+            )
+        if without:
+            print(f"{args.data}: left out {without:,} cells without a value in {args.groupby!r}")
         by_group = tl.search_clusters(
             adata,
             model,
@@ -382,20 +377,35 @@ def _search(args: argparse.Namespace) -> int:
         names = np.array(["centroid"], dtype=object)
     else:
         if args.drop_empty:
-            adata = _with_counts(adata, model, args.layer, str(args.data), check)
+            keep = _counted(adata, model, args.layer, str(args.data), check)
+            if keep is not None:
+                adata, rows = adata[keep].copy(), rows[keep]
         tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
         result = index.search(adata.obsm["X_cellsift"], args.k, **search)
         names = adata.obs_names.to_numpy(dtype=object)
     if args.max_distance is not None:
         far = result.distances > args.max_distance
         result.distances[far], result.indices[far] = np.inf, -1
-    columns = args.columns
     if columns is not None and "obs_name" in index.metadata_columns:
         columns = ["obs_name", *(c for c in columns if c != "obs_name")]  # (which cell)
     table = result.metadata(columns)
+    # the hit's row in the index (named or not), and each query cell's row in the query
+    # file (obs names may repeat); metadata columns of those names are kept, renamed
+    own = ["cell_index", *([] if centroids else ["query_row"])]
+    table = table.rename(
+        columns=rename_apart(
+            map(str, table.columns[3:]),
+            lambda c: f"metadata_{c}" if c in own else None,
+            reserved=[*table.columns[:3], *own],
+        )
+    )
+    q, r = np.nonzero(result.indices >= 0)  # (metadata()'s rows: by query, then rank)
+    table.insert(3, "cell_index", result.indices[q, r])
     if "obs_name" in table:  # (which cell, beside its distance)
-        table.insert(3, "obs_name", table.pop("obs_name"))
-    table["query"] = names[table["query"].to_numpy()].astype(str)
+        table.insert(4, "obs_name", table.pop("obs_name"))
+    if not centroids:
+        table.insert(1, "query_row", rows[q])
+    table["query"] = names[q].astype(str)
     with atomic_path(
         out, overwrite=args.overwrite, replaces=_is_table, what="a table of hits"
     ) as tmp:
@@ -421,6 +431,35 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cells_where(adata: Any, terms: list[tuple[str, str]], source: str) -> Any:
+    """Rows of the cells whose obs hold the ``--cells`` values (a column given again: any of
+    its values; other columns: all), each read as its column's type, as ``--filter`` reads
+    the index metadata; an error where a column is missing or no cell is left."""
+    import pyarrow.dataset as pds
+
+    from .errors import ConfigError, DataError
+    from .tasks.index import CellIndexError, _as_table, rows_where
+
+    wanted: dict[str, list[str]] = {}
+    for column, value in terms:
+        wanted.setdefault(column, []).append(value)
+    for column in wanted:
+        if column not in adata.obs:
+            raise ConfigError(
+                f"--cells {column}=...: {source} has no obs column {column!r} (it has "
+                f"{', '.join(map(repr, map(str, adata.obs.columns)))})."
+            )
+    table = _as_table(adata.obs[list(wanted)], adata.n_obs)
+    try:
+        rows = rows_where(pds.dataset(table), wanted, f"{source}'s obs")
+    except CellIndexError as err:
+        raise ConfigError(f"--cells: {err}") from None
+    if len(rows) == 0:
+        said = "; ".join(f"{c} in {v}" for c, v in wanted.items())
+        raise DataError(f"{source}: no cell has {said} (--cells).")
+    return rows
+
+
 def _path(text: str) -> str:
     """A path argument: not empty (an empty one would be read as the current folder)."""
     if not text.strip():
@@ -432,9 +471,7 @@ def _filter_term(text: str) -> tuple[str, str]:
     """``--filter COLUMN=VALUE``: the column and the value (text, read as the column's type)."""
     column, sep, value = text.partition("=")
     if not sep or not column.strip():
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not COLUMN=VALUE (e.g. --filter tissue=blood)"
-        )
+        raise argparse.ArgumentTypeError(f"{text!r} is not COLUMN=VALUE (e.g. tissue=blood)")
     return column.strip(), value
 
 
@@ -455,7 +492,16 @@ def _replaces_the_file(out: Path, source: Path) -> bool:
 def _with_counts(
     adata: Any, model: Any, layer: str | None, source: str, check: bool, over: str | None = None
 ) -> Any:
-    """``adata`` without its cells that have no counts in the model's genes (``--drop-empty``),
+    """``adata`` without its cells that have no counts in the model's genes (``--drop-empty``:
+    :func:`_counted`)."""
+    keep = _counted(adata, model, layer, source, check, over)
+    return adata if keep is None else adata[keep].copy()
+
+
+def _counted(
+    adata: Any, model: Any, layer: str | None, source: str, check: bool, over: str | None = None
+) -> Any:
+    """Which cells of ``adata`` have counts in the model's genes (None: all), those left out
     said in a line; an error where none is left, or where ``over`` (the output) is the file
     ``source`` and cells would be left out: it would be written without them."""
     import numpy as np
@@ -467,7 +513,7 @@ def _with_counts(
         > 0
     )
     if keep.all():
-        return adata
+        return None
     if not keep.any():
         raise DataError(
             f"{source}: none of its {adata.n_obs:,} cells has counts in the model's genes."
@@ -482,7 +528,7 @@ def _with_counts(
     print(
         f"{source}: left out {int((~keep).sum()):,} of {adata.n_obs:,} cells without counts in the model's genes"
     )
-    return adata[keep].copy()
+    return keep
 
 
 def _read_h5ad(path: str) -> Any:
@@ -673,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
         "out",
         type=_path,
         help="the table of hits to write (*.parquet, *.csv or *.tsv): one row per query and "
-        "rank, with query, rank, distance and the hit's index metadata",
+        "rank, with query, query_row (its row in DATA; not for centroids), rank, distance, "
+        "the hit's cell_index and index metadata",
     )
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
     p.add_argument("--k", type=_at_least(1), default=50, help="hits per query (default: 50)")
@@ -683,8 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_filter_term,
         default=None,
         metavar="COLUMN=VALUE",
-        help="search with the query cells whose obs COLUMN holds VALUE (given again for the "
-        "same column: any of the values; for other columns: all of them); default: every cell",
+        help="search with the query cells whose obs COLUMN holds VALUE, read as the column's "
+        "type (given again for the same column: any of the values; for other columns: all of "
+        "them); default: every cell",
     )
     p.add_argument(
         "--centroid",

@@ -1841,7 +1841,8 @@ def test_command_line_search(bundle, synthetic_h5ad, tmp_path, capsys):
     assert main(["search", str(bundle), str(idx), q, str(out), "--k", "7"]) == 0
     assert f"wrote {out}: 2,100 hits of 300 queries" in capsys.readouterr().out
     hits = pd.read_parquet(out)
-    assert list(hits.columns[:4]) == ["query", "rank", "distance", "obs_name"]
+    own = ["query", "query_row", "rank", "distance", "cell_index", "obs_name"]
+    assert list(hits.columns[:6]) == own
     z = model.embed(queries)
     ref = index.embeddings / np.linalg.norm(index.embeddings, axis=1, keepdims=True)
     zn = z / np.linalg.norm(z, axis=1, keepdims=True)
@@ -1852,15 +1853,18 @@ def test_command_line_search(bundle, synthetic_h5ad, tmp_path, capsys):
         assert list(got["rank"]) == list(range(7))
         np.testing.assert_allclose(got["distance"], np.sort(d[i])[:7], atol=1e-5)
         assert set(got["obs_name"]) == set(names[np.argsort(d[i], kind="stable")[:7]])
+        assert (got["query_row"] == i).all()  # (its row in the query file)
+        assert list(names[got["cell_index"]]) == list(got["obs_name"])
     # a filter of the index, a selection of the queries, a radius; as TSV with columns asked
     out = tmp_path / "hits.tsv"
-    args = ["search", str(bundle), str(idx), q, str(out), "--k", "5", "--columns", "cell_type"]
+    args = ["search", str(bundle), str(idx), q, str(out), "--k", "5"]
+    args += ["--columns", "cell_type", "cell_type"]  # (a column named twice: written once)
     args += ["--filter", "dataset_id=study_01", "--filter", "dataset_id=study_02"]
     args += ["--cells", "dataset_id=study_00", "--max-distance", "0.1"]
     assert main([*args, "--summary-by", "dataset_id"]) == 0
     printed = capsys.readouterr().out
     hits = pd.read_csv(out, sep="\t")
-    assert list(hits.columns) == ["query", "rank", "distance", "obs_name", "cell_type"]
+    assert list(hits.columns) == [*own, "cell_type"]
     chosen = queries.obs_names[queries.obs["dataset_id"] == "study_00"]
     assert set(hits["query"]) <= set(chosen) and (hits["distance"] <= 0.1).all()
     study = index.metadata_rows(np.arange(index.n_cells), ["dataset_id"])["dataset_id"]
@@ -1886,6 +1890,40 @@ def test_command_line_search(bundle, synthetic_h5ad, tmp_path, capsys):
         np.testing.assert_array_equal(
             hits.loc[hits["query"] == group, "obs_name"], names[res.indices[0]]
         )
+    # query cells of one name told apart by their rows; --cells values read as the obs
+    # column's type (as --filter reads the index's); cells without a group said, left out
+    # (review219: rows no one could tell apart; "1" missed 1.0, "true" True; a traceback)
+    odd = queries[:40].copy()
+    odd.obs_names = ["same"] * 40
+    odd.obs["flag"] = np.arange(40) % 2 == 0
+    odd.obs["score"] = np.where(np.arange(40) % 4 == 0, 1.0, 2.5)
+    odd.obs["group"] = pd.Categorical(np.where(np.arange(40) < 10, None, "g"))
+    with warnings.catch_warnings():  # (anndata's, of names that repeat)
+        warnings.simplefilter("ignore", UserWarning)
+        odd.write_h5ad(tmp_path / "odd.h5ad")
+        args = ["search", str(bundle), str(idx), str(tmp_path / "odd.h5ad")]
+        out = tmp_path / "odd.csv"
+        assert (
+            main([*args, str(out), "--k", "2", "--cells", "flag=true", "--cells", "score=1"]) == 0
+        )
+        hits = pd.read_csv(out)
+        assert list(hits["query_row"]) == [r for r in range(0, 40, 4) for _ in range(2)]
+        assert main([*args, str(out), "--groupby", "group", "--overwrite"]) == 0
+        assert "left out 10 cells without a value in 'group'" in capsys.readouterr().out
+        assert (pd.read_csv(out)["query"] == "g").all()
+        for bad, message in (
+            (["--cells", "group=g", "--groupby", "group"], None),
+            (["--cells", "score=2.5", "--cells", "group=nope"], "no cell has score in ['2.5']"),
+            (["--cells", "flag=maybe"], "--cells: the filter {'flag': ['maybe']} cannot be"),
+        ):
+            code = main([*args, str(out), "--overwrite", *bad])
+            assert code == (0 if message is None else 2)
+            if message is not None:
+                assert message in capsys.readouterr().err
+        odd.obs["group"] = pd.Categorical([None] * 40, categories=["g"])
+        odd.write_h5ad(tmp_path / "odd.h5ad")
+        assert main([*args, str(out), "--overwrite", "--groupby", "group"]) == 2
+    assert "none of the 40 cells searched with has a value in --groupby" in capsys.readouterr().err
     # refused before any work, each in one line
     for bad, message in (
         ([q], f"{q} is the query file"),

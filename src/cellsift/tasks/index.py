@@ -586,47 +586,7 @@ class CellIndex:
 
     def _selected(self, filter: FilterLike) -> np.ndarray:
         """:meth:`select`'s positions, none without an error."""
-        ds = self._dataset()
-        names = set(ds.schema.names)
-        missing = sorted({str(c) for c in filter} - names) if isinstance(filter, Mapping) else []
-        if missing:
-            raise CellIndexError(
-                f"filter names columns the metadata does not have: {missing}; it has "
-                f"{sorted(names - {'cell_index'})}."
-            )
-        pa = import_optional("pyarrow")
-        try:
-            tbl = ds.to_table(columns=["cell_index"], filter=_expression(filter, ds.schema))
-        except (
-            pa.ArrowNotImplementedError,
-            pa.ArrowTypeError,
-            pa.ArrowInvalid,
-            TypeError,
-        ) as err:
-            types = ""
-            if isinstance(filter, Mapping):  # each column's type against the values'
-                types = "; ".join(
-                    f"{c!r} holds {ds.schema.field(str(c)).type}, the filter gives "
-                    + (
-                        f"{type(next(iter(listed), None)).__name__} values"
-                        if (listed := _as_list(v)) is not None
-                        else type(v).__name__
-                    )
-                    for c, v in filter.items()
-                )
-                types = f" ({types})"
-            absent = re.search(r"No match for FieldRef\.Name\((.*?)\)", str(err))
-            if absent is not None:  # an expression naming a column the metadata lack
-                raise CellIndexError(
-                    f"the filter {_filter_text(filter)} names a column the metadata does not "
-                    f"have ({absent.group(1)!r}); it has {sorted(names - {'cell_index'})}."
-                ) from None
-            raise CellIndexError(
-                f"the filter {_filter_text(filter)} cannot be compared with the metadata"
-                f"{types}: give values of each column's type, e.g. text for a text column. "
-                f"({' '.join(str(err).split())})"
-            ) from None
-        return np.sort(tbl.column("cell_index").to_numpy())
+        return rows_where(self._dataset(), filter)
 
     def metadata_rows(self, rows: Any, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Metadata of cells ``rows`` (any order, repeats allowed) as a DataFrame."""
@@ -691,7 +651,9 @@ class CellIndex:
         Cells at one distance come in cell order, so that a smaller ``k``'s hits are the
         first of a larger ``k``'s: in exact search where their distances are equal as
         computed (one embedding's float32 products can differ by about 1e-7 with its place
-        in the matrix product, and with the queries searched together); IVF re-ranks its
+        in the matrix product, and with the queries searched together; distances are
+        clipped to [0, 2] after the order is set, so copies of a query, computed at -1e-7
+        and 0, are all at 0 but in that order); IVF re-ranks its
         candidates so, but which of many cells at one distance become candidates is faiss's
         choice.
         """
@@ -1549,6 +1511,52 @@ def check_k(k: Any) -> None:
     """``k`` is a whole number of neighbours >= 1 (else a :class:`CellIndexError`)."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise CellIndexError(f"k must be a whole number of neighbours >= 1, not {k!r}.")
+
+
+def rows_where(ds: Any, filter: FilterLike, what: str = "the metadata") -> np.ndarray:
+    """Sorted ``cell_index`` values of the rows of the Arrow dataset ``ds`` (a table made by
+    :func:`_as_table`) that ``filter`` selects, each value read as its column's type
+    (:func:`_expression`); none without an error. ``what``: the table, in messages."""
+    names = set(ds.schema.names)
+    missing = sorted({str(c) for c in filter} - names) if isinstance(filter, Mapping) else []
+    if missing:
+        raise CellIndexError(
+            f"filter names columns {what} does not have: {missing}; it has "
+            f"{sorted(names - {'cell_index'})}."
+        )
+    pa = import_optional("pyarrow")
+    try:
+        tbl = ds.to_table(columns=["cell_index"], filter=_expression(filter, ds.schema))
+    except (
+        pa.ArrowNotImplementedError,
+        pa.ArrowTypeError,
+        pa.ArrowInvalid,
+        TypeError,
+    ) as err:
+        types = ""
+        if isinstance(filter, Mapping):  # each column's type against the values'
+            types = "; ".join(
+                f"{c!r} holds {ds.schema.field(str(c)).type}, the filter gives "
+                + (
+                    f"{type(next(iter(listed), None)).__name__} values"
+                    if (listed := _as_list(v)) is not None
+                    else type(v).__name__
+                )
+                for c, v in filter.items()
+            )
+            types = f" ({types})"
+        absent = re.search(r"No match for FieldRef\.Name\((.*?)\)", str(err))
+        if absent is not None:  # an expression naming a column the metadata lack
+            raise CellIndexError(
+                f"the filter {_filter_text(filter)} names a column {what} does not have "
+                f"({absent.group(1)!r}); it has {sorted(names - {'cell_index'})}."
+            ) from None
+        raise CellIndexError(
+            f"the filter {_filter_text(filter)} cannot be compared with {what}"
+            f"{types}: give values of each column's type, e.g. text for a text column. "
+            f"({' '.join(str(err).split())})"
+        ) from None
+    return np.sort(tbl.column("cell_index").to_numpy())
 
 
 def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = frozenset()) -> Any:
