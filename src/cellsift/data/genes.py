@@ -467,6 +467,7 @@ class GeneVocabulary:
         source: str = "store",
         min_overlap: float = 0.5,
         of: Literal["smaller", "vocabulary"] = "smaller",
+        warn_twice: bool = True,
     ) -> GeneMap:
         """Map the genes of ``var`` (a store's var table) onto this vocabulary.
 
@@ -491,6 +492,10 @@ class GeneVocabulary:
                           0): fewer than ``min_overlap`` of its genes or
                           :data:`MODEL_MIN_GENES`, whichever is fewer; between that and
                           ``min_overlap`` of its genes, a warning
+
+        A gene of the store that names, by another of its names, a vocabulary gene another
+        of its genes gives is not read (``GeneMap.twice``), with a warning unless
+        ``warn_twice`` is False (a caller that refuses them itself).
         """
         if of not in ("smaller", "vocabulary"):
             raise ValueError(f"of must be 'smaller' or 'vocabulary', not {of!r}.")
@@ -651,7 +656,7 @@ class GeneVocabulary:
                 f"its genes ({key}), e.g. {shared[:5].tolist()}, so they read as 0. {fix}",
                 stacklevel=3,
             )
-        if twice:
+        if twice and warn_twice:
             names = var.index
             shown = ", ".join(
                 f"{names[row]!r} ({self.genes[gene]}, read from "

@@ -14,7 +14,6 @@ through the model's own ``normalize`` module, exactly as :meth:`MetricModel.embe
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -327,14 +326,13 @@ def _baseline(baseline: Baseline | Any, mean_b: np.ndarray, genes: Any) -> torch
                 "is read by its index, one value a gene; keep one of each."
             )
         try:  # (every gene it names counts; the model's genes it lacks read as 0)
-            with warnings.catch_warnings():  # (a gene named twice: refused below)
-                warnings.filterwarnings("ignore", r"the baseline: \d+ of its genes are not read")
-                gm = genes.align(
-                    pd.DataFrame(index=baseline.index),
-                    source="the baseline",
-                    min_overlap=0.0,
-                    of="vocabulary",
-                )
+            gm = genes.align(
+                pd.DataFrame(index=baseline.index),
+                source="the baseline",
+                min_overlap=0.0,
+                of="vocabulary",
+                warn_twice=False,  # (a gene named twice: refused below)
+            )
         except GeneAlignmentError:
             raise GeneAlignmentError(
                 f"the baseline is a Series, read by its index (genes), and none of its "
