@@ -503,6 +503,12 @@ def test_labels_seen_in_too_few_studies_train_as_their_nearest_viable_ancestor()
     ):
         with pytest.raises(ConfigError, match=what):
             CellDataModule(adata, **{**kw, "coarsen_labels": 2, **bad}).setup()
+    # no label seen in that many studies: said so, not as a split of no groups (hunt244)
+    adata.obs["cell_type"] = label
+    with pytest.raises(
+        ConfigError, match=r"coarsen_labels=5 leaves out every labelled cell: .* 4 studies"
+    ):
+        CellDataModule(adata, harmonize_labels=True, coarsen_labels=5, **kw).setup()
 
 
 def test_a_flag_written_as_booleans_in_one_store_and_0_1_in_another_is_one_flag():

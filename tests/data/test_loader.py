@@ -335,6 +335,29 @@ def test_weighted_balancing_scales(coll, class_scale):
     CellLoader(ds).load_state_dict(state)
 
 
+def test_obs_keys_join_the_label_and_study_keys(coll):
+    """obs_keys given beside label_key / study_key add batch keys: the labels and studies are
+    still y_n / study_n, and still balanced (hunt244: obs_keys replaced them, and weighted
+    mode balanced no studies, unsaid); obs_keys naming other columns for those is refused."""
+    keys = {"label_key": "cell_type_ontology_term_id", "study_key": "dataset_id"}
+    plain = IterableCellDataset(coll, mode="weighted", **keys, **OPTS)
+    more = IterableCellDataset(
+        coll, mode="weighted", obs_keys={"donor_n": "donor_id"}, **keys, **OPTS
+    )
+    np.testing.assert_array_equal(more.weights, plain.weights)
+    assert more.obs_keys == {
+        "donor_n": "donor_id",
+        "y_n": keys["label_key"],
+        "study_n": "dataset_id",
+    }
+    batch = next(iter(more))
+    assert {"y_n", "study_n", "donor_n"} <= set(batch)
+    same = {"y_n": keys["label_key"]}  # (the same column named twice: taken)
+    IterableCellDataset(coll, mode="weighted", obs_keys=same, **keys, **OPTS)
+    with pytest.raises(ConfigError, match=r"study_key='dataset_id', but obs_keys gives 'study_n'"):
+        IterableCellDataset(coll, mode="weighted", obs_keys={"study_n": "donor_id"}, **keys, **OPTS)
+
+
 def test_unlabelled_cells_count_in_no_study():
     """A study of 1,000 labelled cells among 99,000 unlabelled ones is weighted as a study
     of 1,000 (as SCimilarity, which drops unlabelled cells before weighting): its labelled

@@ -413,6 +413,14 @@ class CellDataModule(pl.LightningDataModule):
         if not dropped:
             return coll
         gone = np.isin(labels, [names.index(label) for label in dropped])
+        if not (labels[~gone] >= 0).any():  # (no labelled cell left: no triplet to train)
+            n_studies = int((np.unique(studies) >= 0).sum())
+            raise ConfigError(
+                f"coarsen_labels={self.coarsen_labels} leaves out every labelled cell: none of "
+                f"the {len(dropped)} labels, nor an ancestor among them, is seen in "
+                f"{self.coarsen_labels} of the data's {n_studies} studies ({self.study_key!r}). "
+                "Pass a lower coarsen_labels, or none."
+            )
         warn(
             f"coarsen_labels={self.coarsen_labels}: {int(gone.sum()):,} cells of "
             f"{len(dropped)} label{'s' if len(dropped) > 1 else ''} seen in fewer studies "

@@ -77,8 +77,9 @@ class IterableCellDataset(IterableDataset):
     batch_size, block_size, fetch_factor
         Cells per batch; contiguous cells per block; batches per read.
     obs_keys
-        Batch key -> obs column, coded as integers (categories sorted); default
-        ``{"y_n": label_key, "study_n": study_key}`` for the keys that are given.
+        Batch key -> obs column, coded as integers (categories sorted); with
+        ``{"y_n": label_key, "study_n": study_key}`` for the keys that are given (obs_keys
+        naming other columns for those two is an error).
     label_key, study_key
         obs columns of cell type and study (weighted mode balances both).
     weights
@@ -159,9 +160,22 @@ class IterableCellDataset(IterableDataset):
             num_samples,
             min_batch,
         )
-        if obs_keys is None:
-            obs_keys = {k: v for k, v in (("y_n", label_key), ("study_n", study_key)) if v}
-        self.obs_keys = dict(obs_keys)
+        # the label and study columns as batch keys y_n / study_n, beside any obs_keys given
+        # (which may name them too, the same columns)
+        keys = dict(obs_keys or {})
+        for key, column, option in (
+            ("y_n", label_key, "label_key"),
+            ("study_n", study_key, "study_key"),
+        ):
+            if not column:
+                continue
+            if keys.get(key, column) != column:
+                raise ConfigError(
+                    f"{option}={column!r}, but obs_keys gives {key!r} (the batch key of "
+                    f"{option}) the column {keys[key]!r}: name one column for it."
+                )
+            keys[key] = column
+        self.obs_keys = keys
         self.codes: dict[str, np.ndarray] = {}
         self.categories: dict[str, list[str]] = {}
         for key, column in self.obs_keys.items():
