@@ -113,6 +113,21 @@ def test_label_loss_credits_a_label_and_its_descendants():
     assert float(module.label_loss(logits, torch.full((7,), -1))) == 0.0
 
 
+def test_label_loss_is_float32_under_bf16_autocast():
+    """Under bf16 autocast (precision="bf16-mixed") the label loss is computed in float32, as
+    torch's cross-entropy is (hunt245: in bf16, 6.28125 for 6.27888)."""
+    labels = ["CL:0000576", "CL:0001054", "CL:0002396", "CL:0000236", "CL:0000084"]
+    module = _with_label_head(labels)
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(64, len(labels), generator=gen)).bfloat16()
+    y = torch.randint(0, len(labels), (64,), generator=gen)
+    want = module.label_loss(logits.float(), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = module.label_loss(logits, y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_label_loss_credits_nothing_below_a_label_the_study_tells_apart():
     """A study labelling cells T cell and others CD4-positive says its T cells are not
     CD4-positive, and so not of a CD4-positive subtype either (one another study uses)."""

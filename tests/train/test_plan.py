@@ -117,6 +117,41 @@ def test_cells_per_s_leaves_out_a_validation_within_the_epoch(synthetic_h5ad, tm
     assert min(plan.rates) > 64 / _SlowValidation.SECONDS
 
 
+class _Clock:
+    """A clock that moves one second at each reading: each step takes one second."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_cells_per_s_counts_the_cells_of_the_step_timed(synthetic_h5ad, tmp_path, monkeypatch):
+    """A step's rate is its batch's cells over its seconds (from its start to the next
+    step's), so the epoch's short last batch is timed with its own cells (hunt245: the last
+    full step's seconds over the short batch's cells, 319 cells/s beside 4,500)."""
+    from cellsift.train import plan as plan_module
+
+    torch.manual_seed(0)
+    dm, module = _setup(synthetic_h5ad, batch_size=64, val_fraction=0.1)
+    plan = _RatesLogged(module)
+    monkeypatch.setattr(plan_module, "time", _Clock())  # (one second a step)
+    trainer = _trainer(tmp_path, max_epochs=1, num_sanity_val_steps=0)
+    sizes: list[int] = []
+    step = plan.training_step
+
+    def counted(batch, batch_idx):
+        sizes.append(int(batch["x_ng"].shape[0]))
+        return step(batch, batch_idx)
+
+    monkeypatch.setattr(plan, "training_step", counted)
+    trainer.fit(plan, datamodule=dm)
+    assert sizes[-1] < 64 == sizes[0]  # (a short last batch)
+    assert plan.rates == [float(n) for n in sizes[:-1]]
+
+
 class _Explodes(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()

@@ -178,7 +178,8 @@ class TrainingPlan(pl.LightningModule):
         self._val_y: list[torch.Tensor] = []
         self._val_i: list[torch.Tensor | None] = []
         self._batches_begun = 0  # (training batches this fit began: its logs hold something)
-        self._tick: float | None = None
+        #: when the last training step began, and its batch's cells
+        self._tick: tuple[float, int] | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._stopped: dict[str, Any] | None = None  # (a resumed checkpoint's stop, if any)
         # the epoch and step a fit resumes from (its checkpoint's), until the fit starts
@@ -253,9 +254,11 @@ class TrainingPlan(pl.LightningModule):
         self._log_scalars(out, "train", n)
         now = time.perf_counter()
         if self._tick is not None:  # every rank's cells (ranks take equal batches)
-            cells = n * self.trainer.world_size
-            self.log("train/cells_per_s", cells / max(now - self._tick, 1e-9), batch_size=n)
-        self._tick = now
+            # the time since the last step began is that step's: its batch's cells
+            then, before = self._tick
+            cells = before * self.trainer.world_size
+            self.log("train/cells_per_s", cells / max(now - then, 1e-9), batch_size=n)
+        self._tick = (now, n)
         if self.trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return loss
