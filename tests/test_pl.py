@@ -381,6 +381,9 @@ def test_confusion_of_numbers_and_of_series_pairs_the_same_labels_and_cells():
     twice = true_s.set_axis(["c", "c", "c", "d", "d", "d", "d"])
     with pytest.raises(ValueError, match=r"true's index names a cell more than once \('c'\)"):
         pl.annotation_confusion(twice, twice.iloc[::-1])
+    numbered = true_s.set_axis([0, 0, 1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match=r"pred's index names a cell more than once \(0\)"):
+        pl.annotation_confusion(true_s, numbered)
     # calls with pandas' default index (an annotator's table) pair by position
     calls = pd.Series(pred_s.reindex(true_s.index).to_numpy())
     by_position = _heatmap(pl.annotation_confusion(true_s, calls, ontology_aware=False))

@@ -435,10 +435,8 @@ def _cells_where(adata: Any, terms: list[tuple[str, str]], source: str) -> Any:
     """Rows of the cells whose obs hold the ``--cells`` values (a column given again: any of
     its values; other columns: all), each read as its column's type, as ``--filter`` reads
     the index metadata; an error where a column is missing or no cell is left."""
-    import pyarrow.dataset as pds
-
     from .errors import ConfigError, DataError
-    from .tasks.index import CellIndexError, _as_table, rows_where
+    from .tasks.index import CellIndexError, frame_rows_where
 
     wanted: dict[str, list[str]] = {}
     for column, value in terms:
@@ -449,9 +447,8 @@ def _cells_where(adata: Any, terms: list[tuple[str, str]], source: str) -> Any:
                 f"--cells {column}=...: {source} has no obs column {column!r} (it has "
                 f"{', '.join(map(repr, map(str, adata.obs.columns)))})."
             )
-    table = _as_table(adata.obs[list(wanted)], adata.n_obs)
     try:
-        rows = rows_where(pds.dataset(table), wanted, f"{source}'s obs")
+        rows = frame_rows_where(adata.obs[list(wanted)], wanted, f"{source}'s obs")
     except CellIndexError as err:
         raise ConfigError(f"--cells: {err}") from None
     if len(rows) == 0:

@@ -462,9 +462,11 @@ def _by_index(true: pd.Series, pred: pd.Series) -> pd.Series:
         return pred
     if not (true.index.is_unique and pred.index.is_unique):
         twice = true.index if not true.index.is_unique else pred.index
+        name = twice[twice.duplicated()][0]
+        name = name.item() if isinstance(name, np.generic) else name  # (0, not np.int64(0))
         raise ValueError(
             f"{'true' if twice is true.index else 'pred'}'s index names a cell more than "
-            f"once ({twice[twice.duplicated()][0]!r}), so the cells of true and pred cannot "
+            f"once ({name!r}), so the cells of true and pred cannot "
             "be matched by name: make the names unique (adata.obs_names_make_unique()), or "
             "pass their values in one order (.to_numpy())."
         )

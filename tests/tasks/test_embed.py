@@ -1898,6 +1898,7 @@ def test_command_line_search(bundle, synthetic_h5ad, tmp_path, capsys):
     odd.obs["flag"] = np.arange(40) % 2 == 0
     odd.obs["score"] = np.where(np.arange(40) % 4 == 0, 1.0, 2.5)
     odd.obs["group"] = pd.Categorical(np.where(np.arange(40) < 10, None, "g"))
+    odd.obs["cell_index"] = np.arange(40) % 4  # (a column named as the index's own)
     with warnings.catch_warnings():  # (anndata's, of names that repeat)
         warnings.simplefilter("ignore", UserWarning)
         odd.write_h5ad(tmp_path / "odd.h5ad")
@@ -1908,6 +1909,9 @@ def test_command_line_search(bundle, synthetic_h5ad, tmp_path, capsys):
         )
         hits = pd.read_csv(out)
         assert list(hits["query_row"]) == [r for r in range(0, 40, 4) for _ in range(2)]
+        # (review220: the rows' positions were read as the obs column cell_index)
+        assert main([*args, str(out), "--k", "1", "--cells", "cell_index=2", "--overwrite"]) == 0
+        assert list(pd.read_csv(out)["query_row"]) == list(range(2, 40, 4))
         assert main([*args, str(out), "--groupby", "group", "--overwrite"]) == 0
         assert "left out 10 cells without a value in 'group'" in capsys.readouterr().out
         assert (pd.read_csv(out)["query"] == "g").all()

@@ -797,6 +797,8 @@ class CellLoader(DataLoader):
         ds = self.cell_dataset
         saved, mine = state["fingerprint"], ds.fingerprint()
         diff = {k: (v, mine.get(k)) for k, v in saved.items() if k not in _HOW and mine.get(k) != v}
+        if "cells" in diff or "n_cells" in diff:  # (other cells: other counts, no rewrite)
+            diff.pop("counts", None)
         if diff:
             detail = ", ".join(
                 f"{_DIGESTS[k]} differ" if k in _DIGESTS else f"{k}: saved {a}, now {b}"

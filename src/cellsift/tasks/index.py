@@ -1513,20 +1513,22 @@ def check_k(k: Any) -> None:
         raise CellIndexError(f"k must be a whole number of neighbours >= 1, not {k!r}.")
 
 
-def rows_where(ds: Any, filter: FilterLike, what: str = "the metadata") -> np.ndarray:
-    """Sorted ``cell_index`` values of the rows of the Arrow dataset ``ds`` (a table made by
-    :func:`_as_table`) that ``filter`` selects, each value read as its column's type
-    (:func:`_expression`); none without an error. ``what``: the table, in messages."""
-    names = set(ds.schema.names)
+def rows_where(
+    ds: Any, filter: FilterLike, what: str = "the metadata", rows: str = "cell_index"
+) -> np.ndarray:
+    """Sorted values of column ``rows`` (the rows' positions: an index's ``cell_index``)
+    of the rows of the Arrow dataset ``ds`` that ``filter`` selects, each value read as its
+    column's type (:func:`_expression`); none without an error. ``what``: the table, in
+    messages."""
+    names = set(ds.schema.names) - {rows}
     missing = sorted({str(c) for c in filter} - names) if isinstance(filter, Mapping) else []
     if missing:
         raise CellIndexError(
-            f"filter names columns {what} does not have: {missing}; it has "
-            f"{sorted(names - {'cell_index'})}."
+            f"filter names columns {what} does not have: {missing}; it has {sorted(names)}."
         )
     pa = import_optional("pyarrow")
     try:
-        tbl = ds.to_table(columns=["cell_index"], filter=_expression(filter, ds.schema))
+        tbl = ds.to_table(columns=[rows], filter=_expression(filter, ds.schema))
     except (
         pa.ArrowNotImplementedError,
         pa.ArrowTypeError,
@@ -1549,14 +1551,30 @@ def rows_where(ds: Any, filter: FilterLike, what: str = "the metadata") -> np.nd
         if absent is not None:  # an expression naming a column the metadata lack
             raise CellIndexError(
                 f"the filter {_filter_text(filter)} names a column {what} does not have "
-                f"({absent.group(1)!r}); it has {sorted(names - {'cell_index'})}."
+                f"({absent.group(1)!r}); it has {sorted(names)}."
             ) from None
         raise CellIndexError(
             f"the filter {_filter_text(filter)} cannot be compared with {what}"
             f"{types}: give values of each column's type, e.g. text for a text column. "
             f"({' '.join(str(err).split())})"
         ) from None
-    return np.sort(tbl.column("cell_index").to_numpy())
+    return np.sort(tbl.column(rows).to_numpy())
+
+
+def frame_rows_where(df: pd.DataFrame, filter: FilterLike, what: str) -> np.ndarray:
+    """Sorted positions of the rows of ``df`` (an AnnData's obs) that a mapping ``filter``
+    selects, each value read as its column's type as :meth:`CellIndex.select` reads the
+    metadata's (:func:`rows_where`; object columns typed as an index stores them)."""
+    pa = import_optional("pyarrow")
+    pds = import_optional("pyarrow.dataset")
+    df = df.reset_index(drop=True)
+    for col in df.columns:
+        if df[col].dtype == object:  # (missing values kept missing, not "nan")
+            df[col] = _objects_typed(df[col].to_numpy())
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    position = rename_apart(["row"], lambda c: c, reserved=map(str, df.columns))["row"]
+    table = table.append_column(position, pa.array(np.arange(len(df), dtype=np.int64)))
+    return rows_where(pds.dataset(table), filter, what, rows=position)
 
 
 def _as_table(metadata: Any, n: int, start: int = 0, text: frozenset[str] = frozenset()) -> Any:
