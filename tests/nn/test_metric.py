@@ -126,6 +126,8 @@ def test_label_loss_is_float32_under_bf16_autocast():
         got = module.label_loss(logits, y)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (no labelled cell: 0, as float32)
+        assert module.label_loss(logits, torch.full((64,), -1)).dtype == torch.float32
 
 
 def test_label_loss_credits_nothing_below_a_label_the_study_tells_apart():

@@ -1519,6 +1519,15 @@ def test_an_index_of_no_cells_takes_cells_of_any_column_types(tmp_path):
         np.testing.assert_array_equal(ix.select({"n": [1, 3]}), [0, 2])
 
 
+def test_a_filter_may_name_cell_index(data):
+    """An index's cell_index column (its cells' positions) is filtered on as any other
+    (review221: refused once positions kept in a column apart were hidden from filters)."""
+    x, meta, _ = data
+    index = CellIndex.build(x[:10], meta[:10], engine="exact")
+    np.testing.assert_array_equal(index.select({"cell_index": 3}), [3])
+    np.testing.assert_array_equal(index.select({"cell_index": [1, 2]}), [1, 2])
+
+
 def test_distances_lie_in_zero_to_two(data):
     """A cell's distance to itself or to its copy is 0, never the -1e-7 of float32 products
     (hunt241), and an opposite cell's at most 2; in every engine, and within a radius."""

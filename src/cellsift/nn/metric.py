@@ -256,12 +256,12 @@ class MetricModule(nn.Module):
         batch are not credited (module docstring), whatever the triplets' ``relatives``.
         """
         known = y_n >= 0
-        if not bool(known.any()):
-            return logits_nl.sum() * 0.0
         # (in float32 under autocast too, as its cross-entropy computes it: bf16 logsumexps
         # are off by about 0.1%)
-        logits = logits_nl[known]
-        logits, y = logits.to(torch.promote_types(logits.dtype, torch.float32)), y_n[known].long()
+        logits_nl = logits_nl.to(torch.promote_types(logits_nl.dtype, torch.float32))
+        if not bool(known.any()):
+            return logits_nl.sum() * 0.0
+        logits, y = logits_nl[known], y_n[known].long()
         credit_ll: torch.Tensor = self.credit_ll  # type: ignore[assignment]
         credit = credit_ll[y]
         study = torch.zeros_like(y) if study_n is None else study_n[known].long()

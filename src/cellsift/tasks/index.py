@@ -1520,11 +1520,11 @@ def rows_where(
     of the rows of the Arrow dataset ``ds`` that ``filter`` selects, each value read as its
     column's type (:func:`_expression`); none without an error. ``what``: the table, in
     messages."""
-    names = set(ds.schema.names) - {rows}
+    names = set(ds.schema.names)  # (the positions' column too: an index's is filtered on)
     missing = sorted({str(c) for c in filter} - names) if isinstance(filter, Mapping) else []
     if missing:
         raise CellIndexError(
-            f"filter names columns {what} does not have: {missing}; it has {sorted(names)}."
+            f"filter names columns {what} does not have: {missing}; it has {sorted(names - {rows})}."
         )
     pa = import_optional("pyarrow")
     try:
@@ -1551,7 +1551,7 @@ def rows_where(
         if absent is not None:  # an expression naming a column the metadata lack
             raise CellIndexError(
                 f"the filter {_filter_text(filter)} names a column {what} does not have "
-                f"({absent.group(1)!r}); it has {sorted(names)}."
+                f"({absent.group(1)!r}); it has {sorted(names - {rows})}."
             ) from None
         raise CellIndexError(
             f"the filter {_filter_text(filter)} cannot be compared with {what}"

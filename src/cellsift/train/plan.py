@@ -252,13 +252,6 @@ class TrainingPlan(pl.LightningModule):
             )
         n = int(batch["x_ng"].shape[0])
         self._log_scalars(out, "train", n)
-        now = time.perf_counter()
-        if self._tick is not None:  # every rank's cells (ranks take equal batches)
-            # the time since the last step began is that step's: its batch's cells
-            then, before = self._tick
-            cells = before * self.trainer.world_size
-            self.log("train/cells_per_s", cells / max(now - then, 1e-9), batch_size=n)
-        self._tick = (now, n)
         if self.trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return loss
@@ -669,6 +662,15 @@ class TrainingPlan(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batches_begun += 1
+        # cells/s of the last step: its batch's cells over the time from its start to this
+        # one's (its forward, backward and step, and the loading of this batch)
+        now = time.perf_counter()
+        n = int(batch["x_ng"].shape[0])
+        if self._tick is not None:  # every rank's cells (ranks take equal batches)
+            then, before = self._tick
+            cells = before * self.trainer.world_size
+            self.log("train/cells_per_s", cells / max(now - then, 1e-9), batch_size=before)
+        self._tick = (now, n)
         # restored here, not on load: between the two, Lightning may validate (the sanity
         # check; triplet mining draws), which the uninterrupted run did not do at this point.
         # (The loader's iterator draws from a generator of its own: CellLoader.)
