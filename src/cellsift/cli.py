@@ -599,6 +599,21 @@ def _share(*, zero: bool) -> Callable[[str], float]:
     return parse
 
 
+def _add_terms(p: argparse.ArgumentParser, option: str, help: str) -> None:
+    """An option of ``COLUMN=VALUE`` terms, given as often as wanted (``--filter``)."""
+    p.add_argument(
+        option, action="append", type=_filter_term, default=None, metavar="COLUMN=VALUE", help=help
+    )
+
+
+def _add_model_index_data(p: argparse.ArgumentParser, data: str) -> None:
+    """The arguments of a command that embeds an h5ad's cells and meets an index with them:
+    the model bundle, the index and the h5ad (``data``: its help)."""
+    p.add_argument("model", type=_path, help="the model bundle that embedded the index")
+    p.add_argument("index", type=_path, help="a CellIndex directory (cellsift index)")
+    p.add_argument("data", type=_path, help=data)
+
+
 def _add_soma_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TileDB-SOMA stores")
     g.add_argument("--measurement", default=None, help="the measurement (default: RNA)")
@@ -709,9 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_index)
 
     p = sub.add_parser("search", help="search a CellIndex with an h5ad's cells or centroids")
-    p.add_argument("model", type=_path, help="the model bundle that embedded the index")
-    p.add_argument("index", type=_path, help="a CellIndex directory (cellsift index)")
-    p.add_argument("data", type=_path, help="an h5ad of raw counts: the queries")
+    _add_model_index_data(p, "an h5ad of raw counts: the queries")
     p.add_argument(
         "out",
         type=_path,
@@ -721,13 +734,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
     p.add_argument("--k", type=_at_least(1), default=50, help="hits per query (default: 50)")
-    p.add_argument(
+    _add_terms(
+        p,
         "--cells",
-        action="append",
-        type=_filter_term,
-        default=None,
-        metavar="COLUMN=VALUE",
-        help="search with the query cells whose obs COLUMN holds VALUE, read as the column's "
+        "search with the query cells whose obs COLUMN holds VALUE, read as the column's "
         "type (given again for the same column: any of the values; for other columns: all of "
         "them); default: every cell",
     )
@@ -746,13 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-qc", action="store_true", help="leave out --centroid's query-coherence check"
     )
-    p.add_argument(
+    _add_terms(
+        p,
         "--filter",
-        action="append",
-        type=_filter_term,
-        default=None,
-        metavar="COLUMN=VALUE",
-        help="search the indexed cells whose metadata COLUMN holds VALUE (given again for "
+        "search the indexed cells whose metadata COLUMN holds VALUE (given again for "
         "the same column: any of the values; for other columns: all of them)",
     )
     p.add_argument(
@@ -792,9 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_search)
 
     p = sub.add_parser("annotate", help="annotate an h5ad by kNN against a CellIndex")
-    p.add_argument("model", type=_path, help="the model bundle that embedded the index")
-    p.add_argument("index", type=_path, help="a CellIndex directory (cellsift index)")
-    p.add_argument("data", type=_path, help="an h5ad of raw counts to annotate")
+    _add_model_index_data(p, "an h5ad of raw counts to annotate")
     p.add_argument("out", type=_path, help="the annotated h5ad to write")
     p.add_argument("--layer", default=None, help="counts location: a layer name or 'raw'")
     p.add_argument(
@@ -890,13 +895,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL",
         help="leave the reference cells of these labels out of the votes",
     )
-    p.add_argument(
+    _add_terms(
+        p,
         "--filter",
-        action="append",
-        type=_filter_term,
-        default=None,
-        metavar="COLUMN=VALUE",
-        help="vote with the reference cells whose index metadata COLUMN holds VALUE (given "
+        "vote with the reference cells whose index metadata COLUMN holds VALUE (given "
         "again for the same column: any of the values; for other columns: all of them)",
     )
     p.add_argument("--overwrite", action="store_true")
