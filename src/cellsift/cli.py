@@ -209,9 +209,7 @@ def _annotate(args: argparse.Namespace) -> int:
     # the reference cells that vote, checked before any embedding
     selection: dict[str, Any] = {"safelist": args.safelist, "blocklist": args.blocklist}
     if args.filter:
-        selection["filter"] = {}
-        for column, value in args.filter:
-            selection["filter"].setdefault(column, []).append(value)
+        selection["filter"] = args.filter
     annotator.check_selection(**selection)
     if args.calibrate_by is not None and args.calibrate_by not in index.metadata_columns:
         raise ConfigError(
@@ -282,6 +280,7 @@ def _search(args: argparse.Namespace) -> int:
     from .errors import ConfigError, DataError
     from .models import MetricModel
     from .tasks import CellIndex, SearchResult
+    from .tasks.index import drop_beyond
 
     out = Path(args.out)
     refuse_inside(args.out, the_model_bundle=args.model, the_index=args.index)
@@ -315,11 +314,7 @@ def _search(args: argparse.Namespace) -> int:
     model = MetricModel.load(args.model)
     index = CellIndex.load(args.index)
     index.check_model(model)  # before any embedding
-    search: dict[str, Any] = {}
-    if args.filter:  # (as cellsift annotate reads it)
-        search["filter"] = {}
-        for column, value in args.filter:
-            search["filter"].setdefault(column, []).append(value)
+    search: dict[str, Any] = {"filter": args.filter} if args.filter else {}
     columns = None if args.columns is None else list(dict.fromkeys(args.columns))  # (once)
     for column in [*(columns or []), *([args.summary_by] if args.summary_by else [])]:
         if column not in index.metadata_columns:
@@ -383,9 +378,8 @@ def _search(args: argparse.Namespace) -> int:
         tl.embed(adata, model, layer=args.layer, source=str(args.data), check_counts=check)
         result = index.search(adata.obsm["X_cellsift"], args.k, **search)
         names = adata.obs_names.to_numpy(dtype=object)
-    if args.max_distance is not None:
-        far = result.distances > args.max_distance
-        result.distances[far], result.indices[far] = np.inf, -1
+    if args.max_distance is not None:  # (every mode's hits alike)
+        drop_beyond(result.distances, result.indices, args.max_distance)
     if columns is not None and "obs_name" in index.metadata_columns:
         columns = ["obs_name", *(c for c in columns if c != "obs_name")]  # (which cell)
     table = result.metadata(columns)
@@ -399,8 +393,8 @@ def _search(args: argparse.Namespace) -> int:
             reserved=[*table.columns[:3], *own],
         )
     )
-    q, r = np.nonzero(result.indices >= 0)  # (metadata()'s rows: by query, then rank)
-    table.insert(3, "cell_index", result.indices[q, r])
+    q = table["query"].to_numpy()
+    table.insert(3, "cell_index", result.indices[q, table["rank"].to_numpy()])
     if "obs_name" in table:  # (which cell, beside its distance)
         table.insert(4, "obs_name", table.pop("obs_name"))
     if not centroids:
@@ -431,16 +425,13 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cells_where(adata: Any, terms: list[tuple[str, str]], source: str) -> Any:
+def _cells_where(adata: Any, wanted: dict[str, list[str]], source: str) -> Any:
     """Rows of the cells whose obs hold the ``--cells`` values (a column given again: any of
     its values; other columns: all), each read as its column's type, as ``--filter`` reads
     the index metadata; an error where a column is missing or no cell is left."""
     from .errors import ConfigError, DataError
     from .tasks.index import CellIndexError, frame_rows_where
 
-    wanted: dict[str, list[str]] = {}
-    for column, value in terms:
-        wanted.setdefault(column, []).append(value)
     for column in wanted:
         if column not in adata.obs:
             raise ConfigError(
@@ -599,10 +590,22 @@ def _share(*, zero: bool) -> Callable[[str], float]:
     return parse
 
 
+class _Terms(argparse.Action):
+    """Gathers ``COLUMN=VALUE`` terms (:func:`_filter_term`), given as often as wanted, as a
+    filter mapping: ``{column: [values]}`` (a column given again: any of its values)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        column, value = values
+        terms = dict(getattr(namespace, self.dest) or {})
+        terms[column] = [*terms.get(column, []), value]
+        setattr(namespace, self.dest, terms)
+
+
 def _add_terms(p: argparse.ArgumentParser, option: str, help: str) -> None:
-    """An option of ``COLUMN=VALUE`` terms, given as often as wanted (``--filter``)."""
+    """An option of ``COLUMN=VALUE`` terms, given as often as wanted (``--filter``), read
+    as a filter mapping (:class:`_Terms`)."""
     p.add_argument(
-        option, action="append", type=_filter_term, default=None, metavar="COLUMN=VALUE", help=help
+        option, action=_Terms, type=_filter_term, default=None, metavar="COLUMN=VALUE", help=help
     )
 
 

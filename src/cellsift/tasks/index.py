@@ -124,6 +124,13 @@ def _in_range(dist: np.ndarray) -> np.ndarray:
     return dist
 
 
+def drop_beyond(dist: np.ndarray, idx: np.ndarray, max_distance: float) -> None:
+    """A search's hits farther than ``max_distance`` dropped in place: their slots become
+    inf / -1, as those of a search with fewer cells within reach (the rows stay sorted)."""
+    far = dist > max_distance
+    dist[far], idx[far] = np.inf, -1
+
+
 def normalize_embeddings(x: Any, what: str = "embeddings") -> np.ndarray:
     """``x`` as C-contiguous float32 rows of unit L2 norm; an error for NaN or zero rows.
 
@@ -693,8 +700,7 @@ class CellIndex:
                     short = short[(idx[short, : min(k, self.n_cells)] < 0).any(1)]
         _in_range(dist)
         if max_distance is not None:
-            far = dist > max_distance
-            dist[far], idx[far] = np.inf, -1
+            drop_beyond(dist, idx, max_distance)
         return SearchResult(dist, idx, self)
 
     def check_model(self, model: Any) -> None:
@@ -1572,7 +1578,9 @@ def frame_rows_where(df: pd.DataFrame, filter: FilterLike, what: str) -> np.ndar
         if df[col].dtype == object:  # (missing values kept missing, not "nan")
             df[col] = _objects_typed(df[col].to_numpy())
     table = pa.Table.from_pandas(df, preserve_index=False)
-    position = rename_apart(["row"], lambda c: c, reserved=map(str, df.columns))["row"]
+    position = "row"  # (a name apart from the frame's columns)
+    while position in set(map(str, df.columns)):
+        position += "_"
     table = table.append_column(position, pa.array(np.arange(len(df), dtype=np.int64)))
     return rows_where(pds.dataset(table), filter, what, rows=position)
 
