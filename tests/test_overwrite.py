@@ -844,6 +844,43 @@ class _Listing:
         return (str, ("listed",))
 
 
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
+    """AtomicCheckpointIO syncs a checkpoint's data to disk before renaming it over the
+    previous one, and then the folder holding the rename: a crash of the machine between
+    the rename reaching the disk and the data would leave an empty last.ckpt where a whole
+    one was."""
+    import os
+
+    import torch
+
+    from cellsift.train.resume import AtomicCheckpointIO
+
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def synced(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def replaced(src, dst):
+        events.append(("replace", f"{src} -> {dst}"))
+        return replace(src, dst)
+
+    last = tmp_path / "last.ckpt"
+    for step in (1, 2):  # (a first checkpoint, then one over it)
+        events.clear()
+        monkeypatch.setattr(os, "fsync", synced)
+        monkeypatch.setattr(os, "replace", replaced)
+        AtomicCheckpointIO().save_checkpoint({"step": step}, last)
+        monkeypatch.undo()
+        moves = [i for i, (kind, what) in enumerate(events) if what.endswith(f"-> {last}")]
+        assert len(moves) == 1, events
+        tmp = events[moves[0]][1].split(" -> ")[0]
+        assert ("fsync", tmp) in events[: moves[0]], events
+        assert ("fsync", str(tmp_path)) in events[moves[0] :], events
+        assert torch.load(last, weights_only=False)["step"] == step
+
+
 def test_a_checkpoint_over_a_folder_is_refused_and_one_another_process_writes_is_written(
     tmp_path,
 ):

@@ -107,6 +107,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 open(tmp, "wb") as f,
             ):
                 _save(checkpoint, f, final)
+                _to_disk(f)
+            _folder_to_disk(final.parent)
             return
         except OutputInUseError:  # (as its lock is taken: nothing written yet)
             if holds_output_lock(final):  # (an earlier writer of this process's: its error)
@@ -129,10 +131,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 _save(checkpoint, f, final)
-                f.flush()
+                _to_disk(f)
                 os.replace(tmp, final)  # (still locked as it moves)
+            _folder_to_disk(final.parent)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _to_disk(f: Any) -> None:
+    """Flush the open file ``f`` and wait until the system has it on disk, before it is
+    renamed over the previous checkpoint: a rename can reach the disk before the data it
+    names, and a crash of the machine (not only of the run) would then leave an empty or
+    partial checkpoint where the previous one was whole."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _folder_to_disk(folder: Path) -> None:
+    """Wait until the system has ``folder``'s entries (a checkpoint's rename) on disk;
+    where a folder cannot be opened so (Windows), or synced (some network file systems),
+    nothing more."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 #: The temporary files of checkpoints written beside another process's lock.
