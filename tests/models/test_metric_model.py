@@ -79,6 +79,13 @@ def test_save_load_and_gene_alignment(trained, tmp_path):
     again = MetricModel.load(model.save(tmp_path / "bundle"))
     np.testing.assert_allclose(again.embed(sub), z, atol=1e-6)
     assert again.labels == model.labels and again.genes == model.genes
+    # a model of another precision loads in it: the same weights, the same fingerprint (its
+    # embeddings stores and indexes take it), not rounded to float32
+    again.module.double()
+    twice = MetricModel.load(again.save(tmp_path / "float64"))
+    assert {p.dtype for p in twice.module.parameters()} == {torch.float64}
+    assert twice.fingerprint == again.fingerprint != model.fingerprint
+    np.testing.assert_array_equal(twice.embed(sub), again.embed(sub))
     shuffled = sub[:, np.random.default_rng(0).permutation(sub.n_vars)].copy()
     np.testing.assert_allclose(model.embed(shuffled), z, atol=1e-5)  # aligned by gene id
     bad = sub.copy()

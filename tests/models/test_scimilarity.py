@@ -153,3 +153,18 @@ def test_an_imported_model_fine_tunes_with_its_own_triplet_settings(tmp_path):
         with pytest.raises(ConfigError, match=rf"hyperparameters\.json's {key} is .*{what}"):
             import_scimilarity(src, tmp_path / "other")
         assert not (tmp_path / "other").exists()
+    # releases before 0.4 saved the triplet weight as alpha: read as triplet_loss_weight is
+    # (it was dropped, and fine-tuning trained with cellsift's 0.001); both, if different,
+    # are refused
+    old = {k: v for k, v in hp.items() if k != "triplet_loss_weight"}
+    (src / "hyperparameters.json").write_text(json.dumps({**old, "alpha": 0.25}))
+    model = MetricModel.load(import_scimilarity(src, tmp_path / "old"))
+    assert model.module.triplet_weight == 0.25
+    (src / "hyperparameters.json").write_text(json.dumps({**old, "alpha": 2.0}))
+    with pytest.raises(ConfigError, match=r"hyperparameters\.json's alpha is .*not a number in"):
+        import_scimilarity(src, tmp_path / "other")
+    (src / "hyperparameters.json").write_text(
+        json.dumps({**old, "alpha": 0.25, "triplet_loss_weight": 0.5})
+    )
+    with pytest.raises(ConfigError, match=r"triplet_loss_weight 0\.5 and alpha .* 0\.25"):
+        import_scimilarity(src, tmp_path / "other")

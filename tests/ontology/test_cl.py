@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cellsift._warnings import CellsiftWarning
@@ -18,8 +19,9 @@ def test_snapshot_is_offline_and_versioned(cl):
     assert cl.version == available_versions()[-1]
     assert len(cl.terms) > 2_500
     assert load_cell_ontology(available_versions()[0]).version == available_versions()[0]
-    with pytest.raises(OntologyError, match="not shipped"):
-        load_cell_ontology("1999-01-01")
+    for version in ("1999-01-01", ""):  # ("": not the newest, as None is)
+        with pytest.raises(OntologyError, match=f"{version!r} is not shipped"):
+            load_cell_ontology(version)
 
 
 def test_ids_names_and_hierarchy(cl):
@@ -33,6 +35,21 @@ def test_ids_names_and_hierarchy(cl):
     assert "CL:0000624" in cl.descendants("CL:0000084")
     assert cl.distance("CL:0000624", "CL:0000624") == 0
     assert cl.distance("CL:0000084", "CL:0000624") is None  # not an ancestor
+    # (hunt247) a name or another spelling of an id names the id these take; a term that is
+    # none is an error, not distance 0; term() and resolve() read one label, as id() does
+    with pytest.raises(OntologyError, match=r"'B cell' names CL:0000236 .*pass 'CL:0000236'"):
+        cl.ancestors("B cell")
+    with pytest.raises(OntologyError, match=r"'CL_0000236' names CL:0000236"):
+        cl.name("CL_0000236")
+    for a, b in (("nope", "nope"), ("CL:0000624", "nope"), ("nope", "CL:0000624")):
+        with pytest.raises(OntologyError, match="'nope' is not a Cell Ontology term"):
+            cl.distance(a, b)
+    for method in (cl.term, cl.resolve, cl.id):
+        for value in (["B cell"], ("CL:0000236",), ["B cell", "T cell"], pd.Series(["B cell"])):
+            with pytest.raises(TypeError, match=r"reads one label.*harmonize\(labels\)"):
+                method(value)
+        assert method(None) is None and method(float("nan")) is None
+    assert cl.term("b cell") == cl.resolve("CL_0000236") == "CL:0000236"
 
 
 def test_synthetic_atlas_hierarchy_agrees_with_cl(cl):

@@ -900,6 +900,12 @@ def test_plain_calls_name_their_cl_terms_and_other_labels_keep_theirs():
     assert out["label_name"].tolist() == names
     with pytest.raises(OntologyError, match=r"'clone 7'.*pass ontology_aware=False"):
         KNNAnnotator(index, ontology_aware=True)
+    # a deprecated term without a successor names no current term: its own label as its
+    # name (its CL label is blank: hunt247)
+    gone = np.where(own == "NK", "CL:0000274", own)
+    index = CellIndex.build(x, pd.DataFrame({"cell_type_ontology_term_id": gone}), engine="exact")
+    out = KNNAnnotator(index, k=5, min_support=0.0).annotate(x[::40])
+    assert out["label_id"].iloc[-1] == out["label_name"].iloc[-1] == "CL:0000274"
 
 
 def test_plain_votes_warn_where_two_reference_labels_name_one_term():

@@ -69,6 +69,28 @@ def test_small_sets_and_errors():
     assert len(qc.clusters) == 1 and qc.coherence == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no query cells"):
         query_coherence(index, np.zeros((0, z.shape[1]), dtype=np.float32))
+    # (hunt247) a number of clusters below 1 was one cluster (coherence 1.0, coherent) for
+    # any set; hits outside the index counted against the clusters, fractions were cut to
+    # a cell, and the search's result itself failed on a comparison
+    for key, value in (
+        ("n_clusters", 0),
+        ("n_clusters", -2),
+        ("n_clusters", 2.5),
+        ("min_cluster_cells", 0),
+        ("min_cluster_cells", True),
+    ):
+        with pytest.raises(ValueError, match=rf"{key} must be a whole number >= 1, not"):
+            query_coherence(index, z[:30], k=10, **{key: value})
+    query = z[:30]  # (one population)
+    with pytest.raises(ValueError, match=r"0 to 199 \(-1: no cell\), not 1000"):
+        query_coherence(index, query, k=10, hits=np.array([1000, 3]))
+    with pytest.raises(ValueError, match=r"positions \(integers\), not float64"):
+        query_coherence(index, query, k=10, hits=np.array([1.7, 3.0]))
+    found = index.search(query.mean(0, keepdims=True), 10)
+    with pytest.raises(ValueError, match=r"result\.indices\[0\]\), not the SearchResult"):
+        query_coherence(index, query, k=10, hits=found)
+    given = query_coherence(index, query, k=10, hits=np.append(found.indices[0], -1))
+    assert given.coherence == query_coherence(index, query, k=10).coherence > 0.5  # (-1: none)
 
 
 def test_given_hits_and_cluster_queries_are_what_is_compared():

@@ -399,12 +399,23 @@ def import_scimilarity(
 def _loss_settings(hyperparameters: dict[str, Any], path: Any) -> dict[str, Any]:
     """The triplet settings of SCimilarity's hyperparameters.json as a bundle's ``loss``
     (what fine-tuning the imported model trains with); those it lacks keep cellsift's
-    defaults, which are SCimilarity's published ones."""
+    defaults, which are SCimilarity's published ones. Releases before 0.4 saved the
+    triplet loss's weight as ``alpha``; a file holding both is refused where they differ."""
     names = {
         "margin": "margin",
         "triplet_loss_weight": "triplet_weight",
         "negative_selection": "negative",
     }
+    if "alpha" in hyperparameters:
+        given = hyperparameters.get("triplet_loss_weight", hyperparameters["alpha"])
+        if given != hyperparameters["alpha"]:
+            raise ConfigError(
+                f"{path}: hyperparameters.json gives the triplet loss's weight twice, "
+                f"triplet_loss_weight {given!r} and alpha (its name before SCimilarity 0.4) "
+                f"{hyperparameters['alpha']!r}: keep the one the model was trained with."
+            )
+        names = {**names, "alpha": "triplet_weight"}
+        names.pop("triplet_loss_weight")
     loss: dict[str, Any] = {}
     for theirs, ours in names.items():
         if theirs not in hyperparameters or (

@@ -54,9 +54,9 @@ def load_cell_ontology(version: str | None = None) -> CellOntology:
     versions = available_versions()
     if not versions:
         raise OntologyError("cellxgene-ontology-guide ships no Cell Ontology; reinstall it.")
-    version = version or versions[-1]
+    version = versions[-1] if version is None else version
     if version not in versions:
-        raise OntologyError(f"Cell Ontology {version} is not shipped; available: {versions}.")
+        raise OntologyError(f"Cell Ontology {version!r} is not shipped; available: {versions}.")
     return CellOntology(_load(version), version)
 
 
@@ -100,6 +100,31 @@ def _spaced(text: str) -> str:
 def _missing(value: Any) -> bool:
     """None, NaN or pandas' NA (whose comparisons are neither True nor False)."""
     return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+
+
+def _one_label(value: Any, method: str) -> Any:
+    """``value``, one label for ``method``: None where it is missing (None, NaN, NA); a
+    TypeError for several (a list, an array, a Series), which harmonize() maps."""
+    if isinstance(value, str):
+        return value
+    if not pd.api.types.is_scalar(value):
+        raise TypeError(
+            f"{method}() reads one label, not {_described(value)}; for a list of labels, "
+            "harmonize(labels)."
+        )
+    return None if _missing(value) else value
+
+
+def _described(value: Any) -> str:
+    """``value`` in a message: its type and, for one value, the value; for several (a
+    list, a Series), how many."""
+    kind = type(value).__name__
+    if pd.api.types.is_scalar(value):
+        return f"{kind} {value!r}"
+    try:
+        return f"a {kind} of {len(value)} values"
+    except TypeError:
+        return f"a {kind}"
 
 
 class CellOntology:
@@ -156,8 +181,8 @@ class CellOntology:
             if pd.api.types.is_scalar(name) and _missing(name):
                 return None
             raise TypeError(
-                f"id() reads one label (text), not {type(name).__name__} {name!r}; for a "
-                "list of labels, harmonize(labels)."
+                f"id() reads one label (text), not {_described(name)}; for a list of labels, "
+                "harmonize(labels)."
             )
         name = _spaced(name)
         return (
@@ -202,14 +227,21 @@ class CellOntology:
 
     def distance(self, term: str, ancestor: str) -> int | None:
         """Steps from ``term`` up to ``ancestor`` (0 for itself); None if not an ancestor."""
-        if term == ancestor:
-            return 0
-        return self._term(term).get("ancestors", {}).get(ancestor)
+        self._term(ancestor)  # (either not a term: an error, not "no ancestor" or 0)
+        info = self._term(term)
+        return 0 if term == ancestor else info.get("ancestors", {}).get(ancestor)
 
     def _term(self, term: str) -> dict[str, Any]:
         try:
             return self.terms[term]
-        except KeyError:
+        except (KeyError, TypeError):
+            named = self._resolve(term) if isinstance(term, str) else None
+            if named is not None:  # (a name, a synonym or another spelling of an id)
+                raise OntologyError(
+                    f"{term!r} names {named} ({self.terms[named]['label']!r}), but this takes "
+                    f"the id itself, written as 'CL:0000236': pass {named!r} "
+                    f"(cl.term({term!r}) gives the current id a label names)."
+                ) from None
             raise OntologyError(
                 f"{term!r} is not a Cell Ontology term (CL {self.version})."
             ) from None
@@ -359,12 +391,12 @@ class CellOntology:
         """The CL id that ``value`` (an id in any common form, a name or a synonym) names as
         written: a deprecated term stays itself (:meth:`term` gives what replaces it); None
         where it names none."""
-        return None if _missing(value) else self._resolve(str(value))
+        return None if _one_label(value, "resolve") is None else self._resolve(str(value))
 
     def term(self, value: Any) -> str | None:
         """The current CL id ``value`` names (as :meth:`harmonize` maps it), or None where it
         names none (not a CL term, missing, obsolete without a successor)."""
-        return None if _missing(value) else self._harmonize_one(str(value), True)
+        return None if _one_label(value, "term") is None else self._harmonize_one(str(value), True)
 
     def _harmonize_one(self, value: str, replace_deprecated: bool) -> str | None:
         term = self._resolve(value)

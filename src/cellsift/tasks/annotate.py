@@ -529,7 +529,9 @@ class KNNAnnotator:
         ids = {t: cl.term(t) or t for t in out["label"].unique()}
         # (as text even with no queries, where pandas maps an empty column to float64)
         out.insert(1, "label_id", out["label"].map(ids).astype(object))
-        names = {i: cl.name(i) if i in cl.terms else i for i in set(ids.values())}
+        # (a label naming no current term, a deprecated one without a successor among them,
+        # is its own name: a deprecated term's label may be blank)
+        names = {i: cl.name(i) if cl.term(i) == i else i for i in set(ids.values())}
         out.insert(2, "label_name", out["label_id"].map(names).astype(object))
         return out
 

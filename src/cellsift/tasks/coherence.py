@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._utils import positions
 from .._warnings import warn
-from .index import CellIndex, FilterLike, normalize_embeddings
+from .index import CellIndex, FilterLike, SearchResult, normalize_embeddings
 
 __all__ = ["QueryCoherence", "query_coherence"]
 
@@ -122,6 +123,9 @@ def query_coherence(
     """
     import faiss
 
+    for name, value in (("n_clusters", n_clusters), ("min_cluster_cells", min_cluster_cells)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, not {value!r}.")
     z = normalize_embeddings(np.atleast_2d(cells), "query cells")
     if len(z) == 0:
         raise ValueError("no query cells: pass at least one embedding.")
@@ -132,10 +136,10 @@ def query_coherence(
     z_sorted = np.ascontiguousarray(z[by_value])
     if hits is None:
         hits = index.search(z_sorted.mean(0, keepdims=True), k, filter=filter).indices[0]
-    whole = {int(i) for i in np.ravel(hits) if i >= 0}
+    whole = set(_hit_positions(hits, index.n_cells).tolist())
     if not whole:
         raise ValueError("the set's search found no cells; nothing to compare against.")
-    n_cl = int(max(1, min(n_clusters, len(z) // max(min_cluster_cells, 1))))
+    n_cl = max(1, min(int(n_clusters), len(z) // int(min_cluster_cells)))
     if n_cl > 1:
         km = faiss.Kmeans(
             z.shape[1],
@@ -177,6 +181,31 @@ def query_coherence(
         )
     threshold = MIN_COHERENCE if warn_below is None else float(warn_below)
     return QueryCoherence(coherence, clusters, cluster, threshold)
+
+
+def _hit_positions(hits: Any, n_cells: int) -> np.ndarray:
+    """The set's hits as positions of the index's cells, the slots with no cell (-1) left
+    out; a :class:`ValueError` for anything else (a search's result itself, positions that
+    are not whole numbers or not the index's)."""
+    if isinstance(hits, SearchResult):
+        raise ValueError(
+            "hits are the positions the set's search returned (result.indices[0]), not "
+            "the SearchResult itself."
+        )
+    try:
+        given = positions(np.ravel(hits), ValueError)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"hits are the positions of the index's cells that the set's search returned "
+            f"(result.indices[0]): {err}"
+        ) from None
+    outside = given[(given < -1) | (given >= n_cells)]
+    if len(outside):
+        raise ValueError(
+            f"hits are positions of the index's cells, 0 to {n_cells - 1} (-1: no cell), not "
+            f"{outside[0]}: pass the positions a search of this index returned."
+        )
+    return given[given >= 0]
 
 
 def _value_order(z: np.ndarray) -> np.ndarray:
