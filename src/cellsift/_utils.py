@@ -1089,6 +1089,17 @@ def text_or_none(values: Any) -> np.ndarray:
 _IS_TEXT = np.frompyfunc(lambda v: type(v) is str, 1, 1)
 
 
+def check_model_object(model: Any, what: str = "model") -> None:
+    """``model`` is a model that embeds (a MetricModel); else a TypeError naming what it
+    is, and, for a path (a bundle's, the usual slip), how a saved model is loaded."""
+    if callable(getattr(model, "embed", None)) and hasattr(model, "genes"):
+        return
+    given = type(model).__name__
+    if isinstance(model, str | os.PathLike):
+        given += f" {os.fspath(model)!r}: load a saved model first, MetricModel.load(path)"
+    raise TypeError(f"{what} must be a cellsift model (a MetricModel), not {given}.")
+
+
 def model_fingerprint(model: Any) -> str:
     """A digest of what decides a model's embeddings: its architecture and normalisation
     settings, its genes (in order) and its encoder's weights. Equal exactly when those are, so

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -17,7 +18,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import BACKED_ROWS, adata_counts, cell_mask, in_obs_order, is_number
+from ._utils import (
+    BACKED_ROWS,
+    adata_counts,
+    cell_mask,
+    check_model_object,
+    in_obs_order,
+    is_number,
+)
 from ._warnings import warn
 from .data.collection import _as_text, check_count_values
 from .errors import ConfigError, DataError, MissingKeyError
@@ -46,7 +54,10 @@ def embed(
     (``source`` names the data in messages, e.g. its file). ``uns["cellsift"][key_added]``
     records the model's fingerprint, so that :func:`annotate` and :func:`search_centroid`
     refuse an embedding that another model made."""
-    adata = _copied(adata) if copy else _writable(adata, source)
+    check_model_object(model)
+    _check_key("key_added", key_added)
+    adata = _copied(adata, source) if copy else _writable(adata, source)
+    record = dict(_record(adata))  # (refused before the cells are embedded)
     adata.obsm[key_added] = model.embed(
         adata,
         layer=layer,
@@ -56,7 +67,6 @@ def embed(
         source=source,
     )
     # which model made it: annotate and search refuse another model's embeddings
-    record = dict(_record(adata))
     record[key_added] = {"model_fingerprint": model.fingerprint}
     adata.uns["cellsift"] = record
     return adata if copy else None
@@ -116,6 +126,22 @@ def annotate(
     one by Cell Ontology votes (a warning says so); without a model,
     ``cell_type_ontology_term_id`` and Cell Ontology votes.
     """
+    if not isinstance(reference, CellIndex | KNNAnnotator):
+        raise TypeError(
+            f"reference must be a CellIndex (CellIndex.load(path)) or a KNNAnnotator, not "
+            f"{type(reference).__name__}"
+            + (": pass the model as model=" if callable(getattr(reference, "embed", None)) else "")
+            + "."
+        )
+    if model is not None:
+        check_model_object(model)
+    _check_key("use_rep", use_rep)
+    _check_key("key_added", key_added)
+    if isinstance(calibrate_on, str | os.PathLike):
+        raise TypeError(
+            f"calibrate_on is held-out labelled cells, an AnnData or their embeddings, not "
+            f"the path {os.fspath(calibrate_on)!r}: read it first (ad.read_h5ad(path))."
+        )
     # (the threshold's check, the calibration and the calls each read them)
     safelist, blocklist = label_lists(safelist, blocklist)
     defaults = inspect.signature(annotate).parameters
@@ -192,7 +218,7 @@ def annotate(
     if ann is not reference and abstain:  # (a ready annotator has its own threshold)
         if isinstance(calibrate_on, ad.AnnData):
             if copy and use_rep not in calibrate_on.obsm:  # (copy: no input is written)
-                calibrate_on = _copied(calibrate_on)
+                calibrate_on = _copied(calibrate_on, "calibrate_on")
             _ensure_embedded(
                 calibrate_on, model, use_rep, "calibrate_on", layer, check_counts, index
             )
@@ -312,6 +338,7 @@ def pseudobulk(adata: ad.AnnData, groups: Any, *, layer: str | None = None) -> a
     AnnData is read in row blocks. Sums are not one cell's counts: a gene's may reach
     2**24, which the counts checks refuse in a cell; embed them with ``check_counts=False``
     (:func:`search_centroid` and :func:`search_clusters` do)."""
+    _check_anndata(adata)
     return _summed(adata, groups, layer)
 
 
@@ -428,7 +455,8 @@ def search_centroid(
     negative value beside a positive one); False sums them as they are (counts corrected
     for ambient RNA, which are not whole numbers).
     """
-    index.check_model(model)
+    _check_inputs(adata, model, index)
+    _check_key("use_rep", use_rep)
     mask = np.ones(adata.n_obs, dtype=bool) if cells is None else cell_mask(adata, cells)
     if not mask.any():
         raise ValueError("the cell set is empty; select at least one cell.")
@@ -517,7 +545,7 @@ def search_clusters(
     """:func:`search_centroid` for every group of ``obs[groupby]`` (e.g. clusters), with
     the pseudobulks embedded in one pass; keyed by the groups as :func:`pseudobulk` names
     them; ``check_counts`` as there."""
-    index.check_model(model)
+    _check_inputs(adata, model, index)
     bulk = _summed(adata, groupby, layer, "search_clusters" if check_counts else None)
     res = index.search(_embed_bulk(model, bulk, f"groups of {groupby!r}"), k, filter=filter)
     return {
@@ -552,9 +580,44 @@ def _is_default(value: Any, default: Any) -> bool:
     return bool(same_kind and value == default)
 
 
+def _check_anndata(adata: Any, what: str = "adata") -> None:
+    """``adata`` is an AnnData; else a TypeError naming what it is (for a path, how to
+    read it)."""
+    if isinstance(adata, ad.AnnData):
+        return
+    given = type(adata).__name__
+    if isinstance(adata, str | os.PathLike):
+        given += (
+            f" {os.fspath(adata)!r}: read the file first, ad.read_h5ad(path) (backed='r' for "
+            "one larger than memory)"
+        )
+    raise TypeError(f"{what} must be an AnnData, not {given}.")
+
+
+def _check_inputs(adata: Any, model: Any, index: Any) -> None:
+    """A search's inputs of the kinds it takes, and ``index`` of ``model``'s embeddings."""
+    _check_anndata(adata)
+    check_model_object(model)
+    if not isinstance(index, CellIndex):
+        raise TypeError(
+            f"index must be a CellIndex (CellIndex.load(path)), not {type(index).__name__}."
+        )
+    index.check_model(model)
+
+
+def _check_key(name: str, key: Any) -> None:
+    """``key`` (of obsm, uns or obs columns) is text an h5ad can hold: not empty, no '/'
+    (which h5ad reads as a group: the file fails to write, or reads back nested)."""
+    if not isinstance(key, str) or not key or "/" in key:
+        raise ValueError(
+            f"{name} must be a name without '/' (as an h5ad file keeps keys), not {key!r}."
+        )
+
+
 def _writable(adata: ad.AnnData, what: str = "adata") -> ad.AnnData:
     """``adata`` if results can be written into it: a view of a backed AnnData cannot take
     them (anndata would copy it to a file), said before any work is done, naming ``what``."""
+    _check_anndata(adata, what)
     if adata.isbacked and adata.is_view:
         raise DataError(
             f"{what} is a view of a backed AnnData, which cannot take new obs or obsm "
@@ -565,6 +628,7 @@ def _writable(adata: ad.AnnData, what: str = "adata") -> ad.AnnData:
     return adata
 
 
-def _copied(adata: ad.AnnData) -> ad.AnnData:
+def _copied(adata: ad.AnnData, what: str = "adata") -> ad.AnnData:
     """A copy in memory (of a backed AnnData too, which ``copy()`` would write to a file)."""
+    _check_anndata(adata, what)
     return adata.to_memory(copy=True) if adata.isbacked else adata.copy()

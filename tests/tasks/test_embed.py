@@ -285,10 +285,35 @@ def test_annotate_refuses_an_embedding_another_model_made(bundle, synthetic_h5ad
     del query.uns["cellsift"]  # embeddings put there by other means are taken as they are
     cs.tl.annotate(query, index, abstain=False)
     query.uns["cellsift"] = "a note"  # not cellsift's record: named, not overwritten
-    for call in (lambda: cs.tl.embed(query, model), lambda: cs.tl.annotate(query, index)):
+    embedded = query.obsm["X_cellsift"].copy()
+    for call in (lambda: cs.tl.embed(query, other), lambda: cs.tl.annotate(query, index)):
         with pytest.raises(ValueError, match=r"uns\['cellsift'\] holds str 'a note', not the"):
             call()
     assert query.uns["cellsift"] == "a note"
+    # (hunt249) before the cells are embedded: the embedding there was replaced before
+    np.testing.assert_array_equal(query.obsm["X_cellsift"], embedded)
+    del query.uns["cellsift"]
+    # inputs of another kind are named (AttributeErrors before), and keys an h5ad cannot
+    # keep are refused (written, and the file then failed to write or read back nested)
+    path = str(tmp_path / "q.h5ad")
+    for call, message in (
+        (lambda: cs.tl.embed(path, model), r"adata must be an AnnData, not str .*ad\.read_h5ad"),
+        (lambda: cs.tl.embed(query, str(bundle)), r"model must be a cellsift model .*MetricModel\.load"),
+        (lambda: cs.tl.annotate(query, model, model=index), r"reference must be a CellIndex .*not MetricModel: pass the model as model="),
+        (lambda: cs.tl.annotate(query, index, calibrate_on=path), r"calibrate_on is held-out .*not the path"),
+        (lambda: cs.tl.search_centroid(query, model, model, k=5), r"index must be a CellIndex"),
+        (lambda: cs.tl.search_clusters(path, model, index, "cell_type"), r"adata must be an AnnData"),
+        (lambda: cs.tl.pseudobulk(path, "cell_type"), r"adata must be an AnnData"),
+        (lambda: embed_collection(str(bundle), synthetic_h5ad, tmp_path / "e.zarr"), r"model must be a cellsift model"),
+    ):  # fmt: skip
+        with pytest.raises(TypeError, match=message):
+            call()
+    for key in (None, 3, "", "emb/x"):
+        with pytest.raises(ValueError, match=r"key_added must be a name without '/'"):
+            cs.tl.embed(query, model, key_added=key)
+        with pytest.raises(ValueError, match=r"use_rep must be a name without '/'"):
+            cs.tl.annotate(query, index, use_rep=key)
+    assert "cellsift" not in query.uns and not (tmp_path / "e.zarr").exists()
 
 
 def test_annotate_with_a_ready_annotator_refuses_options_it_would_ignore(bundle, synthetic_h5ad):

@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from .._utils import (
     atomic_path,
+    check_model_object,
     check_replaceable,
     holds,
     import_optional,
@@ -131,6 +132,7 @@ def embed_collection(
     each embedding one shard. Called inside an initialised ``torch.distributed`` job, every
     rank embeds its own shard and all ranks return once the store is in place.
     """
+    check_model_object(model)
     out = Path(out)
     for name, value in (("batch_size", batch_size), ("devices", devices)):
         if not is_whole(value, least=1):
