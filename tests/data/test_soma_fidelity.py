@@ -291,6 +291,9 @@ def test_tiledbsoma_io_experiment_of_named_indexes_opens_as_written(adata, tmp_p
     assert list(store.var_names) == list(adata.var_names)
     assert list(store.obs_names) == list(adata.obs_names)
     assert (store.read(np.arange(N_CELLS)) != adata.X).nnz == 0
+    # and the indexes keep their names (hunt250: an h5ad converted from it had none)
+    back = ad.read_h5ad(convert(uri, tmp_path / "named.h5ad", layer="data"))
+    assert (back.obs.index.name, back.var.index.name) == ("barcode", "gene_ids")
     # the obs names' column is no column of values too (review: "barcode" came back as one)
     assert "barcode" not in store.obs_columns
     assert store.obs_columns == [str(c) for c in adata.obs.columns]

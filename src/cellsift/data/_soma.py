@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from .._utils import TILEDB_NO_SIGNAL_HANDLERS, import_optional, reclaim_signals, text_or_none
 from .._warnings import warn
 from .stores import CellStore
-from .writers import SOMA_RENAMED, Format
+from .writers import SOMA_FRAME, SOMA_RENAMED, Format
 
 #: TileDB settings of reads: result buffers of 128 MB (libtiledbsoma's default is 1 GiB per
 #: buffer), so memory follows the batches read, not the library's defaults; and no
@@ -306,25 +306,18 @@ class SomaStore(CellStore):
         if col is None:
             return None
         tbl = self.handle.obs.read(column_names=["soma_joinid", col]).concat().to_pandas()
-        return pd.Index(tbl.sort_values("soma_joinid")[col].astype(str).to_numpy())
+        names = tbl.sort_values("soma_joinid")[col].astype(str).to_numpy()
+        return pd.Index(names, name=_index_name(self.handle.obs, col, "obs_id"))
 
     @_reads("obs")
     def _load_obs_column(self, name: str) -> Any:
         stored = self._obs_stored[name]
         tbl = self.handle.obs.read(column_names=["soma_joinid", stored]).concat()
         arr = tbl.column(stored)
-        pa = import_optional("pyarrow")
-        nullable = arr.null_count > 0 and (
-            pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)
-        )
-        # integers and booleans with nulls as pandas' nullable arrays (not float / object)
-        values = arr.to_pandas(
-            types_mapper=(
-                lambda t: pd.BooleanDtype() if pa.types.is_boolean(t) else pd.Int64Dtype()
-            )
-            if nullable
-            else None
-        )
+        # integers and booleans with nulls as pandas' nullable arrays (not float / object),
+        # and those the input held as such
+        nullable = arr.null_count > 0 or stored in _frame_info(self.handle.obs)[1]
+        values = _as_nullable(arr) if nullable and _nullable_kind(arr.type) else arr.to_pandas()
         # (by position: the column may be the input's own "soma_joinid")
         col = values.iloc[np.argsort(tbl.column("soma_joinid").to_numpy(), kind="stable")]
         if isinstance(col.dtype, pd.CategoricalDtype):  # an enumeration: its categories, order
@@ -339,7 +332,12 @@ class SomaStore(CellStore):
     @_reads("var")
     def _load_var(self) -> pd.DataFrame:
         frame = self.handle.ms[self.measurement].var
-        var = frame.read().concat().to_pandas().sort_values("soma_joinid")
+        tbl = frame.read().concat()
+        var = tbl.to_pandas()
+        for name in _frame_info(frame)[1] & set(tbl.schema.names):  # (those with no null too)
+            if _nullable_kind(tbl.schema.field(name).type):
+                var[name] = _as_nullable(tbl.column(name)).array
+        var = var.sort_values("soma_joinid")
         var_id = self.var_id
         if var_id is None:  # cellsift's and Census' name, else tiledbsoma.io's
             named = _original_index(frame)  # (tiledbsoma.io: a named index, under its name)
@@ -354,7 +352,9 @@ class SomaStore(CellStore):
             if var_id == "soma_joinid":
                 problem = "var's 'soma_joinid' holds the join ids (positions), not gene ids."
             raise self._error(problem, f"Pass var_id= with one of {columns}.")
-        var.index = pd.Index(var.pop(var_id).astype(str).to_numpy())
+        var.index = pd.Index(
+            var.pop(var_id).astype(str).to_numpy(), name=_index_name(frame, var_id, "feature_id")
+        )
         var = var.drop(columns=["soma_joinid"])
         own = _own_names([str(c) for c in var.columns], _renamed(frame))
         return var.rename(columns={v: k for k, v in own.items() if k != v})
@@ -478,6 +478,58 @@ def _own_names(stored: list[str], renamed: dict[str, str]) -> dict[str, str]:
         name = renamed.get(n, n)
         out[n if name in names or name in out else name] = n
     return out
+
+
+def _nullable_kind(kind: Any) -> bool:
+    """An Arrow type that pandas holds as a nullable array: integers, booleans."""
+    pa = import_optional("pyarrow")
+    return bool(pa.types.is_integer(kind) or pa.types.is_boolean(kind))
+
+
+def _as_nullable(arr: Any) -> pd.Series:
+    """An Arrow column of integers or booleans as pandas' nullable array of the same width
+    (``Int32``, ``UInt8``, ``boolean``): missing values kept missing, not NaN in floats or
+    None in objects."""
+    pa = import_optional("pyarrow")
+
+    def nullable(kind: Any) -> Any:
+        if pa.types.is_boolean(kind):
+            return pd.BooleanDtype()
+        if pa.types.is_integer(kind):
+            sign = "UInt" if pa.types.is_unsigned_integer(kind) else "Int"
+            return pd.api.types.pandas_dtype(f"{sign}{kind.bit_width}")
+        return None
+
+    return arr.to_pandas(types_mapper=nullable)
+
+
+def _frame_info(frame: Any) -> tuple[str | None, set[str]]:
+    """What cellsift's SOMA writer recorded of a dataframe's input (:data:`~cellsift.data.
+    writers.SOMA_FRAME`): its index's name, and its columns of pandas' nullable integers and
+    booleans; none for other stores."""
+    try:
+        info = json.loads(frame.metadata.get(SOMA_FRAME, "{}"))
+    except (TypeError, ValueError):
+        return None, set()
+    if not isinstance(info, dict):
+        return None, set()
+    name = info.get("index_name")
+    nullable = info.get("nullable")
+    return (
+        name if isinstance(name, str) else None,
+        {str(c) for c in nullable} if isinstance(nullable, list) else set(),
+    )
+
+
+def _index_name(frame: Any, column: str, plain: str) -> str | None:
+    """The name of the index that the names in ``column`` of ``frame`` were: as cellsift's
+    writer recorded it, else the column's own where ``tiledbsoma.io`` wrote a named index
+    under its name (not ``plain``, its column of an unnamed index, nor ``soma_joinid``)."""
+    recorded, _ = _frame_info(frame)
+    if recorded is not None:
+        return recorded
+    named = _original_index(frame)
+    return column if named == column and column not in (plain, "soma_joinid") else None
 
 
 def _original_index(frame: Any) -> str | None:

@@ -743,6 +743,14 @@ def _settle_zarr_io(timeout: float = 60.0) -> None:
 #: :class:`~cellsift.data._soma.SomaStore` gives back under their own names.
 SOMA_RENAMED = "cellsift_renamed_columns"
 
+#: Metadata key of the obs and var dataframes of a SOMA store that cellsift writes: what
+#: the stored columns do not say of the input frame, as JSON: ``index_name`` (its index's
+#: name, or null: the names themselves are ``obs_id`` / ``feature_id``) and ``nullable``
+#: (the stored names of its columns of pandas' nullable integers and booleans, which one
+#: without missing values would not tell apart from a plain one: every Arrow field the
+#: writer makes may hold nulls).
+SOMA_FRAME = "cellsift_frame"
+
 #: Columns that the SOMA layout fills itself: the join ids and the obs / var names.
 SOMA_OBS_OWN = ("soma_joinid", "obs_id")
 SOMA_VAR_OWN = ("soma_joinid", "feature_id")
@@ -800,13 +808,14 @@ class SomaWriter(StoreWriter):
             self._ms = self._exp.add_new_collection("ms")
             rna = self._ms.add_new_collection(measurement, soma.Measurement)
             var_df, renames = _set_aside(_clean_frame(var, categories=False), SOMA_VAR_OWN)
+            index_name = var_df.index.name
             var_df.insert(0, "feature_id", var_df.index.astype(str))
             var_df = var_df.reset_index(drop=True)
             var_tbl = _arrow_table(var_df, start=0)
             v = rna.add_new_dataframe(
                 "var", schema=var_tbl.schema, domain=[(0, max(self.n_vars - 1, 0))]
             )
-            with self._ready(v, var_df, renames) as v:
+            with self._ready(v, var_df, renames, index_name) as v:
                 v.write(var_tbl)
             x_coll = rna.add_new_collection("X")
             #: Are X's coordinates in cell-major order its global order (our tiles: all genes)
@@ -850,13 +859,14 @@ class SomaWriter(StoreWriter):
         super().append(x, obs)
         self._obs.clear()  # obs goes to disk chunk by chunk
         obs_df, renames = _set_aside(_clean_frame(obs, categories=False), SOMA_OBS_OWN)
+        index_name = obs_df.index.name
         obs_df = obs_df.assign(obs_id=obs_df.index.astype(str)).reset_index(drop=True)
         if self._obs_df is None:
             tbl = _arrow_table(obs_df, start=start)
             frame = self._exp.add_new_dataframe(
                 "obs", schema=tbl.schema, domain=[(0, max(self._n_total - 1, 0))]
             )
-            self._obs_df = self._ready(frame, obs_df, renames)
+            self._obs_df = self._ready(frame, obs_df, renames, index_name)
             self._categories = {
                 str(c): obs_df[c].dtype
                 for c in obs_df.columns
@@ -866,10 +876,21 @@ class SomaWriter(StoreWriter):
             tbl = _arrow_table(self._fit_categories(obs_df), start=start)
         self._obs_df.write(tbl)
 
-    def _ready(self, frame: Any, df: pd.DataFrame, renames: dict[str, str]) -> Any:
-        """``frame``, a new SOMA dataframe for ``df``, with its metadata and with the categories
-        of ``df``'s categoricals as its enumerations, open to be written."""
+    def _ready(self, frame: Any, df: pd.DataFrame, renames: dict[str, str], index_name: Any) -> Any:
+        """``frame``, a new SOMA dataframe for ``df`` (whose input index was named
+        ``index_name``), with its metadata (:data:`SOMA_RENAMED`, :data:`SOMA_FRAME`) and
+        with the categories of ``df``'s categoricals as its enumerations, open to be
+        written."""
         frame.metadata[SOMA_RENAMED] = json.dumps(renames)
+        nullable = [  # (pandas' Int*, UInt* and boolean; categoricals' kind is "O")
+            str(c)
+            for c in df.columns
+            if isinstance(df[c].dtype, pd.api.extensions.ExtensionDtype)
+            and df[c].dtype.kind in "biu"
+        ]
+        frame.metadata[SOMA_FRAME] = json.dumps(
+            {"index_name": None if index_name is None else str(index_name), "nullable": nullable}
+        )
         enums = {
             str(c): _enumeration(df[c].cat.categories)
             for c in df.columns
