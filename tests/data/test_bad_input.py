@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from cellsift._warnings import CellsiftWarning
 from cellsift.data import CellCollection, open_store
 from cellsift.datasets import indexed_atlas, synthetic_atlas
-from cellsift.errors import CellsiftError, DataError, GeneAlignmentError
+from cellsift.errors import CellsiftError, ConfigError, DataError, GeneAlignmentError
 
 
 def _write(tmp_path, name, adata):
@@ -250,6 +250,14 @@ def test_duplicate_gene_ids(tmp_path, capsys):
 
 def test_missing_obs_column(indexed_paths, tmp_path):
     coll = CellCollection(indexed_paths["h5ad"])
+    # fixed categories naming a label twice: named (hunt251: pandas' "categories must be
+    # unique"), for a loader's categories= too
+    labels = coll.codes("cell_type_ontology_term_id")[1]
+    with pytest.raises(
+        ConfigError,
+        match=rf"categories of 'cell_type_ontology_term_id' name '{labels[1]}' more than once",
+    ):
+        coll.codes("cell_type_ontology_term_id", [*labels, labels[1]])
     with pytest.raises(
         KeyError, match=r"indexed\.h5ad: obs has no column 'cell_type'.*dataset_id"
     ) as err:

@@ -651,6 +651,21 @@ def test_settings_of_another_type_are_named_not_left_to_numpy_or_torch():
     for own in ("genes", "source"):
         with pytest.raises(ConfigError, match=rf"has {own}, which the data module takes itself"):
             CellDataModule(adata, collection_options={own: ["x"]}).setup()
+    # (hunt251) a label given twice: named (pandas' "categories must be unique", late);
+    # weighted mode without labels: said as the module is made, naming its own options
+    # (not weights=, which it has not)
+    labels = sorted(set(adata.obs["cell_type_ontology_term_id"]))
+    with pytest.raises(ConfigError, match=rf"labels name '{labels[0]}' more than once"):
+        CellDataModule(adata, labels=[labels[0], *labels])
+    with pytest.raises(ConfigError, match=r"mode='weighted' balances .* name label_key, or"):
+        CellDataModule(adata, mode="weighted", label_key=None)
+    # a split that leaves one training cell makes no batch: said on one device too (an
+    # epoch of no batch trained nothing, silently)
+    adata.obs["grp"] = ["t"] + ["v"] * (adata.n_obs - 1)
+    dm = CellDataModule(adata, split_key="grp", val_groups=["v"], batch_size=32)
+    dm.setup()
+    with pytest.raises(ConfigError, match=r"1 training cell makes no batch of 2 cells or more"):
+        dm.train_dataloader()
 
 
 def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():

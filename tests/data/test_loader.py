@@ -604,6 +604,8 @@ def test_min_batch_on_several_ranks_needs_drop_last(coll):
         ({"batch_size": 64.0}, "batch_size must be a whole number >= 1, not 64.0"),
         ({"block_size": True}, "block_size must be a whole number >= 1, not True"),
         ({"num_samples": 10, "mode": "block"}, "block mode reads every cell once an epoch"),
+        ({"weights": np.ones(2_000), "mode": "block"}, "draw weights of mode='weighted'"),
+        ({"weights": np.ones(2_000), "mode": "sequential"}, "and mode is 'sequential'"),
     ],
 )
 def test_sampling_settings_that_mean_nothing_are_refused(coll, setting, message):
@@ -622,6 +624,16 @@ def test_sampling_settings_that_mean_nothing_are_refused(coll, setting, message)
         balanced_weights(np.array([0, 1]), np.array([0, 0, 1]))
     with pytest.raises(ConfigError, match="studies must be one integer code per cell"):
         balanced_weights(np.array([0, 1, 1]), np.array(["a", None, "b"], dtype=object))
+    # (hunt251) a 2-D array of studies is named as such ("10 for 10 labels" before)
+    with pytest.raises(ConfigError, match=r"not an array of int64 of shape \(10, 2\)"):
+        balanced_weights(np.zeros(10, np.int64), np.zeros((10, 2), np.int64))
+    # every negative study code is the one missing study, as the docstring says (-1, -2
+    # and -3 were three studies of one cell, each weighed the most)
+    labels = np.zeros(6, np.int64)
+    np.testing.assert_array_equal(
+        balanced_weights(labels, np.array([0, 0, 0, -1, -2, -3]), study_scale=1.0),
+        balanced_weights(labels, np.array([0, 0, 0, -1, -1, -1]), study_scale=1.0),
+    )
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

@@ -551,6 +551,12 @@ class CellCollection:
         if len(none):
             cat = cat.remove_categories(none)
         cats = sorted(map(str, cat.categories)) if categories is None else list(categories)
+        twice = sorted({str(c) for c in cats if cats.count(c) > 1})
+        if twice:  # (pandas' "categories must be unique" named neither)
+            raise ConfigError(
+                f"the categories of {name!r} name {', '.join(map(repr, twice))} more than once: "
+                "give each label once (a code is its place in the list)."
+            )
         return pd.Categorical(cat, categories=cats).codes.astype(np.int64), cats
 
     def subset(self, positions: np.ndarray) -> CellCollection:

@@ -183,6 +183,18 @@ class CellDataModule(pl.LightningDataModule):
         self.obs_filter = obs_filter
         self.collection_options = dict(collection_options or {})
         self.labels = list(labels) if labels is not None else None
+        if self.labels is not None:
+            twice = sorted({str(x) for x in self.labels if self.labels.count(x) > 1})
+            if twice:
+                raise ConfigError(
+                    f"labels name {', '.join(map(repr, twice))} more than once: give each "
+                    "label once (a label's code is its place in the list)."
+                )
+        if mode == "weighted" and not label_key:
+            raise ConfigError(
+                "mode='weighted' balances the draws over label_key's labels (and study_key's "
+                "studies): name label_key, or read the cells with mode='block'."
+            )
         self.harmonize_labels = harmonize_labels
         self.coarsen_labels = coarsen_labels
         self.pin_memory = pin_memory
@@ -520,8 +532,14 @@ class CellDataModule(pl.LightningDataModule):
             # no batch of one cell: BatchNorm cannot normalise it in training
             ds = self._dataset(self.train, drop_last=world > 1, min_batch=2)
             loader = CellLoader(ds, num_workers=self.num_workers, pin_memory=self._pins())
-            if world > 1 and len(loader) == 0:  # (said before an empty epoch; none kept)
+            if len(loader) == 0:  # (said before an empty epoch; none kept)
                 n = self.train.n_obs
+                if world == 1:  # (a batch holds 2 cells at least: BatchNorm)
+                    raise ConfigError(
+                        f"{'1 training cell makes' if n == 1 else f'{n} training cells make'} "
+                        "no batch of 2 cells or more, which training needs: keep more cells "
+                        "for training (split_key, val_groups, val_fraction, obs_filter)."
+                    )
                 lower = (
                     f"Lower batch_size (to {n // world} or less), or train"
                     if n // world >= 2  # (a batch holds 2 cells at least)

@@ -182,6 +182,11 @@ class IterableCellDataset(IterableDataset):
             fixed = (categories or {}).get(key)
             self.codes[key], self.categories[key] = collection.codes(column, fixed)
         self.weights = None
+        if weights is not None and mode != "weighted":  # (else read nowhere)
+            raise ConfigError(
+                f"weights are the cells' draw weights of mode='weighted', and mode is "
+                f"{mode!r}: pass mode='weighted', or leave weights out."
+            )
         if mode == "weighted":
             balanced = weights is None
             if balanced:

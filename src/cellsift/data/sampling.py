@@ -79,18 +79,20 @@ def balanced_weights(
     w = _inverse_log_count(labels, class_scale)
     if studies is not None:
         studies = np.asarray(studies)
-        if studies.ndim == 1 and not np.issubdtype(studies.dtype, np.integer):
+        if studies.ndim != 1 or not np.issubdtype(studies.dtype, np.integer):
             raise ConfigError(
                 f"studies must be one integer code per cell (negative: missing), not an array "
-                f"of {studies.dtype}; code text studies first (CellCollection.codes)."
+                f"of {studies.dtype} of shape {studies.shape}; code text studies first "
+                "(CellCollection.codes)."
             )
         if studies.shape != labels.shape:
             raise ConfigError(
-                f"studies must give one study per cell: {studies.shape[0] if studies.ndim else 0} "
-                f"for {len(labels)} labels."
+                f"studies must give one study per cell: {len(studies)} for {len(labels)} labels."
             )
         labelled = labels >= 0
-        w[labelled] *= _inverse_log_count(studies[labelled], study_scale)
+        s = studies[labelled]
+        # (every negative code one missing study, whichever it is)
+        w[labelled] *= _inverse_log_count(np.where(s < 0, -1, s), study_scale)
     w[labels < 0] = 0.0
     pos = w[w > 0]
     if len(pos):
