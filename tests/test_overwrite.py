@@ -879,6 +879,24 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_previous_one(tmp_path, m
         assert ("fsync", tmp) in events[: moves[0]], events
         assert ("fsync", str(tmp_path)) in events[moves[0] :], events
         assert torch.load(last, weights_only=False)["step"] == step
+    # a file system that does not sync is written as before; a sync that fails (the data
+    # did not reach the disk) is an error naming the checkpoint, the previous one whole
+    import errno
+
+    for code in (errno.EINVAL, errno.EIO):
+
+        def failing(fd, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(os, "fsync", failing)
+        if code == errno.EIO:
+            with pytest.raises(OSError, match=rf"Input/output error: '{last}'"):
+                AtomicCheckpointIO().save_checkpoint({"step": 4}, last)
+        else:
+            AtomicCheckpointIO().save_checkpoint({"step": 3}, last)
+        monkeypatch.undo()
+    assert torch.load(last, weights_only=False)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
 def test_a_checkpoint_over_a_folder_is_refused_and_one_another_process_writes_is_written(

@@ -1104,7 +1104,9 @@ def model_fingerprint(model: Any) -> str:
     """A digest of what decides a model's embeddings: its architecture and normalisation
     settings, its genes (in order) and its encoder's weights. Equal exactly when those are, so
     embeddings (and the indexes built on them) name the model they came from; the loss, the
-    label head and the installed Cell Ontology do not enter."""
+    label head and the installed Cell Ontology do not enter. Weights are taken as float32,
+    the precision a saved model loads in and embeddings have: a float64 or bfloat16 model
+    keeps its fingerprint through a save and a load."""
     import hashlib
     import json
 
@@ -1119,7 +1121,8 @@ def model_fingerprint(model: Any) -> str:
     encoder = getattr(model.module, "encoder", model.module)
     for name, t in sorted(encoder.state_dict().items()):
         h.update(name.encode())
-        t = t.detach().cpu().contiguous().reshape(-1)
+        t = t.detach().cpu().reshape(-1)
+        t = (t.float() if t.is_floating_point() else t).contiguous()
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

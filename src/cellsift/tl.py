@@ -135,8 +135,8 @@ def annotate(
         )
     if model is not None:
         check_model_object(model)
-    _check_key("use_rep", use_rep)
-    _check_key("key_added", key_added)
+    _check_key("use_rep", use_rep, written=False)  # (where written: checked below)
+    _check_key("key_added", key_added, prefix=True)
     if isinstance(calibrate_on, str | os.PathLike):
         raise TypeError(
             f"calibrate_on is held-out labelled cells, an AnnData or their embeddings, not "
@@ -184,6 +184,8 @@ def annotate(
             raise calibration_conflict("calibrate_by", "calibrate_on")
     adata = _copied(adata) if copy else _writable(adata)
     calibrating = isinstance(calibrate_on, ad.AnnData) and use_rep not in calibrate_on.obsm
+    if use_rep not in adata.obsm or calibrating:  # (to be written: before the work)
+        _check_key("use_rep", use_rep)
     if calibrating and abstain and not copy:  # (said before the query is embedded)
         _writable(calibrate_on, "calibrate_on")
     index = reference.index if isinstance(reference, KNNAnnotator) else reference
@@ -456,7 +458,7 @@ def search_centroid(
     for ambient RNA, which are not whole numbers).
     """
     _check_inputs(adata, model, index)
-    _check_key("use_rep", use_rep)
+    _check_key("use_rep", use_rep, written=False)  # (read only)
     mask = np.ones(adata.n_obs, dtype=bool) if cells is None else cell_mask(adata, cells)
     if not mask.any():
         raise ValueError("the cell set is empty; select at least one cell.")
@@ -605,12 +607,15 @@ def _check_inputs(adata: Any, model: Any, index: Any) -> None:
     index.check_model(model)
 
 
-def _check_key(name: str, key: Any) -> None:
-    """``key`` (of obsm, uns or obs columns) is text an h5ad can hold: not empty, no '/'
-    (which h5ad reads as a group: the file fails to write, or reads back nested)."""
-    if not isinstance(key, str) or not key or "/" in key:
+def _check_key(name: str, key: Any, *, written: bool = True, prefix: bool = False) -> None:
+    """``key`` (of obsm and uns; with ``prefix``, the start of obs columns' names) is text;
+    one ``written`` is one an h5ad file keeps: no '/' (read as a group: the file fails to
+    write, or reads back nested), not empty (but a prefix)."""
+    if not isinstance(key, str):
+        raise ValueError(f"{name} must be a name (text), not {type(key).__name__} {key!r}.")
+    if written and ("/" in key or not (key or prefix)):
         raise ValueError(
-            f"{name} must be a name without '/' (as an h5ad file keeps keys), not {key!r}."
+            f"{name} must be a name without '/', as an h5ad file keeps keys, not {key!r}."
         )
 
 

@@ -49,6 +49,9 @@ def test_ids_names_and_hierarchy(cl):
             with pytest.raises(TypeError, match=r"reads one label.*harmonize\(labels\)"):
                 method(value)
         assert method(None) is None and method(float("nan")) is None
+    assert cl.term(np.array("B cell")) == cl.resolve(np.array("CL:0000236")) == "CL:0000236"
+    with pytest.raises(TypeError, match=r"lookup of a term reads one label, not a list of 1"):
+        cl.name(["CL:0000236"])  # (review222: "['CL:0000236'] is not a Cell Ontology term")
     assert cl.term("b cell") == cl.resolve("CL_0000236") == "CL:0000236"
 
 

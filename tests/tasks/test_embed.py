@@ -308,12 +308,17 @@ def test_annotate_refuses_an_embedding_another_model_made(bundle, synthetic_h5ad
     ):  # fmt: skip
         with pytest.raises(TypeError, match=message):
             call()
-    for key in (None, 3, "", "emb/x"):
-        with pytest.raises(ValueError, match=r"key_added must be a name without '/'"):
+    for key, said in ((None, r"a name \(text\), not NoneType"), (3, r"a name \(text\), not int"), ("", "a name without '/'"), ("emb/x", "a name without '/'")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"key_added must be {said}"):
             cs.tl.embed(query, model, key_added=key)
-        with pytest.raises(ValueError, match=r"use_rep must be a name without '/'"):
-            cs.tl.annotate(query, index, use_rep=key)
+        with pytest.raises(ValueError, match=rf"use_rep must be {said}"):
+            cs.tl.annotate(query, index, model=model, use_rep=key, abstain=False)
     assert "cellsift" not in query.uns and not (tmp_path / "e.zarr").exists()
+    # a key only read is taken as it is (anndata holds one with '/' in memory), and an
+    # empty prefix of annotate's columns is one
+    query.obsm["emb/x"] = query.obsm["X_cellsift"]
+    cs.tl.annotate(query, index, use_rep="emb/x", key_added="", abstain=False)
+    assert "_cell_type" in query.obs
 
 
 def test_annotate_with_a_ready_annotator_refuses_options_it_would_ignore(bundle, synthetic_h5ad):

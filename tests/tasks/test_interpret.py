@@ -203,6 +203,10 @@ def test_errors(linear):
 
     model, adata = linear
     is_a = (adata.obs["group"] == "a").to_numpy()
+    # a bundle's path for the model: named, with how to load it (review222: an
+    # AttributeError of 'aligned_counts')
+    with pytest.raises(TypeError, match=r"not str '/x/bundle': load a saved model first"):
+        explain_difference("/x/bundle", adata, is_a, ~is_a)
     with pytest.raises(ValueError, match="group_a is empty"):
         explain_difference(model, adata, np.zeros(adata.n_obs, bool), ~is_a)
     with pytest.raises(ValueError, match="group_b is empty"):

@@ -776,9 +776,7 @@ class MetricModel:
         model._label_fields = {
             lab["id"]: {k: v for k, v in lab.items() if k not in ("id", "name")} for lab in b.labels
         }
-        # in the precision it was saved in (a float64 model stays one, its fingerprint too)
-        saved = [t.dtype for t in b.weights["encoder"].values() if t.is_floating_point()]
-        model.module.to(device=device, dtype=saved[0] if saved else None).eval()
+        model.module.to(device).eval()
         return model
 
 

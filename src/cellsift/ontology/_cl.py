@@ -107,9 +107,11 @@ def _one_label(value: Any, method: str) -> Any:
     TypeError for several (a list, an array, a Series), which harmonize() maps."""
     if isinstance(value, str):
         return value
+    if isinstance(value, np.ndarray) and value.ndim == 0:  # (one value in an array)
+        value = value.item()
     if not pd.api.types.is_scalar(value):
         raise TypeError(
-            f"{method}() reads one label, not {_described(value)}; for a list of labels, "
+            f"{method} reads one label, not {_described(value)}; for a list of labels, "
             "harmonize(labels)."
         )
     return None if _missing(value) else value
@@ -235,6 +237,8 @@ class CellOntology:
         try:
             return self.terms[term]
         except (KeyError, TypeError):
+            if not isinstance(term, str):
+                _one_label(term, "a lookup of a term")  # (several: a TypeError naming harmonize)
             named = self._resolve(term) if isinstance(term, str) else None
             if named is not None:  # (a name, a synonym or another spelling of an id)
                 raise OntologyError(
@@ -391,12 +395,14 @@ class CellOntology:
         """The CL id that ``value`` (an id in any common form, a name or a synonym) names as
         written: a deprecated term stays itself (:meth:`term` gives what replaces it); None
         where it names none."""
-        return None if _one_label(value, "resolve") is None else self._resolve(str(value))
+        return None if _one_label(value, "resolve()") is None else self._resolve(str(value))
 
     def term(self, value: Any) -> str | None:
         """The current CL id ``value`` names (as :meth:`harmonize` maps it), or None where it
         names none (not a CL term, missing, obsolete without a successor)."""
-        return None if _one_label(value, "term") is None else self._harmonize_one(str(value), True)
+        return (
+            None if _one_label(value, "term()") is None else self._harmonize_one(str(value), True)
+        )
 
     def _harmonize_one(self, value: str, replace_deprecated: bool) -> str | None:
         term = self._resolve(value)

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .._utils import cell_mask, is_whole, progress
+from .._utils import cell_mask, check_model_object, is_whole, progress
 from .._warnings import warn
 from ..data.loader import to_torch_csr
 from ..errors import ConfigError, GeneAlignmentError
@@ -174,6 +174,8 @@ def attribute_difference(
     """
     from captum.attr import IntegratedGradients
 
+    if not (callable(getattr(model, "aligned_counts", None)) and hasattr(model, "module")):
+        check_model_object(model)  # (a bundle's path, say: named, with how to load it)
     if not is_whole(n_steps, least=1):
         raise ConfigError(f"n_steps must be a whole number of at least 1, not {n_steps!r}.")
     if not is_whole(batch_size, least=1):

@@ -107,7 +107,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 open(tmp, "wb") as f,
             ):
                 _save(checkpoint, f, final)
-                _to_disk(f)
+                _to_disk(f, final)
             _folder_to_disk(final.parent)
             return
         except OutputInUseError:  # (as its lock is taken: nothing written yet)
@@ -131,20 +131,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 _save(checkpoint, f, final)
-                _to_disk(f)
+                _to_disk(f, final)
                 os.replace(tmp, final)  # (still locked as it moves)
             _folder_to_disk(final.parent)
         finally:
             tmp.unlink(missing_ok=True)
 
 
-def _to_disk(f: Any) -> None:
+#: What ``fsync`` answers on a file system that does not sync (some FUSE and network mounts).
+_NO_SYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def _to_disk(f: Any, final: Path) -> None:
     """Flush the open file ``f`` and wait until the system has it on disk, before it is
-    renamed over the previous checkpoint: a rename can reach the disk before the data it
-    names, and a crash of the machine (not only of the run) would then leave an empty or
-    partial checkpoint where the previous one was whole."""
+    renamed over the previous checkpoint ``final``: a rename can reach the disk before the
+    data it names, and a crash of the machine (not only of the run) would then leave an
+    empty or partial checkpoint where the previous one was whole. A file system that does
+    not sync is written as before; a failed sync (EIO: the data did not reach the disk) is
+    the system's OSError, naming ``final``."""
     f.flush()
-    os.fsync(f.fileno())
+    try:
+        os.fsync(f.fileno())
+    except OSError as err:
+        if err.errno not in _NO_SYNC:
+            raise OSError(err.errno, err.strerror, str(final)) from err
 
 
 def _folder_to_disk(folder: Path) -> None:
