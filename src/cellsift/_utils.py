@@ -1089,6 +1089,13 @@ def text_or_none(values: Any) -> np.ndarray:
 _IS_TEXT = np.frompyfunc(lambda v: type(v) is str, 1, 1)
 
 
+def repeated(values: Iterable[Any]) -> list[str]:
+    """The values found more than once in ``values``, as text, sorted (none: empty)."""
+    import collections
+
+    return sorted(str(v) for v, n in collections.Counter(values).items() if n > 1)
+
+
 def check_model_object(model: Any, what: str = "model") -> None:
     """``model`` is a model that embeds (a MetricModel); else a TypeError naming what it
     is, and, for a path (a bundle's, the usual slip), how a saved model is loaded."""

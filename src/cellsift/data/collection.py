@@ -21,6 +21,7 @@ from .._utils import (
     logger,
     no_label,
     objects_whole_as_ints,
+    repeated,
     text_or_none,
 )
 from .._utils import (
@@ -551,7 +552,7 @@ class CellCollection:
         if len(none):
             cat = cat.remove_categories(none)
         cats = sorted(map(str, cat.categories)) if categories is None else list(categories)
-        twice = sorted({str(c) for c in cats if cats.count(c) > 1})
+        twice = repeated(cats)
         if twice:  # (pandas' "categories must be unique" named neither)
             raise ConfigError(
                 f"the categories of {name!r} name {', '.join(map(repr, twice))} more than once: "

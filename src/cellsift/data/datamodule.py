@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .._utils import is_number, is_whole, logger, no_label
+from .._utils import is_number, is_whole, logger, no_label, repeated
 from .._warnings import CellsiftWarning, warn
 from ..errors import ConfigError, ResumeError
 from .collection import (
@@ -184,7 +184,7 @@ class CellDataModule(pl.LightningDataModule):
         self.collection_options = dict(collection_options or {})
         self.labels = list(labels) if labels is not None else None
         if self.labels is not None:
-            twice = sorted({str(x) for x in self.labels if self.labels.count(x) > 1})
+            twice = repeated(self.labels)
             if twice:
                 raise ConfigError(
                     f"labels name {', '.join(map(repr, twice))} more than once: give each "
