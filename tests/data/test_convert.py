@@ -232,6 +232,11 @@ def test_obs_and_var_come_back_as_they_were(tmp_path, fmt):
     pd.testing.assert_frame_equal(back.obs, obs, check_categorical=False)
     text = ["feature_id", "gene_ids"]  # (may come as categories)
     pd.testing.assert_frame_equal(back.var.astype(dict.fromkeys(text, object)), var)
+    if fmt == "soma":  # the names read from another column: not the recorded index's name
+        again = ad.read_h5ad(
+            convert(mid, tmp_path / "by_id.h5ad", source_options={"var_id": "gene_ids"})
+        )
+        assert again.var.index.name is None and list(again.var_names) == list(var["gene_ids"])
     assert (back.X != x).nnz == 0
 
 

@@ -291,9 +291,18 @@ def test_tiledbsoma_io_experiment_of_named_indexes_opens_as_written(adata, tmp_p
     assert list(store.var_names) == list(adata.var_names)
     assert list(store.obs_names) == list(adata.obs_names)
     assert (store.read(np.arange(N_CELLS)) != adata.X).nnz == 0
-    # and the indexes keep their names (hunt250: an h5ad converted from it had none)
+    # and the indexes keep their names (hunt250: an h5ad converted from it had none), those
+    # named like the layout's own columns too (review223)
     back = ad.read_h5ad(convert(uri, tmp_path / "named.h5ad", layer="data"))
     assert (back.obs.index.name, back.var.index.name) == ("barcode", "gene_ids")
+    plain = adata.copy()
+    plain.obs.index.name, plain.var.index.name = "obs_id", "feature_id"
+    plain.var["length"] = pd.array([None, *range(1, plain.n_vars)], dtype="Int32")
+    tiledbsoma.io.from_anndata(str(tmp_path / "plain.soma"), plain, measurement_name="RNA")
+    store = open_store(str(tmp_path / "plain.soma"), layer="data")
+    assert (store.obs_names.name, store.var_names.name) == ("obs_id", "feature_id")
+    # a var column of integers with a missing value, as obs's are read (not floats)
+    assert store.var["length"].dtype == "Int32" and pd.isna(store.var["length"].iloc[0])
     # the obs names' column is no column of values too (review: "barcode" came back as one)
     assert "barcode" not in store.obs_columns
     assert store.obs_columns == [str(c) for c in adata.obs.columns]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import adata_counts, canonical, logger
+from .._utils import adata_counts, canonical, logger, repeated
 from ..errors import DataError
 from .stores import CellStore
 
@@ -58,7 +58,7 @@ class MemoryStore(CellStore):
         self._obs = adata.obs.copy()
         names = [str(c) for c in self._obs.columns]  # (read by name as text, as files hold)
         if len(set(names)) < len(names):
-            twice = sorted({n for n in names if names.count(n) > 1})
+            twice = repeated(names)
             raise DataError(
                 f"{name}: obs columns {twice} are named alike once written as text (e.g. 0 "
                 "and '0'); rename one (adata.obs.rename(columns=...))."

@@ -334,7 +334,10 @@ class SomaStore(CellStore):
         frame = self.handle.ms[self.measurement].var
         tbl = frame.read().concat()
         var = tbl.to_pandas()
-        for name in _frame_info(frame)[1] & set(tbl.schema.names):  # (those with no null too)
+        # integers and booleans with nulls, and those the input held as nullable, as
+        # pandas' nullable arrays (as obs columns are read: not float / object)
+        nullable = _frame_info(frame)[1] | {n for n in tbl.schema.names if tbl[n].null_count}
+        for name in nullable & set(tbl.schema.names):
             if _nullable_kind(tbl.schema.field(name).type):
                 var[name] = _as_nullable(tbl.column(name)).array
         var = var.sort_values("soma_joinid")
@@ -523,13 +526,14 @@ def _frame_info(frame: Any) -> tuple[str | None, set[str]]:
 
 def _index_name(frame: Any, column: str, plain: str) -> str | None:
     """The name of the index that the names in ``column`` of ``frame`` were: as cellsift's
-    writer recorded it, else the column's own where ``tiledbsoma.io`` wrote a named index
-    under its name (not ``plain``, its column of an unnamed index, nor ``soma_joinid``)."""
+    writer recorded it, where they are the names it wrote (``plain``, not another column
+    named by ``var_id``), else the column's own where ``tiledbsoma.io`` wrote a named index
+    under its name (which it records only for a named index; not ``soma_joinid``)."""
     recorded, _ = _frame_info(frame)
-    if recorded is not None:
+    if recorded is not None and column == plain:
         return recorded
     named = _original_index(frame)
-    return column if named == column and column not in (plain, "soma_joinid") else None
+    return column if named == column and column != "soma_joinid" else None
 
 
 def _original_index(frame: Any) -> str | None:

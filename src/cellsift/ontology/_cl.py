@@ -237,8 +237,10 @@ class CellOntology:
         try:
             return self.terms[term]
         except (KeyError, TypeError):
-            if not isinstance(term, str):
-                _one_label(term, "a lookup of a term")  # (several: a TypeError naming harmonize)
+            if not isinstance(term, str):  # (several: a TypeError naming harmonize)
+                one = _one_label(term, "a lookup of a term")  # (one in a 0-d array: it)
+                if isinstance(one, str) and one in self.terms:
+                    return self.terms[one]
             named = self._resolve(term) if isinstance(term, str) else None
             if named is not None:  # (a name, a synonym or another spelling of an id)
                 raise OntologyError(

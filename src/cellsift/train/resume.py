@@ -149,7 +149,10 @@ def _to_disk(f: Any, final: Path) -> None:
     empty or partial checkpoint where the previous one was whole. A file system that does
     not sync is written as before; a failed sync (EIO: the data did not reach the disk) is
     the system's OSError, naming ``final``."""
-    f.flush()
+    try:
+        f.flush()
+    except OSError as err:  # (a full disk)
+        raise OSError(err.errno, err.strerror, str(final)) from err
     try:
         os.fsync(f.fileno())
     except OSError as err:
