@@ -285,6 +285,30 @@ def test_zscore_and_subset(adata):
     np.testing.assert_array_equal(sub.numpy(), adata.X.toarray()[:, [5, 2]])
     with pytest.raises(ValueError, match="Densify"):
         ZScore(mean, std)({"x_ng": _csr(adata.X)})
+    # (hunt252) a boolean mask keeps the genes it marks (it was read as positions 0 and 1);
+    # positions that are no whole numbers, or past the batch's genes, are refused by name
+    mask = np.zeros(adata.n_vars, bool)
+    mask[[2, 5]] = True
+    sub = GeneSubset(mask)({"x_ng": _csr(adata.X)})["x_ng"]
+    np.testing.assert_array_equal(sub.numpy(), adata.X.toarray()[:, [2, 5]])
+    with pytest.raises(ValueError, match=r"mask marks \d+ genes, and the batch has 3"):
+        GeneSubset(mask)({"x_ng": torch.ones(2, 3)})
+    with pytest.raises(ValueError, match="by position \\(whole numbers\\) or by a boolean mask"):
+        GeneSubset([1.7, 3.2])
+    with pytest.raises(ValueError, match=r"keeps gene 9, and the batch has 4 genes"):
+        GeneSubset([0, 9])({"x_ng": torch.ones(2, 4)})
+    with pytest.raises(ValueError, match=r"statistics of \d+ genes, and the batch has shape"):
+        ZScore(mean, std)({"x_ng": x[:, :3]})
+    # batches that are no dense or CSR tensors are named, with the conversion (a COO batch
+    # went through Densify still sparse; a scipy matrix was an AttributeError)
+    for given, said in (
+        (torch.eye(3).to_sparse_coo(), "a sparse_coo tensor"),
+        (torch.eye(3).to_sparse_csc(), "a sparse_csc tensor"),
+        (_csr(adata.X).to_dense().numpy(), "ndarray"),
+    ):
+        for t in (Densify(), NormalizeTotal(), Log1p(), GeneSubset([0])):
+            with pytest.raises(TypeError, match=rf"dense or sparse CSR torch tensor, not {said}"):
+                t({"x_ng": given})
 
 
 def test_zscore_keeps_the_precision_of_float64_batches_and_statistics():

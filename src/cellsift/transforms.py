@@ -36,7 +36,19 @@ class _Transform(nn.Module):
 
     def forward(self, batch: Batch) -> Batch:
         out = dict(batch)
-        out[self.key] = self.transform(batch[self.key])
+        x = batch[self.key]
+        if not isinstance(x, torch.Tensor) or x.layout not in (torch.strided, torch.sparse_csr):
+            given = (
+                f"a {str(x.layout).removeprefix('torch.')} tensor"
+                if isinstance(x, torch.Tensor)
+                else type(x).__name__
+            )
+            raise TypeError(
+                f"{type(self).__name__} reads batch[{self.key!r}] as a dense or sparse CSR "
+                f"torch tensor, not {given}: convert it (x.to_sparse_csr(); a scipy or numpy "
+                "matrix with cellsift.data.loader.to_torch_csr or torch.from_numpy)."
+            )
+        out[self.key] = self.transform(x)
         return out
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,17 +128,7 @@ class Densify(_Transform):
                 _checked_crow(x, "Densify")
                 _check_columns(x, "Densify")  # (torch writes where they say)
             return x.to_dense()
-        from .nn._sparse_cpu import csr_to_dense
-
-        crow, values = _checked_crow(x, "Densify"), x.values().numpy()
-        out = np.empty(tuple(x.shape), dtype=values.dtype)
-        outside = csr_to_dense(crow, x.col_indices().numpy(), values, out)
-        if outside:
-            raise ValueError(
-                f"Densify: a malformed CSR batch ({outside} column indices outside its "
-                f"{x.shape[1]} columns)."
-            )
-        return torch.from_numpy(out)
+        return _dense_on_cpu(x)
 
 
 class NormalizeTotal(_Transform):
@@ -163,11 +165,8 @@ class NormalizeTotal(_Transform):
         dtype = _at_least_float32(x.dtype)
         if sparse:
             if dtype == torch.float32 and _kernel_takes(x):  # (the CPU's kernel: one pass)
-                from .nn._sparse_cpu import csr_normalize_total
-
-                out = np.empty(len(x.values()), dtype=np.float32)
-                csr_normalize_total(pointer, x.values().numpy(), self.target_sum, out)
-                return _with_values(x, torch.from_numpy(out))
+                assert pointer is not None
+                return _normalized_on_cpu(x, pointer, self.target_sum)
             # each row's values summed as one segment, and its scale repeated over them
             # (3x faster on the CPU than adding into the totals by row ids, then gathering)
             values, crow = x.values(), x.crow_indices()
@@ -186,6 +185,32 @@ class NormalizeTotal(_Transform):
 
     def extra_repr(self) -> str:
         return f"target_sum={self.target_sum:g}"
+
+
+@torch.compiler.disable  # (a numba kernel of numpy arrays: no graph of torch's holds it)
+def _dense_on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """A CSR batch the CPU kernel takes (:func:`_kernel_takes`) as a dense tensor."""
+    from .nn._sparse_cpu import csr_to_dense
+
+    crow, values = _checked_crow(x, "Densify"), x.values().numpy()
+    out = np.empty(tuple(x.shape), dtype=values.dtype)
+    outside = csr_to_dense(crow, x.col_indices().numpy(), values, out)
+    if outside:
+        raise ValueError(
+            f"Densify: a malformed CSR batch ({outside} column indices outside its "
+            f"{x.shape[1]} columns)."
+        )
+    return torch.from_numpy(out)
+
+
+@torch.compiler.disable  # (as _dense_on_cpu)
+def _normalized_on_cpu(x: torch.Tensor, pointer: np.ndarray, target_sum: float) -> torch.Tensor:
+    """A float32 CSR batch the CPU kernel takes, each cell scaled to ``target_sum``."""
+    from .nn._sparse_cpu import csr_normalize_total
+
+    out = np.empty(len(x.values()), dtype=np.float32)
+    csr_normalize_total(pointer, x.values().numpy(), target_sum, out)
+    return _with_values(x, torch.from_numpy(out))
 
 
 def _total_dtype(x: torch.Tensor) -> torch.dtype:
@@ -283,12 +308,18 @@ class ZScore(_Transform):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout == torch.sparse_csr:
             raise ValueError("ZScore needs a dense batch: put Densify before it.")
+        if x.ndim != 2 or x.shape[1] != len(self.mean_g):
+            raise ValueError(
+                f"ZScore holds the statistics of {len(self.mean_g)} genes, and the batch has "
+                f"shape {tuple(x.shape)}: pass cells x those genes, in their order."
+            )
         dtype = x.dtype if x.is_floating_point() else torch.float32
         return (x.to(dtype) - self.mean_g.to(dtype)) / self.std_g.to(dtype)
 
 
 class GeneSubset(_Transform):
-    """Keep genes ``indices`` (positions in the vocabulary), in that order."""
+    """Keep genes ``indices`` (positions in the vocabulary, in that order; or a boolean mask
+    over the genes, e.g. ``adata.var["highly_variable"]``: those it marks)."""
 
     indices: torch.Tensor
 
@@ -296,11 +327,34 @@ class GeneSubset(_Transform):
         self, indices: Sequence[int] | np.ndarray | torch.Tensor, key: str = "x_ng"
     ) -> None:
         super().__init__(key)
-        self.register_buffer("indices", torch.as_tensor(np.asarray(indices), dtype=torch.long))
+        given = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        self.n_mask: int | None = None  # (the genes a mask was of)
+        if given.dtype == np.bool_ and given.ndim == 1:
+            self.n_mask = len(given)
+            given = np.flatnonzero(given)
+        if given.ndim != 1 or (given.size and given.dtype.kind not in "iu"):
+            raise ValueError(
+                f"GeneSubset keeps genes by position (whole numbers) or by a boolean mask, "
+                f"not an array of {given.dtype} of shape {given.shape}."
+            )
+        if given.size and given.min() < 0:
+            raise ValueError(f"gene positions count from 0, not {int(given.min())}.")
+        self.register_buffer("indices", torch.as_tensor(given.astype(np.int64)))
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
+        n_genes = x.shape[-1]
+        if self.n_mask is not None and n_genes != self.n_mask:
+            raise ValueError(
+                f"GeneSubset's mask marks {self.n_mask} genes, and the batch has {n_genes}: "
+                "pass batches of the genes the mask was made for."
+            )
+        if len(self.indices) and int(self.indices.max()) >= n_genes:
+            raise ValueError(
+                f"GeneSubset keeps gene {int(self.indices.max())}, and the batch has "
+                f"{n_genes} genes (0 to {n_genes - 1}): pass positions among them."
+            )
         if x.layout == torch.sparse_csr:
-            x = x.to_dense()
+            x = Densify().transform(x)  # (a malformed batch: said as Densify says it)
         return x.index_select(1, self.indices)
 
 

@@ -296,13 +296,33 @@ def test_counts_changed_in_place_before_backward_are_an_error():
 
 
 @pytest.mark.parametrize("n_genes", [40, 60])
-def test_a_sparse_batch_of_another_gene_count_is_refused(n_genes):
+@pytest.mark.parametrize("sparse", [True, False])
+def test_a_batch_of_another_gene_count_is_refused(n_genes, sparse):
     """A CSR batch read by the sparse first layer must have the encoder's genes: fewer gave
-    an embedding without a word (a dense batch fails), more read past the weight."""
+    an embedding without a word, more read past the weight; a dense one is told the same
+    (hunt252: torch's "mat1 and mat2 shapes cannot be multiplied")."""
     enc = MLPEncoder(50, (8,), 4).eval()
-    x = torch.eye(3, n_genes).to_sparse_csr()
+    x = torch.eye(3, n_genes)
     with (
         torch.no_grad(),
-        pytest.raises(ValueError, match=rf"has {n_genes} genes, the encoder reads 50"),
+        pytest.raises(
+            ValueError, match=rf"shape \(3, {n_genes}\), and the encoder reads cells x 50"
+        ),
     ):
-        enc(x)
+        enc(x.to_sparse_csr() if sparse else x)
+
+
+def test_a_compiled_encoder_and_pipeline_read_a_sparse_batch_as_uncompiled():
+    """torch.compile of the encoder (or the transforms) with a CSR batch on the CPU: the
+    first layer's and the transforms' numpy kernels run outside the graphs (hunt252: the
+    traced kernel failed on torch's fake tensors)."""
+    from cellsift.transforms import default_pipeline
+
+    torch.manual_seed(0)
+    _, csr = _counts_csr(seed=3)
+    enc = MLPEncoder(csr.shape[1], (16,), 4).eval()
+    pipe = default_pipeline()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(enc, backend="eager")(csr), enc(csr))
+        got = torch.compile(pipe, backend="eager")({"x_ng": csr})["x_ng"]
+        torch.testing.assert_close(got, pipe({"x_ng": csr})["x_ng"])

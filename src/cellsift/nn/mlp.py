@@ -70,21 +70,35 @@ class MLPEncoder(nn.Module):
         """``x_ng`` dense, or sparse CSR: on the CPU the first layer then reads only the stored
         values (:mod:`cellsift.nn._sparse_cpu`; input dropout drops stored values, as it would
         drop them from the dense matrix); elsewhere the batch is densified."""
+        first, at = self._first_block()
+        linear = first[at]
+        assert isinstance(linear, nn.Linear)
+        if x_ng.ndim != 2 or x_ng.shape[1] != linear.in_features:
+            raise ValueError(
+                f"the batch has shape {tuple(x_ng.shape)}, and the encoder reads cells x "
+                f"{linear.in_features} genes: align the counts to the model's genes first."
+            )
         if x_ng.layout != torch.sparse_csr:
             return nn.functional.normalize(self.network(self._as_weights(x_ng)), dim=1)
         if not self.reads_sparse(x_ng):
             dense = self._as_weights(x_ng.to_dense())
             return nn.functional.normalize(self.network(dense), dim=1)
+        h = self._sparse_first_layer(x_ng)
+        for m in first[at + 1 :]:
+            h = m(h)
+        for block in list(self.network)[1:]:
+            h = block(h)
+        return nn.functional.normalize(h, dim=1)
+
+    @torch.compiler.disable  # (its kernel reads numpy arrays: no graph of torch's holds it)
+    def _sparse_first_layer(self, x_ng: torch.Tensor) -> torch.Tensor:
+        """The input dropout and the first Linear of a CSR batch on the CPU, reading its
+        stored values only."""
         from ._sparse_cpu import csr_linear
 
         first, at = self._first_block()
         linear = first[at]
         assert isinstance(linear, nn.Linear)
-        if x_ng.shape[1] != linear.in_features:  # (the kernel reads the weight by gene)
-            raise ValueError(
-                f"the batch has {x_ng.shape[1]} genes, the encoder reads {linear.in_features}: "
-                "align the counts to the model's genes first."
-            )
         stored = values = x_ng.values()  # values() makes a new tensor object on every call
         if not values.is_floating_point():  # (whole-number counts: dropout takes floats)
             values = values.float()
@@ -99,12 +113,7 @@ class MLPEncoder(nn.Module):
                 size=x_ng.shape,
                 check_invariants=False,
             )
-        h = csr_linear(x_ng, linear.weight, linear.bias, self._weight_gh(linear.weight))
-        for m in first[at + 1 :]:
-            h = m(h)
-        for block in list(self.network)[1:]:
-            h = block(h)
-        return nn.functional.normalize(h, dim=1)
+        return csr_linear(x_ng, linear.weight, linear.bias, self._weight_gh(linear.weight))
 
     def _as_weights(self, x_ng: torch.Tensor) -> torch.Tensor:
         """A batch in the weights' dtype (float64 counts for a float32 model, float32 for a
