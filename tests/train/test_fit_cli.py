@@ -796,12 +796,56 @@ def test_fit_trains_labels_outside_the_cell_ontology_as_they_are(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert f"--model.bundle_dir {bundle} holds a model bundle already" in err[-1]
     assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == written
+    # (hunt253) --ckpt_path last that finds no checkpoint starts a new run: refused too (it
+    # replaced the bundle); the model's genes or labels in a config are the data's to set
+    # (dropped without a word), and a watched metric the run does not log is named before
+    # the first epoch (Lightning named it at the epoch's end)
+    for folder in ("elsewhere", "typo"):
+        (tmp_path / folder).mkdir()
+    elsewhere = _args(path, tmp_path / "elsewhere", *extra, "--ckpt_path", "last", name="lines")
+    assert main(["fit", *elsewhere]) == 2
+    assert "--ckpt_path last finds no checkpoint to resume" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == written
+    linked = tmp_path / "linked.yaml"
+    linked.write_text("model:\n  labels: [line-0, line-1]\n")
+    for given in (("--config", str(linked)), ("--model.labels", "[line-0,line-1]")):
+        assert main(["fit", *_args(path, tmp_path, *one, *as_they_are, *given)]) == 2
+        assert "set data.init_args.labels instead" in capsys.readouterr().err
+    typo = ("--trainer.callbacks.monitor", "val/ASW")  # (the EarlyStopping's)
+    assert main(["fit", *_args(path, tmp_path / "typo", *one, *as_they_are, *typo)]) == 2
+    assert "callbacks watch val/ASW, which this run does not log: it logs val/asw" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "typo" / "checkpoints").exists() or not any(
+        (tmp_path / "typo" / "checkpoints").iterdir()
+    )
     trial = (*extra, "--trainer.fast_dev_run", "true")  # (writes no bundle: review212)
     assert main(["fit", *_args(path, tmp_path, *trial, name="lines")]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == written
     resumed = (*extra[:-2], "--trainer.max_epochs", "2", *extra[-2:], "--ckpt_path", "last")
     assert main(["fit", *_args(path, tmp_path, *resumed, name="lines")]) == 0
     assert MetricModel.load(bundle).labels == sorted(lines.values())
+
+
+def test_a_new_run_without_a_logger_keeps_the_bundle_an_earlier_one_wrote(tmp_path, capsys):
+    """Without a logger a fit's bundle is <default_root_dir>/model, the same folder for every
+    run there: a new run is refused (hunt253: it replaced the earlier run's bundle, exit
+    0); the run that wrote it resumes into it."""
+    from cellsift.datasets import synthetic_atlas
+
+    path = tmp_path / "atlas.h5ad"
+    synthetic_atlas(400, 50, n_studies=2, seed=3).write_h5ad(path)
+    args = _args(path, tmp_path, "--trainer.max_epochs", "1", "--trainer.logger", "false")
+    assert main(["fit", *args]) == 0
+    bundle = tmp_path / "model"
+    written = {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()}
+    capsys.readouterr()
+    assert main(["fit", *args, "--seed_everything", "5"]) == 2
+    assert f"{bundle} (this run's folder" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == written
+    resumed = [*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"]
+    assert main(["fit", *resumed]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} != written
 
 
 def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):

@@ -44,7 +44,7 @@ from ..errors import USER_ERRORS, ConfigError, TrainingInterrupted
 from ..models.bundle import check_bundle_path
 from ._stop import interrupts_kept
 from .plan import TrainingPlan, check_validation_interval
-from .resume import continued_run, place_checkpoints, read_checkpoint
+from .resume import checkpoint_file, continued_run, place_checkpoints, read_checkpoint
 
 __all__ = ["FitCLI", "MetricPlan", "run_fit"]
 
@@ -166,8 +166,16 @@ class FitCLI(LightningCLI):
     """LightningCLI with the data's genes and labels linked into the model."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.gene_vocabulary", "model.genes", apply_on="instantiate")
-        parser.link_arguments("data.label_set", "model.labels", apply_on="instantiate")
+        for source, target in _LINKED.items():
+            parser.link_arguments(source, target, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """A config that sets the model's genes or labels, which the data's replace as the
+        classes are made (the link), is refused: they were dropped without a word."""
+        model = self.config[self.config.subcommand].get("model") or {}
+        given = [k for k in ("genes", "labels") if model.get(k) is not None]
+        if given:
+            raise ConfigError(_linked_message(given))
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint given with --ckpt_path first (for its
@@ -206,15 +214,6 @@ class FitCLI(LightningCLI):
         folder of runs (``<save_dir>/<name>/checkpoints``, as configs/metric.yaml's do),
         where ``--ckpt_path last`` finds them, not in one run's ``version_N``."""
         config = self.config[self.subcommand]
-        bundle = getattr(self.model, "bundle_dir", None)
-        trial = getattr(self.trainer, "fast_dev_run", False)  # (writes no bundle)
-        if bundle and not trial and config.get("ckpt_path") is None and Path(bundle).is_dir():
-            if any(Path(bundle).iterdir()):  # (a run resumed rewrites its own bundle)
-                raise ConfigError(
-                    f"--model.bundle_dir {bundle} holds a model bundle already (an earlier "
-                    "run's), which this new run would replace: give another folder, remove "
-                    "that one, or resume the run that wrote it (--ckpt_path last)."
-                )
         if config.get("lr_scheduler") is not None and config.get("optimizer") is None:
             raise ConfigError(  # (LightningCLI applies a schedule with its optimizer only)
                 "--lr_scheduler takes effect only with --optimizer (e.g. --optimizer AdamW "
@@ -227,6 +226,7 @@ class FitCLI(LightningCLI):
         else:
             where = Path(self.trainer.default_root_dir) / "checkpoints"
         place_checkpoints(self.trainer.checkpoint_callbacks, where)
+        self._check_new_bundle(config.get("ckpt_path"))
         logger = _continued_logger(self.trainer, config.get("ckpt_path"), config.trainer.logger)
         if logger is not None:
             self.trainer.logger = logger
@@ -241,6 +241,43 @@ class FitCLI(LightningCLI):
         _FIT.run = (self.trainer, _runs_before(self.trainer.logger))
         if _RUN["world"] > 1:
             self.trainer.callbacks.append(_RankErrors())  # type: ignore[attr-defined]
+
+    def _check_new_bundle(self, ckpt_path: str | None) -> None:
+        """A new run (no checkpoint to resume: none given, or ``last`` finding none) whose
+        bundle's folder holds one already is refused: ``--model.bundle_dir``, or the run's
+        own folder where the earlier run's is the same (no logger, a logger's fixed
+        version). A run resumed rewrites its own bundle; a trial writes none."""
+        if getattr(self.trainer, "fast_dev_run", False):
+            return
+        found = checkpoint_file(ckpt_path, self.trainer.checkpoint_callbacks) if ckpt_path else None
+        if found is not None:
+            return
+        bundle = getattr(self.model, "bundle_dir", None)
+        path = Path(bundle) if bundle else _run_folder(self.trainer) / "model"
+        if not (path.is_dir() and any(path.iterdir())):
+            return
+        where = (
+            f"--model.bundle_dir {bundle}"
+            if bundle
+            else f"{path} (this run's folder: runs without a logger, or of a logger's fixed "
+            "version, share it)"
+        )
+        other = "give another folder" if bundle else "give --model.bundle_dir a folder"
+        resume = (
+            f" (--ckpt_path {ckpt_path} finds no checkpoint to resume: this run is a new one)"
+            if ckpt_path
+            else ", or resume the run that wrote it (--ckpt_path last)"
+        )
+        raise ConfigError(
+            f"{where} holds a model bundle already (an earlier run's), which this new run "
+            f"would replace: {other} or remove that one{resume}."
+        )
+
+
+def _run_folder(trainer: pl.Trainer) -> Path:
+    """Where a fit writes its bundle without ``--model.bundle_dir`` (``<folder>/model``), as
+    :meth:`MetricPlan.on_fit_end` names it."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 #: This process's run under ``cellsift fit`` (FitCLI.before_fit): root, run (an id that
@@ -530,6 +567,20 @@ def _check_config_files(args: list[str]) -> None:
             ) from None
 
 
+#: The model's settings that the data module gives (``FitCLI``'s links), by their source.
+_LINKED = {"data.gene_vocabulary": "model.genes", "data.label_set": "model.labels"}
+
+
+def _linked_message(keys: Sequence[str]) -> str:
+    """Why ``model.<key>`` of ``keys`` (genes, labels) is not set in a fit's config."""
+    named = " and ".join(f"model.{k}" for k in keys)
+    there = " and ".join(f"data.init_args.{k}" for k in keys)
+    return (
+        f"{named} {'is' if len(keys) == 1 else 'are'} the data module's, which the model "
+        f"takes from it (its genes and labels as read): set {there} instead."
+    )
+
+
 def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
     """``cellsift fit ARGS``: train with LightningCLI (see the module docstring)."""
     args = list(argv or [])
@@ -555,6 +606,9 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
             failed = False
             return cli
         except argparse.ArgumentError as err:
+            linked = re.findall(r"--> model\.(genes|labels)\b", str(err))
+            if linked:  # (jsonargparse's "invalid Optional value" of a link's target)
+                raise ConfigError(_linked_message(sorted(set(linked)))) from None
             raise ConfigError(
                 f"{_one_line(str(err))} (cellsift fit --help lists the options)."
             ) from None

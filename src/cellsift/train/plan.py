@@ -1203,6 +1203,24 @@ def _watching(trainer: pl.Trainer) -> list[str]:
     )
 
 
+def _validation_metrics(plan: Any, dm: Any) -> set[str] | None:
+    """The ``val/`` metrics a plan of a :class:`~cellsift.nn.MetricModule` logs on the
+    data module ``dm``'s validation cells (its forward's losses and counts,
+    :meth:`TrainingPlan._log_scalars`, and the silhouette where they are labelled); None for
+    another module, whose outputs are known only as it runs."""
+    from ..nn.metric import MetricModule
+
+    module = getattr(plan, "module", None)
+    if not isinstance(module, MetricModule):
+        return None
+    names = {"loss", "recon_loss"}
+    if dm.label_key:  # (batches with y_n)
+        names |= {"triplet_loss", "n_triplets", "asw"}
+        if module.classifier is not None:
+            names.add("label_loss")
+    return {f"val/{n}" for n in names}
+
+
 def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
     """Callbacks that watch validation metrics (early stopping, a monitored checkpoint) need
     validation cells of several types, and ``val/asw`` a sample of ``asw_cells`` of them
@@ -1215,6 +1233,15 @@ def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
     if not watching or not isinstance(dm, CellDataModule):
         return
     drop = "or drop the EarlyStopping / monitored ModelCheckpoint callbacks."
+    logged = _validation_metrics(trainer.lightning_module, dm)
+    # (val/asw without labels: said below, with why)
+    unknown = [n for n in watching if logged is not None and n not in logged | {"val/asw"}]
+    if unknown:  # (Lightning says so only at the first epoch's end, the epoch lost)
+        raise ConfigError(
+            f"callbacks watch {', '.join(unknown)}, which this run does not log: it logs "
+            f"{', '.join(sorted(logged or ()))}. Watch one of those (names are case-sensitive), "
+            + drop
+        )
     if trainer.limit_val_batches == 0:
         raise ConfigError(
             f"callbacks watch {', '.join(watching)}, but limit_val_batches=0 runs no "
