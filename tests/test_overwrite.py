@@ -897,6 +897,12 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_previous_one(tmp_path, m
         monkeypatch.undo()
     assert torch.load(last, weights_only=False)["step"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # (one without an errno keeps its words: "[Errno None] None" before)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("no words")))
+    with pytest.raises(OSError, match=rf"^no words: {last}$"):
+        AtomicCheckpointIO().save_checkpoint({"step": 5}, last)
+    monkeypatch.undo()
+    assert torch.load(last, weights_only=False)["step"] == 3
 
 
 def test_a_checkpoint_over_a_folder_is_refused_and_one_another_process_writes_is_written(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import torch
@@ -293,8 +294,23 @@ def test_zscore_and_subset(adata):
     np.testing.assert_array_equal(sub.numpy(), adata.X.toarray()[:, [2, 5]])
     with pytest.raises(ValueError, match=r"mask marks \d+ genes, and the batch has 3"):
         GeneSubset(mask)({"x_ng": torch.ones(2, 3)})
-    with pytest.raises(ValueError, match="by position \\(whole numbers\\) or by a boolean mask"):
+    with pytest.raises(ValueError, match=r"by position \(whole numbers\) .* holding fractions"):
         GeneSubset([1.7, 3.2])
+    # whole numbers as floats, and one position alone, are positions (review224)
+    for given in ([5.0, 2.0], np.array([5, 2], np.uint8)):
+        sub = GeneSubset(given)({"x_ng": _csr(adata.X)})["x_ng"]
+        np.testing.assert_array_equal(sub.numpy(), adata.X.toarray()[:, [5, 2]])
+    one = GeneSubset(3)({"x_ng": _csr(adata.X)})["x_ng"]
+    np.testing.assert_array_equal(one.numpy(), adata.X.toarray()[:, [3]])
+    with pytest.raises(ValueError, match=r"missing values .*mask\.fillna\(False\)"):
+        GeneSubset(pd.array([True, None, False], dtype="boolean"))
+    with pytest.raises(ValueError, match=r"a cells x genes batch, and this one has shape"):
+        GeneSubset([3])({"x_ng": torch.ones(2, 3, 4)})
+    # a mask's gene count survives a state_dict (it is no tensor)
+    loaded = GeneSubset([0, 1])
+    loaded.load_state_dict(GeneSubset(mask).state_dict())
+    with pytest.raises(ValueError, match=r"mask marks \d+ genes, and the batch has 6"):
+        loaded({"x_ng": torch.ones(2, 6)})
     with pytest.raises(ValueError, match=r"keeps gene 9, and the batch has 4 genes"):
         GeneSubset([0, 9])({"x_ng": torch.ones(2, 4)})
     with pytest.raises(ValueError, match=r"statistics of \d+ genes, and the batch has shape"):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -328,29 +329,62 @@ class GeneSubset(_Transform):
     ) -> None:
         super().__init__(key)
         given = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
-        self.n_mask: int | None = None  # (the genes a mask was of)
+        if given.ndim == 0:  # (one gene)
+            given = given.reshape(1)
+        #: The genes a mask was of (None: positions were given).
+        self.n_mask: int | None = None
         if given.dtype == np.bool_ and given.ndim == 1:
             self.n_mask = len(given)
             given = np.flatnonzero(given)
-        if given.ndim != 1 or (given.size and given.dtype.kind not in "iu"):
+        if given.dtype == object and pd.isna(given).any():
+            raise ValueError(
+                "GeneSubset's genes hold missing values (a nullable boolean mask?): fill them "
+                "(mask.fillna(False)) or pass positions."
+            )
+        whole = given.dtype.kind in "iu" or (
+            given.dtype.kind == "f"
+            and bool(np.isfinite(given).all())
+            and bool((given == np.round(given)).all())
+        )
+        if given.ndim != 1 or not (whole or given.size == 0):
             raise ValueError(
                 f"GeneSubset keeps genes by position (whole numbers) or by a boolean mask, "
-                f"not an array of {given.dtype} of shape {given.shape}."
+                f"not an array of {given.dtype} of shape {given.shape}"
+                + (" holding fractions" if given.dtype.kind == "f" and given.ndim == 1 else "")
+                + "."
             )
         if given.size and given.min() < 0:
             raise ValueError(f"gene positions count from 0, not {int(given.min())}.")
         self.register_buffer("indices", torch.as_tensor(given.astype(np.int64)))
+        self._set_least_genes()
+
+    def _set_least_genes(self) -> None:
+        # the genes a batch must have, kept as a number: a tensor's max read per batch
+        # would wait for a GPU each time
+        self._least_genes = int(self.indices.max()) + 1 if len(self.indices) else 0
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"n_mask": self.n_mask}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.n_mask = state.get("n_mask")
+        self._set_least_genes()  # (the indices loaded before)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        n_genes = x.shape[-1]
+        if x.ndim != 2:
+            raise ValueError(
+                f"GeneSubset keeps genes of a cells x genes batch, and this one has shape "
+                f"{tuple(x.shape)}: pass 2-D batches."
+            )
+        n_genes = x.shape[1]
         if self.n_mask is not None and n_genes != self.n_mask:
             raise ValueError(
                 f"GeneSubset's mask marks {self.n_mask} genes, and the batch has {n_genes}: "
                 "pass batches of the genes the mask was made for."
             )
-        if len(self.indices) and int(self.indices.max()) >= n_genes:
+        if self._least_genes > n_genes:
             raise ValueError(
-                f"GeneSubset keeps gene {int(self.indices.max())}, and the batch has "
+                f"GeneSubset keeps gene {self._least_genes - 1}, and the batch has "
                 f"{n_genes} genes (0 to {n_genes - 1}): pass positions among them."
             )
         if x.layout == torch.sparse_csr:

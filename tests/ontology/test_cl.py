@@ -50,7 +50,11 @@ def test_ids_names_and_hierarchy(cl):
                 method(value)
         assert method(None) is None and method(float("nan")) is None
     assert cl.term(np.array("B cell")) == cl.resolve(np.array("CL:0000236")) == "CL:0000236"
-    assert cl.name(np.array("CL:0000236")) == "B cell"  # (review223: "not a ... term")
+    one = np.array("CL:0000236")  # (review223, 224: "not a term", or unhashable)
+    assert cl.name(one) == "B cell" and not cl.is_deprecated(one)
+    assert cl.ancestors(one, include_self=True)[0] == "CL:0000236"
+    assert "CL:0000236" in cl.descendants(np.array("CL:0000945"))
+    assert cl.distance(one, np.array("CL:0000236")) == 0
     with pytest.raises(TypeError, match=r"lookup of a term reads one label, not a list of 1"):
         cl.name(["CL:0000236"])  # (review222: "['CL:0000236'] is not a Cell Ontology term")
     assert cl.term("b cell") == cl.resolve("CL_0000236") == "CL:0000236"

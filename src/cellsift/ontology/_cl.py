@@ -117,6 +117,12 @@ def _one_label(value: Any, method: str) -> Any:
     return None if _missing(value) else value
 
 
+def _key(term: Any) -> Any:
+    """A term given to a lookup as the key of :attr:`CellOntology.terms`: one in a 0-d
+    array as the value it holds; others as given (checked by the lookup)."""
+    return term.item() if isinstance(term, np.ndarray) and term.ndim == 0 else term
+
+
 def _described(value: Any) -> str:
     """``value`` in a message: its type and, for one value, the value; for several (a
     list, a Series), how many."""
@@ -170,7 +176,7 @@ class CellOntology:
     # -- terms ----------------------------------------------------------------------------
     def name(self, term: str) -> str:
         """The label of ``term``."""
-        return self._term(term)["label"]
+        return self._term(_key(term))["label"]
 
     def names(self, terms: Iterable[str]) -> list[str]:
         return [self.name(t) for t in terms]
@@ -194,7 +200,7 @@ class CellOntology:
         )
 
     def is_deprecated(self, term: str) -> bool:
-        return bool(self._term(term).get("deprecated"))
+        return bool(self._term(_key(term)).get("deprecated"))
 
     def replacement(self, term: str) -> str | None:
         """The current CL term replacing a deprecated ``term``, if the ontology names one.
@@ -202,6 +208,7 @@ class CellOntology:
         A successor that is deprecated in turn is followed to its own successor; a chain that
         ends in a deprecated term without one (or loops) gives None.
         """
+        term = _key(term)
         seen = {term}
         rep = self._term(term).get("replaced_by")
         while isinstance(rep, str) and rep in self.terms and rep not in seen:
@@ -213,11 +220,13 @@ class CellOntology:
 
     def ancestors(self, term: str, include_self: bool = False) -> list[str]:
         """Ancestors of ``term`` (is_a and part_of), nearest first."""
+        term = _key(term)
         anc = sorted(self._term(term).get("ancestors", {}).items(), key=lambda kv: (kv[1], kv[0]))
         return ([term] if include_self else []) + [a for a, _ in anc if a in self.terms]
 
     def descendants(self, term: str, include_self: bool = False) -> list[str]:
         """Descendants of ``term``, sorted by id."""
+        term = _key(term)
         self._term(term)
         if self._children is None:
             self._children = {}
@@ -229,6 +238,7 @@ class CellOntology:
 
     def distance(self, term: str, ancestor: str) -> int | None:
         """Steps from ``term`` up to ``ancestor`` (0 for itself); None if not an ancestor."""
+        term, ancestor = _key(term), _key(ancestor)
         self._term(ancestor)  # (either not a term: an error, not "no ancestor" or 0)
         info = self._term(term)
         return 0 if term == ancestor else info.get("ancestors", {}).get(ancestor)
@@ -238,9 +248,7 @@ class CellOntology:
             return self.terms[term]
         except (KeyError, TypeError):
             if not isinstance(term, str):  # (several: a TypeError naming harmonize)
-                one = _one_label(term, "a lookup of a term")  # (one in a 0-d array: it)
-                if isinstance(one, str) and one in self.terms:
-                    return self.terms[one]
+                _one_label(term, "a lookup of a term")
             named = self._resolve(term) if isinstance(term, str) else None
             if named is not None:  # (a name, a synonym or another spelling of an id)
                 raise OntologyError(

@@ -152,12 +152,20 @@ def _to_disk(f: Any, final: Path) -> None:
     try:
         f.flush()
     except OSError as err:  # (a full disk)
-        raise OSError(err.errno, err.strerror, str(final)) from err
+        raise _naming(err, final) from err
     try:
         os.fsync(f.fileno())
     except OSError as err:
         if err.errno not in _NO_SYNC:
-            raise OSError(err.errno, err.strerror, str(final)) from err
+            raise _naming(err, final) from err
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` as the system's OSError naming ``path`` (one without an errno: its words and
+    the path)."""
+    if err.errno is None:
+        return OSError(f"{err}: {path}")
+    return OSError(err.errno, err.strerror, str(path))
 
 
 def _folder_to_disk(folder: Path) -> None:
