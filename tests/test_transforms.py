@@ -311,6 +311,13 @@ def test_zscore_and_subset(adata):
     loaded.load_state_dict(GeneSubset(mask).state_dict())
     with pytest.raises(ValueError, match=r"mask marks \d+ genes, and the batch has 6"):
         loaded({"x_ng": torch.ones(2, 6)})
+    # a state saved without it (positions only) loads, strictly, and reads its positions
+    # (review225: "Missing key(s) _extra_state")
+    older = {"indices": torch.tensor([0, 7])}
+    loaded.load_state_dict(older)
+    assert loaded.n_mask is None
+    with pytest.raises(ValueError, match=r"keeps gene 7, and the batch has 6 genes"):
+        loaded({"x_ng": torch.ones(2, 6)})
     with pytest.raises(ValueError, match=r"keeps gene 9, and the batch has 4 genes"):
         GeneSubset([0, 9])({"x_ng": torch.ones(2, 4)})
     with pytest.raises(ValueError, match=r"statistics of \d+ genes, and the batch has shape"):

@@ -368,7 +368,20 @@ class GeneSubset(_Transform):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.n_mask = state.get("n_mask")
-        self._set_least_genes()  # (the indices loaded before)
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, *rest
+    ) -> None:
+        key = f"{prefix}_extra_state"
+        kept = key in state_dict
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, *rest
+        )
+        if not kept:  # (a state saved before masks were kept: positions)
+            self.n_mask = None
+            if key in missing_keys:
+                missing_keys.remove(key)
+        self._set_least_genes()  # (of the indices loaded)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2:

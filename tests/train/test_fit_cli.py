@@ -570,15 +570,16 @@ def test_fit_terminated_outside_a_step_says_so_and_leaves_no_partial_bundle(
 
 
 def test_fit_says_settings_lightning_meets_late_in_one_line(synthetic_h5ad, tmp_path, capsys):
-    """An EarlyStopping that watches a metric nothing logs; validation without groups to
-    hold out: one line each, exit status 2, before a step (the first was Lightning's, at
-    the first epoch's end)."""
+    """An EarlyStopping that watches a metric nothing logs (warned of before training: a
+    callback of the user's may log it); validation without groups to hold out: one line
+    each, exit status 2, the second before a step."""
     watch = {"class_path": "lightning.pytorch.callbacks.EarlyStopping"}
     watch["init_args"] = {"monitor": "val/accuracy"}
     args = _args(synthetic_h5ad, tmp_path, "--trainer.max_epochs", "1", callbacks=[watch])
-    assert main(["fit", *args]) == 2
+    with pytest.warns(CellsiftWarning, match=r"watch val/accuracy, which the model does not"):
+        assert main(["fit", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("cellsift fit: error: callbacks watch val/accuracy, which this")
+    assert err[-1].startswith("cellsift fit: error: Early stopping conditioned on metric")
     assert not any(line.lstrip().startswith("File ") for line in err)
     no_groups = ("--data.init_args.split_key", "null", "--data.init_args.study_key", "null")
     with pytest.warns(CellsiftWarning, match=r"val_fraction=0.15 holds out no cells"):

@@ -1308,3 +1308,26 @@ def test_watching_the_silhouette_without_labels_is_refused_where_it_would_fail(
     checked = _trainer(tmp_path, callbacks=[EarlyStopping("val/asw", mode="max")])
     checked.validate(TrainingPlan(module), datamodule=dm, verbose=False)
     assert "val/loss" in checked.callback_metrics
+    # the model's metrics this run cannot log are refused (a label head's loss without
+    # one, the triplet loss without labels; hunt253), but not where a callback goes on
+    # without them (strict=False); a name a callback of the user's logs is warned of and
+    # watched (review225: refused)
+    for name in ("val/label_loss", "val/triplet_loss", "val/LOSS"):
+        refused = _trainer(tmp_path, max_epochs=1, callbacks=[EarlyStopping(name)])
+        with pytest.raises(ConfigError, match=rf"watch {name}, which this run does not log"):
+            refused.fit(TrainingPlan(module), datamodule=dm)
+        assert refused.global_step == 0
+
+    class Logs(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            pl_module.log("val/knn_acc", 0.5)
+
+    own = [
+        Logs(),
+        EarlyStopping("val/knn_acc", mode="max"),
+        EarlyStopping("val/label_loss", strict=False),
+    ]
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=own)
+    with pytest.warns(CellsiftWarning, match=r"watch val/knn_acc, which the model does not log"):
+        trainer.fit(TrainingPlan(module), datamodule=dm)
+    assert trainer.global_step > 0 and trainer.callback_metrics["val/knn_acc"] == 0.5

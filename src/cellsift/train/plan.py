@@ -1221,6 +1221,53 @@ def _validation_metrics(plan: Any, dm: Any) -> set[str] | None:
     return {f"val/{n}" for n in names}
 
 
+#: The ``val/`` metrics a MetricModule's plan may log (:func:`_validation_metrics`).
+_MODULE_METRICS = frozenset(
+    f"val/{n}" for n in ("loss", "recon_loss", "triplet_loss", "n_triplets", "label_loss", "asw")
+)
+
+
+def _check_watched_names(trainer: pl.Trainer, dm: Any, drop: str) -> None:
+    """A metric that strict callbacks watch and that this run's model cannot log: one of
+    the model's that this run's settings do not log (a label head's loss without one), or
+    another spelling of one it logs (``val/ASW``), is refused before the first epoch, not
+    at its end (Lightning's word); another name, which a callback or plan of the user's
+    may log, is warned of."""
+    logged = _validation_metrics(trainer.lightning_module, dm)
+    if logged is None:
+        return
+    strict = [  # (a callback with strict=False goes on without its metric)
+        str(cb.monitor)
+        for cb in trainer.callbacks  # type: ignore[attr-defined]
+        if str(getattr(cb, "monitor", None) or "").startswith("val/")
+        and getattr(cb, "strict", True)
+    ]
+    folded = {n.casefold(): n for n in logged}
+    # (val/asw without labels: said by _check_watched, with why)
+    refused = sorted(
+        {
+            n
+            for n in strict
+            if n not in logged
+            and n != "val/asw"
+            and (n in _MODULE_METRICS or n.casefold() in folded)
+        }
+    )
+    if refused:
+        raise ConfigError(
+            f"callbacks watch {', '.join(refused)}, which this run does not log: it logs "
+            f"{', '.join(sorted(logged))} (names are case-sensitive; a label head's loss needs "
+            f"classifier_weight > 0, the triplet loss's labels). Watch one of those, {drop}"
+        )
+    others = sorted({n for n in strict if n not in logged and n not in _MODULE_METRICS})
+    if others:
+        warn(
+            f"callbacks watch {', '.join(others)}, which the model does not log (it logs "
+            f"{', '.join(sorted(logged))}): a callback or plan of yours must, or training "
+            "stops at the first validation's end."
+        )
+
+
 def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
     """Callbacks that watch validation metrics (early stopping, a monitored checkpoint) need
     validation cells of several types, and ``val/asw`` a sample of ``asw_cells`` of them
@@ -1233,15 +1280,7 @@ def _check_watched(trainer: pl.Trainer, asw_cells: int) -> None:
     if not watching or not isinstance(dm, CellDataModule):
         return
     drop = "or drop the EarlyStopping / monitored ModelCheckpoint callbacks."
-    logged = _validation_metrics(trainer.lightning_module, dm)
-    # (val/asw without labels: said below, with why)
-    unknown = [n for n in watching if logged is not None and n not in logged | {"val/asw"}]
-    if unknown:  # (Lightning says so only at the first epoch's end, the epoch lost)
-        raise ConfigError(
-            f"callbacks watch {', '.join(unknown)}, which this run does not log: it logs "
-            f"{', '.join(sorted(logged or ()))}. Watch one of those (names are case-sensitive), "
-            + drop
-        )
+    _check_watched_names(trainer, dm, drop)
     if trainer.limit_val_batches == 0:
         raise ConfigError(
             f"callbacks watch {', '.join(watching)}, but limit_val_batches=0 runs no "
