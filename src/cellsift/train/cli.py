@@ -243,14 +243,17 @@ class FitCLI(LightningCLI):
             self.trainer.callbacks.append(_RankErrors())  # type: ignore[attr-defined]
 
     def _check_new_bundle(self, ckpt_path: str | None) -> None:
-        """A new run (no checkpoint to resume: none given, or ``last`` finding none) whose
+        """A new run (no checkpoint given, or ``last`` finding none) whose
         bundle's folder holds one already is refused: ``--model.bundle_dir``, or the run's
         own folder where the earlier run's is the same (no logger, a logger's fixed
         version). A run resumed rewrites its own bundle; a trial writes none."""
         if getattr(self.trainer, "fast_dev_run", False):
             return
-        found = checkpoint_file(ckpt_path, self.trainer.checkpoint_callbacks) if ckpt_path else None
-        if found is not None:
+        # (a path given is Lightning's to read, a missing one its error; "hpc", a URL: as
+        # they are. "last" finding no checkpoint starts a new run)
+        if ckpt_path is not None and ckpt_path != "last":
+            return
+        if ckpt_path == "last" and checkpoint_file("last", self.trainer.checkpoint_callbacks):
             return
         bundle = getattr(self.model, "bundle_dir", None)
         path = Path(bundle) if bundle else _run_folder(self.trainer) / "model"
