@@ -254,6 +254,20 @@ def test_an_existing_output_is_refused_before_the_work(tmp_path, capsys):
     said = capsys.readouterr().err
     assert "calls.zarr is named as zarr but the format asked for is h5ad: annotate writes" in said
     assert not (tmp_path / "calls.zarr").exists()
+    # or as a table (hunt254: HDF5 written as calls.csv / calls.parquet, exit 0)
+    for name in ("calls.csv", "calls.parquet", "calls.TSV"):
+        assert main(["annotate", "m", "i", "d.h5ad", str(tmp_path / name)]) == 2
+        said = capsys.readouterr().err
+        assert f"{name} is named as a {name[5:].lower()} table, and this writes h5ad" in said
+        assert not (tmp_path / name).exists()
+    from cellsift.data.writers import check_named
+    from cellsift.errors import ConfigError
+
+    for fmt in ("h5ad", "zarr", "soma"):  # (every writer's check: convert, embed)
+        with pytest.raises(
+            ConfigError, match=rf"c\.json is named as a \.json table, and this writes {fmt}"
+        ):
+            check_named(tmp_path / "c.json", fmt)
     # an output below a file: the file named, not the system's bare "File exists"
     (tmp_path / "afile").write_text("mine")
     bundle = _tiny_bundle(tmp_path)

@@ -152,6 +152,14 @@ def check_named(path: str | os.PathLike[str], fmt: str, fix: str | None = None) 
     if named is not None and named != fmt:
         fix = fix or f"name it *{SUFFIX.get(fmt, '')}, or leave the format out."
         raise ConfigError(f"{path} is named as {named} but the format asked for is {fmt}: {fix}")
+    table = Path(path).suffix.lower()
+    if table in _TABLE_SUFFIXES:  # (an HDF5 or Zarr store no table reader opens)
+        fix = fix or f"name it *{SUFFIX.get(fmt, '')}, or leave the format out."
+        raise ConfigError(f"{path} is named as a {table} table, and this writes {fmt}: {fix}")
+
+
+#: Suffixes of tables (text or Parquet), which no store written under them is.
+_TABLE_SUFFIXES = frozenset({".csv", ".tsv", ".txt", ".parquet", ".json"})
 
 
 def named_format(name: str) -> Format | None:
