@@ -313,6 +313,9 @@ def test_zscore_and_subset(adata):
         loaded({"x_ng": torch.ones(2, 6)})
     # a state saved without it (positions only) loads, strictly, and reads its positions
     # (review225: "Missing key(s) _extra_state")
+    masked = GeneSubset(mask)  # (a partial load of other modules leaves it as it is)
+    masked.load_state_dict({}, strict=False)
+    assert masked.n_mask == len(mask)
     older = {"indices": torch.tensor([0, 7])}
     loaded.load_state_dict(older)
     assert loaded.n_mask is None

@@ -373,11 +373,13 @@ class GeneSubset(_Transform):
         self, state_dict, prefix, local_metadata, strict, missing_keys, *rest
     ) -> None:
         key = f"{prefix}_extra_state"
-        kept = key in state_dict
+        # (a state of this module's indices without it: saved before masks were kept, of
+        # positions; none of them at all, a partial load of other modules: left as it is)
+        older = f"{prefix}indices" in state_dict and key not in state_dict
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, *rest
         )
-        if not kept:  # (a state saved before masks were kept: positions)
+        if older:
             self.n_mask = None
             if key in missing_keys:
                 missing_keys.remove(key)

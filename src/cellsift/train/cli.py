@@ -251,7 +251,7 @@ class FitCLI(LightningCLI):
             return
         # (a path given is Lightning's to read, a missing one its error; "hpc", a URL: as
         # they are. "last" finding no checkpoint starts a new run)
-        if ckpt_path is not None and ckpt_path != "last":
+        if ckpt_path and ckpt_path != "last":  # ("": none, as Lightning reads it)
             return
         if ckpt_path == "last" and checkpoint_file("last", self.trainer.checkpoint_callbacks):
             return
