@@ -110,9 +110,15 @@ def test_a_store_its_name_misdescribes_is_refused_before_writing(tmp_path):
     assert synthetic_atlas(50, 20, path=tmp_path / "plain", format="h5ad").is_file()
 
 
-def test_missing_shared_data_says_where(tmp_path):
+def test_missing_shared_data_says_where(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="CELLSIFT_DATA"):
         shared_data_path("kang2018", tmp_path)
+    # a "~" the shell left as it is names the home folder (hunt256)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "kang2018_pbmc_ctrl_8donors.h5ad").write_bytes(b"")
+    monkeypatch.setenv("CELLSIFT_DATA", "~/data")
+    assert shared_data_path("kang2018") == tmp_path / "data" / "kang2018_pbmc_ctrl_8donors.h5ad"
     with pytest.raises(KeyError, match=r"'kang' is not .* the names are kang2018, cellbench_lung"):
         shared_data_path("kang", tmp_path)
 

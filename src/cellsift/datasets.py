@@ -401,7 +401,9 @@ def shared_data_path(name: str, data_dir: str | os.PathLike[str] | None = None) 
             f"{name!r} is not a shared benchmark file; the names are {', '.join(_SHARED_FILES)}."
         )
     env = os.environ.get("CELLSIFT_DATA")
-    folder = Path(data_dir) if data_dir is not None else Path(env) if env else SHARED_DATA_DIR
+    # (a "~" left unexpanded by the shell, e.g. quoted in a job script: the home folder)
+    given = data_dir if data_dir is not None else env or None
+    folder = Path(os.path.expanduser(given)) if given is not None else SHARED_DATA_DIR
     path = folder / _SHARED_FILES[name]
     if not path.exists():
         raise FileNotFoundError(
