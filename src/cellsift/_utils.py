@@ -1096,15 +1096,21 @@ def repeated(values: Iterable[Any]) -> list[str]:
     return sorted(str(v) for v, n in collections.Counter(values).items() if n > 1)
 
 
+def wrong_kind(what: str, kind: str, value: Any, opened: str = "") -> TypeError:
+    """The TypeError of ``what`` given as ``value`` where ``kind`` belongs, naming its type;
+    for a path (the usual slip), ``opened``: how the file is read into ``kind``."""
+    given = type(value).__name__
+    if opened and isinstance(value, str | os.PathLike):
+        given += f" {os.fspath(value)!r}: {opened}"
+    return TypeError(f"{what} must be {kind}, not {given}.")
+
+
 def check_model_object(model: Any, what: str = "model") -> None:
     """``model`` is a model that embeds (a MetricModel); else a TypeError naming what it
-    is, and, for a path (a bundle's, the usual slip), how a saved model is loaded."""
-    if callable(getattr(model, "embed", None)) and hasattr(model, "genes"):
-        return
-    given = type(model).__name__
-    if isinstance(model, str | os.PathLike):
-        given += f" {os.fspath(model)!r}: load a saved model first, MetricModel.load(path)"
-    raise TypeError(f"{what} must be a cellsift model (a MetricModel), not {given}.")
+    is, and, for a path (a bundle's), how a saved model is loaded."""
+    if not (callable(getattr(model, "embed", None)) and hasattr(model, "genes")):
+        opened = "load a saved model first, MetricModel.load(path)"
+        raise wrong_kind(what, "a cellsift model (a MetricModel)", model, opened)
 
 
 def model_fingerprint(model: Any) -> str:

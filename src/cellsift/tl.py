@@ -25,6 +25,7 @@ from ._utils import (
     check_model_object,
     in_obs_order,
     is_number,
+    wrong_kind,
 )
 from ._warnings import warn
 from .data.collection import _as_text, check_count_values
@@ -585,15 +586,9 @@ def _is_default(value: Any, default: Any) -> bool:
 def _check_anndata(adata: Any, what: str = "adata") -> None:
     """``adata`` is an AnnData; else a TypeError naming what it is (for a path, how to
     read it)."""
-    if isinstance(adata, ad.AnnData):
-        return
-    given = type(adata).__name__
-    if isinstance(adata, str | os.PathLike):
-        given += (
-            f" {os.fspath(adata)!r}: read the file first, ad.read_h5ad(path) (backed='r' for "
-            "one larger than memory)"
-        )
-    raise TypeError(f"{what} must be an AnnData, not {given}.")
+    if not isinstance(adata, ad.AnnData):
+        opened = "read the file first, ad.read_h5ad(path) (backed='r' for one larger than memory)"
+        raise wrong_kind(what, "an AnnData", adata, opened)
 
 
 def _check_inputs(adata: Any, model: Any, index: Any) -> None:
@@ -601,9 +596,7 @@ def _check_inputs(adata: Any, model: Any, index: Any) -> None:
     _check_anndata(adata)
     check_model_object(model)
     if not isinstance(index, CellIndex):
-        raise TypeError(
-            f"index must be a CellIndex (CellIndex.load(path)), not {type(index).__name__}."
-        )
+        raise wrong_kind("index", "a CellIndex (CellIndex.load(path))", index)
     index.check_model(model)
 
 

@@ -122,14 +122,20 @@ class Densify(_Transform):
     """
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        if x.layout != torch.sparse_csr:
-            return x
-        if not _kernel_takes(x):
-            if x.device.type == "cpu":  # (unchecked on a GPU: telling would stop it)
-                _checked_crow(x, "Densify")
-                _check_columns(x, "Densify")  # (torch writes where they say)
-            return x.to_dense()
-        return _dense_on_cpu(x)
+        return _dense(x)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """:class:`Densify`'s work: a CSR batch dense (a malformed one on the CPU refused);
+    another as it is."""
+    if x.layout != torch.sparse_csr:
+        return x
+    if not _kernel_takes(x):
+        if x.device.type == "cpu":  # (unchecked on a GPU: telling would stop it)
+            _checked_crow(x, "Densify")
+            _check_columns(x, "Densify")  # (torch writes where they say)
+        return x.to_dense()
+    return _dense_on_cpu(x)
 
 
 class NormalizeTotal(_Transform):
@@ -402,9 +408,7 @@ class GeneSubset(_Transform):
                 f"GeneSubset keeps gene {self._least_genes - 1}, and the batch has "
                 f"{n_genes} genes (0 to {n_genes - 1}): pass positions among them."
             )
-        if x.layout == torch.sparse_csr:
-            x = Densify().transform(x)  # (a malformed batch: said as Densify says it)
-        return x.index_select(1, self.indices)
+        return _dense(x).index_select(1, self.indices)  # (a malformed CSR: as Densify says)
 
 
 def default_pipeline(target_sum: float = 1e4) -> nn.Sequential:

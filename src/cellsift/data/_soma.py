@@ -292,6 +292,11 @@ class SomaStore(CellStore):
             return named
         return "obs_id" if "obs_id" in names else None
 
+    @cached_property
+    def _obs_info(self) -> tuple[str | None, set[str]]:
+        """What cellsift's writer recorded of obs (:func:`_frame_info`), read once."""
+        return _frame_info(self.handle.obs)
+
     @property
     def obs_columns(self) -> list[str]:
         """obs columns but the join ids and the obs names, under the writer's input names."""
@@ -307,7 +312,7 @@ class SomaStore(CellStore):
             return None
         tbl = self.handle.obs.read(column_names=["soma_joinid", col]).concat().to_pandas()
         names = tbl.sort_values("soma_joinid")[col].astype(str).to_numpy()
-        return pd.Index(names, name=_index_name(self.handle.obs, col, "obs_id"))
+        return pd.Index(names, name=_index_name(self._obs_info, col, "obs_id", self.handle.obs))
 
     @_reads("obs")
     def _load_obs_column(self, name: str) -> Any:
@@ -316,7 +321,7 @@ class SomaStore(CellStore):
         arr = tbl.column(stored)
         # integers and booleans with nulls as pandas' nullable arrays (not float / object),
         # and those the input held as such
-        nullable = arr.null_count > 0 or stored in _frame_info(self.handle.obs)[1]
+        nullable = arr.null_count > 0 or stored in self._obs_info[1]
         values = _as_nullable(arr) if nullable and _nullable_kind(arr.type) else arr.to_pandas()
         # (by position: the column may be the input's own "soma_joinid")
         col = values.iloc[np.argsort(tbl.column("soma_joinid").to_numpy(), kind="stable")]
@@ -336,7 +341,8 @@ class SomaStore(CellStore):
         var = tbl.to_pandas()
         # integers and booleans with nulls, and those the input held as nullable, as
         # pandas' nullable arrays (as obs columns are read: not float / object)
-        nullable = _frame_info(frame)[1] | {n for n in tbl.schema.names if tbl[n].null_count}
+        info = _frame_info(frame)
+        nullable = info[1] | {n for n in tbl.schema.names if tbl[n].null_count}
         for name in nullable & set(tbl.schema.names):
             if _nullable_kind(tbl.schema.field(name).type):
                 var[name] = _as_nullable(tbl.column(name)).array
@@ -356,7 +362,8 @@ class SomaStore(CellStore):
                 problem = "var's 'soma_joinid' holds the join ids (positions), not gene ids."
             raise self._error(problem, f"Pass var_id= with one of {columns}.")
         var.index = pd.Index(
-            var.pop(var_id).astype(str).to_numpy(), name=_index_name(frame, var_id, "feature_id")
+            var.pop(var_id).astype(str).to_numpy(),
+            name=_index_name(info, var_id, "feature_id", frame),
         )
         var = var.drop(columns=["soma_joinid"])
         own = _own_names([str(c) for c in var.columns], _renamed(frame))
@@ -524,12 +531,14 @@ def _frame_info(frame: Any) -> tuple[str | None, set[str]]:
     )
 
 
-def _index_name(frame: Any, column: str, plain: str) -> str | None:
+def _index_name(
+    info: tuple[str | None, set[str]], column: str, plain: str, frame: Any
+) -> str | None:
     """The name of the index that the names in ``column`` of ``frame`` were: as cellsift's
     writer recorded it, where they are the names it wrote (``plain``, not another column
     named by ``var_id``), else the column's own where ``tiledbsoma.io`` wrote a named index
     under its name (which it records only for a named index; not ``soma_joinid``)."""
-    recorded, _ = _frame_info(frame)
+    recorded = info[0]  # (:func:`_frame_info` of ``frame``)
     if recorded is not None and column == plain:
         return recorded
     named = _original_index(frame)

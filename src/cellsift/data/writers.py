@@ -148,13 +148,12 @@ def check_named(path: str | os.PathLike[str], fmt: str, fix: str | None = None) 
             f"{text} names a folder (it ends in a separator), and an h5ad is one file: give "
             f"the file's name, e.g. {os.path.join(text, 'cells.h5ad')}."
         )
+    fix = fix or f"name it *{SUFFIX.get(fmt, '')}, or leave the format out."
     named = named_format(Path(path).name)
     if named is not None and named != fmt:
-        fix = fix or f"name it *{SUFFIX.get(fmt, '')}, or leave the format out."
         raise ConfigError(f"{path} is named as {named} but the format asked for is {fmt}: {fix}")
     table = Path(path).suffix.lower()
     if table in _TABLE_SUFFIXES:  # (an HDF5 or Zarr store no table reader opens)
-        fix = fix or f"name it *{SUFFIX.get(fmt, '')}, or leave the format out."
         raise ConfigError(f"{path} is named as a {table} table, and this writes {fmt}: {fix}")
 
 

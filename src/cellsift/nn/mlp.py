@@ -83,7 +83,7 @@ class MLPEncoder(nn.Module):
         if not self.reads_sparse(x_ng):
             dense = self._as_weights(x_ng.to_dense())
             return nn.functional.normalize(self.network(dense), dim=1)
-        h = self._sparse_first_layer(x_ng)
+        h = self._sparse_first_layer(x_ng, first[:at], linear)
         for m in first[at + 1 :]:
             h = m(h)
         for block in list(self.network)[1:]:
@@ -91,18 +91,17 @@ class MLPEncoder(nn.Module):
         return nn.functional.normalize(h, dim=1)
 
     @torch.compiler.disable  # (its kernel reads numpy arrays: no graph of torch's holds it)
-    def _sparse_first_layer(self, x_ng: torch.Tensor) -> torch.Tensor:
-        """The input dropout and the first Linear of a CSR batch on the CPU, reading its
-        stored values only."""
+    def _sparse_first_layer(
+        self, x_ng: torch.Tensor, dropouts: list[nn.Module], linear: nn.Linear
+    ) -> torch.Tensor:
+        """The input ``dropouts`` and the first ``linear`` of a CSR batch on the CPU, reading
+        its stored values only."""
         from ._sparse_cpu import csr_linear
 
-        first, at = self._first_block()
-        linear = first[at]
-        assert isinstance(linear, nn.Linear)
         stored = values = x_ng.values()  # values() makes a new tensor object on every call
         if not values.is_floating_point():  # (whole-number counts: dropout takes floats)
             values = values.float()
-        for m in first[:at]:  # the input dropout
+        for m in dropouts:  # the input dropout
             assert isinstance(m, nn.Dropout)
             values = nn.functional.dropout(values, m.p, m.training)
         if values is not stored:  # dropped in training; in eval dropout returns its input

@@ -105,10 +105,9 @@ def _missing(value: Any) -> bool:
 def _one_label(value: Any, method: str) -> Any:
     """``value``, one label for ``method``: None where it is missing (None, NaN, NA); a
     TypeError for several (a list, an array, a Series), which harmonize() maps."""
+    value = _key(value)  # (one value in a 0-d array: it)
     if isinstance(value, str):
         return value
-    if isinstance(value, np.ndarray) and value.ndim == 0:  # (one value in an array)
-        value = value.item()
     if not pd.api.types.is_scalar(value):
         raise TypeError(
             f"{method} reads one label, not {_described(value)}; for a list of labels, "
@@ -405,14 +404,14 @@ class CellOntology:
         """The CL id that ``value`` (an id in any common form, a name or a synonym) names as
         written: a deprecated term stays itself (:meth:`term` gives what replaces it); None
         where it names none."""
-        return None if _one_label(value, "resolve()") is None else self._resolve(str(value))
+        one = _one_label(value, "resolve()")
+        return None if one is None else self._resolve(str(one))
 
     def term(self, value: Any) -> str | None:
         """The current CL id ``value`` names (as :meth:`harmonize` maps it), or None where it
         names none (not a CL term, missing, obsolete without a successor)."""
-        return (
-            None if _one_label(value, "term()") is None else self._harmonize_one(str(value), True)
-        )
+        one = _one_label(value, "term()")
+        return None if one is None else self._harmonize_one(str(one), True)
 
     def _harmonize_one(self, value: str, replace_deprecated: bool) -> str | None:
         term = self._resolve(value)

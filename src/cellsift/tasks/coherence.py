@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._utils import positions
+from .._utils import is_whole, positions
 from .._warnings import warn
 from .index import CellIndex, FilterLike, SearchResult, normalize_embeddings
 
@@ -124,7 +124,7 @@ def query_coherence(
     import faiss
 
     for name, value in (("n_clusters", n_clusters), ("min_cluster_cells", min_cluster_cells)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        if not is_whole(value, least=1):
             raise ValueError(f"{name} must be a whole number >= 1, not {value!r}.")
     z = normalize_embeddings(np.atleast_2d(cells), "query cells")
     if len(z) == 0:

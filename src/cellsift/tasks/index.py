@@ -647,8 +647,9 @@ class CellIndex:
         ``filter`` restricts the search to cells whose metadata match, without changing the
         index; ``exact`` forces exact search; ``max_distance`` drops hits farther than it
         (their slots become -1 / inf; a cell's distance to a copy of itself is 0 within
-        about 1e-7 either way: to keep copies, give at least 1e-6). An IVF search probes as many lists as calibrated
-        (:meth:`calibrate`; ``nprobe`` to set it), more in proportion for a larger ``k``
+        about 1e-7 either way: to keep copies, give at least 1e-6). An IVF search probes
+        as many lists as calibrated (:meth:`calibrate`; ``nprobe`` to set it), more in
+        proportion for a larger ``k``
         than calibrated for, and more again for a query whose probed lists hold fewer than
         ``k`` cells: every query gets ``k`` hits where ``k`` cells qualify. With a filter
         that leaves many cells (IVF), each query probes the lists holding selected cells,

@@ -1213,18 +1213,22 @@ def _validation_metrics(plan: Any, dm: Any) -> set[str] | None:
     module = getattr(plan, "module", None)
     if not isinstance(module, MetricModule):
         return None
-    names = {"loss", "recon_loss"}
+    names = set(_ALWAYS)
     if dm.label_key:  # (batches with y_n)
-        names |= {"triplet_loss", "n_triplets", "asw"}
+        names |= set(_OF_LABELS)
         if module.classifier is not None:
-            names.add("label_loss")
+            names |= set(_OF_HEAD)
     return {f"val/{n}" for n in names}
 
 
-#: The ``val/`` metrics a MetricModule's plan may log (:func:`_validation_metrics`).
-_MODULE_METRICS = frozenset(
-    f"val/{n}" for n in ("loss", "recon_loss", "triplet_loss", "n_triplets", "label_loss", "asw")
+#: A MetricModule plan's ``val/`` metrics: always; where the cells are labelled; where the
+#: model has a label head too (:func:`_validation_metrics`).
+_ALWAYS, _OF_LABELS, _OF_HEAD = (
+    ("loss", "recon_loss"),
+    ("triplet_loss", "n_triplets", "asw"),
+    ("label_loss",),
 )
+_MODULE_METRICS = frozenset(f"val/{n}" for n in (*_ALWAYS, *_OF_LABELS, *_OF_HEAD))
 
 
 def _check_watched_names(trainer: pl.Trainer, dm: Any, drop: str) -> None:

@@ -193,7 +193,7 @@ def _save(checkpoint: dict[str, Any], f: Any, final: Path) -> None:
     except RuntimeError as err:  # (torch's words for a failed write of the file)
         if out.error is None:
             raise
-        raise OSError(out.error.errno, out.error.strerror, str(final)) from err
+        raise _naming(out.error, final) from err
 
 
 class _Writes:
