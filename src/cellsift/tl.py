@@ -128,12 +128,13 @@ def annotate(
     ``cell_type_ontology_term_id`` and Cell Ontology votes.
     """
     if not isinstance(reference, CellIndex | KNNAnnotator):
-        raise TypeError(
-            f"reference must be a CellIndex (CellIndex.load(path)) or a KNNAnnotator, not "
-            f"{type(reference).__name__}"
-            + (": pass the model as model=" if callable(getattr(reference, "embed", None)) else "")
-            + "."
-        )
+        kind = "a CellIndex (CellIndex.load(path)) or a KNNAnnotator"
+        if callable(getattr(reference, "embed", None)):  # the model, in the reference's place
+            raise TypeError(
+                f"reference must be {kind}, not {type(reference).__name__}: pass the model "
+                "as model=."
+            )
+        raise wrong_kind("reference", kind, reference, "load the index first, CellIndex.load(path)")
     if model is not None:
         check_model_object(model)
     _check_key("use_rep", use_rep, written=False)  # (where written: checked below)

@@ -300,6 +300,7 @@ def test_annotate_refuses_an_embedding_another_model_made(bundle, synthetic_h5ad
         (lambda: cs.tl.embed(path, model), r"adata must be an AnnData, not str .*ad\.read_h5ad"),
         (lambda: cs.tl.embed(query, str(bundle)), r"model must be a cellsift model .*MetricModel\.load"),
         (lambda: cs.tl.annotate(query, model, model=index), r"reference must be a CellIndex .*not MetricModel: pass the model as model="),
+        (lambda: cs.tl.annotate(query, path), r"reference must be a CellIndex .*not str '.*q\.h5ad': load the index first, CellIndex\.load"),
         (lambda: cs.tl.annotate(query, index, calibrate_on=path), r"calibrate_on is held-out .*not the path"),
         (lambda: cs.tl.search_centroid(query, model, model, k=5), r"index must be a CellIndex"),
         (lambda: cs.tl.search_clusters(path, model, index, "cell_type"), r"adata must be an AnnData"),
