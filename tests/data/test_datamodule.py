@@ -693,5 +693,13 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
     again = CellDataModule(adata, val_groups=state["val_groups"][::-1], **options)
     again.setup()
     again.load_state_dict(state)
+    # (hunt257) a checkpoint taken before the loader is made (a sanity check's, an
+    # exception's) keeps the position it was given: it was {}, and its run started over
+    kept = again.state_dict()
+    assert kept["train"] == state["train"] and kept["val_groups"] == again.val_groups
+    third = CellDataModule(adata, val_groups=state["val_groups"], **options)
+    third.setup()
+    third.load_state_dict(kept)
     expected = next(loader)["obs_idx_n"]
     np.testing.assert_array_equal(next(iter(again.train_dataloader()))["obs_idx_n"], expected)
+    np.testing.assert_array_equal(next(iter(third.train_dataloader()))["obs_idx_n"], expected)

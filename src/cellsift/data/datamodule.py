@@ -564,10 +564,13 @@ class CellDataModule(pl.LightningDataModule):
     # lost and the resumed epoch would start over from its first batch.
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position (epoch, batches consumed), and the validation
-        groups, for checkpoints."""
-        if self._train_loader is None:
-            return {}
-        return {"train": self._train_loader.state_dict(), "val_groups": self.val_groups}
+        groups, for checkpoints; before the loader is made, the position a checkpoint gave
+        (:meth:`load_state_dict`), which it will start from."""
+        if self._train_loader is not None:
+            return {"train": self._train_loader.state_dict(), "val_groups": self.val_groups}
+        if self._train_loader_state is not None:
+            return {"train": dict(self._train_loader_state), "val_groups": self.val_groups}
+        return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the training loader where :meth:`state_dict` was taken; a run that held
