@@ -102,6 +102,16 @@ def test_info_says_the_gene_ids_as_the_genes_are_aligned(tmp_path, capsys):
         ad.AnnData(X=x, var=pd.DataFrame(index=genes)).write_h5ad(path)
         assert main(["info", str(path)]) == 0
         assert kind in capsys.readouterr().out, name
+    # "..." where genes are left out, not after all of them (hunt258)
+    from cellsift.cli import _describe
+    from cellsift.data import open_store
+
+    for n, shown in ((1, "ENSG00000000000 ("), (3, "ENSG00000000002 ("), (4, "ENSG00000000002, ... (")):  # fmt: skip
+        a = ad.AnnData(
+            X=sp.csr_matrix(np.ones((2, n), np.float32)), var=pd.DataFrame(index=ids[:n])
+        )
+        line = next(x for x in _describe(open_store(a)).splitlines() if "var_names" in x)
+        assert shown in line, (n, line)
 
 
 def test_info_counts_missing_values_apart(tmp_path, capsys):

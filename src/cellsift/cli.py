@@ -55,7 +55,8 @@ def _describe(store) -> str:  # type: ignore[no-untyped-def]
     if names:  # (the kind the genes are aligned as: Ensembl ids where most are)
         ensembl = _mostly_ensembl(_cleaned(_names(store.var_names)))
         kind = "Ensembl ids" if ensembl else "symbols or other ids"
-        lines.append(f"  var_names  {', '.join(names)}, ... ({kind})")
+        more = ", ..." if store.n_vars > len(names) else ""
+        lines.append(f"  var_names  {', '.join(names)}{more} ({kind})")
     if len(store.var.columns):
         lines.append(f"  var        {', '.join(map(str, store.var.columns))}")
     lines.append("  obs")

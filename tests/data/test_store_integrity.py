@@ -274,3 +274,38 @@ def test_damaged_metadata_is_named_as_damage_on_open_and_on_convert(kind, tmp_pa
             open_store(path)
             convert(path, tmp_path / f"{element}-{kind}.zarr")
         assert not (tmp_path / f"{element}-{kind}.zarr").exists()
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "zarr"])
+def test_an_obs_column_shorter_than_the_cells_is_named_as_damage(kind, tmp_path):
+    """An obs column holding fewer values than the file has cells (anndata refuses such a
+    file): read, it gave `cellsift info` counts of the values it held as the column's, and
+    convert an IndexError from deep inside (hunt258)."""
+    adata = _adata(_counts(6, 3))
+    adata.obs["score"] = [1.5, np.nan, 10.0, 2.0, np.nan, -1.0]
+    path = tmp_path / f"short.{kind}"
+    if kind == "h5ad":
+        import h5py
+
+        adata.write_h5ad(path)
+        with h5py.File(path, "r+") as f:
+            values = f["obs/score"][:4]
+            attrs = dict(f["obs/score"].attrs)
+            del f["obs/score"]
+            f["obs/score"] = values
+            f["obs/score"].attrs.update(attrs)
+    else:
+        import zarr
+
+        adata.write_zarr(path)
+        group = zarr.open_group(path, mode="a")
+        values, attrs = group["obs/score"][:4], dict(group["obs/score"].attrs)
+        del group["obs/score"]
+        group["obs"].create_array("score", data=values).attrs.update(attrs)
+        zarr.consolidate_metadata(path)
+    pattern = r"obs column 'score' holds 4 values for 6 cells: the file is damaged or incomplete"
+    with pytest.raises(DataError, match=pattern):
+        open_store(path).obs_column("score")
+    with pytest.raises(DataError, match=pattern):
+        convert(path, tmp_path / f"short-{kind}.zarr")
+    assert not (tmp_path / f"short-{kind}.zarr").exists()

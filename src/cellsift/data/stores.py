@@ -256,7 +256,15 @@ class CellStore(ABC):
                     else f"{self.path}: obs has no column {name!r}, nor any other. Add it to "
                     f"{where}"
                 )
-            self._obs_cache[name] = self._load_obs_column(name)
+            column = self._load_obs_column(name)
+            if len(column) != self.n_obs:  # (anndata refuses such a file; read, cells would
+                # take the wrong values or index past the end)
+                raise self._error(
+                    f"obs column {name!r} holds {len(column):,} values for {self.n_obs:,} "
+                    "cells: the file is damaged or incomplete.",
+                    "Write it again, or copy it again from its source.",
+                )
+            self._obs_cache[name] = column
         return self._obs_cache[name]
 
     def stored_row_nnz(self) -> np.ndarray | None:
