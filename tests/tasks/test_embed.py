@@ -619,6 +619,14 @@ def test_obs_columns_of_some_stores_are_kept_missing_for_the_others(
     np.testing.assert_array_equal(index.select({"flag": True}), np.arange(30, 70, 2))
     named = embed_collection(model, paths, tmp_path / "n.zarr", obs_columns=["donor"])
     assert load_embeddings(named)[1]["donor"].tolist() == meta["donor"].tolist()
+    # one column as text, and columns as an iterator, read once (hunt259: the text's letters
+    # were missing columns; the iterator was spent by the check, and no column was written)
+    for i, given in enumerate(("donor", iter(["donor", "age"]))):
+        kept = load_embeddings(embed_collection(model, paths, tmp_path / f"{i}.zarr", obs_columns=given))[1]  # fmt: skip
+        assert [c for c in kept.columns if c in ("donor", "age", "flag")] == ["donor", "age"][
+            : i + 1
+        ]
+        assert kept["donor"].tolist() == meta["donor"].tolist()
     with pytest.raises(MissingKeyError, match=r"obs_columns \['donr'\] are not obs columns"):
         embed_collection(model, paths, tmp_path / "x.zarr", obs_columns=["donr"])
 

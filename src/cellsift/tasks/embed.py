@@ -134,6 +134,8 @@ def embed_collection(
     """
     check_model_object(model)
     out = Path(out)
+    if obs_columns is not None:  # (one column as text, not its letters; an iterator read once)
+        obs_columns = [obs_columns] if isinstance(obs_columns, str) else list(obs_columns)
     for name, value in (("batch_size", batch_size), ("devices", devices)):
         if not is_whole(value, least=1):
             raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}.")
