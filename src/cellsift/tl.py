@@ -597,7 +597,8 @@ def _check_inputs(adata: Any, model: Any, index: Any) -> None:
     _check_anndata(adata)
     check_model_object(model)
     if not isinstance(index, CellIndex):
-        raise wrong_kind("index", "a CellIndex (CellIndex.load(path))", index)
+        opened = "load the index first, CellIndex.load(path)"
+        raise wrong_kind("index", "a CellIndex (CellIndex.load(path))", index, opened)
     index.check_model(model)
 
 

@@ -697,6 +697,13 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
     # exception's) keeps the position it was given: it was {}, and its run started over
     kept = again.state_dict()
     assert kept["train"] == state["train"] and kept["val_groups"] == again.val_groups
+    kept["train"]["epoch"] = -1  # (a copy: the position to resume stays as given)
+    assert again.state_dict()["train"] == state["train"]
+    kept = again.state_dict()
+    # given before setup() drew the groups: the checkpoint's groups (review227: None)
+    unset = CellDataModule(adata, val_fraction=0.2, **options)
+    unset.load_state_dict(state)
+    assert unset.state_dict() == state
     third = CellDataModule(adata, val_groups=state["val_groups"], **options)
     third.setup()
     third.load_state_dict(kept)

@@ -26,6 +26,11 @@ def test_align_reorders_and_marks_missing():
     )
     np.testing.assert_array_equal(gm.col_map, [1, -1, 0])
     assert gm.n_matched == 2 and not gm.identity
+    # its genes shown, "..." where some are left out (review227: after all of them too)
+    assert (
+        repr(vocab) == "GeneVocabulary(3 genes: ENSG00000000003, ENSG00000000001, ENSG00000000002)"
+    )
+    assert repr(GeneVocabulary(["A", "B", "C", "D"])) == "GeneVocabulary(4 genes: A, B, C, ...)"
 
 
 def test_a_reordering_map_reads_read_only_values():

@@ -277,35 +277,50 @@ def test_damaged_metadata_is_named_as_damage_on_open_and_on_convert(kind, tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["h5ad", "zarr"])
-def test_an_obs_column_shorter_than_the_cells_is_named_as_damage(kind, tmp_path):
-    """An obs column holding fewer values than the file has cells (anndata refuses such a
-    file): read, it gave `cellsift info` counts of the values it held as the column's, and
-    convert an IndexError from deep inside (hunt258)."""
+@pytest.mark.parametrize(
+    ("element", "said"),
+    [
+        ("obs/score", r"obs column 'score' holds 4 values for 6 cells"),
+        ("obs/_index", r"obs/_index, the cells' names, holds 4 entries for 6 cells"),
+        ("var/_index", r"var, the genes' table, holds 2 entries for 3 genes of X"),
+    ],
+)
+def test_an_obs_or_var_element_of_another_length_is_named_as_damage(kind, element, said, tmp_path):
+    """An obs column, the cells' names or the genes' table with fewer entries than the
+    matrix has cells or genes (anndata refuses such a file). Read, `cellsift info` counted
+    a short column's values as the column's and convert raised an IndexError from deep
+    inside (hunt258); a short gene table shifted every cell's counts onto other genes and
+    read values of the next cell (review227)."""
     adata = _adata(_counts(6, 3))
     adata.obs["score"] = [1.5, np.nan, 10.0, 2.0, np.nan, -1.0]
     path = tmp_path / f"short.{kind}"
+    keep = 2 if element.startswith("var") else 4
     if kind == "h5ad":
         import h5py
 
         adata.write_h5ad(path)
         with h5py.File(path, "r+") as f:
-            values = f["obs/score"][:4]
-            attrs = dict(f["obs/score"].attrs)
-            del f["obs/score"]
-            f["obs/score"] = values
-            f["obs/score"].attrs.update(attrs)
+            values, attrs = f[element][:keep], dict(f[element].attrs)
+            del f[element]
+            f[element] = values
+            f[element].attrs.update(attrs)
     else:
         import zarr
 
         adata.write_zarr(path)
         group = zarr.open_group(path, mode="a")
-        values, attrs = group["obs/score"][:4], dict(group["obs/score"].attrs)
-        del group["obs/score"]
-        group["obs"].create_array("score", data=values).attrs.update(attrs)
+        values, attrs = group[element][:keep], dict(group[element].attrs)
+        del group[element]
+        parent, name = element.split("/")
+        group[parent].create_array(name, data=values).attrs.update(attrs)
         zarr.consolidate_metadata(path)
-    pattern = r"obs column 'score' holds 4 values for 6 cells: the file is damaged or incomplete"
+    pattern = rf"{said}: the file is damaged or incomplete\. Write it again"
     with pytest.raises(DataError, match=pattern):
-        open_store(path).obs_column("score")
+        store = open_store(path)
+        _ = store.obs_column("score"), store.obs_names, store.n_vars
     with pytest.raises(DataError, match=pattern):
         convert(path, tmp_path / f"short-{kind}.zarr")
     assert not (tmp_path / f"short-{kind}.zarr").exists()
+    if element.startswith("var"):  # (aligned to the genes the file names: no counts read)
+        with pytest.raises(DataError, match=pattern):
+            CellCollection([path], genes=["gene0", "gene1"]).read(np.arange(2))

@@ -303,6 +303,8 @@ def test_annotate_refuses_an_embedding_another_model_made(bundle, synthetic_h5ad
         (lambda: cs.tl.annotate(query, path), r"reference must be a CellIndex .*not str '.*q\.h5ad': load the index first, CellIndex\.load"),
         (lambda: cs.tl.annotate(query, index, calibrate_on=path), r"calibrate_on is held-out .*not the path"),
         (lambda: cs.tl.search_centroid(query, model, model, k=5), r"index must be a CellIndex"),
+        (lambda: cs.tl.search_centroid(query, model, path, k=5), r"index must be a CellIndex .*not str '.*q\.h5ad': load the index first"),
+        (lambda: cs.tasks.KNNAnnotator(path), r"index must be a CellIndex .*not str '.*q\.h5ad': load the index first"),
         (lambda: cs.tl.search_clusters(path, model, index, "cell_type"), r"adata must be an AnnData"),
         (lambda: cs.tl.pseudobulk(path, "cell_type"), r"adata must be an AnnData"),
         (lambda: embed_collection(str(bundle), synthetic_h5ad, tmp_path / "e.zarr"), r"model must be a cellsift model"),

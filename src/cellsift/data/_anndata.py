@@ -218,6 +218,7 @@ class AnnDataStore(CellStore):
         key = _attr(obs, "_index")
         with self._reading(f"obs/{key}"):
             names = pd.Index(_plain(ad.io.read_elem(obs[key]))).astype(str)
+        self._check_length(f"obs/{key}, the cells' names,", len(names), self.n_obs, "cells")
         # (anndata keeps the index under its name, or under "_index" where it has none)
         return names.rename(None if key == "_index" else str(key))
 
@@ -226,7 +227,25 @@ class AnnDataStore(CellStore):
         with self._reading("raw/var" if self._raw else "var"):
             var = ad.io.read_elem(root["raw/var"] if self._raw else root["var"])
         var.index = var.index.astype(str)
+        # (the genes are the matrix's columns: read as another count, counts land under other genes)
+        where = "raw/var" if self._raw else "var"
+        self._check_length(
+            f"{where}, the genes' table,",
+            len(var),
+            self._shape[1],
+            f"genes of {self._matrix_key()}",
+        )
         return var
+
+    def _check_length(self, what: str, n: int, expected: int, of: str) -> None:
+        """An element of ``n`` entries where the matrix has ``expected`` (anndata refuses
+        such a file) named as the file's damage."""
+        if n != expected:
+            raise self._error(
+                f"{what} holds {n:,} entries for {expected:,} {of}: the file is damaged or "
+                "incomplete.",
+                "Write it again, or copy it again from its source.",
+            )
 
     def stored_row_nnz(self) -> np.ndarray | None:
         return None if self._dense else np.diff(self.indptr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -203,7 +204,9 @@ class CellDataModule(pl.LightningDataModule):
         self.val: CellCollection | None = None
         self.categories: dict[str, list[str]] = {}
         self._train_loader: CellLoader | None = None
+        #: a checkpoint's loader position and validation groups, held until the loader is made
         self._train_loader_state: dict[str, Any] | None = None
+        self._held_val_groups: list[Any] | None = None
 
     def reset(self) -> None:
         """Forget what :meth:`setup` read (the collection, the split's collections, the
@@ -568,8 +571,9 @@ class CellDataModule(pl.LightningDataModule):
         (:meth:`load_state_dict`), which it will start from."""
         if self._train_loader is not None:
             return {"train": self._train_loader.state_dict(), "val_groups": self.val_groups}
-        if self._train_loader_state is not None:
-            return {"train": dict(self._train_loader_state), "val_groups": self.val_groups}
+        if self._train_loader_state is not None:  # (a copy: the state to resume stays as given)
+            held = self.val_groups if self.val_groups is not None else self._held_val_groups
+            return {"train": copy.deepcopy(self._train_loader_state), "val_groups": held}
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -589,7 +593,8 @@ class CellDataModule(pl.LightningDataModule):
         if self._train_loader is not None:
             self._train_loader.load_state_dict(state)
         else:
-            self._train_loader_state = dict(state)
+            self._train_loader_state = copy.deepcopy(dict(state))
+            self._held_val_groups = None if held is None else list(held)
 
     def val_dataloader(self) -> CellLoader | list[Any]:
         if self.val is None:

@@ -378,7 +378,8 @@ class GeneVocabulary:
         return isinstance(other, GeneVocabulary) and self.genes.equals(other.genes)
 
     def __repr__(self) -> str:
-        return f"GeneVocabulary({len(self)} genes: {', '.join(self.genes[:3])}, ...)"
+        more = ", ..." if len(self) > 3 else ""
+        return f"GeneVocabulary({len(self)} genes: {', '.join(self.genes[:3])}{more})"
 
     @classmethod
     def from_var(cls, var: pd.DataFrame, symbols: str | None = None) -> GeneVocabulary:

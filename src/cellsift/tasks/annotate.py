@@ -45,7 +45,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._utils import as_float, import_optional, is_number, is_whole, logger, no_label
+from .._utils import (
+    as_float,
+    import_optional,
+    is_number,
+    is_whole,
+    logger,
+    no_label,
+    wrong_kind,
+)
 from .._warnings import CellsiftWarning, warn
 from ..data.collection import _as_text, value_text
 from ..errors import ConfigError, DataError
@@ -140,6 +148,9 @@ class KNNAnnotator:
         distance_threshold: float | None = None,
         abstain_on: Literal["mean", "nearest"] = "mean",
     ) -> None:
+        if not isinstance(index, CellIndex):
+            opened = "load the index first, CellIndex.load(path)"
+            raise wrong_kind("index", "a CellIndex (CellIndex.load(path))", index, opened)
         check_k(k)
         if k > index.n_cells:  # every call counts the whole reference's votes
             warn(
