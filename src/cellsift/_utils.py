@@ -769,7 +769,9 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     ``np.flatnonzero(mask)`` read as names would select other cells) are errors naming
     ``what``. A boolean
     Series is read by its index (:func:`in_obs_order`); so is one of True and False as
-    objects (a flag column after a concat)."""
+    objects (a flag column after a concat); a torch tensor as its values."""
+    if type(group).__module__.startswith("torch") and callable(getattr(group, "numpy", None)):
+        group = group.detach().cpu().numpy()  # (a torch dtype has no kind)
     dtype = getattr(group, "dtype", None)
     flags = dtype is not None and dtype.kind == "O" and len(group)
     if flags and pd.api.types.infer_dtype(group, skipna=True) == "boolean":

@@ -375,3 +375,28 @@ def test_a_float64_model_is_attributed_and_nan_counts_are_said(linear):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CellsiftWarning)
         attribute_difference(model, adata, is_a, ~is_a)
+
+
+def test_a_bfloat16_model_inference_mode_and_a_torch_mask(linear):
+    """A bfloat16 model is attributed (hunt260: numpy has no bfloat16, a TypeError once its
+    distances were computed); a call inside torch.inference_mode gives the same
+    attributions as outside (its inputs took no part in autograd: captum's RuntimeError);
+    a torch boolean tensor is a mask (an AttributeError, a torch dtype has no kind)."""
+    import copy
+
+    model, adata = linear
+    is_a = (adata.obs["group"] == "a").to_numpy()
+    want = attribute_difference(model, adata, is_a, ~is_a)
+    with torch.inference_mode():
+        got = attribute_difference(model, adata, is_a, ~is_a)
+    np.testing.assert_array_equal(got.attributions_ng, want.attributions_ng)
+    np.testing.assert_array_equal(got.distance_n, want.distance_n)
+    masked = attribute_difference(model, adata, torch.as_tensor(is_a), torch.as_tensor(~is_a))
+    np.testing.assert_array_equal(masked.attributions_ng, want.attributions_ng)
+    half = copy.deepcopy(model)
+    half.module.to(torch.bfloat16)
+    got = attribute_difference(half, adata, is_a, ~is_a, n_steps=200)
+    assert got.distance_n.dtype == np.float32 and got.attributions_ng.dtype == np.float32
+    np.testing.assert_allclose(got.distance_n, want.distance_n, atol=0.02)
+    # (bfloat16 keeps 8 bits: the ranking's top genes are the closed form's)
+    assert list(got.ranked().index[:3]) == list(want.ranked().index[:3])

@@ -211,7 +211,9 @@ def attribute_difference(
     from ..models.bundle import inference_on
 
     module = model.module
-    with inference_on(module, device) as dev:  # (its mode and device restored after)
+    # (gradients taken inside a caller's torch.inference_mode too: tensors made there take
+    # no part in autograd; its mode and device restored after)
+    with torch.inference_mode(False), inference_on(module, device) as dev:
         rows_a = np.searchsorted(chosen, np.flatnonzero(mask_a))  # (as rows of x)
         rows_b = np.searchsorted(chosen, np.flatnonzero(mask_b))
         mean_a, _ = _group_means(module, x[rows_a], dev, embed=False)
@@ -238,11 +240,11 @@ def attribute_difference(
                 method=method,
                 return_convergence_delta=True,
             )
-            with torch.no_grad():
-                dist.append(forward(x_ng).cpu().numpy())
-                base_dist.append(forward(b_ng).cpu().numpy())
-            attrs.append(attr.detach().cpu().numpy())
-            deltas.append(delta.detach().cpu().numpy())
+            with torch.no_grad():  # (as float32: numpy has no bfloat16, a bf16 model's type)
+                dist.append(forward(x_ng).float().cpu().numpy())
+                base_dist.append(forward(b_ng).float().cpu().numpy())
+            attrs.append(attr.detach().float().cpu().numpy())
+            deltas.append(delta.detach().float().cpu().numpy())
 
         result = DifferenceAttributions(
             attributions_ng=np.concatenate(attrs).astype(np.float32),
