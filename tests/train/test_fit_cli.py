@@ -913,7 +913,7 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
         (["--model.classifier_weight", "1.0"], r"classifier_weight must lie in \[0, 1 - trip"),
         (["--model.triplet_weight", "1.5"], r"triplet_weight must lie in \[0, 1\], not 1.5"),
         (["--model.lr", "-1"], "lr must be > 0"),
-        (["--model.asw_cells", "1"], "asw_cells must be at least 2"),
+        (["--model.asw_cells", "1"], "asw_cells must be a whole number of at least 2"),
         (["--trainer.max_epochs", "0"], "no training step ran"),
         (["--trainer.max_epochs", "-1"], r"this run has no last step \(max_epochs=-1 and no"),
         (["--ckpt_path", "best"], r"--ckpt_path best names the best checkpoint of a fit run in"),

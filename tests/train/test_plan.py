@@ -280,6 +280,11 @@ def test_plan_settings_that_are_no_schedule_are_refused():
     for bad in ("None", "constant", None):
         with pytest.raises(ConfigError, match=r"scheduler is 'cosine' .* or 'none'"):
             TrainingPlan(module, scheduler=bad)  # type: ignore[arg-type]
+    # (hunt261) asw_cells a fraction: refused here, not a TypeError of a slice at the end
+    # of the first validation
+    for bad in (1e4, 100.5, 1, "50"):
+        with pytest.raises(ConfigError, match=r"asw_cells must be a whole number of at least 2"):
+            TrainingPlan(module, asw_cells=bad)  # type: ignore[arg-type]
 
 
 class _Validations(pl.Callback):

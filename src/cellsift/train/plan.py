@@ -154,9 +154,10 @@ class TrainingPlan(pl.LightningModule):
             raise ConfigError(
                 f"lr must be > 0 and weight_decay >= 0, not {lr:g} and {weight_decay:g}."
             )
-        if asw_cells < 2:
+        if not is_whole(asw_cells, least=2):
             raise ConfigError(
-                f"asw_cells must be at least 2 (a silhouette compares cells), not {asw_cells}."
+                f"asw_cells must be a whole number of at least 2 (a silhouette compares "
+                f"cells), not {asw_cells!r}."
             )
         if scheduler not in ("cosine", "none"):
             raise ConfigError(
@@ -706,8 +707,9 @@ class TrainingPlan(pl.LightningModule):
     ) -> None:
         """Keep a batch's labelled cells for the silhouette: of batches with cell indices,
         the ``asw_cells`` of the lowest :func:`_spread_key` so far (at most twice as many
-        held between compactions); once a batch without them has come, the first
-        ``asw_cells`` to arrive."""
+        held between compactions); once a batch without them has come, the cells held then
+        (those of the lowest keys, where a compaction left some out) and the next to arrive,
+        up to ``asw_cells``."""
         labelled = y >= 0
         z, y = z[labelled], y.detach()[labelled]
         key = None if idx is None else _spread_key(idx.detach()[labelled])
