@@ -771,7 +771,12 @@ def cell_mask(adata: Any, group: Any, what: str = "cells") -> np.ndarray:
     Series is read by its index (:func:`in_obs_order`); so is one of True and False as
     objects (a flag column after a concat); a torch tensor as its values."""
     if type(group).__module__.startswith("torch") and callable(getattr(group, "numpy", None)):
-        group = group.detach().cpu().numpy()  # (a torch dtype has no kind)
+        import torch  # (a torch dtype has no kind; numpy has no bfloat16 nor sparse arrays)
+
+        group = group.detach().cpu()
+        group = group.to_dense() if group.layout != torch.strided else group
+        group = group.float() if group.is_floating_point() else group
+        group = group.numpy()
     dtype = getattr(group, "dtype", None)
     flags = dtype is not None and dtype.kind == "O" and len(group)
     if flags and pd.api.types.infer_dtype(group, skipna=True) == "boolean":

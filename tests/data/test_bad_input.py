@@ -417,6 +417,14 @@ def test_blank_and_spelled_out_missing_labels_are_dropped(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="cellsift"):
         CellCollection(path)  # no filter removes anything: nothing said
     assert "keeps" not in caplog.text
+    # the columns as an iterator: read once, each store filtered by them (review228: the
+    # first store spent it, and the others kept their unlabelled cells)
+    again = shutil.copy(path, tmp_path / "again.h5ad")
+    twice = CellCollection([path, again], dropna=iter(["cell_type_ontology_term_id"]))
+    np.testing.assert_array_equal(twice.cell_ids, [*range(6, 40), *range(46, 80)])
+    # a store's obs of one column given as text, not of its letters
+    store = open_store(path)
+    pd.testing.assert_frame_equal(store.obs("donor_id"), store.obs(["donor_id"]))
 
 
 def test_csc_matrix_is_refused_with_the_rewrite_for_its_format_and_layer(tmp_path):

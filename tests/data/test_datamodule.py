@@ -704,6 +704,9 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
     unset = CellDataModule(adata, val_fraction=0.2, **options)
     unset.load_state_dict(state)
     assert unset.state_dict() == state
+    for module in (unset, again, dm):  # (the groups a copy too, before and after setup)
+        module.state_dict()["val_groups"].append("other")
+        assert sorted(module.state_dict()["val_groups"]) == sorted(state["val_groups"])
     third = CellDataModule(adata, val_groups=state["val_groups"], **options)
     third.setup()
     third.load_state_dict(kept)

@@ -31,6 +31,8 @@ def test_align_reorders_and_marks_missing():
         repr(vocab) == "GeneVocabulary(3 genes: ENSG00000000003, ENSG00000000001, ENSG00000000002)"
     )
     assert repr(GeneVocabulary(["A", "B", "C", "D"])) == "GeneVocabulary(4 genes: A, B, C, ...)"
+    assert repr(GeneVocabulary(["A"])) == "GeneVocabulary(1 gene: A)"
+    assert repr(GeneVocabulary([])) == "GeneVocabulary(0 genes)"
 
 
 def test_a_reordering_map_reads_read_only_values():

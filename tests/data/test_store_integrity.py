@@ -324,3 +324,6 @@ def test_an_obs_or_var_element_of_another_length_is_named_as_damage(kind, elemen
     if element.startswith("var"):  # (aligned to the genes the file names: no counts read)
         with pytest.raises(DataError, match=pattern):
             CellCollection([path], genes=["gene0", "gene1"]).read(np.arange(2))
+        with pytest.raises(DataError, match=pattern) as err:  # (its path said once, review228)
+            CellCollection([path])
+        assert str(err.value).count(str(path)) == 1

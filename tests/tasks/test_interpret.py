@@ -393,6 +393,22 @@ def test_a_bfloat16_model_inference_mode_and_a_torch_mask(linear):
     np.testing.assert_array_equal(got.distance_n, want.distance_n)
     masked = attribute_difference(model, adata, torch.as_tensor(is_a), torch.as_tensor(~is_a))
     np.testing.assert_array_equal(masked.attributions_ng, want.attributions_ng)
+    # (review228) a sparse mask, a bfloat16 one (numbers: refused as numpy's are)
+    sparse = torch.as_tensor(is_a).to_sparse()
+    masked = attribute_difference(model, adata, sparse, torch.as_tensor(~is_a))
+    np.testing.assert_array_equal(masked.attributions_ng, want.attributions_ng)
+    with pytest.raises(ValueError, match=r"group_a"):
+        attribute_difference(model, adata, torch.as_tensor(is_a).to(torch.bfloat16), ~is_a)
+    # weights made inside inference_mode take no part in autograd: said, not torch's error
+    from cellsift.errors import ConfigError
+
+    inferred = copy.deepcopy(model)
+    with torch.inference_mode():
+        inferred.module.encoder.load_state_dict(
+            {k: v.clone() for k, v in model.module.encoder.state_dict().items()}, assign=True
+        )
+    with pytest.raises(ConfigError, match=r"made inside torch\.inference_mode\(\) .* load the"):
+        attribute_difference(inferred, adata, is_a, ~is_a)
     half = copy.deepcopy(model)
     half.module.to(torch.bfloat16)
     got = attribute_difference(half, adata, is_a, ~is_a, n_steps=200)

@@ -235,8 +235,9 @@ class CellCollection:
             np.int64
         )
         if genes is None:
+            var = self.stores[0].var  # (its reading errors name the store already)
             try:
-                self.genes = GeneVocabulary.from_var(self.stores[0].var)
+                self.genes = GeneVocabulary.from_var(var)
             except ValueError as err:  # (named with the store that holds them)
                 fix = (
                     _keep_one_of_each(self.stores[0])
@@ -276,8 +277,9 @@ class CellCollection:
                 _check_counts(s)
             elif min_genes:  # (its genes counted as the checks would count them)
                 _sample_stored_zeros(s, uses="min_genes")
-        if isinstance(dropna, str):  # one column, not its letters
-            dropna = [dropna]
+        if dropna is not None:  # (one column, not its letters; an iterator read once, not
+            # by the first store alone)
+            dropna = [dropna] if isinstance(dropna, str) else list(dropna)
         removed: dict[str, int] = {}  # cells each filter removes, over all stores
         alone: dict[str, int] = {}  # cells only it removes (every other filter keeps them)
         masks = [

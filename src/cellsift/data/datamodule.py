@@ -570,10 +570,13 @@ class CellDataModule(pl.LightningDataModule):
         groups, for checkpoints; before the loader is made, the position a checkpoint gave
         (:meth:`load_state_dict`), which it will start from."""
         if self._train_loader is not None:
-            return {"train": self._train_loader.state_dict(), "val_groups": self.val_groups}
+            return {
+                "train": self._train_loader.state_dict(),
+                "val_groups": copy.copy(self.val_groups),
+            }
         if self._train_loader_state is not None:  # (a copy: the state to resume stays as given)
             held = self.val_groups if self.val_groups is not None else self._held_val_groups
-            return {"train": copy.deepcopy(self._train_loader_state), "val_groups": held}
+            return {"train": copy.deepcopy(self._train_loader_state), "val_groups": copy.copy(held)}
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

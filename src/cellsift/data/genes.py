@@ -378,8 +378,9 @@ class GeneVocabulary:
         return isinstance(other, GeneVocabulary) and self.genes.equals(other.genes)
 
     def __repr__(self) -> str:
-        more = ", ..." if len(self) > 3 else ""
-        return f"GeneVocabulary({len(self)} genes: {', '.join(self.genes[:3])}{more})"
+        n = len(self)
+        shown = f": {', '.join(self.genes[:3])}{', ...' if n > 3 else ''}" if n else ""
+        return f"GeneVocabulary({n} gene{'' if n == 1 else 's'}{shown})"
 
     @classmethod
     def from_var(cls, var: pd.DataFrame, symbols: str | None = None) -> GeneVocabulary:

@@ -347,7 +347,14 @@ class CellStore(ABC):
     def obs(self, columns: list[str] | None = None) -> pd.DataFrame:
         """An obs DataFrame of ``columns`` (all by default), indexed by the cells' obs
         names as an AnnData's obs is (where the store has names; else by position)."""
-        cols = self.obs_columns if columns is None else columns
+        # (one column as text, not its letters)
+        cols = (
+            self.obs_columns
+            if columns is None
+            else [columns]
+            if isinstance(columns, str)
+            else columns
+        )
         names = getattr(self, "obs_names", None)  # (positions where the store has none)
         index = names if names is not None else pd.RangeIndex(self.n_obs)
         return pd.DataFrame({c: self.obs_column(c) for c in cols}, index=index)

@@ -14,6 +14,7 @@ through the model's own ``normalize`` module, exactly as :meth:`MetricModel.embe
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -211,6 +212,13 @@ def attribute_difference(
     from ..models.bundle import inference_on
 
     module = model.module
+    state = itertools.chain(module.encoder.parameters(), module.encoder.buffers())
+    if any(t.is_inference() for t in state):
+        raise ConfigError(
+            "the model's weights were made inside torch.inference_mode() (loaded or moved "
+            "there), which leaves them out of autograd, and integrated gradients takes the "
+            "encoder's gradients: load the model outside inference_mode."
+        )
     # (gradients taken inside a caller's torch.inference_mode too: tensors made there take
     # no part in autograd; its mode and device restored after)
     with torch.inference_mode(False), inference_on(module, device) as dev:
