@@ -539,3 +539,77 @@ def test_values_that_are_not_counts_outside_the_sample_are_refused_naming_the_ce
     assert not out.exists()
     convert(tmp_path / "joined.h5ad", out, check_counts=False)  # (as asked: written as they are)
     np.testing.assert_allclose(open_store(out).read(np.array([1])).data, counts[1].data)
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "soma"])
+def test_an_index_named_like_a_column_of_its_values_keeps_its_name(tmp_path, fmt):
+    """An index named like a column that holds its values (the Kang data's var: index and
+    column gene_symbol) keeps its name in every format, as anndata keeps it (hunt262: the
+    name was dropped); where the column holds other values, which anndata refuses, the
+    index is written unnamed and the column as it was."""
+    import pandas as pd
+
+    var = pd.DataFrame(
+        {"gene_symbol": ["A", "B", "C"], "other": ["x", "y", "z"]},
+        index=pd.Index(["A", "B", "C"], name="gene_symbol"),
+    )
+    obs = pd.DataFrame(
+        {"cell": ["c0", "c1"], "score": [1.0, 2.0]},
+        index=pd.Index(["c0", "c1"], name="cell"),
+    )
+    adata = ad.AnnData(sp.csr_matrix(np.array([[1, 0, 2], [0, 3, 0]], np.float32)), obs, var)
+    source = tmp_path / "source.h5ad"
+    adata.write_h5ad(source)
+    store = open_store(convert(source, tmp_path / f"out.{fmt}"))
+    assert store.var.index.name == "gene_symbol" and store.obs().index.name == "cell"
+    assert store.var["gene_symbol"].astype(str).tolist() == ["A", "B", "C"]
+    assert np.asarray(store.obs_column("cell"), dtype=str).tolist() == ["c0", "c1"]
+    if fmt != "soma":
+        back = ad.read_h5ad(store.path) if fmt == "h5ad" else ad.read_zarr(store.path)
+        assert back.var.index.name == "gene_symbol" and back.obs.index.name == "cell"
+    differ = adata.copy()
+    differ.var.index.name = "other"
+    store = open_store(convert(differ, tmp_path / f"differ.{fmt}"))
+    named = "other" if fmt == "soma" else None  # (anndata refuses the name: left out)
+    assert store.var.index.name == named
+    assert store.var["other"].astype(str).tolist() == ["x", "y", "z"]
+    assert store.var_names.tolist() == ["A", "B", "C"]
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "soma"])
+def test_a_writers_chunks_of_other_categories_keep_them_all_in_order(tmp_path, fmt):
+    """Chunks whose categoricals hold other categories are written over their union (the
+    first chunk's in order, then each later one's new ones), ordered where every chunk's is
+    (hunt262: h5ad and Zarr lost the unused categories, the order and ordered), ordered
+    where the first chunk's are, as in TileDB-SOMA; ordered chunks that contradict each
+    other's order are refused (an unordered one declares no order: SOMA refused it)."""
+    import pandas as pd
+
+    from cellsift.data import open_writer
+
+    var = pd.DataFrame(index=["g0", "g1"])
+    ones = sp.csr_matrix(np.ones((2, 2), np.float32))
+
+    def chunk(values, categories, names, ordered=True):
+        column = pd.Categorical(values, categories=categories, ordered=ordered)
+        return pd.DataFrame({"c": column}, index=names)
+
+    first = chunk(["b", "b"], ["b", "a", "z"], ["c0", "c1"])
+    with open_writer(tmp_path / f"s.{fmt}", var, n_obs=4) as writer:
+        writer.append(ones, first)
+        writer.append(ones, chunk(["a", "y"], ["a", "y"], ["c2", "c3"]))
+    assert isinstance(first["c"].dtype, pd.CategoricalDtype)  # (the caller's chunk as it was)
+    column = pd.Series(open_store(tmp_path / f"s.{fmt}").obs_column("c"))
+    assert list(column.cat.categories) == ["b", "a", "z", "y"] and column.cat.ordered
+    assert column.astype(str).tolist() == ["b", "b", "a", "y"]
+    with open_writer(tmp_path / f"u.{fmt}", var, n_obs=4) as writer:  # (one unordered)
+        writer.append(ones, first)
+        writer.append(ones, chunk(["a", "y"], ["y", "a"], ["c2", "c3"], ordered=False))
+    column = pd.Series(open_store(tmp_path / f"u.{fmt}").obs_column("c"))
+    assert list(column.cat.categories) == ["b", "a", "z", "y"] and column.cat.ordered
+    assert column.astype(str).tolist() == ["b", "b", "a", "y"]
+    with pytest.raises(DataError, match=r"obs column 'c' is an ordered categorical whose"):
+        with open_writer(tmp_path / f"x.{fmt}", var, n_obs=4) as writer:
+            writer.append(ones, first)
+            writer.append(ones, chunk(["a", "b"], ["a", "b"], ["c2", "c3"]))
+    assert not (tmp_path / f"x.{fmt}").exists()

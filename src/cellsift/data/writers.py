@@ -249,7 +249,11 @@ class StoreWriter:
         try:
             if self.n_obs_expected is not None and self.n_obs != self.n_obs_expected:
                 raise ValueError(f"{self.n_obs} cells written, {self.n_obs_expected} announced.")
-            obs = pd.concat(self._obs) if self._obs else pd.DataFrame(index=pd.Index([], dtype=str))
+            obs = (
+                pd.concat(_common_categories(self._obs, self.path))
+                if self._obs
+                else pd.DataFrame(index=pd.Index([], dtype=str))
+            )
             self._finish(_clean_frame(obs))
             # (checked again: what appeared at the path while the cells were written)
             place_output(self.tmp, self.path, self.overwrite, is_store, A_STORE)
@@ -333,6 +337,56 @@ def _mixed(categories: pd.Index) -> bool:
     return categories.dtype == object and not all(isinstance(v, str) for v in categories)
 
 
+def _common_categories(frames: list[pd.DataFrame], path: Path) -> list[pd.DataFrame]:
+    """``frames`` (chunks of obs) with each column that is categorical in every chunk
+    holding it over one set of categories: the first chunk's, in order, then each later
+    chunk's new ones, ordered where the first chunk's are (as a TileDB-SOMA store's
+    enumeration grows). pandas concatenates categoricals of other categories as objects,
+    which would lose the unused categories, their order and ``ordered``. An ordered chunk
+    whose order the common one contradicts is refused (:func:`_check_order`)."""
+    dtypes: dict[Any, pd.CategoricalDtype | None] = {}
+    for frame in frames:
+        for name in frame.columns:
+            dtype = frame[name].dtype
+            if not isinstance(dtype, pd.CategoricalDtype):
+                dtypes[name] = None  # (not categorical in every chunk: concatenated as is)
+            elif name not in dtypes:
+                dtypes[name] = dtype
+            elif (held := dtypes[name]) is not None and held != dtype:
+                grown = held.categories.append(
+                    dtype.categories.difference(held.categories, sort=False)
+                )
+                if held.ordered and dtype.ordered:
+                    _check_order(path, name, dtype.categories, grown, held.categories)
+                dtypes[name] = pd.CategoricalDtype(grown, ordered=held.ordered)
+    common = {name: dtype for name, dtype in dtypes.items() if dtype is not None}
+    out = []
+    for frame in frames:
+        changed = [n for n, d in common.items() if n in frame.columns and frame[n].dtype != d]
+        if changed:  # (a copy: the caller's chunk left as it was)
+            frame = frame.copy()
+            for name in changed:
+                frame[name] = frame[name].astype(common[name])
+        out.append(frame)
+    return out
+
+
+def _check_order(
+    path: Path, name: Any, declared: pd.Index, grown: pd.Index, before: pd.Index
+) -> None:
+    """An ordered chunk's categories ``declared`` follow the order of the store's
+    categories ``grown`` (those ``before`` it, then its new ones: categories grow at the
+    end only); else a DataError naming both orders."""
+    kept = set(declared)
+    if [c for c in grown if c in kept] != list(declared):
+        raise DataError(
+            f"{path}: obs column {name!r} is an ordered categorical whose chunk declares "
+            f"the order {list(declared)}, which the store cannot hold after {list(before)} "
+            "(its categories grow at the end only). Give the first chunk every category, "
+            "in order (pd.Categorical(values, categories=all_of_them, ordered=True))."
+        )
+
+
 def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
     """``df`` as the writers store it: the index as text; dates, times and durations as their
     text ("2020-01-31", "2020-01-31 10:00:00+01:00"; anndata and TileDB-SOMA store no
@@ -343,9 +397,24 @@ def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
     df.index = df.index.astype(str)
     if df.index.name is not None:  # (as text: anndata takes no other key)
         df.index.name = str(df.index.name)
-    if df.index.name in df.columns:  # anndata refuses an index named like a column
-        df.index.name = None
+    # an index named like a column: anndata keeps the name where the column holds the
+    # index's values (text, as the index is written: left so, not made categories), and
+    # refuses it otherwise (the name then dropped); TileDB-SOMA keeps it beside the columns
+    alike = None
+    if categories and df.index.name in df.columns:
+        alike = df.index.name
+        column = df[alike]
+        texts = column.dtype == object or isinstance(column.dtype, pd.StringDtype)
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            texts = column.cat.categories.dtype == object
+        same = texts and column.notna().all() and (column.astype(str).to_numpy() == df.index).all()
+        if same:
+            df[alike] = np.asarray(df.index, dtype=object)
+        else:
+            df.index.name = alike = None
     for col in df.columns:
+        if col == alike:
+            continue
         s = df[col]
         if _is_date(s.dtype):
             df[col] = text_or_none(s.array)
@@ -918,17 +987,10 @@ class SomaWriter(StoreWriter):
                 continue
             col = obs_df[name].astype("category")
             extra = col.cat.categories.difference(dtype.categories, sort=False)
-            if len(extra) and dtype.ordered:  # an enumeration grows at its end only
+            # an enumeration grows at its end only (an unordered chunk declares no order)
+            if dtype.ordered and col.cat.ordered:
                 grown = dtype.categories.append(extra)
-                declared = list(col.cat.categories)
-                if [c for c in grown if c in set(declared)] != declared:
-                    raise DataError(
-                        f"{self.path}: obs column {name!r} is an ordered categorical whose "
-                        f"chunk declares the order {declared}, which a TileDB-SOMA store "
-                        f"cannot hold after {list(dtype.categories)} (its categories grow at "
-                        "the end only). Give the first chunk every category, in order "
-                        "(pd.Categorical(values, categories=all_of_them, ordered=True))."
-                    )
+                _check_order(self.path, name, col.cat.categories, grown, dtype.categories)
             if len(extra):
                 dtype = pd.CategoricalDtype(dtype.categories.append(extra), ordered=dtype.ordered)
                 self._categories[name] = dtype
