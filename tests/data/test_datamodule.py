@@ -701,6 +701,14 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
     assert again.state_dict()["train"] == state["train"]
     kept = again.state_dict()
     # given before setup() drew the groups: the checkpoint's groups (review227: None)
+    # dropna's columns as an iterator: read once, not spent by the first setup (review229)
+    fresh = CellDataModule(
+        adata, val_fraction=0.2, collection_options={"dropna": iter(["donor_id"])}, **options
+    )
+    fresh.setup()
+    fresh.reset()
+    fresh.setup()
+    assert fresh.collection_options["dropna"] == ["donor_id"]
     unset = CellDataModule(adata, val_fraction=0.2, **options)
     unset.load_state_dict(state)
     assert unset.state_dict() == state

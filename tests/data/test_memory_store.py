@@ -84,6 +84,15 @@ def test_bad_in_memory_input_is_named(tmp_path):
     with pytest.raises(TypeError, match=r"adata\[1\]: an AnnData in memory takes no store"):
         CellCollection([tmp_path / "a.h5ad", adata], store_options={"rdcc_nbytes": 1 << 20})
 
+    # a store of the user's own kind whose gene table fails to read: named with its path,
+    # once (review229: through, unnamed, once a store's own errors were let through)
+    class Truncated(MemoryStore):
+        def _load_var(self):
+            raise ValueError("var.parquet is truncated")
+
+    with pytest.raises(DataError, match=r"^adata: its var\.parquet is truncated$"):
+        CellCollection([Truncated(adata)])
+
 
 def test_whole_number_groups_with_missing_values_stay_whole(tmp_path):
     """A nullable Int64 column (a donor number, some missing) codes as '3', not '3.0', from

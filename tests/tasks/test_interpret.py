@@ -409,6 +409,14 @@ def test_a_bfloat16_model_inference_mode_and_a_torch_mask(linear):
         )
     with pytest.raises(ConfigError, match=r"made inside torch\.inference_mode\(\) .* load the"):
         attribute_difference(inferred, adata, is_a, ~is_a)
+    # (review229) a count made there, which no gradient reads, is no reason to refuse
+    counted = copy.deepcopy(model)
+    (bn,) = [m for m in counted.module.encoder.modules() if isinstance(m, nn.BatchNorm1d)]
+    with torch.inference_mode():
+        bn.num_batches_tracked = bn.num_batches_tracked.clone()
+    assert bn.num_batches_tracked.is_inference()
+    got = attribute_difference(counted, adata, is_a, ~is_a)
+    np.testing.assert_array_equal(got.attributions_ng, want.attributions_ng)
     half = copy.deepcopy(model)
     half.module.to(torch.bfloat16)
     got = attribute_difference(half, adata, is_a, ~is_a, n_steps=200)

@@ -28,7 +28,7 @@ from .._utils import (
     positions as to_positions,
 )
 from .._warnings import warn
-from ..errors import MIN_GENES_FIX, ConfigError, DataError, MissingKeyError
+from ..errors import MIN_GENES_FIX, CellsiftError, ConfigError, DataError, MissingKeyError
 from ._values import COUNT_LIMIT, first_fault
 from .genes import (
     DuplicateGenesError,
@@ -235,7 +235,12 @@ class CellCollection:
             np.int64
         )
         if genes is None:
-            var = self.stores[0].var  # (its reading errors name the store already)
+            try:
+                var = self.stores[0].var
+            except CellsiftError:  # (cellsift's stores name themselves)
+                raise
+            except ValueError as err:  # (a store of the user's own kind, say)
+                raise DataError(f"{self.stores[0].path}: its {err}") from err
             try:
                 self.genes = GeneVocabulary.from_var(var)
             except ValueError as err:  # (named with the store that holds them)

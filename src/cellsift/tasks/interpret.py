@@ -212,16 +212,10 @@ def attribute_difference(
     from ..models.bundle import inference_on
 
     module = model.module
-    state = itertools.chain(module.encoder.parameters(), module.encoder.buffers())
-    if any(t.is_inference() for t in state):
-        raise ConfigError(
-            "the model's weights were made inside torch.inference_mode() (loaded or moved "
-            "there), which leaves them out of autograd, and integrated gradients takes the "
-            "encoder's gradients: load the model outside inference_mode."
-        )
     # (gradients taken inside a caller's torch.inference_mode too: tensors made there take
     # no part in autograd; its mode and device restored after)
     with torch.inference_mode(False), inference_on(module, device) as dev:
+        _check_not_inference(module.encoder)
         rows_a = np.searchsorted(chosen, np.flatnonzero(mask_a))  # (as rows of x)
         rows_b = np.searchsorted(chosen, np.flatnonzero(mask_b))
         mean_a, _ = _group_means(module, x[rows_a], dev, embed=False)
@@ -294,6 +288,19 @@ def explain_difference(
 
 
 # -- helpers ------------------------------------------------------------------------------
+def _check_not_inference(encoder: nn.Module) -> None:
+    """The encoder's weights and floating buffers (BatchNorm's statistics, which its
+    backward reads) take part in autograd: tensors made inside ``torch.inference_mode()``
+    cannot, and integrated gradients takes the encoder's gradients."""
+    floating = (b for b in encoder.buffers() if b.is_floating_point())
+    if any(t.is_inference() for t in itertools.chain(encoder.parameters(), floating)):
+        raise ConfigError(
+            "the model's weights were made inside torch.inference_mode() (loaded or moved "
+            "there), which leaves them out of autograd, and integrated gradients takes the "
+            "encoder's gradients: load the model outside inference_mode."
+        )
+
+
 def _normalized(module: Any, x: sp.csr_matrix, dev: torch.device) -> torch.Tensor:
     """The encoder's input: the model's own normalisation of the counts, dense."""
     with torch.no_grad():

@@ -707,9 +707,9 @@ class TrainingPlan(pl.LightningModule):
     ) -> None:
         """Keep a batch's labelled cells for the silhouette: of batches with cell indices,
         the ``asw_cells`` of the lowest :func:`_spread_key` so far (at most twice as many
-        held between compactions); once a batch without them has come, the cells held then
-        (those of the lowest keys, where a compaction left some out) and the next to arrive,
-        up to ``asw_cells``."""
+        held between compactions); once a batch without them has come, the first
+        ``asw_cells`` of the cells held then and of those that arrive after, in the order
+        they were held (cells a compaction left out are not among them)."""
         labelled = y >= 0
         z, y = z[labelled], y.detach()[labelled]
         key = None if idx is None else _spread_key(idx.detach()[labelled])
