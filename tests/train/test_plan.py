@@ -1336,3 +1336,37 @@ def test_watching_the_silhouette_without_labels_is_refused_where_it_would_fail(
     with pytest.warns(CellsiftWarning, match=r"watch val/knn_acc, which the model does not log"):
         trainer.fit(TrainingPlan(module), datamodule=dm)
     assert trainer.global_step > 0 and trainer.callback_metrics["val/knn_acc"] == 0.5
+
+
+def test_a_checkpoint_whose_pickle_is_damaged_is_named_whatever_its_bytes_became(tmp_path):
+    """Bytes overwritten inside an intact checkpoint's pickled part: reading it either
+    gives the training state or the one-line DataError naming the file, wherever the
+    damage lies (hunt263: text that is no UTF-8 was torch's UnicodeDecodeError)."""
+    import zipfile
+
+    from cellsift.errors import DataError
+    from cellsift.train.resume import read_checkpoint
+
+    state = {
+        "state_dict": {"encoder.weight": torch.ones(3, 2)},
+        "epoch": 2,
+        "global_step": 14,
+        "hyper_parameters": {"lr": 0.005, "scheduler": "cosine", "hidden": [16, 8]},
+        "loops": {"fit_loop": {"state_dict": {"name": "épochs"}}},
+    }
+    path = tmp_path / "whole.ckpt"
+    torch.save(state, path)
+    raw = path.read_bytes()
+    entry = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("data.pkl"))
+    start = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra)
+    named = 0
+    for offset in range(0, entry.compress_size - 4, 3):
+        damaged = bytearray(raw)
+        damaged[start + offset : start + offset + 4] = b"\xff" * 4
+        (tmp_path / "damaged.ckpt").write_bytes(bytes(damaged))
+        try:
+            read_checkpoint(tmp_path / "damaged.ckpt")
+        except DataError as err:
+            assert "damaged.ckpt cannot be read as a checkpoint" in str(err), offset
+            named += 1
+    assert named > 0

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import pickle
+import struct
 import threading
 import uuid
 import weakref
@@ -64,12 +65,31 @@ def read_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, 
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not (isinstance(ckpt, dict) and "state_dict" in ckpt):
             raise RuntimeError("it holds no Lightning training state")
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+    # (a damaged pickle inside an intact zip fails as whatever its bytes became: text that
+    # is no UTF-8, a memo or stack entry that is not there, a length past the end)
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        pickle.UnpicklingError,
+        ValueError,
+        LookupError,
+        TypeError,
+        AttributeError,
+        ArithmeticError,
+        struct.error,
+    ) as err:
         raise DataError(
-            f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}): the file "
+            f"{path} cannot be read as a checkpoint ({_first_line(err)}): the file "
             f"is truncated, corrupt or not a checkpoint (a model bundle's files are not). {advice}"
         ) from err
     return ckpt
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message; its type where it has none (a bare EOFError)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
