@@ -567,6 +567,11 @@ def test_an_index_named_like_a_column_of_its_values_keeps_its_name(tmp_path, fmt
     if fmt != "soma":
         back = ad.read_h5ad(store.path) if fmt == "h5ad" else ad.read_zarr(store.path)
         assert back.var.index.name == "gene_symbol" and back.obs.index.name == "cell"
+    # a categorical of pandas' text (pandas 3's default): the same values (review230)
+    strings = adata.copy()
+    strings.var["gene_symbol"] = strings.var["gene_symbol"].astype("string").astype("category")
+    store = open_store(convert(strings, tmp_path / f"strings.{fmt}"))
+    assert store.var.index.name == "gene_symbol"
     differ = adata.copy()
     differ.var.index.name = "other"
     store = open_store(convert(differ, tmp_path / f"differ.{fmt}"))
@@ -608,6 +613,15 @@ def test_a_writers_chunks_of_other_categories_keep_them_all_in_order(tmp_path, f
     column = pd.Series(open_store(tmp_path / f"u.{fmt}").obs_column("c"))
     assert list(column.cat.categories) == ["b", "a", "z", "y"] and column.cat.ordered
     assert column.astype(str).tolist() == ["b", "b", "a", "y"]
+    # a chunk of the column as text: its values as categories, in every format alike
+    # (review230: h5ad and Zarr sorted them all, unordered)
+    text = pd.DataFrame({"c": ["w", "a"]}, index=["c2", "c3"])
+    with open_writer(tmp_path / f"t.{fmt}", var, n_obs=4) as writer:
+        writer.append(ones, first)
+        writer.append(ones, text)
+    column = pd.Series(open_store(tmp_path / f"t.{fmt}").obs_column("c"))
+    assert list(column.cat.categories) == ["b", "a", "z", "w"] and column.cat.ordered
+    assert column.astype(str).tolist() == ["b", "b", "w", "a"]
     with pytest.raises(DataError, match=r"obs column 'c' is an ordered categorical whose"):
         with open_writer(tmp_path / f"x.{fmt}", var, n_obs=4) as writer:
             writer.append(ones, first)

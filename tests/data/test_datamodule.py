@@ -709,6 +709,9 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
     fresh.reset()
     fresh.setup()
     assert fresh.collection_options["dropna"] == ["donor_id"]
+    none = CellDataModule(adata, collection_options={"dropna": False}, **options)  # (none)
+    none.setup()
+    assert none.collection.n_obs == adata.n_obs
     unset = CellDataModule(adata, val_fraction=0.2, **options)
     unset.load_state_dict(state)
     assert unset.state_dict() == state

@@ -184,7 +184,7 @@ class CellDataModule(pl.LightningDataModule):
         self.obs_filter = obs_filter
         self.collection_options = dict(collection_options or {})
         dropna = self.collection_options.get("dropna")
-        if dropna is not None and not isinstance(dropna, str):  # (an iterator: read once,
+        if dropna and not isinstance(dropna, str):  # (an iterator: read once,
             self.collection_options["dropna"] = list(dropna)  # not spent by the first setup)
         self.labels = list(labels) if labels is not None else None
         if self.labels is not None:

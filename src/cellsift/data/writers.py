@@ -250,7 +250,7 @@ class StoreWriter:
             if self.n_obs_expected is not None and self.n_obs != self.n_obs_expected:
                 raise ValueError(f"{self.n_obs} cells written, {self.n_obs_expected} announced.")
             obs = (
-                pd.concat(_common_categories(self._obs, self.path))
+                _concat_obs(self._obs, self.path)
                 if self._obs
                 else pd.DataFrame(index=pd.Index([], dtype=str))
             )
@@ -337,38 +337,55 @@ def _mixed(categories: pd.Index) -> bool:
     return categories.dtype == object and not all(isinstance(v, str) for v in categories)
 
 
-def _common_categories(frames: list[pd.DataFrame], path: Path) -> list[pd.DataFrame]:
-    """``frames`` (chunks of obs) with each column that is categorical in every chunk
-    holding it over one set of categories: the first chunk's, in order, then each later
-    chunk's new ones, ordered where the first chunk's are (as a TileDB-SOMA store's
-    enumeration grows). pandas concatenates categoricals of other categories as objects,
+def _concat_obs(frames: list[pd.DataFrame], path: Path) -> pd.DataFrame:
+    """``frames`` (chunks of obs, at least one) as one frame, where a column categorical in
+    the first chunk that holds it stays so over the categories of every chunk: the first
+    one's, in order, then each later chunk's new ones (text read as categories), ordered as
+    the first one's, as a TileDB-SOMA store's enumeration grows; cells of chunks without
+    the column missing. pandas concatenates categoricals of other categories as objects,
     which would lose the unused categories, their order and ``ordered``. An ordered chunk
-    whose order the common one contradicts is refused (:func:`_check_order`)."""
-    dtypes: dict[Any, pd.CategoricalDtype | None] = {}
+    whose order the common one contradicts is refused (:func:`_check_order`). Linear in the
+    cells and categories: each chunk's codes are mapped onto the common categories once."""
+    union: dict[Any, tuple[list[Any], dict[Any, int], bool]] = {}
+    seen: set[Any] = set()
+    codes: list[dict[Any, np.ndarray]] = []
     for frame in frames:
+        mapped = {}
         for name in frame.columns:
-            dtype = frame[name].dtype
-            if not isinstance(dtype, pd.CategoricalDtype):
-                dtypes[name] = None  # (not categorical in every chunk: concatenated as is)
-            elif name not in dtypes:
-                dtypes[name] = dtype
-            elif (held := dtypes[name]) is not None and held != dtype:
-                grown = held.categories.append(
-                    dtype.categories.difference(held.categories, sort=False)
-                )
-                if held.ordered and dtype.ordered:
-                    _check_order(path, name, dtype.categories, grown, held.categories)
-                dtypes[name] = pd.CategoricalDtype(grown, ordered=held.ordered)
-    common = {name: dtype for name, dtype in dtypes.items() if dtype is not None}
-    out = []
-    for frame in frames:
-        changed = [n for n, d in common.items() if n in frame.columns and frame[n].dtype != d]
-        if changed:  # (a copy: the caller's chunk left as it was)
-            frame = frame.copy()
-            for name in changed:
-                frame[name] = frame[name].astype(common[name])
-        out.append(frame)
-    return out
+            column = frame[name]
+            first = name not in seen
+            seen.add(name)
+            if first and isinstance(column.dtype, pd.CategoricalDtype):
+                cats = list(column.cat.categories)
+                union[name] = (cats, {c: i for i, c in enumerate(cats)}, column.cat.ordered)
+            elif name not in union:
+                continue
+            cats, where, ordered = union[name]
+            if not isinstance(column.dtype, pd.CategoricalDtype):
+                column = column.astype("category")
+            own, before = column.cat.categories, len(cats)
+            for c in own:
+                if c not in where:
+                    where[c] = len(cats)
+                    cats.append(c)
+            to_common = np.fromiter((where[c] for c in own), np.int64, len(own))
+            # (its new categories go at the end in its order: its order holds where the
+            # common places of its categories rise)
+            if ordered and column.cat.ordered and (np.diff(to_common) <= 0).any():
+                raise _order_error(path, name, own, cats[:before])
+            own_codes = column.cat.codes.to_numpy()
+            mapped[name] = np.where(own_codes >= 0, to_common[np.maximum(own_codes, 0)], -1)
+        codes.append(mapped)
+    plain = [frame.drop(columns=[n for n in union if n in frame.columns]) for frame in frames]
+    out = pd.concat(plain)
+    for name, (cats, _, ordered) in union.items():
+        common = np.concatenate(
+            [m.get(name, np.full(len(f), -1)) for m, f in zip(codes, frames, strict=True)]
+        )
+        dtype = pd.CategoricalDtype(cats, ordered=ordered)
+        out[name] = pd.Categorical.from_codes(common, dtype=dtype)
+    order = list(dict.fromkeys(c for frame in frames for c in frame.columns))
+    return out[order]
 
 
 def _check_order(
@@ -376,15 +393,21 @@ def _check_order(
 ) -> None:
     """An ordered chunk's categories ``declared`` follow the order of the store's
     categories ``grown`` (those ``before`` it, then its new ones: categories grow at the
-    end only); else a DataError naming both orders."""
+    end only); else :func:`_order_error`."""
     kept = set(declared)
     if [c for c in grown if c in kept] != list(declared):
-        raise DataError(
-            f"{path}: obs column {name!r} is an ordered categorical whose chunk declares "
-            f"the order {list(declared)}, which the store cannot hold after {list(before)} "
-            "(its categories grow at the end only). Give the first chunk every category, "
-            "in order (pd.Categorical(values, categories=all_of_them, ordered=True))."
-        )
+        raise _order_error(path, name, declared, before)
+
+
+def _order_error(path: Path, name: Any, declared: Any, before: Any) -> DataError:
+    """The DataError of an ordered chunk whose order ``declared`` contradicts the
+    categories ``before`` it."""
+    return DataError(
+        f"{path}: obs column {name!r} is an ordered categorical whose chunk declares the "
+        f"order {list(declared)}, which the store cannot hold after {list(before)} (its "
+        "categories grow at the end only). Give the first chunk every category, in order "
+        "(pd.Categorical(values, categories=all_of_them, ordered=True))."
+    )
 
 
 def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
@@ -406,7 +429,8 @@ def _clean_frame(df: pd.DataFrame, *, categories: bool = True) -> pd.DataFrame:
         column = df[alike]
         texts = column.dtype == object or isinstance(column.dtype, pd.StringDtype)
         if isinstance(column.dtype, pd.CategoricalDtype):
-            texts = column.cat.categories.dtype == object
+            kind = column.cat.categories.dtype
+            texts = pd.api.types.is_object_dtype(kind) or isinstance(kind, pd.StringDtype)
         same = texts and column.notna().all() and (column.astype(str).to_numpy() == df.index).all()
         if same:
             df[alike] = np.asarray(df.index, dtype=object)
