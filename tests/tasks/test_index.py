@@ -1154,6 +1154,22 @@ def test_corrupt_or_incomplete_index_is_named(tmp_path, data):
         CellIndex.load(path, verify=False)
     with pytest.raises(CellIndexError, match="not a CellIndex"):
         CellIndex.load(tmp_path)
+    # metadata of other rows than the cells, whose manifest a hand made to fit: named
+    # (hunt264: loaded, its filters selected among 5 of 200 cells)
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cellsift.tasks.index import _file_digest
+
+    path = CellIndex.build(x[:200], meta[:200], engine="exact").save(tmp_path / "short")
+    pq.write_table(pa.Table.from_pandas(meta[:5], preserve_index=False), path / "metadata.parquet")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["metadata.parquet"] = _file_digest(path / "metadata.parquet")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CellIndexError, match=r"metadata\.parquet holds 5 rows for the 200 cells"):
+        CellIndex.load(path)
 
 
 def test_bad_k_empty_queries_and_cell_names(data, ivf, tmp_path):

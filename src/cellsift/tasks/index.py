@@ -1293,6 +1293,14 @@ class CellIndex:
             params=manifest["params"],
             metadata_path=meta if meta.exists() else None,
         )
+        held = index._metadata_file
+        rows = None if held is None else held.dataset().count_rows()  # (from its footer)
+        if rows is not None and rows != manifest["n_cells"]:  # (a file its manifest
+            # was written for by hand: its cells would take other cells' metadata)
+            raise CellIndexError(
+                f"{meta} holds {rows:,} rows for the {manifest['n_cells']:,} cells of the "
+                "index; the index is corrupt, rebuild it."
+            )
         index._versions.update(dict.fromkeys(_folder_keys(root), _manifest_digest(raw)))
         index._warn_if_added_short(root)
         return index
