@@ -324,3 +324,19 @@ def test_coarsen_rare_counts_no_study_for_cells_without_one(cl):
         out, report = cl.coarsen_rare(labels, ["a", "b", "a", "b", "a", none, none])
         assert report.studies["CL:0000788"] == 1, none
         assert report.moved == {"CL:0000788": "CL:0000236"}, none
+
+
+def test_coarsen_rare_keeps_unlabelled_cells_unlabelled_and_takes_tuples_as_studies(cl):
+    """A cell without a label (None, NaN, NA) stays None and counts toward no label
+    (hunt265: refused, pointing to harmonize(), which refuses them too); a study given as a
+    tuple (donor, batch) is one study (a bare ValueError of pandas')."""
+    b_cell, lymphocyte = "CL:0000236", "CL:0000542"
+    labels = [b_cell, lymphocyte, lymphocyte, None, np.nan, pd.NA]
+    out, report = cl.coarsen_rare(labels, ["a", "a", "b", "c", "d", "e"])
+    assert out == [lymphocyte] * 3 + [None] * 3
+    assert report.moved == {b_cell: lymphocyte} and report.studies == {b_cell: 1, lymphocyte: 2}
+    pairs = [("d1", "b1"), ("d1", "b1"), ("d2", "b1")]
+    out, report = cl.coarsen_rare([b_cell, lymphocyte, lymphocyte], pairs)
+    assert out == [lymphocyte] * 3 and report.studies == {b_cell: 1, lymphocyte: 2}
+    one = [("d1", "b1")] * 3  # (the same pair: one study)
+    assert cl.coarsen_rare([lymphocyte] * 3, one)[1].studies == {lymphocyte: 1}

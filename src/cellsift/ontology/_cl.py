@@ -82,6 +82,13 @@ def _count(values: Sequence[str], one: str, many: str) -> str:
     return f"1 label is {one}" if len(values) == 1 else f"{len(values)} labels are {many}"
 
 
+def _is_missing(value: Any) -> bool:
+    """A label that is no value: None, NaN or pandas' NA."""
+    if value is None or value is pd.NA:
+        return True
+    return isinstance(value, float | np.floating) and bool(np.isnan(value))
+
+
 def _listing(values: Sequence[str], at_most: int = 20) -> str:
     """'a', 'b', ... and N more."""
     more = f" and {len(values) - at_most} more" if len(values) > at_most else ""
@@ -431,13 +438,20 @@ class CellOntology:
         smaller id (deterministic). Labels without such a parent become None (dropped); the
         report says what moved where and what was dropped. Cells without a study (None, NaN,
         or text that spells a missing value: ``unknown``, ``nan``, blank) count toward no
-        study.
+        study; cells without a label (None, NaN, NA) stay None and count toward no label.
+        A study is any one value per cell (a tuple of donor and batch too), read as text.
         """
         labels, studies = list(labels), list(studies)
         if len(labels) != len(studies):
             raise ValueError("labels and studies must be parallel.")
+        unlabelled = [_is_missing(lab) for lab in labels]
         not_ids = sorted(
-            {lab for lab in labels if lab not in self.terms or self.is_deprecated(lab)}, key=str
+            {
+                lab
+                for lab, none in zip(labels, unlabelled, strict=True)
+                if not none and (lab not in self.terms or self.is_deprecated(lab))
+            },
+            key=str,
         )
         if not_ids:
             raise OntologyError(
@@ -452,9 +466,16 @@ class CellOntology:
         from ..data.collection import _as_text  # (not at import: data imports this lazily)
 
         # studies read as a study column is read (1, 1.0 and "1" are one study)
-        texts: Any = _as_text(np.array(studies, dtype=object)) if studies else []
+        # (one object per cell: np.array would read tuples, or lists, as a second axis;
+        # those as their text, which numpy's text conversion would take apart too)
+        held = np.empty(len(studies), dtype=object)
+        for i, st in enumerate(studies):
+            held[i] = str(st) if isinstance(st, tuple | list) else st
+        texts: Any = _as_text(held) if studies else []
         none = no_label(texts) if studies else np.zeros(0, dtype=bool)
-        for lab, st, missing in zip(labels, texts, none, strict=True):
+        for lab, st, missing, unlabelled_cell in zip(labels, texts, none, unlabelled, strict=True):
+            if unlabelled_cell:
+                continue
             studies_of = seen.setdefault(lab, set())
             cells[lab] = cells.get(lab, 0) + 1
             if not missing:
@@ -471,4 +492,5 @@ class CellOntology:
                 report.dropped[lab] = cells[lab]
             else:
                 report.moved[lab] = mapping[lab]  # type: ignore[assignment]
-        return [mapping[lab] for lab in labels], report
+        out = [None if none else mapping[lab] for lab, none in zip(labels, unlabelled, strict=True)]
+        return out, report
