@@ -712,6 +712,8 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
     none = CellDataModule(adata, collection_options={"dropna": False}, **options)  # (none)
     none.setup()
     assert none.collection.n_obs == adata.n_obs
+    array = CellDataModule(adata, collection_options={"dropna": np.array(["donor_id"])}, **options)
+    assert array.collection_options["dropna"] == ["donor_id"]  # (review231: truth of an array)
     unset = CellDataModule(adata, val_fraction=0.2, **options)
     unset.load_state_dict(state)
     assert unset.state_dict() == state

@@ -1341,7 +1341,11 @@ def test_watching_the_silhouette_without_labels_is_refused_where_it_would_fail(
 def test_a_checkpoint_whose_pickle_is_damaged_is_named_whatever_its_bytes_became(tmp_path):
     """Bytes overwritten inside an intact checkpoint's pickled part: reading it either
     gives the training state or the one-line DataError naming the file, wherever the
-    damage lies (hunt263: text that is no UTF-8 was torch's UnicodeDecodeError)."""
+    damage lies (hunt263: text that is no UTF-8 was torch's UnicodeDecodeError). A file
+    of torch's format before 1.6 is read; one of objects a safe read refuses, or none,
+    is said so (review231: "corrupt", with the terminal codes of torch's message)."""
+    import pathlib
+    import struct
     import zipfile
 
     from cellsift.errors import DataError
@@ -1358,11 +1362,16 @@ def test_a_checkpoint_whose_pickle_is_damaged_is_named_whatever_its_bytes_became
     torch.save(state, path)
     raw = path.read_bytes()
     entry = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("data.pkl"))
-    start = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra)
+    # (the data follow the local header, whose name and extra field lengths are its own)
+    name_length, extra_length = struct.unpack(
+        "<HH", raw[entry.header_offset + 26 : entry.header_offset + 30]
+    )
+    start = entry.header_offset + 30 + name_length + extra_length
+    assert raw[start : start + 1] == b"\x80"  # (a pickle's PROTO opcode)
     named = 0
-    for offset in range(0, entry.compress_size - 4, 3):
+    for offset in range(0, entry.compress_size - 1, 2):
         damaged = bytearray(raw)
-        damaged[start + offset : start + offset + 4] = b"\xff" * 4
+        damaged[start + offset : start + offset + 2] = b"\xff\xfe"
         (tmp_path / "damaged.ckpt").write_bytes(bytes(damaged))
         try:
             read_checkpoint(tmp_path / "damaged.ckpt")
@@ -1370,3 +1379,13 @@ def test_a_checkpoint_whose_pickle_is_damaged_is_named_whatever_its_bytes_became
             assert "damaged.ckpt cannot be read as a checkpoint" in str(err), offset
             named += 1
     assert named > 0
+    torch.save(state, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    assert read_checkpoint(tmp_path / "legacy.ckpt")["global_step"] == 14
+    torch.save({**state, "hyper_parameters": {"root": pathlib.Path("/x")}}, tmp_path / "o.ckpt")
+    with pytest.raises(
+        DataError, match=r"o\.ckpt holds objects .*\(a pathlib\.\w*Path\): it is no"
+    ) as err:
+        read_checkpoint(tmp_path / "o.ckpt")
+    assert "\x1b" not in str(err.value)
+    with pytest.raises(DataError, match=r"none\.ckpt does not exist: there is no checkpoint there"):
+        read_checkpoint(tmp_path / "none.ckpt")

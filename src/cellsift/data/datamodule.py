@@ -183,9 +183,10 @@ class CellDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.obs_filter = obs_filter
         self.collection_options = dict(collection_options or {})
+        # dropna's columns as a list: an iterator read once, not spent by the first setup
         dropna = self.collection_options.get("dropna")
-        if dropna and not isinstance(dropna, str):  # (an iterator: read once,
-            self.collection_options["dropna"] = list(dropna)  # not spent by the first setup)
+        if not (dropna is None or dropna is False or isinstance(dropna, str)):
+            self.collection_options["dropna"] = list(dropna)
         self.labels = list(labels) if labels is not None else None
         if self.labels is not None:
             twice = repeated(self.labels)

@@ -339,53 +339,87 @@ def _mixed(categories: pd.Index) -> bool:
 
 def _concat_obs(frames: list[pd.DataFrame], path: Path) -> pd.DataFrame:
     """``frames`` (chunks of obs, at least one) as one frame, where a column categorical in
-    the first chunk that holds it stays so over the categories of every chunk: the first
-    one's, in order, then each later chunk's new ones (text read as categories), ordered as
-    the first one's, as a TileDB-SOMA store's enumeration grows; cells of chunks without
-    the column missing. pandas concatenates categoricals of other categories as objects,
-    which would lose the unused categories, their order and ``ordered``. An ordered chunk
-    whose order the common one contradicts is refused (:func:`_check_order`). Linear in the
-    cells and categories: each chunk's codes are mapped onto the common categories once."""
-    union: dict[Any, tuple[list[Any], dict[Any, int], bool]] = {}
+    the first chunk that holds it stays so over the categories of every chunk
+    (:class:`_CommonCategories`); cells of chunks without the column missing. pandas
+    concatenates categoricals of other categories as objects, which would lose the unused
+    categories, their order and ``ordered``."""
+    union: dict[Any, _CommonCategories] = {}
     seen: set[Any] = set()
     codes: list[dict[Any, np.ndarray]] = []
     for frame in frames:
         mapped = {}
         for name in frame.columns:
             column = frame[name]
-            first = name not in seen
+            if name not in seen and isinstance(column.dtype, pd.CategoricalDtype):
+                union[name] = _CommonCategories(column.dtype, path, name)
             seen.add(name)
-            if first and isinstance(column.dtype, pd.CategoricalDtype):
-                cats = list(column.cat.categories)
-                union[name] = (cats, {c: i for i, c in enumerate(cats)}, column.cat.ordered)
-            elif name not in union:
-                continue
-            cats, where, ordered = union[name]
-            if not isinstance(column.dtype, pd.CategoricalDtype):
-                column = column.astype("category")
-            own, before = column.cat.categories, len(cats)
-            for c in own:
-                if c not in where:
-                    where[c] = len(cats)
-                    cats.append(c)
-            to_common = np.fromiter((where[c] for c in own), np.int64, len(own))
-            # (its new categories go at the end in its order: its order holds where the
-            # common places of its categories rise)
-            if ordered and column.cat.ordered and (np.diff(to_common) <= 0).any():
-                raise _order_error(path, name, own, cats[:before])
-            own_codes = column.cat.codes.to_numpy()
-            mapped[name] = np.where(own_codes >= 0, to_common[np.maximum(own_codes, 0)], -1)
+            if name in union:
+                mapped[name] = union[name].codes(column)
         codes.append(mapped)
     plain = [frame.drop(columns=[n for n in union if n in frame.columns]) for frame in frames]
     out = pd.concat(plain)
-    for name, (cats, _, ordered) in union.items():
-        common = np.concatenate(
-            [m.get(name, np.full(len(f), -1)) for m, f in zip(codes, frames, strict=True)]
-        )
-        dtype = pd.CategoricalDtype(cats, ordered=ordered)
-        out[name] = pd.Categorical.from_codes(common, dtype=dtype)
+    for name, common in union.items():
+        held = [m.get(name, np.full(len(f), -1)) for m, f in zip(codes, frames, strict=True)]
+        out[name] = pd.Categorical.from_codes(np.concatenate(held), dtype=common.dtype())
     order = list(dict.fromkeys(c for frame in frames for c in frame.columns))
     return out[order]
+
+
+class _CommonCategories:
+    """One obs column's categories over a writer's chunks: the first chunk's, in order,
+    then each later chunk's new ones (text read as categories), ordered as the first
+    one's, as a TileDB-SOMA store's enumeration grows. An ordered chunk whose order the
+    common one contradicts is refused (:func:`_order_error`). Where True and False meet
+    numbers (pandas takes True for 1), the categories are their text. Each chunk's codes
+    are mapped onto the common categories: once for a chunk of the last one's categories
+    (a column sliced into chunks), else by one lookup per category of the chunk, so that
+    the work is linear in the cells and categories."""
+
+    def __init__(self, dtype: pd.CategoricalDtype, path: Path, name: Any) -> None:
+        self.path, self.name, self.ordered = path, name, dtype.ordered
+        self.cats: list[Any] = list(dtype.categories)
+        self.where = {c: i for i, c in enumerate(self.cats)}
+        self.text = False
+        #: whether the categories are True and False (None: none yet)
+        self.boolean = (dtype.categories.dtype == bool) if len(self.cats) else None
+        self._last: tuple[pd.CategoricalDtype, np.ndarray] | None = None
+
+    def dtype(self) -> pd.CategoricalDtype:
+        return pd.CategoricalDtype(self.cats, ordered=self.ordered)
+
+    def codes(self, column: pd.Series) -> np.ndarray:
+        """A chunk's column as codes of the common categories (-1: missing)."""
+        if not isinstance(column.dtype, pd.CategoricalDtype):
+            column = column.astype("category")
+        dtype = column.dtype
+        if self._last is None or dtype != self._last[0]:
+            self._last = (dtype, self._mapped(dtype))
+        to_common = self._last[1]
+        own = column.cat.codes.to_numpy()
+        return np.where(own >= 0, to_common[np.maximum(own, 0)], -1)
+
+    def _mapped(self, dtype: pd.CategoricalDtype) -> np.ndarray:
+        """Where each of ``dtype``'s categories is among the common ones (new ones added)."""
+        own = dtype.categories
+        if not self.text and len(own):
+            if self.boolean is None:
+                self.boolean = own.dtype == bool
+            elif (own.dtype == bool) != self.boolean:  # (True is not 1: all as text)
+                self.text = True
+                self.cats = list(_object_text(np.asarray(self.cats, dtype=object)))
+                self.where = {c: i for i, c in enumerate(self.cats)}
+        keys = _object_text(np.asarray(own, dtype=object)) if self.text else own
+        before = len(self.cats)
+        for c in keys:
+            if c not in self.where:
+                self.where[c] = len(self.cats)
+                self.cats.append(c)
+        to_common = np.fromiter((self.where[c] for c in keys), np.int64, len(own))
+        # (its new categories go at the end in its order: its order holds where the
+        # common places of its categories rise)
+        if self.ordered and dtype.ordered and (np.diff(to_common) <= 0).any():
+            raise _order_error(self.path, self.name, own, self.cats[:before])
+        return to_common
 
 
 def _check_order(

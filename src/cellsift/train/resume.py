@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import pickle
+import re
 import struct
 import threading
 import uuid
@@ -61,8 +62,15 @@ def read_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, 
             "checkpoints/last.ckpt, or 'last'). A bundle's weights go on training as a new "
             "run: MetricModel.load(dir).train(...)."
         )
+    if not Path(path).exists():
+        raise DataError(f"{path} does not exist: there is no checkpoint there. {advice}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # (a file of torch's format before 1.6: read whole)
+            if "mmap can only be used" not in str(err):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not (isinstance(ckpt, dict) and "state_dict" in ckpt):
             raise RuntimeError("it holds no Lightning training state")
     # (a damaged pickle inside an intact zip fails as whatever its bytes became: text that
@@ -79,6 +87,12 @@ def read_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, 
         ArithmeticError,
         struct.error,
     ) as err:
+        refused = _refused_global(err)
+        if refused is not None:  # (whole, but of objects a safe read does not make)
+            raise DataError(
+                f"{path} holds objects that a checkpoint is not read with ({refused}): it is "
+                f"no checkpoint of a cellsift run. {advice}"
+            ) from err
         raise DataError(
             f"{path} cannot be read as a checkpoint ({_first_line(err)}): the file "
             f"is truncated, corrupt or not a checkpoint (a model bundle's files are not). {advice}"
@@ -86,10 +100,21 @@ def read_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, 
     return ckpt
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(err: BaseException) -> str:
-    """The first line of ``err``'s message; its type where it has none (a bare EOFError)."""
-    lines = str(err).strip().splitlines()
+    """The first line of ``err``'s message (no terminal codes); its type where it has none
+    (a bare EOFError)."""
+    lines = _ANSI.sub("", str(err)).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+def _refused_global(err: BaseException) -> str | None:
+    """The class a weights-only read refused (torch names it deep in its message), or None
+    where ``err`` is another error."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", _ANSI.sub("", str(err)))
+    return None if found is None else f"a {found.group(1)}"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
