@@ -577,6 +577,11 @@ def test_bad_study_codes_and_related_ll_are_named_on_both_paths(path):
     z, y = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 0, 1])
     with pytest.raises(ValueError, match=r"study_n must hold one study code .* per cell \(6\)"):
         mine_triplets(z, y, study_n=torch.tensor([0, 1, 0]))
+    # labels of another count or shape than the cells (hunt266: "dist_nn is (6, 6)", a
+    # tensor never passed; on the sort path an IndexError)
+    for bad in (torch.tensor([0, 0, 1, 1, 2]), torch.tensor([[0, 0, 1], [1, 2, 2]])):
+        with pytest.raises(ValueError, match=r"y_n must hold one label code per cell \(6 cells"):
+            mine_triplets(z, bad)
     with pytest.raises(ValueError, match=r"codes down to -3"):
         mine_triplets(z, y, study_n=torch.tensor([0, 1, 0, -3, 0, 1]))
     with pytest.raises(ValueError, match=r"related_ll is \(4,\), not labels x labels"):

@@ -424,6 +424,12 @@ def _mine(
     dev = d.device
     with torch.no_grad():
         y = y_n.long().to(dev)
+        cells = d.shape[0] if d.ndim == 2 else None
+        if y.ndim != 1 or (cells is not None and len(y) != cells):
+            raise ValueError(
+                f"y_n must hold one label code per cell ({cells} cells: the embeddings' or "
+                f"distances' rows), not a tensor of shape {tuple(y.shape)}."
+            )
         n = len(y)
         compiled = _compiled_path(dev)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
