@@ -631,6 +631,21 @@ def test_a_writers_chunks_of_other_categories_keep_them_all_in_order(tmp_path, f
             writer.append(ones, pd.DataFrame({"c": pd.Categorical([0, 1])}, index=["c2", "c3"]))
         column = pd.Series(open_store(tmp_path / f"b.{fmt}").obs_column("c"))
         assert column.astype(str).tolist() == ["True", "False", "0", "1"]
+    # the same categories in another order, and a chunk of no categories (review232: the
+    # first chunk's mapping read the second's codes, swapping its values; an IndexError)
+    with open_writer(tmp_path / f"r.{fmt}", var, n_obs=6) as writer:
+        writer.append(ones, chunk(["a", "b"], ["a", "b"], ["c0", "c1"], ordered=False))
+        writer.append(ones, chunk(["a", "b"], ["b", "a"], ["c2", "c3"], ordered=False))
+        writer.append(ones, pd.DataFrame({"c": [None, None]}, index=["c4", "c5"]))
+    column = pd.Series(open_store(tmp_path / f"r.{fmt}").obs_column("c"))
+    assert column.astype(object).where(column.notna(), None).tolist() == [
+        "a",
+        "b",
+        "a",
+        "b",
+        None,
+        None,
+    ]
     with pytest.raises(DataError, match=r"obs column 'c' is an ordered categorical whose"):
         with open_writer(tmp_path / f"x.{fmt}", var, n_obs=4) as writer:
             writer.append(ones, first)

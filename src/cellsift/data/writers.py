@@ -11,6 +11,7 @@ import contextlib
 import errno
 import io
 import json
+import numbers
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -380,8 +381,8 @@ class _CommonCategories:
         self.cats: list[Any] = list(dtype.categories)
         self.where = {c: i for i, c in enumerate(self.cats)}
         self.text = False
-        #: whether the categories are True and False (None: none yet)
-        self.boolean = (dtype.categories.dtype == bool) if len(self.cats) else None
+        #: the kinds of the categories so far ("bool", "number", "other")
+        self.kinds = {_kind(c) for c in self.cats}
         self._last: tuple[pd.CategoricalDtype, np.ndarray] | None = None
 
     def dtype(self) -> pd.CategoricalDtype:
@@ -392,19 +393,31 @@ class _CommonCategories:
         if not isinstance(column.dtype, pd.CategoricalDtype):
             column = column.astype("category")
         dtype = column.dtype
-        if self._last is None or dtype != self._last[0]:
+        last = None if self._last is None else self._last[0]
+        # (the same categories in the same order: pandas' == takes unordered categories
+        # in any order as equal, and 1 as True)
+        same = last is not None and (
+            dtype is last
+            or (
+                dtype.ordered == last.ordered
+                and dtype.categories.dtype == last.categories.dtype
+                and dtype.categories.equals(last.categories)
+            )
+        )
+        if not same:
             self._last = (dtype, self._mapped(dtype))
-        to_common = self._last[1]
+        to_common = self._last[1]  # type: ignore[index]
         own = column.cat.codes.to_numpy()
+        if len(to_common) == 0:  # (no categories: every cell missing)
+            return np.full(len(own), -1, dtype=np.int64)
         return np.where(own >= 0, to_common[np.maximum(own, 0)], -1)
 
     def _mapped(self, dtype: pd.CategoricalDtype) -> np.ndarray:
         """Where each of ``dtype``'s categories is among the common ones (new ones added)."""
         own = dtype.categories
-        if not self.text and len(own):
-            if self.boolean is None:
-                self.boolean = own.dtype == bool
-            elif (own.dtype == bool) != self.boolean:  # (True is not 1: all as text)
+        if not self.text:
+            self.kinds |= {_kind(c) for c in own}
+            if {"bool", "number"} <= self.kinds:  # (True is not 1: all as text)
                 self.text = True
                 self.cats = list(_object_text(np.asarray(self.cats, dtype=object)))
                 self.where = {c: i for i, c in enumerate(self.cats)}
@@ -420,6 +433,13 @@ class _CommonCategories:
         if self.ordered and dtype.ordered and (np.diff(to_common) <= 0).any():
             raise _order_error(self.path, self.name, own, self.cats[:before])
         return to_common
+
+
+def _kind(value: Any) -> str:
+    """ "bool" (True, False), "number" or "other": of these, pandas takes True for 1."""
+    if isinstance(value, bool | np.bool_):
+        return "bool"
+    return "number" if isinstance(value, numbers.Number) else "other"
 
 
 def _check_order(
