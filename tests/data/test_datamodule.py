@@ -673,7 +673,7 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
     others (a run made before val_fraction counted the cells of no group, review203) is
     refused with the run's groups to pass; given them, it goes on where the run stopped."""
     from cellsift.datasets import synthetic_atlas
-    from cellsift.errors import ResumeError
+    from cellsift.errors import ConfigError, ResumeError
 
     adata = synthetic_atlas(1200, 200, n_studies=3, donors_per_study=3, seed=1)
     options = {"split_key": "donor_id", "batch_size": 64, "num_workers": 0}
@@ -714,6 +714,9 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
     assert none.collection.n_obs == adata.n_obs
     array = CellDataModule(adata, collection_options={"dropna": np.array(["donor_id"])}, **options)
     assert array.collection_options["dropna"] == ["donor_id"]  # (review231: truth of an array)
+    for bad in (True, np.array("donor_id"), 3):  # (review232: TypeErrors of list())
+        with pytest.raises(ConfigError, match=r"collection_options\['dropna'\] names obs columns"):
+            CellDataModule(adata, collection_options={"dropna": bad}, **options)
     unset = CellDataModule(adata, val_fraction=0.2, **options)
     unset.load_state_dict(state)
     assert unset.state_dict() == state

@@ -1383,9 +1383,14 @@ def test_a_checkpoint_whose_pickle_is_damaged_is_named_whatever_its_bytes_became
     assert read_checkpoint(tmp_path / "legacy.ckpt")["global_step"] == 14
     torch.save({**state, "hyper_parameters": {"root": pathlib.Path("/x")}}, tmp_path / "o.ckpt")
     with pytest.raises(
-        DataError, match=r"o\.ckpt holds objects .*\(a pathlib\.\w*Path\): it is no"
+        DataError, match=r"o\.ckpt holds objects .*\(a pathlib\.\w*Path\): not a"
     ) as err:
         read_checkpoint(tmp_path / "o.ckpt")
     assert "\x1b" not in str(err.value)
     with pytest.raises(DataError, match=r"none\.ckpt does not exist: there is no checkpoint there"):
         read_checkpoint(tmp_path / "none.ckpt")
+    # an old-format file cut short: cut short, not of other objects (review232)
+    legacy = (tmp_path / "legacy.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(legacy[: len(legacy) // 2])
+    with pytest.raises(DataError, match=r"cut\.ckpt cannot be read as a checkpoint"):
+        read_checkpoint(tmp_path / "cut.ckpt")

@@ -186,6 +186,11 @@ class CellDataModule(pl.LightningDataModule):
         # dropna's columns as a list: an iterator read once, not spent by the first setup
         dropna = self.collection_options.get("dropna")
         if not (dropna is None or dropna is False or isinstance(dropna, str)):
+            if not isinstance(dropna, Iterable) or getattr(dropna, "ndim", 1) == 0:
+                raise ConfigError(
+                    f"collection_options['dropna'] names obs columns whose cells without a "
+                    f"value are left out (a list, or one column as text), not {dropna!r}."
+                )
             self.collection_options["dropna"] = list(dropna)
         self.labels = list(labels) if labels is not None else None
         if self.labels is not None:

@@ -82,13 +82,6 @@ def _count(values: Sequence[str], one: str, many: str) -> str:
     return f"1 label is {one}" if len(values) == 1 else f"{len(values)} labels are {many}"
 
 
-def _is_missing(value: Any) -> bool:
-    """A label that is no value: None, NaN or pandas' NA."""
-    if value is None or value is pd.NA:
-        return True
-    return isinstance(value, float | np.floating) and bool(np.isnan(value))
-
-
 def _listing(values: Sequence[str], at_most: int = 20) -> str:
     """'a', 'b', ... and N more."""
     more = f" and {len(values) - at_most} more" if len(values) > at_most else ""
@@ -438,13 +431,16 @@ class CellOntology:
         smaller id (deterministic). Labels without such a parent become None (dropped); the
         report says what moved where and what was dropped. Cells without a study (None, NaN,
         or text that spells a missing value: ``unknown``, ``nan``, blank) count toward no
-        study; cells without a label (None, NaN, NA) stay None and count toward no label.
-        A study is any one value per cell (a tuple of donor and batch too), read as text.
+        study; cells without a label (None, NaN, NA, or text that spells a missing value)
+        stay None and count toward no label. A study is one value per cell, or a tuple of
+        values (donor and batch), each read as a study column's values are.
         """
         labels, studies = list(labels), list(studies)
         if len(labels) != len(studies):
             raise ValueError("labels and studies must be parallel.")
-        unlabelled = [_is_missing(lab) for lab in labels]
+        held_labels = np.empty(len(labels), dtype=object)
+        held_labels[:] = labels
+        unlabelled = list(no_label(held_labels)) if labels else []
         not_ids = sorted(
             {
                 lab
@@ -466,11 +462,14 @@ class CellOntology:
         from ..data.collection import _as_text  # (not at import: data imports this lazily)
 
         # studies read as a study column is read (1, 1.0 and "1" are one study)
-        # (one object per cell: np.array would read tuples, or lists, as a second axis;
-        # those as their text, which numpy's text conversion would take apart too)
+        # (one object per cell: np.array would read tuples, or lists, as a second axis; a
+        # tuple as its values' texts, read as single studies are: (1.0, "b") is (1, "b"))
         held = np.empty(len(studies), dtype=object)
         for i, st in enumerate(studies):
-            held[i] = str(st) if isinstance(st, tuple | list) else st
+            if isinstance(st, tuple | list | np.ndarray):
+                parts = _as_text(np.asarray(list(st) if len(st) else [None], dtype=object))
+                st = None if all(v is None for v in parts) else "\x1f".join(map(str, parts))
+            held[i] = st
         texts: Any = _as_text(held) if studies else []
         none = no_label(texts) if studies else np.zeros(0, dtype=bool)
         for lab, st, missing, unlabelled_cell in zip(labels, texts, none, unlabelled, strict=True):

@@ -90,8 +90,9 @@ def read_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, 
         refused = _refused_global(err)
         if refused is not None:  # (whole, but of objects a safe read does not make)
             raise DataError(
-                f"{path} holds objects that a checkpoint is not read with ({refused}): it is "
-                f"no checkpoint of a cellsift run. {advice}"
+                f"{path} holds objects that a checkpoint is not read with ({refused}): not a "
+                f"checkpoint of a cellsift run, or one whose settings hold objects of other "
+                f"kinds. {advice}"
             ) from err
         raise DataError(
             f"{path} cannot be read as a checkpoint ({_first_line(err)}): the file "
@@ -114,7 +115,10 @@ def _refused_global(err: BaseException) -> str | None:
     """The class a weights-only read refused (torch names it deep in its message), or None
     where ``err`` is another error."""
     found = re.search(r"Unsupported global: GLOBAL (\S+)", _ANSI.sub("", str(err)))
-    return None if found is None else f"a {found.group(1)}"
+    # (torch's own are allowed: one named is a name a damaged file cut short)
+    if found is None or found.group(1).startswith("torch."):
+        return None
+    return f"a {found.group(1)}"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
