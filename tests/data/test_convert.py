@@ -631,6 +631,15 @@ def test_a_writers_chunks_of_other_categories_keep_them_all_in_order(tmp_path, f
             writer.append(ones, pd.DataFrame({"c": pd.Categorical([0, 1])}, index=["c2", "c3"]))
         column = pd.Series(open_store(tmp_path / f"b.{fmt}").obs_column("c"))
         assert column.astype(str).tolist() == ["True", "False", "0", "1"]
+        # (review233) objects that pandas compares equal (True and 1): not the last
+        # chunk's mapping taken again
+        mixed = [np.array([True, "x"], dtype=object), np.array([1, "x"], dtype=object)]
+        with open_writer(tmp_path / f"m.{fmt}", var, n_obs=4) as writer:
+            for k, values in enumerate(mixed):
+                names = [f"c{2 * k}", f"c{2 * k + 1}"]
+                writer.append(ones, pd.DataFrame({"c": pd.Categorical(values)}, index=names))
+        column = pd.Series(open_store(tmp_path / f"m.{fmt}").obs_column("c"))
+        assert column.astype(str).tolist() == ["True", "x", "1", "x"]
     # the same categories in another order, and a chunk of no categories (review232: the
     # first chunk's mapping read the second's codes, swapping its values; an IndexError)
     with open_writer(tmp_path / f"r.{fmt}", var, n_obs=6) as writer:

@@ -714,7 +714,15 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
     assert none.collection.n_obs == adata.n_obs
     array = CellDataModule(adata, collection_options={"dropna": np.array(["donor_id"])}, **options)
     assert array.collection_options["dropna"] == ["donor_id"]  # (review231: truth of an array)
-    for bad in (True, np.array("donor_id"), 3):  # (review232: TypeErrors of list())
+    bad_ones = (
+        True,
+        np.array("donor_id"),
+        3,
+        b"donor_id",
+        {"donor_id": 1},
+        np.array([["donor_id"]]),
+    )
+    for bad in bad_ones:  # (review232, review233: TypeErrors of list(), or its letters)
         with pytest.raises(ConfigError, match=r"collection_options\['dropna'\] names obs columns"):
             CellDataModule(adata, collection_options={"dropna": bad}, **options)
     unset = CellDataModule(adata, val_fraction=0.2, **options)

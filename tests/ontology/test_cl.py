@@ -346,3 +346,10 @@ def test_coarsen_rare_keeps_unlabelled_cells_unlabelled_and_takes_tuples_as_stud
     alike = [(1, "2"), (1.0, "2"), (np.int64(1), np.str_("2"))]
     assert cl.coarsen_rare([lymphocyte] * 3, alike)[1].studies == {lymphocyte: 1}
     assert cl.coarsen_rare([lymphocyte] * 2, [(), (np.nan,)])[1].studies == {lymphocyte: 0}
+    # (review233) values that spell none, nested ones, a 0-d array
+    none = [("unknown", "unknown"), ("nan", "")]
+    assert cl.coarsen_rare([lymphocyte] * 2, none)[1].studies == {lymphocyte: 0}
+    nested = [(("a", 1), "b"), (("a", 1), "b"), ("a", np.array([1, 2]))]
+    assert cl.coarsen_rare([lymphocyte] * 3, nested)[1].studies == {lymphocyte: 2}
+    zero_d = [np.array("a"), np.array("b")]
+    assert cl.coarsen_rare([lymphocyte] * 2, zero_d)[1].studies == {lymphocyte: 2}

@@ -1394,3 +1394,9 @@ def test_a_checkpoint_whose_pickle_is_damaged_is_named_whatever_its_bytes_became
     (tmp_path / "cut.ckpt").write_bytes(legacy[: len(legacy) // 2])
     with pytest.raises(DataError, match=r"cut\.ckpt cannot be read as a checkpoint"):
         read_checkpoint(tmp_path / "cut.ckpt")
+    # torch's own objects (a module among the settings) are objects, not damage (review233)
+    torch.save({**state, "hyper_parameters": {"m": torch.nn.Linear(2, 2)}}, tmp_path / "m.ckpt")
+    with pytest.raises(
+        DataError, match=r"m\.ckpt holds objects .*\(a torch\.nn\.modules\.linear\.Linear\)"
+    ):
+        read_checkpoint(tmp_path / "m.ckpt")

@@ -395,12 +395,13 @@ class _CommonCategories:
         dtype = column.dtype
         last = None if self._last is None else self._last[0]
         # (the same categories in the same order: pandas' == takes unordered categories
-        # in any order as equal, and 1 as True)
+        # in any order as equal, and 1 as True, as Index.equals does among objects)
         same = last is not None and (
             dtype is last
             or (
                 dtype.ordered == last.ordered
                 and dtype.categories.dtype == last.categories.dtype
+                and dtype.categories.dtype != object
                 and dtype.categories.equals(last.categories)
             )
         )

@@ -424,11 +424,12 @@ def _mine(
     dev = d.device
     with torch.no_grad():
         y = y_n.long().to(dev)
-        cells = d.shape[0] if d.ndim == 2 else None
-        if y.ndim != 1 or (cells is not None and len(y) != cells):
+        # (distances of another shape: named below)
+        cells = d.shape[0] if d.ndim == 2 else (len(y) if y.ndim else 0)
+        if y.ndim != 1 or len(y) != cells:
             raise ValueError(
-                f"y_n must hold one label code per cell ({cells} cells: the embeddings' or "
-                f"distances' rows), not a tensor of shape {tuple(y.shape)}."
+                f"y_n must hold one label code per cell ({cells} cell{'' if cells == 1 else 's'}: "
+                f"the embeddings' or distances' rows), not a tensor of shape {tuple(y.shape)}."
             )
         n = len(y)
         compiled = _compiled_path(dev)

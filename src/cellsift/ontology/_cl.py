@@ -82,6 +82,34 @@ def _count(values: Sequence[str], one: str, many: str) -> str:
     return f"1 label is {one}" if len(values) == 1 else f"{len(values)} labels are {many}"
 
 
+def _studies_as_values(studies: list[Any]) -> np.ndarray:
+    """One object per cell (np.array would read tuples, or lists, as a second axis): a
+    tuple of values (donor, batch) as its values' texts, each read as a single study is
+    ((1.0, "b") is (1, "b")), or None where every one is missing; all read at once."""
+    from ..data.collection import _as_text  # (not at import: data imports this lazily)
+
+    held = np.empty(len(studies), dtype=object)
+    parts: list[Any] = []
+    spans = []
+    for i, st in enumerate(studies):
+        if isinstance(st, np.ndarray) and st.ndim == 0:
+            st = st.item()
+        if isinstance(st, tuple | list | np.ndarray):
+            values = [str(v) if isinstance(v, tuple | list | np.ndarray) else v for v in st]
+            spans.append((i, len(parts), len(parts) + len(values)))
+            parts.extend(values)
+        else:
+            held[i] = st
+    if spans:
+        flat = np.empty(len(parts), dtype=object)
+        flat[:] = parts
+        texts = ["" if t is None else str(t) for t in _as_text(flat)] if parts else []
+        none = no_label(flat).tolist() if parts else []
+        for i, lo, hi in spans:  # (Python's lists: a numpy slice a cell would take longer)
+            held[i] = None if lo == hi or all(none[lo:hi]) else "|".join(texts[lo:hi])
+    return held
+
+
 def _listing(values: Sequence[str], at_most: int = 20) -> str:
     """'a', 'b', ... and N more."""
     more = f" and {len(values) - at_most} more" if len(values) > at_most else ""
@@ -462,14 +490,7 @@ class CellOntology:
         from ..data.collection import _as_text  # (not at import: data imports this lazily)
 
         # studies read as a study column is read (1, 1.0 and "1" are one study)
-        # (one object per cell: np.array would read tuples, or lists, as a second axis; a
-        # tuple as its values' texts, read as single studies are: (1.0, "b") is (1, "b"))
-        held = np.empty(len(studies), dtype=object)
-        for i, st in enumerate(studies):
-            if isinstance(st, tuple | list | np.ndarray):
-                parts = _as_text(np.asarray(list(st) if len(st) else [None], dtype=object))
-                st = None if all(v is None for v in parts) else "\x1f".join(map(str, parts))
-            held[i] = st
+        held = _studies_as_values(studies)
         texts: Any = _as_text(held) if studies else []
         none = no_label(texts) if studies else np.zeros(0, dtype=bool)
         for lab, st, missing, unlabelled_cell in zip(labels, texts, none, unlabelled, strict=True):

@@ -115,10 +115,22 @@ def _refused_global(err: BaseException) -> str | None:
     """The class a weights-only read refused (torch names it deep in its message), or None
     where ``err`` is another error."""
     found = re.search(r"Unsupported global: GLOBAL (\S+)", _ANSI.sub("", str(err)))
-    # (torch's own are allowed: one named is a name a damaged file cut short)
-    if found is None or found.group(1).startswith("torch."):
+    # (a name that names nothing is one a damaged file cut short)
+    if found is None or not _names_something(found.group(1)):
         return None
     return f"a {found.group(1)}"
+
+
+def _names_something(name: str) -> bool:
+    """Whether ``name`` (module.attribute, as a pickle names a class) names an object
+    that can be imported."""
+    import importlib
+
+    module, _, attribute = name.rpartition(".")
+    try:
+        return bool(module) and hasattr(importlib.import_module(module), attribute)
+    except (ImportError, ValueError):
+        return False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
