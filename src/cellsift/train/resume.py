@@ -122,15 +122,14 @@ def _refused_global(err: BaseException) -> str | None:
 
 
 def _names_something(name: str) -> bool:
-    """Whether ``name`` (module.attribute, as a pickle names a class) names an object
-    that can be imported."""
-    import importlib
+    """Whether ``name`` (module.attribute, as a pickle names a class) may name an object:
+    in a module already imported, one it holds (a module the file names is not imported:
+    a file's names are not to run code); in another, taken to."""
+    import sys
 
     module, _, attribute = name.rpartition(".")
-    try:
-        return bool(module) and hasattr(importlib.import_module(module), attribute)
-    except (ImportError, ValueError):
-        return False
+    held = sys.modules.get(module)
+    return held is None or hasattr(held, attribute)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
