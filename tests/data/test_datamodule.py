@@ -719,6 +719,7 @@ def test_a_run_resumed_with_other_validation_groups_is_refused_naming_them():
         np.array("donor_id"),
         3,
         b"donor_id",
+        bytearray(b"ab"),
         {"donor_id": 1},
         np.array([["donor_id"]]),
     )

@@ -353,3 +353,8 @@ def test_coarsen_rare_keeps_unlabelled_cells_unlabelled_and_takes_tuples_as_stud
     assert cl.coarsen_rare([lymphocyte] * 3, nested)[1].studies == {lymphocyte: 2}
     zero_d = [np.array("a"), np.array("b")]
     assert cl.coarsen_rare([lymphocyte] * 2, zero_d)[1].studies == {lymphocyte: 2}
+    # (review234) tuples whose texts joined meet are other studies, as is a single study
+    apart = [("a|b", "c"), ("a", "b|c"), "a|b|c", ("x",), "x"]
+    assert cl.coarsen_rare([lymphocyte] * 5, apart)[1].studies == {lymphocyte: 5}
+    spelt = [("a", "unknown"), ("a", None)]  # (a value that spells none: as none)
+    assert cl.coarsen_rare([lymphocyte] * 2, spelt)[1].studies == {lymphocyte: 1}

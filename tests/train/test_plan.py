@@ -1400,3 +1400,26 @@ def test_a_checkpoint_whose_pickle_is_damaged_is_named_whatever_its_bytes_became
         DataError, match=r"m\.ckpt holds objects .*\(a torch\.nn\.modules\.linear\.Linear\)"
     ):
         read_checkpoint(tmp_path / "m.ckpt")
+    # a module the file names is not imported to tell (review234: importing it ran its code)
+    import sys
+
+    (tmp_path / "marking_module.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('imported').touch()\nclass Thing:\n    pass\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import marking_module  # type: ignore[import-not-found]
+
+        torch.save(
+            {**state, "hyper_parameters": {"t": marking_module.Thing()}}, tmp_path / "t.ckpt"
+        )
+    finally:
+        sys.modules.pop("marking_module", None)
+    (tmp_path / "imported").unlink()
+    try:
+        with pytest.raises(DataError, match=r"t\.ckpt holds objects .*\(a marking_module\.Thing\)"):
+            read_checkpoint(tmp_path / "t.ckpt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("marking_module", None)
+    assert not (tmp_path / "imported").exists()

@@ -186,7 +186,9 @@ class CellDataModule(pl.LightningDataModule):
         # dropna's columns as a list: an iterator read once, not spent by the first setup
         dropna = self.collection_options.get("dropna")
         if not (dropna is None or dropna is False or isinstance(dropna, str)):
-            listed = isinstance(dropna, Iterable) and not isinstance(dropna, bytes | Mapping)
+            listed = isinstance(dropna, Iterable) and not isinstance(
+                dropna, bytes | bytearray | memoryview | Mapping
+            )
             if not listed or getattr(dropna, "ndim", 1) != 1:
                 raise ConfigError(
                     f"collection_options['dropna'] names obs columns whose cells without a "

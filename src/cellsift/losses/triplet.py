@@ -424,8 +424,9 @@ def _mine(
     dev = d.device
     with torch.no_grad():
         y = y_n.long().to(dev)
-        # (distances of another shape: named below)
-        cells = d.shape[0] if d.ndim == 2 else (len(y) if y.ndim else 0)
+        if d.ndim != 2:
+            raise ValueError(f"dist_nn is {tuple(d.shape)}, not cells x cells.")
+        cells = d.shape[0]
         if y.ndim != 1 or len(y) != cells:
             raise ValueError(
                 f"y_n must hold one label code per cell ({cells} cell{'' if cells == 1 else 's'}: "

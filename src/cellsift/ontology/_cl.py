@@ -103,10 +103,16 @@ def _studies_as_values(studies: list[Any]) -> np.ndarray:
     if spans:
         flat = np.empty(len(parts), dtype=object)
         flat[:] = parts
-        texts = ["" if t is None else str(t) for t in _as_text(flat)] if parts else []
         none = no_label(flat).tolist() if parts else []
-        for i, lo, hi in spans:  # (Python's lists: a numpy slice a cell would take longer)
-            held[i] = None if lo == hi or all(none[lo:hi]) else "|".join(texts[lo:hi])
+        texts = [
+            "" if missing else str(t)  # (a value that spells none: as None, "")
+            for t, missing in zip(_as_text(flat) if parts else [], none, strict=True)
+        ]
+        # (each value after a NUL, which no text of a study holds: no tuple meets another,
+        # nor a single study; Python's lists: a numpy slice a cell would take longer)
+        for i, lo, hi in spans:
+            whole = lo == hi or all(none[lo:hi])
+            held[i] = None if whole else "".join("\x00" + t for t in texts[lo:hi])
     return held
 
 
