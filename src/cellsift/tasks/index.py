@@ -1293,8 +1293,8 @@ class CellIndex:
             params=manifest["params"],
             metadata_path=meta if meta.exists() else None,
         )
-        held = index._metadata_file
-        rows = None if held is None else held.dataset().count_rows()  # (from its footer)
+        parquet = index._metadata_file
+        rows = None if parquet is None else parquet.dataset().count_rows()  # (its footer)
         if rows is not None and rows != manifest["n_cells"]:  # (a file its manifest
             # was written for by hand: its cells would take other cells' metadata)
             raise CellIndexError(
