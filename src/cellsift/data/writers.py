@@ -374,18 +374,26 @@ class _CommonCategories:
     numbers (pandas takes True for 1), the categories are their text. Each chunk's codes
     are mapped onto the common categories: once for a chunk of the last one's categories
     (a column sliced into chunks), else by one lookup per category of the chunk, so that
-    the work is linear in the cells and categories."""
+    the work is linear in the cells and categories. While every chunk holds the first
+    one's categories, they are the column's as they are: no lookup at all."""
 
     def __init__(self, dtype: pd.CategoricalDtype, path: Path, name: Any) -> None:
         self.path, self.name, self.ordered = path, name, dtype.ordered
-        self.cats: list[Any] = list(dtype.categories)
-        self.where = {c: i for i, c in enumerate(self.cats)}
+        self._first = dtype
         self.text = False
-        #: the kinds of the categories so far ("bool", "number", "other")
-        self.kinds = {_kind(c) for c in self.cats}
-        self._last: tuple[pd.CategoricalDtype, np.ndarray] | None = None
+        #: the common categories, where each is, and their kinds ("bool", "number",
+        #: "other"): made as a chunk of other categories first comes
+        self.cats: list[Any] = []
+        self.where: dict[Any, int] = {}
+        self.kinds: set[str] = set()
+        self._grown = False
+        #: the last chunk's categories and where they are among the common ones (the
+        #: first chunk's: where they are)
+        self._last: tuple[pd.CategoricalDtype, np.ndarray | None] = (dtype, None)
 
     def dtype(self) -> pd.CategoricalDtype:
+        if not self._grown:
+            return self._first
         return pd.CategoricalDtype(self.cats, ordered=self.ordered)
 
     def codes(self, column: pd.Series) -> np.ndarray:
@@ -393,28 +401,32 @@ class _CommonCategories:
         if not isinstance(column.dtype, pd.CategoricalDtype):
             column = column.astype("category")
         dtype = column.dtype
-        last = None if self._last is None else self._last[0]
+        last = self._last[0]
         # (the same categories in the same order: pandas' == takes unordered categories
         # in any order as equal, and 1 as True, as Index.equals does among objects)
-        same = last is not None and (
-            dtype is last
-            or (
-                dtype.ordered == last.ordered
-                and dtype.categories.dtype == last.categories.dtype
-                and dtype.categories.dtype != object
-                and dtype.categories.equals(last.categories)
-            )
+        same = dtype is last or (
+            dtype.ordered == last.ordered
+            and dtype.categories.dtype == last.categories.dtype
+            and dtype.categories.dtype != object
+            and dtype.categories.equals(last.categories)
         )
         if not same:
             self._last = (dtype, self._mapped(dtype))
-        to_common = self._last[1]  # type: ignore[index]
+        to_common = self._last[1]
         own = column.cat.codes.to_numpy()
+        if to_common is None:  # (the first chunk's categories, the column's as they are)
+            return own.astype(np.int64)
         if len(to_common) == 0:  # (no categories: every cell missing)
             return np.full(len(own), -1, dtype=np.int64)
         return np.where(own >= 0, to_common[np.maximum(own, 0)], -1)
 
     def _mapped(self, dtype: pd.CategoricalDtype) -> np.ndarray:
         """Where each of ``dtype``'s categories is among the common ones (new ones added)."""
+        if not self._grown:  # (the first chunk's categories, looked up from now on)
+            self._grown = True
+            self.cats = list(self._first.categories)
+            self.where = {c: i for i, c in enumerate(self.cats)}
+            self.kinds = {_kind(c) for c in self.cats}
         own = dtype.categories
         if not self.text:
             self.kinds |= {_kind(c) for c in own}
