@@ -1423,3 +1423,6 @@ def test_a_checkpoint_whose_pickle_is_damaged_is_named_whatever_its_bytes_became
         sys.path.remove(str(tmp_path))
         sys.modules.pop("marking_module", None)
     assert not (tmp_path / "imported").exists()
+    from cellsift.train.resume import _names_something
+
+    assert not _names_something("nump") and not _names_something(".X")  # (review235)

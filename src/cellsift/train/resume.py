@@ -128,6 +128,8 @@ def _names_something(name: str) -> bool:
     import sys
 
     module, _, attribute = name.rpartition(".")
+    if not module:  # (no module part: a name cut short)
+        return False
     held = sys.modules.get(module)
     return held is None or hasattr(held, attribute)
 
