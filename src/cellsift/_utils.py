@@ -13,6 +13,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import shutil
 import signal
 import sys
@@ -1094,6 +1095,16 @@ def text_or_none(values: Any) -> np.ndarray:
 
 
 _IS_TEXT = np.frompyfunc(lambda v: type(v) is str, 1, 1)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message, without terminal codes (torch colours some);
+    its type's name where it has none (a bare EOFError)."""
+    lines = _ANSI.sub("", str(err)).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def repeated(values: Iterable[Any]) -> list[str]:

@@ -237,16 +237,6 @@ class AnnDataStore(CellStore):
         )
         return var
 
-    def _check_length(self, what: str, n: int, expected: int, of: str) -> None:
-        """An element of ``n`` entries where the matrix has ``expected`` (anndata refuses
-        such a file) named as the file's damage."""
-        if n != expected:
-            raise self._error(
-                f"{what} holds {n:,} entries for {expected:,} {of}: the file is damaged or "
-                "incomplete.",
-                "Write it again, or copy it again from its source.",
-            )
-
     def stored_row_nnz(self) -> np.ndarray | None:
         return None if self._dense else np.diff(self.indptr)
 

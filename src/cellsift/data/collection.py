@@ -6,7 +6,7 @@ import glob as _glob
 import json
 import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -282,13 +282,12 @@ class CellCollection:
                 _check_counts(s)
             elif min_genes:  # (its genes counted as the checks would count them)
                 _sample_stored_zeros(s, uses="min_genes")
-        if dropna is not None:  # (one column, not its letters; an iterator read once, not
-            # by the first store alone)
-            dropna = [dropna] if isinstance(dropna, str) else list(dropna)
+        # (read once, not by the first store alone)
+        dropped_by = column_list(dropna, "dropna") or []
         removed: dict[str, int] = {}  # cells each filter removes, over all stores
         alone: dict[str, int] = {}  # cells only it removes (every other filter keeps them)
         masks = [
-            self._keep_mask(s, obs_filter, dropna, min_genes, min_counts, removed, alone)
+            self._keep_mask(s, obs_filter, dropped_by, min_genes, min_counts, removed, alone)
             for s in self.stores
         ]
         self.cell_ids = np.concatenate(
@@ -981,6 +980,24 @@ def _whole_floats_as_ints(values: Any) -> np.ndarray:
     whole[whole] = arr[whole] == np.round(arr[whole])
     out[whole] = arr[whole].astype(np.int64).astype(object)
     return out
+
+
+def column_list(value: Any, what: str) -> list[Any] | None:
+    """Obs columns given as one name (text, not its letters), a list or any iterable of
+    names (read once, here) as a list; None or False as None; anything else (True, bytes,
+    a mapping, an array not of one axis) a ConfigError naming ``what``."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, str):
+        return [value]
+    listed = isinstance(value, Iterable) and not isinstance(
+        value, bytes | bytearray | memoryview | Mapping
+    )
+    if not listed or getattr(value, "ndim", 1) != 1:
+        raise ConfigError(
+            f"{what} names obs columns (a list, or one column as text), not {value!r}."
+        )
+    return list(value)
 
 
 def _as_text(values: Any) -> np.ndarray:

@@ -20,6 +20,7 @@ from .collection import (
     StoreLike,
     _as_text,
     _dropna_what,
+    column_list,
     filter_texts,
     value_text,
 )
@@ -183,18 +184,11 @@ class CellDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.obs_filter = obs_filter
         self.collection_options = dict(collection_options or {})
-        # dropna's columns as a list: an iterator read once, not spent by the first setup
-        dropna = self.collection_options.get("dropna")
-        if not (dropna is None or dropna is False or isinstance(dropna, str)):
-            listed = isinstance(dropna, Iterable) and not isinstance(
-                dropna, bytes | bytearray | memoryview | Mapping
+        if "dropna" in self.collection_options:  # (an iterator read once, not spent by
+            # the first setup)
+            self.collection_options["dropna"] = column_list(
+                self.collection_options["dropna"], "collection_options['dropna']"
             )
-            if not listed or getattr(dropna, "ndim", 1) != 1:
-                raise ConfigError(
-                    f"collection_options['dropna'] names obs columns whose cells without a "
-                    f"value are left out (a list, or one column as text), not {dropna!r}."
-                )
-            self.collection_options["dropna"] = list(dropna)
         self.labels = list(labels) if labels is not None else None
         if self.labels is not None:
             twice = repeated(self.labels)

@@ -193,6 +193,19 @@ class CellStore(ABC):
     def _error(self, what: str, fix: str) -> DataError:
         return DataError(f"{self.path}: {what} {fix}")
 
+    def _check_length(
+        self, what: str, n: int, expected: int, of: str, unit: str = "entries"
+    ) -> None:
+        """An element of ``n`` ``unit`` where the matrix has ``expected`` ``of`` (anndata
+        refuses such a file; read, cells would take other values or read past the end)
+        named as the file's damage."""
+        if n != expected:
+            raise self._error(
+                f"{what} holds {n:,} {unit} for {expected:,} {of}: the file is damaged or "
+                "incomplete.",
+                "Write it again, or copy it again from its source.",
+            )
+
     def _no_layer(self, what: str, fix: str) -> MissingKeyError:
         """The counts location ``layer`` names is not in this store."""
         return MissingKeyError(f"{self.path}: {what} {fix}")
@@ -257,13 +270,7 @@ class CellStore(ABC):
                     f"{where}"
                 )
             column = self._load_obs_column(name)
-            if len(column) != self.n_obs:  # (anndata refuses such a file; read, cells would
-                # take the wrong values or index past the end)
-                raise self._error(
-                    f"obs column {name!r} holds {len(column):,} values for {self.n_obs:,} "
-                    "cells: the file is damaged or incomplete.",
-                    "Write it again, or copy it again from its source.",
-                )
+            self._check_length(f"obs column {name!r}", len(column), self.n_obs, "cells", "values")
             self._obs_cache[name] = column
         return self._obs_cache[name]
 

@@ -37,6 +37,7 @@ from .._utils import (
     as_float,
     atomic_path,
     check_replaceable,
+    first_line,
     holds,
     is_number,
     is_whole,
@@ -164,7 +165,7 @@ def check_device(device: str | torch.device, name: str = "device") -> torch.devi
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise ConfigError(
             f"{name}={device!r} is not a torch device ({first}); pass 'cpu', 'cuda', "
             "'cuda:<index>' or 'mps'."
@@ -354,7 +355,7 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
             str(folder / "model.safetensors"), device="cpu" if dev.type == "cpu" else str(dev)
         )
     except (SafetensorError, OSError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise BundleError(
             f"{folder}: model.safetensors cannot be read ({type(err).__name__}: {first}). {_REMAKE}"
         ) from None

@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from .._utils import (
     _lock_file,
     atomic_path,
+    first_line,
     holds_output_lock,
     logger,
     output_lock,
@@ -95,26 +96,16 @@ def read_checkpoint(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, 
                 f"kinds. {advice}"
             ) from err
         raise DataError(
-            f"{path} cannot be read as a checkpoint ({_first_line(err)}): the file "
+            f"{path} cannot be read as a checkpoint ({first_line(err)}): the file "
             f"is truncated, corrupt or not a checkpoint (a model bundle's files are not). {advice}"
         ) from err
     return ckpt
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of ``err``'s message (no terminal codes); its type where it has none
-    (a bare EOFError)."""
-    lines = _ANSI.sub("", str(err)).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
 def _refused_global(err: BaseException) -> str | None:
     """The class a weights-only read refused (torch names it deep in its message), or None
     where ``err`` is another error."""
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", _ANSI.sub("", str(err)))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
     # (a name that names nothing is one a damaged file cut short)
     if found is None or not _names_something(found.group(1)):
         return None
