@@ -373,7 +373,7 @@ class _CommonCategories:
     common one contradicts is refused (:func:`_order_error`). Where True and False meet
     numbers (pandas takes True for 1), the categories are their text. Each chunk's codes
     are mapped onto the common categories: once for a chunk of the last one's categories
-    (a column sliced into chunks), else by one lookup per category of the chunk, so that
+    (a column sliced into chunks, or each chunk rebuilt over the same ones), else by one lookup per category of the chunk, so that
     the work is linear in the cells and categories. While every chunk holds the first
     one's categories, they are the column's as they are: no lookup at all."""
 
@@ -401,16 +401,7 @@ class _CommonCategories:
         if not isinstance(column.dtype, pd.CategoricalDtype):
             column = column.astype("category")
         dtype = column.dtype
-        last = self._last[0]
-        # (the same categories in the same order: pandas' == takes unordered categories
-        # in any order as equal, and 1 as True, as Index.equals does among objects)
-        same = dtype is last or (
-            dtype.ordered == last.ordered
-            and dtype.categories.dtype == last.categories.dtype
-            and dtype.categories.dtype != object
-            and dtype.categories.equals(last.categories)
-        )
-        if not same:
+        if not _same_categories(dtype, self._last[0]):
             self._last = (dtype, self._mapped(dtype))
         to_common = self._last[1]
         own = column.cat.codes.to_numpy()
@@ -446,6 +437,28 @@ class _CommonCategories:
         if self.ordered and dtype.ordered and (np.diff(to_common) <= 0).any():
             raise _order_error(self.path, self.name, own, self.cats[:before])
         return to_common
+
+
+#: what pandas.api.types.infer_dtype calls categories held as objects all of one kind,
+#: among which equal values are the same category (unlike 1 and True)
+_ONE_KIND = frozenset({"string", "bytes", "integer", "floating", "boolean"})
+
+
+def _same_categories(a: pd.CategoricalDtype, b: pd.CategoricalDtype) -> bool:
+    """Whether ``a`` and ``b`` hold the same categories in the same order, as ordered:
+    pandas' ``==`` takes unordered categories in any order as equal, and Index.equals
+    takes 1 for True among objects, so categories held as objects are compared so only
+    where each side holds one kind (strings, say: a chunk's column rebuilt by its caller
+    over all the categories)."""
+    if a is b:
+        return True
+    if a.ordered != b.ordered or a.categories.dtype != b.categories.dtype:
+        return False
+    if a.categories.dtype == object:
+        kind = pd.api.types.infer_dtype(a.categories, skipna=False)
+        if kind not in _ONE_KIND or pd.api.types.infer_dtype(b.categories, skipna=False) != kind:
+            return False
+    return bool(a.categories.equals(b.categories))
 
 
 def _kind(value: Any) -> str:
