@@ -115,7 +115,8 @@ def _check_columns(x: torch.Tensor, what: str) -> None:
 
 
 class Densify(_Transform):
-    """Sparse CSR counts -> dense float tensor (on the batch's device).
+    """Sparse CSR counts -> dense tensor of their dtype, on the batch's device (a dense
+    batch as it is).
 
     On the CPU the matrix is zeroed and filled row by row in parallel (a numba kernel), much
     faster than ``torch.Tensor.to_dense`` and than scipy's single-threaded ``toarray``.

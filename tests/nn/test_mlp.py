@@ -326,3 +326,15 @@ def test_a_compiled_encoder_and_pipeline_read_a_sparse_batch_as_uncompiled():
         torch.testing.assert_close(torch.compile(enc, backend="eager")(csr), enc(csr))
         got = torch.compile(pipe, backend="eager")({"x_ng": csr})["x_ng"]
         torch.testing.assert_close(got, pipe({"x_ng": csr})["x_ng"])
+
+
+def test_a_model_off_the_cpu_meets_a_cpu_csr_batch_with_torchs_device_error():
+    """A model elsewhere (the meta device here, as a GPU's) given CSR counts on the CPU:
+    torch's error naming both devices, as for a dense batch, not numpy's conversion error
+    from the CPU kernel."""
+    enc = MLPEncoder(20, hidden=(8,), latent=4).to("meta").eval()
+    x = torch.eye(3, 20)
+    assert not enc.reads_sparse(x.to_sparse_csr())
+    for batch in (x, x.to_sparse_csr()):
+        with pytest.raises(RuntimeError, match=r"device meta.*device cpu"):
+            enc(batch)

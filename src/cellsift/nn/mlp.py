@@ -135,13 +135,16 @@ class MLPEncoder(nn.Module):
         return first, next(i for i, m in enumerate(first) if isinstance(m, nn.Linear))
 
     def reads_sparse(self, x_ng: torch.Tensor) -> bool:
-        """Will :meth:`forward` read this batch's stored values only (CSR counts on the CPU,
-        a float32 model, no gradient asked for the counts, not traced by ``torch.compile``:
-        :meth:`compile` leaves the first layer out of its graphs)."""
+        """Will :meth:`forward` read this batch's stored values only (CSR counts and a
+        float32 model on the CPU, no gradient asked for the counts, not traced by
+        ``torch.compile``: :meth:`compile` leaves the first layer out of its graphs). A
+        model elsewhere meets the batch densified: torch's error names both devices."""
+        weight = next(self.parameters())
         return (
             x_ng.layout == torch.sparse_csr
             and x_ng.device.type == "cpu"
-            and self._weight_dtype() == torch.float32
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
             and not x_ng.requires_grad
             and not torch.compiler.is_compiling()
         )
