@@ -983,6 +983,13 @@ def test_fit_names_bad_labels_and_missing_columns_in_one_line(tmp_path, capsys):
             ],
             r"trainer\.callbacks: EarlyStopping: `mode` can be min, max, got maximum$",
         ),
+        (  # a whole config's file given to one section (hunt268: its first setting was
+            # named as an unknown option, under a name nested a level too deep)
+            ["--data", str(CONFIG.with_name("data.yaml"))],
+            r"--data \S+data\.yaml holds a whole config's sections \(data\), not the data "
+            r"section's settings: give it with --config \S+data\.yaml, or give --data",
+        ),
+        (["--model=" + str(CONFIG)], r"--model \S+metric\.yaml holds .*\(seed_everything, "),
         (  # no labels, no silhouette: the shipped callbacks watch it (hunt208: an epoch ran)
             ["--data.init_args.label_key", "null", "--data.init_args.mode", "block"],
             r"callbacks watch val/asw, but the data module reads no labels \(label_key=None\)",

@@ -570,6 +570,47 @@ def _check_config_files(args: list[str]) -> None:
             ) from None
 
 
+#: A config file's top-level keys (LightningCLI's fit subcommand).
+_SECTIONS = (
+    "model",
+    "data",
+    "trainer",
+    "optimizer",
+    "lr_scheduler",
+    "seed_everything",
+    "ckpt_path",
+)
+
+
+def _section_file(args: list[str]) -> ConfigError | None:
+    """Where a bad setting came from a whole config's file given to one section (``--data
+    configs/data.yaml``, whose ``data:`` key then nests a level too deep, so that its first
+    setting is named as unknown): a ConfigError that says to give it with ``--config``."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        section, _, given = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or section not in _SECTIONS[:5]:
+            continue
+        if not given and i + 1 < len(args):
+            given = args[i + 1]
+        if not os.path.isfile(given):
+            continue
+        try:
+            with open(given, encoding="utf-8") as f:
+                held = yaml.safe_load(f)
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        keys = [k for k in held if k in _SECTIONS] if isinstance(held, dict) else []
+        if keys:
+            return ConfigError(
+                f"--{section} {given} holds a whole config's sections ({', '.join(keys)}), "
+                f"not the {section} section's settings: give it with --config {given}, or "
+                f"give --{section} a file of what its {section}: key holds."
+            )
+    return None
+
+
 #: The model's settings that the data module gives (``FitCLI``'s links), by their source.
 _LINKED = {"data.gene_vocabulary": "model.genes", "data.label_set": "model.labels"}
 
@@ -612,7 +653,7 @@ def run_fit(argv: Sequence[str] | None = None) -> FitCLI:
             linked = re.findall(r"--> model\.(genes|labels)\b", str(err))
             if linked:  # (jsonargparse's "invalid Optional value" of a link's target)
                 raise ConfigError(_linked_message(sorted(set(linked)))) from None
-            raise ConfigError(
+            raise _section_file(args) or ConfigError(
                 f"{_one_line(str(err))} (cellsift fit --help lists the options)."
             ) from None
         except MisconfigurationException as err:  # Lightning's word on a trainer setting
