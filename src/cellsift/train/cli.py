@@ -182,6 +182,9 @@ class FitCLI(LightningCLI):
         # hyperparameters): an unreadable file is said in one line, naming it
         # ("last" names a file only once the callbacks exist: continued_run reads it)
         path = self.config[self.config.subcommand].get("ckpt_path")
+        if path is not None and not str(path).strip():  # ("": none, a new run, as a config's
+            # ckpt_path is overridden on the command line; Lightning's fit refuses it)
+            self.config[self.config.subcommand]["ckpt_path"] = path = None
         if path == "best" and not Path(path).exists():
             raise ConfigError(
                 "--ckpt_path best names the best checkpoint of a fit run in the same process, "
@@ -251,7 +254,7 @@ class FitCLI(LightningCLI):
             return
         # (a path given is Lightning's to read, a missing one its error; "hpc", a URL: as
         # they are. "last" finding no checkpoint starts a new run)
-        if ckpt_path and ckpt_path != "last":  # ("": none, as Lightning reads it)
+        if ckpt_path and ckpt_path != "last":
             return
         if ckpt_path == "last" and checkpoint_file("last", self.trainer.checkpoint_callbacks):
             return
