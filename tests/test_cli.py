@@ -247,13 +247,16 @@ def test_an_empty_path_is_refused_when_parsed(args, name, capsys):
 def test_an_existing_output_is_refused_before_the_work(tmp_path, capsys):
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "notes.txt").write_text("mine")
-    # the embeddings do not exist: the output is checked first
-    assert main(["index", str(tmp_path / "none.zarr"), str(tmp_path / "idx")]) == 2
+    # the embeddings do not exist: the output is checked first; a folder overwrite would
+    # not replace is said so with or without it (hunt270: "pass --overwrite", then refused)
+    for extra in ([], ["--overwrite"]):
+        assert main(["index", str(tmp_path / "none.zarr"), str(tmp_path / "idx"), *extra]) == 2
+        said = capsys.readouterr().err
+        assert "is a folder that is not a cell index" in said and "pass" not in said
+    (tmp_path / "empty").mkdir()  # (which it would replace)
+    assert main(["index", str(tmp_path / "none.zarr"), str(tmp_path / "empty")]) == 2
     said = capsys.readouterr().err  # (the command's option, not Python's: review)
-    assert "idx exists; remove it or pass --overwrite." in said and "=True" not in said
-    args = ["index", str(tmp_path / "none.zarr"), str(tmp_path / "idx"), "--overwrite"]
-    assert main(args) == 2
-    assert "is a folder that is not a cell index" in capsys.readouterr().err
+    assert "empty exists; remove it or pass --overwrite." in said and "=True" not in said
     (tmp_path / "out.h5ad").mkdir()
     (tmp_path / "out.h5ad" / "notes.txt").write_text("mine")
     args = ["annotate", "m", "i", "d.h5ad", str(tmp_path / "out.h5ad"), "--overwrite"]

@@ -234,14 +234,17 @@ def check_replaceable(
     """Refuse to write over ``final`` unless ``overwrite``; and with ``replaces``, unless
     ``final`` is an earlier output of the same kind (``what``) or an empty folder: an
     output path pointed by mistake at a results folder or at the inputs never deletes
-    them."""
+    them. What overwrite would not replace is said so whether it is given or not (not as
+    an overwrite to pass, then refused)."""
     if not (final.exists() or final.is_symlink()):
         return
-    if not overwrite:
-        raise FileExistsError(f"{final} exists; remove it or pass overwrite=True.")
-    if replaces is None or replaces(final):
-        return
-    if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
+    if (
+        replaces is None
+        or replaces(final)
+        or (final.is_dir() and not final.is_symlink() and not any(final.iterdir()))
+    ):
+        if not overwrite:
+            raise FileExistsError(f"{final} exists; remove it or pass overwrite=True.")
         return
     extras = replaces.extras(final) if isinstance(replaces, holds) else []
     if extras and isinstance(replaces, holds) and holds(*replaces.names)(final):

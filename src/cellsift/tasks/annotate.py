@@ -154,8 +154,9 @@ class KNNAnnotator:
         check_k(k)
         if k > index.n_cells:  # every call counts the whole reference's votes
             warn(
-                f"k={k} neighbours, and the reference holds {index.n_cells:,} cells: each call "
-                "counts all of them, the same votes for every query. Pass a k well below that."
+                f"k={k} neighbours, and the reference holds {index.n_cells:,} cells: every "
+                "query is voted on by all of them (weighted by distance where weighted), so "
+                "its call mostly follows the reference's make-up. Pass a k well below that."
             )
         if not 0.0 <= min_support < 1.0:
             raise CellIndexError(

@@ -39,6 +39,7 @@ Directory layout (written atomically; ``CellIndex.load`` memory-maps the embeddi
 
 from __future__ import annotations
 
+import decimal
 import functools
 import hashlib
 import json
@@ -1551,6 +1552,17 @@ def rows_where(
         pa.ArrowInvalid,
         TypeError,
     ) as err:
+        unread = _unread_values(filter, ds.schema)
+        if unread:  # (text given to a column of numbers or flags: a command line's values)
+            raise CellIndexError(
+                f"the filter {_filter_text(filter)} cannot be compared with {what}: "
+                + "; ".join(
+                    f"{c!r} holds {kind}, which {', '.join(map(repr, values))} "
+                    f"{'does' if len(values) == 1 else 'do'} not read as"
+                    for c, kind, values in unread
+                )
+                + ": give numbers for a column of numbers, True or False for one of flags."
+            ) from None
         types = ""
         if isinstance(filter, Mapping):  # each column's type against the values'
             types = "; ".join(
@@ -1848,6 +1860,27 @@ def _expression(filter: FilterLike, schema: Any = None) -> Any:
     return filter
 
 
+def _unread_values(filter: FilterLike, schema: Any) -> list[tuple[str, Any, list[str]]]:
+    """Of a mapping ``filter``, each column of numbers or flags in ``schema`` with the text
+    values that :func:`_as_column_type` does not read as its type: (column, its type, the
+    values)."""
+    if not isinstance(filter, Mapping):
+        return []
+    out = []
+    for col, value in filter.items():
+        if str(col) not in schema.names:
+            continue
+        kind = schema.field(str(col)).type
+        if _is_text_type(_value_type(kind)):
+            continue
+        listed = _as_list(value)
+        given = listed if listed is not None else [value]
+        text = [f for v in given for f in _as_column_type(v, kind) if isinstance(f, str)]
+        if text:
+            out.append((str(col), _value_type(kind), text))
+    return out
+
+
 def _filter_text(filter: FilterLike) -> str:
     """A filter in one line, for a message (an Arrow expression prints over several)."""
     return repr(filter) if isinstance(filter, Mapping) else " ".join(str(filter).split())
@@ -1876,10 +1909,11 @@ def _as_column_type(value: Any, kind: Any) -> list[Any]:
     there), where it reads as one: text columns as text ("1015" for 1015 or 1015.0, and
     "True" and "1" for True or 1, as metadata written as text holds flags; as
     :class:`~cellsift.data.CellCollection`'s filters read them), whole-number columns from
-    whole numbers, flags and their text ("1015"), flag columns from flags, 0/1 and
-    "True"/"False" (another number: no form, as it equals neither), float columns from
-    numbers and their text, in the column's precision. Other values stay as given
-    (and a comparison of another type is an error naming the column's type)."""
+    whole numbers, flags and their text ("1015", "1015.0"; a number not whole: no form, as
+    it equals none of their values), flag columns from flags, 0/1 and "True"/"False"
+    (another number: no form, as it equals neither), float columns from numbers and their
+    text, in the column's precision. Other values stay as given (and a comparison of
+    another type is an error naming the column's type and the values not read as it)."""
     pa = import_optional("pyarrow")
     if _missing(value):
         return [value]
@@ -1898,15 +1932,26 @@ def _as_column_type(value: Any, kind: Any) -> list[Any]:
             return [bool(value)] if value in (0, 1) else []
         return [value]
     if pa.types.is_integer(kind):
-        whole = value
-        if text and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        if text:  # (read exactly: "5", "5.0", "1e3"; a number not whole equals no value)
+            try:
+                exact = decimal.Decimal(value.strip())
+            except decimal.InvalidOperation:
+                return [value]
+            if not exact.is_finite() or exact.adjusted() > 20:  # (beyond 64 bits: none)
+                return []
+            if exact != exact.to_integral_value():
+                return []
+            whole = int(exact)
+        elif isinstance(value, bool | int):
             whole = int(value)
-        elif isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
+        elif isinstance(value, float):
+            if not value.is_integer():
+                return []
             whole = int(value)
-        if isinstance(whole, int):  # (beyond the column's type: equals none of its values)
-            info = np.iinfo(kind.to_pandas_dtype())
-            return [whole] if info.min <= whole <= info.max else []
-        return [value]
+        else:
+            return [value]
+        info = np.iinfo(kind.to_pandas_dtype())  # (beyond the column's type: equals none)
+        return [whole] if info.min <= whole <= info.max else []
     if pa.types.is_floating(kind):  # (numbers and flags as floats: 24, 24.0, "24" alike)
         if text:
             try:
