@@ -959,3 +959,32 @@ def test_a_checkpoint_over_a_folder_is_refused_and_one_another_process_writes_is
     ):  # (this process's own writer: its error, not another process's warning)
         io_.save_checkpoint({"step": 3}, last)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "results"]
+
+
+def test_what_overwrite_would_not_replace_is_said_so_whether_it_is_given_or_not(tmp_path):
+    """A path overwrite would not replace is named as such at once, not as an overwrite to
+    pass and then refused (hunt270); an empty folder or an earlier output asks for it; a
+    path that cannot be read is not replaceable, and a broken link is called one."""
+    from cellsift._utils import check_replaceable, holds
+
+    kind = holds("index.json")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "index.json").write_text("{}")
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    for overwrite in (False, True):
+        for name, said in (("mine", "a folder that is not"), ("broken", "a broken link that")):
+            with pytest.raises(FileExistsError, match=said):
+                check_replaceable(tmp_path / name, overwrite, kind, "an index")
+    for name in ("empty", "old"):
+        with pytest.raises(FileExistsError, match="exists; remove it or pass overwrite=True"):
+            check_replaceable(tmp_path / name, False, kind, "an index")
+        check_replaceable(tmp_path / name, True, kind, "an index")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with pytest.raises(FileExistsError, match="a folder that is not an index"):
+        check_replaceable(tmp_path / "old", False, unreadable, "an index")

@@ -238,11 +238,7 @@ def check_replaceable(
     an overwrite to pass, then refused)."""
     if not (final.exists() or final.is_symlink()):
         return
-    if (
-        replaces is None
-        or replaces(final)
-        or (final.is_dir() and not final.is_symlink() and not any(final.iterdir()))
-    ):
+    if replaces is None or _replaceable(final, replaces):
         if not overwrite:
             raise FileExistsError(f"{final} exists; remove it or pass overwrite=True.")
         return
@@ -253,11 +249,22 @@ def check_replaceable(
             f"{final} is {what} that holds other files too ({shown}), which overwrite would "
             "delete with it: move them out first, or choose another path."
         )
-    kind = "a folder" if final.is_dir() else "a file"
+    kind = "a folder" if final.is_dir() else "a file" if final.exists() else "a broken link"
     raise FileExistsError(
         f"{final} exists and is {kind} that is not {what}: overwrite replaces only {what}, "
         "never other files or folders. Choose another path, or remove it first."
     )
+
+
+def _replaceable(final: Path, replaces: Replaceable) -> bool:
+    """Whether ``final`` is an output ``replaces`` takes or an empty folder (one that cannot
+    be read is neither)."""
+    try:
+        if replaces(final):
+            return True
+        return final.is_dir() and not final.is_symlink() and not any(final.iterdir())
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

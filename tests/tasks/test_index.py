@@ -905,6 +905,14 @@ def test_a_filter_reads_numbers_and_flags_as_its_columns_type_in_any_order(tmp_p
         np.testing.assert_array_equal(index.select({"i": forms}), [5], err_msg=repr(forms))
     with pytest.raises(CellIndexError, match="selects no cells"):
         index.select({"i": ["1.5", 2.5, "inf", "1e999999999", "-1e-999999999"]})
+    # (review236) zero written with a large exponent is 0; "nan" the missing cells, as a
+    # float column reads it; a timestamp column's text is not said to want numbers
+    np.testing.assert_array_equal(index.select({"i": ["0e21", "0.000e25"]}), [0])
+    np.testing.assert_array_equal(index.select({"f": "nan"}), np.flatnonzero(np.isnan(f)))
+    with_missing = CellIndex.build(rng.normal(size=(3, 8)), pd.DataFrame({"n": [1, None, 3]}))
+    np.testing.assert_array_equal(with_missing.select({"n": "nan"}), [1])
+    with pytest.raises(CellIndexError, match=r"'t' holds timestamp.*the filter gives str\)"):
+        index.select({"t": "2020-13-45"})
     np.testing.assert_array_equal(index.select({"f": [24, 10**400]}), np.flatnonzero(f == 24))
     # a uint64 column of values beyond int64's range (review196: read as int64, they
     # overflowed, and the column was cast to int64 after a save)

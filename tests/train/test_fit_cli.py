@@ -838,15 +838,17 @@ def test_a_new_run_without_a_logger_keeps_the_bundle_an_earlier_one_wrote(tmp_pa
     path = tmp_path / "atlas.h5ad"
     synthetic_atlas(400, 50, n_studies=2, seed=3).write_h5ad(path)
     args = _args(path, tmp_path, "--trainer.max_epochs", "1", "--trainer.logger", "false")
-    # (an empty --ckpt_path, as a config's is overridden: none, a new run; hunt268: named
-    # the working folder as "a folder, not a checkpoint file", and Lightning's fit refused)
-    assert main(["fit", *args, "--ckpt_path", ""]) == 0
+    assert main(["fit", *args]) == 0
     bundle = tmp_path / "model"
     written = {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()}
     capsys.readouterr()
-    for again in (("--seed_everything", "5"), ("--ckpt_path", " ")):
-        assert main(["fit", *args, *again]) == 2
-        assert f"{bundle} (this run's folder" in capsys.readouterr().err
+    assert main(["fit", *args, "--seed_everything", "5"]) == 2
+    assert f"{bundle} (this run's folder" in capsys.readouterr().err
+    # an empty --ckpt_path (a script's unset variable): refused, neither resumed nor a new
+    # run (hunt268: named the working folder "a folder, not a checkpoint file")
+    for empty in ("", " "):
+        assert main(["fit", *args, "--ckpt_path", empty]) == 2
+        assert "--ckpt_path is empty: give the checkpoint" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == written
     resumed = [*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"]
     assert main(["fit", *resumed]) == 0

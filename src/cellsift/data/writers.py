@@ -440,8 +440,9 @@ class _CommonCategories:
 
 
 #: what pandas.api.types.infer_dtype calls categories held as objects all of one kind,
-#: among which equal values are the same category (unlike 1 and True)
-_ONE_KIND = frozenset({"string", "bytes", "integer", "floating", "boolean"})
+#: among which equal values are the same category (unlike 1 and True; and floats, whose
+#: equal values of two widths are other texts: np.float32(0.1) and 0.10000000149011612)
+_ONE_KIND = frozenset({"string", "bytes", "integer", "boolean"})
 
 
 def _same_categories(a: pd.CategoricalDtype, b: pd.CategoricalDtype) -> bool:

@@ -1866,18 +1866,20 @@ def _unread_values(filter: FilterLike, schema: Any) -> list[tuple[str, Any, list
     values)."""
     if not isinstance(filter, Mapping):
         return []
+    types = import_optional("pyarrow").types
     out = []
     for col, value in filter.items():
         if str(col) not in schema.names:
             continue
         kind = schema.field(str(col)).type
-        if _is_text_type(_value_type(kind)):
+        typed = _value_type(kind)  # (only numbers and flags read text as their values)
+        if not (types.is_integer(typed) or types.is_floating(typed) or types.is_boolean(typed)):
             continue
         listed = _as_list(value)
         given = listed if listed is not None else [value]
         text = [f for v in given for f in _as_column_type(v, kind) if isinstance(f, str)]
         if text:
-            out.append((str(col), _value_type(kind), text))
+            out.append((str(col), typed, text))
     return out
 
 
@@ -1937,8 +1939,10 @@ def _as_column_type(value: Any, kind: Any) -> list[Any]:
                 exact = decimal.Decimal(value.strip())
             except decimal.InvalidOperation:
                 return [value]
-            if not exact.is_finite() or exact.adjusted() > 20:  # (beyond 64 bits: none)
-                return []
+            if exact.is_nan():  # (as a float column reads "nan": the missing cells)
+                return [math.nan]
+            if exact.is_infinite() or (not exact.is_zero() and exact.adjusted() > 20):
+                return []  # (beyond 64 bits: equals none of its values)
             if exact != exact.to_integral_value():
                 return []
             whole = int(exact)

@@ -182,9 +182,12 @@ class FitCLI(LightningCLI):
         # hyperparameters): an unreadable file is said in one line, naming it
         # ("last" names a file only once the callbacks exist: continued_run reads it)
         path = self.config[self.config.subcommand].get("ckpt_path")
-        if path is not None and not str(path).strip():  # ("": none, a new run, as a config's
-            # ckpt_path is overridden on the command line; Lightning's fit refuses it)
-            self.config[self.config.subcommand]["ckpt_path"] = path = None
+        if path is not None and not str(path).strip():  # (a script's unset "$CKPT": meant
+            # to resume, perhaps; Lightning's fit refuses it with a traceback)
+            raise ConfigError(
+                "--ckpt_path is empty: give the checkpoint to resume from (a .ckpt of the "
+                "run, or last), or leave it out (--ckpt_path null) to start a new run."
+            )
         if path == "best" and not Path(path).exists():
             raise ConfigError(
                 "--ckpt_path best names the best checkpoint of a fit run in the same process, "
