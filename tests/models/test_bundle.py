@@ -217,6 +217,7 @@ def test_a_bundle_keeps_its_labels_under_a_newer_ontology(tmp_path):
     (path / "labels.json").write_text(json.dumps(labels))
     config = json.loads((path / "config.json").read_text())
     config["label_ids"][2] = "CL:0000054"  # (as the bundle was saved then)
+    config["ontology"] = {"version": "2019-01-01"}
     (path / "config.json").write_text(json.dumps(config))
     sums = json.loads((path / "checksums.json").read_text())
     sums["labels.json"] = _sha256(path / "labels.json")
@@ -225,6 +226,11 @@ def test_a_bundle_keeps_its_labels_under_a_newer_ontology(tmp_path):
     loaded = MetricModel.load(path)
     assert loaded.labels == ["CL:0000062", "CL:0000236", "CL:0000054"]
     assert loaded.label_names[2] == "bone matrix secreting cell"
+    # the ontology its labels were harmonised to, not the installed one, saved again with
+    # them (hunt273: the installed version replaced it)
+    assert loaded.config["ontology"] == {"version": "2019-01-01"}
+    again = json.loads((loaded.save(tmp_path / "again") / "config.json").read_text())
+    assert again["ontology"] == {"version": "2019-01-01"}
     x = np.random.default_rng(0).poisson(1.0, (5, 30)).astype(np.float32)
 
     adata = ad.AnnData(x, var=pd.DataFrame(index=genes))

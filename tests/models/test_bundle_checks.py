@@ -177,6 +177,15 @@ def test_a_state_cast_to_half_precision_whole_loads():
             _edit_config(lambda c: c["loss"].update(foo=1)),
             r"config\.json's loss\.foo is not a setting .* \(those are margin, ",
         ),
+        (  # (hunt273: loaded without a word, the model otherwise than the bundle's; a save
+            # over it dropped them)
+            _edit_config(lambda c: c["architecture"].update(activation="gelu")),
+            r"config\.json's architecture\.activation is not a setting .* \(those are n_genes",
+        ),
+        (
+            _edit_config(lambda c: c["normalization"].update(scale=2)),
+            r"config\.json's normalization\.scale is not a setting .* upgrade cellsift",
+        ),
         (
             _edit_config(lambda c: c["architecture"].update(n_genes=31)),
             r"config\.json's architecture\.n_genes is 31 but genes\.tsv lists 30 genes",
@@ -259,6 +268,8 @@ def test_a_state_cast_to_half_precision_whole_loads():
         "encoder-weight-integers",
         "hidden-edited",
         "unknown-loss-key",
+        "unknown-architecture-key",
+        "unknown-normalization-key",
         "n-genes-not-genes-tsv",
         "latent-missing",
         "hidden-not-a-list",

@@ -1091,3 +1091,24 @@ def test_a_one_dimensional_embedding_is_refused():
     with pytest.raises(ConfigError, match=r"latent is the embedding's width, at least 2"):
         MetricModel(genes, ["CL:0000236", "CL:0000624"], hidden=(8,), latent=1)
     MetricModel(genes, ["CL:0000236", "CL:0000624"], hidden=(8,), latent=2)
+
+
+@pytest.mark.parametrize(
+    ("labels", "names", "message"),
+    [
+        (["", "b"], None, "label 0 has the empty label"),
+        (["a", "b"], [1, 2], "label 0 has the name 1"),
+        (["a", "b"], ["x", None], "label 1 has the name None"),
+        (["a", "b"], [float("nan"), "y"], "label 0 has the name nan"),
+    ],
+)
+def test_labels_a_bundle_could_not_hold_are_refused_when_the_model_is_made(
+    tmp_path, labels, names, message
+):
+    """An empty label, or names that are not text: refused as the model is made (hunt273:
+    saved without a word into a bundle that load then called edited by another tool)."""
+    with pytest.raises(ValueError, match=message):
+        MetricModel(["g1", "g2"], labels, hidden=(4,), latent=2, ontology_aware=False,
+                    label_names=names)  # fmt: skip
+    model = MetricModel(["g1", "g2"], ["a", " "], hidden=(4,), latent=2, ontology_aware=False)
+    assert MetricModel.load(model.save(tmp_path / "m")).labels == ["a", " "]

@@ -491,13 +491,20 @@ def metric_settings(
         problem = loss_setting_problem(key, value)
         if problem is not None:
             raise bad(f"loss.{key}", f"is {value!r}, not {problem}")
-    unknown = sorted(k for k in loss if k not in accepted)
-    if unknown:
-        raise BundleError(
-            f"{path}: config.json's loss.{unknown[0]} is not a setting of this cellsift's "
-            f"{kind} (those are {', '.join(accepted)}). If a newer cellsift wrote the bundle, "
-            f"upgrade cellsift; otherwise {_REMAKE[0].lower()}{_REMAKE[1:]}"
-        )
+    # (a setting this cellsift does not know would be dropped: the model would embed
+    # otherwise than the bundle's, and a save over it lose the setting)
+    for section, values, known in (
+        ("architecture", arch, _ARCHITECTURE_KEYS),
+        ("normalization", norm, _NORMALIZATION_KEYS),
+        ("loss", loss, accepted),
+    ):
+        unknown = sorted(k for k in values if k not in known)
+        if unknown:
+            raise BundleError(
+                f"{path}: config.json's {section}.{unknown[0]} is not a setting of this "
+                f"cellsift's {kind} (those are {', '.join(known)}). If a newer cellsift wrote "
+                f"the bundle, upgrade cellsift; otherwise {_REMAKE[0].lower()}{_REMAKE[1:]}"
+            )
     return {
         "hidden": arch["hidden"],
         "latent": arch["latent"],
@@ -506,6 +513,11 @@ def metric_settings(
         "target_sum": norm["target_sum"],
         **loss,
     }
+
+
+#: The keys of a bundle's config.json architecture and normalization sections.
+_ARCHITECTURE_KEYS = ("n_genes", "hidden", "latent", "dropout", "input_dropout")
+_NORMALIZATION_KEYS = ("target_sum", "log1p")
 
 
 def _one_of(choices: tuple[str, ...]) -> str:

@@ -151,6 +151,14 @@ class MetricModel:
                 self.labels
             ):
                 raise ValueError("label_names must be parallel to labels, which must be unique.")
+            # (as a bundle holds them: a model it could not load again is refused here)
+            for i, (label, name) in enumerate(zip(self.labels, self.label_names, strict=True)):
+                if not label or not isinstance(name, str):
+                    what = "empty label" if not label else f"name {name!r}"
+                    raise ValueError(
+                        f"labels are non-empty text, and label_names text: label {i} has the "
+                        f"{what}. Leave out cells without a label, and give names as text."
+                    )
         #: False for a model loaded without decoder weights (:meth:`load`): it embeds, but
         #: :meth:`train` asks before fine-tuning it against a random decoder
         self.decoder_trained = True
@@ -770,9 +778,11 @@ class MetricModel:
                 UntrainedDecoderWarning,
             )
         model.label_key = b.config.get("label_key", model.label_key)  # (checked: a text)
-        # where it came from (an import's source, its labels' source names) stays with it
-        if "source" in b.config:
-            model.config["source"] = b.config["source"]
+        # where it came from (an import's source, its labels' source names) and the Cell
+        # Ontology its labels were harmonised to (not the installed one) stay with it
+        for key in ("source", "ontology"):
+            if key in b.config:
+                model.config[key] = b.config[key]
         model._label_fields = {
             lab["id"]: {k: v for k, v in lab.items() if k not in ("id", "name")} for lab in b.labels
         }
