@@ -799,6 +799,15 @@ def test_a_column_some_stores_lack_joins_as_the_stores_holding_it_do():
         if text is not None:
             said = _as_text(coll.obs_column("x", absent_ok=True))
             assert list(said[: len(text)]) == text
+    # every store holding it, one of them nullable (hunt274: float32 0.1 joined as
+    # 0.10000000149011612 there, as written only where no store held nullable numbers)
+    for k, values in enumerate(
+        (np.float32([0.1, 0.5, 0.1, 0.5]), pd.array([1, None, 2, 3], "Int64"), [2.5] * 4)
+    ):
+        parts[k].obs["y"] = values
+    typed = pd.array(CellCollection(parts).obs_typed("y"))
+    want = pd.array([0.1, 0.5, 0.1, 0.5, 1, None, 2, 3, *[2.5] * 4], dtype="Float64")
+    pd.testing.assert_extension_array_equal(typed, want, check_exact=True)
     # unsigned 64-bit whole numbers stay exact: as Int64 where they fit (review), as UInt64
     # where every holder is unsigned and some go beyond Int64
     big = 2**60 + 1

@@ -524,6 +524,14 @@ class CellCollection:
         if name not in self._value_maps and all(  # (text is read as text, not joined here)
             types.is_bool_dtype(p.dtype) or types.is_numeric_dtype(p.dtype) for p in parts
         ):
+            if len({p.dtype for p in parts}) > 1:  # joined in a wider type: narrow floats by
+                # the value they write (float32 0.1 is 0.1), as obs_column joins them
+                parts = [
+                    pd.Series(_joinable(p.array, "Float64"))
+                    if types.is_float_dtype(p.dtype) and p.dtype.itemsize < 8
+                    else p
+                    for p in parts
+                ]
             whole = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
             if types.is_bool_dtype(whole.dtype) or (
                 types.is_numeric_dtype(whole.dtype)
