@@ -988,3 +988,11 @@ def test_what_overwrite_would_not_replace_is_said_so_whether_it_is_given_or_not(
 
     with pytest.raises(FileExistsError, match="a folder that is not an index"):
         check_replaceable(tmp_path / "old", False, unreadable, "an index")
+
+    class Unlisted(holds):  # (a folder that cannot be listed, as for a user without rights)
+        def extras(self, path):
+            unreadable(path)
+
+    for overwrite in (False, True):  # (review237: the listing's PermissionError, bare)
+        with pytest.raises(FileExistsError, match="a folder that is not an index"):
+            check_replaceable(tmp_path / "old", overwrite, Unlisted("x", only=[]), "an index")

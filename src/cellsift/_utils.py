@@ -242,8 +242,12 @@ def check_replaceable(
         if not overwrite:
             raise FileExistsError(f"{final} exists; remove it or pass overwrite=True.")
         return
-    extras = replaces.extras(final) if isinstance(replaces, holds) else []
-    if extras and isinstance(replaces, holds) and holds(*replaces.names)(final):
+    try:  # (a folder that cannot be read: none, said below as not replaceable)
+        extras = replaces.extras(final) if isinstance(replaces, holds) else []
+        extras = extras if isinstance(replaces, holds) and holds(*replaces.names)(final) else []
+    except OSError:
+        extras = []
+    if extras:
         shown = ", ".join(extras[:5]) + (", ..." if len(extras) > 5 else "")
         raise FileExistsError(
             f"{final} is {what} that holds other files too ({shown}), which overwrite would "

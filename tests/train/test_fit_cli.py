@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -829,6 +830,20 @@ def test_fit_trains_labels_outside_the_cell_ontology_as_they_are(tmp_path, capsy
     assert MetricModel.load(bundle).labels == sorted(lines.values())
 
 
+def test_an_empty_label_among_those_given_is_said_in_one_line(synthetic_h5ad, tmp_path, capsys):
+    """An empty label in data.init_args.labels: the model refuses it in one line (review237:
+    a ValueError's traceback; before, a bundle written that load refused)."""
+    given = ["--model.ontology_aware", "false", "--data.init_args.harmonize_labels", "false"]
+    given += ["--data.init_args.labels", '["x", ""]']
+    with warnings.catch_warnings():  # (the cells' labels are not among those given)
+        warnings.simplefilter("ignore", CellsiftWarning)
+        assert main(["fit", *_args(synthetic_h5ad, tmp_path, *given)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "label 1 has the empty label" in err[-1] and err[-1].startswith("cellsift fit: error")
+    assert not any(line.lstrip().startswith("File ") for line in err)
+    assert not list(tmp_path.rglob("model"))
+
+
 def test_a_new_run_without_a_logger_keeps_the_bundle_an_earlier_one_wrote(tmp_path, capsys):
     """Without a logger a fit's bundle is <default_root_dir>/model, the same folder for every
     run there: a new run is refused (hunt253: it replaced the earlier run's bundle, exit
@@ -848,7 +863,9 @@ def test_a_new_run_without_a_logger_keeps_the_bundle_an_earlier_one_wrote(tmp_pa
     # run (hunt268: named the working folder "a folder, not a checkpoint file")
     for empty in ("", " "):
         assert main(["fit", *args, "--ckpt_path", empty]) == 2
-        assert "--ckpt_path is empty: give the checkpoint" in capsys.readouterr().err
+        assert "ckpt_path (--ckpt_path, or the config's) is empty: give the" in (
+            capsys.readouterr().err
+        )
     assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == written
     resumed = [*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"]
     assert main(["fit", *resumed]) == 0

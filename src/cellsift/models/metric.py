@@ -155,7 +155,7 @@ class MetricModel:
             for i, (label, name) in enumerate(zip(self.labels, self.label_names, strict=True)):
                 if not label or not isinstance(name, str):
                     what = "empty label" if not label else f"name {name!r}"
-                    raise ValueError(
+                    raise ConfigError(
                         f"labels are non-empty text, and label_names text: label {i} has the "
                         f"{what}. Leave out cells without a label, and give names as text."
                     )

@@ -185,8 +185,9 @@ class FitCLI(LightningCLI):
         if path is not None and not str(path).strip():  # (a script's unset "$CKPT": meant
             # to resume, perhaps; Lightning's fit refuses it with a traceback)
             raise ConfigError(
-                "--ckpt_path is empty: give the checkpoint to resume from (a .ckpt of the "
-                "run, or last), or leave it out (--ckpt_path null) to start a new run."
+                "ckpt_path (--ckpt_path, or the config's) is empty: give the checkpoint to "
+                "resume from (a .ckpt of the run, or last), or leave it out (null) to start a "
+                "new run."
             )
         if path == "best" and not Path(path).exists():
             raise ConfigError(
