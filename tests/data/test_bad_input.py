@@ -808,6 +808,9 @@ def test_a_column_some_stores_lack_joins_as_the_stores_holding_it_do():
     typed = pd.array(CellCollection(parts).obs_typed("y"))
     want = pd.array([0.1, 0.5, 0.1, 0.5, 1, None, 2, 3, *[2.5] * 4], dtype="Float64")
     pd.testing.assert_extension_array_equal(typed, want, check_exact=True)
+    parts[1].obs["y"] = np.arange(4)  # (numpy's numbers only: read as obs_column reads them)
+    typed = CellCollection(parts).obs_typed("y")
+    assert isinstance(typed, np.ndarray) and typed.dtype == np.float64 and typed[0] == 0.1
     # unsigned 64-bit whole numbers stay exact: as Int64 where they fit (review), as UInt64
     # where every holder is unsigned and some go beyond Int64
     big = 2**60 + 1

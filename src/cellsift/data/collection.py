@@ -524,8 +524,10 @@ class CellCollection:
         if name not in self._value_maps and all(  # (text is read as text, not joined here)
             types.is_bool_dtype(p.dtype) or types.is_numeric_dtype(p.dtype) for p in parts
         ):
-            if len({p.dtype for p in parts}) > 1:  # joined in a wider type: narrow floats by
-                # the value they write (float32 0.1 is 0.1), as obs_column joins them
+            extension = any(isinstance(p.dtype, pd.api.extensions.ExtensionDtype) for p in parts)
+            if extension and len({p.dtype for p in parts}) > 1:  # joined in a nullable type:
+                # narrow floats by the value they write (float32 0.1 is 0.1), as obs_column
+                # joins numpy's (which it reads, below)
                 parts = [
                     pd.Series(_joinable(p.array, "Float64"))
                     if types.is_float_dtype(p.dtype) and p.dtype.itemsize < 8
