@@ -246,6 +246,73 @@ def test_a_damaged_gzip_chunk_is_named_as_damage(counts, kind, direct, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["h5ad", "zarr"])
+def test_a_damaged_chunk_of_dense_counts_is_named_as_damage(counts, kind, tmp_path):
+    """Dense counts (h5ad with gzip, Zarr v3 with its default codec) whose first chunk was
+    overwritten: named as the store's damage when rows, a block or a collection's sample
+    are read (hunt275: h5py's or the codec's bare error, no file named)."""
+    import h5py
+
+    adata = ad.AnnData(counts.toarray(), obs=_adata(counts).obs, var=_adata(counts).var)
+    if kind == "h5ad":
+        path = tmp_path / "dense.h5ad"
+        adata.write_h5ad(path, compression="gzip")
+        with h5py.File(path) as f:
+            at = f["X"].id.get_chunk_info(0).byte_offset
+        raw = bytearray(path.read_bytes())
+        raw[at + 5 : at + 45] = b"\x13" * 40
+        path.write_bytes(bytes(raw))
+    else:
+        path = tmp_path / "dense.zarr"
+        with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3):
+            warnings.simplefilter("ignore")  # anndata's notices on zarr formats
+            adata.write_zarr(path)
+        chunk = next(p for p in sorted((path / "X").rglob("*")) if p.is_file() and p.name == "0")
+        raw = bytearray(chunk.read_bytes())
+        raw[3:33] = b"\xff" * 30
+        chunk.write_bytes(bytes(raw))
+    store = open_store(path)
+    said = rf"{re.escape(str(path))}: X of cells 0-(0|3|399) cannot be read .* damaged"
+    for read in (lambda: store.read(np.array([0])), lambda: store.read(np.array([0, 3]))):
+        with pytest.raises(DataError, match=said):
+            read()
+    with pytest.raises(DataError, match=said):
+        store.row_sums()
+    with pytest.raises(DataError, match=said):
+        CellCollection([path])
+
+
+def test_a_gzip_chunk_stored_without_its_filter_reads_as_h5py_reads_it(counts, tmp_path):
+    """HDF5 lets a chunk of a gzip dataset be stored raw, its filter marked skipped (bit 0
+    of the chunk's filter mask, as a writer of raw chunks sets it): read as it is, not
+    inflated (hunt275: refused as damage, while h5py and anndata read the file)."""
+    import zlib
+
+    import h5py
+
+    path = tmp_path / "mask.h5ad"
+    _adata(counts).write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        data = f["X/data"][...]
+        del f["X/data"]
+        ds = f["X"].create_dataset(
+            "data", shape=data.shape, dtype=data.dtype, chunks=(64,), compression="gzip"
+        )
+        for k in range(0, len(data), 64):
+            block = np.zeros(64, data.dtype)
+            block[: len(data[k : k + 64])] = data[k : k + 64]
+            if k % 128 == 0:  # (every other chunk raw)
+                ds.id.write_direct_chunk((k,), block.tobytes(), filter_mask=1)
+            else:
+                ds.id.write_direct_chunk((k,), zlib.compress(block.tobytes()))
+    for direct in (True, False):
+        store = open_store(path, direct=direct)
+        assert (store._direct is not None) == direct
+        np.testing.assert_array_equal(store.read(np.arange(400)).toarray(), counts.toarray())
+        rows = np.array([3, 150, 399])
+        np.testing.assert_array_equal(store.read(rows).toarray(), counts[rows].toarray())
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "zarr"])
 def test_damaged_metadata_is_named_as_damage_on_open_and_on_convert(kind, tmp_path):
     """An object header of X (h5ad) or X's zarr.json (Zarr) overwritten: opening the store
     names its layout as damaged; obsm's header so damaged (h5ad): convert, which lists the elements

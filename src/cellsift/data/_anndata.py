@@ -243,19 +243,22 @@ class AnnDataStore(CellStore):
     # -- reading ------------------------------------------------------------------------
     def _read_block(self, start: int, stop: int) -> sp.csr_matrix | np.ndarray:
         if self._dense:  # the block as stored: no float32 copy, no CSR
-            return np.asarray(self._matrix(self.handle)[start:stop])
+            with self._reading(f"{self._matrix_key()} of cells {start}-{stop - 1}"):
+                return np.asarray(self._matrix(self.handle)[start:stop])
         return super()._read_block(start, stop)
 
     def _read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         if self._dense:
             if len(rows) == 0:
                 return sp.csr_matrix((0, self._shape[1]), dtype=np.float32)
-            mat = self._matrix(self.handle)
-            if rows[-1] - rows[0] + 1 == len(rows):  # a run of cells: one slice, not a list
-                block = mat[int(rows[0]) : int(rows[-1]) + 1]
-            else:
-                block = mat[rows, :]
-            return sp.csr_matrix(np.asarray(block, dtype=np.float32))
+            with self._reading(f"{self._matrix_key()} of cells {int(rows[0])}-{int(rows[-1])}"):
+                mat = self._matrix(self.handle)
+                if rows[-1] - rows[0] + 1 == len(rows):  # a run of cells: one slice, not a list
+                    block = mat[int(rows[0]) : int(rows[-1]) + 1]
+                else:
+                    block = mat[rows, :]
+                block = np.asarray(block, dtype=np.float32)
+            return sp.csr_matrix(block)
         # Direct reads cost microseconds a call: read exactly the wanted rows. Through h5py or
         # zarr a call costs far more, and ranges with small gaps are merged into one read.
         gap = 0 if self._direct is not None else _csr.MAX_GAP

@@ -480,22 +480,29 @@ class H5ChunkReader(DecodingReader):
         self.chunk_elems = int(ds.chunks[0])
         self.size = int(ds.shape[0])
         self.gzip = ds.compression == "gzip"
-        found: list[tuple[int, int, int]] = []
+        found: list[tuple[int, int, int, int]] = []
         ds.id.chunk_iter(
-            lambda info: found.append((info.chunk_offset[0], info.byte_offset, info.size))
+            lambda info: found.append(
+                (info.chunk_offset[0], info.byte_offset, info.size, info.filter_mask)
+            )
         )
         n_chunks = -(-self.size // self.chunk_elems)
         self.offsets = np.full(n_chunks, -1, dtype=np.int64)  # -1: never written (zeros)
         self.sizes = np.zeros(n_chunks, dtype=np.int64)
-        for start, offset, nbytes in found:
+        #: chunks stored without the gzip filter (bit 0 of HDF5's filter mask: the filter
+        #: skipped for this chunk, as a writer of raw chunks may)
+        self.unfiltered = np.zeros(n_chunks, dtype=bool)
+        for start, offset, nbytes, mask in found:
             self.offsets[start // self.chunk_elems] = offset
             self.sizes[start // self.chunk_elems] = nbytes
+            self.unfiltered[start // self.chunk_elems] = bool(mask & 1)
 
     def _chunk(self, chunk: int) -> np.ndarray:
         if self.offsets[chunk] < 0:
             return np.zeros(self.chunk_elems, dtype=self.dtype)
         raw = self._pread(self.path, int(self.sizes[chunk]), int(self.offsets[chunk]))
-        return np.frombuffer(zlib.decompress(raw) if self.gzip else raw, dtype=self.dtype)
+        decoded = zlib.decompress(raw) if self.gzip and not self.unfiltered[chunk] else raw
+        return np.frombuffer(decoded, dtype=self.dtype)
 
     def fetch(
         self, starts: np.ndarray, ends: np.ndarray, pool: ThreadPoolExecutor
