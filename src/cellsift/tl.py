@@ -546,9 +546,10 @@ def search_clusters(
     filter: Any = None,
     check_counts: bool = True,
 ) -> dict[str, SearchResult]:
-    """:func:`search_centroid` for every group of ``obs[groupby]`` (e.g. clusters), with
-    the pseudobulks embedded in one pass; keyed by the groups as :func:`pseudobulk` names
-    them; ``check_counts`` as there."""
+    """:func:`search_centroid`'s search for every group of ``obs[groupby]`` (e.g.
+    clusters), with the pseudobulks embedded in one pass, without its coherence check (each
+    result's ``qc`` is None: a cluster is what an incoherent set is split into); keyed by
+    the groups as :func:`pseudobulk` names them; ``check_counts`` as there."""
     _check_inputs(adata, model, index)
     bulk = _summed(adata, groupby, layer, "search_clusters" if check_counts else None)
     res = index.search(_embed_bulk(model, bulk, f"groups of {groupby!r}"), k, filter=filter)

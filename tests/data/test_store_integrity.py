@@ -281,6 +281,52 @@ def test_a_damaged_chunk_of_dense_counts_is_named_as_damage(counts, kind, tmp_pa
         CellCollection([path])
 
 
+def test_what_is_not_damage_is_not_called_damage(counts, tmp_path, monkeypatch):
+    """An HDF5 filter whose plugin is not loaded is named with the fix; dense X of text is
+    no counts; a store closed by another thread during a read raises the read's own error
+    (review239: each called the file damaged or incomplete)."""
+    import h5py
+    from h5py import h5d, h5p, h5s, h5t, h5z
+
+    dense = counts.toarray()[:40]
+    path = tmp_path / "plugin.h5ad"
+    ad.AnnData(dense).write_h5ad(path)
+    with h5py.File(path, "r+") as f:  # (chunks as zstd's plugin, id 32015, would store them)
+        del f["X"]
+        plist = h5p.create(h5p.DATASET_CREATE)
+        plist.set_chunk((8, dense.shape[1]))
+        plist.set_filter(32015, h5z.FLAG_OPTIONAL)
+        space = h5s.create_simple(dense.shape)
+        h5d.create(f.id, b"X", h5t.NATIVE_FLOAT, space, dcpl=plist)
+        for k in range(0, 40, 8):
+            f["X"].id.write_direct_chunk((k, 0), dense[k : k + 8].tobytes(), filter_mask=0)
+        f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    if not h5z.filter_avail(32015):
+        with pytest.raises(DataError, match=r"/X is compressed with the HDF5 filter 32015, wh"):
+            open_store(path)
+    text = tmp_path / "text.h5ad"
+    ad.AnnData(dense).write_h5ad(text)
+    with h5py.File(text, "r+") as f:
+        del f["X"]
+        f["X"] = np.full(dense.shape, b"a", dtype="S3")
+        f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    with pytest.raises(DataError, match=r"holds X of \|S3 values, not counts"):
+        open_store(text)
+    path = tmp_path / "dense.h5ad"
+    ad.AnnData(dense).write_h5ad(path)
+    store = open_store(path)
+    matrix = type(store)._matrix
+
+    def closing(self, root):  # (another thread closes the store as the read begins)
+        found = matrix(self, root)
+        self.close()
+        return found
+
+    monkeypatch.setattr(type(store), "_matrix", closing)
+    with pytest.raises(RuntimeError, match="identifier is not of specified type"):
+        store.read(np.array([0, 3]))
+
+
 def test_a_gzip_chunk_stored_without_its_filter_reads_as_h5py_reads_it(counts, tmp_path):
     """HDF5 lets a chunk of a gzip dataset be stored raw, its filter marked skipped (bit 0
     of the chunk's filter mask, as a writer of raw chunks sets it): read as it is, not

@@ -112,6 +112,9 @@ class AnnDataStore(CellStore):
                 out.append("uns")
         return out
 
+    def _check_filters(self, mat: Any) -> None:
+        """A format's check that it can decode the matrix ``mat`` (h5ad: HDF5's filters)."""
+
     def _matrix_key(self) -> str:
         if self.layer is None:
             return "X"
@@ -139,8 +142,15 @@ class AnnDataStore(CellStore):
                 "stores counts column-major (CSC): reading cells would read the whole matrix.",
                 f"Rewrite it row-major: {fix}; adata.{write}(path).",
             )
+        self._check_filters(mat)
         self._dense = enc in (None, "array")
         if self._dense:
+            kind = getattr(getattr(mat, "dtype", None), "kind", "f")
+            if kind not in "biuf":  # (text or records: no counts, whatever is read)
+                raise self._error(
+                    f"holds {self._matrix_key()} of {mat.dtype} values, not counts.",
+                    "Pass the layer of raw counts (layer=...), or write the counts there.",
+                )
             if _attr(mat, "h5sparse_format") is not None:  # (anndata before 0.7; no encoding)
                 raise self._error(
                     f"holds {self._matrix_key()} in the sparse layout of anndata before 0.7 "
@@ -188,6 +198,9 @@ class AnnDataStore(CellStore):
             raise
         except (OSError, RuntimeError, ValueError, KeyError, zlib.error) as err:
             if sys.is_finalizing():  # (a read the interpreter's exit cut short: no damage)
+                raise
+            handle = self._handle  # (closed meanwhile, by another thread: no damage)
+            if handle is None or not getattr(getattr(handle, "id", None), "valid", True):
                 raise
             said = str(err).strip().splitlines()[0] if str(err).strip() else ""
             kind = "zlib.error" if isinstance(err, zlib.error) else type(err).__name__
@@ -257,8 +270,7 @@ class AnnDataStore(CellStore):
                     block = mat[int(rows[0]) : int(rows[-1]) + 1]
                 else:
                     block = mat[rows, :]
-                block = np.asarray(block, dtype=np.float32)
-            return sp.csr_matrix(block)
+            return sp.csr_matrix(np.asarray(block, dtype=np.float32))
         # Direct reads cost microseconds a call: read exactly the wanted rows. Through h5py or
         # zarr a call costs far more, and ranges with small gaps are merged into one read.
         gap = 0 if self._direct is not None else _csr.MAX_GAP

@@ -14,6 +14,18 @@ from ._anndata import AnnDataStore
 from ._direct import ChunkedReader, open_h5_reader, too_many_open_files
 from .writers import Format
 
+_PARTS = ("data", "indices", "indptr")
+
+
+def _plugins_loaded(code: int) -> bool:
+    """Whether HDF5 filter ``code`` is available once hdf5plugin (where installed) has
+    registered its filters."""
+    try:
+        import hdf5plugin  # noqa: F401  (registers its filters with HDF5 on import)
+    except ImportError:
+        return False
+    return bool(h5py.h5z.filter_avail(code))
+
 
 class H5adStore(AnnDataStore):
     """An h5ad file. X is never loaded whole: each read touches only the requested rows.
@@ -42,6 +54,26 @@ class H5adStore(AnnDataStore):
     ) -> None:
         self.rdcc_nbytes = rdcc_nbytes
         super().__init__(path, layer=layer, direct=direct)
+
+    def _check_filters(self, mat: Any) -> None:
+        """Each dataset of the matrix compressed by an HDF5 filter this HDF5 cannot apply
+        (a plugin's, as zstd's or blosc's, not loaded): a DataError naming it and the fix,
+        not its chunks called damaged. hdf5plugin, where installed, is loaded first."""
+        parts = [mat] if isinstance(mat, h5py.Dataset) else [mat.get(n) for n in _PARTS]
+        for ds in (p for p in parts if isinstance(p, h5py.Dataset)):
+            plist = ds.id.get_create_plist()
+            for i in range(plist.get_nfilters()):
+                code, _, _, name = plist.get_filter(i)
+                if h5py.h5z.filter_avail(code) or _plugins_loaded(code):
+                    continue
+                said = name.decode(errors="replace") if isinstance(name, bytes) else name
+                raise self._error(
+                    f"{ds.name} is compressed with the HDF5 filter "
+                    f"{f'{said} (id {code})' if said else code}, which this Python's HDF5 "
+                    "cannot decode (its plugin is not loaded).",
+                    "Install hdf5plugin (pip install hdf5plugin), or point HDF5_PLUGIN_PATH "
+                    "at the plugin; or write the file again with gzip.",
+                )
 
     def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
         return [open_h5_reader(self.file, mat[name]) for name in ("data", "indices")]
