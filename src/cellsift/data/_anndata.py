@@ -192,6 +192,7 @@ class AnnDataStore(CellStore):
     def _reading(self, element: str) -> Iterator[None]:
         """An element that h5py, zarr or its codecs cannot decode (a chunk cut short or
         overwritten) named as the store's damage, not as the codec's error."""
+        opened = self._handle  # (the file as the read begins)
         try:
             yield
         except CellsiftError:
@@ -199,8 +200,11 @@ class AnnDataStore(CellStore):
         except (OSError, RuntimeError, ValueError, KeyError, zlib.error) as err:
             if sys.is_finalizing():  # (a read the interpreter's exit cut short: no damage)
                 raise
-            handle = self._handle  # (closed meanwhile, by another thread: no damage)
-            if handle is None or not getattr(getattr(handle, "id", None), "valid", True):
+            # (closed by another thread during the read: no damage)
+            if opened is not None and (
+                self._handle is not opened
+                or not getattr(getattr(opened, "id", None), "valid", True)
+            ):
                 raise
             said = str(err).strip().splitlines()[0] if str(err).strip() else ""
             kind = "zlib.error" if isinstance(err, zlib.error) else type(err).__name__

@@ -63,7 +63,9 @@ class H5adStore(AnnDataStore):
         for ds in (p for p in parts if isinstance(p, h5py.Dataset)):
             plist = ds.id.get_create_plist()
             for i in range(plist.get_nfilters()):
-                code, _, _, name = plist.get_filter(i)
+                code, flags, _, name = plist.get_filter(i)
+                if flags & h5py.h5z.FLAG_OPTIONAL:  # (chunks may be stored without it: read)
+                    continue
                 if h5py.h5z.filter_avail(code) or _plugins_loaded(code):
                     continue
                 said = name.decode(errors="replace") if isinstance(name, bytes) else name
