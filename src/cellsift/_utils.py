@@ -60,8 +60,7 @@ def import_optional(module: str, extra: str | None = None) -> ModuleType:
             found = False
         if found:
             raise MissingDependencyError(
-                f"{module} is installed but cannot be imported ({type(err).__name__}: "
-                f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'}): "
+                f"{module} is installed but cannot be imported ({error_text(err)}): "
                 "fix that installation (the error names what it lacks, or what is at a "
                 "version it does not take)."
             ) from err
@@ -1119,6 +1118,15 @@ def first_line(err: BaseException) -> str:
     its type's name where it has none (a bare EOFError)."""
     lines = _ANSI.sub("", str(err)).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+def error_text(err: BaseException, kind: str | None = None) -> str:
+    """``err`` for a message: its type (or ``kind``, e.g. "zlib.error" for zlib's bare
+    ``error``) and the first line of its message (:func:`first_line`), the type alone
+    where it has none."""
+    kind = kind or type(err).__name__
+    said = first_line(err)
+    return kind if said == type(err).__name__ else f"{kind}: {said}"
 
 
 def repeated(values: Iterable[Any]) -> list[str]:

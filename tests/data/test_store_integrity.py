@@ -72,6 +72,21 @@ def _file(path: Path, array: str, k: int) -> Path:
     return folder / "c" / str(k) if (folder / "c").is_dir() else folder / str(k)
 
 
+def _overwrite(path: Path, at: int, junk: bytes) -> None:
+    """``junk`` written over ``path``'s bytes from offset ``at`` (a chunk's damage)."""
+    raw = bytearray(path.read_bytes())
+    raw[at : at + len(junk)] = junk
+    path.write_bytes(bytes(raw))
+
+
+def _first_chunk_at(path: Path, dataset: str) -> int:
+    """Where the first chunk of h5ad ``path``'s ``dataset`` lies in the file."""
+    import h5py
+
+    with h5py.File(path) as f:
+        return int(f[dataset].id.get_chunk_info(0).byte_offset)
+
+
 @pytest.fixture(scope="module")
 def counts() -> sp.csr_matrix:
     return _counts(400, 30)
@@ -204,18 +219,13 @@ def test_a_damaged_gzip_chunk_is_named_as_damage(counts, kind, direct, tmp_path)
     """A gzip chunk whose bytes were overwritten (h5ad written with compression="gzip",
     Zarr v3 with a gzip codec): the store's damage, named, not zlib's bare error (hunt209:
     ``zlib.error`` raised through the direct reads and Zarr's)."""
-    import h5py
     import zarr
     from zarr.codecs import GzipCodec
 
     if kind == "h5ad":
         path = tmp_path / "gz.h5ad"
         _adata(counts).write_h5ad(path, compression="gzip")
-        with h5py.File(path) as f:
-            at = f["X/data"].id.get_chunk_info(0).byte_offset
-        raw = bytearray(path.read_bytes())
-        raw[at + 10 : at + 40] = b"\0" * 30
-        path.write_bytes(bytes(raw))
+        _overwrite(path, _first_chunk_at(path, "X/data") + 10, b"\0" * 30)
     else:
         path = tmp_path / f"{kind}.zarr"
         with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3):
@@ -238,9 +248,7 @@ def test_a_damaged_gzip_chunk_is_named_as_damage(counts, kind, direct, tmp_path)
             open_store(path, direct=direct).read(np.arange(400)).toarray(), counts.toarray()
         )
         chunk = _file(path, "data", 0)
-        raw = bytearray(chunk.read_bytes())
-        raw[30:60] = b"\x07" * 30
-        chunk.write_bytes(bytes(raw))
+        _overwrite(chunk, 30, b"\x07" * 30)
     with pytest.raises(DataError, match=r"X of cells 0-399 cannot be read \((zlib\.error|OSError)"):
         open_store(path, direct=direct).read(np.arange(400))
 
@@ -250,26 +258,19 @@ def test_a_damaged_chunk_of_dense_counts_is_named_as_damage(counts, kind, tmp_pa
     """Dense counts (h5ad with gzip, Zarr v3 with its default codec) whose first chunk was
     overwritten: named as the store's damage when rows, a block or a collection's sample
     are read (hunt275: h5py's or the codec's bare error, no file named)."""
-    import h5py
 
     adata = ad.AnnData(counts.toarray(), obs=_adata(counts).obs, var=_adata(counts).var)
     if kind == "h5ad":
         path = tmp_path / "dense.h5ad"
         adata.write_h5ad(path, compression="gzip")
-        with h5py.File(path) as f:
-            at = f["X"].id.get_chunk_info(0).byte_offset
-        raw = bytearray(path.read_bytes())
-        raw[at + 5 : at + 45] = b"\x13" * 40
-        path.write_bytes(bytes(raw))
+        _overwrite(path, _first_chunk_at(path, "X") + 5, b"\x13" * 40)
     else:
         path = tmp_path / "dense.zarr"
         with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3):
             warnings.simplefilter("ignore")  # anndata's notices on zarr formats
             adata.write_zarr(path)
         chunk = next(p for p in sorted((path / "X").rglob("*")) if p.is_file() and p.name == "0")
-        raw = bytearray(chunk.read_bytes())
-        raw[3:33] = b"\xff" * 30
-        chunk.write_bytes(bytes(raw))
+        _overwrite(chunk, 3, b"\xff" * 30)
     store = open_store(path)
     said = rf"{re.escape(str(path))}: X of cells 0-(0|3|399) cannot be read .* damaged"
     for read in (lambda: store.read(np.array([0])), lambda: store.read(np.array([0, 3]))):
@@ -282,28 +283,37 @@ def test_a_damaged_chunk_of_dense_counts_is_named_as_damage(counts, kind, tmp_pa
 
 
 def test_what_is_not_damage_is_not_called_damage(counts, tmp_path, monkeypatch):
-    """An HDF5 filter whose plugin is not loaded is named with the fix; dense X of text is
-    no counts; a store closed by another thread during a read raises the read's own error
-    (review239: each called the file damaged or incomplete)."""
+    """An HDF5 filter whose plugin is not loaded is named with the fix where a read needs
+    it (a chunk the filter skipped reads); dense X of text is no counts; a store closed by
+    another thread during a read raises the read's own error (review239: each called the
+    file damaged or incomplete)."""
     import h5py
     from h5py import h5d, h5p, h5s, h5t, h5z
 
     dense = counts.toarray()[:40]
-    path = tmp_path / "plugin.h5ad"
-    ad.AnnData(dense).write_h5ad(path)
-    with h5py.File(path, "r+") as f:  # (chunks as zstd's plugin, id 32015, would store them)
-        del f["X"]
-        plist = h5p.create(h5p.DATASET_CREATE)
-        plist.set_chunk((8, dense.shape[1]))
-        plist.set_filter(32015, h5z.FLAG_OPTIONAL)
-        space = h5s.create_simple(dense.shape)
-        h5d.create(f.id, b"X", h5t.NATIVE_FLOAT, space, dcpl=plist)
-        for k in range(0, 40, 8):
-            f["X"].id.write_direct_chunk((k, 0), dense[k : k + 8].tobytes(), filter_mask=0)
-        f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-    if not h5z.filter_avail(32015):  # (an optional filter, applied: refused where read)
-        with pytest.raises((DataError, OSError)):
-            open_store(path).read(np.array([0]))
+    assert not h5z.filter_avail(32015)  # (zstd's plugin, not installed here)
+    for mask in (0, 1):  # (chunks as the plugin stores them; chunks it skipped)
+        path = tmp_path / f"plugin{mask}.h5ad"
+        ad.AnnData(dense).write_h5ad(path)
+        with h5py.File(path, "r+") as f:
+            del f["X"]
+            plist = h5p.create(h5p.DATASET_CREATE)
+            plist.set_chunk((8, dense.shape[1]))
+            plist.set_filter(32015, h5z.FLAG_OPTIONAL)  # (as h5py sets a plugin's filter)
+            space = h5s.create_simple(dense.shape)
+            h5d.create(f.id, b"X", h5t.NATIVE_FLOAT, space, dcpl=plist)
+            for k in range(0, 40, 8):
+                f["X"].id.write_direct_chunk((k, 0), dense[k : k + 8].tobytes(), filter_mask=mask)
+            f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        store = open_store(path)
+        if mask:
+            np.testing.assert_array_equal(store.read(np.array([0, 9])).toarray(), dense[[0, 9]])
+            continue
+        said = r"/X is compressed with the HDF5 filter 32015, which .* \(pip install hdf5plugin"
+        with pytest.raises(DataError, match=said):
+            store.read(np.array([0]))
+        with pytest.raises(DataError, match=said):
+            store.row_sums()
     text = tmp_path / "text.h5ad"
     ad.AnnData(dense).write_h5ad(text)
     with h5py.File(text, "r+") as f:

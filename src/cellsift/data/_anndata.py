@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import RAW_CLASH, csr_fault, index_fault
+from .._utils import RAW_CLASH, csr_fault, error_text, index_fault
 from ..errors import CellsiftError
 from . import _csr
 from ._direct import ChunkedReader, read_ranges
@@ -112,8 +112,13 @@ class AnnDataStore(CellStore):
                 out.append("uns")
         return out
 
-    def _check_filters(self, mat: Any) -> None:
-        """A format's check that it can decode the matrix ``mat`` (h5ad: HDF5's filters)."""
+    def _load_filters(self, mat: Any) -> None:
+        """A format's readiness to decode the matrix ``mat`` (h5ad: HDF5's filters)."""
+
+    def _undecodable(self) -> tuple[str, str] | None:
+        """What of the matrix this format cannot decode here (h5ad: an HDF5 filter whose
+        plugin is not loaded) and the fix; None where it can decode all of it."""
+        return None
 
     def _matrix_key(self) -> str:
         if self.layer is None:
@@ -142,7 +147,7 @@ class AnnDataStore(CellStore):
                 "stores counts column-major (CSC): reading cells would read the whole matrix.",
                 f"Rewrite it row-major: {fix}; adata.{write}(path).",
             )
-        self._check_filters(mat)
+        self._load_filters(mat)
         self._dense = enc in (None, "array")
         if self._dense:
             kind = getattr(getattr(mat, "dtype", None), "kind", "f")
@@ -206,10 +211,15 @@ class AnnDataStore(CellStore):
                 or not getattr(getattr(opened, "id", None), "valid", True)
             ):
                 raise
-            said = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            kind = "zlib.error" if isinstance(err, zlib.error) else type(err).__name__
+            try:  # (an intact file whose codec is missing: said so)
+                undecodable = self._undecodable()
+            except (OSError, RuntimeError, ValueError, KeyError):
+                undecodable = None
+            if undecodable is not None:
+                raise self._error(*undecodable) from err
+            kind = "zlib.error" if isinstance(err, zlib.error) else None
             raise self._error(
-                f"{element} cannot be read ({kind}: {said}): the file is "
+                f"{element} cannot be read ({error_text(err, kind)}): the file is "
                 "damaged or incomplete (a copy or write that did not finish?).",
                 "Re-create it, or copy it again.",
             ) from err

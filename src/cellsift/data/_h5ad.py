@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import h5py
@@ -14,17 +16,22 @@ from ._anndata import AnnDataStore
 from ._direct import ChunkedReader, open_h5_reader, too_many_open_files
 from .writers import Format
 
-_PARTS = ("data", "indices", "indptr")
+
+def _unavailable_filters(mat: Any) -> Iterator[tuple[str, int, str]]:
+    """Each HDF5 filter of the matrix ``mat``'s datasets (dense X; a CSR's arrays) that
+    this HDF5 cannot apply (a plugin's, as zstd's or blosc's, not loaded): (the dataset,
+    the filter's id, its name)."""
+    parts = [mat] if isinstance(mat, h5py.Dataset) else [mat.get(n) for n in _CSR_ARRAYS]
+    for ds in (p for p in parts if isinstance(p, h5py.Dataset)):
+        plist = ds.id.get_create_plist()
+        for i in range(plist.get_nfilters()):
+            code, _, _, name = plist.get_filter(i)
+            if not h5py.h5z.filter_avail(code):
+                said = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+                yield ds.name, code, said
 
 
-def _plugins_loaded(code: int) -> bool:
-    """Whether HDF5 filter ``code`` is available once hdf5plugin (where installed) has
-    registered its filters."""
-    try:
-        import hdf5plugin  # noqa: F401  (registers its filters with HDF5 on import)
-    except ImportError:
-        return False
-    return bool(h5py.h5z.filter_avail(code))
+_CSR_ARRAYS = ("data", "indices", "indptr")
 
 
 class H5adStore(AnnDataStore):
@@ -55,27 +62,25 @@ class H5adStore(AnnDataStore):
         self.rdcc_nbytes = rdcc_nbytes
         super().__init__(path, layer=layer, direct=direct)
 
-    def _check_filters(self, mat: Any) -> None:
-        """Each dataset of the matrix compressed by an HDF5 filter this HDF5 cannot apply
-        (a plugin's, as zstd's or blosc's, not loaded): a DataError naming it and the fix,
-        not its chunks called damaged. hdf5plugin, where installed, is loaded first."""
-        parts = [mat] if isinstance(mat, h5py.Dataset) else [mat.get(n) for n in _PARTS]
-        for ds in (p for p in parts if isinstance(p, h5py.Dataset)):
-            plist = ds.id.get_create_plist()
-            for i in range(plist.get_nfilters()):
-                code, flags, _, name = plist.get_filter(i)
-                if flags & h5py.h5z.FLAG_OPTIONAL:  # (chunks may be stored without it: read)
-                    continue
-                if h5py.h5z.filter_avail(code) or _plugins_loaded(code):
-                    continue
-                said = name.decode(errors="replace") if isinstance(name, bytes) else name
-                raise self._error(
-                    f"{ds.name} is compressed with the HDF5 filter "
-                    f"{f'{said} (id {code})' if said else code}, which this Python's HDF5 "
-                    "cannot decode (its plugin is not loaded).",
-                    "Install hdf5plugin (pip install hdf5plugin), or point HDF5_PLUGIN_PATH "
-                    "at the plugin; or write the file again with gzip.",
-                )
+    def _load_filters(self, mat: Any) -> None:
+        """hdf5plugin, where installed, registers the HDF5 filters the matrix needs that
+        this HDF5 lacks (before any of it is read)."""
+        if next(_unavailable_filters(mat), None) is not None:
+            with contextlib.suppress(ImportError):
+                import hdf5plugin  # noqa: F401  (registers its filters with HDF5 on import)
+
+    def _undecodable(self) -> tuple[str, str] | None:
+        missing = next(_unavailable_filters(self._matrix(self.handle)), None)
+        if missing is None:  # (an optional filter's chunks may be stored without it: read)
+            return None
+        dataset, code, name = missing
+        return (
+            f"{dataset} is compressed with the HDF5 filter "
+            f"{f'{name} (id {code})' if name else code}, which this Python's HDF5 cannot "
+            "decode (its plugin is not loaded).",
+            "Install hdf5plugin (pip install hdf5plugin), or point HDF5_PLUGIN_PATH at the "
+            "plugin; or write the file again with gzip.",
+        )
 
     def _direct_readers(self, mat: Any) -> list[ChunkedReader | None]:
         return [open_h5_reader(self.file, mat[name]) for name in ("data", "indices")]

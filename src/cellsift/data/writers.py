@@ -373,9 +373,10 @@ class _CommonCategories:
     common one contradicts is refused (:func:`_order_error`). Where True and False meet
     numbers (pandas takes True for 1), the categories are their text. Each chunk's codes
     are mapped onto the common categories: once for a chunk of the last one's categories
-    (a column sliced into chunks, or each chunk rebuilt over the same ones), else by one lookup per category of the chunk, so that
-    the work is linear in the cells and categories. While every chunk holds the first
-    one's categories, they are the column's as they are: no lookup at all."""
+    (a column sliced into chunks, or each chunk rebuilt over the same ones:
+    :func:`_same_categories`), else by one lookup per category of the chunk, so that the
+    work is linear in the cells and categories. While every chunk holds the first one's
+    categories, they are the column's as they are: no lookup at all."""
 
     def __init__(self, dtype: pd.CategoricalDtype, path: Path, name: Any) -> None:
         self.path, self.name, self.ordered = path, name, dtype.ordered

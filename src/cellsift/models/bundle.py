@@ -37,6 +37,7 @@ from .._utils import (
     as_float,
     atomic_path,
     check_replaceable,
+    error_text,
     first_line,
     holds,
     is_number,
@@ -355,9 +356,8 @@ def _load_bundle(folder: Path, dev: torch.device) -> Bundle:
             str(folder / "model.safetensors"), device="cpu" if dev.type == "cpu" else str(dev)
         )
     except (SafetensorError, OSError) as err:
-        first = first_line(err)
         raise BundleError(
-            f"{folder}: model.safetensors cannot be read ({type(err).__name__}: {first}). {_REMAKE}"
+            f"{folder}: model.safetensors cannot be read ({error_text(err)}). {_REMAKE}"
         ) from None
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():

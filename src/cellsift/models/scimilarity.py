@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .._utils import first_line, is_whole
+from .._utils import error_text, is_whole
 from ..data.genes import GeneVocabulary
 from ..errors import CellsiftError, ConfigError
 from ..nn import MLPDecoder, MLPEncoder
@@ -98,9 +98,8 @@ def _read(folder: Path, name: str, reader: Callable[[Path], Any]) -> Any:
     try:
         return reader(folder / name)
     except Exception as err:
-        first = first_line(err)
         raise CellsiftError(
-            f"{folder / name} cannot be read ({type(err).__name__}: {first}); the file is "
+            f"{folder / name} cannot be read ({error_text(err)}); the file is "
             "truncated, corrupt or not SCimilarity's. Copy the model directory again."
         ) from err
 

@@ -577,16 +577,9 @@ def _check_config_files(args: list[str]) -> None:
             ) from None
 
 
-#: A config file's top-level keys (LightningCLI's fit subcommand).
-_SECTIONS = (
-    "model",
-    "data",
-    "trainer",
-    "optimizer",
-    "lr_scheduler",
-    "seed_everything",
-    "ckpt_path",
-)
+#: A config file's sections of settings, and all its top-level keys (LightningCLI's fit).
+_SETTINGS_SECTIONS = ("model", "data", "trainer", "optimizer", "lr_scheduler")
+_SECTIONS = (*_SETTINGS_SECTIONS, "seed_everything", "ckpt_path")
 
 
 def _section_file(args: list[str]) -> ConfigError | None:
@@ -597,7 +590,7 @@ def _section_file(args: list[str]) -> ConfigError | None:
 
     for i, arg in enumerate(args):
         section, _, given = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or section not in _SECTIONS[:5]:
+        if not arg.startswith("--") or section not in _SETTINGS_SECTIONS:
             continue
         if not given and i + 1 < len(args):
             given = args[i + 1]
